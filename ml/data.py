@@ -1,0 +1,185 @@
+"""Reading a labelled HAM10000-layout folder and splitting it by lesion.
+
+The layout is the official one: a ``metadata.csv`` or ``HAM10000_metadata.csv`` with at least the
+columns ``image_id, lesion_id, dx`` (``age, sex, localization`` are used for subgroup figures when
+present), and ``<image_id>.jpg`` files anywhere below the folder (``images/`` in dermq's development
+copy, ``HAM10000_images_part_1/`` and ``_part_2/`` in the full release).
+
+Several HAM10000 images show the same lesion, so every split is made over lesions: images of one
+lesion never straddle train, validation and test.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ml.labels import CLASSES
+
+METADATA_NAMES = ("metadata.csv", "HAM10000_metadata.csv")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    image_id: str
+    lesion_id: str
+    dx: str
+    path: Path
+    sex: str = UNKNOWN
+    age: float | None = None
+    site: str = UNKNOWN
+
+    @property
+    def label(self) -> int:
+        return CLASSES.index(self.dx)
+
+    @property
+    def age_band(self) -> str:
+        return age_band(self.age)
+
+
+def age_band(age: float | None) -> str:
+    """Coarse age bands for subgroup figures (HAM10000 records age in 5-year steps)."""
+    if age is None:
+        return UNKNOWN
+    if age < 30:
+        return "<30"
+    if age < 45:
+        return "30-44"
+    if age < 60:
+        return "45-59"
+    if age < 75:
+        return "60-74"
+    return "75+"
+
+
+def _field(row: dict[str, str], name: str) -> str:
+    value = (row.get(name) or "").strip()
+    return value if value and value.lower() != UNKNOWN else UNKNOWN
+
+
+def find_metadata(root: Path) -> Path:
+    for name in METADATA_NAMES:
+        candidate = root / name
+        if candidate.is_file():
+            return candidate
+    found = [p for name in METADATA_NAMES for p in root.rglob(name)]
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(
+        f"no {' or '.join(METADATA_NAMES)} under {root}" if not found else f"several metadata files under {root}"
+    )
+
+
+def read_dataset(root: str | Path) -> list[Sample]:
+    """All labelled samples under ``root`` whose image file exists, in metadata order.
+
+    Raises ``ValueError`` for an unknown diagnosis code and ``FileNotFoundError`` when no image of
+    the metadata is found (a wrong folder, most likely).
+    """
+    root = Path(root)
+    metadata = find_metadata(root)
+    files: dict[str, Path] = {}
+    for path in root.rglob("*"):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            files.setdefault(path.stem, path)
+    samples: list[Sample] = []
+    with metadata.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            dx = row["dx"].strip()
+            if dx not in CLASSES:
+                raise ValueError(f"{metadata}: image {row['image_id']} has unknown diagnosis {dx!r}")
+            path = files.get(row["image_id"].strip())
+            if path is None:
+                continue
+            age_text = _field(row, "age")
+            samples.append(
+                Sample(
+                    image_id=row["image_id"].strip(),
+                    lesion_id=row["lesion_id"].strip(),
+                    dx=dx,
+                    path=path,
+                    sex=_field(row, "sex"),
+                    age=float(age_text) if age_text != UNKNOWN else None,
+                    site=_field(row, "localization"),
+                )
+            )
+    if not samples:
+        raise FileNotFoundError(f"{metadata} lists no image found under {root}")
+    return samples
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, part in (("train", self.train), ("val", self.val), ("test", self.test)):
+            counts = Counter(s.dx for s in part)
+            out[name] = {
+                "images": len(part),
+                "lesions": len({s.lesion_id for s in part}),
+                **{c: counts.get(c, 0) for c in CLASSES},
+            }
+        return out
+
+
+def lesion_split(
+    samples: Sequence[Sample], *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 20181
+) -> Split:
+    """Split by lesion, stratified by diagnosis, deterministic for a given ``seed``.
+
+    Within each class the lesions are shuffled and dealt out so that each part receives its share of
+    that class's *images* (HAM10000 lesions have one to six images each). A lesion with images of two
+    diagnoses (none in HAM10000) is assigned by its first image's class.
+    """
+    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+    by_lesion: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_lesion[sample.lesion_id].append(sample)
+    lesions_by_class: dict[str, list[str]] = defaultdict(list)
+    for lesion_id, images in by_lesion.items():
+        lesions_by_class[images[0].dx].append(lesion_id)
+
+    rng = random.Random(seed)
+    parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+    for dx in sorted(lesions_by_class):
+        lesions = sorted(lesions_by_class[dx])
+        rng.shuffle(lesions)
+        total = sum(len(by_lesion[lesion]) for lesion in lesions)
+        quota = {"test": test_fraction * total, "val": val_fraction * total}
+        taken = {"test": 0, "val": 0}
+        for lesion in lesions:
+            images = by_lesion[lesion]
+            for part in ("test", "val"):
+                if taken[part] + len(images) / 2 <= quota[part]:
+                    parts[part].extend(images)
+                    taken[part] += len(images)
+                    break
+            else:
+                parts["train"].extend(images)
+    order = lambda s: s.image_id  # noqa: E731 - parts do not depend on the metadata's row order
+    return Split(
+        train=sorted(parts["train"], key=order),
+        val=sorted(parts["val"], key=order),
+        test=sorted(parts["test"], key=order),
+    )
+
+
+def dataset_digest(samples: Iterable[Sample]) -> str:
+    """SHA-256 over the (image id, lesion id, diagnosis) triples: identifies the data a model saw."""
+    digest = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: s.image_id):
+        digest.update(f"{s.image_id},{s.lesion_id},{s.dx}\n".encode())
+    return digest.hexdigest()

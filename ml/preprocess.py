@@ -1,0 +1,49 @@
+"""Turning RGB images into model input, exactly as the model was trained and evaluated.
+
+NumPy and Pillow only, so every backend (torch, ONNX Runtime) and every caller shares one path.
+The parameters come from the registry entry's manifest (:class:`ml.model.Preprocessing`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    from ml.model import Preprocessing
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def resize(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Squash ``image`` to the model's input size (no crop, so no part of the lesion is lost)."""
+    height, width = prep.input_size
+    if image.size == (width, height):
+        return image
+    # reducing_gap lets Pillow shrink big images in a cheap integer step first (visually identical).
+    return image.resize((width, height), _RESAMPLE[prep.interpolation], reducing_gap=3.0)
+
+
+def to_uint8(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """(H, W, 3) uint8 array of the resized RGB image."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(resize(image, prep), dtype=np.uint8)
+
+
+def normalize(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, H, W, 3) float32 normalised with the model's mean and std."""
+    mean = np.asarray(prep.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(prep.std, dtype=np.float32) * 255.0)
+    return (batch.astype(np.float32) - mean) * inv_std
+
+
+def batch_nhwc(images: Sequence[Image.Image], prep: Preprocessing) -> np.ndarray:
+    """(N, H, W, 3) float32, normalised. Transposed to NCHW it is channels-last in memory."""
+    if not images:
+        height, width = prep.input_size
+        return np.zeros((0, height, width, 3), dtype=np.float32)
+    return normalize(np.stack([to_uint8(image, prep) for image in images]), prep)

@@ -1,0 +1,126 @@
+"""The model registry: one folder per model, verified before anything in it is used.
+
+An entry ``ml/registry/<model-id>/`` holds ``weights.safetensors``, ``manifest.json`` and
+``model_card.md`` (with its plots). The manifest records the SHA-256 of every artefact; loading
+reads each file once, hashes exactly those bytes and parses them only if the digest matches, so a
+file swapped between check and use is still caught. dermq's model files are never pickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REGISTRY_DIR = Path(__file__).resolve().parent / "registry"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+SCHEMA_VERSION = 1
+
+
+class RegistryError(RuntimeError):
+    """A registry entry is missing, malformed or fails its integrity check."""
+
+
+class IntegrityError(RegistryError):
+    """A file's SHA-256 differs from the one its manifest records (tampered or corrupted)."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve(model: str | Path) -> Path:
+    """An entry's folder from a path, or from a model id under the packaged registry."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    candidate = REGISTRY_DIR / str(model)
+    if candidate.is_dir() and "/" not in str(model) and str(model) not in ("", ".", ".."):
+        return candidate
+    raise RegistryError(f"no registry entry {model!r} (looked for a folder, then under {REGISTRY_DIR})")
+
+
+def read_manifest(entry: str | Path) -> dict[str, Any]:
+    folder = resolve(entry)
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{folder} has no {MANIFEST}") from None
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise RegistryError(f"{path} is not a dermq manifest (schema_version {SCHEMA_VERSION})")
+    return manifest
+
+
+def read_verified(entry: str | Path, artefact: str) -> bytes:
+    """The bytes of ``artefact`` (a key of the manifest's ``files``) after checking their SHA-256."""
+    folder = resolve(entry)
+    manifest = read_manifest(folder)
+    files = manifest.get("files", {})
+    if artefact not in files:
+        raise RegistryError(f"{folder.name}: the manifest lists no {artefact!r} file")
+    record = files[artefact]
+    name = record["path"]
+    if Path(name).name != name:
+        raise RegistryError(f"{folder.name}: manifest file name {name!r} must not contain a path")
+    try:
+        data = (folder / name).read_bytes()
+    except FileNotFoundError:
+        raise RegistryError(f"{folder.name}: {name} is missing") from None
+    actual = sha256_bytes(data)
+    if actual != record["sha256"]:
+        raise IntegrityError(
+            f"{folder.name}/{name} fails its integrity check: SHA-256 {actual[:16]}... but the manifest "
+            f"records {record['sha256'][:16]}...; the file was altered or corrupted, so it is not loaded. "
+            "Restore the entry from the repository or a trusted copy."
+        )
+    return data
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def record_file(entry: Path, artefact: str, name: str, **extra: Any) -> dict[str, Any]:
+    """Add (or refresh) ``name``'s digest in the manifest under ``files[artefact]``."""
+    manifest = read_manifest(entry)
+    path = entry / name
+    record = {"path": name, "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
+    manifest.setdefault("files", {})[artefact] = record
+    write_json_atomic(entry / MANIFEST, manifest)
+    return record
+
+
+def entries(root: Path = REGISTRY_DIR) -> Iterator[tuple[Path, dict[str, Any] | None, str | None]]:
+    """Each folder under ``root`` with its manifest, or the reason it has none usable."""
+    if not root.is_dir():
+        return
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        try:
+            yield folder, read_manifest(folder), None
+        except RegistryError as exc:
+            yield folder, None, str(exc)

@@ -1,0 +1,50 @@
+"""Tiny timm models and registry entries for fast ml tests on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ml import model as models
+from ml.decision import DecisionPolicy
+from ml.entry import save_entry
+from ml.labels import NUM_CLASSES
+
+TINY_ARCH = "test_efficientnet"  # global average pooling + linear head: the one-pass CAM path
+TINY_HOOK_ARCH = "test_convnext"  # a head with a norm layer: the gradient (hook) path
+TINY_SIZE = (128, 128)
+
+
+def tiny_model(arch: str = TINY_ARCH, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = models.create(arch, NUM_CLASSES).eval()
+    # timm zero-initialises some heads; spread the weights so every class has a non-trivial map.
+    with torch.no_grad():
+        net.get_classifier().weight.normal_(0.0, 1.0)
+    return net
+
+
+def tiny_prep(model: torch.nn.Module) -> models.Preprocessing:
+    return models.preprocessing_for(model, TINY_SIZE)
+
+
+@pytest.fixture
+def tiny_entry(tmp_path: Path) -> Path:
+    net = tiny_model()
+    return save_entry(
+        tmp_path / "tiny-v1",
+        net,
+        model_id="tiny-v1",
+        architecture=TINY_ARCH,
+        preprocessing=tiny_prep(net),
+        policy=DecisionPolicy(),
+        dtype=torch.float32,
+    )
+
+
+@pytest.fixture(scope="session")
+def fixture_pil(fixture_images: dict[str, Path]) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in fixture_images.values()]

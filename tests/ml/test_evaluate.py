@@ -1,0 +1,88 @@
+"""ml.metrics and ml.evaluate: figures agree with isic-challenge-scoring; the CLI writes its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+
+from ml import evaluate, metrics
+from ml.calibration import softmax
+from ml.labels import CLASSES
+
+
+def isic_score(truth: np.ndarray, scores: np.ndarray) -> ClassificationScore:
+    index = pd.Index([f"ISIC_{i:07d}" for i in range(len(truth))], name="image")
+    truth_frame = pd.DataFrame(np.eye(len(CLASSES))[truth], index=index, columns=list(CLASSES))
+    weights = pd.DataFrame({"score_weight": 1.0, "validation_weight": 1.0}, index=index)
+    return ClassificationScore(
+        truth_frame,
+        pd.DataFrame(scores, index=index, columns=list(CLASSES)),
+        weights,
+        ClassificationMetric.BALANCED_ACCURACY,
+    )
+
+
+@pytest.fixture(scope="module")
+def predictions() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    truth = rng.choice(len(CLASSES), size=900, p=[0.04, 0.05, 0.11, 0.02, 0.11, 0.65, 0.02])
+    logits = rng.normal(0, 1.2, size=(900, len(CLASSES)))
+    logits[np.arange(900), truth] += rng.normal(1.5, 1.0, size=900)  # informative but imperfect
+    probabilities = softmax(logits)
+    return truth, probabilities, probabilities.argmax(1)
+
+
+def test_per_class_figures_agree_with_isic_challenge_scoring(predictions: tuple[np.ndarray, ...]) -> None:
+    truth, probabilities, predicted = predictions
+    ours = metrics.summary(truth, predicted, probabilities)
+    # ISIC thresholds each class probability at 0.5 for its binary figures; one-hot decisions make
+    # that the one-vs-rest reading of the multiclass label, which is what dermq reports.
+    decisions = isic_score(truth, np.eye(len(CLASSES))[predicted])
+    ranking = isic_score(truth, probabilities)
+    assert ours["balanced_accuracy"] == pytest.approx(decisions.aggregate["balanced_accuracy"], abs=1e-9)
+    assert ours["balanced_accuracy"] == pytest.approx(ranking.aggregate["balanced_accuracy"], abs=1e-9)
+    for code in CLASSES:
+        row = decisions.per_category.loc[code]
+        for name in ("sensitivity", "specificity", "ppv", "npv"):
+            assert ours["per_class"][code][name] == pytest.approx(row[name], abs=1e-9), (code, name)
+        assert ours["per_class"][code]["auc"] == pytest.approx(ranking.per_category.loc[code, "auc"], abs=1e-9)
+        assert ours["per_class"][code]["f1"] == pytest.approx(row["dice"], abs=1e-9)  # F1 is Dice
+    assert ours["macro_auc"] == pytest.approx(ranking.macro_average["auc"], abs=1e-9)
+
+
+def test_confusion_matrix_and_auc_edge_cases() -> None:
+    truth = np.array([0, 0, 1, 2])
+    predicted = np.array([0, 1, 1, 1])
+    matrix = metrics.confusion_matrix(truth, predicted)
+    assert matrix[0].tolist()[:3] == [1, 1, 0] and matrix.sum() == 4
+    assert metrics.roc_auc(np.array([True, True]), np.array([0.1, 0.2])) is None
+    assert metrics.roc_auc(np.array([True, False, True, False]), np.array([0.9, 0.1, 0.5, 0.5])) == 0.875
+    assert metrics.balanced_accuracy(truth, predicted) == pytest.approx((0.5 + 1 + 0) / 3)
+
+
+def test_evaluate_cli_writes_metrics_plots_and_report(tiny_entry: Path, tmp_path: Path) -> None:
+    data = Path(__file__).resolve().parents[1] / "fixtures" / "images"
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", str(tiny_entry), "--data", str(data), "--out", str(out)]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["split"] == "all" and result["n"] == 9
+    for key in ("balanced_accuracy", "accuracy", "ece", "per_class", "macro_auc", "confusion_matrix", "subgroups"):
+        assert key in result
+    assert set(result["per_class"]) == set(CLASSES)
+    assert set(result["per_class"]["mel"]) >= {"sensitivity", "specificity", "ppv", "npv", "f1", "auc"}
+    assert set(result["subgroups"]) == {"sex", "age_band", "site"}
+    assert sum(g["n"] for g in result["subgroups"]["sex"].values()) == 9
+    assert np.array(result["confusion_matrix"]).sum() == 9
+    for name in ("confusion_matrix.png", "reliability.png", "roc.png", "report.md"):
+        assert (out / name).stat().st_size > 1000
+    assert "balanced multiclass accuracy" in (out / "report.md").read_text()
+
+
+def test_evaluate_cli_reports_bad_input(tiny_entry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate.main(["--model", str(tiny_entry), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,206 @@
+"""ml.images: every InvalidImage code from generated files, and correct conversion of odd modes."""
+
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from ml.images import ImageLimits, InvalidImage, decode_image, sniff_format
+from tests.conftest import ROOT
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **params)
+    return out.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` 8-bit RGB pixels."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
+
+
+def code_of(data: bytes, limits: ImageLimits | None = None, **kwargs: object) -> str:
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(data, limits or ImageLimits(), **kwargs)  # type: ignore[arg-type]
+    assert caught.value.message and "\\x" not in caught.value.message
+    return caught.value.code
+
+
+def test_real_jpeg_decodes_to_rgb(jpeg_bytes: bytes) -> None:
+    image = decode_image(jpeg_bytes)
+    assert image.mode == "RGB"
+    assert image.size == (300, 225)
+
+
+def test_empty() -> None:
+    assert code_of(b"") == "empty"
+
+
+def test_text_named_jpg_is_unsupported() -> None:
+    assert code_of(b"this is not an image, whatever its file name says\n" * 4) == "unsupported_format"
+
+
+def test_gif_is_refused_by_name() -> None:
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(encode(Image.new("RGB", (64, 64)), "GIF"))
+    assert caught.value.code == "unsupported_format"
+    assert "GIF" in caught.value.message
+
+
+def test_truncated_jpeg(jpeg_bytes: bytes) -> None:
+    assert code_of(jpeg_bytes[: len(jpeg_bytes) * 2 // 3]) == "truncated"
+
+
+def test_truncated_large_jpeg_is_caught_in_draft_mode() -> None:
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8))
+    data = encode(noisy, "JPEG", quality=90)
+    assert decode_image(data, reduce_to=200).size == (200, 150)
+    assert code_of(data[: len(data) * 2 // 3], reduce_to=200) == "truncated"
+
+
+def test_truncated_png() -> None:
+    rng = np.random.default_rng(1)
+    data = encode(Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)), "PNG")
+    assert code_of(data[: len(data) // 2]) == "truncated"
+
+
+def test_garbage_after_jpeg_magic_is_corrupt() -> None:
+    assert code_of(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8) in {"corrupt", "truncated"}
+
+
+def test_png_with_bad_crc_is_corrupt() -> None:
+    data = bytearray(encode(Image.new("RGB", (64, 64), (10, 20, 30)), "PNG"))
+    data[29] ^= 0xFF  # inside the IHDR CRC
+    assert code_of(bytes(data)) == "corrupt"
+
+
+def test_one_pixel_is_too_small() -> None:
+    assert code_of(encode(Image.new("RGB", (1, 1)), "PNG")) == "too_small"
+
+
+def test_small_png_declaring_30000_squared_is_a_bomb() -> None:
+    data = png_declaring(30000, 30000)
+    assert len(data) < 200
+    assert code_of(data) == "decompression_bomb"
+
+
+def test_long_thin_image_is_too_large() -> None:
+    assert code_of(png_declaring(20000, 100)) == "too_large"
+
+
+def test_byte_cap() -> None:
+    assert code_of(b"\xff\xd8\xff" + b"\x00" * 2000, ImageLimits(max_bytes=1000)) == "file_too_large"
+
+
+def test_load_truncated_images_switch_is_refused(jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+        decode_image(jpeg_bytes)
+
+
+def test_cmyk_jpeg_becomes_rgb_with_the_right_colour() -> None:
+    data = encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=95)
+    image = decode_image(data)
+    assert image.mode == "RGB"
+    r, g, b = image.getpixel((32, 32))  # type: ignore[misc]
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped() -> None:
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    data = encode(Image.fromarray(ramp), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    image = np.asarray(decode_image(data))
+    assert image.shape == (64, 64, 3)
+    assert image[0, 0, 0] == 0 and image[0, -1, 0] == 255
+    assert 120 <= image[0, 32, 0] <= 136  # mid-grey, not clipped to white
+
+
+def test_palette_png_with_transparency_is_flattened() -> None:
+    palette = Image.new("P", (64, 64), 1)
+    palette.putpalette([0, 0, 0, 250, 10, 10] + [0, 0, 0] * 254)
+    palette.paste(0, (0, 0, 32, 64))
+    data = encode(palette, "PNG", transparency=0)
+    image = decode_image(data)
+    assert image.mode == "RGB"
+    assert image.getpixel((10, 10)) == (0, 0, 0)
+    assert image.getpixel((50, 10)) == (250, 10, 10)
+
+
+def test_rgba_is_composited_on_black() -> None:
+    rgba = Image.new("RGBA", (64, 64), (200, 100, 50, 0))
+    rgba.paste((200, 100, 50, 255), (32, 0, 64, 64))
+    image = decode_image(encode(rgba, "PNG"))
+    assert image.getpixel((0, 0)) == (0, 0, 0)
+    assert image.getpixel((40, 0)) == (200, 100, 50)
+
+
+def test_grayscale_becomes_three_equal_channels() -> None:
+    image = decode_image(encode(Image.new("L", (64, 64), 77), "JPEG"))
+    assert image.mode == "RGB" and image.getpixel((5, 5)) == (77, 77, 77)
+
+
+def test_exif_orientation_is_applied() -> None:
+    source = Image.new("RGB", (80, 40), (255, 0, 0))
+    source.paste((0, 0, 255), (0, 0, 40, 40))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    image = decode_image(encode(source, "JPEG", exif=exif, quality=95))
+    assert image.size == (40, 80)
+    top = image.getpixel((20, 10))
+    assert top[2] > 200 and top[0] < 60  # the blue half is now on top
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP", "BMP"])
+def test_other_accepted_formats(fmt: str) -> None:
+    image = decode_image(encode(Image.new("RGB", (48, 40), (1, 2, 3)), fmt))
+    assert image.size == (48, 40) and image.mode == "RGB"
+
+
+def test_format_allow_list_is_honoured() -> None:
+    data = encode(Image.new("RGB", (48, 40)), "BMP")
+    assert code_of(data, ImageLimits(formats=frozenset({"JPEG", "PNG"}))) == "unsupported_format"
+
+
+def test_polyglot_is_read_as_its_magic_format_only(jpeg_bytes: bytes) -> None:
+    # A JPEG with a PNG appended still decodes as the JPEG it starts with; a PNG magic followed by
+    # JPEG data is refused rather than reinterpreted.
+    png = encode(Image.new("RGB", (64, 64)), "PNG")
+    assert decode_image(jpeg_bytes + png).size == (300, 225)
+    assert code_of(b"\x89PNG\r\n\x1a\n" + jpeg_bytes) in {"corrupt", "truncated"}
+
+
+def test_sniffing() -> None:
+    assert sniff_format(b"\xff\xd8\xff\xe0") == "JPEG"
+    assert sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WEBP"
+    assert sniff_format(b"II*\x00") == sniff_format(b"MM\x00*") == "TIFF"
+    assert sniff_format(b"<svg") is None
+
+
+def test_draft_mode_keeps_the_requested_size() -> None:
+    big = encode(Image.new("RGB", (4000, 3000), (90, 60, 50)), "JPEG")
+    assert decode_image(big, reduce_to=1000).size == (1000, 750)
+    assert decode_image(big, reduce_to=1024).size == (2000, 1500)  # 1/4 scale would fall short
+    assert decode_image(big, reduce_to=256).size == (500, 375)
+    assert decode_image(big).size == (4000, 3000)
+
+
+def test_decoding_needs_neither_numpy_nor_torch() -> None:
+    code = "import sys, ml.images, ml.labels; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

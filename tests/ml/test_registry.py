@@ -1,0 +1,79 @@
+"""ml.registry: verified loading and refusal of tampered or malformed entries."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ml import registry
+from ml.predictor import Predictor
+
+
+def test_round_trip(tiny_entry: Path) -> None:
+    manifest = registry.read_manifest(tiny_entry)
+    assert manifest["files"]["weights"]["sha256"] == registry.sha256_file(tiny_entry / "weights.safetensors")
+    predictor = Predictor.load(tiny_entry, device="cpu")
+    assert predictor.info.model_id == "tiny-v1"
+    assert predictor.info.weights_sha256 == manifest["files"]["weights"]["sha256"]
+
+
+def test_one_changed_byte_is_refused(tiny_entry: Path) -> None:
+    weights = tiny_entry / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(registry.IntegrityError, match="integrity check"):
+        Predictor.load(tiny_entry, device="cpu")
+
+
+def test_missing_weights_are_reported(tiny_entry: Path) -> None:
+    (tiny_entry / "weights.safetensors").unlink()
+    with pytest.raises(registry.RegistryError, match="missing"):
+        Predictor.load(tiny_entry, device="cpu")
+
+
+def test_manifest_cannot_point_outside_the_entry(tiny_entry: Path, tmp_path: Path) -> None:
+    manifest = registry.read_manifest(tiny_entry)
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(tiny_entry / "weights.safetensors", outside)
+    manifest["files"]["weights"]["path"] = "../elsewhere.safetensors"
+    (tiny_entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(registry.RegistryError, match="must not contain a path"):
+        Predictor.load(tiny_entry, device="cpu")
+
+
+def test_class_order_must_match(tiny_entry: Path) -> None:
+    manifest = registry.read_manifest(tiny_entry)
+    manifest["classes"] = list(reversed(manifest["classes"]))
+    (tiny_entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(registry.RegistryError, match="class order"):
+        Predictor.load(tiny_entry, device="cpu")
+
+
+def test_not_a_manifest(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(registry.RegistryError, match="not valid JSON"):
+        registry.read_manifest(tmp_path)
+    with pytest.raises(registry.RegistryError, match="no registry entry"):
+        registry.resolve(tmp_path / "nope")
+
+
+def test_pickled_weights_are_never_loaded(tiny_entry: Path) -> None:
+    # A pickle with a matching digest is still not safetensors: it is refused, not unpickled.
+    import pickle
+
+    weights = tiny_entry / "weights.safetensors"
+    weights.write_bytes(pickle.dumps({"conv_stem.weight": [1, 2, 3]}))
+    registry.record_file(tiny_entry, "weights", "weights.safetensors")
+    with pytest.raises(registry.RegistryError, match="safetensors"):
+        Predictor.load(tiny_entry, device="cpu")
+
+
+def test_entries_lists_good_and_bad_folders(tiny_entry: Path, tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()
+    found = {folder.name: (manifest is not None, error) for folder, manifest, error in registry.entries(tmp_path)}
+    assert found["tiny-v1"] == (True, None)
+    assert found["broken"][0] is False and "manifest" in found["broken"][1]
