@@ -1,0 +1,97 @@
+"""The FastAPI application factory.
+
+    uvicorn --factory api.app:create_app      # reads Settings from DERMQ_* variables
+
+Start-up refuses to run without encryption keys (it never invents them). The app never loads the
+model and never imports torch: it validates, encrypts, stores and publishes; the worker classifies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from api import problems
+from api.deps import AppState, record_denial
+from api.middleware import RequestContextMiddleware
+from api.routes import cases, health
+from core.config import Settings, get_settings
+from core.crypto import load_keyring
+from core.db import session_factory
+from core.logs import configure_logging
+from core.publisher import make_publisher
+from core.ratelimit import RateLimiter
+
+DESCRIPTION = """
+dermq triages dermoscopy images of skin lesions into the seven HAM10000 classes, with calibrated
+probabilities, an uncertainty figure, a referral flag and a Grad-CAM heat map.
+
+**Decision support for clinicians, not a diagnosis.** Authenticate every call but `/healthz` and
+`/readyz` with `Authorization: Bearer <API key>`. Errors are RFC 9457 problem details with a stable
+`code`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    keyring = load_keyring(settings)  # raises KeyringError: no keys, no start
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        client.close()
+
+    app = FastAPI(
+        title="dermq",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "cases", "description": "Submit dermoscopy images and read their triage"},
+            {"name": "health", "description": "Liveness and readiness"},
+        ],
+    )
+    app.state.dermq = AppState(
+        settings=settings,
+        keyring=keyring,
+        sessions=session_factory(settings),
+        publisher=make_publisher(settings),
+        redis=client,
+        limiter=RateLimiter(client),
+    )
+    problems.install(app, record_denial)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+            expose_headers=["Location", "Retry-After", "X-Request-ID"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(health.router)
+    app.include_router(cases.router)
+    return app
+
+
+def main() -> None:
+    """``dermq-api``: run the API with uvicorn, configured from Settings."""
+    import uvicorn
+
+    settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json, component="api")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=settings.trust_forwarded_for,
+        server_header=False,
+    )

@@ -1,0 +1,173 @@
+"""FastAPI dependencies: the app's state, the per-request transaction, the caller and rate limits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis
+from celery import Celery
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from core import audit, keys
+from core.config import Settings
+from core.crypto import Keyring
+from core.db import session_scope
+from core.errors import DermqError, Forbidden, RateLimited, Unauthorized
+from core.logs import request_id_var
+from core.models import Role
+from core.ratelimit import RateLimiter
+
+log = logging.getLogger("dermq.api")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    keyring: Keyring
+    sessions: sessionmaker[Session]
+    publisher: Celery
+    redis: redis.Redis
+    limiter: RateLimiter
+
+
+def state(request: Request) -> AppState:
+    return request.app.state.dermq  # type: ignore[no-any-return]
+
+
+State = Annotated[AppState, Depends(state)]
+
+
+def db_session(request: Request) -> Iterator[Session]:
+    """One transaction per request, committed before the response is sent ("no audit, no access":
+    if the commit of a read's audit event fails, the client gets 503 and no data)."""
+    session = state(request).sessions()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+DbSession = Annotated[Session, Depends(db_session, scope="function")]
+
+
+def client_address(request: Request, settings: Settings) -> str:
+    if settings.trust_forwarded_for:
+        forwarded = request.headers.get("x-forwarded-for", "")
+        if forwarded:
+            return forwarded.split(",")[0].strip()[:64]
+    return request.client.host if request.client else "unknown"
+
+
+def actor_for(request: Request) -> audit.Actor:
+    settings = state(request).settings
+    return audit.Actor(
+        type="anonymous",
+        source_ip=client_address(request, settings),
+        user_agent=request.headers.get("user-agent"),
+        request_id=request_id_var.get(),
+    )
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(
+            "use 'Authorization: Bearer <key>'",
+            code="invalid_credentials",
+            audit=audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": "bad_scheme"}),
+        )
+    return token.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    principal: keys.Principal
+    actor: audit.Actor
+
+
+def authenticate(request: Request, session: DbSession, app: State) -> Caller:
+    """The API key's principal. Failed attempts are audited and rate-limited per source address."""
+    actor = actor_for(request)
+    bucket = f"authfail:{actor.source_ip}"
+    limit = app.settings.rate_limit_failed_auth_per_minute
+    blocked = app.limiter.check(bucket, limit)
+    if not blocked.allowed:
+        raise RateLimited(
+            f"too many failed authentication attempts from this address; retry in {blocked.retry_after} s",
+            retry_after=blocked.retry_after,
+        )
+    try:
+        principal = keys.authenticate(session, app.keyring, bearer_token(request))
+    except Unauthorized as exc:
+        app.limiter.hit(bucket, limit)
+        exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
+        raise
+    caller = Caller(principal, actor.with_key(principal.key_id, principal.role.value, principal.clinic_id))
+    request.state.caller = caller  # for the audit of a later denial in this request
+    return caller
+
+
+AuthenticatedCaller = Annotated[Caller, Depends(authenticate)]
+
+
+def limit(caller: Caller, app: AppState, kind: str) -> None:
+    per_minute = (
+        app.settings.rate_limit_submissions_per_minute if kind == "submit" else app.settings.rate_limit_reads_per_minute
+    )
+    decision = app.limiter.hit(f"{kind}:{caller.principal.key_id}", per_minute)
+    if not decision.allowed:
+        raise RateLimited(
+            f"this key's {kind} limit of {per_minute} per minute is used up; retry in {decision.retry_after} s",
+            retry_after=decision.retry_after,
+        )
+
+
+def require_role(caller: Caller, *roles: Role) -> None:
+    if caller.principal.role not in roles:
+        raise Forbidden(
+            f"a {caller.principal.role.value} key cannot do this; it needs a {' or '.join(r.value for r in roles)} key",
+            code="role_not_allowed",
+            audit=audit.PendingEvent(
+                "access.denied", audit.DENIED, detail={"reason": "role", "role": caller.principal.role.value}
+            ),
+        )
+
+
+async def record_denial(request: Request, error: DermqError) -> None:
+    """Write a denial's audit event in its own transaction (the request's rolled back)."""
+    pending: audit.PendingEvent = error.audit
+    app = state(request)
+    caller: Caller | None = getattr(request.state, "caller", None)
+    actor = caller.actor if caller is not None else actor_for(request)
+
+    def write() -> None:
+        with session_scope(app.settings) as session:
+            audit.record(
+                session,
+                action=pending.action,
+                outcome=pending.outcome,
+                actor=actor,
+                entity_type=pending.entity_type,
+                entity_id=pending.entity_id,
+                detail=pending.detail,
+            )
+
+    try:
+        await run_in_threadpool(write)
+    except Exception as exc:
+        log.error(
+            "could not record a denied attempt in the audit trail",
+            extra={"event": "audit_write_failed", "error": type(exc).__name__},
+        )

@@ -1,0 +1,132 @@
+"""RFC 9457 problem details for every error the API returns. No stack trace ever leaves the server."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import DermqError
+from core.logs import request_id_var
+
+log = logging.getLogger("dermq.api")
+PROBLEM_BASE = "https://dermq.example/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "rate_limited",
+}
+
+
+def problem(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    request: Request | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "instance": request.url.path if request is not None else None,
+        "request_id": request_id_var.get(),
+        **(extra or {}),
+    }
+    response = JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def install(app: FastAPI, on_denied: Any) -> None:
+    """Register the handlers. ``on_denied(request, error)`` records a denial's audit event."""
+
+    @app.exception_handler(DermqError)
+    async def _domain(request: Request, exc: DermqError) -> JSONResponse:
+        if exc.audit is not None:
+            await on_denied(request, exc)
+        return problem(
+            exc.status, exc.code, exc.title, exc.message, request=request, headers=exc.headers, extra=exc.extra
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", "")} for e in exc.errors()]
+        return problem(
+            422,
+            "invalid_input",
+            "Invalid input",
+            "the request does not match the API's schema",
+            request=request,
+            extra={"errors": errors},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = STATUS_CODES.get(exc.status_code, "error")
+        detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return problem(
+            exc.status_code,
+            code,
+            code.replace("_", " ").capitalize(),
+            detail,
+            request=request,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable", extra={"event": "database_unavailable", "error": type(exc.orig).__name__})
+        return problem(
+            503,
+            "database_unavailable",
+            "Service unavailable",
+            "the database is unreachable; nothing was stored. Retry after the delay given.",
+            request=request,
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return await _database_down(request, exc)  # type: ignore[arg-type]
+        log.error("database error", extra={"event": "database_error", "error": type(exc.orig).__name__})
+        return problem(
+            503,
+            "database_error",
+            "Service unavailable",
+            "the request could not be completed; nothing was stored. Retry later.",
+            request=request,
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc, extra={"event": "unhandled", "error": type(exc).__name__})
+        return problem(
+            500,
+            "internal_error",
+            "Internal error",
+            "an unexpected error occurred; quote the request id when reporting it",
+            request=request,
+        )

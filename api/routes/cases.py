@@ -1,0 +1,307 @@
+"""Case routes for clinic portals: submit, poll, list, fetch the heat map, erase."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import AuthenticatedCaller, DbSession, State, limit, require_role
+from api.schemas import (
+    CaseLinks,
+    CaseOut,
+    CasePage,
+    CaseSummary,
+    FailureOut,
+    ImageOut,
+    ModelRef,
+    Problem,
+    ResultOut,
+    label_name,
+)
+from api.upload import read_case_form
+from core import cases, retention
+from core.errors import InvalidImageError, InvalidInput
+from core.models import Case, CaseStatus, Priority, Result, Role
+from core.publisher import publish_classify
+from ml.images import ImageLimits, InvalidImage, decode
+from ml.labels import CLASSES
+
+router = APIRouter(prefix="/v1/cases", tags=["cases"])
+
+NO_STORE = {"Cache-Control": "no-store"}
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
+    for status, text in {
+        400: "malformed request",
+        401: "missing, malformed or revoked API key",
+        403: "wrong role for this operation",
+        404: "no such case for this clinic",
+        429: "rate limit reached (see Retry-After)",
+        503: "a dependency is down (see Retry-After)",
+    }.items()
+}
+
+
+def _links(case: Case) -> CaseLinks:
+    base = f"/v1/cases/{case.id}"
+    return CaseLinks(self=base, heatmap=f"{base}/heatmap.png" if case.status == CaseStatus.SUCCEEDED else None)
+
+
+def case_out(case: Case, result: Result | None) -> CaseOut:
+    purged = case.status == CaseStatus.PURGED
+    return CaseOut(
+        id=case.id,
+        status=case.status,
+        priority=case.priority,
+        client_ref=case.client_ref,  # type: ignore[arg-type]
+        attempts=case.attempts,
+        image=None
+        if purged
+        else ImageOut(
+            format=case.image_format, width=case.image_width, height=case.image_height, bytes=case.image_bytes
+        ),
+        created_at=case.created_at,
+        updated_at=case.updated_at,
+        started_at=case.started_at,
+        finished_at=case.finished_at,
+        result=None
+        if result is None
+        else ResultOut(
+            label=result.label,
+            label_name=label_name(result.label),
+            probabilities={c: result.probabilities[c] for c in CLASSES if c in result.probabilities},
+            confidence=result.confidence,
+            uncertainty=result.uncertainty,
+            referral=result.referral,
+            referral_reasons=result.referral_reasons,
+            gradcam_status=result.gradcam_status,  # type: ignore[arg-type]
+            model=ModelRef(id=result.model_id, weights_sha256=result.weights_sha256),
+            device=result.device,
+            timings=result.timings,
+            created_at=result.created_at,
+        ),
+        failure=FailureOut(code=case.failure_code, message=case.failure_message or "")
+        if case.status == CaseStatus.FAILED and case.failure_code
+        else None,
+        links=_links(case),
+    )
+
+
+def _summary(case: Case) -> CaseSummary:
+    return CaseSummary(
+        id=case.id,
+        status=case.status,
+        priority=case.priority,
+        client_ref=case.client_ref,  # type: ignore[arg-type]
+        created_at=case.created_at,
+        updated_at=case.updated_at,
+        links=_links(case),
+    )
+
+
+UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "one dermoscopy image: JPEG, PNG, TIFF, WebP or BMP",
+                        },
+                        "client_ref": {
+                            "type": "string",
+                            "maxLength": 128,
+                            "description": "the portal's own reference, returned as sent",
+                        },
+                        "priority": {"type": "string", "enum": ["routine", "urgent"], "default": "routine"},
+                    },
+                },
+                "encoding": {
+                    "image": {
+                        "contentType": "image/jpeg, image/png, image/tiff, image/webp, image/bmp, "
+                        "application/octet-stream"
+                    }
+                },
+            }
+        },
+    }
+}
+
+
+def _validated_fields(fields: dict[str, str], idempotency_key: str | None, max_ref: int) -> tuple[str | None, Priority]:
+    priority_text = fields.get("priority", Priority.ROUTINE.value).strip() or Priority.ROUTINE.value
+    try:
+        priority = Priority(priority_text)
+    except ValueError:
+        raise InvalidInput("priority must be 'routine' or 'urgent'", code="invalid_priority") from None
+    client_ref = fields.get("client_ref")
+    if client_ref is not None:
+        client_ref = client_ref.strip() or None
+    if client_ref is not None and (len(client_ref) > max_ref or not client_ref.isprintable()):
+        raise InvalidInput(
+            f"client_ref must be printable text of at most {max_ref} characters", code="invalid_client_ref"
+        )
+    if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.match(idempotency_key):
+        raise InvalidInput("Idempotency-Key must be 1 to 255 visible ASCII characters", code="invalid_idempotency_key")
+    return client_ref, priority
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=CaseOut,
+    summary="Submit a case (one dermoscopy image)",
+    openapi_extra=UPLOAD_SCHEMA,
+    responses={
+        **PROBLEMS,
+        200: {
+            "model": CaseOut,
+            "description": "replay of an earlier submission with the same Idempotency-Key and image",
+        },
+        409: PROBLEMS[404] | {"description": "Idempotency-Key reused with a different image"},
+        413: PROBLEMS[404] | {"description": "body or image over the size limit"},
+        415: PROBLEMS[404] | {"description": "not multipart, or not an accepted image format"},
+        422: PROBLEMS[404] | {"description": "invalid image (see code) or form field"},
+    },
+)
+async def submit_case(
+    request: Request,
+    response: Response,
+    app: State,
+    caller: AuthenticatedCaller,
+    session: DbSession,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> CaseOut:
+    """Validate, encrypt and queue one image. Answers 202 with the case and its `Location`; poll
+    `GET /v1/cases/{id}` until `status` is `succeeded` or `failed`."""
+    require_role(caller, Role.CLINIC)
+    limit(caller, app, "submit")
+    settings = app.settings
+    form = await read_case_form(request, max_image_bytes=settings.max_upload_bytes)
+    client_ref, priority = _validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
+    limits = ImageLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_side=settings.max_image_side,
+        max_pixels=settings.max_image_pixels,
+        min_side=settings.min_image_side,
+    )
+    try:
+        # CPU-bound: off the event loop. Draft mode: validation needs a full read, not full resolution.
+        decoded = await run_in_threadpool(decode, form.image, limits, reduce_to=256)
+    except InvalidImage as exc:
+        raise InvalidImageError(exc.code, exc.message) from None
+    image = cases.NewImage(
+        data=form.image,
+        format=decoded.format,
+        media_type=decoded.media_type,
+        width=decoded.width,
+        height=decoded.height,
+        sha256=hashlib.sha256(form.image).hexdigest(),
+    )
+    case, created = await run_in_threadpool(
+        cases.create_case,
+        session,
+        keyring=app.keyring,
+        principal=caller.principal,
+        actor=caller.actor,
+        image=image,
+        client_ref=client_ref,
+        priority=priority,
+        idempotency_key=idempotency_key,
+    )
+    if created:
+        _publish_after_commit(session, app, case.id, priority)
+    else:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/cases/{case.id}"
+    response.headers.update(NO_STORE)
+    result = session.get(Result, case.id) if case.status == CaseStatus.SUCCEEDED else None
+    return case_out(case, result)
+
+
+def _publish_after_commit(session: Session, app: Any, case_id: uuid.UUID, priority: Priority) -> None:
+    """Publish only once the case is durable: a worker must never look for a row not yet committed."""
+
+    def publish(_session: Session) -> None:
+        publish_classify(app.publisher, case_id, priority)
+
+    event.listen(session, "after_commit", publish, once=True)
+
+
+@router.get("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Poll a case")
+def read_case(
+    case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, session: DbSession
+) -> CaseOut:
+    """Status, timestamps and, once succeeded, the calibrated result; or the failure's code and message."""
+    limit(caller, app, "read")
+    case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
+    response.headers.update(NO_STORE)
+    return case_out(case, result)
+
+
+@router.get(
+    "/{case_id}/heatmap.png",
+    response_class=Response,
+    responses={
+        **PROBLEMS,
+        200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay"},
+        409: PROBLEMS[404] | {"description": "the case has not succeeded (yet)"},
+        410: PROBLEMS[404] | {"description": "the case's images were erased"},
+    },
+    summary="The Grad-CAM heat map over the image",
+)
+def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCaller, session: DbSession) -> Response:
+    limit(caller, app, "read")
+    png = cases.read_heatmap(
+        session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=case_id
+    )
+    return Response(png, media_type="image/png", headers=NO_STORE)
+
+
+@router.get("", response_model=CasePage, responses=PROBLEMS, summary="The clinic's cases, newest first")
+def list_cases(
+    response: Response,
+    app: State,
+    caller: AuthenticatedCaller,
+    session: DbSession,
+    status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+    limit_: Annotated[int | None, Query(alias="limit", ge=1, le=200)] = None,
+) -> CasePage:
+    limit(caller, app, "read")
+    page = cases.list_cases(
+        session,
+        principal=caller.principal,
+        actor=caller.actor,
+        status=status,
+        cursor=cursor,
+        limit=min(limit_ or app.settings.page_size_default, app.settings.page_size_max),
+    )
+    response.headers.update(NO_STORE)
+    return CasePage(items=[_summary(c) for c in page.cases], next_cursor=page.next_cursor)
+
+
+@router.delete("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Erase a case's images")
+def erase_case(
+    case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, session: DbSession
+) -> CaseOut:
+    """Crypto-shred the image and heat map now. The case, its result and the audit trail remain; the
+    case shows `purged`. Repeating the call changes nothing."""
+    limit(caller, app, "submit")
+    case = retention.erase_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
+    response.headers.update(NO_STORE)
+    return case_out(case, session.get(Result, case.id))

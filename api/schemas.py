@@ -1,0 +1,111 @@
+"""Request and response schemas (Pydantic), kept apart from the ORM models."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ml.labels import BY_CODE, CLASSES
+
+Status = Literal["queued", "running", "succeeded", "failed", "purged"]
+PriorityName = Literal["routine", "urgent"]
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with dermq's stable ``code``."""
+
+    type: str = Field(examples=["https://dermq.example/problems/invalid_image"])
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="stable machine-readable error code")
+    instance: str | None = None
+    request_id: str | None = None
+
+
+class ModelRef(BaseModel):
+    id: str
+    weights_sha256: str
+
+
+class ResultOut(BaseModel):
+    label: str = Field(description=f"one of {', '.join(CLASSES)} (balanced decision rule; see the model card)")
+    label_name: str
+    probabilities: dict[str, float] = Field(
+        description="calibrated probability of each of the seven classes; sums to 1"
+    )
+    confidence: float = Field(ge=0, le=1, description="calibrated probability of the label")
+    uncertainty: float = Field(ge=0, le=1, description="normalised predictive entropy (0 certain, 1 uniform)")
+    referral: bool = Field(description="true: a clinician should review this lesion")
+    referral_reasons: list[str]
+    gradcam_status: Literal["ok", "timeout", "error"]
+    model: ModelRef
+    device: str
+    timings: dict[str, float] = Field(description="seconds spent in each stage")
+    created_at: datetime
+
+
+class FailureOut(BaseModel):
+    code: str = Field(examples=["invalid_image", "timeout", "model_error"])
+    message: str
+
+
+class ImageOut(BaseModel):
+    format: str
+    width: int
+    height: int
+    bytes: int
+
+
+class CaseLinks(BaseModel):
+    self: str
+    heatmap: str | None = None
+
+
+class CaseOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"description": "A case: one dermoscopy image and its triage"})
+
+    id: uuid.UUID
+    status: Status
+    priority: PriorityName
+    client_ref: str | None
+    attempts: int
+    image: ImageOut | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: ResultOut | None = None
+    failure: FailureOut | None = None
+    links: CaseLinks
+
+
+class CaseSummary(BaseModel):
+    id: uuid.UUID
+    status: Status
+    priority: PriorityName
+    client_ref: str | None
+    created_at: datetime
+    updated_at: datetime
+    links: CaseLinks
+
+
+class CasePage(BaseModel):
+    items: list[CaseSummary]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next (older) page; null at the end")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]
+
+
+def label_name(code: str) -> str:
+    return BY_CODE[code].name

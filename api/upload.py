@@ -1,0 +1,194 @@
+"""Reading a case submission: a multipart body parsed as it streams in, with hard caps.
+
+Starlette's own form parser spools large files to a temporary file on disk; patient images must
+never touch disk in plaintext, and an oversized body must be refused as soon as the cap is passed,
+not after it was read. So the body is fed chunk by chunk to python-multipart's streaming parser,
+into memory, and reading stops with 413 the moment a cap is crossed:
+
+- the whole body: ``max_upload_bytes`` plus a little room for the text fields;
+- the ``image`` part: ``max_upload_bytes``;
+- each text field: 1 KiB (``client_ref`` is further limited by settings); at most 8 parts.
+
+Client file names are read only to be ignored: nothing in dermq ever uses a client-supplied path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from core.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+FIELD_CAP = 1024
+MAX_PARTS = 8
+FORM_OVERHEAD = 64 * 1024
+TEXT_FIELDS = ("client_ref", "priority")
+IMAGE_MEDIA_TYPES = ("image/", "application/octet-stream")
+
+
+@dataclass
+class CaseForm:
+    image: bytes = b""
+    image_content_type: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Part:
+    name: str | None = None
+    is_file: bool = False
+    content_type: str | None = None
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+class _Collector:
+    """python-multipart callbacks that build a :class:`CaseForm` and enforce the caps."""
+
+    def __init__(self, max_image_bytes: int) -> None:
+        self.max_image_bytes = max_image_bytes
+        self.form = CaseForm()
+        self.parts = 0
+        self.seen_image = False
+        self.part = _Part()
+        self.header_field = b""
+        self.header_value = b""
+        self.headers: dict[bytes, bytes] = {}
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise InvalidInput(
+                f"the form has more than {MAX_PARTS} parts; send one image and its fields", code="too_many_parts"
+            )
+        self.part = _Part()
+        self.headers = {}
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.headers[self.header_field.lower()] = self.header_value
+        self.header_field = self.header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        name = options.get(b"name")
+        self.part.name = name.decode("utf-8", "replace") if name is not None else None
+        self.part.is_file = b"filename" in options
+        content_type = self.headers.get(b"content-type")
+        self.part.content_type = content_type.decode("latin-1").strip().lower() if content_type else None
+        if self.part.name == "image":
+            if self.seen_image:
+                raise InvalidInput("the form has more than one image; send one image per case", code="too_many_files")
+            self.seen_image = True
+        elif self.part.name in TEXT_FIELDS:
+            if self.part.name in self.form.fields:
+                raise InvalidInput(f"the field {self.part.name!r} appears twice", code="duplicate_field")
+        else:
+            raise InvalidInput(
+                "unexpected form field; the form takes 'image' (file), 'client_ref' and 'priority'",
+                code="unexpected_field",
+            )
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self.part.size += end - start
+        if self.part.name == "image":
+            if self.part.size > self.max_image_bytes:
+                raise PayloadTooLarge(
+                    f"the image is larger than the {self.max_image_bytes // (1024 * 1024)} MiB limit",
+                    code="image_too_large",
+                )
+        elif self.part.size > FIELD_CAP:
+            raise InvalidInput(f"the field {self.part.name!r} is longer than {FIELD_CAP} bytes", code="field_too_large")
+        self.part.chunks.append(bytes(data[start:end]))
+
+    def on_part_end(self) -> None:
+        payload = b"".join(self.part.chunks)
+        if self.part.name == "image":
+            self.form.image = payload
+            self.form.image_content_type = self.part.content_type
+        elif self.part.name is not None:
+            try:
+                self.form.fields[self.part.name] = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"the field {self.part.name!r} is not UTF-8 text", code="invalid_field") from None
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            name: getattr(self, name)
+            for name in (
+                "on_part_begin",
+                "on_header_field",
+                "on_header_value",
+                "on_header_end",
+                "on_headers_finished",
+                "on_part_data",
+                "on_part_end",
+            )
+        }
+
+
+def boundary_of(request: Request) -> bytes:
+    content_type = request.headers.get("content-type")
+    if not content_type:
+        raise UnsupportedMediaType(
+            "send the case as multipart/form-data with the file field 'image'", code="missing_content_type"
+        )
+    media_type, options = parse_options_header(content_type)
+    if media_type != b"multipart/form-data":
+        raise UnsupportedMediaType(
+            f"the body is {media_type.decode('latin-1')[:64]}; send multipart/form-data with the file field 'image'",
+            code="expected_multipart",
+        )
+    boundary = options.get(b"boundary")
+    if not boundary or len(boundary) > 200:
+        raise BadRequest("the multipart body has no valid boundary", code="invalid_multipart")
+    return boundary
+
+
+async def read_case_form(request: Request, *, max_image_bytes: int) -> CaseForm:
+    """Parse the submission as it arrives; raise 413 the moment a cap is passed."""
+    boundary = boundary_of(request)
+    max_body = max_image_bytes + FORM_OVERHEAD
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number", code="invalid_content_length") from None
+        if declared_bytes > max_body:
+            raise PayloadTooLarge(
+                f"the request is {declared_bytes} bytes; the limit is {max_body}", code="payload_too_large"
+            )
+    collector = _Collector(max_image_bytes)
+    parser = MultipartParser(boundary, collector.callbacks(), max_header_count=8, max_header_size=1024)  # type: ignore[arg-type]
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_body:
+                raise PayloadTooLarge(f"the request is larger than the {max_body} byte limit", code="payload_too_large")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError:
+        raise BadRequest("the multipart body is malformed", code="invalid_multipart") from None
+    except ClientDisconnect:
+        raise BadRequest(
+            "the client closed the connection before the body was complete", code="incomplete_body"
+        ) from None
+    if not collector.seen_image:
+        raise InvalidInput("the form has no 'image' file", code="missing_image")
+    content_type = collector.form.image_content_type
+    if content_type and not content_type.startswith(IMAGE_MEDIA_TYPES):
+        raise UnsupportedMediaType(
+            f"the image part is declared as {content_type[:64]}; send an image (JPEG, PNG, TIFF, WebP or BMP)",
+            code="unsupported_media_type",
+        )
+    return collector.form

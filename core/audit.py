@@ -1,0 +1,178 @@
+"""The tamper-evident audit trail: append-only rows chained by SHA-256.
+
+Each row's ``hash`` is SHA-256 over the previous row's hash and the row's canonical content (sorted
+JSON of every field, ``id`` included). Writers take a transaction-scoped advisory lock before they
+read the chain head, so concurrent transactions append one after another and the chain cannot
+fork; the lock is held until commit, which is why services record their audit event last. The
+database refuses UPDATE, DELETE and TRUNCATE on the table (a trigger, see the migrations), so an
+edit needs a superuser who disables the trigger, and :func:`verify_chain` then names the first row
+whose hash or link no longer matches.
+
+Fields follow FHIR AuditEvent (when, action, outcome, agent, source, entity). Never image bytes,
+client references or secrets: ``detail`` carries ids, codes and counts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from core.models import AuditEvent
+
+GENESIS = "0" * 64
+#: pg_advisory_xact_lock key that serialises appends to the chain ("dermq" in ASCII).
+CHAIN_LOCK = 0x6465726D71
+
+SUCCESS, FAILURE, DENIED = "success", "failure", "denied"
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who did it, from where (FHIR AuditEvent.agent + source)."""
+
+    type: str = "system"  # api_key | anonymous | system | cli
+    key_id: uuid.UUID | None = None
+    role: str | None = None
+    clinic_id: uuid.UUID | None = None
+    source_ip: str | None = None
+    user_agent: str | None = None
+    request_id: str | None = None
+
+    def with_key(self, key_id: uuid.UUID, role: str, clinic_id: uuid.UUID | None) -> Actor:
+        return Actor("api_key", key_id, role, clinic_id, self.source_ip, self.user_agent, self.request_id)
+
+
+SYSTEM = Actor("system")
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """An audit event to write in a transaction of its own (denials: the request's own rolls back)."""
+
+    action: str
+    outcome: str
+    entity_type: str | None = None
+    entity_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def canonical(row: dict[str, Any]) -> str:
+    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _content(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "occurred_at": event.occurred_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "action": event.action,
+        "outcome": event.outcome,
+        "actor_type": event.actor_type,
+        "actor_key_id": str(event.actor_key_id) if event.actor_key_id else None,
+        "actor_role": event.actor_role,
+        "clinic_id": str(event.clinic_id) if event.clinic_id else None,
+        "source_ip": event.source_ip,
+        "user_agent": event.user_agent,
+        "request_id": event.request_id,
+        "entity_type": event.entity_type,
+        "entity_id": event.entity_id,
+        "detail": event.detail or {},
+    }
+
+
+def chain_hash(prev_hash: str, event: AuditEvent) -> str:
+    return hashlib.sha256(f"{prev_hash}\n{canonical(_content(event))}".encode()).hexdigest()
+
+
+def record(
+    session: Session,
+    *,
+    action: str,
+    outcome: str,
+    actor: Actor,
+    entity_type: str | None = None,
+    entity_id: str | uuid.UUID | None = None,
+    clinic_id: uuid.UUID | None = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one event to the chain inside ``session``'s transaction (flushed, not committed)."""
+    session.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK)))
+    prev_hash = session.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)) or GENESIS
+    event = AuditEvent(
+        id=session.scalar(text("SELECT nextval(pg_get_serial_sequence('audit_events', 'id'))")),
+        occurred_at=datetime.now(UTC),
+        action=action,
+        outcome=outcome,
+        actor_type=actor.type,
+        actor_key_id=actor.key_id,
+        actor_role=actor.role,
+        clinic_id=clinic_id if clinic_id is not None else actor.clinic_id,
+        source_ip=actor.source_ip,
+        user_agent=(actor.user_agent or "")[:256] or None,
+        request_id=actor.request_id,
+        entity_type=entity_type,
+        entity_id=str(entity_id) if entity_id is not None else None,
+        detail=detail or {},
+        prev_hash=prev_hash,
+    )
+    event.hash = chain_hash(prev_hash, event)
+    session.add(event)
+    session.flush()
+    return event
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    ok: bool
+    checked: int
+    first_bad_id: int | None = None
+    reason: str | None = None
+    last_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "first_bad_id": self.first_bad_id,
+            "reason": self.reason,
+            "last_hash": self.last_hash,
+        }
+
+
+def _rows(session: Session, batch: int) -> Iterator[AuditEvent]:
+    last_id = 0
+    while True:
+        rows = session.scalars(
+            select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch)
+        ).all()
+        if not rows:
+            return
+        yield from rows
+        last_id = rows[-1].id
+        session.expunge_all()
+
+
+def verify_chain(session: Session, *, batch: int = 2000) -> ChainReport:
+    """Walk the whole chain in id order; report the first row whose link or hash is wrong."""
+    expected_prev = GENESIS
+    checked = 0
+    for event in _rows(session, batch):
+        if event.prev_hash != expected_prev:
+            return ChainReport(
+                False,
+                checked,
+                event.id,
+                "prev_hash does not match the previous row's hash (a row was removed, inserted or reordered)",
+            )
+        if chain_hash(expected_prev, event) != event.hash:
+            return ChainReport(False, checked, event.id, "content does not match its hash (the row was altered)")
+        expected_prev = event.hash
+        checked += 1
+    return ChainReport(True, checked, last_hash=expected_prev if checked else None)

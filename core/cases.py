@@ -1,0 +1,458 @@
+"""Case services shared by the API (submit, read, list, heat map) and the worker (claim, complete, fail).
+
+Every function takes a keyword-only ``session`` and only flushes; the caller's scope commits. Every
+access to patient data and every state change records an audit event, last, inside the same
+transaction (see :mod:`core.audit` for why last). Denials raise an error that carries a
+:class:`core.audit.PendingEvent`, which the API writes in a transaction of its own.
+
+State machine: ``queued -> running -> succeeded | failed``, ``running -> queued`` (recovery), and
+any terminal or queued state ``-> purged`` once the images are crypto-shredded. Worker transitions
+are fenced by the attempt number, so a stale worker can never overwrite a newer run's outcome.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core import audit
+from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
+from core.errors import BadRequest, Conflict, DermqError, Forbidden, Gone, NotFound
+from core.keys import Principal
+from core.models import BlobKind, Case, CaseBlob, CaseStatus, Priority, Result, Role
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class NewImage:
+    """A validated upload: the bytes as sent plus what decoding learned about them."""
+
+    data: bytes
+    format: str
+    media_type: str
+    width: int
+    height: int
+    sha256: str
+
+
+# --------------------------------------------------------------------------- access control
+
+
+def _require_clinic(principal: Principal, action: str, entity_id: str | None = None) -> uuid.UUID:
+    if principal.role is not Role.CLINIC or principal.clinic_id is None:
+        raise Forbidden(
+            f"a {principal.role.value} key cannot do this; use a clinic key",
+            code="role_not_allowed",
+            audit=audit.PendingEvent(
+                action, audit.DENIED, "case", entity_id, {"reason": "role", "role": principal.role.value}
+            ),
+        )
+    return principal.clinic_id
+
+
+def _not_found(action: str, case_id: uuid.UUID | str, reason: str) -> NotFound:
+    return NotFound(
+        "no such case for this clinic",
+        code="case_not_found",
+        audit=audit.PendingEvent(action, audit.DENIED, "case", str(case_id), {"reason": reason}),
+    )
+
+
+def owned_case(
+    session: Session, principal: Principal, case_id: uuid.UUID, action: str, *, for_update: bool = False
+) -> Case:
+    clinic_id = _require_clinic(principal, action, str(case_id))
+    case = session.get(Case, case_id, with_for_update=for_update)
+    if case is None:
+        raise _not_found(action, case_id, "unknown_case")
+    if case.clinic_id != clinic_id:
+        # Another clinic's case is indistinguishable from a missing one (404, not 403).
+        raise _not_found(action, case_id, "other_clinic")
+    return case
+
+
+# --------------------------------------------------------------------------- API side
+
+
+def create_case(
+    session: Session,
+    *,
+    keyring: Keyring,
+    principal: Principal,
+    actor: audit.Actor,
+    image: NewImage,
+    client_ref: str | None,
+    priority: Priority,
+    idempotency_key: str | None = None,
+) -> tuple[Case, bool]:
+    """Store a new queued case with its encrypted image; returns (case, created).
+
+    With an ``idempotency_key`` the same key and the same image return the existing case
+    (``created`` False); the same key with a different image is a :class:`Conflict`.
+    """
+    clinic_id = _require_clinic(principal, "case.create")
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, clinic_id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, image), False
+    case_id = uuid.uuid4()
+    case = Case(
+        id=case_id,
+        clinic_id=clinic_id,
+        status=CaseStatus.QUEUED.value,
+        priority=priority.value,
+        client_ref=client_ref,
+        idempotency_key=idempotency_key,
+        image_sha256=image.sha256,
+        image_format=image.format,
+        image_width=image.width,
+        image_height=image.height,
+        image_bytes=len(image.data),
+        attempts=0,
+        created_at=now(),
+        updated_at=now(),
+    )
+    sealed = encrypt_blob(keyring, image.data, case_id=case_id, kind=BlobKind.IMAGE.value)
+    try:
+        with session.begin_nested():
+            session.add(case)
+            session.flush()
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the race.
+        existing = _by_idempotency_key(session, clinic_id, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _replay(existing, image), False
+    session.add(_blob_row(case_id, BlobKind.IMAGE, sealed, image.media_type))
+    session.flush()
+    audit.record(
+        session,
+        action="case.create",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=clinic_id,
+        detail={
+            "priority": priority.value,
+            "format": image.format,
+            "width": image.width,
+            "height": image.height,
+            "bytes": len(image.data),
+        },
+    )
+    return case, True
+
+
+def _by_idempotency_key(session: Session, clinic_id: uuid.UUID, key: str) -> Case | None:
+    return session.scalar(select(Case).where(Case.clinic_id == clinic_id, Case.idempotency_key == key))
+
+
+def _replay(existing: Case, image: NewImage) -> Case:
+    if existing.image_sha256 != image.sha256:
+        raise Conflict(
+            "this Idempotency-Key was already used for a different image; use a new key for a new case",
+            code="idempotency_key_reused",
+        )
+    return existing
+
+
+def _blob_row(case_id: uuid.UUID, kind: BlobKind, sealed: SealedBlob, media_type: str) -> CaseBlob:
+    return CaseBlob(
+        id=uuid.uuid4(),
+        case_id=case_id,
+        kind=kind.value,
+        ciphertext=sealed.ciphertext,
+        nonce=sealed.nonce,
+        wrapped_key=sealed.wrapped_key,
+        kek_id=sealed.kek_id,
+        media_type=media_type,
+    )
+
+
+def get_case(
+    session: Session, *, principal: Principal, actor: audit.Actor, case_id: uuid.UUID
+) -> tuple[Case, Result | None]:
+    case = owned_case(session, principal, case_id, "case.read")
+    result = session.get(Result, case_id) if case.status in (CaseStatus.SUCCEEDED, CaseStatus.PURGED) else None
+    audit.record(
+        session,
+        action="case.read",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+        detail={"status": case.status},
+    )
+    return case, result
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    cases: list[Case]
+    next_cursor: str | None
+
+
+def _encode_cursor(case: Case) -> str:
+    raw = json.dumps([case.created_at.isoformat(), str(case.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created, case_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created), uuid.UUID(case_id)
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        raise BadRequest("the cursor is not one dermq issued; start again without it", code="invalid_cursor") from None
+
+
+def list_cases(
+    session: Session,
+    *,
+    principal: Principal,
+    actor: audit.Actor,
+    status: CaseStatus | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> Page:
+    """The clinic's own cases, newest first, ``limit`` at a time."""
+    clinic_id = _require_clinic(principal, "case.list")
+    query = select(Case).where(Case.clinic_id == clinic_id)
+    if status is not None:
+        query = query.where(Case.status == status.value)
+    if cursor:
+        created, case_id = _decode_cursor(cursor)
+        query = query.where(or_(Case.created_at < created, and_(Case.created_at == created, Case.id < case_id)))
+    rows = list(session.scalars(query.order_by(Case.created_at.desc(), Case.id.desc()).limit(limit + 1)))
+    page, more = rows[:limit], len(rows) > limit
+    audit.record(
+        session,
+        action="case.list",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        clinic_id=clinic_id,
+        detail={"count": len(page), "status": status.value if status else None},
+    )
+    return Page(page, _encode_cursor(page[-1]) if more and page else None)
+
+
+def read_heatmap(
+    session: Session, *, keyring: Keyring, principal: Principal, actor: audit.Actor, case_id: uuid.UUID
+) -> bytes:
+    """The decrypted Grad-CAM overlay PNG of a finished case."""
+    case = owned_case(session, principal, case_id, "heatmap.read")
+    if case.status == CaseStatus.PURGED:
+        raise Gone("this case's images were erased (retention or deletion)", code="case_purged")
+    if case.status != CaseStatus.SUCCEEDED:
+        raise Conflict(
+            f"the case is {case.status}; a heat map exists only once it has succeeded", code="case_not_finished"
+        )
+    blob = session.scalar(select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.HEATMAP.value))
+    if blob is None:
+        raise NotFound(
+            "this case has no heat map (Grad-CAM ran out of time or failed; see gradcam_status)",
+            code="heatmap_unavailable",
+        )
+    png = decrypt_blob(keyring, _sealed(blob), case_id=case_id, kind=BlobKind.HEATMAP.value)
+    audit.record(
+        session,
+        action="heatmap.read",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+    )
+    return png
+
+
+def _sealed(blob: CaseBlob) -> SealedBlob:
+    return SealedBlob(blob.ciphertext, blob.nonce, blob.wrapped_key, blob.kek_id)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def claim_case(session: Session, case_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> Case | None:
+    """Move a queued case to running and count the attempt; None if it is not queued (already taken,
+    finished or purged), which makes a redelivered message harmless."""
+    claimed = session.scalar(
+        update(Case)
+        .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
+        .values(status=CaseStatus.RUNNING.value, attempts=Case.attempts + 1, started_at=now(), updated_at=now())
+        .returning(Case)
+    )
+    if claimed is None:
+        return None
+    audit.record(
+        session,
+        action="case.start",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=claimed.clinic_id,
+        detail={"attempt": claimed.attempts},
+    )
+    return claimed
+
+
+def load_image(session: Session, *, keyring: Keyring, case_id: uuid.UUID) -> bytes:
+    blob = session.scalar(select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.IMAGE.value))
+    if blob is None:
+        raise NotFound("the case has no stored image", code="image_missing")
+    return decrypt_blob(keyring, _sealed(blob), case_id=case_id, kind=BlobKind.IMAGE.value)
+
+
+def _finish(session: Session, case_id: uuid.UUID, attempt: int, values: dict[str, Any]) -> Case | None:
+    """Fenced running -> terminal transition; None if this attempt no longer owns the case."""
+    return session.scalar(
+        update(Case)
+        .where(Case.id == case_id, Case.status == CaseStatus.RUNNING.value, Case.attempts == attempt)
+        .values(finished_at=now(), updated_at=now(), **values)
+        .returning(Case)
+    )
+
+
+def complete_case(
+    session: Session,
+    *,
+    keyring: Keyring,
+    case_id: uuid.UUID,
+    attempt: int,
+    result: dict[str, Any],
+    heatmap_png: bytes | None,
+    actor: audit.Actor = audit.SYSTEM,
+) -> bool:
+    """Store the result (and the encrypted heat map) and mark the case succeeded, atomically."""
+    case = _finish(
+        session,
+        case_id,
+        attempt,
+        {
+            "status": CaseStatus.SUCCEEDED.value,
+            "model_id": result["model_id"],
+            "failure_code": None,
+            "failure_message": None,
+        },
+    )
+    if case is None:
+        return False
+    session.add(Result(case_id=case_id, **result))
+    if heatmap_png is not None:
+        sealed = encrypt_blob(keyring, heatmap_png, case_id=case_id, kind=BlobKind.HEATMAP.value)
+        session.add(_blob_row(case_id, BlobKind.HEATMAP, sealed, "image/png"))
+    session.flush()
+    audit.record(
+        session,
+        action="case.classify",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+        detail={"attempt": attempt, "model_id": result["model_id"], "gradcam": result["gradcam_status"]},
+    )
+    return True
+
+
+def fail_case(
+    session: Session,
+    *,
+    case_id: uuid.UUID,
+    attempt: int | None,
+    code: str,
+    message: str,
+    actor: audit.Actor = audit.SYSTEM,
+) -> bool:
+    """Mark a running case (this attempt's, or any attempt's when ``attempt`` is None) failed."""
+    values = {"status": CaseStatus.FAILED.value, "failure_code": code, "failure_message": message[:2000]}
+    if attempt is None:
+        case = session.scalar(
+            update(Case)
+            .where(Case.id == case_id, Case.status.in_([CaseStatus.RUNNING.value, CaseStatus.QUEUED.value]))
+            .values(finished_at=now(), updated_at=now(), **values)
+            .returning(Case)
+        )
+    else:
+        case = _finish(session, case_id, attempt, values)
+    if case is None:
+        return False
+    audit.record(
+        session,
+        action="case.fail",
+        outcome=audit.FAILURE,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+        detail={"attempt": case.attempts, "code": code},
+    )
+    return True
+
+
+def requeue_case(
+    session: Session, case_id: uuid.UUID, *, attempt: int, reason: str, actor: audit.Actor = audit.SYSTEM
+) -> bool:
+    """Put a running case back in the queue (recovery, retry); fenced by attempt like the others."""
+    case = session.scalar(
+        update(Case)
+        .where(Case.id == case_id, Case.status == CaseStatus.RUNNING.value, Case.attempts == attempt)
+        .values(status=CaseStatus.QUEUED.value, updated_at=now(), started_at=None)
+        .returning(Case)
+    )
+    if case is None:
+        return False
+    audit.record(
+        session,
+        action="case.requeue",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+        detail={"attempt": attempt, "reason": reason},
+    )
+    return True
+
+
+def mark_published(session: Session, case_ids: list[uuid.UUID]) -> None:
+    if case_ids:
+        session.execute(update(Case).where(Case.id.in_(case_ids)).values(published_at=now()))
+
+
+def delete_blobs(session: Session, case_id: uuid.UUID) -> int:
+    """Crypto-shred: remove every ciphertext and wrapped data key of the case."""
+    return session.execute(delete(CaseBlob).where(CaseBlob.case_id == case_id)).rowcount or 0
+
+
+__all__ = [
+    "DermqError",
+    "NewImage",
+    "Page",
+    "claim_case",
+    "complete_case",
+    "create_case",
+    "delete_blobs",
+    "fail_case",
+    "get_case",
+    "list_cases",
+    "load_image",
+    "mark_published",
+    "read_heatmap",
+    "requeue_case",
+]

@@ -1,0 +1,119 @@
+"""dermq's one settings object, read from ``DERMQ_*`` environment variables (or a ``.env`` file).
+
+Every process (API, worker, beat, CLI, Alembic) builds it once with :func:`get_settings` and passes
+it down; nothing else reads the environment. Unsafe values are refused outside development.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "example"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DERMQ_", env_file=".env", extra="ignore", frozen=True)
+
+    environment: Literal["development", "test", "production"] = "development"
+
+    # --- storage and broker -------------------------------------------------------------
+    database_url: str = "postgresql+psycopg2:///dermq"
+    database_pool_size: int = Field(5, ge=1)
+    database_statement_timeout_ms: int = Field(15_000, ge=100)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # --- keys -------------------------------------------------------------------------
+    #: JSON key file: {"active": "<kek id>", "keys": {"<kek id>": "<base64 32 bytes>"}, "api_key_pepper": "..."}
+    key_file: Path | None = ROOT / "var" / "keys.json"
+    #: The same JSON inline (for containers that mount secrets as env vars); wins over key_file.
+    keys_json: SecretStr | None = None
+
+    # --- HTTP API -----------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    metrics_port: int = Field(9100, ge=0, le=65535)
+    public_base_url: str = ""
+    trust_forwarded_for: bool = False
+    cors_origins: list[str] = Field(default_factory=list)
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    max_image_side: int = Field(12_000, ge=64)
+    max_image_pixels: int = Field(50_000_000, ge=4096)
+    min_image_side: int = Field(32, ge=1)
+    max_client_ref_length: int = Field(128, ge=1)
+    page_size_default: int = Field(50, ge=1)
+    page_size_max: int = Field(200, ge=1)
+
+    # --- rate limits (requests per minute per key; failed auth per source address) -------------
+    rate_limit_submissions_per_minute: int = Field(120, ge=1)
+    rate_limit_reads_per_minute: int = Field(1200, ge=1)
+    rate_limit_failed_auth_per_minute: int = Field(20, ge=1)
+
+    # --- worker -------------------------------------------------------------------------
+    model: str = "effnet-lite0-ham10000-v1"
+    device: str = "auto"
+    worker_concurrency: int = Field(1, ge=1)
+    worker_threads: int = Field(0, ge=0)
+    worker_max_tasks_per_child: int = Field(2000, ge=1)
+    task_soft_time_limit: float = Field(60.0, gt=0)
+    task_time_limit: float = Field(90.0, gt=0)
+    gradcam_budget_seconds: float = Field(5.0, gt=0)
+    broker_visibility_timeout: int = Field(300, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    overlay_max_side: int = Field(1024, ge=64)
+
+    # --- recovery and retention ---------------------------------------------------------------
+    sweep_interval_seconds: float = Field(30.0, gt=0)
+    requeue_grace_seconds: float = Field(60.0, ge=0)
+    running_grace_seconds: float = Field(30.0, ge=0)
+    retention_days: int = Field(30, ge=1)
+    purge_interval_seconds: float = Field(3600.0, gt=0)
+
+    # --- Flower -------------------------------------------------------------------------
+    flower_host: str = "127.0.0.1"
+    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_user: str = "operator"
+    flower_password: SecretStr = SecretStr("")
+
+    # --- logging ------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str) -> str:
+        if not value.startswith("postgresql"):
+            raise ValueError("DERMQ_DATABASE_URL must be a PostgreSQL URL (postgresql+psycopg2://...)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if not self.task_soft_time_limit < self.task_time_limit < self.broker_visibility_timeout:
+            raise ValueError(
+                "time limits must satisfy task_soft_time_limit < task_time_limit < broker_visibility_timeout "
+                f"(got {self.task_soft_time_limit}, {self.task_time_limit}, {self.broker_visibility_timeout}); "
+                "otherwise Redis redelivers tasks that are still running"
+            )
+        if self.gradcam_budget_seconds >= self.task_soft_time_limit:
+            raise ValueError("gradcam_budget_seconds must be below task_soft_time_limit")
+        if self.environment == "production":
+            if self.flower_password.get_secret_value().lower() in EXAMPLE_SECRETS:
+                raise ValueError("DERMQ_FLOWER_PASSWORD is empty or an example value; set a real one in production")
+            if self.keys_json is None and self.key_file is None:
+                raise ValueError("production needs DERMQ_KEY_FILE or DERMQ_KEYS_JSON")
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, validated once."""
+    return Settings()

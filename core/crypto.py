@@ -1,0 +1,200 @@
+"""Envelope encryption at rest (AES-256-GCM) and the key file that holds the key-encryption keys.
+
+Every blob gets a fresh 256-bit data key. The payload is sealed with it under associated data that
+names the case and the kind of blob, so ciphertext copied to another row does not decrypt. The data
+key is itself sealed ("wrapped") by a key-encryption key (KEK) named by id, under associated data
+that again binds case and kind. Rotation re-wraps data keys under a new KEK without touching the
+payloads (:func:`rewrap`). Plaintext exists only in memory.
+
+The key file is JSON, mode 0600, never in git::
+
+    {"version": 1, "active": "kek-20261126-1a2b", "keys": {"kek-20261126-1a2b": "<base64, 32 bytes>"},
+     "api_key_pepper": "<base64, 32 bytes>"}
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import stat
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from core.config import Settings
+from core.errors import DecryptionError, KeyringError
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+FORMAT = b"dermq/v1"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise KeyringError(f"{what} is not valid base64") from None
+
+
+@dataclass(frozen=True)
+class Keyring:
+    active_id: str
+    keks: dict[str, bytes] = field(repr=False)
+    api_key_pepper: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.active_id not in self.keks:
+            raise KeyringError(f"the active key {self.active_id!r} is not among the keys in the key file")
+        for kek_id, key in self.keks.items():
+            if len(key) != KEY_BYTES:
+                raise KeyringError(f"key {kek_id!r} is {len(key)} bytes; AES-256 keys are {KEY_BYTES}")
+        if len(self.api_key_pepper) < 16:
+            raise KeyringError("api_key_pepper must be at least 16 bytes")
+
+    def kek(self, kek_id: str) -> bytes:
+        try:
+            return self.keks[kek_id]
+        except KeyError:
+            raise DecryptionError(
+                f"blob is wrapped under key {kek_id!r}, which the key file no longer holds; "
+                "restore that key or finish the rotation before removing it"
+            ) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "active": self.active_id,
+            "keys": {k: _b64(v) for k, v in self.keks.items()},
+            "api_key_pepper": _b64(self.api_key_pepper),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Keyring:
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), dict) or "active" not in data:
+            raise KeyringError("key file must be a JSON object with 'active', 'keys' and 'api_key_pepper'")
+        if "api_key_pepper" not in data:
+            raise KeyringError("key file has no 'api_key_pepper'")
+        return cls(
+            active_id=str(data["active"]),
+            keks={str(k): _unb64(v, f"key {k!r}") for k, v in data["keys"].items()},
+            api_key_pepper=_unb64(data["api_key_pepper"], "api_key_pepper"),
+        )
+
+    @classmethod
+    def generate(cls) -> Keyring:
+        kek_id = new_kek_id()
+        return cls(kek_id, {kek_id: secrets.token_bytes(KEY_BYTES)}, secrets.token_bytes(KEY_BYTES))
+
+    def with_new_active_key(self) -> Keyring:
+        kek_id = new_kek_id()
+        return Keyring(kek_id, {**self.keks, kek_id: secrets.token_bytes(KEY_BYTES)}, self.api_key_pepper)
+
+
+def new_kek_id() -> str:
+    return f"kek-{datetime.now(UTC):%Y%m%d}-{secrets.token_hex(3)}"
+
+
+def load_keyring(settings: Settings) -> Keyring:
+    """The keyring from ``DERMQ_KEYS_JSON`` or ``DERMQ_KEY_FILE``; refuses to invent one."""
+    if settings.keys_json is not None:
+        try:
+            return Keyring.from_json(json.loads(settings.keys_json.get_secret_value()))
+        except json.JSONDecodeError:
+            raise KeyringError("DERMQ_KEYS_JSON is not valid JSON") from None
+    path = settings.key_file
+    if path is None or not path.is_file():
+        raise KeyringError(
+            f"no encryption key file at {path}; create one with `dermq keys init` (make run does this "
+            "the first time) or set DERMQ_KEY_FILE / DERMQ_KEYS_JSON. dermq never invents keys at start-up."
+        )
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077 and settings.environment == "production":
+        raise KeyringError(f"key file {path} is readable by other users (mode {mode:o}); chmod 600 it")
+    try:
+        return Keyring.from_json(json.loads(path.read_text()))
+    except json.JSONDecodeError:
+        raise KeyringError(f"key file {path} is not valid JSON") from None
+
+
+def write_key_file(path: Path, keyring: Keyring, *, overwrite: bool = False) -> None:
+    """Write ``keyring`` atomically with mode 0600 (never readable by others, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise KeyringError(f"{path} already exists; refusing to overwrite encryption keys")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(keyring.to_json(), handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class SealedBlob:
+    ciphertext: bytes = field(repr=False)
+    nonce: bytes
+    wrapped_key: bytes = field(repr=False)
+    kek_id: str
+
+
+def _payload_aad(case_id: uuid.UUID, kind: str) -> bytes:
+    return b"|".join([FORMAT, b"payload", str(case_id).encode(), kind.encode()])
+
+
+def _wrap_aad(case_id: uuid.UUID, kind: str, kek_id: str) -> bytes:
+    return b"|".join([FORMAT, b"data-key", str(case_id).encode(), kind.encode(), kek_id.encode()])
+
+
+def _wrap(keyring: Keyring, kek_id: str, data_key: bytes, case_id: uuid.UUID, kind: str) -> bytes:
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return nonce + AESGCM(keyring.kek(kek_id)).encrypt(nonce, data_key, _wrap_aad(case_id, kind, kek_id))
+
+
+def _unwrap(keyring: Keyring, kek_id: str, wrapped: bytes, case_id: uuid.UUID, kind: str) -> bytes:
+    try:
+        return AESGCM(keyring.kek(kek_id)).decrypt(
+            wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_aad(case_id, kind, kek_id)
+        )
+    except InvalidTag:
+        raise DecryptionError("data key does not unwrap for this case and kind (tampered or moved)") from None
+
+
+def encrypt_blob(keyring: Keyring, plaintext: bytes, *, case_id: uuid.UUID, kind: str) -> SealedBlob:
+    data_key = AESGCM.generate_key(bit_length=256)
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, _payload_aad(case_id, kind))
+    wrapped = _wrap(keyring, keyring.active_id, data_key, case_id, kind)
+    return SealedBlob(ciphertext, nonce, wrapped, keyring.active_id)
+
+
+def decrypt_blob(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str) -> bytes:
+    data_key = _unwrap(keyring, blob.kek_id, blob.wrapped_key, case_id, kind)
+    try:
+        return AESGCM(data_key).decrypt(blob.nonce, blob.ciphertext, _payload_aad(case_id, kind))
+    except InvalidTag:
+        raise DecryptionError("blob does not decrypt for this case and kind (tampered or moved)") from None
+
+
+def rewrap(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str) -> SealedBlob:
+    """The same payload with its data key wrapped under the keyring's active KEK."""
+    data_key = _unwrap(keyring, blob.kek_id, blob.wrapped_key, case_id, kind)
+    wrapped = _wrap(keyring, keyring.active_id, data_key, case_id, kind)
+    return SealedBlob(blob.ciphertext, blob.nonce, wrapped, keyring.active_id)

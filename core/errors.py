@@ -1,0 +1,108 @@
+"""Domain errors. Each carries its HTTP status and a stable machine-readable ``code``; the API renders
+them as RFC 9457 problem details. Services raise these, never ``HTTPException``. Messages say what
+went wrong and what to do, and never contain patient data or secrets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DermqError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+        audit: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        #: a core.audit.PendingEvent to record in a transaction of its own (denied attempts)
+        self.audit = audit
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+class BadRequest(DermqError):
+    status, code, title = 400, "bad_request", "Bad request"
+
+
+class Unauthorized(DermqError):
+    status, code, title = 401, "unauthorized", "Authentication required"
+
+    def __init__(self, message: str, *, code: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, code=code, **kwargs)
+        self.headers.setdefault("WWW-Authenticate", 'Bearer realm="dermq"')
+
+
+class Forbidden(DermqError):
+    status, code, title = 403, "forbidden", "Not allowed"
+
+
+class NotFound(DermqError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class Conflict(DermqError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class Gone(DermqError):
+    status, code, title = 410, "gone", "Gone"
+
+
+class PayloadTooLarge(DermqError):
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class UnsupportedMediaType(DermqError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
+
+
+class InvalidInput(DermqError):
+    status, code, title = 422, "invalid_input", "Invalid input"
+
+
+class InvalidImageError(DermqError):
+    """An upload that ``ml.images`` refused; ``code`` is the ``InvalidImage`` code."""
+
+    status, code, title = 422, "invalid_image", "Invalid image"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, code=code)
+        if code == "unsupported_format":
+            self.status = 415
+        elif code == "file_too_large":
+            self.status = 413
+
+
+class RateLimited(DermqError):
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(DermqError):
+    status, code, title = 503, "service_unavailable", "Service unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 5) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+class KeyringError(RuntimeError):
+    """Encryption keys are missing or malformed: the process must not start."""
+
+
+class DecryptionError(RuntimeError):
+    """A blob does not decrypt under its case, kind and key (tampered, moved or wrong key)."""

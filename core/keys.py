@@ -1,0 +1,132 @@
+"""API keys: creation (the secret is shown once), authentication, listing and revocation.
+
+A key looks like ``dq_<prefix>_<secret>``. The database keeps the prefix (for lookup) and an
+HMAC-SHA256 of the whole key under a server-side pepper from the key file, so a stolen database
+does not yield usable keys and a guess cannot be checked offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import audit
+from core.crypto import Keyring
+from core.errors import BadRequest, NotFound, Unauthorized
+from core.models import ApiKey, Clinic, Role
+
+TOKEN_RE = re.compile(r"^dq_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller."""
+
+    key_id: uuid.UUID
+    role: Role
+    clinic_id: uuid.UUID | None
+
+
+def _digest(keyring: Keyring, token: str) -> bytes:
+    return hmac.new(keyring.api_key_pepper, token.encode(), hashlib.sha256).digest()
+
+
+def create_key(
+    session: Session,
+    keyring: Keyring,
+    *,
+    role: Role,
+    clinic_id: uuid.UUID | None,
+    label: str = "",
+    actor: audit.Actor = audit.SYSTEM,
+) -> tuple[ApiKey, str]:
+    """A new key and its secret token. The token is returned once and stored only as a keyed hash."""
+    if role is Role.CLINIC and clinic_id is None:
+        raise BadRequest("a clinic key needs a clinic", code="clinic_required")
+    if clinic_id is not None:
+        clinic = session.get(Clinic, clinic_id)
+        if clinic is None:
+            raise NotFound("no such clinic", code="clinic_not_found")
+        if not clinic.active:
+            raise BadRequest("the clinic is deactivated; reactivate it before issuing keys", code="clinic_inactive")
+    prefix = secrets.token_hex(6)
+    token = f"dq_{prefix}_{secrets.token_urlsafe(32)}"
+    key = ApiKey(
+        id=uuid.uuid4(),
+        prefix=prefix,
+        secret_hash=_digest(keyring, token),
+        role=role.value,
+        clinic_id=clinic_id,
+        label=label[:200],
+    )
+    session.add(key)
+    session.flush()
+    audit.record(
+        session,
+        action="key.create",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="api_key",
+        entity_id=key.id,
+        clinic_id=clinic_id,
+        detail={"role": role.value, "prefix": prefix},
+    )
+    return key, token
+
+
+def authenticate(session: Session, keyring: Keyring, token: str | None) -> Principal:
+    """The principal for a bearer token; raises :class:`Unauthorized` with a reason code otherwise."""
+    if not token:
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'", code="missing_credentials")
+    match = TOKEN_RE.match(token)
+    if match is None:
+        raise Unauthorized("the API key is malformed", code="invalid_credentials")
+    row = session.execute(
+        select(ApiKey, Clinic.active).outerjoin(Clinic, Clinic.id == ApiKey.clinic_id).where(ApiKey.prefix == match[1])
+    ).first()
+    if row is None:
+        _digest(keyring, token)  # same work either way: no timing hint about which prefixes exist
+        raise Unauthorized("the API key is not valid", code="invalid_credentials")
+    key, clinic_active = row
+    if not hmac.compare_digest(key.secret_hash, _digest(keyring, token)):
+        raise Unauthorized("the API key is not valid", code="invalid_credentials")
+    if key.revoked_at is not None:
+        raise Unauthorized("the API key has been revoked", code="revoked_credentials")
+    if key.clinic_id is not None and clinic_active is False:
+        raise Unauthorized("the clinic of this API key is deactivated", code="clinic_inactive")
+    return Principal(key.id, Role(key.role), key.clinic_id)
+
+
+def revoke_key(session: Session, key_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> ApiKey:
+    key = session.get(ApiKey, key_id, with_for_update=True)
+    if key is None:
+        raise NotFound("no such API key", code="key_not_found")
+    if key.revoked_at is None:
+        key.revoked_at = datetime.now(UTC)
+        session.flush()
+    audit.record(
+        session,
+        action="key.revoke",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="api_key",
+        entity_id=key.id,
+        clinic_id=key.clinic_id,
+        detail={"prefix": key.prefix},
+    )
+    return key
+
+
+def list_keys(session: Session, *, clinic_id: uuid.UUID | None = None) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if clinic_id is not None:
+        query = query.where(ApiKey.clinic_id == clinic_id)
+    return list(session.scalars(query))

@@ -1,0 +1,95 @@
+"""Structured logging: one JSON object per line, carrying the request id and case id of the work in
+progress. Only ids, codes, counts and timings are logged: never image bytes, client references,
+API keys or other secrets (the formatter drops any field it does not know).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+case_id_var: ContextVar[str | None] = ContextVar("case_id", default=None)
+
+#: Extra fields a log call may attach (logger.info(..., extra={...})); anything else is dropped.
+ALLOWED_EXTRA = frozenset(
+    {
+        "event",
+        "case_id",
+        "request_id",
+        "task_id",
+        "status",
+        "method",
+        "path",
+        "route",
+        "status_code",
+        "duration_ms",
+        "error",
+        "code",
+        "attempt",
+        "model_id",
+        "device",
+        "count",
+        "component",
+        "key_id",
+        "clinic_id",
+        "outcome",
+        "label",
+        "seconds",
+        "queue",
+        "priority",
+        "bytes",
+        "retry_in",
+    }
+)
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "component": self.component,
+            "msg": record.getMessage(),
+        }
+        request_id, case_id = request_id_var.get(), case_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        if case_id:
+            entry["case_id"] = case_id
+        for key, value in record.__dict__.items():
+            if key in ALLOWED_EXTRA and key not in entry:
+                entry[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            # The exception type and where it happened, not its message: messages can quote data.
+            entry["exception"] = record.exc_info[0].__name__
+            tb = record.exc_info[2]
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            if tb is not None:
+                entry["at"] = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "INFO", *, json_lines: bool = True, component: str = "dermq") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JsonFormatter(component))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("uvicorn.access", "multipart", "python_multipart", "PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error", "celery", "kombu", "flower"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

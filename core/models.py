@@ -1,0 +1,222 @@
+"""SQLAlchemy 2.0 models: clinics, API keys, cases, encrypted blobs, results and the audit trail.
+
+The schema is created by Alembic migrations (``migrations/``), never by ``create_all``; these
+classes describe it for the ORM and for autogeneration.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Role(enum.StrEnum):
+    CLINIC = "clinic"
+    AUDITOR = "auditor"
+    ADMIN = "admin"
+
+
+class CaseStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    PURGED = "purged"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (CaseStatus.SUCCEEDED, CaseStatus.FAILED, CaseStatus.PURGED)
+
+
+class Priority(enum.StrEnum):
+    ROUTINE = "routine"
+    URGENT = "urgent"
+
+
+class BlobKind(enum.StrEnum):
+    IMAGE = "image"
+    HEATMAP = "heatmap"
+
+
+def _uuid() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+def _values(enum_type: type[enum.Enum]) -> str:
+    return ", ".join(f"'{member.value}'" for member in enum_type)
+
+
+class Clinic(Base):
+    __tablename__ = "clinics"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    deactivated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint(f"role IN ({_values(Role)})", name="role"),
+        CheckConstraint("role <> 'clinic' OR clinic_id IS NOT NULL", name="clinic_key_has_clinic"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    role: Mapped[str] = mapped_column(String(16))
+    clinic_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("clinics.id", ondelete="RESTRICT"), index=True)
+    label: Mapped[str] = mapped_column(String(200), server_default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    clinic: Mapped[Clinic | None] = relationship(lazy="raise")
+
+
+class Case(Base):
+    __tablename__ = "cases"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_values(CaseStatus)})", name="status"),
+        CheckConstraint(f"priority IN ({_values(Priority)})", name="priority"),
+        UniqueConstraint("clinic_id", "idempotency_key", name="uq_cases_clinic_idempotency_key"),
+        Index("ix_cases_clinic_created", "clinic_id", "created_at", "id"),
+        Index("ix_cases_status_updated", "status", "updated_at"),
+        Index("ix_cases_queued", "updated_at", postgresql_where=text("status IN ('queued', 'running')")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    clinic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clinics.id", ondelete="RESTRICT"))
+    status: Mapped[str] = mapped_column(String(16), server_default=CaseStatus.QUEUED.value)
+    priority: Mapped[str] = mapped_column(String(16), server_default=Priority.ROUTINE.value)
+    client_ref: Mapped[str | None] = mapped_column(String(256))
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_format: Mapped[str] = mapped_column(String(16))
+    image_width: Mapped[int] = mapped_column(Integer)
+    image_height: Mapped[int] = mapped_column(Integer)
+    image_bytes: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failure_code: Mapped[str | None] = mapped_column(String(64))
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    model_id: Mapped[str | None] = mapped_column(String(128))
+
+    result: Mapped[Result | None] = relationship(lazy="raise", uselist=False)
+
+
+class CaseBlob(Base):
+    """An encrypted image or heat map. Purge deletes the row: ciphertext and wrapped key both go."""
+
+    __tablename__ = "case_blobs"
+    __table_args__ = (
+        CheckConstraint(f"kind IN ({_values(BlobKind)})", name="kind"),
+        UniqueConstraint("case_id", "kind", name="uq_case_blobs_case_kind"),
+        Index("ix_case_blobs_kek_id", "kek_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kek_id: Mapped[str] = mapped_column(String(64))
+    media_type: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Result(Base):
+    """The one classification of a case; the primary key makes a second one impossible."""
+
+    __tablename__ = "results"
+
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
+    label: Mapped[str] = mapped_column(String(16))
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSONB)
+    confidence: Mapped[float] = mapped_column(Float)
+    uncertainty: Mapped[float] = mapped_column(Float)
+    referral: Mapped[bool] = mapped_column(Boolean)
+    referral_reasons: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    gradcam_status: Mapped[str] = mapped_column(String(16))
+    gradcam_class: Mapped[str | None] = mapped_column(String(16))
+    model_id: Mapped[str] = mapped_column(String(128))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(32))
+    timings: Mapped[dict[str, float]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AuditEvent(Base):
+    """One append-only, hash-chained audit record (fields after FHIR AuditEvent).
+
+    ``hash`` = SHA-256(``prev_hash`` || canonical JSON of the row), see :mod:`core.audit`. A trigger
+    in the database refuses UPDATE, DELETE and TRUNCATE.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_occurred_at", "occurred_at"),
+        Index("ix_audit_events_entity", "entity_type", "entity_id"),
+        Index("ix_audit_events_clinic", "clinic_id", "id"),
+        Index("ix_audit_events_actor", "actor_key_id", "id"),
+        Index("ix_audit_events_action", "action", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    action: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    actor_key_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    actor_role: Mapped[str | None] = mapped_column(String(16))
+    actor_type: Mapped[str] = mapped_column(String(16))
+    clinic_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(256))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    entity_type: Mapped[str | None] = mapped_column(String(32))
+    entity_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)

@@ -1,0 +1,68 @@
+"""The queue topology shared by the API's publisher and the Celery worker: names, priorities, and the
+Redis transport options (which must agree between every app on one broker: the shortest
+visibility timeout wins).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.config import Settings
+from core.models import Priority
+
+TASK_CLASSIFY = "dermq.classify"
+TASK_SWEEP = "dermq.sweep"
+TASK_PURGE = "dermq.purge"
+
+QUEUE_CASES = "cases"
+QUEUE_MAINTENANCE = "maintenance"
+
+#: Redis priorities: 0 is served first. Celery keeps one Redis list per step: ``cases`` for 0 and
+#: ``cases\x06\x16<n>`` for the others; anything that measures queue length must count them all.
+PRIORITY_STEPS = [0, 3, 6, 9]
+PRIORITY_VALUE = {Priority.URGENT: 0, Priority.ROUTINE: 6}
+REDIS_PRIORITY_SEP = "\x06\x16"
+
+
+def queue_lists(queue: str = QUEUE_CASES) -> list[str]:
+    """Every Redis list that holds messages of ``queue``, one per priority step."""
+    return [queue if step == 0 else f"{queue}{REDIS_PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "visibility_timeout": settings.broker_visibility_timeout,
+        "priority_steps": PRIORITY_STEPS,
+        "sep": REDIS_PRIORITY_SEP,
+        "queue_order_strategy": "priority",
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+        "retry_on_timeout": True,
+    }
+
+
+ROUTES = {
+    TASK_CLASSIFY: {"queue": QUEUE_CASES},
+    TASK_SWEEP: {"queue": QUEUE_MAINTENANCE},
+    TASK_PURGE: {"queue": QUEUE_MAINTENANCE},
+}
+
+
+def common_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings every dermq app on the broker shares (publisher and worker alike)."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options(settings),
+        "broker_connection_timeout": 2,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_routes": ROUTES,
+        "task_default_queue": QUEUE_CASES,
+        "task_default_priority": PRIORITY_VALUE[Priority.ROUTINE],
+        "timezone": "UTC",
+        "enable_utc": True,
+    }

@@ -1,0 +1,77 @@
+"""Retention and erasure by crypto-shredding.
+
+Purging a case deletes its ``case_blobs`` rows: the ciphertext of the image and heat map and the
+wrapped data keys that could decrypt them. Without the data key, any copy of the ciphertext left in
+a backup is unreadable once the backup's KEK is retired. The case row, its result (labels and
+probabilities, no image) and the audit trail remain, and the case shows ``purged``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import audit, cases
+from core.config import Settings
+from core.keys import Principal
+from core.models import Case, CaseStatus
+
+BATCH = 500
+
+
+@dataclass
+class PurgeReport:
+    purged: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"purged": len(self.purged)}
+
+
+def _purge(session: Session, case: Case, *, actor: audit.Actor, reason: str) -> None:
+    blobs = cases.delete_blobs(session, case.id)
+    case.status = CaseStatus.PURGED.value
+    case.purged_at = case.updated_at = datetime.now(UTC)
+    session.flush()
+    audit.record(
+        session,
+        action="case.purge",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case.id,
+        clinic_id=case.clinic_id,
+        detail={"reason": reason, "blobs": blobs},
+    )
+
+
+def purge_expired(session: Session, settings: Settings, *, now: datetime | None = None) -> PurgeReport:
+    """Crypto-shred finished cases older than ``retention_days`` (one batch per call)."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=settings.retention_days)
+    expired = session.scalars(
+        select(Case)
+        .where(
+            Case.created_at < cutoff,
+            Case.purged_at.is_(None),
+            Case.status.in_([CaseStatus.SUCCEEDED.value, CaseStatus.FAILED.value]),
+        )
+        .order_by(Case.created_at)
+        .limit(BATCH)
+        .with_for_update(skip_locked=True)
+    ).all()
+    report = PurgeReport()
+    for case in expired:
+        _purge(session, case, actor=audit.SYSTEM, reason="retention")
+        report.purged.append(str(case.id))
+    return report
+
+
+def erase_case(session: Session, *, principal: Principal, actor: audit.Actor, case_id: uuid.UUID) -> Case:
+    """The clinic's erasure request: shred the images now, whatever the case's state. Idempotent."""
+    case = cases.owned_case(session, principal, case_id, "case.delete", for_update=True)
+    if case.status != CaseStatus.PURGED:
+        _purge(session, case, actor=actor, reason="clinic_request")
+    return case

@@ -1,0 +1,146 @@
+"""Shared fixtures: the fixture images, and the integration stack (real Postgres, Redis, Celery worker)."""
+
+from __future__ import annotations
+
+import csv
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import support
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURE_IMAGES = FIXTURES / "images"
+
+
+@pytest.fixture(scope="session")
+def fixture_images() -> dict[str, Path]:
+    """Image id -> path of the real HAM10000 fixture images."""
+    return {p.stem: p for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))}
+
+
+@pytest.fixture(scope="session")
+def fixture_labels() -> dict[str, str]:
+    with (FIXTURE_IMAGES / "metadata.csv").open() as handle:
+        return {row["image_id"]: row["dx"] for row in csv.DictReader(handle)}
+
+
+@pytest.fixture(scope="session")
+def jpeg_bytes(fixture_images: dict[str, Path]) -> bytes:
+    return next(iter(fixture_images.values())).read_bytes()
+
+
+# --------------------------------------------------------------------------- integration stack
+
+
+@pytest.fixture(scope="session")
+def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def stack_env(stack_dir: Path) -> dict[str, str]:
+    from core.crypto import Keyring, write_key_file
+
+    env = support.test_env(stack_dir)
+    write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
+    return env
+
+
+@pytest.fixture(scope="session")
+def settings(stack_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    from core.config import Settings
+
+    with support.environment(stack_env):
+        return Settings()
+
+
+@pytest.fixture(scope="session")
+def database(settings) -> str:  # type: ignore[no-untyped-def]
+    """The test database, built once per run by the Alembic migrations."""
+    support.recreate_database(settings.database_url)
+    support.migrate(settings.database_url)
+    return settings.database_url
+
+
+@pytest.fixture(scope="session")
+def redis_client(settings):  # type: ignore[no-untyped-def]
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def keyring(settings):  # type: ignore[no-untyped-def]
+    from core.crypto import load_keyring
+
+    return load_keyring(settings)
+
+
+@pytest.fixture(scope="session")
+def api_app(settings, database, redis_client):  # type: ignore[no-untyped-def]
+    from api.app import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture(scope="session")
+def client(api_app):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    with TestClient(api_app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -> Iterator[support.Process]:  # type: ignore[no-untyped-def]
+    """A real Celery worker process (prefork, one child) on the test database and Redis."""
+    process = support.start_worker(stack_env, stack_dir / "worker.log", name="main")
+    yield process
+    process.stop()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    clinic_id: uuid.UUID
+    name: str
+    token: str
+    key_id: uuid.UUID
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+def make_key(settings, database, keyring) -> Callable[..., Tenant]:  # type: ignore[no-untyped-def]
+    """Create a fresh clinic (so tests never see each other's rows) and a key for it."""
+    from core import clinics, keys
+    from core.db import session_scope
+    from core.models import Role
+
+    def make(role: str = "clinic", clinic_id: uuid.UUID | None = None) -> Tenant:
+        with session_scope(settings) as session:
+            if clinic_id is None:
+                clinic = clinics.create_clinic(session, f"clinic-{uuid.uuid4().hex[:10]}")
+                clinic_id, name = clinic.id, clinic.name
+            else:
+                name = clinics.get_clinic(session, clinic_id).name
+            key, token = keys.create_key(
+                session, keyring, role=Role(role), clinic_id=clinic_id if role == "clinic" else None
+            )
+            return Tenant(clinic_id, name, token, key.id)
+
+    return make
+
+
+@pytest.fixture
+def tenant(make_key: Callable[..., Tenant]) -> Tenant:
+    return make_key("clinic")

@@ -1,0 +1,36 @@
+"""core.config: one validated Settings object, refusing unsafe combinations."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from core.config import Settings
+
+
+def test_time_limits_must_nest_inside_the_visibility_timeout() -> None:
+    with pytest.raises(ValidationError, match="visibility_timeout"):
+        Settings(task_soft_time_limit=60, task_time_limit=90, broker_visibility_timeout=60)
+    with pytest.raises(ValidationError, match="task_soft_time_limit < task_time_limit"):
+        Settings(task_soft_time_limit=90, task_time_limit=60)
+    with pytest.raises(ValidationError, match="gradcam_budget_seconds"):
+        Settings(gradcam_budget_seconds=120)
+
+
+def test_production_refuses_example_secrets() -> None:
+    with pytest.raises(ValidationError, match="FLOWER_PASSWORD"):
+        Settings(environment="production", flower_password="changeme")
+    assert Settings(environment="production", flower_password="k3y-from-a-secret-store").environment == "production"
+
+
+def test_only_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DERMQ_DATABASE_URL", "sqlite:///x.db")
+    with pytest.raises(ValidationError, match="PostgreSQL"):
+        Settings()
+
+
+def test_environment_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DERMQ_API_PORT", "9001")
+    monkeypatch.setenv("DERMQ_RETENTION_DAYS", "7")
+    settings = Settings()
+    assert settings.api_port == 9001 and settings.retention_days == 7

@@ -1,0 +1,103 @@
+"""core.crypto: envelope encryption bound to case and kind, rotation re-wrap, and the key file."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import uuid
+from pathlib import Path
+
+import pytest
+
+from core.config import Settings
+from core.crypto import Keyring, decrypt_blob, encrypt_blob, load_keyring, rewrap, write_key_file
+from core.errors import DecryptionError, KeyringError
+
+PLAINTEXT = b"\xff\xd8\xff pretend these are the bytes of a dermoscopy image"
+
+
+@pytest.fixture
+def keyring() -> Keyring:
+    return Keyring.generate()
+
+
+def test_round_trip_and_fresh_data_keys(keyring: Keyring) -> None:
+    case = uuid.uuid4()
+    first = encrypt_blob(keyring, PLAINTEXT, case_id=case, kind="image")
+    second = encrypt_blob(keyring, PLAINTEXT, case_id=case, kind="image")
+    assert PLAINTEXT not in first.ciphertext
+    assert first.ciphertext != second.ciphertext and first.wrapped_key != second.wrapped_key
+    assert decrypt_blob(keyring, first, case_id=case, kind="image") == PLAINTEXT
+
+
+def test_blob_moved_to_another_case_or_kind_does_not_decrypt(keyring: Keyring) -> None:
+    case = uuid.uuid4()
+    sealed = encrypt_blob(keyring, PLAINTEXT, case_id=case, kind="image")
+    with pytest.raises(DecryptionError):
+        decrypt_blob(keyring, sealed, case_id=uuid.uuid4(), kind="image")
+    with pytest.raises(DecryptionError):
+        decrypt_blob(keyring, sealed, case_id=case, kind="heatmap")
+
+
+def test_tampered_ciphertext_is_refused(keyring: Keyring) -> None:
+    case = uuid.uuid4()
+    sealed = encrypt_blob(keyring, PLAINTEXT, case_id=case, kind="image")
+    flipped = bytes([sealed.ciphertext[0] ^ 1]) + sealed.ciphertext[1:]
+    with pytest.raises(DecryptionError):
+        decrypt_blob(
+            keyring, type(sealed)(flipped, sealed.nonce, sealed.wrapped_key, sealed.kek_id), case_id=case, kind="image"
+        )
+
+
+def test_rewrap_changes_only_the_wrapped_key(keyring: Keyring) -> None:
+    case = uuid.uuid4()
+    sealed = encrypt_blob(keyring, PLAINTEXT, case_id=case, kind="image")
+    rotated = keyring.with_new_active_key()
+    moved = rewrap(rotated, sealed, case_id=case, kind="image")
+    assert moved.kek_id == rotated.active_id != sealed.kek_id
+    assert moved.ciphertext == sealed.ciphertext and moved.nonce == sealed.nonce
+    only_new = Keyring(rotated.active_id, {rotated.active_id: rotated.keks[rotated.active_id]}, rotated.api_key_pepper)
+    assert decrypt_blob(only_new, moved, case_id=case, kind="image") == PLAINTEXT
+    with pytest.raises(DecryptionError, match="no longer holds"):
+        decrypt_blob(only_new, sealed, case_id=case, kind="image")
+
+
+def test_key_file_is_private_and_round_trips(tmp_path: Path, keyring: Keyring) -> None:
+    path = tmp_path / "keys.json"
+    write_key_file(path, keyring)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = load_keyring(Settings(key_file=path))
+    assert loaded.active_id == keyring.active_id and loaded.keks == keyring.keks
+    with pytest.raises(KeyringError, match="refusing to overwrite"):
+        write_key_file(path, Keyring.generate())
+
+
+def test_missing_key_file_refuses_to_start(tmp_path: Path) -> None:
+    with pytest.raises(KeyringError, match="never invents keys"):
+        load_keyring(Settings(key_file=tmp_path / "absent.json"))
+
+
+def test_world_readable_key_file_is_refused_in_production(tmp_path: Path, keyring: Keyring) -> None:
+    path = tmp_path / "keys.json"
+    write_key_file(path, keyring)
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyringError, match="chmod 600"):
+        load_keyring(Settings(key_file=path, environment="production", flower_password="a-real-password-42"))
+
+
+def test_malformed_key_files(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    for content, message in (
+        ("nope", "not valid JSON"),
+        ("{}", "must be a JSON object"),
+        (json.dumps({"active": "a", "keys": {"a": "AAAA"}, "api_key_pepper": "x" * 24}), "bytes"),
+    ):
+        path.write_text(content)
+        with pytest.raises(KeyringError, match=message):
+            load_keyring(Settings(key_file=path))
+
+
+def test_keys_never_appear_in_repr(keyring: Keyring) -> None:
+    text = repr(keyring)
+    assert all(key.hex() not in text for key in keyring.keks.values())

@@ -1,0 +1,194 @@
+"""Helpers for integration tests: the test database, settings shared with subprocesses, a real Celery
+worker process, polling, and multipart bodies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TEST_DATABASE = "dermq_test"
+TEST_REDIS_DB = 14
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_env(workdir: Path, **overrides: str) -> dict[str, str]:
+    """DERMQ_* variables for the test stack; subprocesses get the same ones."""
+    env = {
+        "DERMQ_ENVIRONMENT": "test",
+        "DERMQ_DATABASE_URL": f"postgresql+psycopg2:///{TEST_DATABASE}",
+        "DERMQ_REDIS_URL": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}",
+        "DERMQ_KEY_FILE": str(workdir / "keys.json"),
+        "DERMQ_LOG_LEVEL": "INFO",
+        "DERMQ_LOG_JSON": "true",
+        "DERMQ_TASK_SOFT_TIME_LIMIT": "60",
+        "DERMQ_TASK_TIME_LIMIT": "90",
+        "DERMQ_BROKER_VISIBILITY_TIMEOUT": "300",
+        # Generous: tests share one address and deliberately fail authentication.
+        "DERMQ_RATE_LIMIT_FAILED_AUTH_PER_MINUTE": "10000",
+        "DERMQ_RATE_LIMIT_SUBMISSIONS_PER_MINUTE": "10000",
+        "DERMQ_RATE_LIMIT_READS_PER_MINUTE": "100000",
+    }
+    env.update(overrides)
+    return env
+
+
+def recreate_database(url: str) -> None:
+    parsed = make_url(url)
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": parsed.database},
+        )
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}"'))
+        connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+    admin.dispose()
+
+
+def migrate(url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["url"] = url
+    command.upgrade(config, "head")
+
+
+class Process:
+    """A subprocess whose combined output goes to a log file the tests can read."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.args, self.log = name, args, log
+        self.handle = log.open("ab")
+        self.proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            except ProcessLookupError:
+                pass
+        self.handle.close()
+        return self.proc.returncode
+
+
+def start_worker(
+    env: dict[str, str],
+    log: Path,
+    *,
+    name: str | None = None,
+    concurrency: int = 1,
+    queues: str = "cases,maintenance",
+    extra: list[str] | None = None,
+) -> Process:
+    args = [
+        str(VENV_BIN / "celery"),
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(concurrency),
+        "--queues",
+        queues,
+        "--without-mingle",
+        "--without-gossip",
+        "--hostname",
+        f"{name or 'test-' + uuid.uuid4().hex[:6]}@%h",
+        *(extra or []),
+    ]
+    worker = Process("worker", args, env, log)
+    wait_for(lambda: "ready." in worker.output() or not worker.alive(), timeout=60, what="the Celery worker to start")
+    if not worker.alive():
+        raise RuntimeError(f"worker exited at start:\n{worker.output()[-3000:]}")
+    return worker
+
+
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float = 60, interval: float = 0.1, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def multipart(
+    image: bytes | None = None,
+    *,
+    filename: str = "lesion.jpg",
+    content_type: str = "image/jpeg",
+    fields: dict[str, str] | None = None,
+    boundary: str = "dermqtestboundary",
+) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type header, built by hand for hostile variants."""
+    parts = []
+    for name, value in (fields or {}).items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value.encode() + b"\r\n"
+        )
+    if image is not None:
+        header = f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+        if content_type:
+            header += f"Content-Type: {content_type}\r\n"
+        parts.append(header.encode() + b"\r\n" + image + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
