@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dermq-installed
 
-.PHONY: install test lint typecheck bench-model clean
+.PHONY: install services run test lint typecheck bench bench-model clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Start the machine's PostgreSQL and Redis if they are down, and wait until they answer.
+services:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
+		echo "starting PostgreSQL"; pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; }
+	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
+		pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL did not start"; exit 1; }
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
+		echo "starting Redis"; redis-server --daemonize yes --bind 127.0.0.1 --port 6379; }
+	@for i in $$(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done; \
+		redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { echo "Redis did not start"; exit 1; }
+
+# The whole stack in the foreground (API, worker, beat, Flower); Ctrl-C stops it.
+run: $(STAMP) services
+	$(PY) -m core.devstack $(RUN_ARGS)
+
+test: $(STAMP) services
 	$(PY) -m pytest
 
 lint: $(STAMP)

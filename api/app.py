@@ -18,9 +18,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from api import problems
 from api.deps import AppState, record_denial
 from api.middleware import RequestContextMiddleware
-from api.routes import cases, health
+from api.routes import admin, audit, cases, health
 from core.config import Settings, get_settings
-from core.crypto import load_keyring
+from core.crypto import KeyringSource
 from core.db import session_factory
 from core.logs import configure_logging
 from core.publisher import make_publisher
@@ -38,7 +38,8 @@ probabilities, an uncertainty figure, a referral flag and a Grad-CAM heat map.
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    keyring = load_keyring(settings)  # raises KeyringError: no keys, no start
+    keys = KeyringSource(settings)
+    keys.get()  # raises KeyringError: no keys, no start
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2)
 
     @asynccontextmanager
@@ -58,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.dermq = AppState(
         settings=settings,
-        keyring=keyring,
+        keys=keys,
         sessions=session_factory(settings),
         publisher=make_publisher(settings),
         redis=client,
@@ -77,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health.router)
     app.include_router(cases.router)
+    app.include_router(audit.router)
+    app.include_router(admin.router)
     return app
 
 

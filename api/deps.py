@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core import audit, keys
 from core.config import Settings
-from core.crypto import Keyring
+from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
 from core.errors import DermqError, Forbidden, RateLimited, Unauthorized
 from core.logs import request_id_var
@@ -28,11 +28,16 @@ log = logging.getLogger("dermq.api")
 @dataclass
 class AppState:
     settings: Settings
-    keyring: Keyring
+    keys: KeyringSource
     sessions: sessionmaker[Session]
     publisher: Celery
     redis: redis.Redis
     limiter: RateLimiter
+
+    @property
+    def keyring(self) -> Keyring:
+        """The current keyring (re-read after a key rotation)."""
+        return self.keys.get()
 
 
 def state(request: Request) -> AppState:

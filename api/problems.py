@@ -96,6 +96,18 @@ def install(app: FastAPI, on_denied: Any) -> None:
 
     @app.exception_handler(OperationalError)
     async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
+        pgcode = getattr(exc.orig, "pgcode", None)
+        if pgcode in ("55P03", "57014"):  # lock_timeout, statement_timeout
+            log.error("database lock or statement timeout", extra={"event": "database_timeout", "code": pgcode})
+            return problem(
+                503,
+                "storage_timeout",
+                "Service unavailable",
+                "the request's records (its audit event included) could not be written in time, so no "
+                "data was returned and nothing was stored. Retry after the delay given.",
+                request=request,
+                headers={"Retry-After": "2"},
+            )
         log.error("database unavailable", extra={"event": "database_unavailable", "error": type(exc.orig).__name__})
         return problem(
             503,

@@ -109,3 +109,69 @@ class Readiness(BaseModel):
 
 def label_name(code: str) -> str:
     return BY_CODE[code].name
+
+
+class AuditEventOut(BaseModel):
+    """One audit record (FHIR AuditEvent fields). Never image data, probabilities or secrets."""
+
+    id: int
+    occurred_at: datetime
+    action: str
+    outcome: Literal["success", "failure", "denied"]
+    actor_type: str
+    actor_key_id: uuid.UUID | None
+    actor_role: str | None
+    clinic_id: uuid.UUID | None
+    source_ip: str | None
+    user_agent: str | None
+    request_id: str | None
+    entity_type: str | None
+    entity_id: str | None
+    detail: dict[str, object]
+    prev_hash: str
+    hash: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEventOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next (older) page; null at the end")
+
+
+class ChainReportOut(BaseModel):
+    ok: bool
+    checked: int = Field(description="events verified (before the first bad one, if any)")
+    first_bad_id: int | None
+    reason: str | None
+    last_hash: str | None
+
+
+class ClinicIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class ClinicOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    active: bool
+    created_at: datetime
+    deactivated_at: datetime | None
+
+
+class KeyIn(BaseModel):
+    role: Literal["clinic", "auditor", "admin"]
+    clinic_id: uuid.UUID | None = Field(None, description="required for clinic keys; scopes an auditor to one clinic")
+    label: str = Field("", max_length=200)
+
+
+class KeyOut(BaseModel):
+    id: uuid.UUID
+    prefix: str
+    role: str
+    clinic_id: uuid.UUID | None
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class NewKeyOut(KeyOut):
+    key: str = Field(description="the secret API key: shown only in this response, store it now")

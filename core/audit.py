@@ -102,7 +102,12 @@ def record(
     clinic_id: uuid.UUID | None = None,
     detail: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append one event to the chain inside ``session``'s transaction (flushed, not committed)."""
+    """Append one event to the chain inside ``session``'s transaction (flushed, not committed).
+
+    Waits for the chain at most the connection's ``lock_timeout`` (``DERMQ_DATABASE_LOCK_TIMEOUT_MS``):
+    if the trail cannot be written promptly the caller's whole transaction fails, and the API
+    answers 503 without returning any data ("no audit, no access").
+    """
     session.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK)))
     prev_hash = session.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)) or GENESIS
     event = AuditEvent(
@@ -176,3 +181,92 @@ def verify_chain(session: Session, *, batch: int = 2000) -> ChainReport:
         expected_prev = event.hash
         checked += 1
     return ChainReport(True, checked, last_hash=expected_prev if checked else None)
+
+
+# --------------------------------------------------------------------------- queries (auditors)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    since: datetime | None = None
+    until: datetime | None = None
+    actor_key_id: uuid.UUID | None = None
+    clinic_id: uuid.UUID | None = None
+    case_id: uuid.UUID | None = None
+    action: str | None = None
+    outcome: str | None = None
+
+    def where(self) -> list[Any]:
+        clauses: list[Any] = []
+        if self.since is not None:
+            clauses.append(AuditEvent.occurred_at >= self.since)
+        if self.until is not None:
+            clauses.append(AuditEvent.occurred_at < self.until)
+        if self.actor_key_id is not None:
+            clauses.append(AuditEvent.actor_key_id == self.actor_key_id)
+        if self.clinic_id is not None:
+            clauses.append(AuditEvent.clinic_id == self.clinic_id)
+        if self.case_id is not None:
+            clauses.append(AuditEvent.entity_type == "case")
+            clauses.append(AuditEvent.entity_id == str(self.case_id))
+        if self.action is not None:
+            clauses.append(AuditEvent.action == self.action)
+        if self.outcome is not None:
+            clauses.append(AuditEvent.outcome == self.outcome)
+        return clauses
+
+    def describe(self) -> dict[str, str]:
+        """The filter as plain strings, for the audit record of the query itself."""
+        return {
+            k: (v.isoformat() if isinstance(v, datetime) else str(v))
+            for k, v in ((f, getattr(self, f)) for f in self.__slots__)
+            if v is not None
+        }
+
+
+def search(
+    session: Session, filters: AuditFilter, *, before_id: int | None, limit: int
+) -> tuple[list[AuditEvent], int | None]:
+    """Newest first; returns (page, the id to pass as ``before_id`` for the next page, or None)."""
+    query = select(AuditEvent).where(*filters.where())
+    if before_id is not None:
+        query = query.where(AuditEvent.id < before_id)
+    rows = list(session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    return page, (page[-1].id if len(rows) > limit and page else None)
+
+
+def stream(session: Session, filters: AuditFilter, *, batch: int = 1000) -> Iterator[AuditEvent]:
+    """Every matching event, newest first, read in batches through a server-side cursor."""
+    query = (
+        select(AuditEvent)
+        .where(*filters.where())
+        .order_by(AuditEvent.id.desc())
+        .execution_options(stream_results=True, yield_per=batch)
+    )
+    yield from session.scalars(query)
+
+
+EXPORT_FIELDS = (
+    "id",
+    "occurred_at",
+    "action",
+    "outcome",
+    "actor_type",
+    "actor_key_id",
+    "actor_role",
+    "clinic_id",
+    "source_ip",
+    "user_agent",
+    "request_id",
+    "entity_type",
+    "entity_id",
+    "detail",
+    "prev_hash",
+    "hash",
+)
+
+
+def as_record(event: AuditEvent) -> dict[str, Any]:
+    content = _content(event)
+    return {**content, "prev_hash": event.prev_hash, "hash": event.hash}

@@ -1,7 +1,7 @@
 """The operators' ``dermq`` command: database, clinics, API keys, encryption keys and the audit trail.
 
     dermq db create | upgrade
-    dermq keys init [--file PATH]
+    dermq keys init [--file PATH] | rotate | rewrap | status | retire KEK_ID
     dermq clinic create NAME | list | deactivate NAME | activate NAME
     dermq key create --clinic NAME --role clinic|auditor|admin [--label TEXT] [--json]
     dermq key list [--clinic NAME] | revoke ID
@@ -89,6 +89,54 @@ def keys_init(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     write_key_file(path, Keyring.generate())
     print(f"created key file {path} (mode 0600); back it up: without it, stored images cannot be decrypted")
+    return 0
+
+
+def keys_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    from core import keyrotation
+
+    report = keyrotation.rotate(settings, batch=args.batch, actor=CLI_ACTOR)
+    print(f"active key is now {report.active}; re-wrapped {report.rewrapped} data keys, {report.remaining} remain")
+    return 0 if report.remaining == 0 else 1
+
+
+def keys_rewrap(args: argparse.Namespace, settings: Settings) -> int:
+    from core import keyrotation
+
+    report = keyrotation.rewrap_all(settings, batch=args.batch, actor=CLI_ACTOR)
+    print(f"re-wrapped {report.rewrapped} data keys under {report.active}; {report.remaining} remain")
+    return 0 if report.remaining == 0 else 1
+
+
+def keys_status(args: argparse.Namespace, settings: Settings) -> int:
+    from core import keyrotation
+
+    keyring = load_keyring(settings)
+    with session_scope(settings) as session:
+        counts = keyrotation.usage(session)
+    rows = [
+        {"kek_id": k, "active": k == keyring.active_id, "in_key_file": True, "blobs": counts.get(k, 0)}
+        for k in keyring.keks
+    ]
+    rows += [
+        {"kek_id": k, "active": False, "in_key_file": False, "blobs": n}
+        for k, n in counts.items()
+        if k not in keyring.keks
+    ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            flags = "active " if row["active"] else ("MISSING" if not row["in_key_file"] else "       ")
+            print(f"{row['kek_id']}  {flags}  {row['blobs']} blobs")
+    return 0 if all(r["in_key_file"] for r in rows) else 1
+
+
+def keys_retire(args: argparse.Namespace, settings: Settings) -> int:
+    from core import keyrotation
+
+    keyrotation.retire(settings, args.kek_id, actor=CLI_ACTOR)
+    print(f"removed {args.kek_id} from the key file")
     return 0
 
 
@@ -247,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     init = keys_cmd.add_parser("init", help="create the key file (mode 0600) if missing")
     init.add_argument("--file", help="path (default: DERMQ_KEY_FILE)")
     init.set_defaults(handler=keys_init)
+    for name, handler, description in (
+        ("rotate", keys_rotate, "add a new active key and re-wrap every data key"),
+        ("rewrap", keys_rewrap, "resume re-wrapping under the active key"),
+    ):
+        command = keys_cmd.add_parser(name, help=description)
+        command.add_argument("--batch", type=int, default=500, help="data keys per committed batch")
+        command.set_defaults(handler=handler)
+    status = keys_cmd.add_parser("status", help="blobs per key-encryption key")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=keys_status)
+    retire = keys_cmd.add_parser("retire", help="remove an old key from the key file once nothing needs it")
+    retire.add_argument("kek_id")
+    retire.set_defaults(handler=keys_retire)
 
     clinic = sub.add_parser("clinic", help="clinics").add_subparsers(dest="action", required=True)
     create = clinic.add_parser("create", help="create a clinic")

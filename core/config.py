@@ -6,6 +6,7 @@ it down; nothing else reads the environment. Unsafe values are refused outside d
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,8 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg2:///dermq"
     database_pool_size: int = Field(5, ge=1)
     database_statement_timeout_ms: int = Field(15_000, ge=100)
+    #: No statement waits longer than this for a lock (the audit chain's included): fail, don't hang.
+    database_lock_timeout_ms: int = Field(5_000, ge=10)
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     # --- keys -------------------------------------------------------------------------
@@ -37,7 +40,14 @@ class Settings(BaseSettings):
     # --- HTTP API -----------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
+    #: Prometheus /metrics of the API, on its own listener (never the public port); 0 turns it off.
     metrics_port: int = Field(9100, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    #: Prometheus /metrics of a worker host (all prefork children aggregated); 0 turns it off.
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    #: Serve HTTPS directly from uvicorn (otherwise terminate TLS at nginx, see deploy/nginx).
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
     public_base_url: str = ""
     trust_forwarded_for: bool = False
     cors_origins: list[str] = Field(default_factory=list)
@@ -79,6 +89,8 @@ class Settings(BaseSettings):
     flower_port: int = Field(5555, ge=1, le=65535)
     flower_user: str = "operator"
     flower_password: SecretStr = SecretStr("")
+    #: Keep Flower's task history across restarts in this file (None: in memory only).
+    flower_state_file: Path | None = None
 
     # --- logging ------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -99,6 +111,8 @@ class Settings(BaseSettings):
                 f"(got {self.task_soft_time_limit}, {self.task_time_limit}, {self.broker_visibility_timeout}); "
                 "otherwise Redis redelivers tasks that are still running"
             )
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("set both DERMQ_TLS_CERTFILE and DERMQ_TLS_KEYFILE, or neither")
         if self.gradcam_budget_seconds >= self.task_soft_time_limit:
             raise ValueError("gradcam_budget_seconds must be below task_soft_time_limit")
         if self.environment == "production":
@@ -115,5 +129,11 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, validated once."""
-    return Settings()
+    """The process's settings, validated once.
+
+    Secrets can also come from files (Docker and Kubernetes secrets): with ``DERMQ_SECRETS_DIR``
+    set, a file there named like the variable in lower case (``dermq_flower_password``,
+    ``dermq_database_url``, ``dermq_keys_json``) supplies that setting.
+    """
+    secrets_dir = os.environ.get("DERMQ_SECRETS_DIR")
+    return Settings(_secrets_dir=secrets_dir) if secrets_dir else Settings()  # type: ignore[call-arg]

@@ -128,6 +128,36 @@ def load_keyring(settings: Settings) -> Keyring:
         raise KeyringError(f"key file {path} is not valid JSON") from None
 
 
+class KeyringSource:
+    """The keyring of a running process, re-read whenever the key file changes.
+
+    ``dermq keys rotate`` writes a new active key into the file while the API and workers run; they
+    pick it up on their next use (one ``stat`` per call), so new blobs are sealed under the new key
+    and blobs re-wrapped by the rotation stay readable.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._keyring: Keyring | None = None
+        self._stamp: tuple[int, int, int] | None = None
+
+    def get(self) -> Keyring:
+        path = self.settings.key_file
+        if self.settings.keys_json is not None or path is None:
+            if self._keyring is None:
+                self._keyring = load_keyring(self.settings)
+            return self._keyring
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            raise KeyringError(f"the key file {path} has disappeared") from None
+        stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+        if stamp != self._stamp or self._keyring is None:
+            self._keyring = load_keyring(self.settings)
+            self._stamp = stamp
+        return self._keyring
+
+
 def write_key_file(path: Path, keyring: Keyring, *, overwrite: bool = False) -> None:
     """Write ``keyring`` atomically with mode 0600 (never readable by others, even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)

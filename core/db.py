@@ -27,7 +27,10 @@ def make_engine(settings: Settings) -> Engine:
         connect_args={
             "connect_timeout": 5,
             "application_name": "dermq",
-            "options": f"-c statement_timeout={settings.database_statement_timeout_ms} -c timezone=UTC",
+            "options": (
+                f"-c statement_timeout={settings.database_statement_timeout_ms} "
+                f"-c lock_timeout={settings.database_lock_timeout_ms} -c timezone=UTC"
+            ),
         },
     )
     return engine
@@ -35,9 +38,10 @@ def make_engine(settings: Settings) -> Engine:
 
 def get_engine(settings: Settings) -> Engine:
     """The process-wide engine for these settings (created on first use)."""
-    engine = _engines.get(settings.database_url)
+    key = f"{settings.database_url}|{settings.database_lock_timeout_ms}|{settings.database_statement_timeout_ms}"
+    engine = _engines.get(key)
     if engine is None:
-        engine = _engines[settings.database_url] = make_engine(settings)
+        engine = _engines[key] = make_engine(settings)
     return engine
 
 

@@ -7,6 +7,7 @@ fails with ``model_error`` and a clear message, and the worker stays alive for t
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -41,8 +42,9 @@ def _load(settings: Settings) -> Predictor:
     from ml.predictor import Predictor
     from ml.registry import RegistryError
 
-    if settings.worker_threads:
-        torch.set_num_threads(settings.worker_threads)
+    # Each prefork child gets its share of the cores unless told otherwise: N children x N threads
+    # each would oversubscribe the CPU and run slower than either alone.
+    torch.set_num_threads(settings.worker_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency))
     started = time.perf_counter()
     try:
         predictor = Predictor.load(settings.model, device=settings.device, overlay_max_side=settings.overlay_max_side)

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import cases, recovery, retention
 from core.config import Settings
-from core.crypto import Keyring, load_keyring
+from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
 from core.logs import case_id_var
 from core.publisher import make_publisher
@@ -71,18 +71,19 @@ def time_budget(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-_keyring: Keyring | None = None
+_keyrings: dict[str, KeyringSource] = {}
 
 
 def settings() -> Settings:
     return app.conf.dermq_settings  # type: ignore[no-any-return]
 
 
-def keyring() -> Keyring:
-    global _keyring
-    if _keyring is None:
-        _keyring = load_keyring(settings())
-    return _keyring
+def keyring(config: Settings) -> Keyring:
+    """The keyring for these settings (re-read when the key file changes: rotation)."""
+    cache_key = f"{config.key_file}|{config.keys_json is not None}"
+    if cache_key not in _keyrings:
+        _keyrings[cache_key] = KeyringSource(config)
+    return _keyrings[cache_key].get()
 
 
 def image_limits(config: Settings) -> ImageLimits:
@@ -119,7 +120,7 @@ def run_classification(config: Settings, case_id: uuid.UUID) -> str:
                 message=f"gave up after {config.max_attempts} attempts",
             )
             return "failed"
-        data = cases.load_image(session, keyring=keyring(), case_id=case_id)
+        data = cases.load_image(session, keyring=keyring(config), case_id=case_id)
     timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started
@@ -181,7 +182,7 @@ def run_classification(config: Settings, case_id: uuid.UUID) -> str:
     }
     with session_scope(config) as session:
         stored = cases.complete_case(
-            session, keyring=keyring(), case_id=case_id, attempt=attempt, result=result, heatmap_png=heatmap_png
+            session, keyring=keyring(config), case_id=case_id, attempt=attempt, result=result, heatmap_png=heatmap_png
         )
     if not stored:
         log.warning("case was taken over or purged while running; result discarded", extra={"event": "superseded"})

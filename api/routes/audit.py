@@ -1,0 +1,190 @@
+"""Auditor routes: search, export and verify the audit trail. Auditor queries are audited too.
+
+Auditors see access records only: who touched which case, when, from where, with what outcome.
+They never see images or classification results. An auditor key bound to a clinic sees only that
+clinic's records; an unbound one sees everything.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import StreamingResponse
+
+from api.deps import AppState, AuthenticatedCaller, Caller, DbSession, State, limit, require_role
+from api.routes.cases import NO_STORE, PROBLEMS
+from api.schemas import AuditEventOut, AuditPage, ChainReportOut
+from core import audit
+from core.db import session_scope
+from core.errors import BadRequest, Forbidden
+from core.models import Role
+
+router = APIRouter(prefix="/v1/audit-events", tags=["audit"])
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _filters(
+    caller: Caller,
+    since: datetime | None,
+    until: datetime | None,
+    actor: uuid.UUID | None,
+    clinic: uuid.UUID | None,
+    case: uuid.UUID | None,
+    action: str | None,
+    outcome: str | None,
+) -> audit.AuditFilter:
+    scope = caller.principal.clinic_id
+    if scope is not None:
+        if clinic is not None and clinic != scope:
+            raise Forbidden(
+                "this auditor key is limited to its own clinic's records",
+                code="clinic_scope",
+                audit=audit.PendingEvent("audit.query", audit.DENIED, detail={"reason": "clinic_scope"}),
+            )
+        clinic = scope
+    if since and until and since >= until:
+        raise BadRequest("'since' must be before 'until'", code="invalid_time_range")
+    return audit.AuditFilter(since, until, actor, clinic, case, action, outcome)
+
+
+def _cursor(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest("the cursor is not one dermq issued", code="invalid_cursor") from None
+
+
+@router.get("", response_model=AuditPage, responses=PROBLEMS, summary="Search the audit trail, newest first")
+def search_events(
+    response: Response,
+    app: State,
+    caller: AuthenticatedCaller,
+    session: DbSession,
+    since: Annotated[datetime | None, Query(description="occurred at or after (ISO 8601)")] = None,
+    until: Annotated[datetime | None, Query(description="occurred before (ISO 8601)")] = None,
+    actor: Annotated[uuid.UUID | None, Query(description="the API key id that acted")] = None,
+    clinic: Annotated[uuid.UUID | None, Query(description="clinic id")] = None,
+    case: Annotated[uuid.UUID | None, Query(description="case id")] = None,
+    action: Annotated[str | None, Query(max_length=64, description="e.g. case.read, heatmap.read")] = None,
+    outcome: Annotated[Literal["success", "failure", "denied"] | None, Query()] = None,
+    cursor: Annotated[str | None, Query(max_length=32)] = None,
+    limit_: Annotated[int, Query(alias="limit", ge=1, le=500)] = 100,
+) -> AuditPage:
+    require_role(caller, Role.AUDITOR)
+    limit(caller, app, "read")
+    filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
+    page, next_id = audit.search(session, filters, before_id=_cursor(cursor), limit=limit_)
+    audit.record(
+        session,
+        action="audit.query",
+        outcome=audit.SUCCESS,
+        actor=caller.actor,
+        entity_type="audit",
+        clinic_id=caller.principal.clinic_id,
+        detail={"filters": filters.describe(), "count": len(page)},
+    )
+    response.headers.update(NO_STORE)
+    return AuditPage(
+        items=[AuditEventOut(**audit.as_record(e)) for e in page],
+        next_cursor=str(next_id) if next_id is not None else None,
+    )
+
+
+def _csv_cell(value: object) -> str:
+    text = "" if value is None else json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+    # Spreadsheets execute cells that start like formulas; user agents are attacker-controlled.
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
+def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Iterator[bytes]:
+    with session_scope(app.settings) as session:
+        if fmt == "csv":
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(audit.EXPORT_FIELDS)
+            yield buffer.getvalue().encode()
+        for event in audit.stream(session, filters):
+            record = audit.as_record(event)
+            if fmt == "csv":
+                buffer = io.StringIO()
+                csv.writer(buffer).writerow([_csv_cell(record[f]) for f in audit.EXPORT_FIELDS])
+                yield buffer.getvalue().encode()
+            else:
+                yield (json.dumps(record, sort_keys=True) + "\n").encode()
+
+
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={
+        **PROBLEMS,
+        200: {
+            "content": {"application/x-ndjson": {}, "text/csv": {}},
+            "description": "every matching event, newest first, streamed",
+        },
+    },
+    summary="Export a whole range as NDJSON or CSV (streamed)",
+)
+def export_events(
+    app: State,
+    caller: AuthenticatedCaller,
+    session: DbSession,
+    format: Annotated[Literal["ndjson", "csv"], Query()] = "ndjson",
+    since: Annotated[datetime | None, Query()] = None,
+    until: Annotated[datetime | None, Query()] = None,
+    actor: Annotated[uuid.UUID | None, Query()] = None,
+    clinic: Annotated[uuid.UUID | None, Query()] = None,
+    case: Annotated[uuid.UUID | None, Query()] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    outcome: Annotated[Literal["success", "failure", "denied"] | None, Query()] = None,
+) -> StreamingResponse:
+    require_role(caller, Role.AUDITOR)
+    limit(caller, app, "read")
+    filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
+    # The export is audited (and committed) before the first row leaves.
+    audit.record(
+        session,
+        action="audit.export",
+        outcome=audit.SUCCESS,
+        actor=caller.actor,
+        entity_type="audit",
+        clinic_id=caller.principal.clinic_id,
+        detail={"filters": filters.describe(), "format": format},
+    )
+    session.commit()
+    media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
+    name = f"dermq-audit.{'csv' if format == 'csv' else 'ndjson'}"
+    return StreamingResponse(
+        _export_rows(app, filters, format),
+        media_type=media,
+        headers={**NO_STORE, "Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+@router.get("/verify", response_model=ChainReportOut, responses=PROBLEMS, summary="Verify the hash chain")
+def verify_chain(response: Response, app: State, caller: AuthenticatedCaller, session: DbSession) -> ChainReportOut:
+    """Walk the whole chain in order and report the first row whose hash or link is wrong."""
+    require_role(caller, Role.AUDITOR)
+    limit(caller, app, "read")
+    with session_scope(app.settings) as reader:
+        report = audit.verify_chain(reader)
+    audit.record(
+        session,
+        action="audit.verify",
+        outcome=audit.SUCCESS if report.ok else audit.FAILURE,
+        actor=caller.actor,
+        entity_type="audit",
+        clinic_id=caller.principal.clinic_id,
+        detail={"ok": report.ok, "checked": report.checked, "first_bad_id": report.first_bad_id},
+    )
+    response.headers.update(NO_STORE)
+    return ChainReportOut(**report.to_dict())

@@ -1,0 +1,187 @@
+"""Pipeline benchmark: submit-to-result latency and backlog throughput of the real stack, against the
+raw Predictor on the same images in the same run.
+
+    python -m bench.pipeline [--idle 40] [--backlog 200] [--concurrency 1]
+
+Starts its own API (uvicorn) and Celery worker processes on a scratch database (``dermq_bench``)
+and Redis database 12, as `make run` would. Measures:
+
+- idle latency: one case at a time, from the start of the POST until a GET shows ``succeeded``
+  (polling every 5 ms), Grad-CAM included;
+- backlog throughput: ``--backlog`` cases queued while no worker runs, then a worker drains them;
+  cases per second from its first claim to its last result (worker start-up excluded);
+- raw: ``Predictor.analyze`` (classification + heat map PNG) on the same decoded images, in this
+  process, one image at a time, with the same thread count as one worker child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from sqlalchemy import func, select
+
+from bench.common import FIXTURE_IMAGES, ms, p50, percentile, table
+from tests import support
+
+DATABASE = "dermq_bench"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--idle", type=int, default=40, help="sequential cases for the idle latency")
+    parser.add_argument("--backlog", type=int, default=200, help="cases queued before the worker starts")
+    parser.add_argument("--concurrency", type=int, default=1, help="worker child processes")
+    parser.add_argument("--images", default=str(FIXTURE_IMAGES), help="folder of JPEGs to submit")
+    args = parser.parse_args(argv)
+
+    from core import clinics, keys
+    from core.config import Settings
+    from core.crypto import Keyring, load_keyring, write_key_file
+    from core.db import session_scope
+    from core.models import Case, Role
+
+    workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-"))
+    port = support.free_port()
+    env = support.test_env(
+        workdir,
+        DERMQ_DATABASE_URL=f"postgresql+psycopg2:///{DATABASE}",
+        DERMQ_REDIS_URL="redis://127.0.0.1:6379/12",
+        DERMQ_API_PORT=str(port),
+        DERMQ_LOG_LEVEL="WARNING",
+        DERMQ_WORKER_CONCURRENCY=str(args.concurrency),
+    )
+    write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
+    support.recreate_database(env["DERMQ_DATABASE_URL"])
+    support.migrate(env["DERMQ_DATABASE_URL"])
+    import redis
+
+    redis.Redis.from_url(env["DERMQ_REDIS_URL"]).flushdb()
+    with support.environment(env):
+        settings = Settings()
+    with session_scope(settings) as session:
+        clinic = clinics.create_clinic(session, f"bench-{uuid.uuid4().hex[:6]}")
+        _, token = keys.create_key(session, load_keyring(settings), role=Role.CLINIC, clinic_id=clinic.id)
+    headers = {"Authorization": f"Bearer {token}"}
+    images = [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
+    base = f"http://127.0.0.1:{port}"
+
+    api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
+    worker = None
+    try:
+        support.wait_for(lambda: _up(base), timeout=60, what="the API")
+        worker = support.start_worker(env, workdir / "worker.log", concurrency=args.concurrency)
+        http = httpx.Client(base_url=base, headers=headers, timeout=30)
+
+        def submit(data: bytes) -> str:
+            response = http.post("/v1/cases", files={"image": ("b.jpg", data, "image/jpeg")})
+            response.raise_for_status()
+            return str(response.json()["id"])
+
+        def until_done(case_id: str) -> None:
+            while http.get(f"/v1/cases/{case_id}").json()["status"] not in ("succeeded", "failed"):
+                time.sleep(0.005)
+
+        for data in images[:3]:  # warm-up: model load in the child, connection pools
+            until_done(submit(data))
+        latencies, intake = [], []
+        for i in range(args.idle):
+            started = time.perf_counter()
+            case_id = submit(images[i % len(images)])
+            intake.append(time.perf_counter() - started)
+            until_done(case_id)
+            latencies.append(time.perf_counter() - started)
+
+        worker.stop()
+        backlog_ids = [submit(images[i % len(images)]) for i in range(args.backlog)]
+        worker = support.start_worker(env, workdir / "worker2.log", concurrency=args.concurrency)
+        with session_scope(settings) as session:
+            ids = [uuid.UUID(i) for i in backlog_ids]
+            support.wait_for(
+                lambda: (
+                    session.scalar(
+                        select(func.count())
+                        .select_from(Case)
+                        .where(Case.id.in_(ids), Case.status.in_(["succeeded", "failed"]))
+                    )
+                    == len(ids)
+                ),
+                timeout=1800,
+                interval=0.5,
+                what="the backlog to drain",
+            )
+            first, last, failed = session.execute(
+                select(
+                    func.min(Case.started_at), func.max(Case.finished_at), func.count().filter(Case.status == "failed")
+                ).where(Case.id.in_(ids))
+            ).one()
+        pipeline_rate = args.backlog / (last - first).total_seconds()
+    finally:
+        if worker is not None:
+            worker.stop()
+        api.stop()
+
+    raw_rate, raw_one = raw_predictor(settings, images, args.concurrency)
+    rows = [
+        ["idle submit-to-result p50", ms(p50(latencies))],
+        ["idle submit-to-result p95", ms(percentile(latencies, 95))],
+        ["intake (POST answered) p50", ms(p50(intake))],
+        [f"backlog of {args.backlog}: pipeline throughput", f"{pipeline_rate:.1f} cases/s ({failed} failed)"],
+        ["raw Predictor.analyze throughput", f"{raw_rate:.1f} images/s ({ms(raw_one)} each)"],
+        ["pipeline / raw", f"{pipeline_rate / raw_rate:.0%}"],
+    ]
+    print(
+        f"dermq pipeline benchmark: {args.concurrency} worker child(ren), {os.cpu_count()} CPUs, "
+        f"{len(images)} distinct images (300x225 JPEG), Grad-CAM on"
+    )
+    print(table(["measure", "value"], rows))
+
+
+def _raw_worker(model: str, device: str, overlay: int, images: list[bytes], threads: int, n: int) -> float:
+    """Seconds per image for classification + heat map, decoded as the worker decodes."""
+    import torch
+
+    from ml.images import decode
+    from ml.predictor import Predictor
+
+    torch.set_num_threads(threads)
+    predictor = Predictor.load(model, device=device)
+    for data in images[:3]:
+        predictor.analyze(decode(data, reduce_to=overlay).image)
+    started = time.perf_counter()
+    for i in range(n):
+        predictor.analyze(decode(images[i % len(images)], reduce_to=overlay).image)
+    return (time.perf_counter() - started) / n
+
+
+def raw_predictor(settings: object, images: list[bytes], concurrency: int) -> tuple[float, float]:
+    """Images per second of the raw Predictor in ``concurrency`` processes (as many as worker children),
+    each with the thread count a worker child gets."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // concurrency) if concurrency > 1 else torch.get_num_threads()
+    job = (settings.model, settings.device, settings.overlay_max_side, images, threads, 150)  # type: ignore[attr-defined]
+    if concurrency == 1:
+        seconds = [_raw_worker(*job)]
+    else:
+        with ProcessPoolExecutor(concurrency) as pool:
+            seconds = list(pool.map(_raw_worker, *zip(*[job] * concurrency, strict=True)))
+    return sum(1 / s for s in seconds), sum(seconds) / len(seconds)
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""``make run``: the whole dermq stack on one machine, in the foreground.
+
+Prepares what a fresh machine lacks (the database and its migrations, the encryption key file,
+the demo clinic and key, a Flower password), then runs the API, a worker, Celery beat and Flower
+as child processes with their logs interleaved, each line prefixed with its process name. Ctrl-C
+(or SIGTERM) stops them all: a warm shutdown first, so the running case finishes, then a kill for
+anything still alive after the grace period. If one process dies, the others are stopped too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from core.config import ROOT, Settings, get_settings
+
+COLOURS = {"api": "36", "worker": "32", "beat": "35", "flower": "33", "dermq": "1"}
+GRACE_SECONDS = 30
+
+
+def say(name: str, line: str) -> None:
+    colour = COLOURS.get(name, "0")
+    prefix = f"\033[{colour}m{name:<6}|\033[0m " if sys.stdout.isatty() else f"{name:<6}| "
+    sys.stdout.write(prefix + line.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+def run_step(args: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)  # noqa: S603 - our own commands
+    for line in (result.stdout + result.stderr).splitlines():
+        say("dermq", line)
+    if result.returncode != 0:
+        raise SystemExit(f"make run: `{' '.join(args)}` failed with status {result.returncode}")
+
+
+def flower_password(settings: Settings, state_dir: Path) -> str:
+    configured = settings.flower_password.get_secret_value()
+    if configured:
+        return configured
+    path = state_dir / "flower-password"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(18) + "\n")
+    return path.read_text().strip()
+
+
+def prepare(settings: Settings, state_dir: Path, env: dict[str, str]) -> dict[str, str]:
+    bin_dir = Path(sys.executable).parent
+    dermq = str(bin_dir / "dermq")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    run_step([dermq, "db", "create"], env)
+    run_step([dermq, "db", "upgrade"], env)
+    run_step([dermq, "keys", "init"], env)
+    run_step([dermq, "demo", "--key-file", str(state_dir / "demo-key")], env)
+    password = flower_password(settings, state_dir)
+    say(
+        "dermq",
+        f"Flower: http://{settings.flower_host}:{settings.flower_port} (user {settings.flower_user}, "
+        f"password in {state_dir / 'flower-password'} unless DERMQ_FLOWER_PASSWORD is set)",
+    )
+    say("dermq", f"API docs: http://{settings.api_host}:{settings.api_port}/docs")
+    return {**env, "DERMQ_FLOWER_PASSWORD": password}
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.processes: dict[str, subprocess.Popen[str]] = {}
+        self.stopping = threading.Event()
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        process = subprocess.Popen(  # noqa: S603 - our own commands
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        threading.Thread(target=self._pump, args=(name, process), daemon=True).start()
+
+    def _pump(self, name: str, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            say(name, line)
+
+    def wait(self) -> int:
+        while not self.stopping.is_set():
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    say("dermq", f"{name} exited with status {process.returncode}; stopping the stack")
+                    self.stop()
+                    return 1
+            time.sleep(0.2)
+        return 0
+
+    def stop(self, *_args: object) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        say("dermq", "stopping: waiting for running work to finish (Ctrl-C again is not needed)")
+        for process in self.processes.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)  # Celery: warm shutdown
+        deadline = time.monotonic() + GRACE_SECONDS
+        for name, process in self.processes.items():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say("dermq", f"{name} did not stop in {GRACE_SECONDS} s; killing it")
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        say("dermq", "stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.devstack", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--state-dir",
+        default=str(ROOT / "var"),
+        help="local state: demo key, Flower password, beat schedule (the key file is DERMQ_KEY_FILE)",
+    )
+    args = parser.parse_args(argv)
+    state_dir = Path(args.state_dir)
+    settings = get_settings()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = prepare(settings, state_dir, env)
+    bin_dir = Path(sys.executable).parent
+    celery = [str(bin_dir / "celery"), "-A", "worker.celery_app"]
+    stack = Stack()
+    signal.signal(signal.SIGINT, stack.stop)
+    signal.signal(signal.SIGTERM, stack.stop)
+    stack.start("api", [str(bin_dir / "dermq-api")], env)
+    stack.start(
+        "worker",
+        [
+            *celery,
+            "worker",
+            "--queues",
+            "cases,maintenance",
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            "local@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env,
+    )
+    stack.start(
+        "beat", [*celery, "beat", "--loglevel", "INFO", "--schedule", str(state_dir / "celerybeat-schedule")], env
+    )
+    stack.start("flower", [str(bin_dir / "dermq-flower")], env)
+    return stack.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Key-encryption-key rotation: add a key, make it active, re-wrap every data key under it.
+
+    dermq keys rotate        # new active KEK in the key file, then re-wrap everything (in batches)
+    dermq keys rewrap        # resume after a crash: re-wrap whatever is not yet under the active KEK
+    dermq keys status        # how many blobs each KEK still protects
+    dermq keys retire ID     # drop an old KEK from the file, refused while any blob still needs it
+
+Only the wrapped data keys change: payloads are never decrypted or rewritten. Each batch commits on
+its own, so a crash loses at most one uncommitted batch and ``rewrap`` picks up where it stopped.
+Blobs stay readable throughout (old and new KEKs are both in the file), and running API and worker
+processes re-read the key file when it changes, so new blobs go under the new key at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core import audit
+from core.config import Settings
+from core.crypto import Keyring, SealedBlob, load_keyring, rewrap, write_key_file
+from core.db import session_scope
+from core.errors import KeyringError
+from core.models import CaseBlob
+
+log = logging.getLogger("dermq.keys")
+BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapReport:
+    active: str
+    rewrapped: int
+    remaining: int
+
+
+def _key_file(settings: Settings) -> None:
+    if settings.keys_json is not None or settings.key_file is None:
+        raise KeyringError(
+            "keys come from DERMQ_KEYS_JSON: add the new key to your secret store and make it active, "
+            "restart, then run `dermq keys rewrap`"
+        )
+
+
+def usage(session: Session) -> dict[str, int]:
+    rows = session.execute(select(CaseBlob.kek_id, func.count()).group_by(CaseBlob.kek_id)).all()
+    return {kek_id: count for kek_id, count in rows}
+
+
+def rewrap_all(
+    settings: Settings, *, batch: int = BATCH, actor: audit.Actor = audit.SYSTEM, max_batches: int | None = None
+) -> RewrapReport:
+    """Re-wrap every data key not under the active KEK, one committed batch at a time."""
+    keyring = load_keyring(settings)
+    total, batches = 0, 0
+    while max_batches is None or batches < max_batches:
+        with session_scope(settings) as session:
+            blobs = session.scalars(
+                select(CaseBlob)
+                .where(CaseBlob.kek_id != keyring.active_id)
+                .order_by(CaseBlob.id)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not blobs:
+                break
+            for blob in blobs:
+                moved = rewrap(
+                    keyring,
+                    SealedBlob(blob.ciphertext, blob.nonce, blob.wrapped_key, blob.kek_id),
+                    case_id=blob.case_id,
+                    kind=blob.kind,
+                )
+                blob.wrapped_key, blob.kek_id = moved.wrapped_key, moved.kek_id
+            session.flush()
+            audit.record(
+                session,
+                action="keys.rewrap",
+                outcome=audit.SUCCESS,
+                actor=actor,
+                entity_type="kek",
+                entity_id=keyring.active_id,
+                detail={"count": len(blobs)},
+            )
+            total += len(blobs)
+        batches += 1
+        log.info("re-wrapped a batch of data keys", extra={"event": "rewrap", "count": total})
+    with session_scope(settings) as session:
+        remaining = sum(n for kek, n in usage(session).items() if kek != keyring.active_id)
+    return RewrapReport(keyring.active_id, total, remaining)
+
+
+def rotate(
+    settings: Settings, *, batch: int = BATCH, actor: audit.Actor = audit.SYSTEM, max_batches: int | None = None
+) -> RewrapReport:
+    """Add a new active KEK to the key file (old keys stay), then re-wrap every data key under it."""
+    _key_file(settings)
+    assert settings.key_file is not None
+    old = load_keyring(settings)
+    new = old.with_new_active_key()
+    write_key_file(settings.key_file, new, overwrite=True)
+    with session_scope(settings) as session:
+        audit.record(
+            session,
+            action="keys.rotate",
+            outcome=audit.SUCCESS,
+            actor=actor,
+            entity_type="kek",
+            entity_id=new.active_id,
+            detail={"previous": old.active_id},
+        )
+    return rewrap_all(settings, batch=batch, actor=actor, max_batches=max_batches)
+
+
+def retire(settings: Settings, kek_id: str, *, actor: audit.Actor = audit.SYSTEM) -> Keyring:
+    """Remove ``kek_id`` from the key file once no blob needs it."""
+    _key_file(settings)
+    assert settings.key_file is not None
+    keyring = load_keyring(settings)
+    if kek_id == keyring.active_id:
+        raise KeyringError(f"{kek_id} is the active key; rotate first")
+    if kek_id not in keyring.keks:
+        raise KeyringError(f"{kek_id} is not in the key file")
+    with session_scope(settings) as session:
+        still = usage(session).get(kek_id, 0)
+        if still:
+            raise KeyringError(f"{still} blobs are still wrapped under {kek_id}; run `dermq keys rewrap` first")
+        remaining = {k: v for k, v in keyring.keks.items() if k != kek_id}
+        trimmed = Keyring(keyring.active_id, remaining, keyring.api_key_pepper)
+        write_key_file(settings.key_file, trimmed, overwrite=True)
+        audit.record(
+            session,
+            action="keys.retire",
+            outcome=audit.SUCCESS,
+            actor=actor,
+            entity_type="kek",
+            entity_id=kek_id,
+            detail={"active": trimmed.active_id},
+        )
+    return trimmed

@@ -1,0 +1,82 @@
+"""The classify task: idempotent under redelivery, permanent failures, and the Grad-CAM budget."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from core.db import session_scope
+from core.models import Case, CaseBlob, Result
+from core.publisher import publish_classify
+from tests import support
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def case_row(settings, case_id: uuid.UUID) -> Case:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return session.get(Case, case_id)
+
+
+def wait_terminal(settings, case_id: uuid.UUID, timeout: float = 120) -> Case:  # type: ignore[no-untyped-def]
+    return support.wait_for(
+        lambda: (c := case_row(settings, case_id)).status in ("succeeded", "failed") and c,
+        timeout=timeout,
+        interval=0.2,
+        what="the case to finish",
+    )
+
+
+def test_an_image_that_does_not_decode_fails_without_retry(
+    worker, tenant, store_case, publisher, settings, jpeg_bytes: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    broken = store_case(tenant, jpeg_bytes[: len(jpeg_bytes) // 3])
+    publish_classify(publisher, broken, "routine")
+    case = wait_terminal(settings, broken)
+    assert (case.status, case.failure_code, case.attempts) == ("failed", "invalid_image", 1)
+    assert "truncated" in case.failure_message or "ends before" in case.failure_message
+    # The worker survived and serves the next case.
+    good = store_case(tenant, jpeg_bytes)
+    publish_classify(publisher, good, "routine")
+    assert wait_terminal(settings, good).status == "succeeded"
+    assert worker.alive()
+
+
+def test_redelivery_does_nothing_twice(worker, tenant, store_case, publisher, settings, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, jpeg_bytes)
+    for _ in range(3):  # a duplicated publish, as after a lost acknowledgement
+        publish_classify(publisher, case_id, "routine")
+    first = wait_terminal(settings, case_id)
+    publish_classify(publisher, case_id, "routine")
+    support.wait_for(lambda: "skip" in worker.output(), timeout=30, what="the worker to skip the redelivery")
+    with session_scope(settings) as session:
+        results = session.scalar(select(func.count()).select_from(Result).where(Result.case_id == case_id))
+        heatmaps = session.scalar(
+            select(func.count()).select_from(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == "heatmap")
+        )
+    after = case_row(settings, case_id)
+    assert results == 1 and heatmaps == 1
+    assert (after.status, after.attempts, after.finished_at) == ("succeeded", 1, first.finished_at)
+
+
+def test_gradcam_past_its_budget_leaves_a_result_without_heat_map(
+    tenant, store_case, settings, jpeg_bytes: bytes, client
+) -> None:  # type: ignore[no-untyped-def]
+    from worker.tasks import run_classification
+
+    case_id = store_case(tenant, jpeg_bytes)
+    tight = settings.model_copy(update={"gradcam_budget_seconds": 1e-6})
+    assert run_classification(tight, case_id) == "succeeded"
+    body = client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()
+    assert body["status"] == "succeeded" and body["result"]["gradcam_status"] == "timeout"
+    assert abs(sum(body["result"]["probabilities"].values()) - 1) < 1e-6
+    heat = client.get(f"/v1/cases/{case_id}/heatmap.png", headers=tenant.headers)
+    assert heat.status_code == 404 and heat.json()["code"] == "heatmap_unavailable"
+
+
+def test_a_case_for_nothing_is_ignored(settings) -> None:  # type: ignore[no-untyped-def]
+    from worker.tasks import run_classification
+
+    assert run_classification(settings, uuid.uuid4()) == "skipped"
