@@ -89,6 +89,9 @@ def main() -> None:
 
     settings = get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json, component="api")
+    tls: dict[str, str] = {}
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
     uvicorn.run(
         create_app(settings),
         host=settings.api_host,
@@ -96,5 +99,7 @@ def main() -> None:
         log_config=None,
         access_log=False,
         proxy_headers=settings.trust_forwarded_for,
+        forwarded_allow_ips="*" if settings.trust_forwarded_for else None,
         server_header=False,
+        **tls,  # type: ignore[arg-type]
     )

@@ -85,6 +85,15 @@ class _Collector:
         content_type = self.headers.get(b"content-type")
         self.part.content_type = content_type.decode("latin-1").strip().lower() if content_type else None
         if self.part.name == "image":
+            # Judge the raw header: python-multipart trims Windows paths to their last part.
+            raw = self.headers.get(b"content-disposition", b"")
+            raw_name = raw[raw.lower().find(b"filename") :] if b"filename" in raw.lower() else b""
+            filename = options.get(b"filename", b"")
+            if any(marker in raw_name for marker in (b"/", b"\\", b"\x00")) or (filename and not filename.strip(b". ")):
+                raise InvalidInput(
+                    "the image's file name contains a path or is a special name; send a plain file name",
+                    code="invalid_filename",
+                )
             if self.seen_image:
                 raise InvalidInput("the form has more than one image; send one image per case", code="too_many_files")
             self.seen_image = True

@@ -66,13 +66,22 @@ def db_create(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
-    from alembic import command
+def alembic_config(database_url: str) -> Any:
+    """Alembic's configuration for the installed migrations package (no alembic.ini needed)."""
     from alembic.config import Config
 
-    config = Config(str(Path(__file__).resolve().parents[1] / "alembic.ini"))
-    config.attributes["url"] = settings.database_url
-    command.upgrade(config, "head")
+    import migrations
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).resolve().parent))
+    config.attributes["url"] = database_url
+    return config
+
+
+def db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
+    from alembic import command
+
+    command.upgrade(alembic_config(settings.database_url), "head")
     return 0
 
 

@@ -115,12 +115,18 @@ class Settings(BaseSettings):
             raise ValueError("set both DERMQ_TLS_CERTFILE and DERMQ_TLS_KEYFILE, or neither")
         if self.gradcam_budget_seconds >= self.task_soft_time_limit:
             raise ValueError("gradcam_budget_seconds must be below task_soft_time_limit")
-        if self.environment == "production":
-            if self.flower_password.get_secret_value().lower() in EXAMPLE_SECRETS:
-                raise ValueError("DERMQ_FLOWER_PASSWORD is empty or an example value; set a real one in production")
-            if self.keys_json is None and self.key_file is None:
-                raise ValueError("production needs DERMQ_KEY_FILE or DERMQ_KEYS_JSON")
+        if self.environment == "production" and self.keys_json is None and self.key_file is None:
+            raise ValueError("production needs DERMQ_KEY_FILE or DERMQ_KEYS_JSON")
         return self
+
+    def require_flower_password(self) -> str:
+        """Flower's password; refuses an empty one anywhere and an example value in production."""
+        password = self.flower_password.get_secret_value()
+        if not password:
+            raise ValueError("set DERMQ_FLOWER_PASSWORD: Flower is never served without authentication")
+        if self.environment == "production" and (password.lower() in EXAMPLE_SECRETS or len(password) < 12):
+            raise ValueError("DERMQ_FLOWER_PASSWORD is an example or shorter than 12 characters; set a real one")
+        return password
 
     @property
     def broker_url(self) -> str:

@@ -144,3 +144,45 @@ def make_key(settings, database, keyring) -> Callable[..., Tenant]:  # type: ign
 @pytest.fixture
 def tenant(make_key: Callable[..., Tenant]) -> Tenant:
     return make_key("clinic")
+
+
+@pytest.fixture
+def store_case(settings, keyring, database) -> Callable[..., uuid.UUID]:  # type: ignore[no-untyped-def]
+    """Store a queued case with arbitrary bytes as its image, as if the intake had accepted them
+    (nothing is published: the case waits until a test publishes it or the sweeper finds it)."""
+    import hashlib
+
+    from core import audit, cases
+    from core.db import session_scope
+    from core.keys import Principal
+    from core.models import Priority, Role
+
+    def store(tenant: Tenant, data: bytes, priority: str = "routine") -> uuid.UUID:
+        image = cases.NewImage(
+            data=data,
+            format="JPEG",
+            media_type="image/jpeg",
+            width=300,
+            height=225,
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+        with session_scope(settings) as session:
+            case, _ = cases.create_case(
+                session,
+                keyring=keyring,
+                principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
+                actor=audit.SYSTEM,
+                image=image,
+                client_ref=None,
+                priority=Priority(priority),
+            )
+            return case.id
+
+    return store
+
+
+@pytest.fixture(scope="session")
+def publisher(settings):  # type: ignore[no-untyped-def]
+    from core.publisher import make_publisher
+
+    return make_publisher(settings)

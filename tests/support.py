@@ -84,11 +84,10 @@ def recreate_database(url: str) -> None:
 
 def migrate(url: str) -> None:
     from alembic import command
-    from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["url"] = url
-    command.upgrade(config, "head")
+    from core.cli import alembic_config
+
+    command.upgrade(alembic_config(url), "head")
 
 
 class Process:

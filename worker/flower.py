@@ -15,9 +15,10 @@ from core.config import get_settings
 
 def flower_argv() -> list[str]:
     settings = get_settings()
-    password = settings.flower_password.get_secret_value()
-    if not password:
-        raise SystemExit("set DERMQ_FLOWER_PASSWORD: Flower is never served without authentication")
+    try:
+        password = settings.require_flower_password()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     argv = [
         "celery",
         "--app",

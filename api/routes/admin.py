@@ -47,7 +47,13 @@ def _admin(caller: Caller, app: State) -> None:
     limit(caller, app, "submit")
 
 
-@router.post("/clinics", status_code=201, response_model=ClinicOut, responses=PROBLEMS, summary="Create a clinic")
+@router.post(
+    "/clinics",
+    status_code=201,
+    response_model=ClinicOut,
+    responses={**PROBLEMS, 409: PROBLEMS[404] | {"description": "a clinic of that name exists"}},
+    summary="Create a clinic",
+)
 def create_clinic(body: ClinicIn, app: State, caller: AuthenticatedCaller, session: DbSession) -> ClinicOut:
     _admin(caller, app)
     return _clinic(clinics.create_clinic(session, body.name, actor=caller.actor))

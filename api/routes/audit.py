@@ -12,7 +12,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
@@ -49,9 +49,22 @@ def _filters(
                 audit=audit.PendingEvent("audit.query", audit.DENIED, detail={"reason": "clinic_scope"}),
             )
         clinic = scope
+    since, until = _utc(since, "since"), _utc(until, "until")
     if since and until and since >= until:
         raise BadRequest("'since' must be before 'until'", code="invalid_time_range")
     return audit.AuditFilter(since, until, actor, clinic, case, action, outcome)
+
+
+def _utc(value: datetime | None, name: str) -> datetime | None:
+    """Timestamps in UTC (a missing offset means UTC); offsets no real clock uses are refused."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    offset = value.utcoffset()
+    if offset is not None and abs(offset) > timedelta(hours=14):
+        raise BadRequest(f"'{name}' has a UTC offset beyond +-14:00", code="invalid_time_range")
+    return value.astimezone(UTC)
 
 
 def _cursor(value: str | None) -> int | None:

@@ -43,7 +43,8 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
         400: "malformed request",
         401: "missing, malformed or revoked API key",
         403: "wrong role for this operation",
-        404: "no such case for this clinic",
+        404: "no such case (or clinic, or key) for this caller",
+        422: "a parameter or body field is invalid (see errors)",
         429: "rate limit reached (see Retry-After)",
         503: "a dependency is down (see Retry-After)",
     }.items()

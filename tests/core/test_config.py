@@ -17,10 +17,15 @@ def test_time_limits_must_nest_inside_the_visibility_timeout() -> None:
         Settings(gradcam_budget_seconds=120)
 
 
-def test_production_refuses_example_secrets() -> None:
-    with pytest.raises(ValidationError, match="FLOWER_PASSWORD"):
-        Settings(environment="production", flower_password="changeme")
-    assert Settings(environment="production", flower_password="k3y-from-a-secret-store").environment == "production"
+def test_flower_refuses_missing_or_example_passwords() -> None:
+    with pytest.raises(ValueError, match="FLOWER_PASSWORD"):
+        Settings().require_flower_password()
+    with pytest.raises(ValueError, match="example"):
+        Settings(environment="production", flower_password="changeme").require_flower_password()
+    strong = Settings(environment="production", flower_password="k3y-from-a-secret-store")
+    assert strong.require_flower_password() == "k3y-from-a-secret-store"
+    # Only Flower needs it: every other process starts without one.
+    assert Settings(environment="production").environment == "production"
 
 
 def test_only_postgres(monkeypatch: pytest.MonkeyPatch) -> None:

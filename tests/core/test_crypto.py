@@ -83,7 +83,7 @@ def test_world_readable_key_file_is_refused_in_production(tmp_path: Path, keyrin
     write_key_file(path, keyring)
     os.chmod(path, 0o644)
     with pytest.raises(KeyringError, match="chmod 600"):
-        load_keyring(Settings(key_file=path, environment="production", flower_password="a-real-password-42"))
+        load_keyring(Settings(key_file=path, environment="production"))
 
 
 def test_malformed_key_files(tmp_path: Path) -> None:

@@ -1,0 +1,89 @@
+"""The admin API and CLI: clinics and keys, every change audited, deactivation effective at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from core.db import session_scope
+from core.models import AuditEvent
+from tests import support
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def test_admin_manages_clinics_and_keys(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
+    admin = make_key("admin")
+    name = f"north-{uuid.uuid4().hex[:6]}"
+    clinic = client.post("/v1/admin/clinics", headers=admin.headers, json={"name": name})
+    assert clinic.status_code == 201, clinic.text
+    clinic_id = clinic.json()["id"]
+    assert (
+        client.post("/v1/admin/clinics", headers=admin.headers, json={"name": name}).json()["code"] == "clinic_exists"
+    )
+    created = client.post("/v1/admin/keys", headers=admin.headers, json={"role": "clinic", "clinic_id": clinic_id})
+    assert created.status_code == 201 and created.headers["cache-control"] == "no-store"
+    token, key_id = created.json()["key"], created.json()["id"]
+    portal = {"Authorization": f"Bearer {token}"}
+    assert client.get("/v1/cases", headers=portal).status_code == 200
+    listed = client.get("/v1/admin/keys", headers=admin.headers, params={"clinic_id": clinic_id}).json()
+    assert [k["id"] for k in listed] == [key_id] and "key" not in listed[0] and token not in json.dumps(listed)
+
+    deactivated = client.post(f"/v1/admin/clinics/{clinic_id}/deactivate", headers=admin.headers)
+    assert deactivated.json()["active"] is False
+    refused = client.get("/v1/cases", headers=portal)
+    assert refused.status_code == 401 and refused.json()["code"] == "clinic_inactive"
+    assert (
+        client.post("/v1/admin/keys", headers=admin.headers, json={"role": "clinic", "clinic_id": clinic_id}).json()[
+            "code"
+        ]
+        == "clinic_inactive"
+    )
+    client.post(f"/v1/admin/clinics/{clinic_id}/activate", headers=admin.headers)
+    assert client.get("/v1/cases", headers=portal).status_code == 200
+
+    revoked = client.post(f"/v1/admin/keys/{key_id}/revoke", headers=admin.headers)
+    assert revoked.json()["revoked_at"]
+    assert client.get("/v1/cases", headers=portal).json()["code"] == "revoked_credentials"
+    with session_scope(settings) as session:
+        actions = set(session.scalars(select(AuditEvent.action).where(AuditEvent.actor_key_id == admin.key_id)))
+    assert {"clinic.create", "key.create", "key.list", "clinic.deactivate", "clinic.activate", "key.revoke"} <= actions
+
+
+def test_only_admins(client, make_key) -> None:  # type: ignore[no-untyped-def]
+    for role in ("clinic", "auditor"):
+        key = make_key(role)
+        response = client.post("/v1/admin/clinics", headers=key.headers, json={"name": "x"})
+        assert response.status_code == 403 and response.json()["code"] == "role_not_allowed"
+        assert client.get("/v1/admin/keys", headers=key.headers).status_code == 403
+    admin = make_key("admin")
+    bad = client.post("/v1/admin/keys", headers=admin.headers, json={"role": "clinic"})
+    assert bad.status_code == 400 and bad.json()["code"] == "clinic_required"
+    assert client.post("/v1/admin/keys", headers=admin.headers, json={"role": "root"}).status_code == 422
+
+
+def test_cli_matches_the_api(settings) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, "DERMQ_DATABASE_URL": settings.database_url, "DERMQ_KEY_FILE": str(settings.key_file)}
+    dermq = str(support.VENV_BIN / "dermq")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([dermq, *args], capture_output=True, text=True, env=env, cwd=support.ROOT)
+
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    assert run("clinic", "create", name).returncode == 0
+    made = run("key", "create", "--clinic", name, "--role", "clinic", "--json")
+    key = json.loads(made.stdout)
+    assert key["key"].startswith("dq_") and uuid.UUID(key["id"])
+    listed = run("key", "list", "--clinic", name)
+    assert key["id"] in listed.stdout and key["key"] not in listed.stdout
+    assert run("key", "revoke", key["id"]).returncode == 0
+    assert "revoked" in run("key", "list", "--clinic", name).stdout
+    assert run("clinic", "deactivate", name).returncode == 0
+    assert "inactive" in run("clinic", "list").stdout
+    failed = run("key", "create", "--clinic", "no-such-clinic")
+    assert failed.returncode == 2 and "no such clinic" in failed.stderr

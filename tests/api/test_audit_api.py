@@ -1,0 +1,193 @@
+"""The auditor API: filtered, paginated, exportable, verifiable; scoped; itself audited; and
+"no audit, no access"."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from core import audit
+from core.db import session_scope
+from core.models import AuditEvent
+from tests.conftest import Tenant
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def submit(client, tenant: Tenant, image: bytes) -> str:  # type: ignore[no-untyped-def]
+    response = client.post("/v1/cases", headers=tenant.headers, files={"image": ("x.jpg", image, "image/jpeg")})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+@pytest.fixture
+def activity(client, make_key, jpeg_bytes: bytes) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    a, b = make_key(), make_key()
+    case_a, case_b = submit(client, a, jpeg_bytes), submit(client, b, jpeg_bytes)
+    client.get(f"/v1/cases/{case_a}", headers=a.headers)
+    client.get(f"/v1/cases/{case_a}", headers=b.headers)  # denied: another clinic's case
+    return {"a": a, "b": b, "case_a": case_a, "case_b": case_b}
+
+
+def test_filters_and_pagination(client, make_key, activity) -> None:  # type: ignore[no-untyped-def]
+    auditor = make_key("auditor")
+    a: Tenant = activity["a"]  # type: ignore[assignment]
+    case_a = activity["case_a"]
+    body = client.get("/v1/audit-events", headers=auditor.headers, params={"case": case_a}).json()
+    actions = [e["action"] for e in body["items"]]
+    assert actions[-1] == "case.create" and "case.read" in actions  # newest first
+    assert all(e["entity_id"] == case_a for e in body["items"])
+    denied = client.get(
+        "/v1/audit-events", headers=auditor.headers, params={"case": case_a, "outcome": "denied"}
+    ).json()["items"]
+    assert [e["actor_key_id"] for e in denied] == [str(activity["b"].key_id)]  # type: ignore[attr-defined]
+    by_actor = client.get("/v1/audit-events", headers=auditor.headers, params={"actor": str(a.key_id)}).json()
+    assert by_actor["items"] and all(e["actor_key_id"] == str(a.key_id) for e in by_actor["items"])
+    by_clinic = client.get(
+        "/v1/audit-events", headers=auditor.headers, params={"clinic": str(a.clinic_id), "action": "case.create"}
+    ).json()
+    assert [e["entity_id"] for e in by_clinic["items"]] == [case_a]
+
+    pages, cursor = [], None
+    while True:
+        params = {"clinic": str(a.clinic_id), "limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/audit-events", headers=auditor.headers, params=params).json()
+        pages += [e["id"] for e in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert pages == sorted(pages, reverse=True) and len(pages) == len(set(pages)) >= 3
+    first = pages[-1]
+    window = client.get(
+        "/v1/audit-events",
+        headers=auditor.headers,
+        params={"clinic": str(a.clinic_id), "since": "2000-01-01T00:00:00Z", "until": "2000-01-02T00:00:00Z"},
+    ).json()
+    assert window["items"] == [] and first
+
+
+def test_auditors_see_records_never_images_or_results(client, make_key, activity) -> None:  # type: ignore[no-untyped-def]
+    auditor = make_key("auditor")
+    case_a = activity["case_a"]
+    assert client.get(f"/v1/cases/{case_a}", headers=auditor.headers).status_code == 403
+    assert client.get(f"/v1/cases/{case_a}/heatmap.png", headers=auditor.headers).status_code == 403
+    export = client.get("/v1/audit-events/export", headers=auditor.headers, params={"case": case_a}).text
+    assert "probabilities" not in export and "image/jpeg" not in export
+
+
+def test_clinic_scoped_auditor_and_other_roles(client, make_key, activity, settings, keyring) -> None:  # type: ignore[no-untyped-def]
+    from core import keys
+    from core.models import Role
+
+    a: Tenant = activity["a"]  # type: ignore[assignment]
+    b: Tenant = activity["b"]  # type: ignore[assignment]
+    with session_scope(settings) as session:
+        _, token = keys.create_key(session, keyring, role=Role.AUDITOR, clinic_id=a.clinic_id)
+    scoped = {"Authorization": f"Bearer {token}"}
+    rows = [json.loads(line) for line in client.get("/v1/audit-events/export", headers=scoped).text.splitlines()]
+    assert rows and all(r["clinic_id"] == str(a.clinic_id) for r in rows)
+    assert str(b.clinic_id) not in json.dumps(rows) and activity["case_b"] not in json.dumps(rows)
+    refused = client.get("/v1/audit-events", headers=scoped, params={"clinic": str(b.clinic_id)})
+    assert refused.status_code == 403 and refused.json()["code"] == "clinic_scope"
+    for role_key in (a, make_key("admin")):
+        assert client.get("/v1/audit-events", headers=role_key.headers).status_code == 403
+
+
+def test_exports_stream_whole_ranges(client, make_key, activity) -> None:  # type: ignore[no-untyped-def]
+    auditor = make_key("auditor")
+    a: Tenant = activity["a"]  # type: ignore[assignment]
+    ndjson = client.get("/v1/audit-events/export", headers=auditor.headers, params={"clinic": str(a.clinic_id)})
+    assert ndjson.headers["content-type"] == "application/x-ndjson" and ndjson.headers["cache-control"] == "no-store"
+    records = [json.loads(line) for line in ndjson.text.splitlines()]
+    assert {r["action"] for r in records} >= {"case.create", "case.read", "clinic.create"}
+    as_csv = client.get(
+        "/v1/audit-events/export", headers=auditor.headers, params={"clinic": str(a.clinic_id), "format": "csv"}
+    )
+    assert as_csv.headers["content-type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(as_csv.text)))
+    assert [int(r["id"]) for r in table] == [r["id"] for r in records]
+    assert set(table[0]) >= {"occurred_at", "action", "outcome", "actor_key_id", "source_ip", "hash"}
+
+
+def test_csv_export_defuses_formulas(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
+    tenant, auditor = make_key(), make_key("auditor")
+    client.get("/v1/cases", headers={**tenant.headers, "User-Agent": '=HYPERLINK("http://evil")'})
+    table = client.get(
+        "/v1/audit-events/export",
+        headers=auditor.headers,
+        params={"clinic": str(tenant.clinic_id), "format": "csv", "action": "case.list"},
+    ).text
+    assert "'=HYPERLINK" in table and ",=HYPERLINK" not in table
+
+
+def test_auditor_queries_are_audited_and_chain_verifies(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
+    auditor = make_key("auditor")
+    client.get("/v1/audit-events", headers=auditor.headers, params={"action": "case.read"})
+    client.get("/v1/audit-events/export", headers=auditor.headers, params={"format": "csv"})
+    report = client.get("/v1/audit-events/verify", headers=auditor.headers).json()
+    assert report["ok"] is True and report["checked"] > 0 and report["first_bad_id"] is None
+    with session_scope(settings) as session:
+        actions = session.scalars(select(AuditEvent.action).where(AuditEvent.actor_key_id == auditor.key_id)).all()
+    assert {"audit.query", "audit.export", "audit.verify"} <= set(actions)
+
+
+def test_no_audit_no_access(settings, make_key, jpeg_bytes: bytes, client) -> None:  # type: ignore[no-untyped-def]
+    """If the read's audit record cannot be written, the data is not returned (503)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    tenant = make_key()
+    case_id = submit(client, tenant, jpeg_bytes)
+    impatient = create_app(settings.model_copy(update={"database_lock_timeout_ms": 300}))
+    blocker = create_engine(settings.database_url)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_chain() -> None:
+        with blocker.connect() as connection, connection.begin():
+            connection.execute(select(func.pg_advisory_xact_lock(audit.CHAIN_LOCK)))
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold_the_chain)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        with TestClient(impatient, raise_server_exceptions=False) as app_client:
+            response = app_client.get(f"/v1/cases/{case_id}", headers=tenant.headers)
+            listing = app_client.get("/v1/cases", headers=tenant.headers)
+    finally:
+        release.set()
+        thread.join()
+        blocker.dispose()
+    for blocked in (response, listing):
+        assert blocked.status_code == 503 and blocked.headers["retry-after"]
+        assert blocked.json()["code"] == "storage_timeout"
+        assert "created_at" not in blocked.text and "items" not in blocked.json()  # no case data at all
+    with session_scope(settings) as session:  # and nothing claims the read happened
+        reads = session.scalar(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(AuditEvent.entity_id == case_id, AuditEvent.action == "case.read")
+        )
+    assert reads == 0
+    assert client.get(f"/v1/cases/{case_id}", headers=tenant.headers).status_code == 200  # recovers
+
+
+def test_bad_queries_are_4xx(client, make_key) -> None:  # type: ignore[no-untyped-def]
+    auditor = make_key("auditor")
+    for params, code in (
+        ({"cursor": "abc"}, "invalid_cursor"),
+        ({"since": "2030-01-02T00:00:00Z", "until": "2030-01-01T00:00:00Z"}, "invalid_time_range"),
+        ({"outcome": "maybe"}, "invalid_input"),
+        ({"case": "not-a-uuid"}, "invalid_input"),
+    ):
+        response = client.get("/v1/audit-events", headers=auditor.headers, params=params)
+        assert response.status_code in (400, 422) and response.json()["code"] == code, response.text
+    assert uuid.UUID(str(auditor.key_id))

@@ -1,0 +1,81 @@
+"""Retention and erasure: crypto-shredding removes images and heat maps; case, result and audit remain."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from core.db import session_scope
+from core.models import AuditEvent, Case, CaseBlob, Result
+from core.queueing import TASK_PURGE
+from tests import support
+from tests.api.test_cases import submit, wait_done
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def blobs(settings, case_id: str) -> int:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.case_id == uuid.UUID(case_id)))
+
+
+def purge_events(settings, case_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return [
+            e.detail
+            for e in session.scalars(
+                select(AuditEvent).where(AuditEvent.entity_id == case_id, AuditEvent.action == "case.purge")
+            )
+        ]
+
+
+def test_clinic_erasure(client, worker, tenant, fixture_images, settings) -> None:  # type: ignore[no-untyped-def]
+    case_id = submit(client, tenant, fixture_images["ISIC_0024403"].read_bytes()).json()["id"]
+    done = wait_done(client, tenant, case_id)
+    assert blobs(settings, case_id) == 2  # image + heat map
+    erased = client.delete(f"/v1/cases/{case_id}", headers=tenant.headers)
+    assert erased.status_code == 200 and erased.json()["status"] == "purged"
+    assert blobs(settings, case_id) == 0
+    again = client.delete(f"/v1/cases/{case_id}", headers=tenant.headers)
+    assert again.status_code == 200 and again.json()["status"] == "purged"
+    body = client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()
+    assert body["status"] == "purged" and body["image"] is None
+    assert body["result"]["label"] == done["result"]["label"]  # the result stays
+    heat = client.get(f"/v1/cases/{case_id}/heatmap.png", headers=tenant.headers)
+    assert heat.status_code == 410 and heat.json()["code"] == "case_purged"
+    assert purge_events(settings, case_id) == [{"reason": "clinic_request", "blobs": 2}]
+
+
+def test_erasing_a_queued_case_stops_its_classification(
+    client, tenant, store_case, jpeg_bytes: bytes, settings
+) -> None:  # type: ignore[no-untyped-def]
+    from worker.tasks import run_classification
+
+    case_id = str(store_case(tenant, jpeg_bytes))
+    assert client.delete(f"/v1/cases/{case_id}", headers=tenant.headers).json()["status"] == "purged"
+    assert run_classification(settings, uuid.UUID(case_id)) == "skipped"
+    with session_scope(settings) as session:
+        assert session.get(Result, uuid.UUID(case_id)) is None
+
+
+def test_retention_purge_runs_as_a_beat_task(client, worker, tenant, fixture_images, settings) -> None:  # type: ignore[no-untyped-def]
+    from core.publisher import make_publisher
+
+    old_id = submit(client, tenant, fixture_images["ISIC_0024412"].read_bytes()).json()["id"]
+    new_id = submit(client, tenant, fixture_images["ISIC_0025903"].read_bytes()).json()["id"]
+    wait_done(client, tenant, old_id)
+    wait_done(client, tenant, new_id)
+    with session_scope(settings) as session:
+        session.execute(
+            update(Case)
+            .where(Case.id == uuid.UUID(old_id))
+            .values(created_at=datetime.now(UTC) - timedelta(days=settings.retention_days + 1))
+        )
+    make_publisher(settings).send_task(TASK_PURGE, queue="maintenance")
+    support.wait_for(lambda: blobs(settings, old_id) == 0, timeout=60, what="the purge task")
+    assert blobs(settings, new_id) == 2
+    assert client.get(f"/v1/cases/{old_id}", headers=tenant.headers).json()["status"] == "purged"
+    assert purge_events(settings, old_id) == [{"reason": "retention", "blobs": 2}]

@@ -1,0 +1,100 @@
+"""Transport security: uvicorn's own TLS with a self-signed certificate, HSTS only under TLS,
+security headers, no-store on patient data, CORS closed unless configured."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from fastapi.testclient import TestClient
+
+from tests import support
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert, private = folder / "cert.pem", folder / "key.pem"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    return cert, private
+
+
+def test_uvicorn_serves_tls_with_hsts(stack_env, tmp_path: Path, tenant) -> None:  # type: ignore[no-untyped-def]
+    cert, key = self_signed(tmp_path)
+    port = support.free_port()
+    env = {**stack_env, "DERMQ_API_PORT": str(port), "DERMQ_TLS_CERTFILE": str(cert), "DERMQ_TLS_KEYFILE": str(key)}
+    server = support.Process("api-tls", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    context = ssl.create_default_context(cafile=str(cert))
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"https://localhost:{port}/healthz", verify=context, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        support.wait_for(lambda: up() or not server.alive(), timeout=60, what="the TLS API")
+        assert server.alive(), server.output()[-2000:]
+        response = httpx.get(f"https://localhost:{port}/v1/cases", headers=tenant.headers, verify=context)
+        assert response.status_code == 200
+        assert response.headers["strict-transport-security"].startswith("max-age=")
+        assert response.headers["cache-control"] == "no-store"
+        with (
+            socket.create_connection(("localhost", port)) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://localhost:{port}/healthz", timeout=3)  # no plaintext on the TLS port
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"https://localhost:{port}/healthz", timeout=3)  # and the certificate is checked
+    finally:
+        server.stop()
+
+
+def test_security_headers_and_cors(client, api_app, settings, tenant) -> None:  # type: ignore[no-untyped-def]
+    from api.app import create_app
+
+    response = client.get("/v1/cases", headers=tenant.headers)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    assert "strict-transport-security" not in response.headers  # plain HTTP: no HSTS
+    docs = client.get("/docs")
+    assert docs.headers["content-type"].startswith("text/html")
+    assert "frame-ancestors 'none'" in docs.headers["content-security-policy"]
+    preflight = {"Origin": "https://portal.example", "Access-Control-Request-Method": "POST"}
+    closed = client.options("/v1/cases", headers=preflight)
+    assert "access-control-allow-origin" not in closed.headers
+    opened = create_app(settings.model_copy(update={"cors_origins": ["https://portal.example"]}))
+    with TestClient(opened) as http:
+        allowed = http.options("/v1/cases", headers=preflight)
+        assert allowed.headers["access-control-allow-origin"] == "https://portal.example"
+        other = http.options("/v1/cases", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

@@ -1,0 +1,475 @@
+"""Loading and reading the deployment files, for the tests in tests/deploy.
+
+Everything here reads files of the working tree and installed packages only: no network, no
+container engine, no cluster.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERIGNORE = ROOT / ".dockerignore"
+DOCKERFILES = {"api": DEPLOY / "Dockerfile.api", "worker": DEPLOY / "Dockerfile.worker"}
+NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
+PROMETHEUS_CONF = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+RUNBOOK = DEPLOY / "RUNBOOK.md"
+
+#: The Prometheus metrics dermq exposes (API, worker, drift, audit): alert rules may use these and
+#: nothing else (plus Prometheus's own `up` and recording rules defined in the same file).
+DERMQ_METRICS = frozenset(
+    {
+        # API
+        "dermq_http_requests_total",
+        "dermq_http_request_duration_seconds",
+        "dermq_upload_bytes",
+        "dermq_upload_rejections_total",
+        "dermq_queue_depth",
+        "dermq_cases",
+        "dermq_stale_running_cases",
+        # worker
+        "dermq_jobs_total",
+        "dermq_queue_wait_seconds",
+        "dermq_inference_seconds",
+        "dermq_gradcam_seconds",
+        "dermq_predictions_total",
+        "dermq_confidence",
+        "dermq_referrals_total",
+        "dermq_worker_info",
+        "dermq_gpu_memory_bytes",
+        # drift and audit
+        "dermq_drift_psi",
+        "dermq_audit_chain_ok",
+    }
+)
+#: Of those, the histograms (queried through their _bucket, _sum and _count series).
+DERMQ_HISTOGRAMS = frozenset(
+    {
+        "dermq_http_request_duration_seconds",
+        "dermq_upload_bytes",
+        "dermq_queue_wait_seconds",
+        "dermq_inference_seconds",
+        "dermq_gradcam_seconds",
+        "dermq_confidence",
+    }
+)
+DRIFT_PSI_THRESHOLD = 0.25
+
+#: DERMQ_* variables that are not Settings fields but are read by core.config.get_settings itself.
+NON_FIELD_VARIABLES = frozenset({"DERMQ_SECRETS_DIR"})
+DERMQ_VARIABLE = re.compile(r"\bDERMQ_[A-Z0-9_]+\b")
+
+#: Placeholder contents for secret files when building Settings from a deployment's environment.
+PLACEHOLDER_SECRETS = {
+    "dermq_database_url": "postgresql+psycopg2://dermq:placeholder@postgres:5432/dermq",
+    "dermq_flower_password": "placeholder-flower-password",
+}
+
+FLOWER_PASSWORD = "dermq_flower_password"
+#: Least privilege: the files under /run/secrets each dermq process reads, and so the only ones its
+#: container may mount. Only `dermq-flower` asks for the Flower password
+#: (Settings.require_flower_password); beat reads no secret at all.
+SECRETS_READ: dict[str, frozenset[str]] = {
+    "migrate": frozenset({"dermq_database_url"}),
+    "api": frozenset({"dermq_database_url", "dermq-keys.json"}),
+    "worker": frozenset({"dermq_database_url", "dermq-keys.json"}),
+    "beat": frozenset(),
+    "flower": frozenset({FLOWER_PASSWORD}),
+}
+
+
+# --------------------------------------------------------------------------- project facts
+
+
+@cache
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def console_scripts() -> dict[str, str]:
+    return dict(pyproject()["project"]["scripts"])
+
+
+def settings_variables() -> set[str]:
+    from core.config import Settings
+
+    return {f"DERMQ_{name.upper()}" for name in Settings.model_fields}
+
+
+def secret_variables() -> set[str]:
+    """DERMQ_* variables that carry secrets: SecretStr settings, and the database URL (it holds a password)."""
+    from pydantic import SecretStr
+
+    from core.config import Settings
+
+    secret = {"DERMQ_DATABASE_URL"}
+    for name, info in Settings.model_fields.items():
+        if "SecretStr" in str(info.annotation) or info.annotation is SecretStr:
+            secret.add(f"DERMQ_{name.upper()}")
+    return secret
+
+
+def looks_secret(variable: str) -> bool:
+    return variable in secret_variables() or bool(re.search(r"PASSWORD|TOKEN|SECRET_KEY|PRIVATE_KEY|API_KEY", variable))
+
+
+def process_of(command: list[str]) -> str:
+    """Which dermq process a container command starts: a key of SECRETS_READ."""
+    if command[:3] == ["dermq", "db", "upgrade"]:
+        return "migrate"
+    if command[:1] in (["dermq-api"], ["dermq-flower"]):
+        return command[0].removeprefix("dermq-")
+    if command[:3] == ["celery", "-A", "worker.celery_app"] and command[3:4] in (["worker"], ["beat"]):
+        return command[3]
+    raise AssertionError(f"not a dermq process: {command}")
+
+
+def process_settings(env: dict[str, str], secrets_dir: Path) -> Any:
+    """Settings as core.config.get_settings builds them in a container with environment env (already
+    applied to os.environ) whose DERMQ_SECRETS_DIR holds what secrets_dir holds here."""
+    from core.config import Settings
+
+    if env.get("DERMQ_SECRETS_DIR"):
+        return Settings(_secrets_dir=secrets_dir, _env_file=None)  # type: ignore[call-arg]
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+@cache
+def compose() -> dict[str, Any]:
+    return load_yaml(COMPOSE_FILE)
+
+
+def compose_services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """A compose value as compose would read it with none of the referenced variables set."""
+
+    def default(match: re.Match[str]) -> str:
+        return match.group(3) if match.group(2) in (":-", "-") else ""
+
+    return _INTERPOLATION.sub(default, value)
+
+
+def compose_environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: interpolate(str(value)) for key, value in env.items()}
+
+
+def compose_secret_targets(service: dict[str, Any]) -> set[str]:
+    """File names under /run/secrets that compose mounts into the service."""
+    targets = set()
+    for entry in service.get("secrets") or []:
+        if isinstance(entry, str):
+            targets.add(entry)
+        else:
+            targets.add(entry.get("target") or entry["source"])
+    return targets
+
+
+def compose_command(service: dict[str, Any]) -> list[str] | None:
+    command = service.get("command")
+    if command is None:
+        return None
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def compose_image_kind(service: dict[str, Any]) -> str | None:
+    """'api' or 'worker' for services built from deploy/Dockerfile.*, None for third-party images."""
+    build = service.get("build")
+    if not build:
+        return None
+    dockerfile = (ROOT / build.get("context", ".") / build["dockerfile"]).resolve()
+    for kind, path in DOCKERFILES.items():
+        if dockerfile == path.resolve():
+            return kind
+    raise AssertionError(f"service builds from an unknown Dockerfile {dockerfile}")
+
+
+@cache
+def k8s_documents() -> tuple[tuple[Path, dict[str, Any]], ...]:
+    docs = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                docs.append((path, doc))
+    return tuple(docs)
+
+
+def k8s_objects(kind: str | None = None) -> list[dict[str, Any]]:
+    return [doc for _, doc in k8s_documents() if kind is None or doc["kind"] == kind]
+
+
+def k8s_object(kind: str, name: str) -> dict[str, Any]:
+    matches = [doc for doc in k8s_objects(kind) if doc["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
+    return matches[0]
+
+
+@dataclass
+class Workload:
+    """A Deployment or Job and its pod template."""
+
+    kind: str
+    name: str
+    component: str
+    obj: dict[str, Any]
+    pod: dict[str, Any] = field(repr=False)
+    labels: dict[str, str] = field(repr=False)
+
+    @property
+    def containers(self) -> list[dict[str, Any]]:
+        return self.pod["containers"]
+
+
+def workloads() -> list[Workload]:
+    found = []
+    for obj in k8s_objects():
+        if obj["kind"] in ("Deployment", "Job"):
+            template = obj["spec"]["template"]
+            labels = template["metadata"]["labels"]
+            found.append(
+                Workload(
+                    obj["kind"],
+                    obj["metadata"]["name"],
+                    labels["app.kubernetes.io/component"],
+                    obj,
+                    template["spec"],
+                    labels,
+                )
+            )
+    return found
+
+
+def workload(component: str) -> Workload:
+    matches = [w for w in workloads() if w.component == component]
+    assert len(matches) == 1, f"expected one workload for component {component}, found {len(matches)}"
+    return matches[0]
+
+
+def configmap_data() -> dict[str, str]:
+    return {key: str(value) for key, value in k8s_object("ConfigMap", "dermq-config")["data"].items()}
+
+
+def container_environment(container: dict[str, Any]) -> dict[str, str]:
+    """ConfigMap variables (envFrom) overlaid by the container's own env."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        name = source["configMapRef"]["name"]
+        env.update({k: str(v) for k, v in k8s_object("ConfigMap", name)["data"].items()})
+    for item in container.get("env", []):
+        env[item["name"]] = str(item.get("value", ""))
+    return env
+
+
+def mounted_secret_files(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """Path of each Secret key that the container sees as a file -> 'secret/key'."""
+    volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+    files: dict[str, str] = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        sources = []
+        if "secret" in volume:
+            sources.append(volume["secret"])
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                sources.append(source["secret"])
+        for secret in sources:
+            name = secret.get("secretName") or secret.get("name")
+            for item in secret.get("items", []):
+                files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = f"{name}/{item['key']}"
+    return files
+
+
+def named_ports(container: dict[str, Any]) -> dict[str, int]:
+    return {port["name"]: int(port["containerPort"]) for port in container.get("ports", []) if "name" in port}
+
+
+def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label selector semantics (matchLabels and matchExpressions)."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and labels.get(key) in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+@dataclass
+class Instruction:
+    stage: int
+    keyword: str
+    args: str
+
+
+def dockerfile_instructions(path: Path) -> list[Instruction]:
+    """Instructions with line continuations joined and comments dropped; stage counts FROMs (0-based)."""
+    logical: list[str] = []
+    buffer = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not buffer and (not line or line.startswith("#")):
+            continue
+        if buffer and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buffer += line[:-1] + " "
+            continue
+        logical.append(buffer + line)
+        buffer = ""
+    assert not buffer, f"{path}: dangling line continuation"
+    instructions = []
+    stage = -1
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            stage += 1
+        instructions.append(Instruction(stage, keyword, args.strip()))
+    return instructions
+
+
+def parse_env_instruction(args: str) -> dict[str, str]:
+    parts = shlex.split(args)
+    if parts and "=" not in parts[0]:  # legacy form: ENV KEY value
+        return {parts[0]: " ".join(parts[1:])}
+    return dict(part.split("=", 1) for part in parts)
+
+
+def dockerfile_runtime_env(path: Path) -> dict[str, str]:
+    """ENV of the final stage (what the running container starts with)."""
+    instructions = dockerfile_instructions(path)
+    final = max(i.stage for i in instructions)
+    env: dict[str, str] = {}
+    for instruction in instructions:
+        if instruction.stage == final and instruction.keyword == "ENV":
+            env.update(parse_env_instruction(instruction.args))
+    return env
+
+
+def exec_form(args: str) -> list[str] | None:
+    """The JSON exec form of CMD/ENTRYPOINT/HEALTHCHECK CMD, or None for the shell form."""
+    import json
+
+    args = args.strip()
+    if args.startswith("["):
+        return [str(part) for part in json.loads(args)]
+    return None
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+@dataclass
+class Directive:
+    name: str
+    args: list[str]
+    block: list[Directive] | None = None
+
+    def find(self, name: str) -> list[Directive]:
+        return [d for d in self.block or [] if d.name == name]
+
+    def walk(self) -> Iterator[Directive]:
+        for child in self.block or []:
+            yield child
+            yield from child.walk()
+
+
+def parse_nginx(text: str) -> Directive:
+    """A small nginx configuration parser: directives, arguments (quotes honoured) and blocks."""
+    tokens = _nginx_tokens(text)
+    root = Directive("main", [], [])
+    stack = [root]
+    words: list[str] = []
+    for token, quoted in tokens:
+        if not quoted and token == ";":
+            stack[-1].block.append(Directive(words[0], words[1:]))  # type: ignore[union-attr]
+            words = []
+        elif not quoted and token == "{":
+            block = Directive(words[0], words[1:], [])
+            stack[-1].block.append(block)  # type: ignore[union-attr]
+            stack.append(block)
+            words = []
+        elif not quoted and token == "}":
+            assert not words, f"unterminated directive {words}"
+            stack.pop()
+        else:
+            words.append(token)
+    assert len(stack) == 1 and not words, "unbalanced braces or unterminated directive"
+    return root
+
+
+def _nginx_tokens(text: str) -> list[tuple[str, bool]]:
+    tokens: list[tuple[str, bool]] = []
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char.isspace():
+            i += 1
+        elif char == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif char in "{};":
+            tokens.append((char, False))
+            i += 1
+        elif char in "'\"":
+            end = i + 1
+            value = []
+            while text[end] != char:
+                if text[end] == "\\":
+                    end += 1
+                value.append(text[end])
+                end += 1
+            tokens.append(("".join(value), True))
+            i = end + 1
+        else:
+            end = i
+            while end < n and not text[end].isspace() and text[end] not in "{};":
+                end += 1
+            tokens.append((text[i:end], False))
+            i = end
+    return tokens
+
+
+def nginx_size(value: str) -> int:
+    units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
+    assert match, f"not an nginx size: {value}"
+    return int(match.group(1)) * units[match.group(2).lower()]

