@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,82 @@ def save_entry(
         out, "weights", registry.WEIGHTS, dtype=str(dtype).removeprefix("torch."), format="safetensors"
     )
     return out
+
+
+VERIFICATION_IMAGE = "verify.jpg"
+VERIFICATION_TOLERANCE = 1e-3
+
+
+def _torch_predictor(entry: Path) -> Any:
+    from ml.predictor import Predictor
+
+    try:
+        return Predictor.load(entry, device="cpu", backend="torch")  # type: ignore[call-arg]
+    except TypeError:  # a Predictor without backends
+        return Predictor.load(entry, device="cpu")
+
+
+def record_verification(entry: str | Path, image_path: str | Path) -> dict[str, Any]:
+    """Ship a known image with the entry and record what the model answers for it, so that
+    ``dermq model verify`` can prove later that the deployed files still give the same answer."""
+    from ml.images import decode
+
+    entry = registry.resolve(entry)
+    shutil.copyfile(image_path, entry / VERIFICATION_IMAGE)
+    (entry / VERIFICATION_IMAGE).chmod(0o644)
+    registry.record_file(entry, "verification_image", VERIFICATION_IMAGE)
+    predictor = _torch_predictor(entry)
+    prediction = predictor.predict([decode((entry / VERIFICATION_IMAGE).read_bytes()).image])[0]
+    manifest = registry.read_manifest(entry)
+    manifest["verification"] = {
+        "artefact": "verification_image",
+        "backend": "torch",
+        "label": prediction.label,
+        "probabilities": prediction.probabilities,
+        "tolerance": VERIFICATION_TOLERANCE,
+    }
+    registry.write_json_atomic(entry / registry.MANIFEST, manifest)
+    return manifest["verification"]  # type: ignore[no-any-return]
+
+
+def verify_entry(entry: str | Path) -> list[tuple[str, bool, str]]:
+    """Check an entry end to end: manifest, every file's SHA-256, loading, and the known answer.
+    Returns (check, passed, detail) for each check; stops at the first failure that makes the
+    rest meaningless."""
+    from ml.images import decode
+
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        folder = registry.resolve(entry)
+        manifest = registry.read_manifest(folder)
+        checks.append(("manifest", True, f"{manifest['model_id']} version {manifest.get('version')}"))
+    except registry.RegistryError as exc:
+        return [("manifest", False, str(exc))]
+    for artefact, record in manifest.get("files", {}).items():
+        try:
+            registry.read_verified(folder, artefact)
+            checks.append((f"sha256 {record['path']}", True, record["sha256"][:16]))
+        except registry.RegistryError as exc:
+            checks.append((f"sha256 {record['path']}", False, str(exc)))
+    if not all(ok for _, ok, _ in checks):
+        return checks
+    try:
+        predictor = _torch_predictor(folder)
+        checks.append(("loads", True, f"{manifest['architecture']} on {predictor.device}"))
+    except Exception as exc:
+        return [*checks, ("loads", False, f"{type(exc).__name__}: {exc}")]
+    expected = manifest.get("verification")
+    if not expected:
+        return [*checks, ("known answer", False, "the entry records no verification image; see ml.entry")]
+    image = decode(registry.read_verified(folder, expected["artefact"])).image
+    got = predictor.predict([image])[0]
+    worst = max(abs(got.probabilities[c] - expected["probabilities"][c]) for c in expected["probabilities"])
+    passed = got.label == expected["label"] and worst <= expected.get("tolerance", VERIFICATION_TOLERANCE)
+    checks.append(
+        (
+            "known answer",
+            passed,
+            f"label {got.label} (expected {expected['label']}), largest probability difference {worst:.2e}",
+        )
+    )
+    return checks

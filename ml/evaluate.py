@@ -1,6 +1,6 @@
 """Evaluate a registry entry on a labelled HAM10000-layout folder.
 
-    python -m ml.evaluate --model ml/registry/<model-id> --data DIR --out DIR [--split auto]
+    python -m ml.evaluate --model ml/registry/<model-id> --data DIR --out DIR [--split auto] [--backend torch]
 
 Writes ``metrics.json`` (balanced accuracy, accuracy, ECE, per-class sensitivity, specificity, PPV,
 NPV, F1 and AUC, macro AUC, confusion matrix, referral figures, and the same by sex, age band and
@@ -8,7 +8,8 @@ body site), PNG plots (confusion matrix, reliability diagram, ROC curves) and ``
 
 ``--split auto`` evaluates the model's own held-out test split when the folder is the data the
 model was trained from (recognised by the manifest's data digest), and every image otherwise, so
-training images never inflate the figures.
+training images never inflate the figures. ``--backend`` evaluates the torch model or one of the ONNX
+Runtime graphs that ``python -m ml.export`` wrote (``onnx``: fp32, ``onnx-int8``: static int8).
 """
 
 from __future__ import annotations
@@ -245,7 +246,8 @@ def run(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor.load(model, device="auto", batch_size=batch_size)
+    device = "auto" if backend == "torch" else "cpu"  # ONNX Runtime serves on the CPU
+    predictor = Predictor.load(model, device=device, backend=backend, batch_size=batch_size)
     manifest = predictor.info.manifest
     samples, used = select_samples(manifest, data, split)
     images = load_images(samples, reduce_to=max(predictor.prep.input_size))
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="labelled HAM10000-layout folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, plots and report.md")
     p.add_argument("--split", choices=["auto", "all", "train", "val", "test"], default="auto")
-    p.add_argument("--backend", choices=["torch"], default="torch")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default="torch")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
     try:
@@ -279,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         json.dumps(
-            {k: metrics[k] for k in ("model_id", "split", "n", "balanced_accuracy", "accuracy", "ece", "macro_auc")}
+            {
+                k: metrics[k]
+                for k in ("model_id", "backend", "split", "n", "balanced_accuracy", "accuracy", "ece", "macro_auc")
+            }
         )
     )
     return 0

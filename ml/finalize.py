@@ -19,8 +19,9 @@ import torch
 from ml import calibration, registry
 from ml import data as ds
 from ml import model as models
-from ml.decision import DecisionPolicy, fit_referral_threshold
-from ml.entry import save_entry
+from ml.decision import DecisionPolicy, fit_offsets, fit_referral_threshold
+from ml.drift import reference_for_entry
+from ml.entry import record_verification, save_entry
 from ml.evaluate import evaluate_arrays, load_images, report_markdown, write_plots
 from ml.labels import CLASSES
 from ml.metrics import balanced_accuracy
@@ -39,6 +40,8 @@ def _fit_policy(logits: np.ndarray, truth: np.ndarray, prior: np.ndarray) -> tup
     fitted = calibration.fit(logits, truth)
     policy = DecisionPolicy(calibration=fitted, prior=tuple(float(p) for p in prior))
     probabilities = policy.probabilities(logits)
+    offsets = fit_offsets(probabilities, truth, policy.prior)
+    policy = DecisionPolicy(calibration=fitted, prior=policy.prior, offsets=offsets)
     predicted = policy.labels(probabilities)
     uncertainty = policy.uncertainty(probabilities)
     policy = DecisionPolicy(
@@ -46,6 +49,7 @@ def _fit_policy(logits: np.ndarray, truth: np.ndarray, prior: np.ndarray) -> tup
         prior=policy.prior,
         referral_threshold=fit_referral_threshold(probabilities, truth, predicted, TARGET_REFERRAL_SENSITIVITY),
         uncertainty_threshold=float(np.quantile(uncertainty, UNCERTAINTY_QUANTILE)),
+        offsets=offsets,
     )
     score = {
         "nll": calibration.nll(probabilities, truth),
@@ -72,7 +76,6 @@ def finalize(config: TrainConfig) -> Path:
     train_counts = np.bincount([s.label for s in split.train], minlength=len(CLASSES)).astype(float)
     prior = np.maximum(train_counts, 1) / np.maximum(train_counts, 1).sum()
 
-    # Choose test-time flips only if they clearly help on validation (they double the compute).
     candidates: dict[str, tuple[DecisionPolicy, dict[str, float], np.ndarray]] = {}
     working = Predictor(net, prep, DecisionPolicy(), device="cpu", batch_size=64)
     for tta in ("none", "hflip"):
@@ -81,8 +84,10 @@ def finalize(config: TrainConfig) -> Path:
         policy, score = _fit_policy(logits, val_truth, prior)
         candidates[tta] = (policy, score, logits)
         print(f"finalize: validation with tta={tta}: {json.dumps(score)}", flush=True)
-    gain = candidates["none"][1]["nll"] - candidates["hflip"][1]["nll"]
-    tta = "hflip" if gain > 0.01 else "none"
+    # Flips double the compute of every case: worth it only for a clear gain in the decisions.
+    gain = candidates["hflip"][1]["balanced_accuracy"] - candidates["none"][1]["balanced_accuracy"]
+    better_fit = candidates["hflip"][1]["nll"] < candidates["none"][1]["nll"]
+    tta = "hflip" if gain >= 0.01 and better_fit else "none"
     policy, _, val_logits = candidates[tta]
 
     history = json.loads((workdir / "history.json").read_text()) if (workdir / "history.json").exists() else []
@@ -153,6 +158,8 @@ def finalize(config: TrainConfig) -> Path:
     registry.write_json_atomic(out / registry.MANIFEST, manifest)
     (out / "report.md").write_text(report_markdown(metrics, f"{config.model_id}: held-out test split", plots))
     write_model_card(out, manifest, metrics, history)
+    reference_for_entry(str(out), config.data)
+    record_verification(out, split.test[0].path)
     print(
         json.dumps({k: metrics[k] for k in HEADLINE} | {"mel_sensitivity": metrics["per_class"]["mel"]["sensitivity"]}),
         flush=True,

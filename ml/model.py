@@ -104,21 +104,24 @@ def map_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tens
     return mapped
 
 
-def create_imagenet_lite0(num_classes: int) -> nn.Module:
-    """``tf_efficientnet_lite0`` with ImageNet features and a fresh ``num_classes`` head."""
-    model = create(DEFAULT_ARCH, num_classes=1000)
+def create_imagenet_lite0(num_classes: int, **kwargs: Any) -> nn.Module:
+    """``tf_efficientnet_lite0`` with ImageNet features and a fresh ``num_classes`` head.
+
+    ``kwargs`` go to timm (``drop_rate``, ``drop_path_rate``): regularisation that adds no weights.
+    """
+    model = create(DEFAULT_ARCH, num_classes=1000, **kwargs)
     mapped = map_state_dict(imagenet_state_dict(), model.state_dict())
     model.load_state_dict(mapped, strict=True)
     model.reset_classifier(num_classes)
     return model
 
 
-def build(arch: str, num_classes: int, *, imagenet: bool) -> nn.Module:
+def build(arch: str, num_classes: int, *, imagenet: bool, **kwargs: Any) -> nn.Module:
     """Build ``arch`` for training: ImageNet-initialised where dermq has weights offline."""
     if not imagenet:
-        return create(arch, num_classes)
+        return create(arch, num_classes, **kwargs)
     if arch != DEFAULT_ARCH:
         raise WeightMappingError(
             f"no offline ImageNet weights for {arch}; only {DEFAULT_ARCH} has them (or train with --no-imagenet)"
         )
-    return create_imagenet_lite0(num_classes)
+    return create_imagenet_lite0(num_classes, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ml.decision import MEL_FLOOR
 from ml.labels import DIAGNOSES
 
 
@@ -23,6 +24,26 @@ def _subgroup_table(groups: dict[str, dict[str, Any]]) -> list[str]:
             f"{_f(row['mel_sensitivity'])} | {_f(row['referral_sensitivity_concerning'])} | {_f(row['ece'])} |"
         )
     return lines
+
+
+def _offset_lines(decision: dict[str, Any]) -> list[str]:
+    offsets = decision.get("offsets")
+    if not offsets or not any(offsets.values()):
+        return []
+    listed = ", ".join(f"{code} {value:+.1f}" for code, value in offsets.items())
+    return [
+        "- **Per-class offsets** added to that log ratio before the argmax: "
+        f"{listed}. Tuned on the validation split to maximise balanced accuracy while keeping melanoma "
+        f"sensitivity at or above {_f(decision.get('mel_floor', MEL_FLOOR), 2)} (a penalty below it), with a small "
+        "penalty on their size.",
+    ]
+
+
+def _notes(manifest: dict[str, Any]) -> list[str]:
+    notes = manifest.get("notes") or []
+    if not notes:
+        return []
+    return ["", "## Targets and development notes", "", *[f"- {note}" for note in notes]]
 
 
 def write_model_card(
@@ -94,6 +115,7 @@ def write_model_card(
         "Bayes rule for balanced error). It can differ from the most probable class: a lesion with P(mel) = 0.3 "
         "and P(nv) = 0.6 may be labelled mel, because 0.3 is far above melanoma's base rate. `confidence` is the "
         "label's own probability.",
+        *_offset_lines(decision),
         f"- **Test-time augmentation**: {manifest['tta']} (chosen on validation negative log-likelihood).",
         "- **Uncertainty**: predictive entropy of the calibrated probabilities divided by log 7 (0 = certain, "
         "1 = uniform).",
@@ -141,6 +163,7 @@ def write_model_card(
     ]
     for name, groups in metrics["subgroups"].items():
         lines += ["", f"### By {name.replace('_', ' ')}", "", *_subgroup_table(groups)]
+    lines += _notes(manifest)
     lines += [
         "",
         "## Known limits",

@@ -5,10 +5,13 @@
     explanation = predictor.explain(image)                         # heat map + PNG overlay
     prediction, explanation = predictor.analyze(image)             # both from one forward pass
 
-Inference runs under ``torch.inference_mode()`` in channels-last layout, with autocast on CUDA.
-Where the head is average pooling + linear (checked at load), the heat map comes from the same
-forward pass as the classification; otherwise :class:`ml.gradcam.GradCAM` runs a second pass with
-gradients. Load this in the process that will use it: after a fork, never before (CUDA).
+The engine is a backend (:mod:`ml.backends`): ``torch`` (channels-last, ``inference_mode``,
+autocast on CUDA) or ONNX Runtime on the CPU (``onnx``, ``onnx-int8``); ``backend="auto"`` picks
+ONNX Runtime on the CPU when the entry has the exported files and torch otherwise. Preprocessing,
+decisions and heat maps are the same code for all of them. Where the head is average pooling +
+linear (checked at load, and at export for ONNX), the heat map comes from the same forward pass as
+the classification; otherwise the torch backend's :class:`ml.gradcam.GradCAM` runs a second pass
+with gradients. Load this in the process that will use it: after a fork, never before (CUDA).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from ml import heatmap, preprocess, registry
+from ml import backends, heatmap, preprocess, registry
 from ml import model as models
+from ml.backends import Backend, TorchBackend
 from ml.decision import DecisionPolicy
-from ml.gradcam import GradCAM, class_activation_map, linear_gap_head
+from ml.gradcam import class_activation_map
 from ml.labels import CLASSES, NUM_CLASSES
 
 
@@ -72,6 +76,8 @@ class ModelInfo:
     weights_sha256: str
     version: str
     manifest: dict[str, Any] = field(default_factory=dict)
+    backend: str = "torch"  # torch | onnx | onnx-int8
+    artefact_sha256: str = ""  # digest of the file that computes the answers (weights or ONNX graph)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,9 +88,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Predictor:
+    """Answers for images from one model. ``model`` is a torch module (served by
+    :class:`ml.backends.TorchBackend` on ``device``) or a ready backend such as an ONNX Runtime one."""
+
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Backend,
         prep: models.Preprocessing,
         policy: DecisionPolicy,
         *,
@@ -94,29 +103,43 @@ class Predictor:
         batch_size: int = 32,
         overlay_max_side: int = heatmap.DEFAULT_MAX_SIDE,
     ) -> None:
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        self.model = model.eval().to(self.device).to(memory_format=torch.channels_last)
+        if isinstance(model, nn.Module):
+            model = TorchBackend(model, resolve_device(device) if isinstance(device, str) else device)
+        self.backend: Backend = model
+        self.device = model.device
+        #: the torch module for the torch backend, ``None`` for ONNX Runtime
+        self.model: nn.Module | None = model.model if isinstance(model, TorchBackend) else None
         self.prep = prep
         self.policy = policy
-        self.info = info or ModelInfo("unregistered", type(model).__name__, "", "0")
+        self.info = info or ModelInfo(
+            "unregistered", type(self.model).__name__ if self.model is not None else model.name, "", "0"
+        )
+        self.info.backend = model.name
         if tta not in ("none", "hflip"):
             raise ValueError(f"unknown test-time augmentation {tta!r}")
         self.tta = tta
         self.batch_size = batch_size
         self.overlay_max_side = overlay_max_side
-        head = linear_gap_head(self.model)
-        self.cam_weight = head[0] if head is not None else None
-        self._autocast = torch.bfloat16 if self.device.type == "cuda" else None
-        self._gradcam = GradCAM(self.model)
+        self.cam_weight = model.cam_weight
 
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> Predictor:
-        """Load a registry entry after verifying its weights' SHA-256 against the manifest.
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        backend: str = "auto",
+        *,
+        threads: int = backends.DEFAULT_THREADS,
+        **kwargs: Any,
+    ) -> Predictor:
+        """Load a registry entry after verifying the SHA-256 of every file it reads against the manifest.
 
-        Raises :class:`ml.registry.IntegrityError` for a tampered file and
-        :class:`ml.registry.RegistryError` for anything else wrong with the entry.
+        ``backend`` is ``auto``, ``torch``, ``onnx`` or ``onnx-int8`` (see :func:`ml.backends.choose`);
+        ONNX Runtime runs on the CPU with ``threads`` intra-op threads. Raises
+        :class:`ml.registry.IntegrityError` for a tampered file and :class:`ml.registry.RegistryError`
+        for anything else wrong with the entry (an ONNX backend it was not exported for, included).
         """
         entry = registry.resolve(path)
         manifest = registry.read_manifest(entry)
@@ -124,6 +147,41 @@ class Predictor:
             raise registry.RegistryError(
                 f"{entry.name}: class order {manifest.get('classes')} differs from dermq's {list(CLASSES)}"
             )
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
+        # ONNX Runtime serves on the CPU: "auto" means the CPU there (and CUDA is never touched for it)
+        target = torch.device("cpu") if backend in backends.ONNX_FILES and device == "auto" else resolve_device(device)
+        chosen = backends.choose(manifest, backend, target)
+        engine: nn.Module | Backend
+        if chosen == "torch":
+            engine = cls._load_torch(entry, manifest)
+            served = manifest["files"]["weights"]["sha256"]
+        else:
+            if target.type != "cpu":
+                raise ValueError(f"the {chosen} backend runs on the CPU, not {target}; use backend='torch' there")
+            engine = backends.load_onnx(entry, manifest, chosen, threads=threads)
+            served = manifest["files"][backends.ONNX_FILES[chosen][0]]["sha256"]
+        info = ModelInfo(
+            model_id=manifest["model_id"],
+            architecture=manifest["architecture"],
+            weights_sha256=manifest["files"]["weights"]["sha256"],
+            version=str(manifest.get("version", "")),
+            manifest=manifest,
+            backend=chosen,
+            artefact_sha256=served,
+        )
+        return cls(
+            engine,
+            models.Preprocessing.from_dict(manifest["preprocessing"]),
+            DecisionPolicy.from_dict(manifest["decision"]),
+            device=target,
+            info=info,
+            tta=manifest.get("tta", "none"),
+            **kwargs,
+        )
+
+    @staticmethod
+    def _load_torch(entry: Path, manifest: dict[str, Any]) -> nn.Module:
         data = registry.read_verified(entry, "weights")
         try:
             state = load_safetensors(data)
@@ -135,28 +193,9 @@ class Predictor:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise registry.RegistryError(f"{entry.name}: weights do not fit {manifest['architecture']}") from exc
-        info = ModelInfo(
-            model_id=manifest["model_id"],
-            architecture=manifest["architecture"],
-            weights_sha256=manifest["files"]["weights"]["sha256"],
-            version=str(manifest.get("version", "")),
-            manifest=manifest,
-        )
-        return cls(
-            net,
-            models.Preprocessing.from_dict(manifest["preprocessing"]),
-            DecisionPolicy.from_dict(manifest["decision"]),
-            device=device,
-            info=info,
-            tta=manifest.get("tta", "none"),
-            **kwargs,
-        )
+        return net
 
     # ---------------------------------------------------------------- inference
-
-    def _to_device(self, batch_nhwc: np.ndarray) -> torch.Tensor:
-        # NHWC memory viewed as NCHW is exactly the channels-last layout.
-        return torch.from_numpy(batch_nhwc).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
 
     def forward(self, batch_nhwc: np.ndarray, *, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, H, W, 3) normalised float32 -> (logits (N, C) float32, last feature map (N, K, h, w) or None).
@@ -164,21 +203,7 @@ class Predictor:
         With test-time flips the logits are the mean over the original and mirrored image; the
         feature map is always the original image's.
         """
-        x = self._to_device(batch_nhwc)
-        with (
-            torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=self._autocast is not None),
-        ):
-            if self.tta == "hflip":
-                x = torch.cat([x, x.flip(3)])
-            fmap = self.model.forward_features(x)
-            logits = self.model.forward_head(fmap).float()
-            if self.tta == "hflip":
-                n = len(batch_nhwc)
-                logits = (logits[:n] + logits[n:]) / 2
-                fmap = fmap[:n]
-            fmap_out = fmap.float().cpu().numpy() if features else None
-            return logits.cpu().numpy(), fmap_out
+        return self.backend.forward(batch_nhwc, features=features, hflip=self.tta == "hflip")
 
     def logits(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, C) float32 logits for RGB images, in batches of ``batch_size``."""
@@ -228,16 +253,32 @@ class Predictor:
         logits, fmap = self.forward(batch, features=keep_features and self.cam_weight is not None)
         return Analysis(self.decide(logits)[0], batch, None if fmap is None else fmap[0])
 
+    def classify_many(self, images: Sequence[Image.Image], *, keep_features: bool = True) -> list[Analysis]:
+        """:meth:`classify` for several images in one forward pass (a GPU worker's dynamic batch).
+
+        The answers equal one-at-a-time classification up to floating-point reassociation.
+        """
+        if not images:
+            return []
+        batch = preprocess.batch_nhwc(images, self.prep)
+        logits, fmap = self.forward(batch, features=keep_features and self.cam_weight is not None)
+        return [
+            Analysis(prediction, batch[i : i + 1], None if fmap is None else fmap[i])
+            for i, prediction in enumerate(self.decide(logits))
+        ]
+
     def explain_analysis(self, image: Image.Image, analysis: Analysis, class_code: str | None = None) -> Explanation:
         """The heat map for a classified image: from the kept feature map (one pass) or by gradients."""
         started = time.perf_counter()
         code = class_code or analysis.prediction.label
         index = CLASSES.index(code)
-        if analysis.features is not None and self.cam_weight is not None:
-            cam, method = class_activation_map(analysis.features, self.cam_weight, index), "cam"
+        if self.cam_weight is not None:
+            features = analysis.features
+            if features is None:  # classified without keeping it: one more forward pass, still no gradients
+                features = self._features(analysis.batch)
+            cam, method = class_activation_map(features, self.cam_weight, index), "cam"
         else:
-            cam, _ = self._gradcam(self._to_device(analysis.batch).float(), index)
-            method = "gradcam"
+            cam, method = self.backend.gradcam(analysis.batch, index), "gradcam"
         heat, png = heatmap.render(image, cam, self.overlay_max_side)
         return Explanation(code, heat, png, method, time.perf_counter() - started)
 
@@ -246,10 +287,13 @@ class Predictor:
         batch = preprocess.batch_nhwc([image], self.prep)
         index = CLASSES.index(class_code)
         if self.cam_weight is not None:
-            _, fmap = self.forward(batch, features=True)
-            assert fmap is not None
-            return class_activation_map(fmap[0], self.cam_weight, index)
-        return self._gradcam(self._to_device(batch).float(), index)[0]
+            return class_activation_map(self._features(batch), self.cam_weight, index)
+        return self.backend.gradcam(batch, index)
+
+    def _features(self, batch: np.ndarray) -> np.ndarray:
+        _, fmap = self.forward(batch, features=True)
+        assert fmap is not None
+        return fmap[0]
 
     def warm_up(self, rounds: int = 2) -> None:
         """Run a few dummy images so the first real case pays no one-off costs."""
@@ -263,6 +307,7 @@ class Predictor:
             {
                 "model_id": self.info.model_id,
                 "device": str(self.device),
+                "backend": self.info.backend,
                 "tta": self.tta,
                 "cam": self.cam_weight is not None,
             }

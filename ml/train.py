@@ -57,6 +57,9 @@ class TrainConfig:
     weight_decay: float = 0.02
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.05
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    mixup: float = 0.0
     ema_decay: float = 0.998
     balance_power: float = 0.5
     patience: int = 8
@@ -88,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.05)
+    p.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier")
+    p.add_argument("--drop-path-rate", type=float, default=0.0, help="stochastic depth")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, applied to half the batches (0: off)")
     p.add_argument("--ema-decay", type=float, default=0.998)
     p.add_argument("--balance-power", type=float, default=0.5, help="sample weight = 1 / class_count ** power")
     p.add_argument("--patience", type=int, default=8, help="epochs without validation improvement before stopping")
@@ -281,7 +287,13 @@ def train(config: TrainConfig) -> Path:
     )
     (workdir / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
-    net = models.build(config.arch, NUM_CLASSES, imagenet=config.imagenet)
+    net = models.build(
+        config.arch,
+        NUM_CLASSES,
+        imagenet=config.imagenet,
+        drop_rate=config.drop_rate,
+        drop_path_rate=config.drop_path_rate,
+    )
     prep = models.preprocessing_for(net, config.input_size)
     margin = (round(config.input_size[0] * 1.15), round(config.input_size[1] * 1.15))
     train_images = torch.from_numpy(decode_for_training(split.train, margin))
@@ -340,6 +352,8 @@ def train(config: TrainConfig) -> Path:
                         device,
                         autocast,
                         config.label_smoothing,
+                        mixup=config.mixup if float(torch.rand((), generator=generator)) < 0.5 else 0.0,
+                        generator=generator,
                     )
                 except torch.OutOfMemoryError:
                     if batch_size <= 4:
@@ -388,11 +402,21 @@ def _train_step(
     device: torch.device,
     autocast: torch.dtype | None,
     label_smoothing: float,
+    *,
+    mixup: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> float:
     x = augment(images).to(device, non_blocking=True)
     y = labels.to(device, non_blocking=True)
+    targets = F.one_hot(y, NUM_CLASSES).float() * (1 - label_smoothing) + label_smoothing / NUM_CLASSES
+    if mixup > 0:
+        # Mixup (Zhang et al. 2018): convex blends of image pairs and of their labels.
+        lam = float(torch.distributions.Beta(mixup, mixup).sample())
+        order = torch.randperm(len(x), generator=generator).to(device)
+        x = lam * x + (1 - lam) * x[order]
+        targets = lam * targets + (1 - lam) * targets[order]
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        loss = F.cross_entropy(net(x), y, label_smoothing=label_smoothing)
+        loss = torch.sum(-targets * F.log_softmax(net(x).float(), dim=1), dim=1).mean()
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)

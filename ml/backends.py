@@ -1,0 +1,233 @@
+"""The engines behind :class:`ml.predictor.Predictor`: torch, and ONNX Runtime in fp32 or static int8.
+
+Every backend does one thing: a batch of preprocessed images (N, H, W, 3) float32 in, logits (N, C)
+float32 out, plus on request the last feature map (N, K, h, w) float32 that the one-pass Grad-CAM
+reads. Preprocessing, decisions and heat maps stay in the predictor, shared by all of them.
+
+- ``torch``: channels-last, ``inference_mode``, bfloat16 autocast on CUDA; hook-based Grad-CAM for
+  heads where the one-pass map does not hold.
+- ``onnx`` / ``onnx-int8``: ``model.onnx`` / ``model.int8.onnx`` written by :mod:`ml.export`, on
+  the CPU. Both files are listed in the manifest with their SHA-256 and are only ever parsed from
+  the verified bytes. Their graphs output ``logits`` and ``features``; the classifier weights for the
+  heat map come from the verified safetensors file the graph was exported from.
+
+``auto`` (see :func:`choose`) serves ONNX Runtime on the CPU when the entry has the files (int8 when
+the manifest's ``serving.default_backend`` says so), and torch on CUDA or when it has none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml import registry
+from ml.gradcam import GradCAM, linear_gap_head
+
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+#: backend name -> (manifest artefact, file name)
+ONNX_FILES = {"onnx": ("onnx_fp32", "model.onnx"), "onnx-int8": ("onnx_int8", "model.int8.onnx")}
+INPUT = "input"  # (N, 3, H, W) float32, normalised
+OUTPUTS = ("logits", "features")  # (N, C) and (N, K, h, w)
+DEFAULT_THREADS = 2
+
+
+class Backend(Protocol):
+    @property
+    def name(self) -> str:
+        """``torch``, ``onnx`` or ``onnx-int8``."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def cam_weight(self) -> np.ndarray | None:
+        """The classifier's (C, K) weight when the head is average pooling + linear (one-pass CAM), else None."""
+        ...
+
+    def forward(
+        self, batch_nhwc: np.ndarray, *, features: bool = False, hflip: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, H, W, 3) float32 -> (logits (N, C) float32, feature map (N, K, h, w) float32 or None).
+
+        With ``hflip`` the logits are the mean over the image and its mirror; the feature map is
+        always the original image's.
+        """
+        ...
+
+    def gradcam(self, batch_nhwc: np.ndarray, class_index: int) -> np.ndarray:
+        """(1, H, W, 3) -> (h, w) float32 in [0, 1] by gradients, for heads without the one-pass map."""
+        ...
+
+
+class TorchBackend:
+    """A timm model in channels-last layout on ``device``."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.model = model.eval().to(device).to(memory_format=torch.channels_last)
+        head = linear_gap_head(self.model)
+        self.cam_weight = head[0] if head is not None else None
+        self._autocast = torch.bfloat16 if device.type == "cuda" else None
+        self._gradcam = GradCAM(self.model)
+
+    def to_device(self, batch_nhwc: np.ndarray) -> torch.Tensor:
+        # NHWC memory viewed as NCHW is exactly the channels-last layout.
+        return torch.from_numpy(batch_nhwc).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
+
+    def forward(
+        self, batch_nhwc: np.ndarray, *, features: bool = False, hflip: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        x = self.to_device(batch_nhwc)
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=self._autocast is not None),
+        ):
+            if hflip:
+                x = torch.cat([x, x.flip(3)])
+            fmap = self.model.forward_features(x)
+            logits = self.model.forward_head(fmap).float()
+            if hflip:
+                n = len(batch_nhwc)
+                logits = (logits[:n] + logits[n:]) / 2
+                fmap = fmap[:n]
+            fmap_out = fmap.float().cpu().numpy() if features else None
+            return logits.cpu().numpy(), fmap_out
+
+    def gradcam(self, batch_nhwc: np.ndarray, class_index: int) -> np.ndarray:
+        return self._gradcam(self.to_device(batch_nhwc).float(), class_index)[0]
+
+
+class OnnxBackend:
+    """An ONNX Runtime session on the CPU over a graph with ``input`` -> ``logits``, ``features``."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, session: Any, cam_weight: np.ndarray, *, name: str = "onnx") -> None:
+        self.session = session
+        self.cam_weight = cam_weight
+        self.name = name
+
+    @classmethod
+    def from_bytes(
+        cls, model: bytes, cam_weight: np.ndarray, *, name: str = "onnx", threads: int = DEFAULT_THREADS
+    ) -> OnnxBackend:
+        """A session over ``model`` (the ONNX file's verified bytes, never a path)."""
+        session = create_session(model, threads)
+        check_graph(session, cam_weight)
+        return cls(session, cam_weight, name=name)
+
+    def forward(
+        self, batch_nhwc: np.ndarray, *, features: bool = False, hflip: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        x = np.ascontiguousarray(batch_nhwc.transpose(0, 3, 1, 2), dtype=np.float32)
+        if hflip:
+            x = np.concatenate([x, x[..., ::-1]])
+        outputs = self.session.run(list(OUTPUTS) if features else [OUTPUTS[0]], {INPUT: x})
+        logits = outputs[0]
+        if hflip:
+            n = len(batch_nhwc)
+            logits = (logits[:n] + logits[n:]) / 2
+        return logits.astype(np.float32, copy=False), (outputs[1][: len(batch_nhwc)] if features else None)
+
+    def gradcam(self, batch_nhwc: np.ndarray, class_index: int) -> np.ndarray:
+        raise NotImplementedError("ONNX backends compute heat maps from the feature map; they hold no gradients")
+
+
+def create_session(model: bytes, threads: int = DEFAULT_THREADS) -> Any:
+    """A CPU session: ``threads`` intra-op threads, all graph optimisations, sequential execution."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's warnings would go to stderr with no context
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def check_graph(session: Any, cam_weight: np.ndarray) -> None:
+    """Refuse a graph whose inputs and outputs are not what the predictor feeds and reads."""
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    if inputs != [INPUT] or set(outputs) != set(OUTPUTS):
+        raise registry.RegistryError(
+            f"the ONNX graph takes {inputs} and returns {sorted(outputs)}; dermq needs [{INPUT!r}] -> "
+            f"{list(OUTPUTS)}. Re-export it with python -m ml.export"
+        )
+    channels = outputs["features"][1] if len(outputs["features"]) == 4 else None
+    if isinstance(channels, int) and channels != cam_weight.shape[1]:
+        raise registry.RegistryError(
+            f"the ONNX feature map has {channels} channels but the classifier reads {cam_weight.shape[1]}"
+        )
+
+
+def onnx_available(manifest: dict[str, Any], name: str) -> bool:
+    return ONNX_FILES[name][0] in manifest.get("files", {})
+
+
+def choose(manifest: dict[str, Any], backend: str, device: torch.device) -> str:
+    """The backend ``backend`` resolves to for an entry with ``manifest`` on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device.type != "cpu":
+        return "torch"
+    preferred = manifest.get("serving", {}).get("default_backend", "onnx")
+    if preferred == "torch":
+        return "torch"
+    for name in (preferred, "onnx") if preferred in ONNX_FILES else ("onnx",):
+        if onnx_available(manifest, name):
+            return name
+    return "torch"
+
+
+def classifier_weight(entry: Path, manifest: dict[str, Any], key: str) -> np.ndarray:
+    """(C, K) float32 classifier weight ``key`` from the entry's verified safetensors weights."""
+    from safetensors.numpy import load as load_numpy
+
+    data = registry.read_verified(entry, "weights")
+    try:
+        tensors = load_numpy(data)
+    except Exception as exc:
+        raise registry.RegistryError(f"{entry.name}: weights file does not parse as safetensors") from exc
+    if key not in tensors or tensors[key].ndim != 2:
+        raise registry.RegistryError(f"{entry.name}: the weights hold no 2-D classifier tensor {key!r}")
+    return tensors[key].astype(np.float32)
+
+
+def load_onnx(entry: Path, manifest: dict[str, Any], name: str, *, threads: int = DEFAULT_THREADS) -> OnnxBackend:
+    """The ONNX backend ``name`` of a registry entry, from SHA-256-verified bytes.
+
+    Raises :class:`ml.registry.IntegrityError` for a tampered file, and
+    :class:`ml.registry.RegistryError` when the entry has no such file or it was exported from other
+    weights than the entry's (re-run ``python -m ml.export``).
+    """
+    artefact, filename = ONNX_FILES[name]
+    files = manifest.get("files", {})
+    fix = f"run python -m ml.export --model {entry} (add --data DIR for int8)"
+    if artefact not in files:
+        raise registry.RegistryError(f"{entry.name}: no {filename} for the {name} backend; {fix}")
+    record = files[artefact]
+    if record.get("source_weights_sha256") != files["weights"]["sha256"]:
+        raise registry.RegistryError(
+            f"{entry.name}/{record['path']} was exported from other weights than the entry's weights.safetensors; {fix}"
+        )
+    if not record.get("classifier"):
+        raise registry.RegistryError(f"{entry.name}: the {artefact} record names no classifier for the heat map")
+    data = registry.read_verified(entry, artefact)
+    weight = classifier_weight(entry, manifest, record["classifier"])
+    try:
+        return OnnxBackend.from_bytes(data, weight, name=name, threads=threads)
+    except registry.RegistryError as exc:
+        raise registry.RegistryError(f"{entry.name}/{record['path']}: {exc}") from None
+    except Exception as exc:  # onnxruntime's own errors: a file that passed its digest but does not load
+        raise registry.RegistryError(f"{entry.name}/{record['path']} does not load in ONNX Runtime: {exc}") from exc

@@ -1,0 +1,304 @@
+"""ml.export and the ONNX Runtime backends on tiny timm models: export, int8, integrity, backend choice, CLI."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ml import backends, evaluate, export, registry
+from ml import data as ds
+from ml.decision import DecisionPolicy
+from ml.entry import save_entry
+from ml.labels import CLASSES
+from ml.predictor import Predictor
+from tests.ml.conftest import TINY_HOOK_ARCH, tiny_model, tiny_prep
+from tests.ml.test_predictor import _input, _reference_map, _upsampled, pearson
+
+FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "images"
+
+
+def _with_data_record(entry: Path, data: Path = FIXTURE_DATA) -> Path:
+    """Record ``data`` in the manifest as the model's training data, as ml.train does."""
+    manifest = registry.read_manifest(entry)
+    manifest["data"] = {
+        "digest": ds.dataset_digest(ds.read_dataset(data)),
+        "split_seed": 7,
+        "val_fraction": 0.2,
+        "test_fraction": 0.3,
+    }
+    registry.write_json_atomic(entry / registry.MANIFEST, manifest)
+    return entry
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, fixture_pil: list[Image.Image]) -> Path:
+    """A tiny entry (hflip TTA, like the shipped model) with model.onnx and model.int8.onnx."""
+    net = tiny_model()
+    entry = save_entry(
+        tmp_path_factory.mktemp("onnx") / "tiny-onnx",
+        net,
+        model_id="tiny-onnx",
+        architecture="test_efficientnet",
+        preprocessing=tiny_prep(net),
+        policy=DecisionPolicy(),
+        tta="hflip",
+        dtype=torch.float16,  # stored like the shipped model; exported in float32
+    )
+    export.export_entry(entry, calibration=fixture_pil)
+    return entry
+
+
+@pytest.fixture(scope="module")
+def torch_predictor(exported: Path) -> Predictor:
+    return Predictor.load(exported, device="cpu", backend="torch")
+
+
+@pytest.fixture(scope="module")
+def onnx_predictor(exported: Path) -> Predictor:
+    return Predictor.load(exported, device="cpu", backend="onnx")
+
+
+def _copy(entry: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(entry, tmp_path / entry.name))
+
+
+def test_export_writes_and_records_both_graphs(exported: Path) -> None:
+    manifest = registry.read_manifest(exported)
+    weights = manifest["files"]["weights"]["sha256"]
+    for artefact, name in (("onnx_fp32", "model.onnx"), ("onnx_int8", "model.int8.onnx")):
+        record = manifest["files"][artefact]
+        assert record["path"] == name
+        assert record["sha256"] == registry.sha256_file(exported / name)
+        assert record["source_weights_sha256"] == weights
+        assert record["classifier"] == "classifier.weight"
+    assert manifest["files"]["onnx_fp32"]["max_logit_error"] <= 1e-4
+    import onnx
+
+    graph = onnx.load(str(exported / "model.onnx")).graph  # float16 on disk, float32 in the graph
+    types = {t.data_type for t in graph.initializer}
+    assert onnx.TensorProto.FLOAT in types and onnx.TensorProto.FLOAT16 not in types
+    assert manifest["files"]["onnx_int8"]["quantization"]["format"] == "QDQ"
+    assert not list(exported.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_onnx_logits_match_torch_at_any_batch_size(
+    torch_predictor: Predictor, onnx_predictor: Predictor, fixture_pil: list[Image.Image]
+) -> None:
+    assert onnx_predictor.info.backend == "onnx" and torch_predictor.info.backend == "torch"
+    assert onnx_predictor.model is None and onnx_predictor.device.type == "cpu"
+    expected = torch_predictor.logits(fixture_pil)
+    np.testing.assert_allclose(onnx_predictor.logits(fixture_pil), expected, atol=1e-4)
+    np.testing.assert_allclose(onnx_predictor.logits(fixture_pil[:1]), expected[:1], atol=1e-4)
+    onnx_predictor.batch_size = 4  # uneven batches through the dynamic batch axis
+    try:
+        np.testing.assert_allclose(onnx_predictor.logits(fixture_pil), expected, atol=1e-4)
+    finally:
+        onnx_predictor.batch_size = 32
+    assert onnx_predictor.predict([]) == []
+
+
+def test_onnx_predictor_answers_like_torch(
+    torch_predictor: Predictor, onnx_predictor: Predictor, fixture_pil: list[Image.Image]
+) -> None:
+    image = fixture_pil[0]
+    ours, theirs = onnx_predictor.analyze(image), torch_predictor.analyze(image)
+    assert ours[0].label == theirs[0].label and ours[0].referral == theirs[0].referral
+    for code in CLASSES:
+        assert ours[0].probabilities[code] == pytest.approx(theirs[0].probabilities[code], abs=1e-5)
+    assert ours[1] is not None and theirs[1] is not None
+    assert ours[1].method == "cam" and ours[1].heatmap.shape == (image.height, image.width)
+    np.testing.assert_allclose(ours[1].heatmap, theirs[1].heatmap, atol=1e-3)
+    assert Image.open(io.BytesIO(ours[1].overlay_png)).size == image.size
+    # classified without keeping the feature map: the heat map costs one more forward pass, same map
+    analysis = onnx_predictor.classify(image, keep_features=False)
+    assert analysis.features is None
+    again = onnx_predictor.explain_analysis(image, analysis, "mel")
+    np.testing.assert_allclose(again.heatmap, onnx_predictor.explain(image, "mel").heatmap, atol=1e-6)
+    onnx_predictor.warm_up(rounds=1)
+    assert json.loads(onnx_predictor.describe())["backend"] == "onnx"
+
+
+def test_onnx_one_pass_cam_matches_pytorch_grad_cam(
+    torch_predictor: Predictor, onnx_predictor: Predictor, fixture_pil: list[Image.Image]
+) -> None:
+    model = torch_predictor.model
+    assert model is not None
+    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    for image in fixture_pil[:3]:
+        x = _input(torch_predictor, image)
+        top_two = np.argsort(onnx_predictor.logits([image])[0])[::-1][:2]
+        for index in top_two:
+            ours = _upsampled(onnx_predictor.heatmap_only(image, CLASSES[index]), x)
+            theirs = _reference_map(model, model.bn2, x, int(index))
+            assert pearson(ours, theirs) >= 0.999
+
+
+def test_int8_graph_serves_the_same_interface(exported: Path, fixture_pil: list[Image.Image]) -> None:
+    int8 = Predictor.load(exported, device="cpu", backend="onnx-int8", threads=1)
+    assert int8.info.backend == "onnx-int8"
+    assert int8.info.artefact_sha256 == registry.sha256_file(exported / "model.int8.onnx")
+    assert int8.backend.session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
+    prediction, explanation = int8.analyze(fixture_pil[1])
+    assert prediction.label in CLASSES and explanation is not None and explanation.method == "cam"
+    assert np.isfinite(int8.logits(fixture_pil)).all()
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx"])
+def test_a_tampered_graph_is_refused(exported: Path, tmp_path: Path, name: str) -> None:
+    entry = _copy(exported, tmp_path)
+    data = bytearray((entry / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (entry / name).write_bytes(bytes(data))
+    backend = "onnx" if name == "model.onnx" else "onnx-int8"
+    with pytest.raises(registry.IntegrityError, match="integrity check"):
+        Predictor.load(entry, device="cpu", backend=backend)
+    manifest = registry.read_manifest(entry)
+    manifest["serving"] = {"default_backend": backend}
+    registry.write_json_atomic(entry / registry.MANIFEST, manifest)
+    with pytest.raises(registry.IntegrityError):  # auto refuses too, it never falls back silently
+        Predictor.load(entry, device="cpu", backend="auto")
+
+
+def test_a_graph_from_other_weights_is_refused(exported: Path, tmp_path: Path) -> None:
+    entry = _copy(exported, tmp_path)
+    manifest = registry.read_manifest(entry)
+    manifest["files"]["onnx_fp32"]["source_weights_sha256"] = "0" * 64
+    registry.write_json_atomic(entry / registry.MANIFEST, manifest)
+    with pytest.raises(registry.RegistryError, match=r"other weights.*ml\.export"):
+        Predictor.load(entry, device="cpu", backend="onnx")
+
+
+def test_a_missing_graph_is_explained(tiny_entry: Path) -> None:
+    with pytest.raises(registry.RegistryError, match=r"no model\.onnx.*python -m ml\.export"):
+        Predictor.load(tiny_entry, device="cpu", backend="onnx")
+    with pytest.raises(ValueError, match="unknown backend"):
+        Predictor.load(tiny_entry, device="cpu", backend="tensorrt")
+
+
+def test_auto_backend_choice(exported: Path, tiny_entry: Path) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    both = {"files": {"weights": {}, "onnx_fp32": {}, "onnx_int8": {}}}
+    assert backends.choose({"files": {"weights": {}}}, "auto", cpu) == "torch"
+    assert backends.choose({"files": {"weights": {}, "onnx_fp32": {}}}, "auto", cpu) == "onnx"
+    assert backends.choose(both, "auto", cpu) == "onnx"  # int8 only when the manifest says so
+    assert backends.choose({**both, "serving": {"default_backend": "onnx-int8"}}, "auto", cpu) == "onnx-int8"
+    assert backends.choose({**both, "serving": {"default_backend": "torch"}}, "auto", cpu) == "torch"
+    no_int8 = {"files": {"weights": {}, "onnx_fp32": {}}, "serving": {"default_backend": "onnx-int8"}}
+    assert backends.choose(no_int8, "auto", cpu) == "onnx"
+    assert backends.choose(both, "auto", cuda) == "torch"
+    assert backends.choose(both, "onnx-int8", cpu) == "onnx-int8"
+    assert Predictor.load(tiny_entry, device="cpu").info.backend == "torch"
+    assert Predictor.load(exported, device="cpu").info.backend == "onnx"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        Predictor.load(exported, device="cuda", backend="onnx")
+
+
+def test_a_head_without_the_one_pass_map_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    net = tiny_model(TINY_HOOK_ARCH)
+    entry = save_entry(
+        tmp_path / "convnext",
+        net,
+        model_id="convnext",
+        architecture=TINY_HOOK_ARCH,
+        preprocessing=tiny_prep(net),
+        policy=DecisionPolicy(),
+        dtype=torch.float32,
+    )
+    with pytest.raises(export.ExportError, match="backend='torch'"):
+        export.export_entry(entry)
+    assert export.main(["--model", str(entry)]) == 2
+    assert "average pooling" in capsys.readouterr().err
+    assert "onnx_fp32" not in registry.read_manifest(entry)["files"]
+    assert not list(entry.glob("*.onnx"))
+
+
+def test_cli_without_data_exports_fp32_and_serves_it(tiny_entry: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export.main(["--model", str(tiny_entry)]) == 0
+    manifest = registry.read_manifest(tiny_entry)
+    assert "onnx_fp32" in manifest["files"] and "onnx_int8" not in manifest["files"]
+    assert manifest["serving"]["default_backend"] == "onnx"
+    assert json.loads(capsys.readouterr().out)["default_backend"] == "onnx"
+    assert Predictor.load(tiny_entry, device="cpu").info.backend == "onnx"
+
+
+def test_cli_with_data_calibrates_on_training_images_and_decides(tiny_entry: Path) -> None:
+    entry = _with_data_record(tiny_entry)
+    assert export.main(["--model", str(entry), "--data", str(FIXTURE_DATA), "--threads", "1"]) == 0
+    manifest = registry.read_manifest(entry)
+    split = export.training_split(manifest, FIXTURE_DATA)
+    calibration = manifest["files"]["onnx_int8"]["calibration"]
+    assert calibration["split"] == "train" and calibration["images"] == len(split.train)
+    assert calibration["image_ids_sha256"] == registry.sha256_bytes(
+        "\n".join(s.image_id for s in export.calibration_samples(split.train, 200, 7)).encode()
+    )
+    serving = manifest["serving"]
+    assert serving["split"] == "test" and serving["n"] == len(split.test)
+    for figure in ("balanced_accuracy", "referral_sensitivity", "mel_sensitivity"):
+        assert set(serving[figure]) == {"onnx", "onnx-int8"}
+    fp32, int8 = serving["balanced_accuracy"]["onnx"], serving["balanced_accuracy"]["onnx-int8"]
+    assert serving["default_backend"] == ("onnx-int8" if int8 >= fp32 - export.INT8_TOLERANCE else "onnx")
+    assert 0.0 <= serving["top1_agreement"] <= 1.0
+    assert Predictor.load(entry, device="cpu").info.backend == serving["default_backend"]
+
+
+def test_serving_decision_rule() -> None:
+    def comparison(int8: float, agreement: float = 0.995, referral: float = 0.90) -> dict[str, object]:
+        return {
+            "balanced_accuracy": {"onnx": 0.700, "onnx-int8": int8},
+            "referral_sensitivity": {"onnx": 0.90, "onnx-int8": referral},
+            "top1_agreement": agreement,
+        }
+
+    def backend(**kwargs: float) -> str:
+        return str(export.decide_serving(comparison(**kwargs), has_int8=True)["default_backend"])
+
+    assert backend(int8=0.6905) == "onnx-int8"  # within one point, agrees, refers as often
+    assert backend(int8=0.6895) == "onnx"  # more than one point of balanced accuracy lost
+    assert backend(int8=0.700, agreement=0.985) == "onnx"  # most probable class agrees on under 99%
+    assert backend(int8=0.700, referral=0.885) == "onnx"  # misses referrals fp32 makes
+    assert export.decide_serving(None, has_int8=True)["default_backend"] == "onnx"
+    assert export.decide_serving(comparison(0.700), has_int8=False)["default_backend"] == "onnx"
+
+
+def test_calibration_never_uses_held_out_images(tiny_entry: Path, tmp_path: Path) -> None:
+    manifest = registry.read_manifest(_with_data_record(tiny_entry))
+    split = export.training_split(manifest, FIXTURE_DATA)
+    chosen = export.calibration_samples(split.train, 200, 7)
+    held_out = {s.image_id for s in split.val + split.test}
+    assert chosen and not {s.image_id for s in chosen} & held_out
+    assert [s.image_id for s in chosen] == [s.image_id for s in export.calibration_samples(split.train, 200, 7)]
+    assert len(export.calibration_samples(split.train, 3, 7)) == 3
+    # round-robin over classes: the first picks cover every class the training split has
+    first = export.calibration_samples(split.train, len({s.dx for s in split.train}), 7)
+    assert {s.dx for s in first} == {s.dx for s in split.train}
+    # another data set is refused rather than calibrated on (its "training" images could be anyone's)
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = (FIXTURE_DATA / "metadata.csv").read_text().splitlines()
+    (other / "metadata.csv").write_text("\n".join(lines[:4]) + "\n")
+    for line in lines[1:4]:
+        name = line.split(",")[0] + ".jpg"
+        (other / name).write_bytes((FIXTURE_DATA / name).read_bytes())
+    with pytest.raises(export.ExportError, match="not the data this model was trained on"):
+        export.training_split(manifest, other)
+
+
+def test_evaluate_reports_each_backend(exported: Path, tmp_path: Path) -> None:
+    figures = {}
+    for backend in ("torch", "onnx", "onnx-int8"):
+        out = tmp_path / backend
+        args = ["--model", str(exported), "--data", str(FIXTURE_DATA), "--out", str(out), "--backend", backend]
+        assert evaluate.main(args) == 0
+        figures[backend] = json.loads((out / "metrics.json").read_text())
+        assert figures[backend]["backend"] == backend
+    assert figures["onnx"]["balanced_accuracy"] == pytest.approx(figures["torch"]["balanced_accuracy"])
+    assert figures["onnx"]["confusion_matrix"] == figures["torch"]["confusion_matrix"]

@@ -1,0 +1,157 @@
+"""The shipped model on ONNX Runtime: fp32 equals torch, the one-pass heat map equals pytorch-grad-cam's,
+int8 agrees with fp32 on the fixture images, and (when the data is here) int8 is the default backend
+only where the held-out test split shows it meets the issue's bar.
+
+Uses the entry's own model.onnx / model.int8.onnx when they belong to its current weights; otherwise
+exports into a temporary copy once per module (int8 only when the training data is present, since it
+is calibrated on training images).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ml import export, registry
+from ml.labels import CLASSES
+from ml.predictor import Predictor
+from tests.ml.test_predictor import _input, _reference_map, _upsampled, pearson
+
+SHIPPED = registry.REGISTRY_DIR / "effnet-lite0-ham10000-v1"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham10000"
+#: The bar for serving int8 by default: it gives fp32's most probable class on at least this share
+#: of images. The first model's int8 graph measured 98.0% on its 1,278 held-out images (98.7% on
+#: validation) and is therefore shipped but not the default; see ml.export and docs/PERFORMANCE.md.
+MIN_AGREEMENT = export.MIN_TOP1_AGREEMENT  # the issue's bar: 99% on the most probable class
+#: What the first model's int8 graph does measure on its test split (98.0%), less half a point of
+#: run-to-run and CPU-to-CPU rounding: a regression guard, not the bar (which it does not meet).
+INT8_AGREEMENT_FLOOR = 0.975
+
+
+def _current(entry: Path, artefact: str) -> bool:
+    files = registry.read_manifest(entry).get("files", {})
+    record = files.get(artefact)
+    return bool(record) and record.get("source_weights_sha256") == files["weights"]["sha256"]
+
+
+def _data_matches(entry: Path) -> bool:
+    if not DATA.is_dir():
+        return False
+    try:
+        export.training_split(registry.read_manifest(entry), DATA)
+    except (export.ExportError, FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not SHIPPED.is_dir():
+        pytest.skip(f"no shipped model at {SHIPPED}")
+    if _current(SHIPPED, "onnx_fp32") and (_current(SHIPPED, "onnx_int8") or not _data_matches(SHIPPED)):
+        return SHIPPED
+    copied = Path(
+        shutil.copytree(
+            SHIPPED, tmp_path_factory.mktemp("shipped") / SHIPPED.name, ignore=shutil.ignore_patterns("*.png", "*.onnx")
+        )
+    )
+    calibration, info = None, {}
+    if _data_matches(copied):
+        manifest = registry.read_manifest(copied)
+        split = export.training_split(manifest, DATA)
+        chosen = export.calibration_samples(
+            split.train, export.DEFAULT_CALIBRATION_IMAGES, manifest["data"]["split_seed"]
+        )
+        calibration, info = export.decode_samples(chosen), {"split": "train"}
+    export.export_entry(copied, calibration=calibration, calibration_info=info)
+    return copied
+
+
+@pytest.fixture(scope="module")
+def torch_predictor(entry: Path) -> Predictor:
+    return Predictor.load(entry, device="cpu", backend="torch")
+
+
+@pytest.fixture(scope="module")
+def onnx_predictor(entry: Path) -> Predictor:
+    return Predictor.load(entry, device="cpu", backend="onnx")
+
+
+@pytest.fixture(scope="module")
+def int8_predictor(entry: Path) -> Predictor:
+    if not _current(entry, "onnx_int8"):
+        pytest.skip(f"no int8 graph: it is calibrated on training images and {DATA} is absent")
+    return Predictor.load(entry, device="cpu", backend="onnx-int8")
+
+
+def test_fp32_logits_match_torch_on_real_images(
+    torch_predictor: Predictor, onnx_predictor: Predictor, fixture_pil: list[Image.Image]
+) -> None:
+    np.testing.assert_allclose(onnx_predictor.logits(fixture_pil), torch_predictor.logits(fixture_pil), atol=1e-4)
+    assert [p.label for p in onnx_predictor.predict(fixture_pil)] == [
+        p.label for p in torch_predictor.predict(fixture_pil)
+    ]
+
+
+def test_one_pass_cam_from_the_onnx_feature_map_matches_pytorch_grad_cam(
+    torch_predictor: Predictor, onnx_predictor: Predictor, fixture_pil: list[Image.Image]
+) -> None:
+    assert torch_predictor.model is not None
+    model = copy.deepcopy(torch_predictor.model).to(memory_format=torch.contiguous_format)
+    for image in fixture_pil[:4]:
+        x = _input(torch_predictor, image)
+        top_two = np.argsort(onnx_predictor.logits([image])[0])[::-1][:2]
+        for index in top_two:
+            ours = _upsampled(onnx_predictor.heatmap_only(image, CLASSES[index]), x)
+            theirs = _reference_map(model, model.bn2, x, int(index))
+            assert pearson(ours, theirs) >= 0.999
+
+
+def test_int8_agrees_with_fp32_on_the_fixture_images(
+    onnx_predictor: Predictor, int8_predictor: Predictor, fixture_pil: list[Image.Image]
+) -> None:
+    fp32 = [max(p.probabilities, key=p.probabilities.get) for p in onnx_predictor.predict(fixture_pil)]
+    int8 = [max(p.probabilities, key=p.probabilities.get) for p in int8_predictor.predict(fixture_pil)]
+    assert np.mean(np.array(fp32) == np.array(int8)) >= MIN_AGREEMENT
+    for image in fixture_pil[:3]:  # the int8 heat map still shows the same evidence
+        label = fp32[fixture_pil.index(image)]
+        assert pearson(int8_predictor.heatmap_only(image, label), onnx_predictor.heatmap_only(image, label)) >= 0.9
+
+
+@pytest.mark.slow
+def test_int8_is_served_by_default_only_where_it_meets_the_bar_on_the_held_out_test_split(entry: Path) -> None:
+    """The issue's bar for int8 (top class agrees with fp32 on at least 99% of the test split, balanced
+    accuracy within one point) decides the default backend. The shipped model's int8 graph measures
+    98.0% agreement and loses 1.2 points, so it ships but is not the default: this test recomputes the
+    figures from the graphs themselves, checks that the manifest's decision and figures are theirs, and
+    guards the measured agreement against regressions."""
+    if not _data_matches(entry):
+        pytest.skip(f"the training data is not at {DATA}")
+    if not _current(entry, "onnx_int8"):
+        pytest.skip("no int8 graph for these weights")
+    measured = export.compare_on_test_split(entry, DATA)
+    n = measured["n"]
+    expected = export.decide_serving(measured, has_int8=True)
+    meets = (
+        measured["top1_agreement"] >= MIN_AGREEMENT
+        and measured["balanced_accuracy"]["onnx-int8"] >= measured["balanced_accuracy"]["onnx"] - export.INT8_TOLERANCE
+    )
+    if not meets:
+        assert expected["default_backend"] == "onnx"
+    serving = registry.read_manifest(entry).get("serving")
+    if serving is not None and "top1_agreement" in serving:
+        assert serving["default_backend"] == expected["default_backend"]
+        # int8 kernels may round differently on another CPU: a few images either way
+        assert serving["top1_agreement"] == pytest.approx(measured["top1_agreement"], abs=3 / n)
+        for backend in ("onnx", "onnx-int8"):
+            assert serving["balanced_accuracy"][backend] == pytest.approx(
+                measured["balanced_accuracy"][backend], abs=0.01
+            )
+    assert measured["top1_agreement"] >= INT8_AGREEMENT_FLOOR
+    assert measured["referral_sensitivity"]["onnx-int8"] >= measured["referral_sensitivity"]["onnx"] - 0.01
