@@ -15,10 +15,10 @@ import redis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import problems
+from api import metrics, problems
 from api.deps import AppState, record_denial
 from api.middleware import RequestContextMiddleware
-from api.routes import admin, audit, cases, health
+from api.routes import admin, audit, cases, clinic, health
 from core.config import Settings, get_settings
 from core.crypto import KeyringSource
 from core.db import session_factory
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(cases.router)
     app.include_router(audit.router)
     app.include_router(admin.router)
+    app.include_router(clinic.router)
     return app
 
 
@@ -92,8 +93,10 @@ def main() -> None:
     tls: dict[str, str] = {}
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
+    app = create_app(settings)
+    metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,

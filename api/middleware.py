@@ -9,6 +9,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.metrics import observe_request
 from core.logs import request_id_var
 
 log = logging.getLogger("dermq.api.access")
@@ -73,15 +74,17 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            seconds = time.perf_counter() - started
+            observe_request(route, str(scope.get("method")), status, seconds)
             log.info(
                 "request",
                 extra={
                     "event": "http_request",
                     "method": scope.get("method"),
-                    "route": getattr(route, "path", None) or "unmatched",
+                    "route": route,
                     "status_code": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "duration_ms": round(seconds * 1000, 2),
                 },
             )
             request_id_var.reset(token)

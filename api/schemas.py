@@ -145,8 +145,11 @@ class ChainReportOut(BaseModel):
     last_hash: str | None
 
 
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+
+
 class ClinicIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=PRINTABLE)
 
 
 class ClinicOut(BaseModel):
@@ -160,7 +163,7 @@ class ClinicOut(BaseModel):
 class KeyIn(BaseModel):
     role: Literal["clinic", "auditor", "admin"]
     clinic_id: uuid.UUID | None = Field(None, description="required for clinic keys; scopes an auditor to one clinic")
-    label: str = Field("", max_length=200)
+    label: str = Field("", max_length=200, pattern=PRINTABLE)
 
 
 class KeyOut(BaseModel):

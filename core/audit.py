@@ -140,6 +140,7 @@ class ChainReport:
     first_bad_id: int | None = None
     reason: str | None = None
     last_hash: str | None = None
+    last_id: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,8 +152,8 @@ class ChainReport:
         }
 
 
-def _rows(session: Session, batch: int) -> Iterator[AuditEvent]:
-    last_id = 0
+def _rows(session: Session, batch: int, after_id: int = 0) -> Iterator[AuditEvent]:
+    last_id = after_id
     while True:
         rows = session.scalars(
             select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch)
@@ -164,11 +165,15 @@ def _rows(session: Session, batch: int) -> Iterator[AuditEvent]:
         session.expunge_all()
 
 
-def verify_chain(session: Session, *, batch: int = 2000) -> ChainReport:
-    """Walk the whole chain in id order; report the first row whose link or hash is wrong."""
-    expected_prev = GENESIS
-    checked = 0
-    for event in _rows(session, batch):
+def verify_chain(session: Session, *, batch: int = 2000, start_after: tuple[int, str] | None = None) -> ChainReport:
+    """Walk the chain in id order and report the first row whose link or hash is wrong.
+
+    ``start_after=(id, hash)`` continues from a row verified earlier (the periodic check), so only
+    rows appended since are read; without it the whole chain is walked from the first row.
+    """
+    after_id, expected_prev = start_after if start_after is not None else (0, GENESIS)
+    checked, last_id = 0, None
+    for event in _rows(session, batch, after_id):
         if event.prev_hash != expected_prev:
             return ChainReport(
                 False,
@@ -178,9 +183,9 @@ def verify_chain(session: Session, *, batch: int = 2000) -> ChainReport:
             )
         if chain_hash(expected_prev, event) != event.hash:
             return ChainReport(False, checked, event.id, "content does not match its hash (the row was altered)")
-        expected_prev = event.hash
+        expected_prev, last_id = event.hash, event.id
         checked += 1
-    return ChainReport(True, checked, last_hash=expected_prev if checked else None)
+    return ChainReport(True, checked, last_hash=expected_prev if checked else None, last_id=last_id)
 
 
 # --------------------------------------------------------------------------- queries (auditors)

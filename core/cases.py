@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, exists, or_, select, union_all, update
+from sqlalchemy import case as sa_case
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -308,6 +309,88 @@ def claim_case(session: Session, case_id: uuid.UUID, *, actor: audit.Actor = aud
         clinic_id=claimed.clinic_id,
         detail={"attempt": claimed.attempts},
     )
+    return claimed
+
+
+def claim_batch(session: Session, case_id: uuid.UUID, *, limit: int, actor: audit.Actor = audit.SYSTEM) -> list[Case]:
+    """Claim ``case_id`` and up to ``limit - 1`` more queued cases (urgent first, then oldest) in one
+    statement, for a worker that classifies them as one batch.
+
+    ``FOR UPDATE SKIP LOCKED`` lets concurrent batches take disjoint sets; each claimed case's own
+    message later finds it taken and does nothing. Returns nothing if ``case_id`` itself was not
+    queued (another batch took it): that worker is already on it.
+    """
+    # One statement: our case (if still queued and not locked) plus, only then, the others.
+    mine = (
+        select(Case.id)
+        .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
+        .with_for_update(skip_locked=True)
+        .cte("mine")
+    )
+    others = (
+        select(Case.id)
+        .where(Case.status == CaseStatus.QUEUED.value, Case.id != case_id, exists(select(mine.c.id)))
+        .order_by(sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
+        .limit(max(0, limit - 1))
+        .with_for_update(skip_locked=True)
+        .cte("others")
+    )
+    claimed = list(
+        session.scalars(
+            update(Case)
+            .where(Case.id.in_(union_all(select(mine.c.id), select(others.c.id))))
+            .values(status=CaseStatus.RUNNING.value, attempts=Case.attempts + 1, started_at=now(), updated_at=now())
+            .returning(Case)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    claimed.sort(key=lambda c: c.id != case_id)
+    for case in claimed:
+        audit.record(
+            session,
+            action="case.start",
+            outcome=audit.SUCCESS,
+            actor=actor,
+            entity_type="case",
+            entity_id=case.id,
+            clinic_id=case.clinic_id,
+            detail={"attempt": case.attempts, "batch": len(claimed)},
+        )
+    return claimed
+
+
+def claim_queued(session: Session, *, limit: int, actor: audit.Actor = audit.SYSTEM) -> list[Case]:
+    """Claim up to ``limit`` queued cases (urgent first, then oldest) that no one else holds."""
+    if limit <= 0:
+        return []
+    wanted = (
+        select(Case.id)
+        .where(Case.status == CaseStatus.QUEUED.value)
+        .order_by(sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("wanted")
+    )
+    claimed = list(
+        session.scalars(
+            update(Case)
+            .where(Case.id.in_(select(wanted.c.id)))
+            .values(status=CaseStatus.RUNNING.value, attempts=Case.attempts + 1, started_at=now(), updated_at=now())
+            .returning(Case)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    for case in claimed:
+        audit.record(
+            session,
+            action="case.start",
+            outcome=audit.SUCCESS,
+            actor=actor,
+            entity_type="case",
+            entity_id=case.id,
+            clinic_id=case.clinic_id,
+            detail={"attempt": case.attempts, "batch": True},
+        )
     return claimed
 
 

@@ -11,11 +11,34 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "example"}
+
+
+class FaultInjection(BaseModel):
+    """Faults the worker injects into its own classifications, for the fault-tolerance tests only
+    (``DERMQ_FAULT_INJECTION``, JSON). :class:`Settings` refuses it unless ``DERMQ_ENVIRONMENT=test``;
+    the hooks live in ``worker/faults.py``.
+
+        DERMQ_FAULT_INJECTION='{"sleep_before_inference": 30, "attempts": [1]}'
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: seconds to sleep just before inference (a slow job: soft and hard time limits)
+    sleep_before_inference: float = Field(0.0, ge=0)
+    #: block the soft-time-limit signal during that sleep, like native code that never returns to
+    #: Python: only the hard limit (the child is killed) ends it
+    ignore_soft_limit: bool = False
+    #: end the worker child with os._exit during inference (a poison case that kills its worker)
+    exit_during_inference: bool = False
+    #: the first N inferences of each worker process raise torch.OutOfMemoryError (the GPU fallback)
+    cuda_oom_times: int = Field(0, ge=0)
+    #: inject only on these attempt numbers (counted in Postgres at each claim); None: every attempt
+    attempts: list[int] | None = None
 
 
 class Settings(BaseSettings):
@@ -67,6 +90,14 @@ class Settings(BaseSettings):
     # --- worker -------------------------------------------------------------------------
     model: str = "effnet-lite0-ham10000-v1"
     device: str = "auto"
+    #: auto: ONNX Runtime on the CPU (int8 where the model's manifest chose it), PyTorch on CUDA
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    #: load and warm the model as each worker child starts (off: on its first case)
+    preload_model: bool = True
+    #: dynamic batching: auto = on for CUDA workers, off on the CPU (where it does not pay)
+    batching: Literal["auto", "on", "off"] = "auto"
+    batch_max_size: int = Field(8, ge=1, le=256)
+    batch_max_wait_ms: int = Field(10, ge=0, le=1000)
     worker_concurrency: int = Field(1, ge=1)
     worker_threads: int = Field(0, ge=0)
     worker_max_tasks_per_child: int = Field(2000, ge=1)
@@ -83,6 +114,19 @@ class Settings(BaseSettings):
     running_grace_seconds: float = Field(30.0, ge=0)
     retention_days: int = Field(30, ge=1)
     purge_interval_seconds: float = Field(3600.0, gt=0)
+
+    # --- completion callbacks to clinic portals (core/callbacks.py) ------------------------------
+    callback_timeout_seconds: float = Field(5.0, gt=0)
+    #: delivery attempts per finished case before the callback is given up (polling still works)
+    callback_max_attempts: int = Field(8, ge=1)
+    #: exponential backoff between attempts: base * 2**(attempt-1), with jitter, capped
+    callback_backoff_seconds: float = Field(2.0, gt=0)
+    callback_backoff_max_seconds: float = Field(300.0, gt=0)
+    callback_url_max_length: int = Field(2048, ge=64, le=8192)
+
+    # --- tests only -------------------------------------------------------------------------
+    #: JSON, see FaultInjection; refused unless environment is "test"
+    fault_injection: FaultInjection | None = None
 
     # --- Flower -------------------------------------------------------------------------
     flower_host: str = "127.0.0.1"
@@ -115,6 +159,11 @@ class Settings(BaseSettings):
             raise ValueError("set both DERMQ_TLS_CERTFILE and DERMQ_TLS_KEYFILE, or neither")
         if self.gradcam_budget_seconds >= self.task_soft_time_limit:
             raise ValueError("gradcam_budget_seconds must be below task_soft_time_limit")
+        if self.fault_injection is not None and self.environment != "test":
+            raise ValueError(
+                "DERMQ_FAULT_INJECTION makes workers sleep, crash and fail on purpose; it is honoured only "
+                "with DERMQ_ENVIRONMENT=test. Unset it."
+            )
         if self.environment == "production" and self.keys_json is None and self.key_file is None:
             raise ValueError("production needs DERMQ_KEY_FILE or DERMQ_KEYS_JSON")
         return self

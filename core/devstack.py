@@ -113,7 +113,9 @@ class Stack:
         for process in self.processes.values():
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)  # Celery: warm shutdown
+                    # The main process only: it stops its children itself, and Celery's warm
+                    # shutdown lets the running case finish (a group-wide SIGTERM would kill it).
+                    os.kill(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + GRACE_SECONDS
         for name, process in self.processes.items():
             try:

@@ -20,11 +20,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core import audit
+from core.callbacks import SECRET_KIND
 from core.config import Settings
 from core.crypto import Keyring, SealedBlob, load_keyring, rewrap, write_key_file
 from core.db import session_scope
 from core.errors import KeyringError
-from core.models import CaseBlob
+from core.models import CaseBlob, ClinicCallback
 
 log = logging.getLogger("dermq.keys")
 BATCH = 500
@@ -46,8 +47,11 @@ def _key_file(settings: Settings) -> None:
 
 
 def usage(session: Session) -> dict[str, int]:
-    rows = session.execute(select(CaseBlob.kek_id, func.count()).group_by(CaseBlob.kek_id)).all()
-    return {kek_id: count for kek_id, count in rows}
+    counts: dict[str, int] = {}
+    for column in (CaseBlob.kek_id, ClinicCallback.kek_id):  # case blobs, and clinics' sealed callback secrets
+        for kek_id, count in session.execute(select(column, func.count()).group_by(column)).all():
+            counts[kek_id] = counts.get(kek_id, 0) + count
+    return counts
 
 
 def rewrap_all(
@@ -65,7 +69,18 @@ def rewrap_all(
                 .limit(batch)
                 .with_for_update(skip_locked=True)
             ).all()
-            if not blobs:
+            callback_secrets = (
+                []
+                if blobs
+                else session.scalars(
+                    select(ClinicCallback)
+                    .where(ClinicCallback.kek_id != keyring.active_id)
+                    .order_by(ClinicCallback.clinic_id)
+                    .limit(batch)
+                    .with_for_update(skip_locked=True)
+                ).all()
+            )
+            if not blobs and not callback_secrets:
                 break
             for blob in blobs:
                 moved = rewrap(
@@ -75,6 +90,14 @@ def rewrap_all(
                     kind=blob.kind,
                 )
                 blob.wrapped_key, blob.kek_id = moved.wrapped_key, moved.kek_id
+            for row in callback_secrets:
+                moved = rewrap(
+                    keyring,
+                    SealedBlob(row.secret_ciphertext, row.secret_nonce, row.secret_wrapped_key, row.kek_id),
+                    case_id=row.clinic_id,
+                    kind=SECRET_KIND,
+                )
+                row.secret_wrapped_key, row.kek_id = moved.wrapped_key, moved.kek_id
             session.flush()
             audit.record(
                 session,
@@ -83,9 +106,9 @@ def rewrap_all(
                 actor=actor,
                 entity_type="kek",
                 entity_id=keyring.active_id,
-                detail={"count": len(blobs)},
+                detail={"count": len(blobs) + len(callback_secrets)},
             )
-            total += len(blobs)
+            total += len(blobs) + len(callback_secrets)
         batches += 1
         log.info("re-wrapped a batch of data keys", extra={"event": "rewrap", "count": total})
     with session_scope(settings) as session:

@@ -171,6 +171,7 @@ class Result(Base):
     """The one classification of a case; the primary key makes a second one impossible."""
 
     __tablename__ = "results"
+    __table_args__ = (Index("ix_results_created_at", "created_at"),)
 
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
     label: Mapped[str] = mapped_column(String(16))
@@ -185,6 +186,8 @@ class Result(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))
     device: Mapped[str] = mapped_column(String(32))
     timings: Mapped[dict[str, float]] = mapped_column(JSONB)
+    #: brightness, contrast and megapixels of the input, for drift monitoring (no pixels)
+    input_stats: Mapped[dict[str, float]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -220,3 +223,52 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class CallbackStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ClinicCallback(Base):
+    """Where a clinic wants to hear that its cases finished, and the secret that signs those calls.
+
+    The secret is sealed like a blob (envelope encryption, kind ``callback_secret``, associated data
+    bound to the clinic): only its ciphertext and wrapped data key are stored, and key rotation
+    re-wraps it with the blobs.
+    """
+
+    __tablename__ = "clinic_callbacks"
+    __table_args__ = (Index("ix_clinic_callbacks_kek_id", "kek_id"),)
+
+    clinic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    secret_nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    secret_wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kek_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class CallbackDelivery(Base):
+    """The outbox of completion callbacks: one row per finished case of a clinic with a callback,
+    written in the transaction that ends the case, so a lost broker message cannot lose the call."""
+
+    __tablename__ = "callback_deliveries"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_values(CallbackStatus)})", name="status"),
+        Index("ix_callback_deliveries_pending", "updated_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_callback_deliveries_clinic", "clinic_id", "created_at"),
+    )
+
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
+    clinic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), server_default=CallbackStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_http_status: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -13,6 +13,13 @@ from core.models import Priority
 TASK_CLASSIFY = "dermq.classify"
 TASK_SWEEP = "dermq.sweep"
 TASK_PURGE = "dermq.purge"
+TASK_DRIFT = "dermq.drift"
+TASK_AUDIT_CHECK = "dermq.audit_check"
+TASK_CALLBACK = "dermq.callback"
+
+#: Redis keys of operational state (no patient data): the latest drift report and audit-chain check.
+DRIFT_KEY = "dermq:drift:latest"
+AUDIT_CHECK_KEY = "dermq:audit:check"
 
 QUEUE_CASES = "cases"
 QUEUE_MAINTENANCE = "maintenance"
@@ -45,6 +52,10 @@ ROUTES = {
     TASK_CLASSIFY: {"queue": QUEUE_CASES},
     TASK_SWEEP: {"queue": QUEUE_MAINTENANCE},
     TASK_PURGE: {"queue": QUEUE_MAINTENANCE},
+    TASK_DRIFT: {"queue": QUEUE_MAINTENANCE},
+    TASK_AUDIT_CHECK: {"queue": QUEUE_MAINTENANCE},
+    # Callbacks wait on clinics' servers: never in front of a classification.
+    TASK_CALLBACK: {"queue": QUEUE_MAINTENANCE},
 }
 
 

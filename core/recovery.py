@@ -1,15 +1,23 @@
 """The recovery sweeper: Postgres is the source of truth, the broker only a signal that may be lost.
 
-Run by Celery beat every ``sweep_interval_seconds``:
+Run by Celery beat every ``sweep_interval_seconds`` (``worker.tasks.sweep``):
 
-1. A case ``running`` for longer than the hard time limit plus a grace period lost its worker (the
-   child was killed, the host died). It goes back to ``queued`` while attempts remain, or ends
-   ``failed`` with ``timeout`` (``attempts_exhausted`` when it never ran to its limit: a poison
-   case that kills its worker every time). The transition is fenced by the attempt number.
-2. A case ``queued`` for longer than the grace period whose message is in none of the broker's
-   lists (the publish failed, Redis restarted without its data, an operator flushed it) is
-   published again. Messages that are still waiting are left alone, so a long backlog is not
-   duplicated; a duplicate that slips through is harmless (the task claims the case first).
+1. A case ``running`` for longer than the hard time limit plus ``running_grace_seconds`` lost its
+   worker: the child was killed at the hard limit, crashed (a poison image that kills it every
+   time), or the host died. Its message, if redelivered, was skipped, because a running case cannot
+   be claimed. It goes back to ``queued`` (and is published at once) while attempts remain, else it
+   ends ``failed`` with ``timeout`` and a message that names the attempts: attempts are counted in
+   Postgres at each claim, so a poison case stops after ``max_attempts`` instead of looping. Both
+   transitions are fenced by the attempt number, so a late worker can never overwrite them.
+2. A case ``queued`` for longer than ``requeue_grace_seconds`` whose message is in none of the
+   broker's lists (the publish failed while Redis was down, Redis restarted without its data, an
+   operator flushed it) is published again. Messages still waiting are left alone, so a long backlog
+   is not duplicated; a duplicate that slips through is harmless (the task claims the case first).
+3. A completion callback still pending long after its last attempt lost its message too: it is
+   published again (see :mod:`core.callbacks`).
+
+Exactly one result per case is the database's rule (``results.case_id`` is the primary key, and
+every worker transition is fenced), not the sweeper's.
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ from celery import Celery
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from core import cases
+from core import callbacks, cases
 from core.config import Settings
 from core.models import Case, CaseStatus
-from core.publisher import publish_classify
+from core.publisher import publish_callback, publish_classify
 from core.queueing import QUEUE_CASES, queue_lists
 
 log = logging.getLogger("dermq.recovery")
@@ -41,6 +49,9 @@ class SweepReport:
     failed: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
     broker_checked: bool = False
+    #: callbacks of the cases failed in this sweep: publish them once the sweep has committed
+    callbacks: list[str] = field(default_factory=list)
+    callbacks_republished: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -48,6 +59,7 @@ class SweepReport:
             "failed": len(self.failed),
             "republished": len(self.republished),
             "broker_checked": self.broker_checked,
+            "callbacks_republished": len(self.callbacks_republished),
         }
 
 
@@ -99,11 +111,14 @@ def recover_running(session: Session, settings: Settings, report: SweepReport, a
                 report.requeued.append(str(case.id))
         else:
             message = (
-                f"no attempt finished within the {settings.task_time_limit:.0f} s limit "
-                f"({case.attempts} attempts); the image may be one that stops the worker"
+                f"none of {case.attempts} attempts finished within the {settings.task_time_limit:g} s time limit "
+                "(each ran out of time or lost its worker); the image may be one that stops the worker. "
+                "Submit it again, or contact support with the case id"
             )
             if cases.fail_case(session, case_id=case.id, attempt=case.attempts, code="timeout", message=message):
                 report.failed.append(str(case.id))
+                if callbacks.note_finished(session, case.id):
+                    report.callbacks.append(str(case.id))
 
 
 def republish_lost(
@@ -144,14 +159,32 @@ def republish_lost(
     cases.mark_published(session, published)
 
 
+def republish_callbacks(
+    session: Session, settings: Settings, publisher: Celery, report: SweepReport, at: datetime
+) -> None:
+    """Publish again the pending callbacks nobody has touched for longer than any retry waits."""
+    cutoff = at - timedelta(seconds=callbacks.stale_after_seconds(settings))
+    published = []
+    for case_id in callbacks.stale_deliveries(session, cutoff, BATCH):
+        if not publish_callback(publisher, case_id):
+            break  # the broker is down: the rest stay stale for the next round
+        published.append(case_id)
+        report.callbacks_republished.append(str(case_id))
+    callbacks.touch_deliveries(session, published)
+
+
 def sweep(session: Session, settings: Settings, publisher: Celery, broker: redis.Redis | None) -> SweepReport:
     report = SweepReport()
     at = datetime.now(UTC)
     recover_running(session, settings, report, at)
     session.flush()
-    if report.requeued:  # published now rather than after another grace period
-        republish_lost(session, publisher, broker, report, ids=report.requeued)
+    if report.requeued:
+        # Published now rather than after another grace period, and without asking the broker: a
+        # message of theirs still in the unacknowledged hash belongs to the worker that was lost and
+        # would come back only after the visibility timeout. A duplicate is harmless (claim first).
+        republish_lost(session, publisher, None, report, ids=report.requeued)
     republish_lost(session, publisher, broker, report, cutoff=at - timedelta(seconds=settings.requeue_grace_seconds))
-    if report.requeued or report.failed or report.republished:
+    republish_callbacks(session, settings, publisher, report, at)
+    if report.requeued or report.failed or report.republished or report.callbacks_republished:
         log.info("sweep", extra={"event": "sweep", **report.to_dict()})
     return report

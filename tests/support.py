@@ -20,8 +20,9 @@ from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-TEST_DATABASE = "dermq_test"
-TEST_REDIS_DB = 14
+#: Overridable so that two test runs on one machine never share (and drop) each other's database.
+TEST_DATABASE = os.environ.get("DERMQ_TEST_DATABASE", "dermq_test")
+TEST_REDIS_DB = int(os.environ.get("DERMQ_TEST_REDIS_DB", "14"))
 
 
 def free_port() -> int:
@@ -46,6 +47,9 @@ def test_env(workdir: Path, **overrides: str) -> dict[str, str]:
         "DERMQ_RATE_LIMIT_FAILED_AUTH_PER_MINUTE": "10000",
         "DERMQ_RATE_LIMIT_SUBMISSIONS_PER_MINUTE": "10000",
         "DERMQ_RATE_LIMIT_READS_PER_MINUTE": "100000",
+        # Metrics listeners on spare ports (0 turns them off); fixtures that scrape set them.
+        "DERMQ_METRICS_PORT": "0",
+        "DERMQ_WORKER_METRICS_PORT": str(free_port()),
     }
     env.update(overrides)
     return env
@@ -154,9 +158,24 @@ def start_worker(
         *(extra or []),
     ]
     worker = Process("worker", args, env, log)
-    wait_for(lambda: "ready." in worker.output() or not worker.alive(), timeout=60, what="the Celery worker to start")
+    try:
+        wait_for(lambda: "ready." in worker.output() or not worker.alive(), timeout=60, what="the worker to start")
+    except TimeoutError:
+        worker.stop()  # never leave a stray worker behind
+        raise
     if not worker.alive():
         raise RuntimeError(f"worker exited at start:\n{worker.output()[-3000:]}")
+    if env.get("DERMQ_PRELOAD_MODEL", "true").lower() not in ("0", "false", "no", "off"):
+        # the child preloads the model in the background; a case sent before it is done would spend
+        # that load inside its own time limit, which tests of the limits must not depend on
+        wait_for(
+            lambda: (
+                any(event in worker.output() for event in ("model_loaded", "model_preload_failed"))
+                or not worker.alive()
+            ),
+            timeout=120,
+            what="the worker's model to load",
+        )
     return worker
 
 

@@ -14,6 +14,8 @@ the fork, on its first case.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from typing import Any
 
 from celery import Celery, signals
@@ -21,7 +23,15 @@ from celery import Celery, signals
 from core.config import Settings, get_settings
 from core.db import dispose_engines
 from core.logs import configure_logging
-from core.queueing import QUEUE_CASES, QUEUE_MAINTENANCE, TASK_PURGE, TASK_SWEEP, common_config
+from core.queueing import (
+    QUEUE_CASES,
+    QUEUE_MAINTENANCE,
+    TASK_AUDIT_CHECK,
+    TASK_DRIFT,
+    TASK_PURGE,
+    TASK_SWEEP,
+    common_config,
+)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -45,6 +55,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": TASK_SWEEP,
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"queue": QUEUE_MAINTENANCE, "expires": settings.sweep_interval_seconds},
+            },
+            "drift": {
+                "task": TASK_DRIFT,
+                "schedule": 3600.0,
+                "options": {"queue": QUEUE_MAINTENANCE, "expires": 3600.0},
+            },
+            "audit-check": {
+                "task": TASK_AUDIT_CHECK,
+                "schedule": 300.0,
+                "options": {"queue": QUEUE_MAINTENANCE, "expires": 300.0},
             },
             "purge": {
                 "task": TASK_PURGE,
@@ -74,9 +94,59 @@ def _setup_logging(**_kwargs: Any) -> None:
     configure_logging(settings.log_level, json_lines=settings.log_json, component="worker")
 
 
+def prepare_multiprocess_dir() -> str:
+    """Point prometheus_client at a folder shared by the worker and its children (before it is imported)."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="dermq-worker-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    # The celery command may have imported prometheus_client already (Flower's CLI plugin does),
+    # choosing in-memory values: switch to file-backed ones before any dermq metric is created.
+    import prometheus_client.values
+
+    prometheus_client.values.ValueClass = prometheus_client.values.get_value_class()
+    return folder
+
+
+@signals.celeryd_init.connect
+def _worker_starting(**_kwargs: Any) -> None:
+    # Only worker processes get here (not beat, Flower or the API publishing tasks).
+    prepare_multiprocess_dir()
+
+
+@signals.worker_init.connect
+def _serve_metrics(**_kwargs: Any) -> None:
+    from worker import metrics
+
+    settings = get_settings()
+    metrics.serve(settings.metrics_host, settings.worker_metrics_port)
+
+
+@signals.worker_process_shutdown.connect
+def _child_exiting(pid: int | None = None, **_kwargs: Any) -> None:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from worker import metrics
+
+        metrics.child_exited(pid or os.getpid())
+
+
+@signals.worker_shutdown.connect
+def _worker_stopped(**_kwargs: Any) -> None:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from worker import metrics
+
+        metrics.cleanup()
+
+
 @signals.worker_process_init.connect
 def _after_fork(**_kwargs: Any) -> None:
-    # Cheap on purpose: connections inherited from the parent must not be shared with it. The model
-    # loads on the child's first case (CUDA must never be touched before the fork).
+    # Connections inherited from the parent must not be shared with it. The model loads in a
+    # background thread of this child (never in the parent: CUDA is not fork-safe), so the hook
+    # itself returns at once and the first case does not pay for the load.
     dispose_engines()
+    settings = get_settings()
+    if settings.preload_model:
+        from worker import runtime
+
+        runtime.preload(settings)
     logging.getLogger("dermq.worker").info("worker process ready", extra={"event": "process_init"})

@@ -2,14 +2,20 @@
 
 A load failure (a tampered or missing registry entry) is not cached: each case retries the load,
 fails with ``model_error`` and a clear message, and the worker stays alive for the next case.
+
+When the GPU runs out of memory on a case, the task frees the CUDA cache and runs that case on a
+second, CPU predictor (:func:`get_cpu_predictor`, loaded on the first such case and kept); the
+CUDA predictor stays loaded and serves the next cases.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
 import time
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from core.config import Settings
@@ -20,10 +26,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("dermq.worker.runtime")
 _lock = threading.Lock()
 _predictor: Predictor | None = None
+_cpu_predictor: Predictor | None = None
 
 
 class ModelUnavailable(RuntimeError):
     """The configured model could not be loaded; the message says why and is safe to store."""
+
+
+def worker_metrics() -> ModuleType | None:
+    """``worker.metrics`` in a worker process; None where it cannot be imported (a test calling the
+    task functions directly, with no ``PROMETHEUS_MULTIPROC_DIR``)."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return None
+    from worker import metrics
+
+    return metrics
 
 
 def get_predictor(settings: Settings) -> Predictor:
@@ -32,11 +49,37 @@ def get_predictor(settings: Settings) -> Predictor:
         return _predictor
     with _lock:
         if _predictor is None:
-            _predictor = _load(settings)
+            _predictor = _load(settings, settings.device)
+            metrics = worker_metrics()
+            if metrics is not None:
+                metrics.record_model(str(_predictor.device), _predictor.info.model_id)
     return _predictor
 
 
-def _load(settings: Settings) -> Predictor:
+def get_cpu_predictor(settings: Settings, primary: Predictor) -> Predictor:
+    """A predictor on the CPU for a case the primary device could not take; the primary itself when
+    it already runs on the CPU."""
+    global _cpu_predictor
+    if primary.device.type == "cpu":
+        return primary
+    if _cpu_predictor is not None:
+        return _cpu_predictor
+    with _lock:
+        if _cpu_predictor is None:
+            _cpu_predictor = _load(settings, "cpu")
+    return _cpu_predictor
+
+
+def free_device_memory(predictor: Predictor) -> None:
+    """Give back what a failed CUDA call left allocated (its tensors are garbage by now)."""
+    gc.collect()
+    if predictor.device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _load(settings: Settings, device: str) -> Predictor:
     import torch
 
     from ml.predictor import Predictor
@@ -44,10 +87,17 @@ def _load(settings: Settings) -> Predictor:
 
     # Each prefork child gets its share of the cores unless told otherwise: N children x N threads
     # each would oversubscribe the CPU and run slower than either alone.
-    torch.set_num_threads(settings.worker_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency))
+    threads = threads_per_child(settings)
+    torch.set_num_threads(threads)
     started = time.perf_counter()
     try:
-        predictor = Predictor.load(settings.model, device=settings.device, overlay_max_side=settings.overlay_max_side)
+        predictor = Predictor.load(
+            settings.model,
+            device=device,
+            backend=settings.backend,
+            threads=threads,
+            overlay_max_side=settings.overlay_max_side,
+        )
     except RegistryError as exc:
         log.error(
             "model failed to load",
@@ -67,8 +117,28 @@ def _load(settings: Settings) -> Predictor:
     return predictor
 
 
+def threads_per_child(settings: Settings) -> int:
+    return settings.worker_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency)
+
+
+def preload(settings: Settings) -> threading.Thread:
+    """Load and warm the model in the background right after the fork, so the child's first case
+    does not pay for importing torch and loading weights; a case that arrives meanwhile waits for it."""
+
+    def load() -> None:
+        try:
+            get_predictor(settings)
+        except Exception as exc:  # the first case will retry and fail with a clear model_error
+            log.error("model preload failed", extra={"event": "model_preload_failed", "error": type(exc).__name__})
+
+    thread = threading.Thread(target=load, name="dermq-model-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 def reset() -> None:
-    """Forget the loaded model (tests; and after a device failure)."""
-    global _predictor
+    """Forget the loaded models (tests; and after a device failure)."""
+    global _predictor, _cpu_predictor
     with _lock:
         _predictor = None
+        _cpu_predictor = None

@@ -1,38 +1,68 @@
-"""Celery tasks: ``classify(case_id)``, the recovery ``sweep`` and the retention ``purge``.
+"""Celery tasks: ``classify(case_id)``, the recovery ``sweep``, completion ``callback`` delivery, the
+retention ``purge`` and the periodic drift and audit-chain checks.
 
 Tasks take ids, never payloads, and are idempotent: ``classify`` first claims the case
 (``queued -> running``) and does nothing if it cannot, so a redelivered or duplicated message is
 harmless. The claim commits before the work starts, and every later transition is fenced by the
 attempt number the claim returned.
+
+What can go wrong, and what then:
+
+- the image is invalid: ``failed: invalid_image`` at once, never retried;
+- a transient error (database connection lost, Redis hiccup): the case goes back to ``queued`` and
+  the task retries with exponential backoff and jitter, at most ``MAX_RETRIES`` times (the retry
+  puts the case back first if the database was down when it failed); after that the sweeper;
+- the soft time limit: ``failed: timeout``; Grad-CAM past its own budget: a result without a heat map;
+- the hard time limit or a crash of the child: the case stays ``running``, its redelivered message
+  is skipped, and the sweeper requeues it (or fails it once the attempts are spent);
+- the GPU runs out of memory: the cache is freed and this case runs on the CPU (``results.device``);
+- anything else: ``failed: model_error``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
+from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
-from core import cases, recovery, retention
+from core import callbacks, cases, recovery, retention
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
 from core.logs import case_id_var
-from core.publisher import make_publisher
-from core.queueing import TASK_CLASSIFY, TASK_PURGE, TASK_SWEEP
+from core.publisher import make_publisher, publish_callback
+from core.queueing import (
+    AUDIT_CHECK_KEY,
+    TASK_AUDIT_CHECK,
+    TASK_CALLBACK,
+    TASK_CLASSIFY,
+    TASK_DRIFT,
+    TASK_PURGE,
+    TASK_SWEEP,
+)
 from ml.images import ImageLimits, InvalidImage, decode
-from worker import runtime
+from worker import faults, runtime
 from worker.celery_app import app
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ml.predictor import Analysis, Predictor
 
 log = logging.getLogger("dermq.worker")
 
@@ -75,7 +105,7 @@ _keyrings: dict[str, KeyringSource] = {}
 
 
 def settings() -> Settings:
-    return app.conf.dermq_settings  # type: ignore[no-any-return]
+    return app.conf.dermq_settings
 
 
 def keyring(config: Settings) -> Keyring:
@@ -95,15 +125,66 @@ def image_limits(config: Settings) -> ImageLimits:
     )
 
 
-def _fail(config: Settings, case_id: uuid.UUID, attempt: int, code: str, message: str) -> str:
+def _metric(name: str, *args: Any) -> None:
+    """Call ``worker.metrics.<name>`` where metrics exist (worker processes), else nothing."""
+    metrics = runtime.worker_metrics()
+    if metrics is not None:
+        getattr(metrics, name)(*args)
+
+
+@dataclass
+class Progress:
+    """How far one run got: the error handlers of ``classify`` need the attempt it claimed."""
+
+    attempt: int | None = None
+
+
+def _ended(config: Settings, case_id: uuid.UUID, transition: Callable[[Session], bool]) -> bool:
+    """Run a terminal transition in its own transaction together with the case's callback outbox row,
+    and publish the callback once that committed."""
     with session_scope(config) as session:
-        cases.fail_case(session, case_id=case_id, attempt=attempt, code=code, message=message)
+        ended = transition(session)
+        notify = ended and callbacks.note_finished(session, case_id)
+    if notify:
+        publish_callback(app, case_id)
+    return ended
+
+
+def _fail(config: Settings, case_id: uuid.UUID, attempt: int | None, code: str, message: str) -> str:
+    """Fail the case, fenced by ``attempt`` (None: whatever attempt holds it, when the claim's is unknown)."""
+    _ended(
+        config,
+        case_id,
+        lambda session: cases.fail_case(session, case_id=case_id, attempt=attempt, code=code, message=message),
+    )
     log.info("case failed", extra={"event": "case_failed", "code": code, "attempt": attempt})
     return "failed"
 
 
-def run_classification(config: Settings, case_id: uuid.UUID) -> str:
+def _classify_image(
+    config: Settings, predictor: Predictor, image: Image.Image, attempt: int
+) -> tuple[Analysis, Predictor]:
+    """Inference on the primary predictor; when its GPU runs out of memory, free the cache and run this
+    case on a CPU predictor (the CUDA one stays for the next cases). Returns the analysis and the
+    predictor that made it."""
+    import torch
+
+    try:
+        faults.before_inference(config, attempt)
+        return predictor.classify(image), predictor
+    except torch.OutOfMemoryError:
+        runtime.free_device_memory(predictor)
+        fallback = runtime.get_cpu_predictor(config, predictor)
+        log.warning(
+            "out of GPU memory; running this case on the CPU",
+            extra={"event": "oom_fallback", "device": str(fallback.device), "attempt": attempt},
+        )
+        return fallback.classify(image), fallback
+
+
+def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress | None = None) -> str:
     """Claim, classify, explain and store one case. Returns what happened, for logs and tests."""
+    progress = progress if progress is not None else Progress()
     started = time.perf_counter()
     with session_scope(config) as session:
         case = cases.claim_case(session, case_id)
@@ -111,16 +192,10 @@ def run_classification(config: Settings, case_id: uuid.UUID) -> str:
             log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
             return "skipped"
         attempt, created_at = case.attempts, case.created_at
-        if attempt > config.max_attempts:
-            cases.fail_case(
-                session,
-                case_id=case_id,
-                attempt=attempt,
-                code="attempts_exhausted",
-                message=f"gave up after {config.max_attempts} attempts",
-            )
-            return "failed"
         data = cases.load_image(session, keyring=keyring(config), case_id=case_id)
+    progress.attempt = attempt
+    if attempt > config.max_attempts:
+        return _fail(config, case_id, attempt, "attempts_exhausted", f"gave up after {config.max_attempts} attempts")
     timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started
@@ -139,9 +214,26 @@ def run_classification(config: Settings, case_id: uuid.UUID) -> str:
     except runtime.ModelUnavailable as exc:
         return _fail(config, case_id, attempt, "model_error", f"the model could not be loaded: {exc}")
     inference_started = time.perf_counter()
-    analysis = predictor.classify(image)
+    analysis, predictor = _classify_image(config, predictor, image, attempt)
     timings["inference"] = time.perf_counter() - inference_started
 
+    return _explain_and_store(config, case_id, attempt, decoded, analysis, predictor, timings, started)
+
+
+def _explain_and_store(
+    config: Settings,
+    case_id: uuid.UUID,
+    attempt: int,
+    decoded: Any,
+    analysis: Analysis,
+    predictor: Predictor,
+    timings: dict[str, float],
+    started: float,
+) -> str:
+    """Heat map under its own budget, then the result, heat map and audit event in one transaction."""
+    from ml import drift  # NumPy: only the worker image has it (worker.tasks is imported by beat and Flower too)
+
+    image = decoded.image
     heatmap_png, gradcam_status, gradcam_class = None, "ok", analysis.prediction.label
     gradcam_started = time.perf_counter()
     try:
@@ -179,41 +271,176 @@ def run_classification(config: Settings, case_id: uuid.UUID) -> str:
         "weights_sha256": predictor.info.weights_sha256,
         "device": str(predictor.device),
         "timings": {k: round(v, 6) for k, v in timings.items()},
+        "input_stats": drift.input_statistics(image, decoded.width, decoded.height),
     }
-    with session_scope(config) as session:
-        stored = cases.complete_case(
+    stored = _ended(
+        config,
+        case_id,
+        lambda session: cases.complete_case(
             session, keyring=keyring(config), case_id=case_id, attempt=attempt, result=result, heatmap_png=heatmap_png
-        )
+        ),
+    )
     if not stored:
         log.warning("case was taken over or purged while running; result discarded", extra={"event": "superseded"})
         return "superseded"
+    _metric("record_result", result, timings)
+    _metric("record_gpu_memory")
     log.info(
         "case classified",
         extra={
             "event": "case_succeeded",
             "attempt": attempt,
             "model_id": result["model_id"],
+            "device": result["device"],
             "duration_ms": round(timings["total"] * 1000, 1),
         },
     )
     return "succeeded"
 
 
-def _requeue_for_retry(config: Settings, case_id: uuid.UUID) -> None:
-    """Best effort: put a claimed case back so the retry can claim it (else the sweeper will)."""
-    try:
-        with session_scope(config) as session:
-            from core.models import Case
+def batching_enabled(config: Settings, predictor: Predictor) -> bool:
+    """Dynamic batching pays on a GPU (one batched pass costs about one image's); on a CPU a batch
+    costs about the sum of its images, so it only adds waiting. ``DERMQ_BATCHING`` overrides."""
+    if config.batching == "auto":
+        return predictor.device.type == "cuda" and config.batch_max_size > 1
+    return config.batching == "on" and config.batch_max_size > 1
 
-            case = session.get(Case, case_id)
-            if case is not None and case.status == "running":
-                cases.requeue_case(session, case_id, attempt=case.attempts, reason="transient_error")
-    except Exception as exc:
-        log.warning("could not requeue after a transient error; the sweeper will", extra={"error": type(exc).__name__})
+
+def dispatch(config: Settings, case_id: uuid.UUID, progress: Progress) -> str:
+    """One case, or a dynamic batch starting with it when batching is on for this worker."""
+    if config.batching != "off" and config.batch_max_size > 1:
+        try:
+            predictor = runtime.get_predictor(config)
+        except runtime.ModelUnavailable:
+            return run_classification(config, case_id, progress)  # fails the case with model_error
+        if batching_enabled(config, predictor):
+            return run_batch(config, case_id, progress)
+    return run_classification(config, case_id, progress)
+
+
+def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = None) -> str:
+    """Claim this case and up to ``batch_max_size - 1`` more queued ones in one statement, classify
+    them in one forward pass, then explain and store each on its own. Returns this case's outcome;
+    the other cases' messages find them taken and do nothing."""
+    progress = progress if progress is not None else Progress()
+    started = time.perf_counter()
+    predictor = runtime.get_predictor(config)
+    with session_scope(config) as session:
+        claimed = cases.claim_batch(session, case_id, limit=config.batch_max_size)
+        if not claimed:
+            log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
+            return "skipped"
+        items = [
+            (c.id, c.attempts, c.created_at, cases.load_image(session, keyring=keyring(config), case_id=c.id))
+            for c in claimed
+        ]
+    progress.attempt = items[0][1]
+    if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0:
+        time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting
+        with session_scope(config) as session:
+            more = cases.claim_queued(session, limit=config.batch_max_size - len(items))
+            items += [
+                (c.id, c.attempts, c.created_at, cases.load_image(session, keyring=keyring(config), case_id=c.id))
+                for c in more
+            ]
+    claimed_at = time.perf_counter()
+    ready: list[tuple[uuid.UUID, int, Any, dict[str, float]]] = []
+    outcomes: dict[uuid.UUID, str] = {}
+    for item_id, attempt, created_at, data in items:
+        if attempt > config.max_attempts:
+            outcomes[item_id] = _fail(
+                config, item_id, attempt, "attempts_exhausted", f"gave up after {config.max_attempts} attempts"
+            )
+            continue
+        timings = {
+            "queue_wait": (datetime.now(UTC) - created_at).total_seconds(),
+            "claim_and_decrypt": claimed_at - started,
+            "batch_size": float(len(items)),
+        }
+        try:
+            decoded = decode(data, image_limits(config), reduce_to=config.overlay_max_side)
+        except InvalidImage as exc:
+            outcomes[item_id] = _fail(config, item_id, attempt, "invalid_image", exc.message)
+            continue
+        timings["decode"] = time.perf_counter() - claimed_at
+        ready.append((item_id, attempt, decoded, timings))
+    if ready:
+        inference_started = time.perf_counter()
+        faults.before_inference(config, ready[0][1])
+        analyses = _classify_batch(config, predictor, [decoded.image for _, _, decoded, _ in ready])
+        inference = (time.perf_counter() - inference_started) / len(ready)
+        for (item_id, attempt, decoded, timings), (analysis, used) in zip(ready, analyses, strict=True):
+            timings["inference"] = inference
+            token = case_id_var.set(str(item_id))
+            try:
+                outcomes[item_id] = _explain_and_store(
+                    config, item_id, attempt, decoded, analysis, used, timings, started
+                )
+            finally:
+                case_id_var.reset(token)
+            if item_id != case_id:
+                _metric("record_outcome", outcomes[item_id])
+    log.info("batch classified", extra={"event": "batch", "count": len(items)})
+    return outcomes[case_id]
+
+
+def _classify_batch(config: Settings, predictor: Predictor, images: list[Any]) -> list[tuple[Analysis, Predictor]]:
+    """One forward pass for the batch; out of GPU memory, each image alone on the CPU instead."""
+    import torch
+
+    try:
+        return [(analysis, predictor) for analysis in predictor.classify_many(images)]
+    except torch.OutOfMemoryError:
+        runtime.free_device_memory(predictor)
+        fallback = runtime.get_cpu_predictor(config, predictor)
+        log.warning(
+            "out of GPU memory for a batch; running it on the CPU image by image",
+            extra={"event": "oom_fallback", "count": len(images)},
+        )
+        return [(fallback.classify(image), fallback) for image in images]
+
+
+def retry_delay(retries: int) -> float:
+    """Seconds before retry number ``retries + 1``: 1, 2, 4, 8... (capped at 60) times a jitter in
+    [0.5, 1.5), so that workers hit by one outage do not come back in step."""
+    return min(60.0, 2.0**retries) * (0.5 + random.random())  # noqa: S311 - jitter, not cryptography
+
+
+def _requeue(config: Settings, case_id: uuid.UUID, attempt: int) -> None:
+    """Put the case back in the queue if ``attempt`` still holds it (fenced: a no-op otherwise)."""
+    with session_scope(config) as session:
+        cases.requeue_case(session, case_id, attempt=attempt, reason="transient_error")
+
+
+def _retry(task: Any, config: Settings, case_id: uuid.UUID, attempt: int | None, exc: Exception) -> Exception:
+    if attempt is not None:
+        try:
+            _requeue(config, case_id, attempt)  # at once if the database answers; the retry repeats it
+        except Exception as requeue_error:
+            log.warning(
+                "could not requeue after a transient error; the retry will",
+                extra={"event": "requeue_failed", "error": type(requeue_error).__name__},
+            )
+    countdown = retry_delay(task.request.retries)
+    log.warning(
+        "transient error; retrying",
+        extra={"event": "retry", "error": type(exc).__name__, "retry_in": round(countdown, 2), "attempt": attempt},
+    )
+    kwargs = {"requeue_attempt": attempt} if attempt is not None else {}
+    retry: Exception = task.retry(exc=exc, countdown=countdown, kwargs=kwargs)
+    return retry
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError)
+    return isinstance(exc, TRANSIENT)
 
 
 @app.task(name=TASK_CLASSIFY, bind=True, max_retries=MAX_RETRIES)
-def classify(self: Any, case_id: str) -> str:
+def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str:
+    """Classify one case. ``requeue_attempt``: this is a retry after a transient error that hit that
+    attempt, which must be put back in the queue (if it still holds the case) before claiming again."""
     config = settings()
     token = case_id_var.set(case_id)
     try:
@@ -222,47 +449,83 @@ def classify(self: Any, case_id: str) -> str:
         except (ValueError, TypeError):
             log.error("classify called with something that is not a case id", extra={"event": "bad_message"})
             return "ignored"
+        progress = Progress()
         try:
-            return run_classification(config, parsed)
+            if requeue_attempt is not None:
+                _requeue(config, parsed, requeue_attempt)
+            outcome = dispatch(config, parsed, progress)
         except SoftTimeLimitExceeded:
-            with session_scope(config) as session:
-                cases.fail_case(
-                    session,
-                    case_id=parsed,
-                    attempt=None,
-                    code="timeout",
-                    message=f"classification ran past its {config.task_soft_time_limit:.0f} s limit",
-                )
             log.warning("case ran past its soft time limit", extra={"event": "soft_time_limit"})
-            return "failed"
-        except (*TRANSIENT, DBAPIError) as exc:
-            if isinstance(exc, DBAPIError) and not (exc.connection_invalidated or isinstance(exc, OperationalError)):
-                raise
-            _requeue_for_retry(config, parsed)
-            countdown = min(60.0, 2.0**self.request.retries) * (0.5 + random.random())  # noqa: S311 - jitter
-            log.warning(
-                "transient error; retrying",
-                extra={"event": "retry", "error": type(exc).__name__, "retry_in": round(countdown, 2)},
-            )
-            raise self.retry(exc=exc, countdown=countdown) from None
-        except Exception as exc:
-            log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
-            with session_scope(config) as session:
-                cases.fail_case(
-                    session,
-                    case_id=parsed,
-                    attempt=None,
-                    code="model_error",
-                    message=f"the worker failed while classifying ({type(exc).__name__}); "
-                    "the case can be submitted again",
+            if progress.attempt is None:
+                outcome = "skipped"  # stopped before its claim committed: still queued, for the sweeper
+            else:
+                outcome = _fail(
+                    config,
+                    parsed,
+                    progress.attempt,
+                    "timeout",
+                    f"classification ran past its {config.task_soft_time_limit:g} s time limit; "
+                    "submit the case again or contact support with the case id",
                 )
-            return "failed"
+        except Exception as exc:
+            if _transient(exc):
+                raise _retry(self, config, parsed, progress.attempt or requeue_attempt, exc) from None
+            log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
+            outcome = _fail(
+                config,
+                parsed,
+                progress.attempt,
+                "model_error",
+                f"the worker failed while classifying ({type(exc).__name__}); the case can be submitted again",
+            )
+        _metric("record_outcome", outcome)
+        return outcome
     finally:
         case_id_var.reset(token)
 
 
-_publisher = None
+@app.task(name=TASK_CALLBACK, bind=True, max_retries=None)
+def deliver_callback(self: Any, case_id: str) -> str:
+    """One attempt at a finished case's completion callback; retried with backoff until delivered or
+    ``callback_max_attempts`` is reached (counted in the outbox row, not here)."""
+    config = settings()
+    try:
+        parsed = uuid.UUID(case_id)
+    except (ValueError, TypeError):
+        return "ignored"
+    try:
+        with session_scope(config) as session:
+            delivery = callbacks.deliver(session, settings=config, keyring=keyring(config), case_id=parsed)
+    except Exception as exc:
+        if not _transient(exc) or self.request.retries >= MAX_RETRIES:
+            raise  # the row stays pending: the sweeper publishes it again later
+        raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from None
+    log.info(
+        "callback attempt",
+        extra={
+            "event": "callback",
+            "case_id": case_id,
+            "outcome": delivery.outcome,
+            "attempt": delivery.attempt,
+            "status_code": delivery.http_status,
+        },
+    )
+    if delivery.outcome == "retry":
+        raise self.retry(countdown=callbacks.backoff_seconds(config, delivery.attempt))
+    return delivery.outcome
+
+
+_publisher: Celery | None = None
 _redis: redis.Redis | None = None
+
+
+def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) -> dict[str, object]:
+    """One recovery sweep in its own transaction, then the callbacks of the cases it failed."""
+    with session_scope(config) as session:
+        report = recovery.sweep(session, config, publisher, broker)
+    for case_id in report.callbacks:
+        publish_callback(publisher, case_id)
+    return report.to_dict()
 
 
 @app.task(name=TASK_SWEEP)
@@ -273,8 +536,7 @@ def sweep() -> dict[str, object]:
         _publisher = make_publisher(config)
     if _redis is None:
         _redis = redis.Redis.from_url(config.redis_url, socket_connect_timeout=2, socket_timeout=5)
-    with session_scope(config) as session:
-        return recovery.sweep(session, config, _publisher, _redis).to_dict()
+    return sweep_once(config, _publisher, _redis)
 
 
 @app.task(name=TASK_PURGE)
@@ -282,3 +544,49 @@ def purge() -> dict[str, object]:
     config = settings()
     with session_scope(config) as session:
         return retention.purge_expired(session, config).to_dict()
+
+
+@app.task(name=TASK_DRIFT)
+def drift_report() -> dict[str, object]:
+    """Today's drift figures, published to Redis for the API's metrics."""
+    from worker import drift
+
+    global _redis
+    config = settings()
+    if _redis is None:
+        _redis = redis.Redis.from_url(config.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    with session_scope(config) as session:
+        report = drift.day_report(session, config)
+    drift.publish(_redis, report)
+    if report["drifted"]:
+        log.warning("input or prediction drift", extra={"event": "drift", "count": report["n"]})
+    return report
+
+
+@app.task(name=TASK_AUDIT_CHECK)
+def audit_check() -> dict[str, object]:
+    """Verify the audit chain incrementally (from the last verified row) and publish the outcome."""
+    from core import audit
+
+    global _redis
+    config = settings()
+    if _redis is None:
+        _redis = redis.Redis.from_url(config.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    previous = json.loads(_redis.get(AUDIT_CHECK_KEY) or "{}")
+    start = (previous["last_id"], previous["last_hash"]) if previous.get("ok") and previous.get("last_id") else None
+    with session_scope(config) as session:
+        report = audit.verify_chain(session, start_after=start)
+    state = {
+        "ok": report.ok,
+        "first_bad_id": report.first_bad_id,
+        "reason": report.reason,
+        "last_id": report.last_id if report.ok else previous.get("last_id"),
+        "last_hash": report.last_hash if report.ok else previous.get("last_hash"),
+        "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if report.ok and report.last_id is None:  # nothing new since the last check
+        state["last_id"], state["last_hash"] = previous.get("last_id"), previous.get("last_hash")
+    _redis.set(AUDIT_CHECK_KEY, json.dumps(state))
+    if not report.ok:
+        log.error("audit chain broken", extra={"event": "audit_chain_broken"})
+    return state

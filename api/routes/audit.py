@@ -87,7 +87,9 @@ def search_events(
     actor: Annotated[uuid.UUID | None, Query(description="the API key id that acted")] = None,
     clinic: Annotated[uuid.UUID | None, Query(description="clinic id")] = None,
     case: Annotated[uuid.UUID | None, Query(description="case id")] = None,
-    action: Annotated[str | None, Query(max_length=64, description="e.g. case.read, heatmap.read")] = None,
+    action: Annotated[
+        str | None, Query(max_length=64, pattern=r"^[a-z_.]+$", description="e.g. case.read, heatmap.read")
+    ] = None,
     outcome: Annotated[Literal["success", "failure", "denied"] | None, Query()] = None,
     cursor: Annotated[str | None, Query(max_length=32)] = None,
     limit_: Annotated[int, Query(alias="limit", ge=1, le=500)] = 100,
@@ -157,7 +159,7 @@ def export_events(
     actor: Annotated[uuid.UUID | None, Query()] = None,
     clinic: Annotated[uuid.UUID | None, Query()] = None,
     case: Annotated[uuid.UUID | None, Query()] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z_.]+$")] = None,
     outcome: Annotated[Literal["success", "failure", "denied"] | None, Query()] = None,
 ) -> StreamingResponse:
     require_role(caller, Role.AUDITOR)

@@ -12,6 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api import metrics
 from api.deps import AuthenticatedCaller, DbSession, State, limit, require_role
 from api.schemas import (
     CaseLinks,
@@ -27,7 +28,7 @@ from api.schemas import (
 )
 from api.upload import read_case_form
 from core import cases, retention
-from core.errors import InvalidImageError, InvalidInput
+from core.errors import DermqError, InvalidImageError, InvalidInput
 from core.models import Case, CaseStatus, Priority, Result, Role
 from core.publisher import publish_classify
 from ml.images import ImageLimits, InvalidImage, decode
@@ -191,7 +192,11 @@ async def submit_case(
     require_role(caller, Role.CLINIC)
     limit(caller, app, "submit")
     settings = app.settings
-    form = await read_case_form(request, max_image_bytes=settings.max_upload_bytes)
+    try:
+        form = await read_case_form(request, max_image_bytes=settings.max_upload_bytes)
+    except DermqError as exc:
+        metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
+        raise
     client_ref, priority = _validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
     limits = ImageLimits(
         max_bytes=settings.max_upload_bytes,
@@ -203,7 +208,9 @@ async def submit_case(
         # CPU-bound: off the event loop. Draft mode: validation needs a full read, not full resolution.
         decoded = await run_in_threadpool(decode, form.image, limits, reduce_to=256)
     except InvalidImage as exc:
+        metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
         raise InvalidImageError(exc.code, exc.message) from None
+    metrics.UPLOAD_BYTES.observe(len(form.image))
     image = cases.NewImage(
         data=form.image,
         format=decoded.format,

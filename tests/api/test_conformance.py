@@ -17,7 +17,7 @@ from schemathesis.checks import (
 pytestmark = pytest.mark.usefixtures("database")
 
 
-ROLE_FOR_TAG = {"cases": "clinic", "audit": "auditor", "admin": "admin", "health": None}
+ROLE_FOR_TAG = {"cases": "clinic", "clinic": "clinic", "audit": "auditor", "admin": "admin", "health": None}
 CHECKS = [
     not_a_server_error,
     status_code_conformance,

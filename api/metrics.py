@@ -1,0 +1,138 @@
+"""Prometheus metrics of the API process, served on their own listener (never the public port).
+
+Counters and histograms are updated as requests pass; the queue depth per priority, the number of
+cases per live state, stale running cases, the latest drift figures and the last audit-chain check
+are read when Prometheus scrapes (from Redis and Postgres, with short timeouts), so every API
+replica reports the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from api.deps import AppState
+from core.models import Case, CaseStatus, Priority
+from core.queueing import AUDIT_CHECK_KEY, DRIFT_KEY, PRIORITY_STEPS, PRIORITY_VALUE, queue_lists
+
+log = logging.getLogger("dermq.metrics")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+HTTP_REQUESTS = Counter(
+    "dermq_http_requests_total",
+    "HTTP requests by route, method and status",
+    ["route", "method", "status"],
+    registry=REGISTRY,
+)
+HTTP_LATENCY = Histogram(
+    "dermq_http_request_duration_seconds",
+    "HTTP request latency",
+    ["route", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+UPLOAD_BYTES = Histogram(
+    "dermq_upload_bytes",
+    "size of accepted image uploads",
+    buckets=(2**14, 2**16, 2**18, 2**20, 2**21, 2**22, 2**23, 2**24, 2**25),
+    registry=REGISTRY,
+)
+UPLOAD_REJECTIONS = Counter(
+    "dermq_upload_rejections_total", "refused uploads by problem code", ["code"], registry=REGISTRY
+)
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(route, method, str(status)).inc()
+    HTTP_LATENCY.labels(route, method).observe(seconds)
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time from Redis and Postgres."""
+
+    def __init__(self, app: AppState) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "dermq_queue_depth", "classification messages waiting in Redis, by priority", labels=["priority"]
+        )
+        try:
+            totals = {"urgent": 0, "routine": 0}
+            for step, name in zip(PRIORITY_STEPS, queue_lists(), strict=True):
+                priority = "urgent" if step == PRIORITY_VALUE[Priority.URGENT] else "routine"
+                totals[priority] += int(self.app.redis.llen(name))
+            for priority, value in totals.items():
+                depth.add_metric([priority], value)
+        except Exception as exc:
+            log.warning("queue depth unavailable", extra={"error": type(exc).__name__})
+        yield depth
+
+        cases = GaugeMetricFamily("dermq_cases", "cases in a live state", labels=["status"])
+        stale = GaugeMetricFamily(
+            "dermq_stale_running_cases", "cases running longer than the hard time limit plus grace (lost workers)"
+        )
+        try:
+            with self.app.sessions() as session:
+                counts = dict(
+                    session.execute(
+                        select(Case.status, func.count())
+                        .where(Case.status.in_([CaseStatus.QUEUED.value, CaseStatus.RUNNING.value]))
+                        .group_by(Case.status)
+                    ).all()
+                )
+                cutoff = datetime.now(UTC) - timedelta(
+                    seconds=self.app.settings.task_time_limit + self.app.settings.running_grace_seconds
+                )
+                stuck = session.scalar(
+                    select(func.count())
+                    .select_from(Case)
+                    .where(Case.status == CaseStatus.RUNNING.value, Case.started_at < cutoff)
+                )
+            for status in (CaseStatus.QUEUED.value, CaseStatus.RUNNING.value):
+                cases.add_metric([status], counts.get(status, 0))
+            stale.add_metric([], stuck or 0)
+        except Exception as exc:
+            log.warning("case counts unavailable", extra={"error": type(exc).__name__})
+        yield cases
+        yield stale
+
+        drift = GaugeMetricFamily(
+            "dermq_drift_psi",
+            "population stability index of today's inputs and predictions against the model's validation reference",
+            labels=["feature"],
+        )
+        chain = GaugeMetricFamily("dermq_audit_chain_ok", "1 if the last audit-chain verification passed, else 0")
+        try:
+            raw = self.app.redis.get(DRIFT_KEY)
+            if raw:
+                for feature, value in json.loads(raw).get("psi", {}).items():
+                    if value is not None:
+                        drift.add_metric([feature], float(value))
+            checked = self.app.redis.get(AUDIT_CHECK_KEY)
+            if checked:
+                chain.add_metric([], 1.0 if json.loads(checked).get("ok") else 0.0)
+        except Exception as exc:
+            log.warning("drift and audit figures unavailable", extra={"error": type(exc).__name__})
+        yield drift
+        yield chain
+
+
+def serve(app: AppState) -> None:
+    """Start the metrics listener (``DERMQ_METRICS_HOST:DERMQ_METRICS_PORT``) in a daemon thread."""
+    if not app.settings.metrics_port:
+        return
+    REGISTRY.register(StateCollector(app))
+    try:
+        start_http_server(app.settings.metrics_port, addr=app.settings.metrics_host, registry=REGISTRY)
+    except OSError as exc:  # the API itself still serves; the missing scrape target raises an alert
+        log.error("metrics listener could not start", extra={"event": "metrics_failed", "error": type(exc).__name__})
+        return
+    log.info("metrics listening", extra={"event": "metrics_listening"})

@@ -1,0 +1,83 @@
+"""The calling clinic's own settings: its completion callback (see core/callbacks.py for the
+signature, the body and what URLs are accepted)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
+
+from api.deps import AuthenticatedCaller, DbSession, State, limit, require_role
+from api.routes.cases import NO_STORE, PROBLEMS
+from core import callbacks
+from core.models import ClinicCallback, Role
+
+router = APIRouter(prefix="/v1/clinic", tags=["clinic"])
+
+
+class CallbackIn(BaseModel):
+    url: str = Field(
+        max_length=8192,
+        description="https URL without credentials that accepts a POST when one of the clinic's cases ends",
+        examples=["https://portal.example-clinic.org/dermq/callback"],
+    )
+
+
+class CallbackOut(BaseModel):
+    url: str
+    signature_header: str = callbacks.SIGNATURE_HEADER
+    created_at: datetime
+    updated_at: datetime
+
+
+class NewCallbackOut(CallbackOut):
+    secret: str = Field(
+        description="HMAC-SHA256 key of the Dermq-Signature header; shown only now, store it in your secret store"
+    )
+
+
+def _out(row: ClinicCallback) -> CallbackOut:
+    return CallbackOut(url=row.url, created_at=row.created_at, updated_at=row.updated_at)
+
+
+@router.put(
+    "/callback",
+    response_model=NewCallbackOut,
+    responses=PROBLEMS,
+    summary="Register (or replace) the clinic's completion callback; returns a new signing secret once",
+)
+def put_callback(
+    body: CallbackIn, response: Response, app: State, caller: AuthenticatedCaller, session: DbSession
+) -> NewCallbackOut:
+    """When a case ends, dermq POSTs `{"type": "case.finished", "case_id", "status", "timestamp"}` to the
+    URL, signed in `Dermq-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`. No patient
+    data is sent: fetch the result with `GET /v1/cases/{case_id}`. Registering again rotates the secret."""
+    require_role(caller, Role.CLINIC)
+    limit(caller, app, "submit")
+    row, secret = callbacks.register(
+        session,
+        keyring=app.keyring,
+        settings=app.settings,
+        principal=caller.principal,
+        actor=caller.actor,
+        url=body.url,
+    )
+    response.headers.update(NO_STORE)
+    return NewCallbackOut(**_out(row).model_dump(), secret=secret)
+
+
+@router.get("/callback", response_model=CallbackOut, responses=PROBLEMS, summary="The clinic's completion callback")
+def get_callback(response: Response, app: State, caller: AuthenticatedCaller, session: DbSession) -> CallbackOut:
+    require_role(caller, Role.CLINIC)
+    limit(caller, app, "read")
+    response.headers.update(NO_STORE)
+    return _out(callbacks.registered(session, principal=caller.principal))
+
+
+@router.delete("/callback", status_code=204, responses=PROBLEMS, summary="Stop completion callbacks")
+def delete_callback(app: State, caller: AuthenticatedCaller, session: DbSession) -> Response:
+    require_role(caller, Role.CLINIC)
+    limit(caller, app, "submit")
+    callbacks.unregister(session, principal=caller.principal, actor=caller.actor)
+    return Response(status_code=204, headers=NO_STORE)

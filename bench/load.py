@@ -1,0 +1,373 @@
+"""Load benchmark: concurrent clinic portals against the whole stack, and the reliability tally.
+
+    python -m bench.load --clients 32 --seconds 60 [--concurrency 1] [--poll-interval 1.0]
+    python -m bench.load --base-url https://dermq.example --key dq_... [--database-url postgresql+psycopg2://...]
+
+Each client is a thread with its own HTTP connection, acting as a clinic portal: it uploads a real
+image (tests/fixtures/images) with an Idempotency-Key, polls the case every ``--poll-interval``
+seconds until it has ended, and submits the next (``--urgent-share`` of them urgent). A submission
+that fails with a network error or a 5xx is retried with the same key (what a portal should do), so
+a retry can never make a second case.
+After ``--seconds`` the clients stop submitting and wait for what they have in flight (``--drain``
+seconds at most).
+
+Without ``--base-url`` it starts its own stack, as `make run` would: a scratch database
+(``dermq_bench_load``), Redis database 10 (flushed), the API (uvicorn) and one Celery worker with
+``--concurrency`` children as subprocesses, and the recovery sweep every 5 s in a thread (beat's job).
+
+Reported: accepted, completed, lost (accepted but never ended, or not in the database: must be 0),
+duplicated (cases beyond one per accepted submission, or more than one result for a case: must be
+0), 4xx/5xx answers, intake latency (POST answered) p50/p95/p99, submit-to-result p50/p95 (from the
+database: created_at to finished_at; and as the client saw it, polling included), and throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, table
+from tests import support
+
+DATABASE = "dermq_bench_load"
+REDIS_DB = 10
+
+
+@dataclass
+class Tally:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    intake: list[float] = field(default_factory=list)
+    seen: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    accepted: list[str] = field(default_factory=list)
+    ended: dict[str, str] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+
+    def answer(self, status: int) -> None:
+        with self.lock:
+            self.statuses[status] += 1
+
+
+class Portal(threading.Thread):
+    """One clinic portal: submit, poll until the case ends, repeat until told to stop."""
+
+    def __init__(
+        self, number: int, base_url: str, token: str, images: list[bytes], tally: Tally, args: argparse.Namespace
+    ) -> None:
+        super().__init__(name=f"portal-{number}", daemon=True)
+        self.number, self.images, self.tally, self.args = number, images, tally, args
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        self.stop_submitting = threading.Event()
+        self.deadline = float("inf")
+        self.rng = random.Random(number)
+
+    def submit(self, image: bytes) -> tuple[str, float] | None:
+        key = f"bench-{uuid.uuid4().hex}"
+        for _ in range(5):
+            started = time.perf_counter()
+            try:
+                response = self.http.post(
+                    "/v1/cases",
+                    headers={"Idempotency-Key": key},
+                    files={"image": ("lesion.jpg", image, "image/jpeg")},
+                    data={"priority": "urgent" if self.rng.random() < self.args.urgent_share else "routine"},
+                )
+            except httpx.HTTPError as exc:
+                with self.tally.lock:
+                    self.tally.errors[type(exc).__name__] += 1
+                    self.tally.retries += 1
+                time.sleep(0.5)
+                continue
+            elapsed = time.perf_counter() - started
+            self.tally.answer(response.status_code)
+            if response.status_code in (200, 202):
+                with self.tally.lock:
+                    self.tally.intake.append(elapsed)
+                    if response.status_code == 202:
+                        self.tally.accepted.append(response.json()["id"])
+                return response.json()["id"], started
+            if response.status_code >= 500 or response.status_code == 429:
+                with self.tally.lock:
+                    self.tally.retries += 1
+                time.sleep(float(response.headers.get("retry-after", "1")))
+                continue
+            return None  # a 4xx other than 429: a bug in this client, counted above
+        return None
+
+    def wait_done(self, case_id: str, started: float) -> None:
+        while time.monotonic() < self.deadline:
+            time.sleep(self.args.poll_interval)
+            try:
+                response = self.http.get(f"/v1/cases/{case_id}")
+            except httpx.HTTPError as exc:
+                with self.tally.lock:
+                    self.tally.errors[type(exc).__name__] += 1
+                continue
+            self.tally.answer(response.status_code)
+            if response.status_code == 200 and response.json()["status"] in ("succeeded", "failed"):
+                with self.tally.lock:
+                    self.tally.ended[case_id] = response.json()["status"]
+                    self.tally.seen.append(time.perf_counter() - started)
+                return
+
+    def run(self) -> None:
+        n = self.number
+        while not self.stop_submitting.is_set():
+            submitted = self.submit(self.images[n % len(self.images)])
+            n += self.args.clients
+            if submitted is not None:
+                self.wait_done(*submitted)
+        self.http.close()
+
+
+def start_stack(
+    args: argparse.Namespace, workdir: Path, processes: list[support.Process], stopped: threading.Event
+) -> tuple[str, str, str, Path]:
+    """Scratch database, Redis DB 10, the API and a worker (appended to ``processes`` as they start, so
+    that the caller stops them whatever happens) and the sweep until ``stopped``; returns (API URL,
+    clinic key, database URL, the API's log)."""
+    import redis
+
+    from core import clinics, keys
+    from core.config import Settings
+    from core.crypto import Keyring, load_keyring, write_key_file
+    from core.db import session_scope
+    from core.models import Role
+
+    port = support.free_port()
+    env = support.test_env(
+        workdir,
+        DERMQ_DATABASE_URL=f"postgresql+psycopg2:///{DATABASE}",
+        DERMQ_REDIS_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
+        DERMQ_API_PORT=str(port),
+        DERMQ_LOG_LEVEL="INFO",  # the worker's "ready." line, and the API's access log (server-side timings)
+        DERMQ_WORKER_CONCURRENCY=str(args.concurrency),
+        DERMQ_WORKER_THREADS=str(args.worker_threads),
+        DERMQ_DATABASE_POOL_SIZE="10",
+        DERMQ_WORKER_METRICS_PORT="0",
+    )
+    write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
+    support.recreate_database(env["DERMQ_DATABASE_URL"])
+    support.migrate(env["DERMQ_DATABASE_URL"])
+    redis.Redis.from_url(env["DERMQ_REDIS_URL"]).flushdb()
+    with support.environment(env):
+        settings = Settings()
+    with session_scope(settings) as session:
+        clinic = clinics.create_clinic(session, f"bench-load-{uuid.uuid4().hex[:6]}")
+        _, token = keys.create_key(session, load_keyring(settings), role=Role.CLINIC, clinic_id=clinic.id)
+    base = f"http://127.0.0.1:{port}"
+    api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
+    processes.append(api)
+    support.wait_for(lambda: _up(base) or not api.alive(), timeout=60, what="the API")
+    if not api.alive():
+        raise RuntimeError(api.output()[-2000:])
+    processes.append(support.start_worker(env, workdir / "worker.log", concurrency=args.concurrency))
+
+    def sweep_every_5_s() -> None:
+        from core.publisher import make_publisher
+        from worker.tasks import sweep_once
+
+        publisher = make_publisher(settings)
+        broker = redis.Redis.from_url(settings.redis_url)
+        while not stopped.wait(5):
+            try:
+                sweep_once(settings, publisher, broker)
+            except Exception as exc:
+                print(f"sweep failed: {type(exc).__name__}")
+
+    threading.Thread(target=sweep_every_5_s, daemon=True).start()
+    return base, token, settings.database_url, api.log
+
+
+def server_intake(api_log: Path, since: float) -> list[float]:
+    """Seconds the API spent on each answered submission (its access log), from ``since`` (epoch) on."""
+    durations = []
+    for line in api_log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if (
+            entry.get("route") == "/v1/cases"
+            and entry.get("method") == "POST"
+            and entry.get("status_code") in (200, 202)
+        ) and datetime.fromisoformat(entry["ts"]).timestamp() >= since:
+            durations.append(entry["duration_ms"] / 1000)
+    return durations
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def database_tally(database_url: str, accepted: list[str]) -> dict[str, object]:
+    """What Postgres says about the accepted cases (the truth), and any case nobody was told about."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    ids = list(dict.fromkeys(accepted))
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT c.id::text, c.clinic_id::text, c.status, c.created_at, c.finished_at, "
+                "(SELECT count(*) FROM results r WHERE r.case_id = c.id) AS results "
+                "FROM cases c WHERE c.id::text = ANY(:ids)"
+            ),
+            {"ids": ids},
+        ).all()
+        clinics = {row.clinic_id for row in rows}
+        in_clinics = connection.scalar(
+            text("SELECT count(*) FROM cases WHERE clinic_id::text = ANY(:clinics) AND created_at >= :since"),
+            {"clinics": list(clinics), "since": min((r.created_at for r in rows), default=None)},
+        )
+    engine.dispose()
+    terminal = [r for r in rows if r.status in ("succeeded", "failed")]
+    return {
+        "found": len(rows),
+        "terminal": len(terminal),
+        "failed": sum(r.status == "failed" for r in rows),
+        "extra_cases": (in_clinics or 0) - len(rows),
+        "multi_results": sum(r.results > 1 for r in rows),
+        "server_latency": [(r.finished_at - r.created_at).total_seconds() for r in terminal],
+        "span": (
+            (max(r.finished_at for r in terminal) - min(r.created_at for r in rows)).total_seconds()
+            if terminal
+            else float("nan")
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clinic portals")
+    parser.add_argument("--seconds", type=float, default=60, help="how long the portals keep submitting")
+    parser.add_argument("--drain", type=float, default=300, help="seconds to wait for cases in flight afterwards")
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between a portal's polls")
+    parser.add_argument("--concurrency", type=int, default=1, help="worker child processes (own stack only)")
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=1,
+        help="torch threads per worker child (own stack only; 1 leaves the API a core on a 2-core machine)",
+    )
+    parser.add_argument("--urgent-share", type=float, default=0.1, help="fraction of submissions marked urgent")
+    parser.add_argument("--images", default=str(FIXTURE_IMAGES), help="folder of JPEGs to submit")
+    parser.add_argument("--camera", action="store_true", help="submit 12-megapixel JPEGs (4000x3000) instead")
+    parser.add_argument("--base-url", help="a running dermq API instead of starting a stack")
+    parser.add_argument("--key", help="a clinic API key for --base-url")
+    parser.add_argument("--database-url", help="with --base-url: its database, for the lost/duplicated checks")
+    args = parser.parse_args(argv)
+    if args.base_url and not args.key:
+        parser.error("--base-url needs --key")
+
+    images = camera_jpegs() if args.camera else [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
+    processes: list[support.Process] = []
+    stop_sweeper = threading.Event()
+    api_log: Path | None = None
+    workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-load-"))  # key file and logs; removed at the end
+    try:
+        if args.base_url:
+            base, token, database_url = args.base_url.rstrip("/"), args.key, args.database_url
+        else:
+            base, token, database_url, api_log = start_stack(args, workdir, processes, stop_sweeper)
+            warm = Tally()
+            warm_up = Portal(0, base, token, images, warm, args)
+            case = warm_up.submit(images[0])  # the worker child loads the model on its first case
+            if case is not None:
+                warm_up.wait_done(*case)
+        tally = Tally()
+        portals = [Portal(i, base, token, images, tally, args) for i in range(args.clients)]
+        started, started_at = time.perf_counter(), time.time()
+        for portal in portals:
+            portal.start()
+        time.sleep(args.seconds)
+        deadline = time.monotonic() + args.drain
+        for portal in portals:
+            portal.deadline = deadline
+            portal.stop_submitting.set()
+        for portal in portals:
+            portal.join(max(1.0, deadline - time.monotonic() + 5))
+        wall = time.perf_counter() - started
+    finally:
+        stop_sweeper.set()
+        for process in reversed(processes):
+            process.stop()
+
+    accepted = list(dict.fromkeys(tally.accepted))
+    client_lost = [c for c in accepted if c not in tally.ended]
+    codes = tally.statuses
+    rows: list[list[str]] = [
+        ["accepted (202)", str(len(accepted))],
+        ["completed (succeeded or failed, seen by the portal)", str(len(tally.ended))],
+    ]
+    if database_url:
+        truth = database_tally(database_url, accepted)
+        lost = len(accepted) - int(truth["terminal"])  # type: ignore[call-overload]
+        duplicated = int(truth["extra_cases"]) + int(truth["multi_results"])  # type: ignore[call-overload]
+        server = truth["server_latency"]
+        rows += [
+            ["lost (accepted, never ended in Postgres)", str(lost)],
+            ["duplicated (extra cases + cases with >1 result)", str(duplicated)],
+            ["  of which failed", str(truth["failed"])],
+        ]
+    else:
+        server, lost = [], len(client_lost)
+        rows += [["lost (accepted, never seen ending)", str(lost)], ["duplicated", "n/a (no --database-url)"]]
+    rows += [
+        ["4xx answers", str(sum(n for c, n in codes.items() if 400 <= c < 500))],
+        ["5xx answers", str(sum(n for c, n in codes.items() if c >= 500))],
+        ["network errors (retried)", str(sum(tally.errors.values()))],
+        ["intake latency p50 / p95 / p99 (portal)", " / ".join(ms(percentile(tally.intake, q)) for q in (50, 95, 99))],
+    ]
+    if api_log is not None:
+        server_side = server_intake(api_log, started_at)
+        rows.append(
+            ["intake latency p50 / p95 / p99 (API)", " / ".join(ms(percentile(server_side, q)) for q in (50, 95, 99))]
+        )
+    if server:
+        rows.append(
+            [
+                "submit-to-result p50 / p95 (server)",
+                f"{p50(server):.2f} s / {percentile(server, 95):.2f} s",  # type: ignore[arg-type]
+            ]
+        )
+    if tally.seen:
+        rows.append(
+            [
+                f"submit-to-result p50 / p95 (portal, polling every {args.poll_interval:g} s)",
+                f"{p50(tally.seen):.2f} s / {percentile(tally.seen, 95):.2f} s",
+            ]
+        )
+    rows += [
+        ["throughput (completed / wall time)", f"{len(tally.ended) / wall:.2f} cases/s over {wall:.0f} s"],
+        ["requests answered", str(sum(codes.values()))],
+    ]
+    own = f"own stack, {args.concurrency} worker child(ren) x {args.worker_threads} torch thread(s)"
+    print(
+        f"dermq load benchmark: {args.clients} clients for {args.seconds:g} s (+ drain), {os.cpu_count()} CPUs, "
+        f"{own if not args.base_url else base}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(table(["measure", "value"], rows))
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Completion callbacks: registration by the clinic's own key, URL rules (SSRF), the secret sealed at
+rest, and signed, audited, retried delivery to a real receiver on 127.0.0.1 by the real worker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from sqlalchemy import select
+
+from core import callbacks
+from core.config import Settings
+from core.db import session_scope
+from core.errors import InvalidInput
+from core.models import AuditEvent, CallbackDelivery, ClinicCallback
+from core.publisher import publish_classify
+from tests import support
+from tests.conftest import Tenant
+
+PRODUCTION = Settings(environment="production")
+
+
+class Receiver:
+    """A clinic's callback endpoint: answers with the next status of ``statuses`` (then 204)."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = list(statuses)
+        self.calls: list[dict[str, object]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.calls.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                self.send_response(receiver.statuses.pop(0) if receiver.statuses else 204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/dermq/hook?clinic=7"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver([500])
+    yield server
+    server.close()
+
+
+# --------------------------------------------------------------------------- URL rules (no database)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://portal.example-clinic.org/dermq/callback",
+        "https://portal.example-clinic.org:8443/hook?tenant=7",
+        "https://93.184.215.14/hook",
+    ],
+)
+def test_public_https_urls_are_accepted_in_production(url: str) -> None:
+    assert callbacks.validate_url(f"  {url} ", PRODUCTION) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://portal.example-clinic.org/hook", "https"),
+        ("ftp://portal.example-clinic.org/hook", "https"),
+        ("https://user:secret@portal.example-clinic.org/hook", "credentials"),
+        ("https://token@portal.example-clinic.org/hook", "credentials"),
+        ("https://portal.example-clinic.org/" + "a" * 2100, "characters"),
+        ("https://portal.example-clinic.org/hook#x", "fragment"),
+        ("https://portal.example-clinic.org:99999/hook", "port"),
+        ("https://portal.exämple.org/hook", "ASCII"),
+        ("https://portal.example-clinic.org/ho ok", "ASCII"),
+        ("https://localhost/hook", "public"),
+        ("https://metadata.google.internal/computeMetadata/v1/", "public"),
+        ("https://intranet/hook", "public"),
+        ("https://127.0.0.1/hook", "public"),
+        ("https://10.1.2.3/hook", "public"),
+        ("https://192.168.0.10/hook", "public"),
+        ("https://169.254.169.254/latest/meta-data/", "public"),
+        ("https://100.64.0.1/hook", "public"),
+        ("https://[::1]/hook", "public"),
+        ("https://[fd00::1]/hook", "public"),
+        ("https://[::ffff:127.0.0.1]/hook", "public"),
+        ("https://224.0.0.1/hook", "public"),
+        ("https:///hook", "host"),
+    ],
+)
+def test_unsafe_urls_are_refused_in_production(url: str, why: str) -> None:
+    with pytest.raises(InvalidInput, match=why) as refused:
+        callbacks.validate_url(url, PRODUCTION)
+    assert refused.value.code == "invalid_callback_url"
+
+
+def test_plain_http_to_this_machine_is_for_development_and_tests_only() -> None:
+    assert callbacks.validate_url("http://127.0.0.1:8080/hook", Settings(environment="test"))
+    assert callbacks.validate_url("http://localhost:8080/hook", Settings(environment="development"))
+
+
+def test_delivery_never_connects_to_a_private_address_in_production() -> None:
+    # Checked again at delivery time, after resolution (a public name may resolve to 127.0.0.1).
+    status, error = callbacks.post("https://localhost:9/hook", b'{"case_id":"x"}', "whsec_x", PRODUCTION)
+    assert (status, error) == (None, "UnsafeAddress")
+
+
+def test_signatures_verify_and_refuse_tampering_replay_and_other_secrets() -> None:
+    body = b'{"case_id":"c","status":"succeeded"}'
+    now = int(time.time())
+    header = callbacks.sign("whsec_one", body, now)
+    assert header.startswith(f"t={now},v1=") and len(header.rpartition("v1=")[2]) == 64
+    assert callbacks.verify("whsec_one", header, body)
+    assert not callbacks.verify("whsec_two", header, body)
+    assert not callbacks.verify("whsec_one", header, body.replace(b"succeeded", b"failed"))
+    stale = callbacks.sign("whsec_one", body, now - 3600)
+    assert not callbacks.verify("whsec_one", stale, body)
+    assert not callbacks.verify("whsec_one", "v1=deadbeef", body)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@pytest.mark.usefixtures("database")
+def test_a_clinic_registers_reads_rotates_and_removes_its_callback(client, tenant: Tenant, make_key, settings) -> None:  # type: ignore[no-untyped-def]
+    response = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": "http://127.0.0.1:9/hook"})
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    first = response.json()
+    assert first["url"] == "http://127.0.0.1:9/hook" and first["secret"].startswith("whsec_")
+    assert first["signature_header"] == "Dermq-Signature"
+
+    shown = client.get("/v1/clinic/callback", headers=tenant.headers)
+    assert shown.status_code == 200 and "secret" not in shown.json()
+
+    with session_scope(settings) as session:  # sealed at rest: no trace of the secret in the row
+        row = session.get(ClinicCallback, tenant.clinic_id)
+        stored = b"".join([row.secret_ciphertext, row.secret_nonce, row.secret_wrapped_key, row.url.encode()])
+        assert first["secret"].encode() not in stored and first["secret"][6:].encode() not in stored
+
+    rotated = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": "http://127.0.0.1:9/v2"}).json()
+    assert rotated["secret"] != first["secret"] and rotated["created_at"] == first["created_at"]
+
+    other = make_key()  # another clinic neither sees nor removes it
+    assert client.get("/v1/clinic/callback", headers=other.headers).status_code == 404
+    assert client.delete("/v1/clinic/callback", headers=other.headers).status_code == 404
+    auditor = make_key("auditor")
+    assert (
+        client.put("/v1/clinic/callback", headers=auditor.headers, json={"url": "http://127.0.0.1/"}).status_code == 403
+    )
+
+    assert client.delete("/v1/clinic/callback", headers=tenant.headers).status_code == 204
+    gone = client.get("/v1/clinic/callback", headers=tenant.headers)
+    assert gone.status_code == 404 and gone.json()["code"] == "callback_not_registered"
+
+    with session_scope(settings) as session:
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.clinic_id == tenant.clinic_id, AuditEvent.action.like("callback.%"))
+        ).all()
+    assert [e.action for e in events] == ["callback.register", "callback.register", "callback.unregister"]
+    assert all(first["secret"] not in json.dumps(e.detail) for e in events)
+
+
+@pytest.mark.usefixtures("database")
+def test_invalid_urls_are_refused_with_a_problem(client, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
+    for url in ("ftp://127.0.0.1/hook", "http://user:pw@127.0.0.1/hook", "http://127.0.0.1/" + "a" * 3000):
+        response = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": url})
+        assert response.status_code == 422 and response.json()["code"] in ("invalid_callback_url", "invalid_input")
+
+
+# --------------------------------------------------------------------------- delivery by the worker
+
+
+def deliveries(settings, case_id: uuid.UUID) -> tuple[CallbackDelivery | None, list[AuditEvent]]:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        row = session.get(CallbackDelivery, case_id)
+        events = session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.entity_id == str(case_id), AuditEvent.action == "callback.deliver")
+            .order_by(AuditEvent.id)
+        ).all()
+    return row, list(events)
+
+
+@pytest.mark.usefixtures("database")
+def test_a_finished_case_is_announced_signed_retried_and_audited(
+    client, worker, tenant: Tenant, settings, receiver: Receiver, fixture_images
+) -> None:  # type: ignore[no-untyped-def]
+    secret = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": receiver.url}).json()["secret"]
+    image = fixture_images["ISIC_0024311"].read_bytes()
+    submitted = client.post(
+        "/v1/cases",
+        headers=tenant.headers,
+        files={"image": ("lesion.jpg", image, "image/jpeg")},
+        data={"client_ref": "MRN-0042 Jane Doe"},
+    )
+    case_id = uuid.UUID(submitted.json()["id"])
+    row = support.wait_for(
+        lambda: (d := deliveries(settings, case_id)[0]) is not None and d.status != "pending" and d,
+        timeout=120,
+        interval=0.2,
+        what="the callback to be delivered",
+    )
+    assert (row.status, row.attempts, row.last_http_status) == ("delivered", 2, 204)
+
+    assert len(receiver.calls) == 2  # a 500 first, then accepted after a backoff
+    call = receiver.calls[-1]
+    headers, body = call["headers"], call["body"]
+    assert call["path"] == "/dermq/hook?clinic=7"
+    assert callbacks.verify(secret, headers["Dermq-Signature"], body)  # type: ignore[index, arg-type]
+    notice = json.loads(body)  # type: ignore[arg-type]
+    assert set(notice) == {"type", "case_id", "status", "timestamp"}
+    assert notice["case_id"] == str(case_id) and notice["status"] == "succeeded" and notice["type"] == "case.finished"
+    assert headers["Dermq-Event-Id"] == str(case_id) and headers["Content-Type"] == "application/json"  # type: ignore[index]
+    assert b"MRN" not in body and b"probabilit" not in body  # type: ignore[operator]
+    assert receiver.calls[0]["body"] == body  # the retry sends the same notice
+
+    _, events = deliveries(settings, case_id)
+    assert [(e.outcome, e.detail) for e in events] == [
+        ("failure", {"attempt": 1, "http_status": 500}),
+        ("success", {"attempt": 2, "http_status": 204}),
+    ]
+    assert secret not in worker.output()
+    polled = client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()
+    assert polled["status"] == "succeeded" and polled["client_ref"] == "MRN-0042 Jane Doe"
+
+
+@pytest.mark.usefixtures("database")
+def test_a_failed_case_is_announced_too(
+    client, worker, tenant: Tenant, settings, store_case, publisher, jpeg_bytes: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    server = Receiver([])
+    try:
+        secret = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": server.url}).json()["secret"]
+        case_id = store_case(tenant, jpeg_bytes[: len(jpeg_bytes) // 3])
+        publish_classify(publisher, case_id, "routine")
+        support.wait_for(lambda: server.calls, timeout=120, what="the callback of the failed case")
+        notice = json.loads(server.calls[0]["body"])  # type: ignore[arg-type]
+        assert notice["status"] == "failed" and notice["case_id"] == str(case_id)
+        assert callbacks.verify(secret, server.calls[0]["headers"]["Dermq-Signature"], server.calls[0]["body"])  # type: ignore[index, arg-type]
+        row, events = deliveries(settings, case_id)
+        assert row is not None and (row.status, row.attempts) == ("delivered", 1)
+        assert [e.outcome for e in events] == ["success"]
+    finally:
+        server.close()

@@ -1,0 +1,142 @@
+"""Idempotent submission: a portal that retries (a timeout, a dropped connection) with the same
+Idempotency-Key gets the same case, never a second one, even when the retries race each other."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from core import audit, cases
+from core.db import session_factory, session_scope
+from core.keys import Principal
+from core.models import AuditEvent, Case, CaseBlob, Priority, Role
+from tests.conftest import Tenant
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def post(client, tenant: Tenant, image: bytes, key: str | None):  # type: ignore[no-untyped-def]
+    headers = {**tenant.headers, **({"Idempotency-Key": key} if key else {})}
+    return client.post("/v1/cases", headers=headers, files={"image": ("lesion.jpg", image, "image/jpeg")})
+
+
+def stored(settings, clinic_id: uuid.UUID, key: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        ids = list(session.scalars(select(Case.id).where(Case.clinic_id == clinic_id, Case.idempotency_key == key)))
+        blobs = session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.case_id.in_(ids)))
+        events = session.scalar(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(AuditEvent.action == "case.create", AuditEvent.entity_id.in_([str(i) for i in ids]))
+        )
+    return {"cases": len(ids), "blobs": blobs or 0, "create_events": events or 0}
+
+
+def test_the_same_key_and_image_replay_the_case(client, tenant: Tenant, settings, fixture_images) -> None:  # type: ignore[no-untyped-def]
+    image = fixture_images["ISIC_0024311"].read_bytes()
+    first = post(client, tenant, image, "visit-2026-11-26-001")
+    assert first.status_code == 202 and "idempotent-replayed" not in first.headers
+    again = post(client, tenant, image, "visit-2026-11-26-001")
+    assert again.status_code == 200, again.text
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"] and again.headers["location"] == first.headers["location"]
+    assert stored(settings, tenant.clinic_id, "visit-2026-11-26-001") == {"cases": 1, "blobs": 1, "create_events": 1}
+
+
+def test_the_same_key_with_another_image_is_a_conflict(client, tenant: Tenant, settings, fixture_images) -> None:  # type: ignore[no-untyped-def]
+    one, other = (fixture_images[name].read_bytes() for name in ("ISIC_0024311", "ISIC_0024313"))
+    assert post(client, tenant, one, "k-1").status_code == 202
+    response = post(client, tenant, other, "k-1")
+    assert response.status_code == 409
+    assert response.json()["code"] == "idempotency_key_reused"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert stored(settings, tenant.clinic_id, "k-1")["cases"] == 1
+
+
+def test_keys_belong_to_one_clinic(client, make_key, fixture_images) -> None:  # type: ignore[no-untyped-def]
+    image = fixture_images["ISIC_0024311"].read_bytes()
+    mine, theirs = make_key(), make_key()
+    a, b = post(client, mine, image, "shared-key"), post(client, theirs, image, "shared-key")
+    assert (a.status_code, b.status_code) == (202, 202) and a.json()["id"] != b.json()["id"]
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "new\x7fline"])
+def test_malformed_keys_are_refused(client, tenant: Tenant, jpeg_bytes: bytes, key: str) -> None:  # type: ignore[no-untyped-def]
+    headers = {**tenant.headers, "Idempotency-Key": key}
+    files = {"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
+    response = client.post("/v1/cases", headers=headers, files=files)
+    assert response.status_code == 422 and response.json()["code"] == "invalid_idempotency_key"
+
+
+def test_two_transactions_racing_with_one_key_make_one_case(
+    settings, keyring, tenant: Tenant, jpeg_bytes: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    """The loser of the race waits on the unique index for the winner's commit, then replays it."""
+    image = cases.NewImage(jpeg_bytes, "JPEG", "image/jpeg", 300, 225, hashlib.sha256(jpeg_bytes).hexdigest())
+    principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
+    key = f"race-{uuid.uuid4().hex}"
+
+    def create(session):  # type: ignore[no-untyped-def]
+        return cases.create_case(
+            session,
+            keyring=keyring,
+            principal=principal,
+            actor=audit.SYSTEM,
+            image=image,
+            client_ref=None,
+            priority=Priority.ROUTINE,
+            idempotency_key=key,
+        )
+
+    winner = session_factory(settings)()
+    try:
+        winner_case, winner_created = create(winner)  # inserted, not yet committed
+        loser: dict[str, object] = {}
+
+        def race() -> None:
+            started = time.monotonic()
+            with session_scope(settings) as session:
+                case, created = create(session)
+                loser.update(id=case.id, created=created, waited=time.monotonic() - started)
+
+        thread = threading.Thread(target=race)
+        thread.start()
+        time.sleep(0.5)
+        assert thread.is_alive()  # blocked on the unique index
+        winner.commit()
+    finally:
+        winner.close()
+    thread.join(15)
+    assert winner_created and loser["id"] == winner_case.id and loser["created"] is False
+    assert loser["waited"] >= 0.5  # type: ignore[operator]
+    assert stored(settings, tenant.clinic_id, key) == {"cases": 1, "blobs": 1, "create_events": 1}
+
+
+def test_simultaneous_http_retries_with_one_key_make_one_case(
+    live_api: str, tenant: Tenant, settings, jpeg_bytes: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    key = f"burst-{uuid.uuid4().hex}"
+    barrier = threading.Barrier(8)
+
+    def send(_: int) -> httpx.Response:
+        barrier.wait()
+        return httpx.post(
+            f"{live_api}/v1/cases",
+            headers={**tenant.headers, "Idempotency-Key": key},
+            files={"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")},
+            timeout=30,
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(send, range(8)))
+    assert sorted(r.status_code for r in responses) == [200] * 7 + [202], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert all(r.headers.get("idempotent-replayed") == "true" for r in responses if r.status_code == 200)
+    assert stored(settings, tenant.clinic_id, key) == {"cases": 1, "blobs": 1, "create_events": 1}

@@ -1,0 +1,202 @@
+"""The recovery sweeper, state by state, against the real database and a private redis-server (so that
+what it publishes reaches no worker and can be inspected): requeue or fail what lost its worker,
+republish what lost its message, never duplicate what is still waiting, and one result per case."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from core import callbacks, cases, recovery
+from core.config import Settings
+from core.db import session_scope
+from core.models import CallbackDelivery, Case, ClinicCallback, Result
+from core.publisher import make_publisher, publish_classify
+from core.queueing import QUEUE_MAINTENANCE
+from tests.conftest import Tenant
+from tests.faults.servers import RedisServer
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+@pytest.fixture(scope="module")
+def private_broker() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    root = Path(tempfile.mkdtemp(prefix="dermq-sweeper-"))
+    server = RedisServer(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def sweeping(settings: Settings, private_broker: RedisServer) -> Iterator[tuple[Settings, object, redis.Redis]]:
+    config = settings.model_copy(update={"redis_url": private_broker.url})
+    client = redis.Redis.from_url(private_broker.url)
+    client.flushdb()
+    yield config, make_publisher(config), client
+    client.close()
+
+
+def sweep(sweeping) -> recovery.SweepReport:  # type: ignore[no-untyped-def]
+    config, publisher, client = sweeping
+    with session_scope(config) as session:
+        return recovery.sweep(session, config, publisher, client)
+
+
+def set_state(settings: Settings, case_id: uuid.UUID, **values: object) -> None:
+    with session_scope(settings) as session:
+        session.execute(update(Case).where(Case.id == case_id).values(**values))
+
+
+def ago(seconds: float) -> datetime:
+    return datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+def test_a_running_case_that_lost_its_worker_is_requeued_and_published_at_once(
+    sweeping, settings: Settings, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    limit = settings.task_time_limit + settings.running_grace_seconds
+    lost = store_case(tenant, b"lost")
+    alive = store_case(tenant, b"alive")
+    set_state(settings, lost, status="running", attempts=1, started_at=ago(limit + 5))
+    set_state(settings, alive, status="running", attempts=1, started_at=ago(limit - 20))
+    report = sweep(sweeping)
+    assert str(lost) in report.requeued and str(lost) in report.republished
+    assert str(alive) not in report.requeued
+    case = cases_row(settings, lost)
+    assert (case.status, case.attempts, case.started_at) == ("queued", 1, None)
+    assert cases_row(settings, alive).status == "running"
+    assert str(lost) in recovery.broker_case_ids(sweeping[2])
+
+
+def test_a_case_out_of_attempts_fails_with_timeout_and_a_clear_message(
+    sweeping, settings: Settings, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, b"poison")
+    limit = settings.task_time_limit + settings.running_grace_seconds
+    set_state(settings, case_id, status="running", attempts=settings.max_attempts, started_at=ago(limit + 1))
+    report = sweep(sweeping)
+    assert str(case_id) in report.failed and str(case_id) not in report.republished
+    case = cases_row(settings, case_id)
+    assert (case.status, case.failure_code) == ("failed", "timeout")
+    assert f"none of {settings.max_attempts} attempts finished" in case.failure_message
+    assert str(case_id) not in recovery.broker_case_ids(sweeping[2])
+
+
+def test_only_queued_cases_whose_message_is_lost_are_published_again(
+    sweeping, settings: Settings, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    grace = settings.requeue_grace_seconds
+    lost, waiting, fresh = (store_case(tenant, data) for data in (b"lost", b"waiting", b"fresh"))
+    for case_id in (lost, waiting):
+        set_state(settings, case_id, updated_at=ago(grace + 5))
+    _, publisher, client = sweeping
+    assert publish_classify(publisher, waiting, "routine")  # its message is still in the queue
+    report = sweep(sweeping)
+    assert report.broker_checked
+    assert str(lost) in report.republished
+    assert str(waiting) not in report.republished and str(fresh) not in report.republished
+    # Once published, a case is not published again while its message waits.
+    assert str(lost) not in sweep(sweeping).republished
+    ids = [m for m in (recovery._case_id_of(raw) for raw in client.lrange("cases\x06\x166", 0, -1)) if m]
+    assert sorted(ids.count(str(c)) for c in (lost, waiting)) == [1, 1]
+
+
+def test_a_stale_worker_cannot_store_a_second_result(settings: Settings, keyring, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, b"twice")
+    with session_scope(settings) as session:
+        assert cases.claim_case(session, case_id).attempts == 1
+    with session_scope(settings) as session:  # the sweeper takes the case back; attempt 2 claims it
+        assert cases.requeue_case(session, case_id, attempt=1, reason="worker_lost")
+        assert cases.claim_case(session, case_id).attempts == 2
+    result = {
+        "label": "nv",
+        "probabilities": {"nv": 1.0},
+        "confidence": 1.0,
+        "uncertainty": 0.0,
+        "referral": False,
+        "referral_reasons": [],
+        "gradcam_status": "timeout",
+        "gradcam_class": None,
+        "model_id": "m",
+        "weights_sha256": "0" * 64,
+        "device": "cpu",
+        "timings": {},
+    }
+    with session_scope(settings) as session:  # attempt 1 comes back from the dead: fenced out
+        stored = cases.complete_case(
+            session, keyring=keyring, case_id=case_id, attempt=1, result=result, heatmap_png=None
+        )
+        assert not stored
+    with session_scope(settings) as session:
+        assert cases.complete_case(
+            session, keyring=keyring, case_id=case_id, attempt=2, result=result, heatmap_png=None
+        )
+    with pytest.raises(IntegrityError), session_scope(settings) as session:  # and the database says so too
+        session.add(Result(case_id=case_id, **result))
+        session.flush()
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Result).where(Result.case_id == case_id)) == 1
+
+
+def test_a_redelivered_message_for_a_running_case_is_skipped(settings: Settings, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+    from worker.tasks import run_classification
+
+    case_id = store_case(tenant, b"running elsewhere")
+    set_state(settings, case_id, status="running", attempts=1, started_at=ago(1))
+    assert run_classification(settings, case_id) == "skipped"
+    case = cases_row(settings, case_id)
+    assert (case.status, case.attempts) == ("running", 1)
+
+
+def test_a_pending_callback_whose_message_was_lost_is_published_again(
+    sweeping, settings: Settings, keyring, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    from core.keys import Principal
+    from core.models import Role
+
+    case_id = store_case(tenant, b"finished")
+    principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
+    with session_scope(settings) as session:
+        callbacks.register(
+            session, keyring=keyring, settings=settings, principal=principal, actor=_actor(), url="http://127.0.0.1:9/x"
+        )
+        assert cases.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="broken")
+        assert callbacks.note_finished(session, case_id)
+        assert not callbacks.note_finished(session, case_id)  # one notice per case
+    report = sweep(sweeping)
+    assert str(case_id) not in report.callbacks_republished  # fresh: its own message may still come
+    stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(settings) + 1)
+    with session_scope(settings) as session:
+        session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(updated_at=stale))
+    report = sweep(sweeping)
+    assert str(case_id) in report.callbacks_republished
+    messages = sweeping[2].lrange(QUEUE_MAINTENANCE, 0, -1)
+    assert any(str(case_id).encode() in raw and b"dermq.callback" in raw for raw in messages)
+    with session_scope(settings) as session:
+        session.delete(session.get(ClinicCallback, tenant.clinic_id))
+
+
+def _actor():  # type: ignore[no-untyped-def]
+    from core import audit
+
+    return audit.SYSTEM
+
+
+def cases_row(settings: Settings, case_id: uuid.UUID) -> Case:
+    with session_scope(settings) as session:
+        return session.get(Case, case_id)

@@ -1,0 +1,155 @@
+"""Private PostgreSQL and Redis servers for tests that stop and restart them.
+
+Each runs from a temporary folder on a spare port, so stopping one never disturbs the machine's own
+services (127.0.0.1:5432 and :6379) or other tests. ``initdb`` and ``postgres`` refuse to run as
+root: as root they run as the ``postgres`` OS user (``runuser``), which owns the cluster's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests import support
+
+PG_BIN_CANDIDATES = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+
+
+def postgres_bin() -> Path | None:
+    for folder in PG_BIN_CANDIDATES:
+        if (folder / "initdb").exists() and (folder / "pg_ctl").exists():
+            return folder
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+class PostgresCluster:
+    """A throwaway cluster: trust authentication on 127.0.0.1, no fsync (tests need no durability
+    across a power cut, only across a server stop, which a clean or fast shutdown provides)."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        binaries = postgres_bin()
+        if binaries is None:
+            raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        self.bin = binaries
+        self.root = root
+        self.data = root / "pgdata"
+        self.sockets = root / "pgsock"
+        self.log = root / "postgres.log"
+        self.port = port or support.free_port()
+        self.as_root = os.geteuid() == 0
+
+    def _run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self.as_root:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=check, cwd=self.root)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/dermq_faults"
+
+    def init(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sockets.mkdir(exist_ok=True)
+        self.log.touch()
+        if self.as_root:
+            shutil.chown(self.root, "postgres", "postgres")
+            for path in (self.sockets, self.log):
+                shutil.chown(path, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+
+    def start(self) -> None:
+        options = " ".join(
+            [
+                f"-p {self.port}",
+                "-c listen_addresses=127.0.0.1",
+                f"-c unix_socket_directories={self.sockets}",
+                "-c fsync=off",
+                "-c synchronous_commit=off",
+                "-c full_page_writes=off",
+                "-c max_connections=80",
+                "-c shared_buffers=32MB",
+            ]
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` rolls back open transactions and closes every connection, as an outage would."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
+
+    def running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+    def destroy(self) -> None:
+        if self.data.exists() and self.running():
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RedisServer:
+    """A redis-server without persistence: stopping it loses every message, as a crash would."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or support.free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    shutil.which("redis-server") or "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.root),
+                    "--protected-mode",
+                    "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

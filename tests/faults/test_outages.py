@@ -1,0 +1,104 @@
+"""Outages of Redis and Postgres with real processes: what clinics get while they last, and that every
+accepted case completes afterwards, exactly once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from core.db import session_scope
+from core.models import Case
+from tests import support
+from tests.faults.conftest import FaultStack
+
+pytestmark = pytest.mark.slow
+
+
+def timed_submit(stack: FaultStack, image: bytes, **headers: str) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = httpx.post(
+        f"{stack.base_url}/v1/cases",
+        headers={**stack.headers, **headers},
+        files={"image": ("lesion.jpg", image, "image/jpeg")},
+        timeout=30,
+    )
+    return response, time.perf_counter() - started
+
+
+def test_a_redis_outage_still_accepts_cases_fast_and_completes_them_afterwards(stack: FaultStack) -> None:
+    stack.start_worker("redis")
+    stack.wait_terminal(stack.accepted())  # warm: model loaded, connections open
+    baseline = [timed_submit(stack, stack.images[i])[1] for i in range(3)]
+
+    stack.broker.stop()
+    accepted, during = [], []
+    for i in range(3):
+        response, seconds = timed_submit(stack, stack.images[i])
+        assert response.status_code == 202, response.text
+        accepted.append(uuid.UUID(response.json()["id"]))
+        during.append(seconds)
+    print(f"intake, Redis up: {[round(s * 1000) for s in baseline]} ms; down: {[round(s * 1000) for s in during]} ms")
+    # The publish fails fast (a refused connection, one retry 50 ms later), not after seconds.
+    assert max(during) < max(baseline) + 0.5
+    for case_id in accepted:  # durable in Postgres while the broker is gone
+        assert stack.case(case_id).status == "queued"
+    ready = httpx.get(f"{stack.base_url}/readyz", timeout=10)
+    assert ready.status_code == 503 and ready.headers["retry-after"]
+    checks = ready.json()["checks"]
+    assert checks["postgres"] == "ok" and checks["redis"].startswith("unreachable")
+
+    stack.broker.start()  # empty: every message published before the outage is gone too
+    for case_id in accepted:
+        case = stack.wait_terminal(case_id, timeout=120)
+        assert (case.status, case.attempts) == ("succeeded", 1)
+        assert stack.counts(case_id)["results"] == 1
+    assert httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 200
+    assert stack.sweeper.totals["republished"] >= len(accepted)
+    assert stack.clinic_totals()["half_written"] == 0
+
+
+def test_a_postgres_outage_answers_503_and_loses_nothing(stack: FaultStack) -> None:
+    worker = stack.start_worker("postgres", {"sleep_before_inference": 2})
+    before = [stack.accepted(image) for image in stack.images[:3]]
+    pending = set(before)
+    # Wait until a classification is under way, so that the outage hits a running job too.
+    support.wait_for(lambda: '"fault_sleep"' in worker.output(), timeout=60, what="a job to be running")
+    stack.pg.stop()
+    try:
+        response, _ = timed_submit(stack, stack.images[3], **{"Idempotency-Key": "during-the-outage"})
+        assert response.status_code == 503, response.text
+        problem = response.json()
+        assert problem["code"] == "database_unavailable" and int(response.headers["retry-after"]) > 0
+        assert response.headers["content-type"] == "application/problem+json"
+        poll = httpx.get(f"{stack.base_url}/v1/cases/{before[0]}", headers=stack.headers, timeout=10)
+        assert poll.status_code == 503
+        ready = httpx.get(f"{stack.base_url}/readyz", timeout=10)
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["postgres"].startswith("unreachable") and ready.json()["checks"]["redis"] == "ok"
+        time.sleep(3)  # the running job's commit fails meanwhile: a transient error, retried with backoff
+    finally:
+        stack.pg.start()
+
+    for case_id in before:
+        case = stack.wait_terminal(case_id, timeout=120)
+        assert case.status == "succeeded", (case.failure_code, case.failure_message)
+        assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
+        pending.discard(case_id)
+    assert not pending
+    assert '"event": "retry"' in worker.output()
+
+    # The refused submission left nothing behind: its key is unused, so the same request now creates.
+    with session_scope(stack.settings) as session:
+        stored = session.scalar(
+            select(func.count()).select_from(Case).where(Case.idempotency_key == "during-the-outage")
+        )
+    assert stored == 0
+    response, _ = timed_submit(stack, stack.images[3], **{"Idempotency-Key": "during-the-outage"})
+    assert response.status_code == 202 and "idempotent-replayed" not in response.headers
+    assert stack.wait_terminal(uuid.UUID(response.json()["id"])).status == "succeeded"
+    totals = stack.clinic_totals()
+    assert totals["half_written"] == 0 and not totals.get("running") and not totals.get("queued"), totals

@@ -1,0 +1,58 @@
+"""Urgent cases overtake a routine backlog: Redis priority lists, ``queue_order_strategy: priority``
+and a prefetch of one, proven with a real worker on a broker of its own (a private redis-server, so
+that no other test's worker takes these messages)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from core.db import session_scope
+from core.models import Case
+from core.publisher import make_publisher, publish_classify
+from tests import support
+from tests.faults.servers import RedisServer
+
+pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.slow]
+
+
+def test_urgent_cases_are_served_before_a_routine_backlog(
+    settings, stack_env, stack_dir: Path, tenant, store_case, jpeg_bytes: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    root = Path(tempfile.mkdtemp(prefix="dermq-priorities-"))
+    broker = RedisServer(root)
+    worker = None
+    try:
+        broker.start()
+        publisher = make_publisher(settings.model_copy(update={"redis_url": broker.url}))
+        routine = [store_case(tenant, jpeg_bytes, "routine") for _ in range(20)]
+        urgent = [store_case(tenant, jpeg_bytes, "urgent") for _ in range(5)]
+        for case_id in routine:  # the backlog first, while no worker runs
+            assert publish_classify(publisher, case_id, "routine")
+        for case_id in urgent:
+            assert publish_classify(publisher, case_id, "urgent")
+
+        env = {**stack_env, "DERMQ_REDIS_URL": broker.url, "DERMQ_WORKER_METRICS_PORT": "0"}
+        worker = support.start_worker(env, stack_dir / "priorities-worker.log", concurrency=1)
+        every = routine + urgent
+
+        def claimed_in_order() -> list | None:
+            with session_scope(settings) as session:
+                rows = session.execute(select(Case.id, Case.status, Case.started_at).where(Case.id.in_(every))).all()
+            if any(status != "succeeded" for _, status, _ in rows):
+                return None
+            return [case_id for case_id, _, _ in sorted(rows, key=lambda row: row.started_at)]
+
+        order = support.wait_for(claimed_in_order, timeout=240, interval=0.5, what="the backlog to drain")
+        assert set(order[: len(urgent)]) == set(urgent), [("U" if c in urgent else "r") for c in order]
+    finally:
+        if worker is not None:
+            worker.stop()
+        broker.destroy()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,89 @@
+"""Transient errors retry with exponential backoff and jitter, up to a limit, putting the case back in
+the queue first; everything else fails the case once, fenced by its attempt."""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+
+import pytest
+import redis
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from worker import tasks
+
+
+def connection_lost() -> OperationalError:
+    return OperationalError("UPDATE cases ...", {}, Exception("server closed the connection unexpectedly"))
+
+
+def test_the_backoff_doubles_with_jitter_and_is_capped() -> None:
+    for retries in range(9):
+        base = min(60.0, 2.0**retries)
+        delays = [tasks.retry_delay(retries) for _ in range(300)]
+        assert all(0.5 * base <= d < 1.5 * base for d in delays)
+        assert statistics.pstdev(delays) > 0.1 * base  # jittered: workers hit by one outage do not return in step
+    assert statistics.mean(tasks.retry_delay(1) for _ in range(500)) > 1.5 * statistics.mean(
+        tasks.retry_delay(0) for _ in range(500)
+    )
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Replace the classification by a script of errors; record requeues, failures and delays."""
+    record: dict[str, list] = {"calls": [], "requeues": [], "failures": [], "delays": []}
+
+    def install(*script: BaseException | str) -> dict[str, list]:
+        steps = list(script)
+
+        def run(config, case_id, progress=None):  # type: ignore[no-untyped-def]
+            record["calls"].append(case_id)
+            if progress is not None:
+                progress.attempt = len(record["calls"])
+            step = steps.pop(0) if steps else "succeeded"
+            if isinstance(step, BaseException):
+                raise step
+            return step
+
+        def delay(retries: int) -> float:
+            record["delays"].append(retries)
+            return 0.0
+
+        monkeypatch.setattr(tasks, "run_classification", run)
+        monkeypatch.setattr(tasks, "_requeue", lambda config, case_id, attempt: record["requeues"].append(attempt))
+        monkeypatch.setattr(
+            tasks,
+            "_fail",
+            lambda config, case_id, attempt, code, message: record["failures"].append((attempt, code)) or "failed",
+        )
+        monkeypatch.setattr(tasks, "retry_delay", delay)
+        return record
+
+    return install
+
+
+def test_a_lost_database_connection_is_retried_and_the_case_requeued_first(scripted) -> None:  # type: ignore[no-untyped-def]
+    record = scripted(connection_lost(), redis.ConnectionError("Connection refused"))
+    outcome = tasks.classify.apply(args=[str(uuid.uuid4())])
+    assert outcome.get() == "succeeded"
+    assert len(record["calls"]) == 3 and record["delays"] == [0, 1]
+    # Each failed attempt is put back at once, and again by the retry (fenced: a no-op if done).
+    assert record["requeues"] == [1, 1, 2, 2] and record["failures"] == []
+
+
+def test_transient_errors_give_up_after_the_retry_limit(scripted) -> None:  # type: ignore[no-untyped-def]
+    record = scripted(*[connection_lost() for _ in range(tasks.MAX_RETRIES + 1)])
+    outcome = tasks.classify.apply(args=[str(uuid.uuid4())])
+    assert outcome.failed() and isinstance(outcome.result, OperationalError)
+    assert len(record["calls"]) == tasks.MAX_RETRIES + 1
+    assert record["delays"][: tasks.MAX_RETRIES] == list(range(tasks.MAX_RETRIES))  # 1, 2, 4, 8, 16 s (x jitter)
+    # The case was left queued: the sweeper publishes it again, so a long outage loses nothing.
+    assert record["requeues"][-1] == tasks.MAX_RETRIES + 1 and record["failures"] == []
+
+
+@pytest.mark.parametrize("error", [ValueError("bad tensor"), IntegrityError("INSERT", {}, Exception("duplicate"))])
+def test_other_errors_fail_the_case_once_without_retry(scripted, error: Exception) -> None:  # type: ignore[no-untyped-def]
+    record = scripted(error)
+    assert tasks.classify.apply(args=[str(uuid.uuid4())]).get() == "failed"
+    assert len(record["calls"]) == 1 and record["delays"] == []
+    assert record["failures"] == [(1, "model_error")]

@@ -1,0 +1,97 @@
+"""Prometheus metrics of a worker host, aggregated over Celery's prefork children.
+
+prometheus_client's multiprocess mode: every process writes its samples to files in
+``PROMETHEUS_MULTIPROC_DIR`` (created by :func:`worker.celery_app.prepare_multiprocess_dir` when the
+worker starts, unless the deployment sets it), and the main worker process serves the sum on
+``DERMQ_METRICS_HOST:DERMQ_WORKER_METRICS_PORT``. A child that exits is marked dead so its live
+gauges disappear.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # pragma: no cover - prepare_multiprocess_dir() runs first
+    raise RuntimeError("import worker.metrics only in worker processes, after prepare_multiprocess_dir()")
+
+log = logging.getLogger("dermq.worker.metrics")
+
+SECONDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
+JOBS = Counter("dermq_jobs_total", "classification jobs by outcome", ["outcome"])
+QUEUE_WAIT = Histogram(
+    "dermq_queue_wait_seconds",
+    "time from submission to a worker's claim",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+)
+INFERENCE = Histogram("dermq_inference_seconds", "classification time per case", buckets=SECONDS)
+GRADCAM = Histogram("dermq_gradcam_seconds", "heat-map time per case", buckets=SECONDS)
+PREDICTIONS = Counter("dermq_predictions_total", "predicted labels", ["label"])
+CONFIDENCE = Histogram(
+    "dermq_confidence",
+    "calibrated probability of the predicted label",
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+)
+REFERRALS = Counter("dermq_referrals_total", "cases flagged for clinician review")
+WORKER_INFO = Gauge(
+    "dermq_worker_info", "a loaded model per worker process", ["device", "model_id"], multiprocess_mode="liveall"
+)
+GPU_MEMORY = Gauge(
+    "dermq_gpu_memory_bytes", "CUDA memory allocated by the model runtime", ["device"], multiprocess_mode="liveall"
+)
+
+
+def record_outcome(outcome: str) -> None:
+    JOBS.labels(outcome).inc()
+
+
+def record_result(result: dict[str, object], timings: dict[str, float]) -> None:
+    QUEUE_WAIT.observe(timings.get("queue_wait", 0.0))
+    INFERENCE.observe(timings.get("inference", 0.0))
+    if result.get("gradcam_status") == "ok":
+        GRADCAM.observe(timings.get("gradcam", 0.0))
+    PREDICTIONS.labels(str(result["label"])).inc()
+    CONFIDENCE.observe(float(result["confidence"]))  # type: ignore[arg-type]
+    if result.get("referral"):
+        REFERRALS.inc()
+
+
+def record_model(device: str, model_id: str) -> None:
+    WORKER_INFO.labels(device, model_id).set(1)
+
+
+def record_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = torch.cuda.current_device()
+        GPU_MEMORY.labels(f"cuda:{device}").set(torch.cuda.memory_allocated(device))
+
+
+def serve(host: str, port: int) -> None:
+    """Serve the aggregated metrics from the main worker process (call once, before forking)."""
+    if not port:
+        return
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        log.error("worker metrics listener could not start", extra={"error": type(exc).__name__})
+        return
+    log.info("worker metrics listening", extra={"event": "metrics_listening"})
+
+
+def child_exited(pid: int) -> None:
+    multiprocess.mark_process_dead(pid)
+
+
+def cleanup() -> None:
+    """Remove the sample files of a worker that created its own folder (not one set by the deployment)."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if folder.startswith(tempfile.gettempdir()) and "dermq-worker-metrics-" in folder:
+        shutil.rmtree(folder, ignore_errors=True)
