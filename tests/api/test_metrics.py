@@ -1,0 +1,96 @@
+"""Prometheus metrics, scraped over HTTP from a running API and a running worker: they appear and move
+when a case is processed, and /metrics is not served on the public listener."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import support
+from tests.api.conftest import live_api_process
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(url, timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
+
+
+def test_api_and_worker_metrics_move_with_a_case(live_api: str, worker, stack_env, tenant, fixture_images) -> None:  # type: ignore[no-untyped-def]
+    api_metrics = live_api_process[-1].metrics_url  # type: ignore[attr-defined]
+    worker_metrics = f"http://127.0.0.1:{stack_env['DERMQ_WORKER_METRICS_PORT']}/metrics"
+    support.wait_for(lambda: _up(api_metrics) and _up(worker_metrics), timeout=30, what="the metrics listeners")
+    api_before, worker_before = scrape(api_metrics), scrape(worker_metrics)
+
+    image = fixture_images["ISIC_0024370"].read_bytes()
+    response = httpx.post(
+        f"{live_api}/v1/cases", headers=tenant.headers, files={"image": ("x.jpg", image, "image/jpeg")}
+    )
+    assert response.status_code == 202
+    bad = httpx.post(f"{live_api}/v1/cases", headers=tenant.headers, files={"image": ("x.jpg", b"", "image/jpeg")})
+    assert bad.status_code == 422
+    case_url = f"{live_api}{response.headers['location']}"
+    support.wait_for(
+        lambda: httpx.get(case_url, headers=tenant.headers).json()["status"] == "succeeded",
+        timeout=120,
+        interval=0.2,
+        what="the case",
+    )
+
+    api_after = scrape(api_metrics)
+    route = {"route": "/v1/cases", "method": "POST"}
+    assert (
+        total(api_after, "dermq_http_requests_total", status="202", **route)
+        == total(api_before, "dermq_http_requests_total", status="202", **route) + 1
+    )
+    assert total(api_after, "dermq_http_request_duration_seconds_count", **route) >= 2
+    assert total(api_after, "dermq_upload_bytes_count") == total(api_before, "dermq_upload_bytes_count") + 1
+    assert total(api_after, "dermq_upload_bytes_sum") - total(api_before, "dermq_upload_bytes_sum") == len(image)
+    assert (
+        total(api_after, "dermq_upload_rejections_total", code="empty")
+        == total(api_before, "dermq_upload_rejections_total", code="empty") + 1
+    )
+    assert {"urgent", "routine"} <= {dict(ls).get("priority") for (n, ls) in api_after if n == "dermq_queue_depth"}
+    assert ("dermq_cases", (("status", "queued"),)) in api_after and ("dermq_stale_running_cases", ()) in api_after
+
+    def worker_moved() -> bool:
+        after = scrape(worker_metrics)
+        return total(after, "dermq_jobs_total", outcome="succeeded") > total(
+            worker_before, "dermq_jobs_total", outcome="succeeded"
+        )
+
+    try:
+        support.wait_for(worker_moved, timeout=30, what="the worker's metrics to count the job")
+    except TimeoutError:
+        print(httpx.get(worker_metrics).text)
+        raise
+    after = scrape(worker_metrics)
+    for name in (
+        "dermq_inference_seconds_count",
+        "dermq_gradcam_seconds_count",
+        "dermq_queue_wait_seconds_count",
+        "dermq_confidence_count",
+        "dermq_predictions_total",
+    ):
+        assert total(after, name) > total(worker_before, name), name
+    assert any(n == "dermq_worker_info" and dict(ls).get("device") == "cpu" for (n, ls) in after)
+
+    public = httpx.get(f"{live_api}/metrics")
+    assert public.status_code == 404  # never on the public listener
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

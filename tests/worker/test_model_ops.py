@@ -1,0 +1,140 @@
+"""Model rollout and drift: `dermq model list/verify`, and the drift report flagging shifted inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import update
+
+from core.db import session_scope
+from core.models import Result
+from ml import drift, registry
+from ml.entry import record_verification
+from tests import support
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def dermq(settings, *args: str, model: str | None = None) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    env = {
+        **os.environ,
+        "DERMQ_DATABASE_URL": settings.database_url,
+        "DERMQ_KEY_FILE": str(settings.key_file),
+        "DERMQ_MODEL": model or settings.model,
+    }
+    return subprocess.run(
+        [str(support.VENV_BIN / "dermq"), *args], capture_output=True, text=True, env=env, cwd=support.ROOT
+    )
+
+
+@pytest.fixture
+def entry_copy(settings, tmp_path: Path, fixture_images) -> Path:  # type: ignore[no-untyped-def]
+    copy = tmp_path / "candidate"
+    shutil.copytree(registry.resolve(settings.model), copy)
+    record_verification(copy, fixture_images["ISIC_0024313"])
+    return copy
+
+
+def test_model_list_marks_the_active_entry(settings) -> None:  # type: ignore[no-untyped-def]
+    listed = dermq(settings, "model", "list", "--json")
+    rows = json.loads(listed.stdout)
+    active = [r for r in rows if r["active"]]
+    assert len(active) == 1 and active[0]["id"] == settings.model and len(active[0]["weights_sha256"]) == 64
+
+
+def test_model_verify_passes_then_fails_on_a_tampered_entry(settings, entry_copy: Path) -> None:  # type: ignore[no-untyped-def]
+    good = dermq(settings, "model", "verify", str(entry_copy))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "known answer" in good.stdout and "model verified" in good.stdout
+    weights = entry_copy / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    weights.write_bytes(bytes(data))
+    bad = dermq(settings, "model", "verify", str(entry_copy))
+    assert bad.returncode == 1 and "FAIL  sha256 weights.safetensors" in bad.stdout
+    assert "MODEL FAILED VERIFICATION" in bad.stdout
+
+
+def test_model_verify_catches_a_changed_answer(settings, entry_copy: Path) -> None:  # type: ignore[no-untyped-def]
+    manifest = registry.read_manifest(entry_copy)
+    manifest["verification"]["probabilities"] = {c: 1 / 7 for c in manifest["verification"]["probabilities"]}
+    registry.write_json_atomic(entry_copy / "manifest.json", manifest)
+    result = dermq(settings, "model", "verify", str(entry_copy))
+    assert result.returncode == 1 and "FAIL  known answer" in result.stdout
+
+
+def _reference(rng: np.random.Generator, n: int = 400) -> tuple[list[dict[str, float]], list[str]]:
+    stats = [
+        {
+            "brightness": float(rng.normal(150, 20)),
+            "contrast": float(rng.normal(40, 8)),
+            "megapixels": float(rng.choice([0.03, 0.03, 0.0675])),
+        }
+        for _ in range(n)
+    ]
+    labels = list(rng.choice(["nv"] * 14 + ["mel", "mel", "bkl", "bkl", "bcc", "akiec"], size=n))
+    return stats, labels
+
+
+def test_psi_is_quiet_on_the_reference_and_loud_on_a_shift() -> None:
+    rng = np.random.default_rng(0)
+    reference = drift.build_reference(*_reference(rng))
+    same = drift.compare(reference, *_reference(rng, 300))
+    assert same["drifted"] == [] and max(same["psi"].values()) < 0.1
+    stats, labels = _reference(rng, 300)
+    darker = [{**s, "brightness": s["brightness"] - 50} for s in stats]
+    shifted = drift.compare(reference, darker, ["mel"] * 150 + labels[:150])
+    assert set(shifted["drifted"]) == {"brightness", "label"} and shifted["psi"]["brightness"] > 1
+
+
+def test_drift_report_over_the_database(settings, entry_copy: Path, tenant, store_case, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(1)
+    model_id = f"drift-{uuid.uuid4().hex[:6]}"
+    manifest = registry.read_manifest(entry_copy)
+    manifest["model_id"] = model_id
+    manifest["drift_reference"] = drift.build_reference(*_reference(rng))
+    registry.write_json_atomic(entry_copy / "manifest.json", manifest)
+    days = {"calm": datetime(2030, 1, 1, 12, tzinfo=UTC), "shifted": datetime(2030, 1, 2, 12, tzinfo=UTC)}
+    for kind, when in days.items():
+        stats, labels = _reference(rng, 120)
+        if kind == "shifted":
+            stats = [{**s, "megapixels": 12.0} for s in stats]  # camera-sized uploads
+        with session_scope(settings) as session:
+            for s, label in zip(stats, labels, strict=True):
+                case_id = store_case(tenant, jpeg_bytes)
+                session.add(
+                    Result(
+                        case_id=case_id,
+                        label=label,
+                        probabilities={},
+                        confidence=0.5,
+                        uncertainty=0.5,
+                        referral=False,
+                        referral_reasons=[],
+                        gradcam_status="ok",
+                        model_id=model_id,
+                        weights_sha256="0" * 64,
+                        device="cpu",
+                        timings={},
+                        input_stats=s,
+                    )
+                )
+            session.flush()
+            session.execute(
+                update(Result)
+                .where(Result.model_id == model_id, Result.created_at < days["calm"])  # not yet moved
+                .values(created_at=when)
+            )
+    calm = dermq(settings, "drift", "report", "--day", "2030-01-01", "--json", model=str(entry_copy))
+    report = json.loads(calm.stdout)
+    assert calm.returncode == 0 and report["n"] == 120 and report["drifted"] == []
+    shifted = dermq(settings, "drift", "report", "--day", "2030-01-02", model=str(entry_copy))
+    assert shifted.returncode == 1 and "megapixels" in shifted.stdout and "DRIFT" in shifted.stdout
