@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     def decode_and_preprocess(reduce_to: int | None) -> Callable[[], np.ndarray]:
         return lambda: preprocess.batch_nhwc([decode(data, limits, reduce_to=reduce_to).image], prep)
 
-    settings = {"full decode": None, "draft mode, reduce_to=1024": heatmap.DEFAULT_MAX_SIDE}
+    worker = f"draft mode, reduce_to={heatmap.DEFAULT_MAX_SIDE} (worker)"
+    settings = {"full decode": None, worker: heatmap.DEFAULT_MAX_SIDE}
     settings[f"draft mode, reduce_to={max(prep.input_size)}"] = max(prep.input_size)
     decode_times = interleaved({label: decode_and_preprocess(v) for label, v in settings.items()}, max(5, r // 2))
     full = decode_times["full decode"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from bench.common import FIXTURE_IMAGES, ms, p50, percentile, table
+from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, table
 from tests import support
 
 DATABASE = "dermq_bench"
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backlog", type=int, default=200, help="cases queued before the worker starts")
     parser.add_argument("--concurrency", type=int, default=1, help="worker child processes")
     parser.add_argument("--images", default=str(FIXTURE_IMAGES), help="folder of JPEGs to submit")
+    parser.add_argument("--camera", action="store_true", help="submit 12-megapixel JPEGs (4000x3000) instead")
     args = parser.parse_args(argv)
 
     from core import clinics, keys
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         DERMQ_DATABASE_URL=f"postgresql+psycopg2:///{DATABASE}",
         DERMQ_REDIS_URL="redis://127.0.0.1:6379/12",
         DERMQ_API_PORT=str(port),
-        DERMQ_LOG_LEVEL="WARNING",
+        DERMQ_LOG_LEVEL="INFO",  # the worker's "ready." and "model loaded" lines, which start_worker waits for
         DERMQ_WORKER_CONCURRENCY=str(args.concurrency),
     )
     write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         clinic = clinics.create_clinic(session, f"bench-{uuid.uuid4().hex[:6]}")
         _, token = keys.create_key(session, load_keyring(settings), role=Role.CLINIC, clinic_id=clinic.id)
     headers = {"Authorization": f"Bearer {token}"}
-    images = [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
+    images = camera_jpegs() if args.camera else [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
     base = f"http://127.0.0.1:{port}"
 
     api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(
         f"dermq pipeline benchmark: {args.concurrency} worker child(ren), {os.cpu_count()} CPUs, "
-        f"{len(images)} distinct images (300x225 JPEG), Grad-CAM on"
+        f"{len(images)} distinct images ({'4000x3000' if args.camera else '300x225'} JPEG), Grad-CAM on"
     )
     print(table(["measure", "value"], rows))
 

@@ -57,7 +57,7 @@ MIN_TOP1_AGREEMENT = 0.99
 INT8_TOLERANCE = 0.01  # balanced accuracy int8 may lose against fp32 and still be the default
 EXPORT_ATOL = 1e-4
 CALIBRATION_BATCH = 8
-CALIBRATION_REDUCE_TO = 1024  # the worker's default overlay_max_side: its decode path
+CALIBRATION_REDUCE_TO = 1024  # at least the worker's overlay_max_side (its decode path); 200x150 images are unaffected
 
 
 class ExportError(RuntimeError):

@@ -32,6 +32,7 @@ from core.queueing import (
     TASK_SWEEP,
     common_config,
 )
+from worker.runtime import worker_concurrency
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "worker_concurrency": settings.worker_concurrency,
+        "worker_concurrency": worker_concurrency(settings),
         "worker_max_tasks_per_child": settings.worker_max_tasks_per_child,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -117,8 +118,25 @@ def _load(settings: Settings, device: str) -> Predictor:
     return predictor
 
 
+def _cuda_device_present(settings: Settings) -> bool:
+    """Whether this worker will run on CUDA, decided without initialising CUDA (the prefork parent
+    must not: CUDA is not fork-safe) -- by the setting, or for ``auto`` by the driver's device nodes."""
+    if settings.device.startswith("cuda"):
+        return True
+    if settings.device != "auto":
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def worker_concurrency(settings: Settings) -> int:
+    """Celery prefork children: the setting, or (0, auto) one per core on the CPU and one on CUDA."""
+    if settings.worker_concurrency:
+        return settings.worker_concurrency
+    return 1 if _cuda_device_present(settings) else max(1, os.cpu_count() or 1)
+
+
 def threads_per_child(settings: Settings) -> int:
-    return settings.worker_threads or max(1, (os.cpu_count() or 1) // settings.worker_concurrency)
+    return settings.worker_threads or max(1, (os.cpu_count() or 1) // worker_concurrency(settings))
 
 
 def preload(settings: Settings) -> threading.Thread:

@@ -76,7 +76,21 @@ def test_explanation_is_a_map_of_the_image(predictor: Predictor, fixture_pil: li
 
 def test_large_images_get_a_bounded_overlay(predictor: Predictor) -> None:
     explanation = predictor.explain(Image.new("RGB", (4000, 3000), (100, 90, 80)))
-    assert Image.open(io.BytesIO(explanation.overlay_png)).size == (1024, 768)
+    assert Image.open(io.BytesIO(explanation.overlay_png)).size == (512, 384)
+
+
+def test_overlay_pixels_follow_the_blend_formula(fixture_pil: list[Image.Image]) -> None:
+    from ml import heatmap
+
+    image = fixture_pil[2]
+    cam = np.random.default_rng(3).random((6, 6)).astype(np.float32)
+    heat, png = heatmap.render(image, cam)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    expected = heatmap.IMAGE_WEIGHT * pixels + (1 - heatmap.IMAGE_WEIGHT) * heatmap.colormap(heat).astype(np.float32)
+    drawn = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    assert drawn.shape == expected.shape
+    assert np.abs(drawn - expected).max() <= 3.0  # uint8 lookup table and blend: rounding only
+    assert np.abs(drawn - expected).mean() <= 1.0
 
 
 def test_explain_a_chosen_class(predictor: Predictor, fixture_pil: list[Image.Image]) -> None:
