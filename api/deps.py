@@ -41,7 +41,7 @@ class AppState:
 
 
 def state(request: Request) -> AppState:
-    return request.app.state.dermq  # type: ignore[no-any-return]
+    return request.app.state.dermq
 
 
 State = Annotated[AppState, Depends(state)]

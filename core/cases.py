@@ -520,7 +520,8 @@ def mark_published(session: Session, case_ids: list[uuid.UUID]) -> None:
 
 def delete_blobs(session: Session, case_id: uuid.UUID) -> int:
     """Crypto-shred: remove every ciphertext and wrapped data key of the case."""
-    return session.execute(delete(CaseBlob).where(CaseBlob.case_id == case_id)).rowcount or 0
+    deleted = session.execute(delete(CaseBlob).where(CaseBlob.case_id == case_id))
+    return int(getattr(deleted, "rowcount", 0) or 0)
 
 
 __all__ = [

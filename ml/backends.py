@@ -91,8 +91,9 @@ class TorchBackend:
         ):
             if hflip:
                 x = torch.cat([x, x.flip(3)])
-            fmap = self.model.forward_features(x)
-            logits = self.model.forward_head(fmap).float()
+            timm_model: Any = self.model  # forward_features / forward_head: timm's, not nn.Module's
+            fmap = timm_model.forward_features(x)
+            logits = timm_model.forward_head(fmap).float()
             if hflip:
                 n = len(batch_nhwc)
                 logits = (logits[:n] + logits[n:]) / 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -40,8 +41,9 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Calibration:
-        bias = data.get("bias") or []
-        return cls(temperature=float(data.get("temperature", 1.0)), bias=tuple(float(b) for b in bias))  # type: ignore[union-attr, arg-type]
+        bias = cast("list[float]", data.get("bias") or [])
+        temperature = cast(float, data.get("temperature", 1.0))
+        return cls(temperature=float(temperature), bias=tuple(float(b) for b in bias))
 
 
 def nll(probabilities: np.ndarray, labels: np.ndarray) -> float:

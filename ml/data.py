@@ -96,8 +96,8 @@ def read_dataset(root: str | Path) -> list[Sample]:
             dx = row["dx"].strip()
             if dx not in CLASSES:
                 raise ValueError(f"{metadata}: image {row['image_id']} has unknown diagnosis {dx!r}")
-            path = files.get(row["image_id"].strip())
-            if path is None:
+            found = files.get(row["image_id"].strip())
+            if found is None:
                 continue
             age_text = _field(row, "age")
             samples.append(
@@ -105,7 +105,7 @@ def read_dataset(root: str | Path) -> list[Sample]:
                     image_id=row["image_id"].strip(),
                     lesion_id=row["lesion_id"].strip(),
                     dx=dx,
-                    path=path,
+                    path=found,
                     sex=_field(row, "sex"),
                     age=float(age_text) if age_text != UNKNOWN else None,
                     site=_field(row, "localization"),

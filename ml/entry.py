@@ -68,7 +68,7 @@ def _torch_predictor(entry: Path) -> Any:
     from ml.predictor import Predictor
 
     try:
-        return Predictor.load(entry, device="cpu", backend="torch")  # type: ignore[call-arg]
+        return Predictor.load(entry, device="cpu", backend="torch")
     except TypeError:  # a Predictor without backends
         return Predictor.load(entry, device="cpu")
 
@@ -93,7 +93,7 @@ def record_verification(entry: str | Path, image_path: str | Path) -> dict[str, 
         "tolerance": VERIFICATION_TOLERANCE,
     }
     registry.write_json_atomic(entry / registry.MANIFEST, manifest)
-    return manifest["verification"]  # type: ignore[no-any-return]
+    return manifest["verification"]
 
 
 def verify_entry(entry: str | Path) -> list[tuple[str, bool, str]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ def linear_gap_head(model: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
     to the spatial mean of a random feature map), so a model with extra layers in its head falls
     back to hook-based Grad-CAM instead of getting a wrong map.
     """
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    timm_model: Any = model  # timm's get_classifier / forward_head, which nn.Module does not declare
+    classifier = timm_model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(classifier, nn.Linear) or not hasattr(model, "forward_head"):
         return None
     channels = classifier.in_features
@@ -51,7 +53,7 @@ def linear_gap_head(model: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
             probe = torch.randn(2, channels, 5, 4, generator=torch.Generator().manual_seed(0))
             probe = probe.to(classifier.weight.device, classifier.weight.dtype)
             expected = classifier(probe.mean(dim=(2, 3)))
-            actual = model.forward_head(probe)
+            actual = timm_model.forward_head(probe)
     except Exception:
         return None
     finally:
@@ -88,8 +90,9 @@ class GradCAM:
         with torch.inference_mode(False), torch.enable_grad():
             x = x.clone().requires_grad_(False)
             if self.target_layer is None:
-                activation = self.model.forward_features(x)
-                logits = self.model.forward_head(activation)
+                timm_model: Any = self.model
+                activation = timm_model.forward_features(x)
+                logits = timm_model.forward_head(activation)
                 index = int(logits[0].argmax()) if class_index is None else class_index
                 (gradient,) = torch.autograd.grad(logits[0, index], activation)
             else:

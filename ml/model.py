@@ -112,7 +112,8 @@ def create_imagenet_lite0(num_classes: int, **kwargs: Any) -> nn.Module:
     model = create(DEFAULT_ARCH, num_classes=1000, **kwargs)
     mapped = map_state_dict(imagenet_state_dict(), model.state_dict())
     model.load_state_dict(mapped, strict=True)
-    model.reset_classifier(num_classes)
+    timm_model: Any = model
+    timm_model.reset_classifier(num_classes)
     return model
 
 

@@ -238,7 +238,9 @@ class Predictor:
 
     def explain(self, image: Image.Image, class_code: str | None = None) -> Explanation:
         """Grad-CAM of ``class_code`` (default: the predicted label) over ``image``."""
-        return self.analyze(image, class_code=class_code)[1]
+        explanation = self.analyze(image, class_code=class_code)[1]
+        assert explanation is not None  # analyze explains unless told not to
+        return explanation
 
     def analyze(
         self, image: Image.Image, *, class_code: str | None = None, explain: bool = True

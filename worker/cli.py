@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from datetime import date
+from typing import Any
 
 from core.cli import build_parser, run
 from core.config import Settings
@@ -24,7 +25,7 @@ def model_list(args: argparse.Namespace, settings: Settings) -> int:
     active = registry.resolve(settings.model).resolve() if _exists(settings.model) else None
     rows = []
     for folder, manifest, error in registry.entries():
-        row = {"id": folder.name, "active": folder.resolve() == active, "error": error}
+        row: dict[str, Any] = {"id": folder.name, "active": folder.resolve() == active, "error": error}
         if manifest is not None:
             test = manifest.get("metrics", {}).get("test", {})
             row.update(

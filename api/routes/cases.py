@@ -61,9 +61,9 @@ def case_out(case: Case, result: Result | None) -> CaseOut:
     purged = case.status == CaseStatus.PURGED
     return CaseOut(
         id=case.id,
-        status=case.status,
-        priority=case.priority,
-        client_ref=case.client_ref,  # type: ignore[arg-type]
+        status=case.status,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
+        priority=case.priority,  # type: ignore[arg-type]
+        client_ref=case.client_ref,
         attempts=case.attempts,
         image=None
         if purged
@@ -100,9 +100,9 @@ def case_out(case: Case, result: Result | None) -> CaseOut:
 def _summary(case: Case) -> CaseSummary:
     return CaseSummary(
         id=case.id,
-        status=case.status,
-        priority=case.priority,
-        client_ref=case.client_ref,  # type: ignore[arg-type]
+        status=case.status,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
+        priority=case.priority,  # type: ignore[arg-type]
+        client_ref=case.client_ref,
         created_at=case.created_at,
         updated_at=case.updated_at,
         links=_links(case),
