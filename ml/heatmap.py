@@ -5,7 +5,7 @@ size up to ``max_side`` pixels on the longer side: a 12-megapixel upload gets a 
 The map itself comes from the model's 6x6 feature grid (192-pixel input), so a larger overlay shows
 no more of it; on a 4000x3000 JPEG a 1024-pixel overlay cost 104 ms to draw and encode, the 512-pixel
 one about 20 (clinicians keep the original image for detail). Colouring is a 256-entry lookup table
-and blending is Pillow's, both on uint8: within one level of the float formula.
+and blending is Pillow's, both on uint8: within 3 levels (rounding) of the float formula.
 """
 
 from __future__ import annotations
