@@ -109,9 +109,18 @@ def record(
     answers 503 without returning any data ("no audit, no access").
     """
     session.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK)))
-    prev_hash = session.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)) or GENESIS
+    # One round trip for the chain's head and the new id, while the lock is held. A separate statement
+    # from the lock's: its snapshot must be taken after the lock was granted, so it sees the head that
+    # the previous holder committed.
+    last, new_id = session.execute(
+        select(
+            select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1).scalar_subquery(),
+            text("nextval(pg_get_serial_sequence('audit_events', 'id'))"),
+        )
+    ).one()
+    prev_hash = last or GENESIS
     event = AuditEvent(
-        id=session.scalar(text("SELECT nextval(pg_get_serial_sequence('audit_events', 'id'))")),
+        id=new_id,
         occurred_at=datetime.now(UTC),
         action=action,
         outcome=outcome,
