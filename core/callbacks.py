@@ -54,7 +54,7 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.config import Settings
-from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
+from core.crypto import Keyring, decrypt_blob, encrypt_blob
 from core.errors import DecryptionError, Forbidden, InvalidInput, NotFound
 from core.keys import Principal
 from core.models import CallbackDelivery, CallbackStatus, Case, ClinicCallback, Role
@@ -399,7 +399,7 @@ def deliver(session: Session, *, settings: Settings, keyring: Keyring, case_id: 
     try:
         secret = decrypt_blob(
             keyring,
-            SealedBlob(endpoint.secret_ciphertext, endpoint.secret_nonce, endpoint.secret_wrapped_key, endpoint.kek_id),
+            endpoint.sealed_secret,
             case_id=row.clinic_id,
             kind=SECRET_KIND,
         ).decode()

@@ -24,6 +24,8 @@ from sqlalchemy import and_, delete, exists, or_, select, union_all, update
 from sqlalchemy import case as sa_case
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningUpdate
+from sqlalchemy.sql.elements import ColumnElement
 
 from core import audit
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
@@ -268,7 +270,7 @@ def read_heatmap(
             "this case has no heat map (Grad-CAM ran out of time or failed; see gradcam_status)",
             code="heatmap_unavailable",
         )
-    png = decrypt_blob(keyring, _sealed(blob), case_id=case_id, kind=BlobKind.HEATMAP.value)
+    png = decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.HEATMAP.value)
     audit.record(
         session,
         action="heatmap.read",
@@ -281,34 +283,44 @@ def read_heatmap(
     return png
 
 
-def _sealed(blob: CaseBlob) -> SealedBlob:
-    return SealedBlob(blob.ciphertext, blob.nonce, blob.wrapped_key, blob.kek_id)
-
-
 # --------------------------------------------------------------------------- worker side
+
+
+#: The order in which queued cases are served: urgent first, then oldest.
+QUEUE_ORDER = (sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
+
+
+def _start(*where: ColumnElement[bool]) -> ReturningUpdate[Any]:
+    """The UPDATE that moves the cases ``where`` selects to running, counting the attempt."""
+    return (
+        update(Case)
+        .where(*where)
+        .values(status=CaseStatus.RUNNING.value, attempts=Case.attempts + 1, started_at=now(), updated_at=now())
+        .returning(Case)
+    )
+
+
+def _audit_starts(session: Session, started: list[Case], actor: audit.Actor, batch: int | bool | None = None) -> None:
+    for case in started:
+        audit.record(
+            session,
+            action="case.start",
+            outcome=audit.SUCCESS,
+            actor=actor,
+            entity_type="case",
+            entity_id=case.id,
+            clinic_id=case.clinic_id,
+            detail={"attempt": case.attempts} | ({"batch": batch} if batch is not None else {}),
+        )
 
 
 def claim_case(session: Session, case_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> Case | None:
     """Move a queued case to running and count the attempt; None if it is not queued (already taken,
     finished or purged), which makes a redelivered message harmless."""
-    claimed = session.scalar(
-        update(Case)
-        .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
-        .values(status=CaseStatus.RUNNING.value, attempts=Case.attempts + 1, started_at=now(), updated_at=now())
-        .returning(Case)
-    )
+    claimed = session.scalar(_start(Case.id == case_id, Case.status == CaseStatus.QUEUED.value))
     if claimed is None:
         return None
-    audit.record(
-        session,
-        action="case.start",
-        outcome=audit.SUCCESS,
-        actor=actor,
-        entity_type="case",
-        entity_id=case_id,
-        clinic_id=claimed.clinic_id,
-        detail={"attempt": claimed.attempts},
-    )
+    _audit_starts(session, [claimed], actor)
     return claimed
 
 
@@ -330,32 +342,20 @@ def claim_batch(session: Session, case_id: uuid.UUID, *, limit: int, actor: audi
     others = (
         select(Case.id)
         .where(Case.status == CaseStatus.QUEUED.value, Case.id != case_id, exists(select(mine.c.id)))
-        .order_by(sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
+        .order_by(*QUEUE_ORDER)
         .limit(max(0, limit - 1))
         .with_for_update(skip_locked=True)
         .cte("others")
     )
     claimed = list(
         session.scalars(
-            update(Case)
-            .where(Case.id.in_(union_all(select(mine.c.id), select(others.c.id))))
-            .values(status=CaseStatus.RUNNING.value, attempts=Case.attempts + 1, started_at=now(), updated_at=now())
-            .returning(Case)
-            .execution_options(synchronize_session=False)
+            _start(Case.id.in_(union_all(select(mine.c.id), select(others.c.id)))).execution_options(
+                synchronize_session=False
+            )
         )
     )
     claimed.sort(key=lambda c: c.id != case_id)
-    for case in claimed:
-        audit.record(
-            session,
-            action="case.start",
-            outcome=audit.SUCCESS,
-            actor=actor,
-            entity_type="case",
-            entity_id=case.id,
-            clinic_id=case.clinic_id,
-            detail={"attempt": case.attempts, "batch": len(claimed)},
-        )
+    _audit_starts(session, claimed, actor, batch=len(claimed))
     return claimed
 
 
@@ -366,31 +366,15 @@ def claim_queued(session: Session, *, limit: int, actor: audit.Actor = audit.SYS
     wanted = (
         select(Case.id)
         .where(Case.status == CaseStatus.QUEUED.value)
-        .order_by(sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
+        .order_by(*QUEUE_ORDER)
         .limit(limit)
         .with_for_update(skip_locked=True)
         .cte("wanted")
     )
     claimed = list(
-        session.scalars(
-            update(Case)
-            .where(Case.id.in_(select(wanted.c.id)))
-            .values(status=CaseStatus.RUNNING.value, attempts=Case.attempts + 1, started_at=now(), updated_at=now())
-            .returning(Case)
-            .execution_options(synchronize_session=False)
-        )
+        session.scalars(_start(Case.id.in_(select(wanted.c.id))).execution_options(synchronize_session=False))
     )
-    for case in claimed:
-        audit.record(
-            session,
-            action="case.start",
-            outcome=audit.SUCCESS,
-            actor=actor,
-            entity_type="case",
-            entity_id=case.id,
-            clinic_id=case.clinic_id,
-            detail={"attempt": case.attempts, "batch": True},
-        )
+    _audit_starts(session, claimed, actor, batch=True)
     return claimed
 
 
@@ -398,7 +382,7 @@ def load_image(session: Session, *, keyring: Keyring, case_id: uuid.UUID) -> byt
     blob = session.scalar(select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.IMAGE.value))
     if blob is None:
         raise NotFound("the case has no stored image", code="image_missing")
-    return decrypt_blob(keyring, _sealed(blob), case_id=case_id, kind=BlobKind.IMAGE.value)
+    return decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.IMAGE.value)
 
 
 def _finish(session: Session, case_id: uuid.UUID, attempt: int, values: dict[str, Any]) -> Case | None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from ml.images import ImageLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "example"}
@@ -182,6 +185,17 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.redis_url
+
+    def image_limits(self) -> ImageLimits:
+        """The bounds on an uploaded image: the intake validates with them and the worker decodes with them."""
+        from ml.images import ImageLimits
+
+        return ImageLimits(
+            max_bytes=self.max_upload_bytes,
+            max_side=self.max_image_side,
+            max_pixels=self.max_image_pixels,
+            min_side=self.min_image_side,
+        )
 
 
 @lru_cache(maxsize=1)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from core import audit
 from core.callbacks import SECRET_KIND
 from core.config import Settings
-from core.crypto import Keyring, SealedBlob, load_keyring, rewrap, write_key_file
+from core.crypto import Keyring, load_keyring, rewrap, write_key_file
 from core.db import session_scope
 from core.errors import KeyringError
 from core.models import CaseBlob, ClinicCallback
@@ -85,7 +85,7 @@ def rewrap_all(
             for blob in blobs:
                 moved = rewrap(
                     keyring,
-                    SealedBlob(blob.ciphertext, blob.nonce, blob.wrapped_key, blob.kek_id),
+                    blob.sealed,
                     case_id=blob.case_id,
                     kind=blob.kind,
                 )
@@ -93,7 +93,7 @@ def rewrap_all(
             for row in callback_secrets:
                 moved = rewrap(
                     keyring,
-                    SealedBlob(row.secret_ciphertext, row.secret_nonce, row.secret_wrapped_key, row.kek_id),
+                    row.sealed_secret,
                     case_id=row.clinic_id,
                     kind=SECRET_KIND,
                 )

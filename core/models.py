@@ -31,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from core.crypto import SealedBlob
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -166,6 +168,10 @@ class CaseBlob(Base):
     media_type: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
+    @property
+    def sealed(self) -> SealedBlob:
+        return SealedBlob(self.ciphertext, self.nonce, self.wrapped_key, self.kek_id)
+
 
 class Result(Base):
     """The one classification of a case; the primary key makes a second one impossible."""
@@ -251,6 +257,10 @@ class ClinicCallback(Base):
     kek_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    @property
+    def sealed_secret(self) -> SealedBlob:
+        return SealedBlob(self.secret_ciphertext, self.secret_nonce, self.secret_wrapped_key, self.kek_id)
 
 
 class CallbackDelivery(Base):

@@ -55,7 +55,7 @@ from core.queueing import (
     TASK_PURGE,
     TASK_SWEEP,
 )
-from ml.images import ImageLimits, InvalidImage, decode
+from ml.images import InvalidImage, decode
 from worker import faults, runtime
 from worker.celery_app import app
 
@@ -114,15 +114,6 @@ def keyring(config: Settings) -> Keyring:
     if cache_key not in _keyrings:
         _keyrings[cache_key] = KeyringSource(config)
     return _keyrings[cache_key].get()
-
-
-def image_limits(config: Settings) -> ImageLimits:
-    return ImageLimits(
-        max_bytes=config.max_upload_bytes,
-        max_side=config.max_image_side,
-        max_pixels=config.max_image_pixels,
-        min_side=config.min_image_side,
-    )
 
 
 def _metric(name: str, *args: Any) -> None:
@@ -201,7 +192,7 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     timings["claim_and_decrypt"] = claimed - started
 
     try:
-        decoded = decode(data, image_limits(config), reduce_to=config.overlay_max_side)
+        decoded = decode(data, config.image_limits(), reduce_to=config.overlay_max_side)
     except InvalidImage as exc:
         return _fail(config, case_id, attempt, "invalid_image", exc.message)
     finally:
@@ -358,7 +349,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
             "batch_size": float(len(items)),
         }
         try:
-            decoded = decode(data, image_limits(config), reduce_to=config.overlay_max_side)
+            decoded = decode(data, config.image_limits(), reduce_to=config.overlay_max_side)
         except InvalidImage as exc:
             outcomes[item_id] = _fail(config, item_id, attempt, "invalid_image", exc.message)
             continue
@@ -519,6 +510,14 @@ _publisher: Celery | None = None
 _redis: redis.Redis | None = None
 
 
+def _redis_client(config: Settings) -> redis.Redis:
+    """This process's Redis connection for the periodic tasks, made on first use."""
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(config.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    return _redis
+
+
 def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) -> dict[str, object]:
     """One recovery sweep in its own transaction, then the callbacks of the cases it failed."""
     with session_scope(config) as session:
@@ -530,13 +529,11 @@ def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) 
 
 @app.task(name=TASK_SWEEP)
 def sweep() -> dict[str, object]:
-    global _publisher, _redis
+    global _publisher
     config = settings()
     if _publisher is None:
         _publisher = make_publisher(config)
-    if _redis is None:
-        _redis = redis.Redis.from_url(config.redis_url, socket_connect_timeout=2, socket_timeout=5)
-    return sweep_once(config, _publisher, _redis)
+    return sweep_once(config, _publisher, _redis_client(config))
 
 
 @app.task(name=TASK_PURGE)
@@ -551,13 +548,11 @@ def drift_report() -> dict[str, object]:
     """Today's drift figures, published to Redis for the API's metrics."""
     from worker import drift
 
-    global _redis
     config = settings()
-    if _redis is None:
-        _redis = redis.Redis.from_url(config.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    client = _redis_client(config)
     with session_scope(config) as session:
         report = drift.day_report(session, config)
-    drift.publish(_redis, report)
+    drift.publish(client, report)
     if report["drifted"]:
         log.warning("input or prediction drift", extra={"event": "drift", "count": report["n"]})
     return report
@@ -568,11 +563,9 @@ def audit_check() -> dict[str, object]:
     """Verify the audit chain incrementally (from the last verified row) and publish the outcome."""
     from core import audit
 
-    global _redis
     config = settings()
-    if _redis is None:
-        _redis = redis.Redis.from_url(config.redis_url, socket_connect_timeout=2, socket_timeout=5)
-    previous = json.loads(_redis.get(AUDIT_CHECK_KEY) or "{}")
+    client = _redis_client(config)
+    previous = json.loads(client.get(AUDIT_CHECK_KEY) or "{}")
     start = (previous["last_id"], previous["last_hash"]) if previous.get("ok") and previous.get("last_id") else None
     with session_scope(config) as session:
         report = audit.verify_chain(session, start_after=start)
@@ -586,7 +579,7 @@ def audit_check() -> dict[str, object]:
     }
     if report.ok and report.last_id is None:  # nothing new since the last check
         state["last_id"], state["last_hash"] = previous.get("last_id"), previous.get("last_hash")
-    _redis.set(AUDIT_CHECK_KEY, json.dumps(state))
+    client.set(AUDIT_CHECK_KEY, json.dumps(state))
     if not report.ok:
         log.error("audit chain broken", extra={"event": "audit_chain_broken"})
     return state

@@ -31,7 +31,7 @@ from core import cases, retention
 from core.errors import DermqError, InvalidImageError, InvalidInput
 from core.models import Case, CaseStatus, Priority, Result, Role
 from core.publisher import publish_classify
-from ml.images import ImageLimits, InvalidImage, decode
+from ml.images import InvalidImage, decode
 from ml.labels import CLASSES
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
@@ -198,12 +198,7 @@ async def submit_case(
         metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
         raise
     client_ref, priority = _validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
-    limits = ImageLimits(
-        max_bytes=settings.max_upload_bytes,
-        max_side=settings.max_image_side,
-        max_pixels=settings.max_image_pixels,
-        min_side=settings.min_image_side,
-    )
+    limits = settings.image_limits()
     try:
         # CPU-bound: off the event loop. Draft mode: validation needs a full read, not full resolution.
         decoded = await run_in_threadpool(decode, form.image, limits, reduce_to=256)
