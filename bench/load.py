@@ -142,12 +142,6 @@ def start_stack(
     clinic key, database URL, the API's log)."""
     import redis
 
-    from core import clinics, keys
-    from core.config import Settings
-    from core.crypto import Keyring, load_keyring, write_key_file
-    from core.db import session_scope
-    from core.models import Role
-
     port = support.free_port()
     env = support.test_env(
         workdir,
@@ -160,19 +154,11 @@ def start_stack(
         DERMQ_DATABASE_POOL_SIZE="10",
         DERMQ_WORKER_METRICS_PORT="0",
     )
-    write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
-    support.recreate_database(env["DERMQ_DATABASE_URL"])
-    support.migrate(env["DERMQ_DATABASE_URL"])
-    redis.Redis.from_url(env["DERMQ_REDIS_URL"]).flushdb()
-    with support.environment(env):
-        settings = Settings()
-    with session_scope(settings) as session:
-        clinic = clinics.create_clinic(session, f"bench-load-{uuid.uuid4().hex[:6]}")
-        _, token = keys.create_key(session, load_keyring(settings), role=Role.CLINIC, clinic_id=clinic.id)
+    settings, _, token = support.prepare_stack(env, f"bench-load-{uuid.uuid4().hex[:6]}")
     base = f"http://127.0.0.1:{port}"
     api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
     processes.append(api)
-    support.wait_for(lambda: _up(base) or not api.alive(), timeout=60, what="the API")
+    support.wait_for(lambda: support.api_up(base) or not api.alive(), timeout=60, what="the API")
     if not api.alive():
         raise RuntimeError(api.output()[-2000:])
     processes.append(support.start_worker(env, workdir / "worker.log", concurrency=args.concurrency))
@@ -208,13 +194,6 @@ def server_intake(api_log: Path, since: float) -> list[float]:
         ) and datetime.fromisoformat(entry["ts"]).timestamp() >= since:
             durations.append(entry["duration_ms"] / 1000)
     return durations
-
-
-def _up(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def database_tally(database_url: str, accepted: list[str]) -> dict[str, object]:

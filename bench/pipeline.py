@@ -41,11 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--camera", action="store_true", help="submit 12-megapixel JPEGs (4000x3000) instead")
     args = parser.parse_args(argv)
 
-    from core import clinics, keys
-    from core.config import Settings
-    from core.crypto import Keyring, load_keyring, write_key_file
     from core.db import session_scope
-    from core.models import Case, Role
+    from core.models import Case
 
     workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-"))
     port = support.free_port()
@@ -57,17 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         DERMQ_LOG_LEVEL="INFO",  # the worker's "ready." and "model loaded" lines, which start_worker waits for
         DERMQ_WORKER_CONCURRENCY=str(args.concurrency),
     )
-    write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
-    support.recreate_database(env["DERMQ_DATABASE_URL"])
-    support.migrate(env["DERMQ_DATABASE_URL"])
-    import redis
-
-    redis.Redis.from_url(env["DERMQ_REDIS_URL"]).flushdb()
-    with support.environment(env):
-        settings = Settings()
-    with session_scope(settings) as session:
-        clinic = clinics.create_clinic(session, f"bench-{uuid.uuid4().hex[:6]}")
-        _, token = keys.create_key(session, load_keyring(settings), role=Role.CLINIC, clinic_id=clinic.id)
+    settings, _, token = support.prepare_stack(env, f"bench-{uuid.uuid4().hex[:6]}")
     headers = {"Authorization": f"Bearer {token}"}
     images = camera_jpegs() if args.camera else [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
     base = f"http://127.0.0.1:{port}"
@@ -75,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
     worker = None
     try:
-        support.wait_for(lambda: _up(base), timeout=60, what="the API")
+        support.wait_for(lambda: support.api_up(base), timeout=60, what="the API")
         worker = support.start_worker(env, workdir / "worker.log", concurrency=args.concurrency)
         http = httpx.Client(base_url=base, headers=headers, timeout=30)
 
@@ -175,13 +162,6 @@ def raw_predictor(settings: object, images: list[bytes], concurrency: int) -> tu
         with ProcessPoolExecutor(concurrency) as pool:
             seconds = list(pool.map(_raw_worker, *zip(*[job] * concurrency, strict=True)))
     return sum(1 / s for s in seconds), sum(seconds) / len(seconds)
-
-
-def _up(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":

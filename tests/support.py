@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -71,19 +71,80 @@ def drop_database(url: str) -> None:
 
 
 def recreate_database(url: str) -> None:
+    drop_database(url)
     parsed = make_url(url)
     admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = :name AND pid <> pg_backend_pid()"
-            ),
-            {"name": parsed.database},
-        )
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}"'))
         connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
     admin.dispose()
+
+
+class PreparedStack(NamedTuple):
+    settings: Any  # core.config.Settings
+    clinic_id: uuid.UUID
+    token: str  # the clinic's API key
+
+
+def prepare_stack(env: dict[str, str], clinic_name: str) -> PreparedStack:
+    """For a stack started with ``env``: a new key file, a fresh migrated database, an empty Redis
+    database, and one clinic with an API key."""
+    import redis
+
+    from core import clinics, keys
+    from core.config import Settings
+    from core.crypto import Keyring, load_keyring, write_key_file
+    from core.db import session_scope
+    from core.models import Role
+
+    write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
+    recreate_database(env["DERMQ_DATABASE_URL"])
+    migrate(env["DERMQ_DATABASE_URL"])
+    redis.Redis.from_url(env["DERMQ_REDIS_URL"]).flushdb()
+    with environment(env):
+        settings = Settings()
+    with session_scope(settings) as session:
+        clinic = clinics.create_clinic(session, clinic_name)
+        _, token = keys.create_key(session, load_keyring(settings), role=Role.CLINIC, clinic_id=clinic.id)
+        return PreparedStack(settings, clinic.id, token)
+
+
+def api_up(base_url: str) -> bool:
+    """Whether the API at ``base_url`` answers its health check."""
+    import httpx
+
+    try:
+        return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def self_signed_certificate(cert: Path, key: Path) -> None:
+    """A throwaway certificate for ``localhost`` and its private key (mode 0600), as PEM files."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    cert.write_bytes(certificate.public_bytes(pem))
+    key.write_bytes(private.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key.chmod(0o600)
 
 
 def migrate(url: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests import support
@@ -25,15 +24,8 @@ def live_api(stack_env: dict[str, str], stack_dir: Path, database, redis_client)
     }
     server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, stack_dir / "live-api.log")
     base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        support.wait_for(lambda: up() or not server.alive(), timeout=60, what="the API to start")
+        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=60, what="the API to start")
         if not server.alive():
             raise RuntimeError(server.output()[-3000:])
         server.metrics_url = f"http://127.0.0.1:{env['DERMQ_METRICS_PORT']}/metrics"  # type: ignore[attr-defined]

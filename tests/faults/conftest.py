@@ -231,12 +231,6 @@ def worker_children(pid: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def fault_stack() -> Iterator[FaultStack]:
-    from core import clinics, keys
-    from core.config import Settings
-    from core.crypto import Keyring, load_keyring, write_key_file
-    from core.db import session_scope
-    from core.models import Role
-
     root = Path(tempfile.mkdtemp(prefix="dermq-faults-"))
     root.chmod(0o755)  # the postgres user must reach its cluster folder inside
     pg = PostgresCluster(root / "pg")
@@ -252,24 +246,10 @@ def fault_stack() -> Iterator[FaultStack]:
         env = support.test_env(
             root, DERMQ_DATABASE_URL=pg.url, DERMQ_REDIS_URL=broker.url, DERMQ_API_PORT=str(port), **FAULT_SETTINGS
         )
-        write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
-        support.recreate_database(pg.url)
-        support.migrate(pg.url)
-        with support.environment(env):
-            settings = Settings()
-        with session_scope(settings) as session:
-            clinic = clinics.create_clinic(session, f"faults-{uuid.uuid4().hex[:6]}")
-            _, token = keys.create_key(session, load_keyring(settings), role=Role.CLINIC, clinic_id=clinic.id)
+        settings, clinic_id, token = support.prepare_stack(env, f"faults-{uuid.uuid4().hex[:6]}")
         api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, root / "api.log")
         base_url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        support.wait_for(lambda: up() or not api.alive(), timeout=60, what="the API to start")
+        support.wait_for(lambda: support.api_up(base_url) or not api.alive(), timeout=60, what="the API to start")
         if not api.alive():
             raise RuntimeError(api.output()[-3000:])
         sweeper = Sweeper(settings)
@@ -284,7 +264,7 @@ def fault_stack() -> Iterator[FaultStack]:
             api=api,
             sweeper=sweeper,
             headers={"Authorization": f"Bearer {token}"},
-            clinic_id=clinic.id,
+            clinic_id=clinic_id,
             images=[p.read_bytes() for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))],
         )
         yield stack
