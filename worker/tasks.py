@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +45,7 @@ from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
 from core.logs import case_id_var
+from core.models import Case
 from core.publisher import make_publisher, publish_callback
 from core.queueing import (
     AUDIT_CHECK_KEY,
@@ -55,7 +56,7 @@ from core.queueing import (
     TASK_PURGE,
     TASK_SWEEP,
 )
-from ml.images import InvalidImage, decode
+from ml.images import DecodedImage, InvalidImage, decode
 from worker import faults, runtime
 from worker.celery_app import app
 
@@ -173,6 +174,25 @@ def _classify_image(
         return fallback.classify(image), fallback
 
 
+def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, data: bytes) -> DecodedImage | str:
+    """The image of a case this worker has just claimed, decoded; or, when the case is past its attempt
+    limit or its image does not decode, the outcome of failing it."""
+    if attempt > config.max_attempts:
+        return _fail(config, case_id, attempt, "attempts_exhausted", f"gave up after {config.max_attempts} attempts")
+    try:
+        return decode(data, config.image_limits(), reduce_to=config.overlay_max_side)
+    except InvalidImage as exc:
+        return _fail(config, case_id, attempt, "invalid_image", exc.message)
+
+
+def _with_images(
+    config: Settings, session: Session, claimed: Sequence[Case]
+) -> list[tuple[uuid.UUID, int, datetime, bytes]]:
+    """(id, attempt, created_at, decrypted image) of each claimed case."""
+    ring = keyring(config)
+    return [(c.id, c.attempts, c.created_at, cases.load_image(session, keyring=ring, case_id=c.id)) for c in claimed]
+
+
 def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress | None = None) -> str:
     """Claim, classify, explain and store one case. Returns what happened, for logs and tests."""
     progress = progress if progress is not None else Progress()
@@ -185,18 +205,13 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
         attempt, created_at = case.attempts, case.created_at
         data = cases.load_image(session, keyring=keyring(config), case_id=case_id)
     progress.attempt = attempt
-    if attempt > config.max_attempts:
-        return _fail(config, case_id, attempt, "attempts_exhausted", f"gave up after {config.max_attempts} attempts")
     timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started
-
-    try:
-        decoded = decode(data, config.image_limits(), reduce_to=config.overlay_max_side)
-    except InvalidImage as exc:
-        return _fail(config, case_id, attempt, "invalid_image", exc.message)
-    finally:
-        del data
+    decoded = _decode_claimed(config, case_id, attempt, data)
+    del data
+    if isinstance(decoded, str):
+        return decoded
     image = decoded.image
     timings["decode"] = time.perf_counter() - claimed
 
@@ -321,37 +336,25 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
         if not claimed:
             log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
             return "skipped"
-        items = [
-            (c.id, c.attempts, c.created_at, cases.load_image(session, keyring=keyring(config), case_id=c.id))
-            for c in claimed
-        ]
+        items = _with_images(config, session, claimed)
     progress.attempt = items[0][1]
     if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0:
         time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting
         with session_scope(config) as session:
             more = cases.claim_queued(session, limit=config.batch_max_size - len(items))
-            items += [
-                (c.id, c.attempts, c.created_at, cases.load_image(session, keyring=keyring(config), case_id=c.id))
-                for c in more
-            ]
+            items += _with_images(config, session, more)
     claimed_at = time.perf_counter()
     ready: list[tuple[uuid.UUID, int, Any, dict[str, float]]] = []
     outcomes: dict[uuid.UUID, str] = {}
     for item_id, attempt, created_at, data in items:
-        if attempt > config.max_attempts:
-            outcomes[item_id] = _fail(
-                config, item_id, attempt, "attempts_exhausted", f"gave up after {config.max_attempts} attempts"
-            )
-            continue
         timings = {
             "queue_wait": (datetime.now(UTC) - created_at).total_seconds(),
             "claim_and_decrypt": claimed_at - started,
             "batch_size": float(len(items)),
         }
-        try:
-            decoded = decode(data, config.image_limits(), reduce_to=config.overlay_max_side)
-        except InvalidImage as exc:
-            outcomes[item_id] = _fail(config, item_id, attempt, "invalid_image", exc.message)
+        decoded = _decode_claimed(config, item_id, attempt, data)
+        if isinstance(decoded, str):
+            outcomes[item_id] = decoded
             continue
         timings["decode"] = time.perf_counter() - claimed_at
         ready.append((item_id, attempt, decoded, timings))
