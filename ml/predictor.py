@@ -251,9 +251,7 @@ class Predictor:
 
     def classify(self, image: Image.Image, *, keep_features: bool = True) -> Analysis:
         """Classify one image, keeping what a later :meth:`explain_analysis` needs to avoid a second pass."""
-        batch = preprocess.batch_nhwc([image], self.prep)
-        logits, fmap = self.forward(batch, features=keep_features and self.cam_weight is not None)
-        return Analysis(self.decide(logits)[0], batch, None if fmap is None else fmap[0])
+        return self.classify_many([image], keep_features=keep_features)[0]
 
     def classify_many(self, images: Sequence[Image.Image], *, keep_features: bool = True) -> list[Analysis]:
         """:meth:`classify` for several images in one forward pass (a GPU worker's dynamic batch).
