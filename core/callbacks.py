@@ -44,6 +44,7 @@ import socket
 import ssl
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -209,18 +210,26 @@ def unregister(session: Session, *, principal: Principal, actor: audit.Actor) ->
 def note_finished(session: Session, case_id: uuid.UUID) -> bool:
     """Write the outbox row for a case that has just ended, if its clinic has a callback; True if it
     did. Call inside the transaction that ended the case, then publish after the commit."""
-    created = session.scalar(
-        insert(CallbackDelivery)
-        .from_select(
-            ["case_id", "clinic_id"],
-            select(Case.id, Case.clinic_id)
-            .join(ClinicCallback, ClinicCallback.clinic_id == Case.clinic_id)
-            .where(Case.id == case_id),
+    return case_id in note_finished_many(session, [case_id])
+
+
+def note_finished_many(session: Session, case_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """:func:`note_finished` for several cases in one statement; returns those given an outbox row."""
+    if not case_ids:
+        return set()
+    return set(
+        session.scalars(
+            insert(CallbackDelivery)
+            .from_select(
+                ["case_id", "clinic_id"],
+                select(Case.id, Case.clinic_id)
+                .join(ClinicCallback, ClinicCallback.clinic_id == Case.clinic_id)
+                .where(Case.id.in_(case_ids)),
+            )
+            .on_conflict_do_nothing()
+            .returning(CallbackDelivery.case_id)
         )
-        .on_conflict_do_nothing()
-        .returning(CallbackDelivery.case_id)
     )
-    return created is not None
 
 
 def stale_deliveries(session: Session, cutoff: datetime, limit: int = 500) -> list[uuid.UUID]:

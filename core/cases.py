@@ -16,11 +16,12 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, or_, select, union_all, update
+from sqlalchemy import Integer, String, Uuid, and_, column, delete, exists, or_, select, union_all, update, values
 from sqlalchemy import case as sa_case
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -301,17 +302,21 @@ def _start(*where: ColumnElement[bool]) -> ReturningUpdate[Any]:
 
 
 def _audit_starts(session: Session, started: list[Case], actor: audit.Actor, batch: int | bool | None = None) -> None:
-    for case in started:
-        audit.record(
-            session,
-            action="case.start",
-            outcome=audit.SUCCESS,
-            actor=actor,
-            entity_type="case",
-            entity_id=case.id,
-            clinic_id=case.clinic_id,
-            detail={"attempt": case.attempts} | ({"batch": batch} if batch is not None else {}),
-        )
+    audit.record_many(
+        session,
+        [
+            audit.Event(
+                "case.start",
+                audit.SUCCESS,
+                actor,
+                "case",
+                case.id,
+                case.clinic_id,
+                {"attempt": case.attempts} | ({"batch": batch} if batch is not None else {}),
+            )
+            for case in started
+        ],
+    )
 
 
 def claim_case(session: Session, case_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> Case | None:
@@ -379,10 +384,23 @@ def claim_queued(session: Session, *, limit: int, actor: audit.Actor = audit.SYS
 
 
 def load_image(session: Session, *, keyring: Keyring, case_id: uuid.UUID) -> bytes:
-    blob = session.scalar(select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.IMAGE.value))
-    if blob is None:
-        raise NotFound("the case has no stored image", code="image_missing")
-    return decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.IMAGE.value)
+    return load_images(session, keyring=keyring, case_ids=[case_id])[case_id]
+
+
+def load_images(session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
+    """The decrypted images of ``case_ids``, read in one statement."""
+    blobs = {
+        blob.case_id: blob
+        for blob in session.scalars(
+            select(CaseBlob).where(CaseBlob.case_id.in_(case_ids), CaseBlob.kind == BlobKind.IMAGE.value)
+        )
+    }
+    if missing := [case_id for case_id in case_ids if case_id not in blobs]:
+        raise NotFound(f"{len(missing)} case(s) have no stored image", code="image_missing")
+    return {
+        case_id: decrypt_blob(keyring, blobs[case_id].sealed, case_id=case_id, kind=BlobKind.IMAGE.value)
+        for case_id in case_ids
+    }
 
 
 def _finish(session: Session, case_id: uuid.UUID, attempt: int, values: dict[str, Any]) -> Case | None:
@@ -393,6 +411,16 @@ def _finish(session: Session, case_id: uuid.UUID, attempt: int, values: dict[str
         .values(finished_at=now(), updated_at=now(), **values)
         .returning(Case)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A worker's outcome for one case it claimed: the result row's values and the heat map PNG."""
+
+    case_id: uuid.UUID
+    attempt: int
+    result: dict[str, Any]
+    heatmap_png: bytes | None
 
 
 def complete_case(
@@ -406,35 +434,71 @@ def complete_case(
     actor: audit.Actor = audit.SYSTEM,
 ) -> bool:
     """Store the result (and the encrypted heat map) and mark the case succeeded, atomically."""
-    case = _finish(
-        session,
-        case_id,
-        attempt,
-        {
-            "status": CaseStatus.SUCCEEDED.value,
-            "model_id": result["model_id"],
-            "failure_code": None,
-            "failure_message": None,
-        },
+    stored = complete_cases(
+        session, keyring=keyring, completions=[Completion(case_id, attempt, result, heatmap_png)], actor=actor
     )
-    if case is None:
-        return False
-    session.add(Result(case_id=case_id, **result))
-    if heatmap_png is not None:
-        sealed = encrypt_blob(keyring, heatmap_png, case_id=case_id, kind=BlobKind.HEATMAP.value)
-        session.add(_blob_row(case_id, BlobKind.HEATMAP, sealed, "image/png"))
+    return case_id in stored
+
+
+def complete_cases(
+    session: Session, *, keyring: Keyring, completions: Sequence[Completion], actor: audit.Actor = audit.SYSTEM
+) -> set[uuid.UUID]:
+    """Store each completion's result (and encrypted heat map) and mark its case succeeded, all in the
+    caller's transaction; returns the ids stored. A completion whose attempt no longer owns its case
+    (taken over or purged meanwhile) is left out, and nothing of it is written.
+
+    A fixed number of statements however many cases: one fenced UPDATE over a VALUES list, one INSERT
+    per table, one audit append. That is what lets a worker draining a backlog store a batch for
+    about the cost of one case.
+    """
+    if not completions:
+        return set()
+    fence = values(column("id", Uuid()), column("attempt", Integer()), column("model_id", String()), name="done").data(
+        [(c.case_id, c.attempt, c.result["model_id"]) for c in completions]
+    )
+    finished_at = now()
+    rows = session.execute(
+        update(Case)
+        .where(
+            Case.id == fence.c.id,
+            Case.status == CaseStatus.RUNNING.value,
+            Case.attempts == fence.c.attempt,
+        )
+        .values(
+            status=CaseStatus.SUCCEEDED.value,
+            model_id=fence.c.model_id,
+            failure_code=None,
+            failure_message=None,
+            finished_at=finished_at,
+            updated_at=finished_at,
+        )
+        .returning(Case.id, Case.clinic_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    clinics = {case_id: clinic_id for case_id, clinic_id in rows}
+    stored = [c for c in completions if c.case_id in clinics]
+    for c in stored:
+        session.add(Result(case_id=c.case_id, **c.result))
+        if c.heatmap_png is not None:
+            sealed = encrypt_blob(keyring, c.heatmap_png, case_id=c.case_id, kind=BlobKind.HEATMAP.value)
+            session.add(_blob_row(c.case_id, BlobKind.HEATMAP, sealed, "image/png"))
     session.flush()
-    audit.record(
+    audit.record_many(
         session,
-        action="case.classify",
-        outcome=audit.SUCCESS,
-        actor=actor,
-        entity_type="case",
-        entity_id=case_id,
-        clinic_id=case.clinic_id,
-        detail={"attempt": attempt, "model_id": result["model_id"], "gradcam": result["gradcam_status"]},
+        [
+            audit.Event(
+                "case.classify",
+                audit.SUCCESS,
+                actor,
+                "case",
+                c.case_id,
+                clinics[c.case_id],
+                {"attempt": c.attempt, "model_id": c.result["model_id"], "gradcam": c.result["gradcam_status"]},
+            )
+            for c in stored
+        ],
     )
-    return True
+    return set(clinics)
 
 
 def fail_case(

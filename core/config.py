@@ -97,9 +97,14 @@ class Settings(BaseSettings):
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     #: load and warm the model as each worker child starts (off: on its first case)
     preload_model: bool = True
-    #: dynamic batching: auto = on for CUDA workers, off on the CPU (where it does not pay)
+    #: dynamic batching: a worker claims up to batch_max_size queued cases in one statement, runs them
+    #: as one pass and stores them in one transaction. auto (= on) batches on every device: on a GPU
+    #: the pass costs about one image's, on the CPU the bookkeeping per case shrinks (bench.pipeline);
+    #: off: one case per task and per transaction
     batching: Literal["auto", "on", "off"] = "auto"
     batch_max_size: int = Field(8, ge=1, le=256)
+    #: on a CUDA worker, how long a short batch waits for more cases; the CPU never waits (a bigger
+    #: batch costs the sum of its images there, so waiting only adds latency)
     batch_max_wait_ms: int = Field(10, ge=0, le=1000)
     #: worker children (Celery prefork). 0 = auto: one per core on a CPU worker, where processes with
     #: one thread each beat threads (python -m bench.layout: 1.6x on 2 cores); 1 on a CUDA worker

@@ -101,8 +101,14 @@ def client(api_app):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -> Iterator[support.Process]:  # type: ignore[no-untyped-def]
-    """A real Celery worker process (prefork, one child) on the test database and Redis."""
-    process = support.start_worker(stack_env, stack_dir / "worker.log", name="main")
+    """A real Celery worker process (prefork, one child) on the test database and Redis.
+
+    One case per task (``DERMQ_BATCHING=off``): many tests store queued cases that nothing publishes
+    (``store_case``) and expect them to wait; a batching worker would claim them with the next case
+    it takes. Batching is tested on stacks and queues of its own (tests/worker/test_batching.py,
+    tests/worker/test_priorities.py, tests/faults)."""
+    env = {**stack_env, "DERMQ_BATCHING": "off"}
+    process = support.start_worker(env, stack_dir / "worker.log", name="main")
     yield process
     process.stop()
 
@@ -144,6 +150,23 @@ def make_key(settings, database, keyring) -> Callable[..., Tenant]:  # type: ign
 @pytest.fixture
 def tenant(make_key: Callable[..., Tenant]) -> Tenant:
     return make_key("clinic")
+
+
+@pytest.fixture
+def empty_queue(settings, database) -> None:  # type: ignore[no-untyped-def]
+    """No queued cases in the shared test database: a batch takes the oldest queued cases, and the
+    cases that earlier tests left queued (nothing publishes them) would be older than a test's own."""
+    from sqlalchemy import update
+
+    from core.db import session_scope
+    from core.models import Case
+
+    with session_scope(settings) as session:
+        session.execute(
+            update(Case)
+            .where(Case.status == "queued")
+            .values(status="failed", failure_code="abandoned", failure_message="left queued by an earlier test")
+        )
 
 
 @pytest.fixture

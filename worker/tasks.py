@@ -189,8 +189,8 @@ def _with_images(
     config: Settings, session: Session, claimed: Sequence[Case]
 ) -> list[tuple[uuid.UUID, int, datetime, bytes]]:
     """(id, attempt, created_at, decrypted image) of each claimed case."""
-    ring = keyring(config)
-    return [(c.id, c.attempts, c.created_at, cases.load_image(session, keyring=ring, case_id=c.id)) for c in claimed]
+    images = cases.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
+    return [(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed]
 
 
 def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress | None = None) -> str:
@@ -223,10 +223,11 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     analysis, predictor = _classify_image(config, predictor, image, attempt)
     timings["inference"] = time.perf_counter() - inference_started
 
-    return _explain_and_store(config, case_id, attempt, decoded, analysis, predictor, timings, started)
+    completion = _explain(config, case_id, attempt, decoded, analysis, predictor, timings, started)
+    return _store(config, [completion])[case_id]
 
 
-def _explain_and_store(
+def _explain(
     config: Settings,
     case_id: uuid.UUID,
     attempt: int,
@@ -235,8 +236,8 @@ def _explain_and_store(
     predictor: Predictor,
     timings: dict[str, float],
     started: float,
-) -> str:
-    """Heat map under its own budget, then the result, heat map and audit event in one transaction."""
+) -> cases.Completion:
+    """The heat map, under its own budget, and the result row of one classified case."""
     from ml import drift  # NumPy: only the worker image has it (worker.tasks is imported by beat and Flower too)
 
     image = decoded.image
@@ -279,55 +280,110 @@ def _explain_and_store(
         "timings": {k: round(v, 6) for k, v in timings.items()},
         "input_stats": drift.input_statistics(image, decoded.width, decoded.height),
     }
-    stored = _ended(
-        config,
-        case_id,
-        lambda session: cases.complete_case(
-            session, keyring=keyring(config), case_id=case_id, attempt=attempt, result=result, heatmap_png=heatmap_png
-        ),
-    )
-    if not stored:
-        log.warning("case was taken over or purged while running; result discarded", extra={"event": "superseded"})
-        return "superseded"
-    _metric("record_result", result, timings)
+    return cases.Completion(case_id, attempt, result, heatmap_png)
+
+
+def _store(config: Settings, completions: Sequence[cases.Completion]) -> dict[uuid.UUID, str]:
+    """Results, heat maps, audit events and callback outbox rows of ``completions`` in one transaction
+    (a fixed number of statements however many), then the callbacks; returns each case's outcome.
+
+    If a batch's transaction fails for anything but a transient error, each case is stored on its
+    own instead, so that one case the database refuses fails alone rather than its whole batch,
+    again and again."""
+    try:
+        with session_scope(config) as session:
+            stored = cases.complete_cases(session, keyring=keyring(config), completions=completions)
+            notify = callbacks.note_finished_many(session, [c.case_id for c in completions if c.case_id in stored])
+    except Exception as exc:
+        if len(completions) < 2 or _transient(exc):
+            raise
+        log.warning(
+            "storing a batch failed; storing its cases one by one",
+            extra={"event": "batch_store_failed", "error": type(exc).__name__, "count": len(completions)},
+        )
+        return _store_one_by_one(config, completions)
+    for case_id in notify:
+        publish_callback(app, case_id)
+    outcomes: dict[uuid.UUID, str] = {}
+    for completion in completions:
+        token = case_id_var.set(str(completion.case_id))
+        try:
+            if completion.case_id not in stored:
+                log.warning(
+                    "case was taken over or purged while running; result discarded", extra={"event": "superseded"}
+                )
+                outcomes[completion.case_id] = "superseded"
+                continue
+            result = completion.result
+            _metric("record_result", result, result["timings"])
+            log.info(
+                "case classified",
+                extra={
+                    "event": "case_succeeded",
+                    "attempt": completion.attempt,
+                    "model_id": result["model_id"],
+                    "device": result["device"],
+                    "duration_ms": round(result["timings"]["total"] * 1000, 1),
+                },
+            )
+            outcomes[completion.case_id] = "succeeded"
+        finally:
+            case_id_var.reset(token)
     _metric("record_gpu_memory")
-    log.info(
-        "case classified",
-        extra={
-            "event": "case_succeeded",
-            "attempt": attempt,
-            "model_id": result["model_id"],
-            "device": result["device"],
-            "duration_ms": round(timings["total"] * 1000, 1),
-        },
-    )
-    return "succeeded"
+    return outcomes
 
 
-def batching_enabled(config: Settings, predictor: Predictor) -> bool:
-    """Dynamic batching pays on a GPU (one batched pass costs about one image's); on a CPU a batch
-    costs about the sum of its images, so it only adds waiting. ``DERMQ_BATCHING`` overrides."""
-    if config.batching == "auto":
-        return predictor.device.type == "cuda" and config.batch_max_size > 1
-    return config.batching == "on" and config.batch_max_size > 1
+def _store_one_by_one(config: Settings, completions: Sequence[cases.Completion]) -> dict[uuid.UUID, str]:
+    """:func:`_store` for each completion alone; a case whose result cannot be stored fails."""
+    outcomes: dict[uuid.UUID, str] = {}
+    for completion in completions:
+        try:
+            outcomes |= _store(config, [completion])
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            token = case_id_var.set(str(completion.case_id))
+            try:
+                log.exception("storing a result failed", extra={"event": "store_error", "error": type(exc).__name__})
+                outcomes[completion.case_id] = _fail(
+                    config,
+                    completion.case_id,
+                    completion.attempt,
+                    "model_error",
+                    f"the worker could not store the result ({type(exc).__name__}); the case can be submitted again",
+                )
+            finally:
+                case_id_var.reset(token)
+    return outcomes
+
+
+def batching_enabled(config: Settings) -> bool:
+    """Whether this worker claims and runs queued cases in batches (``DERMQ_BATCHING``; auto: yes).
+
+    On a GPU one batched pass costs about one image's. On the CPU a pass costs about the sum of its
+    images, but a batch is claimed, audited and stored in a fixed number of statements and one
+    commit per transaction instead of about a dozen statements and two commits per case, which is
+    the larger share of a case on a CPU worker: ``python -m bench.pipeline`` measured 1.5x the
+    throughput draining a backlog. An idle queue gives batches of one, with no wait on the CPU."""
+    return config.batching != "off" and config.batch_max_size > 1
 
 
 def dispatch(config: Settings, case_id: uuid.UUID, progress: Progress) -> str:
     """One case, or a dynamic batch starting with it when batching is on for this worker."""
-    if config.batching != "off" and config.batch_max_size > 1:
+    if batching_enabled(config):
         try:
-            predictor = runtime.get_predictor(config)
+            runtime.get_predictor(config)  # before claiming: cases wait in the queue, not claimed, for the load
         except runtime.ModelUnavailable:
             return run_classification(config, case_id, progress)  # fails the case with model_error
-        if batching_enabled(config, predictor):
-            return run_batch(config, case_id, progress)
+        return run_batch(config, case_id, progress)
     return run_classification(config, case_id, progress)
 
 
 def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = None) -> str:
     """Claim this case and up to ``batch_max_size - 1`` more queued ones in one statement, classify
-    them in one forward pass, then explain and store each on its own. Returns this case's outcome;
-    the other cases' messages find them taken and do nothing."""
+    them in one forward pass, explain each, and store them all in one transaction. Returns this
+    case's outcome; the other cases' messages find them taken and do nothing. If the batch stops
+    with an error, the other cases it still holds go back to the queue (this one is the caller's)."""
     progress = progress if progress is not None else Progress()
     started = time.perf_counter()
     predictor = runtime.get_predictor(config)
@@ -338,51 +394,96 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
             return "skipped"
         items = _with_images(config, session, claimed)
     progress.attempt = items[0][1]
-    if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0:
-        time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting
-        with session_scope(config) as session:
-            more = cases.claim_queued(session, limit=config.batch_max_size - len(items))
-            items += _with_images(config, session, more)
+    outcomes: dict[uuid.UUID, str] = {}
+    try:
+        if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
+            time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
+            with session_scope(config) as session:
+                more = cases.claim_queued(session, limit=config.batch_max_size - len(items))
+                items += _with_images(config, session, more)
+        _run_claimed_batch(config, predictor, items, started, outcomes)
+    except BaseException:
+        _requeue_unfinished(config, [(i, a) for i, a, _, _ in items if i != case_id and i not in outcomes])
+        raise
+    log.info("batch classified", extra={"event": "batch", "count": len(items)})
+    for item_id, outcome in outcomes.items():
+        if item_id != case_id:
+            _metric("record_outcome", outcome)
+    return outcomes[case_id]
+
+
+def _run_claimed_batch(
+    config: Settings,
+    predictor: Predictor,
+    items: list[tuple[uuid.UUID, int, datetime, bytes]],
+    started: float,
+    outcomes: dict[uuid.UUID, str],
+) -> None:
+    """Decode, classify, explain and store claimed cases, writing each one's outcome into ``outcomes``
+    as soon as it is final (so that a failure part-way knows which cases are still held)."""
     claimed_at = time.perf_counter()
     ready: list[tuple[uuid.UUID, int, Any, dict[str, float]]] = []
-    outcomes: dict[uuid.UUID, str] = {}
     for item_id, attempt, created_at, data in items:
         timings = {
             "queue_wait": (datetime.now(UTC) - created_at).total_seconds(),
             "claim_and_decrypt": claimed_at - started,
             "batch_size": float(len(items)),
         }
-        decoded = _decode_claimed(config, item_id, attempt, data)
+        token = case_id_var.set(str(item_id))
+        try:
+            decoded = _decode_claimed(config, item_id, attempt, data)
+        finally:
+            case_id_var.reset(token)
         if isinstance(decoded, str):
             outcomes[item_id] = decoded
             continue
         timings["decode"] = time.perf_counter() - claimed_at
         ready.append((item_id, attempt, decoded, timings))
-    if ready:
-        inference_started = time.perf_counter()
-        faults.before_inference(config, ready[0][1])
-        analyses = _classify_batch(config, predictor, [decoded.image for _, _, decoded, _ in ready])
-        inference = (time.perf_counter() - inference_started) / len(ready)
-        for (item_id, attempt, decoded, timings), (analysis, used) in zip(ready, analyses, strict=True):
-            timings["inference"] = inference
-            token = case_id_var.set(str(item_id))
-            try:
-                outcomes[item_id] = _explain_and_store(
-                    config, item_id, attempt, decoded, analysis, used, timings, started
-                )
-            finally:
-                case_id_var.reset(token)
-            if item_id != case_id:
-                _metric("record_outcome", outcomes[item_id])
-    log.info("batch classified", extra={"event": "batch", "count": len(items)})
-    return outcomes[case_id]
+    if not ready:
+        return
+    inference_started = time.perf_counter()
+    analyses = _classify_batch(config, predictor, [decoded.image for _, _, decoded, _ in ready], ready[0][1])
+    inference = (time.perf_counter() - inference_started) / len(ready)
+    completions = []
+    for (item_id, attempt, decoded, timings), (analysis, used) in zip(ready, analyses, strict=True):
+        timings["inference"] = inference
+        token = case_id_var.set(str(item_id))
+        try:
+            completions.append(_explain(config, item_id, attempt, decoded, analysis, used, timings, started))
+        finally:
+            case_id_var.reset(token)
+    outcomes.update(_store(config, completions))
 
 
-def _classify_batch(config: Settings, predictor: Predictor, images: list[Any]) -> list[tuple[Analysis, Predictor]]:
-    """One forward pass for the batch; out of GPU memory, each image alone on the CPU instead."""
+def _requeue_unfinished(config: Settings, held: list[tuple[uuid.UUID, int]]) -> None:
+    """Put the cases a failed batch still holds back in the queue (fenced by their attempts); if the
+    database does not answer, the sweeper will (they stay ``running`` until then)."""
+    if not held:
+        return
+    try:
+        with session_scope(config) as session:
+            for item_id, attempt in held:
+                cases.requeue_case(session, item_id, attempt=attempt, reason="batch_interrupted")
+        log.warning(
+            "batch stopped; its other cases went back to the queue",
+            extra={"event": "batch_requeued", "count": len(held)},
+        )
+    except Exception as exc:
+        log.warning(
+            "batch stopped and its other cases could not be requeued; the sweeper will",
+            extra={"event": "requeue_failed", "error": type(exc).__name__, "count": len(held)},
+        )
+
+
+def _classify_batch(
+    config: Settings, predictor: Predictor, images: list[Any], attempt: int
+) -> list[tuple[Analysis, Predictor]]:
+    """One forward pass for the batch; out of GPU memory, each image alone on the CPU instead.
+    ``attempt``: the lead case's, for fault injection."""
     import torch
 
     try:
+        faults.before_inference(config, attempt)
         return [(analysis, predictor) for analysis in predictor.classify_many(images)]
     except torch.OutOfMemoryError:
         runtime.free_device_memory(predictor)

@@ -115,8 +115,8 @@ def test_gpu_out_of_memory_runs_that_case_on_the_cpu_and_records_it(stack: Fault
 def test_sigterm_finishes_the_running_job_and_loses_no_queued_one(stack: FaultStack) -> None:
     worker = stack.start_worker("deploy", {"sleep_before_inference": 3})
     running = stack.accepted(stack.images[0])
+    started(worker)  # its batch is claimed: the next case waits for a free child
     waiting = stack.accepted(stack.images[1])
-    started(worker)
     os.kill(worker.proc.pid, signal.SIGTERM)  # what Kubernetes and `docker stop` send to the main process
     assert worker.proc.wait(60) == 0
     assert "Warm shutdown" in worker.output()

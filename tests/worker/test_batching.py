@@ -8,11 +8,12 @@ import uuid
 
 import numpy as np
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select
 
-from core import cases
-from core.db import session_scope
-from core.models import Case, Result
+from core import audit, cases
+from core.crypto import decrypt_blob
+from core.db import get_engine, session_scope
+from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
 from ml.images import decode
 from worker import runtime
 from worker.tasks import Progress, batching_enabled, run_batch, run_classification
@@ -21,23 +22,17 @@ pytestmark = pytest.mark.usefixtures("database")
 
 
 @pytest.fixture
-def batching(settings):  # type: ignore[no-untyped-def]
-    """Batching on, and an empty queue: a batch takes the oldest queued cases, and cases that earlier
-    tests left queued in the shared test database (nothing publishes them) would be older than ours."""
-    with session_scope(settings) as session:
-        session.execute(
-            update(Case)
-            .where(Case.status == "queued")
-            .values(status="failed", failure_code="abandoned", failure_message="left queued by an earlier test")
-        )
+def batching(settings, empty_queue):  # type: ignore[no-untyped-def]
+    """Batching on, batches of up to 4, and an empty queue."""
     return settings.model_copy(update={"batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0})
 
 
-def test_batching_is_off_on_the_cpu_unless_asked(settings, batching) -> None:  # type: ignore[no-untyped-def]
-    predictor = runtime.get_predictor(settings)
-    assert predictor.device.type == "cpu"
-    assert not batching_enabled(settings, predictor)  # auto: on only for CUDA workers
-    assert batching_enabled(batching, predictor)
+def test_batching_is_on_unless_turned_off(settings, batching) -> None:  # type: ignore[no-untyped-def]
+    assert settings.batching == "auto"
+    assert batching_enabled(settings)  # on the CPU too: a batch's bookkeeping costs about one case's
+    assert batching_enabled(batching)
+    assert not batching_enabled(settings.model_copy(update={"batching": "off"}))
+    assert not batching_enabled(settings.model_copy(update={"batch_max_size": 1}))
 
 
 def test_batched_answers_equal_one_at_a_time(batching, tenant, store_case, fixture_images) -> None:  # type: ignore[no-untyped-def]
@@ -102,3 +97,150 @@ def test_concurrent_batches_never_claim_a_case_twice(batching, tenant, store_cas
         # a batch led by a case that another batch took first comes back empty rather than half-claimed
         if first is not None:
             assert batch == [] or batch[0] == first
+
+
+def _completion(case_id: uuid.UUID, attempt: int, label: str = "nv") -> cases.Completion:
+    probabilities = dict.fromkeys(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], 0.0) | {label: 1.0}
+    result = {
+        "label": label,
+        "probabilities": probabilities,
+        "confidence": 1.0,
+        "uncertainty": 0.0,
+        "referral": False,
+        "referral_reasons": [],
+        "gradcam_status": "ok",
+        "gradcam_class": label,
+        "model_id": "test-model",
+        "weights_sha256": "0" * 64,
+        "device": "cpu",
+        "timings": {"total": 0.01},
+        "input_stats": {},
+    }
+    return cases.Completion(case_id, attempt, result, b"\x89PNG heat map of " + str(case_id).encode())
+
+
+def test_a_batch_is_stored_in_a_fixed_number_of_statements(batching, tenant, store_case, keyring, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """Storing a batch costs what storing one case costs (that is what makes batches pay on the CPU),
+    stores every case's result, heat map and audit event, and leaves the audit chain intact."""
+    ids = [store_case(tenant, jpeg_bytes) for _ in range(5)]
+    with session_scope(batching) as session:
+        claimed = cases.claim_batch(session, ids[0], limit=5)
+    assert sorted(c.id for c in claimed) == sorted(ids)
+
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    engine = get_engine(batching)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        per_transaction = []
+        for group in (ids[:1], ids[1:]):
+            statements.clear()
+            with session_scope(batching) as session:
+                stored = cases.complete_cases(session, keyring=keyring, completions=[_completion(i, 1) for i in group])
+            assert stored == set(group)
+            per_transaction.append(len(statements))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert per_transaction[0] == per_transaction[1], f"statements for 1 case vs 4: {per_transaction}"
+
+    with session_scope(batching) as session:
+        assert {c.status for c in session.scalars(select(Case).where(Case.id.in_(ids)))} == {"succeeded"}
+        assert len(session.scalars(select(Result).where(Result.case_id.in_(ids))).all()) == 5
+        heatmaps = session.scalars(
+            select(CaseBlob).where(CaseBlob.case_id.in_(ids), CaseBlob.kind == BlobKind.HEATMAP.value)
+        ).all()
+        assert len(heatmaps) == 5
+        events = session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.action == "case.classify", AuditEvent.entity_id.in_([str(i) for i in ids]))
+            .order_by(AuditEvent.id)
+        ).all()
+        assert [e.entity_id for e in events] == [str(i) for i in ids]
+        assert {e.clinic_id for e in events} == {tenant.clinic_id}
+        assert audit.verify_chain(session).ok
+    for case_id in ids:
+        with session_scope(batching) as session:
+            blob = session.scalar(
+                select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.HEATMAP.value)
+            )
+            assert blob is not None
+            assert decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.HEATMAP.value).endswith(
+                str(case_id).encode()
+            )
+
+
+def test_a_stale_completion_in_a_batch_writes_nothing(batching, tenant, store_case, keyring, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """A case taken over meanwhile (its attempt moved on) is left out of the batch's transaction; the
+    others are stored."""
+    ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
+    with session_scope(batching) as session:
+        cases.claim_batch(session, ids[0], limit=3)
+    with session_scope(batching) as session:  # the sweeper requeued ids[1] and another worker took it
+        assert cases.requeue_case(session, ids[1], attempt=1, reason="test")
+        assert cases.claim_case(session, ids[1]) is not None
+    with session_scope(batching) as session:
+        stored = cases.complete_cases(session, keyring=keyring, completions=[_completion(i, 1) for i in ids])
+    assert stored == {ids[0], ids[2]}
+    with session_scope(batching) as session:
+        stale = session.get(Case, ids[1])
+        assert stale is not None and stale.status == "running" and stale.attempts == 2
+        assert session.get(Result, ids[1]) is None
+        assert session.scalar(select(CaseBlob.id).where(CaseBlob.case_id == ids[1], CaseBlob.kind == "heatmap")) is None
+        assert not session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "case.classify", AuditEvent.entity_id == str(ids[1]))
+        ).all()
+
+
+def test_a_failed_batch_puts_its_other_cases_back(batching, tenant, store_case, fixture_images, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An error part-way through a batch leaves its lead case to the task's error handling and puts
+    the other cases it claimed back in the queue at once, rather than leaving them running until
+    the sweeper."""
+    from worker import tasks
+
+    images = [fixture_images[k].read_bytes() for k in sorted(fixture_images)[:3]]
+    ids = [store_case(tenant, data) for data in images]
+
+    def broken(*_args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the model broke")
+
+    monkeypatch.setattr(tasks, "_classify_batch", broken)
+    with pytest.raises(RuntimeError):
+        run_batch(batching, ids[0])
+    with session_scope(batching) as session:
+        status = {c.id: (c.status, c.attempts) for c in session.scalars(select(Case).where(Case.id.in_(ids)))}
+        requeues = session.scalars(
+            select(AuditEvent.entity_id).where(
+                AuditEvent.action == "case.requeue", AuditEvent.entity_id.in_([str(i) for i in ids[1:]])
+            )
+        ).all()
+    assert status[ids[0]] == ("running", 1)  # the task's handler fails (or retries) it
+    assert status[ids[1]] == status[ids[2]] == ("queued", 1)
+    assert sorted(requeues) == sorted(str(i) for i in ids[1:])
+    monkeypatch.undo()
+    assert run_batch(batching, ids[1]) == "succeeded"  # taken again, in a batch with ids[2]
+    with session_scope(batching) as session:
+        assert session.get(Case, ids[2]).status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_a_case_the_database_refuses_fails_alone_not_its_batch(
+    batching, tenant, store_case, keyring, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
+    """If the batch's transaction fails (here: one case already has a result row, which the primary
+    key refuses), each case is stored on its own: that case fails, the others succeed."""
+    from worker import tasks
+
+    ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
+    with session_scope(batching) as session:
+        cases.claim_batch(session, ids[0], limit=3)
+    with session_scope(batching) as session:
+        session.add(Result(case_id=ids[1], **_completion(ids[1], 1, "mel").result))
+    outcomes = tasks._store(batching, [_completion(i, 1) for i in ids])
+    assert outcomes == {ids[0]: "succeeded", ids[1]: "failed", ids[2]: "succeeded"}
+    with session_scope(batching) as session:
+        refused = session.get(Case, ids[1])
+        assert refused is not None and (refused.status, refused.failure_code) == ("failed", "model_error")
+        assert {session.get(Case, i).status for i in (ids[0], ids[2])} == {"succeeded"}  # type: ignore[union-attr]
+        assert audit.verify_chain(session).ok

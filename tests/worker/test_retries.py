@@ -49,7 +49,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
             record["delays"].append(retries)
             return 0.0
 
-        monkeypatch.setattr(tasks, "run_classification", run)
+        monkeypatch.setattr(tasks, "dispatch", run)
         monkeypatch.setattr(tasks, "_requeue", lambda config, case_id, attempt: record["requeues"].append(attempt))
         monkeypatch.setattr(
             tasks,
