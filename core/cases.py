@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 from sqlalchemy.sql.elements import ColumnElement
 
-from core import audit
+from core import audit, pgbinary
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import BadRequest, Conflict, DermqError, Forbidden, Gone, NotFound
 from core.keys import Principal
@@ -139,8 +139,7 @@ def create_case(
         if existing is None:
             raise
         return _replay(existing, image), False
-    session.add(_blob_row(case_id, BlobKind.IMAGE, sealed, image.media_type))
-    session.flush()
+    _insert_blobs(session, [(case_id, BlobKind.IMAGE, sealed, image.media_type)])
     audit.record(
         session,
         action="case.create",
@@ -173,16 +172,31 @@ def _replay(existing: Case, image: NewImage) -> Case:
     return existing
 
 
-def _blob_row(case_id: uuid.UUID, kind: BlobKind, sealed: SealedBlob, media_type: str) -> CaseBlob:
-    return CaseBlob(
-        id=uuid.uuid4(),
-        case_id=case_id,
-        kind=kind.value,
-        ciphertext=sealed.ciphertext,
-        nonce=sealed.nonce,
-        wrapped_key=sealed.wrapped_key,
-        kek_id=sealed.kek_id,
-        media_type=media_type,
+#: the columns :func:`_insert_blobs` writes (``created_at`` is the server's)
+BLOB_COLUMNS = ("id", "case_id", "kind", "ciphertext", "nonce", "wrapped_key", "kek_id", "media_type")
+
+
+def _insert_blobs(session: Session, blobs: Sequence[tuple[uuid.UUID, BlobKind, SealedBlob, str]]) -> None:
+    """Store (case id, kind, sealed blob, media type) rows in one binary COPY (:mod:`core.pgbinary`:
+    the ciphertext travels as raw bytes, not hex), after flushing what they refer to."""
+    session.flush()
+    pgbinary.copy_in(
+        session,
+        CaseBlob.__tablename__,
+        BLOB_COLUMNS,
+        [
+            (
+                uuid.uuid4(),
+                case_id,
+                kind.value,
+                sealed.ciphertext,
+                sealed.nonce,
+                sealed.wrapped_key,
+                sealed.kek_id,
+                media,
+            )
+            for case_id, kind, sealed, media in blobs
+        ],
     )
 
 
@@ -389,16 +403,18 @@ def load_image(session: Session, *, keyring: Keyring, case_id: uuid.UUID) -> byt
 
 def load_images(session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
     """The decrypted images of ``case_ids``, read in one statement."""
-    blobs = {
-        blob.case_id: blob
-        for blob in session.scalars(
-            select(CaseBlob).where(CaseBlob.case_id.in_(case_ids), CaseBlob.kind == BlobKind.IMAGE.value)
-        )
-    }
+    rows = pgbinary.copy_out(  # raw bytes, not hex: see core.pgbinary
+        session,
+        "SELECT case_id, ciphertext, nonce, wrapped_key, kek_id FROM case_blobs"
+        " WHERE case_id = ANY(%(ids)s::uuid[]) AND kind = %(kind)s",
+        {"ids": [str(case_id) for case_id in case_ids], "kind": BlobKind.IMAGE.value},
+        ("uuid", "bytea", "bytea", "bytea", "text"),
+    )
+    blobs = {case_id: SealedBlob(ciphertext, nonce, wrapped, kek) for case_id, ciphertext, nonce, wrapped, kek in rows}
     if missing := [case_id for case_id in case_ids if case_id not in blobs]:
         raise NotFound(f"{len(missing)} case(s) have no stored image", code="image_missing")
     return {
-        case_id: decrypt_blob(keyring, blobs[case_id].sealed, case_id=case_id, kind=BlobKind.IMAGE.value)
+        case_id: decrypt_blob(keyring, blobs[case_id], case_id=case_id, kind=BlobKind.IMAGE.value)
         for case_id in case_ids
     }
 
@@ -477,12 +493,20 @@ def complete_cases(
     ).all()
     clinics = {case_id: clinic_id for case_id, clinic_id in rows}
     stored = [c for c in completions if c.case_id in clinics]
-    for c in stored:
-        session.add(Result(case_id=c.case_id, **c.result))
-        if c.heatmap_png is not None:
-            sealed = encrypt_blob(keyring, c.heatmap_png, case_id=c.case_id, kind=BlobKind.HEATMAP.value)
-            session.add(_blob_row(c.case_id, BlobKind.HEATMAP, sealed, "image/png"))
-    session.flush()
+    session.add_all([Result(case_id=c.case_id, **c.result) for c in stored])
+    _insert_blobs(
+        session,
+        [
+            (
+                c.case_id,
+                BlobKind.HEATMAP,
+                encrypt_blob(keyring, c.heatmap_png, case_id=c.case_id, kind=BlobKind.HEATMAP.value),
+                "image/png",
+            )
+            for c in stored
+            if c.heatmap_png is not None
+        ],
+    )
     audit.record_many(
         session,
         [

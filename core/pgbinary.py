@@ -1,0 +1,132 @@
+"""Encrypted blobs in and out of Postgres as raw bytes, with ``COPY ... (FORMAT binary)``.
+
+psycopg2 sends and receives ``bytea`` as hex text: a 12-megapixel upload (1.6 MB of ciphertext)
+costs 25 ms to INSERT and 12 ms to SELECT that way on the development machine, most of it escaping
+and parsing 3.2 MB of hex. Binary COPY moves the bytes as they are: 7 ms in, 3 ms out. It runs on
+the session's own connection, inside its transaction, and its driver errors are raised as
+SQLAlchemy's (``OperationalError`` for a lost connection, ``IntegrityError`` for a constraint), so
+callers see the same exceptions as from the ORM.
+
+The format: https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4 (a signature,
+flags and header extension, then per row a 16-bit field count and per field a 32-bit length, -1
+for NULL, followed by the value in the type's binary send format; a -1 field count ends it).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg2
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_HEADER = SIGNATURE + struct.pack("!ii", 0, 0)
+_TRAILER = struct.pack("!h", -1)
+_NULL = struct.pack("!i", -1)
+
+#: decoders of the binary send formats used here, by the name callers give a column's type
+DECODERS: dict[str, Callable[[bytes], Any]] = {
+    "uuid": lambda raw: uuid.UUID(bytes=raw),
+    "bytea": bytes,
+    "text": lambda raw: raw.decode(),
+}
+
+
+def _field(value: Any) -> bytes:
+    if value is None:
+        return _NULL
+    if isinstance(value, uuid.UUID):
+        raw = value.bytes
+    elif isinstance(value, str):
+        raw = value.encode()
+    elif isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+    else:
+        raise TypeError(f"no binary COPY encoding for {type(value).__name__}")
+    return struct.pack("!i", len(raw)) + raw
+
+
+def encode_rows(rows: Sequence[Sequence[Any]]) -> bytes:
+    """The binary COPY stream of ``rows`` (uuid, str, bytes or None values)."""
+    out = io.BytesIO()
+    out.write(_HEADER)
+    for row in rows:
+        out.write(struct.pack("!h", len(row)))
+        for value in row:
+            out.write(_field(value))
+    out.write(_TRAILER)
+    return out.getvalue()
+
+
+def decode_rows(data: bytes, types: Sequence[str]) -> list[tuple[Any, ...]]:
+    """Rows of a binary COPY stream whose columns have ``types`` (keys of :data:`DECODERS`)."""
+    view = memoryview(data)
+    if bytes(view[: len(SIGNATURE)]) != SIGNATURE:
+        raise ValueError("not a binary COPY stream")
+    (extension,) = struct.unpack_from("!i", view, len(SIGNATURE) + 4)
+    at = len(SIGNATURE) + 8 + extension
+    decoders = [DECODERS[t] for t in types]
+    rows: list[tuple[Any, ...]] = []
+    while True:
+        (count,) = struct.unpack_from("!h", view, at)
+        at += 2
+        if count == -1:
+            return rows
+        if count != len(decoders):
+            raise ValueError(f"a row of {count} fields, expected {len(decoders)}")
+        row: list[Any] = []
+        for decode in decoders:
+            (size,) = struct.unpack_from("!i", view, at)
+            at += 4
+            if size == -1:
+                row.append(None)
+                continue
+            row.append(decode(bytes(view[at : at + size])))
+            at += size
+        rows.append(tuple(row))
+
+
+@contextmanager
+def _cursor(session: Session, statement: str) -> Iterator[Any]:
+    """A cursor on the session's connection (its transaction); driver errors re-raised as SQLAlchemy's."""
+    connection = session.connection()
+    dbapi_connection = connection.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor: Any = dbapi_connection.cursor()
+    try:
+        yield cursor
+    except psycopg2.Error as exc:
+        invalidated = connection.dialect.is_disconnect(exc, dbapi_connection, None)
+        if invalidated:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            statement, None, exc, psycopg2.Error, connection_invalidated=invalidated, dialect=connection.dialect
+        ) from None
+    finally:
+        cursor.close()
+
+
+def copy_in(session: Session, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Insert ``rows`` into ``table`` in one binary COPY, inside the session's transaction (flush the
+    ORM first when the rows refer to objects it has not written yet)."""
+    if not rows:
+        return
+    statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT binary)"
+    with _cursor(session, statement) as cursor:
+        cursor.copy_expert(statement, io.BytesIO(encode_rows(rows)))
+
+
+def copy_out(session: Session, query: str, params: dict[str, Any], types: Sequence[str]) -> list[tuple[Any, ...]]:
+    """The rows of ``query`` (a SELECT with psycopg2 ``%(name)s`` parameters, bound safely by the
+    driver) through a binary COPY, decoded by ``types``."""
+    with _cursor(session, query) as cursor:
+        statement = "COPY (" + cursor.mogrify(query, params).decode() + ") TO STDOUT WITH (FORMAT binary)"
+        out = io.BytesIO()
+        cursor.copy_expert(statement, out)
+    return decode_rows(out.getvalue(), types)
