@@ -142,6 +142,11 @@ def _ended(config: Settings, case_id: uuid.UUID, transition: Callable[[Session],
     return ended
 
 
+def _model_error(exc: BaseException, doing: str) -> str:
+    """The message stored with a ``model_error`` failure: what failed and the error's type, no details."""
+    return f"the worker failed while {doing} ({type(exc).__name__}); the case can be submitted again"
+
+
 def _fail(config: Settings, case_id: uuid.UUID, attempt: int | None, code: str, message: str) -> str:
     """Fail the case, fenced by ``attempt`` (None: whatever attempt holds it, when the claim's is unknown)."""
     _ended(
@@ -350,7 +355,7 @@ def _store_one_by_one(config: Settings, completions: Sequence[cases.Completion])
                     completion.case_id,
                     completion.attempt,
                     "model_error",
-                    f"the worker could not store the result ({type(exc).__name__}); the case can be submitted again",
+                    _model_error(exc, "storing the result"),
                 )
             finally:
                 case_id_var.reset(token)
@@ -442,7 +447,20 @@ def _run_claimed_batch(
     if not ready:
         return
     inference_started = time.perf_counter()
-    analyses = _classify_batch(config, predictor, [decoded.image for _, _, decoded, _ in ready], ready[0][1])
+    try:
+        analyses = _classify_batch(config, predictor, [decoded.image for _, _, decoded, _ in ready], ready[0][1])
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        if len(ready) < 2 or _transient(exc):
+            raise
+        log.warning(
+            "a batch failed to classify; classifying its cases one by one",
+            extra={"event": "batch_classify_failed", "error": type(exc).__name__, "count": len(ready)},
+        )
+        ready, analyses = _classify_one_by_one(config, predictor, ready, outcomes)
+        if not ready:
+            return
     inference = (time.perf_counter() - inference_started) / len(ready)
     completions = []
     for (item_id, attempt, decoded, timings), (analysis, used) in zip(ready, analyses, strict=True):
@@ -453,6 +471,40 @@ def _run_claimed_batch(
         finally:
             case_id_var.reset(token)
     outcomes.update(_store(config, completions))
+
+
+def _classify_one_by_one(
+    config: Settings,
+    predictor: Predictor,
+    ready: list[tuple[uuid.UUID, int, Any, dict[str, float]]],
+    outcomes: dict[uuid.UUID, str],
+) -> tuple[list[tuple[uuid.UUID, int, Any, dict[str, float]]], list[tuple[Analysis, Predictor]]]:
+    """Classify a failed batch's cases each alone, so that a case that breaks the model fails by itself
+    instead of taking its batch (and, requeued, the next one) with it. Returns the cases that
+    classified and their analyses; the others are failed and their outcomes written."""
+    done, analyses = [], []
+    for item in ready:
+        item_id, attempt = item[0], item[1]
+        token = case_id_var.set(str(item_id))
+        try:
+            analyses.append(_classify_image(config, predictor, item[2].image, attempt))
+            done.append(item)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
+            outcomes[item_id] = _fail(
+                config,
+                item_id,
+                attempt,
+                "model_error",
+                _model_error(exc, "classifying"),
+            )
+        finally:
+            case_id_var.reset(token)
+    return done, analyses
 
 
 def _requeue_unfinished(config: Settings, held: list[tuple[uuid.UUID, int]]) -> None:
@@ -571,7 +623,7 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
                 parsed,
                 progress.attempt,
                 "model_error",
-                f"the worker failed while classifying ({type(exc).__name__}); the case can be submitted again",
+                _model_error(exc, "classifying"),
             )
         _metric("record_outcome", outcome)
         return outcome

@@ -9,6 +9,7 @@ import uuid
 import numpy as np
 import pytest
 from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
 
 from core import audit, cases
 from core.crypto import decrypt_blob
@@ -194,20 +195,22 @@ def test_a_stale_completion_in_a_batch_writes_nothing(batching, tenant, store_ca
         ).all()
 
 
-def test_a_failed_batch_puts_its_other_cases_back(batching, tenant, store_case, fixture_images, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """An error part-way through a batch leaves its lead case to the task's error handling and puts
-    the other cases it claimed back in the queue at once, rather than leaving them running until
-    the sweeper."""
+def test_a_batch_stopped_by_a_lost_database_puts_its_other_cases_back(
+    batching, tenant, store_case, fixture_images, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A transient error part-way through a batch (the connection drops as it stores) leaves its lead
+    case to the task's retry and puts the other cases it claimed back in the queue at once, rather
+    than leaving them running until the sweeper."""
     from worker import tasks
 
     images = [fixture_images[k].read_bytes() for k in sorted(fixture_images)[:3]]
     ids = [store_case(tenant, data) for data in images]
 
-    def broken(*_args):  # type: ignore[no-untyped-def]
-        raise RuntimeError("the model broke")
+    def connection_lost(*_args):  # type: ignore[no-untyped-def]
+        raise OperationalError("INSERT INTO results ...", {}, Exception("server closed the connection unexpectedly"))
 
-    monkeypatch.setattr(tasks, "_classify_batch", broken)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(tasks, "_store", connection_lost)
+    with pytest.raises(OperationalError):
         run_batch(batching, ids[0])
     with session_scope(batching) as session:
         status = {c.id: (c.status, c.attempts) for c in session.scalars(select(Case).where(Case.id.in_(ids)))}
@@ -216,13 +219,39 @@ def test_a_failed_batch_puts_its_other_cases_back(batching, tenant, store_case, 
                 AuditEvent.action == "case.requeue", AuditEvent.entity_id.in_([str(i) for i in ids[1:]])
             )
         ).all()
-    assert status[ids[0]] == ("running", 1)  # the task's handler fails (or retries) it
+    assert status[ids[0]] == ("running", 1)  # the task's handler requeues it and retries
     assert status[ids[1]] == status[ids[2]] == ("queued", 1)
     assert sorted(requeues) == sorted(str(i) for i in ids[1:])
     monkeypatch.undo()
     assert run_batch(batching, ids[1]) == "succeeded"  # taken again, in a batch with ids[2]
     with session_scope(batching) as session:
         assert session.get(Case, ids[2]).status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_a_case_that_breaks_the_model_fails_alone_not_its_batch(
+    batching, tenant, store_case, fixture_images, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """If a batch's pass fails, its cases are classified one by one: only the case that breaks the
+    model fails (model_error), whether or not it leads the batch; the others get their results."""
+    images = [fixture_images[k].read_bytes() for k in sorted(fixture_images)[:4]]
+    ids = [store_case(tenant, data) for data in images]
+    predictor = runtime.get_predictor(batching)
+    poison = decode(images[2], reduce_to=batching.overlay_max_side).image.tobytes()
+    original = predictor.classify_many
+
+    def classify_many(batch, **kwargs):  # type: ignore[no-untyped-def]
+        if any(image.tobytes() == poison for image in batch):
+            raise ValueError("this image breaks the model")
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(predictor, "classify_many", classify_many)
+    assert run_batch(batching, ids[0]) == "succeeded"
+    with session_scope(batching) as session:
+        done = {c.id: (c.status, c.failure_code) for c in session.scalars(select(Case).where(Case.id.in_(ids)))}
+        results = set(session.scalars(select(Result.case_id).where(Result.case_id.in_(ids))))
+    assert done[ids[2]] == ("failed", "model_error")
+    assert all(done[i] == ("succeeded", None) for i in ids if i != ids[2])
+    assert results == set(ids) - {ids[2]}
 
 
 def test_a_case_the_database_refuses_fails_alone_not_its_batch(
