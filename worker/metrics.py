@@ -22,7 +22,13 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # pragma: no cover - prepare_m
 log = logging.getLogger("dermq.worker.metrics")
 
 SECONDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
-JOBS = Counter("dermq_jobs_total", "classification jobs by outcome", ["outcome"])
+JOBS = Counter(
+    "dermq_jobs_total",
+    "classification outcomes: succeeded, failed, superseded (a newer attempt owned the case), skipped "
+    "(a message whose case was already taken, usually by a batch: each batched case counts once as "
+    "succeeded or failed and once as skipped)",
+    ["outcome"],
+)
 QUEUE_WAIT = Histogram(
     "dermq_queue_wait_seconds",
     "time from submission to a worker's claim",
