@@ -7,8 +7,8 @@ import os
 import uuid
 
 import pytest
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from core import pgbinary
 from core.db import session_scope
@@ -74,3 +74,22 @@ def test_a_refused_copy_raises_sqlalchemys_error_and_the_transaction_rolls_back(
     with session_scope(settings) as session:
         assert len(session.scalars(select(CaseBlob.id).where(CaseBlob.case_id == case_id)).all()) == 1
         assert session.scalar(select(Case.client_ref).where(Case.id == case_id)) is None
+
+
+def test_a_lost_connection_is_an_operational_error_that_the_worker_retries(
+    settings, tenant, store_case, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
+    """The database going away mid-COPY surfaces as SQLAlchemy's OperationalError with the connection
+    invalidated, which the worker treats as transient (requeue and retry), and the pool recovers."""
+    from worker.tasks import _transient
+
+    case_id = store_case(tenant, jpeg_bytes)
+    with pytest.raises(OperationalError) as raised, session_scope(settings) as session:
+        pid = session.scalar(text("SELECT pg_backend_pid()"))
+        with session_scope(settings) as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        pgbinary.copy_out(session, QUERY, {"ids": [str(case_id)], "kind": "image"}, ("uuid", "bytea", "text"))
+    assert raised.value.connection_invalidated and _transient(raised.value)
+    with session_scope(settings) as session:
+        rows = pgbinary.copy_out(session, QUERY, {"ids": [str(case_id)], "kind": "image"}, ("uuid", "bytea", "text"))
+    assert [row[0] for row in rows] == [case_id]
