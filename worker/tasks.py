@@ -190,11 +190,13 @@ def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, data: by
         return _fail(config, case_id, attempt, "invalid_image", exc.message)
 
 
-def _with_images(
-    config: Settings, session: Session, claimed: Sequence[Case]
-) -> list[tuple[uuid.UUID, int, datetime, bytes]]:
-    """(id, attempt, created_at, decrypted image) of each claimed case."""
-    images = cases.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
+def _with_images(config: Settings, claimed: Sequence[Case]) -> list[tuple[uuid.UUID, int, datetime, bytes]]:
+    """(id, attempt, created_at, decrypted image) of each claimed case, read in a transaction of its
+    own once the claim has committed (the claim's audit events hold the chain's lock until then)."""
+    if not claimed:
+        return []
+    with session_scope(config) as session:
+        images = cases.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
     return [(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed]
 
 
@@ -208,8 +210,9 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
             log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
             return "skipped"
         attempt, created_at = case.attempts, case.created_at
-        data = cases.load_image(session, keyring=keyring(config), case_id=case_id)
     progress.attempt = attempt
+    with session_scope(config) as session:  # after the claim's commit: its audit event held the chain's lock
+        data = cases.load_image(session, keyring=keyring(config), case_id=case_id)
     timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started
@@ -394,21 +397,22 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     predictor = runtime.get_predictor(config)
     with session_scope(config) as session:
         claimed = cases.claim_batch(session, case_id, limit=config.batch_max_size)
-        if not claimed:
-            log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
-            return "skipped"
-        items = _with_images(config, session, claimed)
-    progress.attempt = items[0][1]
+    if not claimed:
+        log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
+        return "skipped"
+    progress.attempt = claimed[0].attempts
     outcomes: dict[uuid.UUID, str] = {}
     try:
+        items = _with_images(config, claimed)
         if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
             time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
             with session_scope(config) as session:
                 more = cases.claim_queued(session, limit=config.batch_max_size - len(items))
-                items += _with_images(config, session, more)
+            claimed += more
+            items += _with_images(config, more)
         _run_claimed_batch(config, predictor, items, started, outcomes)
     except BaseException:
-        _requeue_unfinished(config, [(i, a) for i, a, _, _ in items if i != case_id and i not in outcomes])
+        _requeue_unfinished(config, [(c.id, c.attempts) for c in claimed if c.id != case_id and c.id not in outcomes])
         raise
     log.info("batch classified", extra={"event": "batch", "count": len(items)})
     for item_id, outcome in outcomes.items():

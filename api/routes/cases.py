@@ -8,12 +8,10 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy import event
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api import metrics
-from api.deps import AuthenticatedCaller, DbSession, State, limit, require_role
+from api.deps import AuthenticatedCaller, DbSession, State, commit_audited, limit, require_role
 from api.schemas import (
     CaseLinks,
     CaseOut,
@@ -214,35 +212,31 @@ async def submit_case(
         height=decoded.height,
         sha256=hashlib.sha256(form.image).hexdigest(),
     )
-    case, created = await run_in_threadpool(
-        cases.create_case,
-        session,
-        keyring=app.keyring,
-        principal=caller.principal,
-        actor=caller.actor,
-        image=image,
-        client_ref=client_ref,
-        priority=priority,
-        idempotency_key=idempotency_key,
-    )
-    if created:
-        _publish_after_commit(session, app, case.id, priority)
-    else:
+
+    def create() -> tuple[Case, bool]:
+        case, created = cases.create_case(
+            session,
+            keyring=app.keyring,
+            principal=caller.principal,
+            actor=caller.actor,
+            image=image,
+            client_ref=client_ref,
+            priority=priority,
+            idempotency_key=idempotency_key,
+        )
+        commit_audited(session)
+        if created:  # only once the case is durable: a worker must never look for a row not yet committed
+            publish_classify(app.publisher, case.id, priority)
+        return case, created
+
+    case, created = await run_in_threadpool(create)
+    if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/cases/{case.id}"
     response.headers.update(NO_STORE)
     result = session.get(Result, case.id) if case.status == CaseStatus.SUCCEEDED else None
     return case_out(case, result)
-
-
-def _publish_after_commit(session: Session, app: Any, case_id: uuid.UUID, priority: Priority) -> None:
-    """Publish only once the case is durable: a worker must never look for a row not yet committed."""
-
-    def publish(_session: Session) -> None:
-        publish_classify(app.publisher, case_id, priority)
-
-    event.listen(session, "after_commit", publish, once=True)
 
 
 @router.get("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Poll a case")
@@ -252,6 +246,7 @@ def read_case(
     """Status, timestamps and, once succeeded, the calibrated result; or the failure's code and message."""
     limit(caller, app, "read")
     case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
+    commit_audited(session)
     response.headers.update(NO_STORE)
     return case_out(case, result)
 
@@ -272,6 +267,7 @@ def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCaller, se
     png = cases.read_heatmap(
         session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=case_id
     )
+    commit_audited(session)
     return Response(png, media_type="image/png", headers=NO_STORE)
 
 
@@ -294,6 +290,7 @@ def list_cases(
         cursor=cursor,
         limit=min(limit_ or app.settings.page_size_default, app.settings.page_size_max),
     )
+    commit_audited(session)
     response.headers.update(NO_STORE)
     return CasePage(items=[_summary(c) for c in page.cases], next_cursor=page.next_cursor)
 
@@ -306,5 +303,7 @@ def erase_case(
     case shows `purged`. Repeating the call changes nothing."""
     limit(caller, app, "submit")
     case = retention.erase_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
+    result = session.get(Result, case.id)
+    commit_audited(session)
     response.headers.update(NO_STORE)
-    return case_out(case, session.get(Result, case.id))
+    return case_out(case, result)

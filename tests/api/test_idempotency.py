@@ -30,7 +30,9 @@ def post(client, tenant: Tenant, image: bytes, key: str | None):  # type: ignore
 def stored(settings, clinic_id: uuid.UUID, key: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
     with session_scope(settings) as session:
         ids = list(session.scalars(select(Case.id).where(Case.clinic_id == clinic_id, Case.idempotency_key == key)))
-        blobs = session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.case_id.in_(ids)))
+        blobs = session.scalar(  # the images: a worker may already have added a heat map
+            select(func.count()).select_from(CaseBlob).where(CaseBlob.case_id.in_(ids), CaseBlob.kind == "image")
+        )
         events = session.scalar(
             select(func.count())
             .select_from(AuditEvent)
