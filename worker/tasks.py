@@ -303,12 +303,7 @@ def _store(config: Settings, completions: Sequence[cases.Completion]) -> dict[uu
             stored = cases.complete_cases(session, keyring=keyring(config), completions=completions)
             notify = callbacks.note_finished_many(session, [c.case_id for c in completions if c.case_id in stored])
     except Exception as exc:
-        if len(completions) < 2 or _transient(exc):
-            raise
-        log.warning(
-            "storing a batch failed; storing its cases one by one",
-            extra={"event": "batch_store_failed", "error": type(exc).__name__, "count": len(completions)},
-        )
+        _one_by_one_or_raise(exc, len(completions), "batch_store_failed", "storing a batch failed")
         return _store_one_by_one(config, completions)
     for case_id in notify:
         publish_callback(app, case_id)
@@ -339,6 +334,18 @@ def _store(config: Settings, completions: Sequence[cases.Completion]) -> dict[uu
             case_id_var.reset(token)
     _metric("record_gpu_memory")
     return outcomes
+
+
+def _one_by_one_or_raise(exc: Exception, count: int, event: str, what: str) -> None:
+    """Re-raise ``exc`` unless it stopped a batch of ``count`` cases for a reason other than a transient
+    one; then log that the batch's cases will be handled one by one (so that the case at fault fails
+    alone), and return."""
+    if count < 2 or _transient(exc):
+        raise exc
+    log.warning(
+        f"{what}; handling its cases one by one",
+        extra={"event": event, "error": type(exc).__name__, "count": count},
+    )
 
 
 def _store_one_by_one(config: Settings, completions: Sequence[cases.Completion]) -> dict[uuid.UUID, str]:
@@ -456,12 +463,7 @@ def _run_claimed_batch(
     except SoftTimeLimitExceeded:
         raise
     except Exception as exc:
-        if len(ready) < 2 or _transient(exc):
-            raise
-        log.warning(
-            "a batch failed to classify; classifying its cases one by one",
-            extra={"event": "batch_classify_failed", "error": type(exc).__name__, "count": len(ready)},
-        )
+        _one_by_one_or_raise(exc, len(ready), "batch_classify_failed", "a batch failed to classify")
         ready, analyses = _classify_one_by_one(config, predictor, ready, outcomes)
         if not ready:
             return
