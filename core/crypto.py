@@ -225,6 +225,12 @@ def decrypt_blob(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind
 
 def rewrap(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str) -> SealedBlob:
     """The same payload with its data key wrapped under the keyring's active KEK."""
-    data_key = _unwrap(keyring, blob.kek_id, blob.wrapped_key, case_id, kind)
-    wrapped = _wrap(keyring, keyring.active_id, data_key, case_id, kind)
+    wrapped = rewrap_key(keyring, blob.wrapped_key, blob.kek_id, case_id=case_id, kind=kind)
     return SealedBlob(blob.ciphertext, blob.nonce, wrapped, keyring.active_id)
+
+
+def rewrap_key(keyring: Keyring, wrapped_key: bytes, kek_id: str, *, case_id: uuid.UUID, kind: str) -> bytes:
+    """A data key wrapped under ``kek_id``, wrapped again under the keyring's active KEK. The payload is
+    not needed (nor read): key rotation touches only the small wrapped keys."""
+    data_key = _unwrap(keyring, kek_id, wrapped_key, case_id, kind)
+    return _wrap(keyring, keyring.active_id, data_key, case_id, kind)

@@ -17,12 +17,12 @@ import logging
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from core import audit
 from core.callbacks import SECRET_KIND
 from core.config import Settings
-from core.crypto import Keyring, load_keyring, rewrap, write_key_file
+from core.crypto import Keyring, load_keyring, rewrap_key, write_key_file
 from core.db import session_scope
 from core.errors import KeyringError
 from core.models import CaseBlob, ClinicCallback
@@ -64,6 +64,7 @@ def rewrap_all(
         with session_scope(settings) as session:
             blobs = session.scalars(
                 select(CaseBlob)
+                .options(load_only(CaseBlob.case_id, CaseBlob.kind, CaseBlob.wrapped_key, CaseBlob.kek_id))
                 .where(CaseBlob.kek_id != keyring.active_id)
                 .order_by(CaseBlob.id)
                 .limit(batch)
@@ -82,22 +83,16 @@ def rewrap_all(
             )
             if not blobs and not callback_secrets:
                 break
-            for blob in blobs:
-                moved = rewrap(
-                    keyring,
-                    blob.sealed,
-                    case_id=blob.case_id,
-                    kind=blob.kind,
+            for blob in blobs:  # the ciphertext (up to megabytes each) is neither read nor rewritten
+                blob.wrapped_key = rewrap_key(
+                    keyring, blob.wrapped_key, blob.kek_id, case_id=blob.case_id, kind=blob.kind
                 )
-                blob.wrapped_key, blob.kek_id = moved.wrapped_key, moved.kek_id
+                blob.kek_id = keyring.active_id
             for row in callback_secrets:
-                moved = rewrap(
-                    keyring,
-                    row.sealed_secret,
-                    case_id=row.clinic_id,
-                    kind=SECRET_KIND,
+                row.secret_wrapped_key = rewrap_key(
+                    keyring, row.secret_wrapped_key, row.kek_id, case_id=row.clinic_id, kind=SECRET_KIND
                 )
-                row.secret_wrapped_key, row.kek_id = moved.wrapped_key, moved.kek_id
+                row.kek_id = keyring.active_id
             session.flush()
             audit.record(
                 session,
