@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,18 +32,24 @@ def tiny_prep(model: torch.nn.Module) -> models.Preprocessing:
     return models.preprocessing_for(model, TINY_SIZE)
 
 
-@pytest.fixture
-def tiny_entry(tmp_path: Path) -> Path:
-    net = tiny_model()
+def save_tiny_entry(path: Path, arch: str = TINY_ARCH, **options: Any) -> Path:
+    """A registry entry at ``path`` (its name is the model id) holding :func:`tiny_model` of ``arch``;
+    ``options`` go to :func:`ml.entry.save_entry` (dtype float32 unless given)."""
+    net = tiny_model(arch)
     return save_entry(
-        tmp_path / "tiny-v1",
+        path,
         net,
-        model_id="tiny-v1",
-        architecture=TINY_ARCH,
+        model_id=path.name,
+        architecture=arch,
         preprocessing=tiny_prep(net),
         policy=DecisionPolicy(),
-        dtype=torch.float32,
+        **({"dtype": torch.float32} | options),
     )
+
+
+@pytest.fixture
+def tiny_entry(tmp_path: Path) -> Path:
+    return save_tiny_entry(tmp_path / "tiny-v1")
 
 
 @pytest.fixture(scope="session")

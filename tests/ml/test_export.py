@@ -14,11 +14,9 @@ from PIL import Image
 
 from ml import backends, evaluate, export, registry
 from ml import data as ds
-from ml.decision import DecisionPolicy
-from ml.entry import save_entry
 from ml.labels import CLASSES
 from ml.predictor import Predictor
-from tests.ml.conftest import TINY_HOOK_ARCH, tiny_model, tiny_prep
+from tests.ml.conftest import TINY_HOOK_ARCH, save_tiny_entry
 from tests.ml.test_predictor import _input, _reference_map, _upsampled, pearson
 
 FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "images"
@@ -40,14 +38,8 @@ def _with_data_record(entry: Path, data: Path = FIXTURE_DATA) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, fixture_pil: list[Image.Image]) -> Path:
     """A tiny entry (hflip TTA, like the shipped model) with model.onnx and model.int8.onnx."""
-    net = tiny_model()
-    entry = save_entry(
+    entry = save_tiny_entry(
         tmp_path_factory.mktemp("onnx") / "tiny-onnx",
-        net,
-        model_id="tiny-onnx",
-        architecture="test_efficientnet",
-        preprocessing=tiny_prep(net),
-        policy=DecisionPolicy(),
         tta="hflip",
         dtype=torch.float16,  # stored like the shipped model; exported in float32
     )
@@ -203,16 +195,7 @@ def test_auto_backend_choice(exported: Path, tiny_entry: Path) -> None:
 
 
 def test_a_head_without_the_one_pass_map_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    net = tiny_model(TINY_HOOK_ARCH)
-    entry = save_entry(
-        tmp_path / "convnext",
-        net,
-        model_id="convnext",
-        architecture=TINY_HOOK_ARCH,
-        preprocessing=tiny_prep(net),
-        policy=DecisionPolicy(),
-        dtype=torch.float32,
-    )
+    entry = save_tiny_entry(tmp_path / "convnext", TINY_HOOK_ARCH)
     with pytest.raises(export.ExportError, match="backend='torch'"):
         export.export_entry(entry)
     assert export.main(["--model", str(entry)]) == 2
