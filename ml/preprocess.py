@@ -27,11 +27,26 @@ def resize(image: Image.Image, prep: Preprocessing) -> Image.Image:
     return image.resize((width, height), _RESAMPLE[prep.interpolation], reducing_gap=3.0)
 
 
+def shades_of_gray(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
+    """Colour constancy by the Shades of Gray estimate (Finlayson & Trezzi 2004; p=6 as in
+    Barata et al. 2015 for dermoscopy): divide each channel by its Minkowski p-norm so the estimated
+    illuminant becomes neutral grey, keeping the image's overall brightness."""
+    x = pixels.astype(np.float32)
+    norm = np.power(np.mean(np.power(x, power), axis=(0, 1)), 1.0 / power)
+    gain = norm.mean() / np.maximum(norm, 1e-3)
+    return np.clip(x * gain + 0.5, 0, 255).astype(np.uint8)
+
+
 def to_uint8(image: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """(H, W, 3) uint8 array of the resized RGB image."""
+    """(H, W, 3) uint8 array of the resized RGB image, colour-corrected where the model was."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(resize(image, prep), dtype=np.uint8)
+    pixels = np.asarray(resize(image, prep), dtype=np.uint8)
+    if prep.colour_constancy == "shades_of_gray":
+        return shades_of_gray(pixels)
+    if prep.colour_constancy != "none":
+        raise ValueError(f"unknown colour constancy {prep.colour_constancy!r}")
+    return pixels
 
 
 def normalize(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
