@@ -4,8 +4,15 @@ Every backend does one thing: a batch of preprocessed images (N, H, W, 3) float3
 float32 out, plus on request the last feature map (N, K, h, w) float32 that the one-pass Grad-CAM
 reads. Preprocessing, decisions and heat maps stay in the predictor, shared by all of them.
 
-- ``torch``: channels-last, ``inference_mode``, bfloat16 autocast on CUDA; hook-based Grad-CAM for
-  heads where the one-pass map does not hold.
+- ``torch``: channels-last, ``inference_mode``, float32 on every device by default; hook-based
+  Grad-CAM for heads where the one-pass map does not hold. The calibration, decision thresholds,
+  known answer and ONNX export of an entry were all fitted in float32 on the CPU, and bfloat16
+  autocast moved 1.4% of labels, so reduced precision is served only when a caller asks for it
+  (``precision="bf16"`` or ``"fp16"``, accepting that the thresholds no longer match exactly). In
+  float32 autocast is switched off explicitly, so an autocast region around the call does not leak
+  in. One caveat on CUDA: PyTorch lets cuDNN convolutions use TF32 unless
+  ``torch.backends.cudnn.allow_tf32`` is False; that flag is process-wide, so this module leaves it
+  alone and a serving process that wants bit-for-bit float32 sets it once, after the fork.
 - ``onnx`` / ``onnx-int8``: ``model.onnx`` / ``model.int8.onnx`` written by :mod:`ml.export`, on
   the CPU. Both files are listed in the manifest with their SHA-256 and are only ever parsed from
   the verified bytes. Their graphs output ``logits`` and ``features``; the classifier weights for the
@@ -33,6 +40,8 @@ ONNX_FILES = {"onnx": ("onnx_fp32", "model.onnx"), "onnx-int8": ("onnx_int8", "m
 INPUT = "input"  # (N, 3, H, W) float32, normalised
 OUTPUTS = ("logits", "features")  # (N, C) and (N, K, h, w)
 DEFAULT_THREADS = 2
+#: TorchBackend precision -> autocast dtype (None: plain float32, autocast off).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Backend(Protocol):
@@ -65,16 +74,25 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """A timm model in channels-last layout on ``device``."""
+    """A timm model in channels-last layout on ``device``, run in ``precision``.
+
+    ``precision`` is ``fp32`` (the default, on CUDA too: what the entry's thresholds were fitted on),
+    or ``bf16`` / ``fp16`` autocast when explicitly requested. Grad-CAM's gradient path is float32
+    whatever the precision.
+    """
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
+        self.precision = precision
+        #: the autocast dtype of :meth:`forward`; None for float32 with autocast off
+        self.autocast_dtype = PRECISIONS[precision]
         self.model = model.eval().to(device).to(memory_format=torch.channels_last)
         head = linear_gap_head(self.model)
         self.cam_weight = head[0] if head is not None else None
-        self._autocast = torch.bfloat16 if device.type == "cuda" else None
         self._gradcam = GradCAM(self.model)
 
     def to_device(self, batch_nhwc: np.ndarray) -> torch.Tensor:
@@ -85,9 +103,11 @@ class TorchBackend:
         self, batch_nhwc: np.ndarray, *, features: bool = False, hflip: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
         x = self.to_device(batch_nhwc)
+        dtype = self.autocast_dtype
+        # enabled=False for float32 also switches off any autocast region the caller is in.
         with (
             torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=self._autocast is not None),
+            torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
         ):
             if hflip:
                 x = torch.cat([x, x.flip(3)])

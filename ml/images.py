@@ -9,6 +9,13 @@ checked against explicit side and pixel caps *before* any pixel is decoded (deco
 a full decode, so a truncated file fails here rather than in the worker; EXIF orientation applied;
 every pixel mode converted to 8-bit RGB. Anything else raises :class:`InvalidImage` with a stable
 ``code`` and a message that says what was wrong and what to do.
+
+Colour: the pixels returned are sRGB. An embedded ICC profile (RGB, grayscale or CMYK, matching the
+pixel mode) is applied with LittleCMS, perceptual intent, before alpha is composited; the model was
+trained on untagged (sRGB) HAM10000 images, so an Adobe RGB or Display P3 upload would otherwise be
+read with shifted colours. A profile that is malformed, larger than :data:`MAX_ICC_PROFILE_BYTES`, or
+made for another colour space is ignored and the pixels are taken as sRGB: a profile is never a
+reason to refuse a clinical image. The returned image carries no ``icc_profile`` (untagged = sRGB).
 """
 
 from __future__ import annotations
@@ -22,6 +29,15 @@ from PIL import Image, ImageCms, ImageFile, ImageOps
 
 #: Pillow formats dermq accepts, by the name Pillow gives them.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "WEBP", "BMP"})
+
+#: The largest embedded ICC profile dermq parses; larger ones are ignored unread. Matrix/TRC RGB
+#: profiles are 0.5-4 KiB; LUT-based CMYK ones reach about 600 KiB (U.S. Web Coated SWOP v2: 544 KiB).
+MAX_ICC_PROFILE_BYTES = 1024 * 1024
+
+#: Pixel mode -> the ICC colour space a profile must describe to be applied to it.
+_PROFILE_SPACES = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}
+#: Profile classes that describe a device's or a space's colours (not device links or abstract ones).
+_PROFILE_CLASSES = frozenset({"mntr", "scnr", "prtr", "spac"})
 
 #: The media type of each accepted format, for callers that echo it back.
 MEDIA_TYPES: dict[str, str] = {
@@ -184,7 +200,9 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, reduce_to: int 
     except Exception:
         # Malformed files raise all sorts (struct.error, IndexError, ValueError, SyntaxError...).
         raise InvalidImage("corrupt", f"the {fmt} file is damaged and cannot be decoded") from None
-    return DecodedImage(_to_rgb(_apply_orientation(image), fmt), fmt, declared[0], declared[1])
+    rgb = _to_rgb(_apply_orientation(image), fmt, image.info.get("icc_profile"))
+    rgb.info.pop("icc_profile", None)  # the pixels are sRGB now, whatever the file said
+    return DecodedImage(rgb, fmt, declared[0], declared[1])
 
 
 def _draft_request(width: int, height: int, reduce_to: int) -> tuple[int, int]:
@@ -212,21 +230,34 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _to_rgb(image: Image.Image, fmt: str) -> Image.Image:
+def _to_rgb(image: Image.Image, fmt: str, icc: object) -> Image.Image:
+    """8-bit sRGB: the embedded profile ``icc`` applied where usable, then any alpha composited on black."""
+    if image.mode in ("LAB", "HSV"):
+        icc = None  # a profile for these would describe another space than the RGB we convert them to
+    base = _to_base_mode(image, fmt)
+    if base.mode not in ("RGBA", "LA"):
+        return _to_srgb(base, icc)
+    rgb = _to_srgb(base.convert(base.mode[:-1]), icc)  # the colour without its alpha: RGB or L
+    rgb.putalpha(base.getchannel("A"))
+    return _flatten_alpha(rgb)
+
+
+def _to_base_mode(image: Image.Image, fmt: str) -> Image.Image:
+    """``image`` in one of the 8-bit modes a profile can apply to: RGB, RGBA, L, LA or CMYK."""
     mode = image.mode
-    if mode == "RGB":
+    if mode in ("RGB", "RGBA", "L", "LA", "CMYK"):
         return image
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
-        return _flatten_alpha(image)
-    if mode in ("P", "L", "1", "RGBX", "YCbCr", "LAB", "HSV"):
+    if mode in ("PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA")
+    if mode in ("P", "RGBX", "YCbCr", "LAB", "HSV"):
         return image.convert("RGB")
-    if mode == "CMYK":
-        return _cmyk_to_rgb(image)
+    if mode == "1":
+        return image.convert("L")
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # Scale 16-bit samples into 8 bits; Pillow's convert("L") would clip everything above 255.
         wide = image.convert("I")
         scale = 1 / 256 if mode != "I" or _max_sample(wide) > 255 else 1.0
-        return wide.point(lambda v: v * scale).convert("L").convert("RGB")
+        return wide.point(lambda v: v * scale).convert("L")
     raise InvalidImage("unsupported_mode", f"the {fmt} file uses pixel mode {mode}; send 8- or 16-bit RGB or grayscale")
 
 
@@ -235,15 +266,30 @@ def _max_sample(image: Image.Image) -> int:
     return int(extrema[1]) if isinstance(extrema, tuple) and not isinstance(extrema[0], tuple) else 65535
 
 
-def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
-    profile = image.info.get("icc_profile")
-    if profile:
+def _to_srgb(image: Image.Image, icc: object) -> Image.Image:
+    """``image`` (RGB, L or CMYK) as sRGB RGB: through its embedded profile where usable, else as if already sRGB."""
+    profile = _embedded_profile(icc, image.mode)
+    if profile is not None:
         try:
-            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-            target = ImageCms.createProfile("sRGB")
-            converted = ImageCms.profileToProfile(image, source, target, outputMode="RGB")
-            if converted is not None:
-                return converted
-        except (ImageCms.PyCMSError, OSError, ValueError):
-            pass  # an unusable profile falls back to the naive conversion below
-    return image.convert("RGB")
+            srgb = ImageCms.createProfile("sRGB")
+            converted = ImageCms.profileToProfile(
+                image, profile, srgb, renderingIntent=ImageCms.Intent.PERCEPTUAL, outputMode="RGB"
+            )
+        except Exception:
+            converted = None  # LittleCMS refused the pair: fall back to the naive conversion below
+        if converted is not None and converted.mode == "RGB":
+            return converted
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _embedded_profile(icc: object, mode: str) -> ImageCms.ImageCmsProfile | None:
+    """The parsed profile ``icc`` when it is small enough, parses, and describes ``mode``'s colour space."""
+    if not isinstance(icc, bytes) or not icc or len(icc) > MAX_ICC_PROFILE_BYTES:
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space, device_class = profile.profile.xcolor_space, profile.profile.device_class
+    except Exception:
+        # Malformed profiles raise PyCMSError, OSError, ValueError, TypeError...; none is worth a refusal.
+        return None
+    return profile if space == _PROFILE_SPACES.get(mode) and device_class in _PROFILE_CLASSES else None
