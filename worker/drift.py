@@ -1,8 +1,13 @@
-"""Drift watch: one day's inputs and predictions against the active model's validation reference.
+"""Drift watch: the latest inputs and predictions against the active model's validation reference.
 
 Run hourly by beat (``dermq.drift``), which publishes the latest report to Redis for the API's
 ``dermq_drift_psi`` gauges, and on demand by ``dermq drift report``. Reads only the results table
 (labels and input statistics), never images.
+
+The window rolls: the 24 hours up to now, not the UTC day so far (which just after midnight holds
+almost nothing). When those hours hold fewer cases than the statistics need (``ml.drift.MIN_CASES``),
+the window reaches back to the most recent ``MIN_CASES`` cases of the last seven days, so a quiet
+site still gets a report. ``--day`` reports one UTC day: the 24 hours up to the next midnight.
 """
 
 from __future__ import annotations
@@ -11,43 +16,72 @@ import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
+from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.models import Result
 from ml import drift, registry
 
+WINDOW = timedelta(hours=24)
+#: how far a window with too few cases may reach back for the most recent ``MIN_CASES`` cases
+LOOKBACK = timedelta(days=7)
 
-def day_report(session: Session, settings: Settings, day: date | None = None) -> dict[str, Any]:
-    """PSI of each input statistic and of the label mix for ``day`` (UTC; default today)."""
-    day = day or datetime.now(UTC).date()
-    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+def _reference(settings: Settings) -> tuple[str, dict[str, Any]]:
     manifest = registry.read_manifest(settings.model)
     reference = manifest.get("drift_reference")
     if reference is None:
         raise registry.RegistryError(
             f"model {manifest['model_id']} has no drift reference; run `python -m ml.drift --model ... --data ...`"
         )
-    rows = session.execute(
-        select(Result.input_stats, Result.label).where(
-            Result.created_at >= start,
-            Result.created_at < start + timedelta(days=1),
-            Result.model_id == manifest["model_id"],
-        )
-    ).all()
-    stats = [row.input_stats for row in rows if row.input_stats]
-    labels = [row.label for row in rows if row.input_stats]
-    report = drift.compare(reference, stats, labels)
+    return manifest["model_id"], reference
+
+
+def _cases(model_id: str, end: datetime) -> Select[dict[str, float], str, datetime]:
+    return select(Result.input_stats, Result.label, Result.created_at).where(
+        Result.model_id == model_id,
+        Result.created_at < end,
+        Result.input_stats.has_all(array(drift.FEATURES)),  # results stored before input statistics existed have none
+    )
+
+
+def window_report(session: Session, settings: Settings, *, end: datetime | None = None) -> dict[str, Any]:
+    """PSI and p-value of each input statistic and of the label mix over the 24 hours before ``end``
+    (default now), reaching back up to ``LOOKBACK`` for ``MIN_CASES`` cases when those hours hold fewer."""
+    end = end or datetime.now(UTC)
+    model_id, reference = _reference(settings)
+    start = end - WINDOW
+    rows = session.execute(_cases(model_id, end).where(Result.created_at >= start)).all()
+    extended = len(rows) < drift.MIN_CASES
+    if extended:
+        recent = _cases(model_id, end).where(Result.created_at >= end - LOOKBACK)
+        rows = session.execute(recent.order_by(Result.created_at.desc()).limit(drift.MIN_CASES)).all()
+        start = min((row.created_at for row in rows), default=start)
+    report = drift.compare(reference, [row.input_stats for row in rows], [row.label for row in rows])
     report.update(
         {
-            "day": day.isoformat(),
-            "model_id": manifest["model_id"],
+            "day": f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC",
+            "window_start": start.isoformat(timespec="seconds"),
+            "window_end": end.isoformat(timespec="seconds"),
+            "window_extended": extended,
+            "model_id": model_id,
             "threshold": drift.PSI_ALERT,
             "reference_n": reference["n"],
             "computed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
+    return report
+
+
+def day_report(session: Session, settings: Settings, day: date | None = None) -> dict[str, Any]:
+    """The rolling report up to now, or with ``day`` (UTC) the report for that day's 24 hours."""
+    if day is None:
+        return window_report(session, settings)
+    report = window_report(session, settings, end=datetime(day.year, day.month, day.day, tzinfo=UTC) + WINDOW)
+    if not report["window_extended"]:
+        report["day"] = day.isoformat()
     return report
 
 
