@@ -5,13 +5,14 @@
     explanation = predictor.explain(image)                         # heat map + PNG overlay
     prediction, explanation = predictor.analyze(image)             # both from one forward pass
 
-The engine is a backend (:mod:`ml.backends`): ``torch`` (channels-last, ``inference_mode``,
-autocast on CUDA) or ONNX Runtime on the CPU (``onnx``, ``onnx-int8``); ``backend="auto"`` picks
-ONNX Runtime on the CPU when the entry has the exported files and torch otherwise. Preprocessing,
-decisions and heat maps are the same code for all of them. Where the head is average pooling +
-linear (checked at load, and at export for ONNX), the heat map comes from the same forward pass as
-the classification; otherwise the torch backend's :class:`ml.gradcam.GradCAM` runs a second pass
-with gradients. Load this in the process that will use it: after a fork, never before (CUDA).
+The engine is a backend (:mod:`ml.backends`): ``torch`` (channels-last, ``inference_mode``, float32
+on every device: the precision the thresholds were fitted in) or ONNX Runtime on the CPU (``onnx``,
+``onnx-int8``); ``backend="auto"`` picks ONNX Runtime on the CPU when the entry has the exported
+files and torch otherwise. Preprocessing, decisions and heat maps are the same code for all of them.
+Where the head is average pooling + linear (checked at load, and at export for ONNX), the heat map
+comes from the same forward pass as the classification; otherwise the torch backend's
+:class:`ml.gradcam.GradCAM` runs a second pass with gradients. Load this in the process that will
+use it: after a fork, never before (CUDA).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from ml import backends, heatmap, preprocess, registry
+from ml import backends, heatmap, ood, preprocess, registry
 from ml import model as models
 from ml.backends import Backend, TorchBackend
 from ml.decision import DecisionPolicy
@@ -47,6 +48,10 @@ class Prediction:
     uncertainty: float
     referral: bool
     referral_reasons: tuple[str, ...] = ()
+    #: the input is not a dermoscopy image the model can judge (see :mod:`ml.ood`): the other fields
+    #: are the model's raw answer and must not be shown as a diagnosis
+    out_of_distribution: bool = False
+    ood_reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,7 @@ class Predictor:
         tta: str = "none",
         batch_size: int = 32,
         overlay_max_side: int = heatmap.DEFAULT_MAX_SIDE,
+        gate: ood.OODGate | None = None,
     ) -> None:
         if isinstance(model, nn.Module):
             model = TorchBackend(model, resolve_device(device) if isinstance(device, str) else device)
@@ -121,6 +127,7 @@ class Predictor:
         self.batch_size = batch_size
         self.overlay_max_side = overlay_max_side
         self.cam_weight = model.cam_weight
+        self.gate = gate
 
     # ---------------------------------------------------------------- loading
 
@@ -177,8 +184,23 @@ class Predictor:
             device=target,
             info=info,
             tta=manifest.get("tta", "none"),
+            gate=cls._load_gate(entry, manifest),
             **kwargs,
         )
+
+    @staticmethod
+    def _load_gate(entry: Path, manifest: dict[str, Any]) -> ood.OODGate | None:
+        """The entry's out-of-distribution gate (entries before v2 have none)."""
+        section = manifest.get("ood")
+        if not section:
+            return None
+        from safetensors.numpy import load as load_numpy
+
+        try:
+            arrays = load_numpy(registry.read_verified(entry, "ood"))
+            return ood.OODGate.from_arrays(arrays, section["thresholds"])
+        except (KeyError, ValueError) as exc:
+            raise registry.RegistryError(f"{entry.name}: the out-of-distribution gate does not load") from exc
 
     @staticmethod
     def _load_torch(entry: Path, manifest: dict[str, Any]) -> nn.Module:
@@ -213,13 +235,36 @@ class Predictor:
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, NUM_CLASSES), dtype=np.float32)
 
-    def decide(self, logits: np.ndarray) -> list[Prediction]:
+    def outputs(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits (N, C), pooled features (N, K), uint8 model inputs (N, H, W, 3)) for RGB images:
+        what fitting and measuring the out-of-distribution gate needs."""
+        logits, features, inputs = [], [], []
+        for i in range(0, len(images), self.batch_size):
+            batch = preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep)
+            out, fmap = self.forward(batch, features=True)
+            assert fmap is not None
+            logits.append(out)
+            features.append(ood.pooled(fmap))
+            inputs.append(self._pixels(batch))
+        return np.concatenate(logits), np.concatenate(features), np.concatenate(inputs)
+
+    def _pixels(self, batch: np.ndarray) -> np.ndarray:
+        """The normalised batch back in 0-255 (the gate's image checks)."""
+        return batch * (np.asarray(self.prep.std, np.float32) * 255.0) + np.asarray(self.prep.mean, np.float32) * 255.0
+
+    def decide(
+        self, logits: np.ndarray, batch: np.ndarray | None = None, fmap: np.ndarray | None = None
+    ) -> list[Prediction]:
+        """Decisions for ``logits``; with the normalised ``batch`` and its feature map, the gate too."""
+        gated: list[tuple[str, ...]] = [() for _ in range(len(logits))]
+        if self.gate is not None and batch is not None and fmap is not None:
+            gated = self.gate.reasons(self.gate.scores(self._pixels(batch), logits, ood.pooled(fmap)))
         probabilities = self.policy.probabilities(logits)
         labels = self.policy.labels(probabilities)
         uncertainty = self.policy.uncertainty(probabilities)
         reasons = self.policy.referral_reasons(probabilities, labels)
         out = []
-        for p, label, u, why in zip(probabilities, labels, uncertainty, reasons, strict=True):
+        for p, label, u, why, odd in zip(probabilities, labels, uncertainty, reasons, gated, strict=True):
             out.append(
                 Prediction(
                     label=CLASSES[int(label)],
@@ -228,13 +273,19 @@ class Predictor:
                     uncertainty=float(u),
                     referral=bool(why),
                     referral_reasons=why,
+                    out_of_distribution=bool(odd),
+                    ood_reasons=odd,
                 )
             )
         return out
 
     def predict(self, images: Sequence[Image.Image]) -> list[Prediction]:
-        """One :class:`Prediction` per RGB image, in order."""
-        return self.decide(self.logits(images))
+        """One :class:`Prediction` per RGB image, in order (gated when the model has a gate)."""
+        return [
+            a.prediction
+            for i in range(0, len(images), self.batch_size)
+            for a in self.classify_many(images[i : i + self.batch_size], keep_features=False)
+        ]
 
     def explain(self, image: Image.Image, class_code: str | None = None) -> Explanation:
         """Grad-CAM of ``class_code`` (default: the predicted label) over ``image``."""
@@ -261,10 +312,12 @@ class Predictor:
         if not images:
             return []
         batch = preprocess.batch_nhwc(images, self.prep)
-        logits, fmap = self.forward(batch, features=keep_features and self.cam_weight is not None)
+        want = (keep_features and self.cam_weight is not None) or self.gate is not None
+        logits, fmap = self.forward(batch, features=want)
+        keep = fmap if keep_features and self.cam_weight is not None else None
         return [
-            Analysis(prediction, batch[i : i + 1], None if fmap is None else fmap[i])
-            for i, prediction in enumerate(self.decide(logits))
+            Analysis(prediction, batch[i : i + 1], None if keep is None else keep[i])
+            for i, prediction in enumerate(self.decide(logits, batch, fmap))
         ]
 
     def explain_analysis(self, image: Image.Image, analysis: Analysis, class_code: str | None = None) -> Explanation:

@@ -1,0 +1,119 @@
+"""ml.ood and ml.oodset: what the out-of-distribution gate flags, what it lets through, and how it ships."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+from ml import ood, oodset, registry
+from ml.predictor import Predictor
+
+
+def _lesion_like(rng: np.random.Generator, n: int, size: tuple[int, int] = (48, 64)) -> np.ndarray:
+    """Smooth skin-toned images with a darker blob in the middle (uint8 NHWC)."""
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.empty((n, h, w, 3), dtype=np.float64)
+    for i in range(n):
+        skin = rng.uniform([190, 140, 120], [235, 185, 165])
+        radius = rng.uniform(8, 16)
+        blob = np.exp(-(((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (2 * radius**2)))[..., None]
+        out[i] = skin * (1 - 0.6 * blob) + rng.normal(0, 2, (h, w, 3))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+CENTRES = np.random.default_rng(1).normal(0, 3, (7, 32))
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[ood.OODGate, np.random.Generator]:
+    rng = np.random.default_rng(0)
+    centres, k = CENTRES, CENTRES.shape[1]
+    labels = rng.integers(0, 7, 1400)
+    features = centres[labels] + rng.normal(0, 1, (1400, k))
+    val_labels = rng.integers(0, 7, 600)
+    val_features = centres[val_labels] + rng.normal(0, 1, (600, k))
+    val_logits = rng.normal(0, 1, (600, 7)) + 4 * np.eye(7)[val_labels]
+    gate = ood.fit(features, labels, _lesion_like(rng, 300), _lesion_like(rng, 600), val_logits, val_features,
+                   components=16)  # fmt: skip
+    return gate, rng
+
+
+def test_validation_lesions_are_rarely_flagged(fitted: tuple[ood.OODGate, np.random.Generator]) -> None:
+    gate, rng = fitted
+    labels = rng.integers(0, 7, 400)
+    features = CENTRES[labels] + rng.normal(0, 1, (400, CENTRES.shape[1]))  # fresh draws of the same data
+    logits = rng.normal(0, 1, (400, 7)) + 4 * np.eye(7)[labels]
+    flagged = gate.reasons(gate.scores(_lesion_like(rng, 400), logits, features))
+    assert np.mean([bool(r) for r in flagged]) <= 0.04
+
+
+def test_blank_noise_and_far_features_are_flagged_with_their_reasons(
+    fitted: tuple[ood.OODGate, np.random.Generator],
+) -> None:
+    gate, rng = fitted
+    k = gate.mean.shape[0]
+    blank = np.full((1, 48, 64, 3), 255, dtype=np.uint8)
+    noise = rng.integers(0, 256, (1, 48, 64, 3)).astype(np.uint8)
+    lesion = _lesion_like(rng, 1)
+    near = CENTRES[[5]]
+    far = CENTRES[[5]] + 40.0
+    logits = 4 * np.eye(7)[[5]]
+    assert "blank" in gate.reasons(gate.scores(blank, logits, near))[0]
+    assert "noise" in gate.reasons(gate.scores(noise, logits, near))[0]
+    assert "feature_distance" in gate.reasons(gate.scores(lesion, logits, far))[0]
+    assert gate.reasons(gate.scores(lesion, logits, near)) == [()]
+    blue = np.zeros((1, 48, 64, 3), dtype=np.uint8)
+    blue[..., 2] = 200
+    blue[:, ::2, :, 1] = 90  # stripes: contrast enough not to be blank, colours no dermatoscope shows
+    assert "colour" in gate.reasons(gate.scores(blue, logits, near))[0]
+    assert k == gate.projection.shape[0]
+
+
+def test_energy_is_high_where_no_class_is_recognised() -> None:
+    confident = np.array([[10.0, 0, 0, 0, 0, 0, 0]])
+    flat = np.zeros((1, 7))
+    assert ood.energy(flat)[0] > ood.energy(confident)[0]
+
+
+def test_gate_round_trips_through_the_registry(
+    tiny_entry: Path, fitted: tuple[ood.OODGate, np.random.Generator]
+) -> None:
+    gate, _ = fitted
+    manifest = registry.read_manifest(tiny_entry)
+    manifest["ood"] = gate.describe()
+    registry.write_json_atomic(tiny_entry / registry.MANIFEST, manifest)
+    save_file(gate.arrays(), str(tiny_entry / "ood.safetensors"))
+    registry.record_file(tiny_entry, "ood", "ood.safetensors")
+    loaded = Predictor.load(tiny_entry, device="cpu", backend="torch").gate
+    assert loaded is not None and loaded.thresholds == pytest.approx(gate.thresholds)
+    np.testing.assert_allclose(loaded.precision, gate.precision, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tampered_gate_file_is_refused(tiny_entry: Path, fitted: tuple[ood.OODGate, np.random.Generator]) -> None:
+    gate, _ = fitted
+    manifest = registry.read_manifest(tiny_entry)
+    manifest["ood"] = gate.describe()
+    registry.write_json_atomic(tiny_entry / registry.MANIFEST, manifest)
+    save_file(gate.arrays(), str(tiny_entry / "ood.safetensors"))
+    registry.record_file(tiny_entry, "ood", "ood.safetensors")
+    arrays = gate.arrays()
+    arrays["precision"] = arrays["precision"] * 0  # a gate that never fires on distance
+    save_file(arrays, str(tiny_entry / "ood.safetensors"))
+    with pytest.raises(registry.IntegrityError):
+        Predictor.load(tiny_entry, device="cpu", backend="torch")
+
+
+def test_the_built_set_is_deterministic_and_has_every_kind(fixture_pil: list[Image.Image]) -> None:
+    first = oodset.build(fixture_pil[:3], seed=1)
+    second = oodset.build(fixture_pil[:3], seed=1)
+    assert {kind for kind, _ in first} == set(oodset.KINDS)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (_, a), (_, b) in zip(first, second, strict=True))
+    corrupted = [image for kind, image in first if kind == "corrupted"]
+    # destroyed lesions keep the lesion's size but not its pixels in place
+    assert corrupted[0].size == fixture_pil[0].size
+    assert not np.array_equal(np.asarray(corrupted[0]), np.asarray(fixture_pil[0].convert("RGB")))
