@@ -1,147 +1,154 @@
-"""After training: calibrate on validation, choose the decision thresholds, write the registry entry,
-evaluate the shipped (float16) weights on the held-out test split and write the model card.
+"""After training: write the entry, fit every policy on the weights that ship, read the test split
+once, and write the model card.
 
-Called by :mod:`ml.train` at the end of a run, or on its own with ``python -m ml.train ...
---finalize-only`` from the checkpoint a run left in its work folder.
+Order matters, and is the point of this module:
+
+1. the final EMA weights are saved as float16 (what ships) and loaded back: every figure and every
+   threshold below comes from those weights, in float32 on the CPU (the precision every backend
+   serves: ``ml.backends``);
+2. on the **validation** split only (weights never trained on it): calibration (temperature + class
+   bias), the decision rule (balanced rule with at most a melanoma offset), the referral thresholds
+   (at least 95% of mel/bcc/akiec referred) and the out-of-distribution gate's thresholds;
+3. then, once, the **test** split: figures per image and per lesion with lesion-level bootstrap
+   intervals, calibration of what is shown, subgroups; the gate on test lesions and on a built set
+   of non-lesion inputs; the larger copies of test lesions (``--hires``) through the serving decode.
+
+Called by :mod:`ml.train` at the end of a run, or with ``python -m ml.train ... --finalize-only``.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import timm
-import torch
 
-from ml import calibration, registry
+from ml import calibration, ood, registry
 from ml import data as ds
 from ml import model as models
-from ml.decision import DecisionPolicy, fit_offsets, fit_referral_threshold
+from ml.assess import assess, decision_figures
+from ml.decision import DecisionPolicy, fit_mel_offset, fit_referral_threshold
 from ml.drift import reference_for_entry
 from ml.entry import record_verification, save_entry
 from ml.evaluate import evaluate_arrays, load_images, report_markdown, write_plots
 from ml.labels import CLASSES
-from ml.metrics import balanced_accuracy
-from ml.modelcard import write_model_card
-from ml.predictor import Predictor
+from ml.provenance import describe_environment
 
 if TYPE_CHECKING:
     from ml.train import TrainConfig
 
-UNCERTAINTY_QUANTILE = 0.9
-TARGET_REFERRAL_SENSITIVITY = 0.95
+UNCERTAINTY_QUANTILE = 0.95
+#: fitted with a margin over the 95% target: validation holds about 250 such images
+TARGET_REFERRAL_SENSITIVITY = 0.96
 HEADLINE = ("n", "balanced_accuracy", "accuracy", "ece", "ece_uncalibrated", "macro_auc", "nll")
+HIRES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000-hires"
 
 
-def _fit_policy(logits: np.ndarray, truth: np.ndarray, prior: np.ndarray) -> tuple[DecisionPolicy, dict[str, float]]:
+def fit_policy(logits: np.ndarray, truth: np.ndarray, prior: np.ndarray) -> DecisionPolicy:
+    """Calibration, the label rule and the referral thresholds, all from validation data."""
     fitted = calibration.fit(logits, truth)
-    policy = DecisionPolicy(calibration=fitted, prior=tuple(float(p) for p in prior))
-    probabilities = policy.probabilities(logits)
-    offsets = fit_offsets(probabilities, truth, policy.prior)
-    policy = DecisionPolicy(calibration=fitted, prior=policy.prior, offsets=offsets)
-    predicted = policy.labels(probabilities)
-    uncertainty = policy.uncertainty(probabilities)
-    policy = DecisionPolicy(
+    base = DecisionPolicy(calibration=fitted, prior=tuple(float(p) for p in prior))
+    probabilities = base.probabilities(logits)
+    offsets = fit_mel_offset(probabilities, truth, base.prior)
+    labelled = DecisionPolicy(calibration=fitted, prior=base.prior, offsets=offsets)
+    predicted = labelled.labels(probabilities)
+    uncertainty_threshold = float(np.quantile(labelled.uncertainty(probabilities), UNCERTAINTY_QUANTILE))
+    # The referral threshold is fitted with the uncertainty rule in place, on what it leaves unreferred.
+    uncertain = labelled.uncertainty(probabilities) >= uncertainty_threshold
+    forced = np.where(uncertain, CLASSES.index("mel"), predicted)  # counts uncertain ones as referred
+    return DecisionPolicy(
         calibration=fitted,
-        prior=policy.prior,
-        referral_threshold=fit_referral_threshold(probabilities, truth, predicted, TARGET_REFERRAL_SENSITIVITY),
-        uncertainty_threshold=float(np.quantile(uncertainty, UNCERTAINTY_QUANTILE)),
+        prior=base.prior,
+        referral_threshold=fit_referral_threshold(probabilities, truth, forced, TARGET_REFERRAL_SENSITIVITY),
+        uncertainty_threshold=uncertainty_threshold,
         offsets=offsets,
     )
-    score = {
-        "nll": calibration.nll(probabilities, truth),
-        "balanced_accuracy": balanced_accuracy(truth, predicted),
-        "ece": calibration.expected_calibration_error(probabilities, truth),
-    }
-    return policy, score
+
+
+def _outputs(predictor: Any, samples: list[ds.Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return predictor.outputs(load_images(samples, max(predictor.prep.input_size)))
 
 
 def finalize(config: TrainConfig) -> Path:
+    from safetensors.numpy import save_file as save_numpy
+
+    from ml.predictor import Predictor
     from ml.train import load_checkpoint, load_split
 
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     workdir = Path(config.workdir)
-    net = load_checkpoint(config)
-    prep = models.preprocessing_for(net, tuple(config.input_size))  # type: ignore[arg-type]
     split = load_split(config)
-    reduce_to = max(prep.input_size)
-    print("finalize: decoding validation and test images", flush=True)
-    val_images = load_images(split.val, reduce_to)
-    test_images = load_images(split.test, reduce_to)
-    val_truth = np.array([s.label for s in split.val])
+    net = load_checkpoint(config)
+    prep = models.preprocessing_for(net, tuple(config.input_size), config.colour_constancy)  # type: ignore[arg-type]
+    history = json.loads((workdir / "history.json").read_text()) if (workdir / "history.json").exists() else []
     train_counts = np.bincount([s.label for s in split.train], minlength=len(CLASSES)).astype(float)
     prior = np.maximum(train_counts, 1) / np.maximum(train_counts, 1).sum()
+    saved_config = json.loads((workdir / "config.json").read_text())
+    pixels = json.loads((workdir / "pixels.json").read_text()) if (workdir / "pixels.json").exists() else {}
 
-    candidates: dict[str, tuple[DecisionPolicy, dict[str, float], np.ndarray]] = {}
-    working = Predictor(net, prep, DecisionPolicy(), device="cpu", batch_size=64)
-    for tta in ("none", "hflip"):
-        working.tta = tta
-        logits = working.logits(val_images)
-        policy, score = _fit_policy(logits, val_truth, prior)
-        candidates[tta] = (policy, score, logits)
-        print(f"finalize: validation with tta={tta}: {json.dumps(score)}", flush=True)
-    # Flips double the compute of every case: worth it only for a clear gain in the decisions.
-    gain = candidates["hflip"][1]["balanced_accuracy"] - candidates["none"][1]["balanced_accuracy"]
-    better_fit = candidates["hflip"][1]["nll"] < candidates["none"][1]["nll"]
-    tta = "hflip" if gain >= 0.01 and better_fit else "none"
-    policy, _, val_logits = candidates[tta]
+    # 1. the shipped weights (float16), loaded back through the registry like any worker does
+    save_entry(out, net, model_id=config.model_id, architecture=config.arch, preprocessing=prep,
+               policy=DecisionPolicy(), version="2.0.0")  # fmt: skip
+    shipped = Predictor.load(out, device="cpu", backend="torch", batch_size=64)
 
-    history = json.loads((workdir / "history.json").read_text()) if (workdir / "history.json").exists() else []
-    all_samples = split.train + split.val + split.test
-    save_entry(
-        out,
-        net,
-        model_id=config.model_id,
-        architecture=config.arch,
-        preprocessing=prep,
-        policy=policy,
-        tta=tta,
-        extra={
-            "data": {
-                "source": "HAM10000 development set (dermq shared/data/ham10000, 200x150 JPEGs); CC BY-NC 4.0",
-                "digest": ds.dataset_digest(all_samples),
-                "split": "lesion-level, stratified by diagnosis",
-                "split_seed": config.split_seed,
-                "val_fraction": config.val_fraction,
-                "test_fraction": config.test_fraction,
-                "summary": split.summary(),
-            },
-            "training": {
-                "initialisation": models.IMAGENET_SOURCE if config.imagenet else "random",
-                "epochs_run": len(history),
-                "best_epoch": max(history, key=lambda r: r["val_balanced_accuracy"])["epoch"] if history else None,
-                "minutes": history[-1]["minutes"] if history else None,
-                "config": {
-                    k: v
-                    for k, v in json.loads((workdir / "config.json").read_text()).items()
-                    if k not in ("finalize_only", "extra")
-                },
-                "environment": {
-                    "torch": torch.__version__,
-                    "timm": timm.__version__,
-                    "python": platform.python_version(),
-                    "machine": platform.machine(),
-                },
-            },
-        },
-    )
+    # 2. validation only: calibration, decision, referral, out-of-distribution gate
+    print("finalize: validation outputs and policies", flush=True)
+    val_logits, val_features, val_pixels = _outputs(shipped, split.val)
+    val_truth = np.array([s.label for s in split.val])
+    policy = fit_policy(val_logits, val_truth, prior)
+    print("finalize: training-image features for the out-of-distribution gate", flush=True)
+    _, train_features, train_pixels = _outputs(shipped, split.train)
+    gate = ood.fit(train_features, np.array([s.label for s in split.train]), train_pixels, val_pixels,
+                   val_logits, val_features)  # fmt: skip
+    val_flagged = float(np.mean([bool(r) for r in gate.reasons(gate.scores(val_pixels, val_logits, val_features))]))
 
+    manifest = registry.read_manifest(out)
+    manifest["decision"] = policy.to_dict()
+    manifest["ood"] = gate.describe() | {"validation_flagged": val_flagged}
+    manifest["data"] = {
+        "source": "HAM10000 development set (dermq shared/data/ham10000, 200x150 JPEGs); CC BY-NC 4.0",
+        "digest": ds.dataset_digest(split.train + split.val + split.test),
+        "pixels_sha256": pixels,
+        "split": "lesion-level, stratified by diagnosis",
+        "split_seed": config.split_seed,
+        "val_fraction": config.val_fraction,
+        "test_fraction": config.test_fraction,
+        "summary": split.summary(),
+    }
+    manifest["training"] = {
+        "initialisation": models.IMAGENET_WEIGHTS[config.arch].source if config.imagenet else "random",
+        "epochs_run": len(history),
+        "minutes": history[-1]["minutes"] if history else None,
+        "seed": config.seed,
+        "config": {k: v for k, v in saved_config.items() if k not in ("finalize_only", "extra", "resume")},
+        "teacher": _teacher_summary(saved_config.get("teacher", "")),
+        "environment": _training_environment(workdir),
+        "finalized_in": describe_environment(device="cpu", precision="float32"),
+    }
+    manifest["serving_precision"] = "float32 on every device: the precision every threshold was fitted in"
+    registry.write_json_atomic(out / registry.MANIFEST, manifest)
+    save_numpy(gate.arrays(), str(out / "ood.safetensors"))
+    registry.record_file(out, "ood", "ood.safetensors", format="safetensors")
+    shipped = Predictor.load(out, device="cpu", backend="torch", batch_size=64)
+
+    # 3. the test split, read once
     print("finalize: evaluating the shipped weights on the test split", flush=True)
-    shipped = Predictor.load(out, device="cpu", batch_size=64)
-    test_logits = shipped.logits(test_images)
-    metrics, probabilities, _ = evaluate_arrays(split.test, test_logits, shipped.policy)
+    test_logits, test_features, test_pixels = _outputs(shipped, split.test)
+    metrics, probabilities, _ = evaluate_arrays(split.test, test_logits, policy)
     test_truth = np.array([s.label for s in split.test])
     temperature_only = calibration.fit(val_logits, val_truth, with_bias=False)
     metrics["ece_temperature_only"] = calibration.expected_calibration_error(
         temperature_only.apply(test_logits), test_truth
     )
     metrics["temperature_only"] = temperature_only.temperature
-    metrics.update({"model_id": config.model_id, "split": "test", "backend": "torch"})
-    val_metrics, _, _ = evaluate_arrays(split.val, val_logits, policy)
+    metrics["assessment"] = assess(split.test, probabilities, policy)
+    test_flags = gate.reasons(gate.scores(test_pixels, test_logits, test_features))
+    metrics["ood"] = {"test_lesions_flagged": float(np.mean([bool(r) for r in test_flags]))}
+    metrics["ood"]["built_set"] = _ood_set(shipped, split.test)
+    metrics["hires"] = _hires(shipped, config.data)
+    metrics.update({"model_id": config.model_id, "split": "test", "backend": "torch (float32)"})
+    val_metrics = decision_figures(policy, policy.probabilities(val_logits), val_truth)
 
     plots = write_plots(out, metrics, test_truth, probabilities)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -152,16 +159,85 @@ def finalize(config: TrainConfig) -> Path:
             "ece_temperature_only": metrics["ece_temperature_only"],
             "per_class": metrics["per_class"],
             "referral": metrics["referral"],
+            "assessment": metrics["assessment"],
+            "ood": metrics["ood"],
         },
-        "validation": {k: val_metrics[k] for k in HEADLINE} | {"referral": val_metrics["referral"]},
+        "validation": val_metrics,
     }
     registry.write_json_atomic(out / registry.MANIFEST, manifest)
     (out / "report.md").write_text(report_markdown(metrics, f"{config.model_id}: held-out test split", plots))
+    from ml.modelcard import write_model_card
+
     write_model_card(out, manifest, metrics, history)
     reference_for_entry(str(out), config.data)
     record_verification(out, split.test[0].path)
-    print(
-        json.dumps({k: metrics[k] for k in HEADLINE} | {"mel_sensitivity": metrics["per_class"]["mel"]["sensitivity"]}),
-        flush=True,
-    )
+    headline = metrics["assessment"]["per_image"]
+    print(json.dumps({k: round(v["value"], 4) for k, v in headline.items()}), flush=True)
     return out
+
+
+def _training_environment(workdir: Path) -> dict[str, Any] | None:
+    path = workdir / "environment.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _teacher_summary(workdir: str) -> dict[str, Any] | None:
+    if not workdir or not (Path(workdir) / "config.json").exists():
+        return None
+    teacher = json.loads((Path(workdir) / "config.json").read_text())
+    history = json.loads((Path(workdir) / "history.json").read_text())
+    return {
+        "arch": teacher["arch"],
+        "input_size": teacher["input_size"],
+        "epochs": teacher["epochs"],
+        "minutes": history[-1]["minutes"] if history else None,
+        "val_balanced_accuracy_last_epoch": history[-1]["val_balanced_accuracy"] if history else None,
+        "initialisation": models.IMAGENET_WEIGHTS[teacher["arch"]].source,
+    }
+
+
+def _ood_set(predictor: Any, test: list[ds.Sample]) -> dict[str, Any]:
+    """The gate on the built non-lesion set (``ml.oodset``): share flagged, per kind."""
+    from ml import oodset
+
+    rng = np.random.default_rng(0)
+    chosen = [test[i] for i in sorted(rng.choice(len(test), size=min(60, len(test)), replace=False))]
+    items = oodset.build(load_images(chosen, 600))
+    flagged = [p.out_of_distribution for p in predictor.predict([image for _, image in items])]
+    kinds = np.array([kind for kind, _ in items])
+    hits = np.array(flagged, dtype=bool)
+    return {
+        "n": len(items),
+        "flagged": float(hits.mean()),
+        "per_kind": {
+            k: {"n": int((kinds == k).sum()), "flagged": float(hits[kinds == k].mean())} for k in oodset.KINDS
+        },
+    }
+
+
+def _hires(predictor: Any, data: str) -> dict[str, Any] | None:
+    """Labels of the larger copies (300x225) against the 200x150 ones, through the serving decode."""
+    from ml.images import ImageLimits, decode_image
+
+    if not HIRES.is_dir():
+        return None
+    try:
+        large = ds.read_dataset(HIRES)
+    except FileNotFoundError:
+        return None
+    small = {s.image_id: s for s in ds.read_dataset(data)}
+    pairs = [(s, small[s.image_id]) for s in large if s.image_id in small]
+    if not pairs:
+        return None
+    limits = ImageLimits()
+    big = predictor.predict([decode_image(s.path.read_bytes(), limits) for s, _ in pairs])
+    little = predictor.predict([decode_image(t.path.read_bytes(), limits) for _, t in pairs])
+    truth = [s.dx for s, _ in pairs]
+    return {
+        "n": len(pairs),
+        "label_changed": float(np.mean([a.label != b.label for a, b in zip(big, little, strict=True)])),
+        "accuracy_large": float(np.mean([p.label == t for p, t in zip(big, truth, strict=True)])),
+        "accuracy_small": float(np.mean([p.label == t for p, t in zip(little, truth, strict=True)])),
+        "note": "the larger copies are of lesions from every split, training included: a consistency check, "
+        "not a held-out figure",
+    }

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ml.decision import MEL_FLOOR
 from ml.labels import DIAGNOSES
 
 
@@ -30,12 +29,121 @@ def _offset_lines(decision: dict[str, Any]) -> list[str]:
     offsets = decision.get("offsets")
     if not offsets or not any(offsets.values()):
         return []
-    listed = ", ".join(f"{code} {value:+.1f}" for code, value in offsets.items())
+    listed = ", ".join(f"{code} {value:+.1f}" for code, value in offsets.items() if value)
     return [
-        "- **Per-class offsets** added to that log ratio before the argmax: "
-        f"{listed}. Tuned on the validation split to maximise balanced accuracy while keeping melanoma "
-        f"sensitivity at or above {_f(decision.get('mel_floor', MEL_FLOOR), 2)} (a penalty below it), with a small "
-        "penalty on their size.",
+        f"- **Offset** added to that log ratio before the argmax: {listed}. Tuned on the validation split to "
+        "maximise balanced accuracy with a small penalty on its size.",
+    ]
+
+
+def _ci(row: dict[str, Any]) -> str:
+    lo, hi = row["ci95"]
+    return f"{_f(row['value'])} ({_f(lo)}-{_f(hi)})"
+
+
+def _assessment_lines(assessment: dict[str, Any] | None) -> list[str]:
+    if not assessment:
+        return []
+    names = {
+        "balanced_accuracy": "Balanced accuracy (ISIC 2018 Task 3 metric)",
+        "accuracy": "Accuracy",
+        "mel_sensitivity": "Melanoma sensitivity (label)",
+        "nv_sensitivity": "Naevus sensitivity (label)",
+        "referral_sensitivity": "Referral sensitivity, mel/bcc/akiec",
+        "referral_rate": "Referral rate",
+        "ece_shown": "ECE of the shown label's confidence",
+        "ece_top": "ECE, top class",
+        "ece_classwise": "Class-wise ECE",
+    }
+    image, lesion = assessment["per_image"], assessment["per_lesion"]
+    return [
+        f"| figure | per image (n = {assessment['images']}) | per lesion (n = {assessment['lesions']}) |",
+        "| --- | ---: | ---: |",
+        *[f"| {label} | {_ci(image[key])} | {_ci(lesion[key])} |" for key, label in names.items() if key in image],
+        "",
+        "Per lesion: the mean of a lesion's calibrated probabilities over its images, then the decision rule.",
+        "",
+    ]
+
+
+def _training_lines(training: dict[str, Any], prep: dict[str, Any]) -> list[str]:
+    config = training["config"]
+    teacher = training.get("teacher")
+    env = training.get("environment") or {}
+    lines = [
+        f"Initialised from {training['initialisation']}. {training['epochs_run']} epochs on a fixed schedule "
+        f"({_f(training['minutes'], 1)} minutes on {env.get('machine', 'a')} {env.get('device', 'cpu')}, "
+        f"{env.get('precision', '')}), seed {training.get('seed')}; the shipped weights are the exponential moving "
+        "average after the last epoch (no early stopping). Recipe: images through the serving decode and resize "
+        f"({prep['input_size'][0]}x{prep['input_size'][1]}, 4:3, colour constancy "
+        f"{prep.get('colour_constancy', 'none')}),"
+        " square-root class-balanced sampling, any-angle rotation, crops of 55-100% of the area, flips, colour and "
+        "hue jitter, blur and random erasing, a last epoch on whole images; AdamW "
+        f"(lr {config.get('lr')}, weight decay {config.get('weight_decay')}) with warm-up and cosine decay to zero, "
+        f"label smoothing {config.get('label_smoothing')}, dropout {config.get('drop_rate')}, stochastic depth "
+        f"{config.get('drop_path_rate')}, bf16 autocast.",
+    ]
+    if teacher:
+        lines += [
+            "",
+            f"**Distillation**: a `{teacher['arch']}` teacher ({teacher['initialisation']}) trained for "
+            f"{teacher['epochs']} epochs at {teacher['input_size'][0]}x{teacher['input_size'][1]} with the same recipe "
+            f"(validation balanced accuracy {_f(teacher['val_balanced_accuracy_last_epoch'])} after its last epoch, "
+            f"{_f(teacher['minutes'], 1)} minutes) gives soft labels online, on the very crop the student sees; loss "
+            f"= {1 - config.get('distill_alpha', 0):.1f} x cross-entropy + {config.get('distill_alpha')} x T^2 x "
+            f"KL(teacher || student) at T = {config.get('distill_temperature')}. The served model keeps Lite0's cost.",
+        ]
+    code = env.get("code") or {}
+    lines += [
+        "",
+        f"Reproducibility: torch {env.get('torch')}, timm {env.get('timm')}, numpy {env.get('numpy')}, Pillow "
+        f"{env.get('pillow')}, onnxruntime {env.get('onnxruntime')}, Python {env.get('python')}; code commit "
+        f"`{code.get('commit')}`{' with local changes' if code.get('modified') else ''}. The manifest records the "
+        "SHA-256 of the decoded training and validation pixels and the full configuration.",
+    ]
+    return lines
+
+
+def _cv_lines(manifest: dict[str, Any]) -> list[str]:
+    table = manifest.get("cross_validation")
+    if not table:
+        return []
+    return ["### Recipes compared by cross-validation", "", *table["lines"], "", table.get("choice", ""), ""]
+
+
+def _ood_lines(manifest: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    gate = manifest.get("ood")
+    if not gate:
+        return []
+    measured = metrics.get("ood") or {}
+    built = measured.get("built_set") or {}
+    kinds = ", ".join(f"{k} {_f(v['flagged'], 2)} of {v['n']}" for k, v in (built.get("per_kind") or {}).items())
+    return [
+        "- **Not a lesion, not an answer**: before any diagnosis, an out-of-distribution gate checks the input "
+        "(luminance contrast for blank images, a high-frequency ratio for noise, colour statistics against the "
+        "training images', the energy score, and the Mahalanobis distance of the model's pooled features to the "
+        "nearest class). Each threshold is a validation quantile; together they flag "
+        f"{_f(gate.get('validation_flagged'))} of validation images. Flagged inputs get the outcome "
+        "`out_of_distribution` and no diagnosis. On the test split the gate flags "
+        f"{_f(measured.get('test_lesions_flagged'))} of lesion images; on a built set of {built.get('n')} non-lesion "
+        f"inputs (ml.oodset: blank, noise, textures, photographs, destroyed lesions) it flags "
+        f"{_f(built.get('flagged'))} ({kinds}).",
+    ]
+
+
+def _hires_lines(hires: dict[str, Any] | None) -> list[str]:
+    if not hires:
+        return []
+    return [
+        "## Larger inputs",
+        "",
+        f"{hires['n']} images at 300x225 (the same lesions as 200x150 development images, resized from the "
+        "600x450 originals) through the serving decode path: the label changes for "
+        f"{_f(hires['label_changed'])} of them; accuracy {_f(hires['accuracy_large'])} at 300x225 against "
+        f"{_f(hires['accuracy_small'])} at 200x150. {hires['note'].capitalize()}. Clinic uploads of 1-12 "
+        "megapixels are reduced the same way (draft decode, then one resize); expect a similar share of labels "
+        "to depend on the input's resolution, and treat borderline answers accordingly.",
+        "",
     ]
 
 
@@ -99,13 +207,9 @@ def write_model_card(
         "",
         "## Training",
         "",
-        f"Initialised from {training['initialisation']}. {training['epochs_run']} epochs "
-        f"({_f(training['minutes'], 1)} minutes on {training['environment']['machine']} CPU), best validation "
-        f"balanced accuracy at epoch {training['best_epoch']}; the shipped weights are the exponential moving "
-        "average at that epoch. Recipe: square-root class-balanced sampling, random resized crops, flips, "
-        "90-degree rotations, colour jitter, AdamW with warm-up and cosine decay, label smoothing, bf16 autocast. "
-        "The full configuration is in `manifest.json`.",
+        *_training_lines(training, prep),
         "",
+        *_cv_lines(manifest),
         "## Decision rule, calibration and referral",
         "",
         f"- **Probabilities**: softmax(logits / T + b) with T = {_f(decision['calibration']['temperature'])} and a "
@@ -116,29 +220,29 @@ def write_model_card(
         "and P(nv) = 0.6 may be labelled mel, because 0.3 is far above melanoma's base rate. `confidence` is the "
         "label's own probability.",
         *_offset_lines(decision),
-        f"- **Test-time augmentation**: {manifest['tta']} (chosen on validation negative log-likelihood).",
+        f"- **Test-time augmentation**: {manifest['tta']}.",
         "- **Uncertainty**: predictive entropy of the calibrated probabilities divided by log 7 (0 = certain, "
         "1 = uniform).",
         "- **Referral** (`referral = true`) when any of: the label is mel, bcc or akiec; "
-        f"P(mel) + P(bcc) + P(akiec) >= {_f(decision['referral_threshold'], 2)} (the highest threshold that "
-        "referred at least 95% of malignant and pre-malignant validation lesions); uncertainty >= "
-        f"{_f(decision['uncertainty_threshold'])} (the most uncertain 10% of validation images).",
+        f"P(mel) + P(bcc) + P(akiec) >= {_f(decision['referral_threshold'], 2)} (the highest threshold that, with "
+        "the other two rules, referred at least 96% of malignant and pre-malignant validation images: a margin "
+        f"over the 95% target); uncertainty >= {_f(decision['uncertainty_threshold'])} (the most uncertain 5% of "
+        "validation images). Safety rests on this flag, not on the label.",
+        *_ood_lines(manifest, metrics),
         "",
         "## Results on the held-out test split",
         "",
-        f"{metrics['n']} images of lesions never seen in training or validation, evaluated with the shipped "
-        "float16 weights.",
+        f"{metrics['n']} images of lesions never seen in training or validation, read once after every choice "
+        "was made, evaluated with the shipped float16 weights in float32. Intervals are 95% lesion-level "
+        "bootstrap intervals (lesions resampled with all their images, 1,000 rounds).",
         "",
-        f"- Balanced multiclass accuracy (ISIC 2018 Task 3 metric): **{_f(metrics['balanced_accuracy'])}**",
-        f"- Melanoma sensitivity (label): **{_f(metrics['per_class']['mel']['sensitivity'])}**",
-        f"- Accuracy: {_f(metrics['accuracy'])}; macro AUC: {_f(metrics['macro_auc'])}",
-        f"- Referral: rate {_f(referral['rate'])}, sensitivity {_f(referral['sensitivity_concerning'])} for malignant "
-        f"and pre-malignant lesions, {_f(referral['sensitivity_mel'])} for melanoma, specificity "
-        f"{_f(referral['specificity_benign'])} for benign lesions.",
+        *_assessment_lines(metrics.get("assessment")),
+        f"- Macro AUC: {_f(metrics['macro_auc'])}; referral specificity for benign lesions "
+        f"{_f(referral['specificity_benign'])}.",
         "",
-        "Calibration (expected calibration error, 15 bins, top-class confidence):",
+        "Calibration (expected calibration error, 15 bins; the shipped row is also in the table above):",
         "",
-        "| probabilities | ECE |",
+        "| probabilities | ECE (top class) |",
         "| --- | ---: |",
         f"| uncalibrated softmax | {_f(metrics['ece_uncalibrated'])} |",
         f"| temperature scaling only (T = {_f(metrics.get('temperature_only'))}) "
@@ -155,6 +259,7 @@ def write_model_card(
         "",
         "![confusion matrix](confusion_matrix.png) ![reliability diagram](reliability.png) ![ROC curves](roc.png)",
         "",
+        *_hires_lines(metrics.get("hires")),
         "## Subgroups",
         "",
         "Test-split figures by sex, age band and body site. Small groups give unstable figures: read the n.",
@@ -169,7 +274,9 @@ def write_model_card(
         "## Known limits",
         "",
         "- Trained and tested on 200x150 downscales of the 600x450 HAM10000 images; clinic uploads are larger and",
-        "  are resized down to the model's input, so fine detail above that resolution is not used.",
+        "  are resized down to the model's input, so fine detail above that resolution is not used. Every input is",
+        "  resized to 4:3 without cropping: portrait and square uploads are squashed, which the training data never",
+        "  shows.",
         "- Dermoscopy images only; seven classes only. Lesions outside them (e.g. squamous cell carcinoma other",
         "  than in situ, Merkel cell carcinoma, non-pigmented melanoma variants) will be forced into one of them.",
         "- No skin-type information in the data (see Subgroups). Few images of acral, mucosal, scalp and genital",
@@ -181,6 +288,8 @@ def write_model_card(
         "  will see probabilities that are systematically off.",
         "",
         "## Training history",
+        "",
+        "Validation figures per epoch are watched, never used to choose an epoch (the schedule is fixed).",
         "",
         "| epoch | train loss | val balanced acc. | val accuracy | minutes |",
         "| ---: | ---: | ---: | ---: | ---: |",

@@ -156,9 +156,9 @@ def lr_at(config: TrainConfig, step: int, total_steps: int, warmup: int) -> floa
 
 def load_teacher(workdir: str) -> tuple[nn.Module, models.Preprocessing]:
     """A finished teacher run's final EMA weights and its preprocessing."""
-    saved = read_config(Path(workdir) / "config.json")
     if not (Path(workdir) / CHECKPOINT).is_file():
         raise SystemExit(f"teacher run {workdir} has not finished (no {CHECKPOINT})")
+    saved = read_config(Path(workdir) / "config.json")
     net = models.create(saved["arch"], NUM_CLASSES)
     net.load_state_dict(load_file(str(Path(workdir) / CHECKPOINT)))
     prep = models.preprocessing_for(net, saved["input_size"], saved.get("colour_constancy", "none"))

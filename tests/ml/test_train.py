@@ -107,3 +107,100 @@ def test_training_writes_a_complete_entry(synthetic_folder: Path, tmp_path: Path
 
     again = train.main(["--data", str(synthetic_folder), "--out", str(out), "--finalize-only"])
     assert again is None and registry.read_manifest(out)["model_id"] == "synthetic-v1"
+
+
+TINY_RUN = ["--arch", "test_efficientnet", "--no-imagenet", "--input-size", "32", "32", "--batch-size", "8",
+            "--lr", "3e-3", "--precision", "fp32", "--val-fraction", "0.25", "--test-fraction", "0.25",
+            "--threads", "1"]  # fmt: skip
+
+
+def test_the_entry_records_its_gate_provenance_and_fitted_rule(synthetic_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "registry" / "synthetic-v2"
+    train.main(["--data", str(synthetic_folder), "--out", str(out), "--epochs", "2", *TINY_RUN])
+    manifest = registry.read_manifest(out)
+    assert set(manifest["ood"]["thresholds"]) == {"contrast", "noise", "colour", "energy", "distance"}
+    assert manifest["files"]["ood"]["sha256"] == registry.sha256_file(out / "ood.safetensors")
+    environment = manifest["training"]["environment"]
+    assert {"torch", "numpy", "pillow", "onnxruntime", "device", "precision", "code"} <= set(environment)
+    assert len(manifest["data"]["pixels_sha256"]["train"]) == 64
+    # at most one offset, melanoma's
+    assert [c for c, v in manifest["decision"]["offsets"].items() if v] in ([], ["mel"])
+    assessment = manifest["metrics"]["test"]["assessment"]
+    low, high = assessment["per_image"]["balanced_accuracy"]["ci95"]
+    assert low <= assessment["per_image"]["balanced_accuracy"]["value"] <= high
+    assert assessment["lesions"] < assessment["images"]  # the folder has lesions with two images
+    # a blank image is not a lesion: the shipped gate says so instead of giving a diagnosis
+    blank = Predictor.load(out, device="cpu").predict([Image.new("RGB", (48, 40), (255, 255, 255))])[0]
+    assert blank.out_of_distribution and "blank" in blank.ood_reasons
+
+
+def _final_weights(workdir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(workdir / train.CHECKPOINT))
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(synthetic_folder: Path, tmp_path: Path) -> None:
+    """Killed after its first epoch (SIGKILL, nothing flushed), the run resumes and ends exactly where an
+    uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = ["--data", str(synthetic_folder), "--epochs", "3", *TINY_RUN]
+    straight = tmp_path / "straight"
+    train.train(train.parse_args([*base, "--out", str(straight)]))
+
+    cut = tmp_path / "cut"
+    code = "import sys; from ml.train import train, parse_args; train(parse_args(sys.argv[1:]))"
+    args = [sys.executable, "-c", code, *base, "--out", str(cut)]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    process = subprocess.Popen(args, cwd=Path(train.__file__).parents[1], env=env)
+    history = Path(f"{cut}.work") / "history.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if history.exists() and json.loads(history.read_text() or "[]"):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait(timeout=30)
+    assert not (Path(f"{cut}.work") / train.CHECKPOINT).exists(), "the run finished before it could be cut"
+    with pytest.raises(SystemExit, match="resume"):
+        train.train(train.parse_args([*base, "--out", str(cut)]))
+    train.train(train.parse_args([*base, "--out", str(cut), "--resume"]))
+
+    a, b = _final_weights(Path(f"{straight}.work")), _final_weights(Path(f"{cut}.work"))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(json.loads(history.read_text())) == 3
+
+
+def test_a_student_learns_from_a_finished_teacher(synthetic_folder: Path, tmp_path: Path) -> None:
+    base = ["--data", str(synthetic_folder), "--epochs", "2", *TINY_RUN]
+    teacher = tmp_path / "teacher"
+    train.train(train.parse_args([*base, "--out", str(teacher), "--input-size", "40", "40"]))
+    student = tmp_path / "student"
+    with pytest.raises(SystemExit, match="not finished"):
+        train.train(train.parse_args([*base, "--out", str(student), "--teacher", str(tmp_path / "missing")]))
+    config = train.parse_args([*base, "--out", str(student), "--teacher", f"{teacher}.work"])
+    train.train(config)
+    saved = json.loads((Path(f"{student}.work") / "config.json").read_text())
+    assert saved["teacher"] == f"{teacher}.work" and saved["input_size"] == [32, 32]
+    # the soft labels change what the student learns
+    alone = tmp_path / "alone"
+    train.train(train.parse_args([*base, "--out", str(alone)]))
+    a, b = _final_weights(Path(f"{student}.work")), _final_weights(Path(f"{alone}.work"))
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_recipes_set_defaults_that_options_override() -> None:
+    teacher = train.parse_args(["--data", "d", "--out", "o/x", "--recipe", "v2-teacher"])
+    assert teacher.arch == "tf_efficientnet_lite2" and teacher.input_size == (192, 256)
+    overridden = train.parse_args(["--data", "d", "--out", "o/x", "--recipe", "v2-teacher", "--epochs", "2"])
+    assert overridden.epochs == 2 and overridden.arch == "tf_efficientnet_lite2"
+    student = train.parse_args(["--data", "d", "--out", "o/effnet-x"])
+    assert student.input_size == (168, 224) and student.model_id == "effnet-x" and student.workdir == "o/effnet-x.work"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "d", "--out", "o/x", "--recipe", "nonsense"])
