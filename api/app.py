@@ -28,7 +28,8 @@ from core.ratelimit import RateLimiter
 
 DESCRIPTION = """
 dermq triages dermoscopy images of skin lesions into the seven HAM10000 classes, with calibrated
-probabilities, an uncertainty figure, a referral flag and a Grad-CAM heat map.
+probabilities, an uncertainty figure, a referral flag and a Grad-CAM heat map. An image the model
+cannot judge gets the result outcome `out_of_distribution` instead: no diagnosis, no heat map.
 
 **Decision support for clinicians, not a diagnosis.** Authenticate every call but `/healthz` and
 `/readyz` with `Authorization: Bearer <API key>`. Errors are RFC 9457 problem details with a stable

@@ -106,22 +106,30 @@ class StateCollector(Collector):
 
         drift = GaugeMetricFamily(
             "dermq_drift_psi",
-            "population stability index of today's inputs and predictions against the model's validation reference",
+            "population stability index of the last 24 hours' inputs and predictions against the model's "
+            "validation reference (absent below the report's minimum number of cases)",
             labels=["feature"],
+        )
+        drift_alert = GaugeMetricFamily(
+            "dermq_drift_alert",
+            "1 if the latest drift report says drifted (a PSI above 0.25 that is improbable as sampling noise), else 0",
         )
         chain = GaugeMetricFamily("dermq_audit_chain_ok", "1 if the last audit-chain verification passed, else 0")
         try:
             raw = self.app.redis.get(DRIFT_KEY)
             if raw:
-                for feature, value in json.loads(raw).get("psi", {}).items():
+                report = json.loads(raw)
+                for feature, value in report.get("psi", {}).items():
                     if value is not None:
                         drift.add_metric([feature], float(value))
+                drift_alert.add_metric([], 1.0 if report.get("drifted") else 0.0)
             checked = self.app.redis.get(AUDIT_CHECK_KEY)
             if checked:
                 chain.add_metric([], 1.0 if json.loads(checked).get("ok") else 0.0)
         except Exception as exc:
             log.warning("drift and audit figures unavailable", extra={"error": type(exc).__name__})
         yield drift
+        yield drift_alert
         yield chain
 
 

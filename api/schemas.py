@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,7 +31,10 @@ class ModelRef(BaseModel):
     weights_sha256: str
 
 
-class ResultOut(BaseModel):
+class DiagnosisOut(BaseModel):
+    """The result of a case the model could judge: calibrated probabilities, label and referral."""
+
+    outcome: Literal["diagnosis"] = Field(description="the model judged the image: read the fields below")
     label: str = Field(description=f"one of {', '.join(CLASSES)} (balanced decision rule; see the model card)")
     label_name: str
     probabilities: dict[str, float] = Field(
@@ -46,6 +49,32 @@ class ResultOut(BaseModel):
     device: str
     timings: dict[str, float] = Field(description="seconds spent in each stage")
     created_at: datetime
+
+
+class OutOfDistributionOut(BaseModel):
+    """The result of a case whose image the model cannot judge (not a dermoscopy image of a skin
+    lesion: blank, noise, a photograph, ...). No diagnosis was made: there is no label, no
+    probabilities, no referral and no heat map. Show ``message`` and ask for a new image."""
+
+    outcome: Literal["out_of_distribution"] = Field(
+        description="the image is not one the model can judge; no diagnosis was made"
+    )
+    ood_reasons: list[str] = Field(
+        min_length=1,
+        description="why: blank (no contrast), noise, colour (unlike dermoscopy), energy (the model recognises "
+        "nothing), feature_distance (unlike the training lesions); more reasons may be added",
+        examples=[["blank"]],
+    )
+    message: str = Field(description="plain-language explanation to show the clinician")
+    gradcam_status: Literal["not_applicable"] = Field(description="no heat map: there is no diagnosis to explain")
+    model: ModelRef
+    device: str
+    timings: dict[str, float] = Field(description="seconds spent in each stage")
+    created_at: datetime
+
+
+#: a succeeded case's result; ``outcome`` says which of the two it is
+ResultOut = Annotated[DiagnosisOut | OutOfDistributionOut, Field(discriminator="outcome")]
 
 
 class FailureOut(BaseModel):

@@ -6,9 +6,12 @@
     Dermq-Event-Id: <case id>
     Dermq-Signature: t=1764151200,v1=<hex HMAC-SHA256(secret, "1764151200." + body)>
 
-    {"case_id":"...","status":"succeeded","timestamp":"2026-11-26T10:00:00.123456Z","type":"case.finished"}
+    {"case_id":"...","outcome":"diagnosis","status":"succeeded","timestamp":"2026-11-26T10:00:00.123456Z",
+     "type":"case.finished"}
 
-The body carries no patient data: no client reference, no image, no probabilities. The portal then
+``outcome`` is the result's: ``diagnosis``, or ``out_of_distribution`` when the image was not one the
+model can judge (no diagnosis made); ``null`` for a case that failed. The body carries no patient
+data: no client reference, no image, no label or probabilities. The portal then
 reads the result with its API key (``GET /v1/cases/{id}``), an audited read like any other. The
 receiver checks the signature with the secret it was shown once at registration (:func:`verify` is
 the reference), refuses timestamps more than a few minutes old (replays) and de-duplicates by the
@@ -21,28 +24,16 @@ body or the secret); the sweeper re-publishes rows whose message was lost. The s
 stored sealed by envelope encryption (kind ``callback_secret``, bound to the clinic) and is never
 logged.
 
-SSRF. The clinic chooses the URL, but the request leaves from dermq's worker network, where it
-could reach what no clinic may: cloud metadata (169.254.169.254), Postgres, Redis, Flower, admin
-interfaces on localhost. Outside development and test dermq therefore accepts only ``https`` URLs
-without credentials, refuses hosts that are, or resolve to, anything but public unicast addresses
-(loopback, private, link-local, shared, reserved, multicast), resolves again at every delivery
-and connects to the very address it checked (DNS rebinding between check and connect gains
-nothing), follows no redirects, bounds the time and reads at most 1 KiB of the answer. Egress
-filtering at the network layer is still recommended as a second wall.
+The notice travels by :mod:`core.callback_http`: the HMAC signature, and a POST that refuses
+non-public addresses (SSRF) and connects to the very address it checked.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import http.client
 import ipaddress
 import json
 import random
 import secrets
-import socket
-import ssl
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,21 +45,21 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core import audit
+from core.callback_http import EVENT_HEADER as EVENT_HEADER
+from core.callback_http import LOCAL_ENVIRONMENTS, post, public_address
+from core.callback_http import SIGNATURE_HEADER as SIGNATURE_HEADER
+from core.callback_http import SIGNATURE_TOLERANCE_SECONDS as SIGNATURE_TOLERANCE_SECONDS
+from core.callback_http import UnsafeAddress as UnsafeAddress
+from core.callback_http import sign as sign
+from core.callback_http import verify as verify
 from core.config import Settings
 from core.crypto import Keyring, decrypt_blob, encrypt_blob
 from core.errors import DecryptionError, Forbidden, InvalidInput, NotFound
 from core.keys import Principal
-from core.models import CallbackDelivery, CallbackStatus, Case, ClinicCallback, Role
+from core.models import CallbackDelivery, CallbackStatus, Case, ClinicCallback, Result, Role
 
 SECRET_KIND = "callback_secret"  # noqa: S105 - the blob kind, not a secret
-SIGNATURE_HEADER = "Dermq-Signature"
-EVENT_HEADER = "Dermq-Event-Id"
-#: A receiver should refuse signatures older (or newer) than this.
-SIGNATURE_TOLERANCE_SECONDS = 300
-#: Plain http and loopback/private receivers are allowed only here (a portal on the developer's machine).
-LOCAL_ENVIRONMENTS = ("development", "test")
 INTERNAL_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain", ".home.arpa")
-USER_AGENT = "dermq-callback/1"
 
 
 def now() -> datetime:
@@ -87,12 +78,6 @@ def _clinic_of(principal: Principal, action: str) -> uuid.UUID:
             audit=audit.PendingEvent(action, audit.DENIED, "clinic", None, {"reason": "role"}),
         )
     return principal.clinic_id
-
-
-def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_global and not address.is_multicast
 
 
 # --------------------------------------------------------------------------- the URL
@@ -129,7 +114,7 @@ def validate_url(url: str, settings: Settings) -> str:
             if host.lower() == "localhost" or host.lower().endswith(INTERNAL_SUFFIXES) or "." not in host:
                 raise _invalid("the callback host must be a public DNS name") from None
         else:
-            if not _public(literal):
+            if not public_address(literal):
                 raise _invalid("the callback host must be a public address, not a private or local one")
     return url
 
@@ -263,114 +248,23 @@ def backoff_seconds(settings: Settings, attempt: int) -> float:
     return min(settings.callback_backoff_max_seconds, delay * (0.5 + random.random()))  # noqa: S311 - jitter
 
 
-# --------------------------------------------------------------------------- signing
+# --------------------------------------------------------------------------- the notice
 
 
-def notice(case: Case) -> bytes:
-    """The JSON body: ids, state and time only."""
+def notice(case: Case, outcome: str | None = None) -> bytes:
+    """The JSON body: ids, state, the result's outcome (``None`` without a result) and time only."""
     finished = (case.finished_at or case.updated_at).astimezone(UTC)
     body = {
         "type": "case.finished",
         "case_id": str(case.id),
         "status": case.status,
+        "outcome": outcome,
         "timestamp": finished.isoformat(timespec="microseconds").replace("+00:00", "Z"),
     }
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    """``t=<unix seconds>,v1=<hex HMAC-SHA256 over "<t>." + body>``."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
-
-
-def verify(
-    secret: str, header: str, body: bytes, *, at: float | None = None, tolerance: int = SIGNATURE_TOLERANCE_SECONDS
-) -> bool:
-    """What a receiver does: the signature matches and its timestamp is recent."""
-    fields: dict[str, list[str]] = {}
-    for part in header.split(","):
-        name, _, value = part.strip().partition("=")
-        fields.setdefault(name, []).append(value)
-    try:
-        timestamp = int(fields["t"][0])
-    except (KeyError, ValueError):
-        return False
-    if abs((time.time() if at is None else at) - timestamp) > tolerance:
-        return False
-    expected = sign(secret, body, timestamp).rpartition("v1=")[2]
-    return any(hmac.compare_digest(expected, candidate) for candidate in fields.get("v1", []))
-
-
 # --------------------------------------------------------------------------- delivery (worker)
-
-
-class UnsafeAddress(OSError):
-    """The callback host resolves to an address dermq must not call (see the module docstring)."""
-
-
-def _resolve(host: str, port: int, *, allow_private: bool) -> str:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addresses = [str(info[4][0]) for info in infos]
-    if not addresses:
-        raise UnsafeAddress("no address")
-    if not allow_private and not all(_public(ipaddress.ip_address(a.split("%")[0])) for a in addresses):
-        raise UnsafeAddress("the host resolves to a non-public address")
-    return str(addresses[0])
-
-
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Talks to ``address`` (checked) while naming ``host`` in the Host header."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self.address = address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self.address, self.port), self.timeout)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """Connects to ``address`` (checked) and verifies the certificate for ``host`` (SNI too)."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        self.tls = ssl.create_default_context()
-        super().__init__(host, port, timeout=timeout, context=self.tls)
-        self.address = address
-
-    def connect(self) -> None:
-        raw = socket.create_connection((self.address, self.port), self.timeout)
-        self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
-
-
-def post(url: str, body: bytes, secret: str, settings: Settings) -> tuple[int | None, str | None]:
-    """POST the signed ``body``; returns (HTTP status or None, error class name or None). No redirects."""
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    host = parts.hostname or ""
-    port = parts.port or (443 if https else 80)
-    try:
-        address = _resolve(host, port, allow_private=settings.environment in LOCAL_ENVIRONMENTS)
-    except OSError as exc:
-        return None, type(exc).__name__
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    connection_type = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
-    connection = connection_type(host, port, address, settings.callback_timeout_seconds)
-    headers = {
-        "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
-        EVENT_HEADER: json.loads(body)["case_id"],
-        SIGNATURE_HEADER: sign(secret, body, int(time.time())),
-    }
-    try:
-        connection.request("POST", target, body=body, headers=headers)
-        response = connection.getresponse()
-        response.read(1024)
-        return response.status, None
-    except (OSError, http.client.HTTPException) as exc:
-        return None, type(exc).__name__
-    finally:
-        connection.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +310,8 @@ def deliver(session: Session, *, settings: Settings, keyring: Keyring, case_id: 
         status, error = None, "DecryptionError"
         attempt = settings.callback_max_attempts  # no retry can help: the clinic must register again
     else:
-        status, error = post(endpoint.url, notice(case), secret, settings)
+        result = session.get(Result, case_id)
+        status, error = post(endpoint.url, notice(case, result.outcome if result else None), secret, settings)
         del secret
     delivered = status is not None and 200 <= status < 300
     row.attempts, row.last_http_status, row.updated_at = attempt, status, now()

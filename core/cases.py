@@ -32,7 +32,7 @@ from core import audit, pgbinary
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import BadRequest, Conflict, DermqError, Forbidden, Gone, NotFound
 from core.keys import Principal
-from core.models import BlobKind, Case, CaseBlob, CaseStatus, Priority, Result, Role
+from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome, Priority, Result, Role
 
 
 def now() -> datetime:
@@ -222,6 +222,8 @@ def get_case(
 class Page:
     cases: list[Case]
     next_cursor: str | None
+    #: cases of the page whose result is out of distribution (no diagnosis, no heat map)
+    out_of_distribution: frozenset[uuid.UUID] = frozenset()
 
 
 def _encode_cursor(case: Case) -> str:
@@ -256,6 +258,17 @@ def list_cases(
         query = query.where(or_(Case.created_at < created, and_(Case.created_at == created, Case.id < case_id)))
     rows = list(session.scalars(query.order_by(Case.created_at.desc(), Case.id.desc()).limit(limit + 1)))
     page, more = rows[:limit], len(rows) > limit
+    unexplained = (
+        frozenset(
+            session.scalars(
+                select(Result.case_id).where(
+                    Result.case_id.in_([c.id for c in page]), Result.outcome == Outcome.OUT_OF_DISTRIBUTION
+                )
+            )
+        )
+        if page
+        else frozenset()
+    )
     audit.record(
         session,
         action="case.list",
@@ -265,7 +278,7 @@ def list_cases(
         clinic_id=clinic_id,
         detail={"count": len(page), "status": status.value if status else None},
     )
-    return Page(page, _encode_cursor(page[-1]) if more and page else None)
+    return Page(page, _encode_cursor(page[-1]) if more and page else None, unexplained)
 
 
 def read_heatmap(
@@ -281,8 +294,13 @@ def read_heatmap(
         )
     blob = session.scalar(select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.HEATMAP.value))
     if blob is None:
+        result = session.get(Result, case_id)
+        out_of_distribution = result is not None and result.outcome == Outcome.OUT_OF_DISTRIBUTION
         raise NotFound(
-            "this case has no heat map (Grad-CAM ran out of time or failed; see gradcam_status)",
+            "this case has no heat map: the image is out of distribution, so no diagnosis was made and there is "
+            "nothing to explain (see result.outcome)"
+            if out_of_distribution
+            else "this case has no heat map (Grad-CAM ran out of time or failed; see gradcam_status)",
             code="heatmap_unavailable",
         )
     png = decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.HEATMAP.value)
@@ -517,7 +535,12 @@ def complete_cases(
                 "case",
                 c.case_id,
                 clinics[c.case_id],
-                {"attempt": c.attempt, "model_id": c.result["model_id"], "gradcam": c.result["gradcam_status"]},
+                {
+                    "attempt": c.attempt,
+                    "model_id": c.result["model_id"],
+                    "outcome": c.result.get("outcome", Outcome.DIAGNOSIS.value),
+                    "gradcam": c.result["gradcam_status"],
+                },
             )
             for c in stored
         ],

@@ -37,6 +37,7 @@ ALLOWED_EXTRA = frozenset(
         "key_id",
         "clinic_id",
         "outcome",
+        "reasons",
         "label",
         "seconds",
         "queue",

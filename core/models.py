@@ -74,6 +74,14 @@ class BlobKind(enum.StrEnum):
     HEATMAP = "heatmap"
 
 
+class Outcome(enum.StrEnum):
+    """What a succeeded case's result is: a diagnosis, or the finding that the image is not one the
+    model can judge (no label, probabilities or referral then: see :class:`Result`)."""
+
+    DIAGNOSIS = "diagnosis"
+    OUT_OF_DISTRIBUTION = "out_of_distribution"
+
+
 def _uuid() -> uuid.UUID:
     return uuid.uuid4()
 
@@ -173,18 +181,43 @@ class CaseBlob(Base):
         return SealedBlob(self.ciphertext, self.nonce, self.wrapped_key, self.kek_id)
 
 
+#: a diagnosis has every diagnostic field and no out-of-distribution reasons; an out-of-distribution
+#: result has reasons and none of the diagnostic fields (the model's raw answer is not kept as a label)
+RESULT_OUTCOME_FIELDS = (
+    "(outcome = 'diagnosis' AND label IS NOT NULL AND probabilities IS NOT NULL AND confidence IS NOT NULL"
+    " AND uncertainty IS NOT NULL AND referral IS NOT NULL AND ood_reasons = '[]'::jsonb)"
+    " OR (outcome = 'out_of_distribution' AND label IS NULL AND probabilities IS NULL AND confidence IS NULL"
+    " AND uncertainty IS NULL AND referral IS NULL AND referral_reasons = '[]'::jsonb AND gradcam_class IS NULL"
+    " AND jsonb_typeof(ood_reasons) = 'array' AND ood_reasons <> '[]'::jsonb)"
+)
+
+
 class Result(Base):
-    """The one classification of a case; the primary key makes a second one impossible."""
+    """The one result of a case; the primary key makes a second one impossible.
+
+    ``outcome`` says what it is. A ``diagnosis`` carries the label, calibrated probabilities,
+    confidence, uncertainty and referral; an ``out_of_distribution`` result (the image is not a
+    dermoscopy image the model can judge) carries ``ood_reasons`` instead, and those columns are NULL:
+    a CHECK constraint ties them to the outcome.
+    """
 
     __tablename__ = "results"
-    __table_args__ = (Index("ix_results_created_at", "created_at"),)
+    __table_args__ = (
+        Index("ix_results_created_at", "created_at"),
+        CheckConstraint(f"outcome IN ({_values(Outcome)})", name="outcome"),
+        CheckConstraint(RESULT_OUTCOME_FIELDS, name="outcome_fields"),
+    )
 
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
-    label: Mapped[str] = mapped_column(String(16))
-    probabilities: Mapped[dict[str, float]] = mapped_column(JSONB)
-    confidence: Mapped[float] = mapped_column(Float)
-    uncertainty: Mapped[float] = mapped_column(Float)
-    referral: Mapped[bool] = mapped_column(Boolean)
+    outcome: Mapped[str] = mapped_column(Text, server_default=Outcome.DIAGNOSIS.value)
+    #: why the image was judged out of distribution (``blank``, ``noise``, ``colour``, ``energy``,
+    #: ``feature_distance``); empty for a diagnosis
+    ood_reasons: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    label: Mapped[str | None] = mapped_column(String(16))
+    probabilities: Mapped[dict[str, float] | None] = mapped_column(JSONB(none_as_null=True))
+    confidence: Mapped[float | None] = mapped_column(Float)
+    uncertainty: Mapped[float | None] = mapped_column(Float)
+    referral: Mapped[bool | None] = mapped_column(Boolean)
     referral_reasons: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     gradcam_status: Mapped[str] = mapped_column(String(16))
     gradcam_class: Mapped[str | None] = mapped_column(String(16))

@@ -3,7 +3,7 @@ need the ml package (so they live with the worker, which may import it).
 
     dermq model list                 # registry entries, the active one marked (DERMQ_MODEL)
     dermq model verify [MODEL]       # SHA-256 of every file, loads, gives its recorded answer
-    dermq drift report [--day D]     # PSI of a day's inputs and predictions against the reference
+    dermq drift report [--day D]     # PSI of the last 24 hours' (or a day's) inputs and diagnoses vs the reference
 """
 
 from __future__ import annotations
@@ -93,9 +93,13 @@ def drift_report(args: argparse.Namespace, settings: Settings) -> int:
             f"drift on {report['day']} for {report['model_id']}: {report['n']} cases "
             f"(reference: {report['reference_n']} validation images; alert above PSI {report['threshold']})"
         )
+        print(f"  status: {report['status']}" + (f" ({report['note']})" if report.get("note") else ""))
+        p_values = report.get("p_value", {})
         for feature, value in report["psi"].items():
             flag = "  DRIFT" if feature in report["drifted"] else ""
-            print(f"  {feature:<11} PSI {'n/a' if value is None else f'{value:.3f}'}{flag}")
+            p_value = p_values.get(feature)
+            p_text = f"  p {p_value:.4f}" if p_value is not None else ""
+            print(f"  {feature:<11} PSI {'n/a' if value is None else f'{value:.3f}'}{p_text}{flag}")
     return 1 if report["drifted"] else 0
 
 
@@ -111,7 +115,7 @@ def build() -> argparse.ArgumentParser:
     verify.set_defaults(handler=model_verify)
     drift = sub.add_parser("drift", help="input and prediction drift").add_subparsers(dest="action", required=True)
     report = drift.add_parser("report", help="PSI against the model's reference; exit 1 if drifted")
-    report.add_argument("--day", help="YYYY-MM-DD (UTC; default today)")
+    report.add_argument("--day", help="YYYY-MM-DD: that UTC day (default: the 24 hours up to now)")
     report.add_argument("--json", action="store_true")
     report.set_defaults(handler=drift_report)
     return parser

@@ -1,8 +1,10 @@
 """Drift watch: the latest inputs and predictions against the active model's validation reference.
 
 Run hourly by beat (``dermq.drift``), which publishes the latest report to Redis for the API's
-``dermq_drift_psi`` gauges, and on demand by ``dermq drift report``. Reads only the results table
-(labels and input statistics), never images.
+``dermq_drift_psi`` and ``dermq_drift_alert`` gauges, and on demand by ``dermq drift report``. Reads
+only the results table (labels and input statistics), never images. Only diagnoses count: an image the
+model's gate found out of distribution got no label, and how often that happens is counted apart
+(``dermq_results_total{outcome="out_of_distribution"}``).
 
 The window rolls: the 24 hours up to now, not the UTC day so far (which just after midnight holds
 almost nothing). When those hours hold fewer cases than the statistics need (``ml.drift.MIN_CASES``),
@@ -21,7 +23,7 @@ from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.orm import Session
 
 from core.config import Settings
-from core.models import Result
+from core.models import Outcome, Result
 from ml import drift, registry
 
 WINDOW = timedelta(hours=24)
@@ -39,9 +41,10 @@ def _reference(settings: Settings) -> tuple[str, dict[str, Any]]:
     return manifest["model_id"], reference
 
 
-def _cases(model_id: str, end: datetime) -> Select[dict[str, float], str, datetime]:
+def _cases(model_id: str, end: datetime) -> Select[dict[str, float], str | None, datetime]:
     return select(Result.input_stats, Result.label, Result.created_at).where(
         Result.model_id == model_id,
+        Result.outcome == Outcome.DIAGNOSIS.value,  # an out-of-distribution input has no label: no case of a class
         Result.created_at < end,
         Result.input_stats.has_all(array(drift.FEATURES)),  # results stored before input statistics existed have none
     )
@@ -59,7 +62,8 @@ def window_report(session: Session, settings: Settings, *, end: datetime | None 
         recent = _cases(model_id, end).where(Result.created_at >= end - LOOKBACK)
         rows = session.execute(recent.order_by(Result.created_at.desc()).limit(drift.MIN_CASES)).all()
         start = min((row.created_at for row in rows), default=start)
-    report = drift.compare(reference, [row.input_stats for row in rows], [row.label for row in rows])
+    labels = [row.label for row in rows if row.label is not None]  # every one: the query takes diagnoses only
+    report = drift.compare(reference, [row.input_stats for row in rows], labels)
     report.update(
         {
             "day": f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC",

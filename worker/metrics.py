@@ -24,7 +24,8 @@ log = logging.getLogger("dermq.worker.metrics")
 SECONDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 JOBS = Counter(
     "dermq_jobs_total",
-    "classification outcomes: succeeded, failed, superseded (a newer attempt owned the case), skipped "
+    "classification outcomes: succeeded (with a diagnosis or out of distribution: see dermq_results_total), "
+    "failed, superseded (a newer attempt owned the case), skipped "
     "(a message whose case was already taken, usually by a batch: each batched case counts once as "
     "succeeded or failed and once as skipped)",
     ["outcome"],
@@ -36,7 +37,18 @@ QUEUE_WAIT = Histogram(
 )
 INFERENCE = Histogram("dermq_inference_seconds", "classification time per case", buckets=SECONDS)
 GRADCAM = Histogram("dermq_gradcam_seconds", "heat-map time per case", buckets=SECONDS)
-PREDICTIONS = Counter("dermq_predictions_total", "predicted labels", ["label"])
+RESULTS = Counter(
+    "dermq_results_total",
+    "stored results by outcome: diagnosis, or out_of_distribution (the image is not a dermoscopy image the "
+    "model can judge; no diagnosis was made)",
+    ["outcome"],
+)
+OUT_OF_DISTRIBUTION_REASONS = Counter(
+    "dermq_out_of_distribution_reasons_total",
+    "why images were judged out of distribution (a case with several reasons counts once for each)",
+    ["reason"],
+)
+PREDICTIONS = Counter("dermq_predictions_total", "predicted labels of diagnoses", ["label"])
 CONFIDENCE = Histogram(
     "dermq_confidence",
     "calibrated probability of the predicted label",
@@ -56,10 +68,18 @@ def record_outcome(outcome: str) -> None:
 
 
 def record_result(result: dict[str, object], timings: dict[str, float]) -> None:
+    """Count a stored result. An out-of-distribution one counts by its reasons, never as a label."""
     QUEUE_WAIT.observe(timings.get("queue_wait", 0.0))
     INFERENCE.observe(timings.get("inference", 0.0))
     if result.get("gradcam_status") == "ok":
         GRADCAM.observe(timings.get("gradcam", 0.0))
+    outcome = str(result.get("outcome", "diagnosis"))
+    RESULTS.labels(outcome).inc()
+    if outcome != "diagnosis":
+        reasons = result.get("ood_reasons")
+        for reason in reasons if isinstance(reasons, list) else ():
+            OUT_OF_DISTRIBUTION_REASONS.labels(str(reason)).inc()
+        return
     PREDICTIONS.labels(str(result["label"])).inc()
     CONFIDENCE.observe(float(result["confidence"]))  # type: ignore[arg-type]
     if result.get("referral"):

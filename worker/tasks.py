@@ -13,6 +13,8 @@ What can go wrong, and what then:
   the task retries with exponential backoff and jitter, at most ``MAX_RETRIES`` times (the retry
   puts the case back first if the database was down when it failed); after that the sweeper;
 - the soft time limit: ``failed: timeout``; Grad-CAM past its own budget: a result without a heat map;
+- the model's gate finds the image out of distribution (not a dermoscopy image it can judge): the case
+  succeeds with an ``out_of_distribution`` result, no diagnosis and no heat map (:mod:`worker.results`);
 - the hard time limit or a crash of the child: the case stays ``running``, its redelivered message
   is skipped, and the sweeper requeues it (or fails it once the attempts are spent);
 - the GPU runs out of memory: the cache is freed and this case runs on the CPU (``results.device``);
@@ -24,12 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-import signal
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -57,7 +56,7 @@ from core.queueing import (
     TASK_SWEEP,
 )
 from ml.images import DecodedImage, InvalidImage, decode
-from worker import faults, runtime
+from worker import faults, results, runtime
 from worker.celery_app import app
 
 if TYPE_CHECKING:
@@ -70,36 +69,6 @@ log = logging.getLogger("dermq.worker")
 #: Transient failures worth retrying with backoff; anything else fails the case for good.
 TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError)
 MAX_RETRIES = 5
-
-
-class GradcamTimeout(Exception):
-    """Grad-CAM ran past its own budget; the classification stands without a heat map."""
-
-
-@contextmanager
-def time_budget(seconds: float) -> Iterator[None]:
-    """Raise :class:`GradcamTimeout` in this block after ``seconds`` (SIGALRM; main thread only).
-
-    Celery's prefork children run tasks on their main thread. Elsewhere (tests calling the task
-    function directly from a thread) the block runs to completion and is judged afterwards.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        started = time.monotonic()
-        yield
-        if time.monotonic() - started > seconds:
-            raise GradcamTimeout
-        return
-
-    def on_alarm(_signum: int, _frame: Any) -> None:
-        raise GradcamTimeout
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 _keyrings: dict[str, KeyringSource] = {}
@@ -231,64 +200,8 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     analysis, predictor = _classify_image(config, predictor, image, attempt)
     timings["inference"] = time.perf_counter() - inference_started
 
-    completion = _explain(config, case_id, attempt, decoded, analysis, predictor, timings, started)
+    completion = results.completion(config, case_id, attempt, decoded, analysis, predictor, timings, started)
     return _store(config, [completion])[case_id]
-
-
-def _explain(
-    config: Settings,
-    case_id: uuid.UUID,
-    attempt: int,
-    decoded: Any,
-    analysis: Analysis,
-    predictor: Predictor,
-    timings: dict[str, float],
-    started: float,
-) -> cases.Completion:
-    """The heat map, under its own budget, and the result row of one classified case."""
-    from ml import drift  # NumPy: only the worker image has it (worker.tasks is imported by beat and Flower too)
-
-    image = decoded.image
-    heatmap_png, gradcam_status, gradcam_class = None, "ok", analysis.prediction.label
-    gradcam_started = time.perf_counter()
-    try:
-        with time_budget(config.gradcam_budget_seconds):
-            explanation = predictor.explain_analysis(image, analysis)
-        heatmap_png = explanation.overlay_png
-    except GradcamTimeout:
-        gradcam_status = "timeout"
-        log.warning(
-            "Grad-CAM ran past its budget; storing the result without a heat map",
-            extra={"event": "gradcam_timeout", "seconds": config.gradcam_budget_seconds},
-        )
-    except SoftTimeLimitExceeded:
-        raise
-    except Exception as exc:
-        gradcam_status = "error"
-        log.warning(
-            "Grad-CAM failed; storing the result without a heat map",
-            extra={"event": "gradcam_error", "error": type(exc).__name__},
-        )
-    timings["gradcam"] = time.perf_counter() - gradcam_started
-
-    prediction = analysis.prediction
-    timings["total"] = time.perf_counter() - started
-    result = {
-        "label": prediction.label,
-        "probabilities": prediction.probabilities,
-        "confidence": prediction.confidence,
-        "uncertainty": prediction.uncertainty,
-        "referral": prediction.referral,
-        "referral_reasons": list(prediction.referral_reasons),
-        "gradcam_status": gradcam_status,
-        "gradcam_class": gradcam_class if heatmap_png is not None else None,
-        "model_id": predictor.info.model_id,
-        "weights_sha256": predictor.info.weights_sha256,
-        "device": str(predictor.device),
-        "timings": {k: round(v, 6) for k, v in timings.items()},
-        "input_stats": drift.input_statistics(image, decoded.width, decoded.height),
-    }
-    return cases.Completion(case_id, attempt, result, heatmap_png)
 
 
 def _store(config: Settings, completions: Sequence[cases.Completion]) -> dict[uuid.UUID, str]:
@@ -324,6 +237,7 @@ def _store(config: Settings, completions: Sequence[cases.Completion]) -> dict[uu
                 extra={
                     "event": "case_succeeded",
                     "attempt": completion.attempt,
+                    "outcome": result.get("outcome", "diagnosis"),
                     "model_id": result["model_id"],
                     "device": result["device"],
                     "duration_ms": round(result["timings"]["total"] * 1000, 1),
@@ -473,7 +387,7 @@ def _run_claimed_batch(
         timings["inference"] = inference
         token = case_id_var.set(str(item_id))
         try:
-            completions.append(_explain(config, item_id, attempt, decoded, analysis, used, timings, started))
+            completions.append(results.completion(config, item_id, attempt, decoded, analysis, used, timings, started))
         finally:
             case_id_var.reset(token)
     outcomes.update(_store(config, completions))
@@ -707,7 +621,7 @@ def purge() -> dict[str, object]:
 
 @app.task(name=TASK_DRIFT)
 def drift_report() -> dict[str, object]:
-    """Today's drift figures, published to Redis for the API's metrics."""
+    """The drift figures of the last 24 hours, published to Redis for the API's metrics."""
     from worker import drift
 
     config = settings()

@@ -17,17 +17,18 @@ from api.schemas import (
     CaseOut,
     CasePage,
     CaseSummary,
+    DiagnosisOut,
     FailureOut,
     ImageOut,
     ModelRef,
+    OutOfDistributionOut,
     Problem,
-    ResultOut,
     label_name,
 )
 from api.upload import read_case_form
 from core import cases, retention
 from core.errors import DermqError, InvalidImageError, InvalidInput
-from core.models import Case, CaseStatus, Priority, Result, Role
+from core.models import Case, CaseStatus, Outcome, Priority, Result, Role
 from core.publisher import publish_classify
 from ml.images import InvalidImage, decode
 from ml.labels import CLASSES
@@ -50,9 +51,63 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _links(case: Case) -> CaseLinks:
+def _links(case: Case, *, heatmap: bool = True) -> CaseLinks:
     base = f"/v1/cases/{case.id}"
-    return CaseLinks(self=base, heatmap=f"{base}/heatmap.png" if case.status == CaseStatus.SUCCEEDED else None)
+    has_heatmap = heatmap and case.status == CaseStatus.SUCCEEDED
+    return CaseLinks(self=base, heatmap=f"{base}/heatmap.png" if has_heatmap else None)
+
+
+#: what each out-of-distribution reason means, in words for the clinician (first known reason wins)
+OOD_HINTS = {
+    "blank": "it is blank or almost uniform",
+    "noise": "it is mostly noise",
+    "colour": "its colours are unlike skin seen through a dermatoscope",
+    "energy": "the model recognises nothing in it that it was trained on",
+    "feature_distance": "it is unlike the skin lesions the model was trained on",
+}
+
+
+def out_of_distribution_message(reasons: list[str]) -> str:
+    hint = next((OOD_HINTS[r] for r in reasons if r in OOD_HINTS), None)
+    return (
+        "The image does not look like a dermoscopy image of a skin lesion"
+        + (f" ({hint})" if hint else "")
+        + "; no diagnosis was made. Retake the image with a dermatoscope and submit it as a new case."
+    )
+
+
+def result_out(result: Result) -> DiagnosisOut | OutOfDistributionOut:
+    """A stored result as the API shows it: a diagnosis, or out of distribution without the model's raw answer."""
+    model = ModelRef(id=result.model_id, weights_sha256=result.weights_sha256)
+    if result.outcome == Outcome.OUT_OF_DISTRIBUTION:
+        return OutOfDistributionOut(
+            outcome="out_of_distribution",
+            ood_reasons=result.ood_reasons,
+            message=out_of_distribution_message(result.ood_reasons),
+            gradcam_status="not_applicable",
+            model=model,
+            device=result.device,
+            timings=result.timings,
+            created_at=result.created_at,
+        )
+    # the table's CHECK constraint: a diagnosis has all of these
+    assert result.label is not None and result.probabilities is not None
+    assert result.confidence is not None and result.uncertainty is not None and result.referral is not None
+    return DiagnosisOut(
+        outcome="diagnosis",
+        label=result.label,
+        label_name=label_name(result.label),
+        probabilities={c: result.probabilities[c] for c in CLASSES if c in result.probabilities},
+        confidence=result.confidence,
+        uncertainty=result.uncertainty,
+        referral=result.referral,
+        referral_reasons=result.referral_reasons,
+        gradcam_status=result.gradcam_status,  # type: ignore[arg-type]
+        model=model,
+        device=result.device,
+        timings=result.timings,
+        created_at=result.created_at,
+    )
 
 
 def case_out(case: Case, result: Result | None) -> CaseOut:
@@ -72,30 +127,15 @@ def case_out(case: Case, result: Result | None) -> CaseOut:
         updated_at=case.updated_at,
         started_at=case.started_at,
         finished_at=case.finished_at,
-        result=None
-        if result is None
-        else ResultOut(
-            label=result.label,
-            label_name=label_name(result.label),
-            probabilities={c: result.probabilities[c] for c in CLASSES if c in result.probabilities},
-            confidence=result.confidence,
-            uncertainty=result.uncertainty,
-            referral=result.referral,
-            referral_reasons=result.referral_reasons,
-            gradcam_status=result.gradcam_status,  # type: ignore[arg-type]
-            model=ModelRef(id=result.model_id, weights_sha256=result.weights_sha256),
-            device=result.device,
-            timings=result.timings,
-            created_at=result.created_at,
-        ),
+        result=None if result is None else result_out(result),
         failure=FailureOut(code=case.failure_code, message=case.failure_message or "")
         if case.status == CaseStatus.FAILED and case.failure_code
         else None,
-        links=_links(case),
+        links=_links(case, heatmap=result is None or result.outcome != Outcome.OUT_OF_DISTRIBUTION),
     )
 
 
-def _summary(case: Case) -> CaseSummary:
+def _summary(case: Case, *, heatmap: bool = True) -> CaseSummary:
     return CaseSummary(
         id=case.id,
         status=case.status,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
@@ -103,7 +143,7 @@ def _summary(case: Case) -> CaseSummary:
         client_ref=case.client_ref,
         created_at=case.created_at,
         updated_at=case.updated_at,
-        links=_links(case),
+        links=_links(case, heatmap=heatmap),
     )
 
 
@@ -292,7 +332,10 @@ def list_cases(
     )
     commit_audited(session)
     response.headers.update(NO_STORE)
-    return CasePage(items=[_summary(c) for c in page.cases], next_cursor=page.next_cursor)
+    return CasePage(
+        items=[_summary(c, heatmap=c.id not in page.out_of_distribution) for c in page.cases],
+        next_cursor=page.next_cursor,
+    )
 
 
 @router.delete("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Erase a case's images")

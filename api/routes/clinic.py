@@ -1,5 +1,5 @@
-"""The calling clinic's own settings: its completion callback (see core/callbacks.py for the
-signature, the body and what URLs are accepted)."""
+"""The calling clinic's own settings: its completion callback (see core/callbacks.py for the body and
+what URLs are accepted, core/callback_http.py for the signature)."""
 
 from __future__ import annotations
 

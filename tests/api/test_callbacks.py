@@ -227,8 +227,9 @@ def test_a_finished_case_is_announced_signed_retried_and_audited(
     assert call["path"] == "/dermq/hook?clinic=7"
     assert callbacks.verify(secret, headers["Dermq-Signature"], body)  # type: ignore[index, arg-type]
     notice = json.loads(body)  # type: ignore[arg-type]
-    assert set(notice) == {"type", "case_id", "status", "timestamp"}
+    assert set(notice) == {"type", "case_id", "status", "outcome", "timestamp"}
     assert notice["case_id"] == str(case_id) and notice["status"] == "succeeded" and notice["type"] == "case.finished"
+    assert notice["outcome"] == "diagnosis"
     assert headers["Dermq-Event-Id"] == str(case_id) and headers["Content-Type"] == "application/json"  # type: ignore[index]
     assert b"MRN" not in body and b"probabilit" not in body  # type: ignore[operator]
     assert receiver.calls[0]["body"] == body  # the retry sends the same notice
@@ -254,7 +255,7 @@ def test_a_failed_case_is_announced_too(
         publish_classify(publisher, case_id, "routine")
         support.wait_for(lambda: server.calls, timeout=120, what="the callback of the failed case")
         notice = json.loads(server.calls[0]["body"])  # type: ignore[arg-type]
-        assert notice["status"] == "failed" and notice["case_id"] == str(case_id)
+        assert notice["status"] == "failed" and notice["case_id"] == str(case_id) and notice["outcome"] is None
         assert callbacks.verify(secret, server.calls[0]["headers"]["Dermq-Signature"], server.calls[0]["body"])  # type: ignore[index, arg-type]
         row, events = deliveries(settings, case_id)
         assert row is not None and (row.status, row.attempts) == ("delivered", 1)

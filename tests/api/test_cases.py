@@ -65,6 +65,7 @@ def test_a_real_image_is_classified_with_a_heat_map(client, worker, tenant: Tena
     done = wait_done(client, tenant, body["id"])
     assert done["status"] == "succeeded", done
     result = done["result"]
+    assert result["outcome"] == "diagnosis" and "ood_reasons" not in result
     assert list(result["probabilities"]) == list(CLASSES)
     assert abs(sum(result["probabilities"].values()) - 1) < 1e-6
     assert result["label"] in CLASSES and result["confidence"] == result["probabilities"][result["label"]]

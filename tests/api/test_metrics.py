@@ -3,6 +3,8 @@ when a case is processed, and /metrics is not served on the public listener."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -94,3 +96,24 @@ def _up(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_latest_drift_report_is_published_as_gauges(live_api: str, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """dermq_drift_psi by feature and dermq_drift_alert (the report's verdict, which the DermqModelDrift
+    alert fires on) follow the report the drift task left in Redis."""
+    from core.queueing import DRIFT_KEY
+
+    api_metrics = live_api_process[-1].metrics_url  # type: ignore[attr-defined]
+    support.wait_for(lambda: _up(api_metrics), timeout=30, what="the API's metrics listener")
+    report = {"status": "drift", "psi": {"megapixels": 3.2, "label": 0.01}, "drifted": ["megapixels"]}
+    try:
+        redis_client.set(DRIFT_KEY, json.dumps(report))
+        samples = scrape(api_metrics)
+        assert samples[("dermq_drift_alert", ())] == 1.0
+        assert samples[("dermq_drift_psi", (("feature", "megapixels"),))] == 3.2
+        redis_client.set(DRIFT_KEY, json.dumps({"status": "insufficient data", "psi": {"label": None}, "drifted": []}))
+        samples = scrape(api_metrics)
+        assert samples[("dermq_drift_alert", ())] == 0.0
+        assert not [name for name, _ in samples if name == "dermq_drift_psi"]  # no figure below the minimum
+    finally:
+        redis_client.delete(DRIFT_KEY)

@@ -45,6 +45,8 @@ DERMQ_METRICS = frozenset(
         "dermq_queue_wait_seconds",
         "dermq_inference_seconds",
         "dermq_gradcam_seconds",
+        "dermq_results_total",
+        "dermq_out_of_distribution_reasons_total",
         "dermq_predictions_total",
         "dermq_confidence",
         "dermq_referrals_total",
@@ -52,6 +54,7 @@ DERMQ_METRICS = frozenset(
         "dermq_gpu_memory_bytes",
         # drift and audit
         "dermq_drift_psi",
+        "dermq_drift_alert",
         "dermq_audit_chain_ok",
     }
 )

@@ -138,3 +138,4 @@ def test_drift_report_over_the_database(settings, entry_copy: Path, tenant, stor
     assert calm.returncode == 0 and report["n"] == 120 and report["drifted"] == []
     shifted = dermq(settings, "drift", "report", "--day", "2030-01-02", model=str(entry_copy))
     assert shifted.returncode == 1 and "megapixels" in shifted.stdout and "DRIFT" in shifted.stdout
+    assert "status: drift" in shifted.stdout

@@ -1,0 +1,126 @@
+"""Migration 0004 (result outcome) on a database of its own: existing results become diagnoses, the
+table then refuses a label on an out-of-distribution result, and the downgrade turns such a result
+into what the old schema can say truthfully (a failed case without a label) instead of failing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+
+from core.cli import alembic_config
+from tests import support
+
+
+@pytest.fixture
+def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
+    url = make_url(settings.database_url).set(database=f"{support.TEST_DATABASE}_migrations")
+    plain = url.render_as_string(hide_password=False)
+    support.recreate_database(plain)
+    engine = create_engine(url)
+    try:
+        yield alembic_config(plain), engine
+    finally:
+        engine.dispose()
+        support.drop_database(plain)
+
+
+def _case(connection: Any, clinic_id: uuid.UUID, status: str = "succeeded") -> uuid.UUID:
+    case_id = uuid.uuid4()
+    connection.execute(
+        text(
+            "INSERT INTO cases (id, clinic_id, status, image_sha256, image_format, image_width, image_height,"
+            " image_bytes) VALUES (:id, :clinic, :status, :sha, 'JPEG', 300, 225, 1000)"
+        ),
+        {"id": case_id, "clinic": clinic_id, "status": status, "sha": "0" * 64},
+    )
+    return case_id
+
+
+def _result(connection: Any, case_id: uuid.UUID, **columns: Any) -> None:
+    values = {
+        "case_id": case_id,
+        "gradcam_status": "ok",
+        "model_id": "m",
+        "weights_sha256": "0" * 64,
+        "device": "cpu",
+        "timings": "{}",
+    } | columns
+    names = ", ".join(values)
+    params = ", ".join(f"CAST(:{k} AS jsonb)" if k in JSON_COLUMNS else f":{k}" for k in values)
+    connection.execute(text(f"INSERT INTO results ({names}) VALUES ({params})"), values)
+
+
+JSON_COLUMNS = {"probabilities", "timings", "ood_reasons"}
+DIAGNOSIS = {"label": "nv", "probabilities": '{"nv": 1.0}', "confidence": 1.0, "uncertainty": 0.0, "referral": False}
+
+
+def _column_exists(connection: Any, column: str) -> bool:
+    query = "SELECT count(*) FROM information_schema.columns WHERE table_name = 'results' AND column_name = :column"
+    return bool(connection.scalar(text(query), {"column": column}))
+
+
+def _nullable(connection: Any, column: str) -> bool:
+    return bool(
+        connection.scalar(
+            text(
+                "SELECT is_nullable = 'YES' FROM information_schema.columns"
+                " WHERE table_name = 'results' AND column_name = :column"
+            ),
+            {"column": column},
+        )
+    )
+
+
+def test_the_outcome_migration_upgrades_refuses_and_downgrades(scratch: tuple[Any, Engine]) -> None:
+    config, engine = scratch
+    command.upgrade(config, "0003")
+    clinic_id = uuid.uuid4()
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'migration clinic')"), {"id": clinic_id})
+        before = _case(connection, clinic_id)
+        _result(connection, before, **DIAGNOSIS)
+
+    command.upgrade(config, "head")
+    with engine.begin() as connection:
+        row = connection.execute(text("SELECT outcome, ood_reasons, label FROM results")).one()
+        assert tuple(row) == ("diagnosis", [], "nv")
+        assert _nullable(connection, "label") and _nullable(connection, "probabilities")
+        out_of_distribution = _case(connection, clinic_id)
+        _result(
+            connection,
+            out_of_distribution,
+            outcome="out_of_distribution",
+            ood_reasons='["blank"]',
+            gradcam_status="not_applicable",
+        )
+    with pytest.raises(IntegrityError, match="ck_results_outcome_fields"), engine.begin() as connection:
+        _result(
+            connection,
+            _case(connection, clinic_id),
+            outcome="out_of_distribution",
+            ood_reasons='["blank"]',
+            **DIAGNOSIS,
+        )
+
+    command.downgrade(config, "0003")
+    with engine.begin() as connection:
+        cases = {row.id: (row.status, row.failure_code) for row in connection.execute(text("SELECT * FROM cases"))}
+        assert cases[before] == ("succeeded", None)
+        assert cases[out_of_distribution] == ("failed", "out_of_distribution")
+        failed = text("SELECT failure_message FROM cases WHERE id = :id")
+        message = connection.scalar(failed, {"id": out_of_distribution})
+        assert "no diagnosis was made" in message
+        assert connection.scalar(text("SELECT count(*) FROM results")) == 1
+        assert not _nullable(connection, "label") and not _nullable(connection, "probabilities")
+        assert not _column_exists(connection, "outcome") and not _column_exists(connection, "ood_reasons")
+
+    command.upgrade(config, "head")
+    with engine.begin() as connection:
+        assert connection.scalar(text("SELECT outcome FROM results WHERE case_id = :id"), {"id": before}) == "diagnosis"
