@@ -1,6 +1,6 @@
 """Model benchmark: dermq's predictor on torch, ONNX Runtime fp32 and ONNX Runtime int8, against the naive way.
 
-    python -m bench.model [--model ml/registry/<id>] [--device auto] [--repeats 50] [--threads 2]
+    python -m bench.model [--model ml/registry/<id>] [--baseline <id>] [--device auto] [--repeats 50] [--threads 2]
 
 Every contender takes turns call by call, so a busy machine slows them alike: read the ratios.
 
@@ -11,7 +11,9 @@ torch, contiguous float32 NCHW, one image at a time, autograd left on, Grad-CAM 
 pass. Prints load time (with the SHA-256 checks), single-image latency p50/p95, throughput at batch
 8 and 32, classification + heat map latency (the CAM array; the PNG overlay is timed on its own row),
 with ratios; then decoding and preprocessing a 4000x3000 JPEG fully and in JPEG draft mode.
-Backends the entry has no ONNX file for are left out (run ``python -m ml.export`` first).
+Backends the entry has no ONNX file for are left out (run ``python -m ml.export`` first). With
+``--baseline`` (default: the first shipped model) a last table compares the two entries' one-image
+latency, classification and gate included, on the backend each serves by default, interleaved.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from ml.images import ImageLimits, decode
 from ml.labels import CLASSES
 from ml.predictor import Predictor
 
-DEFAULT_MODEL = "effnet-lite0-ham10000-v1"
+DEFAULT_MODEL = registry.DEFAULT_MODEL
+BASELINE_MODEL = "effnet-lite0-ham10000-v1"
 ONNX_BACKENDS = ("onnx", "onnx-int8")
 
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="device of the torch backend")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=backends.DEFAULT_THREADS, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--baseline", default=BASELINE_MODEL, help="entry to compare one-image latency with ('': none)")
     args = parser.parse_args(argv)
 
     images = [Image.open(p).convert("RGB") for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
@@ -198,6 +202,32 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"4000x3000 JPEG (quality 90, {len(data) / 1024:.0f} KiB, the whole file read), decoded + preprocessed")
     print(table(["decode", "decoded size", "p50", "p95", "full/this"], decode_rows))
+
+    if args.baseline and registry.resolve(args.baseline) != registry.resolve(args.model):
+        compare_entries(args.model, args.baseline, images, args.threads, r)
+
+
+def compare_entries(model: str, baseline: str, images: list[Image.Image], threads: int, repeats: int) -> None:
+    """One-image latency of two entries, each on the backend ``auto`` serves, taking turns call by call."""
+    served = {name: Predictor.load(name, device="cpu", threads=threads, batch_size=32) for name in (model, baseline)}
+    ids = {name: p.info.model_id for name, p in served.items()}
+    times = interleaved(
+        {ids[name]: (lambda p=p: p.predict([images[0]])) for name, p in served.items()}
+        | {f"{ids[name]} + heat map": (lambda p=p: classify_and_cam(p, images[0])) for name, p in served.items()},
+        repeats,
+    )
+    rows = []
+    for label, values in times.items():
+        rows.append([label, ms(p50(values)), ms(percentile(values, 95))])
+    new, old = ids[model], ids[baseline]
+    print()
+    print(f"{new} against {old}, each on its default backend ({served[model].info.backend}, "
+          f"{served[baseline].info.backend}); one fixture image, preprocessing included")  # fmt: skip
+    print(table(["entry", "p50", "p95"], rows))
+    print(
+        f"one image p50 {new}/{old}: {ratio(p50(times[new]), p50(times[old]))}; with the heat map: "
+        f"{ratio(p50(times[f'{new} + heat map']), p50(times[f'{old} + heat map']))} (below 1.00x: faster)"
+    )
 
 
 if __name__ == "__main__":

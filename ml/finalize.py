@@ -126,6 +126,7 @@ def finalize(config: TrainConfig) -> Path:
         "environment": _training_environment(workdir),
         "finalized_in": describe_environment(device="cpu", precision="float32"),
     }
+    manifest["cross_validation"] = _cross_validation(config)
     manifest["serving_precision"] = "float32 on every device: the precision every threshold was fitted in"
     registry.write_json_atomic(out / registry.MANIFEST, manifest)
     save_numpy(gate.arrays(), str(out / "ood.safetensors"))
@@ -174,6 +175,22 @@ def finalize(config: TrainConfig) -> Path:
     headline = metrics["assessment"]["per_image"]
     print(json.dumps({k: round(v["value"], 4) for k, v in headline.items()}), flush=True)
     return out
+
+
+def _cross_validation(config: TrainConfig) -> dict[str, Any] | None:
+    """The ml.cv table the recipe was chosen from, for the model card."""
+    if not config.cv_summary or not (Path(config.cv_summary) / "summary.md").exists():
+        return None
+    lines = (Path(config.cv_summary) / "summary.md").read_text().strip().splitlines()
+    return {
+        "lines": lines,
+        "rows": json.loads((Path(config.cv_summary) / "summary.json").read_text()),
+        "choice": (
+            f"Shipped recipe: `{config.recipe}`. Rule, fixed before the folds were run: Shades of Gray colour "
+            "constancy only if its mean gain over the paired folds exceeds the spread (sd) of those differences; "
+            "the cross-validation runs use no teacher, the shipped student does."
+        ),
+    }
 
 
 def _training_environment(workdir: Path) -> dict[str, Any] | None:

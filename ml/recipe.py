@@ -63,6 +63,7 @@ class TrainConfig:
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     model_id: str = _opt("", "registry id (default: the --out folder name)")
     resume: bool = _opt(False, "continue from the work folder's last checkpoint")
+    cv_summary: str = _opt("", "folder of an ml.cv run whose table the model card records")
     finalize_only: bool = _opt(False, "skip training; calibrate and write the entry from the finished run")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 

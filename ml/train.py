@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     if config.finalize_only:
         saved = read_config(Path(config.workdir) / "config.json")
-        keep = {k: getattr(config, k) for k in ("data", "out", "workdir", "model_id", "finalize_only")}
+        keep = {k: getattr(config, k) for k in ("data", "out", "workdir", "model_id", "finalize_only", "cv_summary")}
         config = TrainConfig(**{**saved, **keep})
     else:
         train(config)

@@ -12,7 +12,7 @@ from ml import registry
 from ml.images import decode
 from ml.predictor import Predictor
 
-SHIPPED = registry.REGISTRY_DIR / "effnet-lite0-ham10000-v1"
+SHIPPED = registry.REGISTRY_DIR / registry.DEFAULT_MODEL
 TOLERANCE = 0.03
 
 
