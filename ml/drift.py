@@ -36,7 +36,7 @@ from ml.labels import CLASSES
 
 FEATURES = ("brightness", "contrast", "megapixels")
 CHECKS = (*FEATURES, "label")
-#: the agreed effect size (the ``DermqModelDrift`` Prometheus alert fires on the same PSI)
+#: the agreed effect size (the report's verdict, published as dermq_drift_alert, is what the alert fires on)
 PSI_ALERT = 0.25
 #: fewer live cases than this: "insufficient data", no PSI, no alert
 MIN_CASES = 100
