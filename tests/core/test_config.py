@@ -39,3 +39,20 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DERMQ_RETENTION_DAYS", "7")
     settings = Settings()
     assert settings.api_port == 9001 and settings.retention_days == 7
+
+
+def test_every_deployment_serves_the_registrys_default_model() -> None:
+    """One default model: the settings, compose and Kubernetes all name the entry ml.registry ships as default."""
+    from pathlib import Path
+
+    import yaml
+
+    from ml import registry
+
+    root = Path(__file__).resolve().parents[2]
+    assert Settings().model == registry.DEFAULT_MODEL
+    assert (registry.REGISTRY_DIR / registry.DEFAULT_MODEL / registry.MANIFEST).is_file()
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    configmap = yaml.safe_load((root / "deploy" / "k8s" / "configmap.yaml").read_text())
+    assert compose["x-dermq-env"]["DERMQ_MODEL"] == registry.DEFAULT_MODEL
+    assert configmap["data"]["DERMQ_MODEL"] == registry.DEFAULT_MODEL
