@@ -28,15 +28,17 @@ from ml import calibration, ood, registry
 from ml import data as ds
 from ml import model as models
 from ml.assess import assess, decision_figures
+from ml.checkpoint import load_checkpoint
 from ml.decision import DecisionPolicy, fit_mel_offset, fit_referral_threshold
 from ml.drift import reference_for_entry
 from ml.entry import record_verification, save_entry
 from ml.evaluate import evaluate_arrays, load_images, report_markdown, write_plots
 from ml.labels import CLASSES
 from ml.provenance import describe_environment
+from ml.recipe import load_split
 
 if TYPE_CHECKING:
-    from ml.train import TrainConfig
+    from ml.recipe import TrainConfig
 
 UNCERTAINTY_QUANTILE = 0.95
 #: fitted with a margin over the 95% target: validation holds about 250 such images
@@ -74,7 +76,6 @@ def finalize(config: TrainConfig) -> Path:
     from safetensors.numpy import save_file as save_numpy
 
     from ml.predictor import Predictor
-    from ml.train import load_checkpoint, load_split
 
     out = Path(config.out)
     workdir = Path(config.workdir)

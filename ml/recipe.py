@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ml import data as ds
 from ml import model as models
 
 #: The lesion-level split every shipped model uses (the test part is read once, at the end).
@@ -154,3 +156,15 @@ def check_same_run(config: TrainConfig, saved: dict[str, Any]) -> None:
     if differ:
         detail = ", ".join(f"{k}: {saved[k]!r} there, {getattr(config, k)!r} here" for k in differ)
         raise SystemExit(f"{config.workdir} holds another run ({detail})")
+
+
+def load_split(config: TrainConfig) -> ds.Split:
+    samples = ds.read_dataset(config.data)
+    if config.limit:
+        rng = random.Random(config.seed)
+        samples = sorted(samples, key=lambda s: s.image_id)
+        rng.shuffle(samples)
+        samples = samples[: config.limit]
+    return ds.lesion_split(
+        samples, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.split_seed
+    )

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -40,14 +40,12 @@ from ml import data as ds
 from ml import model as models
 from ml import preprocess
 from ml.augment import Augment
+from ml.checkpoint import CHECKPOINT, STATE, load_state, load_teacher, save_state
 from ml.images import ImageLimits, decode_image
 from ml.labels import NUM_CLASSES
 from ml.metrics import balanced_accuracy
 from ml.provenance import describe_environment
-from ml.recipe import TrainConfig, check_same_run, parse_args, read_config, write_config
-
-CHECKPOINT = "final.safetensors"  # the EMA weights after the last epoch: what finalize ships
-STATE = "last.pt"  # everything --resume needs (tensors and plain values only: read weights_only)
+from ml.recipe import TrainConfig, check_same_run, load_split, parse_args, read_config, write_config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,18 +73,6 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def load_split(config: TrainConfig) -> ds.Split:
-    samples = ds.read_dataset(config.data)
-    if config.limit:
-        rng = random.Random(config.seed)
-        samples = sorted(samples, key=lambda s: s.image_id)
-        rng.shuffle(samples)
-        samples = samples[: config.limit]
-    return ds.lesion_split(
-        samples, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.split_seed
-    )
 
 
 def decode_samples(samples: list[ds.Sample], prep: models.Preprocessing, desc: str) -> np.ndarray:
@@ -152,17 +138,6 @@ def lr_at(config: TrainConfig, step: int, total_steps: int, warmup: int) -> floa
         return config.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def load_teacher(workdir: str) -> tuple[nn.Module, models.Preprocessing]:
-    """A finished teacher run's final EMA weights and its preprocessing."""
-    if not (Path(workdir) / CHECKPOINT).is_file():
-        raise SystemExit(f"teacher run {workdir} has not finished (no {CHECKPOINT})")
-    saved = read_config(Path(workdir) / "config.json")
-    net = models.create(saved["arch"], NUM_CLASSES)
-    net.load_state_dict(load_file(str(Path(workdir) / CHECKPOINT)))
-    prep = models.preprocessing_for(net, saved["input_size"], saved.get("colour_constancy", "none"))
-    return net.eval().requires_grad_(False), prep
 
 
 def train(config: TrainConfig, split: ds.Split | None = None) -> Path:
@@ -248,7 +223,7 @@ def train(config: TrainConfig, split: ds.Split | None = None) -> Path:
     history: list[dict[str, Any]] = []
     start_epoch, step = 0, 0
     if resuming:
-        state = torch.load(workdir / STATE, map_location="cpu", weights_only=True)
+        state = load_state(workdir)
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -289,37 +264,11 @@ def train(config: TrainConfig, split: ds.Split | None = None) -> Path:
         }
         history.append(record)
         tqdm.write(json.dumps(record))
-        _save_state(workdir, net, ema, optimizer, generator, epoch + 1, step, history)
+        save_state(workdir, net, ema, optimizer, generator, epoch + 1, step, history)
     bar.close()
     final = {k: v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}
     save_file(final, str(workdir / CHECKPOINT), metadata={"epochs": str(config.epochs), "arch": config.arch})
     return workdir / CHECKPOINT
-
-
-def _save_state(
-    workdir: Path,
-    net: nn.Module,
-    ema: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    epoch: int,
-    step: int,
-    history: list[dict[str, Any]],
-) -> None:
-    """Write the resume state atomically: a crash mid-write leaves the previous epoch's intact."""
-    state = {
-        "net": net.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "epoch": epoch,
-        "step": step,
-    }
-    partial = workdir / f"{STATE}.partial"
-    torch.save(state, partial)
-    os.replace(partial, workdir / STATE)
-    (workdir / "history.json").write_text(json.dumps(history, indent=2))
 
 
 def soft_targets(labels: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -374,12 +323,6 @@ def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
             e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         else:
             e.copy_(p)
-
-
-def load_checkpoint(config: TrainConfig) -> nn.Module:
-    net = models.create(config.arch, NUM_CLASSES)
-    net.load_state_dict(load_file(str(Path(config.workdir) / CHECKPOINT)))
-    return net.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
