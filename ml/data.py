@@ -22,6 +22,10 @@ from pathlib import Path
 from ml.labels import CLASSES
 
 METADATA_NAMES = ("metadata.csv", "HAM10000_metadata.csv")
+#: The lesion-level split every shipped model uses; a manifest records the values its model used.
+SPLIT_SEED = 20181
+VAL_FRACTION = 0.15
+TEST_FRACTION = 0.15
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 UNKNOWN = "unknown"
 
@@ -135,7 +139,11 @@ class Split:
 
 
 def lesion_split(
-    samples: Sequence[Sample], *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 20181
+    samples: Sequence[Sample],
+    *,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
+    seed: int = SPLIT_SEED,
 ) -> Split:
     """Split by lesion, stratified by diagnosis, deterministic for a given ``seed``.
 
@@ -174,6 +182,16 @@ def lesion_split(
         train=sorted(parts["train"], key=order),
         val=sorted(parts["val"], key=order),
         test=sorted(parts["test"], key=order),
+    )
+
+
+def recorded_split(samples: Sequence[Sample], info: dict[str, object]) -> Split:
+    """The split a manifest's ``data`` section records (seed and fractions), applied to ``samples``."""
+    return lesion_split(
+        samples,
+        val_fraction=float(info.get("val_fraction", VAL_FRACTION)),  # type: ignore[arg-type]
+        test_fraction=float(info.get("test_fraction", TEST_FRACTION)),  # type: ignore[arg-type]
+        seed=int(info.get("split_seed", SPLIT_SEED)),  # type: ignore[call-overload]
     )
 
 

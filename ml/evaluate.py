@@ -217,12 +217,7 @@ def select_samples(manifest: dict[str, Any], data: str | Path, split: str) -> tu
         split = "test" if info.get("digest") and ds.dataset_digest(samples) == info["digest"] else "all"
     if split == "all":
         return samples, "all"
-    parts = ds.lesion_split(
-        samples,
-        val_fraction=info.get("val_fraction", 0.15),
-        test_fraction=info.get("test_fraction", 0.15),
-        seed=info.get("split_seed", 20181),
-    )
+    parts = ds.recorded_split(samples, info)
     return getattr(parts, split), split
 
 

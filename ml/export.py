@@ -146,12 +146,7 @@ def training_split(manifest: dict[str, Any], data: str | Path) -> ds.Split:
             f"{data} is not the data this model was trained on (digest {digest[:12]}..., the manifest records "
             f"{info['digest'][:12]}...); calibrating on it could use test images. Point --data at the training data"
         )
-    return ds.lesion_split(
-        samples,
-        val_fraction=info.get("val_fraction", 0.15),
-        test_fraction=info.get("test_fraction", 0.15),
-        seed=info.get("split_seed", 20181),
-    )
+    return ds.recorded_split(samples, info)
 
 
 def calibration_samples(train: Sequence[ds.Sample], count: int, seed: int) -> list[ds.Sample]:
@@ -398,8 +393,8 @@ def decide_serving(comparison: dict[str, Any] | None, has_int8: bool) -> dict[st
         f"referral sensitivity is at most {INT8_TOLERANCE} lower; else onnx"
     )
     serving: dict[str, Any] = {"default_backend": "onnx", "rule": rule}
-    if comparison is None or not has_int8:
-        serving["reason"] = "no held-out evaluation of int8 (export without --data): fp32 ONNX"
+    if comparison is None or not has_int8 or not comparison.get("n"):
+        serving["reason"] = "no validation figures for int8 (no --data, or no validation images): fp32 ONNX"
     else:
         fp32, int8 = comparison["balanced_accuracy"]["onnx"], comparison["balanced_accuracy"]["onnx-int8"]
         referral = comparison["referral_sensitivity"]
@@ -428,7 +423,7 @@ def run(
     info: dict[str, Any] = {}
     if data is not None:
         split = training_split(manifest, data)
-        seed = int(manifest["data"].get("split_seed", 20181))
+        seed = int(manifest["data"].get("split_seed", ds.SPLIT_SEED))
         chosen = calibration_samples(split.train, calibration_images, seed)
         calibration = decode_samples(chosen)
         info = {

@@ -2,8 +2,8 @@
 
 ``TrainConfig`` is the single home of the defaults; :func:`parse_args` builds ``python -m ml.train``'s
 options from its fields (help text in each field's metadata). ``--recipe`` starts from one of the
-named recipes in :data:`RECIPES`, and any option given on the command line overrides it. The split
-constants live here too, so training, export and evaluation cut the same development set.
+named recipes in :data:`RECIPES`, and any option given on the command line overrides it. Training uses
+the split constants of :mod:`ml.data`; export and evaluation re-cut the split a manifest records.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from ml import data as ds
 from ml import model as models
 
 #: The lesion-level split every shipped model uses (the test part is read once, at the end).
-SPLIT_SEED = 20181
-VAL_FRACTION = 0.15
-TEST_FRACTION = 0.15
+SPLIT_SEED, VAL_FRACTION, TEST_FRACTION = ds.SPLIT_SEED, ds.VAL_FRACTION, ds.TEST_FRACTION
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:

@@ -28,7 +28,7 @@ def _with_data_record(entry: Path, data: Path = FIXTURE_DATA) -> Path:
     manifest["data"] = {
         "digest": ds.dataset_digest(ds.read_dataset(data)),
         "split_seed": 7,
-        "val_fraction": 0.2,
+        "val_fraction": 0.3,  # two validation images: the int8 choice is made on them
         "test_fraction": 0.3,
     }
     registry.write_json_atomic(entry / registry.MANIFEST, manifest)
@@ -224,7 +224,7 @@ def test_cli_with_data_calibrates_on_training_images_and_decides(tiny_entry: Pat
         "\n".join(s.image_id for s in export.calibration_samples(split.train, 200, 7)).encode()
     )
     serving = manifest["serving"]
-    assert serving["split"] == "test" and serving["n"] == len(split.test)
+    assert serving["split"] == "val" and serving["n"] == len(split.val)  # the test split is read once, elsewhere
     for figure in ("balanced_accuracy", "referral_sensitivity", "mel_sensitivity"):
         assert set(serving[figure]) == {"onnx", "onnx-int8"}
     fp32, int8 = serving["balanced_accuracy"]["onnx"], serving["balanced_accuracy"]["onnx-int8"]
@@ -239,6 +239,7 @@ def test_serving_decision_rule() -> None:
             "balanced_accuracy": {"onnx": 0.700, "onnx-int8": int8},
             "referral_sensitivity": {"onnx": 0.90, "onnx-int8": referral},
             "top1_agreement": agreement,
+            "n": 250,
         }
 
     def backend(**kwargs: float) -> str:
@@ -250,6 +251,7 @@ def test_serving_decision_rule() -> None:
     assert backend(int8=0.700, referral=0.885) == "onnx"  # misses referrals fp32 makes
     assert export.decide_serving(None, has_int8=True)["default_backend"] == "onnx"
     assert export.decide_serving(comparison(0.700), has_int8=False)["default_backend"] == "onnx"
+    assert export.decide_serving(comparison(0.700) | {"n": 0}, has_int8=True)["default_backend"] == "onnx"
 
 
 def test_calibration_never_uses_held_out_images(tiny_entry: Path, tmp_path: Path) -> None:
