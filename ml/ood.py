@@ -24,6 +24,7 @@ only: the features come from whichever backend serves the model (the same pass a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -88,11 +89,20 @@ class OODGate:
     colour_precision: np.ndarray  # (9, 9)
     thresholds: dict[str, float]
 
+    @cached_property
+    def _whitening(self) -> tuple[np.ndarray, np.ndarray]:
+        """(K, d) map from centred features to whitened coordinates, and the (C, d) whitened class means.
+
+        With precision P = L L^T (Cholesky), (z - m)^T P (z - m) = ||(z - m) L||^2: one matrix product
+        per image instead of a quadratic form per class."""
+        lower = np.linalg.cholesky(self.precision)
+        return self.projection @ lower, self.class_means @ lower
+
     def distance(self, features: np.ndarray) -> np.ndarray:
         """(N, K) pooled features -> (N,) squared Mahalanobis distance to the nearest class mean."""
-        z = (np.asarray(features, dtype=np.float64) - self.mean) @ self.projection
-        diff = z[:, None, :] - self.class_means[None, :, :]  # (N, C, d)
-        return np.einsum("ncd,de,nce->nc", diff, self.precision, diff).min(axis=1)
+        to_white, means = self._whitening
+        w = (np.asarray(features, dtype=np.float64) - self.mean) @ to_white  # (N, d)
+        return (((w[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
 
     def colour(self, batch_uint8: np.ndarray) -> np.ndarray:
         diff = colour_statistics(batch_uint8) - self.colour_mean

@@ -117,3 +117,12 @@ def test_the_built_set_is_deterministic_and_has_every_kind(fixture_pil: list[Ima
     # destroyed lesions keep the lesion's size but not its pixels in place
     assert corrupted[0].size == fixture_pil[0].size
     assert not np.array_equal(np.asarray(corrupted[0]), np.asarray(fixture_pil[0].convert("RGB")))
+
+
+def test_whitened_distance_equals_the_quadratic_form(fitted: tuple[ood.OODGate, np.random.Generator]) -> None:
+    gate, rng = fitted
+    features = CENTRES[rng.integers(0, 7, 50)] + rng.normal(0, 2, (50, CENTRES.shape[1]))
+    z = (features - gate.mean) @ gate.projection
+    diff = z[:, None, :] - gate.class_means[None, :, :]
+    direct = np.einsum("ncd,de,nce->nc", diff, gate.precision, diff).min(axis=1)
+    np.testing.assert_allclose(gate.distance(features), direct, rtol=1e-8)
