@@ -223,8 +223,11 @@ def reference_for_entry(entry: str, data: str) -> dict[str, Any]:
         decoded = decode(sample.path.read_bytes(), ImageLimits(min_side=8), reduce_to=1024)
         stats.append(input_statistics(decoded.image, decoded.width, decoded.height))
         images.append(decoded.image)
-    labels = [p.label for p in predictor.predict(images)]
-    reference = build_reference(stats, labels)
+    # live reports count diagnoses only: images the model's gate would answer out_of_distribution are
+    # left out of the reference too
+    predictions = predictor.predict(images)
+    kept = [i for i, p in enumerate(predictions) if not p.out_of_distribution]
+    reference = build_reference([stats[i] for i in kept], [predictions[i].label for i in kept])
     reference["source"] = "validation split of the training data"
     folder = registry.resolve(entry)
     manifest = registry.read_manifest(folder)
