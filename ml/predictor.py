@@ -245,7 +245,7 @@ class Predictor:
             assert fmap is not None
             logits.append(out)
             features.append(ood.pooled(fmap))
-            inputs.append(self._pixels(batch))
+            inputs.append(np.clip(np.rint(self._pixels(batch)), 0, 255).astype(np.uint8))
         return np.concatenate(logits), np.concatenate(features), np.concatenate(inputs)
 
     def _pixels(self, batch: np.ndarray) -> np.ndarray:
