@@ -245,12 +245,15 @@ class Predictor:
             assert fmap is not None
             logits.append(out)
             features.append(ood.pooled(fmap))
-            inputs.append(np.clip(np.rint(self._pixels(batch)), 0, 255).astype(np.uint8))
+            inputs.append(self._pixels(batch))
         return np.concatenate(logits), np.concatenate(features), np.concatenate(inputs)
 
     def _pixels(self, batch: np.ndarray) -> np.ndarray:
-        """The normalised batch back in 0-255 (the gate's image checks)."""
-        return batch * (np.asarray(self.prep.std, np.float32) * 255.0) + np.asarray(self.prep.mean, np.float32) * 255.0
+        """The normalised batch back as the uint8 model input (what the gate's image checks read, the
+        same when the gate is fitted and when it serves)."""
+        scale = np.asarray(self.prep.std, np.float32) * 255.0
+        pixels = batch * scale + np.asarray(self.prep.mean, np.float32) * 255.0
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
     def decide(
         self, logits: np.ndarray, batch: np.ndarray | None = None, fmap: np.ndarray | None = None
