@@ -246,9 +246,13 @@ def run(
     manifest = predictor.info.manifest
     samples, used = select_samples(manifest, data, split)
     images = load_images(samples, reduce_to=max(predictor.prep.input_size))
-    logits = predictor.logits(images)
+    logits, features, pixels = predictor.outputs(images)
     metrics, probabilities, _ = evaluate_arrays(samples, logits, predictor.policy)
     metrics.update({"model_id": predictor.info.model_id, "split": used, "backend": backend})
+    if predictor.gate is not None:
+        # every image is scored as a diagnosis above; this is the share a clinic would get no diagnosis for
+        flagged = predictor.gate.reasons(predictor.gate.scores(pixels, logits, features))
+        metrics["out_of_distribution"] = float(np.mean([bool(r) for r in flagged])) if flagged else 0.0
     truth = np.array([s.label for s in samples])
     plots = write_plots(out, metrics, truth, probabilities)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
