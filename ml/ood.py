@@ -24,7 +24,6 @@ only: the features come from whichever backend serves the model (the same pass a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -81,32 +80,24 @@ def pooled(feature_map: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class OODGate:
+    """The fitted gate. Distances are kept as whitening maps: with the shrunk precision P = L L^T
+    (Cholesky), (z - m)^T P (z - m) = ||(z - m) L||^2, so one matrix product per image gives every
+    class's distance, and storing L (not P) in float32 loses nothing that matters."""
+
     mean: np.ndarray  # (K,) feature mean
-    projection: np.ndarray  # (K, d) principal axes
-    class_means: np.ndarray  # (C, d)
-    precision: np.ndarray  # (d, d) inverse of the shared, shrunk covariance
+    whiten: np.ndarray  # (K, d): principal axes times L, centred features -> whitened coordinates
+    class_means: np.ndarray  # (C, d) whitened class means
     colour_mean: np.ndarray  # (9,)
-    colour_precision: np.ndarray  # (9, 9)
+    colour_whiten: np.ndarray  # (9, 9)
     thresholds: dict[str, float]
-
-    @cached_property
-    def _whitening(self) -> tuple[np.ndarray, np.ndarray]:
-        """(K, d) map from centred features to whitened coordinates, and the (C, d) whitened class means.
-
-        With precision P = L L^T (Cholesky), (z - m)^T P (z - m) = ||(z - m) L||^2: one matrix product
-        per image instead of a quadratic form per class."""
-        lower = np.linalg.cholesky(self.precision)
-        return self.projection @ lower, self.class_means @ lower
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         """(N, K) pooled features -> (N,) squared Mahalanobis distance to the nearest class mean."""
-        to_white, means = self._whitening
-        w = (np.asarray(features, dtype=np.float64) - self.mean) @ to_white  # (N, d)
-        return (((w[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
+        w = (np.asarray(features, dtype=np.float64) - self.mean) @ self.whiten  # (N, d)
+        return (((w[:, None, :] - self.class_means[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
 
     def colour(self, batch_uint8: np.ndarray) -> np.ndarray:
-        diff = colour_statistics(batch_uint8) - self.colour_mean
-        return np.einsum("nd,de,ne->n", diff, self.colour_precision, diff)
+        return (((colour_statistics(batch_uint8) - self.colour_mean) @ self.colour_whiten) ** 2).sum(axis=1)
 
     def scores(self, batch_uint8: np.ndarray, logits: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
         return {
@@ -132,11 +123,10 @@ class OODGate:
         """What the registry stores in ``ood.safetensors`` (float32)."""
         return {
             "mean": self.mean.astype(np.float32),
-            "projection": self.projection.astype(np.float32),
+            "whiten": self.whiten.astype(np.float32),
             "class_means": self.class_means.astype(np.float32),
-            "precision": self.precision.astype(np.float32),
             "colour_mean": self.colour_mean.astype(np.float32),
-            "colour_precision": self.colour_precision.astype(np.float32),
+            "colour_whiten": self.colour_whiten.astype(np.float32),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -147,29 +137,25 @@ class OODGate:
                 "-logsumexp(logits), squared Mahalanobis distance of pooled features (PCA) to the nearest "
                 "class mean (feature_distance); thresholds are validation quantiles"
             ),
-            "components": int(self.projection.shape[1]),
+            "components": int(self.whiten.shape[1]),
             "thresholds": dict(self.thresholds),
             "quantiles": dict(QUANTILES),
         }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], thresholds: dict[str, float]) -> OODGate:
-        return cls(
-            mean=np.asarray(arrays["mean"], dtype=np.float64),
-            projection=np.asarray(arrays["projection"], dtype=np.float64),
-            class_means=np.asarray(arrays["class_means"], dtype=np.float64),
-            precision=np.asarray(arrays["precision"], dtype=np.float64),
-            colour_mean=np.asarray(arrays["colour_mean"], dtype=np.float64),
-            colour_precision=np.asarray(arrays["colour_precision"], dtype=np.float64),
-            thresholds={k: float(v) for k, v in thresholds.items()},
-        )
+        return cls(**{k: np.asarray(arrays[k], dtype=np.float64) for k in _ARRAYS}, thresholds=dict(thresholds))
 
 
-def _shrunk_precision(centred: np.ndarray, shrinkage: float, dof: int) -> np.ndarray:
+_ARRAYS = ("mean", "whiten", "class_means", "colour_mean", "colour_whiten")
+
+
+def _whitening(centred: np.ndarray, shrinkage: float, dof: int) -> np.ndarray:
+    """L with L L^T the inverse of the shrunk covariance of ``centred`` rows."""
     d = centred.shape[1]
     cov = centred.T @ centred / max(1, len(centred) - dof)
     cov = (1 - shrinkage) * cov + shrinkage * np.eye(d) * np.trace(cov) / d
-    return np.linalg.inv(cov)
+    return np.linalg.cholesky(np.linalg.inv(cov))
 
 
 def fit(
@@ -183,21 +169,29 @@ def fit(
     components: int = COMPONENTS,
     shrinkage: float = 0.05,
 ) -> OODGate:
-    """Feature statistics from the training images; thresholds from validation quantiles."""
+    """Feature statistics from the training images; thresholds from validation quantiles, computed
+    with the gate exactly as stored (float32), so serving flags what fitting measured."""
     x = np.asarray(train_features, dtype=np.float64)
     mean = x.mean(axis=0)
     _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    d = min(components, vt.shape[0])
-    projection = vt[:d].T
-    z = (x - mean) @ projection
+    # never more components than the training images can estimate a covariance for
+    d = max(1, min(components, vt.shape[0], len(x) // 4))
+    z = (x - mean) @ vt[:d].T
     class_means = np.stack(
         [z[train_labels == c].mean(axis=0) if (train_labels == c).any() else z.mean(axis=0) for c in range(NUM_CLASSES)]
     )
-    precision = _shrunk_precision(z - class_means[train_labels], shrinkage, NUM_CLASSES)
+    lower = _whitening(z - class_means[train_labels], shrinkage, NUM_CLASSES)
     colours = colour_statistics(train_batch_uint8)
     colour_mean = colours.mean(axis=0)
-    colour_precision = _shrunk_precision(colours - colour_mean, shrinkage, 1)
-    gate = OODGate(mean, projection, class_means, precision, colour_mean, colour_precision, thresholds={})
-    scores = gate.scores(val_batch_uint8, val_logits, val_features)
+    draft = OODGate(
+        mean=mean,
+        whiten=vt[:d].T @ lower,
+        class_means=class_means @ lower,
+        colour_mean=colour_mean,
+        colour_whiten=_whitening(colours - colour_mean, shrinkage, 1),
+        thresholds={},
+    )
+    stored = OODGate.from_arrays(draft.arrays(), {})
+    scores = stored.scores(val_batch_uint8, val_logits, val_features)
     thresholds = {key: float(np.quantile(scores[key], q)) for key, q in QUANTILES.items()}
-    return OODGate(mean, projection, class_means, precision, colour_mean, colour_precision, thresholds)
+    return OODGate.from_arrays(draft.arrays(), thresholds)
