@@ -131,6 +131,7 @@ def finalize(config: TrainConfig) -> Path:
     manifest["serving_precision"] = "float32 on every device: the precision every threshold was fitted in"
     registry.write_json_atomic(out / registry.MANIFEST, manifest)
     save_numpy(gate.arrays(), str(out / "ood.safetensors"))
+    (out / "ood.safetensors").chmod(0o644)  # readable by the serving user, like every registry file
     registry.record_file(out, "ood", "ood.safetensors", format="safetensors")
     shipped = Predictor.load(out, device="cpu", backend="torch", batch_size=64)
 

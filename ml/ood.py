@@ -23,7 +23,7 @@ only: the features come from whichever backend serves the model (the same pass a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,21 +39,20 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def colour_statistics(batch_uint8: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) model input -> (N, 9): channel means, channel spreads, centre minus border."""
+    """(N, H, W, 3) model input -> (N, 9): channel means, channel spreads, centre minus border (the
+    border being the outer eighth on each side, corners counted in both strips)."""
     x = np.asarray(batch_uint8, dtype=np.float32)
     n, h, w, _ = x.shape
-    centre = x[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].mean(axis=(1, 2))
+    flat = x.reshape(n, -1, 3)
+    mean = flat.mean(axis=1, dtype=np.float64)
+    square = np.einsum("npc,npc->nc", flat, flat, optimize=False, dtype=np.float64) / flat.shape[1]
+    spread = np.sqrt(np.maximum(square - mean**2, 0.0))
+    centre = x[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].reshape(n, -1, 3).mean(axis=1, dtype=np.float64)
     rim_h, rim_w = max(1, h // 8), max(1, w // 8)
-    border = np.concatenate(
-        [
-            x[:, :rim_h].reshape(n, -1, 3),
-            x[:, -rim_h:].reshape(n, -1, 3),
-            x[:, :, :rim_w].reshape(n, -1, 3),
-            x[:, :, -rim_w:].reshape(n, -1, 3),
-        ],
-        axis=1,
-    ).mean(axis=1)
-    return np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), centre - border], axis=1).astype(np.float64)
+    strips = (x[:, :rim_h], x[:, -rim_h:], x[:, :, :rim_w], x[:, :, -rim_w:])
+    border = sum(strip.reshape(n, -1, 3).sum(axis=1, dtype=np.float64) for strip in strips)
+    border = border / sum(strip.shape[1] * strip.shape[2] for strip in strips)
+    return np.concatenate([mean, spread, centre - border], axis=1)
 
 
 def image_scores(batch_uint8: np.ndarray) -> dict[str, np.ndarray]:
@@ -90,14 +89,25 @@ class OODGate:
     colour_mean: np.ndarray  # (9,)
     colour_whiten: np.ndarray  # (9, 9)
     thresholds: dict[str, float]
+    _mean32: np.ndarray = field(init=False, repr=False, compare=False)
+    _whiten32: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_mean32", np.asarray(self.mean, dtype=np.float32))
+        object.__setattr__(self, "_whiten32", np.ascontiguousarray(self.whiten, dtype=np.float32))
+
+    # The products below use np.einsum without BLAS on purpose: in a worker, BLAS's threads compete
+    # with ONNX Runtime's spinning ones, and a (1, 1280) x (1280, d) product took 4 ms instead of 0.1.
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         """(N, K) pooled features -> (N,) squared Mahalanobis distance to the nearest class mean."""
-        w = (np.asarray(features, dtype=np.float64) - self.mean) @ self.whiten  # (N, d)
+        centred = np.asarray(features, dtype=np.float32) - self._mean32
+        w = np.einsum("nk,kd->nd", centred, self._whiten32, optimize=False).astype(np.float64)
         return (((w[:, None, :] - self.class_means[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
 
     def colour(self, batch_uint8: np.ndarray) -> np.ndarray:
-        return (((colour_statistics(batch_uint8) - self.colour_mean) @ self.colour_whiten) ** 2).sum(axis=1)
+        diff = colour_statistics(batch_uint8) - self.colour_mean
+        return (np.einsum("nk,kd->nd", diff, self.colour_whiten, optimize=False) ** 2).sum(axis=1)
 
     def scores(self, batch_uint8: np.ndarray, logits: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
         return {
