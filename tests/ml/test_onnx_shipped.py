@@ -26,12 +26,12 @@ from tests.ml.test_predictor import _input, _reference_map, _upsampled, pearson
 SHIPPED = registry.REGISTRY_DIR / registry.DEFAULT_MODEL
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham10000"
 #: The bar for serving int8 by default: it gives fp32's most probable class on at least this share
-#: of images. The first model's int8 graph measured 98.0% on its 1,278 held-out images (98.7% on
-#: validation) and is therefore shipped but not the default; see ml.export and docs/PERFORMANCE.md.
-MIN_AGREEMENT = export.MIN_TOP1_AGREEMENT  # the issue's bar: 99% on the most probable class
-#: What the first model's int8 graph does measure on its test split (98.0%), less half a point of
+#: of validation images. The shipped model's int8 graph measured 98.7% on its 1,277 validation images
+#: and is therefore shipped but not the default; see ml.export and docs/PERFORMANCE.md.
+MIN_AGREEMENT = export.MIN_TOP1_AGREEMENT  # the bar: 99% on the most probable class
+#: What the shipped model's int8 graph does measure on validation (98.7%), less half a point of
 #: run-to-run and CPU-to-CPU rounding: a regression guard, not the bar (which it does not meet).
-INT8_AGREEMENT_FLOOR = 0.975
+INT8_AGREEMENT_FLOOR = 0.982
 
 
 def _current(entry: Path, artefact: str) -> bool:
