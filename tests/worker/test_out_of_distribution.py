@@ -51,11 +51,10 @@ def save_gated_entry(path: Path) -> Path:
     width, components = int(tiny_model().num_features), 2
     gate = ood.OODGate(
         mean=np.zeros(width),
-        projection=np.eye(width, components),
+        whiten=np.eye(width, components),
         class_means=np.zeros((NUM_CLASSES, components)),
-        precision=np.eye(components),
         colour_mean=np.zeros(9),
-        colour_precision=np.eye(9),
+        colour_whiten=np.eye(9),
         thresholds={"contrast": 5.0, "noise": NEVER, "colour": NEVER, "energy": NEVER, "distance": NEVER},
     )
     save_file(gate.arrays(), str(entry / "ood.safetensors"))
