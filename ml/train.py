@@ -3,7 +3,8 @@
     python -m ml.train --data ../shared/data/ham10000 --out ml/registry/<model-id> [--recipe v2-student]
     python -m ml.train ... --resume            # continue an interrupted run from its last epoch
 
-Recipe (``ml.recipe``; the defaults were chosen by lesion-grouped cross-validation, ``ml.cv``):
+Recipe (``ml.recipe``; ``ml.cv`` compares recipes by lesion-grouped cross-validation, see each
+model card for what was compared):
 lesion-level stratified split (fixed seed); ImageNet-initialised EfficientNet-Lite; images through
 the serving decode and resize path at a 4:3 input (168x224 for the served Lite0); square-root
 class-balanced sampling; any-angle rotation, crops, flips, colour and hue jitter, blur and random
