@@ -15,6 +15,7 @@ from ml import registry
 from ml.decision import DecisionPolicy
 from ml.labels import CLASSES
 from ml.model import Preprocessing
+from ml.ood import OODGate
 
 
 def save_entry(
@@ -58,6 +59,24 @@ def save_entry(
         out, "weights", registry.WEIGHTS, dtype=str(dtype).removeprefix("torch."), format="safetensors"
     )
     return out
+
+
+GATE_FILE = "ood.safetensors"
+
+
+def save_gate(entry: str | Path, gate: OODGate, **details: Any) -> Path:
+    """Ship ``gate`` with ``entry``: its arrays in ``ood.safetensors`` (SHA-256 in the manifest, like
+    every file) and its description and thresholds, plus ``details``, in ``manifest["ood"]``."""
+    from safetensors.numpy import save_file as save_numpy
+
+    entry = registry.resolve(entry)
+    save_numpy(gate.arrays(), str(entry / GATE_FILE))
+    (entry / GATE_FILE).chmod(0o644)  # readable by the serving user, like every registry file
+    manifest = registry.read_manifest(entry)
+    manifest["ood"] = gate.describe() | details
+    registry.write_json_atomic(entry / registry.MANIFEST, manifest)
+    registry.record_file(entry, "ood", GATE_FILE, format="safetensors")
+    return entry
 
 
 VERIFICATION_IMAGE = "verify.jpg"

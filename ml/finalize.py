@@ -31,7 +31,7 @@ from ml.assess import assess, decision_figures
 from ml.checkpoint import load_checkpoint
 from ml.decision import DecisionPolicy, fit_mel_offset, fit_referral_threshold
 from ml.drift import reference_for_entry
-from ml.entry import record_verification, save_entry
+from ml.entry import record_verification, save_entry, save_gate
 from ml.evaluate import evaluate_arrays, load_images, report_markdown, write_plots
 from ml.labels import CLASSES
 from ml.provenance import describe_environment
@@ -73,8 +73,6 @@ def _outputs(predictor: Any, samples: list[ds.Sample]) -> tuple[np.ndarray, np.n
 
 
 def finalize(config: TrainConfig) -> Path:
-    from safetensors.numpy import save_file as save_numpy
-
     from ml.predictor import Predictor
 
     out = Path(config.out)
@@ -106,7 +104,6 @@ def finalize(config: TrainConfig) -> Path:
 
     manifest = registry.read_manifest(out)
     manifest["decision"] = policy.to_dict()
-    manifest["ood"] = gate.describe() | {"validation_flagged": val_flagged}
     manifest["data"] = {
         "source": "HAM10000 development set (dermq shared/data/ham10000, 200x150 JPEGs); CC BY-NC 4.0",
         "digest": ds.dataset_digest(split.train + split.val + split.test),
@@ -130,9 +127,7 @@ def finalize(config: TrainConfig) -> Path:
     manifest["cross_validation"] = _cross_validation(config)
     manifest["serving_precision"] = "float32 on every device: the precision every threshold was fitted in"
     registry.write_json_atomic(out / registry.MANIFEST, manifest)
-    save_numpy(gate.arrays(), str(out / "ood.safetensors"))
-    (out / "ood.safetensors").chmod(0o644)  # readable by the serving user, like every registry file
-    registry.record_file(out, "ood", "ood.safetensors", format="safetensors")
+    save_gate(out, gate, validation_flagged=val_flagged)
     shipped = Predictor.load(out, device="cpu", backend="torch", batch_size=64)
 
     # 3. the test split, read once

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from ml import ood, oodset, registry
+from ml.entry import save_gate
 from ml.predictor import Predictor
 
 
@@ -84,11 +85,7 @@ def test_gate_round_trips_through_the_registry(
     tiny_entry: Path, fitted: tuple[ood.OODGate, np.random.Generator]
 ) -> None:
     gate, _ = fitted
-    manifest = registry.read_manifest(tiny_entry)
-    manifest["ood"] = gate.describe()
-    registry.write_json_atomic(tiny_entry / registry.MANIFEST, manifest)
-    save_file(gate.arrays(), str(tiny_entry / "ood.safetensors"))
-    registry.record_file(tiny_entry, "ood", "ood.safetensors")
+    save_gate(tiny_entry, gate)
     loaded = Predictor.load(tiny_entry, device="cpu", backend="torch").gate
     assert loaded is not None and loaded.thresholds == pytest.approx(gate.thresholds)
     np.testing.assert_allclose(loaded.whiten, gate.whiten, rtol=1e-6)
@@ -96,11 +93,7 @@ def test_gate_round_trips_through_the_registry(
 
 def test_a_tampered_gate_file_is_refused(tiny_entry: Path, fitted: tuple[ood.OODGate, np.random.Generator]) -> None:
     gate, _ = fitted
-    manifest = registry.read_manifest(tiny_entry)
-    manifest["ood"] = gate.describe()
-    registry.write_json_atomic(tiny_entry / registry.MANIFEST, manifest)
-    save_file(gate.arrays(), str(tiny_entry / "ood.safetensors"))
-    registry.record_file(tiny_entry, "ood", "ood.safetensors")
+    save_gate(tiny_entry, gate)
     arrays = gate.arrays()
     arrays["whiten"] = arrays["whiten"] * 0  # a gate that never fires on distance
     save_file(arrays, str(tiny_entry / "ood.safetensors"))

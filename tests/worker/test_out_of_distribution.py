@@ -42,9 +42,8 @@ DIAGNOSIS_FIELDS = ("label", "label_name", "probabilities", "confidence", "uncer
 def save_gated_entry(path: Path) -> Path:
     """A tiny registry entry (``tests/ml`` conftest's model) whose out-of-distribution gate flags blank
     images, and nothing a real lesion could trip: arrays of ``ml.ood.OODGate`` sized for its features."""
-    from safetensors.numpy import save_file
-
-    from ml import ood, registry
+    from ml import ood
+    from ml.entry import save_gate
     from tests.ml.conftest import save_tiny_entry, tiny_model
 
     entry = save_tiny_entry(path)
@@ -57,12 +56,7 @@ def save_gated_entry(path: Path) -> Path:
         colour_whiten=np.eye(9),
         thresholds={"contrast": 5.0, "noise": NEVER, "colour": NEVER, "energy": NEVER, "distance": NEVER},
     )
-    save_file(gate.arrays(), str(entry / "ood.safetensors"))
-    manifest = registry.read_manifest(entry)
-    manifest["ood"] = {"thresholds": gate.thresholds}
-    registry.write_json_atomic(entry / registry.MANIFEST, manifest)
-    registry.record_file(entry, "ood", "ood.safetensors")
-    return entry
+    return save_gate(entry, gate)
 
 
 def blank_jpeg() -> bytes:
