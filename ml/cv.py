@@ -28,12 +28,7 @@ from ml.recipe import RECIPES, parse_args
 
 def lesion_folds(samples: list[ds.Sample], folds: int, seed: int) -> list[list[ds.Sample]]:
     """``folds`` parts with no lesion in two, each class's lesions dealt round-robin after a seeded shuffle."""
-    by_lesion: dict[str, list[ds.Sample]] = defaultdict(list)
-    for sample in samples:
-        by_lesion[sample.lesion_id].append(sample)
-    by_class: dict[str, list[str]] = defaultdict(list)
-    for lesion, images in by_lesion.items():
-        by_class[images[0].dx].append(lesion)
+    by_lesion, by_class = ds.group_lesions(samples)
     rng = random.Random(seed)
     parts: list[list[ds.Sample]] = [[] for _ in range(folds)]
     for dx in sorted(by_class):

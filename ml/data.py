@@ -138,6 +138,17 @@ class Split:
         return out
 
 
+def group_lesions(samples: Iterable[Sample]) -> tuple[dict[str, list[Sample]], dict[str, list[str]]]:
+    """(images by lesion id, lesion ids by diagnosis); a lesion counts under its first image's class."""
+    by_lesion: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_lesion[sample.lesion_id].append(sample)
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for lesion_id, images in by_lesion.items():
+        by_class[images[0].dx].append(lesion_id)
+    return by_lesion, by_class
+
+
 def lesion_split(
     samples: Sequence[Sample],
     *,
@@ -153,13 +164,7 @@ def lesion_split(
     """
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
-    by_lesion: dict[str, list[Sample]] = defaultdict(list)
-    for sample in samples:
-        by_lesion[sample.lesion_id].append(sample)
-    lesions_by_class: dict[str, list[str]] = defaultdict(list)
-    for lesion_id, images in by_lesion.items():
-        lesions_by_class[images[0].dx].append(lesion_id)
-
+    by_lesion, lesions_by_class = group_lesions(samples)
     rng = random.Random(seed)
     parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     for dx in sorted(lesions_by_class):
