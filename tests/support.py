@@ -286,3 +286,28 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def diagnosis_row(
+    case_id: uuid.UUID, *, label: str, model_id: str, input_stats: dict[str, float], **fields: Any
+) -> Any:
+    """A stored diagnosis with neutral figures, as drift monitoring reads it; ``fields`` override
+    (``created_at``, say)."""
+    from core.models import Result
+
+    return Result(
+        case_id=case_id,
+        label=label,
+        probabilities={},
+        confidence=0.5,
+        uncertainty=0.5,
+        referral=False,
+        referral_reasons=[],
+        gradcam_status="ok",
+        model_id=model_id,
+        weights_sha256="0" * 64,
+        device="cpu",
+        timings={},
+        input_stats=input_stats,
+        **fields,
+    )

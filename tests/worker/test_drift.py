@@ -14,8 +14,8 @@ import pytest
 
 from core.config import Settings
 from core.db import session_scope
-from core.models import Result
 from ml import drift, registry
+from tests import support
 from tests.ml.test_drift import population
 from worker.drift import day_report, window_report
 
@@ -50,22 +50,10 @@ def add_results(
         case_ids = [store_case(tenant, jpeg_bytes) for _ in times]
         with session_scope(drift_settings) as session:
             for case_id, when, s, label in zip(case_ids, times, stats, labels, strict=True):
+                stats_now = s if megapixels is None else {**s, "megapixels": megapixels}
                 session.add(
-                    Result(
-                        case_id=case_id,
-                        label=label,
-                        probabilities={},
-                        confidence=0.5,
-                        uncertainty=0.5,
-                        referral=False,
-                        referral_reasons=[],
-                        gradcam_status="ok",
-                        model_id=model_id,
-                        weights_sha256="0" * 64,
-                        device="cpu",
-                        timings={},
-                        input_stats=s if megapixels is None else {**s, "megapixels": megapixels},
-                        created_at=when,
+                    support.diagnosis_row(
+                        case_id, label=label, model_id=model_id, input_stats=stats_now, created_at=when
                     )
                 )
 

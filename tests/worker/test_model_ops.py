@@ -110,23 +110,7 @@ def test_drift_report_over_the_database(settings, entry_copy: Path, tenant, stor
         with session_scope(settings) as session:
             for s, label in zip(stats, labels, strict=True):
                 case_id = store_case(tenant, jpeg_bytes)
-                session.add(
-                    Result(
-                        case_id=case_id,
-                        label=label,
-                        probabilities={},
-                        confidence=0.5,
-                        uncertainty=0.5,
-                        referral=False,
-                        referral_reasons=[],
-                        gradcam_status="ok",
-                        model_id=model_id,
-                        weights_sha256="0" * 64,
-                        device="cpu",
-                        timings={},
-                        input_stats=s,
-                    )
-                )
+                session.add(support.diagnosis_row(case_id, label=label, model_id=model_id, input_stats=s))
             session.flush()
             session.execute(
                 update(Result)

@@ -291,16 +291,8 @@ def test_drift_counts_diagnoses_only(settings, tmp_path: Path, tenant: Tenant, s
     with session_scope(config) as session:
         for i, (s, label) in enumerate(zip(stats, labels, strict=True)):
             session.add(
-                Result(
-                    case_id=case_ids[i],
-                    label=label,
-                    probabilities={},
-                    confidence=0.5,
-                    uncertainty=0.5,
-                    referral=False,
-                    input_stats=s,
-                    created_at=end - timedelta(hours=1),
-                    **common,
+                support.diagnosis_row(
+                    case_ids[i], label=label, model_id=model_id, input_stats=s, created_at=end - timedelta(hours=1)
                 )
             )
         for case_id in case_ids[drift.MIN_CASES :]:  # blank uploads, far outside the reference's contrast
