@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import backends, evaluate, export, registry
+from ml import backends, evaluate, export, registry, serving_choice
 from ml import data as ds
 from ml.labels import CLASSES
 from ml.predictor import Predictor
@@ -228,7 +228,7 @@ def test_cli_with_data_calibrates_on_training_images_and_decides(tiny_entry: Pat
     for figure in ("balanced_accuracy", "referral_sensitivity", "mel_sensitivity"):
         assert set(serving[figure]) == {"onnx", "onnx-int8"}
     fp32, int8 = serving["balanced_accuracy"]["onnx"], serving["balanced_accuracy"]["onnx-int8"]
-    assert serving["default_backend"] == ("onnx-int8" if int8 >= fp32 - export.INT8_TOLERANCE else "onnx")
+    assert serving["default_backend"] == ("onnx-int8" if int8 >= fp32 - serving_choice.INT8_TOLERANCE else "onnx")
     assert 0.0 <= serving["top1_agreement"] <= 1.0
     assert Predictor.load(entry, device="cpu").info.backend == serving["default_backend"]
 
@@ -243,15 +243,15 @@ def test_serving_decision_rule() -> None:
         }
 
     def backend(**kwargs: float) -> str:
-        return str(export.decide_serving(comparison(**kwargs), has_int8=True)["default_backend"])
+        return str(serving_choice.decide_serving(comparison(**kwargs), has_int8=True)["default_backend"])
 
     assert backend(int8=0.6905) == "onnx-int8"  # within one point, agrees, refers as often
     assert backend(int8=0.6895) == "onnx"  # more than one point of balanced accuracy lost
     assert backend(int8=0.700, agreement=0.985) == "onnx"  # most probable class agrees on under 99%
     assert backend(int8=0.700, referral=0.885) == "onnx"  # misses referrals fp32 makes
-    assert export.decide_serving(None, has_int8=True)["default_backend"] == "onnx"
-    assert export.decide_serving(comparison(0.700), has_int8=False)["default_backend"] == "onnx"
-    assert export.decide_serving(comparison(0.700) | {"n": 0}, has_int8=True)["default_backend"] == "onnx"
+    assert serving_choice.decide_serving(None, has_int8=True)["default_backend"] == "onnx"
+    assert serving_choice.decide_serving(comparison(0.700), has_int8=False)["default_backend"] == "onnx"
+    assert serving_choice.decide_serving(comparison(0.700) | {"n": 0}, has_int8=True)["default_backend"] == "onnx"
 
 
 def test_calibration_never_uses_held_out_images(tiny_entry: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import export, registry
+from ml import export, registry, serving_choice
 from ml.labels import CLASSES
 from ml.predictor import Predictor
 from tests.ml.test_predictor import _input, _reference_map, _upsampled, pearson
@@ -28,7 +28,7 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham1000
 #: The bar for serving int8 by default: it gives fp32's most probable class on at least this share
 #: of validation images. The shipped model's int8 graph measured 98.7% on its 1,277 validation images
 #: and is therefore shipped but not the default; see ml.export and docs/PERFORMANCE.md.
-MIN_AGREEMENT = export.MIN_TOP1_AGREEMENT  # the bar: 99% on the most probable class
+MIN_AGREEMENT = serving_choice.MIN_TOP1_AGREEMENT  # the bar: 99% on the most probable class
 #: What the shipped model's int8 graph does measure on validation (98.7%), less half a point of
 #: run-to-run and CPU-to-CPU rounding: a regression guard, not the bar (which it does not meet).
 INT8_AGREEMENT_FLOOR = 0.982
@@ -134,12 +134,13 @@ def test_int8_is_served_by_default_only_where_it_meets_the_bar_on_validation(ent
         pytest.skip(f"the training data is not at {DATA}")
     if not _current(entry, "onnx_int8"):
         pytest.skip("no int8 graph for these weights")
-    measured = export.compare_on_validation(entry, DATA)
+    measured = serving_choice.compare_on_validation(entry, DATA)
     n = measured["n"]
-    expected = export.decide_serving(measured, has_int8=True)
+    expected = serving_choice.decide_serving(measured, has_int8=True)
     meets = (
         measured["top1_agreement"] >= MIN_AGREEMENT
-        and measured["balanced_accuracy"]["onnx-int8"] >= measured["balanced_accuracy"]["onnx"] - export.INT8_TOLERANCE
+        and measured["balanced_accuracy"]["onnx-int8"]
+        >= measured["balanced_accuracy"]["onnx"] - serving_choice.INT8_TOLERANCE
     )
     if not meets:
         assert expected["default_backend"] == "onnx"
