@@ -1,4 +1,6 @@
-"""Case services shared by the API (submit, read, list, heat map) and the worker (claim, complete, fail).
+"""Case services of the API: submit, read, list, heat map, and the blobs they store.
+
+The worker's side of the state machine (claim, complete, fail, requeue) is :mod:`core.case_states`.
 
 Every function takes a keyword-only ``session`` and only flushes; the caller's scope commits. Every
 access to patient data and every state change records an audit event, last, inside the same
@@ -19,14 +21,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-from sqlalchemy import Integer, String, Uuid, and_, column, delete, exists, or_, select, union_all, update, values
-from sqlalchemy import case as sa_case
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.dml import ReturningUpdate
-from sqlalchemy.sql.elements import ColumnElement
 
 from core import audit, pgbinary
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
@@ -139,7 +137,7 @@ def create_case(
         if existing is None:
             raise
         return _replay(existing, image), False
-    _insert_blobs(session, [(case_id, BlobKind.IMAGE, sealed, image.media_type)])
+    insert_blobs(session, [(case_id, BlobKind.IMAGE, sealed, image.media_type)])
     audit.record(
         session,
         action="case.create",
@@ -176,7 +174,7 @@ def _replay(existing: Case, image: NewImage) -> Case:
 BLOB_COLUMNS = ("id", "case_id", "kind", "ciphertext", "nonce", "wrapped_key", "kek_id", "media_type")
 
 
-def _insert_blobs(session: Session, blobs: Sequence[tuple[uuid.UUID, BlobKind, SealedBlob, str]]) -> None:
+def insert_blobs(session: Session, blobs: Sequence[tuple[uuid.UUID, BlobKind, SealedBlob, str]]) -> None:
     """Store (case id, kind, sealed blob, media type) rows in one binary COPY (:mod:`core.pgbinary`:
     the ciphertext travels as raw bytes, not hex), after flushing what they refer to."""
     session.flush()
@@ -316,303 +314,6 @@ def read_heatmap(
     return png
 
 
-# --------------------------------------------------------------------------- worker side
-
-
-#: The order in which queued cases are served: urgent first, then oldest.
-QUEUE_ORDER = (sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
-
-
-def _start(*where: ColumnElement[bool]) -> ReturningUpdate[Any]:
-    """The UPDATE that moves the cases ``where`` selects to running, counting the attempt."""
-    return (
-        update(Case)
-        .where(*where)
-        .values(status=CaseStatus.RUNNING.value, attempts=Case.attempts + 1, started_at=now(), updated_at=now())
-        .returning(Case)
-    )
-
-
-def _audit_starts(session: Session, started: list[Case], actor: audit.Actor, batch: int | bool | None = None) -> None:
-    audit.record_many(
-        session,
-        [
-            audit.Event(
-                "case.start",
-                audit.SUCCESS,
-                actor,
-                "case",
-                case.id,
-                case.clinic_id,
-                {"attempt": case.attempts} | ({"batch": batch} if batch is not None else {}),
-            )
-            for case in started
-        ],
-    )
-
-
-def claim_case(session: Session, case_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> Case | None:
-    """Move a queued case to running and count the attempt; None if it is not queued (already taken,
-    finished or purged), which makes a redelivered message harmless."""
-    claimed = session.scalar(_start(Case.id == case_id, Case.status == CaseStatus.QUEUED.value))
-    if claimed is None:
-        return None
-    _audit_starts(session, [claimed], actor)
-    return claimed
-
-
-def claim_batch(session: Session, case_id: uuid.UUID, *, limit: int, actor: audit.Actor = audit.SYSTEM) -> list[Case]:
-    """Claim ``case_id`` and up to ``limit - 1`` more queued cases (urgent first, then oldest) in one
-    statement, for a worker that classifies them as one batch.
-
-    ``FOR UPDATE SKIP LOCKED`` lets concurrent batches take disjoint sets; each claimed case's own
-    message later finds it taken and does nothing. Returns nothing if ``case_id`` itself was not
-    queued (another batch took it): that worker is already on it.
-    """
-    # One statement: our case (if still queued and not locked) plus, only then, the others.
-    mine = (
-        select(Case.id)
-        .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
-        .with_for_update(skip_locked=True)
-        .cte("mine")
-    )
-    others = (
-        select(Case.id)
-        .where(Case.status == CaseStatus.QUEUED.value, Case.id != case_id, exists(select(mine.c.id)))
-        .order_by(*QUEUE_ORDER)
-        .limit(max(0, limit - 1))
-        .with_for_update(skip_locked=True)
-        .cte("others")
-    )
-    claimed = list(
-        session.scalars(
-            _start(Case.id.in_(union_all(select(mine.c.id), select(others.c.id)))).execution_options(
-                synchronize_session=False
-            )
-        )
-    )
-    claimed.sort(key=lambda c: c.id != case_id)
-    _audit_starts(session, claimed, actor, batch=len(claimed))
-    return claimed
-
-
-def claim_queued(session: Session, *, limit: int, actor: audit.Actor = audit.SYSTEM) -> list[Case]:
-    """Claim up to ``limit`` queued cases (urgent first, then oldest) that no one else holds."""
-    if limit <= 0:
-        return []
-    wanted = (
-        select(Case.id)
-        .where(Case.status == CaseStatus.QUEUED.value)
-        .order_by(*QUEUE_ORDER)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("wanted")
-    )
-    claimed = list(
-        session.scalars(_start(Case.id.in_(select(wanted.c.id))).execution_options(synchronize_session=False))
-    )
-    _audit_starts(session, claimed, actor, batch=True)
-    return claimed
-
-
-def load_image(session: Session, *, keyring: Keyring, case_id: uuid.UUID) -> bytes:
-    return load_images(session, keyring=keyring, case_ids=[case_id])[case_id]
-
-
-def load_images(session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
-    """The decrypted images of ``case_ids``, read in one statement."""
-    rows = pgbinary.copy_out(  # raw bytes, not hex: see core.pgbinary
-        session,
-        "SELECT case_id, ciphertext, nonce, wrapped_key, kek_id FROM case_blobs"
-        " WHERE case_id = ANY(%(ids)s::uuid[]) AND kind = %(kind)s",
-        {"ids": [str(case_id) for case_id in case_ids], "kind": BlobKind.IMAGE.value},
-        ("uuid", "bytea", "bytea", "bytea", "text"),
-    )
-    blobs = {case_id: SealedBlob(ciphertext, nonce, wrapped, kek) for case_id, ciphertext, nonce, wrapped, kek in rows}
-    if missing := [case_id for case_id in case_ids if case_id not in blobs]:
-        raise NotFound(f"{len(missing)} case(s) have no stored image", code="image_missing")
-    return {
-        case_id: decrypt_blob(keyring, blobs[case_id], case_id=case_id, kind=BlobKind.IMAGE.value)
-        for case_id in case_ids
-    }
-
-
-def _finish(session: Session, case_id: uuid.UUID, attempt: int, values: dict[str, Any]) -> Case | None:
-    """Fenced running -> terminal transition; None if this attempt no longer owns the case."""
-    return session.scalar(
-        update(Case)
-        .where(Case.id == case_id, Case.status == CaseStatus.RUNNING.value, Case.attempts == attempt)
-        .values(finished_at=now(), updated_at=now(), **values)
-        .returning(Case)
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """A worker's outcome for one case it claimed: the result row's values and the heat map PNG."""
-
-    case_id: uuid.UUID
-    attempt: int
-    result: dict[str, Any]
-    heatmap_png: bytes | None
-
-
-def complete_case(
-    session: Session,
-    *,
-    keyring: Keyring,
-    case_id: uuid.UUID,
-    attempt: int,
-    result: dict[str, Any],
-    heatmap_png: bytes | None,
-    actor: audit.Actor = audit.SYSTEM,
-) -> bool:
-    """Store the result (and the encrypted heat map) and mark the case succeeded, atomically."""
-    stored = complete_cases(
-        session, keyring=keyring, completions=[Completion(case_id, attempt, result, heatmap_png)], actor=actor
-    )
-    return case_id in stored
-
-
-def complete_cases(
-    session: Session, *, keyring: Keyring, completions: Sequence[Completion], actor: audit.Actor = audit.SYSTEM
-) -> set[uuid.UUID]:
-    """Store each completion's result (and encrypted heat map) and mark its case succeeded, all in the
-    caller's transaction; returns the ids stored. A completion whose attempt no longer owns its case
-    (taken over or purged meanwhile) is left out, and nothing of it is written.
-
-    A fixed number of statements however many cases: one fenced UPDATE over a VALUES list, one INSERT
-    per table, one audit append. That is what lets a worker draining a backlog store a batch for
-    about the cost of one case.
-    """
-    if not completions:
-        return set()
-    fence = values(column("id", Uuid()), column("attempt", Integer()), column("model_id", String()), name="done").data(
-        [(c.case_id, c.attempt, c.result["model_id"]) for c in completions]
-    )
-    finished_at = now()
-    rows = session.execute(
-        update(Case)
-        .where(
-            Case.id == fence.c.id,
-            Case.status == CaseStatus.RUNNING.value,
-            Case.attempts == fence.c.attempt,
-        )
-        .values(
-            status=CaseStatus.SUCCEEDED.value,
-            model_id=fence.c.model_id,
-            failure_code=None,
-            failure_message=None,
-            finished_at=finished_at,
-            updated_at=finished_at,
-        )
-        .returning(Case.id, Case.clinic_id)
-        .execution_options(synchronize_session=False)
-    ).all()
-    clinics = {case_id: clinic_id for case_id, clinic_id in rows}
-    stored = [c for c in completions if c.case_id in clinics]
-    session.add_all([Result(case_id=c.case_id, **c.result) for c in stored])
-    _insert_blobs(
-        session,
-        [
-            (
-                c.case_id,
-                BlobKind.HEATMAP,
-                encrypt_blob(keyring, c.heatmap_png, case_id=c.case_id, kind=BlobKind.HEATMAP.value),
-                "image/png",
-            )
-            for c in stored
-            if c.heatmap_png is not None
-        ],
-    )
-    audit.record_many(
-        session,
-        [
-            audit.Event(
-                "case.classify",
-                audit.SUCCESS,
-                actor,
-                "case",
-                c.case_id,
-                clinics[c.case_id],
-                {
-                    "attempt": c.attempt,
-                    "model_id": c.result["model_id"],
-                    "outcome": c.result.get("outcome", Outcome.DIAGNOSIS.value),
-                    "gradcam": c.result["gradcam_status"],
-                },
-            )
-            for c in stored
-        ],
-    )
-    return set(clinics)
-
-
-def fail_case(
-    session: Session,
-    *,
-    case_id: uuid.UUID,
-    attempt: int | None,
-    code: str,
-    message: str,
-    actor: audit.Actor = audit.SYSTEM,
-) -> bool:
-    """Mark a running case (this attempt's, or any attempt's when ``attempt`` is None) failed."""
-    values = {"status": CaseStatus.FAILED.value, "failure_code": code, "failure_message": message[:2000]}
-    if attempt is None:
-        case = session.scalar(
-            update(Case)
-            .where(Case.id == case_id, Case.status.in_([CaseStatus.RUNNING.value, CaseStatus.QUEUED.value]))
-            .values(finished_at=now(), updated_at=now(), **values)
-            .returning(Case)
-        )
-    else:
-        case = _finish(session, case_id, attempt, values)
-    if case is None:
-        return False
-    audit.record(
-        session,
-        action="case.fail",
-        outcome=audit.FAILURE,
-        actor=actor,
-        entity_type="case",
-        entity_id=case_id,
-        clinic_id=case.clinic_id,
-        detail={"attempt": case.attempts, "code": code},
-    )
-    return True
-
-
-def requeue_case(
-    session: Session, case_id: uuid.UUID, *, attempt: int, reason: str, actor: audit.Actor = audit.SYSTEM
-) -> bool:
-    """Put a running case back in the queue (recovery, retry); fenced by attempt like the others."""
-    case = session.scalar(
-        update(Case)
-        .where(Case.id == case_id, Case.status == CaseStatus.RUNNING.value, Case.attempts == attempt)
-        .values(status=CaseStatus.QUEUED.value, updated_at=now(), started_at=None)
-        .returning(Case)
-    )
-    if case is None:
-        return False
-    audit.record(
-        session,
-        action="case.requeue",
-        outcome=audit.SUCCESS,
-        actor=actor,
-        entity_type="case",
-        entity_id=case_id,
-        clinic_id=case.clinic_id,
-        detail={"attempt": attempt, "reason": reason},
-    )
-    return True
-
-
-def mark_published(session: Session, case_ids: list[uuid.UUID]) -> None:
-    if case_ids:
-        session.execute(update(Case).where(Case.id.in_(case_ids)).values(published_at=now()))
-
-
 def delete_blobs(session: Session, case_id: uuid.UUID) -> int:
     """Crypto-shred: remove every ciphertext and wrapped data key of the case."""
     deleted = session.execute(delete(CaseBlob).where(CaseBlob.case_id == case_id))
@@ -623,15 +324,11 @@ __all__ = [
     "DermqError",
     "NewImage",
     "Page",
-    "claim_case",
-    "complete_case",
     "create_case",
     "delete_blobs",
-    "fail_case",
     "get_case",
+    "insert_blobs",
     "list_cases",
-    "load_image",
-    "mark_published",
+    "owned_case",
     "read_heatmap",
-    "requeue_case",
 ]

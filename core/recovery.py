@@ -33,7 +33,7 @@ from celery import Celery
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from core import callbacks, cases
+from core import callbacks, case_states
 from core.config import Settings
 from core.models import Case, CaseStatus
 from core.publisher import publish_callback, publish_classify
@@ -107,7 +107,7 @@ def recover_running(session: Session, settings: Settings, report: SweepReport, a
     ).all()
     for case in stuck:
         if case.attempts < settings.max_attempts:
-            if cases.requeue_case(session, case.id, attempt=case.attempts, reason="worker_lost"):
+            if case_states.requeue_case(session, case.id, attempt=case.attempts, reason="worker_lost"):
                 report.requeued.append(str(case.id))
         else:
             message = (
@@ -115,7 +115,7 @@ def recover_running(session: Session, settings: Settings, report: SweepReport, a
                 "(each ran out of time or lost its worker); the image may be one that stops the worker. "
                 "Submit it again, or contact support with the case id"
             )
-            if cases.fail_case(session, case_id=case.id, attempt=case.attempts, code="timeout", message=message):
+            if case_states.fail_case(session, case_id=case.id, attempt=case.attempts, code="timeout", message=message):
                 report.failed.append(str(case.id))
                 if callbacks.note_finished(session, case.id):
                     report.callbacks.append(str(case.id))
@@ -156,7 +156,7 @@ def republish_lost(
             break  # the broker is down: try again next round
         published.append(case.id)
         report.republished.append(str(case.id))
-    cases.mark_published(session, published)
+    case_states.mark_published(session, published)
 
 
 def republish_callbacks(

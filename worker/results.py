@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import cases
+from core import case_states
 from core.config import Settings
 from core.models import Outcome
 
@@ -133,7 +133,7 @@ def completion(
     predictor: Predictor,
     timings: dict[str, float],
     started: float,
-) -> cases.Completion:
+) -> case_states.Completion:
     """The result row (and heat map, for a diagnosis) of one classified case. ``timings`` gains
     ``gradcam`` (for a diagnosis) and ``total`` (from ``started``, a ``perf_counter`` reading)."""
     from ml import drift  # NumPy: only the worker image has it (worker.tasks is imported by beat and Flower too)
@@ -161,4 +161,4 @@ def completion(
         "timings": {k: round(v, 6) for k, v in timings.items()},
         "input_stats": drift.input_statistics(decoded.image, decoded.width, decoded.height),
     }
-    return cases.Completion(case_id, attempt, result, heatmap_png)
+    return case_states.Completion(case_id, attempt, result, heatmap_png)

@@ -39,7 +39,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from core import callbacks, cases, recovery, retention
+from core import callbacks, case_states, recovery, retention
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
@@ -121,7 +121,7 @@ def _fail(config: Settings, case_id: uuid.UUID, attempt: int | None, code: str, 
     _ended(
         config,
         case_id,
-        lambda session: cases.fail_case(session, case_id=case_id, attempt=attempt, code=code, message=message),
+        lambda session: case_states.fail_case(session, case_id=case_id, attempt=attempt, code=code, message=message),
     )
     log.info("case failed", extra={"event": "case_failed", "code": code, "attempt": attempt})
     return "failed"
@@ -165,7 +165,7 @@ def _with_images(config: Settings, claimed: Sequence[Case]) -> list[tuple[uuid.U
     if not claimed:
         return []
     with session_scope(config) as session:
-        images = cases.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
+        images = case_states.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
     return [(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed]
 
 
@@ -174,14 +174,14 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     progress = progress if progress is not None else Progress()
     started = time.perf_counter()
     with session_scope(config) as session:
-        case = cases.claim_case(session, case_id)
+        case = case_states.claim_case(session, case_id)
         if case is None:
             log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
             return "skipped"
         attempt, created_at = case.attempts, case.created_at
     progress.attempt = attempt
     with session_scope(config) as session:  # after the claim's commit: its audit event held the chain's lock
-        data = cases.load_image(session, keyring=keyring(config), case_id=case_id)
+        data = case_states.load_image(session, keyring=keyring(config), case_id=case_id)
     timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started
@@ -204,7 +204,7 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     return _store(config, [completion])[case_id]
 
 
-def _store(config: Settings, completions: Sequence[cases.Completion]) -> dict[uuid.UUID, str]:
+def _store(config: Settings, completions: Sequence[case_states.Completion]) -> dict[uuid.UUID, str]:
     """Results, heat maps, audit events and callback outbox rows of ``completions`` in one transaction
     (a fixed number of statements however many), then the callbacks; returns each case's outcome.
 
@@ -213,7 +213,7 @@ def _store(config: Settings, completions: Sequence[cases.Completion]) -> dict[uu
     again and again."""
     try:
         with session_scope(config) as session:
-            stored = cases.complete_cases(session, keyring=keyring(config), completions=completions)
+            stored = case_states.complete_cases(session, keyring=keyring(config), completions=completions)
             notify = callbacks.note_finished_many(session, [c.case_id for c in completions if c.case_id in stored])
     except Exception as exc:
         _one_by_one_or_raise(exc, len(completions), "batch_store_failed", "storing a batch failed")
@@ -262,7 +262,7 @@ def _one_by_one_or_raise(exc: Exception, count: int, event: str, what: str) -> N
     )
 
 
-def _store_one_by_one(config: Settings, completions: Sequence[cases.Completion]) -> dict[uuid.UUID, str]:
+def _store_one_by_one(config: Settings, completions: Sequence[case_states.Completion]) -> dict[uuid.UUID, str]:
     """:func:`_store` for each completion alone; a case whose result cannot be stored fails."""
     outcomes: dict[uuid.UUID, str] = {}
     for completion in completions:
@@ -317,7 +317,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     started = time.perf_counter()
     predictor = runtime.get_predictor(config)
     with session_scope(config) as session:
-        claimed = cases.claim_batch(session, case_id, limit=config.batch_max_size)
+        claimed = case_states.claim_batch(session, case_id, limit=config.batch_max_size)
     if not claimed:
         log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
         return "skipped"
@@ -328,7 +328,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
         if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
             time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
             with session_scope(config) as session:
-                more = cases.claim_queued(session, limit=config.batch_max_size - len(items))
+                more = case_states.claim_queued(session, limit=config.batch_max_size - len(items))
             claimed += more
             items += _with_images(config, more)
         _run_claimed_batch(config, predictor, items, started, outcomes)
@@ -435,7 +435,7 @@ def _requeue_unfinished(config: Settings, held: list[tuple[uuid.UUID, int]]) -> 
     try:
         with session_scope(config) as session:
             for item_id, attempt in held:
-                cases.requeue_case(session, item_id, attempt=attempt, reason="batch_interrupted")
+                case_states.requeue_case(session, item_id, attempt=attempt, reason="batch_interrupted")
         log.warning(
             "batch stopped; its other cases went back to the queue",
             extra={"event": "batch_requeued", "count": len(held)},
@@ -476,7 +476,7 @@ def retry_delay(retries: int) -> float:
 def _requeue(config: Settings, case_id: uuid.UUID, attempt: int) -> None:
     """Put the case back in the queue if ``attempt`` still holds it (fenced: a no-op otherwise)."""
     with session_scope(config) as session:
-        cases.requeue_case(session, case_id, attempt=attempt, reason="transient_error")
+        case_states.requeue_case(session, case_id, attempt=attempt, reason="transient_error")
 
 
 def _retry(task: Any, config: Settings, case_id: uuid.UUID, attempt: int | None, exc: Exception) -> Exception:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from core import keyrotation
+from core import case_states, keyrotation
 from core.config import Settings
 from core.crypto import Keyring, load_keyring, write_key_file
 from core.db import session_scope
@@ -96,10 +96,9 @@ def _heatless_read(http, tenant, case_id: str) -> bool:  # type: ignore[no-untyp
 
 
 def _stored_image_decrypts(settings: Settings, case_id: str, expected: bytes) -> bool:
-    from core import cases
 
     with session_scope(settings) as session:
-        return cases.load_image(session, keyring=load_keyring(settings), case_id=uuid.UUID(case_id)) == expected
+        return case_states.load_image(session, keyring=load_keyring(settings), case_id=uuid.UUID(case_id)) == expected
 
 
 def test_rotation_needs_a_key_file(settings) -> None:  # type: ignore[no-untyped-def]

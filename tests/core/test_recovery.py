@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from core import callbacks, cases, recovery
+from core import callbacks, case_states, recovery
 from core.config import Settings
 from core.db import session_scope
 from core.models import CallbackDelivery, Case, ClinicCallback, Result
@@ -119,10 +119,10 @@ def test_only_queued_cases_whose_message_is_lost_are_published_again(
 def test_a_stale_worker_cannot_store_a_second_result(settings: Settings, keyring, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
     case_id = store_case(tenant, b"twice")
     with session_scope(settings) as session:
-        assert cases.claim_case(session, case_id).attempts == 1
+        assert case_states.claim_case(session, case_id).attempts == 1
     with session_scope(settings) as session:  # the sweeper takes the case back; attempt 2 claims it
-        assert cases.requeue_case(session, case_id, attempt=1, reason="worker_lost")
-        assert cases.claim_case(session, case_id).attempts == 2
+        assert case_states.requeue_case(session, case_id, attempt=1, reason="worker_lost")
+        assert case_states.claim_case(session, case_id).attempts == 2
     result = {
         "label": "nv",
         "probabilities": {"nv": 1.0},
@@ -138,12 +138,12 @@ def test_a_stale_worker_cannot_store_a_second_result(settings: Settings, keyring
         "timings": {},
     }
     with session_scope(settings) as session:  # attempt 1 comes back from the dead: fenced out
-        stored = cases.complete_case(
+        stored = case_states.complete_case(
             session, keyring=keyring, case_id=case_id, attempt=1, result=result, heatmap_png=None
         )
         assert not stored
     with session_scope(settings) as session:
-        assert cases.complete_case(
+        assert case_states.complete_case(
             session, keyring=keyring, case_id=case_id, attempt=2, result=result, heatmap_png=None
         )
     with pytest.raises(IntegrityError), session_scope(settings) as session:  # and the database says so too
@@ -175,7 +175,7 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
         callbacks.register(
             session, keyring=keyring, settings=settings, principal=principal, actor=_actor(), url="http://127.0.0.1:9/x"
         )
-        assert cases.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="broken")
+        assert case_states.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="broken")
         assert callbacks.note_finished(session, case_id)
         assert not callbacks.note_finished(session, case_id)  # one notice per case
     report = sweep(sweeping)

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
 
-from core import audit, cases
+from core import audit, case_states
 from core.crypto import decrypt_blob
 from core.db import get_engine, session_scope
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
@@ -77,9 +77,9 @@ def test_concurrent_batches_never_claim_a_case_twice(batching, tenant, store_cas
         start.wait()
         with session_scope(batching) as session:
             rows = (
-                cases.claim_batch(session, first, limit=4)
+                case_states.claim_batch(session, first, limit=4)
                 if first is not None
-                else cases.claim_queued(session, limit=4)
+                else case_states.claim_queued(session, limit=4)
             )
             taken.append((first, [row.id for row in rows]))
 
@@ -100,7 +100,7 @@ def test_concurrent_batches_never_claim_a_case_twice(batching, tenant, store_cas
             assert batch == [] or batch[0] == first
 
 
-def _completion(case_id: uuid.UUID, attempt: int, label: str = "nv") -> cases.Completion:
+def _completion(case_id: uuid.UUID, attempt: int, label: str = "nv") -> case_states.Completion:
     probabilities = dict.fromkeys(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], 0.0) | {label: 1.0}
     result = {
         "label": label,
@@ -117,7 +117,7 @@ def _completion(case_id: uuid.UUID, attempt: int, label: str = "nv") -> cases.Co
         "timings": {"total": 0.01},
         "input_stats": {},
     }
-    return cases.Completion(case_id, attempt, result, b"\x89PNG heat map of " + str(case_id).encode())
+    return case_states.Completion(case_id, attempt, result, b"\x89PNG heat map of " + str(case_id).encode())
 
 
 def test_a_batch_is_stored_in_a_fixed_number_of_statements(batching, tenant, store_case, keyring, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
@@ -125,7 +125,7 @@ def test_a_batch_is_stored_in_a_fixed_number_of_statements(batching, tenant, sto
     stores every case's result, heat map and audit event, and leaves the audit chain intact."""
     ids = [store_case(tenant, jpeg_bytes) for _ in range(5)]
     with session_scope(batching) as session:
-        claimed = cases.claim_batch(session, ids[0], limit=5)
+        claimed = case_states.claim_batch(session, ids[0], limit=5)
     assert sorted(c.id for c in claimed) == sorted(ids)
 
     statements: list[str] = []
@@ -140,7 +140,9 @@ def test_a_batch_is_stored_in_a_fixed_number_of_statements(batching, tenant, sto
         for group in (ids[:1], ids[1:]):
             statements.clear()
             with session_scope(batching) as session:
-                stored = cases.complete_cases(session, keyring=keyring, completions=[_completion(i, 1) for i in group])
+                stored = case_states.complete_cases(
+                    session, keyring=keyring, completions=[_completion(i, 1) for i in group]
+                )
             assert stored == set(group)
             per_transaction.append(len(statements))
     finally:
@@ -178,12 +180,12 @@ def test_a_stale_completion_in_a_batch_writes_nothing(batching, tenant, store_ca
     others are stored."""
     ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
     with session_scope(batching) as session:
-        cases.claim_batch(session, ids[0], limit=3)
+        case_states.claim_batch(session, ids[0], limit=3)
     with session_scope(batching) as session:  # the sweeper requeued ids[1] and another worker took it
-        assert cases.requeue_case(session, ids[1], attempt=1, reason="test")
-        assert cases.claim_case(session, ids[1]) is not None
+        assert case_states.requeue_case(session, ids[1], attempt=1, reason="test")
+        assert case_states.claim_case(session, ids[1]) is not None
     with session_scope(batching) as session:
-        stored = cases.complete_cases(session, keyring=keyring, completions=[_completion(i, 1) for i in ids])
+        stored = case_states.complete_cases(session, keyring=keyring, completions=[_completion(i, 1) for i in ids])
     assert stored == {ids[0], ids[2]}
     with session_scope(batching) as session:
         stale = session.get(Case, ids[1])
@@ -263,7 +265,7 @@ def test_a_case_the_database_refuses_fails_alone_not_its_batch(
 
     ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
     with session_scope(batching) as session:
-        cases.claim_batch(session, ids[0], limit=3)
+        case_states.claim_batch(session, ids[0], limit=3)
     with session_scope(batching) as session:
         session.add(Result(case_id=ids[1], **_completion(ids[1], 1, "mel").result))
     outcomes = tasks._store(batching, [_completion(i, 1) for i in ids])

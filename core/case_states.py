@@ -1,0 +1,321 @@
+"""The worker's side of a case's state machine: claim queued cases, load their images, store
+results, fail or requeue them, note that they were published.
+
+Every function takes a keyword-only or leading ``session`` and only flushes; the caller's scope
+commits. Every state change records an audit event in the same transaction. Transitions are fenced
+by the attempt number, so a stale worker can never overwrite a newer run's outcome. The API's side
+(submit, read, list) is :mod:`core.cases`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Integer, String, Uuid, column, exists, select, union_all, update, values
+from sqlalchemy import case as sa_case
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningUpdate
+from sqlalchemy.sql.elements import ColumnElement
+
+from core import audit, cases, pgbinary
+from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
+from core.errors import NotFound
+from core.models import BlobKind, Case, CaseStatus, Outcome, Priority, Result
+
+#: The order in which queued cases are served: urgent first, then oldest.
+QUEUE_ORDER = (sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
+
+
+def _start(*where: ColumnElement[bool]) -> ReturningUpdate[Any]:
+    """The UPDATE that moves the cases ``where`` selects to running, counting the attempt."""
+    return (
+        update(Case)
+        .where(*where)
+        .values(
+            status=CaseStatus.RUNNING.value, attempts=Case.attempts + 1, started_at=cases.now(), updated_at=cases.now()
+        )
+        .returning(Case)
+    )
+
+
+def _audit_starts(session: Session, started: list[Case], actor: audit.Actor, batch: int | bool | None = None) -> None:
+    audit.record_many(
+        session,
+        [
+            audit.Event(
+                "case.start",
+                audit.SUCCESS,
+                actor,
+                "case",
+                case.id,
+                case.clinic_id,
+                {"attempt": case.attempts} | ({"batch": batch} if batch is not None else {}),
+            )
+            for case in started
+        ],
+    )
+
+
+def claim_case(session: Session, case_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> Case | None:
+    """Move a queued case to running and count the attempt; None if it is not queued (already taken,
+    finished or purged), which makes a redelivered message harmless."""
+    claimed = session.scalar(_start(Case.id == case_id, Case.status == CaseStatus.QUEUED.value))
+    if claimed is None:
+        return None
+    _audit_starts(session, [claimed], actor)
+    return claimed
+
+
+def claim_batch(session: Session, case_id: uuid.UUID, *, limit: int, actor: audit.Actor = audit.SYSTEM) -> list[Case]:
+    """Claim ``case_id`` and up to ``limit - 1`` more queued cases (urgent first, then oldest) in one
+    statement, for a worker that classifies them as one batch.
+
+    ``FOR UPDATE SKIP LOCKED`` lets concurrent batches take disjoint sets; each claimed case's own
+    message later finds it taken and does nothing. Returns nothing if ``case_id`` itself was not
+    queued (another batch took it): that worker is already on it.
+    """
+    # One statement: our case (if still queued and not locked) plus, only then, the others.
+    mine = (
+        select(Case.id)
+        .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
+        .with_for_update(skip_locked=True)
+        .cte("mine")
+    )
+    others = (
+        select(Case.id)
+        .where(Case.status == CaseStatus.QUEUED.value, Case.id != case_id, exists(select(mine.c.id)))
+        .order_by(*QUEUE_ORDER)
+        .limit(max(0, limit - 1))
+        .with_for_update(skip_locked=True)
+        .cte("others")
+    )
+    claimed = list(
+        session.scalars(
+            _start(Case.id.in_(union_all(select(mine.c.id), select(others.c.id)))).execution_options(
+                synchronize_session=False
+            )
+        )
+    )
+    claimed.sort(key=lambda c: c.id != case_id)
+    _audit_starts(session, claimed, actor, batch=len(claimed))
+    return claimed
+
+
+def claim_queued(session: Session, *, limit: int, actor: audit.Actor = audit.SYSTEM) -> list[Case]:
+    """Claim up to ``limit`` queued cases (urgent first, then oldest) that no one else holds."""
+    if limit <= 0:
+        return []
+    wanted = (
+        select(Case.id)
+        .where(Case.status == CaseStatus.QUEUED.value)
+        .order_by(*QUEUE_ORDER)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("wanted")
+    )
+    claimed = list(
+        session.scalars(_start(Case.id.in_(select(wanted.c.id))).execution_options(synchronize_session=False))
+    )
+    _audit_starts(session, claimed, actor, batch=True)
+    return claimed
+
+
+def load_image(session: Session, *, keyring: Keyring, case_id: uuid.UUID) -> bytes:
+    return load_images(session, keyring=keyring, case_ids=[case_id])[case_id]
+
+
+def load_images(session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
+    """The decrypted images of ``case_ids``, read in one statement."""
+    rows = pgbinary.copy_out(  # raw bytes, not hex: see core.pgbinary
+        session,
+        "SELECT case_id, ciphertext, nonce, wrapped_key, kek_id FROM case_blobs"
+        " WHERE case_id = ANY(%(ids)s::uuid[]) AND kind = %(kind)s",
+        {"ids": [str(case_id) for case_id in case_ids], "kind": BlobKind.IMAGE.value},
+        ("uuid", "bytea", "bytea", "bytea", "text"),
+    )
+    blobs = {case_id: SealedBlob(ciphertext, nonce, wrapped, kek) for case_id, ciphertext, nonce, wrapped, kek in rows}
+    if missing := [case_id for case_id in case_ids if case_id not in blobs]:
+        raise NotFound(f"{len(missing)} case(s) have no stored image", code="image_missing")
+    return {
+        case_id: decrypt_blob(keyring, blobs[case_id], case_id=case_id, kind=BlobKind.IMAGE.value)
+        for case_id in case_ids
+    }
+
+
+def _finish(session: Session, case_id: uuid.UUID, attempt: int, values: dict[str, Any]) -> Case | None:
+    """Fenced running -> terminal transition; None if this attempt no longer owns the case."""
+    return session.scalar(
+        update(Case)
+        .where(Case.id == case_id, Case.status == CaseStatus.RUNNING.value, Case.attempts == attempt)
+        .values(finished_at=cases.now(), updated_at=cases.now(), **values)
+        .returning(Case)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A worker's outcome for one case it claimed: the result row's values and the heat map PNG."""
+
+    case_id: uuid.UUID
+    attempt: int
+    result: dict[str, Any]
+    heatmap_png: bytes | None
+
+
+def complete_case(
+    session: Session,
+    *,
+    keyring: Keyring,
+    case_id: uuid.UUID,
+    attempt: int,
+    result: dict[str, Any],
+    heatmap_png: bytes | None,
+    actor: audit.Actor = audit.SYSTEM,
+) -> bool:
+    """Store the result (and the encrypted heat map) and mark the case succeeded, atomically."""
+    stored = complete_cases(
+        session, keyring=keyring, completions=[Completion(case_id, attempt, result, heatmap_png)], actor=actor
+    )
+    return case_id in stored
+
+
+def complete_cases(
+    session: Session, *, keyring: Keyring, completions: Sequence[Completion], actor: audit.Actor = audit.SYSTEM
+) -> set[uuid.UUID]:
+    """Store each completion's result (and encrypted heat map) and mark its case succeeded, all in the
+    caller's transaction; returns the ids stored. A completion whose attempt no longer owns its case
+    (taken over or purged meanwhile) is left out, and nothing of it is written.
+
+    A fixed number of statements however many cases: one fenced UPDATE over a VALUES list, one INSERT
+    per table, one audit append. That is what lets a worker draining a backlog store a batch for
+    about the cost of one case.
+    """
+    if not completions:
+        return set()
+    fence = values(column("id", Uuid()), column("attempt", Integer()), column("model_id", String()), name="done").data(
+        [(c.case_id, c.attempt, c.result["model_id"]) for c in completions]
+    )
+    finished_at = cases.now()
+    rows = session.execute(
+        update(Case)
+        .where(
+            Case.id == fence.c.id,
+            Case.status == CaseStatus.RUNNING.value,
+            Case.attempts == fence.c.attempt,
+        )
+        .values(
+            status=CaseStatus.SUCCEEDED.value,
+            model_id=fence.c.model_id,
+            failure_code=None,
+            failure_message=None,
+            finished_at=finished_at,
+            updated_at=finished_at,
+        )
+        .returning(Case.id, Case.clinic_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    clinics = {case_id: clinic_id for case_id, clinic_id in rows}
+    stored = [c for c in completions if c.case_id in clinics]
+    session.add_all([Result(case_id=c.case_id, **c.result) for c in stored])
+    cases.insert_blobs(
+        session,
+        [
+            (
+                c.case_id,
+                BlobKind.HEATMAP,
+                encrypt_blob(keyring, c.heatmap_png, case_id=c.case_id, kind=BlobKind.HEATMAP.value),
+                "image/png",
+            )
+            for c in stored
+            if c.heatmap_png is not None
+        ],
+    )
+    audit.record_many(
+        session,
+        [
+            audit.Event(
+                "case.classify",
+                audit.SUCCESS,
+                actor,
+                "case",
+                c.case_id,
+                clinics[c.case_id],
+                {
+                    "attempt": c.attempt,
+                    "model_id": c.result["model_id"],
+                    "outcome": c.result.get("outcome", Outcome.DIAGNOSIS.value),
+                    "gradcam": c.result["gradcam_status"],
+                },
+            )
+            for c in stored
+        ],
+    )
+    return set(clinics)
+
+
+def fail_case(
+    session: Session,
+    *,
+    case_id: uuid.UUID,
+    attempt: int | None,
+    code: str,
+    message: str,
+    actor: audit.Actor = audit.SYSTEM,
+) -> bool:
+    """Mark a running case (this attempt's, or any attempt's when ``attempt`` is None) failed."""
+    values = {"status": CaseStatus.FAILED.value, "failure_code": code, "failure_message": message[:2000]}
+    if attempt is None:
+        case = session.scalar(
+            update(Case)
+            .where(Case.id == case_id, Case.status.in_([CaseStatus.RUNNING.value, CaseStatus.QUEUED.value]))
+            .values(finished_at=cases.now(), updated_at=cases.now(), **values)
+            .returning(Case)
+        )
+    else:
+        case = _finish(session, case_id, attempt, values)
+    if case is None:
+        return False
+    audit.record(
+        session,
+        action="case.fail",
+        outcome=audit.FAILURE,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+        detail={"attempt": case.attempts, "code": code},
+    )
+    return True
+
+
+def requeue_case(
+    session: Session, case_id: uuid.UUID, *, attempt: int, reason: str, actor: audit.Actor = audit.SYSTEM
+) -> bool:
+    """Put a running case back in the queue (recovery, retry); fenced by attempt like the others."""
+    case = session.scalar(
+        update(Case)
+        .where(Case.id == case_id, Case.status == CaseStatus.RUNNING.value, Case.attempts == attempt)
+        .values(status=CaseStatus.QUEUED.value, updated_at=cases.now(), started_at=None)
+        .returning(Case)
+    )
+    if case is None:
+        return False
+    audit.record(
+        session,
+        action="case.requeue",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+        detail={"attempt": attempt, "reason": reason},
+    )
+    return True
+
+
+def mark_published(session: Session, case_ids: list[uuid.UUID]) -> None:
+    if case_ids:
+        session.execute(update(Case).where(Case.id.in_(case_ids)).values(published_at=cases.now()))
