@@ -17,7 +17,8 @@ from core.db import get_engine, session_scope
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
 from ml.images import decode
 from worker import runtime
-from worker.tasks import Progress, batching_enabled, run_batch, run_classification
+from worker.batching import batching_enabled, run_batch
+from worker.pipeline import Progress, run_classification
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -203,7 +204,7 @@ def test_a_batch_stopped_by_a_lost_database_puts_its_other_cases_back(
     """A transient error part-way through a batch (the connection drops as it stores) leaves its lead
     case to the task's retry and puts the other cases it claimed back in the queue at once, rather
     than leaving them running until the sweeper."""
-    from worker import tasks
+    from worker import pipeline
 
     images = [fixture_images[k].read_bytes() for k in sorted(fixture_images)[:3]]
     ids = [store_case(tenant, data) for data in images]
@@ -211,7 +212,7 @@ def test_a_batch_stopped_by_a_lost_database_puts_its_other_cases_back(
     def connection_lost(*_args):  # type: ignore[no-untyped-def]
         raise OperationalError("INSERT INTO results ...", {}, Exception("server closed the connection unexpectedly"))
 
-    monkeypatch.setattr(tasks, "_store", connection_lost)
+    monkeypatch.setattr(pipeline, "_store", connection_lost)
     with pytest.raises(OperationalError):
         run_batch(batching, ids[0])
     with session_scope(batching) as session:
@@ -261,14 +262,14 @@ def test_a_case_the_database_refuses_fails_alone_not_its_batch(
 ) -> None:  # type: ignore[no-untyped-def]
     """If the batch's transaction fails (here: one case already has a result row, which the primary
     key refuses), each case is stored on its own: that case fails, the others succeed."""
-    from worker import tasks
+    from worker import pipeline
 
     ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
     with session_scope(batching) as session:
         case_states.claim_batch(session, ids[0], limit=3)
     with session_scope(batching) as session:
         session.add(Result(case_id=ids[1], **_completion(ids[1], 1, "mel").result))
-    outcomes = tasks._store(batching, [_completion(i, 1) for i in ids])
+    outcomes = pipeline._store(batching, [_completion(i, 1) for i in ids])
     assert outcomes == {ids[0]: "succeeded", ids[1]: "failed", ids[2]: "succeeded"}
     with session_scope(batching) as session:
         refused = session.get(Case, ids[1])

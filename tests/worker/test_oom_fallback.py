@@ -12,7 +12,7 @@ import torch
 from core.db import session_scope
 from core.models import Result
 from worker import runtime
-from worker.tasks import run_classification
+from worker.pipeline import run_classification
 
 pytestmark = pytest.mark.usefixtures("database")
 

@@ -216,7 +216,8 @@ def test_the_one_case_and_the_batch_path_store_the_same_outcomes(
     settings, gated_entry: Path, empty_queue, tenant: Tenant, store_case, fixture_images, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     from worker import runtime
-    from worker.tasks import run_batch, run_classification
+    from worker.batching import run_batch
+    from worker.pipeline import run_classification
 
     monkeypatch.setattr(runtime, "_predictor", None)  # this test's model; the cached one is back afterwards
     monkeypatch.setattr(runtime, "_cpu_predictor", None)

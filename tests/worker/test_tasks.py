@@ -64,7 +64,7 @@ def test_redelivery_does_nothing_twice(worker, tenant, store_case, publisher, se
 def test_gradcam_past_its_budget_leaves_a_result_without_heat_map(
     tenant, store_case, settings, jpeg_bytes: bytes, client
 ) -> None:  # type: ignore[no-untyped-def]
-    from worker.tasks import run_classification
+    from worker.pipeline import run_classification
 
     case_id = store_case(tenant, jpeg_bytes)
     tight = settings.model_copy(update={"gradcam_budget_seconds": 1e-6})
@@ -77,6 +77,6 @@ def test_gradcam_past_its_budget_leaves_a_result_without_heat_map(
 
 
 def test_a_case_for_nothing_is_ignored(settings) -> None:  # type: ignore[no-untyped-def]
-    from worker.tasks import run_classification
+    from worker.pipeline import run_classification
 
     assert run_classification(settings, uuid.uuid4()) == "skipped"

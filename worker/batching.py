@@ -1,0 +1,219 @@
+"""Dynamic batches: a worker claims up to ``batch_max_size`` queued cases, classifies them in one
+forward pass and stores them in one transaction (:func:`worker.pipeline._store`). A batch whose pass
+fails is classified one case at a time, so a case that breaks the model fails alone; cases left
+unfinished by a transient error go back to the queue at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from core import case_states
+from core.config import Settings
+from core.db import session_scope
+from core.logs import case_id_var
+from worker import faults, pipeline, results, runtime
+from worker.pipeline import (
+    Progress,
+    _classify_image,
+    _decode_claimed,
+    _fail,
+    _metric,
+    _model_error,
+    _one_by_one_or_raise,
+    _transient,
+    _with_images,
+    run_classification,
+)
+
+if TYPE_CHECKING:
+    from ml.predictor import Analysis, Predictor
+
+log = logging.getLogger("dermq.worker")
+
+
+def batching_enabled(config: Settings) -> bool:
+    """Whether this worker claims and runs queued cases in batches (``DERMQ_BATCHING``; auto: yes).
+
+    On a GPU one batched pass costs about one image's. On the CPU a pass costs about the sum of its
+    images, but a batch is claimed, audited and stored in a fixed number of statements and one
+    commit per transaction instead of about a dozen statements and two commits per case, which is
+    the larger share of a case on a CPU worker: ``python -m bench.pipeline`` measured 1.5x the
+    throughput draining a backlog. An idle queue gives batches of one, with no wait on the CPU."""
+    return config.batching != "off" and config.batch_max_size > 1
+
+
+def dispatch(config: Settings, case_id: uuid.UUID, progress: Progress) -> str:
+    """One case, or a dynamic batch starting with it when batching is on for this worker."""
+    if batching_enabled(config):
+        try:
+            runtime.get_predictor(config)  # before claiming: cases wait in the queue, not claimed, for the load
+        except runtime.ModelUnavailable:
+            return run_classification(config, case_id, progress)  # fails the case with model_error
+        return run_batch(config, case_id, progress)
+    return run_classification(config, case_id, progress)
+
+
+def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = None) -> str:
+    """Claim this case and up to ``batch_max_size - 1`` more queued ones in one statement, classify
+    them in one forward pass, explain each, and store them all in one transaction. Returns this
+    case's outcome; the other cases' messages find them taken and do nothing. If the batch stops
+    with an error, the other cases it still holds go back to the queue (this one is the caller's)."""
+    progress = progress if progress is not None else Progress()
+    started = time.perf_counter()
+    predictor = runtime.get_predictor(config)
+    with session_scope(config) as session:
+        claimed = case_states.claim_batch(session, case_id, limit=config.batch_max_size)
+    if not claimed:
+        log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
+        return "skipped"
+    progress.attempt = claimed[0].attempts
+    outcomes: dict[uuid.UUID, str] = {}
+    try:
+        items = _with_images(config, claimed)
+        if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
+            time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
+            with session_scope(config) as session:
+                more = case_states.claim_queued(session, limit=config.batch_max_size - len(items))
+            claimed += more
+            items += _with_images(config, more)
+        _run_claimed_batch(config, predictor, items, started, outcomes)
+    except BaseException:
+        _requeue_unfinished(config, [(c.id, c.attempts) for c in claimed if c.id != case_id and c.id not in outcomes])
+        raise
+    log.info("batch classified", extra={"event": "batch", "count": len(items)})
+    for item_id, outcome in outcomes.items():
+        if item_id != case_id:
+            _metric("record_outcome", outcome)
+    return outcomes[case_id]
+
+
+def _run_claimed_batch(
+    config: Settings,
+    predictor: Predictor,
+    items: list[tuple[uuid.UUID, int, datetime, bytes]],
+    started: float,
+    outcomes: dict[uuid.UUID, str],
+) -> None:
+    """Decode, classify, explain and store claimed cases, writing each one's outcome into ``outcomes``
+    as soon as it is final (so that a failure part-way knows which cases are still held)."""
+    claimed_at = time.perf_counter()
+    ready: list[tuple[uuid.UUID, int, Any, dict[str, float]]] = []
+    for item_id, attempt, created_at, data in items:
+        timings = {
+            "queue_wait": (datetime.now(UTC) - created_at).total_seconds(),
+            "claim_and_decrypt": claimed_at - started,
+            "batch_size": float(len(items)),
+        }
+        token = case_id_var.set(str(item_id))
+        try:
+            decoded = _decode_claimed(config, item_id, attempt, data)
+        finally:
+            case_id_var.reset(token)
+        if isinstance(decoded, str):
+            outcomes[item_id] = decoded
+            continue
+        timings["decode"] = time.perf_counter() - claimed_at
+        ready.append((item_id, attempt, decoded, timings))
+    if not ready:
+        return
+    inference_started = time.perf_counter()
+    try:
+        analyses = _classify_batch(config, predictor, [decoded.image for _, _, decoded, _ in ready], ready[0][1])
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        _one_by_one_or_raise(exc, len(ready), "batch_classify_failed", "a batch failed to classify")
+        ready, analyses = _classify_one_by_one(config, predictor, ready, outcomes)
+        if not ready:
+            return
+    inference = (time.perf_counter() - inference_started) / len(ready)
+    completions = []
+    for (item_id, attempt, decoded, timings), (analysis, used) in zip(ready, analyses, strict=True):
+        timings["inference"] = inference
+        token = case_id_var.set(str(item_id))
+        try:
+            completions.append(results.completion(config, item_id, attempt, decoded, analysis, used, timings, started))
+        finally:
+            case_id_var.reset(token)
+    outcomes.update(pipeline._store(config, completions))
+
+
+def _classify_one_by_one(
+    config: Settings,
+    predictor: Predictor,
+    ready: list[tuple[uuid.UUID, int, Any, dict[str, float]]],
+    outcomes: dict[uuid.UUID, str],
+) -> tuple[list[tuple[uuid.UUID, int, Any, dict[str, float]]], list[tuple[Analysis, Predictor]]]:
+    """Classify a failed batch's cases each alone, so that a case that breaks the model fails by itself
+    instead of taking its batch (and, requeued, the next one) with it. Returns the cases that
+    classified and their analyses; the others are failed and their outcomes written."""
+    done, analyses = [], []
+    for item in ready:
+        item_id, attempt = item[0], item[1]
+        token = case_id_var.set(str(item_id))
+        try:
+            analyses.append(_classify_image(config, predictor, item[2].image, attempt))
+            done.append(item)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
+            outcomes[item_id] = _fail(
+                config,
+                item_id,
+                attempt,
+                "model_error",
+                _model_error(exc, "classifying"),
+            )
+        finally:
+            case_id_var.reset(token)
+    return done, analyses
+
+
+def _requeue_unfinished(config: Settings, held: list[tuple[uuid.UUID, int]]) -> None:
+    """Put the cases a failed batch still holds back in the queue (fenced by their attempts); if the
+    database does not answer, the sweeper will (they stay ``running`` until then)."""
+    if not held:
+        return
+    try:
+        with session_scope(config) as session:
+            for item_id, attempt in held:
+                case_states.requeue_case(session, item_id, attempt=attempt, reason="batch_interrupted")
+        log.warning(
+            "batch stopped; its other cases went back to the queue",
+            extra={"event": "batch_requeued", "count": len(held)},
+        )
+    except Exception as exc:
+        log.warning(
+            "batch stopped and its other cases could not be requeued; the sweeper will",
+            extra={"event": "requeue_failed", "error": type(exc).__name__, "count": len(held)},
+        )
+
+
+def _classify_batch(
+    config: Settings, predictor: Predictor, images: list[Any], attempt: int
+) -> list[tuple[Analysis, Predictor]]:
+    """One forward pass for the batch; out of GPU memory, each image alone on the CPU instead.
+    ``attempt``: the lead case's, for fault injection."""
+    import torch
+
+    try:
+        faults.before_inference(config, attempt)
+        return [(analysis, predictor) for analysis in predictor.classify_many(images)]
+    except torch.OutOfMemoryError:
+        runtime.free_device_memory(predictor)
+        fallback = runtime.get_cpu_predictor(config, predictor)
+        log.warning(
+            "out of GPU memory for a batch; running it on the CPU image by image",
+            extra={"event": "oom_fallback", "count": len(images)},
+        )
+        return [(fallback.classify(image), fallback) for image in images]

@@ -1,0 +1,262 @@
+"""The one-case pipeline of a worker: settings and keys of the process, claim a case, decode its
+image, classify it, and store the results of one or several cases in one transaction (falling back
+to one case at a time when the database refuses the batch). The Celery tasks are :mod:`worker.tasks`;
+dynamic batches are :mod:`worker.batching`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import redis
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from core import callbacks, case_states
+from core.config import Settings
+from core.crypto import Keyring, KeyringSource
+from core.db import session_scope
+from core.logs import case_id_var
+from core.models import Case
+from core.publisher import publish_callback
+from ml.images import DecodedImage, InvalidImage, decode
+from worker import faults, results, runtime
+from worker.celery_app import app
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ml.predictor import Analysis, Predictor
+
+log = logging.getLogger("dermq.worker")
+
+
+#: Transient failures worth retrying with backoff; anything else fails the case for good.
+TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError)
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError)
+    return isinstance(exc, TRANSIENT)
+
+
+_keyrings: dict[str, KeyringSource] = {}
+
+
+def settings() -> Settings:
+    return app.conf.dermq_settings
+
+
+def keyring(config: Settings) -> Keyring:
+    """The keyring for these settings (re-read when the key file changes: rotation)."""
+    cache_key = f"{config.key_file}|{config.keys_json is not None}"
+    if cache_key not in _keyrings:
+        _keyrings[cache_key] = KeyringSource(config)
+    return _keyrings[cache_key].get()
+
+
+def _metric(name: str, *args: Any) -> None:
+    """Call ``worker.metrics.<name>`` where metrics exist (worker processes), else nothing."""
+    metrics = runtime.worker_metrics()
+    if metrics is not None:
+        getattr(metrics, name)(*args)
+
+
+@dataclass
+class Progress:
+    """How far one run got: the error handlers of ``classify`` need the attempt it claimed."""
+
+    attempt: int | None = None
+
+
+def _ended(config: Settings, case_id: uuid.UUID, transition: Callable[[Session], bool]) -> bool:
+    """Run a terminal transition in its own transaction together with the case's callback outbox row,
+    and publish the callback once that committed."""
+    with session_scope(config) as session:
+        ended = transition(session)
+        notify = ended and callbacks.note_finished(session, case_id)
+    if notify:
+        publish_callback(app, case_id)
+    return ended
+
+
+def _model_error(exc: BaseException, doing: str) -> str:
+    """The message stored with a ``model_error`` failure: what failed and the error's type, no details."""
+    return f"the worker failed while {doing} ({type(exc).__name__}); the case can be submitted again"
+
+
+def _fail(config: Settings, case_id: uuid.UUID, attempt: int | None, code: str, message: str) -> str:
+    """Fail the case, fenced by ``attempt`` (None: whatever attempt holds it, when the claim's is unknown)."""
+    _ended(
+        config,
+        case_id,
+        lambda session: case_states.fail_case(session, case_id=case_id, attempt=attempt, code=code, message=message),
+    )
+    log.info("case failed", extra={"event": "case_failed", "code": code, "attempt": attempt})
+    return "failed"
+
+
+def _classify_image(
+    config: Settings, predictor: Predictor, image: Image.Image, attempt: int
+) -> tuple[Analysis, Predictor]:
+    """Inference on the primary predictor; when its GPU runs out of memory, free the cache and run this
+    case on a CPU predictor (the CUDA one stays for the next cases). Returns the analysis and the
+    predictor that made it."""
+    import torch
+
+    try:
+        faults.before_inference(config, attempt)
+        return predictor.classify(image), predictor
+    except torch.OutOfMemoryError:
+        runtime.free_device_memory(predictor)
+        fallback = runtime.get_cpu_predictor(config, predictor)
+        log.warning(
+            "out of GPU memory; running this case on the CPU",
+            extra={"event": "oom_fallback", "device": str(fallback.device), "attempt": attempt},
+        )
+        return fallback.classify(image), fallback
+
+
+def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, data: bytes) -> DecodedImage | str:
+    """The image of a case this worker has just claimed, decoded; or, when the case is past its attempt
+    limit or its image does not decode, the outcome of failing it."""
+    if attempt > config.max_attempts:
+        return _fail(config, case_id, attempt, "attempts_exhausted", f"gave up after {config.max_attempts} attempts")
+    try:
+        return decode(data, config.image_limits(), reduce_to=config.overlay_max_side)
+    except InvalidImage as exc:
+        return _fail(config, case_id, attempt, "invalid_image", exc.message)
+
+
+def _with_images(config: Settings, claimed: Sequence[Case]) -> list[tuple[uuid.UUID, int, datetime, bytes]]:
+    """(id, attempt, created_at, decrypted image) of each claimed case, read in a transaction of its
+    own once the claim has committed (the claim's audit events hold the chain's lock until then)."""
+    if not claimed:
+        return []
+    with session_scope(config) as session:
+        images = case_states.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
+    return [(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed]
+
+
+def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress | None = None) -> str:
+    """Claim, classify, explain and store one case. Returns what happened, for logs and tests."""
+    progress = progress if progress is not None else Progress()
+    started = time.perf_counter()
+    with session_scope(config) as session:
+        case = case_states.claim_case(session, case_id)
+        if case is None:
+            log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
+            return "skipped"
+        attempt, created_at = case.attempts, case.created_at
+    progress.attempt = attempt
+    with session_scope(config) as session:  # after the claim's commit: its audit event held the chain's lock
+        data = case_states.load_image(session, keyring=keyring(config), case_id=case_id)
+    timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
+    claimed = time.perf_counter()
+    timings["claim_and_decrypt"] = claimed - started
+    decoded = _decode_claimed(config, case_id, attempt, data)
+    del data
+    if isinstance(decoded, str):
+        return decoded
+    image = decoded.image
+    timings["decode"] = time.perf_counter() - claimed
+
+    try:
+        predictor = runtime.get_predictor(config)
+    except runtime.ModelUnavailable as exc:
+        return _fail(config, case_id, attempt, "model_error", f"the model could not be loaded: {exc}")
+    inference_started = time.perf_counter()
+    analysis, predictor = _classify_image(config, predictor, image, attempt)
+    timings["inference"] = time.perf_counter() - inference_started
+
+    completion = results.completion(config, case_id, attempt, decoded, analysis, predictor, timings, started)
+    return _store(config, [completion])[case_id]
+
+
+def _store(config: Settings, completions: Sequence[case_states.Completion]) -> dict[uuid.UUID, str]:
+    """Results, heat maps, audit events and callback outbox rows of ``completions`` in one transaction
+    (a fixed number of statements however many), then the callbacks; returns each case's outcome.
+
+    If a batch's transaction fails for anything but a transient error, each case is stored on its
+    own instead, so that one case the database refuses fails alone rather than its whole batch,
+    again and again."""
+    try:
+        with session_scope(config) as session:
+            stored = case_states.complete_cases(session, keyring=keyring(config), completions=completions)
+            notify = callbacks.note_finished_many(session, [c.case_id for c in completions if c.case_id in stored])
+    except Exception as exc:
+        _one_by_one_or_raise(exc, len(completions), "batch_store_failed", "storing a batch failed")
+        return _store_one_by_one(config, completions)
+    for case_id in notify:
+        publish_callback(app, case_id)
+    outcomes: dict[uuid.UUID, str] = {}
+    for completion in completions:
+        token = case_id_var.set(str(completion.case_id))
+        try:
+            if completion.case_id not in stored:
+                log.warning(
+                    "case was taken over or purged while running; result discarded", extra={"event": "superseded"}
+                )
+                outcomes[completion.case_id] = "superseded"
+                continue
+            result = completion.result
+            _metric("record_result", result, result["timings"])
+            log.info(
+                "case classified",
+                extra={
+                    "event": "case_succeeded",
+                    "attempt": completion.attempt,
+                    "outcome": result.get("outcome", "diagnosis"),
+                    "model_id": result["model_id"],
+                    "device": result["device"],
+                    "duration_ms": round(result["timings"]["total"] * 1000, 1),
+                },
+            )
+            outcomes[completion.case_id] = "succeeded"
+        finally:
+            case_id_var.reset(token)
+    _metric("record_gpu_memory")
+    return outcomes
+
+
+def _one_by_one_or_raise(exc: Exception, count: int, event: str, what: str) -> None:
+    """Re-raise ``exc`` unless it stopped a batch of ``count`` cases for a reason other than a transient
+    one; then log that the batch's cases will be handled one by one (so that the case at fault fails
+    alone), and return."""
+    if count < 2 or _transient(exc):
+        raise exc
+    log.warning(
+        f"{what}; handling its cases one by one",
+        extra={"event": event, "error": type(exc).__name__, "count": count},
+    )
+
+
+def _store_one_by_one(config: Settings, completions: Sequence[case_states.Completion]) -> dict[uuid.UUID, str]:
+    """:func:`_store` for each completion alone; a case whose result cannot be stored fails."""
+    outcomes: dict[uuid.UUID, str] = {}
+    for completion in completions:
+        try:
+            outcomes |= _store(config, [completion])
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            token = case_id_var.set(str(completion.case_id))
+            try:
+                log.exception("storing a result failed", extra={"event": "store_error", "error": type(exc).__name__})
+                outcomes[completion.case_id] = _fail(
+                    config,
+                    completion.case_id,
+                    completion.attempt,
+                    "model_error",
+                    _model_error(exc, "storing the result"),
+                )
+            finally:
+                case_id_var.reset(token)
+    return outcomes
