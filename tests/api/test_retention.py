@@ -52,7 +52,7 @@ def test_clinic_erasure(client, worker, tenant, fixture_images, settings) -> Non
 def test_erasing_a_queued_case_stops_its_classification(
     client, tenant, store_case, jpeg_bytes: bytes, settings
 ) -> None:  # type: ignore[no-untyped-def]
-    from worker.tasks import run_classification
+    from worker.pipeline import run_classification
 
     case_id = str(store_case(tenant, jpeg_bytes))
     assert client.delete(f"/v1/cases/{case_id}", headers=tenant.headers).json()["status"] == "purged"

@@ -81,7 +81,7 @@ def test_a_lost_connection_is_an_operational_error_that_the_worker_retries(
 ) -> None:  # type: ignore[no-untyped-def]
     """The database going away mid-COPY surfaces as SQLAlchemy's OperationalError with the connection
     invalidated, which the worker treats as transient (requeue and retry), and the pool recovers."""
-    from worker.tasks import _transient
+    from worker.pipeline import _transient
 
     case_id = store_case(tenant, jpeg_bytes)
     with pytest.raises(OperationalError) as raised, session_scope(settings) as session:

@@ -154,7 +154,7 @@ def test_a_stale_worker_cannot_store_a_second_result(settings: Settings, keyring
 
 
 def test_a_redelivered_message_for_a_running_case_is_skipped(settings: Settings, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
-    from worker.tasks import run_classification
+    from worker.pipeline import run_classification
 
     case_id = store_case(tenant, b"running elsewhere")
     set_state(settings, case_id, status="running", attempts=1, started_at=ago(1))
