@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api import metrics, problems
 from api.deps import AppState, record_denial
+from api.intake_limits import Decoder, UploadSlots, release_large_allocations
 from api.middleware import RequestContextMiddleware
 from api.routes import admin, audit, cases, clinic, health
 from core.config import Settings, get_settings
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        app.state.dermq.decoder.close()
         client.close()
 
     app = FastAPI(
@@ -65,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         publisher=make_publisher(settings),
         redis=client,
         limiter=RateLimiter(client),
+        uploads=UploadSlots(settings.max_concurrent_uploads_per_clinic),
+        decoder=Decoder(settings.decode_memory_bytes),
     )
     problems.install(app, record_denial)
     if settings.cors_origins:
@@ -94,6 +98,7 @@ def main() -> None:
     tls: dict[str, str] = {}
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
+    release_large_allocations()
     app = create_app(settings)
     metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
     uvicorn.run(

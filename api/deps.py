@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from api.intake_limits import Decoder, UploadSlots
 from core import audit, keys
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
@@ -33,6 +34,8 @@ class AppState:
     publisher: Celery
     redis: redis.Redis
     limiter: RateLimiter
+    uploads: UploadSlots
+    decoder: Decoder
 
     @property
     def keyring(self) -> Keyring:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from ml.images import ImageLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "example"}
@@ -80,7 +77,14 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     max_image_side: int = Field(12_000, ge=64)
     max_image_pixels: int = Field(50_000_000, ge=4096)
+    #: The pixel cap for PNG, TIFF, BMP and WebP, whose compression has no practical bound.
+    max_lossless_pixels: int = Field(25_000_000, ge=4096)
     min_image_side: int = Field(32, ge=1)
+    #: Memory that concurrent image decodes in one process (an API process, a worker child) may
+    #: hold at once; a decode that does not fit waits up to 2 s, then the API answers 429.
+    decode_memory_bytes: int = Field(384 * 1024 * 1024, ge=16 * 1024 * 1024)
+    #: Uploads one clinic may have in flight at once in one API process (beyond: 429).
+    max_concurrent_uploads_per_clinic: int = Field(4, ge=1)
     max_client_ref_length: int = Field(128, ge=1)
     page_size_default: int = Field(50, ge=1)
     page_size_max: int = Field(200, ge=1)
@@ -190,17 +194,6 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.redis_url
-
-    def image_limits(self) -> ImageLimits:
-        """The bounds on an uploaded image: the intake validates with them and the worker decodes with them."""
-        from ml.images import ImageLimits
-
-        return ImageLimits(
-            max_bytes=self.max_upload_bytes,
-            max_side=self.max_image_side,
-            max_pixels=self.max_image_pixels,
-            min_side=self.min_image_side,
-        )
 
 
 @lru_cache(maxsize=1)

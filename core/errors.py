@@ -81,7 +81,7 @@ class InvalidImageError(DermqError):
         super().__init__(message, code=code)
         if code == "unsupported_format":
             self.status = 415
-        elif code == "file_too_large":
+        elif code in ("file_too_large", "too_large_to_decode"):
             self.status = 413
 
 

@@ -24,8 +24,11 @@ import io
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from PIL import Image, ImageCms, ImageFile, ImageOps
+
+from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_peak_bytes
 
 #: Pillow formats dermq accepts, by the name Pillow gives them.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "WEBP", "BMP"})
@@ -38,6 +41,9 @@ MAX_ICC_PROFILE_BYTES = 1024 * 1024
 _PROFILE_SPACES = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}
 #: Profile classes that describe a device's or a space's colours (not device links or abstract ones).
 _PROFILE_CLASSES = frozenset({"mntr", "scnr", "prtr", "spac"})
+
+#: The EXIF tag that says how the stored pixels are turned.
+ORIENTATION = 0x0112
 
 #: The media type of each accepted format, for callers that echo it back.
 MEDIA_TYPES: dict[str, str] = {
@@ -73,8 +79,32 @@ class ImageLimits:
     max_bytes: int = 25 * 1024 * 1024
     max_side: int = 12_000
     max_pixels: int = 50_000_000
+    #: The cap for formats whose compression has no practical bound (everything but JPEG): a few
+    #: hundred kilobytes of PNG can declare a canvas of gigabytes.
+    max_lossless_pixels: int = 25_000_000
     min_side: int = 32
     formats: frozenset[str] = field(default=ACCEPTED_FORMATS)
+
+    @classmethod
+    def from_settings(cls, settings: UploadBounds) -> ImageLimits:
+        """The limits a service's settings configure."""
+        return cls(
+            max_bytes=settings.max_upload_bytes,
+            max_side=settings.max_image_side,
+            max_pixels=settings.max_image_pixels,
+            max_lossless_pixels=min(settings.max_lossless_pixels, settings.max_image_pixels),
+            min_side=settings.min_image_side,
+        )
+
+
+class UploadBounds(Protocol):
+    """The settings :meth:`ImageLimits.from_settings` reads (``core.config.Settings`` has them)."""
+
+    max_upload_bytes: int
+    max_image_side: int
+    max_image_pixels: int
+    max_lossless_pixels: int
+    min_image_side: int
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -111,13 +141,15 @@ def _human_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def check_declared_size(width: int, height: int, limits: ImageLimits) -> None:
-    """Refuse dimensions outside ``limits`` before any pixel is decoded."""
-    if width * height > limits.max_pixels:
+def check_declared_size(width: int, height: int, limits: ImageLimits, fmt: str = "JPEG") -> None:
+    """Refuse dimensions outside ``limits`` (for a file of format ``fmt``) before any pixel is decoded."""
+    cap = limits.max_pixels if fmt == "JPEG" else min(limits.max_pixels, limits.max_lossless_pixels)
+    if width * height > cap:
+        kind = "" if fmt == "JPEG" else f" for {fmt} (JPEG may have up to {limits.max_pixels / 1e6:.0f})"
         raise InvalidImage(
             "decompression_bomb",
             f"image declares {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); "
-            f"the limit is {limits.max_pixels / 1e6:.0f} megapixels",
+            f"the limit is {cap / 1e6:.0f} megapixels{kind}",
         )
     if max(width, height) > limits.max_side:
         raise InvalidImage(
@@ -150,13 +182,23 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, reduce_to
     return decode(data, limits, reduce_to=reduce_to).image
 
 
-def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, reduce_to: int | None = None) -> DecodedImage:
+def decode(
+    data: bytes,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    *,
+    reduce_to: int | None = None,
+    budget: DecodeBudget | None = None,
+) -> DecodedImage:
     """Decode untrusted bytes into a fully loaded 8-bit RGB image.
 
     ``reduce_to`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode, several times
     faster for camera-sized files) as long as its longer side stays at least ``reduce_to`` pixels.
     The whole entropy-coded stream is still read, so a truncated file is still refused. Other
     formats decode at full size.
+
+    With a ``budget``, the decode's estimated peak memory is reserved in it from just before the
+    pixels are decoded until the RGB image is returned; :class:`~ml.decode_budget.DecodeBusy` or
+    :class:`~ml.decode_budget.TooLargeToDecode` propagate to the caller.
 
     Raises :class:`InvalidImage`; never returns a partially decoded image.
     """
@@ -182,12 +224,15 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, reduce_to: int 
             image = Image.open(io.BytesIO(data), formats=[fmt])
             if image.format != fmt:
                 raise InvalidImage("corrupt", f"the file claims to be {fmt} but does not decode as one")
-            check_declared_size(image.width, image.height, limits)
+            check_declared_size(image.width, image.height, limits, fmt)
             declared = (image.width, image.height)
             if reduce_to is not None and fmt == "JPEG" and image.mode in ("RGB", "L"):
                 image.draft(image.mode, _draft_request(image.width, image.height, reduce_to))
-            image.load()
-    except InvalidImage:
+            if budget is None:
+                return _load_rgb(image, fmt, declared)
+            with budget.reserve(estimate_peak_bytes(image.width, image.height, image.mode)):
+                return _load_rgb(image, fmt, declared)
+    except (InvalidImage, DecodeBusy, TooLargeToDecode):
         raise
     except Image.DecompressionBombError:
         raise InvalidImage("decompression_bomb", "image declares more pixels than dermq decodes") from None
@@ -200,6 +245,11 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, reduce_to: int 
     except Exception:
         # Malformed files raise all sorts (struct.error, IndexError, ValueError, SyntaxError...).
         raise InvalidImage("corrupt", f"the {fmt} file is damaged and cannot be decoded") from None
+
+
+def _load_rgb(image: Image.Image, fmt: str, declared: tuple[int, int]) -> DecodedImage:
+    """Decode the pixels of an opened, size-checked ``image`` and convert them to 8-bit sRGB."""
+    image.load()
     rgb = _to_rgb(_apply_orientation(image), fmt, image.info.get("icc_profile"))
     rgb.info.pop("icc_profile", None)  # the pixels are sRGB now, whatever the file said
     return DecodedImage(rgb, fmt, declared[0], declared[1])
@@ -215,7 +265,10 @@ def _draft_request(width: int, height: int, reduce_to: int) -> tuple[int, int]:
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
+    """``image`` turned upright by its EXIF orientation; the image itself (not a copy) when upright."""
     try:
+        if image.getexif().get(ORIENTATION, 1) in (1, None):
+            return image
         rotated = ImageOps.exif_transpose(image)
     except Exception:
         # A malformed EXIF block is not worth refusing a clinical image for; keep the stored pixels.

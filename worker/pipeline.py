@@ -25,7 +25,8 @@ from core.db import session_scope
 from core.logs import case_id_var
 from core.models import Case
 from core.publisher import publish_callback
-from ml.images import DecodedImage, InvalidImage, decode
+from ml.decode_budget import DecodeBudget, TooLargeToDecode
+from ml.images import DecodedImage, ImageLimits, InvalidImage, decode
 from worker import faults, results, runtime
 from worker.celery_app import app
 
@@ -129,10 +130,15 @@ def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, data: by
     limit or its image does not decode, the outcome of failing it."""
     if attempt > config.max_attempts:
         return _fail(config, case_id, attempt, "attempts_exhausted", f"gave up after {config.max_attempts} attempts")
+    # A worker child decodes one image at a time, so its budget only has to refuse the single image
+    # that could never fit (the intake refuses those too, unless its settings differ).
+    budget = DecodeBudget(config.decode_memory_bytes, wait_seconds=0)
     try:
-        return decode(data, config.image_limits(), reduce_to=config.overlay_max_side)
+        return decode(data, ImageLimits.from_settings(config), reduce_to=config.overlay_max_side, budget=budget)
     except InvalidImage as exc:
         return _fail(config, case_id, attempt, "invalid_image", exc.message)
+    except TooLargeToDecode as exc:
+        return _fail(config, case_id, attempt, "invalid_image", str(exc))
 
 
 def _with_images(config: Settings, claimed: Sequence[Case]) -> list[tuple[uuid.UUID, int, datetime, bytes]]:

@@ -30,7 +30,7 @@ from core import cases, retention
 from core.errors import DermqError, InvalidImageError, InvalidInput
 from core.models import Case, CaseStatus, Outcome, Priority, Result, Role
 from core.publisher import publish_classify
-from ml.images import InvalidImage, decode
+from ml.images import ImageLimits, InvalidImage
 from ml.labels import CLASSES
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
@@ -230,19 +230,20 @@ async def submit_case(
     require_role(caller, Role.CLINIC)
     limit(caller, app, "submit")
     settings = app.settings
-    try:
-        form = await read_case_form(request, max_image_bytes=settings.max_upload_bytes)
-    except DermqError as exc:
-        metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
-        raise
-    client_ref, priority = _validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
-    limits = settings.image_limits()
-    try:
-        # CPU-bound: off the event loop. Draft mode: validation needs a full read, not full resolution.
-        decoded = await run_in_threadpool(decode, form.image, limits, reduce_to=256)
-    except InvalidImage as exc:
-        metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
-        raise InvalidImageError(exc.code, exc.message) from None
+    with app.uploads.hold(caller.principal.clinic_id):
+        try:
+            form = await read_case_form(request, max_image_bytes=settings.max_upload_bytes)
+        except DermqError as exc:
+            metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
+            raise
+        client_ref, priority = _validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
+        limits = ImageLimits.from_settings(settings)
+        try:
+            # Draft mode: validation needs a full read, not full resolution.
+            decoded = await app.decoder.decode(form.image, limits, reduce_to=256)
+        except InvalidImage as exc:
+            metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
+            raise InvalidImageError(exc.code, exc.message) from None
     metrics.UPLOAD_BYTES.observe(len(form.image))
     image = cases.NewImage(
         data=form.image,

@@ -1,0 +1,116 @@
+"""Bounds on the intake's memory: uploads in flight per clinic, and the decoding they share.
+
+Rate limits (``core.ratelimit``) bound how many uploads a key starts per minute; they do not bound
+how many are in flight at once, and each in-flight upload holds its body (up to the byte cap) and,
+while it is validated, its decoded pixels. :class:`UploadSlots` caps the uploads one clinic has in
+flight in this process. :class:`Decoder` validates uploads on a small pool of its own threads under
+a :class:`ml.decode_budget.DecodeBudget` that caps the decoded bytes held at once: few threads, so
+that the allocator's per-thread arenas do not each keep a freed canvas (with the 40 threads of the
+default pool, 16 concurrent 20-megapixel PNGs left the process 1.3 GiB larger), and
+:func:`release_large_allocations` makes the C allocator hand freed canvases back to the system
+instead of keeping them in its heaps. Overflows answer 429 with ``Retry-After``; an image that could
+never fit answers 413.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+
+from core.errors import InvalidImageError, RateLimited
+from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode
+from ml.images import DecodedImage, ImageLimits, decode
+
+
+class UploadSlots:
+    """At most ``per_clinic`` uploads of one clinic in flight in this process."""
+
+    def __init__(self, per_clinic: int) -> None:
+        self.per_clinic = per_clinic
+        self._lock = threading.Lock()
+        self._in_flight: dict[uuid.UUID | None, int] = {}
+
+    def in_flight(self, clinic_id: uuid.UUID | None) -> int:
+        with self._lock:
+            return self._in_flight.get(clinic_id, 0)
+
+    @contextmanager
+    def hold(self, clinic_id: uuid.UUID | None) -> Iterator[None]:
+        with self._lock:
+            held = self._in_flight.get(clinic_id, 0)
+            if held >= self.per_clinic:
+                raise RateLimited(
+                    f"this clinic already has {held} uploads in progress; wait for one to finish", retry_after=1
+                )
+            self._in_flight[clinic_id] = held + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._in_flight[clinic_id] - 1
+                if left:
+                    self._in_flight[clinic_id] = left
+                else:
+                    del self._in_flight[clinic_id]
+
+
+@contextmanager
+def decode_errors() -> Iterator[None]:
+    """Turn the decode budget's refusals into problem answers (429 busy, 413 too large)."""
+    try:
+        yield
+    except DecodeBusy as exc:
+        raise RateLimited(
+            "the service is decoding other large images; retry shortly", retry_after=exc.retry_after
+        ) from None
+    except TooLargeToDecode as exc:
+        raise InvalidImageError(
+            "too_large_to_decode",
+            f"decoding this image would need about {exc.needed / 2**20:.0f} MiB of memory; the limit is "
+            f"{exc.capacity / 2**20:.0f} MiB: send a smaller or JPEG-compressed image",
+        ) from None
+
+
+class Decoder:
+    """Decodes uploads on ``threads`` threads of its own under a budget of ``budget_bytes``."""
+
+    def __init__(self, budget_bytes: int, threads: int = 2) -> None:
+        self.budget = DecodeBudget(budget_bytes)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dermq-decode")
+
+    async def decode(self, data: bytes, limits: ImageLimits, *, reduce_to: int | None = None) -> DecodedImage:
+        """:func:`ml.images.decode` off the event loop; raises ``InvalidImage`` or a problem (429, 413)."""
+        job = partial(decode, data, limits, reduce_to=reduce_to, budget=self.budget)
+        with decode_errors():
+            return await asyncio.get_running_loop().run_in_executor(self._pool, job)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+#: glibc's mallopt parameter for the size from which allocations are mmapped (and unmapped on free).
+_M_MMAP_THRESHOLD = -3
+
+
+def release_large_allocations(threshold: int = 1024 * 1024) -> bool:
+    """Serve allocations of ``threshold`` bytes or more with mmap, so freeing returns them to the system.
+
+    glibc raises this threshold dynamically (up to 32 MiB) after the first large free, after which
+    decoded canvases come from the heap and stay in the process once freed. Fixing it keeps resident
+    memory near what the decode budget allows. Returns False where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))

@@ -1,0 +1,116 @@
+"""The decode budget: concurrent decodes share one bound on decoded bytes, and lossless canvases have
+their own pixel cap, checked from the header before any pixel is decoded."""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+from PIL import Image
+
+from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_peak_bytes
+from ml.images import ImageLimits, InvalidImage, decode
+
+
+def png_header_only(width: int, height: int, colour_type: int = 6) -> bytes:
+    """A PNG that declares ``width`` x ``height`` (RGBA by default) and holds one tiny IDAT."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+def png(width: int, height: int, mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height), (120, 80, 60, 255)[: len(mode)]).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_lossless_canvas_over_its_cap_is_refused_before_decoding() -> None:
+    # 7000x7000 RGBA: under the 50-megapixel cap that JPEG gets, over the lossless one.
+    data = png_header_only(7000, 7000)
+    assert len(data) < 200
+    with pytest.raises(InvalidImage) as refused:
+        decode(data, ImageLimits())
+    assert refused.value.code == "decompression_bomb"
+    assert "for PNG" in refused.value.message and "25 megapixels" in refused.value.message
+
+
+def test_from_settings_never_lets_the_lossless_cap_exceed_the_general_one() -> None:
+    class Bounds:
+        max_upload_bytes, max_image_side, max_image_pixels, max_lossless_pixels, min_image_side = (
+            10**6,
+            9000,
+            10**6,
+            10**7,
+            32,
+        )
+
+    limits = ImageLimits.from_settings(Bounds())
+    assert limits.max_lossless_pixels == 10**6 and limits.max_pixels == 10**6
+
+
+def test_an_image_whose_decoding_would_exceed_the_whole_budget_is_refused() -> None:
+    data = png(1000, 1000, "RGBA")
+    budget = DecodeBudget(estimate_peak_bytes(1000, 1000, "RGBA") - 1)
+    with pytest.raises(TooLargeToDecode):
+        decode(data, budget=budget)
+    assert budget.in_use == 0
+    assert decode(data, budget=DecodeBudget(estimate_peak_bytes(1000, 1000, "RGBA"))).image.size == (1000, 1000)
+
+
+def test_estimates_cover_what_alpha_compositing_holds() -> None:
+    assert (
+        estimate_peak_bytes(100, 100, "RGBA")
+        > estimate_peak_bytes(100, 100, "RGB")
+        > estimate_peak_bytes(100, 100, "L")
+    )
+    assert estimate_peak_bytes(7000, 7000, "RGBA") > 1_000_000_000  # the 190 KB PNG of the security review
+
+
+def test_a_reservation_that_does_not_fit_waits_for_one_to_end() -> None:
+    budget = DecodeBudget(100, wait_seconds=5)
+    released = threading.Event()
+
+    def hold() -> None:
+        with budget.reserve(80):
+            released.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    while budget.in_use != 80:
+        time.sleep(0.01)
+    threading.Timer(0.2, released.set).start()
+    started = time.monotonic()
+    with budget.reserve(50):
+        assert budget.in_use == 50
+    assert time.monotonic() - started >= 0.15
+    holder.join()
+    assert budget.in_use == 0
+
+
+def test_a_reservation_gives_up_with_retry_after_when_the_budget_stays_full() -> None:
+    budget = DecodeBudget(100, wait_seconds=0.1, retry_after=3)
+    with budget.reserve(60):
+        with pytest.raises(DecodeBusy) as busy:
+            with budget.reserve(60):
+                pass
+        assert busy.value.retry_after == 3
+        with budget.reserve(40):  # what fits is not held back
+            assert budget.in_use == 100
+    assert budget.in_use == 0
+
+
+def test_a_failed_decode_releases_its_reservation() -> None:
+    good = png(300, 300)
+    truncated = good[: len(good) // 2]
+    budget = DecodeBudget(10**8)
+    with pytest.raises(InvalidImage):
+        decode(truncated, budget=budget)
+    assert budget.in_use == 0
