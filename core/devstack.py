@@ -1,10 +1,11 @@
 """``make run``: the whole dermq stack on one machine, in the foreground.
 
-Prepares what a fresh machine lacks (the database and its migrations, the encryption key file,
-the demo clinic and key, a Flower password), then runs the API, a worker, Celery beat and Flower
-as child processes with their logs interleaved, each line prefixed with its process name. Ctrl-C
-(or SIGTERM) stops them all: a warm shutdown first, so the running case finishes, then a kill for
-anything still alive after the grace period. If one process dies, the others are stopped too.
+Prepares what a fresh machine lacks with the ``dermq`` command (the database and its migrations,
+the encryption key file, the demo clinic and key of :mod:`core.demo`) and a Flower password, then
+runs the API, a worker, Celery beat and Flower as child processes with their logs interleaved, each
+line prefixed with its process name. Ctrl-C (or SIGTERM) stops them all: a warm shutdown first, so
+the running case finishes, then a kill for anything still alive after the grace period. If one
+process dies, the others are stopped too.
 """
 
 from __future__ import annotations
@@ -54,13 +55,12 @@ def flower_password(settings: Settings, state_dir: Path) -> str:
 
 
 def prepare(settings: Settings, state_dir: Path, env: dict[str, str]) -> dict[str, str]:
-    bin_dir = Path(sys.executable).parent
-    dermq = str(bin_dir / "dermq")
+    dermq = [sys.executable, "-m", "cli"]  # the `dermq` command of the sources being run
     state_dir.mkdir(parents=True, exist_ok=True)
-    run_step([dermq, "db", "create"], env)
-    run_step([dermq, "db", "upgrade"], env)
-    run_step([dermq, "keys", "init"], env)
-    run_step([dermq, "demo", "--key-file", str(state_dir / "demo-key")], env)
+    run_step([*dermq, "db", "create"], env)
+    run_step([*dermq, "db", "upgrade"], env)
+    run_step([*dermq, "keys", "init"], env)
+    run_step([*dermq, "demo", "--key-file", str(state_dir / "demo-key")], env)
     password = flower_password(settings, state_dir)
     say(
         "dermq",

@@ -20,6 +20,8 @@ from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+#: The `dermq` command of these sources (the console script runs whichever copy is installed).
+DERMQ = [sys.executable, "-m", "cli"]
 #: Overridable so that two test runs on one machine never share (and drop) each other's database.
 TEST_DATABASE = os.environ.get("DERMQ_TEST_DATABASE", "dermq_test")
 TEST_REDIS_DB = int(os.environ.get("DERMQ_TEST_REDIS_DB", "14"))
@@ -150,7 +152,7 @@ def self_signed_certificate(cert: Path, key: Path) -> None:
 def migrate(url: str) -> None:
     from alembic import command
 
-    from core.cli import alembic_config
+    from cli.db import alembic_config
 
     command.upgrade(alembic_config(url), "head")
 

@@ -69,10 +69,9 @@ def test_only_admins(client, make_key) -> None:  # type: ignore[no-untyped-def]
 
 def test_cli_matches_the_api(settings) -> None:  # type: ignore[no-untyped-def]
     env = {**os.environ, "DERMQ_DATABASE_URL": settings.database_url, "DERMQ_KEY_FILE": str(settings.key_file)}
-    dermq = str(support.VENV_BIN / "dermq")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([dermq, *args], capture_output=True, text=True, env=env, cwd=support.ROOT)
+        return subprocess.run([*support.DERMQ, *args], capture_output=True, text=True, env=env, cwd=support.ROOT)
 
     name = f"cli-{uuid.uuid4().hex[:6]}"
     assert run("clinic", "create", name).returncode == 0

@@ -323,7 +323,7 @@ def test_every_access_is_audited(client, worker, make_key, fixture_images, setti
         )
     assert "ISIC" not in raw and "lesion.jpg" not in raw
     verify = subprocess.run(
-        [str(support.VENV_BIN / "dermq"), "audit", "verify"],
+        [*support.DERMQ, "audit", "verify"],
         cwd=support.ROOT,
         capture_output=True,
         text=True,

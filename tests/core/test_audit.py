@@ -99,7 +99,7 @@ def test_superuser_edit_is_found_and_named(settings, database) -> None:  # type:
         report = _verify(settings)
         assert not report.ok and report.first_bad_id == target and "altered" in (report.reason or "")
         cli = subprocess.run(
-            [sys.executable, "-m", "core.cli", "audit", "verify"],
+            [sys.executable, "-m", "cli", "audit", "verify"],
             cwd=ROOT,
             capture_output=True,
             text=True,

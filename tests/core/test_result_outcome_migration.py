@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 
-from core.cli import alembic_config
+from cli.db import alembic_config
 from tests import support
 
 

@@ -1,6 +1,7 @@
 """The Dockerfiles and .dockerignore: multi-stage, non-root, health checks, nothing secret in the
 build context, an API image without torch that still runs every process started from it, and a
-wheel that ships the migrations where the installed `dermq db upgrade` finds them."""
+wheel that ships the migrations where the installed `dermq db upgrade` finds them (and the demo image
+where `dermq demo` points)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _load_script(name: str):  # type: ignore[no-untyped-def]
 
 pyproject_deps = _load_script("pyproject_deps")
 
-FIRST_PARTY = ("api", "core", "ml", "worker", "migrations")
+FIRST_PARTY = ("api", "core", "ml", "worker", "cli", "migrations")
 
 
 # --------------------------------------------------------------------------- Dockerfiles
@@ -116,7 +117,7 @@ def test_healthcheck_script_defaults_match_the_settings(monkeypatch: pytest.Monk
 
 
 # --------------------------------------------------------------------------- the migrations ship in the wheel
-# `dermq db upgrade` runs Alembic on the installed `migrations` package (core.cli.alembic_config, no
+# `dermq db upgrade` runs Alembic on the installed `migrations` package (cli.db.alembic_config, no
 # alembic.ini): the wheel must carry env.py, script.py.mako and versions/*.py, and the API image
 # must prove that from its installed packages, not from the source tree it was built from.
 
@@ -157,7 +158,7 @@ def test_pyproject_ships_the_migrations_package_with_its_data() -> None:
 
 def test_the_cli_points_alembic_at_the_migrations_package() -> None:
     import migrations
-    from core.cli import alembic_config
+    from cli.db import alembic_config
 
     config = alembic_config("postgresql+psycopg2://dermq:placeholder@postgres:5432/dermq")
     location = Path(config.get_main_option("script_location")).resolve()
@@ -242,12 +243,31 @@ def test_the_wheel_ships_the_migrations(installed_wheel: tuple[Path, Path, Path]
     assert "alembic.ini" not in names
 
 
+def test_the_wheel_ships_the_cli_and_the_demo_image(installed_wheel: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    wheel, python, purelib = installed_wheel
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
+    expected = {f"cli/{p.name}" for p in (m.ROOT / "cli").glob("*.py")} | {"core/demo_data/ISIC_0024313.jpg"}
+    assert {"cli/__main__.py", "cli/main.py"} <= expected <= names, f"the wheel lacks {sorted(expected - names)}"
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "dermq = cli.main:main" in archive.read(entry_points).decode().splitlines()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DERMQ_", "PYTHON"))}
+    helped = subprocess.run(
+        [str(python), "-m", "cli", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert helped.returncode == 0 and helped.stdout.startswith("Usage: dermq "), helped.stderr
+    result = _run_installed(python, "import core.demo; print(core.demo.DEMO_IMAGE)", tmp_path)
+    assert result.returncode == 0, result.stderr
+    image = Path(result.stdout.strip())
+    assert image.resolve().is_relative_to(purelib.resolve()) and image.is_file(), "`dermq demo` points at no image"
+
+
 def test_the_installed_cli_finds_every_migration(installed_wheel: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, python, purelib = installed_wheel
     code = (
-        "import core.cli, migrations; from alembic.script import ScriptDirectory; "
-        "config = core.cli.alembic_config('postgresql+psycopg2://dermq:placeholder@postgres:5432/dermq'); "
-        "print(core.cli.__file__); print(config.get_main_option('script_location')); "
+        "import cli.db, migrations; from alembic.script import ScriptDirectory; "
+        "config = cli.db.alembic_config('postgresql+psycopg2://dermq:placeholder@postgres:5432/dermq'); "
+        "print(cli.db.__file__); print(config.get_main_option('script_location')); "
         "print(' '.join(s.revision for s in ScriptDirectory.from_config(config).walk_revisions()))"
     )
     result = _run_installed(python, code, tmp_path)
@@ -330,11 +350,17 @@ def _imports(path: Path, module: str, module_level_only: bool) -> set[str]:
     return found
 
 
+#: CLI modules whose commands need ml (torch, numpy): only the worker image runs them.
+WORKER_IMAGE_COMMANDS = ("cli.models", "cli.drift")
+
+
 def _third_party_reached(roots: list[str]) -> dict[str, str]:
     """Third-party top-level modules reachable from roots -> the first-party module importing them.
 
-    api/ and core/ are followed into function bodies too (they run in the API process); worker/ and
-    ml/ at module level only (worker.runtime imports torch lazily, in the worker alone).
+    api/, core/ and cli/ are followed into function bodies too (they run in the API image); worker/,
+    ml/ and the CLI's model and drift commands at module level only (worker.runtime imports torch
+    lazily, in the worker alone; `dermq model` and `dermq drift` load ml inside the command and run
+    from the worker image).
     """
     seen: set[str] = set()
     reached: dict[str, str] = {}
@@ -349,7 +375,7 @@ def _third_party_reached(roots: list[str]) -> dict[str, str]:
             continue
         parents = module.split(".")
         stack.extend(".".join(parents[:i]) for i in range(1, len(parents)))
-        module_level_only = parents[0] in ("worker", "ml")
+        module_level_only = parents[0] in ("worker", "ml") or module in WORKER_IMAGE_COMMANDS
         for name in _imports(path, module, module_level_only):
             top = name.split(".")[0]
             if top in FIRST_PARTY:
@@ -360,7 +386,7 @@ def _third_party_reached(roots: list[str]) -> dict[str, str]:
 
 
 def _api_image_roots() -> list[str]:
-    roots = ["api.app", "core.cli", "worker.flower", "worker.celery_app", "worker.tasks", "migrations.env"]
+    roots = ["api.app", "cli.main", "worker.flower", "worker.celery_app", "worker.tasks", "migrations.env"]
     roots += [f"migrations.versions.{p.stem}" for p in (m.ROOT / "migrations" / "versions").glob("*.py")]
     return roots
 
@@ -509,7 +535,7 @@ def test_what_the_images_need_is_in_the_build_context() -> None:
         "deploy/docker/pyproject_deps.py",
         "deploy/docker/healthcheck.py",
     ]
-    for package in ("api", "core", "worker", "ml", "migrations"):
+    for package in ("api", "core", "worker", "ml", "cli", "migrations"):
         needed += [str(p.relative_to(m.ROOT)) for p in (m.ROOT / package).rglob("*") if p.is_file()]
     needed = [p for p in needed if "__pycache__" not in p]
     assert any(p.endswith("weights.safetensors") for p in needed), "the shipped model is part of the image"

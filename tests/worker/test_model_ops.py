@@ -30,9 +30,7 @@ def dermq(settings, *args: str, model: str | None = None) -> subprocess.Complete
         "DERMQ_KEY_FILE": str(settings.key_file),
         "DERMQ_MODEL": model or settings.model,
     }
-    return subprocess.run(
-        [str(support.VENV_BIN / "dermq"), *args], capture_output=True, text=True, env=env, cwd=support.ROOT
-    )
+    return subprocess.run([*support.DERMQ, *args], capture_output=True, text=True, env=env, cwd=support.ROOT)
 
 
 @pytest.fixture

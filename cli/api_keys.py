@@ -1,0 +1,83 @@
+"""``dermq key``: API keys for clinics, auditors and admins (created, listed, revoked; each change audited).
+A key's secret is printed once, when it is created, and never stored or listed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import click
+
+from cli.common import CLI_ACTOR, json_option
+from core import clinics, keys
+from core.config import get_settings
+from core.crypto import load_keyring
+from core.db import session_scope
+from core.models import Role
+
+
+@click.group(help="API keys")
+def key() -> None:
+    pass
+
+
+@key.command("create", help="create an API key (printed once)")
+@click.option("--clinic", help="clinic name or id (required for role clinic)")
+@click.option("--role", type=click.Choice([r.value for r in Role]), default=Role.CLINIC.value, show_default=True)
+@click.option("--label", default="")
+@json_option('print {"key": ..., "id": ..., "role": ...}')
+def create(clinic: str | None, role: str, label: str, as_json: bool) -> int:
+    settings = get_settings()
+    keyring = load_keyring(settings)
+    chosen = Role(role)
+    with session_scope(settings) as session:
+        clinic_id = clinics.get_clinic(session, clinic).id if clinic else None
+        created, token = keys.create_key(
+            session, keyring, role=chosen, clinic_id=clinic_id, label=label or "", actor=CLI_ACTOR
+        )
+        key_id = str(created.id)
+    if as_json:
+        click.echo(json.dumps({"key": token, "id": key_id, "role": chosen.value}))
+    else:
+        click.echo(token)
+        click.echo(
+            f"(id {key_id}, role {chosen.value}; the key is shown only now: store it in the portal's secrets)",
+            err=True,
+        )
+    return 0
+
+
+@key.command("list", help="list API keys (never their secrets)")
+@click.option("--clinic", help="only this clinic's keys (name or id)")
+@json_option()
+def list_keys(clinic: str | None, as_json: bool) -> int:
+    with session_scope(get_settings()) as session:
+        clinic_id = clinics.get_clinic(session, clinic).id if clinic else None
+        rows = [
+            {
+                "id": str(k.id),
+                "prefix": k.prefix,
+                "role": k.role,
+                "clinic_id": str(k.clinic_id) if k.clinic_id else None,
+                "label": k.label,
+                "created_at": k.created_at.isoformat(),
+                "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+            }
+            for k in keys.list_keys(session, clinic_id=clinic_id)
+        ]
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        for row in rows:
+            state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
+            click.echo(f"{row['id']}  dq_{row['prefix']}_...  {row['role']:<8} {state}  {row['label']}")
+    return 0
+
+
+@key.command("revoke", help="revoke an API key at once")
+@click.argument("key_id", metavar="ID", type=click.UUID)
+def revoke(key_id: uuid.UUID) -> int:
+    with session_scope(get_settings()) as session:
+        revoked = keys.revoke_key(session, key_id, actor=CLI_ACTOR)
+        click.echo(f"revoked key {revoked.id} (dq_{revoked.prefix}_...)")
+    return 0

@@ -1,0 +1,96 @@
+"""``dermq keys``: the key file's key-encryption keys (create, rotate, re-wrap, status, retire).
+
+core.keyrotation is imported by the commands that use it, so ``dermq --help`` does not load it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cli.common import CLI_ACTOR, json_option
+from core.config import get_settings
+from core.crypto import Keyring, load_keyring, write_key_file
+from core.db import session_scope
+
+batch_option = click.option(
+    "--batch", type=click.IntRange(min=1), default=500, show_default=True, help="data keys per committed batch"
+)
+
+
+@click.group(help="encryption keys")
+def keys() -> None:
+    pass
+
+
+@keys.command("init", help="create the key file (mode 0600) if missing")
+@click.option("--file", "file", type=click.Path(dir_okay=False, path_type=Path), help="path (default: DERMQ_KEY_FILE)")
+def init(file: Path | None) -> int:
+    path = file or get_settings().key_file
+    if path is None:
+        click.echo("error: no key file path (set DERMQ_KEY_FILE or pass --file)", err=True)
+        return 2
+    if path.exists():
+        click.echo(f"key file {path} exists; leaving it alone")
+        return 0
+    write_key_file(path, Keyring.generate())
+    click.echo(f"created key file {path} (mode 0600); back it up: without it, stored images cannot be decrypted")
+    return 0
+
+
+@keys.command("rotate", help="add a new active key and re-wrap every data key")
+@batch_option
+def rotate(batch: int) -> int:
+    from core import keyrotation
+
+    report = keyrotation.rotate(get_settings(), batch=batch, actor=CLI_ACTOR)
+    click.echo(f"active key is now {report.active}; re-wrapped {report.rewrapped} data keys, {report.remaining} remain")
+    return 0 if report.remaining == 0 else 1
+
+
+@keys.command("rewrap", help="resume re-wrapping under the active key")
+@batch_option
+def rewrap(batch: int) -> int:
+    from core import keyrotation
+
+    report = keyrotation.rewrap_all(get_settings(), batch=batch, actor=CLI_ACTOR)
+    click.echo(f"re-wrapped {report.rewrapped} data keys under {report.active}; {report.remaining} remain")
+    return 0 if report.remaining == 0 else 1
+
+
+@keys.command("status", help="blobs per key-encryption key; exit 1 if one they need is missing")
+@json_option()
+def status(as_json: bool) -> int:
+    from core import keyrotation
+
+    settings = get_settings()
+    keyring = load_keyring(settings)
+    with session_scope(settings) as session:
+        counts = keyrotation.usage(session)
+    rows = [
+        {"kek_id": k, "active": k == keyring.active_id, "in_key_file": True, "blobs": counts.get(k, 0)}
+        for k in keyring.keks
+    ]
+    rows += [
+        {"kek_id": k, "active": False, "in_key_file": False, "blobs": n}
+        for k, n in counts.items()
+        if k not in keyring.keks
+    ]
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        for row in rows:
+            flags = "active " if row["active"] else ("MISSING" if not row["in_key_file"] else "       ")
+            click.echo(f"{row['kek_id']}  {flags}  {row['blobs']} blobs")
+    return 0 if all(r["in_key_file"] for r in rows) else 1
+
+
+@keys.command("retire", help="remove an old key from the key file once nothing needs it")
+@click.argument("kek_id")
+def retire(kek_id: str) -> int:
+    from core import keyrotation
+
+    keyrotation.retire(get_settings(), kek_id, actor=CLI_ACTOR)
+    click.echo(f"removed {kek_id} from the key file")
+    return 0

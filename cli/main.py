@@ -1,0 +1,50 @@
+"""The ``dermq`` root command: assembles the command groups and maps errors to exit codes.
+
+Each command returns its exit code (0 done, 1 the check it runs found a problem). Bad input exits 2
+with one ``error: ...`` line or click's usage message on stderr, never a traceback: usage errors, a
+domain error (an unknown clinic or key: ``error: <message> (<code>)``), an unusable key file or an
+invalid setting."""
+
+from __future__ import annotations
+
+import click
+
+from cli.api_keys import key
+from cli.audit import audit
+from cli.clinics import clinic
+from cli.db import db
+from cli.demo import demo
+from cli.drift import drift
+from cli.encryption_keys import keys
+from cli.models import model
+from core.errors import DermqError, KeyringError
+
+BAD_INPUT = 2
+
+
+@click.group(name="dermq", context_settings={"help_option_names": ["-h", "--help"]})
+def dermq() -> None:
+    """dermq operator commands"""
+
+
+for command in (db, keys, clinic, key, audit, model, drift, demo):
+    dermq.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``dermq`` on argv (default: the process's arguments) and return its exit code."""
+    try:
+        result = dermq.main(args=argv, prog_name="dermq", standalone_mode=False)
+    except click.ClickException as exc:  # usage errors (exit 2), as click would show them
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    except DermqError as exc:
+        click.echo(f"error: {exc.message} ({exc.code})", err=True)
+        return BAD_INPUT
+    except (KeyringError, ValueError) as exc:  # a bad key file; invalid settings (pydantic's errors)
+        click.echo(f"error: {exc}", err=True)
+        return BAD_INPUT
+    return int(result or 0)

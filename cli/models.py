@@ -1,0 +1,90 @@
+"""``dermq model``: the model registry (which entries exist, which one serves, whether an entry is intact).
+
+ml is imported inside the commands: ``ml.entry`` loads torch, which ``dermq --help`` and the other
+groups never need (the API image, which runs them, has no torch)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from cli.common import json_option
+from core.config import get_settings
+
+
+@click.group(help="model registry")
+def model() -> None:
+    pass
+
+
+def _active_entry(model_setting: str) -> Any:
+    """The folder DERMQ_MODEL names, resolved; None when it is not in the registry."""
+    from ml import registry
+
+    try:
+        return registry.resolve(model_setting).resolve()
+    except registry.RegistryError:
+        return None
+
+
+def _rows(active: Any) -> list[dict[str, Any]]:
+    from ml import registry
+
+    rows = []
+    for folder, manifest, error in registry.entries():
+        row: dict[str, Any] = {"id": folder.name, "active": folder.resolve() == active, "error": error}
+        if manifest is not None:
+            test = manifest.get("metrics", {}).get("test", {})
+            row.update(
+                {
+                    "version": manifest.get("version"),
+                    "architecture": manifest.get("architecture"),
+                    "created_at": manifest.get("created_at"),
+                    "weights_sha256": manifest.get("files", {}).get("weights", {}).get("sha256"),
+                    "balanced_accuracy": test.get("balanced_accuracy"),
+                    "default_backend": manifest.get("serving", {}).get("default_backend", "torch"),
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+@model.command("list", help="registry entries; * marks the active one (DERMQ_MODEL)")
+@json_option()
+def list_models(as_json: bool) -> int:
+    settings = get_settings()
+    active = _active_entry(settings.model)
+    rows = _rows(active)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return 0
+    for row in rows:
+        mark = "*" if row["active"] else " "
+        if row["error"]:
+            click.echo(f"{mark} {row['id']}  UNUSABLE: {row['error']}")
+            continue
+        bacc = row["balanced_accuracy"]
+        click.echo(
+            f"{mark} {row['id']}  v{row['version']}  {row['architecture']}  created {row['created_at']}  "
+            f"test balanced accuracy {bacc:.3f}  sha256 {row['weights_sha256'][:16]}..."
+            if isinstance(bacc, float)
+            else f"{mark} {row['id']}  v{row['version']}"
+        )
+    if active is None:
+        click.echo(f"(DERMQ_MODEL={settings.model} is not in the registry)")
+    return 0
+
+
+@model.command("verify", help="SHA-256, load and known answer of an entry (default: the active one)")
+@click.argument("model_id", metavar="[MODEL]", required=False)
+def verify(model_id: str | None) -> int:
+    from ml.entry import verify_entry
+
+    checks = verify_entry(model_id or get_settings().model)
+    for name, passed, detail in checks:
+        click.echo(f"{'ok  ' if passed else 'FAIL'}  {name}: {detail}")
+    ok = all(passed for _, passed, _ in checks)
+    click.echo("model verified" if ok else "MODEL FAILED VERIFICATION: do not deploy it")
+    return 0 if ok else 1

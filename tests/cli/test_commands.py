@@ -1,0 +1,232 @@
+"""The `dermq` command's interface, which operators' scripts parse: every command and option, the JSON
+shapes, the `*` on the active model, and exit code 2 with a one-line message (never a traceback) on
+bad input. Runs `python -m cli` (the command of these sources) in a subprocess unless a test says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import click
+import pytest
+from sqlalchemy import select
+
+from cli.main import dermq, main
+from core.db import session_scope
+from core.keys import TOKEN_RE
+from core.models import AuditEvent, Role
+from tests import support
+
+#: Today's commands and their options and arguments (click's parameter names): scripts call them.
+COMMANDS = {
+    "db create": set(),
+    "db upgrade": set(),
+    "keys init": {"file"},
+    "keys rotate": {"batch"},
+    "keys rewrap": {"batch"},
+    "keys status": {"as_json"},
+    "keys retire": {"kek_id"},
+    "clinic create": {"name", "as_json"},
+    "clinic list": {"as_json"},
+    "clinic deactivate": {"clinic_name"},
+    "clinic activate": {"clinic_name"},
+    "key create": {"clinic", "role", "label", "as_json"},
+    "key list": {"clinic", "as_json"},
+    "key revoke": {"key_id"},
+    "audit verify": {"as_json"},
+    "model list": {"as_json"},
+    "model verify": {"model_id"},
+    "drift report": {"day", "as_json"},
+    "demo": {"clinic_name", "key_file"},
+}
+
+
+def run(settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    environment = {
+        **os.environ,
+        "DERMQ_DATABASE_URL": settings.database_url,
+        "DERMQ_KEY_FILE": str(settings.key_file),
+        **env,
+    }
+    return subprocess.run(
+        [*support.DERMQ, *args], capture_output=True, text=True, env=environment, cwd=support.ROOT, timeout=120
+    )
+
+
+def _leaves(group: click.Group, prefix: str = "") -> dict[str, click.Command]:
+    found: dict[str, click.Command] = {}
+    for name, command in group.commands.items():
+        path = f"{prefix}{name}"
+        if isinstance(command, click.Group):
+            found |= _leaves(command, f"{path} ")
+        else:
+            found[path] = command
+    return found
+
+
+def _option_flags(command: click.Command) -> set[str]:
+    return {flag for param in command.params for flag in param.opts if flag.startswith("--")} - {"--help"}
+
+
+def test_every_command_and_option_of_the_cli_is_still_there() -> None:
+    leaves = _leaves(dermq)
+    assert set(leaves) == set(COMMANDS)
+    for path, params in COMMANDS.items():
+        assert {p.name for p in leaves[path].params if p.name != "help"} == params, path
+    assert _option_flags(leaves["key create"]) == {"--clinic", "--role", "--label", "--json"}
+    assert _option_flags(leaves["drift report"]) == {"--day", "--json"}
+    assert _option_flags(leaves["demo"]) == {"--clinic", "--key-file"}
+
+
+def test_help_is_light_and_lists_every_group() -> None:
+    # `dermq --help` and the key and clinic commands must not load torch or numpy (the API image has neither).
+    code = "import sys, cli.main; print(sorted(m for m in ('torch', 'numpy', 'ml') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=support.ROOT)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    helped = subprocess.run([*support.DERMQ, "--help"], capture_output=True, text=True, cwd=support.ROOT)
+    assert helped.returncode == 0 and helped.stdout.startswith("Usage: dermq ")
+    for group in ("db", "keys", "clinic", "key", "audit", "model", "drift", "demo"):
+        assert f"\n  {group} " in helped.stdout, group
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "Usage: dermq"),
+        (["clinik", "list"], "No such command 'clinik'"),
+        (["key"], "Usage: dermq key"),
+        (["key", "create", "--role", "root"], "'root' is not one of 'clinic', 'auditor', 'admin'"),
+        (["key", "revoke", "not-a-key-id"], "'not-a-key-id' is not a valid UUID"),
+        (["drift", "report", "--day", "yesterday"], "'yesterday' does not match the format '%Y-%m-%d'"),
+        (["keys", "rotate", "--batch", "0"], "0 is not in the range x>=1"),
+        (["clinic", "create"], "Missing argument 'NAME'"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message_and_no_traceback(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In process: these fail while parsing, before any setting or database is read.
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert message in err and "Traceback" not in err and out == ""
+
+
+@pytest.mark.usefixtures("database")
+def test_bad_input_on_the_database_exits_2_with_one_error_line(settings) -> None:  # type: ignore[no-untyped-def]
+    for args, message in [
+        (["key", "create", "--clinic", "no-such-clinic", "--json"], "error: no such clinic (clinic_not_found)"),
+        (["clinic", "deactivate", "no-such-clinic"], "error: no such clinic (clinic_not_found)"),
+        (["key", "revoke", str(uuid.uuid4())], "error: no such API key (key_not_found)"),
+    ]:
+        result = run(settings, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stdout == ""
+    name = f"twice-{uuid.uuid4().hex[:6]}"
+    assert run(settings, "clinic", "create", name).returncode == 0
+    again = run(settings, "clinic", "create", name)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "Traceback" not in again.stderr
+
+
+def test_an_unusable_key_file_exits_2(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    broken = tmp_path / "keys.json"
+    broken.write_text("{not json")
+    broken.chmod(0o600)
+    result = run(settings, "key", "create", "--role", "admin", DERMQ_KEY_FILE=str(broken))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.usefixtures("database")
+def test_clinic_and_key_json_shapes_and_the_cli_actor(settings, keyring) -> None:  # type: ignore[no-untyped-def]
+    from core import keys
+
+    name = f"shape-{uuid.uuid4().hex[:6]}"
+    made = run(settings, "clinic", "create", name, "--json")
+    assert made.returncode == 0, made.stderr
+    clinic = json.loads(made.stdout)
+    assert set(clinic) == {"id", "name"} and clinic["name"] == name and uuid.UUID(clinic["id"])
+
+    created = run(settings, "key", "create", "--clinic", name, "--role", "clinic", "--label", "front desk", "--json")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    assert set(key) == {"key", "id", "role"} and key["role"] == "clinic" and TOKEN_RE.match(key["key"])
+    with session_scope(settings) as session:
+        principal = keys.authenticate(session, keyring, key["key"])
+        assert principal.key_id == uuid.UUID(key["id"]) and principal.clinic_id == uuid.UUID(clinic["id"])
+        actors = set(
+            session.scalars(select(AuditEvent.actor_type).where(AuditEvent.entity_id.in_([clinic["id"], key["id"]])))
+        )
+    assert actors == {"cli"}
+
+    listed = json.loads(run(settings, "key", "list", "--clinic", name, "--json").stdout)
+    assert [(k["id"], k["label"], k["revoked_at"]) for k in listed] == [(key["id"], "front desk", None)]
+    assert key["key"] not in json.dumps(listed)
+
+    # Without --json, stdout is the key alone (for `KEY=$(dermq key create ...)`), the rest on stderr.
+    plain = run(settings, "key", "create", "--role", "auditor")
+    assert plain.returncode == 0 and TOKEN_RE.match(plain.stdout.strip()) and len(plain.stdout.splitlines()) == 1
+    assert "role auditor" in plain.stderr and plain.stdout.strip() not in plain.stderr
+
+    clinics = json.loads(run(settings, "clinic", "list", "--json").stdout)
+    assert {"id": clinic["id"], "name": name, "active": True} in [
+        {k: c[k] for k in ("id", "name", "active")} for c in clinics
+    ]
+    text = run(settings, "clinic", "create", f"plain-{uuid.uuid4().hex[:6]}")
+    assert text.stdout.startswith("id: ") and "\nname: plain-" in text.stdout
+
+
+def test_model_list_marks_the_active_entry_with_a_leading_star(settings) -> None:  # type: ignore[no-untyped-def]
+    from ml import registry
+
+    entries = sorted(folder.name for folder, _, _ in registry.entries())
+    assert len(entries) >= 2, "the check needs an active and an inactive entry"
+    for active in entries[:2]:
+        listed = run(settings, "model", "list", DERMQ_MODEL=active)
+        assert listed.returncode == 0, listed.stderr
+        lines = {line[2:].split()[0]: line for line in listed.stdout.splitlines()}
+        assert set(lines) == set(entries)
+        assert lines[active].startswith(f"* {active}  v")
+        assert all(line.startswith("  ") for entry, line in lines.items() if entry != active)
+    missing = run(settings, "model", "list", DERMQ_MODEL="no-such-model")
+    assert missing.returncode == 0 and not any(line.startswith("*") for line in missing.stdout.splitlines())
+    assert "(DERMQ_MODEL=no-such-model is not in the registry)" in missing.stdout
+
+
+@pytest.mark.usefixtures("database")
+def test_demo_creates_the_clinic_key_once_and_points_at_its_own_image(settings, keyring, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import core
+    from core import keys
+    from core.demo import DEMO_IMAGE
+
+    clinic = f"demo-{uuid.uuid4().hex[:6]}"
+    key_file = tmp_path / "state" / "demo-key"
+    first = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file))
+    assert first.returncode == 0, first.stderr
+    token = key_file.read_text().strip()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert first.stdout.startswith(f"created demo clinic '{clinic}' key (kept in {key_file}):")
+    assert f"  {token}\n" in first.stdout and f"-F image=@{DEMO_IMAGE} " in first.stdout
+    # The image ships with the package (core/demo_data): production code never reads tests/.
+    assert DEMO_IMAGE.is_file() and DEMO_IMAGE.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert DEMO_IMAGE.resolve().is_relative_to(Path(core.__file__).resolve().parent)
+    with session_scope(settings) as session:
+        principal = keys.authenticate(session, keyring, token)
+    assert principal.role == Role.CLINIC and principal.clinic_id is not None
+
+    second = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file))
+    assert second.returncode == 0 and second.stdout.startswith("reusing demo clinic")
+    assert f"  {token}\n" in second.stdout and key_file.read_text().strip() == token
+
+
+def test_keys_init_creates_a_private_key_file_once(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "new-keys.json"
+    first = run(settings, "keys", "init", "--file", str(path))
+    assert first.returncode == 0 and first.stdout.startswith(f"created key file {path} (mode 0600)")
+    assert path.stat().st_mode & 0o777 == 0o600
+    content = path.read_text()
+    second = run(settings, "keys", "init", "--file", str(path))
+    assert second.returncode == 0 and "exists; leaving it alone" in second.stdout and path.read_text() == content
