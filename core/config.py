@@ -1,7 +1,9 @@
 """dermq's one settings object, read from ``DERMQ_*`` environment variables (or a ``.env`` file).
 
 Every process (API, worker, beat, CLI, Alembic) builds it once with :func:`get_settings` and passes
-it down; nothing else reads the environment. Unsafe values are refused outside development.
+it down; nothing else reads the environment. The environment is ``production`` unless another is
+asked for (``make run`` asks for ``development``, the tests for ``test``); unsafe values are refused
+in production, never silently relaxed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "example"}
+#: Fragments of the placeholders that templates and examples use (deploy/k8s/secrets/*.template.yaml).
+PLACEHOLDER_MARKS = ("replace_me", "replaceme", "replace-me", "changeme", "change_me", "change-me", "<", ">", "example")
+
+
+def is_example_secret(value: str) -> bool:
+    """Whether ``value`` is an example or a template's placeholder rather than a real secret."""
+    lowered = value.strip().lower()
+    return lowered in EXAMPLE_SECRETS or any(mark in lowered for mark in PLACEHOLDER_MARKS)
 
 
 class FaultInjection(BaseModel):
@@ -44,7 +54,7 @@ class FaultInjection(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DERMQ_", env_file=".env", extra="ignore", frozen=True)
 
-    environment: Literal["development", "test", "production"] = "development"
+    environment: Literal["development", "test", "production"] = "production"
 
     # --- storage and broker -------------------------------------------------------------
     database_url: str = "postgresql+psycopg2:///dermq"
@@ -187,8 +197,11 @@ class Settings(BaseSettings):
         password = self.flower_password.get_secret_value()
         if not password:
             raise ValueError("set DERMQ_FLOWER_PASSWORD: Flower is never served without authentication")
-        if self.environment == "production" and (password.lower() in EXAMPLE_SECRETS or len(password) < 12):
-            raise ValueError("DERMQ_FLOWER_PASSWORD is an example or shorter than 12 characters; set a real one")
+        if self.environment == "production" and (is_example_secret(password) or len(password) < 12):
+            raise ValueError(
+                "DERMQ_FLOWER_PASSWORD is an example, a template placeholder or shorter than 12 characters; "
+                "set a real one"
+            )
         return password
 
     @property

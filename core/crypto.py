@@ -106,6 +106,21 @@ def new_kek_id() -> str:
     return f"kek-{datetime.now(UTC):%Y%m%d}-{secrets.token_hex(3)}"
 
 
+def check_private_file(path: Path, what: str) -> None:
+    """Refuse a secret file that others could read or anyone but its owner could change.
+
+    Owner read (and write), plus read for the file's group, are allowed: Kubernetes mounts Secret
+    files as root:<fsGroup> with ``defaultMode: 0440``, and the service reads them through that
+    group. Any bit for other users, and group write or execute, are refused in every environment.
+    """
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o037:
+        raise KeyringError(
+            f"{what} {path} has mode {mode:o}: others may read or change it; chmod 600 it (or 440 with a "
+            "group that only dermq's services use, as the Kubernetes manifests mount it)"
+        )
+
+
 def load_keyring(settings: Settings) -> Keyring:
     """The keyring from ``DERMQ_KEYS_JSON`` or ``DERMQ_KEY_FILE``; refuses to invent one."""
     if settings.keys_json is not None:
@@ -119,9 +134,7 @@ def load_keyring(settings: Settings) -> Keyring:
             f"no encryption key file at {path}; create one with `dermq keys init` (make run does this "
             "the first time) or set DERMQ_KEY_FILE / DERMQ_KEYS_JSON. dermq never invents keys at start-up."
         )
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077 and settings.environment == "production":
-        raise KeyringError(f"key file {path} is readable by other users (mode {mode:o}); chmod 600 it")
+    check_private_file(path, "key file")
     try:
         return Keyring.from_json(json.loads(path.read_text()))
     except json.JSONDecodeError:

@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     state_dir = Path(args.state_dir)
+    # The stack on a developer's machine asks for development (private callback URLs allowed, a
+    # generated Flower password); everything else defaults to production.
+    os.environ.setdefault("DERMQ_ENVIRONMENT", "development")
     settings = get_settings()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env = prepare(settings, state_dir, env)

@@ -28,6 +28,22 @@ def test_flower_refuses_missing_or_example_passwords() -> None:
     assert Settings(environment="production").environment == "production"
 
 
+@pytest.mark.parametrize(
+    "placeholder",
+    ["REPLACE_ME_FLOWER_PASSWORD", "<flower password here>", "change-me-to-something-long", "example-password-1"],
+)
+def test_flower_refuses_template_placeholders_in_production(placeholder: str) -> None:
+    with pytest.raises(ValueError, match="placeholder"):
+        Settings(environment="production", flower_password=placeholder).require_flower_password()
+
+
+def test_production_is_the_environment_unless_another_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DERMQ_ENVIRONMENT", raising=False)
+    assert Settings().environment == "production"
+    monkeypatch.setenv("DERMQ_ENVIRONMENT", "development")
+    assert Settings().environment == "development"
+
+
 def test_only_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DERMQ_DATABASE_URL", "sqlite:///x.db")
     with pytest.raises(ValidationError, match="PostgreSQL"):

@@ -78,12 +78,25 @@ def test_missing_key_file_refuses_to_start(tmp_path: Path) -> None:
         load_keyring(Settings(key_file=tmp_path / "absent.json"))
 
 
-def test_world_readable_key_file_is_refused_in_production(tmp_path: Path, keyring: Keyring) -> None:
+@pytest.mark.parametrize("environment", ["production", "development", "test"])
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o660, 0o460, 0o601])
+def test_a_key_file_others_can_read_or_change_is_refused_everywhere(
+    tmp_path: Path, keyring: Keyring, environment: str, mode: int
+) -> None:
     path = tmp_path / "keys.json"
     write_key_file(path, keyring)
-    os.chmod(path, 0o644)
+    os.chmod(path, mode)
     with pytest.raises(KeyringError, match="chmod 600"):
-        load_keyring(Settings(key_file=path, environment="production"))
+        load_keyring(Settings(key_file=path, environment=environment))
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o440, 0o640])
+def test_a_key_file_readable_by_its_group_only_is_accepted(tmp_path: Path, keyring: Keyring, mode: int) -> None:
+    """Kubernetes mounts Secret files root:<fsGroup> 0440; the service reads them through its group."""
+    path = tmp_path / "keys.json"
+    write_key_file(path, keyring)
+    os.chmod(path, mode)
+    assert load_keyring(Settings(key_file=path, environment="production")).active_id == keyring.active_id
 
 
 def test_malformed_key_files(tmp_path: Path) -> None:
@@ -94,6 +107,7 @@ def test_malformed_key_files(tmp_path: Path) -> None:
         (json.dumps({"active": "a", "keys": {"a": "AAAA"}, "api_key_pepper": "x" * 24}), "bytes"),
     ):
         path.write_text(content)
+        path.chmod(0o600)
         with pytest.raises(KeyringError, match=message):
             load_keyring(Settings(key_file=path))
 

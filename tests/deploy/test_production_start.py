@@ -1,0 +1,155 @@
+"""The deployment starts as shipped: the API and a worker run in production mode with the environment
+and the secret-file modes that the Kubernetes manifests and the compose instructions give them (no
+container runtime needed: the same commands, variables and file modes, on this machine)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests import support
+from tests.deploy import manifests
+
+#: A Redis database of this test's own: no other worker of the test run takes its cases.
+REDIS_DB = 15
+SECRETS_README = manifests.DEPLOY / "secrets" / "README.md"
+
+
+def secret_modes(workload: manifests.Workload, container: dict) -> dict[str, int]:  # type: ignore[type-arg]
+    """File name under the secrets mount -> the mode Kubernetes gives it (item mode, else defaultMode)."""
+    volumes = {volume["name"]: volume for volume in workload.pod.get("volumes", [])}
+    modes: dict[str, int] = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        projected = volume.get("projected")
+        sources = [s["secret"] for s in projected["sources"] if "secret" in s] if projected else []
+        default = (
+            projected.get("defaultMode", 0o644) if projected else volume.get("secret", {}).get("defaultMode", 0o644)
+        )
+        if "secret" in volume:
+            sources.append(volume["secret"])
+        for secret in sources:
+            for item in secret.get("items", []):
+                modes[item["path"]] = int(item.get("mode", default))
+    return modes
+
+
+def production_env(base: dict[str, str], secrets_dir: Path, stack_env: dict[str, str]) -> dict[str, str]:
+    """The shipped environment, pointed at this machine's Postgres and Redis and at free ports."""
+    return {
+        **base,
+        "DERMQ_SECRETS_DIR": str(secrets_dir),
+        "DERMQ_KEY_FILE": str(secrets_dir / "dermq-keys.json"),
+        "DERMQ_REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "DERMQ_API_HOST": "127.0.0.1",
+        "DERMQ_API_PORT": str(support.free_port()),
+        "DERMQ_METRICS_HOST": "127.0.0.1",
+        "DERMQ_METRICS_PORT": str(support.free_port()),
+        "DERMQ_WORKER_METRICS_PORT": str(support.free_port()),
+        "DERMQ_DEVICE": "cpu",
+        # the test stack's rate limits: the tests share one address
+        **{k: v for k, v in stack_env.items() if k.startswith("DERMQ_RATE_LIMIT_")},
+    }
+
+
+def write_secrets(secrets_dir: Path, stack_env: dict[str, str], modes: dict[str, int]) -> None:
+    """The secret files the services read, with the modes the deployment gives them."""
+    secrets_dir.mkdir(mode=0o700)
+    shutil.copyfile(stack_env["DERMQ_KEY_FILE"], secrets_dir / "dermq-keys.json")
+    (secrets_dir / "dermq_database_url").write_text(stack_env["DERMQ_DATABASE_URL"])
+    for name in ("dermq-keys.json", "dermq_database_url"):
+        (secrets_dir / name).chmod(modes[name])
+
+
+@pytest.fixture
+def production_redis() -> Iterator[None]:
+    client = redis.Redis.from_url(f"redis://127.0.0.1:6379/{REDIS_DB}")
+    client.flushdb()
+    yield
+    client.flushdb()
+    client.close()
+
+
+def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classify(  # type: ignore[no-untyped-def]
+    tmp_path: Path, stack_env, database, production_redis, make_key, jpeg_bytes
+) -> None:
+    api, worker = manifests.workload("api"), manifests.workload("worker")
+    api_container, worker_container = api.containers[0], worker.containers[0]
+    modes = secret_modes(api, api_container)
+    assert modes["dermq-keys.json"] & 0o040, "the manifests are expected to mount the key file group-readable"
+    assert secret_modes(worker, worker_container)["dermq-keys.json"] == modes["dermq-keys.json"]
+    secrets_dir = tmp_path / "secrets"
+    write_secrets(secrets_dir, stack_env, modes)
+    env = production_env(manifests.container_environment(api_container), secrets_dir, stack_env)
+    assert env["DERMQ_ENVIRONMENT"] == "production"
+    worker_env = {**production_env(manifests.container_environment(worker_container), secrets_dir, stack_env)}
+    worker_env["DERMQ_REDIS_URL"] = env["DERMQ_REDIS_URL"]
+
+    base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
+    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    try:
+        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=60, what="the API to start")
+        assert server.alive(), "the API stopped at start-up in production mode"
+        process = support.start_worker(worker_env, tmp_path / "worker.log", name="production")
+        try:
+            tenant = make_key("clinic")
+            with httpx.Client(base_url=base, timeout=30) as http:
+                assert http.get("/readyz").json()["status"] == "ready"
+                files = {"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
+                submitted = http.post("/v1/cases", files=files, headers=tenant.headers)
+                assert submitted.status_code == 202, submitted.text
+                case_url = submitted.headers["Location"]
+                finished = support.wait_for(
+                    lambda: (
+                        (c := http.get(case_url, headers=tenant.headers).json())["status"] in ("succeeded", "failed")
+                        and c
+                    ),
+                    timeout=120,
+                    what="the production worker to finish the case",
+                )
+            assert finished["status"] == "succeeded", finished
+        finally:
+            process.stop()
+    finally:
+        server.stop()
+
+
+def test_the_compose_instructions_modes_let_the_api_start(
+    tmp_path: Path, stack_env, database, production_redis
+) -> None:  # type: ignore[no-untyped-def]
+    readme = SECRETS_README.read_text()
+    found = re.search(r"chmod (\d{3}) [^\n]*dermq-keys\.json", readme)
+    assert found, "deploy/secrets/README.md no longer says which mode the key file gets"
+    mode = int(found.group(1), 8)
+    services = manifests.compose_services()
+    secrets_dir = tmp_path / "secrets"
+    write_secrets(secrets_dir, stack_env, {"dermq-keys.json": mode, "dermq_database_url": mode})
+    assert stat.S_IMODE((secrets_dir / "dermq-keys.json").stat().st_mode) == mode
+    env = production_env(manifests.compose_environment(services["api"]), secrets_dir, stack_env)
+    assert env["DERMQ_ENVIRONMENT"] == "production"
+    base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
+    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    try:
+        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=60, what="the API to start")
+        assert server.alive(), "the API stopped at start-up in production mode"
+        assert httpx.get(f"{base}/readyz", timeout=10).json()["status"] == "ready"
+    finally:
+        server.stop()
+
+
+def test_a_world_readable_key_file_stops_the_api_at_start_up(tmp_path: Path, stack_env, database) -> None:  # type: ignore[no-untyped-def]
+    secrets_dir = tmp_path / "secrets"
+    write_secrets(secrets_dir, stack_env, {"dermq-keys.json": 0o444, "dermq_database_url": 0o440})
+    env = production_env(manifests.configmap_data(), secrets_dir, stack_env)
+    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    try:
+        assert server.proc.wait(60) != 0
+    finally:
+        server.stop()
