@@ -1,24 +1,34 @@
 """``dermq-flower``: Flower, the operators' queue view, configured from Settings.
 
-Basic auth comes from ``DERMQ_FLOWER_USER`` / ``DERMQ_FLOWER_PASSWORD`` (refused empty in
-production) and Flower listens on ``DERMQ_FLOWER_HOST:DERMQ_FLOWER_PORT`` (127.0.0.1:5555 by
+Basic auth comes from ``DERMQ_FLOWER_USER`` / ``DERMQ_FLOWER_PASSWORD`` (refused empty anywhere,
+and an example or placeholder in production). It reaches Flower through its ``FLOWER_BASIC_AUTH``
+environment variable, never the command line, which every local user can read in ``ps``. Flower
+listens on ``DERMQ_FLOWER_HOST:DERMQ_FLOWER_PORT`` (127.0.0.1:5555 by
 default). Task arguments are case ids only, so Flower never shows patient data. Note that Flower
 exempts its own ``/metrics`` and ``/healthcheck`` from authentication: keep the port private.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-from core.config import get_settings
+from core.config import Settings, get_settings
 
 
-def flower_argv() -> list[str]:
-    settings = get_settings()
+def basic_auth(settings: Settings) -> str:
+    """Flower's ``user:password`` credential; exits with the reason when the password is refused."""
     try:
         password = settings.require_flower_password()
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    if "," in password or "," in settings.flower_user:
+        raise SystemExit("DERMQ_FLOWER_PASSWORD and DERMQ_FLOWER_USER must not contain ',' (Flower splits on it)")
+    return f"{settings.flower_user}:{password}"
+
+
+def flower_argv(settings: Settings) -> list[str]:
+    """Flower's command line: everything but the credential."""
     argv = [
         "celery",
         "--app",
@@ -26,7 +36,6 @@ def flower_argv() -> list[str]:
         "flower",
         f"--address={settings.flower_host}",
         f"--port={settings.flower_port}",
-        f"--basic-auth={settings.flower_user}:{password}",
         "--max-tasks=10000",
         "--purge-offline-workers=600",
     ]
@@ -38,7 +47,9 @@ def flower_argv() -> list[str]:
 def main() -> None:
     from celery.bin.celery import main as celery_main
 
-    sys.argv = flower_argv()
+    settings = get_settings()
+    os.environ["FLOWER_BASIC_AUTH"] = basic_auth(settings)
+    sys.argv = flower_argv(settings)
     celery_main()
 
 

@@ -1,0 +1,60 @@
+"""Flower, the operators' queue view: basic auth always, and the password never on a command line."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import support
+
+
+def flower_answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def test_flower_demands_its_password_which_no_command_line_shows(stack_env, tmp_path: Path, redis_client) -> None:  # type: ignore[no-untyped-def]
+    password = secrets.token_urlsafe(18)
+    port = support.free_port()
+    env = {
+        **stack_env,
+        "DERMQ_FLOWER_PASSWORD": password,
+        "DERMQ_FLOWER_PORT": str(port),
+        "DERMQ_FLOWER_USER": "operator",
+    }
+    flower = support.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        support.wait_for(lambda: flower_answers(base) or not flower.alive(), timeout=60, what="Flower to listen")
+        assert flower.alive()
+        assert httpx.get(f"{base}/workers", timeout=10).status_code == 401
+        assert httpx.get(f"{base}/workers", timeout=10, auth=("operator", "wrong")).status_code == 401
+        assert httpx.get(f"{base}/workers", timeout=10, auth=("operator", password)).status_code == 200
+        cmdline = Path(f"/proc/{flower.proc.pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline
+    finally:
+        flower.stop()
+    assert password not in flower.output()
+
+
+@pytest.mark.parametrize("password", ["", "REPLACE_ME_FLOWER_PASSWORD"])
+def test_flower_refuses_to_start_without_a_real_password_in_production(
+    stack_env, tmp_path: Path, password: str
+) -> None:  # type: ignore[no-untyped-def]
+    env = {
+        **stack_env,
+        "DERMQ_ENVIRONMENT": "production",
+        "DERMQ_FLOWER_PASSWORD": password,
+        "DERMQ_FLOWER_PORT": str(support.free_port()),
+    }
+    flower = support.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
+    try:
+        assert flower.proc.wait(60) != 0
+    finally:
+        flower.stop()
