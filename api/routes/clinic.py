@@ -1,5 +1,5 @@
-"""The calling clinic's own settings: its completion callback (see core/callbacks.py for the body and
-what URLs are accepted, core/callback_http.py for the signature)."""
+"""The calling clinic's own settings: its completion callback (see core/callbacks.py for the body,
+core/callback_urls.py for what URLs are accepted, core/callback_signing.py for the signature)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from api.deps import AuthenticatedCaller, DbSession, State, limit, require_role
 from api.routes.cases import NO_STORE, PROBLEMS
 from core import callbacks
+from core.callback_signing import SIGNATURE_HEADER
 from core.models import ClinicCallback, Role
 
 router = APIRouter(prefix="/v1/clinic", tags=["clinic"])
@@ -26,7 +27,7 @@ class CallbackIn(BaseModel):
 
 class CallbackOut(BaseModel):
     url: str
-    signature_header: str = callbacks.SIGNATURE_HEADER
+    signature_header: str = SIGNATURE_HEADER
     created_at: datetime
     updated_at: datetime
 
