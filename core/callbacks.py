@@ -11,11 +11,11 @@
 
 ``outcome`` is the result's: ``diagnosis``, or ``out_of_distribution`` when the image was not one the
 model can judge (no diagnosis made); ``null`` for a case that failed. The body carries no patient
-data: no client reference, no image, no label or probabilities. The portal then
-reads the result with its API key (``GET /v1/cases/{id}``), an audited read like any other. The
-receiver checks the signature with the secret it was shown once at registration (:func:`verify` is
-the reference), refuses timestamps more than a few minutes old (replays) and de-duplicates by the
-event id: delivery is at least once.
+data: no client reference, no image, no label or probabilities. The portal then reads the result
+with its API key (``GET /v1/cases/{id}``), an audited read like any other. The receiver checks the
+signature with the secret it was shown once at registration (:func:`core.callback_signing.verify`
+is the reference), refuses timestamps more than a few minutes old (replays) and de-duplicates by
+the event id: delivery is at least once.
 
 Delivery is durable. The outbox row (:class:`~core.models.CallbackDelivery`) is written in the
 transaction that ends the case, and its delivery task is enqueued on that same Session, sent once

@@ -74,8 +74,3 @@ def send(app: Celery, task: Task) -> bool:
 def publish_classify(app: Celery, case_id: uuid.UUID, priority: Priority | str) -> bool:
     """Send ``classify(case_id)`` now (outside any transaction: tests, tools)."""
     return send(app, classify_task(case_id, priority))
-
-
-def publish_callback(app: Celery, case_id: uuid.UUID) -> bool:
-    """Send the completion callback of a finished case now (outside any transaction)."""
-    return send(app, callback_task(case_id))
