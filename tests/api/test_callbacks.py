@@ -269,9 +269,15 @@ def test_a_failed_case_is_announced_too(
         notice = json.loads(server.calls[0]["body"])  # type: ignore[arg-type]
         assert notice["status"] == "failed" and notice["case_id"] == str(case_id) and notice["outcome"] is None
         assert verify(secret, server.calls[0]["headers"]["Dermq-Signature"], server.calls[0]["body"])  # type: ignore[index, arg-type]
-        row, events = deliveries(settings, case_id)
-        assert row is not None and (row.status, row.attempts) == ("delivered", 1)
-        assert [e.outcome for e in events] == ["success"]
+        # The receiver saw the call before it answered: wait for the worker to record the answer.
+        row = support.wait_for(
+            lambda: (d := deliveries(settings, case_id)[0]) is not None and d.status != "pending" and d,
+            timeout=30,
+            interval=0.1,
+            what="the delivery to be recorded",
+        )
+        assert (row.status, row.attempts) == ("delivered", 1)
+        assert [e.outcome for e in deliveries(settings, case_id)[1]] == ["success"]
     finally:
         server.close()
 
