@@ -1,9 +1,10 @@
-"""FastAPI dependencies: the app's state, the per-request transaction, the caller and rate limits."""
+"""FastAPI dependencies: the app's state, the request's database work (one Session, one transaction,
+one thread: :mod:`api.db`), the caller and rate limits."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -13,6 +14,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from api.db import RequestDb
 from api.intake_limits import Decoder, UploadSlots
 from core import audit, keys
 from core.config import Settings
@@ -50,33 +52,20 @@ def state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(state)]
 
 
-def db_session(request: Request) -> Iterator[Session]:
-    """One transaction per request, committed before the response is sent ("no audit, no access":
-    if the commit of a read's audit event fails, the client gets 503 and no data)."""
-    session = state(request).sessions()
+async def request_db(request: Request) -> AsyncIterator[RequestDb]:
+    """The request's unit of work: routes run their database work with ``await db.run(work)`` and
+    never commit; this commits once the route has returned (before the response is sent), or rolls
+    back if it raised. Every route uses it, the same way."""
+    db = RequestDb(state(request).sessions)
     try:
-        yield session
-        session.commit()
+        yield db
     except BaseException:
-        session.rollback()
+        await db.finish(commit=False)
         raise
-    finally:
-        session.close()
+    await db.finish(commit=True)
 
 
-DbSession = Annotated[Session, Depends(db_session, scope="function")]
-
-
-def commit_audited(session: Session) -> None:
-    """Commit a request's audited work at once, in the thread that did it.
-
-    An audit event holds the chain's lock until its transaction ends, and every other audited request
-    and worker waits for it (sampling Postgres during ``bench.load`` found most waiting backends on
-    that lock). The dependency's own commit would run a thread-pool hop later, once the event loop
-    got round to it; this releases the lock before the response is built. After it the dependency's
-    commit has nothing left to do. A commit that fails still means no data ("no audit, no access"):
-    the exception answers 503."""
-    session.commit()
+Db = Annotated[RequestDb, Depends(request_db, scope="function")]
 
 
 def client_address(request: Request, settings: Settings) -> str:
@@ -117,23 +106,27 @@ class Caller:
     actor: audit.Actor
 
 
-def authenticate(request: Request, session: DbSession, app: State) -> Caller:
+async def authenticate(request: Request, db: Db, app: State) -> Caller:
     """The API key's principal. Failed attempts are audited and rate-limited per source address."""
     actor = actor_for(request)
     bucket = f"authfail:{actor.source_ip}"
     limit = app.settings.rate_limit_failed_auth_per_minute
-    blocked = app.limiter.check(bucket, limit)
-    if not blocked.allowed:
-        raise RateLimited(
-            f"too many failed authentication attempts from this address; retry in {blocked.retry_after} s",
-            retry_after=blocked.retry_after,
-        )
-    try:
-        principal = keys.authenticate(session, app.keyring, bearer_token(request))
-    except Unauthorized as exc:
-        app.limiter.hit(bucket, limit)
-        exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
-        raise
+
+    def check(session: Session) -> keys.Principal:
+        blocked = app.limiter.check(bucket, limit)
+        if not blocked.allowed:
+            raise RateLimited(
+                f"too many failed authentication attempts from this address; retry in {blocked.retry_after} s",
+                retry_after=blocked.retry_after,
+            )
+        try:
+            return keys.authenticate(session, app.keyring, bearer_token(request))
+        except Unauthorized as exc:
+            app.limiter.hit(bucket, limit)
+            exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
+            raise
+
+    principal = await db.run(check)
     caller = Caller(principal, actor.with_key(principal.key_id, principal.role.value, principal.clinic_id))
     request.state.caller = caller  # for the audit of a later denial in this request
     return caller
@@ -143,6 +136,7 @@ AuthenticatedCaller = Annotated[Caller, Depends(authenticate)]
 
 
 def limit(caller: Caller, app: AppState, kind: str) -> None:
+    """Count one request against the key's limit of ``kind`` (Redis: call it off the event loop)."""
     per_minute = (
         app.settings.rate_limit_submissions_per_minute if kind == "submit" else app.settings.rate_limit_reads_per_minute
     )

@@ -11,63 +11,61 @@
 
 ``outcome`` is the result's: ``diagnosis``, or ``out_of_distribution`` when the image was not one the
 model can judge (no diagnosis made); ``null`` for a case that failed. The body carries no patient
-data: no client reference, no image, no label or probabilities. The portal then
-reads the result with its API key (``GET /v1/cases/{id}``), an audited read like any other. The
-receiver checks the signature with the secret it was shown once at registration (:func:`verify` is
-the reference), refuses timestamps more than a few minutes old (replays) and de-duplicates by the
-event id: delivery is at least once.
+data: no client reference, no image, no label or probabilities. The portal then reads the result
+with its API key (``GET /v1/cases/{id}``), an audited read like any other. The receiver checks the
+signature with the secret it was shown once at registration (:func:`core.callback_signing.verify`
+is the reference), refuses timestamps more than a few minutes old (replays) and de-duplicates by
+the event id: delivery is at least once.
 
 Delivery is durable. The outbox row (:class:`~core.models.CallbackDelivery`) is written in the
-transaction that ends the case; a Celery task posts it, retrying with exponential backoff and
-jitter, and audits every attempt (``callback.deliver``: attempt number and HTTP status, never the
-body or the secret); the sweeper re-publishes rows whose message was lost. The signing secret is
-stored sealed by envelope encryption (kind ``callback_secret``, bound to the clinic) and is never
-logged.
+transaction that ends the case, and its delivery task is enqueued on that same Session, sent once
+it committed (:mod:`core.enqueue`). The worker (:mod:`worker.callbacks`) makes each attempt in three
+steps, so that no row lock and no pooled connection is held while a clinic's server takes its time:
 
-The notice travels by :mod:`core.callback_http`: the HMAC signature, and a POST that refuses
-non-public addresses (SSRF) and connects to the very address it checked.
+1. :func:`lease` — a short transaction counts the attempt, leases the row until ``leased_until``
+   and reads what the POST needs; a duplicated message finds the row leased and does nothing;
+2. the POST, with no transaction open;
+3. :func:`record_attempt` — a short transaction, fenced by the attempt number, records the answer
+   (delivered, retry later, or given up), ends the lease and audits the attempt
+   (``callback.deliver``: attempt number and HTTP status, never the body or the secret).
+
+Retries back off exponentially with jitter; the sweeper re-publishes rows whose message was lost.
+The signing secret is stored sealed by envelope encryption (kind ``callback_secret``, bound to the
+clinic) and is never logged. Which URLs are accepted is :mod:`core.callback_urls`; the signature is
+:mod:`core.callback_signing`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import random
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, select, update
+from celery import Celery
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core import audit
-from core.callback_http import EVENT_HEADER as EVENT_HEADER
-from core.callback_http import LOCAL_ENVIRONMENTS, post, public_address
-from core.callback_http import SIGNATURE_HEADER as SIGNATURE_HEADER
-from core.callback_http import SIGNATURE_TOLERANCE_SECONDS as SIGNATURE_TOLERANCE_SECONDS
-from core.callback_http import UnsafeAddress as UnsafeAddress
-from core.callback_http import sign as sign
-from core.callback_http import verify as verify
+from core.callback_urls import validate_url
 from core.config import Settings
 from core.crypto import Keyring, decrypt_blob, encrypt_blob
-from core.errors import DecryptionError, Forbidden, InvalidInput, NotFound
+from core.enqueue import enqueue
+from core.errors import DecryptionError, Forbidden, NotFound
 from core.keys import Principal
 from core.models import CallbackDelivery, CallbackStatus, Case, ClinicCallback, Result, Role
+from core.publisher import callback_task
 
 SECRET_KIND = "callback_secret"  # noqa: S105 - the blob kind, not a secret
-INTERNAL_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain", ".home.arpa")
 
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def _invalid(message: str) -> InvalidInput:
-    return InvalidInput(message, code="invalid_callback_url")
 
 
 def _clinic_of(principal: Principal, action: str) -> uuid.UUID:
@@ -78,45 +76,6 @@ def _clinic_of(principal: Principal, action: str) -> uuid.UUID:
             audit=audit.PendingEvent(action, audit.DENIED, "clinic", None, {"reason": "role"}),
         )
     return principal.clinic_id
-
-
-# --------------------------------------------------------------------------- the URL
-
-
-def validate_url(url: str, settings: Settings) -> str:
-    """The URL as dermq will call it, or :class:`InvalidInput` saying what is wrong with it."""
-    url = url.strip()
-    limit = settings.callback_url_max_length
-    if not url or len(url) > limit:
-        raise _invalid(f"the callback URL must be 1 to {limit} characters")
-    if any(not ("\x21" <= c <= "\x7e") for c in url):
-        raise _invalid("the callback URL must be visible ASCII (write international host names in punycode)")
-    parts = urlsplit(url)
-    local = settings.environment in LOCAL_ENVIRONMENTS
-    allowed = ("https", "http") if local else ("https",)
-    if parts.scheme not in allowed:
-        raise _invalid("the callback URL must use https")
-    if "@" in parts.netloc:
-        raise _invalid("the callback URL must not carry credentials; authenticate calls by their signature")
-    if parts.fragment:
-        raise _invalid("the callback URL must not have a #fragment")
-    host = (parts.hostname or "").rstrip(".")
-    if not host:
-        raise _invalid("the callback URL has no host")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
-    except ValueError:
-        raise _invalid("the callback URL's port is not valid") from None
-    if not local:
-        try:
-            literal = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            if host.lower() == "localhost" or host.lower().endswith(INTERNAL_SUFFIXES) or "." not in host:
-                raise _invalid("the callback host must be a public DNS name") from None
-        else:
-            if not public_address(literal):
-                raise _invalid("the callback host must be a public address, not a private or local one")
-    return url
 
 
 # --------------------------------------------------------------------------- registration (API)
@@ -192,17 +151,18 @@ def unregister(session: Session, *, principal: Principal, actor: audit.Actor) ->
 # --------------------------------------------------------------------------- the outbox (worker, sweeper)
 
 
-def note_finished(session: Session, case_id: uuid.UUID) -> bool:
-    """Write the outbox row for a case that has just ended, if its clinic has a callback; True if it
-    did. Call inside the transaction that ended the case, then publish after the commit."""
-    return case_id in note_finished_many(session, [case_id])
+def note_finished(session: Session, case_id: uuid.UUID, *, publisher: Celery) -> bool:
+    """Write the outbox row for a case that has just ended, if its clinic has a callback, and enqueue
+    its delivery (sent by ``publisher`` once this transaction commits); True if it did. Call inside
+    the transaction that ended the case."""
+    return case_id in note_finished_many(session, [case_id], publisher=publisher)
 
 
-def note_finished_many(session: Session, case_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+def note_finished_many(session: Session, case_ids: Sequence[uuid.UUID], *, publisher: Celery) -> set[uuid.UUID]:
     """:func:`note_finished` for several cases in one statement; returns those given an outbox row."""
     if not case_ids:
         return set()
-    return set(
+    noted = set(
         session.scalars(
             insert(CallbackDelivery)
             .from_select(
@@ -215,14 +175,23 @@ def note_finished_many(session: Session, case_ids: Sequence[uuid.UUID]) -> set[u
             .returning(CallbackDelivery.case_id)
         )
     )
+    for case_id in case_ids:
+        if case_id in noted:
+            enqueue(session, publisher, callback_task(case_id))
+    return noted
 
 
 def stale_deliveries(session: Session, cutoff: datetime, limit: int = 500) -> list[uuid.UUID]:
-    """Pending deliveries untouched since ``cutoff`` (their message was lost), locked for this sweep."""
+    """Pending deliveries untouched since ``cutoff`` and not leased (their message was lost), locked
+    for this sweep."""
     return list(
         session.scalars(
             select(CallbackDelivery.case_id)
-            .where(CallbackDelivery.status == CallbackStatus.PENDING.value, CallbackDelivery.updated_at < cutoff)
+            .where(
+                CallbackDelivery.status == CallbackStatus.PENDING.value,
+                CallbackDelivery.updated_at < cutoff,
+                or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < now()),
+            )
             .order_by(CallbackDelivery.updated_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -240,6 +209,12 @@ def stale_after_seconds(settings: Settings) -> float:
     """How long a pending delivery may sit untouched before the sweeper republishes it: longer than
     the longest backoff a retry may be waiting out, plus one request."""
     return 1.5 * settings.callback_backoff_max_seconds + settings.callback_timeout_seconds + 5
+
+
+def lease_seconds(settings: Settings) -> float:
+    """How long one attempt may hold its row: resolving, connecting and reading, each bounded by the
+    timeout, with room to spare. A worker that dies mid-attempt blocks the row no longer than this."""
+    return 3 * settings.callback_timeout_seconds + 30
 
 
 def backoff_seconds(settings: Settings, attempt: int) -> float:
@@ -264,63 +239,92 @@ def notice(case: Case, outcome: str | None = None) -> bytes:
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
-# --------------------------------------------------------------------------- delivery (worker)
+# --------------------------------------------------------------------------- one attempt (worker)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One attempt a worker holds: the row is leased to it until the lease ends or it records the
+    outcome. ``secret`` is None when the sealed secret cannot be opened (no retry can help)."""
+
+    case_id: uuid.UUID
+    clinic_id: uuid.UUID
+    attempt: int
+    url: str
+    body: bytes
+    secret: str | None = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up)
-    or ``skipped`` (nothing pending, or another worker holds it)."""
+    or ``skipped`` (nothing pending, another worker holds it, or it took the row over)."""
 
     outcome: str
     attempt: int = 0
     http_status: int | None = None
 
 
-def deliver(session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> Delivery:
-    """Make the next attempt of a case's pending callback and audit it.
-
-    The outbox row stays locked during the request, so a duplicated message waits for nothing and
-    sends nothing twice (``skipped``). The audit event is written after the request: the chain's
-    lock is held only for the commit, never while a clinic's server takes its time.
-    """
+def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> Lease | None:
+    """Count the next attempt of a case's pending callback and lease its row for it; None if there is
+    nothing to do (delivered, given up, cancelled, or leased by another worker). A callback whose
+    clinic or case is gone is cancelled here. Commit before making the request."""
+    at = now()
     row = session.scalar(
         select(CallbackDelivery)
-        .where(CallbackDelivery.case_id == case_id, CallbackDelivery.status == CallbackStatus.PENDING.value)
+        .where(
+            CallbackDelivery.case_id == case_id,
+            CallbackDelivery.status == CallbackStatus.PENDING.value,
+            or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < at),
+        )
         .with_for_update(skip_locked=True)
     )
     if row is None:
-        return Delivery("skipped")
+        return None
     endpoint = session.get(ClinicCallback, row.clinic_id)
     case = session.get(Case, case_id)
     if endpoint is None or case is None:
-        row.status, row.updated_at = CallbackStatus.CANCELLED.value, now()
-        return Delivery("skipped")
-    attempt = row.attempts + 1
-    status: int | None
-    error: str | None
+        row.status, row.updated_at = CallbackStatus.CANCELLED.value, at
+        return None
+    row.attempts += 1
+    row.updated_at, row.leased_until = at, at + timedelta(seconds=lease_seconds(settings))
+    secret: str | None
     try:
-        secret = decrypt_blob(
-            keyring,
-            endpoint.sealed_secret,
-            case_id=row.clinic_id,
-            kind=SECRET_KIND,
-        ).decode()
+        secret = decrypt_blob(keyring, endpoint.sealed_secret, case_id=row.clinic_id, kind=SECRET_KIND).decode()
     except DecryptionError:
-        status, error = None, "DecryptionError"
-        attempt = settings.callback_max_attempts  # no retry can help: the clinic must register again
-    else:
-        result = session.get(Result, case_id)
-        status, error = post(endpoint.url, notice(case, result.outcome if result else None), secret, settings)
-        del secret
-    delivered = status is not None and 200 <= status < 300
-    row.attempts, row.last_http_status, row.updated_at = attempt, status, now()
+        secret = None
+    result = session.get(Result, case_id)
+    return Lease(
+        case_id, row.clinic_id, row.attempts, endpoint.url, notice(case, result.outcome if result else None), secret
+    )
+
+
+def record_attempt(
+    session: Session, *, settings: Settings, lease: Lease, http_status: int | None, error: str | None
+) -> Delivery:
+    """Record what the leased attempt came to and audit it, ending the lease. Fenced by the attempt
+    number: if the lease ran out and another worker took the row over, the row is left to it
+    (``skipped``), though the attempt is still audited."""
+    delivered = http_status is not None and 200 <= http_status < 300
+    hopeless = lease.secret is None  # the clinic must register again
+    at = now()
+    values: dict[str, object] = {"last_http_status": http_status, "updated_at": at, "leased_until": None}
     if delivered:
-        row.status, row.delivered_at = CallbackStatus.DELIVERED.value, now()
-    elif attempt >= settings.callback_max_attempts:
-        row.status = CallbackStatus.FAILED.value
-    session.flush()
-    detail: dict[str, object] = {"attempt": attempt, "http_status": status}
+        values |= {"status": CallbackStatus.DELIVERED.value, "delivered_at": at}
+    elif hopeless or lease.attempt >= settings.callback_max_attempts:
+        values["status"] = CallbackStatus.FAILED.value
+    status = session.scalar(
+        update(CallbackDelivery)
+        .where(
+            CallbackDelivery.case_id == lease.case_id,
+            CallbackDelivery.attempts == lease.attempt,
+            CallbackDelivery.status == CallbackStatus.PENDING.value,
+            CallbackDelivery.leased_until.is_not(None),
+        )
+        .values(**values)
+        .returning(CallbackDelivery.status)
+    )
+    detail: dict[str, object] = {"attempt": lease.attempt, "http_status": http_status}
     if error:
         detail["error"] = error
     audit.record(
@@ -329,9 +333,11 @@ def deliver(session: Session, *, settings: Settings, keyring: Keyring, case_id: 
         outcome=audit.SUCCESS if delivered else audit.FAILURE,
         actor=audit.SYSTEM,
         entity_type="case",
-        entity_id=case_id,
-        clinic_id=row.clinic_id,
+        entity_id=lease.case_id,
+        clinic_id=lease.clinic_id,
         detail=detail,
     )
-    outcome = "delivered" if delivered else ("failed" if row.status == CallbackStatus.FAILED.value else "retry")
-    return Delivery(outcome, attempt, status)
+    if status is None:
+        return Delivery("skipped", lease.attempt, http_status)
+    outcome = {CallbackStatus.DELIVERED.value: "delivered", CallbackStatus.FAILED.value: "failed"}.get(status, "retry")
+    return Delivery(outcome, lease.attempt, http_status)

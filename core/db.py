@@ -1,7 +1,8 @@
 """Database engine and sessions.
 
-One transaction per request and per task: callers open :func:`session_scope` (or the API's session
-dependency), services only ``flush()``, and the scope commits at the end or rolls back on error.
+One transaction per request and per task: callers open :func:`session_scope` (or the API's request
+dependency, :mod:`api.db`), services only ``flush()``, and the scope commits at the end or rolls back
+on error. Tasks enqueued on the Session (:mod:`core.enqueue`) are sent when it commits.
 """
 
 from __future__ import annotations

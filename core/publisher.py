@@ -1,17 +1,21 @@
-"""Publishing tasks by name, so the API never imports the worker (or torch).
+"""Sending tasks by name, so the API never imports the worker (or torch).
 
-A publish happens only after the transaction that created the case committed. If Redis is down the
-publish fails fast (one quick retry, then give up: a refused connection costs milliseconds, not the
-seconds of kombu's default reconnect loop) and the case stays ``queued`` in Postgres, where the
-sweeper finds it and publishes it again: Postgres is the source of truth, the broker only a signal.
-The same holds for completion callbacks, whose outbox row the sweeper re-publishes.
+Production code never calls these at a call site: it enqueues a :class:`Task` on its Session with
+:func:`core.enqueue.enqueue`, and the Session sends it once its transaction has committed. The
+functions here are what that hook (and a test with no transaction of its own) sends with.
+
+If Redis is down a send fails fast (one quick retry, then give up: a refused connection costs
+milliseconds, not the seconds of kombu's default reconnect loop), the failure is logged with the
+case id only, and the case stays ``queued`` in Postgres, where the sweeper finds it and publishes it
+again: Postgres is the source of truth, the broker only a signal. The same holds for completion
+callbacks, whose outbox row the sweeper re-publishes.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from dataclasses import dataclass
 
 from celery import Celery
 
@@ -31,23 +35,42 @@ def make_publisher(settings: Settings) -> Celery:
     return app
 
 
-def _send(app: Celery, name: str, case_id: uuid.UUID | str, **options: Any) -> bool:
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One message to send: a task name, the case id it takes (its only argument) and where it goes."""
+
+    name: str
+    case_id: uuid.UUID
+    queue: str
+    priority: int | None = None
+
+
+def classify_task(case_id: uuid.UUID, priority: Priority | str) -> Task:
+    """``classify(case_id)`` on the cases queue at the case's priority."""
+    return Task(TASK_CLASSIFY, case_id, QUEUE_CASES, PRIORITY_VALUE[Priority(priority)])
+
+
+def callback_task(case_id: uuid.UUID) -> Task:
+    """The completion callback of a finished case (its outbox row is written in the same transaction)."""
+    return Task(TASK_CALLBACK, case_id, QUEUE_MAINTENANCE)
+
+
+def send(app: Celery, task: Task) -> bool:
+    """Send ``task`` now; True on success, False (logged, without PHI) when the broker is unreachable."""
+    options: dict[str, object] = {"queue": task.queue}
+    if task.priority is not None:
+        options["priority"] = task.priority
     try:
-        app.send_task(name, args=[str(case_id)], retry=True, retry_policy=FAIL_FAST, **options)
+        app.send_task(task.name, args=[str(task.case_id)], retry=True, retry_policy=FAIL_FAST, **options)
     except Exception as exc:  # kombu raises OperationalError, redis ConnectionError, OSError...
         log.warning(
             "publish failed; the sweeper will publish it again",
-            extra={"case_id": str(case_id), "event": "publish_failed", "error": type(exc).__name__},
+            extra={"case_id": str(task.case_id), "event": "publish_failed", "error": type(exc).__name__},
         )
         return False
     return True
 
 
 def publish_classify(app: Celery, case_id: uuid.UUID, priority: Priority | str) -> bool:
-    """Queue ``classify(case_id)``; True on success, False (logged) when the broker is unreachable."""
-    return _send(app, TASK_CLASSIFY, case_id, queue=QUEUE_CASES, priority=PRIORITY_VALUE[Priority(priority)])
-
-
-def publish_callback(app: Celery, case_id: uuid.UUID | str) -> bool:
-    """Queue the completion callback of a finished case (its outbox row is already committed)."""
-    return _send(app, TASK_CALLBACK, case_id, queue=QUEUE_MAINTENANCE)
+    """Send ``classify(case_id)`` now (outside any transaction: tests, tools)."""
+    return send(app, classify_task(case_id, priority))

@@ -5,7 +5,7 @@ Run by Celery beat every ``sweep_interval_seconds`` (``worker.tasks.sweep``):
 1. A case ``running`` for longer than the hard time limit plus ``running_grace_seconds`` lost its
    worker: the child was killed at the hard limit, crashed (a poison image that kills it every
    time), or the host died. Its message, if redelivered, was skipped, because a running case cannot
-   be claimed. It goes back to ``queued`` (and is published at once) while attempts remain, else it
+   be claimed. It goes back to ``queued`` (and is published as soon as the sweep commits) while attempts remain, else it
    ends ``failed`` with ``timeout`` and a message that names the attempts: attempts are counted in
    Postgres at each claim, so a poison case stops after ``max_attempts`` instead of looping. Both
    transitions are fenced by the attempt number, so a late worker can never overwrite them.
@@ -15,6 +15,11 @@ Run by Celery beat every ``sweep_interval_seconds`` (``worker.tasks.sweep``):
    is not duplicated; a duplicate that slips through is harmless (the task claims the case first).
 3. A completion callback still pending long after its last attempt lost its message too: it is
    published again (see :mod:`core.callbacks`).
+
+Every publish is enqueued on the sweep's Session (:mod:`core.enqueue`) and sent once the sweep has
+committed, never while its transaction still holds the rows it changed: a worker's claim must find a
+requeued case ``queued``, not locked. A successful send is recorded (``published_at``, a callback's
+``updated_at``) afterwards, in a short transaction of its own; the report counts what was sent.
 
 Exactly one result per case is the database's rule (``results.case_id`` is the primary key, and
 every worker transition is fenced), not the sweeper's.
@@ -35,8 +40,9 @@ from sqlalchemy.orm import Session
 
 from core import callbacks, case_states
 from core.config import Settings
+from core.enqueue import enqueue
 from core.models import Case, CaseStatus
-from core.publisher import publish_callback, publish_classify
+from core.publisher import callback_task, classify_task
 from core.queueing import QUEUE_CASES, queue_lists
 
 log = logging.getLogger("dermq.recovery")
@@ -45,13 +51,26 @@ BATCH = 500
 
 @dataclass
 class SweepReport:
+    """What one sweep did. ``republished`` and ``callbacks_republished`` fill in once the sweep's
+    transaction has committed and the messages were sent."""
+
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
     broker_checked: bool = False
-    #: callbacks of the cases failed in this sweep: publish them once the sweep has committed
+    #: cases failed in this sweep whose clinic gets a callback (enqueued with the failure)
     callbacks: list[str] = field(default_factory=list)
     callbacks_republished: list[str] = field(default_factory=list)
+
+    def published(self, session: Session, case_ids: list[uuid.UUID]) -> None:
+        """After the sweep: these classify messages were sent; record it so the next sweeps wait."""
+        self.republished.extend(str(case_id) for case_id in case_ids)
+        case_states.mark_published(session, case_ids)
+
+    def callbacks_published(self, session: Session, case_ids: list[uuid.UUID]) -> None:
+        """After the sweep: these callback messages were sent; the next stale check counts from now."""
+        self.callbacks_republished.extend(str(case_id) for case_id in case_ids)
+        callbacks.touch_deliveries(session, case_ids)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -96,7 +115,7 @@ def broker_case_ids(client: redis.Redis) -> set[str]:
     return found
 
 
-def recover_running(session: Session, settings: Settings, report: SweepReport, at: datetime) -> None:
+def recover_running(session: Session, settings: Settings, publisher: Celery, report: SweepReport, at: datetime) -> None:
     cutoff = at - timedelta(seconds=settings.task_time_limit + settings.running_grace_seconds)
     stuck = session.scalars(
         select(Case)
@@ -117,7 +136,7 @@ def recover_running(session: Session, settings: Settings, report: SweepReport, a
             )
             if case_states.fail_case(session, case_id=case.id, attempt=case.attempts, code="timeout", message=message):
                 report.failed.append(str(case.id))
-                if callbacks.note_finished(session, case.id):
+                if callbacks.note_finished(session, case.id, publisher=publisher):
                     report.callbacks.append(str(case.id))
 
 
@@ -130,8 +149,8 @@ def republish_lost(
     cutoff: datetime | None = None,
     ids: list[str] | None = None,
 ) -> None:
-    """Publish queued cases whose message the broker does not hold: those untouched since ``cutoff``,
-    or exactly ``ids`` (cases the sweeper has just put back in the queue)."""
+    """Enqueue queued cases whose message the broker does not hold: those untouched since ``cutoff``,
+    or exactly ``ids`` (cases the sweeper has just put back in the queue). They are sent after commit."""
     query = select(Case).where(Case.status == CaseStatus.QUEUED.value)
     if ids is not None:
         query = query.where(Case.id.in_([uuid.UUID(i) for i in ids]))
@@ -148,43 +167,38 @@ def republish_lost(
         except redis.RedisError as exc:
             log.warning("broker unreachable; nothing republished this round", extra={"error": type(exc).__name__})
             return
-    published = []
     for case in targets:
-        if str(case.id) in waiting:
-            continue
-        if not publish_classify(publisher, case.id, case.priority):
-            break  # the broker is down: try again next round
-        published.append(case.id)
-        report.republished.append(str(case.id))
-    case_states.mark_published(session, published)
+        if str(case.id) not in waiting:
+            enqueue(session, publisher, classify_task(case.id, case.priority), on_sent=report.published)
 
 
 def republish_callbacks(
     session: Session, settings: Settings, publisher: Celery, report: SweepReport, at: datetime
 ) -> None:
-    """Publish again the pending callbacks nobody has touched for longer than any retry waits."""
+    """Enqueue again the pending callbacks nobody has touched for longer than any retry waits."""
     cutoff = at - timedelta(seconds=callbacks.stale_after_seconds(settings))
-    published = []
     for case_id in callbacks.stale_deliveries(session, cutoff, BATCH):
-        if not publish_callback(publisher, case_id):
-            break  # the broker is down: the rest stay stale for the next round
-        published.append(case_id)
-        report.callbacks_republished.append(str(case_id))
-    callbacks.touch_deliveries(session, published)
+        enqueue(session, publisher, callback_task(case_id), on_sent=report.callbacks_published)
 
 
 def sweep(session: Session, settings: Settings, publisher: Celery, broker: redis.Redis | None) -> SweepReport:
+    """One sweep in the caller's transaction; its messages go out when the caller commits (and the
+    report's ``republished`` lists fill in then)."""
     report = SweepReport()
     at = datetime.now(UTC)
-    recover_running(session, settings, report, at)
+    recover_running(session, settings, publisher, report, at)
     session.flush()
     if report.requeued:
-        # Published now rather than after another grace period, and without asking the broker: a
-        # message of theirs still in the unacknowledged hash belongs to the worker that was lost and
-        # would come back only after the visibility timeout. A duplicate is harmless (claim first).
+        # Published after this commit rather than after another grace period, and without asking the
+        # broker: a message of theirs still in the unacknowledged hash belongs to the worker that was
+        # lost and would come back only after the visibility timeout. A duplicate is harmless.
         republish_lost(session, publisher, None, report, ids=report.requeued)
     republish_lost(session, publisher, broker, report, cutoff=at - timedelta(seconds=settings.requeue_grace_seconds))
     republish_callbacks(session, settings, publisher, report, at)
+    return report
+
+
+def log_report(report: SweepReport) -> None:
+    """Log a sweep that did something (after its commit, when the sends are known)."""
     if report.requeued or report.failed or report.republished or report.callbacks_republished:
         log.info("sweep", extra={"event": "sweep", **report.to_dict()})
-    return report

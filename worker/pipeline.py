@@ -24,7 +24,6 @@ from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
 from core.logs import case_id_var
 from core.models import Case
-from core.publisher import publish_callback
 from ml.decode_budget import DecodeBudget, TooLargeToDecode
 from ml.images import DecodedImage, ImageLimits, InvalidImage, decode
 from worker import faults, results, runtime
@@ -78,13 +77,12 @@ class Progress:
 
 
 def _ended(config: Settings, case_id: uuid.UUID, transition: Callable[[Session], bool]) -> bool:
-    """Run a terminal transition in its own transaction together with the case's callback outbox row,
-    and publish the callback once that committed."""
+    """Run a terminal transition in its own transaction together with the case's callback outbox row
+    (whose delivery is sent once that committed)."""
     with session_scope(config) as session:
         ended = transition(session)
-        notify = ended and callbacks.note_finished(session, case_id)
-    if notify:
-        publish_callback(app, case_id)
+        if ended:
+            callbacks.note_finished(session, case_id, publisher=app)
     return ended
 
 
@@ -188,7 +186,8 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
 
 def _store(config: Settings, completions: Sequence[case_states.Completion]) -> dict[uuid.UUID, str]:
     """Results, heat maps, audit events and callback outbox rows of ``completions`` in one transaction
-    (a fixed number of statements however many), then the callbacks; returns each case's outcome.
+    (a fixed number of statements however many; the callbacks are sent once it committed); returns
+    each case's outcome.
 
     If a batch's transaction fails for anything but a transient error, each case is stored on its
     own instead, so that one case the database refuses fails alone rather than its whole batch,
@@ -196,12 +195,12 @@ def _store(config: Settings, completions: Sequence[case_states.Completion]) -> d
     try:
         with session_scope(config) as session:
             stored = case_states.complete_cases(session, keyring=keyring(config), completions=completions)
-            notify = callbacks.note_finished_many(session, [c.case_id for c in completions if c.case_id in stored])
+            callbacks.note_finished_many(
+                session, [c.case_id for c in completions if c.case_id in stored], publisher=app
+            )
     except Exception as exc:
         _one_by_one_or_raise(exc, len(completions), "batch_store_failed", "storing a batch failed")
         return _store_one_by_one(config, completions)
-    for case_id in notify:
-        publish_callback(app, case_id)
     outcomes: dict[uuid.UUID, str] = {}
     for completion in completions:
         token = case_id_var.set(str(completion.case_id))

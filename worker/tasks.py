@@ -38,7 +38,7 @@ from core import callbacks, case_states, recovery, retention
 from core.config import Settings
 from core.db import session_scope
 from core.logs import case_id_var
-from core.publisher import make_publisher, publish_callback
+from core.publisher import make_publisher
 from core.queueing import (
     AUDIT_CHECK_KEY,
     TASK_AUDIT_CHECK,
@@ -48,6 +48,7 @@ from core.queueing import (
     TASK_PURGE,
     TASK_SWEEP,
 )
+from worker import callbacks as delivery
 from worker.batching import dispatch
 from worker.celery_app import app
 from worker.pipeline import Progress, _fail, _metric, _model_error, _transient, keyring, settings
@@ -141,15 +142,15 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
 @app.task(name=TASK_CALLBACK, bind=True, max_retries=None)
 def deliver_callback(self: Any, case_id: str) -> str:
     """One attempt at a finished case's completion callback; retried with backoff until delivered or
-    ``callback_max_attempts`` is reached (counted in the outbox row, not here)."""
+    ``callback_max_attempts`` is reached (counted in the outbox row, not here). The attempt holds no
+    transaction while the clinic's server answers (:mod:`worker.callbacks`)."""
     config = settings()
     try:
         parsed = uuid.UUID(case_id)
     except (ValueError, TypeError):
         return "ignored"
     try:
-        with session_scope(config) as session:
-            delivery = callbacks.deliver(session, settings=config, keyring=keyring(config), case_id=parsed)
+        attempt = delivery.deliver(config, keyring(config), parsed)
     except Exception as exc:
         if not _transient(exc) or self.request.retries >= MAX_RETRIES:
             raise  # the row stays pending: the sweeper publishes it again later
@@ -159,14 +160,14 @@ def deliver_callback(self: Any, case_id: str) -> str:
         extra={
             "event": "callback",
             "case_id": case_id,
-            "outcome": delivery.outcome,
-            "attempt": delivery.attempt,
-            "status_code": delivery.http_status,
+            "outcome": attempt.outcome,
+            "attempt": attempt.attempt,
+            "status_code": attempt.http_status,
         },
     )
-    if delivery.outcome == "retry":
-        raise self.retry(countdown=callbacks.backoff_seconds(config, delivery.attempt))
-    return delivery.outcome
+    if attempt.outcome == "retry":
+        raise self.retry(countdown=callbacks.backoff_seconds(config, attempt.attempt))
+    return attempt.outcome
 
 
 _publisher: Celery | None = None
@@ -182,11 +183,10 @@ def _redis_client(config: Settings) -> redis.Redis:
 
 
 def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) -> dict[str, object]:
-    """One recovery sweep in its own transaction, then the callbacks of the cases it failed."""
+    """One recovery sweep in its own transaction; what it publishes is sent once that committed."""
     with session_scope(config) as session:
         report = recovery.sweep(session, config, publisher, broker)
-    for case_id in report.callbacks:
-        publish_callback(publisher, case_id)
+    recovery.log_report(report)
     return report.to_dict()
 
 

@@ -10,8 +10,9 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from sqlalchemy.orm import Session
 
-from api.deps import AuthenticatedCaller, Caller, DbSession, State, limit, require_role
+from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import ClinicIn, ClinicOut, KeyIn, KeyOut, NewKeyOut
 from core import audit, clinics, keys
@@ -42,7 +43,8 @@ def _key(key: ApiKey) -> KeyOut:
     )
 
 
-def _admin(caller: Caller, app: State) -> None:
+def _admin(caller: Caller, app: AppState) -> None:
+    """Only admin keys; counted against the key's write limit (Redis: call it on the request's thread)."""
     require_role(caller, Role.ADMIN)
     limit(caller, app, "submit")
 
@@ -54,15 +56,21 @@ def _admin(caller: Caller, app: State) -> None:
     responses={**PROBLEMS, 409: PROBLEMS[404] | {"description": "a clinic of that name exists"}},
     summary="Create a clinic",
 )
-def create_clinic(body: ClinicIn, app: State, caller: AuthenticatedCaller, session: DbSession) -> ClinicOut:
-    _admin(caller, app)
-    return _clinic(clinics.create_clinic(session, body.name, actor=caller.actor))
+async def create_clinic(body: ClinicIn, app: State, caller: AuthenticatedCaller, db: Db) -> ClinicOut:
+    def create(session: Session) -> ClinicOut:
+        _admin(caller, app)
+        return _clinic(clinics.create_clinic(session, body.name, actor=caller.actor))
+
+    return await db.run(create)
 
 
 @router.get("/clinics", response_model=list[ClinicOut], responses=PROBLEMS, summary="List clinics")
-def list_clinics(app: State, caller: AuthenticatedCaller, session: DbSession) -> list[ClinicOut]:
-    _admin(caller, app)
-    return [_clinic(c) for c in clinics.list_clinics(session)]
+async def list_clinics(app: State, caller: AuthenticatedCaller, db: Db) -> list[ClinicOut]:
+    def read(session: Session) -> list[ClinicOut]:
+        _admin(caller, app)
+        return [_clinic(c) for c in clinics.list_clinics(session)]
+
+    return await db.run(read)
 
 
 @router.post(
@@ -71,17 +79,23 @@ def list_clinics(app: State, caller: AuthenticatedCaller, session: DbSession) ->
     responses=PROBLEMS,
     summary="Deactivate a clinic (its keys stop working at once)",
 )
-def deactivate_clinic(clinic_id: uuid.UUID, app: State, caller: AuthenticatedCaller, session: DbSession) -> ClinicOut:
-    _admin(caller, app)
-    return _clinic(clinics.set_active(session, clinic_id, False, actor=caller.actor))
+async def deactivate_clinic(clinic_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> ClinicOut:
+    def deactivate(session: Session) -> ClinicOut:
+        _admin(caller, app)
+        return _clinic(clinics.set_active(session, clinic_id, False, actor=caller.actor))
+
+    return await db.run(deactivate)
 
 
 @router.post(
     "/clinics/{clinic_id}/activate", response_model=ClinicOut, responses=PROBLEMS, summary="Reactivate a clinic"
 )
-def activate_clinic(clinic_id: uuid.UUID, app: State, caller: AuthenticatedCaller, session: DbSession) -> ClinicOut:
-    _admin(caller, app)
-    return _clinic(clinics.set_active(session, clinic_id, True, actor=caller.actor))
+async def activate_clinic(clinic_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> ClinicOut:
+    def activate(session: Session) -> ClinicOut:
+        _admin(caller, app)
+        return _clinic(clinics.set_active(session, clinic_id, True, actor=caller.actor))
+
+    return await db.run(activate)
 
 
 @router.post(
@@ -91,34 +105,42 @@ def activate_clinic(clinic_id: uuid.UUID, app: State, caller: AuthenticatedCalle
     responses=PROBLEMS,
     summary="Create an API key (the secret is in this response only)",
 )
-def create_key(
-    body: KeyIn, response: Response, app: State, caller: AuthenticatedCaller, session: DbSession
-) -> NewKeyOut:
-    _admin(caller, app)
-    key, token = keys.create_key(
-        session, app.keyring, role=Role(body.role), clinic_id=body.clinic_id, label=body.label, actor=caller.actor
-    )
+async def create_key(body: KeyIn, response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> NewKeyOut:
+    def create(session: Session) -> NewKeyOut:
+        _admin(caller, app)
+        key, token = keys.create_key(
+            session, app.keyring, role=Role(body.role), clinic_id=body.clinic_id, label=body.label, actor=caller.actor
+        )
+        return NewKeyOut(**_key(key).model_dump(), key=token)
+
+    out = await db.run(create)
     response.headers.update(NO_STORE)
-    return NewKeyOut(**_key(key).model_dump(), key=token)
+    return out
 
 
 @router.get("/keys", response_model=list[KeyOut], responses=PROBLEMS, summary="List API keys (never their secrets)")
-def list_keys(
-    app: State, caller: AuthenticatedCaller, session: DbSession, clinic_id: Annotated[uuid.UUID | None, Query()] = None
+async def list_keys(
+    app: State, caller: AuthenticatedCaller, db: Db, clinic_id: Annotated[uuid.UUID | None, Query()] = None
 ) -> list[KeyOut]:
-    _admin(caller, app)
-    audit.record(
-        session,
-        action="key.list",
-        outcome=audit.SUCCESS,
-        actor=caller.actor,
-        entity_type="api_key",
-        clinic_id=clinic_id,
-    )
-    return [_key(k) for k in keys.list_keys(session, clinic_id=clinic_id)]
+    def read(session: Session) -> list[KeyOut]:
+        _admin(caller, app)
+        audit.record(
+            session,
+            action="key.list",
+            outcome=audit.SUCCESS,
+            actor=caller.actor,
+            entity_type="api_key",
+            clinic_id=clinic_id,
+        )
+        return [_key(k) for k in keys.list_keys(session, clinic_id=clinic_id)]
+
+    return await db.run(read)
 
 
 @router.post("/keys/{key_id}/revoke", response_model=KeyOut, responses=PROBLEMS, summary="Revoke an API key now")
-def revoke_key(key_id: uuid.UUID, app: State, caller: AuthenticatedCaller, session: DbSession) -> KeyOut:
-    _admin(caller, app)
-    return _key(keys.revoke_key(session, key_id, actor=caller.actor))
+async def revoke_key(key_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> KeyOut:
+    def revoke(session: Session) -> KeyOut:
+        _admin(caller, app)
+        return _key(keys.revoke_key(session, key_id, actor=caller.actor))
+
+    return await db.run(revoke)

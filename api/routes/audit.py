@@ -11,14 +11,16 @@ import csv
 import io
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
-from api.deps import AppState, AuthenticatedCaller, Caller, DbSession, State, limit, require_role
+from api.db import iterate_on_one_thread
+from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
 from core import audit
@@ -77,11 +79,11 @@ def _cursor(value: str | None) -> int | None:
 
 
 @router.get("", response_model=AuditPage, responses=PROBLEMS, summary="Search the audit trail, newest first")
-def search_events(
+async def search_events(
     response: Response,
     app: State,
     caller: AuthenticatedCaller,
-    session: DbSession,
+    db: Db,
     since: Annotated[datetime | None, Query(description="occurred at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="occurred before (ISO 8601)")] = None,
     actor: Annotated[uuid.UUID | None, Query(description="the API key id that acted")] = None,
@@ -95,23 +97,28 @@ def search_events(
     limit_: Annotated[int, Query(alias="limit", ge=1, le=500)] = 100,
 ) -> AuditPage:
     require_role(caller, Role.AUDITOR)
-    limit(caller, app, "read")
-    filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
-    page, next_id = audit.search(session, filters, before_id=_cursor(cursor), limit=limit_)
-    audit.record(
-        session,
-        action="audit.query",
-        outcome=audit.SUCCESS,
-        actor=caller.actor,
-        entity_type="audit",
-        clinic_id=caller.principal.clinic_id,
-        detail={"filters": filters.describe(), "count": len(page)},
-    )
+
+    def read(session: Session) -> AuditPage:
+        limit(caller, app, "read")
+        filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
+        page, next_id = audit.search(session, filters, before_id=_cursor(cursor), limit=limit_)
+        audit.record(
+            session,
+            action="audit.query",
+            outcome=audit.SUCCESS,
+            actor=caller.actor,
+            entity_type="audit",
+            clinic_id=caller.principal.clinic_id,
+            detail={"filters": filters.describe(), "count": len(page)},
+        )
+        return AuditPage(
+            items=[AuditEventOut(**audit.as_record(e)) for e in page],
+            next_cursor=str(next_id) if next_id is not None else None,
+        )
+
+    out = await db.run(read)
     response.headers.update(NO_STORE)
-    return AuditPage(
-        items=[AuditEventOut(**audit.as_record(e)) for e in page],
-        next_cursor=str(next_id) if next_id is not None else None,
-    )
+    return out
 
 
 def _csv_cell(value: object) -> str:
@@ -120,7 +127,8 @@ def _csv_cell(value: object) -> str:
     return "'" + text if text.startswith(FORMULA_PREFIXES) else text
 
 
-def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Iterator[bytes]:
+def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Generator[bytes]:
+    """The export's lines, read in a transaction of its own (the request's has committed by then)."""
     with session_scope(app.settings) as session:
         if fmt == "csv":
             buffer = io.StringIO()
@@ -149,10 +157,10 @@ def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Iterato
     },
     summary="Export a whole range as NDJSON or CSV (streamed)",
 )
-def export_events(
+async def export_events(
     app: State,
     caller: AuthenticatedCaller,
-    session: DbSession,
+    db: Db,
     format: Annotated[Literal["ndjson", "csv"], Query()] = "ndjson",
     since: Annotated[datetime | None, Query()] = None,
     until: Annotated[datetime | None, Query()] = None,
@@ -163,43 +171,51 @@ def export_events(
     outcome: Annotated[Literal["success", "failure", "denied"] | None, Query()] = None,
 ) -> StreamingResponse:
     require_role(caller, Role.AUDITOR)
-    limit(caller, app, "read")
-    filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
-    # The export is audited (and committed) before the first row leaves.
-    audit.record(
-        session,
-        action="audit.export",
-        outcome=audit.SUCCESS,
-        actor=caller.actor,
-        entity_type="audit",
-        clinic_id=caller.principal.clinic_id,
-        detail={"filters": filters.describe(), "format": format},
-    )
-    session.commit()
+
+    def record(session: Session) -> audit.AuditFilter:
+        limit(caller, app, "read")
+        filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
+        audit.record(
+            session,
+            action="audit.export",
+            outcome=audit.SUCCESS,
+            actor=caller.actor,
+            entity_type="audit",
+            clinic_id=caller.principal.clinic_id,
+            detail={"filters": filters.describe(), "format": format},
+        )
+        return filters
+
+    # The export is audited, and the request's transaction commits, before the first row leaves.
+    filters = await db.run(record)
     media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
     name = f"dermq-audit.{'csv' if format == 'csv' else 'ndjson'}"
     return StreamingResponse(
-        _export_rows(app, filters, format),
+        iterate_on_one_thread(lambda: _export_rows(app, filters, format)),
         media_type=media,
         headers={**NO_STORE, "Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 
 @router.get("/verify", response_model=ChainReportOut, responses=PROBLEMS, summary="Verify the hash chain")
-def verify_chain(response: Response, app: State, caller: AuthenticatedCaller, session: DbSession) -> ChainReportOut:
+async def verify_chain(response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> ChainReportOut:
     """Walk the whole chain in order and report the first row whose hash or link is wrong."""
     require_role(caller, Role.AUDITOR)
-    limit(caller, app, "read")
-    with session_scope(app.settings) as reader:
-        report = audit.verify_chain(reader)
-    audit.record(
-        session,
-        action="audit.verify",
-        outcome=audit.SUCCESS if report.ok else audit.FAILURE,
-        actor=caller.actor,
-        entity_type="audit",
-        clinic_id=caller.principal.clinic_id,
-        detail={"ok": report.ok, "checked": report.checked, "first_bad_id": report.first_bad_id},
-    )
+
+    def verify(session: Session) -> ChainReportOut:
+        limit(caller, app, "read")
+        report = audit.verify_chain(session)
+        audit.record(
+            session,
+            action="audit.verify",
+            outcome=audit.SUCCESS if report.ok else audit.FAILURE,
+            actor=caller.actor,
+            entity_type="audit",
+            clinic_id=caller.principal.clinic_id,
+            detail={"ok": report.ok, "checked": report.checked, "first_bad_id": report.first_bad_id},
+        )
+        return ChainReportOut(**report.to_dict())
+
+    out = await db.run(verify)
     response.headers.update(NO_STORE)
-    return ChainReportOut(**report.to_dict())
+    return out

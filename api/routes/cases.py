@@ -8,10 +8,10 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from api import metrics
-from api.deps import AuthenticatedCaller, DbSession, State, commit_audited, limit, require_role
+from api.deps import AuthenticatedCaller, Db, State, limit, require_role
 from api.schemas import (
     CaseLinks,
     CaseOut,
@@ -27,9 +27,10 @@ from api.schemas import (
 )
 from api.upload import read_case_form
 from core import cases, retention
+from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput
 from core.models import Case, CaseStatus, Outcome, Priority, Result, Role
-from core.publisher import publish_classify
+from core.publisher import classify_task
 from ml.images import ImageLimits, InvalidImage
 from ml.labels import CLASSES
 
@@ -222,13 +223,13 @@ async def submit_case(
     response: Response,
     app: State,
     caller: AuthenticatedCaller,
-    session: DbSession,
+    db: Db,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> CaseOut:
     """Validate, encrypt and queue one image. Answers 202 with the case and its `Location`; poll
     `GET /v1/cases/{id}` until `status` is `succeeded` or `failed`."""
     require_role(caller, Role.CLINIC)
-    limit(caller, app, "submit")
+    await db.run(lambda _: limit(caller, app, "submit"))
     settings = app.settings
     with app.uploads.hold(caller.principal.clinic_id):
         try:
@@ -254,7 +255,7 @@ async def submit_case(
         sha256=hashlib.sha256(form.image).hexdigest(),
     )
 
-    def create() -> tuple[Case, bool]:
+    def create(session: Session) -> tuple[CaseOut, bool]:
         case, created = cases.create_case(
             session,
             keyring=app.keyring,
@@ -265,31 +266,32 @@ async def submit_case(
             priority=priority,
             idempotency_key=idempotency_key,
         )
-        commit_audited(session)
-        if created:  # only once the case is durable: a worker must never look for a row not yet committed
-            publish_classify(app.publisher, case.id, priority)
-        return case, created
+        if created:  # sent once the request's transaction commits: a worker never looks for a row not yet there
+            enqueue(session, app.publisher, classify_task(case.id, priority))
+        result = session.get(Result, case.id) if case.status == CaseStatus.SUCCEEDED else None
+        return case_out(case, result), created
 
-    case, created = await run_in_threadpool(create)
+    out, created = await db.run(create)
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/cases/{case.id}"
+    response.headers["Location"] = f"/v1/cases/{out.id}"
     response.headers.update(NO_STORE)
-    result = session.get(Result, case.id) if case.status == CaseStatus.SUCCEEDED else None
-    return case_out(case, result)
+    return out
 
 
 @router.get("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Poll a case")
-def read_case(
-    case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, session: DbSession
-) -> CaseOut:
+async def read_case(case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> CaseOut:
     """Status, timestamps and, once succeeded, the calibrated result; or the failure's code and message."""
-    limit(caller, app, "read")
-    case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
-    commit_audited(session)
+
+    def read(session: Session) -> CaseOut:
+        limit(caller, app, "read")
+        case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
+        return case_out(case, result)
+
+    out = await db.run(read)
     response.headers.update(NO_STORE)
-    return case_out(case, result)
+    return out
 
 
 @router.get(
@@ -303,51 +305,58 @@ def read_case(
     },
     summary="The Grad-CAM heat map over the image",
 )
-def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCaller, session: DbSession) -> Response:
-    limit(caller, app, "read")
-    png = cases.read_heatmap(
-        session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=case_id
-    )
-    commit_audited(session)
-    return Response(png, media_type="image/png", headers=NO_STORE)
+async def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> Response:
+    def read(session: Session) -> bytes:
+        limit(caller, app, "read")
+        return cases.read_heatmap(
+            session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=case_id
+        )
+
+    return Response(await db.run(read), media_type="image/png", headers=NO_STORE)
 
 
 @router.get("", response_model=CasePage, responses=PROBLEMS, summary="The clinic's cases, newest first")
-def list_cases(
+async def list_cases(
     response: Response,
     app: State,
     caller: AuthenticatedCaller,
-    session: DbSession,
+    db: Db,
     status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
     limit_: Annotated[int | None, Query(alias="limit", ge=1, le=200)] = None,
 ) -> CasePage:
-    limit(caller, app, "read")
-    page = cases.list_cases(
-        session,
-        principal=caller.principal,
-        actor=caller.actor,
-        status=status,
-        cursor=cursor,
-        limit=min(limit_ or app.settings.page_size_default, app.settings.page_size_max),
-    )
-    commit_audited(session)
+    def read(session: Session) -> CasePage:
+        limit(caller, app, "read")
+        page = cases.list_cases(
+            session,
+            principal=caller.principal,
+            actor=caller.actor,
+            status=status,
+            cursor=cursor,
+            limit=min(limit_ or app.settings.page_size_default, app.settings.page_size_max),
+        )
+        return CasePage(
+            items=[_summary(c, heatmap=c.id not in page.out_of_distribution) for c in page.cases],
+            next_cursor=page.next_cursor,
+        )
+
+    out = await db.run(read)
     response.headers.update(NO_STORE)
-    return CasePage(
-        items=[_summary(c, heatmap=c.id not in page.out_of_distribution) for c in page.cases],
-        next_cursor=page.next_cursor,
-    )
+    return out
 
 
 @router.delete("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Erase a case's images")
-def erase_case(
-    case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, session: DbSession
+async def erase_case(
+    case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, db: Db
 ) -> CaseOut:
     """Crypto-shred the image and heat map now. The case, its result and the audit trail remain; the
     case shows `purged`. Repeating the call changes nothing."""
-    limit(caller, app, "submit")
-    case = retention.erase_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
-    result = session.get(Result, case.id)
-    commit_audited(session)
+
+    def erase(session: Session) -> CaseOut:
+        limit(caller, app, "submit")
+        case = retention.erase_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
+        return case_out(case, session.get(Result, case.id))
+
+    out = await db.run(erase)
     response.headers.update(NO_STORE)
-    return case_out(case, result)
+    return out

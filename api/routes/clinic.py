@@ -1,5 +1,5 @@
-"""The calling clinic's own settings: its completion callback (see core/callbacks.py for the body and
-what URLs are accepted, core/callback_http.py for the signature)."""
+"""The calling clinic's own settings: its completion callback (see core/callbacks.py for the body,
+core/callback_urls.py for what URLs are accepted, core/callback_signing.py for the signature)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from datetime import datetime
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
-from api.deps import AuthenticatedCaller, DbSession, State, limit, require_role
+from api.deps import AuthenticatedCaller, Db, State, limit, require_role
 from api.routes.cases import NO_STORE, PROBLEMS
 from core import callbacks
+from core.callback_signing import SIGNATURE_HEADER
 from core.models import ClinicCallback, Role
 
 router = APIRouter(prefix="/v1/clinic", tags=["clinic"])
@@ -26,7 +28,7 @@ class CallbackIn(BaseModel):
 
 class CallbackOut(BaseModel):
     url: str
-    signature_header: str = callbacks.SIGNATURE_HEADER
+    signature_header: str = SIGNATURE_HEADER
     created_at: datetime
     updated_at: datetime
 
@@ -47,37 +49,51 @@ def _out(row: ClinicCallback) -> CallbackOut:
     responses=PROBLEMS,
     summary="Register (or replace) the clinic's completion callback; returns a new signing secret once",
 )
-def put_callback(
-    body: CallbackIn, response: Response, app: State, caller: AuthenticatedCaller, session: DbSession
+async def put_callback(
+    body: CallbackIn, response: Response, app: State, caller: AuthenticatedCaller, db: Db
 ) -> NewCallbackOut:
     """When a case ends, dermq POSTs `{"type": "case.finished", "case_id", "status", "timestamp"}` to the
     URL, signed in `Dermq-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`. No patient
     data is sent: fetch the result with `GET /v1/cases/{case_id}`. Registering again rotates the secret."""
     require_role(caller, Role.CLINIC)
-    limit(caller, app, "submit")
-    row, secret = callbacks.register(
-        session,
-        keyring=app.keyring,
-        settings=app.settings,
-        principal=caller.principal,
-        actor=caller.actor,
-        url=body.url,
-    )
+
+    def register(session: Session) -> NewCallbackOut:
+        limit(caller, app, "submit")
+        row, secret = callbacks.register(
+            session,
+            keyring=app.keyring,
+            settings=app.settings,
+            principal=caller.principal,
+            actor=caller.actor,
+            url=body.url,
+        )
+        return NewCallbackOut(**_out(row).model_dump(), secret=secret)
+
+    out = await db.run(register)
     response.headers.update(NO_STORE)
-    return NewCallbackOut(**_out(row).model_dump(), secret=secret)
+    return out
 
 
 @router.get("/callback", response_model=CallbackOut, responses=PROBLEMS, summary="The clinic's completion callback")
-def get_callback(response: Response, app: State, caller: AuthenticatedCaller, session: DbSession) -> CallbackOut:
+async def get_callback(response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> CallbackOut:
     require_role(caller, Role.CLINIC)
-    limit(caller, app, "read")
+
+    def read(session: Session) -> CallbackOut:
+        limit(caller, app, "read")
+        return _out(callbacks.registered(session, principal=caller.principal))
+
+    out = await db.run(read)
     response.headers.update(NO_STORE)
-    return _out(callbacks.registered(session, principal=caller.principal))
+    return out
 
 
 @router.delete("/callback", status_code=204, responses=PROBLEMS, summary="Stop completion callbacks")
-def delete_callback(app: State, caller: AuthenticatedCaller, session: DbSession) -> Response:
+async def delete_callback(app: State, caller: AuthenticatedCaller, db: Db) -> Response:
     require_role(caller, Role.CLINIC)
-    limit(caller, app, "submit")
-    callbacks.unregister(session, principal=caller.principal, actor=caller.actor)
+
+    def unregister(session: Session) -> None:
+        limit(caller, app, "submit")
+        callbacks.unregister(session, principal=caller.principal, actor=caller.actor)
+
+    await db.run(unregister)
     return Response(status_code=204, headers=NO_STORE)

@@ -1,5 +1,6 @@
 """Completion callbacks: registration by the clinic's own key, URL rules (SSRF), the secret sealed at
-rest, and signed, audited, retried delivery to a real receiver on 127.0.0.1 by the real worker."""
+rest, and signed, audited, retried delivery to a real receiver on 127.0.0.1 by the real worker, which
+holds no row lock and no transaction while the receiver takes its time."""
 
 from __future__ import annotations
 
@@ -11,32 +12,39 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
-from core import callbacks
+from core.callback_signing import sign, verify
+from core.callback_urls import validate_url
 from core.config import Settings
-from core.db import session_scope
+from core.db import get_engine, session_scope
 from core.errors import InvalidInput
 from core.models import AuditEvent, CallbackDelivery, ClinicCallback
 from core.publisher import publish_classify
 from tests import support
 from tests.conftest import Tenant
+from worker.callbacks import post
 
 PRODUCTION = Settings(environment="production")
 
 
 class Receiver:
-    """A clinic's callback endpoint: answers with the next status of ``statuses`` (then 204)."""
+    """A clinic's callback endpoint: answers with the next status of ``statuses`` (then 204). With
+    ``hold``, each request waits until ``release()`` before it answers (a slow portal)."""
 
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(self, statuses: list[int], *, hold: bool = False) -> None:
         self.statuses = list(statuses)
         self.calls: list[dict[str, object]] = []
+        self.released = threading.Event()
+        if not hold:
+            self.released.set()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 receiver.calls.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                receiver.released.wait(30)
                 self.send_response(receiver.statuses.pop(0) if receiver.statuses else 204)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -52,7 +60,11 @@ class Receiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/dermq/hook?clinic=7"
 
+    def release(self) -> None:
+        self.released.set()
+
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -76,7 +88,7 @@ def receiver() -> Iterator[Receiver]:
     ],
 )
 def test_public_https_urls_are_accepted_in_production(url: str) -> None:
-    assert callbacks.validate_url(f"  {url} ", PRODUCTION) == url
+    assert validate_url(f"  {url} ", PRODUCTION) == url
 
 
 @pytest.mark.parametrize(
@@ -108,32 +120,32 @@ def test_public_https_urls_are_accepted_in_production(url: str) -> None:
 )
 def test_unsafe_urls_are_refused_in_production(url: str, why: str) -> None:
     with pytest.raises(InvalidInput, match=why) as refused:
-        callbacks.validate_url(url, PRODUCTION)
+        validate_url(url, PRODUCTION)
     assert refused.value.code == "invalid_callback_url"
 
 
 def test_plain_http_to_this_machine_is_for_development_and_tests_only() -> None:
-    assert callbacks.validate_url("http://127.0.0.1:8080/hook", Settings(environment="test"))
-    assert callbacks.validate_url("http://localhost:8080/hook", Settings(environment="development"))
+    assert validate_url("http://127.0.0.1:8080/hook", Settings(environment="test"))
+    assert validate_url("http://localhost:8080/hook", Settings(environment="development"))
 
 
 def test_delivery_never_connects_to_a_private_address_in_production() -> None:
     # Checked again at delivery time, after resolution (a public name may resolve to 127.0.0.1).
-    status, error = callbacks.post("https://localhost:9/hook", b'{"case_id":"x"}', "whsec_x", PRODUCTION)
+    status, error = post("https://localhost:9/hook", b'{"case_id":"x"}', "whsec_x", PRODUCTION, event_id="x")
     assert (status, error) == (None, "UnsafeAddress")
 
 
 def test_signatures_verify_and_refuse_tampering_replay_and_other_secrets() -> None:
     body = b'{"case_id":"c","status":"succeeded"}'
     now = int(time.time())
-    header = callbacks.sign("whsec_one", body, now)
+    header = sign("whsec_one", body, now)
     assert header.startswith(f"t={now},v1=") and len(header.rpartition("v1=")[2]) == 64
-    assert callbacks.verify("whsec_one", header, body)
-    assert not callbacks.verify("whsec_two", header, body)
-    assert not callbacks.verify("whsec_one", header, body.replace(b"succeeded", b"failed"))
-    stale = callbacks.sign("whsec_one", body, now - 3600)
-    assert not callbacks.verify("whsec_one", stale, body)
-    assert not callbacks.verify("whsec_one", "v1=deadbeef", body)
+    assert verify("whsec_one", header, body)
+    assert not verify("whsec_two", header, body)
+    assert not verify("whsec_one", header, body.replace(b"succeeded", b"failed"))
+    stale = sign("whsec_one", body, now - 3600)
+    assert not verify("whsec_one", stale, body)
+    assert not verify("whsec_one", "v1=deadbeef", body)
 
 
 # --------------------------------------------------------------------------- registration
@@ -225,7 +237,7 @@ def test_a_finished_case_is_announced_signed_retried_and_audited(
     call = receiver.calls[-1]
     headers, body = call["headers"], call["body"]
     assert call["path"] == "/dermq/hook?clinic=7"
-    assert callbacks.verify(secret, headers["Dermq-Signature"], body)  # type: ignore[index, arg-type]
+    assert verify(secret, headers["Dermq-Signature"], body)  # type: ignore[index, arg-type]
     notice = json.loads(body)  # type: ignore[arg-type]
     assert set(notice) == {"type", "case_id", "status", "outcome", "timestamp"}
     assert notice["case_id"] == str(case_id) and notice["status"] == "succeeded" and notice["type"] == "case.finished"
@@ -256,9 +268,60 @@ def test_a_failed_case_is_announced_too(
         support.wait_for(lambda: server.calls, timeout=120, what="the callback of the failed case")
         notice = json.loads(server.calls[0]["body"])  # type: ignore[arg-type]
         assert notice["status"] == "failed" and notice["case_id"] == str(case_id) and notice["outcome"] is None
-        assert callbacks.verify(secret, server.calls[0]["headers"]["Dermq-Signature"], server.calls[0]["body"])  # type: ignore[index, arg-type]
-        row, events = deliveries(settings, case_id)
-        assert row is not None and (row.status, row.attempts) == ("delivered", 1)
-        assert [e.outcome for e in events] == ["success"]
+        assert verify(secret, server.calls[0]["headers"]["Dermq-Signature"], server.calls[0]["body"])  # type: ignore[index, arg-type]
+        # The receiver saw the call before it answered: wait for the worker to record the answer.
+        row = support.wait_for(
+            lambda: (d := deliveries(settings, case_id)[0]) is not None and d.status != "pending" and d,
+            timeout=30,
+            interval=0.1,
+            what="the delivery to be recorded",
+        )
+        assert (row.status, row.attempts) == ("delivered", 1)
+        assert [e.outcome for e in deliveries(settings, case_id)[1]] == ["success"]
+    finally:
+        server.close()
+
+
+@pytest.mark.usefixtures("database")
+def test_a_slow_portal_holds_no_row_lock_and_no_transaction(
+    client, worker, tenant: Tenant, settings, store_case, publisher, jpeg_bytes: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    server = Receiver([], hold=True)
+    try:
+        client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": server.url}).raise_for_status()
+        case_id = store_case(tenant, jpeg_bytes)
+        publish_classify(publisher, case_id, "urgent")
+        support.wait_for(lambda: server.calls, timeout=120, what="the worker to post the callback")
+        # The worker now waits on the portal's answer (for at most callback_timeout_seconds).
+        with get_engine(settings).connect() as connection:
+            with connection.begin():  # the outbox row is not locked: this would fail at once if it were
+                row = connection.execute(
+                    text(
+                        "SELECT attempts, leased_until > now() AS leased FROM callback_deliveries"
+                        " WHERE case_id = :id FOR UPDATE NOWAIT"
+                    ),
+                    {"id": case_id},
+                ).one()
+            assert (row.attempts, row.leased) == (1, True)  # the attempt is counted and leased
+            stuck = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'dermq' AND state LIKE 'idle in transaction%'"
+                    " AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+            assert stuck == 0  # no dermq connection sits in a transaction while the portal thinks
+        server.release()
+        delivered = support.wait_for(
+            lambda: (d := deliveries(settings, case_id)[0]) is not None and d.status != "pending" and d,
+            timeout=60,
+            interval=0.2,
+            what="the callback to be recorded",
+        )
+        assert (delivered.status, delivered.attempts, delivered.last_http_status) == ("delivered", 1, 204)
+        assert delivered.leased_until is None
+        assert [(e.outcome, e.detail) for e in deliveries(settings, case_id)[1]] == [
+            ("success", {"attempt": 1, "http_status": 204})
+        ]
     finally:
         server.close()

@@ -8,13 +8,16 @@ import io
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
+from sqlalchemy.orm import Session
 
 from core.crypto import SealedBlob, decrypt_blob
 from core.db import session_scope
@@ -350,6 +353,52 @@ def test_listing_is_newest_first_and_paginated(client, tenant: Tenant, jpeg_byte
     bad = client.get("/v1/cases", headers=tenant.headers, params={"cursor": "garbage!"})
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_cursor"
     assert client.get("/v1/cases", headers=tenant.headers, params={"status": "nonsense"}).status_code == 422
+
+
+@contextlib.contextmanager
+def threads_per_session() -> Iterator[dict[Session, set[str]]]:
+    """Every Session used meanwhile (in this process), with the names of the threads it was used on:
+    begun, executed, flushed, committed or rolled back."""
+    used: dict[Session, set[str]] = {}
+
+    def note(session: Session) -> None:
+        used.setdefault(session, set()).add(threading.current_thread().name)
+
+    hooks = {
+        "after_begin": lambda session, *_: note(session),
+        "do_orm_execute": lambda state: note(state.session),
+        "after_flush": lambda session, *_: note(session),
+        "after_commit": note,
+        "after_soft_rollback": lambda session, *_: note(session),
+    }
+    for name, hook in hooks.items():
+        event.listen(Session, name, hook)
+    try:
+        yield used
+    finally:
+        for name, hook in hooks.items():
+            event.remove(Session, name, hook)
+
+
+def test_each_request_uses_one_session_on_one_thread(client, tenant: Tenant, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    with threads_per_session() as used:
+        created = submit(client, tenant, jpeg_bytes, client_ref="thread check")
+        assert created.status_code == 202, created.text
+        case_id = created.json()["id"]
+        replayed = client.post(
+            "/v1/cases",
+            headers={**tenant.headers, "Idempotency-Key": f"threads-{uuid.uuid4().hex}"},
+            files={"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")},
+        )
+        assert replayed.status_code == 202
+        assert client.get(f"/v1/cases/{case_id}", headers=tenant.headers).status_code == 200
+        assert client.get("/v1/cases?limit=2", headers=tenant.headers).status_code == 200
+        assert client.get("/v1/clinic/callback", headers=tenant.headers).status_code == 404
+        assert client.delete(f"/v1/cases/{case_id}", headers=tenant.headers).status_code == 200
+    # one Session per request (authentication and the route share it), each on a thread of its own
+    assert len(used) == 6
+    for threads in used.values():
+        assert len(threads) == 1 and next(iter(threads)).startswith("dermq-request"), threads
 
 
 def test_health_readiness_and_docs(client) -> None:  # type: ignore[no-untyped-def]

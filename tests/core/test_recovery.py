@@ -4,12 +4,9 @@ republish what lost its message, never duplicate what is still waiting, and one 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import redis
@@ -26,20 +23,6 @@ from tests.conftest import Tenant
 from tests.faults.servers import RedisServer
 
 pytestmark = pytest.mark.usefixtures("database")
-
-
-@pytest.fixture(scope="module")
-def private_broker() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
-    root = Path(tempfile.mkdtemp(prefix="dermq-sweeper-"))
-    server = RedisServer(root)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -81,6 +64,23 @@ def test_a_running_case_that_lost_its_worker_is_requeued_and_published_at_once(
     assert (case.status, case.attempts, case.started_at) == ("queued", 1, None)
     assert cases_row(settings, alive).status == "running"
     assert str(lost) in recovery.broker_case_ids(sweeping[2])
+
+
+def test_nothing_is_published_before_the_sweep_commits(
+    sweeping, settings: Settings, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    config, publisher, client = sweeping
+    lost = store_case(tenant, b"lost")
+    set_state(settings, lost, status="running", attempts=1, started_at=ago(settings.task_time_limit + 3600))
+    with session_scope(config) as session:
+        report = recovery.sweep(session, config, publisher, client)
+        assert report.requeued == [str(lost)]
+        assert str(lost) not in recovery.broker_case_ids(client)  # the transaction still holds the row
+        assert report.republished == []
+    assert str(lost) in recovery.broker_case_ids(client) and report.republished == [str(lost)]
+    # recorded after the send, by a transaction of its own
+    published = cases_row(settings, lost).published_at
+    assert published is not None and published >= cases_row(settings, lost).updated_at
 
 
 def test_a_case_out_of_attempts_fails_with_timeout_and_a_clear_message(
@@ -171,13 +171,16 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
 
     case_id = store_case(tenant, b"finished")
     principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
+    _, publisher, client = sweeping
     with session_scope(settings) as session:
         callbacks.register(
             session, keyring=keyring, settings=settings, principal=principal, actor=_actor(), url="http://127.0.0.1:9/x"
         )
         assert case_states.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="broken")
-        assert callbacks.note_finished(session, case_id)
-        assert not callbacks.note_finished(session, case_id)  # one notice per case
+        assert callbacks.note_finished(session, case_id, publisher=publisher)
+        assert not callbacks.note_finished(session, case_id, publisher=publisher)  # one notice per case
+    assert callback_messages(client, case_id) == 1  # its own message, sent once the failure committed
+    client.delete(QUEUE_MAINTENANCE)  # ...and lost
     report = sweep(sweeping)
     assert str(case_id) not in report.callbacks_republished  # fresh: its own message may still come
     stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(settings) + 1)
@@ -185,10 +188,18 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
         session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(updated_at=stale))
     report = sweep(sweeping)
     assert str(case_id) in report.callbacks_republished
-    messages = sweeping[2].lrange(QUEUE_MAINTENANCE, 0, -1)
-    assert any(str(case_id).encode() in raw and b"dermq.callback" in raw for raw in messages)
+    assert callback_messages(client, case_id) == 1
+    with session_scope(settings) as session:  # touched once sent: not stale again at once
+        assert session.get(CallbackDelivery, case_id).updated_at > stale
+    assert str(case_id) not in sweep(sweeping).callbacks_republished
     with session_scope(settings) as session:
         session.delete(session.get(ClinicCallback, tenant.clinic_id))
+
+
+def callback_messages(client: redis.Redis, case_id: uuid.UUID) -> int:
+    """How many callback messages for ``case_id`` wait in the maintenance queue."""
+    messages = client.lrange(QUEUE_MAINTENANCE, 0, -1)
+    return sum(1 for raw in messages if str(case_id).encode() in raw and b"dermq.callback" in raw)
 
 
 def _actor():  # type: ignore[no-untyped-def]

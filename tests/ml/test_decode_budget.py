@@ -98,9 +98,8 @@ def test_a_reservation_that_does_not_fit_waits_for_one_to_end() -> None:
 def test_a_reservation_gives_up_with_retry_after_when_the_budget_stays_full() -> None:
     budget = DecodeBudget(100, wait_seconds=0.1, retry_after=3)
     with budget.reserve(60):
-        with pytest.raises(DecodeBusy) as busy:
-            with budget.reserve(60):
-                pass
+        with pytest.raises(DecodeBusy) as busy, budget.reserve(60):
+            pass
         assert busy.value.retry_after == 3
         with budget.reserve(40):  # what fits is not held back
             assert budget.in_use == 100

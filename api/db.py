@@ -1,0 +1,96 @@
+"""A request's database work: one Session, one transaction, one thread.
+
+A Session must not move between threads, and FastAPI runs each sync dependency and sync route on
+whichever thread-pool thread is free. So the request's Session lives on a thread of its own: the
+routes and the authentication dependency hand it their database work with ``await db.run(work)``,
+and the request's dependency (:func:`api.deps.request_db`) commits on that same thread once the route
+has returned, before the response is sent ("no audit, no access": if the commit of a read's audit
+event fails, the client gets 503 and no data), or rolls back if the route raised. Tasks enqueued on
+the Session (:mod:`core.enqueue`) are sent by that commit.
+
+CPU work without the database (decoding, hashing) may use any thread; the event loop itself never
+waits on Postgres or Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import AsyncIterator, Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import anyio
+from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
+
+
+class RequestDb:
+    """The request's Session and the one thread it is used on (started on first use)."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._session: Session | None = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """``work(session)`` on the request's thread, in the request's transaction."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dermq-request")
+        call = functools.partial(contextvars.copy_context().run, self._call, work)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+
+    def _call(self, work: Callable[[Session], T]) -> T:
+        if self._session is None:
+            self._session = self._sessions()
+        return work(self._session)
+
+    async def finish(self, *, commit: bool) -> None:
+        """Commit (or roll back) and close the Session on its thread, then let the thread go. Runs to
+        the end even if the request is cancelled meanwhile (the connection must go back to the pool)."""
+        if self._thread is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                if self._session is not None:
+                    await self.run(_commit if commit else _rollback)
+            finally:
+                if self._session is not None:
+                    await self.run(_close)
+                self._thread.shutdown(wait=False)
+
+
+def _commit(session: Session) -> None:
+    session.commit()
+
+
+def _rollback(session: Session) -> None:
+    session.rollback()
+
+
+def _close(session: Session) -> None:
+    session.close()
+
+
+async def iterate_on_one_thread(produce: Callable[[], Generator[bytes]]) -> AsyncIterator[bytes]:
+    """The chunks of the sync generator ``produce()``, every step of it (and its end) run on one
+    thread of its own: for a streamed response whose generator holds its own Session."""
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dermq-stream")
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+
+    def step(chunks: Generator[bytes]) -> bytes | None:
+        return context.run(next, chunks, None)
+
+    try:
+        chunks = await loop.run_in_executor(thread, context.run, produce)
+        try:
+            while (chunk := await loop.run_in_executor(thread, step, chunks)) is not None:
+                yield chunk
+        finally:
+            with anyio.CancelScope(shield=True):
+                await loop.run_in_executor(thread, context.run, chunks.close)
+    finally:
+        thread.shutdown(wait=False)

@@ -1,0 +1,43 @@
+"""The signature of a completion callback, and how a receiver checks it.
+
+    Dermq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>
+    Dermq-Event-Id: <case id>
+
+:func:`verify` is the reference for receivers: the signature matches, and its timestamp is within
+:data:`SIGNATURE_TOLERANCE_SECONDS` of now (replays).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+
+SIGNATURE_HEADER = "Dermq-Signature"
+EVENT_HEADER = "Dermq-Event-Id"
+#: A receiver should refuse signatures older (or newer) than this.
+SIGNATURE_TOLERANCE_SECONDS = 300
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """``t=<unix seconds>,v1=<hex HMAC-SHA256 over "<t>." + body>``."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify(
+    secret: str, header: str, body: bytes, *, at: float | None = None, tolerance: int = SIGNATURE_TOLERANCE_SECONDS
+) -> bool:
+    """What a receiver does: the signature matches and its timestamp is recent."""
+    fields: dict[str, list[str]] = {}
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        fields.setdefault(name, []).append(value)
+    try:
+        timestamp = int(fields["t"][0])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if at is None else at) - timestamp) > tolerance:
+        return False
+    expected = sign(secret, body, timestamp).rpartition("v1=")[2]
+    return any(hmac.compare_digest(expected, candidate) for candidate in fields.get("v1", []))

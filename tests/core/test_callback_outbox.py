@@ -1,0 +1,96 @@
+"""The callback outbox's attempts against the real database: an attempt leases its row (a duplicate
+finds it leased), its outcome is fenced by the attempt number (a late worker whose lease ran out
+changes nothing), and attempts end in delivered or failed."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import update
+
+from core import audit, callbacks, case_states
+from core.config import Settings
+from core.db import session_scope
+from core.keys import Principal
+from core.models import CallbackDelivery, Role
+from core.publisher import make_publisher
+from tests.conftest import Tenant
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+@pytest.fixture
+def pending(settings: Settings, private_broker, keyring, tenant: Tenant, store_case) -> uuid.UUID:  # type: ignore[no-untyped-def]
+    """A failed case of a clinic with a callback: its delivery is pending (its message goes to a
+    private broker that no worker reads)."""
+    publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
+    case_id = store_case(tenant, b"finished")
+    principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
+    with session_scope(settings) as session:
+        callbacks.register(
+            session, keyring=keyring, settings=settings, principal=principal, actor=audit.SYSTEM, url="http://x/"
+        )
+        assert case_states.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="no")
+        assert callbacks.note_finished(session, case_id, publisher=publisher)
+    return case_id
+
+
+def lease(settings: Settings, keyring, case_id: uuid.UUID) -> callbacks.Lease | None:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return callbacks.lease(session, settings=settings, keyring=keyring, case_id=case_id)
+
+
+def record(settings: Settings, held: callbacks.Lease, status: int | None) -> callbacks.Delivery:
+    with session_scope(settings) as session:
+        return callbacks.record_attempt(session, settings=settings, lease=held, http_status=status, error=None)
+
+
+def row(settings: Settings, case_id: uuid.UUID) -> CallbackDelivery:
+    with session_scope(settings) as session:
+        found = session.get(CallbackDelivery, case_id)
+        assert found is not None
+        return found
+
+
+def test_an_attempt_leases_its_row_and_a_late_one_is_fenced_out(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
+    first = lease(settings, keyring, pending)
+    assert first is not None and first.attempt == 1 and first.secret and b'"status":"failed"' in first.body
+    assert "whsec" not in repr(first)
+    assert lease(settings, keyring, pending) is None  # a duplicated message while the POST runs
+    assert record(settings, first, 500) == callbacks.Delivery("retry", 1, 500)
+    assert (row(settings, pending).leased_until, row(settings, pending).status) == (None, "pending")
+
+    second = lease(settings, keyring, pending)
+    assert second is not None and second.attempt == 2
+    with session_scope(settings) as session:  # its worker died: the lease runs out
+        session.execute(
+            update(CallbackDelivery)
+            .where(CallbackDelivery.case_id == pending)
+            .values(leased_until=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    third = lease(settings, keyring, pending)
+    assert third is not None and third.attempt == 3
+    assert record(settings, second, 204).outcome == "skipped"  # too late: the row is the third's
+    assert (row(settings, pending).status, row(settings, pending).attempts) == ("pending", 3)
+    assert record(settings, third, 204) == callbacks.Delivery("delivered", 3, 204)
+    done = row(settings, pending)
+    assert (done.status, done.last_http_status, done.leased_until) == ("delivered", 204, None)
+    assert lease(settings, keyring, pending) is None
+
+
+def test_attempts_end_in_failed(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
+    config = settings.model_copy(update={"callback_max_attempts": 2})
+    held = lease(config, keyring, pending)
+    assert held is not None and record(config, held, None).outcome == "retry"
+    held = lease(config, keyring, pending)
+    assert held is not None and record(config, held, 503) == callbacks.Delivery("failed", 2, 503)
+    assert row(settings, pending).status == "failed" and lease(config, keyring, pending) is None
+
+
+def test_an_unreadable_secret_gives_up_at_once(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
+    held = lease(settings, keyring, pending)
+    assert held is not None
+    unreadable = callbacks.Lease(held.case_id, held.clinic_id, held.attempt, held.url, held.body, None)
+    assert record(settings, unreadable, None).outcome == "failed"
