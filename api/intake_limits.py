@@ -83,16 +83,28 @@ class Decoder:
 
     def __init__(self, budget_bytes: int, threads: int = 2) -> None:
         self.budget = DecodeBudget(budget_bytes)
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dermq-decode")
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dermq-decode")
+            return self._pool
 
     async def decode(self, data: bytes, limits: ImageLimits, *, reduce_to: int | None = None) -> DecodedImage:
         """:func:`ml.images.decode` off the event loop; raises ``InvalidImage`` or a problem (429, 413)."""
         job = partial(decode, data, limits, reduce_to=reduce_to, budget=self.budget)
         with decode_errors():
-            return await asyncio.get_running_loop().run_in_executor(self._pool, job)
+            return await asyncio.get_running_loop().run_in_executor(self._executor(), job)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the threads (the app's shutdown); a later decode starts new ones."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 #: glibc's mallopt parameter for the size from which allocations are mmapped (and unmapped on free).
