@@ -61,11 +61,21 @@ def settings(stack_env: dict[str, str]):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def database(settings) -> str:  # type: ignore[no-untyped-def]
-    """The test database, built once per run by the Alembic migrations."""
+def database(settings) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """The test database, built once per run by the Alembic migrations; and a copy of it as freshly
+    migrated, the template of the modules' own databases (``own_database``), dropped at the end."""
     support.recreate_database(settings.database_url)
     support.migrate(settings.database_url)
-    return settings.database_url
+    template = _template_url(settings)
+    support.recreate_database(template, template=settings.database_url)  # nothing is connected yet
+    try:
+        yield settings.database_url
+    finally:
+        support.drop_database(template)
+
+
+def _template_url(settings) -> str:  # type: ignore[no-untyped-def]
+    return f"{settings.database_url}_template"
 
 
 @pytest.fixture(scope="session")
@@ -207,9 +217,8 @@ def own_database(settings, database, request: pytest.FixtureRequest) -> Iterator
 
     module = request.module.__name__.rsplit(".", 1)[-1]
     url = f"{settings.database_url.rsplit('/', 1)[0]}/{support.TEST_DATABASE}_{module}"
-    support.recreate_database(url)
+    support.recreate_database(url, template=_template_url(settings))  # migrated: a copy of the template
     try:
-        support.migrate(url)
         yield settings.model_copy(update={"database_url": url})
     finally:
         dispose_engines()

@@ -70,12 +70,15 @@ def drop_database(url: str) -> None:
     admin.dispose()
 
 
-def recreate_database(url: str) -> None:
+def recreate_database(url: str, *, template: str | None = None) -> None:
+    """Drop and create the database of ``url``: empty, or a copy of the database ``template`` (which
+    nothing may be connected to meanwhile)."""
     drop_database(url)
     parsed = make_url(url)
     admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+        copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
+        connection.execute(text(f'CREATE DATABASE "{parsed.database}"{copy}'))
     admin.dispose()
 
 
