@@ -165,23 +165,6 @@ class Completion:
     heatmap_png: bytes | None
 
 
-def complete_case(
-    session: Session,
-    *,
-    keyring: Keyring,
-    case_id: uuid.UUID,
-    attempt: int,
-    result: dict[str, Any],
-    heatmap_png: bytes | None,
-    actor: audit.Actor = audit.SYSTEM,
-) -> bool:
-    """Store the result (and the encrypted heat map) and mark the case succeeded, atomically."""
-    stored = complete_cases(
-        session, keyring=keyring, completions=[Completion(case_id, attempt, result, heatmap_png)], actor=actor
-    )
-    return case_id in stored
-
-
 def complete_cases(
     session: Session, *, keyring: Keyring, completions: Sequence[Completion], actor: audit.Actor = audit.SYSTEM
 ) -> set[uuid.UUID]:

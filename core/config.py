@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,29 +26,6 @@ def is_example_secret(value: str) -> bool:
     """Whether ``value`` is an example or a template's placeholder rather than a real secret."""
     lowered = value.strip().lower()
     return lowered in EXAMPLE_SECRETS or any(mark in lowered for mark in PLACEHOLDER_MARKS)
-
-
-class FaultInjection(BaseModel):
-    """Faults the worker injects into its own classifications, for the fault-tolerance tests only
-    (``DERMQ_FAULT_INJECTION``, JSON). :class:`Settings` refuses it unless ``DERMQ_ENVIRONMENT=test``;
-    the hooks live in ``worker/faults.py``.
-
-        DERMQ_FAULT_INJECTION='{"sleep_before_inference": 30, "attempts": [1]}'
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: seconds to sleep just before inference (a slow job: soft and hard time limits)
-    sleep_before_inference: float = Field(0.0, ge=0)
-    #: block the soft-time-limit signal during that sleep, like native code that never returns to
-    #: Python: only the hard limit (the child is killed) ends it
-    ignore_soft_limit: bool = False
-    #: end the worker child with os._exit during inference (a poison case that kills its worker)
-    exit_during_inference: bool = False
-    #: the first N inferences of each worker process raise torch.OutOfMemoryError (the GPU fallback)
-    cuda_oom_times: int = Field(0, ge=0)
-    #: inject only on these attempt numbers (counted in Postgres at each claim); None: every attempt
-    attempts: list[int] | None = None
 
 
 class Settings(BaseSettings):
@@ -148,10 +125,6 @@ class Settings(BaseSettings):
     callback_backoff_max_seconds: float = Field(300.0, gt=0)
     callback_url_max_length: int = Field(2048, ge=64, le=8192)
 
-    # --- tests only -------------------------------------------------------------------------
-    #: JSON, see FaultInjection; refused unless environment is "test"
-    fault_injection: FaultInjection | None = None
-
     # --- Flower -------------------------------------------------------------------------
     flower_host: str = "127.0.0.1"
     flower_port: int = Field(5555, ge=1, le=65535)
@@ -183,11 +156,6 @@ class Settings(BaseSettings):
             raise ValueError("set both DERMQ_TLS_CERTFILE and DERMQ_TLS_KEYFILE, or neither")
         if self.gradcam_budget_seconds >= self.task_soft_time_limit:
             raise ValueError("gradcam_budget_seconds must be below task_soft_time_limit")
-        if self.fault_injection is not None and self.environment != "test":
-            raise ValueError(
-                "DERMQ_FAULT_INJECTION makes workers sleep, crash and fail on purpose; it is honoured only "
-                "with DERMQ_ENVIRONMENT=test. Unset it."
-            )
         if self.environment == "production" and self.keys_json is None and self.key_file is None:
             raise ValueError("production needs DERMQ_KEY_FILE or DERMQ_KEYS_JSON")
         return self

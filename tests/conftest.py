@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,11 +61,21 @@ def settings(stack_env: dict[str, str]):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def database(settings) -> str:  # type: ignore[no-untyped-def]
-    """The test database, built once per run by the Alembic migrations."""
+def database(settings) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """The test database, built once per run by the Alembic migrations; and a copy of it as freshly
+    migrated, the template of the modules' own databases (``own_database``), dropped at the end."""
     support.recreate_database(settings.database_url)
     support.migrate(settings.database_url)
-    return settings.database_url
+    template = _template_url(settings)
+    support.recreate_database(template, template=settings.database_url)  # nothing is connected yet
+    try:
+        yield settings.database_url
+    finally:
+        support.drop_database(template)
+
+
+def _template_url(settings) -> str:  # type: ignore[no-untyped-def]
+    return f"{settings.database_url}_template"
 
 
 @pytest.fixture(scope="session")
@@ -100,13 +111,13 @@ def client(api_app):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -> Iterator[support.Process]:  # type: ignore[no-untyped-def]
+def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -> Iterator[support.Worker]:  # type: ignore[no-untyped-def]
     """A real Celery worker process (prefork, one child) on the test database and Redis.
 
     One case per task (``DERMQ_BATCHING=off``): many tests store queued cases that nothing publishes
     (``store_case``) and expect them to wait; a batching worker would claim them with the next case
-    it takes. Batching is tested on stacks and queues of its own (tests/worker/test_batching.py,
-    tests/worker/test_priorities.py, tests/faults)."""
+    it takes. Batching is tested on databases and brokers of its own (``own_database``:
+    tests/worker/test_batching.py, tests/worker/test_priorities.py; tests/faults)."""
     env = {**stack_env, "DERMQ_BATCHING": "off"}
     process = support.start_worker(env, stack_dir / "worker.log", name="main")
     yield process
@@ -125,54 +136,28 @@ class Tenant:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-@pytest.fixture
-def make_key(settings, database, keyring) -> Callable[..., Tenant]:  # type: ignore[no-untyped-def]
-    """Create a fresh clinic (so tests never see each other's rows) and a key for it."""
+def new_tenant(settings, keyring, role: str = "clinic", clinic_id: uuid.UUID | None = None) -> Tenant:  # type: ignore[no-untyped-def]
+    """A fresh clinic (unless ``clinic_id`` names one) and a key for it, in the database of ``settings``."""
     from core import clinics, keys
     from core.db import session_scope
     from core.models import Role
 
-    def make(role: str = "clinic", clinic_id: uuid.UUID | None = None) -> Tenant:
-        with session_scope(settings) as session:
-            if clinic_id is None:
-                clinic = clinics.create_clinic(session, f"clinic-{uuid.uuid4().hex[:10]}")
-                clinic_id, name = clinic.id, clinic.name
-            else:
-                name = clinics.get_clinic(session, clinic_id).name
-            key, token = keys.create_key(
-                session, keyring, role=Role(role), clinic_id=clinic_id if role == "clinic" else None
-            )
-            return Tenant(clinic_id, name, token, key.id)
-
-    return make
-
-
-@pytest.fixture
-def tenant(make_key: Callable[..., Tenant]) -> Tenant:
-    return make_key("clinic")
-
-
-@pytest.fixture
-def empty_queue(settings, database) -> None:  # type: ignore[no-untyped-def]
-    """No queued cases in the shared test database: a batch takes the oldest queued cases, and the
-    cases that earlier tests left queued (nothing publishes them) would be older than a test's own."""
-    from sqlalchemy import update
-
-    from core.db import session_scope
-    from core.models import Case
-
     with session_scope(settings) as session:
-        session.execute(
-            update(Case)
-            .where(Case.status == "queued")
-            .values(status="failed", failure_code="abandoned", failure_message="left queued by an earlier test")
+        if clinic_id is None:
+            clinic = clinics.create_clinic(session, f"clinic-{uuid.uuid4().hex[:10]}")
+            clinic_id, name = clinic.id, clinic.name
+        else:
+            name = clinics.get_clinic(session, clinic_id).name
+        key, token = keys.create_key(
+            session, keyring, role=Role(role), clinic_id=clinic_id if role == "clinic" else None
         )
+        return Tenant(clinic_id, name, token, key.id)
 
 
-@pytest.fixture
-def store_case(settings, keyring, database) -> Callable[..., uuid.UUID]:  # type: ignore[no-untyped-def]
-    """Store a queued case with arbitrary bytes as its image, as if the intake had accepted them
-    (nothing is published: the case waits until a test publishes it or the sweeper finds it)."""
+def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[no-untyped-def]
+    """A function that stores a queued case with arbitrary bytes as its image in the database of
+    ``settings``, as if the intake had accepted them (nothing is published: the case waits until a
+    test publishes it or the sweeper finds it)."""
     import hashlib
 
     from core import audit, cases
@@ -202,6 +187,42 @@ def store_case(settings, keyring, database) -> Callable[..., uuid.UUID]:  # type
             return case.id
 
     return store
+
+
+@pytest.fixture
+def make_key(settings, database, keyring) -> Callable[..., Tenant]:  # type: ignore[no-untyped-def]
+    """Create a fresh clinic (so tests never see each other's rows) and a key for it."""
+    return lambda role="clinic", clinic_id=None: new_tenant(settings, keyring, role, clinic_id)
+
+
+@pytest.fixture
+def tenant(make_key: Callable[..., Tenant]) -> Tenant:
+    return make_key("clinic")
+
+
+@pytest.fixture
+def store_case(settings, keyring, database) -> Callable[..., uuid.UUID]:  # type: ignore[no-untyped-def]
+    """Store a queued case in the shared test database (see :func:`case_store`)."""
+    return case_store(settings, keyring)
+
+
+@pytest.fixture(scope="module")
+def own_database(settings, database, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Settings on a database of this test module's own, migrated, and dropped after the module.
+
+    For tests that need an empty queue: a batch claims the oldest queued cases of its whole database,
+    and the shared one holds cases that other tests left queued on purpose. The module gets its
+    own clinics and cases with :func:`new_tenant` and :func:`case_store` on these settings."""
+    from core.db import dispose_engines
+
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    url = f"{settings.database_url.rsplit('/', 1)[0]}/{support.TEST_DATABASE}_{module}"
+    support.recreate_database(url, template=_template_url(settings))  # migrated: a copy of the template
+    try:
+        yield settings.model_copy(update={"database_url": url})
+    finally:
+        dispose_engines()
+        support.drop_database(url)
 
 
 @pytest.fixture(scope="session")

@@ -72,12 +72,15 @@ def drop_database(url: str) -> None:
     admin.dispose()
 
 
-def recreate_database(url: str) -> None:
+def recreate_database(url: str, *, template: str | None = None) -> None:
+    """Drop and create the database of ``url``: empty, or a copy of the database ``template`` (which
+    nothing may be connected to meanwhile)."""
     drop_database(url)
     parsed = make_url(url)
     admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+        copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
+        connection.execute(text(f'CREATE DATABASE "{parsed.database}"{copy}'))
     admin.dispose()
 
 
@@ -192,6 +195,71 @@ class Process:
         return self.proc.returncode
 
 
+class Worker(Process):
+    """A Celery worker process, watched through what it exposes: the Celery control API (ping,
+    inspect) and its Prometheus metrics."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, hostname: str) -> None:
+        from core.config import Settings
+        from core.publisher import make_publisher
+
+        with environment(env):
+            self.control_app = make_publisher(Settings())
+        self.hostname = hostname
+        self.metrics_url = f"http://127.0.0.1:{env['DERMQ_WORKER_METRICS_PORT']}/metrics"
+        super().__init__("worker", args, env, log)
+
+    def ping(self) -> bool:
+        """Whether the worker answers the control API's ping (its consumer is ready for tasks)."""
+        try:
+            replies = self.control_app.control.ping(destination=[self.hostname], timeout=0.5)
+        except Exception:  # the broker is down
+            return False
+        return any(self.hostname in reply for reply in replies)
+
+    def active(self) -> list[dict[str, Any]]:
+        """The tasks its children are running now, as the control API's ``inspect().active()`` says."""
+        replies = self.control_app.control.inspect(destination=[self.hostname], timeout=1).active() or {}
+        return list(replies.get(self.hostname, []))
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Its metrics endpoint's samples, {} while it does not answer."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            text = httpx.get(self.metrics_url, timeout=5).text
+        except httpx.HTTPError:
+            return {}
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` with these labels (0 if none)."""
+        return metric_total(self.metrics(), name, **labels)
+
+    def models_loaded(self) -> int:
+        """How many of its children have loaded the model (``dermq_worker_info``, one per process)."""
+        return sum(1 for (name, _), value in self.metrics().items() if name == "dermq_worker_info" and value == 1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        try:
+            return super().stop(sig, timeout)
+        finally:
+            self.control_app.close()
+
+
+def metric_total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and all(item in sample_labels for item in labels.items())
+    )
+
+
 def start_worker(
     env: dict[str, str],
     log: Path,
@@ -200,11 +268,20 @@ def start_worker(
     concurrency: int = 1,
     queues: str = "cases,maintenance",
     extra: list[str] | None = None,
-) -> Process:
+    app: str = "worker.celery_app",
+    wait_for_model: bool = True,
+) -> Worker:
+    """Start a worker of ``app`` (a module: tests.faults.worker_app injects faults) and wait until it
+    answers a ping and, with ``wait_for_model`` and model preloading on, until each child has loaded
+    the model. A metrics port of 0 (or none) becomes a free one: the wait reads the metrics."""
+    env = dict(env)
+    if env.get("DERMQ_WORKER_METRICS_PORT", "0") == "0":
+        env["DERMQ_WORKER_METRICS_PORT"] = str(free_port())
+    hostname = f"{name or 'test-' + uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     args = [
         str(VENV_BIN / "celery"),
         "-A",
-        "worker.celery_app",
+        app,
         "worker",
         "--loglevel",
         "INFO",
@@ -217,28 +294,27 @@ def start_worker(
         "--without-mingle",
         "--without-gossip",
         "--hostname",
-        f"{name or 'test-' + uuid.uuid4().hex[:6]}@%h",
+        hostname,
         *(extra or []),
     ]
-    worker = Process("worker", args, env, log)
+    worker = Worker(args, env, log, hostname)
     try:
-        wait_for(lambda: "ready." in worker.output() or not worker.alive(), timeout=60, what="the worker to start")
-    except TimeoutError:
+        wait_for(lambda: worker.ping() or not worker.alive(), timeout=60, what="the worker to answer a ping")
+        if not worker.alive():
+            raise RuntimeError(f"worker exited at start:\n{worker.output()[-3000:]}")
+        if wait_for_model and env.get("DERMQ_PRELOAD_MODEL", "true").lower() not in ("0", "false", "no", "off"):
+            # the child preloads the model in the background; a case sent before it is done would spend
+            # that load inside its own time limit, which tests of the limits must not depend on
+            wait_for(
+                lambda: worker.models_loaded() >= concurrency or not worker.alive(),
+                timeout=120,
+                what="the worker's children to load the model",
+            )
+            if not worker.alive():
+                raise RuntimeError(f"worker exited at start:\n{worker.output()[-3000:]}")
+    except BaseException:
         worker.stop()  # never leave a stray worker behind
         raise
-    if not worker.alive():
-        raise RuntimeError(f"worker exited at start:\n{worker.output()[-3000:]}")
-    if env.get("DERMQ_PRELOAD_MODEL", "true").lower() not in ("0", "false", "no", "off"):
-        # the child preloads the model in the background; a case sent before it is done would spend
-        # that load inside its own time limit, which tests of the limits must not depend on
-        wait_for(
-            lambda: (
-                any(event in worker.output() for event in ("model_loaded", "model_preload_failed"))
-                or not worker.alive()
-            ),
-            timeout=120,
-            what="the worker's model to load",
-        )
     return worker
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -18,24 +20,48 @@ from core import case_states
 from core.config import Settings
 from core.db import session_scope
 from core.logs import case_id_var
-from worker import faults, pipeline, results, runtime
+from core.models import Case
+from worker import pipeline, results, runtime
 from worker.pipeline import (
+    Classified,
     Progress,
     _classify_image,
     _decode_claimed,
     _fail,
-    _metric,
     _model_error,
     _one_by_one_or_raise,
-    _transient,
-    _with_images,
+    keyring,
     run_classification,
 )
+from worker.retries import is_transient
 
 if TYPE_CHECKING:
-    from ml.predictor import Analysis, Predictor
+    from PIL import Image
+
+    from ml.images import DecodedImage
+    from ml.predictor import Predictor
 
 log = logging.getLogger("dermq.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedCase:
+    """A case this worker's batch claimed, with its decrypted image."""
+
+    case_id: uuid.UUID
+    attempt: int
+    created_at: datetime
+    image: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedCase:
+    """A claimed case whose image decoded, and its timings so far."""
+
+    case_id: uuid.UUID
+    attempt: int
+    decoded: DecodedImage
+    timings: dict[str, float]
 
 
 def batching_enabled(config: Settings) -> bool:
@@ -76,70 +102,86 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     progress.attempt = claimed[0].attempts
     outcomes: dict[uuid.UUID, str] = {}
     try:
-        items = _with_images(config, claimed)
+        items = with_images(config, claimed)
         if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
             time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
             with session_scope(config) as session:
                 more = case_states.claim_queued(session, limit=config.batch_max_size - len(items))
             claimed += more
-            items += _with_images(config, more)
+            items += with_images(config, more)
         _run_claimed_batch(config, predictor, items, started, outcomes)
     except BaseException:
-        _requeue_unfinished(config, [(c.id, c.attempts) for c in claimed if c.id != case_id and c.id not in outcomes])
+        _requeue_unfinished(config, [c for c in claimed if c.id != case_id and c.id not in outcomes])
         raise
     log.info("batch classified", extra={"event": "batch", "count": len(items)})
-    for item_id, outcome in outcomes.items():
-        if item_id != case_id:
-            _metric("record_outcome", outcome)
+    metrics = runtime.worker_metrics()
+    if metrics is not None:
+        for item_id, outcome in outcomes.items():
+            if item_id != case_id:
+                metrics.record_outcome(outcome)
     return outcomes[case_id]
+
+
+def with_images(config: Settings, claimed: Sequence[Case]) -> list[ClaimedCase]:
+    """Each claimed case with its decrypted image, read in a transaction of its own once the claim has
+    committed (the claim's audit events hold the chain's lock until then)."""
+    if not claimed:
+        return []
+    with session_scope(config) as session:
+        images = case_states.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
+    return [ClaimedCase(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed]
 
 
 def _run_claimed_batch(
     config: Settings,
     predictor: Predictor,
-    items: list[tuple[uuid.UUID, int, datetime, bytes]],
+    items: list[ClaimedCase],
     started: float,
     outcomes: dict[uuid.UUID, str],
 ) -> None:
     """Decode, classify, explain and store claimed cases, writing each one's outcome into ``outcomes``
     as soon as it is final (so that a failure part-way knows which cases are still held)."""
     claimed_at = time.perf_counter()
-    ready: list[tuple[uuid.UUID, int, Any, dict[str, float]]] = []
-    for item_id, attempt, created_at, data in items:
+    ready: list[DecodedCase] = []
+    for item in items:
         timings = {
-            "queue_wait": (datetime.now(UTC) - created_at).total_seconds(),
+            "queue_wait": (datetime.now(UTC) - item.created_at).total_seconds(),
             "claim_and_decrypt": claimed_at - started,
             "batch_size": float(len(items)),
         }
-        token = case_id_var.set(str(item_id))
+        token = case_id_var.set(str(item.case_id))
         try:
-            decoded = _decode_claimed(config, item_id, attempt, data)
+            decoded = _decode_claimed(config, item.case_id, item.attempt, item.image)
         finally:
             case_id_var.reset(token)
         if isinstance(decoded, str):
-            outcomes[item_id] = decoded
+            outcomes[item.case_id] = decoded
             continue
         timings["decode"] = time.perf_counter() - claimed_at
-        ready.append((item_id, attempt, decoded, timings))
+        ready.append(DecodedCase(item.case_id, item.attempt, decoded, timings))
     if not ready:
         return
     inference_started = time.perf_counter()
     try:
-        analyses = _classify_batch(config, predictor, [decoded.image for _, _, decoded, _ in ready], ready[0][1])
+        classified = _classify_batch(config, predictor, [case.decoded.image for case in ready])
     except SoftTimeLimitExceeded:
         raise
     except Exception as exc:
         _one_by_one_or_raise(exc, len(ready), "batch_classify_failed", "a batch failed to classify")
-        ready, analyses = _classify_one_by_one(config, predictor, ready, outcomes)
+        ready, classified = _classify_one_by_one(config, predictor, ready, outcomes)
         if not ready:
             return
     inference = (time.perf_counter() - inference_started) / len(ready)
     completions = []
-    for (item_id, attempt, decoded, timings), (analysis, used) in zip(ready, analyses, strict=True):
-        timings["inference"] = inference
-        token = case_id_var.set(str(item_id))
+    for case, one in zip(ready, classified, strict=True):
+        case.timings["inference"] = inference
+        token = case_id_var.set(str(case.case_id))
         try:
-            completions.append(results.completion(config, item_id, attempt, decoded, analysis, used, timings, started))
+            completions.append(
+                results.completion(
+                    config, case.case_id, case.attempt, case.decoded, one.analysis, one.predictor, case.timings, started
+                )
+            )
         finally:
             case_id_var.reset(token)
     outcomes.update(pipeline._store(config, completions))
@@ -148,46 +190,46 @@ def _run_claimed_batch(
 def _classify_one_by_one(
     config: Settings,
     predictor: Predictor,
-    ready: list[tuple[uuid.UUID, int, Any, dict[str, float]]],
+    ready: list[DecodedCase],
     outcomes: dict[uuid.UUID, str],
-) -> tuple[list[tuple[uuid.UUID, int, Any, dict[str, float]]], list[tuple[Analysis, Predictor]]]:
+) -> tuple[list[DecodedCase], list[Classified]]:
     """Classify a failed batch's cases each alone, so that a case that breaks the model fails by itself
     instead of taking its batch (and, requeued, the next one) with it. Returns the cases that
     classified and their analyses; the others are failed and their outcomes written."""
-    done, analyses = [], []
-    for item in ready:
-        item_id, attempt = item[0], item[1]
-        token = case_id_var.set(str(item_id))
+    done: list[DecodedCase] = []
+    classified: list[Classified] = []
+    for case in ready:
+        token = case_id_var.set(str(case.case_id))
         try:
-            analyses.append(_classify_image(config, predictor, item[2].image, attempt))
-            done.append(item)
+            classified.append(_classify_image(config, predictor, case.decoded.image, case.attempt))
+            done.append(case)
         except SoftTimeLimitExceeded:
             raise
         except Exception as exc:
-            if _transient(exc):
+            if is_transient(exc):
                 raise
             log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
-            outcomes[item_id] = _fail(
+            outcomes[case.case_id] = _fail(
                 config,
-                item_id,
-                attempt,
+                case.case_id,
+                case.attempt,
                 "model_error",
                 _model_error(exc, "classifying"),
             )
         finally:
             case_id_var.reset(token)
-    return done, analyses
+    return done, classified
 
 
-def _requeue_unfinished(config: Settings, held: list[tuple[uuid.UUID, int]]) -> None:
+def _requeue_unfinished(config: Settings, held: list[Case]) -> None:
     """Put the cases a failed batch still holds back in the queue (fenced by their attempts); if the
     database does not answer, the sweeper will (they stay ``running`` until then)."""
     if not held:
         return
     try:
         with session_scope(config) as session:
-            for item_id, attempt in held:
-                case_states.requeue_case(session, item_id, attempt=attempt, reason="batch_interrupted")
+            for case in held:
+                case_states.requeue_case(session, case.id, attempt=case.attempts, reason="batch_interrupted")
         log.warning(
             "batch stopped; its other cases went back to the queue",
             extra={"event": "batch_requeued", "count": len(held)},
@@ -199,16 +241,12 @@ def _requeue_unfinished(config: Settings, held: list[tuple[uuid.UUID, int]]) -> 
         )
 
 
-def _classify_batch(
-    config: Settings, predictor: Predictor, images: list[Any], attempt: int
-) -> list[tuple[Analysis, Predictor]]:
-    """One forward pass for the batch; out of GPU memory, each image alone on the CPU instead.
-    ``attempt``: the lead case's, for fault injection."""
+def _classify_batch(config: Settings, predictor: Predictor, images: list[Image.Image]) -> list[Classified]:
+    """One forward pass for the batch; out of GPU memory, each image alone on the CPU instead."""
     import torch
 
     try:
-        faults.before_inference(config, attempt)
-        return [(analysis, predictor) for analysis in predictor.classify_many(images)]
+        return [Classified(analysis, predictor) for analysis in predictor.classify_many(images)]
     except torch.OutOfMemoryError:
         runtime.free_device_memory(predictor)
         fallback = runtime.get_cpu_predictor(config, predictor)
@@ -216,4 +254,4 @@ def _classify_batch(
             "out of GPU memory for a batch; running it on the CPU image by image",
             extra={"event": "oom_fallback", "count": len(images)},
         )
-        return [(fallback.classify(image), fallback) for image in images]
+        return [Classified(fallback.classify(image), fallback) for image in images]

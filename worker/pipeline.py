@@ -1,7 +1,7 @@
 """The one-case pipeline of a worker: settings and keys of the process, claim a case, decode its
 image, classify it, and store the results of one or several cases in one transaction (falling back
 to one case at a time when the database refuses the batch). The Celery tasks are :mod:`worker.tasks`;
-dynamic batches are :mod:`worker.batching`.
+dynamic batches are :mod:`worker.batching`; the retry policy is :mod:`worker.retries`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import redis
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from core import callbacks, case_states
@@ -23,11 +21,11 @@ from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
 from core.logs import case_id_var
-from core.models import Case
 from ml.decode_budget import DecodeBudget, TooLargeToDecode
 from ml.images import DecodedImage, ImageLimits, InvalidImage, decode
-from worker import faults, results, runtime
+from worker import results, runtime
 from worker.celery_app import app
+from worker.retries import is_transient
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -35,16 +33,6 @@ if TYPE_CHECKING:
     from ml.predictor import Analysis, Predictor
 
 log = logging.getLogger("dermq.worker")
-
-
-#: Transient failures worth retrying with backoff; anything else fails the case for good.
-TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError)
-
-
-def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, OperationalError)
-    return isinstance(exc, TRANSIENT)
 
 
 _keyrings: dict[str, KeyringSource] = {}
@@ -62,18 +50,20 @@ def keyring(config: Settings) -> Keyring:
     return _keyrings[cache_key].get()
 
 
-def _metric(name: str, *args: Any) -> None:
-    """Call ``worker.metrics.<name>`` where metrics exist (worker processes), else nothing."""
-    metrics = runtime.worker_metrics()
-    if metrics is not None:
-        getattr(metrics, name)(*args)
-
-
 @dataclass
 class Progress:
     """How far one run got: the error handlers of ``classify`` need the attempt it claimed."""
 
     attempt: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """The analysis of one image and the predictor that made it (the CPU one after the GPU ran out of
+    memory: its device goes in the result)."""
+
+    analysis: Analysis
+    predictor: Predictor
 
 
 def _ended(config: Settings, case_id: uuid.UUID, transition: Callable[[Session], bool]) -> bool:
@@ -102,17 +92,13 @@ def _fail(config: Settings, case_id: uuid.UUID, attempt: int | None, code: str, 
     return "failed"
 
 
-def _classify_image(
-    config: Settings, predictor: Predictor, image: Image.Image, attempt: int
-) -> tuple[Analysis, Predictor]:
+def _classify_image(config: Settings, predictor: Predictor, image: Image.Image, attempt: int) -> Classified:
     """Inference on the primary predictor; when its GPU runs out of memory, free the cache and run this
-    case on a CPU predictor (the CUDA one stays for the next cases). Returns the analysis and the
-    predictor that made it."""
+    case on a CPU predictor (the CUDA one stays for the next cases)."""
     import torch
 
     try:
-        faults.before_inference(config, attempt)
-        return predictor.classify(image), predictor
+        return Classified(predictor.classify(image), predictor)
     except torch.OutOfMemoryError:
         runtime.free_device_memory(predictor)
         fallback = runtime.get_cpu_predictor(config, predictor)
@@ -120,7 +106,7 @@ def _classify_image(
             "out of GPU memory; running this case on the CPU",
             extra={"event": "oom_fallback", "device": str(fallback.device), "attempt": attempt},
         )
-        return fallback.classify(image), fallback
+        return Classified(fallback.classify(image), fallback)
 
 
 def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, data: bytes) -> DecodedImage | str:
@@ -137,16 +123,6 @@ def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, data: by
         return _fail(config, case_id, attempt, "invalid_image", exc.message)
     except TooLargeToDecode as exc:
         return _fail(config, case_id, attempt, "invalid_image", str(exc))
-
-
-def _with_images(config: Settings, claimed: Sequence[Case]) -> list[tuple[uuid.UUID, int, datetime, bytes]]:
-    """(id, attempt, created_at, decrypted image) of each claimed case, read in a transaction of its
-    own once the claim has committed (the claim's audit events hold the chain's lock until then)."""
-    if not claimed:
-        return []
-    with session_scope(config) as session:
-        images = case_states.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
-    return [(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed]
 
 
 def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress | None = None) -> str:
@@ -177,10 +153,12 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     except runtime.ModelUnavailable as exc:
         return _fail(config, case_id, attempt, "model_error", f"the model could not be loaded: {exc}")
     inference_started = time.perf_counter()
-    analysis, predictor = _classify_image(config, predictor, image, attempt)
+    classified = _classify_image(config, predictor, image, attempt)
     timings["inference"] = time.perf_counter() - inference_started
 
-    completion = results.completion(config, case_id, attempt, decoded, analysis, predictor, timings, started)
+    completion = results.completion(
+        config, case_id, attempt, decoded, classified.analysis, classified.predictor, timings, started
+    )
     return _store(config, [completion])[case_id]
 
 
@@ -201,6 +179,7 @@ def _store(config: Settings, completions: Sequence[case_states.Completion]) -> d
     except Exception as exc:
         _one_by_one_or_raise(exc, len(completions), "batch_store_failed", "storing a batch failed")
         return _store_one_by_one(config, completions)
+    metrics = runtime.worker_metrics()
     outcomes: dict[uuid.UUID, str] = {}
     for completion in completions:
         token = case_id_var.set(str(completion.case_id))
@@ -212,7 +191,8 @@ def _store(config: Settings, completions: Sequence[case_states.Completion]) -> d
                 outcomes[completion.case_id] = "superseded"
                 continue
             result = completion.result
-            _metric("record_result", result, result["timings"])
+            if metrics is not None:
+                metrics.record_result(result, result["timings"])
             log.info(
                 "case classified",
                 extra={
@@ -227,7 +207,8 @@ def _store(config: Settings, completions: Sequence[case_states.Completion]) -> d
             outcomes[completion.case_id] = "succeeded"
         finally:
             case_id_var.reset(token)
-    _metric("record_gpu_memory")
+    if metrics is not None:
+        metrics.record_gpu_memory()
     return outcomes
 
 
@@ -235,7 +216,7 @@ def _one_by_one_or_raise(exc: Exception, count: int, event: str, what: str) -> N
     """Re-raise ``exc`` unless it stopped a batch of ``count`` cases for a reason other than a transient
     one; then log that the batch's cases will be handled one by one (so that the case at fault fails
     alone), and return."""
-    if count < 2 or _transient(exc):
+    if count < 2 or is_transient(exc):
         raise exc
     log.warning(
         f"{what}; handling its cases one by one",
@@ -250,7 +231,7 @@ def _store_one_by_one(config: Settings, completions: Sequence[case_states.Comple
         try:
             outcomes |= _store(config, [completion])
         except Exception as exc:
-            if _transient(exc):
+            if is_transient(exc):
                 raise
             token = case_id_var.set(str(completion.case_id))
             try:

@@ -10,19 +10,15 @@ confidence, uncertainty or referral, and no heat map (there is nothing to explai
 ``gradcam_status`` is ``not_applicable``). Such a case still succeeds: the input was judged, and
 retrying would judge it the same way.
 
-The one-case path and the batch engine of :mod:`worker.tasks` both build their results here, so the
-two store the same thing for the same image.
+The one-case path (:mod:`worker.pipeline`) and the batch engine (:mod:`worker.batching`) both build
+their results here, so the two store the same thing for the same image.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -30,6 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core import case_states
 from core.config import Settings
 from core.models import Outcome
+from worker.budget import GradcamTimeout, time_budget
 
 if TYPE_CHECKING:
     from ml.images import DecodedImage
@@ -39,36 +36,6 @@ log = logging.getLogger("dermq.worker")
 
 #: ``gradcam_status`` of a result with no diagnosis to explain
 GRADCAM_NOT_APPLICABLE = "not_applicable"
-
-
-class GradcamTimeout(Exception):
-    """Grad-CAM ran past its own budget; the classification stands without a heat map."""
-
-
-@contextmanager
-def time_budget(seconds: float) -> Iterator[None]:
-    """Raise :class:`GradcamTimeout` in this block after ``seconds`` (SIGALRM; main thread only).
-
-    Celery's prefork children run tasks on their main thread. Elsewhere (tests calling the task
-    function directly from a thread) the block runs to completion and is judged afterwards.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        started = time.monotonic()
-        yield
-        if time.monotonic() - started > seconds:
-            raise GradcamTimeout
-        return
-
-    def on_alarm(_signum: int, _frame: Any) -> None:
-        raise GradcamTimeout
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def heatmap(
@@ -136,7 +103,7 @@ def completion(
 ) -> case_states.Completion:
     """The result row (and heat map, for a diagnosis) of one classified case. ``timings`` gains
     ``gradcam`` (for a diagnosis) and ``total`` (from ``started``, a ``perf_counter`` reading)."""
-    from ml import drift  # NumPy: only the worker image has it (worker.tasks is imported by beat and Flower too)
+    from ml import drift  # NumPy: only the worker image has it (beat and Flower import worker.tasks too)
 
     prediction = analysis.prediction
     heatmap_png: bytes | None = None

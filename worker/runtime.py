@@ -6,6 +6,10 @@ fails with ``model_error`` and a clear message, and the worker stays alive for t
 When the GPU runs out of memory on a case, the task frees the CUDA cache and runs that case on a
 second, CPU predictor (:func:`get_cpu_predictor`, loaded on the first such case and kept); the
 CUDA predictor stays loaded and serves the next cases.
+
+Predictors come from :func:`load_predictor` unless a Celery app module chose another loader with
+:func:`use_loader` before the worker forked (one that wraps :func:`load_predictor` to instrument
+the model, say).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.config import Settings
 
@@ -34,14 +38,39 @@ class ModelUnavailable(RuntimeError):
     """The configured model could not be loaded; the message says why and is safe to store."""
 
 
-def worker_metrics() -> ModuleType | None:
-    """``worker.metrics`` in a worker process; None where it cannot be imported (a test calling the
-    task functions directly, with no ``PROMETHEUS_MULTIPROC_DIR``)."""
+class WorkerMetrics(Protocol):
+    """What the pipeline records in :mod:`worker.metrics` (the module itself is the implementation)."""
+
+    def record_outcome(self, outcome: str) -> None: ...
+
+    def record_result(self, result: dict[str, Any], timings: dict[str, float]) -> None: ...
+
+    def record_model(self, device: str, model_id: str) -> None: ...
+
+    def record_gpu_memory(self) -> None: ...
+
+
+def worker_metrics() -> WorkerMetrics | None:
+    """:mod:`worker.metrics` in a worker process. None where there is no ``PROMETHEUS_MULTIPROC_DIR``
+    (a process that runs the pipeline outside a Celery worker): prometheus_client's multiprocess
+    values must be chosen before the metrics are created, so the module refuses to load there."""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         return None
     from worker import metrics
 
     return metrics
+
+
+#: Loads a warmed-up predictor for a device (``cpu``, ``cuda:0``, ``auto``...) with these settings.
+Loader = Callable[[Settings, str], "Predictor"]
+
+
+def use_loader(loader: Loader) -> Loader:
+    """Load this process's predictors with ``loader`` from now on (call before any is loaded, in the
+    Celery app module); returns the loader it replaces."""
+    global _loader
+    previous, _loader = _loader, loader
+    return previous
 
 
 def get_predictor(settings: Settings) -> Predictor:
@@ -50,7 +79,7 @@ def get_predictor(settings: Settings) -> Predictor:
         return _predictor
     with _lock:
         if _predictor is None:
-            _predictor = _load(settings, settings.device)
+            _predictor = _loader(settings, settings.device)
             metrics = worker_metrics()
             if metrics is not None:
                 metrics.record_model(str(_predictor.device), _predictor.info.model_id)
@@ -67,7 +96,7 @@ def get_cpu_predictor(settings: Settings, primary: Predictor) -> Predictor:
         return _cpu_predictor
     with _lock:
         if _cpu_predictor is None:
-            _cpu_predictor = _load(settings, "cpu")
+            _cpu_predictor = _loader(settings, "cpu")
     return _cpu_predictor
 
 
@@ -80,7 +109,8 @@ def free_device_memory(predictor: Predictor) -> None:
         torch.cuda.empty_cache()
 
 
-def _load(settings: Settings, device: str) -> Predictor:
+def load_predictor(settings: Settings, device: str) -> Predictor:
+    """The configured model on ``device``, warmed up; :class:`ModelUnavailable` if it fails its checks."""
     import torch
 
     from ml.predictor import Predictor
@@ -116,6 +146,9 @@ def _load(settings: Settings, device: str) -> Predictor:
         },
     )
     return predictor
+
+
+_loader: Loader = load_predictor
 
 
 def _cuda_device_present(settings: Settings) -> bool:

@@ -1,5 +1,6 @@
 """Celery tasks: ``classify(case_id)``, the recovery ``sweep``, completion ``callback`` delivery, the
-retention ``purge`` and the periodic drift and audit-chain checks.
+retention ``purge`` and the periodic drift and audit-chain checks. Each is a thin wrapper: the work
+is in :mod:`worker.pipeline` and :mod:`worker.batching`, the retry policy in :mod:`worker.retries`.
 
 Tasks take ids, never payloads, and are idempotent: ``classify`` first claims the case
 (``queued -> running``) and does nothing if it cannot, so a redelivered or duplicated message is
@@ -11,7 +12,8 @@ What can go wrong, and what then:
 - the image is invalid: ``failed: invalid_image`` at once, never retried;
 - a transient error (database connection lost, Redis hiccup): the case goes back to ``queued`` and
   the task retries with exponential backoff and jitter, at most ``MAX_RETRIES`` times (the retry
-  puts the case back first if the database was down when it failed); after that the sweeper;
+  puts the case back first if the database was down when it failed); after that the sweeper
+  (:mod:`worker.retries`);
 - the soft time limit: ``failed: timeout``; Grad-CAM past its own budget: a result without a heat map;
 - the model's gate finds the image out of distribution (not a dermoscopy image it can judge): the case
   succeeds with an ``out_of_distribution`` result, no diagnosis and no heat map (:mod:`worker.results`);
@@ -25,16 +27,15 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import callbacks, case_states, recovery, retention
+from core import callbacks, recovery, retention
 from core.config import Settings
 from core.db import session_scope
 from core.logs import case_id_var
@@ -49,47 +50,14 @@ from core.queueing import (
     TASK_SWEEP,
 )
 from worker import callbacks as delivery
+from worker import retries, runtime
 from worker.batching import dispatch
 from worker.celery_app import app
-from worker.pipeline import Progress, _fail, _metric, _model_error, _transient, keyring, settings
-
-if TYPE_CHECKING:
-    pass
+from worker.pipeline import Progress, _fail, _model_error, keyring, settings
+from worker.retries import MAX_RETRIES, retry_delay
+from worker.retries import is_transient as _transient  # the name deliver_callback uses
 
 log = logging.getLogger("dermq.worker")
-
-MAX_RETRIES = 5
-
-
-def retry_delay(retries: int) -> float:
-    """Seconds before retry number ``retries + 1``: 1, 2, 4, 8... (capped at 60) times a jitter in
-    [0.5, 1.5), so that workers hit by one outage do not come back in step."""
-    return min(60.0, 2.0**retries) * (0.5 + random.random())  # noqa: S311 - jitter, not cryptography
-
-
-def _requeue(config: Settings, case_id: uuid.UUID, attempt: int) -> None:
-    """Put the case back in the queue if ``attempt`` still holds it (fenced: a no-op otherwise)."""
-    with session_scope(config) as session:
-        case_states.requeue_case(session, case_id, attempt=attempt, reason="transient_error")
-
-
-def _retry(task: Any, config: Settings, case_id: uuid.UUID, attempt: int | None, exc: Exception) -> Exception:
-    if attempt is not None:
-        try:
-            _requeue(config, case_id, attempt)  # at once if the database answers; the retry repeats it
-        except Exception as requeue_error:
-            log.warning(
-                "could not requeue after a transient error; the retry will",
-                extra={"event": "requeue_failed", "error": type(requeue_error).__name__},
-            )
-    countdown = retry_delay(task.request.retries)
-    log.warning(
-        "transient error; retrying",
-        extra={"event": "retry", "error": type(exc).__name__, "retry_in": round(countdown, 2), "attempt": attempt},
-    )
-    kwargs = {"requeue_attempt": attempt} if attempt is not None else {}
-    retry: Exception = task.retry(exc=exc, countdown=countdown, kwargs=kwargs)
-    return retry
 
 
 @app.task(name=TASK_CLASSIFY, bind=True, max_retries=MAX_RETRIES)
@@ -107,7 +75,7 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
         progress = Progress()
         try:
             if requeue_attempt is not None:
-                _requeue(config, parsed, requeue_attempt)
+                retries.requeue(config, parsed, requeue_attempt)
             outcome = dispatch(config, parsed, progress)
         except SoftTimeLimitExceeded:
             log.warning("case ran past its soft time limit", extra={"event": "soft_time_limit"})
@@ -123,8 +91,8 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
                     "submit the case again or contact support with the case id",
                 )
         except Exception as exc:
-            if _transient(exc):
-                raise _retry(self, config, parsed, progress.attempt or requeue_attempt, exc) from None
+            if retries.is_transient(exc):
+                raise retries.retry(self, config, parsed, progress.attempt or requeue_attempt, exc) from None
             log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
             outcome = _fail(
                 config,
@@ -133,7 +101,9 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
                 "model_error",
                 _model_error(exc, "classifying"),
             )
-        _metric("record_outcome", outcome)
+        metrics = runtime.worker_metrics()
+        if metrics is not None:
+            metrics.record_outcome(outcome)
         return outcome
     finally:
         case_id_var.reset(token)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from sqlalchemy import func, select
 from core import case_states, keyrotation
 from core.config import Settings
 from core.crypto import Keyring, load_keyring, write_key_file
-from core.db import session_scope
+from core.db import dispose_engines, session_scope
 from core.errors import KeyringError
 from core.models import CaseBlob
 from tests import support
@@ -21,14 +22,19 @@ pytestmark = pytest.mark.usefixtures("database")
 
 
 @pytest.fixture
-def rotating(settings, tmp_path: Path) -> Settings:  # type: ignore[no-untyped-def]
-    """Settings with a database and key file of their own: rotation re-wraps every blob it finds."""
+def rotating(settings, tmp_path: Path) -> Iterator[Settings]:  # type: ignore[no-untyped-def]
+    """Settings with a database and key file of their own: rotation re-wraps every blob it finds. The
+    database is dropped afterwards."""
     copy = tmp_path / "keys.json"
     write_key_file(copy, Keyring.generate())
-    url = settings.database_url.rsplit("/", 1)[0] + "/dermq_test_rotation"
+    url = settings.database_url.rsplit("/", 1)[0] + f"/{support.TEST_DATABASE}_rotation"
     support.recreate_database(url)
-    support.migrate(url)
-    return settings.model_copy(update={"key_file": copy, "database_url": url})
+    try:
+        support.migrate(url)
+        yield settings.model_copy(update={"key_file": copy, "database_url": url})
+    finally:
+        dispose_engines()
+        support.drop_database(url)
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ def test_a_lost_connection_is_an_operational_error_that_the_worker_retries(
 ) -> None:  # type: ignore[no-untyped-def]
     """The database going away mid-COPY surfaces as SQLAlchemy's OperationalError with the connection
     invalidated, which the worker treats as transient (requeue and retry), and the pool recovers."""
-    from worker.pipeline import _transient
+    from worker.retries import is_transient
 
     case_id = store_case(tenant, jpeg_bytes)
     with pytest.raises(OperationalError) as raised, session_scope(settings) as session:
@@ -89,7 +89,7 @@ def test_a_lost_connection_is_an_operational_error_that_the_worker_retries(
         with session_scope(settings) as other:
             other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         pgbinary.copy_out(session, QUERY, {"ids": [str(case_id)], "kind": "image"}, ("uuid", "bytea", "text"))
-    assert raised.value.connection_invalidated and _transient(raised.value)
+    assert raised.value.connection_invalidated and is_transient(raised.value)
     with session_scope(settings) as session:
         rows = pgbinary.copy_out(session, QUERY, {"ids": [str(case_id)], "kind": "image"}, ("uuid", "bytea", "text"))
     assert [row[0] for row in rows] == [case_id]

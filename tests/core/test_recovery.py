@@ -138,14 +138,11 @@ def test_a_stale_worker_cannot_store_a_second_result(settings: Settings, keyring
         "timings": {},
     }
     with session_scope(settings) as session:  # attempt 1 comes back from the dead: fenced out
-        stored = case_states.complete_case(
-            session, keyring=keyring, case_id=case_id, attempt=1, result=result, heatmap_png=None
-        )
-        assert not stored
+        stale = case_states.Completion(case_id, 1, result, None)
+        assert case_states.complete_cases(session, keyring=keyring, completions=[stale]) == set()
     with session_scope(settings) as session:
-        assert case_states.complete_case(
-            session, keyring=keyring, case_id=case_id, attempt=2, result=result, heatmap_png=None
-        )
+        current = case_states.Completion(case_id, 2, result, None)
+        assert case_states.complete_cases(session, keyring=keyring, completions=[current]) == {case_id}
     with pytest.raises(IntegrityError), session_scope(settings) as session:  # and the database says so too
         session.add(Result(case_id=case_id, **result))
         session.flush()

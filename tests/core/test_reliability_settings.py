@@ -1,5 +1,6 @@
-"""Fault injection exists for tests only: Settings refuses it elsewhere and the hook ignores it anyway.
-And a key rotation re-wraps the clinics' sealed callback secrets along with the case blobs."""
+"""A key rotation re-wraps the clinics' sealed callback secrets along with the case blobs. (Fault
+injection lives in the tests' own worker app, tests/faults/worker_app.py; tests/worker/test_layout.py
+checks that no production module carries it.)"""
 
 from __future__ import annotations
 
@@ -7,48 +8,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
-from pydantic import ValidationError
 
 from core import audit, callbacks, keyrotation
-from core.config import FaultInjection, Settings
+from core.config import Settings
 from core.crypto import Keyring, SealedBlob, decrypt_blob, load_keyring, write_key_file
 from core.db import dispose_engines, session_scope
 from core.keys import Principal
 from core.models import ClinicCallback, Role
 from tests import support
-from worker import faults
-
-
-@pytest.mark.parametrize("environment", ["development", "production"])
-def test_fault_injection_is_refused_outside_tests(monkeypatch: pytest.MonkeyPatch, environment: str) -> None:
-    monkeypatch.setenv("DERMQ_ENVIRONMENT", environment)
-    monkeypatch.setenv("DERMQ_FAULT_INJECTION", '{"exit_during_inference": true}')
-    with pytest.raises(ValidationError, match="only with DERMQ_ENVIRONMENT=test"):
-        Settings()
-
-
-def test_fault_injection_is_parsed_strictly_in_tests(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DERMQ_ENVIRONMENT", "test")
-    monkeypatch.setenv("DERMQ_FAULT_INJECTION", '{"sleep_before_inference": 2.5, "attempts": [1]}')
-    assert Settings().fault_injection == FaultInjection(sleep_before_inference=2.5, attempts=[1])
-    monkeypatch.setenv("DERMQ_FAULT_INJECTION", '{"sleep_before_inferense": 2.5}')  # a typo is an error
-    with pytest.raises(ValidationError, match="sleep_before_inferense"):
-        Settings()
-    monkeypatch.delenv("DERMQ_FAULT_INJECTION")
-    assert Settings().fault_injection is None
-
-
-def test_the_hook_acts_only_in_tests_and_on_the_attempts_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(faults, "_ooms_raised", 0)
-    armed = FaultInjection(cuda_oom_times=1, attempts=[2])
-    # Even settings that skipped validation cannot arm it outside tests.
-    faults.before_inference(Settings.model_construct(environment="production", fault_injection=armed), 2)
-    test = Settings(environment="test", fault_injection=armed)
-    faults.before_inference(test, 1)  # not an attempt it names
-    with pytest.raises(torch.OutOfMemoryError):
-        faults.before_inference(test, 2)
-    faults.before_inference(test, 2)  # once per process
 
 
 @pytest.mark.usefixtures("database")

@@ -1,8 +1,9 @@
 """The fault-injection stack: a private Postgres cluster and redis-server (so that tests may stop and
 restart them), the API and Celery workers as real processes, and the recovery sweeper on a timer.
 
-Time limits are short and the sweeper fast, through settings only (see ``FAULT_SETTINGS``). Every
-process, server and temporary folder is removed at the end, failures included.
+Time limits are short and the sweeper fast, through settings only (see ``FAULT_SETTINGS``). Faults
+are injected into a worker's model by starting it as ``celery -A tests.faults.worker_app`` (see
+there). Every process, server and temporary folder is removed at the end, failures included.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 
 from tests import support
 from tests.conftest import FIXTURE_IMAGES
+from tests.faults import worker_app
 from tests.faults.servers import PostgresCluster, RedisServer, postgres_bin
 
 #: Short limits so that each fault plays out in seconds. The soft limit must still cover a child's
@@ -105,18 +107,40 @@ class FaultStack:
     headers: dict[str, str] = field(default_factory=dict)
     clinic_id: uuid.UUID | None = None
     images: list[bytes] = field(default_factory=list)
-    workers: list[support.Process] = field(default_factory=list)
+    workers: list[support.Worker] = field(default_factory=list)
+    fault_dirs: dict[str, Path] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ processes
 
-    def start_worker(self, name: str, faults: dict[str, Any] | None = None, **overrides: str) -> support.Process:
+    def start_worker(self, name: str, faults: dict[str, Any] | None = None, **overrides: str) -> support.Worker:
+        """A worker; with ``faults`` (see :class:`tests.faults.worker_app.Faults`), one whose model acts
+        them out."""
         metrics_dir = Path(tempfile.mkdtemp(prefix=f"metrics-{name}-", dir=self.root))
         env = {**self.env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **overrides}
+        app = "worker.celery_app"
+        fault_dir = None
         if faults is not None:
-            env["DERMQ_FAULT_INJECTION"] = json.dumps(faults)
-        worker = support.start_worker(env, self.root / f"worker-{name}.log", name=f"{name}-{uuid.uuid4().hex[:4]}")
+            worker_app.Faults(**faults)  # a typo fails here, not in the worker
+            fault_dir = Path(tempfile.mkdtemp(prefix=f"faults-{name}-", dir=self.root))
+            env |= {worker_app.FAULTS_ENV: json.dumps(faults), worker_app.COUNTER_ENV: str(fault_dir)}
+            app = "tests.faults.worker_app"
+        worker = support.start_worker(
+            env, self.root / f"worker-{name}.log", name=f"{name}-{uuid.uuid4().hex[:4]}", app=app
+        )
+        if fault_dir is not None:
+            self.fault_dirs[worker.hostname] = fault_dir
         self.workers.append(worker)
         return worker
+
+    def injected(self, worker: support.Worker) -> int:
+        """How many inferences of ``worker`` its faults have acted on so far."""
+        return worker_app.injected(self.fault_dirs[worker.hostname])
+
+    def wait_injected(self, worker: support.Worker, times: int = 1, timeout: float = 60) -> None:
+        """Wait until ``worker``'s faults have acted ``times`` times (a case has reached inference)."""
+        support.wait_for(
+            lambda: self.injected(worker) >= times, timeout=timeout, what="the classification to reach inference"
+        )
 
     def stop_workers(self) -> None:
         while self.workers:

@@ -11,8 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from core.db import session_scope
-from core.models import Case
-from tests import support
+from core.models import AuditEvent, Case
 from tests.faults.conftest import FaultStack
 
 pytestmark = pytest.mark.slow
@@ -62,11 +61,11 @@ def test_a_redis_outage_still_accepts_cases_fast_and_completes_them_afterwards(s
 
 
 def test_a_postgres_outage_answers_503_and_loses_nothing(stack: FaultStack) -> None:
-    worker = stack.start_worker("postgres", {"sleep_before_inference": 2})
+    worker = stack.start_worker("postgres", {"sleep": 2})
     before = [stack.accepted(image) for image in stack.images[:3]]
     pending = set(before)
     # Wait until a classification is under way, so that the outage hits a running job too.
-    support.wait_for(lambda: '"fault_sleep"' in worker.output(), timeout=60, what="a job to be running")
+    stack.wait_injected(worker)
     stack.pg.stop()
     try:
         response, _ = timed_submit(stack, stack.images[3], **{"Idempotency-Key": "during-the-outage"})
@@ -89,7 +88,14 @@ def test_a_postgres_outage_answers_503_and_loses_nothing(stack: FaultStack) -> N
         assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
         pending.discard(case_id)
     assert not pending
-    assert '"event": "retry"' in worker.output()
+    # The running job's store failed on the lost connection: the retry put its case back and took it again.
+    with session_scope(stack.settings) as session:
+        retried = session.scalars(
+            select(AuditEvent.detail).where(
+                AuditEvent.action == "case.requeue", AuditEvent.entity_id.in_([str(c) for c in before])
+            )
+        ).all()
+    assert any(detail["reason"] == "transient_error" for detail in retried), retried
 
     # The refused submission left nothing behind: its key is unused, so the same request now creates.
     with session_scope(stack.settings) as session:

@@ -1,5 +1,8 @@
 """Dynamic batching: a batch claims cases in one statement without ever taking one twice, its answers
-equal one-at-a-time answers, and a message whose case a batch already took does nothing."""
+equal one-at-a-time answers, and a message whose case a batch already took does nothing.
+
+A batch claims the oldest queued cases of its whole database: these tests run on a database of their
+own (``own_database``), where every queued case is one of theirs."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import uuid
 
 import numpy as np
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
 
 from core import audit, case_states
@@ -16,6 +19,7 @@ from core.crypto import decrypt_blob
 from core.db import get_engine, session_scope
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
 from ml.images import decode
+from tests.conftest import Tenant, case_store, new_tenant
 from worker import runtime
 from worker.batching import batching_enabled, run_batch
 from worker.pipeline import Progress, run_classification
@@ -24,9 +28,32 @@ pytestmark = pytest.mark.usefixtures("database")
 
 
 @pytest.fixture
-def batching(settings, empty_queue):  # type: ignore[no-untyped-def]
-    """Batching on, batches of up to 4, and an empty queue."""
-    return settings.model_copy(update={"batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0})
+def batching(own_database):  # type: ignore[no-untyped-def]
+    """Batching on, batches of up to 4, on this module's own database."""
+    return own_database.model_copy(update={"batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0})
+
+
+@pytest.fixture
+def tenant(own_database, keyring) -> Tenant:  # type: ignore[no-untyped-def]
+    return new_tenant(own_database, keyring)
+
+
+@pytest.fixture
+def store_case(own_database, keyring):  # type: ignore[no-untyped-def]
+    return case_store(own_database, keyring)
+
+
+@pytest.fixture(autouse=True)
+def empty_queue(own_database):  # type: ignore[no-untyped-def]
+    """Each test starts with an empty queue: the cases a test leaves queued (all of them this module's,
+    in its own database) are failed after it."""
+    yield
+    with session_scope(own_database) as session:
+        session.execute(
+            update(Case)
+            .where(Case.status == "queued")
+            .values(status="failed", failure_code="abandoned", failure_message="left queued by the test")
+        )
 
 
 def test_batching_is_on_unless_turned_off(settings, batching) -> None:  # type: ignore[no-untyped-def]

@@ -24,3 +24,18 @@ def test_auto_layout_is_one_child_with_every_core_on_cuda(settings: Settings) ->
 def test_explicit_settings_win(settings: Settings) -> None:
     chosen = settings.model_copy(update={"device": "cpu", "worker_concurrency": 3, "worker_threads": 2})
     assert (runtime.worker_concurrency(chosen), runtime.threads_per_child(chosen)) == (3, 2)
+
+
+def test_production_code_carries_no_fault_injection_and_reads_no_tests() -> None:
+    """Faults are injected by the tests' own Celery app module (tests/faults/worker_app.py), which wraps
+    the model runtime's loader: no production module holds a fault setting or hook, or imports tests."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert not [name for name in Settings.model_fields if name.startswith("fault") or "_fault" in name]
+    for folder in ("api", "core", "worker", "ml"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            for needle in ("DERMQ_TEST_FAULTS", "FAULT_INJECTION", "fault_injection", "from tests", "import tests"):
+                assert needle not in text, f"{path.relative_to(root)} holds {needle!r}"
+    assert not (root / "worker" / "faults.py").exists()

@@ -1,6 +1,7 @@
 """Urgent cases overtake a routine backlog: Redis priority lists, ``queue_order_strategy: priority``
 and a prefetch of one, proven with a real worker on a broker of its own (a private redis-server, so
-that no other test's worker takes these messages)."""
+that no other test's worker takes these messages) and a database of its own (so that its batches
+find no other test's queued cases)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ from core.db import session_scope
 from core.models import Case
 from core.publisher import make_publisher, publish_classify
 from tests import support
+from tests.conftest import case_store, new_tenant
 from tests.faults.servers import RedisServer
 
 pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.slow]
 
 
 def test_urgent_cases_are_served_before_a_routine_backlog(
-    settings, stack_env, stack_dir: Path, tenant, store_case, jpeg_bytes: bytes, empty_queue
+    own_database, keyring, stack_env, stack_dir: Path, jpeg_bytes: bytes
 ) -> None:  # type: ignore[no-untyped-def]
     """With the default dynamic batches: the first message out of Redis is an urgent one, and its
     batch claims the urgent cases first; no routine case starts before an urgent one."""
     if shutil.which("redis-server") is None:
         pytest.skip("needs redis-server")
+    settings, tenant, store_case = own_database, new_tenant(own_database, keyring), case_store(own_database, keyring)
     root = Path(tempfile.mkdtemp(prefix="dermq-priorities-"))
     broker = RedisServer(root)
     worker = None
@@ -40,7 +43,12 @@ def test_urgent_cases_are_served_before_a_routine_backlog(
         for case_id in urgent:
             assert publish_classify(publisher, case_id, "urgent")
 
-        env = {**stack_env, "DERMQ_REDIS_URL": broker.url, "DERMQ_WORKER_METRICS_PORT": "0"}
+        env = {
+            **stack_env,
+            "DERMQ_DATABASE_URL": settings.database_url,
+            "DERMQ_REDIS_URL": broker.url,
+            "DERMQ_WORKER_METRICS_PORT": "0",
+        }
         worker = support.start_worker(env, stack_dir / "priorities-worker.log", concurrency=1)
         every = routine + urgent
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from worker import tasks
+from worker import retries, tasks
 
 
 def connection_lost() -> OperationalError:
@@ -18,13 +18,13 @@ def connection_lost() -> OperationalError:
 
 
 def test_the_backoff_doubles_with_jitter_and_is_capped() -> None:
-    for retries in range(9):
-        base = min(60.0, 2.0**retries)
-        delays = [tasks.retry_delay(retries) for _ in range(300)]
+    for done in range(9):
+        base = min(60.0, 2.0**done)
+        delays = [retries.retry_delay(done) for _ in range(300)]
         assert all(0.5 * base <= d < 1.5 * base for d in delays)
         assert statistics.pstdev(delays) > 0.1 * base  # jittered: workers hit by one outage do not return in step
-    assert statistics.mean(tasks.retry_delay(1) for _ in range(500)) > 1.5 * statistics.mean(
-        tasks.retry_delay(0) for _ in range(500)
+    assert statistics.mean(retries.retry_delay(1) for _ in range(500)) > 1.5 * statistics.mean(
+        retries.retry_delay(0) for _ in range(500)
     )
 
 
@@ -50,13 +50,13 @@ def scripted(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
             return 0.0
 
         monkeypatch.setattr(tasks, "dispatch", run)
-        monkeypatch.setattr(tasks, "_requeue", lambda config, case_id, attempt: record["requeues"].append(attempt))
+        monkeypatch.setattr(retries, "requeue", lambda config, case_id, attempt: record["requeues"].append(attempt))
         monkeypatch.setattr(
             tasks,
             "_fail",
             lambda config, case_id, attempt, code, message: record["failures"].append((attempt, code)) or "failed",
         )
-        monkeypatch.setattr(tasks, "retry_delay", delay)
+        monkeypatch.setattr(retries, "retry_delay", delay)
         return record
 
     return install
@@ -72,13 +72,13 @@ def test_a_lost_database_connection_is_retried_and_the_case_requeued_first(scrip
 
 
 def test_transient_errors_give_up_after_the_retry_limit(scripted) -> None:  # type: ignore[no-untyped-def]
-    record = scripted(*[connection_lost() for _ in range(tasks.MAX_RETRIES + 1)])
+    record = scripted(*[connection_lost() for _ in range(retries.MAX_RETRIES + 1)])
     outcome = tasks.classify.apply(args=[str(uuid.uuid4())])
     assert outcome.failed() and isinstance(outcome.result, OperationalError)
-    assert len(record["calls"]) == tasks.MAX_RETRIES + 1
-    assert record["delays"][: tasks.MAX_RETRIES] == list(range(tasks.MAX_RETRIES))  # 1, 2, 4, 8, 16 s (x jitter)
+    assert len(record["calls"]) == retries.MAX_RETRIES + 1
+    assert record["delays"][: retries.MAX_RETRIES] == list(range(retries.MAX_RETRIES))  # 1, 2, 4, 8, 16 s (x jitter)
     # The case was left queued: the sweeper publishes it again, so a long outage loses nothing.
-    assert record["requeues"][-1] == tasks.MAX_RETRIES + 1 and record["failures"] == []
+    assert record["requeues"][-1] == retries.MAX_RETRIES + 1 and record["failures"] == []
 
 
 @pytest.mark.parametrize("error", [ValueError("bad tensor"), IntegrityError("INSERT", {}, Exception("duplicate"))])

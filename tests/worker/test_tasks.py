@@ -45,12 +45,18 @@ def test_an_image_that_does_not_decode_fails_without_retry(
 
 
 def test_redelivery_does_nothing_twice(worker, tenant, store_case, publisher, settings, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    def skipped() -> float:
+        return worker.metric("dermq_jobs_total", outcome="skipped")
+
     case_id = store_case(tenant, jpeg_bytes)
+    support.wait_for(lambda: worker.metrics(), timeout=30, what="the worker's metrics listener")
+    before = skipped()
     for _ in range(3):  # a duplicated publish, as after a lost acknowledgement
         publish_classify(publisher, case_id, "routine")
     first = wait_terminal(settings, case_id)
+    support.wait_for(lambda: skipped() == before + 2, timeout=30, what="the worker to skip the duplicates")
     publish_classify(publisher, case_id, "routine")
-    support.wait_for(lambda: "skip" in worker.output(), timeout=30, what="the worker to skip the redelivery")
+    support.wait_for(lambda: skipped() == before + 3, timeout=30, what="the worker to skip the redelivery")
     with session_scope(settings) as session:
         results = session.scalar(select(func.count()).select_from(Result).where(Result.case_id == case_id))
         heatmaps = session.scalar(

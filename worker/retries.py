@@ -1,0 +1,69 @@
+"""The retry policy of ``classify``: which errors are transient, how long to wait before the next try,
+and putting the case back in the queue before retrying.
+
+A transient error (database connection lost, Redis hiccup) puts the case back to ``queued`` and the
+task retries with exponential backoff and jitter, at most :data:`MAX_RETRIES` times; the retry puts
+the case back first if the database was down when it failed. After that the sweeper takes over.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from typing import Any
+
+import redis
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from core import case_states
+from core.config import Settings
+from core.db import session_scope
+
+log = logging.getLogger("dermq.worker")
+
+MAX_RETRIES = 5
+
+#: Transient failures worth retrying with backoff; anything else fails the case for good.
+TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth retrying: a lost database connection or an unreachable Redis."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError)
+    return isinstance(exc, TRANSIENT)
+
+
+def retry_delay(retries: int) -> float:
+    """Seconds before retry number ``retries + 1``: 1, 2, 4, 8... (capped at 60) times a jitter in
+    [0.5, 1.5), so that workers hit by one outage do not come back in step."""
+    return min(60.0, 2.0**retries) * (0.5 + random.random())  # noqa: S311 - jitter, not cryptography
+
+
+def requeue(config: Settings, case_id: uuid.UUID, attempt: int) -> None:
+    """Put the case back in the queue if ``attempt`` still holds it (fenced: a no-op otherwise)."""
+    with session_scope(config) as session:
+        case_states.requeue_case(session, case_id, attempt=attempt, reason="transient_error")
+
+
+def retry(task: Any, config: Settings, case_id: uuid.UUID, attempt: int | None, exc: Exception) -> Exception:
+    """Put the case ``attempt`` holds back in the queue and return the Celery ``Retry`` to raise: the
+    next try runs after :func:`retry_delay` and, first of all, requeues ``attempt`` again (in case the
+    database was down just now)."""
+    if attempt is not None:
+        try:
+            requeue(config, case_id, attempt)  # at once if the database answers; the retry repeats it
+        except Exception as requeue_error:
+            log.warning(
+                "could not requeue after a transient error; the retry will",
+                extra={"event": "requeue_failed", "error": type(requeue_error).__name__},
+            )
+    countdown = retry_delay(task.request.retries)
+    log.warning(
+        "transient error; retrying",
+        extra={"event": "retry", "error": type(exc).__name__, "retry_in": round(countdown, 2), "attempt": attempt},
+    )
+    kwargs = {"requeue_attempt": attempt} if attempt is not None else {}
+    error: Exception = task.retry(exc=exc, countdown=countdown, kwargs=kwargs)
+    return error
