@@ -208,7 +208,7 @@ def _classify_batch(
 
     try:
         faults.before_inference(config, attempt)
-        return [(analysis, predictor) for analysis in predictor.classify_many(images)]
+        return [(analysis, predictor) for analysis in predictor.classify(images)]
     except torch.OutOfMemoryError:
         runtime.free_device_memory(predictor)
         fallback = runtime.get_cpu_predictor(config, predictor)
@@ -216,4 +216,4 @@ def _classify_batch(
             "out of GPU memory for a batch; running it on the CPU image by image",
             extra={"event": "oom_fallback", "count": len(images)},
         )
-        return [(fallback.classify(image), fallback) for image in images]
+        return [(fallback.classify([image])[0], fallback) for image in images]

@@ -113,7 +113,7 @@ def _classify_image(
 
     try:
         faults.before_inference(config, attempt)
-        return predictor.classify(image), predictor
+        return predictor.classify([image])[0], predictor
     except torch.OutOfMemoryError:
         runtime.free_device_memory(predictor)
         fallback = runtime.get_cpu_predictor(config, predictor)
@@ -121,7 +121,7 @@ def _classify_image(
             "out of GPU memory; running this case on the CPU",
             extra={"event": "oom_fallback", "device": str(fallback.device), "attempt": attempt},
         )
-        return fallback.classify(image), fallback
+        return fallback.classify([image])[0], fallback
 
 
 def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, data: bytes) -> DecodedImage | str:

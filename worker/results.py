@@ -78,7 +78,7 @@ def heatmap(
     ``error``; no PNG unless ``ok``)."""
     try:
         with time_budget(config.gradcam_budget_seconds):
-            explanation = predictor.explain_analysis(decoded.image, analysis)
+            explanation = predictor.explain(decoded.image, analysis)
         return explanation.overlay_png, "ok"
     except GradcamTimeout:
         log.warning(

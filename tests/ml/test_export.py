@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -17,7 +18,7 @@ from ml import data as ds
 from ml.labels import CLASSES
 from ml.predictor import Predictor
 from tests.ml.conftest import TINY_HOOK_ARCH, save_tiny_entry
-from tests.ml.test_predictor import _input, _reference_map, _upsampled, pearson
+from tests.ml.test_predictor import _input, _reference_map, _upsampled, explained, pearson
 
 FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "images"
 
@@ -102,19 +103,18 @@ def test_onnx_predictor_answers_like_torch(
     torch_predictor: Predictor, onnx_predictor: Predictor, fixture_pil: list[Image.Image]
 ) -> None:
     image = fixture_pil[0]
-    ours, theirs = onnx_predictor.analyze(image), torch_predictor.analyze(image)
-    assert ours[0].label == theirs[0].label and ours[0].referral == theirs[0].referral
+    ours, theirs = onnx_predictor.classify([image])[0], torch_predictor.classify([image])[0]
+    assert ours.prediction.label == theirs.prediction.label and ours.prediction.referral == theirs.prediction.referral
     for code in CLASSES:
-        assert ours[0].probabilities[code] == pytest.approx(theirs[0].probabilities[code], abs=1e-5)
-    assert ours[1] is not None and theirs[1] is not None
-    assert ours[1].method == "cam" and ours[1].heatmap.shape == (image.height, image.width)
-    np.testing.assert_allclose(ours[1].heatmap, theirs[1].heatmap, atol=1e-3)
-    assert Image.open(io.BytesIO(ours[1].overlay_png)).size == image.size
-    # classified without keeping the feature map: the heat map costs one more forward pass, same map
-    analysis = onnx_predictor.classify(image, keep_features=False)
-    assert analysis.features is None
-    again = onnx_predictor.explain_analysis(image, analysis, "mel")
-    np.testing.assert_allclose(again.heatmap, onnx_predictor.explain(image, "mel").heatmap, atol=1e-6)
+        assert ours.prediction.probabilities[code] == pytest.approx(theirs.prediction.probabilities[code], abs=1e-5)
+    our_map, their_map = onnx_predictor.explain(image, ours), torch_predictor.explain(image, theirs)
+    assert our_map.method == "cam" and our_map.heatmap.shape == (image.height, image.width)
+    np.testing.assert_allclose(our_map.heatmap, their_map.heatmap, atol=1e-3)
+    assert Image.open(io.BytesIO(our_map.overlay_png)).size == image.size
+    # an analysis without its feature map: the heat map costs one more forward pass, same map
+    bare = dataclasses.replace(ours, features=None)
+    again = onnx_predictor.explain(image, bare, "mel")
+    np.testing.assert_allclose(again.heatmap, onnx_predictor.explain(image, ours, "mel").heatmap, atol=1e-6)
     onnx_predictor.warm_up(rounds=1)
     assert json.loads(onnx_predictor.describe())["backend"] == "onnx"
 
@@ -129,7 +129,7 @@ def test_onnx_one_pass_cam_matches_pytorch_grad_cam(
         x = _input(torch_predictor, image)
         top_two = np.argsort(onnx_predictor.logits([image])[0])[::-1][:2]
         for index in top_two:
-            ours = _upsampled(onnx_predictor.heatmap_only(image, CLASSES[index]), x)
+            ours = _upsampled(explained(onnx_predictor, image, CLASSES[index]).cam, x)
             theirs = _reference_map(model, model.bn2, x, int(index))
             assert pearson(ours, theirs) >= 0.999
 
@@ -139,8 +139,8 @@ def test_int8_graph_serves_the_same_interface(exported: Path, fixture_pil: list[
     assert int8.info.backend == "onnx-int8"
     assert int8.info.artefact_sha256 == registry.sha256_file(exported / "model.int8.onnx")
     assert int8.backend.session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
-    prediction, explanation = int8.analyze(fixture_pil[1])
-    assert prediction.label in CLASSES and explanation is not None and explanation.method == "cam"
+    explanation = explained(int8, fixture_pil[1])
+    assert explanation.class_code in CLASSES and explanation.method == "cam"
     assert np.isfinite(int8.logits(fixture_pil)).all()
 
 
