@@ -42,7 +42,7 @@ from torch import nn
 
 from ml import backends, heatmap, ood, preprocess, registry
 from ml import model as models
-from ml.backends import Backend, TorchBackend
+from ml.backends import Backend, TorchBackend, resolve_device
 from ml.decision import DecisionPolicy
 from ml.gradcam import class_activation_map
 from ml.labels import CLASSES, NUM_CLASSES
@@ -105,13 +105,6 @@ class ModelInfo:
     manifest: dict[str, Any] = field(default_factory=dict)
     backend: str = "torch"  # torch | onnx | onnx-int8
     artefact_sha256: str = ""  # digest of the file that computes the answers (weights or ONNX graph)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU. Call only after any fork."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Predictor:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import backends, evaluate, export, registry, serving_choice
+from ml import backends, evaluate, export, quantize, registry, serving_choice
 from ml import data as ds
 from ml.labels import CLASSES
 from ml.predictor import Predictor
@@ -217,11 +217,11 @@ def test_cli_with_data_calibrates_on_training_images_and_decides(tiny_entry: Pat
     entry = _with_data_record(tiny_entry)
     assert export.main(["--model", str(entry), "--data", str(FIXTURE_DATA), "--threads", "1"]) == 0
     manifest = registry.read_manifest(entry)
-    split = export.training_split(manifest, FIXTURE_DATA)
+    split = quantize.training_split(manifest, FIXTURE_DATA)
     calibration = manifest["files"]["onnx_int8"]["calibration"]
     assert calibration["split"] == "train" and calibration["images"] == len(split.train)
     assert calibration["image_ids_sha256"] == registry.sha256_bytes(
-        "\n".join(s.image_id for s in export.calibration_samples(split.train, 200, 7)).encode()
+        "\n".join(s.image_id for s in quantize.calibration_samples(split.train, 200, 7)).encode()
     )
     serving = manifest["serving"]
     assert serving["split"] == "val" and serving["n"] == len(split.val)  # the test split is read once, elsewhere
@@ -256,14 +256,14 @@ def test_serving_decision_rule() -> None:
 
 def test_calibration_never_uses_held_out_images(tiny_entry: Path, tmp_path: Path) -> None:
     manifest = registry.read_manifest(_with_data_record(tiny_entry))
-    split = export.training_split(manifest, FIXTURE_DATA)
-    chosen = export.calibration_samples(split.train, 200, 7)
+    split = quantize.training_split(manifest, FIXTURE_DATA)
+    chosen = quantize.calibration_samples(split.train, 200, 7)
     held_out = {s.image_id for s in split.val + split.test}
     assert chosen and not {s.image_id for s in chosen} & held_out
-    assert [s.image_id for s in chosen] == [s.image_id for s in export.calibration_samples(split.train, 200, 7)]
-    assert len(export.calibration_samples(split.train, 3, 7)) == 3
+    assert [s.image_id for s in chosen] == [s.image_id for s in quantize.calibration_samples(split.train, 200, 7)]
+    assert len(quantize.calibration_samples(split.train, 3, 7)) == 3
     # round-robin over classes: the first picks cover every class the training split has
-    first = export.calibration_samples(split.train, len({s.dx for s in split.train}), 7)
+    first = quantize.calibration_samples(split.train, len({s.dx for s in split.train}), 7)
     assert {s.dx for s in first} == {s.dx for s in split.train}
     # another data set is refused rather than calibrated on (its "training" images could be anyone's)
     other = tmp_path / "other"
@@ -274,7 +274,7 @@ def test_calibration_never_uses_held_out_images(tiny_entry: Path, tmp_path: Path
         name = line.split(",")[0] + ".jpg"
         (other / name).write_bytes((FIXTURE_DATA / name).read_bytes())
     with pytest.raises(export.ExportError, match="not the data this model was trained on"):
-        export.training_split(manifest, other)
+        quantize.training_split(manifest, other)
 
 
 def test_evaluate_reports_each_backend(exported: Path, tmp_path: Path) -> None:

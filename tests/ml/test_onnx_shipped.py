@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import export, registry, serving_choice
+from ml import export, quantize, registry, serving_choice
 from ml.labels import CLASSES
 from ml.predictor import Predictor
 from tests.ml.test_predictor import _input, _reference_map, _upsampled, explained, pearson
@@ -44,7 +44,7 @@ def _data_matches(entry: Path) -> bool:
     if not DATA.is_dir():
         return False
     try:
-        export.training_split(registry.read_manifest(entry), DATA)
+        quantize.training_split(registry.read_manifest(entry), DATA)
     except (export.ExportError, FileNotFoundError, ValueError):
         return False
     return True
@@ -64,11 +64,11 @@ def entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     calibration, info = None, {}
     if _data_matches(copied):
         manifest = registry.read_manifest(copied)
-        split = export.training_split(manifest, DATA)
-        chosen = export.calibration_samples(
-            split.train, export.DEFAULT_CALIBRATION_IMAGES, manifest["data"]["split_seed"]
+        split = quantize.training_split(manifest, DATA)
+        chosen = quantize.calibration_samples(
+            split.train, quantize.DEFAULT_CALIBRATION_IMAGES, manifest["data"]["split_seed"]
         )
-        calibration, info = export.decode_samples(chosen), {"split": "train"}
+        calibration, info = quantize.decode_samples(chosen), {"split": "train"}
     export.export_entry(copied, calibration=calibration, calibration_info=info)
     return copied
 
