@@ -10,8 +10,8 @@ confidence, uncertainty or referral, and no heat map (there is nothing to explai
 ``gradcam_status`` is ``not_applicable``). Such a case still succeeds: the input was judged, and
 retrying would judge it the same way.
 
-The one-case path and the batch engine of :mod:`worker.tasks` both build their results here, so the
-two store the same thing for the same image.
+The one-case path (:mod:`worker.pipeline`) and dynamic batches (:mod:`worker.batching`) both build
+their results here, so the two store the same thing for the same image.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def completion(
 ) -> case_states.Completion:
     """The result row (and heat map, for a diagnosis) of one classified case. ``timings`` gains
     ``gradcam`` (for a diagnosis) and ``total`` (from ``started``, a ``perf_counter`` reading)."""
-    from ml import drift  # NumPy: only the worker image has it (worker.tasks is imported by beat and Flower too)
+    from ml import drift  # NumPy: only the worker image has it (beat and Flower import this module too)
 
     prediction = analysis.prediction
     heatmap_png: bytes | None = None
