@@ -258,7 +258,8 @@ class Predictor:
 
         With a one-pass head the map comes from the analysis's feature map (one more forward pass,
         still without gradients, when the analysis has none); otherwise the torch backend computes it
-        by gradients. Returns the map at feature resolution, at the overlay's size, and the overlay PNG.
+        by gradients. Returns the map at feature resolution (``cam``) and at the overlay's size
+        (``heatmap``), and the overlay PNG.
         """
         started = time.perf_counter()
         code = class_code or analysis.prediction.label
@@ -288,7 +289,7 @@ class Predictor:
 
     def logits(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, C) float32 logits for RGB images, before calibration and decision, in batches of
-        ``batch_size``: what comparing backends and fitting policies read."""
+        ``batch_size``: what comparing backends reads (:mod:`ml.serving_choice`)."""
         chunks = [
             self._forward(preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep))[0]
             for i in range(0, len(images), self.batch_size)
