@@ -28,12 +28,13 @@ def _run(model: str, backend: str, threads: int, seconds: float, start: float, o
     predictor = Predictor.load(model, device="cpu", backend=backend, threads=threads)
     images = [decode(p.read_bytes(), reduce_to=1024).image for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
     for image in images[:3]:
-        predictor.analyze(image)
+        predictor.explain(image, predictor.classify([image])[0])
     while time.time() < start:
         time.sleep(0.01)
     done, ends = 0, start + seconds
     while time.time() < ends:
-        predictor.analyze(images[done % len(images)])
+        image = images[done % len(images)]
+        predictor.explain(image, predictor.classify([image])[0])
         done += 1
     out.put(done)
 

@@ -56,7 +56,7 @@ def naive_gradcam(predictor: Predictor, model: torch.nn.Module, image: Image.Ima
 
 def classify_and_cam(predictor: Predictor, image: Image.Image) -> np.ndarray:
     """What the worker does before the overlay: classify, then the heat map array from the kept features."""
-    analysis = predictor.classify(image)
+    analysis = predictor.classify([image])[0]
     index = CLASSES.index(analysis.prediction.label)
     if analysis.features is not None and predictor.cam_weight is not None:
         return class_activation_map(analysis.features, predictor.cam_weight, index)

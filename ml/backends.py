@@ -44,6 +44,13 @@ DEFAULT_THREADS = 2
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU. Call only after any fork."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 class Backend(Protocol):
     @property
     def name(self) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ml import data as ds
 from ml.recipe import RECIPES, parse_args
+from ml.train import train
 
 
 def lesion_folds(samples: list[ds.Sample], folds: int, seed: int) -> list[list[ds.Sample]]:
@@ -40,8 +41,6 @@ def lesion_folds(samples: list[ds.Sample], folds: int, seed: int) -> list[list[d
 
 
 def run_fold(data: str, out: Path, recipe: str, fold: int, parts: list[list[ds.Sample]], epochs: int) -> dict[str, Any]:
-    from ml.train import train
-
     done = out / recipe / f"fold{fold}.json"
     if done.is_file():
         result: dict[str, Any] = json.loads(done.read_text())
@@ -118,13 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--fold-seed", type=int, default=7)
     args = p.parse_args(argv)
-    base = parse_args(["--data", args.data, "--out", str(Path(args.out) / "unused")])
-    split = ds.lesion_split(
-        ds.read_dataset(args.data),
-        val_fraction=base.val_fraction,
-        test_fraction=base.test_fraction,
-        seed=base.split_seed,
-    )
+    split = ds.SHIPPED_SPLIT.apply(ds.read_dataset(args.data))
     parts = lesion_folds(split.train + split.val, args.folds, args.fold_seed)
     out = Path(args.out)
     results = []

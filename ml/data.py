@@ -6,7 +6,8 @@ present), and ``<image_id>.jpg`` files anywhere below the folder (``images/`` in
 copy, ``HAM10000_images_part_1/`` and ``_part_2/`` in the full release).
 
 Several HAM10000 images show the same lesion, so every split is made over lesions: images of one
-lesion never straddle train, validation and test.
+lesion never straddle train, validation and test. :class:`SplitSpec` is the one description of a
+split (seed, fractions, grouping) that training, cross-validation, export and evaluation read.
 """
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ import csv
 import hashlib
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from ml.labels import CLASSES
 
 METADATA_NAMES = ("metadata.csv", "HAM10000_metadata.csv")
-#: The lesion-level split every shipped model uses; a manifest records the values its model used.
-SPLIT_SEED = 20181
-VAL_FRACTION = 0.15
-TEST_FRACTION = 0.15
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 UNKNOWN = "unknown"
 
@@ -149,55 +147,82 @@ def group_lesions(samples: Iterable[Sample]) -> tuple[dict[str, list[Sample]], d
     return by_lesion, by_class
 
 
-def lesion_split(
-    samples: Sequence[Sample],
-    *,
-    val_fraction: float = VAL_FRACTION,
-    test_fraction: float = TEST_FRACTION,
-    seed: int = SPLIT_SEED,
-) -> Split:
-    """Split by lesion, stratified by diagnosis, deterministic for a given ``seed``.
+@dataclass(frozen=True, slots=True)
+class SplitSpec:
+    """How a labelled set is cut into train, validation and test parts.
 
-    Within each class the lesions are shuffled and dealt out so that each part receives its share of
-    that class's *images* (HAM10000 lesions have one to six images each). A lesion with images of two
-    diagnoses (none in HAM10000) is assigned by its first image's class.
+    Grouping: by lesion (the images of one lesion never straddle two parts), stratified by diagnosis,
+    with the lesions of each class shuffled by ``seed``. The defaults are the split every shipped
+    model uses (:data:`SHIPPED_SPLIT`); training reads its spec from :class:`ml.recipe.TrainConfig`,
+    and export, evaluation and the drift reference read the one a manifest records
+    (:meth:`from_record`). Raises ``ValueError`` for fractions that leave no training part.
     """
-    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
-    by_lesion, lesions_by_class = group_lesions(samples)
-    rng = random.Random(seed)
-    parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
-    for dx in sorted(lesions_by_class):
-        lesions = sorted(lesions_by_class[dx])
-        rng.shuffle(lesions)
-        total = sum(len(by_lesion[lesion]) for lesion in lesions)
-        quota = {"test": test_fraction * total, "val": val_fraction * total}
-        taken = {"test": 0, "val": 0}
-        for lesion in lesions:
-            images = by_lesion[lesion]
-            for part in ("test", "val"):
-                if taken[part] + len(images) / 2 <= quota[part]:
-                    parts[part].extend(images)
-                    taken[part] += len(images)
-                    break
-            else:
-                parts["train"].extend(images)
-    order = lambda s: s.image_id  # noqa: E731 - parts do not depend on the metadata's row order
-    return Split(
-        train=sorted(parts["train"], key=order),
-        val=sorted(parts["val"], key=order),
-        test=sorted(parts["test"], key=order),
-    )
+
+    seed: int = 20181
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    #: the grouping, as a manifest's ``data.split`` names it
+    GROUPING: ClassVar[str] = "lesion-level, stratified by diagnosis"
+
+    def __post_init__(self) -> None:
+        val, test = self.val_fraction, self.test_fraction
+        if not 0 < val < 1 or not 0 < test < 1 or val + test >= 1:
+            raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+
+    def apply(self, samples: Sequence[Sample]) -> Split:
+        """The split of ``samples``, deterministic for a given spec whatever their order.
+
+        Within each class the lesions are shuffled and dealt out so that each part receives its share
+        of that class's *images* (HAM10000 lesions have one to six images each). A lesion with images
+        of two diagnoses (none in HAM10000) is assigned by its first image's class.
+        """
+        by_lesion, lesions_by_class = group_lesions(samples)
+        rng = random.Random(self.seed)
+        parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+        for dx in sorted(lesions_by_class):
+            lesions = sorted(lesions_by_class[dx])
+            rng.shuffle(lesions)
+            total = sum(len(by_lesion[lesion]) for lesion in lesions)
+            quota = {"test": self.test_fraction * total, "val": self.val_fraction * total}
+            taken = {"test": 0, "val": 0}
+            for lesion in lesions:
+                images = by_lesion[lesion]
+                for part in ("test", "val"):
+                    if taken[part] + len(images) / 2 <= quota[part]:
+                        parts[part].extend(images)
+                        taken[part] += len(images)
+                        break
+                else:
+                    parts["train"].extend(images)
+        order = lambda s: s.image_id  # noqa: E731 - parts do not depend on the metadata's row order
+        return Split(
+            train=sorted(parts["train"], key=order),
+            val=sorted(parts["val"], key=order),
+            test=sorted(parts["test"], key=order),
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The keys a manifest's ``data`` section records this spec under."""
+        return {
+            "split": self.GROUPING,
+            "split_seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+        }
+
+    @classmethod
+    def from_record(cls, info: Mapping[str, Any]) -> SplitSpec:
+        """The spec a manifest's ``data`` section records; a key it lacks takes the shipped split's value."""
+        shipped = cls()
+        return cls(
+            seed=int(info.get("split_seed", shipped.seed)),
+            val_fraction=float(info.get("val_fraction", shipped.val_fraction)),
+            test_fraction=float(info.get("test_fraction", shipped.test_fraction)),
+        )
 
 
-def recorded_split(samples: Sequence[Sample], info: dict[str, object]) -> Split:
-    """The split a manifest's ``data`` section records (seed and fractions), applied to ``samples``."""
-    return lesion_split(
-        samples,
-        val_fraction=float(info.get("val_fraction", VAL_FRACTION)),  # type: ignore[arg-type]
-        test_fraction=float(info.get("test_fraction", TEST_FRACTION)),  # type: ignore[arg-type]
-        seed=int(info.get("split_seed", SPLIT_SEED)),  # type: ignore[call-overload]
-    )
+#: The lesion-level split every shipped model uses (its test part is read once, at the end).
+SHIPPED_SPLIT = SplitSpec()
 
 
 def dataset_digest(samples: Iterable[Sample]) -> str:

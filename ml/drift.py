@@ -6,11 +6,11 @@ The reference comes from the model's own validation data and is stored in the re
 just outside the reference's range, and the share of reference images between them (the two
 open-ended outer bins hold none); for the predicted label, the share of each class. An input far
 outside the reference range (a 12 MP camera upload against 0.03 MP training images) therefore lands
-in a bin the reference leaves empty. References written before the guard edges existed (no
-``format``) get them estimated from their decile edges when they are read.
+in a bin the reference leaves empty. A format-1 reference (no ``format`` key: decile edges only, no
+guard edges) gets its guard edges estimated from the decile edges when it is read.
 
-Live data is binned on the same edges. Shares are smoothed instead of clipped at an epsilon (which
-made one empty bin add 0.69): the reference's with a Jeffreys prior (half a case per bin), the live
+Live data is binned on the same edges. Shares are smoothed, not clipped at an epsilon (with which
+one empty bin would add 0.69): the reference's with a Jeffreys prior (half a case per bin), the live
 data's by the same number of pseudo-cases spread like the reference, so an empty bin costs what its
 sampling noise warrants at this sample size. Then
 
@@ -106,9 +106,9 @@ def build_reference(stats: Sequence[dict[str, float]], labels: Sequence[str]) ->
 
 
 def reference_bins(reference: dict[str, Any], feature: str) -> tuple[list[float], list[float]]:
-    """``feature``'s edges and reference shares, with guard edges added to a reference written
-    before they existed: its outer bins run to infinity and hold reference cases, so nothing far
-    outside the reference could ever look new. The guards go one 10-90 % spread beyond the outer
+    """``feature``'s edges and reference shares, with guard edges added to a format-1 reference
+    (which has none: its outer bins run to infinity and hold reference cases, so nothing far
+    outside the reference could ever look new). The guards go one 10-90 % spread beyond the outer
     deciles (about 3.8 standard deviations from the mean of a normal feature), or
     ``GUARD_MARGIN`` of the value where the deciles coincide; the reference's share beyond them is
     taken to be zero."""

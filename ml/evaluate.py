@@ -211,13 +211,16 @@ def report_markdown(metrics: dict[str, Any], title: str, plots: Sequence[str] = 
 
 
 def select_samples(manifest: dict[str, Any], data: str | Path, split: str) -> tuple[list[ds.Sample], str]:
+    """The samples of ``data`` in ``split`` (``train``, ``val`` or ``test`` of the split the manifest
+    records, ``all``, or ``auto``: ``test`` when ``data`` is the data the model was trained on, else
+    ``all``) and the name of the part used."""
     samples = ds.read_dataset(data)
     info = manifest.get("data", {})
     if split == "auto":
         split = "test" if info.get("digest") and ds.dataset_digest(samples) == info["digest"] else "all"
     if split == "all":
         return samples, "all"
-    parts = ds.recorded_split(samples, info)
+    parts = ds.SplitSpec.from_record(info).apply(samples)
     return getattr(parts, split), split
 
 
@@ -267,14 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="registry entry folder or model id")
     p.add_argument("--data", required=True, help="labelled HAM10000-layout folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, plots and report.md")
-    p.add_argument("--split", choices=["auto", "all", "train", "val", "test"], default="auto")
-    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default="torch")
-    p.add_argument("--batch-size", type=int, default=32)
-    args = p.parse_args(argv)
+    # the optional ones have no default here: run()'s signature holds them
+    p.add_argument("--split", choices=["auto", "all", "train", "val", "test"], default=argparse.SUPPRESS)
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
+    options = vars(p.parse_args(argv))
     try:
-        metrics = run(
-            args.model, args.data, args.out, split=args.split, backend=args.backend, batch_size=args.batch_size
-        )
+        metrics = run(options.pop("model"), options.pop("data"), options.pop("out"), **options)
     except (registry.RegistryError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -108,10 +108,7 @@ def finalize(config: TrainConfig) -> Path:
         "source": "HAM10000 development set (dermq shared/data/ham10000, 200x150 JPEGs); CC BY-NC 4.0",
         "digest": ds.dataset_digest(split.train + split.val + split.test),
         "pixels_sha256": pixels,
-        "split": "lesion-level, stratified by diagnosis",
-        "split_seed": config.split_seed,
-        "val_fraction": config.val_fraction,
-        "test_fraction": config.test_fraction,
+        **config.split_spec.record(),
         "summary": split.summary(),
     }
     manifest["training"] = {

@@ -2,9 +2,10 @@
 
 NumPy and Pillow only. The overlay keeps the image's aspect ratio and is drawn at the image's own
 size up to ``max_side`` pixels on the longer side: a 12-megapixel upload gets a 512-pixel overlay.
-The map itself comes from the model's 6x6 feature grid (192-pixel input), so a larger overlay shows
-no more of it; on a 4000x3000 JPEG a 1024-pixel overlay cost 104 ms to draw and encode, the 512-pixel
-one about 20 (clinicians keep the original image for detail). Colouring is a 256-entry lookup table
+The map itself comes from the model's last feature map, a few cells a side (6x7 for the served
+168x224 input), so a larger overlay shows no more of it; on a 4000x3000 JPEG a 1024-pixel overlay
+takes about 104 ms to draw and encode, the 512-pixel one about 20 (clinicians keep the original
+image for detail). Colouring is a 256-entry lookup table
 and blending is Pillow's, both on uint8: within 3 levels (rounding) of the float formula.
 """
 

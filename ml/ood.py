@@ -1,7 +1,7 @@
 """Not a lesion, not an answer: the out-of-distribution gate in front of every diagnosis.
 
-A classifier trained on seven classes gives one of them to anything: an all-white image was
-labelled nv at 0.976. The gate answers such inputs with ``out_of_distribution`` instead. Four
+A classifier trained on seven classes gives one of them to anything, an all-white image included.
+The gate answers such inputs with ``out_of_distribution`` instead. Five
 scores, each with a threshold set on validation lesions (quantiles; no out-of-distribution data is
 used to fit it, so the set that measures it stays honest):
 

@@ -1,9 +1,19 @@
 """Serving a registry entry: calibrated predictions and Grad-CAM heat maps for PIL images.
 
-    predictor = Predictor.load("ml/registry/<model-id>")          # verifies the SHA-256 first
-    predictions = predictor.predict([image, ...])                  # batched internally
-    explanation = predictor.explain(image)                         # heat map + PNG overlay
-    prediction, explanation = predictor.analyze(image)             # both from one forward pass
+    predictor = Predictor.load("ml/registry/<model-id>")     # verifies the SHA-256 first
+    analysis = predictor.classify([image])[0]                 # serving: decision + what the heat map needs
+    explanation = predictor.explain(image, analysis)          # heat map + PNG overlay, no second pass
+    predictions = predictor.predict(images)                   # evaluation: decisions only, batched
+
+What each method returns:
+
+- :meth:`Predictor.classify`: one :class:`Analysis` per image (its :class:`Prediction` and the
+  model input and feature map), from one forward pass over the images given;
+- :meth:`Predictor.explain`: the :class:`Explanation` (heat map and overlay PNG) of an analysis;
+- :meth:`Predictor.predict`: one :class:`Prediction` per image, in batches of ``batch_size``;
+- :meth:`Predictor.logits` and :meth:`Predictor.outputs`: the raw model outputs (logits; with the
+  pooled features and model inputs as :class:`ModelOutputs`) that evaluation, backend comparisons
+  and the out-of-distribution gate's fitting read.
 
 The engine is a backend (:mod:`ml.backends`): ``torch`` (channels-last, ``inference_mode``, float32
 on every device: the precision the thresholds were fitted in) or ONNX Runtime on the CPU (``onnx``,
@@ -22,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +42,7 @@ from torch import nn
 
 from ml import backends, heatmap, ood, preprocess, registry
 from ml import model as models
-from ml.backends import Backend, TorchBackend
+from ml.backends import Backend, TorchBackend, resolve_device
 from ml.decision import DecisionPolicy
 from ml.gradcam import class_activation_map
 from ml.labels import CLASSES, NUM_CLASSES
@@ -56,9 +66,11 @@ class Prediction:
 
 @dataclass(frozen=True, slots=True)
 class Explanation:
-    """Grad-CAM for one class: ``heatmap`` is (H, W) float32 in [0, 1] at the overlay's size."""
+    """Grad-CAM for one class: ``cam`` is the (h, w) float32 map in [0, 1] at the feature map's
+    resolution, ``heatmap`` the same map upsampled to the overlay's size (H, W)."""
 
     class_code: str
+    cam: np.ndarray
     heatmap: np.ndarray
     overlay_png: bytes
     method: str  # "cam" (one pass) or "gradcam" (gradients)
@@ -74,8 +86,18 @@ class Analysis:
     features: np.ndarray | None  # (K, h, w) last feature map, when the one-pass CAM applies
 
 
+class ModelOutputs(NamedTuple):
+    """Raw model outputs for N images (see :meth:`Predictor.outputs`)."""
+
+    logits: np.ndarray  # (N, C) float32
+    features: np.ndarray  # (N, K) float32, the last feature map average-pooled
+    pixels: np.ndarray  # (N, H, W, 3) uint8, the model input before normalisation
+
+
 @dataclass
 class ModelInfo:
+    """Which model a predictor serves, and from which verified file."""
+
     model_id: str
     architecture: str
     weights_sha256: str
@@ -83,13 +105,6 @@ class ModelInfo:
     manifest: dict[str, Any] = field(default_factory=dict)
     backend: str = "torch"  # torch | onnx | onnx-int8
     artefact_sha256: str = ""  # digest of the file that computes the answers (weights or ONNX graph)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU. Call only after any fork."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Predictor:
@@ -190,7 +205,7 @@ class Predictor:
 
     @staticmethod
     def _load_gate(entry: Path, manifest: dict[str, Any]) -> ood.OODGate | None:
-        """The entry's out-of-distribution gate (entries before v2 have none)."""
+        """The entry's out-of-distribution gate, or None when its manifest has no ``ood`` section (v1 entries)."""
         section = manifest.get("ood")
         if not section:
             return None
@@ -219,7 +234,82 @@ class Predictor:
 
     # ---------------------------------------------------------------- inference
 
-    def forward(self, batch_nhwc: np.ndarray, *, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def classify(self, images: Sequence[Image.Image]) -> list[Analysis]:
+        """One :class:`Analysis` per RGB image, in order, from one forward pass over all of them.
+
+        This is what serving calls (one case, or a GPU worker's dynamic batch: the caller chooses the
+        batch). Each analysis holds the decision (gated when the model has a gate) and what
+        :meth:`explain` needs to draw the heat map without another forward pass. The answers equal
+        one-at-a-time classification up to floating-point reassociation.
+        """
+        if not images:
+            return []
+        batch = preprocess.batch_nhwc(images, self.prep)
+        logits, fmap = self._forward(batch, features=self.cam_weight is not None or self.gate is not None)
+        kept = fmap if self.cam_weight is not None else None
+        return [
+            Analysis(prediction, batch[i : i + 1], None if kept is None else kept[i])
+            for i, prediction in enumerate(self._decide(logits, batch, fmap))
+        ]
+
+    def explain(self, image: Image.Image, analysis: Analysis, class_code: str | None = None) -> Explanation:
+        """The Grad-CAM heat map of ``class_code`` (default: the analysis's label) over ``image``, the
+        image :meth:`classify` gave ``analysis`` for.
+
+        With a one-pass head the map comes from the analysis's feature map (one more forward pass,
+        still without gradients, when the analysis has none); otherwise the torch backend computes it
+        by gradients. Returns the map at feature resolution (``cam``) and at the overlay's size
+        (``heatmap``), and the overlay PNG.
+        """
+        started = time.perf_counter()
+        code = class_code or analysis.prediction.label
+        index = CLASSES.index(code)
+        if self.cam_weight is not None:
+            features = analysis.features
+            if features is None:
+                features = self._features(analysis.batch)
+            cam, method = class_activation_map(features, self.cam_weight, index), "cam"
+        else:
+            cam, method = self.backend.gradcam(analysis.batch, index), "gradcam"
+        heat, png = heatmap.render(image, cam, self.overlay_max_side)
+        return Explanation(code, cam, heat, png, method, time.perf_counter() - started)
+
+    def predict(self, images: Sequence[Image.Image]) -> list[Prediction]:
+        """One :class:`Prediction` per RGB image, in order (gated when the model has a gate).
+
+        For evaluating many images: forward passes of ``batch_size`` images, keeping nothing for a
+        heat map (use :meth:`classify` and :meth:`explain` for that).
+        """
+        predictions: list[Prediction] = []
+        for i in range(0, len(images), self.batch_size):
+            batch = preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep)
+            logits, fmap = self._forward(batch, features=self.gate is not None)
+            predictions.extend(self._decide(logits, batch, fmap))
+        return predictions
+
+    def logits(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, C) float32 logits for RGB images, before calibration and decision, in batches of
+        ``batch_size``: what comparing backends reads (:mod:`ml.serving_choice`)."""
+        chunks = [
+            self._forward(preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep))[0]
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, NUM_CLASSES), dtype=np.float32)
+
+    def outputs(self, images: Sequence[Image.Image]) -> ModelOutputs:
+        """:class:`ModelOutputs` (logits, pooled features, uint8 model inputs) for RGB images, in
+        batches of ``batch_size``: what fitting and measuring the out-of-distribution gate reads."""
+        logits, features, inputs = [], [], []
+        for i in range(0, len(images), self.batch_size):
+            batch = preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep)
+            out, fmap = self._forward(batch, features=True)
+            assert fmap is not None
+            logits.append(out)
+            features.append(ood.pooled(fmap))
+            inputs.append(self._pixels(batch))
+        return ModelOutputs(np.concatenate(logits), np.concatenate(features), np.concatenate(inputs))
+
+    def _forward(self, batch_nhwc: np.ndarray, *, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, H, W, 3) normalised float32 -> (logits (N, C) float32, last feature map (N, K, h, w) or None).
 
         With test-time flips the logits are the mean over the original and mirrored image; the
@@ -227,26 +317,11 @@ class Predictor:
         """
         return self.backend.forward(batch_nhwc, features=features, hflip=self.tta == "hflip")
 
-    def logits(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, C) float32 logits for RGB images, in batches of ``batch_size``."""
-        chunks = [
-            self.forward(preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep))[0]
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return np.concatenate(chunks) if chunks else np.zeros((0, NUM_CLASSES), dtype=np.float32)
-
-    def outputs(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(logits (N, C), pooled features (N, K), uint8 model inputs (N, H, W, 3)) for RGB images:
-        what fitting and measuring the out-of-distribution gate needs."""
-        logits, features, inputs = [], [], []
-        for i in range(0, len(images), self.batch_size):
-            batch = preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep)
-            out, fmap = self.forward(batch, features=True)
-            assert fmap is not None
-            logits.append(out)
-            features.append(ood.pooled(fmap))
-            inputs.append(self._pixels(batch))
-        return np.concatenate(logits), np.concatenate(features), np.concatenate(inputs)
+    def _features(self, batch: np.ndarray) -> np.ndarray:
+        """The (K, h, w) feature map of a one-image batch."""
+        _, fmap = self._forward(batch, features=True)
+        assert fmap is not None
+        return fmap[0]
 
     def _pixels(self, batch: np.ndarray) -> np.ndarray:
         """The normalised batch back as the uint8 model input (what the gate's image checks read, the
@@ -255,7 +330,7 @@ class Predictor:
         pixels = batch * scale + np.asarray(self.prep.mean, np.float32) * 255.0
         return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
-    def decide(
+    def _decide(
         self, logits: np.ndarray, batch: np.ndarray | None = None, fmap: np.ndarray | None = None
     ) -> list[Prediction]:
         """Decisions for ``logits``; with the normalised ``batch`` and its feature map, the gate too."""
@@ -282,83 +357,17 @@ class Predictor:
             )
         return out
 
-    def predict(self, images: Sequence[Image.Image]) -> list[Prediction]:
-        """One :class:`Prediction` per RGB image, in order (gated when the model has a gate)."""
-        return [
-            a.prediction
-            for i in range(0, len(images), self.batch_size)
-            for a in self.classify_many(images[i : i + self.batch_size], keep_features=False)
-        ]
-
-    def explain(self, image: Image.Image, class_code: str | None = None) -> Explanation:
-        """Grad-CAM of ``class_code`` (default: the predicted label) over ``image``."""
-        explanation = self.analyze(image, class_code=class_code)[1]
-        assert explanation is not None  # analyze explains unless told not to
-        return explanation
-
-    def analyze(
-        self, image: Image.Image, *, class_code: str | None = None, explain: bool = True
-    ) -> tuple[Prediction, Explanation | None]:
-        """Classification and (optionally) its heat map, sharing one forward pass where possible."""
-        analysis = self.classify(image, keep_features=explain)
-        return analysis.prediction, (self.explain_analysis(image, analysis, class_code) if explain else None)
-
-    def classify(self, image: Image.Image, *, keep_features: bool = True) -> Analysis:
-        """Classify one image, keeping what a later :meth:`explain_analysis` needs to avoid a second pass."""
-        return self.classify_many([image], keep_features=keep_features)[0]
-
-    def classify_many(self, images: Sequence[Image.Image], *, keep_features: bool = True) -> list[Analysis]:
-        """:meth:`classify` for several images in one forward pass (a GPU worker's dynamic batch).
-
-        The answers equal one-at-a-time classification up to floating-point reassociation.
-        """
-        if not images:
-            return []
-        batch = preprocess.batch_nhwc(images, self.prep)
-        want = (keep_features and self.cam_weight is not None) or self.gate is not None
-        logits, fmap = self.forward(batch, features=want)
-        keep = fmap if keep_features and self.cam_weight is not None else None
-        return [
-            Analysis(prediction, batch[i : i + 1], None if keep is None else keep[i])
-            for i, prediction in enumerate(self.decide(logits, batch, fmap))
-        ]
-
-    def explain_analysis(self, image: Image.Image, analysis: Analysis, class_code: str | None = None) -> Explanation:
-        """The heat map for a classified image: from the kept feature map (one pass) or by gradients."""
-        started = time.perf_counter()
-        code = class_code or analysis.prediction.label
-        index = CLASSES.index(code)
-        if self.cam_weight is not None:
-            features = analysis.features
-            if features is None:  # classified without keeping it: one more forward pass, still no gradients
-                features = self._features(analysis.batch)
-            cam, method = class_activation_map(features, self.cam_weight, index), "cam"
-        else:
-            cam, method = self.backend.gradcam(analysis.batch, index), "gradcam"
-        heat, png = heatmap.render(image, cam, self.overlay_max_side)
-        return Explanation(code, heat, png, method, time.perf_counter() - started)
-
-    def heatmap_only(self, image: Image.Image, class_code: str) -> np.ndarray:
-        """(h, w) Grad-CAM at feature resolution, for tests and comparisons."""
-        batch = preprocess.batch_nhwc([image], self.prep)
-        index = CLASSES.index(class_code)
-        if self.cam_weight is not None:
-            return class_activation_map(self._features(batch), self.cam_weight, index)
-        return self.backend.gradcam(batch, index)
-
-    def _features(self, batch: np.ndarray) -> np.ndarray:
-        _, fmap = self.forward(batch, features=True)
-        assert fmap is not None
-        return fmap[0]
+    # ---------------------------------------------------------------- operations
 
     def warm_up(self, rounds: int = 2) -> None:
         """Run a few dummy images so the first real case pays no one-off costs."""
         height, width = self.prep.input_size
         blank = Image.new("RGB", (width, height), (128, 100, 90))
         for _ in range(rounds):
-            self.analyze(blank)
+            self.explain(blank, self.classify([blank])[0])
 
     def describe(self) -> str:
+        """A one-line JSON summary for logs: model id, device, backend, TTA and whether the heat map is one-pass."""
         return json.dumps(
             {
                 "model_id": self.info.model_id,

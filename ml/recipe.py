@@ -2,8 +2,8 @@
 
 ``TrainConfig`` is the single home of the defaults; :func:`parse_args` builds ``python -m ml.train``'s
 options from its fields (help text in each field's metadata). ``--recipe`` starts from one of the
-named recipes in :data:`RECIPES`, and any option given on the command line overrides it. Training uses
-the split constants of :mod:`ml.data`; export and evaluation re-cut the split a manifest records.
+named recipes in :data:`RECIPES`, and any option given on the command line overrides it. The split
+options default to :data:`ml.data.SHIPPED_SPLIT` and make up :attr:`TrainConfig.split_spec`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from typing import Any
 
 from ml import data as ds
 from ml import model as models
-
-#: The lesion-level split every shipped model uses (the test part is read once, at the end).
-SPLIT_SEED, VAL_FRACTION, TEST_FRACTION = ds.SPLIT_SEED, ds.VAL_FRACTION, ds.TEST_FRACTION
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -56,9 +53,11 @@ class TrainConfig:
     precision: str = _opt("auto", "auto, fp32, bf16 or fp16 autocast", choices=["auto", "fp32", "bf16", "fp16"])
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     seed: int = _opt(0, "seed of sampling, augmentation and initialisation (recorded in the manifest)")
-    split_seed: int = _opt(SPLIT_SEED, "seed of the lesion-level split")
-    val_fraction: float = _opt(VAL_FRACTION, "share of images for validation (calibration, thresholds)")
-    test_fraction: float = _opt(TEST_FRACTION, "share of images for the held-out test split")
+    split_seed: int = _opt(ds.SHIPPED_SPLIT.seed, "seed of the lesion-level split")
+    val_fraction: float = _opt(
+        ds.SHIPPED_SPLIT.val_fraction, "share of images for validation (calibration, thresholds)"
+    )
+    test_fraction: float = _opt(ds.SHIPPED_SPLIT.test_fraction, "share of images for the held-out test split")
     limit: int = _opt(0, "use only this many images (smoke runs)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     model_id: str = _opt("", "registry id (default: the --out folder name)")
@@ -66,6 +65,11 @@ class TrainConfig:
     cv_summary: str = _opt("", "folder of an ml.cv run whose table the model card records")
     finalize_only: bool = _opt(False, "skip training; calibrate and write the entry from the finished run")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
+
+    @property
+    def split_spec(self) -> ds.SplitSpec:
+        """The run's split: ``split_seed``, ``val_fraction`` and ``test_fraction`` as one spec."""
+        return ds.SplitSpec(seed=self.split_seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
 
 #: Named recipes: overrides of the defaults above. "v1" is the first shipped model's recipe.
@@ -157,12 +161,11 @@ def check_same_run(config: TrainConfig, saved: dict[str, Any]) -> None:
 
 
 def load_split(config: TrainConfig) -> ds.Split:
+    """The run's split of ``config.data`` (its first ``limit`` images, seeded, when ``limit`` is set)."""
     samples = ds.read_dataset(config.data)
     if config.limit:
         rng = random.Random(config.seed)
         samples = sorted(samples, key=lambda s: s.image_id)
         rng.shuffle(samples)
         samples = samples[: config.limit]
-    return ds.lesion_split(
-        samples, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.split_seed
-    )
+    return config.split_spec.apply(samples)

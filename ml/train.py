@@ -41,18 +41,14 @@ from ml import data as ds
 from ml import model as models
 from ml import preprocess
 from ml.augment import Augment
+from ml.backends import resolve_device
 from ml.checkpoint import CHECKPOINT, STATE, load_state, load_teacher, save_state
+from ml.finalize import finalize
 from ml.images import ImageLimits, decode_image
 from ml.labels import NUM_CLASSES
 from ml.metrics import balanced_accuracy
 from ml.provenance import describe_environment
 from ml.recipe import TrainConfig, check_same_run, load_split, parse_args, read_config, write_config
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -334,8 +330,6 @@ def main(argv: list[str] | None = None) -> None:
         config = TrainConfig(**{**saved, **keep})
     else:
         train(config)
-    from ml.finalize import finalize  # imported late: finalisation can be revised without retraining
-
     finalize(config)
 
 

@@ -246,7 +246,7 @@ def _classify_batch(config: Settings, predictor: Predictor, images: list[Image.I
     import torch
 
     try:
-        return [Classified(analysis, predictor) for analysis in predictor.classify_many(images)]
+        return [Classified(analysis, predictor) for analysis in predictor.classify(images)]
     except torch.OutOfMemoryError:
         runtime.free_device_memory(predictor)
         fallback = runtime.get_cpu_predictor(config, predictor)
@@ -254,4 +254,4 @@ def _classify_batch(config: Settings, predictor: Predictor, images: list[Image.I
             "out of GPU memory for a batch; running it on the CPU image by image",
             extra={"event": "oom_fallback", "count": len(images)},
         )
-        return [Classified(fallback.classify(image), fallback) for image in images]
+        return [Classified(fallback.classify([image])[0], fallback) for image in images]

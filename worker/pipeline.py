@@ -98,7 +98,7 @@ def _classify_image(config: Settings, predictor: Predictor, image: Image.Image, 
     import torch
 
     try:
-        return Classified(predictor.classify(image), predictor)
+        return Classified(predictor.classify([image])[0], predictor)
     except torch.OutOfMemoryError:
         runtime.free_device_memory(predictor)
         fallback = runtime.get_cpu_predictor(config, predictor)
@@ -106,7 +106,7 @@ def _classify_image(config: Settings, predictor: Predictor, image: Image.Image, 
             "out of GPU memory; running this case on the CPU",
             extra={"event": "oom_fallback", "device": str(fallback.device), "attempt": attempt},
         )
-        return Classified(fallback.classify(image), fallback)
+        return Classified(fallback.classify([image])[0], fallback)
 
 
 def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, data: bytes) -> DecodedImage | str:

@@ -10,7 +10,7 @@ confidence, uncertainty or referral, and no heat map (there is nothing to explai
 ``gradcam_status`` is ``not_applicable``). Such a case still succeeds: the input was judged, and
 retrying would judge it the same way.
 
-The one-case path (:mod:`worker.pipeline`) and the batch engine (:mod:`worker.batching`) both build
+The one-case path (:mod:`worker.pipeline`) and dynamic batches (:mod:`worker.batching`) both build
 their results here, so the two store the same thing for the same image.
 """
 
@@ -45,7 +45,7 @@ def heatmap(
     ``error``; no PNG unless ``ok``)."""
     try:
         with time_budget(config.gradcam_budget_seconds):
-            explanation = predictor.explain_analysis(decoded.image, analysis)
+            explanation = predictor.explain(decoded.image, analysis)
         return explanation.overlay_png, "ok"
     except GradcamTimeout:
         log.warning(

@@ -39,7 +39,7 @@ EXIT_STATUS = 70
 
 @dataclass(frozen=True)
 class Faults:
-    """What happens at the start of an inference (a call of ``classify`` or ``classify_many``)."""
+    """What happens at the start of an inference (a call of ``classify``, one image or a batch)."""
 
     #: seconds to sleep (a slow job: soft and hard time limits)
     sleep: float = 0.0
@@ -95,10 +95,6 @@ class FaultyPredictor:
     def classify(self, *args: Any, **kwargs: Any) -> Any:
         self._act()
         return self._real.classify(*args, **kwargs)
-
-    def classify_many(self, *args: Any, **kwargs: Any) -> Any:
-        self._act()
-        return self._real.classify_many(*args, **kwargs)
 
     def _act(self) -> None:
         faults = self._faults

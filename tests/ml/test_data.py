@@ -30,7 +30,7 @@ def synthetic_samples(n_lesions: int = 1500, seed: int = 3) -> list[ds.Sample]:
 
 def test_split_keeps_every_lesion_in_one_part() -> None:
     samples = synthetic_samples()
-    split = ds.lesion_split(samples, seed=7)
+    split = ds.SplitSpec(seed=7).apply(samples)
     parts = [{s.lesion_id for s in part} for part in (split.train, split.val, split.test)]
     assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
     assert len(split.train) + len(split.val) + len(split.test) == len(samples)
@@ -38,7 +38,7 @@ def test_split_keeps_every_lesion_in_one_part() -> None:
 
 def test_split_is_stratified_and_sized() -> None:
     samples = synthetic_samples()
-    split = ds.lesion_split(samples, val_fraction=0.15, test_fraction=0.15, seed=7)
+    split = ds.SplitSpec(seed=7, val_fraction=0.15, test_fraction=0.15).apply(samples)
     total = Counter(s.dx for s in samples)
     for part in (split.val, split.test):
         counts = Counter(s.dx for s in part)
@@ -50,13 +50,31 @@ def test_split_is_stratified_and_sized() -> None:
 def test_split_is_deterministic_and_depends_on_the_seed() -> None:
     samples = synthetic_samples()
     ids = lambda split: [s.image_id for s in split.test]  # noqa: E731
-    assert ids(ds.lesion_split(samples, seed=1)) == ids(ds.lesion_split(list(reversed(samples)), seed=1))
-    assert ids(ds.lesion_split(samples, seed=1)) != ids(ds.lesion_split(samples, seed=2))
+    one, two = ds.SplitSpec(seed=1), ds.SplitSpec(seed=2)
+    assert ids(one.apply(samples)) == ids(one.apply(list(reversed(samples))))
+    assert ids(one.apply(samples)) != ids(two.apply(samples))
 
 
 def test_bad_fractions_are_refused() -> None:
     with pytest.raises(ValueError):
-        ds.lesion_split(synthetic_samples(50), val_fraction=0.6, test_fraction=0.5)
+        ds.SplitSpec(val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(ValueError):
+        ds.SplitSpec(val_fraction=0.0)
+
+
+def test_a_split_spec_round_trips_through_its_manifest_record() -> None:
+    spec = ds.SplitSpec(seed=7, val_fraction=0.3, test_fraction=0.2)
+    record = spec.record()
+    assert record == {
+        "split": "lesion-level, stratified by diagnosis",
+        "split_seed": 7,
+        "val_fraction": 0.3,
+        "test_fraction": 0.2,
+    }
+    assert ds.SplitSpec.from_record(record | {"digest": "ignored"}) == spec
+    assert ds.SplitSpec.from_record({}) == ds.SHIPPED_SPLIT  # a manifest without the keys: the shipped split
+    samples = synthetic_samples()
+    assert ds.SplitSpec.from_record(record).apply(samples) == spec.apply(samples)
 
 
 def _write_metadata(path: Path, rows: list[dict[str, str]]) -> None:

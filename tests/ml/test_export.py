@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -12,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import backends, evaluate, export, registry, serving_choice
+from ml import backends, evaluate, export, quantize, registry, serving_choice
 from ml import data as ds
 from ml.labels import CLASSES
 from ml.predictor import Predictor
 from tests.ml.conftest import TINY_HOOK_ARCH, save_tiny_entry
-from tests.ml.test_predictor import _input, _reference_map, _upsampled, pearson
+from tests.ml.test_predictor import _input, _reference_map, _upsampled, explained, pearson
 
 FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "images"
 
@@ -102,19 +103,18 @@ def test_onnx_predictor_answers_like_torch(
     torch_predictor: Predictor, onnx_predictor: Predictor, fixture_pil: list[Image.Image]
 ) -> None:
     image = fixture_pil[0]
-    ours, theirs = onnx_predictor.analyze(image), torch_predictor.analyze(image)
-    assert ours[0].label == theirs[0].label and ours[0].referral == theirs[0].referral
+    ours, theirs = onnx_predictor.classify([image])[0], torch_predictor.classify([image])[0]
+    assert ours.prediction.label == theirs.prediction.label and ours.prediction.referral == theirs.prediction.referral
     for code in CLASSES:
-        assert ours[0].probabilities[code] == pytest.approx(theirs[0].probabilities[code], abs=1e-5)
-    assert ours[1] is not None and theirs[1] is not None
-    assert ours[1].method == "cam" and ours[1].heatmap.shape == (image.height, image.width)
-    np.testing.assert_allclose(ours[1].heatmap, theirs[1].heatmap, atol=1e-3)
-    assert Image.open(io.BytesIO(ours[1].overlay_png)).size == image.size
-    # classified without keeping the feature map: the heat map costs one more forward pass, same map
-    analysis = onnx_predictor.classify(image, keep_features=False)
-    assert analysis.features is None
-    again = onnx_predictor.explain_analysis(image, analysis, "mel")
-    np.testing.assert_allclose(again.heatmap, onnx_predictor.explain(image, "mel").heatmap, atol=1e-6)
+        assert ours.prediction.probabilities[code] == pytest.approx(theirs.prediction.probabilities[code], abs=1e-5)
+    our_map, their_map = onnx_predictor.explain(image, ours), torch_predictor.explain(image, theirs)
+    assert our_map.method == "cam" and our_map.heatmap.shape == (image.height, image.width)
+    np.testing.assert_allclose(our_map.heatmap, their_map.heatmap, atol=1e-3)
+    assert Image.open(io.BytesIO(our_map.overlay_png)).size == image.size
+    # an analysis without its feature map: the heat map costs one more forward pass, same map
+    bare = dataclasses.replace(ours, features=None)
+    again = onnx_predictor.explain(image, bare, "mel")
+    np.testing.assert_allclose(again.heatmap, onnx_predictor.explain(image, ours, "mel").heatmap, atol=1e-6)
     onnx_predictor.warm_up(rounds=1)
     assert json.loads(onnx_predictor.describe())["backend"] == "onnx"
 
@@ -129,7 +129,7 @@ def test_onnx_one_pass_cam_matches_pytorch_grad_cam(
         x = _input(torch_predictor, image)
         top_two = np.argsort(onnx_predictor.logits([image])[0])[::-1][:2]
         for index in top_two:
-            ours = _upsampled(onnx_predictor.heatmap_only(image, CLASSES[index]), x)
+            ours = _upsampled(explained(onnx_predictor, image, CLASSES[index]).cam, x)
             theirs = _reference_map(model, model.bn2, x, int(index))
             assert pearson(ours, theirs) >= 0.999
 
@@ -139,8 +139,8 @@ def test_int8_graph_serves_the_same_interface(exported: Path, fixture_pil: list[
     assert int8.info.backend == "onnx-int8"
     assert int8.info.artefact_sha256 == registry.sha256_file(exported / "model.int8.onnx")
     assert int8.backend.session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
-    prediction, explanation = int8.analyze(fixture_pil[1])
-    assert prediction.label in CLASSES and explanation is not None and explanation.method == "cam"
+    explanation = explained(int8, fixture_pil[1])
+    assert explanation.class_code in CLASSES and explanation.method == "cam"
     assert np.isfinite(int8.logits(fixture_pil)).all()
 
 
@@ -217,11 +217,11 @@ def test_cli_with_data_calibrates_on_training_images_and_decides(tiny_entry: Pat
     entry = _with_data_record(tiny_entry)
     assert export.main(["--model", str(entry), "--data", str(FIXTURE_DATA), "--threads", "1"]) == 0
     manifest = registry.read_manifest(entry)
-    split = export.training_split(manifest, FIXTURE_DATA)
+    split = quantize.training_split(manifest, FIXTURE_DATA)
     calibration = manifest["files"]["onnx_int8"]["calibration"]
     assert calibration["split"] == "train" and calibration["images"] == len(split.train)
     assert calibration["image_ids_sha256"] == registry.sha256_bytes(
-        "\n".join(s.image_id for s in export.calibration_samples(split.train, 200, 7)).encode()
+        "\n".join(s.image_id for s in quantize.calibration_samples(split.train, 200, 7)).encode()
     )
     serving = manifest["serving"]
     assert serving["split"] == "val" and serving["n"] == len(split.val)  # the test split is read once, elsewhere
@@ -256,14 +256,14 @@ def test_serving_decision_rule() -> None:
 
 def test_calibration_never_uses_held_out_images(tiny_entry: Path, tmp_path: Path) -> None:
     manifest = registry.read_manifest(_with_data_record(tiny_entry))
-    split = export.training_split(manifest, FIXTURE_DATA)
-    chosen = export.calibration_samples(split.train, 200, 7)
+    split = quantize.training_split(manifest, FIXTURE_DATA)
+    chosen = quantize.calibration_samples(split.train, 200, 7)
     held_out = {s.image_id for s in split.val + split.test}
     assert chosen and not {s.image_id for s in chosen} & held_out
-    assert [s.image_id for s in chosen] == [s.image_id for s in export.calibration_samples(split.train, 200, 7)]
-    assert len(export.calibration_samples(split.train, 3, 7)) == 3
+    assert [s.image_id for s in chosen] == [s.image_id for s in quantize.calibration_samples(split.train, 200, 7)]
+    assert len(quantize.calibration_samples(split.train, 3, 7)) == 3
     # round-robin over classes: the first picks cover every class the training split has
-    first = export.calibration_samples(split.train, len({s.dx for s in split.train}), 7)
+    first = quantize.calibration_samples(split.train, len({s.dx for s in split.train}), 7)
     assert {s.dx for s in first} == {s.dx for s in split.train}
     # another data set is refused rather than calibrated on (its "training" images could be anyone's)
     other = tmp_path / "other"
@@ -274,7 +274,7 @@ def test_calibration_never_uses_held_out_images(tiny_entry: Path, tmp_path: Path
         name = line.split(",")[0] + ".jpg"
         (other / name).write_bytes((FIXTURE_DATA / name).read_bytes())
     with pytest.raises(export.ExportError, match="not the data this model was trained on"):
-        export.training_split(manifest, other)
+        quantize.training_split(manifest, other)
 
 
 def test_evaluate_reports_each_backend(exported: Path, tmp_path: Path) -> None:

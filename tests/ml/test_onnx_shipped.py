@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import export, registry, serving_choice
+from ml import export, quantize, registry, serving_choice
 from ml.labels import CLASSES
 from ml.predictor import Predictor
-from tests.ml.test_predictor import _input, _reference_map, _upsampled, pearson
+from tests.ml.test_predictor import _input, _reference_map, _upsampled, explained, pearson
 
 SHIPPED = registry.REGISTRY_DIR / registry.DEFAULT_MODEL
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham10000"
@@ -44,7 +44,7 @@ def _data_matches(entry: Path) -> bool:
     if not DATA.is_dir():
         return False
     try:
-        export.training_split(registry.read_manifest(entry), DATA)
+        quantize.training_split(registry.read_manifest(entry), DATA)
     except (export.ExportError, FileNotFoundError, ValueError):
         return False
     return True
@@ -64,11 +64,11 @@ def entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     calibration, info = None, {}
     if _data_matches(copied):
         manifest = registry.read_manifest(copied)
-        split = export.training_split(manifest, DATA)
-        chosen = export.calibration_samples(
-            split.train, export.DEFAULT_CALIBRATION_IMAGES, manifest["data"]["split_seed"]
+        split = quantize.training_split(manifest, DATA)
+        chosen = quantize.calibration_samples(
+            split.train, quantize.DEFAULT_CALIBRATION_IMAGES, manifest["data"]["split_seed"]
         )
-        calibration, info = export.decode_samples(chosen), {"split": "train"}
+        calibration, info = quantize.decode_samples(chosen), {"split": "train"}
     export.export_entry(copied, calibration=calibration, calibration_info=info)
     return copied
 
@@ -108,7 +108,7 @@ def test_one_pass_cam_from_the_onnx_feature_map_matches_pytorch_grad_cam(
         x = _input(torch_predictor, image)
         top_two = np.argsort(onnx_predictor.logits([image])[0])[::-1][:2]
         for index in top_two:
-            ours = _upsampled(onnx_predictor.heatmap_only(image, CLASSES[index]), x)
+            ours = _upsampled(explained(onnx_predictor, image, CLASSES[index]).cam, x)
             theirs = _reference_map(model, model.bn2, x, int(index))
             assert pearson(ours, theirs) >= 0.999
 
@@ -121,7 +121,8 @@ def test_int8_agrees_with_fp32_on_the_fixture_images(
     assert np.mean(np.array(fp32) == np.array(int8)) >= MIN_AGREEMENT
     for image in fixture_pil[:3]:  # the int8 heat map still shows the same evidence
         label = fp32[fixture_pil.index(image)]
-        assert pearson(int8_predictor.heatmap_only(image, label), onnx_predictor.heatmap_only(image, label)) >= 0.9
+        int8_map, fp32_map = explained(int8_predictor, image, label).cam, explained(onnx_predictor, image, label).cam
+        assert pearson(int8_map, fp32_map) >= 0.9
 
 
 @pytest.mark.slow

@@ -17,13 +17,18 @@ from ml import preprocess
 from ml.decision import DecisionPolicy
 from ml.gradcam import GradCAM, linear_gap_head
 from ml.labels import CLASSES
-from ml.predictor import Predictor
+from ml.predictor import Explanation, Predictor
 from tests.ml.conftest import TINY_ARCH, TINY_HOOK_ARCH, tiny_model, tiny_prep
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     assert a.std() > 0 and b.std() > 0, "a flat map proves nothing"
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def explained(predictor: Predictor, image: Image.Image, class_code: str | None = None) -> Explanation:
+    """What the worker does for one image: classify it, then explain that analysis."""
+    return predictor.explain(image, predictor.classify([image])[0], class_code)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,19 @@ def test_any_size_and_aspect_ratio(predictor: Predictor) -> None:
     images = [Image.new("RGB", size, (120, 80, 60)) for size in ((32, 32), (640, 90), (90, 640), (3000, 2000))]
     assert len(predictor.predict(images)) == 4
     assert predictor.predict([]) == []
+    assert len(predictor.classify(images)) == 4
+    assert predictor.classify([]) == []
+
+
+def test_classify_answers_like_predict(predictor: Predictor, fixture_pil: list[Image.Image]) -> None:
+    """One forward pass over the whole batch (classify) and batches of ``batch_size`` (predict) agree."""
+    analyses = predictor.classify(fixture_pil)  # more images than batch_size: still one pass
+    predictions = predictor.predict(fixture_pil)
+    assert [a.prediction.label for a in analyses] == [p.label for p in predictions]
+    for analysis, prediction in zip(analyses, predictions, strict=True):
+        for code in CLASSES:
+            assert analysis.prediction.probabilities[code] == pytest.approx(prediction.probabilities[code], abs=1e-5)
+        assert analysis.batch.shape[0] == 1 and analysis.features is not None
 
 
 def test_model_runs_channels_last(predictor: Predictor) -> None:
@@ -65,7 +83,7 @@ def test_model_runs_channels_last(predictor: Predictor) -> None:
 
 def test_explanation_is_a_map_of_the_image(predictor: Predictor, fixture_pil: list[Image.Image]) -> None:
     image = fixture_pil[0]
-    explanation = predictor.explain(image)
+    explanation = explained(predictor, image)
     assert explanation.heatmap.shape == (image.height, image.width)
     assert explanation.heatmap.dtype == np.float32
     assert explanation.heatmap.min() >= 0.0 and explanation.heatmap.max() <= 1.0
@@ -75,7 +93,7 @@ def test_explanation_is_a_map_of_the_image(predictor: Predictor, fixture_pil: li
 
 
 def test_large_images_get_a_bounded_overlay(predictor: Predictor) -> None:
-    explanation = predictor.explain(Image.new("RGB", (4000, 3000), (100, 90, 80)))
+    explanation = explained(predictor, Image.new("RGB", (4000, 3000), (100, 90, 80)))
     assert Image.open(io.BytesIO(explanation.overlay_png)).size == (512, 384)
 
 
@@ -94,9 +112,11 @@ def test_overlay_pixels_follow_the_blend_formula(fixture_pil: list[Image.Image])
 
 
 def test_explain_a_chosen_class(predictor: Predictor, fixture_pil: list[Image.Image]) -> None:
-    maps = {code: predictor.heatmap_only(fixture_pil[1], code) for code in ("mel", "nv")}
-    assert predictor.explain(fixture_pil[1], "mel").class_code == "mel"
-    assert not np.allclose(maps["mel"], maps["nv"])
+    analysis = predictor.classify([fixture_pil[1]])[0]
+    maps = {code: predictor.explain(fixture_pil[1], analysis, code) for code in ("mel", "nv")}
+    assert maps["mel"].class_code == "mel" and maps["nv"].class_code == "nv"
+    assert not np.allclose(maps["mel"].cam, maps["nv"].cam)
+    assert explained(predictor, fixture_pil[1]).class_code == analysis.prediction.label
 
 
 def _input(predictor: Predictor, image: Image.Image) -> torch.Tensor:
@@ -118,14 +138,14 @@ def test_one_pass_cam_matches_pytorch_grad_cam(predictor: Predictor, fixture_pil
         x = _input(predictor, image)
         top_two = np.argsort(predictor.logits([image])[0])[::-1][:2]  # classes with a positive evidence map
         for code in (CLASSES[i] for i in top_two):
-            ours = _upsampled(predictor.heatmap_only(image, code), x)
+            ours = _upsampled(explained(predictor, image, code).cam, x)
             theirs = _reference_map(predictor.model, predictor.model.bn2, x, CLASSES.index(code))
             assert pearson(ours, theirs) >= 0.999
 
 
 def test_one_pass_cam_equals_the_gradient_path(predictor: Predictor, fixture_pil: list[Image.Image]) -> None:
     x = _input(predictor, fixture_pil[2])
-    one_pass = predictor.heatmap_only(fixture_pil[2], "mel")
+    one_pass = explained(predictor, fixture_pil[2], "mel").cam
     with torch.inference_mode():  # GradCAM must still get gradients in here
         gradient, _ = GradCAM(predictor.model)(x, CLASSES.index("mel"))
     assert pearson(one_pass, gradient) >= 0.9999
@@ -142,7 +162,7 @@ def test_hook_path_for_other_heads_matches_pytorch_grad_cam(fixture_pil: list[Im
         layer = predictor.model.stages[3]
         theirs = _reference_map(predictor.model, layer, x, CLASSES.index("mel"))
         assert pearson(_upsampled(ours, x), theirs) >= 0.99
-    assert predictor.explain(image).method == "gradcam"
+    assert explained(predictor, image).method == "gradcam"
 
 
 def test_hooks_are_always_released(fixture_pil: list[Image.Image]) -> None:

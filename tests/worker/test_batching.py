@@ -267,14 +267,14 @@ def test_a_case_that_breaks_the_model_fails_alone_not_its_batch(
     ids = [store_case(tenant, data) for data in images]
     predictor = runtime.get_predictor(batching)
     poison = decode(images[2], reduce_to=batching.overlay_max_side).image.tobytes()
-    original = predictor.classify_many
+    original = predictor.classify
 
-    def classify_many(batch, **kwargs):  # type: ignore[no-untyped-def]
+    def classify(batch):  # type: ignore[no-untyped-def]
         if any(image.tobytes() == poison for image in batch):
             raise ValueError("this image breaks the model")
-        return original(batch, **kwargs)
+        return original(batch)
 
-    monkeypatch.setattr(predictor, "classify_many", classify_many)
+    monkeypatch.setattr(predictor, "classify", classify)
     assert run_batch(batching, ids[0]) == "succeeded"
     with session_scope(batching) as session:
         done = {c.id: (c.status, c.failure_code) for c in session.scalars(select(Case).where(Case.id.in_(ids)))}

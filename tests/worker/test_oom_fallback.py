@@ -25,15 +25,15 @@ class GpuStandIn:
         self.device = torch.device("cuda", 0)
         self.info = real.info
 
-    def classify(self, image, **kwargs):  # type: ignore[no-untyped-def]
+    def classify(self, images):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.ooms:
             self.ooms -= 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
-        return self.real.classify(image, **kwargs)
+        return self.real.classify(images)
 
-    def explain_analysis(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self.real.explain_analysis(*args, **kwargs)
+    def explain(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.real.explain(*args, **kwargs)
 
 
 def device_of(settings, case_id: uuid.UUID) -> str:  # type: ignore[no-untyped-def]
