@@ -19,15 +19,26 @@ from core.db import session_scope
 from core.models import CallbackDelivery, Case, ClinicCallback, Result
 from core.publisher import make_publisher, publish_classify
 from core.queueing import QUEUE_MAINTENANCE
-from tests.conftest import Tenant
+from tests.conftest import Tenant, case_store, new_tenant
 from tests.faults.servers import RedisServer
 
 pytestmark = pytest.mark.usefixtures("database")
 
 
+# The sweeper looks at every case of its database: these tests get one of their own.
 @pytest.fixture
-def sweeping(settings: Settings, private_broker: RedisServer) -> Iterator[tuple[Settings, object, redis.Redis]]:
-    config = settings.model_copy(update={"redis_url": private_broker.url})
+def tenant(own_database, keyring) -> Tenant:  # type: ignore[no-untyped-def]
+    return new_tenant(own_database, keyring)
+
+
+@pytest.fixture
+def store_case(own_database, keyring):  # type: ignore[no-untyped-def]
+    return case_store(own_database, keyring)
+
+
+@pytest.fixture
+def sweeping(own_database: Settings, private_broker: RedisServer) -> Iterator[tuple[Settings, object, redis.Redis]]:
+    config = own_database.model_copy(update={"redis_url": private_broker.url})
     client = redis.Redis.from_url(private_broker.url)
     client.flushdb()
     yield config, make_publisher(config), client
@@ -50,28 +61,28 @@ def ago(seconds: float) -> datetime:
 
 
 def test_a_running_case_that_lost_its_worker_is_requeued_and_published_at_once(
-    sweeping, settings: Settings, tenant: Tenant, store_case
+    sweeping, own_database: Settings, tenant: Tenant, store_case
 ) -> None:  # type: ignore[no-untyped-def]
-    limit = settings.task_time_limit + settings.running_grace_seconds
+    limit = own_database.task_time_limit + own_database.running_grace_seconds
     lost = store_case(tenant, b"lost")
     alive = store_case(tenant, b"alive")
-    set_state(settings, lost, status="running", attempts=1, started_at=ago(limit + 5))
-    set_state(settings, alive, status="running", attempts=1, started_at=ago(limit - 20))
+    set_state(own_database, lost, status="running", attempts=1, started_at=ago(limit + 5))
+    set_state(own_database, alive, status="running", attempts=1, started_at=ago(limit - 20))
     report = sweep(sweeping)
     assert str(lost) in report.requeued and str(lost) in report.republished
     assert str(alive) not in report.requeued
-    case = cases_row(settings, lost)
+    case = cases_row(own_database, lost)
     assert (case.status, case.attempts, case.started_at) == ("queued", 1, None)
-    assert cases_row(settings, alive).status == "running"
+    assert cases_row(own_database, alive).status == "running"
     assert str(lost) in recovery.broker_case_ids(sweeping[2])
 
 
 def test_nothing_is_published_before_the_sweep_commits(
-    sweeping, settings: Settings, tenant: Tenant, store_case
+    sweeping, own_database: Settings, tenant: Tenant, store_case
 ) -> None:  # type: ignore[no-untyped-def]
     config, publisher, client = sweeping
     lost = store_case(tenant, b"lost")
-    set_state(settings, lost, status="running", attempts=1, started_at=ago(settings.task_time_limit + 3600))
+    set_state(own_database, lost, status="running", attempts=1, started_at=ago(own_database.task_time_limit + 3600))
     with session_scope(config) as session:
         report = recovery.sweep(session, config, publisher, client)
         assert report.requeued == [str(lost)]
@@ -79,31 +90,31 @@ def test_nothing_is_published_before_the_sweep_commits(
         assert report.republished == []
     assert str(lost) in recovery.broker_case_ids(client) and report.republished == [str(lost)]
     # recorded after the send, by a transaction of its own
-    published = cases_row(settings, lost).published_at
-    assert published is not None and published >= cases_row(settings, lost).updated_at
+    published = cases_row(own_database, lost).published_at
+    assert published is not None and published >= cases_row(own_database, lost).updated_at
 
 
 def test_a_case_out_of_attempts_fails_with_timeout_and_a_clear_message(
-    sweeping, settings: Settings, tenant: Tenant, store_case
+    sweeping, own_database: Settings, tenant: Tenant, store_case
 ) -> None:  # type: ignore[no-untyped-def]
     case_id = store_case(tenant, b"poison")
-    limit = settings.task_time_limit + settings.running_grace_seconds
-    set_state(settings, case_id, status="running", attempts=settings.max_attempts, started_at=ago(limit + 1))
+    limit = own_database.task_time_limit + own_database.running_grace_seconds
+    set_state(own_database, case_id, status="running", attempts=own_database.max_attempts, started_at=ago(limit + 1))
     report = sweep(sweeping)
     assert str(case_id) in report.failed and str(case_id) not in report.republished
-    case = cases_row(settings, case_id)
+    case = cases_row(own_database, case_id)
     assert (case.status, case.failure_code) == ("failed", "timeout")
-    assert f"none of {settings.max_attempts} attempts finished" in case.failure_message
+    assert f"none of {own_database.max_attempts} attempts finished" in case.failure_message
     assert str(case_id) not in recovery.broker_case_ids(sweeping[2])
 
 
 def test_only_queued_cases_whose_message_is_lost_are_published_again(
-    sweeping, settings: Settings, tenant: Tenant, store_case
+    sweeping, own_database: Settings, tenant: Tenant, store_case
 ) -> None:  # type: ignore[no-untyped-def]
-    grace = settings.requeue_grace_seconds
+    grace = own_database.requeue_grace_seconds
     lost, waiting, fresh = (store_case(tenant, data) for data in (b"lost", b"waiting", b"fresh"))
     for case_id in (lost, waiting):
-        set_state(settings, case_id, updated_at=ago(grace + 5))
+        set_state(own_database, case_id, updated_at=ago(grace + 5))
     _, publisher, client = sweeping
     assert publish_classify(publisher, waiting, "routine")  # its message is still in the queue
     report = sweep(sweeping)
@@ -116,11 +127,13 @@ def test_only_queued_cases_whose_message_is_lost_are_published_again(
     assert sorted(ids.count(str(c)) for c in (lost, waiting)) == [1, 1]
 
 
-def test_a_stale_worker_cannot_store_a_second_result(settings: Settings, keyring, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+def test_a_stale_worker_cannot_store_a_second_result(
+    own_database: Settings, keyring, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
     case_id = store_case(tenant, b"twice")
-    with session_scope(settings) as session:
+    with session_scope(own_database) as session:
         assert case_states.claim_case(session, case_id).attempts == 1
-    with session_scope(settings) as session:  # the sweeper takes the case back; attempt 2 claims it
+    with session_scope(own_database) as session:  # the sweeper takes the case back; attempt 2 claims it
         assert case_states.requeue_case(session, case_id, attempt=1, reason="worker_lost")
         assert case_states.claim_case(session, case_id).attempts == 2
     result = {
@@ -137,31 +150,33 @@ def test_a_stale_worker_cannot_store_a_second_result(settings: Settings, keyring
         "device": "cpu",
         "timings": {},
     }
-    with session_scope(settings) as session:  # attempt 1 comes back from the dead: fenced out
+    with session_scope(own_database) as session:  # attempt 1 comes back from the dead: fenced out
         stale = case_states.Completion(case_id, 1, result, None)
         assert case_states.complete_cases(session, keyring=keyring, completions=[stale]) == set()
-    with session_scope(settings) as session:
+    with session_scope(own_database) as session:
         current = case_states.Completion(case_id, 2, result, None)
         assert case_states.complete_cases(session, keyring=keyring, completions=[current]) == {case_id}
-    with pytest.raises(IntegrityError), session_scope(settings) as session:  # and the database says so too
+    with pytest.raises(IntegrityError), session_scope(own_database) as session:  # and the database says so too
         session.add(Result(case_id=case_id, **result))
         session.flush()
-    with session_scope(settings) as session:
+    with session_scope(own_database) as session:
         assert session.scalar(select(func.count()).select_from(Result).where(Result.case_id == case_id)) == 1
 
 
-def test_a_redelivered_message_for_a_running_case_is_skipped(settings: Settings, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+def test_a_redelivered_message_for_a_running_case_is_skipped(
+    own_database: Settings, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
     from worker.pipeline import run_classification
 
     case_id = store_case(tenant, b"running elsewhere")
-    set_state(settings, case_id, status="running", attempts=1, started_at=ago(1))
-    assert run_classification(settings, case_id) == "skipped"
-    case = cases_row(settings, case_id)
+    set_state(own_database, case_id, status="running", attempts=1, started_at=ago(1))
+    assert run_classification(own_database, case_id) == "skipped"
+    case = cases_row(own_database, case_id)
     assert (case.status, case.attempts) == ("running", 1)
 
 
 def test_a_pending_callback_whose_message_was_lost_is_published_again(
-    sweeping, settings: Settings, keyring, tenant: Tenant, store_case
+    sweeping, own_database: Settings, keyring, tenant: Tenant, store_case
 ) -> None:  # type: ignore[no-untyped-def]
     from core.keys import Principal
     from core.models import Role
@@ -169,9 +184,14 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
     case_id = store_case(tenant, b"finished")
     principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
     _, publisher, client = sweeping
-    with session_scope(settings) as session:
+    with session_scope(own_database) as session:
         callbacks.register(
-            session, keyring=keyring, settings=settings, principal=principal, actor=_actor(), url="http://127.0.0.1:9/x"
+            session,
+            keyring=keyring,
+            settings=own_database,
+            principal=principal,
+            actor=_actor(),
+            url="http://127.0.0.1:9/x",
         )
         assert case_states.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="broken")
         assert callbacks.note_finished(session, case_id, publisher=publisher)
@@ -180,16 +200,16 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
     client.delete(QUEUE_MAINTENANCE)  # ...and lost
     report = sweep(sweeping)
     assert str(case_id) not in report.callbacks_republished  # fresh: its own message may still come
-    stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(settings) + 1)
-    with session_scope(settings) as session:
+    stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
+    with session_scope(own_database) as session:
         session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(updated_at=stale))
     report = sweep(sweeping)
     assert str(case_id) in report.callbacks_republished
     assert callback_messages(client, case_id) == 1
-    with session_scope(settings) as session:  # touched once sent: not stale again at once
+    with session_scope(own_database) as session:  # touched once sent: not stale again at once
         assert session.get(CallbackDelivery, case_id).updated_at > stale
     assert str(case_id) not in sweep(sweeping).callbacks_republished
-    with session_scope(settings) as session:
+    with session_scope(own_database) as session:
         session.delete(session.get(ClinicCallback, tenant.clinic_id))
 
 
