@@ -63,6 +63,18 @@ class Settings(BaseSettings):
     #: The same JSON inline (for containers that mount secrets as env vars); wins over key_file.
     keys_json: SecretStr | None = None
 
+    # --- audit log (core/audit_log.py, core/checkpoint.py) -------------------------------------
+    #: the log's name in its signed checkpoints (c2sp.org/tlog-checkpoint origin line)
+    audit_log_origin: str = Field("dermq.local/audit", min_length=1, max_length=200, pattern=r"^[^\s+]+$")
+    #: Ed25519 checkpoint signing key, outside the database (None: audit-signing-key.json beside key_file)
+    audit_signing_key_file: Path | None = None
+    #: every signed checkpoint is also appended here, outside Postgres (None: not written)
+    audit_witness_file: Path | None = ROOT / "var" / "audit-witness.log"
+    #: how often the sealer sequences committed events into the log
+    audit_seal_interval_seconds: float = Field(1.0, gt=0, le=60)
+    #: production refuses to start when the database login owns the audit table or is a superuser
+    audit_require_runtime_role: bool = True
+
     # --- HTTP API -----------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)

@@ -27,6 +27,7 @@ from core.queueing import (
     QUEUE_CASES,
     QUEUE_MAINTENANCE,
     TASK_AUDIT_CHECK,
+    TASK_AUDIT_SEAL,
     TASK_DRIFT,
     TASK_PURGE,
     TASK_SWEEP,
@@ -62,10 +63,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": 3600.0,
                 "options": {"queue": QUEUE_MAINTENANCE, "expires": 3600.0},
             },
+            "audit-seal": {
+                "task": TASK_AUDIT_SEAL,
+                "schedule": settings.audit_seal_interval_seconds,
+                "options": {"queue": QUEUE_MAINTENANCE, "expires": settings.audit_seal_interval_seconds},
+            },
             "audit-check": {
                 "task": TASK_AUDIT_CHECK,
-                "schedule": 300.0,
-                "options": {"queue": QUEUE_MAINTENANCE, "expires": 300.0},
+                "schedule": 60.0,
+                "options": {"queue": QUEUE_MAINTENANCE, "expires": 60.0},
             },
             "purge": {
                 "task": TASK_PURGE,

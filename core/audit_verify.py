@@ -1,0 +1,225 @@
+"""Verifying the audit log: recompute every leaf from the event rows and every root from the leaves.
+
+Nothing stored in Postgres is trusted but the event rows themselves: leaf hashes are recomputed from
+the events' content, roots from those leaves (a compact range, O(log n) memory), and the roots are
+compared with *signed* checkpoints: the ones in ``audit_checkpoints`` and in the witness file whose
+Ed25519 signature verifies, and a checkpoint an auditor pinned earlier (:func:`verify_against`).
+
+What the report names:
+
+* a sealed event whose row was deleted, or a position missing from the log: exactly that position;
+* an event edited while its stored leaf hash was left alone: exactly that event;
+* an edit or removal hidden by rewriting the stored hashes too: the range of events between the last
+  signed checkpoint that still matches and the first that no longer does (the sealer signs one per
+  run, about a second's worth of events), starting with its first event.
+
+A database login can rewrite rows and stored hashes, but not a checkpoint signed by a key it cannot
+read, nor the witness file; so any change to an event already covered by a signed checkpoint fails.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Row, column, select, table, text
+from sqlalchemy.orm import Session
+
+from core import merkle
+from core.audit import _content, canonical
+from core.audit_chain import verify_chain as verify_old_chain
+from core.audit_log import checkpoints
+from core.checkpoint import Checkpoint, CheckpointError, Verifier, parse, read_notes
+from core.models import AuditEvent
+
+LEAVES = table("audit_leaves", column("seq"), column("event_id"), column("leaf_hash"))
+
+
+@dataclass
+class LogReport:
+    ok: bool
+    checked: int
+    size: int
+    root: bytes | None = None
+    first_bad_seq: int | None = None
+    first_bad_event_id: int | None = None
+    reason: str | None = None
+    checkpoints: int = 0
+    frontier: list[bytes] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "size": self.size,
+            "root": base64.b64encode(self.root).decode() if self.root is not None else None,
+            "first_bad_seq": self.first_bad_seq,
+            "first_bad_event_id": self.first_bad_event_id,
+            "reason": self.reason,
+            "checkpoints": self.checkpoints,
+        }
+
+
+def _rows(session: Session, start: int, batch: int) -> Iterator[Row[Any]]:
+    query = (
+        select(LEAVES.c.seq, LEAVES.c.event_id, LEAVES.c.leaf_hash, *AuditEvent.__table__.c)
+        .select_from(LEAVES.outerjoin(AuditEvent.__table__, AuditEvent.__table__.c.id == LEAVES.c.event_id))
+        .where(LEAVES.c.seq >= start)
+        .order_by(LEAVES.c.seq)
+        .execution_options(stream_results=True, yield_per=batch)
+    )
+    yield from session.execute(query)
+
+
+def trusted_roots(
+    session: Session, verifiers: Sequence[Verifier] | None, witness_text: str | None = None
+) -> tuple[dict[int, list[bytes]], str | None]:
+    """Checkpoint roots by tree size: stored ones (signature-checked when ``verifiers`` are given) and
+    the witness file's. Returns them and the first problem with a stored checkpoint, if any."""
+    roots: dict[int, list[bytes]] = {}
+    problem = None
+    for stored in checkpoints(session):
+        if verifiers is not None:
+            try:
+                parsed = parse(stored.note, list(verifiers))
+            except CheckpointError:
+                problem = problem or f"the stored checkpoint of size {stored.size} has no valid signature"
+                continue
+            if (parsed.size, parsed.root) != (stored.size, stored.root):
+                problem = problem or f"the stored checkpoint of size {stored.size} differs from its signed note"
+                continue
+        roots.setdefault(stored.size, []).append(stored.root)
+    if witness_text and verifiers is not None:
+        for note in read_notes(witness_text):
+            try:
+                parsed = parse(note, list(verifiers))
+            except CheckpointError:
+                continue  # a witness line nobody signed proves nothing
+            roots.setdefault(parsed.size, []).append(parsed.root)
+    return roots, problem
+
+
+def walk(
+    session: Session,
+    roots: dict[int, list[bytes]],
+    *,
+    start: merkle.CompactRange | None = None,
+    require_size: int = 0,
+    batch: int = 5000,
+) -> LogReport:
+    """Recompute the log from position ``start.size`` on and compare with ``roots`` at each size."""
+    compact = start or merkle.CompactRange()
+    checked = matched = 0
+    range_start: tuple[int, int] | None = None  # first event since the last matching checkpoint
+
+    def fail(seq: int, event_id: int | None, reason: str) -> LogReport:
+        return LogReport(False, checked, compact.size, None, seq, event_id, reason, matched)
+
+    for row in _rows(session, compact.size, batch):
+        seq = compact.size
+        if row.seq != seq:
+            return fail(seq, None, f"position {seq} is missing from the log (its leaf was removed)")
+        if row.id is None:
+            return fail(seq, row.event_id, f"event {row.event_id} at position {seq} was removed")
+        leaf = merkle.leaf_hash(canonical(_content(row)).encode())  # type: ignore[arg-type]
+        if leaf != bytes(row.leaf_hash):
+            return fail(seq, row.id, f"event {row.id} at position {seq} was altered (it no longer matches its leaf)")
+        if range_start is None:
+            range_start = (seq, row.id)
+        compact.append(leaf)
+        checked += 1
+        expected = roots.get(compact.size)
+        if expected:
+            root = compact.root()
+            if any(r != root for r in expected):
+                first_seq, first_id = range_start
+                return fail(
+                    first_seq,
+                    first_id,
+                    f"events at positions {first_seq}..{compact.size - 1} (from event {first_id}) no longer match "
+                    f"the signed checkpoint of size {compact.size}: one was removed, altered or reordered "
+                    "and the stored hashes rewritten",
+                )
+            matched += 1
+            range_start = None
+    if compact.size < require_size:
+        return fail(
+            compact.size, None, f"the log ends at {compact.size} events; a signed checkpoint has {require_size}"
+        )
+    beyond = [size for size in roots if size > compact.size]
+    if beyond:
+        return fail(compact.size, None, f"the log ends at {compact.size} events; a signed checkpoint has {max(beyond)}")
+    return LogReport(True, checked, compact.size, compact.root(), checkpoints=matched, frontier=list(compact.hashes))
+
+
+def verify_log(
+    session: Session,
+    *,
+    verifiers: Sequence[Verifier] | None,
+    witness_text: str | None = None,
+    start: merkle.CompactRange | None = None,
+) -> LogReport:
+    """The whole log (or from a verified ``start``) against every trusted checkpoint; also the old chain.
+
+    With ``verifiers=None`` the stored checkpoints are taken as they are (no signature check): a
+    self-consistency check for tests and the worker's quick check, not proof against an insider.
+    """
+    roots, problem = trusted_roots(session, verifiers, witness_text)
+    if start is None:
+        old = verify_old_chain(session)
+        if not old.ok:
+            return LogReport(False, 0, 0, None, None, old.first_bad_id, f"pre-log chain: {old.reason}")
+    report = walk(session, roots, start=start)
+    if report.ok and problem:
+        report.ok, report.reason = False, problem
+    return report
+
+
+def verify_against(
+    session: Session, note: str, verifiers: Sequence[Verifier], *, witness_text: str | None = None
+) -> tuple[Checkpoint, LogReport]:
+    """Prove that the log still extends the checkpoint ``note`` (pinned earlier by an auditor).
+
+    Raises :class:`CheckpointError` when the note's signature does not verify. The report is not ok,
+    and names the first missing or altered event, when the log no longer hashes to the pinned root or
+    to any other signed checkpoint.
+    """
+    pinned = parse(note, list(verifiers))
+    roots, _ = trusted_roots(session, verifiers, witness_text)
+    roots.setdefault(pinned.size, []).append(pinned.root)
+    return pinned, walk(session, roots, require_size=pinned.size)
+
+
+def report_row(session: Session, report: LogReport) -> None:
+    """Store a verification result (the API's ``/verify`` answer and the next incremental start)."""
+    session.execute(
+        text(
+            "INSERT INTO audit_verifications (ok, size, root, checked, first_bad_seq, first_bad_event_id, reason, "
+            "frontier) VALUES (:ok, :size, :root, :checked, :seq, :eid, :reason, CAST(:frontier AS jsonb))"
+        ),
+        {
+            "ok": report.ok,
+            "size": report.size,
+            "root": report.root,
+            "checked": report.checked,
+            "seq": report.first_bad_seq,
+            "eid": report.first_bad_event_id,
+            "reason": report.reason,
+            "frontier": "[" + ",".join(f'"{base64.b64encode(h).decode()}"' for h in report.frontier) + "]",
+        },
+    )
+
+
+def latest_result(session: Session) -> Row[Any] | None:
+    return session.execute(text("SELECT * FROM audit_verifications ORDER BY id DESC LIMIT 1")).first()
+
+
+def resume_point(session: Session) -> merkle.CompactRange | None:
+    """The compact range of the last successful check, to continue from (None: start from scratch)."""
+    row = latest_result(session)
+    if row is None or not row.ok or row.root is None:
+        return None
+    compact = merkle.CompactRange(row.size, [base64.b64decode(h) for h in row.frontier])
+    return compact if compact.root() == bytes(row.root) else None
