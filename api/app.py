@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from api import metrics, problems
 from api.deps import AppState, record_denial
 from api.middleware import RequestContextMiddleware
-from api.routes import admin, audit, cases, clinic, health
+from api.routes import admin, audit, audit_log, cases, clinic, health
 from core.config import Settings, get_settings
 from core.crypto import KeyringSource
 from core.db import session_factory
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(cases.router)
     app.include_router(audit.router)
+    app.include_router(audit_log.router)
     app.include_router(admin.router)
     app.include_router(clinic.router)
     return app

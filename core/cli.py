@@ -5,7 +5,7 @@
     dermq clinic create NAME | list | deactivate NAME | activate NAME
     dermq key create --clinic NAME --role clinic|auditor|admin [--label TEXT] [--json]
     dermq key list [--clinic NAME] | revoke ID
-    dermq audit verify
+    dermq audit verify [--against FILE] [--json] | checkpoint [--json]
     dermq demo                     # the local demo clinic and key (make run)
 
 Every change made here is audited with the actor ``cli``. Model commands (``dermq model ...``) are
@@ -93,11 +93,14 @@ def keys_init(args: argparse.Namespace, settings: Settings) -> int:
     if path is None:
         print("error: no key file path (set DERMQ_KEY_FILE or pass --file)", file=sys.stderr)
         return 2
+    from core import audit_commands
+
     if path.exists():
         print(f"key file {path} exists; leaving it alone")
-        return 0
-    write_key_file(path, Keyring.generate())
-    print(f"created key file {path} (mode 0600); back it up: without it, stored images cannot be decrypted")
+    else:
+        write_key_file(path, Keyring.generate())
+        print(f"created key file {path} (mode 0600); back it up: without it, stored images cannot be decrypted")
+    print(audit_commands.ensure_signing_key(settings.model_copy(update={"key_file": path})))
     return 0
 
 
@@ -242,18 +245,22 @@ def key_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    with session_scope(settings) as session:
-        report = audit.verify_chain(session)
-    if args.json:
-        print(json.dumps(report.to_dict()))
-    elif report.ok:
-        print(f"audit chain intact: {report.checked} events verified")
-    else:
-        print(
-            f"AUDIT CHAIN BROKEN at event {report.first_bad_id}: {report.reason} "
-            f"({report.checked} events before it verified)"
-        )
-    return 0 if report.ok else 1
+    from core import audit_commands
+
+    code, answer, message = audit_commands.verify(settings, Path(args.against) if args.against else None)
+    print(json.dumps(answer) if args.json else message)
+    return code
+
+
+def audit_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
+    from core import audit_commands
+
+    latest = audit_commands.latest_checkpoint(settings)
+    if latest is None:
+        print("no checkpoint yet: the sealer has not sealed any event", file=sys.stderr)
+        return 1
+    print(json.dumps(latest) if args.json else latest["checkpoint"], end="\n" if args.json else "")
+    return 0
 
 
 # ------------------------------------------------------------------ local demo
@@ -347,9 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     key_rm.set_defaults(handler=key_revoke)
 
     audit_cmd = sub.add_parser("audit", help="audit trail").add_subparsers(dest="action", required=True)
-    verify = audit_cmd.add_parser("verify", help="walk the hash chain; exit 1 at the first broken row")
+    verify = audit_cmd.add_parser("verify", help="recompute the log, check signed checkpoints; exit 1 if broken")
+    verify.add_argument("--against", help="a checkpoint pinned earlier: prove the log still extends it")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(handler=audit_verify)
+    latest = audit_cmd.add_parser("checkpoint", help="print the latest signed checkpoint")
+    latest.add_argument("--json", action="store_true")
+    latest.set_defaults(handler=audit_checkpoint)
 
     demo_cmd = sub.add_parser("demo", help="create the local demo clinic and key (make run)")
     demo_cmd.add_argument("--clinic", default="Demo Clinic")

@@ -10,14 +10,21 @@ import threading
 import uuid
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
-from core import audit
 from core.db import session_scope
 from core.models import AuditEvent
 from tests.conftest import Tenant
+from tests.support import seal_all
+from worker.sealing import check as _check
 
 pytestmark = pytest.mark.usefixtures("database")
+
+
+def check(settings):  # type: ignore[no-untyped-def]
+    from core.checkpoint import load_signing_keys
+
+    return _check(settings, load_signing_keys(settings))
 
 
 def submit(client, tenant: Tenant, image: bytes) -> str:  # type: ignore[no-untyped-def]
@@ -130,8 +137,12 @@ def test_auditor_queries_are_audited_and_chain_verifies(client, make_key, settin
     auditor = make_key("auditor")
     client.get("/v1/audit-events", headers=auditor.headers, params={"action": "case.read"})
     client.get("/v1/audit-events/export", headers=auditor.headers, params={"format": "csv"})
-    report = client.get("/v1/audit-events/verify", headers=auditor.headers).json()
-    assert report["ok"] is True and report["checked"] > 0 and report["first_bad_id"] is None
+    seal_all(settings)
+    report = check(settings)  # what the periodic dermq.audit_check does
+    assert report.ok
+    answer = client.get("/v1/audit-events/verify", headers=auditor.headers).json()
+    assert answer["ok"] is True and answer["checked"] == report.size > 0 and answer["first_bad_id"] is None
+    assert answer["tree_size"] == report.size and answer["checked_at"]
     with session_scope(settings) as session:
         actions = session.scalars(select(AuditEvent.action).where(AuditEvent.actor_key_id == auditor.key_id)).all()
     assert {"audit.query", "audit.export", "audit.verify"} <= set(actions)
@@ -150,8 +161,10 @@ def test_no_audit_no_access(settings, make_key, jpeg_bytes: bytes, client) -> No
     holding, release = threading.Event(), threading.Event()
 
     def hold_the_chain() -> None:
+        # Appends take no global lock any more; a lock on the table itself blocks them (as a failed
+        # or stalled database would), and the read must then fail rather than go unaudited.
         with blocker.connect() as connection, connection.begin():
-            connection.execute(select(func.pg_advisory_xact_lock(audit.CHAIN_LOCK)))
+            connection.execute(text("LOCK TABLE audit_events IN SHARE MODE"))
             holding.set()
             release.wait(30)
 
@@ -191,3 +204,61 @@ def test_bad_queries_are_4xx(client, make_key) -> None:  # type: ignore[no-untyp
         response = client.get("/v1/audit-events", headers=auditor.headers, params=params)
         assert response.status_code in (400, 422) and response.json()["code"] == code, response.text
     assert uuid.UUID(str(auditor.key_id))
+
+
+def test_auditor_pins_a_checkpoint_and_checks_proofs(client, make_key, settings, activity, keyring) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    from core import checkpoint, merkle
+
+    verifier = checkpoint.load_signing_keys(settings).signer.verifier  # handed to auditors out of band
+    auditor = make_key("auditor")
+    seal_all(settings)
+    pinned = client.get("/v1/audit/checkpoints/latest", headers=auditor.headers)
+    assert pinned.status_code == 200 and pinned.headers["cache-control"] == "no-store"
+    note = pinned.json()["checkpoint"]
+    old = checkpoint.parse(note, [verifier])
+    assert old.size == pinned.json()["size"]
+
+    with session_scope(settings) as session:
+        case_event = session.scalar(
+            select(AuditEvent.id).where(AuditEvent.entity_id == activity["case_a"], AuditEvent.action == "case.create")
+        )
+    client.get(f"/v1/cases/{activity['case_a']}", headers=activity["a"].headers)  # more events
+    seal_all(settings)
+    new = checkpoint.parse(
+        client.get("/v1/audit/checkpoints/latest", headers=auditor.headers).json()["checkpoint"], [verifier]
+    )
+    assert new.size > old.size
+
+    proof = client.get("/v1/audit/proofs/inclusion", headers=auditor.headers, params={"event": case_event}).json()
+    leaf = merkle.leaf_hash(proof["leaf"].encode())
+    assert base64.b64encode(leaf).decode() == proof["leaf_hash"] and f'"id":{case_event}' in proof["leaf"]
+    path = [base64.b64decode(h) for h in proof["path"]]
+    assert proof["tree_size"] == new.size
+    assert merkle.verify_inclusion(leaf, proof["leaf_index"], new.size, path, new.root)
+
+    consistency = client.get(
+        "/v1/audit/proofs/consistency", headers=auditor.headers, params={"from": old.size, "to": new.size}
+    ).json()
+    hashes = [base64.b64decode(h) for h in consistency["path"]]
+    assert merkle.verify_consistency(old.size, new.size, hashes, old.root, new.root)
+    assert not merkle.verify_consistency(old.size, new.size, hashes, merkle.leaf_hash(b"rewritten"), new.root)
+
+    # a clinic-scoped auditor proves its own clinic's events only; clinics get nothing
+    from core import keys
+    from core.models import Role
+
+    with session_scope(settings) as session:
+        _, token = keys.create_key(session, keyring, role=Role.AUDITOR, clinic_id=activity["b"].clinic_id)
+    scoped = {"Authorization": f"Bearer {token}"}
+    hidden = client.get("/v1/audit/proofs/inclusion", headers=scoped, params={"event": case_event})
+    assert hidden.status_code == 404 and hidden.json()["code"] == "not_found"
+    denied = client.get("/v1/audit/checkpoints/latest", headers=activity["a"].headers)
+    assert denied.status_code == 403
+    for params in ({"from": new.size + 5}, {"from": 2, "to": 1}, {"from": "x"}):
+        bad = client.get("/v1/audit/proofs/consistency", headers=auditor.headers, params=params)
+        assert bad.status_code in (400, 422), bad.text
+    with session_scope(settings) as session:
+        actions = session.scalars(select(AuditEvent.action).where(AuditEvent.actor_key_id == auditor.key_id)).all()
+    assert {"audit.checkpoint", "audit.proof"} <= set(actions)
