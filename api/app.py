@@ -19,6 +19,7 @@ from api import metrics, problems
 from api.deps import AppState, record_denial
 from api.middleware import RequestContextMiddleware
 from api.routes import admin, audit, audit_log, cases, clinic, health
+from core import db_roles
 from core.config import Settings, get_settings
 from core.crypto import KeyringSource
 from core.db import session_factory
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db_roles.refuse_insecure_login(settings)  # production: never as the audit tables' owner
         yield
         client.close()
 

@@ -1,6 +1,6 @@
 """The operators' ``dermq`` command: database, clinics, API keys, encryption keys and the audit trail.
 
-    dermq db create | upgrade
+    dermq db create | upgrade | roles --owner NAME --runtime NAME | grant --runtime NAME
     dermq keys init [--file PATH] | rotate | rewrap | status | retire KEK_ID
     dermq clinic create NAME | list | deactivate NAME | activate NAME
     dermq key create --clinic NAME --role clinic|auditor|admin [--label TEXT] [--json]
@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from core import audit, clinics, keys
+from core import audit, clinics, db_roles, keys
 from core.config import Settings, get_settings
 from core.crypto import Keyring, load_keyring, write_key_file
 from core.db import session_scope
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database").add_subparsers(dest="action", required=True)
     db.add_parser("create", help="create the database if missing").set_defaults(handler=db_create)
     db.add_parser("upgrade", help="run the migrations").set_defaults(handler=db_upgrade)
+    db_roles.add_commands(db)  # roles | grant: least privilege for the audit trail
 
     keys_cmd = sub.add_parser("keys", help="encryption keys").add_subparsers(dest="action", required=True)
     init = keys_cmd.add_parser("init", help="create the key file (mode 0600) if missing")

@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from core import audit_log, audit_verify
+from core import audit_log, audit_verify, db_roles
 from core.checkpoint import SigningKeys, load_signing_keys
 from core.config import Settings, get_settings
 from core.db import session_scope
@@ -86,6 +86,7 @@ def main() -> None:  # pragma: no cover - exercised as a subprocess by the tests
 
     config = get_settings()
     configure_logging(config.log_level, json_lines=config.log_json, component="sealer")
+    db_roles.refuse_insecure_login(config)
     keys = load_signing_keys(config)
     stopping: list[Any] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
