@@ -20,21 +20,19 @@ read, nor the witness file; so any change to an event already covered by a signe
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Row, column, select, table, text
+from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from core import merkle
-from core.audit import _content, canonical
+from core.audit import canonical
 from core.audit_chain import verify_chain as verify_old_chain
 from core.audit_log import checkpoints
 from core.checkpoint import Checkpoint, CheckpointError, Verifier, parse, read_notes
-from core.models import AuditEvent
-
-LEAVES = table("audit_leaves", column("seq"), column("event_id"), column("leaf_hash"))
 
 
 @dataclass
@@ -62,15 +60,51 @@ class LogReport:
         }
 
 
-def _rows(session: Session, start: int, batch: int) -> Iterator[Row[Any]]:
-    query = (
-        select(LEAVES.c.seq, LEAVES.c.event_id, LEAVES.c.leaf_hash, *AuditEvent.__table__.c)
-        .select_from(LEAVES.outerjoin(AuditEvent.__table__, AuditEvent.__table__.c.id == LEAVES.c.event_id))
-        .where(LEAVES.c.seq >= start)
-        .order_by(LEAVES.c.seq)
-        .execution_options(stream_results=True, yield_per=batch)
-    )
-    yield from session.execute(query)
+#: The columns of :func:`core.audit._content`, as text rendered by Postgres exactly as Python renders
+#: them there (UUIDs lower-case with hyphens, UTC ISO 8601 with microseconds): no per-row objects.
+_LEAF_SQL = """
+    SELECT l.seq, l.event_id, l.leaf_hash, e.id,
+           to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00',
+           e.action, e.outcome, e.actor_type, e.actor_key_id::text, e.actor_role, e.clinic_id::text,
+           e.source_ip, e.user_agent, e.request_id, e.entity_type, e.entity_id, coalesce(e.detail, '{}')::text
+    FROM audit_leaves l LEFT JOIN audit_events e ON e.id = l.event_id
+    WHERE l.seq >= %s ORDER BY l.seq
+"""
+_FIELDS = (
+    "id",
+    "occurred_at",
+    "action",
+    "outcome",
+    "actor_type",
+    "actor_key_id",
+    "actor_role",
+    "clinic_id",
+    "source_ip",
+    "user_agent",
+    "request_id",
+    "entity_type",
+    "entity_id",
+)
+
+
+def _rows(session: Session, start: int, batch: int) -> Iterator[tuple[int, int, bytes, int | None, bytes]]:
+    """(position, event id, stored leaf hash, the event row's id or None, recomputed leaf hash) in order."""
+    raw = session.connection().connection.dbapi_connection
+    assert raw is not None
+    cursor: Any = raw.cursor(name=f"audit_verify_{id(session)}")  # a psycopg2 named (server-side) cursor
+    cursor.itersize = batch
+    loads, leaf_hash = json.loads, merkle.leaf_hash
+    try:
+        cursor.execute(_LEAF_SQL, (start,))
+        for row in cursor:
+            if row[3] is None:
+                yield row[0], row[1], bytes(row[2]), None, b""
+                continue
+            content = dict(zip(_FIELDS, row[3:16], strict=True))
+            content["detail"] = loads(row[16])
+            yield row[0], row[1], bytes(row[2]), row[3], leaf_hash(canonical(content).encode())
+    finally:
+        cursor.close()
 
 
 def trusted_roots(
@@ -117,17 +151,16 @@ def walk(
     def fail(seq: int, event_id: int | None, reason: str) -> LogReport:
         return LogReport(False, checked, compact.size, None, seq, event_id, reason, matched)
 
-    for row in _rows(session, compact.size, batch):
+    for position, event_id, stored, present, leaf in _rows(session, compact.size, batch):
         seq = compact.size
-        if row.seq != seq:
+        if position != seq:
             return fail(seq, None, f"position {seq} is missing from the log (its leaf was removed)")
-        if row.id is None:
-            return fail(seq, row.event_id, f"event {row.event_id} at position {seq} was removed")
-        leaf = merkle.leaf_hash(canonical(_content(row)).encode())  # type: ignore[arg-type]
-        if leaf != bytes(row.leaf_hash):
-            return fail(seq, row.id, f"event {row.id} at position {seq} was altered (it no longer matches its leaf)")
+        if present is None:
+            return fail(seq, event_id, f"event {event_id} at position {seq} was removed")
+        if leaf != stored:
+            return fail(seq, event_id, f"event {event_id} at position {seq} was altered (no longer matches its leaf)")
         if range_start is None:
-            range_start = (seq, row.id)
+            range_start = (seq, event_id)
         compact.append(leaf)
         checked += 1
         expected = roots.get(compact.size)
