@@ -82,6 +82,8 @@ def db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
     from alembic import command
 
     command.upgrade(alembic_config(settings.database_url), "head")
+    if settings.database_runtime_role:  # least privilege for the services (core/db_roles.py)
+        return db_roles.grant_command(settings.database_runtime_role, settings)
     return 0
 
 

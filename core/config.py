@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     #: No statement waits longer than this for a lock (the audit chain's included): fail, don't hang.
     database_lock_timeout_ms: int = Field(5_000, ge=10)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: after `dermq db upgrade` (run as the owner role), grant this runtime role its privileges
+    #: (INSERT and SELECT only on the audit tables, core/db_roles.py); None: grant nothing
+    database_runtime_role: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
 
     # --- keys -------------------------------------------------------------------------
     #: JSON key file: {"active": "<kek id>", "keys": {"<kek id>": "<base64 32 bytes>"}, "api_key_pepper": "..."}

@@ -60,6 +60,24 @@ def create_roles(
     )
 
 
+def hand_over(connection: Connection, owner: str) -> None:
+    """Make ``owner`` own the tables and functions already created by another login (an older setup
+    that migrated as the superuser), so that it can run the next migrations."""
+    tables = connection.scalars(
+        text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> :o"), {"o": owner}
+    ).all()
+    for table in tables:
+        connection.execute(text(f'ALTER TABLE public."{table}" OWNER TO {_ident(owner)}'))
+    functions = connection.scalars(
+        text(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'public' AND p.proname LIKE 'audit%append_only'"
+        )
+    ).all()
+    for function in functions:
+        connection.execute(text(f"ALTER FUNCTION {function} OWNER TO {_ident(owner)}"))
+
+
 def grant_runtime(connection: Connection, runtime: str) -> None:
     """Give ``runtime`` what the services need on the migrated schema; run as the owner after upgrades."""
     role = _ident(runtime)
@@ -138,6 +156,7 @@ def _roles_command(args: argparse.Namespace, settings: Settings) -> int:
             )
             database = connection.scalar(text("SELECT current_database()"))
             connection.execute(text(f'ALTER DATABASE "{database}" OWNER TO {_ident(args.owner)}'))
+            hand_over(connection, args.owner)
     finally:
         engine.dispose()
     print(f"roles {args.owner} (owner of database {database}) and {args.runtime} (runtime) are ready")
@@ -145,13 +164,17 @@ def _roles_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _grant_command(args: argparse.Namespace, settings: Settings) -> int:
+    return grant_command(args.runtime, settings)
+
+
+def grant_command(runtime: str, settings: Settings) -> int:
     engine = create_engine(settings.database_url)
     try:
         with engine.begin() as connection:
-            grant_runtime(connection, args.runtime)
+            grant_runtime(connection, runtime)
     finally:
         engine.dispose()
-    print(f"granted {args.runtime}: INSERT and SELECT only on {', '.join(AUDIT_TABLES)}")
+    print(f"granted {runtime} its privileges: INSERT and SELECT only on {', '.join(AUDIT_TABLES)}")
     return 0
 
 
