@@ -122,10 +122,9 @@ def _worker_starting(**_kwargs: Any) -> None:
 
 
 @signals.worker_init.connect
-@signals.beat_init.connect
 def _refuse_insecure_login(**_kwargs: Any) -> None:
-    # Production: a worker or beat logged in as the audit tables' owner (or a superuser) could
-    # rewrite the trail; refuse to start (core.db_roles).
+    # Production: a worker logged in as the audit tables' owner (or a superuser) could rewrite the
+    # trail; refuse to start (core.db_roles). Beat never connects to the database.
     from core import db_roles
 
     db_roles.refuse_insecure_login(get_settings())
