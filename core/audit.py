@@ -91,6 +91,38 @@ def leaf_bytes(event: AuditEvent) -> bytes:
     return canonical(_content(event)).encode()
 
 
+#: The columns of :func:`_content` for an ``audit_events`` row aliased ``e``, rendered by Postgres as
+#: text exactly as :func:`_content` renders them (UUIDs lower-case with hyphens, UTC ISO 8601 with
+#: microseconds, ``detail`` as JSON): the sealer and the verifier read thousands of rows a second
+#: this way, without building ORM objects (tests check both paths give the same leaf).
+LEAF_COLUMNS_SQL = """e.id,
+    to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00',
+    e.action, e.outcome, e.actor_type, e.actor_key_id::text, e.actor_role, e.clinic_id::text,
+    e.source_ip, e.user_agent, e.request_id, e.entity_type, e.entity_id, coalesce(e.detail, '{}')::text"""
+_LEAF_FIELDS = (
+    "id",
+    "occurred_at",
+    "action",
+    "outcome",
+    "actor_type",
+    "actor_key_id",
+    "actor_role",
+    "clinic_id",
+    "source_ip",
+    "user_agent",
+    "request_id",
+    "entity_type",
+    "entity_id",
+)
+
+
+def leaf_bytes_from_columns(columns: Sequence[Any]) -> bytes:
+    """The leaf of a row read with :data:`LEAF_COLUMNS_SQL` (14 values, ``detail`` last, as JSON text)."""
+    content = dict(zip(_LEAF_FIELDS, columns[:13], strict=True))
+    content["detail"] = json.loads(columns[13])
+    return canonical(content).encode()
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One event for :func:`record_many`: what :func:`record` takes as arguments."""

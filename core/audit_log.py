@@ -25,19 +25,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, text
+from sqlalchemy import column, insert, table, text
 from sqlalchemy.orm import Session
 
 from core import merkle
-from core.audit import leaf_bytes
+from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
 from core.checkpoint import Checkpoint, SigningKeys, append_witness
 from core.config import Settings
 from core.db import session_scope
-from core.models import AuditEvent
 
 #: pg_try_advisory_xact_lock key held by the one sealer ("dermr": next to the old chain lock's "dermq").
 SEALER_LOCK = 0x6465726D72
 BATCH = 20_000
+LEAVES = table("audit_leaves", column("seq"), column("event_id"), column("leaf_hash"))
+NODES = table("audit_nodes", column("level"), column("idx"), column("hash"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,30 +143,27 @@ def consistency_proof(session: Session, old_size: int, new_size: int) -> list[by
 # --------------------------------------------------------------------------- sealing
 
 
-def _pending(session: Session, limit: int) -> list[AuditEvent]:
-    """Committed, unsealed events in (txid, id) order, after the last sealed one."""
+def _pending(session: Session, limit: int) -> list[tuple[int, bytes]]:
+    """(event id, leaf hash) of committed, unsealed events in (txid, id) order, after the last sealed one."""
     last = session.execute(
         text(
             "SELECT e.txid::text AS txid, e.id FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id "
             "ORDER BY l.seq DESC LIMIT 1"
         )
     ).first()
-    ids = session.scalars(
+    rows = session.execute(
         text(
-            """
-            SELECT e.id FROM audit_events e
+            f"""
+            SELECT {LEAF_COLUMNS_SQL} FROM audit_events e
             WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot())
               AND (e.txid, e.id) > (CAST(:txid AS xid8), :id)
             ORDER BY e.txid, e.id
             LIMIT :limit
-            """
+            """  # noqa: S608 - a constant column list, values are bound
         ),
         {"txid": last.txid if last else "0", "id": last.id if last else 0, "limit": limit},
     ).all()
-    if not ids:
-        return []
-    by_id = {e.id: e for e in session.scalars(select(AuditEvent).where(AuditEvent.id.in_(ids)))}
-    return [by_id[i] for i in ids]
+    return [(row[0], merkle.leaf_hash(leaf_bytes_from_columns(row))) for row in rows]
 
 
 def _append(session: Session, old_size: int, leaves: Sequence[bytes]) -> bytes:
@@ -182,11 +180,11 @@ def _append(session: Session, old_size: int, leaves: Sequence[bytes]) -> bytes:
             left = below.get(2 * idx) or tree.node(level - 1, 2 * idx)
             right = below.get(2 * idx + 1) or tree.node(level - 1, 2 * idx + 1)
             current[idx] = merkle.node_hash(left, right)
-            rows.append({"l": level, "i": idx, "h": current[idx]})
+            rows.append({"level": level, "idx": idx, "hash": current[idx]})
         level_hashes[level] = current
         level += 1
     if rows:
-        session.execute(text("INSERT INTO audit_nodes (level, idx, hash) VALUES (:l, :i, :h)"), rows)
+        session.execute(insert(NODES), rows)
     for lvl, idx in tree.frontier(new_size):
         if idx in level_hashes.get(lvl, {}):
             tree.cache[(lvl, idx)] = level_hashes[lvl][idx]
@@ -201,17 +199,17 @@ def seal(session: Session, keys: SigningKeys, origin: str, *, limit: int = BATCH
     if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SEALER_LOCK}):
         return None
     old_size = tree_size(session)
-    events = _pending(session, limit)
-    if not events:
+    pending = _pending(session, limit)
+    if not pending:
         latest = latest_checkpoint(session)
         root = latest.root if latest else merkle.EMPTY_ROOT
         return SealResult(0, old_size, root, None)
-    leaves = [merkle.leaf_hash(leaf_bytes(e)) for e in events]
-    session.execute(
-        text("INSERT INTO audit_leaves (seq, event_id, leaf_hash) VALUES (:s, :e, :h)"),
-        [{"s": old_size + i, "e": e.id, "h": h} for i, (e, h) in enumerate(zip(events, leaves, strict=True))],
+    leaves = [h for _, h in pending]
+    session.execute(  # one multi-row INSERT per batch of rows (insert() constructs, not text())
+        insert(LEAVES),
+        [{"seq": old_size + i, "event_id": event_id, "leaf_hash": h} for i, (event_id, h) in enumerate(pending)],
     )
-    new_size = old_size + len(events)
+    new_size = old_size + len(pending)
     root = _append(session, old_size, leaves)
     now = datetime.now(UTC).replace(microsecond=0)
     note = Checkpoint(origin, new_size, root, now).sign(keys.signer)
@@ -219,8 +217,7 @@ def seal(session: Session, keys: SigningKeys, origin: str, *, limit: int = BATCH
         text("INSERT INTO audit_checkpoints (size, root, signed_at, note) VALUES (:s, :r, :t, :n)"),
         {"s": new_size, "r": root, "t": now, "n": note},
     )
-    session.expunge_all()
-    return SealResult(len(events), new_size, root, note)
+    return SealResult(len(pending), new_size, root, note)
 
 
 def seal_once(settings: Settings, keys: SigningKeys, *, limit: int = BATCH) -> SealResult | None:

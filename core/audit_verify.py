@@ -20,7 +20,6 @@ read, nor the witness file; so any change to an event already covered by a signe
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from core import merkle
-from core.audit import canonical
+from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
 from core.audit_chain import verify_chain as verify_old_chain
 from core.audit_log import checkpoints
 from core.checkpoint import Checkpoint, CheckpointError, Verifier, parse, read_notes
@@ -60,31 +59,11 @@ class LogReport:
         }
 
 
-#: The columns of :func:`core.audit._content`, as text rendered by Postgres exactly as Python renders
-#: them there (UUIDs lower-case with hyphens, UTC ISO 8601 with microseconds): no per-row objects.
-_LEAF_SQL = """
-    SELECT l.seq, l.event_id, l.leaf_hash, e.id,
-           to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00',
-           e.action, e.outcome, e.actor_type, e.actor_key_id::text, e.actor_role, e.clinic_id::text,
-           e.source_ip, e.user_agent, e.request_id, e.entity_type, e.entity_id, coalesce(e.detail, '{}')::text
+_LEAF_SQL = f"""
+    SELECT l.seq, l.event_id, l.leaf_hash, {LEAF_COLUMNS_SQL}
     FROM audit_leaves l LEFT JOIN audit_events e ON e.id = l.event_id
     WHERE l.seq >= %s ORDER BY l.seq
-"""
-_FIELDS = (
-    "id",
-    "occurred_at",
-    "action",
-    "outcome",
-    "actor_type",
-    "actor_key_id",
-    "actor_role",
-    "clinic_id",
-    "source_ip",
-    "user_agent",
-    "request_id",
-    "entity_type",
-    "entity_id",
-)
+"""  # noqa: S608 - a constant column list, the position is bound
 
 
 def _rows(session: Session, start: int, batch: int) -> Iterator[tuple[int, int, bytes, int | None, bytes]]:
@@ -93,16 +72,14 @@ def _rows(session: Session, start: int, batch: int) -> Iterator[tuple[int, int, 
     assert raw is not None
     cursor: Any = raw.cursor(name=f"audit_verify_{id(session)}")  # a psycopg2 named (server-side) cursor
     cursor.itersize = batch
-    loads, leaf_hash = json.loads, merkle.leaf_hash
+    leaf_hash = merkle.leaf_hash
     try:
         cursor.execute(_LEAF_SQL, (start,))
         for row in cursor:
             if row[3] is None:
                 yield row[0], row[1], bytes(row[2]), None, b""
                 continue
-            content = dict(zip(_FIELDS, row[3:16], strict=True))
-            content["detail"] = loads(row[16])
-            yield row[0], row[1], bytes(row[2]), row[3], leaf_hash(canonical(content).encode())
+            yield row[0], row[1], bytes(row[2]), row[3], leaf_hash(leaf_bytes_from_columns(row[3:]))
     finally:
         cursor.close()
 
