@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -249,15 +250,23 @@ def search(
     return page, (page[-1].id if len(rows) > limit and page else None)
 
 
-def stream(session: Session, filters: AuditFilter, *, batch: int = 1000) -> Iterator[AuditEvent]:
-    """Every matching event, newest first, read in batches through a server-side cursor."""
-    query = (
-        select(AuditEvent)
-        .where(*filters.where())
-        .order_by(AuditEvent.id.desc())
-        .execution_options(stream_results=True, yield_per=batch)
-    )
-    yield from session.scalars(query)
+def export_pages(
+    open_session: Callable[[], AbstractContextManager[Session]], filters: AuditFilter, *, batch: int = 1000
+) -> Iterator[list[dict[str, Any]]]:
+    """Every matching event as export records, newest first, one page per short transaction.
+
+    Each page is read (keyset, ``id < last``) and its transaction ended before the page is handed
+    on, so a client that reads slowly never holds a transaction, or its snapshot, open.
+    """
+    before: int | None = None
+    while True:
+        with open_session() as session:
+            page, before = search(session, filters, before_id=before, limit=batch)
+            records = [as_record(e) for e in page]
+        if records:
+            yield records
+        if before is None:
+            return
 
 
 EXPORT_FIELDS = (

@@ -29,6 +29,9 @@ from core.models import Role
 
 router = APIRouter(prefix="/v1/audit-events", tags=["audit"])
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+#: the longest time range one export covers (pages of it are read in short transactions)
+EXPORT_MAX_DAYS = 31
+EXPORT_MAX_RANGE = timedelta(days=EXPORT_MAX_DAYS)
 
 
 def _filters(
@@ -122,20 +125,21 @@ def _csv_cell(value: object) -> str:
 
 
 def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Iterator[bytes]:
-    with session_scope(app.settings) as session:
+    """The export's body, a page at a time; each page's transaction has ended before it is sent."""
+    if fmt == "csv":
+        buffer = io.StringIO()
+        csv.writer(buffer).writerow(audit.EXPORT_FIELDS)
+        yield buffer.getvalue().encode()
+    for page in audit.export_pages(lambda: session_scope(app.settings), filters):
+        buffer = io.StringIO()
         if fmt == "csv":
-            buffer = io.StringIO()
             writer = csv.writer(buffer)
-            writer.writerow(audit.EXPORT_FIELDS)
-            yield buffer.getvalue().encode()
-        for event in audit.stream(session, filters):
-            record = audit.as_record(event)
-            if fmt == "csv":
-                buffer = io.StringIO()
-                csv.writer(buffer).writerow([_csv_cell(record[f]) for f in audit.EXPORT_FIELDS])
-                yield buffer.getvalue().encode()
-            else:
-                yield (json.dumps(record, sort_keys=True) + "\n").encode()
+            for record in page:
+                writer.writerow([_csv_cell(record[f]) for f in audit.EXPORT_FIELDS])
+        else:
+            for record in page:
+                buffer.write(json.dumps(record, sort_keys=True) + "\n")
+        yield buffer.getvalue().encode()
 
 
 @router.get(
@@ -148,15 +152,15 @@ def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Iterato
             "description": "every matching event, newest first, streamed",
         },
     },
-    summary="Export a whole range as NDJSON or CSV (streamed)",
+    summary="Export a bounded time range as NDJSON or CSV (streamed)",
 )
 def export_events(
     app: State,
     caller: AuthenticatedCaller,
     session: DbSession,
     format: Annotated[Literal["ndjson", "csv"], Query()] = "ndjson",
-    since: Annotated[datetime | None, Query()] = None,
-    until: Annotated[datetime | None, Query()] = None,
+    since: Annotated[datetime | None, Query(description="required: occurred at or after (ISO 8601)")] = None,
+    until: Annotated[datetime | None, Query(description=f"required: before; at most {EXPORT_MAX_DAYS} days on")] = None,
     actor: Annotated[uuid.UUID | None, Query()] = None,
     clinic: Annotated[uuid.UUID | None, Query()] = None,
     case: Annotated[uuid.UUID | None, Query()] = None,
@@ -166,6 +170,12 @@ def export_events(
     require_role(caller, Role.AUDITOR)
     limit(caller, app, "read")
     filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
+    if filters.since is None or filters.until is None or filters.until - filters.since > EXPORT_MAX_RANGE:
+        raise BadRequest(
+            f"an export needs 'since' and 'until', at most {EXPORT_MAX_DAYS} days apart "
+            "(export longer periods range by range)",
+            code="invalid_time_range",
+        )
     # The export is audited (and committed) before the first row leaves.
     audit.record(
         session,

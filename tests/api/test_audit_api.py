@@ -8,10 +8,12 @@ import io
 import json
 import threading
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
+from core import audit
 from core.db import session_scope
 from core.models import AuditEvent
 from tests.conftest import Tenant
@@ -19,6 +21,12 @@ from tests.support import seal_all
 from worker.sealing import check as _check
 
 pytestmark = pytest.mark.usefixtures("database")
+
+
+def recent() -> dict[str, str]:
+    """An export's required time range: the last hour (and a minute ahead, for clock skew)."""
+    now = datetime.now(UTC)
+    return {"since": (now - timedelta(hours=1)).isoformat(), "until": (now + timedelta(minutes=1)).isoformat()}
 
 
 def check(settings):  # type: ignore[no-untyped-def]
@@ -84,7 +92,7 @@ def test_auditors_see_records_never_images_or_results(client, make_key, activity
     case_a = activity["case_a"]
     assert client.get(f"/v1/cases/{case_a}", headers=auditor.headers).status_code == 403
     assert client.get(f"/v1/cases/{case_a}/heatmap.png", headers=auditor.headers).status_code == 403
-    export = client.get("/v1/audit-events/export", headers=auditor.headers, params={"case": case_a}).text
+    export = client.get("/v1/audit-events/export", headers=auditor.headers, params={"case": case_a, **recent()}).text
     assert "probabilities" not in export and "image/jpeg" not in export
 
 
@@ -97,7 +105,10 @@ def test_clinic_scoped_auditor_and_other_roles(client, make_key, activity, setti
     with session_scope(settings) as session:
         _, token = keys.create_key(session, keyring, role=Role.AUDITOR, clinic_id=a.clinic_id)
     scoped = {"Authorization": f"Bearer {token}"}
-    rows = [json.loads(line) for line in client.get("/v1/audit-events/export", headers=scoped).text.splitlines()]
+    rows = [
+        json.loads(line)
+        for line in client.get("/v1/audit-events/export", headers=scoped, params=recent()).text.splitlines()
+    ]
     assert rows and all(r["clinic_id"] == str(a.clinic_id) for r in rows)
     assert str(b.clinic_id) not in json.dumps(rows) and activity["case_b"] not in json.dumps(rows)
     refused = client.get("/v1/audit-events", headers=scoped, params={"clinic": str(b.clinic_id)})
@@ -109,12 +120,16 @@ def test_clinic_scoped_auditor_and_other_roles(client, make_key, activity, setti
 def test_exports_stream_whole_ranges(client, make_key, activity) -> None:  # type: ignore[no-untyped-def]
     auditor = make_key("auditor")
     a: Tenant = activity["a"]  # type: ignore[assignment]
-    ndjson = client.get("/v1/audit-events/export", headers=auditor.headers, params={"clinic": str(a.clinic_id)})
+    ndjson = client.get(
+        "/v1/audit-events/export", headers=auditor.headers, params={"clinic": str(a.clinic_id), **recent()}
+    )
     assert ndjson.headers["content-type"] == "application/x-ndjson" and ndjson.headers["cache-control"] == "no-store"
     records = [json.loads(line) for line in ndjson.text.splitlines()]
     assert {r["action"] for r in records} >= {"case.create", "case.read", "clinic.create"}
     as_csv = client.get(
-        "/v1/audit-events/export", headers=auditor.headers, params={"clinic": str(a.clinic_id), "format": "csv"}
+        "/v1/audit-events/export",
+        headers=auditor.headers,
+        params={"clinic": str(a.clinic_id), "format": "csv", **recent()},
     )
     assert as_csv.headers["content-type"].startswith("text/csv")
     table = list(csv.DictReader(io.StringIO(as_csv.text)))
@@ -128,7 +143,7 @@ def test_csv_export_defuses_formulas(client, make_key, settings) -> None:  # typ
     table = client.get(
         "/v1/audit-events/export",
         headers=auditor.headers,
-        params={"clinic": str(tenant.clinic_id), "format": "csv", "action": "case.list"},
+        params={"clinic": str(tenant.clinic_id), "format": "csv", "action": "case.list", **recent()},
     ).text
     assert "'=HYPERLINK" in table and ",=HYPERLINK" not in table
 
@@ -136,7 +151,7 @@ def test_csv_export_defuses_formulas(client, make_key, settings) -> None:  # typ
 def test_auditor_queries_are_audited_and_chain_verifies(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
     auditor = make_key("auditor")
     client.get("/v1/audit-events", headers=auditor.headers, params={"action": "case.read"})
-    client.get("/v1/audit-events/export", headers=auditor.headers, params={"format": "csv"})
+    client.get("/v1/audit-events/export", headers=auditor.headers, params={"format": "csv", **recent()})
     seal_all(settings)
     report = check(settings)  # what the periodic dermq.audit_check does
     assert report.ok
@@ -262,3 +277,37 @@ def test_auditor_pins_a_checkpoint_and_checks_proofs(client, make_key, settings,
     with session_scope(settings) as session:
         actions = session.scalars(select(AuditEvent.action).where(AuditEvent.actor_key_id == auditor.key_id)).all()
     assert {"audit.checkpoint", "audit.proof"} <= set(actions)
+
+
+def test_exports_need_a_bounded_range_and_hold_no_transaction_between_pages(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
+    from contextlib import contextmanager
+
+    auditor = make_key("auditor")
+    now = datetime.now(UTC)
+    for params in (
+        {},
+        {"since": now.isoformat()},
+        {"since": (now - timedelta(days=40)).isoformat(), "until": now.isoformat()},
+    ):
+        refused = client.get("/v1/audit-events/export", headers=auditor.headers, params=params)
+        assert refused.status_code == 400 and refused.json()["code"] == "invalid_time_range", refused.text
+
+    open_now = []
+
+    @contextmanager
+    def counted():  # type: ignore[no-untyped-def]
+        open_now.append(1)
+        try:
+            with session_scope(settings) as session:
+                yield session
+        finally:
+            open_now.pop()
+
+    filters = audit.AuditFilter(since=now - timedelta(hours=1), until=now + timedelta(minutes=1))
+    pages = 0
+    seen: list[int] = []
+    for page in audit.export_pages(counted, filters, batch=3):
+        assert not open_now  # the page's transaction ended before the client gets it
+        seen += [r["id"] for r in page]
+        pages += 1
+    assert pages > 1 and seen == sorted(seen, reverse=True) and len(seen) == len(set(seen))
