@@ -72,9 +72,8 @@ def audit_check() -> dict[str, object]:
             "audit log verification failed",
             extra={
                 "event": "audit_chain_broken",
-                "first_bad_seq": report.first_bad_seq,
-                "first_bad_event_id": report.first_bad_event_id,
-                "reason": report.reason,
+                "audit_position": report.first_bad_seq,
+                "audit_event_id": report.first_bad_event_id,
             },
         )
     return report.to_dict()
