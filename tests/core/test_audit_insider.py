@@ -259,3 +259,19 @@ def test_rows_from_before_the_log_keep_their_chain_and_are_sealed_first(settings
     finally:
         dispose_engines()
         support.drop_database(url)
+
+
+def test_downgrade_keeps_an_empty_log_and_refuses_to_drop_a_used_one(settings: Settings) -> None:
+    url = make_url(settings.database_url).set(database=f"{support.TEST_DATABASE}_mig").render_as_string(False)
+    support.recreate_database(url)
+    try:
+        command.upgrade(alembic_config(url), "head")
+        command.downgrade(alembic_config(url), "0004")  # nothing written yet: a clean way back
+        command.upgrade(alembic_config(url), "head")
+        with session_scope(settings.model_copy(update={"database_url": url})) as session:
+            audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
+        with pytest.raises(RuntimeError, match="refuses to drop the log"):
+            command.downgrade(alembic_config(url), "0004")
+    finally:
+        dispose_engines()
+        support.drop_database(url)
