@@ -33,6 +33,40 @@ from core.models import AuditEvent
 
 SUCCESS, FAILURE, DENIED = "success", "failure", "denied"
 
+#: Every action dermq records, and what it means (docs/API.md lists them; auditor filters accept only these).
+ACTIONS: dict[str, str] = {
+    "auth.denied": "a request with a missing, malformed, unknown or revoked API key",
+    "access.denied": "a valid key used for a route its role may not use",
+    "case.create": "a clinic submitted an image (a new case)",
+    "case.read": "a clinic read a case and its result",
+    "case.list": "a clinic listed its cases",
+    "heatmap.read": "a clinic fetched a case's Grad-CAM heat map",
+    "case.delete": "a clinic erased a case's image and heat map",
+    "case.start": "a worker claimed a case",
+    "case.classify": "a worker stored a case's result",
+    "case.fail": "a case failed (its code says why)",
+    "case.requeue": "the sweeper put a stuck case back in the queue",
+    "case.purge": "retention or erasure crypto-shredded a case's images",
+    "callback.register": "a clinic set its completion callback",
+    "callback.unregister": "a clinic removed its completion callback",
+    "callback.read": "a clinic read its callback settings",
+    "callback.deliver": "dermq delivered (or gave up) a completion callback",
+    "clinic.create": "an admin or operator created a clinic",
+    "clinic.activate": "a clinic was reactivated",
+    "clinic.deactivate": "a clinic was deactivated (its keys stop working)",
+    "key.create": "an API key was issued",
+    "key.list": "an admin listed API keys",
+    "key.revoke": "an API key was revoked",
+    "keys.rotate": "an operator rotated the encryption keys",
+    "keys.rewrap": "data keys were re-wrapped under the active key",
+    "keys.retire": "an old encryption key was removed from the key file",
+    "audit.query": "an auditor searched the audit trail",
+    "audit.export": "an auditor exported a time range",
+    "audit.verify": "an auditor read the latest verification of the log",
+    "audit.checkpoint": "an auditor fetched the latest signed checkpoint",
+    "audit.proof": "an auditor fetched an inclusion or consistency proof",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Actor:

@@ -24,7 +24,7 @@ from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
 from core import audit, audit_verify
 from core.db import session_scope
-from core.errors import BadRequest, Forbidden
+from core.errors import BadRequest, Forbidden, InvalidInput
 from core.models import Role
 
 router = APIRouter(prefix="/v1/audit-events", tags=["audit"])
@@ -53,6 +53,10 @@ def _filters(
                 audit=audit.PendingEvent("audit.query", audit.DENIED, detail={"reason": "clinic_scope"}),
             )
         clinic = scope
+    if action is not None and action not in audit.ACTIONS:
+        raise InvalidInput(
+            f"unknown action {action!r}; the actions are: {', '.join(sorted(audit.ACTIONS))}", code="unknown_action"
+        )
     since, until = _utc(since, "since"), _utc(until, "until")
     if since and until and since >= until:
         raise BadRequest("'since' must be before 'until'", code="invalid_time_range")
