@@ -18,14 +18,16 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import AppState, AuthenticatedCaller, Caller, DbSession, State, limit, require_role
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
-from core import audit, audit_verify
+from core import audit, audit_verify, clinics
 from core.db import session_scope
-from core.errors import BadRequest, Forbidden, InvalidInput
-from core.models import Role
+from core.errors import BadRequest, Forbidden, InvalidInput, NotFound
+from core.models import ApiKey, Role
 
 router = APIRouter(prefix="/v1/audit-events", tags=["audit"])
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -34,17 +36,48 @@ EXPORT_MAX_DAYS = 31
 EXPORT_MAX_RANGE = timedelta(days=EXPORT_MAX_DAYS)
 
 
+NOWHERE = uuid.UUID(int=0)  # matches no key: an unknown key prefix finds no records
+
+
+def _clinic_id(session: Session, value: str | None, scoped: bool) -> uuid.UUID | None:
+    """A clinic filter given as an id or a name (a scoped auditor's unknown name is out of scope)."""
+    if value is None:
+        return None
+    try:
+        return clinics.get_clinic(session, value).id
+    except NotFound:
+        if scoped:
+            return NOWHERE
+        raise
+
+
+def _actor_id(session: Session, value: str | None) -> uuid.UUID | None:
+    """An actor filter given as a key id or a key prefix (``dq_0a1b2c3d4e5f`` or ``0a1b2c3d4e5f``)."""
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        pass
+    prefix = value.removeprefix("dq_").split("_", 1)[0]
+    found = session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix))
+    return found or NOWHERE
+
+
 def _filters(
     caller: Caller,
+    session: Session,
     since: datetime | None,
     until: datetime | None,
-    actor: uuid.UUID | None,
-    clinic: uuid.UUID | None,
+    actor_value: str | None,
+    clinic_value: str | None,
     case: uuid.UUID | None,
     action: str | None,
     outcome: str | None,
 ) -> audit.AuditFilter:
     scope = caller.principal.clinic_id
+    clinic = _clinic_id(session, clinic_value, scope is not None)
+    actor = _actor_id(session, actor_value)
     if scope is not None:
         if clinic is not None and clinic != scope:
             raise Forbidden(
@@ -92,8 +125,10 @@ def search_events(
     session: DbSession,
     since: Annotated[datetime | None, Query(description="occurred at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="occurred before (ISO 8601)")] = None,
-    actor: Annotated[uuid.UUID | None, Query(description="the API key id that acted")] = None,
-    clinic: Annotated[uuid.UUID | None, Query(description="clinic id")] = None,
+    actor: Annotated[
+        str | None, Query(max_length=64, description="the API key that acted: its id or its prefix (dq_0a1b2c3d4e5f)")
+    ] = None,
+    clinic: Annotated[str | None, Query(max_length=200, description="clinic id or name")] = None,
     case: Annotated[uuid.UUID | None, Query(description="case id")] = None,
     action: Annotated[
         str | None, Query(max_length=64, pattern=r"^[a-z_.]+$", description="e.g. case.read, heatmap.read")
@@ -104,7 +139,7 @@ def search_events(
 ) -> AuditPage:
     require_role(caller, Role.AUDITOR)
     limit(caller, app, "read")
-    filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
+    filters = _filters(caller, session, since, until, actor, clinic, case, action, outcome)
     page, next_id = audit.search(session, filters, before_id=_cursor(cursor), limit=limit_)
     audit.record(
         session,
@@ -165,15 +200,15 @@ def export_events(
     format: Annotated[Literal["ndjson", "csv"], Query()] = "ndjson",
     since: Annotated[datetime | None, Query(description="required: occurred at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description=f"required: before; at most {EXPORT_MAX_DAYS} days on")] = None,
-    actor: Annotated[uuid.UUID | None, Query()] = None,
-    clinic: Annotated[uuid.UUID | None, Query()] = None,
+    actor: Annotated[str | None, Query(max_length=64, description="key id or prefix")] = None,
+    clinic: Annotated[str | None, Query(max_length=200, description="clinic id or name")] = None,
     case: Annotated[uuid.UUID | None, Query()] = None,
     action: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z_.]+$")] = None,
     outcome: Annotated[Literal["success", "failure", "denied"] | None, Query()] = None,
 ) -> StreamingResponse:
     require_role(caller, Role.AUDITOR)
     limit(caller, app, "read")
-    filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
+    filters = _filters(caller, session, since, until, actor, clinic, case, action, outcome)
     if filters.since is None or filters.until is None or filters.until - filters.since > EXPORT_MAX_RANGE:
         raise BadRequest(
             f"an export needs 'since' and 'until', at most {EXPORT_MAX_DAYS} days apart "

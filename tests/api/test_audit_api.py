@@ -327,3 +327,27 @@ def test_every_recorded_action_is_a_documented_one(client, make_key, activity, s
     assert recorded and recorded <= set(audit.ACTIONS), recorded - set(audit.ACTIONS)
     documented = (Path(__file__).resolve().parents[2] / "docs" / "API.md").read_text()
     assert all(f"`{name}`" in documented for name in audit.ACTIONS)
+
+
+def test_filters_take_a_clinic_name_and_a_key_prefix(client, make_key, activity, settings, keyring) -> None:  # type: ignore[no-untyped-def]
+    from core import keys
+    from core.models import Role
+
+    auditor = make_key("auditor")
+    a: Tenant = activity["a"]  # type: ignore[assignment]
+    by_id = client.get("/v1/audit-events", headers=auditor.headers, params={"clinic": str(a.clinic_id)}).json()
+    by_name = client.get("/v1/audit-events", headers=auditor.headers, params={"clinic": a.name}).json()
+    assert by_name["items"] and by_name == by_id
+    prefix = a.token.split("_")[1]
+    for actor in (prefix, f"dq_{prefix}"):
+        page = client.get("/v1/audit-events", headers=auditor.headers, params={"actor": actor}).json()
+        assert page["items"] and {e["actor_key_id"] for e in page["items"]} == {str(a.key_id)}
+    unknown = client.get("/v1/audit-events", headers=auditor.headers, params={"actor": "ffffffffffff"})
+    assert unknown.status_code == 200 and unknown.json()["items"] == []
+    missing = client.get("/v1/audit-events", headers=auditor.headers, params={"clinic": "no such clinic"})
+    assert missing.status_code == 404 and missing.json()["code"] == "clinic_not_found"
+    with session_scope(settings) as session:  # a scoped auditor: another clinic's name, or none, is out of scope
+        _, token = keys.create_key(session, keyring, role=Role.AUDITOR, clinic_id=activity["b"].clinic_id)
+    for name in (a.name, "no such clinic"):
+        refused = client.get("/v1/audit-events", headers={"Authorization": f"Bearer {token}"}, params={"clinic": name})
+        assert refused.status_code == 403 and refused.json()["code"] == "clinic_scope"
