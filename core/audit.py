@@ -19,6 +19,7 @@ client references or secrets: ``detail`` carries ids, codes and counts only.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -85,6 +86,18 @@ class Actor:
 
 
 SYSTEM = Actor("system")
+
+
+def cli_actor() -> Actor:
+    """The actor of an operator's ``dermq`` command: the OS user and host, kept in ``user_agent``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = f"uid{os.getuid()}"
+    return Actor("cli", user_agent=f"dermq-cli {user}@{socket.gethostname()}"[:256])
 
 
 @dataclass(frozen=True, slots=True)

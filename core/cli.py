@@ -32,7 +32,7 @@ from core.db import session_scope
 from core.errors import DermqError, KeyringError
 from core.models import Role
 
-CLI_ACTOR = audit.Actor(type="cli")
+CLI_ACTOR = audit.cli_actor()  # records the OS user and host
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 

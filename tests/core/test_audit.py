@@ -232,3 +232,25 @@ def _env(settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
         "DERMQ_AUDIT_WITNESS_FILE": str(settings.audit_witness_file),
         "DERMQ_ENVIRONMENT": "test",
     }
+
+
+def test_cli_actions_record_the_os_user_and_host(settings, database) -> None:  # type: ignore[no-untyped-def]
+    import getpass
+    import socket
+
+    name = f"cli-clinic-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [sys.executable, "-m", "core.cli", "clinic", "create", name, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(settings),
+    )
+    assert done.returncode == 0, done.stderr
+    clinic_id = json.loads(done.stdout)["id"]
+    with session_scope(settings) as session:
+        row = session.execute(
+            text("SELECT actor_type, user_agent FROM audit_events WHERE action = 'clinic.create' AND entity_id = :id"),
+            {"id": clinic_id},
+        ).one()
+    assert row.actor_type == "cli" and row.user_agent == f"dermq-cli {getpass.getuser()}@{socket.gethostname()}"
