@@ -1,7 +1,7 @@
 """What the operators' ``dermq audit ...`` and ``dermq keys init`` commands do about the audit log,
 as plain functions (the CLI only parses arguments and prints): an exit code and a JSON-able answer.
 
-    dermq audit verify [--against FILE] [--json]   # signatures, roots, every event; 1 at the first bad one
+    dermq audit verify [--against FILE] [--all] [--json]   # signatures, roots, every event; exit 1 if broken
     dermq audit checkpoint [--json]                # the latest signed checkpoint
 """
 
@@ -58,23 +58,26 @@ def describe(report: audit_verify.LogReport) -> str:
     return f"AUDIT LOG BROKEN at {where}{event}: {report.reason} ({report.checked} events before it verified)"
 
 
-def verify(settings: Settings, against: Path | None = None) -> tuple[int, dict[str, Any], str]:
-    """Check every signature and root; with ``against``, prove the log extends that pinned checkpoint."""
+def verify(settings: Settings, against: Path | None = None, *, every: bool = False) -> tuple[int, dict[str, Any], str]:
+    """Check every signature and root; with ``against``, prove the log extends that pinned checkpoint;
+    with ``every``, go on past the first problem and list them all."""
     keys = checkpoint.load_signing_keys(settings)
     witness = _witness_text(settings)
     with session_scope(settings) as session:
         if against is None:
-            report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness)
+            report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness, every=every)
             pinned = None
         else:
             try:
                 pinned, report = audit_verify.verify_against(
-                    session, against.read_text(), keys.verifiers, witness_text=witness
+                    session, against.read_text(), keys.verifiers, witness_text=witness, every=every
                 )
             except checkpoint.CheckpointError as exc:
                 return 1, {"ok": False, "reason": str(exc)}, f"PINNED CHECKPOINT REJECTED: {exc}"
     answer = report.to_dict()
     text = describe(report)
+    if every and len(report.problems) > 1:
+        text += "".join(f"\n  position {p}: {reason}" for p, _, reason in report.problems)
     if pinned is not None:
         answer["pinned_size"] = pinned.size
         if report.ok:

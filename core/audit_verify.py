@@ -45,6 +45,8 @@ class LogReport:
     reason: str | None = None
     checkpoints: int = 0
     frontier: list[bytes] = field(default_factory=list)
+    #: with ``every``: (position, event id or None, reason) of every problem found, in order
+    problems: list[tuple[int, int | None, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,7 @@ class LogReport:
             "first_bad_event_id": self.first_bad_event_id,
             "reason": self.reason,
             "checkpoints": self.checkpoints,
+            "problems": [{"position": p, "event_id": e, "reason": r} for p, e, r in self.problems],
         }
 
 
@@ -119,48 +122,76 @@ def walk(
     start: merkle.CompactRange | None = None,
     require_size: int = 0,
     batch: int = 5000,
+    every: bool = False,
 ) -> LogReport:
-    """Recompute the log from position ``start.size`` on and compare with ``roots`` at each size."""
+    """Recompute the log from position ``start.size`` on and compare with ``roots`` at each size.
+
+    Stops at the first problem, or with ``every`` goes on past it and lists them all: an edited or
+    removed event row is reported and its stored leaf stands in for it, so later checkpoints can
+    still be matched; after a missing position or a checkpoint that no longer matches, the roots
+    cannot be, and only the rows are still checked against their leaves.
+    """
     compact = start or merkle.CompactRange()
     checked = matched = 0
+    next_seq, tree_ok = compact.size, True
     range_start: tuple[int, int] | None = None  # first event since the last matching checkpoint
+    problems: list[tuple[int, int | None, str]] = []
 
-    def fail(seq: int, event_id: int | None, reason: str) -> LogReport:
-        return LogReport(False, checked, compact.size, None, seq, event_id, reason, matched)
+    def report() -> LogReport:
+        seq, event_id, reason = problems[0]
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        out = LogReport(False, checked, compact.size, None, seq, event_id, reason + more, matched)
+        out.problems = problems
+        return out
 
     for position, event_id, stored, present, leaf in _rows(session, compact.size, batch):
-        seq = compact.size
-        if position != seq:
-            return fail(seq, None, f"position {seq} is missing from the log (its leaf was removed)")
+        if position != next_seq:
+            problems.extend(
+                (p, None, f"position {p} is missing from the log (its leaf was removed)")
+                for p in range(next_seq, position)
+            )
+            tree_ok = False
+            if not every:
+                return report()
+        seq, next_seq = position, position + 1
         if present is None:
-            return fail(seq, event_id, f"event {event_id} at position {seq} was removed")
-        if leaf != stored:
-            return fail(seq, event_id, f"event {event_id} at position {seq} was altered (no longer matches its leaf)")
+            problems.append((seq, event_id, f"event {event_id} at position {seq} was removed"))
+        elif leaf != stored:
+            problems.append(
+                (seq, event_id, f"event {event_id} at position {seq} was altered (no longer matches its leaf)")
+            )
+        if problems and not every:
+            return report()
+        checked += 1
+        if not tree_ok:
+            continue
         if range_start is None:
             range_start = (seq, event_id)
-        compact.append(leaf)
-        checked += 1
+        compact.append(stored)  # == the recomputed leaf unless reported above
         expected = roots.get(compact.size)
         if expected:
-            root = compact.root()
-            if any(r != root for r in expected):
+            if any(r != compact.root() for r in expected):
                 first_seq, first_id = range_start
-                return fail(
-                    first_seq,
-                    first_id,
-                    f"events at positions {first_seq}..{compact.size - 1} (from event {first_id}) no longer match "
-                    f"the signed checkpoint of size {compact.size}: one was removed, altered or reordered "
-                    "and the stored hashes rewritten",
+                problems.append(
+                    (
+                        first_seq,
+                        first_id,
+                        f"events at positions {first_seq}..{compact.size - 1} (from event {first_id}) no longer match "
+                        f"the signed checkpoint of size {compact.size}: one was removed, altered or reordered "
+                        "and the stored hashes rewritten",
+                    )
                 )
-            matched += 1
+                tree_ok = False
+                if not every:
+                    return report()
+            else:
+                matched += 1
             range_start = None
-    if compact.size < require_size:
-        return fail(
-            compact.size, None, f"the log ends at {compact.size} events; a signed checkpoint has {require_size}"
-        )
-    beyond = [size for size in roots if size > compact.size]
-    if beyond:
-        return fail(compact.size, None, f"the log ends at {compact.size} events; a signed checkpoint has {max(beyond)}")
+    end = max([require_size, *roots]) if roots or require_size else 0
+    if next_seq < end:
+        problems.append((next_seq, None, f"the log ends at {next_seq} events; a signed checkpoint has {end}"))
+    if problems:
+        return report()
     return LogReport(True, checked, compact.size, compact.root(), checkpoints=matched, frontier=list(compact.hashes))
 
 
@@ -170,6 +201,7 @@ def verify_log(
     verifiers: Sequence[Verifier] | None,
     witness_text: str | None = None,
     start: merkle.CompactRange | None = None,
+    every: bool = False,
 ) -> LogReport:
     """The whole log (or from a verified ``start``) against every trusted checkpoint; also the old chain.
 
@@ -181,14 +213,19 @@ def verify_log(
         old = verify_old_chain(session)
         if not old.ok:
             return LogReport(False, 0, 0, None, None, old.first_bad_id, f"pre-log chain: {old.reason}")
-    report = walk(session, roots, start=start)
+    report = walk(session, roots, start=start, every=every)
     if report.ok and problem:
         report.ok, report.reason = False, problem
     return report
 
 
 def verify_against(
-    session: Session, note: str, verifiers: Sequence[Verifier], *, witness_text: str | None = None
+    session: Session,
+    note: str,
+    verifiers: Sequence[Verifier],
+    *,
+    witness_text: str | None = None,
+    every: bool = False,
 ) -> tuple[Checkpoint, LogReport]:
     """Prove that the log still extends the checkpoint ``note`` (pinned earlier by an auditor).
 
@@ -199,7 +236,7 @@ def verify_against(
     pinned = parse(note, list(verifiers))
     roots, _ = trusted_roots(session, verifiers, witness_text)
     roots.setdefault(pinned.size, []).append(pinned.root)
-    return pinned, walk(session, roots, require_size=pinned.size)
+    return pinned, walk(session, roots, require_size=pinned.size, every=every)
 
 
 def report_row(session: Session, report: LogReport) -> None:

@@ -249,7 +249,9 @@ def key_revoke(args: argparse.Namespace, settings: Settings) -> int:
 def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     from core import audit_commands
 
-    code, answer, message = audit_commands.verify(settings, Path(args.against) if args.against else None)
+    code, answer, message = audit_commands.verify(
+        settings, Path(args.against) if args.against else None, every=args.all
+    )
     print(json.dumps(answer) if args.json else message)
     return code
 
@@ -359,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd = sub.add_parser("audit", help="audit trail").add_subparsers(dest="action", required=True)
     verify = audit_cmd.add_parser("verify", help="recompute the log, check signed checkpoints; exit 1 if broken")
     verify.add_argument("--against", help="a checkpoint pinned earlier: prove the log still extends it")
+    verify.add_argument("--all", action="store_true", help="go on past the first problem and list every one")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(handler=audit_verify)
     latest = audit_cmd.add_parser("checkpoint", help="print the latest signed checkpoint")

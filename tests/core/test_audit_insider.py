@@ -203,16 +203,22 @@ def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: S
 
 def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     keys = checkpoint.load_signing_keys(settings)
-    ids = _record_and_seal(roles_db["runtime"], keys, 3)
+    ids = _record_and_seal(roles_db["runtime"], keys, 5)
     engine = create_engine(roles_db["owner"].database_url)
     with engine.begin() as connection:
         connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
         connection.execute(text("UPDATE audit_events SET action = 'case.list' WHERE id = :id"), {"id": ids[1]})
+        connection.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = :id"), {"id": ids[3]})
     engine.dispose()
+    witness = roles_db["owner"].audit_witness_file.read_text()
     with session_scope(roles_db["owner"]) as session:
-        report = audit_verify.verify_log(session, verifiers=keys.verifiers)
+        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness)
+        every = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness, every=True)
     assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (1, ids[1])
     assert "altered" in (report.reason or "")
+    # past the first break: both edits, and nothing else (the stored leaves still match every checkpoint)
+    assert [(p, e) for p, e, _ in every.problems] == [(1, ids[1]), (3, ids[3])]
+    assert every.checkpoints == 5 and every.checked == 5
 
 
 def test_rows_from_before_the_log_keep_their_chain_and_are_sealed_first(settings: Settings) -> None:
