@@ -19,7 +19,8 @@ from api import metrics, problems
 from api.deps import AppState, record_denial
 from api.intake_limits import Decoder, UploadSlots, release_large_allocations
 from api.middleware import RequestContextMiddleware
-from api.routes import admin, audit, cases, clinic, health
+from api.routes import admin, audit, audit_log, cases, clinic, health
+from core import db_roles
 from core.config import Settings, get_settings
 from core.crypto import KeyringSource
 from core.db import session_factory
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db_roles.refuse_insecure_login(settings)  # production: never as the audit tables' owner
         yield
         app.state.dermq.decoder.close()
         client.close()
@@ -84,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(cases.router)
     app.include_router(audit.router)
+    app.include_router(audit_log.router)
     app.include_router(admin.router)
     app.include_router(clinic.router)
     return app

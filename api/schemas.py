@@ -157,8 +157,8 @@ class AuditEventOut(BaseModel):
     entity_type: str | None
     entity_id: str | None
     detail: dict[str, object]
-    prev_hash: str
-    hash: str
+    prev_hash: str | None = Field(description="the old hash chain (events before the Merkle log only)")
+    hash: str | None = Field(description="the old hash chain (events before the Merkle log only)")
 
 
 class AuditPage(BaseModel):
@@ -167,11 +167,39 @@ class AuditPage(BaseModel):
 
 
 class ChainReportOut(BaseModel):
-    ok: bool
+    ok: bool | None = Field(description="null until the first periodic check has run")
     checked: int = Field(description="events verified (before the first bad one, if any)")
-    first_bad_id: int | None
+    first_bad_id: int | None = Field(description="the first missing or altered event, when known")
+    first_bad_position: int | None = None
     reason: str | None
-    last_hash: str | None
+    last_hash: str | None = Field(description="base64 root hash of the verified tree")
+    tree_size: int = 0
+    checked_at: datetime | None = None
+
+
+class CheckpointOut(BaseModel):
+    size: int = Field(description="events in the log")
+    root: str = Field(description="base64 RFC 9162 root hash")
+    signed_at: datetime
+    checkpoint: str = Field(description="the signed note (c2sp.org/tlog-checkpoint); keep it to pin the log")
+
+
+class InclusionProofOut(BaseModel):
+    event_id: int
+    leaf_index: int
+    tree_size: int
+    leaf: str = Field(description="the event's canonical JSON: SHA-256(0x00 || leaf) is the leaf hash")
+    leaf_hash: str = Field(description="base64")
+    path: list[str] = Field(description="base64 hashes, RFC 9162 section 2.1.3")
+    root: str = Field(description="base64 root of the checkpoint of tree_size")
+
+
+class ConsistencyProofOut(BaseModel):
+    old_size: int
+    new_size: int
+    path: list[str] = Field(description="base64 hashes, RFC 9162 section 2.1.4")
+    old_root: str | None
+    new_root: str
 
 
 PRINTABLE = r"^[^\x00-\x1f\x7f]*$"

@@ -9,8 +9,8 @@ import click
 
 from core import audit
 
-#: Every change made through the CLI is audited as done by this actor.
-CLI_ACTOR = audit.Actor(type="cli")
+#: Every change made through the CLI is audited as done by this actor (with the OS user and host).
+CLI_ACTOR = audit.cli_actor()
 
 
 def json_option(description: str = "print JSON instead of lines of text") -> Any:

@@ -1,5 +1,7 @@
-"""``dermq db``: create the database, run the migrations. Owns the Alembic wiring: the migrations are the
-installed ``migrations`` package, so ``dermq db upgrade`` needs no ``alembic.ini`` wherever dermq runs."""
+"""``dermq db``: create the database, run the migrations, set up the owner and runtime roles.
+
+Owns the Alembic wiring: the migrations are the installed ``migrations`` package, so ``dermq db
+upgrade`` needs no ``alembic.ini`` wherever dermq runs."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import click
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from core import db_roles
 from core.config import get_settings
 
 
@@ -52,9 +55,40 @@ def create() -> int:
     return 0
 
 
-@db.command("upgrade", help="run the migrations")
+@db.command("upgrade", help="run the migrations (as the owner role); then grant the runtime role, if one is set")
 def upgrade() -> int:
     from alembic import command
 
-    command.upgrade(alembic_config(get_settings().database_url), "head")
+    settings = get_settings()
+    command.upgrade(alembic_config(settings.database_url), "head")
+    if settings.database_runtime_role:  # least privilege for the services (core/db_roles.py)
+        click.echo(db_roles.grant(settings, settings.database_runtime_role))
+    return 0
+
+
+def _read(path: Path | None) -> str | None:
+    return path.read_text().strip() if path else None
+
+
+@db.command("roles", help="create the owner and runtime login roles (as a superuser)")
+@click.option("--owner", required=True, help="the role that owns the tables and runs migrations")
+@click.option("--runtime", required=True, help="the role the services log in as")
+@click.option("--owner-password-file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--runtime-password-file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def roles(owner: str, runtime: str, owner_password_file: Path | None, runtime_password_file: Path | None) -> int:
+    message = db_roles.set_up_roles(
+        get_settings(),
+        owner=owner,
+        runtime=runtime,
+        owner_password=_read(owner_password_file),
+        runtime_password=_read(runtime_password_file),
+    )
+    click.echo(message)
+    return 0
+
+
+@db.command("grant", help="grant the runtime role its privileges (as the owner, after upgrades)")
+@click.option("--runtime", required=True, help="the role the services log in as")
+def grant(runtime: str) -> int:
+    click.echo(db_roles.grant(get_settings(), runtime))
     return 0

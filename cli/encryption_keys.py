@@ -24,18 +24,21 @@ def keys() -> None:
     pass
 
 
-@keys.command("init", help="create the key file (mode 0600) if missing")
+@keys.command("init", help="create the key file and the audit log's signing key beside it (mode 0600) if missing")
 @click.option("--file", "file", type=click.Path(dir_okay=False, path_type=Path), help="path (default: DERMQ_KEY_FILE)")
 def init(file: Path | None) -> int:
     path = file or get_settings().key_file
     if path is None:
         click.echo("error: no key file path (set DERMQ_KEY_FILE or pass --file)", err=True)
         return 2
+    from core import audit_commands
+
     if path.exists():
         click.echo(f"key file {path} exists; leaving it alone")
-        return 0
-    write_key_file(path, Keyring.generate())
-    click.echo(f"created key file {path} (mode 0600); back it up: without it, stored images cannot be decrypted")
+    else:
+        write_key_file(path, Keyring.generate())
+        click.echo(f"created key file {path} (mode 0600); back it up: without it, stored images cannot be decrypted")
+    click.echo(audit_commands.ensure_signing_key(get_settings().model_copy(update={"key_file": path})))
     return 0
 
 

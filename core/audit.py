@@ -1,12 +1,16 @@
-"""The tamper-evident audit trail: append-only rows chained by SHA-256.
+"""The audit trail: append-only event rows, written lock-free, sealed into a signed Merkle log.
 
-Each row's ``hash`` is SHA-256 over the previous row's hash and the row's canonical content (sorted
-JSON of every field, ``id`` included). Writers take a transaction-scoped advisory lock before they
-read the chain head, so concurrent transactions append one after another and the chain cannot
-fork; the lock is held until commit, which is why services record their audit event last. The
-database refuses UPDATE, DELETE and TRUNCATE on the table (a trigger, see the migrations), so an
-edit needs a superuser who disables the trigger, and :func:`verify_chain` then names the first row
-whose hash or link no longer matches.
+An audited transaction inserts its events like any other row, in the same transaction as the access
+("no audit, no access"), and takes no global lock: concurrent requests never wait for each other
+here. A single sealer (:mod:`core.audit_log`) later sequences the committed events into an RFC 9162
+Merkle tree and signs checkpoints with a key that lives outside the database; a checkpoint pinned by
+an auditor, or kept in the witness file, proves every event it covers. The database refuses UPDATE,
+DELETE and TRUNCATE on the table (a trigger, see the migrations), and the runtime login holds only
+INSERT and SELECT on it.
+
+Each event's leaf is the canonical JSON of its content (:func:`leaf_bytes`, ``id`` included). Rows
+written before the Merkle log also carry the old hash chain (``prev_hash``/``hash``), still checkable
+with :func:`core.audit_chain.verify_chain`.
 
 Fields follow FHIR AuditEvent (when, action, outcome, agent, source, entity). Never image bytes,
 client references or secrets: ``detail`` carries ids, codes and counts only.
@@ -14,24 +18,55 @@ client references or secrets: ``detail`` carries ids, codes and counts only.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.models import AuditEvent
 
-GENESIS = "0" * 64
-#: pg_advisory_xact_lock key that serialises appends to the chain ("dermq" in ASCII).
-CHAIN_LOCK = 0x6465726D71
-
 SUCCESS, FAILURE, DENIED = "success", "failure", "denied"
+
+#: Every action dermq records, and what it means (docs/API.md lists them; auditor filters accept only these).
+ACTIONS: dict[str, str] = {
+    "auth.denied": "a request with a missing, malformed, unknown or revoked API key",
+    "access.denied": "a valid key used for a route its role may not use",
+    "case.create": "a clinic submitted an image (a new case)",
+    "case.read": "a clinic read a case and its result",
+    "case.list": "a clinic listed its cases",
+    "heatmap.read": "a clinic fetched a case's Grad-CAM heat map",
+    "case.delete": "a clinic erased a case's image and heat map",
+    "case.start": "a worker claimed a case",
+    "case.classify": "a worker stored a case's result",
+    "case.fail": "a case failed (its code says why)",
+    "case.requeue": "the sweeper put a stuck case back in the queue",
+    "case.purge": "retention or erasure crypto-shredded a case's images",
+    "callback.register": "a clinic set its completion callback",
+    "callback.unregister": "a clinic removed its completion callback",
+    "callback.read": "a clinic read its callback settings",
+    "callback.deliver": "dermq delivered (or gave up) a completion callback",
+    "clinic.create": "an admin or operator created a clinic",
+    "clinic.activate": "a clinic was reactivated",
+    "clinic.deactivate": "a clinic was deactivated (its keys stop working)",
+    "key.create": "an API key was issued",
+    "key.list": "an admin listed API keys",
+    "key.revoke": "an API key was revoked",
+    "keys.rotate": "an operator rotated the encryption keys",
+    "keys.rewrap": "data keys were re-wrapped under the active key",
+    "keys.retire": "an old encryption key was removed from the key file",
+    "audit.query": "an auditor searched the audit trail",
+    "audit.export": "an auditor exported a time range",
+    "audit.verify": "an auditor read the latest verification of the log",
+    "audit.checkpoint": "an auditor fetched the latest signed checkpoint",
+    "audit.proof": "an auditor fetched an inclusion or consistency proof",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +86,18 @@ class Actor:
 
 
 SYSTEM = Actor("system")
+
+
+def cli_actor() -> Actor:
+    """The actor of an operator's ``dermq`` command: the OS user and host, kept in ``user_agent``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = f"uid{os.getuid()}"
+    return Actor("cli", user_agent=f"dermq-cli {user}@{socket.gethostname()}"[:256])
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +134,41 @@ def _content(event: AuditEvent) -> dict[str, Any]:
     }
 
 
-def chain_hash(prev_hash: str, event: AuditEvent) -> str:
-    return hashlib.sha256(f"{prev_hash}\n{canonical(_content(event))}".encode()).hexdigest()
+def leaf_bytes(event: AuditEvent) -> bytes:
+    """The event's Merkle leaf: its canonical content as UTF-8."""
+    return canonical(_content(event)).encode()
+
+
+#: The columns of :func:`_content` for an ``audit_events`` row aliased ``e``, rendered by Postgres as
+#: text exactly as :func:`_content` renders them (UUIDs lower-case with hyphens, UTC ISO 8601 with
+#: microseconds, ``detail`` as JSON): the sealer and the verifier read thousands of rows a second
+#: this way, without building ORM objects (tests check both paths give the same leaf).
+LEAF_COLUMNS_SQL = """e.id,
+    to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00',
+    e.action, e.outcome, e.actor_type, e.actor_key_id::text, e.actor_role, e.clinic_id::text,
+    e.source_ip, e.user_agent, e.request_id, e.entity_type, e.entity_id, coalesce(e.detail, '{}')::text"""
+_LEAF_FIELDS = (
+    "id",
+    "occurred_at",
+    "action",
+    "outcome",
+    "actor_type",
+    "actor_key_id",
+    "actor_role",
+    "clinic_id",
+    "source_ip",
+    "user_agent",
+    "request_id",
+    "entity_type",
+    "entity_id",
+)
+
+
+def leaf_bytes_from_columns(columns: Sequence[Any]) -> bytes:
+    """The leaf of a row read with :data:`LEAF_COLUMNS_SQL` (14 values, ``detail`` last, as JSON text)."""
+    content = dict(zip(_LEAF_FIELDS, columns[:13], strict=True))
+    content["detail"] = json.loads(columns[13])
+    return canonical(content).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,115 +195,53 @@ def record(
     clinic_id: uuid.UUID | None = None,
     detail: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append one event to the chain inside ``session``'s transaction (flushed, not committed).
+    """Insert one event inside ``session``'s transaction (flushed, not committed).
 
-    Waits for the chain at most the connection's ``lock_timeout`` (``DERMQ_DATABASE_LOCK_TIMEOUT_MS``):
-    if the trail cannot be written promptly the caller's whole transaction fails, and the API
-    answers 503 without returning any data ("no audit, no access").
+    No global lock: the row is an ordinary insert. If it cannot be written (a lock held on the table,
+    a failed database) the caller's whole transaction fails, and the API answers 503 without returning
+    any data ("no audit, no access").
     """
     return record_many(session, [Event(action, outcome, actor, entity_type, entity_id, clinic_id, detail)])[0]
 
 
 def record_many(session: Session, events: Sequence[Event]) -> list[AuditEvent]:
-    """Append ``events`` to the chain, in order, inside ``session``'s transaction (flushed, not committed).
-
-    One lock, one read of the head with all the new ids, and one multi-row INSERT however many events
-    there are: a worker that finishes a batch of cases audits them in three round trips, not 3 per case.
-    """
+    """Insert ``events``, in order, inside ``session``'s transaction (flushed, not committed): one
+    multi-row INSERT however many events there are. The sealer later gives them their log positions."""
     if not events:
         return []
-    session.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK)))
-    # One round trip for the chain's head and the new ids, while the lock is held. A separate statement
-    # from the lock's: its snapshot must be taken after the lock was granted, so it sees the head that
-    # the previous holder committed.
-    last, new_ids = session.execute(
-        select(
-            select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1).scalar_subquery(),
-            text("array(SELECT nextval(pg_get_serial_sequence('audit_events', 'id')) FROM generate_series(1, :n))"),
-        ),
-        {"n": len(events)},
-    ).one()
-    prev_hash = last or GENESIS
+    now = datetime.now(UTC)
     written = []
-    for new_id, e in zip(sorted(new_ids), events, strict=True):
+    for e in events:
         actor = e.actor
-        event = AuditEvent(
-            id=new_id,
-            occurred_at=datetime.now(UTC),
-            action=e.action,
-            outcome=e.outcome,
-            actor_type=actor.type,
-            actor_key_id=actor.key_id,
-            actor_role=actor.role,
-            clinic_id=e.clinic_id if e.clinic_id is not None else actor.clinic_id,
-            source_ip=actor.source_ip,
-            user_agent=(actor.user_agent or "")[:256] or None,
-            request_id=actor.request_id,
-            entity_type=e.entity_type,
-            entity_id=str(e.entity_id) if e.entity_id is not None else None,
-            detail=e.detail or {},
-            prev_hash=prev_hash,
+        written.append(
+            AuditEvent(
+                occurred_at=now,
+                action=e.action,
+                outcome=e.outcome,
+                actor_type=actor.type,
+                actor_key_id=actor.key_id,
+                actor_role=actor.role,
+                clinic_id=e.clinic_id if e.clinic_id is not None else actor.clinic_id,
+                source_ip=actor.source_ip,
+                user_agent=(actor.user_agent or "")[:256] or None,
+                request_id=actor.request_id,
+                entity_type=e.entity_type,
+                entity_id=str(e.entity_id) if e.entity_id is not None else None,
+                detail=e.detail or {},
+            )
         )
-        event.hash = prev_hash = chain_hash(prev_hash, event)
-        written.append(event)
     session.add_all(written)
     session.flush()
     return written
 
 
-@dataclass(frozen=True, slots=True)
-class ChainReport:
-    ok: bool
-    checked: int
-    first_bad_id: int | None = None
-    reason: str | None = None
-    last_hash: str | None = None
-    last_id: int | None = None
+def verify_chain(session: Session) -> Any:
+    """Check the stored log: every sealed event against its leaf and every checkpoint's root, and the
+    old hash chain of the rows written before the log (signatures are checked by
+    :func:`core.audit_verify.verify_log` with the verifier keys). Returns a report with ``ok``."""
+    from core import audit_verify
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "checked": self.checked,
-            "first_bad_id": self.first_bad_id,
-            "reason": self.reason,
-            "last_hash": self.last_hash,
-        }
-
-
-def _rows(session: Session, batch: int, after_id: int = 0) -> Iterator[AuditEvent]:
-    last_id = after_id
-    while True:
-        rows = session.scalars(
-            select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch)
-        ).all()
-        if not rows:
-            return
-        yield from rows
-        last_id = rows[-1].id
-        session.expunge_all()
-
-
-def verify_chain(session: Session, *, batch: int = 2000, start_after: tuple[int, str] | None = None) -> ChainReport:
-    """Walk the chain in id order and report the first row whose link or hash is wrong.
-
-    ``start_after=(id, hash)`` continues from a row verified earlier (the periodic check), so only
-    rows appended since are read; without it the whole chain is walked from the first row.
-    """
-    after_id, expected_prev = start_after if start_after is not None else (0, GENESIS)
-    checked, last_id = 0, None
-    for event in _rows(session, batch, after_id):
-        if event.prev_hash != expected_prev:
-            return ChainReport(
-                False,
-                checked,
-                event.id,
-                "prev_hash does not match the previous row's hash (a row was removed, inserted or reordered)",
-            )
-        if chain_hash(expected_prev, event) != event.hash:
-            return ChainReport(False, checked, event.id, "content does not match its hash (the row was altered)")
-        expected_prev, last_id = event.hash, event.id
-        checked += 1
-    return ChainReport(True, checked, last_hash=expected_prev if checked else None, last_id=last_id)
+    return audit_verify.verify_log(session, verifiers=None)
 
 
 # --------------------------------------------------------------------------- queries (auditors)
@@ -279,15 +297,23 @@ def search(
     return page, (page[-1].id if len(rows) > limit and page else None)
 
 
-def stream(session: Session, filters: AuditFilter, *, batch: int = 1000) -> Iterator[AuditEvent]:
-    """Every matching event, newest first, read in batches through a server-side cursor."""
-    query = (
-        select(AuditEvent)
-        .where(*filters.where())
-        .order_by(AuditEvent.id.desc())
-        .execution_options(stream_results=True, yield_per=batch)
-    )
-    yield from session.scalars(query)
+def export_pages(
+    open_session: Callable[[], AbstractContextManager[Session]], filters: AuditFilter, *, batch: int = 1000
+) -> Iterator[list[dict[str, Any]]]:
+    """Every matching event as export records, newest first, one page per short transaction.
+
+    Each page is read (keyset, ``id < last``) and its transaction ended before the page is handed
+    on, so a client that reads slowly never holds a transaction, or its snapshot, open.
+    """
+    before: int | None = None
+    while True:
+        with open_session() as session:
+            page, before = search(session, filters, before_id=before, limit=batch)
+            records = [as_record(e) for e in page]
+        if records:
+            yield records
+        if before is None:
+            return
 
 
 EXPORT_FIELDS = (

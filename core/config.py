@@ -40,12 +40,27 @@ class Settings(BaseSettings):
     #: No statement waits longer than this for a lock (the audit chain's included): fail, don't hang.
     database_lock_timeout_ms: int = Field(5_000, ge=10)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: after `dermq db upgrade` (run as the owner role), grant this runtime role its privileges
+    #: (INSERT and SELECT only on the audit tables, core/db_roles.py); None: grant nothing
+    database_runtime_role: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
 
     # --- keys -------------------------------------------------------------------------
     #: JSON key file: {"active": "<kek id>", "keys": {"<kek id>": "<base64 32 bytes>"}, "api_key_pepper": "..."}
     key_file: Path | None = ROOT / "var" / "keys.json"
     #: The same JSON inline (for containers that mount secrets as env vars); wins over key_file.
     keys_json: SecretStr | None = None
+
+    # --- audit log (core/audit_log.py, core/checkpoint.py) -------------------------------------
+    #: the log's name in its signed checkpoints (c2sp.org/tlog-checkpoint origin line)
+    audit_log_origin: str = Field("dermq.local/audit", min_length=1, max_length=200, pattern=r"^[^\s+]+$")
+    #: Ed25519 checkpoint signing key, outside the database (None: audit-signing-key.json beside key_file)
+    audit_signing_key_file: Path | None = None
+    #: every signed checkpoint is also appended here, outside Postgres (None: not written)
+    audit_witness_file: Path | None = ROOT / "var" / "audit-witness.log"
+    #: how often the sealer sequences committed events into the log
+    audit_seal_interval_seconds: float = Field(1.0, gt=0, le=60)
+    #: production refuses to start when the database login owns the audit table or is a superuser
+    audit_require_runtime_role: bool = True
 
     # --- HTTP API -----------------------------------------------------------------------
     api_host: str = "127.0.0.1"

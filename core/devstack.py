@@ -1,11 +1,12 @@
 """``make run``: the whole dermq stack on one machine, in the foreground.
 
-Prepares what a fresh machine lacks with the ``dermq`` command (the database and its migrations,
-the encryption key file, the demo clinic and key of :mod:`core.demo`) and a Flower password, then
-runs the API, a worker, Celery beat and Flower as child processes with their logs interleaved, each
-line prefixed with its process name. Ctrl-C (or SIGTERM) stops them all: a warm shutdown first, so
-the running case finishes, then a kill for anything still alive after the grace period. If one
-process dies, the others are stopped too.
+Prepares what a fresh machine lacks (the database, its owner and runtime roles, the migrations run
+as the owner, the encryption and audit signing key files, the demo clinic and key of :mod:`core.demo`, a Flower
+password), then runs the API, a worker, Celery beat and Flower
+as child processes with their logs interleaved, each line prefixed with its process name. The
+services log in as the runtime role, which may only insert and read the audit tables. Ctrl-C
+(or SIGTERM) stops them all: a warm shutdown first, so the running case finishes, then a kill for
+anything still alive after the grace period. If one process dies, the others are stopped too.
 """
 
 from __future__ import annotations
@@ -54,11 +55,50 @@ def flower_password(settings: Settings, state_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def _secret_file(path: Path) -> Path:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+    return path
+
+
+def database_roles(settings: Settings, state_dir: Path) -> dict[str, str]:
+    """The owner and runtime logins of the local database (core/db_roles.py): names, password files, URLs.
+
+    DERMQ_DATABASE_URL stays the bootstrap login (it creates the database and the roles); migrations
+    run as ``<db>_owner`` and every service as ``<db>_app``, over TCP with their own passwords.
+    """
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    names = {"owner": f"{url.database}_owner", "runtime": f"{url.database}_app"}
+    out: dict[str, str] = {}
+    for kind, name in names.items():
+        password_file = _secret_file(state_dir / f"db-{kind}-password")
+        login = url.set(username=name, password=password_file.read_text().strip(), host=url.host or "127.0.0.1")
+        out[kind], out[f"{kind}_password_file"] = name, str(password_file)
+        out[f"{kind}_url"] = login.render_as_string(hide_password=False)
+    return out
+
+
 def prepare(settings: Settings, state_dir: Path, env: dict[str, str]) -> dict[str, str]:
     dermq = [sys.executable, "-m", "cli"]  # the `dermq` command of the sources being run
     state_dir.mkdir(parents=True, exist_ok=True)
+    roles = database_roles(settings, state_dir)
     run_step([*dermq, "db", "create"], env)
-    run_step([*dermq, "db", "upgrade"], env)
+    run_step(
+        [
+            *dermq,
+            *("db", "roles", "--owner", roles["owner"], "--runtime", roles["runtime"]),
+            *("--owner-password-file", roles["owner_password_file"]),
+            *("--runtime-password-file", roles["runtime_password_file"]),
+        ],
+        env,
+    )
+    owner_env = {**env, "DERMQ_DATABASE_URL": roles["owner_url"], "DERMQ_DATABASE_RUNTIME_ROLE": roles["runtime"]}
+    run_step([*dermq, "db", "upgrade"], owner_env)  # as the owner, then grants the runtime role
+    env = {**env, "DERMQ_DATABASE_URL": roles["runtime_url"]}  # every service: the runtime role
     run_step([*dermq, "keys", "init"], env)
     run_step([*dermq, "demo", "--key-file", str(state_dir / "demo-key")], env)
     password = flower_password(settings, state_dir)

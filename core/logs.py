@@ -19,6 +19,8 @@ ALLOWED_EXTRA = frozenset(
     {
         "event",
         "case_id",
+        "audit_position",
+        "audit_event_id",
         "request_id",
         "task_id",
         "status",

@@ -231,10 +231,12 @@ class Result(Base):
 
 
 class AuditEvent(Base):
-    """One append-only, hash-chained audit record (fields after FHIR AuditEvent).
+    """One append-only audit record (fields after FHIR AuditEvent), sealed into the Merkle log.
 
-    ``hash`` = SHA-256(``prev_hash`` || canonical JSON of the row), see :mod:`core.audit`. A trigger
-    in the database refuses UPDATE, DELETE and TRUNCATE.
+    The sealer gives it a position (``audit_leaves``, see :mod:`core.audit_log`) once its transaction
+    is committed; ``txid`` (not mapped: the database fills it) is that transaction. ``prev_hash`` and
+    ``hash`` are the old hash chain, set only on rows written before the log (:mod:`core.audit_chain`).
+    A trigger in the database refuses UPDATE, DELETE and TRUNCATE.
     """
 
     __tablename__ = "audit_events"
@@ -260,8 +262,8 @@ class AuditEvent(Base):
     entity_type: Mapped[str | None] = mapped_column(String(32))
     entity_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
 class CallbackStatus(enum.StrEnum):

@@ -15,9 +15,11 @@ TASK_SWEEP = "dermq.sweep"
 TASK_PURGE = "dermq.purge"
 TASK_DRIFT = "dermq.drift"
 TASK_AUDIT_CHECK = "dermq.audit_check"
+TASK_AUDIT_SEAL = "dermq.audit_seal"
 TASK_CALLBACK = "dermq.callback"
 
-#: Redis keys of operational state (no patient data): the latest drift report and audit-chain check.
+#: Redis keys of operational state (no patient data): the latest drift report and the audit check's
+#: outcome for the metrics gauge (the verified position itself is kept in Postgres, audit_verifications).
 DRIFT_KEY = "dermq:drift:latest"
 AUDIT_CHECK_KEY = "dermq:audit:check"
 
@@ -54,6 +56,7 @@ ROUTES = {
     TASK_PURGE: {"queue": QUEUE_MAINTENANCE},
     TASK_DRIFT: {"queue": QUEUE_MAINTENANCE},
     TASK_AUDIT_CHECK: {"queue": QUEUE_MAINTENANCE},
+    TASK_AUDIT_SEAL: {"queue": QUEUE_MAINTENANCE},
     # Callbacks wait on clinics' servers: never in front of a classification.
     TASK_CALLBACK: {"queue": QUEUE_MAINTENANCE},
 }

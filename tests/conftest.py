@@ -45,10 +45,13 @@ def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def stack_env(stack_dir: Path) -> dict[str, str]:
+    from core import checkpoint
     from core.crypto import Keyring, write_key_file
 
     env = support.test_env(stack_dir)
     write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
+    # the audit checkpoint signing key, beside the key file (what `dermq keys init` creates)
+    checkpoint.write_signing_keys(stack_dir / "audit-signing-key.json", checkpoint.generate("dermq.local/audit"))
     return env
 
 

@@ -40,6 +40,7 @@ def test_env(workdir: Path, **overrides: str) -> dict[str, str]:
         "DERMQ_DATABASE_URL": f"postgresql+psycopg2:///{TEST_DATABASE}",
         "DERMQ_REDIS_URL": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}",
         "DERMQ_KEY_FILE": str(workdir / "keys.json"),
+        "DERMQ_AUDIT_WITNESS_FILE": str(workdir / "audit-witness.log"),
         "DERMQ_LOG_LEVEL": "INFO",
         "DERMQ_LOG_JSON": "true",
         "DERMQ_TASK_SOFT_TIME_LIMIT": "60",
@@ -389,3 +390,25 @@ def diagnosis_row(
         input_stats=input_stats,
         **fields,
     )
+
+
+def seal_all(settings: Any, timeout: float = 60) -> Any:
+    """Run the audit sealer until every event committed before this call is in the log.
+
+    The sealer seals an event once no older transaction in the whole cluster is still running (other
+    test runs share it), so a single run may seal nothing yet: repeat until the log has caught up."""
+    from core import audit_log
+    from core.checkpoint import load_signing_keys
+    from core.db import session_scope
+
+    keys = load_signing_keys(settings)
+    with session_scope(settings) as session:
+        target = session.scalar(text("SELECT count(*) FROM audit_events"))
+    deadline = time.monotonic() + timeout
+    while True:
+        result = audit_log.seal_once(settings, keys)
+        if result is not None and result.size >= target:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the sealer did not seal {target} events within {timeout} s")
+        time.sleep(0.1)

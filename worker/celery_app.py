@@ -27,6 +27,7 @@ from core.queueing import (
     QUEUE_CASES,
     QUEUE_MAINTENANCE,
     TASK_AUDIT_CHECK,
+    TASK_AUDIT_SEAL,
     TASK_DRIFT,
     TASK_PURGE,
     TASK_SWEEP,
@@ -62,10 +63,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": 3600.0,
                 "options": {"queue": QUEUE_MAINTENANCE, "expires": 3600.0},
             },
+            "audit-seal": {
+                "task": TASK_AUDIT_SEAL,
+                "schedule": settings.audit_seal_interval_seconds,
+                "options": {"queue": QUEUE_MAINTENANCE, "expires": settings.audit_seal_interval_seconds},
+            },
             "audit-check": {
                 "task": TASK_AUDIT_CHECK,
-                "schedule": 300.0,
-                "options": {"queue": QUEUE_MAINTENANCE, "expires": 300.0},
+                "schedule": 60.0,
+                "options": {"queue": QUEUE_MAINTENANCE, "expires": 60.0},
             },
             "purge": {
                 "task": TASK_PURGE,
@@ -113,6 +119,15 @@ def prepare_multiprocess_dir() -> str:
 def _worker_starting(**_kwargs: Any) -> None:
     # Only worker processes get here (not beat, Flower or the API publishing tasks).
     prepare_multiprocess_dir()
+
+
+@signals.worker_init.connect
+def _refuse_insecure_login(**_kwargs: Any) -> None:
+    # Production: a worker logged in as the audit tables' owner (or a superuser) could rewrite the
+    # trail; refuse to start (core.db_roles). Beat never connects to the database.
+    from core import db_roles
+
+    db_roles.refuse_insecure_login(get_settings())
 
 
 @signals.worker_init.connect

@@ -1,6 +1,7 @@
 """Celery tasks: ``classify(case_id)``, the recovery ``sweep``, completion ``callback`` delivery, the
-retention ``purge`` and the periodic drift and audit-chain checks. Each is a thin wrapper: the work
-is in :mod:`worker.pipeline` and :mod:`worker.batching`, the retry policy in :mod:`worker.retries`.
+retention ``purge`` and the periodic drift check (the audit sealer and check: :mod:`worker.sealing`).
+Each is a thin wrapper: the work is in :mod:`worker.pipeline` and :mod:`worker.batching`, the retry
+policy in :mod:`worker.retries`.
 
 Tasks take ids, never payloads, and are idempotent: ``classify`` first claims the case
 (``queued -> running``) and does nothing if it cannot, so a redelivered or duplicated message is
@@ -25,10 +26,8 @@ What can go wrong, and what then:
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -41,8 +40,6 @@ from core.db import session_scope
 from core.logs import case_id_var
 from core.publisher import make_publisher
 from core.queueing import (
-    AUDIT_CHECK_KEY,
-    TASK_AUDIT_CHECK,
     TASK_CALLBACK,
     TASK_CLASSIFY,
     TASK_DRIFT,
@@ -50,7 +47,11 @@ from core.queueing import (
     TASK_SWEEP,
 )
 from worker import callbacks as delivery
-from worker import retries, runtime
+from worker import (
+    retries,
+    runtime,
+    sealing,  # noqa: F401  (registers the audit sealer and check tasks)
+)
 from worker.batching import dispatch
 from worker.celery_app import app
 from worker.pipeline import Progress, _fail, _model_error, keyring, settings
@@ -189,30 +190,3 @@ def drift_report() -> dict[str, object]:
     if report["drifted"]:
         log.warning("input or prediction drift", extra={"event": "drift", "count": report["n"]})
     return report
-
-
-@app.task(name=TASK_AUDIT_CHECK)
-def audit_check() -> dict[str, object]:
-    """Verify the audit chain incrementally (from the last verified row) and publish the outcome."""
-    from core import audit
-
-    config = settings()
-    client = _redis_client(config)
-    previous = json.loads(client.get(AUDIT_CHECK_KEY) or "{}")
-    start = (previous["last_id"], previous["last_hash"]) if previous.get("ok") and previous.get("last_id") else None
-    with session_scope(config) as session:
-        report = audit.verify_chain(session, start_after=start)
-    state = {
-        "ok": report.ok,
-        "first_bad_id": report.first_bad_id,
-        "reason": report.reason,
-        "last_id": report.last_id if report.ok else previous.get("last_id"),
-        "last_hash": report.last_hash if report.ok else previous.get("last_hash"),
-        "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    if report.ok and report.last_id is None:  # nothing new since the last check
-        state["last_id"], state["last_hash"] = previous.get("last_id"), previous.get("last_hash")
-    client.set(AUDIT_CHECK_KEY, json.dumps(state))
-    if not report.ok:
-        log.error("audit chain broken", extra={"event": "audit_chain_broken"})
-    return state

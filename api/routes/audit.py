@@ -7,42 +7,78 @@ clinic's records; an unbound one sees everything.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
 import uuid
 from collections.abc import Generator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from api.db import iterate_on_one_thread
 from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
-from core import audit
+from core import audit, audit_verify, clinics
 from core.db import session_scope
-from core.errors import BadRequest, Forbidden
-from core.models import Role
+from core.errors import BadRequest, Forbidden, InvalidInput, NotFound
+from core.models import ApiKey, Role
 
 router = APIRouter(prefix="/v1/audit-events", tags=["audit"])
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+#: the longest time range one export covers (pages of it are read in short transactions)
+EXPORT_MAX_DAYS = 31
+EXPORT_MAX_RANGE = timedelta(days=EXPORT_MAX_DAYS)
+
+
+NOWHERE = uuid.UUID(int=0)  # matches no key: an unknown key prefix finds no records
+
+
+def _clinic_id(session: Session, value: str | None, scoped: bool) -> uuid.UUID | None:
+    """A clinic filter given as an id or a name (a scoped auditor's unknown name is out of scope)."""
+    if value is None:
+        return None
+    try:
+        return clinics.get_clinic(session, value).id
+    except NotFound:
+        if scoped:
+            return NOWHERE
+        raise
+
+
+def _actor_id(session: Session, value: str | None) -> uuid.UUID | None:
+    """An actor filter given as a key id or a key prefix (``dq_0a1b2c3d4e5f`` or ``0a1b2c3d4e5f``)."""
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        pass
+    prefix = value.removeprefix("dq_").split("_", 1)[0]
+    found = session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix))
+    return found or NOWHERE
 
 
 def _filters(
     caller: Caller,
+    session: Session,
     since: datetime | None,
     until: datetime | None,
-    actor: uuid.UUID | None,
-    clinic: uuid.UUID | None,
+    actor_value: str | None,
+    clinic_value: str | None,
     case: uuid.UUID | None,
     action: str | None,
     outcome: str | None,
 ) -> audit.AuditFilter:
     scope = caller.principal.clinic_id
+    clinic = _clinic_id(session, clinic_value, scope is not None)
+    actor = _actor_id(session, actor_value)
     if scope is not None:
         if clinic is not None and clinic != scope:
             raise Forbidden(
@@ -51,6 +87,10 @@ def _filters(
                 audit=audit.PendingEvent("audit.query", audit.DENIED, detail={"reason": "clinic_scope"}),
             )
         clinic = scope
+    if action is not None and action not in audit.ACTIONS:
+        raise InvalidInput(
+            f"unknown action {action!r}; the actions are: {', '.join(sorted(audit.ACTIONS))}", code="unknown_action"
+        )
     since, until = _utc(since, "since"), _utc(until, "until")
     if since and until and since >= until:
         raise BadRequest("'since' must be before 'until'", code="invalid_time_range")
@@ -86,8 +126,10 @@ async def search_events(
     db: Db,
     since: Annotated[datetime | None, Query(description="occurred at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="occurred before (ISO 8601)")] = None,
-    actor: Annotated[uuid.UUID | None, Query(description="the API key id that acted")] = None,
-    clinic: Annotated[uuid.UUID | None, Query(description="clinic id")] = None,
+    actor: Annotated[
+        str | None, Query(max_length=64, description="the API key that acted: its id or its prefix (dq_0a1b2c3d4e5f)")
+    ] = None,
+    clinic: Annotated[str | None, Query(max_length=200, description="clinic id or name")] = None,
     case: Annotated[uuid.UUID | None, Query(description="case id")] = None,
     action: Annotated[
         str | None, Query(max_length=64, pattern=r"^[a-z_.]+$", description="e.g. case.read, heatmap.read")
@@ -100,7 +142,7 @@ async def search_events(
 
     def read(session: Session) -> AuditPage:
         limit(caller, app, "read")
-        filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
+        filters = _filters(caller, session, since, until, actor, clinic, case, action, outcome)
         page, next_id = audit.search(session, filters, before_id=_cursor(cursor), limit=limit_)
         audit.record(
             session,
@@ -128,21 +170,21 @@ def _csv_cell(value: object) -> str:
 
 
 def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Generator[bytes]:
-    """The export's lines, read in a transaction of its own (the request's has committed by then)."""
-    with session_scope(app.settings) as session:
+    """The export's body, a page at a time; each page's transaction has ended before it is sent."""
+    if fmt == "csv":
+        buffer = io.StringIO()
+        csv.writer(buffer).writerow(audit.EXPORT_FIELDS)
+        yield buffer.getvalue().encode()
+    for page in audit.export_pages(lambda: session_scope(app.settings), filters):
+        buffer = io.StringIO()
         if fmt == "csv":
-            buffer = io.StringIO()
             writer = csv.writer(buffer)
-            writer.writerow(audit.EXPORT_FIELDS)
-            yield buffer.getvalue().encode()
-        for event in audit.stream(session, filters):
-            record = audit.as_record(event)
-            if fmt == "csv":
-                buffer = io.StringIO()
-                csv.writer(buffer).writerow([_csv_cell(record[f]) for f in audit.EXPORT_FIELDS])
-                yield buffer.getvalue().encode()
-            else:
-                yield (json.dumps(record, sort_keys=True) + "\n").encode()
+            for record in page:
+                writer.writerow([_csv_cell(record[f]) for f in audit.EXPORT_FIELDS])
+        else:
+            for record in page:
+                buffer.write(json.dumps(record, sort_keys=True) + "\n")
+        yield buffer.getvalue().encode()
 
 
 @router.get(
@@ -155,17 +197,17 @@ def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Generat
             "description": "every matching event, newest first, streamed",
         },
     },
-    summary="Export a whole range as NDJSON or CSV (streamed)",
+    summary="Export a bounded time range as NDJSON or CSV (streamed)",
 )
 async def export_events(
     app: State,
     caller: AuthenticatedCaller,
     db: Db,
     format: Annotated[Literal["ndjson", "csv"], Query()] = "ndjson",
-    since: Annotated[datetime | None, Query()] = None,
-    until: Annotated[datetime | None, Query()] = None,
-    actor: Annotated[uuid.UUID | None, Query()] = None,
-    clinic: Annotated[uuid.UUID | None, Query()] = None,
+    since: Annotated[datetime | None, Query(description="required: occurred at or after (ISO 8601)")] = None,
+    until: Annotated[datetime | None, Query(description=f"required: before; at most {EXPORT_MAX_DAYS} days on")] = None,
+    actor: Annotated[str | None, Query(max_length=64, description="key id or prefix")] = None,
+    clinic: Annotated[str | None, Query(max_length=200, description="clinic id or name")] = None,
     case: Annotated[uuid.UUID | None, Query()] = None,
     action: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z_.]+$")] = None,
     outcome: Annotated[Literal["success", "failure", "denied"] | None, Query()] = None,
@@ -174,7 +216,13 @@ async def export_events(
 
     def record(session: Session) -> audit.AuditFilter:
         limit(caller, app, "read")
-        filters = _filters(caller, since, until, actor, clinic, case, action, outcome)
+        filters = _filters(caller, session, since, until, actor, clinic, case, action, outcome)
+        if filters.since is None or filters.until is None or filters.until - filters.since > EXPORT_MAX_RANGE:
+            raise BadRequest(
+                f"an export needs 'since' and 'until', at most {EXPORT_MAX_DAYS} days apart "
+                "(export longer periods range by range)",
+                code="invalid_time_range",
+            )
         audit.record(
             session,
             action="audit.export",
@@ -197,25 +245,43 @@ async def export_events(
     )
 
 
-@router.get("/verify", response_model=ChainReportOut, responses=PROBLEMS, summary="Verify the hash chain")
+@router.get(
+    "/verify",
+    response_model=ChainReportOut,
+    responses=PROBLEMS,
+    summary="The latest verification of the audit log (done by the sealer's periodic check)",
+)
 async def verify_chain(response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> ChainReportOut:
-    """Walk the whole chain in order and report the first row whose hash or link is wrong."""
+    """The result of the last periodic check (``dermq.audit_check``, every minute): every event sealed
+    since the check before was recomputed and compared with the signed checkpoints. Nothing is walked
+    per request; ``ok`` is null until the first check has run."""
     require_role(caller, Role.AUDITOR)
 
-    def verify(session: Session) -> ChainReportOut:
+    def read(session: Session) -> Row[Any] | None:
         limit(caller, app, "read")
-        report = audit.verify_chain(session)
+        row = audit_verify.latest_result(session)
         audit.record(
             session,
             action="audit.verify",
-            outcome=audit.SUCCESS if report.ok else audit.FAILURE,
+            outcome=audit.SUCCESS if row is None or row.ok else audit.FAILURE,
             actor=caller.actor,
             entity_type="audit",
             clinic_id=caller.principal.clinic_id,
-            detail={"ok": report.ok, "checked": report.checked, "first_bad_id": report.first_bad_id},
+            detail={"ok": row.ok if row else None, "size": row.size if row else 0},
         )
-        return ChainReportOut(**report.to_dict())
+        return row
 
-    out = await db.run(verify)
+    row = await db.run(read)
     response.headers.update(NO_STORE)
-    return out
+    if row is None:
+        return ChainReportOut(ok=None, checked=0, first_bad_id=None, reason="not verified yet", last_hash=None)
+    return ChainReportOut(
+        ok=row.ok,
+        checked=row.size if row.ok else (row.first_bad_seq or 0),
+        first_bad_id=row.first_bad_event_id,
+        first_bad_position=row.first_bad_seq,
+        reason=row.reason,
+        last_hash=base64.b64encode(bytes(row.root)).decode() if row.root is not None else None,
+        tree_size=row.size,
+        checked_at=row.checked_at,
+    )

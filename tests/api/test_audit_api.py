@@ -8,16 +8,31 @@ import io
 import json
 import threading
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
 from core import audit
 from core.db import session_scope
 from core.models import AuditEvent
 from tests.conftest import Tenant
+from tests.support import seal_all
+from worker.sealing import check as _check
 
 pytestmark = pytest.mark.usefixtures("database")
+
+
+def recent() -> dict[str, str]:
+    """An export's required time range: the last hour (and a minute ahead, for clock skew)."""
+    now = datetime.now(UTC)
+    return {"since": (now - timedelta(hours=1)).isoformat(), "until": (now + timedelta(minutes=1)).isoformat()}
+
+
+def check(settings):  # type: ignore[no-untyped-def]
+    from core.checkpoint import load_signing_keys
+
+    return _check(settings, load_signing_keys(settings))
 
 
 def submit(client, tenant: Tenant, image: bytes) -> str:  # type: ignore[no-untyped-def]
@@ -77,7 +92,7 @@ def test_auditors_see_records_never_images_or_results(client, make_key, activity
     case_a = activity["case_a"]
     assert client.get(f"/v1/cases/{case_a}", headers=auditor.headers).status_code == 403
     assert client.get(f"/v1/cases/{case_a}/heatmap.png", headers=auditor.headers).status_code == 403
-    export = client.get("/v1/audit-events/export", headers=auditor.headers, params={"case": case_a}).text
+    export = client.get("/v1/audit-events/export", headers=auditor.headers, params={"case": case_a, **recent()}).text
     assert "probabilities" not in export and "image/jpeg" not in export
 
 
@@ -90,7 +105,10 @@ def test_clinic_scoped_auditor_and_other_roles(client, make_key, activity, setti
     with session_scope(settings) as session:
         _, token = keys.create_key(session, keyring, role=Role.AUDITOR, clinic_id=a.clinic_id)
     scoped = {"Authorization": f"Bearer {token}"}
-    rows = [json.loads(line) for line in client.get("/v1/audit-events/export", headers=scoped).text.splitlines()]
+    rows = [
+        json.loads(line)
+        for line in client.get("/v1/audit-events/export", headers=scoped, params=recent()).text.splitlines()
+    ]
     assert rows and all(r["clinic_id"] == str(a.clinic_id) for r in rows)
     assert str(b.clinic_id) not in json.dumps(rows) and activity["case_b"] not in json.dumps(rows)
     refused = client.get("/v1/audit-events", headers=scoped, params={"clinic": str(b.clinic_id)})
@@ -102,12 +120,16 @@ def test_clinic_scoped_auditor_and_other_roles(client, make_key, activity, setti
 def test_exports_stream_whole_ranges(client, make_key, activity) -> None:  # type: ignore[no-untyped-def]
     auditor = make_key("auditor")
     a: Tenant = activity["a"]  # type: ignore[assignment]
-    ndjson = client.get("/v1/audit-events/export", headers=auditor.headers, params={"clinic": str(a.clinic_id)})
+    ndjson = client.get(
+        "/v1/audit-events/export", headers=auditor.headers, params={"clinic": str(a.clinic_id), **recent()}
+    )
     assert ndjson.headers["content-type"] == "application/x-ndjson" and ndjson.headers["cache-control"] == "no-store"
     records = [json.loads(line) for line in ndjson.text.splitlines()]
     assert {r["action"] for r in records} >= {"case.create", "case.read", "clinic.create"}
     as_csv = client.get(
-        "/v1/audit-events/export", headers=auditor.headers, params={"clinic": str(a.clinic_id), "format": "csv"}
+        "/v1/audit-events/export",
+        headers=auditor.headers,
+        params={"clinic": str(a.clinic_id), "format": "csv", **recent()},
     )
     assert as_csv.headers["content-type"].startswith("text/csv")
     table = list(csv.DictReader(io.StringIO(as_csv.text)))
@@ -121,7 +143,7 @@ def test_csv_export_defuses_formulas(client, make_key, settings) -> None:  # typ
     table = client.get(
         "/v1/audit-events/export",
         headers=auditor.headers,
-        params={"clinic": str(tenant.clinic_id), "format": "csv", "action": "case.list"},
+        params={"clinic": str(tenant.clinic_id), "format": "csv", "action": "case.list", **recent()},
     ).text
     assert "'=HYPERLINK" in table and ",=HYPERLINK" not in table
 
@@ -129,9 +151,13 @@ def test_csv_export_defuses_formulas(client, make_key, settings) -> None:  # typ
 def test_auditor_queries_are_audited_and_chain_verifies(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
     auditor = make_key("auditor")
     client.get("/v1/audit-events", headers=auditor.headers, params={"action": "case.read"})
-    client.get("/v1/audit-events/export", headers=auditor.headers, params={"format": "csv"})
-    report = client.get("/v1/audit-events/verify", headers=auditor.headers).json()
-    assert report["ok"] is True and report["checked"] > 0 and report["first_bad_id"] is None
+    client.get("/v1/audit-events/export", headers=auditor.headers, params={"format": "csv", **recent()})
+    seal_all(settings)
+    report = check(settings)  # what the periodic dermq.audit_check does
+    assert report.ok
+    answer = client.get("/v1/audit-events/verify", headers=auditor.headers).json()
+    assert answer["ok"] is True and answer["checked"] == report.size > 0 and answer["first_bad_id"] is None
+    assert answer["tree_size"] == report.size and answer["checked_at"]
     with session_scope(settings) as session:
         actions = session.scalars(select(AuditEvent.action).where(AuditEvent.actor_key_id == auditor.key_id)).all()
     assert {"audit.query", "audit.export", "audit.verify"} <= set(actions)
@@ -150,8 +176,10 @@ def test_no_audit_no_access(settings, make_key, jpeg_bytes: bytes, client) -> No
     holding, release = threading.Event(), threading.Event()
 
     def hold_the_chain() -> None:
+        # Appends take no global lock any more; a lock on the table itself blocks them (as a failed
+        # or stalled database would), and the read must then fail rather than go unaudited.
         with blocker.connect() as connection, connection.begin():
-            connection.execute(select(func.pg_advisory_xact_lock(audit.CHAIN_LOCK)))
+            connection.execute(text("LOCK TABLE audit_events IN SHARE MODE"))
             holding.set()
             release.wait(30)
 
@@ -187,7 +215,139 @@ def test_bad_queries_are_4xx(client, make_key) -> None:  # type: ignore[no-untyp
         ({"since": "2030-01-02T00:00:00Z", "until": "2030-01-01T00:00:00Z"}, "invalid_time_range"),
         ({"outcome": "maybe"}, "invalid_input"),
         ({"case": "not-a-uuid"}, "invalid_input"),
+        ({"action": "case.reed"}, "unknown_action"),
     ):
         response = client.get("/v1/audit-events", headers=auditor.headers, params=params)
         assert response.status_code in (400, 422) and response.json()["code"] == code, response.text
     assert uuid.UUID(str(auditor.key_id))
+
+
+def test_auditor_pins_a_checkpoint_and_checks_proofs(client, make_key, settings, activity, keyring) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    from core import checkpoint, merkle
+
+    verifier = checkpoint.load_signing_keys(settings).signer.verifier  # handed to auditors out of band
+    auditor = make_key("auditor")
+    seal_all(settings)
+    pinned = client.get("/v1/audit/checkpoints/latest", headers=auditor.headers)
+    assert pinned.status_code == 200 and pinned.headers["cache-control"] == "no-store"
+    note = pinned.json()["checkpoint"]
+    old = checkpoint.parse(note, [verifier])
+    assert old.size == pinned.json()["size"]
+
+    with session_scope(settings) as session:
+        case_event = session.scalar(
+            select(AuditEvent.id).where(AuditEvent.entity_id == activity["case_a"], AuditEvent.action == "case.create")
+        )
+    client.get(f"/v1/cases/{activity['case_a']}", headers=activity["a"].headers)  # more events
+    seal_all(settings)
+    new = checkpoint.parse(
+        client.get("/v1/audit/checkpoints/latest", headers=auditor.headers).json()["checkpoint"], [verifier]
+    )
+    assert new.size > old.size
+
+    proof = client.get("/v1/audit/proofs/inclusion", headers=auditor.headers, params={"event": case_event}).json()
+    leaf = merkle.leaf_hash(proof["leaf"].encode())
+    assert base64.b64encode(leaf).decode() == proof["leaf_hash"] and f'"id":{case_event}' in proof["leaf"]
+    path = [base64.b64decode(h) for h in proof["path"]]
+    assert proof["tree_size"] == new.size
+    assert merkle.verify_inclusion(leaf, proof["leaf_index"], new.size, path, new.root)
+
+    consistency = client.get(
+        "/v1/audit/proofs/consistency", headers=auditor.headers, params={"from": old.size, "to": new.size}
+    ).json()
+    hashes = [base64.b64decode(h) for h in consistency["path"]]
+    assert merkle.verify_consistency(old.size, new.size, hashes, old.root, new.root)
+    assert not merkle.verify_consistency(old.size, new.size, hashes, merkle.leaf_hash(b"rewritten"), new.root)
+
+    # a clinic-scoped auditor proves its own clinic's events only; clinics get nothing
+    from core import keys
+    from core.models import Role
+
+    with session_scope(settings) as session:
+        _, token = keys.create_key(session, keyring, role=Role.AUDITOR, clinic_id=activity["b"].clinic_id)
+    scoped = {"Authorization": f"Bearer {token}"}
+    hidden = client.get("/v1/audit/proofs/inclusion", headers=scoped, params={"event": case_event})
+    assert hidden.status_code == 404 and hidden.json()["code"] == "not_found"
+    denied = client.get("/v1/audit/checkpoints/latest", headers=activity["a"].headers)
+    assert denied.status_code == 403
+    for params in ({"from": new.size + 5}, {"from": 2, "to": 1}, {"from": "x"}):
+        bad = client.get("/v1/audit/proofs/consistency", headers=auditor.headers, params=params)
+        assert bad.status_code in (400, 422), bad.text
+    with session_scope(settings) as session:
+        actions = session.scalars(select(AuditEvent.action).where(AuditEvent.actor_key_id == auditor.key_id)).all()
+    assert {"audit.checkpoint", "audit.proof"} <= set(actions)
+
+
+def test_exports_need_a_bounded_range_and_hold_no_transaction_between_pages(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
+    from contextlib import contextmanager
+
+    auditor = make_key("auditor")
+    now = datetime.now(UTC)
+    for params in (
+        {},
+        {"since": now.isoformat()},
+        {"since": (now - timedelta(days=40)).isoformat(), "until": now.isoformat()},
+    ):
+        refused = client.get("/v1/audit-events/export", headers=auditor.headers, params=params)
+        assert refused.status_code == 400 and refused.json()["code"] == "invalid_time_range", refused.text
+
+    open_now = []
+
+    @contextmanager
+    def counted():  # type: ignore[no-untyped-def]
+        open_now.append(1)
+        try:
+            with session_scope(settings) as session:
+                yield session
+        finally:
+            open_now.pop()
+
+    filters = audit.AuditFilter(since=now - timedelta(hours=1), until=now + timedelta(minutes=1))
+    pages = 0
+    seen: list[int] = []
+    for page in audit.export_pages(counted, filters, batch=3):
+        assert not open_now  # the page's transaction ended before the client gets it
+        seen += [r["id"] for r in page]
+        pages += 1
+    assert pages > 1 and seen == sorted(seen, reverse=True) and len(seen) == len(set(seen))
+
+
+def test_every_recorded_action_is_a_documented_one(client, make_key, activity, settings) -> None:  # type: ignore[no-untyped-def]
+    """An action the code records but ACTIONS (and so docs/API.md and the filter) does not know would
+    be unsearchable: every action written by this test run must be listed."""
+    from pathlib import Path
+
+    with session_scope(settings) as session:
+        # (tests of core.audit itself record made-up "test.*" actions in the same database)
+        recorded = set(
+            session.scalars(select(AuditEvent.action).where(~AuditEvent.action.startswith("test.")).distinct())
+        )
+    assert recorded and recorded <= set(audit.ACTIONS), recorded - set(audit.ACTIONS)
+    documented = (Path(__file__).resolve().parents[2] / "docs" / "API.md").read_text()
+    assert all(f"`{name}`" in documented for name in audit.ACTIONS)
+
+
+def test_filters_take_a_clinic_name_and_a_key_prefix(client, make_key, activity, settings, keyring) -> None:  # type: ignore[no-untyped-def]
+    from core import keys
+    from core.models import Role
+
+    auditor = make_key("auditor")
+    a: Tenant = activity["a"]  # type: ignore[assignment]
+    by_id = client.get("/v1/audit-events", headers=auditor.headers, params={"clinic": str(a.clinic_id)}).json()
+    by_name = client.get("/v1/audit-events", headers=auditor.headers, params={"clinic": a.name}).json()
+    assert by_name["items"] and by_name == by_id
+    prefix = a.token.split("_")[1]
+    for actor in (prefix, f"dq_{prefix}"):
+        page = client.get("/v1/audit-events", headers=auditor.headers, params={"actor": actor}).json()
+        assert page["items"] and {e["actor_key_id"] for e in page["items"]} == {str(a.key_id)}
+    unknown = client.get("/v1/audit-events", headers=auditor.headers, params={"actor": "ffffffffffff"})
+    assert unknown.status_code == 200 and unknown.json()["items"] == []
+    missing = client.get("/v1/audit-events", headers=auditor.headers, params={"clinic": "no such clinic"})
+    assert missing.status_code == 404 and missing.json()["code"] == "clinic_not_found"
+    with session_scope(settings) as session:  # a scoped auditor: another clinic's name, or none, is out of scope
+        _, token = keys.create_key(session, keyring, role=Role.AUDITOR, clinic_id=activity["b"].clinic_id)
+    for name in (a.name, "no such clinic"):
+        refused = client.get("/v1/audit-events", headers={"Authorization": f"Bearer {token}"}, params={"clinic": name})
+        assert refused.status_code == 403 and refused.json()["code"] == "clinic_scope"

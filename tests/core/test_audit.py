@@ -1,20 +1,23 @@
-"""core.audit against the real Postgres: an append-only, hash-chained trail that cannot fork and
-whose tampering `verify` pinpoints."""
+"""core.audit and the sealer against the real Postgres: lock-free appends, sealed once each in one order
+into a Merkle log whose signed checkpoints and proofs verify, and whose tampering `verify` pinpoints."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from core import audit
+from core import audit, audit_log, audit_verify, checkpoint, merkle
 from core.db import session_scope
+from tests import support
 from tests.support import ROOT
 
 
@@ -35,19 +38,76 @@ def _record(settings, n: int = 1, **detail: object) -> list[int]:  # type: ignor
     return ids
 
 
-def _verify(settings) -> audit.ChainReport:  # type: ignore[no-untyped-def]
-    with session_scope(settings) as session:
-        return audit.verify_chain(session)
+@pytest.fixture
+def keys(settings):  # type: ignore[no-untyped-def]
+    return checkpoint.load_signing_keys(settings)
 
 
-def test_chain_links_each_row_to_the_previous(settings, database) -> None:  # type: ignore[no-untyped-def]
-    ids = _record(settings, 3, note="ünïcode ok")
+def _seal(settings, keys, ids: list[int] | None = None) -> audit_log.SealResult:  # type: ignore[no-untyped-def]
+    """Seal until ``ids`` are in the log. The sealer waits for every transaction older than theirs, in the
+    whole cluster (other test runs share it), so one run may seal nothing yet."""
+    deadline = time.monotonic() + 60
+    while True:
+        result = audit_log.seal_once(settings, keys)
+        if result is not None and (not ids or len(_positions(settings, ids)) == len(ids)):
+            return result
+        assert time.monotonic() < deadline, "the sealer did not seal the events within 60 s"
+        time.sleep(0.1)
+
+
+def _positions(settings, ids: list[int]) -> dict[int, int]:  # type: ignore[no-untyped-def]
     with session_scope(settings) as session:
         rows = session.execute(
-            text("SELECT id, prev_hash, hash FROM audit_events WHERE id = ANY(:ids) ORDER BY id"), {"ids": ids}
+            text("SELECT event_id, seq FROM audit_leaves WHERE event_id = ANY(:ids)"), {"ids": ids}
         ).all()
-    assert rows[1].prev_hash == rows[0].hash and rows[2].prev_hash == rows[1].hash
-    assert _verify(settings).ok
+    return {r.event_id: r.seq for r in rows}
+
+
+def test_events_are_sealed_in_order_and_proven(settings, database, keys) -> None:  # type: ignore[no-untyped-def]
+    ids = _record(settings, 3, note="ünïcode ok")
+    sealed = _seal(settings, keys, ids)
+    positions = _positions(settings, ids)
+    assert [positions[i] for i in ids] == list(range(positions[ids[0]], positions[ids[0]] + 3))
+    parsed = checkpoint.parse(sealed.note or "", keys.verifiers)
+    assert (parsed.size, parsed.root) == (sealed.size, sealed.root)
+    assert sealed.note in (settings.audit_witness_file.read_text())  # witnessed outside Postgres
+    with session_scope(settings) as session:
+        for event_id in ids:
+            index, leaf, proof = audit_log.inclusion_proof(session, event_id, sealed.size)
+            event = session.get(audit.AuditEvent, event_id)
+            assert leaf == merkle.leaf_hash(audit.leaf_bytes(event))
+            assert merkle.verify_inclusion(leaf, index, sealed.size, proof, parsed.root)
+        assert audit_verify.verify_log(session, verifiers=keys.verifiers).ok
+    again = _seal(settings, keys)
+    assert again.sealed == 0 and again.size == sealed.size  # nothing is sealed twice
+
+
+def test_a_later_commit_of_an_earlier_transaction_is_sealed_not_skipped(settings, database, keys) -> None:  # type: ignore[no-untyped-def]
+    """A transaction that began (and got its id) first but commits last: writers never wait for it,
+    the sealer holds back until it ends, and then seals its event after the others."""
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as slow:
+            transaction = slow.begin()
+            slow_id = slow.scalar(
+                text(
+                    "INSERT INTO audit_events (occurred_at, action, outcome, actor_type, detail) "
+                    "VALUES (now(), 'test.slow', 'success', 'system', '{}') RETURNING id"
+                )
+            )
+            fast = _record(settings, 2)  # would have waited for the chain lock before: no lock any more
+            result = _seal(settings, keys)
+            sealed_so_far = _positions(settings, [*fast, slow_id])
+            assert slow_id not in sealed_so_far and not any(i in sealed_so_far for i in fast)
+            transaction.commit()
+        _seal(settings, keys, [*fast, slow_id])
+        positions = _positions(settings, [*fast, slow_id])
+        assert positions[slow_id] < positions[fast[0]] < positions[fast[1]]  # (txid, id): the slow one began first
+        assert min(positions.values()) >= result.size
+    finally:
+        engine.dispose()
+    with session_scope(settings) as session:
+        assert audit_verify.verify_log(session, verifiers=keys.verifiers).ok
 
 
 @pytest.mark.parametrize(
@@ -55,40 +115,48 @@ def test_chain_links_each_row_to_the_previous(settings, database) -> None:  # ty
     [
         "UPDATE audit_events SET action = 'edited' WHERE id = (SELECT max(id) FROM audit_events)",
         "DELETE FROM audit_events WHERE id = (SELECT max(id) FROM audit_events)",
-        "TRUNCATE audit_events",
+        "TRUNCATE audit_events CASCADE",
+        "UPDATE audit_leaves SET leaf_hash = '\\x00' WHERE seq = 0",
+        "DELETE FROM audit_checkpoints",
+        "TRUNCATE audit_nodes",
     ],
 )
-def test_the_database_refuses_changes(settings, database, statement: str) -> None:  # type: ignore[no-untyped-def]
-    _record(settings)
+def test_the_database_refuses_changes(settings, database, keys, statement: str) -> None:  # type: ignore[no-untyped-def]
+    _seal(settings, keys, _record(settings))
     with pytest.raises(DBAPIError, match="append-only"), session_scope(settings) as session:
         session.execute(text(statement))
 
 
-def test_concurrent_writers_do_not_fork_the_chain(settings, database) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_writers_are_each_sealed_once(settings, database, keys) -> None:  # type: ignore[no-untyped-def]
     errors: list[BaseException] = []
+    written: list[int] = []
 
     def write() -> None:
         try:
-            _record(settings, 10)
+            for _ in range(5):
+                written.extend(_record(settings, 2))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=write) for _ in range(6)]
     for thread in threads:
         thread.start()
-    for thread in threads:
+    sealers = [threading.Thread(target=lambda: audit_log.seal_once(settings, keys)) for _ in range(3)]
+    for sealer in sealers:  # concurrent sealers: the lock lets one write, the others return
+        sealer.start()
+    for thread in threads + sealers:
         thread.join()
     assert not errors
+    _seal(settings, keys, written)
+    positions = _positions(settings, written)
+    assert len(positions) == len(written) == 60 and len(set(positions.values())) == 60
     with session_scope(settings) as session:
-        forks = session.scalar(
-            text("SELECT count(*) FROM (SELECT prev_hash FROM audit_events GROUP BY prev_hash HAVING count(*) > 1) f")
-        )
-    assert forks == 0
-    assert _verify(settings).ok
+        assert audit_verify.verify_log(session, verifiers=keys.verifiers).ok
 
 
-def test_superuser_edit_is_found_and_named(settings, database) -> None:  # type: ignore[no-untyped-def]
+def test_an_edit_is_found_and_named(settings, database, keys) -> None:  # type: ignore[no-untyped-def]
     ids = _record(settings, 3)
+    _seal(settings, keys, ids)
     target = ids[1]
     engine = create_engine(settings.database_url)
     try:
@@ -96,8 +164,9 @@ def test_superuser_edit_is_found_and_named(settings, database) -> None:  # type:
             connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
             connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 99}' WHERE id = :id"), {"id": target})
             connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER audit_events_append_only"))
-        report = _verify(settings)
-        assert not report.ok and report.first_bad_id == target and "altered" in (report.reason or "")
+        with session_scope(settings) as session:
+            report = audit_verify.verify_log(session, verifiers=keys.verifiers)
+        assert not report.ok and report.first_bad_event_id == target and "altered" in (report.reason or "")
         cli = subprocess.run(
             [sys.executable, "-m", "cli", "audit", "verify"],
             cwd=ROOT,
@@ -105,40 +174,84 @@ def test_superuser_edit_is_found_and_named(settings, database) -> None:  # type:
             text=True,
             env=_env(settings),
         )
-        assert cli.returncode == 1 and f"event {target}" in cli.stdout
+        assert cli.returncode == 1 and f"(event {target})" in cli.stdout, cli.stdout + cli.stderr
     finally:
-        with engine.begin() as connection:  # restore the row so later tests see an intact chain
+        with engine.begin() as connection:  # restore the row so later tests see an intact log
             connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
             connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 1}' WHERE id = :id"), {"id": target})
             connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER audit_events_append_only"))
         engine.dispose()
-    assert _verify(settings).ok
+    with session_scope(settings) as session:
+        assert audit_verify.verify_log(session, verifiers=keys.verifiers).ok
 
 
-def test_removed_row_breaks_the_link(settings, database) -> None:  # type: ignore[no-untyped-def]
-    ids = _record(settings, 3)
-    engine = create_engine(settings.database_url)
-    try:
-        with engine.begin() as connection:
-            saved = (
-                connection.execute(text("SELECT * FROM audit_events WHERE id = :id"), {"id": ids[1]}).mappings().one()
-            )
-            connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
-            connection.execute(text("DELETE FROM audit_events WHERE id = :id"), {"id": ids[1]})
-        report = _verify(settings)
-        assert not report.ok and report.first_bad_id == ids[2] and "removed" in (report.reason or "")
-    finally:
-        with engine.begin() as connection:
-            columns = ", ".join(saved)
-            values = ", ".join(f":{k}" for k in saved)
-            params = {k: (v if k != "detail" else json.dumps(v)) for k, v in saved.items()}
-            connection.execute(text(f"INSERT INTO audit_events ({columns}) VALUES ({values})"), params)
-            connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER audit_events_append_only"))
-        engine.dispose()
-    assert _verify(settings).ok
+def test_cli_prints_the_checkpoint_and_verifies_against_it(settings, database, keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _seal(settings, keys, _record(settings, 2))
+    shown = subprocess.run(
+        [*support.DERMQ, "audit", "checkpoint", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(settings),
+    )
+    assert shown.returncode == 0, shown.stderr
+    latest = json.loads(shown.stdout)
+    pinned = tmp_path / "pinned.checkpoint"
+    pinned.write_text(latest["checkpoint"])
+    assert (
+        checkpoint.parse(latest["checkpoint"], [checkpoint.Verifier.decode(latest["verifier_key"])]).size
+        == latest["size"]
+    )
+    _seal(settings, keys, _record(settings, 2))
+    verified = subprocess.run(
+        [*support.DERMQ, "audit", "verify", "--against", str(pinned), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(settings),
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    answer = json.loads(verified.stdout)
+    assert answer["ok"] and answer["pinned_size"] == latest["size"] < answer["size"]
+    forged = tmp_path / "forged.checkpoint"
+    forged.write_text(latest["checkpoint"].replace(f"\n{latest['size']}\n", f"\n{latest['size'] + 1}\n"))
+    rejected = subprocess.run(
+        [*support.DERMQ, "audit", "verify", "--against", str(forged)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(settings),
+    )
+    assert rejected.returncode == 1 and "REJECTED" in rejected.stdout
 
 
 def _env(settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    import os
+    return {
+        **os.environ,
+        "DERMQ_DATABASE_URL": settings.database_url,
+        "DERMQ_KEY_FILE": str(settings.key_file),
+        "DERMQ_AUDIT_WITNESS_FILE": str(settings.audit_witness_file),
+        "DERMQ_ENVIRONMENT": "test",
+    }
 
-    return {**os.environ, "DERMQ_DATABASE_URL": settings.database_url, "DERMQ_KEY_FILE": str(settings.key_file)}
+
+def test_cli_actions_record_the_os_user_and_host(settings, database) -> None:  # type: ignore[no-untyped-def]
+    import getpass
+    import socket
+
+    name = f"cli-clinic-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [*support.DERMQ, "clinic", "create", name, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(settings),
+    )
+    assert done.returncode == 0, done.stderr
+    clinic_id = json.loads(done.stdout)["id"]
+    with session_scope(settings) as session:
+        row = session.execute(
+            text("SELECT actor_type, user_agent FROM audit_events WHERE action = 'clinic.create' AND entity_id = :id"),
+            {"id": clinic_id},
+        ).one()
+    assert row.actor_type == "cli" and row.user_agent == f"dermq-cli {getpass.getuser()}@{socket.gethostname()}"

@@ -88,7 +88,7 @@ FLOWER_PASSWORD = "dermq_flower_password"
 SECRETS_READ: dict[str, frozenset[str]] = {
     "migrate": frozenset({"dermq_database_url"}),
     "api": frozenset({"dermq_database_url", "dermq-keys.json"}),
-    "worker": frozenset({"dermq_database_url", "dermq-keys.json"}),
+    "worker": frozenset({"dermq_database_url", "dermq-keys.json", "dermq-audit-signing-key.json"}),
     "beat": frozenset(),
     "flower": frozenset({FLOWER_PASSWORD}),
 }

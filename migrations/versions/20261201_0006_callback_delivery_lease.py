@@ -5,8 +5,8 @@ transaction open, and records the answer in another short transaction fenced by 
 While `leased_until` lies in the future the row belongs to that attempt: a duplicated message finds
 it leased and does nothing. NULL (every existing row) means no attempt is in flight.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-01 14:30:00.000000+00:00
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | None = "0004"
+revision: str = "0006"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

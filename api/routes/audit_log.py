@@ -1,0 +1,167 @@
+"""Auditor routes of the Merkle log: the latest signed checkpoint, inclusion and consistency proofs.
+
+An auditor pins a checkpoint (``GET /v1/audit/checkpoints/latest``), checks its signature with the
+log's verifier key (handed over out of band, never fetched from here), and later asks for proofs:
+
+- inclusion: this event is in the tree the checkpoint signs (RFC 9162 section 2.1.3);
+- consistency: today's tree extends the pinned one, so nothing before it was removed or changed
+  (RFC 9162 section 2.1.4).
+
+Every request is audited. A clinic-scoped auditor gets inclusion proofs for its clinic's events only.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from sqlalchemy.orm import Session
+
+from api.deps import AuthenticatedCaller, Db, State, limit, require_role
+from api.routes.cases import NO_STORE, PROBLEMS
+from api.schemas import CheckpointOut, ConsistencyProofOut, InclusionProofOut
+from core import audit, audit_log
+from core.errors import BadRequest, NotFound
+from core.models import AuditEvent, Role
+
+router = APIRouter(prefix="/v1/audit", tags=["audit"])
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _latest(session: Session) -> audit_log.StoredCheckpoint:
+    latest = audit_log.latest_checkpoint(session)
+    if latest is None:
+        raise NotFound("no checkpoint yet: the sealer has not sealed any event", code="no_checkpoint")
+    return latest
+
+
+@router.get(
+    "/checkpoints/latest", response_model=CheckpointOut, responses=PROBLEMS, summary="The latest signed checkpoint"
+)
+async def latest_checkpoint(response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> CheckpointOut:
+    require_role(caller, Role.AUDITOR)
+
+    def read(session: Session) -> CheckpointOut:
+        limit(caller, app, "read")
+        latest = _latest(session)
+        audit.record(
+            session,
+            action="audit.checkpoint",
+            outcome=audit.SUCCESS,
+            actor=caller.actor,
+            entity_type="audit",
+            clinic_id=caller.principal.clinic_id,
+            detail={"size": latest.size},
+        )
+        return CheckpointOut(
+            size=latest.size, root=_b64(latest.root), signed_at=latest.signed_at, checkpoint=latest.note
+        )
+
+    out = await db.run(read)
+    response.headers.update(NO_STORE)
+    return out
+
+
+@router.get(
+    "/proofs/inclusion",
+    response_model=InclusionProofOut,
+    responses=PROBLEMS,
+    summary="Prove that one event is in the log",
+)
+async def inclusion_proof(
+    response: Response,
+    app: State,
+    caller: AuthenticatedCaller,
+    db: Db,
+    event: Annotated[int, Query(ge=1, description="the event id")],
+    size: Annotated[int | None, Query(ge=1, description="tree size (default: the latest checkpoint's)")] = None,
+) -> InclusionProofOut:
+    require_role(caller, Role.AUDITOR)
+
+    def read(session: Session) -> InclusionProofOut:
+        limit(caller, app, "read")
+        latest = _latest(session)
+        tree_size = size or latest.size
+        if tree_size > latest.size:
+            raise BadRequest(f"the log has {latest.size} sealed events; ask for a size up to that", code="invalid_size")
+        row = session.get(AuditEvent, event)
+        scope = caller.principal.clinic_id
+        if row is None or (scope is not None and row.clinic_id != scope):
+            raise NotFound("no such event", code="not_found")
+        try:
+            index, leaf, path = audit_log.inclusion_proof(session, event, tree_size)
+        except LookupError:
+            raise NotFound("the event is not sealed into a tree of that size yet", code="not_sealed") from None
+        root = audit_log.StoredTree(session).root(tree_size)
+        audit.record(
+            session,
+            action="audit.proof",
+            outcome=audit.SUCCESS,
+            actor=caller.actor,
+            entity_type="audit",
+            clinic_id=scope,
+            detail={"kind": "inclusion", "event": event, "size": tree_size},
+        )
+        return InclusionProofOut(
+            event_id=event,
+            leaf_index=index,
+            tree_size=tree_size,
+            leaf=audit.leaf_bytes(row).decode(),
+            leaf_hash=_b64(leaf),
+            path=[_b64(h) for h in path],
+            root=_b64(root),
+        )
+
+    out = await db.run(read)
+    response.headers.update(NO_STORE)
+    return out
+
+
+@router.get(
+    "/proofs/consistency",
+    response_model=ConsistencyProofOut,
+    responses=PROBLEMS,
+    summary="Prove that the log of one size extends the log of a smaller size",
+)
+async def consistency_proof(
+    response: Response,
+    app: State,
+    caller: AuthenticatedCaller,
+    db: Db,
+    old: Annotated[int, Query(alias="from", ge=0, description="the pinned tree size")],
+    new: Annotated[int | None, Query(alias="to", ge=1, description="default: the latest checkpoint's")] = None,
+) -> ConsistencyProofOut:
+    require_role(caller, Role.AUDITOR)
+
+    def read(session: Session) -> ConsistencyProofOut:
+        limit(caller, app, "read")
+        latest = _latest(session)
+        new_size = new or latest.size
+        if not old <= new_size <= latest.size:
+            raise BadRequest(f"need from <= to <= {latest.size} (the latest checkpoint's size)", code="invalid_size")
+        tree = audit_log.StoredTree(session)
+        path = audit_log.consistency_proof(session, old, new_size)
+        audit.record(
+            session,
+            action="audit.proof",
+            outcome=audit.SUCCESS,
+            actor=caller.actor,
+            entity_type="audit",
+            clinic_id=caller.principal.clinic_id,
+            detail={"kind": "consistency", "from": old, "to": new_size},
+        )
+        return ConsistencyProofOut(
+            old_size=old,
+            new_size=new_size,
+            path=[_b64(h) for h in path],
+            old_root=_b64(tree.root(old)) if old else None,
+            new_root=_b64(tree.root(new_size)),
+        )
+
+    out = await db.run(read)
+    response.headers.update(NO_STORE)
+    return out

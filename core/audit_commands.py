@@ -1,0 +1,85 @@
+"""What the operators' ``dermq audit ...`` and ``dermq keys init`` commands do about the audit log,
+as plain functions (the CLI only parses arguments and prints): an exit code and a JSON-able answer.
+
+    dermq audit verify [--against FILE] [--all] [--json]   # signatures, roots, every event; exit 1 if broken
+    dermq audit checkpoint [--json]                # the latest signed checkpoint
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core import audit_log, audit_verify, checkpoint
+from core.config import Settings
+from core.db import session_scope
+
+
+def ensure_signing_key(settings: Settings) -> str:
+    """Create the checkpoint signing key beside the encryption key file if it is missing."""
+    path = checkpoint.signing_key_path(settings)
+    if path.exists():
+        return f"audit signing key {path} exists; leaving it alone"
+    keys = checkpoint.generate(settings.audit_log_origin)
+    checkpoint.write_signing_keys(path, keys)
+    return (
+        f"created audit signing key {path} (mode 0600); give auditors its verifier key: {keys.signer.verifier.encode()}"
+    )
+
+
+def _witness_text(settings: Settings) -> str | None:
+    path = settings.audit_witness_file
+    return path.read_text() if path is not None and path.exists() else None
+
+
+def latest_checkpoint(settings: Settings) -> dict[str, Any] | None:
+    keys = checkpoint.load_signing_keys(settings)
+    with session_scope(settings) as session:
+        stored = audit_log.latest_checkpoint(session)
+    if stored is None:
+        return None
+    return {
+        "size": stored.size,
+        "root": audit_log.root_b64(stored.root),
+        "signed_at": stored.signed_at.isoformat(),
+        "checkpoint": stored.note,
+        "verifier_key": keys.signer.verifier.encode(),
+    }
+
+
+def describe(report: audit_verify.LogReport) -> str:
+    if report.ok:
+        return (
+            f"audit log intact: {report.checked} events recomputed, {report.checkpoints} signed checkpoints "
+            f"match, tree size {report.size}"
+        )
+    where = f"position {report.first_bad_seq}" if report.first_bad_seq is not None else "the log"
+    event = f" (event {report.first_bad_event_id})" if report.first_bad_event_id is not None else ""
+    return f"AUDIT LOG BROKEN at {where}{event}: {report.reason} ({report.checked} events before it verified)"
+
+
+def verify(settings: Settings, against: Path | None = None, *, every: bool = False) -> tuple[int, dict[str, Any], str]:
+    """Check every signature and root; with ``against``, prove the log extends that pinned checkpoint;
+    with ``every``, go on past the first problem and list them all."""
+    keys = checkpoint.load_signing_keys(settings)
+    witness = _witness_text(settings)
+    with session_scope(settings) as session:
+        if against is None:
+            report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness, every=every)
+            pinned = None
+        else:
+            try:
+                pinned, report = audit_verify.verify_against(
+                    session, against.read_text(), keys.verifiers, witness_text=witness, every=every
+                )
+            except checkpoint.CheckpointError as exc:
+                return 1, {"ok": False, "reason": str(exc)}, f"PINNED CHECKPOINT REJECTED: {exc}"
+    answer = report.to_dict()
+    text = describe(report)
+    if every and len(report.problems) > 1:
+        text += "".join(f"\n  position {p}: {reason}" for p, _, reason in report.problems)
+    if pinned is not None:
+        answer["pinned_size"] = pinned.size
+        if report.ok:
+            text += f"; it extends the pinned checkpoint of size {pinned.size}"
+    return (0 if report.ok else 1), answer, text

@@ -1,0 +1,240 @@
+"""The sealer: sequences committed audit events into an RFC 9162 Merkle log and signs checkpoints.
+
+Writers insert events without any lock (:func:`core.audit.record`). One sealer at a time (a
+transaction-scoped advisory lock that only the sealer takes) then, every second or so:
+
+1. takes the events whose inserting transaction (``txid``) is older than the oldest transaction
+   still running (``pg_snapshot_xmin(pg_current_snapshot())``): those are committed (or rolled back,
+   and then invisible), and no transaction that could still commit an older event remains. A
+   transaction with a smaller id that commits after a larger one is therefore sealed in a later run,
+   never skipped. They are ordered by ``(txid, id)`` after the last sealed event: one stable order;
+2. appends their leaf hashes (``audit_leaves``) and the hashes of every perfect subtree completed by
+   them (``audit_nodes``), so proofs need O(log n) stored hashes;
+3. signs a checkpoint of the new tree (:mod:`core.checkpoint`) and stores it (``audit_checkpoints``);
+4. commits, then appends the checkpoint to the witness file outside Postgres.
+
+A sealer killed at any point loses nothing: its transaction rolls back and the next run seals the
+same events in the same order. A checkpoint committed but not yet witnessed is superseded by the
+next one, which extends it.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import column, insert, table, text
+from sqlalchemy.orm import Session
+
+from core import merkle
+from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
+from core.checkpoint import Checkpoint, SigningKeys, append_witness
+from core.config import Settings
+from core.db import session_scope
+
+#: pg_try_advisory_xact_lock key held by the one sealer ("dermr": next to the old chain lock's "dermq").
+SEALER_LOCK = 0x6465726D72
+BATCH = 20_000
+LEAVES = table("audit_leaves", column("seq"), column("event_id"), column("leaf_hash"))
+NODES = table("audit_nodes", column("level"), column("idx"), column("hash"))
+
+
+@dataclass(frozen=True, slots=True)
+class SealResult:
+    sealed: int
+    size: int
+    root: bytes
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    size: int
+    root: bytes
+    signed_at: datetime
+    note: str
+
+
+def latest_checkpoint(session: Session) -> StoredCheckpoint | None:
+    row = session.execute(
+        text("SELECT size, root, signed_at, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1")
+    ).first()
+    return StoredCheckpoint(row.size, bytes(row.root), row.signed_at, row.note) if row else None
+
+
+def checkpoints(session: Session, *, up_to: int | None = None) -> list[StoredCheckpoint]:
+    rows = session.execute(
+        text(
+            "SELECT size, root, signed_at, note FROM audit_checkpoints "
+            "WHERE CAST(:up_to AS bigint) IS NULL OR size <= :up_to ORDER BY size"
+        ),
+        {"up_to": up_to},
+    ).all()
+    return [StoredCheckpoint(r.size, bytes(r.root), r.signed_at, r.note) for r in rows]
+
+
+def tree_size(session: Session) -> int:
+    return int(session.scalar(text("SELECT coalesce(max(seq) + 1, 0) FROM audit_leaves")) or 0)
+
+
+# --------------------------------------------------------------------------- stored tree
+
+
+class StoredTree:
+    """MTH of any range of the stored tree, read from ``audit_nodes`` (levels >= 1) and ``audit_leaves``."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.cache: dict[tuple[int, int], bytes] = {}
+
+    def node(self, level: int, idx: int) -> bytes:
+        key = (level, idx)
+        if key not in self.cache:
+            if level == 0:
+                value = self.session.scalar(text("SELECT leaf_hash FROM audit_leaves WHERE seq = :i"), {"i": idx})
+            else:
+                value = self.session.scalar(
+                    text("SELECT hash FROM audit_nodes WHERE level = :l AND idx = :i"), {"l": level, "i": idx}
+                )
+            if value is None:
+                raise LookupError(f"the stored tree has no node ({level}, {idx})")
+            self.cache[key] = bytes(value)
+        return self.cache[key]
+
+    def subtree(self, lo: int, hi: int) -> bytes:
+        """MTH(D[lo:hi]) for the ranges RFC 9162's recursion asks for."""
+        n = hi - lo
+        if n & (n - 1) == 0 and lo % n == 0:
+            level = n.bit_length() - 1
+            return self.node(level, lo >> level)
+        k = merkle.split(n)
+        return merkle.node_hash(self.subtree(lo, lo + k), self.subtree(lo + k, hi))
+
+    def root(self, size: int) -> bytes:
+        return merkle.EMPTY_ROOT if size == 0 else self.subtree(0, size)
+
+    def frontier(self, size: int) -> list[tuple[int, int]]:
+        """(level, index) of the perfect subtrees of a tree of ``size``, biggest first."""
+        out, start = [], 0
+        for level in range(size.bit_length() - 1, -1, -1):
+            if size >> level & 1:
+                out.append((level, start >> level))
+                start += 1 << level
+        return out
+
+
+def inclusion_proof(session: Session, event_id: int, size: int) -> tuple[int, bytes, list[bytes]]:
+    """(leaf index, leaf hash, audit path) of an event in the tree of ``size`` (RFC 9162 2.1.3.1)."""
+    row = session.execute(
+        text("SELECT seq, leaf_hash FROM audit_leaves WHERE event_id = :id"), {"id": event_id}
+    ).first()
+    if row is None or row.seq >= size:
+        raise LookupError("the event is not (yet) in the tree of that size")
+    tree = StoredTree(session)
+    return row.seq, bytes(row.leaf_hash), merkle.inclusion_proof(row.seq, size, tree.subtree)
+
+
+def consistency_proof(session: Session, old_size: int, new_size: int) -> list[bytes]:
+    return merkle.consistency_proof(old_size, new_size, StoredTree(session).subtree)
+
+
+# --------------------------------------------------------------------------- sealing
+
+
+def _pending(session: Session, limit: int) -> list[tuple[int, bytes]]:
+    """(event id, leaf hash) of committed, unsealed events in (txid, id) order, after the last sealed one."""
+    last = session.execute(
+        text(
+            "SELECT e.txid::text AS txid, e.id FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id "
+            "ORDER BY l.seq DESC LIMIT 1"
+        )
+    ).first()
+    rows = session.execute(
+        text(
+            f"""
+            SELECT {LEAF_COLUMNS_SQL} FROM audit_events e
+            WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot())
+              AND (e.txid, e.id) > (CAST(:txid AS xid8), :id)
+            ORDER BY e.txid, e.id
+            LIMIT :limit
+            """  # noqa: S608 - a constant column list, values are bound
+        ),
+        {"txid": last.txid if last else "0", "id": last.id if last else 0, "limit": limit},
+    ).all()
+    return [(row[0], merkle.leaf_hash(leaf_bytes_from_columns(row))) for row in rows]
+
+
+def _append(session: Session, old_size: int, leaves: Sequence[bytes]) -> bytes:
+    """Store the nodes completed by appending ``leaves`` to a tree of ``old_size``; return the new root."""
+    tree = StoredTree(session)
+    level_hashes: dict[int, dict[int, bytes]] = {0: {old_size + i: h for i, h in enumerate(leaves)}}
+    new_size = old_size + len(leaves)
+    rows = []
+    level = 1
+    while (new_size >> level) > (old_size >> level):
+        below = level_hashes[level - 1]
+        current: dict[int, bytes] = {}
+        for idx in range(old_size >> level, new_size >> level):
+            left = below.get(2 * idx) or tree.node(level - 1, 2 * idx)
+            right = below.get(2 * idx + 1) or tree.node(level - 1, 2 * idx + 1)
+            current[idx] = merkle.node_hash(left, right)
+            rows.append({"level": level, "idx": idx, "hash": current[idx]})
+        level_hashes[level] = current
+        level += 1
+    if rows:
+        session.execute(insert(NODES), rows)
+    for lvl, idx in tree.frontier(new_size):
+        if idx in level_hashes.get(lvl, {}):
+            tree.cache[(lvl, idx)] = level_hashes[lvl][idx]
+    return tree.root(new_size)
+
+
+def seal(session: Session, keys: SigningKeys, origin: str, *, limit: int = BATCH) -> SealResult | None:
+    """One sealing step in ``session``'s transaction; None when another sealer holds the lock.
+
+    Call it in a transaction of its own and commit; then witness ``note`` (:func:`seal_once` does).
+    """
+    if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SEALER_LOCK}):
+        return None
+    old_size = tree_size(session)
+    pending = _pending(session, limit)
+    if not pending:
+        latest = latest_checkpoint(session)
+        root = latest.root if latest else merkle.EMPTY_ROOT
+        return SealResult(0, old_size, root, None)
+    leaves = [h for _, h in pending]
+    session.execute(  # one multi-row INSERT per batch of rows (insert() constructs, not text())
+        insert(LEAVES),
+        [{"seq": old_size + i, "event_id": event_id, "leaf_hash": h} for i, (event_id, h) in enumerate(pending)],
+    )
+    new_size = old_size + len(pending)
+    root = _append(session, old_size, leaves)
+    now = datetime.now(UTC).replace(microsecond=0)
+    note = Checkpoint(origin, new_size, root, now).sign(keys.signer)
+    session.execute(
+        text("INSERT INTO audit_checkpoints (size, root, signed_at, note) VALUES (:s, :r, :t, :n)"),
+        {"s": new_size, "r": root, "t": now, "n": note},
+    )
+    return SealResult(len(pending), new_size, root, note)
+
+
+def seal_once(settings: Settings, keys: SigningKeys, *, limit: int = BATCH) -> SealResult | None:
+    """Seal what is committed (in batches of ``limit``), commit each batch, then witness its checkpoint."""
+    total, result = 0, None
+    while True:
+        with session_scope(settings) as session:
+            step = seal(session, keys, settings.audit_log_origin, limit=limit)
+        if step is None:
+            return None
+        if step.note is not None and settings.audit_witness_file is not None:
+            append_witness(settings.audit_witness_file, step.note)
+        total += step.sealed
+        result = SealResult(total, step.size, step.root, step.note or (result.note if result else None))
+        if step.sealed < limit:
+            return result
+
+
+def root_b64(root: bytes) -> str:
+    return base64.b64encode(root).decode()

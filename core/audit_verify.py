@@ -1,0 +1,272 @@
+"""Verifying the audit log: recompute every leaf from the event rows and every root from the leaves.
+
+Nothing stored in Postgres is trusted but the event rows themselves: leaf hashes are recomputed from
+the events' content, roots from those leaves (a compact range, O(log n) memory), and the roots are
+compared with *signed* checkpoints: the ones in ``audit_checkpoints`` and in the witness file whose
+Ed25519 signature verifies, and a checkpoint an auditor pinned earlier (:func:`verify_against`).
+
+What the report names:
+
+* a sealed event whose row was deleted, or a position missing from the log: exactly that position;
+* an event edited while its stored leaf hash was left alone: exactly that event;
+* an edit or removal hidden by rewriting the stored hashes too: the range of events between the last
+  signed checkpoint that still matches and the first that no longer does (the sealer signs one per
+  run, about a second's worth of events), starting with its first event.
+
+A database login can rewrite rows and stored hashes, but not a checkpoint signed by a key it cannot
+read, nor the witness file; so any change to an event already covered by a signed checkpoint fails.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Row, text
+from sqlalchemy.orm import Session
+
+from core import merkle
+from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
+from core.audit_chain import verify_chain as verify_old_chain
+from core.audit_log import checkpoints
+from core.checkpoint import Checkpoint, CheckpointError, Verifier, parse, read_notes
+
+
+@dataclass
+class LogReport:
+    ok: bool
+    checked: int
+    size: int
+    root: bytes | None = None
+    first_bad_seq: int | None = None
+    first_bad_event_id: int | None = None
+    reason: str | None = None
+    checkpoints: int = 0
+    frontier: list[bytes] = field(default_factory=list)
+    #: with ``every``: (position, event id or None, reason) of every problem found, in order
+    problems: list[tuple[int, int | None, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "size": self.size,
+            "root": base64.b64encode(self.root).decode() if self.root is not None else None,
+            "first_bad_seq": self.first_bad_seq,
+            "first_bad_event_id": self.first_bad_event_id,
+            "reason": self.reason,
+            "checkpoints": self.checkpoints,
+            "problems": [{"position": p, "event_id": e, "reason": r} for p, e, r in self.problems],
+        }
+
+
+_LEAF_SQL = f"""
+    SELECT l.seq, l.event_id, l.leaf_hash, {LEAF_COLUMNS_SQL}
+    FROM audit_leaves l LEFT JOIN audit_events e ON e.id = l.event_id
+    WHERE l.seq >= %s ORDER BY l.seq
+"""  # noqa: S608 - a constant column list, the position is bound
+
+
+def _rows(session: Session, start: int, batch: int) -> Iterator[tuple[int, int, bytes, int | None, bytes]]:
+    """(position, event id, stored leaf hash, the event row's id or None, recomputed leaf hash) in order."""
+    raw = session.connection().connection.dbapi_connection
+    assert raw is not None
+    cursor: Any = raw.cursor(name=f"audit_verify_{id(session)}")  # a psycopg2 named (server-side) cursor
+    cursor.itersize = batch
+    leaf_hash = merkle.leaf_hash
+    try:
+        cursor.execute(_LEAF_SQL, (start,))
+        for row in cursor:
+            if row[3] is None:
+                yield row[0], row[1], bytes(row[2]), None, b""
+                continue
+            yield row[0], row[1], bytes(row[2]), row[3], leaf_hash(leaf_bytes_from_columns(row[3:]))
+    finally:
+        cursor.close()
+
+
+def trusted_roots(
+    session: Session, verifiers: Sequence[Verifier] | None, witness_text: str | None = None
+) -> tuple[dict[int, list[bytes]], str | None]:
+    """Checkpoint roots by tree size: stored ones (signature-checked when ``verifiers`` are given) and
+    the witness file's. Returns them and the first problem with a stored checkpoint, if any."""
+    roots: dict[int, list[bytes]] = {}
+    problem = None
+    for stored in checkpoints(session):
+        if verifiers is not None:
+            try:
+                parsed = parse(stored.note, list(verifiers))
+            except CheckpointError:
+                problem = problem or f"the stored checkpoint of size {stored.size} has no valid signature"
+                continue
+            if (parsed.size, parsed.root) != (stored.size, stored.root):
+                problem = problem or f"the stored checkpoint of size {stored.size} differs from its signed note"
+                continue
+        roots.setdefault(stored.size, []).append(stored.root)
+    if witness_text and verifiers is not None:
+        for note in read_notes(witness_text):
+            try:
+                parsed = parse(note, list(verifiers))
+            except CheckpointError:
+                continue  # a witness line nobody signed proves nothing
+            roots.setdefault(parsed.size, []).append(parsed.root)
+    return roots, problem
+
+
+def walk(
+    session: Session,
+    roots: dict[int, list[bytes]],
+    *,
+    start: merkle.CompactRange | None = None,
+    require_size: int = 0,
+    batch: int = 5000,
+    every: bool = False,
+) -> LogReport:
+    """Recompute the log from position ``start.size`` on and compare with ``roots`` at each size.
+
+    Stops at the first problem, or with ``every`` goes on past it and lists them all: an edited or
+    removed event row is reported and its stored leaf stands in for it, so later checkpoints can
+    still be matched; after a missing position or a checkpoint that no longer matches, the roots
+    cannot be, and only the rows are still checked against their leaves.
+    """
+    compact = start or merkle.CompactRange()
+    checked = matched = 0
+    next_seq, tree_ok = compact.size, True
+    range_start: tuple[int, int] | None = None  # first event since the last matching checkpoint
+    problems: list[tuple[int, int | None, str]] = []
+
+    def report() -> LogReport:
+        seq, event_id, reason = problems[0]
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        out = LogReport(False, checked, compact.size, None, seq, event_id, reason + more, matched)
+        out.problems = problems
+        return out
+
+    for position, event_id, stored, present, leaf in _rows(session, compact.size, batch):
+        if position != next_seq:
+            problems.extend(
+                (p, None, f"position {p} is missing from the log (its leaf was removed)")
+                for p in range(next_seq, position)
+            )
+            tree_ok = False
+            if not every:
+                return report()
+        seq, next_seq = position, position + 1
+        if present is None:
+            problems.append((seq, event_id, f"event {event_id} at position {seq} was removed"))
+        elif leaf != stored:
+            problems.append(
+                (seq, event_id, f"event {event_id} at position {seq} was altered (no longer matches its leaf)")
+            )
+        if problems and not every:
+            return report()
+        checked += 1
+        if not tree_ok:
+            continue
+        if range_start is None:
+            range_start = (seq, event_id)
+        compact.append(stored)  # == the recomputed leaf unless reported above
+        expected = roots.get(compact.size)
+        if expected:
+            if any(r != compact.root() for r in expected):
+                first_seq, first_id = range_start
+                problems.append(
+                    (
+                        first_seq,
+                        first_id,
+                        f"events at positions {first_seq}..{compact.size - 1} (from event {first_id}) no longer match "
+                        f"the signed checkpoint of size {compact.size}: one was removed, altered or reordered "
+                        "and the stored hashes rewritten",
+                    )
+                )
+                tree_ok = False
+                if not every:
+                    return report()
+            else:
+                matched += 1
+            range_start = None
+    end = max([require_size, *roots]) if roots or require_size else 0
+    if next_seq < end:
+        problems.append((next_seq, None, f"the log ends at {next_seq} events; a signed checkpoint has {end}"))
+    if problems:
+        return report()
+    return LogReport(True, checked, compact.size, compact.root(), checkpoints=matched, frontier=list(compact.hashes))
+
+
+def verify_log(
+    session: Session,
+    *,
+    verifiers: Sequence[Verifier] | None,
+    witness_text: str | None = None,
+    start: merkle.CompactRange | None = None,
+    every: bool = False,
+) -> LogReport:
+    """The whole log (or from a verified ``start``) against every trusted checkpoint; also the old chain.
+
+    With ``verifiers=None`` the stored checkpoints are taken as they are (no signature check): a
+    self-consistency check for tests and the worker's quick check, not proof against an insider.
+    """
+    roots, problem = trusted_roots(session, verifiers, witness_text)
+    if start is None:
+        old = verify_old_chain(session)
+        if not old.ok:
+            return LogReport(False, 0, 0, None, None, old.first_bad_id, f"pre-log chain: {old.reason}")
+    report = walk(session, roots, start=start, every=every)
+    if report.ok and problem:
+        report.ok, report.reason = False, problem
+    return report
+
+
+def verify_against(
+    session: Session,
+    note: str,
+    verifiers: Sequence[Verifier],
+    *,
+    witness_text: str | None = None,
+    every: bool = False,
+) -> tuple[Checkpoint, LogReport]:
+    """Prove that the log still extends the checkpoint ``note`` (pinned earlier by an auditor).
+
+    Raises :class:`CheckpointError` when the note's signature does not verify. The report is not ok,
+    and names the first missing or altered event, when the log no longer hashes to the pinned root or
+    to any other signed checkpoint.
+    """
+    pinned = parse(note, list(verifiers))
+    roots, _ = trusted_roots(session, verifiers, witness_text)
+    roots.setdefault(pinned.size, []).append(pinned.root)
+    return pinned, walk(session, roots, require_size=pinned.size, every=every)
+
+
+def report_row(session: Session, report: LogReport) -> None:
+    """Store a verification result (the API's ``/verify`` answer and the next incremental start)."""
+    session.execute(
+        text(
+            "INSERT INTO audit_verifications (ok, size, root, checked, first_bad_seq, first_bad_event_id, reason, "
+            "frontier) VALUES (:ok, :size, :root, :checked, :seq, :eid, :reason, CAST(:frontier AS jsonb))"
+        ),
+        {
+            "ok": report.ok,
+            "size": report.size,
+            "root": report.root,
+            "checked": report.checked,
+            "seq": report.first_bad_seq,
+            "eid": report.first_bad_event_id,
+            "reason": report.reason,
+            "frontier": "[" + ",".join(f'"{base64.b64encode(h).decode()}"' for h in report.frontier) + "]",
+        },
+    )
+
+
+def latest_result(session: Session) -> Row[Any] | None:
+    return session.execute(text("SELECT * FROM audit_verifications ORDER BY id DESC LIMIT 1")).first()
+
+
+def resume_point(session: Session) -> merkle.CompactRange | None:
+    """The compact range of the last successful check, to continue from (None: start from scratch)."""
+    row = latest_result(session)
+    if row is None or not row.ok or row.root is None:
+        return None
+    compact = merkle.CompactRange(row.size, [base64.b64decode(h) for h in row.frontier])
+    return compact if compact.root() == bytes(row.root) else None

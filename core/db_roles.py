@@ -1,0 +1,169 @@
+"""Least privilege for the audit trail: an owner role that runs migrations, a runtime role for services.
+
+The owner owns every table (it creates them in the migrations). The API, workers, beat, the sealer
+and Flower log in as the runtime role, which may read and write the operational tables but only
+INSERT and SELECT on the audit tables: no UPDATE, DELETE or TRUNCATE, and, not owning them, no
+``ALTER TABLE ... DISABLE TRIGGER`` either. ``idle_in_transaction_session_timeout`` is set for it
+so that no client, however slow, holds a transaction open for long.
+
+    dermq db roles --owner dermq_owner --runtime dermq_app      # once, as a superuser (make run, compose)
+    dermq db upgrade                                            # as the owner
+    dermq db grant --runtime dermq_app                          # as the owner, after every upgrade
+
+In production :func:`check_login` refuses to start a service whose login owns the audit table (or
+is a member of its owner) or is a superuser.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.orm import Session
+
+from core.config import Settings
+
+AUDIT_TABLES = ("audit_events", "audit_leaves", "audit_nodes", "audit_checkpoints", "audit_verifications")
+READ_ONLY_TABLES = ("alembic_version",)
+IDLE_IN_TRANSACTION_TIMEOUT = "60s"
+_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class InsecureLoginError(RuntimeError):
+    """A service would run with a database login that can rewrite the audit trail."""
+
+
+def _ident(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"role name {name!r}: use lower-case letters, digits and underscores")
+    return f'"{name}"'
+
+
+def create_roles(
+    connection: Connection, *, owner: str, runtime: str, owner_password: str | None, runtime_password: str | None
+) -> None:
+    """Create (or update) both login roles; run as a superuser or a role with CREATEROLE."""
+    for name, password in ((owner, owner_password), (runtime, runtime_password)):
+        exists = connection.scalar(text("SELECT 1 FROM pg_roles WHERE rolname = :n"), {"n": name})
+        verb = "ALTER" if exists else "CREATE"
+        clause = " PASSWORD :p" if password else ""
+        statement = f"{verb} ROLE {_ident(name)} LOGIN NOSUPERUSER NOCREATEROLE NOBYPASSRLS{clause}"
+        # DDL takes no bind parameters: the password is quoted by Postgres itself.
+        if password:
+            literal = connection.scalar(text("SELECT quote_literal(:p)"), {"p": password})
+            statement = statement.replace(":p", str(literal))
+        connection.execute(text(statement))
+    connection.execute(
+        text(f"ALTER ROLE {_ident(runtime)} SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'")
+    )
+
+
+def hand_over(connection: Connection, owner: str) -> None:
+    """Make ``owner`` own the tables and functions already created by another login (an older setup
+    that migrated as the superuser), so that it can run the next migrations."""
+    tables = connection.scalars(
+        text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> :o"), {"o": owner}
+    ).all()
+    for table in tables:
+        connection.execute(text(f'ALTER TABLE public."{table}" OWNER TO {_ident(owner)}'))
+    functions = connection.scalars(
+        text(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'public' AND p.proname LIKE 'audit%append_only'"
+        )
+    ).all()
+    for function in functions:
+        connection.execute(text(f"ALTER FUNCTION {function} OWNER TO {_ident(owner)}"))
+
+
+def grant_runtime(connection: Connection, runtime: str) -> None:
+    """Give ``runtime`` what the services need on the migrated schema; run as the owner after upgrades."""
+    role = _ident(runtime)
+    database = connection.scalar(text("SELECT current_database()"))
+    connection.execute(text(f'GRANT CONNECT ON DATABASE "{database}" TO {role}'))
+    connection.execute(text(f"GRANT USAGE ON SCHEMA public TO {role}"))
+    connection.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"))
+    connection.execute(text(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+    locked = ", ".join(AUDIT_TABLES)
+    connection.execute(text(f"REVOKE UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON {locked} FROM {role}"))
+    connection.execute(text(f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {', '.join(READ_ONLY_TABLES)} FROM {role}"))
+
+
+def login_problem(session: Session | Connection) -> str | None:
+    """Why this login must not run a service (superuser, owner or member of the owner), or None."""
+    row = session.execute(
+        text(
+            """
+            SELECT current_user AS login, r.rolsuper AS superuser, t.tableowner AS owner,
+                   pg_has_role(current_user, t.tableowner, 'MEMBER') AS member
+            FROM pg_roles r LEFT JOIN pg_tables t ON t.schemaname = 'public' AND t.tablename = 'audit_events'
+            WHERE r.rolname = current_user
+            """
+        )
+    ).one()
+    if row.superuser:
+        return f"the database login {row.login!r} is a superuser"
+    if row.owner is not None and row.member:
+        return f"the database login {row.login!r} owns the audit table (its owner is {row.owner!r})"
+    return None
+
+
+def check_login(session: Session | Connection, settings: Settings) -> None:
+    """In production, refuse a login that could rewrite the audit trail (see the module docstring)."""
+    if settings.environment != "production" or not settings.audit_require_runtime_role:
+        return
+    problem = login_problem(session)
+    if problem:
+        raise InsecureLoginError(
+            f"refusing to start: {problem}. Such a login can disable the audit trail's triggers and rewrite "
+            "it. Connect the services as the runtime role (INSERT and SELECT only on the audit tables; "
+            "see `dermq db roles` and `dermq db grant`), and run migrations as the owner."
+        )
+
+
+# --------------------------------------------------------------------------- set-up steps (dermq db roles | grant)
+
+
+def set_up_roles(
+    settings: Settings, *, owner: str, runtime: str, owner_password: str | None, runtime_password: str | None
+) -> str:
+    """Create both roles and give the database and everything in it to the owner (as a superuser)."""
+    engine = create_engine(settings.database_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            create_roles(
+                connection,
+                owner=owner,
+                runtime=runtime,
+                owner_password=owner_password,
+                runtime_password=runtime_password,
+            )
+            database = connection.scalar(text("SELECT current_database()"))
+            connection.execute(text(f'ALTER DATABASE "{database}" OWNER TO {_ident(owner)}'))
+            hand_over(connection, owner)
+    finally:
+        engine.dispose()
+    return f"roles {owner} (owner of database {database}) and {runtime} (runtime) are ready"
+
+
+def grant(settings: Settings, runtime: str) -> str:
+    """Grant the runtime role its privileges (as the owner, after every upgrade)."""
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.begin() as connection:
+            grant_runtime(connection, runtime)
+    finally:
+        engine.dispose()
+    return f"granted {runtime} its privileges: INSERT and SELECT only on {', '.join(AUDIT_TABLES)}"
+
+
+def refuse_insecure_login(settings: Settings) -> None:
+    """The start-up check of every service: in production, connect once and :func:`check_login`."""
+    if settings.environment != "production" or not settings.audit_require_runtime_role:
+        return
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            check_login(connection, settings)
+    finally:
+        engine.dispose()

@@ -1,0 +1,282 @@
+"""The audit trail against the insider it exists for: a database login that owns the tables.
+
+On a database of its own, with an owner role (migrations) and a runtime role (services) as in
+production: the runtime role cannot change or disable anything; the owner can rewrite the rows and
+every stored hash, but not the signed checkpoints an auditor pinned or the witness file, so
+`dermq audit verify --against` fails and names where. Also: rows written before the Merkle log
+keep their hash chain and are sealed first, in their chain order.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from cli.db import alembic_config
+from core import audit, audit_log, audit_verify, checkpoint, db_roles
+from core.config import Settings
+from core.db import dispose_engines, session_scope
+from tests import support
+
+
+def _admin(settings: Settings):  # type: ignore[no-untyped-def]
+    return create_engine(make_url(settings.database_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture
+def roles_db(settings: Settings, tmp_path: Path) -> Iterator[dict[str, Settings]]:
+    """A database owned by its owner role, migrated by it, with a runtime role granted by it."""
+    name = f"{support.TEST_DATABASE}_insider"
+    owner, runtime = f"{name}_owner", f"{name}_rt"
+    admin = _admin(settings)
+    support.drop_database(make_url(settings.database_url).set(database=name).render_as_string(False))
+    with admin.connect() as connection:
+        db_roles.create_roles(connection, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+        connection.execute(text(f'CREATE DATABASE "{name}" OWNER "{owner}"'))
+    base = make_url(settings.database_url).set(database=name)
+    as_owner = base.set(username=owner).render_as_string(False)
+    as_runtime = base.set(username=runtime).render_as_string(False)
+    command.upgrade(alembic_config(as_owner), "head")
+    engine = create_engine(as_owner)
+    with engine.begin() as connection:
+        db_roles.grant_runtime(connection, runtime)
+    engine.dispose()
+    witness = tmp_path / "witness.log"
+    common = {"audit_witness_file": witness}
+    try:
+        yield {
+            "owner": settings.model_copy(update={**common, "database_url": as_owner}),
+            "runtime": settings.model_copy(update={**common, "database_url": as_runtime}),
+            "superuser": settings.model_copy(update={**common, "database_url": base.render_as_string(False)}),
+        }
+    finally:
+        dispose_engines()
+        support.drop_database(base.render_as_string(False))
+        with admin.connect() as connection:
+            for role in (owner, runtime):
+                connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()
+
+
+def _record_and_seal(settings: Settings, keys: checkpoint.SigningKeys, n: int) -> list[int]:
+    """n events, each sealed (and so checkpointed and witnessed) on its own, by the runtime role."""
+    ids = []
+    for i in range(n):
+        with session_scope(settings) as session:
+            event = audit.record(
+                session,
+                action="case.read",
+                outcome=audit.SUCCESS,
+                actor=audit.SYSTEM,
+                entity_type="case",
+                entity_id=str(uuid.uuid4()),
+                detail={"i": i},
+            )
+            ids.append(event.id)
+        support.seal_all(settings)
+    return ids
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_events SET detail = '{}'",
+        "DELETE FROM audit_events",
+        "TRUNCATE audit_events CASCADE",
+        "ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only",
+        "ALTER TABLE audit_events DISABLE TRIGGER ALL",
+        "UPDATE audit_leaves SET leaf_hash = '\\x00'",
+        "DELETE FROM audit_checkpoints",
+        "INSERT INTO alembic_version VALUES ('x')",
+    ],
+)
+def test_the_runtime_role_cannot_rewrite_or_disable(roles_db, settings: Settings, statement: str) -> None:  # type: ignore[no-untyped-def]
+    keys = checkpoint.load_signing_keys(settings)
+    _record_and_seal(roles_db["runtime"], keys, 1)  # the runtime role can write and seal
+    engine = create_engine(roles_db["runtime"].database_url)
+    try:
+        with pytest.raises(DBAPIError, match=r"permission denied|must be owner"), engine.begin() as connection:
+            connection.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+def test_startup_check_refuses_owner_and_superuser_logins(roles_db) -> None:  # type: ignore[no-untyped-def]
+    for login, refused in (("runtime", None), ("owner", "owns the audit table"), ("superuser", "superuser")):
+        production = roles_db[login].model_copy(update={"environment": "production"})
+        engine = create_engine(production.database_url)
+        try:
+            with engine.connect() as connection:
+                if refused is None:
+                    db_roles.check_login(connection, production)
+                else:
+                    with pytest.raises(db_roles.InsecureLoginError, match=refused):
+                        db_roles.check_login(connection, production)
+                    db_roles.check_login(connection, roles_db[login])  # development: allowed
+        finally:
+            engine.dispose()
+
+
+def test_the_api_refuses_to_start_as_the_owner_in_production(roles_db) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    production = roles_db["owner"].model_copy(update={"environment": "production"})
+    with pytest.raises(db_roles.InsecureLoginError, match="refusing to start"), TestClient(create_app(production)):
+        pass
+    runtime = roles_db["runtime"].model_copy(update={"environment": "production"})
+    with TestClient(create_app(runtime)) as client:
+        assert client.get("/healthz").status_code == 200
+
+
+def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    keys = checkpoint.load_signing_keys(settings)
+    runtime, owner = roles_db["runtime"], roles_db["owner"]
+    ids = _record_and_seal(runtime, keys, 4)
+    pinned = tmp_path / "pinned.checkpoint"
+    with session_scope(runtime) as session:
+        latest = audit_log.latest_checkpoint(session)
+        assert latest is not None and latest.size == 4
+        pinned.write_text(latest.note)  # the auditor keeps this
+    ids += _record_and_seal(runtime, keys, 2)
+
+    # The owner's attack: disable the triggers, delete the oldest event, edit another, and rebuild every
+    # stored hash from the doctored rows (re-sealed with a key of its own: it cannot read the real one).
+    engine = create_engine(owner.database_url)
+    with engine.begin() as connection:
+        for table in ("audit_events", "audit_leaves", "audit_nodes", "audit_checkpoints"):
+            connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER {table}_append_only"))
+        connection.execute(text("DELETE FROM audit_leaves"))
+        connection.execute(text("DELETE FROM audit_nodes"))
+        connection.execute(text("DELETE FROM audit_checkpoints"))
+        connection.execute(text("DELETE FROM audit_events WHERE id = :id"), {"id": ids[0]})
+        connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 99}' WHERE id = :id"), {"id": ids[2]})
+    engine.dispose()
+    forger = checkpoint.generate(owner.audit_log_origin)
+    with session_scope(owner) as session:
+        assert audit_log.seal(session, forger, owner.audit_log_origin) is not None
+    with session_scope(owner) as session:  # the stored log is consistent with itself again...
+        assert audit_verify.verify_log(session, verifiers=None).ok
+        # ...but not with the signed checkpoints: the pinned one and the witness file's
+        witness = owner.audit_witness_file.read_text()  # type: ignore[union-attr]
+        _, report = audit_verify.verify_against(session, pinned.read_text(), keys.verifiers, witness_text=witness)
+    assert not report.ok and report.first_bad_seq == 0, report
+    assert "no longer match the signed checkpoint of size 1" in (report.reason or "")
+
+    env = {
+        **os.environ,
+        "DERMQ_DATABASE_URL": owner.database_url,
+        "DERMQ_KEY_FILE": str(settings.key_file),
+        "DERMQ_AUDIT_WITNESS_FILE": str(owner.audit_witness_file),
+        "DERMQ_ENVIRONMENT": "test",
+    }
+    cli = subprocess.run(
+        [*support.DERMQ, "audit", "verify", "--against", str(pinned)],
+        cwd=support.ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert cli.returncode == 1 and "AUDIT LOG BROKEN at position 0" in cli.stdout, cli.stdout + cli.stderr
+    # Without the witness file the pinned checkpoint alone still fails the log (at its own range).
+    cli = subprocess.run(
+        [*support.DERMQ, "audit", "verify", "--against", str(pinned)],
+        cwd=support.ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "DERMQ_AUDIT_WITNESS_FILE": str(tmp_path / "none.log")},
+    )
+    assert cli.returncode == 1 and "signed checkpoint of size 4" in cli.stdout, cli.stdout
+
+
+def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    keys = checkpoint.load_signing_keys(settings)
+    ids = _record_and_seal(roles_db["runtime"], keys, 5)
+    engine = create_engine(roles_db["owner"].database_url)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
+        connection.execute(text("UPDATE audit_events SET action = 'case.list' WHERE id = :id"), {"id": ids[1]})
+        connection.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = :id"), {"id": ids[3]})
+    engine.dispose()
+    witness = roles_db["owner"].audit_witness_file.read_text()
+    with session_scope(roles_db["owner"]) as session:
+        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness)
+        every = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness, every=True)
+    assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (1, ids[1])
+    assert "altered" in (report.reason or "")
+    # past the first break: both edits, and nothing else (the stored leaves still match every checkpoint)
+    assert [(p, e) for p, e, _ in every.problems] == [(1, ids[1]), (3, ids[3])]
+    assert every.checkpoints == 5 and every.checked == 5
+
+
+def test_rows_from_before_the_log_keep_their_chain_and_are_sealed_first(settings: Settings) -> None:
+    from core.audit_chain import GENESIS, chain_hash, verify_chain
+    from core.models import AuditEvent
+
+    url = make_url(settings.database_url).set(database=f"{support.TEST_DATABASE}_legacy").render_as_string(False)
+    support.recreate_database(url)
+    try:
+        command.upgrade(alembic_config(url), "0004")
+        legacy = settings.model_copy(update={"database_url": url, "audit_witness_file": None})
+        engine = create_engine(url)
+        prev, ids = GENESIS, []
+        with session_scope(legacy) as session:
+            for i in range(5):  # what the old core.audit.record wrote
+                event = AuditEvent(
+                    id=100 + i,
+                    occurred_at=datetime.now(UTC),
+                    action="case.read",
+                    outcome="success",
+                    actor_type="system",
+                    detail={"i": i},
+                )
+                event.prev_hash = prev
+                event.hash = prev = chain_hash(prev, event)
+                session.add(event)
+                ids.append(event.id)
+        command.upgrade(alembic_config(url), "head")
+        with session_scope(legacy) as session:
+            audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
+        support.seal_all(legacy)
+        with session_scope(legacy) as session:
+            assert verify_chain(session).ok and verify_chain(session).checked == 5
+            order = session.scalars(text("SELECT event_id FROM audit_leaves ORDER BY seq")).all()
+            assert order[:5] == ids and len(order) == 6
+            assert audit_verify.verify_log(session, verifiers=checkpoint.load_signing_keys(settings).verifiers).ok
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
+            connection.execute(text("UPDATE audit_events SET detail = '{}' WHERE id = 102"))
+        engine.dispose()
+        with session_scope(legacy) as session:
+            report = audit_verify.verify_log(session, verifiers=None)
+        assert not report.ok and report.first_bad_event_id == 102
+    finally:
+        dispose_engines()
+        support.drop_database(url)
+
+
+def test_downgrade_keeps_an_empty_log_and_refuses_to_drop_a_used_one(settings: Settings) -> None:
+    url = make_url(settings.database_url).set(database=f"{support.TEST_DATABASE}_mig").render_as_string(False)
+    support.recreate_database(url)
+    try:
+        command.upgrade(alembic_config(url), "head")
+        command.downgrade(alembic_config(url), "0004")  # nothing written yet: a clean way back
+        command.upgrade(alembic_config(url), "head")
+        with session_scope(settings.model_copy(update={"database_url": url})) as session:
+            audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
+        with pytest.raises(RuntimeError, match="refuses to drop the log"):
+            command.downgrade(alembic_config(url), "0004")
+    finally:
+        dispose_engines()
+        support.drop_database(url)

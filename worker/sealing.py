@@ -1,0 +1,104 @@
+"""The audit log's sealer and its periodic check, as Celery tasks and as a dedicated loop.
+
+    celery -A worker.celery_app beat         # schedules dermq.audit_seal every second, audit_check every minute
+    python -m worker.sealing                 # or: a dedicated sealer process (a loop, same work)
+
+Only one sealer writes at a time whatever runs (a Postgres advisory lock, :mod:`core.audit_log`): a
+second beat, a redelivered task or a loop beside the beat simply finds the lock taken and returns.
+The check recomputes the log from the last verified position (kept in Postgres,
+``audit_verifications``), compares it with every signed checkpoint and the witness file, and records
+the result that ``GET /v1/audit-events/verify`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from core import audit_log, audit_verify, db_roles
+from core.checkpoint import SigningKeys, load_signing_keys
+from core.config import Settings, get_settings
+from core.db import session_scope
+from core.queueing import AUDIT_CHECK_KEY, TASK_AUDIT_CHECK, TASK_AUDIT_SEAL
+from worker.celery_app import app
+
+log = logging.getLogger("dermq.worker")
+_keys: SigningKeys | None = None
+
+
+def _signing_keys(config: Settings) -> SigningKeys:
+    global _keys
+    if _keys is None:
+        _keys = load_signing_keys(config)
+    return _keys
+
+
+@app.task(name=TASK_AUDIT_SEAL)
+def audit_seal() -> dict[str, object]:
+    """Sequence the committed audit events into the log and sign a checkpoint."""
+    config = app.conf.dermq_settings
+    result = audit_log.seal_once(config, _signing_keys(config))
+    if result is None:
+        return {"sealed": 0, "busy": True}
+    return {"sealed": result.sealed, "size": result.size}
+
+
+def check(config: Settings, keys: SigningKeys) -> audit_verify.LogReport:
+    """Verify what was sealed since the last good check (from scratch after a failure) and store it."""
+    witness = config.audit_witness_file
+    witness_text = witness.read_text() if witness is not None and witness.exists() else None
+    with session_scope(config) as session:
+        start = audit_verify.resume_point(session)
+        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness_text, start=start)
+        audit_verify.report_row(session, report)
+    return report
+
+
+@app.task(name=TASK_AUDIT_CHECK)
+def audit_check() -> dict[str, object]:
+    """Verify the log incrementally, record the result in Postgres and the gauge's ok flag in Redis."""
+    from worker.tasks import _redis_client
+
+    config = app.conf.dermq_settings
+    report = check(config, _signing_keys(config))
+    state = {"ok": report.ok, "checked_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    _redis_client(config).set(AUDIT_CHECK_KEY, json.dumps(state))
+    if not report.ok:
+        log.error(
+            "audit log verification failed",
+            extra={
+                "event": "audit_chain_broken",
+                "audit_position": report.first_bad_seq,
+                "audit_event_id": report.first_bad_event_id,
+            },
+        )
+    return report.to_dict()
+
+
+def main() -> None:  # pragma: no cover - exercised as a subprocess by the tests
+    """A dedicated sealer: seal every ``DERMQ_AUDIT_SEAL_INTERVAL_SECONDS`` until SIGTERM/SIGINT."""
+    from core.logs import configure_logging
+
+    config = get_settings()
+    configure_logging(config.log_level, json_lines=config.log_json, component="sealer")
+    db_roles.refuse_insecure_login(config)
+    keys = load_signing_keys(config)
+    stopping: list[Any] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    log.info("audit sealer running", extra={"event": "sealer_start"})
+    while not stopping:
+        started = time.monotonic()
+        try:
+            audit_log.seal_once(config, keys)
+        except Exception as exc:  # the database is down: try again next tick
+            log.warning("audit sealing failed", extra={"event": "seal_failed", "error": type(exc).__name__})
+        time.sleep(max(0.0, config.audit_seal_interval_seconds - (time.monotonic() - started)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
