@@ -316,24 +316,7 @@ def export_pages(
             return
 
 
-EXPORT_FIELDS = (
-    "id",
-    "occurred_at",
-    "action",
-    "outcome",
-    "actor_type",
-    "actor_key_id",
-    "actor_role",
-    "clinic_id",
-    "source_ip",
-    "user_agent",
-    "request_id",
-    "entity_type",
-    "entity_id",
-    "detail",
-    "prev_hash",
-    "hash",
-)
+EXPORT_FIELDS = (*_LEAF_FIELDS, "detail", "prev_hash", "hash")
 
 
 def as_record(event: AuditEvent) -> dict[str, Any]:

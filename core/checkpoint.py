@@ -23,7 +23,6 @@ import binascii
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from core.config import Settings
-from core.crypto import check_private_file
+from core.crypto import check_private_file, write_private_json
 from core.errors import KeyringError
 
 ALG_ED25519 = b"\x01"
@@ -208,18 +207,7 @@ def from_json(data: dict[str, object]) -> SigningKeys:
 
 def write_signing_keys(path: Path, keys: SigningKeys) -> None:
     """Write the key file atomically with mode 0600 (never readable by others, even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(to_json(keys), indent=2) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_private_json(path, to_json(keys))
 
 
 def load_signing_keys(settings: Settings) -> SigningKeys:

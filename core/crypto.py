@@ -176,12 +176,17 @@ def write_key_file(path: Path, keyring: Keyring, *, overwrite: bool = False) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise KeyringError(f"{path} already exists; refusing to overwrite encryption keys")
+    write_private_json(path, keyring.to_json())
+
+
+def write_private_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically with mode 0600 (never readable by others, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump(keyring.to_json(), handle, indent=2)
-            handle.write("\n")
+            handle.write(json.dumps(data, indent=2) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

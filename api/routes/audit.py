@@ -109,6 +109,27 @@ def _utc(value: datetime | None, name: str) -> datetime | None:
     return value.astimezone(UTC)
 
 
+def record_auditor_access(
+    session: Session,
+    caller: Caller,
+    action: str,
+    detail: dict[str, Any],
+    *,
+    outcome: str = audit.SUCCESS,
+    clinic_id: uuid.UUID | None = None,
+) -> None:
+    """Audit one auditor's use of the trail (filed under the auditor's clinic unless ``clinic_id`` says)."""
+    audit.record(
+        session,
+        action=action,
+        outcome=outcome,
+        actor=caller.actor,
+        entity_type="audit",
+        clinic_id=clinic_id if clinic_id is not None else caller.principal.clinic_id,
+        detail=detail,
+    )
+
+
 def _cursor(value: str | None) -> int | None:
     if value is None:
         return None
@@ -144,15 +165,7 @@ async def search_events(
         limit(caller, app, "read")
         filters = _filters(caller, session, since, until, actor, clinic, case, action, outcome)
         page, next_id = audit.search(session, filters, before_id=_cursor(cursor), limit=limit_)
-        audit.record(
-            session,
-            action="audit.query",
-            outcome=audit.SUCCESS,
-            actor=caller.actor,
-            entity_type="audit",
-            clinic_id=caller.principal.clinic_id,
-            detail={"filters": filters.describe(), "count": len(page)},
-        )
+        record_auditor_access(session, caller, "audit.query", {"filters": filters.describe(), "count": len(page)})
         return AuditPage(
             items=[AuditEventOut(**audit.as_record(e)) for e in page],
             next_cursor=str(next_id) if next_id is not None else None,
@@ -223,15 +236,7 @@ async def export_events(
                 "(export longer periods range by range)",
                 code="invalid_time_range",
             )
-        audit.record(
-            session,
-            action="audit.export",
-            outcome=audit.SUCCESS,
-            actor=caller.actor,
-            entity_type="audit",
-            clinic_id=caller.principal.clinic_id,
-            detail={"filters": filters.describe(), "format": format},
-        )
+        record_auditor_access(session, caller, "audit.export", {"filters": filters.describe(), "format": format})
         return filters
 
     # The export is audited, and the request's transaction commits, before the first row leaves.
@@ -260,14 +265,12 @@ async def verify_chain(response: Response, app: State, caller: AuthenticatedCall
     def read(session: Session) -> Row[Any] | None:
         limit(caller, app, "read")
         row = audit_verify.latest_result(session)
-        audit.record(
+        record_auditor_access(
             session,
-            action="audit.verify",
+            caller,
+            "audit.verify",
+            {"ok": row.ok if row else None, "size": row.size if row else 0},
             outcome=audit.SUCCESS if row is None or row.ok else audit.FAILURE,
-            actor=caller.actor,
-            entity_type="audit",
-            clinic_id=caller.principal.clinic_id,
-            detail={"ok": row.ok if row else None, "size": row.size if row else 0},
         )
         return row
 

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Query, Response
 from sqlalchemy.orm import Session
 
 from api.deps import AuthenticatedCaller, Db, State, limit, require_role
+from api.routes.audit import record_auditor_access
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import CheckpointOut, ConsistencyProofOut, InclusionProofOut
 from core import audit, audit_log
@@ -48,15 +49,7 @@ async def latest_checkpoint(response: Response, app: State, caller: Authenticate
     def read(session: Session) -> CheckpointOut:
         limit(caller, app, "read")
         latest = _latest(session)
-        audit.record(
-            session,
-            action="audit.checkpoint",
-            outcome=audit.SUCCESS,
-            actor=caller.actor,
-            entity_type="audit",
-            clinic_id=caller.principal.clinic_id,
-            detail={"size": latest.size},
-        )
+        record_auditor_access(session, caller, "audit.checkpoint", {"size": latest.size})
         return CheckpointOut(
             size=latest.size, root=_b64(latest.root), signed_at=latest.signed_at, checkpoint=latest.note
         )
@@ -97,14 +90,8 @@ async def inclusion_proof(
         except LookupError:
             raise NotFound("the event is not sealed into a tree of that size yet", code="not_sealed") from None
         root = audit_log.StoredTree(session).root(tree_size)
-        audit.record(
-            session,
-            action="audit.proof",
-            outcome=audit.SUCCESS,
-            actor=caller.actor,
-            entity_type="audit",
-            clinic_id=scope,
-            detail={"kind": "inclusion", "event": event, "size": tree_size},
+        record_auditor_access(
+            session, caller, "audit.proof", {"kind": "inclusion", "event": event, "size": tree_size}, clinic_id=scope
         )
         return InclusionProofOut(
             event_id=event,
@@ -145,15 +132,7 @@ async def consistency_proof(
             raise BadRequest(f"need from <= to <= {latest.size} (the latest checkpoint's size)", code="invalid_size")
         tree = audit_log.StoredTree(session)
         path = audit_log.consistency_proof(session, old, new_size)
-        audit.record(
-            session,
-            action="audit.proof",
-            outcome=audit.SUCCESS,
-            actor=caller.actor,
-            entity_type="audit",
-            clinic_id=caller.principal.clinic_id,
-            detail={"kind": "consistency", "from": old, "to": new_size},
-        )
+        record_auditor_access(session, caller, "audit.proof", {"kind": "consistency", "from": old, "to": new_size})
         return ConsistencyProofOut(
             old_size=old,
             new_size=new_size,

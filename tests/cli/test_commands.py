@@ -25,6 +25,8 @@ from tests import support
 COMMANDS = {
     "db create": set(),
     "db upgrade": set(),
+    "db roles": {"owner", "runtime", "owner_password_file", "runtime_password_file"},
+    "db grant": {"runtime"},
     "keys init": {"file"},
     "keys rotate": {"batch"},
     "keys rewrap": {"batch"},
@@ -37,7 +39,8 @@ COMMANDS = {
     "key create": {"clinic", "role", "label", "as_json"},
     "key list": {"clinic", "as_json"},
     "key revoke": {"key_id"},
-    "audit verify": {"as_json"},
+    "audit verify": {"against", "every", "as_json"},
+    "audit checkpoint": {"as_json"},
     "model list": {"as_json"},
     "model verify": {"model_id"},
     "drift report": {"day", "as_json"},

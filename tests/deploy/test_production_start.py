@@ -13,12 +13,18 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
+from core.db import dispose_engines
 from tests import support
+from tests.conftest import new_tenant
 from tests.deploy import manifests
 
 #: A Redis database of this test's own: no other worker of the test run takes its cases.
 REDIS_DB = 15
+#: The audit log's signing key file as the worker's manifest mounts it.
+SIGNING_KEY = "dermq-audit-signing-key.json"
 SECRETS_README = manifests.DEPLOY / "secrets" / "README.md"
 
 
@@ -42,9 +48,13 @@ def secret_modes(workload: manifests.Workload, container: dict) -> dict[str, int
 
 
 def production_env(base: dict[str, str], secrets_dir: Path, stack_env: dict[str, str]) -> dict[str, str]:
-    """The shipped environment, pointed at this machine's Postgres and Redis and at free ports."""
+    """The shipped environment, pointed at this machine's Postgres and Redis, at free ports, and at
+    secret files under ``secrets_dir`` (and a witness file beside it) instead of /run/secrets."""
+    moved = {k: v.replace("/run/secrets", str(secrets_dir)) for k, v in base.items()}
+    if "DERMQ_AUDIT_WITNESS_FILE" in moved:
+        moved["DERMQ_AUDIT_WITNESS_FILE"] = str(secrets_dir.parent / "witness.log")
     return {
-        **base,
+        **moved,
         "DERMQ_SECRETS_DIR": str(secrets_dir),
         "DERMQ_KEY_FILE": str(secrets_dir / "dermq-keys.json"),
         "DERMQ_REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
@@ -59,13 +69,46 @@ def production_env(base: dict[str, str], secrets_dir: Path, stack_env: dict[str,
     }
 
 
-def write_secrets(secrets_dir: Path, stack_env: dict[str, str], modes: dict[str, int]) -> None:
-    """The secret files the services read, with the modes the deployment gives them."""
+def write_secrets(secrets_dir: Path, stack_env: dict[str, str], modes: dict[str, int], database_url: str) -> None:
+    """The secret files the services read, with the modes the deployment gives them: the key file,
+    the database URL (the runtime role's) and the audit log's signing key (for the origin that the
+    deployment's settings name)."""
+    from core.checkpoint import generate, write_signing_keys
+    from core.config import Settings
+
     secrets_dir.mkdir(mode=0o700)
     shutil.copyfile(stack_env["DERMQ_KEY_FILE"], secrets_dir / "dermq-keys.json")
-    (secrets_dir / "dermq_database_url").write_text(stack_env["DERMQ_DATABASE_URL"])
-    for name in ("dermq-keys.json", "dermq_database_url"):
-        (secrets_dir / name).chmod(modes[name])
+    (secrets_dir / "dermq_database_url").write_text(database_url)
+    origin = manifests.configmap_data().get("DERMQ_AUDIT_LOG_ORIGIN", Settings.model_fields["audit_log_origin"].default)
+    write_signing_keys(secrets_dir / SIGNING_KEY, generate(origin))
+    for name in ("dermq-keys.json", "dermq_database_url", SIGNING_KEY):
+        (secrets_dir / name).chmod(modes.get(name, modes["dermq-keys.json"]))
+
+
+@pytest.fixture
+def runtime_database(settings, database) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A migrated database of this module's own with the owner and runtime roles; yields the runtime
+    role's URL, the login every service has in a deployment (production refuses the owner's)."""
+    from core import db_roles
+
+    name = f"{support.TEST_DATABASE}_production"
+    url = make_url(settings.database_url).set(database=name)
+    owner, runtime = f"{name}_owner", f"{name}_app"
+    support.recreate_database(url.render_as_string(False))
+    support.migrate(url.render_as_string(False))
+    local = settings.model_copy(update={"database_url": url.render_as_string(False)})
+    try:
+        db_roles.set_up_roles(local, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+        db_roles.grant(local, runtime)
+        yield url.set(username=runtime).render_as_string(False)
+    finally:
+        dispose_engines()
+        support.drop_database(url.render_as_string(False))
+        admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            for role in (owner, runtime):
+                connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()
 
 
 @pytest.fixture
@@ -78,7 +121,7 @@ def production_redis() -> Iterator[None]:
 
 
 def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classify(  # type: ignore[no-untyped-def]
-    tmp_path: Path, stack_env, database, production_redis, make_key, jpeg_bytes
+    tmp_path: Path, stack_env, settings, keyring, runtime_database, production_redis, jpeg_bytes
 ) -> None:
     api, worker = manifests.workload("api"), manifests.workload("worker")
     api_container, worker_container = api.containers[0], worker.containers[0]
@@ -86,7 +129,8 @@ def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classif
     assert modes["dermq-keys.json"] & 0o040, "the manifests are expected to mount the key file group-readable"
     assert secret_modes(worker, worker_container)["dermq-keys.json"] == modes["dermq-keys.json"]
     secrets_dir = tmp_path / "secrets"
-    write_secrets(secrets_dir, stack_env, modes)
+    modes.update(secret_modes(worker, worker_container))
+    write_secrets(secrets_dir, stack_env, modes, runtime_database)
     env = production_env(manifests.container_environment(api_container), secrets_dir, stack_env)
     assert env["DERMQ_ENVIRONMENT"] == "production"
     worker_env = {**production_env(manifests.container_environment(worker_container), secrets_dir, stack_env)}
@@ -99,7 +143,7 @@ def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classif
         assert server.alive(), "the API stopped at start-up in production mode"
         process = support.start_worker(worker_env, tmp_path / "worker.log", name="production")
         try:
-            tenant = make_key("clinic")
+            tenant = new_tenant(settings.model_copy(update={"database_url": runtime_database}), keyring)
             with httpx.Client(base_url=base, timeout=30) as http:
                 assert http.get("/readyz").json()["status"] == "ready"
                 files = {"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
@@ -122,7 +166,7 @@ def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classif
 
 
 def test_the_compose_instructions_modes_let_the_api_start(
-    tmp_path: Path, stack_env, database, production_redis
+    tmp_path: Path, stack_env, runtime_database, production_redis
 ) -> None:  # type: ignore[no-untyped-def]
     readme = SECRETS_README.read_text()
     found = re.search(r"chmod (\d{3}) [^\n]*dermq-keys\.json", readme)
@@ -130,7 +174,7 @@ def test_the_compose_instructions_modes_let_the_api_start(
     mode = int(found.group(1), 8)
     services = manifests.compose_services()
     secrets_dir = tmp_path / "secrets"
-    write_secrets(secrets_dir, stack_env, {"dermq-keys.json": mode, "dermq_database_url": mode})
+    write_secrets(secrets_dir, stack_env, {"dermq-keys.json": mode, "dermq_database_url": mode}, runtime_database)
     assert stat.S_IMODE((secrets_dir / "dermq-keys.json").stat().st_mode) == mode
     env = production_env(manifests.compose_environment(services["api"]), secrets_dir, stack_env)
     assert env["DERMQ_ENVIRONMENT"] == "production"
@@ -144,9 +188,10 @@ def test_the_compose_instructions_modes_let_the_api_start(
         server.stop()
 
 
-def test_a_world_readable_key_file_stops_the_api_at_start_up(tmp_path: Path, stack_env, database) -> None:  # type: ignore[no-untyped-def]
+def test_a_world_readable_key_file_stops_the_api_at_start_up(tmp_path: Path, stack_env, runtime_database) -> None:  # type: ignore[no-untyped-def]
     secrets_dir = tmp_path / "secrets"
-    write_secrets(secrets_dir, stack_env, {"dermq-keys.json": 0o444, "dermq_database_url": 0o440})
+    modes = {"dermq-keys.json": 0o444, "dermq_database_url": 0o440, SIGNING_KEY: 0o440}
+    write_secrets(secrets_dir, stack_env, modes, runtime_database)
     env = production_env(manifests.configmap_data(), secrets_dir, stack_env)
     server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
     try:
