@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api import metrics, problems
 from api.deps import AppState, record_denial
@@ -83,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(RequestContextMiddleware)
+    if settings.forwarded_allow_ips:  # outermost: the client address is settled before anything reads it
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     app.include_router(health.router)
     app.include_router(cases.router)
     app.include_router(audit.router)
@@ -110,8 +113,7 @@ def main() -> None:
         port=settings.api_port,
         log_config=None,
         access_log=False,
-        proxy_headers=settings.trust_forwarded_for,
-        forwarded_allow_ips="*" if settings.trust_forwarded_for else None,
+        proxy_headers=False,  # create_app adds the middleware, for the configured proxies only
         server_header=False,
         **tls,  # type: ignore[arg-type]
     )

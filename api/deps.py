@@ -68,19 +68,16 @@ async def request_db(request: Request) -> AsyncIterator[RequestDb]:
 Db = Annotated[RequestDb, Depends(request_db, scope="function")]
 
 
-def client_address(request: Request, settings: Settings) -> str:
-    if settings.trust_forwarded_for:
-        forwarded = request.headers.get("x-forwarded-for", "")
-        if forwarded:
-            return forwarded.split(",")[0].strip()[:64]
-    return request.client.host if request.client else "unknown"
+def client_address(request: Request) -> str:
+    """The client's address: the TCP peer's, or the one a configured proxy forwarded (the app's
+    ProxyHeadersMiddleware has put it in place of the proxy's; see ``DERMQ_FORWARDED_ALLOW_IPS``)."""
+    return request.client.host[:64] if request.client else "unknown"
 
 
 def actor_for(request: Request) -> audit.Actor:
-    settings = state(request).settings
     return audit.Actor(
         type="anonymous",
-        source_ip=client_address(request, settings),
+        source_ip=client_address(request),
         user_agent=request.headers.get("user-agent"),
         request_id=request_id_var.get(),
     )
@@ -106,23 +103,37 @@ class Caller:
     actor: audit.Actor
 
 
+def failure_bucket(source_ip: str | None, token: str | None) -> str:
+    """Where failed logins count: per source address *and* key prefix. Garbage sprayed from a clinic's
+    NAT counts against the prefixes it names, never against the clinic's valid keys; guesses at one
+    key's secret count against that key's prefix from that address."""
+    prefix = keys.token_prefix(token) or "-"
+    return f"authfail:{source_ip}:{prefix}"
+
+
 async def authenticate(request: Request, db: Db, app: State) -> Caller:
-    """The API key's principal. Failed attempts are audited and rate-limited per source address."""
+    """The API key's principal. Failed attempts are audited and limited per address and key prefix."""
     actor = actor_for(request)
-    bucket = f"authfail:{actor.source_ip}"
     limit = app.settings.rate_limit_failed_auth_per_minute
 
     def check(session: Session) -> keys.Principal:
-        blocked = app.limiter.check(bucket, limit)
+        try:
+            token = bearer_token(request)
+        except Unauthorized:
+            app.limiter.hit(failure_bucket(actor.source_ip, None), limit, failures=True)
+            raise
+        bucket = failure_bucket(actor.source_ip, token)
+        blocked = app.limiter.check(bucket, limit, failures=True)
         if not blocked.allowed:
             raise RateLimited(
-                f"too many failed authentication attempts from this address; retry in {blocked.retry_after} s",
+                f"too many failed authentication attempts with this key from this address; retry in "
+                f"{blocked.retry_after} s",
                 retry_after=blocked.retry_after,
             )
         try:
-            return keys.authenticate(session, app.keyring, bearer_token(request))
+            return keys.authenticate(session, app.keyring, token)
         except Unauthorized as exc:
-            app.limiter.hit(bucket, limit)
+            app.limiter.hit(bucket, limit, failures=True)
             exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
             raise
 

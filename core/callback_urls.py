@@ -2,9 +2,12 @@
 
 The clinic chooses the URL, but the request leaves from dermq's worker network, where it could reach
 what no clinic may: cloud metadata (169.254.169.254), Postgres, Redis, Flower, admin interfaces on
-localhost. Outside development and test dermq therefore accepts only ``https`` URLs without
+localhost. Unless ``DERMQ_CALLBACK_ALLOW_PRIVATE_URLS`` is set (a portal on a developer's machine; refused in
+production), dermq therefore accepts only ``https`` URLs without
 credentials, refuses hosts that are, or resolve to, anything but public unicast addresses (loopback,
-private, link-local, shared, reserved, multicast), and resolves again at every delivery
+private, link-local, shared, reserved, multicast; an IPv6 address that carries an IPv4 one, through
+NAT64, 6to4, Teredo or the old IPv4-compatible form, is judged by the IPv4 address it reaches), and
+resolves again at every delivery
 (:func:`checked_address`), where the HTTP client (:mod:`worker.callbacks`) connects to the very
 address checked, so DNS rebinding between check and connect gains nothing. Egress filtering at the
 network layer is still recommended as a second wall.
@@ -19,8 +22,6 @@ from urllib.parse import urlsplit
 from core.config import Settings
 from core.errors import InvalidInput
 
-#: Plain http and loopback/private receivers are allowed only here (a portal on the developer's machine).
-LOCAL_ENVIRONMENTS = ("development", "test")
 INTERNAL_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain", ".home.arpa")
 
 
@@ -28,10 +29,36 @@ class UnsafeAddress(OSError):
     """The callback host resolves to an address dermq must not call (see the module docstring)."""
 
 
+#: NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 address a translator reaches.
+NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
+#: NAT64 prefixes for local use (RFC 8215): they reach whatever the operator's translator reaches.
+NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")
+#: IPv4-compatible addresses (RFC 4291 section 2.5.5.1, deprecated): ::a.b.c.d.
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _carried_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses that packets to ``address`` end up at, where it embeds any."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address in NAT64_WELL_KNOWN or (address in IPV4_COMPATIBLE and int(address) > 1):
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    return []
+
+
 def public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether dermq may call ``address``: a public unicast address (an IPv4-mapped IPv6 one judged as IPv4)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Whether dermq may call ``address``: a public unicast address. An IPv6 address that embeds an IPv4
+    one (mapped, NAT64, 6to4, Teredo, IPv4-compatible) is public only if every IPv4 one it carries is."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in NAT64_LOCAL_USE:
+            return False
+        carried = _carried_ipv4(address)
+        if carried:
+            return all(public_address(v4) for v4 in carried)
     return address.is_global and not address.is_multicast
 
 
@@ -48,7 +75,7 @@ def validate_url(url: str, settings: Settings) -> str:
     if any(not ("\x21" <= c <= "\x7e") for c in url):
         raise _invalid("the callback URL must be visible ASCII (write international host names in punycode)")
     parts = urlsplit(url)
-    local = settings.environment in LOCAL_ENVIRONMENTS
+    local = settings.callback_allow_private_urls
     allowed = ("https", "http") if local else ("https",)
     if parts.scheme not in allowed:
         raise _invalid("the callback URL must use https")
@@ -77,12 +104,12 @@ def validate_url(url: str, settings: Settings) -> str:
 
 def checked_address(host: str, port: int, settings: Settings) -> str:
     """The address to connect to for ``host``, resolved now; :class:`UnsafeAddress` if any address it
-    resolves to is not public (outside development and test)."""
+    resolves to is not public (unless private URLs are allowed)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses = [str(info[4][0]) for info in infos]
     if not addresses:
         raise UnsafeAddress("no address")
-    if settings.environment not in LOCAL_ENVIRONMENTS and not all(
+    if not settings.callback_allow_private_urls and not all(
         public_address(ipaddress.ip_address(a.split("%")[0])) for a in addresses
     ):
         raise UnsafeAddress("the host resolves to a non-public address")

@@ -8,6 +8,7 @@ in production, never silently relaxed.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -74,7 +75,11 @@ class Settings(BaseSettings):
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     public_base_url: str = ""
-    trust_forwarded_for: bool = False
+    #: The reverse proxies (addresses or networks) whose X-Forwarded-For and X-Forwarded-Proto the API
+    #: believes: nginx's network in compose, the ingress controllers' pod network in Kubernetes. From
+    #: any other peer the headers are ignored (a client talking to the API directly cannot choose the
+    #: address its requests are limited and audited under). "*" trusts everyone: refused in production.
+    forwarded_allow_ips: list[str] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     max_image_side: int = Field(12_000, ge=64)
@@ -139,6 +144,9 @@ class Settings(BaseSettings):
     callback_backoff_seconds: float = Field(2.0, gt=0)
     callback_backoff_max_seconds: float = Field(300.0, gt=0)
     callback_url_max_length: int = Field(2048, ge=64, le=8192)
+    #: Plain http and loopback/private callback receivers (a portal on a developer's machine).
+    #: Refused in production: it turns off the SSRF guard of core/callback_urls.py.
+    callback_allow_private_urls: bool = False
 
     # --- Flower -------------------------------------------------------------------------
     flower_host: str = "127.0.0.1"
@@ -159,6 +167,17 @@ class Settings(BaseSettings):
             raise ValueError("DERMQ_DATABASE_URL must be a PostgreSQL URL (postgresql+psycopg2://...)")
         return value
 
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"DERMQ_FORWARDED_ALLOW_IPS: {item!r} is not an address or network") from None
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if not self.task_soft_time_limit < self.task_time_limit < self.broker_visibility_timeout:
@@ -171,6 +190,15 @@ class Settings(BaseSettings):
             raise ValueError("set both DERMQ_TLS_CERTFILE and DERMQ_TLS_KEYFILE, or neither")
         if self.gradcam_budget_seconds >= self.task_soft_time_limit:
             raise ValueError("gradcam_budget_seconds must be below task_soft_time_limit")
+        if self.environment == "production" and "*" in self.forwarded_allow_ips:
+            raise ValueError(
+                "DERMQ_FORWARDED_ALLOW_IPS='*' lets any client choose the address it is audited and limited "
+                "under; name the proxies' addresses or networks"
+            )
+        if self.environment == "production" and self.callback_allow_private_urls:
+            raise ValueError(
+                "DERMQ_CALLBACK_ALLOW_PRIVATE_URLS turns off the callback SSRF guard; it is refused in production"
+            )
         if self.environment == "production" and self.keys_json is None and self.key_file is None:
             raise ValueError("production needs DERMQ_KEY_FILE or DERMQ_KEYS_JSON")
         return self

@@ -25,6 +25,9 @@ def make_engine(settings: Settings) -> Engine:
         max_overflow=settings.database_pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
+        # Error text never carries bound parameters (labels, probabilities, client references): it
+        # reaches logs, Celery's task events and so Flower.
+        hide_parameters=True,
         connect_args={
             "connect_timeout": 5,
             "application_name": "dermq",

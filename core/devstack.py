@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     # The stack on a developer's machine asks for development (private callback URLs allowed, a
     # generated Flower password); everything else defaults to production.
     os.environ.setdefault("DERMQ_ENVIRONMENT", "development")
+    os.environ.setdefault("DERMQ_CALLBACK_ALLOW_PRIVATE_URLS", "true")  # a portal on this machine may listen
     settings = get_settings()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env = prepare(settings, state_dir, env)

@@ -82,6 +82,12 @@ def create_key(
     return key, token
 
 
+def token_prefix(token: str | None) -> str | None:
+    """The lookup prefix of a well-formed token (not secret: it names the key), else None."""
+    match = TOKEN_RE.match(token) if token else None
+    return match[1] if match else None
+
+
 def authenticate(session: Session, keyring: Keyring, token: str | None) -> Principal:
     """The principal for a bearer token; raises :class:`Unauthorized` with a reason code otherwise."""
     if not token:

@@ -5,14 +5,18 @@ one request every 60/N seconds. GCRA keeps one timestamp per key (the theoretica
 it is exact, smooth and O(1), with no fixed-window edge where 2N requests pass in a second. The check
 and update are one Lua script, atomic across processes.
 
-If Redis is unreachable the limiter lets requests through (and logs it): an outage of the
-broker must not stop clinics from submitting, and Postgres keeps every accepted case.
+If Redis is unreachable, request limits let requests through (and log it): an outage of the
+broker must not stop clinics from submitting, and Postgres keeps every accepted case. Limits on
+failures (failed logins) are kept instead by :class:`LocalLimiter`, the same algorithm in this
+process's memory: an outage must not open the door to unlimited guessing either.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 from dataclasses import dataclass
 
 import redis
@@ -58,32 +62,67 @@ class Decision:
     retry_after: int  # whole seconds, >= 1 when refused
 
 
+class LocalLimiter:
+    """GCRA in this process's memory: the stand-in for Redis while it is unreachable."""
+
+    #: Buckets kept at most; the ones whose limit has fully recovered go first.
+    MAX_BUCKETS = 100_000
+
+    def __init__(self) -> None:
+        self._tat: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _decide(self, bucket: str, per_minute: int, cost: int) -> Decision:
+        interval = 60.0 / per_minute
+        now = time.monotonic()
+        with self._lock:
+            tat = max(self._tat.get(bucket, now), now)
+            allow_at = tat + interval * max(cost, 1) - interval * per_minute  # as if it were counted
+            if allow_at > now:
+                return Decision(False, max(1, math.ceil(allow_at - now)))
+            if cost:
+                if len(self._tat) >= self.MAX_BUCKETS:
+                    self._tat = {k: v for k, v in self._tat.items() if v > now}
+                self._tat[bucket] = tat + interval * cost
+            return Decision(True, 0)
+
+    def hit(self, bucket: str, per_minute: int, *, cost: int = 1) -> Decision:
+        return self._decide(bucket, per_minute, cost)
+
+    def check(self, bucket: str, per_minute: int) -> Decision:
+        return self._decide(bucket, per_minute, 0)
+
+
 class RateLimiter:
     def __init__(self, client: redis.Redis, prefix: str = "dermq:rl:") -> None:
         self.client = client
         self.prefix = prefix
         self._hit = client.register_script(GCRA)
         self._peek = client.register_script(PEEK)
+        self.local = LocalLimiter()
 
     def _args(self, per_minute: int) -> tuple[int, int]:
         interval = 60_000 / per_minute
         return int(interval), int(interval * per_minute)
 
-    def hit(self, bucket: str, per_minute: int, *, cost: int = 1) -> Decision:
-        """Count one request against ``bucket``; refuse it if the bucket is over its limit."""
+    def hit(self, bucket: str, per_minute: int, *, cost: int = 1, failures: bool = False) -> Decision:
+        """Count one request against ``bucket``; refuse it if the bucket is over its limit. Without
+        Redis: allowed, or, for a limit on ``failures``, decided by :attr:`local`."""
         interval, tolerance = self._args(per_minute)
         try:
             allowed, wait_ms = self._hit(keys=[self.prefix + bucket], args=[interval, tolerance, cost])
         except redis.RedisError as exc:
+            if failures:
+                return self.local.hit(bucket, per_minute, cost=cost)
             log.warning("rate limiter unavailable; allowing the request", extra={"error": type(exc).__name__})
             return Decision(True, 0)
         return Decision(bool(allowed), 0 if allowed else max(1, math.ceil(int(wait_ms) / 1000)))
 
-    def check(self, bucket: str, per_minute: int) -> Decision:
-        """Would one more request pass? (Does not count one.)"""
+    def check(self, bucket: str, per_minute: int, *, failures: bool = False) -> Decision:
+        """Would one more request pass? (Does not count one.) Without Redis: as :meth:`hit` says."""
         interval, tolerance = self._args(per_minute)
         try:
             allowed, wait_ms = self._peek(keys=[self.prefix + bucket], args=[interval, tolerance])
         except redis.RedisError:
-            return Decision(True, 0)
+            return self.local.check(bucket, per_minute) if failures else Decision(True, 0)
         return Decision(bool(allowed), 0 if allowed else max(1, math.ceil(int(wait_ms) / 1000)))

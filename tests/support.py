@@ -37,6 +37,8 @@ def test_env(workdir: Path, **overrides: str) -> dict[str, str]:
     """DERMQ_* variables for the test stack; subprocesses get the same ones."""
     env = {
         "DERMQ_ENVIRONMENT": "test",
+        # the tests' callback receivers listen on 127.0.0.1
+        "DERMQ_CALLBACK_ALLOW_PRIVATE_URLS": "true",
         "DERMQ_DATABASE_URL": f"postgresql+psycopg2:///{TEST_DATABASE}",
         "DERMQ_REDIS_URL": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}",
         "DERMQ_KEY_FILE": str(workdir / "keys.json"),

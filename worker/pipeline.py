@@ -151,7 +151,7 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     try:
         predictor = runtime.get_predictor(config)
     except runtime.ModelUnavailable as exc:
-        return _fail(config, case_id, attempt, "model_error", f"the model could not be loaded: {exc}")
+        return _fail(config, case_id, attempt, "model_error", str(exc))
     inference_started = time.perf_counter()
     classified = _classify_image(config, predictor, image, attempt)
     timings["inference"] = time.perf_counter() - inference_started

@@ -35,6 +35,16 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT)
 
 
+class WithheldError(Exception):
+    """What Celery is given in place of an error: its type only. Celery puts the error's text in its
+    ``task-retried`` and ``task-failed`` events, which Flower shows and keeps, and a database error's
+    text can quote the values of the failing statement (a client reference, a label)."""
+
+
+def withheld(exc: BaseException) -> WithheldError:
+    return WithheldError(f"{type(exc).__name__} (details withheld: they may quote patient data)")
+
+
 def retry_delay(retries: int) -> float:
     """Seconds before retry number ``retries + 1``: 1, 2, 4, 8... (capped at 60) times a jitter in
     [0.5, 1.5), so that workers hit by one outage do not come back in step."""
@@ -65,5 +75,5 @@ def retry(task: Any, config: Settings, case_id: uuid.UUID, attempt: int | None, 
         extra={"event": "retry", "error": type(exc).__name__, "retry_in": round(countdown, 2), "attempt": attempt},
     )
     kwargs = {"requeue_attempt": attempt} if attempt is not None else {}
-    error: Exception = task.retry(exc=exc, countdown=countdown, kwargs=kwargs)
+    error: Exception = task.retry(exc=withheld(exc), countdown=countdown, kwargs=kwargs)
     return error

@@ -34,8 +34,16 @@ _predictor: Predictor | None = None
 _cpu_predictor: Predictor | None = None
 
 
+#: What a clinic is told when the model cannot be loaded. The registry's own error names files and
+#: digests: operators see it with ``dermq model verify``, never a clinic.
+MODEL_UNAVAILABLE = (
+    "the worker's model was not loaded: its files are missing or failed their integrity check; "
+    "the operators are alerted, submit the case again later"
+)
+
+
 class ModelUnavailable(RuntimeError):
-    """The configured model could not be loaded; the message says why and is safe to store."""
+    """The configured model could not be loaded; the message is :data:`MODEL_UNAVAILABLE`, safe to store."""
 
 
 class WorkerMetrics(Protocol):
@@ -134,7 +142,7 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
             "model failed to load",
             extra={"event": "model_load_failed", "model_id": settings.model, "error": type(exc).__name__},
         )
-        raise ModelUnavailable(str(exc)) from None
+        raise ModelUnavailable(MODEL_UNAVAILABLE) from None
     predictor.warm_up(rounds=1)
     log.info(
         "model loaded",

@@ -124,8 +124,9 @@ def deliver_callback(self: Any, case_id: str) -> str:
         attempt = delivery.deliver(config, keyring(config), parsed)
     except Exception as exc:
         if not _transient(exc) or self.request.retries >= MAX_RETRIES:
-            raise  # the row stays pending: the sweeper publishes it again later
-        raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from None
+            # the row stays pending: the sweeper publishes it again later
+            raise retries.withheld(exc) from None
+        raise self.retry(exc=retries.withheld(exc), countdown=retry_delay(self.request.retries)) from None
     log.info(
         "callback attempt",
         extra={

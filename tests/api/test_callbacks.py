@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select, text
 
 from core.callback_signing import sign, verify
@@ -85,6 +86,8 @@ def receiver() -> Iterator[Receiver]:
         "https://portal.example-clinic.org/dermq/callback",
         "https://portal.example-clinic.org:8443/hook?tenant=7",
         "https://93.184.215.14/hook",
+        "https://[64:ff9b::5db8:d70e]/hook",  # NAT64 to 93.184.215.14
+        "https://[2002:5db8:d70e::1]/hook",  # 6to4 from 93.184.215.14
     ],
 )
 def test_public_https_urls_are_accepted_in_production(url: str) -> None:
@@ -115,6 +118,15 @@ def test_public_https_urls_are_accepted_in_production(url: str) -> None:
         ("https://[fd00::1]/hook", "public"),
         ("https://[::ffff:127.0.0.1]/hook", "public"),
         ("https://224.0.0.1/hook", "public"),
+        # IPv6 addresses that carry a private IPv4 one
+        ("https://[64:ff9b::7f00:1]/hook", "public"),  # NAT64 to 127.0.0.1
+        ("https://[64:ff9b::a9fe:a9fe]/latest/meta-data/", "public"),  # NAT64 to the metadata service
+        ("https://[64:ff9b:1::5db8:d70e]/hook", "public"),  # local-use NAT64: the operator's translator
+        ("https://[2002:a00:1::1]/hook", "public"),  # 6to4 from 10.0.0.1
+        ("https://[2002:7f00:1::1]/hook", "public"),  # 6to4 from 127.0.0.1
+        ("https://[::7f00:1]/hook", "public"),  # IPv4-compatible 127.0.0.1
+        ("https://[::a9fe:a9fe]/hook", "public"),  # IPv4-compatible 169.254.169.254
+        ("https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hook", "public"),  # Teredo, client 192.0.2.45
         ("https:///hook", "host"),
     ],
 )
@@ -124,9 +136,15 @@ def test_unsafe_urls_are_refused_in_production(url: str, why: str) -> None:
     assert refused.value.code == "invalid_callback_url"
 
 
-def test_plain_http_to_this_machine_is_for_development_and_tests_only() -> None:
-    assert validate_url("http://127.0.0.1:8080/hook", Settings(environment="test"))
-    assert validate_url("http://localhost:8080/hook", Settings(environment="development"))
+def test_plain_http_to_this_machine_must_be_asked_for_and_never_in_production() -> None:
+    allowed = {"callback_allow_private_urls": True}
+    assert validate_url("http://127.0.0.1:8080/hook", Settings(environment="test", **allowed))
+    assert validate_url("http://localhost:8080/hook", Settings(environment="development", **allowed))
+    for environment in ("development", "test"):  # the environment alone relaxes nothing
+        with pytest.raises(InvalidInput, match="https"):
+            validate_url("http://127.0.0.1:8080/hook", Settings(environment=environment))
+    with pytest.raises(ValidationError, match="SSRF"):
+        Settings(environment="production", **allowed)
 
 
 def test_delivery_never_connects_to_a_private_address_in_production() -> None:

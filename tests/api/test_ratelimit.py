@@ -48,10 +48,66 @@ def test_submissions_have_their_own_budget(strict, make_key, jpeg_bytes: bytes) 
     assert strict.get("/v1/cases", headers=tenant.headers).status_code == 200  # reads still pass
 
 
-def test_failed_authentication_is_limited_per_address(strict, make_key) -> None:  # type: ignore[no-untyped-def]
+def test_failed_authentication_is_limited_per_address_and_key_prefix(strict, make_key) -> None:  # type: ignore[no-untyped-def]
     bad = {"Authorization": "Bearer dq_000000000000_" + "B" * 43}
     codes = [strict.get("/v1/cases", headers=bad).status_code for _ in range(5)]
     assert codes == [401, 401, 401, 401, 429]
-    # The address is blocked even for a valid key until the window passes: guessing stops.
-    blocked = strict.get("/v1/cases", headers=make_key().headers)
-    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+    refused = strict.get("/v1/cases", headers=bad)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    # Garbage sprayed from one address (a clinic's NAT) never locks out the valid keys behind it.
+    assert strict.get("/v1/cases", headers=make_key().headers).status_code == 200
+    for i in range(12):
+        garbage = {"Authorization": f"Bearer dq_{i:012x}_" + "C" * 43}
+        strict.get("/v1/cases", headers=garbage)
+    assert strict.get("/v1/cases", headers=make_key().headers).status_code == 200
+
+
+def test_guesses_at_one_keys_secret_lock_that_key_out_from_that_address_only(  # type: ignore[no-untyped-def]
+    settings, strict, make_key
+) -> None:
+    tenant = make_key()
+    prefix = tenant.token.split("_")[1]
+    guess = {"Authorization": f"Bearer dq_{prefix}_" + "G" * 43}
+    assert [strict.get("/v1/cases", headers=guess).status_code for _ in range(5)] == [401] * 4 + [429]
+    assert strict.get("/v1/cases", headers=tenant.headers).status_code == 429  # from the guessing address
+    elsewhere = create_app(settings.model_copy(update={"rate_limit_failed_auth_per_minute": 4}))
+    with TestClient(elsewhere, client=("198.51.100.7", 40000)) as other:
+        assert other.get("/v1/cases", headers=tenant.headers).status_code == 200
+
+
+def test_a_forwarded_address_is_believed_from_the_configured_proxy_only(settings, make_key, redis_client) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import AuditEvent
+
+    app = create_app(settings.model_copy(update={"forwarded_allow_ips": ["10.20.30.40"]}))
+    tenant = make_key()
+    spoofed = {**tenant.headers, "X-Forwarded-For": "192.0.2.99"}
+    with TestClient(app, client=("203.0.113.5", 1234)) as direct:
+        direct_id = direct.get("/v1/cases", headers={**spoofed, "X-Request-ID": "direct-spoof"}).status_code
+    with TestClient(app, client=("10.20.30.40", 1234)) as via_proxy:
+        proxied = via_proxy.get("/v1/cases", headers={**spoofed, "X-Request-ID": "via-proxy"}).status_code
+    assert direct_id == proxied == 200
+    with session_scope(settings) as session:
+        seen = dict(
+            session.execute(
+                select(AuditEvent.request_id, AuditEvent.source_ip).where(
+                    AuditEvent.request_id.in_(["direct-spoof", "via-proxy"])
+                )
+            ).all()
+        )
+    assert seen == {"direct-spoof": "203.0.113.5", "via-proxy": "192.0.2.99"}
+
+
+def test_failed_logins_stay_limited_while_redis_is_down() -> None:
+    import redis
+
+    from core.ratelimit import RateLimiter
+
+    limiter = RateLimiter(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2))
+    bucket = "authfail:198.51.100.1:-"
+    assert [limiter.hit(bucket, 3, failures=True).allowed for _ in range(4)] == [True, True, True, False]
+    assert not limiter.check(bucket, 3, failures=True).allowed
+    # request limits still let clinics through during the outage
+    assert all(limiter.hit("read:some-key", 3).allowed for _ in range(5))

@@ -4,6 +4,7 @@ pods are locked down, and KEDA counts every Redis list of the cases queue."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -313,7 +314,8 @@ def test_listeners_bind_all_interfaces_in_pods() -> None:
     env = m.configmap_data()
     for variable in ("DERMQ_API_HOST", "DERMQ_METRICS_HOST", "DERMQ_FLOWER_HOST"):
         assert env[variable] == "0.0.0.0", variable
-    assert env["DERMQ_TRUST_FORWARDED_FOR"] == "true"
+    proxies = json.loads(env["DERMQ_FORWARDED_ALLOW_IPS"])
+    assert proxies and "*" not in proxies, "forwarded headers are believed from the ingress network only"
 
 
 # --------------------------------------------------------------------------- Secrets

@@ -51,6 +51,8 @@ def test_tampered_weights_fail_the_case_not_the_worker(
             case = wait_terminal(settings, case_id, timeout=60)
             assert (case.status, case.failure_code) == ("failed", "model_error")
             assert "integrity check" in case.failure_message and "not loaded" in case.failure_message
+            # nothing of the registry's own error (file names, digests, paths) reaches the clinic
+            assert not any(word in case.failure_message for word in ("safetensors", "SHA-256", "/", "manifest"))
         # The worker lives on, serving cases without a model: none loaded, both cases counted failed.
         assert worker.alive() and worker.ping()
         assert worker.models_loaded() == 0
