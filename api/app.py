@@ -21,6 +21,7 @@ from api.deps import AppState, record_denial
 from api.intake_limits import Decoder, UploadSlots, release_large_allocations
 from api.middleware import RequestContextMiddleware
 from api.routes import admin, audit, audit_log, cases, clinic, health
+from api.waiters import CaseWaiters
 from core import db_roles
 from core.config import Settings, get_settings
 from core.crypto import KeyringSource
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db_roles.refuse_insecure_login(settings)  # production: never as the audit tables' owner
         yield
         app.state.dermq.decoder.close()
+        app.state.dermq.waiters.close()
         client.close()
 
     app = FastAPI(
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limiter=RateLimiter(client),
         uploads=UploadSlots(settings.max_concurrent_uploads_per_clinic),
         decoder=Decoder(settings.decode_memory_bytes),
+        waiters=CaseWaiters(settings.database_url, settings.long_poll_max_waiters),
     )
     problems.install(app, record_denial)
     if settings.cors_origins:

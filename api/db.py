@@ -42,6 +42,11 @@ class RequestDb:
         call = functools.partial(contextvars.copy_context().run, self._call, work)
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
+    async def commit(self) -> None:
+        """Commit the work so far now (its enqueued tasks are sent); the Session stays for more."""
+        if self._session is not None:
+            await self.run(_commit)
+
     def _call(self, work: Callable[[Session], T]) -> T:
         if self._session is None:
             self._session = self._sessions()

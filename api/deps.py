@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.db import RequestDb
 from api.intake_limits import Decoder, UploadSlots
+from api.waiters import CaseWaiters
 from core import audit, keys
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
@@ -38,6 +39,7 @@ class AppState:
     limiter: RateLimiter
     uploads: UploadSlots
     decoder: Decoder
+    waiters: CaseWaiters
 
     @property
     def keyring(self) -> Keyring:

@@ -216,6 +216,15 @@ def get_case(
     return case, result
 
 
+def peek_status(session: Session, *, principal: Principal, case_id: uuid.UUID) -> CaseStatus | None:
+    """The case's status if ``principal`` (a clinic key) may read the case, else None. Not audited: it
+    returns no patient data; a long poll ends with an audited read (:func:`get_case`)."""
+    if principal.role is not Role.CLINIC or principal.clinic_id is None:
+        return None
+    status = session.scalar(select(Case.status).where(Case.id == case_id, Case.clinic_id == principal.clinic_id))
+    return CaseStatus(status) if status is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     cases: list[Case]

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     #: Uploads one clinic may have in flight at once in one API process (beyond: 429).
     max_concurrent_uploads_per_clinic: int = Field(4, ge=1)
     max_client_ref_length: int = Field(128, ge=1)
+    #: Requests that may wait for a case's end at once in one API process (``?wait=``); more answer at once.
+    long_poll_max_waiters: int = Field(1000, ge=0)
     page_size_default: int = Field(50, ge=1)
     page_size_max: int = Field(200, ge=1)
 

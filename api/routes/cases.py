@@ -26,6 +26,7 @@ from api.schemas import (
     label_name,
 )
 from api.upload import read_case_form
+from api.waiters import MAX_WAIT_SECONDS, wait_for_end
 from core import cases, retention
 from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput
@@ -35,6 +36,14 @@ from ml.images import ImageLimits, InvalidImage
 from ml.labels import CLASSES
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
+WaitSeconds = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=MAX_WAIT_SECONDS,
+        description=f"seconds to wait for the case to end before answering (long poll; at most {MAX_WAIT_SECONDS:g})",
+    ),
+]
 
 NO_STORE = {"Cache-Control": "no-store"}
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -225,6 +234,7 @@ async def submit_case(
     caller: AuthenticatedCaller,
     db: Db,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    wait: WaitSeconds = 0,
 ) -> CaseOut:
     """Validate, encrypt and queue one image. Answers 202 with the case and its `Location`; poll
     `GET /v1/cases/{id}` until `status` is `succeeded` or `failed`."""
@@ -272,6 +282,17 @@ async def submit_case(
         return case_out(case, result), created
 
     out, created = await db.run(create)
+    if created and wait and not CaseStatus(out.status).terminal:
+        await db.commit()  # the case exists and its classify task is sent; then wait for its end
+        await wait_for_end(db, app.waiters, caller.principal, out.id, wait)
+
+        def reread(session: Session) -> CaseOut:
+            case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=out.id)
+            return case_out(case, result)
+
+        out = await db.run(reread)
+    if created and CaseStatus(out.status).terminal:
+        response.status_code = 201  # finished within `wait`: the answer holds the result
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
@@ -281,14 +302,21 @@ async def submit_case(
 
 
 @router.get("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Poll a case")
-async def read_case(case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> CaseOut:
-    """Status, timestamps and, once succeeded, the calibrated result; or the failure's code and message."""
+async def read_case(
+    case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, db: Db, wait: WaitSeconds = 0
+) -> CaseOut:
+    """Status, timestamps and, once succeeded, the calibrated result; or the failure's code and message.
+    With `wait`, the answer comes as soon as the case has ended, or after `wait` seconds."""
 
     def read(session: Session) -> CaseOut:
-        limit(caller, app, "read")
+        if not wait:
+            limit(caller, app, "read")
         case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
         return case_out(case, result)
 
+    if wait:
+        await db.run(lambda _: limit(caller, app, "read"))  # counted before waiting, once
+        await wait_for_end(db, app.waiters, caller.principal, case_id, wait)
     out = await db.run(read)
     response.headers.update(NO_STORE)
     return out

@@ -1,0 +1,39 @@
+"""A case's end, announced to whoever waits for it (the API's long polls, ``?wait=``).
+
+The transaction that finishes cases (a result stored, a failure recorded) also runs
+``pg_notify`` on one channel with their ids. Postgres delivers a notification only when that
+transaction commits, so a listener never hears of a case before it can read the case's end, and
+never of one that was rolled back. A notification carries case ids only: no patient data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+#: The Postgres channel the API listens on.
+CHANNEL = "dermq_case_finished"
+#: Ids per notification (a payload holds at most 8000 bytes; an id and its comma take 37).
+IDS_PER_NOTICE = 200
+
+
+def announce_finished(session: Session, case_ids: Iterable[uuid.UUID]) -> None:
+    """Announce, when ``session``'s transaction commits, that these cases have reached their end."""
+    ids = [str(case_id) for case_id in case_ids]
+    for start in range(0, len(ids), IDS_PER_NOTICE):
+        payload = ",".join(ids[start : start + IDS_PER_NOTICE])
+        session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload})
+
+
+def parse(payload: str) -> list[uuid.UUID]:
+    """The case ids of one notification (malformed parts are skipped)."""
+    found = []
+    for part in payload.split(","):
+        try:
+            found.append(uuid.UUID(part))
+        except ValueError:
+            continue
+    return found

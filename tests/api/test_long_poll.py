@@ -1,0 +1,99 @@
+"""Long polls: `?wait=` answers as soon as a case has ended (woken by the commit that ends it), or
+after the wait; one request per case is enough."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from api.app import create_app
+from core import case_states
+from core.db import session_scope
+from core.models import AuditEvent
+from tests import support
+from tests.conftest import Tenant
+
+
+def fail_later(settings, case_id: uuid.UUID, delay: float) -> threading.Thread:  # type: ignore[no-untyped-def]
+    """End a queued case from another connection after ``delay`` seconds (as the sweeper would)."""
+
+    def end() -> None:
+        time.sleep(delay)
+        with session_scope(settings) as session:
+            case_states.fail_case(session, case_id=case_id, attempt=None, code="timeout", message="test ending")
+
+    thread = threading.Thread(target=end)
+    thread.start()
+    return thread
+
+
+def reads_of(settings, case_id: uuid.UUID) -> int:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return session.scalar(
+            select(func.count()).where(AuditEvent.action == "case.read", AuditEvent.entity_id == str(case_id))
+        )
+
+
+def test_submit_with_wait_answers_201_with_the_finished_case(client, worker, tenant: Tenant, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    answer = client.post(
+        "/v1/cases?wait=30", headers=tenant.headers, files={"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
+    )
+    assert answer.status_code == 201, answer.text
+    body = answer.json()
+    assert body["status"] == "succeeded" and body["result"]["label"]
+    assert answer.headers["Location"] == f"/v1/cases/{body['id']}"
+
+
+def test_a_waiting_read_is_woken_by_the_commit_that_ends_the_case(  # type: ignore[no-untyped-def]
+    client, settings, tenant: Tenant, store_case
+) -> None:
+    case_id = store_case(tenant, b"never published")
+    # Once the listener is connected a waiting request looks again only every 10 s on its own: an
+    # answer within a few seconds can only come from the notification.
+    client.get(f"/v1/cases/{case_id}?wait=0.1", headers=tenant.headers)
+    waiters = client.app.state.dermq.waiters
+    support.wait_for(lambda: waiters.listening, timeout=20, what="the case listener to connect")
+    ender = fail_later(settings, case_id, 1.0)
+    started = time.monotonic()
+    answer = client.get(f"/v1/cases/{case_id}?wait=25", headers=tenant.headers)
+    took = time.monotonic() - started
+    ender.join()
+    assert answer.status_code == 200 and answer.json()["status"] == "failed"
+    assert 1.0 <= took < 8, f"answered after {took:.1f} s"  # woken by the commit, not by the 25 s
+    assert reads_of(settings, case_id) == 2  # one audited read per request, however long it waited
+
+
+def test_a_wait_that_runs_out_answers_with_the_case_as_it_is(client, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, b"still queued")
+    started = time.monotonic()
+    answer = client.get(f"/v1/cases/{case_id}?wait=1.5", headers=tenant.headers)
+    assert answer.status_code == 200 and answer.json()["status"] == "queued"
+    assert time.monotonic() - started >= 1.5
+
+
+def test_nobody_waits_for_a_case_of_another_clinic(client, make_key, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, b"someone else's")
+    started = time.monotonic()
+    answer = client.get(f"/v1/cases/{case_id}?wait=10", headers=make_key("clinic").headers)
+    assert answer.status_code == 404 and time.monotonic() - started < 5
+
+
+def test_beyond_the_bound_a_request_answers_at_once(settings, database, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, b"queued")
+    app = create_app(settings.model_copy(update={"long_poll_max_waiters": 0}))
+    with TestClient(app) as http:
+        started = time.monotonic()
+        answer = http.get(f"/v1/cases/{case_id}?wait=10", headers=tenant.headers)
+    assert answer.status_code == 200 and answer.json()["status"] == "queued"
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("wait", ["-1", "31", "soon"])
+def test_a_wait_out_of_bounds_is_a_422_problem(client, tenant: Tenant, wait: str) -> None:  # type: ignore[no-untyped-def]
+    answer = client.get(f"/v1/cases/{uuid.uuid4()}?wait={wait}", headers=tenant.headers)
+    assert answer.status_code == 422 and answer.headers["content-type"].startswith("application/problem+json")
