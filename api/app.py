@@ -19,6 +19,8 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from api import metrics, problems
 from api.deps import AppState, record_denial
 from api.intake_limits import Decoder, UploadSlots, release_large_allocations
+from api.key_cache import KeyCache
+from api.listener import Listener
 from api.middleware import RequestContextMiddleware
 from api.routes import admin, audit, audit_log, cases, clinic, health
 from api.waiters import CaseWaiters
@@ -50,9 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db_roles.refuse_insecure_login(settings)  # production: never as the audit tables' owner
+        app.state.dermq.listener.start()  # key checks use the cache once it listens
         yield
         app.state.dermq.decoder.close()
-        app.state.dermq.waiters.close()
+        app.state.dermq.listener.close()
         client.close()
 
     app = FastAPI(
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "health", "description": "Liveness and readiness"},
         ],
     )
+    listener = Listener(settings.database_url)
     app.state.dermq = AppState(
         settings=settings,
         keys=keys,
@@ -74,7 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limiter=RateLimiter(client),
         uploads=UploadSlots(settings.max_concurrent_uploads_per_clinic),
         decoder=Decoder(settings.decode_memory_bytes),
-        waiters=CaseWaiters(settings.database_url, settings.long_poll_max_waiters),
+        listener=listener,
+        waiters=CaseWaiters(listener, settings.long_poll_max_waiters),
+        key_cache=KeyCache(listener),
     )
     problems.install(app, record_denial)
     if settings.cors_origins:

@@ -16,6 +16,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api.db import RequestDb
 from api.intake_limits import Decoder, UploadSlots
+from api.key_cache import KeyCache
+from api.listener import Listener
 from api.waiters import CaseWaiters
 from core import audit, keys
 from core.config import Settings
@@ -39,7 +41,9 @@ class AppState:
     limiter: RateLimiter
     uploads: UploadSlots
     decoder: Decoder
+    listener: Listener
     waiters: CaseWaiters
+    key_cache: KeyCache
 
     @property
     def keyring(self) -> Keyring:
@@ -118,12 +122,13 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
     actor = actor_for(request)
     limit = app.settings.rate_limit_failed_auth_per_minute
 
+    try:
+        token = bearer_token(request)
+    except Unauthorized:
+        await db.run(lambda _: app.limiter.hit(failure_bucket(actor.source_ip, None), limit, failures=True))
+        raise
+
     def check(session: Session) -> keys.Principal:
-        try:
-            token = bearer_token(request)
-        except Unauthorized:
-            app.limiter.hit(failure_bucket(actor.source_ip, None), limit, failures=True)
-            raise
         bucket = failure_bucket(actor.source_ip, token)
         blocked = app.limiter.check(bucket, limit, failures=True)
         if not blocked.allowed:
@@ -132,14 +137,20 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
                 f"{blocked.retry_after} s",
                 retry_after=blocked.retry_after,
             )
+        generation = app.key_cache.generation()
         try:
-            return keys.authenticate(session, app.keyring, token)
+            principal = keys.authenticate(session, app.keyring, token)
         except Unauthorized as exc:
             app.limiter.hit(bucket, limit, failures=True)
             exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
             raise
+        if token is not None:
+            app.key_cache.remember(token, principal, generation)
+        return principal
 
-    principal = await db.run(check)
+    # A key verified since the last revocation anywhere costs neither a keyed hash nor a query.
+    known = app.key_cache.get(token)
+    principal = known if known is not None else await db.run(check)
     caller = Caller(principal, actor.with_key(principal.key_id, principal.role.value, principal.clinic_id))
     request.state.caller = caller  # for the audit of a later denial in this request
     return caller

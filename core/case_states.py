@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 from sqlalchemy.sql.elements import ColumnElement
 
-from core import audit, case_events, cases, pgbinary
+from core import announcements, audit, cases, pgbinary
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import NotFound
 from core.models import BlobKind, Case, CaseStatus, Outcome, Priority, Result
@@ -236,7 +236,7 @@ def complete_cases(
             for c in stored
         ],
     )
-    case_events.announce_finished(session, clinics)
+    announcements.announce_finished(session, clinics)
     return set(clinics)
 
 
@@ -272,7 +272,7 @@ def fail_case(
         clinic_id=case.clinic_id,
         detail={"attempt": case.attempts, "code": code},
     )
-    case_events.announce_finished(session, [case_id])
+    announcements.announce_finished(session, [case_id])
     return True
 
 

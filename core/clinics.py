@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import announcements, audit
 from core.errors import Conflict, InvalidInput, NotFound
 from core.models import Clinic
 
@@ -59,6 +59,7 @@ def set_active(session: Session, clinic_id: uuid.UUID, active: bool, *, actor: a
     clinic.active = active
     clinic.deactivated_at = None if active else datetime.now(UTC)
     session.flush()
+    announcements.announce_keys_changed(session)  # its keys stop (or start) working
     audit.record(
         session,
         action="clinic.activate" if active else "clinic.deactivate",

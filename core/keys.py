@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import announcements, audit
 from core.crypto import Keyring
 from core.errors import BadRequest, NotFound, Unauthorized
 from core.models import ApiKey, Clinic, Role
@@ -118,6 +118,7 @@ def revoke_key(session: Session, key_id: uuid.UUID, *, actor: audit.Actor = audi
     if key.revoked_at is None:
         key.revoked_at = datetime.now(UTC)
         session.flush()
+    announcements.announce_keys_changed(session)
     audit.record(
         session,
         action="key.revoke",

@@ -56,8 +56,8 @@ def test_a_waiting_read_is_woken_by_the_commit_that_ends_the_case(  # type: igno
     # Once the listener is connected a waiting request looks again only every 10 s on its own: an
     # answer within a few seconds can only come from the notification.
     client.get(f"/v1/cases/{case_id}?wait=0.1", headers=tenant.headers)
-    waiters = client.app.state.dermq.waiters
-    support.wait_for(lambda: waiters.listening, timeout=20, what="the case listener to connect")
+    listener = client.app.state.dermq.listener
+    support.wait_for(lambda: listener.listening, timeout=20, what="the API's listener to connect")
     ender = fail_later(settings, case_id, 1.0)
     started = time.monotonic()
     answer = client.get(f"/v1/cases/{case_id}?wait=25", headers=tenant.headers)

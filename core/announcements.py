@@ -1,4 +1,5 @@
-"""A case's end, announced to whoever waits for it (the API's long polls, ``?wait=``).
+"""Announcements the API listens for: a case's end (its long polls, ``?wait=``) and a change to
+which API keys are valid (its cache of verified keys).
 
 The transaction that finishes cases (a result stored, a failure recorded) also runs
 ``pg_notify`` on one channel with their ids. Postgres delivers a notification only when that
@@ -14,8 +15,9 @@ from collections.abc import Iterable
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-#: The Postgres channel the API listens on.
+#: The Postgres channels the API listens on.
 CHANNEL = "dermq_case_finished"
+KEYS_CHANNEL = "dermq_keys_changed"
 #: Ids per notification (a payload holds at most 8000 bytes; an id and its comma take 37).
 IDS_PER_NOTICE = 200
 
@@ -37,3 +39,9 @@ def parse(payload: str) -> list[uuid.UUID]:
         except ValueError:
             continue
     return found
+
+
+def announce_keys_changed(session: Session) -> None:
+    """Announce, when ``session``'s transaction commits, that a key was revoked or a clinic
+    (de)activated: every API process forgets the keys it has verified."""
+    session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": KEYS_CHANNEL})

@@ -1,0 +1,131 @@
+"""What the API hears from Postgres: one thread per API process ``LISTEN``s on the channels of
+:mod:`core.announcements` and hands what it hears to the event loop.
+
+- a case's end wakes the requests waiting for it (:mod:`api.waiters`);
+- a change to which keys are valid empties the cache of verified keys (:mod:`api.key_cache`).
+
+While the thread is not connected (at start, after a database restart), :attr:`Listener.listening`
+is False: the key cache is not used and waiting requests look at their case every second. On each
+(re)connection every subscriber is told that it may have missed something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import select
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import psycopg2
+import psycopg2.extensions
+from sqlalchemy.engine import make_url
+
+from core import announcements
+
+log = logging.getLogger("dermq.api.listener")
+
+
+class Listener:
+    """The listening thread of one API process (started on first use, on the running event loop)."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        #: called on the event loop with the ids of ended cases ([] after a reconnection: any may have)
+        self.on_cases: list[Callable[[list[uuid.UUID]], None]] = []
+        #: called from the listening thread at once: a key may have been revoked (or the thread lost track)
+        self.on_keys_changed: list[Callable[[], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._listening = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
+
+    def start(self) -> None:
+        """Start listening (from the event loop), unless already started."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._loop = asyncio.get_running_loop()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="dermq-listener", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def _cases_ended(self, case_ids: list[uuid.UUID]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        for callback in self.on_cases:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(callback, case_ids)
+
+    def _keys_changed(self) -> None:
+        for callback in self.on_keys_changed:
+            callback()
+
+    def _connect(self) -> psycopg2.extensions.connection:
+        url = make_url(self._url)
+        args = url.translate_connect_args(username="user", database="dbname")
+        options = {k: v for k, v in url.query.items() if isinstance(v, str)}
+        connection = psycopg2.connect(**args, **options, application_name="dermq-listener")
+        connection.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        with connection.cursor() as cursor:
+            cursor.execute(f"LISTEN {announcements.CHANNEL}")
+            cursor.execute(f"LISTEN {announcements.KEYS_CHANNEL}")
+        return connection
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            connection = None
+            try:
+                connection = self._connect()
+                self._listening.set()
+                backoff = 0.5
+                self._keys_changed()  # whatever changed while nobody listened
+                self._cases_ended([])
+                while not self._stop.is_set():
+                    if select.select([connection], [], [], 1.0) == ([], [], []):
+                        continue
+                    connection.poll()
+                    ended: list[uuid.UUID] = []
+                    keys_changed = False
+                    while connection.notifies:
+                        notice = connection.notifies.pop(0)
+                        if notice.channel == announcements.KEYS_CHANNEL:
+                            keys_changed = True
+                        else:
+                            ended += announcements.parse(notice.payload)
+                    if keys_changed:
+                        self._keys_changed()
+                    if ended:
+                        self._cases_ended(ended)
+            except Exception as exc:
+                if self._listening.is_set():
+                    log.warning(
+                        "lost the Postgres listener; key checks go to the database and waiting requests look "
+                        "every second until it is back",
+                        extra={"event": "listener_lost", "error": type(exc).__name__},
+                    )
+            finally:
+                self._listening.clear()
+                self._keys_changed()
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        connection.close()
+            if not self._stop.is_set():
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)

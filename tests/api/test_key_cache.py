@@ -1,0 +1,97 @@
+"""A poll's key check: remembered by the API process once verified, forgotten the moment any key is
+revoked or a clinic deactivated (announced by the committing transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import event
+
+from api.key_cache import KeyCache
+from api.listener import Listener
+from core import clinics, keys
+from core.db import get_engine, session_scope
+from tests import support
+from tests.conftest import Tenant
+
+
+@contextmanager
+def key_lookups(settings) -> Iterator[list[str]]:  # type: ignore[no-untyped-def]
+    """The statements on api_keys that this process sends while the block runs."""
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if "api_keys" in statement:
+            seen.append(statement)
+
+    engine = get_engine(settings)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def listening(client) -> bool:  # type: ignore[no-untyped-def]
+    return client.app.state.dermq.listener.listening
+
+
+def test_a_verified_key_is_not_looked_up_again(client, settings, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
+    support.wait_for(lambda: listening(client), timeout=20, what="the API's listener")
+    assert client.get("/v1/cases", headers=tenant.headers).status_code == 200
+    with key_lookups(settings) as lookups:
+        for _ in range(3):
+            assert client.get("/v1/cases", headers=tenant.headers).status_code == 200
+    assert lookups == []
+
+
+def test_a_revoked_key_is_refused_at_once_though_it_was_remembered(client, settings, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
+    support.wait_for(lambda: listening(client), timeout=20, what="the API's listener")
+    assert client.get("/v1/cases", headers=tenant.headers).status_code == 200  # remembered now
+    with session_scope(settings) as session:  # another process (the CLI) revokes it
+        keys.revoke_key(session, tenant.key_id)
+    refused = support.wait_for(
+        lambda: client.get("/v1/cases", headers=tenant.headers).status_code == 401, timeout=2, what="the refusal"
+    )
+    assert refused
+
+
+def test_a_deactivated_clinics_remembered_key_is_refused_at_once(client, settings, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
+    support.wait_for(lambda: listening(client), timeout=20, what="the API's listener")
+    assert client.get("/v1/cases", headers=tenant.headers).status_code == 200
+    with session_scope(settings) as session:
+        clinics.set_active(session, tenant.clinic_id, False)
+    try:
+        assert support.wait_for(
+            lambda: client.get("/v1/cases", headers=tenant.headers).status_code == 401, timeout=2, what="the refusal"
+        )
+    finally:
+        with session_scope(settings) as session:
+            clinics.set_active(session, tenant.clinic_id, True)
+
+
+def test_nothing_is_remembered_while_nobody_listens(settings) -> None:  # type: ignore[no-untyped-def]
+    from core.keys import Principal
+    from core.models import Role
+
+    cache = KeyCache(Listener(settings.database_url))  # never started: not listening
+    principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+    cache.remember("dq_token", principal, cache.generation())
+    assert cache.get("dq_token") is None
+
+
+def test_a_key_verified_while_a_change_was_announced_is_not_remembered(settings) -> None:  # type: ignore[no-untyped-def]
+    from core.keys import Principal
+    from core.models import Role
+
+    listener = Listener(settings.database_url)
+    listener._listening.set()  # as if connected
+    cache = KeyCache(listener)
+    principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+    generation = cache.generation()
+    cache.forget_all()  # a revocation announced meanwhile
+    cache.remember("dq_token", principal, generation)
+    assert cache.get("dq_token") is None
+    cache.remember("dq_token", principal, cache.generation())
+    assert cache.get("dq_token") == principal
