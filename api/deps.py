@@ -4,6 +4,7 @@ one thread: :mod:`api.db`), the caller and rate limits."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -191,16 +192,13 @@ async def record_denial(request: Request, error: DermqError) -> None:
     actor = caller.actor if caller is not None else actor_for(request)
 
     def write() -> None:
+        clinics: list[uuid.UUID | None] = [None]  # None: the caller's clinic
+        if pending.also_clinic_id is not None and pending.also_clinic_id != actor.clinic_id:
+            clinics.append(pending.also_clinic_id)
+        p = pending
+        events = [audit.Event(p.action, p.outcome, actor, p.entity_type, p.entity_id, c, p.detail) for c in clinics]
         with session_scope(app.settings) as session:
-            audit.record(
-                session,
-                action=pending.action,
-                outcome=pending.outcome,
-                actor=actor,
-                entity_type=pending.entity_type,
-                entity_id=pending.entity_id,
-                detail=pending.detail,
-            )
+            audit.record_many(session, events)
 
     try:
         await run_in_threadpool(write)

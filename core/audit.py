@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from core.models import AuditEvent
@@ -38,7 +38,8 @@ SUCCESS, FAILURE, DENIED = "success", "failure", "denied"
 ACTIONS: dict[str, str] = {
     "auth.denied": "a request with a missing, malformed, unknown or revoked API key",
     "access.denied": "a valid key used for a route its role may not use",
-    "case.create": "a clinic submitted an image (a new case)",
+    "case.create": "a clinic submitted an image (a new case); a denied one reused an Idempotency-Key",
+    "case.replay": "a clinic resubmitted with an Idempotency-Key and got its existing case back",
     "case.read": "a clinic read a case and its result",
     "case.list": "a clinic listed its cases",
     "heatmap.read": "a clinic fetched a case's Grad-CAM heat map",
@@ -109,6 +110,8 @@ class PendingEvent:
     entity_type: str | None = None
     entity_id: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    #: a clinic whose auditors must see it too (the owner of a case another clinic probed)
+    also_clinic_id: uuid.UUID | None = None
 
 
 def canonical(row: dict[str, Any]) -> str:
@@ -267,9 +270,14 @@ class AuditFilter:
             clauses.append(AuditEvent.actor_key_id == self.actor_key_id)
         if self.clinic_id is not None:
             clauses.append(AuditEvent.clinic_id == self.clinic_id)
-        if self.case_id is not None:
-            clauses.append(AuditEvent.entity_type == "case")
-            clauses.append(AuditEvent.entity_id == str(self.case_id))
+        if self.case_id is not None:  # the case's own events, and the list views that showed it
+            case = str(self.case_id)
+            clauses.append(
+                or_(
+                    and_(AuditEvent.entity_type == "case", AuditEvent.entity_id == case),
+                    and_(AuditEvent.action == "case.list", AuditEvent.detail.contains({"ids": [case]})),
+                )
+            )
         if self.action is not None:
             clauses.append(AuditEvent.action == self.action)
         if self.outcome is not None:

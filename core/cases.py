@@ -64,11 +64,16 @@ def _require_clinic(principal: Principal, action: str, entity_id: str | None = N
     return principal.clinic_id
 
 
-def _not_found(action: str, case_id: uuid.UUID | str, reason: str) -> NotFound:
+def _not_found(action: str, case_id: uuid.UUID | str, owner: uuid.UUID | None = None) -> NotFound:
+    """A 404 for a case the caller's clinic does not have. The denial is filed under the caller's
+    clinic and, when the case exists, under its owner's too; both with the one reason ``not_found``,
+    so that no clinic's auditors can tell another clinic's case from a missing one."""
     return NotFound(
         "no such case for this clinic",
         code="case_not_found",
-        audit=audit.PendingEvent(action, audit.DENIED, "case", str(case_id), {"reason": reason}),
+        audit=audit.PendingEvent(
+            action, audit.DENIED, "case", str(case_id), {"reason": "not_found"}, also_clinic_id=owner
+        ),
     )
 
 
@@ -78,10 +83,10 @@ def owned_case(
     clinic_id = _require_clinic(principal, action, str(case_id))
     case = session.get(Case, case_id, with_for_update=for_update)
     if case is None:
-        raise _not_found(action, case_id, "unknown_case")
+        raise _not_found(action, case_id)
     if case.clinic_id != clinic_id:
         # Another clinic's case is indistinguishable from a missing one (404, not 403).
-        raise _not_found(action, case_id, "other_clinic")
+        raise _not_found(action, case_id, owner=case.clinic_id)
     return case
 
 
@@ -108,7 +113,7 @@ def create_case(
     if idempotency_key is not None:
         existing = _by_idempotency_key(session, clinic_id, idempotency_key)
         if existing is not None:
-            return _replay(existing, image), False
+            return _replay(session, existing, image, actor), False
     case_id = uuid.uuid4()
     case = Case(
         id=case_id,
@@ -136,7 +141,7 @@ def create_case(
         existing = _by_idempotency_key(session, clinic_id, idempotency_key) if idempotency_key else None
         if existing is None:
             raise
-        return _replay(existing, image), False
+        return _replay(session, existing, image, actor), False
     insert_blobs(session, [(case_id, BlobKind.IMAGE, sealed, image.media_type)])
     audit.record(
         session,
@@ -161,12 +166,27 @@ def _by_idempotency_key(session: Session, clinic_id: uuid.UUID, key: str) -> Cas
     return session.scalar(select(Case).where(Case.clinic_id == clinic_id, Case.idempotency_key == key))
 
 
-def _replay(existing: Case, image: NewImage) -> Case:
+def _replay(session: Session, existing: Case, image: NewImage, actor: audit.Actor) -> Case:
+    """The existing case of a resubmission (audited: the answer holds its client reference and result),
+    or a 409 (audited as a denied ``case.create``) when the key came with another image."""
     if existing.image_sha256 != image.sha256:
         raise Conflict(
             "this Idempotency-Key was already used for a different image; use a new key for a new case",
             code="idempotency_key_reused",
+            audit=audit.PendingEvent(
+                "case.create", audit.DENIED, "case", str(existing.id), {"reason": "idempotency_key_reused"}
+            ),
         )
+    audit.record(
+        session,
+        action="case.replay",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=existing.id,
+        clinic_id=existing.clinic_id,
+        detail={"status": existing.status},
+    )
     return existing
 
 
@@ -283,7 +303,8 @@ def list_cases(
         actor=actor,
         entity_type="case",
         clinic_id=clinic_id,
-        detail={"count": len(page), "status": status.value if status else None},
+        # the ids shown (with their client references): "who saw case X" finds list views too
+        detail={"count": len(page), "status": status.value if status else None, "ids": [str(c.id) for c in page]},
     )
     return Page(page, _encode_cursor(page[-1]) if more and page else None, unexplained)
 
@@ -293,11 +314,19 @@ def read_heatmap(
 ) -> bytes:
     """The decrypted Grad-CAM overlay PNG of a finished case."""
     case = owned_case(session, principal, case_id, "heatmap.read")
+
+    def refused(reason: str) -> audit.PendingEvent:  # every answer is audited, the refusals too
+        return audit.PendingEvent("heatmap.read", audit.FAILURE, "case", str(case_id), {"reason": reason})
+
     if case.status == CaseStatus.PURGED:
-        raise Gone("this case's images were erased (retention or deletion)", code="case_purged")
+        raise Gone(
+            "this case's images were erased (retention or deletion)", code="case_purged", audit=refused("purged")
+        )
     if case.status != CaseStatus.SUCCEEDED:
         raise Conflict(
-            f"the case is {case.status}; a heat map exists only once it has succeeded", code="case_not_finished"
+            f"the case is {case.status}; a heat map exists only once it has succeeded",
+            code="case_not_finished",
+            audit=refused("not_finished"),
         )
     blob = session.scalar(select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.HEATMAP.value))
     if blob is None:
@@ -309,6 +338,7 @@ def read_heatmap(
             if out_of_distribution
             else "this case has no heat map (Grad-CAM ran out of time or failed; see gradcam_status)",
             code="heatmap_unavailable",
+            audit=refused("out_of_distribution" if out_of_distribution else "unavailable"),
         )
     png = decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.HEATMAP.value)
     audit.record(

@@ -1,0 +1,64 @@
+"""Every answer that touches a case is in the audit trail: replays, refused replays, heat-map
+refusals, and the list views that showed a case (so "who saw case X" finds them)."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select
+
+from core.db import session_scope
+from core.models import AuditEvent
+from tests.conftest import Tenant
+
+
+def events_for(settings, case_id: str | uuid.UUID) -> list[AuditEvent]:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return list(
+            session.scalars(
+                select(AuditEvent).where(AuditEvent.entity_id == str(case_id)).order_by(AuditEvent.id)
+            ).all()
+        )
+
+
+def submit(client, tenant: Tenant, data: bytes, key: str):  # type: ignore[no-untyped-def]
+    return client.post(
+        "/v1/cases",
+        headers={**tenant.headers, "Idempotency-Key": key},
+        files={"image": ("lesion.jpg", data, "image/jpeg")},
+    )
+
+
+def test_an_idempotent_replay_and_a_reused_key_are_audited(
+    client, settings, tenant: Tenant, jpeg_bytes, fixture_images
+) -> None:  # type: ignore[no-untyped-def]
+    key = f"visit-{uuid.uuid4().hex}"
+    first = submit(client, tenant, jpeg_bytes, key)
+    replay = submit(client, tenant, jpeg_bytes, key)
+    other_image = next(p for p in fixture_images.values() if p.read_bytes() != jpeg_bytes).read_bytes()
+    reused = submit(client, tenant, other_image, key)
+    assert (first.status_code, replay.status_code, reused.status_code) == (202, 200, 409)
+    case_id = first.json()["id"]
+    actions = [(e.action, e.outcome, e.detail.get("reason")) for e in events_for(settings, case_id)]
+    assert ("case.replay", "success", None) in actions
+    assert ("case.create", "denied", "idempotency_key_reused") in actions
+
+
+def test_every_heat_map_answer_is_audited(client, settings, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, b"queued, no heat map yet")
+    assert client.get(f"/v1/cases/{case_id}/heatmap.png", headers=tenant.headers).status_code == 409
+    refused = [e for e in events_for(settings, case_id) if e.action == "heatmap.read"]
+    assert [(e.outcome, e.detail["reason"], e.clinic_id) for e in refused] == [
+        ("failure", "not_finished", tenant.clinic_id)
+    ]
+
+
+def test_a_list_view_records_the_cases_it_showed(client, settings, make_key, store_case) -> None:  # type: ignore[no-untyped-def]
+    tenant, auditor = make_key("clinic"), make_key("auditor")
+    shown = [store_case(tenant, f"case {i}".encode()) for i in range(3)]
+    assert client.get("/v1/cases", headers=tenant.headers).status_code == 200
+    found = client.get(f"/v1/audit-events?case={shown[1]}&action=case.list", headers=auditor.headers)
+    assert found.status_code == 200
+    items = found.json()["items"]
+    assert len(items) == 1 and items[0]["actor_key_id"] == str(tenant.key_id)
+    assert set(items[0]["detail"]["ids"]) >= {str(c) for c in shown}
