@@ -5,7 +5,7 @@ memory stays bounded and every answer is a 202 or a 429 problem, never a 5xx or 
 from __future__ import annotations
 
 import io
-import threading
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,51 +83,58 @@ def test_sixteen_lossless_bombs_at_once_keep_the_api_within_its_decode_budget(bo
     assert peak - before < BUDGET_MIB, f"peak RSS grew by {peak - before:.0f} MiB"
 
 
+def _start_upload(base: str, tenant, body: bytes, content_type: str) -> socket.socket:  # type: ignore[no-untyped-def]
+    """An upload whose headers and first bytes are sent, the rest held back."""
+    port = int(base.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        f"POST /v1/cases HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {tenant.token}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body[:100])
+    return sock
+
+
+def _status_if_answered(sock: socket.socket) -> int | None:
+    """The status line's code if the server has answered already (without the whole body sent)."""
+    sock.settimeout(0.05)
+    try:
+        data = sock.recv(64, socket.MSG_PEEK)
+    except TimeoutError:
+        return None
+    finally:
+        sock.settimeout(30)
+    return int(data.split(b" ")[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+
+def _finish(sock: socket.socket, body: bytes) -> int:
+    sock.sendall(body[100:])
+    answer = sock.recv(64)
+    sock.close()
+    return int(answer.split(b" ")[1])
+
+
 def test_one_clinic_cannot_hold_more_than_its_share_of_uploads_open(bounded_api, make_key, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
     base, _ = bounded_api
     greedy, other = make_key("clinic"), make_key("clinic")
-    release = threading.Event()
-    started = threading.Semaphore(0)
-
-    def slow_body() -> Iterator[bytes]:
-        body, _ = support.multipart(jpeg_bytes)
-        yield body[:100]
-        started.release()
-        release.wait(30)
-        yield body[100:]
-
-    _, content_type = support.multipart(jpeg_bytes)
-
-    def slow_submit() -> int:
-        headers = {**greedy.headers, "Content-Type": content_type}
-        with httpx.Client(base_url=base, timeout=60) as http:
-            return http.post("/v1/cases", content=slow_body(), headers=headers).status_code
-
-    with ThreadPoolExecutor(4) as pool:
-        slow = [pool.submit(slow_submit) for _ in range(4)]
-        for _ in range(4):
-            assert started.acquire(timeout=30)
-        try:
-            with httpx.Client(base_url=base, timeout=30) as http:
-                support.wait_for(
-                    lambda: (
-                        http.post(
-                            "/v1/cases", files={"image": ("a.jpg", jpeg_bytes, "image/jpeg")}, headers=greedy.headers
-                        ).status_code
-                        == 429
-                    ),
-                    timeout=30,
-                    what="the fifth upload of one clinic to be refused",
-                )
-                refused = http.post(
-                    "/v1/cases", files={"image": ("a.jpg", jpeg_bytes, "image/jpeg")}, headers=greedy.headers
-                )
-                assert refused.status_code == 429 and refused.json()["code"] == "rate_limited"
-                assert "uploads in progress" in refused.json()["detail"]
-                accepted = http.post(
-                    "/v1/cases", files={"image": ("a.jpg", jpeg_bytes, "image/jpeg")}, headers=other.headers
-                )
-                assert accepted.status_code == 202
-        finally:
-            release.set()
-        assert [f.result() for f in slow] == [202] * 4
+    body, content_type = support.multipart(jpeg_bytes)
+    uploads = [_start_upload(base, greedy, body, content_type) for _ in range(5)]
+    try:
+        # Four hold their slots, their bodies unfinished; the one that came fifth is refused at once,
+        # before its body is read.
+        answered = support.wait_for(
+            lambda: [s for s in uploads if _status_if_answered(s) is not None] or None,
+            timeout=30,
+            what="the fifth upload of one clinic to be refused",
+        )
+        assert len(answered) == 1 and _status_if_answered(answered[0]) == 429
+        refusal = answered[0].recv(4096)
+        assert b"uploads in progress" in refusal and b"retry-after: " in refusal.lower()
+        # Another clinic is not held back by it.
+        with httpx.Client(base_url=base, timeout=30) as http:
+            files = {"image": ("a.jpg", jpeg_bytes, "image/jpeg")}
+            assert http.post("/v1/cases", files=files, headers=other.headers).status_code == 202
+        assert [_finish(s, body) for s in uploads if s is not answered[0]] == [202] * 4
+    finally:
+        for sock in uploads:
+            sock.close()
