@@ -1,11 +1,13 @@
 """Load benchmark: concurrent clinic portals against the whole stack, and the reliability tally.
 
-    python -m bench.load --clients 32 --seconds 60 [--concurrency 1] [--poll-interval 1.0]
+    python -m bench.load --clients 32 --seconds 60 [--concurrency 1] [--poll-interval 1.0 | --wait 20]
     python -m bench.load --base-url https://dermq.example --key dq_... [--database-url postgresql+psycopg2://...]
 
-Each client is a thread with its own HTTP connection, acting as a clinic portal: it uploads a real
-image (tests/fixtures/images) with an Idempotency-Key, polls the case every ``--poll-interval``
-seconds until it has ended, and submits the next (``--urgent-share`` of them urgent). A submission
+Each client is a thread with its own HTTP connection, acting as a clinic portal of a clinic of its
+own (own stack; with ``--base-url`` all share ``--key``): it uploads a real image
+(tests/fixtures/images) with an Idempotency-Key, then polls the case every ``--poll-interval``
+seconds until it has ended, or with ``--wait S`` asks once with ``?wait=S`` on the submission and
+long-polls, and submits the next (``--urgent-share`` of them urgent). A submission
 that fails with a network error or a 5xx is retried with the same key (what a portal should do), so
 a retry can never make a second case.
 After ``--seconds`` the clients stop submitting and wait for what they have in flight (``--drain``
@@ -13,12 +15,15 @@ seconds at most).
 
 Without ``--base-url`` it starts its own stack, as `make run` would: a scratch database
 (``dermq_bench_load``), Redis database 10 (flushed), the API (uvicorn) and one Celery worker with
-``--concurrency`` children as subprocesses, and the recovery sweep every 5 s in a thread (beat's job).
+``--concurrency`` children as subprocesses, the recovery sweep every 5 s and the audit sealer every
+second in threads (beat's jobs).
 
 Reported: accepted, completed, lost (accepted but never ended, or not in the database: must be 0),
 duplicated (cases beyond one per accepted submission, or more than one result for a case: must be
-0), 4xx/5xx answers, intake latency (POST answered) p50/p95/p99, submit-to-result p50/p95 (from the
-database: created_at to finished_at; and as the client saw it, polling included), and throughput.
+0), 4xx/5xx answers, intake latency (POST answered; with ``--wait``, the submissions answered 202
+before their case ended) p50/p95/p99, submit-to-result p50/p95 (from the database: created_at to
+finished_at; and as the client saw it, polling included), throughput, and the audit sealing lag
+(an event's time to the first signed checkpoint that covers it) p50/p99.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -68,6 +73,7 @@ class Portal(threading.Thread):
     def __init__(
         self, number: int, base_url: str, token: str, images: list[bytes], tally: Tally, args: argparse.Namespace
     ) -> None:
+        self.wait = args.wait
         super().__init__(name=f"portal-{number}", daemon=True)
         self.number, self.images, self.tally, self.args = number, images, tally, args
         self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
@@ -81,7 +87,7 @@ class Portal(threading.Thread):
             started = time.perf_counter()
             try:
                 response = self.http.post(
-                    "/v1/cases",
+                    f"/v1/cases?wait={self.wait:g}" if self.wait else "/v1/cases",
                     headers={"Idempotency-Key": key},
                     files={"image": ("lesion.jpg", image, "image/jpeg")},
                     data={"priority": "urgent" if self.rng.random() < self.args.urgent_share else "routine"},
@@ -94,6 +100,13 @@ class Portal(threading.Thread):
                 continue
             elapsed = time.perf_counter() - started
             self.tally.answer(response.status_code)
+            if response.status_code == 201:  # ended within ?wait=: accepted and done in one request
+                body = response.json()
+                with self.tally.lock:
+                    self.tally.accepted.append(body["id"])
+                    self.tally.ended[body["id"]] = body["status"]
+                    self.tally.seen.append(elapsed)
+                return None
             if response.status_code in (200, 202):
                 with self.tally.lock:
                     self.tally.intake.append(elapsed)
@@ -110,9 +123,11 @@ class Portal(threading.Thread):
 
     def wait_done(self, case_id: str, started: float) -> None:
         while time.monotonic() < self.deadline:
-            time.sleep(self.args.poll_interval)
+            if not self.wait:
+                time.sleep(self.args.poll_interval)
             try:
-                response = self.http.get(f"/v1/cases/{case_id}")
+                query = f"?wait={self.wait:g}" if self.wait else ""
+                response = self.http.get(f"/v1/cases/{case_id}{query}")
             except httpx.HTTPError as exc:
                 with self.tally.lock:
                     self.tally.errors[type(exc).__name__] += 1
@@ -136,10 +151,10 @@ class Portal(threading.Thread):
 
 def start_stack(
     args: argparse.Namespace, workdir: Path, processes: list[support.Process], stopped: threading.Event
-) -> tuple[str, str, str, Path]:
+) -> tuple[str, list[str], str, Path]:
     """Scratch database, Redis DB 10, the API and a worker (appended to ``processes`` as they start, so
-    that the caller stops them whatever happens) and the sweep until ``stopped``; returns (API URL,
-    clinic key, database URL, the API's log)."""
+    that the caller stops them whatever happens), the sweep and the sealer until ``stopped``; returns
+    (API URL, a clinic key per portal, database URL, the API's log)."""
     import redis
 
     port = support.free_port()
@@ -155,6 +170,7 @@ def start_stack(
         DERMQ_WORKER_METRICS_PORT="0",
     )
     settings, _, token = support.prepare_stack(env, f"bench-load-{uuid.uuid4().hex[:6]}")
+    tokens = [token, *clinic_keys(settings, args.clients - 1)]
     base = f"http://127.0.0.1:{port}"
     api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
     processes.append(api)
@@ -175,8 +191,56 @@ def start_stack(
             except Exception as exc:
                 print(f"sweep failed: {type(exc).__name__}")
 
+    def seal_every_second() -> None:
+        from core import audit_commands, audit_log
+        from core.checkpoint import load_signing_keys
+
+        audit_commands.ensure_signing_key(settings)
+        keys = load_signing_keys(settings)
+        while not stopped.wait(1):
+            try:
+                audit_log.seal_once(settings, keys)
+            except Exception as exc:
+                print(f"sealing failed: {type(exc).__name__}")
+
     threading.Thread(target=sweep_every_5_s, daemon=True).start()
-    return base, token, settings.database_url, api.log
+    threading.Thread(target=seal_every_second, daemon=True).start()
+    return base, tokens, settings.database_url, api.log
+
+
+def clinic_keys(settings, count: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """A key of a clinic of its own for each of ``count`` more portals."""
+    from core import clinics, keys
+    from core.crypto import load_keyring
+    from core.db import session_scope
+    from core.models import Role
+
+    keyring, tokens = load_keyring(settings), []
+    with session_scope(settings) as session:
+        for _ in range(count):
+            clinic = clinics.create_clinic(session, f"bench-load-{uuid.uuid4().hex[:8]}")
+            tokens.append(keys.create_key(session, keyring, role=Role.CLINIC, clinic_id=clinic.id)[1])
+    return tokens
+
+
+def sealing_lag(database_url: str, since: datetime) -> list[float]:
+    """Seconds from each audit event of the run to the first signed checkpoint covering it (unsealed: inf)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        lags = connection.execute(
+            text(
+                "SELECT extract(epoch FROM (c.signed_at - e.occurred_at)) FROM audit_events e "
+                "LEFT JOIN audit_leaves l ON l.event_id = e.id "
+                "LEFT JOIN LATERAL (SELECT signed_at FROM audit_checkpoints WHERE size > l.seq "
+                "ORDER BY size LIMIT 1) c ON true WHERE e.occurred_at >= :since"
+            ),
+            {"since": since},
+        ).scalars()
+        found = [float(lag) if lag is not None else float("inf") for lag in lags]
+    engine.dispose()
+    return found
 
 
 def server_intake(api_log: Path, since: float) -> list[float]:
@@ -239,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=60, help="how long the portals keep submitting")
     parser.add_argument("--drain", type=float, default=300, help="seconds to wait for cases in flight afterwards")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between a portal's polls")
+    parser.add_argument("--wait", type=float, default=0, help="long polls: ?wait= seconds (0: poll instead)")
     parser.add_argument("--concurrency", type=int, default=1, help="worker child processes (own stack only)")
     parser.add_argument(
         "--worker-threads",
@@ -263,17 +328,19 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-load-"))  # key file and logs; removed at the end
     try:
         if args.base_url:
-            base, token, database_url = args.base_url.rstrip("/"), args.key, args.database_url
+            base, database_url = args.base_url.rstrip("/"), args.database_url
+            tokens = [args.key] * args.clients
         else:
-            base, token, database_url, api_log = start_stack(args, workdir, processes, stop_sweeper)
+            base, tokens, database_url, api_log = start_stack(args, workdir, processes, stop_sweeper)
             warm = Tally()
-            warm_up = Portal(0, base, token, images, warm, args)
+            warm_up = Portal(0, base, tokens[0], images, warm, args)
             case = warm_up.submit(images[0])  # the worker child loads the model on its first case
             if case is not None:
                 warm_up.wait_done(*case)
         tally = Tally()
-        portals = [Portal(i, base, token, images, tally, args) for i in range(args.clients)]
+        portals = [Portal(i, base, tokens[i], images, tally, args) for i in range(args.clients)]
         started, started_at = time.perf_counter(), time.time()
+        run_started = datetime.now(UTC)
         for portal in portals:
             portal.start()
         time.sleep(args.seconds)
@@ -284,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
         for portal in portals:
             portal.join(max(1.0, deadline - time.monotonic() + 5))
         wall = time.perf_counter() - started
+        lags: list[float] = []
+        if not args.base_url:
+            time.sleep(3)  # the sealer's last rounds
+            lags = sealing_lag(database_url, run_started)
     finally:
         stop_sweeper.set()
         for process in reversed(processes):
@@ -338,7 +409,18 @@ def main(argv: list[str] | None = None) -> None:
         ["throughput (completed / wall time)", f"{len(tally.ended) / wall:.2f} cases/s over {wall:.0f} s"],
         ["requests answered", str(sum(codes.values()))],
     ]
-    own = f"own stack, {args.concurrency} worker child(ren) x {args.worker_threads} torch thread(s)"
+    if not args.base_url:
+        rows.append(
+            [
+                "audit sealing lag p50 / p99 (event to its signed checkpoint)",
+                f"{p50(lags):.2f} s / {percentile(lags, 99):.2f} s over {len(lags)} events",
+            ]
+        )
+    asking = f"long polls ?wait={args.wait:g}" if args.wait else f"polls every {args.poll_interval:g} s"
+    own = (
+        f"own stack: 1 API process, {args.concurrency} worker child(ren) x {args.worker_threads} torch thread(s), "
+        f"a clinic per client, {asking}"
+    )
     print(
         f"dermq load benchmark: {args.clients} clients for {args.seconds:g} s (+ drain), {os.cpu_count()} CPUs, "
         f"{own if not args.base_url else base}, "
