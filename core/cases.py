@@ -26,7 +26,7 @@ from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import audit, pgbinary
+from core import audit, pgbinary, phi
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import BadRequest, Conflict, DermqError, Forbidden, Gone, NotFound
 from core.keys import Principal
@@ -120,7 +120,6 @@ def create_case(
         clinic_id=clinic_id,
         status=CaseStatus.QUEUED.value,
         priority=priority.value,
-        client_ref=client_ref,
         idempotency_key=idempotency_key,
         image_sha256=image.sha256,
         image_format=image.format,
@@ -142,7 +141,10 @@ def create_case(
         if existing is None:
             raise
         return _replay(session, existing, image, actor), False
-    insert_blobs(session, [(case_id, BlobKind.IMAGE, sealed, image.media_type)])
+    blobs = [(case_id, BlobKind.IMAGE, sealed, image.media_type)]
+    if client_ref is not None:  # sealed like the image, never a plain column (core.phi)
+        blobs.append((case_id, BlobKind.CLIENT_REF, phi.seal_client_ref(keyring, case_id, client_ref), phi.MEDIA_TYPE))
+    insert_blobs(session, blobs)
     audit.record(
         session,
         action="case.create",

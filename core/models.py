@@ -72,6 +72,8 @@ class Priority(enum.StrEnum):
 class BlobKind(enum.StrEnum):
     IMAGE = "image"
     HEATMAP = "heatmap"
+    #: the clinic's reference for the case (often a medical record number), envelope-encrypted
+    CLIENT_REF = "client_ref"
 
 
 class Outcome(enum.StrEnum):
@@ -129,13 +131,16 @@ class Case(Base):
         Index("ix_cases_clinic_created", "clinic_id", "created_at", "id"),
         Index("ix_cases_status_updated", "status", "updated_at"),
         Index("ix_cases_queued", "updated_at", postgresql_where=text("status IN ('queued', 'running')")),
+        Index("ix_cases_plain_client_ref", "id", postgresql_where=text("client_ref IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
     clinic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clinics.id", ondelete="RESTRICT"))
     status: Mapped[str] = mapped_column(String(16), server_default=CaseStatus.QUEUED.value)
     priority: Mapped[str] = mapped_column(String(16), server_default=Priority.ROUTINE.value)
-    client_ref: Mapped[str | None] = mapped_column(String(256))
+    #: Plaintext client references of cases stored before migration 0007 only; the sweeper seals them
+    #: into ``client_ref`` blobs (core.phi) and empties this. New cases never write it.
+    plain_client_ref: Mapped[str | None] = mapped_column("client_ref", String(256))
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     image_sha256: Mapped[str] = mapped_column(String(64))
     image_format: Mapped[str] = mapped_column(String(16))

@@ -32,7 +32,8 @@ class PurgeReport:
 
 
 def _purge(session: Session, case: Case, *, actor: audit.Actor, reason: str) -> None:
-    blobs = cases.delete_blobs(session, case.id)
+    blobs = cases.delete_blobs(session, case.id)  # the image, the heat map and the client reference
+    case.plain_client_ref = None  # a reference stored before it was sealed (core.phi)
     case.status = CaseStatus.PURGED.value
     case.purged_at = case.updated_at = datetime.now(UTC)
     session.flush()

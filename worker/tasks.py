@@ -34,7 +34,7 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import callbacks, recovery, retention
+from core import callbacks, phi, recovery, retention
 from core.config import Settings
 from core.db import session_scope
 from core.logs import case_id_var
@@ -159,7 +159,9 @@ def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) 
     with session_scope(config) as session:
         report = recovery.sweep(session, config, publisher, broker)
     recovery.log_report(report)
-    return report.to_dict()
+    with session_scope(config) as session:  # client references stored before they were sealed, a batch a sweep
+        sealed = phi.seal_plain_client_refs(session, keyring(config))
+    return {**report.to_dict(), "client_refs_sealed": sealed}
 
 
 @app.task(name=TASK_SWEEP)

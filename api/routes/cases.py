@@ -11,29 +11,21 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from api import metrics
+from api.case_views import case_out, summary
 from api.deps import AuthenticatedCaller, Db, State, limit, require_role
 from api.schemas import (
-    CaseLinks,
     CaseOut,
     CasePage,
-    CaseSummary,
-    DiagnosisOut,
-    FailureOut,
-    ImageOut,
-    ModelRef,
-    OutOfDistributionOut,
     Problem,
-    label_name,
 )
 from api.upload import read_case_form
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
-from core import cases, retention
+from core import cases, phi, retention
 from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput
-from core.models import Case, CaseStatus, Outcome, Priority, Result, Role
+from core.models import CaseStatus, Priority, Result, Role
 from core.publisher import classify_task
 from ml.images import ImageLimits, InvalidImage
-from ml.labels import CLASSES
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 WaitSeconds = Annotated[
@@ -59,102 +51,6 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
         503: "a dependency is down (see Retry-After)",
     }.items()
 }
-
-
-def _links(case: Case, *, heatmap: bool = True) -> CaseLinks:
-    base = f"/v1/cases/{case.id}"
-    has_heatmap = heatmap and case.status == CaseStatus.SUCCEEDED
-    return CaseLinks(self=base, heatmap=f"{base}/heatmap.png" if has_heatmap else None)
-
-
-#: what each out-of-distribution reason means, in words for the clinician (first known reason wins)
-OOD_HINTS = {
-    "blank": "it is blank or almost uniform",
-    "noise": "it is mostly noise",
-    "colour": "its colours are unlike skin seen through a dermatoscope",
-    "energy": "the model recognises nothing in it that it was trained on",
-    "feature_distance": "it is unlike the skin lesions the model was trained on",
-}
-
-
-def out_of_distribution_message(reasons: list[str]) -> str:
-    hint = next((OOD_HINTS[r] for r in reasons if r in OOD_HINTS), None)
-    return (
-        "The image does not look like a dermoscopy image of a skin lesion"
-        + (f" ({hint})" if hint else "")
-        + "; no diagnosis was made. Retake the image with a dermatoscope and submit it as a new case."
-    )
-
-
-def result_out(result: Result) -> DiagnosisOut | OutOfDistributionOut:
-    """A stored result as the API shows it: a diagnosis, or out of distribution without the model's raw answer."""
-    model = ModelRef(id=result.model_id, weights_sha256=result.weights_sha256)
-    if result.outcome == Outcome.OUT_OF_DISTRIBUTION:
-        return OutOfDistributionOut(
-            outcome="out_of_distribution",
-            ood_reasons=result.ood_reasons,
-            message=out_of_distribution_message(result.ood_reasons),
-            gradcam_status="not_applicable",
-            model=model,
-            device=result.device,
-            timings=result.timings,
-            created_at=result.created_at,
-        )
-    # the table's CHECK constraint: a diagnosis has all of these
-    assert result.label is not None and result.probabilities is not None
-    assert result.confidence is not None and result.uncertainty is not None and result.referral is not None
-    return DiagnosisOut(
-        outcome="diagnosis",
-        label=result.label,
-        label_name=label_name(result.label),
-        probabilities={c: result.probabilities[c] for c in CLASSES if c in result.probabilities},
-        confidence=result.confidence,
-        uncertainty=result.uncertainty,
-        referral=result.referral,
-        referral_reasons=result.referral_reasons,
-        gradcam_status=result.gradcam_status,  # type: ignore[arg-type]
-        model=model,
-        device=result.device,
-        timings=result.timings,
-        created_at=result.created_at,
-    )
-
-
-def case_out(case: Case, result: Result | None) -> CaseOut:
-    purged = case.status == CaseStatus.PURGED
-    return CaseOut(
-        id=case.id,
-        status=case.status,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
-        priority=case.priority,  # type: ignore[arg-type]
-        client_ref=case.client_ref,
-        attempts=case.attempts,
-        image=None
-        if purged
-        else ImageOut(
-            format=case.image_format, width=case.image_width, height=case.image_height, bytes=case.image_bytes
-        ),
-        created_at=case.created_at,
-        updated_at=case.updated_at,
-        started_at=case.started_at,
-        finished_at=case.finished_at,
-        result=None if result is None else result_out(result),
-        failure=FailureOut(code=case.failure_code, message=case.failure_message or "")
-        if case.status == CaseStatus.FAILED and case.failure_code
-        else None,
-        links=_links(case, heatmap=result is None or result.outcome != Outcome.OUT_OF_DISTRIBUTION),
-    )
-
-
-def _summary(case: Case, *, heatmap: bool = True) -> CaseSummary:
-    return CaseSummary(
-        id=case.id,
-        status=case.status,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
-        priority=case.priority,  # type: ignore[arg-type]
-        client_ref=case.client_ref,
-        created_at=case.created_at,
-        updated_at=case.updated_at,
-        links=_links(case, heatmap=heatmap),
-    )
 
 
 UPLOAD_SCHEMA = {
@@ -279,7 +175,8 @@ async def submit_case(
         if created:  # sent once the request's transaction commits: a worker never looks for a row not yet there
             enqueue(session, app.publisher, classify_task(case.id, priority))
         result = session.get(Result, case.id) if case.status == CaseStatus.SUCCEEDED else None
-        return case_out(case, result), created
+        ref = client_ref if created else phi.client_refs(session, app.keyring, [case])[case.id]
+        return case_out(case, result, ref), created
 
     out, created = await db.run(create)
     if created and wait and not CaseStatus(out.status).terminal:
@@ -288,7 +185,7 @@ async def submit_case(
 
         def reread(session: Session) -> CaseOut:
             case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=out.id)
-            return case_out(case, result)
+            return case_out(case, result, client_ref)
 
         out = await db.run(reread)
     if created and CaseStatus(out.status).terminal:
@@ -312,7 +209,7 @@ async def read_case(
         if not wait:
             limit(caller, app, "read")
         case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
-        return case_out(case, result)
+        return case_out(case, result, phi.client_refs(session, app.keyring, [case])[case.id])
 
     if wait:
         await db.run(lambda _: limit(caller, app, "read"))  # counted before waiting, once
@@ -363,8 +260,9 @@ async def list_cases(
             cursor=cursor,
             limit=min(limit_ or app.settings.page_size_default, app.settings.page_size_max),
         )
+        refs = phi.client_refs(session, app.keyring, page.cases)
         return CasePage(
-            items=[_summary(c, heatmap=c.id not in page.out_of_distribution) for c in page.cases],
+            items=[summary(c, refs.get(c.id), heatmap=c.id not in page.out_of_distribution) for c in page.cases],
             next_cursor=page.next_cursor,
         )
 
@@ -383,7 +281,7 @@ async def erase_case(
     def erase(session: Session) -> CaseOut:
         limit(caller, app, "submit")
         case = retention.erase_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
-        return case_out(case, session.get(Result, case.id))
+        return case_out(case, session.get(Result, case.id), None)  # its client reference is shredded too
 
     out = await db.run(erase)
     response.headers.update(NO_STORE)

@@ -64,7 +64,7 @@ def test_a_refused_copy_raises_sqlalchemys_error_and_the_transaction_rolls_back(
 ) -> None:  # type: ignore[no-untyped-def]
     case_id = store_case(tenant, jpeg_bytes)  # it has its image blob: a second one breaks the unique key
     with pytest.raises(IntegrityError), session_scope(settings) as session:
-        session.execute(update(Case).where(Case.id == case_id).values(client_ref="changed in the same transaction"))
+        session.execute(update(Case).where(Case.id == case_id).values(plain_client_ref="changed in the same transaction"))
         pgbinary.copy_in(
             session,
             "case_blobs",
@@ -73,7 +73,7 @@ def test_a_refused_copy_raises_sqlalchemys_error_and_the_transaction_rolls_back(
         )
     with session_scope(settings) as session:
         assert len(session.scalars(select(CaseBlob.id).where(CaseBlob.case_id == case_id)).all()) == 1
-        assert session.scalar(select(Case.client_ref).where(Case.id == case_id)) is None
+        assert session.scalar(select(Case.plain_client_ref).where(Case.id == case_id)) is None
 
 
 def test_a_lost_connection_is_an_operational_error_that_the_worker_retries(

@@ -1,0 +1,67 @@
+"""Patient identifiers at rest: a case's client reference (often a medical record number) is
+envelope-encrypted like its image, never stored in plain text.
+
+It is a ``client_ref`` blob of the case (:class:`core.models.CaseBlob`): its own data key, wrapped
+under the active key-encryption key, with the case id and the kind as additional authenticated data,
+so a sealed reference cannot be moved to another case. Key rotation re-wraps it with the images;
+erasure and retention shred it with them (the blob rows go). A ``pg_dump`` holds only ciphertext.
+
+Cases stored before this (migration 0007) kept the reference in ``cases.client_ref``: the sweeper
+seals those in batches (:func:`seal_plain_client_refs`) and empties the column.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
+from core.models import BlobKind, Case, CaseBlob
+
+KIND = BlobKind.CLIENT_REF.value
+MEDIA_TYPE = "text/plain; charset=utf-8"
+
+
+def seal_client_ref(keyring: Keyring, case_id: uuid.UUID, client_ref: str) -> SealedBlob:
+    return encrypt_blob(keyring, client_ref.encode(), case_id=case_id, kind=KIND)
+
+
+def client_refs(session: Session, keyring: Keyring, cases: Sequence[Case]) -> dict[uuid.UUID, str | None]:
+    """The client reference of each case (None where it has none, or it was erased), in one query."""
+    found: dict[uuid.UUID, str | None] = {case.id: case.plain_client_ref for case in cases}
+    if not cases:
+        return found
+    blobs = session.scalars(
+        select(CaseBlob).where(CaseBlob.case_id.in_([case.id for case in cases]), CaseBlob.kind == KIND)
+    ).all()
+    for blob in blobs:
+        found[blob.case_id] = decrypt_blob(keyring, blob.sealed, case_id=blob.case_id, kind=KIND).decode()
+    return found
+
+
+def seal_plain_client_refs(session: Session, keyring: Keyring, *, limit: int = 500) -> int:
+    """Seal up to ``limit`` references still stored in plain text (cases older than migration 0007)
+    and empty their column; returns how many. Cheap once none are left (a partial index answers)."""
+    from core.cases import insert_blobs
+
+    legacy: list[tuple[uuid.UUID, str]] = [
+        (case_id, ref)
+        for case_id, ref in session.execute(
+            select(Case.id, Case.plain_client_ref)
+            .where(Case.plain_client_ref.is_not(None))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if ref is not None
+    ]
+    if not legacy:
+        return 0
+    insert_blobs(
+        session,
+        [(case_id, BlobKind.CLIENT_REF, seal_client_ref(keyring, case_id, ref), MEDIA_TYPE) for case_id, ref in legacy],
+    )
+    session.execute(update(Case).where(Case.id.in_([case_id for case_id, _ in legacy])).values(plain_client_ref=None))
+    return len(legacy)

@@ -1,0 +1,37 @@
+"""Client references sealed: a ``client_ref`` kind of case blob, and a partial index that finds the
+references still stored in plain text.
+
+New cases store their client reference only as an envelope-encrypted blob (core/phi.py). Rows written
+before keep ``cases.client_ref`` until the sweeper seals them (it needs the key file, which migrations
+do not have) and empties the column; a later release drops it.
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-01 15:20:00.000000+00:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.drop_constraint(op.f("ck_case_blobs_kind"), "case_blobs", type_="check")
+    op.create_check_constraint(op.f("ck_case_blobs_kind"), "case_blobs", "kind IN ('image', 'heatmap', 'client_ref')")
+    op.create_index(
+        "ix_cases_plain_client_ref", "cases", ["id"], postgresql_where="client_ref IS NOT NULL", if_not_exists=True
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_cases_plain_client_ref", table_name="cases")
+    op.execute("DELETE FROM case_blobs WHERE kind = 'client_ref'")  # downgrading forgets sealed references
+    op.drop_constraint(op.f("ck_case_blobs_kind"), "case_blobs", type_="check")
+    op.create_check_constraint(op.f("ck_case_blobs_kind"), "case_blobs", "kind IN ('image', 'heatmap')")
