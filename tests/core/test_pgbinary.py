@@ -64,7 +64,9 @@ def test_a_refused_copy_raises_sqlalchemys_error_and_the_transaction_rolls_back(
 ) -> None:  # type: ignore[no-untyped-def]
     case_id = store_case(tenant, jpeg_bytes)  # it has its image blob: a second one breaks the unique key
     with pytest.raises(IntegrityError), session_scope(settings) as session:
-        session.execute(update(Case).where(Case.id == case_id).values(plain_client_ref="changed in the same transaction"))
+        session.execute(
+            update(Case).where(Case.id == case_id).values(plain_client_ref="changed in the same transaction")
+        )
         pgbinary.copy_in(
             session,
             "case_blobs",
