@@ -52,6 +52,8 @@ def test_env(workdir: Path, **overrides: str) -> dict[str, str]:
         "DERMQ_RATE_LIMIT_FAILED_AUTH_PER_MINUTE": "10000",
         "DERMQ_RATE_LIMIT_SUBMISSIONS_PER_MINUTE": "10000",
         "DERMQ_RATE_LIMIT_READS_PER_MINUTE": "100000",
+        # Tests send bursts from one clinic on purpose; tests/api/test_memory_bombs.py sets its own bound.
+        "DERMQ_MAX_CONCURRENT_UPLOADS_PER_CLINIC": "64",
         # Metrics listeners on spare ports (0 turns them off); fixtures that scrape set them.
         "DERMQ_METRICS_PORT": "0",
         "DERMQ_WORKER_METRICS_PORT": str(free_port()),
