@@ -69,24 +69,38 @@ def claim_case(session: Session, case_id: uuid.UUID, *, actor: audit.Actor = aud
     return claimed
 
 
-def claim_batch(session: Session, case_id: uuid.UUID, *, limit: int, actor: audit.Actor = audit.SYSTEM) -> list[Case]:
+def claim_batch(
+    session: Session,
+    case_id: uuid.UUID,
+    *,
+    limit: int,
+    max_pixels: int | None = None,
+    actor: audit.Actor = audit.SYSTEM,
+) -> list[Case]:
     """Claim ``case_id`` and up to ``limit - 1`` more queued cases (urgent first, then oldest) in one
     statement, for a worker that classifies them as one batch.
+
+    With ``max_pixels``, the batch holds at most that many declared image pixels: a case joins only if
+    its image has at most ``max_pixels / limit`` pixels, and a larger ``case_id`` is claimed alone.
 
     ``FOR UPDATE SKIP LOCKED`` lets concurrent batches take disjoint sets; each claimed case's own
     message later finds it taken and does nothing. Returns nothing if ``case_id`` itself was not
     queued (another batch took it): that worker is already on it.
     """
     # One statement: our case (if still queued and not locked) plus, only then, the others.
+    pixels = Case.image_width * Case.image_height
+    per_slot = max_pixels // max(limit, 1) if max_pixels is not None else None
     mine = (
-        select(Case.id)
+        select(Case.id, pixels.label("pixels"))
         .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
         .with_for_update(skip_locked=True)
         .cte("mine")
     )
+    small = [] if per_slot is None else [pixels <= per_slot]
+    company = select(mine.c.id) if per_slot is None else select(mine.c.id).where(mine.c.pixels <= per_slot)
     others = (
         select(Case.id)
-        .where(Case.status == CaseStatus.QUEUED.value, Case.id != case_id, exists(select(mine.c.id)))
+        .where(Case.status == CaseStatus.QUEUED.value, Case.id != case_id, exists(company), *small)
         .order_by(*QUEUE_ORDER)
         .limit(max(0, limit - 1))
         .with_for_update(skip_locked=True)

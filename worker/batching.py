@@ -95,7 +95,9 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     started = time.perf_counter()
     predictor = runtime.get_predictor(config)
     with session_scope(config) as session:
-        claimed = case_states.claim_batch(session, case_id, limit=config.batch_max_size)
+        claimed = case_states.claim_batch(
+            session, case_id, limit=config.batch_max_size, max_pixels=config.batch_max_pixels
+        )
     if not claimed:
         log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
         return "skipped"

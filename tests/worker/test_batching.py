@@ -303,3 +303,21 @@ def test_a_case_the_database_refuses_fails_alone_not_its_batch(
         assert refused is not None and (refused.status, refused.failure_code) == ("failed", "model_error")
         assert {session.get(Case, i).status for i in (ids[0], ids[2])} == {"succeeded"}  # type: ignore[union-attr]
         assert audit.verify_chain(session).ok
+
+
+def test_a_batch_holds_a_bounded_number_of_pixels(batching, tenant, store_case, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """A case joins a batch only if its image fits the batch's per-slot share of pixels; a large one
+    is classified alone (a batch of camera-sized PNGs would otherwise be decoded at once)."""
+    small = [store_case(tenant, jpeg_bytes) for _ in range(3)]  # 300x225: 67,500 pixels each
+    large = store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        session.execute(update(Case).where(Case.id == large).values(image_width=5000, image_height=4000))
+    with session_scope(batching) as session:  # 4 slots of 100,000 pixels
+        claimed = case_states.claim_batch(session, small[0], limit=4, max_pixels=400_000)
+    assert sorted(c.id for c in claimed) == sorted(small)  # the 20-megapixel case stays queued
+    waiting = store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        alone = case_states.claim_batch(session, large, limit=4, max_pixels=400_000)
+    assert [c.id for c in alone] == [large]  # no company for a case that needs the whole budget
+    with session_scope(batching) as session:
+        assert session.get(Case, waiting).status == "queued"
