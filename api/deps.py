@@ -150,6 +150,7 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
         return principal
 
     # A key verified since the last revocation anywhere costs neither a keyed hash nor a query.
+    app.listener.start()  # a no-op once running; restarts it after an app shutdown that left this app serving
     known = app.key_cache.get(token)
     principal = known if known is not None else await db.run(check)
     caller = Caller(principal, actor.with_key(principal.key_id, principal.role.value, principal.clinic_id))

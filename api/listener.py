@@ -50,8 +50,11 @@ class Listener:
 
     def start(self) -> None:
         """Start listening (from the event loop), unless already started."""
+        thread = self._thread
+        if thread is not None and thread.is_alive() and not self._stop.is_set():
+            return
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            if self._thread is not None and self._thread.is_alive() and not self._stop.is_set():
                 return
             self._loop = asyncio.get_running_loop()
             self._stop.clear()
@@ -59,8 +62,9 @@ class Listener:
             self._thread.start()
 
     def close(self) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
+        with self._lock:
+            self._stop.set()
+            thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=5)
 
@@ -114,10 +118,10 @@ class Listener:
                     if ended:
                         self._cases_ended(ended)
             except Exception as exc:
-                if self._listening.is_set():
+                if self._listening.is_set() or backoff == 0.5:
                     log.warning(
-                        "lost the Postgres listener; key checks go to the database and waiting requests look "
-                        "every second until it is back",
+                        "the Postgres listener is not connected; key checks go to the database and waiting "
+                        "requests look every second until it is",
                         extra={"event": "listener_lost", "error": type(exc).__name__},
                     )
             finally:
