@@ -40,10 +40,17 @@ EXPORT_MAX_RANGE = timedelta(days=EXPORT_MAX_DAYS)
 NOWHERE = uuid.UUID(int=0)  # matches no key: an unknown key prefix finds no records
 
 
+def _printable(value: str, name: str) -> str:
+    if not value.isprintable():
+        raise InvalidInput(f"'{name}' must be printable text", code="invalid_filter")
+    return value
+
+
 def _clinic_id(session: Session, value: str | None, scoped: bool) -> uuid.UUID | None:
     """A clinic filter given as an id or a name (a scoped auditor's unknown name is out of scope)."""
     if value is None:
         return None
+    _printable(value, "clinic")
     try:
         return clinics.get_clinic(session, value).id
     except NotFound:
@@ -60,7 +67,7 @@ def _actor_id(session: Session, value: str | None) -> uuid.UUID | None:
         return uuid.UUID(value)
     except ValueError:
         pass
-    prefix = value.removeprefix("dq_").split("_", 1)[0]
+    prefix = _printable(value, "actor").removeprefix("dq_").split("_", 1)[0]
     found = session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix))
     return found or NOWHERE
 

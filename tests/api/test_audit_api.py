@@ -354,3 +354,10 @@ def test_filters_take_a_clinic_name_and_a_key_prefix(client, make_key, activity,
     for name in (a.name, "no such clinic"):
         refused = client.get("/v1/audit-events", headers={"Authorization": f"Bearer {token}"}, params={"clinic": name})
         assert refused.status_code == 403 and refused.json()["code"] == "clinic_scope"
+
+
+def test_a_filter_with_control_characters_is_a_422_not_a_500(client, make_key) -> None:  # type: ignore[no-untyped-def]
+    auditor = make_key("auditor")
+    for params in ({"clinic": "North\x00Clinic"}, {"actor": "dq_\x00abc"}):
+        answer = client.get("/v1/audit-events", headers=auditor.headers, params=params)
+        assert answer.status_code == 422 and answer.json()["code"] == "invalid_filter", answer.text
