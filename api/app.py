@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         decoder=Decoder(settings.decode_memory_bytes),
         listener=listener,
         waiters=CaseWaiters(listener, settings.long_poll_max_waiters),
-        key_cache=KeyCache(listener),
+        key_cache=KeyCache(listener, max_age=settings.key_cache_seconds),
     )
     problems.install(app, record_denial)
     if settings.cors_origins:

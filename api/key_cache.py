@@ -40,7 +40,7 @@ class KeyCache:
             return self._generation
 
     def get(self, token: str | None) -> Principal | None:
-        if not token or not self.listener.listening:
+        if not token or self.max_age <= 0 or not self.listener.listening:
             return None
         with self._lock:
             entry = self._entries.get(self._key(token))

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     max_client_ref_length: int = Field(128, ge=1)
     #: Requests that may wait for a case's end at once in one API process (``?wait=``); more answer at once.
     long_poll_max_waiters: int = Field(1000, ge=0)
+    #: How long an API process remembers a verified key (emptied at once by any revocation); 0: never.
+    key_cache_seconds: float = Field(300.0, ge=0)
     page_size_default: int = Field(50, ge=1)
     page_size_max: int = Field(200, ge=1)
 

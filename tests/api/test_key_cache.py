@@ -95,3 +95,15 @@ def test_a_key_verified_while_a_change_was_announced_is_not_remembered(settings)
     assert cache.get("dq_token") is None
     cache.remember("dq_token", principal, cache.generation())
     assert cache.get("dq_token") == principal
+
+
+def test_a_zero_lifetime_turns_the_cache_off(settings) -> None:  # type: ignore[no-untyped-def]
+    from core.keys import Principal
+    from core.models import Role
+
+    listener = Listener(settings.database_url)
+    listener._listening.set()
+    cache = KeyCache(listener, max_age=0)
+    principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+    cache.remember("dq_token", principal, cache.generation())
+    assert cache.get("dq_token") is None
