@@ -69,8 +69,3 @@ def send(app: Celery, task: Task) -> bool:
         )
         return False
     return True
-
-
-def publish_classify(app: Celery, case_id: uuid.UUID, priority: Priority | str) -> bool:
-    """Send ``classify(case_id)`` now (outside any transaction: tests, tools)."""
-    return send(app, classify_task(case_id, priority))

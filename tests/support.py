@@ -416,3 +416,10 @@ def seal_all(settings: Any, timeout: float = 60) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"the sealer did not seal {target} events within {timeout} s")
         time.sleep(0.1)
+
+
+def publish_classify(app, case_id, priority="routine"):  # type: ignore[no-untyped-def]
+    """Send ``classify(case_id)`` now, outside any transaction (production code enqueues on its Session)."""
+    from core.publisher import classify_task, send
+
+    return send(app, classify_task(case_id, priority))

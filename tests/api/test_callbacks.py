@@ -21,7 +21,6 @@ from core.config import Settings
 from core.db import get_engine, session_scope
 from core.errors import InvalidInput
 from core.models import AuditEvent, CallbackDelivery, ClinicCallback
-from core.publisher import publish_classify
 from tests import support
 from tests.conftest import Tenant
 from worker.callbacks import post
@@ -282,7 +281,7 @@ def test_a_failed_case_is_announced_too(
     try:
         secret = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": server.url}).json()["secret"]
         case_id = store_case(tenant, jpeg_bytes[: len(jpeg_bytes) // 3])
-        publish_classify(publisher, case_id, "routine")
+        support.publish_classify(publisher, case_id, "routine")
         support.wait_for(lambda: server.calls, timeout=120, what="the callback of the failed case")
         notice = json.loads(server.calls[0]["body"])  # type: ignore[arg-type]
         assert notice["status"] == "failed" and notice["case_id"] == str(case_id) and notice["outcome"] is None
@@ -308,7 +307,7 @@ def test_a_slow_portal_holds_no_row_lock_and_no_transaction(
     try:
         client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": server.url}).raise_for_status()
         case_id = store_case(tenant, jpeg_bytes)
-        publish_classify(publisher, case_id, "urgent")
+        support.publish_classify(publisher, case_id, "urgent")
         support.wait_for(lambda: server.calls, timeout=120, what="the worker to post the callback")
         # The worker now waits on the portal's answer (for at most callback_timeout_seconds).
         with get_engine(settings).connect() as connection:

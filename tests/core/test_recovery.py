@@ -17,8 +17,9 @@ from core import callbacks, case_states, recovery
 from core.config import Settings
 from core.db import session_scope
 from core.models import CallbackDelivery, Case, ClinicCallback, Result
-from core.publisher import make_publisher, publish_classify
+from core.publisher import make_publisher
 from core.queueing import QUEUE_MAINTENANCE
+from tests import support
 from tests.conftest import Tenant, case_store, new_tenant
 from tests.faults.servers import RedisServer
 
@@ -116,7 +117,7 @@ def test_only_queued_cases_whose_message_is_lost_are_published_again(
     for case_id in (lost, waiting):
         set_state(own_database, case_id, updated_at=ago(grace + 5))
     _, publisher, client = sweeping
-    assert publish_classify(publisher, waiting, "routine")  # its message is still in the queue
+    assert support.publish_classify(publisher, waiting, "routine")  # its message is still in the queue
     report = sweep(sweeping)
     assert report.broker_checked
     assert str(lost) in report.republished

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from core.db import session_scope
 from core.models import Case
-from core.publisher import make_publisher, publish_classify
+from core.publisher import make_publisher
 from tests import support
 from tests.conftest import case_store, new_tenant
 from tests.faults.servers import RedisServer
@@ -39,9 +39,9 @@ def test_urgent_cases_are_served_before_a_routine_backlog(
         routine = [store_case(tenant, jpeg_bytes, "routine") for _ in range(20)]
         urgent = [store_case(tenant, jpeg_bytes, "urgent") for _ in range(5)]
         for case_id in routine:  # the backlog first, while no worker runs
-            assert publish_classify(publisher, case_id, "routine")
+            assert support.publish_classify(publisher, case_id, "routine")
         for case_id in urgent:
-            assert publish_classify(publisher, case_id, "urgent")
+            assert support.publish_classify(publisher, case_id, "urgent")
 
         env = {
             **stack_env,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.publisher import make_publisher, publish_classify
+from core.publisher import make_publisher
 from ml import registry
 from tests import support
 from tests.faults.servers import RedisServer
@@ -46,7 +46,7 @@ def test_tampered_weights_fail_the_case_not_the_worker(
         publisher = make_publisher(settings.model_copy(update={"redis_url": broker.url}))
         first, second = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes)
         for case_id in (first, second):
-            publish_classify(publisher, case_id, "routine")
+            support.publish_classify(publisher, case_id, "routine")
         for case_id in (first, second):
             case = wait_terminal(settings, case_id, timeout=60)
             assert (case.status, case.failure_code) == ("failed", "model_error")

@@ -9,7 +9,6 @@ from sqlalchemy import func, select
 
 from core.db import session_scope
 from core.models import Case, CaseBlob, Result
-from core.publisher import publish_classify
 from tests import support
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -33,13 +32,13 @@ def test_an_image_that_does_not_decode_fails_without_retry(
     worker, tenant, store_case, publisher, settings, jpeg_bytes: bytes
 ) -> None:  # type: ignore[no-untyped-def]
     broken = store_case(tenant, jpeg_bytes[: len(jpeg_bytes) // 3])
-    publish_classify(publisher, broken, "routine")
+    support.publish_classify(publisher, broken, "routine")
     case = wait_terminal(settings, broken)
     assert (case.status, case.failure_code, case.attempts) == ("failed", "invalid_image", 1)
     assert "truncated" in case.failure_message or "ends before" in case.failure_message
     # The worker survived and serves the next case.
     good = store_case(tenant, jpeg_bytes)
-    publish_classify(publisher, good, "routine")
+    support.publish_classify(publisher, good, "routine")
     assert wait_terminal(settings, good).status == "succeeded"
     assert worker.alive()
 
@@ -52,10 +51,10 @@ def test_redelivery_does_nothing_twice(worker, tenant, store_case, publisher, se
     support.wait_for(lambda: worker.metrics(), timeout=30, what="the worker's metrics listener")
     before = skipped()
     for _ in range(3):  # a duplicated publish, as after a lost acknowledgement
-        publish_classify(publisher, case_id, "routine")
+        support.publish_classify(publisher, case_id, "routine")
     first = wait_terminal(settings, case_id)
     support.wait_for(lambda: skipped() == before + 2, timeout=30, what="the worker to skip the duplicates")
-    publish_classify(publisher, case_id, "routine")
+    support.publish_classify(publisher, case_id, "routine")
     support.wait_for(lambda: skipped() == before + 3, timeout=30, what="the worker to skip the redelivery")
     with session_scope(settings) as session:
         results = session.scalar(select(func.count()).select_from(Result).where(Result.case_id == case_id))
