@@ -8,8 +8,11 @@ model and never imports torch: it validates, encrypts, stores and publishes; the
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis
 from fastapi import FastAPI
@@ -45,6 +48,7 @@ cannot judge gets the result outcome `out_of_distribution` instead: no diagnosis
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    release_large_allocations()  # every API process: freed canvases go back to the system
     keys = KeyringSource(settings)
     keys.get()  # raises KeyringError: no keys, no start
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2)
@@ -104,8 +108,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def api_processes(settings: Settings) -> int:
+    """How many API processes to run: ``DERMQ_API_PROCESSES``, or with 0 one per usable core."""
+    if settings.api_processes:
+        return settings.api_processes
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def main() -> None:
-    """``dermq-api``: run the API with uvicorn, configured from Settings."""
+    """``dermq-api``: run the API with uvicorn, configured from Settings, in ``api_processes`` processes
+    (uvicorn's supervisor restarts one that dies; metrics are served once, by the supervisor)."""
     import uvicorn
 
     settings = get_settings()
@@ -113,16 +125,22 @@ def main() -> None:
     tls: dict[str, str] = {}
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
-    release_large_allocations()
-    app = create_app(settings)
-    metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
-    uvicorn.run(
-        app,
-        host=settings.api_host,
-        port=settings.api_port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,  # create_app adds the middleware, for the configured proxies only
-        server_header=False,
-        **tls,  # type: ignore[arg-type]
-    )
+    processes = api_processes(settings)
+    common: dict[str, Any] = {
+        "host": settings.api_host,
+        "port": settings.api_port,
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": False,  # create_app adds the middleware, for the configured proxies only
+        "server_header": False,
+        **tls,
+    }
+    if processes == 1:
+        app = create_app(settings)
+        metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
+        uvicorn.run(app, **common)
+        return
+    # The processes count into files of a folder they share; the supervisor serves their sum.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dermq-api-metrics-")
+    metrics.serve(create_app(settings).state.dermq, processes=processes)
+    uvicorn.run("api.app:create_app", factory=True, workers=processes, **common)

@@ -133,13 +133,21 @@ class StateCollector(Collector):
         yield chain
 
 
-def serve(app: AppState) -> None:
-    """Start the metrics listener (``DERMQ_METRICS_HOST:DERMQ_METRICS_PORT``) in a daemon thread."""
+def serve(app: AppState, *, processes: int = 1) -> None:
+    """Start the metrics listener (``DERMQ_METRICS_HOST:DERMQ_METRICS_PORT``) in a daemon thread. With
+    several API processes this runs in their supervisor, and serves what every process has counted
+    (prometheus_client's multiprocess files, ``PROMETHEUS_MULTIPROC_DIR``) plus the shared gauges."""
     if not app.settings.metrics_port:
         return
-    REGISTRY.register(StateCollector(app))
+    registry = REGISTRY
+    if processes > 1:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry(auto_describe=True)
+        multiprocess.MultiProcessCollector(registry)
+    registry.register(StateCollector(app))
     try:
-        start_http_server(app.settings.metrics_port, addr=app.settings.metrics_host, registry=REGISTRY)
+        start_http_server(app.settings.metrics_port, addr=app.settings.metrics_host, registry=registry)
     except OSError as exc:  # the API itself still serves; the missing scrape target raises an alert
         log.error("metrics listener could not start", extra={"event": "metrics_failed", "error": type(exc).__name__})
         return

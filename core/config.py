@@ -65,6 +65,9 @@ class Settings(BaseSettings):
 
     # --- HTTP API -----------------------------------------------------------------------
     api_host: str = "127.0.0.1"
+    #: API processes (uvicorn workers behind one port; metrics served once). 0: one per usable core.
+    #: Leave the worker its share where both run on one machine (make run picks half the cores).
+    api_processes: int = Field(1, ge=0, le=64)
     api_port: int = Field(8000, ge=1, le=65535)
     #: Prometheus /metrics of the API, on its own listener (never the public port); 0 turns it off.
     metrics_port: int = Field(9100, ge=0, le=65535)

@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     # generated Flower password); everything else defaults to production.
     os.environ.setdefault("DERMQ_ENVIRONMENT", "development")
     os.environ.setdefault("DERMQ_CALLBACK_ALLOW_PRIVATE_URLS", "true")  # a portal on this machine may listen
+    # API processes: half the cores, the worker on this machine has the other half
+    os.environ.setdefault("DERMQ_API_PROCESSES", str(max(1, len(os.sched_getaffinity(0)) // 2)))
     settings = get_settings()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env = prepare(settings, state_dir, env)

@@ -1,0 +1,64 @@
+"""The API in several processes behind one port (DERMQ_API_PROCESSES): all of them serve, and the one
+metrics listener reports what all of them counted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import support
+from tests.api.test_metrics import scrape, total
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.fixture
+def two_process_api(
+    stack_env: dict[str, str], stack_dir: Path, database, redis_client
+) -> Iterator[tuple[str, str, int]]:  # type: ignore[no-untyped-def]
+    port, metrics_port = support.free_port(), support.free_port()
+    env = {
+        **stack_env,
+        "DERMQ_API_PORT": str(port),
+        "DERMQ_METRICS_PORT": str(metrics_port),
+        "DERMQ_API_PROCESSES": "2",
+    }
+    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, stack_dir / "two-process-api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=90, what="the API to start")
+        assert server.alive()
+        yield base, f"http://127.0.0.1:{metrics_port}/metrics", server.proc.pid
+    finally:
+        server.stop()
+
+
+def test_two_api_processes_serve_one_port_and_are_counted_together(two_process_api, tenant) -> None:  # type: ignore[no-untyped-def]
+    base, metrics_url, supervisor = two_process_api
+
+    def api_processes() -> list[int]:  # uvicorn's spawned workers (not multiprocessing's resource tracker)
+        return [
+            p for p in children(supervisor) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+        ]
+
+    assert len(support.wait_for(lambda: api_processes() if len(api_processes()) == 2 else None, timeout=60)) == 2
+    before = total(scrape(metrics_url), "dermq_http_requests_total", route="/v1/cases", status="200")
+    with httpx.Client(base_url=base, timeout=30) as http:
+        for _ in range(24):  # new connections: the kernel spreads them over the processes
+            assert httpx.get(f"{base}/v1/cases", headers=tenant.headers, timeout=30).status_code == 200
+        assert http.get("/readyz").json()["status"] == "ready"
+    after = total(scrape(metrics_url), "dermq_http_requests_total", route="/v1/cases", status="200")
+    assert after - before == 24
