@@ -1,5 +1,6 @@
 # dermq developer commands. `make test` and `make run` work on a fresh machine: they create
-# .venv, install the project into it (torch and torchvision come from pip's local wheels) and run.
+# .venv, install the project and its Python client (client/) into it (torch and torchvision come
+# from pip's local wheels) and run.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,9 +9,10 @@ STAMP := $(VENV)/.dermq-installed
 
 .PHONY: install services run test lint typecheck bench bench-model clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./client
 	@touch $(STAMP)
 
 install: $(STAMP)

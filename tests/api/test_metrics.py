@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import support
-from tests.api.conftest import live_api_process
+from tests.conftest import live_api_process
 
 pytestmark = pytest.mark.usefixtures("database")
 

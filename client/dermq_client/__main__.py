@@ -1,0 +1,3 @@
+from dermq_client.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""The asyncio client: the same methods as :class:`dermq_client.Client`, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from dermq_client import _core, errors
+from dermq_client.models import Case, CaseSummary, parse_case, parse_summary
+
+
+class AsyncClient:
+    """A dermq API client for one API key, for asyncio. Use it as ``async with`` (or await :meth:`aclose`).
+
+    Requests that fail on the network, with a 5xx or with 429 are sent again as ``retry`` says,
+    honouring ``Retry-After``; a submission is resent with the same ``Idempotency-Key``, so the
+    server answers with the case it already stored rather than a second one."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float | httpx.Timeout = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry: _core.RetryPolicy | None = None,
+    ) -> None:
+        self.retry = retry or _core.RetryPolicy()
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": _core.USER_AGENT},
+            timeout=self._timeout,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ transport
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _core.connection_failed(exc) from exc
+        return _core.checked(response)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        retry = 0
+        while True:
+            try:
+                return await self._send(method, path, **kwargs)
+            except errors.DermqError as exc:
+                delay = self.retry.delay(retry, exc)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            retry += 1
+
+    # ------------------------------------------------------------------ cases
+
+    async def submit(
+        self,
+        image: _core.ImageInput,
+        client_ref: str | None = None,
+        priority: str = "routine",
+        idempotency_key: str | None = None,
+        wait: float | None = None,
+    ) -> Case:
+        """Submit one image (a path or its bytes) as a new case.
+
+        Without ``idempotency_key`` a random one is made; every retry of this call sends the same
+        one. With ``wait`` (seconds), the answer comes when the case has ended or ``wait`` has
+        passed (server long polls): the case is returned as it is then, finished or not."""
+        started = time.monotonic()
+        request = _core.submit_request(
+            await asyncio.to_thread(_core.load_image, image),
+            client_ref=client_ref,
+            priority=priority,
+            idempotency_key=idempotency_key or _core.new_idempotency_key(),
+            wait=wait,
+        )
+        timeout = _core.timeout_for(self._timeout, min(wait or 0, _core.MAX_SERVER_WAIT))
+        case = _core.case_of(await self._request("POST", "/v1/cases", timeout=timeout, **request))
+        remaining = (wait or 0) - (time.monotonic() - started)
+        if case.terminal or remaining <= 0:
+            return case
+        try:
+            return await self.wait(case.id, timeout=remaining)
+        except errors.WaitTimeout as exc:
+            return exc.case or case
+
+    async def get(self, case_id: str | uuid.UUID, *, wait: float | None = None) -> Case:
+        """The case now; with ``wait`` (at most 30 s) as soon as it has ended, or after ``wait``."""
+        params = {"wait": _core.wait_param(wait)} if wait else None
+        timeout = _core.timeout_for(self._timeout, min(wait or 0, _core.MAX_SERVER_WAIT))
+        answer = await self._request("GET", _core.case_path(case_id), params=params, timeout=timeout)
+        return _core.case_of(answer)
+
+    async def wait(self, case_id: str | uuid.UUID, timeout: float = 60.0) -> Case:
+        """The case once it has ended (``succeeded``, ``failed`` or ``purged``), by long polls of up
+        to 30 s each; :class:`~dermq_client.errors.WaitTimeout` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        last: Case | None = None
+        retry = 0
+        while (remaining := deadline - time.monotonic()) > 0:
+            poll = min(_core.MAX_SERVER_WAIT, remaining)
+            asked = time.monotonic()
+            try:
+                last = _core.case_of(
+                    await self._send(
+                        "GET",
+                        _core.case_path(case_id),
+                        params={"wait": _core.wait_param(poll)},
+                        timeout=_core.timeout_for(self._timeout, poll),
+                    )
+                )
+            except errors.DermqError as exc:
+                if not _core.retryable(exc):
+                    raise
+                pause = exc.retry_after if exc.retry_after is not None else self.retry.backoff_delay(retry)
+                retry += 1
+                await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+                continue
+            if last.terminal:
+                return last
+            if time.monotonic() - asked < poll / 2:  # answered early (the server's waiters are full)
+                await asyncio.sleep(max(0.0, min(self.retry.backoff_delay(retry), deadline - time.monotonic())))
+                retry += 1
+            else:
+                retry = 0
+        raise errors.WaitTimeout(f"case {case_id} did not end within {timeout:g} s", case=last)
+
+    async def heatmap(self, case_id: str | uuid.UUID) -> bytes:
+        """The Grad-CAM heat map over the image, as PNG bytes."""
+        return (await self._request("GET", _core.case_path(case_id, "/heatmap.png"))).content
+
+    async def iter_cases(self, status: str | None = None, page_size: int | None = None) -> AsyncIterator[CaseSummary]:
+        """The clinic's cases, newest first, page after page (following ``next_cursor``)."""
+        params: dict[str, Any] = {}
+        if status is not None:
+            params["status"] = status
+        if page_size is not None:
+            params["limit"] = page_size
+        while True:
+            page = (await self._request("GET", "/v1/cases", params=params)).json()
+            for item in page["items"]:
+                yield parse_summary(item)
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = page["next_cursor"]
+
+    async def erase(self, case_id: str | uuid.UUID) -> Case:
+        """Crypto-shred the case's image and heat map now; the case (``purged``) and its result remain."""
+        return parse_case((await self._request("DELETE", _core.case_path(case_id))).json())
+
+    async def report_outcome(self, case_id: str | uuid.UUID, diagnosis: str, method: str) -> dict[str, Any]:
+        """Record the confirmed diagnosis of a case (a class code; ``method``: histo, follow_up,
+        consensus or confocal). A later report replaces it. Returns the server's answer."""
+        path = _core.case_path(case_id, "/outcome")
+        answer = await self._request("POST", path, json={"diagnosis": diagnosis, "method": method})
+        return answer.json() if answer.content else {}

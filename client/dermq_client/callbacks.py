@@ -1,0 +1,77 @@
+"""Verify a completion callback exactly as dermq signs it::
+
+    Dermq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + raw body)>
+    Dermq-Event-Id: <case id>
+
+A signature matches when one of its ``v1`` values equals the HMAC of the raw body (compared in
+constant time) and its timestamp is within ``tolerance`` seconds of now (replays are refused)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Mapping
+
+from dermq_client.errors import InvalidSignature
+from dermq_client.models import CallbackNotice, _time
+
+SIGNATURE_HEADER = "Dermq-Signature"
+EVENT_HEADER = "Dermq-Event-Id"
+TOLERANCE_SECONDS = 300
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is not None:
+        return value
+    wanted = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == wanted), None)
+
+
+def verify_callback(
+    headers: Mapping[str, str],
+    body: bytes | str,
+    secret: str | bytes,
+    *,
+    tolerance: float = TOLERANCE_SECONDS,
+    now: float | None = None,
+) -> CallbackNotice:
+    """The notice of a callback whose signature verifies; :class:`InvalidSignature` otherwise.
+
+    ``headers``: the request's headers (any mapping; names in any case). ``body``: the raw body,
+    exactly as received (not re-serialised JSON). ``secret``: what registering the callback showed."""
+    header = _header(headers, SIGNATURE_HEADER)
+    if not header:
+        raise InvalidSignature(f"no {SIGNATURE_HEADER} header")
+    raw = body.encode() if isinstance(body, str) else bytes(body)
+    key = secret.encode() if isinstance(secret, str) else bytes(secret)
+    fields: dict[str, list[str]] = {}
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        fields.setdefault(name, []).append(value)
+    try:
+        timestamp = int(fields["t"][0])
+    except (KeyError, ValueError):
+        raise InvalidSignature("the signature has no valid timestamp") from None
+    expected = hmac.new(key, f"{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
+    if not any(hmac.compare_digest(expected, candidate) for candidate in fields.get("v1", [])):
+        raise InvalidSignature("the signature does not match the body")
+    if abs((time.time() if now is None else now) - timestamp) > tolerance:
+        raise InvalidSignature("the signature's timestamp is too old (or in the future)")
+    try:
+        notice = json.loads(raw)
+    except ValueError:
+        raise InvalidSignature("the signed body is not JSON") from None
+    if not isinstance(notice, dict) or "case_id" not in notice:
+        raise InvalidSignature("the signed body is not a dermq notice")
+    return CallbackNotice(
+        type=str(notice.get("type", "")),
+        case_id=str(notice["case_id"]),
+        status=str(notice.get("status", "")),
+        outcome=notice.get("outcome"),
+        timestamp=_time(notice.get("timestamp")),
+        event_id=_header(headers, EVENT_HEADER),
+        raw=notice,
+    )

@@ -1,0 +1,120 @@
+"""``dermq-client``: the client from a shell. Prints JSON on stdout; a problem goes to stderr (as JSON)
+with exit status 1, a wait that runs out with 2. The key comes from ``DERMQ_API_KEY`` (never an
+argument: it would show in the process list), the base URL from ``DERMQ_BASE_URL`` or ``--base-url``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dermq_client.client import Client
+from dermq_client.errors import DermqError, WaitTimeout
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dermq-client",
+        description="Submit dermoscopy images to dermq and read the results. "
+        f"Needs DERMQ_API_KEY; DERMQ_BASE_URL (default {DEFAULT_BASE_URL}).",
+    )
+    parser.add_argument("--base-url", default=os.environ.get("DERMQ_BASE_URL", DEFAULT_BASE_URL))
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    submit = commands.add_parser("submit", help="submit an image as a new case")
+    submit.add_argument("image", type=Path)
+    submit.add_argument("--client-ref", help="your own reference, returned as sent")
+    submit.add_argument("--urgent", action="store_true", help="urgent priority (served first)")
+    submit.add_argument("--idempotency-key", help="default: a random one, reused by this command's retries")
+    submit.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=60.0,
+        metavar="SECONDS",
+        help="wait for the case to end (default 60 s) and print the finished case",
+    )
+
+    get = commands.add_parser("get", help="print a case")
+    get.add_argument("case_id")
+    wait = commands.add_parser("wait", help="wait until a case has ended and print it")
+    wait.add_argument("case_id")
+    wait.add_argument("--timeout", dest="wait_timeout", type=float, default=60.0, help="seconds (default 60)")
+    heatmap = commands.add_parser("heatmap", help="save a case's heat map (PNG)")
+    heatmap.add_argument("case_id")
+    heatmap.add_argument("-o", "--output", type=Path, required=True)
+    listing = commands.add_parser("list", help="print the clinic's cases, newest first (one JSON object a line)")
+    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "purged"])
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    erase = commands.add_parser("erase", help="erase a case's image and heat map")
+    erase.add_argument("case_id")
+    outcome = commands.add_parser("outcome", help="report a case's confirmed diagnosis")
+    outcome.add_argument("case_id")
+    outcome.add_argument("diagnosis", help="class code: akiec, bcc, bkl, df, mel, nv or vasc")
+    outcome.add_argument("--method", required=True, choices=["histo", "follow_up", "consensus", "confocal"])
+    return parser
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _run(args: argparse.Namespace, dermq: Client) -> None:
+    if args.command == "submit":
+        case = dermq.submit(
+            args.image,
+            client_ref=args.client_ref,
+            priority="urgent" if args.urgent else "routine",
+            idempotency_key=args.idempotency_key,
+            wait=args.wait,
+        )
+        if args.wait is not None and not case.terminal:
+            raise WaitTimeout(f"case {case.id} did not end within {args.wait:g} s", case=case)
+        _print(case.raw)
+    elif args.command == "get":
+        _print(dermq.get(args.case_id).raw)
+    elif args.command == "wait":
+        _print(dermq.wait(args.case_id, timeout=args.wait_timeout).raw)
+    elif args.command == "heatmap":
+        args.output.write_bytes(dermq.heatmap(args.case_id))
+        _print({"case_id": args.case_id, "heatmap": str(args.output)})
+    elif args.command == "list":
+        for number, row in enumerate(dermq.iter_cases(status=args.status, page_size=max(1, min(args.limit, 200)))):
+            if number >= args.limit:
+                break
+            print(json.dumps(row.raw, sort_keys=True))
+    elif args.command == "erase":
+        _print(dermq.erase(args.case_id).raw)
+    elif args.command == "outcome":
+        _print(dermq.report_outcome(args.case_id, args.diagnosis, args.method))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    api_key = os.environ.get("DERMQ_API_KEY")
+    if not api_key:
+        print("dermq-client: set DERMQ_API_KEY to your API key", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.base_url, api_key, timeout=args.timeout) as dermq:
+            _run(args, dermq)
+    except WaitTimeout as exc:
+        print(f"dermq-client: {exc.detail}", file=sys.stderr)
+        if exc.case is not None:
+            _print(exc.case.raw)
+        return 2
+    except DermqError as exc:
+        problem = exc.problem or {"status": exc.status, "code": exc.code, "detail": exc.detail}
+        print(json.dumps(problem, sort_keys=True), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"dermq-client: {exc}", file=sys.stderr)
+        return 1
+    return 0

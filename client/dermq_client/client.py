@@ -1,0 +1,172 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from dermq_client import _core, errors
+from dermq_client.models import Case, CaseSummary, parse_case, parse_summary
+
+
+class Client:
+    """A dermq API client for one API key. Use it as a context manager (or call :meth:`close`).
+
+    Requests that fail on the network, with a 5xx or with 429 are sent again as ``retry`` says,
+    honouring ``Retry-After``; a submission is resent with the same ``Idempotency-Key``, so the
+    server answers with the case it already stored rather than a second one."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float | httpx.Timeout = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        retry: _core.RetryPolicy | None = None,
+    ) -> None:
+        self.retry = retry or _core.RetryPolicy()
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": _core.USER_AGENT},
+            timeout=self._timeout,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ transport
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _core.connection_failed(exc) from exc
+        return _core.checked(response)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        retry = 0
+        while True:
+            try:
+                return self._send(method, path, **kwargs)
+            except errors.DermqError as exc:
+                delay = self.retry.delay(retry, exc)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            retry += 1
+
+    # ------------------------------------------------------------------ cases
+
+    def submit(
+        self,
+        image: _core.ImageInput,
+        client_ref: str | None = None,
+        priority: str = "routine",
+        idempotency_key: str | None = None,
+        wait: float | None = None,
+    ) -> Case:
+        """Submit one image (a path or its bytes) as a new case.
+
+        Without ``idempotency_key`` a random one is made; every retry of this call sends the same
+        one. With ``wait`` (seconds), the answer comes when the case has ended or ``wait`` has
+        passed (server long polls): the case is returned as it is then, finished or not."""
+        started = time.monotonic()
+        request = _core.submit_request(
+            _core.load_image(image),
+            client_ref=client_ref,
+            priority=priority,
+            idempotency_key=idempotency_key or _core.new_idempotency_key(),
+            wait=wait,
+        )
+        timeout = _core.timeout_for(self._timeout, min(wait or 0, _core.MAX_SERVER_WAIT))
+        case = _core.case_of(self._request("POST", "/v1/cases", timeout=timeout, **request))
+        remaining = (wait or 0) - (time.monotonic() - started)
+        if case.terminal or remaining <= 0:
+            return case
+        try:
+            return self.wait(case.id, timeout=remaining)
+        except errors.WaitTimeout as exc:
+            return exc.case or case
+
+    def get(self, case_id: str | uuid.UUID, *, wait: float | None = None) -> Case:
+        """The case now; with ``wait`` (at most 30 s) as soon as it has ended, or after ``wait``."""
+        params = {"wait": _core.wait_param(wait)} if wait else None
+        timeout = _core.timeout_for(self._timeout, min(wait or 0, _core.MAX_SERVER_WAIT))
+        return _core.case_of(self._request("GET", _core.case_path(case_id), params=params, timeout=timeout))
+
+    def wait(self, case_id: str | uuid.UUID, timeout: float = 60.0) -> Case:
+        """The case once it has ended (``succeeded``, ``failed`` or ``purged``), by long polls of up
+        to 30 s each; :class:`~dermq_client.errors.WaitTimeout` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        last: Case | None = None
+        retry = 0
+        while (remaining := deadline - time.monotonic()) > 0:
+            poll = min(_core.MAX_SERVER_WAIT, remaining)
+            asked = time.monotonic()
+            try:
+                last = _core.case_of(
+                    self._send(
+                        "GET",
+                        _core.case_path(case_id),
+                        params={"wait": _core.wait_param(poll)},
+                        timeout=_core.timeout_for(self._timeout, poll),
+                    )
+                )
+            except errors.DermqError as exc:
+                if not _core.retryable(exc):
+                    raise
+                pause = exc.retry_after if exc.retry_after is not None else self.retry.backoff_delay(retry)
+                retry += 1
+                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+                continue
+            if last.terminal:
+                return last
+            if time.monotonic() - asked < poll / 2:  # answered early (the server's waiters are full)
+                time.sleep(max(0.0, min(self.retry.backoff_delay(retry), deadline - time.monotonic())))
+                retry += 1
+            else:
+                retry = 0
+        raise errors.WaitTimeout(f"case {case_id} did not end within {timeout:g} s", case=last)
+
+    def heatmap(self, case_id: str | uuid.UUID) -> bytes:
+        """The Grad-CAM heat map over the image, as PNG bytes."""
+        return self._request("GET", _core.case_path(case_id, "/heatmap.png")).content
+
+    def iter_cases(self, status: str | None = None, page_size: int | None = None) -> Iterator[CaseSummary]:
+        """The clinic's cases, newest first, page after page (following ``next_cursor``)."""
+        params: dict[str, Any] = {}
+        if status is not None:
+            params["status"] = status
+        if page_size is not None:
+            params["limit"] = page_size
+        while True:
+            page = self._request("GET", "/v1/cases", params=params).json()
+            yield from (parse_summary(item) for item in page["items"])
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def erase(self, case_id: str | uuid.UUID) -> Case:
+        """Crypto-shred the case's image and heat map now; the case (``purged``) and its result remain."""
+        return parse_case(self._request("DELETE", _core.case_path(case_id)).json())
+
+    def report_outcome(self, case_id: str | uuid.UUID, diagnosis: str, method: str) -> dict[str, Any]:
+        """Record the confirmed diagnosis of a case (a class code; ``method``: histo, follow_up,
+        consensus or confocal). A later report replaces it. Returns the server's answer."""
+        path = _core.case_path(case_id, "/outcome")
+        answer = self._request("POST", path, json={"diagnosis": diagnosis, "method": method})
+        return answer.json() if answer.content else {}

@@ -1,0 +1,85 @@
+"""verify_callback accepts exactly what the server signs (core.callback_signing) and nothing else."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from dermq_client import InvalidSignature, verify_callback
+
+from core import callback_signing
+
+SECRET = "whsec-test-" + uuid.uuid4().hex
+
+
+def signed(body: bytes, at: int | None = None) -> dict[str, str]:
+    timestamp = int(time.time()) if at is None else at
+    case_id = uuid.uuid4()
+    return {
+        callback_signing.SIGNATURE_HEADER: callback_signing.sign(SECRET, body, timestamp),
+        callback_signing.EVENT_HEADER: str(case_id),
+    }
+
+
+def notice_body(case_id: str = "0d5c0000-0000-4000-8000-000000000000") -> bytes:
+    return (
+        f'{{"case_id":"{case_id}","outcome":"diagnosis","status":"succeeded",'
+        '"timestamp":"2026-11-26T10:00:00.123456Z","type":"case.finished"}'
+    ).encode()
+
+
+def test_a_notice_signed_by_the_server_verifies() -> None:
+    body = notice_body()
+    headers = signed(body)
+    notice = verify_callback(headers, body, SECRET)
+    assert notice.case_id == "0d5c0000-0000-4000-8000-000000000000"
+    assert (notice.type, notice.status, notice.outcome) == ("case.finished", "succeeded", "diagnosis")
+    assert notice.event_id == headers[callback_signing.EVENT_HEADER]
+    assert notice.timestamp is not None and notice.timestamp.year == 2026
+    # header names in any case, the body as text, the secret as bytes
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert verify_callback(lower, body.decode(), SECRET.encode()).case_id == notice.case_id
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda body, headers, secret: (body.replace(b"succeeded", b"failed\x20\x20"), headers, secret),
+        lambda body, headers, secret: (body + b" ", headers, secret),
+        lambda body, headers, secret: (body, headers, secret + "x"),
+        lambda body, headers, secret: (
+            body,
+            {**headers, "Dermq-Signature": headers["Dermq-Signature"][:-1] + "0"}
+            if not headers["Dermq-Signature"].endswith("0")
+            else {**headers, "Dermq-Signature": headers["Dermq-Signature"][:-1] + "1"},
+            secret,
+        ),
+        lambda body, headers, secret: (body, {"Dermq-Event-Id": "x"}, secret),
+        lambda body, headers, secret: (body, {"Dermq-Signature": "v1=abc"}, secret),
+    ],
+    ids=["body", "trailing_byte", "secret", "mac", "no_header", "no_timestamp"],
+)
+def test_a_tampered_notice_is_refused(tamper) -> None:  # type: ignore[no-untyped-def]
+    body = notice_body()
+    assert callback_signing.verify(SECRET, signed(body)[callback_signing.SIGNATURE_HEADER], body)
+    bad_body, bad_headers, bad_secret = tamper(body, signed(body), SECRET)
+    with pytest.raises(InvalidSignature):
+        verify_callback(bad_headers, bad_body, bad_secret)
+
+
+def test_an_old_signature_is_refused_as_a_replay() -> None:
+    body = notice_body()
+    old = signed(body, at=int(time.time()) - 301)
+    with pytest.raises(InvalidSignature, match="too old"):
+        verify_callback(old, body, SECRET)
+    assert verify_callback(old, body, SECRET, tolerance=400).status == "succeeded"
+    future = signed(body, at=int(time.time()) + 301)
+    with pytest.raises(InvalidSignature):
+        verify_callback(future, body, SECRET)
+
+
+def test_a_signature_with_several_v1_values_verifies_if_one_matches() -> None:
+    body = notice_body()
+    header = signed(body)[callback_signing.SIGNATURE_HEADER]
+    assert verify_callback({"Dermq-Signature": header.replace(",v1=", ",v1=deadbeef,v1=")}, body, SECRET)
