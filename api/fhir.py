@@ -19,8 +19,12 @@ others carry the dermq HAM10000 code alone (``HAM10000_SYSTEM``) rather than a g
         Bowen's disease, which this concept does not.
 - nv    400096001 "Melanocytic nevus (disorder)": checked on a FHIR terminology server's SNOMED CT
         browser (tx.fhir.org-style page, UK edition 2023-04-12).
-- bkl, df, vasc: no code found that could be verified in the time available (candidates seen were
-        contradictory), so none is sent. Add them only after checking in a SNOMED CT browser.
+- bkl, df, vasc: no code could be verified, so none is sent. Candidates seen, all UNVERIFIED and to
+        check in a SNOMED CT browser before use: df 427186000 (VisualDx) or 72464004 (a coding site;
+        the two disagree); seborrheic keratosis (one kind of bkl) 446352002 (5-Minute Clinical
+        Consult, name truncated); bkl also covers solar lentigo and lichen planus-like keratosis,
+        so no single concept fits it; vasc (angioma, angiokeratoma, pyogenic granuloma,
+        haemorrhage) likewise has no single concept.
 """
 
 from __future__ import annotations
