@@ -174,3 +174,24 @@ def confirmed_cases(session: Session, *, model_id: str | None = None) -> list[Co
         Confirmed(m, label if outcome == Outcome.DIAGNOSIS else None, referral, truth)
         for m, outcome, label, referral, truth in session.execute(query)
     ]
+
+
+def melanoma_alerts(report: dict[str, dict[str, Any]], floors: dict[str, float | None]) -> list[dict[str, Any]]:
+    """Models whose melanoma sensitivity on confirmed cases is below ``floors[model]`` (the lower end
+    of the model card's 95% interval): one alert each, with the figures behind it."""
+    found = []
+    for model_id, figures in report.items():
+        floor = floors.get(model_id)
+        observed = figures["classes"]["mel"]["sensitivity"]
+        if floor is not None and observed["value"] is not None and observed["value"] < floor:
+            found.append(
+                {
+                    "model_id": model_id,
+                    "alert": "mel_sensitivity_below_model_card",
+                    "observed": observed["value"],
+                    "ci95": observed["ci95"],
+                    "confirmed_melanomas": observed["trials"],
+                    "floor": floor,
+                }
+            )
+    return found

@@ -139,7 +139,8 @@ def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
 
     done = run(settings, "monitor", "report", "--model", model, "--json")
     assert done.returncode == 0, done.stderr
-    figures = json.loads(done.stdout)[model]
+    assert json.loads(done.stdout)["alerts"] == []  # a model with no card: no floor, no alert
+    figures = json.loads(done.stdout)["models"][model]
     assert (figures["confirmed"], figures["out_of_distribution"]) == (7, 1)
     mel = figures["classes"]["mel"]
     # by hand: 3 scored melanomas, 1 labelled mel -> sensitivity 1/3; 2 labelled mel, 1 right -> PPV 1/2
@@ -159,6 +160,20 @@ def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
     assert text.returncode == 0, text.stderr
     assert f"{model}: 7 confirmed cases (1 out of distribution, not scored)" in text.stdout
     assert "0.333" in text.stdout and "(3/4)" in text.stdout
+
+    # melanoma sensitivity 1/3 on confirmed cases: below a floor of 0.4, an alert and exit 1; not below 0.3
+    alerted = run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.4")
+    assert alerted.returncode == 1, alerted.stdout + alerted.stderr
+    assert f"ALERT {model}: melanoma sensitivity 0.333 on 3 confirmed melanomas is below 0.400" in alerted.stdout
+    assert run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.3").returncode == 0
+
+
+def test_the_floor_is_the_model_cards_lower_bound() -> None:
+    from cli.monitor import model_card_floor
+
+    # ml/registry/effnet-lite0-ham10000-v2/model_card.md: melanoma sensitivity 0.493 (0.397-0.594)
+    assert model_card_floor("effnet-lite0-ham10000-v2") == pytest.approx(0.3965, abs=1e-4)
+    assert model_card_floor("no-such-model") is None and model_card_floor("../etc") is None
 
 
 def result_row(case_id: uuid.UUID, model: str, label: str | None, referral: bool | None) -> Result:
