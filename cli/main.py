@@ -17,6 +17,7 @@ from cli.demo import demo
 from cli.drift import drift
 from cli.encryption_keys import keys
 from cli.models import model
+from cli.monitor import monitor
 from core.errors import DermqError, KeyringError
 
 BAD_INPUT = 2
@@ -27,7 +28,7 @@ def dermq() -> None:
     """dermq operator commands"""
 
 
-for command in (db, keys, clinic, key, audit, model, drift, demo):
+for command in (db, keys, clinic, key, audit, model, drift, demo, monitor):
     dermq.add_command(command)
 
 

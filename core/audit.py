@@ -44,6 +44,8 @@ ACTIONS: dict[str, str] = {
     "case.list": "a clinic listed its cases",
     "heatmap.read": "a clinic fetched a case's Grad-CAM heat map",
     "case.delete": "a clinic erased a case's image and heat map",
+    "case.outcome": "a clinic reported a case's confirmed diagnosis (a correction replaces it; detail: method, "
+    "revision, correction; never the diagnosis)",
     "case.start": "a worker claimed a case",
     "case.classify": "a worker stored a case's result",
     "case.fail": "a case failed (its code says why)",

@@ -324,3 +324,34 @@ class CallbackDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: while set and in the future, a worker holds the current attempt (see core.callbacks.lease)
     leased_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ConfirmationMethod(enum.StrEnum):
+    """How a case's true diagnosis was confirmed."""
+
+    HISTO = "histo"  # histopathology
+    FOLLOW_UP = "follow_up"  # unchanged at follow-up
+    CONSENSUS = "consensus"  # expert consensus
+    CONFOCAL = "confocal"  # in-vivo confocal microscopy
+
+
+class ConfirmedOutcome(Base):
+    """A case's confirmed diagnosis, reported by its clinic: one per case (a correction replaces it,
+    ``revision`` counts the reports). Field performance (``dermq monitor report``) compares it with
+    the model's label."""
+
+    __tablename__ = "confirmed_outcomes"
+    __table_args__ = (
+        CheckConstraint(f"method IN ({_values(ConfirmationMethod)})", name="method"),
+        CheckConstraint("diagnosis IN ('akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc')", name="diagnosis"),
+        Index("ix_confirmed_outcomes_clinic", "clinic_id", "updated_at"),
+    )
+
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
+    clinic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
+    diagnosis: Mapped[str] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(16))
+    revision: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    reported_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
+from api import fhir
 from api.db import iterate_on_one_thread
 from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
 from api.routes.cases import NO_STORE, PROBLEMS
@@ -195,9 +196,17 @@ def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Generat
         buffer = io.StringIO()
         csv.writer(buffer).writerow(audit.EXPORT_FIELDS)
         yield buffer.getvalue().encode()
+    if fmt == "fhir":  # one Bundle (collection) of AuditEvents, written as a streamed JSON document
+        yield json.dumps({"resourceType": "Bundle", "type": "collection"})[:-1].encode() + b', "entry": ['
+    first = True
     for page in audit.export_pages(lambda: session_scope(app.settings), filters):
         buffer = io.StringIO()
-        if fmt == "csv":
+        if fmt == "fhir":
+            for record in page:
+                entry = {"fullUrl": f"urn:dermq:audit-event:{record['id']}", "resource": fhir.audit_event(record)}
+                buffer.write(("" if first else ",\n") + json.dumps(entry, sort_keys=True))
+                first = False
+        elif fmt == "csv":
             writer = csv.writer(buffer)
             for record in page:
                 writer.writerow([_csv_cell(record[f]) for f in audit.EXPORT_FIELDS])
@@ -205,6 +214,8 @@ def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Generat
             for record in page:
                 buffer.write(json.dumps(record, sort_keys=True) + "\n")
         yield buffer.getvalue().encode()
+    if fmt == "fhir":
+        yield b"]}\n"
 
 
 @router.get(
@@ -213,17 +224,17 @@ def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Generat
     responses={
         **PROBLEMS,
         200: {
-            "content": {"application/x-ndjson": {}, "text/csv": {}},
+            "content": {"application/x-ndjson": {}, "text/csv": {}, fhir.MEDIA_TYPE: {}},
             "description": "every matching event, newest first, streamed",
         },
     },
-    summary="Export a bounded time range as NDJSON or CSV (streamed)",
+    summary="Export a bounded time range as NDJSON, CSV or a FHIR R4 Bundle of AuditEvents (streamed)",
 )
 async def export_events(
     app: State,
     caller: AuthenticatedCaller,
     db: Db,
-    format: Annotated[Literal["ndjson", "csv"], Query()] = "ndjson",
+    format: Annotated[Literal["ndjson", "csv", "fhir"], Query()] = "ndjson",
     since: Annotated[datetime | None, Query(description="required: occurred at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description=f"required: before; at most {EXPORT_MAX_DAYS} days on")] = None,
     actor: Annotated[str | None, Query(max_length=64, description="key id or prefix")] = None,
@@ -248,8 +259,11 @@ async def export_events(
 
     # The export is audited, and the request's transaction commits, before the first row leaves.
     filters = await db.run(record)
-    media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
-    name = f"dermq-audit.{'csv' if format == 'csv' else 'ndjson'}"
+    media, suffix = {
+        "csv": ("text/csv; charset=utf-8", "csv"),
+        "fhir": (fhir.MEDIA_TYPE, "fhir.json"),
+    }.get(format, ("application/x-ndjson", "ndjson"))
+    name = f"dermq-audit.{suffix}"
     return StreamingResponse(
         iterate_on_one_thread(lambda: _export_rows(app, filters, format)),
         media_type=media,

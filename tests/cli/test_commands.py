@@ -44,6 +44,7 @@ COMMANDS = {
     "model list": {"as_json"},
     "model verify": {"model_id"},
     "drift report": {"day", "as_json"},
+    "monitor report": {"model_id", "mel_floor", "as_json"},
     "demo": {"clinic_name", "key_file"},
 }
 
@@ -92,7 +93,7 @@ def test_help_is_light_and_lists_every_group() -> None:
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
     helped = subprocess.run([*support.DERMQ, "--help"], capture_output=True, text=True, cwd=support.ROOT)
     assert helped.returncode == 0 and helped.stdout.startswith("Usage: dermq ")
-    for group in ("db", "keys", "clinic", "key", "audit", "model", "drift", "demo"):
+    for group in ("db", "keys", "clinic", "key", "audit", "model", "drift", "demo", "monitor"):
         assert f"\n  {group} " in helped.stdout, group
 
 

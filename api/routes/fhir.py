@@ -1,0 +1,73 @@
+"""FHIR R4 views of a case: ``GET /v1/cases/{id}/fhir`` (a Bundle; see :mod:`api.fhir`)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Response
+from sqlalchemy.orm import Session
+
+from api import fhir
+from api.deps import AuthenticatedCaller, Db, State, limit
+from api.routes.cases import NO_STORE, PROBLEMS
+from core import audit
+from core.cases import owned_case
+from core.errors import Conflict
+from core.models import CaseStatus, Result
+
+router = APIRouter(prefix="/v1/cases", tags=["cases"])
+
+
+def fhir_view(session: Session, caller: Any, case_id: uuid.UUID) -> dict[str, Any]:
+    """The case's Bundle; the read is audited as ``case.read`` with ``{"format": "fhir"}``."""
+    case = owned_case(session, caller.principal, case_id, "case.read")
+    result = session.get(Result, case_id) if case.status in (CaseStatus.SUCCEEDED, CaseStatus.PURGED) else None
+    if result is None:
+        raise Conflict(
+            f"the case is {case.status}; a FHIR report exists only once it has succeeded",
+            code="case_not_finished",
+            audit=audit.PendingEvent(
+                "case.read", audit.FAILURE, "case", str(case_id), {"format": "fhir", "reason": "not_finished"}
+            ),
+        )
+    audit.record(
+        session,
+        action="case.read",
+        outcome=audit.SUCCESS,
+        actor=caller.actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+        detail={"status": case.status, "format": "fhir"},
+    )
+    return fhir.case_bundle(case, result, now=datetime.now(UTC))
+
+
+@router.get(
+    "/{case_id}/fhir",
+    response_class=Response,
+    responses={
+        **PROBLEMS,
+        200: {
+            "content": {fhir.MEDIA_TYPE: {}},
+            "description": "a FHIR R4 Bundle (collection): DiagnosticReport, Observations and the model as Device",
+        },
+        409: PROBLEMS[404] | {"description": "the case has not succeeded (yet)"},
+    },
+    summary="The case's result as a FHIR R4 Bundle",
+)
+async def read_case_fhir(case_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> Response:
+    """A DiagnosticReport (final once the case succeeded) with Observations for the label (SNOMED CT
+    where known), each class probability, the uncertainty and the referral flag, all referencing the
+    model (id and weights digest) as a Device. An out-of-distribution image's report has no diagnosis,
+    and its conclusion says why. Audited as `case.read` with detail `{"format": "fhir"}`."""
+
+    def read(session: Session) -> dict[str, Any]:
+        limit(caller, app, "read")
+        return fhir_view(session, caller, case_id)
+
+    bundle = await db.run(read)
+    return Response(json.dumps(bundle), media_type=fhir.MEDIA_TYPE, headers=NO_STORE)

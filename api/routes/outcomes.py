@@ -1,0 +1,80 @@
+"""Confirmed outcomes: a clinic reports a finished case's confirmed diagnosis (see :mod:`core.outcomes`)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+
+from api.deps import AuthenticatedCaller, Db, State, limit
+from api.routes.cases import NO_STORE, PROBLEMS
+from core import outcomes
+
+router = APIRouter(prefix="/v1/cases", tags=["cases"])
+
+
+class OutcomeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    diagnosis: str = Field(
+        max_length=16, description="the confirmed HAM10000 class: akiec, bcc, bkl, df, mel, nv, vasc"
+    )
+    method: str = Field(max_length=16, description="how it was confirmed: histo, follow_up, consensus or confocal")
+
+
+class OutcomeOut(BaseModel):
+    case_id: uuid.UUID
+    diagnosis: str
+    method: Literal["histo", "follow_up", "consensus", "confocal"]
+    revision: int = Field(description="1 for the first report; each correction adds one")
+    created_at: datetime
+    updated_at: datetime
+
+
+@router.post(
+    "/{case_id}/outcome",
+    response_model=OutcomeOut,
+    status_code=201,
+    responses={
+        **PROBLEMS,
+        200: {"model": OutcomeOut, "description": "a correction: the earlier report is replaced"},
+        409: PROBLEMS[404] | {"description": "the case has not succeeded (yet)"},
+    },
+    summary="Report a case's confirmed diagnosis (a second report corrects the first)",
+)
+async def report_outcome(
+    case_id: uuid.UUID, body: OutcomeIn, response: Response, app: State, caller: AuthenticatedCaller, db: Db
+) -> OutcomeOut:
+    """One confirmed outcome per case, for field performance (`dermq monitor report`). Only for a case
+    that has succeeded; 422 `unknown_diagnosis` or `unknown_method` for codes dermq does not know.
+    Audited as `case.outcome` (the method and revision, never the diagnosis)."""
+
+    def record(session: Session) -> tuple[OutcomeOut, bool]:
+        limit(caller, app, "submit")
+        row, correction = outcomes.record_outcome(
+            session,
+            principal=caller.principal,
+            actor=caller.actor,
+            case_id=case_id,
+            diagnosis=body.diagnosis,
+            method=body.method,
+        )
+        out = OutcomeOut(
+            case_id=row.case_id,
+            diagnosis=row.diagnosis,
+            method=row.method,  # type: ignore[arg-type]
+            revision=row.revision,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+        return out, correction
+
+    out, correction = await db.run(record)
+    if correction:
+        response.status_code = 200
+    response.headers.update(NO_STORE)
+    return out

@@ -1,0 +1,84 @@
+"""``dermq monitor``: the model's performance in the field, on cases with a confirmed outcome.
+
+core.outcomes (and ml through it) is imported inside the command, so ``dermq --help`` stays light."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from cli.common import json_option
+from core.config import get_settings
+from core.db import session_scope
+
+
+@click.group(help="field performance on confirmed outcomes")
+def monitor() -> None:
+    pass
+
+
+def _rate(rate: dict[str, Any]) -> str:
+    if rate["value"] is None:
+        return f"{'n/a':>6} {'':<15} (0/0)"
+    low, high = rate["ci95"]
+    return f"{rate['value']:>6.3f} [{low:.3f}, {high:.3f}] ({rate['successes']}/{rate['trials']})"
+
+
+def model_card_floor(model_id: str) -> float | None:
+    """The lower end of the 95% interval of melanoma sensitivity in the model's card (its registry
+    entry's metrics.json, ``assessment.per_image.mel_sensitivity.ci95``); None if there is none."""
+    from ml.registry import REGISTRY_DIR
+
+    if not model_id or "/" in model_id or model_id in (".", ".."):
+        return None
+    try:
+        metrics = json.loads((REGISTRY_DIR / model_id / "metrics.json").read_text())
+        return float(metrics["assessment"]["per_image"]["mel_sensitivity"]["ci95"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+@monitor.command(
+    "report",
+    help="per model and class: sensitivity, PPV, referral sensitivity (Wilson 95% CI); "
+    "exit 1 if melanoma sensitivity is below the model card's lower bound",
+)
+@click.option("--model", "model_id", help="only this model id")
+@click.option(
+    "--mel-floor",
+    type=click.FloatRange(0, 1),
+    help="alert below this melanoma sensitivity (default: the lower end of the model card's 95% interval)",
+)
+@json_option()
+def report(model_id: str | None, mel_floor: float | None, as_json: bool) -> int:
+    from core import outcomes
+    from ml.labels import CLASSES
+
+    with session_scope(get_settings()) as session:
+        found = outcomes.field_performance(outcomes.confirmed_cases(session, model_id=model_id))
+    floors = {m: mel_floor if mel_floor is not None else model_card_floor(m) for m in found}
+    alerts = outcomes.melanoma_alerts(found, floors)
+    if as_json:
+        click.echo(json.dumps({"models": found, "alerts": alerts}, sort_keys=True))
+        return 1 if alerts else 0
+    if not found:
+        click.echo("no confirmed outcomes yet")
+        return 0
+    for model, figures in found.items():
+        click.echo(
+            f"{model}: {figures['confirmed']} confirmed cases "
+            f"({figures['out_of_distribution']} out of distribution, not scored)"
+        )
+        click.echo(f"  {'class':<6} {'sensitivity':<36} {'PPV':<36}")
+        for code in CLASSES:
+            rates = figures["classes"][code]
+            click.echo(f"  {code:<6} {_rate(rates['sensitivity']):<36} {_rate(rates['ppv']):<36}")
+        click.echo(f"  referral sensitivity (mel, bcc, akiec referred): {_rate(figures['referral_sensitivity'])}")
+    for alert in alerts:
+        click.echo(
+            f"ALERT {alert['model_id']}: melanoma sensitivity {alert['observed']:.3f} on "
+            f"{alert['confirmed_melanomas']} confirmed melanomas is below {alert['floor']:.3f}"
+        )
+    return 1 if alerts else 0

@@ -1,0 +1,197 @@
+"""Confirmed outcomes and the model's performance in the field.
+
+A clinic reports a finished case's confirmed diagnosis (histopathology, follow-up, consensus or
+confocal microscopy); a second report replaces the first (a correction) and both are audited as
+``case.outcome``. The audit detail carries the method and the revision, never the diagnosis:
+auditors do not see clinical results.
+
+:func:`field_performance` compares confirmed diagnoses with the model's labels, per model: each
+class's sensitivity and positive predictive value, and the referral sensitivity (confirmed
+malignant or pre-malignant cases the model referred), each with a Wilson 95% interval.
+Out-of-distribution results made no diagnosis; they are counted, not scored.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import audit
+from core.cases import owned_case
+from core.errors import Conflict, InvalidInput
+from core.keys import Principal
+from core.models import CaseStatus, ConfirmationMethod, ConfirmedOutcome, Outcome, Result
+from ml.labels import CLASSES, CONCERNING
+
+ACTION = "case.outcome"
+Z95 = 1.959963984540054
+
+
+def _validated(diagnosis: str, method: str) -> tuple[str, ConfirmationMethod]:
+    if diagnosis not in CLASSES:
+        raise InvalidInput(
+            f"unknown diagnosis {diagnosis!r}; the diagnoses are: {', '.join(CLASSES)}", code="unknown_diagnosis"
+        )
+    try:
+        return diagnosis, ConfirmationMethod(method)
+    except ValueError:
+        raise InvalidInput(
+            f"unknown method {method!r}; the methods are: {', '.join(m.value for m in ConfirmationMethod)}",
+            code="unknown_method",
+        ) from None
+
+
+def record_outcome(
+    session: Session, *, principal: Principal, actor: audit.Actor, case_id: uuid.UUID, diagnosis: str, method: str
+) -> tuple[ConfirmedOutcome, bool]:
+    """Store (or replace) the confirmed outcome of a finished case; returns (outcome, was_correction)."""
+    diagnosis, confirmed_by = _validated(diagnosis, method)
+    case = owned_case(session, principal, case_id, ACTION, for_update=True)  # one report at a time per case
+    if case.status not in (CaseStatus.SUCCEEDED, CaseStatus.PURGED):
+        raise Conflict(
+            f"the case is {case.status}; an outcome can be reported only for a case that has succeeded",
+            code="case_not_finished",
+            audit=audit.PendingEvent(ACTION, audit.FAILURE, "case", str(case_id), {"reason": "not_finished"}),
+        )
+    row = session.get(ConfirmedOutcome, case_id)
+    correction = row is not None
+    if row is None:
+        row = ConfirmedOutcome(
+            case_id=case_id, clinic_id=case.clinic_id, diagnosis=diagnosis, method=confirmed_by.value
+        )
+        row.revision = 1
+        session.add(row)
+    else:
+        row.diagnosis, row.method = diagnosis, confirmed_by.value
+        row.revision += 1
+        row.updated_at = datetime.now(UTC)
+    row.reported_by = principal.key_id
+    session.flush()
+    session.refresh(row)
+    audit.record(
+        session,
+        action=ACTION,
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+        detail={"method": confirmed_by.value, "revision": row.revision, "correction": correction},
+    )
+    return row, correction
+
+
+# --------------------------------------------------------------------------- field performance
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """successes of trials, with its Wilson score 95% interval (None when there are no trials)."""
+
+    successes: int
+    trials: int
+
+    @property
+    def value(self) -> float | None:
+        return self.successes / self.trials if self.trials else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return wilson(self.successes, self.trials)
+
+    def as_dict(self) -> dict[str, Any]:
+        low_high = self.interval
+        return {
+            "value": self.value,
+            "successes": self.successes,
+            "trials": self.trials,
+            "ci95": list(low_high) if low_high else None,
+        }
+
+
+def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial proportion."""
+    if trials == 0:
+        return None
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """One confirmed case: the model's answer and the truth."""
+
+    model_id: str
+    label: str | None  # None: out of distribution
+    referral: bool | None
+    truth: str
+
+
+def field_performance(rows: Iterable[Confirmed]) -> dict[str, dict[str, Any]]:
+    """Per model: confirmed and out-of-distribution counts, per-class sensitivity and PPV, and the
+    referral sensitivity on confirmed malignant or pre-malignant cases (``CONCERNING``)."""
+    by_model: dict[str, list[Confirmed]] = {}
+    for row in rows:
+        by_model.setdefault(row.model_id, []).append(row)
+    report: dict[str, dict[str, Any]] = {}
+    for model_id, confirmed in sorted(by_model.items()):
+        scored = [r for r in confirmed if r.label is not None]
+        classes = {}
+        for code in CLASSES:
+            true_positives = sum(1 for r in scored if r.truth == code and r.label == code)
+            classes[code] = {
+                "sensitivity": Rate(true_positives, sum(1 for r in scored if r.truth == code)).as_dict(),
+                "ppv": Rate(true_positives, sum(1 for r in scored if r.label == code)).as_dict(),
+            }
+        concerning = [r for r in scored if r.truth in CONCERNING]
+        report[model_id] = {
+            "confirmed": len(confirmed),
+            "out_of_distribution": len(confirmed) - len(scored),
+            "classes": classes,
+            "referral_sensitivity": Rate(sum(1 for r in concerning if r.referral), len(concerning)).as_dict(),
+        }
+    return report
+
+
+def confirmed_cases(session: Session, *, model_id: str | None = None) -> list[Confirmed]:
+    """Every case with a confirmed outcome and a stored result (optionally one model's)."""
+    query = select(Result.model_id, Result.outcome, Result.label, Result.referral, ConfirmedOutcome.diagnosis).join(
+        ConfirmedOutcome, ConfirmedOutcome.case_id == Result.case_id
+    )
+    if model_id is not None:
+        query = query.where(Result.model_id == model_id)
+    return [
+        Confirmed(m, label if outcome == Outcome.DIAGNOSIS else None, referral, truth)
+        for m, outcome, label, referral, truth in session.execute(query)
+    ]
+
+
+def melanoma_alerts(report: dict[str, dict[str, Any]], floors: dict[str, float | None]) -> list[dict[str, Any]]:
+    """Models whose melanoma sensitivity on confirmed cases is below ``floors[model]`` (the lower end
+    of the model card's 95% interval): one alert each, with the figures behind it."""
+    found = []
+    for model_id, figures in report.items():
+        floor = floors.get(model_id)
+        observed = figures["classes"]["mel"]["sensitivity"]
+        if floor is not None and observed["value"] is not None and observed["value"] < floor:
+            found.append(
+                {
+                    "model_id": model_id,
+                    "alert": "mel_sensitivity_below_model_card",
+                    "observed": observed["value"],
+                    "ci95": observed["ci95"],
+                    "confirmed_melanomas": observed["trials"],
+                    "floor": floor,
+                }
+            )
+    return found

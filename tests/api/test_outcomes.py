@@ -1,0 +1,192 @@
+"""Confirmed outcomes: reported over the real API (one per case, corrections replace and are audited)
+and scored by ``dermq monitor report`` (run as a real process) against the model's labels."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from core import outcomes
+from core.db import session_scope
+from core.models import AuditEvent, Case, CaseStatus, ConfirmedOutcome, Result
+from tests.api.test_cases import submit, wait_done
+from tests.cli.test_commands import run
+from tests.conftest import Tenant
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def post(client, tenant: Tenant, case_id, **body: str):  # type: ignore[no-untyped-def]
+    return client.post(f"/v1/cases/{case_id}/outcome", headers=tenant.headers, json=body)
+
+
+def outcome_events(settings, case_id) -> list[AuditEvent]:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return list(
+            session.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.entity_id == str(case_id), AuditEvent.action == "case.outcome")
+                .order_by(AuditEvent.id)
+            )
+        )
+
+
+def test_an_outcome_is_recorded_then_corrected_and_both_are_audited(  # type: ignore[no-untyped-def]
+    client, worker, tenant: Tenant, fixture_images, settings
+) -> None:
+    response = submit(client, tenant, fixture_images["ISIC_0024313"].read_bytes())
+    case_id = response.json()["id"]
+    assert wait_done(client, tenant, case_id)["status"] == "succeeded"
+
+    first = post(client, tenant, case_id, diagnosis="nv", method="follow_up")
+    assert first.status_code == 201, first.text
+    assert first.json() | {"created_at": None, "updated_at": None} == {
+        "case_id": case_id,
+        "diagnosis": "nv",
+        "method": "follow_up",
+        "revision": 1,
+        "created_at": None,
+        "updated_at": None,
+    }
+    second = post(client, tenant, case_id, diagnosis="mel", method="histo")
+    assert second.status_code == 200, second.text
+    assert (second.json()["diagnosis"], second.json()["method"], second.json()["revision"]) == ("mel", "histo", 2)
+
+    with session_scope(settings) as session:
+        rows = session.scalars(select(ConfirmedOutcome).where(ConfirmedOutcome.case_id == uuid.UUID(case_id))).all()
+        assert [(r.diagnosis, r.method, r.revision, r.reported_by) for r in rows] == [
+            ("mel", "histo", 2, tenant.key_id)
+        ]
+    events = outcome_events(settings, case_id)
+    assert [(e.outcome, e.detail, e.actor_key_id) for e in events] == [
+        ("success", {"method": "follow_up", "revision": 1, "correction": False}, tenant.key_id),
+        ("success", {"method": "histo", "revision": 2, "correction": True}, tenant.key_id),
+    ]
+    assert all("mel" not in json.dumps(e.detail) and "nv" not in json.dumps(e.detail) for e in events)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"diagnosis": "melanoma", "method": "histo"}, "unknown_diagnosis"),
+        ({"diagnosis": "mel", "method": "biopsy"}, "unknown_method"),
+    ],
+)
+def test_unknown_codes_are_422(client, tenant: Tenant, store_case, settings, body, code) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, b"x")
+    with session_scope(settings) as session:
+        session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+    response = post(client, tenant, case_id, **body)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == code
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_malformed_body_is_422(client, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, b"x")
+    for body in ({"diagnosis": "mel"}, {"diagnosis": "mel", "method": "histo", "note": "extra"}):
+        response = client.post(f"/v1/cases/{case_id}/outcome", headers=tenant.headers, json=body)
+        assert response.status_code == 422, response.text
+
+
+def test_an_unfinished_case_is_409_and_another_clinics_is_404(  # type: ignore[no-untyped-def]
+    client, tenant: Tenant, make_key, store_case, settings
+) -> None:
+    case_id = store_case(tenant, b"still queued")
+    response = post(client, tenant, case_id, diagnosis="mel", method="histo")
+    assert response.status_code == 409 and response.json()["code"] == "case_not_finished"
+    assert [(e.outcome, e.detail) for e in outcome_events(settings, case_id)] == [
+        ("failure", {"reason": "not_finished"})
+    ]
+    other = make_key("clinic")
+    assert post(client, other, case_id, diagnosis="mel", method="histo").status_code == 404
+    with session_scope(settings) as session:
+        assert session.get(ConfirmedOutcome, case_id) is None
+
+
+def test_wilson_interval_matches_the_formula() -> None:
+    # 8 of 10: p=0.8, z=1.96 -> (0.4902, 0.9433) (Wilson 1927; e.g. Newcombe 1998, method 3)
+    low, high = outcomes.wilson(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert outcomes.wilson(0, 0) is None
+    assert outcomes.wilson(0, 5)[0] == 0.0 and outcomes.wilson(5, 5)[1] == 1.0
+
+
+def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
+    client, tenant: Tenant, store_case, settings
+) -> None:
+    model = f"field-test-{uuid.uuid4().hex[:8]}"
+    # (model's label, referral, confirmed truth); None: out of distribution
+    cases = [
+        ("mel", True, "mel"),  # mel found, referred
+        ("nv", False, "mel"),  # mel missed, not referred
+        ("nv", True, "mel"),  # mel missed, but referred
+        ("mel", True, "nv"),  # false mel
+        ("nv", False, "nv"),
+        ("bcc", True, "bcc"),
+        (None, None, "mel"),  # out of distribution: counted, not scored
+    ]
+    for label, referral, truth in cases:
+        case_id = store_case(tenant, uuid.uuid4().bytes)
+        with session_scope(settings) as session:
+            session.add(result_row(case_id, model, label, referral))
+            session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+        response = post(client, tenant, case_id, diagnosis=truth, method="histo")
+        assert response.status_code == 201, response.text
+
+    done = run(settings, "monitor", "report", "--model", model, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["alerts"] == []  # a model with no card: no floor, no alert
+    figures = json.loads(done.stdout)["models"][model]
+    assert (figures["confirmed"], figures["out_of_distribution"]) == (7, 1)
+    mel = figures["classes"]["mel"]
+    # by hand: 3 scored melanomas, 1 labelled mel -> sensitivity 1/3; 2 labelled mel, 1 right -> PPV 1/2
+    assert (mel["sensitivity"]["successes"], mel["sensitivity"]["trials"]) == (1, 3)
+    assert mel["sensitivity"]["value"] == pytest.approx(1 / 3)
+    assert mel["sensitivity"]["ci95"] == pytest.approx(list(outcomes.wilson(1, 3)))
+    assert (mel["ppv"]["successes"], mel["ppv"]["trials"]) == (1, 2)
+    nv = figures["classes"]["nv"]
+    assert (nv["sensitivity"]["successes"], nv["sensitivity"]["trials"]) == (1, 2)  # one nv called mel
+    assert (nv["ppv"]["successes"], nv["ppv"]["trials"]) == (1, 3)  # two mel called nv
+    assert figures["classes"]["df"]["sensitivity"] == {"value": None, "successes": 0, "trials": 0, "ci95": None}
+    # referral: concerning truths scored = 3 mel + 1 bcc; referred: mel#1, mel#3, bcc -> 3/4
+    referral = figures["referral_sensitivity"]
+    assert (referral["successes"], referral["trials"]) == (3, 4)
+
+    text = run(settings, "monitor", "report", "--model", model)
+    assert text.returncode == 0, text.stderr
+    assert f"{model}: 7 confirmed cases (1 out of distribution, not scored)" in text.stdout
+    assert "0.333" in text.stdout and "(3/4)" in text.stdout
+
+    # melanoma sensitivity 1/3 on confirmed cases: below a floor of 0.4, an alert and exit 1; not below 0.3
+    alerted = run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.4")
+    assert alerted.returncode == 1, alerted.stdout + alerted.stderr
+    assert f"ALERT {model}: melanoma sensitivity 0.333 on 3 confirmed melanomas is below 0.400" in alerted.stdout
+    assert run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.3").returncode == 0
+
+
+def test_the_floor_is_the_model_cards_lower_bound() -> None:
+    from cli.monitor import model_card_floor
+
+    # ml/registry/effnet-lite0-ham10000-v2/model_card.md: melanoma sensitivity 0.493 (0.397-0.594)
+    assert model_card_floor("effnet-lite0-ham10000-v2") == pytest.approx(0.3965, abs=1e-4)
+    assert model_card_floor("no-such-model") is None and model_card_floor("../etc") is None
+
+
+def result_row(case_id: uuid.UUID, model: str, label: str | None, referral: bool | None) -> Result:
+    common = {"case_id": case_id, "model_id": model, "weights_sha256": "0" * 64, "device": "cpu", "timings": {}}
+    if label is None:
+        return Result(outcome="out_of_distribution", ood_reasons=["blank"], gradcam_status="not_applicable", **common)
+    return Result(
+        label=label,
+        probabilities={label: 0.9},
+        confidence=0.9,
+        uncertainty=0.1,
+        referral=referral,
+        referral_reasons=[],
+        gradcam_status="ok",
+        **common,
+    )
