@@ -158,3 +158,13 @@ def test_wait_gives_up_after_its_timeout(dermq: Client, tenant: Tenant, store_ca
     assert 1.4 <= time.monotonic() - started < 6
     assert isinstance(timed_out.value, TimeoutError)
     assert timed_out.value.case is not None and timed_out.value.case.status == "queued"
+
+
+def test_a_confirmed_outcome_is_reported_and_corrected(dermq: Client, worker, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    case = dermq.submit(jpeg_bytes, wait=30)
+    if not case.terminal:
+        case = dermq.wait(case.id, timeout=60)
+    first = dermq.report_outcome(case.id, "nv", "follow_up")
+    corrected = dermq.report_outcome(case.id, "mel", "histo")
+    assert (first["diagnosis"], first["revision"]) == ("nv", 1)
+    assert (corrected["diagnosis"], corrected["method"], corrected["revision"]) == ("mel", "histo", 2)
