@@ -179,13 +179,13 @@ async def submit_case(
         return case_out(case, result, ref), created
 
     out, created = await db.run(create)
-    if created and wait and not CaseStatus(out.status).terminal:
-        await db.commit()  # the case exists and its classify task is sent; then wait for its end
+    if wait and not CaseStatus(out.status).terminal:  # a replay of an unfinished case waits too
+        await db.commit()  # the case (or the replay's audit event) is kept, its task sent; then wait
         await wait_for_end(db, app.waiters, caller.principal, out.id, wait)
 
         def reread(session: Session) -> CaseOut:
             case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=out.id)
-            return case_out(case, result, client_ref)
+            return case_out(case, result, phi.client_refs(session, app.keyring, [case])[case.id])
 
         out = await db.run(reread)
     if created and CaseStatus(out.status).terminal:

@@ -97,3 +97,13 @@ def test_beyond_the_bound_a_request_answers_at_once(settings, database, tenant: 
 def test_a_wait_out_of_bounds_is_a_422_problem(client, tenant: Tenant, wait: str) -> None:  # type: ignore[no-untyped-def]
     answer = client.get(f"/v1/cases/{uuid.uuid4()}?wait={wait}", headers=tenant.headers)
     assert answer.status_code == 422 and answer.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_replayed_submission_waits_too(client, worker, tenant: Tenant, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    headers = {**tenant.headers, "Idempotency-Key": f"visit-{uuid.uuid4().hex}"}
+    files = {"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
+    first = client.post("/v1/cases", headers=headers, files=files)
+    assert first.status_code == 202
+    replay = client.post("/v1/cases?wait=30", headers=headers, files=files)
+    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json()["id"] == first.json()["id"] and replay.json()["status"] == "succeeded"
