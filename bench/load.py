@@ -360,11 +360,12 @@ def main(argv: list[str] | None = None) -> None:
         for process in reversed(processes):
             process.stop()
 
+    asking = f"long polls ?wait={args.wait:g}" if args.wait else f"polls every {args.poll_interval:g} s"
     accepted = list(dict.fromkeys(tally.accepted))
     client_lost = [c for c in accepted if c not in tally.ended]
     codes = tally.statuses
     rows: list[list[str]] = [
-        ["accepted (202)", str(len(accepted))],
+        ["accepted (202, or 201 finished within ?wait=)", str(len(accepted))],
         ["completed (succeeded or failed, seen by the portal)", str(len(tally.ended))],
     ]
     if database_url:
@@ -384,7 +385,10 @@ def main(argv: list[str] | None = None) -> None:
         ["4xx answers", str(sum(n for c, n in codes.items() if 400 <= c < 500))],
         ["5xx answers", str(sum(n for c, n in codes.items() if c >= 500))],
         ["network errors (retried)", str(sum(tally.errors.values()))],
-        ["intake latency p50 / p95 / p99 (portal)", " / ".join(ms(percentile(tally.intake, q)) for q in (50, 95, 99))],
+        [
+            "intake latency p50 / p95 / p99 (portal; 202s)",
+            " / ".join(ms(percentile(tally.intake, q)) for q in (50, 95, 99)),
+        ],
     ]
     if api_log is not None:
         server_side = server_intake(api_log, started_at)
@@ -401,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     if tally.seen:
         rows.append(
             [
-                f"submit-to-result p50 / p95 (portal, polling every {args.poll_interval:g} s)",
+                f"submit-to-result p50 / p95 (portal, {asking})",
                 f"{p50(tally.seen):.2f} s / {percentile(tally.seen, 95):.2f} s",
             ]
         )
@@ -416,7 +420,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"{p50(lags):.2f} s / {percentile(lags, 99):.2f} s over {len(lags)} events",
             ]
         )
-    asking = f"long polls ?wait={args.wait:g}" if args.wait else f"polls every {args.poll_interval:g} s"
     own = (
         f"own stack: 1 API process, {args.concurrency} worker child(ren) x {args.worker_threads} torch thread(s), "
         f"a clinic per client, {asking}"
