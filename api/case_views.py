@@ -101,13 +101,20 @@ def case_out(case: Case, result: Result | None, client_ref: str | None) -> CaseO
     )
 
 
-def summary(case: Case, client_ref: str | None, *, heatmap: bool = True) -> CaseSummary:
+def summary(
+    case: Case, client_ref: str | None, result: tuple[str, str | None, bool | None] | None = None
+) -> CaseSummary:
+    """A list row; ``result`` is the case's (outcome, label, referral) once it has one."""
+    outcome, label, referral = result if result is not None else (None, None, None)
     return CaseSummary(
         id=case.id,
         status=case.status,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
         priority=case.priority,  # type: ignore[arg-type]
         client_ref=client_ref,
+        outcome=outcome,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
+        label=label,
+        referral=referral,
         created_at=case.created_at,
         updated_at=case.updated_at,
-        links=links(case, heatmap=heatmap),
+        links=links(case, heatmap=outcome != Outcome.OUT_OF_DISTRIBUTION),
     )

@@ -117,6 +117,10 @@ class CaseSummary(BaseModel):
     status: Status
     priority: PriorityName
     client_ref: str | None
+    #: once succeeded: `diagnosis` or `out_of_distribution`, and for a diagnosis its label and referral flag
+    outcome: Literal["diagnosis", "out_of_distribution"] | None = None
+    label: str | None = None
+    referral: bool | None = None
     created_at: datetime
     updated_at: datetime
     links: CaseLinks

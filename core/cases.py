@@ -14,21 +14,18 @@ are fenced by the attempt number, so a stale worker can never overwrite a newer 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core import audit, pgbinary, phi
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
-from core.errors import BadRequest, Conflict, DermqError, Forbidden, Gone, NotFound
+from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound
 from core.keys import Principal
 from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome, Priority, Result, Role
 
@@ -52,7 +49,7 @@ class NewImage:
 # --------------------------------------------------------------------------- access control
 
 
-def _require_clinic(principal: Principal, action: str, entity_id: str | None = None) -> uuid.UUID:
+def require_clinic(principal: Principal, action: str, entity_id: str | None = None) -> uuid.UUID:
     if principal.role is not Role.CLINIC or principal.clinic_id is None:
         raise Forbidden(
             f"a {principal.role.value} key cannot do this; use a clinic key",
@@ -80,7 +77,7 @@ def _not_found(action: str, case_id: uuid.UUID | str, owner: uuid.UUID | None = 
 def owned_case(
     session: Session, principal: Principal, case_id: uuid.UUID, action: str, *, for_update: bool = False
 ) -> Case:
-    clinic_id = _require_clinic(principal, action, str(case_id))
+    clinic_id = require_clinic(principal, action, str(case_id))
     case = session.get(Case, case_id, with_for_update=for_update)
     if case is None:
         raise _not_found(action, case_id)
@@ -109,11 +106,11 @@ def create_case(
     With an ``idempotency_key`` the same key and the same image return the existing case
     (``created`` False); the same key with a different image is a :class:`Conflict`.
     """
-    clinic_id = _require_clinic(principal, "case.create")
+    clinic_id = require_clinic(principal, "case.create")
     if idempotency_key is not None:
         existing = _by_idempotency_key(session, clinic_id, idempotency_key)
         if existing is not None:
-            return _replay(session, existing, image, actor), False
+            return _replay(session, existing, _Resubmission(image, client_ref, priority), keyring, actor), False
     case_id = uuid.uuid4()
     case = Case(
         id=case_id,
@@ -140,7 +137,7 @@ def create_case(
         existing = _by_idempotency_key(session, clinic_id, idempotency_key) if idempotency_key else None
         if existing is None:
             raise
-        return _replay(session, existing, image, actor), False
+        return _replay(session, existing, _Resubmission(image, client_ref, priority), keyring, actor), False
     blobs = [(case_id, BlobKind.IMAGE, sealed, image.media_type)]
     if client_ref is not None:  # sealed like the image, never a plain column (core.phi)
         blobs.append((case_id, BlobKind.CLIENT_REF, phi.seal_client_ref(keyring, case_id, client_ref), phi.MEDIA_TYPE))
@@ -168,12 +165,30 @@ def _by_idempotency_key(session: Session, clinic_id: uuid.UUID, key: str) -> Cas
     return session.scalar(select(Case).where(Case.clinic_id == clinic_id, Case.idempotency_key == key))
 
 
-def _replay(session: Session, existing: Case, image: NewImage, actor: audit.Actor) -> Case:
+@dataclass(frozen=True, slots=True)
+class _Resubmission:
+    image: NewImage
+    client_ref: str | None
+    priority: Priority
+
+
+def _replay(session: Session, existing: Case, again: _Resubmission, keyring: Keyring, actor: audit.Actor) -> Case:
     """The existing case of a resubmission (audited: the answer holds its client reference and result),
-    or a 409 (audited as a denied ``case.create``) when the key came with another image."""
-    if existing.image_sha256 != image.sha256:
+    or a 409 (audited as a denied ``case.create``) when the key came with another image, client
+    reference or priority: what was sent would otherwise be silently dropped."""
+    differs = [
+        name
+        for name, same in (
+            ("image", existing.image_sha256 == again.image.sha256),
+            ("priority", existing.priority == again.priority.value),
+            ("client_ref", phi.client_refs(session, keyring, [existing])[existing.id] == again.client_ref),
+        )
+        if not same
+    ]
+    if differs:
         raise Conflict(
-            "this Idempotency-Key was already used for a different image; use a new key for a new case",
+            f"this Idempotency-Key was already used with a different {' and '.join(differs)}; "
+            "resend exactly what was sent, or use a new key for a new case",
             code="idempotency_key_reused",
             audit=audit.PendingEvent(
                 "case.create", audit.DENIED, "case", str(existing.id), {"reason": "idempotency_key_reused"}
@@ -247,70 +262,6 @@ def peek_status(session: Session, *, principal: Principal, case_id: uuid.UUID) -
     return CaseStatus(status) if status is not None else None
 
 
-@dataclass(frozen=True, slots=True)
-class Page:
-    cases: list[Case]
-    next_cursor: str | None
-    #: cases of the page whose result is out of distribution (no diagnosis, no heat map)
-    out_of_distribution: frozenset[uuid.UUID] = frozenset()
-
-
-def _encode_cursor(case: Case) -> str:
-    raw = json.dumps([case.created_at.isoformat(), str(case.id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created, case_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created), uuid.UUID(case_id)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
-        raise BadRequest("the cursor is not one dermq issued; start again without it", code="invalid_cursor") from None
-
-
-def list_cases(
-    session: Session,
-    *,
-    principal: Principal,
-    actor: audit.Actor,
-    status: CaseStatus | None = None,
-    cursor: str | None = None,
-    limit: int = 50,
-) -> Page:
-    """The clinic's own cases, newest first, ``limit`` at a time."""
-    clinic_id = _require_clinic(principal, "case.list")
-    query = select(Case).where(Case.clinic_id == clinic_id)
-    if status is not None:
-        query = query.where(Case.status == status.value)
-    if cursor:
-        created, case_id = _decode_cursor(cursor)
-        query = query.where(or_(Case.created_at < created, and_(Case.created_at == created, Case.id < case_id)))
-    rows = list(session.scalars(query.order_by(Case.created_at.desc(), Case.id.desc()).limit(limit + 1)))
-    page, more = rows[:limit], len(rows) > limit
-    unexplained = (
-        frozenset(
-            session.scalars(
-                select(Result.case_id).where(
-                    Result.case_id.in_([c.id for c in page]), Result.outcome == Outcome.OUT_OF_DISTRIBUTION
-                )
-            )
-        )
-        if page
-        else frozenset()
-    )
-    audit.record(
-        session,
-        action="case.list",
-        outcome=audit.SUCCESS,
-        actor=actor,
-        entity_type="case",
-        clinic_id=clinic_id,
-        # the ids shown (with their client references): "who saw case X" finds list views too
-        detail={"count": len(page), "status": status.value if status else None, "ids": [str(c.id) for c in page]},
-    )
-    return Page(page, _encode_cursor(page[-1]) if more and page else None, unexplained)
-
-
 def read_heatmap(
     session: Session, *, keyring: Keyring, principal: Principal, actor: audit.Actor, case_id: uuid.UUID
 ) -> bytes:
@@ -364,12 +315,10 @@ def delete_blobs(session: Session, case_id: uuid.UUID) -> int:
 __all__ = [
     "DermqError",
     "NewImage",
-    "Page",
     "create_case",
     "delete_blobs",
     "get_case",
     "insert_blobs",
-    "list_cases",
     "owned_case",
     "read_heatmap",
 ]

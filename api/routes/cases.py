@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -20,7 +21,7 @@ from api.schemas import (
 )
 from api.upload import read_case_form
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
-from core import cases, phi, retention
+from core import case_list, cases, phi, retention
 from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput
 from core.models import CaseStatus, Priority, Result, Role
@@ -28,6 +29,7 @@ from core.publisher import classify_task
 from ml.images import ImageLimits, InvalidImage
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
+LIST_PARAMETERS = frozenset({"status", "priority", "since", "until", "cursor", "limit"})
 WaitSeconds = Annotated[
     float,
     Query(
@@ -246,23 +248,35 @@ async def list_cases(
     app: State,
     caller: AuthenticatedCaller,
     db: Db,
+    request: Request,
     status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
+    priority: Annotated[Priority | None, Query(description="only cases of this priority")] = None,
+    since: Annotated[datetime | None, Query(description="created at or after (ISO 8601)")] = None,
+    until: Annotated[datetime | None, Query(description="created before (ISO 8601)")] = None,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
     limit_: Annotated[int | None, Query(alias="limit", ge=1, le=200)] = None,
 ) -> CasePage:
+    """The clinic's cases, newest first, with each finished one's outcome, label and referral flag."""
+    unknown = sorted(set(request.query_params) - LIST_PARAMETERS)
+    if unknown:  # a misspelt filter would otherwise list everything
+        raise InvalidInput(f"unknown query parameter(s): {', '.join(unknown)}", code="unknown_parameter")
+
     def read(session: Session) -> CasePage:
         limit(caller, app, "read")
-        page = cases.list_cases(
+        page = case_list.list_cases(
             session,
             principal=caller.principal,
             actor=caller.actor,
             status=status,
+            priority=priority,
+            since=since,
+            until=until,
             cursor=cursor,
             limit=min(limit_ or app.settings.page_size_default, app.settings.page_size_max),
         )
         refs = phi.client_refs(session, app.keyring, page.cases)
         return CasePage(
-            items=[summary(c, refs.get(c.id), heatmap=c.id not in page.out_of_distribution) for c in page.cases],
+            items=[summary(c, refs.get(c.id), page.results.get(c.id)) for c in page.cases],
             next_cursor=page.next_cursor,
         )
 
