@@ -24,7 +24,7 @@ services:
 	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
 		pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL did not start"; exit 1; }
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
-		echo "starting Redis"; redis-server --daemonize yes --bind 127.0.0.1 --port 6379; }
+		echo "starting Redis"; redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --dir /tmp --save ""; }
 	@for i in $$(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done; \
 		redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { echo "Redis did not start"; exit 1; }
 

@@ -24,7 +24,7 @@ from core import audit, keys
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
-from core.errors import DermqError, Forbidden, RateLimited, Unauthorized
+from core.errors import DermqError, Forbidden, RateLimited, Unauthorized, a_or_an
 from core.logs import request_id_var
 from core.models import Role
 from core.ratelimit import RateLimiter
@@ -177,7 +177,8 @@ def limit(caller: Caller, app: AppState, kind: str) -> None:
 def require_role(caller: Caller, *roles: Role) -> None:
     if caller.principal.role not in roles:
         raise Forbidden(
-            f"a {caller.principal.role.value} key cannot do this; it needs a {' or '.join(r.value for r in roles)} key",
+            f"{a_or_an(caller.principal.role.value)} key cannot do this; "
+            f"it needs {' or '.join(a_or_an(r.value) for r in roles)} key",
             code="role_not_allowed",
             audit=audit.PendingEvent(
                 "access.denied", audit.DENIED, detail={"reason": "role", "role": caller.principal.role.value}

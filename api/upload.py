@@ -102,7 +102,8 @@ class _Collector:
                 raise InvalidInput(f"the field {self.part.name!r} appears twice", code="duplicate_field")
         else:
             raise InvalidInput(
-                "unexpected form field; the form takes 'image' (file), 'client_ref' and 'priority'",
+                f"unexpected form field {str(self.part.name)[:64]!r}; the form takes 'image' (file), "
+                "'client_ref' and 'priority'",
                 code="unexpected_field",
             )
 

@@ -4,7 +4,6 @@ A key's secret is printed once, when it is created, and never stored or listed."
 from __future__ import annotations
 
 import json
-import uuid
 
 import click
 
@@ -53,12 +52,14 @@ def create(clinic: str | None, role: str, label: str, as_json: bool) -> int:
 def list_keys(clinic: str | None, as_json: bool) -> int:
     with session_scope(get_settings()) as session:
         clinic_id = clinics.get_clinic(session, clinic).id if clinic else None
+        names = {c.id: c.name for c in clinics.list_clinics(session)}
         rows = [
             {
                 "id": str(k.id),
                 "prefix": k.prefix,
                 "role": k.role,
                 "clinic_id": str(k.clinic_id) if k.clinic_id else None,
+                "clinic": names.get(k.clinic_id) if k.clinic_id else None,
                 "label": k.label,
                 "created_at": k.created_at.isoformat(),
                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
@@ -68,16 +69,20 @@ def list_keys(clinic: str | None, as_json: bool) -> int:
     if as_json:
         click.echo(json.dumps(rows))
     else:
+        click.echo(f"{'ID':<36}  {'KEY':<19}  {'ROLE':<8}  {'CLINIC':<24}  {'STATE':<9}  LABEL")
         for row in rows:
-            state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
-            click.echo(f"{row['id']}  dq_{row['prefix']}_...  {row['role']:<8} {state}  {row['label']}")
+            state = "revoked" if row["revoked_at"] else "active"
+            clinic_name = (row["clinic"] or "-")[:24]
+            click.echo(
+                f"{row['id']}  dq_{row['prefix']}_...  {row['role']:<8}  {clinic_name:<24}  {state:<9}  {row['label']}"
+            )
     return 0
 
 
-@key.command("revoke", help="revoke an API key at once")
-@click.argument("key_id", metavar="ID", type=click.UUID)
-def revoke(key_id: uuid.UUID) -> int:
+@key.command("revoke", help="revoke an API key at once (by its id, or its prefix as `key list` prints it)")
+@click.argument("key_ref", metavar="ID_OR_PREFIX")
+def revoke(key_ref: str) -> int:
     with session_scope(get_settings()) as session:
-        revoked = keys.revoke_key(session, key_id, actor=CLI_ACTOR)
+        revoked = keys.revoke_key(session, keys.find_key(session, key_ref), actor=CLI_ACTOR)
         click.echo(f"revoked key {revoked.id} (dq_{revoked.prefix}_...)")
     return 0

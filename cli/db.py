@@ -55,12 +55,31 @@ def create() -> int:
     return 0
 
 
+def _revision(database_url: str) -> str | None:
+    """The Alembic revision the database is at (None: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
 @db.command("upgrade", help="run the migrations (as the owner role); then grant the runtime role, if one is set")
 def upgrade() -> int:
     from alembic import command
 
     settings = get_settings()
+    before = _revision(settings.database_url)
     command.upgrade(alembic_config(settings.database_url), "head")
+    after = _revision(settings.database_url)
+    name = make_url(settings.database_url).database
+    if before == after:
+        click.echo(f"database {name} is at the latest revision ({after}); nothing to do")
+    else:
+        click.echo(f"database {name} upgraded from revision {before or 'none (empty)'} to {after}")
     if settings.database_runtime_role:  # least privilege for the services (core/db_roles.py)
         click.echo(db_roles.grant(settings, settings.database_runtime_role))
     return 0

@@ -56,7 +56,7 @@ from core.callback_urls import validate_url
 from core.config import Settings
 from core.crypto import Keyring, decrypt_blob, encrypt_blob
 from core.enqueue import enqueue
-from core.errors import DecryptionError, Forbidden, NotFound
+from core.errors import DecryptionError, Forbidden, NotFound, a_or_an
 from core.keys import Principal
 from core.models import CallbackDelivery, CallbackStatus, Case, ClinicCallback, Result, Role
 from core.publisher import callback_task
@@ -71,7 +71,7 @@ def now() -> datetime:
 def _clinic_of(principal: Principal, action: str) -> uuid.UUID:
     if principal.role is not Role.CLINIC or principal.clinic_id is None:
         raise Forbidden(
-            f"a {principal.role.value} key cannot do this; use the clinic's own key",
+            f"{a_or_an(principal.role.value)} key cannot do this; use the clinic's own key",
             code="role_not_allowed",
             audit=audit.PendingEvent(action, audit.DENIED, "clinic", None, {"reason": "role"}),
         )

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from core import audit, pgbinary, phi
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
-from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound
+from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, a_or_an
 from core.keys import Principal
 from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome, Priority, Result, Role
 
@@ -52,7 +52,7 @@ class NewImage:
 def require_clinic(principal: Principal, action: str, entity_id: str | None = None) -> uuid.UUID:
     if principal.role is not Role.CLINIC or principal.clinic_id is None:
         raise Forbidden(
-            f"a {principal.role.value} key cannot do this; use a clinic key",
+            f"{a_or_an(principal.role.value)} key cannot do this; use a clinic key",
             code="role_not_allowed",
             audit=audit.PendingEvent(
                 action, audit.DENIED, "case", entity_id, {"reason": "role", "role": principal.role.value}

@@ -106,3 +106,8 @@ class KeyringError(RuntimeError):
 
 class DecryptionError(RuntimeError):
     """A blob does not decrypt under its case, kind and key (tampered, moved or wrong key)."""
+
+
+def a_or_an(word: str) -> str:
+    """``word`` with its indefinite article ("an auditor", "a clinic")."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -132,6 +132,20 @@ def revoke_key(session: Session, key_id: uuid.UUID, *, actor: audit.Actor = audi
     return key
 
 
+def find_key(session: Session, reference: str) -> uuid.UUID:
+    """A key's id from its id, its prefix (``0a1b2c3d4e5f``) or the form ``dq_0a1b2c3d4e5f_...`` that
+    ``dermq key list`` prints; :class:`NotFound` otherwise."""
+    try:
+        return uuid.UUID(reference)
+    except ValueError:
+        pass
+    prefix = reference.strip().removeprefix("dq_").split("_", 1)[0].rstrip(".")
+    found = session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)) if prefix else None
+    if found is None:
+        raise NotFound("no such API key", code="key_not_found")
+    return found
+
+
 def list_keys(session: Session, *, clinic_id: uuid.UUID | None = None) -> list[ApiKey]:
     query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
     if clinic_id is not None:

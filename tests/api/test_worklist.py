@@ -45,3 +45,13 @@ def test_a_replay_that_would_drop_a_new_client_ref_or_priority_is_refused(client
     assert other_ref.status_code == 409 and "client_ref" in other_ref.json()["detail"]
     other_priority = submit(client, tenant, jpeg_bytes, key=key, client_ref="MRN-1", priority="urgent")
     assert other_priority.status_code == 409 and "priority" in other_priority.json()["detail"]
+
+
+def test_refusals_name_the_role_and_the_field_in_plain_english(client, make_key, tenant: Tenant, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    auditor = make_key("auditor")
+    refused = client.get("/v1/cases", headers=auditor.headers)
+    assert refused.status_code == 403 and refused.json()["detail"].startswith("an auditor key cannot do this")
+    odd = client.post(
+        "/v1/cases", headers=tenant.headers, files={"image": ("l.jpg", jpeg_bytes, "image/jpeg")}, data={"note": "x"}
+    )
+    assert odd.status_code == 422 and "'note'" in odd.json()["detail"]

@@ -38,7 +38,7 @@ COMMANDS = {
     "clinic activate": {"clinic_name"},
     "key create": {"clinic", "role", "label", "as_json"},
     "key list": {"clinic", "as_json"},
-    "key revoke": {"key_id"},
+    "key revoke": {"key_ref"},
     "audit verify": {"against", "every", "as_json"},
     "audit checkpoint": {"as_json"},
     "model list": {"as_json"},
@@ -104,7 +104,6 @@ def test_help_is_light_and_lists_every_group() -> None:
         (["clinik", "list"], "No such command 'clinik'"),
         (["key"], "Usage: dermq key"),
         (["key", "create", "--role", "root"], "'root' is not one of 'clinic', 'auditor', 'admin'"),
-        (["key", "revoke", "not-a-key-id"], "'not-a-key-id' is not a valid UUID"),
         (["drift", "report", "--day", "yesterday"], "'yesterday' does not match the format '%Y-%m-%d'"),
         (["keys", "rotate", "--batch", "0"], "0 is not in the range x>=1"),
         (["clinic", "create"], "Missing argument 'NAME'"),
@@ -125,6 +124,7 @@ def test_bad_input_on_the_database_exits_2_with_one_error_line(settings) -> None
         (["key", "create", "--clinic", "no-such-clinic", "--json"], "error: no such clinic (clinic_not_found)"),
         (["clinic", "deactivate", "no-such-clinic"], "error: no such clinic (clinic_not_found)"),
         (["key", "revoke", str(uuid.uuid4())], "error: no such API key (key_not_found)"),
+        (["key", "revoke", "dq_000000000000_..."], "error: no such API key (key_not_found)"),
     ]:
         result = run(settings, *args)
         assert result.returncode == 2, (args, result.stderr)
@@ -234,3 +234,25 @@ def test_keys_init_creates_a_private_key_file_once(settings, tmp_path) -> None: 
     content = path.read_text()
     second = run(settings, "keys", "init", "--file", str(path))
     assert second.returncode == 0 and "exists; leaving it alone" in second.stdout and path.read_text() == content
+
+
+@pytest.mark.usefixtures("database")
+def test_key_list_shows_each_keys_clinic_and_revoke_takes_the_prefix_it_prints(settings) -> None:  # type: ignore[no-untyped-def]
+    name = f"list-{uuid.uuid4().hex[:6]}"
+    assert run(settings, "clinic", "create", name).returncode == 0
+    key = json.loads(run(settings, "key", "create", "--clinic", name, "--role", "clinic", "--json").stdout)
+    listed = run(settings, "key", "list", "--clinic", name).stdout.splitlines()
+    assert listed[0].split()[:5] == ["ID", "KEY", "ROLE", "CLINIC", "STATE"]
+    (row,) = [line for line in listed[1:] if line.startswith(key["id"])]
+    assert name in row and "active" in row
+    printed = row.split()[1]  # dq_<prefix>_...
+    revoked = run(settings, "key", "revoke", printed)
+    assert revoked.returncode == 0 and key["id"] in revoked.stdout
+    after = run(settings, "key", "list", "--clinic", name).stdout.splitlines()
+    assert "revoked" in next(line for line in after if line.startswith(key["id"]))
+
+
+@pytest.mark.usefixtures("database")
+def test_db_upgrade_says_what_it_did(settings) -> None:  # type: ignore[no-untyped-def]
+    answer = run(settings, "db", "upgrade")
+    assert answer.returncode == 0 and "latest revision" in answer.stdout and "nothing to do" in answer.stdout
