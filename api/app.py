@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from api import metrics, problems
+from api import docs_page, metrics, problems
 from api.deps import AppState, record_denial
 from api.intake_limits import Decoder, UploadSlots, release_large_allocations
 from api.key_cache import KeyCache
@@ -67,11 +67,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # api.docs_page serves /docs from a pinned package, not a CDN
+        redoc_url=None,
         openapi_tags=[
             {"name": "cases", "description": "Submit dermoscopy images and read their triage"},
             {"name": "health", "description": "Liveness and readiness"},
         ],
     )
+    docs_page.install(app)
     listener = Listener(settings.database_url)
     app.state.dermq = AppState(
         settings=settings,

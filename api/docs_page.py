@@ -1,0 +1,43 @@
+"""``/docs``: Swagger UI served from the pinned ``swagger-ui-bundle`` package, never a CDN, so that it
+works offline and under a Content-Security-Policy without third-party origins or inline script."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
+
+#: Swagger UI's assets: served under /docs/assets (the page loads nothing from another origin).
+ASSETS = "/docs/assets"
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>dermq API</title>
+<link rel="stylesheet" href="{assets}/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{assets}/swagger-ui-bundle.js"></script>
+<script src="/docs/init.js"></script>
+</body>
+</html>
+"""
+
+INIT = """window.ui = SwaggerUIBundle({url: "%s", dom_id: "#swagger-ui", deepLinking: true});\n"""
+
+
+def install(app: FastAPI) -> None:
+    """Serve the docs page, its initialiser and Swagger UI's assets on ``app``."""
+    openapi_url = app.openapi_url or "/openapi.json"
+    app.mount(ASSETS, StaticFiles(directory=swagger_ui_path), name="swagger-ui-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(PAGE.format(assets=ASSETS))
+
+    @app.get("/docs/init.js", include_in_schema=False)
+    def init() -> Response:
+        return Response(INIT % openapi_url, media_type="text/javascript")
