@@ -47,7 +47,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 from celery import Celery
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -127,6 +127,39 @@ def registered(session: Session, *, principal: Principal) -> ClinicCallback:
     if row is None:
         raise NotFound("no callback is registered for this clinic", code="callback_not_registered")
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryHealth:
+    """How a clinic's callbacks have fared: deliveries by status over ``hours``, and the latest problems."""
+
+    hours: int
+    by_status: dict[str, int]
+    problems: list[CallbackDelivery]
+
+
+def delivery_health(session: Session, clinic_id: uuid.UUID, *, hours: int = 24, problems: int = 10) -> DeliveryHealth:
+    """Deliveries of the last ``hours`` by status, and the ``problems`` latest that failed or are still
+    being retried after a refusal (no patient data: case ids, attempts, HTTP status)."""
+    since = now() - timedelta(hours=hours)
+    counts = session.execute(
+        select(CallbackDelivery.status, func.count())
+        .where(CallbackDelivery.clinic_id == clinic_id, CallbackDelivery.created_at >= since)
+        .group_by(CallbackDelivery.status)
+    ).all()
+    latest = session.scalars(
+        select(CallbackDelivery)
+        .where(
+            CallbackDelivery.clinic_id == clinic_id,
+            or_(
+                CallbackDelivery.status == CallbackStatus.FAILED.value,
+                (CallbackDelivery.status == CallbackStatus.PENDING.value) & (CallbackDelivery.attempts > 0),
+            ),
+        )
+        .order_by(CallbackDelivery.updated_at.desc())
+        .limit(problems)
+    ).all()
+    return DeliveryHealth(hours, {status: count for status, count in counts}, list(latest))
 
 
 def unregister(session: Session, *, principal: Principal, actor: audit.Actor) -> None:

@@ -33,6 +33,24 @@ class CallbackOut(BaseModel):
     updated_at: datetime
 
 
+class DeliveryProblemOut(BaseModel):
+    case_id: str
+    status: str
+    attempts: int
+    last_http_status: int | None
+    updated_at: datetime
+
+
+class CallbackStatusOut(CallbackOut):
+    """The registration and how its deliveries fare."""
+
+    deliveries_last_24h: dict[str, int] = Field(description="deliveries created in the last 24 h, by status")
+    recent_problems: list[DeliveryProblemOut] = Field(
+        description="the latest deliveries that failed for good or are being retried after a refusal"
+    )
+    retries: str = Field(description="how long dermq keeps trying one delivery")
+
+
 class NewCallbackOut(CallbackOut):
     secret: str = Field(
         description="HMAC-SHA256 key of the Dermq-Signature header; shown only now, store it in your secret store"
@@ -74,13 +92,39 @@ async def put_callback(
     return out
 
 
-@router.get("/callback", response_model=CallbackOut, responses=PROBLEMS, summary="The clinic's completion callback")
-async def get_callback(response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> CallbackOut:
+@router.get(
+    "/callback",
+    response_model=CallbackStatusOut,
+    responses=PROBLEMS,
+    summary="The clinic's completion callback and how its deliveries fare",
+)
+async def get_callback(response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> CallbackStatusOut:
     require_role(caller, Role.CLINIC)
 
-    def read(session: Session) -> CallbackOut:
+    def read(session: Session) -> CallbackStatusOut:
         limit(caller, app, "read")
-        return _out(callbacks.registered(session, principal=caller.principal))
+        row = callbacks.registered(session, principal=caller.principal)
+        health = callbacks.delivery_health(session, row.clinic_id)
+        settings = app.settings
+        return CallbackStatusOut(
+            **_out(row).model_dump(),
+            deliveries_last_24h=health.by_status,
+            recent_problems=[
+                DeliveryProblemOut(
+                    case_id=str(d.case_id),
+                    status=d.status,
+                    attempts=d.attempts,
+                    last_http_status=d.last_http_status,
+                    updated_at=d.updated_at,
+                )
+                for d in health.problems
+            ],
+            retries=(
+                f"up to {settings.callback_max_attempts} attempts, backing off from "
+                f"{settings.callback_backoff_seconds:g} s to at most {settings.callback_backoff_max_seconds:g} s "
+                "between them; then the delivery is failed"
+            ),
+        )
 
     out = await db.run(read)
     response.headers.update(NO_STORE)

@@ -271,6 +271,10 @@ def test_a_finished_case_is_announced_signed_retried_and_audited(
     assert secret not in worker.output()
     polled = client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()
     assert polled["status"] == "succeeded" and polled["client_ref"] == "MRN-0042 Jane Doe"
+    # the clinic sees how its deliveries fare, and how long dermq keeps trying
+    status = client.get("/v1/clinic/callback", headers=tenant.headers).json()
+    assert status["deliveries_last_24h"] == {"delivered": 1} and status["recent_problems"] == []
+    assert "attempts" in status["retries"]
 
 
 @pytest.mark.usefixtures("database")
@@ -342,3 +346,24 @@ def test_a_slow_portal_holds_no_row_lock_and_no_transaction(
         ]
     finally:
         server.close()
+
+
+@pytest.mark.usefixtures("database")
+def test_the_callback_status_shows_deliveries_that_failed(client, tenant: Tenant, settings, store_case) -> None:  # type: ignore[no-untyped-def]
+    assert (
+        client.put(
+            "/v1/clinic/callback", headers=tenant.headers, json={"url": "https://portal.example-clinic.org/h"}
+        ).status_code
+        == 200
+    )
+    case_id = store_case(tenant, b"a case whose callback failed")
+    with session_scope(settings) as session:
+        session.add(
+            CallbackDelivery(
+                case_id=case_id, clinic_id=tenant.clinic_id, status="failed", attempts=8, last_http_status=503
+            )
+        )
+    status = client.get("/v1/clinic/callback", headers=tenant.headers).json()
+    assert status["deliveries_last_24h"] == {"failed": 1}
+    (problem,) = status["recent_problems"]
+    assert (problem["case_id"], problem["attempts"], problem["last_http_status"]) == (str(case_id), 8, 503)
