@@ -55,6 +55,17 @@ CONFIDENCE = Histogram(
     buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
 )
 REFERRALS = Counter("dermq_referrals_total", "cases flagged for clinician review")
+SUBMIT_TO_FINISH = Histogram(
+    "dermq_submit_to_finish_seconds",
+    "time from submission to the stored result, per case",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
+)
+FAILURES = Counter("dermq_failures_total", "failed cases by failure code", ["code"])
+CALLBACKS = Counter(
+    "dermq_callback_deliveries_total",
+    "completion callback attempts by outcome: delivered, retry (refused, tried again later), failed (given up)",
+    ["outcome"],
+)
 WORKER_INFO = Gauge(
     "dermq_worker_info", "a loaded model per worker process", ["device", "model_id"], multiprocess_mode="liveall"
 )
@@ -70,6 +81,7 @@ def record_outcome(outcome: str) -> None:
 def record_result(result: dict[str, object], timings: dict[str, float]) -> None:
     """Count a stored result. An out-of-distribution one counts by its reasons, never as a label."""
     QUEUE_WAIT.observe(timings.get("queue_wait", 0.0))
+    SUBMIT_TO_FINISH.observe(timings.get("queue_wait", 0.0) + timings.get("total", 0.0))
     INFERENCE.observe(timings.get("inference", 0.0))
     if result.get("gradcam_status") == "ok":
         GRADCAM.observe(timings.get("gradcam", 0.0))
@@ -84,6 +96,14 @@ def record_result(result: dict[str, object], timings: dict[str, float]) -> None:
     CONFIDENCE.observe(float(result["confidence"]))  # type: ignore[arg-type]
     if result.get("referral"):
         REFERRALS.inc()
+
+
+def record_failure(code: str) -> None:
+    FAILURES.labels(code).inc()
+
+
+def record_callback(outcome: str) -> None:
+    CALLBACKS.labels(outcome).inc()
 
 
 def record_model(device: str, model_id: str) -> None:

@@ -89,6 +89,9 @@ def _fail(config: Settings, case_id: uuid.UUID, attempt: int | None, code: str, 
         lambda session: case_states.fail_case(session, case_id=case_id, attempt=attempt, code=code, message=message),
     )
     log.info("case failed", extra={"event": "case_failed", "code": code, "attempt": attempt})
+    metrics = runtime.worker_metrics()
+    if metrics is not None:
+        metrics.record_failure(code)
     return "failed"
 
 

@@ -137,6 +137,9 @@ def deliver_callback(self: Any, case_id: str) -> str:
             "status_code": attempt.http_status,
         },
     )
+    metrics = runtime.worker_metrics()
+    if metrics is not None:
+        metrics.record_callback(attempt.outcome)
     if attempt.outcome == "retry":
         raise self.retry(countdown=callbacks.backoff_seconds(config, attempt.attempt))
     return attempt.outcome

@@ -83,6 +83,7 @@ def test_api_and_worker_metrics_move_with_a_case(live_api: str, worker, stack_en
         "dermq_queue_wait_seconds_count",
         "dermq_confidence_count",
         "dermq_predictions_total",
+        "dermq_submit_to_finish_seconds_count",
     ):
         assert total(after, name) > total(worker_before, name), name
     assert any(n == "dermq_worker_info" and dict(ls).get("device") == "cpu" for (n, ls) in after)

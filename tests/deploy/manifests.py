@@ -50,6 +50,9 @@ DERMQ_METRICS = frozenset(
         "dermq_predictions_total",
         "dermq_confidence",
         "dermq_referrals_total",
+        "dermq_submit_to_finish_seconds",
+        "dermq_failures_total",
+        "dermq_callback_deliveries_total",
         "dermq_worker_info",
         "dermq_gpu_memory_bytes",
         # drift and audit

@@ -57,6 +57,7 @@ def test_tampered_weights_fail_the_case_not_the_worker(
         assert worker.alive() and worker.ping()
         assert worker.models_loaded() == 0
         assert worker.metric("dermq_jobs_total", outcome="failed") == 2
+        assert worker.metric("dermq_failures_total", code="model_error") == 2
     finally:
         if worker is not None:
             worker.stop()
