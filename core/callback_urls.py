@@ -72,8 +72,10 @@ def validate_url(url: str, settings: Settings) -> str:
     limit = settings.callback_url_max_length
     if not url or len(url) > limit:
         raise _invalid(f"the callback URL must be 1 to {limit} characters")
-    if "://" not in url or any(c.isspace() for c in url):
+    if "://" not in url:
         raise _invalid("the callback URL must be an absolute URL such as https://portal.example.org/dermq/callback")
+    if any(c.isspace() for c in url):
+        raise _invalid("the callback URL must not contain spaces or line breaks (percent-encode them)")
     if any(not ("\x21" <= c <= "\x7e") for c in url):
         raise _invalid("the callback URL must be visible ASCII (write international host names in punycode)")
     parts = urlsplit(url)
