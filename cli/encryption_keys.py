@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import CLI_ACTOR, json_option
+from cli.common import CLI_ACTOR, Progress, json_option
 from core.config import get_settings
 from core.crypto import Keyring, load_keyring, write_key_file
 from core.db import session_scope
@@ -47,7 +47,8 @@ def init(file: Path | None) -> int:
 def rotate(batch: int) -> int:
     from core import keyrotation
 
-    report = keyrotation.rotate(get_settings(), batch=batch, actor=CLI_ACTOR)
+    with Progress("re-wrapping data keys") as progress:
+        report = keyrotation.rotate(get_settings(), batch=batch, actor=CLI_ACTOR, progress=progress)
     click.echo(f"active key is now {report.active}; re-wrapped {report.rewrapped} data keys, {report.remaining} remain")
     return 0 if report.remaining == 0 else 1
 
@@ -57,7 +58,8 @@ def rotate(batch: int) -> int:
 def rewrap(batch: int) -> int:
     from core import keyrotation
 
-    report = keyrotation.rewrap_all(get_settings(), batch=batch, actor=CLI_ACTOR)
+    with Progress("re-wrapping data keys") as progress:
+        report = keyrotation.rewrap_all(get_settings(), batch=batch, actor=CLI_ACTOR, progress=progress)
     click.echo(f"re-wrapped {report.rewrapped} data keys under {report.active}; {report.remaining} remain")
     return 0 if report.remaining == 0 else 1
 

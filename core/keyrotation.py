@@ -14,6 +14,7 @@ processes re-read the key file when it changes, so new blobs go under the new ke
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -54,12 +55,24 @@ def usage(session: Session) -> dict[str, int]:
     return counts
 
 
+#: Told, after each committed batch, how many data keys have been re-wrapped so far and how many there were.
+Progress = Callable[[int, int], None]
+
+
 def rewrap_all(
-    settings: Settings, *, batch: int = BATCH, actor: audit.Actor = audit.SYSTEM, max_batches: int | None = None
+    settings: Settings,
+    *,
+    batch: int = BATCH,
+    actor: audit.Actor = audit.SYSTEM,
+    max_batches: int | None = None,
+    progress: Progress | None = None,
 ) -> RewrapReport:
     """Re-wrap every data key not under the active KEK, one committed batch at a time."""
     keyring = load_keyring(settings)
     total, batches = 0, 0
+    if progress is not None:
+        with session_scope(settings) as session:
+            to_do = sum(n for kek, n in usage(session).items() if kek != keyring.active_id)
     while max_batches is None or batches < max_batches:
         with session_scope(settings) as session:
             blobs = session.scalars(
@@ -106,13 +119,20 @@ def rewrap_all(
             total += len(blobs) + len(callback_secrets)
         batches += 1
         log.info("re-wrapped a batch of data keys", extra={"event": "rewrap", "count": total})
+        if progress is not None:
+            progress(total, max(to_do, total))
     with session_scope(settings) as session:
         remaining = sum(n for kek, n in usage(session).items() if kek != keyring.active_id)
     return RewrapReport(keyring.active_id, total, remaining)
 
 
 def rotate(
-    settings: Settings, *, batch: int = BATCH, actor: audit.Actor = audit.SYSTEM, max_batches: int | None = None
+    settings: Settings,
+    *,
+    batch: int = BATCH,
+    actor: audit.Actor = audit.SYSTEM,
+    max_batches: int | None = None,
+    progress: Progress | None = None,
 ) -> RewrapReport:
     """Add a new active KEK to the key file (old keys stay), then re-wrap every data key under it."""
     _key_file(settings)
@@ -130,7 +150,7 @@ def rotate(
             entity_id=new.active_id,
             detail={"previous": old.active_id},
         )
-    return rewrap_all(settings, batch=batch, actor=actor, max_batches=max_batches)
+    return rewrap_all(settings, batch=batch, actor=actor, max_batches=max_batches, progress=progress)
 
 
 def retire(settings: Settings, kek_id: str, *, actor: audit.Actor = audit.SYSTEM) -> Keyring:
