@@ -48,7 +48,6 @@ cannot judge gets the result outcome `out_of_distribution` instead: no diagnosis
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    release_large_allocations()  # every API process: freed canvases go back to the system
     keys = KeyringSource(settings)
     keys.get()  # raises KeyringError: no keys, no start
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2)
@@ -113,6 +112,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def create_served_app() -> FastAPI:
+    """The app of a ``dermq-api`` process: :func:`create_app`, with freed image canvases going back to
+    the system (a process-wide allocator setting, made only where the API serves)."""
+    release_large_allocations()
+    return create_app()
+
+
 def api_processes(settings: Settings) -> int:
     """How many API processes to run: ``DERMQ_API_PROCESSES``, or with 0 one per usable core."""
     if settings.api_processes:
@@ -141,6 +147,7 @@ def main() -> None:
         **tls,
     }
     if processes == 1:
+        release_large_allocations()
         app = create_app(settings)
         metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
         uvicorn.run(app, **common)
@@ -148,4 +155,4 @@ def main() -> None:
     # The processes count into files of a folder they share; the supervisor serves their sum.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dermq-api-metrics-")
     metrics.serve(create_app(settings).state.dermq, processes=processes)
-    uvicorn.run("api.app:create_app", factory=True, workers=processes, **common)
+    uvicorn.run("api.app:create_served_app", factory=True, workers=processes, **common)
