@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,42 @@ def pipeline_row(env: dict[str, str], workdir: Path, token: str, device: str, ca
     ]
 
 
+def guarded(label: str, measure: Callable[[], list[list[str]]]) -> list[list[str]]:
+    """The rows of ``measure``, or one row naming what went wrong: one failed measure (a CUDA library
+    that does not load, an error other than OutOfMemoryError) must not cost the rest of the table."""
+    try:
+        return measure()
+    except Exception as exc:
+        return [[label, "-", f"failed: {type(exc).__name__}: {str(exc)[:200]}", "-"]]
+
+
+def model_rows(settings: Any, device: str, repeats: int) -> list[list[str]]:
+    """The throughput and OOM rows, with the model loaded here as a worker child loads it (and let go
+    on return, before the pipeline's worker loads its own)."""
+    import torch
+
+    from ml.predictor import Predictor
+    from ml.registry import DEFAULT_MODEL
+    from worker.runtime import threads_per_child
+
+    gpu = device == "cuda"
+    threads = threads_per_child(settings)  # as a worker child sets them
+    torch.set_num_threads(threads)
+    predictor = Predictor.load(
+        DEFAULT_MODEL, device=device, backend="torch", threads=threads, overlay_max_side=settings.overlay_max_side
+    )
+    batches = GPU_BATCHES if gpu else CPU_BATCHES
+    rows = torch_rows(predictor, batches, repeats)
+    if not gpu:
+        return [
+            *rows,
+            ["onnxruntime CUDA", "-", "not available (no GPU)", "-"],
+            ["OOM fallback", "-", "skipped: no GPU", "-"],
+        ]
+    rows += guarded("onnxruntime CUDA", lambda: onnx_cuda_rows(predictor, batches, repeats))
+    return rows + guarded("OOM fallback", lambda: [oom_fallback_row(settings, predictor)])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and cases (a CPU run in about a minute)")
@@ -180,7 +216,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from ml.predictor import Predictor
     from ml.registry import DEFAULT_MODEL
 
     gpu = torch.cuda.is_available()
@@ -192,7 +227,6 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         print(f"no GPU: CUDA is not available here; running on the CPU ({os.cpu_count()} CPUs) instead")
-    batches = GPU_BATCHES if gpu else CPU_BATCHES
     repeats = 5 if args.quick else 20
     cases = args.cases or (8 if args.quick else 64)
 
@@ -209,23 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     settings, _, token = support.prepare_stack(env, f"bench-gpu-{uuid.uuid4().hex[:6]}")
 
-    from worker.runtime import threads_per_child
-
-    threads = threads_per_child(settings)  # as a worker child sets them
-    torch.set_num_threads(threads)
-    predictor = Predictor.load(
-        DEFAULT_MODEL, device=device, backend="torch", threads=threads, overlay_max_side=settings.overlay_max_side
-    )
-    rows = torch_rows(predictor, batches, repeats)
-    rows += (
-        onnx_cuda_rows(predictor, batches, repeats)
-        if gpu
-        else [["onnxruntime CUDA", "-", "not available (no GPU)", "-"]]
-    )
-    rows.append(oom_fallback_row(settings, predictor) if gpu else ["OOM fallback", "-", "skipped: no GPU", "-"])
-    del predictor
+    rows = model_rows(settings, device, repeats)
     if gpu:
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the measured predictor is gone; the pipeline's worker loads its own
     rows.append(pipeline_row(env, workdir, token, device, cases))
     print(table(["measure", "batch", "throughput", "p50 per batch"], rows))
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ PIPELINE = re.compile(
 )
 
 
-def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu() -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="dermq-test-gpu-bench-"))
+def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(tmp_path: Path) -> None:
+    workdir = tmp_path
     port = support.free_port()
     broker = support.Process(  # a private Redis: the run flushes its database
         "redis",
