@@ -1,0 +1,254 @@
+"""GPU benchmark: one prepared run that prints one table, on a machine with an NVIDIA GPU or without.
+
+    python -m bench.gpu [--quick] [--cases 64] [--database dermq_bench_gpu] [--redis-url redis://127.0.0.1:6379/13]
+
+- torch throughput of the shipped model (:data:`ml.registry.DEFAULT_MODEL`), loaded as a worker
+  loads it (``Predictor.load(..., backend="torch")``, float32: the precision every device serves,
+  see :mod:`ml.backends`), ``Predictor.classify`` on batches of 1/8/32/128 fixture images after a
+  warm-up: images/s and p50 per batch;
+- ONNX Runtime with ``CUDAExecutionProvider`` over the entry's verified ``model.onnx`` at the same
+  batch sizes, when onnxruntime-gpu is installed (else the row says it is not available);
+- a real out-of-memory fallback: the GPU is filled until ``torch.OutOfMemoryError``, then the
+  worker's own ``_classify_image`` classifies a case; the row shows the device that answered (the
+  CPU predictor of :func:`worker.runtime.get_cpu_predictor`), and the memory is freed afterwards;
+- the pipeline: a real API and Celery worker (``DERMQ_DEVICE=cuda``, or ``cpu`` without a GPU) on a
+  scratch database, ``--cases`` cases submitted at once: submit-to-result p50/p95 and cases/s.
+
+Without a GPU the first line says so and everything runs on the CPU (batch 128 left out);
+``--quick`` keeps such a run under about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import FIXTURE_IMAGES, ms, p50, percentile, table, timed
+from tests import support
+
+DATABASE = "dermq_bench_gpu"
+REDIS_URL = "redis://127.0.0.1:6379/13"
+GPU_BATCHES = (1, 8, 32, 128)
+CPU_BATCHES = (1, 8, 32)
+
+
+def fixture_images(count: int) -> list[Any]:
+    """``count`` decoded fixture images (cycled), as PIL images."""
+    from PIL import Image
+
+    paths = sorted(FIXTURE_IMAGES.glob("*.jpg"))
+    loaded = [Image.open(p).convert("RGB") for p in paths]
+    return [loaded[i % len(loaded)] for i in range(count)]
+
+
+def throughput_row(label: str, batch: int, seconds: list[float]) -> list[str]:
+    return [label, str(batch), f"{batch / p50(seconds):.1f} images/s", ms(p50(seconds))]
+
+
+def torch_rows(predictor: Any, batches: Sequence[int], repeats: int) -> list[list[str]]:
+    label = f"torch {predictor.device.type} {getattr(predictor.backend, 'precision', 'fp32')}"
+    rows = []
+    for batch in batches:
+        images = fixture_images(batch)
+        rows.append(throughput_row(label, batch, timed(lambda images=images: predictor.classify(images), repeats)))
+    return rows
+
+
+def onnx_cuda_rows(predictor: Any, batches: Sequence[int], repeats: int) -> list[list[str]]:
+    """ONNX Runtime on CUDA over the entry's verified graph; one 'not available' row without it."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ml import registry
+    from ml.backends import INPUT
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return [["onnxruntime CUDA", "-", "not available (no CUDAExecutionProvider: onnxruntime-gpu)", "-"]]
+    entry = registry.resolve(predictor.info.model_id)
+    session = ort.InferenceSession(registry.read_verified(entry, "onnx_fp32"), providers=["CUDAExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return [["onnxruntime CUDA", "-", f"not available (session got {session.get_providers()})", "-"]]
+    height, width = predictor.prep.input_size
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in batches:
+        x = rng.standard_normal((batch, 3, height, width), dtype=np.float32)
+        rows.append(
+            throughput_row("onnxruntime CUDA fp32", batch, timed(lambda x=x: session.run(None, {INPUT: x}), repeats))
+        )
+    return rows
+
+
+def oom_fallback_row(settings: Any, predictor: Any) -> list[str]:
+    """Fill the GPU until it refuses, classify through the worker's fallback path, free the memory."""
+    import torch
+
+    from worker import runtime
+    from worker.pipeline import _classify_image
+
+    hoard: list[torch.Tensor] = []
+    chunk = 1 << 30
+    while chunk >= 1 << 20:  # 1 GiB chunks, then smaller, down to 1 MiB: the GPU left full
+        try:
+            hoard.append(torch.empty(chunk, dtype=torch.uint8, device=predictor.device))
+        except torch.OutOfMemoryError:
+            chunk //= 4
+    held = sum(t.numel() for t in hoard) / 2**30
+    try:
+        torch.zeros(1 << 22, device=predictor.device)  # proof that the device is full
+        provoked = "no OOM provoked"
+    except torch.OutOfMemoryError:
+        provoked = f"OOM at {held:.1f} GiB held"
+    image = fixture_images(1)
+    started = time.perf_counter()
+    try:
+        classified = _classify_image(settings, predictor, image[0], attempt=1)
+    finally:
+        hoard.clear()
+        runtime.free_device_memory(predictor)
+    took = time.perf_counter() - started
+    after = torch.cuda.memory_allocated(predictor.device) / 2**30
+    answered = str(classified.predictor.device)
+    return [
+        "OOM fallback (worker _classify_image)",
+        "1",
+        f"{provoked}; answered on {answered} ({classified.analysis.prediction.label}); {after:.2f} GiB left allocated",
+        ms(took),
+    ]
+
+
+def pipeline_row(env: dict[str, str], workdir: Path, token: str, device: str, cases: int) -> list[str]:
+    """Submit ``cases`` cases at once to a real API + worker; submit-to-result p50/p95 and cases/s."""
+    import httpx
+
+    base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
+    data = [p.read_bytes() for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
+    api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
+    worker = None
+    try:
+        support.wait_for(lambda: support.api_up(base) or not api.alive(), timeout=60, what="the API")
+        if not api.alive():
+            raise RuntimeError(api.output()[-2000:])
+        worker = support.start_worker(env, workdir / "worker.log", concurrency=1)
+        http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        submitted: dict[str, float] = {}
+        for i in range(cases):
+            started = time.perf_counter()
+            response = http.post("/v1/cases", files={"image": ("b.jpg", data[i % len(data)], "image/jpeg")})
+            response.raise_for_status()
+            submitted[str(response.json()["id"])] = started
+        first = min(submitted.values())
+        latencies: list[float] = []
+        failed = 0
+        pending = dict(submitted)
+        deadline = time.monotonic() + 600
+        while pending and time.monotonic() < deadline:
+            for case_id in list(pending):
+                status = http.get(f"/v1/cases/{case_id}").json()["status"]
+                if status in ("succeeded", "failed"):
+                    latencies.append(time.perf_counter() - pending.pop(case_id))
+                    failed += status == "failed"
+            time.sleep(0.02)
+        span = time.perf_counter() - first
+    finally:
+        if worker is not None:
+            worker.stop()
+        api.stop()
+    if pending:
+        raise RuntimeError(f"{len(pending)} of {cases} cases unfinished after 600 s")
+    return [
+        f"pipeline DERMQ_DEVICE={device} ({cases} cases at once, {failed} failed)",
+        "-",
+        f"{len(latencies) / span:.1f} cases/s; p95 {ms(percentile(latencies, 95))}",
+        ms(p50(latencies)),
+    ]
+
+
+def guarded(label: str, measure: Callable[[], list[list[str]]]) -> list[list[str]]:
+    """The rows of ``measure``, or one row naming what went wrong: one failed measure (a CUDA library
+    that does not load, an error other than OutOfMemoryError) must not cost the rest of the table."""
+    try:
+        return measure()
+    except Exception as exc:
+        return [[label, "-", f"failed: {type(exc).__name__}: {str(exc)[:200]}", "-"]]
+
+
+def model_rows(settings: Any, device: str, repeats: int) -> list[list[str]]:
+    """The throughput and OOM rows, with the model loaded here as a worker child loads it (and let go
+    on return, before the pipeline's worker loads its own)."""
+    import torch
+
+    from ml.predictor import Predictor
+    from ml.registry import DEFAULT_MODEL
+    from worker.runtime import threads_per_child
+
+    gpu = device == "cuda"
+    threads = threads_per_child(settings)  # as a worker child sets them
+    torch.set_num_threads(threads)
+    predictor = Predictor.load(
+        DEFAULT_MODEL, device=device, backend="torch", threads=threads, overlay_max_side=settings.overlay_max_side
+    )
+    batches = GPU_BATCHES if gpu else CPU_BATCHES
+    rows = torch_rows(predictor, batches, repeats)
+    if not gpu:
+        return [
+            *rows,
+            ["onnxruntime CUDA", "-", "not available (no GPU)", "-"],
+            ["OOM fallback", "-", "skipped: no GPU", "-"],
+        ]
+    rows += guarded("onnxruntime CUDA", lambda: onnx_cuda_rows(predictor, batches, repeats))
+    return rows + guarded("OOM fallback", lambda: [oom_fallback_row(settings, predictor)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and cases (a CPU run in about a minute)")
+    parser.add_argument("--cases", type=int, default=None, help="pipeline cases (default 64, 8 with --quick)")
+    parser.add_argument("--database", default=DATABASE, help="scratch database for the pipeline (recreated)")
+    parser.add_argument("--redis-url", default=REDIS_URL, help="Redis database for the pipeline (flushed)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from ml.registry import DEFAULT_MODEL
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    if gpu:
+        print(
+            f"dermq GPU benchmark on {torch.cuda.get_device_name(0)}, "
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+        )
+    else:
+        print(f"no GPU: CUDA is not available here; running on the CPU ({os.cpu_count()} CPUs) instead")
+    repeats = 5 if args.quick else 20
+    cases = args.cases or (8 if args.quick else 64)
+
+    workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-gpu-"))
+    env = support.test_env(
+        workdir,
+        DERMQ_DATABASE_URL=f"postgresql+psycopg2:///{args.database}",
+        DERMQ_REDIS_URL=args.redis_url,
+        DERMQ_API_PORT=str(support.free_port()),
+        DERMQ_LOG_LEVEL="INFO",  # the worker's "ready." and "model loaded" lines
+        DERMQ_WORKER_CONCURRENCY="1",
+        DERMQ_DEVICE=device,
+        DERMQ_MODEL=DEFAULT_MODEL,
+    )
+    settings, _, token = support.prepare_stack(env, f"bench-gpu-{uuid.uuid4().hex[:6]}")
+
+    rows = model_rows(settings, device, repeats)
+    if gpu:
+        torch.cuda.empty_cache()  # the measured predictor is gone; the pipeline's worker loads its own
+    rows.append(pipeline_row(env, workdir, token, device, cases))
+    print(table(["measure", "batch", "throughput", "p50 per batch"], rows))
+
+
+if __name__ == "__main__":
+    main()

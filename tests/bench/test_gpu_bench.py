@@ -1,0 +1,79 @@
+"""``python -m bench.gpu --quick`` on this machine: without a GPU it says so first, then prints one
+table with measured CPU throughput, the GPU-only rows marked as such, and a pipeline that finished
+its cases on the CPU. With a GPU the first line names it instead."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests import support
+
+THROUGHPUT = re.compile(r"^torch (cpu|cuda) fp32\s+(\d+)\s+([0-9.]+) images/s\s+([0-9.]+) ms$")
+PIPELINE = re.compile(
+    r"^pipeline DERMQ_DEVICE=(cpu|cuda) \((\d+) cases at once, (\d+) failed\)\s+-\s+([0-9.]+) cases/s"
+)
+
+
+def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(tmp_path: Path) -> None:
+    workdir = tmp_path
+    port = support.free_port()
+    broker = support.Process(  # a private Redis: the run flushes its database
+        "redis",
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        {},
+        workdir / "redis.log",
+    )
+    database = f"{support.TEST_DATABASE}_bench_gpu"
+    try:
+        support.wait_for(lambda: "Ready to accept" in broker.output(), timeout=20, what="Redis")
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.gpu",
+                "--quick",
+                "--database",
+                database,
+                "--redis-url",
+                f"redis://127.0.0.1:{port}/0",
+            ],
+            cwd=support.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        broker.stop()
+        support.drop_database(f"postgresql+psycopg2:///{database}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    gpu = torch.cuda.is_available()
+    if gpu:
+        assert lines[0].startswith("dermq GPU benchmark on "), lines[0]
+    else:
+        assert lines[0].startswith("no GPU: CUDA is not available here"), lines[0]
+    assert lines[1].split() == ["measure", "batch", "throughput", "p50", "per", "batch"]
+    rows = [line.strip() for line in lines[3:]]
+
+    measured = [m for m in map(THROUGHPUT.match, rows) if m]
+    assert [int(m.group(2)) for m in measured] == ([1, 8, 32, 128] if gpu else [1, 8, 32])
+    for m in measured:
+        assert m.group(1) == ("cuda" if gpu else "cpu")
+        assert float(m.group(3)) > 0 and float(m.group(4)) > 0
+        # images/s is the batch over the p50 per batch
+        assert abs(float(m.group(3)) - int(m.group(2)) / (float(m.group(4)) / 1000)) / float(m.group(3)) < 0.05
+
+    pipeline = [m for m in map(PIPELINE.match, rows) if m]
+    assert len(pipeline) == 1, rows
+    device, cases, failed, rate = pipeline[0].groups()
+    assert (device, int(cases), int(failed)) == ("cuda" if gpu else "cpu", 8, 0)
+    assert float(rate) > 0
+    if not gpu:
+        assert any(r.startswith("onnxruntime CUDA") and "not available (no GPU)" in r for r in rows), rows
+        assert any(r.startswith("OOM fallback") and "skipped: no GPU" in r for r in rows), rows
+    assert len(rows) == len(measured) + 3 or gpu  # torch rows, ONNX, OOM, pipeline: nothing else
