@@ -13,7 +13,7 @@ import io
 import json
 import uuid
 from collections.abc import Generator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from api import fhir
 from api.db import iterate_on_one_thread
 from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
+from api.params import utc
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
 from core import audit, audit_verify, clinics
@@ -99,22 +100,10 @@ def _filters(
         raise InvalidInput(
             f"unknown action {action!r}; the actions are: {', '.join(sorted(audit.ACTIONS))}", code="unknown_action"
         )
-    since, until = _utc(since, "since"), _utc(until, "until")
+    since, until = utc(since, "since"), utc(until, "until")
     if since and until and since >= until:
         raise BadRequest("'since' must be before 'until'", code="invalid_time_range")
     return audit.AuditFilter(since, until, actor, clinic, case, action, outcome)
-
-
-def _utc(value: datetime | None, name: str) -> datetime | None:
-    """Timestamps in UTC (a missing offset means UTC); offsets no real clock uses are refused."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    offset = value.utcoffset()
-    if offset is not None and abs(offset) > timedelta(hours=14):
-        raise BadRequest(f"'{name}' has a UTC offset beyond +-14:00", code="invalid_time_range")
-    return value.astimezone(UTC)
 
 
 def record_auditor_access(

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from api import metrics
 from api.case_views import case_out, summary
 from api.deps import AuthenticatedCaller, Db, State, limit, require_role
+from api.params import utc
 from api.schemas import (
     CaseOut,
     CasePage,
@@ -261,6 +262,8 @@ async def list_cases(
     if unknown:  # a misspelt filter would otherwise list everything
         raise InvalidInput(f"unknown query parameter(s): {', '.join(unknown)}", code="unknown_parameter")
 
+    created_from, created_before = utc(since, "since"), utc(until, "until")
+
     def read(session: Session) -> CasePage:
         limit(caller, app, "read")
         page = case_list.list_cases(
@@ -269,8 +272,8 @@ async def list_cases(
             actor=caller.actor,
             status=status,
             priority=priority,
-            since=since,
-            until=until,
+            since=created_from,
+            until=created_before,
             cursor=cursor,
             limit=min(limit_ or app.settings.page_size_default, app.settings.page_size_max),
         )

@@ -15,7 +15,8 @@ from sqlalchemy import create_engine, func, select, text
 
 from core import audit
 from core.db import session_scope
-from core.models import AuditEvent
+from core.models import AuditEvent, Case
+from tests import support
 from tests.conftest import Tenant
 from tests.support import seal_all
 from worker.sealing import check as _check
@@ -332,12 +333,24 @@ def test_every_recorded_action_is_a_documented_one(client, make_key, activity, s
     assert all(f"`{name}`" in documented for name in audit.ACTIONS)
 
 
-def test_filters_take_a_clinic_name_and_a_key_prefix(client, make_key, activity, settings, keyring) -> None:  # type: ignore[no-untyped-def]
+def test_filters_take_a_clinic_name_and_a_key_prefix(client, worker, make_key, activity, settings, keyring) -> None:  # type: ignore[no-untyped-def]
     from core import keys
     from core.models import Role
 
     auditor = make_key("auditor")
     a: Tenant = activity["a"]  # type: ignore[assignment]
+
+    # the worker may still be recording the activity's cases: compare once they have all ended
+    def all_ended() -> bool:
+        with session_scope(settings) as session:
+            live = (
+                select(func.count())
+                .select_from(Case)
+                .where(Case.clinic_id == a.clinic_id, Case.status.in_(["queued", "running"]))
+            )
+            return session.scalar(live) == 0
+
+    support.wait_for(all_ended, timeout=60, what="the activity's cases to end")
     by_id = client.get("/v1/audit-events", headers=auditor.headers, params={"clinic": str(a.clinic_id)}).json()
     by_name = client.get("/v1/audit-events", headers=auditor.headers, params={"clinic": a.name}).json()
     assert by_name["items"] and by_name == by_id

@@ -55,3 +55,9 @@ def test_refusals_name_the_role_and_the_field_in_plain_english(client, make_key,
         "/v1/cases", headers=tenant.headers, files={"image": ("l.jpg", jpeg_bytes, "image/jpeg")}, data={"note": "x"}
     )
     assert odd.status_code == 422 and "'note'" in odd.json()["detail"]
+
+
+def test_a_date_no_clock_can_show_is_a_400_not_a_500(client, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
+    for since in ("6174-07-10T21:48:51.37-19:51", "9999-12-31T23:00:00-05:00"):  # found by the conformance test
+        answer = client.get("/v1/cases", headers=tenant.headers, params={"since": since})
+        assert answer.status_code == 400 and answer.json()["code"] == "invalid_time_range", answer.text
