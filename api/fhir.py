@@ -14,9 +14,9 @@ others carry the dermq HAM10000 code alone (``HAM10000_SYSTEM``) rather than a g
         used for melanoma by several public FHIR implementations.
 - bcc   254701007 "Basal cell carcinoma of skin (disorder)": FSN as used by several public FHIR
         profiles and dermatology code lists (not checked against a terminology server).
-- akiec 201101007 "Actinic keratosis (disorder)": as used by one public dermatology code list;
-        another list gives 396233003 for the same name, so this one is UNVERIFIED; akiec also covers
-        Bowen's disease, which this concept does not.
+- akiec 201101007 "Actinic keratosis (disorder)": the concept DICOM PS3.16 lists for "Actinic
+        keratosis" in its context group CID 4405 (Skin Disorder). akiec also covers Bowen's disease
+        (intraepithelial carcinoma), which this concept does not: the dermq code beside it says which.
 - nv    400096001 "Melanocytic nevus (disorder)": checked on a FHIR terminology server's SNOMED CT
         browser (tx.fhir.org-style page, UK edition 2023-04-12).
 - bkl, df, vasc: no code could be verified, so none is sent. Candidates seen, all UNVERIFIED and to
