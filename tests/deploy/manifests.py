@@ -59,6 +59,16 @@ DERMQ_METRICS = frozenset(
         "dermq_drift_psi",
         "dermq_drift_alert",
         "dermq_audit_chain_ok",
+        # field performance on confirmed outcomes (api/field_metrics.py)
+        *(
+            f"dermq_field_{rate}{bound}"
+            for rate in ("sensitivity", "ppv", "referral_sensitivity")
+            for bound in ("", "_lower", "_upper")
+        ),
+        "dermq_field_confirmed_cases",
+        "dermq_field_out_of_distribution_cases",
+        "dermq_field_mel_sensitivity_floor",
+        "dermq_field_report_timestamp_seconds",
     }
 )
 #: Of those, the histograms (queried through their _bucket, _sum and _count series).

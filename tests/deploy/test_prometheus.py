@@ -139,6 +139,7 @@ CONCERNS = {
     "drift": lambda e: "dermq_drift_alert" in e,
     "audit chain broken": lambda e: "dermq_audit_chain_ok" in e,
     "GPU memory near full": lambda e: "dermq_gpu_memory_bytes" in e,
+    "melanoma sensitivity on confirmed cases": lambda e: "dermq_field_mel_sensitivity_floor" in e,
 }
 
 
@@ -156,6 +157,32 @@ def test_drift_alert_follows_the_reports_verdict(rules: list[dict[str, Any]]) ->
     assert re.fullmatch(r"max\(dermq_drift_alert\)\s*==\s*1", drift["expr"].strip()), drift["expr"]
     assert PSI_ALERT == m.DRIFT_PSI_THRESHOLD
     assert str(m.DRIFT_PSI_THRESHOLD) in drift["annotations"]["description"]
+
+
+def test_field_gauges_listed_here_are_the_ones_the_api_exports() -> None:
+    from api.field_metrics import NAMES, field_families
+
+    assert {name for name in m.DERMQ_METRICS if name.startswith("dermq_field_")} == NAMES
+    assert {family.name for family in field_families(None)} == NAMES
+
+
+def test_melanoma_alert_compares_the_fields_upper_bound_with_the_cards_floor_on_enough_cases(
+    rules: list[dict[str, Any]],
+) -> None:
+    """The alert fires only when the whole 95% interval of the field figure lies below the card's
+    lower bound (not on a point estimate that noise alone pushes below it in about 15% of reports),
+    on at least the number of confirmed melanomas that `dermq monitor report` requires, and per model."""
+    from core.outcomes import MIN_CONFIRMED_MELANOMAS
+
+    (alert,) = [a for a in _alerts(rules) if "dermq_field_mel_sensitivity_floor" in a["expr"]]
+    expr = " ".join(alert["expr"].split())
+    upper = r'max by \(model_id\) \(dermq_field_sensitivity_upper\{class="mel"\}\)'
+    floor = r"max by \(model_id\) \(dermq_field_mel_sensitivity_floor\)"
+    count = r'max by \(model_id\) \(dermq_field_confirmed_cases\{class="mel"\}\)'
+    found = re.fullmatch(rf"{upper} < on \(model_id\) {floor} and on \(model_id\) {count} >= (\d+)", expr)
+    assert found, expr
+    assert int(found.group(1)) == MIN_CONFIRMED_MELANOMAS
+    assert alert["labels"]["severity"] == "critical"
 
 
 def test_audit_chain_alert_is_critical_and_immediate(rules: list[dict[str, Any]]) -> None:
