@@ -32,20 +32,26 @@ RUNBOOK = DEPLOY / "RUNBOOK.md"
 NON_FIELD_VARIABLES = frozenset({"DERMQ_SECRETS_DIR"})
 DERMQ_VARIABLE = re.compile(r"\bDERMQ_[A-Z0-9_]+\b")
 
+#: The CA that signed the Postgres server's certificate, as every database client mounts it: the
+#: shipped database URLs name it (sslmode=verify-full&sslrootcert=/run/secrets/postgres-ca.crt).
+POSTGRES_CA = "postgres-ca.crt"
+
 #: Placeholder contents for secret files when building Settings from a deployment's environment.
 PLACEHOLDER_SECRETS = {
-    "dermq_database_url": "postgresql+psycopg2://dermq:placeholder@postgres:5432/dermq",
+    "dermq_database_url": "postgresql+psycopg2://dermq:placeholder@postgres:5432/dermq"
+    f"?sslmode=verify-full&sslrootcert=/run/secrets/{POSTGRES_CA}",
     "dermq_flower_password": "placeholder-flower-password",
 }
 
 FLOWER_PASSWORD = "dermq_flower_password"
 #: Least privilege: the files under /run/secrets each dermq process reads, and so the only ones its
 #: container may mount. Only `dermq-flower` asks for the Flower password
-#: (Settings.require_flower_password); beat reads no secret at all.
+#: (Settings.require_flower_password); beat reads no secret at all. The database's clients read
+#: POSTGRES_CA too (libpq, through the URL's sslrootcert).
 SECRETS_READ: dict[str, frozenset[str]] = {
-    "migrate": frozenset({"dermq_database_url"}),
-    "api": frozenset({"dermq_database_url", "dermq-keys.json"}),
-    "worker": frozenset({"dermq_database_url", "dermq-keys.json", "dermq-audit-signing-key.json"}),
+    "migrate": frozenset({"dermq_database_url", POSTGRES_CA}),
+    "api": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json"}),
+    "worker": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json", "dermq-audit-signing-key.json"}),
     "beat": frozenset(),
     "flower": frozenset({FLOWER_PASSWORD}),
 }
