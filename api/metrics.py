@@ -1,9 +1,9 @@
 """Prometheus metrics of the API process, served on their own listener (never the public port).
 
 Counters and histograms are updated as requests pass; the queue depth per priority, the number of
-cases per live state, stale running cases, the latest drift figures and the last audit-chain check
-are read when Prometheus scrapes (from Redis and Postgres, with short timeouts), so every API
-replica reports the same values.
+cases per live state, stale running cases, the latest drift and field-performance figures
+(api/field_metrics.py) and the last audit-chain check are read when Prometheus scrapes (from Redis
+and Postgres, with short timeouts), so every API replica reports the same values.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from api.deps import AppState
+from api.field_metrics import field_families
 from core.models import Case, CaseStatus, Priority
-from core.queueing import AUDIT_CHECK_KEY, DRIFT_KEY, PRIORITY_STEPS, PRIORITY_VALUE, queue_lists
+from core.queueing import AUDIT_CHECK_KEY, DRIFT_KEY, FIELD_KEY, PRIORITY_STEPS, PRIORITY_VALUE, queue_lists
 
 log = logging.getLogger("dermq.metrics")
 
@@ -131,6 +132,14 @@ class StateCollector(Collector):
         yield drift
         yield drift_alert
         yield chain
+
+        try:
+            raw = self.app.redis.get(FIELD_KEY)
+            field = field_families(json.loads(raw) if raw else None)
+        except Exception as exc:
+            log.warning("field performance figures unavailable", extra={"error": type(exc).__name__})
+            field = field_families(None)
+        yield from field
 
 
 def serve(app: AppState, *, processes: int = 1) -> None:

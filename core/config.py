@@ -3,7 +3,8 @@
 Every process (API, worker, beat, CLI, Alembic) builds it once with :func:`get_settings` and passes
 it down; nothing else reads the environment. The environment is ``production`` unless another is
 asked for (``make run`` asks for ``development``, the tests for ``test``); unsafe values are refused
-in production, never silently relaxed.
+in production, never silently relaxed: among them a database reached over a network without
+``sslmode=verify-full`` (:mod:`core.db_tls`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core import db_tls
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "example"}
@@ -30,7 +33,10 @@ def is_example_secret(value: str) -> bool:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DERMQ_", env_file=".env", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused value may be a secret (the database URL holds a password)
+    model_config = SettingsConfigDict(
+        env_prefix="DERMQ_", env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     environment: Literal["development", "test", "production"] = "production"
 
@@ -211,6 +217,8 @@ class Settings(BaseSettings):
             )
         if self.environment == "production" and self.keys_json is None and self.key_file is None:
             raise ValueError("production needs DERMQ_KEY_FILE or DERMQ_KEYS_JSON")
+        if self.environment == "production" and (problem := db_tls.transport_problem(self.database_url)):
+            raise ValueError(problem)
         return self
 
     def require_flower_password(self) -> str:

@@ -8,7 +8,8 @@ auditors do not see clinical results.
 :func:`field_performance` compares confirmed diagnoses with the model's labels, per model: each
 class's sensitivity and positive predictive value, and the referral sensitivity (confirmed
 malignant or pre-malignant cases the model referred), each with a Wilson 95% interval.
-Out-of-distribution results made no diagnosis; they are counted, not scored.
+Out-of-distribution results made no diagnosis; they are counted, not scored. :func:`melanoma_alerts`
+says when melanoma sensitivity has fallen below the model card's floor by more than noise explains.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from ml.labels import CLASSES, CONCERNING
 
 ACTION = "case.outcome"
 Z95 = 1.959963984540054
+#: Confirmed (and scored) melanomas a model needs before its field sensitivity may raise an alert.
+#: With the rule of :func:`melanoma_alerts` and 20 melanomas, a model that performs as its card says
+#: (0.493, floor 0.397) raises it in 0.2% of reports, one whose sensitivity fell to 0.2 in 41%; the
+#: point estimate alone would have fired in 15% of reports on a model with nothing wrong.
+MIN_CONFIRMED_MELANOMAS = 20
 
 
 def _validated(diagnosis: str, method: str) -> tuple[str, ConfirmationMethod]:
@@ -176,14 +182,21 @@ def confirmed_cases(session: Session, *, model_id: str | None = None) -> list[Co
     ]
 
 
-def melanoma_alerts(report: dict[str, dict[str, Any]], floors: dict[str, float | None]) -> list[dict[str, Any]]:
+def melanoma_alerts(
+    report: dict[str, dict[str, Any]], floors: dict[str, float | None], *, min_confirmed: int = MIN_CONFIRMED_MELANOMAS
+) -> list[dict[str, Any]]:
     """Models whose melanoma sensitivity on confirmed cases is below ``floors[model]`` (the lower end
-    of the model card's 95% interval): one alert each, with the figures behind it."""
+    of the model card's 95% interval) beyond sampling noise: the upper end of the field's Wilson 95%
+    interval is below the floor, on at least ``min_confirmed`` confirmed melanomas. One alert each,
+    with the figures behind it. The DermqFieldMelanomaSensitivityLow alert applies the same rule to
+    the ``dermq_field_*`` gauges."""
     found = []
     for model_id, figures in report.items():
         floor = floors.get(model_id)
         observed = figures["classes"]["mel"]["sensitivity"]
-        if floor is not None and observed["value"] is not None and observed["value"] < floor:
+        if floor is None or observed["trials"] < min_confirmed or observed["ci95"] is None:
+            continue
+        if observed["ci95"][1] < floor:
             found.append(
                 {
                     "model_id": model_id,

@@ -14,13 +14,16 @@ TASK_CLASSIFY = "dermq.classify"
 TASK_SWEEP = "dermq.sweep"
 TASK_PURGE = "dermq.purge"
 TASK_DRIFT = "dermq.drift"
+TASK_FIELD = "dermq.field_performance"
 TASK_AUDIT_CHECK = "dermq.audit_check"
 TASK_AUDIT_SEAL = "dermq.audit_seal"
 TASK_CALLBACK = "dermq.callback"
 
-#: Redis keys of operational state (no patient data): the latest drift report and the audit check's
-#: outcome for the metrics gauge (the verified position itself is kept in Postgres, audit_verifications).
+#: Redis keys of operational state (no patient data): the latest drift report, the latest field
+#: performance report (aggregates per model and class) and the audit check's outcome for the metrics
+#: gauges (the verified position itself is kept in Postgres, audit_verifications).
 DRIFT_KEY = "dermq:drift:latest"
+FIELD_KEY = "dermq:field:latest"
 AUDIT_CHECK_KEY = "dermq:audit:check"
 
 QUEUE_CASES = "cases"
@@ -55,6 +58,7 @@ ROUTES = {
     TASK_SWEEP: {"queue": QUEUE_MAINTENANCE},
     TASK_PURGE: {"queue": QUEUE_MAINTENANCE},
     TASK_DRIFT: {"queue": QUEUE_MAINTENANCE},
+    TASK_FIELD: {"queue": QUEUE_MAINTENANCE},
     TASK_AUDIT_CHECK: {"queue": QUEUE_MAINTENANCE},
     TASK_AUDIT_SEAL: {"queue": QUEUE_MAINTENANCE},
     # Callbacks wait on clinics' servers: never in front of a classification.

@@ -20,6 +20,7 @@ REGISTRY_DIR = Path(__file__).resolve().parent / "registry"
 #: the entry served when nothing else is configured (core.config's DERMQ_MODEL default matches it)
 DEFAULT_MODEL = "effnet-lite0-ham10000-v2"
 MANIFEST = "manifest.json"
+METRICS = "metrics.json"
 WEIGHTS = "weights.safetensors"
 SCHEMA_VERSION = 1
 
@@ -126,3 +127,28 @@ def entries(root: Path = REGISTRY_DIR) -> Iterator[tuple[Path, dict[str, Any] | 
             yield folder, read_manifest(folder), None
         except RegistryError as exc:
             yield folder, None, str(exc)
+
+
+def mel_sensitivity_floor(model_id: str, *, configured: str | Path | None = None) -> float | None:
+    """The lower end of the 95% interval of melanoma sensitivity in a model's card (its entry's
+    ``metrics.json``, ``assessment.per_image.mel_sensitivity.ci95``): the floor that the model's
+    sensitivity on confirmed cases is held to. The entry is ``configured`` (the served one,
+    ``DERMQ_MODEL``) when its manifest carries ``model_id``, else ``model_id``'s folder under the
+    packaged registry; None when there is no such entry or figure."""
+    folder: Path | None = None
+    if configured is not None:
+        try:
+            candidate = resolve(configured)
+            if read_manifest(candidate).get("model_id") == model_id:
+                folder = candidate
+        except RegistryError:
+            pass
+    if folder is None:
+        if not model_id or "/" in model_id or "\\" in model_id or model_id in (".", ".."):
+            return None
+        folder = REGISTRY_DIR / model_id
+    try:
+        metrics = json.loads((folder / METRICS).read_text())
+        return float(metrics["assessment"]["per_image"]["mel_sensitivity"]["ci95"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None

@@ -29,11 +29,15 @@ from core.queueing import (
     TASK_AUDIT_CHECK,
     TASK_AUDIT_SEAL,
     TASK_DRIFT,
+    TASK_FIELD,
     TASK_PURGE,
     TASK_SWEEP,
     common_config,
 )
 from worker.runtime import worker_concurrency
+
+#: how often beat has the field performance on confirmed outcomes recomputed (dermq_field_* gauges)
+FIELD_INTERVAL_SECONDS = 900.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -62,6 +66,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": TASK_DRIFT,
                 "schedule": 3600.0,
                 "options": {"queue": QUEUE_MAINTENANCE, "expires": 3600.0},
+            },
+            "field-performance": {
+                "task": TASK_FIELD,
+                "schedule": FIELD_INTERVAL_SECONDS,
+                "options": {"queue": QUEUE_MAINTENANCE, "expires": FIELD_INTERVAL_SECONDS},
             },
             "audit-seal": {
                 "task": TASK_AUDIT_SEAL,

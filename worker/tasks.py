@@ -1,5 +1,6 @@
 """Celery tasks: ``classify(case_id)``, the recovery ``sweep``, completion ``callback`` delivery, the
-retention ``purge`` and the periodic drift check (the audit sealer and check: :mod:`worker.sealing`).
+retention ``purge``, the periodic drift check and field-performance report (the audit sealer and
+check: :mod:`worker.sealing`).
 Each is a thin wrapper: the work is in :mod:`worker.pipeline` and :mod:`worker.batching`, the retry
 policy in :mod:`worker.retries`.
 
@@ -43,6 +44,7 @@ from core.queueing import (
     TASK_CALLBACK,
     TASK_CLASSIFY,
     TASK_DRIFT,
+    TASK_FIELD,
     TASK_PURGE,
     TASK_SWEEP,
 )
@@ -196,3 +198,21 @@ def drift_report() -> dict[str, object]:
     if report["drifted"]:
         log.warning("input or prediction drift", extra={"event": "drift", "count": report["n"]})
     return report
+
+
+@app.task(name=TASK_FIELD)
+def field_performance() -> dict[str, object]:
+    """Sensitivity, PPV and referral sensitivity on confirmed outcomes, published to Redis for the
+    API's ``dermq_field_*`` gauges (:mod:`worker.field`)."""
+    from worker import field
+
+    config = settings()
+    with session_scope(config) as session:
+        report = field.field_report(session, config)
+    field.publish(_redis_client(config), report)
+    for alert in report["alerts"]:
+        log.warning(
+            "melanoma sensitivity on confirmed cases is below the model card's floor",
+            extra={"event": "field_performance", "model_id": alert["model_id"], "count": alert["confirmed_melanomas"]},
+        )
+    return {"models": len(report["models"]), "alerts": len(report["alerts"])}

@@ -62,3 +62,32 @@ def test_two_api_processes_serve_one_port_and_are_counted_together(two_process_a
         assert http.get("/readyz").json()["status"] == "ready"
     after = total(scrape(metrics_url), "dermq_http_requests_total", route="/v1/cases", status="200")
     assert after - before == 24
+
+
+def test_the_supervisor_serves_the_field_gauges_once(two_process_api, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The dermq_field_* gauges come from the report in Redis, read by the one metrics listener: one
+    sample per model and class however many API processes there are."""
+    import json
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from core import outcomes
+    from core.queueing import FIELD_KEY
+
+    _, metrics_url, _ = two_process_api
+    rows = [outcomes.Confirmed("field-two-processes", "mel", True, "mel")] * 3
+    report = {"models": outcomes.field_performance(rows), "computed_at": 1.0}
+    try:
+        redis_client.set(FIELD_KEY, json.dumps(report))
+        text = httpx.get(metrics_url, timeout=5).text
+    finally:
+        redis_client.delete(FIELD_KEY)
+    confirmed = [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "dermq_field_confirmed_cases"
+    ]
+    mel = [value for labels, value in confirmed if labels == {"model_id": "field-two-processes", "class": "mel"}]
+    assert mel == [3]
+    assert len(confirmed) == 7  # every class of the one model, each once

@@ -161,19 +161,31 @@ def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
     assert f"{model}: 7 confirmed cases (1 out of distribution, not scored)" in text.stdout
     assert "0.333" in text.stdout and "(3/4)" in text.stdout
 
-    # melanoma sensitivity 1/3 on confirmed cases: below a floor of 0.4, an alert and exit 1; not below 0.3
-    alerted = run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.4")
+    # melanoma sensitivity 1/3 [0.061, 0.792] on 3 confirmed melanomas: an alert (exit 1) only when the
+    # whole interval is below the floor, and only with enough confirmed melanomas
+    alerted = run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.8", "--min-melanomas", "3")
     assert alerted.returncode == 1, alerted.stdout + alerted.stderr
-    assert f"ALERT {model}: melanoma sensitivity 0.333 on 3 confirmed melanomas is below 0.400" in alerted.stdout
-    assert run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.3").returncode == 0
+    assert (
+        f"ALERT {model}: melanoma sensitivity 0.333 [0.061, 0.792] on 3 confirmed melanomas: "
+        "the whole 95% interval is below 0.800" in alerted.stdout
+    )
+    quiet = run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.4", "--min-melanomas", "3")
+    assert quiet.returncode == 0, quiet.stdout  # 1/3 is below 0.4, but well within noise of it
+    too_few = run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.8", "--json")
+    assert too_few.returncode == 0 and json.loads(too_few.stdout)["alerts"] == []  # 3 < MIN_CONFIRMED_MELANOMAS
 
 
-def test_the_floor_is_the_model_cards_lower_bound() -> None:
-    from cli.monitor import model_card_floor
+def test_the_floor_is_the_model_cards_lower_bound(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ml.registry import mel_sensitivity_floor
 
     # ml/registry/effnet-lite0-ham10000-v2/model_card.md: melanoma sensitivity 0.493 (0.397-0.594)
-    assert model_card_floor("effnet-lite0-ham10000-v2") == pytest.approx(0.3965, abs=1e-4)
-    assert model_card_floor("no-such-model") is None and model_card_floor("../etc") is None
+    assert mel_sensitivity_floor("effnet-lite0-ham10000-v2") == pytest.approx(0.3965, abs=1e-4)
+    assert mel_sensitivity_floor("no-such-model") is None and mel_sensitivity_floor("../etc") is None
+    # the served entry (DERMQ_MODEL, a folder) is looked up by its manifest's model id
+    assert mel_sensitivity_floor("effnet-lite0-ham10000-v2", configured=tmp_path) == pytest.approx(0.3965, abs=1e-4)
+    assert mel_sensitivity_floor("effnet-lite0-ham10000-v2", configured=settings.model) == pytest.approx(
+        0.3965, abs=1e-4
+    )
 
 
 def result_row(case_id: uuid.UUID, model: str, label: str | None, referral: bool | None) -> Result:

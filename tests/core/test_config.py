@@ -72,3 +72,61 @@ def test_every_deployment_serves_the_registrys_default_model() -> None:
     configmap = yaml.safe_load((root / "deploy" / "k8s" / "configmap.yaml").read_text())
     assert compose["x-dermq-env"]["DERMQ_MODEL"] == registry.DEFAULT_MODEL
     assert configmap["data"]["DERMQ_MODEL"] == registry.DEFAULT_MODEL
+
+
+# --------------------------------------------------------------------------- database transport (core/db_tls.py)
+
+SECRET = "hunter2-app-password"
+CA = "sslrootcert=/run/secrets/postgres-ca.crt"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql+psycopg2://dermq_app:{SECRET}@postgres:5432/dermq",
+        f"postgresql+psycopg2://dermq_app:{SECRET}@db.example.org/dermq?sslmode=require&{CA}",
+        f"postgresql+psycopg2://dermq_app:{SECRET}@db.example.org/dermq?sslmode=verify-ca&{CA}",
+        f"postgresql+psycopg2://dermq_app:{SECRET}@10.0.0.5/dermq?sslmode=prefer",
+        # a local name in the URL does not make a remote address or a second, remote host local
+        f"postgresql+psycopg2://dermq_app:{SECRET}@localhost/dermq?hostaddr=10.0.0.5",
+        f"postgresql+psycopg2://dermq_app:{SECRET}@/dermq?host=/var/run/postgresql,db.example.org",
+    ],
+)
+def test_production_refuses_a_network_database_without_verify_full(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("PGHOST", "PGHOSTADDR", "PGSSLMODE"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(ValidationError, match="sslmode=verify-full") as refused:
+        Settings(environment="production", database_url=url)
+    assert SECRET not in str(refused.value), "the refusal must not print the URL's password"
+    assert Settings(environment="development", database_url=url).database_url == url  # a developer's choice
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql+psycopg2://dermq_app:{SECRET}@postgres:5432/dermq?sslmode=verify-full&{CA}",
+        f"postgresql+psycopg2://dermq_app:{SECRET}@db.example.org/dermq?{CA}&sslmode=verify-full",
+        # local: a Unix socket or a loopback address crosses no network
+        "postgresql+psycopg2:///dermq",
+        "postgresql+psycopg2://dermq@/dermq?host=/var/run/postgresql",
+        f"postgresql+psycopg2://dermq_app:{SECRET}@127.0.0.1:5432/dermq",
+        f"postgresql+psycopg2://dermq_app:{SECRET}@localhost/dermq",
+        f"postgresql+psycopg2://dermq_app:{SECRET}@[::1]:5432/dermq",
+    ],
+)
+def test_production_accepts_verify_full_or_a_local_database(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("PGHOST", "PGHOSTADDR", "PGSSLMODE"):
+        monkeypatch.delenv(variable, raising=False)
+    assert Settings(environment="production", database_url=url).database_url == url
+
+
+def test_libpq_environment_counts_where_the_url_names_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGHOST", "db.example.org")
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+    with pytest.raises(ValidationError, match=r"db\.example\.org is reached with sslmode=prefer"):
+        Settings(environment="production", database_url="postgresql+psycopg2:///dermq")
+    monkeypatch.setenv("PGSSLMODE", "verify-full")
+    assert Settings(environment="production", database_url="postgresql+psycopg2:///dermq")
+    # the URL's own mode wins over the environment's
+    with pytest.raises(ValidationError, match="sslmode=require"):
+        Settings(environment="production", database_url="postgresql+psycopg2:///dermq?sslmode=require")

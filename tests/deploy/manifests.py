@@ -28,70 +28,30 @@ PROMETHEUS_CONF = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 RUNBOOK = DEPLOY / "RUNBOOK.md"
 
-#: The Prometheus metrics dermq exposes (API, worker, drift, audit): alert rules may use these and
-#: nothing else (plus Prometheus's own `up` and recording rules defined in the same file).
-DERMQ_METRICS = frozenset(
-    {
-        # API
-        "dermq_http_requests_total",
-        "dermq_http_request_duration_seconds",
-        "dermq_upload_bytes",
-        "dermq_upload_rejections_total",
-        "dermq_queue_depth",
-        "dermq_cases",
-        "dermq_stale_running_cases",
-        # worker
-        "dermq_jobs_total",
-        "dermq_queue_wait_seconds",
-        "dermq_inference_seconds",
-        "dermq_gradcam_seconds",
-        "dermq_results_total",
-        "dermq_out_of_distribution_reasons_total",
-        "dermq_predictions_total",
-        "dermq_confidence",
-        "dermq_referrals_total",
-        "dermq_submit_to_finish_seconds",
-        "dermq_failures_total",
-        "dermq_callback_deliveries_total",
-        "dermq_worker_info",
-        "dermq_gpu_memory_bytes",
-        # drift and audit
-        "dermq_drift_psi",
-        "dermq_drift_alert",
-        "dermq_audit_chain_ok",
-    }
-)
-#: Of those, the histograms (queried through their _bucket, _sum and _count series).
-DERMQ_HISTOGRAMS = frozenset(
-    {
-        "dermq_http_request_duration_seconds",
-        "dermq_upload_bytes",
-        "dermq_queue_wait_seconds",
-        "dermq_inference_seconds",
-        "dermq_gradcam_seconds",
-        "dermq_confidence",
-    }
-)
-DRIFT_PSI_THRESHOLD = 0.25
-
 #: DERMQ_* variables that are not Settings fields but are read by core.config.get_settings itself.
 NON_FIELD_VARIABLES = frozenset({"DERMQ_SECRETS_DIR"})
 DERMQ_VARIABLE = re.compile(r"\bDERMQ_[A-Z0-9_]+\b")
 
+#: The CA that signed the Postgres server's certificate, as every database client mounts it: the
+#: shipped database URLs name it (sslmode=verify-full&sslrootcert=/run/secrets/postgres-ca.crt).
+POSTGRES_CA = "postgres-ca.crt"
+
 #: Placeholder contents for secret files when building Settings from a deployment's environment.
 PLACEHOLDER_SECRETS = {
-    "dermq_database_url": "postgresql+psycopg2://dermq:placeholder@postgres:5432/dermq",
+    "dermq_database_url": "postgresql+psycopg2://dermq:placeholder@postgres:5432/dermq"
+    f"?sslmode=verify-full&sslrootcert=/run/secrets/{POSTGRES_CA}",
     "dermq_flower_password": "placeholder-flower-password",
 }
 
 FLOWER_PASSWORD = "dermq_flower_password"
 #: Least privilege: the files under /run/secrets each dermq process reads, and so the only ones its
 #: container may mount. Only `dermq-flower` asks for the Flower password
-#: (Settings.require_flower_password); beat reads no secret at all.
+#: (Settings.require_flower_password); beat reads no secret at all. The database's clients read
+#: POSTGRES_CA too (libpq, through the URL's sslrootcert).
 SECRETS_READ: dict[str, frozenset[str]] = {
-    "migrate": frozenset({"dermq_database_url"}),
-    "api": frozenset({"dermq_database_url", "dermq-keys.json"}),
-    "worker": frozenset({"dermq_database_url", "dermq-keys.json", "dermq-audit-signing-key.json"}),
+    "migrate": frozenset({"dermq_database_url", POSTGRES_CA}),
+    "api": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json"}),
+    "worker": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json", "dermq-audit-signing-key.json"}),
     "beat": frozenset(),
     "flower": frozenset({FLOWER_PASSWORD}),
 }

@@ -323,7 +323,8 @@ def test_listeners_bind_all_interfaces_in_pods() -> None:
 
 def test_secret_manifests_are_templates_with_placeholders_only() -> None:
     secrets = [(p, d) for p, d in m.k8s_documents() if d["kind"] == "Secret"]
-    assert {d["metadata"]["name"] for _, d in secrets} == {"dermq-secrets", "dermq-keys", "dermq-tls"}
+    names = {"dermq-secrets", "dermq-keys", "dermq-tls", "dermq-postgres-ca"}
+    assert {d["metadata"]["name"] for _, d in secrets} == names
     for path, doc in secrets:
         assert path.name.endswith(".template.yaml"), path
         assert "data" not in doc, f"{path}: base64 data hides real values; templates use stringData placeholders"

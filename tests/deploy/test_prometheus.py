@@ -1,6 +1,6 @@
 """deploy/prometheus: the scrape targets are the ports the services listen on, and the alert rules
-parse, use only metrics that dermq exposes, cover what operators must hear about, and link
-runbook sections that exist."""
+parse, use only metrics that dermq exposes (tests/deploy/exposed_metrics.py), cover what operators
+must hear about, and link runbook sections that exist."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.deploy import manifests as m
+from tests.deploy.exposed_metrics import DERMQ_HISTOGRAMS, DERMQ_METRICS, DRIFT_PSI_THRESHOLD
 
 FUNCTIONS = {
     "abs", "absent", "absent_over_time", "avg_over_time", "ceil", "changes", "clamp", "clamp_max", "clamp_min",
@@ -62,7 +63,7 @@ def series_and_functions(expr: str) -> tuple[set[str], set[str]]:
 def _metric_of(series: str) -> str:
     for suffix in ("_bucket", "_sum", "_count"):
         base = series.removesuffix(suffix)
-        if series.endswith(suffix) and base in m.DERMQ_HISTOGRAMS:
+        if series.endswith(suffix) and base in DERMQ_HISTOGRAMS:
             return base
     return series
 
@@ -90,7 +91,7 @@ def test_every_rule_is_an_alert_or_a_recording_rule(rules: list[dict[str, Any]])
 
 
 def test_alert_rules_use_only_metrics_that_dermq_exposes(rules: list[dict[str, Any]]) -> None:
-    allowed = m.DERMQ_METRICS | BUILTIN_SERIES | _recorded(rules)
+    allowed = DERMQ_METRICS | BUILTIN_SERIES | _recorded(rules)
     for rule in rules:
         series, functions = series_and_functions(rule["expr"])
         unknown_functions = functions - FUNCTIONS - AGGREGATIONS
@@ -99,12 +100,12 @@ def test_alert_rules_use_only_metrics_that_dermq_exposes(rules: list[dict[str, A
         assert not unknown, f"{rule.get('alert', rule.get('record'))}: dermq exposes no {sorted(unknown)}"
         for name in series:
             base = _metric_of(name)
-            if base in m.DERMQ_HISTOGRAMS:
+            if base in DERMQ_HISTOGRAMS:
                 assert name != base, f"{base} is a histogram: query its _bucket, _sum or _count series"
 
 
 def test_a_misspelt_metric_would_be_caught(rules: list[dict[str, Any]]) -> None:
-    allowed = m.DERMQ_METRICS | BUILTIN_SERIES | _recorded(rules)
+    allowed = DERMQ_METRICS | BUILTIN_SERIES | _recorded(rules)
     series, _ = series_and_functions('sum(rate(dermq_http_request_total{status=~"5.."}[5m]))')
     assert {s for s in series if _metric_of(s) not in allowed} == {"dermq_http_request_total"}
 
@@ -139,6 +140,7 @@ CONCERNS = {
     "drift": lambda e: "dermq_drift_alert" in e,
     "audit chain broken": lambda e: "dermq_audit_chain_ok" in e,
     "GPU memory near full": lambda e: "dermq_gpu_memory_bytes" in e,
+    "melanoma sensitivity on confirmed cases": lambda e: "dermq_field_mel_sensitivity_floor" in e,
 }
 
 
@@ -154,8 +156,34 @@ def test_drift_alert_follows_the_reports_verdict(rules: list[dict[str, Any]]) ->
 
     (drift,) = [a for a in _alerts(rules) if "dermq_drift" in a["expr"]]
     assert re.fullmatch(r"max\(dermq_drift_alert\)\s*==\s*1", drift["expr"].strip()), drift["expr"]
-    assert PSI_ALERT == m.DRIFT_PSI_THRESHOLD
-    assert str(m.DRIFT_PSI_THRESHOLD) in drift["annotations"]["description"]
+    assert PSI_ALERT == DRIFT_PSI_THRESHOLD
+    assert str(DRIFT_PSI_THRESHOLD) in drift["annotations"]["description"]
+
+
+def test_field_gauges_listed_here_are_the_ones_the_api_exports() -> None:
+    from api.field_metrics import NAMES, field_families
+
+    assert {name for name in DERMQ_METRICS if name.startswith("dermq_field_")} == NAMES
+    assert {family.name for family in field_families(None)} == NAMES
+
+
+def test_melanoma_alert_compares_the_fields_upper_bound_with_the_cards_floor_on_enough_cases(
+    rules: list[dict[str, Any]],
+) -> None:
+    """The alert fires only when the whole 95% interval of the field figure lies below the card's
+    lower bound (not on a point estimate that noise alone pushes below it in about 15% of reports),
+    on at least the number of confirmed melanomas that `dermq monitor report` requires, and per model."""
+    from core.outcomes import MIN_CONFIRMED_MELANOMAS
+
+    (alert,) = [a for a in _alerts(rules) if "dermq_field_mel_sensitivity_floor" in a["expr"]]
+    expr = " ".join(alert["expr"].split())
+    upper = r'max by \(model_id\) \(dermq_field_sensitivity_upper\{class="mel"\}\)'
+    floor = r"max by \(model_id\) \(dermq_field_mel_sensitivity_floor\)"
+    count = r'max by \(model_id\) \(dermq_field_confirmed_cases\{class="mel"\}\)'
+    found = re.fullmatch(rf"{upper} < on \(model_id\) {floor} and on \(model_id\) {count} >= (\d+)", expr)
+    assert found, expr
+    assert int(found.group(1)) == MIN_CONFIRMED_MELANOMAS
+    assert alert["labels"]["severity"] == "critical"
 
 
 def test_audit_chain_alert_is_critical_and_immediate(rules: list[dict[str, Any]]) -> None:

@@ -63,7 +63,8 @@ class PostgresCluster:
                 shutil.chown(path, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
+        """Start the server; ``extra``: more ``-c name=value`` options (TLS, say)."""
         options = " ".join(
             [
                 f"-p {self.port}",
@@ -74,6 +75,7 @@ class PostgresCluster:
                 "-c full_page_writes=off",
                 "-c max_connections=80",
                 "-c shared_buffers=32MB",
+                *extra,
             ]
         )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
