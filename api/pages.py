@@ -1,4 +1,4 @@
-"""The browser pages: the clinic portal (``/portal/``) and the model card.
+"""The browser pages: the clinic portal (``/portal/``), the auditor console (``/audit/``) and the model card.
 
 The pages are static files (HTML, CSS and ES modules in ``api/web``) served from this origin under the
 strict page Content-Security-Policy of ``api.middleware``: no inline script or style, no other origin.
@@ -43,9 +43,10 @@ def model_card(settings: Settings, model_id: str | None = None) -> str:
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Serve the portal, its shared modules, and the model card on ``app``."""
+    """Serve the portal, the auditor console, their shared modules, and the model card on ``app``."""
     app.mount("/common", StaticFiles(directory=WEB / "common"), name="web-common")
     app.mount("/portal", StaticFiles(directory=WEB / "portal", html=True), name="portal")
+    app.mount("/audit", StaticFiles(directory=WEB / "audit", html=True), name="audit-console")
 
     @app.get("/model-card", include_in_schema=False)
     def served_model_card() -> PlainTextResponse:

@@ -1,5 +1,5 @@
-"""The portal is served from this origin under a strict CSP, whole; the model card is
-readable by anyone; the portal's class names agree with the server's."""
+"""The portal and auditor console are served from this origin under a strict CSP, whole; the model card is
+readable by anyone; the pages' lists of actions and classes agree with the server's."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import re
 
 import pytest
 
+from core import audit
 from ml.labels import DIAGNOSES
 
 pytestmark = pytest.mark.usefixtures("database")
 
-PAGES = ["/portal/"]
+PAGES = ["/portal/", "/audit/"]
 
 
 def linked(client, path: str) -> set[str]:  # type: ignore[no-untyped-def]
@@ -68,7 +69,10 @@ def test_pages_load_everything_from_this_origin_under_a_strict_csp(client, path:
     assert client.get(path.rstrip("/"), follow_redirects=False).headers["location"].endswith(path)
 
 
-def test_the_portal_names_every_class(client) -> None:  # type: ignore[no-untyped-def]
+def test_the_console_offers_every_audit_action_and_the_portal_names_every_class(client) -> None:  # type: ignore[no-untyped-def]
+    console = client.get("/audit/").text
+    offered = re.findall(r'<option value="([a-z_.]+)">', console.split('id="action"', 1)[1].split("</select>", 1)[0])
+    assert offered == list(audit.ACTIONS)
     labels = client.get("/portal/labels.js").text
     for diagnosis in DIAGNOSES:
         assert f"{diagnosis.code}: {_js_string(diagnosis.name)}," in labels, diagnosis.code
