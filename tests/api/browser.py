@@ -79,9 +79,12 @@ def problems(driver: Any) -> list[str]:
 
 
 def wait_until(driver: Any, condition: Callable[[Any], Any], timeout: float = 60, what: str = "the page") -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message=f"waiting for {what}")
+    # a missing element (the default) or one replaced while it was read (the pages re-render) is "not yet"
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(condition, message=f"waiting for {what}")
 
 
 def screenshot(driver: Any, name: str) -> Path:

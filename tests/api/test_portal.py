@@ -21,6 +21,7 @@ from tests.api import browser
 
 By = pytest.importorskip("selenium.webdriver.common.by", reason="selenium is in the test extra (make install)").By
 Keys = pytest.importorskip("selenium.webdriver.common.keys").Keys
+Select = pytest.importorskip("selenium.webdriver.support.select").Select
 pytestmark = [pytest.mark.usefixtures("database", "worker"), pytest.mark.slow]
 
 
@@ -191,4 +192,30 @@ def test_an_open_case_follows_its_status_live_until_it_ends(  # type: ignore[no-
     browser.wait_until(page, lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-loaded") == "true")
     assert "finished" in page.find_element(By.ID, "case-status").text
     assert not page.find_elements(By.CSS_SELECTOR, ".heatmap-original")  # the API never sends the image back
+    assert browser.problems(page) == []
+
+
+def test_the_case_list_pages_through_older_and_newer_cases(
+    page, live_api: str, make_key, store_case, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
+    clinic = make_key()
+    ids = [str(store_case(clinic, jpeg_bytes)) for _ in range(12)]  # queued: a page holds 10
+    browser.open_page(page, f"{live_api}/portal/", clinic.token)
+
+    def shown() -> list[str]:
+        script = "return Array.from(document.querySelectorAll('#case-rows tr'), (row) => row.dataset.caseId)"
+        return list(page.execute_script(script))  # at once: rows are replaced as a page loads
+
+    browser.wait_until(page, lambda _: len(shown()) == 10, what="the first page")
+    first = shown()
+    assert first == ids[::-1][:10]  # newest first
+    assert page.find_element(By.ID, "cases-newer").get_attribute("disabled") is not None
+    page.find_element(By.ID, "cases-older").click()
+    browser.wait_until(page, lambda _: shown() == ids[::-1][10:], what="the second page")
+    assert page.find_element(By.ID, "cases-older").get_attribute("disabled") is not None
+    assert page.find_element(By.ID, "cases-page").text == "Page 2"
+    page.find_element(By.ID, "cases-newer").click()
+    browser.wait_until(page, lambda _: shown() == first, what="the first page again")
+    Select(page.find_element(By.ID, "case-filter")).select_by_value("succeeded")
+    browser.wait_until(page, lambda d: d.find_element(By.ID, "cases-status").text == "No cases to show.")
     assert browser.problems(page) == []

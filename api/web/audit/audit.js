@@ -26,6 +26,7 @@ const older = $("events-older");
 
 let search = null; // the filters of the search on show, and the cursors of its pages so far
 let exportUrl = null; // the last export's object URL (revoked when the next one is made)
+let pagesAsked = 0; // only the latest page asked for may fill the table (an older answer can arrive last)
 
 setUpKeyForm({
   form: $("key-form"),
@@ -39,6 +40,7 @@ setUpKeyForm({
       clearChain(chain);
       rows.replaceChildren();
       search = null;
+      pagesAsked += 1;
       newer.disabled = older.disabled = true;
       announce(searchStatus, "");
     }
@@ -51,10 +53,12 @@ $("chain-refresh").addEventListener("click", () => loadChain(chain));
 
 async function showPage() {
   const cursor = search.cursors.at(-1);
+  const asked = ++pagesAsked;
   announce(searchStatus, "Searching…", "loading");
   showProblem(searchProblem, null);
   try {
     const { body } = await getJson(`/v1/audit-events${query({ ...search.filters, cursor, limit: PAGE_SIZE })}`);
+    if (asked !== pagesAsked) return;
     search.next = body.next_cursor;
     rows.replaceChildren(...body.items.map(eventRow));
     newer.disabled = search.cursors.length <= 1;
@@ -68,6 +72,7 @@ async function showPage() {
       "loaded",
     );
   } catch (error) {
+    if (asked !== pagesAsked) return;
     announce(searchStatus, "The search failed.", "error");
     showProblem(searchProblem, error);
   }

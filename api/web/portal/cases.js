@@ -26,6 +26,7 @@ export class CaseList {
     this.actions = actions;
     this.cursors = [null]; // the cursor of each page shown so far; the last one is on show
     this.nextCursor = null;
+    this.loads = 0; // only the latest load may fill the table (an older answer can arrive last)
     elements.newer.addEventListener("click", () => {
       if (this.cursors.length > 1) this.cursors.pop();
       this.load();
@@ -44,6 +45,7 @@ export class CaseList {
   }
 
   clear() {
+    this.loads += 1; // a load under way is forgotten
     this.cursors = [null];
     this.nextCursor = null;
     this.elements.rows.replaceChildren();
@@ -55,10 +57,12 @@ export class CaseList {
   async load() {
     const { rows, status, problem, newer, older, page, filter } = this.elements;
     const cursor = this.cursors.at(-1);
+    const load = ++this.loads;
     announce(status, "Loading cases…", "loading");
     showProblem(problem, null);
     try {
       const { body } = await getJson(`/v1/cases${query({ limit: PAGE_SIZE, status: filter.value, cursor })}`);
+      if (load !== this.loads) return;
       this.nextCursor = body.next_cursor;
       rows.replaceChildren(...body.items.map((item) => this.row(item)));
       newer.disabled = this.cursors.length <= 1;
@@ -70,6 +74,7 @@ export class CaseList {
         "loaded",
       );
     } catch (error) {
+      if (load !== this.loads) return;
       announce(status, "The cases could not be loaded.", "error");
       showProblem(problem, error);
     }

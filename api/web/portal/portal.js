@@ -120,16 +120,17 @@ form.addEventListener("submit", async (event) => {
     else showStatus(body);
     renderCase(resultSection, resultBody, body, { original, onErase: confirmErase });
     button.disabled = false;
-    cases.reload();
-    const ended = TERMINAL.has(body.status)
-      ? body
-      : await waitForEnd(body.id, {
-          signal,
-          onUpdate: (item) => {
-            showStatus(item);
-            renderCase(resultSection, resultBody, item, { original, onErase: confirmErase });
-          },
-        });
+    let ended = body;
+    if (!TERMINAL.has(body.status)) {
+      cases.reload(); // the new case, queued
+      ended = await waitForEnd(body.id, {
+        signal,
+        onUpdate: (item) => {
+          showStatus(item);
+          renderCase(resultSection, resultBody, item, { original, onErase: confirmErase });
+        },
+      });
+    }
     showStatus(ended);
     cases.reload();
   } catch (error) {
