@@ -1,10 +1,11 @@
 """A real headless Chromium driven by Selenium, for the browser tests of the portal and the auditor console.
 
 Debian's ``chromium`` and ``chromedriver`` (apt packages ``chromium``, ``chromium-driver``; ``make test``
-installs them when it runs as root): both paths are given to Selenium, so Selenium Manager never
-downloads a browser or a driver. The browser's console is read through ``goog:loggingPrefs``, and every
-page gets a ``securitypolicyviolation`` listener before its own scripts run (CDP), so a test can assert that
-a page raised no error and no Content-Security-Policy violation.
+installs them when it runs as root; elsewhere ``DERMQ_TEST_CHROMIUM`` and ``DERMQ_TEST_CHROMEDRIVER`` name
+them): both paths are given to Selenium, so Selenium Manager never downloads a browser or a driver. The
+browser's console is read through ``goog:loggingPrefs``, and every page gets a ``securitypolicyviolation``
+listener before its own scripts run (CDP), so a test can assert that a page raised no error and no
+Content-Security-Policy violation.
 """
 
 from __future__ import annotations
