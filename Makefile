@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dermq-installed
 
-.PHONY: install services run test lint typecheck bench bench-model clean
+.PHONY: install services browser run test lint typecheck bench bench-model clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,11 +28,24 @@ services:
 	@for i in $$(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done; \
 		redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { echo "Redis did not start"; exit 1; }
 
+# The browser tests (tests/api/test_portal.py, test_audit_console.py) drive Debian's Chromium and its
+# chromedriver through Selenium, never a downloaded browser: install them when missing (as root, with apt).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver; \
+	else \
+		echo "note: chromium or chromedriver is missing and this is not root: the browser tests will be skipped" \
+			"(sudo apt-get install chromium chromium-driver)"; \
+	fi
+
 # The whole stack in the foreground (API, worker, beat, Flower); Ctrl-C stops it.
 run: $(STAMP) services
 	$(PY) -m core.devstack $(RUN_ARGS)
 
-test: $(STAMP) services
+test: $(STAMP) services browser
 	$(PY) -m pytest
 
 lint: $(STAMP)

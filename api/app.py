@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from api import docs_page, metrics, problems
+from api import docs_page, metrics, pages, problems
 from api.deps import AppState, record_denial
 from api.intake_limits import Decoder, UploadSlots, release_large_allocations
 from api.key_cache import KeyCache
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     docs_page.install(app)
+    pages.install(app, settings)
     listener = Listener(settings.database_url)
     app.state.dermq = AppState(
         settings=settings,

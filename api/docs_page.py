@@ -8,6 +8,8 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
+from api.middleware import DOCS_CSP
+
 #: Swagger UI's assets: served under /docs/assets (the page loads nothing from another origin).
 ASSETS = "/docs/assets"
 
@@ -36,7 +38,7 @@ def install(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
-        return HTMLResponse(PAGE.format(assets=ASSETS))
+        return HTMLResponse(PAGE.format(assets=ASSETS), headers={"Content-Security-Policy": DOCS_CSP})
 
     @app.get("/docs/init.js", include_in_schema=False)
     def init() -> Response:

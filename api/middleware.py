@@ -23,11 +23,20 @@ SECURITY_HEADERS = [
     (b"cross-origin-resource-policy", b"same-origin"),
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
 ]
-#: The one HTML page (/docs, api.docs_page): its scripts and styles come from this origin only; Swagger UI
-#: sets style attributes itself, hence 'unsafe-inline' for styles (never for scripts).
-HTML_CSP = (
-    b"default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-    b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+#: Every HTML page but /docs (the portal, the auditor console: api.pages): scripts and styles from this origin
+#: only, no inline script, style or event handler; images also from blob: URLs (the heat map, fetched with the
+#: key) and data: (the favicon); no native form submission (a page whose script failed to load must not send the
+#: pasted API key in a URL); Trusted Types with no policy, so no string ever becomes HTML or script.
+PAGE_CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
+    b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'; require-trusted-types-for 'script'; "
+    b"trusted-types 'none'"
+)
+#: /docs (api.docs_page): Swagger UI sets style attributes itself, hence 'unsafe-inline' for its styles (never
+#: for scripts); the page sets this policy itself.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 API_CSP = b"default-src 'none'; frame-ancestors 'none'"
 HSTS = b"max-age=63072000; includeSubDomains"
@@ -65,7 +74,7 @@ class RequestContextMiddleware:
                 if b"content-security-policy" not in names:
                     content_type = dict(headers).get(b"content-type", b"")
                     headers.append(
-                        (b"content-security-policy", HTML_CSP if content_type.startswith(b"text/html") else API_CSP)
+                        (b"content-security-policy", PAGE_CSP if content_type.startswith(b"text/html") else API_CSP)
                     )
                 if secure:
                     headers.append((b"strict-transport-security", HSTS))

@@ -58,4 +58,5 @@ def instructions(settings: Settings, demo: DemoKey, *, clinic_name: str, key_fil
         "submit an image and poll for the result:",
         f"  curl -s {auth} -F image=@{DEMO_IMAGE} {base}/v1/cases",
         f"  curl -s {auth} {base}/v1/cases/<id>",
+        f"or paste the key into the clinic portal: {base}/portal/ (auditors: {base}/audit/)",
     ]

@@ -1,0 +1,57 @@
+"""The browser pages: the clinic portal (``/portal/``), the auditor console (``/audit/``) and the model card.
+
+The pages are static files (HTML, CSS and ES modules in ``api/web``) served from this origin under the
+strict page Content-Security-Policy of ``api.middleware``: no inline script or style, no other origin.
+They call the public API with the key the user pastes; the server gives them nothing the API does not.
+
+The model card is public, like ``/docs``: it describes the model, never a patient.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+
+from core.config import Settings
+from core.errors import NotFound
+
+WEB = Path(__file__).resolve().parent / "web"
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+CARD = "model_card.md"
+
+
+def model_card(settings: Settings, model_id: str | None = None) -> str:
+    """The model card of ``model_id`` (a packaged registry entry), or of the served model when None.
+
+    The served model may be a folder of the operator's (``DERMQ_MODEL``); any other id must name an
+    entry of the packaged registry, read as package data (the API never loads a model)."""
+    if model_id is None or model_id == settings.model:
+        folder = Path(settings.model)
+        if folder.is_dir() and (folder / CARD).is_file():
+            return (folder / CARD).read_text(encoding="utf-8")
+        model_id = settings.model
+    if MODEL_ID_RE.match(model_id):  # a plain name: never a path
+        card = resources.files("ml").joinpath("registry", model_id, CARD)
+        if card.is_file():
+            return card.read_text(encoding="utf-8")
+    raise NotFound("no model card for this model id; /model-card shows the served model's", code="model_not_found")
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Serve the portal, the auditor console, their shared modules, and the model card on ``app``."""
+    app.mount("/common", StaticFiles(directory=WEB / "common"), name="web-common")
+    app.mount("/portal", StaticFiles(directory=WEB / "portal", html=True), name="portal")
+    app.mount("/audit", StaticFiles(directory=WEB / "audit", html=True), name="audit-console")
+
+    @app.get("/model-card", include_in_schema=False)
+    def served_model_card() -> PlainTextResponse:
+        return PlainTextResponse(model_card(settings))
+
+    @app.get("/model-card/{model_id}", include_in_schema=False)
+    def named_model_card(model_id: str) -> PlainTextResponse:
+        return PlainTextResponse(model_card(settings, model_id))

@@ -1,0 +1,120 @@
+// Calls to the dermq API from a page, with the API key the user pasted.
+//
+// The key lives in this module's memory only: never in localStorage, sessionStorage, a cookie or a URL.
+// Reloading or closing the page forgets it. Every error becomes an ApiProblem holding the API's RFC 9457
+// problem details (or a problem of our own when the API could not be reached or answered something else).
+
+let apiKey = null;
+
+/** Remember `key` for this page's requests (trimmed); returns what may be shown of it: its prefix. */
+export function setKey(key) {
+  const trimmed = key.trim();
+  apiKey = trimmed || null;
+  return keyPrefix();
+}
+
+export function forgetKey() {
+  apiKey = null;
+}
+
+export function hasKey() {
+  return apiKey !== null;
+}
+
+/** The public part of the key (`dq_0a1b2c3d4e5f`), never its secret. */
+export function keyPrefix() {
+  if (apiKey === null) return null;
+  const [scheme, prefix] = apiKey.split("_");
+  return prefix ? `${scheme}_${prefix}` : "a key";
+}
+
+/** An error answered by the API (its problem details), or met on the way to it. */
+export class ApiProblem extends Error {
+  constructor(problem) {
+    super(problem.detail || problem.title || "request failed");
+    this.name = "ApiProblem";
+    this.problem = problem;
+    this.status = problem.status ?? 0;
+    this.code = problem.code ?? "error";
+  }
+}
+
+async function problemOf(response) {
+  const type = response.headers.get("content-type") || "";
+  let body = null;
+  if (type.includes("json")) {
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+  }
+  const problem =
+    body && typeof body === "object"
+      ? { ...body }
+      : { title: response.statusText || "Error", detail: `the API answered HTTP ${response.status}` };
+  problem.status ??= response.status;
+  problem.request_id ??= response.headers.get("x-request-id");
+  const retryAfter = response.headers.get("retry-after");
+  if (retryAfter) problem.retry_after = retryAfter;
+  return new ApiProblem(problem);
+}
+
+/**
+ * Send one request to the API with the key. Resolves with the Response when it is 2xx; rejects with an
+ * ApiProblem otherwise (or with the AbortError of `signal`).
+ */
+export async function request(path, { method = "GET", body, headers = {}, signal } = {}) {
+  if (apiKey === null) {
+    throw new ApiProblem({
+      title: "No API key",
+      detail: "paste your API key above first",
+      code: "missing_key",
+      status: 0,
+    });
+  }
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      body,
+      headers: { ...headers, Authorization: `Bearer ${apiKey}` },
+      signal,
+      cache: "no-store",
+      credentials: "omit",
+      redirect: "error",
+    });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ApiProblem({
+      title: "Network error",
+      detail: "the API could not be reached; check the connection and try again",
+      code: "network_error",
+      status: 0,
+    });
+  }
+  if (!response.ok) throw await problemOf(response);
+  return response;
+}
+
+export async function getJson(path, options) {
+  const response = await request(path, options);
+  return { body: await response.json(), status: response.status, headers: response.headers };
+}
+
+/** Fetch `path` and keep it as a blob: URL (for <img> and downloads); the caller revokes it. */
+export async function blobUrl(path, options) {
+  const response = await request(path, options);
+  const blob = await response.blob();
+  return { url: URL.createObjectURL(blob), blob, headers: response.headers };
+}
+
+/** `?a=1&b=2` from an object, leaving out empty values. */
+export function query(params) {
+  const search = new URLSearchParams();
+  for (const [name, value] of Object.entries(params)) {
+    if (value !== undefined && value !== null && value !== "") search.set(name, String(value));
+  }
+  const text = search.toString();
+  return text ? `?${text}` : "";
+}
