@@ -111,6 +111,25 @@ def authenticate(session: Session, keyring: Keyring, token: str | None) -> Princ
     return Principal(key.id, Role(key.role), key.clinic_id)
 
 
+def still_valid(session: Session, key_id: uuid.UUID) -> str | None:
+    """None while the key can still be used; otherwise why not (``revoked_credentials``,
+    ``clinic_inactive``, or ``invalid_credentials`` for a key that is gone). For work that outlives the
+    request that authenticated it, such as a streamed export."""
+    row = session.execute(
+        select(ApiKey.revoked_at, Clinic.active)
+        .outerjoin(Clinic, Clinic.id == ApiKey.clinic_id)
+        .where(ApiKey.id == key_id)
+    ).first()
+    if row is None:
+        return "invalid_credentials"
+    revoked_at, clinic_active = row
+    if revoked_at is not None:
+        return "revoked_credentials"
+    if clinic_active is False:
+        return "clinic_inactive"
+    return None
+
+
 def revoke_key(session: Session, key_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> ApiKey:
     key = session.get(ApiKey, key_id, with_for_update=True)
     if key is None:

@@ -11,6 +11,7 @@ import base64
 import csv
 import io
 import json
+import logging
 import uuid
 from collections.abc import Generator
 from datetime import datetime, timedelta
@@ -27,10 +28,12 @@ from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, re
 from api.params import utc
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
-from core import audit, audit_verify, clinics
+from core import audit, audit_verify, clinics, keys
 from core.db import session_scope
 from core.errors import BadRequest, Forbidden, InvalidInput, NotFound
 from core.models import ApiKey, Role
+
+log = logging.getLogger("dermq.api")
 
 router = APIRouter(prefix="/v1/audit-events", tags=["audit"])
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -179,8 +182,29 @@ def _csv_cell(value: object) -> str:
     return "'" + text if text.startswith(FORMULA_PREFIXES) else text
 
 
-def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Generator[bytes]:
-    """The export's body, a page at a time; each page's transaction has ended before it is sent."""
+class ExportInterrupted(Exception):
+    """The caller's key stopped being valid while its export streamed: the response is cut short."""
+
+
+def _key_still_valid(app: AppState, caller: Caller, filters: audit.AuditFilter) -> None:
+    """Between two pages of an export: stop it, audited, once the caller's key was revoked (or its
+    clinic deactivated) after the export began. The status line has gone out, so the connection is
+    closed mid-body: the client sees a broken download, never a file that looks complete."""
+    with session_scope(app.settings) as session:
+        reason = keys.still_valid(session, caller.principal.key_id)
+        if reason is None:
+            return
+        record_auditor_access(
+            session, caller, "audit.export", {"filters": filters.describe(), "reason": reason, "stopped": True},
+            outcome=audit.DENIED,
+        )  # fmt: skip
+    log.warning("audit export stopped: the caller's key is no longer valid", extra={"event": "export_stopped"})
+    raise ExportInterrupted(reason)
+
+
+def _export_rows(app: AppState, caller: Caller, filters: audit.AuditFilter, fmt: str) -> Generator[bytes]:
+    """The export's body, a page at a time; each page's transaction has ended before it is sent, and
+    the caller's key is checked again before every page after the first."""
     if fmt == "csv":
         buffer = io.StringIO()
         csv.writer(buffer).writerow(audit.EXPORT_FIELDS)
@@ -188,7 +212,9 @@ def _export_rows(app: AppState, filters: audit.AuditFilter, fmt: str) -> Generat
     if fmt == "fhir":  # one Bundle (collection) of AuditEvents, written as a streamed JSON document
         yield json.dumps({"resourceType": "Bundle", "type": "collection"})[:-1].encode() + b', "entry": ['
     first = True
-    for page in audit.export_pages(lambda: session_scope(app.settings), filters):
+    for number, page in enumerate(audit.export_pages(lambda: session_scope(app.settings), filters)):
+        if number:
+            _key_still_valid(app, caller, filters)
         buffer = io.StringIO()
         if fmt == "fhir":
             for record in page:
@@ -254,7 +280,7 @@ async def export_events(
     }.get(format, ("application/x-ndjson", "ndjson"))
     name = f"dermq-audit.{suffix}"
     return StreamingResponse(
-        iterate_on_one_thread(lambda: _export_rows(app, filters, format)),
+        iterate_on_one_thread(lambda: _export_rows(app, caller, filters, format)),
         media_type=media,
         headers={**NO_STORE, "Content-Disposition": f'attachment; filename="{name}"'},
     )
