@@ -58,7 +58,7 @@ from core.crypto import Keyring, decrypt_blob, encrypt_blob
 from core.enqueue import enqueue
 from core.errors import DecryptionError, Forbidden, NotFound, a_or_an
 from core.keys import Principal
-from core.models import CallbackDelivery, CallbackStatus, Case, ClinicCallback, Result, Role
+from core.models import CallbackDelivery, CallbackStatus, Case, Clinic, ClinicCallback, Result, Role
 from core.publisher import callback_task
 
 SECRET_KIND = "callback_secret"  # noqa: S105 - the blob kind, not a secret
@@ -301,7 +301,8 @@ class Delivery:
 def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> Lease | None:
     """Count the next attempt of a case's pending callback and lease its row for it; None if there is
     nothing to do (delivered, given up, cancelled, or leased by another worker). A callback whose
-    clinic or case is gone is cancelled here. Commit before making the request."""
+    clinic or case is gone, or whose clinic is deactivated, is cancelled here (reactivating the clinic
+    does not send it later: the clinic reads its cases instead). Commit before making the request."""
     at = now()
     row = session.scalar(
         select(CallbackDelivery)
@@ -316,7 +317,8 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
         return None
     endpoint = session.get(ClinicCallback, row.clinic_id)
     case = session.get(Case, case_id)
-    if endpoint is None or case is None:
+    active = session.scalar(select(Clinic.active).where(Clinic.id == row.clinic_id))
+    if endpoint is None or case is None or not active:  # a deactivated clinic is told nothing more
         row.status, row.updated_at = CallbackStatus.CANCELLED.value, at
         return None
     row.attempts += 1
