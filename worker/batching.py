@@ -15,10 +15,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.orm import Session
 
 from core import case_states
 from core.config import Settings
 from core.db import session_scope
+from core.errors import NotFound
 from core.logs import case_id_var
 from core.models import Case
 from worker import pipeline, results, runtime
@@ -94,23 +96,29 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     progress = progress if progress is not None else Progress()
     started = time.perf_counter()
     predictor = runtime.get_predictor(config)
+    # The claim and the images' read share one transaction (one connection checkout, one commit).
     with session_scope(config) as session:
         claimed = case_states.claim_batch(
             session, case_id, limit=config.batch_max_size, max_pixels=config.batch_max_pixels
         )
+        items, missing = with_images(session, config, claimed)
     if not claimed:
         log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
         return "skipped"
     progress.attempt = claimed[0].attempts
     outcomes: dict[uuid.UUID, str] = {}
     try:
-        items = with_images(config, claimed)
+        if missing is not None:
+            raise missing
         if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
             time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
             with session_scope(config) as session:
                 more = case_states.claim_queued(session, limit=config.batch_max_size - len(items))
+                more_items, missing = with_images(session, config, more)
             claimed += more
-            items += with_images(config, more)
+            items += more_items
+            if missing is not None:
+                raise missing
         _run_claimed_batch(config, predictor, items, started, outcomes)
     except BaseException:
         _requeue_unfinished(config, [c for c in claimed if c.id != case_id and c.id not in outcomes])
@@ -124,14 +132,19 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     return outcomes[case_id]
 
 
-def with_images(config: Settings, claimed: Sequence[Case]) -> list[ClaimedCase]:
-    """Each claimed case with its decrypted image, read in a transaction of its own once the claim has
-    committed (the claim's audit events hold the chain's lock until then)."""
+def with_images(
+    session: Session, config: Settings, claimed: Sequence[Case]
+) -> tuple[list[ClaimedCase], NotFound | None]:
+    """Each claimed case with its decrypted image, read in the claim's transaction; or, if an image is
+    missing, no cases and the error, raised by the caller once the claim has committed (so the cases
+    stay claimed and the sweeper ends them after their attempts, as for any case that cannot run)."""
     if not claimed:
-        return []
-    with session_scope(config) as session:
+        return [], None
+    try:
         images = case_states.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
-    return [ClaimedCase(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed]
+    except NotFound as exc:
+        return [], exc
+    return [ClaimedCase(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed], None
 
 
 def _run_claimed_batch(

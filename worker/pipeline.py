@@ -20,6 +20,7 @@ from core import callbacks, case_states
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
+from core.errors import NotFound
 from core.logs import case_id_var
 from ml.decode_budget import DecodeBudget, TooLargeToDecode
 from ml.images import DecodedImage, ImageLimits, InvalidImage, decode
@@ -132,15 +133,22 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     """Claim, classify, explain and store one case. Returns what happened, for logs and tests."""
     progress = progress if progress is not None else Progress()
     started = time.perf_counter()
+    # The claim and the image's read share one transaction (one connection checkout, one commit).
+    missing: NotFound | None = None
+    data = b""
     with session_scope(config) as session:
         case = case_states.claim_case(session, case_id)
         if case is None:
             log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
             return "skipped"
         attempt, created_at = case.attempts, case.created_at
+        try:
+            data = case_states.load_image(session, keyring=keyring(config), case_id=case_id)
+        except NotFound as exc:  # the claim still commits: the sweeper ends the case after its attempts
+            missing = exc
+    if missing is not None:
+        raise missing
     progress.attempt = attempt
-    with session_scope(config) as session:  # after the claim's commit: its audit event held the chain's lock
-        data = case_states.load_image(session, keyring=keyring(config), case_id=case_id)
     timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started
