@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 from sqlalchemy.sql.elements import ColumnElement
 
-from core import announcements, audit, cases, pgbinary
+from core import announcements, audit, cases, pgbinary, results
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import NotFound
-from core.models import BlobKind, Case, CaseStatus, Outcome, Priority, Result
+from core.models import BlobKind, Case, CaseStatus, Outcome, Priority
 
 #: The order in which queued cases are served: urgent first, then oldest.
 QUEUE_ORDER = (sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
@@ -171,7 +171,8 @@ def _finish(session: Session, case_id: uuid.UUID, attempt: int, values: dict[str
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A worker's outcome for one case it claimed: the result row's values and the heat map PNG."""
+    """A worker's outcome for one case it claimed: the result's values (stored by :mod:`core.results`:
+    the findings sealed) and the heat map PNG."""
 
     case_id: uuid.UUID
     attempt: int
@@ -216,10 +217,12 @@ def complete_cases(
     ).all()
     clinics = {case_id: clinic_id for case_id, clinic_id in rows}
     stored = [c for c in completions if c.case_id in clinics]
-    session.add_all([Result(case_id=c.case_id, **c.result) for c in stored])
+    result_rows, sealed_findings = results.new_results(keyring, [(c.case_id, c.result) for c in stored])
+    results.insert_rows(session, result_rows)  # the findings about the patient are in sealed_findings only
     cases.insert_blobs(
         session,
-        [
+        sealed_findings
+        + [
             (
                 c.case_id,
                 BlobKind.HEATMAP,

@@ -23,7 +23,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import audit, pgbinary, phi
+from core import audit, pgbinary, phi, results
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, a_or_an
 from core.keys import Principal
@@ -236,10 +236,11 @@ def insert_blobs(session: Session, blobs: Sequence[tuple[uuid.UUID, BlobKind, Se
 
 
 def get_case(
-    session: Session, *, principal: Principal, actor: audit.Actor, case_id: uuid.UUID
-) -> tuple[Case, Result | None]:
+    session: Session, *, keyring: Keyring, principal: Principal, actor: audit.Actor, case_id: uuid.UUID
+) -> tuple[Case, results.ResultView | None]:
+    """The case and its result (findings opened; None before it succeeded and once they are erased)."""
     case = owned_case(session, principal, case_id, "case.read")
-    result = session.get(Result, case_id) if case.status in (CaseStatus.SUCCEEDED, CaseStatus.PURGED) else None
+    result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
     audit.record(
         session,
         action="case.read",
