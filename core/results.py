@@ -3,13 +3,14 @@ sealed in the case's ``result`` blob.
 
 The findings (:data:`core.models.SEALED_RESULT_FIELDS`: label, probabilities, confidence,
 uncertainty, referral and its reasons, out-of-distribution reasons, the class Grad-CAM explained)
-are one JSON document, envelope-encrypted like the image: its own data key, wrapped under a
-key-encryption key, with the case id and the kind ``result`` as associated data. Binding to the kind
-rather than to each field is enough: the document is sealed and opened whole, so no field can be
-moved alone, and a sealed document moved to another case or kind does not decrypt. Key rotation
-re-wraps it with the other blobs; erasure and retention shred it (:mod:`core.retention`), after
-which the row says only which model ran, when and how (``outcome``, model, device, timings,
-Grad-CAM status, input statistics), and no diagnosis of the case can be read back.
+are one JSON document, envelope-encrypted like the image: its own data key, wrapped under the key
+of the case's period (:mod:`core.period_keys`), with the case id and the kind ``result`` as
+associated data. Binding to the kind rather than to each field is enough: the document is sealed
+and opened whole, so no field can be moved alone, and a sealed document moved to another case or
+kind does not decrypt. Key rotation re-wraps it with the other blobs; erasure and retention shred
+it (:mod:`core.retention`), after which the row says only which model ran, when and how
+(``outcome``, model, device, timings, Grad-CAM status, input statistics), and no diagnosis of the
+case can be read back; destroying its period's key does the same for copies in backups.
 
 ``outcome`` stays plain: it says whether the image could be judged (``diagnosis``) or not
 (``out_of_distribution``), nothing about the lesion, and callbacks, metrics and audit records carry
@@ -32,7 +33,7 @@ from sqlalchemy import and_, insert, select, update
 from sqlalchemy.orm import Session
 
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
-from core.models import SEALED_RESULT_FIELDS, BlobKind, CaseBlob, Result
+from core.models import SEALED_RESULT_FIELDS, BlobKind, Case, CaseBlob, Result
 
 KIND = BlobKind.RESULT.value
 MEDIA_TYPE = "application/json"
@@ -72,9 +73,10 @@ def findings(values: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def seal_findings(keyring: Keyring, case_id: uuid.UUID, found: Mapping[str, Any]) -> SealedBlob:
+def seal_findings(keyring: Keyring, case_id: uuid.UUID, found: Mapping[str, Any], kek_id: str) -> SealedBlob:
+    """The findings sealed, their data key wrapped under ``kek_id`` (the case's period key)."""
     document = json.dumps({"v": 1, **findings(found)}, sort_keys=True, separators=(",", ":"))
-    return encrypt_blob(keyring, document.encode(), case_id=case_id, kind=KIND)
+    return encrypt_blob(keyring, document.encode(), case_id=case_id, kind=KIND, kek_id=kek_id)
 
 
 def open_findings(keyring: Keyring, case_id: uuid.UUID, sealed: SealedBlob) -> dict[str, Any]:
@@ -83,15 +85,15 @@ def open_findings(keyring: Keyring, case_id: uuid.UUID, sealed: SealedBlob) -> d
 
 
 def new_results(
-    keyring: Keyring, results: Iterable[tuple[uuid.UUID, Mapping[str, Any]]]
+    keyring: Keyring, results: Iterable[tuple[uuid.UUID, Mapping[str, Any], str]]
 ) -> tuple[list[dict[str, Any]], list[tuple[uuid.UUID, BlobKind, SealedBlob, str]]]:
     """The rows (findings NULL) for :func:`insert_rows` and the sealed ``result`` blobs (for
-    :func:`core.cases.insert_blobs`) that store each (case id, result values)."""
+    :func:`core.cases.insert_blobs`) that store each (case id, result values, KEK id to wrap under)."""
     rows, blobs = [], []
-    for case_id, values in results:
+    for case_id, values, kek_id in results:
         plain = {k: v for k, v in values.items() if k not in SEALED_RESULT_FIELDS}
         rows.append({"case_id": case_id, **plain, **dict.fromkeys(SEALED_RESULT_FIELDS)})
-        blobs.append((case_id, BlobKind.RESULT, seal_findings(keyring, case_id, values), MEDIA_TYPE))
+        blobs.append((case_id, BlobKind.RESULT, seal_findings(keyring, case_id, values, kek_id), MEDIA_TYPE))
     return rows, blobs
 
 
@@ -164,21 +166,29 @@ def seal_plain_results(session: Session, keyring: Keyring, *, limit: int = BATCH
     """Seal up to ``limit`` results whose findings are still plain (rows older than migration 0009)
     and empty their columns; returns how many. Cheap once none are left (a partial index answers)."""
     from core.cases import insert_blobs
+    from core.period_shredding import wrapping_keys
 
-    legacy = session.scalars(
-        select(Result).where(Result.ood_reasons.is_not(None)).limit(limit).with_for_update(skip_locked=True)
+    legacy = session.execute(
+        select(Result, Case.created_at)
+        .join(Case, Case.id == Result.case_id)
+        .where(Result.ood_reasons.is_not(None))
+        .limit(limit)
+        .with_for_update(of=Result, skip_locked=True)
     ).all()
     if not legacy:
         return 0
+    wraps = wrapping_keys(session, keyring, [created_at for _, created_at in legacy])
     sealed = []
-    for row in legacy:
+    for row, created_at in legacy:
         plain = _plain(row)
         assert plain is not None  # the query takes plain rows only
-        sealed.append((row.case_id, BlobKind.RESULT, seal_findings(keyring, row.case_id, plain), MEDIA_TYPE))
+        sealed.append(
+            (row.case_id, BlobKind.RESULT, seal_findings(keyring, row.case_id, plain, wraps[created_at]), MEDIA_TYPE)
+        )
     insert_blobs(session, sealed)
     session.execute(
         update(Result)
-        .where(Result.case_id.in_([row.case_id for row in legacy]))
+        .where(Result.case_id.in_([row.case_id for row, _ in legacy]))
         .values(**dict.fromkeys(SEALED_RESULT_FIELDS))
         .execution_options(synchronize_session=False)
     )

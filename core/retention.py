@@ -7,7 +7,8 @@ older than their sealing) are emptied, and the confirmed outcome the clinic repo
 (the case-free tally of :mod:`core.outcomes` keeps its count). No diagnosis of the case can be read
 back afterwards. The case row (status ``purged``), the operational part of its result (model,
 timings, ``outcome``) and the audit trail remain. Without the data keys, a copy of the ciphertext
-left in a backup is unreadable once the backup's KEK is retired.
+left in a backup is unreadable once the key of the case's period is destroyed, which retention does
+when every case of the period is purged (:mod:`core.period_shredding`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class PurgeReport:
         return {"purged": len(self.purged)}
 
 
-def _purge(session: Session, case: Case, *, actor: audit.Actor, reason: str) -> None:
+def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str) -> None:
+    """Crypto-shred one case's patient data now and mark it purged (audited with ``reason``)."""
     blobs = cases.delete_blobs(session, case.id)  # the image, the heat map, the client reference, the findings
     case.plain_client_ref = None  # a reference stored before it was sealed (core.phi)
     results.shred_plain_findings(session, case.id)  # findings stored before they were sealed
@@ -71,7 +73,7 @@ def purge_expired(session: Session, settings: Settings, *, now: datetime | None 
     ).all()
     report = PurgeReport()
     for case in expired:
-        _purge(session, case, actor=audit.SYSTEM, reason="retention")
+        purge_case(session, case, actor=audit.SYSTEM, reason="retention")
         report.purged.append(str(case.id))
     return report
 
@@ -80,5 +82,5 @@ def erase_case(session: Session, *, principal: Principal, actor: audit.Actor, ca
     """The clinic's erasure request: shred the case's patient data now, whatever its state. Idempotent."""
     case = cases.owned_case(session, principal, case_id, "case.delete", for_update=True)
     if case.status != CaseStatus.PURGED:
-        _purge(session, case, actor=actor, reason="clinic_request")
+        purge_case(session, case, actor=actor, reason="clinic_request")
     return case

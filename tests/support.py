@@ -403,10 +403,16 @@ def diagnosis_row(
 
 
 def store_results(session: Any, keyring: Any, items: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
-    """Store results as the worker does: the rows plain, the findings sealed (core.results)."""
-    from core import cases, results
+    """Store results as the worker does: the rows plain, the findings sealed under each case's period
+    key (core.results, core.period_shredding)."""
+    from sqlalchemy import select
 
-    rows, sealed = results.new_results(keyring, items)
+    from core import cases, period_shredding, results
+    from core.models import Case
+
+    created = dict(session.execute(select(Case.id, Case.created_at).where(Case.id.in_([i for i, _ in items]))).all())
+    wraps = period_shredding.wrapping_keys(session, keyring, created.values())
+    rows, sealed = results.new_results(keyring, [(i, values, wraps[created[i]]) for i, values in items])
     results.insert_rows(session, rows)
     cases.insert_blobs(session, sealed)
 

@@ -34,7 +34,7 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import callbacks, phi, recovery, results, retention
+from core import callbacks, period_shredding, phi, recovery, results, retention
 from core.config import Settings
 from core.db import session_scope
 from core.logs import case_id_var
@@ -179,9 +179,12 @@ def sweep() -> dict[str, object]:
 
 @app.task(name=TASK_PURGE)
 def purge() -> dict[str, object]:
+    """Retention: crypto-shred expired cases, then destroy the keys of periods whose every case is
+    purged and past retention plus the grace (no backup can decrypt them afterwards)."""
     config = settings()
     with session_scope(config) as session:
-        return retention.purge_expired(session, config).to_dict()
+        report = retention.purge_expired(session, config).to_dict()
+    return {**report, "periods_destroyed": period_shredding.destroy_expired(config)}
 
 
 @app.task(name=TASK_DRIFT)
