@@ -10,7 +10,10 @@ ended is never destroyed: requests are still sealing under it.
 Sealing and destruction exclude each other through a Postgres advisory lock per period: every
 transaction that wraps a data key under a period's key holds it shared until it ends
 (:func:`wrapping_key`); destruction takes it exclusive, so it waits for those transactions, then
-sees their cases, and none can seal under the period while it checks and destroys.
+sees their cases, and none can seal under the period while it checks and destroys. While holding
+it, destruction takes no row lock (a sealer may hold row locks while it waits for the period): a
+forced destruction purges the live cases first, in a transaction of its own, then checks again
+under the lock.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from core import audit
@@ -37,6 +40,8 @@ log = logging.getLogger("dermq.keys")
 
 #: first key of the advisory locks on periods ("dqkp")
 LOCK_CLASS = 0x64716B70
+#: purge-then-check rounds of a forced destruction (cases sealed meanwhile need another purge)
+ROUNDS = 5
 
 
 def _lock_key(period: str) -> int:
@@ -167,42 +172,49 @@ def destroy_period(
         )
     if not keys.exists(period) and not keys.destroyed(period):
         raise InvalidInput(f"there is no key for period {period} in {keys.folder}", code="unknown_period")
-    with session_scope(settings) as session:
-        _hold(session, period, exclusive=True)  # waits for every transaction sealing under it
-        live = session.scalars(
-            select(Case)
-            .where(Case.created_at >= start, Case.created_at < end, Case.status != CaseStatus.PURGED.value)
-            .with_for_update()
-        ).all()
-        strays = session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.kek_id == kek_id(period)))
-        if (live or strays) and not force:
-            count = len(live)
-            session.rollback()
-            if audit_refusal:
-                _refused(settings, period, actor, "live_cases", {"live": count, "blobs": strays or 0})
-            raise Conflict(
-                f"{count} case(s) of period {period} are not purged yet; destroying its key would make them "
-                "unreadable. Wait for retention, erase them, or pass --force to purge them first",
-                code="period_has_live_cases",
+    blobs = kek_id(period)
+    live_in_period = and_(Case.created_at >= start, Case.created_at < end, Case.status != CaseStatus.PURGED.value)
+    # a case created outside the period with a blob under its key: none unless created_at was changed
+    sealed_under = Case.id.in_(select(CaseBlob.case_id).where(CaseBlob.kek_id == blobs))
+    purged = 0
+    for _ in range(ROUNDS):
+        if force:  # row locks are taken here, never while holding the period: no lock cycle with a sealer
+            with session_scope(settings) as session:
+                for case in session.scalars(select(Case).where(or_(live_in_period, sealed_under))):
+                    retention.purge_case(session, case, actor=actor, reason="period_key_destroyed")
+                    purged += 1
+        with session_scope(settings) as session:
+            _hold(session, period, exclusive=True)  # waits for every transaction sealing under it
+            live = session.scalar(select(func.count()).select_from(Case).where(live_in_period))
+            strays = session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.kek_id == blobs))
+            if (live or strays) and force:
+                continue  # sealed while the purge ran (the lock waited for it): purge again
+            if live or strays:
+                session.rollback()
+                if audit_refusal:
+                    _refused(settings, period, actor, "live_cases", {"live": live, "blobs": strays})
+                raise Conflict(
+                    f"{live} case(s) of period {period} are not purged yet; destroying its key would make them "
+                    "unreadable. Wait for retention, erase them, or pass --force to purge them first",
+                    code="period_has_live_cases",
+                )
+            detail = {"reason": reason, "purged": purged, "forced": force}
+            audit.record(
+                session,
+                action="keys.destroy_period",
+                outcome=audit.SUCCESS,
+                actor=actor,
+                entity_type="kek",
+                entity_id=blobs,
+                detail=detail,
             )
-        for case in live:
-            retention.purge_case(session, case, actor=actor, reason="period_key_destroyed")
-        if strays:
-            session.execute(delete(CaseBlob).where(CaseBlob.kek_id == kek_id(period)))
-        detail = {"reason": reason, "purged": len(live), "forced": force}
-        audit.record(
-            session,
-            action="keys.destroy_period",
-            outcome=audit.SUCCESS,
-            actor=actor,
-            entity_type="kek",
-            entity_id=kek_id(period),
-            detail=detail,
-        )
-        session.flush()
-        keys.destroy(period, reason=reason)  # still under the lock: nothing sealed under it meanwhile
-    log.info("destroyed a period key", extra={"event": "period_destroyed", "count": len(live)})
-    return {"period": period, **detail}
+            session.flush()
+            keys.destroy(period, reason=reason)  # still under the lock: nothing is sealed under it meanwhile
+        log.info("destroyed a period key", extra={"event": "period_destroyed", "count": purged})
+        return {"period": period, **detail}
+    raise Conflict(
+        f"cases of period {period} kept appearing while they were purged; try again", code="period_has_live_cases"
+    )
 
 
 def destroy_expired(settings: Settings, *, now: datetime | None = None) -> list[str]:

@@ -286,3 +286,42 @@ def test_an_unusable_period_key_folder_is_a_503_that_names_the_setting(settings:
     with pytest.raises(ServiceUnavailable, match="DERMQ_PERIOD_KEY_DIR") as refused:
         PeriodKeys(blocker / "period-keys", settings).ensure("2026-01")
     assert refused.value.status == 503 and refused.value.code == "period_keys_unavailable"
+
+
+def _someone_waits_for_a_row(settings: Settings) -> bool:
+    with session_scope(settings) as session:
+        return bool(
+            session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+            )
+        )
+
+
+def test_a_forced_destruction_and_a_worker_storing_a_result_of_that_period_never_deadlock(site: Site) -> None:
+    """The worker's order: the fenced UPDATE of the case row first, then the period's lock to seal the
+    result. A forced destruction waiting for that row meanwhile must not hold the period."""
+    when = NOW - timedelta(days=250)
+    case_id = case_created(site, when, b"being classified")
+    keyrotation.rewrap_all(site.settings)
+    period = site.period(when)
+    outcome: dict[str, Any] = {}
+
+    def destroy() -> None:
+        try:
+            outcome["done"] = period_shredding.destroy_period(site.settings, period, force=True)
+        except Exception as exc:  # a deadlock would surface here
+            outcome["error"] = type(exc).__name__
+
+    with session_scope(site.settings) as session:  # the worker storing the case's result
+        session.execute(update(Case).where(Case.id == case_id).values(status=CaseStatus.SUCCEEDED.value))
+        destroyer = threading.Thread(target=destroy)
+        destroyer.start()
+        support.wait_for(lambda: _someone_waits_for_a_row(site.settings), timeout=30, what="the purge to wait")
+        period_shredding.wrapping_key(session, load_keyring(site.settings), when)  # not blocked by the destroyer
+    destroyer.join(timeout=60)
+    assert outcome.get("done", {}).get("purged") == 1, outcome
+    with session_scope(site.settings) as session:
+        assert session.get(Case, case_id).status == CaseStatus.PURGED.value  # type: ignore[union-attr]
