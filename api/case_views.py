@@ -13,7 +13,8 @@ from api.schemas import (
     OutOfDistributionOut,
     label_name,
 )
-from core.models import Case, CaseStatus, Outcome, Result
+from core.models import Case, CaseStatus, Outcome
+from core.results import ResultView
 from ml.labels import CLASSES
 
 
@@ -42,7 +43,7 @@ def out_of_distribution_message(reasons: list[str]) -> str:
     )
 
 
-def result_out(result: Result) -> DiagnosisOut | OutOfDistributionOut:
+def result_out(result: ResultView) -> DiagnosisOut | OutOfDistributionOut:
     """A stored result as the API shows it: a diagnosis, or out of distribution without the model's raw answer."""
     model = ModelRef(id=result.model_id, weights_sha256=result.weights_sha256)
     if result.outcome == Outcome.OUT_OF_DISTRIBUTION:
@@ -56,7 +57,7 @@ def result_out(result: Result) -> DiagnosisOut | OutOfDistributionOut:
             timings=result.timings,
             created_at=result.created_at,
         )
-    # the table's CHECK constraint: a diagnosis has all of these
+    # a diagnosis has all of these (the worker stores them together; the plain rows' CHECK constraint too)
     assert result.label is not None and result.probabilities is not None
     assert result.confidence is not None and result.uncertainty is not None and result.referral is not None
     return DiagnosisOut(
@@ -76,7 +77,7 @@ def result_out(result: Result) -> DiagnosisOut | OutOfDistributionOut:
     )
 
 
-def case_out(case: Case, result: Result | None, client_ref: str | None) -> CaseOut:
+def case_out(case: Case, result: ResultView | None, client_ref: str | None) -> CaseOut:
     purged = case.status == CaseStatus.PURGED
     return CaseOut(
         id=case.id,

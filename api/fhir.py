@@ -102,7 +102,8 @@ def report_status(case_status: str) -> str:
 
 
 def case_bundle(case: Any, result: Any, *, now: datetime) -> dict[str, Any]:
-    """The FHIR R4 Bundle (type ``collection``) of a case (``core.models.Case``) and its ``Result``."""
+    """The FHIR R4 Bundle (type ``collection``) of a case (``core.models.Case``) and its result
+    (``core.results.ResultView``: the findings opened)."""
     device_id = _id(case.id, f"device:{result.model_id}:{result.weights_sha256}")
     device = {
         "resourceType": "Device",

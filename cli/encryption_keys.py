@@ -1,4 +1,5 @@
-"""``dermq keys``: the key file's key-encryption keys (create, rotate, re-wrap, status, retire).
+"""``dermq keys``: the key file's key-encryption keys (create, rotate, re-wrap, status, retire) and the
+period keys (list, destroy).
 
 core.keyrotation is imported by the commands that use it, so ``dermq --help`` does not load it."""
 
@@ -68,18 +69,32 @@ def rewrap(batch: int) -> int:
 @json_option()
 def status(as_json: bool) -> int:
     from core import keyrotation
+    from core.period_keys import period_of_kek
 
     settings = get_settings()
     keyring = load_keyring(settings)
     with session_scope(settings) as session:
         counts = keyrotation.usage(session)
+    wrapped = keyrotation.period_usage(keyring)
+    periods = keyring.periods
+
+    def present(kek: str) -> bool:
+        period = period_of_kek(kek)
+        return kek in keyring.keks or (period is not None and periods is not None and periods.exists(period))
+
     rows = [
-        {"kek_id": k, "active": k == keyring.active_id, "in_key_file": True, "blobs": counts.get(k, 0)}
+        {
+            "kek_id": k,
+            "active": k == keyring.active_id,
+            "in_key_file": True,
+            "blobs": counts.get(k, 0),
+            "period_keys": wrapped.get(k, 0),
+        }
         for k in keyring.keks
     ]
     rows += [
-        {"kek_id": k, "active": False, "in_key_file": False, "blobs": n}
-        for k, n in counts.items()
+        {"kek_id": k, "active": False, "in_key_file": present(k), "blobs": n, "period_keys": 0}
+        for k, n in sorted(counts.items())
         if k not in keyring.keks
     ]
     if as_json:
@@ -87,7 +102,8 @@ def status(as_json: bool) -> int:
     else:
         for row in rows:
             flags = "active " if row["active"] else ("MISSING" if not row["in_key_file"] else "       ")
-            click.echo(f"{row['kek_id']}  {flags}  {row['blobs']} blobs")
+            extra = f", {row['period_keys']} period keys" if row["period_keys"] else ""
+            click.echo(f"{row['kek_id']}  {flags}  {row['blobs']} blobs{extra}")
     return 0 if all(r["in_key_file"] for r in rows) else 1
 
 
@@ -98,4 +114,39 @@ def retire(kek_id: str) -> int:
 
     keyrotation.retire(get_settings(), kek_id, actor=CLI_ACTOR)
     click.echo(f"removed {kek_id} from the key file")
+    return 0
+
+
+@keys.command("periods", help="period keys: cases, live cases and blobs of each, when retention destroys it")
+@json_option()
+def periods(as_json: bool) -> int:
+    from core import period_shredding
+
+    settings = get_settings()
+    with session_scope(settings) as session:
+        rows = [p.as_dict() for p in period_shredding.periods(session, settings)]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return 0
+    if not rows:
+        click.echo("no period keys yet (the first case creates its period's key)")
+        return 0
+    click.echo(f"{'period':<10} {'state':<9} {'cases':>6} {'live':>6} {'blobs':>7}  destroyed / destroy after")
+    for row in rows:
+        when = row["destroyed_at"] or row["destroy_after"]
+        click.echo(
+            f"{row['period']:<10} {row['state']:<9} {row['cases']:>6} {row['live']:>6} {row['blobs']:>7}  {when}"
+        )
+    return 0
+
+
+@keys.command("destroy-period", help="destroy a period's key: its blobs, in the database or a backup, are lost")
+@click.argument("period")
+@click.option("--force", is_flag=True, help="purge the period's cases that are not purged yet, then destroy")
+def destroy_period(period: str, force: bool) -> int:
+    from core import period_shredding
+
+    done = period_shredding.destroy_period(get_settings(), period, force=force, actor=CLI_ACTOR)
+    purged = f"; purged {done['purged']} live cases first" if done["purged"] else ""
+    click.echo(f"destroyed the key of period {period}{purged}: no copy of its cases can be decrypted any more")
     return 0

@@ -12,18 +12,19 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, results
 from core.cases import require_clinic
+from core.crypto import Keyring
 from core.errors import BadRequest
 from core.keys import Principal
-from core.models import Case, CaseStatus, Outcome, Priority, Result
+from core.models import Case, CaseStatus, Outcome, Priority
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
     cases: list[Case]
     next_cursor: str | None
-    #: each succeeded case's (outcome, label, referral): a worklist needs no read per case
+    #: each succeeded case's (outcome, label, referral), opened in one query: a worklist needs no read per case
     results: dict[uuid.UUID, tuple[str, str | None, bool | None]] = field(default_factory=dict)
 
     @property
@@ -48,6 +49,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 def list_cases(
     session: Session,
     *,
+    keyring: Keyring,
     principal: Principal,
     actor: audit.Actor,
     status: CaseStatus | None = None,
@@ -74,18 +76,8 @@ def list_cases(
         query = query.where(or_(Case.created_at < created, and_(Case.created_at == created, Case.id < case_id)))
     rows = list(session.scalars(query.order_by(Case.created_at.desc(), Case.id.desc()).limit(limit + 1)))
     page, more = rows[:limit], len(rows) > limit
-    results = (
-        {
-            case_id: (outcome, label, referral)
-            for case_id, outcome, label, referral in session.execute(
-                select(Result.case_id, Result.outcome, Result.label, Result.referral).where(
-                    Result.case_id.in_([c.id for c in page])
-                )
-            )
-        }
-        if page
-        else {}
-    )
+    opened = results.read_results(session, keyring, [c.id for c in page if c.status == CaseStatus.SUCCEEDED])
+    shown = {case_id: (r.outcome, r.label, r.referral) for case_id, r in opened.items()}
     audit.record(
         session,
         action="case.list",
@@ -96,4 +88,4 @@ def list_cases(
         # the ids shown (with their client references): "who saw case X" finds list views too
         detail={"count": len(page), "status": status.value if status else None, "ids": [str(c.id) for c in page]},
     )
-    return Page(page, _encode_cursor(page[-1]) if more and page else None, results)
+    return Page(page, _encode_cursor(page[-1]) if more and page else None, shown)

@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 from sqlalchemy.sql.elements import ColumnElement
 
-from core import announcements, audit, cases, pgbinary
+from core import announcements, audit, cases, period_shredding, pgbinary, results
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import NotFound
-from core.models import BlobKind, Case, CaseStatus, Outcome, Priority, Result
+from core.models import BlobKind, Case, CaseStatus, Outcome, Priority
 
 #: The order in which queued cases are served: urgent first, then oldest.
 QUEUE_ORDER = (sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
@@ -171,7 +171,8 @@ def _finish(session: Session, case_id: uuid.UUID, attempt: int, values: dict[str
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A worker's outcome for one case it claimed: the result row's values and the heat map PNG."""
+    """A worker's outcome for one case it claimed: the result's values (stored by :mod:`core.results`:
+    the findings sealed) and the heat map PNG."""
 
     case_id: uuid.UUID
     attempt: int
@@ -211,19 +212,31 @@ def complete_cases(
             finished_at=finished_at,
             updated_at=finished_at,
         )
-        .returning(Case.id, Case.clinic_id)
+        .returning(Case.id, Case.clinic_id, Case.created_at)
         .execution_options(synchronize_session=False)
     ).all()
-    clinics = {case_id: clinic_id for case_id, clinic_id in rows}
+    clinics = {case_id: clinic_id for case_id, clinic_id, _ in rows}
     stored = [c for c in completions if c.case_id in clinics]
-    session.add_all([Result(case_id=c.case_id, **c.result) for c in stored])
+    created = {case_id: created_at for case_id, _, created_at in rows}
+    wraps = period_shredding.wrapping_keys(session, keyring, created.values())  # each case's period key
+    result_rows, sealed_findings = results.new_results(
+        keyring, [(c.case_id, c.result, wraps[created[c.case_id]]) for c in stored]
+    )
+    results.insert_rows(session, result_rows)  # the findings about the patient are in sealed_findings only
     cases.insert_blobs(
         session,
-        [
+        sealed_findings
+        + [
             (
                 c.case_id,
                 BlobKind.HEATMAP,
-                encrypt_blob(keyring, c.heatmap_png, case_id=c.case_id, kind=BlobKind.HEATMAP.value),
+                encrypt_blob(
+                    keyring,
+                    c.heatmap_png,
+                    case_id=c.case_id,
+                    kind=BlobKind.HEATMAP.value,
+                    kek_id=wraps[created[c.case_id]],
+                ),
                 "image/png",
             )
             for c in stored

@@ -23,7 +23,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import audit, pgbinary, phi
+from core import audit, period_shredding, pgbinary, phi, results
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, a_or_an
 from core.keys import Principal
@@ -127,7 +127,9 @@ def create_case(
         created_at=now(),
         updated_at=now(),
     )
-    sealed = encrypt_blob(keyring, image.data, case_id=case_id, kind=BlobKind.IMAGE.value)
+    # the key of the case's period, held against destruction until this transaction ends
+    wrap = period_shredding.wrapping_key(session, keyring, case.created_at)
+    sealed = encrypt_blob(keyring, image.data, case_id=case_id, kind=BlobKind.IMAGE.value, kek_id=wrap)
     try:
         with session.begin_nested():
             session.add(case)
@@ -140,7 +142,9 @@ def create_case(
         return _replay(session, existing, _Resubmission(image, client_ref, priority), keyring, actor), False
     blobs = [(case_id, BlobKind.IMAGE, sealed, image.media_type)]
     if client_ref is not None:  # sealed like the image, never a plain column (core.phi)
-        blobs.append((case_id, BlobKind.CLIENT_REF, phi.seal_client_ref(keyring, case_id, client_ref), phi.MEDIA_TYPE))
+        blobs.append(
+            (case_id, BlobKind.CLIENT_REF, phi.seal_client_ref(keyring, case_id, client_ref, wrap), phi.MEDIA_TYPE)
+        )
     insert_blobs(session, blobs)
     audit.record(
         session,
@@ -236,10 +240,11 @@ def insert_blobs(session: Session, blobs: Sequence[tuple[uuid.UUID, BlobKind, Se
 
 
 def get_case(
-    session: Session, *, principal: Principal, actor: audit.Actor, case_id: uuid.UUID
-) -> tuple[Case, Result | None]:
+    session: Session, *, keyring: Keyring, principal: Principal, actor: audit.Actor, case_id: uuid.UUID
+) -> tuple[Case, results.ResultView | None]:
+    """The case and its result (findings opened; None before it succeeded and once they are erased)."""
     case = owned_case(session, principal, case_id, "case.read")
-    result = session.get(Result, case_id) if case.status in (CaseStatus.SUCCEEDED, CaseStatus.PURGED) else None
+    result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
     audit.record(
         session,
         action="case.read",

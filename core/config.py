@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     key_file: Path | None = ROOT / "var" / "keys.json"
     #: The same JSON inline (for containers that mount secrets as env vars); wins over key_file.
     keys_json: SecretStr | None = None
+    #: Per-period key-encryption keys (core/period_keys.py): a writable folder, outside the database
+    #: and never in a backup (None: period-keys/ beside key_file; with keys_json and no key_file,
+    #: no period keys: case blobs are wrapped under the key file's KEK, as before them)
+    period_key_dir: Path | None = None
+    #: the period a case's data keys are wrapped for: its UTC calendar month, ISO week or day
+    key_period: Literal["month", "week", "day"] = "month"
+    #: days a period's key outlives the retention of its last case (then retention destroys it)
+    period_key_grace_days: int = Field(7, ge=0)
 
     # --- audit log (core/audit_log.py, core/checkpoint.py) -------------------------------------
     #: the log's name in its signed checkpoints (c2sp.org/tlog-checkpoint origin line)
@@ -236,6 +244,15 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.redis_url
+
+    @property
+    def period_key_folder(self) -> Path | None:
+        """Where period keys live: ``period_key_dir``, else ``period-keys`` beside the key file."""
+        if self.period_key_dir is not None:
+            return self.period_key_dir
+        if self.keys_json is None and self.key_file is not None:
+            return self.key_file.parent / "period-keys"
+        return None
 
 
 @lru_cache(maxsize=1)

@@ -3,8 +3,11 @@
 Every blob gets a fresh 256-bit data key. The payload is sealed with it under associated data that
 names the case and the kind of blob, so ciphertext copied to another row does not decrypt. The data
 key is itself sealed ("wrapped") by a key-encryption key (KEK) named by id, under associated data
-that again binds case and kind. Rotation re-wraps data keys under a new KEK without touching the
-payloads (:func:`rewrap`). Plaintext exists only in memory.
+that again binds case and kind. A case's blobs are wrapped under the key of the period the case was
+created in (ids ``period-...``, :mod:`core.period_keys`), which retention destroys; other secrets
+(clinics' callback secrets) and the period keys themselves under the key file's active KEK.
+Rotation re-wraps data keys under a new KEK without touching the payloads (:func:`rewrap`).
+Plaintext exists only in memory.
 
 The key file is JSON, mode 0600, never in git::
 
@@ -24,13 +27,16 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.config import Settings
 from core.errors import DecryptionError, KeyringError
+
+if TYPE_CHECKING:
+    from core.period_keys import PeriodKeys
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -53,6 +59,8 @@ class Keyring:
     active_id: str
     keks: dict[str, bytes] = field(repr=False)
     api_key_pepper: bytes = field(repr=False)
+    #: the period-key folder (None: no period keys; case blobs are wrapped under ``active_id``)
+    periods: PeriodKeys | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.active_id not in self.keks:
@@ -64,6 +72,8 @@ class Keyring:
             raise KeyringError("api_key_pepper must be at least 16 bytes")
 
     def kek(self, kek_id: str) -> bytes:
+        if self.periods is not None and self.periods.owns(kek_id):
+            return self.periods.key(self, kek_id)
         try:
             return self.keks[kek_id]
         except KeyError:
@@ -125,7 +135,7 @@ def load_keyring(settings: Settings) -> Keyring:
     """The keyring from ``DERMQ_KEYS_JSON`` or ``DERMQ_KEY_FILE``; refuses to invent one."""
     if settings.keys_json is not None:
         try:
-            return Keyring.from_json(json.loads(settings.keys_json.get_secret_value()))
+            return with_periods(Keyring.from_json(json.loads(settings.keys_json.get_secret_value())), settings)
         except json.JSONDecodeError:
             raise KeyringError("DERMQ_KEYS_JSON is not valid JSON") from None
     path = settings.key_file
@@ -136,9 +146,20 @@ def load_keyring(settings: Settings) -> Keyring:
         )
     check_private_file(path, "key file")
     try:
-        return Keyring.from_json(json.loads(path.read_text()))
+        keyring = Keyring.from_json(json.loads(path.read_text()))
     except json.JSONDecodeError:
         raise KeyringError(f"key file {path} is not valid JSON") from None
+    return with_periods(keyring, settings)
+
+
+def with_periods(keyring: Keyring, settings: Settings) -> Keyring:
+    """``keyring`` with the period-key folder the settings name (if any)."""
+    from core.period_keys import PeriodKeys
+
+    folder = settings.period_key_folder
+    if folder is None:
+        return keyring
+    return Keyring(keyring.active_id, keyring.keks, keyring.api_key_pepper, PeriodKeys(folder, settings))
 
 
 class KeyringSource:
@@ -225,12 +246,17 @@ def _unwrap(keyring: Keyring, kek_id: str, wrapped: bytes, case_id: uuid.UUID, k
         raise DecryptionError("data key does not unwrap for this case and kind (tampered or moved)") from None
 
 
-def encrypt_blob(keyring: Keyring, plaintext: bytes, *, case_id: uuid.UUID, kind: str) -> SealedBlob:
+def encrypt_blob(
+    keyring: Keyring, plaintext: bytes, *, case_id: uuid.UUID, kind: str, kek_id: str | None = None
+) -> SealedBlob:
+    """Seal ``plaintext`` under a fresh data key wrapped by ``kek_id`` (default: the active KEK; a case's
+    blobs pass their period's, :func:`core.period_shredding.wrapping_key`)."""
+    wrapping = kek_id or keyring.active_id
     data_key = AESGCM.generate_key(bit_length=256)
     nonce = secrets.token_bytes(NONCE_BYTES)
     ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, _payload_aad(case_id, kind))
-    wrapped = _wrap(keyring, keyring.active_id, data_key, case_id, kind)
-    return SealedBlob(ciphertext, nonce, wrapped, keyring.active_id)
+    wrapped = _wrap(keyring, wrapping, data_key, case_id, kind)
+    return SealedBlob(ciphertext, nonce, wrapped, wrapping)
 
 
 def decrypt_blob(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str) -> bytes:
@@ -247,8 +273,10 @@ def rewrap(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str)
     return SealedBlob(blob.ciphertext, blob.nonce, wrapped, keyring.active_id)
 
 
-def rewrap_key(keyring: Keyring, wrapped_key: bytes, kek_id: str, *, case_id: uuid.UUID, kind: str) -> bytes:
-    """A data key wrapped under ``kek_id``, wrapped again under the keyring's active KEK. The payload is
-    not needed (nor read): key rotation touches only the small wrapped keys."""
+def rewrap_key(
+    keyring: Keyring, wrapped_key: bytes, kek_id: str, *, case_id: uuid.UUID, kind: str, to: str | None = None
+) -> bytes:
+    """A data key wrapped under ``kek_id``, wrapped again under ``to`` (default: the keyring's active
+    KEK). The payload is not needed (nor read): key rotation touches only the small wrapped keys."""
     data_key = _unwrap(keyring, kek_id, wrapped_key, case_id, kind)
-    return _wrap(keyring, keyring.active_id, data_key, case_id, kind)
+    return _wrap(keyring, to or keyring.active_id, data_key, case_id, kind)

@@ -1,32 +1,42 @@
-"""Key-encryption-key rotation: add a key, make it active, re-wrap every data key under it.
+"""Key-encryption-key rotation: add a key, make it active, re-wrap what it protects under it.
 
     dermq keys rotate        # new active KEK in the key file, then re-wrap everything (in batches)
-    dermq keys rewrap        # resume after a crash: re-wrap whatever is not yet under the active KEK
-    dermq keys status        # how many blobs each KEK still protects
-    dermq keys retire ID     # drop an old KEK from the file, refused while any blob still needs it
+    dermq keys rewrap        # resume after a crash, and move blobs stored before period keys to theirs
+    dermq keys status        # how many blobs and period keys each KEK still protects
+    dermq keys retire ID     # drop an old KEK from the file, refused while anything still needs it
+
+How rotation and period keys combine (:mod:`core.period_keys`): a case's data keys are wrapped under
+its period's key, and each period key is wrapped under the key file's active KEK. Rotating the key
+file's KEK re-wraps the period keys (a few small files) and the clinics' callback secrets, not the
+case blobs: those stay under their period key until retention destroys it. Blobs stored before
+period keys (wrapped directly under a key-file KEK) are moved under their case's period key by
+``rewrap``, which is the migration path; without a period-key folder, blobs are wrapped under the
+active KEK as before.
 
 Only the wrapped data keys change: payloads are never decrypted or rewritten. Each batch commits on
 its own, so a crash loses at most one uncommitted batch and ``rewrap`` picks up where it stopped.
 Blobs stay readable throughout (old and new KEKs are both in the file), and running API and worker
-processes re-read the key file when it changes, so new blobs go under the new key at once.
+processes re-read the key file when it changes, so new period keys go under the new KEK at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, not_, select
 from sqlalchemy.orm import Session, load_only
 
-from core import audit
+from core import audit, period_shredding
 from core.callbacks import SECRET_KIND
 from core.config import Settings
 from core.crypto import Keyring, load_keyring, rewrap_key, write_key_file
 from core.db import session_scope
 from core.errors import KeyringError
-from core.models import CaseBlob, ClinicCallback
+from core.models import Case, CaseBlob, ClinicCallback
+from core.period_keys import PREFIX
 
 log = logging.getLogger("dermq.keys")
 BATCH = 500
@@ -48,11 +58,40 @@ def _key_file(settings: Settings) -> None:
 
 
 def usage(session: Session) -> dict[str, int]:
+    """Rows (case blobs, clinics' sealed callback secrets) per KEK id, period keys' ids included."""
     counts: dict[str, int] = {}
-    for column in (CaseBlob.kek_id, ClinicCallback.kek_id):  # case blobs, and clinics' sealed callback secrets
+    for column in (CaseBlob.kek_id, ClinicCallback.kek_id):
         for kek_id, count in session.execute(select(column, func.count()).group_by(column)).all():
             counts[kek_id] = counts.get(kek_id, 0) + count
     return counts
+
+
+def period_usage(keyring: Keyring) -> dict[str, int]:
+    """Period keys per key-file KEK that wraps them."""
+    counts: dict[str, int] = {}
+    for entry in keyring.periods.list() if keyring.periods is not None else []:
+        if entry.wrapped_by is not None:
+            counts[entry.wrapped_by] = counts.get(entry.wrapped_by, 0) + 1
+    return counts
+
+
+def _misplaced(keyring: Keyring) -> ColumnElement[bool]:
+    """Case blobs not wrapped where they belong: under a period key (or, without them, the active KEK)."""
+    if keyring.periods is None:
+        return CaseBlob.kek_id != keyring.active_id
+    return not_(CaseBlob.kek_id.startswith(PREFIX, autoescape=True))
+
+
+def _remaining(session: Session, keyring: Keyring) -> int:
+    blobs = session.scalar(select(func.count()).select_from(CaseBlob).where(_misplaced(keyring))) or 0
+    secrets = (
+        session.scalar(
+            select(func.count()).select_from(ClinicCallback).where(ClinicCallback.kek_id != keyring.active_id)
+        )
+        or 0
+    )
+    periods = sum(n for kek, n in period_usage(keyring).items() if kek != keyring.active_id)
+    return blobs + secrets + periods
 
 
 #: Told, after each committed batch, how many data keys have been re-wrapped so far and how many there were.
@@ -67,22 +106,28 @@ def rewrap_all(
     max_batches: int | None = None,
     progress: Progress | None = None,
 ) -> RewrapReport:
-    """Re-wrap every data key not under the active KEK, one committed batch at a time."""
+    """Re-wrap the period keys and the callback secrets under the active KEK, and every case blob not
+    under its case's period key under it, one committed batch at a time."""
     keyring = load_keyring(settings)
     total, batches = 0, 0
+    if keyring.periods is not None:
+        total += keyring.periods.rewrap(keyring)  # a few small files, under the folder's lock
     if progress is not None:
         with session_scope(settings) as session:
-            to_do = sum(n for kek, n in usage(session).items() if kek != keyring.active_id)
+            to_do = _remaining(session, keyring) + total
     while max_batches is None or batches < max_batches:
         with session_scope(settings) as session:
-            blobs = session.scalars(
-                select(CaseBlob)
+            found = session.execute(
+                select(CaseBlob, Case.created_at)
+                .join(Case, Case.id == CaseBlob.case_id)
                 .options(load_only(CaseBlob.case_id, CaseBlob.kind, CaseBlob.wrapped_key, CaseBlob.kek_id))
-                .where(CaseBlob.kek_id != keyring.active_id)
+                .where(_misplaced(keyring))
                 .order_by(CaseBlob.id)
                 .limit(batch)
-                .with_for_update(skip_locked=True)
+                .with_for_update(of=CaseBlob, skip_locked=True)
             ).all()
+            blobs = [blob for blob, _ in found]
+            targets = period_shredding.wrapping_keys(session, keyring, [created for _, created in found])
             callback_secrets = (
                 []
                 if blobs
@@ -96,11 +141,12 @@ def rewrap_all(
             )
             if not blobs and not callback_secrets:
                 break
-            for blob in blobs:  # the ciphertext (up to megabytes each) is neither read nor rewritten
+            for blob, created in found:  # the ciphertext (up to megabytes each) is neither read nor rewritten
+                target = targets[created]
                 blob.wrapped_key = rewrap_key(
-                    keyring, blob.wrapped_key, blob.kek_id, case_id=blob.case_id, kind=blob.kind
+                    keyring, blob.wrapped_key, blob.kek_id, case_id=blob.case_id, kind=blob.kind, to=target
                 )
-                blob.kek_id = keyring.active_id
+                blob.kek_id = target
             for row in callback_secrets:
                 row.secret_wrapped_key = rewrap_key(
                     keyring, row.secret_wrapped_key, row.kek_id, case_id=row.clinic_id, kind=SECRET_KIND
@@ -122,7 +168,7 @@ def rewrap_all(
         if progress is not None:
             progress(total, max(to_do, total))
     with session_scope(settings) as session:
-        remaining = sum(n for kek, n in usage(session).items() if kek != keyring.active_id)
+        remaining = _remaining(session, keyring)
     return RewrapReport(keyring.active_id, total, remaining)
 
 
@@ -154,7 +200,8 @@ def rotate(
 
 
 def retire(settings: Settings, kek_id: str, *, actor: audit.Actor = audit.SYSTEM) -> Keyring:
-    """Remove ``kek_id`` from the key file once no blob needs it."""
+    """Remove ``kek_id`` from the key file once no blob, callback secret or period key needs it. Under the
+    period-key folder's lock: a process creating a period key meanwhile waits, then reads the new file."""
     _key_file(settings)
     assert settings.key_file is not None
     keyring = load_keyring(settings)
@@ -162,10 +209,13 @@ def retire(settings: Settings, kek_id: str, *, actor: audit.Actor = audit.SYSTEM
         raise KeyringError(f"{kek_id} is the active key; rotate first")
     if kek_id not in keyring.keks:
         raise KeyringError(f"{kek_id} is not in the key file")
-    with session_scope(settings) as session:
-        still = usage(session).get(kek_id, 0)
+    held = keyring.periods.locked() if keyring.periods is not None else contextlib.nullcontext()
+    with held, session_scope(settings) as session:
+        still = usage(session).get(kek_id, 0) + period_usage(keyring).get(kek_id, 0)
         if still:
-            raise KeyringError(f"{still} blobs are still wrapped under {kek_id}; run `dermq keys rewrap` first")
+            raise KeyringError(
+                f"{still} blobs or period keys are still wrapped under {kek_id}; run `dermq keys rewrap` first"
+            )
         remaining = {k: v for k, v in keyring.keks.items() if k != kek_id}
         trimmed = Keyring(keyring.active_id, remaining, keyring.api_key_pepper)
         write_key_file(settings.key_file, trimmed, overwrite=True)

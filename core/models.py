@@ -74,6 +74,8 @@ class BlobKind(enum.StrEnum):
     HEATMAP = "heatmap"
     #: the clinic's reference for the case (often a medical record number), envelope-encrypted
     CLIENT_REF = "client_ref"
+    #: the findings of the case's result (label, probabilities, referral...), one sealed JSON document
+    RESULT = "result"
 
 
 class Outcome(enum.StrEnum):
@@ -186,44 +188,63 @@ class CaseBlob(Base):
         return SealedBlob(self.ciphertext, self.nonce, self.wrapped_key, self.kek_id)
 
 
-#: a diagnosis has every diagnostic field and no out-of-distribution reasons; an out-of-distribution
-#: result has reasons and none of the diagnostic fields (the model's raw answer is not kept as a label)
+#: The findings of a result that are about the patient: sealed into the case's ``result`` blob
+#: (:mod:`core.results`), never stored in plain columns by this release.
+SEALED_RESULT_FIELDS = (
+    "label",
+    "probabilities",
+    "confidence",
+    "uncertainty",
+    "referral",
+    "referral_reasons",
+    "ood_reasons",
+    "gradcam_class",
+)
+
+#: A result row is either sealed (every finding NULL: they are in the ``result`` blob, or were shredded
+#: with it) or, for rows stored before migration 0009 until the sweeper seals them, plain: then a
+#: diagnosis has every diagnostic field and no out-of-distribution reasons, and an out-of-distribution
+#: result has reasons and none of the diagnostic fields (the model's raw answer is not kept as a label).
 RESULT_OUTCOME_FIELDS = (
+    "(ood_reasons IS NOT NULL AND referral_reasons IS NOT NULL AND ("
     "(outcome = 'diagnosis' AND label IS NOT NULL AND probabilities IS NOT NULL AND confidence IS NOT NULL"
     " AND uncertainty IS NOT NULL AND referral IS NOT NULL AND ood_reasons = '[]'::jsonb)"
     " OR (outcome = 'out_of_distribution' AND label IS NULL AND probabilities IS NULL AND confidence IS NULL"
     " AND uncertainty IS NULL AND referral IS NULL AND referral_reasons = '[]'::jsonb AND gradcam_class IS NULL"
-    " AND jsonb_typeof(ood_reasons) = 'array' AND ood_reasons <> '[]'::jsonb)"
+    " AND jsonb_typeof(ood_reasons) = 'array' AND ood_reasons <> '[]'::jsonb)))"
+    " OR (" + " AND ".join(f"{name} IS NULL" for name in SEALED_RESULT_FIELDS) + ")"
 )
 
 
 class Result(Base):
     """The one result of a case; the primary key makes a second one impossible.
 
-    ``outcome`` says what it is. A ``diagnosis`` carries the label, calibrated probabilities,
-    confidence, uncertainty and referral; an ``out_of_distribution`` result (the image is not a
-    dermoscopy image the model can judge) carries ``ood_reasons`` instead, and those columns are NULL:
-    a CHECK constraint ties them to the outcome.
+    ``outcome`` says what it is: a ``diagnosis`` or ``out_of_distribution`` (the image is not one the
+    model can judge). The findings about the patient (:data:`SEALED_RESULT_FIELDS`) are sealed in the
+    case's ``result`` blob (:mod:`core.results`); their columns are NULL except in rows stored before
+    migration 0009, until the sweeper seals them. The rest is operational and stays plain.
     """
 
     __tablename__ = "results"
     __table_args__ = (
         Index("ix_results_created_at", "created_at"),
+        Index("ix_results_plain", "case_id", postgresql_where=text("ood_reasons IS NOT NULL")),
         CheckConstraint(f"outcome IN ({_values(Outcome)})", name="outcome"),
         CheckConstraint(RESULT_OUTCOME_FIELDS, name="outcome_fields"),
     )
 
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
     outcome: Mapped[str] = mapped_column(Text, server_default=Outcome.DIAGNOSIS.value)
-    #: why the image was judged out of distribution (``blank``, ``noise``, ``colour``, ``energy``,
-    #: ``feature_distance``); empty for a diagnosis
-    ood_reasons: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    #: plain findings of rows stored before migration 0009 only (see the class docstring)
+    ood_reasons: Mapped[list[str] | None] = mapped_column(JSONB(none_as_null=True), server_default=text("'[]'::jsonb"))
     label: Mapped[str | None] = mapped_column(String(16))
     probabilities: Mapped[dict[str, float] | None] = mapped_column(JSONB(none_as_null=True))
     confidence: Mapped[float | None] = mapped_column(Float)
     uncertainty: Mapped[float | None] = mapped_column(Float)
     referral: Mapped[bool | None] = mapped_column(Boolean)
-    referral_reasons: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    referral_reasons: Mapped[list[str] | None] = mapped_column(
+        JSONB(none_as_null=True), server_default=text("'[]'::jsonb")
+    )
     gradcam_status: Mapped[str] = mapped_column(String(16))
     gradcam_class: Mapped[str | None] = mapped_column(String(16))
     model_id: Mapped[str] = mapped_column(String(128))
@@ -355,3 +376,18 @@ class ConfirmedOutcome(Base):
     reported_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class OutcomeTally(Base):
+    """Field performance as a case-free aggregate: how many confirmed cases of a model had each
+    (model's answer, referral, confirmed diagnosis). Kept when a case is erased or purged, which
+    removes its confirmed outcome and shreds its result (see :mod:`core.outcomes`)."""
+
+    __tablename__ = "outcome_tallies"
+
+    model_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    #: the model's label, or ``out_of_distribution``
+    predicted: Mapped[str] = mapped_column(String(24), primary_key=True)
+    referral: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    truth: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, server_default=text("0"))

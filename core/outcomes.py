@@ -5,11 +5,17 @@ confocal microscopy); a second report replaces the first (a correction) and both
 ``case.outcome``. The audit detail carries the method and the revision, never the diagnosis:
 auditors do not see clinical results.
 
-:func:`field_performance` compares confirmed diagnoses with the model's labels, per model: each
-class's sensitivity and positive predictive value, and the referral sensitivity (confirmed
-malignant or pre-malignant cases the model referred), each with a Wilson 95% interval.
-Out-of-distribution results made no diagnosis; they are counted, not scored. :func:`melanoma_alerts`
-says when melanoma sensitivity has fallen below the model card's floor by more than noise explains.
+Each report also counts the case in ``outcome_tallies`` (:class:`core.models.OutcomeTally`): per
+model, how many confirmed cases had each (model's answer, referral, confirmed diagnosis), with no
+case, clinic or time. The model's answer is read from the sealed result once, when the clinic
+reports (an audited request that already holds the keys); a correction moves the case's count to its
+new cell. Erasure and retention remove the confirmed outcome with the case's other patient data,
+and the tally keeps the counts, so :func:`field_performance` (``dermq monitor report``) needs no key
+and loses nothing when cases are purged. Per model: each class's sensitivity and positive predictive
+value, and the referral sensitivity (confirmed malignant or pre-malignant cases the model referred),
+each with a Wilson 95% interval. Out-of-distribution results made no diagnosis; they are counted,
+not scored. :func:`melanoma_alerts` says when melanoma sensitivity has fallen below the model card's
+floor by more than noise explains.
 """
 
 from __future__ import annotations
@@ -22,16 +28,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, results
 from core.cases import owned_case
-from core.errors import Conflict, InvalidInput
+from core.crypto import Keyring
+from core.errors import Conflict, Gone, InvalidInput
 from core.keys import Principal
-from core.models import CaseStatus, ConfirmationMethod, ConfirmedOutcome, Outcome, Result
+from core.models import CaseStatus, ConfirmationMethod, ConfirmedOutcome, Outcome, OutcomeTally
 from ml.labels import CLASSES, CONCERNING
 
 ACTION = "case.outcome"
+#: the tally's ``predicted`` for a result without a diagnosis
+OUT_OF_DISTRIBUTION = Outcome.OUT_OF_DISTRIBUTION.value
 Z95 = 1.959963984540054
 #: Confirmed (and scored) melanomas a model needs before its field sensitivity may raise an alert.
 #: With the rule of :func:`melanoma_alerts` and 20 melanomas, a model that performs as its card says
@@ -54,18 +64,53 @@ def _validated(diagnosis: str, method: str) -> tuple[str, ConfirmationMethod]:
         ) from None
 
 
+def _tally(session: Session, cell: tuple[str, str, bool, str], change: int) -> None:
+    model_id, predicted, referral, truth = cell
+    session.execute(
+        insert(OutcomeTally)
+        .values(model_id=model_id, predicted=predicted, referral=referral, truth=truth, count=change)
+        .on_conflict_do_update(
+            index_elements=["model_id", "predicted", "referral", "truth"],
+            set_={"count": OutcomeTally.count + change},
+        )
+    )
+
+
+def _answer(result: results.ResultView) -> tuple[str, bool]:
+    """The model's answer as the tally counts it: (label or ``out_of_distribution``, referral)."""
+    if result.outcome == Outcome.DIAGNOSIS and result.label is not None:
+        return result.label, bool(result.referral)
+    return OUT_OF_DISTRIBUTION, False
+
+
 def record_outcome(
-    session: Session, *, principal: Principal, actor: audit.Actor, case_id: uuid.UUID, diagnosis: str, method: str
+    session: Session,
+    *,
+    keyring: Keyring,
+    principal: Principal,
+    actor: audit.Actor,
+    case_id: uuid.UUID,
+    diagnosis: str,
+    method: str,
 ) -> tuple[ConfirmedOutcome, bool]:
-    """Store (or replace) the confirmed outcome of a finished case; returns (outcome, was_correction)."""
+    """Store (or replace) the confirmed outcome of a finished case and count it in the tally;
+    returns (outcome, was_correction)."""
     diagnosis, confirmed_by = _validated(diagnosis, method)
     case = owned_case(session, principal, case_id, ACTION, for_update=True)  # one report at a time per case
-    if case.status not in (CaseStatus.SUCCEEDED, CaseStatus.PURGED):
+    if case.status == CaseStatus.PURGED:
+        raise Gone(
+            "this case's result was erased (retention or deletion); an outcome can no longer be compared with it",
+            code="case_purged",
+            audit=audit.PendingEvent(ACTION, audit.FAILURE, "case", str(case_id), {"reason": "purged"}),
+        )
+    result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
+    if result is None:
         raise Conflict(
             f"the case is {case.status}; an outcome can be reported only for a case that has succeeded",
             code="case_not_finished",
             audit=audit.PendingEvent(ACTION, audit.FAILURE, "case", str(case_id), {"reason": "not_finished"}),
         )
+    predicted, referral = _answer(result)
     row = session.get(ConfirmedOutcome, case_id)
     correction = row is not None
     if row is None:
@@ -75,9 +120,11 @@ def record_outcome(
         row.revision = 1
         session.add(row)
     else:
+        _tally(session, (result.model_id, predicted, referral, row.diagnosis), -1)
         row.diagnosis, row.method = diagnosis, confirmed_by.value
         row.revision += 1
         row.updated_at = datetime.now(UTC)
+    _tally(session, (result.model_id, predicted, referral, diagnosis), +1)
     row.reported_by = principal.key_id
     session.flush()
     session.refresh(row)
@@ -170,15 +217,19 @@ def field_performance(rows: Iterable[Confirmed]) -> dict[str, dict[str, Any]]:
 
 
 def confirmed_cases(session: Session, *, model_id: str | None = None) -> list[Confirmed]:
-    """Every case with a confirmed outcome and a stored result (optionally one model's)."""
-    query = select(Result.model_id, Result.outcome, Result.label, Result.referral, ConfirmedOutcome.diagnosis).join(
-        ConfirmedOutcome, ConfirmedOutcome.case_id == Result.case_id
-    )
+    """Every confirmed case counted in the tally (optionally one model's), the erased and purged too."""
+    query = select(OutcomeTally).where(OutcomeTally.count > 0)
     if model_id is not None:
-        query = query.where(Result.model_id == model_id)
+        query = query.where(OutcomeTally.model_id == model_id)
     return [
-        Confirmed(m, label if outcome == Outcome.DIAGNOSIS else None, referral, truth)
-        for m, outcome, label, referral, truth in session.execute(query)
+        Confirmed(
+            cell.model_id,
+            None if cell.predicted == OUT_OF_DISTRIBUTION else cell.predicted,
+            None if cell.predicted == OUT_OF_DISTRIBUTION else cell.referral,
+            cell.truth,
+        )
+        for cell in session.scalars(query)
+        for _ in range(cell.count)
     ]
 
 

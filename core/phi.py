@@ -2,9 +2,10 @@
 envelope-encrypted like its image, never stored in plain text.
 
 It is a ``client_ref`` blob of the case (:class:`core.models.CaseBlob`): its own data key, wrapped
-under the active key-encryption key, with the case id and the kind as additional authenticated data,
-so a sealed reference cannot be moved to another case. Key rotation re-wraps it with the images;
-erasure and retention shred it with them (the blob rows go). A ``pg_dump`` holds only ciphertext.
+under the key of the case's period (:mod:`core.period_keys`), with the case id and the kind as
+additional authenticated data, so a sealed reference cannot be moved to another case. Key rotation
+re-wraps it with the images; erasure and retention shred it with them (the blob rows go), and
+destroying its period's key shreds every copy left in backups. A ``pg_dump`` holds only ciphertext.
 
 Cases stored before this (migration 0007) kept the reference in ``cases.client_ref``: the sweeper
 seals those in batches (:func:`seal_plain_client_refs`) and empties the column.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -25,8 +27,9 @@ KIND = BlobKind.CLIENT_REF.value
 MEDIA_TYPE = "text/plain; charset=utf-8"
 
 
-def seal_client_ref(keyring: Keyring, case_id: uuid.UUID, client_ref: str) -> SealedBlob:
-    return encrypt_blob(keyring, client_ref.encode(), case_id=case_id, kind=KIND)
+def seal_client_ref(keyring: Keyring, case_id: uuid.UUID, client_ref: str, kek_id: str) -> SealedBlob:
+    """``client_ref`` sealed, its data key wrapped under ``kek_id`` (the case's period key)."""
+    return encrypt_blob(keyring, client_ref.encode(), case_id=case_id, kind=KIND, kek_id=kek_id)
 
 
 def client_refs(session: Session, keyring: Keyring, cases: Sequence[Case]) -> dict[uuid.UUID, str | None]:
@@ -46,11 +49,12 @@ def seal_plain_client_refs(session: Session, keyring: Keyring, *, limit: int = 5
     """Seal up to ``limit`` references still stored in plain text (cases older than migration 0007)
     and empty their column; returns how many. Cheap once none are left (a partial index answers)."""
     from core.cases import insert_blobs
+    from core.period_shredding import wrapping_keys
 
-    legacy: list[tuple[uuid.UUID, str]] = [
-        (case_id, ref)
-        for case_id, ref in session.execute(
-            select(Case.id, Case.plain_client_ref)
+    legacy: list[tuple[uuid.UUID, str, datetime]] = [
+        (case_id, ref, created_at)
+        for case_id, ref, created_at in session.execute(
+            select(Case.id, Case.plain_client_ref, Case.created_at)
             .where(Case.plain_client_ref.is_not(None))
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -59,9 +63,15 @@ def seal_plain_client_refs(session: Session, keyring: Keyring, *, limit: int = 5
     ]
     if not legacy:
         return 0
+    wraps = wrapping_keys(session, keyring, [created_at for _, _, created_at in legacy])
     insert_blobs(
         session,
-        [(case_id, BlobKind.CLIENT_REF, seal_client_ref(keyring, case_id, ref), MEDIA_TYPE) for case_id, ref in legacy],
+        [
+            (case_id, BlobKind.CLIENT_REF, seal_client_ref(keyring, case_id, ref, wraps[created_at]), MEDIA_TYPE)
+            for case_id, ref, created_at in legacy
+        ],
     )
-    session.execute(update(Case).where(Case.id.in_([case_id for case_id, _ in legacy])).values(plain_client_ref=None))
+    session.execute(
+        update(Case).where(Case.id.in_([case_id for case_id, _, _ in legacy])).values(plain_client_ref=None)
+    )
     return len(legacy)

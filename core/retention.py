@@ -1,9 +1,14 @@
 """Retention and erasure by crypto-shredding.
 
-Purging a case deletes its ``case_blobs`` rows: the ciphertext of the image and heat map and the
-wrapped data keys that could decrypt them. Without the data key, any copy of the ciphertext left in
-a backup is unreadable once the backup's KEK is retired. The case row, its result (labels and
-probabilities, no image) and the audit trail remain, and the case shows ``purged``.
+Purging a case deletes its ``case_blobs`` rows: the ciphertext of the image, the heat map, the client
+reference and the result's findings (label, probabilities, referral...: :mod:`core.results`), and
+the wrapped data keys that could decrypt them; findings or a reference still in plain columns (rows
+older than their sealing) are emptied, and the confirmed outcome the clinic reported is removed
+(the case-free tally of :mod:`core.outcomes` keeps its count). No diagnosis of the case can be read
+back afterwards. The case row (status ``purged``), the operational part of its result (model,
+timings, ``outcome``) and the audit trail remain. Without the data keys, a copy of the ciphertext
+left in a backup is unreadable once the key of the case's period is destroyed, which retention does
+when every case of the period is purged (:mod:`core.period_shredding`).
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from core import audit, cases
+from core import audit, cases, results
 from core.config import Settings
 from core.keys import Principal
-from core.models import Case, CaseStatus
+from core.models import Case, CaseStatus, ConfirmedOutcome
 
 BATCH = 500
 
@@ -31,9 +36,12 @@ class PurgeReport:
         return {"purged": len(self.purged)}
 
 
-def _purge(session: Session, case: Case, *, actor: audit.Actor, reason: str) -> None:
-    blobs = cases.delete_blobs(session, case.id)  # the image, the heat map and the client reference
+def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str) -> None:
+    """Crypto-shred one case's patient data now and mark it purged (audited with ``reason``)."""
+    blobs = cases.delete_blobs(session, case.id)  # the image, the heat map, the client reference, the findings
     case.plain_client_ref = None  # a reference stored before it was sealed (core.phi)
+    results.shred_plain_findings(session, case.id)  # findings stored before they were sealed
+    session.execute(delete(ConfirmedOutcome).where(ConfirmedOutcome.case_id == case.id))  # a diagnosis too
     case.status = CaseStatus.PURGED.value
     case.purged_at = case.updated_at = datetime.now(UTC)
     session.flush()
@@ -65,14 +73,14 @@ def purge_expired(session: Session, settings: Settings, *, now: datetime | None 
     ).all()
     report = PurgeReport()
     for case in expired:
-        _purge(session, case, actor=audit.SYSTEM, reason="retention")
+        purge_case(session, case, actor=audit.SYSTEM, reason="retention")
         report.purged.append(str(case.id))
     return report
 
 
 def erase_case(session: Session, *, principal: Principal, actor: audit.Actor, case_id: uuid.UUID) -> Case:
-    """The clinic's erasure request: shred the images now, whatever the case's state. Idempotent."""
+    """The clinic's erasure request: shred the case's patient data now, whatever its state. Idempotent."""
     case = cases.owned_case(session, principal, case_id, "case.delete", for_update=True)
     if case.status != CaseStatus.PURGED:
-        _purge(session, case, actor=actor, reason="clinic_request")
+        purge_case(session, case, actor=actor, reason="clinic_request")
     return case

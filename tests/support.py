@@ -371,29 +371,50 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def diagnosis_values(*, label: str, model_id: str, input_stats: dict[str, float], **fields: Any) -> dict[str, Any]:
+    """The values of a stored diagnosis with neutral figures, as drift monitoring reads it; ``fields``
+    override (``created_at``, say)."""
+    return {
+        "label": label,
+        "probabilities": {},
+        "confidence": 0.5,
+        "uncertainty": 0.5,
+        "referral": False,
+        "referral_reasons": [],
+        "gradcam_status": "ok",
+        "model_id": model_id,
+        "weights_sha256": "0" * 64,
+        "device": "cpu",
+        "timings": {},
+        "input_stats": input_stats,
+        **fields,
+    }
+
+
 def diagnosis_row(
     case_id: uuid.UUID, *, label: str, model_id: str, input_stats: dict[str, float], **fields: Any
 ) -> Any:
-    """A stored diagnosis with neutral figures, as drift monitoring reads it; ``fields`` override
-    (``created_at``, say)."""
+    """A diagnosis stored as a release before migration 0009 did: findings in plain columns."""
     from core.models import Result
 
     return Result(
-        case_id=case_id,
-        label=label,
-        probabilities={},
-        confidence=0.5,
-        uncertainty=0.5,
-        referral=False,
-        referral_reasons=[],
-        gradcam_status="ok",
-        model_id=model_id,
-        weights_sha256="0" * 64,
-        device="cpu",
-        timings={},
-        input_stats=input_stats,
-        **fields,
+        case_id=case_id, **diagnosis_values(label=label, model_id=model_id, input_stats=input_stats, **fields)
     )
+
+
+def store_results(session: Any, keyring: Any, items: list[tuple[uuid.UUID, dict[str, Any]]]) -> None:
+    """Store results as the worker does: the rows plain, the findings sealed under each case's period
+    key (core.results, core.period_shredding)."""
+    from sqlalchemy import select
+
+    from core import cases, period_shredding, results
+    from core.models import Case
+
+    created = dict(session.execute(select(Case.id, Case.created_at).where(Case.id.in_([i for i, _ in items]))).all())
+    wraps = period_shredding.wrapping_keys(session, keyring, created.values())
+    rows, sealed = results.new_results(keyring, [(i, values, wraps[created[i]]) for i, values in items])
+    results.insert_rows(session, rows)
+    cases.insert_blobs(session, sealed)
 
 
 def seal_all(settings: Any, timeout: float = 60) -> Any:

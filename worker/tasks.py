@@ -35,7 +35,7 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import callbacks, phi, recovery, retention
+from core import callbacks, period_shredding, phi, recovery, results, retention
 from core.config import Settings
 from core.db import session_scope
 from core.logs import case_id_var
@@ -164,9 +164,10 @@ def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) 
     with session_scope(config) as session:
         report = recovery.sweep(session, config, publisher, broker)
     recovery.log_report(report)
-    with session_scope(config) as session:  # client references stored before they were sealed, a batch a sweep
+    with session_scope(config) as session:  # client references and results stored before they were sealed
         sealed = phi.seal_plain_client_refs(session, keyring(config))
-    return {**report.to_dict(), "client_refs_sealed": sealed}
+        sealed_results = results.seal_plain_results(session, keyring(config))  # a batch of each a sweep
+    return {**report.to_dict(), "client_refs_sealed": sealed, "results_sealed": sealed_results}
 
 
 @app.task(name=TASK_SWEEP)
@@ -180,9 +181,12 @@ def sweep() -> dict[str, object]:
 
 @app.task(name=TASK_PURGE)
 def purge() -> dict[str, object]:
+    """Retention: crypto-shred expired cases, then destroy the keys of periods whose every case is
+    purged and past retention plus the grace (no backup can decrypt them afterwards)."""
     config = settings()
     with session_scope(config) as session:
-        return retention.purge_expired(session, config).to_dict()
+        report = retention.purge_expired(session, config).to_dict()
+    return {**report, "periods_destroyed": period_shredding.destroy_expired(config)}
 
 
 @app.task(name=TASK_DRIFT)
@@ -193,7 +197,7 @@ def drift_report() -> dict[str, object]:
     config = settings()
     client = _redis_client(config)
     with session_scope(config) as session:
-        report = drift.day_report(session, config)
+        report = drift.day_report(session, config, keyring=keyring(config))
     drift.publish(client, report)
     if report["drifted"]:
         log.warning("input or prediction drift", extra={"event": "drift", "count": report["n"]})

@@ -22,10 +22,10 @@ from api.schemas import (
 )
 from api.upload import read_case_form
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
-from core import case_list, cases, phi, retention
+from core import case_list, cases, phi, results, retention
 from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput
-from core.models import CaseStatus, Priority, Result, Role
+from core.models import CaseStatus, Priority, Role
 from core.publisher import classify_task
 from ml.images import ImageLimits, InvalidImage
 
@@ -177,7 +177,7 @@ async def submit_case(
         )
         if created:  # sent once the request's transaction commits: a worker never looks for a row not yet there
             enqueue(session, app.publisher, classify_task(case.id, priority))
-        result = session.get(Result, case.id) if case.status == CaseStatus.SUCCEEDED else None
+        result = results.read_result(session, app.keyring, case.id) if case.status == CaseStatus.SUCCEEDED else None
         ref = client_ref if created else phi.client_refs(session, app.keyring, [case])[case.id]
         return case_out(case, result, ref), created
 
@@ -187,7 +187,9 @@ async def submit_case(
         await wait_for_end(db, app.waiters, caller.principal, out.id, wait)
 
         def reread(session: Session) -> CaseOut:
-            case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=out.id)
+            case, result = cases.get_case(
+                session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=out.id
+            )
             return case_out(case, result, phi.client_refs(session, app.keyring, [case])[case.id])
 
         out = await db.run(reread)
@@ -211,7 +213,9 @@ async def read_case(
     def read(session: Session) -> CaseOut:
         if not wait:
             limit(caller, app, "read")
-        case, result = cases.get_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
+        case, result = cases.get_case(
+            session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=case_id
+        )
         return case_out(case, result, phi.client_refs(session, app.keyring, [case])[case.id])
 
     if wait:
@@ -268,6 +272,7 @@ async def list_cases(
         limit(caller, app, "read")
         page = case_list.list_cases(
             session,
+            keyring=app.keyring,
             principal=caller.principal,
             actor=caller.actor,
             status=status,
@@ -288,17 +293,18 @@ async def list_cases(
     return out
 
 
-@router.delete("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Erase a case's images")
+@router.delete("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Erase a case's images and result")
 async def erase_case(
     case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, db: Db
 ) -> CaseOut:
-    """Crypto-shred the image and heat map now. The case, its result and the audit trail remain; the
-    case shows `purged`. Repeating the call changes nothing."""
+    """Crypto-shred the case's patient data now: the image, the heat map, the client reference and the
+    result's findings (label, probabilities, referral). The case shows `purged`, without a result; the
+    audit trail remains. Repeating the call changes nothing."""
 
     def erase(session: Session) -> CaseOut:
         limit(caller, app, "submit")
         case = retention.erase_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
-        return case_out(case, session.get(Result, case.id), None)  # its client reference is shredded too
+        return case_out(case, None, None)  # its client reference and its result are shredded
 
     out = await db.run(erase)
     response.headers.update(NO_STORE)

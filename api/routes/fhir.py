@@ -13,18 +13,27 @@ from sqlalchemy.orm import Session
 from api import fhir
 from api.deps import AuthenticatedCaller, Db, State, limit
 from api.routes.cases import NO_STORE, PROBLEMS
-from core import audit
+from core import audit, results
 from core.cases import owned_case
-from core.errors import Conflict
-from core.models import CaseStatus, Result
+from core.crypto import Keyring
+from core.errors import Conflict, Gone
+from core.models import CaseStatus
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 
 
-def fhir_view(session: Session, caller: Any, case_id: uuid.UUID) -> dict[str, Any]:
+def fhir_view(session: Session, keyring: Keyring, caller: Any, case_id: uuid.UUID) -> dict[str, Any]:
     """The case's Bundle; the read is audited as ``case.read`` with ``{"format": "fhir"}``."""
     case = owned_case(session, caller.principal, case_id, "case.read")
-    result = session.get(Result, case_id) if case.status in (CaseStatus.SUCCEEDED, CaseStatus.PURGED) else None
+    if case.status == CaseStatus.PURGED:
+        raise Gone(
+            "this case's result was erased with its images (retention or deletion)",
+            code="case_purged",
+            audit=audit.PendingEvent(
+                "case.read", audit.FAILURE, "case", str(case_id), {"format": "fhir", "reason": "purged"}
+            ),
+        )
+    result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
     if result is None:
         raise Conflict(
             f"the case is {case.status}; a FHIR report exists only once it has succeeded",
@@ -56,6 +65,7 @@ def fhir_view(session: Session, caller: Any, case_id: uuid.UUID) -> dict[str, An
             "description": "a FHIR R4 Bundle (collection): DiagnosticReport, Observations and the model as Device",
         },
         409: PROBLEMS[404] | {"description": "the case has not succeeded (yet)"},
+        410: PROBLEMS[404] | {"description": "the case's result was erased"},
     },
     summary="The case's result as a FHIR R4 Bundle",
 )
@@ -67,7 +77,7 @@ async def read_case_fhir(case_id: uuid.UUID, app: State, caller: AuthenticatedCa
 
     def read(session: Session) -> dict[str, Any]:
         limit(caller, app, "read")
-        return fhir_view(session, caller, case_id)
+        return fhir_view(session, app.keyring, caller, case_id)
 
     bundle = await db.run(read)
     return Response(json.dumps(bundle), media_type=fhir.MEDIA_TYPE, headers=NO_STORE)

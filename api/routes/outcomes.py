@@ -43,6 +43,7 @@ class OutcomeOut(BaseModel):
         **PROBLEMS,
         200: {"model": OutcomeOut, "description": "a correction: the earlier report is replaced"},
         409: PROBLEMS[404] | {"description": "the case has not succeeded (yet)"},
+        410: PROBLEMS[404] | {"description": "the case's result was erased"},
     },
     summary="Report a case's confirmed diagnosis (a second report corrects the first)",
 )
@@ -50,13 +51,15 @@ async def report_outcome(
     case_id: uuid.UUID, body: OutcomeIn, response: Response, app: State, caller: AuthenticatedCaller, db: Db
 ) -> OutcomeOut:
     """One confirmed outcome per case, for field performance (`dermq monitor report`). Only for a case
-    that has succeeded; 422 `unknown_diagnosis` or `unknown_method` for codes dermq does not know.
+    that has succeeded (410 `case_purged` once its result was erased); 422 `unknown_diagnosis` or
+    `unknown_method` for codes dermq does not know.
     Audited as `case.outcome` (the method and revision, never the diagnosis)."""
 
     def record(session: Session) -> tuple[OutcomeOut, bool]:
         limit(caller, app, "submit")
         row, correction = outcomes.record_outcome(
             session,
+            keyring=app.keyring,
             principal=caller.principal,
             actor=caller.actor,
             case_id=case_id,

@@ -161,7 +161,8 @@ class Client:
             params["cursor"] = page["next_cursor"]
 
     def erase(self, case_id: str | uuid.UUID) -> Case:
-        """Crypto-shred the case's image and heat map now; the case (``purged``) and its result remain."""
+        """Crypto-shred the case's patient data now (image, heat map, client reference, result); the
+        case remains, ``purged``, with no result."""
         return parse_case(self._request("DELETE", _core.case_path(case_id)).json())
 
     def report_outcome(self, case_id: str | uuid.UUID, diagnosis: str, method: str) -> dict[str, Any]:

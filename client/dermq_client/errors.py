@@ -67,7 +67,7 @@ class Conflict(DermqError):
 
 
 class Gone(DermqError):
-    """410: ``case_purged``, the case's images were erased."""
+    """410: ``case_purged``, the case was erased (its images and result are gone)."""
 
 
 class PayloadTooLarge(DermqError):

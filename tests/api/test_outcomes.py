@@ -175,6 +175,33 @@ def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
     assert too_few.returncode == 0 and json.loads(too_few.stdout)["alerts"] == []  # 3 < MIN_CONFIRMED_MELANOMAS
 
 
+def test_erasure_removes_the_confirmed_diagnosis_and_the_report_still_counts_it(  # type: ignore[no-untyped-def]
+    client, tenant: Tenant, store_case, settings
+) -> None:
+    model = f"field-test-{uuid.uuid4().hex[:8]}"
+    case_id = store_case(tenant, uuid.uuid4().bytes)
+    with session_scope(settings) as session:
+        session.add(result_row(case_id, model, "mel", True))
+        session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+    assert post(client, tenant, case_id, diagnosis="nv", method="histo").status_code == 201
+    assert post(client, tenant, case_id, diagnosis="mel", method="histo").status_code == 200  # moves its count
+
+    def mel() -> dict:
+        done = run(settings, "monitor", "report", "--model", model, "--json")
+        assert done.returncode == 0, done.stderr
+        figures = json.loads(done.stdout)["models"][model]
+        assert figures["confirmed"] == 1
+        return figures["classes"]["mel"]["sensitivity"]
+
+    assert mel()["successes"] == 1
+    assert client.delete(f"/v1/cases/{case_id}", headers=tenant.headers).status_code == 200
+    with session_scope(settings) as session:
+        assert session.get(ConfirmedOutcome, case_id) is None  # a diagnosis of the case: erased with it
+    assert mel()["successes"] == 1  # the case-free tally kept the count
+    again = post(client, tenant, case_id, diagnosis="mel", method="histo")
+    assert again.status_code == 410 and again.json()["code"] == "case_purged"
+
+
 def test_the_floor_is_the_model_cards_lower_bound(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from ml.registry import mel_sensitivity_floor
 

@@ -1,4 +1,5 @@
-"""Retention and erasure: crypto-shredding removes images and heat maps; case, result and audit remain."""
+"""Retention and erasure: crypto-shredding removes images, heat maps and the result's findings; the
+case, the operational part of its result and the audit trail remain."""
 
 from __future__ import annotations
 
@@ -35,18 +36,24 @@ def purge_events(settings, case_id: str) -> list[dict]:  # type: ignore[no-untyp
 def test_clinic_erasure(client, worker, tenant, fixture_images, settings) -> None:  # type: ignore[no-untyped-def]
     case_id = submit(client, tenant, fixture_images["ISIC_0024403"].read_bytes()).json()["id"]
     done = wait_done(client, tenant, case_id)
-    assert blobs(settings, case_id) == 2  # image + heat map
+    assert done["result"]["label"]
+    assert blobs(settings, case_id) == 3  # image, heat map, the result's findings
     erased = client.delete(f"/v1/cases/{case_id}", headers=tenant.headers)
     assert erased.status_code == 200 and erased.json()["status"] == "purged"
+    assert erased.json()["result"] is None
     assert blobs(settings, case_id) == 0
     again = client.delete(f"/v1/cases/{case_id}", headers=tenant.headers)
     assert again.status_code == 200 and again.json()["status"] == "purged"
     body = client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()
     assert body["status"] == "purged" and body["image"] is None
-    assert body["result"]["label"] == done["result"]["label"]  # the result stays
+    assert body["result"] is None  # no diagnosis of an erased case is shown (nor kept: tests/core/test_phi.py)
+    row = next(c for c in client.get("/v1/cases", headers=tenant.headers).json()["items"] if c["id"] == case_id)
+    assert (row["status"], row["outcome"], row["label"], row["referral"]) == ("purged", None, None, None)
     heat = client.get(f"/v1/cases/{case_id}/heatmap.png", headers=tenant.headers)
     assert heat.status_code == 410 and heat.json()["code"] == "case_purged"
-    assert purge_events(settings, case_id) == [{"reason": "clinic_request", "blobs": 2}]
+    report = client.get(f"/v1/cases/{case_id}/fhir", headers=tenant.headers)
+    assert report.status_code == 410 and report.json()["code"] == "case_purged"
+    assert purge_events(settings, case_id) == [{"reason": "clinic_request", "blobs": 3}]
 
 
 def test_erasing_a_queued_case_stops_its_classification(
@@ -76,6 +83,8 @@ def test_retention_purge_runs_as_a_beat_task(client, worker, tenant, fixture_ima
         )
     make_publisher(settings).send_task(TASK_PURGE, queue="maintenance")
     support.wait_for(lambda: blobs(settings, old_id) == 0, timeout=60, what="the purge task")
-    assert blobs(settings, new_id) == 2
-    assert client.get(f"/v1/cases/{old_id}", headers=tenant.headers).json()["status"] == "purged"
-    assert purge_events(settings, old_id) == [{"reason": "retention", "blobs": 2}]
+    assert blobs(settings, new_id) == 3
+    assert client.get(f"/v1/cases/{new_id}", headers=tenant.headers).json()["result"]["label"]
+    purged = client.get(f"/v1/cases/{old_id}", headers=tenant.headers).json()
+    assert purged["status"] == "purged" and purged["result"] is None
+    assert purge_events(settings, old_id) == [{"reason": "retention", "blobs": 3}]

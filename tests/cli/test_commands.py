@@ -32,6 +32,8 @@ COMMANDS = {
     "keys rewrap": {"batch"},
     "keys status": {"as_json"},
     "keys retire": {"kek_id"},
+    "keys periods": {"as_json"},
+    "keys destroy-period": {"period", "force"},
     "clinic create": {"name", "as_json"},
     "clinic list": {"as_json"},
     "clinic deactivate": {"clinic_name"},

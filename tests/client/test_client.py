@@ -138,12 +138,12 @@ def test_iter_cases_follows_the_cursor(dermq: Client, jpeg_bytes: bytes) -> None
     assert all(c.priority == "routine" and c.created_at is not None for c in listed)
 
 
-def test_erase_purges_the_images(dermq: Client, worker, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_erase_purges_the_images_and_the_result(dermq: Client, worker, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
     case = dermq.submit(jpeg_bytes, client_ref="MRN-7", wait=20)
     assert_diagnosis(case)
     erased = dermq.erase(case.id)
     assert erased.id == case.id and erased.status == "purged" and erased.client_ref is None
-    assert erased.result == case.result  # the result stays
+    assert case.result is not None and erased.result is None  # the findings are shredded with the images
     with pytest.raises(Gone) as gone:
         dermq.heatmap(case.id)
     assert gone.value.code == "case_purged"

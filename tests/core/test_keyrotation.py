@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from core import case_states, keyrotation
+from core import case_states, keyrotation, period_keys
 from core.config import Settings
 from core.crypto import Keyring, load_keyring, write_key_file
 from core.db import dispose_engines, session_scope
 from core.errors import KeyringError
 from core.models import CaseBlob
 from tests import support
+from tests.conftest import case_store
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -54,6 +57,11 @@ def _blob_count(settings: Settings, kek_id: str) -> int:
         return session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.kek_id == kek_id)) or 0
 
 
+def _period_file(settings: Settings, period: str) -> dict:  # type: ignore[type-arg]
+    assert settings.period_key_folder is not None
+    return json.loads((settings.period_key_folder / f"{period}.json").read_text())
+
+
 def test_rotation_end_to_end(rotating: Settings, rotating_tenant, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
@@ -61,6 +69,10 @@ def test_rotation_end_to_end(rotating: Settings, rotating_tenant, jpeg_bytes: by
 
     app = create_app(rotating)
     tenant = rotating_tenant
+    before = load_keyring(rotating)
+    old, period = before.active_id, before.periods.current(datetime.now(UTC))  # type: ignore[union-attr]
+    # two cases stored before period keys existed: wrapped directly under the key file's KEK
+    legacy = [case_store(rotating, replace(before, periods=None))(tenant, jpeg_bytes) for _ in range(2)]
     with TestClient(app) as http:
         ids = [
             http.post("/v1/cases", headers=tenant.headers, files={"image": ("x.jpg", jpeg_bytes, "image/jpeg")}).json()[
@@ -68,31 +80,37 @@ def test_rotation_end_to_end(rotating: Settings, rotating_tenant, jpeg_bytes: by
             ]
             for _ in range(5)
         ]
-        old = load_keyring(rotating).active_id
-        assert _blob_count(rotating, old) == 5
+        # new cases: under their period's key, which is itself wrapped under the key file's KEK
+        assert _blob_count(rotating, period_keys.kek_id(period)) == 5 and _blob_count(rotating, old) == 2
+        assert _period_file(rotating, period)["kek_id"] == old
 
-        # A crash after the first batch: the key file has the new key, some blobs are re-wrapped.
-        partial = keyrotation.rotate(rotating, batch=2, max_batches=1)
+        # A crash after the first batch: the key file has the new key, the period key is re-wrapped
+        # under it, one legacy blob has moved under its period's key.
+        partial = keyrotation.rotate(rotating, batch=1, max_batches=1)
         new = partial.active
-        assert new != old and partial.rewrapped == 2 and partial.remaining > 0
+        assert new != old and partial.remaining == 1 and _blob_count(rotating, old) == 1
+        assert _period_file(rotating, period)["kek_id"] == new
         keys_now = json.loads(rotating.key_file.read_text())  # type: ignore[union-attr]
         assert keys_now["active"] == new and set(keys_now["keys"]) == {old, new}
         with pytest.raises(KeyringError, match="still wrapped"):
             keyrotation.retire(rotating, old)
 
-        # Mid-rotation: everything still decrypts, and the running app seals new blobs under the new key.
+        # Mid-rotation: everything still decrypts, and the running app seals new blobs under the period key.
         assert all(_heatless_read(http, tenant, i) for i in ids)
         fresh = http.post("/v1/cases", headers=tenant.headers, files={"image": ("x.jpg", jpeg_bytes, "image/jpeg")})
         with session_scope(rotating) as session:
             kek = session.scalar(select(CaseBlob.kek_id).where(CaseBlob.case_id == uuid.UUID(fresh.json()["id"])))
-        assert kek == new
+        assert kek == period_keys.kek_id(period)
 
         resumed = keyrotation.rewrap_all(rotating, batch=2)
         assert resumed.remaining == 0 and _blob_count(rotating, old) == 0
         keyrotation.retire(rotating, old)
         assert set(json.loads(rotating.key_file.read_text())["keys"]) == {new}  # type: ignore[union-attr]
-        # With only the new key left, every image still decrypts (worker-side read of the stored blob).
-        assert all(_stored_image_decrypts(rotating, i, jpeg_bytes) for i in ids)
+        # With only the new key left, every image still decrypts (worker-side read of the stored blob),
+        # the stale keyring's too: it re-reads the key file for a period key wrapped after it was loaded.
+        assert all(_stored_image_decrypts(rotating, str(i), jpeg_bytes) for i in [*ids, *legacy])
+        with session_scope(rotating) as session:
+            assert case_states.load_image(session, keyring=before, case_id=legacy[0]) == jpeg_bytes
     with pytest.raises(KeyringError, match="active key"):
         keyrotation.retire(rotating, new)
 

@@ -1,16 +1,19 @@
-"""Client references at rest: sealed like the images, never in a database dump, shredded with them."""
+"""Patient data at rest: client references and results' findings are sealed like the images, never in a
+database dump, read back unchanged, and shredded with the images."""
 
 from __future__ import annotations
 
 import subprocess
 import uuid
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import make_url
 
-from core import phi
+from core import phi, results
 from core.db import session_scope
-from core.models import BlobKind, Case, CaseBlob
+from core.models import SEALED_RESULT_FIELDS, BlobKind, Case, CaseBlob, CaseStatus, Result
+from tests.api.test_cases import submit, wait_done
 from tests.conftest import Tenant
 from worker.tasks import sweep_once
 
@@ -22,6 +25,30 @@ def dump(settings) -> str:  # type: ignore[no-untyped-def]
         ["pg_dump", "--data-only", "--no-owner", name], capture_output=True, text=True, check=True, timeout=120
     )
     return found.stdout
+
+
+def dumped_rows(dumped: str, table: str) -> list[dict[str, str]]:
+    """The rows of ``table`` in a plain-format dump, as text (``\\N`` is NULL)."""
+    lines = dumped.splitlines()
+    head = f"COPY public.{table} ("
+    start = next(i for i, line in enumerate(lines) if line.startswith(head))
+    columns = [c.strip('"') for c in lines[start][len(head) : lines[start].index(")")].split(", ")]
+    rows = []
+    for line in lines[start + 1 :]:
+        if line == "\\.":
+            break
+        rows.append(dict(zip(columns, line.split("\t"), strict=True)))
+    return rows
+
+
+def assert_no_findings_in(dumped: str, case_id: str, result: dict[str, Any]) -> None:
+    """The case's result row holds no finding, and no finding is anywhere else in the dump."""
+    (row,) = [r for r in dumped_rows(dumped, "results") if r["case_id"] == case_id]
+    assert {name: row[name] for name in SEALED_RESULT_FIELDS} == dict.fromkeys(SEALED_RESULT_FIELDS, "\\N")
+    for label, probability in (result.get("probabilities") or {}).items():
+        assert f'"{label}": {probability}' not in dumped  # how a plain JSONB column would print it
+    for reason in result.get("referral_reasons", []) + result.get("ood_reasons", []):
+        assert not any(f'"{reason}"' in value for value in row.values())
 
 
 def test_a_client_reference_is_in_no_dump_and_reads_back(client, settings, tenant: Tenant, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
@@ -44,6 +71,36 @@ def test_a_client_reference_is_in_no_dump_and_reads_back(client, settings, tenan
     assert client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()["client_ref"] is None
 
 
+def test_a_classified_case_leaves_no_finding_in_a_dump_and_erasure_leaves_none_to_decrypt(  # type: ignore[no-untyped-def]
+    client, worker, settings, keyring, tenant: Tenant, fixture_images
+) -> None:
+    marker = f"MRN-{uuid.uuid4().hex[:12]}"
+    case_id = submit(client, tenant, fixture_images["ISIC_0024313"].read_bytes(), client_ref=marker).json()["id"]
+    done = wait_done(client, tenant, case_id)
+    assert done["status"] == "succeeded" and done["result"]["outcome"] == "diagnosis", done
+    result = done["result"]
+    listed = next(c for c in client.get("/v1/cases", headers=tenant.headers).json()["items"] if c["id"] == case_id)
+    assert (listed["outcome"], listed["label"], listed["referral"]) == (
+        "diagnosis",
+        result["label"],
+        result["referral"],
+    )
+
+    dumped = dump(settings)
+    assert marker not in dumped
+    assert_no_findings_in(dumped, case_id, result)
+    (row,) = [r for r in dumped_rows(dumped, "results") if r["case_id"] == case_id]
+    assert row["outcome"] == "diagnosis" and row["model_id"] == result["model"]["id"]  # operational: plain
+
+    assert client.delete(f"/v1/cases/{case_id}", headers=tenant.headers).status_code == 200
+    with session_scope(settings) as session:
+        # nothing left that any key could open: no blob of the case, no finding in its row
+        assert session.scalars(select(CaseBlob).where(CaseBlob.case_id == uuid.UUID(case_id))).all() == []
+        assert results.read_result(session, keyring, uuid.UUID(case_id)) is None
+        row_after = session.get(Result, uuid.UUID(case_id))
+        assert row_after is not None and all(getattr(row_after, name) is None for name in SEALED_RESULT_FIELDS)
+
+
 def test_the_sweeper_seals_references_stored_before_they_were_sealed(  # type: ignore[no-untyped-def]
     client, settings, keyring, tenant: Tenant, store_case, publisher
 ) -> None:
@@ -61,3 +118,97 @@ def test_the_sweeper_seals_references_stored_before_they_were_sealed(  # type: i
         assert phi.client_refs(session, keyring, [session.get(Case, case_id)]) == {case_id: marker}
     assert client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()["client_ref"] == marker
     assert marker not in dump(settings)
+
+
+LEGACY_DIAGNOSIS = {
+    "outcome": "diagnosis",
+    "label": "mel",
+    "probabilities": {
+        "akiec": 0.0125,
+        "bcc": 0.0375,
+        "bkl": 0.05,
+        "df": 0.0125,
+        "mel": 0.7123456789,
+        "nv": 0.1,
+        "vasc": 0.0751543211,
+    },
+    "confidence": 0.7123456789,
+    "uncertainty": 0.4187654321,
+    "referral": True,
+    "referral_reasons": ["concerning_class", "uncertain"],
+    "ood_reasons": [],
+    "gradcam_status": "ok",
+    "gradcam_class": "mel",
+}
+LEGACY_OUT_OF_DISTRIBUTION = {
+    "outcome": "out_of_distribution",
+    "ood_reasons": ["blank"],
+    "gradcam_status": "not_applicable",
+}
+
+
+def legacy_result(settings, case_id: uuid.UUID, fields: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    """A result as a release before migration 0009 stored it: findings in plain columns, no blob."""
+    common = {"model_id": "legacy-model", "weights_sha256": "c" * 64, "device": "cpu", "timings": {"total": 0.25}}
+    with session_scope(settings) as session:
+        session.add(Result(case_id=case_id, **common, **fields))
+        session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+
+
+def sweep_until_sealed(settings, publisher, case_ids: list[uuid.UUID]) -> None:  # type: ignore[no-untyped-def]
+    """Sweep until these rows are sealed (a sweep seals a batch; other tests leave plain rows too)."""
+    for _ in range(100):
+        assert sweep_once(settings, publisher, None)["results_sealed"] >= 0
+        with session_scope(settings) as session:
+            plain = session.scalars(
+                select(Result.case_id).where(Result.case_id.in_(case_ids), Result.ood_reasons.is_not(None))
+            ).all()
+        if not plain:
+            return
+    raise AssertionError(f"{len(plain)} results still plain after 100 sweeps")
+
+
+def test_the_sweeper_seals_results_stored_before_they_were_sealed_and_they_read_back_the_same(  # type: ignore[no-untyped-def]
+    client, settings, keyring, tenant: Tenant, store_case, publisher
+) -> None:
+    diagnosis, out_of_distribution = store_case(tenant, b"an old diagnosis"), store_case(tenant, b"an old ood")
+    legacy_result(settings, diagnosis, LEGACY_DIAGNOSIS)
+    legacy_result(settings, out_of_distribution, LEGACY_OUT_OF_DISTRIBUTION)
+    ids = [diagnosis, out_of_distribution]
+
+    def answers() -> list[Any]:
+        read = [client.get(f"/v1/cases/{i}", headers=tenant.headers).json() for i in ids]
+        fhir = [client.get(f"/v1/cases/{i}/fhir", headers=tenant.headers).json() for i in ids]
+        for bundle in fhir:
+            bundle.pop("timestamp")
+        page = client.get("/v1/cases", headers=tenant.headers).json()["items"]
+        listed = [(c["outcome"], c["label"], c["referral"]) for i in ids for c in page if c["id"] == str(i)]
+        return [read, fhir, listed]
+
+    before = answers()
+    assert before[0][0]["result"]["probabilities"]["mel"] == 0.7123456789
+    assert before[2] == [("diagnosis", "mel", True), ("out_of_distribution", None, None)]
+
+    sweep_until_sealed(settings, publisher, ids)
+    assert answers() == before
+    with session_scope(settings) as session:
+        kinds = set(session.scalars(select(CaseBlob.kind).where(CaseBlob.case_id == diagnosis)).all())
+        assert kinds == {BlobKind.IMAGE.value, BlobKind.RESULT.value}
+    dumped = dump(settings)
+    assert_no_findings_in(dumped, str(diagnosis), before[0][0]["result"])
+    assert_no_findings_in(dumped, str(out_of_distribution), before[0][1]["result"])
+
+
+def test_erasing_a_result_stored_before_sealing_empties_its_findings(  # type: ignore[no-untyped-def]
+    client, settings, keyring, tenant: Tenant, store_case
+) -> None:
+    case_id = store_case(tenant, b"an old diagnosis, never swept")
+    legacy_result(settings, case_id, LEGACY_DIAGNOSIS)
+    assert client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()["result"]["label"] == "mel"
+    erased = client.delete(f"/v1/cases/{case_id}", headers=tenant.headers).json()
+    assert erased["status"] == "purged" and erased["result"] is None
+    with session_scope(settings) as session:
+        row = session.get(Result, case_id)
+        assert row is not None and all(getattr(row, name) is None for name in SEALED_RESULT_FIELDS)
+        assert results.read_result(session, keyring, case_id) is None
+    assert_no_findings_in(dump(settings), str(case_id), LEGACY_DIAGNOSIS)

@@ -49,10 +49,13 @@ def secret_modes(workload: manifests.Workload, container: dict) -> dict[str, int
 
 def production_env(base: dict[str, str], secrets_dir: Path, stack_env: dict[str, str]) -> dict[str, str]:
     """The shipped environment, pointed at this machine's Postgres and Redis, at free ports, and at
-    secret files under ``secrets_dir`` (and a witness file beside it) instead of /run/secrets."""
+    secret files under ``secrets_dir`` (and a witness file and the period-key folder beside it)
+    instead of /run/secrets and the volumes."""
     moved = {k: v.replace("/run/secrets", str(secrets_dir)) for k, v in base.items()}
     if "DERMQ_AUDIT_WITNESS_FILE" in moved:
         moved["DERMQ_AUDIT_WITNESS_FILE"] = str(secrets_dir.parent / "witness.log")
+    if "DERMQ_PERIOD_KEY_DIR" in moved:  # the period-keys volume, shared by the API and the worker
+        moved["DERMQ_PERIOD_KEY_DIR"] = str(secrets_dir.parent / "period-keys")
     return {
         **moved,
         "DERMQ_SECRETS_DIR": str(secrets_dir),

@@ -15,6 +15,7 @@ from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
 
 from core import audit, case_states
+from core import results as core_results
 from core.crypto import decrypt_blob
 from core.db import get_engine, session_scope
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
@@ -64,7 +65,7 @@ def test_batching_is_on_unless_turned_off(settings, batching) -> None:  # type: 
     assert not batching_enabled(settings.model_copy(update={"batch_max_size": 1}))
 
 
-def test_batched_answers_equal_one_at_a_time(batching, tenant, store_case, fixture_images) -> None:  # type: ignore[no-untyped-def]
+def test_batched_answers_equal_one_at_a_time(batching, tenant, store_case, keyring, fixture_images) -> None:  # type: ignore[no-untyped-def]
     images = [fixture_images[k].read_bytes() for k in sorted(fixture_images)[:6]]
     ids = [store_case(tenant, data) for data in images]
     progress = Progress()
@@ -85,7 +86,7 @@ def test_batched_answers_equal_one_at_a_time(batching, tenant, store_case, fixtu
             assert run_batch(batching, case_id) in ("succeeded", "skipped")
     predictor = runtime.get_predictor(batching)
     with session_scope(batching) as session:
-        results = {r.case_id: r for r in session.scalars(select(Result).where(Result.case_id.in_(ids)))}
+        results = core_results.read_results(session, keyring, ids)  # the findings, opened
     assert set(results) == set(ids)
     for case_id, data in zip(ids, images, strict=True):
         alone = predictor.predict([decode(data, reduce_to=batching.overlay_max_side).image])[0]

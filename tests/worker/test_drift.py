@@ -38,10 +38,10 @@ def drift_settings(settings: Settings, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def add_results(
-    drift_settings: Settings, tenant: Any, store_case: Callable[..., uuid.UUID], jpeg_bytes: bytes
+    drift_settings: Settings, keyring: Any, tenant: Any, store_case: Callable[..., uuid.UUID], jpeg_bytes: bytes
 ) -> Callable[..., None]:
     """Store ``len(times)`` results of the drift model, created at ``times``, with no-drift inputs
-    (or ``megapixels`` overriding the size)."""
+    (or ``megapixels`` overriding the size); their labels sealed, as the worker stores them."""
     model_id = registry.read_manifest(drift_settings.model)["model_id"]
     rng = np.random.default_rng(1)
 
@@ -49,13 +49,22 @@ def add_results(
         stats, labels = population(rng, len(times))
         case_ids = [store_case(tenant, jpeg_bytes) for _ in times]
         with session_scope(drift_settings) as session:
-            for case_id, when, s, label in zip(case_ids, times, stats, labels, strict=True):
-                stats_now = s if megapixels is None else {**s, "megapixels": megapixels}
-                session.add(
-                    support.diagnosis_row(
-                        case_id, label=label, model_id=model_id, input_stats=stats_now, created_at=when
+            support.store_results(
+                session,
+                keyring,
+                [
+                    (
+                        case_id,
+                        support.diagnosis_values(
+                            label=label,
+                            model_id=model_id,
+                            input_stats=s if megapixels is None else {**s, "megapixels": megapixels},
+                            created_at=when,
+                        ),
                     )
-                )
+                    for case_id, when, s, label in zip(case_ids, times, stats, labels, strict=True)
+                ],
+            )
 
     return add
 

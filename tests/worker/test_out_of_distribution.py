@@ -22,7 +22,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from core import audit, callbacks
+from core import audit, callbacks, results
 from core.config import Settings
 from core.db import session_scope
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
@@ -139,7 +139,9 @@ def conforms_to_the_openapi_schema(stack: GatedStack, case: dict[str, Any]) -> N
     Draft202012Validator({"$ref": "#/components/schemas/CaseOut", "components": components}).validate(case)
 
 
-def test_a_blank_image_is_out_of_distribution_not_a_diagnosis(gated: GatedStack, tenant: Tenant, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_blank_image_is_out_of_distribution_not_a_diagnosis(
+    gated: GatedStack, tenant: Tenant, settings, keyring
+) -> None:  # type: ignore[no-untyped-def]
     before = scrape(gated.metrics_url)
     done = submit_and_wait(gated, tenant, blank_jpeg())
     case_id = done["id"]
@@ -163,7 +165,7 @@ def test_a_blank_image_is_out_of_distribution_not_a_diagnosis(gated: GatedStack,
     assert "out of distribution" in problem["detail"] and problem["type"].endswith("/heatmap_unavailable")
 
     with session_scope(settings) as session:
-        row = session.get(Result, uuid.UUID(case_id))
+        row = results.read_result(session, keyring, uuid.UUID(case_id))  # the findings opened
         assert row is not None and row.outcome == "out_of_distribution" and "blank" in row.ood_reasons
         assert (row.label, row.probabilities, row.confidence, row.uncertainty, row.referral) == (None,) * 5
         assert row.gradcam_class is None and row.referral_reasons == []
@@ -240,7 +242,7 @@ def test_the_one_case_and_the_batch_path_store_the_same_outcomes(
 
     def stored(case_id: uuid.UUID) -> tuple[Any, ...]:
         with session_scope(settings) as session:
-            case, row = session.get(Case, case_id), session.get(Result, case_id)
+            case, row = session.get(Case, case_id), results.read_result(session, keyring, case_id)
             heatmap = session.scalar(
                 select(CaseBlob.id).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.HEATMAP.value)
             )

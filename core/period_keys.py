@@ -1,0 +1,343 @@
+"""Per-period key-encryption keys, so that crypto-shredding reaches backups.
+
+Erasure deletes a case's blob rows, but a database backup taken before still holds their ciphertext
+and wrapped data keys, readable as long as the key that wrapped them lives. So a case's data keys
+are wrapped under the key of the *period* the case was created in (a UTC calendar month by default;
+``DERMQ_KEY_PERIOD``: ``month``, ``week`` or ``day``; KEK id ``period-2026-12``), and retention
+destroys a period's key once every case of it is past retention (:mod:`core.period_shredding`).
+From then on no copy of that period's blobs, in the live database or in any backup of any age,
+can be decrypted, even with the key file.
+
+Each period key is 32 random bytes (``secrets``), never derived from anything that survives it. It
+lives in a file of its own, ``<period>.json`` in the period-key folder (``DERMQ_PERIOD_KEY_DIR``):
+outside the database, written atomically with mode 0600, and never part of a backup (the
+deployment's rule: docs/SECURITY.md, deploy/README.md). The file holds the key wrapped under the key
+file's active KEK (AES-GCM, associated data naming the period and that KEK), so the folder alone
+opens nothing, and ``dermq keys rotate`` re-wraps the period files under the new KEK
+(:meth:`PeriodKeys.rewrap`). Destroying a period writes a tombstone ``<period>.destroyed`` and
+deletes the key file; a destroyed period never gets a key again.
+
+Processes that seal (the API, the workers) create the key of a new period on first use: under an
+exclusive ``flock`` of the folder, re-reading the key file, so that a KEK retired meanwhile (retiring
+takes the same lock) is never used; the file appears with ``link()``, so concurrent creators on
+other hosts cannot both win. The folder must therefore be writable by the API, the workers and
+whatever runs retention, and shared by all of them (one volume).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from core.config import Settings
+from core.errors import DecryptionError, Gone, KeyringError, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from core.crypto import Keyring
+
+PREFIX = "period-"
+KEY_BYTES = 32
+NONCE_BYTES = 12
+_PATTERNS = {
+    "month": re.compile(r"^(\d{4})-(\d{2})$"),
+    "week": re.compile(r"^(\d{4})-W(\d{2})$"),
+    "day": re.compile(r"^(\d{4})-(\d{2})-(\d{2})$"),
+}
+
+
+# --------------------------------------------------------------------------- periods
+
+
+def period_of(when: datetime, granularity: str) -> str:
+    """The period (``2026-12``, ``2026-W49`` or ``2026-12-01``) that ``when`` falls in, in UTC."""
+    at = when.astimezone(UTC)
+    if granularity == "month":
+        return f"{at:%Y-%m}"
+    if granularity == "week":
+        year, week, _ = at.isocalendar()
+        return f"{year:04d}-W{week:02d}"
+    return f"{at:%Y-%m-%d}"
+
+
+def bounds(period: str) -> tuple[datetime, datetime]:
+    """[start, end) of ``period`` in UTC; a ValueError that says the formats for anything else."""
+    try:
+        if match := _PATTERNS["month"].match(period):
+            year, month = int(match[1]), int(match[2])
+            start = datetime(year, month, 1, tzinfo=UTC)
+            return start, datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+        if match := _PATTERNS["week"].match(period):
+            start = datetime.fromisocalendar(int(match[1]), int(match[2]), 1).replace(tzinfo=UTC)
+            return start, start + timedelta(days=7)
+        if match := _PATTERNS["day"].match(period):
+            start = datetime(int(match[1]), int(match[2]), int(match[3]), tzinfo=UTC)
+            return start, start + timedelta(days=1)
+    except ValueError:
+        pass
+    raise ValueError(
+        f"{period!r} is not a period; periods look like 2026-12 (month), 2026-W49 (week), 2026-12-01 (day)"
+    )
+
+
+def kek_id(period: str) -> str:
+    return PREFIX + period
+
+
+def period_of_kek(kek: str) -> str | None:
+    return kek[len(PREFIX) :] if kek.startswith(PREFIX) else None
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodFile:
+    """One period of the folder: a live key (``wrapped_by``, the KEK that wraps it) or a tombstone."""
+
+    period: str
+    wrapped_by: str | None
+    created_at: str | None
+    destroyed_at: str | None
+    reason: str | None
+
+
+def _wrap_aad(period: str, wrapping: str) -> bytes:
+    return b"|".join([b"dermq/v1", b"period-key", period.encode(), wrapping.encode()])
+
+
+class PeriodKeys:
+    """The period-key folder of a process: creates, reads (cached while the file is unchanged),
+    re-wraps, lists and destroys period keys."""
+
+    def __init__(self, folder: Path, settings: Settings) -> None:
+        self.folder = folder
+        self.settings = settings
+        self._cache: dict[str, tuple[tuple[int, int], bytes]] = {}
+        self._cache_lock = threading.Lock()
+
+    def owns(self, kek: str) -> bool:
+        return kek.startswith(PREFIX)
+
+    def current(self, when: datetime) -> str:
+        return period_of(when, self.settings.key_period)
+
+    def _key_file(self, period: str) -> Path:
+        bounds(period)  # a period id, never a path of the caller's choosing
+        return self.folder / f"{period}.json"
+
+    def _tombstone(self, period: str) -> Path:
+        return self.folder / f"{period}.destroyed"
+
+    def destroyed(self, period: str) -> bool:
+        return self._tombstone(period).exists()
+
+    def exists(self, period: str) -> bool:
+        return self._key_file(period).exists()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive across processes and hosts sharing the folder: creating a key, re-wrapping and
+        retiring a KEK (:func:`core.keyrotation.retire`) take it."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------- reading
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        # Written 0600. Group bits are tolerated: Kubernetes gives a volume's files to the pod's fsGroup
+        # (group read and write) when it mounts them; the volume is dermq's own. Others: never.
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o007:
+            raise KeyringError(f"period key file {path} has mode {mode:o}: others may read or change it; chmod 600 it")
+        try:
+            record = json.loads(path.read_text())
+            base64.b64decode(record["wrapped_key"], validate=True)
+            str(record["kek_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise KeyringError(f"period key file {path} is not one dermq wrote") from None
+        return dict(record)
+
+    def key(self, keyring: Keyring, kek: str) -> bytes:
+        """The unwrapped key of ``kek`` (``period-...``); a DecryptionError once it was destroyed."""
+        period = kek[len(PREFIX) :]
+        path = self._key_file(period)
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            if self.destroyed(period):
+                raise DecryptionError(
+                    f"the key of period {period} was destroyed (retention): its blobs can never be decrypted"
+                ) from None
+            raise DecryptionError(
+                f"no key for period {period} in {self.folder}; is DERMQ_PERIOD_KEY_DIR the folder the "
+                "other services use?"
+            ) from None
+        stamp = (info.st_ino, info.st_mtime_ns)
+        with self._cache_lock:
+            cached = self._cache.get(period)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        record = self._read(path)
+        if str(record["kek_id"]) not in keyring.keks:  # wrapped by a rotation newer than this keyring
+            from core.crypto import load_keyring
+
+            keyring = load_keyring(self.settings)
+        key = self._unwrap(keyring, period, record)
+        with self._cache_lock:
+            self._cache[period] = (stamp, key)
+        return key
+
+    @staticmethod
+    def _unwrap(keyring: Keyring, period: str, record: dict[str, Any]) -> bytes:
+        wrapping = str(record["kek_id"])
+        wrapped = base64.b64decode(record["wrapped_key"])
+        try:
+            return AESGCM(keyring.kek(wrapping)).decrypt(
+                wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_aad(period, wrapping)
+            )
+        except InvalidTag:
+            raise DecryptionError(f"the key of period {period} does not unwrap (tampered or moved)") from None
+
+    @staticmethod
+    def _record(keyring: Keyring, period: str, key: bytes, created_at: str) -> dict[str, Any]:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        wrapped = nonce + AESGCM(keyring.kek(keyring.active_id)).encrypt(
+            nonce, key, _wrap_aad(period, keyring.active_id)
+        )
+        return {
+            "version": 1,
+            "period": period,
+            "kek_id": keyring.active_id,
+            "wrapped_key": base64.b64encode(wrapped).decode(),
+            "created_at": created_at,
+        }
+
+    # ------------------------------------------------------------------- writing
+
+    def ensure(self, period: str) -> str:
+        """The KEK id of ``period``, creating its key if it has none yet (a 410 for a destroyed one)."""
+        if self.exists(period):
+            return kek_id(period)
+        try:
+            return self._create(period)
+        except OSError as exc:  # an unwritable or missing volume: the operator's to fix, not the client's
+            raise ServiceUnavailable(
+                f"the key of period {period} cannot be stored ({type(exc).__name__}); operators: check that "
+                "DERMQ_PERIOD_KEY_DIR is the shared, writable period-key volume",
+                code="period_keys_unavailable",
+            ) from None
+
+    def _create(self, period: str) -> str:
+        with self.locked():
+            if self.exists(period):
+                return kek_id(period)
+            if self.destroyed(period):
+                raise Gone(
+                    f"the encryption key of period {period} was destroyed; nothing can be stored for it",
+                    code="period_key_destroyed",
+                )
+            from core.crypto import load_keyring
+
+            master = load_keyring(self.settings)  # re-read under the lock: never a KEK retired meanwhile
+            record = self._record(
+                master, period, secrets.token_bytes(KEY_BYTES), datetime.now(UTC).isoformat(timespec="seconds")
+            )
+            with contextlib.suppress(FileExistsError):  # another host's process was first: its key stands
+                self._publish(self._key_file(period), record)
+        return kek_id(period)
+
+    def _publish(self, path: Path, record: dict[str, Any]) -> None:
+        """Create ``path`` (mode 0600, complete or not at all); never replaces an existing file."""
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(record, indent=2) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, path)  # fails if another host created it meanwhile (a folder whose flock is local)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links (SMB): the folder's lock is all there is
+                os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self._sync_folder()
+
+    def _sync_folder(self) -> None:
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rewrap(self, keyring: Keyring) -> int:
+        """Re-wrap every period key not under ``keyring``'s active KEK under it (key rotation); how many."""
+        from core.crypto import write_private_json
+
+        done = 0
+        with self.locked():
+            for entry in self.list():
+                if entry.wrapped_by is None or entry.wrapped_by == keyring.active_id:
+                    continue
+                path = self._key_file(entry.period)
+                record = self._read(path)
+                key = self._unwrap(keyring, entry.period, record)
+                write_private_json(path, self._record(keyring, entry.period, key, str(record.get("created_at"))))
+                done += 1
+        return done
+
+    def destroy(self, period: str, *, reason: str) -> bool:
+        """Tombstone ``period`` and delete its key file; False if it had no key (already destroyed)."""
+        from core.crypto import write_private_json
+
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self._key_file(period)
+        if not self.destroyed(period):
+            write_private_json(
+                self._tombstone(period),
+                {"period": period, "destroyed_at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason},
+            )
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        self._sync_folder()
+        with self._cache_lock:
+            self._cache.pop(period, None)
+        return existed
+
+    def list(self) -> list[PeriodFile]:
+        """Every period with a key or a tombstone, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found: dict[str, PeriodFile] = {}
+        for path in self.folder.glob("*.destroyed"):
+            data = json.loads(path.read_text())
+            found[path.stem] = PeriodFile(path.stem, None, None, data.get("destroyed_at"), data.get("reason"))
+        for path in self.folder.glob("*.json"):
+            with contextlib.suppress(ValueError):
+                bounds(path.stem)
+                record = self._read(path)
+                found[path.stem] = PeriodFile(path.stem, record["kek_id"], record.get("created_at"), None, None)
+        return [found[period] for period in sorted(found, key=lambda p: bounds(p)[0])]

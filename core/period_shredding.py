@@ -1,0 +1,237 @@
+"""Period keys and the database: sealing a case under its period's key, listing periods with their
+cases, and destroying a period's key (by retention, or by an operator) so that no copy of its cases,
+live or in a backup, can be decrypted again (:mod:`core.period_keys` says why and where keys live).
+
+A period is destroyed only once it has ended and no case created in it is still live (every one
+purged), and, for retention, once ``DERMQ_RETENTION_DAYS`` plus ``DERMQ_PERIOD_KEY_GRACE_DAYS`` have
+passed since its end; an operator may force it (live cases are purged first). A period that has not
+ended is never destroyed: requests are still sealing under it.
+
+Sealing and destruction exclude each other through a Postgres advisory lock per period: every
+transaction that wraps a data key under a period's key holds it shared until it ends
+(:func:`wrapping_key`); destruction takes it exclusive, so it waits for those transactions, then
+sees their cases, and none can seal under the period while it checks and destroys. While holding
+it, destruction takes no row lock (a sealer may hold row locks while it waits for the period): a
+forced destruction purges the live cases first, in a transaction of its own, then checks again
+under the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from core import audit
+from core.config import Settings
+from core.crypto import Keyring
+from core.db import session_scope
+from core.errors import Conflict, InvalidInput, KeyringError
+from core.models import Case, CaseBlob, CaseStatus
+from core.period_keys import PeriodKeys, bounds, kek_id
+
+log = logging.getLogger("dermq.keys")
+
+#: first key of the advisory locks on periods ("dqkp")
+LOCK_CLASS = 0x64716B70
+#: purge-then-check rounds of a forced destruction (cases sealed meanwhile need another purge)
+ROUNDS = 5
+
+
+def _lock_key(period: str) -> int:
+    return zlib.crc32(period.encode()) & 0x7FFFFFFF
+
+
+def _hold(session: Session, period: str, *, exclusive: bool = False) -> None:
+    lock = func.pg_advisory_xact_lock if exclusive else func.pg_advisory_xact_lock_shared
+    session.execute(select(lock(LOCK_CLASS, _lock_key(period))))
+
+
+def wrapping_keys(session: Session, keyring: Keyring, created: Iterable[datetime]) -> dict[datetime, str]:
+    """The KEK id to wrap the data keys of a case created at each time under: its period's key
+    (created if it has none yet), each period held against destruction until the transaction ends.
+    Without period keys, the active KEK."""
+    times = list(created)
+    if keyring.periods is None:
+        return dict.fromkeys(times, keyring.active_id)
+    periods = {when: keyring.periods.current(when) for when in times}
+    for period in sorted(set(periods.values())):  # one order everywhere: no deadlock between batches
+        _hold(session, period)
+    return {when: keyring.periods.ensure(period) for when, period in periods.items()}
+
+
+def wrapping_key(session: Session, keyring: Keyring, created_at: datetime) -> str:
+    return wrapping_keys(session, keyring, [created_at])[created_at]
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodStatus:
+    period: str
+    #: ``current`` (still taking cases), ``ended``, ``destroyed``
+    state: str
+    cases: int
+    live: int
+    blobs: int
+    wrapped_by: str | None
+    #: when retention destroys it (once no case is live); None once destroyed
+    destroy_after: str | None
+    destroyed_at: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def folder(settings: Settings) -> PeriodKeys:
+    path = settings.period_key_folder
+    if path is None:
+        raise KeyringError(
+            "no period-key folder: set DERMQ_PERIOD_KEY_DIR "
+            "(with DERMQ_KEYS_JSON there is no key file to put it beside)"
+        )
+    return PeriodKeys(path, settings)
+
+
+def _status(session: Session, settings: Settings, entry: Any, now: datetime) -> PeriodStatus:
+    start, end = bounds(entry.period)
+    in_period = (Case.created_at >= start, Case.created_at < end)
+    cases = session.scalar(select(func.count()).select_from(Case).where(*in_period)) or 0
+    live = (
+        session.scalar(select(func.count()).select_from(Case).where(*in_period, Case.status != CaseStatus.PURGED.value))
+        or 0
+    )
+    blobs = session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.kek_id == kek_id(entry.period)))
+    state = "destroyed" if entry.destroyed_at is not None else "current" if end > now else "ended"
+    after = end + timedelta(days=settings.retention_days + settings.period_key_grace_days)
+    return PeriodStatus(
+        entry.period,
+        state,
+        cases,
+        live,
+        blobs or 0,
+        entry.wrapped_by,
+        None if entry.destroyed_at else after.isoformat(timespec="seconds"),
+        entry.destroyed_at,
+    )
+
+
+def periods(session: Session, settings: Settings, *, now: datetime | None = None) -> list[PeriodStatus]:
+    """Every period with a key or a tombstone, oldest first, with its cases, live cases and blobs."""
+    at = now or datetime.now(UTC)
+    return [_status(session, settings, entry, at) for entry in folder(settings).list()]
+
+
+# --------------------------------------------------------------------------- destruction
+
+
+def _refused(settings: Settings, period: str, actor: audit.Actor, reason: str, detail: dict[str, Any]) -> None:
+    with session_scope(settings) as session:  # the refusal is audited in a transaction of its own
+        audit.record(
+            session,
+            action="keys.destroy_period",
+            outcome=audit.DENIED,
+            actor=actor,
+            entity_type="kek",
+            entity_id=kek_id(period),
+            detail={"reason": reason, **detail},
+        )
+
+
+def destroy_period(
+    settings: Settings,
+    period: str,
+    *,
+    force: bool = False,
+    actor: audit.Actor = audit.SYSTEM,
+    reason: str = "operator",
+    now: datetime | None = None,
+    audit_refusal: bool = True,
+) -> dict[str, Any]:
+    """Destroy ``period``'s key (audited): refused while the period has not ended, and while cases of it
+    are live unless ``force`` (which purges them first). Returns what was done."""
+    from core import retention
+
+    try:
+        start, end = bounds(period)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), code="invalid_period") from None
+    keys = folder(settings)
+    if end > (now or datetime.now(UTC)):
+        _refused(settings, period, actor, "not_ended", {})
+        raise Conflict(
+            f"period {period} has not ended: cases are still sealed under its key; it cannot be destroyed",
+            code="period_not_ended",
+        )
+    if not keys.exists(period) and not keys.destroyed(period):
+        raise InvalidInput(f"there is no key for period {period} in {keys.folder}", code="unknown_period")
+    blobs = kek_id(period)
+    live_in_period = and_(Case.created_at >= start, Case.created_at < end, Case.status != CaseStatus.PURGED.value)
+    # a case created outside the period with a blob under its key: none unless created_at was changed
+    sealed_under = Case.id.in_(select(CaseBlob.case_id).where(CaseBlob.kek_id == blobs))
+    purged = 0
+    for _ in range(ROUNDS):
+        if force:  # row locks are taken here, never while holding the period: no lock cycle with a sealer
+            with session_scope(settings) as session:
+                for case in session.scalars(select(Case).where(or_(live_in_period, sealed_under))):
+                    retention.purge_case(session, case, actor=actor, reason="period_key_destroyed")
+                    purged += 1
+        with session_scope(settings) as session:
+            _hold(session, period, exclusive=True)  # waits for every transaction sealing under it
+            live = session.scalar(select(func.count()).select_from(Case).where(live_in_period))
+            strays = session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.kek_id == blobs))
+            if (live or strays) and force:
+                continue  # sealed while the purge ran (the lock waited for it): purge again
+            if live or strays:
+                session.rollback()
+                if audit_refusal:
+                    _refused(settings, period, actor, "live_cases", {"live": live, "blobs": strays})
+                raise Conflict(
+                    f"{live} case(s) of period {period} are not purged yet; destroying its key would make them "
+                    "unreadable. Wait for retention, erase them, or pass --force to purge them first",
+                    code="period_has_live_cases",
+                )
+            detail = {"reason": reason, "purged": purged, "forced": force}
+            audit.record(
+                session,
+                action="keys.destroy_period",
+                outcome=audit.SUCCESS,
+                actor=actor,
+                entity_type="kek",
+                entity_id=blobs,
+                detail=detail,
+            )
+            session.flush()
+            keys.destroy(period, reason=reason)  # still under the lock: nothing is sealed under it meanwhile
+        log.info("destroyed a period key", extra={"event": "period_destroyed", "count": purged})
+        return {"period": period, **detail}
+    raise Conflict(
+        f"cases of period {period} kept appearing while they were purged; try again", code="period_has_live_cases"
+    )
+
+
+def destroy_expired(settings: Settings, *, now: datetime | None = None) -> list[str]:
+    """Retention: destroy every period whose cases are all purged and whose end lies more than the
+    retention plus the grace in the past; returns the periods destroyed. A period that still has a
+    live case is left (``dermq keys periods`` shows it)."""
+    if settings.period_key_folder is None:
+        return []
+    at = now or datetime.now(UTC)
+    margin = timedelta(days=settings.retention_days + settings.period_key_grace_days)
+    destroyed = []
+    for entry in folder(settings).list():
+        if entry.destroyed_at is not None or bounds(entry.period)[1] + margin > at:
+            continue
+        try:  # a period with a live case is skipped quietly, run after run, until its cases are purged
+            destroy_period(settings, entry.period, reason="retention", now=at, audit_refusal=False)
+        except Conflict:
+            continue
+        destroyed.append(entry.period)
+    return destroyed
