@@ -88,14 +88,18 @@ def test_a_postgres_outage_answers_503_and_loses_nothing(stack: FaultStack) -> N
         assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
         pending.discard(case_id)
     assert not pending
-    # The running job's store failed on the lost connection: the retry put its case back and took it again.
+    # The running job's store failed on the lost connection, and its case went back to the queue: put
+    # there by the task's retry once the database answered (transient_error) or, when the outage and
+    # the retries' backoff outlasted the task's time limit (18 s here; a slow Postgres restart under
+    # load), by the sweeper first (worker_lost). tests/worker/test_retries.py proves the retry's path
+    # on its own, without the race.
     with session_scope(stack.settings) as session:
         retried = session.scalars(
             select(AuditEvent.detail).where(
                 AuditEvent.action == "case.requeue", AuditEvent.entity_id.in_([str(c) for c in before])
             )
         ).all()
-    assert any(detail["reason"] == "transient_error" for detail in retried), retried
+    assert {detail["reason"] for detail in retried} & {"transient_error", "worker_lost"}, retried
 
     # The refused submission left nothing behind: its key is unused, so the same request now creates.
     with session_scope(stack.settings) as session:
