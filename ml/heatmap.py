@@ -7,11 +7,17 @@ The map itself comes from the model's last feature map, a few cells a side (6x7 
 takes about 104 ms to draw and encode, the 512-pixel one about 20 (clinicians keep the original
 image for detail). Colouring is a 256-entry lookup table
 and blending is Pillow's, both on uint8: within 3 levels (rounding) of the float formula.
+
+The PNG is written by :func:`encode_png`: every row with PNG's "Up" filter and zlib at level 1. Pillow's
+encoder (at ``compress_level=1``) tries every filter on every row: measured side by side on this
+project's 2-core VM, a 512x384 overlay took 21.0 ms (193 KB) with Pillow and 7.7 ms (190 KB) here, a
+300x225 one 5.7 and 2.6 ms; it is on the worker's path to every result.
 """
 
 from __future__ import annotations
 
-import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -57,6 +63,32 @@ def render(image: Image.Image, cam: np.ndarray, max_side: int = DEFAULT_MAX_SIDE
     heat = upsample(cam, size)
     coloured = Image.fromarray(_LUT[(heat * 255.0 + 0.5).astype(np.uint8)])
     blended = Image.blend(coloured, base.convert("RGB"), IMAGE_WEIGHT)  # coloured * (1 - w) + base * w
-    out = io.BytesIO()
-    blended.save(out, format="PNG", compress_level=1)
-    return heat, out.getvalue()
+    return heat, encode_png(np.asarray(blended))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_UP = 2  # PNG filter type: each byte minus the byte above it
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> a PNG file (8-bit RGB, not interlaced), every row filtered with "Up", zlib
+    level 1 (PNG specification, sections 9.2 and 10)."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError("encode_png takes an (H, W, 3) uint8 array")
+    height, width, _ = rgb.shape
+    rows = np.empty((height, 1 + width * 3), dtype=np.uint8)
+    rows[:, 0] = _UP
+    flat = rgb.reshape(height, width * 3)
+    rows[0, 1:] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's does
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, no interlace
+    return (
+        PNG_SIGNATURE
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
+        + _chunk(b"IEND", b"")
+    )
