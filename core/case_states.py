@@ -14,7 +14,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, String, Uuid, column, exists, select, union_all, update, values
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    Numeric,
+    String,
+    Uuid,
+    cast,
+    column,
+    exists,
+    func,
+    select,
+    union_all,
+    update,
+    values,
+)
 from sqlalchemy import case as sa_case
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
@@ -75,20 +89,23 @@ def claim_batch(
     *,
     limit: int,
     max_pixels: int | None = None,
+    reduce_to: int | None = None,
     actor: audit.Actor = audit.SYSTEM,
 ) -> list[Case]:
     """Claim ``case_id`` and up to ``limit - 1`` more queued cases (urgent first, then oldest) in one
     statement, for a worker that classifies them as one batch.
 
-    With ``max_pixels``, the batch holds at most that many declared image pixels: a case joins only if
-    its image has at most ``max_pixels / limit`` pixels, and a larger ``case_id`` is claimed alone.
+    With ``max_pixels``, the batch holds at most that many decoded image pixels: a case joins only if
+    its image decodes to at most ``max_pixels / limit`` pixels, and a larger ``case_id`` is claimed
+    alone. With ``reduce_to`` (what the worker passes to the decoder), a JPEG counts the pixels of its
+    draft-mode decode (:func:`decoded_pixels`), every other format its declared size.
 
     ``FOR UPDATE SKIP LOCKED`` lets concurrent batches take disjoint sets; each claimed case's own
     message later finds it taken and does nothing. Returns nothing if ``case_id`` itself was not
     queued (another batch took it): that worker is already on it.
     """
     # One statement: our case (if still queued and not locked) plus, only then, the others.
-    pixels = Case.image_width * Case.image_height
+    pixels = decoded_pixels(reduce_to)
     per_slot = max_pixels // max(limit, 1) if max_pixels is not None else None
     mine = (
         select(Case.id, pixels.label("pixels"))
@@ -116,6 +133,19 @@ def claim_batch(
     claimed.sort(key=lambda c: c.id != case_id)
     _audit_starts(session, claimed, actor, batch=len(claimed))
     return claimed
+
+
+def decoded_pixels(reduce_to: int | None) -> ColumnElement[Any]:
+    """SQL for the pixels a queued case's image decodes to: its declared width x height, divided for a
+    JPEG by the square of the draft scale the decoder picks for ``reduce_to`` (1, 2, 4 or 8: the
+    largest that keeps the longer side at least ``reduce_to``; ``ml.images.decode``)."""
+    declared = Case.image_width * Case.image_height
+    if reduce_to is None:
+        return declared
+    longer = func.greatest(Case.image_width, Case.image_height)
+    steps = func.least(3, func.greatest(0, func.floor(func.log(2.0, cast(longer, Numeric) / reduce_to))))
+    scale = func.power(2, steps)
+    return sa_case((Case.image_format == "JPEG", cast(declared / (scale * scale), BigInteger)), else_=declared)
 
 
 def claim_queued(session: Session, *, limit: int, actor: audit.Actor = audit.SYSTEM) -> list[Case]:

@@ -138,9 +138,12 @@ class Settings(BaseSettings):
     #: on a CUDA worker, how long a short batch waits for more cases; the CPU never waits (a bigger
     #: batch costs the sum of its images there, so waiting only adds latency)
     batch_max_wait_ms: int = Field(10, ge=0, le=1000)
-    #: the declared pixels one batch may hold: a case takes a batch slot only if its image has at most
-    #: batch_max_pixels / batch_max_size pixels; a larger one is classified alone
-    batch_max_pixels: int = Field(200_000_000, ge=1_000_000)
+    #: the decoded pixels one batch may hold (a JPEG counts its draft-mode decode, other formats their
+    #: declared size): a case takes a batch slot only if it decodes to at most batch_max_pixels /
+    #: batch_max_size pixels; a larger one is classified alone. 48 M: a batch's canvases (3 bytes a
+    #: pixel, and their copies while being drawn) stay within a worker child's few hundred MiB; eight
+    #: 12-megapixel JPEGs (0.75 M each once decoded) still share a batch
+    batch_max_pixels: int = Field(48_000_000, ge=1_000_000)
     #: worker children (Celery prefork). 0 = auto: one per core on a CPU worker, where processes with
     #: one thread each beat threads (python -m bench.layout: 1.6x on 2 cores); 1 on a CUDA worker
     worker_concurrency: int = Field(0, ge=0)

@@ -99,7 +99,11 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     # The claim and the images' read share one transaction (one connection checkout, one commit).
     with session_scope(config) as session:
         claimed = case_states.claim_batch(
-            session, case_id, limit=config.batch_max_size, max_pixels=config.batch_max_pixels
+            session,
+            case_id,
+            limit=config.batch_max_size,
+            max_pixels=config.batch_max_pixels,
+            reduce_to=config.overlay_max_side,  # what the worker's decoder is given (pipeline._decode_claimed)
         )
         items, missing = with_images(session, config, claimed)
     if not claimed:

@@ -1,0 +1,50 @@
+"""A batch is bounded by the pixels its images decode to: for a JPEG those of the draft-mode decode the
+worker asks for, for other formats the declared size (core.case_states.decoded_pixels agrees with
+ml.images.decode)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from core import audit, case_states, cases
+from core.db import session_scope
+from core.keys import Principal
+from core.models import Case, Priority, Role
+from ml.images import ImageLimits, decode
+
+
+@pytest.mark.parametrize(
+    ("fmt", "width", "height"),
+    [("JPEG", 4000, 3000), ("JPEG", 200, 150), ("JPEG", 1024, 768), ("JPEG", 9000, 6000), ("PNG", 4500, 4500)],
+)
+def test_counted_pixels_are_the_decoded_ones(make_key, settings, keyring, fmt: str, width: int, height: int) -> None:  # type: ignore[no-untyped-def]
+    tenant = make_key("clinic")
+    data = b"not decoded here"
+    image = cases.NewImage(data, fmt, f"image/{fmt.lower()}", width, height, hashlib.sha256(data).hexdigest())
+    with session_scope(settings) as session:
+        case, _ = cases.create_case(
+            session,
+            keyring=keyring,
+            principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
+            actor=audit.SYSTEM,
+            image=image,
+            client_ref=None,
+            priority=Priority.ROUTINE,
+        )
+        reduced = case_states.decoded_pixels(settings.overlay_max_side)
+        counted = session.scalar(select(reduced).where(Case.id == case.id))
+        declared = session.scalar(select(case_states.decoded_pixels(None)).where(Case.id == case.id))
+    assert declared == width * height
+    if fmt == "JPEG":
+        out = io.BytesIO()
+        Image.new("RGB", (width, height), (120, 90, 80)).save(out, "JPEG", quality=50)
+        limits = ImageLimits(min_side=8, max_pixels=100_000_000)
+        decoded = decode(out.getvalue(), limits, reduce_to=settings.overlay_max_side).image
+        assert counted == decoded.width * decoded.height
+    else:
+        assert counted == width * height
