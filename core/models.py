@@ -76,6 +76,8 @@ class BlobKind(enum.StrEnum):
     CLIENT_REF = "client_ref"
     #: the findings of the case's result (label, probabilities, referral...), one sealed JSON document
     RESULT = "result"
+    #: the clinic's confirmed diagnosis of the case (core.outcomes), sealed like the findings
+    OUTCOME = "outcome"
 
 
 class Outcome(enum.StrEnum):
@@ -357,20 +359,22 @@ class ConfirmationMethod(enum.StrEnum):
 
 
 class ConfirmedOutcome(Base):
-    """A case's confirmed diagnosis, reported by its clinic: one per case (a correction replaces it,
-    ``revision`` counts the reports). Field performance (``dermq monitor report``) compares it with
-    the model's label."""
+    """A case's confirmed outcome, reported by its clinic: one per case (a correction replaces it,
+    ``revision`` counts the reports). The diagnosis itself is sealed (an ``outcome`` case blob); field
+    performance (``dermq monitor report``) reads the case-free tally."""
 
     __tablename__ = "confirmed_outcomes"
     __table_args__ = (
         CheckConstraint(f"method IN ({_values(ConfirmationMethod)})", name="method"),
         CheckConstraint("diagnosis IN ('akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc')", name="diagnosis"),
         Index("ix_confirmed_outcomes_clinic", "clinic_id", "updated_at"),
+        Index("ix_confirmed_outcomes_plain_diagnosis", "case_id", postgresql_where=text("diagnosis IS NOT NULL")),
     )
 
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
     clinic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
-    diagnosis: Mapped[str] = mapped_column(String(16))
+    #: NULL once sealed (an ``outcome`` case blob, core.phi); plain only in rows from before migration 0010
+    diagnosis: Mapped[str | None] = mapped_column(String(16))
     method: Mapped[str] = mapped_column(String(16))
     revision: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     reported_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))

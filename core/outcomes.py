@@ -3,7 +3,9 @@
 A clinic reports a finished case's confirmed diagnosis (histopathology, follow-up, consensus or
 confocal microscopy); a second report replaces the first (a correction) and both are audited as
 ``case.outcome``. The audit detail carries the method and the revision, never the diagnosis:
-auditors do not see clinical results.
+auditors do not see clinical results. The diagnosis is about the patient: it is sealed as the case's
+``outcome`` blob (under the case's period key, like its image), never stored in a plain column
+(reports from before migration 0010 are sealed by the sweeper, :func:`seal_plain_diagnoses`).
 
 Each report also counts the case in ``outcome_tallies`` (:class:`core.models.OutcomeTally`): per
 model, how many confirmed cases had each (model's answer, referral, confirmed diagnosis), with no
@@ -27,16 +29,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core import audit, results
 from core.cases import owned_case
-from core.crypto import Keyring
+from core.crypto import Keyring, decrypt_blob, encrypt_blob
 from core.errors import Conflict, Gone, InvalidInput
 from core.keys import Principal
-from core.models import CaseStatus, ConfirmationMethod, ConfirmedOutcome, Outcome, OutcomeTally
+from core.models import (
+    BlobKind,
+    Case,
+    CaseBlob,
+    CaseStatus,
+    ConfirmationMethod,
+    ConfirmedOutcome,
+    Outcome,
+    OutcomeTally,
+)
 from ml.labels import CLASSES, CONCERNING
 
 ACTION = "case.outcome"
@@ -83,6 +94,54 @@ def _answer(result: results.ResultView) -> tuple[str, bool]:
     return OUT_OF_DISTRIBUTION, False
 
 
+# --------------------------------------------------------------------------- the diagnosis at rest
+
+#: the confirmed diagnosis is about the patient: sealed like the result's findings, never a plain column
+KIND = BlobKind.OUTCOME.value
+MEDIA_TYPE = "text/plain; charset=utf-8"
+
+
+def _seal_diagnosis(session: Session, keyring: Keyring, case: Case, diagnosis: str) -> None:
+    """Store ``diagnosis`` as the case's ``outcome`` blob (replacing one there), its data key wrapped
+    under the key of the case's period, like every other blob of the case."""
+    from core.cases import insert_blobs
+    from core.period_shredding import wrapping_keys
+
+    kek_id = wrapping_keys(session, keyring, [case.created_at])[case.created_at]
+    sealed = encrypt_blob(keyring, diagnosis.encode(), case_id=case.id, kind=KIND, kek_id=kek_id)
+    session.execute(delete(CaseBlob).where(CaseBlob.case_id == case.id, CaseBlob.kind == KIND))
+    insert_blobs(session, [(case.id, BlobKind.OUTCOME, sealed, MEDIA_TYPE)])
+
+
+def _diagnosis(session: Session, keyring: Keyring, row: ConfirmedOutcome) -> str:
+    """The diagnosis a stored report holds: sealed, or plain in a row from before migration 0010."""
+    if row.diagnosis is not None:
+        return row.diagnosis
+    blob = session.scalar(select(CaseBlob).where(CaseBlob.case_id == row.case_id, CaseBlob.kind == KIND))
+    if blob is None:
+        raise RuntimeError("a confirmed outcome has neither a plain nor a sealed diagnosis")
+    return decrypt_blob(keyring, blob.sealed, case_id=row.case_id, kind=KIND).decode()
+
+
+def seal_plain_diagnoses(session: Session, keyring: Keyring, *, limit: int = 500) -> int:
+    """Seal up to ``limit`` diagnoses still stored in plain text (reports from before migration 0010)
+    and empty their column; returns how many. Cheap once none are left (a partial index answers)."""
+    legacy = session.execute(
+        select(ConfirmedOutcome.case_id, ConfirmedOutcome.diagnosis)
+        .where(ConfirmedOutcome.diagnosis.is_not(None))
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for case_id, diagnosis in legacy:
+        case = session.get(Case, case_id)
+        if case is not None and diagnosis is not None:
+            _seal_diagnosis(session, keyring, case, diagnosis)
+    if legacy:
+        ids = [case_id for case_id, _ in legacy]
+        session.execute(update(ConfirmedOutcome).where(ConfirmedOutcome.case_id.in_(ids)).values(diagnosis=None))
+    return len(legacy)
+
+
 def record_outcome(
     session: Session,
     *,
@@ -114,17 +173,16 @@ def record_outcome(
     row = session.get(ConfirmedOutcome, case_id)
     correction = row is not None
     if row is None:
-        row = ConfirmedOutcome(
-            case_id=case_id, clinic_id=case.clinic_id, diagnosis=diagnosis, method=confirmed_by.value
-        )
+        row = ConfirmedOutcome(case_id=case_id, clinic_id=case.clinic_id, diagnosis=None, method=confirmed_by.value)
         row.revision = 1
         session.add(row)
     else:
-        _tally(session, (result.model_id, predicted, referral, row.diagnosis), -1)
-        row.diagnosis, row.method = diagnosis, confirmed_by.value
+        _tally(session, (result.model_id, predicted, referral, _diagnosis(session, keyring, row)), -1)
+        row.diagnosis, row.method = None, confirmed_by.value
         row.revision += 1
         row.updated_at = datetime.now(UTC)
     _tally(session, (result.model_id, predicted, referral, diagnosis), +1)
+    _seal_diagnosis(session, keyring, case, diagnosis)
     row.reported_by = principal.key_id
     session.flush()
     session.refresh(row)

@@ -35,7 +35,7 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import callbacks, period_shredding, phi, recovery, results, retention
+from core import callbacks, outcomes, period_shredding, phi, recovery, results, retention
 from core.config import Settings
 from core.db import session_scope
 from core.logs import case_id_var
@@ -167,7 +167,13 @@ def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) 
     with session_scope(config) as session:  # client references and results stored before they were sealed
         sealed = phi.seal_plain_client_refs(session, keyring(config))
         sealed_results = results.seal_plain_results(session, keyring(config))  # a batch of each a sweep
-    return {**report.to_dict(), "client_refs_sealed": sealed, "results_sealed": sealed_results}
+        sealed_diagnoses = outcomes.seal_plain_diagnoses(session, keyring(config))
+    return {
+        **report.to_dict(),
+        "client_refs_sealed": sealed,
+        "results_sealed": sealed_results,
+        "diagnoses_sealed": sealed_diagnoses,
+    }
 
 
 @app.task(name=TASK_SWEEP)

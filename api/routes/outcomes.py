@@ -68,7 +68,7 @@ async def report_outcome(
         )
         out = OutcomeOut(
             case_id=row.case_id,
-            diagnosis=row.diagnosis,
+            diagnosis=body.diagnosis,  # validated; stored sealed, never read back here
             method=row.method,  # type: ignore[arg-type]
             revision=row.revision,
             created_at=row.created_at,

@@ -7,11 +7,12 @@ import json
 import uuid
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from core import outcomes
+from core.crypto import decrypt_blob
 from core.db import session_scope
-from core.models import AuditEvent, Case, CaseStatus, ConfirmedOutcome, Result
+from core.models import AuditEvent, Case, CaseBlob, CaseStatus, ConfirmedOutcome, Result
 from tests.api.test_cases import submit, wait_done
 from tests.cli.test_commands import run
 from tests.conftest import Tenant
@@ -34,8 +35,13 @@ def outcome_events(settings, case_id) -> list[AuditEvent]:  # type: ignore[no-un
         )
 
 
+def sealed_diagnoses(session, keyring, case_id: uuid.UUID) -> list[str]:  # type: ignore[no-untyped-def]
+    blobs = session.scalars(select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == "outcome")).all()
+    return [decrypt_blob(keyring, b.sealed, case_id=case_id, kind="outcome").decode() for b in blobs]
+
+
 def test_an_outcome_is_recorded_then_corrected_and_both_are_audited(  # type: ignore[no-untyped-def]
-    client, worker, tenant: Tenant, fixture_images, settings
+    client, worker, tenant: Tenant, fixture_images, settings, keyring
 ) -> None:
     response = submit(client, tenant, fixture_images["ISIC_0024313"].read_bytes())
     case_id = response.json()["id"]
@@ -58,8 +64,9 @@ def test_an_outcome_is_recorded_then_corrected_and_both_are_audited(  # type: ig
     with session_scope(settings) as session:
         rows = session.scalars(select(ConfirmedOutcome).where(ConfirmedOutcome.case_id == uuid.UUID(case_id))).all()
         assert [(r.diagnosis, r.method, r.revision, r.reported_by) for r in rows] == [
-            ("mel", "histo", 2, tenant.key_id)
+            (None, "histo", 2, tenant.key_id)  # the diagnosis is about the patient: sealed, never a plain column
         ]
+        assert sealed_diagnoses(session, keyring, uuid.UUID(case_id)) == ["mel"]  # the correction replaced it
     events = outcome_events(settings, case_id)
     assert [(e.outcome, e.detail, e.actor_key_id) for e in events] == [
         ("success", {"method": "follow_up", "revision": 1, "correction": False}, tenant.key_id),
@@ -229,3 +236,30 @@ def result_row(case_id: uuid.UUID, model: str, label: str | None, referral: bool
         gradcam_status="ok",
         **common,
     )
+
+
+def test_a_diagnosis_stored_in_plain_text_is_sealed_by_the_sweep_and_still_corrects(  # type: ignore[no-untyped-def]
+    client, tenant: Tenant, store_case, settings, keyring
+) -> None:
+    """A report from before migration 0010 kept its diagnosis in a plain column: the sweeper seals it,
+    and a later correction still moves its count in the tally."""
+    model = f"field-test-{uuid.uuid4().hex[:8]}"
+    case_id = store_case(tenant, uuid.uuid4().bytes)
+    with session_scope(settings) as session:
+        session.add(result_row(case_id, model, "mel", True))
+        session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+    assert post(client, tenant, case_id, diagnosis="nv", method="histo").status_code == 201
+    with session_scope(settings) as session:  # as a report stored before sealing would be
+        session.execute(delete(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == "outcome"))
+        session.get(ConfirmedOutcome, case_id).diagnosis = "nv"
+    with session_scope(settings) as session:
+        while outcomes.seal_plain_diagnoses(session, keyring):
+            pass
+    with session_scope(settings) as session:
+        assert session.get(ConfirmedOutcome, case_id).diagnosis is None
+        assert sealed_diagnoses(session, keyring, case_id) == ["nv"]
+    assert post(client, tenant, case_id, diagnosis="mel", method="histo").status_code == 200
+    done = run(settings, "monitor", "report", "--model", model, "--json")
+    figures = json.loads(done.stdout)["models"][model]
+    assert figures["confirmed"] == 1 and figures["classes"]["mel"]["sensitivity"]["successes"] == 1
+    assert figures["classes"]["nv"]["sensitivity"]["trials"] == 0  # the count moved with the correction

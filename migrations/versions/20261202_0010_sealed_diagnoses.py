@@ -1,0 +1,52 @@
+"""Sealed confirmed diagnoses: a clinic's confirmed diagnosis of a case is an ``outcome`` case blob
+(core/outcomes.py), like the result's findings; ``confirmed_outcomes.diagnosis`` becomes nullable and
+is NULL once sealed. Rows written before keep their plain diagnosis until the sweeper seals them (it
+needs the key file, which migrations do not have); a partial index finds those.
+
+Downgrade: refuses while a diagnosis is sealed (it cannot unseal without the keys).
+
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-02 12:00:00.000000+00:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0010"
+down_revision: str | None = "0009"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def _blob_kinds(kinds: str) -> None:
+    op.drop_constraint(op.f("ck_case_blobs_kind"), "case_blobs", type_="check")
+    op.create_check_constraint(op.f("ck_case_blobs_kind"), "case_blobs", f"kind IN ({kinds})")
+
+
+def upgrade() -> None:
+    _blob_kinds("'image', 'heatmap', 'client_ref', 'result', 'outcome'")
+    op.alter_column("confirmed_outcomes", "diagnosis", existing_type=sa.String(16), nullable=True)
+    op.create_index(
+        "ix_confirmed_outcomes_plain_diagnosis",
+        "confirmed_outcomes",
+        ["case_id"],
+        postgresql_where=sa.text("diagnosis IS NOT NULL"),
+    )
+
+
+def downgrade() -> None:
+    sealed = op.get_bind().scalar(sa.text("SELECT count(*) FROM confirmed_outcomes WHERE diagnosis IS NULL"))
+    if sealed:
+        raise RuntimeError(
+            f"{sealed} confirmed diagnoses are sealed; the schema before 0010 cannot hold them "
+            "(unsealing needs the key file, which migrations do not have)"
+        )
+    op.execute("DELETE FROM case_blobs WHERE kind = 'outcome'")
+    op.drop_index("ix_confirmed_outcomes_plain_diagnosis", table_name="confirmed_outcomes")
+    op.alter_column("confirmed_outcomes", "diagnosis", existing_type=sa.String(16), nullable=False)
+    _blob_kinds("'image', 'heatmap', 'client_ref', 'result'")
