@@ -86,11 +86,18 @@ def test_a_classified_case_leaves_no_finding_in_a_dump_and_erasure_leaves_none_t
         result["referral"],
     )
 
+    confirmed = client.post(
+        f"/v1/cases/{case_id}/outcome", headers=tenant.headers, json={"diagnosis": "bkl", "method": "histo"}
+    )
+    assert confirmed.status_code == 201, confirmed.text
+
     dumped = dump(settings)
     assert marker not in dumped
     assert_no_findings_in(dumped, case_id, result)
     (row,) = [r for r in dumped_rows(dumped, "results") if r["case_id"] == case_id]
     assert row["outcome"] == "diagnosis" and row["model_id"] == result["model"]["id"]  # operational: plain
+    (report,) = [r for r in dumped_rows(dumped, "confirmed_outcomes") if r["case_id"] == case_id]
+    assert report["diagnosis"] == "\\N" and report["method"] == "histo"  # the confirmed diagnosis is sealed
 
     assert client.delete(f"/v1/cases/{case_id}", headers=tenant.headers).status_code == 200
     with session_scope(settings) as session:
