@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ml import data as ds
 from ml import registry
@@ -225,10 +226,28 @@ def select_samples(manifest: dict[str, Any], data: str | Path, split: str) -> tu
 
 
 def load_images(samples: Sequence[ds.Sample], reduce_to: int) -> list[Any]:
+    """The samples' images through the serving decode, with a progress bar on a terminal's stderr."""
     from ml.images import ImageLimits, decode_image
 
     limits = ImageLimits(min_side=8)
-    return [decode_image(s.path.read_bytes(), limits, reduce_to=reduce_to) for s in samples]
+    return [
+        decode_image(s.path.read_bytes(), limits, reduce_to=reduce_to)
+        for s in tqdm(samples, desc="decode", unit="img", leave=False, disable=None, mininterval=1)
+    ]
+
+
+def model_outputs(predictor: Any, images: Sequence[Any], chunk: int = 256) -> Any:
+    """``predictor.outputs(images)``, a chunk at a time behind a progress bar (terminals only)."""
+    from ml.predictor import ModelOutputs
+
+    starts = range(0, len(images), chunk)
+    parts = [
+        predictor.outputs(images[i : i + chunk])
+        for i in tqdm(starts, desc="classify", unit="chunk", leave=False, disable=None, mininterval=1)
+    ]
+    if not parts:
+        return predictor.outputs([])
+    return ModelOutputs(*(np.concatenate([getattr(p, f) for p in parts]) for f in ModelOutputs._fields))
 
 
 def run(
@@ -249,7 +268,7 @@ def run(
     manifest = predictor.info.manifest
     samples, used = select_samples(manifest, data, split)
     images = load_images(samples, reduce_to=max(predictor.prep.input_size))
-    logits, features, pixels = predictor.outputs(images)
+    logits, features, pixels = model_outputs(predictor, images)
     metrics, probabilities, _ = evaluate_arrays(samples, logits, predictor.policy)
     metrics.update({"model_id": predictor.info.model_id, "split": used, "backend": backend})
     if predictor.gate is not None:

@@ -86,3 +86,14 @@ def test_evaluate_cli_writes_metrics_plots_and_report(tiny_entry: Path, tmp_path
 def test_evaluate_cli_reports_bad_input(tiny_entry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate.main(["--model", str(tiny_entry), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_outputs_a_chunk_at_a_time_equal_one_pass(tiny_entry: Path, fixture_pil) -> None:  # type: ignore[no-untyped-def]
+    from ml.predictor import Predictor
+
+    predictor = Predictor.load(tiny_entry, device="cpu")
+    images = fixture_pil[:5]
+    whole = predictor.outputs(images)
+    chunked = evaluate.model_outputs(predictor, images, chunk=2)  # three chunks behind the progress bar
+    for name in whole._fields:
+        assert np.allclose(getattr(chunked, name), getattr(whole, name), atol=1e-5), name
