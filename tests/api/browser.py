@@ -107,12 +107,26 @@ def clean_downloads(folder: Path) -> Path:
     return folder
 
 
+def ready(driver: Any) -> bool:
+    """Whether the page's module ran to its end (it sets ``data-ready`` on the root element last)."""
+    return bool(driver.execute_script("return document.documentElement.dataset.ready") == "true")
+
+
 def open_page(driver: Any, url: str, token: str) -> None:
     """Open a dermq page (portal or console) once its module has run, and paste ``token`` as its key."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
 
     driver.get(url)
-    wait_until(driver, lambda d: d.execute_script("return document.documentElement.dataset.ready") == "true")
+    try:
+        wait_until(driver, ready, timeout=30)
+    except TimeoutException:  # say what the browser shows, then give the page one reload
+        seen = f"{driver.current_url!r} titled {driver.title!r}; {problems(driver)}"
+        driver.refresh()
+        try:
+            wait_until(driver, ready, timeout=30)
+        except TimeoutException:
+            raise AssertionError(f"{url} never ran its modules: the browser showed {seen}") from None
     driver.find_element(By.ID, "api-key").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
     wait_until(driver, lambda d: d.find_element(By.ID, "key-state").get_attribute("data-state") == "set", 10)

@@ -10,10 +10,12 @@ import pytest
 from tests.api import browser
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    """A headless Chromium (Selenium webdriver), shared by the browser tests; downloads go to
-    tests/artifacts/downloads. Skipped, saying why, only where the browser or Selenium is absent."""
+    """A headless Chromium (Selenium webdriver), one per test module (a browser left idle for minutes
+    while other modules run, after another page's downloads, once failed to run the next page's
+    modules); downloads go to tests/artifacts/downloads. Skipped, saying why, only where the browser
+    or Selenium is absent."""
     reason = browser.missing()
     if reason is not None:
         pytest.skip(f"browser tests need Debian's chromium and chromedriver and selenium: {reason}")
