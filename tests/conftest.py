@@ -142,17 +142,10 @@ def live_api(stack_env: dict[str, str], stack_dir: Path, database, redis_client)
         "DERMQ_MAX_UPLOAD_BYTES": str(1024 * 1024),
         "DERMQ_METRICS_PORT": str(support.free_port()),
     }
-    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, stack_dir / "live-api.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=60, what="the API to start")
-        if not server.alive():
-            raise RuntimeError(server.output()[-3000:])
+    with support.api_process(env, stack_dir / "live-api.log") as (base, server):
         server.metrics_url = f"http://127.0.0.1:{env['DERMQ_METRICS_PORT']}/metrics"  # type: ignore[attr-defined]
         live_api_process.append(server)
         yield base
-    finally:
-        server.stop()
 
 
 @dataclass(frozen=True)
@@ -196,13 +189,22 @@ def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[n
     from core.keys import Principal
     from core.models import Priority, Role
 
-    def store(tenant: Tenant, data: bytes, priority: str = "routine") -> uuid.UUID:
+    def store(
+        tenant: Tenant,
+        data: bytes,
+        priority: str = "routine",
+        *,
+        fmt: str = "JPEG",
+        width: int = 300,
+        height: int = 225,
+    ) -> uuid.UUID:
+        """``data`` declared as a ``fmt`` image of ``width`` x ``height`` pixels (as the intake records)."""
         image = cases.NewImage(
             data=data,
-            format="JPEG",
-            media_type="image/jpeg",
-            width=300,
-            height=225,
+            format=fmt,
+            media_type=f"image/{fmt.lower()}",
+            width=width,
+            height=height,
             sha256=hashlib.sha256(data).hexdigest(),
         )
         with session_scope(settings) as session:

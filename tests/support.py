@@ -128,6 +128,22 @@ def api_up(base_url: str) -> bool:
         return False
 
 
+@contextmanager
+def api_process(env: dict[str, str], log: Path, *, timeout: float = 60) -> Iterator[tuple[str, Process]]:
+    """A ``dermq-api`` process started with ``env`` (its ``DERMQ_API_PORT``), answering its health
+    check; yields (base URL, process) and stops it afterwards. Raises with the process's output if it
+    dies while starting."""
+    server = Process("api", [str(VENV_BIN / "dermq-api")], env, log)
+    base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
+    try:
+        wait_for(lambda: api_up(base) or not server.alive(), timeout=timeout, what="the API to start")
+        if not server.alive():
+            raise RuntimeError(server.output()[-3000:])
+        yield base, server
+    finally:
+        server.stop()
+
+
 def self_signed_certificate(cert: Path, key: Path) -> None:
     """A throwaway certificate for ``localhost`` and its private key (mode 0600), as PEM files."""
     import datetime as dt

@@ -36,14 +36,8 @@ def two_process_api(
         "DERMQ_METRICS_PORT": str(metrics_port),
         "DERMQ_API_PROCESSES": "2",
     }
-    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, stack_dir / "two-process-api.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=90, what="the API to start")
-        assert server.alive()
+    with support.api_process(env, stack_dir / "two-process-api.log", timeout=90) as (base, server):
         yield base, f"http://127.0.0.1:{metrics_port}/metrics", server.proc.pid
-    finally:
-        server.stop()
 
 
 def test_two_api_processes_serve_one_port_and_are_counted_together(two_process_api, tenant) -> None:  # type: ignore[no-untyped-def]

@@ -37,14 +37,8 @@ def export_api(own_database, stack_env: dict[str, str], stack_dir: Path, keyring
         "DERMQ_API_PORT": str(port),
         "DERMQ_API_PROCESSES": "1",
     }
-    server = support.Process("export-api", [str(support.VENV_BIN / "dermq-api")], env, stack_dir / "export-api.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=60, what="the API to start")
-        assert server.alive(), server.output()[-3000:]
+    with support.api_process(env, stack_dir / "export-api.log") as (base, _):
         yield base, own_database
-    finally:
-        server.stop()
 
 
 def test_revoking_a_key_while_its_export_streams_cuts_the_export_short(export_api, keyring) -> None:  # type: ignore[no-untyped-def]

@@ -37,14 +37,8 @@ def bounded_api(
         "DERMQ_DECODE_MEMORY_BYTES": str(BUDGET_MIB * 1024 * 1024),
         "DERMQ_MAX_CONCURRENT_UPLOADS_PER_CLINIC": "4",
     }
-    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, stack_dir / "bounded-api.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=60, what="the API to start")
-        assert server.alive(), server.output()[-3000:]
-        yield base, server
-    finally:
-        server.stop()
+    with support.api_process(env, stack_dir / "bounded-api.log") as started:
+        yield started
 
 
 def lossless_bomb() -> bytes:

@@ -4,17 +4,15 @@ ml.images.decode)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from core import audit, case_states, cases
+from core import case_states
 from core.db import session_scope
-from core.keys import Principal
-from core.models import Case, Priority, Role
+from core.models import Case
 from ml.images import ImageLimits, decode
 
 
@@ -22,23 +20,13 @@ from ml.images import ImageLimits, decode
     ("fmt", "width", "height"),
     [("JPEG", 4000, 3000), ("JPEG", 200, 150), ("JPEG", 1024, 768), ("JPEG", 9000, 6000), ("PNG", 4500, 4500)],
 )
-def test_counted_pixels_are_the_decoded_ones(make_key, settings, keyring, fmt: str, width: int, height: int) -> None:  # type: ignore[no-untyped-def]
+def test_counted_pixels_are_the_decoded_ones(make_key, settings, store_case, fmt: str, width: int, height: int) -> None:  # type: ignore[no-untyped-def]
     tenant = make_key("clinic")
-    data = b"not decoded here"
-    image = cases.NewImage(data, fmt, f"image/{fmt.lower()}", width, height, hashlib.sha256(data).hexdigest())
+    case_id = store_case(tenant, b"not decoded here", fmt=fmt, width=width, height=height)
     with session_scope(settings) as session:
-        case, _ = cases.create_case(
-            session,
-            keyring=keyring,
-            principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
-            actor=audit.SYSTEM,
-            image=image,
-            client_ref=None,
-            priority=Priority.ROUTINE,
-        )
         reduced = case_states.decoded_pixels(settings.overlay_max_side)
-        counted = session.scalar(select(reduced).where(Case.id == case.id))
-        declared = session.scalar(select(case_states.decoded_pixels(None)).where(Case.id == case.id))
+        counted = session.scalar(select(reduced).where(Case.id == case_id))
+        declared = session.scalar(select(case_states.decoded_pixels(None)).where(Case.id == case_id))
     assert declared == width * height
     if fmt == "JPEG":
         out = io.BytesIO()

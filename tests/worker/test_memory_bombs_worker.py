@@ -5,7 +5,6 @@ memory stays bounded, and every case ends (here: out of distribution, a uniform 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shutil
 import tempfile
@@ -15,14 +14,12 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from core import audit, cases
 from core.db import session_scope
-from core.keys import Principal
-from core.models import Case, Priority, Role
+from core.models import Case
 from core.publisher import make_publisher
 from tests import support
 from tests.api.test_memory_bombs import peak_rss_mib
-from tests.conftest import new_tenant
+from tests.conftest import case_store, new_tenant
 from tests.faults.servers import RedisServer
 
 pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.slow]
@@ -48,20 +45,8 @@ def test_sixteen_lossless_bombs_keep_a_worker_child_bounded(own_database, keyrin
     Image.new("RGB", (SIDE, SIDE), (150, 100, 80)).save(out, "PNG")
     bomb = out.getvalue()
     assert len(bomb) < 200_000
-    image = cases.NewImage(bomb, "PNG", "image/png", SIDE, SIDE, hashlib.sha256(bomb).hexdigest())
-    ids = []
-    for _ in range(16):
-        with session_scope(settings) as session:
-            case, _ = cases.create_case(
-                session,
-                keyring=keyring,
-                principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
-                actor=audit.SYSTEM,
-                image=image,
-                client_ref=None,
-                priority=Priority.ROUTINE,
-            )
-            ids.append(case.id)
+    store = case_store(settings, keyring)
+    ids = [store(tenant, bomb, fmt="PNG", width=SIDE, height=SIDE) for _ in range(16)]
     root = Path(tempfile.mkdtemp(prefix="dermq-bombs-"))
     broker = RedisServer(root)
     worker = None
