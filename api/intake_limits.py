@@ -22,9 +22,9 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
 
 from core.errors import InvalidImageError, RateLimited
+from ml import working_copy
 from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode
 from ml.images import DecodedImage, ImageLimits, decode
 
@@ -93,9 +93,18 @@ class Decoder:
                 self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dermq-decode")
             return self._pool
 
-    async def decode(self, data: bytes, limits: ImageLimits, *, reduce_to: int | None = None) -> DecodedImage:
-        """:func:`ml.images.decode` off the event loop; raises ``InvalidImage`` or a problem (429, 413)."""
-        job = partial(decode, data, limits, reduce_to=reduce_to, budget=self.budget)
+    async def decode_upload(
+        self, data: bytes, limits: ImageLimits, *, working_side: int
+    ) -> tuple[DecodedImage, bytes | None]:
+        """An upload decoded once, at the size the worker needs (``working_side`` on the longer side,
+        draft mode for a JPEG), and its working copy when it is large enough to want one
+        (:mod:`ml.working_copy`): the worker then reads that instead of decoding the upload again.
+        Off the event loop; raises ``InvalidImage`` or a problem (429, 413)."""
+
+        def job() -> tuple[DecodedImage, bytes | None]:
+            decoded = decode(data, limits, reduce_to=working_side, fit=working_side, budget=self.budget)
+            return decoded, working_copy.make(decoded, working_side)
+
         with decode_errors():
             return await asyncio.get_running_loop().run_in_executor(self._executor(), job)
 

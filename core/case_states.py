@@ -34,9 +34,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 from sqlalchemy.sql.elements import ColumnElement
 
-from core import announcements, audit, cases, period_shredding, pgbinary, results
-from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
-from core.errors import NotFound
+from core import announcements, audit, case_images, cases, period_shredding, results
+from core.crypto import Keyring, encrypt_blob
 from core.models import BlobKind, Case, CaseStatus, Outcome, Priority
 
 #: The order in which queued cases are served: urgent first, then oldest.
@@ -138,7 +137,8 @@ def claim_batch(
 def decoded_pixels(reduce_to: int | None) -> ColumnElement[Any]:
     """SQL for the pixels a queued case's image decodes to: its declared width x height, divided for a
     JPEG by the square of the draft scale the decoder picks for ``reduce_to`` (1, 2, 4 or 8: the
-    largest that keeps the longer side at least ``reduce_to``; ``ml.images.decode``)."""
+    largest that keeps the longer side at least ``reduce_to``; ``ml.images.decode``). A case with a
+    working copy (:mod:`core.case_images`) decodes to fewer; the bound stays the one for its original."""
     declared = Case.image_width * Case.image_height
     if reduce_to is None:
         return declared
@@ -165,28 +165,6 @@ def claim_queued(session: Session, *, limit: int, actor: audit.Actor = audit.SYS
     )
     _audit_starts(session, claimed, actor, batch=True)
     return claimed
-
-
-def load_image(session: Session, *, keyring: Keyring, case_id: uuid.UUID) -> bytes:
-    return load_images(session, keyring=keyring, case_ids=[case_id])[case_id]
-
-
-def load_images(session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
-    """The decrypted images of ``case_ids``, read in one statement."""
-    rows = pgbinary.copy_out(  # raw bytes, not hex: see core.pgbinary
-        session,
-        "SELECT case_id, ciphertext, nonce, wrapped_key, kek_id FROM case_blobs"
-        " WHERE case_id = ANY(%(ids)s::uuid[]) AND kind = %(kind)s",
-        {"ids": [str(case_id) for case_id in case_ids], "kind": BlobKind.IMAGE.value},
-        ("uuid", "bytea", "bytea", "bytea", "text"),
-    )
-    blobs = {case_id: SealedBlob(ciphertext, nonce, wrapped, kek) for case_id, ciphertext, nonce, wrapped, kek in rows}
-    if missing := [case_id for case_id in case_ids if case_id not in blobs]:
-        raise NotFound(f"{len(missing)} case(s) have no stored image", code="image_missing")
-    return {
-        case_id: decrypt_blob(keyring, blobs[case_id], case_id=case_id, kind=BlobKind.IMAGE.value)
-        for case_id in case_ids
-    }
 
 
 def _finish(session: Session, case_id: uuid.UUID, attempt: int, values: dict[str, Any]) -> Case | None:
@@ -293,6 +271,7 @@ def complete_cases(
             for c in stored
         ],
     )
+    case_images.drop_working_copies(session, [c.case_id for c in stored])
     announcements.announce_finished(session, clinics)
     return set(clinics)
 
@@ -329,6 +308,7 @@ def fail_case(
         clinic_id=case.clinic_id,
         detail={"attempt": case.attempts, "code": code},
     )
+    case_images.drop_working_copies(session, [case_id])
     announcements.announce_finished(session, [case_id])
     return True
 

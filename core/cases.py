@@ -28,6 +28,7 @@ from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, a_or_an
 from core.keys import Principal
 from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome, Priority, Result, Role
+from ml import working_copy
 
 
 def now() -> datetime:
@@ -44,6 +45,8 @@ class NewImage:
     width: int
     height: int
     sha256: str
+    #: the pixels at the size the worker needs (``ml.working_copy``), for a large upload; else None
+    working_copy: bytes | None = None
 
 
 # --------------------------------------------------------------------------- access control
@@ -141,6 +144,9 @@ def create_case(
             raise
         return _replay(session, existing, _Resubmission(image, client_ref, priority), keyring, actor), False
     blobs = [(case_id, BlobKind.IMAGE, sealed, image.media_type)]
+    if image.working_copy is not None:
+        working = encrypt_blob(keyring, image.working_copy, case_id=case_id, kind=BlobKind.WORKING.value, kek_id=wrap)
+        blobs.append((case_id, BlobKind.WORKING, working, working_copy.MEDIA_TYPE))
     if client_ref is not None:  # sealed like the image, never a plain column (core.phi)
         blobs.append(
             (case_id, BlobKind.CLIENT_REF, phi.seal_client_ref(keyring, case_id, client_ref, wrap), phi.MEDIA_TYPE)

@@ -78,6 +78,9 @@ class BlobKind(enum.StrEnum):
     RESULT = "result"
     #: the clinic's confirmed diagnosis of the case (core.outcomes), sealed like the findings
     OUTCOME = "outcome"
+    #: a large upload's pixels at the size the worker needs (ml.working_copy), made by the intake's
+    #: decode so the worker does not decode the original again; deleted when the case ends
+    WORKING = "working"
 
 
 class Outcome(enum.StrEnum):

@@ -22,18 +22,15 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from ml.images import fit_within
+
 DEFAULT_MAX_SIDE = 512
 IMAGE_WEIGHT = 0.55
 
 
 def overlay_size(size: tuple[int, int], max_side: int = DEFAULT_MAX_SIDE) -> tuple[int, int]:
     """(width, height) of the overlay for an image of ``size`` (width, height)."""
-    width, height = size
-    longer = max(width, height)
-    if longer <= max_side:
-        return (width, height)
-    scale = max_side / longer
-    return (max(1, round(width * scale)), max(1, round(height * scale)))
+    return fit_within(size, max_side)
 
 
 def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:

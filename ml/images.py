@@ -133,6 +133,24 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+#: An upload is worked on at a reduced size only when its longer side is more than this many times it.
+FIT_FACTOR = 2
+#: ... and when the reduced image's shorter side keeps at least this many pixels: the models' inputs
+#: are at most 224 a side, so they never enlarge it (a 4000x40 strip keeps its decode).
+MIN_FIT_SHORT_SIDE = 224
+
+
+def fit_within(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` reduced to at most ``max_side`` on its longer side, the
+    aspect kept (unchanged when it already fits)."""
+    width, height = size
+    longer = max(width, height)
+    if longer <= max_side:
+        return (width, height)
+    scale = max_side / longer
+    return (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
 def _human_size(n: int) -> str:
     if n >= 1024 * 1024:
         return f"{n / (1024 * 1024):.1f} MiB"
@@ -187,12 +205,15 @@ def decode(
     limits: ImageLimits = DEFAULT_LIMITS,
     *,
     reduce_to: int | None = None,
+    fit: int | None = None,
     budget: DecodeBudget | None = None,
 ) -> DecodedImage:
     """Decode untrusted bytes into a fully loaded 8-bit RGB image.
 
     ``reduce_to`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode, several times
     faster for camera-sized files) as long as its longer side stays at least ``reduce_to`` pixels.
+    With ``fit``, an upload large enough for a working size (:func:`working_size`) is returned reduced
+    to it, bicubic (the models' own interpolation), before the decode's memory is released.
     The whole entropy-coded stream is still read, so a truncated file is still refused. Other
     formats decode at full size.
 
@@ -229,9 +250,9 @@ def decode(
             if reduce_to is not None and fmt == "JPEG" and image.mode in ("RGB", "L"):
                 image.draft(image.mode, _draft_request(image.width, image.height, reduce_to))
             if budget is None:
-                return _load_rgb(image, fmt, declared)
+                return _fitted(_load_rgb(image, fmt, declared), fit)
             with budget.reserve(estimate_peak_bytes(image.width, image.height, image.mode)):
-                return _load_rgb(image, fmt, declared)
+                return _fitted(_load_rgb(image, fmt, declared), fit)
     except (InvalidImage, DecodeBusy, TooLargeToDecode):
         raise
     except Image.DecompressionBombError:
@@ -253,6 +274,26 @@ def _load_rgb(image: Image.Image, fmt: str, declared: tuple[int, int]) -> Decode
     rgb = _to_rgb(_apply_orientation(image), fmt, image.info.get("icc_profile"))
     rgb.info.pop("icc_profile", None)  # the pixels are sRGB now, whatever the file said
     return DecodedImage(rgb, fmt, declared[0], declared[1])
+
+
+def working_size(decoded: DecodedImage, fit: int) -> tuple[int, int] | None:
+    """The size a large upload is worked on at, ``fit`` pixels on its longer side (the heat map's
+    overlay size, at least twice the models' inputs); None for an upload that keeps its decode: one
+    at most :data:`FIT_FACTOR` times ``fit`` on its longer side (decoding it is as cheap as reading a
+    reduced copy), or so long and thin that the reduced shorter side would fall below
+    :data:`MIN_FIT_SHORT_SIDE` (the model would have to enlarge it again)."""
+    if max(decoded.width, decoded.height) <= FIT_FACTOR * fit:
+        return None
+    size = fit_within(decoded.image.size, fit)
+    return size if min(size) >= MIN_FIT_SHORT_SIDE else None
+
+
+def _fitted(decoded: DecodedImage, fit: int | None) -> DecodedImage:
+    size = working_size(decoded, fit) if fit is not None else None
+    if size is None or size == decoded.image.size:
+        return decoded
+    reduced = decoded.image.resize(size, Image.Resampling.BICUBIC)
+    return DecodedImage(reduced, decoded.format, decoded.width, decoded.height)
 
 
 def _draft_request(width: int, height: int, reduce_to: int) -> tuple[int, int]:

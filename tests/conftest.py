@@ -197,8 +197,10 @@ def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[n
         fmt: str = "JPEG",
         width: int = 300,
         height: int = 225,
+        working_copy: bytes | None = None,
     ) -> uuid.UUID:
-        """``data`` declared as a ``fmt`` image of ``width`` x ``height`` pixels (as the intake records)."""
+        """``data`` declared as a ``fmt`` image of ``width`` x ``height`` pixels (as the intake records),
+        with ``working_copy`` as the intake's working copy of it (``ml.working_copy``) if given."""
         image = cases.NewImage(
             data=data,
             format=fmt,
@@ -206,6 +208,7 @@ def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[n
             width=width,
             height=height,
             sha256=hashlib.sha256(data).hexdigest(),
+            working_copy=working_copy,
         )
         with session_scope(settings) as session:
             case, _ = cases.create_case(

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from core import case_states
+from core import case_images, case_states
+from core.case_images import StoredImage
 from core.config import Settings
 from core.db import session_scope
 from core.errors import NotFound
@@ -53,7 +54,7 @@ class ClaimedCase:
     case_id: uuid.UUID
     attempt: int
     created_at: datetime
-    image: bytes
+    image: StoredImage
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,7 @@ def with_images(
     if not claimed:
         return [], None
     try:
-        images = case_states.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
+        images = case_images.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
     except NotFound as exc:
         return [], exc
     return [ClaimedCase(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed], None

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
-from core import callbacks, case_states
+from core import callbacks, case_images, case_states
+from core.case_images import StoredImage
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
 from core.errors import NotFound
 from core.logs import case_id_var
+from ml import working_copy
 from ml.decode_budget import DecodeBudget, TooLargeToDecode
 from ml.images import DecodedImage, ImageLimits, InvalidImage, decode
 from worker import results, runtime
@@ -113,11 +115,18 @@ def _classify_image(config: Settings, predictor: Predictor, image: Image.Image, 
         return Classified(fallback.classify([image])[0], fallback)
 
 
-def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, data: bytes) -> DecodedImage | str:
-    """The image of a case this worker has just claimed, decoded; or, when the case is past its attempt
-    limit or its image does not decode, the outcome of failing it."""
+def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, stored: StoredImage) -> DecodedImage | str:
+    """The image of a case this worker has just claimed, decoded (its working copy read, where the
+    intake made one); or, when the case is past its attempt limit or its image does not decode, the
+    outcome of failing it."""
     if attempt > config.max_attempts:
         return _fail(config, case_id, attempt, "attempts_exhausted", f"gave up after {config.max_attempts} attempts")
+    if stored.working_copy:
+        try:
+            return working_copy.read(stored.data)
+        except working_copy.InvalidWorkingCopy as exc:
+            return _fail(config, case_id, attempt, "invalid_image", str(exc))
+    data = stored.data
     # A worker child decodes one image at a time, so its budget only has to refuse the single image
     # that could never fit (the intake refuses those too, unless its settings differ).
     budget = DecodeBudget(config.decode_memory_bytes, wait_seconds=0)
@@ -135,7 +144,7 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     started = time.perf_counter()
     # The claim and the image's read share one transaction (one connection checkout, one commit).
     missing: NotFound | None = None
-    data = b""
+    stored = StoredImage(b"", working_copy=False)
     with session_scope(config) as session:
         case = case_states.claim_case(session, case_id)
         if case is None:
@@ -143,7 +152,7 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
             return "skipped"
         attempt, created_at = case.attempts, case.created_at
         try:
-            data = case_states.load_image(session, keyring=keyring(config), case_id=case_id)
+            stored = case_images.load_image(session, keyring=keyring(config), case_id=case_id)
         except NotFound as exc:  # the claim still commits: the sweeper ends the case after its attempts
             missing = exc
     if missing is not None:
@@ -152,8 +161,8 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started
-    decoded = _decode_claimed(config, case_id, attempt, data)
-    del data
+    decoded = _decode_claimed(config, case_id, attempt, stored)
+    del stored
     if isinstance(decoded, str):
         return decoded
     image = decoded.image

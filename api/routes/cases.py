@@ -149,8 +149,11 @@ async def submit_case(
         client_ref, priority = _validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
         limits = ImageLimits.from_settings(settings)
         try:
-            # Draft mode: validation needs a full read, not full resolution.
-            decoded = await app.decoder.decode(form.image, limits, reduce_to=256)
+            # Draft mode: validation needs a full read, not full resolution; the worker needs the
+            # overlay's size, which a large upload's working copy keeps so it is decoded only here.
+            decoded, working = await app.decoder.decode_upload(
+                form.image, limits, working_side=settings.overlay_max_side
+            )
         except InvalidImage as exc:
             metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
             raise InvalidImageError(exc.code, exc.message) from None
@@ -162,6 +165,7 @@ async def submit_case(
         width=decoded.width,
         height=decoded.height,
         sha256=hashlib.sha256(form.image).hexdigest(),
+        working_copy=working,
     )
 
     def create(session: Session) -> tuple[CaseOut, bool]:

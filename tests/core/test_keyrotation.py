@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from core import case_states, keyrotation, period_keys
+from core import case_images, keyrotation, period_keys
 from core.config import Settings
 from core.crypto import Keyring, load_keyring, write_key_file
 from core.db import dispose_engines, session_scope
@@ -110,7 +110,7 @@ def test_rotation_end_to_end(rotating: Settings, rotating_tenant, jpeg_bytes: by
         # the stale keyring's too: it re-reads the key file for a period key wrapped after it was loaded.
         assert all(_stored_image_decrypts(rotating, str(i), jpeg_bytes) for i in [*ids, *legacy])
         with session_scope(rotating) as session:
-            assert case_states.load_image(session, keyring=before, case_id=legacy[0]) == jpeg_bytes
+            assert case_images.load_image(session, keyring=before, case_id=legacy[0]).data == jpeg_bytes
     with pytest.raises(KeyringError, match="active key"):
         keyrotation.retire(rotating, new)
 
@@ -122,7 +122,8 @@ def _heatless_read(http, tenant, case_id: str) -> bool:  # type: ignore[no-untyp
 def _stored_image_decrypts(settings: Settings, case_id: str, expected: bytes) -> bool:
 
     with session_scope(settings) as session:
-        return case_states.load_image(session, keyring=load_keyring(settings), case_id=uuid.UUID(case_id)) == expected
+        stored = case_images.load_image(session, keyring=load_keyring(settings), case_id=uuid.UUID(case_id))
+        return stored.data == expected
 
 
 def test_rotation_needs_a_key_file(settings) -> None:  # type: ignore[no-untyped-def]

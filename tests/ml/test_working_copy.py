@@ -1,0 +1,104 @@
+"""The working copy of a large upload (``ml.working_copy``): made from the intake's one decode, read by
+the worker instead of decoding the upload again. Its answers equal a full decode's within the tolerance
+draft decoding already has (same label, every calibrated probability within 0.03), the heat map drawn
+on it is the one drawn on the draft decode, and the reader takes nothing but what the maker wrote."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.common import camera_jpegs
+from core.config import Settings
+from ml import heatmap, registry, working_copy
+from ml.images import decode
+from ml.predictor import Predictor
+
+SHIPPED = registry.REGISTRY_DIR / registry.DEFAULT_MODEL
+TOLERANCE = 0.03
+SIDE = Settings.model_fields["overlay_max_side"].default
+
+
+def jpeg(size: tuple[int, int], colour: tuple[int, int, int] = (170, 120, 100), **save: object) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, "JPEG", quality=90, **save)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cameras() -> list[bytes]:
+    return camera_jpegs()
+
+
+def test_a_camera_jpeg_gets_a_working_copy_at_the_overlay_size_that_reads_back_as_the_upload(cameras) -> None:  # type: ignore[no-untyped-def]
+    decoded = decode(cameras[0], reduce_to=SIDE, fit=SIDE)
+    copy = working_copy.make(decoded, SIDE)
+    assert copy is not None
+    back = working_copy.read(copy)
+    assert back.image.size == (512, 384)
+    assert (back.format, back.width, back.height) == ("JPEG", 4000, 3000)  # what the upload declared
+    assert back.media_type == "image/jpeg"
+    assert len(copy) < 600_000  # 512x384 RGB and a header: a third of the 1.6-4 MB upload
+
+
+def test_small_uploads_get_none_their_own_decode_is_as_cheap() -> None:
+    for size in ((600, 450), (1024, 768), (4000, 40), (4000, 400)):  # small, or too thin to reduce
+        assert working_copy.make(decode(jpeg(size), reduce_to=SIDE, fit=SIDE), SIDE) is None
+    for size in ((1100, 800), (4000, 1800)):
+        assert working_copy.make(decode(jpeg(size), reduce_to=SIDE, fit=SIDE), SIDE) is not None
+    assert working_copy.make(decode(jpeg((4000, 3000)), reduce_to=SIDE), SIDE) is None  # decoded without fit
+
+
+def test_the_copy_is_upright_whatever_the_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    decoded = decode(jpeg((2400, 1200), exif=exif), reduce_to=SIDE, fit=SIDE)
+    copy = working_copy.make(decoded, SIDE)
+    assert copy is not None
+    assert working_copy.read(copy).image.size == (256, 512)
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped model")
+def test_camera_jpegs_read_from_their_working_copy_get_the_full_decode_answer(cameras) -> None:  # type: ignore[no-untyped-def]
+    predictor = Predictor.load(SHIPPED, device="cpu")
+    for data in cameras:
+        copy = working_copy.make(decode(data, reduce_to=SIDE, fit=SIDE), SIDE)
+        assert copy is not None
+        full = predictor.predict([decode(data).image])[0]
+        fast = predictor.predict([working_copy.read(copy).image])[0]
+        assert fast.label == full.label
+        for code, probability in full.probabilities.items():
+            assert fast.probabilities[code] == pytest.approx(probability, abs=TOLERANCE)
+
+
+def test_the_heat_map_drawn_on_the_copy_matches_the_one_drawn_on_the_draft_decode(cameras) -> None:  # type: ignore[no-untyped-def]
+    draft = decode(cameras[1], reduce_to=SIDE)
+    copy = working_copy.make(decode(cameras[1], reduce_to=SIDE, fit=SIDE), SIDE)
+    assert copy is not None
+    cam = np.random.default_rng(0).random((6, 7)).astype(np.float32)
+    on_copy, on_draft = (
+        np.asarray(Image.open(io.BytesIO(heatmap.render(image, cam, SIDE)[1])), dtype=np.int16)
+        for image in (working_copy.read(copy).image, draft.image)
+    )
+    assert on_copy.shape == on_draft.shape == (384, 512, 3)
+    assert np.abs(on_copy - on_draft).mean() < 2  # grey levels: the same picture (sharper: bicubic)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"P6\n512 384\n255\n" + bytes(512 * 384 * 3),  # a plain PPM: not one of ours
+        b"P6\n# dermq-working-copy GIF 4000x3000\n4 3\n255\n" + bytes(36),  # a format dermq does not accept
+        b"P6\n# dermq-working-copy JPEG 4000x3000\n4 3\n255\n" + bytes(35),  # a byte short
+        b"P6\n# dermq-working-copy JPEG 4000x3000\n4 3\n255\n" + bytes(37),  # a byte over
+        b"P6\n# dermq-working-copy JPEG 4000x3000\n0 3\n255\n",  # no pixels
+        b"\xff\xd8\xff\xe0" + bytes(100),  # a JPEG
+    ],
+)
+def test_the_reader_takes_only_what_the_maker_writes(data: bytes) -> None:
+    with pytest.raises(working_copy.InvalidWorkingCopy):
+        working_copy.read(data)
