@@ -244,12 +244,12 @@ class Predictor:
         """
         if not images:
             return []
-        batch = preprocess.batch_nhwc(images, self.prep)
+        pixels, batch = preprocess.model_input(images, self.prep)
         logits, fmap = self._forward(batch, features=self.cam_weight is not None or self.gate is not None)
         kept = fmap if self.cam_weight is not None else None
         return [
             Analysis(prediction, batch[i : i + 1], None if kept is None else kept[i])
-            for i, prediction in enumerate(self._decide(logits, batch, fmap))
+            for i, prediction in enumerate(self._decide(logits, pixels, fmap))
         ]
 
     def explain(self, image: Image.Image, analysis: Analysis, class_code: str | None = None) -> Explanation:
@@ -282,9 +282,9 @@ class Predictor:
         """
         predictions: list[Prediction] = []
         for i in range(0, len(images), self.batch_size):
-            batch = preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep)
+            pixels, batch = preprocess.model_input(images[i : i + self.batch_size], self.prep)
             logits, fmap = self._forward(batch, features=self.gate is not None)
-            predictions.extend(self._decide(logits, batch, fmap))
+            predictions.extend(self._decide(logits, pixels, fmap))
         return predictions
 
     def logits(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -301,12 +301,12 @@ class Predictor:
         batches of ``batch_size``: what fitting and measuring the out-of-distribution gate reads."""
         logits, features, inputs = [], [], []
         for i in range(0, len(images), self.batch_size):
-            batch = preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep)
+            pixels, batch = preprocess.model_input(images[i : i + self.batch_size], self.prep)
             out, fmap = self._forward(batch, features=True)
             assert fmap is not None
             logits.append(out)
             features.append(ood.pooled(fmap))
-            inputs.append(self._pixels(batch))
+            inputs.append(pixels)
         return ModelOutputs(np.concatenate(logits), np.concatenate(features), np.concatenate(inputs))
 
     def _forward(self, batch_nhwc: np.ndarray, *, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -323,20 +323,13 @@ class Predictor:
         assert fmap is not None
         return fmap[0]
 
-    def _pixels(self, batch: np.ndarray) -> np.ndarray:
-        """The normalised batch back as the uint8 model input (what the gate's image checks read, the
-        same when the gate is fitted and when it serves)."""
-        scale = np.asarray(self.prep.std, np.float32) * 255.0
-        pixels = batch * scale + np.asarray(self.prep.mean, np.float32) * 255.0
-        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-
     def _decide(
-        self, logits: np.ndarray, batch: np.ndarray | None = None, fmap: np.ndarray | None = None
+        self, logits: np.ndarray, pixels: np.ndarray | None = None, fmap: np.ndarray | None = None
     ) -> list[Prediction]:
-        """Decisions for ``logits``; with the normalised ``batch`` and its feature map, the gate too."""
+        """Decisions for ``logits``; with the uint8 model input ``pixels`` and its feature map, the gate too."""
         gated: list[tuple[str, ...]] = [() for _ in range(len(logits))]
-        if self.gate is not None and batch is not None and fmap is not None:
-            gated = self.gate.reasons(self.gate.scores(self._pixels(batch), logits, ood.pooled(fmap)))
+        if self.gate is not None and pixels is not None and fmap is not None:
+            gated = self.gate.reasons(self.gate.scores(pixels, logits, ood.pooled(fmap)))
         probabilities = self.policy.probabilities(logits)
         labels = self.policy.labels(probabilities)
         uncertainty = self.policy.uncertainty(probabilities)

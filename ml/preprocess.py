@@ -58,7 +58,14 @@ def normalize(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 def batch_nhwc(images: Sequence[Image.Image], prep: Preprocessing) -> np.ndarray:
     """(N, H, W, 3) float32, normalised. Transposed to NCHW it is channels-last in memory."""
+    return model_input(images, prep)[1]
+
+
+def model_input(images: Sequence[Image.Image], prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """The (N, H, W, 3) uint8 pixels the model sees (what the out-of-distribution gate's image checks
+    read) and :func:`batch_nhwc` of them."""
     if not images:
         height, width = prep.input_size
-        return np.zeros((0, height, width, 3), dtype=np.float32)
-    return normalize(np.stack([to_uint8(image, prep) for image in images]), prep)
+        return np.zeros((0, height, width, 3), dtype=np.uint8), np.zeros((0, height, width, 3), dtype=np.float32)
+    pixels = np.stack([to_uint8(image, prep) for image in images])
+    return pixels, normalize(pixels, prep)

@@ -75,6 +75,21 @@ def test_blank_noise_and_far_features_are_flagged_with_their_reasons(
     assert k == gate.whiten.shape[0]
 
 
+def test_colour_statistics_are_the_plain_definition_to_the_bit() -> None:
+    """The gate's thresholds were fitted on these statistics: the fast sums must give the very numbers
+    the definition gives (means, spreads, centre minus border), not merely close ones."""
+    batch = np.random.default_rng(3).integers(0, 256, (3, 168, 224, 3), dtype=np.uint8)
+    x = batch.astype(np.float64)
+    h, w = 168, 224
+    mean = x.mean(axis=(1, 2))
+    spread = np.sqrt(np.maximum((x**2).mean(axis=(1, 2)) - mean**2, 0.0))
+    centre = x[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].mean(axis=(1, 2))
+    rims = (x[:, : h // 8], x[:, -(h // 8) :], x[:, :, : w // 8], x[:, :, -(w // 8) :])
+    border = sum(r.sum(axis=(1, 2)) for r in rims) / sum(r.shape[1] * r.shape[2] for r in rims)
+    expected = np.concatenate([mean, spread, centre - border], axis=1)
+    assert np.array_equal(ood.colour_statistics(batch), expected)
+
+
 def test_energy_is_high_where_no_class_is_recognised() -> None:
     confident = np.array([[10.0, 0, 0, 0, 0, 0, 0]])
     flat = np.zeros((1, 7))

@@ -1,0 +1,90 @@
+"""Served-path benchmark: what dermq's predictor adds to the raw graph, on the same threads.
+
+    python -m bench.served [--model ml/registry/<id>] [--threads 1] [--repeats 200]
+
+The baseline is a bare forward pass of the graph the predictor serves: ONNX Runtime's
+``session.run`` on a tensor already decoded, resized, normalised and laid out as the graph wants,
+asking for the outputs serving asks for (logits and the last feature map). Against it, in the same
+process and taking turns call by call (a busy machine slows them alike: read the ratios):
+
+- ``Predictor.predict``: resizing and normalising the decoded image, the pass, calibration, the
+  decision rule and the out-of-distribution gate: what a label costs;
+- ``classify + heat map``: what a worker runs for a case, the pass kept for a class activation map and
+  the overlay PNG drawn on the image (a 300x225 fixture: its own size).
+
+Issue 16's targets: predict at most 1.2x and classify + heat map at most 1.4x the bare pass. The
+images are the fixture lesions (tests/fixtures/images, 300x225), decoded once beforehand. One thread
+by default: what one worker child on this 2-core machine gets (DERMQ_WORKER_THREADS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from bench.common import FIXTURE_IMAGES, interleaved, ms, p50, percentile, table
+from ml import preprocess, registry
+from ml.backends import INPUT, OUTPUTS, OnnxBackend
+from ml.predictor import Predictor
+
+TARGETS = {"Predictor.predict": 1.2, "classify + heat map": 1.4}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.served", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(registry.REGISTRY_DIR / registry.DEFAULT_MODEL))
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, for every contender")
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    predictor = Predictor.load(args.model, device="cpu", threads=args.threads)
+    if not isinstance(predictor.backend, OnnxBackend):
+        raise SystemExit(f"{args.model} serves {predictor.backend.name}; this compares against an ONNX graph")
+    session = predictor.backend.session
+    images = [Image.open(path).convert("RGB") for path in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
+    tensors = [
+        np.ascontiguousarray(preprocess.batch_nhwc([image], predictor.prep).transpose(0, 3, 1, 2)) for image in images
+    ]
+    turn = [0]
+
+    def next_index() -> int:
+        turn[0] = (turn[0] + 1) % len(images)
+        return turn[0]
+
+    def bare() -> None:
+        session.run(list(OUTPUTS), {INPUT: tensors[next_index()]})
+
+    def predict() -> None:
+        predictor.predict([images[next_index()]])
+
+    def classify_and_heat_map() -> None:
+        image = images[next_index()]
+        predictor.explain(image, predictor.classify([image])[0])
+
+    contenders: dict[str, Callable[[], None]] = {
+        "bare forward pass": bare,
+        "Predictor.predict": predict,
+        "classify + heat map": classify_and_heat_map,
+    }
+    times = interleaved(contenders, repeats=args.repeats, warmup=10)
+    base = p50(times["bare forward pass"])
+    rows = []
+    for name, values in times.items():
+        ratio = p50(values) / base
+        target = TARGETS.get(name)
+        verdict = "" if target is None else f"<= {target}x: {'met' if ratio <= target else 'not met'}"
+        rows.append([name, ms(p50(values)), ms(percentile(values, 95)), f"{ratio:.2f}x", verdict])
+    print(
+        f"served path against the raw graph: {predictor.info.model_id} on {predictor.backend.name}, "
+        f"{args.threads} thread(s), {len(images)} fixture images, {args.repeats} turns, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(table(["path", "p50", "p95", "/ bare p50", "target"], rows))
+
+
+if __name__ == "__main__":
+    main()
