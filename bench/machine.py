@@ -1,0 +1,56 @@
+"""What else ran on the machine while a benchmark did: the CPU time of processes outside this one's tree.
+
+On a shared machine a benchmark's absolute figures move with other people's work. The load average
+before the start says whether the cores were already busy; :class:`OtherWork` says how much CPU
+everything outside this process and its descendants (the servers it started) used meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot, all cores together (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
+def own_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds of process ``root`` (default: this one) and every live process under it, with the
+    children they have already reaped."""
+    parents: dict[int, int] = {}
+    spent: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        spent[pid] = sum(int(v) for v in fields[11:15]) / TICK  # utime, stime, cutime, cstime
+    ours = {root or os.getpid()}
+    grew = True
+    while grew:
+        grown = {pid for pid, parent in parents.items() if parent in ours} - ours
+        ours |= grown
+        grew = bool(grown)
+    return sum(spent.get(pid, 0.0) for pid in ours)
+
+
+class OtherWork:
+    """Share of the machine's cores that processes outside this one's tree kept busy since it was made."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.busy, self.own = busy_cpu_seconds(), own_cpu_seconds()
+
+    def share(self) -> float:
+        wall = time.monotonic() - self.started
+        others = (busy_cpu_seconds() - self.busy) - (own_cpu_seconds() - self.own)
+        return max(0.0, others) / (wall * (os.cpu_count() or 1))
