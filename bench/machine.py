@@ -21,20 +21,25 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / TICK
 
 
-def own_cpu_seconds(root: int | None = None) -> float:
+def own_cpu_seconds(root: int | None = None, markers: tuple[str, ...] = ()) -> float:
     """CPU seconds of process ``root`` (default: this one) and every live process under it, with the
-    children they have already reaped."""
+    children they have already reaped; and of the processes whose command line holds one of
+    ``markers`` (a Postgres backend names its database there: the work done for this benchmark's own
+    scratch database)."""
     parents: dict[int, int] = {}
     spent: dict[int, float] = {}
+    ours = {root or os.getpid()}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_text(errors="replace") if markers else ""
         except (OSError, IndexError):  # the process ended meanwhile
             continue
         pid = int(stat.parent.name)
         parents[pid] = int(fields[1])
         spent[pid] = sum(int(v) for v in fields[11:15]) / TICK  # utime, stime, cutime, cstime
-    ours = {root or os.getpid()}
+        if any(marker in command for marker in markers):
+            ours.add(pid)
     grew = True
     while grew:
         grown = {pid for pid, parent in parents.items() if parent in ours} - ours
@@ -44,13 +49,16 @@ def own_cpu_seconds(root: int | None = None) -> float:
 
 
 class OtherWork:
-    """Share of the machine's cores that processes outside this one's tree kept busy since it was made."""
+    """Share of the machine's cores that processes outside this one's tree (and outside ``markers``, see
+    :func:`own_cpu_seconds`) kept busy since it was made. Shared servers such as Redis count as other
+    work."""
 
-    def __init__(self) -> None:
+    def __init__(self, markers: tuple[str, ...] = ()) -> None:
+        self.markers = markers
         self.started = time.monotonic()
-        self.busy, self.own = busy_cpu_seconds(), own_cpu_seconds()
+        self.busy, self.own = busy_cpu_seconds(), own_cpu_seconds(markers=markers)
 
     def share(self) -> float:
         wall = time.monotonic() - self.started
-        others = (busy_cpu_seconds() - self.busy) - (own_cpu_seconds() - self.own)
+        others = (busy_cpu_seconds() - self.busy) - (own_cpu_seconds(markers=self.markers) - self.own)
         return max(0.0, others) / (wall * (os.cpu_count() or 1))
