@@ -15,15 +15,18 @@ processes, a worker with one prefork child per core and one thread each. Its cli
 request per case: ``POST /v1/cases?wait=S`` (201 with the finished case), and ``GET
 /v1/cases/{id}?wait=S`` while a case has not ended.
 
-Both run at once and are measured by the same harness, interleaved: idle latency, one request at a
-time, taking turns request by request; then ``--clients`` clients in a closed loop (each sends its
-next image when the last is answered) for ``--seconds``, peer and dermq alternating (the order flips
-every round). Images: 400 HAM10000 JPEGs (``../shared/data/ham10000/images``, sorted by name) when
-present, else the fixture images. Reported: idle p50/p95, completed/s, p50/p95 under load, errors,
-the ratios dermq/peer against issue 16's targets (idle p50 <= 2x the peer's, throughput >= 0.5x, no
-errors), and ONNX Runtime alone on batches of 8 in this process as the raw ceiling. The load average
-before the start and the CPU other processes used while it ran say how much the figures can be
-trusted; the ratios are what to read.
+Both run at once and are measured by the same harness, interleaved. After an untimed warm-up of 4
+clients: idle latency, one request at a time, taking turns request by request. After an untimed
+warm-up at full load: ``--clients`` clients in a closed loop (each sends its next image when the
+last is answered) for ``--seconds``, peer and dermq alternating (the order flips every round).
+Images: 400 HAM10000 JPEGs (``../shared/data/ham10000/images``, sorted by name) when present, else
+the fixture images.
+
+Reported: idle p50/p95, completed/s, p50/p95 under load, errors, the ratios dermq/peer against issue
+16's targets (idle p50 <= 2x the peer's, throughput >= 0.5x, no errors), and ONNX Runtime alone on
+batches of 8 in this process as the raw ceiling (measured before the runs and after each round,
+both servers idle: median and range). The load average before the start and the CPU other processes
+used while it ran say how much the figures can be trusted; the ratios are what to read.
 """
 
 from __future__ import annotations
@@ -146,8 +149,9 @@ def start_peer(bin_dir: Path, workdir: Path, args: argparse.Namespace) -> Peer:
     return peer
 
 
-def onnx_ceiling(model: str, images: list[bytes], threads: int, repeats: int = 30) -> float:
-    """Images per second of ONNX Runtime alone on one preprocessed batch of 8 (the model only)."""
+def onnx_ceiling(model: str, images: list[bytes], threads: int, repeats: int = 30) -> Callable[[], float]:
+    """A measurement to repeat: images per second of ONNX Runtime alone on one preprocessed batch of 8
+    (the model only, in this process, ``threads`` intra-op threads)."""
     from ml import backends, preprocess, registry
     from ml.images import decode
     from ml.model import Preprocessing
@@ -156,7 +160,7 @@ def onnx_ceiling(model: str, images: list[bytes], threads: int, repeats: int = 3
     session = backends.create_session(registry.read_verified(model, "onnx_fp32"), threads)
     batch = preprocess.batch_nhwc([decode(data, reduce_to=512).image for data in images[:8]], prep)
     x = batch.transpose(0, 3, 1, 2).copy()
-    return len(x) / p50(timed(lambda: session.run(["logits"], {"input": x}), repeats, warmup=3))
+    return lambda: len(x) / p50(timed(lambda: session.run(["logits"], {"input": x}), repeats, warmup=3))
 
 
 def load_images(folder: str | None, count: int) -> tuple[list[bytes], str]:
@@ -224,6 +228,12 @@ class Figures:
         ]
 
 
+def images_per_second(rates: list[float]) -> str:
+    """The median of repeated measurements, with their range."""
+    ordered = sorted(rates)
+    return f"{p50(ordered):.0f} images/s ({ordered[0]:.0f}-{ordered[-1]:.0f})"
+
+
 def seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
@@ -274,7 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="closed-loop runs of each system, alternating")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients in the closed loop")
     parser.add_argument("--idle", type=int, default=100, help="idle requests to each system, taking turns")
-    parser.add_argument("--warmup-seconds", type=float, default=5, help="untimed closed loop on each system first")
+    parser.add_argument(
+        "--warmup-seconds", type=float, default=5, help="untimed closed loops before the idle and the loaded phase"
+    )
     parser.add_argument("--wait", type=float, default=20, help="dermq's ?wait= seconds")
     parser.add_argument("--images", help="a folder of JPEGs instead of HAM10000 or the fixtures")
     parser.add_argument("--count", type=int, default=400, help="how many images to send, in turn")
@@ -303,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     images, source = load_images(args.images, args.count)
     cores = os.cpu_count() or 1
     ceiling = onnx_ceiling(args.model, images, cores)
+    ceilings = [ceiling()]  # and after every round: the machine's share for us changes as the runs do
     api_processes, children, threads = dermq_layout()
 
     workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-peer-"))  # key file and logs
@@ -329,20 +342,30 @@ def main(argv: list[str] | None = None) -> None:
             "peer": lambda _: PeerSession(peer_base),
             "dermq": lambda n: DermqSession(base, tokens[n], args.wait),
         }
-        for name, opener in openers.items():  # BentoML's batching trains on its first requests; dermq's children warm
-            warm = closed_loop(opener, images, args.clients, args.warmup_seconds)
-            if warm.errors:
-                print(f"warm-up of {name}: {dict(warm.errors)}", file=sys.stderr)
-        other_work = OtherWork()
+
+        def warm_up(clients: int) -> None:
+            for name, opener in openers.items():
+                warm = closed_loop(opener, images, clients, args.warmup_seconds)
+                if warm.errors:
+                    print(f"warm-up of {name}: {dict(warm.errors)}", file=sys.stderr)
+
+        # A few clients first: BentoML's dispatcher trains on its first batches (of 1, 2 and 3) and dermq's
+        # children warm up. Not the full load: the dispatcher holds a lone request about as long as the
+        # average wait of its last 50 batches and lets that estimate fall by 5% a refresh, so after a
+        # burst of 32 clients its idle latency stays high for minutes (see docs/PERFORMANCE.md).
+        warm_up(min(4, args.clients))
+        other_work = OtherWork(markers=(DATABASE,))  # dermq's Postgres backends are its own work
         sessions = {name: opener(0) for name, opener in openers.items()}
         idle, idle_errors = idle_latency(sessions, images, args.idle)
         for session in sessions.values():
             session.close()
+        warm_up(args.clients)
         runs: dict[str, list[LoadRun]] = {name: [] for name in openers}
         for number in range(args.rounds):
             for name in list(openers)[:: 1 if number % 2 == 0 else -1]:
                 runs[name].append(closed_loop(openers[name], images, args.clients, args.seconds))
                 time.sleep(1)
+            ceilings.append(ceiling())
         others = other_work.share()
         load_at_end = os.getloadavg()
         finished = True
@@ -366,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         figures["peer"],
         figures["dermq"],
         labels,
-        (f"ONNX Runtime alone, batch 8 ({cores} threads, model only)", f"{ceiling:.0f} images/s"),
+        (f"ONNX Runtime alone, batch 8 ({cores} threads, model only)", images_per_second(ceilings)),
         args.clients,
     )
     model_id = registry.read_manifest(args.model)["model_id"]

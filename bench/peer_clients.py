@@ -151,4 +151,4 @@ def idle_latency(
 
         return call
 
-    return interleaved({name: caller(name, s) for name, s in sessions.items()}, repeats), errors
+    return interleaved({name: caller(name, s) for name, s in sessions.items()}, repeats, warmup=10), errors
