@@ -1,8 +1,11 @@
-"""What else ran on the machine while a benchmark did: the CPU time of processes outside this one's tree.
+"""What else ran on the machine while a benchmark did: the CPU time of processes outside this one's
+tree, and the time the hypervisor gave to other virtual machines.
 
 On a shared machine a benchmark's absolute figures move with other people's work. The load average
 before the start says whether the cores were already busy; :class:`OtherWork` says how much CPU
-everything outside this process and its descendants (the servers it started) used meanwhile.
+everything outside this process and its descendants (the servers it started) used meanwhile, and
+how much the virtual machine's cores were stolen. Kernel threads working for the benchmark (disk
+writes, Postgres's WAL writer and checkpointer) count as other work: the figure is an upper bound.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot, all cores together (/proc/stat)."""
+def busy_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine has spent busy since boot, all cores together, and those the
+    hypervisor gave to other virtual machines (steal) (/proc/stat)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / TICK
+    return (user + nice + system + irq + softirq) / TICK, steal / TICK
 
 
 def own_cpu_seconds(root: int | None = None, markers: tuple[str, ...] = ()) -> float:
@@ -49,16 +53,19 @@ def own_cpu_seconds(root: int | None = None, markers: tuple[str, ...] = ()) -> f
 
 
 class OtherWork:
-    """Share of the machine's cores that processes outside this one's tree (and outside ``markers``, see
-    :func:`own_cpu_seconds`) kept busy since it was made. Shared servers such as Redis count as other
-    work."""
+    """Shares of the machine's cores taken from a benchmark since this was made: by processes outside
+    this one's tree (and outside ``markers``, see :func:`own_cpu_seconds`; shared servers such as
+    Redis count as other work), and by the hypervisor for other virtual machines (steal)."""
 
     def __init__(self, markers: tuple[str, ...] = ()) -> None:
         self.markers = markers
         self.started = time.monotonic()
-        self.busy, self.own = busy_cpu_seconds(), own_cpu_seconds(markers=markers)
+        self.busy, self.steal = busy_cpu_seconds()
+        self.own = own_cpu_seconds(markers=markers)
 
-    def share(self) -> float:
-        wall = time.monotonic() - self.started
-        others = (busy_cpu_seconds() - self.busy) - (own_cpu_seconds(markers=self.markers) - self.own)
-        return max(0.0, others) / (wall * (os.cpu_count() or 1))
+    def shares(self) -> tuple[float, float]:
+        """(other processes, steal), each a fraction of all cores over the time since this was made."""
+        capacity = (time.monotonic() - self.started) * (os.cpu_count() or 1)
+        busy, steal = busy_cpu_seconds()
+        others = (busy - self.busy) - (own_cpu_seconds(markers=self.markers) - self.own)
+        return max(0.0, others) / capacity, (steal - self.steal) / capacity

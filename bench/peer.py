@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[name].append(closed_loop(openers[name], images, args.clients, args.seconds))
                 time.sleep(1)
             ceilings.append(ceiling())
-        others = other_work.share()
+        others, steal = other_work.shares()
         load_at_end = os.getloadavg()
         finished = True
     finally:
@@ -411,15 +411,17 @@ def main(argv: list[str] | None = None) -> None:
         f"idle: {args.idle} requests each, one at a time, taking turns; load: {args.clients} clients in a closed "
         f"loop, {args.seconds:g} s per run, {args.rounds} run(s) each ({order})"
     )
+    start, end = (" / ".join(f"{v:.2f}" for v in load) for load in (load_at_start, load_at_end))
     print(
-        "load average at start {:.2f} / {:.2f} / {:.2f}, at the end {:.2f} / {:.2f} / {:.2f} (1/5/15 min); "
-        "other processes kept {:.0%} of the cores busy while it measured".format(*load_at_start, *load_at_end, others)
+        f"load average (1/5/15 min) {start} at the start, {end} at the end; while it measured, other processes "
+        f"kept {others:.0%} of the cores busy (an upper bound: kernel threads and Redis count) and the "
+        f"hypervisor took {steal:.0%} (steal)"
     )
-    if load_at_start[0] > BUSY_LOAD_PER_CORE * cores or others > 0.1:
+    if load_at_start[0] > BUSY_LOAD_PER_CORE * cores or others + steal > 0.1:
         print(
-            f"warning: other work shared the {cores} cores (load average {load_at_start[0]:.2f} at start, "
-            f"{others:.0%} of the cores taken by other processes): absolute figures are not reliable; the "
-            "ratios, measured interleaved, are what to read"
+            f"warning: other work shared the {cores} cores (load average {load_at_start[0]:.2f} at the start, "
+            f"{others + steal:.0%} of the cores taken while it measured): absolute figures are not reliable; "
+            "the ratios, measured interleaved, are what to read"
         )
     print(printed)
     print("targets: " + "; ".join(f"{target}: {'met' if ok else 'NOT met'}" for target, ok in met.items()))
