@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> None:
 
         # A few clients first: BentoML's dispatcher trains on its first batches (of 1, 2 and 3) and dermq's
         # children warm up. Not the full load: the dispatcher holds a lone request about as long as the
-        # average wait of its last 50 batches and lets that estimate fall by 5% a refresh, so after a
-        # burst of 32 clients its idle latency stays high for minutes (see docs/PERFORMANCE.md).
+        # mean wait of its last 50 batches, and that wait feeds the mean, so right after a burst of 32
+        # clients its idle p50 was 93 ms instead of 25-49 (see docs/PERFORMANCE.md).
         warm_up(min(4, args.clients))
         other_work = OtherWork(markers=(DATABASE,))  # dermq's Postgres backends are its own work
         sessions = {name: opener(0) for name, opener in openers.items()}

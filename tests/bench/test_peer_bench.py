@@ -3,32 +3,36 @@ same image (else the comparison would be of two different jobs), and the table's
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import sys
 import types
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.common import FIXTURE_IMAGES, ROOT
 from bench.peer import Figures, comparison
 from bench.peer_clients import LoadRun
 from ml import registry
 from ml.images import decode
 from ml.predictor import Predictor
 
-FIXTURES = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "images").glob("*.jpg"))
+FIXTURES = sorted(FIXTURE_IMAGES.glob("*.jpg"))
 
 
 def peer_service(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """bench.peer_service with a stand-in for ``bentoml`` whose decorators change nothing."""
+    """A private copy of bench/peer_service.py run with a stand-in for ``bentoml`` whose decorators
+    change nothing (nothing imports the real module)."""
     stand_in = types.ModuleType("bentoml")
     stand_in.service = lambda **_: lambda cls: cls  # type: ignore[attr-defined]
     stand_in.api = lambda **_: lambda method: method  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "bentoml", stand_in)
-    monkeypatch.delitem(sys.modules, "bench.peer_service", raising=False)
-    return importlib.import_module("bench.peer_service")
+    spec = importlib.util.spec_from_file_location("peer_service_under_test", ROOT / "bench" / "peer_service.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_peer_answers_what_dermq_answers_for_the_same_images(monkeypatch: pytest.MonkeyPatch) -> None:
