@@ -17,18 +17,26 @@ REDIS_DB = 10
 
 
 def start_stack(
-    args: argparse.Namespace, workdir: Path, processes: list[support.Process], stopped: threading.Event
+    args: argparse.Namespace,
+    workdir: Path,
+    processes: list[support.Process],
+    stopped: threading.Event,
+    *,
+    database: str = DATABASE,
+    redis_db: int = REDIS_DB,
+    **overrides: str,
 ) -> tuple[str, list[str], str, Path]:
-    """Scratch database, Redis DB 10, the API and a worker (appended to ``processes`` as they start, so
-    that the caller stops them whatever happens), the sweep and the sealer until ``stopped``; returns
-    (API URL, a clinic key per portal, database URL, the API's log)."""
+    """Scratch ``database`` (recreated), Redis database ``redis_db`` (flushed), the API and a worker
+    (appended to ``processes`` as they start, so that the caller stops them whatever happens), the
+    sweep and the sealer until ``stopped``; ``overrides`` are more DERMQ_* settings. Returns (API URL,
+    a clinic key per portal, database URL, the API's log)."""
     import redis
 
     port = support.free_port()
     env = support.test_env(
         workdir,
-        DERMQ_DATABASE_URL=f"postgresql+psycopg2:///{DATABASE}",
-        DERMQ_REDIS_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
+        DERMQ_DATABASE_URL=f"postgresql+psycopg2:///{database}",
+        DERMQ_REDIS_URL=f"redis://127.0.0.1:6379/{redis_db}",
         DERMQ_API_PORT=str(port),
         DERMQ_LOG_LEVEL="INFO",  # the worker's "ready." line, and the API's access log (server-side timings)
         DERMQ_WORKER_CONCURRENCY=str(args.concurrency),
@@ -36,6 +44,7 @@ def start_stack(
         DERMQ_WORKER_NICE=str(args.worker_nice),
         DERMQ_DATABASE_POOL_SIZE="10",
         DERMQ_WORKER_METRICS_PORT="0",
+        **overrides,
     )
     settings, _, token = support.prepare_stack(env, f"bench-load-{uuid.uuid4().hex[:6]}")
     tokens = [token, *clinic_keys(settings, args.clients - 1)]

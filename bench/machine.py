@@ -1,0 +1,71 @@
+"""What else ran on the machine while a benchmark did: the CPU time of processes outside this one's
+tree, and the time the hypervisor gave to other virtual machines.
+
+On a shared machine a benchmark's absolute figures move with other people's work. The load average
+before the start says whether the cores were already busy; :class:`OtherWork` says how much CPU
+everything outside this process and its descendants (the servers it started) used meanwhile, and
+how much the virtual machine's cores were stolen. Kernel threads working for the benchmark (disk
+writes, Postgres's WAL writer and checkpointer) count as other work: the figure is an upper bound.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine has spent busy since boot, all cores together, and those the
+    hypervisor gave to other virtual machines (steal) (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / TICK, steal / TICK
+
+
+def own_cpu_seconds(root: int | None = None, markers: tuple[str, ...] = ()) -> float:
+    """CPU seconds of process ``root`` (default: this one) and every live process under it, with the
+    children they have already reaped; and of the processes whose command line holds one of
+    ``markers`` (a Postgres backend names its database there: the work done for this benchmark's own
+    scratch database)."""
+    parents: dict[int, int] = {}
+    spent: dict[int, float] = {}
+    ours = {root or os.getpid()}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_text(errors="replace") if markers else ""
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        spent[pid] = sum(int(v) for v in fields[11:15]) / TICK  # utime, stime, cutime, cstime
+        if any(marker in command for marker in markers):
+            ours.add(pid)
+    grew = True
+    while grew:
+        grown = {pid for pid, parent in parents.items() if parent in ours} - ours
+        ours |= grown
+        grew = bool(grown)
+    return sum(spent.get(pid, 0.0) for pid in ours)
+
+
+class OtherWork:
+    """Shares of the machine's cores taken from a benchmark since this was made: by processes outside
+    this one's tree (and outside ``markers``, see :func:`own_cpu_seconds`; shared servers such as
+    Redis count as other work), and by the hypervisor for other virtual machines (steal)."""
+
+    def __init__(self, markers: tuple[str, ...] = ()) -> None:
+        self.markers = markers
+        self.started = time.monotonic()
+        self.busy, self.steal = busy_cpu_seconds()
+        self.own = own_cpu_seconds(markers=markers)
+
+    def shares(self) -> tuple[float, float]:
+        """(other processes, steal), each a fraction of all cores over the time since this was made."""
+        capacity = (time.monotonic() - self.started) * (os.cpu_count() or 1)
+        busy, steal = busy_cpu_seconds()
+        others = (busy - self.busy) - (own_cpu_seconds(markers=self.markers) - self.own)
+        return max(0.0, others) / capacity, (steal - self.steal) / capacity
