@@ -40,17 +40,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from bench.common import FIXTURE_IMAGES, ROOT, p50, percentile, table, timed
+from bench.common import FIXTURE_IMAGES, ROOT, p50, timed
 from bench.load_stack import start_stack
 from bench.machine import OtherWork
 from bench.peer_clients import DermqSession, LoadRun, PeerSession, Session, closed_loop, idle_latency
+from bench.peer_report import Figures, comparison, images_per_second
 from tests import support
 
 PEER_VENV = ROOT / ".venv-peer"
@@ -62,8 +62,6 @@ DATABASE = "dermq_bench_peer"
 REDIS_DB = 9
 #: a 1-minute load average above this many per core before the start means other work shares the cores
 BUSY_LOAD_PER_CORE = 0.5
-IDLE_P50_TARGET = 2.0
-THROUGHPUT_TARGET = 0.5
 
 
 # ---------------------------------------------------------------- the peer's environment and process
@@ -177,102 +175,16 @@ def load_images(folder: str | None, count: int) -> tuple[list[bytes], str]:
     return [p.read_bytes() for p in paths], f"{len(paths)} JPEGs from {source}"
 
 
+#: the niceness of make run's worker children (core.devstack sets DERMQ_WORKER_NICE)
+WORKER_NICE = 10
+
+
 def dermq_layout() -> tuple[int, int, int]:
     """``make run``'s layout on this machine's CPU: API processes (half the usable cores, as
-    core.devstack sets them), worker children (one per core, worker.runtime's auto) and threads each."""
+    core.devstack sets them), worker children (one per core, worker.runtime's auto, at
+    :data:`WORKER_NICE`) and threads each."""
     cores = os.cpu_count() or 1
     return max(1, len(os.sched_getaffinity(0)) // 2), cores, 1
-
-
-# ---------------------------------------------------------------- the report
-
-
-@dataclass(frozen=True)
-class Figures:
-    """One system's measurements over the whole run."""
-
-    idle: list[float]
-    runs: list[LoadRun]
-    idle_errors: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def rate(self) -> float:
-        return sum(run.rate for run in self.runs) / len(self.runs)
-
-    @property
-    def loaded(self) -> list[float]:
-        return [latency for run in self.runs for latency in run.latencies]
-
-    @property
-    def error_kinds(self) -> Counter[str]:
-        kinds = Counter(self.idle_errors)
-        for run in self.runs:
-            kinds.update(run.errors)
-        return kinds
-
-    @property
-    def errors(self) -> int:
-        return sum(self.error_kinds.values())
-
-    def row(self, label: str) -> list[str]:
-        rates = [run.rate for run in self.runs]
-        spread = f" ({min(rates):.0f}-{max(rates):.0f})" if len(rates) > 1 else ""
-        return [
-            label,
-            seconds(p50(self.idle)),
-            seconds(percentile(self.idle, 95)),
-            f"{self.rate:.1f}{spread}",
-            seconds(percentile(self.loaded, 50)),
-            seconds(percentile(self.loaded, 95)),
-            str(self.errors),
-        ]
-
-
-def images_per_second(rates: list[float]) -> str:
-    """The median of repeated measurements, with their range."""
-    ordered = sorted(rates)
-    return f"{p50(ordered):.0f} images/s ({ordered[0]:.0f}-{ordered[-1]:.0f})"
-
-
-def seconds(value: float) -> str:
-    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
-
-
-def comparison(
-    peer: Figures, dermq: Figures, labels: tuple[str, str], ceiling: tuple[str, str], clients: int
-) -> tuple[str, dict[str, bool]]:
-    """The table of both systems, the raw ceiling, the ratios dermq/peer and issue 16's targets;
-    and whether each target is met."""
-    idle_ratio = p50(dermq.idle) / p50(peer.idle)
-    rate_ratio = dermq.rate / peer.rate
-    met = {
-        f"idle p50 <= {IDLE_P50_TARGET:g}x the peer's": idle_ratio <= IDLE_P50_TARGET,
-        f"throughput >= {THROUGHPUT_TARGET:g}x the peer's": rate_ratio >= THROUGHPUT_TARGET,
-        "0 errors (dermq)": dermq.errors == 0,
-    }
-    verdicts = ["yes" if ok else "NO" for ok in met.values()]
-
-    def ratio(ours: float, theirs: float) -> str:
-        return f"{ours / theirs:.2f}x"
-
-    rows = [
-        peer.row(labels[0]),
-        dermq.row(labels[1]),
-        [ceiling[0], "", "", ceiling[1], "", "", ""],
-        [
-            "dermq / peer",
-            f"{idle_ratio:.2f}x",
-            ratio(percentile(dermq.idle, 95), percentile(peer.idle, 95)),
-            f"{rate_ratio:.2f}x",
-            ratio(percentile(dermq.loaded, 50), percentile(peer.loaded, 50)),
-            ratio(percentile(dermq.loaded, 95), percentile(peer.loaded, 95)),
-            "",
-        ],
-        ["target (issue 16)", f"<= {IDLE_P50_TARGET:.2f}x", "", f">= {THROUGHPUT_TARGET:.2f}x", "", "", "0"],
-        ["met", verdicts[0], "", verdicts[1], "", "", verdicts[2]],
-    ]
-    headers = ["", "idle p50", "idle p95", f"{clients} clients: completed/s", "p50 under load", "p95 under load"]
-    return table([*headers, "errors"], rows), met
 
 
 # ---------------------------------------------------------------- the run
@@ -325,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     database_url, finished = None, False
     try:
         peer = start_peer(bin_dir, workdir, args)
-        stack = argparse.Namespace(concurrency=children, worker_threads=threads, clients=args.clients)
+        stack = argparse.Namespace(
+            concurrency=children, worker_threads=threads, worker_nice=WORKER_NICE, clients=args.clients
+        )
         base, tokens, database_url, _ = start_stack(
             stack,
             workdir,
@@ -403,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"dermq: make run's layout, {api_processes} API process(es), 1 worker with {children} prefork children x "
-        f"{threads} thread (ONNX Runtime, dynamic batches); one request per case: POST /v1/cases?wait={args.wait:g}, "
+        f"{threads} thread at nice {WORKER_NICE} (ONNX Runtime, dynamic batches); "
+        f"one request per case: POST /v1/cases?wait={args.wait:g}, "
         "then GET ?wait= until it ends; each case is also encrypted, stored, audited and given a heat map"
     )
     order = "alternating, the order flipping each round" if args.rounds > 1 else "peer first"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from bench.common import FIXTURE_IMAGES, ROOT
-from bench.peer import Figures, comparison
 from bench.peer_clients import LoadRun
+from bench.peer_report import Figures, comparison
 from ml import registry
 from ml.images import decode
 from ml.predictor import Predictor
