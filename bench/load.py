@@ -160,12 +160,6 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="torch threads per worker child (own stack only; 1 leaves the API a core on a 2-core machine)",
     )
-    parser.add_argument(
-        "--worker-nice",
-        type=int,
-        default=10,
-        help="niceness of the worker children (own stack only; 10, as make run; 0 for a baseline)",
-    )
     parser.add_argument("--urgent-share", type=float, default=0.1, help="fraction of submissions marked urgent")
     parser.add_argument("--images", default=str(FIXTURE_IMAGES), help="folder of JPEGs to submit")
     parser.add_argument("--camera", action="store_true", help="submit 12-megapixel JPEGs (4000x3000) instead")
@@ -276,8 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
     own = (
-        f"own stack: 1 API process, {args.concurrency} worker child(ren) x {args.worker_threads} torch thread(s) "
-        f"at nice {args.worker_nice}, "
+        f"own stack: 1 API process, {args.concurrency} worker child(ren) x {args.worker_threads} torch thread(s), "
         f"a clinic per client, {asking}"
     )
     print(

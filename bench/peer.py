@@ -175,14 +175,9 @@ def load_images(folder: str | None, count: int) -> tuple[list[bytes], str]:
     return [p.read_bytes() for p in paths], f"{len(paths)} JPEGs from {source}"
 
 
-#: the niceness of make run's worker children (core.devstack sets DERMQ_WORKER_NICE)
-WORKER_NICE = 10
-
-
 def dermq_layout() -> tuple[int, int, int]:
     """``make run``'s layout on this machine's CPU: API processes (half the usable cores, as
-    core.devstack sets them), worker children (one per core, worker.runtime's auto, at
-    :data:`WORKER_NICE`) and threads each."""
+    core.devstack sets them), worker children (one per core, worker.runtime's auto) and threads each."""
     cores = os.cpu_count() or 1
     return max(1, len(os.sched_getaffinity(0)) // 2), cores, 1
 
@@ -237,9 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     database_url, finished = None, False
     try:
         peer = start_peer(bin_dir, workdir, args)
-        stack = argparse.Namespace(
-            concurrency=children, worker_threads=threads, worker_nice=WORKER_NICE, clients=args.clients
-        )
+        stack = argparse.Namespace(concurrency=children, worker_threads=threads, clients=args.clients)
         base, tokens, database_url, _ = start_stack(
             stack,
             workdir,
@@ -317,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"dermq: make run's layout, {api_processes} API process(es), 1 worker with {children} prefork children x "
-        f"{threads} thread at nice {WORKER_NICE} (ONNX Runtime, dynamic batches); "
+        f"{threads} thread (ONNX Runtime, dynamic batches); "
         f"one request per case: POST /v1/cases?wait={args.wait:g}, "
         "then GET ?wait= until it ends; each case is also encrypted, stored, audited and given a heat map"
     )

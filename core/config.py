@@ -148,11 +148,6 @@ class Settings(BaseSettings):
     #: one thread each beat threads (python -m bench.layout: 1.6x on 2 cores); 1 on a CUDA worker
     worker_concurrency: int = Field(0, ge=0)
     worker_threads: int = Field(0, ge=0)
-    #: the niceness of the worker's children, the processes that decode and classify (0-19). Where the
-    #: API shares the machine (make run, one-host compose), a nice worker leaves the intake the CPU it
-    #: needs to answer promptly under load, and takes the rest: classification is asynchronous, an
-    #: upload's answer is not (python -m bench.load). 0: as the parent
-    worker_nice: int = Field(0, ge=0, le=19)
     worker_max_tasks_per_child: int = Field(2000, ge=1)
     task_soft_time_limit: float = Field(60.0, gt=0)
     task_time_limit: float = Field(90.0, gt=0)

@@ -182,8 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DERMQ_CALLBACK_ALLOW_PRIVATE_URLS", "true")  # a portal on this machine may listen
     # API processes: half the cores, the worker on this machine has the other half
     os.environ.setdefault("DERMQ_API_PROCESSES", str(max(1, len(os.sched_getaffinity(0)) // 2)))
-    # ... and the worker's children run nice: under load the intake answers first (python -m bench.load)
-    os.environ.setdefault("DERMQ_WORKER_NICE", "10")
     settings = get_settings()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env = prepare(settings, state_dir, env)

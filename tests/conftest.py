@@ -113,10 +113,6 @@ def client(api_app):  # type: ignore[no-untyped-def]
         yield test_client
 
 
-#: the session worker's children run nice, as make run's do (DERMQ_WORKER_NICE)
-WORKER_NICE = 5
-
-
 @pytest.fixture(scope="session")
 def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -> Iterator[support.Worker]:  # type: ignore[no-untyped-def]
     """A real Celery worker process (prefork, one child) on the test database and Redis.
@@ -125,7 +121,7 @@ def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -
     (``store_case``) and expect them to wait; a batching worker would claim them with the next case
     it takes. Batching is tested on databases and brokers of its own (``own_database``:
     tests/worker/test_batching.py, tests/worker/test_priorities.py; tests/faults)."""
-    env = {**stack_env, "DERMQ_BATCHING": "off", "DERMQ_WORKER_NICE": str(WORKER_NICE)}
+    env = {**stack_env, "DERMQ_BATCHING": "off"}
     process = support.start_worker(env, stack_dir / "worker.log", name="main")
     yield process
     process.stop()

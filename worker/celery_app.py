@@ -170,8 +170,6 @@ def _after_fork(**_kwargs: Any) -> None:
     # itself returns at once and the first case does not pay for the load.
     dispose_engines()
     settings = get_settings()
-    if settings.worker_nice > os.getpriority(os.PRIO_PROCESS, 0):
-        os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)  # never lower: that takes privileges
     if settings.preload_model:
         from worker import runtime
 

@@ -26,20 +26,6 @@ def test_explicit_settings_win(settings: Settings) -> None:
     assert (runtime.worker_concurrency(chosen), runtime.threads_per_child(chosen)) == (3, 2)
 
 
-def test_the_children_run_at_the_configured_niceness_and_the_parent_does_not(worker) -> None:  # type: ignore[no-untyped-def]
-    """DERMQ_WORKER_NICE: the children that decode and classify yield the CPU to the API on a shared
-    host; the parent, which takes messages off the broker, keeps its priority."""
-    from pathlib import Path
-
-    from tests.conftest import WORKER_NICE
-
-    parent = worker.proc.pid
-    kids = [int(c) for task in Path(f"/proc/{parent}/task").iterdir() for c in (task / "children").read_text().split()]
-    assert kids
-    assert [os.getpriority(os.PRIO_PROCESS, kid) for kid in kids] == [WORKER_NICE] * len(kids)
-    assert os.getpriority(os.PRIO_PROCESS, parent) == os.getpriority(os.PRIO_PROCESS, 0)
-
-
 def test_production_code_carries_no_fault_injection_and_reads_no_tests() -> None:
     """Faults are injected by the tests' own Celery app module (tests/faults/worker_app.py), which wraps
     the model runtime's loader: no production module holds a fault setting or hook, or imports tests."""
