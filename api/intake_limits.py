@@ -22,11 +22,12 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 
 from core.errors import InvalidImageError, RateLimited
 from ml import working_copy
 from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode
-from ml.images import DecodedImage, ImageLimits, decode
+from ml.images import DecodedImage, ImageLimits
 
 
 class UploadSlots:
@@ -96,15 +97,12 @@ class Decoder:
     async def decode_upload(
         self, data: bytes, limits: ImageLimits, *, working_side: int
     ) -> tuple[DecodedImage, bytes | None]:
-        """An upload decoded once, at the size the worker needs (``working_side`` on the longer side,
-        draft mode for a JPEG), and its working copy when it is large enough to want one
+        """An upload decoded once, at the size the worker needs (at most ``working_side`` on the longer
+        side, draft mode for a JPEG), and its working copy when it is large enough to want one
         (:mod:`ml.working_copy`): the worker then reads that instead of decoding the upload again.
         Off the event loop; raises ``InvalidImage`` or a problem (429, 413)."""
 
-        def job() -> tuple[DecodedImage, bytes | None]:
-            decoded = decode(data, limits, reduce_to=working_side, fit=working_side, budget=self.budget)
-            return decoded, working_copy.make(decoded, working_side)
-
+        job = partial(working_copy.decode_upload, data, limits, fit=working_side, budget=self.budget)
         with decode_errors():
             return await asyncio.get_running_loop().run_in_executor(self._executor(), job)
 

@@ -277,8 +277,9 @@ def _load_rgb(image: Image.Image, fmt: str, declared: tuple[int, int]) -> Decode
 
 
 def working_size(decoded: DecodedImage, fit: int) -> tuple[int, int] | None:
-    """The size a large upload is worked on at, ``fit`` pixels on its longer side (the heat map's
-    overlay size, at least twice the models' inputs); None for an upload that keeps its decode: one
+    """The size a large upload is worked on at: its decode's own size when that is at most ``fit``
+    pixels on the longer side (the heat map's overlay size, at least twice the models' inputs), else
+    reduced to ``fit``; None for an upload that keeps its decode: one
     at most :data:`FIT_FACTOR` times ``fit`` on its longer side (decoding it is as cheap as reading a
     reduced copy), or so long and thin that the reduced shorter side would fall below
     :data:`MIN_FIT_SHORT_SIDE` (the model would have to enlarge it again)."""

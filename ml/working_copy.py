@@ -2,11 +2,12 @@
 
 A 12-megapixel camera JPEG costs the intake a draft-mode decode to validate it and, before this
 module, cost the worker a second one (about 35 ms of a 215 ms case at idle). The intake now keeps what
-its decode produced (``ml.images.decode`` with ``fit``): the upright sRGB pixels reduced to their
-working size (``fit``, the overlay's ``DERMQ_OVERLAY_MAX_SIDE``, 512 by default, on the longer side:
-what the heat map is drawn on, and at least twice the model's input), stored encrypted next to the
-original (which is kept as sent). The worker reads the working copy instead of the original and never
-decodes 12 megapixels again. Small uploads (HAM10000's 600x450) and long thin strips get none
+its decode produced (``ml.images.decode`` with ``fit``): the upright sRGB pixels at their working
+size, at most ``fit`` (the overlay's ``DERMQ_OVERLAY_MAX_SIDE``, 512 by default) on the longer side:
+a JPEG's draft decode as it is when it lands there (a 4000x3000 photo at 1/8: 500x375, no resampling
+at all), anything larger reduced to ``fit``, bicubic. It is stored encrypted next to the original
+(which is kept as sent). The worker reads the working copy instead of the original and never decodes
+12 megapixels again. Small uploads (HAM10000's 600x450) and long thin strips get none
 (``ml.images.working_size``): their own decode is as cheap, or the copy would lose what the model needs.
 
 Format: binary PPM (netpbm P6: a text header, then the RGB bytes row by row) with one comment line
@@ -16,11 +17,12 @@ copy, not a decode (0.3 ms for 512x384 against 35 ms for the 4000x3000 JPEG), an
 it. The copy is sealed (AES-GCM, bound to its case and kind) like every blob, so the worker reads
 only what an intake wrote; the parser is strict all the same.
 
-Answers: the model sees the working copy reduced to its input size instead of the draft decode
-reduced to it. The copy is resampled bicubic, the served model's own interpolation: on the
-benchmark's three 12-megapixel JPEGs its calibrated probabilities differ from a full decode's by at
-most 0.006 (the draft decode's own: 0.028; a bilinear copy's: 0.040), and the label is the same
-(tests/ml/test_working_copy.py holds them within 0.03). The heat map is drawn on the copy as it is.
+Answers: the model sees the working copy reduced to its input size instead of the 1/4-scale draft
+decode the worker used to make. On the benchmark's three 12-megapixel JPEGs the calibrated
+probabilities from the 1/8-scale copy differ from a full decode's by at most 0.023 (the worker's old
+1/4-scale decode: 0.028; a 512-pixel bicubic copy of it: 0.006, but resampling it costs the intake
+about 15 ms more), and the labels are the same; tests/ml/test_working_copy.py holds them within
+0.03, as tests/ml/test_draft_decode.py does draft decoding. The heat map is drawn on the copy as it is.
 
 Pillow and the standard library only (the API process imports this).
 """
@@ -31,7 +33,8 @@ import re
 
 from PIL import Image
 
-from ml.images import MEDIA_TYPES, DecodedImage, working_size
+from ml.decode_budget import DecodeBudget
+from ml.images import MEDIA_TYPES, DecodedImage, ImageLimits, decode, working_size
 
 MEDIA_TYPE = "image/x-portable-pixmap"
 
@@ -43,6 +46,17 @@ _HEADER = re.compile(
 
 class InvalidWorkingCopy(ValueError):
     """The bytes are not a working copy this module wrote."""
+
+
+def decode_upload(
+    data: bytes, limits: ImageLimits, *, fit: int, budget: DecodeBudget | None = None
+) -> tuple[DecodedImage, bytes | None]:
+    """An upload decoded once (:func:`ml.images.decode`, which validates it) at the size the worker
+    needs, and its working copy when it is large enough to want one: a JPEG in draft mode to between
+    half and all of ``fit`` on the longer side (a 12-megapixel photo at 1/8, used as it is), anything
+    larger than ``fit`` reduced to it."""
+    decoded = decode(data, limits, reduce_to=fit // 2, fit=fit, budget=budget)
+    return decoded, make(decoded, fit)
 
 
 def make(decoded: DecodedImage, fit: int) -> bytes | None:

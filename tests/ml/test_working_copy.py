@@ -14,7 +14,7 @@ from PIL import Image
 from bench.common import camera_jpegs
 from core.config import Settings
 from ml import heatmap, registry, working_copy
-from ml.images import decode
+from ml.images import DEFAULT_LIMITS, decode
 from ml.predictor import Predictor
 
 SHIPPED = registry.REGISTRY_DIR / registry.DEFAULT_MODEL
@@ -34,11 +34,10 @@ def cameras() -> list[bytes]:
 
 
 def test_a_camera_jpeg_gets_a_working_copy_at_the_overlay_size_that_reads_back_as_the_upload(cameras) -> None:  # type: ignore[no-untyped-def]
-    decoded = decode(cameras[0], reduce_to=SIDE, fit=SIDE)
-    copy = working_copy.make(decoded, SIDE)
+    copy = working_copy.decode_upload(cameras[0], DEFAULT_LIMITS, fit=SIDE)[1]
     assert copy is not None
     back = working_copy.read(copy)
-    assert back.image.size == (512, 384)
+    assert back.image.size == (500, 375)  # the 1/8-scale draft decode as it is
     assert (back.format, back.width, back.height) == ("JPEG", 4000, 3000)  # what the upload declared
     assert back.media_type == "image/jpeg"
     assert len(copy) < 600_000  # 512x384 RGB and a header: a third of the 1.6-4 MB upload
@@ -46,26 +45,34 @@ def test_a_camera_jpeg_gets_a_working_copy_at_the_overlay_size_that_reads_back_a
 
 def test_small_uploads_get_none_their_own_decode_is_as_cheap() -> None:
     for size in ((600, 450), (1024, 768), (4000, 40), (4000, 400)):  # small, or too thin to reduce
-        assert working_copy.make(decode(jpeg(size), reduce_to=SIDE, fit=SIDE), SIDE) is None
-    for size in ((1100, 800), (4000, 1800)):
-        assert working_copy.make(decode(jpeg(size), reduce_to=SIDE, fit=SIDE), SIDE) is not None
+        assert working_copy.decode_upload(jpeg(size), DEFAULT_LIMITS, fit=SIDE)[1] is None
+    for size in ((1600, 1200), (4000, 1800)):
+        assert working_copy.decode_upload(jpeg(size), DEFAULT_LIMITS, fit=SIDE)[1] is not None
     assert working_copy.make(decode(jpeg((4000, 3000)), reduce_to=SIDE), SIDE) is None  # decoded without fit
+
+
+def test_a_large_lossless_upload_is_reduced_to_the_working_size() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (2000, 1500), (170, 120, 100)).save(out, "PNG")
+    copy = working_copy.decode_upload(out.getvalue(), DEFAULT_LIMITS, fit=SIDE)[1]
+    assert copy is not None
+    read = working_copy.read(copy)
+    assert read.image.size == (512, 384) and (read.format, read.width, read.height) == ("PNG", 2000, 1500)
 
 
 def test_the_copy_is_upright_whatever_the_exif_orientation() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait
-    decoded = decode(jpeg((2400, 1200), exif=exif), reduce_to=SIDE, fit=SIDE)
-    copy = working_copy.make(decoded, SIDE)
+    copy = working_copy.decode_upload(jpeg((4000, 2000), exif=exif), DEFAULT_LIMITS, fit=SIDE)[1]
     assert copy is not None
-    assert working_copy.read(copy).image.size == (256, 512)
+    assert working_copy.read(copy).image.size == (250, 500)
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped model")
 def test_camera_jpegs_read_from_their_working_copy_get_the_full_decode_answer(cameras) -> None:  # type: ignore[no-untyped-def]
     predictor = Predictor.load(SHIPPED, device="cpu")
     for data in cameras:
-        copy = working_copy.make(decode(data, reduce_to=SIDE, fit=SIDE), SIDE)
+        copy = working_copy.decode_upload(data, DEFAULT_LIMITS, fit=SIDE)[1]
         assert copy is not None
         full = predictor.predict([decode(data).image])[0]
         fast = predictor.predict([working_copy.read(copy).image])[0]
@@ -76,15 +83,17 @@ def test_camera_jpegs_read_from_their_working_copy_get_the_full_decode_answer(ca
 
 def test_the_heat_map_drawn_on_the_copy_matches_the_one_drawn_on_the_draft_decode(cameras) -> None:  # type: ignore[no-untyped-def]
     draft = decode(cameras[1], reduce_to=SIDE)
-    copy = working_copy.make(decode(cameras[1], reduce_to=SIDE, fit=SIDE), SIDE)
+    copy = working_copy.decode_upload(cameras[1], DEFAULT_LIMITS, fit=SIDE)[1]
     assert copy is not None
     cam = np.random.default_rng(0).random((6, 7)).astype(np.float32)
     on_copy, on_draft = (
         np.asarray(Image.open(io.BytesIO(heatmap.render(image, cam, SIDE)[1])), dtype=np.int16)
         for image in (working_copy.read(copy).image, draft.image)
     )
-    assert on_copy.shape == on_draft.shape == (384, 512, 3)
-    assert np.abs(on_copy - on_draft).mean() < 2  # grey levels: the same picture (sharper: bicubic)
+    assert on_copy.shape == (375, 500, 3) and on_draft.shape == (384, 512, 3)
+    # the same picture: the old overlay (drawn on the 1/4-scale decode) reduced to the new one's size
+    shrunk = np.asarray(Image.fromarray(on_draft.astype(np.uint8)).resize((500, 375), Image.Resampling.BILINEAR))
+    assert np.abs(on_copy - shrunk.astype(np.int16)).mean() < 3
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from core.crypto import decrypt_blob
 from core.db import session_scope
 from core.models import BlobKind, Case, CaseBlob
 from ml import drift, working_copy
-from ml.images import decode
+from ml.images import DEFAULT_LIMITS, decode
 from tests.conftest import Tenant, case_store, new_tenant
 from tests.faults.servers import RedisServer
 from worker.batching import run_batch
@@ -96,14 +96,14 @@ def test_a_camera_upload_is_decoded_once_and_its_working_copy_dropped_when_the_c
     media_type, copy = stored["working"]
     assert media_type == working_copy.MEDIA_TYPE
     read = working_copy.read(copy)
-    assert read.image.size == (512, 384) and (read.width, read.height) == (4000, 3000)
+    assert read.image.size == (500, 375) and (read.width, read.height) == (4000, 3000)
     assert set(blobs(config, keyring, small_id)) == {"image"}  # a HAM10000-sized upload needs none
     assert run_classification(config, small_id) == "succeeded"
 
     assert run_classification(config, big_id) == "succeeded"
     after = blobs(config, keyring, big_id)
     assert "working" not in after and after["image"] == ("image/jpeg", camera)
-    assert Image.open(io.BytesIO(after["heatmap"][1])).size == (512, 384)
+    assert Image.open(io.BytesIO(after["heatmap"][1])).size == (500, 375)  # drawn on the copy
     assert input_stats(config, keyring, big_id)["megapixels"] == 12.0  # the upload's own size is reported
 
 
@@ -120,8 +120,7 @@ def test_the_worker_classifies_the_working_copy_not_the_original(
         big = decode(other.read_bytes()).image.resize((2400, 1800))
         out = io.BytesIO()
         big.save(out, "JPEG", quality=95)
-        decoded = decode(out.getvalue(), reduce_to=config.overlay_max_side, fit=config.overlay_max_side)
-        copy = working_copy.make(decoded, config.overlay_max_side)
+        copy = working_copy.decode_upload(out.getvalue(), DEFAULT_LIMITS, fit=config.overlay_max_side)[1]
         assert copy is not None
         case_id = store(tenant, original.read_bytes(), width=2400, height=1800, working_copy=copy)
         expected = drift.input_statistics(working_copy.read(copy).image, 2400, 1800)
