@@ -28,11 +28,18 @@ from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, a_or_an
 from core.keys import Principal
 from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome, Priority, Result, Role
-from ml import working_copy
 
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkingCopy:
+    """A large upload's pixels at the size the worker needs, as the intake's decode made them."""
+
+    data: bytes
+    media_type: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +52,8 @@ class NewImage:
     width: int
     height: int
     sha256: str
-    #: the pixels at the size the worker needs (``ml.working_copy``), for a large upload; else None
-    working_copy: bytes | None = None
+    #: the pixels at the size the worker needs, for a large upload (``ml.working_copy``); else None
+    working_copy: WorkingCopy | None = None
 
 
 # --------------------------------------------------------------------------- access control
@@ -145,8 +152,9 @@ def create_case(
         return _replay(session, existing, _Resubmission(image, client_ref, priority), keyring, actor), False
     blobs = [(case_id, BlobKind.IMAGE, sealed, image.media_type)]
     if image.working_copy is not None:
-        working = encrypt_blob(keyring, image.working_copy, case_id=case_id, kind=BlobKind.WORKING.value, kek_id=wrap)
-        blobs.append((case_id, BlobKind.WORKING, working, working_copy.MEDIA_TYPE))
+        copy = image.working_copy
+        working = encrypt_blob(keyring, copy.data, case_id=case_id, kind=BlobKind.WORKING.value, kek_id=wrap)
+        blobs.append((case_id, BlobKind.WORKING, working, copy.media_type))
     if client_ref is not None:  # sealed like the image, never a plain column (core.phi)
         blobs.append(
             (case_id, BlobKind.CLIENT_REF, phi.seal_client_ref(keyring, case_id, client_ref, wrap), phi.MEDIA_TYPE)

@@ -188,6 +188,7 @@ def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[n
     from core.db import session_scope
     from core.keys import Principal
     from core.models import Priority, Role
+    from ml.working_copy import MEDIA_TYPE
 
     def store(
         tenant: Tenant,
@@ -208,7 +209,7 @@ def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[n
             width=width,
             height=height,
             sha256=hashlib.sha256(data).hexdigest(),
-            working_copy=working_copy,
+            working_copy=None if working_copy is None else cases.WorkingCopy(working_copy, MEDIA_TYPE),
         )
         with session_scope(settings) as session:
             case, _ = cases.create_case(

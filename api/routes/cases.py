@@ -27,6 +27,7 @@ from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput
 from core.models import CaseStatus, Priority, Role
 from core.publisher import classify_task
+from ml import working_copy
 from ml.images import ImageLimits, InvalidImage
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
@@ -165,7 +166,7 @@ async def submit_case(
         width=decoded.width,
         height=decoded.height,
         sha256=hashlib.sha256(form.image).hexdigest(),
-        working_copy=working,
+        working_copy=None if working is None else cases.WorkingCopy(working, working_copy.MEDIA_TYPE),
     )
 
     def create(session: Session) -> tuple[CaseOut, bool]:
