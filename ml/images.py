@@ -212,8 +212,9 @@ def decode(
 
     ``reduce_to`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode, several times
     faster for camera-sized files) as long as its longer side stays at least ``reduce_to`` pixels.
-    With ``fit``, an upload large enough for a working size (:func:`working_size`) is returned reduced
-    to it, bicubic (the models' own interpolation), before the decode's memory is released.
+    With ``fit``, an upload large enough for a working size (:func:`working_size`) whose decode is
+    larger than that is returned reduced to it, bicubic (the served model's interpolation), before the
+    decode's memory is released.
     The whole entropy-coded stream is still read, so a truncated file is still refused. Other
     formats decode at full size.
 
@@ -279,10 +280,10 @@ def _load_rgb(image: Image.Image, fmt: str, declared: tuple[int, int]) -> Decode
 def working_size(decoded: DecodedImage, fit: int) -> tuple[int, int] | None:
     """The size a large upload is worked on at: its decode's own size when that is at most ``fit``
     pixels on the longer side (the heat map's overlay size, at least twice the models' inputs), else
-    reduced to ``fit``; None for an upload that keeps its decode: one
-    at most :data:`FIT_FACTOR` times ``fit`` on its longer side (decoding it is as cheap as reading a
-    reduced copy), or so long and thin that the reduced shorter side would fall below
-    :data:`MIN_FIT_SHORT_SIDE` (the model would have to enlarge it again)."""
+    reduced to ``fit``. None for an upload that keeps its decode: one at most :data:`FIT_FACTOR` times
+    ``fit`` on its longer side (decoding it is as cheap as reading a reduced copy), or one so long and
+    thin that the shorter side would fall below :data:`MIN_FIT_SHORT_SIDE` (the model would have to
+    enlarge it again)."""
     if max(decoded.width, decoded.height) <= FIT_FACTOR * fit:
         return None
     size = fit_within(decoded.image.size, fit)
