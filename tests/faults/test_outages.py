@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from core.db import session_scope
 from core.models import AuditEvent, Case
+from tests import support
 from tests.faults.conftest import FaultStack
 
 pytestmark = pytest.mark.slow
@@ -61,11 +62,18 @@ def test_a_redis_outage_still_accepts_cases_fast_and_completes_them_afterwards(s
 
 
 def test_a_postgres_outage_answers_503_and_loses_nothing(stack: FaultStack) -> None:
-    worker = stack.start_worker("postgres", {"sleep": 2})
+    stack.start_worker("postgres", {"sleep": 2})
     before = [stack.accepted(image) for image in stack.images[:3]]
     pending = set(before)
-    # Wait until a classification is under way, so that the outage hits a running job too.
-    stack.wait_injected(worker)
+    # Wait until one of these cases is being classified (claimed, then held 2 s in inference by the
+    # fault), so that the outage hits a running job of this test's: a case an earlier test of the module
+    # left queued may be the first one the worker takes.
+    support.wait_for(
+        lambda: any(stack.case(case_id).status == "running" for case_id in before),
+        timeout=60,
+        interval=0.05,
+        what="one of the cases to be under way",
+    )
     stack.pg.stop()
     try:
         response, _ = timed_submit(stack, stack.images[3], **{"Idempotency-Key": "during-the-outage"})
