@@ -267,3 +267,24 @@ def publisher(settings):  # type: ignore[no-untyped-def]
     from core.publisher import make_publisher
 
     return make_publisher(settings)
+
+
+@pytest.fixture(scope="module")
+def private_broker() -> Iterator[Any]:
+    """A redis-server of this module's own as broker: what the code under test publishes reaches no
+    worker and can be inspected."""
+    import shutil
+    import tempfile
+
+    from tests.faults.servers import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    root = Path(tempfile.mkdtemp(prefix="dermq-broker-"))
+    server = RedisServer(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+        shutil.rmtree(root, ignore_errors=True)

@@ -8,11 +8,7 @@ the tests run the worker's pipeline in process, on a database of their own) and 
 from __future__ import annotations
 
 import io
-import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -28,7 +24,6 @@ from core.models import BlobKind, Case, CaseBlob
 from ml import drift, working_copy
 from ml.images import DEFAULT_LIMITS, decode
 from tests.conftest import Tenant, case_store, new_tenant
-from tests.faults.servers import RedisServer
 from worker.batching import run_batch
 from worker.pipeline import run_classification
 
@@ -36,20 +31,11 @@ pytestmark = pytest.mark.usefixtures("database")
 
 
 @pytest.fixture(scope="module")
-def config(own_database) -> Iterator[Settings]:  # type: ignore[no-untyped-def]
+def config(own_database, private_broker) -> Settings:  # type: ignore[no-untyped-def]
     """This module's database, a broker no worker reads, batches of up to 4."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
-    root = Path(tempfile.mkdtemp(prefix="dermq-working-"))
-    broker = RedisServer(root)
-    broker.start()
-    try:
-        yield own_database.model_copy(
-            update={"redis_url": broker.url, "batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0}
-        )
-    finally:
-        broker.destroy()
-        shutil.rmtree(root, ignore_errors=True)
+    return own_database.model_copy(
+        update={"redis_url": private_broker.url, "batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0}
+    )
 
 
 @pytest.fixture
