@@ -66,6 +66,8 @@ def compare_on_validation(
         # the most probable class, as the bar reads; and the label after the decision rule
         "top1_agreement": float((top["onnx"] == top["onnx-int8"]).mean()) if len(samples) else None,
         "label_agreement": float((labels["onnx"] == labels["onnx-int8"]).mean()) if len(samples) else None,
+        # int8 sums round differently on CPUs without VNNI: these figures hold for this class of CPU only
+        "int8_kernel": backends.int8_kernel(),
     }
 
 
@@ -74,7 +76,8 @@ def decide_serving(comparison: dict[str, Any] | None, has_int8: bool) -> dict[st
     rule = (
         f"onnx-int8 if, on the validation split, its balanced accuracy is within {INT8_TOLERANCE} of onnx's, "
         f"its most probable class agrees with onnx's on at least {MIN_TOP1_AGREEMENT:.0%} of images, and its "
-        f"referral sensitivity is at most {INT8_TOLERANCE} lower; else onnx"
+        f"referral sensitivity is at most {INT8_TOLERANCE} lower; else onnx. Served as the default only on "
+        "CPUs of the int8_kernel class it was measured on"
     )
     serving: dict[str, Any] = {"default_backend": "onnx", "rule": rule}
     if comparison is None or not has_int8 or not comparison.get("n"):

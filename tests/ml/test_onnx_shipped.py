@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import export, quantize, registry, serving_choice
+from ml import backends, export, quantize, registry, serving_choice
 from ml.labels import CLASSES
 from ml.predictor import Predictor
 from tests.ml.test_predictor import _input, _reference_map, _upsampled, explained, pearson
@@ -29,8 +29,8 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham1000
 #: of validation images. The shipped model's int8 graph measured 98.7% on its 1,277 validation images
 #: and is therefore shipped but not the default; see ml.export and docs/PERFORMANCE.md.
 MIN_AGREEMENT = serving_choice.MIN_TOP1_AGREEMENT  # the bar: 99% on the most probable class
-#: What the shipped model's int8 graph does measure on validation (98.7%), less half a point of
-#: run-to-run and CPU-to-CPU rounding: a regression guard, not the bar (which it does not meet).
+#: What the shipped model's int8 graph does measure on validation on a VNNI CPU (98.7%), less half a
+#: point of run-to-run rounding: a regression guard on the CPU class it was measured on, not the bar.
 INT8_AGREEMENT_FLOOR = 0.982
 
 
@@ -129,8 +129,10 @@ def test_int8_agrees_with_fp32_on_the_fixture_images(
 def test_int8_is_served_by_default_only_where_it_meets_the_bar_on_validation(entry: Path) -> None:
     """The bar for int8 (top class agrees with fp32 on at least 99% of the validation split, balanced
     accuracy within one point) decides the default backend; validation, because the test split is read
-    once, after every choice. This test recomputes the figures from the graphs themselves, checks that the
-    manifest's decision and figures are theirs, and guards the measured agreement against regressions."""
+    once, after every choice. This test recomputes the figures from the graphs themselves on this CPU.
+    On the class of int8 kernels the manifest's figures were measured on, they must be these figures,
+    and the agreement is guarded against regressions; on another class (x86 without VNNI saturates
+    u8s8 sums: the shipped graph measured 96.0% there) ``auto`` must not serve int8 at all."""
     if not _data_matches(entry):
         pytest.skip(f"the training data is not at {DATA}")
     if not _current(entry, "onnx_int8"):
@@ -145,14 +147,19 @@ def test_int8_is_served_by_default_only_where_it_meets_the_bar_on_validation(ent
     )
     if not meets:
         assert expected["default_backend"] == "onnx"
-    serving = registry.read_manifest(entry).get("serving")
-    if serving is not None and "top1_agreement" in serving:
-        assert serving["default_backend"] == expected["default_backend"]
-        # int8 kernels may round differently on another CPU: a few images either way
-        assert serving["top1_agreement"] == pytest.approx(measured["top1_agreement"], abs=3 / n)
-        for backend in ("onnx", "onnx-int8"):
-            assert serving["balanced_accuracy"][backend] == pytest.approx(
-                measured["balanced_accuracy"][backend], abs=0.01
-            )
+    manifest = registry.read_manifest(entry)
+    serving = manifest.get("serving")
+    auto = backends.choose(manifest, "auto", torch.device("cpu"))
+    if serving is None or "top1_agreement" not in serving:
+        assert auto == "onnx"
+        return
+    if serving.get("int8_kernel") != measured["int8_kernel"]:
+        assert auto == "onnx"  # figures from another class of CPU qualify nothing here
+        return
+    assert serving["default_backend"] == expected["default_backend"] == auto
+    # the same class of kernels rounds the same way: a few images either way at most
+    assert serving["top1_agreement"] == pytest.approx(measured["top1_agreement"], abs=3 / n)
+    for backend in ("onnx", "onnx-int8"):
+        assert serving["balanced_accuracy"][backend] == pytest.approx(measured["balanced_accuracy"][backend], abs=0.01)
     assert measured["top1_agreement"] >= INT8_AGREEMENT_FLOOR
     assert measured["referral_sensitivity"]["onnx-int8"] >= measured["referral_sensitivity"]["onnx"] - 0.01
