@@ -1,11 +1,15 @@
-"""Database errors quote the values of the failing statement; none of that reaches Celery's events."""
+"""Database errors quote the values of the failing statement, none of that reaches Celery's events; and
+a pooled connection the server has closed is not handed out."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from core import db
 from core.config import Settings
 from core.db import make_engine
 from worker.retries import withheld
@@ -26,3 +30,30 @@ def test_what_celery_is_told_of_a_database_error_quotes_no_value(settings: Setti
     told = withheld(failed.value)
     assert marker not in str(told) and marker not in repr(told)
     assert "DataError" in str(told)
+
+
+def _backend_pid(engine) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as connection:
+        return int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def test_a_pooled_connection_the_server_closed_while_idle_is_replaced_not_handed_out(
+    settings: Settings, database, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """What a database restart or an administrator's pg_terminate_backend does to a pool: the next
+    transaction after an idle spell gets a working connection, not an error."""
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_S", 0.2)
+    engine = make_engine(settings)
+    admin = make_engine(settings)
+    try:
+        first = _backend_pid(engine)
+        assert _backend_pid(engine) == first  # the pool reuses its connection
+        with admin.connect() as connection:
+            assert connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first}).scalar_one()
+        time.sleep(0.3)
+        second = _backend_pid(engine)  # pinged on checkout, found dead, replaced
+        assert second != first
+        assert _backend_pid(engine) == second
+    finally:
+        engine.dispose()
+        admin.dispose()
