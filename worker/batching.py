@@ -99,14 +99,18 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     predictor = runtime.get_predictor(config)
     # The claim and the images' read share one transaction (one connection checkout, one commit).
     with session_scope(config) as session:
-        claimed = case_states.claim_batch(
-            session,
-            case_id,
-            limit=config.batch_max_size,
-            max_pixels=config.batch_max_pixels,
-            reduce_to=config.overlay_max_side,  # what the worker's decoder is given (pipeline._decode_claimed)
-        )
-        items, missing = with_images(session, config, claimed)
+        claimed: list[Case] = []
+        items: list[ClaimedCase] = []
+        missing: NotFound | None = None
+        if case_states.is_queued(session, case_id):  # else an earlier batch took it: the usual fate here
+            claimed = case_states.claim_batch(
+                session,
+                case_id,
+                limit=config.batch_max_size,
+                max_pixels=config.batch_max_pixels,
+                reduce_to=config.overlay_max_side,  # what the worker's decoder is given (pipeline._decode_claimed)
+            )
+            items, missing = with_images(session, config, claimed)
     if not claimed:
         log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
         return "skipped"

@@ -11,7 +11,7 @@ import uuid
 
 import numpy as np
 import pytest
-from sqlalchemy import event, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import OperationalError
 
 from core import audit, case_states
@@ -202,6 +202,33 @@ def test_a_batch_is_stored_in_a_fixed_number_of_statements(batching, tenant, sto
             assert decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.HEATMAP.value).endswith(
                 str(case_id).encode()
             )
+
+
+def test_a_message_for_a_case_a_batch_took_costs_one_read(batching, tenant, store_case, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """A batch of n leaves n - 1 messages whose cases it took: each ends after one primary-key read,
+    claims nothing, writes nothing and audits nothing (7 of every 8 messages under load)."""
+    ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
+    with session_scope(batching) as session:
+        case_states.claim_batch(session, ids[0], limit=3)
+        events_before = session.scalar(select(func.count()).select_from(AuditEvent))
+    runtime.get_predictor(batching)  # loaded before counting: run_batch asks for it first
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    engine = get_engine(batching)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert run_batch(batching, ids[1]) == "skipped"
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(statements) == 1 and statements[0].lstrip().upper().startswith("SELECT"), statements
+    with session_scope(batching) as session:
+        assert {(c.status, c.attempts) for c in session.scalars(select(Case).where(Case.id.in_(ids)))} == {
+            ("running", 1)
+        }
+        assert session.scalar(select(func.count()).select_from(AuditEvent)) == events_before
 
 
 def test_a_stale_completion_in_a_batch_writes_nothing(batching, tenant, store_case, keyring, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
