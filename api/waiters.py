@@ -5,9 +5,12 @@ wakes the requests waiting for it: a waiting request holds an ``asyncio.Event``,
 database connection or a transaction. At most ``limit`` requests wait at once in one process;
 beyond that a request answers at once with the case as it is (plain polling still works).
 
-Nothing is lost to a missed notification: a request looks at its case before it waits and again
-after each wake, and wakes on its own every ``RECHECK_SECONDS`` (every second while the listener
-is not connected).
+Nothing is lost to a missed notification: a request looks at its case before it waits (unless it
+has just created the case and took its ticket before the case's task was sent) and after each
+wake that was not its case's announcement, and wakes on its own every ``RECHECK_SECONDS`` (every
+second while the listener is not connected). An announcement is trusted without a look: Postgres
+delivers it only once the transaction that ended the case has committed (:mod:`core.announcements`),
+and the audited read that follows reads the case anyway.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 
 from sqlalchemy.orm import Session
@@ -39,8 +42,11 @@ class Ticket:
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
         self._event = asyncio.Event()
+        #: the case's end was announced (not just a wake-up of every ticket after a reconnection)
+        self.announced = False
 
-    def wake(self) -> None:
+    def wake(self, announced: bool = False) -> None:
+        self.announced = self.announced or announced
         self._event.set()
 
     async def wait(self, seconds: float) -> None:
@@ -91,26 +97,48 @@ class CaseWaiters:
         chosen = self._tickets.values() if not case_ids else [self._tickets.get(i, set()) for i in case_ids]
         for tickets in list(chosen):
             for ticket in list(tickets):
-                ticket.wake()
+                ticket.wake(announced=bool(case_ids))
 
 
 async def wait_for_end(
-    db: RequestDb, waiters: CaseWaiters, principal: Principal, case_id: uuid.UUID, seconds: float
+    db: RequestDb,
+    waiters: CaseWaiters,
+    principal: Principal,
+    case_id: uuid.UUID,
+    seconds: float,
+    *,
+    commit: Callable[[], Awaitable[None]] | None = None,
+    created: bool = False,
 ) -> None:
     """Return once the case has ended or ``seconds`` have passed (at once if ``principal`` may not
-    read it: the audited read that follows answers that). No transaction stays open while waiting."""
+    read it: the audited read that follows answers that). No transaction stays open while waiting.
+
+    ``commit``, if given, commits the request's transaction once the ticket is taken: with
+    ``created`` (this request made the case, and its task goes out with that commit) the case cannot
+    end before the ticket exists, so the first look is skipped."""
     if seconds <= 0:
+        if commit is not None:
+            await commit()
         return
     deadline = time.monotonic() + seconds
     with waiters.ticket(case_id) as ticket:
+        if commit is not None:
+            await commit()
         if ticket is None:
             return
+        look = not (created and commit is not None)
         while True:
-            status = await db.run(lambda session: _look(session, principal, case_id))
+            if look:
+                status = await db.run(lambda session: _look(session, principal, case_id))
+                if status is None or status.terminal:
+                    return
             left = deadline - time.monotonic()
-            if status is None or status.terminal or left <= 0:
+            if left <= 0:
                 return
             await ticket.wait(left)
+            if ticket.announced:
+                return  # committed: the read that follows finds it ended
+            look = True
 
 
 def _look(session: Session, principal: Principal, case_id: uuid.UUID) -> CaseStatus | None:

@@ -188,8 +188,9 @@ async def submit_case(
 
     out, created = await db.run(create)
     if wait and not CaseStatus(out.status).terminal:  # a replay of an unfinished case waits too
-        await db.commit()  # the case (or the replay's audit event) is kept, its task sent; then wait
-        await wait_for_end(db, app.waiters, caller.principal, out.id, wait)
+        # the case (or the replay's audit event) is kept and its task sent once the wait's ticket is
+        # taken: a new case cannot end unheard, so its wait needs no first look
+        await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=db.commit, created=created)
 
         def reread(session: Session) -> CaseOut:
             case, result = cases.get_case(

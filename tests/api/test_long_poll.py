@@ -9,11 +9,11 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from api.app import create_app
 from core import case_states
-from core.db import session_scope
+from core.db import get_engine, session_scope
 from core.models import AuditEvent
 from tests import support
 from tests.conftest import Tenant
@@ -47,6 +47,33 @@ def test_submit_with_wait_answers_201_with_the_finished_case(client, worker, ten
     body = answer.json()
     assert body["status"] == "succeeded" and body["result"]["label"]
     assert answer.headers["Location"] == f"/v1/cases/{body['id']}"
+
+
+def test_a_waiting_submission_reads_its_case_only_to_answer(
+    client, worker, settings, tenant: Tenant, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
+    """A new case cannot end before its waiting request holds its ticket (its task is sent after
+    that), and the announcement of its end comes only after the commit: so the request does not
+    look at the case's status before or after waiting, it only reads the finished case to answer."""
+    client.get(f"/v1/cases/{uuid.uuid4()}?wait=0.1", headers=tenant.headers)
+    listener = client.app.state.dermq.listener
+    support.wait_for(lambda: listener.listening, timeout=20, what="the API's listener to connect")
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(" ".join(statement.split()))
+
+    engine = get_engine(settings)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        answer = client.post(
+            "/v1/cases?wait=30", headers=tenant.headers, files={"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert answer.status_code == 201 and answer.json()["status"] == "succeeded", answer.text
+    looks = [s for s in statements if s.startswith("SELECT cases.status FROM cases")]
+    assert looks == [], looks
 
 
 def test_a_waiting_read_is_woken_by_the_commit_that_ends_the_case(  # type: ignore[no-untyped-def]
