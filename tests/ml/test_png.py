@@ -49,3 +49,28 @@ def test_the_file_is_the_specifications_layout() -> None:
 def test_anything_but_rgb_bytes_is_refused(bad: np.ndarray) -> None:
     with pytest.raises(ValueError):
         encode_png(bad)
+
+
+def test_a_real_overlay_is_smaller_than_with_zlib_level_1(fixture_images) -> None:  # type: ignore[no-untyped-def]
+    """Huffman-only coding was chosen because it is faster and, on overlays, smaller: a change back
+    to string matching at level 1 (or another setting) must not grow what every result stores."""
+    from ml.heatmap import render
+
+    image = Image.open(fixture_images[sorted(fixture_images)[0]]).convert("RGB")
+    yy, xx = np.mgrid[0:7, 0:9]
+    cam = np.exp(-((yy - 3.0) ** 2 + (xx - 4.0) ** 2) / 6.0).astype(np.float32)  # a blob, as a lesion gives
+    _, png = render(image, cam)
+    rgb = np.asarray(Image.open(io.BytesIO(png)))
+    chunks = 25 + 12 + 12  # IHDR with its 13 bytes, IDAT's framing, IEND
+    level_1 = len(PNG_SIGNATURE) + chunks + len(zlib.compress(_up_filtered(rgb), 1))
+    assert len(png) < level_1
+
+
+def _up_filtered(rgb: np.ndarray) -> bytes:
+    height = rgb.shape[0]
+    flat = rgb.reshape(height, -1)
+    rows = np.empty((height, 1 + flat.shape[1]), dtype=np.uint8)
+    rows[:, 0] = 2
+    rows[0, 1:] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])
+    return rows.tobytes()
