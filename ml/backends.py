@@ -106,8 +106,10 @@ class TorchBackend:
         self._gradcam = GradCAM(self.model)
 
     def to_device(self, batch_nhwc: np.ndarray) -> torch.Tensor:
-        # NHWC memory viewed as NCHW is exactly the channels-last layout.
-        return torch.from_numpy(batch_nhwc).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
+        # The model is channels-last; preprocessing's NHWC arrays usually lie channels-first in memory
+        # (the layout the ONNX graphs read, ml.preprocess.normalize), so this is one copy on the CPU.
+        x = torch.from_numpy(batch_nhwc).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        return x.to(self.device, non_blocking=True)
 
     def forward(
         self, batch_nhwc: np.ndarray, *, features: bool = False, hflip: bool = False
