@@ -22,8 +22,11 @@ Reported: accepted, completed, lost (accepted but never ended, or not in the dat
 duplicated (cases beyond one per accepted submission, or more than one result for a case: must be
 0), 4xx/5xx answers, intake latency (POST answered; with ``--wait``, the submissions answered 202
 before their case ended) p50/p95/p99, submit-to-result p50/p95 (from the database: created_at to
-finished_at; and as the client saw it, polling included), throughput, and the audit sealing lag
-(an event's time to the first signed checkpoint that covers it) p50/p99.
+finished_at; and as the client saw it, polling included), throughput, the audit sealing lag
+(an event's time to the first signed checkpoint that covers it) p50/p99, and, with its own stack,
+the CPU per completed case of the API, the worker (parent and children), the scratch database's
+Postgres backends and this process (the portals, the sweeper, the sealer): where a case's cost goes
+(:func:`bench.machine.cpu_by_role`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from pathlib import Path
 import httpx
 
 from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, table
-from bench.load_stack import database_tally, sealing_lag, server_intake, start_stack
+from bench.load_stack import DATABASE, database_tally, sealing_lag, server_intake, start_stack
+from bench.machine import cpu_by_role
 from tests import support
 
 
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                 warm_up.wait_done(*case)
         tally = Tally()
         portals = [Portal(i, base, tokens[i], images, tally, args) for i in range(args.clients)]
+        roles = {p.name: p.proc.pid for p in processes}  # the API and the worker, own stack only
+        cpu_before = cpu_by_role(roles, database=DATABASE) if roles else {}
         started, started_at = time.perf_counter(), time.time()
         run_started = datetime.now(UTC)
         for portal in portals:
@@ -200,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         for portal in portals:
             portal.join(max(1.0, deadline - time.monotonic() + 5))
         wall = time.perf_counter() - started
+        cpu_after = cpu_by_role(roles, database=DATABASE) if roles else {}
         lags: list[float] = []
         if not args.base_url:
             time.sleep(3)  # the sealer's last rounds
@@ -267,6 +274,16 @@ def main(argv: list[str] | None = None) -> None:
             [
                 "audit sealing lag p50 / p99 (event to its signed checkpoint)",
                 f"{p50(lags):.2f} s / {percentile(lags, 99):.2f} s over {len(lags)} events",
+            ]
+        )
+    if cpu_before and tally.ended:
+        per_case = {
+            name: 1000 * (cpu_after.get(name, 0.0) - spent) / len(tally.ended) for name, spent in cpu_before.items()
+        }
+        rows.append(
+            [
+                "CPU per completed case: " + " / ".join(per_case),
+                " / ".join(f"{value:.1f}" for value in per_case.values()) + " ms",
             ]
         )
     own = (

@@ -69,3 +69,43 @@ class OtherWork:
         busy, steal = busy_cpu_seconds()
         others = (busy - self.busy) - (own_cpu_seconds(markers=self.markers) - self.own)
         return max(0.0, others) / capacity, (steal - self.steal) / capacity
+
+
+def _process_table() -> dict[int, tuple[int, float, float, str]]:
+    """pid -> (parent pid, CPU seconds with reaped children, CPU seconds of its own, command line)."""
+    table: dict[int, tuple[int, float, float, str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_text(errors="replace").replace("\0", " ")
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+        own = sum(int(v) for v in fields[11:13]) / TICK  # utime, stime
+        table[int(stat.parent.name)] = (int(fields[1]), own + sum(int(v) for v in fields[13:15]) / TICK, own, command)
+    return table
+
+
+def cpu_by_role(roots: dict[str, int], *, database: str | None = None) -> dict[str, float]:
+    """CPU seconds so far of each named process tree (``roots``: name -> pid; the process, its live
+    descendants and the children they reaped), of the Postgres backends serving ``database`` (their
+    command line names it) as ``postgres``, and of this process alone (its threads, not its children)
+    as ``this process``. Two calls bracket a run; their difference is where its CPU went."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, *_rest) in table.items():
+        children.setdefault(parent, []).append(pid)
+    spent: dict[str, float] = {}
+    for name, root in roots.items():
+        tree, stack = set(), [root]
+        while stack:
+            pid = stack.pop()
+            if pid in table and pid not in tree:
+                tree.add(pid)
+                stack.extend(children.get(pid, []))
+        spent[name] = sum(table[pid][1] for pid in tree)
+    if database is not None:
+        spent["postgres"] = sum(
+            total for _, total, _, command in table.values() if command.startswith("postgres: ") and database in command
+        )
+    spent["this process"] = table[os.getpid()][2] if os.getpid() in table else 0.0
+    return spent
