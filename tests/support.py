@@ -460,3 +460,24 @@ def publish_classify(app, case_id, priority="routine"):  # type: ignore[no-untyp
     from core.publisher import classify_task, send
 
     return send(app, classify_task(case_id, priority))
+
+
+@contextmanager
+def statements_sent(settings: Any) -> Iterator[list[str]]:
+    """The SQL statements this process sends on the engine of ``settings`` while the block runs,
+    whitespace collapsed (the list fills as they go)."""
+    from sqlalchemy import event
+
+    from core.db import get_engine
+
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    engine = get_engine(settings)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

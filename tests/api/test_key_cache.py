@@ -3,34 +3,12 @@ revoked or a clinic deactivated (announced by the committing transaction)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-from sqlalchemy import event
-
 from api.key_cache import KeyCache
 from api.listener import Listener
 from core import clinics, keys
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from tests import support
 from tests.conftest import Tenant
-
-
-@contextmanager
-def key_lookups(settings) -> Iterator[list[str]]:  # type: ignore[no-untyped-def]
-    """The statements on api_keys that this process sends while the block runs."""
-    seen: list[str] = []
-
-    def record(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
-        if "api_keys" in statement:
-            seen.append(statement)
-
-    engine = get_engine(settings)
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 def listening(client) -> bool:  # type: ignore[no-untyped-def]
@@ -40,10 +18,10 @@ def listening(client) -> bool:  # type: ignore[no-untyped-def]
 def test_a_verified_key_is_not_looked_up_again(client, settings, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
     support.wait_for(lambda: listening(client), timeout=20, what="the API's listener")
     assert client.get("/v1/cases", headers=tenant.headers).status_code == 200
-    with key_lookups(settings) as lookups:
+    with support.statements_sent(settings) as sent:
         for _ in range(3):
             assert client.get("/v1/cases", headers=tenant.headers).status_code == 200
-    assert lookups == []
+    assert [statement for statement in sent if "api_keys" in statement] == []
 
 
 def test_a_revoked_key_is_refused_at_once_though_it_was_remembered(client, settings, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]

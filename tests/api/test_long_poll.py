@@ -9,11 +9,11 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from api.app import create_app
 from core import case_states
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from core.models import AuditEvent
 from tests import support
 from tests.conftest import Tenant
@@ -58,19 +58,10 @@ def test_a_waiting_submission_reads_its_case_only_to_answer(
     client.get(f"/v1/cases/{uuid.uuid4()}?wait=0.1", headers=tenant.headers)
     listener = client.app.state.dermq.listener
     support.wait_for(lambda: listener.listening, timeout=20, what="the API's listener to connect")
-    statements: list[str] = []
-
-    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
-        statements.append(" ".join(statement.split()))
-
-    engine = get_engine(settings)
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with support.statements_sent(settings) as statements:
         answer = client.post(
             "/v1/cases?wait=30", headers=tenant.headers, files={"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
         )
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     assert answer.status_code == 201 and answer.json()["status"] == "succeeded", answer.text
     looks = [s for s in statements if s.startswith("SELECT cases.status FROM cases")]
     assert looks == [], looks

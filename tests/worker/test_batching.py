@@ -11,15 +11,16 @@ import uuid
 
 import numpy as np
 import pytest
-from sqlalchemy import event, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
 from core import audit, case_states
 from core import results as core_results
 from core.crypto import decrypt_blob
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
 from ml.images import decode
+from tests import support
 from tests.conftest import Tenant, case_store, new_tenant
 from worker import runtime
 from worker.batching import batching_enabled, run_batch
@@ -157,15 +158,8 @@ def test_a_batch_is_stored_in_a_fixed_number_of_statements(batching, tenant, sto
         claimed = case_states.claim_batch(session, ids[0], limit=5)
     assert sorted(c.id for c in claimed) == sorted(ids)
 
-    statements: list[str] = []
-
-    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
-        statements.append(statement)
-
-    engine = get_engine(batching)
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        per_transaction = []
+    per_transaction = []
+    with support.statements_sent(batching) as statements:
         for group in (ids[:1], ids[1:]):
             statements.clear()
             with session_scope(batching) as session:
@@ -174,8 +168,6 @@ def test_a_batch_is_stored_in_a_fixed_number_of_statements(batching, tenant, sto
                 )
             assert stored == set(group)
             per_transaction.append(len(statements))
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     assert per_transaction[0] == per_transaction[1], f"statements for 1 case vs 4: {per_transaction}"
 
     with session_scope(batching) as session:
@@ -212,18 +204,9 @@ def test_a_message_for_a_case_a_batch_took_costs_one_read(batching, tenant, stor
         case_states.claim_batch(session, ids[0], limit=3)
         events_before = session.scalar(select(func.count()).select_from(AuditEvent))
     runtime.get_predictor(batching)  # loaded before counting: run_batch asks for it first
-    statements: list[str] = []
-
-    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
-        statements.append(statement)
-
-    engine = get_engine(batching)
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with support.statements_sent(batching) as statements:
         assert run_batch(batching, ids[1]) == "skipped"
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
-    assert len(statements) == 1 and statements[0].lstrip().upper().startswith("SELECT"), statements
+    assert len(statements) == 1 and statements[0].upper().startswith("SELECT"), statements
     with session_scope(batching) as session:
         assert {(c.status, c.attempts) for c in session.scalars(select(Case).where(Case.id.in_(ids)))} == {
             ("running", 1)
