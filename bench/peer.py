@@ -23,7 +23,9 @@ Images: 400 HAM10000 JPEGs (``../shared/data/ham10000/images``, sorted by name) 
 the fixture images.
 
 Reported: idle p50/p95, completed/s, p50/p95 under load, errors, the ratios dermq/peer against issue
-16's targets (idle p50 <= 2x the peer's, throughput >= 0.5x, no errors), and ONNX Runtime alone on
+16's targets (idle p50 <= 2x the peer's, throughput >= 0.5x, no errors), each system's server CPU per
+case completed under load (its processes and, for dermq, its Postgres backends; not the client's),
+and ONNX Runtime alone on
 batches of 8 in this process as the raw ceiling (measured before the runs and after each round,
 both servers idle: median and range). The load average before the start and the CPU other processes
 used while it ran say how much the figures can be trusted; the ratios are what to read.
@@ -48,9 +50,9 @@ import httpx
 
 from bench.common import FIXTURE_IMAGES, ROOT, p50, timed
 from bench.load_stack import start_stack
-from bench.machine import OtherWork
+from bench.machine import OtherWork, cpu_by_role
 from bench.peer_clients import DermqSession, LoadRun, PeerSession, Session, closed_loop, idle_latency
-from bench.peer_report import Figures, comparison, images_per_second
+from bench.peer_report import Figures, comparison, cpu_per_case, images_per_second
 from tests import support
 
 PEER_VENV = ROOT / ".venv-peer"
@@ -268,9 +270,17 @@ def main(argv: list[str] | None = None) -> None:
             session.close()
         warm_up(args.clients)
         runs: dict[str, list[LoadRun]] = {name: [] for name in openers}
+        # each system's own processes (and dermq's Postgres backends), not the client's: CPU per case
+        roots = {"peer": {"peer": peer.process.proc.pid}, "dermq": {p.name: p.proc.pid for p in processes}}
+        spent: dict[str, dict[str, float]] = {name: {} for name in openers}
         for number in range(args.rounds):
             for name in list(openers)[:: 1 if number % 2 == 0 else -1]:
+                database = DATABASE if name == "dermq" else None
+                before = cpu_by_role(roots[name], database=database)
                 runs[name].append(closed_loop(openers[name], images, args.clients, args.seconds))
+                after = cpu_by_role(roots[name], database=database)
+                for part in set(before) - {"this process"}:
+                    spent[name][part] = spent[name].get(part, 0.0) + after[part] - before[part]
                 time.sleep(1)
             ceilings.append(ceiling())
         others, steal = other_work.shares()
@@ -332,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             "the ratios, measured interleaved, are what to read"
         )
     print(printed)
+    print(cpu_per_case(spent, {name: sum(run.completed for run in runs[name]) for name in openers}))
     print("targets: " + "; ".join(f"{target}: {'met' if ok else 'NOT met'}" for target, ok in met.items()))
     for name, measured in figures.items():
         if measured.errors:

@@ -98,3 +98,20 @@ def comparison(
     ]
     headers = ["", "idle p50", "idle p95", f"{clients} clients: completed/s", "p50 under load", "p95 under load"]
     return table([*headers, "errors"], rows), met
+
+
+def cpu_per_case(spent: dict[str, dict[str, float]], completed: dict[str, int]) -> str:
+    """One line: each system's server CPU (its processes, not the client's) per case completed under
+    load, dermq's by process, and dermq's over the peer's. ``spent``: system -> process -> CPU
+    seconds summed over its loaded runs; ``completed``: system -> cases completed in them."""
+    per_case = {
+        name: {part: 1000 * seconds / max(completed[name], 1) for part, seconds in parts.items()}
+        for name, parts in spent.items()
+    }
+    totals = {name: sum(parts.values()) for name, parts in per_case.items()}
+    dermq = ", ".join(f"{part} {value:.1f}" for part, value in per_case["dermq"].items())
+    ratio = totals["dermq"] / totals["peer"] if totals["peer"] > 0 else float("nan")
+    return (
+        f"server CPU per case completed under load: peer {totals['peer']:.1f} ms, dermq {totals['dermq']:.1f} ms "
+        f"({dermq}): dermq / peer {ratio:.2f}x"
+    )

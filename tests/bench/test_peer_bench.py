@@ -13,7 +13,7 @@ import pytest
 
 from bench.common import FIXTURE_IMAGES, ROOT
 from bench.peer_clients import LoadRun
-from bench.peer_report import Figures, comparison
+from bench.peer_report import Figures, comparison, cpu_per_case
 from ml import registry
 from ml.images import decode
 from ml.predictor import Predictor
@@ -77,3 +77,12 @@ def test_the_table_gives_dermq_over_the_peer_against_the_targets() -> None:
         clients=32,
     )
     assert met == {"idle p50 <= 2x the peer's": True, "throughput >= 0.5x the peer's": True, "0 errors (dermq)": False}
+
+
+def test_the_cpu_line_gives_each_systems_server_cpu_per_case_and_the_ratio() -> None:
+    line = cpu_per_case(
+        {"peer": {"peer": 1.5}, "dermq": {"api": 1.1, "worker": 2.1, "postgres": 0.3}},
+        {"peer": 100, "dermq": 100},
+    )
+    assert "peer 15.0 ms" in line and "dermq 35.0 ms" in line
+    assert "api 11.0, worker 21.0, postgres 3.0" in line and line.endswith("dermq / peer 2.33x")
