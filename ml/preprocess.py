@@ -55,7 +55,8 @@ def normalize(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
     The result is an NHWC view of a C-contiguous (N, 3, H, W) array: the layout the ONNX graphs read,
     so the backend's transpose to NCHW copies nothing. Computed a channel at a time, in the same
     float32 operations as ``(batch - mean) * inv_std`` (bit-identical), it takes about a tenth of the
-    time that expression and the transpose's copy took (1.0 against 0.1 ms for one 168x224 image)."""
+    time that expression and the transpose's copy took (0.9 against 0.1 ms for one 168x224 image in a
+    micro-benchmark; 0.44 against 0.15 ms for normalising alone in Predictor.predict's profile)."""
     mean = np.asarray(prep.mean, dtype=np.float32) * 255.0
     inv_std = 1.0 / (np.asarray(prep.std, dtype=np.float32) * 255.0)
     n, height, width, channels = batch.shape
