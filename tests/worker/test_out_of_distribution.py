@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +28,6 @@ from ml.labels import CLASSES, NUM_CLASSES
 from tests import support
 from tests.api.test_metrics import scrape, total
 from tests.conftest import Tenant, case_store, new_tenant
-from tests.faults.servers import RedisServer
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -83,20 +80,16 @@ class GatedStack:
 
 
 @pytest.fixture(scope="module")
-def gated(stack_env, stack_dir: Path, settings, database, gated_entry: Path) -> Iterator[GatedStack]:  # type: ignore[no-untyped-def]
+def gated(stack_env, stack_dir: Path, settings, database, gated_entry: Path, private_broker) -> Iterator[GatedStack]:  # type: ignore[no-untyped-def]
     """An API and a real worker process (one case per task) serving the gated entry, on a broker of
     their own (a private redis-server), so that the suite's main worker never takes their messages."""
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
-    root = Path(tempfile.mkdtemp(prefix="dermq-gated-"))
-    broker = RedisServer(root)
+    broker = private_broker  # a redis-server of this module's own: no other worker takes these messages
     worker = None
     try:
-        broker.start()
         env = {
             **stack_env,
             "DERMQ_MODEL": str(gated_entry),
@@ -111,8 +104,6 @@ def gated(stack_env, stack_dir: Path, settings, database, gated_entry: Path) -> 
     finally:
         if worker is not None:
             worker.stop()
-        broker.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def submit_and_wait(stack: GatedStack, tenant: Tenant, image: bytes) -> dict[str, Any]:

@@ -4,7 +4,6 @@ the worker stays up."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,14 @@ import pytest
 from core.publisher import make_publisher
 from ml import registry
 from tests import support
-from tests.faults.servers import RedisServer
 from tests.worker.test_tasks import wait_terminal
 
 pytestmark = pytest.mark.usefixtures("database")
 
 
 def test_tampered_weights_fail_the_case_not_the_worker(
-    stack_env, stack_dir: Path, tmp_path: Path, settings, tenant, store_case, jpeg_bytes: bytes
+    stack_env, stack_dir: Path, tmp_path: Path, settings, tenant, store_case, jpeg_bytes: bytes, private_broker
 ) -> None:  # type: ignore[no-untyped-def]
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
     entry = tmp_path / "tampered-entry"
     shutil.copytree(registry.resolve(settings.model), entry)
     weights = entry / "weights.safetensors"
@@ -30,11 +26,9 @@ def test_tampered_weights_fail_the_case_not_the_worker(
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
     # A broker of its own (a private redis-server), so that no other worker takes these messages.
-    root = Path(tempfile.mkdtemp(prefix="dermq-tampered-"))
-    broker = RedisServer(root)
+    broker = private_broker
     worker = None
     try:
-        broker.start()
         env = {
             **stack_env,
             "DERMQ_MODEL": str(entry),
@@ -61,5 +55,3 @@ def test_tampered_weights_fail_the_case_not_the_worker(
     finally:
         if worker is not None:
             worker.stop()
-        broker.destroy()
-        shutil.rmtree(root, ignore_errors=True)
