@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -19,18 +18,10 @@ PIPELINE = re.compile(
 )
 
 
-def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(tmp_path: Path) -> None:
-    workdir = tmp_path
-    port = support.free_port()
-    broker = support.Process(  # a private Redis: the run flushes its database
-        "redis",
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        {},
-        workdir / "redis.log",
-    )
+def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker) -> None:  # type: ignore[no-untyped-def]
+    # a private Redis (started and answering a ping): the run flushes its database
     database = f"{support.TEST_DATABASE}_bench_gpu"
     try:
-        support.wait_for(lambda: "Ready to accept" in broker.output(), timeout=20, what="Redis")
         run = subprocess.run(
             [
                 sys.executable,
@@ -40,7 +31,7 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(tmp_path: Path
                 "--database",
                 database,
                 "--redis-url",
-                f"redis://127.0.0.1:{port}/0",
+                private_broker.url,
             ],
             cwd=support.ROOT,
             capture_output=True,
@@ -48,7 +39,6 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(tmp_path: Path
             timeout=240,
         )
     finally:
-        broker.stop()
         support.drop_database(f"postgresql+psycopg2:///{database}")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
