@@ -47,7 +47,8 @@ def test_make_run_serves_a_real_case_and_stops_cleanly(
         start_new_session=True,
     )
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
     base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
     try:
 
@@ -88,8 +89,11 @@ def test_make_run_serves_a_real_case_and_stops_cleanly(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             raise
-    # make itself dies of the SIGINT, as on a terminal; the stack must have shut down in order first.
-    support.wait_for(lambda: "| stopped" in "".join(lines), timeout=60, what="the stack to report it stopped")
+    # make itself dies of the SIGINT, as on a terminal; the stack must have shut down in order first. Its
+    # output ends once every process of the stack that holds it has exited.
+    reader.join(60)
+    assert not reader.is_alive(), "processes of the stack still hold its output open"
+    assert "| stopped" in "".join(lines)  # and it said so
     for url in (f"{base}/healthz", f"http://127.0.0.1:{env['DERMQ_FLOWER_PORT']}/"):
         with pytest.raises(httpx.HTTPError):
             httpx.get(url, timeout=2)
