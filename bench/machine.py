@@ -30,26 +30,11 @@ def own_cpu_seconds(root: int | None = None, markers: tuple[str, ...] = ()) -> f
     children they have already reaped; and of the processes whose command line holds one of
     ``markers`` (a Postgres backend names its database there: the work done for this benchmark's own
     scratch database)."""
-    parents: dict[int, int] = {}
-    spent: dict[int, float] = {}
-    ours = {root or os.getpid()}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            command = (stat.parent / "cmdline").read_text(errors="replace") if markers else ""
-        except (OSError, IndexError):  # the process ended meanwhile
-            continue
-        pid = int(stat.parent.name)
-        parents[pid] = int(fields[1])
-        spent[pid] = sum(int(v) for v in fields[11:15]) / TICK  # utime, stime, cutime, cstime
-        if any(marker in command for marker in markers):
-            ours.add(pid)
-    grew = True
-    while grew:
-        grown = {pid for pid, parent in parents.items() if parent in ours} - ours
-        ours |= grown
-        grew = bool(grown)
-    return sum(spent.get(pid, 0.0) for pid in ours)
+    table = _process_table()
+    roots = {root or os.getpid()} | {
+        pid for pid, (*_, command) in table.items() if any(marker in command for marker in markers)
+    }
+    return sum(table[pid][1] for pid in _tree(table, roots))
 
 
 class OtherWork:
@@ -85,24 +70,28 @@ def _process_table() -> dict[int, tuple[int, float, float, str]]:
     return table
 
 
+def _tree(table: dict[int, tuple[int, float, float, str]], roots: set[int]) -> set[int]:
+    """The live processes among ``roots`` and every live process under them."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, *_rest) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in table and pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, []))
+    return found
+
+
 def cpu_by_role(roots: dict[str, int], *, database: str | None = None) -> dict[str, float]:
     """CPU seconds so far of each named process tree (``roots``: name -> pid; the process, its live
     descendants and the children they reaped), of the Postgres backends serving ``database`` (their
     command line names it) as ``postgres``, and of this process alone (its threads, not its children)
     as ``this process``. Two calls bracket a run; their difference is where its CPU went."""
     table = _process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (parent, *_rest) in table.items():
-        children.setdefault(parent, []).append(pid)
-    spent: dict[str, float] = {}
-    for name, root in roots.items():
-        tree, stack = set(), [root]
-        while stack:
-            pid = stack.pop()
-            if pid in table and pid not in tree:
-                tree.add(pid)
-                stack.extend(children.get(pid, []))
-        spent[name] = sum(table[pid][1] for pid in tree)
+    spent = {name: sum(table[pid][1] for pid in _tree(table, {root})) for name, root in roots.items()}
     if database is not None:
         spent["postgres"] = sum(
             total for _, total, _, command in table.values() if command.startswith("postgres: ") and database in command
