@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api import docs_page, metrics, pages, problems
+from api.db import Lanes
 from api.deps import AppState, record_denial
 from api.intake_limits import Decoder, UploadSlots, release_large_allocations
 from api.key_cache import KeyCache
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         app.state.dermq.decoder.close()
         app.state.dermq.listener.close()
+        app.state.dermq.lanes.close()
         client.close()
 
     app = FastAPI(
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         keys=keys,
         sessions=session_factory(settings),
+        lanes=Lanes(),
         publisher=make_publisher(settings),
         redis=client,
         limiter=RateLimiter(client),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -27,18 +28,55 @@ from sqlalchemy.orm import Session, sessionmaker
 T = TypeVar("T")
 
 
-class RequestDb:
-    """The request's Session and the one thread it is used on (started on first use)."""
+class Lanes:
+    """Threads for requests' database work, kept for the next request: a request takes one for its
+    whole life (its Session never moves between threads) and gives it back when it has closed its
+    Session. Starting a thread for every request instead cost about 0.2 ms of CPU and 0.5 ms of wall
+    time on this project's 2-core VM. At most ``keep`` idle threads are kept; more are let go."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, keep: int = 64) -> None:
+        self._idle: list[ThreadPoolExecutor] = []
+        self._lock = threading.Lock()
+        self._keep = keep
+
+    def take(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="dermq-request")
+
+    def give_back(self, lane: ThreadPoolExecutor) -> None:
+        with self._lock:
+            if len(self._idle) < self._keep:
+                self._idle.append(lane)
+                return
+        lane.shutdown(wait=False)
+
+    def idle(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def close(self) -> None:
+        """Let every idle thread go (the app's shutdown)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for lane in idle:
+            lane.shutdown(wait=False)
+
+
+class RequestDb:
+    """The request's Session and the one thread it is used on (taken from ``lanes`` on first use)."""
+
+    def __init__(self, sessions: sessionmaker[Session], lanes: Lanes) -> None:
         self._sessions = sessions
+        self._lanes = lanes
         self._session: Session | None = None
         self._thread: ThreadPoolExecutor | None = None
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """``work(session)`` on the request's thread, in the request's transaction."""
         if self._thread is None:
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dermq-request")
+            self._thread = self._lanes.take()
         call = functools.partial(contextvars.copy_context().run, self._call, work)
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
@@ -53,8 +91,9 @@ class RequestDb:
         return work(self._session)
 
     async def finish(self, *, commit: bool) -> None:
-        """Commit (or roll back) and close the Session on its thread, then let the thread go. Runs to
-        the end even if the request is cancelled meanwhile (the connection must go back to the pool)."""
+        """Commit (or roll back) and close the Session on its thread, then give the thread back. Runs
+        to the end even if the request is cancelled meanwhile (the connection must go back to the
+        pool); the thread goes back only once the Session is closed, so it has nothing left to run."""
         if self._thread is None:
             return
         with anyio.CancelScope(shield=True):
@@ -62,9 +101,13 @@ class RequestDb:
                 if self._session is not None:
                     await self.run(_commit if commit else _rollback)
             finally:
-                if self._session is not None:
-                    await self.run(_close)
-                self._thread.shutdown(wait=False)
+                try:
+                    if self._session is not None:
+                        await self.run(_close)
+                except BaseException:
+                    self._thread.shutdown(wait=False)  # a thread whose Session did not close is not reused
+                    raise
+                self._lanes.give_back(self._thread)
 
 
 def _commit(session: Session) -> None:

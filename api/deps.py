@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.db import RequestDb
+from api.db import Lanes, RequestDb
 from api.intake_limits import Decoder, UploadSlots
 from api.key_cache import KeyCache
 from api.listener import Listener
@@ -37,6 +37,7 @@ class AppState:
     settings: Settings
     keys: KeyringSource
     sessions: sessionmaker[Session]
+    lanes: Lanes
     publisher: Celery
     redis: redis.Redis
     limiter: RateLimiter
@@ -52,8 +53,14 @@ class AppState:
         return self.keys.get()
 
 
-def state(request: Request) -> AppState:
+def app_state(request: Request) -> AppState:
     return request.app.state.dermq
+
+
+async def state(request: Request) -> AppState:
+    """:func:`app_state` as a dependency. A coroutine so that FastAPI calls it on the event loop: a
+    plain function dependency is sent to the thread pool and back, on every request."""
+    return app_state(request)
 
 
 State = Annotated[AppState, Depends(state)]
@@ -63,7 +70,8 @@ async def request_db(request: Request) -> AsyncIterator[RequestDb]:
     """The request's unit of work: routes run their database work with ``await db.run(work)`` and
     never commit; this commits once the route has returned (before the response is sent), or rolls
     back if it raised. Every route uses it, the same way."""
-    db = RequestDb(state(request).sessions)
+    app = app_state(request)
+    db = RequestDb(app.sessions, app.lanes)
     try:
         yield db
     except BaseException:
@@ -189,7 +197,7 @@ def require_role(caller: Caller, *roles: Role) -> None:
 async def record_denial(request: Request, error: DermqError) -> None:
     """Write a denial's audit event in its own transaction (the request's rolled back)."""
     pending: audit.PendingEvent = error.audit
-    app = state(request)
+    app = app_state(request)
     caller: Caller | None = getattr(request.state, "caller", None)
     actor = caller.actor if caller is not None else actor_for(request)
 

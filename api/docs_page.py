@@ -37,9 +37,9 @@ def install(app: FastAPI) -> None:
     app.mount(ASSETS, StaticFiles(directory=swagger_ui_path), name="swagger-ui-assets")
 
     @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
+    async def docs() -> HTMLResponse:
         return HTMLResponse(PAGE.format(assets=ASSETS), headers={"Content-Security-Policy": DOCS_CSP})
 
     @app.get("/docs/init.js", include_in_schema=False)
-    def init() -> Response:
+    async def init() -> Response:
         return Response(INIT % openapi_url, media_type="text/javascript")

@@ -403,6 +403,23 @@ def test_each_request_uses_one_session_on_one_thread(client, tenant: Tenant, jpe
         assert len(threads) == 1 and next(iter(threads)).startswith("dermq-request"), threads
 
 
+def test_requests_one_after_another_reuse_one_database_thread(client, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
+    """A request's database thread is kept for the next request instead of a new one being started."""
+    threads: set[threading.Thread] = set()  # the Thread objects themselves: an ident can be reused
+
+    def note(session: Session, *_: object) -> None:
+        if threading.current_thread().name.startswith("dermq-request"):
+            threads.add(threading.current_thread())
+
+    event.listen(Session, "after_begin", note)
+    try:
+        for _ in range(5):
+            assert client.get("/v1/cases?limit=1", headers=tenant.headers).status_code == 200
+    finally:
+        event.remove(Session, "after_begin", note)
+    assert len(threads) == 1
+
+
 def test_health_readiness_and_docs(client) -> None:  # type: ignore[no-untyped-def]
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
