@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from core import case_images, case_states
 from core.case_images import StoredImage
 from core.config import Settings
-from core.db import session_scope
+from core.db import get_engine, session_scope
 from core.errors import NotFound
 from core.logs import case_id_var
 from core.models import Case
@@ -97,12 +97,14 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     progress = progress if progress is not None else Progress()
     started = time.perf_counter()
     predictor = runtime.get_predictor(config)
-    # The claim and the images' read share one transaction (one connection checkout, one commit).
-    with session_scope(config) as session:
-        claimed: list[Case] = []
-        items: list[ClaimedCase] = []
-        missing: NotFound | None = None
-        if case_states.is_queued(session, case_id):  # else an earlier batch took it: the usual fate here
+    with get_engine(config).connect() as connection:
+        queued = case_states.is_queued(connection, case_id)  # else an earlier batch took it: the usual fate here
+    claimed: list[Case] = []
+    items: list[ClaimedCase] = []
+    missing: NotFound | None = None
+    if queued:
+        # The claim and the images' read share one transaction (one connection checkout, one commit).
+        with session_scope(config) as session:
             claimed = case_states.claim_batch(
                 session,
                 case_id,
