@@ -52,10 +52,6 @@ class Lanes:
                 return
         lane.shutdown(wait=False)
 
-    def idle(self) -> int:
-        with self._lock:
-            return len(self._idle)
-
     def close(self) -> None:
         """Let every idle thread go (the app's shutdown)."""
         with self._lock:

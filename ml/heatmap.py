@@ -20,7 +20,7 @@ of the fixture lesions' real overlays on a 2-core AMD EPYC VM without AVX-512, m
 | 300x225 | 4.1 ms, 94.3 KB | 3.9 ms, 88.6 KB | 1.0 ms, 109.1 KB | 1.1 ms, 92.4 KB |
 | 512x384 | 10.5 ms, 213.2 KB | 11.0 ms, 198.7 KB | 2.2 ms, 228.4 KB | 2.8 ms, 203.6 KB |
 
-ISA-L's level 1 costs 2-4% more bytes than Huffman-only coding for a quarter of the time; it is on
+ISA-L's level 1 costs 2-6% more bytes than Huffman-only coding for a quarter of the time; it is on
 the worker's path to every result.
 
 Colouring goes through a palette image: the map's 256 levels index :data:`_LUT` and Pillow expands

