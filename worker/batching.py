@@ -24,7 +24,7 @@ from core.db import get_engine, session_scope
 from core.errors import NotFound
 from core.logs import case_id_var
 from core.models import Case
-from worker import pipeline, results, runtime
+from worker import companions, pipeline, results, runtime
 from worker.pipeline import (
     Classified,
     Progress,
@@ -92,7 +92,8 @@ def dispatch(config: Settings, case_id: uuid.UUID, progress: Progress) -> str:
 def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = None) -> str:
     """Claim this case and up to ``batch_max_size - 1`` more queued ones in one statement, classify
     them in one forward pass, explain each, and store them all in one transaction. Returns this
-    case's outcome; the other cases' messages find them taken and do nothing. If the batch stops
+    case's outcome; the other cases' messages are dropped in the worker's main process
+    (:mod:`worker.companions`), or, when they get here, find them taken and do nothing. If the batch stops
     with an error, the other cases it still holds go back to the queue (this one is the caller's)."""
     progress = progress if progress is not None else Progress()
     started = time.perf_counter()
@@ -113,6 +114,13 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
                 reduce_to=config.overlay_max_side,  # what the worker's decoder is given (pipeline._decode_claimed)
             )
             items, missing = with_images(session, config, claimed)
+    if len(claimed) > 1:
+        # their own messages are dropped in the main process from now on (worker.companions)
+        companions.mark(
+            companions.client(config.redis_url),
+            [c.id for c in claimed if c.id != case_id],
+            companions.mark_seconds(config),
+        )
     if not claimed:
         log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
         return "skipped"
@@ -128,6 +136,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
                 more_items, missing = with_images(session, config, more)
             claimed += more
             items += more_items
+            companions.mark(companions.client(config.redis_url), [c.id for c in more], companions.mark_seconds(config))
             if missing is not None:
                 raise missing
         _run_claimed_batch(config, predictor, items, started, outcomes)
@@ -256,6 +265,7 @@ def _requeue_unfinished(config: Settings, held: list[Case]) -> None:
         with session_scope(config) as session:
             for case in held:
                 case_states.requeue_case(session, case.id, attempt=case.attempts, reason="batch_interrupted")
+        companions.forget(companions.client(config.redis_url), [case.id for case in held])
         log.warning(
             "batch stopped; its other cases went back to the queue",
             extra={"event": "batch_requeued", "count": len(held)},

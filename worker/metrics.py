@@ -26,8 +26,8 @@ JOBS = Counter(
     "dermq_jobs_total",
     "classification outcomes: succeeded (with a diagnosis or out of distribution: see dermq_results_total), "
     "failed, superseded (a newer attempt owned the case), skipped "
-    "(a message whose case was already taken, usually by a batch: each batched case counts once as "
-    "succeeded or failed and once as skipped)",
+    "(a message that reached a worker child and found its case already taken; the messages of cases a "
+    "batch took are mostly acknowledged before, in the worker's main process, and not counted here)",
     ["outcome"],
 )
 QUEUE_WAIT = Histogram(

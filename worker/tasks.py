@@ -63,7 +63,7 @@ from worker.retries import is_transient as _transient  # the name deliver_callba
 log = logging.getLogger("dermq.worker")
 
 
-@app.task(name=TASK_CLASSIFY, bind=True, max_retries=MAX_RETRIES)
+@app.task(name=TASK_CLASSIFY, bind=True, max_retries=MAX_RETRIES, Strategy="worker.companions:skip_claimed")
 def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str:
     """Classify one case. ``requeue_attempt``: this is a retry after a transient error that hit that
     attempt, which must be put back in the queue (if it still holds the case) before claiming again."""

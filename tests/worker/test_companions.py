@@ -1,0 +1,169 @@
+"""Companion messages: once a batch has claimed cases, their own messages stop in the worker's main
+process (:mod:`worker.companions`) instead of each going through a child, and a mark that outlives
+its purpose costs a case time, never the case.
+
+The real-worker tests run on a broker of their own (``private_broker``: no other test's worker takes
+these messages) and a database of their own (``own_database``: their batches find no other test's
+queued cases)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Message
+from sqlalchemy import select, update
+
+from core.db import session_scope
+from core.models import Case
+from core.publisher import make_publisher
+from tests import support
+from tests.conftest import case_store, new_tenant
+from worker import companions
+from worker.batching import run_batch
+from worker.tasks import sweep_once
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def _worker(stack_env, stack_dir: Path, settings, broker_url: str, name: str, **extra: str) -> support.Worker:  # type: ignore[no-untyped-def]
+    env = {
+        **stack_env,
+        "DERMQ_DATABASE_URL": settings.database_url,
+        "DERMQ_REDIS_URL": broker_url,
+        "DERMQ_WORKER_METRICS_PORT": "0",
+        **extra,
+    }
+    return support.start_worker(env, stack_dir / f"{name}.log", concurrency=1, queues="cases")
+
+
+def _classify_runs(worker: support.Worker) -> int:
+    """How many classify messages the worker handed to its child (Celery's own count)."""
+    stats = worker.control_app.control.inspect(destination=[worker.hostname], timeout=2).stats() or {}
+    return int(stats.get(worker.hostname, {}).get("total", {}).get("dermq.classify", 0))
+
+
+def _statuses(settings, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return {
+            case_id: status for case_id, status in session.execute(select(Case.id, Case.status).where(Case.id.in_(ids)))
+        }
+
+
+@pytest.fixture
+def leave_nothing_queued(own_database):  # type: ignore[no-untyped-def]
+    yield
+    with session_scope(own_database) as session:
+        session.execute(
+            update(Case)
+            .where(Case.status == "queued")
+            .values(status="failed", failure_code="abandoned", failure_message="left queued by the test")
+        )
+
+
+@pytest.mark.slow
+def test_one_message_runs_per_batch_and_every_case_is_answered(
+    own_database, keyring, stack_env, stack_dir: Path, jpeg_bytes: bytes, private_broker, leave_nothing_queued
+) -> None:  # type: ignore[no-untyped-def]
+    """A backlog of 6 cases and their 6 messages, then a worker: its first batch takes all six, and
+    the five other messages never reach its child (before, each was traced, sent three events to
+    Flower and read the database, for nothing)."""
+    settings, tenant = own_database, new_tenant(own_database, keyring)
+    store_case = case_store(settings, keyring)
+    publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
+    ids = [store_case(tenant, jpeg_bytes) for _ in range(6)]
+    for case_id in ids:
+        assert support.publish_classify(publisher, case_id)
+    worker = _worker(stack_env, stack_dir, settings, private_broker.url, "companions-worker")
+    try:
+        support.wait_for(
+            lambda: set(_statuses(settings, ids).values()) == {"succeeded"}, timeout=120, what="the backlog"
+        )
+        broker = redis.Redis.from_url(private_broker.url)
+        support.wait_for(lambda: broker.llen("cases") == 0, timeout=30, what="the messages to be taken")
+        with session_scope(settings) as session:
+            batches = len(set(session.scalars(select(Case.started_at).where(Case.id.in_(ids)))))
+        assert batches < len(ids)  # a batch of them did form
+        assert _classify_runs(worker) == batches
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_a_message_skipped_on_a_leftover_mark_loses_no_case(
+    own_database, keyring, stack_env, stack_dir: Path, jpeg_bytes: bytes, private_broker, leave_nothing_queued
+) -> None:  # type: ignore[no-untyped-def]
+    """A case still queued but marked (a batch that put it back could not clear its mark): its message
+    is dropped, and the sweeper, which sends a queued case without a message again only after
+    ``requeue_grace_seconds``, sends it once the mark (at most half that long) has gone."""
+    grace = 2.0
+    settings = own_database.model_copy(update={"requeue_grace_seconds": grace, "redis_url": private_broker.url})
+    tenant, store_case = new_tenant(settings, keyring), case_store(settings, keyring)
+    worker = _worker(
+        stack_env, stack_dir, settings, private_broker.url, "leftover-worker", DERMQ_REQUEUE_GRACE_SECONDS=str(grace)
+    )
+    broker = redis.Redis.from_url(private_broker.url)
+    try:
+        case_id = store_case(tenant, jpeg_bytes)
+        assert companions.mark_seconds(settings) == grace / 2
+        companions.mark(broker, [case_id], companions.mark_seconds(settings))
+        assert support.publish_classify(make_publisher(settings), case_id)
+        support.wait_for(lambda: broker.llen("cases") == 0, timeout=30, what="the message to be taken")
+        assert _statuses(settings, [case_id]) == {case_id: "queued"}
+        assert _classify_runs(worker) == 0  # dropped in the main process, not run
+        time.sleep(grace)
+        report = sweep_once(settings, make_publisher(settings), broker)
+        assert report["republished"] == 1
+        support.wait_for(lambda: _statuses(settings, [case_id]) == {case_id: "succeeded"}, timeout=60, what="the case")
+    finally:
+        worker.stop()
+
+
+def test_a_batch_marks_its_companions_and_clears_the_marks_of_cases_it_puts_back(
+    own_database, keyring, fixture_images, redis_client, monkeypatch, leave_nothing_queued
+) -> None:  # type: ignore[no-untyped-def]
+    """The marks name the cases the batch took besides its own, live at most ``mark_seconds``, and are
+    gone once a stopped batch has put those cases back in the queue (their messages must run)."""
+    from sqlalchemy.exc import OperationalError
+
+    from worker import pipeline
+
+    settings = own_database.model_copy(update={"batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0})
+    tenant, store_case = new_tenant(settings, keyring), case_store(settings, keyring)
+    images = [fixture_images[k].read_bytes() for k in sorted(fixture_images)[:3]]
+    ids = [store_case(tenant, data) for data in images]
+    seen: dict[str, float] = {}
+
+    def connection_lost(*_args):  # type: ignore[no-untyped-def]
+        for case_id in ids:
+            seen[str(case_id)] = redis_client.pttl(companions.key(case_id)) / 1000
+        raise OperationalError("INSERT INTO results ...", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(pipeline, "_store", connection_lost)
+    try:
+        with pytest.raises(OperationalError):
+            run_batch(settings, ids[0])
+        assert seen[str(ids[0])] < 0  # the lead case's own message is the one running: no mark
+        assert all(0 < seen[str(i)] <= companions.mark_seconds(settings) for i in ids[1:]), seen
+        assert not any(redis_client.exists(companions.key(i)) for i in ids)
+        assert _statuses(settings, ids[1:]) == dict.fromkeys(ids[1:], "queued")
+    finally:
+        redis_client.delete(*(companions.key(i) for i in ids))
+
+
+@pytest.mark.parametrize(
+    ("payload", "skippable"),
+    [
+        ([["6f1c2a1e-0000-4000-8000-000000000001"], {}, {}], True),
+        ([["6f1c2a1e-0000-4000-8000-000000000001"], {"requeue_attempt": 1}, {}], False),  # a retry always runs
+        ([[], {}, {}], False),
+        ({"args": ["x"]}, False),
+    ],
+)
+def test_only_a_first_try_message_can_be_skipped(payload: object, skippable: bool) -> None:
+    message = Message(body=json.dumps(payload), content_type="application/json", content_encoding="utf-8")
+    assert (companions._plain_case_id(message) is not None) is skippable
