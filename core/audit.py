@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.orm import Session
 
 from core.models import AuditEvent
@@ -201,8 +201,8 @@ def record(
     entity_id: str | uuid.UUID | None = None,
     clinic_id: uuid.UUID | None = None,
     detail: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """Insert one event inside ``session``'s transaction (flushed, not committed).
+) -> int:
+    """Insert one event inside ``session``'s transaction (not committed); returns its id.
 
     No global lock: the row is an ordinary insert. If it cannot be written (a lock held on the table,
     a failed database) the caller's whole transaction fails, and the API answers 503 without returning
@@ -211,35 +211,39 @@ def record(
     return record_many(session, [Event(action, outcome, actor, entity_type, entity_id, clinic_id, detail)])[0]
 
 
-def record_many(session: Session, events: Sequence[Event]) -> list[AuditEvent]:
-    """Insert ``events``, in order, inside ``session``'s transaction (flushed, not committed): one
-    multi-row INSERT however many events there are. The sealer later gives them their log positions."""
+def record_many(session: Session, events: Sequence[Event]) -> list[int]:
+    """Insert ``events``, in order, inside ``session``'s transaction (not committed): one multi-row
+    INSERT however many events there are, through SQLAlchemy Core rather than the ORM's unit of work
+    (which took about a tenth of the API's CPU per case). Returns their ids, in order. The sealer
+    later gives them their log positions."""
     if not events:
         return []
     now = datetime.now(UTC)
-    written = []
+    rows = []
     for e in events:
         actor = e.actor
-        written.append(
-            AuditEvent(
-                occurred_at=now,
-                action=e.action,
-                outcome=e.outcome,
-                actor_type=actor.type,
-                actor_key_id=actor.key_id,
-                actor_role=actor.role,
-                clinic_id=e.clinic_id if e.clinic_id is not None else actor.clinic_id,
-                source_ip=actor.source_ip,
-                user_agent=(actor.user_agent or "")[:256] or None,
-                request_id=actor.request_id,
-                entity_type=e.entity_type,
-                entity_id=str(e.entity_id) if e.entity_id is not None else None,
-                detail=e.detail or {},
-            )
+        rows.append(
+            {
+                "occurred_at": now,
+                "action": e.action,
+                "outcome": e.outcome,
+                "actor_type": actor.type,
+                "actor_key_id": actor.key_id,
+                "actor_role": actor.role,
+                "clinic_id": e.clinic_id if e.clinic_id is not None else actor.clinic_id,
+                "source_ip": actor.source_ip,
+                "user_agent": (actor.user_agent or "")[:256] or None,
+                "request_id": actor.request_id,
+                "entity_type": e.entity_type,
+                "entity_id": str(e.entity_id) if e.entity_id is not None else None,
+                "detail": e.detail or {},
+            }
         )
-    session.add_all(written)
-    session.flush()
-    return written
+    return list(session.scalars(_INSERT_EVENTS, rows))
+
+
+_EVENTS = AuditEvent.__table__
+_INSERT_EVENTS = insert(_EVENTS).returning(_EVENTS.c.id, sort_by_parameter_order=True)
 
 
 def verify_chain(session: Session) -> Any:

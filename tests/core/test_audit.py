@@ -25,7 +25,7 @@ def _record(settings, n: int = 1, **detail: object) -> list[int]:  # type: ignor
     ids = []
     with session_scope(settings) as session:
         for i in range(n):
-            event = audit.record(
+            event_id = audit.record(
                 session,
                 action="test.event",
                 outcome=audit.SUCCESS,
@@ -34,7 +34,7 @@ def _record(settings, n: int = 1, **detail: object) -> list[int]:  # type: ignor
                 entity_id=str(uuid.uuid4()),
                 detail={"i": i, **detail},
             )
-            ids.append(event.id)
+            ids.append(event_id)
     return ids
 
 

@@ -73,7 +73,7 @@ def _record_and_seal(settings: Settings, keys: checkpoint.SigningKeys, n: int) -
     ids = []
     for i in range(n):
         with session_scope(settings) as session:
-            event = audit.record(
+            event_id = audit.record(
                 session,
                 action="case.read",
                 outcome=audit.SUCCESS,
@@ -82,7 +82,7 @@ def _record_and_seal(settings: Settings, keys: checkpoint.SigningKeys, n: int) -
                 entity_id=str(uuid.uuid4()),
                 detail={"i": i},
             )
-            ids.append(event.id)
+            ids.append(event_id)
         support.seal_all(settings)
     return ids
 

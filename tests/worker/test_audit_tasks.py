@@ -24,7 +24,7 @@ def test_beat_schedules_the_sealer_every_interval(settings) -> None:  # type: ig
 
 def test_seal_and_check_tasks_on_a_real_worker(settings, worker, redis_client) -> None:  # type: ignore[no-untyped-def]
     with session_scope(settings) as session:
-        event = audit.record(
+        event_id = audit.record(
             session, action="test.task", outcome=audit.SUCCESS, actor=audit.SYSTEM, entity_id=str(uuid.uuid4())
         )
     publisher = make_publisher(settings)
@@ -32,7 +32,7 @@ def test_seal_and_check_tasks_on_a_real_worker(settings, worker, redis_client) -
     def sealed() -> bool:
         publisher.send_task(TASK_AUDIT_SEAL)
         with session_scope(settings) as session:
-            return bool(session.scalar(text("SELECT 1 FROM audit_leaves WHERE event_id = :e"), {"e": event.id}))
+            return bool(session.scalar(text("SELECT 1 FROM audit_leaves WHERE event_id = :e"), {"e": event_id}))
 
     support.wait_for(sealed, timeout=90, interval=1.0, what="the sealer task to seal the event")
     with session_scope(settings) as session:
