@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from core import audit, period_shredding, pgbinary, phi, results
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
-from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, a_or_an
+from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, ServiceUnavailable, a_or_an
 from core.keys import Principal
 from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome, Priority, Result, Role
 
@@ -117,39 +117,39 @@ def create_case(
     (``created`` False); the same key with a different image is a :class:`Conflict`.
     """
     clinic_id = require_clinic(principal, "case.create")
-    if idempotency_key is not None:
-        existing = _by_idempotency_key(session, clinic_id, idempotency_key)
-        if existing is not None:
-            return _replay(session, existing, _Resubmission(image, client_ref, priority), keyring, actor), False
-    case_id = uuid.uuid4()
-    case = Case(
-        id=case_id,
-        clinic_id=clinic_id,
-        status=CaseStatus.QUEUED.value,
-        priority=priority.value,
-        idempotency_key=idempotency_key,
-        image_sha256=image.sha256,
-        image_format=image.format,
-        image_width=image.width,
-        image_height=image.height,
-        image_bytes=len(image.data),
-        attempts=0,
-        created_at=now(),
-        updated_at=now(),
-    )
+    case_id, at = uuid.uuid4(), now()
+    row = {
+        "id": case_id,
+        "clinic_id": clinic_id,
+        "status": CaseStatus.QUEUED.value,
+        "priority": priority.value,
+        "client_ref": None,
+        "idempotency_key": idempotency_key,
+        "image_sha256": image.sha256,
+        "image_format": image.format,
+        "image_width": image.width,
+        "image_height": image.height,
+        "image_bytes": len(image.data),
+        "attempts": 0,
+        "created_at": at,
+        "updated_at": at,
+        **dict.fromkeys(_UNSET_AT_CREATION),
+    }
     # the key of the case's period, held against destruction until this transaction ends
-    wrap = period_shredding.wrapping_key(session, keyring, case.created_at)
+    wrap = period_shredding.wrapping_key(session, keyring, at)
     sealed = encrypt_blob(keyring, image.data, case_id=case_id, kind=BlobKind.IMAGE.value, kek_id=wrap)
-    try:
-        with session.begin_nested():
-            session.add(case)
-            session.flush()
-    except IntegrityError:
-        # A concurrent request with the same idempotency key won the race.
+    if session.scalar(_INSERT_CASE, row) is None:
+        # The clinic already has a case under this idempotency key: a resubmission (or a concurrent
+        # request with the same key that won the race; the insert waited for its commit).
         existing = _by_idempotency_key(session, clinic_id, idempotency_key) if idempotency_key else None
         if existing is None:
-            raise
+            raise ServiceUnavailable("the case could not be stored; send it again", retry_after=1)
         return _replay(session, existing, _Resubmission(image, client_ref, priority), keyring, actor), False
+    # The row went in through Core (one statement, no savepoint, no unit of work); the caller gets
+    # it as a persistent Case of this session, every column loaded, without a second INSERT.
+    case = Case(**{k: v for k, v in row.items() if k != "client_ref"}, plain_client_ref=None)
+    make_transient_to_detached(case)
+    session.add(case)
     blobs = [(case_id, BlobKind.IMAGE, sealed, image.media_type)]
     if image.working_copy is not None:
         copy = image.working_copy
@@ -177,6 +177,24 @@ def create_case(
         },
     )
     return case, True
+
+
+#: the columns a new case leaves empty (set explicitly: the Case the caller gets needs no reload)
+_UNSET_AT_CREATION = (
+    "started_at",
+    "finished_at",
+    "published_at",
+    "purged_at",
+    "failure_code",
+    "failure_message",
+    "model_id",
+)
+#: a new case's row, or nothing if its clinic already has a case under that idempotency key
+_INSERT_CASE = (
+    pg_insert(Case.__table__)
+    .on_conflict_do_nothing(constraint="uq_cases_clinic_idempotency_key")
+    .returning(Case.__table__.c.id)
+)
 
 
 def _by_idempotency_key(session: Session, clinic_id: uuid.UUID, key: str) -> Case | None:
