@@ -18,9 +18,8 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Connection,
-    Integer,
+    DateTime,
     Numeric,
-    String,
     Uuid,
     bindparam,
     cast,
@@ -28,9 +27,9 @@ from sqlalchemy import (
     exists,
     func,
     select,
+    text,
     union_all,
     update,
-    values,
 )
 from sqlalchemy import case as sa_case
 from sqlalchemy.orm import Session
@@ -211,6 +210,19 @@ class Completion:
     heatmap_png: bytes | None
 
 
+#: :func:`complete_cases`'s fenced UPDATE: one statement for any number of cases, their ids, attempts
+#: and model ids bound as three arrays (a VALUES list built per call made SQLAlchemy compile the
+#: statement anew every time: half of its cost)
+_COMPLETE = text(
+    """UPDATE cases SET status = :succeeded, model_id = done.model_id,
+        failure_code = NULL, failure_message = NULL, finished_at = :at, updated_at = :at
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS integer[]), CAST(:models AS varchar[]))
+        AS done(id, attempt, model_id)
+    WHERE cases.id = done.id AND cases.status = :running AND cases.attempts = done.attempt
+    RETURNING cases.id, cases.clinic_id, cases.created_at"""
+).columns(column("id", Uuid()), column("clinic_id", Uuid()), column("created_at", DateTime(timezone=True)))
+
+
 def complete_cases(
     session: Session, *, keyring: Keyring, completions: Sequence[Completion], actor: audit.Actor = audit.SYSTEM
 ) -> set[uuid.UUID]:
@@ -224,27 +236,17 @@ def complete_cases(
     """
     if not completions:
         return set()
-    fence = values(column("id", Uuid()), column("attempt", Integer()), column("model_id", String()), name="done").data(
-        [(c.case_id, c.attempt, c.result["model_id"]) for c in completions]
-    )
     finished_at = cases.now()
     rows = session.execute(
-        update(Case)
-        .where(
-            Case.id == fence.c.id,
-            Case.status == CaseStatus.RUNNING.value,
-            Case.attempts == fence.c.attempt,
-        )
-        .values(
-            status=CaseStatus.SUCCEEDED.value,
-            model_id=fence.c.model_id,
-            failure_code=None,
-            failure_message=None,
-            finished_at=finished_at,
-            updated_at=finished_at,
-        )
-        .returning(Case.id, Case.clinic_id, Case.created_at)
-        .execution_options(synchronize_session=False)
+        _COMPLETE,
+        {
+            "ids": [str(c.case_id) for c in completions],
+            "attempts": [c.attempt for c in completions],
+            "models": [c.result["model_id"] for c in completions],
+            "at": finished_at,
+            "succeeded": CaseStatus.SUCCEEDED.value,
+            "running": CaseStatus.RUNNING.value,
+        },
     ).all()
     clinics = {case_id: clinic_id for case_id, clinic_id, _ in rows}
     stored = [c for c in completions if c.case_id in clinics]
