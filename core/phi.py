@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
@@ -37,12 +37,16 @@ def client_refs(session: Session, keyring: Keyring, cases: Sequence[Case]) -> di
     found: dict[uuid.UUID, str | None] = {case.id: case.plain_client_ref for case in cases}
     if not cases:
         return found
-    blobs = session.scalars(
-        select(CaseBlob).where(CaseBlob.case_id.in_([case.id for case in cases]), CaseBlob.kind == KIND)
-    ).all()
-    for blob in blobs:
-        found[blob.case_id] = decrypt_blob(keyring, blob.sealed, case_id=blob.case_id, kind=KIND).decode()
+    rows = session.execute(_SEALED_REFS, {"ids": [case.id for case in cases]})  # columns, not ORM objects
+    for case_id, ciphertext, nonce, wrapped_key, kek_id in rows:
+        sealed = SealedBlob(ciphertext, nonce, wrapped_key, kek_id)
+        found[case_id] = decrypt_blob(keyring, sealed, case_id=case_id, kind=KIND).decode()
     return found
+
+
+_SEALED_REFS = select(
+    CaseBlob.case_id, CaseBlob.ciphertext, CaseBlob.nonce, CaseBlob.wrapped_key, CaseBlob.kek_id
+).where(CaseBlob.case_id.in_(bindparam("ids", expanding=True)), CaseBlob.kind == KIND)
 
 
 def seal_plain_client_refs(session: Session, keyring: Keyring, *, limit: int = 500) -> int:
