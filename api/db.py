@@ -93,29 +93,40 @@ class RequestDb:
         if self._thread is None:
             return
         with anyio.CancelScope(shield=True):
+            error: BaseException | None = None
             try:
-                if self._session is not None:
-                    await self.run(_commit if commit else _rollback)
-            finally:
-                try:
-                    if self._session is not None:
-                        await self.run(_close)
-                except BaseException:
-                    self._thread.shutdown(wait=False)  # a thread whose Session did not close is not reused
-                    raise
-                self._lanes.give_back(self._thread)
+                if self._session is not None:  # one hop to the thread for both
+                    error = await self.run(_commit_and_close if commit else _rollback_and_close)
+            except BaseException:
+                self._thread.shutdown(wait=False)  # a thread whose Session did not close is not reused
+                raise
+            self._lanes.give_back(self._thread)
+            if error is not None:
+                raise error
 
 
 def _commit(session: Session) -> None:
     session.commit()
 
 
-def _rollback(session: Session) -> None:
-    session.rollback()
+def _commit_and_close(session: Session) -> BaseException | None:
+    """Commit, then close the Session whatever the commit did; returns the commit's error, if any (a
+    failed close raises: that thread is not reused)."""
+    return _end(session, session.commit)
 
 
-def _close(session: Session) -> None:
+def _rollback_and_close(session: Session) -> BaseException | None:
+    return _end(session, session.rollback)
+
+
+def _end(session: Session, finish: Callable[[], None]) -> BaseException | None:
+    error: BaseException | None = None
+    try:
+        finish()
+    except BaseException as exc:
+        error = exc
     session.close()
+    return error
 
 
 async def iterate_on_one_thread(produce: Callable[[], Generator[bytes]]) -> AsyncIterator[bytes]:
