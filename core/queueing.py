@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from core import redis_transport
 from core.config import Settings
 from core.models import Priority
 
@@ -70,6 +71,7 @@ def common_config(settings: Settings) -> dict[str, Any]:
     """Celery settings every dermq app on the broker shares (publisher and worker alike)."""
     return {
         "broker_url": settings.broker_url,
+        **({"broker_transport": redis_transport.NAME} if settings.broker_url.startswith("redis://") else {}),
         "broker_transport_options": transport_options(settings),
         "broker_connection_timeout": 2,
         "broker_connection_retry_on_startup": True,
