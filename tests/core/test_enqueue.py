@@ -124,3 +124,28 @@ def test_a_broker_that_is_down_loses_nothing_the_database_holds(settings: Settin
         case = session.get(Case, case_id)
         assert (case.priority, case.status, case.published_at) == ("urgent", "queued", None)
     assert recorded == []
+
+
+def test_publishes_reuse_one_redis_client_and_every_message_arrives(broker) -> None:  # type: ignore[no-untyped-def]
+    """The publisher's channel (core.redis_transport) builds one redis.Redis for all its commands,
+    where kombu's own built one per command; the messages are kombu's as before."""
+    from core import redis_transport
+
+    _config, publisher, client = broker
+    ids = [uuid.uuid4() for _ in range(5)]
+    clients = set()
+    for case_id in ids:
+        assert support.publish_classify(publisher, case_id)
+        with publisher.producer_or_acquire() as producer:
+            assert isinstance(producer.channel, redis_transport.Channel)
+            clients.add(id(producer.channel._create_client()))
+    assert len(clients) == 1
+    assert broker_case_ids(client) == {str(i) for i in ids}
+
+
+def test_only_plain_redis_urls_get_the_reusing_transport(settings: Settings) -> None:
+    from core.queueing import common_config
+
+    assert common_config(settings)["broker_transport"] == "core.redis_transport:Transport"
+    tls = settings.model_copy(update={"redis_url": "rediss://127.0.0.1:6380/0"})
+    assert "broker_transport" not in common_config(tls)  # kombu's own, with its TLS defaults
