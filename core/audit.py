@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import Table, and_, insert, or_, select
 from sqlalchemy.orm import Session
 
 from core.models import AuditEvent
@@ -242,7 +242,7 @@ def record_many(session: Session, events: Sequence[Event]) -> list[int]:
     return list(session.scalars(_INSERT_EVENTS, rows))
 
 
-_EVENTS = AuditEvent.__table__
+_EVENTS = cast(Table, AuditEvent.__table__)
 _INSERT_EVENTS = insert(_EVENTS).returning(_EVENTS.c.id, sort_by_parameter_order=True)
 
 

@@ -18,8 +18,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import Table, delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -191,7 +192,7 @@ _UNSET_AT_CREATION = (
 )
 #: a new case's row, or nothing if its clinic already has a case under that idempotency key
 _INSERT_CASE = (
-    pg_insert(Case.__table__)
+    pg_insert(cast(Table, Case.__table__))
     .on_conflict_do_nothing(constraint="uq_cases_clinic_idempotency_key")
     .returning(Case.__table__.c.id)
 )
