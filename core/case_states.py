@@ -208,6 +208,9 @@ class Completion:
     attempt: int
     result: dict[str, Any]
     heatmap_png: bytes | None
+    #: the worker read the intake's working copy of the image (which goes once the case ends); with
+    #: False there is none, and storing the batch skips the statement that deletes working copies
+    working_copy: bool = True
 
 
 #: :func:`complete_cases`'s fenced UPDATE: one statement for any number of cases, their ids, attempts
@@ -296,7 +299,7 @@ def complete_cases(
             for c in stored
         ],
     )
-    case_images.drop_working_copies(session, [c.case_id for c in stored])
+    case_images.drop_working_copies(session, [c.case_id for c in stored if c.working_copy])
     announcements.announce_finished(session, clinics)
     return set(clinics)
 

@@ -65,6 +65,7 @@ class DecodedCase:
     attempt: int
     decoded: DecodedImage
     timings: dict[str, float]
+    working_copy: bool
 
 
 def batching_enabled(config: Settings) -> bool:
@@ -193,7 +194,7 @@ def _run_claimed_batch(
             outcomes[item.case_id] = decoded
             continue
         timings["decode"] = time.perf_counter() - claimed_at
-        ready.append(DecodedCase(item.case_id, item.attempt, decoded, timings))
+        ready.append(DecodedCase(item.case_id, item.attempt, decoded, timings, item.image.working_copy))
     if not ready:
         return
     inference_started = time.perf_counter()
@@ -214,7 +215,15 @@ def _run_claimed_batch(
         try:
             completions.append(
                 results.completion(
-                    config, case.case_id, case.attempt, case.decoded, one.analysis, one.predictor, case.timings, started
+                    config,
+                    case.case_id,
+                    case.attempt,
+                    case.decoded,
+                    one.analysis,
+                    one.predictor,
+                    case.timings,
+                    started,
+                    working_copy=case.working_copy,
                 )
             )
         finally:

@@ -162,6 +162,7 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started
     decoded = _decode_claimed(config, case_id, attempt, stored)
+    working_copy = stored.working_copy
     del stored
     if isinstance(decoded, str):
         return decoded
@@ -177,7 +178,15 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     timings["inference"] = time.perf_counter() - inference_started
 
     completion = results.completion(
-        config, case_id, attempt, decoded, classified.analysis, classified.predictor, timings, started
+        config,
+        case_id,
+        attempt,
+        decoded,
+        classified.analysis,
+        classified.predictor,
+        timings,
+        started,
+        working_copy=working_copy,
     )
     return _store(config, [completion])[case_id]
 

@@ -100,6 +100,8 @@ def completion(
     predictor: Predictor,
     timings: dict[str, float],
     started: float,
+    *,
+    working_copy: bool,
 ) -> case_states.Completion:
     """The result row (and heat map, for a diagnosis) of one classified case. ``timings`` gains
     ``gradcam`` (for a diagnosis) and ``total`` (from ``started``, a ``perf_counter`` reading)."""
@@ -128,4 +130,4 @@ def completion(
         "timings": {k: round(v, 6) for k, v in timings.items()},
         "input_stats": drift.input_statistics(decoded.image, decoded.width, decoded.height),
     }
-    return case_states.Completion(case_id, attempt, result, heatmap_png)
+    return case_states.Completion(case_id, attempt, result, heatmap_png, working_copy=working_copy)

@@ -6,6 +6,7 @@ own (``own_database``), where every queued case is one of theirs."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 
@@ -148,6 +149,22 @@ def _completion(case_id: uuid.UUID, attempt: int, label: str = "nv") -> case_sta
         "input_stats": {},
     }
     return case_states.Completion(case_id, attempt, result, b"\x89PNG heat map of " + str(case_id).encode())
+
+
+def test_the_working_copies_of_ended_cases_go_and_cases_without_one_cost_no_delete(
+    batching, tenant, store_case, keyring, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
+    plain, copied = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes, working_copy=b"working copy")
+    with session_scope(batching) as session:
+        case_states.claim_batch(session, plain, limit=2)
+    for case_id, working_copy in ((plain, False), (copied, True)):
+        completion = dataclasses.replace(_completion(case_id, 1), working_copy=working_copy)
+        with support.statements_sent(batching) as statements, session_scope(batching) as session:
+            assert case_states.complete_cases(session, keyring=keyring, completions=[completion]) == {case_id}
+        assert any(s.upper().startswith("DELETE") for s in statements) is working_copy, statements
+    with session_scope(batching) as session:
+        kinds = session.execute(select(CaseBlob.case_id, CaseBlob.kind).where(CaseBlob.case_id == copied)).all()
+    assert BlobKind.WORKING.value not in {kind for _, kind in kinds}
 
 
 def test_a_batch_is_stored_in_a_fixed_number_of_statements(batching, tenant, store_case, keyring, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
