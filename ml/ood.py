@@ -23,6 +23,7 @@ only: the features come from whichever backend serves the model (the same pass a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,24 +43,61 @@ def colour_statistics(batch_uint8: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) model input -> (N, 9): channel means, channel spreads, centre minus border (the
     border being the outer eighth on each side, corners counted in both strips).
 
-    Sums are matrix products (BLAS) in float64 rather than strided reductions: five times faster for
-    one image, and for integer pixels exact, so the same bits as summing them one by one."""
-    x = np.asarray(batch_uint8, dtype=np.float64)
+    Every sum is of integers and exact, so the result is the same to the bit as summing the pixels
+    one by one, however it is computed. For uint8 pixels: the image's sums and sums of squares from
+    one histogram per channel, and the centre's and the border's sums as float32 matrix products
+    (BLAS), exact while a region's sum stays below 2**24; about a third of the float64 products'
+    time for one 168x224 image (0.4 against 1.35 ms), on the worker's critical path."""
+    x = np.asarray(batch_uint8)
+    h, w = x.shape[1:3]
+    if x.dtype != np.uint8 or h * w * 255 >= _EXACT_FLOAT32:
+        return _colour_statistics_float64(np.asarray(x, dtype=np.float64))
+    mean, spread = np.empty((len(x), 3)), np.empty((len(x), 3))
+    for i, image in enumerate(x):
+        for c in range(3):
+            counts = np.bincount(image[..., c].ravel(), minlength=256).astype(np.float64)
+            total, squares = counts @ _LEVELS, counts @ _LEVELS_SQUARED
+            mean[i, c] = total / (h * w)
+            spread[i, c] = squares / (h * w)
+    spread = np.sqrt(np.maximum(spread - mean**2, 0.0))
+    return np.concatenate([mean, spread, _centre_minus_border(x, _sums32)], axis=1)
+
+
+#: float32 holds every integer below this exactly
+_EXACT_FLOAT32 = 2**24
+_LEVELS = np.arange(256, dtype=np.float64)
+_LEVELS_SQUARED = _LEVELS**2
+
+
+def _colour_statistics_float64(x: np.ndarray) -> np.ndarray:
+    """:func:`colour_statistics` for any pixels: float64 matrix products (BLAS), five times faster
+    than strided reductions for one image, and for integer pixels exact."""
     h, w = x.shape[1:3]
     mean = _sums(x) / (h * w)
     spread = np.sqrt(np.maximum(_sums(x * x) / (h * w) - mean**2, 0.0))
+    return np.concatenate([mean, spread, _centre_minus_border(x, _sums)], axis=1)
+
+
+def _centre_minus_border(x: np.ndarray, sums: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    h, w = x.shape[1:3]
     inner = x[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
-    centre = _sums(inner) / (inner.shape[1] * inner.shape[2])
+    centre = sums(inner) / (inner.shape[1] * inner.shape[2])
     rim_h, rim_w = max(1, h // 8), max(1, w // 8)
     strips = (x[:, :rim_h], x[:, -rim_h:], x[:, :, :rim_w], x[:, :, -rim_w:])
-    border = sum(_sums(strip) for strip in strips) / sum(strip.shape[1] * strip.shape[2] for strip in strips)
-    return np.concatenate([mean, spread, centre - border], axis=1)
+    border = sum(sums(strip) for strip in strips) / sum(strip.shape[1] * strip.shape[2] for strip in strips)
+    return np.asarray(centre - border)
 
 
 def _sums(region: np.ndarray) -> np.ndarray:
     """(N, h, w, 3) -> (N, 3) per-channel sums."""
     flat = region.reshape(len(region), -1, 3)
     return np.matmul(np.ones(flat.shape[1]), flat)
+
+
+def _sums32(region: np.ndarray) -> np.ndarray:
+    """(N, h, w, 3) uint8 -> (N, 3) per-channel sums in float64, summed in float32 (exact below 2**24)."""
+    flat = region.reshape(len(region), -1, 3)
+    return np.matmul(np.ones(flat.shape[1], dtype=np.float32), flat.astype(np.float32)).astype(np.float64)
 
 
 def image_scores(batch_uint8: np.ndarray) -> dict[str, np.ndarray]:

@@ -88,6 +88,10 @@ def test_colour_statistics_are_the_plain_definition_to_the_bit() -> None:
     border = sum(r.sum(axis=(1, 2)) for r in rims) / sum(r.shape[1] * r.shape[2] for r in rims)
     expected = np.concatenate([mean, spread, centre - border], axis=1)
     assert np.array_equal(ood.colour_statistics(batch), expected)
+    assert np.array_equal(ood.colour_statistics(x), expected)  # float pixels: the float64 path
+    for level in (0, 255):  # the extremes of the histograms and of float32's exact range
+        flat = np.full((1, h, w, 3), level, dtype=np.uint8)
+        assert np.array_equal(ood.colour_statistics(flat), ood.colour_statistics(flat.astype(np.float64)))
 
 
 def test_energy_is_high_where_no_class_is_recognised() -> None:
