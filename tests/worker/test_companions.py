@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 from core.db import session_scope
 from core.models import Case
 from core.publisher import make_publisher
+from core.queueing import queue_lists
 from tests import support
 from tests.conftest import case_store, new_tenant
 from worker import companions
@@ -45,6 +46,11 @@ def _classify_runs(worker: support.Worker) -> int:
     """How many classify messages the worker handed to its child (Celery's own count)."""
     stats = worker.control_app.control.inspect(destination=[worker.hostname], timeout=2).stats() or {}
     return int(stats.get(worker.hostname, {}).get("total", {}).get("dermq.classify", 0))
+
+
+def _waiting(broker: redis.Redis) -> int:
+    """Messages still in the cases queue, every priority's list counted."""
+    return sum(broker.llen(name) for name in queue_lists())
 
 
 def _statuses(settings, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:  # type: ignore[no-untyped-def]
@@ -84,7 +90,7 @@ def test_one_message_runs_per_batch_and_every_case_is_answered(
             lambda: set(_statuses(settings, ids).values()) == {"succeeded"}, timeout=120, what="the backlog"
         )
         broker = redis.Redis.from_url(private_broker.url)
-        support.wait_for(lambda: broker.llen("cases") == 0, timeout=30, what="the messages to be taken")
+        support.wait_for(lambda: _waiting(broker) == 0, timeout=30, what="the messages to be taken")
         with session_scope(settings) as session:
             batches = len(set(session.scalars(select(Case.started_at).where(Case.id.in_(ids)))))
         assert batches < len(ids)  # a batch of them did form
@@ -100,7 +106,7 @@ def test_a_message_skipped_on_a_leftover_mark_loses_no_case(
     """A case still queued but marked (a batch that put it back could not clear its mark): its message
     is dropped, and the sweeper, which sends a queued case without a message again only after
     ``requeue_grace_seconds``, sends it once the mark (at most half that long) has gone."""
-    grace = 2.0
+    grace = 6.0  # the mark lives 3 s: an idle worker takes the message well within that
     settings = own_database.model_copy(update={"requeue_grace_seconds": grace, "redis_url": private_broker.url})
     tenant, store_case = new_tenant(settings, keyring), case_store(settings, keyring)
     worker = _worker(
@@ -112,7 +118,7 @@ def test_a_message_skipped_on_a_leftover_mark_loses_no_case(
         assert companions.mark_seconds(settings) == grace / 2
         companions.mark(broker, [case_id], companions.mark_seconds(settings))
         assert support.publish_classify(make_publisher(settings), case_id)
-        support.wait_for(lambda: broker.llen("cases") == 0, timeout=30, what="the message to be taken")
+        support.wait_for(lambda: _waiting(broker) == 0, timeout=30, what="the message to be taken")
         assert _statuses(settings, [case_id]) == {case_id: "queued"}
         assert _classify_runs(worker) == 0  # dropped in the main process, not run
         time.sleep(grace)
