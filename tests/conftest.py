@@ -262,6 +262,24 @@ def own_database(settings, database, request: pytest.FixtureRequest) -> Iterator
         support.drop_database(url)
 
 
+@pytest.fixture
+def empty_queue(own_database):  # type: ignore[no-untyped-def]
+    """The test ends with an empty queue in the module's own database: the cases it leaves queued (all
+    of them this module's) are failed after it, so that the next test's batches find none of them."""
+    yield
+    from sqlalchemy import update
+
+    from core.db import session_scope
+    from core.models import Case
+
+    with session_scope(own_database) as session:
+        session.execute(
+            update(Case)
+            .where(Case.status == "queued")
+            .values(status="failed", failure_code="abandoned", failure_message="left queued by the test")
+        )
+
+
 @pytest.fixture(scope="session")
 def publisher(settings):  # type: ignore[no-untyped-def]
     from core.publisher import make_publisher

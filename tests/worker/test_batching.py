@@ -27,7 +27,7 @@ from worker import runtime
 from worker.batching import batching_enabled, run_batch
 from worker.pipeline import Progress, run_classification
 
-pytestmark = pytest.mark.usefixtures("database")
+pytestmark = pytest.mark.usefixtures("database", "empty_queue")  # empty_queue: tests/conftest.py
 
 
 @pytest.fixture
@@ -44,19 +44,6 @@ def tenant(own_database, keyring) -> Tenant:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def store_case(own_database, keyring):  # type: ignore[no-untyped-def]
     return case_store(own_database, keyring)
-
-
-@pytest.fixture(autouse=True)
-def empty_queue(own_database):  # type: ignore[no-untyped-def]
-    """Each test starts with an empty queue: the cases a test leaves queued (all of them this module's,
-    in its own database) are failed after it."""
-    yield
-    with session_scope(own_database) as session:
-        session.execute(
-            update(Case)
-            .where(Case.status == "queued")
-            .values(status="failed", failure_code="abandoned", failure_message="left queued by the test")
-        )
 
 
 def test_batching_is_on_unless_turned_off(settings, batching) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 from kombu import Message
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from core.db import session_scope
 from core.models import Case
@@ -28,7 +28,7 @@ from worker import companions
 from worker.batching import run_batch
 from worker.tasks import sweep_once
 
-pytestmark = pytest.mark.usefixtures("database")
+pytestmark = pytest.mark.usefixtures("database", "empty_queue")
 
 
 def _worker(stack_env, stack_dir: Path, settings, broker_url: str, name: str, **extra: str) -> support.Worker:  # type: ignore[no-untyped-def]
@@ -60,20 +60,9 @@ def _statuses(settings, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:  # type: 
         }
 
 
-@pytest.fixture
-def leave_nothing_queued(own_database):  # type: ignore[no-untyped-def]
-    yield
-    with session_scope(own_database) as session:
-        session.execute(
-            update(Case)
-            .where(Case.status == "queued")
-            .values(status="failed", failure_code="abandoned", failure_message="left queued by the test")
-        )
-
-
 @pytest.mark.slow
 def test_one_message_runs_per_batch_and_every_case_is_answered(
-    own_database, keyring, stack_env, stack_dir: Path, jpeg_bytes: bytes, private_broker, leave_nothing_queued
+    own_database, keyring, stack_env, stack_dir: Path, jpeg_bytes: bytes, private_broker
 ) -> None:  # type: ignore[no-untyped-def]
     """A backlog of 6 cases and their 6 messages, then a worker: its first batch takes all six, and
     the five other messages never reach its child (before, each was traced, sent three events to
@@ -101,7 +90,7 @@ def test_one_message_runs_per_batch_and_every_case_is_answered(
 
 @pytest.mark.slow
 def test_a_message_skipped_on_a_leftover_mark_loses_no_case(
-    own_database, keyring, stack_env, stack_dir: Path, jpeg_bytes: bytes, private_broker, leave_nothing_queued
+    own_database, keyring, stack_env, stack_dir: Path, jpeg_bytes: bytes, private_broker
 ) -> None:  # type: ignore[no-untyped-def]
     """A case still queued but marked (a batch that put it back could not clear its mark): its message
     is dropped, and the sweeper, which sends a queued case without a message again only after
@@ -116,7 +105,7 @@ def test_a_message_skipped_on_a_leftover_mark_loses_no_case(
     try:
         case_id = store_case(tenant, jpeg_bytes)
         assert companions.mark_seconds(settings) == grace / 2
-        companions.mark(broker, [case_id], companions.mark_seconds(settings))
+        companions.mark(settings, [case_id])  # settings.redis_url is the private broker
         assert support.publish_classify(make_publisher(settings), case_id)
         support.wait_for(lambda: _waiting(broker) == 0, timeout=30, what="the message to be taken")
         assert _statuses(settings, [case_id]) == {case_id: "queued"}
@@ -130,7 +119,7 @@ def test_a_message_skipped_on_a_leftover_mark_loses_no_case(
 
 
 def test_a_batch_marks_its_companions_and_clears_the_marks_of_cases_it_puts_back(
-    own_database, keyring, fixture_images, redis_client, monkeypatch, leave_nothing_queued
+    own_database, keyring, fixture_images, redis_client, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """The marks name the cases the batch took besides its own, live at most ``mark_seconds``, and are
     gone once a stopped batch has put those cases back in the queue (their messages must run)."""
