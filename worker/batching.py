@@ -117,11 +117,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
             items, missing = with_images(session, config, claimed)
     if len(claimed) > 1:
         # their own messages are dropped in the main process from now on (worker.companions)
-        companions.mark(
-            companions.client(config.redis_url),
-            [c.id for c in claimed if c.id != case_id],
-            companions.mark_seconds(config),
-        )
+        companions.mark(config, [c.id for c in claimed if c.id != case_id])
     if not claimed:
         log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
         return "skipped"
@@ -137,7 +133,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
                 more_items, missing = with_images(session, config, more)
             claimed += more
             items += more_items
-            companions.mark(companions.client(config.redis_url), [c.id for c in more], companions.mark_seconds(config))
+            companions.mark(config, [c.id for c in more])
             if missing is not None:
                 raise missing
         _run_claimed_batch(config, predictor, items, started, outcomes)
@@ -274,7 +270,7 @@ def _requeue_unfinished(config: Settings, held: list[Case]) -> None:
         with session_scope(config) as session:
             for case in held:
                 case_states.requeue_case(session, case.id, attempt=case.attempts, reason="batch_interrupted")
-        companions.forget(companions.client(config.redis_url), [case.id for case in held])
+        companions.forget(config, [case.id for case in held])
         log.warning(
             "batch stopped; its other cases went back to the queue",
             extra={"event": "batch_requeued", "count": len(held)},

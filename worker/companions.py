@@ -63,14 +63,15 @@ def key(case_id: uuid.UUID | str) -> str:
     return f"{_PREFIX}{case_id}"
 
 
-def mark(connection: redis.Redis, case_ids: Iterable[uuid.UUID], seconds: float) -> None:
-    """Mark ``case_ids`` as claimed by a batch for ``seconds`` (after the claim committed); best effort."""
+def mark(settings: Settings, case_ids: Iterable[uuid.UUID]) -> None:
+    """Mark ``case_ids`` as claimed by a batch, for :func:`mark_seconds` (after the claim committed);
+    best effort."""
     ids = list(case_ids)
-    milliseconds = int(seconds * 1000)
+    milliseconds = int(mark_seconds(settings) * 1000)
     if not ids or milliseconds <= 0:
         return
     try:
-        pipe = connection.pipeline(transaction=False)
+        pipe = client(settings.redis_url).pipeline(transaction=False)
         for case_id in ids:
             pipe.set(key(case_id), b"1", px=milliseconds)
         pipe.execute()
@@ -78,13 +79,13 @@ def mark(connection: redis.Redis, case_ids: Iterable[uuid.UUID], seconds: float)
         log.info("companions not marked; their messages will find them taken", extra={"error": type(exc).__name__})
 
 
-def forget(connection: redis.Redis, case_ids: Iterable[uuid.UUID]) -> None:
+def forget(settings: Settings, case_ids: Iterable[uuid.UUID]) -> None:
     """Clear the marks of cases put back in the queue; best effort (the sweeper covers a miss)."""
     ids = list(case_ids)
     if not ids:
         return
     try:
-        connection.delete(*(key(i) for i in ids))
+        client(settings.redis_url).delete(*(key(i) for i in ids))
     except redis.RedisError as exc:
         log.warning(
             "claim marks not cleared; the sweeper will send those cases again", extra={"error": type(exc).__name__}
