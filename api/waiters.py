@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from api.db import RequestDb
 from api.listener import Listener
-from core import cases
+from core import case_reads
 from core.keys import Principal
 from core.models import CaseStatus
 
@@ -143,6 +143,6 @@ async def wait_for_end(
 
 def _look(session: Session, principal: Principal, case_id: uuid.UUID) -> CaseStatus | None:
     try:
-        return cases.peek_status(session, principal=principal, case_id=case_id)
+        return case_reads.peek_status(session, principal=principal, case_id=case_id)
     finally:
         session.rollback()  # nothing written: end the transaction, give the connection back

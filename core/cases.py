@@ -24,11 +24,11 @@ from sqlalchemy import Table, delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from core import audit, period_shredding, pgbinary, phi, results
-from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
-from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, ServiceUnavailable, a_or_an
+from core import audit, period_shredding, pgbinary, phi
+from core.crypto import Keyring, SealedBlob, encrypt_blob
+from core.errors import Conflict, DermqError, Forbidden, NotFound, ServiceUnavailable, a_or_an
 from core.keys import Principal
-from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome, Priority, Result, Role
+from core.models import BlobKind, Case, CaseBlob, CaseStatus, Priority, Role
 
 
 def now() -> datetime:
@@ -89,7 +89,11 @@ def owned_case(
     session: Session, principal: Principal, case_id: uuid.UUID, action: str, *, for_update: bool = False
 ) -> Case:
     clinic_id = require_clinic(principal, action, str(case_id))
-    case = session.get(Case, case_id, with_for_update=for_update)
+    return owned(session.get(Case, case_id, with_for_update=for_update), clinic_id, action, case_id)
+
+
+def owned(case: Case | None, clinic_id: uuid.UUID, action: str, case_id: uuid.UUID) -> Case:
+    """``case`` (as read for ``case_id``) if the clinic owns it; else a 404 for ``action``."""
     if case is None:
         raise _not_found(action, case_id)
     if case.clinic_id != clinic_id:
@@ -272,78 +276,6 @@ def insert_blobs(session: Session, blobs: Sequence[tuple[uuid.UUID, BlobKind, Se
     )
 
 
-def get_case(
-    session: Session, *, keyring: Keyring, principal: Principal, actor: audit.Actor, case_id: uuid.UUID
-) -> tuple[Case, results.ResultView | None]:
-    """The case and its result (findings opened; None before it succeeded and once they are erased)."""
-    case = owned_case(session, principal, case_id, "case.read")
-    result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
-    audit.record(
-        session,
-        action="case.read",
-        outcome=audit.SUCCESS,
-        actor=actor,
-        entity_type="case",
-        entity_id=case_id,
-        clinic_id=case.clinic_id,
-        detail={"status": case.status},
-    )
-    return case, result
-
-
-def peek_status(session: Session, *, principal: Principal, case_id: uuid.UUID) -> CaseStatus | None:
-    """The case's status if ``principal`` (a clinic key) may read the case, else None. Not audited: it
-    returns no patient data; a long poll ends with an audited read (:func:`get_case`)."""
-    if principal.role is not Role.CLINIC or principal.clinic_id is None:
-        return None
-    status = session.scalar(select(Case.status).where(Case.id == case_id, Case.clinic_id == principal.clinic_id))
-    return CaseStatus(status) if status is not None else None
-
-
-def read_heatmap(
-    session: Session, *, keyring: Keyring, principal: Principal, actor: audit.Actor, case_id: uuid.UUID
-) -> bytes:
-    """The decrypted Grad-CAM overlay PNG of a finished case."""
-    case = owned_case(session, principal, case_id, "heatmap.read")
-
-    def refused(reason: str) -> audit.PendingEvent:  # every answer is audited, the refusals too
-        return audit.PendingEvent("heatmap.read", audit.FAILURE, "case", str(case_id), {"reason": reason})
-
-    if case.status == CaseStatus.PURGED:
-        raise Gone(
-            "this case's images were erased (retention or deletion)", code="case_purged", audit=refused("purged")
-        )
-    if case.status != CaseStatus.SUCCEEDED:
-        raise Conflict(
-            f"the case is {case.status}; a heat map exists only once it has succeeded",
-            code="case_not_finished",
-            audit=refused("not_finished"),
-        )
-    blob = session.scalar(select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.HEATMAP.value))
-    if blob is None:
-        result = session.get(Result, case_id)
-        out_of_distribution = result is not None and result.outcome == Outcome.OUT_OF_DISTRIBUTION
-        raise NotFound(
-            "this case has no heat map: the image is out of distribution, so no diagnosis was made and there is "
-            "nothing to explain (see result.outcome)"
-            if out_of_distribution
-            else "this case has no heat map (Grad-CAM ran out of time or failed; see gradcam_status)",
-            code="heatmap_unavailable",
-            audit=refused("out_of_distribution" if out_of_distribution else "unavailable"),
-        )
-    png = decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.HEATMAP.value)
-    audit.record(
-        session,
-        action="heatmap.read",
-        outcome=audit.SUCCESS,
-        actor=actor,
-        entity_type="case",
-        entity_id=case_id,
-        clinic_id=case.clinic_id,
-    )
-    return png
-
-
 def delete_blobs(session: Session, case_id: uuid.UUID) -> int:
     """Crypto-shred: remove every ciphertext and wrapped data key of the case."""
     deleted = session.execute(delete(CaseBlob).where(CaseBlob.case_id == case_id))
@@ -355,8 +287,7 @@ __all__ = [
     "NewImage",
     "create_case",
     "delete_blobs",
-    "get_case",
     "insert_blobs",
+    "owned",
     "owned_case",
-    "read_heatmap",
 ]

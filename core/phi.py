@@ -44,6 +44,13 @@ def client_refs(session: Session, keyring: Keyring, cases: Sequence[Case]) -> di
     return found
 
 
+def open_client_ref(keyring: Keyring, case: Case, sealed: SealedBlob | None) -> str | None:
+    """The client reference of ``case`` whose ``client_ref`` blob is ``sealed`` (None: it has none)."""
+    if sealed is None:
+        return case.plain_client_ref
+    return decrypt_blob(keyring, sealed, case_id=case.id, kind=KIND).decode()
+
+
 _SEALED_REFS = select(
     CaseBlob.case_id, CaseBlob.ciphertext, CaseBlob.nonce, CaseBlob.wrapped_key, CaseBlob.kek_id
 ).where(CaseBlob.case_id.in_(bindparam("ids", expanding=True)), CaseBlob.kind == KIND)

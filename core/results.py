@@ -139,13 +139,22 @@ def read_results(session: Session, keyring: Keyring, case_ids: Sequence[uuid.UUI
     ).all()
     found: dict[uuid.UUID, ResultView] = {}
     for row in rows:
-        plain = _plain(row)
-        if plain is not None:
-            found[row.case_id] = _view(row, plain)
-        elif row.ciphertext is not None:
-            sealed = SealedBlob(row.ciphertext, row.nonce, row.wrapped_key, row.kek_id)
-            found[row.case_id] = _view(row, open_findings(keyring, row.case_id, sealed))
+        sealed = None if row.ciphertext is None else SealedBlob(row.ciphertext, row.nonce, row.wrapped_key, row.kek_id)
+        view = open_result(keyring, row, sealed)
+        if view is not None:
+            found[row.case_id] = view
     return found
+
+
+def open_result(keyring: Keyring, row: Any, sealed: SealedBlob | None) -> ResultView | None:
+    """The view of a result ``row`` (a :class:`Result` or a row of its columns) whose ``result`` blob is
+    ``sealed``: None where its findings were shredded (no plain findings and no blob)."""
+    plain = _plain(row)
+    if plain is not None:
+        return _view(row, plain)
+    if sealed is not None:
+        return _view(row, open_findings(keyring, row.case_id, sealed))
+    return None
 
 
 def read_result(session: Session, keyring: Keyring, case_id: uuid.UUID) -> ResultView | None:

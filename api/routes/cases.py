@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from api import metrics
 from api.case_views import case_out, summary
-from api.deps import AuthenticatedCaller, Db, State, limit, require_role
+from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
 from api.params import utc
 from api.schemas import (
     CaseOut,
@@ -22,7 +22,7 @@ from api.schemas import (
 )
 from api.upload import read_case_form
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
-from core import case_list, cases, phi, results, retention
+from core import case_list, case_reads, cases, phi, results, retention
 from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput
 from core.models import CaseStatus, Priority, Role
@@ -192,13 +192,7 @@ async def submit_case(
         # taken: a new case cannot end unheard, so its wait needs no first look
         await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=db.commit, created=created)
 
-        def reread(session: Session) -> CaseOut:
-            case, result = cases.get_case(
-                session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=out.id
-            )
-            return case_out(case, result, phi.client_refs(session, app.keyring, [case])[case.id])
-
-        out = await db.run(reread)
+        out = await db.run(lambda session: _read(session, app, caller, out.id))
     if created and CaseStatus(out.status).terminal:
         response.status_code = 201  # finished within `wait`: the answer holds the result
     if not created:
@@ -219,10 +213,7 @@ async def read_case(
     def read(session: Session) -> CaseOut:
         if not wait:
             limit(caller, app, "read")
-        case, result = cases.get_case(
-            session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=case_id
-        )
-        return case_out(case, result, phi.client_refs(session, app.keyring, [case])[case.id])
+        return _read(session, app, caller, case_id)
 
     if wait:
         await db.run(lambda _: limit(caller, app, "read"))  # counted before waiting, once
@@ -230,6 +221,13 @@ async def read_case(
     out = await db.run(read)
     response.headers.update(NO_STORE)
     return out
+
+
+def _read(session: Session, app: AppState, caller: Caller, case_id: uuid.UUID) -> CaseOut:
+    """One clinic's audited read of one case."""
+    principal, actor = caller.principal, caller.actor
+    read = case_reads.get_case(session, keyring=app.keyring, principal=principal, actor=actor, case_id=case_id)
+    return case_out(read.case, read.result, read.client_ref)
 
 
 @router.get(
@@ -246,7 +244,7 @@ async def read_case(
 async def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> Response:
     def read(session: Session) -> bytes:
         limit(caller, app, "read")
-        return cases.read_heatmap(
+        return case_reads.read_heatmap(
             session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=case_id
         )
 

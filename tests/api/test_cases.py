@@ -82,6 +82,13 @@ def test_a_real_image_is_classified_with_a_heat_map(client, worker, tenant: Tena
     assert heat.headers["cache-control"] == "no-store"
     assert Image.open(io.BytesIO(heat.content)).size == Image.open(io.BytesIO(image)).size
 
+    with support.statements_sent(settings) as statements:  # a poll of a finished case: one read, audited
+        again = client.get(f"/v1/cases/{body['id']}", headers=tenant.headers).json()
+    assert again == done
+    reads = [s for s in statements if s.startswith("SELECT") and ("cases" in s or "results" in s)]
+    assert len(reads) == 1, reads  # the case, its result and its client reference in one round trip
+    assert any(s.startswith("INSERT INTO audit_events") for s in statements), statements
+
 
 def test_clinics_are_isolated_and_keys_checked(client, worker, make_key, fixture_images) -> None:  # type: ignore[no-untyped-def]
     owner, other = make_key(), make_key()
