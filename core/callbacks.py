@@ -44,10 +44,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import cast
 from urllib.parse import urlsplit
 
 from celery import Celery
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -195,23 +196,26 @@ def note_finished_many(session: Session, case_ids: Sequence[uuid.UUID], *, publi
     """:func:`note_finished` for several cases in one statement; returns those given an outbox row."""
     if not case_ids:
         return set()
-    noted = set(
-        session.scalars(
-            insert(CallbackDelivery)
-            .from_select(
-                ["case_id", "clinic_id"],
-                select(Case.id, Case.clinic_id)
-                .join(ClinicCallback, ClinicCallback.clinic_id == Case.clinic_id)
-                .where(Case.id.in_(case_ids)),
-            )
-            .on_conflict_do_nothing()
-            .returning(CallbackDelivery.case_id)
-        )
-    )
+    noted = set(session.scalars(_NOTE_FINISHED, {"ids": list(case_ids)}))
     for case_id in case_ids:
         if case_id in noted:
             enqueue(session, publisher, callback_task(case_id))
     return noted
+
+
+#: built once (every finished case sends it): an outbox row for each case whose clinic has a callback.
+#: Through the table: with parameters, an ORM insert would take them as rows to insert
+_NOTE_FINISHED = (
+    insert(cast(Table, CallbackDelivery.__table__))
+    .from_select(
+        ["case_id", "clinic_id"],
+        select(Case.id, Case.clinic_id)
+        .join(ClinicCallback, ClinicCallback.clinic_id == Case.clinic_id)
+        .where(Case.id.in_(bindparam("ids", expanding=True))),
+    )
+    .on_conflict_do_nothing()
+    .returning(CallbackDelivery.case_id)
+)
 
 
 def stale_deliveries(session: Session, cutoff: datetime, limit: int = 500) -> list[uuid.UUID]:
