@@ -464,20 +464,20 @@ def publish_classify(app, case_id, priority="routine"):  # type: ignore[no-untyp
 
 @contextmanager
 def statements_sent(settings: Any) -> Iterator[list[str]]:
-    """The SQL statements this process sends on the engine of ``settings`` while the block runs,
+    """The SQL statements this process sends to the database of ``settings`` while the block runs, on
+    any engine (an app built before :func:`core.db.dispose_engines` keeps the engine it was given),
     whitespace collapsed (the list fills as they go)."""
-    from sqlalchemy import event
+    from sqlalchemy import Engine, event
 
-    from core.db import get_engine
-
+    database = make_url(settings.database_url).database
     sent: list[str] = []
 
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(" ".join(statement.split()))
+    def record(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if conn.engine.url.database == database:
+            sent.append(" ".join(statement.split()))
 
-    engine = get_engine(settings)
-    event.listen(engine, "before_cursor_execute", record)
+    event.listen(Engine, "before_cursor_execute", record)
     try:
         yield sent
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        event.remove(Engine, "before_cursor_execute", record)

@@ -105,8 +105,9 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     items: list[ClaimedCase] = []
     missing: NotFound | None = None
     if queued:
-        # The claim and the images' read share one transaction (one connection checkout, one commit).
-        with session_scope(config) as session:
+        # The claim and the images' read share one transaction (one connection checkout, one commit,
+        # which need not wait for the disk: a lost claim leaves the case queued for the sweeper).
+        with session_scope(config, durable=False) as session:
             claimed = case_states.claim_batch(
                 session,
                 case_id,
@@ -128,7 +129,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
             raise missing
         if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
             time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
-            with session_scope(config) as session:
+            with session_scope(config, durable=False) as session:
                 more = case_states.claim_queued(session, limit=config.batch_max_size - len(items))
                 more_items, missing = with_images(session, config, more)
             claimed += more

@@ -145,7 +145,7 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     # The claim and the image's read share one transaction (one connection checkout, one commit).
     missing: NotFound | None = None
     stored = StoredImage(b"", working_copy=False)
-    with session_scope(config) as session:
+    with session_scope(config, durable=False) as session:  # a lost claim leaves the case queued
         case = case_states.claim_case(session, case_id)
         if case is None:
             log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
@@ -200,7 +200,9 @@ def _store(config: Settings, completions: Sequence[case_states.Completion]) -> d
     own instead, so that one case the database refuses fails alone rather than its whole batch,
     again and again."""
     try:
-        with session_scope(config) as session:
+        # Without waiting for the disk: nobody learns of these results before a durable commit follows
+        # (the API's audited read, a callback's lease); one lost in a crash is classified again.
+        with session_scope(config, durable=False) as session:
             stored = case_states.complete_cases(session, keyring=keyring(config), completions=completions)
             callbacks.note_finished_many(
                 session, [c.case_id for c in completions if c.case_id in stored], publisher=app

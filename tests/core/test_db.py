@@ -8,6 +8,7 @@ import time
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from core import db
 from core.config import Settings
@@ -57,3 +58,21 @@ def test_a_pooled_connection_the_server_closed_while_idle_is_replaced_not_handed
     finally:
         engine.dispose()
         admin.dispose()
+
+
+def test_only_the_transactions_asked_not_to_wait_for_the_disk_commit_without_it(settings: Settings, database) -> None:  # type: ignore[no-untyped-def]
+    """``durable=False`` turns off the wait for the WAL flush for that one transaction: the next one on
+    the same connection waits again (what every answer to a clinic relies on)."""
+    with db.session_scope(settings) as session:
+        assert session.scalar(text("SHOW synchronous_commit")) == "on"
+    with db.session_scope(settings, durable=False) as session:
+        assert session.scalar(text("SHOW synchronous_commit")) == "off"
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as connection, Session(bind=connection) as session:
+            db.commit_without_flush(session)
+            assert session.scalar(text("SHOW synchronous_commit")) == "off"
+            session.commit()
+            assert session.scalar(text("SHOW synchronous_commit")) == "on"  # the next transaction, same connection
+    finally:
+        engine.dispose()

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from core.db import session_scope
+from core.db import dispose_engines, session_scope
 from core.models import AuditEvent, Case
 from tests import support
 from tests.faults.conftest import FaultStack
@@ -120,3 +120,34 @@ def test_a_postgres_outage_answers_503_and_loses_nothing(stack: FaultStack) -> N
     assert stack.wait_terminal(uuid.UUID(response.json()["id"])).status == "succeeded"
     totals = stack.clinic_totals()
     assert totals["half_written"] == 0 and not totals.get("running") and not totals.get("queued"), totals
+
+
+def test_a_case_answered_with_its_result_survives_a_postgres_crash(stack: FaultStack) -> None:
+    """The worker's claim and store, and the case a waiting submission creates, commit without waiting
+    for the disk (core.db.commit_without_flush); the answer follows the durable commit of its audited
+    read, which flushes them too. So a crash right after the answer (an immediate stop: Postgres's
+    memory, unwritten WAL included, is lost) loses nothing the clinic was told."""
+    stack.pg.stop()
+    stack.pg.start("-c synchronous_commit=on")  # the fault stack's server otherwise never waits for the WAL
+    try:
+        stack.start_worker("crash")
+        stack.wait_terminal(stack.accepted())  # warm: model loaded, connections open
+        response = httpx.post(
+            f"{stack.base_url}/v1/cases?wait=30",
+            headers=stack.headers,
+            files={"image": ("lesion.jpg", stack.images[0], "image/jpeg")},
+            timeout=60,
+        )
+        assert response.status_code == 201, response.text
+        stack.pg.stop("immediate")  # a crash: no shutdown checkpoint
+    finally:
+        stack.pg.stop()
+        stack.pg.start()
+        dispose_engines()  # this process's pooled connections died with the server
+    answered = response.json()
+    case_id = uuid.UUID(answered["id"])
+    case = stack.wait_status(case_id, "succeeded", timeout=5)  # there at once, not classified again
+    assert case.attempts == 1 and stack.counts(case_id)["results"] == 1
+    with session_scope(stack.settings) as session:
+        actions = set(session.scalars(select(AuditEvent.action).where(AuditEvent.entity_id == str(case_id))).all())
+    assert {"case.create", "case.start", "case.classify", "case.read"} <= actions, actions
