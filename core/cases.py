@@ -1,6 +1,8 @@
-"""Case services of the API: submit, read, list, heat map, and the blobs they store.
+"""Case services of the API: who may touch a case, submitting one, and the blobs it stores.
 
-The worker's side of the state machine (claim, complete, fail, requeue) is :mod:`core.case_states`.
+A clinic's reads of a case (the case, a long poll's look, the heat map) are :mod:`core.case_reads`,
+its list :mod:`core.case_list`; the worker's side of the state machine (claim, complete, fail,
+requeue) is :mod:`core.case_states`.
 
 Every function takes a keyword-only ``session`` and only flushes; the caller's scope commits. Every
 access to patient data and every state change records an audit event, last, inside the same
