@@ -25,14 +25,34 @@ CHECKPOINT = "final.safetensors"
 STATE = "last.pt"
 
 
-def load_teacher(workdir: str) -> tuple[nn.Module, models.Preprocessing]:
-    """A finished teacher run's final EMA weights and its preprocessing."""
-    if not (Path(workdir) / CHECKPOINT).is_file():
-        raise SystemExit(f"teacher run {workdir} has not finished (no {CHECKPOINT})")
-    saved = read_config(Path(workdir) / "config.json")
-    net = models.create(saved["arch"], NUM_CLASSES)
-    net.load_state_dict(load_file(str(Path(workdir) / CHECKPOINT)))
-    prep = models.preprocessing_for(net, saved["input_size"], saved.get("colour_constancy", "none"))
+def teacher_sources(spec: str) -> list[str]:
+    """The teachers named by ``--teacher``: comma-separated work folders or registry entries."""
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def load_teacher(source: str) -> tuple[nn.Module, models.Preprocessing]:
+    """A teacher's weights and preprocessing: a finished run's work folder (its final moving average)
+    or a registry entry (its verified shipped weights, float16 widened to float32)."""
+    folder = Path(source)
+    if (folder / "manifest.json").is_file():
+        from safetensors.torch import load as load_bytes
+
+        from ml import registry
+
+        manifest = registry.read_manifest(folder)
+        arch, pre = manifest["architecture"], manifest["preprocessing"]
+        state = load_bytes(registry.read_verified(folder, "weights"))
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        input_size, colour_constancy = pre["input_size"], pre.get("colour_constancy", "none")
+    elif (folder / CHECKPOINT).is_file():
+        saved = read_config(folder / "config.json")
+        arch, state = saved["arch"], load_file(str(folder / CHECKPOINT))
+        input_size, colour_constancy = saved["input_size"], saved.get("colour_constancy", "none")
+    else:
+        raise SystemExit(f"teacher {source} has not finished (no {CHECKPOINT}) and is no registry entry")
+    net = models.create(arch, NUM_CLASSES)
+    net.load_state_dict(state)
+    prep = models.preprocessing_for(net, (int(input_size[0]), int(input_size[1])), colour_constancy)
     return net.eval().requires_grad_(False), prep
 
 

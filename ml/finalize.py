@@ -28,7 +28,7 @@ from ml import calibration, ood, registry
 from ml import data as ds
 from ml import model as models
 from ml.assess import assess, decision_figures
-from ml.checkpoint import load_checkpoint
+from ml.checkpoint import load_checkpoint, teacher_sources
 from ml.decision import DecisionPolicy, fit_mel_offset, fit_referral_threshold
 from ml.drift import reference_for_entry
 from ml.entry import record_verification, save_entry, save_gate
@@ -117,7 +117,7 @@ def finalize(config: TrainConfig) -> Path:
         "minutes": history[-1]["minutes"] if history else None,
         "seed": config.seed,
         "config": {k: v for k, v in saved_config.items() if k not in ("finalize_only", "extra", "resume")},
-        "teacher": _teacher_summary(saved_config.get("teacher", "")),
+        "teachers": [_teacher_summary(source) for source in teacher_sources(saved_config.get("teacher", ""))],
         "environment": _training_environment(workdir),
         "finalized_in": describe_environment(device="cpu", precision="float32"),
     }
@@ -192,18 +192,35 @@ def _training_environment(workdir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _teacher_summary(workdir: str) -> dict[str, Any] | None:
-    if not workdir or not (Path(workdir) / "config.json").exists():
-        return None
-    teacher = json.loads((Path(workdir) / "config.json").read_text())
-    history = json.loads((Path(workdir) / "history.json").read_text())
+def _teacher_summary(source: str) -> dict[str, Any]:
+    """What the model card says of one teacher: a training run's recipe and last validation figure,
+    or a registry entry's id, digest and recorded test figures."""
+    folder = Path(source)
+    if (folder / registry.MANIFEST).is_file():
+        entry = registry.read_manifest(folder)
+        metrics = entry.get("metrics", {})
+        return {
+            "kind": "registry entry",
+            "model_id": entry["model_id"],
+            "arch": entry["architecture"],
+            "input_size": entry["preprocessing"]["input_size"],
+            "weights_sha256": entry["files"]["weights"]["sha256"],
+            "test_balanced_accuracy": metrics.get("test", {}).get("balanced_accuracy"),
+        }
+    teacher = json.loads((folder / "config.json").read_text())
+    history = json.loads((folder / "history.json").read_text())
     return {
+        "kind": "training run",
         "arch": teacher["arch"],
         "input_size": teacher["input_size"],
         "epochs": teacher["epochs"],
         "minutes": history[-1]["minutes"] if history else None,
         "val_balanced_accuracy_last_epoch": history[-1]["val_balanced_accuracy"] if history else None,
-        "initialisation": models.IMAGENET_WEIGHTS[teacher["arch"]].source,
+        "initialisation": (
+            models.IMAGENET_WEIGHTS[teacher["arch"]].source
+            if teacher.get("imagenet", True) and teacher["arch"] in models.IMAGENET_WEIGHTS
+            else "random"
+        ),
     }
 
 

@@ -66,6 +66,21 @@ def _assessment_lines(assessment: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _teacher_text(teacher: dict[str, Any]) -> str:
+    size = f"{teacher['input_size'][0]}x{teacher['input_size'][1]}"
+    if teacher.get("kind") == "registry entry":
+        return (
+            f"the registry entry `{teacher['model_id']}` (`{teacher['arch']}` at {size}, weights SHA-256 "
+            f"`{teacher['weights_sha256'][:16]}...`, test balanced accuracy {_f(teacher['test_balanced_accuracy'])}; "
+            "its raw logits, not its calibration)"
+        )
+    return (
+        f"a `{teacher['arch']}` teacher ({teacher['initialisation']}) trained for {teacher['epochs']} epochs at "
+        f"{size} with the same recipe (validation balanced accuracy {_f(teacher['val_balanced_accuracy_last_epoch'])} "
+        f"after its last epoch, {_f(teacher['minutes'], 1)} minutes)"
+    )
+
+
 def _training_lines(training: dict[str, Any], prep: dict[str, Any]) -> list[str]:
     config = training["config"]
     teacher = training.get("teacher")
@@ -81,15 +96,17 @@ def _training_lines(training: dict[str, Any], prep: dict[str, Any]) -> list[str]
         "hue jitter, blur and random erasing, a last epoch on whole images; AdamW "
         f"(lr {config.get('lr')}, weight decay {config.get('weight_decay')}) with warm-up and cosine decay to zero, "
         f"label smoothing {config.get('label_smoothing')}, dropout {config.get('drop_rate')}, stochastic depth "
-        f"{config.get('drop_path_rate')}, bf16 autocast.",
+        f"{config.get('drop_path_rate')}, {env.get('precision') or 'float32'}.",
     ]
-    if teacher:
+    teachers = training.get("teachers") or ([teacher] if teacher else [])
+    if teachers:
+        described = "; ".join(_teacher_text(t) for t in teachers)
+        combined = (
+            "gives" if len(teachers) == 1 else "give, as the normalised geometric mean of their softened softmaxes,"
+        )
         lines += [
             "",
-            f"**Distillation**: a `{teacher['arch']}` teacher ({teacher['initialisation']}) trained for "
-            f"{teacher['epochs']} epochs at {teacher['input_size'][0]}x{teacher['input_size'][1]} with the same recipe "
-            f"(validation balanced accuracy {_f(teacher['val_balanced_accuracy_last_epoch'])} after its last epoch, "
-            f"{_f(teacher['minutes'], 1)} minutes) gives soft labels online, on the very crop the student sees; loss "
+            f"**Distillation**: {described} {combined} soft labels online, on the very crop the student sees; loss "
             f"= {1 - config.get('distill_alpha', 0):.1f} x cross-entropy + {config.get('distill_alpha')} x T^2 x "
             f"KL(teacher || student) at T = {config.get('distill_temperature')}. The served model keeps Lite0's cost.",
         ]

@@ -47,7 +47,9 @@ class TrainConfig:
     last_epoch_whole: bool = _opt(True, "the last epoch sees whole images (flips and colour only)")
     ema_decay: float = _opt(0.998, "exponential moving average of the weights (what is evaluated and shipped)")
     balance_power: float = _opt(0.5, "sample weight = 1 / class_count ** power")
-    teacher: str = _opt("", "work folder of a finished teacher run: distil its soft labels (online)")
+    teacher: str = _opt(
+        "", "finished run's work folder or registry entry to distil (online); several, comma-separated, are ensembled"
+    )
     distill_alpha: float = _opt(0.7, "weight of the teacher's soft labels in the loss")
     distill_temperature: float = _opt(2.0, "softmax temperature of the distillation term")
     precision: str = _opt("auto", "auto, fp32, bf16 or fp16 autocast", choices=["auto", "fp32", "bf16", "fp16"])

@@ -11,8 +11,9 @@ class-balanced sampling; any-angle rotation, crops, flips, colour and hue jitter
 erasing, and a last epoch on whole images; AdamW with warm-up and a fixed cosine schedule to zero,
 weight decay, dropout and stochastic depth; an exponential moving average of the weights, which is
 what gets evaluated and shipped. No early stopping: validation is watched, never used to pick an
-epoch. With ``--teacher`` the loss adds the soft labels of a finished teacher run (knowledge
-distillation, Hinton et al. 2015), computed online on the very crop the student sees.
+epoch. With ``--teacher`` the loss adds the soft labels of a finished teacher run or a registry entry
+(knowledge distillation, Hinton et al. 2015), computed online on the very crop the student sees;
+several teachers, comma-separated, give the normalised geometric mean of their softened softmaxes.
 
 Every epoch ends with a checkpoint in ``--workdir`` (default ``<out>.work``): weights, EMA,
 optimiser, step and random state, so ``--resume`` continues exactly. Afterwards :mod:`ml.finalize`
@@ -42,7 +43,7 @@ from ml import model as models
 from ml import preprocess
 from ml.augment import Augment
 from ml.backends import resolve_device
-from ml.checkpoint import CHECKPOINT, STATE, load_state, load_teacher, save_state
+from ml.checkpoint import CHECKPOINT, STATE, load_state, load_teacher, save_state, teacher_sources
 from ml.finalize import finalize
 from ml.images import ImageLimits, decode_image
 from ml.labels import NUM_CLASSES
@@ -173,16 +174,14 @@ def train(config: TrainConfig, split: ds.Split | None = None) -> Path:
         drop_path_rate=config.drop_path_rate,
     )
     prep = models.preprocessing_for(net, config.input_size, config.colour_constancy)
-    teacher, teacher_prep = load_teacher(config.teacher) if config.teacher else (None, None)
-    # Distillation: images are decoded (and augmented) at the teacher's size; the student's view is
-    # the same crop resampled to its own size, so both see exactly the same thing.
+    teachers = [load_teacher(source) for source in teacher_sources(config.teacher)]
+    # Distillation: images are decoded (and augmented) at the first teacher's size; the student and
+    # any other teacher get the same crop resampled to their own sizes, so all see the same thing.
+    teacher_prep = teachers[0][1] if teachers else None
     source_prep = teacher_prep if teacher_prep is not None else prep
-    if teacher_prep is not None and (teacher_prep.colour_constancy, teacher_prep.mean, teacher_prep.std) != (
-        prep.colour_constancy,
-        prep.mean,
-        prep.std,
-    ):
-        raise SystemExit("teacher and student must share colour constancy and normalisation")
+    for _, other in teachers:
+        if (other.colour_constancy, other.mean, other.std) != (prep.colour_constancy, prep.mean, prep.std):
+            raise SystemExit("teachers and student must share colour constancy and normalisation")
     train_images = torch.from_numpy(decode_samples(split.train, source_prep, "decode train"))
     train_labels = np.array([s.label for s in split.train])
     val_images = decode_samples(split.val, prep, "decode val")
@@ -202,8 +201,7 @@ def train(config: TrainConfig, split: ds.Split | None = None) -> Path:
     ema = models.create(config.arch, NUM_CLASSES).to(device).to(memory_format=torch.channels_last)
     ema.load_state_dict(net.state_dict())
     ema.eval().requires_grad_(False)
-    if teacher is not None:
-        teacher = teacher.to(device).to(memory_format=torch.channels_last)
+    teacher = [(t.to(device).to(memory_format=torch.channels_last), tp.input_size) for t, tp in teachers]
 
     optimizer = torch.optim.AdamW(param_groups(net, config.weight_decay), lr=config.lr)
     steps_per_epoch = max(1, len(split.train) // config.batch_size)
@@ -274,7 +272,7 @@ def soft_targets(labels: torch.Tensor, smoothing: float) -> torch.Tensor:
 
 def _train_step(
     net: nn.Module,
-    teacher: nn.Module | None,
+    teacher: list[tuple[nn.Module, tuple[int, int]]],
     optimizer: torch.optim.Optimizer,
     augment: Augment,
     teacher_augment: Augment | None,
@@ -288,29 +286,45 @@ def _train_step(
 ) -> float:
     y = labels.to(device, non_blocking=True)
     targets = soft_targets(y, config.label_smoothing)
-    if teacher is not None and teacher_augment is not None:
-        # One draw of the augmentation at the teacher's size; the student gets the same view resampled.
+    if teacher and teacher_augment is not None:
+        # One draw of the augmentation at the first teacher's size; the others get the same view resampled.
         big = teacher_augment(images, crops=crops).to(device, non_blocking=True)
-        x = F.interpolate(big, size=augment.size, mode="bilinear", align_corners=False, antialias=True)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = _resampled(big, augment.size)
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32,
                                              enabled=autocast is not None):  # fmt: skip
-            teacher_logits = teacher(big).float()
+            teacher_log_probs = ensemble_log_probs(
+                [net_t(_resampled(big, size)).float() for net_t, size in teacher], config.distill_temperature
+            )
     else:
         x = augment(images, crops=crops).to(device, non_blocking=True)
-        teacher_logits = None
+        teacher_log_probs = None
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         logits = net(x).float()
     loss = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
-    if teacher_logits is not None:
+    if teacher_log_probs is not None:
         t = config.distill_temperature
-        distill = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+        distill = F.kl_div(F.log_softmax(logits / t, dim=1), teacher_log_probs,
                            reduction="batchmean", log_target=True) * t * t  # fmt: skip
         loss = (1 - config.distill_alpha) * loss + config.distill_alpha * distill
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def _resampled(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``batch`` (N, 3, H, W) at ``size``: itself when it is that size already."""
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    out = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def ensemble_log_probs(logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """The teachers' soft labels at ``temperature``: the normalised geometric mean of their
+    softmaxes (the mean of their log-probabilities, renormalised); one teacher's own for one."""
+    mean = torch.stack([F.log_softmax(z / temperature, dim=1) for z in logits]).mean(0)
+    return mean - torch.logsumexp(mean, dim=1, keepdim=True)
 
 
 @torch.no_grad()

@@ -195,6 +195,42 @@ def test_a_student_learns_from_a_finished_teacher(synthetic_folder: Path, tmp_pa
     assert any(not np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_a_student_learns_from_an_ensemble_of_an_entry_and_a_run(synthetic_folder: Path, tmp_path: Path) -> None:
+    base = ["--data", str(synthetic_folder), "--epochs", "2", *TINY_RUN]
+    entry = tmp_path / "registry" / "shipped-v1"
+    train.main([*base, "--out", str(entry), "--input-size", "40", "40"])  # a finished, finalised entry
+    run = tmp_path / "run"
+    train.train(train.parse_args([*base, "--out", str(run)]))
+    student = tmp_path / "registry" / "student-v1"
+    train.main([*base, "--out", str(student), "--teacher", f"{entry},{run}.work"])
+    teachers = registry.read_manifest(student)["training"]["teachers"]
+    assert [t["kind"] for t in teachers] == ["registry entry", "training run"]
+    assert teachers[0]["model_id"] == "shipped-v1" and teachers[0]["input_size"] == [40, 40]
+    assert teachers[0]["weights_sha256"] == registry.read_manifest(entry)["files"]["weights"]["sha256"]
+    assert "`shipped-v1`" in (student / "model_card.md").read_text()
+    # the second teacher's soft labels count: the student differs from one taught by the entry alone
+    single = tmp_path / "single"
+    train.train(train.parse_args([*base, "--out", str(single), "--teacher", str(entry)]))
+    a, b = _final_weights(Path(f"{student}.work")), _final_weights(Path(f"{single}.work"))
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    # a tampered entry is refused, not silently taught from
+    (entry / "weights.safetensors").write_bytes(b"x" + (entry / "weights.safetensors").read_bytes()[1:])
+    with pytest.raises(registry.RegistryError):
+        train.train(train.parse_args([*base, "--out", str(tmp_path / "tampered"), "--teacher", str(entry)]))
+
+
+def test_the_ensembles_soft_labels_are_the_normalised_geometric_mean() -> None:
+    import torch
+
+    a, b = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.5]])
+    one = train.ensemble_log_probs([a], 2.0)
+    assert torch.allclose(one, torch.log_softmax(a / 2.0, dim=1))
+    both = train.ensemble_log_probs([a, b], 2.0).exp()
+    geometric = (torch.softmax(a / 2.0, dim=1) * torch.softmax(b / 2.0, dim=1)).sqrt()
+    assert torch.allclose(both, geometric / geometric.sum(), atol=1e-6)
+    assert torch.allclose(both.sum(), torch.tensor(1.0))
+
+
 def test_recipes_set_defaults_that_options_override() -> None:
     teacher = train.parse_args(["--data", "d", "--out", "o/x", "--recipe", "v2-teacher"])
     assert teacher.arch == "tf_efficientnet_lite2" and teacher.input_size == (192, 256)
