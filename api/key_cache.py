@@ -2,8 +2,11 @@
 
 A key is remembered only while the process's :class:`~api.listener.Listener` is connected: every
 revocation and clinic (de)activation announces itself when it commits (:mod:`core.announcements`),
-and the listener then forgets every key at once, so revocation still takes effect at once. While
-the listener is not connected nothing is remembered and every request is checked in the database.
+and the listener then forgets every key at once, so revocation still takes effect at once: a key is
+not taken from memory while the listener's connection holds a notification its thread has not yet
+taken, which leaves only Postgres's own hand-over of the notification between the revoking commit and
+the refusal. While the listener is not connected nothing is remembered and
+every request is checked in the database.
 An entry is also dropped after ``max_age`` seconds, whatever happens.
 
 Entries are keyed by the SHA-256 of the token, never the token itself. A key verified while a change
@@ -40,7 +43,7 @@ class KeyCache:
             return self._generation
 
     def get(self, token: str | None) -> Principal | None:
-        if not token or self.max_age <= 0 or not self.listener.listening:
+        if not token or self.max_age <= 0 or not self.listener.listening or self.listener.unheard():
             return None
         with self._lock:
             entry = self._entries.get(self._key(token))

@@ -38,7 +38,7 @@ def get_case(
     assert row is not None  # owned() refused a missing case
     result = None
     if case.status == CaseStatus.SUCCEEDED and row.Result is not None:
-        result = results.open_result(keyring, row.Result, _sealed(row, "result"))
+        result = results.open_result(keyring, row.Result, SealedBlob.from_row(row, "result_"))
     audit.record(
         session,
         action="case.read",
@@ -49,13 +49,7 @@ def get_case(
         clinic_id=case.clinic_id,
         detail={"status": case.status},
     )
-    return CaseRead(case, result, phi.open_client_ref(keyring, case, _sealed(row, "ref")))
-
-
-def _sealed(row: Any, prefix: str) -> SealedBlob | None:
-    if getattr(row, f"{prefix}_ciphertext") is None:
-        return None
-    return SealedBlob(*(getattr(row, f"{prefix}_{part}") for part in ("ciphertext", "nonce", "wrapped_key", "kek_id")))
+    return CaseRead(case, result, phi.open_client_ref(keyring, case, SealedBlob.from_row(row, "ref_")))
 
 
 def _blob_columns(blob: Any, prefix: str) -> list[Any]:

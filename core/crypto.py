@@ -223,6 +223,13 @@ class SealedBlob:
     wrapped_key: bytes = field(repr=False)
     kek_id: str
 
+    @classmethod
+    def from_row(cls, row: Any, prefix: str = "") -> SealedBlob | None:
+        """The blob in a result row's columns ``<prefix>ciphertext``, ``<prefix>nonce``, ...; None
+        where the row has none (an outer join that found no blob)."""
+        parts = [getattr(row, f"{prefix}{name}") for name in ("ciphertext", "nonce", "wrapped_key", "kek_id")]
+        return None if parts[0] is None else cls(*parts)
+
 
 def _payload_aad(case_id: uuid.UUID, kind: str) -> bytes:
     return b"|".join([FORMAT, b"payload", str(case_id).encode(), kind.encode()])

@@ -38,17 +38,18 @@ def client_refs(session: Session, keyring: Keyring, cases: Sequence[Case]) -> di
     if not cases:
         return found
     rows = session.execute(_SEALED_REFS, {"ids": [case.id for case in cases]})  # columns, not ORM objects
-    for case_id, ciphertext, nonce, wrapped_key, kek_id in rows:
-        sealed = SealedBlob(ciphertext, nonce, wrapped_key, kek_id)
-        found[case_id] = decrypt_blob(keyring, sealed, case_id=case_id, kind=KIND).decode()
+    for row in rows:
+        found[row.case_id] = _open(keyring, row.case_id, SealedBlob.from_row(row))
     return found
 
 
 def open_client_ref(keyring: Keyring, case: Case, sealed: SealedBlob | None) -> str | None:
     """The client reference of ``case`` whose ``client_ref`` blob is ``sealed`` (None: it has none)."""
-    if sealed is None:
-        return case.plain_client_ref
-    return decrypt_blob(keyring, sealed, case_id=case.id, kind=KIND).decode()
+    return case.plain_client_ref if sealed is None else _open(keyring, case.id, sealed)
+
+
+def _open(keyring: Keyring, case_id: uuid.UUID, sealed: SealedBlob | None) -> str | None:
+    return None if sealed is None else decrypt_blob(keyring, sealed, case_id=case_id, kind=KIND).decode()
 
 
 _SEALED_REFS = select(

@@ -139,8 +139,7 @@ def read_results(session: Session, keyring: Keyring, case_ids: Sequence[uuid.UUI
     ).all()
     found: dict[uuid.UUID, ResultView] = {}
     for row in rows:
-        sealed = None if row.ciphertext is None else SealedBlob(row.ciphertext, row.nonce, row.wrapped_key, row.kek_id)
-        view = open_result(keyring, row, sealed)
+        view = open_result(keyring, row, SealedBlob.from_row(row))
         if view is not None:
             found[row.case_id] = view
     return found

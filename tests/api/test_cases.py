@@ -117,17 +117,6 @@ def test_clinics_are_isolated_and_keys_checked(client, worker, make_key, fixture
     assert client.get(f"/v1/cases/{case_id}", headers=auditor.headers).status_code == 403
 
 
-def test_a_revoked_key_is_refused_at_once(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
-    from core import keys
-
-    tenant = make_key()
-    assert client.get("/v1/cases", headers=tenant.headers).status_code == 200
-    with session_scope(settings) as session:
-        keys.revoke_key(session, tenant.key_id)
-    response = client.get("/v1/cases", headers=tenant.headers)
-    assert response.status_code == 401 and response.json()["code"] == "revoked_credentials"
-
-
 @pytest.mark.parametrize(
     ("name", "expected_status", "expected_code"),
     [

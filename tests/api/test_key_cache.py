@@ -3,12 +3,27 @@ revoked or a clinic deactivated (announced by the committing transaction)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from api.key_cache import KeyCache
 from api.listener import Listener
 from core import clinics, keys
 from core.db import session_scope
 from tests import support
 from tests.conftest import Tenant
+
+
+@contextlib.contextmanager
+def connected(listener: Listener) -> Iterator[Listener]:
+    """``listener`` connected and listening, but with no thread taking its notifications."""
+    connection = listener._connect()
+    listener._fd = connection.fileno()
+    listener._listening.set()
+    try:
+        yield listener
+    finally:
+        connection.close()
 
 
 def listening(client) -> bool:  # type: ignore[no-untyped-def]
@@ -29,10 +44,12 @@ def test_a_revoked_key_is_refused_at_once_though_it_was_remembered(client, setti
     assert client.get("/v1/cases", headers=tenant.headers).status_code == 200  # remembered now
     with session_scope(settings) as session:  # another process (the CLI) revokes it
         keys.revoke_key(session, tenant.key_id)
-    refused = support.wait_for(
-        lambda: client.get("/v1/cases", headers=tenant.headers).status_code == 401, timeout=2, what="the refusal"
+    answer = support.wait_for(
+        lambda: (r := client.get("/v1/cases", headers=tenant.headers)).status_code == 401 and r,
+        timeout=2,
+        what="the refusal",
     )
-    assert refused
+    assert answer.json()["code"] == "revoked_credentials"
 
 
 def test_a_deactivated_clinics_remembered_key_is_refused_at_once(client, settings, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
@@ -63,25 +80,39 @@ def test_a_key_verified_while_a_change_was_announced_is_not_remembered(settings)
     from core.keys import Principal
     from core.models import Role
 
-    listener = Listener(settings.database_url)
-    listener._listening.set()  # as if connected
-    cache = KeyCache(listener)
-    principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
-    generation = cache.generation()
-    cache.forget_all()  # a revocation announced meanwhile
-    cache.remember("dq_token", principal, generation)
-    assert cache.get("dq_token") is None
-    cache.remember("dq_token", principal, cache.generation())
-    assert cache.get("dq_token") == principal
+    with connected(Listener(settings.database_url)) as listener:
+        cache = KeyCache(listener)
+        principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+        generation = cache.generation()
+        cache.forget_all()  # a revocation announced meanwhile
+        cache.remember("dq_token", principal, generation)
+        assert cache.get("dq_token") is None
+        cache.remember("dq_token", principal, cache.generation())
+        assert cache.get("dq_token") == principal
 
 
 def test_a_zero_lifetime_turns_the_cache_off(settings) -> None:  # type: ignore[no-untyped-def]
     from core.keys import Principal
     from core.models import Role
 
-    listener = Listener(settings.database_url)
-    listener._listening.set()
-    cache = KeyCache(listener, max_age=0)
-    principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
-    cache.remember("dq_token", principal, cache.generation())
-    assert cache.get("dq_token") is None
+    with connected(Listener(settings.database_url)) as listener:
+        cache = KeyCache(listener, max_age=0)
+        principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+        cache.remember("dq_token", principal, cache.generation())
+        assert cache.get("dq_token") is None
+
+
+def test_a_remembered_key_is_not_trusted_while_a_notification_waits_unheard(settings) -> None:  # type: ignore[no-untyped-def]
+    from core import announcements
+    from core.keys import Principal
+    from core.models import Role
+
+    with connected(Listener(settings.database_url)) as listener:
+        cache = KeyCache(listener)
+        principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+        cache.remember("dq_token", principal, cache.generation())
+        assert cache.get("dq_token") == principal
+        with session_scope(settings) as session:  # a revocation commits elsewhere
+            announcements.announce_keys_changed(session)
+        assert support.wait_for(listener.unheard, timeout=10, what="the notification on the socket")
+        assert cache.get("dq_token") is None
