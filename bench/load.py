@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.base_url:
         rows.append(
             [
-                "audit sealing lag p50 / p99 (event to its signed checkpoint, upper bound)",
+                "audit sealing lag p50 / p99 (event to its signed checkpoint)",
                 f"{p50(lags):.2f} s / {percentile(lags, 99):.2f} s over {len(lags)} events",
             ]
         )

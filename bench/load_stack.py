@@ -102,16 +102,15 @@ def clinic_keys(settings, count: int) -> list[str]:  # type: ignore[no-untyped-d
 def sealing_lag(database_url: str, since: datetime) -> list[float]:
     """Seconds from each audit event of the run to the first signed checkpoint covering it (unsealed: inf).
 
-    A checkpoint's ``signed_at`` is whole seconds (what its signed note carries), truncated: it was
-    signed within the second after it, so the lag counts to the end of that second, an upper bound
-    (to ``signed_at`` itself, events sealed in the second they happened would show a negative lag)."""
+    A checkpoint's ``signed_at`` is what its signed note carries: the signing time, to the millisecond
+    (checkpoints signed before that had whole seconds, which this would undercount by up to one)."""
     from sqlalchemy import create_engine, text
 
     engine = create_engine(database_url)
     with engine.connect() as connection:
         lags = connection.execute(
             text(
-                "SELECT extract(epoch FROM (c.signed_at + interval '1 second' - e.occurred_at)) FROM audit_events e "
+                "SELECT extract(epoch FROM (c.signed_at - e.occurred_at)) FROM audit_events e "
                 "LEFT JOIN audit_leaves l ON l.event_id = e.id "
                 "LEFT JOIN LATERAL (SELECT signed_at FROM audit_checkpoints WHERE size > l.seq "
                 "ORDER BY size LIMIT 1) c ON true WHERE e.occurred_at >= :since"

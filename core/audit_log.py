@@ -211,7 +211,8 @@ def seal(session: Session, keys: SigningKeys, origin: str, *, limit: int = BATCH
     )
     new_size = old_size + len(pending)
     root = _append(session, old_size, leaves)
-    now = datetime.now(UTC).replace(microsecond=0)
+    now = datetime.now(UTC)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # what the note's time line holds
     note = Checkpoint(origin, new_size, root, now).sign(keys.signer)
     session.execute(
         text("INSERT INTO audit_checkpoints (size, root, signed_at, note) VALUES (:s, :r, :t, :n)"),

@@ -5,7 +5,7 @@ A checkpoint (c2sp.org/tlog-checkpoint) is a signed note (c2sp.org/signed-note):
     dermq.example/audit          <- origin: names the log
     1234                         <- tree size
     <base64 root hash>           <- RFC 9162 root of the first 1234 events
-    time 2026-12-01T14:00:00Z    <- extension line: when the sealer signed it
+    time 2026-12-01T14:00:00.250Z <- extension line: when the sealer signed it (to the millisecond)
                                  <- blank line: the signed text ends above it
     — dermq.example/audit <base64(4-byte key id || Ed25519 signature)>
 
@@ -129,12 +129,23 @@ class Checkpoint:
     time: datetime
 
     def body(self) -> str:
-        stamp = self.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = self.time.astimezone(UTC)
+        stamp = when.strftime("%Y-%m-%dT%H:%M:%S") + (f".{when.microsecond // 1000:03d}Z" if when.microsecond else "Z")
         return f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\ntime {stamp}\n"
 
     def sign(self, signer: Signer) -> str:
         body = self.body()
         return body + "\n" + signer.sign_line(body)
+
+
+def _parse_time(stamp: str) -> datetime:
+    """An RFC 3339 UTC time as the ``time`` line carries it: whole seconds, or milliseconds."""
+    for layout in ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S.%fZ"):
+        try:
+            return datetime.strptime(stamp, layout).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+    raise CheckpointError(f"the time line {stamp!r} is not an RFC 3339 UTC time")
 
 
 def parse(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> Checkpoint:
@@ -154,9 +165,7 @@ def parse(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> Checkp
     if size < 0 or len(root) != 32 or lines[1] != str(size):
         raise CheckpointError("the tree size or the root hash is malformed")
     stamp = next((line[5:] for line in lines[3:] if line.startswith("time ")), None)
-    when = (
-        datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if stamp else datetime.fromtimestamp(0, UTC)
-    )
+    when = _parse_time(stamp) if stamp else datetime.fromtimestamp(0, UTC)
     by_id = {(v.name, v.id): v for v in verifiers}
     for line in signatures.splitlines():
         if not line.startswith(DASH + " "):

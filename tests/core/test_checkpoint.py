@@ -28,6 +28,22 @@ def test_keys_and_signatures_match_go_byte_for_byte() -> None:
         Verifier.decode(GO_VKEY.replace("c74f20a3", "c74f20a4"))
 
 
+def test_a_checkpoint_carries_its_time_to_the_millisecond_and_old_whole_second_ones_still_parse() -> None:
+    keys = checkpoint.generate("dermq.test/audit")
+    root = merkle.root_from_leaf_hashes([merkle.leaf_hash(b"a")])
+    when = datetime(2026, 12, 1, 14, 0, 0, 250_000, tzinfo=UTC)
+    note = Checkpoint("dermq.test/audit", 1, root, when).sign(keys.signer)
+    assert note.split("\n")[3] == "time 2026-12-01T14:00:00.250Z"
+    assert checkpoint.parse(note, [keys.signer.verifier]).time == when
+    # a checkpoint pinned before the time line had milliseconds
+    whole = Checkpoint("dermq.test/audit", 1, root, when.replace(microsecond=0)).sign(keys.signer)
+    assert "time 2026-12-01T14:00:00Z" in whole
+    assert checkpoint.parse(whole, [keys.signer.verifier]).time == when.replace(microsecond=0)
+    odd = Checkpoint("dermq.test/audit", 1, root, when).body().replace("14:00:00.250Z", "yesterday")
+    with pytest.raises(CheckpointError, match="time line"):
+        checkpoint.parse(odd + "\n" + keys.signer.sign_line(odd), [keys.signer.verifier])
+
+
 def test_checkpoint_round_trip_and_tampering() -> None:
     keys = checkpoint.generate("dermq.test/audit")
     root = merkle.root_from_leaf_hashes([merkle.leaf_hash(b"a"), merkle.leaf_hash(b"b")])
