@@ -126,7 +126,9 @@ def pooled(feature_map: np.ndarray) -> np.ndarray:
 class OODGate:
     """The fitted gate. Distances are kept as whitening maps: with the shrunk precision P = L L^T
     (Cholesky), (z - m)^T P (z - m) = ||(z - m) L||^2, so one matrix product per image gives every
-    class's distance, and storing L (not P) in float32 loses nothing that matters."""
+    class's distance. The whitening map is stored in float16 (half the file: 1280 x 512 entries),
+    the rest in float32; the thresholds are fitted with the gate exactly as stored, so serving flags
+    what fitting measured. Entries stored before kept it in float32 and still load."""
 
     mean: np.ndarray  # (K,) feature mean
     whiten: np.ndarray  # (K, d): principal axes times L, centred features -> whitened coordinates
@@ -175,10 +177,10 @@ class OODGate:
         return [tuple(r for r in REASONS if flags[r][i]) for i in range(n)]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """What the registry stores in ``ood.safetensors`` (float32)."""
+        """What the registry stores in ``ood.safetensors`` (the whitening map float16, the rest float32)."""
         return {
             "mean": self.mean.astype(np.float32),
-            "whiten": self.whiten.astype(np.float32),
+            "whiten": self.whiten.astype(np.float16),
             "class_means": self.class_means.astype(np.float32),
             "colour_mean": self.colour_mean.astype(np.float32),
             "colour_whiten": self.colour_whiten.astype(np.float32),
@@ -225,7 +227,7 @@ def fit(
     shrinkage: float = 0.05,
 ) -> OODGate:
     """Feature statistics from the training images; thresholds from validation quantiles, computed
-    with the gate exactly as stored (float32), so serving flags what fitting measured."""
+    with the gate exactly as stored (:meth:`OODGate.arrays`), so serving flags what fitting measured."""
     x = np.asarray(train_features, dtype=np.float64)
     mean = x.mean(axis=0)
     _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
