@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     rate_limit_failed_auth_per_minute: int = Field(20, ge=1)
 
     # --- worker -------------------------------------------------------------------------
-    model: str = "effnet-lite0-ham10000-v2"
+    model: str = "effnet-lite0-ham10000-v3"
     device: str = "auto"
     #: auto: ONNX Runtime on the CPU (int8 where the model's manifest chose it), PyTorch on CUDA
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"

@@ -19,6 +19,7 @@ Called by :mod:`ml.train` at the end of a run, or with ``python -m ml.train ... 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +89,7 @@ def finalize(config: TrainConfig) -> Path:
 
     # 1. the shipped weights (float16), loaded back through the registry like any worker does
     save_entry(out, net, model_id=config.model_id, architecture=config.arch, preprocessing=prep,
-               policy=DecisionPolicy(), version="2.0.0")  # fmt: skip
+               policy=DecisionPolicy(), version=entry_version(config.model_id))  # fmt: skip
     shipped = Predictor.load(out, device="cpu", backend="torch", batch_size=64)
 
     # 2. validation only: calibration, decision, referral, out-of-distribution gate
@@ -169,6 +170,12 @@ def finalize(config: TrainConfig) -> Path:
     headline = metrics["assessment"]["per_image"]
     print(json.dumps({k: round(v["value"], 4) for k, v in headline.items()}), flush=True)
     return out
+
+
+def entry_version(model_id: str) -> str:
+    """``N.0.0`` for a model id ending in ``-vN`` (the registry's naming), else ``1.0.0``."""
+    match = re.search(r"-v(\d+)$", model_id)
+    return f"{int(match.group(1))}.0.0" if match else "1.0.0"
 
 
 def _cross_validation(config: TrainConfig) -> dict[str, Any] | None:

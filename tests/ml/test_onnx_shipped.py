@@ -26,12 +26,12 @@ from tests.ml.test_predictor import _input, _reference_map, _upsampled, explaine
 SHIPPED = registry.REGISTRY_DIR / registry.DEFAULT_MODEL
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham10000"
 #: The bar for serving int8 by default: it gives fp32's most probable class on at least this share
-#: of validation images. The shipped model's int8 graph measured 98.7% on its 1,277 validation images
-#: and is therefore shipped but not the default; see ml.export and docs/PERFORMANCE.md.
+#: of validation images. The shipped model's int8 graph measured 98.3% on its 1,277 validation images
+#: and is therefore not the default (nor shipped: ml.export re-creates it); see docs/PERFORMANCE.md.
 MIN_AGREEMENT = serving_choice.MIN_TOP1_AGREEMENT  # the bar: 99% on the most probable class
-#: What the shipped model's int8 graph does measure on validation on a VNNI CPU (98.7%), less half a
+#: What the shipped model's int8 graph does measure on validation on a VNNI CPU (98.3%), less half a
 #: point of run-to-run rounding: a regression guard on the CPU class it was measured on, not the bar.
-INT8_AGREEMENT_FLOOR = 0.982
+INT8_AGREEMENT_FLOOR = 0.977
 
 
 def _current(entry: Path, artefact: str) -> bool:
@@ -110,6 +110,9 @@ def test_one_pass_cam_from_the_onnx_feature_map_matches_pytorch_grad_cam(
         for index in top_two:
             ours = _upsampled(explained(onnx_predictor, image, CLASSES[index]).cam, x)
             theirs = _reference_map(model, model.bn2, x, int(index))
+            if not theirs.any():  # no position speaks for this class: both maps are empty after the ReLU
+                assert not ours.any()
+                continue
             assert pearson(ours, theirs) >= 0.999
 
 

@@ -240,3 +240,11 @@ def test_recipes_set_defaults_that_options_override() -> None:
     assert student.input_size == (168, 224) and student.model_id == "effnet-x" and student.workdir == "o/effnet-x.work"
     with pytest.raises(SystemExit):
         train.parse_args(["--data", "d", "--out", "o/x", "--recipe", "nonsense"])
+
+
+def test_an_entrys_version_follows_its_model_id() -> None:
+    from ml.finalize import entry_version
+
+    assert entry_version("effnet-lite0-ham10000-v3") == "3.0.0"
+    assert entry_version("effnet-lite0-ham10000-v12") == "12.0.0"
+    assert entry_version("synthetic") == "1.0.0"

