@@ -10,6 +10,8 @@ from api.key_cache import KeyCache
 from api.listener import Listener
 from core import clinics, keys
 from core.db import session_scope
+from core.keys import Principal
+from core.models import Role
 from tests import support
 from tests.conftest import Tenant
 
@@ -24,6 +26,10 @@ def connected(listener: Listener) -> Iterator[Listener]:
         yield listener
     finally:
         connection.close()
+
+
+def admin() -> Principal:
+    return Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
 
 
 def listening(client) -> bool:  # type: ignore[no-untyped-def]
@@ -67,22 +73,16 @@ def test_a_deactivated_clinics_remembered_key_is_refused_at_once(client, setting
 
 
 def test_nothing_is_remembered_while_nobody_listens(settings) -> None:  # type: ignore[no-untyped-def]
-    from core.keys import Principal
-    from core.models import Role
-
     cache = KeyCache(Listener(settings.database_url))  # never started: not listening
-    principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+    principal = admin()
     cache.remember("dq_token", principal, cache.generation())
     assert cache.get("dq_token") is None
 
 
 def test_a_key_verified_while_a_change_was_announced_is_not_remembered(settings) -> None:  # type: ignore[no-untyped-def]
-    from core.keys import Principal
-    from core.models import Role
-
     with connected(Listener(settings.database_url)) as listener:
         cache = KeyCache(listener)
-        principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+        principal = admin()
         generation = cache.generation()
         cache.forget_all()  # a revocation announced meanwhile
         cache.remember("dq_token", principal, generation)
@@ -92,24 +92,19 @@ def test_a_key_verified_while_a_change_was_announced_is_not_remembered(settings)
 
 
 def test_a_zero_lifetime_turns_the_cache_off(settings) -> None:  # type: ignore[no-untyped-def]
-    from core.keys import Principal
-    from core.models import Role
-
     with connected(Listener(settings.database_url)) as listener:
         cache = KeyCache(listener, max_age=0)
-        principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+        principal = admin()
         cache.remember("dq_token", principal, cache.generation())
         assert cache.get("dq_token") is None
 
 
 def test_a_remembered_key_is_not_trusted_while_a_notification_waits_unheard(settings) -> None:  # type: ignore[no-untyped-def]
     from core import announcements
-    from core.keys import Principal
-    from core.models import Role
 
     with connected(Listener(settings.database_url)) as listener:
         cache = KeyCache(listener)
-        principal = Principal(key_id=None, role=Role.ADMIN, clinic_id=None)  # type: ignore[arg-type]
+        principal = admin()
         cache.remember("dq_token", principal, cache.generation())
         assert cache.get("dq_token") == principal
         with session_scope(settings) as session:  # a revocation commits elsewhere
