@@ -214,6 +214,8 @@ def _teacher_summary(source: str) -> dict[str, Any]:
             "weights_sha256": entry["files"]["weights"]["sha256"],
             "test_balanced_accuracy": metrics.get("test", {}).get("balanced_accuracy"),
         }
+    if not (folder / "config.json").is_file():  # a run's work folder removed since it taught
+        return {"kind": "unavailable", "source": folder.name}
     teacher = json.loads((folder / "config.json").read_text())
     history = json.loads((folder / "history.json").read_text())
     return {

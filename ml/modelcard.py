@@ -67,6 +67,8 @@ def _assessment_lines(assessment: dict[str, Any] | None) -> list[str]:
 
 
 def _teacher_text(teacher: dict[str, Any]) -> str:
+    if teacher.get("kind") == "unavailable":
+        return f"a teacher whose work folder (`{teacher['source']}`) was no longer there when this entry was written"
     size = f"{teacher['input_size'][0]}x{teacher['input_size'][1]}"
     if teacher.get("kind") == "registry entry":
         return (

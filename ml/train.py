@@ -313,11 +313,10 @@ def _train_step(
 
 
 def _resampled(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``batch`` (N, 3, H, W) at ``size``: itself when it is that size already."""
-    if tuple(batch.shape[-2:]) == tuple(size):
-        return batch
-    out = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return out.contiguous(memory_format=torch.channels_last)
+    """``batch`` (N, 3, H, W) at ``size``, channels-last: itself, not resampled, when it is that size."""
+    if tuple(batch.shape[-2:]) != tuple(size):
+        batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return batch.contiguous(memory_format=torch.channels_last)
 
 
 def ensemble_log_probs(logits: list[torch.Tensor], temperature: float) -> torch.Tensor:

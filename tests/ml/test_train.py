@@ -248,3 +248,12 @@ def test_an_entrys_version_follows_its_model_id() -> None:
     assert entry_version("effnet-lite0-ham10000-v3") == "3.0.0"
     assert entry_version("effnet-lite0-ham10000-v12") == "12.0.0"
     assert entry_version("synthetic") == "1.0.0"
+
+
+def test_a_teacher_whose_work_folder_is_gone_is_named_not_a_crash(tmp_path: Path) -> None:
+    from ml.finalize import _teacher_summary
+    from ml.modelcard import _teacher_text
+
+    summary = _teacher_summary(str(tmp_path / "teacher.work"))
+    assert summary == {"kind": "unavailable", "source": "teacher.work"}
+    assert "`teacher.work`" in _teacher_text(summary)
