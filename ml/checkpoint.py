@@ -35,24 +35,17 @@ def load_teacher(source: str) -> tuple[nn.Module, models.Preprocessing]:
     or a registry entry (its verified shipped weights, float16 widened to float32)."""
     folder = Path(source)
     if (folder / "manifest.json").is_file():
-        from safetensors.torch import load as load_bytes
+        from ml.predictor import Predictor
 
-        from ml import registry
-
-        manifest = registry.read_manifest(folder)
-        arch, pre = manifest["architecture"], manifest["preprocessing"]
-        state = load_bytes(registry.read_verified(folder, "weights"))
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        input_size, colour_constancy = pre["input_size"], pre.get("colour_constancy", "none")
-    elif (folder / CHECKPOINT).is_file():
-        saved = read_config(folder / "config.json")
-        arch, state = saved["arch"], load_file(str(folder / CHECKPOINT))
-        input_size, colour_constancy = saved["input_size"], saved.get("colour_constancy", "none")
-    else:
+        entry = Predictor.load(folder, device="cpu", backend="torch")  # every file verified, as serving does
+        assert entry.model is not None
+        return entry.model.eval().requires_grad_(False), entry.prep
+    if not (folder / CHECKPOINT).is_file():
         raise SystemExit(f"teacher {source} has not finished (no {CHECKPOINT}) and is no registry entry")
-    net = models.create(arch, NUM_CLASSES)
-    net.load_state_dict(state)
-    prep = models.preprocessing_for(net, (int(input_size[0]), int(input_size[1])), colour_constancy)
+    saved = read_config(folder / "config.json")
+    net = models.create(saved["arch"], NUM_CLASSES)
+    net.load_state_dict(load_file(str(folder / CHECKPOINT)))
+    prep = models.preprocessing_for(net, saved["input_size"], saved.get("colour_constancy", "none"))
     return net.eval().requires_grad_(False), prep
 
 
