@@ -130,7 +130,8 @@ class Checkpoint:
 
     def body(self) -> str:
         when = self.time.astimezone(UTC)
-        stamp = when.strftime("%Y-%m-%dT%H:%M:%S") + (f".{when.microsecond // 1000:03d}Z" if when.microsecond else "Z")
+        millis = when.microsecond // 1000  # what the line holds; the sealer signs times already cut to it
+        stamp = when.strftime("%Y-%m-%dT%H:%M:%S") + (f".{millis:03d}Z" if millis else "Z")
         return f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\ntime {stamp}\n"
 
     def sign(self, signer: Signer) -> str:
