@@ -45,8 +45,10 @@ browser:
 run: $(STAMP) services
 	$(PY) -m core.devstack $(RUN_ARGS)
 
+# The suite on TEST_WORKERS pytest-xdist workers, each with databases of its own (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP) services browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -18,6 +18,20 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_IMAGES = FIXTURES / "images"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadfile --no-loadscope-reorder``) a test module
+    is the unit a worker takes, so that module-scoped fixtures (``own_database``, ``private_broker``)
+    are built once. Modules holding a ``slow`` test are handed out first, so that a long one does not
+    start last while the other worker runs out of work."""
+    if not support.XDIST_WORKER:
+        return
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    units = sorted(modules.values(), key=lambda unit: not any(item.get_closest_marker("slow") for item in unit))
+    items[:] = [item for unit in units for item in unit]
+
+
 @pytest.fixture(scope="session")
 def fixture_images() -> dict[str, Path]:
     """Image id -> path of the real HAM10000 fixture images."""

@@ -22,9 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 #: The `dermq` command of these sources (the console script runs whichever copy is installed).
 DERMQ = [sys.executable, "-m", "cli"]
-#: Overridable so that two test runs on one machine never share (and drop) each other's database.
-TEST_DATABASE = os.environ.get("DERMQ_TEST_DATABASE", "dermq_test")
-TEST_REDIS_DB = int(os.environ.get("DERMQ_TEST_REDIS_DB", "14"))
+#: pytest-xdist's name for this process when the suite runs in parallel (``gw0``, ``gw1``, ...: ``make
+#: test``), else "". Each parallel worker gets databases and a Redis database of its own, so that no
+#: two of them see, flush or drop each other's state.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+#: Overridable so that two test runs on one machine never share (and drop) each other's databases.
+TEST_DATABASE = os.environ.get("DERMQ_TEST_DATABASE", "dermq_test") + (f"_{XDIST_WORKER}" if XDIST_WORKER else "")
+#: Per parallel worker, the system Redis databases its stacks take: the shared test stack's, `make
+#: run`'s (tests/test_make_run.py) and the production-mode services' (tests/deploy). bench/ takes
+#: 8, 9, 10 and 12, and `make run` itself 0.
+_REDIS_DBS = ((14, 13, 15), (11, 7, 6), (5, 4, 3))
+_SLOT = int(XDIST_WORKER.removeprefix("gw") or 0)
+if len(_REDIS_DBS) <= _SLOT:
+    raise RuntimeError(f"{XDIST_WORKER}: at most {len(_REDIS_DBS)} parallel test workers")
+TEST_REDIS_DB, MAKE_RUN_REDIS_DB, PRODUCTION_REDIS_DB = _REDIS_DBS[_SLOT]
 
 
 def free_port() -> int:

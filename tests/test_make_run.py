@@ -17,11 +17,11 @@ from tests import support
 
 @pytest.fixture
 def fresh_stack_env(tmp_path: Path) -> dict[str, str]:
-    database = "dermq_makerun"
+    database = f"{support.TEST_DATABASE}_makerun"
     env = support.test_env(
         tmp_path,
         DERMQ_DATABASE_URL=f"postgresql+psycopg2:///{database}",
-        DERMQ_REDIS_URL="redis://127.0.0.1:6379/13",
+        DERMQ_REDIS_URL=f"redis://127.0.0.1:6379/{support.MAKE_RUN_REDIS_DB}",
         DERMQ_API_PORT=str(support.free_port()),
         DERMQ_METRICS_PORT=str(support.free_port()),
         DERMQ_WORKER_METRICS_PORT=str(support.free_port()),
@@ -32,6 +32,7 @@ def fresh_stack_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_make_run_serves_a_real_case_and_stops_cleanly(
     fresh_stack_env: dict[str, str], tmp_path: Path, fixture_images: dict[str, Path]
 ) -> None:

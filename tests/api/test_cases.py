@@ -354,13 +354,16 @@ def test_listing_is_newest_first_and_paginated(client, tenant: Tenant, jpeg_byte
 
 
 @contextlib.contextmanager
-def threads_per_session() -> Iterator[dict[Session, set[str]]]:
-    """Every Session used meanwhile (in this process), with the names of the threads it was used on:
-    begun, executed, flushed, committed or rolled back."""
-    used: dict[Session, set[str]] = {}
+def threads_per_session() -> Iterator[dict[Session, set[tuple[str | None, threading.Thread]]]]:
+    """Every Session used meanwhile in this process (begun, executed, flushed, committed or rolled
+    back), with the (request id, thread) of each use: the request id the API gave the request whose
+    work it was (``X-Request-ID``), None outside a request."""
+    from core.logs import request_id_var
+
+    used: dict[Session, set[tuple[str | None, threading.Thread]]] = {}
 
     def note(session: Session) -> None:
-        used.setdefault(session, set()).add(threading.current_thread().name)
+        used.setdefault(session, set()).add((request_id_var.get(), threading.current_thread()))
 
     hooks = {
         "after_begin": lambda session, *_: note(session),
@@ -389,14 +392,27 @@ def test_each_request_uses_one_session_on_one_thread(client, tenant: Tenant, jpe
             files={"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")},
         )
         assert replayed.status_code == 202
-        assert client.get(f"/v1/cases/{case_id}", headers=tenant.headers).status_code == 200
-        assert client.get("/v1/cases?limit=2", headers=tenant.headers).status_code == 200
-        assert client.get("/v1/clinic/callback", headers=tenant.headers).status_code == 404
-        assert client.delete(f"/v1/cases/{case_id}", headers=tenant.headers).status_code == 200
-    # one Session per request (authentication and the route share it), each on a thread of its own
-    assert len(used) == 6
-    for threads in used.values():
-        assert len(threads) == 1 and next(iter(threads)).startswith("dermq-request"), threads
+        responses = [
+            created,
+            replayed,
+            client.get(f"/v1/cases/{case_id}", headers=tenant.headers),
+            client.get("/v1/cases?limit=2", headers=tenant.headers),
+            client.get("/v1/clinic/callback", headers=tenant.headers),
+            client.delete(f"/v1/cases/{case_id}", headers=tenant.headers),
+        ]
+    assert [r.status_code for r in responses[2:]] == [200, 200, 404, 200]
+    # one Session per request (authentication and the route share it), used on one thread of its own;
+    # Sessions of other work in this process meanwhile (no request, or another one) are not ours
+    ours = [r.headers["X-Request-ID"] for r in responses]
+    sessions: dict[str, list[set[threading.Thread]]] = {request: [] for request in ours}
+    for uses in used.values():
+        requests = {request for request, _ in uses}
+        if requests & set(ours):
+            assert len(requests) == 1, f"one Session served several requests: {requests}"
+            sessions[requests.pop()].append({thread for _, thread in uses})
+    for request, threads in sessions.items():
+        assert len(threads) == 1, f"request {request} used {len(threads)} Sessions"
+        assert len(threads[0]) == 1 and next(iter(threads[0])).name.startswith("dermq-request"), threads
 
 
 def test_requests_one_after_another_reuse_one_database_thread(client, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]

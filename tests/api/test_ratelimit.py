@@ -105,7 +105,8 @@ def test_failed_logins_stay_limited_while_redis_is_down() -> None:
 
     from core.ratelimit import RateLimiter
 
-    limiter = RateLimiter(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2))
+    # a client as the API builds one (api/app.py), on a port where nothing listens
+    limiter = RateLimiter(redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1, socket_timeout=2))
     bucket = "authfail:198.51.100.1:-"
     assert [limiter.hit(bucket, 3, failures=True).allowed for _ in range(4)] == [True, True, True, False]
     assert not limiter.check(bucket, 3, failures=True).allowed

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests import support
@@ -18,6 +19,7 @@ PIPELINE = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker) -> None:  # type: ignore[no-untyped-def]
     # a private Redis (started and answering a ping): the run flushes its database
     database = f"{support.TEST_DATABASE}_bench_gpu"

@@ -22,7 +22,7 @@ from tests.conftest import new_tenant
 from tests.deploy import manifests
 
 #: A Redis database of this test's own: no other worker of the test run takes its cases.
-REDIS_DB = 15
+REDIS_DB = support.PRODUCTION_REDIS_DB
 #: The audit log's signing key file as the worker's manifest mounts it.
 SIGNING_KEY = "dermq-audit-signing-key.json"
 SECRETS_README = manifests.DEPLOY / "secrets" / "README.md"
@@ -123,6 +123,7 @@ def production_redis() -> Iterator[None]:
     client.close()
 
 
+@pytest.mark.slow
 def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classify(  # type: ignore[no-untyped-def]
     tmp_path: Path, stack_env, settings, keyring, runtime_database, production_redis, jpeg_bytes
 ) -> None:

@@ -57,7 +57,9 @@ def test_a_redis_outage_still_accepts_cases_fast_and_completes_them_afterwards(s
         assert (case.status, case.attempts) == ("succeeded", 1)
         assert stack.counts(case_id)["results"] == 1
     assert httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 200
-    assert stack.sweeper.totals["republished"] >= len(accepted)
+    # only the sweeper can have published them again (the restarted broker is empty); one message may
+    # be enough for all three, since a worker's batch claims every queued case it finds
+    assert stack.sweeper.totals["republished"] >= 1
     assert stack.clinic_totals()["half_written"] == 0
 
 

@@ -195,6 +195,7 @@ def test_a_student_learns_from_a_finished_teacher(synthetic_folder: Path, tmp_pa
     assert any(not np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_student_learns_from_an_ensemble_of_an_entry_and_a_run(synthetic_folder: Path, tmp_path: Path) -> None:
     base = ["--data", str(synthetic_folder), "--epochs", "2", *TINY_RUN]
     entry = tmp_path / "registry" / "shipped-v1"

@@ -48,6 +48,7 @@ def test_model_list_marks_the_active_entry(settings) -> None:  # type: ignore[no
     assert len(active) == 1 and active[0]["id"] == settings.model and len(active[0]["weights_sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_model_verify_passes_then_fails_on_a_tampered_entry(settings, entry_copy: Path) -> None:  # type: ignore[no-untyped-def]
     good = dermq(settings, "model", "verify", str(entry_copy))
     assert good.returncode == 0, good.stdout + good.stderr
