@@ -94,6 +94,22 @@ def test_colour_statistics_are_the_plain_definition_to_the_bit() -> None:
         assert np.array_equal(ood.colour_statistics(flat), ood.colour_statistics(flat.astype(np.float64)))
 
 
+def test_image_scores_are_the_plain_definition_to_the_bit() -> None:
+    """Contrast and noise as defined (the luminance's deviation; its mean distance from the sum of
+    its nine shifted copies over nine), to the bit: the thresholds were fitted on these numbers."""
+    rng = np.random.default_rng(4)
+    smooth = np.repeat(np.repeat(rng.integers(0, 256, (2, 42, 56, 3), dtype=np.uint8), 4, axis=1), 4, axis=2)
+    for batch in (rng.integers(0, 256, (3, 168, 224, 3), dtype=np.uint8), smooth, np.zeros((1, 5, 7, 3), np.uint8)):
+        luma = batch.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        h, w = luma.shape[1:]
+        padded = np.pad(luma, ((0, 0), (1, 1), (1, 1)), mode="edge")
+        blurred = sum(padded[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)) / 9.0
+        contrast = luma.std(axis=(1, 2))
+        scores = ood.image_scores(batch)
+        assert np.array_equal(scores["contrast"], contrast)
+        assert np.array_equal(scores["noise"], np.abs(luma - blurred).mean(axis=(1, 2)) / np.maximum(contrast, 1.0))
+
+
 def test_energy_is_high_where_no_class_is_recognised() -> None:
     confident = np.array([[10.0, 0, 0, 0, 0, 0, 0]])
     flat = np.zeros((1, 7))
