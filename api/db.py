@@ -61,11 +61,15 @@ class Lanes:
 
 
 class RequestDb:
-    """The request's Session and the one thread it is used on (taken from ``lanes`` on first use)."""
+    """The request's Session and the one thread it is used on (taken from ``lanes`` on first use).
+    ``committed(session)`` runs on that thread after each commit of the Session that succeeded."""
 
-    def __init__(self, sessions: sessionmaker[Session], lanes: Lanes) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], lanes: Lanes, committed: Callable[[Session], None] | None = None
+    ) -> None:
         self._sessions = sessions
         self._lanes = lanes
+        self._committed = committed
         self._session: Session | None = None
         self._thread: ThreadPoolExecutor | None = None
 
@@ -79,7 +83,7 @@ class RequestDb:
     async def commit(self) -> None:
         """Commit the work so far now (its enqueued tasks are sent); the Session stays for more."""
         if self._session is not None:
-            await self.run(_commit)
+            await self.run(self._commit)
 
     def _call(self, work: Callable[[Session], T]) -> T:
         if self._session is None:
@@ -96,7 +100,7 @@ class RequestDb:
             error: BaseException | None = None
             try:
                 if self._session is not None:  # one hop to the thread for both
-                    error = await self.run(_commit_and_close if commit else _rollback_and_close)
+                    error = await self.run(self._commit_and_close if commit else _rollback_and_close)
             except BaseException:
                 self._thread.shutdown(wait=False)  # a thread whose Session did not close is not reused
                 raise
@@ -104,15 +108,15 @@ class RequestDb:
             if error is not None:
                 raise error
 
+    def _commit(self, session: Session) -> None:
+        session.commit()
+        if self._committed is not None:
+            self._committed(session)
 
-def _commit(session: Session) -> None:
-    session.commit()
-
-
-def _commit_and_close(session: Session) -> BaseException | None:
-    """Commit, then close the Session whatever the commit did; returns the commit's error, if any (a
-    failed close raises: that thread is not reused)."""
-    return _end(session, session.commit)
+    def _commit_and_close(self, session: Session) -> BaseException | None:
+        """Commit, then close the Session whatever the commit did; returns the commit's error, if any
+        (a failed close raises: that thread is not reused)."""
+        return _end(session, lambda: self._commit(session))
 
 
 def _rollback_and_close(session: Session) -> BaseException | None:

@@ -20,7 +20,7 @@ from api.intake_limits import Decoder, UploadSlots
 from api.key_cache import KeyCache
 from api.listener import Listener
 from api.waiters import CaseWaiters
-from core import audit, keys
+from core import announcements, audit, keys
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
@@ -52,6 +52,12 @@ class AppState:
         """The current keyring (re-read after a key rotation)."""
         return self.keys.get()
 
+    def committed(self, session: Session) -> None:
+        """After a request's commit: a key it revoked (or a clinic it deactivated) stops working in
+        this process at once, before the answer goes out, not when the notification comes back."""
+        if announcements.keys_changed(session):
+            self.key_cache.forget_all()
+
 
 def app_state(request: Request) -> AppState:
     return request.app.state.dermq
@@ -71,7 +77,7 @@ async def request_db(request: Request) -> AsyncIterator[RequestDb]:
     never commit; this commits once the route has returned (before the response is sent), or rolls
     back if it raised. Every route uses it, the same way."""
     app = app_state(request)
-    db = RequestDb(app.sessions, app.lanes)
+    db = RequestDb(app.sessions, app.lanes, app.committed)
     try:
         yield db
     except BaseException:

@@ -5,8 +5,10 @@ revocation and clinic (de)activation announces itself when it commits (:mod:`cor
 and the listener then forgets every key at once, so revocation still takes effect at once: a key is
 not taken from memory while the listener's connection holds a notification its thread has not yet
 taken, which leaves only Postgres's own hand-over of the notification between the revoking commit and
-the refusal. While the listener is not connected nothing is remembered and every request is checked
-in the database. An entry is also dropped after ``max_age`` seconds, whatever happens.
+the refusal. That moment is closed too where the change comes through this process (the admin API):
+the request forgets every key itself once it has committed (``AppState.committed``), before it answers.
+While the listener is not connected nothing is remembered and every request is checked in the
+database. An entry is also dropped after ``max_age`` seconds, whatever happens.
 
 Entries are keyed by the SHA-256 of the token, never the token itself. A key verified while a change
 was being announced is not remembered (the generation it was read in has passed).

@@ -43,5 +43,16 @@ def parse(payload: str) -> list[uuid.UUID]:
 
 def announce_keys_changed(session: Session) -> None:
     """Announce, when ``session``'s transaction commits, that a key was revoked or a clinic
-    (de)activated: every API process forgets the keys it has verified."""
+    (de)activated: every API process forgets the keys it has verified. The Session notes it too
+    (:func:`keys_changed`), so that the process that commits it need not wait for the notification."""
     session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": KEYS_CHANNEL})
+    session.info[_KEYS_CHANGED] = True
+
+
+def keys_changed(session: Session) -> bool:
+    """Whether ``session`` announced a change to the valid keys since this was last asked (call it
+    once its transaction has committed)."""
+    return bool(session.info.pop(_KEYS_CHANGED, False))
+
+
+_KEYS_CHANGED = "dermq.keys_changed"

@@ -492,3 +492,28 @@ def statements_sent(settings: Any) -> Iterator[list[str]]:
         yield sent
     finally:
         event.remove(Engine, "before_cursor_execute", record)
+
+
+@contextmanager
+def connection_lost_on_insert(settings: Any, table: str) -> Iterator[None]:
+    """While the block runs, a connection that inserts into ``table`` of the database of ``settings``
+    is really lost: a trigger terminates that connection's own backend, so the client gets the error
+    a database crash or a network cut gives (``OperationalError``, the connection invalidated). Only
+    for a database of the test's own: every writer of ``table`` there loses its connection."""
+    engine = create_engine(settings.database_url, isolation_level="AUTOCOMMIT")
+    function, trigger = f"dermq_test_lose_{table}", f"dermq_test_lose_{table}"
+    try:
+        with engine.connect() as connection:
+            connection.execute(
+                text(
+                    f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$"
+                )
+            )
+            connection.execute(text(f"CREATE TRIGGER {trigger} BEFORE INSERT ON {table} EXECUTE FUNCTION {function}()"))
+        yield
+    finally:
+        with engine.connect() as connection:
+            connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
+            connection.execute(text(f"DROP FUNCTION IF EXISTS {function}()"))
+        engine.dispose()

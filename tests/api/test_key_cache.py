@@ -111,3 +111,30 @@ def test_a_remembered_key_is_not_trusted_while_a_notification_waits_unheard(sett
             announcements.announce_keys_changed(session)
         assert support.wait_for(listener.unheard, timeout=10, what="the notification on the socket")
         assert cache.get("dq_token") is None
+
+
+def test_a_change_made_through_this_api_takes_effect_before_it_answers(client, make_key) -> None:  # type: ignore[no-untyped-def]
+    """Deactivating a clinic, or revoking a key, through the admin API: the next request with the key
+    is refused even where the notification, once heard, forgets nothing (the request that made the
+    change has already forgotten every key after its commit)."""
+    listener = client.app.state.dermq.listener
+    support.wait_for(lambda: listener.listening, timeout=20, what="the API's listener")
+    key_cache, admin_key, tenant = client.app.state.dermq.key_cache, make_key("admin"), make_key()
+    heard: list[None] = []
+    listener.on_keys_changed.remove(key_cache.forget_all)  # the notification no longer empties the cache
+    listener.on_keys_changed.append(lambda: heard.append(None))
+    try:
+        assert client.get("/v1/cases", headers=tenant.headers).status_code == 200  # remembered now
+        for change, code in (
+            (f"/v1/admin/clinics/{tenant.clinic_id}/deactivate", "clinic_inactive"),
+            (f"/v1/admin/clinics/{tenant.clinic_id}/activate", None),  # remembered again
+            (f"/v1/admin/keys/{tenant.key_id}/revoke", "revoked_credentials"),
+        ):
+            before = len(heard)
+            assert client.post(change, headers=admin_key.headers).status_code == 200
+            support.wait_for(lambda: len(heard) > before, timeout=10, what="the notification")  # noqa: B023
+            answer = client.get("/v1/cases", headers=tenant.headers)
+            assert (answer.status_code, answer.json().get("code")) == ((200, None) if code is None else (401, code))
+    finally:
+        listener.on_keys_changed.remove(listener.on_keys_changed[-1])
+        listener.on_keys_changed.append(key_cache.forget_all)

@@ -241,22 +241,17 @@ def test_a_stale_completion_in_a_batch_writes_nothing(batching, tenant, store_ca
 
 
 def test_a_batch_stopped_by_a_lost_database_puts_its_other_cases_back(
-    batching, tenant, store_case, fixture_images, monkeypatch
+    batching, tenant, store_case, fixture_images
 ) -> None:  # type: ignore[no-untyped-def]
     """A transient error part-way through a batch (the connection drops as it stores) leaves its lead
     case to the task's retry and puts the other cases it claimed back in the queue at once, rather
     than leaving them running until the sweeper."""
-    from worker import pipeline
-
     images = [fixture_images[k].read_bytes() for k in sorted(fixture_images)[:3]]
     ids = [store_case(tenant, data) for data in images]
 
-    def connection_lost(*_args):  # type: ignore[no-untyped-def]
-        raise OperationalError("INSERT INTO results ...", {}, Exception("server closed the connection unexpectedly"))
-
-    monkeypatch.setattr(pipeline, "_store", connection_lost)
-    with pytest.raises(OperationalError):
+    with support.connection_lost_on_insert(batching, "results"), pytest.raises(OperationalError) as lost:
         run_batch(batching, ids[0])
+    assert lost.value.connection_invalidated  # a real lost connection, not a refused statement
     with session_scope(batching) as session:
         status = {c.id: (c.status, c.attempts) for c in session.scalars(select(Case).where(Case.id.in_(ids)))}
         requeues = session.scalars(
@@ -267,7 +262,6 @@ def test_a_batch_stopped_by_a_lost_database_puts_its_other_cases_back(
     assert status[ids[0]] == ("running", 1)  # the task's handler requeues it and retries
     assert status[ids[1]] == status[ids[2]] == ("queued", 1)
     assert sorted(requeues) == sorted(str(i) for i in ids[1:])
-    monkeypatch.undo()
     assert run_batch(batching, ids[1]) == "succeeded"  # taken again, in a batch with ids[2]
     with session_scope(batching) as session:
         assert session.get(Case, ids[2]).status == "succeeded"  # type: ignore[union-attr]

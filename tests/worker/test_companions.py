@@ -119,13 +119,12 @@ def test_a_message_skipped_on_a_leftover_mark_loses_no_case(
 
 
 def test_a_batch_marks_its_companions_and_clears_the_marks_of_cases_it_puts_back(
-    own_database, keyring, fixture_images, redis_client, monkeypatch
+    own_database, keyring, fixture_images, redis_client
 ) -> None:  # type: ignore[no-untyped-def]
     """The marks name the cases the batch took besides its own, live at most ``mark_seconds``, and are
     gone once a stopped batch has put those cases back in the queue (their messages must run)."""
+    from sqlalchemy import Engine, event
     from sqlalchemy.exc import OperationalError
-
-    from worker import pipeline
 
     settings = own_database.model_copy(update={"batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0})
     tenant, store_case = new_tenant(settings, keyring), case_store(settings, keyring)
@@ -133,20 +132,21 @@ def test_a_batch_marks_its_companions_and_clears_the_marks_of_cases_it_puts_back
     ids = [store_case(tenant, data) for data in images]
     seen: dict[str, float] = {}
 
-    def connection_lost(*_args):  # type: ignore[no-untyped-def]
-        for case_id in ids:
-            seen[str(case_id)] = redis_client.pttl(companions.key(case_id)) / 1000
-        raise OperationalError("INSERT INTO results ...", {}, Exception("server closed the connection unexpectedly"))
+    def storing(_conn, _cursor, statement: str, *_args) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("INSERT INTO RESULTS"):  # the marks as the batch stores
+            seen.update({str(case_id): redis_client.pttl(companions.key(case_id)) / 1000 for case_id in ids})
 
-    monkeypatch.setattr(pipeline, "_store", connection_lost)
+    event.listen(Engine, "before_cursor_execute", storing)
     try:
-        with pytest.raises(OperationalError):
+        with support.connection_lost_on_insert(settings, "results"), pytest.raises(OperationalError):
             run_batch(settings, ids[0])
+        assert len(seen) == len(ids)  # the batch got as far as storing
         assert seen[str(ids[0])] < 0  # the lead case's own message is the one running: no mark
         assert all(0 < seen[str(i)] <= companions.mark_seconds(settings) for i in ids[1:]), seen
         assert not any(redis_client.exists(companions.key(i)) for i in ids)
         assert _statuses(settings, ids[1:]) == dict.fromkeys(ids[1:], "queued")
     finally:
+        event.remove(Engine, "before_cursor_execute", storing)
         redis_client.delete(*(companions.key(i) for i in ids))
 
 
