@@ -3,7 +3,9 @@ worker process, polling, and multipart bodies."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,10 +40,26 @@ if len(_REDIS_DBS) <= _SLOT:
 TEST_REDIS_DB, MAKE_RUN_REDIS_DB, PRODUCTION_REDIS_DB = _REDIS_DBS[_SLOT]
 
 
+#: The ports :func:`free_port` hands out: below Linux's ephemeral range (32768 and up), so that no
+#: outgoing connection takes one between the test choosing it and its server binding it, and a block
+#: of its own per parallel worker, so that two workers never choose the same one. Each process starts
+#: at a random place in its block and goes round it (a subprocess of the same worker has its own start).
+_PORTS_FROM, _PORT_BLOCK = 20000, 3000
+_ports = itertools.count(random.randrange(_PORT_BLOCK))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on now, for a server the test is about to start."""
+    start = _PORTS_FROM + _SLOT * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = start + next(_ports) % _PORT_BLOCK
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + _PORT_BLOCK - 1}")
 
 
 def test_env(workdir: Path, **overrides: str) -> dict[str, str]:
