@@ -45,7 +45,7 @@ def colour_statistics(batch_uint8: np.ndarray) -> np.ndarray:
 
     Every sum is of integers and exact, so the result is the same to the bit as summing the pixels
     one by one, however it is computed. For uint8 pixels: the image's sums and sums of squares from
-    one histogram of its three channels, and the centre's and the border's sums as float32 matrix products
+    one histogram per channel, and the centre's and the border's sums as float32 matrix products
     (BLAS), exact while a region's sum stays below 2**24; about a third of the float64 products'
     time for one 168x224 image (0.4 against 1.35 ms), on the worker's critical path."""
     x = np.asarray(batch_uint8)
@@ -54,11 +54,11 @@ def colour_statistics(batch_uint8: np.ndarray) -> np.ndarray:
         return _colour_statistics_float64(np.asarray(x, dtype=np.float64))
     mean, spread = np.empty((len(x), 3)), np.empty((len(x), 3))
     for i, image in enumerate(x):
-        # one histogram of all three channels, each channel's levels offset into a range of its own
-        codes = image.reshape(-1, 3) + _CHANNEL_OFFSETS
-        counts = np.bincount(codes.ravel(), minlength=3 * 256).reshape(3, 256).astype(np.float64)
-        mean[i] = (counts @ _LEVELS) / (h * w)
-        spread[i] = (counts @ _LEVELS_SQUARED) / (h * w)
+        for c in range(3):
+            counts = np.bincount(image[..., c].ravel(), minlength=256).astype(np.float64)
+            total, squares = counts @ _LEVELS, counts @ _LEVELS_SQUARED
+            mean[i, c] = total / (h * w)
+            spread[i, c] = squares / (h * w)
     spread = np.sqrt(np.maximum(spread - mean**2, 0.0))
     return np.concatenate([mean, spread, _centre_minus_border(x, _sums32)], axis=1)
 
@@ -67,7 +67,6 @@ def colour_statistics(batch_uint8: np.ndarray) -> np.ndarray:
 _EXACT_FLOAT32 = 2**24
 _LEVELS = np.arange(256, dtype=np.float64)
 _LEVELS_SQUARED = _LEVELS**2
-_CHANNEL_OFFSETS = np.array([0, 256, 512], dtype=np.uint16)
 
 
 def _colour_statistics_float64(x: np.ndarray) -> np.ndarray:
