@@ -43,9 +43,18 @@ def submit(client, tenant: Tenant, image: bytes) -> str:  # type: ignore[no-unty
 
 
 @pytest.fixture
-def activity(client, make_key, jpeg_bytes: bytes) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def activity(client, make_key, jpeg_bytes: bytes, settings, worker) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Two clinics' cases, classified (so that the worker adds no event to the trail afterwards), one
+    read by its clinic and probed by the other."""
     a, b = make_key(), make_key()
     case_a, case_b = submit(client, a, jpeg_bytes), submit(client, b, jpeg_bytes)
+
+    def ended() -> bool:
+        with session_scope(settings) as session:
+            statuses = session.scalars(select(Case.status).where(Case.id.in_([case_a, case_b]))).all()
+        return len(statuses) == 2 and all(status in ("succeeded", "failed") for status in statuses)
+
+    support.wait_for(ended, timeout=60, what="both cases to be classified")
     client.get(f"/v1/cases/{case_a}", headers=a.headers)
     client.get(f"/v1/cases/{case_a}", headers=b.headers)  # denied: another clinic's case
     return {"a": a, "b": b, "case_a": case_a, "case_b": case_b}
