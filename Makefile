@@ -45,10 +45,11 @@ browser:
 run: $(STAMP) services
 	$(PY) -m core.devstack $(RUN_ARGS)
 
-# The suite on TEST_WORKERS pytest-xdist workers, each with databases of its own (tests/conftest.py).
-TEST_WORKERS ?= 2
+# The suite in one process; with TEST_WORKERS=2 on two pytest-xdist workers, each with databases of
+# its own (tests/conftest.py, tests/support.py): twice as fast, not yet the default (see README).
+TEST_WORKERS ?= 1
 test: $(STAMP) services browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -25,7 +25,7 @@ VENV_BIN = Path(sys.executable).parent
 #: The `dermq` command of these sources (the console script runs whichever copy is installed).
 DERMQ = [sys.executable, "-m", "cli"]
 #: pytest-xdist's name for this process when the suite runs in parallel (``gw0``, ``gw1``, ...: ``make
-#: test``), else "". Each parallel worker gets databases and a Redis database of its own, so that no
+#: test TEST_WORKERS=2``), else "". Each parallel worker gets databases and a Redis database of its own, so that no
 #: two of them see, flush or drop each other's state.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 #: Overridable so that two test runs on one machine never share (and drop) each other's databases.
