@@ -19,6 +19,7 @@ from core.models import AuditEvent, Case
 from tests import support
 from tests.conftest import Tenant
 from tests.support import seal_all
+from tests.worker.test_tasks import wait_terminal
 from worker.sealing import check as _check
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -48,13 +49,8 @@ def activity(client, make_key, jpeg_bytes: bytes, settings, worker) -> dict[str,
     read by its clinic and probed by the other."""
     a, b = make_key(), make_key()
     case_a, case_b = submit(client, a, jpeg_bytes), submit(client, b, jpeg_bytes)
-
-    def ended() -> bool:
-        with session_scope(settings) as session:
-            statuses = session.scalars(select(Case.status).where(Case.id.in_([case_a, case_b]))).all()
-        return len(statuses) == 2 and all(status in ("succeeded", "failed") for status in statuses)
-
-    support.wait_for(ended, timeout=60, what="both cases to be classified")
+    for case_id in (case_a, case_b):
+        wait_terminal(settings, uuid.UUID(case_id))
     client.get(f"/v1/cases/{case_a}", headers=a.headers)
     client.get(f"/v1/cases/{case_a}", headers=b.headers)  # denied: another clinic's case
     return {"a": a, "b": b, "case_a": case_a, "case_b": case_b}
