@@ -150,10 +150,10 @@ def serve(app: AppState, *, processes: int = 1) -> None:
         return
     registry = REGISTRY
     if processes > 1:
-        from prometheus_client import multiprocess
+        from core.metrics_files import MultiProcessFiles
 
         registry = CollectorRegistry(auto_describe=True)
-        multiprocess.MultiProcessCollector(registry)
+        MultiProcessFiles(registry)
     registry.register(StateCollector(app))
     try:
         start_http_server(app.settings.metrics_port, addr=app.settings.metrics_host, registry=registry)

@@ -16,6 +16,8 @@ import tempfile
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
+from core.metrics_files import MultiProcessFiles
+
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # pragma: no cover - prepare_multiprocess_dir() runs first
     raise RuntimeError("import worker.metrics only in worker processes, after prepare_multiprocess_dir()")
 
@@ -123,7 +125,7 @@ def serve(host: str, port: int) -> None:
     if not port:
         return
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    MultiProcessFiles(registry)
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
