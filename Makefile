@@ -45,11 +45,12 @@ browser:
 run: $(STAMP) services
 	$(PY) -m core.devstack $(RUN_ARGS)
 
-# The suite in one process; with TEST_WORKERS=2 on two pytest-xdist workers, each with databases of
-# its own (tests/conftest.py, tests/support.py): twice as fast, not yet the default (see README).
-TEST_WORKERS ?= 1
+# The suite on two pytest-xdist workers, each with databases, Redis databases, a Celery worker and a
+# port block of its own; a test that fails there runs again alone (tests/run_suite.sh).
+# TEST_WORKERS=1 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) services browser
-	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+	tests/run_suite.sh $(PY) $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -19,7 +19,7 @@ FIXTURE_IMAGES = FIXTURES / "images"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test TEST_WORKERS=2``: ``--dist loadfile --no-loadscope-reorder``) a test module
+    """Under pytest-xdist (``make test``: ``--dist loadfile --no-loadscope-reorder``) a test module
     is the unit a worker takes, so that module-scoped fixtures (``own_database``, ``private_broker``)
     are built once. Modules holding a ``slow`` test are handed out first, so that a long one does not
     start last while the other worker runs out of work."""

@@ -25,8 +25,8 @@ VENV_BIN = Path(sys.executable).parent
 #: The `dermq` command of these sources (the console script runs whichever copy is installed).
 DERMQ = [sys.executable, "-m", "cli"]
 #: pytest-xdist's name for this process when the suite runs in parallel (``gw0``, ``gw1``, ...: ``make
-#: test TEST_WORKERS=2``), else "". Each parallel worker gets databases and a Redis database of its own, so that no
-#: two of them see, flush or drop each other's state.
+#: test``), else "" (``make test TEST_WORKERS=1``, or one module run alone). Each parallel worker gets
+#: databases and a Redis database of its own, so that no two of them see, flush or drop each other's state.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 #: Overridable so that two test runs on one machine never share (and drop) each other's databases.
 TEST_DATABASE = os.environ.get("DERMQ_TEST_DATABASE", "dermq_test") + (f"_{XDIST_WORKER}" if XDIST_WORKER else "")
