@@ -45,10 +45,10 @@ browser:
 run: $(STAMP) services
 	$(PY) -m core.devstack $(RUN_ARGS)
 
-# The suite on two pytest-xdist workers, each with databases, Redis databases, a Celery worker and a
-# port block of its own; a test that fails there runs again alone (tests/run_suite.sh).
+# The suite on three pytest-xdist workers (at most 3), each with databases, Redis databases, a Celery
+# worker and a port block of its own; a test that fails there runs again alone (tests/run_suite.sh).
 # TEST_WORKERS=1 runs it in one process.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: $(STAMP) services browser
 	tests/run_suite.sh $(PY) $(TEST_WORKERS)
 
