@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test``: ``--dist loadfile --no-loadscope-reorder``) a test module
     is the unit a worker takes, so that module-scoped fixtures (``own_database``, ``private_broker``)
     are built once. Modules holding a ``slow`` test are handed out first, so that a long one does not
-    start last while the other worker runs out of work."""
+    start last while the other workers run out of work."""
     if not support.XDIST_WORKER:
         return
     modules: dict[str, list[pytest.Item]] = {}
