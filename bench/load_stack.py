@@ -41,7 +41,6 @@ def start_stack(
         DERMQ_LOG_LEVEL="INFO",  # the worker's "ready." line, and the API's access log (server-side timings)
         DERMQ_WORKER_CONCURRENCY=str(args.concurrency),
         DERMQ_WORKER_THREADS=str(args.worker_threads),
-        DERMQ_DATABASE_POOL_SIZE="10",
         DERMQ_WORKER_METRICS_PORT="0",
         **overrides,
     )

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
 
     # --- storage and broker -------------------------------------------------------------
     database_url: str = "postgresql+psycopg2:///dermq"
-    database_pool_size: int = Field(5, ge=1)
+    #: Postgres connections each process keeps open and never exceeds (opened as needed).
+    database_pool_size: int = Field(10, ge=1)
     database_statement_timeout_ms: int = Field(15_000, ge=100)
     #: No statement waits longer than this for a lock (the audit chain's included): fail, don't hang.
     database_lock_timeout_ms: int = Field(5_000, ge=10)

@@ -58,8 +58,14 @@ def _ping_idle_connections(engine: Engine) -> None:
 def make_engine(settings: Settings) -> Engine:
     engine = create_engine(
         settings.database_url,
+        # Every connection the pool opens is kept: no overflow. SQLAlchemy closes an overflow
+        # connection as soon as it is returned to a full pool, so bursts above the pool size made a
+        # Postgres backend per burst (a fork, authentication and cold catalog and plan caches for
+        # the statements it ran): under 32 concurrent clients the API opened about 9 a second, a
+        # tenth of the machine's CPU counted under the postmaster (docs/PERFORMANCE.md). A request
+        # that finds every connection in use waits for one instead.
         pool_size=settings.database_pool_size,
-        max_overflow=settings.database_pool_size,
+        max_overflow=0,
         pool_recycle=1800,  # and connections idle for a second are pinged first: _ping_idle_connections
         # Error text never carries bound parameters (labels, probabilities, client references): it
         # reaches logs, Celery's task events and so Flower.
