@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import DermqError
@@ -116,6 +117,19 @@ def install(app: FastAPI, on_denied: Any) -> None:
             "the database is unreachable; nothing was stored. Retry after the delay given.",
             request=request,
             headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(PoolTimeout)
+    async def _database_busy(request: Request, exc: PoolTimeout) -> JSONResponse:
+        # every connection of this process's pool stayed in use for database_pool_timeout_s
+        log.error("no database connection free in time", extra={"event": "database_busy"})
+        return problem(
+            503,
+            "database_busy",
+            "Service unavailable",
+            "the service is too busy to take this request now; nothing was stored. Retry after the delay given.",
+            request=request,
+            headers={"Retry-After": "1"},
         )
 
     @app.exception_handler(DBAPIError)

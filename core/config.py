@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg2:///dermq"
     #: Postgres connections each process keeps open and never exceeds (opened as needed).
     database_pool_size: int = Field(10, ge=1)
+    #: How long a request or task waits for one of them when all are in use before it is refused
+    #: (the API answers 503 ``database_busy`` with Retry-After).
+    database_pool_timeout_s: float = Field(10.0, gt=0)
     database_statement_timeout_ms: int = Field(15_000, ge=100)
     #: No statement waits longer than this for a lock (the audit chain's included): fail, don't hang.
     database_lock_timeout_ms: int = Field(5_000, ge=10)

@@ -66,6 +66,7 @@ def make_engine(settings: Settings) -> Engine:
         # that finds every connection in use waits for one instead.
         pool_size=settings.database_pool_size,
         max_overflow=0,
+        pool_timeout=settings.database_pool_timeout_s,
         pool_recycle=1800,  # and connections idle for a second are pinged first: _ping_idle_connections
         # Error text never carries bound parameters (labels, probabilities, client references): it
         # reaches logs, Celery's task events and so Flower.
@@ -85,7 +86,16 @@ def make_engine(settings: Settings) -> Engine:
 
 def get_engine(settings: Settings) -> Engine:
     """The process-wide engine for these settings (created on first use)."""
-    key = f"{settings.database_url}|{settings.database_lock_timeout_ms}|{settings.database_statement_timeout_ms}"
+    key = "|".join(
+        str(v)
+        for v in (
+            settings.database_url,
+            settings.database_lock_timeout_ms,
+            settings.database_statement_timeout_ms,
+            settings.database_pool_size,
+            settings.database_pool_timeout_s,
+        )
+    )
     engine = _engines.get(key)
     if engine is None:
         engine = _engines[key] = make_engine(settings)
