@@ -61,9 +61,9 @@ def make_engine(settings: Settings) -> Engine:
         # Every connection the pool opens is kept: no overflow. SQLAlchemy closes an overflow
         # connection as soon as it is returned to a full pool, so bursts above the pool size made a
         # Postgres backend per burst (a fork, authentication and cold catalog and plan caches for
-        # the statements it ran): under 32 concurrent clients the API opened about 9 a second, a
-        # tenth of the machine's CPU counted under the postmaster (docs/PERFORMANCE.md). A request
-        # that finds every connection in use waits for one instead.
+        # the statements it ran): under 32 concurrent clients the API opened about 9 a second, and
+        # keeping them cut Postgres's CPU per case by about a fifth (docs/PERFORMANCE.md). A
+        # request that finds every connection in use waits for one, for database_pool_timeout_s.
         pool_size=settings.database_pool_size,
         max_overflow=0,
         pool_timeout=settings.database_pool_timeout_s,
