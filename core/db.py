@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
 
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[object, ...], Engine] = {}
 _factories: dict[Engine, sessionmaker[Session]] = {}
 
 #: A pooled connection that has sat unused for longer than this is tested with a round trip before
@@ -86,15 +86,12 @@ def make_engine(settings: Settings) -> Engine:
 
 def get_engine(settings: Settings) -> Engine:
     """The process-wide engine for these settings (created on first use)."""
-    key = "|".join(
-        str(v)
-        for v in (
-            settings.database_url,
-            settings.database_lock_timeout_ms,
-            settings.database_statement_timeout_ms,
-            settings.database_pool_size,
-            settings.database_pool_timeout_s,
-        )
+    key = (
+        settings.database_url,
+        settings.database_lock_timeout_ms,
+        settings.database_statement_timeout_ms,
+        settings.database_pool_size,
+        settings.database_pool_timeout_s,
     )
     engine = _engines.get(key)
     if engine is None:
