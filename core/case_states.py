@@ -89,7 +89,8 @@ _STATUS_OF = select(Case.status).where(Case.id == bindparam("case_id"))
 
 
 def is_queued(connection: Connection, case_id: uuid.UUID) -> bool:
-    """Whether ``case_id`` waits in the queue: one primary-key read on a plain connection. A batch of
+    """Whether ``case_id`` waits in the queue: one primary-key read on a Core connection (a
+    Session's ``connection()``: the worker looks in its claim's transaction). A batch of
     8 leaves 7 messages whose case it took; the worker's main process drops most of them
     (``worker/companions.py``), and those that still reach a child (fetched before the batch marked
     them, or with Redis not answering) end here: on this project's 2-core VM this read costs 0.24 ms

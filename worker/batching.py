@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from core import case_images, case_states
 from core.case_images import StoredImage
 from core.config import Settings
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from core.errors import NotFound
 from core.logs import case_id_var
 from core.models import Case
@@ -99,15 +99,14 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     progress = progress if progress is not None else Progress()
     started = time.perf_counter()
     predictor = runtime.get_predictor(config)
-    with get_engine(config).connect() as connection:
-        queued = case_states.is_queued(connection, case_id)  # else an earlier batch took it: the usual fate here
     claimed: list[Case] = []
     items: list[ClaimedCase] = []
     missing: NotFound | None = None
-    if queued:
-        # The claim and the images' read share one transaction (one connection checkout, one commit,
-        # which need not wait for the disk: a lost claim leaves the case queued for the sweeper).
-        with session_scope(config, durable=False) as session:
+    # The look, the claim and the images' read share one transaction (one connection checkout, one
+    # commit, which need not wait for the disk: a lost claim leaves the case queued for the sweeper).
+    with session_scope(config, durable=False) as session:
+        # else an earlier batch took it (the usual fate here): one read, and nothing claimed or written
+        if case_states.is_queued(session.connection(), case_id):
             claimed = case_states.claim_batch(
                 session,
                 case_id,

@@ -218,6 +218,33 @@ def test_a_message_for_a_case_a_batch_took_costs_one_read(batching, tenant, stor
         assert session.scalar(select(func.count()).select_from(AuditEvent)) == events_before
 
 
+def test_an_idle_case_costs_two_transactions_that_do_not_wait_for_the_disk(
+    batching, tenant, store_case, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
+    """A lone case (an idle queue) is looked at, claimed and read in one transaction and stored in a
+    second, both committed without waiting for the WAL flush (a lost one is redone: docs/OPERATIONS.md)
+    and without a statement per transaction to say so: each statement is a round trip that an idle
+    case waits for, on the API's side too."""
+    from sqlalchemy import Engine, event
+
+    case_id = store_case(tenant, jpeg_bytes)
+    runtime.get_predictor(batching)  # loaded before counting: run_batch asks for it first
+    commits: list[str] = []
+
+    def committed(connection) -> None:  # type: ignore[no-untyped-def]
+        commits.append(connection.exec_driver_sql("SHOW synchronous_commit").scalar_one())
+
+    event.listen(Engine, "commit", committed)
+    try:
+        with support.statements_sent(batching) as statements:
+            assert run_batch(batching, case_id) == "succeeded"
+    finally:
+        event.remove(Engine, "commit", committed)
+    assert commits == ["off", "off"], commits
+    assert not [s for s in statements if s.upper().startswith("SET ")], statements
+    assert statements[0].upper().startswith("SELECT CASES.STATUS"), statements
+
+
 def test_a_stale_completion_in_a_batch_writes_nothing(batching, tenant, store_case, keyring, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
     """A case taken over meanwhile (its attempt moved on) is left out of the batch's transaction; the
     others are stored."""
