@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from core import deferred
+
 #: The Postgres channels the API listens on.
 CHANNEL = "dermq_case_finished"
 KEYS_CHANNEL = "dermq_keys_changed"
@@ -27,7 +29,8 @@ def announce_finished(session: Session, case_ids: Iterable[uuid.UUID]) -> None:
     ids = [str(case_id) for case_id in case_ids]
     for start in range(0, len(ids), IDS_PER_NOTICE):
         payload = ",".join(ids[start : start + IDS_PER_NOTICE])
-        session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload})
+        # with the transaction's next statement, or at its commit (core.deferred): case ids only, no PHI
+        deferred.defer(session, "SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": CHANNEL, "payload": payload})
 
 
 def parse(payload: str) -> list[uuid.UUID]:

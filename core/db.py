@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc, text
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import deferred
 from core.config import Settings
 
 _engines: dict[tuple[object, ...], Engine] = {}
@@ -156,7 +157,4 @@ def commit_without_flush(session: Session) -> None:
     and a callback is sent, only after a durable commit of their own), and a case created by a
     submission that waits for its result (the answer follows the durable commit of its audited
     read). See docs/OPERATIONS.md, "Durability"."""
-    session.execute(_ASYNCHRONOUS_COMMIT)
-
-
-_ASYNCHRONOUS_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
+    deferred.defer(session, "SET LOCAL synchronous_commit TO OFF")  # sent with the next statement

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, deferred
 from core.config import Settings
 from core.crypto import Keyring
 from core.db import session_scope
@@ -48,13 +48,21 @@ def _lock_key(period: str) -> int:
     return zlib.crc32(period.encode()) & 0x7FFFFFFF
 
 
-#: the period locks, as prepared statements (built per call, they cost more CPU than the round trip)
-_HOLD_SHARED = text("SELECT pg_advisory_xact_lock_shared(:cls, :key)")
+#: the period locks (the exclusive one a statement built once: built per call, it cost more CPU than the round trip)
+_HOLD_SHARED = "SELECT pg_advisory_xact_lock_shared(%(cls)s, %(key)s)"
 _HOLD_EXCLUSIVE = text("SELECT pg_advisory_xact_lock(:cls, :key)")
 
 
 def _hold(session: Session, period: str, *, exclusive: bool = False) -> None:
-    session.execute(_HOLD_EXCLUSIVE if exclusive else _HOLD_SHARED, {"cls": LOCK_CLASS, "key": _lock_key(period)})
+    """The period's lock until the transaction ends. The shared one, taken by every transaction that
+    wraps keys under the period, goes with the transaction's next statement (:mod:`core.deferred`),
+    so before anything is written under it: the period cannot be destroyed meanwhile, since
+    destruction waits for its exclusive lock and a period with a live case (a case being created or
+    stored under it is live) is never destroyed."""
+    if exclusive:
+        session.execute(_HOLD_EXCLUSIVE, {"cls": LOCK_CLASS, "key": _lock_key(period)})
+    else:
+        deferred.defer(session, _HOLD_SHARED, {"cls": LOCK_CLASS, "key": _lock_key(period)})
 
 
 def wrapping_keys(session: Session, keyring: Keyring, created: Iterable[datetime]) -> dict[datetime, str]:

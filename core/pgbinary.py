@@ -25,6 +25,8 @@ import psycopg2
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from core import deferred
+
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _HEADER = SIGNATURE + struct.pack("!ii", 0, 0)
 _TRAILER = struct.pack("!h", -1)
@@ -102,6 +104,7 @@ def _cursor(session: Session, statement: str) -> Iterator[Any]:
     connection = session.connection()
     dbapi_connection = connection.connection.dbapi_connection
     assert dbapi_connection is not None
+    deferred.send(connection)  # a COPY carries nothing in front of it
     cursor: Any = dbapi_connection.cursor()
     try:
         yield cursor
