@@ -158,3 +158,9 @@ def commit_without_flush(session: Session) -> None:
     submission that waits for its result (the answer follows the durable commit of its audited
     read). See docs/OPERATIONS.md, "Durability"."""
     deferred.defer(session, "SET LOCAL synchronous_commit TO OFF")  # sent with the next statement
+
+
+def commit_durably(session: Session) -> None:
+    """Undo :func:`commit_without_flush` for the rest of ``session``'s transaction: its commit waits
+    for the disk again (Postgres's default)."""
+    deferred.defer(session, "SET LOCAL synchronous_commit TO ON")

@@ -23,7 +23,7 @@ from api.schemas import (
 from api.upload import read_case_form
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
 from core import case_list, case_reads, cases, phi, results, retention
-from core.db import commit_without_flush
+from core.db import commit_durably, commit_without_flush
 from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput
 from core.models import CaseStatus, Priority, Role
@@ -171,6 +171,8 @@ async def submit_case(
     )
 
     def create(session: Session) -> tuple[CaseOut, bool]:
+        if wait:  # the answer comes after the durable commit of the audited read that ends the wait; said
+            commit_without_flush(session)  # now, it goes with the intake's first statement (core.deferred)
         case, created = cases.create_case(
             session,
             keyring=app.keyring,
@@ -183,8 +185,8 @@ async def submit_case(
         )
         if created:  # sent once the request's transaction commits: a worker never looks for a row not yet there
             enqueue(session, app.publisher, classify_task(case.id, priority))
-            if wait:  # the answer comes after the durable commit of the audited read that ends the wait
-                commit_without_flush(session)
+        elif wait:  # a replay of a finished case is answered from this transaction: its audit event waits for the disk
+            commit_durably(session)
         result = results.read_result(session, app.keyring, case.id) if case.status == CaseStatus.SUCCEEDED else None
         ref = client_ref if created else phi.client_refs(session, app.keyring, [case])[case.id]
         return case_out(case, result, ref), created
