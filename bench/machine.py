@@ -11,7 +11,9 @@ writes, Postgres's WAL writer and checkpointer) count as other work: the figure 
 from __future__ import annotations
 
 import os
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -98,3 +100,22 @@ def cpu_by_role(roots: dict[str, int], *, database: str | None = None) -> dict[s
         )
     spent["this process"] = table[os.getpid()][2] if os.getpid() in table else 0.0
     return spent
+
+
+def round_trips(ping: Callable[[], object], *, count: int = 60, pause: float = 0.005) -> tuple[float, float]:
+    """Median seconds of one round trip (``ping``) to a server process: right after the previous one,
+    and after ``pause`` seconds of nothing, when the server's process, and on an idle machine its
+    core, has gone to sleep. A case at idle meets the second at each of its steps (a statement, a
+    Redis command, a hand-off between processes); on a virtual machine whose idle cores halt, waking
+    one costs most of it (docs/PERFORMANCE.md)."""
+    ping()
+    back_to_back, after_pause = [], []
+    for _ in range(count):
+        started = time.perf_counter()
+        ping()
+        back_to_back.append(time.perf_counter() - started)
+        time.sleep(pause)
+        started = time.perf_counter()
+        ping()
+        after_pause.append(time.perf_counter() - started)
+    return statistics.median(back_to_back), statistics.median(after_pause)

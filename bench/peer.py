@@ -47,10 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import redis
 
 from bench.common import FIXTURE_IMAGES, ROOT, p50, timed
 from bench.load_stack import start_stack
-from bench.machine import OtherWork, cpu_by_role
+from bench.machine import OtherWork, cpu_by_role, round_trips
 from bench.peer_clients import DermqSession, LoadRun, PeerSession, Session, closed_loop, idle_latency
 from bench.peer_report import Figures, comparison, cpu_per_case, images_per_second
 from tests import support
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         # children warm up. Not the full load: the dispatcher holds a lone request about as long as the
         # mean wait of its last 50 batches, and that wait feeds the mean, so right after a burst of 32
         # clients its idle p50 was 93 ms instead of 25-49 (see docs/PERFORMANCE.md).
+        # the cost of waking a process, before anything is busy (an idle case meets it at each step)
+        wake = round_trips(redis.Redis.from_url(f"redis://127.0.0.1:6379/{REDIS_DB}").ping)
         warm_up(min(4, args.clients))
         other_work = OtherWork(markers=(DATABASE,))  # dermq's Postgres backends are its own work
         sessions = {name: opener(0) for name, opener in openers.items()}
@@ -334,6 +337,11 @@ def main(argv: list[str] | None = None) -> None:
         f"load average (1/5/15 min) {start} at the start, {end} at the end; while it measured, other processes "
         f"kept {others:.0%} of the cores busy (an upper bound: kernel threads and Redis count) and the "
         f"hypervisor took {steal:.0%} (steal)"
+    )
+    print(
+        f"a round trip to Redis, servers idle: {wake[0] * 1000:.2f} ms right after another, "
+        f"{wake[1] * 1000:.2f} ms after 5 ms without one (the process, and its core, asleep: an idle "
+        "case meets this at each of its steps)"
     )
     if load_at_start[0] > BUSY_LOAD_PER_CORE * cores or others + steal > 0.1:
         print(

@@ -1,5 +1,6 @@
 """``bench.machine.cpu_by_role``: the per-process CPU that ``bench.load`` prints per completed case
-counts a whole process tree, the children it has already reaped included, and nothing of another's."""
+counts a whole process tree, the children it has already reaped included, and nothing of another's;
+``round_trips`` tells a round trip to a server that was asleep from one right after the last."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from bench.machine import cpu_by_role
+from bench.machine import cpu_by_role, round_trips
 
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4:\n    pass\n"
 #: a parent that runs a child burning 0.4 s of CPU, reaps it, then idles
@@ -30,3 +31,17 @@ def test_a_tree_counts_the_cpu_of_the_children_it_reaped_and_this_process_none_o
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_round_trips_tells_a_sleeping_server_from_a_busy_one() -> None:
+    """A server that takes 3 ms to wake after 2 ms without a request (a halted core) and answers at
+    once otherwise: the first figure is the busy server's, the second the sleeping one's."""
+    last = [0.0]
+
+    def ping() -> None:
+        if time.perf_counter() - last[0] > 0.002:
+            time.sleep(0.003)
+        last[0] = time.perf_counter()
+
+    back_to_back, after_pause = round_trips(ping, count=10, pause=0.004)
+    assert back_to_back < 0.001 <= 0.003 <= after_pause
