@@ -27,6 +27,8 @@ from sqlalchemy.engine.interfaces import ExecuteStyle
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
+from core.driver import driver_errors
+
 #: the pending statements of a connection, in ``Connection.info`` (which lives with the DBAPI connection)
 _PENDING = "dermq.deferred"
 
@@ -59,7 +61,7 @@ def send(connection: Connection) -> None:
 
 def _send(connection: Connection, sql: str) -> None:
     dbapi_connection: Any = connection.connection.dbapi_connection
-    with dbapi_connection.cursor() as cursor:
+    with driver_errors(connection, sql), dbapi_connection.cursor() as cursor:
         cursor.execute(sql)  # no parameters: psycopg2 sends the text as it is
 
 

@@ -48,7 +48,8 @@ def _lock_key(period: str) -> int:
     return zlib.crc32(period.encode()) & 0x7FFFFFFF
 
 
-#: the period locks (the exclusive one a statement built once: built per call, it cost more CPU than the round trip)
+#: the period locks: the shared one rendered by the driver and deferred (core.deferred), the exclusive
+#: one a statement built once (built per call, it cost more CPU than its round trip)
 _HOLD_SHARED = "SELECT pg_advisory_xact_lock_shared(%(cls)s, %(key)s)"
 _HOLD_EXCLUSIVE = text("SELECT pg_advisory_xact_lock(:cls, :key)")
 

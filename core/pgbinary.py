@@ -21,11 +21,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import psycopg2
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from core import deferred
+from core.driver import driver_errors
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _HEADER = SIGNATURE + struct.pack("!ii", 0, 0)
@@ -107,14 +106,8 @@ def _cursor(session: Session, statement: str) -> Iterator[Any]:
     deferred.send(connection)  # a COPY carries nothing in front of it
     cursor: Any = dbapi_connection.cursor()
     try:
-        yield cursor
-    except psycopg2.Error as exc:
-        invalidated = connection.dialect.is_disconnect(exc, dbapi_connection, None)
-        if invalidated:
-            connection.invalidate(exc)
-        raise DBAPIError.instance(
-            statement, None, exc, psycopg2.Error, connection_invalidated=invalidated, dialect=connection.dialect
-        ) from None
+        with driver_errors(connection, statement):
+            yield cursor
     finally:
         cursor.close()
 

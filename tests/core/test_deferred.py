@@ -110,3 +110,19 @@ def test_a_statement_holding_a_percent_sign_is_sent_at_once(engine) -> None:  # 
         deferred.defer(session, "SET LOCAL application_name TO %(name)s", {"name": "50% off"})
         assert deferred.pending(session.connection()) == []
         assert session.scalar(text("SELECT current_setting('application_name')")) == "50% off"
+
+
+def test_a_deferred_statement_that_fails_at_the_commit_fails_it_as_sqlalchemy_s_error(engine) -> None:  # type: ignore[no-untyped-def]
+    """What callers handle (the API's problems, a worker's retries) is SQLAlchemy's exceptions, never
+    the driver's; and the transaction is not committed."""
+    from sqlalchemy.exc import DBAPIError
+
+    with Session(bind=engine) as session:
+        session.execute(text("CREATE TEMP TABLE deferred_probe (x int)"))
+        session.commit()
+        session.execute(text("INSERT INTO deferred_probe VALUES (1)"))
+        deferred.defer(session, "SELECT 1 / 0")
+        with pytest.raises(DBAPIError):
+            session.commit()
+        session.rollback()
+        assert session.scalar(text("SELECT count(*) FROM deferred_probe")) == 0
