@@ -28,7 +28,9 @@ case completed under load (its processes and, for dermq, its Postgres backends; 
 and ONNX Runtime alone on
 batches of 8 in this process as the raw ceiling (measured before the runs and after each round,
 both servers idle: median and range). The load average before the start and the CPU other processes
-used while it ran say how much the figures can be trusted; the ratios are what to read.
+used while it ran say how much the figures can be trusted; the ratios are what to read. A round trip
+to Redis before the runs, back to back and after 5 ms without one, says what waking a process costs
+on this machine: an idle case meets that at each of its steps.
 """
 
 from __future__ import annotations
@@ -259,12 +261,12 @@ def main(argv: list[str] | None = None) -> None:
                 if warm.errors:
                     print(f"warm-up of {name}: {dict(warm.errors)}", file=sys.stderr)
 
+        # The cost of waking a process, before anything is busy (an idle case meets it at each step).
+        wake = round_trips(redis.Redis.from_url(f"redis://127.0.0.1:6379/{REDIS_DB}").ping)
         # A few clients first: BentoML's dispatcher trains on its first batches (of 1, 2 and 3) and dermq's
         # children warm up. Not the full load: the dispatcher holds a lone request about as long as the
         # mean wait of its last 50 batches, and that wait feeds the mean, so right after a burst of 32
         # clients its idle p50 was 93 ms instead of 25-49 (see docs/PERFORMANCE.md).
-        # the cost of waking a process, before anything is busy (an idle case meets it at each step)
-        wake = round_trips(redis.Redis.from_url(f"redis://127.0.0.1:6379/{REDIS_DB}").ping)
         warm_up(min(4, args.clients))
         other_work = OtherWork(markers=(DATABASE,))  # dermq's Postgres backends are its own work
         sessions = {name: opener(0) for name, opener in openers.items()}
