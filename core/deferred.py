@@ -16,6 +16,10 @@ reads: a lock held until the transaction ends, ``SET LOCAL``, ``pg_notify``.
 Only statements that carry no patient data are deferred: a failing one is reported in the text of
 the statement it rode with, and error text reaches logs. A rendered statement holding ``%`` is sent
 on its own at once (merged, the driver would read it as a placeholder).
+
+This relies on psycopg2 sending parameters inside the statement's text (the simple-query protocol).
+A driver that binds them on the server (psycopg 3, asyncpg) takes one statement per message: there,
+its pipeline mode is the way to the same saving.
 """
 
 from __future__ import annotations
