@@ -71,7 +71,9 @@ class RequestContextMiddleware:
                 names = {name.lower() for name, _ in headers}
                 headers.append((b"x-request-id", request_id.encode()))
                 headers.extend(h for h in SECURITY_HEADERS if h[0] not in names)
-                if b"content-security-policy" not in names:
+                # A 304 has no content type, and a browser merges its header fields into the page it
+                # revalidated (RFC 9111, 4.3.4): it keeps the policy it was sent with the page.
+                if b"content-security-policy" not in names and status != 304:
                     content_type = dict(headers).get(b"content-type", b"")
                     headers.append(
                         (b"content-security-policy", PAGE_CSP if content_type.startswith(b"text/html") else API_CSP)

@@ -99,3 +99,15 @@ def test_docs_keep_their_own_policy(client) -> None:  # type: ignore[no-untyped-
     """Swagger UI needs inline styles; the pages never get them."""
     assert "style-src 'self' 'unsafe-inline'" in client.get("/docs").headers["content-security-policy"]
     assert "unsafe-inline" not in client.get("/portal/").headers["content-security-policy"]
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_a_revalidated_page_keeps_its_policy(client, path: str) -> None:  # type: ignore[no-untyped-def]
+    """A browser that revalidates a cached page gets 304 and keeps the stored response with the header
+    fields of the 304 merged in (RFC 9111, 4.3.4): a 304 that carried the API's policy (a 304 has no
+    content type) left the page blocked from loading its own scripts and styles on reload."""
+    page = client.get(path)
+    again = client.get(path, headers={"If-None-Match": page.headers["etag"]})
+    assert again.status_code == 304
+    policy = page.headers["content-security-policy"]
+    assert again.headers.get("content-security-policy", policy) == policy
