@@ -41,9 +41,11 @@ def defer(session: Session, statement: str, params: dict[str, Any] | None = None
     """Run ``statement`` (psycopg2 ``%(name)s`` parameters) in ``session``'s transaction, in front of
     the next statement that transaction sends (or at its commit). Nothing it returns is read."""
     connection = session.connection()
-    dbapi_connection: Any = connection.connection.dbapi_connection
-    with dbapi_connection.cursor() as cursor:
-        rendered = cursor.mogrify(statement, params).decode() if params else statement
+    rendered = statement
+    if params:  # a cursor only to render them: psycopg2 quotes on the cursor, with no round trip
+        dbapi_connection: Any = connection.connection.dbapi_connection
+        with dbapi_connection.cursor() as cursor:
+            rendered = cursor.mogrify(statement, params).decode()
     rendered = rendered.strip().rstrip(";") + ";\n"
     if "%" in rendered:
         _send(connection, rendered)
