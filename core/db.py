@@ -56,11 +56,8 @@ def _ping_idle_connections(engine: Engine) -> None:
             raise exc.DisconnectionError("a pooled connection idle since its last use no longer answers") from error
 
 
-def make_engine(settings: Settings, *, durable: bool = True) -> Engine:
-    """An engine for ``settings``; with ``durable=False`` every transaction on its connections commits
-    without waiting for the disk (:func:`commit_without_flush`, set once per connection instead of a
-    ``SET LOCAL`` statement per transaction)."""
-    asynchronous = "" if durable else " -c synchronous_commit=off"
+def make_engine(settings: Settings) -> Engine:
+    """An engine for ``settings``."""
     engine = create_engine(
         settings.database_url,
         # Every connection the pool opens is kept: no overflow. SQLAlchemy closes an overflow
@@ -81,7 +78,7 @@ def make_engine(settings: Settings, *, durable: bool = True) -> Engine:
             "application_name": "dermq",
             "options": (
                 f"-c statement_timeout={settings.database_statement_timeout_ms} "
-                f"-c lock_timeout={settings.database_lock_timeout_ms} -c timezone=UTC{asynchronous}"
+                f"-c lock_timeout={settings.database_lock_timeout_ms} -c timezone=UTC"
             ),
         },
     )
@@ -89,11 +86,9 @@ def make_engine(settings: Settings, *, durable: bool = True) -> Engine:
     return engine
 
 
-def get_engine(settings: Settings, *, durable: bool = True) -> Engine:
-    """The process-wide engine for these settings (created on first use); ``durable=False``: the one
-    whose connections commit without waiting for the disk (:func:`make_engine`)."""
+def get_engine(settings: Settings) -> Engine:
+    """The process-wide engine for these settings (created on first use)."""
     key = (
-        durable,
         settings.database_url,
         settings.database_lock_timeout_ms,
         settings.database_statement_timeout_ms,
@@ -102,7 +97,7 @@ def get_engine(settings: Settings, *, durable: bool = True) -> Engine:
     )
     engine = _engines.get(key)
     if engine is None:
-        engine = _engines[key] = make_engine(settings, durable=durable)
+        engine = _engines[key] = make_engine(settings)
     return engine
 
 
@@ -114,12 +109,12 @@ def dispose_engines() -> None:
     _factories.clear()
 
 
-def session_factory(settings: Settings, *, durable: bool = True) -> sessionmaker[Session]:
+def session_factory(settings: Settings) -> sessionmaker[Session]:
     """The process-wide session factory for these settings' engine. Made once per engine: each
     ``sessionmaker`` defines a Session subclass of its own, whose first use builds SQLAlchemy's
     event dispatch for the class, about 1 ms of CPU; made per transaction, that was a twentieth of
     a worker's CPU per case."""
-    engine = get_engine(settings, durable=durable)
+    engine = get_engine(settings)
     factory = _factories.get(engine)
     if factory is None:
         factory = _factories[engine] = sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
@@ -129,11 +124,12 @@ def session_factory(settings: Settings, *, durable: bool = True) -> sessionmaker
 @contextmanager
 def session_scope(settings: Settings, *, durable: bool = True) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on any exception; with
-    ``durable=False`` its commit does not wait for the disk (:func:`commit_without_flush`): it runs on
-    the connections of :func:`get_engine`'s non-durable engine, which saves the ``SET LOCAL`` statement
-    (a round trip that, on an idle 2-core VM, took 0.38 ms of a worker's claim and again of its store)."""
-    session = session_factory(settings, durable=durable)()
+    ``durable=False`` its commit does not wait for the disk (:func:`commit_without_flush`, whose
+    ``SET LOCAL`` rides with the transaction's first statement: no round trip of its own)."""
+    session = session_factory(settings)()
     try:
+        if not durable:
+            commit_without_flush(session)
         yield session
         session.commit()
     except BaseException:
