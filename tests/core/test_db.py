@@ -120,30 +120,41 @@ def test_a_burst_above_the_pool_size_waits_for_the_pool_s_connections_instead_of
 def test_a_statement_rendered_once_returns_what_the_statement_returns(settings: Settings, database) -> None:  # type: ignore[no-untyped-def]
     """The worker's claim runs as text rendered once (:func:`core.db.rendered_once`), so that SQLAlchemy
     need not walk the whole statement at every execution. Its casts (``::UUID``), its modulo (``%%`` to
-    the driver), the values it binds itself and the caller's must all reach Postgres as they did."""
+    the driver), the values it binds itself and the caller's, typed as they were, must all reach
+    Postgres as they did."""
     import uuid
 
-    from sqlalchemy import Column, Integer, MetaData, Table, Uuid, bindparam, select, update
+    from sqlalchemy import Column, Integer, MetaData, Table, Text, TypeDecorator, Uuid, bindparam, select, update
 
-    table = Table("rendered", MetaData(), Column("id", Uuid, primary_key=True), Column("n", Integer))
+    class Upper(TypeDecorator[str]):
+        impl = Text
+        cache_ok = True
+
+        def process_bind_param(self, value: str | None, dialect: object) -> str | None:
+            return None if value is None else value.upper()
+
+    table = Table(
+        "rendered", MetaData(), Column("id", Uuid, primary_key=True), Column("n", Integer), Column("tag", Text)
+    )
     ids = [uuid.uuid4() for _ in range(4)]
     statement = (
         update(table)
         .where(table.c.id != bindparam("skip", type_=Uuid), table.c.n % 2 == 1, table.c.n < 100)
-        .values(n=table.c.n + bindparam("by", type_=Integer))
+        .values(n=table.c.n + bindparam("by", type_=Integer), tag=bindparam("tag", type_=Upper()))
         .returning(table.c.id, table.c.n)
     )
     engine = make_engine(settings)
     try:
         with engine.connect() as connection:
-            connection.execute(text("CREATE TEMP TABLE rendered (id uuid PRIMARY KEY, n integer)"))
+            connection.execute(text("CREATE TEMP TABLE rendered (id uuid PRIMARY KEY, n integer, tag text)"))
             connection.execute(table.insert(), [{"id": i, "n": n} for n, i in enumerate(ids)])
             textual, fixed = db.rendered_once(statement, connection.dialect)
             assert sorted(fixed.values()) == [1, 2, 100]  # the modulus, the remainder, the bound
-            expected = sorted(connection.execute(statement, {"skip": ids[1], "by": 10}).all())
+            expected = sorted(connection.execute(statement, {"skip": ids[1], "by": 10, "tag": "a"}).all())
             assert expected == sorted([(ids[3], 13)])  # n = 1 is skipped by id, n = 3 is odd
-            got = connection.execute(textual, {**fixed, "skip": ids[3], "by": 10}).all()
+            got = connection.execute(textual, {**fixed, "skip": ids[3], "by": 10, "tag": "b"}).all()
             assert got == [(ids[1], 11)] and isinstance(got[0].id, uuid.UUID)
-            assert connection.execute(select(table.c.n).order_by(table.c.n)).scalars().all() == [0, 2, 11, 13]
+            rows = connection.execute(select(table.c.n, table.c.tag).order_by(table.c.n)).all()
+            assert rows == [(0, None), (2, None), (11, "B"), (13, "A")]  # the caller's value, typed
     finally:
         engine.dispose()
