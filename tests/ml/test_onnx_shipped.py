@@ -166,3 +166,24 @@ def test_int8_is_served_by_default_only_where_it_meets_the_bar_on_validation(ent
         assert serving["balanced_accuracy"][backend] == pytest.approx(measured["balanced_accuracy"][backend], abs=0.01)
     assert measured["top1_agreement"] >= INT8_AGREEMENT_FLOOR
     assert measured["referral_sensitivity"]["onnx-int8"] >= measured["referral_sensitivity"]["onnx"] - 0.01
+
+
+def test_served_answers_gate_as_the_fitted_gate_scores(entry: Path, fixture_pil: list[Image.Image]) -> None:
+    """What serving flags (predict, and classify as a worker calls it) is what the fitted gate's own
+    scores of the same inputs flag: nothing for the fixture lesions, a reason for each image that is
+    not one (blank, noise, a flat colour)."""
+    predictor = Predictor.load(entry, device="cpu", backend="onnx")
+    gate = predictor.gate
+    assert gate is not None
+    rng = np.random.default_rng(5)
+    not_lesions = [
+        Image.new("RGB", (300, 225), (250, 250, 250)),
+        Image.fromarray(rng.integers(0, 256, (225, 300, 3), dtype=np.uint8)),
+        Image.new("RGB", (300, 225), (20, 60, 200)),
+    ]
+    images = [*fixture_pil, *not_lesions]
+    out = predictor.outputs(images)
+    expected = gate.reasons(gate.scores(out.pixels, out.logits, out.features))
+    assert all(expected[len(fixture_pil) :]) and not any(expected[: len(fixture_pil)]), expected
+    assert [p.ood_reasons for p in predictor.predict(images)] == expected
+    assert [a.prediction.ood_reasons for a in predictor.classify(images)] == expected
