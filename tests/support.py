@@ -513,6 +513,26 @@ def statements_sent(settings: Any) -> Iterator[list[str]]:
 
 
 @contextmanager
+def commit_settings(counted: Callable[[], bool]) -> Iterator[list[str]]:
+    """The ``synchronous_commit`` that each commit in this process runs with while the block runs
+    (``on``: it waits for the disk; ``off``: not), for the commits made where ``counted()`` is true
+    (a test's own thread: other tests' work may commit in this process meanwhile)."""
+    from sqlalchemy import Engine, event
+
+    seen: list[str] = []
+
+    def committed(connection: Any) -> None:
+        if counted():
+            seen.append(connection.exec_driver_sql("SHOW synchronous_commit").scalar_one())
+
+    event.listen(Engine, "commit", committed)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "commit", committed)
+
+
+@contextmanager
 def connection_lost_on_insert(settings: Any, table: str) -> Iterator[None]:
     """While the block runs, a connection that inserts into ``table`` of the database of ``settings``
     is really lost: a trigger terminates that connection's own backend, so the client gets the error

@@ -133,23 +133,13 @@ def test_a_waiting_submission_s_new_case_commits_without_the_disk_and_a_replay_w
     """The case a waiting submission creates commits without waiting for the WAL flush (the answer
     follows the durable commit of its audited read); a replay of it, which may be answered from its
     own transaction, commits durably like every other answer (docs/OPERATIONS.md, "Durability")."""
-    from sqlalchemy import Engine, event
-
-    commits: list[str] = []
-
-    def committed(connection) -> None:  # type: ignore[no-untyped-def]
-        if threading.current_thread().name.startswith("dermq-request"):  # a request's (api.db.Lanes)
-            commits.append(connection.exec_driver_sql("SHOW synchronous_commit").scalar_one())
-
     headers = tenant.headers | {"Idempotency-Key": f"durability-{uuid.uuid4().hex}"}
     files = {"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
-    event.listen(Engine, "commit", committed)
-    try:
+    # the commits of requests' threads (api.db.Lanes)
+    with support.commit_settings(lambda: threading.current_thread().name.startswith("dermq-request")) as commits:
         first = client.post("/v1/cases?wait=0.2", headers=headers, files=files)
         created_commits, commits[:] = list(commits), []
         replay = client.post("/v1/cases?wait=0.2", headers=headers, files=files)
-    finally:
-        event.remove(Engine, "commit", committed)
     assert first.status_code in (201, 202) and replay.status_code == 200, (first.text, replay.text)
     assert created_commits[0] == "off" and set(created_commits[1:]) == {"on"}, created_commits  # then the read
     assert commits and set(commits) == {"on"}, commits  # the replay, finished or not

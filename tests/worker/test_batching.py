@@ -225,23 +225,14 @@ def test_an_idle_case_costs_two_transactions_that_do_not_wait_for_the_disk(
     second, both committed without waiting for the WAL flush (a lost one is redone: docs/OPERATIONS.md)
     and without a round trip per transaction to say so (it rides with the first statement): each round
     trip is one that an idle case waits for, on the API's side too."""
-    from sqlalchemy import Engine, event
-
     case_id = store_case(tenant, jpeg_bytes)
     runtime.get_predictor(batching)  # loaded before counting: run_batch asks for it first
-    commits: list[str] = []
     this_thread = threading.get_ident()  # not another test's work in this process (a worker thread's)
-
-    def committed(connection) -> None:  # type: ignore[no-untyped-def]
-        if threading.get_ident() == this_thread:
-            commits.append(connection.exec_driver_sql("SHOW synchronous_commit").scalar_one())
-
-    event.listen(Engine, "commit", committed)
-    try:
-        with support.statements_sent(batching) as statements:
-            assert run_batch(batching, case_id) == "succeeded"
-    finally:
-        event.remove(Engine, "commit", committed)
+    with (
+        support.commit_settings(lambda: threading.get_ident() == this_thread) as commits,
+        support.statements_sent(batching) as statements,
+    ):
+        assert run_batch(batching, case_id) == "succeeded"
     assert commits == ["off", "off"], commits
     assert not [s for s in statements if _last(s).startswith("SET ")], statements  # no SET sent alone
     assert len([s for s in statements if s.upper().startswith("SET LOCAL SYNCHRONOUS_COMMIT")]) == 2, statements
