@@ -31,7 +31,7 @@ from sqlalchemy.engine.interfaces import ExecuteStyle
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
-from core.driver import driver_errors
+from core.driver import driver_cursor
 
 #: the pending statements of a connection, in ``Connection.info`` (which lives with the DBAPI connection)
 _PENDING = "dermq.deferred"
@@ -66,8 +66,7 @@ def send(connection: Connection) -> None:
 
 
 def _send(connection: Connection, sql: str) -> None:
-    dbapi_connection: Any = connection.connection.dbapi_connection
-    with driver_errors(connection, sql), dbapi_connection.cursor() as cursor:
+    with driver_cursor(connection, sql) as cursor:
         cursor.execute(sql)  # no parameters: psycopg2 sends the text as it is
 
 

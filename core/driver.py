@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg2
 from sqlalchemy import Connection
@@ -14,12 +15,15 @@ from sqlalchemy.exc import DBAPIError
 
 
 @contextmanager
-def driver_errors(connection: Connection, statement: str) -> Iterator[None]:
-    """Raise psycopg2's errors inside as SQLAlchemy's (the connection invalidated when it is lost)."""
+def driver_cursor(connection: Connection, statement: str) -> Iterator[Any]:
+    """A cursor of ``connection``'s DBAPI connection (in its transaction), closed on the way out;
+    psycopg2's errors inside raised as SQLAlchemy's for ``statement`` (the connection invalidated
+    when it is lost)."""
+    dbapi_connection: Any = connection.connection.dbapi_connection
     try:
-        yield
+        with dbapi_connection.cursor() as cursor:
+            yield cursor
     except psycopg2.Error as exc:
-        dbapi_connection = connection.connection.dbapi_connection
         invalidated = connection.dialect.is_disconnect(exc, dbapi_connection, None)
         if invalidated:
             connection.invalidate(exc)

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from core import deferred
-from core.driver import driver_errors
+from core.driver import driver_cursor
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _HEADER = SIGNATURE + struct.pack("!ii", 0, 0)
@@ -101,15 +101,9 @@ def decode_rows(data: bytes, types: Sequence[str]) -> list[tuple[Any, ...]]:
 def _cursor(session: Session, statement: str) -> Iterator[Any]:
     """A cursor on the session's connection (its transaction); driver errors re-raised as SQLAlchemy's."""
     connection = session.connection()
-    dbapi_connection = connection.connection.dbapi_connection
-    assert dbapi_connection is not None
     deferred.send(connection)  # a COPY carries nothing in front of it
-    cursor: Any = dbapi_connection.cursor()
-    try:
-        with driver_errors(connection, statement):
-            yield cursor
-    finally:
-        cursor.close()
+    with driver_cursor(connection, statement) as cursor:
+        yield cursor
 
 
 def copy_in(session: Session, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
