@@ -53,11 +53,6 @@ def defer(session: Session, statement: str, params: dict[str, Any] | None = None
     connection.info.setdefault(_PENDING, []).append(rendered)
 
 
-def pending(connection: Connection) -> list[str]:
-    """The statements waiting for the next one on ``connection`` (a copy)."""
-    return list(connection.info.get(_PENDING, ()))
-
-
 def send(connection: Connection) -> None:
     """Send what is pending on ``connection`` now, in one round trip (before a COPY or a commit)."""
     waiting = connection.info.pop(_PENDING, None)
