@@ -1,5 +1,5 @@
 """The shipped model on ONNX Runtime: fp32 equals torch, the one-pass heat map equals pytorch-grad-cam's,
-int8 agrees with fp32 on the fixture images, and (when the data is here) int8 is the default backend
+int8 stays close to fp32 on the fixture images, and (when the data is here) int8 is the default backend
 only where the validation split shows it meets the bar.
 
 Uses the entry's own model.onnx / model.int8.onnx when they belong to its current weights; otherwise
@@ -32,6 +32,17 @@ MIN_AGREEMENT = serving_choice.MIN_TOP1_AGREEMENT  # the bar: 99% on the most pr
 #: What the shipped model's int8 graph does measure on validation on a VNNI CPU (98.3%), less half a
 #: point of run-to-run rounding: a regression guard on the CPU class it was measured on, not the bar.
 INT8_AGREEMENT_FLOOR = 0.977
+#: The same guard on any other class of int8 kernels: x86 without VNNI saturates u8s8 sums, and the
+#: graph measured 96.4% there (ml.backends.int8_kernel).
+INT8_AGREEMENT_FLOOR_ANY_CPU = 0.955
+#: How far int8 may move the nine fixture images' answers. Agreeing on 96-98% of validation top classes
+#: (by CPU class), it is not held to the 99% bar on nine images: one of them, ISIC_0026083 (fp32: akiec
+#: at 0.61, bkl 0.20), lies near enough to a boundary that int8 makes it nv (seen on x86 without VNNI and
+#: in CI). A broken graph (wrong scales, a lost layer) moves most of them.
+INT8_FIXTURE_FLIPS = 1
+#: Total variation between the fp32 and int8 probability vectors, median over the fixture images
+#: (measured: 0.008 on x86 without VNNI; the one flipped image moves 0.35).
+INT8_MEDIAN_SHIFT = 0.05
 
 
 def _current(entry: Path, artefact: str) -> bool:
@@ -116,14 +127,17 @@ def test_one_pass_cam_from_the_onnx_feature_map_matches_pytorch_grad_cam(
             assert pearson(ours, theirs) >= 0.999
 
 
-def test_int8_agrees_with_fp32_on_the_fixture_images(
+def test_int8_stays_close_to_fp32_on_the_fixture_images(
     onnx_predictor: Predictor, int8_predictor: Predictor, fixture_pil: list[Image.Image]
 ) -> None:
-    fp32 = [max(p.probabilities, key=p.probabilities.get) for p in onnx_predictor.predict(fixture_pil)]
-    int8 = [max(p.probabilities, key=p.probabilities.get) for p in int8_predictor.predict(fixture_pil)]
-    assert np.mean(np.array(fp32) == np.array(int8)) >= MIN_AGREEMENT
-    for image in fixture_pil[:3]:  # the int8 heat map still shows the same evidence
-        label = fp32[fixture_pil.index(image)]
+    def probabilities(predictor: Predictor) -> np.ndarray:
+        return np.array([[p.probabilities[c] for c in CLASSES] for p in predictor.predict(fixture_pil)])
+
+    fp32, int8 = probabilities(onnx_predictor), probabilities(int8_predictor)
+    assert (fp32.argmax(axis=1) != int8.argmax(axis=1)).sum() <= INT8_FIXTURE_FLIPS
+    assert np.median(0.5 * np.abs(fp32 - int8).sum(axis=1)) <= INT8_MEDIAN_SHIFT
+    for i, image in enumerate(fixture_pil[:3]):  # the int8 heat map still shows the same evidence
+        label = CLASSES[int(fp32[i].argmax())]
         int8_map, fp32_map = explained(int8_predictor, image, label).cam, explained(onnx_predictor, image, label).cam
         assert pearson(int8_map, fp32_map) >= 0.9
 
@@ -142,6 +156,7 @@ def test_int8_is_served_by_default_only_where_it_meets_the_bar_on_validation(ent
         pytest.skip("no int8 graph for these weights")
     measured = serving_choice.compare_on_validation(entry, DATA)
     n = measured["n"]
+    assert measured["top1_agreement"] >= INT8_AGREEMENT_FLOOR_ANY_CPU
     expected = serving_choice.decide_serving(measured, has_int8=True)
     meets = (
         measured["top1_agreement"] >= MIN_AGREEMENT
