@@ -75,7 +75,8 @@ State = Annotated[AppState, Depends(state)]
 async def request_db(request: Request) -> AsyncIterator[RequestDb]:
     """The request's unit of work: routes run their database work with ``await db.run(work)`` and
     never commit; this commits once the route has returned (before the response is sent), or rolls
-    back if it raised. Every route uses it, the same way."""
+    back if it raised. Every route uses it, the same way. A route whose last work is known may run it
+    with ``db.run(work, last=True)``: the same commit (or rollback), in the same hop as the work."""
     app = app_state(request)
     db = RequestDb(app.sessions, app.lanes, app.committed)
     try:

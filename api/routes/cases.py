@@ -191,13 +191,13 @@ async def submit_case(
         ref = client_ref if created else phi.client_refs(session, app.keyring, [case])[case.id]
         return case_out(case, result, ref), created
 
-    out, created = await db.run(create)
+    out, created = await db.run(create, last=not wait)
     if wait and not CaseStatus(out.status).terminal:  # a replay of an unfinished case waits too
         # the case (or the replay's audit event) is kept and its task sent once the wait's ticket is
         # taken: a new case cannot end unheard, so its wait needs no first look
         await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=db.commit, created=created)
 
-        out = await db.run(lambda session: _read(session, app, caller, out.id))
+        out = await db.run(lambda session: _read(session, app, caller, out.id), last=True)
     if created and CaseStatus(out.status).terminal:
         response.status_code = 201  # finished within `wait`: the answer holds the result
     if not created:
@@ -223,7 +223,7 @@ async def read_case(
     if wait:
         await db.run(lambda _: limit(caller, app, "read"))  # counted before waiting, once
         await wait_for_end(db, app.waiters, caller.principal, case_id, wait)
-    out = await db.run(read)
+    out = await db.run(read, last=True)
     response.headers.update(NO_STORE)
     return out
 
@@ -253,7 +253,7 @@ async def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCall
             session, keyring=app.keyring, principal=caller.principal, actor=caller.actor, case_id=case_id
         )
 
-    return Response(await db.run(read), media_type="image/png", headers=NO_STORE)
+    return Response(await db.run(read, last=True), media_type="image/png", headers=NO_STORE)
 
 
 @router.get("", response_model=CasePage, responses=PROBLEMS, summary="The clinic's cases, newest first")
@@ -297,7 +297,7 @@ async def list_cases(
             next_cursor=page.next_cursor,
         )
 
-    out = await db.run(read)
+    out = await db.run(read, last=True)
     response.headers.update(NO_STORE)
     return out
 
@@ -315,6 +315,6 @@ async def erase_case(
         case = retention.erase_case(session, principal=caller.principal, actor=caller.actor, case_id=case_id)
         return case_out(case, None, None)  # its client reference and its result are shredded
 
-    out = await db.run(erase)
+    out = await db.run(erase, last=True)
     response.headers.update(NO_STORE)
     return out
