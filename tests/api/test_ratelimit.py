@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -46,6 +48,18 @@ def test_submissions_have_their_own_budget(strict, make_key, jpeg_bytes: bytes) 
     ]
     assert codes == [202, 202, 202, 429]
     assert strict.get("/v1/cases", headers=tenant.headers).status_code == 200  # reads still pass
+
+
+def test_a_long_poll_counts_as_one_read_and_is_refused_before_it_waits(strict, make_key, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    tenant = make_key()
+    files = {"image": ("x.jpg", jpeg_bytes, "image/jpeg")}
+    case_id = strict.post("/v1/cases", headers=tenant.headers, files=files).json()["id"]
+    assert [strict.get("/v1/cases", headers=tenant.headers).status_code for _ in range(4)] == [200] * 4
+    assert strict.get(f"/v1/cases/{case_id}?wait=1", headers=tenant.headers).status_code == 200  # the fifth read
+    started = time.monotonic()
+    refused = strict.get(f"/v1/cases/{case_id}?wait=5", headers=tenant.headers)
+    assert refused.status_code == 429 and refused.json()["code"] == "rate_limited"
+    assert time.monotonic() - started < 2  # refused at once, not after its wait
 
 
 def test_failed_authentication_is_limited_per_address_and_key_prefix(strict, make_key) -> None:  # type: ignore[no-untyped-def]
