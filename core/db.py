@@ -7,15 +7,13 @@ on error. Tasks enqueued on the Session (:mod:`core.enqueue`) are sent when it c
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Dialect, Engine, bindparam, create_engine, event, exc, text
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql.selectable import TextualSelect
 
 from core import deferred
 from core.config import Settings
@@ -162,29 +160,3 @@ def commit_durably(session: Session) -> None:
     """Undo :func:`commit_without_flush` for the rest of ``session``'s transaction: its commit waits
     for the disk again (Postgres's default)."""
     deferred.defer(session, "SET LOCAL synchronous_commit TO ON")
-
-
-def rendered_once(statement: Any, dialect: Dialect) -> tuple[TextualSelect, dict[str, Any]]:
-    """``statement`` (one that returns rows) rendered to SQL for ``dialect`` now, as a textual statement
-    returning the same columns and binding the same parameters with the same types, and the values it
-    binds itself; the caller adds its own parameters.
-
-    For a statement built once and run often whose cache key costs more than running it: SQLAlchemy
-    derives every statement's cache key anew on each execution, by walking the whole expression, and
-    for the worker's claim (an ORM UPDATE over two CTEs, returning every column) that took 0.5 ms of
-    a 2-3 ms claim. A textual statement's key is its text. Run it as ``select(Entity).from_statement(...)``
-    to load ORM objects, matched to the columns by position."""
-    if dialect.paramstyle != "pyformat":
-        raise ValueError(f"rendered_once reads psycopg2's pyformat parameters, not {dialect.paramstyle}")
-    compiled = statement.compile(dialect=dialect)
-    sql = str(compiled)
-    if "POSTCOMPILE" in sql:
-        raise ValueError("a statement with parameters expanded at execution cannot be rendered once")
-    escaped = sql.replace(":", "\\:").replace("%%", "%")  # psycopg2's escape undone, text()'s added
-    binds = {name: bind for bind, name in compiled.bind_names.items()}  # by the names the SQL uses
-    typed = [bindparam(name, type_=bind.type) for name, bind in binds.items()]
-    textual = text(_PYFORMAT.sub(r":\1", escaped)).bindparams(*typed).columns(*statement.exported_columns)
-    return textual, {name: bind.effective_value for name, bind in binds.items() if not bind.required}
-
-
-_PYFORMAT = re.compile(r"%\((\w+)\)s")
