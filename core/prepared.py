@@ -43,7 +43,7 @@ class Prepared:
 def prepare(statement: Any, dialect: Dialect, parameters: Sequence[tuple[str, str]]) -> Prepared:
     """``statement`` (one that returns rows) as a prepared statement: ``parameters`` (each its bound
     parameter's name and Postgres type) become ``$1``, ``$2``, ..., bound at each execution; every
-    other value it binds itself is written into the definition as a literal.
+    other value it binds itself is written into the definition as a literal, processed by its type.
 
     Those literals are the statement's own constants (numbers, codes), never a caller's input. The
     name is the definition's digest, so the statements built for different bounds coexist."""
@@ -62,7 +62,9 @@ def prepare(statement: Any, dialect: Dialect, parameters: Sequence[tuple[str, st
         name = match.group(1)
         if name in positions:
             return positions[name]
-        value = binds[name].effective_value
+        bind = binds[name]
+        process = bind.type.bind_processor(dialect)  # as the driver would be given it (a TypeDecorator's)
+        value = process(bind.effective_value) if process is not None else bind.effective_value
         if not isinstance(value, (int, float, str)) or (isinstance(value, str) and not value.isascii()):
             raise ValueError(f"{name}: only numbers and ASCII codes are written into a prepared statement")
         return str(adapt(value).getquoted().decode("ascii")).replace("%", "%%")

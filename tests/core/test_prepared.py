@@ -40,12 +40,16 @@ class Upper(TypeDecorator[str]):
 
 
 TABLE = Table("numbered", MetaData(), Column("id", Uuid, primary_key=True), Column("n", Integer), Column("tag", Text))
-#: odd rows under 100 but one, moved on by a step: a modulo (``%%`` to the driver), a cast, three
-#: values of its own (the modulus, the remainder, the bound) and three of the caller's
+#: odd rows under 100 but one, moved on by a step and tagged: a modulo (``%%`` to the driver), a cast,
+#: four values of its own (the modulus, the remainder, the bound, a suffix its type processes) and
+#: three of the caller's
 STATEMENT = (
     update(TABLE)
     .where(TABLE.c.id != bindparam("skip", type_=Uuid), TABLE.c.n % 2 == 1, TABLE.c.n < 100)
-    .values(n=TABLE.c.n + bindparam("by", type_=Integer), tag=bindparam("tag", type_=Upper()))
+    .values(
+        n=TABLE.c.n + bindparam("by", type_=Integer),
+        tag=bindparam("tag", type_=Upper()) + bindparam("suffix", "-odd", type_=Upper()),
+    )
     .returning(TABLE.c.id, TABLE.c.n)
 )
 
@@ -67,6 +71,7 @@ def _numbered(connection: Connection) -> list[uuid.UUID]:
 def test_a_prepared_statement_returns_what_the_statement_returns(engine: Engine) -> None:
     claim = prepared.prepare(STATEMENT, engine.dialect, [("skip", "uuid"), ("by", "integer"), ("tag", "text")])
     assert "% 2" in claim.definition.replace("%%", "%") and "< 100" in claim.definition  # its own values
+    assert "'-ODD'" in claim.definition
     with engine.connect() as connection:
         ids = _numbered(connection)
         expected = sorted(connection.execute(STATEMENT, {"skip": ids[1], "by": 10, "tag": "a"}).all())
@@ -75,7 +80,7 @@ def test_a_prepared_statement_returns_what_the_statement_returns(engine: Engine)
         got = connection.execute(claim.execute, {"skip": ids[3], "by": 10, "tag": "b"}).all()
         assert got == [(ids[1], 11)] and isinstance(got[0].id, uuid.UUID)
         rows = connection.execute(select(TABLE.c.n, TABLE.c.tag).order_by(TABLE.c.n)).all()
-        assert rows == [(0, None), (2, None), (11, "B"), (13, "A")]  # the caller's value, typed
+        assert rows == [(0, None), (2, None), (11, "B-ODD"), (13, "A-ODD")]  # the values, typed
 
 
 def test_it_is_prepared_once_per_connection_and_again_on_a_new_one(settings: Settings, engine: Engine) -> None:
