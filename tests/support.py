@@ -254,22 +254,52 @@ class Worker(Process):
         from core.publisher import make_publisher
 
         with environment(env):
-            self.control_app = make_publisher(Settings())
+            settings = Settings()
+        self.control_app = make_publisher(settings)
+        self.broker_url = settings.broker_url
         self.hostname = hostname
         self.metrics_url = f"http://127.0.0.1:{env['DERMQ_WORKER_METRICS_PORT']}/metrics"
         super().__init__("worker", args, env, log)
 
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A broker connection of its own for one control call, closed after it. Celery's default, a
+        connection from kombu's process-wide pool, is shared with every other app on the same broker URL
+        in this process (earlier tests' workers, the fault stack's sweeper); after a broker restart a
+        pooled connection's poller may keep waiting on a socket that died with the old server."""
+        connection = self.control_app.connection_for_write()
+        try:
+            yield connection
+        finally:
+            connection.close()
+
     def ping(self) -> bool:
         """Whether the worker answers the control API's ping (its consumer is ready for tasks)."""
         try:
-            replies = self.control_app.control.ping(destination=[self.hostname], timeout=0.5)
+            with self._connection() as connection:
+                replies = self.control_app.control.ping(destination=[self.hostname], timeout=0.5, connection=connection)
         except Exception:  # the broker is down
             return False
         return any(self.hostname in reply for reply in replies)
 
+    def listening(self) -> int:
+        """How many clients the broker has subscribed to the control API's broadcasts (0 when none: a
+        worker that does not answer pings while this is above 0 has lost its replies, not its ears)."""
+        import redis
+
+        client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            return sum(1 for entry in client.client_list() if int(entry.get("psub", 0)) > 0)
+        except redis.RedisError:
+            return -1
+        finally:
+            client.close()
+
     def active(self) -> list[dict[str, Any]]:
         """The tasks its children are running now, as the control API's ``inspect().active()`` says."""
-        replies = self.control_app.control.inspect(destination=[self.hostname], timeout=1).active() or {}
+        with self._connection() as connection:
+            inspector = self.control_app.control.inspect(destination=[self.hostname], timeout=1, connection=connection)
+            replies = inspector.active() or {}
         return list(replies.get(self.hostname, []))
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -353,7 +383,10 @@ def start_worker(
             # answering pings, after tests/faults/test_outages.py had restarted the broker)
             wait_for(lambda: worker.ping() or not worker.alive(), timeout=60, what="the worker to answer a ping")
         except TimeoutError as exc:
-            raise TimeoutError(f"{exc}; its log ends:\n{worker.output()[-3000:]}") from None
+            listening = worker.listening()
+            raise TimeoutError(
+                f"{exc} ({listening} broker clients subscribed to broadcasts); its log ends:\n{worker.output()[-3000:]}"
+            ) from None
         if not worker.alive():
             raise RuntimeError(f"worker exited at start:\n{worker.output()[-3000:]}")
         if wait_for_model and env.get("DERMQ_PRELOAD_MODEL", "true").lower() not in ("0", "false", "no", "off"):
