@@ -85,8 +85,7 @@ class RequestDb:
         if self._thread is None:
             self._thread = self._lanes.take()
         if not last:
-            call = functools.partial(contextvars.copy_context().run, self._call, work)
-            return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+            return await self._on_thread(self._thread, work)
         outcome: list[T] = []
         await self._close_on_thread(lambda session: self._work_and_commit(session, work, outcome))
         return outcome[0]
@@ -95,6 +94,11 @@ class RequestDb:
         """Commit the work so far now (its enqueued tasks are sent); the Session stays for more."""
         if self._session is not None:
             await self.run(self._commit)
+
+    async def _on_thread(self, thread: ThreadPoolExecutor, work: Callable[[Session], T]) -> T:
+        """``work(session)`` on ``thread``, in a copy of the caller's context (its log fields)."""
+        call = functools.partial(contextvars.copy_context().run, self._call, work)
+        return await asyncio.get_running_loop().run_in_executor(thread, call)
 
     def _call(self, work: Callable[[Session], T]) -> T:
         if self._session is None:
@@ -122,8 +126,7 @@ class RequestDb:
         with anyio.CancelScope(shield=True):
             error: BaseException | None = None
             try:  # one hop to the thread for the work, the commit and the close
-                call = functools.partial(contextvars.copy_context().run, self._call, end)
-                error = await asyncio.get_running_loop().run_in_executor(thread, call)
+                error = await self._on_thread(thread, end)
             except BaseException:
                 thread.shutdown(wait=False)  # a thread whose Session did not close is not reused
                 self._thread = None
