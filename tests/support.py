@@ -256,6 +256,9 @@ class Worker(Process):
         with environment(env):
             settings = Settings()
         self.control_app = make_publisher(settings)
+        # a control call's broadcast goes out on the call's own connection (see _connection), not through
+        # kombu's process-wide producer pool
+        self.control_app.control.mailbox.producer_pool = None
         self.broker_url = settings.broker_url
         self.hostname = hostname
         self.metrics_url = f"http://127.0.0.1:{env['DERMQ_WORKER_METRICS_PORT']}/metrics"
@@ -263,10 +266,10 @@ class Worker(Process):
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
-        """A broker connection of its own for one control call, closed after it. Celery's default, a
-        connection from kombu's process-wide pool, is shared with every other app on the same broker URL
-        in this process (earlier tests' workers, the fault stack's sweeper); after a broker restart a
-        pooled connection's poller may keep waiting on a socket that died with the old server."""
+        """A broker connection of its own for one control call (the broadcast and the replies), closed
+        after it. Celery's default, kombu's process-wide pools, are shared by every app on the same
+        broker URL in this process (earlier tests' workers, the fault stack's sweeper), and their
+        connections, with their channels' state, outlive a broker restart."""
         connection = self.control_app.connection_for_write()
         try:
             yield connection
