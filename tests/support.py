@@ -286,8 +286,10 @@ class Worker(Process):
         return any(self.hostname in reply for reply in replies)
 
     def listening(self) -> int:
-        """How many clients the broker has subscribed to the control API's broadcasts (0 when none: a
-        worker that does not answer pings while this is above 0 has lost its replies, not its ears)."""
+        """How many clients of the broker's Redis server are subscribed to pub/sub patterns, which is how
+        kombu delivers the control API's broadcasts; pub/sub spans the server's databases, so on a shared
+        server other stacks' workers count too. On the fault stack's own server, 0 says the worker never
+        listened, and more than 0 that it listened and its replies were lost."""
         import redis
 
         client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=1, socket_timeout=2)
@@ -386,10 +388,8 @@ def start_worker(
             # answering pings, after tests/faults/test_outages.py had restarted the broker)
             wait_for(lambda: worker.ping() or not worker.alive(), timeout=60, what="the worker to answer a ping")
         except TimeoutError as exc:
-            listening = worker.listening()
-            raise TimeoutError(
-                f"{exc} ({listening} broker clients subscribed to broadcasts); its log ends:\n{worker.output()[-3000:]}"
-            ) from None
+            listening = f"{worker.listening()} broker clients subscribed to pub/sub patterns"
+            raise TimeoutError(f"{exc} ({listening}); its log ends:\n{worker.output()[-3000:]}") from None
         if not worker.alive():
             raise RuntimeError(f"worker exited at start:\n{worker.output()[-3000:]}")
         if wait_for_model and env.get("DERMQ_PRELOAD_MODEL", "true").lower() not in ("0", "false", "no", "off"):
