@@ -302,10 +302,20 @@ class Worker(Process):
 
     def active(self) -> list[dict[str, Any]]:
         """The tasks its children are running now, as the control API's ``inspect().active()`` says."""
+        return list(self._inspected("active", timeout=1) or [])
+
+    def stats(self) -> dict[str, Any]:
+        """Its statistics, as the control API's ``inspect().stats()`` says ({} when it does not answer)."""
+        return dict(self._inspected("stats", timeout=2) or {})
+
+    def _inspected(self, method: str, *, timeout: float) -> Any:
+        """Its reply to the control API's ``inspect().<method>()`` on a connection of its own; None if none."""
         with self._connection() as connection:
-            inspector = self.control_app.control.inspect(destination=[self.hostname], timeout=1, connection=connection)
-            replies = inspector.active() or {}
-        return list(replies.get(self.hostname, []))
+            inspector = self.control_app.control.inspect(
+                destination=[self.hostname], timeout=timeout, connection=connection
+            )
+            replies = getattr(inspector, method)() or {}
+        return replies.get(self.hostname)
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Its metrics endpoint's samples, {} while it does not answer."""

@@ -44,8 +44,7 @@ def _worker(stack_env, stack_dir: Path, settings, broker_url: str, name: str, **
 
 def _classify_runs(worker: support.Worker) -> int:
     """How many classify messages the worker handed to its child (Celery's own count)."""
-    stats = worker.control_app.control.inspect(destination=[worker.hostname], timeout=2).stats() or {}
-    return int(stats.get(worker.hostname, {}).get("total", {}).get("dermq.classify", 0))
+    return int(worker.stats().get("total", {}).get("dermq.classify", 0))
 
 
 def _waiting(broker: redis.Redis) -> int:
