@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -79,38 +78,6 @@ def test_postgres_keeps_its_data_in_a_named_volume_and_has_a_health_check() -> N
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     assert "POSTGRES_PASSWORD" not in postgres["environment"], "the password comes from POSTGRES_PASSWORD_FILE"
     assert postgres["environment"]["POSTGRES_PASSWORD_FILE"].startswith("/run/secrets/")
-
-
-def _folders_made_for_the_service_user(dockerfile: Path) -> set[str]:
-    """Folders the final stage's ``install -d -o dermq`` commands create."""
-    instructions = m.dockerfile_instructions(dockerfile)
-    final = max(i.stage for i in instructions)
-    folders: set[str] = set()
-    for instruction in instructions:
-        if instruction.stage != final or instruction.keyword != "RUN":
-            continue
-        for command in instruction.args.split("&&"):
-            words = shlex.split(command)
-            if words[:2] != ["install", "-d"] or "-o" not in words or words[words.index("-o") + 1] != "dermq":
-                continue
-            options_end = max(words.index(flag) + 2 for flag in ("-o", "-g", "-m") if flag in words)
-            folders.update(words[options_end:])
-    return folders
-
-
-def test_every_named_volume_of_a_dermq_service_is_a_folder_its_image_makes_for_the_service_user() -> None:
-    # Docker gives a new named volume the owner and mode of the image's folder at the mount point, and
-    # root's when the image has none: the non-root service could then not write to it (the audit
-    # witness file, the period keys, beat's and Flower's state).
-    for name, service in m.compose_services().items():
-        kind = m.compose_image_kind(service)
-        if kind is None:
-            continue
-        made = _folders_made_for_the_service_user(m.DOCKERFILES[kind])
-        for volume in service.get("volumes") or []:
-            source, target = volume.split(":")[:2]
-            if source in m.compose()["volumes"]:
-                assert target in made, f"{name} mounts {source} at {target}, which {kind}'s image does not create"
 
 
 def test_redis_runs_with_the_append_only_file_and_never_evicts() -> None:
