@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,6 @@ import pytest
 from tests.deploy import manifests as m
 
 DERMQ_SERVICES = ("migrate", "api", "worker", "worker-cpu", "beat", "flower")
-
-
-@pytest.fixture(scope="module")
-def compose_schema() -> dict[str, Any]:
-    # The Compose Specification's schema, as vendored by check-jsonschema (Apache-2.0).
-    return json.loads((files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
 
 
 def test_compose_file_follows_the_compose_specification(compose_schema: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """docker-compose.yml against the users its containers run as: every named volume a dermq service
 writes is a folder its image makes for that user, and deploy/secrets/README.md gives every secret
 file to the group of the containers that read it (compose bind-mounts them with the host's owner
-and mode, so a file the guide forgets stays unreadable and its service fails at start)."""
+and mode, so a file the guide forgets stays unreadable and its service fails at start); and only
+the workers, which send completion callbacks, get a route out, and only through the callbacks
+override (deploy/compose.callbacks.yml)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 from tests.deploy import manifests as m
 
 SECRETS_README = m.DEPLOY / "secrets" / "README.md"
+CALLBACKS_OVERRIDE = m.DEPLOY / "compose.callbacks.yml"
 #: the user (and group) each image's processes run as, as deploy/secrets/README.md states them
 DERMQ_UID = 10001
 THIRD_PARTY_UIDS = {"postgres": 999, "nginxinc/nginx-unprivileged": 101}
@@ -86,3 +91,23 @@ def test_the_permissions_check_reads_the_guide() -> None:
     commands = _permissions_commands()
     assert any(c[:2] == ["chown", "root:10001"] and "deploy/secrets/dermq-keys.json" in c for c in commands)
     assert any(c[0] == "chmod" and "deploy/secrets/dermq-keys.json" in c for c in commands)
+
+
+def test_only_the_workers_get_a_route_out_and_only_with_the_callbacks_override(
+    compose_schema: dict[str, Any],
+) -> None:
+    base, override = m.compose(), m.load_yaml(CALLBACKS_OVERRIDE)
+    errors = [e.message for e in jsonschema.Draft202012Validator(compose_schema).iter_errors(override)]
+    assert not errors, errors
+    senders = {name for name, service in base["services"].items() if _runs_celery_worker(service)}
+    assert senders == {"worker", "worker-cpu"}
+    assert set(override["services"]) == senders
+    for name in senders:
+        assert base["services"][name]["networks"] == ["backend"], name
+        joined = set(override["services"][name]["networks"]) - {"backend"}
+        assert joined and all(not override["networks"][n].get("internal") for n in joined), name
+    assert not set(override["networks"]) & set(base["networks"]), "the override must not redefine base networks"
+
+
+def _runs_celery_worker(service: dict[str, Any]) -> bool:
+    return (m.compose_command(service) or [])[:1] == ["celery"] and "worker" in (m.compose_command(service) or [])
