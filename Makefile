@@ -17,12 +17,20 @@ $(STAMP): pyproject.toml client/pyproject.toml
 
 install: $(STAMP)
 
-# Start the machine's PostgreSQL and Redis if they are down, and wait until they answer.
+# Start the machine's PostgreSQL and Redis if they are down, and wait until they answer. dermq logs in to
+# PostgreSQL over its socket as the user make runs as, who creates the databases: as root, make creates
+# that role when it is missing (a stock install has only postgres).
 services:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
 		echo "starting PostgreSQL"; pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; }
 	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
 		pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL did not start"; exit 1; }
+	@psql -d postgres -Atqc 'select 1' >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v runuser >/dev/null; then \
+			echo "creating the PostgreSQL role $$(id -un) (the user make runs as)"; \
+			runuser -u postgres -- createuser --superuser "$$(id -un)"; \
+		fi; psql -d postgres -Atqc 'select 1' >/dev/null || { \
+			echo "cannot log in to PostgreSQL as $$(id -un) over its socket: as postgres, run createuser --superuser $$(id -un)"; exit 1; }; }
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
 		echo "starting Redis"; redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --dir /tmp --save ""; }
 	@for i in $$(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done; \
