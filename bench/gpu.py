@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import FIXTURE_IMAGES, ms, p50, percentile, table, timed
-from tests import support
+from tests import processes, support
 
 DATABASE = "dermq_bench_gpu"
 REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -129,13 +129,13 @@ def pipeline_row(env: dict[str, str], workdir: Path, token: str, device: str, ca
 
     base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
     data = [p.read_bytes() for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
-    api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
+    api = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
     worker = None
     try:
-        support.wait_for(lambda: support.api_up(base) or not api.alive(), timeout=60, what="the API")
+        support.wait_for(lambda: processes.api_up(base) or not api.alive(), timeout=60, what="the API")
         if not api.alive():
             raise RuntimeError(api.output()[-2000:])
-        worker = support.start_worker(env, workdir / "worker.log", concurrency=1)
+        worker = processes.start_worker(env, workdir / "worker.log", concurrency=1)
         http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
         submitted: dict[str, float] = {}
         for i in range(cases):

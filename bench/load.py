@@ -49,7 +49,7 @@ import httpx
 from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, table
 from bench.load_stack import DATABASE, database_tally, sealing_lag, server_intake, start_stack
 from bench.machine import cpu_by_role
-from tests import support
+from tests import processes
 
 
 @dataclass
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--base-url needs --key")
 
     images = camera_jpegs() if args.camera else [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
-    processes: list[support.Process] = []
+    processes: list[processes.Process] = []
     stop_sweeper = threading.Event()
     api_log: Path | None = None
     workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-load-"))  # key file and logs; removed at the end

@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from tests import support
+from tests import processes, support
 
 DATABASE = "dermq_bench_load"
 REDIS_DB = 10
@@ -19,7 +19,7 @@ REDIS_DB = 10
 def start_stack(
     args: argparse.Namespace,
     workdir: Path,
-    processes: list[support.Process],
+    processes: list[processes.Process],
     stopped: threading.Event,
     *,
     database: str = DATABASE,
@@ -47,12 +47,12 @@ def start_stack(
     settings, _, token = support.prepare_stack(env, f"bench-load-{uuid.uuid4().hex[:6]}")
     tokens = [token, *clinic_keys(settings, args.clients - 1)]
     base = f"http://127.0.0.1:{port}"
-    api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
+    api = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
     processes.append(api)
-    support.wait_for(lambda: support.api_up(base) or not api.alive(), timeout=60, what="the API")
+    support.wait_for(lambda: processes.api_up(base) or not api.alive(), timeout=60, what="the API")
     if not api.alive():
         raise RuntimeError(api.output()[-2000:])
-    processes.append(support.start_worker(env, workdir / "worker.log", concurrency=args.concurrency))
+    processes.append(processes.start_worker(env, workdir / "worker.log", concurrency=args.concurrency))
 
     def sweep_every_5_s() -> None:
         from core.publisher import make_publisher

@@ -56,7 +56,7 @@ from bench.load_stack import start_stack
 from bench.machine import OtherWork, cpu_by_role, round_trips
 from bench.peer_clients import DermqSession, LoadRun, PeerSession, Session, closed_loop, idle_latency
 from bench.peer_report import Figures, comparison, cpu_per_case, images_per_second
-from tests import support
+from tests import processes, support
 
 PEER_VENV = ROOT / ".venv-peer"
 #: what pip resolved for the peer on the development machine (Python 3.11); onnxruntime, NumPy and
@@ -98,7 +98,7 @@ def peer_versions(bin_dir: Path) -> dict[str, str]:
 
 @dataclass
 class Peer:
-    process: support.Process
+    process: processes.Process
     base: str
 
     def stop(self) -> None:
@@ -133,7 +133,7 @@ def start_peer(bin_dir: Path, workdir: Path, args: argparse.Namespace) -> Peer:
         "DERMQ_PEER_MAX_LATENCY_MS": str(args.peer_max_latency_ms),
     }
     command = [str(bin_dir / "bentoml"), "serve", "bench.peer_service:PeerClassifier"]
-    process = support.Process("peer", [*command, "--host", "127.0.0.1", "--port", str(port)], env, workdir / "peer")
+    process = processes.Process("peer", [*command, "--host", "127.0.0.1", "--port", str(port)], env, workdir / "peer")
     peer = Peer(process, f"http://127.0.0.1:{port}")
 
     def ready() -> bool:
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     api_processes, children, threads = dermq_layout()
 
     workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-peer-"))  # key file and logs
-    processes: list[support.Process] = []
+    processes: list[processes.Process] = []
     stopped = threading.Event()
     peer: Peer | None = None
     database_url, finished = None, False

@@ -30,7 +30,7 @@ import httpx
 from sqlalchemy import func, select
 
 from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, table
-from tests import support
+from tests import processes, support
 
 DATABASE = "dermq_bench"
 #: the fraction of a backlog's first finishes left out of its throughput (worker start-up)
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     images = camera_jpegs() if args.camera else [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
     base = f"http://127.0.0.1:{port}"
 
-    api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
+    api = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
     worker = None
     try:
-        support.wait_for(lambda: support.api_up(base), timeout=60, what="the API")
-        worker = support.start_worker(env, workdir / "worker.log", concurrency=args.concurrency)
+        support.wait_for(lambda: processes.api_up(base), timeout=60, what="the API")
+        worker = processes.start_worker(env, workdir / "worker.log", concurrency=args.concurrency)
         http = httpx.Client(base_url=base, headers=headers, timeout=30)
 
         def submit(data: bytes) -> str:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             worker.stop()
             worker = None
             backlog_ids = [submit(images[i % len(images)]) for i in range(args.backlog)]
-            worker = support.start_worker(
+            worker = processes.start_worker(
                 env | {"DERMQ_BATCHING": mode}, workdir / f"worker-{mode}.log", concurrency=args.concurrency
             )
             rate, mode_failed = drain_rate(settings, backlog_ids)

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import table
-from tests import support
+from tests import processes, support
 
 DATABASE = "dermq_bench_poll"
 REDIS_DB = 9
@@ -34,13 +34,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_api(env: dict[str, str], workdir: Path, name: str, **overrides: str) -> tuple[support.Process, str]:
+def start_api(env: dict[str, str], workdir: Path, name: str, **overrides: str) -> tuple[processes.Process, str]:
     port = support.free_port()
-    process = support.Process(
+    process = processes.Process(
         name, [str(support.VENV_BIN / "dermq-api")], {**env, "DERMQ_API_PORT": str(port), **overrides}, workdir / name
     )
     base = f"http://127.0.0.1:{port}"
-    support.wait_for(lambda: support.api_up(base) or not process.alive(), timeout=60, what=f"the API ({name})")
+    support.wait_for(lambda: processes.api_up(base) or not process.alive(), timeout=60, what=f"the API ({name})")
     if not process.alive():
         raise RuntimeError(process.output()[-2000:])
     return process, base
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     settings, _, token = support.prepare_stack(env, "bench-poll")
     headers = {"Authorization": f"Bearer {token}"}
-    processes: list[support.Process] = []
+    processes: list[processes.Process] = []
     try:
         uncached, base_uncached = start_api(env, workdir, "api-uncached", DERMQ_KEY_CACHE_SECONDS="0")
         processes.append(uncached)

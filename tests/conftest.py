@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests import support
+from tests import processes, support
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -128,7 +128,7 @@ def client(api_app):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -> Iterator[support.Worker]:  # type: ignore[no-untyped-def]
+def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -> Iterator[processes.Worker]:  # type: ignore[no-untyped-def]
     """A real Celery worker process (prefork, one child) on the test database and Redis.
 
     One case per task (``DERMQ_BATCHING=off``): many tests store queued cases that nothing publishes
@@ -136,13 +136,13 @@ def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -
     it takes. Batching is tested on databases and brokers of its own (``own_database``:
     tests/worker/test_batching.py, tests/worker/test_priorities.py; tests/faults)."""
     env = {**stack_env, "DERMQ_BATCHING": "off"}
-    process = support.start_worker(env, stack_dir / "worker.log", name="main")
+    process = processes.start_worker(env, stack_dir / "worker.log", name="main")
     yield process
     process.stop()
 
 
 #: the live API processes started by ``live_api`` (tests/api/test_metrics.py scrapes the last one's metrics)
-live_api_process: list[support.Process] = []
+live_api_process: list[processes.Process] = []
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +156,7 @@ def live_api(stack_env: dict[str, str], stack_dir: Path, database, redis_client)
         "DERMQ_MAX_UPLOAD_BYTES": str(1024 * 1024),
         "DERMQ_METRICS_PORT": str(support.free_port()),
     }
-    with support.api_process(env, stack_dir / "live-api.log") as (base, server):
+    with processes.api_process(env, stack_dir / "live-api.log") as (base, server):
         server.metrics_url = f"http://127.0.0.1:{env['DERMQ_METRICS_PORT']}/metrics"  # type: ignore[attr-defined]
         live_api_process.append(server)
         yield base

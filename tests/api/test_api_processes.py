@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import support
+from tests import processes, support
 from tests.api.test_metrics import scrape, total
 
 
@@ -36,7 +36,7 @@ def two_process_api(
         "DERMQ_METRICS_PORT": str(metrics_port),
         "DERMQ_API_PROCESSES": "2",
     }
-    with support.api_process(env, stack_dir / "two-process-api.log", timeout=90) as (base, server):
+    with processes.api_process(env, stack_dir / "two-process-api.log", timeout=90) as (base, server):
         yield base, f"http://127.0.0.1:{metrics_port}/metrics", server.proc.pid
 
 

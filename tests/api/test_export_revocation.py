@@ -21,7 +21,7 @@ from sqlalchemy import select
 from core import audit, keys
 from core.db import session_scope
 from core.models import AuditEvent
-from tests import support
+from tests import processes, support
 from tests.conftest import Tenant, new_tenant
 
 #: 60 pages of the export's 1000 events, about 25 MB of NDJSON
@@ -37,7 +37,7 @@ def export_api(own_database, stack_env: dict[str, str], stack_dir: Path, keyring
         "DERMQ_API_PORT": str(port),
         "DERMQ_API_PROCESSES": "1",
     }
-    with support.api_process(env, stack_dir / "export-api.log") as (base, _):
+    with processes.api_process(env, stack_dir / "export-api.log") as (base, _):
         yield base, own_database
 
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests import support
+from tests import processes, support
 
 BUDGET_MIB = 256
 
@@ -30,7 +30,7 @@ def peak_rss_mib(pid: int) -> tuple[float, float]:
 @pytest.fixture
 def bounded_api(
     stack_env: dict[str, str], stack_dir: Path, database, redis_client
-) -> Iterator[tuple[str, support.Process]]:  # type: ignore[no-untyped-def]
+) -> Iterator[tuple[str, processes.Process]]:  # type: ignore[no-untyped-def]
     """An API process with a 256 MiB decode budget and at most 4 uploads in flight per clinic."""
     port = support.free_port()
     env = {
@@ -39,7 +39,7 @@ def bounded_api(
         "DERMQ_DECODE_MEMORY_BYTES": str(BUDGET_MIB * 1024 * 1024),
         "DERMQ_MAX_CONCURRENT_UPLOADS_PER_CLINIC": "4",
     }
-    with support.api_process(env, stack_dir / "bounded-api.log") as started:
+    with processes.api_process(env, stack_dir / "bounded-api.log") as started:
         yield started
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests import support
+from tests import processes, support
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -26,7 +26,7 @@ def test_uvicorn_serves_tls_with_hsts(stack_env, tmp_path: Path, tenant) -> None
     cert, key = self_signed(tmp_path)
     port = support.free_port()
     env = {**stack_env, "DERMQ_API_PORT": str(port), "DERMQ_TLS_CERTFILE": str(cert), "DERMQ_TLS_KEYFILE": str(key)}
-    server = support.Process("api-tls", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    server = processes.Process("api-tls", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
     context = ssl.create_default_context(cafile=str(cert))
     try:
 

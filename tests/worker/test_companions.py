@@ -22,7 +22,7 @@ from core.db import session_scope
 from core.models import Case
 from core.publisher import make_publisher
 from core.queueing import queue_lists
-from tests import support
+from tests import processes, support
 from tests.conftest import case_store, new_tenant
 from worker import companions
 from worker.batching import run_batch
@@ -31,7 +31,7 @@ from worker.tasks import sweep_once
 pytestmark = pytest.mark.usefixtures("database", "empty_queue")
 
 
-def _worker(stack_env, stack_dir: Path, settings, broker_url: str, name: str, **extra: str) -> support.Worker:  # type: ignore[no-untyped-def]
+def _worker(stack_env, stack_dir: Path, settings, broker_url: str, name: str, **extra: str) -> processes.Worker:  # type: ignore[no-untyped-def]
     env = {
         **stack_env,
         "DERMQ_DATABASE_URL": settings.database_url,
@@ -39,10 +39,10 @@ def _worker(stack_env, stack_dir: Path, settings, broker_url: str, name: str, **
         "DERMQ_WORKER_METRICS_PORT": "0",
         **extra,
     }
-    return support.start_worker(env, stack_dir / f"{name}.log", concurrency=1, queues="cases")
+    return processes.start_worker(env, stack_dir / f"{name}.log", concurrency=1, queues="cases")
 
 
-def _classify_runs(worker: support.Worker) -> int:
+def _classify_runs(worker: processes.Worker) -> int:
     """How many classify messages the worker handed to its child (Celery's own count)."""
     return int(worker.stats().get("total", {}).get("dermq.classify", 0))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import support
+from tests import processes, support
 
 
 def flower_answers(url: str) -> bool:
@@ -28,7 +28,7 @@ def test_flower_demands_its_password_which_no_command_line_shows(stack_env, tmp_
         "DERMQ_FLOWER_PORT": str(port),
         "DERMQ_FLOWER_USER": "operator",
     }
-    flower = support.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
+    flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
     base = f"http://127.0.0.1:{port}"
     try:
         support.wait_for(lambda: flower_answers(base) or not flower.alive(), timeout=60, what="Flower to listen")
@@ -53,7 +53,7 @@ def test_flower_refuses_to_start_without_a_real_password_in_production(
         "DERMQ_FLOWER_PASSWORD": password,
         "DERMQ_FLOWER_PORT": str(support.free_port()),
     }
-    flower = support.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
+    flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
     try:
         assert flower.proc.wait(60) != 0
     finally:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from core.db import session_scope
 from core.models import Case
 from core.publisher import make_publisher
-from tests import support
+from tests import processes, support
 from tests.api.test_memory_bombs import peak_rss_mib
 from tests.conftest import case_store, new_tenant
 
@@ -49,7 +49,7 @@ def test_sixteen_lossless_bombs_keep_a_worker_child_bounded(  # type: ignore[no-
     try:
         publisher = make_publisher(settings.model_copy(update={"redis_url": broker.url}))
         env = {**stack_env, "DERMQ_DATABASE_URL": settings.database_url, "DERMQ_REDIS_URL": broker.url}
-        worker = support.start_worker(env, stack_dir / "bombs-worker.log", name="bombs")
+        worker = processes.start_worker(env, stack_dir / "bombs-worker.log", name="bombs")
         (child,) = children(worker.proc.pid)
         for case_id in ids:
             assert support.publish_classify(publisher, case_id, "routine")

@@ -25,7 +25,7 @@ from core.config import Settings
 from core.db import session_scope
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
 from ml.labels import CLASSES, NUM_CLASSES
-from tests import support
+from tests import processes, support
 from tests.api.test_metrics import scrape, total
 from tests.conftest import Tenant, case_store, new_tenant
 
@@ -74,7 +74,7 @@ def gated_entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @dataclass
 class GatedStack:
     settings: Settings
-    worker: support.Worker
+    worker: processes.Worker
     client: Any  # fastapi.testclient.TestClient
     metrics_url: str
 
@@ -97,7 +97,7 @@ def gated(stack_env, stack_dir: Path, settings, database, gated_entry: Path, pri
             "DERMQ_BATCHING": "off",
             "DERMQ_WORKER_METRICS_PORT": "0",  # a listener of its own
         }
-        worker = support.start_worker(env, stack_dir / "gated-worker.log", name="gated")
+        worker = processes.start_worker(env, stack_dir / "gated-worker.log", name="gated")
         config = settings.model_copy(update={"model": str(gated_entry), "redis_url": broker.url})
         with TestClient(create_app(config), raise_server_exceptions=False) as client:
             yield GatedStack(config, worker, client, worker.metrics_url)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from core.db import session_scope
 from core.models import Case
 from core.publisher import make_publisher
-from tests import support
+from tests import processes, support
 from tests.conftest import case_store, new_tenant
 
 pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.slow]
@@ -42,7 +42,7 @@ def test_urgent_cases_are_served_before_a_routine_backlog(
             "DERMQ_REDIS_URL": broker.url,
             "DERMQ_WORKER_METRICS_PORT": "0",
         }
-        worker = support.start_worker(env, stack_dir / "priorities-worker.log", concurrency=1)
+        worker = processes.start_worker(env, stack_dir / "priorities-worker.log", concurrency=1)
         every = routine + urgent
 
         def started() -> dict | None:

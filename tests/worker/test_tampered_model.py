@@ -10,7 +10,7 @@ import pytest
 
 from core.publisher import make_publisher
 from ml import registry
-from tests import support
+from tests import processes, support
 from tests.worker.test_tasks import wait_terminal
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -36,7 +36,7 @@ def test_tampered_weights_fail_the_case_not_the_worker(
             "DERMQ_WORKER_METRICS_PORT": "0",  # a listener of its own
         }
         # the preload fails: nothing to wait for but the worker's answer to a ping
-        worker = support.start_worker(env, stack_dir / "tampered-worker.log", name="tampered", wait_for_model=False)
+        worker = processes.start_worker(env, stack_dir / "tampered-worker.log", name="tampered", wait_for_model=False)
         publisher = make_publisher(settings.model_copy(update={"redis_url": broker.url}))
         first, second = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes)
         for case_id in (first, second):
