@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 
 from tests.deploy import manifests as m
+from tests.deploy import nginx_conf
 
 DERMQ_SERVICES = ("migrate", "api", "worker", "worker-cpu", "beat", "flower")
 
@@ -57,7 +58,7 @@ def test_only_nginx_publishes_ports_443_and_80() -> None:
 
 
 def test_nginx_publishes_the_ports_its_configuration_listens_on() -> None:
-    conf = m.parse_nginx(m.NGINX_CONF.read_text())
+    conf = nginx_conf.parse_nginx(m.NGINX_CONF.read_text())
     http = conf.find("http")[0]
     listening = {d.args[0].rsplit(":", 1)[-1] for server in http.find("server") for d in server.find("listen")}
     container_ports = {str(port).split(":")[-1] for port in m.compose_services()["nginx"]["ports"]}
@@ -221,7 +222,7 @@ def test_container_listeners_bind_all_interfaces_and_match_the_ports_others_use(
     assert {str(api.api_port), str(api.metrics_port)} <= set(m.compose_services()["api"]["expose"])
     upstreams = [
         d.args[0]
-        for d in m.parse_nginx(m.NGINX_CONF.read_text()).walk()
+        for d in nginx_conf.parse_nginx(m.NGINX_CONF.read_text()).walk()
         if d.name == "server" and d.args and ":" in d.args[0] and not d.block
     ]
     assert f"api:{api.api_port}" in upstreams, f"nginx upstream {upstreams} must point at api:{api.api_port}"

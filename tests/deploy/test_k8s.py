@@ -1,32 +1,27 @@
 """deploy/k8s: every manifest is valid Kubernetes, the pieces refer to each other correctly, the
-pods are locked down, and KEDA counts every Redis list of the cases queue."""
+pods are locked down and mount only their secrets (network policies: test_k8s_network; KEDA:
+test_k8s_keda)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import latest_version
 
 from tests.deploy import manifests as m
+from tests.deploy import nginx_conf
 
 #: The oldest Kubernetes we support, and the newest the installed schemas know.
 K8S_VERSIONS = ("1.30", latest_version())
 CRD_API_GROUPS = ("keda.sh/", "kustomize.config.k8s.io/")
-NAMESPACE = "dermq"
-COMPONENTS = {"api", "worker", "beat", "flower", "migrate"}
-#: Who may reach the datastores (see networkpolicies.yaml for why beat and Flower differ).
-POSTGRES_CLIENTS = {"api", "worker", "migrate"}
-REDIS_CLIENTS = {"api", "worker", "beat", "flower"}
 
 
 def _schema_checked() -> list[tuple[Path, dict[str, Any]]]:
@@ -57,7 +52,7 @@ def test_every_object_is_namespaced_to_dermq_and_listed_in_a_kustomization() -> 
     listed: set[Path] = set()
     for kustomization in (m.K8S / "kustomization.yaml", m.K8S / "migrate" / "kustomization.yaml"):
         doc = m.load_yaml(kustomization)
-        assert doc["namespace"] == NAMESPACE
+        assert doc["namespace"] == m.NAMESPACE
         for resource in doc["resources"]:
             path = (kustomization.parent / resource).resolve()
             assert path.is_file(), f"{kustomization}: {resource} does not exist"
@@ -65,7 +60,7 @@ def test_every_object_is_namespaced_to_dermq_and_listed_in_a_kustomization() -> 
     for path, doc in m.k8s_documents():
         if doc["kind"] in ("Kustomization", "Namespace"):
             continue
-        assert doc["metadata"].get("namespace") == NAMESPACE, f"{path}: {doc['kind']} outside {NAMESPACE}"
+        assert doc["metadata"].get("namespace") == m.NAMESPACE, f"{path}: {doc['kind']} outside {m.NAMESPACE}"
     manifests = {p.resolve() for p, d in m.k8s_documents() if d["kind"] != "Kustomization"}
     templates = {p for p in manifests if p.parent.name == "secrets"}
     assert manifests - templates == listed, "every manifest but the Secret templates belongs to a kustomization"
@@ -95,7 +90,7 @@ def test_kustomize_builds(folder: str) -> None:
 
 def test_workloads_are_the_expected_components_with_matching_selectors() -> None:
     found = {w.component: w for w in m.workloads()}
-    assert set(found) == COMPONENTS
+    assert set(found) == m.COMPONENTS
     assert found["migrate"].kind == "Job"
     for w in found.values():
         assert w.labels["app.kubernetes.io/part-of"] == "dermq"
@@ -212,7 +207,7 @@ def test_ingress_streams_uploads_and_allows_the_api_upload_cap() -> None:
     from core.config import Settings
 
     annotations = m.k8s_object("Ingress", "dermq")["metadata"]["annotations"]
-    body = m.nginx_size(annotations["nginx.ingress.kubernetes.io/proxy-body-size"])
+    body = nginx_conf.nginx_size(annotations["nginx.ingress.kubernetes.io/proxy-body-size"])
     api_cap = Settings.model_fields["max_upload_bytes"].default + FORM_OVERHEAD
     assert api_cap <= body <= api_cap + 2 * 1024 * 1024
     assert annotations["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
@@ -239,7 +234,7 @@ def test_worker_termination_grace_outlasts_the_task_time_limit() -> None:
     assert grace > limit
 
 
-@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("component", sorted(m.COMPONENTS))
 def test_each_pod_starts_with_valid_production_settings(
     component: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,7 +267,7 @@ def test_each_pod_starts_with_valid_production_settings(
     process = m.process_of(container["command"])
     assert process == component, f"{w.name} runs {container['command']}"
     assert names == m.SECRETS_READ[process], f"{component} must mount exactly {set(m.SECRETS_READ[process])}"
-    if component in POSTGRES_CLIENTS:
+    if component in m.POSTGRES_CLIENTS:
         assert f"{secrets_dir}/dermq_database_url" in files, f"{component} needs the database URL"
     if component in ("api", "worker"):
         assert str(settings.key_file) in files, f"{component} reads {settings.key_file}, which is not mounted"
@@ -342,145 +337,3 @@ def test_secret_templates_carry_the_keys_the_pods_mount() -> None:
     ingress = m.k8s_object("Ingress", "dermq")
     for tls in ingress["spec"]["tls"]:
         assert tls["secretName"] in templates
-
-
-# --------------------------------------------------------------------------- NetworkPolicies
-
-
-def _policies() -> list[dict[str, Any]]:
-    return m.k8s_objects("NetworkPolicy")
-
-
-def _allowed_components(target_labels: dict[str, str], port: int) -> set[str]:
-    """dermq components whose pods an ingress policy lets reach pods with target_labels on port."""
-    allowed = set()
-    for policy in _policies():
-        spec = policy["spec"]
-        if "Ingress" not in spec["policyTypes"] or not m.selector_matches(spec["podSelector"], target_labels):
-            continue
-        for rule in spec.get("ingress", []):
-            if not any(p.get("port") == port for p in rule.get("ports", [])):
-                continue
-            for peer in rule.get("from", []):
-                if "podSelector" in peer and "namespaceSelector" not in peer:
-                    for component in COMPONENTS:
-                        labels = {**m.workload(component).labels}
-                        if m.selector_matches(peer["podSelector"], labels):
-                            allowed.add(component)
-    return allowed
-
-
-def _egress_allowed(component: str, target_labels: dict[str, str], port: int) -> bool:
-    labels = m.workload(component).labels
-    for policy in _policies():
-        spec = policy["spec"]
-        if "Egress" not in spec["policyTypes"] or not m.selector_matches(spec["podSelector"], labels):
-            continue
-        for rule in spec.get("egress", []):
-            ports_ok = any(p.get("port") == port for p in rule.get("ports", []))
-            peers_ok = any(
-                "podSelector" in peer and m.selector_matches(peer["podSelector"], target_labels)
-                for peer in rule.get("to", [])
-            )
-            if ports_ok and peers_ok:
-                return True
-    return False
-
-
-def test_every_dermq_pod_is_denied_by_default() -> None:
-    deny = m.k8s_object("NetworkPolicy", "dermq-default-deny")["spec"]
-    assert set(deny["policyTypes"]) == {"Ingress", "Egress"}
-    assert "ingress" not in deny and "egress" not in deny
-    for w in m.workloads():
-        assert m.selector_matches(deny["podSelector"], w.labels), f"{w.name} escapes the default deny"
-
-
-@pytest.mark.parametrize(
-    ("name", "port", "clients"),
-    [("postgres", 5432, POSTGRES_CLIENTS), ("redis", 6379, REDIS_CLIENTS)],
-)
-def test_only_the_right_components_reach_the_datastores(name: str, port: int, clients: set[str]) -> None:
-    target = {"app.kubernetes.io/name": name}
-    assert _allowed_components(target, port) == clients
-    for component in COMPONENTS:
-        assert _egress_allowed(component, target, port) == (component in clients), (component, name)
-
-
-def test_keda_may_reach_redis() -> None:
-    redis_policies = [
-        p for p in _policies() if m.selector_matches(p["spec"]["podSelector"], {"app.kubernetes.io/name": "redis"})
-    ]
-    namespaces = {
-        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-        for policy in redis_policies
-        for rule in policy["spec"]["ingress"]
-        for peer in rule["from"]
-        if "namespaceSelector" in peer
-    }
-    assert "keda" in namespaces
-
-
-def test_only_the_ingress_controller_reaches_the_api_port() -> None:
-    policy = m.k8s_object("NetworkPolicy", "dermq-api-ingress")
-    for rule in policy["spec"]["ingress"]:
-        namespaces = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in rule["from"]}
-        ports = {p["port"] for p in rule["ports"]}
-        if "http" in ports:
-            assert namespaces == {"ingress-nginx"}
-        else:
-            assert ports == {"metrics"} and namespaces == {"monitoring"}
-
-
-# --------------------------------------------------------------------------- KEDA
-
-
-def test_keda_scales_the_gpu_worker_on_every_list_of_the_cases_queue() -> None:
-    from core.queueing import queue_lists
-
-    scaled = m.k8s_object("ScaledObject", "dermq-worker")
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    spec = scaled["spec"]
-    target = spec["scaleTargetRef"]
-    assert target.get("kind", "Deployment") == "Deployment"
-    assert target["name"] == m.workload("worker").name
-    assert "nvidia.com/gpu" in m.workload("worker").containers[0]["resources"]["limits"]
-    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], "maintenance needs a worker at all times"
-
-    triggers = spec["triggers"]
-    assert all(trigger["type"] == "redis" for trigger in triggers)
-    lists = [trigger["metadata"]["listName"] for trigger in triggers]
-    assert sorted(lists) == sorted(queue_lists()), f"KEDA counts {lists!r}, the queue is {queue_lists()!r}"
-    assert len(set(lists)) == len(lists)
-    for trigger in triggers:
-        for key in ("address", "listName", "listLength"):
-            assert isinstance(trigger["metadata"][key], str), f"KEDA metadata values are strings: {key}"
-        assert int(trigger["metadata"]["listLength"]) > 0
-
-
-def test_keda_sums_the_lists_rather_than_taking_the_longest() -> None:
-    spec = m.k8s_object("ScaledObject", "dermq-worker")["spec"]
-    names = [trigger["name"] for trigger in spec["triggers"]]
-    modifiers = spec["advanced"]["scalingModifiers"]
-    terms = [term.strip() for term in modifiers["formula"].split("+")]
-    assert sorted(terms) == sorted(names), f"formula {modifiers['formula']!r} must add up every trigger {names}"
-    assert float(modifiers["target"]) > 0
-    assert modifiers.get("metricType", "AverageValue") == "AverageValue"
-
-
-def test_keda_reads_the_redis_that_dermq_uses() -> None:
-    redis_url = urlsplit(m.configmap_data()["DERMQ_REDIS_URL"])
-    database = (redis_url.path or "/0").lstrip("/") or "0"
-    for trigger in m.k8s_object("ScaledObject", "dermq-worker")["spec"]["triggers"]:
-        host, port = trigger["metadata"]["address"].rsplit(":", 1)
-        assert host in (redis_url.hostname, f"{redis_url.hostname}.{NAMESPACE}.svc.cluster.local")
-        assert int(port) == (redis_url.port or 6379)
-        assert trigger["metadata"].get("databaseIndex", "0") == database
-
-
-def test_worker_and_keda_agree_on_the_queues_consumed() -> None:
-    from core.queueing import QUEUE_CASES, QUEUE_MAINTENANCE
-
-    command = m.workload("worker").containers[0]["command"]
-    queues = command[command.index("--queues") + 1].split(",")
-    assert sorted(queues) == sorted([QUEUE_CASES, QUEUE_MAINTENANCE])
-    assert re.fullmatch(r"[a-z]+", QUEUE_CASES)

@@ -11,11 +11,12 @@ import pytest
 
 from tests import processes, support
 from tests.deploy import manifests as m
+from tests.deploy import nginx_conf
 
 
 @pytest.fixture(scope="module")
 def conf() -> m.Directive:
-    return m.parse_nginx(m.NGINX_CONF.read_text())
+    return nginx_conf.parse_nginx(m.NGINX_CONF.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_upload_cap_is_a_little_above_the_apis(tls_server: m.Directive) -> None:
     from api.upload import FORM_OVERHEAD
     from core.config import Settings
 
-    cap = m.nginx_size(tls_server.find("client_max_body_size")[0].args[0])
+    cap = nginx_conf.nginx_size(tls_server.find("client_max_body_size")[0].args[0])
     max_upload = int(
         m.compose_environment(m.compose_services()["api"]).get(
             "DERMQ_MAX_UPLOAD_BYTES", Settings.model_fields["max_upload_bytes"].default
