@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import pgbinary
 from core.crypto import Keyring, SealedBlob, decrypt_blob
-from core.errors import NotFound
+from core.errors import DecryptionError, NotFound
 from core.models import BlobKind, CaseBlob
 
 
@@ -32,11 +32,20 @@ class StoredImage:
 
 
 def load_image(session: Session, *, keyring: Keyring, case_id: uuid.UUID) -> StoredImage:
-    return load_images(session, keyring=keyring, case_ids=[case_id])[case_id]
+    """The decrypted image of one case; raises :class:`NotFound` or :class:`DecryptionError` if it cannot be read."""
+    images, unreadable = read_images(session, keyring=keyring, case_ids=[case_id])
+    if case_id in unreadable:
+        raise unreadable[case_id]
+    return images[case_id]
 
 
-def load_images(session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StoredImage]:
-    """The decrypted image of each of ``case_ids``, its working copy where it has one, in one statement."""
+def read_images(
+    session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.UUID]
+) -> tuple[dict[uuid.UUID, StoredImage], dict[uuid.UUID, NotFound | DecryptionError]]:
+    """The decrypted image of each of ``case_ids`` that can be read, its working copy where it has one,
+    in one statement; and, for each of the others, why not: no stored image (:class:`NotFound`) or one
+    that does not decrypt under its case and key (:class:`DecryptionError`). One unreadable case never
+    stops the others of a batch."""
     rows = pgbinary.copy_out(  # raw bytes, not hex: see core.pgbinary
         session,
         "SELECT DISTINCT ON (case_id) case_id, kind, ciphertext, nonce, wrapped_key, kek_id FROM case_blobs"
@@ -53,15 +62,20 @@ def load_images(session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.U
         case_id: (kind, SealedBlob(ciphertext, nonce, wrapped, kek))
         for case_id, kind, ciphertext, nonce, wrapped, kek in rows
     }
-    if missing := [case_id for case_id in case_ids if case_id not in found]:
-        raise NotFound(f"{len(missing)} case(s) have no stored image", code="image_missing")
-    return {
-        case_id: StoredImage(
-            decrypt_blob(keyring, found[case_id][1], case_id=case_id, kind=found[case_id][0]),
-            found[case_id][0] == BlobKind.WORKING.value,
-        )
-        for case_id in case_ids
-    }
+    images: dict[uuid.UUID, StoredImage] = {}
+    unreadable: dict[uuid.UUID, NotFound | DecryptionError] = {}
+    for case_id in case_ids:
+        if case_id not in found:
+            unreadable[case_id] = NotFound("the case has no stored image", code="image_missing")
+            continue
+        kind, blob = found[case_id]
+        try:
+            images[case_id] = StoredImage(
+                decrypt_blob(keyring, blob, case_id=case_id, kind=kind), kind == BlobKind.WORKING.value
+            )
+        except DecryptionError as exc:
+            unreadable[case_id] = exc
+    return images, unreadable
 
 
 def drop_working_copies(session: Session, case_ids: Sequence[uuid.UUID]) -> None:

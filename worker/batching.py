@@ -21,7 +21,6 @@ from core import case_images, case_states
 from core.case_images import StoredImage
 from core.config import Settings
 from core.db import session_scope
-from core.errors import NotFound
 from core.logs import case_id_var
 from core.models import Case
 from worker import companions, pipeline, results, runtime
@@ -101,7 +100,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     predictor = runtime.get_predictor(config)
     claimed: list[Case] = []
     items: list[ClaimedCase] = []
-    missing: NotFound | None = None
+    unreadable: dict[uuid.UUID, Exception] = {}
     # The look, the claim and the images' read share one transaction (one connection checkout, one
     # commit, which need not wait for the disk: a lost claim leaves the case queued for the sweeper).
     with session_scope(config, durable=False) as session:
@@ -114,7 +113,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
                 max_pixels=config.batch_max_pixels,
                 reduce_to=config.overlay_max_side,  # what the worker's decoder is given (pipeline._decode_claimed)
             )
-            items, missing = with_images(session, config, claimed)
+            items, unreadable = with_images(session, config, claimed)
     if len(claimed) > 1:
         # their own messages are dropped in the main process from now on (worker.companions)
         companions.mark(config, [c.id for c in claimed if c.id != case_id])
@@ -124,18 +123,16 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     progress.attempt = claimed[0].attempts
     outcomes: dict[uuid.UUID, str] = {}
     try:
-        if missing is not None:
-            raise missing
+        _fail_unreadable(config, claimed, unreadable, outcomes)
         if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
             time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
             with session_scope(config, durable=False) as session:
                 more = case_states.claim_queued(session, limit=config.batch_max_size - len(items))
-                more_items, missing = with_images(session, config, more)
+                more_items, unreadable = with_images(session, config, more)
             claimed += more
             items += more_items
             companions.mark(config, [c.id for c in more])
-            if missing is not None:
-                raise missing
+            _fail_unreadable(config, more, unreadable, outcomes)
         _run_claimed_batch(config, predictor, items, started, outcomes)
     except BaseException:
         _requeue_unfinished(config, [c for c in claimed if c.id != case_id and c.id not in outcomes])
@@ -151,17 +148,30 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
 
 def with_images(
     session: Session, config: Settings, claimed: Sequence[Case]
-) -> tuple[list[ClaimedCase], NotFound | None]:
-    """Each claimed case with its decrypted image, read in the claim's transaction; or, if an image is
-    missing, no cases and the error, raised by the caller once the claim has committed (so the cases
-    stay claimed and the sweeper ends them after their attempts, as for any case that cannot run)."""
+) -> tuple[list[ClaimedCase], dict[uuid.UUID, Exception]]:
+    """Each claimed case whose image can be read, with it decrypted, read in the claim's transaction;
+    and why each other one's cannot (no stored image, or one that does not decrypt). The claim commits
+    either way, and the caller fails each unreadable case alone (:func:`_fail_unreadable`): one bad
+    case must not stop, or fail, the others its batch took."""
     if not claimed:
-        return [], None
-    try:
-        images = case_images.load_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
-    except NotFound as exc:
-        return [], exc
-    return [ClaimedCase(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed], None
+        return [], {}
+    images, unreadable = case_images.read_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
+    return [ClaimedCase(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed if c.id in images], dict(
+        unreadable
+    )
+
+
+def _fail_unreadable(
+    config: Settings, claimed: Sequence[Case], unreadable: dict[uuid.UUID, Exception], outcomes: dict[uuid.UUID, str]
+) -> None:
+    """Fail each claimed case whose image cannot be read, alone (:func:`worker.pipeline._fail_unreadable`)."""
+    for case in claimed:
+        if case.id in unreadable:
+            token = case_id_var.set(str(case.id))
+            try:
+                outcomes[case.id] = pipeline._fail_unreadable(config, case.id, case.attempts, unreadable[case.id])
+            finally:
+                case_id_var.reset(token)
 
 
 def _run_claimed_batch(

@@ -21,7 +21,6 @@ from core.case_images import StoredImage
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
-from core.errors import NotFound
 from core.logs import case_id_var
 from ml import working_copy
 from ml.decode_budget import DecodeBudget, TooLargeToDecode
@@ -98,6 +97,16 @@ def _fail(config: Settings, case_id: uuid.UUID, attempt: int | None, code: str, 
     return "failed"
 
 
+def _fail_unreadable(config: Settings, case_id: uuid.UUID, attempt: int, error: Exception) -> str:
+    """Fail a claimed case whose stored image cannot be read (none stored, or one that does not decrypt),
+    fenced by its attempt: no retry can help, and the claim has committed."""
+    log.error(
+        "a claimed case's stored image cannot be read",
+        extra={"event": "image_unreadable", "error": type(error).__name__},
+    )
+    return _fail(config, case_id, attempt, "model_error", _model_error(error, "reading its stored image"))
+
+
 def _classify_image(config: Settings, predictor: Predictor, image: Image.Image, attempt: int) -> Classified:
     """Inference on the primary predictor; when its GPU runs out of memory, free the cache and run this
     case on a CPU predictor (the CUDA one stays for the next cases)."""
@@ -143,21 +152,17 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     progress = progress if progress is not None else Progress()
     started = time.perf_counter()
     # The claim and the image's read share one transaction (one connection checkout, one commit).
-    missing: NotFound | None = None
-    stored = StoredImage(b"", working_copy=False)
     with session_scope(config, durable=False) as session:  # a lost claim leaves the case queued
         case = case_states.claim_case(session, case_id)
         if case is None:
             log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
             return "skipped"
         attempt, created_at = case.attempts, case.created_at
-        try:
-            stored = case_images.load_image(session, keyring=keyring(config), case_id=case_id)
-        except NotFound as exc:  # the claim still commits: the sweeper ends the case after its attempts
-            missing = exc
-    if missing is not None:
-        raise missing
+        images, unreadable = case_images.read_images(session, keyring=keyring(config), case_ids=[case_id])
     progress.attempt = attempt
+    if case_id in unreadable:
+        return _fail_unreadable(config, case_id, attempt, unreadable[case_id])
+    stored = images.pop(case_id)
     timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started

@@ -12,7 +12,7 @@ import uuid
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import OperationalError
 
 from core import audit, case_states
@@ -356,3 +356,26 @@ def test_a_batch_holds_a_bounded_number_of_pixels(batching, tenant, store_case, 
     assert [c.id for c in alone] == [large]  # no company for a case that needs the whole budget
     with session_scope(batching) as session:
         assert session.get(Case, waiting).status == "queued"
+
+
+def test_a_case_whose_image_cannot_be_read_fails_alone_and_its_batch_goes_on(
+    batching, tenant, store_case, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
+    ids = [store_case(tenant, jpeg_bytes) for _ in range(4)]
+    with session_scope(batching) as session:  # one image gone, one that no longer decrypts
+        session.execute(delete(CaseBlob).where(CaseBlob.case_id == ids[1]))
+        session.execute(update(CaseBlob).where(CaseBlob.case_id == ids[2]).values(nonce=bytes(12)))
+    assert run_batch(batching, ids[0]) == "succeeded"  # led by a good case: it and the other good one end well
+    assert run_batch(batching, ids[1]) == "skipped"  # the batch ended it: its own message does nothing
+    with session_scope(batching) as session:
+        cases = {c.id: c for c in session.scalars(select(Case).where(Case.id.in_(ids)))}
+    assert [cases[i].status for i in ids] == ["succeeded", "failed", "failed", "succeeded"]
+    for case_id, error in ((ids[1], "NotFound"), (ids[2], "DecryptionError")):
+        assert cases[case_id].failure_code == "model_error" and cases[case_id].attempts == 1
+        assert f"reading its stored image ({error})" in (cases[case_id].failure_message or "")
+    led = [store_case(tenant, jpeg_bytes) for _ in range(2)]  # a batch led by an unreadable case fails it alone
+    with session_scope(batching) as session:
+        session.execute(delete(CaseBlob).where(CaseBlob.case_id == led[0]))
+    assert run_batch(batching, led[0]) == "failed"
+    with session_scope(batching) as session:
+        assert session.scalar(select(Case.status).where(Case.id == led[1])) == "succeeded"
