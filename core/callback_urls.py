@@ -78,7 +78,10 @@ def validate_url(url: str, settings: Settings) -> str:
         raise _invalid("the callback URL must not contain spaces or line breaks (percent-encode them)")
     if any(not ("\x21" <= c <= "\x7e") for c in url):
         raise _invalid("the callback URL must be visible ASCII (write international host names in punycode)")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced or invalid [IPv6] host
+        raise _invalid("the callback URL's host is not valid") from None
     local = settings.callback_allow_private_urls
     allowed = ("https", "http") if local else ("https",)
     if parts.scheme not in allowed:

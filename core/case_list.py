@@ -42,7 +42,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         created, case_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         return datetime.fromisoformat(created), uuid.UUID(case_id)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+    except (ValueError, TypeError, AttributeError, binascii.Error, json.JSONDecodeError):  # UUID(5): AttributeError
         raise BadRequest("the cursor is not one dermq issued; start again without it", code="invalid_cursor") from None
 
 

@@ -127,6 +127,8 @@ def test_public_https_urls_are_accepted_in_production(url: str) -> None:
         ("https://[::a9fe:a9fe]/hook", "public"),  # IPv4-compatible 169.254.169.254
         ("https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hook", "public"),  # Teredo, client 192.0.2.45
         ("https:///hook", "host"),
+        ("https://[::1/hook", "host is not valid"),  # urlsplit raises for these two
+        ("https://[zz]/hook", "host is not valid"),
         ("not a url", "absolute URL"),
         ("portal.example-clinic.org/hook", "absolute URL"),
     ],

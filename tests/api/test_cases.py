@@ -345,8 +345,10 @@ def test_listing_is_newest_first_and_paginated(client, tenant: Tenant, jpeg_byte
         if not cursor:
             break
     assert seen == list(reversed(ids))
-    bad = client.get("/v1/cases", headers=tenant.headers, params={"cursor": "garbage!"})
-    assert bad.status_code == 400 and bad.json()["code"] == "invalid_cursor"
+    forged = base64.urlsafe_b64encode(b'["2024-01-01T00:00:00", 5]').decode()  # valid JSON, not a case id
+    for cursor in ("garbage!", forged):
+        bad = client.get("/v1/cases", headers=tenant.headers, params={"cursor": cursor})
+        assert bad.status_code == 400 and bad.json()["code"] == "invalid_cursor"
     assert client.get("/v1/cases", headers=tenant.headers, params={"status": "nonsense"}).status_code == 422
 
 
