@@ -133,6 +133,13 @@ def failure_bucket(source_ip: str | None, token: str | None) -> str:
     return f"authfail:{source_ip}:{prefix}"
 
 
+def _too_many_failures(retry_after: int) -> RateLimited:
+    return RateLimited(
+        f"too many failed authentication attempts with this key from this address; retry in {retry_after} s",
+        retry_after=retry_after,
+    )
+
+
 async def authenticate(request: Request, db: Db, app: State) -> Caller:
     """The API key's principal. Failed attempts are audited and limited per address and key prefix."""
     actor = actor_for(request)
@@ -140,19 +147,17 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
 
     try:
         token = bearer_token(request)
-    except Unauthorized:
-        await db.run(lambda _: app.limiter.hit(failure_bucket(actor.source_ip, None), limit, failures=True))
+    except Unauthorized:  # not a Bearer token: counted and limited like any other failed login
+        counted = await db.run(lambda _: app.limiter.hit(failure_bucket(actor.source_ip, None), limit, failures=True))
+        if not counted.allowed:
+            raise _too_many_failures(counted.retry_after) from None
         raise
 
     def check(session: Session) -> keys.Principal:
         bucket = failure_bucket(actor.source_ip, token)
         blocked = app.limiter.check(bucket, limit, failures=True)
         if not blocked.allowed:
-            raise RateLimited(
-                f"too many failed authentication attempts with this key from this address; retry in "
-                f"{blocked.retry_after} s",
-                retry_after=blocked.retry_after,
-            )
+            raise _too_many_failures(blocked.retry_after)
         generation = app.key_cache.generation()
         try:
             principal = keys.authenticate(session, app.keyring, token)

@@ -76,6 +76,14 @@ def test_failed_authentication_is_limited_per_address_and_key_prefix(strict, mak
     assert strict.get("/v1/cases", headers=make_key().headers).status_code == 200
 
 
+def test_failed_logins_with_another_scheme_are_limited_too(strict) -> None:  # type: ignore[no-untyped-def]
+    basic = {"Authorization": "Basic dXNlcjpwYXNz"}
+    codes = [strict.get("/v1/cases", headers=basic).status_code for _ in range(5)]
+    assert codes == [401, 401, 401, 401, 429]
+    refused = strict.get("/v1/cases", headers=basic)
+    assert refused.json()["code"] == "rate_limited" and int(refused.headers["retry-after"]) >= 1
+
+
 def test_guesses_at_one_keys_secret_lock_that_key_out_from_that_address_only(  # type: ignore[no-untyped-def]
     settings, strict, make_key
 ) -> None:
