@@ -122,11 +122,21 @@ def register(
     return row, secret
 
 
-def registered(session: Session, *, principal: Principal) -> ClinicCallback:
+def registered(session: Session, *, principal: Principal, actor: audit.Actor) -> ClinicCallback:
+    """The clinic's callback, its reading audited (``callback.read``: the answer lists case ids)."""
     clinic_id = _clinic_of(principal, "callback.read")
     row = session.get(ClinicCallback, clinic_id)
     if row is None:
         raise NotFound("no callback is registered for this clinic", code="callback_not_registered")
+    audit.record(
+        session,
+        action="callback.read",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="clinic",
+        entity_id=clinic_id,
+        clinic_id=clinic_id,
+    )
     return row
 
 

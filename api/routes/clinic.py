@@ -103,7 +103,7 @@ async def get_callback(response: Response, app: State, caller: AuthenticatedCall
 
     def read(session: Session) -> CallbackStatusOut:
         limit(caller, app, "read")
-        row = callbacks.registered(session, principal=caller.principal)
+        row = callbacks.registered(session, principal=caller.principal, actor=caller.actor)
         health = callbacks.delivery_health(session, row.clinic_id)
         settings = app.settings
         return CallbackStatusOut(
