@@ -36,8 +36,8 @@ class PurgeReport:
         return {"purged": len(self.purged)}
 
 
-def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str) -> None:
-    """Crypto-shred one case's patient data now and mark it purged (audited with ``reason``)."""
+def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str, action: str = "case.purge") -> None:
+    """Crypto-shred one case's patient data now and mark it purged (audited as ``action``, with ``reason``)."""
     blobs = cases.delete_blobs(session, case.id)  # the image, the heat map, the client reference, the findings
     case.plain_client_ref = None  # a reference stored before it was sealed (core.phi)
     results.shred_plain_findings(session, case.id)  # findings stored before they were sealed
@@ -47,7 +47,7 @@ def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str)
     session.flush()
     audit.record(
         session,
-        action="case.purge",
+        action=action,
         outcome=audit.SUCCESS,
         actor=actor,
         entity_type="case",
@@ -82,5 +82,5 @@ def erase_case(session: Session, *, principal: Principal, actor: audit.Actor, ca
     """The clinic's erasure request: shred the case's patient data now, whatever its state. Idempotent."""
     case = cases.owned_case(session, principal, case_id, "case.delete", for_update=True)
     if case.status != CaseStatus.PURGED:
-        purge_case(session, case, actor=actor, reason="clinic_request")
+        purge_case(session, case, actor=actor, reason="clinic_request", action="case.delete")
     return case

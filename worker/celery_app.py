@@ -51,7 +51,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_max_tasks_per_child": settings.worker_max_tasks_per_child,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A broker connection lost while a case runs does not stop it (Celery's default would SIGTERM the
+        # child): Postgres holds the case, its claim and its result, fenced by the attempt, so the case
+        # finishes on this attempt; a redelivered message then finds it finished and does nothing.
+        # Killing it would cost the case an attempt and wait for the sweeper (the time limit and grace).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,
         "task_send_sent_event": True,

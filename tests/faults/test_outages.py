@@ -158,3 +158,18 @@ def test_a_case_answered_with_its_result_survives_a_postgres_crash(stack: FaultS
     with session_scope(stack.settings) as session:
         actions = set(session.scalars(select(AuditEvent.action).where(AuditEvent.entity_id == str(case_id))).all())
     assert {"case.create", "case.start", "case.classify", "case.read"} <= actions, actions
+
+
+def test_a_broker_restart_during_a_case_lets_the_case_finish_on_its_first_attempt(stack: FaultStack) -> None:
+    # Postgres holds the case, its claim and its result; Redis only carried the message. A broker that
+    # goes away while the case runs must not cost the case its attempt, nor the clinic the minutes
+    # until the sweeper takes over from a killed child.
+    worker = stack.start_worker("blip", {"sleep": 4, "times": 1})
+    case_id = stack.accepted()
+    stack.wait_injected(worker)  # in inference now, for 4 s
+    stack.broker.stop()
+    stack.broker.start()
+    case = stack.wait_terminal(case_id, timeout=60)
+    assert (case.status, case.attempts) == ("succeeded", 1), (case.status, case.failure_code, case.failure_message)
+    assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
+    assert worker.alive()
