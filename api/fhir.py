@@ -153,7 +153,8 @@ def case_bundle(case: Any, result: Any, *, now: datetime) -> dict[str, Any]:
     else:
         label = observation(
             "label",
-            _concept("label", "Most likely HAM10000 class"),
+            # the balanced decision rule's class, which may differ from the most probable one (docs/API.md)
+            _concept("label", "HAM10000 class chosen by the decision rule"),
             valueCodeableConcept=class_concept(result.label),
         )
         members = [_ref(label["id"])]
@@ -176,7 +177,9 @@ def case_bundle(case: Any, result: Any, *, now: datetime) -> dict[str, Any]:
             referral["note"] = [{"text": "reasons: " + ", ".join(result.referral_reasons)}]
         observation("referral", _concept("referral", "Referral to a clinician recommended"), **referral)
         report["conclusion"] = (
-            f"{BY_CODE[result.label].name} (most likely of the seven HAM10000 classes; decision support, "
+            f"{BY_CODE[result.label].name} (chosen among the seven HAM10000 classes by dermq's decision rule, "
+            "which weighs each class's calibrated probability against its prevalence, so it need not be the most "
+            "probable class; decision support, "
             f"not a diagnosis){'; referral recommended' if result.referral else ''}"
         )
         report["conclusionCode"] = [class_concept(result.label)]

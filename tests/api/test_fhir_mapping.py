@@ -72,6 +72,17 @@ def test_a_referral_carries_its_reasons_and_the_conclusion_says_so() -> None:
     )
 
 
+def test_a_label_the_decision_rule_chose_over_a_more_probable_class_is_not_called_the_most_likely() -> None:
+    # docs/API.md's own example: mel chosen at 0.31 while nv has 0.60
+    probabilities = dict.fromkeys(CLASSES, 0.09 / 5) | {"mel": 0.31, "nv": 0.60}
+    bundle = fhir.case_bundle(case(), result(label="mel", probabilities=probabilities), now=NOW)
+    resources = [e["resource"] for e in bundle["entry"]]
+    conclusion = resources[0]["conclusion"]
+    assert conclusion.startswith("Melanoma (chosen") and "need not be the most probable" in conclusion
+    label = next(r for r in resources if r["resourceType"] == "Observation" and r.get("valueCodeableConcept"))
+    assert "decision rule" in label["code"]["text"] and "likely" not in label["code"]["text"].lower()
+
+
 @pytest.mark.parametrize(
     ("status", "expected"),
     [("succeeded", "final"), ("purged", "final"), ("running", "preliminary"), ("queued", "registered")],
