@@ -244,7 +244,9 @@ def decode(
             # Our own caps run first; Pillow's bomb warning must never be printed with request data.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[fmt])
-            if image.format != fmt:
+            # Pillow opens a JPEG with a multi-picture section (phone cameras' depth maps and Ultra HDR
+            # gain maps) as MPO: its first frame is the photograph, a baseline JPEG, and is what dermq reads.
+            if image.format != fmt and not (fmt == "JPEG" and image.format == "MPO"):
                 raise InvalidImage("corrupt", f"the file claims to be {fmt} but does not decode as one")
             check_declared_size(image.width, image.height, limits, fmt)
             declared = (image.width, image.height)

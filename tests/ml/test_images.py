@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from ml.images import ImageLimits, InvalidImage, decode_image, sniff_format
+from ml.images import ImageLimits, InvalidImage, decode, decode_image, sniff_format
 from tests.conftest import ROOT
 
 
@@ -170,6 +170,16 @@ def test_exif_orientation_is_applied() -> None:
 def test_other_accepted_formats(fmt: str) -> None:
     image = decode_image(encode(Image.new("RGB", (48, 40), (1, 2, 3)), fmt))
     assert image.size == (48, 40) and image.mode == "RGB"
+
+
+def test_a_jpeg_with_a_multi_picture_section_is_read_as_its_first_picture() -> None:
+    # phone cameras store depth maps and Ultra HDR gain maps as further pictures after the photograph
+    photo, extra = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (32, 24), (0, 0, 255))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="MPO", save_all=True, append_images=[extra])
+    decoded = decode(buffer.getvalue())
+    assert decoded.format == "JPEG" and decoded.image.size == (64, 48)
+    assert np.abs(np.asarray(decoded.image, dtype=int) - (200, 30, 30)).max() <= 3
 
 
 def test_format_allow_list_is_honoured() -> None:
