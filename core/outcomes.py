@@ -154,8 +154,12 @@ def record_outcome(
 ) -> tuple[ConfirmedOutcome, bool]:
     """Store (or replace) the confirmed outcome of a finished case and count it in the tally;
     returns (outcome, was_correction)."""
-    diagnosis, confirmed_by = _validated(diagnosis, method)
     case = owned_case(session, principal, case_id, ACTION, for_update=True)  # one report at a time per case
+    try:
+        diagnosis, confirmed_by = _validated(diagnosis, method)
+    except InvalidInput as exc:  # audited like every refusal, with its reason, never what was sent
+        exc.audit = audit.PendingEvent(ACTION, audit.FAILURE, "case", str(case_id), {"reason": exc.code})
+        raise
     if case.status == CaseStatus.PURGED:
         raise Gone(
             "this case's result was erased (retention or deletion); an outcome can no longer be compared with it",

@@ -90,6 +90,7 @@ def test_unknown_codes_are_422(client, tenant: Tenant, store_case, settings, bod
     assert response.status_code == 422, response.text
     assert response.json()["code"] == code
     assert response.headers["content-type"].startswith("application/problem+json")
+    assert [(e.outcome, e.detail) for e in outcome_events(settings, case_id)] == [("failure", {"reason": code})]
 
 
 def test_a_malformed_body_is_422(client, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
