@@ -1,0 +1,35 @@
+"""Every problem code the API and the services under it can answer with is in docs/API.md, so that a
+portal's developer can look up any ``code`` dermq sends."""
+
+from __future__ import annotations
+
+import re
+
+from tests.support import ROOT
+
+#: Codes the API never sends: the operators' CLI's (period keys) and a worker's failure reason.
+NOT_SENT_BY_THE_API = {
+    "invalid_period",
+    "unknown_period",
+    "period_not_ended",
+    "period_has_live_cases",
+    "image_missing",
+}
+CODE = re.compile(r"""\bcode\s*=\s*"([a-z_]+)"|InvalidImage\(\s*"([a-z_]+)"|code, title = \d+, "([a-z_]+)\"""")
+
+
+def _codes_raised() -> set[str]:
+    found: set[str] = set()
+    for package in ("api", "core", "ml"):
+        for path in (ROOT / package).rglob("*.py"):
+            for match in CODE.finditer(path.read_text(encoding="utf-8")):
+                found.add(next(group for group in match.groups() if group))
+    return found
+
+
+def test_every_problem_code_the_api_can_send_is_documented() -> None:
+    raised = _codes_raised()
+    assert {"case_not_found", "truncated", "rate_limited", "too_many_parts"} <= raised, "the scan finds codes"
+    documented = set(re.findall(r"`([a-z_]+)`", (ROOT / "docs" / "API.md").read_text(encoding="utf-8")))
+    missing = raised - documented - NOT_SENT_BY_THE_API
+    assert not missing, f"document these codes in docs/API.md, 'Errors': {sorted(missing)}"
