@@ -25,7 +25,7 @@ from api.deps import AppState, record_denial
 from api.intake_limits import Decoder, UploadSlots, release_large_allocations
 from api.key_cache import KeyCache
 from api.listener import Listener
-from api.middleware import RequestContextMiddleware
+from api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from api.routes import admin, audit, audit_log, cases, clinic, fhir, health, outcomes
 from api.waiters import CaseWaiters
 from core import db_roles
@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["Location", "Retry-After", "X-Request-ID"],
             max_age=600,
         )
+    app.add_middleware(BodyLimitMiddleware)  # inside the request context: its 413 gets an id and headers
     app.add_middleware(RequestContextMiddleware)
     if settings.forwarded_allow_ips:  # outermost: the client address is settled before anything reads it
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)

@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, access logs without patient data, and security headers."""
+"""ASGI middleware: request ids, access logs without patient data, security headers, and a cap on the
+bodies of the JSON routes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import re
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import observe_request
+from api.problems import problem
 from core.logs import request_id_var
 
 log = logging.getLogger("dermq.api.access")
@@ -100,3 +103,46 @@ class RequestContextMiddleware:
                 },
             )
             request_id_var.reset(token)
+
+
+#: The largest body a JSON route reads (a callback URL, an outcome, an admin's clinic or key: under a
+#: kilobyte each). The upload route, ``POST /v1/cases``, bounds its multipart body itself (api.upload).
+MAX_JSON_BODY = 64 * 1024
+UPLOAD_ROUTE = ("POST", "/v1/cases")
+
+
+class BodyLimitMiddleware:
+    """Refuse a body over :data:`MAX_JSON_BODY` with 413, before authentication or any route reads it:
+    at once when ``Content-Length`` says so, else as soon as the bytes received pass the limit (a
+    chunked body). Behind nginx its own cap applies first; uvicorn serving TLS itself has no other."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"].rstrip("/")) == UPLOAD_ROUTE:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > MAX_JSON_BODY:
+            await _too_large()(scope, receive, send)
+            return
+        received = 0
+
+        async def bounded() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_JSON_BODY:
+                    raise HTTPException(413, _TOO_LARGE)
+            return message
+
+        await self.app(scope, bounded, send)
+
+
+_TOO_LARGE = f"the request body is over {MAX_JSON_BODY // 1024} KiB; this route takes a small JSON document"
+
+
+def _too_large() -> ASGIApp:
+    return problem(413, "payload_too_large", "Payload too large", _TOO_LARGE)

@@ -1,5 +1,5 @@
 """Transport security: uvicorn's own TLS with a self-signed certificate, HSTS only under TLS,
-security headers, no-store on patient data, CORS closed unless configured."""
+security headers, no-store on patient data, CORS closed unless configured, and the JSON routes' body cap."""
 
 from __future__ import annotations
 
@@ -75,3 +75,22 @@ def test_security_headers_and_cors(client, api_app, settings, tenant) -> None:  
         assert allowed.headers["access-control-allow-origin"] == "https://portal.example"
         other = http.options("/v1/cases", headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_json_route_refuses_a_large_body_before_reading_it_or_authenticating(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    from api.middleware import MAX_JSON_BODY
+
+    big = b'{"url": "https://portal.example.org/' + b"a" * MAX_JSON_BODY + b'"}'
+
+    def chunks():  # no Content-Length: sent chunked, refused once the bytes pass the cap
+        for i in range(0, len(big), 4096):
+            yield big[i : i + 4096]
+
+    for headers in (tenant.headers, {}):  # with a key, and without one: the size is refused first
+        declared = client.put("/v1/clinic/callback", headers=headers, content=big)
+        streamed = client.put("/v1/clinic/callback", headers=headers, content=chunks())
+        for refused in (declared, streamed):
+            assert refused.status_code == 413, refused.text
+            assert refused.json()["code"] == "payload_too_large" and refused.headers["x-request-id"]
+    ok = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": "https://portal.example.org/hook"})
+    assert ok.status_code == 200, ok.text  # a small body still reaches the route
