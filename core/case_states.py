@@ -322,12 +322,15 @@ def fail_case(
     message: str,
     actor: audit.Actor = audit.SYSTEM,
 ) -> bool:
-    """Mark a running case (this attempt's, or any attempt's when ``attempt`` is None) failed."""
+    """Mark the case failed: this attempt's while it is running; with ``attempt`` None (the caller never
+    claimed it: a failure before the claim, or an operator's or a test's ending), only while it is
+    still queued. A running case is some worker's attempt, and only that attempt, or the sweeper
+    after it, may end it."""
     values = {"status": CaseStatus.FAILED.value, "failure_code": code, "failure_message": message[:2000]}
     if attempt is None:
         case = session.scalar(
             update(Case)
-            .where(Case.id == case_id, Case.status.in_([CaseStatus.RUNNING.value, CaseStatus.QUEUED.value]))
+            .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
             .values(finished_at=cases.now(), updated_at=cases.now(), **values)
             .returning(Case)
         )

@@ -114,13 +114,13 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
                 reduce_to=config.overlay_max_side,  # what the worker's decoder is given (pipeline._decode_claimed)
             )
             items, unreadable = with_images(session, config, claimed)
-    if len(claimed) > 1:
-        # their own messages are dropped in the main process from now on (worker.companions)
-        companions.mark(config, [c.id for c in claimed if c.id != case_id])
     if not claimed:
         log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
         return "skipped"
-    progress.attempt = claimed[0].attempts
+    progress.attempt = claimed[0].attempts  # the claim committed: any failure from here is fenced by it
+    if len(claimed) > 1:
+        # their own messages are dropped in the main process from now on (worker.companions)
+        companions.mark(config, [c.id for c in claimed if c.id != case_id])
     outcomes: dict[uuid.UUID, str] = {}
     try:
         _fail_unreadable(config, claimed, unreadable, outcomes)

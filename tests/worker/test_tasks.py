@@ -85,3 +85,19 @@ def test_a_case_for_nothing_is_ignored(settings) -> None:  # type: ignore[no-unt
     from worker.pipeline import run_classification
 
     assert run_classification(settings, uuid.uuid4()) == "skipped"
+
+
+def test_a_failure_before_a_claim_never_ends_another_workers_attempt(tenant, store_case, settings, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    # A worker whose model fails to load fails the case of its message without having claimed it. If
+    # another worker runs that case meanwhile (a redelivered message), that attempt is not its to end.
+    from core import case_states
+
+    running, queued = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes)
+    with session_scope(settings) as session:
+        assert case_states.claim_case(session, running) is not None
+    with session_scope(settings) as session:
+        assert not case_states.fail_case(session, case_id=running, attempt=None, code="model_error", message="x")
+        assert case_states.fail_case(session, case_id=queued, attempt=None, code="model_error", message="x")
+    assert (case_row(settings, running).status, case_row(settings, queued).status) == ("running", "failed")
+    with session_scope(settings) as session:  # its own attempt still ends it
+        assert case_states.fail_case(session, case_id=running, attempt=1, code="model_error", message="x")
