@@ -9,7 +9,7 @@ from datetime import datetime
 
 import click
 
-from cli.common import json_option
+from cli.common import CLI_ACTOR, json_option
 from core.config import get_settings
 from core.db import session_scope
 
@@ -31,7 +31,7 @@ def report(day: datetime | None, as_json: bool) -> int:
 
     settings = get_settings()
     with session_scope(settings) as session:
-        found = drift_reports.day_report(session, settings, day.date() if day else None)
+        found = drift_reports.day_report(session, settings, day.date() if day else None, actor=CLI_ACTOR)
     if as_json:
         click.echo(json.dumps(found))
     else:

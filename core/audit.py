@@ -55,6 +55,8 @@ ACTIONS: dict[str, str] = {
     "callback.unregister": "a clinic removed its completion callback",
     "callback.read": "a clinic read its callback settings",
     "callback.deliver": "dermq delivered (or gave up) a completion callback",
+    "drift.read": "the drift check (hourly, or an operator's dermq drift report) opened the labels of a window's "
+    "cases to compare the label mix with the model's validation data (detail: how many)",
     "clinic.create": "an admin or operator created a clinic",
     "clinic.activate": "a clinic was reactivated",
     "clinic.deactivate": "a clinic was deactivated (its keys stop working)",

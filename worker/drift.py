@@ -29,7 +29,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.orm import Session
 
-from core import results
+from core import audit, results
 from core.config import Settings
 from core.crypto import Keyring, load_keyring
 from core.models import Outcome, Result
@@ -60,7 +60,12 @@ def _cases(model_id: str, end: datetime) -> Select[uuid.UUID, dict[str, float], 
 
 
 def window_report(
-    session: Session, settings: Settings, *, end: datetime | None = None, keyring: Keyring | None = None
+    session: Session,
+    settings: Settings,
+    *,
+    end: datetime | None = None,
+    keyring: Keyring | None = None,
+    actor: audit.Actor = audit.SYSTEM,
 ) -> dict[str, Any]:
     """PSI and p-value of each input statistic and of the label mix over the 24 hours before ``end``
     (default now), reaching back up to ``LOOKBACK`` for ``MIN_CASES`` cases when those hours hold fewer.
@@ -75,6 +80,15 @@ def window_report(
         rows = session.execute(recent.order_by(Result.created_at.desc()).limit(drift.MIN_CASES)).all()
         start = min((row.created_at for row in rows), default=start)
     opened = results.read_results(session, keyring or load_keyring(settings), [row.case_id for row in rows])
+    audit.record(  # patient findings opened, if only to count them: recorded like any other reading
+        session,
+        action="drift.read",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="model",
+        entity_id=model_id,
+        detail={"cases": len(rows)},
+    )
     labels = [r.label for r in opened.values() if r.label is not None]  # every one: the query takes diagnoses only
     report = drift.compare(reference, [row.input_stats for row in rows], labels)
     report.update(
@@ -93,13 +107,19 @@ def window_report(
 
 
 def day_report(
-    session: Session, settings: Settings, day: date | None = None, *, keyring: Keyring | None = None
+    session: Session,
+    settings: Settings,
+    day: date | None = None,
+    *,
+    keyring: Keyring | None = None,
+    actor: audit.Actor = audit.SYSTEM,
 ) -> dict[str, Any]:
-    """The rolling report up to now, or with ``day`` (UTC) the report for that day's 24 hours."""
+    """The rolling report up to now, or with ``day`` (UTC) the report for that day's 24 hours; reading
+    the window's labels is audited as ``actor``'s."""
     if day is None:
-        return window_report(session, settings, keyring=keyring)
+        return window_report(session, settings, keyring=keyring, actor=actor)
     end = datetime(day.year, day.month, day.day, tzinfo=UTC) + WINDOW
-    report = window_report(session, settings, end=end, keyring=keyring)
+    report = window_report(session, settings, end=end, keyring=keyring, actor=actor)
     if not report["window_extended"]:
         report["day"] = day.isoformat()
     return report

@@ -113,3 +113,18 @@ def test_camera_sized_uploads_in_the_window_alert(drift_settings: Settings, add_
     add_results([MIDNIGHT - timedelta(minutes=i) for i in range(drift.MIN_CASES)], megapixels=12.0)
     report = _report(drift_settings, end=MIDNIGHT + timedelta(minutes=1))
     assert report["drifted"] == ["megapixels"] and report["status"] == "drift"
+
+
+def test_opening_a_windows_labels_is_audited(drift_settings: Settings, add_results: Callable[..., None]) -> None:
+    from sqlalchemy import select
+
+    from core.models import AuditEvent
+
+    add_results([MIDNIGHT - timedelta(minutes=i) for i in range(7)])
+    model_id = registry.read_manifest(drift_settings.model)["model_id"]
+    report = _report(drift_settings, end=MIDNIGHT)
+    with session_scope(drift_settings) as session:
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "drift.read", AuditEvent.entity_id == model_id)
+        ).all()
+    assert [(e.outcome, e.actor_type, e.detail) for e in events] == [("success", "system", {"cases": report["n"]})]
