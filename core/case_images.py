@@ -31,14 +31,6 @@ class StoredImage:
     working_copy: bool
 
 
-def load_image(session: Session, *, keyring: Keyring, case_id: uuid.UUID) -> StoredImage:
-    """The decrypted image of one case; raises :class:`NotFound` or :class:`DecryptionError` if it cannot be read."""
-    images, unreadable = read_images(session, keyring=keyring, case_ids=[case_id])
-    if case_id in unreadable:
-        raise unreadable[case_id]
-    return images[case_id]
-
-
 def read_images(
     session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.UUID]
 ) -> tuple[dict[uuid.UUID, StoredImage], dict[uuid.UUID, NotFound | DecryptionError]]:

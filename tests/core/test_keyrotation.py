@@ -110,7 +110,8 @@ def test_rotation_end_to_end(rotating: Settings, rotating_tenant, jpeg_bytes: by
         # the stale keyring's too: it re-reads the key file for a period key wrapped after it was loaded.
         assert all(_stored_image_decrypts(rotating, str(i), jpeg_bytes) for i in [*ids, *legacy])
         with session_scope(rotating) as session:
-            assert case_images.load_image(session, keyring=before, case_id=legacy[0]).data == jpeg_bytes
+            images, unreadable = case_images.read_images(session, keyring=before, case_ids=[legacy[0]])
+            assert not unreadable and images[legacy[0]].data == jpeg_bytes
     with pytest.raises(KeyringError, match="active key"):
         keyrotation.retire(rotating, new)
 
@@ -122,8 +123,8 @@ def _heatless_read(http, tenant, case_id: str) -> bool:  # type: ignore[no-untyp
 def _stored_image_decrypts(settings: Settings, case_id: str, expected: bytes) -> bool:
 
     with session_scope(settings) as session:
-        stored = case_images.load_image(session, keyring=load_keyring(settings), case_id=uuid.UUID(case_id))
-        return stored.data == expected
+        images, _ = case_images.read_images(session, keyring=load_keyring(settings), case_ids=[uuid.UUID(case_id)])
+        return uuid.UUID(case_id) in images and images[uuid.UUID(case_id)].data == expected
 
 
 def test_rotation_needs_a_key_file(settings) -> None:  # type: ignore[no-untyped-def]
