@@ -38,10 +38,13 @@ class PurgeReport:
 
 def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str, action: str = "case.purge") -> None:
     """Crypto-shred one case's patient data now and mark it purged (audited as ``action``, with ``reason``)."""
-    blobs = cases.delete_blobs(session, case.id)  # the image, the heat map, the client reference, the findings
     case.plain_client_ref = None  # a reference stored before it was sealed (core.phi)
-    results.shred_plain_findings(session, case.id)  # findings stored before they were sealed
+    # Rows stored before their findings were sealed first: the sweeper may be sealing them right now,
+    # holding their locks with its new blobs not yet committed. These statements wait for it, and the
+    # blobs' delete below, a statement that starts after it committed, then sees those blobs too.
+    results.shred_plain_findings(session, case.id)
     session.execute(delete(ConfirmedOutcome).where(ConfirmedOutcome.case_id == case.id))  # a diagnosis too
+    blobs = cases.delete_blobs(session, case.id)  # the image, the heat map, the client reference, the findings
     case.status = CaseStatus.PURGED.value
     case.purged_at = case.updated_at = datetime.now(UTC)
     session.flush()

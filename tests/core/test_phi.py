@@ -4,15 +4,17 @@ database dump, read back unchanged, and shredded with the images."""
 from __future__ import annotations
 
 import subprocess
+import threading
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 
 from core import phi, results
 from core.db import session_scope
 from core.models import SEALED_RESULT_FIELDS, BlobKind, Case, CaseBlob, CaseStatus, Result
+from tests import support
 from tests.api.test_cases import submit, wait_done
 from tests.conftest import Tenant
 from worker.tasks import sweep_once
@@ -219,3 +221,34 @@ def test_erasing_a_result_stored_before_sealing_empties_its_findings(  # type: i
         assert row is not None and all(getattr(row, name) is None for name in SEALED_RESULT_FIELDS)
         assert results.read_result(session, keyring, case_id) is None
     assert_no_findings_in(dump(settings), str(case_id), LEGACY_DIAGNOSIS)
+
+
+def test_an_erasure_waits_for_the_sealing_of_its_old_result_and_leaves_no_sealed_findings(  # type: ignore[no-untyped-def]
+    settings, keyring, tenant: Tenant, store_case
+) -> None:
+    case_id = store_case(tenant, b"an old diagnosis, being sealed")
+    legacy_result(settings, case_id, LEGACY_DIAGNOSIS)
+    erasing = threading.Thread(target=_erase, args=(settings, case_id))
+    with session_scope(settings) as sealing:  # the sweeper's sealing, its new blob not committed yet
+        assert results.seal_plain_results(sealing, keyring) >= 1
+        erasing.start()
+        support.wait_for(lambda: _waiting_for_a_lock(settings), timeout=30, what="the erasure to wait for the sealing")
+    erasing.join(30)
+    with session_scope(settings) as session:
+        left = session.scalars(select(CaseBlob.kind).where(CaseBlob.case_id == case_id)).all()
+        assert session.get(Case, case_id).status == CaseStatus.PURGED.value
+    assert left == [], f"erased, yet {left} remain"
+
+
+def _erase(settings, case_id: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
+    from core import audit, retention
+
+    with session_scope(settings) as session:
+        retention.purge_case(session, session.get(Case, case_id), actor=audit.SYSTEM, reason="retention")
+
+
+def _waiting_for_a_lock(settings) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a backend of this database waits for a lock (the erasure, on the sealing's row lock)."""
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    with session_scope(settings) as session:
+        return bool(session.scalar(text(waiting)))
