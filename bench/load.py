@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--base-url needs --key")
 
     images = camera_jpegs() if args.camera else [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))]
-    processes: list[processes.Process] = []
+    launched: list[processes.Process] = []
     stop_sweeper = threading.Event()
     api_log: Path | None = None
     workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-load-"))  # key file and logs; removed at the end
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             base, database_url = args.base_url.rstrip("/"), args.database_url
             tokens = [args.key] * args.clients
         else:
-            base, tokens, database_url, api_log = start_stack(args, workdir, processes, stop_sweeper)
+            base, tokens, database_url, api_log = start_stack(args, workdir, launched, stop_sweeper)
             warm = Tally()
             warm_up = Portal(0, base, tokens[0], images, warm, args)
             case = warm_up.submit(images[0])  # the worker child loads the model on its first case
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                 warm_up.wait_done(*case)
         tally = Tally()
         portals = [Portal(i, base, tokens[i], images, tally, args) for i in range(args.clients)]
-        roles = {p.name: p.proc.pid for p in processes}  # the API and the worker, own stack only
+        roles = {p.name: p.proc.pid for p in launched}  # the API and the worker, own stack only
         cpu_before = cpu_by_role(roles, database=DATABASE) if roles else {}
         started, started_at = time.perf_counter(), time.time()
         run_started = datetime.now(UTC)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
             lags = sealing_lag(database_url, run_started)
     finally:
         stop_sweeper.set()
-        for process in reversed(processes):
+        for process in reversed(launched):
             process.stop()
 
     asking = f"long polls ?wait={args.wait:g}" if args.wait else f"polls every {args.poll_interval:g} s"

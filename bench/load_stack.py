@@ -19,7 +19,7 @@ REDIS_DB = 10
 def start_stack(
     args: argparse.Namespace,
     workdir: Path,
-    processes: list[processes.Process],
+    launched: list[processes.Process],
     stopped: threading.Event,
     *,
     database: str = DATABASE,
@@ -27,7 +27,7 @@ def start_stack(
     **overrides: str,
 ) -> tuple[str, list[str], str, Path]:
     """Scratch ``database`` (recreated), Redis database ``redis_db`` (flushed), the API and a worker
-    (appended to ``processes`` as they start, so that the caller stops them whatever happens), the
+    (appended to ``launched`` as they start, so that the caller stops them whatever happens), the
     sweep and the sealer until ``stopped``; ``overrides`` are more DERMQ_* settings. Returns (API URL,
     a clinic key per portal, database URL, the API's log)."""
     import redis
@@ -48,11 +48,11 @@ def start_stack(
     tokens = [token, *clinic_keys(settings, args.clients - 1)]
     base = f"http://127.0.0.1:{port}"
     api = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, workdir / "api.log")
-    processes.append(api)
+    launched.append(api)
     support.wait_for(lambda: processes.api_up(base) or not api.alive(), timeout=60, what="the API")
     if not api.alive():
         raise RuntimeError(api.output()[-2000:])
-    processes.append(processes.start_worker(env, workdir / "worker.log", concurrency=args.concurrency))
+    launched.append(processes.start_worker(env, workdir / "worker.log", concurrency=args.concurrency))
 
     def sweep_every_5_s() -> None:
         from core.publisher import make_publisher

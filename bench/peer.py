@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     api_processes, children, threads = dermq_layout()
 
     workdir = Path(tempfile.mkdtemp(prefix="dermq-bench-peer-"))  # key file and logs
-    processes: list[processes.Process] = []
+    launched: list[processes.Process] = []
     stopped = threading.Event()
     peer: Peer | None = None
     database_url, finished = None, False
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         base, tokens, database_url, _ = start_stack(
             stack,
             workdir,
-            processes,
+            launched,
             stopped,
             database=DATABASE,
             redis_db=REDIS_DB,
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         warm_up(args.clients)
         runs: dict[str, list[LoadRun]] = {name: [] for name in openers}
         # each system's own processes (and dermq's Postgres backends), not the client's: CPU per case
-        roots = {"peer": {"peer": peer.process.proc.pid}, "dermq": {p.name: p.proc.pid for p in processes}}
+        roots = {"peer": {"peer": peer.process.proc.pid}, "dermq": {p.name: p.proc.pid for p in launched}}
         spent: dict[str, dict[str, float]] = {name: {} for name in openers}
         for number in range(args.rounds):
             for name in list(openers)[:: 1 if number % 2 == 0 else -1]:
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         finished = True
     finally:
         stopped.set()
-        for process in reversed(processes):
+        for process in reversed(launched):
             process.stop()
         if peer is not None:
             peer.stop()

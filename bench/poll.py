@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     settings, _, token = support.prepare_stack(env, "bench-poll")
     headers = {"Authorization": f"Bearer {token}"}
-    processes: list[processes.Process] = []
+    launched: list[processes.Process] = []
     try:
         uncached, base_uncached = start_api(env, workdir, "api-uncached", DERMQ_KEY_CACHE_SECONDS="0")
-        processes.append(uncached)
+        launched.append(uncached)
         cached, base_cached = start_api(env, workdir, "api-cached")
-        processes.append(cached)
+        launched.append(cached)
         image = next(iter(sorted(support.ROOT.joinpath("tests/fixtures/images").glob("*.jpg")))).read_bytes()
         with httpx.Client(timeout=30) as http:
             case = http.post(
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                 ender.join()
                 requests[mode] = sent
     finally:
-        for process in processes:
+        for process in launched:
             process.stop()
         support.drop_database(settings.database_url)
 
