@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -100,7 +100,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     predictor = runtime.get_predictor(config)
     claimed: list[Case] = []
     items: list[ClaimedCase] = []
-    unreadable: dict[uuid.UUID, Exception] = {}
+    unreadable: Mapping[uuid.UUID, Exception] = {}
     # The look, the claim and the images' read share one transaction (one connection checkout, one
     # commit, which need not wait for the disk: a lost claim leaves the case queued for the sweeper).
     with session_scope(config, durable=False) as session:
@@ -148,7 +148,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
 
 def with_images(
     session: Session, config: Settings, claimed: Sequence[Case]
-) -> tuple[list[ClaimedCase], dict[uuid.UUID, Exception]]:
+) -> tuple[list[ClaimedCase], Mapping[uuid.UUID, Exception]]:
     """Each claimed case whose image can be read, with it decrypted, read in the claim's transaction;
     and why each other one's cannot (no stored image, or one that does not decrypt). The claim commits
     either way, and the caller fails each unreadable case alone (:func:`_fail_unreadable`): one bad
@@ -156,13 +156,11 @@ def with_images(
     if not claimed:
         return [], {}
     images, unreadable = case_images.read_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
-    return [ClaimedCase(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed if c.id in images], dict(
-        unreadable
-    )
+    return [ClaimedCase(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed if c.id in images], unreadable
 
 
 def _fail_unreadable(
-    config: Settings, claimed: Sequence[Case], unreadable: dict[uuid.UUID, Exception], outcomes: dict[uuid.UUID, str]
+    config: Settings, claimed: Sequence[Case], unreadable: Mapping[uuid.UUID, Exception], outcomes: dict[uuid.UUID, str]
 ) -> None:
     """Fail each claimed case whose image cannot be read, alone (:func:`worker.pipeline._fail_unreadable`)."""
     for case in claimed:
