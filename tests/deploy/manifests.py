@@ -26,6 +26,7 @@ NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
 PROMETHEUS_CONF = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 RUNBOOK = DEPLOY / "RUNBOOK.md"
+SECRETS_README = DEPLOY / "secrets" / "README.md"
 
 #: DERMQ_* variables that are not Settings fields but are read by core.config.get_settings itself.
 NON_FIELD_VARIABLES = frozenset({"DERMQ_SECRETS_DIR"})
@@ -345,14 +346,18 @@ def parse_env_instruction(args: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in parts)
 
 
-def dockerfile_runtime_env(path: Path) -> dict[str, str]:
-    """ENV of the final stage (what the running container starts with)."""
+def final_stage(path: Path, keyword: str) -> list[Instruction]:
+    """The final stage's ``keyword`` instructions (what builds the image that runs)."""
     instructions = dockerfile_instructions(path)
     final = max(i.stage for i in instructions)
+    return [i for i in instructions if i.stage == final and i.keyword == keyword]
+
+
+def dockerfile_runtime_env(path: Path) -> dict[str, str]:
+    """ENV of the final stage (what the running container starts with)."""
     env: dict[str, str] = {}
-    for instruction in instructions:
-        if instruction.stage == final and instruction.keyword == "ENV":
-            env.update(parse_env_instruction(instruction.args))
+    for instruction in final_stage(path, "ENV"):
+        env.update(parse_env_instruction(instruction.args))
     return env
 
 

@@ -16,7 +16,6 @@ import jsonschema
 
 from tests.deploy import manifests as m
 
-SECRETS_README = m.DEPLOY / "secrets" / "README.md"
 CALLBACKS_OVERRIDE = m.DEPLOY / "compose.callbacks.yml"
 #: the user (and group) each image's processes run as, as deploy/secrets/README.md states them
 DERMQ_UID = 10001
@@ -25,12 +24,8 @@ THIRD_PARTY_UIDS = {"postgres": 999, "nginxinc/nginx-unprivileged": 101}
 
 def _folders_made_for_the_service_user(dockerfile: Path) -> set[str]:
     """Folders the final stage's ``install -d -o dermq`` commands create."""
-    instructions = m.dockerfile_instructions(dockerfile)
-    final = max(i.stage for i in instructions)
     folders: set[str] = set()
-    for instruction in instructions:
-        if instruction.stage != final or instruction.keyword != "RUN":
-            continue
+    for instruction in m.final_stage(dockerfile, "RUN"):
         for command in instruction.args.split("&&"):
             words = shlex.split(command)
             if words[:2] != ["install", "-d"] or "-o" not in words or words[words.index("-o") + 1] != "dermq":
@@ -63,7 +58,7 @@ def _uid(service: dict[str, Any]) -> int:
 
 def _permissions_commands() -> list[list[str]]:
     """The ``sudo chown`` and ``sudo chmod`` commands of the guide's "Permissions" section."""
-    section = SECRETS_README.read_text().split("## Permissions", 1)[1].split("\n## ", 1)[0]
+    section = m.SECRETS_README.read_text().split("## Permissions", 1)[1].split("\n## ", 1)[0]
     block = section.split("```sh", 1)[1].split("```", 1)[0]
     return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith(("sudo chown", "sudo chmod"))]
 

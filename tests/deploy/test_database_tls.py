@@ -32,7 +32,6 @@ MOUNTED_CA = f"/run/secrets/{m.POSTGRES_CA}"
 #: URLs in shipped files that never open a connection: the API image's build checks that Alembic
 #: finds the migrations with a dummy URL (deploy/Dockerfile.api).
 OFFLINE = {("deploy/Dockerfile.api", "postgresql+psycopg2://build-check")}
-SECRETS_README = m.DEPLOY / "secrets" / "README.md"
 
 
 def shipped_urls() -> list[tuple[str, str]]:
@@ -84,7 +83,7 @@ def test_every_process_given_a_database_url_also_gets_the_ca() -> None:
 
 def readme_recipe() -> str:
     """The shell block of deploy/secrets/README.md's "Database TLS" section."""
-    section = SECRETS_README.read_text().split("## Database TLS", 1)[1].split("\n## ", 1)[0]
+    section = m.SECRETS_README.read_text().split("## Database TLS", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```sh\n(.*?)```", section, flags=re.DOTALL).group(1)  # type: ignore[union-attr]
 
 

@@ -25,7 +25,6 @@ from tests.deploy import manifests
 REDIS_DB = support.PRODUCTION_REDIS_DB
 #: The audit log's signing key file as the worker's manifest mounts it.
 SIGNING_KEY = "dermq-audit-signing-key.json"
-SECRETS_README = manifests.DEPLOY / "secrets" / "README.md"
 
 
 def secret_modes(workload: manifests.Workload, container: dict) -> dict[str, int]:  # type: ignore[type-arg]
@@ -172,7 +171,7 @@ def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classif
 def test_the_compose_instructions_modes_let_the_api_start(
     tmp_path: Path, stack_env, runtime_database, production_redis
 ) -> None:  # type: ignore[no-untyped-def]
-    readme = SECRETS_README.read_text()
+    readme = manifests.SECRETS_README.read_text()
     found = re.search(r"chmod (\d{3}) [^\n]*dermq-keys\.json", readme)
     assert found, "deploy/secrets/README.md no longer says which mode the key file gets"
     mode = int(found.group(1), 8)
