@@ -150,14 +150,21 @@ def republish_lost(
     ids: list[str] | None = None,
 ) -> None:
     """Enqueue queued cases whose message the broker does not hold: those untouched since ``cutoff``,
-    or exactly ``ids`` (cases the sweeper has just put back in the queue). They are sent after commit."""
+    or exactly ``ids`` (cases the sweeper has just put back in the queue). They are sent after commit.
+
+    The candidates are read without locks and the broker is asked about them before any is locked:
+    only the cases that have lost their message are locked (``SKIP LOCKED``) and published. A case
+    whose message is waiting stays unlocked for the rest of the sweep's transaction, so the worker
+    that receives that message claims it. A lock would make the claim skip it and drop the message,
+    delaying the case by another sweep (under a backlog older than the grace period, the head of the
+    queue)."""
     query = select(Case).where(Case.status == CaseStatus.QUEUED.value)
     if ids is not None:
         query = query.where(Case.id.in_([uuid.UUID(i) for i in ids]))
     if cutoff is not None:
         query = query.where(Case.updated_at < cutoff, or_(Case.published_at.is_(None), Case.published_at < cutoff))
-    targets = session.scalars(query.order_by(Case.created_at).limit(BATCH).with_for_update(skip_locked=True)).all()
-    if not targets:
+    candidates = session.scalars(query.with_only_columns(Case.id).order_by(Case.created_at).limit(BATCH)).all()
+    if not candidates:
         return
     waiting: set[str] = set()
     if broker is not None:
@@ -167,9 +174,15 @@ def republish_lost(
         except redis.RedisError as exc:
             log.warning("broker unreachable; nothing republished this round", extra={"error": type(exc).__name__})
             return
+    lost = [case_id for case_id in candidates if str(case_id) not in waiting]
+    if not lost:
+        return
+    # the same conditions again, under the lock: a worker may have claimed one meanwhile
+    targets = session.scalars(
+        query.where(Case.id.in_(lost)).order_by(Case.created_at).with_for_update(skip_locked=True)
+    ).all()
     for case in targets:
-        if str(case.id) not in waiting:
-            enqueue(session, publisher, classify_task(case.id, case.priority), on_sent=report.published)
+        enqueue(session, publisher, classify_task(case.id, case.priority), on_sent=report.published)
 
 
 def republish_callbacks(

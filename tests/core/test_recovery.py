@@ -128,6 +128,26 @@ def test_only_queued_cases_whose_message_is_lost_are_published_again(
     assert sorted(ids.count(str(c)) for c in (lost, waiting)) == [1, 1]
 
 
+def test_a_stale_case_whose_message_waits_stays_claimable_while_the_sweep_runs(
+    sweeping, own_database: Settings, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    # A backlog older than the grace period: the sweep must not hold the head of the queue locked,
+    # or the worker that receives its message finds it locked, skips it and drops the message.
+    config, publisher, client = sweeping
+    grace = own_database.requeue_grace_seconds
+    lost, waiting = store_case(tenant, b"lost"), store_case(tenant, b"waiting")
+    for case_id in (lost, waiting):
+        set_state(own_database, case_id, updated_at=ago(grace + 5))
+    assert support.publish_classify(publisher, waiting, "routine")
+    with session_scope(config) as session:
+        report = recovery.sweep(session, config, publisher, client)
+        with session_scope(own_database) as worker:  # a worker's claim while the sweep's transaction is open
+            claimed = case_states.claim_batch(worker, waiting, limit=1)
+            assert [case.id for case in claimed] == [waiting]
+    assert str(lost) in report.republished and str(waiting) not in report.republished
+    assert cases_row(own_database, waiting).status == "running"
+
+
 def test_a_stale_worker_cannot_store_a_second_result(
     own_database: Settings, keyring, tenant: Tenant, store_case
 ) -> None:  # type: ignore[no-untyped-def]
