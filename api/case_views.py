@@ -69,7 +69,7 @@ def result_out(result: ResultView) -> DiagnosisOut | OutOfDistributionOut:
         uncertainty=result.uncertainty,
         referral=result.referral,
         referral_reasons=result.referral_reasons,
-        gradcam_status=result.gradcam_status,  # type: ignore[arg-type]
+        gradcam_status=result.gradcam_status,
         model=model,
         device=result.device,
         timings=result.timings,
@@ -81,8 +81,8 @@ def case_out(case: Case, result: ResultView | None, client_ref: str | None) -> C
     purged = case.status == CaseStatus.PURGED
     return CaseOut(
         id=case.id,
-        status=case.status,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
-        priority=case.priority,  # type: ignore[arg-type]
+        status=case.status,  # the column's CHECK constraint holds the Literal
+        priority=case.priority,
         client_ref=client_ref,
         attempts=case.attempts,
         image=None
@@ -109,10 +109,10 @@ def summary(
     outcome, label, referral = result if result is not None else (None, None, None)
     return CaseSummary(
         id=case.id,
-        status=case.status,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
-        priority=case.priority,  # type: ignore[arg-type]
+        status=case.status,  # the column's CHECK constraint holds the Literal
+        priority=case.priority,
         client_ref=client_ref,
-        outcome=outcome,  # type: ignore[arg-type]  # the column's CHECK constraint holds the Literal
+        outcome=outcome,  # the column's CHECK constraint holds the Literal
         label=label,
         referral=referral,
         created_at=case.created_at,

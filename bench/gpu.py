@@ -21,6 +21,7 @@ Without a GPU the first line says so and everything runs on the CPU (batch 128 l
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -56,7 +57,7 @@ def torch_rows(predictor: Any, batches: Sequence[int], repeats: int) -> list[lis
     rows = []
     for batch in batches:
         images = fixture_images(batch)
-        rows.append(throughput_row(label, batch, timed(lambda images=images: predictor.classify(images), repeats)))
+        rows.append(throughput_row(label, batch, timed(functools.partial(predictor.classify, images), repeats)))
     return rows
 
 
@@ -80,7 +81,9 @@ def onnx_cuda_rows(predictor: Any, batches: Sequence[int], repeats: int) -> list
     for batch in batches:
         x = rng.standard_normal((batch, 3, height, width), dtype=np.float32)
         rows.append(
-            throughput_row("onnxruntime CUDA fp32", batch, timed(lambda x=x: session.run(None, {INPUT: x}), repeats))
+            throughput_row(
+                "onnxruntime CUDA fp32", batch, timed(functools.partial(session.run, None, {INPUT: x}), repeats)
+            )
         )
     return rows
 

@@ -9,8 +9,12 @@ import threading
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests import processes, support
+
+if TYPE_CHECKING:
+    from core.config import Settings
 
 DATABASE = "dermq_bench_load"
 REDIS_DB = 10
@@ -83,7 +87,7 @@ def start_stack(
     return base, tokens, settings.database_url, api.log
 
 
-def clinic_keys(settings, count: int) -> list[str]:  # type: ignore[no-untyped-def]
+def clinic_keys(settings: Settings, count: int) -> list[str]:
     """A key of a clinic of its own for each of ``count`` more portals."""
     from core import clinics, keys
     from core.crypto import load_keyring

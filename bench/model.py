@@ -19,6 +19,7 @@ latency, classification and gate included, on the backend each serves by default
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import platform
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     b8 = interleaved({"naive": naive_batch(8)} | {n: ours_batch(predictors[n], 8) for n in names}, max(5, r // 5))
     b32 = interleaved({"naive": naive_batch(32)} | {n: ours_batch(predictors[n], 32) for n in names}, max(3, r // 10))
     cam = interleaved(
-        {"naive": naive_cam} | {n: (lambda p=predictors[n]: classify_and_cam(p, images[0])) for n in names}, r
+        {"naive": naive_cam} | {n: functools.partial(classify_and_cam, predictors[n], images[0]) for n in names}, r
     )
     overlay_cam = classify_and_cam(reference, images[0])
     overlay = timed(lambda: heatmap.render(images[0], overlay_cam), r)

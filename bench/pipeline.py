@@ -156,7 +156,9 @@ def drain_rate(settings: object, backlog_ids: list[str]) -> tuple[float, int]:
             interval=0.5,
             what="the backlog to drain",
         )
-        finished = sorted(session.scalars(select(Case.finished_at).where(Case.id.in_(ids))))
+        finished = sorted(
+            at for at in session.scalars(select(Case.finished_at).where(Case.id.in_(ids))) if at is not None
+        )
         failed = session.scalar(select(func.count()).select_from(Case).where(Case.id.in_(ids), Case.status == "failed"))
     skip = max(1, int(len(finished) * WARM_UP))
     return (len(finished) - 1 - skip) / (finished[-1] - finished[skip]).total_seconds(), int(failed or 0)

@@ -18,6 +18,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -96,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
             def end_later(case_id: str) -> None:
                 time.sleep(2)
                 with session_scope(settings) as session:
-                    case_states.fail_case(session, case_id=case_id, attempt=None, code="timeout", message="bench")
+                    case_states.fail_case(
+                        session, case_id=uuid.UUID(case_id), attempt=None, code="timeout", message="bench"
+                    )
 
             requests = {}
             for mode in ("poll every 0.5 s", "long poll ?wait=20"):

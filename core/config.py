@@ -271,4 +271,4 @@ def get_settings() -> Settings:
     ``dermq_database_url``, ``dermq_keys_json``) supplies that setting.
     """
     secrets_dir = os.environ.get("DERMQ_SECRETS_DIR")
-    return Settings(_secrets_dir=secrets_dir) if secrets_dir else Settings()  # type: ignore[call-arg]
+    return Settings(_secrets_dir=secrets_dir) if secrets_dir else Settings()

@@ -100,11 +100,16 @@ class ImageLimits:
 class UploadBounds(Protocol):
     """The settings :meth:`ImageLimits.from_settings` reads (``core.config.Settings`` has them)."""
 
-    max_upload_bytes: int
-    max_image_side: int
-    max_image_pixels: int
-    max_lossless_pixels: int
-    min_image_side: int
+    @property
+    def max_upload_bytes(self) -> int: ...
+    @property
+    def max_image_side(self) -> int: ...
+    @property
+    def max_image_pixels(self) -> int: ...
+    @property
+    def max_lossless_pixels(self) -> int: ...
+    @property
+    def min_image_side(self) -> int: ...
 
 
 DEFAULT_LIMITS = ImageLimits()

@@ -298,7 +298,7 @@ def seal_all(settings: Any, timeout: float = 60) -> Any:
         time.sleep(0.1)
 
 
-def publish_classify(app, case_id, priority="routine"):  # type: ignore[no-untyped-def]
+def publish_classify(app: Any, case_id: uuid.UUID, priority: str = "routine") -> bool:
     """Send ``classify(case_id)`` now, outside any transaction (production code enqueues on its Session)."""
     from core.publisher import classify_task, send
 

@@ -69,7 +69,7 @@ async def report_outcome(
         out = OutcomeOut(
             case_id=row.case_id,
             diagnosis=body.diagnosis,  # validated; stored sealed, never read back here
-            method=row.method,  # type: ignore[arg-type]
+            method=row.method,
             revision=row.revision,
             created_at=row.created_at,
             updated_at=row.updated_at,
