@@ -161,17 +161,23 @@ def test_erasing_a_case_asks_first_and_then_erases_it(page, live_api: str, make_
 
     erase.click()
     assert dialog.get_attribute("open") is not None and case_id in dialog.text
+    assert "result" in dialog.text and "cannot be recovered" in dialog.text  # what is lost, said before
     assert page.switch_to.active_element == page.find_element(By.ID, "erase-cancel")  # the safe choice
     page.switch_to.active_element.send_keys(Keys.ESCAPE)  # changed my mind
     browser.wait_until(page, lambda _: dialog.get_attribute("open") is None)
+    erase.click()
+    page.find_element(By.ID, "erase-cancel").click()  # and again
+    browser.wait_until(page, lambda _: dialog.get_attribute("open") is None)
+    browser.wait_until(page, lambda d: d.switch_to.active_element == erase, what="the focus back on the button")
     assert api_case(live_api, clinic.token, case_id)["status"] == "succeeded"
 
     page.find_element(By.CSS_SELECTOR, f"{row} button.danger").click()
     page.find_element(By.ID, "erase-confirm").click()
     browser.wait_until(page, lambda d: d.find_element(By.CSS_SELECTOR, row).get_attribute("data-status") == "purged")
     assert api_case(live_api, clinic.token, case_id)["status"] == "purged"
-    assert "images erased" in page.find_element(By.ID, "case-status").text
+    assert "patient data erased" in page.find_element(By.ID, "case-status").text
     assert not page.find_elements(By.CSS_SELECTOR, f"{row} button.danger")  # nothing left to erase
+    assert page.switch_to.active_element == page.find_element(By.ID, "cases-heading")  # not lost to the page's top
     assert browser.problems(page) == []
 
 

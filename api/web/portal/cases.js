@@ -94,7 +94,7 @@ export class CaseList {
     ];
     const buttons = el("td", { className: "actions" }, open);
     if (item.status === "succeeded" || item.status === "failed") {
-      const erase = el("button", { type: "button", className: "danger", "aria-label": `Erase the images of case ${short}`, text: "Erase" });
+      const erase = el("button", { type: "button", className: "danger", "aria-label": `Erase the patient data of case ${short}`, text: "Erase" });
       erase.addEventListener("click", () => this.actions.erase(item.id, erase));
       buttons.append(" ", erase);
     }

@@ -30,7 +30,7 @@ export const STATUS_TEXT = {
   running: "running: the model is looking at the image",
   succeeded: "finished",
   failed: "failed",
-  purged: "images erased",
+  purged: "patient data erased",
 };
 
 export const GRADCAM_TEXT = {

@@ -96,6 +96,20 @@ function showStatus(item) {
   announce(caseStatus, `Case ${item.id.slice(0, 8)}: ${wordsFor(STATUS_TEXT, item.status)}.`, item.status);
 }
 
+/** Said while following a case pauses after a network error, a 429 or a 5xx (waitForEnd asks again). */
+function showRetry(caseId) {
+  return (error, seconds) => {
+    const why = error.code === "network_error" ? "dermq could not be reached" : `dermq answered ${error.status}`;
+    announce(caseStatus, `Case ${caseId.slice(0, 8)}: ${why}; asking again in ${Math.round(seconds)} s.`, "retrying");
+  };
+}
+
+/** Following an accepted case stopped on an error that asking again would not mend (a revoked key, say). */
+function followingStopped(caseId, error) {
+  announce(caseStatus, `Case ${caseId.slice(0, 8)} was accepted, but following it stopped: open it from the list.`, "error");
+  showProblem(submitProblem, error);
+}
+
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   showProblem(submitProblem, null);
@@ -113,29 +127,16 @@ form.addEventListener("submit", async (event) => {
   const button = $("submit-button");
   button.disabled = true;
   announce(caseStatus, "Uploading the image…", "uploading");
+  let body;
   try {
-    const { body, replayed } = await submitCase(submission, { signal });
+    let replayed;
+    ({ body, replayed } = await submitCase(submission, { signal }));
     pending = null;
     if (replayed) announce(caseStatus, "This submission had already reached dermq: here is its case.", body.status);
     else showStatus(body);
     renderCase(resultSection, resultBody, body, { original, onErase: confirmErase });
-    button.disabled = false;
-    let ended = body;
-    if (!TERMINAL.has(body.status)) {
-      cases.reload(); // the new case, queued
-      ended = await waitForEnd(body.id, {
-        signal,
-        onUpdate: (item) => {
-          showStatus(item);
-          renderCase(resultSection, resultBody, item, { original, onErase: confirmErase });
-        },
-      });
-    }
-    showStatus(ended);
-    cases.reload();
   } catch (error) {
     if (error.name === "AbortError") return;
-    button.disabled = false;
     if (!retryable(error)) pending = null;
     announce(
       caseStatus,
@@ -143,8 +144,28 @@ form.addEventListener("submit", async (event) => {
       "error",
     );
     showProblem(submitProblem, error);
+    return;
   } finally {
     button.disabled = false;
+  }
+  if (TERMINAL.has(body.status)) {
+    cases.reload();
+    return;
+  }
+  cases.reload(); // the new case, queued
+  try {
+    const ended = await waitForEnd(body.id, {
+      signal,
+      onUpdate: (item) => {
+        showStatus(item);
+        renderCase(resultSection, resultBody, item, { original, onErase: confirmErase });
+      },
+      onRetry: showRetry(body.id),
+    });
+    showStatus(ended);
+    cases.reload();
+  } catch (error) {
+    if (error.name !== "AbortError") followingStopped(body.id, error);
   }
 });
 
@@ -164,6 +185,7 @@ async function openCase(caseId) {
       const ended = await waitForEnd(caseId, {
         signal,
         onUpdate: (item) => renderCase(resultSection, resultBody, item, { onErase: confirmErase }),
+        onRetry: showRetry(caseId),
       });
       showStatus(ended);
     }
@@ -182,22 +204,26 @@ function confirmErase(caseId, opener) {
   $("erase-cancel").focus(); // the safe choice has the focus
 }
 
+// Closing without erasing (Cancel, Escape) gives the focus back to the button that opened the dialog.
 dialog.addEventListener("close", () => {
   if (eraseTarget?.opener?.isConnected) eraseTarget.opener.focus();
-});
-$("erase-cancel").addEventListener("click", () => {
-  dialog.close();
   eraseTarget = null;
 });
+$("erase-cancel").addEventListener("click", () => dialog.close());
 $("erase-confirm").addEventListener("click", async () => {
   const target = eraseTarget;
+  eraseTarget = null; // the erase redraws the button that opened the dialog: the focus goes below instead
   dialog.close();
-  eraseTarget = null;
   if (!target) return;
   try {
     const item = await eraseCase(target.caseId);
-    announce(caseStatus, `Case ${item.id.slice(0, 8)}: images erased.`, "purged");
-    if (resultSection.dataset.caseId === item.id) renderCase(resultSection, resultBody, item, { onErase: confirmErase });
+    announce(caseStatus, `Case ${item.id.slice(0, 8)}: patient data erased.`, "purged");
+    if (resultSection.dataset.caseId === item.id) {
+      renderCase(resultSection, resultBody, item, { onErase: confirmErase });
+      $("result-heading").focus();
+    } else {
+      $("cases-heading").focus();
+    }
     cases.load();
   } catch (error) {
     showProblem(submitProblem, error);

@@ -196,10 +196,10 @@ export function renderCase(section, body, item, { original = null, onErase } = {
   } else if (!item.result && item.status !== "purged") {
     parts.push(el("p", { className: "hint", text: "The result appears here as soon as the case has ended." }));
   }
-  if (item.status === "purged") parts.push(el("p", { id: "erased-note", text: "This case's images were erased; its result remains." }));
+  if (item.status === "purged") parts.push(el("p", { id: "erased-note", text: "This case's patient data were erased: its image, heat map, result and reported outcome." }));
   if (item.result) parts.push(modelLine(item.result), el("p", { className: "disclaimer-inline", text: "Decision support, not a diagnosis." }));
   if (onErase && item.status !== "purged" && (item.status === "succeeded" || item.status === "failed")) {
-    const erase = el("button", { type: "button", className: "danger", id: "result-erase", text: "Erase this case's images…" });
+    const erase = el("button", { type: "button", className: "danger", id: "result-erase", text: "Erase this case's data…" });
     erase.addEventListener("click", () => onErase(item.id, erase));
     parts.push(erase);
   }

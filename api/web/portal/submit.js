@@ -53,12 +53,62 @@ export async function submitCase(submission, { signal } = {}) {
   return { body: await response.json(), replayed: response.headers.get("idempotent-replayed") === "true" };
 }
 
-/** Long-poll the case until it has ended; `onUpdate(case)` sees every answer. Resolves with the ended case. */
-export async function waitForEnd(caseId, { signal, onUpdate }) {
+/** Longest pause between two polls, in seconds. */
+export const MAX_PAUSE_SECONDS = 30;
+
+/** The pause before the `retry`-th poll after a failed or early one: 1, 2, 4 … up to MAX_PAUSE_SECONDS. */
+export function backoffSeconds(retry) {
+  return Math.min(MAX_PAUSE_SECONDS, 2 ** Math.min(retry, 10));
+}
+
+/** The pause after `error`: the API's Retry-After (seconds) when it sent one, else the backoff. */
+export function pauseSeconds(error, retry) {
+  const asked = Number.parseFloat(error.problem?.retry_after);
+  return Number.isFinite(asked) && asked >= 0 ? Math.min(asked, MAX_PAUSE_SECONDS) : backoffSeconds(retry);
+}
+
+function sleep(seconds, signal) {
+  return new Promise((resolve, reject) => {
+    const aborted = () => reject(new DOMException("stopped following the case", "AbortError"));
+    if (signal?.aborted) return aborted();
+    const timer = setTimeout(resolve, seconds * 1000);
+    signal?.addEventListener(
+      "abort",
+      () => {
+        clearTimeout(timer);
+        aborted();
+      },
+      { once: true },
+    );
+  });
+}
+
+/**
+ * Long-poll the case until it has ended; `onUpdate(case)` sees every answer. Resolves with the ended case.
+ *
+ * A network error, a 429 or a 5xx does not stop it: it pauses (the API's Retry-After, else 1, 2, 4 … 30 s),
+ * tells `onRetry(error, seconds)` and asks again. An answer that comes back early without the end (the
+ * server holds no more waiting requests) is followed by the same backoff, so a full server is not asked in
+ * a loop. Any other error (a revoked key, an erased case) rejects.
+ */
+export async function waitForEnd(caseId, { signal, onUpdate, onRetry }) {
+  let retry = 0;
   for (;;) {
-    const { body } = await getJson(`/v1/cases/${encodeURIComponent(caseId)}?wait=${WAIT_SECONDS}`, { signal });
+    const asked = performance.now();
+    let body;
+    try {
+      ({ body } = await getJson(`/v1/cases/${encodeURIComponent(caseId)}?wait=${WAIT_SECONDS}`, { signal }));
+    } catch (error) {
+      if (error.name === "AbortError" || !retryable(error)) throw error;
+      const seconds = pauseSeconds(error, retry++);
+      onRetry?.(error, seconds);
+      await sleep(seconds, signal);
+      continue;
+    }
     onUpdate(body);
     if (TERMINAL.has(body.status)) return body;
+    if (performance.now() - asked < (WAIT_SECONDS * 1000) / 2) await sleep(backoffSeconds(retry++), signal);
+    else retry = 0;
   }
 }
 

@@ -1,0 +1,83 @@
+"""The portal keeps following a case through what a busy or restarting server does:
+
+- every `?wait=` answer comes back at once (an API whose waiting requests are all taken, here one
+  that holds none): the page pauses between polls instead of asking in a loop;
+- the API goes away for a while (a deploy): the page pauses and asks again instead of giving up.
+
+Either way it still shows the result once the case ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core.db import session_scope
+from core.models import AuditEvent
+from tests import processes, support
+from tests.api import browser
+
+By = pytest.importorskip("selenium.webdriver.common.by", reason="selenium is in the test extra (make install)").By
+
+pytestmark = [pytest.mark.usefixtures("database", "worker"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def full_api(stack_env: dict[str, str], stack_dir: Path) -> Iterator[str]:
+    env = {**stack_env, "DERMQ_API_PORT": str(support.free_port()), "DERMQ_LONG_POLL_MAX_WAITERS": "0"}
+    with processes.api_process(env, stack_dir / "full-api.log") as (base, _):
+        yield base
+
+
+def reads_of(settings, case_id: str) -> int:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return session.scalar(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(AuditEvent.action == "case.read", AuditEvent.entity_id == case_id)
+        )
+
+
+def test_a_case_is_followed_to_its_result_with_pauses_when_polls_come_back_at_once(  # type: ignore[no-untyped-def]
+    page, full_api: str, make_key, store_case, publisher, jpeg_bytes: bytes, settings
+) -> None:
+    clinic = make_key()
+    case_id = str(store_case(clinic, jpeg_bytes))  # queued, and not sent to a worker yet
+    browser.open_page(page, f"{full_api}/portal/", clinic.token)
+    row = f"#case-rows tr[data-case-id='{case_id}']"
+    browser.wait_until(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button.secondary")).click()
+    section = page.find_element(By.ID, "result")
+    browser.wait_until(page, lambda _: section.get_attribute("data-status") == "queued")
+    browser.wait_until(page, lambda _: reads_of(settings, case_id) >= 3, what="a few early answers")
+    before = reads_of(settings, case_id)
+    time.sleep(3)  # paused 2 s, then 4 s: at most two more reads (asking in a loop makes dozens)
+    assert reads_of(settings, case_id) - before <= 2
+
+    support.publish_classify(publisher, case_id)
+    browser.wait_until(page, lambda _: section.get_attribute("data-state") == "diagnosis", what="the live update")
+    assert "finished" in page.find_element(By.ID, "case-status").text
+    assert reads_of(settings, case_id) < 10
+    assert browser.problems(page) == []
+
+
+def test_a_case_is_followed_to_its_result_across_a_restart_of_the_api(  # type: ignore[no-untyped-def]
+    page, stack_env: dict[str, str], stack_dir: Path, make_key, store_case, publisher, jpeg_bytes: bytes
+) -> None:
+    env = {**stack_env, "DERMQ_API_PORT": str(support.free_port())}
+    clinic = make_key()
+    case_id = str(store_case(clinic, jpeg_bytes))  # queued, and not sent to a worker yet
+    with processes.api_process(env, stack_dir / "restarted-api.log") as (base, _):
+        browser.open_page(page, f"{base}/portal/", clinic.token)
+        row = f"#case-rows tr[data-case-id='{case_id}']"
+        browser.wait_until(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button.secondary")).click()
+        section = page.find_element(By.ID, "result")
+        browser.wait_until(page, lambda _: section.get_attribute("data-status") == "queued")
+    status = page.find_element(By.ID, "case-status")
+    browser.wait_until(page, lambda _: "could not be reached" in status.text, what="the page noticing")
+    with processes.api_process(env, stack_dir / "restarted-api.log"):
+        support.publish_classify(publisher, case_id)
+        browser.wait_until(page, lambda _: section.get_attribute("data-state") == "diagnosis", what="the result")
+        assert "finished" in status.text
