@@ -28,7 +28,7 @@ from typing import Protocol
 
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
-from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_peak_bytes
+from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_for
 
 #: Pillow formats dermq accepts, by the name Pillow gives them.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "WEBP", "BMP"})
@@ -259,7 +259,7 @@ def decode(
                 image.draft(image.mode, _draft_request(image.width, image.height, reduce_to))
             if budget is None:
                 return _fitted(_load_rgb(image, fmt, declared), fit)
-            with budget.reserve(estimate_peak_bytes(image.width, image.height, image.mode)):
+            with budget.reserve(estimate_for(image, fmt)):
                 return _fitted(_load_rgb(image, fmt, declared), fit)
     except (InvalidImage, DecodeBusy, TooLargeToDecode):
         raise

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -66,12 +69,62 @@ def test_an_image_whose_decoding_would_exceed_the_whole_budget_is_refused() -> N
 
 
 def test_estimates_cover_what_alpha_compositing_holds() -> None:
-    assert (
-        estimate_peak_bytes(100, 100, "RGBA")
-        > estimate_peak_bytes(100, 100, "RGB")
-        > estimate_peak_bytes(100, 100, "L")
-    )
+    assert estimate_peak_bytes(100, 100, "RGBA") > estimate_peak_bytes(100, 100, "RGB")
+    assert estimate_peak_bytes(100, 100, "P", transparency=True) > estimate_peak_bytes(100, 100, "RGBA")
     assert estimate_peak_bytes(7000, 7000, "RGBA") > 1_000_000_000  # the 190 KB PNG of the security review
+
+
+def test_a_tiny_palette_png_with_a_transparent_colour_is_priced_as_the_rgba_it_becomes() -> None:
+    # 5000x5000, about 30 KB: decoding goes through RGBA and its compositing, about 25 bytes a pixel
+    out = io.BytesIO()
+    Image.new("P", (5000, 5000)).save(out, "PNG", transparency=0)
+    assert len(out.getvalue()) < 100_000
+    budget = DecodeBudget(384 * 2**20)  # the default DERMQ_DECODE_MEMORY_BYTES
+    with pytest.raises(TooLargeToDecode):
+        decode(out.getvalue(), budget=budget)
+    assert budget.in_use == 0
+
+
+_MEASURE = """
+import io, sys
+from PIL import Image, ImageCms
+from ml.decode_budget import estimate_for
+from ml.images import decode
+
+def status(name):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(name))
+
+base = Image.radial_gradient("L").resize((2000, 2000)).convert("RGB")
+exif = Image.Exif()
+exif[0x0112] = 6
+turned = {"exif": exif.tobytes(), "icc_profile": ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()}
+for mode, fmt, extra in [
+    ("RGB", "JPEG", {}), ("RGB", "JPEG", turned), ("CMYK", "JPEG", {}), ("RGB", "PNG", turned),
+    ("RGBA", "PNG", {}), ("RGBA", "PNG", turned), ("LA", "PNG", {}), ("P", "PNG", {"transparency": 0}),
+    ("P", "PNG", {}), ("1", "PNG", {}), ("I;16", "PNG", {}), ("RGB", "WEBP", turned), ("RGB", "TIFF", {}),
+]:
+    out = io.BytesIO()
+    (base.convert(mode) if mode != "I;16" else base.convert("L").convert("I;16")).save(out, fmt, **extra)
+    data = out.getvalue()
+    estimate = estimate_for(Image.open(io.BytesIO(data)), fmt)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # the peak resident size starts again from now
+    before = status("VmRSS:")
+    decoded = decode(data)
+    print(mode, fmt, sorted(extra), status("VmHWM:") - before, estimate)
+    del decoded
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory through Linux's /proc")
+def test_the_estimate_covers_the_memory_decoding_holds() -> None:
+    # the peak resident memory of decoding 2000x2000 images of each kind, in a fresh process
+    run = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, timeout=120, check=True)
+    rows = [line.rsplit(" ", 2) for line in run.stdout.splitlines()]
+    assert len(rows) == 13
+    over = [(what, int(peak), int(estimate)) for what, peak, estimate in rows if int(peak) > int(estimate)]
+    assert over == []
 
 
 def test_a_reservation_that_does_not_fit_waits_for_one_to_end() -> None:
