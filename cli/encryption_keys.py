@@ -147,6 +147,9 @@ def destroy_period(period: str, force: bool) -> int:
     from core import period_shredding
 
     done = period_shredding.destroy_period(get_settings(), period, force=force, actor=CLI_ACTOR)
+    if done.get("already"):
+        click.echo(f"the key of period {period} was already destroyed (the audit trail records it); nothing to do")
+        return 0
     purged = f"; purged {done['purged']} live cases first" if done["purged"] else ""
     click.echo(f"destroyed the key of period {period}{purged}: no copy of its cases can be decrypted any more")
     return 0

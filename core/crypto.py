@@ -214,6 +214,13 @@ def write_private_json(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # the rename itself is durable only once the folder is: a crash must not bring back the old file
+    # after the database has committed what the new one holds (a key rotation's re-wrapped keys)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,10 @@ processes re-read the key file when it changes, so new period keys go under the 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, func, not_, select
@@ -36,7 +38,7 @@ from core.crypto import Keyring, load_keyring, rewrap_key, write_key_file
 from core.db import session_scope
 from core.errors import KeyringError
 from core.models import Case, CaseBlob, ClinicCallback
-from core.period_keys import PREFIX
+from core.period_keys import PREFIX, PeriodKeys
 
 log = logging.getLogger("dermq.keys")
 BATCH = 500
@@ -172,6 +174,24 @@ def rewrap_all(
     return RewrapReport(keyring.active_id, total, remaining)
 
 
+@contextlib.contextmanager
+def changing_key_file(settings: Settings, *, periods: bool = True) -> Iterator[None]:
+    """Exclusive across processes: :func:`rotate` and :func:`retire` read, change and write the key file
+    under it, so neither writes back a key file the other changed meanwhile (a retirement writing its
+    stale copy would drop the key a rotation had just added and re-wrapped everything under). With
+    ``periods``, the period-key folder's lock too: no period key is created under a KEK being retired."""
+    assert settings.key_file is not None
+    fd = os.open(settings.key_file.with_name(f".{settings.key_file.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        folder = settings.period_key_folder
+        held = PeriodKeys(folder, settings).locked() if periods and folder is not None else contextlib.nullcontext()
+        with held:
+            yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def rotate(
     settings: Settings,
     *,
@@ -183,10 +203,11 @@ def rotate(
     """Add a new active KEK to the key file (old keys stay), then re-wrap every data key under it."""
     _key_file(settings)
     assert settings.key_file is not None
-    old = load_keyring(settings)
-    new = old.with_new_active_key()
-    write_key_file(settings.key_file, new, overwrite=True)
-    with session_scope(settings) as session:
+    # the folder's lock is not held: the re-wrap below takes it, and a period key created meanwhile
+    # under the old KEK is re-wrapped with the rest
+    with changing_key_file(settings, periods=False), session_scope(settings) as session:
+        old = load_keyring(settings)
+        new = old.with_new_active_key()
         audit.record(
             session,
             action="keys.rotate",
@@ -196,6 +217,8 @@ def rotate(
             entity_id=new.active_id,
             detail={"previous": old.active_id},
         )
+        session.flush()
+        write_key_file(settings.key_file, new, overwrite=True)  # then the event commits
     return rewrap_all(settings, batch=batch, actor=actor, max_batches=max_batches, progress=progress)
 
 
@@ -204,13 +227,12 @@ def retire(settings: Settings, kek_id: str, *, actor: audit.Actor = audit.SYSTEM
     period-key folder's lock: a process creating a period key meanwhile waits, then reads the new file."""
     _key_file(settings)
     assert settings.key_file is not None
-    keyring = load_keyring(settings)
-    if kek_id == keyring.active_id:
-        raise KeyringError(f"{kek_id} is the active key; rotate first")
-    if kek_id not in keyring.keks:
-        raise KeyringError(f"{kek_id} is not in the key file")
-    held = keyring.periods.locked() if keyring.periods is not None else contextlib.nullcontext()
-    with held, session_scope(settings) as session:
+    with changing_key_file(settings), session_scope(settings) as session:
+        keyring = load_keyring(settings)  # under the lock: what a rotation meanwhile wrote
+        if kek_id == keyring.active_id:
+            raise KeyringError(f"{kek_id} is the active key; rotate first")
+        if kek_id not in keyring.keks:
+            raise KeyringError(f"{kek_id} is not in the key file")
         still = usage(session).get(kek_id, 0) + period_usage(keyring).get(kek_id, 0)
         if still:
             raise KeyringError(
@@ -218,7 +240,6 @@ def retire(settings: Settings, kek_id: str, *, actor: audit.Actor = audit.SYSTEM
             )
         remaining = {k: v for k, v in keyring.keks.items() if k != kek_id}
         trimmed = Keyring(keyring.active_id, remaining, keyring.api_key_pepper)
-        write_key_file(settings.key_file, trimmed, overwrite=True)
         audit.record(
             session,
             action="keys.retire",
@@ -228,4 +249,6 @@ def retire(settings: Settings, kek_id: str, *, actor: audit.Actor = audit.SYSTEM
             entity_id=kek_id,
             detail={"active": trimmed.active_id},
         )
+        session.flush()  # the event is in; the file changes just before it commits
+        write_key_file(settings.key_file, trimmed, overwrite=True)
     return trimmed

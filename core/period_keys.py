@@ -182,13 +182,13 @@ class PeriodKeys:
         """The unwrapped key of ``kek`` (``period-...``); a DecryptionError once it was destroyed."""
         period = kek[len(PREFIX) :]
         path = self._key_file(period)
+        if self.destroyed(period):  # a tombstone wins over a key file a crash left behind
+            raise DecryptionError(
+                f"the key of period {period} was destroyed (retention): its blobs can never be decrypted"
+            )
         try:
             info = path.stat()
         except FileNotFoundError:
-            if self.destroyed(period):
-                raise DecryptionError(
-                    f"the key of period {period} was destroyed (retention): its blobs can never be decrypted"
-                ) from None
             raise DecryptionError(
                 f"no key for period {period} in {self.folder}; is DERMQ_PERIOD_KEY_DIR the folder the "
                 "other services use?"
@@ -310,21 +310,23 @@ class PeriodKeys:
         return done
 
     def destroy(self, period: str, *, reason: str) -> bool:
-        """Tombstone ``period`` and delete its key file; False if it had no key (already destroyed)."""
+        """Tombstone ``period`` and delete its key file; False if it had no key (already destroyed).
+
+        Under the folder's lock, so a re-wrap (key rotation) that read the key cannot write it back
+        afterwards. The tombstone is written first: once it exists the key is never served again, and a
+        key file a crash left beside it is deleted by the next call."""
         from core.crypto import write_private_json
 
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self._key_file(period)
-        if not self.destroyed(period):
-            write_private_json(
-                self._tombstone(period),
-                {"period": period, "destroyed_at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason},
-            )
-        existed = path.exists()
-        path.unlink(missing_ok=True)
-        self._sync_folder()
-        with self._cache_lock:
-            self._cache.pop(period, None)
+        with self.locked():
+            path = self._key_file(period)
+            if not self.destroyed(period):
+                at = datetime.now(UTC).isoformat(timespec="seconds")
+                write_private_json(self._tombstone(period), {"period": period, "destroyed_at": at, "reason": reason})
+            existed = path.exists()
+            path.unlink(missing_ok=True)
+            self._sync_folder()
+            with self._cache_lock:
+                self._cache.pop(period, None)
         return existed
 
     def list(self) -> list[PeriodFile]:
@@ -336,6 +338,8 @@ class PeriodKeys:
             data = json.loads(path.read_text())
             found[path.stem] = PeriodFile(path.stem, None, None, data.get("destroyed_at"), data.get("reason"))
         for path in self.folder.glob("*.json"):
+            if path.stem in found:  # destroyed: a key file a crash left beside the tombstone is not a key
+                continue
             with contextlib.suppress(ValueError):
                 bounds(path.stem)
                 record = self._read(path)

@@ -33,7 +33,7 @@ from core.config import Settings
 from core.crypto import Keyring
 from core.db import session_scope
 from core.errors import Conflict, InvalidInput, KeyringError
-from core.models import Case, CaseBlob, CaseStatus
+from core.models import AuditEvent, Case, CaseBlob, CaseStatus
 from core.period_keys import PeriodKeys, bounds, kek_id
 
 log = logging.getLogger("dermq.keys")
@@ -186,6 +186,8 @@ def destroy_period(
     if not keys.exists(period) and not keys.destroyed(period):
         raise InvalidInput(f"there is no key for period {period} in {keys.folder}", code="unknown_period")
     blobs = kek_id(period)
+    if keys.destroyed(period) and blobs in destructions_recorded(settings):
+        return {"period": period, "reason": reason, "purged": 0, "forced": force, "already": True}
     live_in_period = and_(Case.created_at >= start, Case.created_at < end, Case.status != CaseStatus.PURGED.value)
     # a case created outside the period with a blob under its key: none unless created_at was changed
     sealed_under = Case.id.in_(select(CaseBlob.case_id).where(CaseBlob.kek_id == blobs))
@@ -211,7 +213,9 @@ def destroy_period(
                     "unreadable. Wait for retention, erase them, or pass --force to purge them first",
                     code="period_has_live_cases",
                 )
-            detail = {"reason": reason, "purged": purged, "forced": force}
+            detail: dict[str, Any] = {"reason": reason, "purged": purged, "forced": force}
+            if keys.destroyed(period):  # tombstoned by a destruction interrupted before its event committed
+                detail["completes_interrupted"] = True
             audit.record(
                 session,
                 action="keys.destroy_period",
@@ -230,6 +234,20 @@ def destroy_period(
     )
 
 
+def destructions_recorded(settings: Settings) -> set[str]:
+    """The period KEK ids whose destruction the audit trail records as done. A tombstone without its
+    event is a destruction interrupted between the file change and the commit: the next
+    :func:`destroy_expired` (or ``dermq keys destroy-period``) completes it and records it."""
+    with session_scope(settings) as session:
+        return set(
+            session.scalars(
+                select(AuditEvent.entity_id).where(
+                    AuditEvent.action == "keys.destroy_period", AuditEvent.outcome == audit.SUCCESS
+                )
+            )
+        )
+
+
 def destroy_expired(settings: Settings, *, now: datetime | None = None) -> list[str]:
     """Retention: destroy every period whose cases are all purged and whose end lies more than the
     retention plus the grace in the past; returns the periods destroyed. A period that still has a
@@ -239,8 +257,11 @@ def destroy_expired(settings: Settings, *, now: datetime | None = None) -> list[
     at = now or datetime.now(UTC)
     margin = timedelta(days=settings.retention_days + settings.period_key_grace_days)
     destroyed = []
+    recorded = destructions_recorded(settings)
     for entry in folder(settings).list():
-        if entry.destroyed_at is not None or bounds(entry.period)[1] + margin > at:
+        if entry.destroyed_at is not None and kek_id(entry.period) in recorded:
+            continue
+        if entry.destroyed_at is None and bounds(entry.period)[1] + margin > at:
             continue
         try:  # a period with a live case is skipped quietly, run after run, until its cases are purged
             destroy_period(settings, entry.period, reason="retention", now=at, audit_refusal=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -131,3 +132,25 @@ def test_rotation_needs_a_key_file(settings) -> None:  # type: ignore[no-untyped
     inline = settings.model_copy(update={"keys_json": json.dumps(Keyring.generate().to_json())})
     with pytest.raises(KeyringError, match="secret store"):
         keyrotation.rotate(inline)
+
+
+def test_a_retirement_waits_for_a_rotation_in_progress_and_keeps_its_new_key(rotating: Settings) -> None:
+    # rotate and retire both read, change and write the key file: a retirement that read the file
+    # before a rotation wrote it would write back its stale copy, dropping the key everything was
+    # just re-wrapped under
+    assert rotating.key_file is not None
+    old = load_keyring(rotating)
+    write_key_file(rotating.key_file, old.with_new_active_key(), overwrite=True)  # old.active_id is retirable
+    retired: list[Keyring] = []
+    with keyrotation.changing_key_file(rotating):  # a rotation holds the key file from here...
+        retiring = threading.Thread(target=lambda: retired.append(keyrotation.retire(rotating, old.active_id)))
+        retiring.start()
+        retiring.join(0.5)
+        assert retiring.is_alive()  # waiting for the rotation
+        rotated = load_keyring(rotating).with_new_active_key()
+        write_key_file(rotating.key_file, rotated, overwrite=True)  # ...to here
+    retiring.join(30)
+    assert retired and retired[0].active_id == rotated.active_id
+    after = load_keyring(rotating)
+    assert after.active_id == rotated.active_id and old.active_id not in after.keks
+    assert set(after.keks) == set(rotated.keks) - {old.active_id}

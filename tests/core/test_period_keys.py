@@ -325,3 +325,36 @@ def test_a_forced_destruction_and_a_worker_storing_a_result_of_that_period_never
     assert outcome.get("done", {}).get("purged") == 1, outcome
     with session_scope(site.settings) as session:
         assert session.get(Case, case_id).status == CaseStatus.PURGED.value  # type: ignore[union-attr]
+
+
+def test_a_destruction_interrupted_before_its_event_is_completed_and_recorded_once(site: Site) -> None:
+    # the key's tombstone is written, then the process dies before its audit event commits (or a
+    # re-wrap that read the key writes it back beside the tombstone): the key must stay dead, and the
+    # next retention run must record the destruction, once
+    when = NOW - timedelta(days=150)
+    erased = case_created(site, when, b"erased image")
+    keyrotation.rewrap_all(site.settings)
+    period = site.period(when)
+    backup = blob_rows(site)
+    erase(site, erased)
+    keys = load_keyring(site.settings).periods
+    assert keys is not None
+    leftover = (keys.folder / f"{period}.json").read_bytes()
+    keys.destroy(period, reason="retention")  # the file change, without its event
+    left = keys.folder / f"{period}.json"
+    left.touch(mode=0o600)
+    left.write_bytes(leftover)
+
+    keyring = load_keyring(site.settings)
+    for case_id, kind, sealed in backup:
+        with pytest.raises(DecryptionError, match="destroyed"):  # the tombstone wins
+            decrypt_blob(keyring, sealed, case_id=case_id, kind=kind)
+    assert period_shredding.destroy_expired(site.settings) == [period]
+    assert not (keys.folder / f"{period}.json").exists()
+    assert period_shredding.destroy_expired(site.settings) == []
+    assert period_shredding.destroy_period(site.settings, period)["already"]
+    with session_scope(site.settings) as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == "keys.destroy_period")).all()
+    assert [(e.outcome, e.entity_id, e.detail.get("completes_interrupted")) for e in events] == [
+        ("success", kek_id(period), True)
+    ]
