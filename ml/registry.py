@@ -75,16 +75,20 @@ def read_verified(entry: str | Path, artefact: str) -> bytes:
     folder = resolve(entry)
     manifest = read_manifest(folder)
     files = manifest.get("files", {})
-    if artefact not in files:
+    if not isinstance(files, dict) or artefact not in files:
         raise RegistryError(f"{folder.name}: the manifest lists no {artefact!r} file")
     record = files[artefact]
-    name = record["path"]
-    if Path(name).name != name:
-        raise RegistryError(f"{folder.name}: manifest file name {name!r} must not contain a path")
+    name = record.get("path") if isinstance(record, dict) else None
+    if not isinstance(name, str) or not isinstance(record.get("sha256"), str):
+        raise RegistryError(f"{folder.name}: the manifest's record of {artefact!r} needs a path and a sha256")
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise RegistryError(f"{folder.name}: manifest file name {name!r} must be a file name, without a path")
     try:
         data = (folder / name).read_bytes()
     except FileNotFoundError:
         raise RegistryError(f"{folder.name}: {name} is missing") from None
+    except OSError as exc:
+        raise RegistryError(f"{folder.name}: {name} cannot be read ({type(exc).__name__})") from None
     actual = sha256_bytes(data)
     if actual != record["sha256"]:
         raise IntegrityError(

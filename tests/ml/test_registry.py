@@ -41,7 +41,7 @@ def test_manifest_cannot_point_outside_the_entry(tiny_entry: Path, tmp_path: Pat
     shutil.copy(tiny_entry / "weights.safetensors", outside)
     manifest["files"]["weights"]["path"] = "../elsewhere.safetensors"
     (tiny_entry / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(registry.RegistryError, match="must not contain a path"):
+    with pytest.raises(registry.RegistryError, match="without a path"):
         Predictor.load(tiny_entry, device="cpu")
 
 
@@ -77,3 +77,19 @@ def test_entries_lists_good_and_bad_folders(tiny_entry: Path, tmp_path: Path) ->
     found = {folder.name: (manifest is not None, error) for folder, manifest, error in registry.entries(tmp_path)}
     assert found["tiny-v1"] == (True, None)
     assert found["broken"][0] is False and "manifest" in found["broken"][1]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [{"path": "..", "sha256": "0" * 64}, {"path": "weights.safetensors"}, ["weights.safetensors"], {"sha256": "0"}],
+)
+def test_a_malformed_file_record_is_a_failed_check_not_a_crash(tiny_entry: Path, record: object) -> None:
+    manifest = json.loads((tiny_entry / "manifest.json").read_text())
+    manifest["files"]["weights"] = record
+    (tiny_entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(registry.RegistryError):
+        registry.read_verified(tiny_entry, "weights")
+    from ml.entry import verify_entry
+
+    failed = [name for name, passed, _ in verify_entry(tiny_entry) if not passed]
+    assert failed and failed[0].startswith("sha256")

@@ -62,6 +62,18 @@ def test_model_verify_passes_then_fails_on_a_tampered_entry(settings, entry_copy
     assert "MODEL FAILED VERIFICATION" in bad.stdout
 
 
+def test_model_verify_loads_the_graph_cpu_workers_serve(settings, entry_copy: Path) -> None:  # type: ignore[no-untyped-def]
+    good = dermq(settings, "model", "verify", str(entry_copy))
+    assert "ok    known answer (onnx)" in good.stdout  # the shipped entry serves ONNX on the CPU
+    # a graph that does not load, its digest recorded to match: torch alone would pass it
+    (entry_copy / "model.onnx").write_bytes(b"not a graph" * 100)
+    manifest = registry.read_manifest(entry_copy)
+    manifest["files"]["onnx_fp32"]["sha256"] = registry.sha256_bytes(b"not a graph" * 100)
+    registry.write_json_atomic(entry_copy / "manifest.json", manifest)
+    bad = dermq(settings, "model", "verify", str(entry_copy))
+    assert bad.returncode == 1 and "FAIL  loads (onnx)" in bad.stdout, bad.stdout + bad.stderr
+
+
 def test_model_verify_catches_a_changed_answer(settings, entry_copy: Path) -> None:  # type: ignore[no-untyped-def]
     manifest = registry.read_manifest(entry_copy)
     manifest["verification"]["probabilities"] = {c: 1 / 7 for c in manifest["verification"]["probabilities"]}
