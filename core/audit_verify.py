@@ -11,7 +11,10 @@ What the report names:
 * an event edited while its stored leaf hash was left alone: exactly that event;
 * an edit or removal hidden by rewriting the stored hashes too: the range of events between the last
   signed checkpoint that still matches and the first that no longer does (the sealer signs one per
-  run, about a second's worth of events), starting with its first event.
+  run, about a second's worth of events), starting with its first event;
+* an event the log skipped: committed before the last sealed event (in the sealer's (transaction,
+  id) order) but without a position. The sealer never leaves one behind; a leaf inserted out of turn
+  (the services' login may insert leaves) would, and the skipped events would stay unprotected.
 
 A database login can rewrite rows and stored hashes, but not a checkpoint signed by a key it cannot
 read, nor the witness file; so any change to an event already covered by a signed checkpoint fails.
@@ -195,6 +198,41 @@ def walk(
     return LogReport(True, checked, compact.size, compact.root(), checkpoints=matched, frontier=list(compact.hashes))
 
 
+_SKIPPED = text(
+    """
+    SELECT e.id FROM audit_events e
+    WHERE NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id)
+      AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
+      AND (e.txid, e.id) < (
+        SELECT last.txid, last.id FROM audit_leaves l JOIN audit_events last ON last.id = l.event_id
+        ORDER BY l.seq DESC LIMIT 1
+      )
+    ORDER BY e.txid, e.id
+    LIMIT :limit
+    """
+)
+
+
+def skipped_events(session: Session, limit: int = 100) -> list[int]:
+    """Ids of committed events older than the last sealed one that have no position in the log."""
+    return list(session.scalars(_SKIPPED, {"limit": limit}))
+
+
+def _with_skipped(session: Session, report: LogReport) -> LogReport:
+    """``report`` with the events the log skipped (:func:`skipped_events`) added as problems."""
+    skipped = skipped_events(session)
+    if not skipped:
+        return report
+    found: list[tuple[int, int | None, str]] = [
+        (report.size, event_id, f"event {event_id} was skipped by the log: it has no position") for event_id in skipped
+    ]
+    report.problems = [*report.problems, *found]
+    if report.ok:
+        report.ok, report.first_bad_seq, report.first_bad_event_id = False, None, skipped[0]
+        report.reason = found[0][2] + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
+    return report
+
+
 def verify_log(
     session: Session,
     *,
@@ -216,7 +254,7 @@ def verify_log(
     report = walk(session, roots, start=start, every=every)
     if report.ok and problem:
         report.ok, report.reason = False, problem
-    return report
+    return report if start is not None else _with_skipped(session, report)
 
 
 def verify_against(
@@ -236,7 +274,7 @@ def verify_against(
     pinned = parse(note, list(verifiers))
     roots, _ = trusted_roots(session, verifiers, witness_text)
     roots.setdefault(pinned.size, []).append(pinned.root)
-    return pinned, walk(session, roots, require_size=pinned.size, every=every)
+    return pinned, _with_skipped(session, walk(session, roots, require_size=pinned.size, every=every))
 
 
 def report_row(session: Session, report: LogReport) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from cli.db import alembic_config
-from core import audit, audit_log, audit_verify, checkpoint, db_roles
+from core import audit, audit_log, audit_verify, checkpoint, db_roles, merkle
 from core.config import Settings
 from core.db import dispose_engines, session_scope
 from tests import support
@@ -218,6 +218,37 @@ def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings
     # past the first break: both edits, and nothing else (the stored leaves still match every checkpoint)
     assert [(p, e) for p, e, _ in every.problems] == [(1, ids[1]), (3, ids[3])]
     assert every.checkpoints == 5 and every.checked == 5
+
+
+def test_events_a_leaf_inserted_out_of_turn_made_the_log_skip_are_named(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    # The services' login may insert leaves (the sealer runs as it). A leaf for the newest event, put
+    # at the next position, moves the sealer past the events before it: they would never be sealed.
+    keys = checkpoint.load_signing_keys(settings)
+    runtime = roles_db["runtime"]
+    _record_and_seal(runtime, keys, 2)
+    skipped = []
+    for i in range(3):
+        with session_scope(runtime) as session:
+            skipped.append(
+                audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM, detail={"i": i})
+            )
+    newest = skipped.pop()
+    with session_scope(runtime) as session:
+        row = session.execute(
+            text(f"SELECT {audit.LEAF_COLUMNS_SQL} FROM audit_events e WHERE e.id = :id"), {"id": newest}
+        ).one()
+        leaf = merkle.leaf_hash(audit.leaf_bytes_from_columns(row))
+        session.execute(
+            text("INSERT INTO audit_leaves (seq, event_id, leaf_hash) VALUES (2, :id, :leaf)"),
+            {"id": newest, "leaf": leaf},
+        )
+    audit_log.seal_once(runtime, keys)  # the sealer goes on from the inserted leaf
+    witness = runtime.audit_witness_file.read_text()
+    with session_scope(roles_db["owner"]) as session:
+        assert session.scalar(text("SELECT count(*) FROM audit_leaves")) == 3
+        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness)
+    assert not report.ok and report.first_bad_event_id == skipped[0], report
+    assert [e for _, e, _ in report.problems] == skipped and "skipped by the log" in (report.reason or "")
 
 
 def test_rows_from_before_the_log_keep_their_chain_and_are_sealed_first(settings: Settings) -> None:
