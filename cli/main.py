@@ -3,11 +3,12 @@
 Each command returns its exit code (0 done, 1 the check it runs found a problem). Bad input exits 2
 with one ``error: ...`` line or click's usage message on stderr, never a traceback: usage errors, a
 domain error (an unknown clinic or key: ``error: <message> (<code>)``), an unusable key file or an
-invalid setting."""
+invalid setting. A database that cannot be reached exits 69 (``EX_UNAVAILABLE``), with one line too."""
 
 from __future__ import annotations
 
 import click
+from sqlalchemy.exc import OperationalError
 
 from cli.api_keys import key
 from cli.audit import audit
@@ -21,6 +22,7 @@ from cli.monitor import monitor
 from core.errors import DermqError, KeyringError
 
 BAD_INPUT = 2
+UNAVAILABLE = 69  # EX_UNAVAILABLE (sysexits.h): a service the command needs is down
 
 
 @click.group(name="dermq", context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,4 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyringError, ValueError) as exc:  # a bad key file; invalid settings (pydantic's errors)
         click.echo(f"error: {exc}", err=True)
         return BAD_INPUT
+    except OperationalError as exc:  # the database is down, unreachable or refuses the login
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        click.echo(f"error: the database cannot be reached ({reason}); check DERMQ_DATABASE_URL", err=True)
+        return UNAVAILABLE
     return int(result or 0)

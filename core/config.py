@@ -194,8 +194,15 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, value: str) -> str:
-        if not value.startswith("postgresql"):
-            raise ValueError("DERMQ_DATABASE_URL must be a PostgreSQL URL (postgresql+psycopg2://...)")
+        """A PostgreSQL URL, connected through psycopg2 (the driver dermq installs): ``postgresql://`` and
+        ``postgres://``, as libpq and most tools write them, get the driver named."""
+        scheme, separator, rest = value.partition("://")
+        if separator and scheme in ("postgresql", "postgres"):
+            return f"postgresql+psycopg2://{rest}"
+        if not separator or scheme != "postgresql+psycopg2":
+            raise ValueError(
+                "DERMQ_DATABASE_URL must be a PostgreSQL URL for psycopg2 (postgresql://... or postgresql+psycopg2://...)"
+            )
         return value
 
     @field_validator("forwarded_allow_ips")

@@ -146,6 +146,13 @@ def test_an_unusable_key_file_exits_2(settings, tmp_path) -> None:  # type: igno
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
+def test_a_database_that_cannot_be_reached_is_one_error_line(settings) -> None:  # type: ignore[no-untyped-def]
+    nobody = f"postgresql://dermq@127.0.0.1:{support.free_port()}/dermq"  # as psql writes it: no driver named
+    result = run(settings, "clinic", "list", DERMQ_DATABASE_URL=nobody)
+    assert result.returncode == 69, result.stderr
+    assert result.stderr.startswith("error: the database cannot be reached (") and "Traceback" not in result.stderr
+
+
 @pytest.mark.usefixtures("database")
 def test_clinic_and_key_json_shapes_and_the_cli_actor(settings, keyring) -> None:  # type: ignore[no-untyped-def]
     from core import keys

@@ -44,10 +44,18 @@ def test_production_is_the_environment_unless_another_is_asked_for(monkeypatch: 
     assert Settings().environment == "development"
 
 
-def test_only_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DERMQ_DATABASE_URL", "sqlite:///x.db")
-    with pytest.raises(ValidationError, match="PostgreSQL"):
+@pytest.mark.parametrize("url", ["sqlite:///x.db", "postgresql+asyncpg://db/dermq", "postgresql:dermq"])
+def test_only_postgres_through_psycopg2(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DERMQ_DATABASE_URL", url)
+    with pytest.raises(ValidationError, match="PostgreSQL URL for psycopg2"):
         Settings()
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_a_plain_postgres_url_gets_the_driver_dermq_installs(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the URL libpq, psql and most hosting consoles give: SQLAlchemy would look for psycopg (3) for it
+    monkeypatch.setenv("DERMQ_DATABASE_URL", f"{scheme}://dermq@db.internal:5432/dermq?sslmode=verify-full")
+    assert Settings().database_url == "postgresql+psycopg2://dermq@db.internal:5432/dermq?sslmode=verify-full"
 
 
 def test_environment_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
