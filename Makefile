@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dermq-installed
 
-.PHONY: install services browser run test lint typecheck bench bench-model clean
+.PHONY: install services browser run test lint typecheck bench-model clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,10 +1,18 @@
 """Drawing a Grad-CAM map over its image and encoding the overlay as PNG.
 
-NumPy and Pillow only. The overlay keeps the image's aspect ratio and is drawn at the image's own
-size up to ``max_side`` pixels on the longer side: a 12-megapixel upload gets a 512-pixel overlay.
+NumPy and Pillow only. The overlay keeps the image's aspect ratio and is drawn at the size of the
+image it is given, reduced to ``max_side`` (``DERMQ_OVERLAY_MAX_SIDE``, 512) on the longer side when
+larger. The worker gives it the image it classified, so an upload up to ``max_side`` on its longer
+side gets an overlay at its own size, and a larger one an overlay ``max_side`` on its longer side
+(512x384 for a 600x450 JPEG or a 12-megapixel PNG). A JPEG over ``2 * max_side`` on its longer side
+is the exception: the worker classifies its working copy (:mod:`ml.working_copy`), a 1/2, 1/4 or
+1/8-scale draft decode (reduced to ``max_side`` if still larger), so between ``max_side / 2`` and
+``max_side`` on its longer side, and the overlay has that size (500x375 for a 4000x3000 photo,
+375x250 for 3000x2000). A JPEG whose copy would keep under 224 pixels on its shorter side gets no
+copy, and so a ``max_side`` overlay (2048x1536: 512x384).
 The map itself comes from the model's last feature map, a few cells a side (6x7 for the served
 168x224 input), so a larger overlay shows no more of it; on a 4000x3000 JPEG a 1024-pixel overlay
-takes about 104 ms to draw and encode, the 512-pixel one about 20 (clinicians keep the original
+takes about 104 ms to draw and encode, a 512-pixel one about 20 (clinicians keep the original
 image for detail). Colouring is a 256-entry lookup table
 and blending is Pillow's, both on uint8: within 3 levels (rounding) of the float formula.
 
