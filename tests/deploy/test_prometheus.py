@@ -186,6 +186,12 @@ def test_melanoma_alert_compares_the_fields_upper_bound_with_the_cards_floor_on_
     assert alert["labels"]["severity"] == "critical"
 
 
+def test_gpu_memory_alert_adds_up_the_children_sharing_a_card(rules: list[dict[str, Any]]) -> None:
+    # each worker child reports its own allocation (a series per pid): two children at 50% fill a card
+    (rule,) = [r for r in _alerts(rules) if r["alert"] == "DermqGpuMemoryNearFull"]
+    assert re.match(r"sum by \(instance, device\) \(dermq_gpu_memory_bytes\) >", rule["expr"].strip())
+
+
 def test_audit_chain_alert_is_critical_and_immediate(rules: list[dict[str, Any]]) -> None:
     (audit,) = [a for a in _alerts(rules) if "dermq_audit_chain_ok" in a["expr"]]
     assert audit["labels"]["severity"] == "critical"
