@@ -20,6 +20,7 @@ from dermq_client.errors import (
     ServerError,
     ServiceUnavailable,
     Unauthorized,
+    UnexpectedResponse,
     UnsupportedMediaType,
     WaitTimeout,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "ServerError",
     "ServiceUnavailable",
     "Unauthorized",
+    "UnexpectedResponse",
     "UnsupportedMediaType",
     "WaitTimeout",
     "__version__",

@@ -3,7 +3,6 @@ before a retry, and how answers become cases or typed exceptions. No I/O here.""
 
 from __future__ import annotations
 
-import mimetypes
 import os
 import random
 import uuid
@@ -15,7 +14,7 @@ from urllib.parse import quote
 import httpx
 
 from dermq_client import errors
-from dermq_client.models import Case, parse_case
+from dermq_client.models import Case, CaseSummary, parse_case, parse_summary
 
 __version__ = "0.1.0"
 USER_AGENT = f"dermq-client/{__version__}"
@@ -26,6 +25,17 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 PRIORITIES = ("routine", "urgent")
 
 ImageInput = str | os.PathLike[str] | bytes
+#: the suffixes sent with an image (lower case) and their media types; any other is not sent
+IMAGE_SUFFIXES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -72,14 +82,16 @@ def timeout_for(timeout: httpx.Timeout, wait: float) -> httpx.Timeout:
 
 
 def load_image(image: ImageInput) -> tuple[bytes, str, str]:
-    """(bytes, file name, media type). The file name sent is neutral ("image" and the file's
-    extension): a local file name may carry patient data, and the server needs none."""
+    """(bytes, file name, media type). The file name sent is neutral: "image", with the file's suffix
+    only when it is a known image suffix (``image.jpg``). A local file name may carry patient data
+    ("Smith.MRN0042"), and the server needs none of it."""
     if isinstance(image, bytes | bytearray | memoryview):
         return bytes(image), "image", "application/octet-stream"
     path = Path(image)
-    suffix = path.suffix.lower() if path.suffix.isascii() and path.suffix[1:].isalnum() else ""
-    media_type = mimetypes.types_map.get(suffix, "application/octet-stream")
-    return path.read_bytes(), f"image{suffix}", media_type
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        return path.read_bytes(), "image", "application/octet-stream"
+    return path.read_bytes(), f"image{suffix}", IMAGE_SUFFIXES[suffix]
 
 
 def submit_request(
@@ -118,8 +130,68 @@ def checked(response: httpx.Response) -> httpx.Response:
     raise errors.from_response(response)
 
 
+def not_dermq(response: httpx.Response, what: str) -> errors.UnexpectedResponse:
+    """The error for a success answer that is not what dermq sends: the base URL points elsewhere."""
+    media_type = response.headers.get("Content-Type", "no content type").partition(";")[0].strip()
+    request = response.request
+    return errors.UnexpectedResponse(
+        f"{request.method} {request.url} answered HTTP {response.status_code} ({media_type}), not a dermq "
+        f"answer ({what}); check the base URL",
+        status=response.status_code,
+        request_id=response.headers.get("X-Request-ID"),
+    )
+
+
+def json_of(response: httpx.Response) -> dict[str, Any]:
+    """The answer's JSON object; :class:`~dermq_client.errors.UnexpectedResponse` if it is none."""
+    try:
+        data = response.json()
+    except ValueError:  # JSONDecodeError, or a body that is not text
+        raise not_dermq(response, "no JSON") from None
+    if not isinstance(data, dict):
+        raise not_dermq(response, "not a JSON object")
+    return data
+
+
 def case_of(response: httpx.Response) -> Case:
-    return parse_case(response.json(), replayed=response.headers.get("Idempotent-Replayed") == "true")
+    data = json_of(response)
+    try:
+        return parse_case(data, replayed=response.headers.get("Idempotent-Replayed") == "true")
+    except (KeyError, TypeError, ValueError, AttributeError):  # JSON, but not a case
+        raise not_dermq(response, "not a case") from None
+
+
+def page_of(response: httpx.Response) -> tuple[list[CaseSummary], str | None]:
+    """The rows of a ``GET /v1/cases`` page and its ``next_cursor``."""
+    page = json_of(response)
+    items, cursor = page.get("items"), page.get("next_cursor")
+    if not isinstance(items, list) or not (cursor is None or isinstance(cursor, str)):
+        raise not_dermq(response, "not a page of cases")
+    try:
+        return [parse_summary(item) for item in items], cursor or None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise not_dermq(response, "not a page of cases") from None
+
+
+def png_of(response: httpx.Response) -> bytes:
+    if not response.content.startswith(PNG_MAGIC):
+        raise not_dermq(response, "not a PNG image")
+    return response.content
+
+
+def outcome_of(response: httpx.Response) -> dict[str, Any]:
+    return json_of(response) if response.content else {}
+
+
+def base_url(url: str) -> str:
+    """``url`` without its trailing slash; ``ValueError`` if it is not an http(s) URL with a host."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid base URL {url!r}: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"invalid base URL {url!r}: give http:// or https://, then a host")
+    return url.rstrip("/")
 
 
 def new_idempotency_key() -> str:

@@ -4,13 +4,16 @@
     Dermq-Event-Id: <case id>
 
 A signature matches when one of its ``v1`` values equals the HMAC of the raw body (compared in
-constant time) and its timestamp is within ``tolerance`` seconds of now (replays are refused)."""
+constant time) and its timestamp is within ``tolerance`` seconds of now (replays are refused). Any
+other header (non-ASCII, garbage, missing parts) is refused with :class:`InvalidSignature` too: the
+sender is not authenticated yet, so nothing it sends may raise anything else."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Mapping
 
@@ -20,6 +23,9 @@ from dermq_client.models import CallbackNotice, _time
 SIGNATURE_HEADER = "Dermq-Signature"
 EVENT_HEADER = "Dermq-Event-Id"
 TOLERANCE_SECONDS = 300
+#: what dermq sends: unix seconds, and lowercase hex SHA-256 (ASCII only, so compare_digest accepts them)
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_MAC = re.compile(r"[0-9a-f]{64}")
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -45,18 +51,21 @@ def verify_callback(
     header = _header(headers, SIGNATURE_HEADER)
     if not header:
         raise InvalidSignature(f"no {SIGNATURE_HEADER} header")
+    if not isinstance(header, str):  # a framework that hands over raw bytes
+        raise InvalidSignature(f"the {SIGNATURE_HEADER} header is not text")
     raw = body.encode() if isinstance(body, str) else bytes(body)
     key = secret.encode() if isinstance(secret, str) else bytes(secret)
     fields: dict[str, list[str]] = {}
     for part in header.split(","):
         name, _, value = part.strip().partition("=")
         fields.setdefault(name, []).append(value)
-    try:
-        timestamp = int(fields["t"][0])
-    except (KeyError, ValueError):
-        raise InvalidSignature("the signature has no valid timestamp") from None
+    stamp = fields.get("t", [""])[0]
+    if not _TIMESTAMP.fullmatch(stamp):
+        raise InvalidSignature("the signature has no valid timestamp")
+    timestamp = int(stamp)
     expected = hmac.new(key, f"{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
-    if not any(hmac.compare_digest(expected, candidate) for candidate in fields.get("v1", [])):
+    candidates = [value for value in fields.get("v1", []) if _MAC.fullmatch(value)]
+    if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):
         raise InvalidSignature("the signature does not match the body")
     if abs((time.time() if now is None else now) - timestamp) > tolerance:
         raise InvalidSignature("the signature's timestamp is too old (or in the future)")

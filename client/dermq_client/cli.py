@@ -1,5 +1,6 @@
 """``dermq-client``: the client from a shell. Prints JSON on stdout; a problem goes to stderr (as JSON)
-with exit status 1, a wait that runs out with 2. The key comes from ``DERMQ_API_KEY`` (never an
+with exit status 1 (an unusable base URL, or an answer that is not dermq's, too), a wait that runs out
+with 2. The key comes from ``DERMQ_API_KEY`` (never an
 argument: it would show in the process list), the base URL from ``DERMQ_BASE_URL`` or ``--base-url``."""
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _client(args: argparse.Namespace, api_key: str) -> Client:
+    try:
+        return Client(args.base_url, api_key, timeout=args.timeout)
+    except ValueError as exc:  # the base URL
+        raise DermqError(f"{exc}; check --base-url or DERMQ_BASE_URL", code="invalid_base_url") from None
+
+
 def _run(args: argparse.Namespace, dermq: Client) -> None:
     if args.command == "submit":
         case = dermq.submit(
@@ -103,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("dermq-client: set DERMQ_API_KEY to your API key", file=sys.stderr)
         return 2
     try:
-        with Client(args.base_url, api_key, timeout=args.timeout) as dermq:
+        with _client(args, api_key) as dermq:
             _run(args, dermq)
     except WaitTimeout as exc:
         print(f"dermq-client: {exc.detail}", file=sys.stderr)

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from dermq_client import _core, errors
-from dermq_client.models import Case, CaseSummary, parse_case, parse_summary
+from dermq_client.models import Case, CaseSummary
 
 
 class Client:
@@ -32,7 +32,7 @@ class Client:
         self.retry = retry or _core.RetryPolicy()
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
+            base_url=_core.base_url(base_url),
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": _core.USER_AGENT},
             timeout=self._timeout,
             transport=transport,
@@ -144,7 +144,7 @@ class Client:
 
     def heatmap(self, case_id: str | uuid.UUID) -> bytes:
         """The Grad-CAM heat map over the image, as PNG bytes."""
-        return self._request("GET", _core.case_path(case_id, "/heatmap.png")).content
+        return _core.png_of(self._request("GET", _core.case_path(case_id, "/heatmap.png")))
 
     def iter_cases(self, status: str | None = None, page_size: int | None = None) -> Iterator[CaseSummary]:
         """The clinic's cases, newest first, page after page (following ``next_cursor``)."""
@@ -154,20 +154,19 @@ class Client:
         if page_size is not None:
             params["limit"] = page_size
         while True:
-            page = self._request("GET", "/v1/cases", params=params).json()
-            yield from (parse_summary(item) for item in page["items"])
-            if not page.get("next_cursor"):
+            rows, cursor = _core.page_of(self._request("GET", "/v1/cases", params=params))
+            yield from rows
+            if cursor is None:
                 return
-            params["cursor"] = page["next_cursor"]
+            params["cursor"] = cursor
 
     def erase(self, case_id: str | uuid.UUID) -> Case:
         """Crypto-shred the case's patient data now (image, heat map, client reference, result); the
         case remains, ``purged``, with no result."""
-        return parse_case(self._request("DELETE", _core.case_path(case_id)).json())
+        return _core.case_of(self._request("DELETE", _core.case_path(case_id)))
 
     def report_outcome(self, case_id: str | uuid.UUID, diagnosis: str, method: str) -> dict[str, Any]:
         """Record the confirmed diagnosis of a case (a class code; ``method``: histo, follow_up,
         consensus or confocal). A later report replaces it. Returns the server's answer."""
         path = _core.case_path(case_id, "/outcome")
-        answer = self._request("POST", path, json={"diagnosis": diagnosis, "method": method})
-        return answer.json() if answer.content else {}
+        return _core.outcome_of(self._request("POST", path, json={"diagnosis": diagnosis, "method": method}))

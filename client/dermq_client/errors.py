@@ -98,6 +98,14 @@ class ConnectionFailed(DermqError):
     """The API could not be reached, or the connection broke before an answer came."""
 
 
+class UnexpectedResponse(DermqError):
+    """A success answer that is not what dermq sends (a web page, other JSON): the base URL points
+    at something other than the dermq API. ``status`` is the answer's HTTP status."""
+
+    def __init__(self, detail: str, *, status: int, request_id: str | None = None) -> None:
+        super().__init__(detail, status=status, code="unexpected_response", request_id=request_id)
+
+
 class WaitTimeout(DermqError, TimeoutError):
     """The case did not end within the time given; ``case`` is the last state seen (or ``None``)."""
 

@@ -83,3 +83,25 @@ def test_a_signature_with_several_v1_values_verifies_if_one_matches() -> None:
     body = notice_body()
     header = signed(body)[callback_signing.SIGNATURE_HEADER]
     assert verify_callback({"Dermq-Signature": header.replace(",v1=", ",v1=deadbeef,v1=")}, body, SECRET)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "t={now},v1=é",  # latin-1 decoded by the framework: compare_digest refused non-ASCII str
+        "t={now},v1=" + "é" * 64,
+        "t=١٧٠٠٠٠٠٠٠٠,v1=" + "0" * 64,  # digits int() accepts, but not ASCII
+        "t=" + "9" * 4000 + ",v1=" + "0" * 64,  # an int too large for a float
+        "t={now},v1=",
+        "t={now}",
+        "t=,v1=abc",
+        "garbage",
+        ",,,===",
+        "\x00\xff",
+    ],
+)
+def test_a_malformed_signature_header_is_refused_as_invalid(header: str) -> None:
+    body = notice_body()
+    with pytest.raises(InvalidSignature):
+        verify_callback({"Dermq-Signature": header.format(now=int(time.time()))}, body, SECRET)
+    assert not callback_signing.verify(SECRET, header.format(now=int(time.time())), body)  # the reference too

@@ -4,13 +4,23 @@ in for the server here, and only here."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
-from dermq_client import Client, RetryPolicy, ServerError, ServiceUnavailable
+from dermq_client import (
+    AsyncClient,
+    Client,
+    DermqError,
+    RetryPolicy,
+    ServerError,
+    ServiceUnavailable,
+    UnexpectedResponse,
+)
 
 CASE_ID = str(uuid.uuid4())
 
@@ -114,3 +124,101 @@ def test_submit_sends_a_neutral_file_name(tmp_path) -> None:  # type: ignore[no-
             dermq.submit(image, priority="asap")
     (body,) = bodies
     assert b'filename="image.jpg"' in body and b"Jane" not in body and b'name="priority"\r\n\r\nurgent' in body
+
+
+@pytest.mark.parametrize(
+    ("local_name", "sent_name", "media_type"),
+    [
+        ("Smith.MRN0042", "image", "application/octet-stream"),
+        ("lesion.Smith-1970", "image", "application/octet-stream"),
+        ("scan.TIFF", "image.tiff", "image/tiff"),
+        ("lesion.webp", "image.webp", "image/webp"),
+        ("no suffix", "image", "application/octet-stream"),
+    ],
+)
+def test_only_a_known_image_suffix_of_the_local_name_is_sent(
+    tmp_path: Path, local_name: str, sent_name: str, media_type: str
+) -> None:
+    bodies: list[bytes] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.read())
+        return httpx.Response(202, json=case_json())
+
+    image = tmp_path / local_name
+    image.write_bytes(b"image bytes")
+    with Client("http://dermq.test", "dq_key", transport=httpx.MockTransport(server)) as dermq:
+        dermq.submit(image)
+    (body,) = bodies
+    assert f'filename="{sent_name}"\r\nContent-Type: {media_type}\r\n'.encode() in body
+    assert b"Smith" not in body and b"MRN" not in body.upper()
+
+
+HTML_PAGE = httpx.Response(200, text="<!doctype html><title>Example</title>", headers={"Content-Type": "text/html"})
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        HTML_PAGE,
+        httpx.Response(200, json=["not", "an", "object"]),
+        httpx.Response(200, json={"some": "other API"}),
+        httpx.Response(200, json={"items": "not a list"}),
+    ],
+    ids=["html", "json_list", "json_other", "items_not_a_list"],
+)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda dermq: dermq.get(CASE_ID),
+        lambda dermq: list(dermq.iter_cases()),
+        lambda dermq: dermq.erase(CASE_ID),
+        lambda dermq: dermq.submit(b"image bytes"),
+        lambda dermq: dermq.heatmap(CASE_ID),
+        lambda dermq: dermq.wait(CASE_ID, timeout=5),
+    ],
+    ids=["get", "iter_cases", "erase", "submit", "heatmap", "wait"],
+)
+def test_an_answer_that_is_not_dermqs_is_an_unexpected_response(answer: httpx.Response, call) -> None:  # type: ignore[no-untyped-def]
+    calls = 0
+
+    def server(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+    dermq = Client("http://dermq.test", "dq_key", transport=httpx.MockTransport(server))
+    with dermq, pytest.raises(UnexpectedResponse, match=r"not a dermq answer.*check the base URL") as raised:
+        call(dermq)
+    assert isinstance(raised.value, DermqError) and raised.value.status == 200 and calls == 1
+
+
+def test_report_outcome_with_an_html_answer_is_an_unexpected_response() -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=HTML_PAGE.headers, content=HTML_PAGE.content)
+
+    dermq = Client("http://dermq.test", "dq_key", transport=httpx.MockTransport(server))
+    with dermq, pytest.raises(UnexpectedResponse, match="text/html"):
+        dermq.report_outcome(CASE_ID, "mel", "histo")
+
+
+def test_the_async_client_raises_unexpected_response_too() -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=HTML_PAGE.headers, content=HTML_PAGE.content)
+
+    async def flow() -> None:
+        async with AsyncClient("http://dermq.test", "dq_key", transport=httpx.MockTransport(server)) as dermq:
+            with pytest.raises(UnexpectedResponse):
+                await dermq.get(CASE_ID)
+            with pytest.raises(UnexpectedResponse):
+                [row async for row in dermq.iter_cases()]
+
+    asyncio.run(flow())
+
+
+@pytest.mark.parametrize("base_url", ["http://[::1", "dermq.example", "ftp://dermq.example", "http://"])
+def test_an_unusable_base_url_is_a_value_error(base_url: str) -> None:
+    with pytest.raises(ValueError, match="invalid base URL"):
+        Client(base_url, "dq_key")
+    with pytest.raises(ValueError, match="invalid base URL"):
+        AsyncClient(base_url, "dq_key")

@@ -1,0 +1,75 @@
+"""The dermq-client command pointed at the wrong place: a problem as JSON on stderr and exit status 1,
+never a traceback. A tiny local web site (an HTML page on every path) stands in for a wrong
+``--base-url``; no dermq stack is needed."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from dermq_client.cli import main
+
+CASE_ID = "00000000-0000-4000-8000-000000000000"
+
+
+class WebSite(BaseHTTPRequestHandler):
+    def _page(self) -> None:
+        page = b"<!doctype html><title>Example clinic</title><p>Welcome</p>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    do_GET = do_POST = do_DELETE = _page
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def web_site() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WebSite)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DERMQ_API_KEY", "dq_test")
+    monkeypatch.delenv("DERMQ_BASE_URL", raising=False)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["get", CASE_ID], ["list"], ["wait", CASE_ID, "--timeout", "5"], ["erase", CASE_ID]],
+    ids=["get", "list", "wait", "erase"],
+)
+def test_a_web_site_at_the_base_url_is_a_problem_not_a_traceback(
+    web_site: str, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["--base-url", web_site, *command])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    problem = json.loads(err)
+    assert problem["code"] == "unexpected_response" and problem["status"] == 200
+    assert "not a dermq answer" in problem["detail"] and "check the base URL" in problem["detail"]
+
+
+@pytest.mark.parametrize("base_url", ["http://[::1", "dermq.example:8000"])
+def test_an_unusable_base_url_is_a_problem_not_a_traceback(base_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["--base-url", base_url, "get", CASE_ID])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    problem = json.loads(err)
+    assert problem["code"] == "invalid_base_url" and "--base-url" in problem["detail"]
+    assert base_url in problem["detail"]
