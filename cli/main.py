@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyringError, ValueError) as exc:  # a bad key file; invalid settings (pydantic's errors)
         click.echo(f"error: {exc}", err=True)
         return BAD_INPUT
-    except OperationalError as exc:  # the database is down, unreachable or refuses the login
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+    except OperationalError as exc:
+        if getattr(exc.orig, "pgcode", None) is not None:  # a deadlock, a timeout...: the server answered
+            raise
+        # no SQLSTATE: the connection itself failed (the server is down, unreachable or refused the login)
+        reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
         click.echo(f"error: the database cannot be reached ({reason}); check DERMQ_DATABASE_URL", err=True)
         return UNAVAILABLE
     return int(result or 0)

@@ -186,8 +186,10 @@ def destroy_period(
     if not keys.exists(period) and not keys.destroyed(period):
         raise InvalidInput(f"there is no key for period {period} in {keys.folder}", code="unknown_period")
     blobs = kek_id(period)
+    already = {"period": period, "reason": reason, "purged": 0, "forced": force, "already": True}
     if keys.destroyed(period) and blobs in destructions_recorded(settings):
-        return {"period": period, "reason": reason, "purged": 0, "forced": force, "already": True}
+        keys.destroy(period, reason=reason)  # deletes a key file a crash or an old re-wrap left beside it
+        return already
     live_in_period = and_(Case.created_at >= start, Case.created_at < end, Case.status != CaseStatus.PURGED.value)
     # a case created outside the period with a blob under its key: none unless created_at was changed
     sealed_under = Case.id.in_(select(CaseBlob.case_id).where(CaseBlob.kek_id == blobs))
@@ -213,6 +215,9 @@ def destroy_period(
                     "unreadable. Wait for retention, erase them, or pass --force to purge them first",
                     code="period_has_live_cases",
                 )
+            if keys.destroyed(period) and _recorded(session, blobs):  # another destruction won the lock
+                keys.destroy(period, reason=reason)
+                return already
             detail: dict[str, Any] = {"reason": reason, "purged": purged, "forced": force}
             if keys.destroyed(period):  # tombstoned by a destruction interrupted before its event committed
                 detail["completes_interrupted"] = True
@@ -234,18 +239,21 @@ def destroy_period(
     )
 
 
+_RECORDED = select(AuditEvent.entity_id).where(
+    AuditEvent.action == "keys.destroy_period", AuditEvent.outcome == audit.SUCCESS
+)
+
+
+def _recorded(session: Session, blobs: str) -> bool:
+    return session.scalar(_RECORDED.where(AuditEvent.entity_id == blobs).limit(1)) is not None
+
+
 def destructions_recorded(settings: Settings) -> set[str]:
     """The period KEK ids whose destruction the audit trail records as done. A tombstone without its
     event is a destruction interrupted between the file change and the commit: the next
     :func:`destroy_expired` (or ``dermq keys destroy-period``) completes it and records it."""
     with session_scope(settings) as session:
-        return set(
-            session.scalars(
-                select(AuditEvent.entity_id).where(
-                    AuditEvent.action == "keys.destroy_period", AuditEvent.outcome == audit.SUCCESS
-                )
-            )
-        )
+        return {entity for entity in session.scalars(_RECORDED) if entity is not None}
 
 
 def destroy_expired(settings: Settings, *, now: datetime | None = None) -> list[str]:

@@ -21,9 +21,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from PIL import Image
 
-#: The EXIF tag of the orientation
-_ORIENTATION = 0x0112
-
 #: Bytes per pixel Pillow holds for an image of each mode: one for 1, L and P, two for 16-bit
 #: greyscale, four for every other (RGB is stored as four bytes a pixel too).
 _STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
@@ -94,18 +91,16 @@ def estimate_peak_bytes(
 
 def estimate_for(image: Image.Image, fmt: str) -> int:
     """:func:`estimate_peak_bytes` for an opened, not yet decoded ``image`` of format ``fmt``, from what
-    its header says (size, mode, transparency, EXIF orientation, ICC profile)."""
-    try:
-        oriented = image.getexif().get(_ORIENTATION, 1) not in (1, None)
-    except Exception:
-        oriented = False  # a malformed EXIF block is ignored when decoding too
+    its header says (size, mode, transparency, ICC profile). An EXIF turn is always counted: asking
+    Pillow for a PNG's EXIF decodes the whole image when the block follows the pixels, before any
+    memory is reserved."""
     return estimate_peak_bytes(
         image.width,
         image.height,
         image.mode,
         fmt=fmt,
         transparency="transparency" in image.info,
-        oriented=oriented,
+        oriented=True,
         profiled=bool(image.info.get("icc_profile")),
     )
 

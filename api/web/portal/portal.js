@@ -184,7 +184,10 @@ async function openCase(caseId) {
     if (!TERMINAL.has(body.status)) {
       const ended = await waitForEnd(caseId, {
         signal,
-        onUpdate: (item) => renderCase(resultSection, resultBody, item, { onErase: confirmErase }),
+        onUpdate: (item) => {
+          showStatus(item); // replaces a retry message once an answer comes
+          renderCase(resultSection, resultBody, item, { onErase: confirmErase });
+        },
         onRetry: showRetry(caseId),
       });
       showStatus(ended);

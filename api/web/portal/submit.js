@@ -61,10 +61,10 @@ export function backoffSeconds(retry) {
   return Math.min(MAX_PAUSE_SECONDS, 2 ** Math.min(retry, 10));
 }
 
-/** The pause after `error`: the API's Retry-After (seconds) when it sent one, else the backoff. */
+/** The pause after `error`: the API's Retry-After (seconds, at least 1) when it sent one, else the backoff. */
 export function pauseSeconds(error, retry) {
   const asked = Number.parseFloat(error.problem?.retry_after);
-  return Number.isFinite(asked) && asked >= 0 ? Math.min(asked, MAX_PAUSE_SECONDS) : backoffSeconds(retry);
+  return Number.isFinite(asked) && asked >= 0 ? Math.min(Math.max(asked, 1), MAX_PAUSE_SECONDS) : backoffSeconds(retry);
 }
 
 function sleep(seconds, signal) {
