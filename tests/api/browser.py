@@ -132,6 +132,20 @@ def open_page(driver: Any, url: str, token: str) -> None:
     wait_until(driver, lambda d: d.find_element(By.ID, "key-state").get_attribute("data-state") == "set", 10)
 
 
+def open_queued_case(driver: Any, base: str, token: str, case_id: str) -> Any:
+    """Open the portal of the API at ``base`` with ``token``, open the queued case ``case_id`` from the
+    case list and wait until the result section shows it queued; returns that section (the page then
+    follows the case)."""
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, f"{base}/portal/", token)
+    row = f"#case-rows tr[data-case-id='{case_id}']"
+    wait_until(driver, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button.secondary")).click()
+    section = driver.find_element(By.ID, "result")
+    wait_until(driver, lambda _: section.get_attribute("data-status") == "queued")
+    return section
+
+
 def submit_in_portal(driver: Any, image: Path, *, client_ref: str = "", urgent: bool = False) -> str:
     """Choose ``image`` in the portal's form, submit it, and wait until the case has ended; its id."""
     from selenium.webdriver.common.by import By

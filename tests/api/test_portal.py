@@ -186,11 +186,7 @@ def test_an_open_case_follows_its_status_live_until_it_ends(  # type: ignore[no-
 ) -> None:
     clinic = make_key()
     case_id = str(store_case(clinic, jpeg_bytes))  # queued, and not sent to a worker yet
-    browser.open_page(page, f"{live_api}/portal/", clinic.token)
-    row = f"#case-rows tr[data-case-id='{case_id}']"
-    browser.wait_until(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button.secondary")).click()
-    section = page.find_element(By.ID, "result")
-    browser.wait_until(page, lambda _: section.get_attribute("data-status") == "queued")
+    section = browser.open_queued_case(page, live_api, clinic.token, case_id)
     assert "queued" in page.find_element(By.ID, "case-status").text
 
     support.publish_classify(publisher, case_id)  # the page is long-polling meanwhile: nobody clicks

@@ -46,11 +46,7 @@ def test_a_case_is_followed_to_its_result_with_pauses_when_polls_come_back_at_on
 ) -> None:
     clinic = make_key()
     case_id = str(store_case(clinic, jpeg_bytes))  # queued, and not sent to a worker yet
-    browser.open_page(page, f"{full_api}/portal/", clinic.token)
-    row = f"#case-rows tr[data-case-id='{case_id}']"
-    browser.wait_until(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button.secondary")).click()
-    section = page.find_element(By.ID, "result")
-    browser.wait_until(page, lambda _: section.get_attribute("data-status") == "queued")
+    section = browser.open_queued_case(page, full_api, clinic.token, case_id)
     browser.wait_until(page, lambda _: reads_of(settings, case_id) >= 3, what="a few early answers")
     before = reads_of(settings, case_id)
     time.sleep(3)  # paused 2 s, then 4 s: at most two more reads (asking in a loop makes dozens)
@@ -70,11 +66,7 @@ def test_a_case_is_followed_to_its_result_across_a_restart_of_the_api(  # type: 
     clinic = make_key()
     case_id = str(store_case(clinic, jpeg_bytes))  # queued, and not sent to a worker yet
     with processes.api_process(env, stack_dir / "restarted-api.log") as (base, _):
-        browser.open_page(page, f"{base}/portal/", clinic.token)
-        row = f"#case-rows tr[data-case-id='{case_id}']"
-        browser.wait_until(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button.secondary")).click()
-        section = page.find_element(By.ID, "result")
-        browser.wait_until(page, lambda _: section.get_attribute("data-status") == "queued")
+        section = browser.open_queued_case(page, base, clinic.token, case_id)
     status = page.find_element(By.ID, "case-status")
     browser.wait_until(page, lambda _: "could not be reached" in status.text, what="the page noticing")
     with processes.api_process(env, stack_dir / "restarted-api.log"):
