@@ -198,29 +198,41 @@ def walk(
     return LogReport(True, checked, compact.size, compact.root(), checkpoints=matched, frontier=list(compact.hashes))
 
 
+_LEAF_EVENT = "SELECT e.txid::text AS txid, e.id FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id"
 _SKIPPED = text(
     """
     SELECT e.id FROM audit_events e
-    WHERE NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id)
+    WHERE (e.txid, e.id) > (CAST(:low_txid AS xid8), :low_id)
+      AND (e.txid, e.id) < (CAST(:high_txid AS xid8), :high_id)
       AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
-      AND (e.txid, e.id) < (
-        SELECT last.txid, last.id FROM audit_leaves l JOIN audit_events last ON last.id = l.event_id
-        ORDER BY l.seq DESC LIMIT 1
-      )
+      AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id)
     ORDER BY e.txid, e.id
     LIMIT :limit
     """
 )
 
 
-def skipped_events(session: Session, limit: int = 100) -> list[int]:
-    """Ids of committed events older than the last sealed one that have no position in the log."""
-    return list(session.scalars(_SKIPPED, {"limit": limit}))
+def skipped_events(session: Session, limit: int = 100, *, after: int = 0) -> list[int]:
+    """Ids of committed events older than the last sealed one that have no position in the log (the
+    first ``limit``). With ``after``, only those younger than the event at position ``after - 1``: what
+    was sealed since a check that verified ``after`` positions (an index range, not the whole table)."""
+    high = session.execute(text(f"{_LEAF_EVENT} ORDER BY l.seq DESC LIMIT 1")).first()
+    if high is None:
+        return []
+    low = session.execute(text(f"{_LEAF_EVENT} WHERE l.seq = :seq"), {"seq": after - 1}).first() if after else None
+    bounds = {
+        "low_txid": low.txid if low else "0",
+        "low_id": low.id if low else 0,
+        "high_txid": high.txid,
+        "high_id": high.id,
+        "limit": limit,
+    }
+    return list(session.scalars(_SKIPPED, bounds))
 
 
-def _with_skipped(session: Session, report: LogReport) -> LogReport:
+def _with_skipped(session: Session, report: LogReport, *, after: int = 0) -> LogReport:
     """``report`` with the events the log skipped (:func:`skipped_events`) added as problems."""
-    skipped = skipped_events(session)
+    skipped = skipped_events(session, after=after)
     if not skipped:
         return report
     found: list[tuple[int, int | None, str]] = [
@@ -251,10 +263,11 @@ def verify_log(
         old = verify_old_chain(session)
         if not old.ok:
             return LogReport(False, 0, 0, None, None, old.first_bad_id, f"pre-log chain: {old.reason}")
+    after = start.size if start is not None else 0  # before the walk: it extends ``start`` in place
     report = walk(session, roots, start=start, every=every)
     if report.ok and problem:
         report.ok, report.reason = False, problem
-    return report if start is not None else _with_skipped(session, report)
+    return _with_skipped(session, report, after=after)
 
 
 def verify_against(
