@@ -260,8 +260,10 @@ def stale_after_seconds(settings: Settings) -> float:
 
 def lease_seconds(settings: Settings) -> float:
     """How long one attempt may hold its row: resolving, connecting and reading, each bounded by the
-    timeout, with room to spare. A worker that dies mid-attempt blocks the row no longer than this."""
-    return 3 * settings.callback_timeout_seconds + 30
+    timeout, with room to spare, and never less than the task's hard time limit (a resolver or a
+    server trickling its answer can hold an attempt that long). A worker that dies mid-attempt blocks
+    the row no longer than this."""
+    return max(3 * settings.callback_timeout_seconds + 30, settings.task_time_limit + 15)
 
 
 def backoff_seconds(settings: Settings, attempt: int) -> float:

@@ -173,7 +173,7 @@ class Settings(BaseSettings):
     callback_max_attempts: int = Field(8, ge=1)
     #: exponential backoff between attempts: base * 2**(attempt-1), with jitter, capped
     callback_backoff_seconds: float = Field(2.0, gt=0)
-    callback_backoff_max_seconds: float = Field(300.0, gt=0)
+    callback_backoff_max_seconds: float = Field(180.0, gt=0)
     callback_url_max_length: int = Field(2048, ge=64, le=8192)
     #: Plain http and loopback/private callback receivers (a portal on a developer's machine).
     #: Refused in production: it turns off the SSRF guard of core/callback_urls.py.
@@ -228,6 +228,11 @@ class Settings(BaseSettings):
             raise ValueError("set both DERMQ_TLS_CERTFILE and DERMQ_TLS_KEYFILE, or neither")
         if self.gradcam_budget_seconds >= self.task_soft_time_limit:
             raise ValueError("gradcam_budget_seconds must be below task_soft_time_limit")
+        if self.callback_backoff_max_seconds + self.task_time_limit >= self.broker_visibility_timeout:
+            raise ValueError(
+                "callback_backoff_max_seconds + task_time_limit must be below broker_visibility_timeout: a "
+                "callback retry waits out its backoff unacknowledged, and Redis would hand it out a second time"
+            )
         if self.environment == "production" and "*" in self.forwarded_allow_ips:
             raise ValueError(
                 "DERMQ_FORWARDED_ALLOW_IPS='*' lets any client choose the address it is audited and limited "

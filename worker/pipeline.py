@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from core import callbacks, case_images, case_states
@@ -212,7 +213,7 @@ def _store(config: Settings, completions: Sequence[case_states.Completion]) -> d
             callbacks.note_finished_many(
                 session, [c.case_id for c in completions if c.case_id in stored], publisher=app
             )
-    except Exception as exc:
+    except Exception as exc:  # the soft time limit too: storing what is classified, one by one, is quick
         _one_by_one_or_raise(exc, len(completions), "batch_store_failed", "storing a batch failed")
         return _store_one_by_one(config, completions)
     metrics = runtime.worker_metrics()
@@ -266,6 +267,8 @@ def _store_one_by_one(config: Settings, completions: Sequence[case_states.Comple
     for completion in completions:
         try:
             outcomes |= _store(config, [completion])
+        except SoftTimeLimitExceeded:
+            raise  # not a result the database refused: the task's handler ends its case as timed out
         except Exception as exc:
             if is_transient(exc):
                 raise

@@ -36,15 +36,24 @@ log = logging.getLogger("dermq.worker")
 
 #: ``gradcam_status`` of a result with no diagnosis to explain
 GRADCAM_NOT_APPLICABLE = "not_applicable"
+#: kept free before the task's soft time limit for storing what was classified
+STORE_SECONDS = 2.0
 
 
 def heatmap(
-    config: Settings, predictor: Predictor, decoded: DecodedImage, analysis: Analysis
+    config: Settings, predictor: Predictor, decoded: DecodedImage, analysis: Analysis, *, seconds: float | None = None
 ) -> tuple[bytes | None, str]:
     """The Grad-CAM overlay PNG of a diagnosis and its ``gradcam_status`` (``ok``, ``timeout`` or
-    ``error``; no PNG unless ``ok``)."""
+    ``error``; no PNG unless ``ok``), within ``seconds`` (default: the configured budget)."""
+    seconds = config.gradcam_budget_seconds if seconds is None else seconds
+    if seconds <= 0:
+        log.warning(
+            "no time left for a heat map before the task's soft limit; storing the result without one",
+            extra={"event": "gradcam_timeout", "seconds": 0.0},
+        )
+        return None, "timeout"
     try:
-        with time_budget(config.gradcam_budget_seconds):
+        with time_budget(seconds):
             explanation = predictor.explain(decoded.image, analysis)
         return explanation.overlay_png, "ok"
     except GradcamTimeout:
@@ -113,11 +122,15 @@ def completion(
         fields, gradcam_status = out_of_distribution_fields(prediction), GRADCAM_NOT_APPLICABLE
         log.info(
             "image out of distribution; no diagnosis made",
-            extra={"event": "out_of_distribution", "reasons": list(prediction.ood_reasons)},
+            extra={"event": "out_of_distribution"},  # its reasons are sealed with the result, never logged
         )
     else:
         gradcam_started = time.perf_counter()
-        heatmap_png, gradcam_status = heatmap(config, predictor, decoded, analysis)
+        # a batch explains its cases one after another under one soft limit: each heat map gets what
+        # is left of it, less the time to store the batch, so the limit never falls inside one
+        left = config.task_soft_time_limit - STORE_SECONDS - (gradcam_started - started)
+        seconds = min(config.gradcam_budget_seconds, left)
+        heatmap_png, gradcam_status = heatmap(config, predictor, decoded, analysis, seconds=seconds)
         timings["gradcam"] = time.perf_counter() - gradcam_started
         fields = diagnosis_fields(prediction)
     timings["total"] = time.perf_counter() - started

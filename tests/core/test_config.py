@@ -17,6 +17,20 @@ def test_time_limits_must_nest_inside_the_visibility_timeout() -> None:
         Settings(gradcam_budget_seconds=120)
 
 
+def test_a_callback_retry_never_waits_longer_than_redis_keeps_it_unacknowledged() -> None:
+    # the countdown is held by the worker, unacknowledged: past the visibility timeout Redis hands the
+    # message out again and a second delivery chain starts
+    Settings()  # the defaults fit
+    with pytest.raises(ValidationError, match="callback_backoff_max_seconds"):
+        Settings(callback_backoff_max_seconds=300, broker_visibility_timeout=300)
+
+
+def test_a_callback_lease_outlasts_any_attempt_the_task_limit_allows() -> None:
+    from core.callbacks import lease_seconds
+
+    assert lease_seconds(Settings()) > Settings().task_time_limit  # a second worker cannot lease a row in use
+
+
 def test_flower_refuses_missing_or_example_passwords() -> None:
     with pytest.raises(ValueError, match="FLOWER_PASSWORD"):
         Settings().require_flower_password()
