@@ -216,11 +216,16 @@ def write_private_json(path: Path, data: Any) -> None:
         raise
     # the rename itself is durable only once the folder is: a crash must not bring back the old file
     # after the database has committed what the new one holds (a key rotation's re-wrapped keys)
-    folder = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make the entries of ``folder`` (files created, renamed or deleted in it) durable."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(fd)
     finally:
-        os.close(folder)
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -287,11 +287,9 @@ class PeriodKeys:
         self._sync_folder()
 
     def _sync_folder(self) -> None:
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        from core.crypto import sync_folder
+
+        sync_folder(self.folder)
 
     def rewrap(self, keyring: Keyring) -> int:
         """Re-wrap every period key not under ``keyring``'s active KEK under it (key rotation); how many."""
