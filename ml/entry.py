@@ -85,15 +85,6 @@ VERIFICATION_TOLERANCE = 1e-3
 INT8_TOLERANCE = 0.05
 
 
-def _torch_predictor(entry: Path) -> Any:
-    from ml.predictor import Predictor
-
-    try:
-        return Predictor.load(entry, device="cpu", backend="torch")
-    except TypeError:  # a Predictor without backends
-        return Predictor.load(entry, device="cpu")
-
-
 def record_verification(entry: str | Path, image_path: str | Path) -> dict[str, Any]:
     """Ship a known image with the entry and record what the model answers for it, so that
     ``dermq model verify`` can prove later that the deployed files still give the same answer."""
@@ -103,7 +94,7 @@ def record_verification(entry: str | Path, image_path: str | Path) -> dict[str, 
     shutil.copyfile(image_path, entry / VERIFICATION_IMAGE)
     (entry / VERIFICATION_IMAGE).chmod(0o644)
     registry.record_file(entry, "verification_image", VERIFICATION_IMAGE)
-    predictor = _torch_predictor(entry)
+    predictor = _predictor(entry, "torch")
     prediction = predictor.predict([decode((entry / VERIFICATION_IMAGE).read_bytes()).image])[0]
     manifest = registry.read_manifest(entry)
     manifest["verification"] = {
@@ -137,9 +128,8 @@ def verify_entry(entry: str | Path) -> list[tuple[str, bool, str]]:
     for artefact, record in files.items():
         name = record.get("path", artefact) if isinstance(record, dict) else artefact
         try:
-            checks.append(
-                (f"sha256 {name}", True, registry.sha256_bytes(registry.read_verified(folder, artefact))[:16])
-            )
+            registry.read_verified(folder, artefact)  # the file's digest is the record's, or it raises
+            checks.append((f"sha256 {name}", True, record["sha256"][:16]))
         except registry.RegistryError as exc:
             checks.append((f"sha256 {name}", False, str(exc)))
     if not all(ok for _, ok, _ in checks):
