@@ -41,11 +41,10 @@ STORE_SECONDS = 2.0
 
 
 def heatmap(
-    config: Settings, predictor: Predictor, decoded: DecodedImage, analysis: Analysis, *, seconds: float | None = None
+    predictor: Predictor, decoded: DecodedImage, analysis: Analysis, seconds: float
 ) -> tuple[bytes | None, str]:
     """The Grad-CAM overlay PNG of a diagnosis and its ``gradcam_status`` (``ok``, ``timeout`` or
-    ``error``; no PNG unless ``ok``), within ``seconds`` (default: the configured budget)."""
-    seconds = config.gradcam_budget_seconds if seconds is None else seconds
+    ``error``; no PNG unless ``ok``), within ``seconds``."""
     if seconds <= 0:
         log.warning(
             "no time left for a heat map before the task's soft limit; storing the result without one",
@@ -59,7 +58,7 @@ def heatmap(
     except GradcamTimeout:
         log.warning(
             "Grad-CAM ran past its budget; storing the result without a heat map",
-            extra={"event": "gradcam_timeout", "seconds": config.gradcam_budget_seconds},
+            extra={"event": "gradcam_timeout", "seconds": seconds},
         )
         return None, "timeout"
     except SoftTimeLimitExceeded:
@@ -129,8 +128,7 @@ def completion(
         # a batch explains its cases one after another under one soft limit: each heat map gets what
         # is left of it, less the time to store the batch, so the limit never falls inside one
         left = config.task_soft_time_limit - STORE_SECONDS - (gradcam_started - started)
-        seconds = min(config.gradcam_budget_seconds, left)
-        heatmap_png, gradcam_status = heatmap(config, predictor, decoded, analysis, seconds=seconds)
+        heatmap_png, gradcam_status = heatmap(predictor, decoded, analysis, min(config.gradcam_budget_seconds, left))
         timings["gradcam"] = time.perf_counter() - gradcam_started
         fields = diagnosis_fields(prediction)
     timings["total"] = time.perf_counter() - started
