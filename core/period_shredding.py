@@ -187,9 +187,12 @@ def destroy_period(
         raise InvalidInput(f"there is no key for period {period} in {keys.folder}", code="unknown_period")
     blobs = kek_id(period)
     already = {"period": period, "reason": reason, "purged": 0, "forced": force, "already": True}
-    if keys.destroyed(period) and blobs in destructions_recorded(settings):
-        keys.destroy(period, reason=reason)  # deletes a key file a crash or an old re-wrap left beside it
-        return already
+    if keys.destroyed(period):
+        with session_scope(settings) as session:
+            recorded = _recorded(session, blobs)
+        if recorded:
+            keys.destroy(period, reason=reason)  # deletes a key file a crash or an old re-wrap left beside it
+            return already
     live_in_period = and_(Case.created_at >= start, Case.created_at < end, Case.status != CaseStatus.PURGED.value)
     # a case created outside the period with a blob under its key: none unless created_at was changed
     sealed_under = Case.id.in_(select(CaseBlob.case_id).where(CaseBlob.kek_id == blobs))
