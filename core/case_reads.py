@@ -64,6 +64,9 @@ _READ_CASE = (
     .outerjoin(_RESULT_BLOB, and_(_RESULT_BLOB.case_id == Case.id, _RESULT_BLOB.kind == BlobKind.RESULT.value))
     .outerjoin(_REF_BLOB, and_(_REF_BLOB.case_id == Case.id, _REF_BLOB.kind == BlobKind.CLIENT_REF.value))
     .where(Case.id == bindparam("case_id"))
+    # the case as it is now, also where this Session holds an older copy of it: a request that
+    # created the case and waited for its end (``?wait=``) reads it in the same Session
+    .execution_options(populate_existing=True)
 )
 
 
