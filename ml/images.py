@@ -7,15 +7,12 @@ Defences, in order: a byte cap; magic-byte sniffing against an allow-list, with 
 the sniffed format (a polyglot cannot be reinterpreted as something else); the declared dimensions
 checked against explicit side and pixel caps *before* any pixel is decoded (decompression bombs);
 a full decode, so a truncated file fails here rather than in the worker; EXIF orientation applied;
-every pixel mode converted to 8-bit RGB. Anything else raises :class:`InvalidImage` with a stable
-``code`` and a message that says what was wrong and what to do.
+every pixel mode converted to 8-bit sRGB (:mod:`ml.srgb`, which applies an embedded ICC profile).
+Anything else raises :class:`InvalidImage` with a stable ``code`` and a message that says what was
+wrong and what to do. The returned image carries no ``icc_profile`` (untagged = sRGB).
 
-Colour: the pixels returned are sRGB. An embedded ICC profile (RGB, grayscale or CMYK, matching the
-pixel mode) is applied with LittleCMS, perceptual intent, before alpha is composited; the model was
-trained on untagged (sRGB) HAM10000 images, so an Adobe RGB or Display P3 upload would otherwise be
-read with shifted colours. A profile that is malformed, larger than :data:`MAX_ICC_PROFILE_BYTES`, or
-made for another colour space is ignored and the pixels are taken as sRGB: a profile is never a
-reason to refuse a clinical image. The returned image carries no ``icc_profile`` (untagged = sRGB).
+:func:`read_header` makes the checks that come before the pixels and stops there: the intake stores
+a case from its header while the pixels decode on another core (``api.intake_limits``).
 """
 
 from __future__ import annotations
@@ -24,23 +21,16 @@ import io
 import math
 import warnings
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Protocol
 
-from PIL import Image, ImageCms, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_for
+from ml.srgb import UnsupportedMode, to_rgb
 
 #: Pillow formats dermq accepts, by the name Pillow gives them.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "WEBP", "BMP"})
-
-#: The largest embedded ICC profile dermq parses; larger ones are ignored unread. Matrix/TRC RGB
-#: profiles are 0.5-4 KiB; LUT-based CMYK ones reach about 600 KiB (U.S. Web Coated SWOP v2: 544 KiB).
-MAX_ICC_PROFILE_BYTES = 1024 * 1024
-
-#: Pixel mode -> the ICC colour space a profile must describe to be applied to it.
-_PROFILE_SPACES = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}
-#: Profile classes that describe a device's or a space's colours (not device links or abstract ones).
-_PROFILE_CLASSES = frozenset({"mntr", "scnr", "prtr", "spac"})
 
 #: The EXIF tag that says how the stored pixels are turned.
 ORIENTATION = 0x0112
@@ -205,6 +195,30 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, reduce_to
     return decode(data, limits, reduce_to=reduce_to).image
 
 
+@dataclass(frozen=True, slots=True)
+class ImageHeader:
+    """What an upload's header declares, once it has passed every check made before any pixel is decoded."""
+
+    format: str
+    width: int  # as stored in the file, before EXIF rotation
+    height: int
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.format]
+
+
+def read_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageHeader:
+    """The format and declared size of untrusted bytes, from their header alone (no pixel decoded), or
+    the :class:`InvalidImage` :func:`decode` would raise before decoding a pixel: :func:`decode` of
+    the same bytes either raises or returns this format and size. The pixels may still be damaged:
+    only a decode tells."""
+    fmt = _accepted_format(data, limits)
+    with _Refusals(fmt):
+        image = _opened(data, fmt, limits)
+        return ImageHeader(fmt, image.width, image.height)
+
+
 def decode(
     data: bytes,
     limits: ImageLimits = DEFAULT_LIMITS,
@@ -229,6 +243,20 @@ def decode(
 
     Raises :class:`InvalidImage`; never returns a partially decoded image.
     """
+    fmt = _accepted_format(data, limits)
+    with _Refusals(fmt):
+        image = _opened(data, fmt, limits)
+        declared = (image.width, image.height)
+        if reduce_to is not None and fmt == "JPEG" and image.mode in ("RGB", "L"):
+            image.draft(image.mode, _draft_request(image.width, image.height, reduce_to))
+        if budget is None:
+            return _fitted(_load_rgb(image, fmt, declared), fit)
+        with budget.reserve(estimate_for(image, fmt)):
+            return _fitted(_load_rgb(image, fmt, declared), fit)
+
+
+def _accepted_format(data: bytes, limits: ImageLimits) -> str:
+    """The sniffed format of an upload within the byte cap and of an accepted format; else InvalidImage."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide switch some libraries flip; we refuse to run with it
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated uploads would pass")
     if not data:
@@ -243,43 +271,58 @@ def decode(
         accepted = ", ".join(sorted(limits.formats))
         what = f"a {fmt} file" if fmt else "not a recognised image format"
         raise InvalidImage("unsupported_format", f"the upload is {what}; send one of: {accepted}")
+    return fmt
 
-    try:
-        with warnings.catch_warnings():
-            # Our own caps run first; Pillow's bomb warning must never be printed with request data.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
-            # Pillow opens a JPEG with a multi-picture section (phone cameras' depth maps and Ultra HDR
-            # gain maps) as MPO: its first frame is the photograph, a baseline JPEG, and is what dermq reads.
-            if image.format != fmt and not (fmt == "JPEG" and image.format == "MPO"):
-                raise InvalidImage("corrupt", f"the file claims to be {fmt} but does not decode as one")
-            check_declared_size(image.width, image.height, limits, fmt)
-            declared = (image.width, image.height)
-            if reduce_to is not None and fmt == "JPEG" and image.mode in ("RGB", "L"):
-                image.draft(image.mode, _draft_request(image.width, image.height, reduce_to))
-            if budget is None:
-                return _fitted(_load_rgb(image, fmt, declared), fit)
-            with budget.reserve(estimate_for(image, fmt)):
-                return _fitted(_load_rgb(image, fmt, declared), fit)
-    except (InvalidImage, DecodeBusy, TooLargeToDecode):
-        raise
-    except Image.DecompressionBombError:
-        raise InvalidImage("decompression_bomb", "image declares more pixels than dermq decodes") from None
-    except (EOFError, OSError) as exc:
-        if isinstance(exc, EOFError) or "truncat" in str(exc).lower():
+
+def _opened(data: bytes, fmt: str, limits: ImageLimits) -> Image.Image:
+    """The upload opened as ``fmt`` (its header read, no pixel decoded), its declared size checked."""
+    image = Image.open(io.BytesIO(data), formats=[fmt])
+    # Pillow opens a JPEG with a multi-picture section (phone cameras' depth maps and Ultra HDR
+    # gain maps) as MPO: its first frame is the photograph, a baseline JPEG, and is what dermq reads.
+    if image.format != fmt and not (fmt == "JPEG" and image.format == "MPO"):
+        raise InvalidImage("corrupt", f"the file claims to be {fmt} but does not decode as one")
+    check_declared_size(image.width, image.height, limits, fmt)
+    return image
+
+
+class _Refusals:
+    """Whatever Pillow raises for a bad ``fmt`` file, as :class:`InvalidImage`; the decode budget's
+    refusals as they are. Pillow's bomb warning is silenced inside: our own caps run first, and it
+    must never be printed with request data."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self._warnings = warnings.catch_warnings()
+
+    def __enter__(self) -> None:
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._warnings.__exit__(kind, exc, tb)
+        if (
+            exc is None
+            or isinstance(exc, (InvalidImage, DecodeBusy, TooLargeToDecode))
+            or not isinstance(exc, Exception)
+        ):
+            return  # nothing raised, or raised as it is
+        fmt = self.fmt
+        if isinstance(exc, UnsupportedMode):
+            raise InvalidImage("unsupported_mode", str(exc)) from None
+        if isinstance(exc, Image.DecompressionBombError):
+            raise InvalidImage("decompression_bomb", "image declares more pixels than dermq decodes") from None
+        if isinstance(exc, EOFError) or (isinstance(exc, OSError) and "truncat" in str(exc).lower()):
             raise InvalidImage(
                 "truncated", f"the {fmt} file ends before its image data does; upload the complete file"
             ) from None
-        raise InvalidImage("corrupt", f"the {fmt} file is damaged and cannot be decoded") from None
-    except Exception:
-        # Malformed files raise all sorts (struct.error, IndexError, ValueError, SyntaxError...).
+        # Malformed files raise all sorts (OSError, struct.error, IndexError, ValueError, SyntaxError...).
         raise InvalidImage("corrupt", f"the {fmt} file is damaged and cannot be decoded") from None
 
 
 def _load_rgb(image: Image.Image, fmt: str, declared: tuple[int, int]) -> DecodedImage:
     """Decode the pixels of an opened, size-checked ``image`` and convert them to 8-bit sRGB."""
     image.load()
-    rgb = _to_rgb(_apply_orientation(image), fmt, image.info.get("icc_profile"))
+    rgb = to_rgb(_apply_orientation(image), fmt, image.info.get("icc_profile"))
     rgb.info.pop("icc_profile", None)  # the pixels are sRGB now, whatever the file said
     return DecodedImage(rgb, fmt, declared[0], declared[1])
 
@@ -324,75 +367,3 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
         # A malformed EXIF block is not worth refusing a clinical image for; keep the stored pixels.
         return image
     return rotated if rotated is not None else image
-
-
-def _flatten_alpha(image: Image.Image) -> Image.Image:
-    """Composite onto black, the colour of a dermatoscope's vignette."""
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _to_rgb(image: Image.Image, fmt: str, icc: object) -> Image.Image:
-    """8-bit sRGB: the embedded profile ``icc`` applied where usable, then any alpha composited on black."""
-    if image.mode in ("LAB", "HSV"):
-        icc = None  # a profile for these would describe another space than the RGB we convert them to
-    base = _to_base_mode(image, fmt)
-    if base.mode not in ("RGBA", "LA"):
-        return _to_srgb(base, icc)
-    rgb = _to_srgb(base.convert(base.mode[:-1]), icc)  # the colour without its alpha: RGB or L
-    rgb.putalpha(base.getchannel("A"))
-    return _flatten_alpha(rgb)
-
-
-def _to_base_mode(image: Image.Image, fmt: str) -> Image.Image:
-    """``image`` in one of the 8-bit modes a profile can apply to: RGB, RGBA, L, LA or CMYK."""
-    mode = image.mode
-    if mode in ("RGB", "RGBA", "L", "LA", "CMYK"):
-        return image
-    if mode in ("PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
-        return image.convert("RGBA")
-    if mode in ("P", "RGBX", "YCbCr", "LAB", "HSV"):
-        return image.convert("RGB")
-    if mode == "1":
-        return image.convert("L")
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # Scale 16-bit samples into 8 bits; Pillow's convert("L") would clip everything above 255.
-        wide = image.convert("I")
-        scale = 1 / 256 if mode != "I" or _max_sample(wide) > 255 else 1.0
-        return wide.point(lambda v: v * scale).convert("L")
-    raise InvalidImage("unsupported_mode", f"the {fmt} file uses pixel mode {mode}; send 8- or 16-bit RGB or grayscale")
-
-
-def _max_sample(image: Image.Image) -> int:
-    extrema = image.getextrema()
-    return int(extrema[1]) if isinstance(extrema, tuple) and not isinstance(extrema[0], tuple) else 65535
-
-
-def _to_srgb(image: Image.Image, icc: object) -> Image.Image:
-    """``image`` (RGB, L or CMYK) as sRGB RGB: through its embedded profile where usable, else as if already sRGB."""
-    profile = _embedded_profile(icc, image.mode)
-    if profile is not None:
-        try:
-            srgb = ImageCms.createProfile("sRGB")
-            converted = ImageCms.profileToProfile(
-                image, profile, srgb, renderingIntent=ImageCms.Intent.PERCEPTUAL, outputMode="RGB"
-            )
-        except Exception:
-            converted = None  # LittleCMS refused the pair: fall back to the naive conversion below
-        if converted is not None and converted.mode == "RGB":
-            return converted
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _embedded_profile(icc: object, mode: str) -> ImageCms.ImageCmsProfile | None:
-    """The parsed profile ``icc`` when it is small enough, parses, and describes ``mode``'s colour space."""
-    if not isinstance(icc, bytes) or not icc or len(icc) > MAX_ICC_PROFILE_BYTES:
-        return None
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        space, device_class = profile.profile.xcolor_space, profile.profile.device_class
-    except Exception:
-        # Malformed profiles raise PyCMSError, OSError, ValueError, TypeError...; none is worth a refusal.
-        return None
-    return profile if space == _PROFILE_SPACES.get(mode) and device_class in _PROFILE_CLASSES else None

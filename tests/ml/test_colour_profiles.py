@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from ml import images
+from ml import srgb
 from ml.images import decode, decode_image
 
 D50 = (0.9642, 1.0, 0.8249)
@@ -212,7 +212,7 @@ def test_an_unusable_profile_is_ignored_not_refused(profile: bytes) -> None:
 
 def test_a_profile_over_the_size_cap_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     profile = swapped_rgb_profile()
-    monkeypatch.setattr(images, "MAX_ICC_PROFILE_BYTES", len(profile) - 1)
+    monkeypatch.setattr(srgb, "MAX_ICC_PROFILE_BYTES", len(profile) - 1)
     parsed: list[object] = []
     monkeypatch.setattr(ImageCms, "ImageCmsProfile", lambda *args: parsed.append(args))
     raw = two_colours()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from ml.images import ImageLimits, InvalidImage, decode, decode_image, sniff_format
+from ml.images import ImageLimits, InvalidImage, decode, decode_image, read_header, sniff_format
 from tests.conftest import ROOT
 
 
@@ -214,3 +214,44 @@ def test_decoding_needs_neither_numpy_nor_torch() -> None:
     code = "import sys, ml.images, ml.labels; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP", "BMP"])
+def test_the_header_declares_what_the_decode_reports(fmt: str) -> None:
+    """The intake stores a case from its header while the pixels decode: the two must agree, EXIF
+    turn included (both report the size as stored)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: decoded upright as 40x64
+    params = {"exif": exif} if fmt in ("JPEG", "PNG", "TIFF", "WEBP") else {}
+    data = encode(Image.new("RGB", (64, 40), (150, 90, 80)), fmt, **params)
+    header, decoded = read_header(data), decode(data)
+    assert (header.format, header.width, header.height) == (decoded.format, decoded.width, decoded.height)
+    assert header.media_type == decoded.media_type
+    if fmt == "JPEG":
+        assert (header.width, header.height) == (64, 40) and decoded.image.size == (40, 64)
+
+
+def test_the_header_refuses_what_the_decode_refuses_before_any_pixel(jpeg_bytes: bytes) -> None:
+    refused = {
+        b"": "empty",
+        b"MRN 0042\n" * 8: "unsupported_format",
+        encode(Image.new("RGB", (8, 8)), "GIF"): "unsupported_format",
+        b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4: "corrupt",
+        png_declaring(30000, 30000): "decompression_bomb",
+        encode(Image.new("RGB", (4, 4)), "PNG"): "too_small",
+        encode(Image.new("L", (13000, 40)), "PNG"): "too_large",
+    }
+    for data, code in refused.items():
+        with pytest.raises(InvalidImage) as header_error:
+            read_header(data)
+        assert header_error.value.code == code == code_of(data)
+    with pytest.raises(InvalidImage) as too_big:
+        read_header(jpeg_bytes, ImageLimits(max_bytes=len(jpeg_bytes) - 1))
+    assert too_big.value.code == "file_too_large"
+
+
+def test_a_header_says_nothing_of_the_pixels_after_it(jpeg_bytes: bytes) -> None:
+    """Only a decode finds a file cut short: the intake commits nothing before its decode has ended."""
+    cut = jpeg_bytes[: len(jpeg_bytes) // 2]
+    assert (read_header(cut).width, read_header(cut).height) == (300, 225)
+    assert code_of(cut) == "truncated"
