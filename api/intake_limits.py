@@ -19,15 +19,17 @@ import ctypes
 import ctypes.util
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
+from typing import Any, TypeVar
 
 from core.errors import InvalidImageError, RateLimited
 from ml import working_copy
 from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode
 from ml.images import DecodedImage, ImageLimits
+
+T = TypeVar("T")
 
 
 class UploadSlots:
@@ -95,16 +97,47 @@ class Decoder:
             return self._pool
 
     async def decode_upload(
-        self, data: bytes, limits: ImageLimits, *, working_side: int
-    ) -> tuple[DecodedImage, bytes | None]:
+        self, data: bytes, limits: ImageLimits, *, working_side: int, alongside: Callable[[], Awaitable[T]]
+    ) -> tuple[DecodedImage, bytes | None, T]:
         """An upload decoded once, at the size the worker needs (at most ``working_side`` on the longer
-        side, draft mode for a JPEG), and its working copy when it is large enough to want one
-        (:mod:`ml.working_copy`): the worker then reads that instead of decoding the upload again.
-        Off the event loop; raises ``InvalidImage`` or a problem (429, 413)."""
+        side, draft mode for a JPEG), its working copy when it is large enough to want one
+        (:mod:`ml.working_copy`: the worker then reads that instead of decoding the upload again), and
+        what ``alongside()`` returned.
 
-        job = partial(working_copy.decode_upload, data, limits, fit=working_side, budget=self.budget)
+        ``alongside`` (the request's database work) is awaited while the pixels decode on one of
+        these threads: on a camera image each is about half of the intake, and they use different
+        cores. It starts once a thread has taken the decode, so an upload queued for a decoder holds
+        no database connection meanwhile. Both have ended when this returns or raises. The decode's
+        error comes first (``InvalidImage``, or a problem: 429, 413): bad input is answered as such,
+        whatever ``alongside`` did, and the caller's transaction rolls it back. Then ``alongside``'s."""
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def job() -> tuple[DecodedImage, bytes | None]:
+            loop.call_soon_threadsafe(started.set)
+            return working_copy.decode_upload(data, limits, fit=working_side, budget=self.budget)
+
+        decoding = loop.run_in_executor(self._executor(), job)
+        decoding.add_done_callback(_retrieve)  # a request cancelled meanwhile must not leave it unheard
+        begun = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait((decoding, begun), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            begun.cancel()
+        outcome: list[T] = []
+        error: Exception | None = None
+        if not decoding.done():  # the decode has begun: the work runs alongside it
+            try:
+                outcome.append(await alongside())
+            except Exception as exc:
+                error = exc
         with decode_errors():
-            return await asyncio.get_running_loop().run_in_executor(self._executor(), job)
+            decoded, copy = await decoding
+        if error is not None:
+            raise error
+        if not outcome:  # the decode was over (a small image) before the work could begin
+            outcome.append(await alongside())
+        return decoded, copy, outcome[0]
 
     def close(self) -> None:
         """Stop the threads (the app's shutdown); a later decode starts new ones."""
@@ -112,6 +145,12 @@ class Decoder:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a finished future's error as heard (asyncio logs unheard ones)."""
+    if not future.cancelled():
+        future.exception()
 
 
 #: glibc's mallopt parameter for the size from which allocations are mmapped (and unmapped on free).

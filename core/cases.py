@@ -47,7 +47,7 @@ class WorkingCopy:
 
 @dataclass(frozen=True, slots=True)
 class NewImage:
-    """A validated upload: the bytes as sent plus what decoding learned about them."""
+    """An upload: the bytes as sent plus what its header declares (``ml.images.read_header``)."""
 
     data: bytes
     format: str
@@ -55,8 +55,6 @@ class NewImage:
     width: int
     height: int
     sha256: str
-    #: the pixels at the size the worker needs, for a large upload (``ml.working_copy``); else None
-    working_copy: WorkingCopy | None = None
 
 
 # --------------------------------------------------------------------------- access control
@@ -158,10 +156,6 @@ def create_case(
     make_transient_to_detached(case)
     session.add(case)
     blobs = [(case_id, BlobKind.IMAGE, sealed, image.media_type)]
-    if image.working_copy is not None:
-        copy = image.working_copy
-        working = encrypt_blob(keyring, copy.data, case_id=case_id, kind=BlobKind.WORKING.value, kek_id=wrap)
-        blobs.append((case_id, BlobKind.WORKING, working, copy.media_type))
     if client_ref is not None:  # sealed like the image, never a plain column (core.phi)
         blobs.append(
             (case_id, BlobKind.CLIENT_REF, phi.seal_client_ref(keyring, case_id, client_ref, wrap), phi.MEDIA_TYPE)
@@ -184,6 +178,15 @@ def create_case(
         },
     )
     return case, True
+
+
+def add_working_copy(session: Session, *, keyring: Keyring, case: Case, copy: WorkingCopy) -> None:
+    """Store the working copy of ``case``, which this transaction created: the intake stores a case
+    while its upload is still decoding, and its working copy once the decode has made it. Sealed
+    under the case's period key, like the case's other blobs."""
+    wrap = period_shredding.wrapping_key(session, keyring, case.created_at)
+    sealed = encrypt_blob(keyring, copy.data, case_id=case.id, kind=BlobKind.WORKING.value, kek_id=wrap)
+    insert_blobs(session, [(case.id, BlobKind.WORKING, sealed, copy.media_type)])
 
 
 #: the columns a new case leaves empty (set explicitly: the Case the caller gets needs no reload)

@@ -223,7 +223,6 @@ def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[n
             width=width,
             height=height,
             sha256=hashlib.sha256(data).hexdigest(),
-            working_copy=None if working_copy is None else cases.WorkingCopy(working_copy, MEDIA_TYPE),
         )
         with session_scope(settings) as session:
             case, _ = cases.create_case(
@@ -235,6 +234,10 @@ def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[n
                 client_ref=None,
                 priority=Priority(priority),
             )
+            if working_copy is not None:
+                cases.add_working_copy(
+                    session, keyring=keyring, case=case, copy=cases.WorkingCopy(working_copy, MEDIA_TYPE)
+                )
             return case.id
 
     return store

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -26,10 +28,10 @@ from core import case_list, case_reads, cases, phi, results, retention
 from core.db import commit_durably, commit_without_flush
 from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput
-from core.models import CaseStatus, Priority, Role
+from core.models import Case, CaseStatus, Priority, Role
 from core.publisher import classify_task
 from ml import working_copy
-from ml.images import ImageLimits, InvalidImage
+from ml.images import ImageLimits, InvalidImage, read_header
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 LIST_PARAMETERS = frozenset({"status", "priority", "since", "until", "cursor", "limit"})
@@ -92,6 +94,16 @@ UPLOAD_SCHEMA = {
 }
 
 
+@contextmanager
+def _image_refusals() -> Iterator[None]:
+    """An upload's :class:`InvalidImage` as its problem answer (422 or 413), counted by its code."""
+    try:
+        yield
+    except InvalidImage as exc:
+        metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
+        raise InvalidImageError(exc.code, exc.message) from None
+
+
 def _validated_fields(fields: dict[str, str], idempotency_key: str | None, max_ref: int) -> tuple[str | None, Priority]:
     priority_text = fields.get("priority", Priority.ROUTINE.value).strip() or Priority.ROUTINE.value
     try:
@@ -150,48 +162,50 @@ async def submit_case(
             raise
         client_ref, priority = _validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
         limits = ImageLimits.from_settings(settings)
-        try:
+        data = form.image
+        with _image_refusals():
+            header = read_header(data, limits)
+
+        def store(session: Session) -> tuple[Case, bool]:
+            """The case and its original, stored from the header while the pixels decode."""
+            if wait:  # the answer comes after the durable commit of the audited read that ends the wait; said
+                commit_without_flush(session)  # now, it goes with the intake's first statement (core.deferred)
+            image = cases.NewImage(
+                data, header.format, header.media_type, header.width, header.height, hashlib.sha256(data).hexdigest()
+            )
+            return cases.create_case(
+                session,
+                keyring=app.keyring,
+                principal=caller.principal,
+                actor=caller.actor,
+                image=image,
+                client_ref=client_ref,
+                priority=priority,
+                idempotency_key=idempotency_key,
+            )
+
+        with _image_refusals():
             # Draft mode: validation needs a full read, not full resolution; the worker needs the
             # overlay's size, which a large upload's working copy keeps so it is decoded only here.
-            decoded, working = await app.decoder.decode_upload(
-                form.image, limits, working_side=settings.overlay_max_side
+            # The transaction commits only after the decode has validated the upload.
+            _, working, (case, created) = await app.decoder.decode_upload(
+                data, limits, working_side=settings.overlay_max_side, alongside=lambda: db.run(store)
             )
-        except InvalidImage as exc:
-            metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
-            raise InvalidImageError(exc.code, exc.message) from None
-    metrics.UPLOAD_BYTES.observe(len(form.image))
-    image = cases.NewImage(
-        data=form.image,
-        format=decoded.format,
-        media_type=decoded.media_type,
-        width=decoded.width,
-        height=decoded.height,
-        sha256=hashlib.sha256(form.image).hexdigest(),
-        working_copy=None if working is None else cases.WorkingCopy(working, working_copy.MEDIA_TYPE),
-    )
+    metrics.UPLOAD_BYTES.observe(len(data))
 
-    def create(session: Session) -> tuple[CaseOut, bool]:
-        if wait:  # the answer comes after the durable commit of the audited read that ends the wait; said
-            commit_without_flush(session)  # now, it goes with the intake's first statement (core.deferred)
-        case, created = cases.create_case(
-            session,
-            keyring=app.keyring,
-            principal=caller.principal,
-            actor=caller.actor,
-            image=image,
-            client_ref=client_ref,
-            priority=priority,
-            idempotency_key=idempotency_key,
-        )
+    def create(session: Session) -> CaseOut:
         if created:  # sent once the request's transaction commits: a worker never looks for a row not yet there
+            if working is not None:
+                copy = cases.WorkingCopy(working, working_copy.MEDIA_TYPE)
+                cases.add_working_copy(session, keyring=app.keyring, case=case, copy=copy)
             enqueue(session, app.publisher, classify_task(case.id, priority))
         elif wait:  # a replay of a finished case is answered from this transaction: its audit event waits for the disk
             commit_durably(session)
         result = results.read_result(session, app.keyring, case.id) if case.status == CaseStatus.SUCCEEDED else None
         ref = client_ref if created else phi.client_refs(session, app.keyring, [case])[case.id]
-        return case_out(case, result, ref), created
+        return case_out(case, result, ref)
 
-    out, created = await db.run(create, last=not wait)
+    out = await db.run(create, last=not wait)
     if wait and not CaseStatus(out.status).terminal:  # a replay of an unfinished case waits too
         # the case (or the replay's audit event) is kept and its task sent once the wait's ticket is
         # taken: a new case cannot end unheard, so its wait needs no first look

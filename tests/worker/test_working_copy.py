@@ -13,14 +13,14 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from bench.common import FIXTURE_IMAGES, camera_jpegs
 from core import results
 from core.config import Settings
 from core.crypto import decrypt_blob
 from core.db import session_scope
-from core.models import BlobKind, Case, CaseBlob
+from core.models import AuditEvent, BlobKind, Case, CaseBlob
 from ml import drift, working_copy
 from ml.images import DEFAULT_LIMITS, decode
 from tests.conftest import Tenant, case_store, new_tenant
@@ -91,6 +91,30 @@ def test_a_camera_upload_is_decoded_once_and_its_working_copy_dropped_when_the_c
     assert "working" not in after and after["image"] == ("image/jpeg", camera)
     assert Image.open(io.BytesIO(after["heatmap"][1])).size == (500, 375)  # drawn on the copy
     assert input_stats(config, keyring, big_id)["megapixels"] == 12.0  # the upload's own size is reported
+
+
+@pytest.mark.parametrize("query", ["", "?wait=5"])
+def test_a_camera_upload_cut_short_is_refused_and_leaves_nothing(config: Settings, tenant: Tenant, query: str) -> None:
+    """The intake stores the case and its original from the header while the pixels decode
+    (``api.intake_limits``): the decode's refusal must roll all of it back, audit event included."""
+    from api.app import create_app
+
+    camera = camera_jpegs(1)[0]
+    cut = camera[: len(camera) * 9 // 10]
+    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+        response = client.post(
+            f"/v1/cases{query}",
+            headers=tenant.headers,
+            data={"client_ref": "MRN-0042"},
+            files={"image": ("x.jpg", cut, "image/jpeg")},
+        )
+    assert response.status_code == 422 and response.json()["code"] == "truncated", response.text
+    with session_scope(config) as session:
+        mine = Case.clinic_id == tenant.clinic_id
+        assert session.scalar(select(func.count()).select_from(Case).where(mine)) == 0
+        assert session.scalar(select(func.count()).select_from(CaseBlob).join(Case).where(mine)) == 0
+        events = select(func.count()).select_from(AuditEvent).where(AuditEvent.clinic_id == tenant.clinic_id)
+        assert session.scalar(events.where(AuditEvent.action.like("case.%"))) == 0
 
 
 @pytest.mark.parametrize("path", ["one case", "batch"])
