@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from core import case_images, case_states
+from core import case_claims, case_images, case_states
 from core.case_images import StoredImage
 from core.config import Settings
 from core.db import session_scope
@@ -105,8 +105,8 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     # commit, which need not wait for the disk: a lost claim leaves the case queued for the sweeper).
     with session_scope(config, durable=False) as session:
         # else an earlier batch took it (the usual fate here): one read, and nothing claimed or written
-        if case_states.is_queued(session.connection(), case_id):
-            claimed = case_states.claim_batch(
+        if case_claims.is_queued(session.connection(), case_id):
+            claimed = case_claims.claim_batch(
                 session,
                 case_id,
                 limit=config.batch_max_size,
@@ -127,7 +127,14 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
         if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
             time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
             with session_scope(config, durable=False) as session:
-                more = case_states.claim_queued(session, limit=config.batch_max_size - len(items))
+                more = case_claims.join_batch(
+                    session,
+                    case_id,
+                    limit=config.batch_max_size - len(claimed),
+                    batch_size=config.batch_max_size,
+                    max_pixels=config.batch_max_pixels,
+                    reduce_to=config.overlay_max_side,
+                )
                 more_items, unreadable = with_images(session, config, more)
             claimed += more
             items += more_items

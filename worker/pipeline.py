@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from core import callbacks, case_images, case_states
+from core import callbacks, case_claims, case_images, case_states
 from core.case_images import StoredImage
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
@@ -154,7 +154,7 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     started = time.perf_counter()
     # The claim and the image's read share one transaction (one connection checkout, one commit).
     with session_scope(config, durable=False) as session:  # a lost claim leaves the case queued
-        case = case_states.claim_case(session, case_id)
+        case = case_claims.claim_case(session, case_id)
         if case is None:
             log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
             return "skipped"

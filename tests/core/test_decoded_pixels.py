@@ -1,5 +1,5 @@
 """A batch is bounded by the pixels its images decode to: for a JPEG those of the draft-mode decode the
-worker asks for, for other formats the declared size (core.case_states.decoded_pixels agrees with
+worker asks for, for other formats the declared size (core.case_claims.decoded_pixels agrees with
 ml.images.decode)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from core import case_states
+from core import case_claims
 from core.db import session_scope
 from core.models import Case
 from ml.images import ImageLimits, decode
@@ -24,9 +24,9 @@ def test_counted_pixels_are_the_decoded_ones(make_key, settings, store_case, fmt
     tenant = make_key("clinic")
     case_id = store_case(tenant, b"not decoded here", fmt=fmt, width=width, height=height)
     with session_scope(settings) as session:
-        reduced = case_states.decoded_pixels(settings.overlay_max_side)
+        reduced = case_claims.decoded_pixels(settings.overlay_max_side)
         counted = session.scalar(select(reduced).where(Case.id == case_id))
-        declared = session.scalar(select(case_states.decoded_pixels(None)).where(Case.id == case_id))
+        declared = session.scalar(select(case_claims.decoded_pixels(None)).where(Case.id == case_id))
     assert declared == width * height
     if fmt == "JPEG":
         out = io.BytesIO()

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from core import callbacks, case_states, recovery
+from core import callbacks, case_claims, case_states, recovery
 from core.config import Settings
 from core.db import session_scope
 from core.models import CallbackDelivery, Case, ClinicCallback, Result
@@ -142,7 +142,7 @@ def test_a_stale_case_whose_message_waits_stays_claimable_while_the_sweep_runs(
     with session_scope(config) as session:
         report = recovery.sweep(session, config, publisher, client)
         with session_scope(own_database) as worker:  # a worker's claim while the sweep's transaction is open
-            claimed = case_states.claim_batch(worker, waiting, limit=1)
+            claimed = case_claims.claim_batch(worker, waiting, limit=1)
             assert [case.id for case in claimed] == [waiting]
     assert str(lost) in report.republished and str(waiting) not in report.republished
     assert cases_row(own_database, waiting).status == "running"
@@ -153,10 +153,10 @@ def test_a_stale_worker_cannot_store_a_second_result(
 ) -> None:  # type: ignore[no-untyped-def]
     case_id = store_case(tenant, b"twice")
     with session_scope(own_database) as session:
-        assert case_states.claim_case(session, case_id).attempts == 1
+        assert case_claims.claim_case(session, case_id).attempts == 1
     with session_scope(own_database) as session:  # the sweeper takes the case back; attempt 2 claims it
         assert case_states.requeue_case(session, case_id, attempt=1, reason="worker_lost")
-        assert case_states.claim_case(session, case_id).attempts == 2
+        assert case_claims.claim_case(session, case_id).attempts == 2
     result = {
         "label": "nv",
         "probabilities": {"nv": 1.0},

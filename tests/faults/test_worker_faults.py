@@ -9,11 +9,13 @@ answers to the Celery control API, never its log.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
 
 import pytest
+from PIL import Image
 from sqlalchemy import func, select
 
 from core.db import session_scope
@@ -98,6 +100,23 @@ def test_a_poison_case_ends_failed_after_the_attempt_limit_instead_of_looping(st
     assert stack.counts(case_id)["results"] == 0
     assert worker.alive() and stack.injected(worker) == limit
     assert worker.ping() and len(worker_children(worker.proc.pid)) == 1
+
+
+def test_a_poison_case_fails_alone_and_the_cases_batched_with_it_succeed(stack: FaultStack) -> None:
+    """A batch shares its worker's death: every case it held is requeued. A case claimed before then
+    runs alone (core.case_claims), so the poison case's batch-mates lose one attempt, not all."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(stack.images[0])).resize((320, 240)).save(out, "JPEG")
+    poison = stack.accepted(out.getvalue())  # the oldest: its message leads the first batch
+    innocent = [stack.accepted(image) for image in stack.images[:3]]
+    worker = stack.start_worker("poison-batch", {"exit": True, "exit_with_size": [320, 240]})
+    limit = stack.settings.max_attempts
+    for case_id in innocent:
+        case = stack.wait_terminal(case_id, timeout=120)
+        assert (case.status, case.attempts) == ("succeeded", 2), case.failure_message  # the first batch's death
+    case = stack.wait_terminal(poison, timeout=120)
+    assert (case.status, case.failure_code, case.attempts) == ("failed", "timeout", limit)
+    assert stack.injected(worker) == limit and worker.alive()
 
 
 def test_gpu_out_of_memory_runs_that_case_on_the_cpu_and_records_it(stack: FaultStack) -> None:

@@ -48,6 +48,8 @@ class Faults:
     ignore_soft_limit: bool = False
     #: end the worker child with os._exit (a poison case that kills its worker)
     exit: bool = False
+    #: ... only when an image of this [width, height] is in the inference: one poison case among others
+    exit_with_size: list[int] | None = None
     #: raise torch.OutOfMemoryError, as a GPU out of memory would
     oom: bool = False
     #: act only on the first N inferences of the worker (all children together); None: on every one
@@ -92,12 +94,15 @@ class FaultyPredictor:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
-    def classify(self, *args: Any, **kwargs: Any) -> Any:
-        self._act()
-        return self._real.classify(*args, **kwargs)
+    def classify(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+        self._act(images)
+        return self._real.classify(images, *args, **kwargs)
 
-    def _act(self) -> None:
+    def _act(self, images: Any) -> None:
         faults = self._faults
+        poison = faults.exit_with_size
+        if poison is not None and tuple(poison) not in {image.size for image in images}:
+            return
         if not _take_turn(self._folder, faults.times):
             return
         if faults.exit:

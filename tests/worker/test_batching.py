@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import OperationalError
 
-from core import audit, case_states
+from core import audit, case_claims, case_states
 from core import results as core_results
 from core.crypto import decrypt_blob
 from core.db import session_scope
@@ -91,18 +91,16 @@ def test_concurrent_batches_never_claim_a_case_twice(batching, tenant, store_cas
     taken: list[tuple[uuid.UUID | None, list[uuid.UUID]]] = []
     start = threading.Barrier(4)
 
-    def claim(first: uuid.UUID | None) -> None:
+    def claim(first: uuid.UUID, topped_up: bool) -> None:
         start.wait()
         with session_scope(batching) as session:
-            rows = (
-                case_states.claim_batch(session, first, limit=4)
-                if first is not None
-                else case_states.claim_queued(session, limit=4)
-            )
+            rows = case_claims.claim_batch(session, first, limit=2 if topped_up else 4)
+            if topped_up and rows:  # a GPU worker's batch, filled after its wait
+                rows += case_claims.join_batch(session, first, limit=2, batch_size=4)
             taken.append((first, [row.id for row in rows]))
 
-    firsts = sorted(ids)[:3]
-    threads = [threading.Thread(target=claim, args=(f,)) for f in [*firsts, None]]
+    firsts = sorted(ids)[:4]
+    threads = [threading.Thread(target=claim, args=(f, i == 3)) for i, f in enumerate(firsts)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -114,8 +112,7 @@ def test_concurrent_batches_never_claim_a_case_twice(batching, tenant, store_cas
     assert all(attempts[i] == 1 for i in claimed if i in ids) and all(attempts[i] == 0 for i in ids - set(claimed))
     for first, batch in taken:
         # a batch led by a case that another batch took first comes back empty rather than half-claimed
-        if first is not None:
-            assert batch == [] or batch[0] == first
+        assert batch == [] or batch[0] == first
 
 
 def _completion(case_id: uuid.UUID, attempt: int, label: str = "nv") -> case_states.Completion:
@@ -143,7 +140,7 @@ def test_the_working_copies_of_ended_cases_go_and_cases_without_one_cost_no_dele
 ) -> None:  # type: ignore[no-untyped-def]
     plain, copied = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes, working_copy=b"working copy")
     with session_scope(batching) as session:
-        case_states.claim_batch(session, plain, limit=2)
+        case_claims.claim_batch(session, plain, limit=2)
     for case_id, working_copy in ((plain, False), (copied, True)):
         completion = dataclasses.replace(_completion(case_id, 1), working_copy=working_copy)
         with support.statements_sent(batching) as statements, session_scope(batching) as session:
@@ -159,7 +156,7 @@ def test_a_batch_is_stored_in_a_fixed_number_of_statements(batching, tenant, sto
     stores every case's result, heat map and audit event, and leaves the audit chain intact."""
     ids = [store_case(tenant, jpeg_bytes) for _ in range(5)]
     with session_scope(batching) as session:
-        claimed = case_states.claim_batch(session, ids[0], limit=5)
+        claimed = case_claims.claim_batch(session, ids[0], limit=5)
     assert sorted(c.id for c in claimed) == sorted(ids)
 
     per_transaction = []
@@ -205,7 +202,7 @@ def test_a_message_for_a_case_a_batch_took_costs_one_read(batching, tenant, stor
     claims nothing, writes nothing and audits nothing (7 of every 8 messages under load)."""
     ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
     with session_scope(batching) as session:
-        case_states.claim_batch(session, ids[0], limit=3)
+        case_claims.claim_batch(session, ids[0], limit=3)
         events_before = session.scalar(select(func.count()).select_from(AuditEvent))
     runtime.get_predictor(batching)  # loaded before counting: run_batch asks for it first
     with support.statements_sent(batching) as statements:
@@ -249,10 +246,10 @@ def test_a_stale_completion_in_a_batch_writes_nothing(batching, tenant, store_ca
     others are stored."""
     ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
     with session_scope(batching) as session:
-        case_states.claim_batch(session, ids[0], limit=3)
+        case_claims.claim_batch(session, ids[0], limit=3)
     with session_scope(batching) as session:  # the sweeper requeued ids[1] and another worker took it
         assert case_states.requeue_case(session, ids[1], attempt=1, reason="test")
-        assert case_states.claim_case(session, ids[1]) is not None
+        assert case_claims.claim_case(session, ids[1]) is not None
     with session_scope(batching) as session:
         stored = case_states.complete_cases(session, keyring=keyring, completions=[_completion(i, 1) for i in ids])
     assert stored == {ids[0], ids[2]}
@@ -288,9 +285,8 @@ def test_a_batch_stopped_by_a_lost_database_puts_its_other_cases_back(
     assert status[ids[0]] == ("running", 1)  # the task's handler requeues it and retries
     assert status[ids[1]] == status[ids[2]] == ("queued", 1)
     assert sorted(requeues) == sorted(str(i) for i in ids[1:])
-    assert run_batch(batching, ids[1]) == "succeeded"  # taken again, in a batch with ids[2]
-    with session_scope(batching) as session:
-        assert session.get(Case, ids[2]).status == "succeeded"  # type: ignore[union-attr]
+    for case_id in ids[1:]:  # taken again, each alone (claimed before: core.case_claims)
+        assert run_batch(batching, case_id) == "succeeded"
 
 
 def test_a_case_that_breaks_the_model_fails_alone_not_its_batch(
@@ -328,7 +324,7 @@ def test_a_case_the_database_refuses_fails_alone_not_its_batch(
 
     ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
     with session_scope(batching) as session:
-        case_states.claim_batch(session, ids[0], limit=3)
+        case_claims.claim_batch(session, ids[0], limit=3)
     with session_scope(batching) as session:
         session.add(Result(case_id=ids[1], **_completion(ids[1], 1, "mel").result))
     outcomes = pipeline._store(batching, [_completion(i, 1) for i in ids])
@@ -348,14 +344,55 @@ def test_a_batch_holds_a_bounded_number_of_pixels(batching, tenant, store_case, 
     with session_scope(batching) as session:
         session.execute(update(Case).where(Case.id == large).values(image_width=5000, image_height=4000))
     with session_scope(batching) as session:  # 4 slots of 100,000 pixels
-        claimed = case_states.claim_batch(session, small[0], limit=4, max_pixels=400_000)
+        claimed = case_claims.claim_batch(session, small[0], limit=4, max_pixels=400_000)
     assert sorted(c.id for c in claimed) == sorted(small)  # the 20-megapixel case stays queued
     waiting = store_case(tenant, jpeg_bytes)
     with session_scope(batching) as session:
-        alone = case_states.claim_batch(session, large, limit=4, max_pixels=400_000)
+        alone = case_claims.claim_batch(session, large, limit=4, max_pixels=400_000)
     assert [c.id for c in alone] == [large]  # no company for a case that needs the whole budget
     with session_scope(batching) as session:
         assert session.get(Case, waiting).status == "queued"
+
+
+def test_a_case_claimed_before_runs_alone(batching, tenant, store_case, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """A requeued case (its worker died: maybe it is what killed it) neither joins a batch nor takes
+    company: a poison case would otherwise spend its batch-mates' attempts with its own."""
+    fresh = [store_case(tenant, jpeg_bytes) for _ in range(2)]
+    retried = store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        session.execute(update(Case).where(Case.id == retried).values(attempts=1))
+    with session_scope(batching) as session:
+        claimed = case_claims.claim_batch(session, fresh[0], limit=4)
+    assert sorted(c.id for c in claimed) == sorted(fresh)  # the retried case stays queued
+    later = store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        alone = case_claims.claim_batch(session, retried, limit=4)
+    assert [(c.id, c.attempts) for c in alone] == [(retried, 2)]
+    with session_scope(batching) as session:
+        assert session.get(Case, later).status == "queued"  # type: ignore[union-attr]
+
+
+def test_a_gpu_batch_is_filled_on_the_terms_it_was_claimed_on(batching, tenant, store_case, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """After its wait a GPU worker tops its batch up: only with first attempts that fit a slot of the
+    pixel budget, and not at all when its own case had to run alone."""
+    lead, small = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes)
+    retried, large = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        session.execute(update(Case).where(Case.id == retried).values(attempts=1))
+        session.execute(update(Case).where(Case.id == large).values(image_width=5000, image_height=4000))
+    bounds = {"batch_size": 4, "max_pixels": 400_000}  # slots of 100,000 pixels; a fixture has 67,500
+    with session_scope(batching) as session:
+        assert [c.id for c in case_claims.claim_batch(session, lead, limit=1)] == [lead]
+        joined = case_claims.join_batch(session, lead, limit=3, **bounds)
+    assert [c.id for c in joined] == [small]
+    for alone in (retried, large):  # each leads a batch of its own, which takes no company
+        later = store_case(tenant, jpeg_bytes)
+        with session_scope(batching) as session:
+            assert [c.id for c in case_claims.claim_batch(session, alone, limit=1)] == [alone]
+            assert case_claims.join_batch(session, alone, limit=3, **bounds) == []
+        with session_scope(batching) as session:
+            assert session.get(Case, later).status == "queued"  # type: ignore[union-attr]
+            session.execute(update(Case).where(Case.id == later).values(status="failed"))  # out of the way
 
 
 def test_a_case_whose_image_cannot_be_read_fails_alone_and_its_batch_goes_on(

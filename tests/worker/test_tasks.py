@@ -90,11 +90,11 @@ def test_a_case_for_nothing_is_ignored(settings) -> None:  # type: ignore[no-unt
 def test_a_failure_before_a_claim_never_ends_another_workers_attempt(tenant, store_case, settings, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
     # A worker whose model fails to load fails the case of its message without having claimed it. If
     # another worker runs that case meanwhile (a redelivered message), that attempt is not its to end.
-    from core import case_states
+    from core import case_claims, case_states
 
     running, queued = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes)
     with session_scope(settings) as session:
-        assert case_states.claim_case(session, running) is not None
+        assert case_claims.claim_case(session, running) is not None
     with session_scope(settings) as session:
         assert not case_states.fail_case(session, case_id=running, attempt=None, code="model_error", message="x")
         assert case_states.fail_case(session, case_id=queued, attempt=None, code="model_error", message="x")
