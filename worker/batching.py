@@ -21,9 +21,12 @@ from core import case_claims, case_images, case_states
 from core.case_images import StoredImage
 from core.config import Settings
 from core.db import session_scope
+from core.enqueue import enqueue
 from core.logs import case_id_var
 from core.models import Case
+from core.publisher import classify_task
 from worker import companions, pipeline, results, runtime
+from worker.celery_app import app
 from worker.pipeline import (
     Classified,
     Progress,
@@ -124,7 +127,8 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     outcomes: dict[uuid.UUID, str] = {}
     try:
         _fail_unreadable(config, claimed, unreadable, outcomes)
-        if len(items) < config.batch_max_size and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
+        fillable = len(claimed) < config.batch_max_size and claimed[0].attempts == 1  # a retry runs alone
+        if fillable and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
             time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU
             with session_scope(config, durable=False) as session:
                 more = case_claims.join_batch(
@@ -277,14 +281,18 @@ def _classify_one_by_one(
 
 
 def _requeue_unfinished(config: Settings, held: list[Case]) -> None:
-    """Put the cases a failed batch still holds back in the queue (fenced by their attempts); if the
-    database does not answer, the sweeper will (they stay ``running`` until then)."""
+    """Put the cases a failed batch still holds back in the queue (fenced by their attempts), each with
+    a message of its own, sent once that commits: their first messages were most likely dropped as
+    companions (:mod:`worker.companions`), and a case claimed before is claimed only through its own
+    message (:mod:`core.case_claims`), never by another batch. If the database does not answer, the
+    sweeper does all this (they stay ``running`` until then)."""
     if not held:
         return
     try:
         with session_scope(config) as session:
             for case in held:
-                case_states.requeue_case(session, case.id, attempt=case.attempts, reason="batch_interrupted")
+                if case_states.requeue_case(session, case.id, attempt=case.attempts, reason="batch_interrupted"):
+                    enqueue(session, app, classify_task(case.id, case.priority))
         companions.forget(config, [case.id for case in held])
         log.warning(
             "batch stopped; its other cases went back to the queue",

@@ -17,10 +17,9 @@ is there, acknowledges the message at once. The mark is a hint, never the truth:
   under load, and shorter than the sweeper's waits, so that a message the sweeper sends (for a
   queued case left without one, after ``requeue_grace_seconds``; for a running case whose worker
   died, after ``task_time_limit``) never finds a mark;
-- a batch that stops puts its other cases back in the queue and clears their marks
-  (:func:`forget`); if a message was skipped meanwhile, the case is still queued, so the next
-  batch claims it, or the sweeper, which republishes a queued case that has no message, sends it
-  again. No accepted case is lost to a mark;
+- a batch that stops puts its other cases back in the queue, each with a new message, and clears
+  their marks (:func:`forget`); if that fails, the sweeper, which republishes a queued case that
+  has no message, sends them again. No accepted case is lost to a mark;
 - a retry's message (``requeue_attempt``) is never skipped, and when Redis does not answer the
   message goes its usual way (the child finds the case taken, as before).
 """

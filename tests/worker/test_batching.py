@@ -12,14 +12,16 @@ import uuid
 
 import numpy as np
 import pytest
+import redis
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import OperationalError
 
-from core import audit, case_claims, case_states
+from core import audit, case_claims, case_states, recovery
 from core import results as core_results
 from core.crypto import decrypt_blob
 from core.db import session_scope
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
+from core.queueing import QUEUE_CASES
 from ml.images import decode
 from tests import support
 from tests.conftest import Tenant, case_store, new_tenant
@@ -113,6 +115,22 @@ def test_concurrent_batches_never_claim_a_case_twice(batching, tenant, store_cas
     for first, batch in taken:
         # a batch led by a case that another batch took first comes back empty rather than half-claimed
         assert batch == [] or batch[0] == first
+
+
+def taken_messages(case_ids: list[uuid.UUID]) -> set[str]:
+    """The ids among ``case_ids`` that have a classify message waiting in the broker; those messages
+    are taken out (no worker of this module reads them, and the next test must not find them)."""
+    from worker.celery_app import app  # the worker's publisher, whose broker the tasks go to
+
+    client = redis.Redis.from_url(app.conf.broker_url)
+    wanted, found = {str(i) for i in case_ids}, set()
+    for name in recovery.queue_lists(QUEUE_CASES):
+        for raw in client.lrange(name, 0, -1):
+            case_id = recovery._case_id_of(raw)
+            if case_id in wanted:
+                found.add(case_id)
+                client.lrem(name, 0, raw)
+    return found
 
 
 def _completion(case_id: uuid.UUID, attempt: int, label: str = "nv") -> case_states.Completion:
@@ -285,7 +303,9 @@ def test_a_batch_stopped_by_a_lost_database_puts_its_other_cases_back(
     assert status[ids[0]] == ("running", 1)  # the task's handler requeues it and retries
     assert status[ids[1]] == status[ids[2]] == ("queued", 1)
     assert sorted(requeues) == sorted(str(i) for i in ids[1:])
-    for case_id in ids[1:]:  # taken again, each alone (claimed before: core.case_claims)
+    # each with a message of its own: claimed before, only its own message takes it (core.case_claims)
+    assert taken_messages(ids[1:]) == {str(i) for i in ids[1:]}
+    for case_id in ids[1:]:
         assert run_batch(batching, case_id) == "succeeded"
 
 
