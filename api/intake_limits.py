@@ -21,13 +21,14 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from functools import partial
 from typing import Any, TypeVar
 
 from core.errors import InvalidImageError, RateLimited
 from ml import working_copy
 from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode
-from ml.images import DecodedImage, ImageLimits
+from ml.images import DecodedImage, ImageHeader, ImageLimits
 
 T = TypeVar("T")
 
@@ -97,46 +98,58 @@ class Decoder:
             return self._pool
 
     async def decode_upload(
-        self, data: bytes, limits: ImageLimits, *, working_side: int, alongside: Callable[[], Awaitable[T]]
+        self,
+        data: bytes,
+        limits: ImageLimits,
+        *,
+        working_side: int,
+        alongside: Callable[[ImageHeader], Awaitable[T]],
     ) -> tuple[DecodedImage, bytes | None, T]:
         """An upload decoded once, at the size the worker needs (at most ``working_side`` on the longer
         side, draft mode for a JPEG), its working copy when it is large enough to want one
         (:mod:`ml.working_copy`: the worker then reads that instead of decoding the upload again), and
-        what ``alongside()`` returned.
+        what ``alongside(header)`` returned.
 
-        ``alongside`` (the request's database work) is awaited while the pixels decode on one of
-        these threads: on a camera image each is about half of the intake, and they use different
-        cores. It starts once a thread has taken the decode, so an upload queued for a decoder holds
-        no database connection meanwhile. Both have ended when this returns or raises. The decode's
-        error comes first (``InvalidImage``, or a problem: 429, 413): bad input is answered as such,
-        whatever ``alongside`` did, and the caller's transaction rolls it back. Then ``alongside``'s."""
+        ``alongside`` is the request's database work, given what the upload's header declares. For a
+        camera JPEG (:func:`ml.working_copy.drafted`) it runs while the pixels decode: each is about
+        half of such an intake, and they use different cores. It starts only once the header has
+        passed its checks and the decode's memory is reserved, so neither an upload that waits for a
+        decoder thread nor one refused before its pixels (413, 429, most 422s) holds a database
+        connection or writes anything. Smaller or other uploads decode first, as overlapping would
+        save them little and hold their transaction open for the decode. Both have ended when this
+        returns or raises; the decode's error comes first (``InvalidImage``, or a problem: 429, 413):
+        bad input is answered as such, whatever ``alongside`` did, and the caller's transaction rolls
+        that back. Then ``alongside``'s."""
         loop = asyncio.get_running_loop()
-        started = asyncio.Event()
+        declared: asyncio.Future[ImageHeader] = loop.create_future()
 
-        def job() -> tuple[DecodedImage, bytes | None]:
-            loop.call_soon_threadsafe(started.set)
-            return working_copy.decode_upload(data, limits, fit=working_side, budget=self.budget)
+        def on_header(header: ImageHeader) -> None:  # on the decoder's thread
+            with suppress(RuntimeError):  # the loop has closed (shutdown): nobody waits for it
+                loop.call_soon_threadsafe(_settle, declared, header)
 
+        job = partial(
+            working_copy.decode_upload, data, limits, fit=working_side, budget=self.budget, on_header=on_header
+        )
         decoding = loop.run_in_executor(self._executor(), job)
         decoding.add_done_callback(_retrieve)  # a request cancelled meanwhile must not leave it unheard
-        begun = asyncio.ensure_future(started.wait())
         try:
-            await asyncio.wait((decoding, begun), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((decoding, declared), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            begun.cancel()
+            declared.cancel()  # no-op once it holds the header
         outcome: list[T] = []
         error: Exception | None = None
-        if not decoding.done():  # the decode has begun: the work runs alongside it
+        overlap = declared.done() and not declared.cancelled() and not decoding.done()
+        if overlap and working_copy.drafted(declared.result(), working_side):
             try:
-                outcome.append(await alongside())
+                outcome.append(await alongside(declared.result()))
             except Exception as exc:
                 error = exc
         with decode_errors():
             decoded, copy = await decoding
         if error is not None:
             raise error
-        if not outcome:  # the decode was over (a small image) before the work could begin
-            outcome.append(await alongside())
+        if not outcome:
+            outcome.append(await alongside(decoded.header))
         return decoded, copy, outcome[0]
 
     def close(self) -> None:
@@ -145,6 +158,11 @@ class Decoder:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(future: asyncio.Future[ImageHeader], header: ImageHeader) -> None:
+    if not future.done():
+        future.set_result(header)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -11,8 +11,8 @@ every pixel mode converted to 8-bit sRGB (:mod:`ml.srgb`, which applies an embed
 Anything else raises :class:`InvalidImage` with a stable ``code`` and a message that says what was
 wrong and what to do. The returned image carries no ``icc_profile`` (untagged = sRGB).
 
-:func:`read_header` makes the checks that come before the pixels and stops there: the intake stores
-a case from its header while the pixels decode on another core (``api.intake_limits``).
+A caller may be told what the header declares before the pixels decode (``on_header``): the intake
+stores a camera image's case meanwhile, on another core (``api.intake_limits``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -177,6 +179,19 @@ def check_declared_size(width: int, height: int, limits: ImageLimits, fmt: str =
 
 
 @dataclass(frozen=True, slots=True)
+class ImageHeader:
+    """What an upload's header declares (:func:`decode`'s ``on_header``)."""
+
+    format: str
+    width: int  # as stored in the file, before EXIF rotation
+    height: int
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.format]
+
+
+@dataclass(frozen=True, slots=True)
 class DecodedImage:
     """A decoded upload: the RGB pixels plus what the file declared."""
 
@@ -189,34 +204,14 @@ class DecodedImage:
     def media_type(self) -> str:
         return MEDIA_TYPES[self.format]
 
+    @property
+    def header(self) -> ImageHeader:
+        return ImageHeader(self.format, self.width, self.height)
+
 
 def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, reduce_to: int | None = None) -> Image.Image:
     """Decode untrusted bytes into a fully loaded 8-bit RGB image (see :func:`decode`)."""
     return decode(data, limits, reduce_to=reduce_to).image
-
-
-@dataclass(frozen=True, slots=True)
-class ImageHeader:
-    """What an upload's header declares, once it has passed every check made before any pixel is decoded."""
-
-    format: str
-    width: int  # as stored in the file, before EXIF rotation
-    height: int
-
-    @property
-    def media_type(self) -> str:
-        return MEDIA_TYPES[self.format]
-
-
-def read_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageHeader:
-    """The format and declared size of untrusted bytes, from their header alone (no pixel decoded), or
-    the :class:`InvalidImage` :func:`decode` would raise before decoding a pixel: :func:`decode` of
-    the same bytes either raises or returns this format and size. The pixels may still be damaged:
-    only a decode tells."""
-    fmt = _accepted_format(data, limits)
-    with _Refusals(fmt):
-        image = _opened(data, fmt, limits)
-        return ImageHeader(fmt, image.width, image.height)
 
 
 def decode(
@@ -226,6 +221,7 @@ def decode(
     reduce_to: int | None = None,
     fit: int | None = None,
     budget: DecodeBudget | None = None,
+    on_header: Callable[[ImageHeader], None] | None = None,
 ) -> DecodedImage:
     """Decode untrusted bytes into a fully loaded 8-bit RGB image.
 
@@ -241,6 +237,10 @@ def decode(
     pixels are decoded until the RGB image is returned; :class:`~ml.decode_budget.DecodeBusy` or
     :class:`~ml.decode_budget.TooLargeToDecode` propagate to the caller.
 
+    ``on_header`` is called (on the calling thread) with what the header declares once every check
+    made before the pixels has passed and the budget's reservation is held, just before the pixels
+    decode: the intake stores the case meanwhile (``api.intake_limits``). It must not raise.
+
     Raises :class:`InvalidImage`; never returns a partially decoded image.
     """
     fmt = _accepted_format(data, limits)
@@ -249,9 +249,9 @@ def decode(
         declared = (image.width, image.height)
         if reduce_to is not None and fmt == "JPEG" and image.mode in ("RGB", "L"):
             image.draft(image.mode, _draft_request(image.width, image.height, reduce_to))
-        if budget is None:
-            return _fitted(_load_rgb(image, fmt, declared), fit)
-        with budget.reserve(estimate_for(image, fmt)):
+        with budget.reserve(estimate_for(image, fmt)) if budget is not None else nullcontext():
+            if on_header is not None:
+                on_header(ImageHeader(fmt, *declared))
             return _fitted(_load_rgb(image, fmt, declared), fit)
 
 

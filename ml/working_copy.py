@@ -30,11 +30,12 @@ Pillow and the standard library only (the API process imports this).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from PIL import Image
 
 from ml.decode_budget import DecodeBudget
-from ml.images import MEDIA_TYPES, DecodedImage, ImageLimits, decode, working_size
+from ml.images import FIT_FACTOR, MEDIA_TYPES, DecodedImage, ImageHeader, ImageLimits, decode, working_size
 
 MEDIA_TYPE = "image/x-portable-pixmap"
 
@@ -49,14 +50,25 @@ class InvalidWorkingCopy(ValueError):
 
 
 def decode_upload(
-    data: bytes, limits: ImageLimits, *, fit: int, budget: DecodeBudget | None = None
+    data: bytes,
+    limits: ImageLimits,
+    *,
+    fit: int,
+    budget: DecodeBudget | None = None,
+    on_header: Callable[[ImageHeader], None] | None = None,
 ) -> tuple[DecodedImage, bytes | None]:
-    """An upload decoded once (:func:`ml.images.decode`, which validates it) at the size the worker
-    needs, and its working copy when it is large enough to want one: a JPEG in draft mode to between
-    half and all of ``fit`` on the longer side (a 12-megapixel photo at 1/8, used as it is), anything
-    larger than ``fit`` reduced to it."""
-    decoded = decode(data, limits, reduce_to=fit // 2, fit=fit, budget=budget)
+    """An upload decoded once (:func:`ml.images.decode`, which validates it and calls ``on_header``)
+    at the size the worker needs, and its working copy when it is large enough to want one: a JPEG
+    in draft mode to between half and all of ``fit`` on the longer side (a 12-megapixel photo at 1/8,
+    used as it is), anything larger than ``fit`` reduced to it."""
+    decoded = decode(data, limits, reduce_to=fit // 2, fit=fit, budget=budget, on_header=on_header)
     return decoded, make(decoded, fit)
+
+
+def drafted(header: ImageHeader, fit: int) -> bool:
+    """Whether an upload with this header gets a working copy straight from a draft-mode decode: a JPEG
+    more than :data:`ml.images.FIT_FACTOR` times ``fit`` on its longer side, a camera photo."""
+    return header.format == "JPEG" and max(header.width, header.height) > FIT_FACTOR * fit
 
 
 def make(decoded: DecodedImage, fit: int) -> bytes | None:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -31,7 +32,7 @@ from core.errors import DermqError, InvalidImageError, InvalidInput
 from core.models import Case, CaseStatus, Priority, Role
 from core.publisher import classify_task
 from ml import working_copy
-from ml.images import ImageLimits, InvalidImage, read_header
+from ml.images import ImageHeader, ImageLimits, InvalidImage
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 LIST_PARAMETERS = frozenset({"status", "priority", "since", "until", "cursor", "limit"})
@@ -163,11 +164,10 @@ async def submit_case(
         client_ref, priority = _validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
         limits = ImageLimits.from_settings(settings)
         data = form.image
-        with _image_refusals():
-            header = read_header(data, limits)
 
-        def store(session: Session) -> tuple[Case, bool]:
-            """The case and its original, stored from the header while the pixels decode."""
+        def store(header: ImageHeader, session: Session) -> tuple[Case, bool]:
+            """The case and its original, stored from what the header declares (a camera image's while
+            its pixels decode)."""
             if wait:  # the answer comes after the durable commit of the audited read that ends the wait; said
                 commit_without_flush(session)  # now, it goes with the intake's first statement (core.deferred)
             image = cases.NewImage(
@@ -189,7 +189,10 @@ async def submit_case(
             # overlay's size, which a large upload's working copy keeps so it is decoded only here.
             # The transaction commits only after the decode has validated the upload.
             _, working, (case, created) = await app.decoder.decode_upload(
-                data, limits, working_side=settings.overlay_max_side, alongside=lambda: db.run(store)
+                data,
+                limits,
+                working_side=settings.overlay_max_side,
+                alongside=lambda header: db.run(partial(store, header)),
             )
     metrics.UPLOAD_BYTES.observe(len(data))
 

@@ -1,22 +1,26 @@
-"""api.intake_limits.Decoder: the intake's database work runs while the upload's pixels decode, and
-the request learns of a bad image first, whatever that work did.
+"""api.intake_limits.Decoder: a camera image's database work runs while its pixels decode; nothing
+is written for an upload refused before its pixels; and the request learns of a bad image first,
+whatever that work did.
 
 No database here: ``alongside`` stands for the request's database work (``db.run(store)``), which
-tests/api/test_cases.py drives end to end (a damaged camera image leaves nothing behind).
+tests/worker/test_working_copy.py drives end to end (a damaged camera image leaves nothing behind).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from api import intake_limits
 from api.intake_limits import Decoder
 from bench.common import camera_jpegs
-from ml.images import DEFAULT_LIMITS, InvalidImage
+from core.errors import InvalidImageError
+from ml.images import DEFAULT_LIMITS, ImageHeader, InvalidImage
 
 SIDE = 512
 
@@ -27,27 +31,54 @@ def camera() -> bytes:
     return camera_jpegs(1)[0]
 
 
-def decode(decoder: Decoder, data: bytes, alongside: Callable[[], Awaitable[Any]]) -> Any:
+def decode(decoder: Decoder, data: bytes, alongside: Callable[[ImageHeader], Awaitable[Any]]) -> Any:
     async def run() -> Any:
         return await decoder.decode_upload(data, DEFAULT_LIMITS, working_side=SIDE, alongside=alongside)
 
     return asyncio.run(run())
 
 
-def test_the_work_runs_while_the_pixels_decode(camera: bytes) -> None:
+def test_a_camera_images_work_runs_while_its_pixels_decode(camera: bytes) -> None:
     decoder = Decoder(256 * 2**20)
 
-    async def alongside() -> bool:
-        for _ in range(2000):  # the decode holds its reservation while it decodes the pixels
-            if decoder.budget.in_use:
-                return True
-            await asyncio.sleep(0.001)
-        return False
+    async def alongside(header: ImageHeader) -> tuple[ImageHeader, bool]:
+        return header, decoder.budget.in_use > 0  # the decode holds its reservation until it ends
 
-    decoded, copy, overlapped = decode(decoder, camera, alongside)
+    decoded, copy, (header, overlapped) = decode(decoder, camera, alongside)
     assert overlapped, "the work ran only after the decode"
-    assert decoded.format == "JPEG" and (decoded.width, decoded.height) == (4000, 3000) and copy is not None
+    assert header == decoded.header == ImageHeader("JPEG", 4000, 3000) and copy is not None
     assert decoder.budget.in_use == 0
+    decoder.close()
+
+
+def test_other_uploads_decode_before_their_work(jpeg_bytes: bytes) -> None:
+    """A lossless upload may take seconds to decode: its transaction is not held open meanwhile."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg_bytes)).resize((2400, 1800)).save(out, "PNG")
+    decoder = Decoder(256 * 2**20)
+
+    async def alongside(header: ImageHeader) -> bool:
+        return decoder.budget.in_use == 0
+
+    for data in (jpeg_bytes, out.getvalue()):
+        decoded, _, after = decode(decoder, data, alongside)
+        assert after, f"the work of a {decoded.format} upload began before its decode had ended"
+    decoder.close()
+
+
+def test_an_upload_refused_before_its_pixels_starts_no_work(camera: bytes, jpeg_bytes: bytes) -> None:
+    decoder = Decoder(2**20)  # a camera image can never fit: 413
+    began: list[ImageHeader] = []
+
+    async def alongside(header: ImageHeader) -> None:
+        began.append(header)
+
+    with pytest.raises(InvalidImageError) as too_large:
+        decode(decoder, camera, alongside)
+    assert too_large.value.code == "too_large_to_decode"
+    with pytest.raises(InvalidImage):
+        decode(decoder, b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, alongside)
+    assert began == []
     decoder.close()
 
 
@@ -55,13 +86,15 @@ def test_a_bad_image_is_the_answer_whatever_the_work_did(camera: bytes) -> None:
     """The decode's refusal comes first: the client must hear that its image is damaged, not that
     the database failed; and the caller's transaction rolls back what the work wrote."""
     decoder = Decoder(256 * 2**20)
+    began: list[ImageHeader] = []
 
-    async def failing() -> None:
+    async def failing(header: ImageHeader) -> None:
+        began.append(header)
         raise RuntimeError("the database went away")
 
     with pytest.raises(InvalidImage) as refused:
         decode(decoder, camera[: len(camera) * 9 // 10], failing)
-    assert refused.value.code == "truncated"
+    assert refused.value.code == "truncated" and began == [ImageHeader("JPEG", 4000, 3000)]
     decoder.close()
 
 
@@ -69,7 +102,7 @@ def test_a_failed_work_is_raised_once_the_decode_has_ended(camera: bytes) -> Non
     """Nothing of the upload stays in flight behind the answer: its decoded pixels are released."""
     decoder = Decoder(256 * 2**20)
 
-    async def failing() -> None:
+    async def failing(header: ImageHeader) -> None:
         raise RuntimeError("the database went away")
 
     with pytest.raises(RuntimeError, match="went away"):
@@ -103,22 +136,10 @@ def test_an_upload_waiting_for_a_decoder_starts_no_database_work(
             events.append(f"work {name}")
 
         await asyncio.gather(
-            decoder.decode_upload(camera, DEFAULT_LIMITS, working_side=SIDE, alongside=lambda: work("a")),
-            decoder.decode_upload(second, DEFAULT_LIMITS, working_side=SIDE, alongside=lambda: work("b")),
+            decoder.decode_upload(camera, DEFAULT_LIMITS, working_side=SIDE, alongside=lambda _: work("a")),
+            decoder.decode_upload(second, DEFAULT_LIMITS, working_side=SIDE, alongside=lambda _: work("b")),
         )
 
     asyncio.run(both())
     assert events.index("work b") > events.index("decode b begins") > events.index("decode a ends"), events
-    decoder.close()
-
-
-def test_a_small_image_decoded_before_the_work_began_still_gets_its_work(jpeg_bytes: bytes) -> None:
-    decoder = Decoder(256 * 2**20)
-
-    async def alongside() -> str:
-        return "stored"
-
-    for _ in range(20):  # a 300x225 JPEG often decodes before the event loop gets back to the request
-        decoded, copy, stored = decode(decoder, jpeg_bytes, alongside)
-        assert (decoded.width, decoded.height, copy, stored) == (300, 225, None, "stored")
     decoder.close()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from ml.images import ImageLimits, InvalidImage, decode, decode_image, read_header, sniff_format
+from ml.decode_budget import DecodeBudget, TooLargeToDecode
+from ml.images import ImageHeader, ImageLimits, InvalidImage, decode, decode_image, sniff_format
 from tests.conftest import ROOT
 
 
@@ -217,41 +218,35 @@ def test_decoding_needs_neither_numpy_nor_torch() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP", "BMP"])
-def test_the_header_declares_what_the_decode_reports(fmt: str) -> None:
-    """The intake stores a case from its header while the pixels decode: the two must agree, EXIF
-    turn included (both report the size as stored)."""
+def test_the_header_is_told_before_the_pixels_and_is_what_the_decode_reports(fmt: str) -> None:
+    """The intake stores a camera image's case from ``on_header`` while the pixels decode: it must
+    come with the decode's memory reserved, and say what the decode then reports, EXIF turn included."""
     exif = Image.Exif()
     exif[0x0112] = 6  # stored on its side: decoded upright as 40x64
     params = {"exif": exif} if fmt in ("JPEG", "PNG", "TIFF", "WEBP") else {}
     data = encode(Image.new("RGB", (64, 40), (150, 90, 80)), fmt, **params)
-    header, decoded = read_header(data), decode(data)
-    assert (header.format, header.width, header.height) == (decoded.format, decoded.width, decoded.height)
-    assert header.media_type == decoded.media_type
+    budget = DecodeBudget(64 * 2**20)
+    told: list[tuple[ImageHeader, int]] = []
+    decoded = decode(data, budget=budget, on_header=lambda header: told.append((header, budget.in_use)))
+    [(header, reserved)] = told
+    assert header == decoded.header and reserved > 0 and budget.in_use == 0
     if fmt == "JPEG":
         assert (header.width, header.height) == (64, 40) and decoded.image.size == (40, 64)
 
 
-def test_the_header_refuses_what_the_decode_refuses_before_any_pixel(jpeg_bytes: bytes) -> None:
-    refused = {
-        b"": "empty",
-        b"MRN 0042\n" * 8: "unsupported_format",
-        encode(Image.new("RGB", (8, 8)), "GIF"): "unsupported_format",
-        b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4: "corrupt",
-        png_declaring(30000, 30000): "decompression_bomb",
-        encode(Image.new("RGB", (4, 4)), "PNG"): "too_small",
-        encode(Image.new("L", (13000, 40)), "PNG"): "too_large",
-    }
-    for data, code in refused.items():
-        with pytest.raises(InvalidImage) as header_error:
-            read_header(data)
-        assert header_error.value.code == code == code_of(data)
-    with pytest.raises(InvalidImage) as too_big:
-        read_header(jpeg_bytes, ImageLimits(max_bytes=len(jpeg_bytes) - 1))
-    assert too_big.value.code == "file_too_large"
+def test_nothing_is_told_of_an_upload_refused_before_its_pixels(jpeg_bytes: bytes) -> None:
+    told: list[ImageHeader] = []
+    for data in (b"", b"MRN 0042\n" * 8, png_declaring(30000, 30000), encode(Image.new("RGB", (4, 4)), "PNG")):
+        with pytest.raises(InvalidImage):
+            decode(data, on_header=told.append)
+    with pytest.raises(TooLargeToDecode):
+        decode(jpeg_bytes, budget=DecodeBudget(1024), on_header=told.append)
+    assert told == []
 
 
-def test_a_header_says_nothing_of_the_pixels_after_it(jpeg_bytes: bytes) -> None:
-    """Only a decode finds a file cut short: the intake commits nothing before its decode has ended."""
-    cut = jpeg_bytes[: len(jpeg_bytes) // 2]
-    assert (read_header(cut).width, read_header(cut).height) == (300, 225)
-    assert code_of(cut) == "truncated"
+def test_a_file_cut_short_is_told_by_its_header_and_refused_by_its_decode(jpeg_bytes: bytes) -> None:
+    """Only the decode finds a file cut short: the intake commits nothing before its decode has ended."""
+    told: list[ImageHeader] = []
+    with pytest.raises(InvalidImage) as refused:
+        decode(jpeg_bytes[: len(jpeg_bytes) // 2], on_header=told.append)
+    assert refused.value.code == "truncated" and told == [ImageHeader("JPEG", 300, 225)]

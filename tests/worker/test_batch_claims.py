@@ -1,0 +1,124 @@
+"""Claiming a dynamic batch (core.case_claims): concurrent batches never take a case twice, a batch
+holds a bounded number of pixels, and only first attempts share a batch.
+
+A batch claims the oldest queued cases of its whole database: these tests run on a database of their
+own (``own_database``), where every queued case is one of theirs."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import select, update
+
+from core import case_claims
+from core.db import session_scope
+from core.models import Case
+from tests.conftest import Tenant, case_store, new_tenant
+
+pytestmark = pytest.mark.usefixtures("database", "empty_queue")  # empty_queue: tests/conftest.py
+
+
+@pytest.fixture
+def batching(own_database):  # type: ignore[no-untyped-def]
+    """Batches of up to 4, on this module's own database."""
+    return own_database.model_copy(update={"batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0})
+
+
+@pytest.fixture
+def tenant(own_database, keyring) -> Tenant:  # type: ignore[no-untyped-def]
+    return new_tenant(own_database, keyring)
+
+
+@pytest.fixture
+def store_case(own_database, keyring):  # type: ignore[no-untyped-def]
+    return case_store(own_database, keyring)
+
+
+def test_concurrent_batches_never_claim_a_case_twice(batching, tenant, store_case, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    ids = {store_case(tenant, jpeg_bytes) for _ in range(12)}
+    taken: list[tuple[uuid.UUID | None, list[uuid.UUID]]] = []
+    start = threading.Barrier(4)
+
+    def claim(first: uuid.UUID, topped_up: bool) -> None:
+        start.wait()
+        with session_scope(batching) as session:
+            rows = case_claims.claim_batch(session, first, limit=2 if topped_up else 4)
+            if topped_up and rows:  # a GPU worker's batch, filled after its wait
+                rows += case_claims.join_batch(session, first, limit=2, batch_size=4)
+            taken.append((first, [row.id for row in rows]))
+
+    firsts = sorted(ids)[:4]
+    threads = [threading.Thread(target=claim, args=(f, i == 3)) for i, f in enumerate(firsts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    claimed = [case_id for _, batch in taken for case_id in batch]
+    assert len(claimed) == len(set(claimed)), "a case was claimed twice"
+    with session_scope(batching) as session:
+        attempts = {c.id: c.attempts for c in session.scalars(select(Case).where(Case.id.in_(ids)))}
+    assert all(attempts[i] == 1 for i in claimed if i in ids) and all(attempts[i] == 0 for i in ids - set(claimed))
+    for first, batch in taken:
+        # a batch led by a case that another batch took first comes back empty rather than half-claimed
+        assert batch == [] or batch[0] == first
+
+
+def test_a_batch_holds_a_bounded_number_of_pixels(batching, tenant, store_case, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """A case joins a batch only if its image fits the batch's per-slot share of pixels; a large one
+    is classified alone (a batch of camera-sized PNGs would otherwise be decoded at once)."""
+    small = [store_case(tenant, jpeg_bytes) for _ in range(3)]  # 300x225: 67,500 pixels each
+    large = store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        session.execute(update(Case).where(Case.id == large).values(image_width=5000, image_height=4000))
+    with session_scope(batching) as session:  # 4 slots of 100,000 pixels
+        claimed = case_claims.claim_batch(session, small[0], limit=4, max_pixels=400_000)
+    assert sorted(c.id for c in claimed) == sorted(small)  # the 20-megapixel case stays queued
+    waiting = store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        alone = case_claims.claim_batch(session, large, limit=4, max_pixels=400_000)
+    assert [c.id for c in alone] == [large]  # no company for a case that needs the whole budget
+    with session_scope(batching) as session:
+        assert session.get(Case, waiting).status == "queued"
+
+
+def test_a_case_claimed_before_runs_alone(batching, tenant, store_case, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """A requeued case (its worker died: maybe it is what killed it) neither joins a batch nor takes
+    company: a poison case would otherwise spend its batch-mates' attempts with its own."""
+    fresh = [store_case(tenant, jpeg_bytes) for _ in range(2)]
+    retried = store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        session.execute(update(Case).where(Case.id == retried).values(attempts=1))
+    with session_scope(batching) as session:
+        claimed = case_claims.claim_batch(session, fresh[0], limit=4)
+    assert sorted(c.id for c in claimed) == sorted(fresh)  # the retried case stays queued
+    later = store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        alone = case_claims.claim_batch(session, retried, limit=4)
+    assert [(c.id, c.attempts) for c in alone] == [(retried, 2)]
+    with session_scope(batching) as session:
+        assert session.get(Case, later).status == "queued"  # type: ignore[union-attr]
+
+
+def test_a_gpu_batch_is_filled_on_the_terms_it_was_claimed_on(batching, tenant, store_case, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """After its wait a GPU worker tops its batch up: only with first attempts that fit a slot of the
+    pixel budget, and not at all when its own case had to run alone."""
+    lead, small = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes)
+    retried, large = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as session:
+        session.execute(update(Case).where(Case.id == retried).values(attempts=1))
+        session.execute(update(Case).where(Case.id == large).values(image_width=5000, image_height=4000))
+    bounds = {"batch_size": 4, "max_pixels": 400_000}  # slots of 100,000 pixels; a fixture has 67,500
+    with session_scope(batching) as session:
+        assert [c.id for c in case_claims.claim_batch(session, lead, limit=1)] == [lead]
+        joined = case_claims.join_batch(session, lead, limit=3, **bounds)
+    assert [c.id for c in joined] == [small]
+    for alone in (retried, large):  # each leads a batch of its own, which takes no company
+        later = store_case(tenant, jpeg_bytes)
+        with session_scope(batching) as session:
+            assert [c.id for c in case_claims.claim_batch(session, alone, limit=1)] == [alone]
+            assert case_claims.join_batch(session, alone, limit=3, **bounds) == []
+        with session_scope(batching) as session:
+            assert session.get(Case, later).status == "queued"  # type: ignore[union-attr]
+            session.execute(update(Case).where(Case.id == later).values(status="failed"))  # out of the way
