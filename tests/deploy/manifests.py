@@ -123,8 +123,24 @@ def process_settings(env: dict[str, str], secrets_dir: Path) -> Any:
 # --------------------------------------------------------------------------- YAML
 
 
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping, ``<<`` included, as Docker
+    Compose v2.17 and later do (go-yaml v3): PyYAML keeps the last value, or merges every ``<<``."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"mapping key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=StrictLoader)
 
 
 @cache
@@ -189,7 +205,7 @@ def compose_image_kind(service: dict[str, Any]) -> str | None:
 def k8s_documents() -> tuple[tuple[Path, dict[str, Any]], ...]:
     docs = []
     for path in sorted(K8S.rglob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
+        for doc in yaml.load_all(path.read_text(), Loader=StrictLoader):
             if doc is not None:
                 docs.append((path, doc))
     return tuple(docs)

@@ -12,6 +12,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
 from tests.deploy import manifests as m
 from tests.deploy import nginx_conf
@@ -29,6 +30,17 @@ def test_the_schema_check_catches_a_misspelt_key(compose_schema: dict[str, Any])
     broken = json.loads(json.dumps(m.compose()))
     broken["services"]["api"]["depend_on"] = broken["services"]["api"].pop("depends_on")
     assert not jsonschema.Draft202012Validator(compose_schema).is_valid(broken)
+
+
+def test_a_key_given_twice_in_a_mapping_is_refused_as_compose_refuses_it(tmp_path: Path) -> None:
+    # Compose v2.17+ rejects two `<<` merge keys in one mapping; PyYAML alone would merge both
+    twice = tmp_path / "twice.yml"
+    twice.write_text("a: &a {x: 1}\nb: &b {y: 2}\nc:\n  <<: *a\n  <<: *b\n")
+    with pytest.raises(yaml.constructor.ConstructorError, match="given twice"):
+        m.load_yaml(twice)
+    once = tmp_path / "once.yml"
+    once.write_text("a: &a {x: 1}\nb: &b {y: 2}\nc:\n  <<: [*a, *b]\n  z: 3\n")
+    assert m.load_yaml(once)["c"] == {"x": 1, "y": 2, "z": 3}
 
 
 def test_references_between_services_volumes_networks_and_secrets_resolve() -> None:

@@ -328,6 +328,7 @@ def excluded_from_build_context(path: str) -> bool:
         "api/__pycache__/app.cpython-311.pyc",
         "run1.work/checkpoint.pt",
         "dermq.egg-info/PKG-INFO",
+        ".venv-peer/bin/python",  # bench.peer's BentoML environment
     ],
 )
 def test_secrets_state_and_test_data_stay_out_of_the_build_context(path: str) -> None:

@@ -327,6 +327,31 @@ def test_secret_manifests_are_templates_with_placeholders_only() -> None:
             assert "REPLACE_ME" in value, f"{path}: {key} is not a placeholder"
 
 
+def _readme_secrets() -> dict[str, set[str]]:
+    """The keys of each generic Secret that deploy/README.md's `kubectl create secret generic` lines create."""
+    text = (m.ROOT / "deploy" / "README.md").read_text().replace("\\\n", " ")
+    created: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["kubectl"] and "generic" in words and "secret" in words:
+            name = words[words.index("generic") + 1]
+            keys = {w.split("=", 2)[1] for w in words if w.startswith("--from-file=")}
+            created.setdefault(name, set()).update(keys)
+    return created
+
+
+def test_the_readme_creates_every_secret_key_the_pods_mount() -> None:
+    # a projected key missing from its Secret leaves the pod in ContainerCreating
+    created = _readme_secrets()
+    assert {"dermq-secrets", "dermq-keys", "dermq-postgres-ca"} <= set(created), created
+    for w in m.workloads():
+        for container in w.containers:
+            for reference in m.mounted_secret_files(w.pod, container).values():
+                secret, key = reference.split("/", 1)
+                if secret in created:  # the TLS Secret is made by `kubectl create secret tls`
+                    assert key in created[secret], f"{w.name} mounts {secret}/{key}; deploy/README.md never creates it"
+
+
 def test_secret_templates_carry_the_keys_the_pods_mount() -> None:
     templates = {d["metadata"]["name"]: set(d["stringData"]) for d in m.k8s_objects("Secret")}
     for w in m.workloads():

