@@ -123,6 +123,8 @@ def bearer_token(request: Request) -> str | None:
 class Caller:
     principal: keys.Principal
     actor: audit.Actor
+    #: the key cache's generation when the key was authenticated (``KeyCache.unchanged_since``)
+    key_generation: int = -1
 
 
 def failure_bucket(source_ip: str | None, token: str | None) -> str:
@@ -158,22 +160,24 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
         blocked = app.limiter.check(bucket, limit, failures=True)
         if not blocked.allowed:
             raise _too_many_failures(blocked.retry_after)
-        generation = app.key_cache.generation()
         try:
             principal = keys.authenticate(session, app.keyring, token)
         except Unauthorized as exc:
             app.limiter.hit(bucket, limit, failures=True)
             exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
             raise
+        finally:
+            session.rollback()  # nothing written: no connection stays idle in a transaction (an upload's read follows)
         if token is not None:
             app.key_cache.remember(token, principal, generation)
         return principal
 
     # A key verified since the last revocation anywhere costs neither a keyed hash nor a query.
     app.listener.start()  # a no-op once running; restarts it after an app shutdown that left this app serving
+    generation = app.key_cache.generation()  # read before the key is looked up, in the cache or the database
     known = app.key_cache.get(token)
     principal = known if known is not None else await db.run(check)
-    caller = Caller(principal, actor.with_key(principal.key_id, principal.role.value, principal.clinic_id))
+    caller = Caller(principal, actor.with_key(principal.key_id, principal.role.value, principal.clinic_id), generation)
     request.state.caller = caller  # for the audit of a later denial in this request
     return caller
 

@@ -43,6 +43,14 @@ class KeyCache:
         with self._lock:
             return self._generation
 
+    def unchanged_since(self, generation: int) -> bool:
+        """No key change was announced, or can have been missed, since :meth:`generation` gave
+        ``generation``: a key valid then is valid now (for a request that outlives its authentication)."""
+        if not self.listener.listening or self.listener.unheard():
+            return False
+        with self._lock:
+            return self._generation == generation
+
     def get(self, token: str | None) -> Principal | None:
         if not token or self.max_age <= 0 or not self.listener.listening or self.listener.unheard():
             return None

@@ -2,8 +2,10 @@
 
 The API's :class:`~api.listener.Listener` hears each case's end (:mod:`core.announcements`) and
 wakes the requests waiting for it: a waiting request holds an ``asyncio.Event``, not a thread, a
-database connection or a transaction. At most ``limit`` requests wait at once in one process;
-beyond that a request answers at once with the case as it is (plain polling still works).
+database connection or a transaction (its Session is closed and its thread given back before it
+waits, and each look at the case takes a thread only for that look). At most ``limit`` requests wait
+at once in one process; beyond that a request answers at once with the case as it is (plain polling
+still works).
 
 Nothing is lost to a missed notification: a request looks at its case before it waits (unless it
 has just created the case and took its ticket before the case's task was sent) and after each
@@ -115,7 +117,8 @@ async def wait_for_end(
 
     ``commit``, if given, commits the request's transaction once the ticket is taken: with
     ``created`` (this request made the case, and its task goes out with that commit) the case cannot
-    end before the ticket exists, so the first look is skipped."""
+    end before the ticket exists, so the first look is skipped. Pass :meth:`RequestDb.release` to
+    commit and give the request's thread back in the same hop."""
     if seconds <= 0:
         if commit is not None:
             await commit()
@@ -129,7 +132,8 @@ async def wait_for_end(
         look = not (created and commit is not None)
         while True:
             if look:
-                status = await db.run(lambda session: _look(session, principal, case_id))
+                # the look's transaction ends and its thread goes back before the wait
+                status = await db.run(lambda session: _look(session, principal, case_id), last=True)
                 if status is None or status.terminal:
                     return
             left = deadline - time.monotonic()
@@ -142,7 +146,4 @@ async def wait_for_end(
 
 
 def _look(session: Session, principal: Principal, case_id: uuid.UUID) -> CaseStatus | None:
-    try:
-        return case_reads.peek_status(session, principal=principal, case_id=case_id)
-    finally:
-        session.rollback()  # nothing written: end the transaction, give the connection back
+    return case_reads.peek_status(session, principal=principal, case_id=case_id)

@@ -105,10 +105,29 @@ def authenticate(session: Session, keyring: Keyring, token: str | None) -> Princ
     if not hmac.compare_digest(key.secret_hash, _digest(keyring, token)):
         raise Unauthorized("the API key is not valid", code="invalid_credentials")
     if key.revoked_at is not None:
-        raise Unauthorized("the API key has been revoked", code="revoked_credentials")
+        raise _refused("revoked_credentials")
     if key.clinic_id is not None and clinic_active is False:
-        raise Unauthorized("the clinic of this API key is deactivated", code="clinic_inactive")
+        raise _refused("clinic_inactive")
     return Principal(key.id, Role(key.role), key.clinic_id)
+
+
+_REFUSALS = {
+    "invalid_credentials": "the API key is not valid",
+    "revoked_credentials": "the API key has been revoked",
+    "clinic_inactive": "the clinic of this API key is deactivated",
+}
+
+
+def _refused(reason: str) -> Unauthorized:
+    return Unauthorized(_REFUSALS[reason], code=reason)
+
+
+def require_still_valid(session: Session, key_id: uuid.UUID) -> None:
+    """Raise :class:`Unauthorized`, as :func:`authenticate` would, once the key authenticated earlier in
+    a long request has been revoked, deleted or its clinic deactivated (see :func:`still_valid`)."""
+    reason = still_valid(session, key_id)
+    if reason is not None:
+        raise _refused(reason)
 
 
 def still_valid(session: Session, key_id: uuid.UUID) -> str | None:

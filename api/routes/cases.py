@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from api import metrics
 from api.case_views import case_out, summary
+from api.db import RequestDb
 from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
 from api.params import utc
 from api.schemas import (
@@ -25,10 +26,10 @@ from api.schemas import (
 )
 from api.upload import read_case_form
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
-from core import case_list, case_reads, cases, phi, results, retention
+from core import audit, case_list, case_reads, cases, keys, phi, results, retention
 from core.db import commit_durably, commit_without_flush
 from core.enqueue import enqueue
-from core.errors import DermqError, InvalidImageError, InvalidInput
+from core.errors import DermqError, InvalidImageError, InvalidInput, Unauthorized
 from core.models import Case, CaseStatus, Priority, Role
 from core.publisher import classify_task
 from ml import working_copy
@@ -154,6 +155,29 @@ async def submit_case(
     `GET /v1/cases/{id}` until `status` is `succeeded` or `failed`."""
     require_role(caller, Role.CLINIC)
     await db.run(lambda _: limit(caller, app, "submit"))
+    # the upload's bytes and pixels are _accept's locals: a waiting submission keeps none of them
+    out, created = await _accept(request, app, caller, db, idempotency_key, wait)
+    if wait and not CaseStatus(out.status).terminal:  # a replay of an unfinished case waits too
+        # the case (or the replay's audit event) is kept and its task sent once the wait's ticket is
+        # taken: a new case cannot end unheard, so its wait needs no first look
+        await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=db.release, created=created)
+        out = await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
+    if created and CaseStatus(out.status).terminal:
+        response.status_code = 201  # finished within `wait`: the answer holds the result
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/cases/{out.id}"
+    response.headers.update(NO_STORE)
+    return out
+
+
+async def _accept(
+    request: Request, app: AppState, caller: Caller, db: RequestDb, idempotency_key: str | None, wait: float
+) -> tuple[CaseOut, bool]:
+    """Read, validate and store the upload and queue its case (or find the case an idempotency key
+    names): the case as it is, and whether this request created it. Without ``wait`` the request's
+    transaction has committed; with it, the commit is left to the wait."""
     settings = app.settings
     with app.uploads.hold(caller.principal.clinic_id):
         try:
@@ -208,21 +232,7 @@ async def submit_case(
         ref = client_ref if created else phi.client_refs(session, app.keyring, [case])[case.id]
         return case_out(case, result, ref)
 
-    out = await db.run(create, last=not wait)
-    if wait and not CaseStatus(out.status).terminal:  # a replay of an unfinished case waits too
-        # the case (or the replay's audit event) is kept and its task sent once the wait's ticket is
-        # taken: a new case cannot end unheard, so its wait needs no first look
-        await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=db.commit, created=created)
-
-        out = await db.run(lambda session: _read(session, app, caller, out.id), last=True)
-    if created and CaseStatus(out.status).terminal:
-        response.status_code = 201  # finished within `wait`: the answer holds the result
-    if not created:
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/cases/{out.id}"
-    response.headers.update(NO_STORE)
-    return out
+    return await db.run(create, last=not wait), created
 
 
 @router.get("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Poll a case")
@@ -233,16 +243,30 @@ async def read_case(
     With `wait`, the answer comes as soon as the case has ended, or after `wait` seconds."""
 
     def read(session: Session) -> CaseOut:
-        if not wait:
-            limit(caller, app, "read")
+        limit(caller, app, "read")
         return _read(session, app, caller, case_id)
 
     if wait:
         await db.run(lambda _: limit(caller, app, "read"))  # counted before waiting, once
         await wait_for_end(db, app.waiters, caller.principal, case_id, wait)
-    out = await db.run(read, last=True)
+        out = await db.run(lambda session: _read_after_wait(session, app, caller, case_id), last=True)
+    else:
+        out = await db.run(read, last=True)
     response.headers.update(NO_STORE)
     return out
+
+
+def _read_after_wait(session: Session, app: AppState, caller: Caller, case_id: uuid.UUID) -> CaseOut:
+    """:func:`_read` at the end of a long poll: refused, audited, if the caller's key was revoked (or its
+    clinic deactivated) while the request waited. The database is asked only when a key change was
+    announced, or may have been missed, since the key was authenticated."""
+    if not app.key_cache.unchanged_since(caller.key_generation):
+        try:
+            keys.require_still_valid(session, caller.principal.key_id)
+        except Unauthorized as exc:
+            exc.audit = audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code, "after": "wait"})
+            raise
+    return _read(session, app, caller, case_id)
 
 
 def _read(session: Session, app: AppState, caller: Caller, case_id: uuid.UUID) -> CaseOut:

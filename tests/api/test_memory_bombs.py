@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from PIL import Image
 
 from tests import processes, support
@@ -140,3 +141,31 @@ def test_one_clinic_cannot_hold_more_than_its_share_of_uploads_open(bounded_api,
     finally:
         for sock in uploads:
             sock.close()
+
+
+def test_an_unfinished_upload_holds_no_database_connection(stack_env, stack_dir, database, make_key, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """Its key checked in the database (no key cache here), an upload whose body has not all come
+    holds no pooled connection meanwhile: with a pool of one, another clinic's requests are served."""
+    env = {
+        **stack_env,
+        "DERMQ_API_PORT": str(support.free_port()),
+        "DERMQ_KEY_CACHE_SECONDS": "0",
+        "DERMQ_DATABASE_POOL_SIZE": "1",
+        "DERMQ_DATABASE_POOL_TIMEOUT_S": "2",
+    }
+    slow, other = make_key("clinic"), make_key("clinic")
+    body, content_type = support.multipart(jpeg_bytes)
+    with processes.api_process(env, stack_dir / "one-connection-api.log") as (base, _):
+        upload = _start_upload(base, slow, body, content_type)
+        try:
+            # authenticated, then counted against its key's limit: now it waits for the rest of its body
+            counted = f"dermq:rl:submit:{slow.key_id}"
+            with redis.Redis.from_url(env["DERMQ_REDIS_URL"]) as broker:
+                support.wait_for(lambda: broker.exists(counted), timeout=20, what="the upload to be authenticated")
+            with httpx.Client(base_url=base, timeout=30) as http:
+                for _ in range(2):
+                    listed = http.get("/v1/cases", headers=other.headers)
+                    assert listed.status_code == 200, listed.text
+            assert _finish(upload, body) == 202
+        finally:
+            upload.close()
