@@ -7,7 +7,7 @@ import binascii
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -41,7 +41,10 @@ def _encode_cursor(case: Case) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         created, case_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created), uuid.UUID(case_id)
+        when = datetime.fromisoformat(created)
+        if when.utcoffset() != timedelta(0):  # dermq's are in UTC; Postgres refuses offsets past 15:59
+            raise ValueError("not a cursor dermq issued")
+        return when, uuid.UUID(case_id)
     except (ValueError, TypeError, AttributeError, binascii.Error, json.JSONDecodeError):  # UUID(5): AttributeError
         raise BadRequest("the cursor is not one dermq issued; start again without it", code="invalid_cursor") from None
 
