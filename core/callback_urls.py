@@ -5,8 +5,9 @@ what no clinic may: cloud metadata (169.254.169.254), Postgres, Redis, Flower, a
 localhost. Unless ``DERMQ_CALLBACK_ALLOW_PRIVATE_URLS`` is set (a portal on a developer's machine; refused in
 production), dermq therefore accepts only ``https`` URLs without
 credentials, refuses hosts that are, or resolve to, anything but public unicast addresses (loopback,
-private, link-local, shared, reserved, multicast; an IPv6 address that carries an IPv4 one, through
-NAT64, 6to4, Teredo or the old IPv4-compatible form, is judged by the IPv4 address it reaches), and
+private, link-local, site-local, shared, reserved, multicast, IPv6 outside global unicast 2000::/3; an
+IPv6 address that carries an IPv4 one, through NAT64, 6to4, Teredo, SIIT or the old IPv4-compatible
+form, is judged by the IPv4 address it reaches) or are not valid DNS names, and
 resolves again at every delivery
 (:func:`checked_address`), where the HTTP client (:mod:`worker.callbacks`) connects to the very
 address checked, so DNS rebinding between check and connect gains nothing. Egress filtering at the
@@ -35,13 +36,18 @@ NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
 NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")
 #: IPv4-compatible addresses (RFC 4291 section 2.5.5.1, deprecated): ::a.b.c.d.
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+#: IPv4-translated addresses (RFC 2765, SIIT): ::ffff:0:a.b.c.d.
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+#: IPv6 global unicast (RFC 4291): every public IPv6 address assigned is in it; the rest is reserved,
+#: site-local (deprecated, still routed on some networks) or special-purpose.
+IPV6_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 
 
 def _carried_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     """The IPv4 addresses that packets to ``address`` end up at, where it embeds any."""
     if address.ipv4_mapped is not None:
         return [address.ipv4_mapped]
-    if address in NAT64_WELL_KNOWN or (address in IPV4_COMPATIBLE and int(address) > 1):
+    if address in NAT64_WELL_KNOWN or address in IPV4_TRANSLATED or (address in IPV4_COMPATIBLE and int(address) > 1):
         return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
     if address.sixtofour is not None:
         return [address.sixtofour]
@@ -59,7 +65,9 @@ def public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bo
         carried = _carried_ipv4(address)
         if carried:
             return all(public_address(v4) for v4 in carried)
-    return address.is_global and not address.is_multicast
+        if address not in IPV6_GLOBAL_UNICAST:
+            return False
+    return address.is_global and not address.is_multicast and not address.is_reserved
 
 
 def _invalid(message: str) -> InvalidInput:
@@ -103,10 +111,17 @@ def validate_url(url: str, settings: Settings) -> str:
         except ValueError:
             if host.lower() == "localhost" or host.lower().endswith(INTERNAL_SUFFIXES) or "." not in host:
                 raise _invalid("the callback host must be a public DNS name") from None
+            if not _valid_dns_name(host):
+                raise _invalid("the callback host is not a valid DNS name (labels of 1 to 63 characters)") from None
         else:
             if not public_address(literal):
                 raise _invalid("the callback host must be a public address, not a private or local one")
     return url
+
+
+def _valid_dns_name(host: str) -> bool:
+    """Labels of 1 to 63 characters, 253 in all: what the resolver (``getaddrinfo``) accepts."""
+    return len(host) <= 253 and all(0 < len(label) <= 63 for label in host.split("."))
 
 
 def checked_address(host: str, port: int, settings: Settings) -> str:

@@ -62,7 +62,7 @@ def post(url: str, body: bytes, secret: str, settings: Settings, *, event_id: st
     port = parts.port or (443 if https else 80)
     try:
         address = checked_address(host, port, settings)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a host the resolver refuses to encode
         return None, type(exc).__name__
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     connection_type = _PinnedHTTPSConnection if https else _PinnedHTTPConnection

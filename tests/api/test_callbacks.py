@@ -126,6 +126,16 @@ def test_public_https_urls_are_accepted_in_production(url: str) -> None:
         ("https://[::7f00:1]/hook", "public"),  # IPv4-compatible 127.0.0.1
         ("https://[::a9fe:a9fe]/hook", "public"),  # IPv4-compatible 169.254.169.254
         ("https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hook", "public"),  # Teredo, client 192.0.2.45
+        ("https://[::ffff:0:a9fe:a9fe]/hook", "public"),  # SIIT to the metadata service
+        # IPv6 outside global unicast: site-local (still routed on some networks) and reserved blocks
+        ("https://[fec0::1]/hook", "public"),
+        ("https://[fe00::1]/hook", "public"),
+        ("https://[4000::1]/hook", "public"),
+        ("https://[8000::1]/hook", "public"),
+        # names the resolver refuses: accepted once, they failed every delivery with an exception
+        ("https://a..example-clinic.org/hook", "valid DNS name"),
+        ("https://.example-clinic.org/hook", "valid DNS name"),
+        ("https://" + "a" * 64 + ".example-clinic.org/hook", "valid DNS name"),
         ("https:///hook", "host"),
         ("https://[::1/hook", "host is not valid"),  # urlsplit raises for these two
         ("https://[zz]/hook", "host is not valid"),
@@ -154,6 +164,23 @@ def test_delivery_never_connects_to_a_private_address_in_production() -> None:
     # Checked again at delivery time, after resolution (a public name may resolve to 127.0.0.1).
     status, error = post("https://localhost:9/hook", b'{"case_id":"x"}', "whsec_x", PRODUCTION, event_id="x")
     assert (status, error) == (None, "UnsafeAddress")
+
+
+def test_public_addresses_stay_callable() -> None:
+    for url in (
+        "https://portal.example-clinic.org/hook",
+        "https://93.184.215.14/hook",
+        "https://[2606:4700:4700::1111]/hook",
+        "https://[64:ff9b::5db8:d70e]/hook",  # NAT64 to a public IPv4 address (DNS64 networks)
+        "https://[2002:5db8:d70e::1]/hook",  # 6to4 from a public IPv4 address
+    ):
+        assert validate_url(url, PRODUCTION) == url
+
+
+def test_a_host_the_resolver_refuses_fails_its_delivery_attempt() -> None:
+    # a URL stored before registration checked its labels: the attempt is recorded, not raised
+    status, error = post("https://a..example-clinic.org/hook", b'{"case_id":"x"}', "whsec_x", PRODUCTION, event_id="x")
+    assert status is None and error == "UnicodeError"
 
 
 def test_signatures_verify_and_refuse_tampering_replay_and_other_secrets() -> None:

@@ -75,7 +75,9 @@ def start_one_by_one(pool: ThreadPoolExecutor, http: TestClient, calls: list[Cal
     return futures
 
 
-def test_waiting_requests_hold_no_request_thread(waiting_client: TestClient, settings, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+def test_waiting_requests_hold_no_request_thread(
+    waiting_client: TestClient, settings, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
     case_id = store_case(tenant, b"queued, never published")
     before = request_threads()
     count = 12
@@ -130,7 +132,9 @@ def revoke(settings, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
         keys.revoke_key(session, tenant.key_id)
 
 
-def test_a_key_revoked_while_its_read_waits_gets_no_answer(waiting_client: TestClient, settings, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+def test_a_key_revoked_while_its_read_waits_gets_no_answer(
+    waiting_client: TestClient, settings, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
     case_id = store_case(tenant, b"queued")
     with ThreadPoolExecutor(1) as pool:
         get = lambda: waiting_client.get(f"/v1/cases/{case_id}?wait=25", headers=tenant.headers)  # noqa: E731
@@ -145,7 +149,9 @@ def test_a_key_revoked_while_its_read_waits_gets_no_answer(waiting_client: TestC
     assert denied.detail == {"reason": "revoked_credentials", "after": "wait"}
 
 
-def test_a_key_revoked_while_its_submission_waits_gets_no_answer(waiting_client: TestClient, settings, tenant: Tenant, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+def test_a_key_revoked_while_its_submission_waits_gets_no_answer(
+    waiting_client: TestClient, settings, tenant: Tenant, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
     files = {"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
     with ThreadPoolExecutor(1) as pool:
         post = lambda: waiting_client.post("/v1/cases?wait=25", headers=tenant.headers, files=files)  # noqa: E731

@@ -143,7 +143,9 @@ def test_one_clinic_cannot_hold_more_than_its_share_of_uploads_open(bounded_api,
             sock.close()
 
 
-def test_an_unfinished_upload_holds_no_database_connection(stack_env, stack_dir, database, make_key, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+def test_an_unfinished_upload_holds_no_database_connection(
+    stack_env, stack_dir, database, make_key, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
     """Its key checked in the database (no key cache here), an upload whose body has not all come
     holds no pooled connection meanwhile: with a pool of one, another clinic's requests are served."""
     env = {

@@ -25,7 +25,15 @@ def answer(*addresses: str) -> Any:
 
 @pytest.mark.parametrize(
     "addresses",
-    [(PUBLIC, PRIVATE), (PRIVATE, PUBLIC), (PUBLIC, METADATA), (PUBLIC, LOOPBACK6), ("::ffff:10.0.0.7",)],
+    [
+        (PUBLIC, PRIVATE),
+        (PRIVATE, PUBLIC),
+        (PUBLIC, METADATA),
+        (PUBLIC, LOOPBACK6),
+        ("::ffff:10.0.0.7",),
+        ("fec0::1",),  # site-local
+        ("::ffff:0:a9fe:a9fe",),  # SIIT to the metadata service
+    ],
 )
 def test_an_answer_with_any_non_public_address_is_refused(monkeypatch: pytest.MonkeyPatch, addresses) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(socket, "getaddrinfo", answer(*addresses))
