@@ -128,9 +128,10 @@ class Caller:
 
 
 def failure_bucket(source_ip: str | None, token: str | None) -> str:
-    """Where failed logins count: per source address *and* key prefix. Garbage sprayed from a clinic's
-    NAT counts against the prefixes it names, never against the clinic's valid keys; guesses at one
-    key's secret count against that key's prefix from that address."""
+    """Where failed logins count: per source address *and* key prefix. Guesses at one key's secret
+    count against that key's prefix from that address; tokens that name no key (malformed, other
+    schemes, prefixes no key has: ``token=None`` here) against the address alone. So garbage sprayed
+    from a clinic's NAT never locks out the clinic's valid keys, and is limited all the same."""
     prefix = keys.token_prefix(token) or "-"
     return f"authfail:{source_ip}:{prefix}"
 
@@ -156,18 +157,30 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
         raise
 
     def check(session: Session) -> keys.Principal:
+        # The attempt is counted before the key is checked and given back if it succeeds: however many
+        # guesses arrive at once, no more than the limit are ever checked.
         bucket = failure_bucket(actor.source_ip, token)
-        blocked = app.limiter.check(bucket, limit, failures=True)
-        if not blocked.allowed:
-            raise _too_many_failures(blocked.retry_after)
+        reserved = app.limiter.hit(bucket, limit, failures=True)
+        if not reserved.allowed:
+            raise _too_many_failures(reserved.retry_after)
         try:
             principal = keys.authenticate(session, app.keyring, token)
+        except keys.NoSuchKey as exc:
+            # a prefix no key has counts against the address: inventing prefixes gains no fresh budget
+            garbage = failure_bucket(actor.source_ip, None)
+            if garbage != bucket:
+                app.limiter.refund(bucket, limit, failures=True)
+                counted = app.limiter.hit(garbage, limit, failures=True)
+                if not counted.allowed:
+                    raise _too_many_failures(counted.retry_after) from None
+            exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
+            raise
         except Unauthorized as exc:
-            app.limiter.hit(bucket, limit, failures=True)
             exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
             raise
         finally:
             session.rollback()  # nothing written: no connection stays idle in a transaction (an upload's read follows)
+        app.limiter.refund(bucket, limit, failures=True)
         if token is not None:
             app.key_cache.remember(token, principal, generation)
         return principal

@@ -88,19 +88,25 @@ def token_prefix(token: str | None) -> str | None:
     return match[1] if match else None
 
 
+class NoSuchKey(Unauthorized):
+    """The token names no key (none sent, malformed, or a prefix no key has): the same answer as any
+    refusal, told apart only so that failed logins are counted where they belong (api.deps)."""
+
+
 def authenticate(session: Session, keyring: Keyring, token: str | None) -> Principal:
-    """The principal for a bearer token; raises :class:`Unauthorized` with a reason code otherwise."""
+    """The principal for a bearer token; raises :class:`Unauthorized` with a reason code otherwise
+    (:class:`NoSuchKey` when the token names no key)."""
     if not token:
-        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'", code="missing_credentials")
+        raise NoSuchKey("send an API key as 'Authorization: Bearer <key>'", code="missing_credentials")
     match = TOKEN_RE.match(token)
     if match is None:
-        raise Unauthorized("the API key is malformed", code="invalid_credentials")
+        raise NoSuchKey("the API key is malformed", code="invalid_credentials")
     row = session.execute(
         select(ApiKey, Clinic.active).outerjoin(Clinic, Clinic.id == ApiKey.clinic_id).where(ApiKey.prefix == match[1])
     ).first()
     if row is None:
         _digest(keyring, token)  # same work either way: no timing hint about which prefixes exist
-        raise Unauthorized("the API key is not valid", code="invalid_credentials")
+        raise NoSuchKey("the API key is not valid", code="invalid_credentials")
     key, clinic_active = row
     if not hmac.compare_digest(key.secret_hash, _digest(keyring, token)):
         raise Unauthorized("the API key is not valid", code="invalid_credentials")

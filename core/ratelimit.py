@@ -23,9 +23,10 @@ import redis
 
 log = logging.getLogger("dermq.ratelimit")
 
-# KEYS[1]: the key; ARGV: emission interval (ms), burst tolerance (ms), cost. One clock for every
-# API process: Redis's own.
-NOW = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+# KEYS[1]: the key; ARGV: emission interval (us), burst tolerance (us), cost (-1: a refund). Answers
+# wait in ms. One clock for every API process: Redis's own, in microseconds (a limit above 30,000 a
+# minute has an interval under 2 ms: whole milliseconds rounded it away). Integers below 2**53: exact.
+NOW = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
 GCRA = (
     NOW
     + """
@@ -37,9 +38,9 @@ if tat < now then tat = now end
 local new_tat = tat + interval * cost
 local allow_at = new_tat - tolerance
 if allow_at > now then
-  return {0, allow_at - now}
+  return {0, math.ceil((allow_at - now) / 1000)}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.max(math.ceil((new_tat - now) / 1000), 0) + 1000)
 return {1, 0}
 """
 )
@@ -50,7 +51,7 @@ PEEK = (
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local allow_at = tat + tonumber(ARGV[1]) - tonumber(ARGV[2])
-if allow_at > now then return {0, allow_at - now} end
+if allow_at > now then return {0, math.ceil((allow_at - now) / 1000)} end
 return {1, 0}
 """
 )
@@ -89,6 +90,13 @@ class LocalLimiter:
     def hit(self, bucket: str, per_minute: int, *, cost: int = 1) -> Decision:
         return self._decide(bucket, per_minute, cost)
 
+    def refund(self, bucket: str, per_minute: int) -> None:
+        """Give back one request counted by :meth:`hit`."""
+        now = time.monotonic()
+        with self._lock:
+            if bucket in self._tat:
+                self._tat[bucket] = max(self._tat[bucket], now) - 60.0 / per_minute
+
     def check(self, bucket: str, per_minute: int) -> Decision:
         return self._decide(bucket, per_minute, 0)
 
@@ -102,8 +110,9 @@ class RateLimiter:
         self.local = LocalLimiter()
 
     def _args(self, per_minute: int) -> tuple[int, int]:
-        interval = 60_000 / per_minute
-        return int(interval), int(interval * per_minute)
+        """The emission interval and the burst tolerance (``per_minute`` intervals), in microseconds."""
+        interval = max(1, round(60_000_000 / per_minute))
+        return interval, interval * per_minute
 
     def hit(self, bucket: str, per_minute: int, *, cost: int = 1, failures: bool = False) -> Decision:
         """Count one request against ``bucket``; refuse it if the bucket is over its limit. Without
@@ -117,6 +126,15 @@ class RateLimiter:
             log.warning("rate limiter unavailable; allowing the request", extra={"error": type(exc).__name__})
             return Decision(True, 0)
         return Decision(bool(allowed), 0 if allowed else max(1, math.ceil(int(wait_ms) / 1000)))
+
+    def refund(self, bucket: str, per_minute: int, *, failures: bool = False) -> None:
+        """Give back one request that :meth:`hit` counted (a reservation that turned out not to count)."""
+        interval, tolerance = self._args(per_minute)
+        try:
+            self._hit(keys=[self.prefix + bucket], args=[interval, tolerance, -1])
+        except redis.RedisError:
+            if failures:
+                self.local.refund(bucket, per_minute)
 
     def check(self, bucket: str, per_minute: int, *, failures: bool = False) -> Decision:
         """Would one more request pass? (Does not count one.) Without Redis: as :meth:`hit` says."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -76,6 +79,58 @@ def test_failed_authentication_is_limited_per_address_and_key_prefix(strict, mak
     assert strict.get("/v1/cases", headers=make_key().headers).status_code == 200
 
 
+def test_inventing_a_new_prefix_for_each_guess_is_limited_per_address(settings, strict, make_key) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import func, select
+
+    from core.db import session_scope
+    from core.models import AuditEvent
+
+    address = f"198.51.100.{uuid.uuid4().int % 200 + 20}"
+    elsewhere = create_app(settings.model_copy(update={"rate_limit_failed_auth_per_minute": 4}))
+    with TestClient(elsewhere, client=(address, 40000)) as http:
+        codes = [
+            http.get(
+                "/v1/cases", headers={"Authorization": f"Bearer dq_{uuid.uuid4().hex[:12]}_" + "D" * 43}
+            ).status_code
+            for _ in range(8)
+        ]
+        assert codes == [401] * 4 + [429] * 4
+        assert http.get("/v1/cases", headers=make_key().headers).status_code == 200  # real keys still pass
+    with session_scope(settings) as session:  # each refused guess left no audit event: the trail stays bounded
+        denied = session.scalar(
+            select(func.count()).where(AuditEvent.action == "auth.denied", AuditEvent.source_ip == address)
+        )
+    assert denied == 4
+
+
+def test_guesses_sent_at_once_are_checked_no_more_often_than_the_limit(strict, make_key) -> None:  # type: ignore[no-untyped-def]
+    prefix = make_key().token.split("_")[1]
+    guess = {"Authorization": f"Bearer dq_{prefix}_" + "H" * 43}
+    start = threading.Barrier(12)
+
+    def try_once(_: int) -> int:
+        start.wait()
+        return strict.get("/v1/cases", headers=guess).status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = sorted(pool.map(try_once, range(12)))
+    assert codes.count(401) <= 4 and set(codes) <= {401, 429}, codes
+
+
+def test_a_limit_above_one_a_millisecond_is_kept(redis_client) -> None:  # type: ignore[no-untyped-def]
+    from core.ratelimit import RateLimiter
+
+    limiter = RateLimiter(redis_client, prefix=f"dermq:rl:test-{uuid.uuid4().hex}:")
+    # 70,000 a minute: an interval of 0.86 ms, which whole milliseconds made 0 (no limit at all)
+    assert limiter.hit("fast", 70_000, cost=70_000).allowed
+    assert not limiter.hit("fast", 70_000, cost=1_000).allowed  # the next 1,000 need 0.86 s
+    # 1,300 a minute: 46.15 ms, which whole milliseconds made 46 (1,304 a minute)
+    assert limiter.hit("odd", 1_300, cost=1_300).allowed
+    assert not limiter.hit("odd", 1_300, cost=4).allowed  # 185 ms away, not already there
+    limiter.refund("odd", 1_300)
+    redis_client.delete(*redis_client.keys(f"{limiter.prefix}*") or ["none"])
+
+
 def test_failed_logins_with_another_scheme_are_limited_too(strict) -> None:  # type: ignore[no-untyped-def]
     basic = {"Authorization": "Basic dXNlcjpwYXNz"}
     codes = [strict.get("/v1/cases", headers=basic).status_code for _ in range(5)]
@@ -132,5 +187,7 @@ def test_failed_logins_stay_limited_while_redis_is_down() -> None:
     bucket = "authfail:198.51.100.1:-"
     assert [limiter.hit(bucket, 3, failures=True).allowed for _ in range(4)] == [True, True, True, False]
     assert not limiter.check(bucket, 3, failures=True).allowed
+    limiter.refund(bucket, 3, failures=True)  # a reservation given back (the key turned out valid)
+    assert limiter.check(bucket, 3, failures=True).allowed
     # request limits still let clinics through during the outage
     assert all(limiter.hit("read:some-key", 3).allowed for _ in range(5))
