@@ -1,12 +1,13 @@
 """What the operators' ``dermq audit ...`` and ``dermq keys init`` commands do about the audit log,
 as plain functions (the CLI only parses arguments and prints): an exit code and a JSON-able answer.
 
-    dermq audit verify [--against FILE] [--all] [--json]   # signatures, roots, every event; exit 1 if broken
-    dermq audit checkpoint [--json]                # the latest signed checkpoint
+    dermq audit verify [--against FILE] [--all] [--verifier KEY] [--json]  # signatures, roots, events; exit 1 if broken
+    dermq audit checkpoint [--verifier KEY] [--json]   # the latest signed checkpoint
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +33,37 @@ def _witness_text(settings: Settings) -> str | None:
     return path.read_text() if path is not None and path.exists() else None
 
 
-def latest_checkpoint(settings: Settings) -> dict[str, Any] | None:
-    keys = checkpoint.load_signing_keys(settings)
+def _verifiers(settings: Settings, given: Sequence[checkpoint.Verifier]) -> tuple[checkpoint.Verifier, ...]:
+    """The verifier keys given (an auditor's, who holds no signing key), else those of the signing key
+    file (an operator on a host that runs the sealer)."""
+    return tuple(given) if given else checkpoint.load_signing_keys(settings).verifiers
+
+
+def latest_checkpoint(settings: Settings, verifiers: Sequence[checkpoint.Verifier] = ()) -> dict[str, Any] | None:
+    """The latest signed checkpoint, its signature checked (:class:`checkpoint.CheckpointError` if no
+    verifier key verifies it), and the key that did."""
+    known = _verifiers(settings, verifiers)
     with session_scope(settings) as session:
         stored = audit_log.latest_checkpoint(session)
     if stored is None:
         return None
+    checkpoint.parse(stored.note, known)
+    signer = next(v for v in known if _signed_by(stored.note, v))
     return {
         "size": stored.size,
         "root": audit_log.root_b64(stored.root),
         "signed_at": stored.signed_at.isoformat(),
         "checkpoint": stored.note,
-        "verifier_key": keys.signer.verifier.encode(),
+        "verifier_key": signer.encode(),
     }
+
+
+def _signed_by(note: str, verifier: checkpoint.Verifier) -> bool:
+    try:
+        checkpoint.parse(note, [verifier])
+    except checkpoint.CheckpointError:
+        return False
+    return True
 
 
 def describe(report: audit_verify.LogReport) -> str:
@@ -58,19 +77,26 @@ def describe(report: audit_verify.LogReport) -> str:
     return f"AUDIT LOG BROKEN at {where}{event}: {report.reason} ({report.checked} events before it verified)"
 
 
-def verify(settings: Settings, against: Path | None = None, *, every: bool = False) -> tuple[int, dict[str, Any], str]:
+def verify(
+    settings: Settings,
+    against: Path | None = None,
+    *,
+    every: bool = False,
+    verifiers: Sequence[checkpoint.Verifier] = (),
+) -> tuple[int, dict[str, Any], str]:
     """Check every signature and root; with ``against``, prove the log extends that pinned checkpoint;
-    with ``every``, go on past the first problem and list them all."""
-    keys = checkpoint.load_signing_keys(settings)
+    with ``every``, go on past the first problem and list them all. Signatures are checked with
+    ``verifiers`` when given (no signing key needed), else with the signing key file's."""
+    known = _verifiers(settings, verifiers)
     witness = _witness_text(settings)
     with session_scope(settings) as session:
         if against is None:
-            report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness, every=every)
+            report = audit_verify.verify_log(session, verifiers=known, witness_text=witness, every=every)
             pinned = None
         else:
             try:
                 pinned, report = audit_verify.verify_against(
-                    session, against.read_text(), keys.verifiers, witness_text=witness, every=every
+                    session, against.read_text(), known, witness_text=witness, every=every
                 )
             except checkpoint.CheckpointError as exc:
                 return 1, {"ok": False, "reason": str(exc)}, f"PINNED CHECKPOINT REJECTED: {exc}"

@@ -225,6 +225,31 @@ def test_cli_prints_the_checkpoint_and_verifies_against_it(settings, database, k
     assert rejected.returncode == 1 and "REJECTED" in rejected.stdout
 
 
+def test_an_auditor_verifies_with_the_verifier_key_alone(settings, database, keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _seal(settings, keys, _record(settings, 2))
+    verifier = keys.signer.verifier.encode()
+    # where the auditor runs it there is no signing key (only the sealer's hosts hold one)
+    auditor = {**_env(settings), "DERMQ_AUDIT_SIGNING_KEY_FILE": str(tmp_path / "not-here.json")}
+
+    def dermq(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*support.DERMQ, "audit", *args], cwd=ROOT, capture_output=True, text=True, env=auditor)
+
+    without = dermq("verify")
+    assert without.returncode == 2 and "no audit signing key" in without.stderr, without.stdout + without.stderr
+    shown = dermq("checkpoint", "--verifier", verifier, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["verifier_key"] == verifier, shown.stderr
+    pinned = tmp_path / "pinned.checkpoint"
+    pinned.write_text(json.loads(shown.stdout)["checkpoint"])
+    verified = dermq("verify", "--verifier", verifier, "--against", str(pinned), "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["ok"], verified.stdout + verified.stderr
+    # a key that signed nothing here verifies nothing
+    stranger = checkpoint.generate(settings.audit_log_origin).signer.verifier.encode()
+    refused = dermq("checkpoint", "--verifier", stranger)
+    assert refused.returncode == 1 and "CHECKPOINT REJECTED" in refused.stderr
+    assert dermq("verify", "--verifier", stranger).returncode == 1
+    assert dermq("verify", "--verifier", "not a key").returncode == 2
+
+
 def _env(settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return {
         **os.environ,
