@@ -126,11 +126,13 @@ def _diagnosis(session: Session, keyring: Keyring, row: ConfirmedOutcome) -> str
 def seal_plain_diagnoses(session: Session, keyring: Keyring, *, limit: int = 500) -> int:
     """Seal up to ``limit`` diagnoses still stored in plain text (reports from before migration 0010)
     and empty their column; returns how many. Cheap once none are left (a partial index answers)."""
+    # the case locked with its report, in the order an erasure takes them (see results.seal_plain_results)
     legacy = session.execute(
         select(ConfirmedOutcome.case_id, ConfirmedOutcome.diagnosis)
+        .join(Case, Case.id == ConfirmedOutcome.case_id)
         .where(ConfirmedOutcome.diagnosis.is_not(None))
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(of=[ConfirmedOutcome, Case], skip_locked=True)
     ).all()
     for case_id, diagnosis in legacy:
         case = session.get(Case, case_id)

@@ -176,12 +176,14 @@ def seal_plain_results(session: Session, keyring: Keyring, *, limit: int = BATCH
     from core.cases import insert_blobs
     from core.period_shredding import wrapping_keys
 
+    # The case is locked with its result, as an erasure or a purge locks it first and then its result:
+    # a case being erased is passed over, never waited for while holding its result (a deadlock).
     legacy = session.execute(
         select(Result, Case.created_at)
         .join(Case, Case.id == Result.case_id)
         .where(Result.ood_reasons.is_not(None))
         .limit(limit)
-        .with_for_update(of=Result, skip_locked=True)
+        .with_for_update(of=[Result, Case], skip_locked=True)
     ).all()
     if not legacy:
         return 0

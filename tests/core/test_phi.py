@@ -240,6 +240,36 @@ def test_an_erasure_waits_for_the_sealing_of_its_old_result_and_leaves_no_sealed
     assert left == [], f"erased, yet {left} remain"
 
 
+def test_a_sealing_passes_over_a_case_being_erased_instead_of_deadlocking_with_it(  # type: ignore[no-untyped-def]
+    settings, keyring, tenant: Tenant, store_case
+) -> None:
+    from core import audit, retention
+
+    case_id = store_case(tenant, b"an old diagnosis, being erased")
+    legacy_result(settings, case_id, LEGACY_DIAGNOSIS)
+    with session_scope(settings) as erasing:
+        case = erasing.get(Case, case_id, with_for_update=True)  # what the erasure route locks first
+        failures: list[BaseException] = []
+        sealer = threading.Thread(target=_seal_results, args=(settings, keyring, failures))
+        sealer.start()
+        sealer.join(20)
+        # waiting on the case while holding its result, the sealing would deadlock with the purge below
+        # (or, first, run out of its lock_timeout)
+        assert not sealer.is_alive() and not failures, f"the sealing waited for the case the erasure holds: {failures}"
+        retention.purge_case(erasing, case, actor=audit.SYSTEM, reason="erasure")
+    with session_scope(settings) as session:
+        assert session.get(Case, case_id).status == CaseStatus.PURGED.value
+        assert session.scalars(select(CaseBlob.kind).where(CaseBlob.case_id == case_id)).all() == []
+
+
+def _seal_results(settings, keyring, failures: list[BaseException]) -> None:  # type: ignore[no-untyped-def]
+    try:
+        with session_scope(settings) as session:
+            results.seal_plain_results(session, keyring)
+    except Exception as exc:
+        failures.append(exc)
+
+
 def _erase(settings, case_id: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
     from core import audit, retention
 
