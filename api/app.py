@@ -99,7 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
-            expose_headers=["Location", "Retry-After", "X-Request-ID"],
+            # every header docs/API.md tells a client to read (a browser portal sees only these)
+            expose_headers=["Location", "Retry-After", "X-Request-ID", "Idempotent-Replayed"],
             max_age=600,
         )
     app.add_middleware(BodyLimitMiddleware)  # inside the request context: its 413 gets an id and headers

@@ -75,6 +75,10 @@ def test_security_headers_and_cors(client, api_app, settings, tenant) -> None:  
         assert allowed.headers["access-control-allow-origin"] == "https://portal.example"
         other = http.options("/v1/cases", headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+        # a browser portal reads the headers the API documents for clients, a replay's flag included
+        listed = http.get("/v1/cases", headers={**tenant.headers, "Origin": "https://portal.example"})
+        exposed = {h.strip().lower() for h in listed.headers["access-control-expose-headers"].split(",")}
+        assert {"location", "retry-after", "x-request-id", "idempotent-replayed"} <= exposed
 
 
 def test_a_json_route_refuses_a_large_body_before_reading_it_or_authenticating(client, tenant) -> None:  # type: ignore[no-untyped-def]
