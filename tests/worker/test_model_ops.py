@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import update
 
 from core.db import session_scope
@@ -72,6 +73,38 @@ def test_model_verify_loads_the_graph_cpu_workers_serve(settings, entry_copy: Pa
     registry.write_json_atomic(entry_copy / "manifest.json", manifest)
     bad = dermq(settings, "model", "verify", str(entry_copy))
     assert bad.returncode == 1 and "FAIL  loads (onnx)" in bad.stdout, bad.stdout + bad.stderr
+
+
+@pytest.mark.slow
+def test_model_verify_checks_an_int8_graph_within_its_own_tolerance(settings, entry_copy: Path, fixture_images) -> None:  # type: ignore[no-untyped-def]
+    from ml.entry import INT8_TOLERANCE, VERIFICATION_TOLERANCE
+    from ml.model import Preprocessing
+    from ml.quantize import quantize_int8
+
+    manifest = registry.read_manifest(entry_copy)
+    calibration = [Image.open(path).convert("RGB") for path in sorted(fixture_images.values())]
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    quantize_int8(entry_copy / "model.onnx", entry_copy / "model.int8.onnx", calibration, prep, hflip=False)
+    fp32 = manifest["files"]["onnx_fp32"]  # the int8 graph comes from the same weights and names the same head
+    same = {k: v for k, v in fp32.items() if k not in ("path", "sha256", "bytes", "precision")}
+    registry.record_file(entry_copy, "onnx_int8", "model.int8.onnx", precision="int8", **same)
+    good = dermq(settings, "model", "verify", str(entry_copy))
+    assert good.returncode == 0 and "ok    known answer (onnx-int8)" in good.stdout, good.stdout + good.stderr
+    # an int8 graph's probabilities move by design: held to its own tolerance, not fp32's 1e-3
+    assert VERIFICATION_TOLERANCE < INT8_TOLERANCE
+    recorded = registry.read_manifest(entry_copy)["verification"]
+    label = recorded["label"]
+    # moved by 0.01: ten times fp32's tolerance, a fifth of int8's (whose own difference here is about 0.02)
+    recorded["probabilities"] = {
+        c: p + (0.01 if c == label else -0.01 / 6) for c, p in recorded["probabilities"].items()
+    }
+    manifest = registry.read_manifest(entry_copy)
+    manifest["verification"] = recorded
+    registry.write_json_atomic(entry_copy / "manifest.json", manifest)
+    moved = dermq(settings, "model", "verify", str(entry_copy))
+    assert "FAIL  known answer (onnx):" in moved.stdout and "ok    known answer (onnx-int8):" in moved.stdout, (
+        moved.stdout
+    )
 
 
 def test_model_verify_catches_a_changed_answer(settings, entry_copy: Path) -> None:  # type: ignore[no-untyped-def]
