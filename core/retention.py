@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from core import audit, cases, results
+from core import announcements, audit, cases, results
 from core.config import Settings
 from core.keys import Principal
 from core.models import Case, CaseStatus, ConfirmedOutcome
@@ -45,6 +45,8 @@ def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str,
     results.shred_plain_findings(session, case.id)
     session.execute(delete(ConfirmedOutcome).where(ConfirmedOutcome.case_id == case.id))  # a diagnosis too
     blobs = cases.delete_blobs(session, case.id)  # the image, the heat map, the client reference, the findings
+    if not CaseStatus(case.status).terminal:  # erased while queued or running: its long polls end now
+        announcements.announce_finished(session, [case.id])
     case.status = CaseStatus.PURGED.value
     case.purged_at = case.updated_at = datetime.now(UTC)
     session.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
@@ -164,3 +165,19 @@ def test_a_key_revoked_while_its_submission_waits_gets_no_answer(
     assert events(settings, "case.read", entity_id=str(case_id)) == []
     with session_scope(settings) as session:  # the case itself was accepted before the revocation
         assert session.scalar(select(func.count()).where(Case.id == case_id)) == 1
+
+
+def test_a_case_erased_while_its_read_waits_answers_at_once(  # type: ignore[no-untyped-def]
+    waiting_client: TestClient, tenant: Tenant, store_case
+) -> None:
+    case_id = store_case(tenant, b"queued, then erased")
+    with ThreadPoolExecutor(1) as pool:
+        get = lambda: waiting_client.get(f"/v1/cases/{case_id}?wait=25", headers=tenant.headers)  # noqa: E731
+        (future,) = start_one_by_one(pool, waiting_client, [get])
+        erased = waiting_client.delete(f"/v1/cases/{case_id}", headers=tenant.headers)
+        assert erased.status_code == 200, erased.text
+        started = time.monotonic()
+        answer = future.result(timeout=30)
+    # woken by the erasure's commit, not by its own look 10 s later
+    assert time.monotonic() - started < 5
+    assert answer.status_code == 200 and answer.json()["status"] == "purged"
