@@ -88,3 +88,24 @@ def camera_jpegs(count: int = 3, size: tuple[int, int] = (4000, 3000), quality: 
         Image.fromarray(noisy).save(buffer, format="JPEG", quality=quality)
         out.append(buffer.getvalue())
     return out
+
+
+def stack_layout(env: Mapping[str, str]) -> str:
+    """The process layout a stack started with ``env`` (DERMQ_* settings over this process's
+    environment) runs, resolved as the API and the worker resolve it: API processes, worker children
+    and threads per child."""
+    import os
+
+    from api.app import api_processes
+    from core.config import Settings
+    from tests.support import environment
+    from worker.runtime import threads_per_child, worker_concurrency
+
+    with environment({k: v for k, v in env.items() if k.startswith("DERMQ_")}):
+        settings = Settings()
+    api, children = api_processes(settings), worker_concurrency(settings)
+    threads = threads_per_child(settings)
+    return (
+        f"{api} API process{'es' if api != 1 else ''}, {children} worker child{'ren' if children != 1 else ''} "
+        f"x {threads} thread{'s' if threads != 1 else ''} on {os.cpu_count()} CPUs"
+    )

@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXTURE_IMAGES, ms, p50, percentile, table, timed
+from bench.common import FIXTURE_IMAGES, ms, p50, percentile, stack_layout, table, timed
+from core.config import Settings
 from tests import processes, support
 
 DATABASE = "dermq_bench_gpu"
@@ -240,16 +241,24 @@ def main(argv: list[str] | None = None) -> None:
         DERMQ_REDIS_URL=args.redis_url,
         DERMQ_API_PORT=str(support.free_port()),
         DERMQ_LOG_LEVEL="INFO",  # the worker's "ready." and "model loaded" lines
+        DERMQ_API_PROCESSES="1",
         DERMQ_WORKER_CONCURRENCY="1",
         DERMQ_DEVICE=device,
         DERMQ_MODEL=DEFAULT_MODEL,
     )
-    settings, _, token = support.prepare_stack(env, f"bench-gpu-{uuid.uuid4().hex[:6]}")
-
+    print(f"pipeline layout: {stack_layout(env)}, DERMQ_DEVICE={device}")
+    # the model's rows first, needing neither Postgres nor Redis: a GPU host without them still gets them
+    with support.environment(env):
+        settings = Settings()
     rows = model_rows(settings, device, repeats)
     if gpu:
         torch.cuda.empty_cache()  # the measured predictor is gone; the pipeline's worker loads its own
-    rows.append(pipeline_row(env, workdir, token, device, cases))
+
+    def pipeline() -> list[list[str]]:
+        _, _, token = support.prepare_stack(env, f"bench-gpu-{uuid.uuid4().hex[:6]}")
+        return [pipeline_row(env, workdir, token, device, cases)]
+
+    rows += guarded("pipeline", pipeline)
     print(table(["measure", "batch", "throughput", "p50 per batch"], rows))
 
 

@@ -1,8 +1,25 @@
 #!/usr/bin/env bash
 # The GPU benchmark from a clean checkout (see docs/PERFORMANCE.md, "GPU"): creates .venv with
-# `make install`, starts PostgreSQL and Redis if they are down (`make services`), then runs
-# `python -m bench.gpu` with any arguments given here (--quick, --cases N, --database, --redis-url).
+# `make install`; on a host with an NVIDIA driver, swaps ONNX Runtime for its CUDA build of the same
+# version (onnxruntime-gpu, which serves the CPU as before) so that the ONNX Runtime CUDA rows can
+# run; starts PostgreSQL and Redis if they are down (`make services`; without them only the pipeline
+# row is missing); then runs `python -m bench.gpu` with any arguments given here (--quick, --cases N,
+# --database, --redis-url).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-make --no-print-directory install services
-exec .venv/bin/python -m bench.gpu "$@"
+make --no-print-directory install
+py=.venv/bin/python
+if nvidia-smi -L > /dev/null 2>&1 && ! "$py" -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())'; then
+    version=$("$py" -c 'import onnxruntime; print(onnxruntime.__version__)')
+    wheels=$(mktemp -d)
+    # fetched before anything is removed: a host that cannot reach PyPI keeps its ONNX Runtime
+    if "$py" -m pip download -q --no-deps -d "$wheels" "onnxruntime-gpu==$version"; then
+        "$py" -m pip uninstall -q -y onnxruntime
+        "$py" -m pip install -q --no-deps "$wheels"/onnxruntime_gpu-*.whl
+    else
+        echo "onnxruntime-gpu $version could not be fetched: the ONNX Runtime CUDA rows will say so" >&2
+    fi
+    rm -rf "$wheels"
+fi
+make --no-print-directory services || echo "PostgreSQL or Redis did not start: the pipeline row will say so" >&2
+exec "$py" -m bench.gpu "$@"

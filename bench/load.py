@@ -46,8 +46,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, table
-from bench.load_stack import DATABASE, database_tally, sealing_lag, server_intake, start_stack
+from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, stack_layout, table
+from bench.load_stack import DATABASE, database_tally, layout_env, sealing_lag, server_intake, start_stack
 from bench.machine import cpu_by_role
 from tests import processes
 
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drain", type=float, default=300, help="seconds to wait for cases in flight afterwards")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between a portal's polls")
     parser.add_argument("--wait", type=float, default=0, help="long polls: ?wait= seconds (0: poll instead)")
+    parser.add_argument("--api-processes", type=int, default=1, help="API processes (own stack only)")
     parser.add_argument("--concurrency", type=int, default=1, help="worker child processes (own stack only)")
     parser.add_argument(
         "--worker-threads",
@@ -286,10 +287,7 @@ def main(argv: list[str] | None = None) -> None:
                 " / ".join(f"{value:.1f}" for value in per_case.values()) + " ms",
             ]
         )
-    own = (
-        f"own stack: 1 API process, {args.concurrency} worker child(ren) x {args.worker_threads} torch thread(s), "
-        f"a clinic per client, {asking}"
-    )
+    own = f"own stack: {stack_layout(layout_env(args))}, a clinic per client, {asking}"
     print(
         f"dermq load benchmark: {args.clients} clients for {args.seconds:g} s (+ drain), {os.cpu_count()} CPUs, "
         f"{own if not args.base_url else base}, "

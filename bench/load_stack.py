@@ -20,6 +20,15 @@ DATABASE = "dermq_bench_load"
 REDIS_DB = 10
 
 
+def layout_env(args: argparse.Namespace) -> dict[str, str]:
+    """The process layout of the stack ``bench.load`` starts, as DERMQ_* settings (set, never inherited)."""
+    return {
+        "DERMQ_API_PROCESSES": str(args.api_processes),
+        "DERMQ_WORKER_CONCURRENCY": str(args.concurrency),
+        "DERMQ_WORKER_THREADS": str(args.worker_threads),
+    }
+
+
 def start_stack(
     args: argparse.Namespace,
     workdir: Path,
@@ -43,9 +52,8 @@ def start_stack(
         DERMQ_REDIS_URL=f"redis://127.0.0.1:6379/{redis_db}",
         DERMQ_API_PORT=str(port),
         DERMQ_LOG_LEVEL="INFO",  # the worker's "ready." line, and the API's access log (server-side timings)
-        DERMQ_WORKER_CONCURRENCY=str(args.concurrency),
-        DERMQ_WORKER_THREADS=str(args.worker_threads),
         DERMQ_WORKER_METRICS_PORT="0",
+        **layout_env(args),
         **overrides,
     )
     settings, _, token = support.prepare_stack(env, f"bench-load-{uuid.uuid4().hex[:6]}")

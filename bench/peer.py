@@ -183,8 +183,9 @@ def load_images(folder: str | None, count: int) -> tuple[list[bytes], str]:
 def dermq_layout() -> tuple[int, int, int]:
     """``make run``'s layout on this machine's CPU: API processes (half the usable cores, as
     core.devstack sets them), worker children (one per core, worker.runtime's auto) and threads each."""
-    cores = os.cpu_count() or 1
-    return max(1, len(os.sched_getaffinity(0)) // 2), cores, 1
+    from core.devstack import default_api_processes
+
+    return default_api_processes(), os.cpu_count() or 1, 1
 
 
 # ---------------------------------------------------------------- the run
@@ -237,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     database_url, finished = None, False
     try:
         peer = start_peer(bin_dir, workdir, args)
-        stack = argparse.Namespace(concurrency=children, worker_threads=threads, clients=args.clients)
+        stack = argparse.Namespace(
+            api_processes=api_processes, concurrency=children, worker_threads=threads, clients=args.clients
+        )
         base, tokens, database_url, _ = start_stack(
             stack,
             workdir,
@@ -245,7 +248,6 @@ def main(argv: list[str] | None = None) -> None:
             stopped,
             database=DATABASE,
             redis_db=REDIS_DB,
-            DERMQ_API_PROCESSES=str(api_processes),
             DERMQ_DEVICE="cpu",  # the peer has no GPU path; on a GPU machine this still compares CPU with CPU
             DERMQ_MODEL=args.model,
         )

@@ -20,7 +20,6 @@ and Redis database 12, as `make run` would. Measures:
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 import uuid
@@ -29,7 +28,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, table
+from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, stack_layout, table
 from tests import processes, support
 
 DATABASE = "dermq_bench"
@@ -41,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--idle", type=int, default=40, help="sequential cases for the idle latency")
     parser.add_argument("--backlog", type=int, default=200, help="cases queued before the worker starts")
+    parser.add_argument("--api-processes", type=int, default=1, help="API processes")
     parser.add_argument("--concurrency", type=int, default=1, help="worker child processes")
     parser.add_argument("--images", default=str(FIXTURE_IMAGES), help="folder of JPEGs to submit")
     parser.add_argument("--camera", action="store_true", help="submit 12-megapixel JPEGs (4000x3000) instead")
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         DERMQ_REDIS_URL="redis://127.0.0.1:6379/12",
         DERMQ_API_PORT=str(port),
         DERMQ_LOG_LEVEL="INFO",  # the worker's "ready." and "model loaded" lines, which start_worker waits for
+        DERMQ_API_PROCESSES=str(args.api_processes),
         DERMQ_WORKER_CONCURRENCY=str(args.concurrency),
     )
     settings, _, token = support.prepare_stack(env, f"bench-{uuid.uuid4().hex[:6]}")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         ["pipeline (one at a time) / raw", f"{rates['off'] / raw_rate:.0%}"],
     ]
     print(
-        f"dermq pipeline benchmark: {args.concurrency} worker child(ren), {os.cpu_count()} CPUs, "
+        f"dermq pipeline benchmark: {stack_layout(env)}, "
         f"{len(images)} distinct images ({'4000x3000' if args.camera else '300x225'} JPEG), Grad-CAM on"
     )
     print(table(["measure", "value"], rows))

@@ -35,6 +35,11 @@ def say(name: str, line: str) -> None:
     sys.stdout.flush()
 
 
+def default_api_processes() -> int:
+    """``make run``'s API processes: half the usable cores; the worker on this machine has the other half."""
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
 def run_step(args: list[str], env: dict[str, str]) -> None:
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)  # noqa: S603 - our own commands
     for line in (result.stdout + result.stderr).splitlines():
@@ -180,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     # generated Flower password); everything else defaults to production.
     os.environ.setdefault("DERMQ_ENVIRONMENT", "development")
     os.environ.setdefault("DERMQ_CALLBACK_ALLOW_PRIVATE_URLS", "true")  # a portal on this machine may listen
-    # API processes: half the cores, the worker on this machine has the other half
-    os.environ.setdefault("DERMQ_API_PROCESSES", str(max(1, len(os.sched_getaffinity(0)) // 2)))
+    os.environ.setdefault("DERMQ_API_PROCESSES", str(default_api_processes()))
     settings = get_settings()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env = prepare(settings, state_dir, env)

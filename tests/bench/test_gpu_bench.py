@@ -49,8 +49,13 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
         assert lines[0].startswith("dermq GPU benchmark on "), lines[0]
     else:
         assert lines[0].startswith("no GPU: CUDA is not available here"), lines[0]
-    assert lines[1].split() == ["measure", "batch", "throughput", "p50", "per", "batch"]
-    rows = [line.strip() for line in lines[3:]]
+    # the layout the pipeline row ran, as the API and the worker resolved it
+    assert re.match(
+        r"^pipeline layout: 1 API process, 1 worker child x \d+ threads? on \d+ CPUs, DERMQ_DEVICE=(cpu|cuda)$",
+        lines[1],
+    ), lines[1]
+    assert lines[2].split() == ["measure", "batch", "throughput", "p50", "per", "batch"]
+    rows = [line.strip() for line in lines[4:]]
 
     measured = [m for m in map(THROUGHPUT.match, rows) if m]
     assert [int(m.group(2)) for m in measured] == ([1, 8, 32, 128] if gpu else [1, 8, 32])

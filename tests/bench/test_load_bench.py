@@ -34,6 +34,8 @@ def test_a_short_load_run_tallies_every_case_once() -> None:
         client.flushdb()
         client.close()
     assert run.returncode == 0, run.stderr[-3000:]
+    # the layout it ran, set for its stack and resolved as the API and the worker resolve it
+    assert "own stack: 1 API process, 1 worker child x 1 thread on " in run.stdout.splitlines()[0], run.stdout
     accepted = int(_value(run.stdout, "accepted (202, or 201 finished within ?wait=)"))
     assert accepted > 0 and int(_value(run.stdout, "completed (succeeded or failed, seen by the portal)")) == accepted
     for measure in ("lost (accepted, never ended in Postgres)", "duplicated (extra cases + cases with >1 result)"):

@@ -261,3 +261,9 @@ def test_beat_schedule_file_is_on_a_volume() -> None:
     command = m.compose_command(beat) or []
     schedule = Path(command[command.index("--schedule") + 1])
     assert any(v.endswith(f":{schedule.parent}") for v in beat["volumes"]), "beat's schedule must survive restarts"
+
+
+def test_the_api_runs_several_processes_the_operator_may_change() -> None:
+    # more than one by default (the host's worker has cores of its own), and set from the host's environment
+    processes = m.compose_services()["api"]["environment"]["DERMQ_API_PROCESSES"]
+    assert processes == "${DERMQ_API_PROCESSES:-2}"

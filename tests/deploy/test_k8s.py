@@ -362,3 +362,10 @@ def test_secret_templates_carry_the_keys_the_pods_mount() -> None:
     ingress = m.k8s_object("Ingress", "dermq")
     for tls in ingress["spec"]["tls"]:
         assert tls["secretName"] in templates
+
+
+def test_the_api_runs_one_process_per_cpu_of_its_limit() -> None:
+    (api,) = [w for w in m.workloads() if w.component == "api"]
+    (container,) = api.containers
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert int(env["DERMQ_API_PROCESSES"]) == int(container["resources"]["limits"]["cpu"])
