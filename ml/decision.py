@@ -31,6 +31,13 @@ REASON_PROBABILITY = "concerning_probability"
 REASON_UNCERTAINTY = "high_uncertainty"
 
 
+_REASONS = (REASON_LABEL, REASON_PROBABILITY, REASON_UNCERTAINTY)
+#: the reasons of each combination of the three tests, indexed label * 4 + probability * 2 + uncertainty
+_REASON_SETS = tuple(
+    tuple(reason for bit, reason in zip((4, 2, 1), _REASONS, strict=True) if i & bit) for i in range(8)
+)
+
+
 @dataclass(frozen=True, slots=True)
 class DecisionPolicy:
     calibration: Calibration = field(default_factory=Calibration)
@@ -61,20 +68,20 @@ class DecisionPolicy:
     def concerning_probability(probabilities: np.ndarray) -> np.ndarray:
         return probabilities[:, CONCERNING_INDEX].sum(axis=1)
 
-    def referral_reasons(self, probabilities: np.ndarray, labels: np.ndarray) -> list[tuple[str, ...]]:
-        concerning = self.concerning_probability(probabilities)
-        uncertainty = self.uncertainty(probabilities)
-        reasons: list[tuple[str, ...]] = []
-        for label, p, u in zip(labels, concerning, uncertainty, strict=True):
-            why = []
-            if int(label) in CONCERNING_INDEX:
-                why.append(REASON_LABEL)
-            if p >= self.referral_threshold:
-                why.append(REASON_PROBABILITY)
-            if u >= self.uncertainty_threshold:
-                why.append(REASON_UNCERTAINTY)
-            reasons.append(tuple(why))
-        return reasons
+    def referral_reasons(
+        self, probabilities: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray | None = None
+    ) -> list[tuple[str, ...]]:
+        """Each row's reasons to refer, in :data:`_REASONS` order: the three tests run over the whole
+        batch as arrays, then each row's tuple is looked up by which of them it met. ``uncertainty``:
+        :meth:`uncertainty` of ``probabilities``, where the caller has it already."""
+        if uncertainty is None:
+            uncertainty = self.uncertainty(probabilities)
+        met = (
+            np.isin(np.asarray(labels), CONCERNING_INDEX).astype(np.intp) * 4
+            + (self.concerning_probability(probabilities) >= self.referral_threshold) * 2
+            + (uncertainty >= self.uncertainty_threshold)
+        )
+        return [_REASON_SETS[i] for i in met.tolist()]
 
     def referrals(self, probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return np.array([bool(r) for r in self.referral_reasons(probabilities, labels)], dtype=bool)

@@ -333,7 +333,7 @@ class Predictor:
         probabilities = self.policy.probabilities(logits)
         labels = self.policy.labels(probabilities)
         uncertainty = self.policy.uncertainty(probabilities)
-        reasons = self.policy.referral_reasons(probabilities, labels)
+        reasons = self.policy.referral_reasons(probabilities, labels, uncertainty)
         out = []
         for p, label, u, why, odd in zip(probabilities, labels, uncertainty, reasons, gated, strict=True):
             out.append(

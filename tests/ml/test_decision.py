@@ -63,6 +63,30 @@ def test_referral_reasons() -> None:
     assert policy.referrals(probabilities, labels).tolist() == [False, True, True, True]
 
 
+def test_referral_reasons_over_a_batch_are_each_rows_own() -> None:
+    # every combination of the three tests, in one batch, against the rule applied row by row
+    policy = DecisionPolicy(referral_threshold=0.3, uncertainty_threshold=0.5)
+    rng = np.random.default_rng(5)
+    probabilities = rng.dirichlet(np.full(len(CLASSES), 0.4), size=400)
+    labels = rng.integers(0, len(CLASSES), size=400)  # any label with any probabilities: every combination
+    concerning, uncertainty = policy.concerning_probability(probabilities), policy.uncertainty(probabilities)
+    expected = [
+        tuple(
+            reason
+            for reason, met in (
+                (REASON_LABEL, CLASSES[int(label)] in ("mel", "bcc", "akiec")),
+                (REASON_PROBABILITY, p >= 0.3),
+                (REASON_UNCERTAINTY, u >= 0.5),
+            )
+            if met
+        )
+        for label, p, u in zip(labels, concerning, uncertainty, strict=True)
+    ]
+    assert policy.referral_reasons(probabilities, labels) == expected
+    assert len(set(expected)) == 8  # each of the eight combinations occurs
+    assert policy.referral_reasons(probabilities[:0], labels[:0]) == []
+
+
 def test_policy_round_trip() -> None:
     policy = DecisionPolicy(Calibration(1.3, (0.1,) * 7), tuple([1 / 7] * 7), 0.25, 0.7)
     assert DecisionPolicy.from_dict(policy.to_dict()) == policy

@@ -164,3 +164,31 @@ def test_the_stored_gate_flags_what_the_fitted_one_measured() -> None:
     reloaded = ood.OODGate.from_arrays(gate.arrays(), gate.thresholds)
     flagged = reloaded.reasons(reloaded.scores(_lesion_like(np.random.default_rng(3), 200), val_logits, val_features))
     assert np.mean([bool(r) for r in flagged]) <= 0.05
+
+
+def test_the_gate_s_reasons_over_a_batch_are_each_rows_own() -> None:
+    thresholds = {"contrast": 10.0, "noise": 0.2, "colour": 40.0, "energy": -2.0, "distance": 1000.0}
+    gate = ood.OODGate(
+        mean=np.zeros(4), whiten=np.eye(4), class_means=np.zeros((7, 4)), colour_mean=np.zeros(9),
+        colour_whiten=np.eye(9), thresholds=thresholds,
+    )  # fmt: skip
+    rng = np.random.default_rng(9)
+    n = 500
+    scores = {
+        "contrast": rng.uniform(0, 20, n),
+        "noise": rng.uniform(0, 0.4, n),
+        "colour": rng.uniform(0, 80, n),
+        "energy": rng.uniform(-4, 0, n),
+        "distance": rng.uniform(0, 2000, n),
+    }
+    flagged = {
+        "blank": scores["contrast"] < 10.0,
+        "noise": scores["noise"] > 0.2,
+        "colour": scores["colour"] > 40.0,
+        "energy": scores["energy"] > -2.0,
+        "feature_distance": scores["distance"] > 1000.0,
+    }
+    expected = [tuple(r for r in ood.REASONS if flagged[r][i]) for i in range(n)]
+    assert gate.reasons(scores) == expected
+    assert len(set(expected)) > 20  # most of the 32 combinations occur
+    assert gate.reasons({k: v[:0] for k, v in scores.items()}) == []
