@@ -157,30 +157,45 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
         raise
 
     def check(session: Session) -> keys.Principal:
-        # The attempt is counted before the key is checked and given back if it succeeds: however many
-        # guesses arrive at once, no more than the limit are ever checked.
         bucket = failure_bucket(actor.source_ip, token)
-        reserved = app.limiter.hit(bucket, limit, failures=True)
-        if not reserved.allowed:
-            raise _too_many_failures(reserved.retry_after)
+        state = app.limiter.check(bucket, limit, failures=True)
+        if not state.allowed:
+            raise _too_many_failures(state.retry_after)
+        # Once this address has failed with this key, each further attempt is counted before the key
+        # is checked (and given back unless it fails): guesses sent at once are checked no more often
+        # than the limit. A key with no failures is checked without it, so a burst of valid logins
+        # (a cold cache after any key change) is never refused.
+        reserved = state.used
+        if reserved:
+            counted = app.limiter.hit(bucket, limit, failures=True)
+            if not counted.allowed:
+                raise _too_many_failures(counted.retry_after)
         try:
             principal = keys.authenticate(session, app.keyring, token)
         except keys.NoSuchKey as exc:
             # a prefix no key has counts against the address: inventing prefixes gains no fresh budget
             garbage = failure_bucket(actor.source_ip, None)
-            if garbage != bucket:
-                app.limiter.refund(bucket, limit, failures=True)
+            if garbage != bucket or not reserved:
+                if reserved:
+                    app.limiter.refund(bucket, limit, failures=True)
                 counted = app.limiter.hit(garbage, limit, failures=True)
                 if not counted.allowed:
                     raise _too_many_failures(counted.retry_after) from None
             exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
             raise
         except Unauthorized as exc:
+            if not reserved:
+                app.limiter.hit(bucket, limit, failures=True)
             exc.audit = exc.audit or audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code})
+            raise
+        except BaseException:  # the database, not the key, failed: that is no failed login
+            if reserved:
+                app.limiter.refund(bucket, limit, failures=True)
             raise
         finally:
             session.rollback()  # nothing written: no connection stays idle in a transaction (an upload's read follows)
-        app.limiter.refund(bucket, limit, failures=True)
+        if reserved:
+            app.limiter.refund(bucket, limit, failures=True)
         if token is not None:
             app.key_cache.remember(token, principal, generation)
         return principal

@@ -112,9 +112,11 @@ class Listener:
             try:
                 connection = self._connect()
                 self._fd = connection.fileno()
+                # whatever changed while nobody listened: forgotten before anything may trust the
+                # cache again (KeyCache.unchanged_since, a key remembered during the outage)
+                self._keys_changed()
                 self._listening.set()
                 backoff = 0.5
-                self._keys_changed()  # whatever changed while nobody listened
                 self._cases_ended([])
                 while not self._stop.is_set():
                     if select.select([connection], [], [], 1.0) == ([], [], []):

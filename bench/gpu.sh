@@ -14,8 +14,10 @@ if nvidia-smi -L > /dev/null 2>&1 && ! "$py" -c 'import onnxruntime as o, sys; s
     wheels=$(mktemp -d)
     # fetched before anything is removed: a host that cannot reach PyPI keeps its ONNX Runtime
     if "$py" -m pip download -q --no-deps -d "$wheels" "onnxruntime-gpu==$version"; then
-        "$py" -m pip uninstall -q -y onnxruntime
-        "$py" -m pip install -q --no-deps "$wheels"/onnxruntime_gpu-*.whl
+        # both distributions share the onnxruntime package: remove both, then install the CUDA build
+        # even if pip believes it is there (a later `make install` writes the CPU build over it)
+        "$py" -m pip uninstall -q -y onnxruntime onnxruntime-gpu
+        "$py" -m pip install -q --no-deps --force-reinstall "$wheels"/onnxruntime_gpu-*.whl
     else
         echo "onnxruntime-gpu $version could not be fetched: the ONNX Runtime CUDA rows will say so" >&2
     fi

@@ -51,8 +51,10 @@ PEEK = (
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local allow_at = tat + tonumber(ARGV[1]) - tonumber(ARGV[2])
-if allow_at > now then return {0, math.ceil((allow_at - now) / 1000)} end
-return {1, 0}
+local used = 0
+if tat > now then used = 1 end
+if allow_at > now then return {0, math.ceil((allow_at - now) / 1000), used} end
+return {1, 0, used}
 """
 )
 
@@ -61,6 +63,8 @@ return {1, 0}
 class Decision:
     allowed: bool
     retry_after: int  # whole seconds, >= 1 when refused
+    #: (from a check) the bucket holds requests counted and not yet recovered
+    used: bool = False
 
 
 class LocalLimiter:
@@ -98,11 +102,19 @@ class LocalLimiter:
                 self._tat[bucket] = max(self._tat[bucket], now) - 60.0 / per_minute
 
     def check(self, bucket: str, per_minute: int) -> Decision:
-        return self._decide(bucket, per_minute, 0)
+        decision = self._decide(bucket, per_minute, 0)
+        with self._lock:
+            used = self._tat.get(bucket, 0.0) > time.monotonic()
+        return Decision(decision.allowed, decision.retry_after, used)
 
 
 class RateLimiter:
-    def __init__(self, client: redis.Redis, prefix: str = "dermq:rl:") -> None:
+    #: Buckets hold microseconds since the limits kept them (``us``): a release that kept milliseconds
+    #: under ``dermq:rl:`` would read these as 1000 times later (an answer of 429 for years) while both
+    #: serve during a rolling deploy, so the two never share a key.
+    PREFIX = "dermq:rl:us:"
+
+    def __init__(self, client: redis.Redis, prefix: str = PREFIX) -> None:
         self.client = client
         self.prefix = prefix
         self._hit = client.register_script(GCRA)
@@ -140,7 +152,7 @@ class RateLimiter:
         """Would one more request pass? (Does not count one.) Without Redis: as :meth:`hit` says."""
         interval, tolerance = self._args(per_minute)
         try:
-            allowed, wait_ms = self._peek(keys=[self.prefix + bucket], args=[interval, tolerance])
+            allowed, wait_ms, used = self._peek(keys=[self.prefix + bucket], args=[interval, tolerance])
         except redis.RedisError:
             return self.local.check(bucket, per_minute) if failures else Decision(True, 0)
-        return Decision(bool(allowed), 0 if allowed else max(1, math.ceil(int(wait_ms) / 1000)))
+        return Decision(bool(allowed), 0 if allowed else max(1, math.ceil(int(wait_ms) / 1000)), bool(used))

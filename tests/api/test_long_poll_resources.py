@@ -55,6 +55,13 @@ def cases_of(settings, tenant: Tenant) -> list[uuid.UUID]:  # type: ignore[no-un
         return list(session.scalars(select(Case.id).where(Case.clinic_id == tenant.clinic_id)))
 
 
+def case_of(settings, tenant: Tenant) -> uuid.UUID:  # type: ignore[no-untyped-def]
+    """The clinic's one case, once its submission has committed it (a waiting submission's ticket is
+    taken just before that commit)."""
+    (case_id,) = support.wait_for(lambda: cases_of(settings, tenant) or None, timeout=20, what="the case's commit")
+    return case_id
+
+
 def events(settings, action: str, entity_id: str | None = None, key_id: uuid.UUID | None = None) -> list[AuditEvent]:  # type: ignore[no-untyped-def]
     with session_scope(settings) as session:
         query = select(AuditEvent).where(AuditEvent.action == action)
@@ -119,8 +126,7 @@ def test_waiting_submissions_keep_none_of_their_uploads(waiting_client: TestClie
             held = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*/api/upload.py")])
             bytes_held = sum(stat.size for stat in held.statistics("filename"))
             for tenant in tenants:
-                (case_id,) = cases_of(settings, tenant)
-                end_case(settings, case_id)
+                end_case(settings, case_of(settings, tenant))
             answers = [f.result(timeout=30) for f in futures]
     finally:
         tracemalloc.stop()
@@ -157,7 +163,7 @@ def test_a_key_revoked_while_its_submission_waits_gets_no_answer(
     with ThreadPoolExecutor(1) as pool:
         post = lambda: waiting_client.post("/v1/cases?wait=25", headers=tenant.headers, files=files)  # noqa: E731
         (future,) = start_one_by_one(pool, waiting_client, [post])
-        (case_id,) = cases_of(settings, tenant)
+        case_id = case_of(settings, tenant)
         revoke(settings, tenant)
         end_case(settings, case_id)
         answer = future.result(timeout=30)

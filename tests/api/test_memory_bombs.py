@@ -17,6 +17,7 @@ import pytest
 import redis
 from PIL import Image
 
+from core.ratelimit import RateLimiter
 from tests import processes, support
 
 BUDGET_MIB = 256
@@ -161,7 +162,7 @@ def test_an_unfinished_upload_holds_no_database_connection(
         upload = _start_upload(base, slow, body, content_type)
         try:
             # authenticated, then counted against its key's limit: now it waits for the rest of its body
-            counted = f"dermq:rl:submit:{slow.key_id}"
+            counted = f"{RateLimiter.PREFIX}submit:{slow.key_id}"
             with redis.Redis.from_url(env["DERMQ_REDIS_URL"]) as broker:
                 support.wait_for(lambda: broker.exists(counted), timeout=20, what="the upload to be authenticated")
             with httpx.Client(base_url=base, timeout=30) as http:
