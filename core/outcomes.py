@@ -132,7 +132,7 @@ def seal_plain_diagnoses(session: Session, keyring: Keyring, *, limit: int = 500
         .join(Case, Case.id == ConfirmedOutcome.case_id)
         .where(ConfirmedOutcome.diagnosis.is_not(None))
         .limit(limit)
-        .with_for_update(of=[ConfirmedOutcome, Case], skip_locked=True)
+        .with_for_update(of=[Case, ConfirmedOutcome], skip_locked=True)
     ).all()
     for case_id, diagnosis in legacy:
         case = session.get(Case, case_id)

@@ -183,7 +183,7 @@ def seal_plain_results(session: Session, keyring: Keyring, *, limit: int = BATCH
         .join(Case, Case.id == Result.case_id)
         .where(Result.ood_reasons.is_not(None))
         .limit(limit)
-        .with_for_update(of=[Result, Case], skip_locked=True)
+        .with_for_update(of=[Case, Result], skip_locked=True)  # the case first: a case skipped locks nothing
     ).all()
     if not legacy:
         return 0

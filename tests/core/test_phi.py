@@ -247,27 +247,34 @@ def test_a_sealing_passes_over_a_case_being_erased_instead_of_deadlocking_with_i
 
     case_id = store_case(tenant, b"an old diagnosis, being erased")
     legacy_result(settings, case_id, LEGACY_DIAGNOSIS)
+    sealed, finish = threading.Event(), threading.Event()
     with session_scope(settings) as erasing:
         case = erasing.get(Case, case_id, with_for_update=True)  # what the erasure route locks first
         failures: list[BaseException] = []
-        sealer = threading.Thread(target=_seal_results, args=(settings, keyring, failures))
+        sealer = threading.Thread(target=_seal_results, args=(settings, keyring, failures, sealed, finish))
         sealer.start()
-        sealer.join(20)
         # waiting on the case while holding its result, the sealing would deadlock with the purge below
         # (or, first, run out of its lock_timeout)
-        assert not sealer.is_alive() and not failures, f"the sealing waited for the case the erasure holds: {failures}"
-        retention.purge_case(erasing, case, actor=audit.SYSTEM, reason="erasure")
+        assert sealed.wait(20) and not failures, f"the sealing waited for the case the erasure holds: {failures}"
+        try:  # the sealing's transaction still open: it holds no lock on this case's rows either
+            retention.purge_case(erasing, case, actor=audit.SYSTEM, reason="erasure")
+        finally:
+            finish.set()
+            sealer.join(20)
     with session_scope(settings) as session:
         assert session.get(Case, case_id).status == CaseStatus.PURGED.value
         assert session.scalars(select(CaseBlob.kind).where(CaseBlob.case_id == case_id)).all() == []
 
 
-def _seal_results(settings, keyring, failures: list[BaseException]) -> None:  # type: ignore[no-untyped-def]
+def _seal_results(settings, keyring, failures: list[BaseException], sealed, finish) -> None:  # type: ignore[no-untyped-def]
     try:
         with session_scope(settings) as session:
             results.seal_plain_results(session, keyring)
+            sealed.set()
+            finish.wait(30)  # commits only once told
     except Exception as exc:
         failures.append(exc)
+        sealed.set()
 
 
 def _erase(settings, case_id: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
