@@ -99,8 +99,7 @@ class RequestDb:
         """Commit the work so far, close the Session and give the thread back, in one hop: for a
         request about to wait without the database (a long poll), which then holds no thread, Session
         or connection. A later :meth:`run` takes a thread and starts a Session again."""
-        if self._thread is not None:
-            await self.finish(commit=True)
+        await self.finish(commit=True)
 
     async def _on_thread(self, thread: ThreadPoolExecutor, work: Callable[[Session], T]) -> T:
         """``work(session)`` on ``thread``, in a copy of the caller's context (its log fields)."""

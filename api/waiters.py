@@ -23,13 +23,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 
-from sqlalchemy.orm import Session
-
 from api.db import RequestDb
 from api.listener import Listener
 from core import case_reads
 from core.keys import Principal
-from core.models import CaseStatus
 
 #: The longest ``?wait=`` a request may ask for: well below the proxies' 90 s read timeout.
 MAX_WAIT_SECONDS = 30.0
@@ -133,7 +130,9 @@ async def wait_for_end(
         while True:
             if look:
                 # the look's transaction ends and its thread goes back before the wait
-                status = await db.run(lambda session: _look(session, principal, case_id), last=True)
+                status = await db.run(
+                    lambda session: case_reads.peek_status(session, principal=principal, case_id=case_id), last=True
+                )
                 if status is None or status.terminal:
                     return
             left = deadline - time.monotonic()
@@ -143,7 +142,3 @@ async def wait_for_end(
             if ticket.announced:
                 return  # committed: the read that follows finds it ended
             look = True
-
-
-def _look(session: Session, principal: Principal, case_id: uuid.UUID) -> CaseStatus | None:
-    return case_reads.peek_status(session, principal=principal, case_id=case_id)

@@ -97,12 +97,10 @@ def stack_layout(env: Mapping[str, str]) -> str:
     import os
 
     from api.app import api_processes
-    from core.config import Settings
-    from tests.support import environment
+    from tests.support import settings_for
     from worker.runtime import threads_per_child, worker_concurrency
 
-    with environment({k: v for k, v in env.items() if k.startswith("DERMQ_")}):
-        settings = Settings()
+    settings = settings_for(env)
     api, children = api_processes(settings), worker_concurrency(settings)
     threads = threads_per_child(settings)
     return (

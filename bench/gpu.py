@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import FIXTURE_IMAGES, ms, p50, percentile, stack_layout, table, timed
-from core.config import Settings
 from tests import processes, support
 
 DATABASE = "dermq_bench_gpu"
@@ -248,8 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"pipeline layout: {stack_layout(env)}, DERMQ_DEVICE={device}")
     # the model's rows first, needing neither Postgres nor Redis: a GPU host without them still gets them
-    with support.environment(env):
-        settings = Settings()
+    settings = support.settings_for(env)
     rows = model_rows(settings, device, repeats)
     if gpu:
         torch.cuda.empty_cache()  # the measured predictor is gone; the pipeline's worker loads its own

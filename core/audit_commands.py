@@ -47,8 +47,7 @@ def latest_checkpoint(settings: Settings, verifiers: Sequence[checkpoint.Verifie
         stored = audit_log.latest_checkpoint(session)
     if stored is None:
         return None
-    checkpoint.parse(stored.note, known)
-    signer = next(v for v in known if _signed_by(stored.note, v))
+    _, signer = checkpoint.verified(stored.note, known)
     return {
         "size": stored.size,
         "root": audit_log.root_b64(stored.root),
@@ -56,14 +55,6 @@ def latest_checkpoint(settings: Settings, verifiers: Sequence[checkpoint.Verifie
         "checkpoint": stored.note,
         "verifier_key": signer.encode(),
     }
-
-
-def _signed_by(note: str, verifier: checkpoint.Verifier) -> bool:
-    try:
-        checkpoint.parse(note, [verifier])
-    except checkpoint.CheckpointError:
-        return False
-    return True
 
 
 def describe(report: audit_verify.LogReport) -> str:

@@ -151,6 +151,11 @@ def _parse_time(stamp: str) -> datetime:
 
 def parse(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> Checkpoint:
     """Parse a signed checkpoint and require a valid signature by one of ``verifiers``."""
+    return verified(note, verifiers)[0]
+
+
+def verified(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> tuple[Checkpoint, Verifier]:
+    """:func:`parse`, and which of ``verifiers`` signed the note."""
     body, sep, signatures = note.partition("\n\n")
     if not sep or not body:
         raise CheckpointError("not a signed note: no blank line between the text and its signatures")
@@ -178,7 +183,7 @@ def parse(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> Checkp
             continue
         verifier = by_id.get((name, raw[:4]))
         if verifier is not None and verifier.verify(body.encode(), raw[4:]):
-            return Checkpoint(lines[0], size, root, when)
+            return Checkpoint(lines[0], size, root, when), verifier
     raise CheckpointError("no signature on this checkpoint verifies with a known audit signing key")
 
 

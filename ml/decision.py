@@ -16,6 +16,8 @@ can never disagree. The parameters live in the manifest's ``decision`` section.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +33,25 @@ REASON_PROBABILITY = "concerning_probability"
 REASON_UNCERTAINTY = "high_uncertainty"
 
 
-_REASONS = (REASON_LABEL, REASON_PROBABILITY, REASON_UNCERTAINTY)
-#: the reasons of each combination of the three tests, indexed label * 4 + probability * 2 + uncertainty
-_REASON_SETS = tuple(
-    tuple(reason for bit, reason in zip((4, 2, 1), _REASONS, strict=True) if i & bit) for i in range(8)
-)
+REFERRAL_REASONS = (REASON_LABEL, REASON_PROBABILITY, REASON_UNCERTAINTY)
+
+
+def reasons_by_row(flags: Sequence[np.ndarray], reasons: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Each row's reasons, in the order of ``reasons``: those whose flag (one boolean array over the
+    rows per reason) the row meets. The flags are combined into one number per row, whose tuple is
+    looked up: no Python test per row and reason."""
+    met = np.zeros(np.shape(flags[0]), dtype=np.intp)
+    for flag in flags:
+        met = (met << 1) | np.asarray(flag, dtype=np.intp)
+    table = _combinations(reasons)
+    return [table[i] for i in np.atleast_1d(met).tolist()]
+
+
+@functools.cache
+def _combinations(reasons: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """The reasons of every combination of flags, indexed by the flags as bits (the first the highest)."""
+    n = len(reasons)
+    return tuple(tuple(r for bit, r in enumerate(reasons) if i >> (n - 1 - bit) & 1) for i in range(1 << n))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,17 +87,17 @@ class DecisionPolicy:
     def referral_reasons(
         self, probabilities: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray | None = None
     ) -> list[tuple[str, ...]]:
-        """Each row's reasons to refer, in :data:`_REASONS` order: the three tests run over the whole
-        batch as arrays, then each row's tuple is looked up by which of them it met. ``uncertainty``:
-        :meth:`uncertainty` of ``probabilities``, where the caller has it already."""
+        """Each row's reasons to refer, in :data:`REFERRAL_REASONS` order, the three tests run over the
+        whole batch (:func:`reasons_by_row`). ``uncertainty``: :meth:`uncertainty` of
+        ``probabilities``, where the caller has it already."""
         if uncertainty is None:
             uncertainty = self.uncertainty(probabilities)
-        met = (
-            np.isin(np.asarray(labels), CONCERNING_INDEX).astype(np.intp) * 4
-            + (self.concerning_probability(probabilities) >= self.referral_threshold) * 2
-            + (uncertainty >= self.uncertainty_threshold)
+        flags = (
+            np.isin(np.asarray(labels), CONCERNING_INDEX),
+            self.concerning_probability(probabilities) >= self.referral_threshold,
+            uncertainty >= self.uncertainty_threshold,
         )
-        return [_REASON_SETS[i] for i in met.tolist()]
+        return reasons_by_row(flags, REFERRAL_REASONS)
 
     def referrals(self, probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return np.array([bool(r) for r in self.referral_reasons(probabilities, labels)], dtype=bool)

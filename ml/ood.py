@@ -29,15 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from ml.decision import reasons_by_row
 from ml.labels import NUM_CLASSES
 
 REASONS = ("blank", "noise", "colour", "energy", "feature_distance")
 #: validation quantiles of each score's threshold (low side for contrast, high side for the rest);
 #: the union flags about 1-1.5% of validation lesions
-#: the reasons of each combination of flags, indexed by the flags as bits (REASONS[0] the highest)
-_REASON_SETS = tuple(
-    tuple(r for bit, r in enumerate(REASONS) if i & (1 << (len(REASONS) - 1 - bit))) for i in range(1 << len(REASONS))
-)
 QUANTILES = {"contrast": 0.002, "noise": 0.997, "colour": 0.997, "energy": 0.998, "distance": 0.995}
 COMPONENTS = 512
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -185,8 +182,7 @@ class OODGate:
             scores["energy"] > t["energy"],
             scores["distance"] > t["distance"],
         )
-        met = sum(np.asarray(flag, dtype=np.intp) << (len(REASONS) - 1 - bit) for bit, flag in enumerate(flags))
-        return [_REASON_SETS[i] for i in np.atleast_1d(met).tolist()]
+        return reasons_by_row(flags, REASONS)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What the registry stores in ``ood.safetensors`` (the whitening map float16, the rest float32)."""

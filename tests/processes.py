@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.support import ROOT, VENV_BIN, environment, free_port, wait_for
+from tests.support import ROOT, VENV_BIN, free_port, settings_for, wait_for
 
 
 class Process:
@@ -57,11 +57,9 @@ class Worker(Process):
     inspect) and its Prometheus metrics."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path, hostname: str) -> None:
-        from core.config import Settings
         from core.publisher import make_publisher
 
-        with environment(env):
-            settings = Settings()
+        settings = settings_for(env)
         self.control_app = make_publisher(settings)
         # a control call's broadcast goes out on the call's own connection (see _connection), not through
         # kombu's process-wide producer pool

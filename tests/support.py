@@ -10,13 +10,16 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -128,7 +131,6 @@ def prepare_stack(env: dict[str, str], clinic_name: str) -> PreparedStack:
     import redis
 
     from core import clinics, keys
-    from core.config import Settings
     from core.crypto import Keyring, load_keyring, write_key_file
     from core.db import session_scope
     from core.models import Role
@@ -137,8 +139,7 @@ def prepare_stack(env: dict[str, str], clinic_name: str) -> PreparedStack:
     recreate_database(env["DERMQ_DATABASE_URL"])
     migrate(env["DERMQ_DATABASE_URL"])
     redis.Redis.from_url(env["DERMQ_REDIS_URL"]).flushdb()
-    with environment(env):
-        settings = Settings()
+    settings = settings_for(env)
     with session_scope(settings) as session:
         clinic = clinics.create_clinic(session, clinic_name)
         _, token = keys.create_key(session, load_keyring(settings), role=Role.CLINIC, clinic_id=clinic.id)
@@ -216,8 +217,16 @@ def multipart(
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def settings_for(env: Mapping[str, str]) -> Settings:
+    """The Settings a process started with ``env`` (over this process's environment) reads."""
+    from core.config import Settings
+
+    with environment(env):
+        return Settings()
+
+
 @contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
+def environment(env: Mapping[str, str]) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -19,13 +19,18 @@ from tests import support
 from tests.conftest import Tenant
 
 
+def end_case(settings, case_id: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
+    """End a queued case from another connection, as the sweeper would."""
+    with session_scope(settings) as session:
+        case_states.fail_case(session, case_id=case_id, attempt=None, code="timeout", message="test ending")
+
+
 def fail_later(settings, case_id: uuid.UUID, delay: float) -> threading.Thread:  # type: ignore[no-untyped-def]
-    """End a queued case from another connection after ``delay`` seconds (as the sweeper would)."""
+    """:func:`end_case` after ``delay`` seconds, on a thread of its own."""
 
     def end() -> None:
         time.sleep(delay)
-        with session_scope(settings) as session:
-            case_states.fail_case(session, case_id=case_id, attempt=None, code="timeout", message="test ending")
+        end_case(settings, case_id)
 
     thread = threading.Thread(target=end)
     thread.start()

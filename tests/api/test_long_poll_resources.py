@@ -19,10 +19,11 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from api.app import create_app
-from core import case_states, keys
+from core import keys
 from core.db import session_scope
 from core.models import AuditEvent, Case
 from tests import support
+from tests.api.test_long_poll import end_case
 from tests.conftest import Tenant
 
 
@@ -43,11 +44,6 @@ def waiting(http: TestClient) -> int:
 
 def request_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name.startswith("dermq-request"))
-
-
-def end_case(settings, case_id: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
-    with session_scope(settings) as session:
-        case_states.fail_case(session, case_id=case_id, attempt=None, code="timeout", message="test ending")
 
 
 def cases_of(settings, tenant: Tenant) -> list[uuid.UUID]:  # type: ignore[no-untyped-def]
