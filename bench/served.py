@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from bench.common import FIXTURE_IMAGES, interleaved, ms, p50, percentile, table
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args(argv)
 
+    # a worker child gives torch its thread budget too (worker.runtime): the resampler of entries that
+    # name PyTorch's (ml.preprocess) runs on these threads, not on every core
+    torch.set_num_threads(args.threads)
     predictor = Predictor.load(args.model, device="cpu", threads=args.threads)
     if not isinstance(predictor.backend, OnnxBackend):
         raise SystemExit(f"{args.model} serves {predictor.backend.name}; this compares against an ONNX graph")

@@ -45,7 +45,9 @@ def load_teacher(source: str) -> tuple[nn.Module, models.Preprocessing]:
     saved = read_config(folder / "config.json")
     net = models.create(saved["arch"], NUM_CLASSES)
     net.load_state_dict(load_file(str(folder / CHECKPOINT)))
-    prep = models.preprocessing_for(net, saved["input_size"], saved.get("colour_constancy", "none"))
+    prep = models.preprocessing_for(
+        net, saved["input_size"], saved.get("colour_constancy", "none"), saved.get("interpolation", "")
+    )
     return net.eval().requires_grad_(False), prep
 
 

@@ -80,7 +80,7 @@ def finalize(config: TrainConfig) -> Path:
     workdir = Path(config.workdir)
     split = load_split(config)
     net = load_checkpoint(config)
-    prep = models.preprocessing_for(net, tuple(config.input_size), config.colour_constancy)  # type: ignore[arg-type]
+    prep = models.preprocessing_for(net, tuple(config.input_size), config.colour_constancy, config.interpolation)  # type: ignore[arg-type]
     history = json.loads((workdir / "history.json").read_text()) if (workdir / "history.json").exists() else []
     train_counts = np.bincount([s.label for s in split.train], minlength=len(CLASSES)).astype(float)
     prior = np.maximum(train_counts, 1) / np.maximum(train_counts, 1).sum()
@@ -100,7 +100,7 @@ def finalize(config: TrainConfig) -> Path:
     print("finalize: training-image features for the out-of-distribution gate", flush=True)
     _, train_features, train_pixels = _outputs(shipped, split.train)
     gate = ood.fit(train_features, np.array([s.label for s in split.train]), train_pixels, val_pixels,
-                   val_logits, val_features)  # fmt: skip
+                   val_logits, val_features, stride=config.gate_stride)  # fmt: skip
     val_flagged = float(np.mean([bool(r) for r in gate.reasons(gate.scores(val_pixels, val_logits, val_features))]))
 
     manifest = registry.read_manifest(out)
@@ -122,6 +122,8 @@ def finalize(config: TrainConfig) -> Path:
         "environment": _training_environment(workdir),
         "finalized_in": describe_environment(device="cpu", precision="float32"),
     }
+    if (workdir / "refit.json").exists():  # ml.refit: another entry's weights, fitted again (not trained)
+        manifest["training"]["refit_of"] = json.loads((workdir / "refit.json").read_text())
     manifest["cross_validation"] = _cross_validation(config)
     manifest["serving_precision"] = "float32 on every device: the precision every threshold was fitted in"
     registry.write_json_atomic(out / registry.MANIFEST, manifest)

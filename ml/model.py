@@ -86,14 +86,18 @@ def create(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
 
 
-def preprocessing_for(model: nn.Module, input_size: tuple[int, int], colour_constancy: str = "none") -> Preprocessing:
-    """Normalisation and interpolation from the model's own timm data config."""
+def preprocessing_for(
+    model: nn.Module, input_size: tuple[int, int], colour_constancy: str = "none", interpolation: str = ""
+) -> Preprocessing:
+    """Normalisation from the model's own timm data config; interpolation from it too (bilinear or
+    bicubic) unless given (one of :data:`ml.preprocess.INTERPOLATIONS`, which checks it)."""
     config = timm.data.resolve_data_config({}, model=model)
     mean = tuple(float(x) for x in config["mean"])
     std = tuple(float(x) for x in config["std"])
-    interpolation = str(config.get("interpolation", "bilinear"))
-    if interpolation not in ("bilinear", "bicubic"):
-        interpolation = "bilinear"
+    if not interpolation:
+        interpolation = str(config.get("interpolation", "bilinear"))
+        if interpolation not in ("bilinear", "bicubic"):
+            interpolation = "bilinear"
     return Preprocessing(
         input_size=input_size,
         mean=mean,  # type: ignore[arg-type]

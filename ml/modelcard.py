@@ -83,6 +83,12 @@ def _teacher_text(teacher: dict[str, Any]) -> str:
     )
 
 
+def _pixels_read(stride: int) -> str:
+    """What a gate with ``stride`` reads of the model input."""
+    nth = {2: "second", 3: "third"}.get(stride, f"{stride}th")
+    return "every pixel" if stride == 1 else f"every {nth} row and column"
+
+
 def _training_lines(training: dict[str, Any], prep: dict[str, Any]) -> list[str]:
     config = training["config"]
     teacher = training.get("teacher")
@@ -100,6 +106,18 @@ def _training_lines(training: dict[str, Any], prep: dict[str, Any]) -> list[str]
         f"label smoothing {config.get('label_smoothing')}, dropout {config.get('drop_rate')}, stochastic depth "
         f"{config.get('drop_path_rate')}, {env.get('precision') or 'float32'}.",
     ]
+    refit = training.get("refit_of")
+    if refit:
+        lines += [
+            "",
+            f"**Refit, not retrained**: these are `{refit['model_id']}`'s weights, unchanged (SHA-256 "
+            f"`{refit['weights_sha256']}`), trained as described here. This entry serves them with the "
+            f"`{refit['interpolation'][1]}` resampler (trained with `{refit['interpolation'][0]}`) and an "
+            f"out-of-distribution gate reading {_pixels_read(refit['gate_stride'][1])} of the input "
+            f"(`{refit['model_id']}`: {_pixels_read(refit['gate_stride'][0])}), so its calibration, decision rule, "
+            "referral thresholds and gate were fitted again on the validation split and every figure below was "
+            "measured again (`python -m ml.refit`); the training history is the source's.",
+        ]
     teachers = training.get("teachers") or ([teacher] if teacher else [])
     if teachers:
         described = "; ".join(_teacher_text(t) for t in teachers)

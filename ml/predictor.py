@@ -213,7 +213,7 @@ class Predictor:
 
         try:
             arrays = load_numpy(registry.read_verified(entry, "ood"))
-            return ood.OODGate.from_arrays(arrays, section["thresholds"])
+            return ood.OODGate.from_arrays(arrays, section["thresholds"], int(section.get("pixel_stride", 1)))
         except (KeyError, ValueError) as exc:
             raise registry.RegistryError(f"{entry.name}: the out-of-distribution gate does not load") from exc
 
@@ -339,7 +339,7 @@ class Predictor:
             out.append(
                 Prediction(
                     label=CLASSES[int(label)],
-                    probabilities={c: float(v) for c, v in zip(CLASSES, p, strict=True)},
+                    probabilities=dict(zip(CLASSES, p.tolist(), strict=True)),
                     confidence=float(p[int(label)]),
                     uncertainty=float(u),
                     referral=bool(why),

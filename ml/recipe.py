@@ -18,6 +18,7 @@ from typing import Any
 
 from ml import data as ds
 from ml import model as models
+from ml.preprocess import INTERPOLATIONS
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -34,6 +35,10 @@ class TrainConfig:
     imagenet: bool = _opt(True, "start from the offline ImageNet weights")
     input_size: tuple[int, int] = _opt((168, 224), "model input (height, width); 4:3 like HAM10000", nargs=2)
     colour_constancy: str = _opt("none", "none or shades_of_gray (shared by training and serving)")
+    interpolation: str = _opt(
+        "", "resampler to the input size (ml.preprocess); empty: the architecture's (timm)", choices=INTERPOLATIONS
+    )
+    gate_stride: int = _opt(1, "the out-of-distribution gate's image checks read every Nth row and column")
     epochs: int = _opt(10, "epochs, on a fixed schedule (no early stopping)")
     batch_size: int = _opt(32, "images per step")
     lr: float = _opt(4e-4, "peak learning rate (AdamW), after a linear warm-up, cosine to zero")
@@ -98,6 +103,7 @@ RUN_KEYS = (
     "arch",
     "input_size",
     "colour_constancy",
+    "interpolation",
     "split_seed",
     "val_fraction",
     "test_fraction",

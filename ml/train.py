@@ -173,7 +173,7 @@ def train(config: TrainConfig, split: ds.Split | None = None) -> Path:
         drop_rate=config.drop_rate,
         drop_path_rate=config.drop_path_rate,
     )
-    prep = models.preprocessing_for(net, config.input_size, config.colour_constancy)
+    prep = models.preprocessing_for(net, config.input_size, config.colour_constancy, config.interpolation)
     teachers = [load_teacher(source) for source in teacher_sources(config.teacher)]
     # Distillation: images are decoded (and augmented) at the first teacher's size; the student and
     # any other teacher get the same crop resampled to their own sizes, so all see the same thing.

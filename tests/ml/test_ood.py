@@ -192,3 +192,37 @@ def test_the_gate_s_reasons_over_a_batch_are_each_rows_own() -> None:
     assert gate.reasons(scores) == expected
     assert len(set(expected)) > 20  # most of the 32 combinations occur
     assert gate.reasons({k: v[:0] for k, v in scores.items()}) == []
+
+
+def test_a_strided_gate_reads_every_other_pixel_flags_the_same_kinds_and_ships_its_stride(tiny_entry: Path) -> None:
+    rng = np.random.default_rng(5)
+    centres, k = CENTRES, CENTRES.shape[1]
+    labels = rng.integers(0, 7, 1400)
+    features = centres[labels] + rng.normal(0, 1, (1400, k))
+    val_labels = rng.integers(0, 7, 600)
+    val_features = centres[val_labels] + rng.normal(0, 1, (600, k))
+    val_logits = rng.normal(0, 1, (600, 7)) + 4 * np.eye(7)[val_labels]
+    train_pixels, val_pixels = _lesion_like(rng, 300), _lesion_like(rng, 600)
+    gate = ood.fit(features, labels, train_pixels, val_pixels, val_logits, val_features, components=16, stride=2)
+    assert gate.stride == 2 and gate.describe()["pixel_stride"] == 2
+    # what the image checks and colour statistics read: every second row and column, nothing else
+    batch = _lesion_like(rng, 4, size=(168, 224))
+    scores = gate.scores(batch, val_logits[:4], val_features[:4])
+    for key, value in ood.image_scores(batch[:, ::2, ::2]).items():
+        assert np.array_equal(scores[key], value)
+    assert not np.array_equal(scores["contrast"], ood.image_scores(batch)["contrast"])
+    same_arrays = ood.OODGate.from_arrays(gate.arrays(), gate.thresholds)  # stride 1
+    assert np.array_equal(scores["colour"], same_arrays.colour(batch[:, ::2, ::2]))
+    # thresholds fitted at that stride: lesions pass, a blank image and noise do not
+    lesions = gate.reasons(gate.scores(_lesion_like(rng, 200), val_logits[:200], val_features[:200]))
+    assert np.mean([bool(r) for r in lesions]) <= 0.05
+    odd = np.stack([np.full((48, 64, 3), 255, np.uint8), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)])
+    blank, noise = gate.reasons(gate.scores(odd, val_logits[:2], val_features[:2]))
+    assert "blank" in blank and "noise" in noise
+
+    save_gate(tiny_entry, gate)
+    assert registry.read_manifest(tiny_entry)["ood"]["pixel_stride"] == 2
+    loaded = Predictor.load(tiny_entry, device="cpu", backend="torch").gate
+    assert loaded is not None and loaded.stride == 2
+    with pytest.raises(ValueError, match="at least 1"):
+        ood.OODGate.from_arrays(gate.arrays(), gate.thresholds, stride=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -13,38 +12,7 @@ from PIL import Image
 from ml import registry, train
 from ml.labels import CLASSES
 from ml.predictor import Predictor
-
-COLOURS = [(200, 60, 60), (60, 200, 60), (60, 60, 200), (200, 200, 60), (200, 60, 200), (60, 200, 200), (120, 120, 120)]
-
-
-@pytest.fixture(scope="module")
-def synthetic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for c, code in enumerate(CLASSES):
-        for lesion in range(12):
-            for shot in range(1 + lesion % 2):
-                image_id = f"ISIC_{c}{lesion:03d}{shot}"
-                pixels = np.clip(rng.normal(COLOURS[c], 25, size=(40, 48, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / "images" / f"{image_id}.jpg", quality=92)
-                rows.append(
-                    {
-                        "image_id": image_id,
-                        "lesion_id": f"HAM_{c}{lesion:03d}",
-                        "dx": code,
-                        "dx_type": "histo",
-                        "age": str(20 + 5 * lesion),
-                        "sex": ["male", "female"][lesion % 2],
-                        "localization": "back",
-                    }
-                )
-    with (root / "metadata.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
+from tests.ml.conftest import TINY_RUN
 
 
 def test_training_writes_a_complete_entry(synthetic_folder: Path, tmp_path: Path) -> None:
@@ -107,11 +75,6 @@ def test_training_writes_a_complete_entry(synthetic_folder: Path, tmp_path: Path
 
     again = train.main(["--data", str(synthetic_folder), "--out", str(out), "--finalize-only"])
     assert again is None and registry.read_manifest(out)["model_id"] == "synthetic-v1"
-
-
-TINY_RUN = ["--arch", "test_efficientnet", "--no-imagenet", "--input-size", "32", "32", "--batch-size", "8",
-            "--lr", "3e-3", "--precision", "fp32", "--val-fraction", "0.25", "--test-fraction", "0.25",
-            "--threads", "1"]  # fmt: skip
 
 
 def test_the_entry_records_its_gate_provenance_and_fitted_rule(synthetic_folder: Path, tmp_path: Path) -> None:
