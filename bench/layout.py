@@ -56,7 +56,7 @@ def measure(model: str, backend: str, processes: int, threads: int, seconds: flo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.layout", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="effnet-lite0-ham10000-v3")
+    parser.add_argument("--model", default=registry.DEFAULT_MODEL)
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
     parser.add_argument("--seconds", type=float, default=20)
     args = parser.parse_args(argv)

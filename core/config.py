@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     rate_limit_failed_auth_per_minute: int = Field(20, ge=1)
 
     # --- worker -------------------------------------------------------------------------
-    model: str = "effnet-lite0-ham10000-v3"
+    model: str = "effnet-lite0-ham10000-v4"
     device: str = "auto"
     #: auto: ONNX Runtime on the CPU (int8 where the model's manifest chose it), PyTorch on CUDA
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"

@@ -31,6 +31,8 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 
 
 ANTIALIASED = "bicubic-antialiased"
+#: an image more than this many times the input size on a side is box-reduced by whole factors first
+REDUCING_GAP = 3.0
 INTERPOLATIONS = (*_RESAMPLE, ANTIALIASED)
 
 
@@ -44,7 +46,7 @@ def resize(image: Image.Image, prep: Preprocessing) -> Image.Image:
     if prep.interpolation not in _RESAMPLE:
         raise ValueError(f"unknown interpolation {prep.interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
     # reducing_gap lets Pillow shrink big images in a cheap integer step first (visually identical).
-    return image.resize((width, height), _RESAMPLE[prep.interpolation], reducing_gap=3.0)
+    return image.resize((width, height), _RESAMPLE[prep.interpolation], reducing_gap=REDUCING_GAP)
 
 
 def resized_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
@@ -57,6 +59,11 @@ def resized_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     import torch  # only entries that name this resampler pay for the import (the API never does)
     from torch.nn.functional import interpolate
 
+    # As Pillow's reducing_gap does: an image over REDUCING_GAP times the input on a side is first
+    # shrunk by whole factors in a cheap box step, so a 20-megapixel canvas is never copied whole
+    factors = (int(image.width / width / REDUCING_GAP) or 1, int(image.height / height / REDUCING_GAP) or 1)
+    if factors != (1, 1):
+        image = image.reduce(factors)
     # np.array copies: torch wants a writable buffer, and Pillow's array interface is read-only
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
     out = interpolate(pixels, size=(height, width), mode="bicubic", antialias=True, align_corners=False)

@@ -18,7 +18,7 @@ from typing import Any
 
 REGISTRY_DIR = Path(__file__).resolve().parent / "registry"
 #: the entry served when nothing else is configured (core.config's DERMQ_MODEL default matches it)
-DEFAULT_MODEL = "effnet-lite0-ham10000-v3"
+DEFAULT_MODEL = "effnet-lite0-ham10000-v4"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 WEIGHTS = "weights.safetensors"

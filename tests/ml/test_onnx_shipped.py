@@ -180,7 +180,8 @@ def test_int8_is_served_by_default_only_where_it_meets_the_bar_on_validation(ent
     for backend in ("onnx", "onnx-int8"):
         assert serving["balanced_accuracy"][backend] == pytest.approx(measured["balanced_accuracy"][backend], abs=0.01)
     assert measured["top1_agreement"] >= INT8_AGREEMENT_FLOOR
-    assert measured["referral_sensitivity"]["onnx-int8"] >= measured["referral_sensitivity"]["onnx"] - 0.01
+    if auto == "onnx-int8":  # what is served refers as many concerning lesions as fp32 would, within a point
+        assert measured["referral_sensitivity"]["onnx-int8"] >= measured["referral_sensitivity"]["onnx"] - 0.01
 
 
 def test_served_answers_gate_as_the_fitted_gate_scores(entry: Path, fixture_pil: list[Image.Image]) -> None:

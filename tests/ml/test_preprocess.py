@@ -97,3 +97,21 @@ def test_one_planar_image_is_normalised_and_scored_as_its_interleaved_copy(fixtu
         )
     several, _ = preprocess.model_input(fixture_pil[:3], ANTIALIASED)
     assert np.array_equal(several[0], pixels[0])
+
+
+def test_a_large_image_is_box_reduced_first_as_pillows_reducing_gap_does() -> None:
+    import torch
+    from torch.nn.functional import interpolate
+
+    rng = np.random.default_rng(11)
+    smooth = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    large = Image.fromarray(smooth).resize((1600, 1200), Image.Resampling.BICUBIC)  # 7x the input's side
+    reduced = large.reduce((2, 2))  # int(1600 / 224 / 3), int(1200 / 168 / 3)
+    source = torch.from_numpy(np.array(reduced)).permute(2, 0, 1)[None]
+    expected = interpolate(source, size=(168, 224), mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
+    pixels = preprocess.to_uint8(large, ANTIALIASED)
+    assert np.array_equal(pixels, expected)
+    # and what the box step changes is invisible: within a few levels of resampling the whole image
+    whole = torch.from_numpy(np.array(large)).permute(2, 0, 1)[None]
+    direct = interpolate(whole, size=(168, 224), mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
+    assert np.abs(pixels.astype(int) - direct.astype(int)).max() <= 4
