@@ -16,6 +16,7 @@ import os
 import time
 
 from bench.common import FIXTURE_IMAGES, table
+from ml import registry
 
 
 def _run(model: str, backend: str, threads: int, seconds: float, start: float, out: mp.Queue) -> None:
