@@ -59,9 +59,10 @@ from bench.peer_report import Figures, comparison, cpu_per_case, images_per_seco
 from tests import processes, support
 
 PEER_VENV = ROOT / ".venv-peer"
-#: what pip resolved for the peer on the development machine (Python 3.11); onnxruntime, NumPy and
-#: Pillow as in the project's environment, so that only the serving layer differs
-PEER_REQUIREMENTS = ("bentoml==1.4.40", "onnxruntime==1.32.0", "numpy==2.4.6", "pillow==13.0.0")
+#: what pip resolved for the peer on the development machine (Python 3.11); onnxruntime, NumPy,
+#: Pillow and PyTorch (the shipped entry's resampler, ml.preprocess) as in the project's environment,
+#: so that only the serving layer differs
+PEER_REQUIREMENTS = ("bentoml==1.4.40", "onnxruntime==1.32.0", "numpy==2.4.6", "pillow==13.0.0", "torch==2.14.1")
 HAM10000_IMAGES = ROOT.parent / "shared" / "data" / "ham10000" / "images"
 DATABASE = "dermq_bench_peer"
 REDIS_DB = 9

@@ -93,6 +93,10 @@ class OnnxClassifier:
 class PeerClassifier:
     def __init__(self) -> None:
         self.classifier = OnnxClassifier()
+        if self.classifier.prep.interpolation == preprocess.ANTIALIASED:  # PyTorch's resampler: this worker's threads
+            import torch
+
+            torch.set_num_threads(THREADS)
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
     def classify(self, images: list[Path]) -> list[dict[str, Any]]:
