@@ -10,7 +10,8 @@ the same modules: :func:`ml.images.decode` as the worker calls it (draft mode do
 :func:`ml.preprocess.batch_nhwc` with the manifest's preprocessing, ONNX Runtime over the entry's
 verified ``model.onnx`` with the session options of :func:`ml.backends.create_session`, and
 :class:`ml.decision.DecisionPolicy` for the calibrated probabilities and the label. Those modules
-need only NumPy and Pillow. It does not draw a heat map, encrypt, store or audit anything.
+need NumPy and Pillow, and PyTorch for an entry whose resampler is PyTorch's (the shipped v4). It does
+not draw a heat map, encrypt, store or audit anything.
 
 Configured by the environment the benchmark sets: ``DERMQ_PEER_MODEL`` (registry entry),
 ``DERMQ_PEER_WORKERS``, ``DERMQ_PEER_THREADS`` (ONNX Runtime intra-op threads per worker),

@@ -86,9 +86,9 @@ class DecisionPolicy:
 
     def labels(self, probabilities: np.ndarray) -> np.ndarray:
         """(N,) class indices by the balanced decision rule."""
-        scores = np.log(np.clip(probabilities, 1e-12, 1.0)) - _log(self.prior)
+        scores = np.log(np.clip(probabilities, 1e-12, 1.0)) - _log(tuple(self.prior))
         if self.offsets:
-            scores = scores + _array(self.offsets)
+            scores = scores + _array(tuple(self.offsets))
         return scores.argmax(axis=1)
 
     @staticmethod
@@ -110,7 +110,7 @@ class DecisionPolicy:
         if uncertainty is None:
             uncertainty = self.uncertainty(probabilities)
         flags = (
-            _CONCERNING_MASK[np.asarray(labels)],
+            _CONCERNING_MASK[np.asarray(labels, dtype=np.intp)],
             self.concerning_probability(probabilities) >= self.referral_threshold,
             uncertainty >= self.uncertainty_threshold,
         )

@@ -80,7 +80,10 @@ def finalize(config: TrainConfig) -> Path:
     workdir = Path(config.workdir)
     split = load_split(config)
     net = load_checkpoint(config)
-    prep = models.preprocessing_for(net, tuple(config.input_size), config.colour_constancy, config.interpolation)  # type: ignore[arg-type]
+    refit = json.loads((workdir / "refit.json").read_text()) if (workdir / "refit.json").exists() else None
+    # a refit (ml.refit) serves the weights with its own resampler, not the one they were trained with
+    interpolation = refit["interpolation"][1] if refit else config.interpolation
+    prep = models.preprocessing_for(net, tuple(config.input_size), config.colour_constancy, interpolation)  # type: ignore[arg-type]
     history = json.loads((workdir / "history.json").read_text()) if (workdir / "history.json").exists() else []
     train_counts = np.bincount([s.label for s in split.train], minlength=len(CLASSES)).astype(float)
     prior = np.maximum(train_counts, 1) / np.maximum(train_counts, 1).sum()
@@ -122,8 +125,8 @@ def finalize(config: TrainConfig) -> Path:
         "environment": _training_environment(workdir),
         "finalized_in": describe_environment(device="cpu", precision="float32"),
     }
-    if (workdir / "refit.json").exists():  # ml.refit: another entry's weights, fitted again (not trained)
-        manifest["training"]["refit_of"] = json.loads((workdir / "refit.json").read_text())
+    if refit:  # ml.refit: another entry's weights, fitted again (not trained)
+        manifest["training"]["refit_of"] = refit
     manifest["cross_validation"] = _cross_validation(config)
     manifest["serving_precision"] = "float32 on every device: the precision every threshold was fitted in"
     registry.write_json_atomic(out / registry.MANIFEST, manifest)

@@ -228,7 +228,7 @@ def decode(
     ``reduce_to`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode, several times
     faster for camera-sized files) as long as its longer side stays at least ``reduce_to`` pixels.
     With ``fit``, an upload large enough for a working size (:func:`working_size`) whose decode is
-    larger than that is returned reduced to it, bicubic (the served model's interpolation), before the
+    larger than that is returned reduced to it, Pillow's bicubic (a working copy's own resampling), before the
     decode's memory is released.
     The whole entropy-coded stream is still read, so a truncated file is still refused. Other
     formats decode at full size.

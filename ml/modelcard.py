@@ -136,7 +136,12 @@ def _training_lines(training: dict[str, Any], prep: dict[str, Any]) -> list[str]
         f"Reproducibility: torch {env.get('torch')}, timm {env.get('timm')}, numpy {env.get('numpy')}, Pillow "
         f"{env.get('pillow')}, onnxruntime {env.get('onnxruntime')}, Python {env.get('python')}; code commit "
         f"`{code.get('commit')}`{' with local changes' if code.get('modified') else ''}. The manifest records the "
-        "SHA-256 of the decoded training and validation pixels and the full configuration.",
+        + (
+            "SHA-256 of the source run's decoded training and validation pixels (`training.refit_of`) and its full "
+            "configuration."
+            if refit
+            else "SHA-256 of the decoded training and validation pixels and the full configuration."
+        ),
     ]
     return lines
 

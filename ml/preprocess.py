@@ -11,7 +11,7 @@ was fitted and evaluated with:
 - ``bicubic-antialiased``: PyTorch's ``interpolate(..., mode="bicubic", antialias=True)`` on uint8,
   the same kernel as Pillow's (a = -0.5, widened when shrinking) in a vectorised fixed-point
   implementation: a quarter of Pillow's time (0.25 against 0.89 ms for a 300x225 image on one thread
-  here), and pixels that differ from Pillow's by one level in about 0.3% of values. Large enough to
+  here), and pixels that differ from Pillow's by one level (two at most) in 0.3-0.5% of values. Large enough to
   change a label now and then (6 of 1,146 development images with v3's weights), so it is a model's
   choice, not a serving one.
 """
@@ -61,6 +61,8 @@ def resized_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
 
     # As Pillow's reducing_gap does: an image over REDUCING_GAP times the input on a side is first
     # shrunk by whole factors in a cheap box step, so a 20-megapixel canvas is never copied whole
+    # (Image.reduce averages a partial last block as it is, where Pillow's resize crops to a fractional
+    # box: a sub-pixel difference, for images that large only)
     factors = (int(image.width / width / REDUCING_GAP) or 1, int(image.height / height / REDUCING_GAP) or 1)
     if factors != (1, 1):
         image = image.reduce(factors)

@@ -7,9 +7,10 @@
 The resampler (:mod:`ml.preprocess`) and the gate's pixel stride (:mod:`ml.ood`) decide answers, so
 weights served with another of either are another model, with their own thresholds and figures. This
 writes a work folder (``<out>.work``) as a finished training run would have left it: the source's
-verified weights (widened to float32: its float16 values exactly), its training configuration with
-the changes, its training environment, the training pixels' digests and the per-epoch history (from
-its manifest and its model card), and a ``refit.json`` saying where the weights come from. Then
+verified weights (widened to float32: its float16 values exactly), its training configuration (the
+resampler it was trained with included), its training environment and the per-epoch history (from
+its manifest and its model card), and a ``refit.json`` saying where the weights come from and what
+this entry changes (its resampler and gate stride; what is not given stays the source's). Then
 :func:`ml.finalize.finalize` does what it does after any training: calibration, decision rule,
 referral thresholds and gate fitted on the validation split with the new preprocessing, the test split
 read once, a new model card. The weights are not trained again; the manifest says so
@@ -50,18 +51,22 @@ def history_from_card(card: str) -> list[dict[str, Any]]:
     ]
 
 
-def prepare(source: Path, out: Path, data: str, *, interpolation: str, gate_stride: int) -> TrainConfig:
+def prepare(source: Path, out: Path, data: str, *, interpolation: str, gate_stride: int | None) -> TrainConfig:
     """Write the work folder for refitting ``source`` as ``out``; the configuration to finalise it with."""
     from ml.predictor import Predictor
 
     if interpolation and interpolation not in preprocess.INTERPOLATIONS:
         known = ", ".join(preprocess.INTERPOLATIONS)
         raise SystemExit(f"unknown interpolation {interpolation!r}; choose one of {known}")
-    if gate_stride < 1:
+    if gate_stride is not None and gate_stride < 1:
         raise SystemExit("--gate-stride is at least 1")
     loaded = Predictor.load(source, device="cpu", backend="torch")  # every file verified, as serving does
     assert loaded.model is not None
     manifest = loaded.info.manifest
+    # what is not given stays the source's
+    interpolation = interpolation or manifest["preprocessing"]["interpolation"]
+    source_stride = loaded.gate.stride if loaded.gate is not None else 1
+    gate_stride = source_stride if gate_stride is None else gate_stride
     training = manifest.get("training") or {}
     if "config" not in training:
         raise SystemExit(f"{source.name} records no training configuration to refit from")
@@ -75,7 +80,8 @@ def prepare(source: Path, out: Path, data: str, *, interpolation: str, gate_stri
         "out": str(out),
         "workdir": str(workdir),
         "model_id": out.name,
-        "interpolation": interpolation or manifest["preprocessing"]["interpolation"],
+        # what the weights were trained with, as it was: the entry's own resampler is refit.json's
+        "interpolation": manifest["preprocessing"]["interpolation"],
         "gate_stride": gate_stride,
         "finalize_only": True,
     }
@@ -84,14 +90,13 @@ def prepare(source: Path, out: Path, data: str, *, interpolation: str, gate_stri
     (workdir / "history.json").write_text(json.dumps(history_from_card(card), indent=2))
     if training.get("environment"):
         (workdir / "environment.json").write_text(json.dumps(training["environment"], indent=2))
-    pixels = manifest.get("data", {}).get("pixels_sha256")
-    if pixels:
-        (workdir / "pixels.json").write_text(json.dumps(pixels, indent=2))
+    # no pixels.json: the source run's digests are of inputs this entry's resampler does not make
     refit = {
         "model_id": manifest["model_id"],
         "weights_sha256": manifest["files"]["weights"]["sha256"],
-        "interpolation": [manifest["preprocessing"]["interpolation"], config["interpolation"]],
-        "gate_stride": [int((manifest.get("ood") or {}).get("pixel_stride", 1)), gate_stride],
+        "interpolation": [manifest["preprocessing"]["interpolation"], interpolation],
+        "gate_stride": [source_stride, gate_stride],
+        "source_pixels_sha256": manifest.get("data", {}).get("pixels_sha256") or {},
     }
     (workdir / "refit.json").write_text(json.dumps(refit, indent=2))
     saved = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
@@ -105,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the new registry entry's folder")
     parser.add_argument("--data", required=True, help="HAM10000-layout folder the source was trained on")
     parser.add_argument("--interpolation", default="", help="resampler (ml.preprocess); default: the source's")
-    parser.add_argument("--gate-stride", type=int, default=1, help="the gate's pixel stride (ml.ood)")
+    parser.add_argument(
+        "--gate-stride", type=int, default=None, help="the gate's pixel stride (ml.ood); default: the source's"
+    )
     args = parser.parse_args(argv)
     from ml.finalize import finalize
 

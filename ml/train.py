@@ -22,6 +22,7 @@ calibrates on validation, evaluates the test split and writes the entry.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -178,7 +179,8 @@ def train(config: TrainConfig, split: ds.Split | None = None) -> Path:
     # Distillation: images are decoded (and augmented) at the first teacher's size; the student and
     # any other teacher get the same crop resampled to their own sizes, so all see the same thing.
     teacher_prep = teachers[0][1] if teachers else None
-    source_prep = teacher_prep if teacher_prep is not None else prep
+    # at the teacher's size, with the student's resampler: what the student is served with is what it learns on
+    source_prep = dataclasses.replace(teacher_prep, interpolation=prep.interpolation) if teacher_prep else prep
     for _, other in teachers:
         if (other.colour_constancy, other.mean, other.std) != (prep.colour_constancy, prep.mean, prep.std):
             raise SystemExit("teachers and student must share colour constancy and normalisation")

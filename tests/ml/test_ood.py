@@ -226,3 +226,25 @@ def test_a_strided_gate_reads_every_other_pixel_flags_the_same_kinds_and_ships_i
     assert loaded is not None and loaded.stride == 2
     with pytest.raises(ValueError, match="at least 1"):
         ood.OODGate.from_arrays(gate.arrays(), gate.thresholds, stride=0)
+
+
+def test_colour_statistics_of_a_large_batch_are_each_images_own() -> None:
+    """A training split is scored a chunk at a time (its int64 copy whole would take gigabytes): the
+    same numbers as one image at a time."""
+    batch = np.random.default_rng(8).integers(0, 256, (150, 24, 32, 3), dtype=np.uint8)
+    together = ood.colour_statistics(batch)
+    assert together.shape == (150, 9)
+    assert np.array_equal(together, np.concatenate([ood.colour_statistics(image[None]) for image in batch]))
+
+
+@pytest.mark.parametrize("stride", [None, 2.5, True, "2"])
+def test_a_gate_with_a_malformed_stride_is_refused(
+    tiny_entry: Path, fitted: tuple[ood.OODGate, np.random.Generator], stride: object
+) -> None:
+    gate, _ = fitted
+    save_gate(tiny_entry, gate)
+    manifest = registry.read_manifest(tiny_entry)
+    manifest["ood"]["pixel_stride"] = stride
+    registry.write_json_atomic(tiny_entry / "manifest.json", manifest)
+    with pytest.raises(registry.RegistryError, match="gate does not load"):
+        Predictor.load(tiny_entry, device="cpu", backend="torch")

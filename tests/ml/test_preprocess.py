@@ -37,7 +37,9 @@ ANTIALIASED = Preprocessing(
 )
 
 
-def test_the_antialiased_resampler_is_pytorchs_kernel_within_a_level_of_pillows(fixture_pil: list[Image.Image]) -> None:
+def test_the_antialiased_resampler_is_pytorchs_kernel_within_two_levels_of_pillows(
+    fixture_pil: list[Image.Image],
+) -> None:
     import torch
     from torch.nn.functional import interpolate
 
@@ -50,10 +52,10 @@ def test_the_antialiased_resampler_is_pytorchs_kernel_within_a_level_of_pillows(
         expected = interpolate(source, size=(168, 224), mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
         assert np.array_equal(pixels, expected)
         assert np.array_equal(np.asarray(preprocess.resize(image, ANTIALIASED)), pixels)
-        # the same kernel as Pillow's bicubic in another fixed-point arithmetic: a level apart at most, rarely
+        # the same kernel as Pillow's bicubic in another fixed-point arithmetic: a level or two apart, rarely
         pillow = preprocess.to_uint8(image, bicubic).astype(int)
         assert np.abs(pixels.astype(int) - pillow).max() <= 2
-        assert np.mean(pixels != pillow) < 0.02
+        assert np.mean(pixels != pillow) < 0.01
 
 
 def test_an_image_already_at_the_input_size_is_not_resampled() -> None:

@@ -3,6 +3,7 @@ entry, fitted and measured again, that says where its weights come from."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,12 @@ def test_a_refit_serves_the_same_weights_with_its_own_preprocessing_gate_and_fig
         "weights_sha256": before["files"]["weights"]["sha256"],
         "interpolation": [before["preprocessing"]["interpolation"], preprocess.ANTIALIASED],
         "gate_stride": [1, 2],
+        "source_pixels_sha256": before["data"]["pixels_sha256"],
     }
-    # the source's run, as its card told it; the figures and thresholds are the refit's own
+    # the source's run, as its card told it: trained with the source's resampler, on the source's pixels
     assert after["training"]["epochs_run"] == before["training"]["epochs_run"] == 2
-    assert after["training"]["config"]["interpolation"] == preprocess.ANTIALIASED
-    assert after["ood"]["thresholds"] != before["ood"]["thresholds"]
+    assert after["training"]["config"]["interpolation"] == before["preprocessing"]["interpolation"]
+    assert after["data"]["pixels_sha256"] == {}  # none of this entry's inputs were digested in training
     assert after["metrics"]["test"]["n"] == before["metrics"]["test"]["n"]
     card = (out / "model_card.md").read_text()
     assert "Refit, not retrained" in card and "`synthetic-v1`'s weights" in card
@@ -52,6 +54,12 @@ def test_a_refit_serves_the_same_weights_with_its_own_preprocessing_gate_and_fig
     assert predictor.gate is not None and predictor.gate.stride == 2
     blank = predictor.predict([Image.new("RGB", (48, 40), (255, 255, 255))])[0]
     assert blank.out_of_distribution and "blank" in blank.ood_reasons
+
+    # what a refit does not name stays the source's: here the resampler and the stride of 2
+    again = tmp_path / "registry" / "synthetic-v3"
+    config = refit.prepare(out, again, str(synthetic_folder), interpolation="", gate_stride=None)
+    settled = json.loads((Path(config.workdir) / "refit.json").read_text())
+    assert settled["interpolation"] == [preprocess.ANTIALIASED] * 2 and settled["gate_stride"] == [2, 2]
 
 
 def test_the_history_is_read_from_the_cards_table() -> None:
