@@ -156,6 +156,24 @@ def test_a_student_learns_from_a_finished_teacher(synthetic_folder: Path, tmp_pa
     train.train(train.parse_args([*base, "--out", str(alone)]))
     a, b = _final_weights(Path(f"{student}.work")), _final_weights(Path(f"{alone}.work"))
     assert any(not np.array_equal(a[k], b[k]) for k in a)
+    # a student served with another resampler than its teacher's learns on images made by its own
+    import dataclasses
+    import hashlib
+
+    from ml.checkpoint import load_teacher
+    from ml.preprocess import ANTIALIASED
+    from ml.recipe import load_split
+
+    own = train.parse_args([*base, "--out", str(tmp_path / "own"), "--teacher", f"{teacher}.work",
+                            "--interpolation", ANTIALIASED])  # fmt: skip
+    train.train(own)
+    teacher_prep = load_teacher(f"{teacher}.work")[1]
+    assert teacher_prep.interpolation != ANTIALIASED
+    decoded = train.decode_samples(
+        load_split(own).train, dataclasses.replace(teacher_prep, interpolation=ANTIALIASED), ""
+    )
+    digests = json.loads((Path(own.workdir) / "pixels.json").read_text())
+    assert digests["train"] == hashlib.sha256(decoded.tobytes()).hexdigest()
 
 
 @pytest.mark.slow
