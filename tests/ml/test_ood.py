@@ -30,9 +30,9 @@ def _lesion_like(rng: np.random.Generator, n: int, size: tuple[int, int] = (48, 
 CENTRES = np.random.default_rng(1).normal(0, 3, (7, 32))
 
 
-@pytest.fixture(scope="module")
-def fitted() -> tuple[ood.OODGate, np.random.Generator]:
-    rng = np.random.default_rng(0)
+def _fit(rng: np.random.Generator, stride: int = 1) -> tuple[ood.OODGate, np.ndarray, np.ndarray]:
+    """A gate fitted on features around :data:`CENTRES` and lesion-like images; with its validation
+    logits and features."""
     centres, k = CENTRES, CENTRES.shape[1]
     labels = rng.integers(0, 7, 1400)
     features = centres[labels] + rng.normal(0, 1, (1400, k))
@@ -40,8 +40,14 @@ def fitted() -> tuple[ood.OODGate, np.random.Generator]:
     val_features = centres[val_labels] + rng.normal(0, 1, (600, k))
     val_logits = rng.normal(0, 1, (600, 7)) + 4 * np.eye(7)[val_labels]
     gate = ood.fit(features, labels, _lesion_like(rng, 300), _lesion_like(rng, 600), val_logits, val_features,
-                   components=16)  # fmt: skip
-    return gate, rng
+                   components=16, stride=stride)  # fmt: skip
+    return gate, val_logits, val_features
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[ood.OODGate, np.random.Generator]:
+    rng = np.random.default_rng(0)
+    return _fit(rng)[0], rng
 
 
 def test_validation_lesions_are_rarely_flagged(fitted: tuple[ood.OODGate, np.random.Generator]) -> None:
@@ -196,14 +202,7 @@ def test_the_gate_s_reasons_over_a_batch_are_each_rows_own() -> None:
 
 def test_a_strided_gate_reads_every_other_pixel_flags_the_same_kinds_and_ships_its_stride(tiny_entry: Path) -> None:
     rng = np.random.default_rng(5)
-    centres, k = CENTRES, CENTRES.shape[1]
-    labels = rng.integers(0, 7, 1400)
-    features = centres[labels] + rng.normal(0, 1, (1400, k))
-    val_labels = rng.integers(0, 7, 600)
-    val_features = centres[val_labels] + rng.normal(0, 1, (600, k))
-    val_logits = rng.normal(0, 1, (600, 7)) + 4 * np.eye(7)[val_labels]
-    train_pixels, val_pixels = _lesion_like(rng, 300), _lesion_like(rng, 600)
-    gate = ood.fit(features, labels, train_pixels, val_pixels, val_logits, val_features, components=16, stride=2)
+    gate, val_logits, val_features = _fit(rng, stride=2)
     assert gate.stride == 2 and gate.describe()["pixel_stride"] == 2
     # what the image checks and colour statistics read: every second row and column, nothing else
     batch = _lesion_like(rng, 4, size=(168, 224))
