@@ -237,10 +237,10 @@ class OODGate:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], thresholds: dict[str, float], stride: int = 1) -> OODGate:
-        if stride < 1:
-            raise ValueError(f"a pixel stride is at least 1, not {stride}")
+        if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+            raise ValueError(f"a pixel stride is a whole number at least 1, not {stride!r}")
         arrays64 = {k: np.asarray(arrays[k], dtype=np.float64) for k in _ARRAYS}
-        return cls(**arrays64, thresholds=dict(thresholds), stride=int(stride))
+        return cls(**arrays64, thresholds=dict(thresholds), stride=stride)
 
 
 _ARRAYS = ("mean", "whiten", "class_means", "colour_mean", "colour_whiten")

@@ -213,10 +213,7 @@ class Predictor:
 
         try:
             arrays = load_numpy(registry.read_verified(entry, "ood"))
-            stride = section.get("pixel_stride", 1)
-            if not isinstance(stride, int) or isinstance(stride, bool):
-                raise ValueError(f"pixel_stride {stride!r} is not a whole number")
-            return ood.OODGate.from_arrays(arrays, section["thresholds"], stride)
+            return ood.OODGate.from_arrays(arrays, section["thresholds"], section.get("pixel_stride", 1))
         except (KeyError, ValueError) as exc:
             raise registry.RegistryError(f"{entry.name}: the out-of-distribution gate does not load") from exc
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from ml import preprocess, registry
 from ml.checkpoint import CHECKPOINT
-from ml.recipe import TrainConfig
+from ml.recipe import TrainConfig, read_config
 
 _HISTORY_ROW = re.compile(r"^\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$")
 
@@ -99,9 +99,7 @@ def prepare(source: Path, out: Path, data: str, *, interpolation: str, gate_stri
         "source_pixels_sha256": manifest.get("data", {}).get("pixels_sha256") or {},
     }
     (workdir / "refit.json").write_text(json.dumps(refit, indent=2))
-    saved = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
-    saved["input_size"] = tuple(saved["input_size"])
-    return TrainConfig(**saved)
+    return TrainConfig(**read_config(workdir / "config.json"))
 
 
 def main(argv: list[str] | None = None) -> None:
