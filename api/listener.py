@@ -52,13 +52,13 @@ class Listener:
     def unheard(self) -> bool:
         """True when the connection holds notifications the thread has not taken yet (or cannot be
         asked): a key check must not trust the cache until they are heard. One zero-timeout
-        ``select``, a few microseconds; it closes most of the moment between a revocation's commit
+        ``poll``, a few microseconds; it closes most of the moment between a revocation's commit
         and the thread's turn on a busy machine."""
         fd = self._fd
         if fd is None:
             return True
         try:
-            return select.select([fd], [], [], 0)[0] != []
+            return _poller(fd).poll(0) != []
         except (OSError, ValueError):
             return True
 
@@ -118,8 +118,9 @@ class Listener:
                 self._listening.set()
                 backoff = 0.5
                 self._cases_ended([])
+                poller = _poller(self._fd)
                 while not self._stop.is_set():
-                    if select.select([connection], [], [], 1.0) == ([], [], []):
+                    if not poller.poll(1000):
                         continue
                     connection.poll()
                     ended: list[uuid.UUID] = []
@@ -151,3 +152,12 @@ class Listener:
             if not self._stop.is_set():
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+
+
+def _poller(fd: int) -> select.poll:
+    """A ``poll`` object watching ``fd`` for something to read (errors and hang-ups are reported
+    whatever is asked). Not ``select``: it refuses a descriptor numbered 1024 or more, which an API
+    process holding many connections reaches, and the listener would never connect."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return poller
