@@ -90,6 +90,20 @@ def camera_jpegs(count: int = 3, size: tuple[int, int] = (4000, 3000), quality: 
     return out
 
 
+def image_sizes(images: Sequence[bytes]) -> str:
+    """The pixel sizes of encoded ``images`` in words, read from their headers: ``600x450`` when all
+    share one, else the smallest and largest by area (``300x225 to 600x450``)."""
+    import io
+
+    from PIL import Image
+
+    sizes = sorted({Image.open(io.BytesIO(data)).size for data in images}, key=lambda wh: (wh[0] * wh[1], wh))
+    if not sizes:
+        return "no images"
+    words = [f"{w}x{h}" for w, h in (sizes[0], sizes[-1])]
+    return words[0] if len(sizes) == 1 else f"{words[0]} to {words[1]}"
+
+
 def stack_layout(env: Mapping[str, str]) -> str:
     """The process layout a stack started with ``env`` (DERMQ_* settings over this process's
     environment) runs, resolved as the API and the worker resolve it: API processes, worker children

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, stack_layout, table
+from bench.common import FIXTURE_IMAGES, camera_jpegs, image_sizes, ms, p50, percentile, stack_layout, table
 from tests import processes, support
 
 DATABASE = "dermq_bench"
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(
         f"dermq pipeline benchmark: {stack_layout(env)}, "
-        f"{len(images)} distinct images ({'4000x3000' if args.camera else '300x225'} JPEG), Grad-CAM on"
+        f"{len(images)} distinct images ({image_sizes(images)} JPEG), Grad-CAM on"
     )
     print(table(["measure", "value"], rows))
 
