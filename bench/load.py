@@ -48,7 +48,7 @@ import httpx
 
 from bench.common import FIXTURE_IMAGES, camera_jpegs, ms, p50, percentile, stack_layout, table
 from bench.load_stack import DATABASE, database_tally, layout_env, sealing_lag, server_intake, start_stack
-from bench.machine import cpu_by_role
+from bench.machine import cpu_by_role, processor
 from tests import processes
 
 
@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     own = f"own stack: {stack_layout(layout_env(args))}, a clinic per client, {asking}"
     print(
-        f"dermq load benchmark: {args.clients} clients for {args.seconds:g} s (+ drain), {os.cpu_count()} CPUs, "
+        f"dermq load benchmark: {args.clients} clients for {args.seconds:g} s (+ drain), {os.cpu_count()} CPUs "
+        f"({processor()}), "
         f"{own if not args.base_url else base}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )

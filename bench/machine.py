@@ -11,12 +11,35 @@ writes, Postgres's WAL writer and checkpointer) count as other work: the figure 
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
+
+#: the vector instructions that set the model's speed on a CPU, as /proc/cpuinfo names them
+_ISA = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("amx_tile", "AMX"))
+
+
+def processor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU in words, for a benchmark's header: its model name and which of AVX2, AVX-512, VNNI and
+    AMX it has (``Intel(R) Xeon(R) Processor (AVX2, AVX-512, VNNI, AMX)``). The ratios a benchmark
+    prints move with them: a faster pass makes every fixed cost around it a larger share. Where
+    ``cpuinfo`` cannot be read, the platform's own description."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    name = fields.get("model name") or platform.machine()
+    have = [label for flag, label in _ISA if flag in flags]
+    return f"{name} ({', '.join(have)})" if have else name
 
 
 def busy_cpu_seconds() -> tuple[float, float]:

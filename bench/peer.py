@@ -53,7 +53,7 @@ import redis
 
 from bench.common import FIXTURE_IMAGES, ROOT, p50, timed
 from bench.load_stack import start_stack
-from bench.machine import OtherWork, cpu_by_role, round_trips
+from bench.machine import OtherWork, cpu_by_role, processor, round_trips
 from bench.peer_clients import DermqSession, LoadRun, PeerSession, Session, closed_loop, idle_latency
 from bench.peer_report import Figures, comparison, cpu_per_case, images_per_second
 from tests import processes, support
@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> None:
         args.clients,
     )
     model_id = registry.read_manifest(args.model)["model_id"]
-    print(f"dermq against a BentoML peer: the same model.onnx ({model_id}), the same client; {cores} CPUs")
+    print(
+        f"dermq against a BentoML peer: the same model.onnx ({model_id}), the same client; {cores} CPUs, {processor()}"
+    )
     print(f"images: {source}, sent in turn")
     print(
         f"peer: BentoML {versions['bentoml']}, {args.peer_workers} workers x 1 thread, ONNX Runtime "

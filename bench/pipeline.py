@@ -29,6 +29,7 @@ import httpx
 from sqlalchemy import func, select
 
 from bench.common import FIXTURE_IMAGES, camera_jpegs, image_sizes, ms, p50, percentile, stack_layout, table
+from bench.machine import processor
 from tests import processes, support
 
 DATABASE = "dermq_bench"
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(
         f"dermq pipeline benchmark: {stack_layout(env)}, "
-        f"{len(images)} distinct images ({image_sizes(images)} JPEG), Grad-CAM on"
+        f"{len(images)} distinct images ({image_sizes(images)} JPEG), Grad-CAM on; {processor()}"
     )
     print(table(["measure", "value"], rows))
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from bench.common import FIXTURE_IMAGES, interleaved, ms, p50, percentile, table
+from bench.machine import processor
 from ml import preprocess, registry
 from ml.backends import INPUT, OUTPUTS, OnnxBackend
 from ml.predictor import Predictor
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"served path against the raw graph: {predictor.info.model_id} on {predictor.backend.name}, "
         f"{args.threads} thread(s), {len(images)} fixture images, {args.repeats} turns, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs ({processor()})"
     )
     print(table(["path", "p50", "p95", "/ bare p50", "target"], rows))
 

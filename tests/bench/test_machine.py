@@ -1,14 +1,16 @@
 """``bench.machine.cpu_by_role``: the per-process CPU that ``bench.load`` prints per completed case
 counts a whole process tree, the children it has already reaped included, and nothing of another's;
-``round_trips`` tells a round trip to a server that was asleep from one right after the last."""
+``round_trips`` tells a round trip to a server that was asleep from one right after the last;
+``processor`` names the CPU the figures were taken on."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from bench.machine import cpu_by_role, round_trips
+from bench.machine import cpu_by_role, processor, round_trips
 
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4:\n    pass\n"
 #: a parent that runs a child burning 0.4 s of CPU, reaps it, then idles
@@ -45,3 +47,23 @@ def test_round_trips_tells_a_sleeping_server_from_a_busy_one() -> None:
 
     back_to_back, after_pause = round_trips(ping, count=10, pause=0.004)
     assert back_to_back < 0.001 <= 0.003 <= after_pause
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_tile
+
+processor\t: 1
+model name\t: Another CPU
+flags\t\t: fpu sse2
+"""
+
+
+def test_a_benchmark_names_the_cpu_and_the_vector_instructions_that_set_its_ratios(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO)
+    assert processor(cpuinfo) == "Intel(R) Xeon(R) Processor (AVX2, AVX-512, VNNI, AMX)"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n")
+    assert processor(cpuinfo) == "AMD EPYC 7B13 (AVX2)"
+    assert processor(tmp_path / "missing")  # elsewhere: the platform's own words
