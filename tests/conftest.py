@@ -192,6 +192,24 @@ def new_tenant(settings, keyring, role: str = "clinic", clinic_id: uuid.UUID | N
         return Tenant(clinic_id, name, token, key.id)
 
 
+def own_database_fixtures() -> tuple[Any, Any]:
+    """The ``tenant`` and ``store_case`` fixtures of a test module that runs on a database of its own
+    (:func:`own_database`), in place of the shared database's. At the module's top level::
+
+        tenant, store_case = own_database_fixtures()
+    """
+
+    @pytest.fixture
+    def tenant(own_database, keyring) -> Tenant:  # type: ignore[no-untyped-def]
+        return new_tenant(own_database, keyring)
+
+    @pytest.fixture
+    def store_case(own_database, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[no-untyped-def]
+        return case_store(own_database, keyring)
+
+    return tenant, store_case
+
+
 def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[no-untyped-def]
     """A function that stores a queued case with arbitrary bytes as its image in the database of
     ``settings``, as if the intake had accepted them (nothing is published: the case waits until a

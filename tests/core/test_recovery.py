@@ -20,21 +20,14 @@ from core.models import CallbackDelivery, Case, ClinicCallback, Result
 from core.publisher import make_publisher
 from core.queueing import QUEUE_MAINTENANCE
 from tests import support
-from tests.conftest import Tenant, case_store, new_tenant
+from tests.conftest import Tenant, own_database_fixtures
 from tests.faults.servers import RedisServer
 
 pytestmark = pytest.mark.usefixtures("database")
 
 
 # The sweeper looks at every case of its database: these tests get one of their own.
-@pytest.fixture
-def tenant(own_database, keyring) -> Tenant:  # type: ignore[no-untyped-def]
-    return new_tenant(own_database, keyring)
-
-
-@pytest.fixture
-def store_case(own_database, keyring):  # type: ignore[no-untyped-def]
-    return case_store(own_database, keyring)
+tenant, store_case = own_database_fixtures()
 
 
 @pytest.fixture

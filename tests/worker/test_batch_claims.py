@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from core import case_claims
 from core.db import session_scope
 from core.models import Case
-from tests.conftest import Tenant, case_store, new_tenant
+from tests.conftest import own_database_fixtures
 
 pytestmark = pytest.mark.usefixtures("database", "empty_queue")  # empty_queue: tests/conftest.py
 
@@ -26,14 +26,7 @@ def batching(own_database):  # type: ignore[no-untyped-def]
     return own_database.model_copy(update={"batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0})
 
 
-@pytest.fixture
-def tenant(own_database, keyring) -> Tenant:  # type: ignore[no-untyped-def]
-    return new_tenant(own_database, keyring)
-
-
-@pytest.fixture
-def store_case(own_database, keyring):  # type: ignore[no-untyped-def]
-    return case_store(own_database, keyring)
+tenant, store_case = own_database_fixtures()
 
 
 def test_concurrent_batches_never_claim_a_case_twice(batching, tenant, store_case, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
 from core.queueing import QUEUE_CASES
 from ml.images import decode
 from tests import support
-from tests.conftest import Tenant, case_store, new_tenant
+from tests.conftest import own_database_fixtures
 from worker import runtime
 from worker.batching import batching_enabled, run_batch
 from worker.pipeline import Progress, run_classification
@@ -39,14 +39,7 @@ def batching(own_database):  # type: ignore[no-untyped-def]
     return own_database.model_copy(update={"batching": "on", "batch_max_size": 4, "batch_max_wait_ms": 0})
 
 
-@pytest.fixture
-def tenant(own_database, keyring) -> Tenant:  # type: ignore[no-untyped-def]
-    return new_tenant(own_database, keyring)
-
-
-@pytest.fixture
-def store_case(own_database, keyring):  # type: ignore[no-untyped-def]
-    return case_store(own_database, keyring)
+tenant, store_case = own_database_fixtures()
 
 
 def test_batching_is_on_unless_turned_off(settings, batching) -> None:  # type: ignore[no-untyped-def]
