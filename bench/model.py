@@ -22,7 +22,6 @@ import argparse
 import functools
 import io
 import os
-import platform
 from collections.abc import Callable
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 
 from bench.common import FIXTURE_IMAGES, interleaved, ms, p50, percentile, table, timed
+from bench.machine import processor
 from ml import backends, heatmap, preprocess, registry
 from ml.gradcam import GradCAM, class_activation_map
 from ml.images import ImageLimits, decode
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         f"model {manifest['model_id']} ({manifest['architecture']}, input {manifest['preprocessing']['input_size']}, "
         f"tta {manifest.get('tta', 'none')}); torch device {device}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; onnxruntime {onnxruntime.__version__}, {args.threads} threads; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; serving default "
+        f"{processor()}, {os.cpu_count()} CPUs; serving default "
         f"{manifest.get('serving', {}).get('default_backend', 'n/a')}"
     )
     print("images: the fixture JPEGs, preprocessing included; heat map = the Grad-CAM array (the overlay row adds")

@@ -15,7 +15,7 @@ import pytest
 from api.listener import Listener
 from core import announcements
 from core.config import Settings
-from core.db import session_scope
+from core.db import dispose_engines, session_scope
 
 #: descriptors are numbered from the lowest free one: all up to this one are taken during the test
 HIGH = 1100
@@ -28,7 +28,8 @@ def low_descriptors_taken() -> Iterator[None]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= HIGH + 64:
         pytest.skip(f"this machine allows {hard} open files per process, too few to number one past {HIGH}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, HIGH + 64), hard))
+    if soft != resource.RLIM_INFINITY and soft < HIGH + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (HIGH + 64, hard))
     taken: list[int] = []
     try:
         while not taken or taken[-1] < HIGH:
@@ -64,16 +65,18 @@ def test_a_listener_whose_socket_is_numbered_past_1023_hears_ended_cases_and_key
                 with session_scope(settings) as session:
                     announcements.announce_finished(session, [case_id])
                     announcements.announce_keys_changed(session)
-                await until(lambda: [case_id] in ended, "the case's end to be heard")
+                # what one wake-up reads comes as one list: another case may share it
+                await until(lambda: any(case_id in ids for ids in ended), "the case's end to be heard")
                 await until(lambda: len(key_changes) > before, "the key change to be heard")
                 return fd, ended, len(key_changes) - before, listener.listening
             finally:
                 listener.close()
 
     fd, ended, key_changes, listening = asyncio.run(scenario())
+    dispose_engines()  # the pooled connection opened past HIGH goes too
     assert fd >= 1024
     assert listening  # never fell back to looking every second
-    assert [case_id] in ended
+    assert any(case_id in ids for ids in ended)
     assert key_changes >= 1
 
 
