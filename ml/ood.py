@@ -102,6 +102,12 @@ def _sums(region: np.ndarray) -> np.ndarray:
     return np.matmul(np.ones(flat.shape[1]), flat)
 
 
+def sampled(batch_uint8: np.ndarray, stride: int) -> np.ndarray:
+    """Every ``stride``-th row and column of (N, H, W, 3) model input: what a gate fitted with that
+    stride reads for its image checks and colour statistics (a view; the input itself at 1)."""
+    return batch_uint8 if stride == 1 else batch_uint8[:, ::stride, ::stride]
+
+
 _BOX = [(dy, dx) for dy in range(3) for dx in range(3)]
 
 
@@ -190,7 +196,7 @@ class OODGate:
 
     def sampled(self, batch_uint8: np.ndarray) -> np.ndarray:
         """The pixels the image checks and colour statistics read: every ``stride``-th row and column."""
-        return batch_uint8 if self.stride == 1 else batch_uint8[:, :: self.stride, :: self.stride]
+        return sampled(batch_uint8, self.stride)
 
     def scores(self, batch_uint8: np.ndarray, logits: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
         return {
@@ -279,7 +285,7 @@ def fit(
         [z[train_labels == c].mean(axis=0) if (train_labels == c).any() else z.mean(axis=0) for c in range(NUM_CLASSES)]
     )
     lower = _whitening(z - class_means[train_labels], shrinkage, NUM_CLASSES)
-    colours = colour_statistics(np.asarray(train_batch_uint8)[:, ::stride, ::stride])
+    colours = colour_statistics(sampled(np.asarray(train_batch_uint8), stride))
     colour_mean = colours.mean(axis=0)
     draft = OODGate(
         mean=mean,
