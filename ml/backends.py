@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,6 +83,15 @@ class Backend(Protocol):
         """(1, H, W, 3) -> (h, w) float32 in [0, 1] by gradients, for heads without the one-pass map."""
         ...
 
+    def batch_shape(self, size: int) -> int:
+        """The batch size a pass over ``size`` images runs at (larger where the backend pads)."""
+        ...
+
+
+def padded_batch(size: int) -> int:
+    """The power of two at or above ``size``: the batch sizes a CUDA pass runs at."""
+    return 1 << max(0, size - 1).bit_length()
+
 
 class TorchBackend:
     """A timm model in channels-last layout on ``device``, run in ``precision``.
@@ -89,14 +99,26 @@ class TorchBackend:
     ``precision`` is ``fp32`` (the default, on CUDA too: what the entry's thresholds were fitted on),
     or ``bf16`` / ``fp16`` autocast when explicitly requested. Grad-CAM's gradient path is float32
     whatever the precision.
+
+    With ``own_thread`` (the default on CUDA) every pass runs on one thread of the backend's own and
+    a batch is padded to a power of two. cuDNN builds its execution plans for each input shape on
+    first use, about 1.8 s per shape for this model on an H200, and PyTorch caches them per thread
+    (docs/PERFORMANCE.md, "GPU"). A warm-up on any thread then serves every later pass, whichever
+    thread asks (a worker child warms up on its preload thread and classifies on its main thread),
+    and a batcher's sizes up to 2**k need k + 1 warm shapes, not 2**k.
     """
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, device: torch.device, *, precision: str = "fp32") -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device, *, precision: str = "fp32", own_thread: bool | None = None
+    ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
+        if own_thread is None:
+            own_thread = device.type == "cuda"
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="dermq-torch") if own_thread else None
         self.precision = precision
         #: the autocast dtype of :meth:`forward`; None for float32 with autocast off
         self.autocast_dtype = PRECISIONS[precision]
@@ -111,9 +133,22 @@ class TorchBackend:
         x = torch.from_numpy(batch_nhwc).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         return x.to(self.device, non_blocking=True)
 
+    def batch_shape(self, size: int) -> int:
+        return padded_batch(size) if self._thread is not None else size
+
     def forward(
         self, batch_nhwc: np.ndarray, *, features: bool = False, hflip: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._thread is None:
+            return self._forward(batch_nhwc, features=features, hflip=hflip)
+        size = len(batch_nhwc)
+        padding = self.batch_shape(size) - size
+        if padding:  # zeros: in eval mode every image's outputs are its own
+            batch_nhwc = np.concatenate([batch_nhwc, np.zeros((padding, *batch_nhwc.shape[1:]), batch_nhwc.dtype)])
+        logits, fmap = self._thread.submit(self._forward, batch_nhwc, features=features, hflip=hflip).result()
+        return logits[:size], None if fmap is None else fmap[:size]
+
+    def _forward(self, batch_nhwc: np.ndarray, *, features: bool, hflip: bool) -> tuple[np.ndarray, np.ndarray | None]:
         x = self.to_device(batch_nhwc)
         dtype = self.autocast_dtype
         # enabled=False for float32 also switches off any autocast region the caller is in.
@@ -134,6 +169,11 @@ class TorchBackend:
             return logits.cpu().numpy(), fmap_out
 
     def gradcam(self, batch_nhwc: np.ndarray, class_index: int) -> np.ndarray:
+        if self._thread is None:
+            return self._gradcam_map(batch_nhwc, class_index)
+        return self._thread.submit(self._gradcam_map, batch_nhwc, class_index).result()
+
+    def _gradcam_map(self, batch_nhwc: np.ndarray, class_index: int) -> np.ndarray:
         return self._gradcam(self.to_device(batch_nhwc).float(), class_index)[0]
 
 
@@ -171,6 +211,9 @@ class OnnxBackend:
 
     def gradcam(self, batch_nhwc: np.ndarray, class_index: int) -> np.ndarray:
         raise NotImplementedError("ONNX backends compute heat maps from the feature map; they hold no gradients")
+
+    def batch_shape(self, size: int) -> int:
+        return size
 
 
 def create_session(model: bytes, threads: int = DEFAULT_THREADS) -> Any:

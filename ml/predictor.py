@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -352,12 +352,17 @@ class Predictor:
 
     # ---------------------------------------------------------------- operations
 
-    def warm_up(self, rounds: int = 2) -> None:
-        """Run a few dummy images so the first real case pays no one-off costs."""
+    def warm_up(self, rounds: int = 2, batch_sizes: Iterable[int] = (1,)) -> None:
+        """Run a few dummy images so the first real case pays no one-off costs: ``rounds`` cases
+        (classification and heat map), then one classification at each batch shape that
+        ``batch_sizes`` run at (:meth:`ml.backends.Backend.batch_shape`), for an engine that prepares
+        each new shape on first use (cuDNN on a GPU)."""
         height, width = self.prep.input_size
         blank = Image.new("RGB", (width, height), (128, 100, 90))
         for _ in range(rounds):
             self.explain(blank, self.classify([blank])[0])
+        for size in sorted({self.backend.batch_shape(n) for n in batch_sizes} - {1}):
+            self.classify([blank] * size)
 
     def describe(self) -> str:
         """A one-line JSON summary for logs: model id, device, backend, TTA and whether the heat map is one-pass."""

@@ -70,20 +70,9 @@ class DecodedCase:
     working_copy: bool
 
 
-def batching_enabled(config: Settings) -> bool:
-    """Whether this worker claims and runs queued cases in batches (``DERMQ_BATCHING``; auto: yes).
-
-    On a GPU one batched pass costs about one image's. On the CPU a pass costs about the sum of its
-    images, but a batch is claimed, audited and stored in a fixed number of statements and one
-    commit per transaction instead of about a dozen statements and two commits per case, which is
-    the larger share of a case on a CPU worker: ``python -m bench.pipeline`` measured 1.5x the
-    throughput draining a backlog. An idle queue gives batches of one, with no wait on the CPU."""
-    return config.batching != "off" and config.batch_max_size > 1
-
-
 def dispatch(config: Settings, case_id: uuid.UUID, progress: Progress) -> str:
     """One case, or a dynamic batch starting with it when batching is on for this worker."""
-    if batching_enabled(config):
+    if runtime.batching_enabled(config):
         try:
             runtime.get_predictor(config)  # before claiming: cases wait in the queue, not claimed, for the load
         except runtime.ModelUnavailable:

@@ -121,6 +121,17 @@ def free_device_memory(predictor: Predictor) -> None:
         torch.cuda.empty_cache()
 
 
+def batching_enabled(config: Settings) -> bool:
+    """Whether this worker claims and runs queued cases in batches (``DERMQ_BATCHING``; auto: yes).
+
+    On a GPU one batched pass costs about one image's. On the CPU a pass costs about the sum of its
+    images, but a batch is claimed, audited and stored in a fixed number of statements and one
+    commit per transaction instead of about a dozen statements and two commits per case, which is
+    the larger share of a case on a CPU worker: ``python -m bench.pipeline`` measured 1.5x the
+    throughput draining a backlog. An idle queue gives batches of one, with no wait on the CPU."""
+    return config.batching != "off" and config.batch_max_size > 1
+
+
 def load_predictor(settings: Settings, device: str) -> Predictor:
     """The configured model on ``device``, warmed up; :class:`ModelUnavailable` if it fails its checks."""
     import torch
@@ -147,7 +158,11 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
             extra={"event": "model_load_failed", "model_id": settings.model, "error": type(exc).__name__},
         )
         raise ModelUnavailable(MODEL_UNAVAILABLE) from None
-    predictor.warm_up(rounds=1)
+    # cuDNN builds its plans for each batch shape on first use, about 1.8 s a shape on an H200
+    # (docs/PERFORMANCE.md, "GPU"), which the first cases of each size would otherwise wait out: a
+    # batching GPU worker warms every shape its batches run at (powers of two, ml.backends).
+    gpu_batches = predictor.device.type == "cuda" and batching_enabled(settings)
+    predictor.warm_up(rounds=1, batch_sizes=range(1, settings.batch_max_size + 1) if gpu_batches else (1,))
     log.info(
         "model loaded",
         extra={

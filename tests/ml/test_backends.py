@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
-from ml.backends import TorchBackend
+from ml.backends import TorchBackend, padded_batch
 from ml.decision import DecisionPolicy
 from ml.predictor import Predictor
 from tests.ml.conftest import TINY_ARCH, TINY_SIZE, tiny_model, tiny_prep
@@ -66,3 +68,71 @@ def test_predictor_serves_fp32_by_default() -> None:
     predictor = Predictor(net, tiny_prep(net), DecisionPolicy(), device="cpu")
     assert isinstance(predictor.backend, TorchBackend)
     assert predictor.backend.precision == "fp32" and predictor.backend.autocast_dtype is None
+
+
+def test_padded_batches_are_powers_of_two() -> None:
+    assert [padded_batch(n) for n in (1, 2, 3, 4, 5, 8, 9, 200)] == [1, 2, 4, 4, 8, 8, 16, 256]
+
+
+class Passes:
+    """The batch sizes the model's passes ran at, and the threads they ran on (seen by the first
+    convolution: the backend calls the model's forward_features, past the module's own hooks)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.sizes: list[int] = []
+        self.threads: list[str] = []
+        first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        first.register_forward_pre_hook(self.seen)
+
+    def seen(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.sizes.append(len(args[0]))
+        self.threads.append(threading.current_thread().name)
+
+
+def test_own_thread_runs_every_pass_on_one_thread_with_padded_batches_and_the_same_answers(batch: np.ndarray) -> None:
+    # CUDA's default: cuDNN's per-shape plans are cached per thread, so one warm-up must serve every caller
+    inline = TorchBackend(tiny_model(TINY_ARCH), CPU)
+    net = tiny_model(TINY_ARCH)
+    passes = Passes(net)
+    own = TorchBackend(net, CPU, own_thread=True)
+    assert inline.batch_shape(3) == 3 and own.batch_shape(3) == 4
+
+    logits, fmap = own.forward(batch, features=True)
+    callers = []
+    for _ in range(2):  # from two other threads too
+        caller = threading.Thread(target=lambda: callers.append(own.forward(batch[:1])[0]))
+        caller.start()
+        caller.join()
+
+    assert passes.sizes == [4, 1, 1]  # three images ran as four; one as one
+    assert len(set(passes.threads)) == 1 and passes.threads[0].startswith("dermq-torch")
+    expected, expected_fmap = inline.forward(batch, features=True)
+    assert logits.shape == expected.shape and fmap is not None and expected_fmap is not None
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)  # the padding changes no image's answer
+    np.testing.assert_allclose(fmap, expected_fmap, rtol=0, atol=1e-5)
+    for answer in callers:
+        np.testing.assert_allclose(answer, expected[:1], rtol=0, atol=1e-5)
+
+
+def test_own_thread_hands_errors_back_to_the_caller(batch: np.ndarray) -> None:
+    net = tiny_model(TINY_ARCH)
+
+    def refuse(*_: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_pre_hook(refuse)
+    with pytest.raises(torch.OutOfMemoryError):  # what the worker's fallback to the CPU catches
+        TorchBackend(net, CPU, own_thread=True).forward(batch)
+
+
+def test_warm_up_runs_each_padded_batch_shape_once() -> None:
+    net = tiny_model(TINY_ARCH)
+    predictor = Predictor(TorchBackend(net, CPU, own_thread=True), tiny_prep(net), DecisionPolicy())
+    passes = Passes(net)
+    predictor.warm_up(rounds=1, batch_sizes=range(1, 9))
+    assert passes.sizes == [
+        1,
+        2,
+        4,
+        8,
+    ]  # a case at batch 1 (classification; its heat map reuses the features), then 2, 4, 8

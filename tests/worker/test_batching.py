@@ -27,7 +27,7 @@ from ml.images import decode
 from tests import support
 from tests.conftest import own_database_fixtures
 from worker import runtime
-from worker.batching import batching_enabled, run_batch
+from worker.batching import run_batch
 from worker.pipeline import Progress, run_classification
 
 pytestmark = pytest.mark.usefixtures("database", "empty_queue")  # empty_queue: tests/conftest.py
@@ -44,10 +44,10 @@ tenant, store_case = own_database_fixtures()
 
 def test_batching_is_on_unless_turned_off(settings, batching) -> None:  # type: ignore[no-untyped-def]
     assert settings.batching == "auto"
-    assert batching_enabled(settings)  # on the CPU too: a batch's bookkeeping costs about one case's
-    assert batching_enabled(batching)
-    assert not batching_enabled(settings.model_copy(update={"batching": "off"}))
-    assert not batching_enabled(settings.model_copy(update={"batch_max_size": 1}))
+    assert runtime.batching_enabled(settings)  # on the CPU too: a batch's bookkeeping costs about one case's
+    assert runtime.batching_enabled(batching)
+    assert not runtime.batching_enabled(settings.model_copy(update={"batching": "off"}))
+    assert not runtime.batching_enabled(settings.model_copy(update={"batch_max_size": 1}))
 
 
 def test_batched_answers_equal_one_at_a_time(batching, tenant, store_case, keyring, fixture_images) -> None:  # type: ignore[no-untyped-def]
