@@ -5,8 +5,16 @@
 # run; starts PostgreSQL and Redis if they are down (`make services`; without them only the pipeline
 # row is missing); then runs `python -m bench.gpu` with any arguments given here (--quick, --cases N,
 # --database, --redis-url).
+#
+# DERMQ_BENCH_PYTHON=/path/to/python runs it with an interpreter that already holds dermq's
+# dependencies instead (a GPU image's own CUDA build of torch, say, on a host that cannot reach
+# PyPI): nothing is installed into it or swapped in it, and PostgreSQL and Redis are the caller's
+# to start (PGHOST and --redis-url say where), or the pipeline row says `failed`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${DERMQ_BENCH_PYTHON:-}" ]; then
+    exec "$DERMQ_BENCH_PYTHON" -m bench.gpu "$@"
+fi
 make --no-print-directory install
 py=.venv/bin/python
 if nvidia-smi -L > /dev/null 2>&1 && ! "$py" -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())'; then

@@ -14,8 +14,10 @@ import torch
 from tests import support
 
 THROUGHPUT = re.compile(r"^torch (cpu|cuda) fp32\s+(\d+)\s+([0-9.]+) images/s\s+([0-9.]+) ms$")
+HEAT_MAP = re.compile(r"^torch (cpu|cuda) classify \+ heat map\s+1\s+([0-9.]+) cases/s\s+([0-9.]+) ms$")
 PIPELINE = re.compile(
-    r"^pipeline DERMQ_DEVICE=(cpu|cuda) \((\d+) cases at once, (\d+) failed\)\s+-\s+([0-9.]+) cases/s"
+    r"^pipeline DERMQ_DEVICE=(cpu|cuda) \((\d+) cases at once, (\d+) failed\)\s+-\s+([0-9.]+) cases/s "
+    r"\(([0-9.]+) from the first result on\)"
 )
 
 
@@ -65,12 +67,19 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
         # images/s is the batch over the p50 per batch
         assert abs(float(m.group(3)) - int(m.group(2)) / (float(m.group(4)) / 1000)) / float(m.group(3)) < 0.05
 
+    # a worker's model work for one case: classification and heat map, on the same device
+    heat = [m for m in map(HEAT_MAP.match, rows) if m]
+    assert len(heat) == 1 and heat[0].group(1) == ("cuda" if gpu else "cpu"), rows
+    assert float(heat[0].group(2)) > 0 and float(heat[0].group(3)) > 0
+
     pipeline = [m for m in map(PIPELINE.match, rows) if m]
     assert len(pipeline) == 1, rows
-    device, cases, failed, rate = pipeline[0].groups()
+    device, cases, failed, rate, flowing = pipeline[0].groups()
     assert (device, int(cases), int(failed)) == ("cuda" if gpu else "cpu", 8, 0)
-    assert float(rate) > 0
+    assert float(rate) > 0 and float(flowing) > 0  # over the whole span, and once results flow
     if not gpu:
+        assert any(r.startswith("cuda answers against the CPU's") and "skipped: no GPU" in r for r in rows), rows
         assert any(r.startswith("onnxruntime CUDA") and "not available (no GPU)" in r for r in rows), rows
         assert any(r.startswith("OOM fallback") and "skipped: no GPU" in r for r in rows), rows
-    assert len(rows) == len(measured) + 3 or gpu  # torch rows, ONNX, OOM, pipeline: nothing else
+    # torch rows, heat map, agreement, ONNX, OOM, pipeline: nothing else
+    assert len(rows) == len(measured) + 5 or gpu
