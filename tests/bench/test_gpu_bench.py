@@ -1,12 +1,14 @@
-"""``python -m bench.gpu --quick`` on this machine: without a GPU it says so first, then prints one
-table with measured CPU throughput, the GPU-only rows marked as such, and a pipeline that finished
-its cases on the CPU. With a GPU the first line names it instead."""
+"""``bench/gpu.sh --quick`` (``python -m bench.gpu``) on this machine: without a GPU it says so
+first, then prints one table with measured CPU throughput, the GPU-only rows marked as such, and a
+pipeline that finished its cases on the CPU. With a GPU the first line names it instead."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,21 +24,19 @@ PIPELINE = re.compile(
 
 
 @pytest.mark.slow
-def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker) -> None:  # type: ignore[no-untyped-def]
+def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # a private Redis (started and answering a ping): the run flushes its database
     database = f"{support.TEST_DATABASE}_bench_gpu"
+    # through bench/gpu.sh with an interpreter of the caller's (DERMQ_BENCH_PYTHON: nothing installed),
+    # as on a GPU image that cannot reach PyPI; this one notes how it was called, then runs this Python
+    called = tmp_path / "called"
+    interpreter = tmp_path / "python"
+    interpreter.write_text(f'#!/bin/sh\necho "$@" > {called}\nexec {sys.executable} "$@"\n')
+    interpreter.chmod(0o755)
     try:
         run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.gpu",
-                "--quick",
-                "--database",
-                database,
-                "--redis-url",
-                private_broker.url,
-            ],
+            ["bash", "bench/gpu.sh", "--quick", "--database", database, "--redis-url", private_broker.url],
+            env={**os.environ, "DERMQ_BENCH_PYTHON": str(interpreter)},
             cwd=support.ROOT,
             capture_output=True,
             text=True,
@@ -45,6 +45,15 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
     finally:
         support.drop_database(f"postgresql+psycopg2:///{database}")
     assert run.returncode == 0, run.stderr[-3000:]
+    assert called.read_text().split() == [
+        "-m",
+        "bench.gpu",
+        "--quick",
+        "--database",
+        database,
+        "--redis-url",
+        private_broker.url,
+    ]
     lines = run.stdout.strip().splitlines()
     gpu = torch.cuda.is_available()
     if gpu:
