@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import platform
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,6 +89,15 @@ class Backend(Protocol):
         ...
 
 
+def _same_gpu(device: torch.device) -> Callable[[], None] | None:
+    """For a backend's own thread: select the GPU that ``device`` means on the creating thread (a
+    bare ``cuda`` is that thread's current device, which a new thread does not inherit)."""
+    if device.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return functools.partial(torch.cuda.set_device, index)
+
+
 def padded_batch(size: int) -> int:
     """The power of two at or above ``size``: the batch sizes a CUDA pass runs at."""
     return 1 << max(0, size - 1).bit_length()
@@ -105,7 +115,9 @@ class TorchBackend:
     first use, about 1.8 s per shape for this model on an H200, and PyTorch caches them per thread
     (docs/PERFORMANCE.md, "GPU"). A warm-up on any thread then serves every later pass, whichever
     thread asks (a worker child warms up on its preload thread and classifies on its main thread),
-    and a batcher's sizes up to 2**k need k + 1 warm shapes, not 2**k.
+    and a batcher's sizes up to 2**k need k + 1 warm shapes, not 2**k. Like CUDA itself, a backend
+    with its own thread is made after any fork, in the process that uses it (a forked child would
+    inherit the executor without its thread).
     """
 
     name = "torch"
@@ -118,7 +130,11 @@ class TorchBackend:
         self.device = device
         if own_thread is None:
             own_thread = device.type == "cuda"
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="dermq-torch") if own_thread else None
+        self._thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="dermq-torch", initializer=_same_gpu(device))
+            if own_thread
+            else None
+        )
         self.precision = precision
         #: the autocast dtype of :meth:`forward`; None for float32 with autocast off
         self.autocast_dtype = PRECISIONS[precision]

@@ -132,6 +132,21 @@ def batching_enabled(config: Settings) -> bool:
     return config.batching != "off" and config.batch_max_size > 1
 
 
+def warm_batch_shapes(settings: Settings, predictor: Predictor) -> None:
+    """Warm every shape a batching GPU worker's batches run at (powers of two up to
+    ``batch_max_size``'s, ml.backends): cuDNN builds its plans for each on first use, 1.7-2.7 s a
+    shape on an H200 (docs/PERFORMANCE.md, "GPU"), which the first cases of each size would otherwise
+    wait out. A GPU too small for the largest leaves that shape cold, not the worker down: a batch of
+    that size that runs out of memory runs on the CPU, as any does."""
+    import torch
+
+    try:
+        predictor.warm_up(rounds=0, batch_sizes=range(1, settings.batch_max_size + 1))
+    except torch.OutOfMemoryError:
+        free_device_memory(predictor)
+        log.warning("out of GPU memory warming the batch shapes", extra={"event": "warm_up_out_of_memory"})
+
+
 def load_predictor(settings: Settings, device: str) -> Predictor:
     """The configured model on ``device``, warmed up; :class:`ModelUnavailable` if it fails its checks."""
     import torch
@@ -158,11 +173,9 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
             extra={"event": "model_load_failed", "model_id": settings.model, "error": type(exc).__name__},
         )
         raise ModelUnavailable(MODEL_UNAVAILABLE) from None
-    # cuDNN builds its plans for each batch shape on first use, about 1.8 s a shape on an H200
-    # (docs/PERFORMANCE.md, "GPU"), which the first cases of each size would otherwise wait out: a
-    # batching GPU worker warms every shape its batches run at (powers of two, ml.backends).
-    gpu_batches = predictor.device.type == "cuda" and batching_enabled(settings)
-    predictor.warm_up(rounds=1, batch_sizes=range(1, settings.batch_max_size + 1) if gpu_batches else (1,))
+    predictor.warm_up(rounds=1)
+    if predictor.device.type == "cuda" and batching_enabled(settings):
+        warm_batch_shapes(settings, predictor)
     log.info(
         "model loaded",
         extra={

@@ -114,6 +114,19 @@ def test_own_thread_runs_every_pass_on_one_thread_with_padded_batches_and_the_sa
         np.testing.assert_allclose(answer, expected[:1], rtol=0, atol=1e-5)
 
 
+def test_own_thread_pads_a_mirrored_batch_too(batch: np.ndarray) -> None:
+    # test-time flips double the padded batch: each image's mean over itself and its mirror is kept
+    inline = TorchBackend(tiny_model(TINY_ARCH), CPU)
+    net = tiny_model(TINY_ARCH)
+    passes = Passes(net)
+    logits, fmap = TorchBackend(net, CPU, own_thread=True).forward(batch, features=True, hflip=True)
+    expected, expected_fmap = inline.forward(batch, features=True, hflip=True)
+    assert passes.sizes == [8]  # three images and their mirrors, padded to four and four
+    assert fmap is not None and expected_fmap is not None and fmap.shape == expected_fmap.shape
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fmap, expected_fmap, rtol=0, atol=1e-5)
+
+
 def test_own_thread_hands_errors_back_to_the_caller(batch: np.ndarray) -> None:
     net = tiny_model(TINY_ARCH)
 
