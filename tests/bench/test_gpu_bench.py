@@ -33,10 +33,15 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
     interpreter = tmp_path / "python"
     interpreter.write_text(f'#!/bin/sh\necho "$@" > {called}\nexec {sys.executable} "$@"\n')
     interpreter.chmod(0o755)
+    # and nothing is installed: a `make` that fails comes first on the PATH (gpu.sh stops on an error)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "make").write_text("#!/bin/sh\nexit 1\n")
+    (tools / "make").chmod(0o755)
     try:
         run = subprocess.run(
             ["bash", "bench/gpu.sh", "--quick", "--database", database, "--redis-url", private_broker.url],
-            env={**os.environ, "DERMQ_BENCH_PYTHON": str(interpreter)},
+            env={**os.environ, "DERMQ_BENCH_PYTHON": str(interpreter), "PATH": f"{tools}:{os.environ['PATH']}"},
             cwd=support.ROOT,
             capture_output=True,
             text=True,
