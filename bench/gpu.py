@@ -15,7 +15,8 @@
   worker's own ``_classify_image`` classifies a case; the row shows the device that answered (the
   CPU predictor of :func:`worker.runtime.get_cpu_predictor`), and the memory is freed afterwards;
 - the pipeline: a real API and Celery worker (``DERMQ_DEVICE=cuda``, or ``cpu`` without a GPU) on a
-  scratch database, ``--cases`` cases submitted at once: submit-to-result p50/p95 and cases/s.
+  scratch database, ``--cases`` cases submitted at once: submit-to-result p50/p95 and cases/s; on a
+  GPU again with two worker children sharing it (what docker-compose.yml and deploy/k8s run).
 
 Without a GPU the first line says so and everything runs on the CPU (batch 128 left out);
 ``--quick`` keeps such a run under about a minute.
@@ -161,8 +162,11 @@ def oom_fallback_row(settings: Any, predictor: Any) -> list[str]:
     ]
 
 
-def pipeline_row(env: dict[str, str], workdir: Path, token: str, device: str, cases: int) -> list[str]:
-    """Submit ``cases`` cases at once to a real API + worker; submit-to-result p50/p95 and cases/s."""
+def pipeline_row(
+    env: dict[str, str], workdir: Path, token: str, device: str, cases: int, children: int = 1
+) -> list[str]:
+    """Submit ``cases`` cases at once to a real API + worker of ``children`` children; submit-to-result
+    p50/p95 and cases/s."""
     import httpx
 
     base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
@@ -173,7 +177,7 @@ def pipeline_row(env: dict[str, str], workdir: Path, token: str, device: str, ca
         support.wait_for(lambda: processes.api_up(base) or not api.alive(), timeout=60, what="the API")
         if not api.alive():
             raise RuntimeError(api.output()[-2000:])
-        worker = processes.start_worker(env, workdir / "worker.log", concurrency=1)
+        worker = processes.start_worker(env, workdir / "worker.log", concurrency=children)
         http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
         submitted: dict[str, float] = {}
         for i in range(cases):
@@ -202,7 +206,8 @@ def pipeline_row(env: dict[str, str], workdir: Path, token: str, device: str, ca
         raise RuntimeError(f"{len(pending)} of {cases} cases unfinished after 600 s")
     steady = flowing_rate(env, list(submitted))
     return [
-        f"pipeline DERMQ_DEVICE={device} ({cases} cases at once, {failed} failed)",
+        f"pipeline DERMQ_DEVICE={device}{'' if children == 1 else f', {children} children'} "
+        f"({cases} cases at once, {failed} failed)",
         "-",
         f"{len(latencies) / span:.1f} cases/s ({steady:.1f} from the first result on); "
         f"p95 {ms(percentile(latencies, 95))}",
@@ -309,11 +314,14 @@ def main(argv: list[str] | None = None) -> None:
     if gpu:
         torch.cuda.empty_cache()  # the measured predictor is gone; the pipeline's worker loads its own
 
-    def pipeline() -> list[list[str]]:
-        _, _, token = support.prepare_stack(env, f"bench-gpu-{uuid.uuid4().hex[:6]}")
-        return [pipeline_row(env, workdir, token, device, cases)]
+    def pipeline(children: int) -> list[list[str]]:
+        layout = {**env, "DERMQ_WORKER_CONCURRENCY": str(children)}
+        _, _, token = support.prepare_stack(layout, f"bench-gpu-{uuid.uuid4().hex[:6]}")
+        return [pipeline_row(layout, workdir, token, device, cases, children)]
 
-    rows += guarded("pipeline", pipeline)
+    rows += guarded("pipeline", lambda: pipeline(1))
+    if gpu:  # two children sharing the GPU, as docker-compose.yml and deploy/k8s run a GPU worker
+        rows += guarded("pipeline, 2 children", lambda: pipeline(2))
     print(table(["measure", "batch", "throughput", "p50 per batch"], rows))
 
 
