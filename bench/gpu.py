@@ -162,12 +162,12 @@ def oom_fallback_row(settings: Any, predictor: Any) -> list[str]:
     ]
 
 
-def pipeline_row(
-    env: dict[str, str], workdir: Path, token: str, device: str, cases: int, children: int = 1
-) -> list[str]:
-    """Submit ``cases`` cases at once to a real API + worker of ``children`` children; submit-to-result
-    p50/p95 and cases/s."""
+def pipeline_row(env: dict[str, str], workdir: Path, token: str, cases: int) -> list[str]:
+    """Submit ``cases`` cases at once to a real API + worker (its device and children as ``env`` sets
+    them); submit-to-result p50/p95 and cases/s."""
     import httpx
+
+    device, children = env["DERMQ_DEVICE"], int(env["DERMQ_WORKER_CONCURRENCY"])
 
     base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
     data = [p.read_bytes() for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     def pipeline(children: int) -> list[list[str]]:
         layout = {**env, "DERMQ_WORKER_CONCURRENCY": str(children)}
         _, _, token = support.prepare_stack(layout, f"bench-gpu-{uuid.uuid4().hex[:6]}")
-        return [pipeline_row(layout, workdir, token, device, cases, children)]
+        return [pipeline_row(layout, workdir, token, cases)]
 
     rows += guarded("pipeline", lambda: pipeline(1))
     if gpu:  # two children sharing the GPU, as docker-compose.yml and deploy/k8s run a GPU worker

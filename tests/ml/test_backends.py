@@ -74,15 +74,20 @@ def test_padded_batches_are_powers_of_two() -> None:
     assert [padded_batch(n) for n in (1, 2, 3, 4, 5, 8, 9, 200)] == [1, 2, 4, 4, 8, 8, 16, 256]
 
 
+def first_convolution(net: torch.nn.Module) -> torch.nn.Module:
+    """The layer every pass starts with: its hooks fire where the model's own do not (the backend
+    calls forward_features)."""
+    return next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+
+
 class Passes:
     """The batch sizes the model's passes ran at, and the threads they ran on (seen by the first
-    convolution: the backend calls the model's forward_features, past the module's own hooks)."""
+    convolution)."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         self.sizes: list[int] = []
         self.threads: list[str] = []
-        first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-        first.register_forward_pre_hook(self.seen)
+        first_convolution(net).register_forward_pre_hook(self.seen)
 
     def seen(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self.sizes.append(len(args[0]))
@@ -133,7 +138,7 @@ def test_own_thread_hands_errors_back_to_the_caller(batch: np.ndarray) -> None:
     def refuse(*_: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_pre_hook(refuse)
+    first_convolution(net).register_forward_pre_hook(refuse)
     with pytest.raises(torch.OutOfMemoryError):  # what the worker's fallback to the CPU catches
         TorchBackend(net, CPU, own_thread=True).forward(batch)
 
