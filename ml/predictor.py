@@ -67,14 +67,20 @@ class Prediction:
 @dataclass(frozen=True, slots=True)
 class Explanation:
     """Grad-CAM for one class: ``cam`` is the (h, w) float32 map in [0, 1] at the feature map's
-    resolution, ``heatmap`` the same map upsampled to the overlay's size (H, W)."""
+    resolution, ``overlay_png`` the overlay drawn from it at ``size`` (width, height)."""
 
     class_code: str
     cam: np.ndarray
-    heatmap: np.ndarray
     overlay_png: bytes
     method: str  # "cam" (one pass) or "gradcam" (gradients)
+    size: tuple[int, int]
     seconds: float = 0.0
+
+    @property
+    def heatmap(self) -> np.ndarray:
+        """The (H, W) float32 map in [0, 1] at the overlay's size, made when asked for (serving draws
+        the overlay without it)."""
+        return heatmap.upsample(self.cam, self.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,8 +277,9 @@ class Predictor:
             cam, method = class_activation_map(features, self.cam_weight, index), "cam"
         else:
             cam, method = self.backend.gradcam(analysis.batch, index), "gradcam"
-        heat, png = heatmap.render(image, cam, self.overlay_max_side)
-        return Explanation(code, cam, heat, png, method, time.perf_counter() - started)
+        png = heatmap.render(image, cam, self.overlay_max_side)
+        size = heatmap.overlay_size(image.size, self.overlay_max_side)
+        return Explanation(code, cam, png, method, size, time.perf_counter() - started)
 
     def predict(self, images: Sequence[Image.Image]) -> list[Prediction]:
         """One :class:`Prediction` per RGB image, in order (gated when the model has a gate).

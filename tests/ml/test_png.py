@@ -60,7 +60,7 @@ def test_a_real_overlay_is_smaller_than_with_zlib_level_1(fixture_images) -> Non
     image = Image.open(fixture_images[sorted(fixture_images)[0]]).convert("RGB")
     yy, xx = np.mgrid[0:7, 0:9]
     cam = np.exp(-((yy - 3.0) ** 2 + (xx - 4.0) ** 2) / 6.0).astype(np.float32)  # a blob, as a lesion gives
-    _, png = render(image, cam)
+    png = render(image, cam)
     rgb = np.asarray(Image.open(io.BytesIO(png)))
     chunks = 25 + 12 + 12  # IHDR with its 13 bytes, IDAT's framing, IEND
     rows = _up_filtered(rgb)
@@ -89,3 +89,27 @@ def test_colouring_is_the_lookup_table_at_the_nearest_level() -> None:
     rgb = np.asarray(coloured(heat))
     assert rgb.shape == (37, 53, 3)
     assert np.array_equal(rgb, _LUT[(heat * 255.0 + 0.5).astype(np.uint8)])
+
+
+def test_the_overlay_is_the_upsampled_map_coloured_and_blended(fixture_pil: list[Image.Image]) -> None:
+    """render makes the map's 8-bit levels in Pillow, without the float map at the overlay's size:
+    its overlay must be the one drawn from that float map (upsample, coloured, blended), but for a
+    level where float rounding falls the other side of a half (a colour a level or two off, rarely)."""
+    from ml import heatmap
+
+    rng = np.random.default_rng(6)
+    differing = total = 0
+    for i, image in enumerate(fixture_pil * 3):
+        if i % 3 == 1:  # overlays smaller and larger than the image, and one larger than max_side
+            image = image.resize((int(rng.integers(60, 1200)), int(rng.integers(60, 900))))
+        cam = rng.random((int(rng.integers(2, 9)), int(rng.integers(2, 9)))).astype(np.float32)
+        size = heatmap.overlay_size(image.size)
+        base = image if image.size == size else image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        expected = Image.blend(heatmap.coloured(heatmap.upsample(cam, size)), base, heatmap.IMAGE_WEIGHT)
+        drawn = np.asarray(Image.open(io.BytesIO(heatmap.render(image, cam))), dtype=np.int16)
+        assert drawn.shape == (size[1], size[0], 3)
+        difference = np.abs(drawn - np.asarray(expected, dtype=np.int16))
+        assert difference.max() <= 2
+        differing += int(np.count_nonzero(difference))
+        total += difference.size
+    assert differing <= 1e-4 * total

@@ -102,7 +102,8 @@ def test_overlay_pixels_follow_the_blend_formula(fixture_pil: list[Image.Image])
 
     image = fixture_pil[2]
     cam = np.random.default_rng(3).random((6, 6)).astype(np.float32)
-    heat, png = heatmap.render(image, cam)
+    png = heatmap.render(image, cam)
+    heat = heatmap.upsample(cam, image.size)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     expected = heatmap.IMAGE_WEIGHT * pixels + (1 - heatmap.IMAGE_WEIGHT) * heatmap.colormap(heat).astype(np.float32)
     drawn = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)

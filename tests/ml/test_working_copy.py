@@ -89,7 +89,7 @@ def test_the_heat_map_drawn_on_the_copy_matches_the_one_drawn_on_the_draft_decod
     assert copy is not None
     cam = np.random.default_rng(0).random((6, 7)).astype(np.float32)
     on_copy, on_draft = (
-        np.asarray(Image.open(io.BytesIO(heatmap.render(image, cam, SIDE)[1])), dtype=np.int16)
+        np.asarray(Image.open(io.BytesIO(heatmap.render(image, cam, SIDE))), dtype=np.int16)
         for image in (working_copy.read(copy).image, draft.image)
     )
     assert on_copy.shape == (375, 500, 3) and on_draft.shape == (384, 512, 3)
