@@ -86,7 +86,9 @@ def onnx_cuda_rows(predictor: Any, batches: Sequence[int], repeats: int) -> list
         x = rng.standard_normal((batch, 3, height, width), dtype=np.float32)
         rows.append(
             throughput_row(
-                "onnxruntime CUDA fp32", batch, timed(functools.partial(session.run, None, {INPUT: x}), repeats)
+                f"onnxruntime CUDA fp32 ({ort.__version__})",
+                batch,
+                timed(functools.partial(session.run, None, {INPUT: x}), repeats),
             )
         )
     return rows

@@ -97,3 +97,49 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
         assert any(r.startswith("OOM fallback") and "skipped: no GPU" in r for r in rows), rows
     # torch rows, heat map, agreement, ONNX, OOM, pipeline: nothing else
     assert len(rows) == len(measured) + 5 or gpu
+
+
+def test_on_a_gpu_host_the_cuda_build_at_or_below_the_cpu_builds_version_is_swapped_in(tmp_path: Path) -> None:
+    """Where nvidia-smi finds a GPU and ONNX Runtime has no CUDA provider, gpu.sh asks pip for the
+    newest onnxruntime-gpu at or below the CPU build's version (PyPI had 1.31.1 against 1.32.0, so
+    asking for the same version fetched nothing), installs what came, then runs bench.gpu. Run from a
+    copy of the script beside a stand-in .venv whose python notes each call (no download)."""
+    root = tmp_path / "checkout"
+    (root / "bench").mkdir(parents=True)
+    (root / "bench" / "gpu.sh").write_text((support.ROOT / "bench" / "gpu.sh").read_text())
+    (root / ".venv" / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls"
+    python = root / ".venv" / "bin" / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'case "$*" in\n'
+        '  "-c import onnxruntime; print(onnxruntime.__version__)") echo 1.32.0 ;;\n'
+        '  -c*) exit 1 ;;\n'  # the CUDA provider test: the CPU build has none
+        '  "-m pip download"*) for a; do d=$spec; spec=$a; done\n'  # -d DIR SPEC: the last two arguments
+        '    touch "$d/onnxruntime_gpu-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl" ;;\n'
+        "esac\n"
+    )
+    python.chmod(0o755)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("make", "nvidia-smi"):  # make install and make services succeed; a GPU is listed
+        (tools / tool).write_text("#!/bin/sh\nexit 0\n")
+        (tools / tool).chmod(0o755)
+    run = subprocess.run(
+        ["bash", "bench/gpu.sh", "--quick"],
+        env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "DERMQ_BENCH_PYTHON": ""},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    download = next(line.split() for line in lines if line.startswith("-m pip download"))
+    assert download[-1] == "onnxruntime-gpu<=1.32.0"
+    install = next(line.split() for line in lines if line.startswith("-m pip install"))
+    assert install[-1].endswith("/onnxruntime_gpu-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl")
+    assert lines.index(" ".join(install)) > lines.index(next(x for x in lines if x.startswith("-m pip uninstall")))
+    assert lines[-1] == "-m bench.gpu --quick"
+    assert "swapped for onnxruntime_gpu-1.31.1" in run.stderr
