@@ -115,7 +115,7 @@ def test_on_a_gpu_host_the_cuda_build_at_or_below_the_cpu_builds_version_is_swap
         f'echo "$@" >> {calls}\n'
         'case "$*" in\n'
         '  "-c import onnxruntime; print(onnxruntime.__version__)") echo 1.32.0 ;;\n'
-        '  -c*) exit 1 ;;\n'  # the CUDA provider test: the CPU build has none
+        "  -c*) exit 1 ;;\n"  # the CUDA provider test: the CPU build has none
         '  "-m pip download"*) for a; do d=$spec; spec=$a; done\n'  # -d DIR SPEC: the last two arguments
         '    touch "$d/onnxruntime_gpu-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl" ;;\n'
         "esac\n"
