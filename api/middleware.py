@@ -9,6 +9,7 @@ import time
 import uuid
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import observe_request
@@ -125,7 +126,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > MAX_JSON_BODY:
-            await _too_large()(scope, receive, send)
+            await _too_large(Request(scope))(scope, receive, send)
             return
         received = 0
 
@@ -144,5 +145,5 @@ class BodyLimitMiddleware:
 _TOO_LARGE = f"the request body is over {MAX_JSON_BODY // 1024} KiB; this route takes a small JSON document"
 
 
-def _too_large() -> ASGIApp:
-    return problem(413, "payload_too_large", "Payload too large", _TOO_LARGE)
+def _too_large(request: Request) -> ASGIApp:
+    return problem(413, "payload_too_large", "Payload too large", _TOO_LARGE, request=request)

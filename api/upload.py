@@ -7,20 +7,30 @@ into memory, and reading stops with 413 the moment a cap is crossed:
 
 - the whole body: ``max_upload_bytes`` plus a little room for the text fields;
 - the ``image`` part: ``max_upload_bytes``;
-- each text field: 1 KiB (``client_ref`` is further limited by settings); at most 8 parts.
+- each text field: 1 KiB (``client_ref`` is further limited by settings); at most 8 parts;
+- time: 408 when nothing arrives for ``idle_timeout`` seconds or the body is not all there after
+  ``timeout`` (a stalled connection would otherwise hold one of its clinic's upload slots for as long
+  as it stays open).
+
+A body must end with its closing boundary: one cut short (by a proxy, a client's bug, a body whose
+Content-Length was computed without its last part) is refused with 400, never read as the parts that
+did arrive, which would drop the last field (an urgent case queued as routine, a client reference
+lost) or call a cut image empty.
 
 Client file names are read only to be ignored: nothing in dermq ever uses a client-supplied path.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import anyio
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from core.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from core.errors import BadRequest, InvalidInput, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 FIELD_CAP = 1024
 MAX_PARTS = 8
@@ -101,10 +111,13 @@ class _Collector:
             if self.part.name in self.form.fields:
                 raise InvalidInput(f"the field {self.part.name!r} appears twice", code="duplicate_field")
         else:
+            what = (
+                "a form part without a name"
+                if self.part.name is None
+                else f"unexpected form field {self.part.name[:64]!r}"
+            )
             raise InvalidInput(
-                f"unexpected form field {str(self.part.name)[:64]!r}; the form takes 'image' (file), "
-                "'client_ref' and 'priority'",
-                code="unexpected_field",
+                f"{what}; the form takes 'image' (file), 'client_ref' and 'priority'", code="unexpected_field"
             )
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -163,8 +176,11 @@ def boundary_of(request: Request) -> bytes:
     return boundary
 
 
-async def read_case_form(request: Request, *, max_image_bytes: int) -> CaseForm:
-    """Parse the submission as it arrives; raise 413 the moment a cap is passed."""
+async def read_case_form(
+    request: Request, *, max_image_bytes: int, idle_timeout: float = 30.0, timeout: float = 300.0
+) -> CaseForm:
+    """Parse the submission as it arrives; raise 413 the moment a cap is passed, 408 when it stalls
+    for ``idle_timeout`` seconds or takes longer than ``timeout``, 400 when it ends unfinished."""
     boundary = boundary_of(request)
     max_body = max_image_bytes + FORM_OVERHEAD
     declared = request.headers.get("content-length")
@@ -181,7 +197,7 @@ async def read_case_form(request: Request, *, max_image_bytes: int) -> CaseForm:
     parser = MultipartParser(boundary, collector.callbacks(), max_header_count=8, max_header_size=1024)  # type: ignore[arg-type]
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in _arriving(request.stream(), idle_timeout, timeout):
             received += len(chunk)
             if received > max_body:
                 raise PayloadTooLarge(f"the request is larger than the {max_body} byte limit", code="payload_too_large")
@@ -193,6 +209,11 @@ async def read_case_form(request: Request, *, max_image_bytes: int) -> CaseForm:
         raise BadRequest(
             "the client closed the connection before the body was complete", code="incomplete_body"
         ) from None
+    if parser.state != MultipartState.END:
+        raise BadRequest(
+            "the multipart body ends before its closing boundary: the upload is incomplete; send it again",
+            code="incomplete_body",
+        )
     if not collector.seen_image:
         raise InvalidInput("the form has no 'image' file", code="missing_image")
     content_type = collector.form.image_content_type
@@ -202,3 +223,26 @@ async def read_case_form(request: Request, *, max_image_bytes: int) -> CaseForm:
             code="unsupported_media_type",
         )
     return collector.form
+
+
+async def _arriving(chunks: AsyncIterator[bytes], idle_timeout: float, timeout: float) -> AsyncIterator[bytes]:
+    """``chunks`` as they arrive; 408 when none comes for ``idle_timeout`` seconds, or when they have
+    not all come ``timeout`` seconds after the first was asked for."""
+    deadline = anyio.current_time() + timeout
+    iterator = aiter(chunks)
+    while True:
+        left = deadline - anyio.current_time()
+        try:
+            with anyio.fail_after(max(0.0, min(idle_timeout, left))):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if left <= idle_timeout:
+                raise RequestTimeout(
+                    f"the upload took longer than {timeout:g} s; send it again", code="upload_timeout"
+                ) from None
+            raise RequestTimeout(
+                f"the upload stalled: nothing arrived for {idle_timeout:g} s; send it again", code="upload_stalled"
+            ) from None
+        yield chunk

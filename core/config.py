@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     decode_memory_bytes: int = Field(384 * 1024 * 1024, ge=16 * 1024 * 1024)
     #: Uploads one clinic may have in flight at once in one API process (beyond: 429).
     max_concurrent_uploads_per_clinic: int = Field(4, ge=1)
+    #: An upload that sends nothing for this long, or is not complete after ``upload_timeout_seconds``,
+    #: is answered 408 and lets go of its clinic's slot (a stalled connection would hold it forever).
+    upload_idle_timeout_seconds: float = Field(30.0, gt=0)
+    upload_timeout_seconds: float = Field(300.0, gt=0)
     max_client_ref_length: int = Field(128, ge=1)
     #: Requests that may wait for a case's end at once in one API process (``?wait=``); more answer at once.
     long_poll_max_waiters: int = Field(1000, ge=0)

@@ -56,6 +56,10 @@ class Conflict(DermqError):
     status, code, title = 409, "conflict", "Conflict"
 
 
+class RequestTimeout(DermqError):
+    status, code, title = 408, "request_timeout", "Request timeout"
+
+
 class Gone(DermqError):
     status, code, title = 410, "gone", "Gone"
 

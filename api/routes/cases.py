@@ -181,7 +181,12 @@ async def _accept(
     settings = app.settings
     with app.uploads.hold(caller.principal.clinic_id):
         try:
-            form = await read_case_form(request, max_image_bytes=settings.max_upload_bytes)
+            form = await read_case_form(
+                request,
+                max_image_bytes=settings.max_upload_bytes,
+                idle_timeout=settings.upload_idle_timeout_seconds,
+                timeout=settings.upload_timeout_seconds,
+            )
         except DermqError as exc:
             metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
             raise

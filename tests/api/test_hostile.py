@@ -130,6 +130,18 @@ def test_hostile_requests(client, tenant, settings, jpeg_bytes: bytes) -> None: 
         + f"--{boundary}--\r\n".encode()
     )
     huge_field, ct = support.multipart(jpeg_bytes, fields={"client_ref": "A" * 2_000_000}, boundary=boundary)
+    # cut short: never read as the parts that arrived (an urgent case queued as routine, a cut image "empty")
+    image_part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + jpeg_bytes
+        + b"\r\n"
+    )
+    no_closing_boundary = (
+        image_part + f'--{boundary}\r\nContent-Disposition: form-data; name="priority"\r\n\r\nurgent'.encode()
+    )
+    whole, _ = support.multipart(jpeg_bytes, boundary=boundary)
+    nameless = f"--{boundary}\r\nContent-Disposition: form-data\r\n\r\nx\r\n--{boundary}--\r\n".encode()
     cases = [
         ("20 images in one body", many_images, f"multipart/form-data; boundary={boundary}", 422, "too_many_files"),
         ("50 fields", many_fields, f"multipart/form-data; boundary={boundary}", 422, "unexpected_field"),
@@ -147,10 +159,15 @@ def test_hostile_requests(client, tenant, settings, jpeg_bytes: bytes) -> None: 
         ("path in filename", *support.multipart(jpeg_bytes, filename="../../etc/passwd"), 422, "invalid_filename"),
         ("windows path", *support.multipart(jpeg_bytes, filename="C:\\Windows\\win.ini"), 422, "invalid_filename"),
         ("duplicate field", *_duplicate_priority(jpeg_bytes), 422, "duplicate_field"),
+        ("no closing boundary", no_closing_boundary, ct, 400, "incomplete_body"),
+        ("cut in the image", whole[: len(whole) // 2], ct, 400, "incomplete_body"),
+        ("cut after the image", image_part, ct, 400, "incomplete_body"),
+        ("a part without a name", nameless, ct, 422, "unexpected_field"),
     ]
     for name, body, content_type, status, code in cases:
         response = _post(client, tenant, body, content_type)
         assert (response.status_code, response.json().get("code")) == (status, code), (name, response.text[:300])
+        assert "None" not in response.json()["detail"], (name, response.json())
     response = client.post(
         "/v1/cases",
         headers={**tenant.headers, "Content-Length": "99999999999"},

@@ -96,5 +96,6 @@ def test_a_json_route_refuses_a_large_body_before_reading_it_or_authenticating(c
         for refused in (declared, streamed):
             assert refused.status_code == 413, refused.text
             assert refused.json()["code"] == "payload_too_large" and refused.headers["x-request-id"]
+            assert refused.json()["instance"] == "/v1/clinic/callback"  # RFC 9457: a string, never null
     ok = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": "https://portal.example.org/hook"})
     assert ok.status_code == 200, ok.text  # a small body still reaches the route
