@@ -20,8 +20,9 @@ __version__ = "0.1.0"
 USER_AGENT = f"dermq-client/{__version__}"
 #: the longest ``?wait=`` the server accepts (seconds); longer waits are several long polls
 MAX_SERVER_WAIT = 30.0
-#: statuses after which a request is sent again (with the same Idempotency-Key for a submission)
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: statuses after which a request is sent again (with the same Idempotency-Key for a submission);
+#: 408: the server gave up on an upload that stalled or trickled on the way (a flaky link)
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 PRIORITIES = ("routine", "urgent")
 
 ImageInput = str | os.PathLike[str] | bytes

@@ -17,7 +17,7 @@ from dermq_client.models import Case, CaseSummary
 class AsyncClient:
     """A dermq API client for one API key, for asyncio. Use it as ``async with`` (or await :meth:`aclose`).
 
-    Requests that fail on the network, with a 5xx or with 429 are sent again as ``retry`` says,
+    Requests that fail on the network, with a 5xx, 429 or 408 are sent again as ``retry`` says,
     honouring ``Retry-After``; a submission is resent with the same ``Idempotency-Key``, so the
     server answers with the case it already stored rather than a second one."""
 

@@ -16,7 +16,7 @@ from dermq_client.models import Case, CaseSummary
 class Client:
     """A dermq API client for one API key. Use it as a context manager (or call :meth:`close`).
 
-    Requests that fail on the network, with a 5xx or with 429 are sent again as ``retry`` says,
+    Requests that fail on the network, with a 5xx, 429 or 408 are sent again as ``retry`` says,
     honouring ``Retry-After``; a submission is resent with the same ``Idempotency-Key``, so the
     server answers with the case it already stored rather than a second one."""
 

@@ -62,6 +62,11 @@ class NotFound(DermqError):
     """404: no such case for this clinic (``case_not_found``), or no heat map (``heatmap_unavailable``)."""
 
 
+class RequestTimeout(DermqError):
+    """408: the upload stalled or took too long on the way (``upload_stalled``, ``upload_timeout``);
+    sent again by the client's retries."""
+
+
 class Conflict(DermqError):
     """409: ``idempotency_key_reused`` or ``case_not_finished``."""
 
@@ -126,6 +131,7 @@ BY_STATUS: dict[int, type[DermqError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    408: RequestTimeout,
     409: Conflict,
     410: Gone,
     413: PayloadTooLarge,

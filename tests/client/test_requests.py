@@ -16,6 +16,7 @@ from dermq_client import (
     AsyncClient,
     Client,
     DermqError,
+    RequestTimeout,
     RetryPolicy,
     ServerError,
     ServiceUnavailable,
@@ -79,6 +80,35 @@ def test_a_503_is_retried_after_retry_after_with_the_same_key() -> None:
         case = dermq.submit(b"image bytes", client_ref="ref")
     assert case.id == CASE_ID and keys[0] == keys[1]
     assert times[1] - times[0] >= 0.95  # Retry-After honoured
+
+
+def test_an_upload_the_server_gave_up_on_408_is_sent_again_with_the_same_key() -> None:
+    keys: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["Idempotency-Key"])
+        if len(keys) == 1:  # the first upload stalled on the way
+            return httpx.Response(
+                408,
+                headers={"Content-Type": "application/problem+json"},
+                json={"status": 408, "code": "upload_stalled", "detail": "nothing for 30 s", "request_id": "r1"},
+            )
+        return httpx.Response(202, json=case_json())
+
+    policy = RetryPolicy(attempts=2, backoff=0.01)
+    with Client("http://dermq.test", "dq_key", transport=httpx.MockTransport(server), retry=policy) as dermq:
+        case = dermq.submit(b"image bytes")
+    assert case.id == CASE_ID and len(keys) == 2 and keys[0] == keys[1]
+
+    keys.clear()
+    with (
+        Client(
+            "http://dermq.test", "dq_key", transport=httpx.MockTransport(server), retry=RetryPolicy(attempts=1)
+        ) as dermq,
+        pytest.raises(RequestTimeout) as gave_up,
+    ):
+        dermq.submit(b"image bytes")
+    assert gave_up.value.code == "upload_stalled" and gave_up.value.status == 408
 
 
 def test_retries_are_bounded_and_the_last_error_is_raised() -> None:
