@@ -154,6 +154,13 @@ async def submit_case(
     """Validate, encrypt and queue one image. Answers 202 with the case and its `Location`; poll
     `GET /v1/cases/{id}` until `status` is `succeeded` or `failed`."""
     require_role(caller, Role.CLINIC)
+    unknown = sorted(set(request.query_params) - {"wait"})
+    if unknown:  # ?priority=urgent would otherwise queue a routine case without a word
+        raise InvalidInput(
+            f"unknown query parameter(s): {', '.join(name[:32] for name in unknown[:8])}; the case's "
+            "'priority' and 'client_ref' are form fields of the body, beside 'image'",
+            code="unknown_parameter",
+        )
     await db.run(lambda _: limit(caller, app, "submit"))
     # the upload's bytes and pixels are _accept's locals: a waiting submission keeps none of them
     out, created = await _accept(request, app, caller, db, idempotency_key, wait)

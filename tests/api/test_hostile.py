@@ -168,6 +168,15 @@ def test_hostile_requests(client, tenant, settings, jpeg_bytes: bytes) -> None: 
         response = _post(client, tenant, body, content_type)
         assert (response.status_code, response.json().get("code")) == (status, code), (name, response.text[:300])
         assert "None" not in response.json()["detail"], (name, response.json())
+    # the case's fields belong to the form: in the query they would be ignored (an urgent case routine)
+    body, content_type = support.multipart(jpeg_bytes)
+    misplaced = client.post(
+        "/v1/cases?priority=urgent&wait=0",
+        headers={**tenant.headers, "Content-Type": content_type},
+        content=body,
+    )
+    assert (misplaced.status_code, misplaced.json()["code"]) == (422, "unknown_parameter"), misplaced.text
+    assert "priority" in misplaced.json()["detail"]
     response = client.post(
         "/v1/cases",
         headers={**tenant.headers, "Content-Length": "99999999999"},
