@@ -22,12 +22,14 @@ transaction that ends the case, and its delivery task is enqueued on that same S
 it committed (:mod:`core.enqueue`). The worker (:mod:`worker.callbacks`) makes each attempt in three
 steps, so that no row lock and no pooled connection is held while a clinic's server takes its time:
 
-1. :func:`lease` — a short transaction counts the attempt, leases the row until ``leased_until``
-   and reads what the POST needs; a duplicated message finds the row leased and does nothing;
+1. :func:`core.callback_attempts.lease` — a short transaction counts the attempt, leases the row
+   until ``leased_until`` and reads what the POST needs; a duplicated message finds the row leased
+   and does nothing; a row whose attempts are spent is given up there (its last attempt never
+   recorded an answer), and one whose case was erased is cancelled;
 2. the POST, with no transaction open;
-3. :func:`record_attempt` — a short transaction, fenced by the attempt number, records the answer
-   (delivered, retry later, or given up), ends the lease and audits the attempt
-   (``callback.deliver``: attempt number and HTTP status, never the body or the secret).
+3. :func:`core.callback_attempts.record_attempt` — a short transaction, fenced by the attempt
+   number, records the answer (delivered, retry later, or given up), ends the lease and audits the
+   attempt (``callback.deliver``: attempt number and HTTP status, never the body or the secret).
 
 Retries back off exponentially with jitter; the sweeper re-publishes rows whose message was lost.
 The signing secret is stored sealed by envelope encryption (kind ``callback_secret``, bound to the
@@ -37,12 +39,11 @@ clinic) and is never logged. Which URLs are accepted is :mod:`core.callback_urls
 
 from __future__ import annotations
 
-import json
 import random
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import cast
 from urllib.parse import urlsplit
@@ -55,11 +56,11 @@ from sqlalchemy.orm import Session
 from core import audit
 from core.callback_urls import validate_url
 from core.config import Settings
-from core.crypto import Keyring, decrypt_blob, encrypt_blob
+from core.crypto import Keyring, encrypt_blob
 from core.enqueue import enqueue
-from core.errors import DecryptionError, Forbidden, NotFound, a_or_an
+from core.errors import Forbidden, NotFound, a_or_an
 from core.keys import Principal
-from core.models import CallbackDelivery, CallbackStatus, Case, Clinic, ClinicCallback, Result, Role
+from core.models import CallbackDelivery, CallbackStatus, Case, ClinicCallback, Role
 from core.publisher import callback_task
 
 SECRET_KIND = "callback_secret"  # noqa: S105 - the blob kind, not a secret
@@ -270,125 +271,3 @@ def backoff_seconds(settings: Settings, attempt: int) -> float:
     """Delay before attempt ``attempt + 1``: base * 2**(attempt-1), times a jitter in [0.5, 1.5), capped."""
     delay = settings.callback_backoff_seconds * 2.0 ** max(0, attempt - 1)
     return min(settings.callback_backoff_max_seconds, delay * (0.5 + random.random()))  # noqa: S311 - jitter
-
-
-# --------------------------------------------------------------------------- the notice
-
-
-def notice(case: Case, outcome: str | None = None) -> bytes:
-    """The JSON body: ids, state, the result's outcome (``None`` without a result) and time only."""
-    finished = (case.finished_at or case.updated_at).astimezone(UTC)
-    body = {
-        "type": "case.finished",
-        "case_id": str(case.id),
-        "status": case.status,
-        "outcome": outcome,
-        "timestamp": finished.isoformat(timespec="microseconds").replace("+00:00", "Z"),
-    }
-    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
-
-
-# --------------------------------------------------------------------------- one attempt (worker)
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """One attempt a worker holds: the row is leased to it until the lease ends or it records the
-    outcome. ``secret`` is None when the sealed secret cannot be opened (no retry can help)."""
-
-    case_id: uuid.UUID
-    clinic_id: uuid.UUID
-    attempt: int
-    url: str
-    body: bytes
-    secret: str | None = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up)
-    or ``skipped`` (nothing pending, another worker holds it, or it took the row over)."""
-
-    outcome: str
-    attempt: int = 0
-    http_status: int | None = None
-
-
-def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> Lease | None:
-    """Count the next attempt of a case's pending callback and lease its row for it; None if there is
-    nothing to do (delivered, given up, cancelled, or leased by another worker). A callback whose
-    clinic or case is gone, or whose clinic is deactivated, is cancelled here (reactivating the clinic
-    does not send it later: the clinic reads its cases instead). Commit before making the request."""
-    at = now()
-    row = session.scalar(
-        select(CallbackDelivery)
-        .where(
-            CallbackDelivery.case_id == case_id,
-            CallbackDelivery.status == CallbackStatus.PENDING.value,
-            or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < at),
-        )
-        .with_for_update(skip_locked=True)
-    )
-    if row is None:
-        return None
-    endpoint = session.get(ClinicCallback, row.clinic_id)
-    case = session.get(Case, case_id)
-    active = session.scalar(select(Clinic.active).where(Clinic.id == row.clinic_id))
-    if endpoint is None or case is None or not active:  # a deactivated clinic is told nothing more
-        row.status, row.updated_at = CallbackStatus.CANCELLED.value, at
-        return None
-    row.attempts += 1
-    row.updated_at, row.leased_until = at, at + timedelta(seconds=lease_seconds(settings))
-    secret: str | None
-    try:
-        secret = decrypt_blob(keyring, endpoint.sealed_secret, case_id=row.clinic_id, kind=SECRET_KIND).decode()
-    except DecryptionError:
-        secret = None
-    result = session.get(Result, case_id)
-    return Lease(
-        case_id, row.clinic_id, row.attempts, endpoint.url, notice(case, result.outcome if result else None), secret
-    )
-
-
-def record_attempt(
-    session: Session, *, settings: Settings, lease: Lease, http_status: int | None, error: str | None
-) -> Delivery:
-    """Record what the leased attempt came to and audit it, ending the lease. Fenced by the attempt
-    number: if the lease ran out and another worker took the row over, the row is left to it
-    (``skipped``), though the attempt is still audited."""
-    delivered = http_status is not None and 200 <= http_status < 300
-    hopeless = lease.secret is None  # the clinic must register again
-    at = now()
-    values: dict[str, object] = {"last_http_status": http_status, "updated_at": at, "leased_until": None}
-    if delivered:
-        values |= {"status": CallbackStatus.DELIVERED.value, "delivered_at": at}
-    elif hopeless or lease.attempt >= settings.callback_max_attempts:
-        values["status"] = CallbackStatus.FAILED.value
-    status = session.scalar(
-        update(CallbackDelivery)
-        .where(
-            CallbackDelivery.case_id == lease.case_id,
-            CallbackDelivery.attempts == lease.attempt,
-            CallbackDelivery.status == CallbackStatus.PENDING.value,
-            CallbackDelivery.leased_until.is_not(None),
-        )
-        .values(**values)
-        .returning(CallbackDelivery.status)
-    )
-    detail: dict[str, object] = {"attempt": lease.attempt, "http_status": http_status}
-    if error:
-        detail["error"] = error
-    audit.record(
-        session,
-        action="callback.deliver",
-        outcome=audit.SUCCESS if delivered else audit.FAILURE,
-        actor=audit.SYSTEM,
-        entity_type="case",
-        entity_id=lease.case_id,
-        clinic_id=lease.clinic_id,
-        detail=detail,
-    )
-    if status is None:
-        return Delivery("skipped", lease.attempt, http_status)
-    outcome = {CallbackStatus.DELIVERED.value: "delivered", CallbackStatus.FAILED.value: "failed"}.get(status, "retry")
-    return Delivery(outcome, lease.attempt, http_status)

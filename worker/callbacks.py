@@ -2,25 +2,29 @@
 
 One attempt (:func:`deliver`) never holds a row lock or a pooled database connection while the
 clinic's server answers: it leases the outbox row in a short transaction and commits
-(:func:`core.callbacks.lease`), posts the signed notice with no transaction open, then records the
+(:func:`core.callback_attempts.lease`), posts the signed notice with no transaction open, then records the
 answer in a second short transaction fenced by the attempt number
-(:func:`core.callbacks.record_attempt`).
+(:func:`core.callback_attempts.record_attempt`).
 
 The POST refuses non-public addresses outside development and test (SSRF,
 :mod:`core.callback_urls`), connects to the very address it checked, follows no redirects, bounds
-every step by ``callback_timeout_seconds`` and reads at most 1 KiB of the answer.
+every step by ``callback_timeout_seconds`` and the whole exchange by three times that (a server that
+answers a byte at a time never lets a step time out: its socket is shut down under it at the
+deadline), and reads at most 1 KiB of the answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import ssl
+import threading
 import time
 import uuid
 from urllib.parse import urlsplit
 
-from core import callbacks
+from core import callback_attempts
 from core.callback_signing import EVENT_HEADER, SIGNATURE_HEADER, sign
 from core.callback_urls import checked_address
 from core.config import Settings
@@ -28,29 +32,63 @@ from core.crypto import Keyring
 from core.db import session_scope
 
 USER_AGENT = "dermq-callback/1"
+#: the error an attempt records when the whole exchange outlasted three timeouts
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+
+class _Deadline:
+    """Shuts down the socket of an exchange still running ``seconds`` after :meth:`start`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.passed = threading.Event()
+        self.socket: socket.socket | None = None
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def start(self) -> None:
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def opened(self, sock: socket.socket) -> None:
+        """The exchange's socket, once connected: shut down at once if the deadline has passed."""
+        self.socket = sock
+        if self.passed.is_set():
+            self._cut()
+
+    def _cut(self) -> None:
+        self.passed.set()
+        if self.socket is not None:
+            with contextlib.suppress(OSError):  # closed already
+                self.socket.shutdown(socket.SHUT_RDWR)  # the blocked read or write returns at once
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """Talks to ``address`` (checked) while naming ``host`` in the Host header."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, address: str, timeout: float, deadline: _Deadline) -> None:
         super().__init__(host, port, timeout=timeout)
         self.address = address
+        self.deadline = deadline
 
     def connect(self) -> None:
         self.sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.deadline.opened(self.sock)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """Connects to ``address`` (checked) and verifies the certificate for ``host`` (SNI too)."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, address: str, timeout: float, deadline: _Deadline) -> None:
         self.tls = ssl.create_default_context()
         super().__init__(host, port, timeout=timeout, context=self.tls)
         self.address = address
+        self.deadline = deadline
 
     def connect(self) -> None:
         raw = socket.create_connection((self.address, self.port), self.timeout)
+        self.deadline.opened(raw)  # the handshake is bounded too
         self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
 
 
@@ -66,33 +104,37 @@ def post(url: str, body: bytes, secret: str, settings: Settings, *, event_id: st
         return None, type(exc).__name__
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     connection_type = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
-    connection = connection_type(host, port, address, settings.callback_timeout_seconds)
+    deadline = _Deadline(3 * settings.callback_timeout_seconds)
+    connection = connection_type(host, port, address, settings.callback_timeout_seconds, deadline)
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
         EVENT_HEADER: event_id,
         SIGNATURE_HEADER: sign(secret, body, int(time.time())),
     }
+    deadline.start()
     try:
         connection.request("POST", target, body=body, headers=headers)
         response = connection.getresponse()
-        response.read(1024)
+        with contextlib.suppress(OSError, http.client.HTTPException):  # the status has come: that decides
+            response.read(1024)
         return response.status, None
     except (OSError, http.client.HTTPException) as exc:
-        return None, type(exc).__name__
+        return None, DEADLINE_EXCEEDED if deadline.passed.is_set() else type(exc).__name__
     finally:
+        deadline.cancel()
         connection.close()
 
 
-def deliver(config: Settings, keyring: Keyring, case_id: uuid.UUID) -> callbacks.Delivery:
+def deliver(config: Settings, keyring: Keyring, case_id: uuid.UUID) -> callback_attempts.Delivery:
     """Make the next attempt at a case's pending callback: lease, POST, record (see the module docstring)."""
     with session_scope(config) as session:
-        held = callbacks.lease(session, settings=config, keyring=keyring, case_id=case_id)
+        held = callback_attempts.lease(session, settings=config, keyring=keyring, case_id=case_id)
     if held is None:
-        return callbacks.Delivery("skipped")
+        return callback_attempts.Delivery("skipped")
     status: int | None = None
     error: str | None = "DecryptionError"  # no secret: nothing can be signed, no retry can help
     if held.secret is not None:
         status, error = post(held.url, held.body, held.secret, config, event_id=str(case_id))
     with session_scope(config) as session:
-        return callbacks.record_attempt(session, settings=config, lease=held, http_status=status, error=error)
+        return callback_attempts.record_attempt(session, settings=config, lease=held, http_status=status, error=error)

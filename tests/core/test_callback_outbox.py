@@ -8,13 +8,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from core import audit, callbacks, case_states
+from core import audit, callback_attempts, callbacks, case_states, retention
 from core.config import Settings
 from core.db import session_scope
 from core.keys import Principal
-from core.models import CallbackDelivery, Role
+from core.models import AuditEvent, CallbackDelivery, Case, Role
 from core.publisher import make_publisher
 from tests.conftest import Tenant
 
@@ -37,14 +37,14 @@ def pending(settings: Settings, private_broker, keyring, tenant: Tenant, store_c
     return case_id
 
 
-def lease(settings: Settings, keyring, case_id: uuid.UUID) -> callbacks.Lease | None:  # type: ignore[no-untyped-def]
+def lease(settings: Settings, keyring, case_id: uuid.UUID) -> callback_attempts.Lease | None:  # type: ignore[no-untyped-def]
     with session_scope(settings) as session:
-        return callbacks.lease(session, settings=settings, keyring=keyring, case_id=case_id)
+        return callback_attempts.lease(session, settings=settings, keyring=keyring, case_id=case_id)
 
 
-def record(settings: Settings, held: callbacks.Lease, status: int | None) -> callbacks.Delivery:
+def record(settings: Settings, held: callback_attempts.Lease, status: int | None) -> callbacks.Delivery:
     with session_scope(settings) as session:
-        return callbacks.record_attempt(session, settings=settings, lease=held, http_status=status, error=None)
+        return callback_attempts.record_attempt(session, settings=settings, lease=held, http_status=status, error=None)
 
 
 def row(settings: Settings, case_id: uuid.UUID) -> CallbackDelivery:
@@ -59,7 +59,7 @@ def test_an_attempt_leases_its_row_and_a_late_one_is_fenced_out(settings: Settin
     assert first is not None and first.attempt == 1 and first.secret and b'"status":"failed"' in first.body
     assert "whsec" not in repr(first)
     assert lease(settings, keyring, pending) is None  # a duplicated message while the POST runs
-    assert record(settings, first, 500) == callbacks.Delivery("retry", 1, 500)
+    assert record(settings, first, 500) == callback_attempts.Delivery("retry", 1, 500)
     assert (row(settings, pending).leased_until, row(settings, pending).status) == (None, "pending")
 
     second = lease(settings, keyring, pending)
@@ -74,7 +74,7 @@ def test_an_attempt_leases_its_row_and_a_late_one_is_fenced_out(settings: Settin
     assert third is not None and third.attempt == 3
     assert record(settings, second, 204).outcome == "skipped"  # too late: the row is the third's
     assert (row(settings, pending).status, row(settings, pending).attempts) == ("pending", 3)
-    assert record(settings, third, 204) == callbacks.Delivery("delivered", 3, 204)
+    assert record(settings, third, 204) == callback_attempts.Delivery("delivered", 3, 204)
     done = row(settings, pending)
     assert (done.status, done.last_http_status, done.leased_until) == ("delivered", 204, None)
     assert lease(settings, keyring, pending) is None
@@ -85,12 +85,45 @@ def test_attempts_end_in_failed(settings: Settings, keyring, pending) -> None:  
     held = lease(config, keyring, pending)
     assert held is not None and record(config, held, None).outcome == "retry"
     held = lease(config, keyring, pending)
-    assert held is not None and record(config, held, 503) == callbacks.Delivery("failed", 2, 503)
+    assert held is not None and record(config, held, 503) == callback_attempts.Delivery("failed", 2, 503)
     assert row(settings, pending).status == "failed" and lease(config, keyring, pending) is None
 
 
 def test_an_unreadable_secret_gives_up_at_once(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
     held = lease(settings, keyring, pending)
     assert held is not None
-    unreadable = callbacks.Lease(held.case_id, held.clinic_id, held.attempt, held.url, held.body, None)
+    unreadable = callback_attempts.Lease(held.case_id, held.clinic_id, held.attempt, held.url, held.body, None)
     assert record(settings, unreadable, None).outcome == "failed"
+
+
+def test_attempts_whose_answers_were_never_recorded_end_in_failed(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
+    """A worker that dies, or runs out of time, mid-POST records nothing; its lease runs out and the
+    sweeper sends the row again. Once every attempt is spent the row is given up, and audited, rather
+    than sent again forever (each try held a worker child for its time limit)."""
+    config = settings.model_copy(update={"callback_max_attempts": 2})
+    for attempt in (1, 2):
+        held = lease(config, keyring, pending)
+        assert held is not None and held.attempt == attempt
+        with session_scope(settings) as session:  # no answer recorded: the lease runs out
+            session.execute(
+                update(CallbackDelivery)
+                .where(CallbackDelivery.case_id == pending)
+                .values(leased_until=datetime.now(UTC) - timedelta(seconds=1))
+            )
+    assert lease(config, keyring, pending) is None
+    given_up = row(settings, pending)
+    assert (given_up.status, given_up.attempts, given_up.leased_until) == ("failed", 2, None)
+    with session_scope(settings) as session:
+        (event,) = session.scalars(
+            select(AuditEvent).where(AuditEvent.entity_id == str(pending), AuditEvent.action == "callback.deliver")
+        )
+        assert (event.outcome, event.detail) == (audit.FAILURE, {"attempt": 2, "error": "unanswered"})
+
+
+def test_an_erased_case_is_not_announced_as_finished(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        case = session.get(Case, pending)
+        assert case is not None
+        retention.purge_case(session, case, actor=audit.SYSTEM, reason="test")
+    assert lease(settings, keyring, pending) is None
+    assert row(settings, pending).status == "cancelled"

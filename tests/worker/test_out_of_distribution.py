@@ -20,7 +20,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from core import audit, callbacks, results
+from core import audit, callback_attempts, results
 from core.config import Settings
 from core.db import session_scope
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, Result
@@ -268,7 +268,7 @@ def test_the_table_refuses_a_diagnosis_on_an_out_of_distribution_result(
 
 def test_the_callback_notice_carries_the_outcome_and_no_answer() -> None:
     case = Case(id=uuid.uuid4(), status="succeeded", finished_at=datetime(2031, 1, 1, tzinfo=UTC))
-    notice = json.loads(callbacks.notice(case, "out_of_distribution"))
+    notice = json.loads(callback_attempts.notice(case, "out_of_distribution"))
     assert notice["outcome"] == "out_of_distribution" and notice["status"] == "succeeded"
     assert set(notice) == {"type", "case_id", "status", "outcome", "timestamp"}
 

@@ -1,0 +1,160 @@
+"""One attempt at a completion callback, in the database: the notice it sends, the lease that counts
+it, and the record of what the clinic's server answered (the outbox and its rules are
+:mod:`core.callbacks`; the POST between the two transactions is :mod:`worker.callbacks`)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from core import audit
+from core.callbacks import SECRET_KIND, lease_seconds, now
+from core.config import Settings
+from core.crypto import Keyring, decrypt_blob
+from core.errors import DecryptionError
+from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus, Clinic, ClinicCallback, Result
+
+# --------------------------------------------------------------------------- the notice
+
+
+def notice(case: Case, outcome: str | None = None) -> bytes:
+    """The JSON body: ids, state, the result's outcome (``None`` without a result) and time only."""
+    finished = (case.finished_at or case.updated_at).astimezone(UTC)
+    body = {
+        "type": "case.finished",
+        "case_id": str(case.id),
+        "status": case.status,
+        "outcome": outcome,
+        "timestamp": finished.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+    }
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+# --------------------------------------------------------------------------- one attempt (worker)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One attempt a worker holds: the row is leased to it until the lease ends or it records the
+    outcome. ``secret`` is None when the sealed secret cannot be opened (no retry can help)."""
+
+    case_id: uuid.UUID
+    clinic_id: uuid.UUID
+    attempt: int
+    url: str
+    body: bytes
+    secret: str | None = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up)
+    or ``skipped`` (nothing pending, another worker holds it, or it took the row over)."""
+
+    outcome: str
+    attempt: int = 0
+    http_status: int | None = None
+
+
+def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> Lease | None:
+    """Count the next attempt of a case's pending callback and lease its row for it; None if there is
+    nothing to do (delivered, given up, cancelled, or leased by another worker). A callback whose
+    clinic or case is gone, or whose clinic is deactivated, is cancelled here (reactivating the clinic
+    does not send it later: the clinic reads its cases instead). Commit before making the request."""
+    at = now()
+    row = session.scalar(
+        select(CallbackDelivery)
+        .where(
+            CallbackDelivery.case_id == case_id,
+            CallbackDelivery.status == CallbackStatus.PENDING.value,
+            or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < at),
+        )
+        .with_for_update(skip_locked=True)
+    )
+    if row is None:
+        return None
+    endpoint = session.get(ClinicCallback, row.clinic_id)
+    case = session.get(Case, case_id)
+    active = session.scalar(select(Clinic.active).where(Clinic.id == row.clinic_id))
+    if endpoint is None or case is None or not active or case.status == CaseStatus.PURGED:
+        # a deactivated clinic is told nothing more; an erased case is no longer "finished" news
+        row.status, row.updated_at = CallbackStatus.CANCELLED.value, at
+        return None
+    if row.attempts >= settings.callback_max_attempts:
+        # every attempt is spent and the last never recorded an answer (its worker died or ran out of
+        # time mid-POST): given up here, or the sweeper would send it again and again
+        row.status, row.updated_at, row.leased_until = CallbackStatus.FAILED.value, at, None
+        _audit(
+            session, row.case_id, row.clinic_id, success=False, detail={"attempt": row.attempts, "error": UNANSWERED}
+        )
+        return None
+    row.attempts += 1
+    row.updated_at, row.leased_until = at, at + timedelta(seconds=lease_seconds(settings))
+    secret: str | None
+    try:
+        secret = decrypt_blob(keyring, endpoint.sealed_secret, case_id=row.clinic_id, kind=SECRET_KIND).decode()
+    except DecryptionError:
+        secret = None
+    result = session.get(Result, case_id)
+    return Lease(
+        case_id, row.clinic_id, row.attempts, endpoint.url, notice(case, result.outcome if result else None), secret
+    )
+
+
+def record_attempt(
+    session: Session, *, settings: Settings, lease: Lease, http_status: int | None, error: str | None
+) -> Delivery:
+    """Record what the leased attempt came to and audit it, ending the lease. Fenced by the attempt
+    number: if the lease ran out and another worker took the row over, the row is left to it
+    (``skipped``), though the attempt is still audited."""
+    delivered = http_status is not None and 200 <= http_status < 300
+    hopeless = lease.secret is None  # the clinic must register again
+    at = now()
+    values: dict[str, object] = {"last_http_status": http_status, "updated_at": at, "leased_until": None}
+    if delivered:
+        values |= {"status": CallbackStatus.DELIVERED.value, "delivered_at": at}
+    elif hopeless or lease.attempt >= settings.callback_max_attempts:
+        values["status"] = CallbackStatus.FAILED.value
+    status = session.scalar(
+        update(CallbackDelivery)
+        .where(
+            CallbackDelivery.case_id == lease.case_id,
+            CallbackDelivery.attempts == lease.attempt,
+            CallbackDelivery.status == CallbackStatus.PENDING.value,
+            CallbackDelivery.leased_until.is_not(None),
+        )
+        .values(**values)
+        .returning(CallbackDelivery.status)
+    )
+    detail: dict[str, object] = {"attempt": lease.attempt, "http_status": http_status}
+    if error:
+        detail["error"] = error
+    _audit(session, lease.case_id, lease.clinic_id, success=delivered, detail=detail)
+    if status is None:
+        return Delivery("skipped", lease.attempt, http_status)
+    outcome = {CallbackStatus.DELIVERED.value: "delivered", CallbackStatus.FAILED.value: "failed"}.get(status, "retry")
+    return Delivery(outcome, lease.attempt, http_status)
+
+
+#: the error audited for an attempt given up because the one before it never recorded an answer
+UNANSWERED = "unanswered"
+
+
+def _audit(
+    session: Session, case_id: uuid.UUID, clinic_id: uuid.UUID, *, success: bool, detail: dict[str, object]
+) -> None:
+    audit.record(
+        session,
+        action="callback.deliver",
+        outcome=audit.SUCCESS if success else audit.FAILURE,
+        actor=audit.SYSTEM,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=clinic_id,
+        detail=detail,
+    )
