@@ -109,6 +109,9 @@ def validate_url(url: str, settings: Settings) -> str:
         try:
             literal = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
+            legacy = _legacy_ipv4(host)  # 127.1, 0x7f.1, 017700000001: what resolvers read as addresses
+            if legacy is not None and not public_address(legacy):
+                raise _invalid("the callback host must be a public address, not a private or local one") from None
             if host.lower() == "localhost" or host.lower().endswith(INTERNAL_SUFFIXES) or "." not in host:
                 raise _invalid("the callback host must be a public DNS name") from None
             if not _valid_dns_name(host):
@@ -117,6 +120,17 @@ def validate_url(url: str, settings: Settings) -> str:
             if not public_address(literal):
                 raise _invalid("the callback host must be a public address, not a private or local one")
     return url
+
+
+def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address of a host written in one of inet_aton's older forms (fewer than four parts,
+    hexadecimal or octal parts), or None for a name; the resolver reads such hosts as addresses."""
+    if not all(c in "0123456789abcdefxABCDEFX." for c in host):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def _valid_dns_name(host: str) -> bool:

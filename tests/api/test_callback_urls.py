@@ -25,6 +25,8 @@ PRODUCTION = Settings(environment="production")
         "https://93.184.215.14/hook",
         "https://[64:ff9b::5db8:d70e]/hook",  # NAT64 to 93.184.215.14
         "https://[2002:5db8:d70e::1]/hook",  # 6to4 from 93.184.215.14
+        "https://cafe.de/hook",  # a name made of hexadecimal letters is still a name
+        "https://93.0xb8.55310/hook",  # an older spelling of a public address: the resolver's to read
     ],
 )
 def test_public_https_urls_are_accepted_in_production(url: str) -> None:
@@ -70,6 +72,12 @@ def test_public_https_urls_are_accepted_in_production(url: str) -> None:
         ("https://[fe00::1]/hook", "public"),
         ("https://[4000::1]/hook", "public"),
         ("https://[8000::1]/hook", "public"),
+        # inet_aton's older spellings, which resolvers read as addresses: accepted once as names
+        ("https://127.1/hook", "public"),
+        ("https://0x7f.1/hook", "public"),
+        ("https://017700000001/hook", "public"),
+        ("https://10.1/hook", "public"),
+        ("https://0xa9.0xfe.0xa9.0xfe/latest/meta-data/", "public"),  # the metadata service
         # names the resolver refuses: accepted once, they failed every delivery with an exception
         ("https://a..example-clinic.org/hook", "valid DNS name"),
         ("https://.example-clinic.org/hook", "valid DNS name"),
