@@ -29,6 +29,8 @@ def drift() -> None:
 def report(day: datetime | None, as_json: bool) -> int:
     from worker import drift as drift_reports
 
+    if day is not None and not datetime.min + drift_reports.LOOKBACK < day < datetime.max - drift_reports.WINDOW:
+        raise click.BadParameter("the day is too close to the calendar's ends", param_hint="--day")
     settings = get_settings()
     with session_scope(settings) as session:
         found = drift_reports.day_report(session, settings, day.date() if day else None, actor=CLI_ACTOR)

@@ -89,8 +89,9 @@ def window_report(
         entity_id=model_id,
         detail={"cases": len(rows)},
     )
-    labels = [r.label for r in opened.values() if r.label is not None]  # every one: the query takes diagnoses only
-    report = drift.compare(reference, [row.input_stats for row in rows], labels)
+    # an erased case keeps its input statistics but not its label: it leaves the window, both halves
+    kept = [row for row in rows if row.case_id in opened and opened[row.case_id].label is not None]
+    report = drift.compare(reference, [row.input_stats for row in kept], [opened[row.case_id].label for row in kept])
     report.update(
         {
             "day": f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC",

@@ -107,6 +107,8 @@ def test_help_is_light_and_lists_every_group() -> None:
         (["key"], "Usage: dermq key"),
         (["key", "create", "--role", "root"], "'root' is not one of 'clinic', 'auditor', 'admin'"),
         (["drift", "report", "--day", "yesterday"], "'yesterday' does not match the format '%Y-%m-%d'"),
+        (["drift", "report", "--day", "9999-12-31"], "too close to the calendar's ends"),  # was a traceback
+        (["drift", "report", "--day", "0001-01-01"], "too close to the calendar's ends"),
         (["keys", "rotate", "--batch", "0"], "0 is not in the range x>=1"),
         (["clinic", "create"], "Missing argument 'NAME'"),
     ],

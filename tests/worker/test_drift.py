@@ -45,7 +45,7 @@ def add_results(
     model_id = registry.read_manifest(drift_settings.model)["model_id"]
     rng = np.random.default_rng(1)
 
-    def add(times: list[datetime], megapixels: float | None = None) -> None:
+    def add(times: list[datetime], megapixels: float | None = None) -> list[uuid.UUID]:
         stats, labels = population(rng, len(times))
         case_ids = [store_case(tenant, jpeg_bytes) for _ in times]
         with session_scope(drift_settings) as session:
@@ -65,6 +65,7 @@ def add_results(
                     for case_id, when, s, label in zip(case_ids, times, stats, labels, strict=True)
                 ],
             )
+        return case_ids
 
     return add
 
@@ -128,3 +129,20 @@ def test_opening_a_windows_labels_is_audited(drift_settings: Settings, add_resul
             select(AuditEvent).where(AuditEvent.action == "drift.read", AuditEvent.entity_id == model_id)
         ).all()
     assert [(e.outcome, e.actor_type, e.detail) for e in events] == [("success", "system", {"cases": report["n"]})]
+
+
+def test_erased_cases_leave_the_window(drift_settings: Settings, add_results: Callable[..., list[uuid.UUID]]) -> None:
+    """An erased case keeps its input statistics (operational) but its label is shredded: the report
+    leaves it out whole, where it used to fail ("N input statistics but N-1 labels"), stopping the
+    hourly drift gauges and the drift alert after any erasure or retention purge."""
+    from core import audit, retention
+    from core.models import Case
+
+    case_ids = add_results([MIDNIGHT - timedelta(minutes=i) for i in range(drift.MIN_CASES + 3)])
+    with session_scope(drift_settings) as session:
+        for case_id in case_ids[:3]:
+            case = session.get(Case, case_id)
+            assert case is not None
+            retention.purge_case(session, case, actor=audit.SYSTEM, reason="erasure")
+    report = _report(drift_settings, end=MIDNIGHT + timedelta(minutes=1))
+    assert report["n"] == drift.MIN_CASES and report["status"] == "stable"
