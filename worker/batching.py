@@ -133,9 +133,13 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
             items += more_items
             companions.mark(config, [c.id for c in more])
             _fail_unreadable(config, more, unreadable, outcomes)
-        _run_claimed_batch(config, predictor, items, started, outcomes)
-    except BaseException:
-        _requeue_unfinished(config, [c for c in claimed if c.id != case_id and c.id not in outcomes])
+        _run_claimed_batch(config, predictor, items, started, outcomes, limit_started=progress.started)
+    except BaseException as exc:
+        # out of time, a batch cannot tell which case spent it: this one goes back too, to run alone
+        # (a case claimed before joins no batch), rather than end failed on its first attempt
+        lead_too = isinstance(exc, SoftTimeLimitExceeded) and len(claimed) > 1
+        held = [c for c in claimed if (lead_too or c.id != case_id) and c.id not in outcomes]
+        progress.requeued = case_id in _requeue_unfinished(config, held)
         raise
     log.info("batch classified", extra={"event": "batch", "count": len(items)})
     metrics = runtime.worker_metrics()
@@ -178,9 +182,12 @@ def _run_claimed_batch(
     items: list[ClaimedCase],
     started: float,
     outcomes: dict[uuid.UUID, str],
+    *,
+    limit_started: float,
 ) -> None:
     """Decode, classify, explain and store claimed cases, writing each one's outcome into ``outcomes``
-    as soon as it is final (so that a failure part-way knows which cases are still held)."""
+    as soon as it is final (so that a failure part-way knows which cases are still held).
+    ``limit_started``: when the task's soft time limit began to run (the heat maps' budget)."""
     claimed_at = time.perf_counter()
     ready: list[DecodedCase] = []
     for item in items:
@@ -228,6 +235,7 @@ def _run_claimed_batch(
                     case.timings,
                     started,
                     working_copy=case.working_copy,
+                    limit_started=limit_started,
                 )
             )
         finally:
@@ -269,20 +277,24 @@ def _classify_one_by_one(
     return done, classified
 
 
-def _requeue_unfinished(config: Settings, held: list[Case]) -> None:
+def _requeue_unfinished(config: Settings, held: list[Case]) -> set[uuid.UUID]:
     """Put the cases a failed batch still holds back in the queue (fenced by their attempts), each with
     a message of its own, sent once that commits: their first messages were most likely dropped as
     companions (:mod:`worker.companions`), and a case claimed before is claimed only through its own
-    message (:mod:`core.case_claims`), never by another batch. If the database does not answer, the
-    sweeper does all this (they stay ``running`` until then)."""
+    message (:mod:`core.case_claims`), never by another batch. Returns the cases put back. If the
+    database does not answer, the sweeper does all this (they stay ``running`` until then)."""
     if not held:
-        return
+        return set()
+    requeued: set[uuid.UUID] = set()
     try:
+        # their marks go first: the new messages carry the same case ids, and a main process that still
+        # found a mark would drop one as a companion, leaving its case queued without a message
+        companions.forget(config, [case.id for case in held])
         with session_scope(config) as session:
             for case in held:
                 if case_states.requeue_case(session, case.id, attempt=case.attempts, reason="batch_interrupted"):
                     enqueue(session, app, classify_task(case.id, case.priority))
-        companions.forget(config, [case.id for case in held])
+                    requeued.add(case.id)
         log.warning(
             "batch stopped; its other cases went back to the queue",
             extra={"event": "batch_requeued", "count": len(held)},
@@ -292,6 +304,8 @@ def _requeue_unfinished(config: Settings, held: list[Case]) -> None:
             "batch stopped and its other cases could not be requeued; the sweeper will",
             extra={"event": "requeue_failed", "error": type(exc).__name__, "count": len(held)},
         )
+        return set()
+    return requeued
 
 
 def _classify_batch(config: Settings, predictor: Predictor, images: list[Image.Image]) -> list[Classified]:

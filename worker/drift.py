@@ -90,8 +90,9 @@ def window_report(
         detail={"cases": len(rows)},
     )
     # an erased case keeps its input statistics but not its label: it leaves the window, both halves
-    kept = [row for row in rows if row.case_id in opened and opened[row.case_id].label is not None]
-    report = drift.compare(reference, [row.input_stats for row in kept], [opened[row.case_id].label for row in kept])
+    labelled = [(row, opened[row.case_id].label) for row in rows if row.case_id in opened]
+    kept = [(row.input_stats, label) for row, label in labelled if label is not None]
+    report = drift.compare(reference, [stats for stats, _ in kept], [label for _, label in kept])
     report.update(
         {
             "day": f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC",

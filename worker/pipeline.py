@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -55,9 +55,13 @@ def keyring(config: Settings) -> Keyring:
 
 @dataclass
 class Progress:
-    """How far one run got: the error handlers of ``classify`` need the attempt it claimed."""
+    """How far one run got: the error handlers of ``classify`` need the attempt it claimed, and
+    whether a batch that ran out of time put this case back in the queue. ``started``: when the task
+    began (its soft time limit counts from then, a model's load included)."""
 
     attempt: int | None = None
+    requeued: bool = False
+    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +90,14 @@ def _model_error(exc: BaseException, doing: str) -> str:
 
 def _fail(config: Settings, case_id: uuid.UUID, attempt: int | None, code: str, message: str) -> str:
     """Fail the case, fenced by ``attempt`` (None: whatever attempt holds it, when the claim's is unknown)."""
-    _ended(
+    failed = _ended(
         config,
         case_id,
         lambda session: case_states.fail_case(session, case_id=case_id, attempt=attempt, code=code, message=message),
     )
+    if not failed:  # stored, failed or taken over meanwhile: not this attempt's to fail, nor to count
+        log.info("case no longer this attempt's; not failed", extra={"event": "superseded", "attempt": attempt})
+        return "superseded"
     log.info("case failed", extra={"event": "case_failed", "code": code, "attempt": attempt})
     metrics = runtime.worker_metrics()
     if metrics is not None:

@@ -110,9 +110,11 @@ def completion(
     started: float,
     *,
     working_copy: bool,
+    limit_started: float | None = None,
 ) -> case_states.Completion:
     """The result row (and heat map, for a diagnosis) of one classified case. ``timings`` gains
-    ``gradcam`` (for a diagnosis) and ``total`` (from ``started``, a ``perf_counter`` reading)."""
+    ``gradcam`` (for a diagnosis) and ``total`` (from ``started``, a ``perf_counter`` reading).
+    ``limit_started``: when the task's soft time limit began to run, if before ``started``."""
     from ml import drift  # NumPy: only the worker image has it (beat and Flower import worker.tasks too)
 
     prediction = analysis.prediction
@@ -127,7 +129,7 @@ def completion(
         gradcam_started = time.perf_counter()
         # a batch explains its cases one after another under one soft limit: each heat map gets what
         # is left of it, less the time to store the batch, so the limit never falls inside one
-        left = config.task_soft_time_limit - STORE_SECONDS - (gradcam_started - started)
+        left = config.task_soft_time_limit - STORE_SECONDS - (gradcam_started - min(started, limit_started or started))
         heatmap_png, gradcam_status = heatmap(predictor, decoded, analysis, min(config.gradcam_budget_seconds, left))
         timings["gradcam"] = time.perf_counter() - gradcam_started
         fields = diagnosis_fields(prediction)

@@ -82,7 +82,9 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
             outcome = dispatch(config, parsed, progress)
         except SoftTimeLimitExceeded:
             log.warning("case ran past its soft time limit", extra={"event": "soft_time_limit"})
-            if progress.attempt is None:
+            if progress.requeued:
+                outcome = "requeued"  # its batch ran out of time: it runs again, alone (worker.batching)
+            elif progress.attempt is None:
                 outcome = "skipped"  # stopped before its claim committed: still queued, for the sweeper
             else:
                 outcome = _fail(

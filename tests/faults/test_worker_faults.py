@@ -69,6 +69,20 @@ def test_a_job_past_its_soft_limit_fails_cleanly_with_timeout(stack: FaultStack)
     assert worker.ping() and stack.injected(worker) == 1
 
 
+def test_a_batch_past_its_soft_limit_sends_every_case_back_to_run_alone(stack: FaultStack) -> None:
+    """A batch out of time cannot tell which case spent it: the case whose message led the batch goes
+    back to the queue with the others (it used to end failed: timeout, on its first attempt), and
+    each runs again alone."""
+    lead, mate = stack.accepted(), stack.accepted()  # both queued before a worker is up: one batch
+    worker = stack.start_worker("softbatch", {"sleep": 60, "times": 1})
+    for case_id in (lead, mate):
+        case = stack.wait_terminal(case_id, timeout=90)
+        assert (case.status, case.attempts) == ("succeeded", 2), (case.status, case.failure_code, case.failure_message)
+        assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
+    assert stack.injected(worker) == 1 and worker.alive()
+    assert worker.metric("dermq_jobs_total", outcome="requeued") == 1
+
+
 def test_a_job_past_its_hard_limit_is_killed_and_the_sweeper_takes_over(stack: FaultStack) -> None:
     # Blocking the soft-limit signal stands for native code that never returns to Python.
     worker = stack.start_worker("hard", {"sleep": 60, "ignore_soft_limit": True, "times": 1})
