@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
-from core.errors import BadRequest
+from starlette.requests import Request
+
+from core.errors import BadRequest, InvalidInput
 
 
 def utc(value: datetime | None, name: str) -> datetime | None:
@@ -21,3 +24,12 @@ def utc(value: datetime | None, name: str) -> datetime | None:
         return value.astimezone(UTC)
     except OverflowError:
         raise BadRequest(f"'{name}' is outside the calendar in UTC", code="invalid_time_range") from None
+
+
+def only(request: Request, allowed: Collection[str], hint: str = "") -> None:
+    """422 ``unknown_parameter`` for a query parameter outside ``allowed``: a misspelt filter would
+    otherwise be ignored, and a search or an export return everything."""
+    unknown = sorted(set(request.query_params) - set(allowed))
+    if unknown:
+        names = ", ".join(name[:32] for name in unknown[:8])
+        raise InvalidInput(f"unknown query parameter(s): {names}{hint}", code="unknown_parameter")

@@ -61,7 +61,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "component": self.component,
-            "msg": record.getMessage(),
+            "msg": _message(record),
         }
         request_id, case_id = request_id_var.get(), case_id_var.get()
         if request_id:
@@ -80,6 +80,15 @@ class JsonFormatter(logging.Formatter):
             if tb is not None:
                 entry["at"] = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
         return json.dumps(entry, default=str)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message; for Celery's task lines ("Task ...[id] raised unexpected: <exc>",
+    "... retry: <exc>"), the exception's type instead of its repr, whose message can quote data."""
+    args = record.args
+    if record.name == "celery.app.trace" and isinstance(args, dict) and "exc" in args:
+        return str(record.msg) % {**args, "exc": str(args["exc"]).split("(", 1)[0]}
+    return record.getMessage()
 
 
 def configure_logging(level: str = "INFO", *, json_lines: bool = True, component: str = "dermq") -> None:

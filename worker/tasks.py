@@ -68,13 +68,13 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
     """Classify one case. ``requeue_attempt``: this is a retry after a transient error that hit that
     attempt, which must be put back in the queue (if it still holds the case) before claiming again."""
     config = settings()
-    token = case_id_var.set(case_id)
     try:
-        try:
-            parsed = uuid.UUID(case_id)
-        except (ValueError, TypeError):
-            log.error("classify called with something that is not a case id", extra={"event": "bad_message"})
-            return "ignored"
+        parsed = uuid.UUID(case_id)
+    except (ValueError, TypeError):  # logged without it: a message's argument is anybody's text
+        log.error("classify called with something that is not a case id", extra={"event": "bad_message"})
+        return "ignored"
+    token = case_id_var.set(str(parsed))
+    try:
         progress = Progress()
         try:
             if requeue_attempt is not None:

@@ -17,7 +17,7 @@ from collections.abc import Generator
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from api import fhir
 from api.db import iterate_on_one_thread
 from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
-from api.params import utc
+from api.params import only, utc
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
 from core import audit, audit_verify, clinics, keys
@@ -139,8 +139,14 @@ def _cursor(value: str | None) -> int | None:
         raise BadRequest("the cursor is not one dermq issued", code="invalid_cursor") from None
 
 
+FILTERS = ("since", "until", "actor", "clinic", "case", "action", "outcome")
+SEARCH_PARAMETERS = frozenset({*FILTERS, "cursor", "limit"})
+EXPORT_PARAMETERS = frozenset({*FILTERS, "format"})
+
+
 @router.get("", response_model=AuditPage, responses=PROBLEMS, summary="Search the audit trail, newest first")
 async def search_events(
+    request: Request,
     response: Response,
     app: State,
     caller: AuthenticatedCaller,
@@ -160,6 +166,7 @@ async def search_events(
     limit_: Annotated[int, Query(alias="limit", ge=1, le=500)] = 100,
 ) -> AuditPage:
     require_role(caller, Role.AUDITOR)
+    only(request, SEARCH_PARAMETERS)
 
     def read(session: Session) -> AuditPage:
         limit(caller, app, "read")
@@ -246,6 +253,7 @@ def _export_rows(app: AppState, caller: Caller, filters: audit.AuditFilter, fmt:
     summary="Export a bounded time range as NDJSON, CSV or a FHIR R4 Bundle of AuditEvents (streamed)",
 )
 async def export_events(
+    request: Request,
     app: State,
     caller: AuthenticatedCaller,
     db: Db,
@@ -259,6 +267,7 @@ async def export_events(
     outcome: Annotated[Literal["success", "failure", "denied"] | None, Query()] = None,
 ) -> StreamingResponse:
     require_role(caller, Role.AUDITOR)
+    only(request, EXPORT_PARAMETERS)  # a misspelt filter would otherwise export everything in the range
 
     def record(session: Session) -> audit.AuditFilter:
         limit(caller, app, "read")

@@ -157,6 +157,20 @@ def test_csv_export_defuses_formulas(client, make_key, settings) -> None:  # typ
     assert "'=HYPERLINK" in table and ",=HYPERLINK" not in table
 
 
+def test_a_misspelt_filter_is_refused_not_ignored(client, make_key) -> None:  # type: ignore[no-untyped-def]
+    """?actoin=case.read used to be ignored: the search or export came back unfiltered, which an
+    auditor would take for the filtered answer."""
+    auditor = make_key("auditor")
+    for path, params in (
+        ("/v1/audit-events", {"actoin": "case.read"}),
+        ("/v1/audit-events/export", {"format": "csv", "acton": "case.read", **recent()}),
+    ):
+        refused = client.get(path, headers=auditor.headers, params=params)
+        assert (refused.status_code, refused.json()["code"]) == (422, "unknown_parameter"), refused.text
+        assert "act" in refused.json()["detail"]
+    assert client.get("/v1/audit-events", headers=auditor.headers, params={"action": "case.read"}).status_code == 200
+
+
 def test_auditor_queries_are_audited_and_chain_verifies(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
     auditor = make_key("auditor")
     client.get("/v1/audit-events", headers=auditor.headers, params={"action": "case.read"})

@@ -1,0 +1,50 @@
+"""What the JSON log lines may carry: Celery's own task lines name an exception's type, never its
+message (which can quote data), and a classify message whose argument is not a case id is logged
+without that argument (anyone who can write to the broker chooses it)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from core.logs import JsonFormatter
+
+SECRET = "MRN-777 Jane Roe"
+
+
+def _line(record: logging.LogRecord) -> dict[str, object]:
+    return json.loads(JsonFormatter("worker").format(record))
+
+
+def test_celery_task_lines_name_the_exceptions_type_not_its_message() -> None:
+    for description in ("raised unexpected", "retry"):
+        record = logging.LogRecord(
+            "celery.app.trace",
+            logging.ERROR,
+            __file__,
+            1,
+            "Task %(name)s[%(id)s] %(description)s: %(exc)s",
+            ({"name": "dermq.drift", "id": "t-1", "description": description, "exc": f"ValueError('{SECRET}')"},),
+            None,
+        )
+        assert _line(record)["msg"] == f"Task dermq.drift[t-1] {description}: ValueError"
+    # any other logger's message is its own
+    plain = logging.LogRecord("dermq.worker", logging.INFO, __file__, 1, "batch of %d", (3,), None)
+    assert _line(plain)["msg"] == "batch of 3"
+
+
+def test_a_classify_message_that_is_no_case_id_is_logged_without_it() -> None:
+    from worker.tasks import classify
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("worker"))
+    worker_log = logging.getLogger("dermq.worker")
+    worker_log.addHandler(handler)
+    try:
+        assert classify.run(SECRET) == "ignored"
+    finally:
+        worker_log.removeHandler(handler)
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["event"] == "bad_message" and SECRET not in json.dumps(line)
