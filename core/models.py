@@ -348,7 +348,7 @@ class CallbackDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    #: while set and in the future, a worker holds the current attempt (see core.callbacks.lease)
+    #: while set and in the future, a worker holds the current attempt (see core.callback_attempts.lease)
     leased_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

@@ -86,7 +86,8 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
     them in one forward pass, explain each, and store them all in one transaction. Returns this
     case's outcome; the other cases' messages are dropped in the worker's main process
     (:mod:`worker.companions`), or, when they get here, find them taken and do nothing. If the batch stops
-    with an error, the other cases it still holds go back to the queue (this one is the caller's)."""
+    with an error, the other cases it still holds go back to the queue (this one is the caller's,
+    unless the batch ran out of time: then it goes back too, ``progress.requeued``)."""
     progress = progress if progress is not None else Progress()
     started = time.perf_counter()
     predictor = runtime.get_predictor(config)

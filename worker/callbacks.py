@@ -42,13 +42,19 @@ class _Deadline:
     def __init__(self, seconds: float) -> None:
         self.passed = threading.Event()
         self.socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._finished = False
         self._timer = threading.Timer(seconds, self._cut)
         self._timer.daemon = True
 
     def start(self) -> None:
         self._timer.start()
 
-    def cancel(self) -> None:
+    def finish(self) -> None:
+        """The exchange is over: no cut from now on (it waits for one under way), before its socket
+        closes and its descriptor's number can be given to another."""
+        with self._lock:
+            self._finished = True
         self._timer.cancel()
 
     def opened(self, sock: socket.socket) -> None:
@@ -58,10 +64,21 @@ class _Deadline:
             self._cut()
 
     def _cut(self) -> None:
-        self.passed.set()
-        if self.socket is not None:
-            with contextlib.suppress(OSError):  # closed already
-                self.socket.shutdown(socket.SHUT_RDWR)  # the blocked read or write returns at once
+        with self._lock:
+            if self._finished:
+                return
+            self.passed.set()
+            if self.socket is None:
+                return
+            # Shut the connection down through a duplicate of its descriptor: the blocked read or write
+            # on the original returns at once, whatever object owns it (a TLS socket's own shutdown
+            # would pull its TLS state from under the thread reading it).
+            with contextlib.suppress(OSError):  # closed already (a descriptor of -1 cannot be duplicated)
+                duplicate = socket.fromfd(self.socket.fileno(), self.socket.family, self.socket.type)
+                try:
+                    duplicate.shutdown(socket.SHUT_RDWR)
+                finally:
+                    duplicate.close()
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -88,8 +105,13 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         raw = socket.create_connection((self.address, self.port), self.timeout)
-        self.deadline.opened(raw)  # the handshake is bounded too
-        self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
+        self.deadline.opened(raw)
+        # wrapping takes the descriptor over from ``raw``: the deadline watches the TLS socket from
+        # then on, the handshake included (hence the handshake after it, not inside the wrap)
+        tls = self.tls.wrap_socket(raw, server_hostname=self.host, do_handshake_on_connect=False)
+        self.sock = tls
+        self.deadline.opened(tls)
+        tls.do_handshake()
 
 
 def post(url: str, body: bytes, secret: str, settings: Settings, *, event_id: str) -> tuple[int | None, str | None]:
@@ -122,7 +144,7 @@ def post(url: str, body: bytes, secret: str, settings: Settings, *, event_id: st
     except (OSError, http.client.HTTPException) as exc:
         return None, DEADLINE_EXCEEDED if deadline.passed.is_set() else type(exc).__name__
     finally:
-        deadline.cancel()
+        deadline.finish()
         connection.close()
 
 

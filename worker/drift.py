@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from core import audit, results
 from core.config import Settings
 from core.crypto import Keyring, load_keyring
-from core.models import Outcome, Result
+from core.models import Case, CaseStatus, Outcome, Result
 from ml import drift, registry
 
 WINDOW = timedelta(hours=24)
@@ -51,11 +51,18 @@ def _reference(settings: Settings) -> tuple[str, dict[str, Any]]:
 
 
 def _cases(model_id: str, end: datetime) -> Select[uuid.UUID, dict[str, float], datetime]:
-    return select(Result.case_id, Result.input_stats, Result.created_at).where(
-        Result.model_id == model_id,
-        Result.outcome == Outcome.DIAGNOSIS.value,  # an out-of-distribution input has no label: no case of a class
-        Result.created_at < end,
-        Result.input_stats.has_all(array(drift.FEATURES)),  # results stored before input statistics existed have none
+    return (
+        select(Result.case_id, Result.input_stats, Result.created_at)
+        .join(Case, Case.id == Result.case_id)
+        .where(
+            Case.status != CaseStatus.PURGED.value,  # erased: its label is gone, so it leaves the window whole
+            Result.model_id == model_id,
+            Result.outcome == Outcome.DIAGNOSIS.value,  # an out-of-distribution input has no label: no case of a class
+            Result.created_at < end,
+            Result.input_stats.has_all(
+                array(drift.FEATURES)
+            ),  # results stored before input statistics existed have none
+        )
     )
 
 
@@ -89,7 +96,7 @@ def window_report(
         entity_id=model_id,
         detail={"cases": len(rows)},
     )
-    # an erased case keeps its input statistics but not its label: it leaves the window, both halves
+    # the query leaves erased cases out; a finding that does not open leaves with both its halves
     labelled = [(row, opened[row.case_id].label) for row in rows if row.case_id in opened]
     kept = [(row.input_stats, label) for row, label in labelled if label is not None]
     report = drift.compare(reference, [stats for stats, _ in kept], [label for _, label in kept])

@@ -27,7 +27,8 @@ SECONDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 JOBS = Counter(
     "dermq_jobs_total",
     "classification outcomes: succeeded (with a diagnosis or out of distribution: see dermq_results_total), "
-    "failed, superseded (a newer attempt owned the case), skipped "
+    "failed, superseded (a newer attempt owned the case), requeued (its batch ran out of time: it runs "
+    "again, alone), skipped "
     "(a message that reached a worker child and found its case already taken; the messages of cases a "
     "batch took are mostly acknowledged before, in the worker's main process, and not counted here)",
     ["outcome"],

@@ -16,7 +16,8 @@ What can go wrong, and what then:
   the task retries with exponential backoff and jitter, at most ``MAX_RETRIES`` times (the retry
   puts the case back first if the database was down when it failed); after that the sweeper
   (:mod:`worker.retries`);
-- the soft time limit: ``failed: timeout``; Grad-CAM past its own budget: a result without a heat map;
+- the soft time limit: ``failed: timeout`` (a batch's cases all go back to the queue, to run alone:
+  :mod:`worker.batching`); Grad-CAM past its own budget: a result without a heat map;
 - the model's gate finds the image out of distribution (not a dermoscopy image it can judge): the case
   succeeds with an ``out_of_distribution`` result, no diagnosis and no heat map (:mod:`worker.results`);
 - the hard time limit or a crash of the child: the case stays ``running``, its redelivered message

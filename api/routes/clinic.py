@@ -1,4 +1,4 @@
-"""The calling clinic's own settings: its completion callback (see core/callbacks.py for the body,
+"""The calling clinic's own settings: its completion callback (see core/callback_attempts.py for the body,
 core/callback_urls.py for what URLs are accepted, core/callback_signing.py for the signature)."""
 
 from __future__ import annotations

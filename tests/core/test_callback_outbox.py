@@ -42,7 +42,7 @@ def lease(settings: Settings, keyring, case_id: uuid.UUID) -> callback_attempts.
         return callback_attempts.lease(session, settings=settings, keyring=keyring, case_id=case_id)
 
 
-def record(settings: Settings, held: callback_attempts.Lease, status: int | None) -> callbacks.Delivery:
+def record(settings: Settings, held: callback_attempts.Lease, status: int | None) -> callback_attempts.Delivery:
     with session_scope(settings) as session:
         return callback_attempts.record_attempt(session, settings=settings, lease=held, http_status=status, error=None)
 

@@ -6,25 +6,31 @@ for the clinic's portal; the POST is the worker's own (worker.callbacks.post).""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from core.config import Settings
+from tests import support
 from worker.callbacks import DEADLINE_EXCEEDED, post
 
 TIMEOUT = 0.5  # callback_timeout_seconds: the attempt's deadline is three of these
 
 
 class Receiver:
-    """A portal on 127.0.0.1 that reads the request, then answers ``answer`` with ``pause`` seconds
-    between bytes."""
+    """A portal on this machine that reads the request (over TLS with ``tls``), then answers
+    ``answer`` with ``pause`` seconds between bytes (over TLS, a record for each byte)."""
 
-    def __init__(self, answer: bytes, pause: float) -> None:
-        self.answer, self.pause = answer, pause
-        self.listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, answer: bytes, pause: float, *, tls: ssl.SSLContext | None = None) -> None:
+        self.answer, self.pause, self.tls = answer, pause, tls
+        dual = socket.has_dualstack_ipv6()  # "localhost" may resolve to either family
+        self.listener = socket.create_server(
+            ("", 0), family=socket.AF_INET6 if dual else socket.AF_INET, dualstack_ipv6=dual
+        )
         self.port = self.listener.getsockname()[1]
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -32,11 +38,17 @@ class Receiver:
 
     def _serve(self) -> None:
         connection, _ = self.listener.accept()
+        if self.tls is not None:
+            connection.settimeout(5)
+            connection = self.tls.wrap_socket(connection, server_side=True)
         with connection:
             connection.settimeout(5)
             request = b""
             while b"\r\n\r\n" not in request:
-                request += connection.recv(4096)
+                chunk = connection.recv(4096)
+                if not chunk:
+                    break
+                request += chunk
             try:
                 for byte in self.answer:
                     if self.stopped.wait(self.pause):
@@ -65,7 +77,29 @@ def trickling() -> Iterator[Receiver]:
 
 def test_a_receiver_that_answers_a_byte_at_a_time_is_cut_off_at_the_deadline(config: Settings, trickling) -> None:  # type: ignore[no-untyped-def]
     started = time.monotonic()
-    status, error = post(f"http://127.0.0.1:{trickling.port}/hook", b"{}", "whsec_test", config, event_id="e1")
+    status, error = post(f"http://localhost:{trickling.port}/hook", b"{}", "whsec_test", config, event_id="e1")
+    took = time.monotonic() - started
+    assert (status, error) == (None, DEADLINE_EXCEEDED)
+    assert 3 * TIMEOUT <= took < 3 * TIMEOUT + 2
+
+
+def test_an_https_receiver_that_answers_a_record_at_a_time_is_cut_off_too(
+    config: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Production takes https only. Wrapping the connection in TLS moves its descriptor to the TLS
+    socket: the deadline must follow it there (it once watched the emptied plain socket, and a
+    receiver answering one TLS record a byte at a time held the attempt until Celery's time limit)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    support.self_signed_certificate(cert, key)  # for localhost, trusted by this process's TLS clients
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    receiver = Receiver(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 2000 + b"\r\n\r\n", pause=0.2, tls=server)
+    started = time.monotonic()
+    try:
+        status, error = post(f"https://localhost:{receiver.port}/hook", b"{}", "whsec_test", config, event_id="e3")
+    finally:
+        receiver.close()
     took = time.monotonic() - started
     assert (status, error) == (None, DEADLINE_EXCEEDED)
     assert 3 * TIMEOUT <= took < 3 * TIMEOUT + 2
@@ -74,7 +108,7 @@ def test_a_receiver_that_answers_a_byte_at_a_time_is_cut_off_at_the_deadline(con
 def test_a_prompt_receiver_is_delivered_to(config: Settings) -> None:
     receiver = Receiver(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", pause=0)
     try:
-        status, error = post(f"http://127.0.0.1:{receiver.port}/hook", b"{}", "whsec_test", config, event_id="e2")
+        status, error = post(f"http://localhost:{receiver.port}/hook", b"{}", "whsec_test", config, event_id="e2")
     finally:
         receiver.close()
     assert (status, error) == (204, None)
