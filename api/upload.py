@@ -176,9 +176,7 @@ def boundary_of(request: Request) -> bytes:
     return boundary
 
 
-async def read_case_form(
-    request: Request, *, max_image_bytes: int, idle_timeout: float = 30.0, timeout: float = 300.0
-) -> CaseForm:
+async def read_case_form(request: Request, *, max_image_bytes: int, idle_timeout: float, timeout: float) -> CaseForm:
     """Parse the submission as it arrives; raise 413 the moment a cap is passed, 408 when it stalls
     for ``idle_timeout`` seconds or takes longer than ``timeout``, 400 when it ends unfinished."""
     boundary = boundary_of(request)

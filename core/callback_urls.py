@@ -107,18 +107,18 @@ def validate_url(url: str, settings: Settings) -> str:
         raise _invalid("the callback URL's port is not valid") from None
     if not local:
         try:
-            literal = ipaddress.ip_address(host.strip("[]"))
+            literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
-            legacy = _legacy_ipv4(host)  # 127.1, 0x7f.1, 017700000001: what resolvers read as addresses
-            if legacy is not None and not public_address(legacy):
-                raise _invalid("the callback host must be a public address, not a private or local one") from None
+            literal = None
+        # a literal address, or one in the older spellings resolvers read as addresses (127.1, 0x7f.1)
+        address = literal if literal is not None else _legacy_ipv4(host)
+        if address is not None and not public_address(address):
+            raise _invalid("the callback host must be a public address, not a private or local one")
+        if literal is None:  # a name (a public older spelling is judged as one too)
             if host.lower() == "localhost" or host.lower().endswith(INTERNAL_SUFFIXES) or "." not in host:
-                raise _invalid("the callback host must be a public DNS name") from None
+                raise _invalid("the callback host must be a public DNS name")
             if not _valid_dns_name(host):
-                raise _invalid("the callback host is not a valid DNS name (labels of 1 to 63 characters)") from None
-        else:
-            if not public_address(literal):
-                raise _invalid("the callback host must be a public address, not a private or local one")
+                raise _invalid("the callback host is not a valid DNS name (labels of 1 to 63 characters)")
     return url
 
 
