@@ -18,6 +18,7 @@ was fitted and evaluated with:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -66,10 +67,13 @@ def resized_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     factors = (int(image.width / width / REDUCING_GAP) or 1, int(image.height / height / REDUCING_GAP) or 1)
     if factors != (1, 1):
         image = image.reduce(factors)
-    # np.array copies: torch wants a writable buffer, and Pillow's array interface is read-only
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    # Pillow's packed bytes, copied once into a writable buffer (torch wants one), laid out as
+    # (1, 3, H, W) over the interleaved pixels: fewer calls than NumPy's array interface and torch's
+    # permute, each cold after a pass (0.41 against 0.48 ms with the resize, inline after a pass)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(1, image.height, image.width, 3).permute(0, 3, 1, 2)
     out = interpolate(pixels, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-    return np.asarray(out[0].contiguous().numpy()).transpose(1, 2, 0)
+    return out.contiguous().numpy()[0].transpose(1, 2, 0)
 
 
 def shades_of_gray(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
@@ -102,14 +106,20 @@ def normalize(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
     float32 operations as ``(batch - mean) * inv_std`` (bit-identical), it takes about a tenth of the
     time that expression and the transpose's copy took (0.9 against 0.1 ms for one 168x224 image in a
     micro-benchmark; 0.44 against 0.15 ms for normalising alone in Predictor.predict's profile)."""
-    mean = np.asarray(prep.mean, dtype=np.float32) * 255.0
-    inv_std = 1.0 / (np.asarray(prep.std, dtype=np.float32) * 255.0)
-    n, height, width, channels = batch.shape
-    planes = np.empty((n, channels, height, width), dtype=np.float32)
-    for c in range(channels):
-        np.subtract(batch[..., c], mean[c], out=planes[:, c], dtype=np.float32)
-        np.multiply(planes[:, c], inv_std[c], out=planes[:, c])
+    mean, inv_std = _normalising(tuple(prep.mean), tuple(prep.std))
+    planes = np.subtract(batch.transpose(0, 3, 1, 2), mean, dtype=np.float32, order="C")
+    np.multiply(planes, inv_std, out=planes)
     return planes.transpose(0, 2, 3, 1)
+
+
+@functools.cache
+def _normalising(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The (1, 3, 1, 1) float32 offsets and scales :func:`normalize` broadcasts over the planes,
+    made once per model (read-only: they are shared)."""
+    offset = (np.asarray(mean, dtype=np.float32) * 255.0).reshape(1, -1, 1, 1)
+    scale = (1.0 / (np.asarray(std, dtype=np.float32) * 255.0)).reshape(1, -1, 1, 1)
+    offset.flags.writeable = scale.flags.writeable = False
+    return offset, scale
 
 
 def batch_nhwc(images: Sequence[Image.Image], prep: Preprocessing) -> np.ndarray:
