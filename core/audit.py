@@ -46,7 +46,8 @@ ACTIONS: dict[str, str] = {
     "case.delete": "a clinic erased a case's image, heat map, client reference, result and outcome (or was refused)",
     "case.outcome": "a clinic reported a case's confirmed diagnosis (a correction replaces it; detail: method, "
     "revision, correction; never the diagnosis)",
-    "case.start": "a worker claimed a case",
+    "case.start": "a worker claimed a case (failure: a claim that met a database error on every retry, "
+    "its attempt spent)",
     "case.classify": "a worker stored a case's result",
     "case.fail": "a case failed (its code says why)",
     "case.requeue": "the sweeper put a stuck case back in the queue",

@@ -208,6 +208,33 @@ def requeue_case(
     return True
 
 
+def spend_failed_claim(session: Session, case_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> int | None:
+    """Count an attempt of a queued case whose claim kept failing with errors that look transient (a
+    statement or lock timeout that recurs for this case, not an outage: then this fails too). Without
+    it such a case would go round the task's retries and the sweeper's republishing for ever, never
+    spending an attempt. Returns the attempts now counted, or None when the case is no longer queued
+    (a worker took it meanwhile, or it ended)."""
+    case = session.scalar(
+        update(Case)
+        .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
+        .values(attempts=Case.attempts + 1, updated_at=cases.now())
+        .returning(Case)
+    )
+    if case is None:
+        return None
+    audit.record(
+        session,
+        action="case.start",
+        outcome=audit.FAILURE,
+        actor=actor,
+        entity_type="case",
+        entity_id=case_id,
+        clinic_id=case.clinic_id,
+        detail={"attempt": case.attempts, "reason": "claim_failed"},
+    )
+    return case.attempts
+
+
 def mark_published(session: Session, case_ids: list[uuid.UUID]) -> None:
     if case_ids:
         session.execute(update(Case).where(Case.id.in_(case_ids)).values(published_at=cases.now()))

@@ -15,7 +15,9 @@ What can go wrong, and what then:
 - a transient error (database connection lost, Redis hiccup): the case goes back to ``queued`` and
   the task retries with exponential backoff and jitter, at most ``MAX_RETRIES`` times (the retry
   puts the case back first if the database was down when it failed); after that the sweeper
-  (:mod:`worker.retries`);
+  (:mod:`worker.retries`). A claim that failed on every retry costs the case an attempt (else a
+  statement timeout that recurs for one case would go round the retries and the sweeper for ever),
+  and the last attempt fails it ``attempts_exhausted``;
 - the soft time limit: ``failed: timeout`` (a batch's cases all go back to the queue, to run alone:
   :mod:`worker.batching`); Grad-CAM past its own budget: a result without a heat map;
 - the model's gate finds the image out of distribution (not a dermoscopy image it can judge): the case
@@ -36,7 +38,7 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import callbacks, outcomes, period_shredding, phi, recovery, results, retention
+from core import callbacks, case_states, outcomes, period_shredding, phi, recovery, results, retention
 from core.config import Settings
 from core.db import session_scope
 from core.logs import case_id_var
@@ -97,22 +99,43 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
                     "submit the case again or contact support with the case id",
                 )
         except Exception as exc:
-            if retries.is_transient(exc):
-                raise retries.retry(self, config, parsed, progress.attempt or requeue_attempt, exc) from None
-            log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
-            outcome = _fail(
-                config,
-                parsed,
-                progress.attempt,
-                "model_error",
-                _model_error(exc, "classifying"),
-            )
+            if not retries.is_transient(exc):
+                log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
+                outcome = _fail(config, parsed, progress.attempt, "model_error", _model_error(exc, "classifying"))
+            else:
+                held = progress.attempt or requeue_attempt
+                # a claim that failed on every retry costs the case an attempt, and its last one fails it
+                if held is not None or self.request.retries < MAX_RETRIES or not _spend_failed_claim(config, parsed):
+                    raise retries.retry(self, config, parsed, held, exc) from None
+                outcome = "failed"
         metrics = runtime.worker_metrics()
         if metrics is not None:
             metrics.record_outcome(outcome)
         return outcome
     finally:
         case_id_var.reset(token)
+
+
+def _spend_failed_claim(config: Settings, case_id: uuid.UUID) -> bool:
+    """After the last retry of a case whose claim never committed: count the attempt those tries
+    made (:func:`core.case_states.spend_failed_claim`) and, once the case's attempts are spent, fail
+    it as the sweeper fails a case whose attempts all ran out. True when the case was failed; False
+    when it stays queued for the sweeper to publish again (or could not be counted: the database is
+    still away, which spends nothing)."""
+    try:
+        with session_scope(config) as session:
+            attempts = case_states.spend_failed_claim(session, case_id)
+    except Exception as exc:
+        log.warning("could not count the failed claim", extra={"event": "claim_uncounted", "error": type(exc).__name__})
+        return False
+    log.warning("the case could not be claimed on any retry", extra={"event": "claim_failed", "attempt": attempts})
+    if attempts is None or attempts < config.max_attempts:
+        return False
+    message = (
+        f"none of {attempts} attempts could start: each met a database error claiming the case; "
+        "submit it again, or contact support with the case id"
+    )
+    return _fail(config, case_id, None, "attempts_exhausted", message) == "failed"
 
 
 @app.task(name=TASK_CALLBACK, bind=True, max_retries=None)

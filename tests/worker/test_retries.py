@@ -8,8 +8,10 @@ import uuid
 
 import pytest
 import redis
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from core import case_claims
 from worker import retries, tasks
 
 
@@ -89,3 +91,42 @@ def test_other_errors_fail_the_case_once_without_retry(scripted, error: Exceptio
     assert tasks.classify.apply(args=[str(uuid.uuid4())]).get() == "failed"
     assert len(record["calls"]) == 1 and record["delays"] == []
     assert record["failures"] == [(1, "model_error")]
+
+
+def test_a_case_whose_claim_always_fails_spends_its_attempts_and_then_fails(
+    tenant, store_case, settings, jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A claim that meets a database error on every retry (here Postgres's own statement timeout,
+    every time this case is claimed) used to leave the case queued with no attempt counted: the sweeper
+    published it again and it went round for ever. Each round now costs an attempt, and the last one
+    fails the case, as an image that always stops its worker fails."""
+    from core.db import session_scope
+    from core.models import AuditEvent, Case
+
+    def timed_out_claim(session, case_id, **kwargs):  # type: ignore[no-untyped-def]
+        session.execute(text("SET LOCAL statement_timeout = 1"))
+        session.execute(text("SELECT pg_sleep(1)"))  # QueryCanceled, an OperationalError: looks transient
+
+    case_id = store_case(tenant, jpeg_bytes)
+    config = settings.model_copy(update={"batching": "off"})
+    monkeypatch.setattr(tasks, "settings", lambda: config)
+    monkeypatch.setattr(case_claims, "claim_case", timed_out_claim)
+    monkeypatch.setattr(retries, "retry_delay", lambda done: 0.0)
+
+    def case() -> Case:
+        with session_scope(settings) as session:
+            return session.get(Case, case_id)
+
+    for spent in range(1, config.max_attempts):
+        outcome = tasks.classify.apply(args=[str(case_id)])  # its retries, then the sweeper's republish
+        assert outcome.failed() and isinstance(outcome.result, retries.WithheldError)
+        assert (case().status, case().attempts) == ("queued", spent)
+    assert tasks.classify.apply(args=[str(case_id)]).get() == "failed"
+    ended = case()
+    assert (ended.status, ended.failure_code, ended.attempts) == ("failed", "attempts_exhausted", config.max_attempts)
+    assert "database error" in ended.failure_message
+    with session_scope(settings) as session:
+        starts = session.scalars(
+            select(AuditEvent.outcome).where(AuditEvent.entity_id == str(case_id), AuditEvent.action == "case.start")
+        ).all()
+    assert starts == ["failure"] * config.max_attempts  # each spent attempt is on the audit trail
