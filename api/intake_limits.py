@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import logging
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,10 +26,12 @@ from contextlib import contextmanager, suppress
 from functools import partial
 from typing import Any, TypeVar
 
-from core.errors import InvalidImageError, RateLimited
+from core.errors import InvalidImageError, RateLimited, ServiceUnavailable
 from ml import working_copy
 from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode
 from ml.images import DecodedImage, ImageHeader, ImageLimits
+
+log = logging.getLogger("dermq.api")
 
 T = TypeVar("T")
 
@@ -67,9 +70,16 @@ class UploadSlots:
 
 @contextmanager
 def decode_errors() -> Iterator[None]:
-    """Turn the decode budget's refusals into problem answers (429 busy, 413 too large)."""
+    """Turn the decode budget's refusals into problem answers (429 busy, 413 too large), and memory
+    this process could not allocate into 503 (not the image's fault: it may well decode on a retry)."""
     try:
         yield
+    except MemoryError:
+        log.error("out of memory decoding an upload", extra={"event": "decode_out_of_memory"})
+        raise ServiceUnavailable(
+            "the service ran out of memory decoding this image; nothing was stored. Retry after the delay given.",
+            code="out_of_memory",
+        ) from None
     except DecodeBusy as exc:
         raise RateLimited(
             "the service is decoding other large images; retry shortly", retry_after=exc.retry_after

@@ -222,6 +222,7 @@ def decode(
     fit: int | None = None,
     budget: DecodeBudget | None = None,
     on_header: Callable[[ImageHeader], None] | None = None,
+    passthrough: tuple[type[BaseException], ...] = (),
 ) -> DecodedImage:
     """Decode untrusted bytes into a fully loaded 8-bit RGB image.
 
@@ -241,10 +242,12 @@ def decode(
     made before the pixels has passed and the budget's reservation is held, just before the pixels
     decode: the intake stores the case meanwhile (``api.intake_limits``). It must not raise.
 
-    Raises :class:`InvalidImage`; never returns a partially decoded image.
+    Raises :class:`InvalidImage` for what the file is, ``MemoryError`` when this process cannot
+    allocate, and the errors of ``passthrough`` as they come (a worker's soft time limit: anything
+    else raised while decoding is taken for a malformed file); never returns a partially decoded image.
     """
     fmt = _accepted_format(data, limits)
-    with _Refusals(fmt):
+    with _Refusals(fmt, passthrough):
         image = _opened(data, fmt, limits)
         declared = (image.width, image.height)
         if reduce_to is not None and fmt == "JPEG" and image.mode in ("RGB", "L"):
@@ -287,11 +290,14 @@ def _opened(data: bytes, fmt: str, limits: ImageLimits) -> Image.Image:
 
 class _Refusals:
     """Whatever Pillow raises for a bad ``fmt`` file, as :class:`InvalidImage`; the decode budget's
-    refusals as they are. Pillow's bomb warning is silenced inside: our own caps run first, and it
+    refusals, ``MemoryError`` (this process could not allocate: not the file's fault, and worth
+    another try) and the caller's ``passthrough`` errors (a worker's soft time limit, which may land
+    anywhere) as they are. Pillow's bomb warning is silenced inside: our own caps run first, and it
     must never be printed with request data."""
 
-    def __init__(self, fmt: str) -> None:
+    def __init__(self, fmt: str, passthrough: tuple[type[BaseException], ...] = ()) -> None:
         self.fmt = fmt
+        self.passthrough = (InvalidImage, DecodeBusy, TooLargeToDecode, MemoryError, *passthrough)
         self._warnings = warnings.catch_warnings()
 
     def __enter__(self) -> None:
@@ -300,11 +306,7 @@ class _Refusals:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._warnings.__exit__(kind, exc, tb)
-        if (
-            exc is None
-            or isinstance(exc, (InvalidImage, DecodeBusy, TooLargeToDecode))
-            or not isinstance(exc, Exception)
-        ):
+        if exc is None or isinstance(exc, self.passthrough) or not isinstance(exc, Exception):
             return  # nothing raised, or raised as it is
         fmt = self.fmt
         if isinstance(exc, UnsupportedMode):

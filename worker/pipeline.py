@@ -148,7 +148,13 @@ def _decode_claimed(config: Settings, case_id: uuid.UUID, attempt: int, stored: 
     # that could never fit (the intake refuses those too, unless its settings differ).
     budget = DecodeBudget(config.decode_memory_bytes, wait_seconds=0)
     try:
-        return decode(data, ImageLimits.from_settings(config), reduce_to=config.overlay_max_side, budget=budget)
+        return decode(
+            data,
+            ImageLimits.from_settings(config),
+            reduce_to=config.overlay_max_side,
+            budget=budget,
+            passthrough=(SoftTimeLimitExceeded,),  # out of time, not a damaged file: the task's to handle
+        )
     except InvalidImage as exc:
         return _fail(config, case_id, attempt, "invalid_image", exc.message)
     except TooLargeToDecode as exc:

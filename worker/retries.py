@@ -24,12 +24,15 @@ log = logging.getLogger("dermq.worker")
 
 MAX_RETRIES = 5
 
-#: Transient failures worth retrying with backoff; anything else fails the case for good.
-TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError)
+#: Transient failures worth retrying with backoff; anything else fails the case for good. A
+#: ``MemoryError`` is the worker's memory, not the case's fault; each retry claims the case again, so
+#: an image that never fits still stops at ``max_attempts``.
+TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError, MemoryError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth retrying: a lost database connection or an unreachable Redis."""
+    """Whether ``exc`` is worth retrying: a lost database connection, an unreachable Redis, or memory
+    this process could not allocate."""
     if isinstance(exc, DBAPIError):
         return exc.connection_invalidated or isinstance(exc, OperationalError)
     return isinstance(exc, TRANSIENT)

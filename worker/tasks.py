@@ -25,6 +25,8 @@ What can go wrong, and what then:
 - the hard time limit or a crash of the child: the case stays ``running``, its redelivered message
   is skipped, and the sweeper requeues it (or fails it once the attempts are spent);
 - the GPU runs out of memory: the cache is freed and this case runs on the CPU (``results.device``);
+- the process runs out of memory (``MemoryError``, in the decode too): a transient error, retried as
+  above, each claim an attempt (never ``invalid_image``: the image is not at fault);
 - anything else: ``failed: model_error``.
 """
 

@@ -19,7 +19,8 @@ from PIL import Image
 from api import intake_limits
 from api.intake_limits import Decoder
 from bench.common import camera_jpegs
-from core.errors import InvalidImageError
+from core.errors import InvalidImageError, ServiceUnavailable
+from ml import images
 from ml.images import DEFAULT_LIMITS, ImageHeader, InvalidImage
 
 SIDE = 512
@@ -142,4 +143,26 @@ def test_an_upload_waiting_for_a_decoder_starts_no_database_work(
 
     asyncio.run(both())
     assert events.index("work b") > events.index("decode b begins") > events.index("decode a ends"), events
+    decoder.close()
+
+
+def test_memory_this_process_lacks_is_a_503_to_retry_not_a_bad_image(
+    camera: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory in the middle of a decode, the upload is answered 503 with a delay to retry
+    after (the caller's transaction rolls back whatever its work wrote), not 422 for a damaged image."""
+
+    def no_memory(*args: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(images, "_load_rgb", no_memory)
+    decoder = Decoder(256 * 2**20)
+
+    async def work(header: ImageHeader) -> None:
+        pass
+
+    with pytest.raises(ServiceUnavailable) as refused:
+        decode(decoder, camera, work)
+    assert (refused.value.status, refused.value.code) == (503, "out_of_memory")
+    assert refused.value.headers["Retry-After"] and decoder.budget.in_use == 0
     decoder.close()

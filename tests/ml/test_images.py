@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from ml import images
 from ml.decode_budget import DecodeBudget, TooLargeToDecode
 from ml.images import ImageHeader, ImageLimits, InvalidImage, decode, decode_image, sniff_format
 from tests.conftest import ROOT
@@ -250,3 +251,30 @@ def test_a_file_cut_short_is_told_by_its_header_and_refused_by_its_decode(jpeg_b
     with pytest.raises(InvalidImage) as refused:
         decode(jpeg_bytes[: len(jpeg_bytes) // 2], on_header=told.append)
     assert refused.value.code == "truncated" and told == [ImageHeader("JPEG", 300, 225)]
+
+
+def test_memory_the_process_lacks_and_the_callers_own_errors_are_not_a_damaged_file(
+    jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MemoryError while decoding is this process's, not the file's: it used to come out as
+    ``corrupt``, and the clinic was told its image was damaged. A caller's own errors (a worker's soft
+    time limit) come out as they are too; anything else raised inside is still a malformed file."""
+
+    class Stopped(Exception):
+        pass
+
+    def raising(error: type[BaseException]):  # type: ignore[no-untyped-def]
+        def load(*args: object) -> None:
+            raise error
+
+        return load
+
+    monkeypatch.setattr(images, "_load_rgb", raising(MemoryError))
+    with pytest.raises(MemoryError):
+        decode(jpeg_bytes)
+    monkeypatch.setattr(images, "_load_rgb", raising(Stopped))
+    with pytest.raises(Stopped):
+        decode(jpeg_bytes, passthrough=(Stopped,))
+    with pytest.raises(InvalidImage) as refused:
+        decode(jpeg_bytes)
+    assert refused.value.code == "corrupt"

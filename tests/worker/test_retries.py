@@ -93,40 +93,85 @@ def test_other_errors_fail_the_case_once_without_retry(scripted, error: Exceptio
     assert record["failures"] == [(1, "model_error")]
 
 
+@pytest.fixture
+def eager(settings, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """``classify`` run in this process, one case at a time, its retries without delay; returns a
+    function reading a case's row."""
+    from core.db import session_scope
+    from core.models import Case
+
+    config = settings.model_copy(update={"batching": "off"})
+    monkeypatch.setattr(tasks, "settings", lambda: config)
+    monkeypatch.setattr(retries, "retry_delay", lambda done: 0.0)
+
+    def case(case_id: uuid.UUID) -> Case:
+        with session_scope(settings) as session:
+            return session.get(Case, case_id)
+
+    return case
+
+
+def test_a_worker_out_of_memory_tries_the_case_again_and_never_calls_its_image_damaged(
+    eager, tenant, store_case, jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from ml import images
+
+    real, calls = images._load_rgb, []
+
+    def short_of_memory_once(*args):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        if len(calls) == 1:
+            raise MemoryError
+        return real(*args)
+
+    monkeypatch.setattr(images, "_load_rgb", short_of_memory_once)
+    case_id = store_case(tenant, jpeg_bytes)
+    assert tasks.classify.apply(args=[str(case_id)]).get() == "succeeded"
+    assert (eager(case_id).status, eager(case_id).attempts) == ("succeeded", 2)  # the first try's attempt counts
+
+
+def test_a_soft_time_limit_while_decoding_fails_the_case_as_out_of_time_not_as_a_damaged_image(
+    eager, tenant, store_case, jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from ml import images
+
+    def out_of_time(*args):  # type: ignore[no-untyped-def]
+        raise SoftTimeLimitExceeded
+
+    monkeypatch.setattr(images, "_load_rgb", out_of_time)
+    case_id = store_case(tenant, jpeg_bytes)
+    assert tasks.classify.apply(args=[str(case_id)]).get() == "failed"
+    assert (eager(case_id).status, eager(case_id).failure_code) == ("failed", "timeout")
+
+
 def test_a_case_whose_claim_always_fails_spends_its_attempts_and_then_fails(
-    tenant, store_case, settings, jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+    eager, tenant, store_case, settings, jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     """A claim that meets a database error on every retry (here Postgres's own statement timeout,
     every time this case is claimed) used to leave the case queued with no attempt counted: the sweeper
     published it again and it went round for ever. Each round now costs an attempt, and the last one
     fails the case, as an image that always stops its worker fails."""
     from core.db import session_scope
-    from core.models import AuditEvent, Case
+    from core.models import AuditEvent
 
     def timed_out_claim(session, case_id, **kwargs):  # type: ignore[no-untyped-def]
         session.execute(text("SET LOCAL statement_timeout = 1"))
         session.execute(text("SELECT pg_sleep(1)"))  # QueryCanceled, an OperationalError: looks transient
 
     case_id = store_case(tenant, jpeg_bytes)
-    config = settings.model_copy(update={"batching": "off"})
-    monkeypatch.setattr(tasks, "settings", lambda: config)
     monkeypatch.setattr(case_claims, "claim_case", timed_out_claim)
-    monkeypatch.setattr(retries, "retry_delay", lambda done: 0.0)
-
-    def case() -> Case:
-        with session_scope(settings) as session:
-            return session.get(Case, case_id)
-
-    for spent in range(1, config.max_attempts):
+    for spent in range(1, settings.max_attempts):
         outcome = tasks.classify.apply(args=[str(case_id)])  # its retries, then the sweeper's republish
         assert outcome.failed() and isinstance(outcome.result, retries.WithheldError)
-        assert (case().status, case().attempts) == ("queued", spent)
+        assert (eager(case_id).status, eager(case_id).attempts) == ("queued", spent)
     assert tasks.classify.apply(args=[str(case_id)]).get() == "failed"
-    ended = case()
-    assert (ended.status, ended.failure_code, ended.attempts) == ("failed", "attempts_exhausted", config.max_attempts)
+    ended = eager(case_id)
+    assert (ended.status, ended.failure_code, ended.attempts) == ("failed", "attempts_exhausted", settings.max_attempts)
     assert "database error" in ended.failure_message
     with session_scope(settings) as session:
         starts = session.scalars(
             select(AuditEvent.outcome).where(AuditEvent.entity_id == str(case_id), AuditEvent.action == "case.start")
         ).all()
-    assert starts == ["failure"] * config.max_attempts  # each spent attempt is on the audit trail
+    assert starts == ["failure"] * settings.max_attempts  # each spent attempt is on the audit trail
