@@ -39,6 +39,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from core import callbacks, case_states
+from core.case_claims import QUEUE_ORDER
 from core.config import Settings
 from core.enqueue import enqueue
 from core.models import Case, CaseStatus
@@ -157,15 +158,20 @@ def republish_lost(
     whose message is waiting stays unlocked for the rest of the sweep's transaction, so the worker
     that receives that message claims it. A lock would make the claim skip it and drop the message,
     delaying the case by another sweep (under a backlog older than the grace period, the head of the
-    queue)."""
+    queue).
+
+    Candidates are read in the order workers serve the queue (urgent first, then oldest) until
+    ``BATCH`` have lost their message or none is left: under a backlog older than the grace period,
+    whose messages wait, a lost case behind ``BATCH`` waiting ones is found too, an urgent one first.
+    Only their ids are read, a chunk at a time."""
     query = select(Case).where(Case.status == CaseStatus.QUEUED.value)
     if ids is not None:
         query = query.where(Case.id.in_([uuid.UUID(i) for i in ids]))
     if cutoff is not None:
         query = query.where(Case.updated_at < cutoff, or_(Case.published_at.is_(None), Case.published_at < cutoff))
-    candidates = session.scalars(query.with_only_columns(Case.id).order_by(Case.created_at).limit(BATCH)).all()
-    if not candidates:
-        return
+    ordered = query.with_only_columns(Case.id).order_by(*QUEUE_ORDER, Case.id)
+    if session.scalar(ordered.limit(1)) is None:
+        return  # nothing to look for: the broker is not asked
     waiting: set[str] = set()
     if broker is not None:
         try:
@@ -174,12 +180,21 @@ def republish_lost(
         except redis.RedisError as exc:
             log.warning("broker unreachable; nothing republished this round", extra={"error": type(exc).__name__})
             return
-    lost = [case_id for case_id in candidates if str(case_id) not in waiting]
+    lost: list[uuid.UUID] = []
+    candidates = session.scalars(ordered.execution_options(yield_per=BATCH))
+    try:
+        for case_id in candidates:
+            if str(case_id) not in waiting:
+                lost.append(case_id)
+                if len(lost) == BATCH:
+                    break
+    finally:
+        candidates.close()
     if not lost:
         return
     # the same conditions again, under the lock: a worker may have claimed one meanwhile
     targets = session.scalars(
-        query.where(Case.id.in_(lost)).order_by(Case.created_at).with_for_update(skip_locked=True)
+        query.where(Case.id.in_(lost)).order_by(*QUEUE_ORDER, Case.id).with_for_update(skip_locked=True)
     ).all()
     for case in targets:
         enqueue(session, publisher, classify_task(case.id, case.priority), on_sent=report.published)

@@ -121,6 +121,28 @@ def test_only_queued_cases_whose_message_is_lost_are_published_again(
     assert sorted(ids.count(str(c)) for c in (lost, waiting)) == [1, 1]
 
 
+def test_a_lost_case_behind_a_sweeps_worth_of_waiting_ones_is_found_urgent_first(
+    sweeping, own_database: Settings, tenant: Tenant, store_case, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The sweeper looked at the ``BATCH`` oldest stale cases only: under a backlog older than the
+    grace period whose messages wait, a case that lost its message behind them, an urgent one
+    included, was never published again. It now reads on, in the order workers serve the queue."""
+    monkeypatch.setattr(recovery, "BATCH", 2)
+    _, publisher, _ = sweeping
+    while sweep(sweeping).republished:  # the module's earlier cases: their messages wait from now on
+        pass
+    grace = own_database.requeue_grace_seconds
+    backlog = [store_case(tenant, b"waiting") for _ in range(3)]
+    lost = store_case(tenant, b"lost")
+    urgent = store_case(tenant, b"urgent", "urgent")
+    for case_id in (*backlog, lost, urgent):
+        set_state(own_database, case_id, updated_at=ago(grace + 5))
+    for case_id in backlog:
+        assert support.publish_classify(publisher, case_id, "routine")
+    report = sweep(sweeping)
+    assert report.republished == [str(urgent), str(lost)]  # two lost, urgent first: a batch's worth
+
+
 def test_a_stale_case_whose_message_waits_stays_claimable_while_the_sweep_runs(
     sweeping, own_database: Settings, tenant: Tenant, store_case
 ) -> None:  # type: ignore[no-untyped-def]
