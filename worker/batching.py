@@ -263,7 +263,7 @@ def _classify_one_by_one(
         except SoftTimeLimitExceeded:
             raise
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) or runtime.device_failed(exc):
                 raise
             log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
             outcomes[case.case_id] = _fail(

@@ -54,10 +54,10 @@ def retry_delay(retries: int) -> float:
     return min(60.0, 2.0**retries) * (0.5 + random.random())  # noqa: S311 - jitter, not cryptography
 
 
-def requeue(config: Settings, case_id: uuid.UUID, attempt: int) -> None:
+def requeue(config: Settings, case_id: uuid.UUID, attempt: int, reason: str = "transient_error") -> None:
     """Put the case back in the queue if ``attempt`` still holds it (fenced: a no-op otherwise)."""
     with session_scope(config) as session:
-        case_states.requeue_case(session, case_id, attempt=attempt, reason="transient_error")
+        case_states.requeue_case(session, case_id, attempt=attempt, reason=reason)
 
 
 def retry(task: Any, config: Settings, case_id: uuid.UUID, attempt: int | None, exc: Exception) -> Exception:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from core.config import Settings
 
@@ -119,6 +119,34 @@ def free_device_memory(predictor: Predictor) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+#: a worker child's exit status when its GPU failed (:func:`end_child`)
+EXIT_DEVICE_FAILED = 75
+
+
+def device_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` says this process's GPU can no longer be used: a CUDA error other than running
+    out of memory (an illegal memory access, a device-side assert, a device that fell off the bus).
+    Such errors are sticky: every later CUDA call of the process fails too, so each case this child
+    took afterwards would fail ``model_error``. Only a new process has a new CUDA context."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or isinstance(exc, torch.OutOfMemoryError):
+        return False  # no torch, no CUDA; out of memory is handled case by case (pipeline._classify_image)
+    if isinstance(exc, torch.AcceleratorError):
+        return True
+    return isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")
+
+
+def end_child() -> NoReturn:
+    """End this worker child at once after its GPU failed, the cases it held already back in the queue.
+    Celery's parent starts a new child, with a new CUDA context, and the task's message comes back
+    (``task_reject_on_worker_lost``) to claim its case again. Never returns."""
+    log.critical("the GPU failed; this worker child exits for a new one", extra={"event": "device_failed"})
+    logging.shutdown()  # flush what was logged: nothing after this runs
+    os._exit(EXIT_DEVICE_FAILED)
 
 
 def batching_enabled(config: Settings) -> bool:

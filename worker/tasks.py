@@ -25,6 +25,8 @@ What can go wrong, and what then:
 - the hard time limit or a crash of the child: the case stays ``running``, its redelivered message
   is skipped, and the sweeper requeues it (or fails it once the attempts are spent);
 - the GPU runs out of memory: the cache is freed and this case runs on the CPU (``results.device``);
+- the GPU fails (a CUDA error other than out of memory: the process's CUDA context is lost): the case
+  goes back to the queue, its attempt counted, and the child exits for a new one (``runtime.end_child``);
 - the process runs out of memory (``MemoryError``, in the decode too): a transient error, retried as
   above, each claim an attempt (never ``invalid_image``: the image is not at fault);
 - anything else: ``failed: model_error``.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Celery
@@ -101,6 +103,8 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
                     "submit the case again or contact support with the case id",
                 )
         except Exception as exc:
+            if runtime.device_failed(exc):
+                _device_failed(config, parsed, progress.attempt)  # never returns
             if not retries.is_transient(exc):
                 log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
                 outcome = _fail(config, parsed, progress.attempt, "model_error", _model_error(exc, "classifying"))
@@ -116,6 +120,18 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
         return outcome
     finally:
         case_id_var.reset(token)
+
+
+def _device_failed(config: Settings, case_id: uuid.UUID, attempt: int | None) -> NoReturn:
+    """Put the case back in the queue (fenced by its attempt, which stays counted) and end this child:
+    its GPU failed, and a case it took next would fail too (:func:`worker.runtime.device_failed`). A
+    batch has put its other cases back already (:mod:`worker.batching`)."""
+    if attempt is not None:
+        try:
+            retries.requeue(config, case_id, attempt, reason="device_failed")
+        except Exception as exc:  # the sweeper requeues it once its time limit has passed
+            log.warning("could not requeue the case", extra={"event": "requeue_failed", "error": type(exc).__name__})
+    runtime.end_child()
 
 
 def _spend_failed_claim(config: Settings, case_id: uuid.UUID) -> bool:

@@ -1,0 +1,101 @@
+"""A GPU that fails (a CUDA error other than out of memory) loses the process's CUDA context: every
+later CUDA call fails too. The worker used to fail that case and every later one ``model_error``
+until the child was recycled; now the cases it holds go back to the queue, their attempts counted,
+and the child exits for a new one. (No GPU here: a stand-in reports ``cuda`` and raises CUDA's error
+on top of the real CPU model; the child's exit is recorded instead of taken.)"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from core.config import Settings
+from core.db import session_scope
+from core.models import AuditEvent, Case
+from tests.conftest import Tenant, own_database_fixtures
+from worker import retries, runtime, tasks
+
+pytestmark = pytest.mark.usefixtures("database")
+
+# a batch claims the oldest queued cases of its whole database: this module has one of its own
+tenant, store_case = own_database_fixtures()
+
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
+
+
+class ChildEnded(BaseException):
+    """What the stand-in for ``os._exit`` raises: the task stops there, as the child would."""
+
+
+class BrokenGpu:
+    """The primary predictor as if on a GPU that has failed."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, real) -> None:  # type: ignore[no-untyped-def]
+        self.info = real.info
+
+    def classify(self, images):  # type: ignore[no-untyped-def]
+        raise torch.AcceleratorError(ILLEGAL_ACCESS)
+
+
+@pytest.fixture
+def broken_gpu(own_database: Settings, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """``classify`` in this process on a failed GPU; returns the exit statuses the child took."""
+    from ml.predictor import Predictor
+
+    cpu = Predictor.load(own_database.model, device="cpu", overlay_max_side=own_database.overlay_max_side)
+    exits: list[int] = []
+
+    def exit_(status: int) -> None:
+        exits.append(status)
+        raise ChildEnded
+
+    monkeypatch.setattr(runtime.os, "_exit", exit_)
+    monkeypatch.setattr(retries, "retry_delay", lambda done: 0.0)
+    previous = runtime.use_loader(lambda config, device: cpu if device == "cpu" else BrokenGpu(cpu))
+    runtime.reset()
+    yield exits
+    runtime.use_loader(previous)
+    runtime.reset()
+
+
+def cases(settings: Settings, ids: list[uuid.UUID]) -> list[tuple[str, int, str | None]]:
+    with session_scope(settings) as session:
+        return [(c.status, c.attempts, c.failure_code) for c in (session.get(Case, i) for i in ids)]
+
+
+@pytest.mark.parametrize("batching", ["off", "on"])
+def test_a_failed_gpu_puts_its_cases_back_and_ends_the_child(
+    broken_gpu: list[int],
+    own_database: Settings,
+    tenant: Tenant,
+    store_case,
+    jpeg_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    batching: str,
+) -> None:  # type: ignore[no-untyped-def]
+    config = own_database.model_copy(update={"batching": batching})
+    monkeypatch.setattr(tasks, "settings", lambda: config)
+    held = [store_case(tenant, jpeg_bytes) for _ in range(3 if batching == "on" else 1)]
+    with pytest.raises(ChildEnded):
+        tasks.classify.apply(args=[str(held[0])])
+    assert broken_gpu == [runtime.EXIT_DEVICE_FAILED]
+    # none failed: each is queued again, the attempt it made counted
+    assert cases(own_database, held) == [("queued", 1, None)] * len(held)
+    with session_scope(own_database) as session:
+        reasons = session.scalars(
+            select(AuditEvent.detail).where(AuditEvent.entity_id == str(held[0]), AuditEvent.action == "case.requeue")
+        ).all()
+    assert [detail["reason"] for detail in reasons] == ["device_failed"]
+
+
+def test_which_errors_mean_the_gpu_has_failed() -> None:
+    assert runtime.device_failed(torch.AcceleratorError(ILLEGAL_ACCESS))
+    assert runtime.device_failed(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not runtime.device_failed(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not runtime.device_failed(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not runtime.device_failed(ValueError("CUDA error: not a CUDA error at all"))
