@@ -17,7 +17,10 @@ from api.problems import problem
 from core.logs import request_id_var
 
 log = logging.getLogger("dermq.api.access")
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+#: A request id a client or proxy may choose: 32 hex digits (nginx's ``$request_id``) or a UUID. The id
+#: goes into logs and audit events, so free text is never taken: a portal's own request id could be a
+#: medical record number or a patient's name, and would land in both.
+REQUEST_ID_RE = re.compile(r"[0-9A-Fa-f]{32}|[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}")
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -49,7 +52,8 @@ HSTS = b"max-age=63072000; includeSubDomains"
 class RequestContextMiddleware:
     """Give each request an id (``X-Request-ID``, echoed back), log it, and add security headers.
 
-    The id is taken from the client only if it looks like an id; otherwise a fresh one is made.
+    The id is taken from the client only if it is 32 hex digits or a UUID (:data:`REQUEST_ID_RE`);
+    otherwise a fresh one is made.
     Access logs carry method, route template, status and duration: never query strings or bodies.
     """
 
@@ -61,7 +65,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         supplied = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = supplied if REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
+        request_id = supplied if REQUEST_ID_RE.fullmatch(supplied) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500

@@ -178,20 +178,21 @@ def test_a_forwarded_address_is_believed_from_the_configured_proxy_only(settings
     app = create_app(settings.model_copy(update={"forwarded_allow_ips": ["10.20.30.40"]}))
     tenant = make_key()
     spoofed = {**tenant.headers, "X-Forwarded-For": "192.0.2.99"}
+    direct_id, proxy_id = uuid.uuid4().hex, uuid.uuid4().hex  # request ids the audit events can be found by
     with TestClient(app, client=("203.0.113.5", 1234)) as direct:
-        direct_id = direct.get("/v1/cases", headers={**spoofed, "X-Request-ID": "direct-spoof"}).status_code
+        direct_status = direct.get("/v1/cases", headers={**spoofed, "X-Request-ID": direct_id}).status_code
     with TestClient(app, client=("10.20.30.40", 1234)) as via_proxy:
-        proxied = via_proxy.get("/v1/cases", headers={**spoofed, "X-Request-ID": "via-proxy"}).status_code
-    assert direct_id == proxied == 200
+        proxied = via_proxy.get("/v1/cases", headers={**spoofed, "X-Request-ID": proxy_id}).status_code
+    assert direct_status == proxied == 200
     with session_scope(settings) as session:
         seen = dict(
             session.execute(
                 select(AuditEvent.request_id, AuditEvent.source_ip).where(
-                    AuditEvent.request_id.in_(["direct-spoof", "via-proxy"])
+                    AuditEvent.request_id.in_([direct_id, proxy_id])
                 )
             ).all()
         )
-    assert seen == {"direct-spoof": "203.0.113.5", "via-proxy": "192.0.2.99"}
+    assert seen == {direct_id: "203.0.113.5", proxy_id: "192.0.2.99"}
 
 
 def test_failed_logins_stay_limited_while_redis_is_down() -> None:

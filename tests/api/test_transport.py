@@ -99,3 +99,17 @@ def test_a_json_route_refuses_a_large_body_before_reading_it_or_authenticating(c
             assert refused.json()["instance"] == "/v1/clinic/callback"  # RFC 9457: a string, never null
     ok = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": "https://portal.example.org/hook"})
     assert ok.status_code == 200, ok.text  # a small body still reaches the route
+
+
+def test_a_request_id_is_kept_only_when_it_cannot_carry_an_identifier(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """A portal's own request id is kept for correlation when it is 32 hex digits or a UUID; free text
+    (a record number, a name, a line break) would go into the logs and the audit trail, and is
+    replaced by a fresh id."""
+    kept = ["0123456789abcdef0123456789ABCDEF", "6f1c2a7e-3b4d-4e5f-8a9b-0c1d2e3f4a5b"]
+    for supplied in kept:
+        response = client.get("/v1/cases", headers={**tenant.headers, "X-Request-ID": supplied})
+        assert response.status_code == 200 and response.headers["x-request-id"] == supplied
+    for supplied in ["MRN-00123456", "jane.doe.1970-01-01", "0123456789abcdef0123456789abcdef\n", "12345678"]:
+        response = client.get("/v1/cases/not-a-case", headers={**tenant.headers, "X-Request-ID": supplied})
+        fresh = response.headers["x-request-id"]
+        assert fresh != supplied.strip() and len(fresh) == 32 and response.json()["request_id"] == fresh
