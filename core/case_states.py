@@ -208,12 +208,14 @@ def requeue_case(
     return True
 
 
-def spend_failed_claim(session: Session, case_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> int | None:
+def spend_failed_claim(
+    session: Session, case_id: uuid.UUID, *, error: str, actor: audit.Actor = audit.SYSTEM
+) -> int | None:
     """Count an attempt of a queued case whose claim kept failing with errors that look transient (a
     statement or lock timeout that recurs for this case, not an outage: then this fails too). Without
     it such a case would go round the task's retries and the sweeper's republishing for ever, never
     spending an attempt. Returns the attempts now counted, or None when the case is no longer queued
-    (a worker took it meanwhile, or it ended)."""
+    (a worker took it meanwhile, or it ended). ``error``: the error's type, for the audit event."""
     case = session.scalar(
         update(Case)
         .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
@@ -230,7 +232,7 @@ def spend_failed_claim(session: Session, case_id: uuid.UUID, *, actor: audit.Act
         entity_type="case",
         entity_id=case_id,
         clinic_id=case.clinic_id,
-        detail={"attempt": case.attempts, "reason": "claim_failed"},
+        detail={"attempt": case.attempts, "reason": "claim_failed", "error": error},
     )
     return case.attempts
 

@@ -266,7 +266,8 @@ def _one_by_one_or_raise(exc: Exception, count: int, event: str, what: str) -> N
     """Re-raise ``exc`` unless it stopped a batch of ``count`` cases for a reason other than a transient
     one; then log that the batch's cases will be handled one by one (so that the case at fault fails
     alone), and return."""
-    if count < 2 or is_transient(exc) or runtime.device_failed(exc):
+    # out of memory in a batch: one case at a time needs less, so the batch is split, not retried
+    if count < 2 or (is_transient(exc) and not isinstance(exc, MemoryError)) or runtime.device_failed(exc):
         raise exc
     log.warning(
         f"{what}; handling its cases one by one",

@@ -141,7 +141,9 @@ def device_failed(exc: BaseException) -> bool:
 
 
 def end_child() -> NoReturn:
-    """End this worker child at once after its GPU failed, the cases it held already back in the queue.
+    """End this worker child at once after its GPU failed in a pass (a model that loaded and ran), the
+    cases it held already back in the queue (a GPU that fails while the model loads makes it
+    unavailable instead: :func:`load_predictor`).
     Celery's parent starts a new child, with a new CUDA context, and the task's message comes back
     (``task_reject_on_worker_lost``) to claim its case again. Never returns."""
     log.critical("the GPU failed; this worker child exits for a new one", extra={"event": "device_failed"})
@@ -195,15 +197,19 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
             threads=threads,
             overlay_max_side=settings.overlay_max_side,
         )
-    except RegistryError as exc:
+        predictor.warm_up(rounds=1)
+        if predictor.device.type == "cuda" and batching_enabled(settings):
+            warm_batch_shapes(settings, predictor)
+    except Exception as exc:
+        # a GPU that fails before the model ever ran is a model this child cannot serve, like a bad
+        # entry: its cases fail model_error once claimed (a new child would meet the same card)
+        if not isinstance(exc, RegistryError) and not device_failed(exc):
+            raise
         log.error(
             "model failed to load",
             extra={"event": "model_load_failed", "model_id": settings.model, "error": type(exc).__name__},
         )
         raise ModelUnavailable(MODEL_UNAVAILABLE) from None
-    predictor.warm_up(rounds=1)
-    if predictor.device.type == "cuda" and batching_enabled(settings):
-        warm_batch_shapes(settings, predictor)
     log.info(
         "model loaded",
         extra={

@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError
 
 from core import callbacks, case_states, outcomes, period_shredding, phi, recovery, results, retention
 from core.config import Settings
@@ -110,8 +111,10 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
                 outcome = _fail(config, parsed, progress.attempt, "model_error", _model_error(exc, "classifying"))
             else:
                 held = progress.attempt or requeue_attempt
-                # a claim that failed on every retry costs the case an attempt, and its last one fails it
-                if held is not None or self.request.retries < MAX_RETRIES or not _spend_failed_claim(config, parsed):
+                # a claim that met a database error on every retry costs the case an attempt, and its last
+                # one fails it (a MemoryError loading the model, say, is not the case's to pay for)
+                claim_failed = held is None and self.request.retries >= MAX_RETRIES and isinstance(exc, DBAPIError)
+                if not claim_failed or not _spend_failed_claim(config, parsed, exc):
                     raise retries.retry(self, config, parsed, held, exc) from None
                 outcome = "failed"
         metrics = runtime.worker_metrics()
@@ -134,26 +137,27 @@ def _device_failed(config: Settings, case_id: uuid.UUID, attempt: int | None) ->
     runtime.end_child()
 
 
-def _spend_failed_claim(config: Settings, case_id: uuid.UUID) -> bool:
+def _spend_failed_claim(config: Settings, case_id: uuid.UUID, error: Exception) -> bool:
     """After the last retry of a case whose claim never committed: count the attempt those tries
     made (:func:`core.case_states.spend_failed_claim`) and, once the case's attempts are spent, fail
     it as the sweeper fails a case whose attempts all ran out. True when the case was failed; False
     when it stays queued for the sweeper to publish again (or could not be counted: the database is
     still away, which spends nothing)."""
+    kind = type(error).__name__
     try:
         with session_scope(config) as session:
-            attempts = case_states.spend_failed_claim(session, case_id)
-    except Exception as exc:
+            attempts = case_states.spend_failed_claim(session, case_id, error=kind)
+        log.warning("the case could not be claimed on any retry", extra={"event": "claim_failed", "attempt": attempts})
+        if attempts is None or attempts < config.max_attempts:
+            return False
+        message = (
+            f"none of {attempts} attempts could start: each met a database error ({kind}) claiming the case; "
+            "submit it again, or contact support with the case id"
+        )
+        return _fail(config, case_id, None, "attempts_exhausted", message) == "failed"
+    except Exception as exc:  # the retry's error is raised instead, its text withheld
         log.warning("could not count the failed claim", extra={"event": "claim_uncounted", "error": type(exc).__name__})
         return False
-    log.warning("the case could not be claimed on any retry", extra={"event": "claim_failed", "attempt": attempts})
-    if attempts is None or attempts < config.max_attempts:
-        return False
-    message = (
-        f"none of {attempts} attempts could start: each met a database error claiming the case; "
-        "submit it again, or contact support with the case id"
-    )
-    return _fail(config, case_id, None, "attempts_exhausted", message) == "failed"
 
 
 @app.task(name=TASK_CALLBACK, bind=True, max_retries=None)

@@ -18,7 +18,7 @@ from core.models import AuditEvent, Case
 from tests.conftest import Tenant, own_database_fixtures
 from worker import retries, runtime, tasks
 
-pytestmark = pytest.mark.usefixtures("database")
+pytestmark = pytest.mark.usefixtures("database", "empty_queue")  # empty_queue: tests/conftest.py
 
 # a batch claims the oldest queued cases of its whole database: this module has one of its own
 tenant, store_case = own_database_fixtures()
@@ -55,6 +55,7 @@ def broken_gpu(own_database: Settings, monkeypatch: pytest.MonkeyPatch):  # type
         raise ChildEnded
 
     monkeypatch.setattr(runtime.os, "_exit", exit_)
+    monkeypatch.setattr(runtime.logging, "shutdown", lambda: None)  # pytest's own log handlers stay open
     monkeypatch.setattr(retries, "retry_delay", lambda done: 0.0)
     previous = runtime.use_loader(lambda config, device: cpu if device == "cpu" else BrokenGpu(cpu))
     runtime.reset()
@@ -91,6 +92,21 @@ def test_a_failed_gpu_puts_its_cases_back_and_ends_the_child(
             select(AuditEvent.detail).where(AuditEvent.entity_id == str(held[0]), AuditEvent.action == "case.requeue")
         ).all()
     assert [detail["reason"] for detail in reasons] == ["device_failed"]
+
+
+def test_a_gpu_that_fails_while_the_model_loads_makes_the_model_unavailable(
+    own_database: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a pass that broke a working context: the child would meet the same card after a restart, so
+    the model is unavailable there and its cases fail ``model_error`` once claimed, as with a bad entry."""
+    from ml.predictor import Predictor
+
+    def failing_load(*args: object, **kwargs: object) -> Predictor:
+        raise torch.AcceleratorError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(Predictor, "load", failing_load)
+    with pytest.raises(runtime.ModelUnavailable):
+        runtime.load_predictor(own_database, "cuda")
 
 
 def test_which_errors_mean_the_gpu_has_failed() -> None:

@@ -175,3 +175,15 @@ def test_a_case_whose_claim_always_fails_spends_its_attempts_and_then_fails(
             select(AuditEvent.outcome).where(AuditEvent.entity_id == str(case_id), AuditEvent.action == "case.start")
         ).all()
     assert starts == ["failure"] * settings.max_attempts  # each spent attempt is on the audit trail
+
+
+def test_out_of_memory_splits_a_batch_where_other_transient_errors_retry_it() -> None:
+    """One case at a time needs less memory than a batch: a MemoryError in a batch runs its cases one
+    by one (as any non-transient error does), where a lost connection puts the batch back."""
+    from worker.pipeline import _one_by_one_or_raise
+
+    _one_by_one_or_raise(MemoryError(), 4, "batch_classify_failed", "a batch failed to classify")  # split
+    with pytest.raises(OperationalError):
+        _one_by_one_or_raise(connection_lost(), 4, "batch_classify_failed", "a batch failed to classify")
+    with pytest.raises(MemoryError):  # a case alone: retried like any transient error
+        _one_by_one_or_raise(MemoryError(), 1, "batch_classify_failed", "a batch failed to classify")
