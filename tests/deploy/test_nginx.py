@@ -214,3 +214,26 @@ def test_plain_http_redirects_without_reading_a_request_body(tmp_path: Path) -> 
             assert closed == b"", closed[:200]
     finally:
         server.stop()
+
+
+def test_nginx_passes_on_the_request_ids_the_api_keeps_and_no_others(conf: m.Directive) -> None:
+    """The proxy logs and forwards a client's X-Request-ID only where the API keeps it (32 hex digits
+    or a UUID): free text, a record number say, would land in nginx's access log."""
+    import re
+
+    from api.middleware import REQUEST_ID_RE
+
+    (mapping,) = [d for d in conf.find("http")[0].find("map") if d.args == ["$http_x_request_id", "$dermq_request_id"]]
+    entries = [entry for entry in mapping.block or [] if entry.name != "default"]
+    assert entries and all(entry.name.startswith("~") and entry.args == ["$http_x_request_id"] for entry in entries)
+    patterns = [re.compile(entry.name[1:]) for entry in entries]
+    for supplied in [
+        "0123456789abcdef0123456789ABCDEF",
+        "6f1c2a7e-3b4d-4e5f-8a9b-0c1d2e3f4a5b",
+        "MRN-00123456",
+        "jane.doe.1970",
+        "0123456789abcdef0123456789abcdef0",
+        "6f1c2a7e3b4d-4e5f-8a9b-0c1d2e3f4a5b",
+    ]:
+        passed_on = any(p.search(supplied) for p in patterns)
+        assert passed_on == bool(REQUEST_ID_RE.fullmatch(supplied)), supplied
