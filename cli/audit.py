@@ -35,7 +35,10 @@ verifier_option = click.option(
 )
 
 
-@audit.command("verify", help="recompute the log, check signed checkpoints; exit 1 if broken")
+@audit.command(
+    "verify",
+    help="recompute the log, check signed checkpoints; exit 1 if broken, 2 if the --against file is not a checkpoint",
+)
 @click.option(
     "--against",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -48,6 +51,9 @@ def verify(against: Path | None, every: bool, verifiers: tuple[Verifier, ...], a
     from core import audit_commands
 
     code, answer, message = audit_commands.verify(get_settings(), against, every=every, verifiers=verifiers)
+    if code == 2:  # bad input: nothing was checked
+        click.echo(f"error: {message}", err=True)
+        return code
     click.echo(json.dumps(answer) if as_json else message)
     return code
 

@@ -80,15 +80,22 @@ def verify(
     ``verifiers`` when given (no signing key needed), else with the signing key file's."""
     known = _verifiers(settings, verifiers)
     witness = _witness_text(settings)
+    note = None
+    if against is not None:
+        try:
+            note = against.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"cannot be read ({exc.strerror})"
+            return 2, {"ok": False, "reason": reason}, f"the --against file {against} is {reason}, not a checkpoint"
     with session_scope(settings) as session:
-        if against is None:
+        if note is None:
             report = audit_verify.verify_log(session, verifiers=known, witness_text=witness, every=every)
             pinned = None
         else:
             try:
-                pinned, report = audit_verify.verify_against(
-                    session, against.read_text(), known, witness_text=witness, every=every
-                )
+                pinned, report = audit_verify.verify_against(session, note, known, witness_text=witness, every=every)
+            except checkpoint.MalformedCheckpoint as exc:  # the wrong file: nothing was checked
+                return 2, {"ok": False, "reason": str(exc)}, f"the --against file is not a checkpoint: {exc}"
             except checkpoint.CheckpointError as exc:
                 return 1, {"ok": False, "reason": str(exc)}, f"PINNED CHECKPOINT REJECTED: {exc}"
     answer = report.to_dict()

@@ -43,6 +43,10 @@ class CheckpointError(ValueError):
     """A checkpoint that does not parse or whose signature does not verify."""
 
 
+class MalformedCheckpoint(CheckpointError):
+    """Text that is not a checkpoint at all, as against one whose signature does not verify."""
+
+
 def key_id(name: str, public: bytes) -> bytes:
     return hashlib.sha256(name.encode() + b"\n" + ALG_ED25519 + public).digest()[:4]
 
@@ -146,7 +150,7 @@ def _parse_time(stamp: str) -> datetime:
             return datetime.strptime(stamp, layout).replace(tzinfo=UTC)
         except ValueError:
             continue
-    raise CheckpointError(f"the time line {stamp!r} is not an RFC 3339 UTC time")
+    raise MalformedCheckpoint(f"the time line {stamp!r} is not an RFC 3339 UTC time")
 
 
 def parse(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> Checkpoint:
@@ -158,18 +162,18 @@ def verified(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> tup
     """:func:`parse`, and which of ``verifiers`` signed the note."""
     body, sep, signatures = note.partition("\n\n")
     if not sep or not body:
-        raise CheckpointError("not a signed note: no blank line between the text and its signatures")
+        raise MalformedCheckpoint("not a signed note: no blank line between the text and its signatures")
     body += "\n"
     lines = body.splitlines()
     if len(lines) < 3:
-        raise CheckpointError("a checkpoint has an origin, a tree size and a root hash")
+        raise MalformedCheckpoint("a checkpoint has an origin, a tree size and a root hash")
     try:
         size = int(lines[1])
         root = base64.b64decode(lines[2], validate=True)
     except (ValueError, binascii.Error):
-        raise CheckpointError("the tree size or the root hash does not parse") from None
+        raise MalformedCheckpoint("the tree size or the root hash does not parse") from None
     if size < 0 or len(root) != 32 or lines[1] != str(size):
-        raise CheckpointError("the tree size or the root hash is malformed")
+        raise MalformedCheckpoint("the tree size or the root hash is malformed")
     stamp = next((line[5:] for line in lines[3:] if line.startswith("time ")), None)
     when = _parse_time(stamp) if stamp else datetime.fromtimestamp(0, UTC)
     by_id = {(v.name, v.id): v for v in verifiers}

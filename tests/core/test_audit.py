@@ -224,6 +224,18 @@ def test_cli_prints_the_checkpoint_and_verifies_against_it(settings, database, k
         env=_env(settings),
     )
     assert rejected.returncode == 1 and "REJECTED" in rejected.stdout
+    # the wrong file is a mistake to correct (exit 2), not a broken log (1), and never a traceback
+    for garbage in (b"\xff\xfe\x00binary", b"not a checkpoint\n"):
+        forged.write_bytes(garbage)
+        unreadable = subprocess.run(
+            [*support.DERMQ, "audit", "verify", "--against", str(forged)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=_env(settings),
+        )
+        assert unreadable.returncode == 2, unreadable.stdout + unreadable.stderr
+        assert unreadable.stderr.startswith("error: the --against file") and "Traceback" not in unreadable.stderr
 
 
 def test_an_auditor_verifies_with_the_verifier_key_alone(settings, database, keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
