@@ -107,13 +107,20 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
 
 
 def record_attempt(
-    session: Session, *, settings: Settings, lease: Lease, http_status: int | None, error: str | None
+    session: Session,
+    *,
+    settings: Settings,
+    lease: Lease,
+    http_status: int | None,
+    error: str | None,
+    hopeless: bool = False,
 ) -> Delivery:
     """Record what the leased attempt came to and audit it, ending the lease. Fenced by the attempt
     number: if the lease ran out and another worker took the row over, the row is left to it
-    (``skipped``), though the attempt is still audited."""
+    (``skipped``), though the attempt is still audited. ``hopeless``: no later attempt can do better
+    (the URL is no longer one dermq calls): the delivery is given up now."""
     delivered = http_status is not None and 200 <= http_status < 300
-    hopeless = lease.secret is None  # the clinic must register again
+    hopeless = hopeless or lease.secret is None  # the clinic must register again
     at = now()
     values: dict[str, object] = {"last_http_status": http_status, "updated_at": at, "leased_until": None}
     if delivered:

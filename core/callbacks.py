@@ -15,7 +15,8 @@ data: no client reference, no image, no label or probabilities. The portal then 
 with its API key (``GET /v1/cases/{id}``), an audited read like any other. The receiver checks the
 signature with the secret it was shown once at registration (:func:`core.callback_signing.verify`
 is the reference), refuses timestamps more than a few minutes old (replays) and de-duplicates by
-the event id: delivery is at least once.
+the body's ``case_id``, which the signature covers (``Dermq-Event-Id`` repeats it, unsigned): delivery
+is at least once.
 
 Delivery is durable. The outbox row (:class:`~core.models.CallbackDelivery`) is written in the
 transaction that ends the case, and its delivery task is enqueued on that same Session, sent once

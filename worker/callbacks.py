@@ -26,14 +26,17 @@ from urllib.parse import urlsplit
 
 from core import callback_attempts
 from core.callback_signing import EVENT_HEADER, SIGNATURE_HEADER, sign
-from core.callback_urls import checked_address
+from core.callback_urls import checked_address, validate_url
 from core.config import Settings
 from core.crypto import Keyring
 from core.db import session_scope
+from core.errors import InvalidInput
 
 USER_AGENT = "dermq-callback/1"
 #: the error an attempt records when the whole exchange outlasted three timeouts
 DEADLINE_EXCEEDED = "DeadlineExceeded"
+#: the error audited for a delivery given up because its URL is no longer one dermq calls
+URL_REFUSED = "url_refused"
 
 
 class _Deadline:
@@ -156,7 +159,16 @@ def deliver(config: Settings, keyring: Keyring, case_id: uuid.UUID) -> callback_
         return callback_attempts.Delivery("skipped")
     status: int | None = None
     error: str | None = "DecryptionError"  # no secret: nothing can be signed, no retry can help
-    if held.secret is not None:
+    refused = False
+    try:
+        # the URL as today's settings judge it: one registered while private receivers were allowed
+        # (a developer's portal) is not called once they are not, whatever its address resolves to
+        validate_url(held.url, config)
+    except InvalidInput:
+        error, refused = URL_REFUSED, True
+    if held.secret is not None and not refused:
         status, error = post(held.url, held.body, held.secret, config, event_id=str(case_id))
     with session_scope(config) as session:
-        return callback_attempts.record_attempt(session, settings=config, lease=held, http_status=status, error=error)
+        return callback_attempts.record_attempt(
+            session, settings=config, lease=held, http_status=status, error=error, hopeless=refused
+        )

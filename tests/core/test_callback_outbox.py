@@ -127,3 +127,21 @@ def test_an_erased_case_is_not_announced_as_finished(settings: Settings, keyring
         retention.purge_case(session, case, actor=audit.SYSTEM, reason="test")
     assert lease(settings, keyring, pending) is None
     assert row(settings, pending).status == "cancelled"
+
+
+def test_a_url_todays_settings_refuse_is_given_up_without_a_call(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
+    """A URL registered while private receivers were allowed (``http://x/``) is not called once they are
+    not: the delivery is given up at its first attempt, and the audit event says why."""
+    from worker import callbacks as delivery
+
+    assert settings.callback_allow_private_urls  # what let the fixture register it
+    production = settings.model_copy(update={"callback_allow_private_urls": False})
+    assert delivery.deliver(production, keyring, pending) == callback_attempts.Delivery("failed", 1, None)
+    assert row(settings, pending).status == "failed"
+    with session_scope(settings) as session:
+        details = session.scalars(
+            select(AuditEvent.detail).where(
+                AuditEvent.entity_id == str(pending), AuditEvent.action == "callback.deliver"
+            )
+        ).all()
+    assert [d.get("error") for d in details] == [delivery.URL_REFUSED]
