@@ -101,6 +101,8 @@ def _values(enum_type: type[enum.Enum]) -> str:
 
 class Clinic(Base):
     __tablename__ = "clinics"
+    # names are unique whatever their case (migration 0012; core.clinics.clinic_name normalises them)
+    __table_args__ = (Index("uq_clinics_lower_name", text("lower(name)"), unique=True),)
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
     name: Mapped[str] = mapped_column(String(200), unique=True)

@@ -1,0 +1,88 @@
+"""Clinic names are what operators and auditors tell clinics apart by (listings, audit exports,
+``dermq key create --clinic``): one spelling per name, no invisible characters, unique whatever their
+case; migration 0012 adds the case-blind index and stops, naming them, at names that would clash."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+
+from cli.db import alembic_config
+from core import clinics
+from core.db import session_scope
+from core.errors import Conflict, InvalidInput, NotFound
+from tests import support
+
+
+@pytest.mark.parametrize(
+    "raw,stored",
+    [
+        ("  North   Clinic ", "North Clinic"),
+        ("North\u00a0Clinic", "North Clinic"),  # a non-breaking space
+        ("North\u2028\tClinic", "North Clinic"),  # a line separator and a tab: white space
+        ("\uff2e\uff4f\uff52\uff54\uff48 Clinic", "North Clinic"),  # full-width letters
+        ("Clinique de l\u2019\u00cele", "Clinique de l\u2019\u00cele"),  # letters and punctuation stay
+    ],
+)
+def test_a_name_has_one_spelling(raw: str, stored: str) -> None:
+    assert clinics.clinic_name(raw) == stored
+
+
+@pytest.mark.parametrize(
+    "raw", ["North\u200bClinic", "North Clinic\u202e", "North\x07Clinic", "North\u2066Clinic", "   ", "x" * 201]
+)
+def test_a_name_nobody_can_read_whole_is_refused(raw: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        clinics.clinic_name(raw)
+    assert refused.value.code == "invalid_clinic_name"
+
+
+@pytest.mark.usefixtures("database")
+def test_names_are_unique_and_found_whatever_their_case(settings) -> None:  # type: ignore[no-untyped-def]
+    name = f"North Clinic {uuid.uuid4().hex[:8]}"
+    with session_scope(settings) as session:
+        created = clinics.create_clinic(session, name)
+    with pytest.raises(Conflict), session_scope(settings) as session:
+        clinics.create_clinic(session, name.upper())
+    with session_scope(settings) as session:
+        assert clinics.get_clinic(session, f" {name.lower()} ").id == created.id
+        with pytest.raises(NotFound):
+            clinics.get_clinic(session, name + "\u200b")
+
+
+@pytest.fixture
+def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
+    url = make_url(settings.database_url).set(database=f"{support.TEST_DATABASE}_clinic_names")
+    plain = url.render_as_string(hide_password=False)
+    support.recreate_database(plain)
+    engine = create_engine(url)
+    try:
+        yield alembic_config(plain), engine
+    finally:
+        engine.dispose()
+        support.drop_database(plain)
+
+
+def test_the_migration_stops_at_names_that_differ_only_in_case(scratch) -> None:  # type: ignore[no-untyped-def]
+    config, engine = scratch
+    command.upgrade(config, "0011")
+    with engine.begin() as connection:
+        for name in ("North Clinic", "NORTH CLINIC", "South Clinic"):
+            insert = text("INSERT INTO clinics (id, name) VALUES (:id, :name)")
+            connection.execute(insert, {"id": uuid.uuid4(), "name": name})
+    with pytest.raises(RuntimeError, match="NORTH CLINIC / North Clinic"):
+        command.upgrade(config, "head")
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE clinics SET name = 'North Clinic (annex)' WHERE name = 'NORTH CLINIC'"))
+    command.upgrade(config, "head")
+    with engine.begin() as connection, pytest.raises(Exception, match="uq_clinics_lower_name"):
+        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'south clinic')"), {"id": uuid.uuid4()})
+    command.downgrade(config, "0011")  # and back: the index goes
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'south clinic')"), {"id": uuid.uuid4()})
