@@ -15,7 +15,7 @@ What can go wrong, and what then:
 - a transient error (database connection lost, Redis hiccup): the case goes back to ``queued`` and
   the task retries with exponential backoff and jitter, at most ``MAX_RETRIES`` times (the retry
   puts the case back first if the database was down when it failed); after that the sweeper
-  (:mod:`worker.retries`). A claim that failed on every retry costs the case an attempt (else a
+  (:mod:`worker.retries`). A claim that met a database error on every retry costs the case an attempt (else a
   statement timeout that recurs for one case would go round the retries and the sweeper for ever),
   and the last attempt fails it ``attempts_exhausted``;
 - the soft time limit: ``failed: timeout`` (a batch's cases all go back to the queue, to run alone:
