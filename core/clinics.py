@@ -17,23 +17,43 @@ from core.models import Clinic
 #: Unicode categories a clinic's name never holds: controls, format characters (zero-width joiners
 #: and spaces, bidirectional overrides), private use, surrogates, unassigned, line and paragraph separators
 _INVISIBLE = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp"})
+#: characters of other categories that show nothing: Unicode's default-ignorable ones (the combining
+#: grapheme joiner, variation selectors, Mongolian and Khmer fillers) and the blank look-alikes
+#: (Hangul fillers, the braille blank)
+_BLANK = frozenset(
+    [
+        *(0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0),
+        *range(0x180B, 0x1810),
+        *range(0xFE00, 0xFE10),
+        *range(0xE0100, 0xE01F0),
+    ]
+)
 
 
 def clinic_name(raw: str) -> str:
     """A clinic's name as dermq stores and looks it up: NFKC (compatibility forms as their plain
     letters: full-width, ligatures, non-breaking spaces), each run of white space one space, trimmed.
     A name is what operators and auditors tell clinics apart by, in listings and audit exports:
-    :class:`InvalidInput` for one that is empty, longer than 200 characters or holds characters
-    nobody can see. Names are unique whatever their case (migration 0012)."""
+    :class:`InvalidInput` for one that is empty, longer than 200 characters, holds characters nobody
+    can see or starts with an accent mark, or that reads as a clinic id (a UUID: lookups take those
+    as ids). Names are unique whatever their case (migration 0012)."""
     name = " ".join(unicodedata.normalize("NFKC", raw).split())
     if not name or len(name) > 200:
         raise InvalidInput("a clinic name is 1 to 200 characters", code="invalid_clinic_name")
-    if any(unicodedata.category(c) in _INVISIBLE for c in name):
+    if any(unicodedata.category(c) in _INVISIBLE or ord(c) in _BLANK for c in name):
         raise InvalidInput(
-            "a clinic name holds visible characters only: no control, zero-width or direction characters",
+            "a clinic name holds visible characters only: no control, zero-width, filler or direction characters",
             code="invalid_clinic_name",
         )
-    return name
+    if unicodedata.category(name[0]).startswith("M"):
+        raise InvalidInput(
+            "a clinic name starts with a letter, digit or sign, not an accent mark", code="invalid_clinic_name"
+        )
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return name
+    raise InvalidInput("a clinic name must not read as a clinic id (a UUID)", code="invalid_clinic_name")
 
 
 def create_clinic(session: Session, name: str, *, actor: audit.Actor = audit.SYSTEM) -> Clinic:
@@ -68,10 +88,9 @@ def get_clinic(session: Session, clinic: str | uuid.UUID) -> Clinic:
         try:
             found = session.get(Clinic, uuid.UUID(clinic))
         except ValueError:
-            try:
-                name = clinic_name(clinic)
-            except InvalidInput:
-                raise NotFound("no such clinic", code="clinic_not_found") from None
+            found = None
+        if found is None and "\x00" not in clinic:  # a name (one stored before names could not read as ids too)
+            name = " ".join(unicodedata.normalize("NFKC", clinic).split())
             found = session.scalar(select(Clinic).where(func.lower(Clinic.name) == func.lower(name)))
     if found is None:
         raise NotFound("no such clinic", code="clinic_not_found")

@@ -35,7 +35,22 @@ def test_a_name_has_one_spelling(raw: str, stored: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["North\u200bClinic", "North Clinic\u202e", "North\x07Clinic", "North\u2066Clinic", "   ", "x" * 201]
+    "raw",
+    [
+        "North\u200bClinic",  # a zero-width space
+        "North Clinic\u202e",  # a direction override
+        "North\x07Clinic",
+        "North\u2066Clinic",
+        "North\u034f Clinic",  # the combining grapheme joiner: ignorable
+        "a\ufe0fb",  # a variation selector
+        "\u3164",  # a Hangul filler: looks empty
+        "\u2800\u2800",  # braille blanks
+        "\u0301",  # an accent on nothing
+        "74dcca0a-a6a4-4b90-a468-4efb42f12987",  # reads as a clinic id
+        "0123456789abcdef0123456789abcdef",
+        "   ",
+        "x" * 201,
+    ],
 )
 def test_a_name_nobody_can_read_whole_is_refused(raw: str) -> None:
     with pytest.raises(InvalidInput) as refused:
@@ -52,8 +67,9 @@ def test_names_are_unique_and_found_whatever_their_case(settings) -> None:  # ty
         clinics.create_clinic(session, name.upper())
     with session_scope(settings) as session:
         assert clinics.get_clinic(session, f" {name.lower()} ").id == created.id
-        with pytest.raises(NotFound):
-            clinics.get_clinic(session, name + "\u200b")
+        for unknown in (name + "\u200b", name + "\x00", str(uuid.uuid4())):
+            with pytest.raises(NotFound):
+                clinics.get_clinic(session, unknown)
 
 
 @pytest.fixture
@@ -69,18 +85,24 @@ def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untype
         support.drop_database(plain)
 
 
-def test_the_migration_stops_at_names_that_differ_only_in_case(scratch) -> None:  # type: ignore[no-untyped-def]
+def test_the_migration_respells_old_names_and_stops_at_names_that_would_clash(scratch) -> None:  # type: ignore[no-untyped-def]
     config, engine = scratch
     command.upgrade(config, "0011")
+    legacy = uuid.uuid4()
     with engine.begin() as connection:
-        for name in ("North Clinic", "NORTH CLINIC", "South Clinic"):
-            insert = text("INSERT INTO clinics (id, name) VALUES (:id, :name)")
+        insert = text("INSERT INTO clinics (id, name) VALUES (:id, :name)")
+        connection.execute(insert, {"id": legacy, "name": "Legacy  Clinic "})  # as an older dermq stored it
+        for name in ("North Clinic", "NORTH  CLINIC", "South Clinic"):
             connection.execute(insert, {"id": uuid.uuid4(), "name": name})
-    with pytest.raises(RuntimeError, match="NORTH CLINIC / North Clinic"):
+    with pytest.raises(RuntimeError, match="'NORTH  CLINIC' / 'North Clinic'"):
         command.upgrade(config, "head")
     with engine.begin() as connection:
-        connection.execute(text("UPDATE clinics SET name = 'North Clinic (annex)' WHERE name = 'NORTH CLINIC'"))
+        connection.execute(text("UPDATE clinics SET name = 'North Clinic (annex)' WHERE name = 'NORTH  CLINIC'"))
     command.upgrade(config, "head")
+    with engine.begin() as connection:
+        assert connection.execute(text("SELECT name FROM clinics WHERE id = :id"), {"id": legacy}).scalar() == (
+            "Legacy Clinic"  # found by name again: lookups compare the one spelling
+        )
     with engine.begin() as connection, pytest.raises(Exception, match="uq_clinics_lower_name"):
         connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'south clinic')"), {"id": uuid.uuid4()})
     command.downgrade(config, "0011")  # and back: the index goes
