@@ -7,6 +7,7 @@ as plain functions (the CLI only parses arguments and prints): an exit code and 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,36 @@ def describe(report: audit_verify.LogReport) -> str:
     return f"AUDIT LOG BROKEN at {where}{event}: {report.reason} ({report.checked} events before it verified)"
 
 
+#: a signed checkpoint is a few hundred bytes; its JSON form (``dermq audit checkpoint --json``) a little more
+_PINNED_MAX_BYTES = 64 * 1024
+
+
+def pinned_note(path: Path) -> str:
+    """The signed note in a pinned checkpoint file: the note as ``dermq audit checkpoint`` prints it,
+    or the JSON that ``--json`` and ``GET /v1/audit/checkpoints/latest`` give (its ``checkpoint``), a
+    byte-order mark allowed. ``ValueError`` saying what the file is instead."""
+    try:
+        with path.open("rb") as pinned:
+            data = pinned.read(_PINNED_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"it cannot be read ({exc.strerror})") from None
+    if len(data) > _PINNED_MAX_BYTES:
+        raise ValueError(f"it is over {_PINNED_MAX_BYTES // 1024} KiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError("it is not UTF-8 text") from None
+    if text.lstrip().startswith("{"):
+        try:
+            found = json.loads(text).get("checkpoint")
+        except (ValueError, AttributeError):
+            found = None
+        if not isinstance(found, str):
+            raise ValueError('it is JSON without a "checkpoint"')
+        return found
+    return text
+
+
 def verify(
     settings: Settings,
     against: Path | None = None,
@@ -83,10 +114,9 @@ def verify(
     note = None
     if against is not None:
         try:
-            note = against.read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"cannot be read ({exc.strerror})"
-            return 2, {"ok": False, "reason": reason}, f"the --against file {against} is {reason}, not a checkpoint"
+            note = pinned_note(against)
+        except ValueError as exc:
+            return 2, {"ok": False, "reason": str(exc)}, f"the --against file {against} is not a checkpoint: {exc}"
     with session_scope(settings) as session:
         if note is None:
             report = audit_verify.verify_log(session, verifiers=known, witness_text=witness, every=every)

@@ -214,6 +214,17 @@ def test_cli_prints_the_checkpoint_and_verifies_against_it(settings, database, k
     assert verified.returncode == 0, verified.stdout + verified.stderr
     answer = json.loads(verified.stdout)
     assert answer["ok"] and answer["pinned_size"] == latest["size"] < answer["size"]
+    # what `dermq audit checkpoint --json` printed pins as well, and a byte-order mark changes nothing
+    for pinned_form in (shown.stdout.encode(), b"\xef\xbb\xbf" + latest["checkpoint"].encode()):
+        pinned.write_bytes(pinned_form)
+        again = subprocess.run(
+            [*support.DERMQ, "audit", "verify", "--against", str(pinned)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=_env(settings),
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
     forged = tmp_path / "forged.checkpoint"
     forged.write_text(latest["checkpoint"].replace(f"\n{latest['size']}\n", f"\n{latest['size'] + 1}\n"))
     rejected = subprocess.run(
@@ -225,7 +236,7 @@ def test_cli_prints_the_checkpoint_and_verifies_against_it(settings, database, k
     )
     assert rejected.returncode == 1 and "REJECTED" in rejected.stdout
     # the wrong file is a mistake to correct (exit 2), not a broken log (1), and never a traceback
-    for garbage in (b"\xff\xfe\x00binary", b"not a checkpoint\n"):
+    for garbage in (b"\xff\xfe\x00binary", b"not a checkpoint\n", b'{"size": 3}', b"x" * (65 * 1024)):
         forged.write_bytes(garbage)
         unreadable = subprocess.run(
             [*support.DERMQ, "audit", "verify", "--against", str(forged)],
