@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 
 from core import audit, period_shredding, pgbinary, phi
 from core.crypto import Keyring, SealedBlob, encrypt_blob
-from core.errors import Conflict, DermqError, Forbidden, NotFound, ServiceUnavailable, a_or_an
+from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, ServiceUnavailable, a_or_an
 from core.keys import Principal
 from core.models import BlobKind, Case, CaseBlob, CaseStatus, Priority, Role
 
@@ -221,7 +221,15 @@ class _Resubmission:
 def _replay(session: Session, existing: Case, again: _Resubmission, keyring: Keyring, actor: audit.Actor) -> Case:
     """The existing case of a resubmission (audited: the answer holds its client reference and result),
     or a 409 (audited as a denied ``case.create``) when the key came with another image, client
-    reference or priority: what was sent would otherwise be silently dropped."""
+    reference or priority: what was sent would otherwise be silently dropped; a 410 when the case was
+    erased (its client reference with it: nothing left to compare what was sent with)."""
+    if existing.status == CaseStatus.PURGED.value:
+        raise Gone(
+            "the case sent with this Idempotency-Key was erased (retention or deletion); "
+            "to submit the image again, use a new key",
+            code="case_purged",
+            audit=audit.PendingEvent("case.create", audit.DENIED, "case", str(existing.id), {"reason": "purged"}),
+        )
     differs = [
         name
         for name, same in (

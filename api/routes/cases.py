@@ -137,6 +137,7 @@ def _validated_fields(fields: dict[str, str], idempotency_key: str | None, max_r
             "description": "replay of an earlier submission with the same Idempotency-Key and image",
         },
         409: PROBLEMS[404] | {"description": "Idempotency-Key reused with a different image"},
+        410: PROBLEMS[404] | {"description": "the case sent before with this Idempotency-Key was erased"},
         413: PROBLEMS[404] | {"description": "body or image over the size limit"},
         415: PROBLEMS[404] | {"description": "not multipart, or not an accepted image format"},
         422: PROBLEMS[404] | {"description": "invalid image (see code) or form field"},

@@ -62,6 +62,20 @@ def test_the_same_key_with_another_image_is_a_conflict(client, tenant: Tenant, s
     assert stored(settings, tenant.clinic_id, "k-1")["cases"] == 1
 
 
+def test_the_key_of_an_erased_case_is_gone_not_reused(client, tenant: Tenant, settings, fixture_images) -> None:  # type: ignore[no-untyped-def]
+    """Erasure takes the client reference the replay check compares: resending exactly what was sent
+    used to be told it came with a different client_ref (409). It is told the case was erased."""
+    image = fixture_images["ISIC_0024311"].read_bytes()
+    headers = {**tenant.headers, "Idempotency-Key": "erased-1"}
+    sent = {"headers": headers, "files": {"image": ("lesion.jpg", image, "image/jpeg")}, "data": {"client_ref": "p-1"}}
+    first = client.post("/v1/cases", **sent)
+    assert first.status_code == 202, first.text
+    assert client.delete(f"/v1/cases/{first.json()['id']}", headers=tenant.headers).status_code == 200
+    again = client.post("/v1/cases", **sent)
+    assert again.status_code == 410 and again.json()["code"] == "case_purged", again.text
+    assert stored(settings, tenant.clinic_id, "erased-1")["cases"] == 1  # nothing new stored
+
+
 def test_keys_belong_to_one_clinic(client, make_key, fixture_images) -> None:  # type: ignore[no-untyped-def]
     image = fixture_images["ISIC_0024311"].read_bytes()
     mine, theirs = make_key(), make_key()
