@@ -28,8 +28,13 @@ def utc(value: datetime | None, name: str) -> datetime | None:
 
 def only(request: Request, allowed: Collection[str], hint: str = "") -> None:
     """422 ``unknown_parameter`` for a query parameter outside ``allowed``: a misspelt filter would
-    otherwise be ignored, and a search or an export return everything."""
-    unknown = sorted(set(request.query_params) - set(allowed))
+    otherwise be ignored, and a search or an export return everything; 422 ``repeated_parameter`` for
+    one given twice, of which all but the last would be ignored."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = sorted(set(names) - set(allowed))
     if unknown:
-        names = ", ".join(name[:32] for name in unknown[:8])
-        raise InvalidInput(f"unknown query parameter(s): {names}{hint}", code="unknown_parameter")
+        listed = ", ".join(name[:32] for name in unknown[:8])
+        raise InvalidInput(f"unknown query parameter(s): {listed}{hint}", code="unknown_parameter")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInput(f"query parameter(s) given more than once: {', '.join(repeated)}", code="repeated_parameter")

@@ -29,7 +29,7 @@ from api.waiters import MAX_WAIT_SECONDS, wait_for_end
 from core import audit, case_list, case_reads, cases, keys, phi, results, retention
 from core.db import commit_durably, commit_without_flush
 from core.enqueue import enqueue
-from core.errors import DermqError, InvalidImageError, InvalidInput, Unauthorized
+from core.errors import BadRequest, DermqError, InvalidImageError, InvalidInput, Unauthorized
 from core.models import Case, CaseStatus, Priority, Role
 from core.publisher import classify_task
 from ml import working_copy
@@ -245,10 +245,17 @@ async def _accept(
 
 @router.get("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Poll a case")
 async def read_case(
-    case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, db: Db, wait: WaitSeconds = 0
+    case_id: uuid.UUID,
+    request: Request,
+    response: Response,
+    app: State,
+    caller: AuthenticatedCaller,
+    db: Db,
+    wait: WaitSeconds = 0,
 ) -> CaseOut:
     """Status, timestamps and, once succeeded, the calibrated result; or the failure's code and message.
     With `wait`, the answer comes as soon as the case has ended, or after `wait` seconds."""
+    only(request, {"wait"})  # a misspelt `wait` would otherwise answer at once
 
     def read(session: Session) -> CaseOut:
         limit(caller, app, "read")
@@ -323,6 +330,8 @@ async def list_cases(
     only(request, LIST_PARAMETERS)
 
     created_from, created_before = utc(since, "since"), utc(until, "until")
+    if created_from and created_before and created_from >= created_before:
+        raise BadRequest("'since' must be before 'until'", code="invalid_time_range")
 
     def read(session: Session) -> CasePage:
         limit(caller, app, "read")

@@ -35,6 +35,14 @@ def test_an_unknown_query_parameter_is_a_422_not_an_unfiltered_list(client, tena
     answer = client.get("/v1/cases?stauts=failed", headers=tenant.headers)
     assert answer.status_code == 422 and answer.json()["code"] == "unknown_parameter"
     assert "stauts" in answer.json()["detail"]
+    # nor a parameter ignored some other way: a second one, an empty range, a misspelt wait on a case
+    twice = client.get("/v1/cases?status=failed&status=queued", headers=tenant.headers)
+    assert (twice.status_code, twice.json()["code"]) == (422, "repeated_parameter"), twice.text
+    backwards = {"since": "2027-01-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}
+    empty = client.get("/v1/cases", headers=tenant.headers, params=backwards)
+    assert (empty.status_code, empty.json()["code"]) == (400, "invalid_time_range"), empty.text
+    misspelt = client.get(f"/v1/cases/{uuid.uuid4()}?wiat=20", headers=tenant.headers)
+    assert (misspelt.status_code, misspelt.json()["code"]) == (422, "unknown_parameter"), misspelt.text
 
 
 def test_a_replay_that_would_drop_a_new_client_ref_or_priority_is_refused(client, tenant: Tenant, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
