@@ -210,7 +210,10 @@ PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 
 
 class ClinicIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200, pattern=PRINTABLE)
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is refused, never silently dropped
+
+    # what a name may hold, and its 200 characters, are judged in its one spelling: core.clinics.clinic_name
+    name: str = Field(min_length=1, max_length=1000)
 
 
 class ClinicOut(BaseModel):
@@ -222,6 +225,9 @@ class ClinicOut(BaseModel):
 
 
 class KeyIn(BaseModel):
+    # refused, never dropped: an auditor key asked with "clinic" for clinic_id would see every clinic
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["clinic", "auditor", "admin"]
     clinic_id: uuid.UUID | None = Field(None, description="required for clinic keys; scopes an auditor to one clinic")
     label: str = Field("", max_length=200, pattern=PRINTABLE)

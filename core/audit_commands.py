@@ -91,7 +91,7 @@ def pinned_note(path: Path) -> str:
     if text.lstrip().startswith("{"):
         try:
             found = json.loads(text).get("checkpoint")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # RecursionError: arrays nested thousands deep
             found = None
         if not isinstance(found, str):
             raise ValueError('it is JSON without a "checkpoint"')

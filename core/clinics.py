@@ -89,9 +89,11 @@ def get_clinic(session: Session, clinic: str | uuid.UUID) -> Clinic:
             found = session.get(Clinic, uuid.UUID(clinic))
         except ValueError:
             found = None
-        if found is None and "\x00" not in clinic:  # a name (one stored before names could not read as ids too)
+        if found is None and "\x00" not in clinic:  # a name
             name = " ".join(unicodedata.normalize("NFKC", clinic).split())
             found = session.scalar(select(Clinic).where(func.lower(Clinic.name) == func.lower(name)))
+            if found is None:  # as given: one an older release stored beside this one, say, in another spelling
+                found = session.scalar(select(Clinic).where(Clinic.name == clinic))
     if found is None:
         raise NotFound("no such clinic", code="clinic_not_found")
     return found

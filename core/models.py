@@ -1,7 +1,6 @@
 """SQLAlchemy 2.0 models: clinics, API keys, cases, encrypted blobs, results and the audit trail.
 
-The schema is created by Alembic migrations (``migrations/``), never by ``create_all``; these
-classes describe it for the ORM and for autogeneration.
+The schema is made by Alembic migrations (``migrations/``), never ``create_all``: these classes describe it.
 """
 
 from __future__ import annotations
@@ -101,11 +100,10 @@ def _values(enum_type: type[enum.Enum]) -> str:
 
 class Clinic(Base):
     __tablename__ = "clinics"
-    # names are unique whatever their case (migration 0012; core.clinics.clinic_name normalises them)
-    __table_args__ = (Index("uq_clinics_lower_name", text("lower(name)"), unique=True),)
+    __table_args__ = (Index("uq_clinics_lower_name", text("lower(name)"), unique=True),)  # migration 0012
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # unique whatever its case, one spelling
     active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     callback_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from api.deps import AuthenticatedCaller, Db, State, limit, require_role
@@ -19,6 +19,8 @@ router = APIRouter(prefix="/v1/clinic", tags=["clinic"])
 
 
 class CallbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     url: str = Field(
         max_length=8192,
         description="https URL without credentials that accepts a POST when one of the clinic's cases ends",

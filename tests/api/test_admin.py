@@ -55,6 +55,30 @@ def test_admin_manages_clinics_and_keys(client, make_key, settings) -> None:  # 
     assert {"clinic.create", "key.create", "key.list", "clinic.deactivate", "clinic.activate", "key.revoke"} <= actions
 
 
+def test_a_clinic_name_is_judged_in_its_one_spelling(client, make_key) -> None:  # type: ignore[no-untyped-def]
+    admin = make_key("admin")
+    tag = uuid.uuid4().hex[:6]
+    spaced = client.post("/v1/admin/clinics", headers=admin.headers, json={"name": f"West\t{' ' * 300}Clinic {tag}"})
+    assert spaced.status_code == 201 and spaced.json()["name"] == f"West Clinic {tag}", spaced.text
+    for name in (f"West\x07Clinic {tag}", f"West\u200bClinic {tag}"):
+        refused = client.post("/v1/admin/clinics", headers=admin.headers, json={"name": name})
+        assert (refused.status_code, refused.json()["code"]) == (422, "invalid_clinic_name"), refused.text
+
+
+def test_a_misspelt_field_is_refused_not_dropped(client, make_key, tenant) -> None:  # type: ignore[no-untyped-def]
+    """An auditor key asked with "clinic" for "clinic_id" used to be issued, scoped to every clinic."""
+    admin = make_key("admin")
+    keys_before = len(client.get("/v1/admin/keys", headers=admin.headers).json())
+    misspelt = {"role": "auditor", "clinic": str(tenant.clinic_id)}
+    for path, body in (("/v1/admin/keys", misspelt), ("/v1/admin/clinics", {"name": "x", "nmae": "y"})):
+        refused = client.post(path, headers=admin.headers, json=body)
+        assert (refused.status_code, refused.json()["code"]) == (422, "invalid_input"), refused.text
+    assert len(client.get("/v1/admin/keys", headers=admin.headers).json()) == keys_before  # nothing issued
+    callback = {"url": "https://portal.example.org/dermq", "secret": "mine"}
+    refused = client.put("/v1/clinic/callback", headers=tenant.headers, json=callback)
+    assert (refused.status_code, refused.json()["code"]) == (422, "invalid_input"), refused.text
+
+
 def test_only_admins(client, make_key) -> None:  # type: ignore[no-untyped-def]
     for role in ("clinic", "auditor"):
         key = make_key(role)

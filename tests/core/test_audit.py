@@ -236,7 +236,8 @@ def test_cli_prints_the_checkpoint_and_verifies_against_it(settings, database, k
     )
     assert rejected.returncode == 1 and "REJECTED" in rejected.stdout
     # the wrong file is a mistake to correct (exit 2), not a broken log (1), and never a traceback
-    for garbage in (b"\xff\xfe\x00binary", b"not a checkpoint\n", b'{"size": 3}', b"x" * (65 * 1024)):
+    nested = b'{"a":' + b"[" * 50_000  # JSON too deep for the parser
+    for garbage in (b"\xff\xfe\x00binary", b"not a checkpoint\n", b'{"size": 3}', nested, b"x" * (65 * 1024)):
         forged.write_bytes(garbage)
         unreadable = subprocess.run(
             [*support.DERMQ, "audit", "verify", "--against", str(forged)],

@@ -70,6 +70,10 @@ def test_names_are_unique_and_found_whatever_their_case(settings) -> None:  # ty
         for unknown in (name + "\u200b", name + "\x00", str(uuid.uuid4())):
             with pytest.raises(NotFound):
                 clinics.get_clinic(session, unknown)
+        # a name in another spelling, as a release before this one could store it: found as given
+        older = f"Older  Clinic {uuid.uuid4().hex[:8]} "
+        session.execute(text("INSERT INTO clinics (id, name) VALUES (:id, :name)"), {"id": uuid.uuid4(), "name": older})
+        assert clinics.get_clinic(session, older).name == older
 
 
 @pytest.fixture
@@ -94,9 +98,18 @@ def test_the_migration_respells_old_names_and_stops_at_names_that_would_clash(sc
         connection.execute(insert, {"id": legacy, "name": "Legacy  Clinic "})  # as an older dermq stored it
         for name in ("North Clinic", "NORTH  CLINIC", "South Clinic"):
             connection.execute(insert, {"id": uuid.uuid4(), "name": name})
-    with pytest.raises(RuntimeError, match="'NORTH  CLINIC' / 'North Clinic'"):
+        for name in ("\ufdfa" * 12, "74dcca0a-a6a4-4b90-a468-4efb42f12987"):  # 216 characters in NFKC; an id
+            connection.execute(insert, {"id": uuid.uuid4(), "name": name})
+    with pytest.raises(RuntimeError) as stopped:
         command.upgrade(config, "head")
+    assert "over 200 characters" in str(stopped.value) and "reads as a clinic id" in str(stopped.value)
     with engine.begin() as connection:
+        listed = text("DELETE FROM clinics WHERE name LIKE '74dcca0a%' OR name = :long")
+        connection.execute(listed, {"long": "\ufdfa" * 12})
+    with pytest.raises(RuntimeError, match="'NORTH  CLINIC' / 'North Clinic'"):  # found by Postgres's lower()
+        command.upgrade(config, "head")
+    with engine.begin() as connection:  # the failed upgrade rewrote nothing
+        assert connection.execute(text("SELECT count(*) FROM clinics WHERE name = 'Legacy  Clinic '")).scalar() == 1
         connection.execute(text("UPDATE clinics SET name = 'North Clinic (annex)' WHERE name = 'NORTH  CLINIC'"))
     command.upgrade(config, "head")
     with engine.begin() as connection:
