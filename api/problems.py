@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import DermqError
+from core.errors import DermqError, PeriodKeyDestroyed
 from core.logs import request_id_var
 
 log = logging.getLogger("dermq.api")
@@ -144,6 +144,19 @@ def install(app: FastAPI, on_denied: Any) -> None:
             "the request could not be completed; nothing was stored. Retry later.",
             request=request,
             headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(PeriodKeyDestroyed)
+    async def _period_key_destroyed(request: Request, exc: PeriodKeyDestroyed) -> JSONResponse:
+        # a case that outlived its period's key: restored from a backup older than the key's destruction
+        log.warning("a blob of a destroyed period was asked for", extra={"event": "period_key_destroyed"})
+        return problem(
+            410,
+            "period_key_destroyed",
+            "Gone",
+            "this case's data was encrypted under a key that retention has destroyed: it can never be read "
+            "again (tell your operator: such a case remains only where a backup was restored)",
+            request=request,
         )
 
     @app.exception_handler(Exception)

@@ -112,6 +112,11 @@ class DecryptionError(RuntimeError):
     """A blob does not decrypt under its case, kind and key (tampered, moved or wrong key)."""
 
 
+class PeriodKeyDestroyed(DecryptionError):
+    """The blob's period key was destroyed (retention): nothing of that period decrypts again. A case
+    can still point at such blobs after a restore from a backup older than the destruction."""
+
+
 def a_or_an(word: str) -> str:
     """``word`` with its indefinite article ("an auditor", "a clinic")."""
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -46,7 +46,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.config import Settings
-from core.errors import DecryptionError, Gone, KeyringError, ServiceUnavailable
+from core.errors import DecryptionError, Gone, KeyringError, PeriodKeyDestroyed, ServiceUnavailable
 
 if TYPE_CHECKING:
     from core.crypto import Keyring
@@ -183,7 +183,9 @@ class PeriodKeys:
         period = kek[len(PREFIX) :]
         path = self._key_file(period)
         if self.destroyed(period):  # a tombstone wins over a key file a crash left behind
-            raise DecryptionError(
+            with self._cache_lock:  # destroyed by another process: no copy stays in this one's memory
+                self._cache.pop(period, None)
+            raise PeriodKeyDestroyed(
                 f"the key of period {period} was destroyed (retention): its blobs can never be decrypted"
             )
         try:
