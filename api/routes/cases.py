@@ -202,6 +202,7 @@ async def _accept(
             its pixels decode)."""
             if wait:  # the answer comes after the durable commit of the audited read that ends the wait; said
                 commit_without_flush(session)  # now, it goes with the intake's first statement (core.deferred)
+            _still_valid(session, app, caller, "upload")  # an upload may take minutes to arrive
             image = cases.NewImage(
                 data, header.format, header.media_type, header.width, header.height, hashlib.sha256(data).hexdigest()
             )
@@ -273,15 +274,21 @@ async def read_case(
 
 def _read_after_wait(session: Session, app: AppState, caller: Caller, case_id: uuid.UUID) -> CaseOut:
     """:func:`_read` at the end of a long poll: refused, audited, if the caller's key was revoked (or its
-    clinic deactivated) while the request waited. The database is asked only when a key change was
-    announced, or may have been missed, since the key was authenticated."""
+    clinic deactivated) while the request waited."""
+    _still_valid(session, app, caller, "wait")
+    return _read(session, app, caller, case_id)
+
+
+def _still_valid(session: Session, app: AppState, caller: Caller, after: str) -> None:
+    """Refuse, audited, a request whose key was revoked (or its clinic deactivated) since it was
+    authenticated, ``after`` a long poll or a slow upload. The database is asked only when a key change
+    was announced, or may have been missed, since then."""
     if not app.key_cache.unchanged_since(caller.key_generation):
         try:
             keys.require_still_valid(session, caller.principal.key_id)
         except Unauthorized as exc:
-            exc.audit = audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code, "after": "wait"})
+            exc.audit = audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code, "after": after})
             raise
-    return _read(session, app, caller, case_id)
 
 
 def _read(session: Session, app: AppState, caller: Caller, case_id: uuid.UUID) -> CaseOut:

@@ -130,3 +130,32 @@ def test_an_upload_that_trickles_past_the_deadline_is_answered_408(api: str, ten
     assert (status, problem["code"]) == (408, "upload_timeout"), problem
     assert TOTAL <= time.monotonic() - started < TOTAL + 5
     assert _corrupt_submission(api, tenant.token) == 415
+
+
+def test_a_key_revoked_while_its_upload_arrives_stores_nothing(api: str, make_key, settings, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    """The key was checked when the request began; an upload may take minutes after that. A key revoked
+    meanwhile used to create, queue and audit the case all the same."""
+    from sqlalchemy import func, select
+
+    from core import keys
+    from core.db import session_scope
+    from core.models import Case
+
+    tenant = make_key()
+    body, content_type = support.multipart(jpeg_bytes)
+    half = len(body) // 2
+    upload = _start_upload(api, tenant.token, body, content_type, half)
+    try:
+        # its clinic's one upload slot is taken: the request is past its authentication
+        support.wait_for(lambda: _corrupt_submission(api, tenant.token) == 429, timeout=IDLE, what="the upload's slot")
+        with session_scope(settings) as session:
+            keys.revoke_key(session, tenant.key_id)
+        support.wait_for(lambda: _corrupt_submission(api, tenant.token) == 401, timeout=IDLE, what="the revocation")
+        upload.sendall(body[half:])
+        status, problem = _answer(upload)
+    finally:
+        upload.close()
+    assert (status, problem.get("code")) == (401, "revoked_credentials"), problem
+    with session_scope(settings) as session:
+        stored = session.scalar(select(func.count()).select_from(Case).where(Case.clinic_id == tenant.clinic_id))
+    assert stored == 0
