@@ -28,7 +28,16 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def keys_by_role(api_app):  # type: ignore[no-untyped-def]
+def own_app(api_app):  # type: ignore[no-untyped-def]
+    """An app of this module's own: schemathesis runs the app's startup and shutdown around its calls,
+    and the session's shared app (``api_app``) must keep its listener for the tests that follow."""
+    from api.app import create_app
+
+    return create_app(api_app.state.dermq.settings)
+
+
+@pytest.fixture(scope="module")
+def keys_by_role(own_app):  # type: ignore[no-untyped-def]
     import uuid
 
     from core import clinics, keys
@@ -36,7 +45,7 @@ def keys_by_role(api_app):  # type: ignore[no-untyped-def]
     from core.db import session_scope
     from core.models import Role
 
-    settings_ = api_app.state.dermq.settings
+    settings_ = own_app.state.dermq.settings
     out = {}
     with session_scope(settings_) as session:
         clinic = clinics.create_clinic(session, f"conformance-{uuid.uuid4().hex[:6]}")
@@ -48,9 +57,9 @@ def keys_by_role(api_app):  # type: ignore[no-untyped-def]
     return out
 
 
-def test_every_operation_conforms(api_app, keys_by_role) -> None:  # type: ignore[no-untyped-def]
+def test_every_operation_conforms(own_app, keys_by_role) -> None:  # type: ignore[no-untyped-def]
     # schemathesis's pytest plugin does not run under pytest 9; drive Hypothesis directly instead.
-    schema = schemathesis.openapi.from_asgi("/openapi.json", api_app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", own_app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15
     for operation in operations:

@@ -1,0 +1,69 @@
+"""A backup restored over a destroyed period brings back cases whose blobs no key opens: reading one
+answers 410 ``period_key_destroyed`` (it answered 500), and no process keeps the destroyed key."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from core import audit, cases, keyrotation, period_shredding
+from core.crypto import decrypt_blob, load_keyring
+from core.db import session_scope
+from core.keys import Principal
+from core.models import Case, CaseBlob, Role
+from tests.core.test_period_keys import NOW, Site, blob_rows, erase, site  # noqa: F401  (site: the fixture)
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def test_a_case_restored_after_its_period_key_was_destroyed_is_gone_not_an_error(site: Site) -> None:  # noqa: F811
+    """A backup restored over a destroyed period brings back a case whose blobs no key opens: reading
+    it answered 500. It answers 410 ``period_key_destroyed``, and no process keeps the key cached."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from core.errors import PeriodKeyDestroyed
+    from core.models import Priority
+
+    when = NOW - timedelta(days=150)
+    legacy = replace(load_keyring(site.settings), periods=None)
+    image = cases.NewImage(b"an image", "JPEG", "image/jpeg", 300, 225, hashlib.sha256(b"an image").hexdigest())
+    principal = Principal(site.tenant.key_id, Role.CLINIC, site.tenant.clinic_id)
+    with session_scope(site.settings) as session:
+        case, _ = cases.create_case(
+            session,
+            keyring=legacy,
+            principal=principal,
+            actor=audit.SYSTEM,
+            image=image,
+            client_ref="p-1",
+            priority=Priority.ROUTINE,
+        )
+        case_id = case.id
+        session.execute(update(Case).where(Case.id == case_id).values(created_at=when, status="succeeded"))
+    assert keyrotation.rewrap_all(site.settings).remaining == 0
+    serving = load_keyring(site.settings)  # a process that read the period's key before its destruction
+    with session_scope(site.settings) as session:
+        backup = [
+            dict(row._mapping) for row in session.execute(select(CaseBlob.__table__).where(CaseBlob.case_id == case_id))
+        ]
+        assert [
+            decrypt_blob(serving, b.sealed, case_id=case_id, kind=b.kind)
+            for b in session.scalars(select(CaseBlob).where(CaseBlob.kind == "client_ref"))
+        ] == [b"p-1"]
+    erase(site, case_id)
+    assert period_shredding.destroy_expired(site.settings) == [site.period(when)]
+    with session_scope(site.settings) as session:  # the restore: the case and its blobs as the backup had them
+        session.execute(CaseBlob.__table__.insert(), backup)
+        session.execute(update(Case).where(Case.id == case_id).values(status="succeeded", purged_at=None))
+    sealed = next(row for row in blob_rows(site) if row[1] == "client_ref")[2]
+    with pytest.raises(PeriodKeyDestroyed):
+        decrypt_blob(serving, sealed, case_id=case_id, kind="client_ref")
+    assert serving.periods is not None and not serving.periods._cache  # forgotten where it was cached
+    with TestClient(create_app(site.settings), raise_server_exceptions=False) as client:
+        answer = client.get(f"/v1/cases/{case_id}", headers=site.tenant.headers)
+    assert (answer.status_code, answer.json()["code"]) == (410, "period_key_destroyed"), answer.text
