@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
@@ -35,6 +36,6 @@ def only(request: Request, allowed: Collection[str], hint: str = "") -> None:
     if unknown:
         listed = ", ".join(name[:32] for name in unknown[:8])
         raise InvalidInput(f"unknown query parameter(s): {listed}{hint}", code="unknown_parameter")
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)  # linear: URLs hold thousands
     if repeated:
         raise InvalidInput(f"query parameter(s) given more than once: {', '.join(repeated)}", code="repeated_parameter")
