@@ -87,7 +87,8 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
     assert float(heat[0].group(2)) > 0 and float(heat[0].group(3)) > 0
 
     pipeline = [m for m in map(PIPELINE.match, rows) if m]
-    assert len(pipeline) == 1, rows
+    # the pipeline's rows whole (a failed one says why), and the end of the run's stderr
+    assert len(pipeline) == 1, "\n".join([r for r in rows if r.startswith("pipeline")] + [run.stderr[-3000:]])
     device, cases, failed, rate, flowing = pipeline[0].groups()
     assert (device, int(cases), int(failed)) == ("cuda" if gpu else "cpu", 8, 0)
     assert float(rate) > 0 and float(flowing) > 0  # over the whole span, and once results flow
