@@ -183,6 +183,23 @@ def migrate(url: str) -> None:
     command.upgrade(alembic_config(url), "head")
 
 
+@contextmanager
+def scratch_database(url: str, name: str) -> Iterator[tuple[Any, Any]]:
+    """An empty database ``<the test database>_<name>`` on the server of ``url``, for a migration
+    test: its Alembic config and an engine on it; dropped afterwards."""
+    from cli.db import alembic_config
+
+    scratch = make_url(url).set(database=f"{TEST_DATABASE}_{name}")
+    plain = scratch.render_as_string(hide_password=False)
+    recreate_database(plain)
+    engine = create_engine(scratch)
+    try:
+        yield alembic_config(plain), engine
+    finally:
+        engine.dispose()
+        drop_database(plain)
+
+
 def wait_for(
     condition: Callable[[], Any], *, timeout: float = 60, interval: float = 0.1, what: str = "condition"
 ) -> Any:

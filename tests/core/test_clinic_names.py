@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
-from cli.db import alembic_config
 from core import clinics
 from core.db import session_scope
 from core.errors import Conflict, InvalidInput, NotFound
@@ -78,15 +77,8 @@ def test_names_are_unique_and_found_whatever_their_case(settings) -> None:  # ty
 
 @pytest.fixture
 def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    url = make_url(settings.database_url).set(database=f"{support.TEST_DATABASE}_clinic_names")
-    plain = url.render_as_string(hide_password=False)
-    support.recreate_database(plain)
-    engine = create_engine(url)
-    try:
-        yield alembic_config(plain), engine
-    finally:
-        engine.dispose()
-        support.drop_database(plain)
+    with support.scratch_database(settings.database_url, "clinic_names") as made:
+        yield made
 
 
 def test_the_migration_respells_old_names_and_stops_at_names_that_would_clash(scratch) -> None:  # type: ignore[no-untyped-def]

@@ -10,25 +10,17 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from cli.db import alembic_config
 from tests import support
 
 
 @pytest.fixture
 def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    url = make_url(settings.database_url).set(database=f"{support.TEST_DATABASE}_migrations")
-    plain = url.render_as_string(hide_password=False)
-    support.recreate_database(plain)
-    engine = create_engine(url)
-    try:
-        yield alembic_config(plain), engine
-    finally:
-        engine.dispose()
-        support.drop_database(plain)
+    with support.scratch_database(settings.database_url, "migrations") as made:
+        yield made
 
 
 def _case(connection: Any, clinic_id: uuid.UUID, status: str = "succeeded") -> uuid.UUID:
