@@ -188,13 +188,7 @@ def test_an_edit_is_found_and_named(settings, database, keys) -> None:  # type: 
 
 def test_cli_prints_the_checkpoint_and_verifies_against_it(settings, database, keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
     _seal(settings, keys, _record(settings, 2))
-    shown = subprocess.run(
-        [*support.DERMQ, "audit", "checkpoint", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=_env(settings),
-    )
+    shown = _dermq(settings, "audit", "checkpoint", "--json")
     assert shown.returncode == 0, shown.stderr
     latest = json.loads(shown.stdout)
     pinned = tmp_path / "pinned.checkpoint"
@@ -204,48 +198,24 @@ def test_cli_prints_the_checkpoint_and_verifies_against_it(settings, database, k
         == latest["size"]
     )
     _seal(settings, keys, _record(settings, 2))
-    verified = subprocess.run(
-        [*support.DERMQ, "audit", "verify", "--against", str(pinned), "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=_env(settings),
-    )
+    verified = _dermq(settings, "audit", "verify", "--against", str(pinned), "--json")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     answer = json.loads(verified.stdout)
     assert answer["ok"] and answer["pinned_size"] == latest["size"] < answer["size"]
     # what `dermq audit checkpoint --json` printed pins as well, and a byte-order mark changes nothing
     for pinned_form in (shown.stdout.encode(), b"\xef\xbb\xbf" + latest["checkpoint"].encode()):
         pinned.write_bytes(pinned_form)
-        again = subprocess.run(
-            [*support.DERMQ, "audit", "verify", "--against", str(pinned)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            env=_env(settings),
-        )
+        again = _dermq(settings, "audit", "verify", "--against", str(pinned))
         assert again.returncode == 0, again.stdout + again.stderr
     forged = tmp_path / "forged.checkpoint"
     forged.write_text(latest["checkpoint"].replace(f"\n{latest['size']}\n", f"\n{latest['size'] + 1}\n"))
-    rejected = subprocess.run(
-        [*support.DERMQ, "audit", "verify", "--against", str(forged)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=_env(settings),
-    )
+    rejected = _dermq(settings, "audit", "verify", "--against", str(forged))
     assert rejected.returncode == 1 and "REJECTED" in rejected.stdout
     # the wrong file is a mistake to correct (exit 2), not a broken log (1), and never a traceback
     nested = b'{"a":' + b"[" * 50_000  # JSON too deep for the parser
     for garbage in (b"\xff\xfe\x00binary", b"not a checkpoint\n", b'{"size": 3}', nested, b"x" * (65 * 1024)):
         forged.write_bytes(garbage)
-        unreadable = subprocess.run(
-            [*support.DERMQ, "audit", "verify", "--against", str(forged)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            env=_env(settings),
-        )
+        unreadable = _dermq(settings, "audit", "verify", "--against", str(forged))
         assert unreadable.returncode == 2, unreadable.stdout + unreadable.stderr
         assert unreadable.stderr.startswith("error: the --against file") and "Traceback" not in unreadable.stderr
 
@@ -287,18 +257,17 @@ def _env(settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
     }
 
 
+def _dermq(settings, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """``dermq *args`` run as an operator would, on ``settings``' database and keys."""
+    return subprocess.run([*support.DERMQ, *args], cwd=ROOT, capture_output=True, text=True, env=_env(settings))
+
+
 def test_cli_actions_record_the_os_user_and_host(settings, database) -> None:  # type: ignore[no-untyped-def]
     import getpass
     import socket
 
     name = f"cli-clinic-{uuid.uuid4().hex[:8]}"
-    done = subprocess.run(
-        [*support.DERMQ, "clinic", "create", name, "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=_env(settings),
-    )
+    done = _dermq(settings, "clinic", "create", name, "--json")
     assert done.returncode == 0, done.stderr
     clinic_id = json.loads(done.stdout)["id"]
     with session_scope(settings) as session:
