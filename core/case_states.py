@@ -168,16 +168,7 @@ def fail_case(
         case = _finish(session, case_id, attempt, values)
     if case is None:
         return False
-    audit.record(
-        session,
-        action="case.fail",
-        outcome=audit.FAILURE,
-        actor=actor,
-        entity_type="case",
-        entity_id=case_id,
-        clinic_id=case.clinic_id,
-        detail={"attempt": case.attempts, "code": code},
-    )
+    _audit_case(session, case, "case.fail", audit.FAILURE, actor, {"attempt": case.attempts, "code": code})
     case_images.drop_working_copies(session, [case_id])
     announcements.announce_finished(session, [case_id])
     return True
@@ -195,16 +186,7 @@ def requeue_case(
     )
     if case is None:
         return False
-    audit.record(
-        session,
-        action="case.requeue",
-        outcome=audit.SUCCESS,
-        actor=actor,
-        entity_type="case",
-        entity_id=case_id,
-        clinic_id=case.clinic_id,
-        detail={"attempt": attempt, "reason": reason},
-    )
+    _audit_case(session, case, "case.requeue", audit.SUCCESS, actor, {"attempt": attempt, "reason": reason})
     return True
 
 
@@ -224,17 +206,25 @@ def spend_failed_claim(
     )
     if case is None:
         return None
+    detail = {"attempt": case.attempts, "reason": "claim_failed", "error": error}
+    _audit_case(session, case, "case.start", audit.FAILURE, actor, detail)
+    return case.attempts
+
+
+def _audit_case(
+    session: Session, case: Case, action: str, outcome: str, actor: audit.Actor, detail: dict[str, Any]
+) -> None:
+    """The audit event of a transition of ``case``, as the transition's statement returned it."""
     audit.record(
         session,
-        action="case.start",
-        outcome=audit.FAILURE,
+        action=action,
+        outcome=outcome,
         actor=actor,
         entity_type="case",
-        entity_id=case_id,
+        entity_id=case.id,
         clinic_id=case.clinic_id,
-        detail={"attempt": case.attempts, "reason": "claim_failed", "error": error},
+        detail=detail,
     )
-    return case.attempts
 
 
 def mark_published(session: Session, case_ids: list[uuid.UUID]) -> None:
