@@ -30,6 +30,11 @@ _BLANK = frozenset(
 )
 
 
+def _spelling(raw: str) -> str:
+    """A name's one spelling: NFKC, each run of white space one space, trimmed."""
+    return " ".join(unicodedata.normalize("NFKC", raw).split())
+
+
 def clinic_name(raw: str) -> str:
     """A clinic's name as dermq stores and looks it up: NFKC (compatibility forms as their plain
     letters: full-width, ligatures, non-breaking spaces), each run of white space one space, trimmed.
@@ -37,7 +42,7 @@ def clinic_name(raw: str) -> str:
     :class:`InvalidInput` for one that is empty, longer than 200 characters, holds characters nobody
     can see or starts with an accent mark, or that reads as a clinic id (a UUID: lookups take those
     as ids). Names are unique whatever their case (migration 0012)."""
-    name = " ".join(unicodedata.normalize("NFKC", raw).split())
+    name = _spelling(raw)
     if not name or len(name) > 200:
         raise InvalidInput("a clinic name is 1 to 200 characters", code="invalid_clinic_name")
     if any(unicodedata.category(c) in _INVISIBLE or ord(c) in _BLANK for c in name):
@@ -90,8 +95,7 @@ def get_clinic(session: Session, clinic: str | uuid.UUID) -> Clinic:
         except ValueError:
             found = None
         if found is None and "\x00" not in clinic:  # a name
-            name = " ".join(unicodedata.normalize("NFKC", clinic).split())
-            found = session.scalar(select(Clinic).where(func.lower(Clinic.name) == func.lower(name)))
+            found = session.scalar(select(Clinic).where(func.lower(Clinic.name) == func.lower(_spelling(clinic))))
             if found is None:  # as given: one an older release stored beside this one, say, in another spelling
                 found = session.scalar(select(Clinic).where(Clinic.name == clinic))
     if found is None:
