@@ -84,6 +84,15 @@ class _Deadline:
                     duplicate.close()
 
 
+def _connected(address: str, port: int, timeout: float | None) -> socket.socket:
+    """A TCP connection that sends at once, as http.client's own connect makes it: http.client
+    writes the body apart from the head, and with Nagle's algorithm the body would wait for the
+    receiver's delayed acknowledgement of the head (40 ms on Linux, up to 200 ms elsewhere)."""
+    sock = socket.create_connection((address, port), timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """Talks to ``address`` (checked) while naming ``host`` in the Host header."""
 
@@ -93,7 +102,7 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self.deadline = deadline
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = _connected(self.address, self.port, self.timeout)
         self.deadline.opened(self.sock)
 
 
@@ -107,7 +116,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.deadline = deadline
 
     def connect(self) -> None:
-        raw = socket.create_connection((self.address, self.port), self.timeout)
+        raw = _connected(self.address, self.port, self.timeout)
         self.deadline.opened(raw)
         # wrapping takes the descriptor over from ``raw``: the deadline watches the TLS socket from
         # then on, the handshake included (hence the handshake after it, not inside the wrap)

@@ -5,6 +5,7 @@ for the clinic's portal; the POST is the worker's own (worker.callbacks.post).""
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import threading
@@ -16,6 +17,7 @@ import pytest
 
 from core.config import Settings
 from tests import support
+from worker import callbacks
 from worker.callbacks import DEADLINE_EXCEEDED, post
 
 TIMEOUT = 0.5  # callback_timeout_seconds: the attempt's deadline is three of these
@@ -43,8 +45,10 @@ class Receiver:
             connection = self.tls.wrap_socket(connection, server_side=True)
         with connection:
             connection.settimeout(5)
+            # the whole request, its body too: closing with the body unread would send a reset, which
+            # can reach the client before it has read the answer (http.client sends the body apart)
             request = b""
-            while b"\r\n\r\n" not in request:
+            while b"\r\n\r\n" not in request or len(request) < self._length(request):
                 chunk = connection.recv(4096)
                 if not chunk:
                     break
@@ -56,6 +60,13 @@ class Receiver:
                     connection.sendall(bytes([byte]))
             except OSError:  # the worker cut the exchange
                 return
+
+    @staticmethod
+    def _length(request: bytes) -> int:
+        """The length of the whole request, once its head has come: head plus Content-Length."""
+        head, _, _ = request.partition(b"\r\n\r\n")
+        found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        return len(head) + 4 + (int(found.group(1)) if found else 0)
 
     def close(self) -> None:
         self.stopped.set()
@@ -112,3 +123,32 @@ def test_a_prompt_receiver_is_delivered_to(config: Settings) -> None:
     finally:
         receiver.close()
     assert (status, error) == (204, None)
+
+
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+def test_a_callback_sends_its_body_without_waiting_for_the_head_to_be_acknowledged(
+    https: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """http.client writes a request's head and body in two writes; with Nagle's algorithm on, the
+    body waits for the receiver's delayed acknowledgement of the head (40 ms on Linux, up to 200 ms
+    elsewhere), and a receiver that answers on the head alone resets a body it never read. Loopback
+    acknowledges at once, so the socket's option is what is checked: the connection dermq's POST uses,
+    pinned to its checked address, must have it set as http.client's own connections do."""
+    tls = None
+    if https:
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        support.self_signed_certificate(cert, key)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
+    receiver = Receiver(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", pause=0, tls=tls)
+    kind = callbacks._PinnedHTTPSConnection if https else callbacks._PinnedHTTPConnection
+    connection = kind("localhost", receiver.port, "127.0.0.1", TIMEOUT, callbacks._Deadline(3 * TIMEOUT))
+    try:
+        connection.connect()
+        assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        connection.request("POST", "/hook", body=b"{}")
+        assert connection.getresponse().status == 204
+    finally:
+        connection.close()
+        receiver.close()
