@@ -7,6 +7,13 @@
 While the thread is not connected (at start, after a database restart), :attr:`Listener.listening`
 is False: the key cache is not used and waiting requests look at their case every second. On each
 (re)connection every subscriber is told that it may have missed something.
+
+A connection can die without a word: a database host that vanished, a NAT or firewall that dropped
+an idle connection, a proxy that hangs. Nothing then arrives, which looks like nothing happening, and
+a revoked key would stay trusted until the cache forgot it. So the connection is driven without
+blocking, and after :data:`HEARTBEAT_SECONDS` without traffic the thread asks Postgres a ``SELECT 1``
+that must come back within :data:`ANSWER_SECONDS`, as connecting must: otherwise the connection is
+counted lost and opened again. The heartbeat also keeps an idle connection known to middleboxes.
 """
 
 from __future__ import annotations
@@ -28,12 +35,21 @@ from core import announcements
 
 log = logging.getLogger("dermq.api.listener")
 
+#: seconds without a notification after which the connection is asked whether it is still there
+HEARTBEAT_SECONDS = 10.0
+#: seconds a connection attempt or a heartbeat may take before the connection is counted lost
+ANSWER_SECONDS = 5.0
+
 
 class Listener:
     """The listening thread of one API process (started on first use, on the running event loop)."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(
+        self, database_url: str, *, heartbeat_seconds: float = HEARTBEAT_SECONDS, answer_seconds: float = ANSWER_SECONDS
+    ) -> None:
         self._url = database_url
+        self._heartbeat_seconds = heartbeat_seconds
+        self._answer_seconds = answer_seconds
         #: called on the event loop with the ids of ended cases ([] after a reconnection: any may have)
         self.on_cases: list[Callable[[list[uuid.UUID]], None]] = []
         #: called from the listening thread at once: a key may have been revoked (or the thread lost track)
@@ -98,12 +114,36 @@ class Listener:
         url = make_url(self._url)
         args = url.translate_connect_args(username="user", database="dbname")
         options = {k: v for k, v in url.query.items() if isinstance(v, str)}
-        connection = psycopg2.connect(**args, **options, application_name="dermq-listener")
-        connection.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
-        with connection.cursor() as cursor:
-            cursor.execute(f"LISTEN {announcements.CHANNEL}")
-            cursor.execute(f"LISTEN {announcements.KEYS_CHANNEL}")
+        # asynchronous (always autocommit): no call waits on the socket but through _answered's deadline
+        connection = psycopg2.connect(**args, **options, application_name="dermq-listener", async_=True)
+        try:
+            self._answered(connection)
+            with connection.cursor() as cursor:
+                cursor.execute(f"LISTEN {announcements.CHANNEL}; LISTEN {announcements.KEYS_CHANNEL}")
+                self._answered(connection)
+        except BaseException:
+            connection.close()
+            raise
         return connection
+
+    def _answered(self, connection: psycopg2.extensions.connection) -> None:
+        """Drive ``connection`` until what it sent is answered; TimeoutError after the answer's
+        deadline. Notifications that come meanwhile are kept on ``connection.notifies``."""
+        deadline = time.monotonic() + self._answer_seconds
+        while (state := connection.poll()) != psycopg2.extensions.POLL_OK:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("Postgres did not answer the listener in time")
+            poller = select.poll()  # the descriptor may change while a connection is being made
+            poller.register(
+                connection.fileno(), select.POLLOUT if state == psycopg2.extensions.POLL_WRITE else select.POLLIN
+            )
+            poller.poll(remaining * 1000)
+
+    def _heartbeat(self, connection: psycopg2.extensions.connection) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            self._answered(connection)
 
     def _run(self) -> None:
         backoff = 0.5
@@ -119,10 +159,17 @@ class Listener:
                 backoff = 0.5
                 self._cases_ended([])
                 poller = _poller(self._fd)
+                quiet_since = time.monotonic()
                 while not self._stop.is_set():
-                    if not poller.poll(1000):
-                        continue
-                    connection.poll()
+                    if not poller.poll(min(1.0, self._heartbeat_seconds) * 1000):
+                        if time.monotonic() - quiet_since >= self._heartbeat_seconds:
+                            self._heartbeat(connection)
+                            quiet_since = time.monotonic()
+                        else:
+                            continue
+                    else:
+                        connection.poll()
+                        quiet_since = time.monotonic()
                     ended: list[uuid.UUID] = []
                     keys_changed = False
                     while connection.notifies:
