@@ -26,7 +26,7 @@ from sqlalchemy import Table, delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from core import audit, period_shredding, pgbinary, phi
+from core import audit, idempotency, period_shredding, pgbinary, phi
 from core.crypto import Keyring, SealedBlob, encrypt_blob
 from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, ServiceUnavailable, a_or_an
 from core.keys import Principal
@@ -122,6 +122,13 @@ def create_case(
     (``created`` False); the same key with a different image is a :class:`Conflict`.
     """
     clinic_id = require_clinic(principal, "case.create")
+    again = _Resubmission(image, client_ref, priority)
+    stored_key = None
+    if idempotency_key is not None:
+        stored_key = idempotency.digest(keyring, clinic_id, idempotency_key)
+        legacy = idempotency.legacy_case(session, clinic_id, idempotency_key)
+        if legacy is not None:  # sent before the keys were digested (migration 0013)
+            return _replay(session, legacy, again, keyring, actor), False
     case_id, at = uuid.uuid4(), now()
     row = {
         "id": case_id,
@@ -129,7 +136,7 @@ def create_case(
         "status": CaseStatus.QUEUED.value,
         "priority": priority.value,
         "client_ref": None,
-        "idempotency_key": idempotency_key,
+        "idempotency_key": stored_key,  # a keyed digest, never the key (core.idempotency)
         "image_sha256": image.sha256,
         "image_format": image.format,
         "image_width": image.width,
@@ -146,10 +153,10 @@ def create_case(
     if session.scalar(_INSERT_CASE, row) is None:
         # The clinic already has a case under this idempotency key: a resubmission (or a concurrent
         # request with the same key that won the race; the insert waited for its commit).
-        existing = _by_idempotency_key(session, clinic_id, idempotency_key) if idempotency_key else None
+        existing = _by_idempotency_key(session, clinic_id, stored_key) if stored_key else None
         if existing is None:
             raise ServiceUnavailable("the case could not be stored; send it again", retry_after=1)
-        return _replay(session, existing, _Resubmission(image, client_ref, priority), keyring, actor), False
+        return _replay(session, existing, again, keyring, actor), False
     # The row went in through Core (one statement, no savepoint, no unit of work); the caller gets
     # it as a persistent Case of this session, every column loaded, without a second INSERT.
     case = Case(**{k: v for k, v in row.items() if k != "client_ref"}, plain_client_ref=None)

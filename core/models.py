@@ -77,8 +77,7 @@ class BlobKind(enum.StrEnum):
     RESULT = "result"
     #: the clinic's confirmed diagnosis of the case (core.outcomes), sealed like the findings
     OUTCOME = "outcome"
-    #: a large upload's pixels at the size the worker needs (ml.working_copy), made by the intake's
-    #: decode so the worker does not decode the original again; deleted when the case ends
+    #: a large upload's pixels at the size the worker needs (ml.working_copy), until the case ends
     WORKING = "working"
 
 
@@ -129,6 +128,9 @@ class ApiKey(Base):
     clinic: Mapped[Clinic | None] = relationship(lazy="raise")
 
 
+_PLAIN_KEY = "NOT starts_with(idempotency_key, 'hmac-sha256:')"  # not yet a digest (core.idempotency)
+
+
 class Case(Base):
     __tablename__ = "cases"
     __table_args__ = (
@@ -139,16 +141,16 @@ class Case(Base):
         Index("ix_cases_status_updated", "status", "updated_at"),
         Index("ix_cases_queued", "updated_at", postgresql_where=text("status IN ('queued', 'running')")),
         Index("ix_cases_plain_client_ref", "id", postgresql_where=text("client_ref IS NOT NULL")),
+        Index("ix_cases_plain_idempotency_key", "id", postgresql_where=text(_PLAIN_KEY)),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
     clinic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clinics.id", ondelete="RESTRICT"))
     status: Mapped[str] = mapped_column(String(16), server_default=CaseStatus.QUEUED.value)
     priority: Mapped[str] = mapped_column(String(16), server_default=Priority.ROUTINE.value)
-    #: Plaintext client references of cases stored before migration 0007 only; the sweeper seals them
-    #: into ``client_ref`` blobs (core.phi) and empties this. New cases never write it.
+    #: Plain client references of cases older than migration 0007 only, until sealed (core.phi).
     plain_client_ref: Mapped[str | None] = mapped_column("client_ref", String(256))
-    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))  # a keyed digest (core.idempotency)
     image_sha256: Mapped[str] = mapped_column(String(64))
     image_format: Mapped[str] = mapped_column(String(16))
     image_width: Mapped[int] = mapped_column(Integer)
@@ -193,8 +195,7 @@ class CaseBlob(Base):
         return SealedBlob(self.ciphertext, self.nonce, self.wrapped_key, self.kek_id)
 
 
-#: The findings of a result that are about the patient: sealed into the case's ``result`` blob
-#: (:mod:`core.results`), never stored in plain columns by this release.
+#: A result's findings about the patient: sealed into the case's ``result`` blob (core.results), never plain.
 SEALED_RESULT_FIELDS = (
     "label",
     "probabilities",
@@ -206,10 +207,9 @@ SEALED_RESULT_FIELDS = (
     "gradcam_class",
 )
 
-#: A result row is either sealed (every finding NULL: they are in the ``result`` blob, or were shredded
-#: with it) or, for rows stored before migration 0009 until the sweeper seals them, plain: then a
-#: diagnosis has every diagnostic field and no out-of-distribution reasons, and an out-of-distribution
-#: result has reasons and none of the diagnostic fields (the model's raw answer is not kept as a label).
+#: A result row is sealed (every finding NULL: in the ``result`` blob, or shredded with it) or, if stored
+#: before migration 0009 and not yet sealed by the sweeper, plain: a diagnosis with every diagnostic
+#: field and no out-of-distribution reasons, or an out-of-distribution result with reasons and none.
 RESULT_OUTCOME_FIELDS = (
     "(ood_reasons IS NOT NULL AND referral_reasons IS NOT NULL AND ("
     "(outcome = 'diagnosis' AND label IS NOT NULL AND probabilities IS NOT NULL AND confidence IS NOT NULL"

@@ -44,7 +44,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError
 
-from core import callbacks, case_states, outcomes, period_shredding, phi, recovery, results, retention
+from core import callbacks, case_states, idempotency, outcomes, period_shredding, phi, recovery, results, retention
 from core.config import Settings
 from core.db import session_scope
 from core.logs import case_id_var
@@ -217,11 +217,13 @@ def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) 
         sealed = phi.seal_plain_client_refs(session, keyring(config))
         sealed_results = results.seal_plain_results(session, keyring(config))  # a batch of each a sweep
         sealed_diagnoses = outcomes.seal_plain_diagnoses(session, keyring(config))
+        keys_digested = idempotency.digest_plain_keys(session, keyring(config))
     return {
         **report.to_dict(),
         "client_refs_sealed": sealed,
         "results_sealed": sealed_results,
         "diagnoses_sealed": sealed_diagnoses,
+        "idempotency_keys_digested": keys_digested,
     }
 
 

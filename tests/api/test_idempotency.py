@@ -13,7 +13,8 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from core import audit, cases
+from core import audit, cases, idempotency
+from core.crypto import load_keyring
 from core.db import session_factory, session_scope
 from core.keys import Principal
 from core.models import AuditEvent, Case, CaseBlob, Priority, Role
@@ -28,8 +29,9 @@ def post(client, tenant: Tenant, image: bytes, key: str | None):  # type: ignore
 
 
 def stored(settings, clinic_id: uuid.UUID, key: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    digest = idempotency.digest(load_keyring(settings), clinic_id, key)
     with session_scope(settings) as session:
-        ids = list(session.scalars(select(Case.id).where(Case.clinic_id == clinic_id, Case.idempotency_key == key)))
+        ids = list(session.scalars(select(Case.id).where(Case.clinic_id == clinic_id, Case.idempotency_key == digest)))
         blobs = session.scalar(  # the images: a worker may already have added a heat map
             select(func.count()).select_from(CaseBlob).where(CaseBlob.case_id.in_(ids), CaseBlob.kind == "image")
         )
@@ -50,6 +52,42 @@ def test_the_same_key_and_image_replay_the_case(client, tenant: Tenant, settings
     assert again.headers["idempotent-replayed"] == "true"
     assert again.json()["id"] == first.json()["id"] and again.headers["location"] == first.headers["location"]
     assert stored(settings, tenant.clinic_id, "visit-2026-11-26-001") == {"cases": 1, "blobs": 1, "create_events": 1}
+
+
+def test_the_key_is_kept_only_as_a_keyed_digest_and_a_key_sent_before_that_still_finds_its_case(  # type: ignore[no-untyped-def]
+    client, tenant: Tenant, settings, fixture_images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A portal may build its key from the visit (a record number, a date), and the key outlives the
+    case's erasure: the database holds an HMAC of it, never the key. A case stored before that
+    (migration 0013) holds its key in plain text until the sweeper digests it; a retry finds it
+    before and after."""
+    image, other = (fixture_images[name].read_bytes() for name in ("ISIC_0024311", "ISIC_0024313"))
+    first = post(client, tenant, image, "MRN-1234567-2026-12-05")
+    assert first.status_code == 202, first.text
+    with session_scope(settings) as session:
+        kept = session.get(Case, uuid.UUID(first.json()["id"])).idempotency_key
+        plain = session.scalar(select(func.count()).select_from(Case).where(Case.idempotency_key.contains("1234567")))
+    assert kept is not None and kept.startswith("hmac-sha256:") and plain == 0
+    assert len(kept) == len("hmac-sha256:") + 64
+
+    legacy = post(client, tenant, other, "legacy-visit-7")
+    assert legacy.status_code == 202
+    with session_scope(settings) as session:  # as a case of the release before stored it
+        session.get(Case, uuid.UUID(legacy.json()["id"])).idempotency_key = "legacy-visit-7"
+    monkeypatch.setattr(idempotency, "_none_left_at", None)  # another test may have seen none left
+    again = post(client, tenant, other, "legacy-visit-7")
+    assert again.status_code == 200 and again.json()["id"] == legacy.json()["id"], again.text
+    assert post(client, tenant, image, "legacy-visit-7").status_code == 409  # and compared like any other
+
+    with session_scope(settings) as session:
+        while idempotency.digest_plain_keys(session, load_keyring(settings), limit=50):
+            pass
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Case).where(idempotency.PLAIN)) == 0
+    now = stored(settings, tenant.clinic_id, "legacy-visit-7")
+    assert (now["cases"], now["blobs"]) == (1, 1)  # its digest now; (a second case.create: the denied 409)
+    after = post(client, tenant, other, "legacy-visit-7")
+    assert after.status_code == 200 and after.json()["id"] == legacy.json()["id"], after.text
 
 
 def test_the_same_key_with_another_image_is_a_conflict(client, tenant: Tenant, settings, fixture_images) -> None:  # type: ignore[no-untyped-def]

@@ -88,7 +88,7 @@ def test_a_clinician_submits_an_image_and_sees_the_diagnosis_and_heat_map(  # ty
     assert page.get_cookies() == [] and clinic.token not in page.page_source
     with session_scope(settings) as session:
         key = session.get(Case, stored["id"]).idempotency_key
-    assert key and key.startswith("portal-")
+    assert key and key.startswith("hmac-sha256:")  # stored as a keyed digest (core.idempotency)
     assert browser.problems(page) == []
     browser.screenshot(page, "portal-diagnosis")
 

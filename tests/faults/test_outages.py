@@ -10,6 +10,8 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from core import idempotency
+from core.crypto import load_keyring
 from core.db import dispose_engines, session_scope
 from core.models import AuditEvent, Case
 from tests import support
@@ -114,7 +116,12 @@ def test_a_postgres_outage_answers_503_and_loses_nothing(stack: FaultStack) -> N
     # The refused submission left nothing behind: its key is unused, so the same request now creates.
     with session_scope(stack.settings) as session:
         stored = session.scalar(
-            select(func.count()).select_from(Case).where(Case.idempotency_key == "during-the-outage")
+            select(func.count())
+            .select_from(Case)
+            .where(
+                Case.idempotency_key
+                == idempotency.digest(load_keyring(stack.settings), stack.clinic_id, "during-the-outage")
+            )
         )
     assert stored == 0
     response, _ = timed_submit(stack, stack.images[3], **{"Idempotency-Key": "during-the-outage"})
