@@ -12,8 +12,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from sqlalchemy.orm import Session
 
-from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
-from api.routes.cases import NO_STORE, PROBLEMS
+from api.deps import JSON_BODY, AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
+from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from api.schemas import ClinicIn, ClinicOut, KeyIn, KeyOut, NewKeyOut
 from core import audit, clinics, keys
 from core.models import ApiKey, Clinic, Role
@@ -53,7 +53,8 @@ def _admin(caller: Caller, app: AppState) -> None:
     "/clinics",
     status_code=201,
     response_model=ClinicOut,
-    responses={**PROBLEMS, 409: PROBLEMS[404] | {"description": "a clinic of that name exists"}},
+    responses={**JSON_PROBLEMS, 409: PROBLEMS[404] | {"description": "a clinic of that name exists"}},
+    dependencies=JSON_BODY,
     summary="Create a clinic",
 )
 async def create_clinic(body: ClinicIn, app: State, caller: AuthenticatedCaller, db: Db) -> ClinicOut:
@@ -102,7 +103,8 @@ async def activate_clinic(clinic_id: uuid.UUID, app: State, caller: Authenticate
     "/keys",
     status_code=201,
     response_model=NewKeyOut,
-    responses=PROBLEMS,
+    responses=JSON_PROBLEMS,
+    dependencies=JSON_BODY,
     summary="Create an API key (the secret is in this response only)",
 )
 async def create_key(body: KeyIn, response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> NewKeyOut:

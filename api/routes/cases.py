@@ -61,6 +61,8 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
+#: for a route that takes a JSON body (with ``dependencies=JSON_BODY``)
+JSON_PROBLEMS = PROBLEMS | {415: PROBLEMS[400] | {"description": "the body was not sent as application/json"}}
 
 UPLOAD_SCHEMA = {
     "requestBody": {

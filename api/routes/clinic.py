@@ -9,8 +9,8 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from api.deps import AuthenticatedCaller, Db, State, limit, require_role
-from api.routes.cases import NO_STORE, PROBLEMS
+from api.deps import JSON_BODY, AuthenticatedCaller, Db, State, limit, require_role
+from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from core import callbacks
 from core.callback_signing import SIGNATURE_HEADER
 from core.models import ClinicCallback, Role
@@ -66,7 +66,8 @@ def _out(row: ClinicCallback) -> CallbackOut:
 @router.put(
     "/callback",
     response_model=NewCallbackOut,
-    responses=PROBLEMS,
+    responses=JSON_PROBLEMS,
+    dependencies=JSON_BODY,
     summary="Register (or replace) the clinic's completion callback; returns a new signing secret once",
 )
 async def put_callback(

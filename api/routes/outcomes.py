@@ -10,8 +10,8 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from api.deps import AuthenticatedCaller, Db, State, limit
-from api.routes.cases import NO_STORE, PROBLEMS
+from api.deps import JSON_BODY, AuthenticatedCaller, Db, State, limit
+from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from core import outcomes
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
@@ -40,11 +40,12 @@ class OutcomeOut(BaseModel):
     response_model=OutcomeOut,
     status_code=201,
     responses={
-        **PROBLEMS,
+        **JSON_PROBLEMS,
         200: {"model": OutcomeOut, "description": "a correction: the earlier report is replaced"},
         409: PROBLEMS[404] | {"description": "the case has not succeeded (yet)"},
         410: PROBLEMS[404] | {"description": "the case's result was erased"},
     },
+    dependencies=JSON_BODY,
     summary="Report a case's confirmed diagnosis (a second report corrects the first)",
 )
 async def report_outcome(

@@ -1,0 +1,53 @@
+"""Operations that take a JSON body and get another media type answer 415 ``unsupported_media_type``,
+telling the caller to send application/json; FastAPI alone validated the raw bytes and answered 422
+about a field the caller had sent. Nothing is created. An unauthenticated caller still gets 401 first."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from core.db import session_scope
+from core.models import ApiKey, Clinic, ClinicCallback
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def counts(settings) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return tuple(session.scalar(select(func.count()).select_from(t)) for t in (Clinic, ApiKey, ClinicCallback))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_sent_as_another_media_type_is_refused_with_415(  # type: ignore[no-untyped-def]
+    client, make_key, tenant, settings, content_type: str | None
+) -> None:
+    admin = make_key("admin")
+    sent = [
+        ("post", "/v1/admin/clinics", admin.headers, {"name": f"south-{uuid.uuid4().hex[:6]}"}),
+        ("post", "/v1/admin/keys", admin.headers, {"role": "auditor"}),
+        ("put", "/v1/clinic/callback", tenant.headers, {"url": "https://portal.example/hook"}),
+        ("post", f"/v1/cases/{uuid.uuid4()}/outcome", tenant.headers, {"diagnosis": "nv", "method": "histo"}),
+    ]
+    before = counts(settings)
+    for method, path, headers, body in sent:
+        typed = {**headers, **({"Content-Type": content_type} if content_type else {})}
+        answer = client.request(method, path, headers=typed, content=json.dumps(body).encode())
+        assert answer.status_code == 415, (path, answer.text)
+        problem = answer.json()
+        assert problem["code"] == "unsupported_media_type" and "application/json" in problem["detail"], problem
+        assert answer.headers["content-type"] == "application/problem+json"
+        unauthenticated = client.request(method, path, headers={"Content-Type": "text/plain"}, content=b"{}")
+        assert unauthenticated.status_code == 401, path
+    assert counts(settings) == before
+
+
+def test_json_with_a_charset_or_a_json_suffix_is_taken(client, make_key) -> None:  # type: ignore[no-untyped-def]
+    admin = make_key("admin")
+    for content_type in ("application/json; charset=utf-8", "application/vnd.dermq+json"):
+        body = json.dumps({"name": f"east-{uuid.uuid4().hex[:6]}"}).encode()
+        answer = client.post("/v1/admin/clinics", headers={**admin.headers, "Content-Type": content_type}, content=body)
+        assert answer.status_code == 201, answer.text
