@@ -178,6 +178,11 @@ def record_outcome(
     predicted, referral = _answer(result)
     row = session.get(ConfirmedOutcome, case_id)
     correction = row is not None
+    if row is not None and row.method == confirmed_by.value and _diagnosis(session, keyring, row) == diagnosis:
+        # the same report again (a client's retry of one whose answer it lost): nothing changes,
+        # no revision is made that would read as a correction
+        _record(session, actor, case, {"method": row.method, "revision": row.revision, "unchanged": True})
+        return row, True
     if row is None:
         row = ConfirmedOutcome(case_id=case_id, clinic_id=case.clinic_id, diagnosis=None, method=confirmed_by.value)
         row.revision = 1
@@ -192,17 +197,21 @@ def record_outcome(
     row.reported_by = principal.key_id
     session.flush()
     session.refresh(row)
+    _record(session, actor, case, {"method": confirmed_by.value, "revision": row.revision, "correction": correction})
+    return row, correction
+
+
+def _record(session: Session, actor: audit.Actor, case: Case, detail: dict[str, object]) -> None:
     audit.record(
         session,
         action=ACTION,
         outcome=audit.SUCCESS,
         actor=actor,
         entity_type="case",
-        entity_id=case_id,
+        entity_id=case.id,
         clinic_id=case.clinic_id,
-        detail={"method": confirmed_by.value, "revision": row.revision, "correction": correction},
+        detail=detail,
     )
-    return row, correction
 
 
 # --------------------------------------------------------------------------- field performance

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +26,7 @@ MAX_SERVER_WAIT = 30.0
 #: 408: the server gave up on an upload that stalled or trickled on the way (a flaky link)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 PRIORITIES = ("routine", "urgent")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 ImageInput = str | os.PathLike[str] | bytes
 #: the suffixes sent with an image (lower case) and their media types; any other is not sent
@@ -64,8 +67,30 @@ class RetryPolicy:
         return self.backoff_delay(retry)
 
 
+#: codes among RETRY_STATUSES that sending the same again cannot mend: the upload took the server's
+#: whole upload time (300 s) on this link; the docs advise a smaller file
+NOT_RETRIED = frozenset({"upload_timeout"})
+
+
 def retryable(error: errors.DermqError) -> bool:
-    return isinstance(error, errors.ConnectionFailed) or error.status in RETRY_STATUSES
+    if isinstance(error, errors.ConnectionFailed):
+        return True
+    return error.status in RETRY_STATUSES and error.code not in NOT_RETRIED
+
+
+def followed(submitted: Case, later: Case | None) -> Case:
+    """What ``submit(wait=...)`` returns once it followed ``submitted`` by long polls: the case as
+    last seen, still marked replayed when the submission found an existing case."""
+    return replace(later or submitted, replayed=submitted.replayed)
+
+
+def list_params(
+    status: str | None, priority: str | None, since: datetime | None, until: datetime | None, page_size: int | None
+) -> dict[str, Any]:
+    """The query of ``GET /v1/cases`` (times in ISO 8601; without an offset the server reads UTC)."""
+    params: dict[str, Any] = {"status": status, "priority": priority, "limit": page_size}
+    params |= {"since": since and since.isoformat(), "until": until and until.isoformat()}
+    return {name: value for name, value in params.items() if value is not None}
 
 
 def case_path(case_id: str | uuid.UUID, suffix: str = "") -> str:
@@ -106,6 +131,8 @@ def submit_request(
     """Keyword arguments of ``httpx.Client.request`` for ``POST /v1/cases``."""
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {PRIORITIES}, not {priority!r}")
+    if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):  # the server's rule; its value is not repeated
+        raise ValueError("an idempotency key must be 1 to 255 visible ASCII characters")
     data, name, media_type = image
     fields = {"priority": priority}
     if client_ref is not None:
@@ -120,8 +147,12 @@ def submit_request(
     return request
 
 
-def connection_failed(exc: httpx.TransportError) -> errors.ConnectionFailed:
-    return errors.ConnectionFailed(f"could not reach the dermq API: {type(exc).__name__}: {exc}")
+def request_failed(exc: httpx.RequestError) -> errors.DermqError:
+    """The typed error of a request that got no usable answer: the network (retried), or an answer
+    httpx could not read (a proxy's broken compression, a redirect loop: not dermq's, not retried)."""
+    if isinstance(exc, httpx.TransportError):
+        return errors.ConnectionFailed(f"could not reach the dermq API: {type(exc).__name__}: {exc}")
+    return errors.UnexpectedResponse(f"the answer could not be read: {type(exc).__name__}: {exc}", status=0)
 
 
 def checked(response: httpx.Response) -> httpx.Response:

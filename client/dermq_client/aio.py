@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -54,8 +55,8 @@ class AsyncClient:
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise _core.connection_failed(exc) from exc
+        except httpx.RequestError as exc:
+            raise _core.request_failed(exc) from exc
         return _core.checked(response)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -99,9 +100,9 @@ class AsyncClient:
         if case.terminal or remaining <= 0:
             return case
         try:
-            return await self.wait(case.id, timeout=remaining)
+            return _core.followed(case, await self.wait(case.id, timeout=remaining))
         except errors.WaitTimeout as exc:
-            return exc.case or case
+            return _core.followed(case, exc.case)
 
     async def get(self, case_id: str | uuid.UUID, *, wait: float | None = None) -> Case:
         """The case now; with ``wait`` (at most 30 s) as soon as it has ended, or after ``wait``."""
@@ -148,13 +149,18 @@ class AsyncClient:
         """The Grad-CAM heat map over the image, as PNG bytes."""
         return _core.png_of(await self._request("GET", _core.case_path(case_id, "/heatmap.png")))
 
-    async def iter_cases(self, status: str | None = None, page_size: int | None = None) -> AsyncIterator[CaseSummary]:
-        """The clinic's cases, newest first, page after page (following ``next_cursor``)."""
-        params: dict[str, Any] = {}
-        if status is not None:
-            params["status"] = status
-        if page_size is not None:
-            params["limit"] = page_size
+    async def iter_cases(
+        self,
+        status: str | None = None,
+        page_size: int | None = None,
+        *,
+        priority: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> AsyncIterator[CaseSummary]:
+        """The clinic's cases, newest first, page after page (following ``next_cursor``); only those
+        in ``status``, of ``priority``, created at or after ``since`` and before ``until`` if given."""
+        params = _core.list_params(status, priority, since, until, page_size)
         while True:
             rows, cursor = _core.page_of(await self._request("GET", "/v1/cases", params=params))
             for row in rows:

@@ -75,12 +75,17 @@ def verify_callback(
         raise InvalidSignature("the signed body is not JSON") from None
     if not isinstance(notice, dict) or "case_id" not in notice:
         raise InvalidSignature("the signed body is not a dermq notice")
+    event_id = _header(headers, EVENT_HEADER)
+    if event_id is not None and event_id != str(notice["case_id"]):
+        # the header is not signed: one that disagrees with the signed body was altered on the way,
+        # and a receiver deduplicating on it would take a replayed notice for a new one
+        raise InvalidSignature(f"the {EVENT_HEADER} header does not name the signed body's case")
     return CallbackNotice(
         type=str(notice.get("type", "")),
         case_id=str(notice["case_id"]),
         status=str(notice.get("status", "")),
         outcome=notice.get("outcome"),
         timestamp=_time(notice.get("timestamp")),
-        event_id=_header(headers, EVENT_HEADER),
+        event_id=event_id,
         raw=notice,
     )

@@ -1,7 +1,7 @@
 """``dermq-client``: the client from a shell. Prints JSON on stdout; a problem goes to stderr (as JSON)
-with exit status 1 (an unusable base URL, or an answer that is not dermq's, too), a wait that runs out
-with 2. The key comes from ``DERMQ_API_KEY`` (never an
-argument: it would show in the process list), the base URL from ``DERMQ_BASE_URL`` or ``--base-url``."""
+with exit status 1 (an unusable base URL, an answer that is not dermq's, a missing key or an argument
+refused before sending, too), a wait that runs out with 2. The key comes from ``DERMQ_API_KEY`` (never
+an argument: it would show in the process list), the base URL from ``DERMQ_BASE_URL`` or ``--base-url``."""
 
 from __future__ import annotations
 
@@ -108,8 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     api_key = os.environ.get("DERMQ_API_KEY")
     if not api_key:
-        print("dermq-client: set DERMQ_API_KEY to your API key", file=sys.stderr)
-        return 2
+        return _problem("missing_api_key", "set DERMQ_API_KEY to your API key")
     try:
         with _client(args, api_key) as dermq:
             _run(args, dermq)
@@ -125,4 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"dermq-client: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # an argument the client refuses before sending (a malformed key or time)
+        return _problem("invalid_argument", str(exc))
     return 0
+
+
+def _problem(code: str, detail: str) -> int:
+    """A problem found before any request: on stderr as JSON like the server's, exit status 1 (2 is
+    a wait that ran out, which a script may answer by waiting again)."""
+    print(json.dumps({"code": code, "detail": detail, "status": None}, sort_keys=True), file=sys.stderr)
+    return 1

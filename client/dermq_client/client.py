@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -53,8 +54,8 @@ class Client:
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise _core.connection_failed(exc) from exc
+        except httpx.RequestError as exc:
+            raise _core.request_failed(exc) from exc
         return _core.checked(response)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -98,9 +99,9 @@ class Client:
         if case.terminal or remaining <= 0:
             return case
         try:
-            return self.wait(case.id, timeout=remaining)
+            return _core.followed(case, self.wait(case.id, timeout=remaining))
         except errors.WaitTimeout as exc:
-            return exc.case or case
+            return _core.followed(case, exc.case)
 
     def get(self, case_id: str | uuid.UUID, *, wait: float | None = None) -> Case:
         """The case now; with ``wait`` (at most 30 s) as soon as it has ended, or after ``wait``."""
@@ -146,13 +147,18 @@ class Client:
         """The Grad-CAM heat map over the image, as PNG bytes."""
         return _core.png_of(self._request("GET", _core.case_path(case_id, "/heatmap.png")))
 
-    def iter_cases(self, status: str | None = None, page_size: int | None = None) -> Iterator[CaseSummary]:
-        """The clinic's cases, newest first, page after page (following ``next_cursor``)."""
-        params: dict[str, Any] = {}
-        if status is not None:
-            params["status"] = status
-        if page_size is not None:
-            params["limit"] = page_size
+    def iter_cases(
+        self,
+        status: str | None = None,
+        page_size: int | None = None,
+        *,
+        priority: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[CaseSummary]:
+        """The clinic's cases, newest first, page after page (following ``next_cursor``); only those
+        in ``status``, of ``priority``, created at or after ``since`` and before ``until`` if given."""
+        params = _core.list_params(status, priority, since, until, page_size)
         while True:
             rows, cursor = _core.page_of(self._request("GET", "/v1/cases", params=params))
             yield from rows

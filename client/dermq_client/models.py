@@ -106,7 +106,9 @@ class Case:
 
 @dataclass(frozen=True)
 class CaseSummary:
-    """A row of ``GET /v1/cases``: no result; ``get`` the case for it."""
+    """A row of ``GET /v1/cases``: a finished case's ``outcome`` (``diagnosis`` or
+    ``out_of_distribution``), ``label`` and ``referral`` flag, enough for a worklist; ``get`` the case
+    for its whole result (probabilities, reasons, heat map)."""
 
     id: str
     status: str
@@ -116,6 +118,9 @@ class CaseSummary:
     updated_at: datetime | None
     links: dict[str, str | None]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    outcome: str | None = None
+    label: str | None = None
+    referral: bool | None = None
 
     @property
     def terminal(self) -> bool:
@@ -195,4 +200,7 @@ def parse_summary(data: dict[str, Any]) -> CaseSummary:
         updated_at=_time(data.get("updated_at")),
         links=dict(data.get("links") or {}),
         raw=data,
+        outcome=data.get("outcome"),
+        label=data.get("label"),
+        referral=None if data.get("referral") is None else bool(data["referral"]),
     )

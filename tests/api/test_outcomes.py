@@ -60,6 +60,9 @@ def test_an_outcome_is_recorded_then_corrected_and_both_are_audited(  # type: ig
     second = post(client, tenant, case_id, diagnosis="mel", method="histo")
     assert second.status_code == 200, second.text
     assert (second.json()["diagnosis"], second.json()["method"], second.json()["revision"]) == ("mel", "histo", 2)
+    # the same report again (a retry whose answer was lost) makes no third revision
+    again = post(client, tenant, case_id, diagnosis="mel", method="histo")
+    assert again.status_code == 200 and again.json() == second.json(), again.text
 
     with session_scope(settings) as session:
         rows = session.scalars(select(ConfirmedOutcome).where(ConfirmedOutcome.case_id == uuid.UUID(case_id))).all()
@@ -71,6 +74,7 @@ def test_an_outcome_is_recorded_then_corrected_and_both_are_audited(  # type: ig
     assert [(e.outcome, e.detail, e.actor_key_id) for e in events] == [
         ("success", {"method": "follow_up", "revision": 1, "correction": False}, tenant.key_id),
         ("success", {"method": "histo", "revision": 2, "correction": True}, tenant.key_id),
+        ("success", {"method": "histo", "revision": 2, "unchanged": True}, tenant.key_id),
     ]
     assert all("mel" not in json.dumps(e.detail) and "nv" not in json.dumps(e.detail) for e in events)
 

@@ -13,16 +13,19 @@ from core import callback_signing
 SECRET = "whsec-test-" + uuid.uuid4().hex
 
 
+CASE_ID = "0d5c0000-0000-4000-8000-000000000000"
+
+
 def signed(body: bytes, at: int | None = None) -> dict[str, str]:
+    """The headers the server sends with ``body`` (its event id is the case's id: worker.callbacks)."""
     timestamp = int(time.time()) if at is None else at
-    case_id = uuid.uuid4()
     return {
         callback_signing.SIGNATURE_HEADER: callback_signing.sign(SECRET, body, timestamp),
-        callback_signing.EVENT_HEADER: str(case_id),
+        callback_signing.EVENT_HEADER: str(uuid.UUID(CASE_ID)),
     }
 
 
-def notice_body(case_id: str = "0d5c0000-0000-4000-8000-000000000000") -> bytes:
+def notice_body(case_id: str = CASE_ID) -> bytes:
     return (
         f'{{"case_id":"{case_id}","outcome":"diagnosis","status":"succeeded",'
         '"timestamp":"2026-11-26T10:00:00.123456Z","type":"case.finished"}'
@@ -57,8 +60,10 @@ def test_a_notice_signed_by_the_server_verifies() -> None:
         ),
         lambda body, headers, secret: (body, {"Dermq-Event-Id": "x"}, secret),
         lambda body, headers, secret: (body, {"Dermq-Signature": "v1=abc"}, secret),
+        # the event id is not signed: one that names another case was altered (a replay made to look new)
+        lambda body, headers, secret: (body, {**headers, "Dermq-Event-Id": str(uuid.uuid4())}, secret),
     ],
-    ids=["body", "trailing_byte", "secret", "mac", "no_header", "no_timestamp"],
+    ids=["body", "trailing_byte", "secret", "mac", "no_header", "no_timestamp", "event_id"],
 )
 def test_a_tampered_notice_is_refused(tamper) -> None:  # type: ignore[no-untyped-def]
     body = notice_body()

@@ -73,3 +73,27 @@ def test_an_unusable_base_url_is_a_problem_not_a_traceback(base_url: str, capsys
     problem = json.loads(err)
     assert problem["code"] == "invalid_base_url" and "--base-url" in problem["detail"]
     assert base_url in problem["detail"]
+
+
+def test_a_missing_api_key_is_a_problem_with_exit_status_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit status 2 means a wait ran out, which a script may answer by waiting again: a missing key
+    must not look like that."""
+    monkeypatch.delenv("DERMQ_API_KEY")
+    status = main(["get", CASE_ID])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert json.loads(err)["code"] == "missing_api_key"
+
+
+def test_an_idempotency_key_the_server_would_refuse_is_a_problem_not_a_traceback(
+    web_site: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "lesion.jpg"
+    image.write_bytes(b"\xff\xd8\xff")
+    status = main(["--base-url", web_site, "submit", str(image), "--idempotency-key", "visit-Müller"])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    problem = json.loads(err)
+    assert problem["code"] == "invalid_argument" and "Müller" not in problem["detail"]
