@@ -255,7 +255,7 @@ def decode(
         with budget.reserve(estimate_for(image, fmt)) if budget is not None else nullcontext():
             if on_header is not None:
                 on_header(ImageHeader(fmt, *declared))
-            return _fitted(_load_rgb(image, fmt, declared), fit)
+            return _fitted(_load_rgb(image, fmt, declared, (MemoryError, *passthrough)), fit)
 
 
 def _accepted_format(data: bytes, limits: ImageLimits) -> str:
@@ -321,10 +321,14 @@ class _Refusals:
         raise InvalidImage("corrupt", f"the {fmt} file is damaged and cannot be decoded") from None
 
 
-def _load_rgb(image: Image.Image, fmt: str, declared: tuple[int, int]) -> DecodedImage:
-    """Decode the pixels of an opened, size-checked ``image`` and convert them to 8-bit sRGB."""
+def _load_rgb(
+    image: Image.Image, fmt: str, declared: tuple[int, int], raised: tuple[type[BaseException], ...] = (MemoryError,)
+) -> DecodedImage:
+    """Decode the pixels of an opened, size-checked ``image`` and convert them to 8-bit sRGB. What is
+    tolerated in a file (a malformed EXIF block or colour profile) is tolerated whatever it raises,
+    except ``raised``: no fault of the file's (a worker's soft time limit, memory), never swallowed."""
     image.load()
-    rgb = to_rgb(_apply_orientation(image), fmt, image.info.get("icc_profile"))
+    rgb = to_rgb(_apply_orientation(image, raised), fmt, image.info.get("icc_profile"), raised)
     rgb.info.pop("icc_profile", None)  # the pixels are sRGB now, whatever the file said
     return DecodedImage(rgb, fmt, declared[0], declared[1])
 
@@ -359,12 +363,14 @@ def _draft_request(width: int, height: int, reduce_to: int) -> tuple[int, int]:
     return (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor)))
 
 
-def _apply_orientation(image: Image.Image) -> Image.Image:
+def _apply_orientation(image: Image.Image, raised: tuple[type[BaseException], ...]) -> Image.Image:
     """``image`` turned upright by its EXIF orientation; the image itself (not a copy) when upright."""
     try:
         if image.getexif().get(ORIENTATION, 1) in (1, None):
             return image
         rotated = ImageOps.exif_transpose(image)
+    except raised:
+        raise
     except Exception:
         # A malformed EXIF block is not worth refusing a clinical image for; keep the stored pixels.
         return image

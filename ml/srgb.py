@@ -40,14 +40,15 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def to_rgb(image: Image.Image, fmt: str, icc: object) -> Image.Image:
-    """8-bit sRGB: the embedded profile ``icc`` applied where usable, then any alpha composited on black."""
+def to_rgb(image: Image.Image, fmt: str, icc: object, raised: tuple[type[BaseException], ...] = ()) -> Image.Image:
+    """8-bit sRGB: the embedded profile ``icc`` applied where usable, then any alpha composited on black.
+    A profile that does not parse or convert is ignored, whatever it raises, except ``raised``."""
     if image.mode in ("LAB", "HSV"):
         icc = None  # a profile for these would describe another space than the RGB we convert them to
     base = _to_base_mode(image, fmt)
     if base.mode not in ("RGBA", "LA"):
-        return _to_srgb(base, icc)
-    rgb = _to_srgb(base.convert(base.mode[:-1]), icc)  # the colour without its alpha: RGB or L
+        return _to_srgb(base, icc, raised)
+    rgb = _to_srgb(base.convert(base.mode[:-1]), icc, raised)  # the colour without its alpha: RGB or L
     rgb.putalpha(base.getchannel("A"))
     return _flatten_alpha(rgb)
 
@@ -76,15 +77,17 @@ def _max_sample(image: Image.Image) -> int:
     return int(extrema[1]) if isinstance(extrema, tuple) and not isinstance(extrema[0], tuple) else 65535
 
 
-def _to_srgb(image: Image.Image, icc: object) -> Image.Image:
+def _to_srgb(image: Image.Image, icc: object, raised: tuple[type[BaseException], ...]) -> Image.Image:
     """``image`` (RGB, L or CMYK) as sRGB RGB: through its embedded profile where usable, else as if already sRGB."""
-    profile = _embedded_profile(icc, image.mode)
+    profile = _embedded_profile(icc, image.mode, raised)
     if profile is not None:
         try:
             srgb = ImageCms.createProfile("sRGB")
             converted = ImageCms.profileToProfile(
                 image, profile, srgb, renderingIntent=ImageCms.Intent.PERCEPTUAL, outputMode="RGB"
             )
+        except raised:
+            raise
         except Exception:
             converted = None  # LittleCMS refused the pair: fall back to the naive conversion below
         if converted is not None and converted.mode == "RGB":
@@ -92,13 +95,17 @@ def _to_srgb(image: Image.Image, icc: object) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _embedded_profile(icc: object, mode: str) -> ImageCms.ImageCmsProfile | None:
+def _embedded_profile(
+    icc: object, mode: str, raised: tuple[type[BaseException], ...]
+) -> ImageCms.ImageCmsProfile | None:
     """The parsed profile ``icc`` when it is small enough, parses, and describes ``mode``'s colour space."""
     if not isinstance(icc, bytes) or not icc or len(icc) > MAX_ICC_PROFILE_BYTES:
         return None
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         space, device_class = profile.profile.xcolor_space, profile.profile.device_class
+    except raised:
+        raise
     except Exception:
         # Malformed profiles raise PyCMSError, OSError, ValueError, TypeError...; none is worth a refusal.
         return None

@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageOps
 
 from ml import srgb
 from ml.images import decode, decode_image
@@ -219,3 +219,35 @@ def test_a_profile_over_the_size_cap_is_not_parsed(monkeypatch: pytest.MonkeyPat
     decoded = decode_image(encode(raw, "TIFF", icc_profile=profile))
     assert np.array_equal(np.asarray(decoded), np.asarray(raw))  # taken as sRGB
     assert parsed == []  # never handed to LittleCMS
+
+
+@pytest.mark.parametrize("where", ["profile", "conversion", "orientation"])
+def test_a_callers_own_error_inside_what_a_file_may_get_wrong_is_not_swallowed(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A malformed profile or EXIF block is tolerated whatever it raises; a worker's soft time limit
+    that lands there is not the file's: it once fell back to the naive conversion and decoded on, so
+    the case ran past its soft limit until the hard one killed the worker's child."""
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise Stopped
+
+    target = {
+        "profile": (ImageCms, "ImageCmsProfile"),
+        "conversion": (ImageCms, "profileToProfile"),
+        "orientation": (ImageOps, "exif_transpose"),
+    }[where]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: exif_transpose is called
+    data = encode(two_colours(), "JPEG", icc_profile=swapped_rgb_profile(), exif=exif.tobytes(), **SAVE["JPEG"])
+    monkeypatch.setattr(*target, stop)
+    with pytest.raises(Stopped):
+        decode(data, passthrough=(Stopped,))
+    with pytest.raises(MemoryError):  # nor is memory this process could not allocate
+        monkeypatch.setattr(*target, lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+        decode(data)
+    monkeypatch.setattr(*target, stop)
+    assert decode(data).image.mode == "RGB"  # raised by the file's own data: tolerated, as before
