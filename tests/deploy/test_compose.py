@@ -130,7 +130,21 @@ def test_metrics_and_internal_services_stay_on_the_internal_network() -> None:
     for name in ("postgres", "redis", "worker", "worker-cpu", "beat", "flower", "prometheus", "migrate"):
         assert doc["services"][name]["networks"] == ["backend"], name
     assert set(doc["services"]["api"]["networks"]) == {"edge", "backend"}
-    assert set(doc["services"]["nginx"]["networks"]) == {"edge"}
+    assert set(doc["services"]["nginx"]["networks"]) == {"edge", "public"}
+
+
+def test_only_nginx_has_a_route_out() -> None:
+    # A network that is not internal routes to the outside world; in the base file only nginx may
+    # join one (its published ports need it). deploy/compose.callbacks.yml adds one for the workers.
+    doc = m.compose()
+    defined = doc.get("networks") or {}
+    for name, service in doc["services"].items():
+        networks = service.get("networks") or ["default"]  # no networks: compose's default, not internal
+        routed = [n for n in networks if not (defined.get(n) or {}).get("internal")]
+        if name == "nginx":
+            assert routed == ["public"], "nginx publishes its ports from one non-internal network"
+        else:
+            assert not routed, f"{name} joins {routed}, which are not internal"
 
 
 def test_third_party_images_are_pinned() -> None:
