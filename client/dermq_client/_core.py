@@ -26,6 +26,8 @@ MAX_SERVER_WAIT = 30.0
 #: 408: the server gave up on an upload that stalled or trickled on the way (a flaky link)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 PRIORITIES = ("routine", "urgent")
+#: connections a client opens at most (httpx's default), each waiting call holding one
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 ImageInput = str | os.PathLike[str] | bytes

@@ -19,7 +19,11 @@ class Client:
 
     Requests that fail on the network, with a 5xx, 429 or 408 are sent again as ``retry`` says,
     honouring ``Retry-After``; a submission is resent with the same ``Idempotency-Key``, so the
-    server answers with the case it already stored rather than a second one."""
+    server answers with the case it already stored rather than a second one.
+
+    Each waiting call (``wait``, ``submit(wait=...)``) holds a connection for up to 30 s: ``limits``
+    (``httpx.Limits``; default 100 connections) bounds how many calls run at once; past it, a call
+    waits for a connection up to the timeout, then fails with ``ConnectionFailed`` (``PoolTimeout``)."""
 
     def __init__(
         self,
@@ -29,6 +33,7 @@ class Client:
         timeout: float | httpx.Timeout = 30.0,
         transport: httpx.BaseTransport | None = None,
         retry: _core.RetryPolicy | None = None,
+        limits: httpx.Limits | None = None,
     ) -> None:
         self.retry = retry or _core.RetryPolicy()
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
@@ -37,6 +42,7 @@ class Client:
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": _core.USER_AGENT},
             timeout=self._timeout,
             transport=transport,
+            limits=limits or _core.DEFAULT_LIMITS,
             follow_redirects=False,
         )
 

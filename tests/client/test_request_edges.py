@@ -5,12 +5,16 @@ filters and worklist fields. httpx.MockTransport stands in for the server (as in
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+import time
 import uuid
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from dermq_client import AsyncClient, Client, RequestTimeout, RetryPolicy, UnexpectedResponse
+from dermq_client import AsyncClient, Client, ConnectionFailed, RequestTimeout, RetryPolicy, UnexpectedResponse
 
 from tests.client.test_requests import CASE_ID, case_json
 
@@ -108,3 +112,41 @@ def test_the_list_filters_and_its_worklist_fields() -> None:
     }
     assert [(r.id, r.outcome, r.label, r.referral) for r in rows] == [(CASE_ID, "diagnosis", "mel", True)]
     assert uuid.UUID(rows[0].id)
+
+
+def test_limits_bound_the_connections_a_client_holds() -> None:
+    """Each waiting call holds a connection; ``limits`` bounds how many, and a call past them fails
+    with ConnectionFailed (PoolTimeout) once the pool's timeout passes."""
+    release = threading.Event()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            release.wait(10)
+            body = json.dumps(case_json()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    timeout = httpx.Timeout(10, pool=0.3)
+    limits = httpx.Limits(max_connections=1)
+    url, once = f"http://127.0.0.1:{server.server_address[1]}", RetryPolicy(attempts=1)
+    dermq = Client(url, "dq_key", timeout=timeout, limits=limits, retry=once)
+    first = threading.Thread(target=dermq.get, args=(CASE_ID,))
+    try:
+        first.start()
+        time.sleep(0.2)  # the first call holds the one connection
+        with pytest.raises(ConnectionFailed, match="PoolTimeout"):
+            dermq.get(CASE_ID)
+    finally:
+        release.set()
+        first.join(10)
+        dermq.close()
+        server.shutdown()
+        server.server_close()
