@@ -213,7 +213,7 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
 AuthenticatedCaller = Annotated[Caller, Depends(authenticate)]
 
 
-def json_media_type(request: Request, caller: AuthenticatedCaller) -> None:
+async def json_media_type(request: Request, caller: AuthenticatedCaller) -> None:
     """415 ``unsupported_media_type`` when a route that takes a JSON body gets another media type
     (FastAPI would validate the raw bytes and answer 422 about a field). After authentication: an
     unauthenticated caller is told that first."""
