@@ -60,6 +60,9 @@ class Listener:
         self._listening = threading.Event()
         self._lock = threading.Lock()
         self._fd: int | None = None  # the listening connection's socket while connected
+        #: set while a heartbeat's answer is awaited: notifications read meanwhile wait in the
+        #: connection until it comes, unheard (see :meth:`unheard`)
+        self._exchanging = threading.Event()
 
     @property
     def listening(self) -> bool:
@@ -71,7 +74,7 @@ class Listener:
         ``poll``, a few microseconds; it closes most of the moment between a revocation's commit
         and the thread's turn on a busy machine."""
         fd = self._fd
-        if fd is None:
+        if fd is None or self._exchanging.is_set():
             return True
         try:
             return _poller(fd).poll(0) != []
@@ -134,13 +137,18 @@ class Listener:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("Postgres did not answer the listener in time")
+            if self._stop.is_set():  # close() waits for this thread: no answer is waited for then
+                raise InterruptedError("the listener is stopping")
             poller = select.poll()  # the descriptor may change while a connection is being made
             poller.register(
                 connection.fileno(), select.POLLOUT if state == psycopg2.extensions.POLL_WRITE else select.POLLIN
             )
-            poller.poll(remaining * 1000)
+            poller.poll(min(remaining, 0.5) * 1000)
 
     def _heartbeat(self, connection: psycopg2.extensions.connection) -> None:
+        """Ask ``SELECT 1`` and wait for its answer. :meth:`unheard` is True from here until the
+        caller has handled the notifications read meanwhile (it clears ``_exchanging``)."""
+        self._exchanging.set()
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
             self._answered(connection)
@@ -180,10 +188,11 @@ class Listener:
                             ended += announcements.parse(notice.payload)
                     if keys_changed:
                         self._keys_changed()
+                    self._exchanging.clear()  # what a heartbeat's exchange read is handled
                     if ended:
                         self._cases_ended(ended)
             except Exception as exc:
-                if self._listening.is_set() or backoff == 0.5:
+                if not self._stop.is_set() and (self._listening.is_set() or backoff == 0.5):
                     log.warning(
                         "the Postgres listener is not connected; key checks go to the database and waiting "
                         "requests look every second until it is",
@@ -191,13 +200,13 @@ class Listener:
                     )
             finally:
                 self._listening.clear()
+                self._exchanging.clear()  # unheard() is True while not listening anyway
                 self._fd = None
                 self._keys_changed()
                 if connection is not None:
                     with contextlib.suppress(Exception):
                         connection.close()
-            if not self._stop.is_set():
-                time.sleep(backoff)
+            if not self._stop.wait(backoff):  # close() does not wait out a back-off
                 backoff = min(backoff * 2, 10.0)
 
 

@@ -19,9 +19,13 @@ from core.config import Settings
 from core.db import session_scope
 from tests.api.test_listener import until
 
+#: Postgres over TCP, trusted without a password on this machine and CI's (the tests' settings name
+#: its socket, which a proxy cannot stand in front of)
+POSTGRES = ("127.0.0.1", 5432)
+
 
 class SilenceableProxy:
-    """Forwards TCP connections to Postgres on 127.0.0.1:5432 until :meth:`silence`, then swallows
+    """Forwards TCP connections to ``upstream`` until :meth:`silence`, then swallows
     everything; :meth:`resume` passes bytes again (on the connections opened from then on)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
@@ -68,7 +72,7 @@ class SilenceableProxy:
 
 
 def test_a_connection_gone_silent_is_counted_lost_and_opened_again(settings: Settings, database: str) -> None:
-    proxy = SilenceableProxy(("127.0.0.1", 5432))
+    proxy = SilenceableProxy(POSTGRES)
     url = make_url(settings.database_url).set(host="127.0.0.1", port=proxy.port)
     case_id = uuid.uuid4()
 
@@ -99,3 +103,33 @@ def test_a_connection_gone_silent_is_counted_lost_and_opened_again(settings: Set
     forgotten, ended = asyncio.run(scenario())
     assert forgotten >= 1
     assert ended.count([]) >= 2  # on reconnecting too, waiting requests were told they may have missed an end
+
+
+def test_nothing_read_during_a_heartbeat_is_trusted_before_it_is_handled_and_close_does_not_wait_for_it(
+    settings: Settings, database: str
+) -> None:
+    """A notification that comes while a heartbeat waits for its answer is read into the connection,
+    off the socket, and handled only once the answer has come: until then the key cache must not
+    trust what it remembers (``unheard``). And closing must not wait out the heartbeat's deadline."""
+    proxy = SilenceableProxy(POSTGRES)
+    url = make_url(settings.database_url).set(host="127.0.0.1", port=proxy.port)
+
+    async def scenario() -> tuple[bool, bool]:
+        listener = Listener(url.render_as_string(hide_password=False), heartbeat_seconds=0.3, answer_seconds=30)
+        listener.start()
+        thread = listener._thread
+        assert thread is not None
+        try:
+            await until(lambda: listener.listening and not listener.unheard(), "the listener to connect")
+            proxy.silence()  # the next heartbeat's answer never comes
+            await until(lambda: listener._exchanging.is_set(), "a heartbeat to be under way")
+            distrusted = listener.unheard()
+        finally:
+            listener.close()  # waits up to 5 s for the thread: not the heartbeat's 30 s deadline
+            still_running = thread.is_alive()  # before the proxy's close ends the connection anyway
+            proxy.close()
+        return distrusted, still_running
+
+    distrusted, still_running = asyncio.run(scenario())
+    assert distrusted
+    assert not still_running
