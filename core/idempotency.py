@@ -18,25 +18,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
 import uuid
 
-from sqlalchemy import ColumnElement, exists, func, select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from core.crypto import Keyring
-from core.models import Case
+from core.models import DIGESTED_KEY, Case
 
 PREFIX = "hmac-sha256:"
 _LABEL = b"dermq idempotency-key v1"
 
-#: cases whose key is still in plain text (written before migration 0013); a partial index answers
-PLAIN: ColumnElement[bool] = ~func.starts_with(Case.idempotency_key, PREFIX)
-
-#: after a look found no plain key, seconds before this process looks again: an API process of the
-#: release before (a rolling upgrade) may still store one meanwhile
-RECHECK_SECONDS = 60.0
-_none_left_at: float | None = None  # when a look last found no plain key in the database
+#: cases whose key is still in plain text (written before migration 0013, or by a process of the
+#: release before during a rolling upgrade): any key that is not exactly a digest's form, so that a
+#: portal's own key that merely starts like one is digested too; a partial index answers
+PLAIN: ColumnElement[bool] = Case.idempotency_key.op("!~")(DIGESTED_KEY)
 
 
 def digest(keyring: Keyring, clinic_id: uuid.UUID, key: str) -> str:
@@ -46,30 +42,28 @@ def digest(keyring: Keyring, clinic_id: uuid.UUID, key: str) -> str:
 
 
 def legacy_case(session: Session, clinic_id: uuid.UUID, key: str) -> Case | None:
-    """The case ``clinic_id`` sent with ``key`` before migration 0013, if its key is still in plain
-    text. Once a look finds no plain key left in the database, this process skips the look for
-    :data:`RECHECK_SECONDS`."""
-    global _none_left_at
-    checked = _none_left_at
-    if checked is not None and time.monotonic() - checked < RECHECK_SECONDS:
-        return None
-    found = session.scalar(select(Case).where(Case.clinic_id == clinic_id, Case.idempotency_key == key, PLAIN))
-    if found is None and not session.scalar(select(exists().where(PLAIN))):
-        _none_left_at = time.monotonic()
-    return found
+    """The case ``clinic_id`` sent with ``key`` that holds it in plain text, if any: stored before
+    migration 0013, or meanwhile by an API process of the release before (a rolling upgrade). One
+    look-up on the unique index, every time: a retry that reached an old process must still find it."""
+    return session.scalar(select(Case).where(Case.clinic_id == clinic_id, Case.idempotency_key == key, PLAIN))
 
 
 def digest_plain_keys(session: Session, keyring: Keyring, *, limit: int = 500) -> int:
     """Replace up to ``limit`` keys still stored in plain text with their digests; returns how many.
-    Cheap once none are left (the partial index answers)."""
+    Cheap once none are left (the partial index answers).
+
+    Where the clinic already has a case under that digest (a retry stored by each release during a
+    rolling upgrade, or after a downgrade), the later retry's case was a second case for the key:
+    the plain one's key is dropped and the digest keeps finding the case that holds it."""
     legacy = session.execute(
         select(Case.id, Case.clinic_id, Case.idempotency_key)
         .where(PLAIN)
+        .order_by(Case.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
     for case_id, clinic_id, key in legacy:  # PLAIN holds no NULL key
-        session.execute(
-            update(Case).where(Case.id == case_id).values(idempotency_key=digest(keyring, clinic_id, str(key)))
-        )
+        digested = digest(keyring, clinic_id, str(key))
+        taken = session.scalar(select(Case.id).where(Case.clinic_id == clinic_id, Case.idempotency_key == digested))
+        session.execute(update(Case).where(Case.id == case_id).values(idempotency_key=None if taken else digested))
     return len(legacy)

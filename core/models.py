@@ -128,7 +128,7 @@ class ApiKey(Base):
     clinic: Mapped[Clinic | None] = relationship(lazy="raise")
 
 
-_PLAIN_KEY = "NOT starts_with(idempotency_key, 'hmac-sha256:')"  # not yet a digest (core.idempotency)
+DIGESTED_KEY = "^hmac-sha256:[0-9a-f]{64}$"  # an idempotency key stored as its digest (core.idempotency)
 
 
 class Case(Base):
@@ -141,7 +141,7 @@ class Case(Base):
         Index("ix_cases_status_updated", "status", "updated_at"),
         Index("ix_cases_queued", "updated_at", postgresql_where=text("status IN ('queued', 'running')")),
         Index("ix_cases_plain_client_ref", "id", postgresql_where=text("client_ref IS NOT NULL")),
-        Index("ix_cases_plain_idempotency_key", "id", postgresql_where=text(_PLAIN_KEY)),
+        Index("ix_cases_plain_idempotency_key", "id", postgresql_where=text(f"idempotency_key !~ '{DIGESTED_KEY}'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)

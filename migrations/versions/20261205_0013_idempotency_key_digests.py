@@ -31,7 +31,7 @@ def upgrade() -> None:
         "ix_cases_plain_idempotency_key",
         "cases",
         ["id"],
-        postgresql_where="NOT starts_with(idempotency_key, 'hmac-sha256:')",
+        postgresql_where="idempotency_key !~ '^hmac-sha256:[0-9a-f]{64}$'",
         if_not_exists=True,
     )
 
