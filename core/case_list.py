@@ -79,7 +79,10 @@ def list_cases(
         query = query.where(or_(Case.created_at < created, and_(Case.created_at == created, Case.id < case_id)))
     rows = list(session.scalars(query.order_by(Case.created_at.desc(), Case.id.desc()).limit(limit + 1)))
     page, more = rows[:limit], len(rows) > limit
-    opened = results.read_results(session, keyring, [c.id for c in page if c.status == CaseStatus.SUCCEEDED])
+    # a case sealed under a destroyed period key (a restore: docs/OPERATIONS.md) is listed without its
+    # result, not the whole page refused; reading it alone says why (410 period_key_destroyed)
+    succeeded = [c.id for c in page if c.status == CaseStatus.SUCCEEDED]
+    opened = results.read_results(session, keyring, succeeded, skip_destroyed=True)
     shown = {case_id: (r.outcome, r.label, r.referral) for case_id, r in opened.items()}
     audit.record(
         session,

@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
+from core.errors import PeriodKeyDestroyed
 from core.models import BlobKind, Case, CaseBlob
 
 KIND = BlobKind.CLIENT_REF.value
@@ -32,14 +33,23 @@ def seal_client_ref(keyring: Keyring, case_id: uuid.UUID, client_ref: str, kek_i
     return encrypt_blob(keyring, client_ref.encode(), case_id=case_id, kind=KIND, kek_id=kek_id)
 
 
-def client_refs(session: Session, keyring: Keyring, cases: Sequence[Case]) -> dict[uuid.UUID, str | None]:
-    """The client reference of each case (None where it has none, or it was erased), in one query."""
+def client_refs(
+    session: Session, keyring: Keyring, cases: Sequence[Case], *, skip_destroyed: bool = False
+) -> dict[uuid.UUID, str | None]:
+    """The client reference of each case (None where it has none, or it was erased), in one query.
+    One sealed under a destroyed period key raises :class:`PeriodKeyDestroyed`; with
+    ``skip_destroyed`` it is None, like an erased one (see :func:`core.results.read_results`)."""
     found: dict[uuid.UUID, str | None] = {case.id: case.plain_client_ref for case in cases}
     if not cases:
         return found
     rows = session.execute(_SEALED_REFS, {"ids": [case.id for case in cases]})  # columns, not ORM objects
     for row in rows:
-        found[row.case_id] = _open(keyring, row.case_id, SealedBlob.from_row(row))
+        try:
+            found[row.case_id] = _open(keyring, row.case_id, SealedBlob.from_row(row))
+        except PeriodKeyDestroyed:
+            if not skip_destroyed:
+                raise
+            found[row.case_id] = None
     return found
 
 

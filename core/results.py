@@ -33,6 +33,7 @@ from sqlalchemy import and_, insert, select, update
 from sqlalchemy.orm import Session
 
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
+from core.errors import PeriodKeyDestroyed
 from core.models import SEALED_RESULT_FIELDS, BlobKind, Case, CaseBlob, Result
 
 KIND = BlobKind.RESULT.value
@@ -127,9 +128,15 @@ def _plain(row: Any) -> dict[str, Any] | None:
     return {name: getattr(row, name) for name in SEALED_RESULT_FIELDS}
 
 
-def read_results(session: Session, keyring: Keyring, case_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ResultView]:
+def read_results(
+    session: Session, keyring: Keyring, case_ids: Sequence[uuid.UUID], *, skip_destroyed: bool = False
+) -> dict[uuid.UUID, ResultView]:
     """The results of ``case_ids`` with their findings opened, in one query. A case without a result,
-    or whose findings were shredded (erasure, retention), is absent. The caller audits the read."""
+    or whose findings were shredded (erasure, retention), is absent. The caller audits the read.
+
+    A result sealed under a destroyed period key (a database restored from a backup older than the
+    destruction: docs/OPERATIONS.md) raises :class:`PeriodKeyDestroyed`; with ``skip_destroyed`` it
+    is absent like a shredded one, so that one such case does not take a list or a report down."""
     if not case_ids:
         return {}
     rows = session.execute(  # columns, not ORM objects: a drift window reads thousands
@@ -139,7 +146,12 @@ def read_results(session: Session, keyring: Keyring, case_ids: Sequence[uuid.UUI
     ).all()
     found: dict[uuid.UUID, ResultView] = {}
     for row in rows:
-        view = open_result(keyring, row, SealedBlob.from_row(row))
+        try:
+            view = open_result(keyring, row, SealedBlob.from_row(row))
+        except PeriodKeyDestroyed:
+            if not skip_destroyed:
+                raise
+            continue
         if view is not None:
             found[row.case_id] = view
     return found

@@ -86,7 +86,9 @@ def window_report(
         recent = _cases(model_id, end).where(Result.created_at >= end - LOOKBACK)
         rows = session.execute(recent.order_by(Result.created_at.desc()).limit(drift.MIN_CASES)).all()
         start = min((row.created_at for row in rows), default=start)
-    opened = results.read_results(session, keyring or load_keyring(settings), [row.case_id for row in rows])
+    opened = results.read_results(  # without a case sealed under a destroyed period key (a restore)
+        session, keyring or load_keyring(settings), [row.case_id for row in rows], skip_destroyed=True
+    )
     audit.record(  # patient findings opened, if only to count them: recorded like any other reading
         session,
         action="drift.read",

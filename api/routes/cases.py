@@ -356,7 +356,7 @@ async def list_cases(
             cursor=cursor,
             limit=min(limit_ or app.settings.page_size_default, app.settings.page_size_max),
         )
-        refs = phi.client_refs(session, app.keyring, page.cases)
+        refs = phi.client_refs(session, app.keyring, page.cases, skip_destroyed=True)  # as their results
         return CasePage(
             items=[summary(c, refs.get(c.id), page.results.get(c.id)) for c in page.cases],
             next_cursor=page.next_cursor,

@@ -4,17 +4,18 @@ answers 410 ``period_key_destroyed`` (it answered 500), and no process keeps the
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import null, select, update
 
-from core import audit, cases, keyrotation, period_shredding
+from core import audit, cases, keyrotation, period_shredding, results
 from core.crypto import decrypt_blob, load_keyring
 from core.db import session_scope
 from core.keys import Principal
-from core.models import Case, CaseBlob, Role
+from core.models import Case, CaseBlob, Result, Role
 from tests.core.test_period_keys import NOW, Site, blob_rows, erase, site  # noqa: F401  (site: the fixture)
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -64,6 +65,35 @@ def test_a_case_restored_after_its_period_key_was_destroyed_is_gone_not_an_error
     with pytest.raises(PeriodKeyDestroyed):
         decrypt_blob(serving, sealed, case_id=case_id, kind="client_ref")
     assert serving.periods is not None and not serving.periods._cache  # forgotten where it was cached
+    with session_scope(site.settings) as session:  # and its result, sealed under the same key
+        result_blob = {**next(b for b in backup if b["kind"] == "client_ref"), "kind": "result"}
+        result_blob.pop("id", None)
+        session.execute(CaseBlob.__table__.insert(), [result_blob])
+        session.add(sealed_result(case_id))
     with TestClient(create_app(site.settings), raise_server_exceptions=False) as client:
         answer = client.get(f"/v1/cases/{case_id}", headers=site.tenant.headers)
+        listed = client.get("/v1/cases", headers=site.tenant.headers)
     assert (answer.status_code, answer.json()["code"]) == (410, "period_key_destroyed"), answer.text
+    # one such case does not take the clinic's list down: it is listed without what no key opens
+    assert listed.status_code == 200, listed.text
+    row = next(item for item in listed.json()["items"] if item["id"] == str(case_id))
+    assert (row["client_ref"], row["outcome"], row["label"]) == (None, None, None)
+    with session_scope(site.settings) as session:  # nor a report that reads results (drift)
+        assert results.read_results(session, serving, [case_id], skip_destroyed=True) == {}
+        with pytest.raises(PeriodKeyDestroyed):
+            results.read_results(session, serving, [case_id])
+
+
+def sealed_result(case_id: uuid.UUID) -> Result:
+    """A result row as this release stores it: every finding sealed (its columns NULL)."""
+    return Result(
+        case_id=case_id,
+        outcome="diagnosis",
+        ood_reasons=null(),  # SQL NULL: None would leave the columns to their '[]' default
+        referral_reasons=null(),
+        gradcam_status="ok",
+        model_id="m",
+        weights_sha256="0" * 64,
+        device="cpu",
+        timings={},
+    )
