@@ -45,9 +45,19 @@ def init(file: Path | None) -> int:
 
 @keys.command("rotate", help="add a new active key and re-wrap every data key")
 @batch_option
-def rotate(batch: int) -> int:
+@click.option(
+    "--no-rewrap",
+    is_flag=True,
+    help="only add the new active key to the key file: for a copy of a key file the running services "
+    "mount (deploy/README.md); run `dermq keys rewrap` once every process reads the new file",
+)
+def rotate(batch: int, no_rewrap: bool) -> int:
     from core import keyrotation
 
+    if no_rewrap:
+        report = keyrotation.rotate(get_settings(), actor=CLI_ACTOR, rewrap=False)
+        click.echo(f"active key is now {report.active}; nothing re-wrapped: run `dermq keys rewrap` once deployed")
+        return 0
     with Progress("re-wrapping data keys") as progress:
         report = keyrotation.rotate(get_settings(), batch=batch, actor=CLI_ACTOR, progress=progress)
     click.echo(f"active key is now {report.active}; re-wrapped {report.rewrapped} data keys, {report.remaining} remain")
@@ -62,6 +72,12 @@ def rewrap(batch: int) -> int:
     with Progress("re-wrapping data keys") as progress:
         report = keyrotation.rewrap_all(get_settings(), batch=batch, actor=CLI_ACTOR, progress=progress)
     click.echo(f"re-wrapped {report.rewrapped} data keys under {report.active}; {report.remaining} remain")
+    if report.remaining:
+        click.echo(
+            "what remains is locked by a running case (run again) or under a key the key file lacks "
+            "(`dermq keys status` names it)",
+            err=True,
+        )
     return 0 if report.remaining == 0 else 1
 
 
@@ -92,10 +108,17 @@ def status(as_json: bool) -> int:
         }
         for k in keyring.keks
     ]
+    # a KEK the data need that the key file lacks: blobs wrapped under it, or period keys (a key file
+    # restored from before a rotation whose re-wrap moved the period keys under a newer KEK)
     rows += [
-        {"kek_id": k, "active": False, "in_key_file": present(k), "blobs": n, "period_keys": 0}
-        for k, n in sorted(counts.items())
-        if k not in keyring.keks
+        {
+            "kek_id": k,
+            "active": False,
+            "in_key_file": present(k),
+            "blobs": counts.get(k, 0),
+            "period_keys": wrapped.get(k, 0),
+        }
+        for k in sorted((set(counts) | set(wrapped)) - set(keyring.keks))
     ]
     if as_json:
         click.echo(json.dumps(rows))

@@ -56,8 +56,11 @@ def report(model_id: str | None, mel_floor: float | None, min_melanomas: int | N
     }
     minimum = min_melanomas if min_melanomas is not None else outcomes.MIN_CONFIRMED_MELANOMAS
     alerts = outcomes.melanoma_alerts(found, floors, min_confirmed=minimum)
+    if model_id is not None and model_id not in found:  # a mistyped id must not read as "all is well"
+        click.echo(f"error: no confirmed outcomes for model {model_id!r}: nothing was checked", err=True)
+        return 2
     if as_json:
-        click.echo(json.dumps({"models": found, "alerts": alerts}, sort_keys=True))
+        click.echo(json.dumps({"models": found, "floors": floors, "alerts": alerts}, sort_keys=True))
         return 1 if alerts else 0
     if not found:
         click.echo("no confirmed outcomes yet")
@@ -72,6 +75,8 @@ def report(model_id: str | None, mel_floor: float | None, min_melanomas: int | N
             rates = figures["classes"][code]
             click.echo(f"  {code:<6} {_rate(rates['sensitivity']):<36} {_rate(rates['ppv']):<36}")
         click.echo(f"  referral sensitivity (mel, bcc, akiec referred): {_rate(figures['referral_sensitivity'])}")
+        if floors[model] is None:
+            click.echo("  melanoma sensitivity floor: none in the model card (not checked; give --mel-floor)")
     for alert in alerts:
         low, high = alert["ci95"]
         click.echo(

@@ -123,7 +123,9 @@ def rewrap_all(
                 select(CaseBlob, Case.created_at)
                 .join(Case, Case.id == CaseBlob.case_id)
                 .options(load_only(CaseBlob.case_id, CaseBlob.kind, CaseBlob.wrapped_key, CaseBlob.kek_id))
-                .where(_misplaced(keyring))
+                # a blob under a KEK the key file lacks cannot be re-wrapped: left (and counted as
+                # remaining), not retried by every run at the head of the batch
+                .where(_misplaced(keyring), CaseBlob.kek_id.in_(list(keyring.keks)))
                 .order_by(CaseBlob.id)
                 .limit(batch)
                 .with_for_update(of=CaseBlob, skip_locked=True)
@@ -135,7 +137,7 @@ def rewrap_all(
                 if blobs
                 else session.scalars(
                     select(ClinicCallback)
-                    .where(ClinicCallback.kek_id != keyring.active_id)
+                    .where(ClinicCallback.kek_id != keyring.active_id, ClinicCallback.kek_id.in_(list(keyring.keks)))
                     .order_by(ClinicCallback.clinic_id)
                     .limit(batch)
                     .with_for_update(skip_locked=True)
@@ -199,8 +201,14 @@ def rotate(
     actor: audit.Actor = audit.SYSTEM,
     max_batches: int | None = None,
     progress: Progress | None = None,
+    rewrap: bool = True,
 ) -> RewrapReport:
-    """Add a new active KEK to the key file (old keys stay), then re-wrap every data key under it."""
+    """Add a new active KEK to the key file (old keys stay), then re-wrap every data key under it.
+
+    Without ``rewrap`` only the key file changes (``remaining`` is then -1: not counted): for a key
+    file that the running processes mount as a secret, rotated on a copy, re-wrapping must wait until
+    every process reads the new file (:func:`rewrap_all`, ``dermq keys rewrap``), or the period keys
+    and callback secrets it re-wraps are under a KEK those processes do not have."""
     _key_file(settings)
     assert settings.key_file is not None
     # the folder's lock is not held: the re-wrap below takes it, and a period key created meanwhile
@@ -219,6 +227,8 @@ def rotate(
         )
         session.flush()
         write_key_file(settings.key_file, new, overwrite=True)  # then the event commits
+    if not rewrap:
+        return RewrapReport(new.active_id, 0, -1)
     return rewrap_all(settings, batch=batch, actor=actor, max_batches=max_batches, progress=progress)
 
 

@@ -302,6 +302,8 @@ class PeriodKeys:
             for entry in self.list():
                 if entry.wrapped_by is None or entry.wrapped_by == keyring.active_id:
                     continue
+                if entry.wrapped_by not in keyring.keks:  # cannot be opened: left for `keys status` to name
+                    continue
                 path = self._key_file(entry.period)
                 record = self._read(path)
                 key = self._unwrap(keyring, entry.period, record)

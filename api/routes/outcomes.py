@@ -41,12 +41,16 @@ class OutcomeOut(BaseModel):
     status_code=201,
     responses={
         **JSON_PROBLEMS,
-        200: {"model": OutcomeOut, "description": "a correction: the earlier report is replaced"},
+        200: {
+            "model": OutcomeOut,
+            "description": "a correction (the earlier report is replaced), or the current report sent "
+            "again (unchanged: no new revision)",
+        },
         409: PROBLEMS[404] | {"description": "the case has not succeeded (yet)"},
         410: PROBLEMS[404] | {"description": "the case's result was erased"},
     },
     dependencies=JSON_BODY,
-    summary="Report a case's confirmed diagnosis (a second report corrects the first)",
+    summary="Report a case's confirmed diagnosis (a different later report corrects it)",
 )
 async def report_outcome(
     case_id: uuid.UUID, body: OutcomeIn, response: Response, app: State, caller: AuthenticatedCaller, db: Db

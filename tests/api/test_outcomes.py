@@ -172,6 +172,9 @@ def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
     assert text.returncode == 0, text.stderr
     assert f"{model}: 7 confirmed cases (1 out of distribution, not scored)" in text.stdout
     assert "0.333" in text.stdout and "(3/4)" in text.stdout
+    assert "floor: none in the model card (not checked" in text.stdout  # no model card: nothing alerted on
+    mistyped = run(settings, "monitor", "report", "--model", model + "-typo")
+    assert mistyped.returncode == 2 and "nothing was checked" in mistyped.stderr, mistyped.stdout
 
     # melanoma sensitivity 1/3 [0.061, 0.792] on 3 confirmed melanomas: an alert (exit 1) only when the
     # whole interval is below the floor, and only with enough confirmed melanomas

@@ -154,3 +154,49 @@ def test_a_retirement_waits_for_a_rotation_in_progress_and_keeps_its_new_key(rot
     after = load_keyring(rotating)
     assert after.active_id == rotated.active_id and old.active_id not in after.keks
     assert set(after.keks) == set(rotated.keks) - {old.active_id}
+
+
+def test_a_rotation_on_a_copy_of_a_mounted_key_file_leaves_the_running_services_able_to_read(  # type: ignore[no-untyped-def]
+    rotating: Settings, rotating_tenant, jpeg_bytes: bytes, tmp_path: Path
+) -> None:
+    """deploy/README.md rotates a copy of the key file the services mount as a secret. Re-wrapping
+    at once put the shared period keys under a KEK only the copy had: every running process failed
+    to decrypt until the new secret reached it. ``rewrap=False`` changes only the copy; the re-wrap
+    follows once the new file is deployed."""
+    case_id = case_store(rotating, load_keyring(rotating))(rotating_tenant, jpeg_bytes)
+    running = load_keyring(rotating)  # a service's keyring, from the mounted file
+    period = running.periods.current(datetime.now(UTC))  # type: ignore[union-attr]
+    copy = tmp_path / "copy" / "keys.json"
+    copy.parent.mkdir()
+    copy.write_bytes(rotating.key_file.read_bytes())  # type: ignore[union-attr]
+    copy.chmod(0o600)
+    on_copy = rotating.model_copy(update={"key_file": copy, "period_key_dir": rotating.period_key_folder})
+    report = keyrotation.rotate(on_copy, rewrap=False)
+    assert report.active != running.active_id and report.remaining == -1
+    assert _period_file(rotating, period)["kek_id"] == running.active_id  # the shared folder is untouched
+    assert _stored_image_decrypts(rotating, str(case_id), jpeg_bytes)  # with the mounted file, as before
+    with session_scope(rotating) as session:
+        images, unreadable = case_images.read_images(session, keyring=running, case_ids=[case_id])
+        assert not unreadable and images[case_id].data == jpeg_bytes
+
+    rotating.key_file.write_bytes(copy.read_bytes())  # type: ignore[union-attr]  # the new secret, deployed
+    assert keyrotation.rewrap_all(rotating).remaining == 0
+    assert _period_file(rotating, period)["kek_id"] == report.active
+    assert _stored_image_decrypts(rotating, str(case_id), jpeg_bytes)
+
+
+def test_a_rewrap_moves_what_it_can_and_leaves_what_a_missing_key_wraps(  # type: ignore[no-untyped-def]
+    rotating: Settings, rotating_tenant, jpeg_bytes: bytes
+) -> None:
+    """One blob under a KEK the key file lacks (a key file restored from before a rotation) made
+    every run fail at the same row, moving nothing: the rest is re-wrapped, it is left and counted."""
+    legacy_keys = replace(load_keyring(rotating), periods=None)  # wrapped straight under the KEK
+    stranded, movable = (case_store(rotating, legacy_keys)(rotating_tenant, jpeg_bytes) for _ in range(2))
+    with session_scope(rotating) as session:
+        session.execute(
+            CaseBlob.__table__.update().where(CaseBlob.case_id == stranded).values(kek_id="kek-not-in-the-file")
+        )
+    report = keyrotation.rewrap_all(rotating)
+    assert (report.rewrapped, report.remaining) == (1, 1)
+    assert _stored_image_decrypts(rotating, str(movable), jpeg_bytes)
+    assert _blob_count(rotating, "kek-not-in-the-file") == 1

@@ -241,6 +241,15 @@ def test_the_cli_lists_periods_and_destroys_one_only_when_its_cases_are_gone(sit
     by_id = {r["kek_id"]: r for r in json.loads(status.stdout)}
     assert by_id[kek_id(period)]["blobs"] == 1 and by_id[kek_id(period)]["in_key_file"]
     assert by_id[load_keyring(site.settings).active_id]["period_keys"] == 1
+    # a key file restored from before a rotation: the period key is wrapped under a KEK it lacks
+    key_file = site.settings.period_key_folder / f"{period}.json"  # type: ignore[operator]
+    saved = key_file.read_text()
+    key_file.write_text(json.dumps(json.loads(saved) | {"kek_id": "kek-not-in-the-file"}))
+    lacking = run(site.settings, "keys", "status", "--json")
+    key_file.write_text(saved)
+    assert lacking.returncode == 1, lacking.stdout + lacking.stderr
+    missing = {r["kek_id"]: r for r in json.loads(lacking.stdout)}["kek-not-in-the-file"]
+    assert (missing["in_key_file"], missing["period_keys"]) == (False, 1)
 
     refused = run(site.settings, "keys", "destroy-period", period)
     assert refused.returncode == 2 and "not purged yet" in refused.stderr and "period_has_live_cases" in refused.stderr

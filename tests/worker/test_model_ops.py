@@ -170,3 +170,14 @@ def test_drift_report_over_the_database(settings, entry_copy: Path, tenant, stor
     shifted = dermq(settings, "drift", "report", "--day", "2030-01-02", model=str(entry_copy))
     assert shifted.returncode == 1 and "megapixels" in shifted.stdout and "DRIFT" in shifted.stdout
     assert "status: drift" in shifted.stdout
+
+
+def test_drift_report_for_a_model_without_a_drift_reference_is_one_error_line(settings, entry_copy: Path) -> None:  # type: ignore[no-untyped-def]
+    """Right after a retraining the new entry may have no reference yet: the operator gets the
+    registry's message (what to run), exit status 2, not a traceback."""
+    manifest = registry.read_manifest(entry_copy)
+    manifest.pop("drift_reference", None)
+    registry.write_json_atomic(entry_copy / "manifest.json", manifest)
+    done = dermq(settings, "drift", "report", model=str(entry_copy))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr and done.stdout == ""
