@@ -217,6 +217,7 @@ def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) 
         sealed = phi.seal_plain_client_refs(session, keyring(config))
         sealed_results = results.seal_plain_results(session, keyring(config))  # a batch of each a sweep
         sealed_diagnoses = outcomes.seal_plain_diagnoses(session, keyring(config))
+    with session_scope(config) as session:  # apart: a key stored meanwhile under the same digest fails only this
         keys_digested = idempotency.digest_plain_keys(session, keyring(config))
     return {
         **report.to_dict(),
