@@ -7,6 +7,8 @@ invalid setting. A database that cannot be reached exits 69 (``EX_UNAVAILABLE``)
 
 from __future__ import annotations
 
+import sys
+
 import click
 from sqlalchemy.exc import OperationalError
 
@@ -20,7 +22,6 @@ from cli.encryption_keys import keys
 from cli.models import model
 from cli.monitor import monitor
 from core.errors import DecryptionError, DermqError, KeyringError
-from ml.registry import RegistryError
 
 BAD_INPUT = 2
 UNAVAILABLE = 69  # EX_UNAVAILABLE (sysexits.h): a service the command needs is down
@@ -51,12 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyringError, ValueError) as exc:  # a bad key file; invalid settings (pydantic's errors)
         click.echo(f"error: {exc}", err=True)
         return BAD_INPUT
-    except RegistryError as exc:  # a model entry that lacks what the command needs (its message says what to run)
-        click.echo(f"error: {exc}", err=True)
-        return BAD_INPUT
     except DecryptionError as exc:  # a key the data need is missing from the key file (`dermq keys status`)
         click.echo(f"error: {exc}; see `dermq keys status`", err=True)
         return 1
+    except RuntimeError as exc:
+        # a model entry that lacks what the command needs (its message says what to run); ml.registry
+        # is loaded only by the commands that read the registry: `dermq --help` stays light
+        registry = sys.modules.get("ml.registry")
+        if registry is None or not isinstance(exc, registry.RegistryError):
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return BAD_INPUT
     except OperationalError as exc:
         if getattr(exc.orig, "pgcode", None) is not None:  # a deadlock, a timeout...: the server answered
             raise

@@ -28,7 +28,7 @@ COMMANDS = {
     "db roles": {"owner", "runtime", "owner_password_file", "runtime_password_file"},
     "db grant": {"runtime"},
     "keys init": {"file"},
-    "keys rotate": {"batch"},
+    "keys rotate": {"batch", "no_rewrap"},
     "keys rewrap": {"batch"},
     "keys status": {"as_json"},
     "keys retire": {"kek_id"},
