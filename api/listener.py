@@ -60,8 +60,8 @@ class Listener:
         self._listening = threading.Event()
         self._lock = threading.Lock()
         self._fd: int | None = None  # the listening connection's socket while connected
-        #: set while a heartbeat's answer is awaited: notifications read meanwhile wait in the
-        #: connection until it comes, unheard (see :meth:`unheard`)
+        #: set from reading the socket (a wake-up, or a heartbeat's exchange) until what was read is
+        #: handled: notifications then sit in the connection, off the socket, unheard (:meth:`unheard`)
         self._exchanging = threading.Event()
 
     @property
@@ -176,6 +176,7 @@ class Listener:
                         else:
                             continue
                     else:
+                        self._exchanging.set()  # read off the socket, not yet handled: unheard
                         connection.poll()
                         quiet_since = time.monotonic()
                     ended: list[uuid.UUID] = []
@@ -188,7 +189,7 @@ class Listener:
                             ended += announcements.parse(notice.payload)
                     if keys_changed:
                         self._keys_changed()
-                    self._exchanging.clear()  # what a heartbeat's exchange read is handled
+                    self._exchanging.clear()  # what was read is handled
                     if ended:
                         self._cases_ended(ended)
             except Exception as exc:
@@ -200,9 +201,9 @@ class Listener:
                     )
             finally:
                 self._listening.clear()
-                self._exchanging.clear()  # unheard() is True while not listening anyway
                 self._fd = None
                 self._keys_changed()
+                self._exchanging.clear()  # last: the cache has been told, and unheard() sees no socket
                 if connection is not None:
                     with contextlib.suppress(Exception):
                         connection.close()
