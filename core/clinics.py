@@ -107,10 +107,12 @@ def set_active(session: Session, clinic_id: uuid.UUID, active: bool, *, actor: a
     clinic = session.get(Clinic, clinic_id, with_for_update=True)
     if clinic is None:
         raise NotFound("no such clinic", code="clinic_not_found")
-    clinic.active = active
-    clinic.deactivated_at = None if active else datetime.now(UTC)
-    session.flush()
-    announcements.announce_keys_changed(session)  # its keys stop (or start) working
+    unchanged = clinic.active == active  # deactivating twice keeps when it was first deactivated
+    if not unchanged:
+        clinic.active = active
+        clinic.deactivated_at = None if active else datetime.now(UTC)
+        session.flush()
+        announcements.announce_keys_changed(session)  # its keys stop (or start) working
     audit.record(
         session,
         action="clinic.activate" if active else "clinic.deactivate",
@@ -119,6 +121,7 @@ def set_active(session: Session, clinic_id: uuid.UUID, active: bool, *, actor: a
         entity_type="clinic",
         entity_id=clinic.id,
         clinic_id=clinic.id,
+        detail={"unchanged": True} if unchanged else None,
     )
     return clinic
 

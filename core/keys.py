@@ -159,10 +159,11 @@ def revoke_key(session: Session, key_id: uuid.UUID, *, actor: audit.Actor = audi
     key = session.get(ApiKey, key_id, with_for_update=True)
     if key is None:
         raise NotFound("no such API key", code="key_not_found")
-    if key.revoked_at is None:
+    unchanged = key.revoked_at is not None  # revoked before: when stays what it was
+    if not unchanged:
         key.revoked_at = datetime.now(UTC)
         session.flush()
-    announcements.announce_keys_changed(session)
+        announcements.announce_keys_changed(session)
     audit.record(
         session,
         action="key.revoke",
@@ -171,7 +172,7 @@ def revoke_key(session: Session, key_id: uuid.UUID, *, actor: audit.Actor = audi
         entity_type="api_key",
         entity_id=key.id,
         clinic_id=key.clinic_id,
-        detail={"prefix": key.prefix},
+        detail={"prefix": key.prefix, **({"unchanged": True} if unchanged else {})},
     )
     return key
 

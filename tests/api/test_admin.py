@@ -36,6 +36,8 @@ def test_admin_manages_clinics_and_keys(client, make_key, settings) -> None:  # 
 
     deactivated = client.post(f"/v1/admin/clinics/{clinic_id}/deactivate", headers=admin.headers)
     assert deactivated.json()["active"] is False
+    again = client.post(f"/v1/admin/clinics/{clinic_id}/deactivate", headers=admin.headers)
+    assert again.json()["deactivated_at"] == deactivated.json()["deactivated_at"]  # when it first was
     refused = client.get("/v1/cases", headers=portal)
     assert refused.status_code == 401 and refused.json()["code"] == "clinic_inactive"
     assert (
@@ -49,6 +51,8 @@ def test_admin_manages_clinics_and_keys(client, make_key, settings) -> None:  # 
 
     revoked = client.post(f"/v1/admin/keys/{key_id}/revoke", headers=admin.headers)
     assert revoked.json()["revoked_at"]
+    again = client.post(f"/v1/admin/keys/{key_id}/revoke", headers=admin.headers)
+    assert again.json()["revoked_at"] == revoked.json()["revoked_at"]
     assert client.get("/v1/cases", headers=portal).json()["code"] == "revoked_credentials"
     with session_scope(settings) as session:
         actions = set(session.scalars(select(AuditEvent.action).where(AuditEvent.actor_key_id == admin.key_id)))
