@@ -88,6 +88,11 @@ def test_the_auditor_finds_the_upload_and_exports_it(  # type: ignore[no-untyped
     assert [(e["action"], e["entity_id"]) for e in map(json.loads, lines)] == [("case.create", case_id)]
     assert browser.problems(page) == []
 
+    # forgetting the key takes what it found and exported off the page: no link saves it again
+    page.find_element(By.ID, "forget-key").click()
+    browser.wait_until(page, lambda d: not d.find_elements(By.CSS_SELECTOR, ".export-link"), what="the link to go")
+    assert page.find_elements(By.CSS_SELECTOR, "#event-rows tr") == [] and status.get_attribute("data-records") is None
+
 
 def test_an_export_without_a_time_range_is_explained(page, live_api: str, make_key, settings) -> None:  # type: ignore[no-untyped-def]
     auditor = make_key("auditor")

@@ -34,18 +34,29 @@ setUpKeyForm({
   state: $("key-state"),
   forget: $("forget-key"),
   onChange: (prefix) => {
-    if (prefix) {
-      loadChain(chain);
-    } else {
-      clearChain(chain);
-      rows.replaceChildren();
-      search = null;
-      pagesAsked += 1;
-      newer.disabled = older.disabled = true;
-      announce(searchStatus, "");
-    }
+    // another key may be another auditor's: nothing found or exported with the last one stays
+    rows.replaceChildren();
+    search = null;
+    pagesAsked += 1;
+    newer.disabled = older.disabled = true;
+    announce(searchStatus, "");
+    showProblem(searchProblem, null);
+    forgetExport();
+    if (prefix) loadChain(chain);
+    else clearChain(chain);
   },
 });
+
+/** The last export's link and its object URL, gone. */
+function forgetExport() {
+  if (exportUrl) URL.revokeObjectURL(exportUrl);
+  exportUrl = null;
+  const status = $("export-status");
+  announce(status, "", "none");
+  delete status.dataset.records;
+  delete status.dataset.format;
+  showProblem($("export-problem"), null);
+}
 
 $("chain-refresh").addEventListener("click", () => loadChain(chain));
 
@@ -54,6 +65,7 @@ $("chain-refresh").addEventListener("click", () => loadChain(chain));
 async function showPage() {
   const cursor = search.cursors.at(-1);
   const asked = ++pagesAsked;
+  newer.disabled = older.disabled = true; // until this page is in: a second click cannot step twice
   announce(searchStatus, "Searching…", "loading");
   showProblem(searchProblem, null);
   try {
@@ -73,6 +85,7 @@ async function showPage() {
     );
   } catch (error) {
     if (asked !== pagesAsked) return;
+    newer.disabled = search.cursors.length <= 1;
     announce(searchStatus, "The search failed.", "error");
     showProblem(searchProblem, error);
   }
@@ -84,11 +97,14 @@ form.addEventListener("submit", (event) => {
   showPage();
 });
 newer.addEventListener("click", () => {
-  if (search && search.cursors.length > 1) search.cursors.pop();
+  if (!search) return;
+  if (search.cursors.length > 1) search.cursors.pop();
   showPage();
 });
 older.addEventListener("click", () => {
-  if (search?.next) search.cursors.push(search.next);
+  if (!search?.next) return;
+  search.cursors.push(search.next);
+  search.next = null;
   showPage();
 });
 

@@ -1,7 +1,7 @@
 // DOM helpers shared by the pages: elements built from text (never from HTML strings: the pages run
 // under Trusted Types with no policy), problem details shown in words, and the API key form.
 
-import { forgetKey, hasKey, setKey } from "./http.js";
+import { forgetKey, hasKey, keyPrefix, setKey } from "./http.js";
 
 /**
  * A new element. `attributes`: `text` sets its text, `className` its classes, `hidden` hides it, anything
@@ -71,7 +71,7 @@ export function formatTime(iso) {
   const date = new Date(iso);
   return Number.isNaN(date.getTime())
     ? iso
-    : date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });
+    : date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "long" }); // "long": with its time zone
 }
 
 /** `0.3142` as `31.4%`. */
@@ -86,12 +86,14 @@ export function percent(value) {
 export function setUpKeyForm({ form, input, state, forget, onChange }) {
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    const prefix = setKey(input.value);
-    input.value = "";
-    if (!hasKey()) {
-      announce(state, "No key set: paste a key first.", "none");
+    if (!input.value.trim()) {
+      // nothing pasted (spaces): the key in use, if any, stays, and so does what it shows
+      input.value = "";
+      announce(state, hasKey() ? `Still using key ${keyPrefix()}: paste a key to change it.` : "No key set: paste a key first.", hasKey() ? "set" : "none");
       return;
     }
+    const prefix = setKey(input.value);
+    input.value = "";
     announce(state, `Using key ${prefix} (held in this page's memory only).`, "set");
     forget.hidden = false;
     onChange(prefix);

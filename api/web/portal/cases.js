@@ -20,22 +20,27 @@ function referralCell(item) {
 }
 
 export class CaseList {
-  /** `elements`: rows (tbody), status, problem, newer, older, page, filter; `actions`: open(id), erase(id, button). */
+  /** `elements`: rows (tbody), status, problem, newer, older, page, filter, refresh; `actions`: open(id), erase(id, button). */
   constructor(elements, actions) {
     this.elements = elements;
     this.actions = actions;
     this.cursors = [null]; // the cursor of each page shown so far; the last one is on show
     this.nextCursor = null;
     this.loads = 0; // only the latest load may fill the table (an older answer can arrive last)
+    // each page button is disabled from its click until its page has loaded: a second click cannot
+    // step twice on one page's cursor
     elements.newer.addEventListener("click", () => {
       if (this.cursors.length > 1) this.cursors.pop();
       this.load();
     });
     elements.older.addEventListener("click", () => {
-      if (this.nextCursor) this.cursors.push(this.nextCursor);
+      if (!this.nextCursor) return;
+      this.cursors.push(this.nextCursor);
+      this.nextCursor = null;
       this.load();
     });
     elements.filter.addEventListener("change", () => this.reload());
+    elements.refresh.addEventListener("click", () => this.reload());
   }
 
   /** Back to the first page (after a submission, an erasure, a new filter or a new key). */
@@ -58,6 +63,7 @@ export class CaseList {
     const { rows, status, problem, newer, older, page, filter } = this.elements;
     const cursor = this.cursors.at(-1);
     const load = ++this.loads;
+    newer.disabled = older.disabled = true;
     announce(status, "Loading cases…", "loading");
     showProblem(problem, null);
     try {
@@ -75,6 +81,7 @@ export class CaseList {
       );
     } catch (error) {
       if (load !== this.loads) return;
+      newer.disabled = this.cursors.length <= 1; // back to where it came from; Refresh tries again
       announce(status, "The cases could not be loaded.", "error");
       showProblem(problem, error);
     }

@@ -20,7 +20,9 @@ const resultBody = $("result-body");
 
 let pending = null; // the submission that may be sent again with its Idempotency-Key (after a retryable error)
 let following = null; // the AbortController of the case being followed
-let original = null; // object URL of the chosen image, shown under the heat map
+let original = null; // object URL of the chosen image
+let shownOver = null; // object URL of the image the case on show was submitted with (under its heat map)
+const submitting = new Set(); // object URLs of the images of submissions still under way
 
 const cases = new CaseList(
   {
@@ -31,6 +33,7 @@ const cases = new CaseList(
     older: $("cases-older"),
     page: $("cases-page"),
     filter: $("case-filter"),
+    refresh: $("cases-refresh"),
   },
   { open: openCase, erase: confirmErase },
 );
@@ -42,22 +45,52 @@ setUpKeyForm({
   forget: $("forget-key"),
   onChange: (prefix) => {
     stopFollowing();
-    if (prefix) {
-      cases.reload();
-    } else {
-      cases.clear();
-      resultSection.hidden = true;
-      resultBody.replaceChildren();
-    }
+    resetPage(); // another key may be another clinic's: nothing of the last one stays on screen
+    if (prefix) cases.reload();
+    else cases.clear();
   },
 });
+
+/** Everything a user of the last key entered or was shown: the image, the form, the result, the messages. */
+function resetPage() {
+  pending = null;
+  fileInput.value = "";
+  chosen(null);
+  $("client-ref").value = "";
+  $("urgent").checked = false;
+  showProblem(submitProblem, null);
+  announce(caseStatus, "");
+  show(null, null);
+}
+
+/** Release an object URL that neither the chosen image nor the case on show still uses. */
+function release(url) {
+  if (url && url !== original && url !== shownOver && !submitting.has(url)) URL.revokeObjectURL(url);
+}
+
+/**
+ * Show `item` (or nothing), with `over`, the object URL of the image it was submitted with, under its
+ * heat map: an image chosen since then is another patient's, and is never shown under this result.
+ */
+function show(item, over) {
+  const previous = shownOver;
+  shownOver = item ? over : null;
+  if (item) {
+    renderCase(resultSection, resultBody, item, { original: shownOver, onErase: confirmErase });
+  } else {
+    resultSection.hidden = true;
+    resultBody.replaceChildren();
+  }
+  release(previous);
+}
 
 // --------------------------------------------------------------------------- choosing an image
 
 function chosen(file) {
   pending = null; // a new image is a new submission
-  if (original) URL.revokeObjectURL(original);
+  const previous = original;
   original = file ? URL.createObjectURL(file) : null;
+  release(previous); // unless the case on show was submitted with it
   $("image-chosen").textContent = file
     ? `Chosen: ${file.name} (${Math.max(1, Math.round(file.size / 1024))} KiB).`
     : "No image chosen.";
@@ -119,6 +152,17 @@ form.addEventListener("submit", async (event) => {
     fileInput.focus();
     return;
   }
+  const over = original; // this submission's image, whatever is chosen while it runs
+  submitting.add(over);
+  try {
+    await submitAndFollow(file, over);
+  } finally {
+    submitting.delete(over);
+    release(over); // unless it is still chosen or on show
+  }
+});
+
+async function submitAndFollow(file, over) {
   pending ??= newSubmission(file, $("client-ref").value, $("urgent").checked);
   const submission = pending;
   stopFollowing();
@@ -134,9 +178,14 @@ form.addEventListener("submit", async (event) => {
     pending = null;
     if (replayed) announce(caseStatus, "This submission had already reached dermq: here is its case.", body.status);
     else showStatus(body);
-    renderCase(resultSection, resultBody, body, { original, onErase: confirmErase });
+    show(body, over);
   } catch (error) {
-    if (error.name === "AbortError") return;
+    if (error.name === "AbortError") {
+      // another case opened, or the key changed: the upload may have reached dermq or not
+      announce(caseStatus, "Submission interrupted before dermq answered: submitting again is safe.", "idle");
+      cases.reload();
+      return;
+    }
     if (!retryable(error)) pending = null;
     announce(
       caseStatus,
@@ -158,7 +207,7 @@ form.addEventListener("submit", async (event) => {
       signal,
       onUpdate: (item) => {
         showStatus(item);
-        renderCase(resultSection, resultBody, item, { original, onErase: confirmErase });
+        show(item, over);
       },
       onRetry: showRetry(body.id),
     });
@@ -167,7 +216,7 @@ form.addEventListener("submit", async (event) => {
   } catch (error) {
     if (error.name !== "AbortError") followingStopped(body.id, error);
   }
-});
+}
 
 // --------------------------------------------------------------------------- opening and erasing cases
 
@@ -179,14 +228,14 @@ async function openCase(caseId) {
   try {
     const { body } = await getJson(`/v1/cases/${encodeURIComponent(caseId)}`, { signal });
     showStatus(body);
-    renderCase(resultSection, resultBody, body, { onErase: confirmErase });
+    show(body, null);
     $("result-heading").focus();
     if (!TERMINAL.has(body.status)) {
       const ended = await waitForEnd(caseId, {
         signal,
         onUpdate: (item) => {
           showStatus(item); // replaces a retry message once an answer comes
-          renderCase(resultSection, resultBody, item, { onErase: confirmErase });
+          show(item, null);
         },
         onRetry: showRetry(caseId),
       });
@@ -222,7 +271,7 @@ $("erase-confirm").addEventListener("click", async () => {
     const item = await eraseCase(target.caseId);
     announce(caseStatus, `Case ${item.id.slice(0, 8)}: patient data erased.`, "purged");
     if (resultSection.dataset.caseId === item.id) {
-      renderCase(resultSection, resultBody, item, { onErase: confirmErase });
+      show(item, null); // erased: no image of it stays on screen either
       $("result-heading").focus();
     } else {
       $("cases-heading").focus();
