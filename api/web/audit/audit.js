@@ -26,6 +26,7 @@ const older = $("events-older");
 
 let search = null; // the filters of the search on show, and the cursors of its pages so far
 let exportUrl = null; // the last export's object URL (revoked when the next one is made)
+let exportsAsked = 0; // an export that answers after the key changed (or a newer one began) is dropped
 let pagesAsked = 0; // only the latest page asked for may fill the table (an older answer can arrive last)
 
 setUpKeyForm({
@@ -49,6 +50,7 @@ setUpKeyForm({
 
 /** The last export's link and its object URL, gone. */
 function forgetExport() {
+  exportsAsked += 1;
   if (exportUrl) URL.revokeObjectURL(exportUrl);
   exportUrl = null;
   const status = $("export-status");
@@ -71,6 +73,7 @@ async function showPage() {
   try {
     const { body } = await getJson(`/v1/audit-events${query({ ...search.filters, cursor, limit: PAGE_SIZE })}`);
     if (asked !== pagesAsked) return;
+    search.undo = null;
     search.next = body.next_cursor;
     rows.replaceChildren(...body.items.map(eventRow));
     newer.disabled = search.cursors.length <= 1;
@@ -85,7 +88,10 @@ async function showPage() {
     );
   } catch (error) {
     if (asked !== pagesAsked) return;
+    if (search.undo) ({ cursors: search.cursors, next: search.next } = search.undo); // back where it was
+    search.undo = null;
     newer.disabled = search.cursors.length <= 1;
+    older.disabled = !search.next;
     announce(searchStatus, "The search failed.", "error");
     showProblem(searchProblem, error);
   }
@@ -98,11 +104,13 @@ form.addEventListener("submit", (event) => {
 });
 newer.addEventListener("click", () => {
   if (!search) return;
+  search.undo = { cursors: [...search.cursors], next: search.next }; // put back if the page fails
   if (search.cursors.length > 1) search.cursors.pop();
   showPage();
 });
 older.addEventListener("click", () => {
   if (!search?.next) return;
+  search.undo = { cursors: [...search.cursors], next: search.next };
   search.cursors.push(search.next);
   search.next = null;
   showPage();
@@ -125,8 +133,14 @@ async function exportAs(format) {
   const problem = $("export-problem");
   showProblem(problem, null);
   announce(status, `Exporting ${format.toUpperCase()}…`, "loading");
+  const asked = ++exportsAsked;
   try {
     const { url, blob, headers } = await blobUrl(`/v1/audit-events/export${query({ ...filters(form), format })}`);
+    const text = await blob.text();
+    if (asked !== exportsAsked) {
+      URL.revokeObjectURL(url); // the key changed meanwhile: not this page's to save any more
+      return;
+    }
     if (exportUrl) URL.revokeObjectURL(exportUrl);
     exportUrl = url;
     const name = savedName(headers, format);
@@ -135,13 +149,14 @@ async function exportAs(format) {
     link.download = name;
     link.textContent = `Save ${name} again`;
     link.className = "export-link";
-    const records = countRecords(await blob.text(), format);
+    const records = countRecords(text, format);
     status.dataset.records = String(records);
     status.dataset.format = format;
     announce(status, `Exported ${records} event(s) as ${name} (${blob.size} bytes). `, "done");
     status.append(link);
     link.click(); // the browser saves it (the request needed the key, so a plain link could not do it)
   } catch (error) {
+    if (asked !== exportsAsked) return;
     announce(status, "The export failed.", "error");
     showProblem(problem, error);
   }

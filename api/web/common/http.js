@@ -50,14 +50,23 @@ async function problemOf(response) {
     }
   }
   const problem =
-    body && typeof body === "object"
+    body && typeof body === "object" && !Array.isArray(body)
       ? { ...body }
       : { title: response.statusText || "Error", detail: `the API answered HTTP ${response.status}` };
+  if (typeof problem.title !== "string" || !problem.title) problem.title = response.statusText || "Error"; // a proxy's JSON
   problem.status ??= response.status;
   problem.request_id ??= response.headers.get("x-request-id");
-  const retryAfter = response.headers.get("retry-after");
-  if (retryAfter) problem.retry_after = retryAfter;
+  const retryAfter = retryAfterSeconds(response.headers.get("retry-after"));
+  if (retryAfter !== null) problem.retry_after = retryAfter;
   return new ApiProblem(problem);
+}
+
+/** `Retry-After` in seconds from now: a number of seconds, or an HTTP date (RFC 9110); null if neither. */
+export function retryAfterSeconds(value) {
+  if (!value) return null;
+  if (/^\d+$/.test(value.trim())) return Number(value.trim());
+  const when = Date.parse(value);
+  return Number.isNaN(when) ? null : Math.max(0, Math.ceil((when - Date.now()) / 1000));
 }
 
 /**

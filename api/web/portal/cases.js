@@ -26,31 +26,43 @@ export class CaseList {
     this.actions = actions;
     this.cursors = [null]; // the cursor of each page shown so far; the last one is on show
     this.nextCursor = null;
+    this.undo = null; // the cursors before a page step whose page has not loaded yet
     this.loads = 0; // only the latest load may fill the table (an older answer can arrive last)
     // each page button is disabled from its click until its page has loaded: a second click cannot
     // step twice on one page's cursor
-    elements.newer.addEventListener("click", () => {
-      if (this.cursors.length > 1) this.cursors.pop();
-      this.load();
-    });
+    elements.newer.addEventListener("click", () =>
+      this.step(() => {
+        if (this.cursors.length > 1) this.cursors.pop();
+      }),
+    );
     elements.older.addEventListener("click", () => {
       if (!this.nextCursor) return;
-      this.cursors.push(this.nextCursor);
-      this.nextCursor = null;
-      this.load();
+      this.step(() => {
+        this.cursors.push(this.nextCursor);
+        this.nextCursor = null;
+      });
     });
     elements.filter.addEventListener("change", () => this.reload());
     elements.refresh.addEventListener("click", () => this.reload());
   }
 
+  /** Move a page (`change` the cursors) and load it; if that fails, the cursors are put back. */
+  step(change) {
+    this.undo = { cursors: [...this.cursors], next: this.nextCursor };
+    change();
+    return this.load();
+  }
+
   /** Back to the first page (after a submission, an erasure, a new filter or a new key). */
   reload() {
+    this.undo = null;
     this.cursors = [null];
     return this.load();
   }
 
   clear() {
     this.loads += 1; // a load under way is forgotten
+    this.undo = null;
     this.cursors = [null];
     this.nextCursor = null;
     this.elements.rows.replaceChildren();
@@ -69,6 +81,7 @@ export class CaseList {
     try {
       const { body } = await getJson(`/v1/cases${query({ limit: PAGE_SIZE, status: filter.value, cursor })}`);
       if (load !== this.loads) return;
+      this.undo = null;
       this.nextCursor = body.next_cursor;
       rows.replaceChildren(...body.items.map((item) => this.row(item)));
       newer.disabled = this.cursors.length <= 1;
@@ -81,7 +94,10 @@ export class CaseList {
       );
     } catch (error) {
       if (load !== this.loads) return;
-      newer.disabled = this.cursors.length <= 1; // back to where it came from; Refresh tries again
+      if (this.undo) ({ cursors: this.cursors, next: this.nextCursor } = this.undo); // back where it was
+      this.undo = null;
+      newer.disabled = this.cursors.length <= 1;
+      older.disabled = !this.nextCursor;
       announce(status, "The cases could not be loaded.", "error");
       showProblem(problem, error);
     }

@@ -5,7 +5,7 @@ import { getJson } from "../common/http.js";
 import { announce, setUpKeyForm, showProblem } from "../common/ui.js";
 import { CaseList } from "./cases.js";
 import { STATUS_TEXT, wordsFor } from "./labels.js";
-import { renderCase } from "./result.js";
+import { clearCase, renderCase } from "./result.js";
 import { TERMINAL, eraseCase, newSubmission, retryable, submitCase, waitForEnd } from "./submit.js";
 
 const $ = (id) => document.getElementById(id);
@@ -22,7 +22,8 @@ let pending = null; // the submission that may be sent again with its Idempotenc
 let following = null; // the AbortController of the case being followed
 let original = null; // object URL of the chosen image
 let shownOver = null; // object URL of the image the case on show was submitted with (under its heat map)
-const submitting = new Set(); // object URLs of the images of submissions still under way
+const submitting = new Map(); // object URL -> how many submissions still under way were made with it
+let epoch = 0; // counts key changes: what a submission of an earlier key ends with is not shown
 
 const cases = new CaseList(
   {
@@ -53,6 +54,7 @@ setUpKeyForm({
 
 /** Everything a user of the last key entered or was shown: the image, the form, the result, the messages. */
 function resetPage() {
+  epoch += 1;
   pending = null;
   fileInput.value = "";
   chosen(null);
@@ -65,7 +67,7 @@ function resetPage() {
 
 /** Release an object URL that neither the chosen image nor the case on show still uses. */
 function release(url) {
-  if (url && url !== original && url !== shownOver && !submitting.has(url)) URL.revokeObjectURL(url);
+  if (url && url !== original && url !== shownOver && !submitting.get(url)) URL.revokeObjectURL(url);
 }
 
 /**
@@ -78,8 +80,7 @@ function show(item, over) {
   if (item) {
     renderCase(resultSection, resultBody, item, { original: shownOver, onErase: confirmErase });
   } else {
-    resultSection.hidden = true;
-    resultBody.replaceChildren();
+    clearCase(resultSection, resultBody);
   }
   release(previous);
 }
@@ -153,16 +154,19 @@ form.addEventListener("submit", async (event) => {
     return;
   }
   const over = original; // this submission's image, whatever is chosen while it runs
-  submitting.add(over);
+  submitting.set(over, (submitting.get(over) ?? 0) + 1);
   try {
     await submitAndFollow(file, over);
   } finally {
-    submitting.delete(over);
-    release(over); // unless it is still chosen or on show
+    const left = submitting.get(over) - 1;
+    if (left) submitting.set(over, left);
+    else submitting.delete(over);
+    release(over); // unless it is still chosen, on show or in another submission
   }
 });
 
 async function submitAndFollow(file, over) {
+  const mine = epoch;
   pending ??= newSubmission(file, $("client-ref").value, $("urgent").checked);
   const submission = pending;
   stopFollowing();
@@ -181,11 +185,13 @@ async function submitAndFollow(file, over) {
     show(body, over);
   } catch (error) {
     if (error.name === "AbortError") {
-      // another case opened, or the key changed: the upload may have reached dermq or not
+      if (mine !== epoch) return; // the key changed: the page is another user's now
+      // another case was opened: the upload may have reached dermq or not (its list row will say)
       announce(caseStatus, "Submission interrupted before dermq answered: submitting again is safe.", "idle");
-      cases.reload();
+      cases.load();
       return;
     }
+    if (mine !== epoch) return;
     if (!retryable(error)) pending = null;
     announce(
       caseStatus,
@@ -214,7 +220,7 @@ async function submitAndFollow(file, over) {
     showStatus(ended);
     cases.reload();
   } catch (error) {
-    if (error.name !== "AbortError") followingStopped(body.id, error);
+    if (error.name !== "AbortError" && mine === epoch) followingStopped(body.id, error);
   }
 }
 

@@ -15,10 +15,20 @@ import {
 
 /** Object URLs of the result on show (the heat map): revoked when the next one replaces it. */
 let shownUrls = [];
+let renders = 0; // a heat map fetched for a result no longer on show is dropped, not shown
 
 function releaseUrls() {
   for (const url of shownUrls) URL.revokeObjectURL(url);
   shownUrls = [];
+  renders += 1;
+}
+
+/** Take the result off the page, its heat map's object URL with it. */
+export function clearCase(section, body) {
+  releaseUrls();
+  body.replaceChildren();
+  section.hidden = true;
+  delete section.dataset.caseId;
 }
 
 function facts(item) {
@@ -98,8 +108,13 @@ function heatmapFigure(item, original) {
   };
   opacity.addEventListener("input", setOpacity);
   setOpacity();
+  const render = renders;
   blobUrl(item.links.heatmap)
     .then(({ url }) => {
+      if (render !== renders) {
+        URL.revokeObjectURL(url); // another result (or none) is on show by now
+        return;
+      }
       shownUrls.push(url);
       overlay.addEventListener(
         "load",
