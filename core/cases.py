@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
 
-from sqlalchemy import Table, delete, select
+from sqlalchemy import Table, bindparam, delete, exists, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -123,12 +123,7 @@ def create_case(
     """
     clinic_id = require_clinic(principal, "case.create")
     again = _Resubmission(image, client_ref, priority)
-    stored_key = None
-    if idempotency_key is not None:
-        stored_key = idempotency.digest(keyring, clinic_id, idempotency_key)
-        legacy = idempotency.legacy_case(session, clinic_id, idempotency_key)
-        if legacy is not None:  # sent before the keys were digested (migration 0013)
-            return _replay(session, legacy, again, keyring, actor), False
+    stored_key = None if idempotency_key is None else idempotency.digest(keyring, clinic_id, idempotency_key)
     case_id, at = uuid.uuid4(), now()
     row = {
         "id": case_id,
@@ -150,10 +145,15 @@ def create_case(
     # the key of the case's period, held against destruction until this transaction ends
     wrap = period_shredding.wrapping_key(session, keyring, at)
     sealed = encrypt_blob(keyring, image.data, case_id=case_id, kind=BlobKind.IMAGE.value, kek_id=wrap)
-    if session.scalar(_INSERT_CASE, row) is None:
+    if session.scalar(_INSERT_CASE, {**row, "plain_key": idempotency_key}) is None:
         # The clinic already has a case under this idempotency key: a resubmission (or a concurrent
-        # request with the same key that won the race; the insert waited for its commit).
-        existing = _by_idempotency_key(session, clinic_id, stored_key) if stored_key else None
+        # request with the same key that won the race; the insert waited for its commit); or one
+        # stored with the key as sent, by a release before migration 0013 (core.idempotency).
+        existing = None
+        if idempotency_key is not None and stored_key is not None:
+            existing = _by_idempotency_key(session, clinic_id, stored_key) or idempotency.legacy_case(
+                session, clinic_id, idempotency_key
+            )
         if existing is None:
             raise ServiceUnavailable("the case could not be stored; send it again", retry_after=1)
         return _replay(session, existing, again, keyring, actor), False
@@ -206,11 +206,36 @@ _UNSET_AT_CREATION = (
     "failure_message",
     "model_id",
 )
-#: a new case's row, or nothing if its clinic already has a case under that idempotency key
+_CASES = cast(Table, Case.__table__)
+#: the columns a new case's row sets (create_case's ``row``)
+_ROW: tuple[str, ...] = (
+    "id",
+    "clinic_id",
+    "status",
+    "priority",
+    "client_ref",
+    "idempotency_key",
+    "image_sha256",
+    "image_format",
+)
+_ROW += ("image_width", "image_height", "image_bytes", "attempts", "created_at", "updated_at", *_UNSET_AT_CREATION)
+#: a new case's row, or nothing if its clinic already has a case under that idempotency key: under
+#: its digest (the unique index), or as sent (``plain_key``: stored by a release before migration
+#: 0013, or by one of its processes during a rolling upgrade); one statement, no look-up before it
 _INSERT_CASE = (
-    pg_insert(cast(Table, Case.__table__))
+    pg_insert(_CASES)
+    .from_select(
+        list(_ROW),
+        select(*(bindparam(name, type_=_CASES.c[name].type) for name in _ROW)).where(
+            ~exists().where(
+                _CASES.c.clinic_id == bindparam("clinic_id"),
+                _CASES.c.idempotency_key == bindparam("plain_key", type_=_CASES.c.idempotency_key.type),
+                idempotency.PLAIN,
+            )
+        ),
+    )
     .on_conflict_do_nothing(constraint="uq_cases_clinic_idempotency_key")
-    .returning(Case.__table__.c.id)
+    .returning(_CASES.c.id)
 )
 
 

@@ -43,8 +43,9 @@ def digest(keyring: Keyring, clinic_id: uuid.UUID, key: str) -> str:
 
 def legacy_case(session: Session, clinic_id: uuid.UUID, key: str) -> Case | None:
     """The case ``clinic_id`` sent with ``key`` that holds it in plain text, if any: stored before
-    migration 0013, or meanwhile by an API process of the release before (a rolling upgrade). One
-    look-up on the unique index, every time: a retry that reached an old process must still find it."""
+    migration 0013, or meanwhile by an API process of the release before (a rolling upgrade). The
+    intake's insert checks for one in the same statement (core.cases) and asks this only when it
+    stored nothing: a retry that reached an old process must still find its case."""
     return session.scalar(select(Case).where(Case.clinic_id == clinic_id, Case.idempotency_key == key, PLAIN))
 
 
