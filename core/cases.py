@@ -150,9 +150,13 @@ def create_case(
         # request with the same key that won the race; the insert waited for its commit); or one
         # stored with the key as sent, by a release before migration 0013 (core.idempotency).
         existing = None
-        if idempotency_key is not None and stored_key is not None:
-            existing = _by_idempotency_key(session, clinic_id, stored_key) or idempotency.legacy_case(
-                session, clinic_id, idempotency_key
+        if idempotency_key is not None:
+            assert stored_key is not None
+            # digest, as sent, digest again: the sweeper may digest the plain key between the first two
+            existing = (
+                _by_idempotency_key(session, clinic_id, stored_key)
+                or idempotency.legacy_case(session, clinic_id, idempotency_key)
+                or _by_idempotency_key(session, clinic_id, stored_key)
             )
         if existing is None:
             raise ServiceUnavailable("the case could not be stored; send it again", retry_after=1)
@@ -207,18 +211,8 @@ _UNSET_AT_CREATION = (
     "model_id",
 )
 _CASES = cast(Table, Case.__table__)
-#: the columns a new case's row sets (create_case's ``row``)
-_ROW: tuple[str, ...] = (
-    "id",
-    "clinic_id",
-    "status",
-    "priority",
-    "client_ref",
-    "idempotency_key",
-    "image_sha256",
-    "image_format",
-)
-_ROW += ("image_width", "image_height", "image_bytes", "attempts", "created_at", "updated_at", *_UNSET_AT_CREATION)
+#: the columns a new case's row sets: all of them (create_case's ``row`` names each one)
+_ROW = tuple(_CASES.c.keys())
 #: a new case's row, or nothing if its clinic already has a case under that idempotency key: under
 #: its digest (the unique index), or as sent (``plain_key``: stored by a release before migration
 #: 0013, or by one of its processes during a rolling upgrade); one statement, no look-up before it
