@@ -218,7 +218,9 @@ async def json_media_type(request: Request, caller: AuthenticatedCaller) -> None
     (FastAPI would validate the raw bytes and answer 422 about a field). After authentication: an
     unauthenticated caller is told that first."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json") and "/+" not in media
+    ):
         return
     shown = f"the body is {media[:64]}" if media else "the request has no Content-Type"
     raise UnsupportedMediaType(f"{shown}; send a JSON body with Content-Type: application/json")

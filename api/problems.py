@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -86,13 +87,16 @@ def install(app: FastAPI, on_denied: Any) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of the path, not only the first route's that matched it
+            headers["Allow"] = ", ".join(_allowed(app, request))
         return problem(
             exc.status_code,
             code,
             code.replace("_", " ").capitalize(),
             detail,
             request=request,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
 
     @app.exception_handler(OperationalError)
@@ -169,3 +173,32 @@ def install(app: FastAPI, on_denied: Any) -> None:
             "an unexpected error occurred; quote the request id when reporting it",
             request=request,
         )
+
+
+def _allowed(app: FastAPI, request: Request) -> list[str]:
+    """The methods the API's documented paths matching ``request``'s take (Starlette's 405 named those
+    of the first route whose path matched, and a path such as /v1/cases/{id} has one route per method)."""
+    path = request.url.path
+    methods: set[str] = set()
+    for pattern, operations in _operations(app):
+        if pattern.fullmatch(path):
+            methods |= operations
+    return sorted(methods)
+
+
+def _operations(app: FastAPI) -> list[tuple[re.Pattern[str], set[str]]]:
+    """Each path of the app's OpenAPI document as a pattern ({name}: one segment) with its methods."""
+    known = getattr(app.state, "_dermq_operations", None)
+    if known is None:
+        known = [
+            (
+                re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path))),
+                {method.upper() for method in item if method.upper() in _METHODS},
+            )
+            for path, item in app.openapi().get("paths", {}).items()
+        ]
+        app.state._dermq_operations = known
+    return known
+
+
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}

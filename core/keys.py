@@ -51,6 +51,8 @@ def create_key(
     """A new key and its secret token. The token is returned once and stored only as a keyed hash."""
     if role is Role.CLINIC and clinic_id is None:
         raise BadRequest("a clinic key needs a clinic", code="clinic_required")
+    if role is Role.ADMIN and clinic_id is not None:  # it would limit nothing: admin keys act on every clinic
+        raise BadRequest("an admin key acts on every clinic: it takes no clinic", code="clinic_not_allowed")
     if clinic_id is not None:
         clinic = session.get(Clinic, clinic_id)
         if clinic is None:

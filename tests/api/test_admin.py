@@ -29,6 +29,8 @@ def test_admin_manages_clinics_and_keys(client, make_key, settings) -> None:  # 
     created = client.post("/v1/admin/keys", headers=admin.headers, json={"role": "clinic", "clinic_id": clinic_id})
     assert created.status_code == 201 and created.headers["cache-control"] == "no-store"
     token, key_id = created.json()["key"], created.json()["id"]
+    scoped_admin = client.post("/v1/admin/keys", headers=admin.headers, json={"role": "admin", "clinic_id": clinic_id})
+    assert scoped_admin.status_code == 400 and scoped_admin.json()["code"] == "clinic_not_allowed"  # it limits nothing
     portal = {"Authorization": f"Bearer {token}"}
     assert client.get("/v1/cases", headers=portal).status_code == 200
     listed = client.get("/v1/admin/keys", headers=admin.headers, params={"clinic_id": clinic_id}).json()

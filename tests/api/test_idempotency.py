@@ -147,6 +147,14 @@ def test_keys_belong_to_one_clinic(client, make_key, fixture_images) -> None:  #
     assert (a.status_code, b.status_code) == (202, 202) and a.json()["id"] != b.json()["id"]
 
 
+def test_two_idempotency_key_headers_are_refused(client, tenant: Tenant, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Two header lines: all but the first were dropped unseen, and a retry sending them in the
+    other order made a second case."""
+    headers = [*tenant.headers.items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+    response = client.post("/v1/cases", headers=headers, files={"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")})
+    assert response.status_code == 422 and response.json()["code"] == "invalid_idempotency_key"
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "new\x7fline"])
 def test_malformed_keys_are_refused(client, tenant: Tenant, jpeg_bytes: bytes, key: str) -> None:  # type: ignore[no-untyped-def]
     headers = {**tenant.headers, "Idempotency-Key": key}

@@ -21,7 +21,7 @@ def counts(settings) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
         return tuple(session.scalar(select(func.count()).select_from(t)) for t in (Clinic, ApiKey, ClinicCallback))  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/+json", None])
 def test_a_json_body_sent_as_another_media_type_is_refused_with_415(  # type: ignore[no-untyped-def]
     client, make_key, tenant, settings, content_type: str | None
 ) -> None:
