@@ -88,8 +88,9 @@ def install(app: FastAPI, on_denied: Any) -> None:
         code = STATUS_CODES.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         headers = dict(getattr(exc, "headers", None) or {})
-        if exc.status_code == 405:  # every method of the path, not only the first route's that matched it
-            headers["Allow"] = ", ".join(_allowed(app, request))
+        allowed = _allowed(app, request) if exc.status_code == 405 else []
+        if allowed:  # every method of the path, not only the first route's that matched it
+            headers["Allow"] = ", ".join(allowed)
         return problem(
             exc.status_code,
             code,
@@ -183,6 +184,10 @@ def _allowed(app: FastAPI, request: Request) -> list[str]:
     for pattern, operations in _operations(app):
         if pattern.fullmatch(path):
             methods |= operations
+    for route in app.router.routes:  # the app's own routes outside the schema (/docs, the model cards)
+        regex, taken = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and taken and regex.match(path):
+            methods |= set(taken)
     return sorted(methods)
 
 

@@ -16,6 +16,9 @@ pytestmark = pytest.mark.usefixtures("database")
         ("PATCH", "/v1/cases", {"GET", "POST"}),
         ("PATCH", "/v1/clinic/callback", {"GET", "PUT", "DELETE"}),
         ("PUT", "/v1/admin/clinics", {"GET", "POST"}),
+        ("POST", "/docs", {"GET"}),  # outside the OpenAPI document
+        ("POST", "/model-card", {"GET"}),
+        ("POST", "/portal/", {"GET", "HEAD"}),  # the pages' static files say it themselves
     ],
 )
 def test_a_405_names_every_method_the_path_takes(client, method: str, path: str, allowed: set[str]) -> None:  # type: ignore[no-untyped-def]

@@ -65,6 +65,7 @@ async function problemOf(response) {
 export function retryAfterSeconds(value) {
   if (!value) return null;
   if (/^\d+$/.test(value.trim())) return Number(value.trim());
+  if (!/^[A-Za-z]{3},/.test(value.trim())) return null; // Date.parse would take "-1" for a date
   const when = Date.parse(value);
   return Number.isNaN(when) ? null : Math.max(0, Math.ceil((when - Date.now()) / 1000));
 }

@@ -57,6 +57,7 @@ export class CaseList {
   reload() {
     this.undo = null;
     this.cursors = [null];
+    this.nextCursor = null; // the last page's, or the last filter's: not this load's
     return this.load();
   }
 
