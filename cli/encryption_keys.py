@@ -98,27 +98,18 @@ def status(as_json: bool) -> int:
         period = period_of_kek(kek)
         return kek in keyring.keks or (period is not None and periods is not None and periods.exists(period))
 
+    # the key file's KEKs, then any the data need that it lacks: blobs wrapped under one, or period
+    # keys (a key file restored from before a rotation that moved them under a newer KEK)
+    lacking = sorted((set(counts) | set(wrapped)) - set(keyring.keks))
     rows = [
         {
             "kek_id": k,
             "active": k == keyring.active_id,
-            "in_key_file": True,
-            "blobs": counts.get(k, 0),
-            "period_keys": wrapped.get(k, 0),
-        }
-        for k in keyring.keks
-    ]
-    # a KEK the data need that the key file lacks: blobs wrapped under it, or period keys (a key file
-    # restored from before a rotation whose re-wrap moved the period keys under a newer KEK)
-    rows += [
-        {
-            "kek_id": k,
-            "active": False,
             "in_key_file": present(k),
             "blobs": counts.get(k, 0),
             "period_keys": wrapped.get(k, 0),
         }
-        for k in sorted((set(counts) | set(wrapped)) - set(keyring.keks))
+        for k in [*keyring.keks, *lacking]
     ]
     if as_json:
         click.echo(json.dumps(rows))
