@@ -3,7 +3,7 @@
     dermq db create | upgrade | roles --owner ROLE --runtime ROLE | grant --runtime ROLE
                                                                 cli.db (Alembic wiring included)
     dermq keys init [--file PATH] | rotate [--batch N] | rewrap [--batch N] | status [--json]
-    dermq keys retire KEK_ID | periods [--json] | destroy-period PERIOD [--force]
+    dermq keys retire KEK_ID | periods [--json] | destroy-period PERIOD [--force] [--yes]
                                                                 cli.encryption_keys
     dermq clinic create NAME [--json] | list [--json] | deactivate CLINIC | activate CLINIC
                                                                 cli.clinics

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from cli.common import CLI_ACTOR, Progress, json_option
-from core.config import get_settings
+from core.config import Settings, get_settings
 from core.crypto import Keyring, load_keyring, write_key_file
 from core.db import session_scope
 
@@ -157,13 +157,44 @@ def periods(as_json: bool) -> int:
 @keys.command("destroy-period", help="destroy a period's key: its blobs, in the database or a backup, are lost")
 @click.argument("period")
 @click.option("--force", is_flag=True, help="purge the period's cases that are not purged yet, then destroy")
-def destroy_period(period: str, force: bool) -> int:
+@click.option("--yes", is_flag=True, help="do not ask for the period's name back (scripts)")
+def destroy_period(period: str, force: bool, yes: bool) -> int:
     from core import period_shredding
 
-    done = period_shredding.destroy_period(get_settings(), period, force=force, actor=CLI_ACTOR)
+    settings = get_settings()
+    if not yes and not _confirmed(settings, period, force):
+        click.echo(
+            f"not confirmed: the key of period {period} is left as it was (--yes destroys without asking)", err=True
+        )
+        return 1
+    done = period_shredding.destroy_period(settings, period, force=force, actor=CLI_ACTOR)
     if done.get("already"):
         click.echo(f"the key of period {period} was already destroyed (the audit trail records it); nothing to do")
         return 0
     purged = f"; purged {done['purged']} live cases first" if done["purged"] else ""
     click.echo(f"destroyed the key of period {period}{purged}: no copy of its cases can be decrypted any more")
     return 0
+
+
+def _confirmed(settings: Settings, period: str, force: bool) -> bool:
+    """Says what the destruction loses and asks for the period's name back on standard input. Only a
+    destruction that would go ahead asks: an unknown, current or already destroyed period, or one with
+    live cases and no ``--force``, is refused or left by the command itself."""
+    from core import period_shredding
+
+    with session_scope(settings) as session:
+        found = [p for p in period_shredding.periods(session, settings) if p.period == period]
+    if not found or found[0].state != "ended" or (found[0].live and not force):
+        return True
+    row = found[0]
+    purges = f"; --force purges its {row.live} live case(s) first" if row.live else ""
+    click.echo(
+        f"period {period}: {row.cases} case(s), {row.blobs} blob(s) sealed under its key{purges}. Destroying the "
+        "key cannot be undone: no copy of those blobs, in the database or in any backup, can be decrypted again.",
+        err=True,
+    )
+    try:
+        answer = click.prompt(f"type {period} to destroy its key", default="", show_default=False, err=True)
+    except click.Abort:  # the input ended without an answer
+        return False
+    return str(answer).strip() == period

@@ -42,6 +42,8 @@ log = logging.getLogger("dermq.keys")
 LOCK_CLASS = 0x64716B70
 #: purge-then-check rounds of a forced destruction (cases sealed meanwhile need another purge)
 ROUNDS = 5
+#: cases a forced destruction purges per transaction
+PURGE_BATCH = 200
 
 
 def _lock_key(period: str) -> int:
@@ -198,11 +200,16 @@ def destroy_period(
     sealed_under = Case.id.in_(select(CaseBlob.case_id).where(CaseBlob.kek_id == blobs))
     purged = 0
     for _ in range(ROUNDS):
-        if force:  # row locks are taken here, never while holding the period: no lock cycle with a sealer
-            with session_scope(settings) as session:
-                for case in session.scalars(select(Case).where(or_(live_in_period, sealed_under))):
+        while force:  # row locks are taken here, never while holding the period: no lock cycle with a sealer
+            with session_scope(settings) as session:  # a transaction per batch: a month may hold many thousands
+                batch = session.scalars(
+                    select(Case).where(or_(live_in_period, sealed_under)).order_by(Case.id).limit(PURGE_BATCH)
+                ).all()
+                for case in batch:  # a purged case is neither live nor holds a blob: the next batch moves on
                     retention.purge_case(session, case, actor=actor, reason="period_key_destroyed")
-                    purged += 1
+            purged += len(batch)
+            if len(batch) < PURGE_BATCH:
+                break
         with session_scope(settings) as session:
             _hold(session, period, exclusive=True)  # waits for every transaction sealing under it
             live = session.scalar(select(func.count()).select_from(Case).where(live_in_period))

@@ -33,7 +33,7 @@ COMMANDS = {
     "keys status": {"as_json"},
     "keys retire": {"kek_id"},
     "keys periods": {"as_json"},
-    "keys destroy-period": {"period", "force"},
+    "keys destroy-period": {"period", "force", "yes"},
     "clinic create": {"name", "as_json"},
     "clinic list": {"as_json"},
     "clinic deactivate": {"clinic_name"},
@@ -51,7 +51,8 @@ COMMANDS = {
 }
 
 
-def run(settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+def run(settings, *args: str, answer: str = "", **env: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """``dermq *args`` with the settings' database and key file; ``answer`` is its standard input."""
     environment = {
         **os.environ,
         "DERMQ_DATABASE_URL": settings.database_url,
@@ -59,7 +60,13 @@ def run(settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:  
         **env,
     }
     return subprocess.run(
-        [*support.DERMQ, *args], capture_output=True, text=True, env=environment, cwd=support.ROOT, timeout=120
+        [*support.DERMQ, *args],
+        input=answer,
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=support.ROOT,
+        timeout=120,
     )
 
 

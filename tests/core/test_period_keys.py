@@ -10,6 +10,7 @@ import hashlib
 import json
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, literal_column, select, text, update
 
 from core import audit, cases, keyrotation, period_shredding, retention
 from core.config import Settings
@@ -254,12 +255,33 @@ def test_the_cli_lists_periods_and_destroys_one_only_when_its_cases_are_gone(sit
     refused = run(site.settings, "keys", "destroy-period", period)
     assert refused.returncode == 2 and "not purged yet" in refused.stderr and "period_has_live_cases" in refused.stderr
     erase(site, live)
-    done = run(site.settings, "keys", "destroy-period", period)
+    for answer in ("", "2020-01\n"):  # no answer, or not the period's name: nothing is destroyed
+        declined = run(site.settings, "keys", "destroy-period", period, answer=answer)
+        assert declined.returncode == 1 and "not confirmed" in declined.stderr, declined.stdout + declined.stderr
+        assert "cannot be undone" in declined.stderr
+        assert {r["period"]: r["state"] for r in json.loads(run(site.settings, "keys", "periods", "--json").stdout)}[
+            period
+        ] == "ended"
+    done = run(site.settings, "keys", "destroy-period", period, answer=f"{period}\n")
     assert done.returncode == 0, done.stderr
     assert "no copy of its cases can be decrypted" in done.stdout
     text_list = run(site.settings, "keys", "periods")
     assert any(line.startswith(period) and "destroyed" in line for line in text_list.stdout.splitlines())
     assert run(site.settings, "keys", "destroy-period", "last-month").returncode == 2  # not a period: one error line
+
+
+def test_a_forced_destruction_purges_a_period_a_batch_per_transaction(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    when = NOW - timedelta(days=120)
+    live = [case_created(site, when, b"case %d" % n) for n in range(5)]
+    keyrotation.rewrap_all(site.settings)
+    monkeypatch.setattr(period_shredding, "PURGE_BATCH", 2)
+    assert period_shredding.destroy_period(site.settings, site.period(when), force=True)["purged"] == 5
+    with session_scope(site.settings) as session:
+        rows = session.execute(select(Case.status, literal_column("cases.xmin::text")).where(Case.id.in_(live))).all()
+    assert {status for status, _ in rows} == {CaseStatus.PURGED.value}
+    assert sorted(Counter(xmin for _, xmin in rows).values()) == [1, 2, 2]  # the transactions that purged them
 
 
 def test_a_case_submitted_while_its_period_is_being_destroyed_is_accepted(site: Site, jpeg_bytes: bytes) -> None:
