@@ -3,11 +3,12 @@ one thread: :mod:`api.db`), the caller and rate limits."""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 from celery import Celery
@@ -24,7 +25,15 @@ from core import announcements, audit, keys
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
-from core.errors import DermqError, Forbidden, RateLimited, Unauthorized, UnsupportedMediaType, a_or_an
+from core.errors import (
+    DermqError,
+    Forbidden,
+    InvalidInput,
+    RateLimited,
+    Unauthorized,
+    UnsupportedMediaType,
+    a_or_an,
+)
 from core.logs import request_id_var
 from core.models import Role
 from core.ratelimit import RateLimiter
@@ -215,15 +224,30 @@ AuthenticatedCaller = Annotated[Caller, Depends(authenticate)]
 
 async def json_media_type(request: Request, caller: AuthenticatedCaller) -> None:
     """415 ``unsupported_media_type`` when a route that takes a JSON body gets another media type
-    (FastAPI would validate the raw bytes and answer 422 about a field). After authentication: an
-    unauthenticated caller is told that first."""
+    (FastAPI would validate the raw bytes and answer 422 about a field), and 422 ``duplicate_key`` for
+    a JSON object that names a member twice (RFC 8259 leaves which one counts to the parser: the
+    sender and dermq could read different values). After authentication: an unauthenticated caller is
+    told that first. The body is the one FastAPI read (at most 64 KiB: api.middleware), parsed again."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json") and "/+" not in media
+    if not (
+        media == "application/json"
+        or (media.startswith("application/") and media.endswith("+json") and "/+" not in media)
     ):
-        return
-    shown = f"the body is {media[:64]}" if media else "the request has no Content-Type"
-    raise UnsupportedMediaType(f"{shown}; send a JSON body with Content-Type: application/json")
+        shown = f"the body is {media[:64]}" if media else "the request has no Content-Type"
+        raise UnsupportedMediaType(f"{shown}; send a JSON body with Content-Type: application/json")
+    json.loads(await request.body() or b"null", object_pairs_hook=_unique_members)
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise InvalidInput(
+                f"the JSON body names {name[:64]!r} twice in one object; send each member once",
+                code="duplicate_key",
+            )
+        seen[name] = value
+    return seen
 
 
 #: for a route's ``dependencies``: its body is JSON (:func:`json_media_type`)

@@ -51,3 +51,27 @@ def test_json_with_a_charset_or_a_json_suffix_is_taken(client, make_key) -> None
         body = json.dumps({"name": f"east-{uuid.uuid4().hex[:6]}"}).encode()
         answer = client.post("/v1/admin/clinics", headers={**admin.headers, "Content-Type": content_type}, content=body)
         assert answer.status_code == 201, answer.text
+
+
+def test_a_json_object_that_names_a_member_twice_is_refused_and_changes_nothing(  # type: ignore[no-untyped-def]
+    client, make_key, tenant, settings
+) -> None:
+    admin = make_key("admin")
+    json_typed = {"Content-Type": "application/json"}
+    sent = [  # the sender may mean either value: which one a parser keeps is not the JSON standard's
+        ("post", "/v1/admin/clinics", admin.headers, b'{"name": "west-a", "name": "west-b"}'),
+        ("post", "/v1/admin/keys", admin.headers, b'{"role": "auditor", "label": "x", "role": "admin"}'),
+        ("put", "/v1/clinic/callback", tenant.headers, b'{"url": "https://a.example/h", "url": "https://b.example/h"}'),
+        (
+            "post",
+            f"/v1/cases/{uuid.uuid4()}/outcome",
+            tenant.headers,
+            b'{"diagnosis": "nv", "method": "histo", "diagnosis": "mel"}',
+        ),
+    ]
+    before = counts(settings)
+    for method, path, headers, body in sent:
+        answer = client.request(method, path, headers={**headers, **json_typed}, content=body)
+        assert answer.status_code == 422, (path, answer.text)
+        assert answer.json()["code"] == "duplicate_key" and "twice" in answer.json()["detail"], answer.json()
+    assert counts(settings) == before
