@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -287,4 +288,20 @@ def get_settings() -> Settings:
     ``dermq_database_url``, ``dermq_keys_json``) supplies that setting.
     """
     secrets_dir = os.environ.get("DERMQ_SECRETS_DIR")
-    return Settings(_secrets_dir=secrets_dir) if secrets_dir else Settings()
+    if not secrets_dir:
+        return Settings()
+    for path in sorted(Path(secrets_dir).glob("dermq_*")):  # the files that supply settings
+        if path.is_file() and (mode := exposed_mode(path)) is not None:
+            raise ValueError(
+                f"the secret file {path} has mode {mode:o}: others may read or change it; chmod 600 it (or 440 "
+                "with a group that only dermq's services use, as the Kubernetes manifests mount it)"
+            )
+    return Settings(_secrets_dir=secrets_dir)
+
+
+def exposed_mode(path: Path) -> int | None:
+    """The file's mode when a secret in it is exposed: any bit for other users, or group write or
+    execute. Owner read (and write) and group read are allowed: Kubernetes mounts Secret files as
+    root:<fsGroup> with ``defaultMode: 0440`` and the services read them through that group."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    return mode if mode & 0o037 else None

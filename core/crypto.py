@@ -21,7 +21,6 @@ import base64
 import json
 import os
 import secrets
-import stat
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from core.config import Settings
+from core.config import Settings, exposed_mode
 from core.errors import DecryptionError, KeyringError
 
 if TYPE_CHECKING:
@@ -117,14 +116,9 @@ def new_kek_id() -> str:
 
 
 def check_private_file(path: Path, what: str) -> None:
-    """Refuse a secret file that others could read or anyone but its owner could change.
-
-    Owner read (and write), plus read for the file's group, are allowed: Kubernetes mounts Secret
-    files as root:<fsGroup> with ``defaultMode: 0440``, and the service reads them through that
-    group. Any bit for other users, and group write or execute, are refused in every environment.
-    """
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o037:
+    """Refuse a secret file that others could read or anyone but its owner could change
+    (:func:`core.config.exposed_mode`), in every environment."""
+    if (mode := exposed_mode(path)) is not None:
         raise KeyringError(
             f"{what} {path} has mode {mode:o}: others may read or change it; chmod 600 it (or 440 with a "
             "group that only dermq's services use, as the Kubernetes manifests mount it)"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from core.config import Settings
+from core.config import Settings, get_settings
 
 
 def test_time_limits_must_nest_inside_the_visibility_timeout() -> None:
@@ -152,3 +154,24 @@ def test_libpq_environment_counts_where_the_url_names_nothing(monkeypatch: pytes
     # the URL's own mode wins over the environment's
     with pytest.raises(ValidationError, match="sslmode=require"):
         Settings(environment="production", database_url="postgresql+psycopg2:///dermq?sslmode=require")
+
+
+def test_a_secret_file_that_others_may_read_stops_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "dermq_flower_password"
+    secret.write_text("k3y-from-a-secret-store")
+    certificate = tmp_path / "postgres-ca.crt"  # not a setting's file: a public certificate may be world-readable
+    certificate.write_text("-----BEGIN CERTIFICATE-----")
+    certificate.chmod(0o644)
+    monkeypatch.setenv("DERMQ_SECRETS_DIR", str(tmp_path))
+    try:
+        for mode in (0o600, 0o440):  # the owner's, or read through the group Kubernetes mounts it with
+            secret.chmod(mode)
+            get_settings.cache_clear()
+            assert get_settings().flower_password.get_secret_value() == "k3y-from-a-secret-store"
+        for mode in (0o644, 0o604, 0o660):
+            secret.chmod(mode)
+            get_settings.cache_clear()
+            with pytest.raises(ValueError, match=f"{secret} has mode {mode:o}: others may read or change it"):
+                get_settings()
+    finally:
+        get_settings.cache_clear()
