@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from api.deps import AppState
 from api.field_metrics import field_families
+from core import audit_log
 from core.models import Case, CaseStatus, Priority
 from core.queueing import AUDIT_CHECK_KEY, DRIFT_KEY, FIELD_KEY, PRIORITY_STEPS, PRIORITY_VALUE, queue_lists
 
@@ -80,8 +81,13 @@ class StateCollector(Collector):
         stale = GaugeMetricFamily(
             "dermq_stale_running_cases", "cases running longer than the hard time limit plus grace (lost workers)"
         )
+        unsealed = GaugeMetricFamily(
+            "dermq_audit_unsealed_age_seconds",
+            "age of the oldest committed audit event the log has not sealed yet (0: every one is sealed)",
+        )
         try:
             with self.app.sessions() as session:
+                oldest = audit_log.oldest_unsealed(session)
                 counts = dict(
                     session.execute(
                         select(Case.status, func.count())
@@ -100,10 +106,12 @@ class StateCollector(Collector):
             for status in (CaseStatus.QUEUED.value, CaseStatus.RUNNING.value):
                 cases.add_metric([status], counts.get(status, 0))
             stale.add_metric([], stuck or 0)
+            unsealed.add_metric([], (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0)
         except Exception as exc:
             log.warning("case counts unavailable", extra={"error": type(exc).__name__})
         yield cases
         yield stale
+        yield unsealed
 
         drift = GaugeMetricFamily(
             "dermq_drift_psi",
@@ -116,6 +124,9 @@ class StateCollector(Collector):
             "1 if the latest drift report says drifted (a PSI above 0.25 that is improbable as sampling noise), else 0",
         )
         chain = GaugeMetricFamily("dermq_audit_chain_ok", "1 if the last audit-chain verification passed, else 0")
+        check_age = GaugeMetricFamily(
+            "dermq_audit_check_age_seconds", "seconds since the last audit-log verification finished"
+        )
         try:
             raw = self.app.redis.get(DRIFT_KEY)
             if raw:
@@ -126,12 +137,16 @@ class StateCollector(Collector):
                 drift_alert.add_metric([], 1.0 if report.get("drifted") else 0.0)
             checked = self.app.redis.get(AUDIT_CHECK_KEY)
             if checked:
-                chain.add_metric([], 1.0 if json.loads(checked).get("ok") else 0.0)
+                state = json.loads(checked)
+                chain.add_metric([], 1.0 if state.get("ok") else 0.0)
+                finished = datetime.fromisoformat(state["checked_at"])
+                check_age.add_metric([], max(0.0, (datetime.now(UTC) - finished).total_seconds()))
         except Exception as exc:
             log.warning("drift and audit figures unavailable", extra={"error": type(exc).__name__})
         yield drift
         yield drift_alert
         yield chain
+        yield check_age
 
         try:
             raw = self.app.redis.get(FIELD_KEY)

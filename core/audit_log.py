@@ -64,13 +64,13 @@ def latest_checkpoint(session: Session) -> StoredCheckpoint | None:
     return StoredCheckpoint(row.size, bytes(row.root), row.signed_at, row.note) if row else None
 
 
-def checkpoints(session: Session, *, up_to: int | None = None) -> list[StoredCheckpoint]:
+def checkpoints(session: Session, *, up_to: int | None = None, at_least: int = 0) -> list[StoredCheckpoint]:
     rows = session.execute(
         text(
             "SELECT size, root, signed_at, note FROM audit_checkpoints "
-            "WHERE CAST(:up_to AS bigint) IS NULL OR size <= :up_to ORDER BY size"
+            "WHERE size >= :at_least AND (CAST(:up_to AS bigint) IS NULL OR size <= :up_to) ORDER BY size"
         ),
-        {"up_to": up_to},
+        {"up_to": up_to, "at_least": at_least},
     ).all()
     return [StoredCheckpoint(r.size, bytes(r.root), r.signed_at, r.note) for r in rows]
 
@@ -143,27 +143,38 @@ def consistency_proof(session: Session, old_size: int, new_size: int) -> list[by
 # --------------------------------------------------------------------------- sealing
 
 
-def _pending(session: Session, limit: int) -> list[tuple[int, bytes]]:
-    """(event id, leaf hash) of committed, unsealed events in (txid, id) order, after the last sealed one."""
+#: committed events after the last sealed one, in the sealer's (txid, id) order
+_UNSEALED = """
+    FROM audit_events e
+    WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot())
+      AND (e.txid, e.id) > (CAST(:txid AS xid8), :id)
+    ORDER BY e.txid, e.id
+"""
+
+
+def _last_sealed(session: Session) -> dict[str, object]:
     last = session.execute(
         text(
             "SELECT e.txid::text AS txid, e.id FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id "
             "ORDER BY l.seq DESC LIMIT 1"
         )
     ).first()
+    return {"txid": last.txid if last else "0", "id": last.id if last else 0}
+
+
+def _pending(session: Session, limit: int) -> list[tuple[int, bytes]]:
+    """(event id, leaf hash) of committed, unsealed events in (txid, id) order, after the last sealed one."""
     rows = session.execute(
-        text(
-            f"""
-            SELECT {LEAF_COLUMNS_SQL} FROM audit_events e
-            WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot())
-              AND (e.txid, e.id) > (CAST(:txid AS xid8), :id)
-            ORDER BY e.txid, e.id
-            LIMIT :limit
-            """  # noqa: S608 - a constant column list, values are bound
-        ),
-        {"txid": last.txid if last else "0", "id": last.id if last else 0, "limit": limit},
+        text(f"SELECT {LEAF_COLUMNS_SQL} {_UNSEALED} LIMIT :limit"),
+        {**_last_sealed(session), "limit": limit},
     ).all()
     return [(row[0], merkle.leaf_hash(leaf_bytes_from_columns(row))) for row in rows]
+
+
+def oldest_unsealed(session: Session) -> datetime | None:
+    """When the next event the sealer will seal was written: None when every committed event is
+    sealed. Its age is how far sealing lags (a stalled sealer leaves new events unprotected)."""
+    return session.scalar(text(f"SELECT e.occurred_at {_UNSEALED} LIMIT 1"), _last_sealed(session))
 
 
 def _append(session: Session, old_size: int, leaves: Sequence[bytes]) -> bytes:

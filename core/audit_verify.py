@@ -91,13 +91,15 @@ def _rows(session: Session, start: int, batch: int) -> Iterator[tuple[int, int, 
 
 
 def trusted_roots(
-    session: Session, verifiers: Sequence[Verifier] | None, witness_text: str | None = None
+    session: Session, verifiers: Sequence[Verifier] | None, witness_text: str | None = None, *, since: int = 0
 ) -> tuple[dict[int, list[bytes]], str | None]:
     """Checkpoint roots by tree size: stored ones (signature-checked when ``verifiers`` are given) and
-    the witness file's. Returns them and the first problem with a stored checkpoint, if any."""
+    the witness file's. Returns them and the first problem with a stored checkpoint, if any. With
+    ``since``, only checkpoints of that many events or more: a check that resumes there needs no
+    older one, and their signatures are not checked again (they were, by the check it resumes)."""
     roots: dict[int, list[bytes]] = {}
     problem = None
-    for stored in checkpoints(session):
+    for stored in checkpoints(session, at_least=since):
         if verifiers is not None:
             try:
                 parsed = parse(stored.note, list(verifiers))
@@ -110,12 +112,20 @@ def trusted_roots(
         roots.setdefault(stored.size, []).append(stored.root)
     if witness_text and verifiers is not None:
         for note in read_notes(witness_text):
+            if _note_size(note) < since:
+                continue
             try:
                 parsed = parse(note, list(verifiers))
             except CheckpointError:
                 continue  # a witness line nobody signed proves nothing
             roots.setdefault(parsed.size, []).append(parsed.root)
     return roots, problem
+
+
+def _note_size(note: str) -> int:
+    """The tree size a signed note claims (its second line), unverified; -1 when it has none."""
+    lines = note.split("\n", 2)
+    return int(lines[1]) if len(lines) > 2 and lines[1].isdigit() else -1
 
 
 def walk(
@@ -258,7 +268,12 @@ def verify_log(
     With ``verifiers=None`` the stored checkpoints are taken as they are (no signature check): a
     self-consistency check for tests and the worker's quick check, not proof against an insider.
     """
-    roots, problem = trusted_roots(session, verifiers, witness_text)
+    roots, problem = trusted_roots(session, verifiers, witness_text, since=start.size if start else 0)
+    if start is not None and verifiers is not None and start.root() not in roots.get(start.size, []):
+        # a resume point is a row any service login may write: it counts only where a signed checkpoint
+        # vouches for it, else the whole log is checked again
+        start = None
+        roots, problem = trusted_roots(session, verifiers, witness_text)
     if start is None:
         old = verify_old_chain(session)
         if not old.ok:

@@ -220,6 +220,49 @@ def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings
     assert every.checkpoints == 5 and every.checked == 5
 
 
+def test_a_resume_point_the_services_login_wrote_counts_only_where_a_checkpoint_vouches_for_it(  # type: ignore[no-untyped-def]
+    roles_db, settings: Settings
+) -> None:
+    # The periodic check resumes from the last good result, a row the services' login may insert: a
+    # "good" result past the log's end would have every later check start there and find nothing.
+    from worker.sealing import check
+
+    keys = checkpoint.load_signing_keys(settings)
+    runtime, owner = roles_db["runtime"], roles_db["owner"]
+    ids = _record_and_seal(runtime, keys, 3)
+    assert check(runtime, keys).ok
+    forged = merkle.CompactRange(2**20, [bytes(32)])
+    with session_scope(runtime) as session:
+        audit_verify.report_row(
+            session, audit_verify.LogReport(True, 0, forged.size, forged.root(), frontier=forged.hashes)
+        )
+    engine = create_engine(owner.database_url)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
+        connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 7}' WHERE id = :id"), {"id": ids[1]})
+    engine.dispose()
+    report = check(runtime, keys)  # from the start: no signed checkpoint has the forged size and root
+    assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (1, ids[1]), report
+
+
+def test_the_age_of_the_oldest_unsealed_event_is_how_far_sealing_lags(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    keys = checkpoint.load_signing_keys(settings)
+    runtime = roles_db["runtime"]
+    _record_and_seal(runtime, keys, 1)
+    with session_scope(runtime) as session:
+        assert audit_log.oldest_unsealed(session) is None
+        written = datetime.now(UTC)
+        audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
+    with session_scope(runtime) as session:
+        waiting = support.wait_for(  # committed once no older transaction runs (a parallel test's may)
+            lambda: audit_log.oldest_unsealed(session), timeout=60, what="the event to count as committed"
+        )
+    assert abs((waiting - written).total_seconds()) < 5
+    support.seal_all(runtime)
+    with session_scope(runtime) as session:
+        assert audit_log.oldest_unsealed(session) is None
+
+
 def test_events_a_leaf_inserted_out_of_turn_made_the_log_skip_are_named(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     # The services' login may insert leaves (the sealer runs as it). A leaf for the newest event, put
     # at the next position, moves the sealer past the events before it: they would never be sealed.

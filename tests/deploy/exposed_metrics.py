@@ -33,6 +33,8 @@ DERMQ_METRICS = frozenset(
         "dermq_drift_psi",
         "dermq_drift_alert",
         "dermq_audit_chain_ok",
+        "dermq_audit_check_age_seconds",
+        "dermq_audit_unsealed_age_seconds",
         # field performance on confirmed outcomes (api/field_metrics.py)
         *(
             f"dermq_field_{rate}{bound}"

@@ -139,6 +139,8 @@ CONCERNS = {
     "no worker up": lambda e: 'up{job="dermq-worker"}' in e,
     "drift": lambda e: "dermq_drift_alert" in e,
     "audit chain broken": lambda e: "dermq_audit_chain_ok" in e,
+    "audit sealing stalled": lambda e: "dermq_audit_unsealed_age_seconds" in e,
+    "audit check not finishing": lambda e: "dermq_audit_check_age_seconds" in e and "absent(" in e,
     "GPU memory near full": lambda e: "dermq_gpu_memory_bytes" in e,
     "melanoma sensitivity on confirmed cases": lambda e: "dermq_field_mel_sensitivity_floor" in e,
 }
