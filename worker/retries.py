@@ -63,7 +63,7 @@ def requeue(config: Settings, case_id: uuid.UUID, attempt: int, reason: str = "t
 def retry(task: Any, config: Settings, case_id: uuid.UUID, attempt: int | None, exc: Exception) -> Exception:
     """Put the case ``attempt`` holds back in the queue and return the Celery ``Retry`` to raise: the
     next try runs after :func:`retry_delay` and, first of all, requeues ``attempt`` again (in case the
-    database was down just now)."""
+    database was down just now). Past the task's retry limit, the :class:`WithheldError` to raise."""
     if attempt is not None:
         try:
             requeue(config, case_id, attempt)  # at once if the database answers; the retry repeats it
@@ -72,11 +72,16 @@ def retry(task: Any, config: Settings, case_id: uuid.UUID, attempt: int | None, 
                 "could not requeue after a transient error; the retry will",
                 extra={"event": "requeue_failed", "error": type(requeue_error).__name__},
             )
+    # Celery formats the exception a task ends with, and each one chained to it, into its task-retried
+    # and task-failed events (and so Flower): raised from None by the caller, neither carries ``exc``.
+    # Past the limit Celery would raise the withheld error *from* ``exc``: it is returned here instead.
+    if task.max_retries is not None and task.request.retries >= task.max_retries:
+        return withheld(exc)
     countdown = retry_delay(task.request.retries)
     log.warning(
         "transient error; retrying",
         extra={"event": "retry", "error": type(exc).__name__, "retry_in": round(countdown, 2), "attempt": attempt},
     )
     kwargs = {"requeue_attempt": attempt} if attempt is not None else {}
-    error: Exception = task.retry(exc=withheld(exc), countdown=countdown, kwargs=kwargs)
+    error: Exception = task.retry(exc=withheld(exc), countdown=countdown, kwargs=kwargs, throw=False)
     return error

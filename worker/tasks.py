@@ -177,7 +177,9 @@ def deliver_callback(self: Any, case_id: str) -> str:
         if not _transient(exc) or self.request.retries >= MAX_RETRIES:
             # the row stays pending: the sweeper publishes it again later
             raise retries.withheld(exc) from None
-        raise self.retry(exc=retries.withheld(exc), countdown=retry_delay(self.request.retries)) from None
+        # returned, not thrown inside this handler: raised from None, it carries no trace of ``exc``
+        retry = self.retry(exc=retries.withheld(exc), countdown=retry_delay(self.request.retries), throw=False)
+        raise retry from None
     log.info(
         "callback attempt",
         extra={

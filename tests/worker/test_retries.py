@@ -4,10 +4,12 @@ the queue first; everything else fails the case once, fenced by its attempt."""
 from __future__ import annotations
 
 import statistics
+import traceback
 import uuid
 
 import pytest
 import redis
+from celery.exceptions import Retry
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -187,3 +189,26 @@ def test_out_of_memory_splits_a_batch_where_other_transient_errors_retry_it() ->
         _one_by_one_or_raise(connection_lost(), 4, "batch_classify_failed", "a batch failed to classify")
     with pytest.raises(MemoryError):  # a case alone: retried like any transient error
         _one_by_one_or_raise(MemoryError(), 1, "batch_classify_failed", "a batch failed to classify")
+
+
+def test_what_celery_keeps_of_a_retried_or_failed_case_never_quotes_the_error(scripted) -> None:  # type: ignore[no-untyped-def]
+    # Celery formats the exception a task ends with, and every exception chained to it, into its
+    # task-retried and task-failed events, and so into Flower; a database error's text may quote a value.
+    marker = "MRN-4417-secret-client-ref"
+    quoting = OperationalError("UPDATE cases ...", {}, Exception(f"invalid input syntax: {marker}"))
+    scripted(*[quoting for _ in range(retries.MAX_RETRIES + 1)])
+    outcome = tasks.classify.apply(args=[str(uuid.uuid4())])
+    assert outcome.failed() and marker not in (outcome.traceback or "") and "OperationalError" in str(outcome.result)
+
+    tasks.classify.push_request(called_directly=False, is_eager=True, retries=0, id="t", args=[], kwargs={})
+    try:
+        try:
+            raise quoting
+        except OperationalError as exc:
+            try:
+                raise retries.retry(tasks.classify, tasks.settings(), uuid.uuid4(), None, exc) from None
+            except Retry as raised:
+                told = "".join(traceback.format_exception(raised))
+    finally:
+        tasks.classify.pop_request()
+    assert "WithheldError" in told and marker not in told, told
