@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import pgbinary
 from core.crypto import Keyring, SealedBlob, decrypt_blob
-from core.errors import DecryptionError, NotFound
+from core.errors import DecryptionError, KeyringError, NotFound
 from core.models import BlobKind, CaseBlob
 
 
@@ -33,11 +33,12 @@ class StoredImage:
 
 def read_images(
     session: Session, *, keyring: Keyring, case_ids: Sequence[uuid.UUID]
-) -> tuple[dict[uuid.UUID, StoredImage], dict[uuid.UUID, NotFound | DecryptionError]]:
+) -> tuple[dict[uuid.UUID, StoredImage], dict[uuid.UUID, Exception]]:
     """The decrypted image of each of ``case_ids`` that can be read, its working copy where it has one,
-    in one statement; and, for each of the others, why not: no stored image (:class:`NotFound`) or one
-    that does not decrypt under its case and key (:class:`DecryptionError`). One unreadable case never
-    stops the others of a batch."""
+    in one statement; and, for each of the others, why not: no stored image (:class:`NotFound`), one
+    that does not decrypt under its case and key (:class:`DecryptionError`), or a key that cannot be
+    loaded (:class:`KeyringError`, an ``OSError``: its period's key file unreadable, say). One
+    unreadable case never stops, or fails, the others of a batch."""
     rows = pgbinary.copy_out(  # raw bytes, not hex: see core.pgbinary
         session,
         "SELECT DISTINCT ON (case_id) case_id, kind, ciphertext, nonce, wrapped_key, kek_id FROM case_blobs"
@@ -55,7 +56,7 @@ def read_images(
         for case_id, kind, ciphertext, nonce, wrapped, kek in rows
     }
     images: dict[uuid.UUID, StoredImage] = {}
-    unreadable: dict[uuid.UUID, NotFound | DecryptionError] = {}
+    unreadable: dict[uuid.UUID, Exception] = {}
     for case_id in case_ids:
         if case_id not in found:
             unreadable[case_id] = NotFound("the case has no stored image", code="image_missing")
@@ -65,7 +66,7 @@ def read_images(
             images[case_id] = StoredImage(
                 decrypt_blob(keyring, blob, case_id=case_id, kind=kind), kind == BlobKind.WORKING.value
             )
-        except DecryptionError as exc:
+        except (DecryptionError, KeyringError, OSError) as exc:
             unreadable[case_id] = exc
     return images, unreadable
 

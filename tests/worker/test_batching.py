@@ -342,3 +342,28 @@ def test_a_case_whose_image_cannot_be_read_fails_alone_and_its_batch_goes_on(
     assert run_batch(batching, led[0]) == "failed"
     with session_scope(batching) as session:
         assert session.scalar(select(Case.status).where(Case.id == led[1])) == "succeeded"
+
+
+def test_a_case_whose_key_cannot_be_loaded_fails_alone_and_its_batch_goes_on(  # type: ignore[no-untyped-def]
+    batching, tenant, store_case, jpeg_bytes
+) -> None:
+    """Its period's key file became readable by others (a careless restore): loading that key raises
+    KeyringError, which used to roll the whole batch's claim back and fail the case that led it."""
+    from core.crypto import load_keyring
+
+    folder = load_keyring(batching).periods
+    assert folder is not None
+    ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
+    exposed = folder.ensure("2025-01")
+    key_file = folder._key_file("2025-01")
+    try:
+        key_file.chmod(0o644)
+        with session_scope(batching) as session:
+            session.execute(update(CaseBlob).where(CaseBlob.case_id == ids[1]).values(kek_id=exposed))
+        assert run_batch(batching, ids[0]) == "succeeded"
+        with session_scope(batching) as session:
+            cases = {c.id: c for c in session.scalars(select(Case).where(Case.id.in_(ids)))}
+        assert [cases[i].status for i in ids] == ["succeeded", "failed", "succeeded"]
+        assert "reading its stored image (KeyringError)" in (cases[ids[1]].failure_message or "")
+    finally:
+        key_file.unlink()
