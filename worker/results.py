@@ -26,6 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core import case_states
 from core.config import Settings
 from core.models import Outcome
+from worker import runtime
 from worker.budget import GradcamTimeout, time_budget
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ def heatmap(
     except SoftTimeLimitExceeded:
         raise
     except Exception as exc:
+        if runtime.device_failed(exc):
+            raise  # the GPU is gone, not the heat map: its cases go back to the queue, the child ends (tasks)
         log.warning(
             "Grad-CAM failed; storing the result without a heat map",
             extra={"event": "gradcam_error", "error": type(exc).__name__},

@@ -42,9 +42,27 @@ class BrokenGpu:
         raise torch.AcceleratorError(ILLEGAL_ACCESS)
 
 
+class GpuFailingAtTheHeatMap(BrokenGpu):
+    """A GPU that classifies, then fails while computing the heat map."""
+
+    def __init__(self, real) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(real)
+        self.real = real
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.real, name)
+
+    def classify(self, images):  # type: ignore[no-untyped-def]
+        return self.real.classify(images)
+
+    def explain(self, image, analysis):  # type: ignore[no-untyped-def]
+        raise torch.AcceleratorError(ILLEGAL_ACCESS)
+
+
 @pytest.fixture
-def broken_gpu(own_database: Settings, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """``classify`` in this process on a failed GPU; returns the exit statuses the child took."""
+def broken_gpu(own_database: Settings, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """``classify`` in this process on a failed GPU (or the stand-in of ``request.param``); returns the
+    exit statuses the child took."""
     from ml.predictor import Predictor
 
     cpu = Predictor.load(own_database.model, device="cpu", overlay_max_side=own_database.overlay_max_side)
@@ -57,7 +75,8 @@ def broken_gpu(own_database: Settings, monkeypatch: pytest.MonkeyPatch):  # type
     monkeypatch.setattr(runtime.os, "_exit", exit_)
     monkeypatch.setattr(runtime.logging, "shutdown", lambda: None)  # pytest's own log handlers stay open
     monkeypatch.setattr(retries, "retry_delay", lambda done: 0.0)
-    previous = runtime.use_loader(lambda config, device: cpu if device == "cpu" else BrokenGpu(cpu))
+    broken = getattr(request, "param", BrokenGpu)
+    previous = runtime.use_loader(lambda config, device: cpu if device == "cpu" else broken(cpu))
     runtime.reset()
     yield exits
     runtime.use_loader(previous)
@@ -69,6 +88,7 @@ def cases(settings: Settings, ids: list[uuid.UUID]) -> list[tuple[str, int, str 
         return [(c.status, c.attempts, c.failure_code) for c in (session.get(Case, i) for i in ids)]
 
 
+@pytest.mark.parametrize("broken_gpu", [BrokenGpu, GpuFailingAtTheHeatMap], indirect=True, ids=["pass", "heat-map"])
 @pytest.mark.parametrize("batching", ["off", "on"])
 def test_a_failed_gpu_puts_its_cases_back_and_ends_the_child(
     broken_gpu: list[int],
