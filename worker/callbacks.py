@@ -126,19 +126,48 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         tls.do_handshake()
 
 
+class _ResolveTimeout(Exception):
+    """The callback's host was not resolved within one timeout."""
+
+
+def _resolved(host: str, port: int, settings: Settings) -> str:
+    """:func:`checked_address`, given at most one timeout: ``getaddrinfo`` has none of its own (a
+    clinic's name server that drops queries holds it for the resolver's retries, 30 s and more) and
+    cannot be interrupted, so it runs in a thread of its own, left behind if it overruns."""
+    outcome: list[str | BaseException] = []
+    done = threading.Event()
+
+    def resolve() -> None:
+        try:
+            outcome.append(checked_address(host, port, settings))
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+        done.set()
+
+    threading.Thread(target=resolve, name="callback-resolve", daemon=True).start()
+    if not done.wait(settings.callback_timeout_seconds):
+        raise _ResolveTimeout
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
 def post(url: str, body: bytes, secret: str, settings: Settings, *, event_id: str) -> tuple[int | None, str | None]:
     """POST the signed ``body``; returns (HTTP status or None, error class name or None). No redirects."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
     host = parts.hostname or ""
     port = parts.port or (443 if https else 80)
+    began = time.monotonic()
     try:
-        address = checked_address(host, port, settings)
+        address = _resolved(host, port, settings)
     except (OSError, UnicodeError) as exc:  # UnicodeError: a host the resolver refuses to encode
         return None, type(exc).__name__
+    except _ResolveTimeout:
+        return None, DEADLINE_EXCEEDED
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     connection_type = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
-    deadline = _Deadline(3 * settings.callback_timeout_seconds)
+    deadline = _Deadline(3 * settings.callback_timeout_seconds - (time.monotonic() - began))
     connection = connection_type(host, port, address, settings.callback_timeout_seconds, deadline)
     headers = {
         "Content-Type": "application/json",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from core import callback_urls as callbacks_urls
 from core.config import Settings
 from tests import support
 from worker import callbacks
@@ -152,3 +153,25 @@ def test_a_callback_sends_its_body_without_waiting_for_the_head_to_be_acknowledg
     finally:
         connection.close()
         receiver.close()
+
+
+def test_a_name_server_that_does_not_answer_is_cut_off_within_the_deadline_too(
+    config: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clinic's name server drops the lookup: ``getaddrinfo`` has no timeout of its own (glibc waits
+    out its retries, 30 s and more) and used to run before the attempt's deadline started. A resolver
+    that takes 5 s stands in for it (there is no name server here to make silent)."""
+    released = threading.Event()
+
+    def silent(*args, **kwargs):  # type: ignore[no-untyped-def]
+        released.wait(5)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(callbacks_urls.socket, "getaddrinfo", silent)
+    started = time.monotonic()
+    try:
+        status, error = post("https://portal.example/hook", b"{}", "secret", config, event_id="e")
+    finally:
+        released.set()
+    assert (status, error) == (None, DEADLINE_EXCEEDED)
+    assert time.monotonic() - started < 3 * TIMEOUT + 0.5
