@@ -111,11 +111,11 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
         log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
         return "skipped"
     progress.attempt = claimed[0].attempts  # the claim committed: any failure from here is fenced by it
-    if len(claimed) > 1:
-        # their own messages are dropped in the main process from now on (worker.companions)
-        companions.mark(config, [c.id for c in claimed if c.id != case_id])
     outcomes: dict[uuid.UUID, str] = {}
-    try:
+    try:  # from here on, whatever stops the batch (Redis down, the time limit) puts its other cases back
+        if len(claimed) > 1:
+            # their own messages are dropped in the main process from now on (worker.companions)
+            companions.mark(config, [c.id for c in claimed if c.id != case_id])
         _fail_unreadable(config, claimed, unreadable, outcomes)
         fillable = len(claimed) < config.batch_max_size and claimed[0].attempts == 1  # a retry runs alone
         if fillable and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":

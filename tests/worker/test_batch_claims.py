@@ -115,3 +115,27 @@ def test_a_gpu_batch_is_filled_on_the_terms_it_was_claimed_on(batching, tenant, 
         with session_scope(batching) as session:
             assert session.get(Case, later).status == "queued"  # type: ignore[union-attr]
             session.execute(update(Case).where(Case.id == later).values(status="failed"))  # out of the way
+
+
+def test_a_batch_out_of_time_right_after_its_claim_puts_every_case_it_took_back(  # type: ignore[no-untyped-def]
+    batching, tenant, store_case, jpeg_bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soft time limit can fire at any line: here while the batch marks its companions in Redis,
+    just after its claim committed. They went back to the queue only once the sweeper found them
+    (the hard limit plus its grace later, an attempt each)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from worker import batching as batches
+    from worker.pipeline import Progress
+
+    def out_of_time(*args: object) -> None:
+        raise SoftTimeLimitExceeded
+
+    ids = [store_case(tenant, jpeg_bytes) for _ in range(3)]
+    monkeypatch.setattr(batches.companions, "mark", out_of_time)
+    progress = Progress()
+    with pytest.raises(SoftTimeLimitExceeded):
+        batches.run_batch(batching, ids[0], progress)
+    assert progress.requeued  # the lead too: a batch out of time runs its cases again, alone
+    with session_scope(batching) as session:
+        assert [session.get(Case, i).status for i in ids] == ["queued"] * 3  # type: ignore[union-attr]
