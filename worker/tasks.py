@@ -79,7 +79,7 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
     config = settings()
     try:
         parsed = uuid.UUID(case_id)
-    except (ValueError, TypeError):  # logged without it: a message's argument is anybody's text
+    except (ValueError, TypeError, AttributeError):  # logged without it: a message's argument is anybody's text
         log.error("classify called with something that is not a case id", extra={"event": "bad_message"})
         return "ignored"
     token = case_id_var.set(str(parsed))
@@ -169,7 +169,7 @@ def deliver_callback(self: Any, case_id: str) -> str:
     config = settings()
     try:
         parsed = uuid.UUID(case_id)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):
         return "ignored"
     try:
         attempt = delivery.deliver(config, keyring(config), parsed)
