@@ -111,6 +111,43 @@ def test_the_runtime_role_cannot_rewrite_or_disable(roles_db, settings: Settings
         engine.dispose()
 
 
+EVENT = (
+    "INSERT INTO audit_events (occurred_at, action, outcome, actor_type, detail{extra}) "
+    "VALUES (now(), 'x', 'success', 'system', '{{}}'{values})"
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "values", "refused"),
+    [
+        (", hash, prev_hash", ", repeat('0', 64), repeat('0', 64)", "no chain hash"),
+        (", id", ", 9000000000", "id comes from its sequence"),
+        ("", "", None),
+    ],
+    ids=["chain-hash", "id-ahead", "plain"],
+)
+def test_the_runtime_role_inserts_only_plain_events(roles_db, extra: str, values: str, refused: str | None) -> None:  # type: ignore[no-untyped-def]
+    # A chain hash stopped every full verify at the old chain for good; an id ahead of the sequence made
+    # later real inserts fail; a transaction id of its own choosing moved the sealer past real events.
+    engine = create_engine(roles_db["runtime"].database_url)
+    try:
+        if refused:
+            with pytest.raises(DBAPIError, match=refused), engine.begin() as connection:
+                connection.execute(text(EVENT.format(extra=extra, values=values)))
+        future = EVENT.format(extra="", values="").replace("VALUES (now()", "VALUES ('9999-12-31'")
+        with pytest.raises(DBAPIError, match="in the future"), engine.begin() as connection:
+            connection.execute(text(future))
+        with engine.begin() as connection:  # the database sets txid, whatever the insert says
+            forged = EVENT.format(extra=", txid", values=", '99999999999'::xid8")
+            event_id = connection.scalar(text(forged + " RETURNING id"))
+            own = connection.scalar(text("SELECT pg_current_xact_id()::text"))
+            assert (
+                connection.scalar(text("SELECT txid::text FROM audit_events WHERE id = :id"), {"id": event_id}) == own
+            )
+    finally:
+        engine.dispose()
+
+
 def test_startup_check_refuses_owner_and_superuser_logins(roles_db) -> None:  # type: ignore[no-untyped-def]
     for login, refused in (("runtime", None), ("owner", "owns the audit table"), ("superuser", "superuser")):
         production = roles_db[login].model_copy(update={"environment": "production"})
