@@ -20,6 +20,9 @@ CHROMIUM = Path(os.environ.get("DERMQ_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("DERMQ_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"))
 #: screenshots and downloads of the browser tests (git-ignored)
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+#: where the browser saves downloads: a folder per pytest-xdist worker (each runs its own browser, and
+#: cleaning one shared folder raced another worker's)
+DOWNLOADS = ARTIFACTS / "downloads" / (os.environ.get("PYTEST_XDIST_WORKER") or "main")
 
 #: registered in every new document before the page's scripts run
 RECORD_VIOLATIONS = """
@@ -103,7 +106,7 @@ def screenshot(driver: Any, name: str) -> Path:
 
 def clean_downloads(folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 

@@ -14,12 +14,12 @@ from tests.api import browser
 def chromium() -> Iterator[Any]:
     """A headless Chromium (Selenium webdriver), one per test module (a browser left idle for minutes
     while other modules run, after another page's downloads, once failed to run the next page's
-    modules); downloads go to tests/artifacts/downloads. Skipped, saying why, only where the browser
+    modules); downloads go to tests/artifacts/downloads/<xdist worker>. Skipped, saying why, only where the browser
     or Selenium is absent."""
     reason = browser.missing()
     if reason is not None:
         pytest.skip(f"browser tests need Debian's chromium and chromedriver and selenium: {reason}")
-    driver = browser.start(browser.clean_downloads(browser.ARTIFACTS / "downloads"))
+    driver = browser.start(browser.clean_downloads(browser.DOWNLOADS))
     try:
         yield driver
     finally:

@@ -72,7 +72,7 @@ def test_the_auditor_finds_the_upload_and_exports_it(  # type: ignore[no-untyped
     browser.screenshot(page, "audit-console")
 
     # the same filters exported: the browser saves the files (fetched with the key, through blob: URLs)
-    downloads = browser.clean_downloads(browser.ARTIFACTS / "downloads")
+    downloads = browser.clean_downloads(browser.DOWNLOADS)
     status = page.find_element(By.ID, "export-status")
     page.find_element(By.ID, "export-csv").click()
     browser.wait_until(page, lambda _: status.get_attribute("data-format") == "csv", what="the CSV export")

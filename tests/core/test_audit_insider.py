@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,64 +25,7 @@ from core import audit, audit_log, audit_verify, checkpoint, db_roles, merkle
 from core.config import Settings
 from core.db import dispose_engines, session_scope
 from tests import support
-
-
-def _admin(settings: Settings):  # type: ignore[no-untyped-def]
-    return create_engine(make_url(settings.database_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
-
-
-@pytest.fixture
-def roles_db(settings: Settings, tmp_path: Path) -> Iterator[dict[str, Settings]]:
-    """A database owned by its owner role, migrated by it, with a runtime role granted by it."""
-    name = f"{support.TEST_DATABASE}_insider"
-    owner, runtime = f"{name}_owner", f"{name}_rt"
-    admin = _admin(settings)
-    support.drop_database(make_url(settings.database_url).set(database=name).render_as_string(False))
-    with admin.connect() as connection:
-        db_roles.create_roles(connection, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
-        connection.execute(text(f'CREATE DATABASE "{name}" OWNER "{owner}"'))
-    base = make_url(settings.database_url).set(database=name)
-    as_owner = base.set(username=owner).render_as_string(False)
-    as_runtime = base.set(username=runtime).render_as_string(False)
-    command.upgrade(alembic_config(as_owner), "head")
-    engine = create_engine(as_owner)
-    with engine.begin() as connection:
-        db_roles.grant_runtime(connection, runtime)
-    engine.dispose()
-    witness = tmp_path / "witness.log"
-    common = {"audit_witness_file": witness}
-    try:
-        yield {
-            "owner": settings.model_copy(update={**common, "database_url": as_owner}),
-            "runtime": settings.model_copy(update={**common, "database_url": as_runtime}),
-            "superuser": settings.model_copy(update={**common, "database_url": base.render_as_string(False)}),
-        }
-    finally:
-        dispose_engines()
-        support.drop_database(base.render_as_string(False))
-        with admin.connect() as connection:
-            for role in (owner, runtime):
-                connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
-        admin.dispose()
-
-
-def _record_and_seal(settings: Settings, keys: checkpoint.SigningKeys, n: int) -> list[int]:
-    """n events, each sealed (and so checkpointed and witnessed) on its own, by the runtime role."""
-    ids = []
-    for i in range(n):
-        with session_scope(settings) as session:
-            event_id = audit.record(
-                session,
-                action="case.read",
-                outcome=audit.SUCCESS,
-                actor=audit.SYSTEM,
-                entity_type="case",
-                entity_id=str(uuid.uuid4()),
-                detail={"i": i},
-            )
-            ids.append(event_id)
-        support.seal_all(settings)
-    return ids
+from tests.core.audit_roles import record_and_seal
 
 
 @pytest.mark.parametrize(
@@ -102,48 +43,11 @@ def _record_and_seal(settings: Settings, keys: checkpoint.SigningKeys, n: int) -
 )
 def test_the_runtime_role_cannot_rewrite_or_disable(roles_db, settings: Settings, statement: str) -> None:  # type: ignore[no-untyped-def]
     keys = checkpoint.load_signing_keys(settings)
-    _record_and_seal(roles_db["runtime"], keys, 1)  # the runtime role can write and seal
+    record_and_seal(roles_db["runtime"], keys, 1)  # the runtime role can write and seal
     engine = create_engine(roles_db["runtime"].database_url)
     try:
         with pytest.raises(DBAPIError, match=r"permission denied|must be owner"), engine.begin() as connection:
             connection.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
-EVENT = (
-    "INSERT INTO audit_events (occurred_at, action, outcome, actor_type, detail{extra}) "
-    "VALUES (now(), 'x', 'success', 'system', '{{}}'{values})"
-)
-
-
-@pytest.mark.parametrize(
-    ("extra", "values", "refused"),
-    [
-        (", hash, prev_hash", ", repeat('0', 64), repeat('0', 64)", "no chain hash"),
-        (", id", ", 9000000000", "id comes from its sequence"),
-        ("", "", None),
-    ],
-    ids=["chain-hash", "id-ahead", "plain"],
-)
-def test_the_runtime_role_inserts_only_plain_events(roles_db, extra: str, values: str, refused: str | None) -> None:  # type: ignore[no-untyped-def]
-    # A chain hash stopped every full verify at the old chain for good; an id ahead of the sequence made
-    # later real inserts fail; a transaction id of its own choosing moved the sealer past real events.
-    engine = create_engine(roles_db["runtime"].database_url)
-    try:
-        if refused:
-            with pytest.raises(DBAPIError, match=refused), engine.begin() as connection:
-                connection.execute(text(EVENT.format(extra=extra, values=values)))
-        future = EVENT.format(extra="", values="").replace("VALUES (now()", "VALUES ('9999-12-31'")
-        with pytest.raises(DBAPIError, match="in the future"), engine.begin() as connection:
-            connection.execute(text(future))
-        with engine.begin() as connection:  # the database sets txid, whatever the insert says
-            forged = EVENT.format(extra=", txid", values=", '99999999999'::xid8")
-            event_id = connection.scalar(text(forged + " RETURNING id"))
-            own = connection.scalar(text("SELECT pg_current_xact_id()::text"))
-            assert (
-                connection.scalar(text("SELECT txid::text FROM audit_events WHERE id = :id"), {"id": event_id}) == own
-            )
     finally:
         engine.dispose()
 
@@ -180,13 +84,13 @@ def test_the_api_refuses_to_start_as_the_owner_in_production(roles_db) -> None: 
 def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     keys = checkpoint.load_signing_keys(settings)
     runtime, owner = roles_db["runtime"], roles_db["owner"]
-    ids = _record_and_seal(runtime, keys, 4)
+    ids = record_and_seal(runtime, keys, 4)
     pinned = tmp_path / "pinned.checkpoint"
     with session_scope(runtime) as session:
         latest = audit_log.latest_checkpoint(session)
         assert latest is not None and latest.size == 4
         pinned.write_text(latest.note)  # the auditor keeps this
-    ids += _record_and_seal(runtime, keys, 2)
+    ids += record_and_seal(runtime, keys, 2)
 
     # The owner's attack: disable the triggers, delete the oldest event, edit another, and rebuild every
     # stored hash from the doctored rows (re-sealed with a key of its own: it cannot read the real one).
@@ -239,7 +143,7 @@ def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: S
 
 def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     keys = checkpoint.load_signing_keys(settings)
-    ids = _record_and_seal(roles_db["runtime"], keys, 5)
+    ids = record_and_seal(roles_db["runtime"], keys, 5)
     engine = create_engine(roles_db["owner"].database_url)
     with engine.begin() as connection:
         connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
@@ -257,55 +161,12 @@ def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings
     assert every.checkpoints == 5 and every.checked == 5
 
 
-def test_a_resume_point_the_services_login_wrote_counts_only_where_a_checkpoint_vouches_for_it(  # type: ignore[no-untyped-def]
-    roles_db, settings: Settings
-) -> None:
-    # The periodic check resumes from the last good result, a row the services' login may insert: a
-    # "good" result past the log's end would have every later check start there and find nothing.
-    from worker.sealing import check
-
-    keys = checkpoint.load_signing_keys(settings)
-    runtime, owner = roles_db["runtime"], roles_db["owner"]
-    ids = _record_and_seal(runtime, keys, 3)
-    assert check(runtime, keys).ok
-    forged = merkle.CompactRange(2**20, [bytes(32)])
-    with session_scope(runtime) as session:
-        audit_verify.report_row(
-            session, audit_verify.LogReport(True, 0, forged.size, forged.root(), frontier=forged.hashes)
-        )
-    engine = create_engine(owner.database_url)
-    with engine.begin() as connection:
-        connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
-        connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 7}' WHERE id = :id"), {"id": ids[1]})
-    engine.dispose()
-    report = check(runtime, keys)  # from the start: no signed checkpoint has the forged size and root
-    assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (1, ids[1]), report
-
-
-def test_the_age_of_the_oldest_unsealed_event_is_how_far_sealing_lags(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    keys = checkpoint.load_signing_keys(settings)
-    runtime = roles_db["runtime"]
-    _record_and_seal(runtime, keys, 1)
-    with session_scope(runtime) as session:
-        assert audit_log.oldest_unsealed(session) is None
-        written = datetime.now(UTC)
-        audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
-    with session_scope(runtime) as session:
-        waiting = support.wait_for(  # committed once no older transaction runs (a parallel test's may)
-            lambda: audit_log.oldest_unsealed(session), timeout=60, what="the event to count as committed"
-        )
-    assert abs((waiting - written).total_seconds()) < 5
-    support.seal_all(runtime)
-    with session_scope(runtime) as session:
-        assert audit_log.oldest_unsealed(session) is None
-
-
 def test_events_a_leaf_inserted_out_of_turn_made_the_log_skip_are_named(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     # The services' login may insert leaves (the sealer runs as it). A leaf for the newest event, put
     # at the next position, moves the sealer past the events before it: they would never be sealed.
     keys = checkpoint.load_signing_keys(settings)
     runtime = roles_db["runtime"]
-    _record_and_seal(runtime, keys, 2)
+    record_and_seal(runtime, keys, 2)
     with session_scope(runtime) as session:  # the workers' check so far: its next run starts from here
         audit_verify.report_row(session, audit_verify.verify_log(session, verifiers=keys.verifiers))
     skipped = []

@@ -1,0 +1,116 @@
+"""What the services' database login may and may not do to the audit log beyond changing rows: the
+events it inserts, the verification results it inserts, and a stalled or tampered log's signs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+
+from core import audit, audit_log, audit_verify, checkpoint, merkle
+from core.config import Settings
+from core.db import session_scope
+from tests import support
+from tests.core.audit_roles import record_and_seal
+
+EVENT = (
+    "INSERT INTO audit_events (occurred_at, action, outcome, actor_type, detail{extra}) "
+    "VALUES (now(), 'x', 'success', 'system', '{{}}'{values})"
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "values", "refused"),
+    [
+        (", hash, prev_hash", ", repeat('0', 64), repeat('0', 64)", "no chain hash"),
+        (", id", ", 9000000000", "id comes from its sequence"),
+        ("", "", None),
+    ],
+    ids=["chain-hash", "id-ahead", "plain"],
+)
+def test_the_runtime_role_inserts_only_plain_events(roles_db, extra: str, values: str, refused: str | None) -> None:  # type: ignore[no-untyped-def]
+    # A chain hash stopped every full verify at the old chain for good; an id ahead of the sequence made
+    # later real inserts fail; a transaction id of its own choosing moved the sealer past real events.
+    engine = create_engine(roles_db["runtime"].database_url)
+    try:
+        if refused:
+            with pytest.raises(DBAPIError, match=refused), engine.begin() as connection:
+                connection.execute(text(EVENT.format(extra=extra, values=values)))
+        future = EVENT.format(extra="", values="").replace("VALUES (now()", "VALUES ('9999-12-31'")
+        with pytest.raises(DBAPIError, match="in the future"), engine.begin() as connection:
+            connection.execute(text(future))
+        with engine.begin() as connection:  # the database sets txid, whatever the insert says
+            forged = EVENT.format(extra=", txid", values=", '99999999999'::xid8")
+            event_id = connection.scalar(text(forged + " RETURNING id"))
+            own = connection.scalar(text("SELECT pg_current_xact_id()::text"))
+            assert (
+                connection.scalar(text("SELECT txid::text FROM audit_events WHERE id = :id"), {"id": event_id}) == own
+            )
+    finally:
+        engine.dispose()
+
+
+def test_the_sealer_signs_nothing_over_a_tree_rewritten_since_its_last_checkpoint(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    # The owner rewrites stored hashes under the signed checkpoints: the next checkpoint would be a
+    # valid signature over the forged tree, and later checks would take it as the truth.
+    keys = checkpoint.load_signing_keys(settings)
+    runtime, owner = roles_db["runtime"], roles_db["owner"]
+    record_and_seal(runtime, keys, 4)
+    engine = create_engine(owner.database_url)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE audit_nodes DISABLE TRIGGER audit_nodes_append_only"))
+        connection.execute(text("UPDATE audit_nodes SET hash = :h WHERE level = 2 AND idx = 0"), {"h": bytes(32)})
+    engine.dispose()
+    with session_scope(runtime) as session:
+        audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
+        before = audit_log.latest_checkpoint(session)
+    with pytest.raises(audit_log.TamperedLog, match="no longer hashes to the signed checkpoint of size 4"):
+        support.seal_all(runtime)
+    with session_scope(runtime) as session:
+        assert audit_log.latest_checkpoint(session) == before  # nothing signed
+        assert audit_log.oldest_unsealed(session) is not None  # and the lag shows it (DermqAuditSealingStalled)
+
+
+def test_a_resume_point_the_services_login_wrote_counts_only_where_a_checkpoint_vouches_for_it(  # type: ignore[no-untyped-def]
+    roles_db, settings: Settings
+) -> None:
+    # The periodic check resumes from the last good result, a row the services' login may insert: a
+    # "good" result past the log's end would have every later check start there and find nothing.
+    from worker.sealing import check
+
+    keys = checkpoint.load_signing_keys(settings)
+    runtime, owner = roles_db["runtime"], roles_db["owner"]
+    ids = record_and_seal(runtime, keys, 3)
+    assert check(runtime, keys).ok
+    forged = merkle.CompactRange(2**20, [bytes(32)])
+    with session_scope(runtime) as session:
+        audit_verify.report_row(
+            session, audit_verify.LogReport(True, 0, forged.size, forged.root(), frontier=forged.hashes)
+        )
+    engine = create_engine(owner.database_url)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
+        connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 7}' WHERE id = :id"), {"id": ids[1]})
+    engine.dispose()
+    report = check(runtime, keys)  # from the start: no signed checkpoint has the forged size and root
+    assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (1, ids[1]), report
+
+
+def test_the_age_of_the_oldest_unsealed_event_is_how_far_sealing_lags(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    keys = checkpoint.load_signing_keys(settings)
+    runtime = roles_db["runtime"]
+    record_and_seal(runtime, keys, 1)
+    with session_scope(runtime) as session:
+        assert audit_log.oldest_unsealed(session) is None
+        written = datetime.now(UTC)
+        audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
+    with session_scope(runtime) as session:
+        waiting = support.wait_for(  # committed once no older transaction runs (a parallel test's may)
+            lambda: audit_log.oldest_unsealed(session), timeout=60, what="the event to count as committed"
+        )
+    assert abs((waiting - written).total_seconds()) < 5
+    support.seal_all(runtime)
+    with session_scope(runtime) as session:
+        assert audit_log.oldest_unsealed(session) is None
