@@ -7,7 +7,10 @@ transaction-scoped advisory lock that only the sealer takes) then, every second 
    still running (``pg_snapshot_xmin(pg_current_snapshot())``): those are committed (or rolled back,
    and then invisible), and no transaction that could still commit an older event remains. A
    transaction with a smaller id that commits after a larger one is therefore sealed in a later run,
-   never skipped. They are ordered by ``(txid, id)`` after the last sealed event: one stable order;
+   never skipped. They are ordered by ``(txid, id)`` after the last sealed event: one stable order.
+   A database restored from a dump into another cluster keeps its rows' transaction ids, which the
+   new cluster's own do not reach for a long while: the sealer sees that the last sealed event's id
+   lies in the cluster's future, seals the rest of the restored events, then the new cluster's;
 2. appends their leaf hashes (``audit_leaves``) and the hashes of every perfect subtree completed by
    them (``audit_nodes``), so proofs need O(log n) stored hashes;
 3. signs a checkpoint of the new tree (:mod:`core.checkpoint`) and stores it (``audit_checkpoints``);
@@ -30,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from core import merkle
 from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
-from core.checkpoint import Checkpoint, SigningKeys, append_witness
+from core.checkpoint import Checkpoint, CheckpointError, SigningKeys, append_witness, parse
 from core.config import Settings
 from core.db import session_scope
 
@@ -143,6 +146,12 @@ def consistency_proof(session: Session, old_size: int, new_size: int) -> list[by
 # --------------------------------------------------------------------------- sealing
 
 
+#: the sealer's place: the last sealed event, and whether its transaction id lies in this cluster's
+#: future, which only a restore from a dump into a younger cluster brings (the rows keep the old ids)
+_PLACE = text(
+    "SELECT e.txid::text AS txid, e.id, e.txid >= pg_snapshot_xmax(pg_current_snapshot()) AS restored "
+    "FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id ORDER BY l.seq DESC LIMIT 1"
+)
 #: committed events after the last sealed one, in the sealer's (txid, id) order
 _UNSEALED = """
     FROM audit_events e
@@ -150,36 +159,69 @@ _UNSEALED = """
       AND (e.txid, e.id) > (CAST(:txid AS xid8), :id)
     ORDER BY e.txid, e.id
 """
+#: the same on a cluster restored from a dump: first the old cluster's events after the last sealed
+#: one (all committed: a dump holds nothing else), then this cluster's committed ones, whose ids come
+#: after every restored id and whose transaction ids are smaller than the old cluster's
+_UNSEALED_AFTER_RESTORE = """
+    FROM audit_events e
+    WHERE (e.txid, e.id) > (CAST(:txid AS xid8), :id)
+       OR (e.id > :id AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
+           AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id))
+    ORDER BY e.txid >= pg_snapshot_xmax(pg_current_snapshot()) DESC, e.txid, e.id
+"""
 
 
-def _last_sealed(session: Session) -> dict[str, object]:
-    last = session.execute(
-        text(
-            "SELECT e.txid::text AS txid, e.id FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id "
-            "ORDER BY l.seq DESC LIMIT 1"
-        )
-    ).first()
-    return {"txid": last.txid if last else "0", "id": last.id if last else 0}
+def _unsealed(session: Session) -> tuple[str, dict[str, object]]:
+    """The FROM ... ORDER BY of the committed events not sealed yet, in the order to seal them, and
+    its parameters. Once this cluster's first event is sealed after a restore, the ordinary one again."""
+    last = session.execute(_PLACE).first()
+    if last is None:
+        return _UNSEALED, {"txid": "0", "id": 0}
+    return (_UNSEALED_AFTER_RESTORE if last.restored else _UNSEALED), {"txid": last.txid, "id": last.id}
 
 
 def _pending(session: Session, limit: int) -> list[tuple[int, bytes]]:
-    """(event id, leaf hash) of committed, unsealed events in (txid, id) order, after the last sealed one."""
-    rows = session.execute(
-        text(f"SELECT {LEAF_COLUMNS_SQL} {_UNSEALED} LIMIT :limit"),
-        {**_last_sealed(session), "limit": limit},
-    ).all()
-    return [(row[0], merkle.leaf_hash(leaf_bytes_from_columns(row))) for row in rows]
+    """(event id, leaf hash) of committed, unsealed events in the order to seal them (:func:`_unsealed`)."""
+    unsealed, place = _unsealed(session)
+    rows = session.execute(text(f"SELECT {LEAF_COLUMNS_SQL} {unsealed} LIMIT :limit"), {**place, "limit": limit})
+    return [(row[0], merkle.leaf_hash(leaf_bytes_from_columns(row))) for row in rows.all()]
 
 
 def oldest_unsealed(session: Session) -> datetime | None:
     """When the next event the sealer will seal was written: None when every committed event is
     sealed. Its age is how far sealing lags (a stalled sealer leaves new events unprotected)."""
-    return session.scalar(text(f"SELECT e.occurred_at {_UNSEALED} LIMIT 1"), _last_sealed(session))
+    unsealed, place = _unsealed(session)
+    return session.scalar(text(f"SELECT e.occurred_at {unsealed} LIMIT 1"), place)
 
 
-def _append(session: Session, old_size: int, leaves: Sequence[bytes]) -> bytes:
-    """Store the nodes completed by appending ``leaves`` to a tree of ``old_size``; return the new root."""
+class TamperedLog(RuntimeError):
+    """The stored tree no longer hashes to the last checkpoint signed: the sealer signs nothing more."""
+
+
+def _signed_tree(session: Session, keys: SigningKeys) -> StoredTree:
+    """The stored tree, once it is checked to still hash to the latest signed checkpoint. Signing a
+    new checkpoint over it vouches for all of it: over nodes an insider rewrote (an event, its leaf
+    and the hashes above it), the next checkpoint would be a valid signature over the forged history.
+    Leaves past that checkpoint are left to the log's check (``audit verify`` names what they hide)."""
     tree = StoredTree(session)
+    latest = latest_checkpoint(session)
+    if latest is None:
+        return tree
+    try:
+        signed = parse(latest.note, list(keys.verifiers))
+    except CheckpointError:
+        raise TamperedLog(f"the stored checkpoint of size {latest.size} has no valid signature") from None
+    try:
+        matches = tree.root(signed.size) == signed.root
+    except LookupError:
+        matches = False
+    if not matches:
+        raise TamperedLog(f"the stored tree no longer hashes to the signed checkpoint of size {signed.size}")
+    return tree
+
+
+def _append(session: Session, tree: StoredTree, old_size: int, leaves: Sequence[bytes]) -> bytes:
+    """Store the nodes completed by appending ``leaves`` to a tree of ``old_size``; return the new root."""
     level_hashes: dict[int, dict[int, bytes]] = {0: {old_size + i: h for i, h in enumerate(leaves)}}
     new_size = old_size + len(leaves)
     rows = []
@@ -215,13 +257,14 @@ def seal(session: Session, keys: SigningKeys, origin: str, *, limit: int = BATCH
         latest = latest_checkpoint(session)
         root = latest.root if latest else merkle.EMPTY_ROOT
         return SealResult(0, old_size, root, None)
+    tree = _signed_tree(session, keys)
     leaves = [h for _, h in pending]
     session.execute(  # one multi-row INSERT per batch of rows (insert() constructs, not text())
         insert(LEAVES),
         [{"seq": old_size + i, "event_id": event_id, "leaf_hash": h} for i, (event_id, h) in enumerate(pending)],
     )
     new_size = old_size + len(pending)
-    root = _append(session, old_size, leaves)
+    root = _append(session, tree, old_size, leaves)
     now = datetime.now(UTC)
     now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # what the note's time line holds
     note = Checkpoint(origin, new_size, root, now).sign(keys.signer)

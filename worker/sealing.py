@@ -41,7 +41,11 @@ def _signing_keys(config: Settings) -> SigningKeys:
 def audit_seal() -> dict[str, object]:
     """Sequence the committed audit events into the log and sign a checkpoint."""
     config = app.conf.dermq_settings
-    result = audit_log.seal_once(config, _signing_keys(config))
+    try:
+        result = audit_log.seal_once(config, _signing_keys(config))
+    except audit_log.TamperedLog as exc:  # signs nothing more until someone looks (DermqAuditSealingStalled)
+        log.error("audit log tampered with: not sealing", extra={"event": "audit_chain_broken", "reason": str(exc)})
+        return {"sealed": 0, "tampered": True}
     if result is None:
         return {"sealed": 0, "busy": True}
     return {"sealed": result.sealed, "size": result.size}
