@@ -103,7 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["Location", "Retry-After", "X-Request-ID", "Idempotent-Replayed"],
             max_age=600,
         )
-    app.add_middleware(BodyLimitMiddleware)  # inside the request context: its 413 gets an id and headers
+    app.add_middleware(  # inside the request context: its 413 or 408 gets an id and headers
+        BodyLimitMiddleware, idle_timeout=settings.upload_idle_timeout_seconds, timeout=settings.upload_timeout_seconds
+    )
     app.add_middleware(RequestContextMiddleware)
     if settings.forwarded_allow_ips:  # outermost: the client address is settled before anything reads it
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)

@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -119,10 +120,15 @@ UPLOAD_ROUTE = ("POST", "/v1/cases")
 class BodyLimitMiddleware:
     """Refuse a body over :data:`MAX_JSON_BODY` with 413, before authentication or any route reads it:
     at once when ``Content-Length`` says so, else as soon as the bytes received pass the limit (a
-    chunked body). Behind nginx its own cap applies first; uvicorn serving TLS itself has no other."""
+    chunked body); and one that stalls (nothing for ``idle_timeout`` s) or is not all there after
+    ``timeout`` s with 408, as an upload's (FastAPI reads a JSON body before any dependency, the key
+    included). Behind nginx its own limits apply first; uvicorn serving TLS itself has no other.
+    Once the answer has started (an export streaming while its request still sends), a body that
+    breaks these rules ends the exchange as a disconnect would."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, idle_timeout: float = 30.0, timeout: float = 300.0) -> None:
         self.app = app
+        self.idle_timeout, self.timeout = idle_timeout, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (scope["method"], scope["path"].rstrip("/")) == UPLOAD_ROUTE:
@@ -132,20 +138,38 @@ class BodyLimitMiddleware:
         if declared.isdigit() and int(declared) > MAX_JSON_BODY:
             await _too_large(Request(scope))(scope, receive, send)
             return
-        received = 0
+        received, complete, answering = 0, False, False
+        ends = time.monotonic() + self.timeout
+
+        async def answer(message: Message) -> None:
+            nonlocal answering
+            answering = answering or message["type"] == "http.response.start"
+            await send(message)
 
         async def bounded() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                with anyio.fail_after(max(0.0, min(self.idle_timeout, ends - time.monotonic()))):
+                    message = await receive()
+            except TimeoutError:
+                if answering:
+                    return {"type": "http.disconnect"}
+                raise HTTPException(408, _STALLED.format(idle=self.idle_timeout, timeout=self.timeout)) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > MAX_JSON_BODY:
+                    if answering:
+                        return {"type": "http.disconnect"}
                     raise HTTPException(413, _TOO_LARGE)
             return message
 
-        await self.app(scope, bounded, send)
+        await self.app(scope, bounded, answer)
 
 
+_STALLED = "the request body stalled (nothing for {idle:g} s) or was not all there after {timeout:g} s; send it again"
 _TOO_LARGE = f"the request body is over {MAX_JSON_BODY // 1024} KiB; this route takes a small JSON document"
 
 

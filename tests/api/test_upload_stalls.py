@@ -109,6 +109,21 @@ def test_a_stalled_upload_is_answered_408_and_frees_its_clinics_slot(api: str, t
     assert _corrupt_submission(api, tenant.token) == 415  # the slot is free again
 
 
+@pytest.mark.parametrize("route", ["PUT /v1/clinic/callback", "POST /v1/admin/keys"])
+def test_a_json_body_that_stalls_is_answered_408_before_any_key_is_checked(api: str, route: str) -> None:
+    """FastAPI reads a JSON body before any dependency runs, the key's check included: a body that
+    stalled held its connection for as long as the client liked, unaudited and unlimited."""
+    method, path = route.split()
+    port = int(api.rsplit(":", 1)[1])
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as stalled:
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        stalled.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"url": ')
+        status, problem = _answer(stalled)
+    assert (status, problem["code"]) == (408, "request_timeout"), problem
+    assert IDLE <= time.monotonic() - started < IDLE + 5
+
+
 def test_an_upload_that_trickles_past_the_deadline_is_answered_408(api: str, tenant, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
     body, content_type = support.multipart(jpeg_bytes)
     started = time.monotonic()
