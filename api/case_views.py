@@ -19,6 +19,8 @@ from ml.labels import CLASSES
 
 
 def links(case: Case, *, heatmap: bool = True) -> CaseLinks:
+    """The case's own URL, and its heat map's where one was stored (not out of distribution, not a
+    heat map that ran out of time or failed, a result that can be opened)."""
     base = f"/v1/cases/{case.id}"
     has_heatmap = heatmap and case.status == CaseStatus.SUCCEEDED
     return CaseLinks(self=base, heatmap=f"{base}/heatmap.png" if has_heatmap else None)
@@ -98,15 +100,16 @@ def case_out(case: Case, result: ResultView | None, client_ref: str | None) -> C
         failure=FailureOut(code=case.failure_code, message=case.failure_message or "")
         if case.status == CaseStatus.FAILED and case.failure_code
         else None,
-        links=links(case, heatmap=result is None or result.outcome != Outcome.OUT_OF_DISTRIBUTION),
+        links=links(case, heatmap=result is not None and result.gradcam_status == "ok"),
     )
 
 
 def summary(
-    case: Case, client_ref: str | None, result: tuple[str, str | None, bool | None] | None = None
+    case: Case, client_ref: str | None, result: tuple[str, str | None, bool | None, bool] | None = None
 ) -> CaseSummary:
-    """A list row; ``result`` is the case's (outcome, label, referral) once it has one."""
-    outcome, label, referral = result if result is not None else (None, None, None)
+    """A list row; ``result`` is the case's (outcome, label, referral, heat map stored) once it has
+    one (none: not finished, or its result cannot be opened)."""
+    outcome, label, referral, heatmap = result if result is not None else (None, None, None, False)
     return CaseSummary(
         id=case.id,
         status=case.status,  # the column's CHECK constraint holds the Literal
@@ -117,5 +120,5 @@ def summary(
         referral=referral,
         created_at=case.created_at,
         updated_at=case.updated_at,
-        links=links(case, heatmap=outcome != Outcome.OUT_OF_DISTRIBUTION),
+        links=links(case, heatmap=heatmap),
     )

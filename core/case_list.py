@@ -24,13 +24,14 @@ from core.models import Case, CaseStatus, Outcome, Priority
 class Page:
     cases: list[Case]
     next_cursor: str | None
-    #: each succeeded case's (outcome, label, referral), opened in one query: a worklist needs no read per case
-    results: dict[uuid.UUID, tuple[str, str | None, bool | None]] = field(default_factory=dict)
+    #: each succeeded case's (outcome, label, referral, whether it has a heat map), opened in one query: a
+    #: worklist needs no read per case
+    results: dict[uuid.UUID, tuple[str, str | None, bool | None, bool]] = field(default_factory=dict)
 
     @property
     def out_of_distribution(self) -> frozenset[uuid.UUID]:
         """Cases of the page whose result is out of distribution (no diagnosis, no heat map)."""
-        return frozenset(i for i, (outcome, _, _) in self.results.items() if outcome == Outcome.OUT_OF_DISTRIBUTION)
+        return frozenset(i for i, (outcome, *_) in self.results.items() if outcome == Outcome.OUT_OF_DISTRIBUTION)
 
 
 def _encode_cursor(case: Case) -> str:
@@ -83,7 +84,7 @@ def list_cases(
     # result, not the whole page refused; reading it alone says why (410 period_key_destroyed)
     succeeded = [c.id for c in page if c.status == CaseStatus.SUCCEEDED]
     opened = results.read_results(session, keyring, succeeded, skip_destroyed=True)
-    shown = {case_id: (r.outcome, r.label, r.referral) for case_id, r in opened.items()}
+    shown = {case_id: (r.outcome, r.label, r.referral, r.gradcam_status == "ok") for case_id, r in opened.items()}
     audit.record(
         session,
         action="case.list",

@@ -79,6 +79,9 @@ def test_gradcam_past_its_budget_leaves_a_result_without_heat_map(
     assert abs(sum(body["result"]["probabilities"].values()) - 1) < 1e-6
     heat = client.get(f"/v1/cases/{case_id}/heatmap.png", headers=tenant.headers)
     assert heat.status_code == 404 and heat.json()["code"] == "heatmap_unavailable"
+    assert body["links"]["heatmap"] is None  # no link to a heat map that is not there
+    listed = client.get("/v1/cases", headers=tenant.headers).json()["items"]
+    assert next(row for row in listed if row["id"] == str(case_id))["links"]["heatmap"] is None
 
 
 def test_a_case_for_nothing_is_ignored(settings) -> None:  # type: ignore[no-untyped-def]
