@@ -30,6 +30,12 @@ _BLANK = frozenset(
 )
 
 
+def hides_characters(text: str) -> bool:
+    """Whether ``text`` holds a character nobody can see: a control, zero-width, filler or direction
+    character (a name or label shown to operators and auditors must read as what it is)."""
+    return any(unicodedata.category(c) in _INVISIBLE or ord(c) in _BLANK for c in text)
+
+
 def _spelling(raw: str) -> str:
     """A name's one spelling: NFKC, each run of white space one space, trimmed."""
     return " ".join(unicodedata.normalize("NFKC", raw).split())
@@ -45,7 +51,7 @@ def clinic_name(raw: str) -> str:
     name = _spelling(raw)
     if not name or len(name) > 200:
         raise InvalidInput("a clinic name is 1 to 200 characters", code="invalid_clinic_name")
-    if any(unicodedata.category(c) in _INVISIBLE or ord(c) in _BLANK for c in name):
+    if hides_characters(name):
         raise InvalidInput(
             "a clinic name holds visible characters only: no control, zero-width, filler or direction characters",
             code="invalid_clinic_name",

@@ -19,8 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import announcements, audit
+from core.clinics import hides_characters
 from core.crypto import Keyring
-from core.errors import BadRequest, NotFound, Unauthorized
+from core.errors import BadRequest, InvalidInput, NotFound, Unauthorized
 from core.models import ApiKey, Clinic, Role
 
 TOKEN_RE = re.compile(r"^dq_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -49,6 +50,11 @@ def create_key(
     actor: audit.Actor = audit.SYSTEM,
 ) -> tuple[ApiKey, str]:
     """A new key and its secret token. The token is returned once and stored only as a keyed hash."""
+    if hides_characters(label):  # `dermq key list` and the audit trail show it as it is
+        raise InvalidInput(
+            "a key's label holds visible characters only: no control, zero-width, filler or direction characters",
+            code="invalid_key_label",
+        )
     if role is Role.CLINIC and clinic_id is None:
         raise BadRequest("a clinic key needs a clinic", code="clinic_required")
     if role is Role.ADMIN and clinic_id is not None:  # it would limit nothing: admin keys act on every clinic

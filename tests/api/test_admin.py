@@ -71,6 +71,17 @@ def test_a_clinic_name_is_judged_in_its_one_spelling(client, make_key) -> None: 
         assert (refused.status_code, refused.json()["code"]) == (422, "invalid_clinic_name"), refused.text
 
 
+def test_a_key_label_shows_what_it_says(client, make_key) -> None:  # type: ignore[no-untyped-def]
+    """`dermq key list` and the audit trail show a label as it is: a direction override would make one
+    read as another (U+202E), a C1 control can move a terminal's cursor (U+009B)."""
+    admin = make_key("admin")
+    for label in ("east \u202egnissecorp", "laptop\u009b2J", "ward\u200b3"):
+        refused = client.post("/v1/admin/keys", headers=admin.headers, json={"role": "auditor", "label": label})
+        assert (refused.status_code, refused.json()["code"]) == (422, "invalid_key_label"), refused.text
+    kept = client.post("/v1/admin/keys", headers=admin.headers, json={"role": "auditor", "label": "Ward 3 — Zürich"})
+    assert kept.status_code == 201 and kept.json()["label"] == "Ward 3 — Zürich", kept.text
+
+
 def test_a_misspelt_field_is_refused_not_dropped(client, make_key, tenant) -> None:  # type: ignore[no-untyped-def]
     """An auditor key asked with "clinic" for "clinic_id" used to be issued, scoped to every clinic."""
     admin = make_key("admin")
@@ -114,5 +125,7 @@ def test_cli_matches_the_api(settings) -> None:  # type: ignore[no-untyped-def]
     assert "revoked" in run("key", "list", "--clinic", name).stdout
     assert run("clinic", "deactivate", name).returncode == 0
     assert "inactive" in run("clinic", "list").stdout
+    hidden = run("key", "create", "--role", "auditor", "--label", "ops\u202e")
+    assert hidden.returncode == 2 and "invalid_key_label" in hidden.stderr
     failed = run("key", "create", "--clinic", "no-such-clinic")
     assert failed.returncode == 2 and "no such clinic" in failed.stderr
