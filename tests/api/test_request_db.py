@@ -100,3 +100,22 @@ def test_a_failed_commit_is_raised_instead_of_the_last_work_s_answer(engine: Eng
     assert isinstance(done["error"], IntegrityError) and done["answers"] == ["g"] and done["commits"] == 0
     assert "g" not in notes(engine) and "h" not in notes(engine)
     assert request(engine, lanes, (write("i"), True))["commits"] == 1
+
+
+def test_requests_past_the_lanes_limit_are_turned_away_not_given_a_thread_each() -> None:
+    """Each request waiting for a database connection held a thread of its own, with no limit: a
+    flood of a few thousand requests was a few thousand threads."""
+    from core.errors import ServiceUnavailable
+
+    lanes = Lanes(keep=1, most=2)
+    try:
+        first, second = lanes.take(), lanes.take()
+        with pytest.raises(ServiceUnavailable) as busy:
+            lanes.take()
+        assert busy.value.code == "database_busy" and busy.value.headers["Retry-After"] == "1"
+        lanes.give_back(first)
+        lanes.discard(second)  # a lane whose Session did not close frees its place too
+        assert lanes.take() is first  # the idle one, reused
+        lanes.take()
+    finally:
+        lanes.close()
