@@ -3,6 +3,7 @@ one thread: :mod:`api.db`), the caller and rate limits."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import uuid
@@ -140,9 +141,23 @@ def failure_bucket(source_ip: str | None, token: str | None) -> str:
     """Where failed logins count: per source address *and* key prefix. Guesses at one key's secret
     count against that key's prefix from that address; tokens that name no key (malformed, other
     schemes, prefixes no key has: ``token=None`` here) against the address alone. So garbage sprayed
-    from a clinic's NAT never locks out the clinic's valid keys, and is limited all the same."""
+    from a clinic's NAT never locks out the clinic's valid keys, and is limited all the same. An IPv6
+    address counts as its /64: one host is given a whole /64, and could otherwise rotate through it
+    for a fresh budget with every attempt."""
     prefix = keys.token_prefix(token) or "-"
-    return f"authfail:{source_ip}:{prefix}"
+    return f"authfail:{_network(source_ip)}:{prefix}"
+
+
+def _network(source_ip: str | None) -> str | None:
+    try:
+        address = ipaddress.ip_address(source_ip or "")
+    except ValueError:
+        return source_ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def _too_many_failures(retry_after: int) -> RateLimited:

@@ -169,6 +169,21 @@ def test_guesses_at_one_keys_secret_lock_that_key_out_from_that_address_only(  #
         assert other.get("/v1/cases", headers=tenant.headers).status_code == 200
 
 
+def test_guesses_from_one_ipv6_host_count_together_whatever_address_of_its_64_they_use(settings) -> None:  # type: ignore[no-untyped-def]
+    """A host is given a whole /64: rotating through it gave every guess a fresh budget."""
+    network = f"2001:db8:{uuid.uuid4().int % 0xFFFF:x}:1"
+    elsewhere = create_app(settings.model_copy(update={"rate_limit_failed_auth_per_minute": 4}))
+    codes = []
+    for host in range(1, 9):
+        with TestClient(elsewhere, client=(f"{network}::{host:x}", 40000)) as http:
+            guess = {"Authorization": f"Bearer dq_{uuid.uuid4().hex[:12]}_" + "D" * 43}
+            codes.append(http.get("/v1/cases", headers=guess).status_code)
+    assert codes == [401] * 4 + [429] * 4
+    with TestClient(elsewhere, client=(f"{network[:-1]}2::1", 40000)) as neighbour:  # the next /64: its own budget
+        guess = {"Authorization": f"Bearer dq_{uuid.uuid4().hex[:12]}_" + "D" * 43}
+        assert neighbour.get("/v1/cases", headers=guess).status_code == 401
+
+
 def test_a_forwarded_address_is_believed_from_the_configured_proxy_only(settings, make_key, redis_client) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import select
 
