@@ -39,7 +39,7 @@ class Lanes:
     ``most`` are out at once: a request beyond them (a flood; each waits up to the pool's timeout for
     a connection) is answered 503 ``database_busy`` at once rather than given a thread of its own."""
 
-    def __init__(self, keep: int = 64, most: int = 256) -> None:
+    def __init__(self, keep: int = 64, most: int = 1024) -> None:
         self._idle: list[ThreadPoolExecutor] = []
         self._lock = threading.Lock()
         self._keep, self._most = keep, most

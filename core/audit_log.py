@@ -152,11 +152,15 @@ _PLACE = text(
     "SELECT e.txid::text AS txid, e.id, e.txid >= pg_snapshot_xmax(pg_current_snapshot()) AS restored "
     "FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id ORDER BY l.seq DESC LIMIT 1"
 )
-#: committed events after the last sealed one, in the sealer's (txid, id) order
+#: committed events after the last sealed one, in the sealer's (txid, id) order. Without a restore,
+#: none after it is sealed; after one (below), restored events whose old transaction ids the new
+#: cluster's come to pass are, and are passed over (a few rows at a time: the window the new
+#: cluster's ids move through between two runs)
 _UNSEALED = """
     FROM audit_events e
     WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot())
       AND (e.txid, e.id) > (CAST(:txid AS xid8), :id)
+      AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id)
     ORDER BY e.txid, e.id
 """
 #: the same on a cluster restored from a dump: first the old cluster's events after the last sealed
@@ -187,11 +191,17 @@ def _pending(session: Session, limit: int) -> list[tuple[int, bytes]]:
     return [(row[0], merkle.leaf_hash(leaf_bytes_from_columns(row))) for row in rows.all()]
 
 
+_OLDEST_AFTER_THE_LOG = text(
+    "SELECT min(occurred_at) FROM audit_events WHERE id > (SELECT coalesce(max(event_id), 0) FROM audit_leaves)"
+)
+
+
 def oldest_unsealed(session: Session) -> datetime | None:
-    """When the next event the sealer will seal was written: None when every committed event is
-    sealed. Its age is how far sealing lags (a stalled sealer leaves new events unprotected)."""
-    unsealed, place = _unsealed(session)
-    return session.scalar(text(f"SELECT e.occurred_at {unsealed} LIMIT 1"), place)
+    """When the oldest committed event with an id past every sealed one was written (None: there is
+    none). Its age is how far sealing lags, whatever holds it up: a stalled or refusing sealer, or a
+    long transaction anywhere in the cluster (the sealer waits for every older one to end). An event
+    that committed late with an id below a sealed one is not counted: events after it are."""
+    return session.scalar(_OLDEST_AFTER_THE_LOG)
 
 
 class TamperedLog(RuntimeError):
@@ -211,6 +221,8 @@ def _signed_tree(session: Session, keys: SigningKeys) -> StoredTree:
         signed = parse(latest.note, list(keys.verifiers))
     except CheckpointError:
         raise TamperedLog(f"the stored checkpoint of size {latest.size} has no valid signature") from None
+    if (signed.size, signed.root) != (latest.size, latest.root):  # an older genuine note in a newer row
+        raise TamperedLog(f"the stored checkpoint of size {latest.size} differs from its signed note")
     try:
         matches = tree.root(signed.size) == signed.root
     except LookupError:

@@ -125,7 +125,7 @@ def trusted_roots(
 def _note_size(note: str) -> int:
     """The tree size a signed note claims (its second line), unverified; -1 when it has none."""
     lines = note.split("\n", 2)
-    return int(lines[1]) if len(lines) > 2 and lines[1].isdigit() else -1
+    return int(lines[1]) if len(lines) > 2 and lines[1].isascii() and lines[1].isdigit() else -1
 
 
 def walk(

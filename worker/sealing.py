@@ -44,11 +44,22 @@ def audit_seal() -> dict[str, object]:
     try:
         result = audit_log.seal_once(config, _signing_keys(config))
     except audit_log.TamperedLog as exc:  # signs nothing more until someone looks (DermqAuditSealingStalled)
-        log.error("audit log tampered with: not sealing", extra={"event": "audit_chain_broken", "reason": str(exc)})
+        _refused(exc)
         return {"sealed": 0, "tampered": True}
     if result is None:
         return {"sealed": 0, "busy": True}
     return {"sealed": result.sealed, "size": result.size}
+
+
+#: monotonic time of the last "not sealing" error logged: once a minute, not at every run (each second)
+_refusal_logged = [float("-inf")]
+
+
+def _refused(exc: audit_log.TamperedLog) -> None:
+    if time.monotonic() - _refusal_logged[0] >= 60:
+        _refusal_logged[0] = time.monotonic()
+        # the message holds tree sizes only
+        log.error("audit log tampered with, not sealing: %s", exc, extra={"event": "audit_chain_broken"})
 
 
 def check(config: Settings, keys: SigningKeys) -> audit_verify.LogReport:
@@ -99,6 +110,8 @@ def main() -> None:  # pragma: no cover - exercised as a subprocess by the tests
         started = time.monotonic()
         try:
             audit_log.seal_once(config, keys)
+        except audit_log.TamperedLog as exc:
+            _refused(exc)
         except Exception as exc:  # the database is down: try again next tick
             log.warning("audit sealing failed", extra={"event": "seal_failed", "error": type(exc).__name__})
         time.sleep(max(0.0, config.audit_seal_interval_seconds - (time.monotonic() - started)))

@@ -5,7 +5,9 @@ The services' login may insert audit events (it writes them); nothing else about
 checked. A row with a ``hash`` stopped every full ``dermq audit verify`` at the pre-log chain, for
 good (the row cannot be deleted); a ``txid`` past every real transaction's moved the sealer's place
 beyond the events written after it; an ``id`` ahead of the sequence made later real inserts fail;
-an ``occurred_at`` past year 9999 could not be read back.
+an ``occurred_at`` past year 9999 could not be read back. A time a day or more ahead of the
+database's clock is refused; a host whose clock drifts by minutes is not (it would fail every
+audited request).
 
 Downgrade drops the trigger and its function.
 
@@ -25,7 +27,8 @@ down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-#: an event's time may be a little ahead of the database's clock (the services' clocks drift)
+#: an event's time comes from the writing host's clock, which may drift a little ahead of the
+#: database's: only a time a day or more ahead (year 9999, say, which Python cannot read back) is refused
 GUARD_FUNCTION = """
 CREATE FUNCTION audit_events_insert_guard() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -37,9 +40,10 @@ BEGIN
         RAISE EXCEPTION 'audit_events: an event''s id comes from its sequence'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    IF NEW.occurred_at > clock_timestamp() + interval '10 minutes' THEN
-        RAISE EXCEPTION 'audit_events: an event cannot have happened in the future'
-            USING ERRCODE = 'invalid_datetime_format';
+    IF NEW.occurred_at > clock_timestamp() + interval '1 day' THEN
+        RAISE EXCEPTION 'audit_events: an event cannot have happened a day or more ahead of the database''s clock'
+            USING ERRCODE = 'check_violation',
+                  HINT = 'check the writing host''s clock (NTP); a few minutes of drift are accepted';
     END IF;
     NEW.txid := pg_current_xact_id();
     RETURN NEW;

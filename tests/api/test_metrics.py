@@ -4,6 +4,7 @@ when a case is processed, and /metrics is not served on the public listener."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -121,7 +122,7 @@ def test_the_latest_drift_report_is_published_as_gauges(live_api: str, redis_cli
         redis_client.delete(DRIFT_KEY)
 
 
-def test_an_audit_check_that_stopped_finishing_shows_in_its_age(live_api: str, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_an_audit_check_that_stopped_finishing_shows_in_its_age(live_api: str, redis_client, tenant) -> None:  # type: ignore[no-untyped-def]
     """dermq_audit_chain_ok keeps the last verdict; dermq_audit_check_age_seconds says how old it is (the
     DermqAuditCheckStale alert), and dermq_audit_unsealed_age_seconds how far sealing lags."""
     from core.queueing import AUDIT_CHECK_KEY
@@ -129,12 +130,14 @@ def test_an_audit_check_that_stopped_finishing_shows_in_its_age(live_api: str, r
     api_metrics = live_api_process[-1].metrics_url  # type: ignore[attr-defined]
     support.wait_for(lambda: _up(api_metrics), timeout=30, what="the API's metrics listener")
     twenty_minutes_ago = (datetime.now(UTC) - timedelta(minutes=20)).isoformat(timespec="seconds")
+    assert httpx.get(f"{live_api}/v1/cases", headers=tenant.headers).status_code == 200  # an audited read
+    time.sleep(0.05)  # no sealer runs beside the tests: that event waits, and its age shows it
     try:
         redis_client.set(AUDIT_CHECK_KEY, json.dumps({"ok": True, "checked_at": twenty_minutes_ago}))
         samples = scrape(api_metrics)
         assert samples[("dermq_audit_chain_ok", ())] == 1.0
         assert 1200 <= samples[("dermq_audit_check_age_seconds", ())] < 1300
-        assert samples[("dermq_audit_unsealed_age_seconds", ())] >= 0
+        assert samples[("dermq_audit_unsealed_age_seconds", ())] >= 0.05
     finally:
         redis_client.delete(AUDIT_CHECK_KEY)
     assert ("dermq_audit_check_age_seconds", ()) not in scrape(api_metrics)  # no check yet: no age

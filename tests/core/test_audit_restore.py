@@ -2,8 +2,10 @@
 
 ``pg_dump`` keeps each event's transaction id, the sealer's order, and a new cluster's own ids start
 far below the old cluster's: the sealer used to wait for events after its last one in that order, so
-it sealed nothing written after the restore (nor what the dump held unsealed) until the new
-cluster's counter passed the old one's. A private cluster stands in for the restore's target.
+it sealed nothing written after the restore (nor what the dump held unsealed). And once the new
+cluster's ids reach the restored ones, restored events, long sealed, come after its place again:
+they must not be sealed twice. Two private clusters stand in for the old and the new one; the old
+one's transaction ids are set ahead with ``pg_resetwal``, and so are the new one's later.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from core import audit, audit_log, audit_verify
 from core.checkpoint import load_signing_keys
@@ -30,24 +31,33 @@ pytestmark = [
     pytest.mark.skipif(postgres_bin() is None, reason="needs the PostgreSQL server binaries"),
 ]
 
-#: the source cluster's transaction ids are made to exceed this before its events are written: a new
-#: cluster, after initdb and the restore, is far below it
-OLD_CLUSTER_XID = 20_000
+#: the old cluster's next transaction id, and the new one's later, past every restored event's: each
+#: the first of a commit-log segment (2^20 transactions), which the server then creates
+OLD_CLUSTER_XID = 2 * 2**20
+NEW_CLUSTER_LATER_XID = 3 * 2**20
 
 
 @pytest.fixture
-def target() -> Iterator[PostgresCluster]:
-    root = Path(tempfile.mkdtemp(prefix="dermq-restored-"))
-    root.chmod(0o755)  # the postgres user must reach its cluster folder inside
-    cluster = PostgresCluster(root / "pg")
+def clusters() -> Iterator[tuple[PostgresCluster, PostgresCluster]]:
+    root = Path(tempfile.mkdtemp(prefix="dermq-restore-"))
+    root.chmod(0o755)  # the postgres user must reach the cluster folders inside
+    old, new = PostgresCluster(root / "old"), PostgresCluster(root / "new")
     try:
-        cluster.init()
-        cluster.start()
-        yield cluster
+        old.init()
+        old._run("pg_resetwal", "-x", str(OLD_CLUSTER_XID), "-D", str(old.data))
+        old.start()
+        new.init()
+        new.start()
+        yield old, new
     finally:
         dispose_engines()
-        cluster.destroy()
+        old.destroy()
+        new.destroy()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def postgres(cluster: PostgresCluster, *args: str) -> None:
+    subprocess.run([args[0], "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", *args[1:]], check=True)
 
 
 def record(settings: Settings, n: int, label: str) -> list[int]:
@@ -60,77 +70,54 @@ def record(settings: Settings, n: int, label: str) -> list[int]:
     return ids
 
 
-def burn_transaction_ids(url: str, beyond: int) -> None:
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            while int(connection.scalar(text("SELECT pg_current_xact_id()::text"))) < beyond:
-                pass
-    finally:
-        engine.dispose()
+def sealed(settings: Settings) -> list[int]:
+    with session_scope(settings) as session:
+        return list(session.scalars(text("SELECT event_id FROM audit_leaves ORDER BY seq")))
 
 
 def test_a_database_restored_into_another_cluster_goes_on_sealing(
-    settings: Settings, target: PostgresCluster, tmp_path: Path
+    settings: Settings, clusters: tuple[PostgresCluster, PostgresCluster], tmp_path: Path
 ) -> None:
-    source_url = make_url(settings.database_url).set(database=f"{support.TEST_DATABASE}_dumped")
-    source = settings.model_copy(update={"database_url": source_url.render_as_string(False)})
-    support.recreate_database(source.database_url, template=f"{settings.database_url}_template")
-    try:
-        burn_transaction_ids(source.database_url, OLD_CLUSTER_XID)
-        sealed_before = record(source, 3, "before")
-        support.seal_all(source)
-        unsealed_in_dump = record(source, 2, "in-flight")  # committed, not yet sealed when the dump ran
-        dump = tmp_path / "dermq.dump"
-        subprocess.run(
-            ["pg_dump", "-Fc", "-f", str(dump), "-h", "127.0.0.1", "-U", "postgres", source_url.database or ""],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    finally:
-        dispose_engines()
-        support.drop_database(source.database_url)
-
-    subprocess.run(
-        ["createdb", "-h", "127.0.0.1", "-p", str(target.port), "-U", "postgres", "dermq"], check=True, timeout=60
-    )
-    subprocess.run(
-        [
-            "pg_restore",
-            "--no-owner",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(target.port),
-            "-U",
-            "postgres",
-            "-d",
-            "dermq",
-            str(dump),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    restored = settings.model_copy(
+    old_cluster, new_cluster = clusters
+    old = settings.model_copy(
         update={
-            "database_url": f"postgresql+psycopg2://postgres@127.0.0.1:{target.port}/dermq",
-            "audit_witness_file": tmp_path / "witness.log",
+            "database_url": f"postgresql+psycopg2://postgres@127.0.0.1:{old_cluster.port}/dermq",
+            "audit_witness_file": tmp_path / "old-witness.log",
         }
     )
-    with session_scope(restored) as session:
-        assert int(session.scalar(text("SELECT pg_current_xact_id()::text"))) < OLD_CLUSTER_XID  # a younger cluster
-    after_restore = record(restored, 2, "after")
-    support.seal_all(restored, timeout=30)
+    postgres(old_cluster, "createdb", "dermq")
+    support.migrate(old.database_url)
+    sealed_before = record(old, 3, "before")
+    support.seal_all(old)
+    unsealed_in_dump = record(old, 2, "in-flight")  # committed, not yet sealed when the dump ran
+    dump = tmp_path / "dermq.dump"
+    postgres(old_cluster, "pg_dump", "-Fc", "-f", str(dump), "dermq")
+    dispose_engines()
 
-    with session_scope(restored) as session:
-        order = session.scalars(text("SELECT event_id FROM audit_leaves ORDER BY seq")).all()
-        assert order[-7:] == [*sealed_before, *unsealed_in_dump, *after_restore]
+    postgres(new_cluster, "createdb", "dermq")
+    postgres(new_cluster, "pg_restore", "--no-owner", "-d", "dermq", str(dump))
+    new = old.model_copy(
+        update={
+            "database_url": f"postgresql+psycopg2://postgres@127.0.0.1:{new_cluster.port}/dermq",
+            "audit_witness_file": tmp_path / "new-witness.log",
+        }
+    )
+    with session_scope(new) as session:
+        assert int(session.scalar(text("SELECT pg_current_xact_id()::text"))) < OLD_CLUSTER_XID  # a younger cluster
+    after_restore = record(new, 2, "after")
+    support.seal_all(new, timeout=30)
+    assert sealed(new)[-7:] == [*sealed_before, *unsealed_in_dump, *after_restore]
+
+    # the new cluster's transaction ids pass the restored events': those stay sealed once, and on it goes
+    dispose_engines()
+    new_cluster.stop()
+    new_cluster._run("pg_resetwal", "-x", str(NEW_CLUSTER_LATER_XID), "-D", str(new_cluster.data))
+    new_cluster.start()
+    later = record(new, 2, "later")
+    support.seal_all(new, timeout=30)
+    order = sealed(new)
+    assert order[-9:] == [*sealed_before, *unsealed_in_dump, *after_restore, *later]
+    assert len(order) == len(set(order))
+    with session_scope(new) as session:
         assert audit_log.oldest_unsealed(session) is None
-        keys = load_signing_keys(restored)
-        assert audit_verify.verify_log(session, verifiers=keys.verifiers).ok
-    more = record(restored, 1, "later")  # and on, in the new cluster's own order
-    support.seal_all(restored, timeout=30)
-    with session_scope(restored) as session:
-        assert session.scalars(text("SELECT event_id FROM audit_leaves ORDER BY seq")).all()[-1] == more[0]
+        assert audit_verify.verify_log(session, verifiers=load_signing_keys(new).verifiers).ok
