@@ -152,71 +152,77 @@ _PLACE = text(
     "SELECT e.txid::text AS txid, e.id, e.txid >= pg_snapshot_xmax(pg_current_snapshot()) AS restored "
     "FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id ORDER BY l.seq DESC LIMIT 1"
 )
-#: committed events after the last sealed one, in the sealer's (txid, id) order. Without a restore,
-#: none after it is sealed; after one (below), restored events whose old transaction ids the new
-#: cluster's come to pass are, and are passed over (a few rows at a time: the window the new
-#: cluster's ids move through between two runs)
+#: The committed events not sealed yet, in the order to seal them. The sealer's place is its last
+#: sealed event; three ranges, each an index range, hold what may follow it:
+#: 1. (txid, id) after the place, below the oldest running transaction (``xmin``): the ordinary case;
+#: 2. ids after the place's, below ``xmin``: nothing, but on a cluster restored from a dump, whose
+#:    transaction ids lie below the restored ones, its own events (their ids follow every restored one);
+#: 3. while the place lies in this cluster's future (``:restored``, a restore into a younger cluster),
+#:    (txid, id) after the place, whatever ``xmin`` is: the restored events the dump held unsealed (a
+#:    dump holds committed rows only), sealed first.
+#: An event already sealed is passed over: after a restore, restored events come after the place again
+#: once the cluster's transaction ids reach theirs (a few at a time: the window the ids move through
+#: between two runs), and after a second restore, those of the first.
 _UNSEALED = """
     FROM audit_events e
-    WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot())
-      AND (e.txid, e.id) > (CAST(:txid AS xid8), :id)
+    WHERE e.id IN (
+            SELECT id FROM audit_events
+            WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) AND (txid, id) > (CAST(:txid AS xid8), :id)
+            UNION
+            SELECT id FROM audit_events WHERE id > :id AND txid < pg_snapshot_xmin(pg_current_snapshot())
+            UNION
+            SELECT id FROM audit_events WHERE CAST(:restored AS boolean) AND (txid, id) > (CAST(:txid AS xid8), :id)
+        )
       AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id)
-    ORDER BY e.txid, e.id
-"""
-#: the same on a cluster restored from a dump: first the old cluster's events after the last sealed
-#: one (all committed: a dump holds nothing else), then this cluster's committed ones, whose ids come
-#: after every restored id and whose transaction ids are smaller than the old cluster's
-_UNSEALED_AFTER_RESTORE = """
-    FROM audit_events e
-    WHERE (e.txid, e.id) > (CAST(:txid AS xid8), :id)
-       OR (e.id > :id AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
-           AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id))
-    ORDER BY e.txid >= pg_snapshot_xmax(pg_current_snapshot()) DESC, e.txid, e.id
+    ORDER BY (CAST(:restored AS boolean) AND e.txid >= pg_snapshot_xmax(pg_current_snapshot())) DESC, e.txid, e.id
 """
 
 
-def _unsealed(session: Session) -> tuple[str, dict[str, object]]:
-    """The FROM ... ORDER BY of the committed events not sealed yet, in the order to seal them, and
-    its parameters. Once this cluster's first event is sealed after a restore, the ordinary one again."""
+def _unsealed(session: Session) -> dict[str, object]:
+    """The parameters of :data:`_UNSEALED`: the sealer's place, and whether it lies in the cluster's future."""
     last = session.execute(_PLACE).first()
     if last is None:
-        return _UNSEALED, {"txid": "0", "id": 0}
-    return (_UNSEALED_AFTER_RESTORE if last.restored else _UNSEALED), {"txid": last.txid, "id": last.id}
+        return {"txid": "0", "id": 0, "restored": False}
+    return {"txid": last.txid, "id": last.id, "restored": bool(last.restored)}
 
 
 def _pending(session: Session, limit: int) -> list[tuple[int, bytes]]:
     """(event id, leaf hash) of committed, unsealed events in the order to seal them (:func:`_unsealed`)."""
-    unsealed, place = _unsealed(session)
-    rows = session.execute(text(f"SELECT {LEAF_COLUMNS_SQL} {unsealed} LIMIT :limit"), {**place, "limit": limit})
+    place = _unsealed(session)
+    rows = session.execute(text(f"SELECT {LEAF_COLUMNS_SQL} {_UNSEALED} LIMIT :limit"), {**place, "limit": limit})
     return [(row[0], merkle.leaf_hash(leaf_bytes_from_columns(row))) for row in rows.all()]
 
 
-_OLDEST_AFTER_THE_LOG = text(
-    "SELECT min(occurred_at) FROM audit_events WHERE id > (SELECT coalesce(max(event_id), 0) FROM audit_leaves)"
-)
+_LAST_SEALED_ID = text("SELECT coalesce(max(event_id), 0) FROM audit_leaves")  # the unique index's last entry
+_FIRST_AFTER = text("SELECT occurred_at FROM audit_events WHERE id > :id ORDER BY id LIMIT 1")  # a primary-key range
 
 
 def oldest_unsealed(session: Session) -> datetime | None:
-    """When the oldest committed event with an id past every sealed one was written (None: there is
+    """When the first committed event with an id past every sealed one was written (None: there is
     none). Its age is how far sealing lags, whatever holds it up: a stalled or refusing sealer, or a
     long transaction anywhere in the cluster (the sealer waits for every older one to end). An event
     that committed late with an id below a sealed one is not counted: events after it are."""
-    return session.scalar(_OLDEST_AFTER_THE_LOG)
+    return session.scalar(_FIRST_AFTER, {"id": session.scalar(_LAST_SEALED_ID)})
 
 
 class TamperedLog(RuntimeError):
     """The stored tree no longer hashes to the last checkpoint signed: the sealer signs nothing more."""
 
 
-def _signed_tree(session: Session, keys: SigningKeys) -> StoredTree:
+def _signed_tree(session: Session, keys: SigningKeys, size: int) -> StoredTree:
     """The stored tree, once it is checked to still hash to the latest signed checkpoint. Signing a
     new checkpoint over it vouches for all of it: over nodes an insider rewrote (an event, its leaf
     and the hashes above it), the next checkpoint would be a valid signature over the forged history.
-    Leaves past that checkpoint are left to the log's check (``audit verify`` names what they hide)."""
+    Nor over leaves past it (the services' login may insert leaves): one inserted out of turn moves
+    the sealer's place past the events before it (``audit verify`` names them, as skipped)."""
     tree = StoredTree(session)
     latest = latest_checkpoint(session)
     if latest is None:
+        if size:
+            raise TamperedLog(f"the log holds {size} events and no signed checkpoint")
         return tree
+    if size != latest.size:
+        raise TamperedLog(f"the log holds {size} events; its latest signed checkpoint {latest.size}")
     try:
         signed = parse(latest.note, list(keys.verifiers))
     except CheckpointError:
@@ -269,7 +275,7 @@ def seal(session: Session, keys: SigningKeys, origin: str, *, limit: int = BATCH
         latest = latest_checkpoint(session)
         root = latest.root if latest else merkle.EMPTY_ROOT
         return SealResult(0, old_size, root, None)
-    tree = _signed_tree(session, keys)
+    tree = _signed_tree(session, keys, old_size)
     leaves = [h for _, h in pending]
     session.execute(  # one multi-row INSERT per batch of rows (insert() constructs, not text())
         insert(LEAVES),

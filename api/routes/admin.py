@@ -9,10 +9,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from api.deps import JSON_BODY, AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
+from api.params import only
 from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from api.schemas import ClinicIn, ClinicOut, KeyIn, KeyOut, NewKeyOut
 from core import audit, clinics, keys
@@ -122,8 +123,14 @@ async def create_key(body: KeyIn, response: Response, app: State, caller: Authen
 
 @router.get("/keys", response_model=list[KeyOut], responses=PROBLEMS, summary="List API keys (never their secrets)")
 async def list_keys(
-    app: State, caller: AuthenticatedCaller, db: Db, clinic_id: Annotated[uuid.UUID | None, Query()] = None
+    request: Request,
+    app: State,
+    caller: AuthenticatedCaller,
+    db: Db,
+    clinic_id: Annotated[uuid.UUID | None, Query()] = None,
 ) -> list[KeyOut]:
+    only(request, {"clinic_id"})  # ?clinic=... would otherwise list every clinic's keys
+
     def read(session: Session) -> list[KeyOut]:
         _admin(caller, app)
         audit.record(

@@ -15,10 +15,11 @@ from __future__ import annotations
 import base64
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from api.deps import AuthenticatedCaller, Db, State, limit, require_role
+from api.params import only
 from api.routes.audit import record_auditor_access
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import CheckpointOut, ConsistencyProofOut, InclusionProofOut
@@ -66,6 +67,7 @@ async def latest_checkpoint(response: Response, app: State, caller: Authenticate
     summary="Prove that one event is in the log",
 )
 async def inclusion_proof(
+    request: Request,
     response: Response,
     app: State,
     caller: AuthenticatedCaller,
@@ -74,6 +76,7 @@ async def inclusion_proof(
     size: Annotated[int | None, Query(ge=1, description="tree size (default: the latest checkpoint's)")] = None,
 ) -> InclusionProofOut:
     require_role(caller, Role.AUDITOR)
+    only(request, {"event", "size"})  # a misspelt size would prove against another tree than the one asked
 
     def read(session: Session) -> InclusionProofOut:
         limit(caller, app, "read")
@@ -115,6 +118,7 @@ async def inclusion_proof(
     summary="Prove that the log of one size extends the log of a smaller size",
 )
 async def consistency_proof(
+    request: Request,
     response: Response,
     app: State,
     caller: AuthenticatedCaller,
@@ -123,6 +127,7 @@ async def consistency_proof(
     new: Annotated[int | None, Query(alias="to", ge=1, description="default: the latest checkpoint's")] = None,
 ) -> ConsistencyProofOut:
     require_role(caller, Role.AUDITOR)
+    only(request, {"from", "to"})
 
     def read(session: Session) -> ConsistencyProofOut:
         limit(caller, app, "read")

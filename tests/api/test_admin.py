@@ -33,6 +33,8 @@ def test_admin_manages_clinics_and_keys(client, make_key, settings) -> None:  # 
     assert scoped_admin.status_code == 400 and scoped_admin.json()["code"] == "clinic_not_allowed"  # it limits nothing
     portal = {"Authorization": f"Bearer {token}"}
     assert client.get("/v1/cases", headers=portal).status_code == 200
+    misspelt = client.get("/v1/admin/keys", headers=admin.headers, params={"clinic": clinic_id})
+    assert (misspelt.status_code, misspelt.json()["code"]) == (422, "unknown_parameter")  # not every clinic's keys
     listed = client.get("/v1/admin/keys", headers=admin.headers, params={"clinic_id": clinic_id}).json()
     assert [k["id"] for k in listed] == [key_id] and "key" not in listed[0] and token not in json.dumps(listed)
 

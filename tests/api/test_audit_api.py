@@ -298,6 +298,10 @@ def test_auditor_pins_a_checkpoint_and_checks_proofs(client, make_key, settings,
     for params in ({"from": new.size + 5}, {"from": 2, "to": 1}, {"from": "x"}):
         bad = client.get("/v1/audit/proofs/consistency", headers=auditor.headers, params=params)
         assert bad.status_code in (400, 422), bad.text
+    # a misspelt optional size would prove against another tree than the one asked
+    for path, params in (("inclusion", {"event": case_event, "sise": 2}), ("consistency", {"from": 1, "too": 2})):
+        misspelt = client.get(f"/v1/audit/proofs/{path}", headers=auditor.headers, params=params)
+        assert (misspelt.status_code, misspelt.json()["code"]) == (422, "unknown_parameter"), misspelt.text
     with session_scope(settings) as session:
         actions = session.scalars(select(AuditEvent.action).where(AuditEvent.actor_key_id == auditor.key_id)).all()
     assert {"audit.checkpoint", "audit.proof"} <= set(actions)

@@ -73,6 +73,26 @@ def test_the_sealer_signs_nothing_over_a_tree_rewritten_since_its_last_checkpoin
         assert audit_log.oldest_unsealed(session) is not None  # and the lag shows it (DermqAuditSealingStalled)
 
 
+def test_the_sealer_signs_nothing_over_a_leaf_inserted_past_its_last_checkpoint(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    # The services' login may insert leaves (the sealer runs as it): one for the newest event moves the
+    # sealer's place past the events before it; signing on would vouch for the log that skips them.
+    keys = checkpoint.load_signing_keys(settings)
+    runtime = roles_db["runtime"]
+    record_and_seal(runtime, keys, 2)
+    with session_scope(runtime) as session:
+        newest = [
+            audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM) for _ in range(2)
+        ]
+        session.execute(
+            text("INSERT INTO audit_leaves (seq, event_id, leaf_hash) VALUES (2, :id, :leaf)"),
+            {"id": newest[-1], "leaf": bytes(32)},
+        )
+    with session_scope(runtime) as session:
+        audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
+    with pytest.raises(audit_log.TamperedLog, match="the log holds 3 events; its latest signed checkpoint 2"):
+        support.seal_all(runtime)
+
+
 def test_a_resume_point_the_services_login_wrote_counts_only_where_a_checkpoint_vouches_for_it(  # type: ignore[no-untyped-def]
     roles_db, settings: Settings
 ) -> None:
