@@ -9,8 +9,8 @@ transaction-scoped advisory lock that only the sealer takes) then, every second 
    transaction with a smaller id that commits after a larger one is therefore sealed in a later run,
    never skipped. They are ordered by ``(txid, id)`` after the last sealed event: one stable order.
    A database restored from a dump into another cluster keeps its rows' transaction ids, which the
-   new cluster's own do not reach for a long while: the sealer sees that the last sealed event's id
-   lies in the cluster's future, seals the rest of the restored events, then the new cluster's;
+   new cluster's own may lie below: the sealer then also takes the restored events after its place
+   and the new cluster's own events after its place's id (:data:`_UNSEALED_AFTER_RESTORE`);
 2. appends their leaf hashes (``audit_leaves``) and the hashes of every perfect subtree completed by
    them (``audit_nodes``), so proofs need O(log n) stored hashes;
 3. signs a checkpoint of the new tree (:mod:`core.checkpoint`) and stores it (``audit_checkpoints``);
@@ -146,50 +146,67 @@ def consistency_proof(session: Session, old_size: int, new_size: int) -> list[by
 # --------------------------------------------------------------------------- sealing
 
 
-#: the sealer's place: the last sealed event, and whether its transaction id lies in this cluster's
-#: future, which only a restore from a dump into a younger cluster brings (the rows keep the old ids)
+#: the sealer's place: its last sealed event
 _PLACE = text(
-    "SELECT e.txid::text AS txid, e.id, e.txid >= pg_snapshot_xmax(pg_current_snapshot()) AS restored "
-    "FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id ORDER BY l.seq DESC LIMIT 1"
+    "SELECT e.txid::text AS txid, e.id FROM audit_leaves l JOIN audit_events e ON e.id = l.event_id "
+    "ORDER BY l.seq DESC LIMIT 1"
 )
-#: The committed events not sealed yet, in the order to seal them. The sealer's place is its last
-#: sealed event; three ranges, each an index range, hold what may follow it:
-#: 1. (txid, id) after the place, below the oldest running transaction (``xmin``): the ordinary case;
-#: 2. ids after the place's, below ``xmin``: nothing, but on a cluster restored from a dump, whose
-#:    transaction ids lie below the restored ones, its own events (their ids follow every restored one);
-#: 3. while the place lies in this cluster's future (``:restored``, a restore into a younger cluster),
-#:    (txid, id) after the place, whatever ``xmin`` is: the restored events the dump held unsealed (a
-#:    dump holds committed rows only), sealed first.
-#: An event already sealed is passed over: after a restore, restored events come after the place again
-#: once the cluster's transaction ids reach theirs (a few at a time: the window the ids move through
-#: between two runs), and after a second restore, those of the first.
+#: The committed events after the place, in the order to seal them: one range of the (txid, id)
+#: index, below the oldest running transaction (``xmin``), stopping at the batch's limit.
 _UNSEALED = """
     FROM audit_events e
+    WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot())
+      AND (e.txid, e.id) > (CAST(:txid AS xid8), :id)
+      AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id)
+    ORDER BY e.txid, e.id
+"""
+#: Whether a database restored from a dump into another cluster (the rows keep the old cluster's
+#: transaction ids) left events that range cannot reach: the place itself in this cluster's future
+#: (restored events after it too), or this cluster's own events below the place (their ids follow
+#: every restored one: a probe of the primary key after the place's id, over the unsealed tail).
+#: Restored events a little ahead of a place in the present wait until the cluster's ids pass theirs:
+#: the ids the old cluster gave out between its last seal and its dump, seconds' worth.
+_RESTORED = text(
+    """
+    SELECT CAST(:txid AS xid8) >= pg_snapshot_xmax(pg_current_snapshot()) AS ahead,
+           EXISTS (SELECT 1 FROM audit_events e
+                   WHERE e.id > :id AND e.txid < CAST(:txid AS xid8)
+                     AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id)) AS below
+    """
+)
+#: After such a restore: the restored events after the place in the cluster's future (a dump holds
+#: committed rows only) first, then this cluster's committed ones after the place, in (txid, id) or
+#: in id order. Events already sealed are passed over: restored ones come after the place again
+#: once the cluster's ids reach theirs, and after a second restore, those of the first.
+_UNSEALED_AFTER_RESTORE = """
+    FROM audit_events e
     WHERE e.id IN (
+            SELECT id FROM audit_events
+            WHERE txid >= pg_snapshot_xmax(pg_current_snapshot()) AND (txid, id) > (CAST(:txid AS xid8), :id)
+            UNION
             SELECT id FROM audit_events
             WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) AND (txid, id) > (CAST(:txid AS xid8), :id)
             UNION
             SELECT id FROM audit_events WHERE id > :id AND txid < pg_snapshot_xmin(pg_current_snapshot())
-            UNION
-            SELECT id FROM audit_events WHERE CAST(:restored AS boolean) AND (txid, id) > (CAST(:txid AS xid8), :id)
         )
       AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id)
-    ORDER BY (CAST(:restored AS boolean) AND e.txid >= pg_snapshot_xmax(pg_current_snapshot())) DESC, e.txid, e.id
+    ORDER BY e.txid >= pg_snapshot_xmax(pg_current_snapshot()) DESC, e.txid, e.id
 """
 
 
-def _unsealed(session: Session) -> dict[str, object]:
-    """The parameters of :data:`_UNSEALED`: the sealer's place, and whether it lies in the cluster's future."""
+def _unsealed(session: Session) -> tuple[str, dict[str, object]]:
+    """The FROM ... ORDER BY of the committed events not sealed yet and its parameters: the ordinary
+    range, or after a restore into another cluster the ranges that reach what it left."""
     last = session.execute(_PLACE).first()
-    if last is None:
-        return {"txid": "0", "id": 0, "restored": False}
-    return {"txid": last.txid, "id": last.id, "restored": bool(last.restored)}
+    place: dict[str, object] = {"txid": last.txid, "id": last.id} if last else {"txid": "0", "id": 0}
+    strays = session.execute(_RESTORED, place).one()
+    return (_UNSEALED_AFTER_RESTORE if strays.ahead or strays.below else _UNSEALED), place
 
 
 def _pending(session: Session, limit: int) -> list[tuple[int, bytes]]:
     """(event id, leaf hash) of committed, unsealed events in the order to seal them (:func:`_unsealed`)."""
-    place = _unsealed(session)
-    rows = session.execute(text(f"SELECT {LEAF_COLUMNS_SQL} {_UNSEALED} LIMIT :limit"), {**place, "limit": limit})
+    unsealed, place = _unsealed(session)
+    rows = session.execute(text(f"SELECT {LEAF_COLUMNS_SQL} {unsealed} LIMIT :limit"), {**place, "limit": limit})
     return [(row[0], merkle.leaf_hash(leaf_bytes_from_columns(row))) for row in rows.all()]
 
 

@@ -42,7 +42,7 @@ def audit_seal() -> dict[str, object]:
     """Sequence the committed audit events into the log and sign a checkpoint."""
     config = app.conf.dermq_settings
     try:
-        result = audit_log.seal_once(config, _signing_keys(config))
+        result = _seal_once(config)
     except audit_log.TamperedLog as exc:  # signs nothing more until someone looks (DermqAuditSealingStalled)
         _refused(exc)
         return {"sealed": 0, "tampered": True}
@@ -53,6 +53,18 @@ def audit_seal() -> dict[str, object]:
 
 #: monotonic time of the last "not sealing" error logged: once a minute, not at every run (each second)
 _refusal_logged = [float("-inf")]
+
+
+def _seal_once(config: Settings) -> audit_log.SealResult | None:
+    """:func:`core.audit_log.seal_once` with this process's keys; on a refusal, once more with the key
+    file read again: a process started before a signing-key rotation cannot verify the checkpoint a
+    newer process signed with the new key (the rotated file keeps the old key as retired)."""
+    global _keys
+    try:
+        return audit_log.seal_once(config, _signing_keys(config))
+    except audit_log.TamperedLog:
+        _keys = None
+        return audit_log.seal_once(config, _signing_keys(config))
 
 
 def _refused(exc: audit_log.TamperedLog) -> None:
@@ -111,6 +123,7 @@ def main() -> None:  # pragma: no cover - exercised as a subprocess by the tests
         try:
             audit_log.seal_once(config, keys)
         except audit_log.TamperedLog as exc:
+            keys = load_signing_keys(config)  # a rotation since this process started: the next run uses the new file
             _refused(exc)
         except Exception as exc:  # the database is down: try again next tick
             log.warning("audit sealing failed", extra={"event": "seal_failed", "error": type(exc).__name__})

@@ -129,10 +129,9 @@ async def list_keys(
     db: Db,
     clinic_id: Annotated[uuid.UUID | None, Query()] = None,
 ) -> list[KeyOut]:
-    only(request, {"clinic_id"})  # ?clinic=... would otherwise list every clinic's keys
-
     def read(session: Session) -> list[KeyOut]:
-        _admin(caller, app)
+        _admin(caller, app)  # the role first: another key is told 403 (and audited), not about parameters
+        only(request, {"clinic_id"})  # ?clinic=... would otherwise list every clinic's keys
         audit.record(
             session,
             action="key.list",

@@ -134,3 +134,31 @@ def test_the_age_of_the_oldest_unsealed_event_is_how_far_sealing_lags(roles_db, 
     support.seal_all(runtime)
     with session_scope(runtime) as session:
         assert audit_log.oldest_unsealed(session) is None
+
+
+def test_a_sealer_started_before_a_signing_key_rotation_reads_the_new_key_file(  # type: ignore[no-untyped-def]
+    roles_db, settings: Settings, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process that loaded the old key cannot verify a checkpoint a newer process signed with the new
+    # one: it took that for a tampered log and stopped sealing, until it was restarted.
+    from dataclasses import replace
+
+    from worker import sealing
+
+    old = checkpoint.generate(settings.audit_log_origin)
+    runtime = roles_db["runtime"].model_copy(update={"audit_signing_key_file": tmp_path / "signing.json"})
+    checkpoint.write_signing_keys(tmp_path / "signing.json", old)
+    record_and_seal(runtime, old, 1)
+    rotated = replace(checkpoint.generate(settings.audit_log_origin), retired=(old.signer.verifier,))
+    checkpoint.write_signing_keys(tmp_path / "signing.json", rotated)
+    record_and_seal(runtime, rotated, 1)  # a newer process signs with the new key
+    monkeypatch.setattr(sealing, "_keys", old)  # this one still holds the old
+    with session_scope(runtime) as session:
+        audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
+
+    def sealed_one() -> audit_log.SealResult | None:  # once no older transaction runs (a parallel test's may)
+        result = sealing._seal_once(runtime)
+        return result if result is not None and result.sealed else None
+
+    assert support.wait_for(sealed_one, timeout=30, what="the event to be sealed").size == 3
+    assert sealing._keys is not None and sealing._keys.signer.verifier == rotated.signer.verifier
