@@ -38,9 +38,16 @@ def test_the_runtime_role_inserts_only_plain_events(roles_db, extra: str, values
         if refused:
             with pytest.raises(DBAPIError, match=refused), engine.begin() as connection:
                 connection.execute(text(EVENT.format(extra=extra, values=values)))
-        future = EVENT.format(extra="", values="").replace("VALUES (now()", "VALUES ('9999-12-31'")
-        with pytest.raises(DBAPIError, match="a day or more ahead"), engine.begin() as connection:
-            connection.execute(text(future))
+        for ahead in ("'9999-12-31'", "now() + interval '25 hours'"):  # refused; minutes of drift are not (below)
+            future = EVENT.format(extra="", values="").replace("VALUES (now()", f"VALUES ({ahead}")
+            with pytest.raises(DBAPIError, match="a day or more ahead"), engine.begin() as connection:
+                connection.execute(text(future))
+        with engine.begin() as connection:  # a host clock some minutes fast is not refused
+            connection.execute(
+                text(
+                    EVENT.format(extra="", values="").replace("VALUES (now()", "VALUES (now() + interval '20 minutes'")
+                )
+            )
         with engine.begin() as connection:  # the database sets txid, whatever the insert says
             forged = EVENT.format(extra=", txid", values=", '99999999999'::xid8")
             event_id = connection.scalar(text(forged + " RETURNING id"))
@@ -162,3 +169,28 @@ def test_a_sealer_started_before_a_signing_key_rotation_reads_the_new_key_file( 
 
     assert support.wait_for(sealed_one, timeout=30, what="the event to be sealed").size == 3
     assert sealing._keys is not None and sealing._keys.signer.verifier == rotated.signer.verifier
+
+
+@pytest.mark.parametrize("forgery", ["older-note", "no-checkpoint"])
+def test_the_sealer_signs_nothing_over_a_checkpoint_row_its_note_does_not_vouch_for(  # type: ignore[no-untyped-def]
+    roles_db, settings: Settings, forgery: str
+) -> None:
+    # The owner swaps the latest checkpoint's row for one holding an older genuine note, or removes the
+    # checkpoints: either would let the sealer sign over whatever the stored tree holds now.
+    keys = checkpoint.load_signing_keys(settings)
+    runtime, owner = roles_db["runtime"], roles_db["owner"]
+    record_and_seal(runtime, keys, 3)
+    engine = create_engine(owner.database_url)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE audit_checkpoints DISABLE TRIGGER audit_checkpoints_append_only"))
+        if forgery == "older-note":
+            older = connection.scalar(text("SELECT note FROM audit_checkpoints WHERE size = 1"))
+            connection.execute(text("UPDATE audit_checkpoints SET note = :note WHERE size = 3"), {"note": older})
+        else:
+            connection.execute(text("DELETE FROM audit_checkpoints"))
+    engine.dispose()
+    with session_scope(runtime) as session:
+        audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
+    refused = "differs from its signed note" if forgery == "older-note" else "holds 3 events and no signed checkpoint"
+    with pytest.raises(audit_log.TamperedLog, match=refused):
+        support.seal_all(runtime)
