@@ -52,7 +52,7 @@ def audit_seal() -> dict[str, object]:
 
 
 #: monotonic time of the last "not sealing" error logged: once a minute, not at every run (each second)
-_refusal_logged = [float("-inf")]
+_refusal_logged = float("-inf")
 
 
 def _seal_once(config: Settings) -> audit_log.SealResult | None:
@@ -68,8 +68,9 @@ def _seal_once(config: Settings) -> audit_log.SealResult | None:
 
 
 def _refused(exc: audit_log.TamperedLog) -> None:
-    if time.monotonic() - _refusal_logged[0] >= 60:
-        _refusal_logged[0] = time.monotonic()
+    global _refusal_logged
+    if time.monotonic() - _refusal_logged >= 60:
+        _refusal_logged = time.monotonic()
         # the message holds tree sizes only
         log.error("audit log tampered with, not sealing: %s", exc, extra={"event": "audit_chain_broken"})
 
@@ -113,7 +114,7 @@ def main() -> None:  # pragma: no cover - exercised as a subprocess by the tests
     config = get_settings()
     configure_logging(config.log_level, json_lines=config.log_json, component="sealer")
     db_roles.refuse_insecure_login(config)
-    keys = load_signing_keys(config)
+    _signing_keys(config)  # a missing or unreadable key file stops it now, not at its first run
     stopping: list[Any] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
@@ -121,9 +122,8 @@ def main() -> None:  # pragma: no cover - exercised as a subprocess by the tests
     while not stopping:
         started = time.monotonic()
         try:
-            audit_log.seal_once(config, keys)
+            _seal_once(config)
         except audit_log.TamperedLog as exc:
-            keys = load_signing_keys(config)  # a rotation since this process started: the next run uses the new file
             _refused(exc)
         except Exception as exc:  # the database is down: try again next tick
             log.warning("audit sealing failed", extra={"event": "seal_failed", "error": type(exc).__name__})
