@@ -25,7 +25,7 @@ from core import audit, audit_log, audit_verify, checkpoint, db_roles, merkle
 from core.config import Settings
 from core.db import dispose_engines, session_scope
 from tests import support
-from tests.core.audit_roles import record_and_seal
+from tests.core.audit_roles import record_and_seal, unguarded
 
 
 @pytest.mark.parametrize(
@@ -94,16 +94,12 @@ def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: S
 
     # The owner's attack: disable the triggers, delete the oldest event, edit another, and rebuild every
     # stored hash from the doctored rows (re-sealed with a key of its own: it cannot read the real one).
-    engine = create_engine(owner.database_url)
-    with engine.begin() as connection:
-        for table in ("audit_events", "audit_leaves", "audit_nodes", "audit_checkpoints"):
-            connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER {table}_append_only"))
+    with unguarded(owner, "audit_events", "audit_leaves", "audit_nodes", "audit_checkpoints") as connection:
         connection.execute(text("DELETE FROM audit_leaves"))
         connection.execute(text("DELETE FROM audit_nodes"))
         connection.execute(text("DELETE FROM audit_checkpoints"))
         connection.execute(text("DELETE FROM audit_events WHERE id = :id"), {"id": ids[0]})
         connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 99}' WHERE id = :id"), {"id": ids[2]})
-    engine.dispose()
     forger = checkpoint.generate(owner.audit_log_origin)
     with session_scope(owner) as session:
         assert audit_log.seal(session, forger, owner.audit_log_origin) is not None
@@ -144,12 +140,9 @@ def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: S
 def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     keys = checkpoint.load_signing_keys(settings)
     ids = record_and_seal(roles_db["runtime"], keys, 5)
-    engine = create_engine(roles_db["owner"].database_url)
-    with engine.begin() as connection:
-        connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
+    with unguarded(roles_db["owner"], "audit_events") as connection:
         connection.execute(text("UPDATE audit_events SET action = 'case.list' WHERE id = :id"), {"id": ids[1]})
         connection.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = :id"), {"id": ids[3]})
-    engine.dispose()
     witness = roles_db["owner"].audit_witness_file.read_text()
     with session_scope(roles_db["owner"]) as session:
         report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness)

@@ -13,7 +13,7 @@ from core import audit, audit_log, audit_verify, checkpoint, merkle
 from core.config import Settings
 from core.db import session_scope
 from tests import support
-from tests.core.audit_roles import record_and_seal
+from tests.core.audit_roles import record_and_seal, unguarded
 
 EVENT = (
     "INSERT INTO audit_events (occurred_at, action, outcome, actor_type, detail{extra}) "
@@ -65,11 +65,8 @@ def test_the_sealer_signs_nothing_over_a_tree_rewritten_since_its_last_checkpoin
     keys = checkpoint.load_signing_keys(settings)
     runtime, owner = roles_db["runtime"], roles_db["owner"]
     record_and_seal(runtime, keys, 4)
-    engine = create_engine(owner.database_url)
-    with engine.begin() as connection:
-        connection.execute(text("ALTER TABLE audit_nodes DISABLE TRIGGER audit_nodes_append_only"))
+    with unguarded(owner, "audit_nodes") as connection:
         connection.execute(text("UPDATE audit_nodes SET hash = :h WHERE level = 2 AND idx = 0"), {"h": bytes(32)})
-    engine.dispose()
     with session_scope(runtime) as session:
         audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
         before = audit_log.latest_checkpoint(session)
@@ -116,11 +113,8 @@ def test_a_resume_point_the_services_login_wrote_counts_only_where_a_checkpoint_
         audit_verify.report_row(
             session, audit_verify.LogReport(True, 0, forged.size, forged.root(), frontier=forged.hashes)
         )
-    engine = create_engine(owner.database_url)
-    with engine.begin() as connection:
-        connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
+    with unguarded(owner, "audit_events") as connection:
         connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 7}' WHERE id = :id"), {"id": ids[1]})
-    engine.dispose()
     report = check(runtime, keys)  # from the start: no signed checkpoint has the forged size and root
     assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (1, ids[1]), report
 
@@ -180,15 +174,12 @@ def test_the_sealer_signs_nothing_over_a_checkpoint_row_its_note_does_not_vouch_
     keys = checkpoint.load_signing_keys(settings)
     runtime, owner = roles_db["runtime"], roles_db["owner"]
     record_and_seal(runtime, keys, 3)
-    engine = create_engine(owner.database_url)
-    with engine.begin() as connection:
-        connection.execute(text("ALTER TABLE audit_checkpoints DISABLE TRIGGER audit_checkpoints_append_only"))
+    with unguarded(owner, "audit_checkpoints") as connection:
         if forgery == "older-note":
             older = connection.scalar(text("SELECT note FROM audit_checkpoints WHERE size = 1"))
             connection.execute(text("UPDATE audit_checkpoints SET note = :note WHERE size = 3"), {"note": older})
         else:
             connection.execute(text("DELETE FROM audit_checkpoints"))
-    engine.dispose()
     with session_scope(runtime) as session:
         audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM)
     refused = "differs from its signed note" if forgery == "older-note" else "holds 3 events and no signed checkpoint"
