@@ -89,10 +89,6 @@ class Outcome(enum.StrEnum):
     OUT_OF_DISTRIBUTION = "out_of_distribution"
 
 
-def _uuid() -> uuid.UUID:
-    return uuid.uuid4()
-
-
 def _values(enum_type: type[enum.Enum]) -> str:
     return ", ".join(f"'{member.value}'" for member in enum_type)
 
@@ -101,7 +97,7 @@ class Clinic(Base):
     __tablename__ = "clinics"
     __table_args__ = (Index("uq_clinics_lower_name", text("lower(name)"), unique=True),)  # migration 0012
 
-    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)  # unique whatever its case, one spelling
     active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     callback_url: Mapped[str | None] = mapped_column(Text)
@@ -116,7 +112,7 @@ class ApiKey(Base):
         CheckConstraint("role <> 'clinic' OR clinic_id IS NOT NULL", name="clinic_key_has_clinic"),
     )
 
-    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     prefix: Mapped[str] = mapped_column(String(32), unique=True)
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary)
     role: Mapped[str] = mapped_column(String(16))
@@ -144,7 +140,7 @@ class Case(Base):
         Index("ix_cases_plain_idempotency_key", "id", postgresql_where=text(f"idempotency_key !~ '{DIGESTED_KEY}'")),
     )
 
-    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     clinic_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clinics.id", ondelete="RESTRICT"))
     status: Mapped[str] = mapped_column(String(16), server_default=CaseStatus.QUEUED.value)
     priority: Mapped[str] = mapped_column(String(16), server_default=Priority.ROUTINE.value)
@@ -180,7 +176,7 @@ class CaseBlob(Base):
         Index("ix_case_blobs_kek_id", "kek_id"),
     )
 
-    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(16))
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
@@ -261,6 +257,9 @@ class Result(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+_LISTED: Any = {"postgresql_ops": {"detail": "jsonb_path_ops"}, "postgresql_where": text("action = 'case.list'")}
+
+
 class AuditEvent(Base):
     """One append-only audit record (fields after FHIR AuditEvent), sealed into the Merkle log.
 
@@ -277,6 +276,7 @@ class AuditEvent(Base):
         Index("ix_audit_events_clinic", "clinic_id", "id"),
         Index("ix_audit_events_actor", "actor_key_id", "id"),
         Index("ix_audit_events_action", "action", "id"),
+        Index("ix_audit_events_listed_cases", "detail", postgresql_using="gin", **_LISTED),  # migration 0015
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

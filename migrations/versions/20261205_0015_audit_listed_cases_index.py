@@ -1,0 +1,50 @@
+"""An index on the cases that clinics' list views showed, for auditors' per-case searches.
+
+"Who saw case X" (``dermq audit search --case``, ``GET /v1/audit/events?case_id=``) reads the case's
+own events and every ``case.list`` event whose ``detail.ids`` holds it. The second half had no index
+but ``(action, id)``: each search read every list view ever recorded and tested its ids, about 160 ms
+for 150,000 list views on a development machine, growing with the log. A partial GIN index
+(``jsonb_path_ops``, list views only) answers the same containment test from the index: 0.1 ms there.
+
+The index is built ``CONCURRENTLY``, outside the migration's transaction: the audit table takes
+inserts on every audited request, and a plain ``CREATE INDEX`` would block them for as long as the
+build takes (about 11 s for those 150,000 list views). An earlier attempt that failed midway leaves an
+invalid index of the same name, which ``IF NOT EXISTS`` would keep: it is dropped and built again.
+It commits the earlier migrations of the same ``dermq db upgrade`` before it starts, so a failure
+here leaves those applied and this one to run again. Downgrade drops the index, concurrently too.
+
+Revision ID: 0015
+Revises: 0014
+Create Date: 2026-12-05 05:00:00.000000+00:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import context, op
+
+revision: str = "0015"
+down_revision: str | None = "0014"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+INDEX = "ix_audit_events_listed_cases"
+# no row (None) when there is no such index
+INVALID = sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)")
+
+
+def upgrade() -> None:
+    with op.get_context().autocommit_block():
+        if not context.is_offline_mode() and op.get_bind().execute(INVALID, {"name": INDEX}).scalar():
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {INDEX}")
+        op.execute(
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {INDEX} ON audit_events "
+            "USING gin (detail jsonb_path_ops) WHERE action = 'case.list'"
+        )
+
+
+def downgrade() -> None:
+    with op.get_context().autocommit_block():
+        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {INDEX}")
