@@ -17,6 +17,7 @@ can never disagree. The parameters live in the manifest's ``decision`` section.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,11 @@ def _log(values: tuple[float, ...]) -> np.ndarray:
     array = np.log(_array(values))
     array.flags.writeable = False
     return array
+
+
+class NonFiniteOutput(ArithmeticError):
+    """The model's scores for an image hold NaN or infinity: no decision can be made from them (a
+    failing device or a broken model file, never the image: its pixels are bounded numbers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +144,37 @@ class DecisionPolicy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecisionPolicy:
+        """The policy a manifest describes; ``ValueError`` for one no model could have been fitted to
+        (a zero or negative temperature, a zero prior, a threshold outside [0, 1], a value that is not
+        a finite number): each would turn every case into a wrong answer rather than an error."""
         prior = data["prior"]
-        return cls(
+        policy = cls(
             calibration=Calibration.from_dict(data["calibration"]),
             prior=tuple(float(prior[c]) for c in CLASSES),
             referral_threshold=float(data["referral_threshold"]),
             uncertainty_threshold=float(data["uncertainty_threshold"]),
             offsets=tuple(float(data["offsets"][c]) for c in CLASSES) if data.get("offsets") else (),
         )
+        policy.check()
+        return policy
+
+    def check(self) -> None:
+        """``ValueError`` unless every number of the policy is one serving can use (:meth:`from_dict`)."""
+        temperature, bias = self.calibration.temperature, self.calibration.bias
+        problems = [
+            ("the temperature must be a finite number above 0", math.isfinite(temperature) and temperature > 0),
+            (f"the bias must be empty or {len(CLASSES)} finite numbers", len(bias) in (0, len(CLASSES))),
+            (f"the offsets must be empty or {len(CLASSES)} finite numbers", len(self.offsets) in (0, len(CLASSES))),
+            ("every prior must be a finite number above 0", all(math.isfinite(p) and p > 0 for p in self.prior)),
+            ("the thresholds must lie in [0, 1]", all(0 <= t <= 1 for t in self._thresholds())),
+            ("the bias and offsets must be finite", all(math.isfinite(v) for v in (*bias, *self.offsets))),
+        ]
+        wrong = [what for what, ok in problems if not ok]
+        if wrong:
+            raise ValueError(f"the decision policy is not usable: {'; '.join(wrong)}")
+
+    def _thresholds(self) -> tuple[float, float]:
+        return self.referral_threshold, self.uncertainty_threshold
 
 
 def fit_mel_offset(

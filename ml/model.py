@@ -12,6 +12,7 @@ order onto timm's, every shape checked. Nothing is downloaded. Lite0 is a depend
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,7 +72,9 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        return cls(
+        """``ValueError`` for sizes, means or deviations no model was trained with (a zero deviation
+        makes every input infinite, and every answer NaN)."""
+        prep = cls(
             input_size=(int(data["input_size"][0]), int(data["input_size"][1])),
             mean=tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
             std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
@@ -79,6 +82,11 @@ class Preprocessing:
             resize=str(data.get("resize", "squash")),
             colour_constancy=str(data.get("colour_constancy", "none")),
         )
+        if min(prep.input_size) < 1 or len(prep.mean) != 3 or len(prep.std) != 3:
+            raise ValueError("preprocessing needs a positive input size and three means and deviations")
+        if not all(math.isfinite(m) for m in prep.mean) or not all(math.isfinite(d) and d > 0 for d in prep.std):
+            raise ValueError("preprocessing's means must be finite and its deviations finite and above 0")
+        return prep
 
 
 def create(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -246,10 +246,27 @@ class OODGate:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise ValueError(f"a pixel stride is a whole number at least 1, not {stride!r}")
         arrays64 = {k: np.asarray(arrays[k], dtype=np.float64) for k in _ARRAYS}
+        k, d = arrays64["whiten"].shape if arrays64["whiten"].ndim == 2 else (-1, -1)
+        shapes = {"mean": (k,), "class_means": (NUM_CLASSES, d), "colour_mean": (9,), "colour_whiten": (9, 9)}
+        wrong = [name for name, shape in shapes.items() if arrays64[name].shape != shape]
+        if k < 1 or wrong:
+            raise ValueError(f"the gate's arrays do not fit together: {', '.join(wrong) or 'whiten'}")
         return cls(**arrays64, thresholds=dict(thresholds), stride=stride)
 
 
 _ARRAYS = ("mean", "whiten", "class_means", "colour_mean", "colour_whiten")
+#: the scores :meth:`OODGate.reasons` compares, each with its threshold
+THRESHOLDS = ("contrast", "noise", "colour", "energy", "distance")
+
+
+def checked_thresholds(thresholds: dict[str, Any]) -> dict[str, float]:
+    """A stored gate's thresholds; ``ValueError`` unless each score has one, a finite number (a
+    missing one failed the first case; NaN never flagged anything)."""
+    if any(name not in thresholds for name in THRESHOLDS) or not all(
+        np.isfinite(float(thresholds[name])) for name in THRESHOLDS
+    ):
+        raise ValueError(f"the gate needs a finite threshold for each of {', '.join(THRESHOLDS)}")
+    return {name: float(thresholds[name]) for name in THRESHOLDS}
 
 
 def _whitening(centred: np.ndarray, shrinkage: float, dof: int) -> np.ndarray:

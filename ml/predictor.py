@@ -43,7 +43,7 @@ from torch import nn
 from ml import backends, heatmap, ood, preprocess, registry
 from ml import model as models
 from ml.backends import Backend, TorchBackend, resolve_device
-from ml.decision import DecisionPolicy
+from ml.decision import DecisionPolicy, NonFiniteOutput
 from ml.gradcam import class_activation_map
 from ml.labels import CLASSES, NUM_CLASSES
 
@@ -198,10 +198,15 @@ class Predictor:
             backend=chosen,
             artefact_sha256=served,
         )
+        try:
+            prep = models.Preprocessing.from_dict(manifest["preprocessing"])
+            policy = DecisionPolicy.from_dict(manifest["decision"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise registry.RegistryError(f"{entry.name}: the manifest's preprocessing or decision: {exc}") from exc
         return cls(
             engine,
-            models.Preprocessing.from_dict(manifest["preprocessing"]),
-            DecisionPolicy.from_dict(manifest["decision"]),
+            prep,
+            policy,
             device=target,
             info=info,
             tta=manifest.get("tta", "none"),
@@ -219,9 +224,11 @@ class Predictor:
 
         try:
             arrays = load_numpy(registry.read_verified(entry, "ood"))
-            return ood.OODGate.from_arrays(arrays, section["thresholds"], section.get("pixel_stride", 1))
-        except (KeyError, ValueError) as exc:
-            raise registry.RegistryError(f"{entry.name}: the out-of-distribution gate does not load") from exc
+            return ood.OODGate.from_arrays(
+                arrays, ood.checked_thresholds(section["thresholds"]), section.get("pixel_stride", 1)
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise registry.RegistryError(f"{entry.name}: the out-of-distribution gate does not load: {exc}") from exc
 
     @staticmethod
     def _load_torch(entry: Path, manifest: dict[str, Any]) -> nn.Module:
@@ -333,7 +340,13 @@ class Predictor:
     def _decide(
         self, logits: np.ndarray, pixels: np.ndarray | None = None, fmap: np.ndarray | None = None
     ) -> list[Prediction]:
-        """Decisions for ``logits``; with the uint8 model input ``pixels`` and its feature map, the gate too."""
+        """Decisions for ``logits``; with the uint8 model input ``pixels`` and its feature map, the gate too.
+        :class:`NonFiniteOutput` if a row of logits is not all finite numbers: every test of the rule and
+        the gate is false for NaN, which would read as a confident diagnosis no gate flags."""
+        if not np.isfinite(logits).all():
+            raise NonFiniteOutput(
+                f"the model gave non-finite scores for {int((~np.isfinite(logits).all(axis=1)).sum())} image(s)"
+            )
         gated: list[tuple[str, ...]] = [() for _ in range(len(logits))]
         if self.gate is not None and pixels is not None and fmap is not None:
             gated = self.gate.reasons(self.gate.scores(pixels, logits, ood.pooled(fmap)))
