@@ -22,6 +22,7 @@ from core.case_images import StoredImage
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
+from core.errors import KeyringError
 from core.logs import case_id_var
 from ml import working_copy
 from ml.decode_budget import DecodeBudget, TooLargeToDecode
@@ -105,9 +106,25 @@ def _fail(config: Settings, case_id: uuid.UUID, attempt: int | None, code: str, 
     return "failed"
 
 
+#: why a claimed case's image could not be read that is not the case's doing: its period's key file
+#: unreadable or exposed, the key volume failing (an operator's to mend, the image intact)
+KEY_UNAVAILABLE = (KeyringError, OSError)
+
+
 def _fail_unreadable(config: Settings, case_id: uuid.UUID, attempt: int, error: Exception) -> str:
     """Fail a claimed case whose stored image cannot be read (none stored, or one that does not decrypt),
-    fenced by its attempt: no retry can help, and the claim has committed."""
+    fenced by its attempt: no retry can help, and the claim has committed. A key that cannot be loaded
+    (:data:`KEY_UNAVAILABLE`) puts the case back in the queue instead (its attempt counted), for the
+    sweeper to publish again after ``requeue_grace_seconds``: failing it would fail every case of the
+    queue for as long as a key volume is away."""
+    if isinstance(error, KEY_UNAVAILABLE):
+        log.error(
+            "a claimed case's key cannot be loaded; the case goes back to the queue",
+            extra={"event": "image_key_unavailable", "error": type(error).__name__, "attempt": attempt},
+        )
+        with session_scope(config) as session:
+            requeued = case_states.requeue_case(session, case_id, attempt=attempt, reason="key_unavailable")
+        return "requeued" if requeued else "superseded"
     log.error(
         "a claimed case's stored image cannot be read",
         extra={"event": "image_unreadable", "error": type(error).__name__},

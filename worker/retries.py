@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from core import case_states
 from core.config import Settings
 from core.db import session_scope
+from core.errors import KeyringError
 
 log = logging.getLogger("dermq.worker")
 
@@ -26,13 +27,15 @@ MAX_RETRIES = 5
 
 #: Transient failures worth retrying with backoff; anything else fails the case for good. A
 #: ``MemoryError`` is the worker's memory, not the case's fault; each retry claims the case again, so
-#: an image that never fits still stops at ``max_attempts``.
-TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError, MemoryError)
+#: an image that never fits still stops at ``max_attempts``. A ``KeyringError`` or ``OSError`` is the
+#: worker's key file or volume (unreadable, exposed, unmounted): failing would fail every case the
+#: worker takes until an operator mends it; retried, then published again by the sweeper, they wait.
+TRANSIENT = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError, MemoryError, KeyringError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth retrying: a lost database connection, an unreachable Redis, or memory
-    this process could not allocate."""
+    """Whether ``exc`` is worth retrying: a lost database connection, an unreachable Redis, memory
+    this process could not allocate, or keys it could not load."""
     if isinstance(exc, DBAPIError):
         return exc.connection_invalidated or isinstance(exc, OperationalError)
     return isinstance(exc, TRANSIENT)
