@@ -11,8 +11,9 @@ reads. Preprocessing, decisions and heat maps stay in the predictor, shared by a
   (``precision="bf16"`` or ``"fp16"``, accepting that the thresholds no longer match exactly). In
   float32 autocast is switched off explicitly, so an autocast region around the call does not leak
   in. One caveat on CUDA: PyTorch lets cuDNN convolutions use TF32 unless
-  ``torch.backends.cudnn.allow_tf32`` is False; that flag is process-wide, so this module leaves it
-  alone and a serving process that wants bit-for-bit float32 sets it once, after the fork.
+  ``torch.backends.cudnn.conv.fp32_precision`` is ``"ieee"``; that flag is process-wide, so this
+  module leaves it alone and the serving process sets it once, after the fork (the worker does when
+  it loads a model on a GPU: ``worker.runtime.load_predictor``).
 - ``onnx`` / ``onnx-int8``: ``model.onnx`` / ``model.int8.onnx`` written by :mod:`ml.export`, on
   the CPU. Both files are listed in the manifest with their SHA-256 and are only ever parsed from
   the verified bytes. Their graphs output ``logits`` and ``features``; the classifier weights for the

@@ -188,6 +188,8 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
     # each would oversubscribe the CPU and run slower than either alone.
     threads = threads_per_child(settings)
     torch.set_num_threads(threads)
+    if device != "cpu":  # cuDNN runs float32 convolutions in TF32 unless told: not what was fitted (ml.backends)
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
     started = time.perf_counter()
     try:
         predictor = Predictor.load(
@@ -200,6 +202,18 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
         predictor.warm_up(rounds=1)
         if predictor.device.type == "cuda" and batching_enabled(settings):
             warm_batch_shapes(settings, predictor)
+    except torch.OutOfMemoryError:
+        if device == "cpu":
+            raise
+        # the card is full (another process, a shared GPU): serve on the CPU, slower but every case goes on;
+        # the gauge dermq_model_info shows the device, and a new child (max tasks per child) tries again
+        log.warning(
+            "out of GPU memory loading the model; this child serves on the CPU",
+            extra={"event": "load_out_of_memory", "model_id": settings.model},
+        )
+        gc.collect()
+        torch.cuda.empty_cache()
+        return load_predictor(settings, "cpu")
     except Exception as exc:
         # a GPU that fails before the model ever ran is a model this child cannot serve, like a bad
         # entry: its cases fail model_error once claimed (a new child would meet the same card)

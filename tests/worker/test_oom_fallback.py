@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 import torch
+from PIL import Image
 
 from core.db import session_scope
 from core.models import Result
@@ -81,3 +82,24 @@ def test_on_a_cpu_worker_the_fallback_is_the_predictor_itself(settings) -> None:
 
     predictor = OnCpu()
     assert runtime.get_cpu_predictor(settings, predictor) is predictor  # type: ignore[arg-type]
+
+
+def test_a_gpu_too_full_to_load_the_model_serves_on_the_cpu(monkeypatch: pytest.MonkeyPatch, settings) -> None:  # type: ignore[no-untyped-def]
+    """Another process holds the card's memory: the model's load runs out of it. That failed every
+    case the child took (model_error); the child now serves on the CPU. (No GPU here: the load on
+    ``cuda`` raises as a full card does, the CPU load is the real one.)"""
+    from ml.predictor import Predictor
+
+    real_load = Predictor.load.__func__  # type: ignore[attr-defined]
+    tried: list[str] = []
+
+    def load(cls, entry, device: str = "auto", **kwargs):  # type: ignore[no-untyped-def]
+        tried.append(device)
+        if device.startswith("cuda"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real_load(cls, entry, device=device, **kwargs)
+
+    monkeypatch.setattr(Predictor, "load", classmethod(load))
+    predictor = runtime.load_predictor(settings, "cuda")
+    assert tried == ["cuda", "cpu"] and predictor.device.type == "cpu"
+    assert predictor.predict([Image.new("RGB", (120, 90), (180, 120, 100))])[0].label
