@@ -11,7 +11,7 @@ reads. Preprocessing, decisions and heat maps stay in the predictor, shared by a
   (``precision="bf16"`` or ``"fp16"``, accepting that the thresholds no longer match exactly). In
   float32 autocast is switched off explicitly, so an autocast region around the call does not leak
   in. One caveat on CUDA: PyTorch lets cuDNN convolutions use TF32 unless
-  ``torch.backends.cudnn.conv.fp32_precision`` is ``"ieee"``; that flag is process-wide, so this
+  ``torch.backends.cudnn.allow_tf32`` is False; that flag is process-wide, so this
   module leaves it alone and the serving process sets it once, after the fork (the worker does when
   it loads a model on a GPU: ``worker.runtime.load_predictor``).
 - ``onnx`` / ``onnx-int8``: ``model.onnx`` / ``model.int8.onnx`` written by :mod:`ml.export`, on

@@ -189,7 +189,7 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
     threads = threads_per_child(settings)
     torch.set_num_threads(threads)
     if device != "cpu":  # cuDNN runs float32 convolutions in TF32 unless told: not what was fitted (ml.backends)
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.allow_tf32 = False
     started = time.perf_counter()
     try:
         predictor = Predictor.load(

@@ -100,6 +100,8 @@ def test_a_gpu_too_full_to_load_the_model_serves_on_the_cpu(monkeypatch: pytest.
         return real_load(cls, entry, device=device, **kwargs)
 
     monkeypatch.setattr(Predictor, "load", classmethod(load))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)  # put back after
     predictor = runtime.load_predictor(settings, "cuda")
     assert tried == ["cuda", "cpu"] and predictor.device.type == "cpu"
+    assert torch.backends.cudnn.allow_tf32 is False  # on a GPU: the float32 the manifests promise, not TF32
     assert predictor.predict([Image.new("RGB", (120, 90), (180, 120, 100))])[0].label
