@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -50,19 +51,27 @@ class RetryPolicy:
 
     ``attempts`` requests in all; between them ``Retry-After`` when the server gives one (up to
     ``max_delay``: a longer one is not retried but raised), else ``backoff * 2**n`` seconds with
-    jitter (half to all of it), capped at ``max_delay``."""
+    jitter (half to all of it), capped at ``max_delay``. A submission answered 429 with a
+    ``Retry-After`` (its clinic's uploads in progress, or its rate, at their limit: a portal that
+    sends many images at once queues behind its own uploads) is sent again for up to ``busy_for``
+    seconds from its first try, past ``attempts``."""
 
     attempts: int = 4
     backoff: float = 0.5
     max_delay: float = 30.0
+    busy_for: float = 60.0
 
     def backoff_delay(self, retry: int) -> float:
         delay = min(self.max_delay, self.backoff * 2.0**retry)
         return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
 
-    def delay(self, retry: int, error: errors.DermqError) -> float | None:
-        """Seconds to wait before retry number ``retry`` (0 for the first) after ``error``; ``None``: give up."""
-        if retry + 1 >= self.attempts or not retryable(error):
+    def delay(self, retry: int, error: errors.DermqError, *, busy_until: float | None = None) -> float | None:
+        """Seconds to wait before retry number ``retry`` (0 for the first) after ``error``; ``None``: give
+        up. ``busy_until``: a ``time.monotonic()`` up to which a 429 with ``Retry-After`` is waited out."""
+        if not retryable(error):
+            return None
+        busy = error.status == 429 and error.retry_after is not None and busy_until is not None
+        if retry + 1 >= self.attempts and not (busy and time.monotonic() + (error.retry_after or 0) <= busy_until):
             return None
         if error.retry_after is not None:
             return error.retry_after if error.retry_after <= self.max_delay else None

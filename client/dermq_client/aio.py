@@ -24,7 +24,9 @@ class AsyncClient:
 
     Each waiting call (``wait``, ``submit(wait=...)``) holds a connection for up to 30 s: ``limits``
     (``httpx.Limits``; default 100 connections) bounds how many calls run at once; past it, a call
-    waits for a connection up to the timeout, then fails with ``ConnectionFailed`` (``PoolTimeout``)."""
+    waits for a connection up to the timeout's pool part, and is retried like a network failure
+    (``ConnectionFailed``, ``PoolTimeout``) before it fails. An error from ``submit`` carries the
+    ``idempotency_key`` it sent: submit again with it, and the server answers with the case it stored."""
 
     def __init__(
         self,
@@ -65,13 +67,15 @@ class AsyncClient:
             raise _core.request_failed(exc) from exc
         return _core.checked(response)
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, *, busy_until: float | None = None, **kwargs: Any
+    ) -> httpx.Response:
         retry = 0
         while True:
             try:
                 return await self._send(method, path, **kwargs)
             except errors.DermqError as exc:
-                delay = self.retry.delay(retry, exc)
+                delay = self.retry.delay(retry, exc, busy_until=busy_until)
                 if delay is None:
                     raise
             await asyncio.sleep(delay)
@@ -93,22 +97,29 @@ class AsyncClient:
         one. With ``wait`` (seconds), the answer comes when the case has ended or ``wait`` has
         passed (server long polls): the case is returned as it is then, finished or not."""
         started = time.monotonic()
+        key = idempotency_key or _core.new_idempotency_key()
         request = _core.submit_request(
             await asyncio.to_thread(_core.load_image, image),
             client_ref=client_ref,
             priority=priority,
-            idempotency_key=idempotency_key or _core.new_idempotency_key(),
+            idempotency_key=key,
             wait=wait,
         )
         timeout = _core.timeout_for(self._timeout, min(wait or 0, _core.MAX_SERVER_WAIT))
-        case = _core.case_of(await self._request("POST", "/v1/cases", timeout=timeout, **request))
-        remaining = (wait or 0) - (time.monotonic() - started)
-        if case.terminal or remaining <= 0:
-            return case
         try:
-            return _core.followed(case, await self.wait(case.id, timeout=remaining))
-        except errors.WaitTimeout as exc:
-            return _core.followed(case, exc.case)
+            busy_until = started + self.retry.busy_for
+            answer = await self._request("POST", "/v1/cases", timeout=timeout, busy_until=busy_until, **request)
+            case = _core.case_of(answer)
+            remaining = (wait or 0) - (time.monotonic() - started)
+            if case.terminal or remaining <= 0:
+                return case
+            try:
+                return _core.followed(case, await self.wait(case.id, timeout=remaining))
+            except errors.WaitTimeout as exc:
+                return _core.followed(case, exc.case)
+        except errors.DermqError as exc:
+            exc.idempotency_key = key  # to submit again with, after this call gave up
+            raise
 
     async def get(self, case_id: str | uuid.UUID, *, wait: float | None = None) -> Case:
         """The case now; with ``wait`` (at most 30 s) as soon as it has ended, or after ``wait``."""
@@ -119,9 +130,12 @@ class AsyncClient:
 
     async def wait(self, case_id: str | uuid.UUID, timeout: float = 60.0) -> Case:
         """The case once it has ended (``succeeded``, ``failed`` or ``purged``), by long polls of up
-        to 30 s each; :class:`~dermq_client.errors.WaitTimeout` after ``timeout`` seconds."""
+        to 30 s each; :class:`~dermq_client.errors.WaitTimeout` after ``timeout`` seconds (its
+        ``__cause__`` the last poll's error, when that poll got no answer). Until the first answer,
+        failures are retried as ``retry`` says and then raised; after it, until ``timeout``."""
         deadline = time.monotonic() + timeout
         last: Case | None = None
+        failure: errors.DermqError | None = None  # the last poll's, when it got no answer
         retry = 0
         while (remaining := deadline - time.monotonic()) > 0:
             poll = min(_core.MAX_SERVER_WAIT, remaining)
@@ -136,12 +150,15 @@ class AsyncClient:
                     )
                 )
             except errors.DermqError as exc:
-                if not _core.retryable(exc):
+                # before any answer, as any request: a wrong address or CA bundle is said, not waited out
+                if not _core.retryable(exc) or (last is None and retry + 1 >= self.retry.attempts):
                     raise
+                failure = exc
                 pause = exc.retry_after if exc.retry_after is not None else self.retry.backoff_delay(retry)
                 retry += 1
                 await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
                 continue
+            failure = None
             if last.terminal:
                 return last
             if time.monotonic() - asked < poll / 2:  # answered early (the server's waiters are full)
@@ -149,7 +166,7 @@ class AsyncClient:
                 retry += 1
             else:
                 retry = 0
-        raise errors.WaitTimeout(f"case {case_id} did not end within {timeout:g} s", case=last)
+        raise errors.WaitTimeout(f"case {case_id} did not end within {timeout:g} s", case=last) from failure
 
     async def heatmap(self, case_id: str | uuid.UUID) -> bytes:
         """The Grad-CAM heat map over the image, as PNG bytes."""

@@ -119,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DermqError as exc:
         problem = exc.problem or {"status": exc.status, "code": exc.code, "detail": exc.detail}
+        if exc.idempotency_key and args.command == "submit" and not args.idempotency_key:
+            # the key this command made up: `submit --idempotency-key` with it again never makes a second case
+            problem = problem | {"idempotency_key": exc.idempotency_key}
         print(json.dumps(problem, sort_keys=True), file=sys.stderr)
         return 1
     except OSError as exc:

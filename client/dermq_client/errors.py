@@ -33,6 +33,9 @@ class DermqError(Exception):
         self.retry_after = retry_after
         #: the whole problem document as the server sent it (``errors`` of a 422 among others)
         self.problem: dict[str, Any] = problem or {}
+        #: on an error from ``submit``: the Idempotency-Key it sent (the one it made up when given
+        #: none). Submit again with it: the server answers with the case if one was stored, never a second
+        self.idempotency_key: str | None = None
 
     @property
     def errors(self) -> list[Any]:
