@@ -224,3 +224,27 @@ def test_the_case_list_pages_through_older_and_newer_cases(
     Select(page.find_element(By.ID, "case-filter")).select_by_value("succeeded")
     browser.wait_until(page, lambda d: d.find_element(By.ID, "cases-status").text == "No cases to show.")
     assert browser.problems(page) == []
+
+
+def test_a_key_refused_at_submission_says_the_case_may_be_stored_and_no_secret_is_shown(  # type: ignore[no-untyped-def]
+    page, live_api: str, make_key, tmp_path: Path, jpeg_bytes: bytes
+) -> None:
+    """A key revoked while its `POST ?wait=` waited is refused after its case was stored: "Not
+    submitted." sent the clinician to submit it again, a second case. And a key pasted without its
+    `dq_` showed the part of its secret before the next `_` as its "prefix"."""
+    clinic, admin = make_key(), make_key("admin")
+    secret = clinic.token.split("_", 2)[2]
+    browser.open_page(page, f"{live_api}/portal/", clinic.token.removeprefix("dq_"))
+    assert "Using key a key" in page.find_element(By.ID, "key-state").text
+    browser.open_page(page, f"{live_api}/portal/", clinic.token)
+    assert page.find_element(By.ID, "key-state").text.startswith(f"Using key {clinic.token[:15]} ")
+    assert secret[:10] not in page.find_element(By.TAG_NAME, "body").text
+    revoked = httpx.post(f"{live_api}/v1/admin/keys/{clinic.key_id}/revoke", headers=admin.headers, timeout=10)
+    assert revoked.status_code == 200
+    image = tmp_path / "lesion.jpg"
+    image.write_bytes(jpeg_bytes)
+    page.find_element(By.ID, "image").send_keys(str(image))
+    page.find_element(By.ID, "submit-button").click()
+    browser.wait_until(page, lambda d: d.find_element(By.ID, "submit-problem").is_displayed())
+    status = page.find_element(By.ID, "case-status").text
+    assert "may have been stored" in status and "check the case list" in status and status != "Not submitted."

@@ -21,11 +21,14 @@ export function hasKey() {
   return apiKey !== null;
 }
 
-/** The public part of the key (`dq_0a1b2c3d4e5f`), never its secret. */
+/**
+ * The public part of the key (`dq_0a1b2c3d4e5f`), never its secret: only a key of dermq's form has one
+ * (pasted without its `dq_`, the part before the next `_` would be the secret itself).
+ */
 export function keyPrefix() {
   if (apiKey === null) return null;
-  const [scheme, prefix] = apiKey.split("_");
-  return prefix ? `${scheme}_${prefix}` : "a key";
+  const match = /^dq_([0-9a-f]{12})_/.exec(apiKey);
+  return match ? `dq_${match[1]}` : "a key";
 }
 
 /** An error answered by the API (its problem details), or met on the way to it. */

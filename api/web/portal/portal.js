@@ -165,6 +165,16 @@ form.addEventListener("submit", async (event) => {
   }
 });
 
+/** What the page says of a submission that failed: whether sending it again is safe, or may store it twice. */
+function failedSubmission(error) {
+  if (pending) return "Not submitted yet, or not confirmed: submitting again is safe (the same Idempotency-Key is sent).";
+  if (error.status === 401) {
+    // a key revoked while the request waited for the case is refused after the case was stored
+    return "dermq refused this key. If it was revoked while dermq answered, the case may have been stored: check the case list with a valid key before submitting again.";
+  }
+  return "Not submitted.";
+}
+
 async function submitAndFollow(file, over) {
   const mine = epoch;
   pending ??= newSubmission(file, $("client-ref").value, $("urgent").checked);
@@ -193,11 +203,7 @@ async function submitAndFollow(file, over) {
     }
     if (mine !== epoch) return;
     if (!retryable(error)) pending = null;
-    announce(
-      caseStatus,
-      pending ? "Not submitted yet, or not confirmed: submitting again is safe (the same Idempotency-Key is sent)." : "Not submitted.",
-      "error",
-    );
+    announce(caseStatus, failedSubmission(error), "error");
     showProblem(submitProblem, error);
     return;
   } finally {
