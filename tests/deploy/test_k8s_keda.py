@@ -22,6 +22,8 @@ def test_keda_scales_the_gpu_worker_on_every_list_of_the_cases_queue() -> None:
     assert target["name"] == m.workload("worker").name
     assert "nvidia.com/gpu" in m.workload("worker").containers[0]["resources"]["limits"]
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], "maintenance needs a worker at all times"
+    # a replica count in the Deployment would undo KEDA's at every `kubectl apply` of a release
+    assert "replicas" not in m.k8s_object("Deployment", "dermq-worker")["spec"]
 
     triggers = spec["triggers"]
     assert all(trigger["type"] == "redis" for trigger in triggers)
