@@ -80,7 +80,13 @@ def list_models(as_json: bool) -> int:
 @model.command("verify", help="SHA-256, load and known answer of an entry (default: the active one)")
 @click.argument("model_id", metavar="[MODEL]", required=False)
 def verify(model_id: str | None) -> int:
-    from ml.entry import verify_entry
+    try:
+        from ml.entry import verify_entry
+    except ImportError as exc:  # the API's image ships no PyTorch: exit 1 would read "the model failed"
+        raise click.UsageError(
+            f"verifying loads the model, which needs PyTorch ({exc}): run it where the workers run "
+            "(docker compose exec worker dermq model verify)"
+        ) from None
 
     checks = verify_entry(model_id or get_settings().model)
     for name, passed, detail in checks:

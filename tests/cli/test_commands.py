@@ -106,6 +106,15 @@ def test_help_is_light_and_lists_every_group() -> None:
         assert f"\n  {group} " in helped.stdout, group
 
 
+def test_model_verify_without_pytorch_says_where_to_run_it_and_exits_2() -> None:
+    """In the API's image (no PyTorch) it printed a ModuleNotFoundError traceback and exited 1, which
+    the commands' contract reads as "the model failed verification"."""
+    code = "import sys; sys.modules['torch'] = None; import cli.main; sys.exit(cli.main.main(['model', 'verify']))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=support.ROOT, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "needs PyTorch" in run.stderr and "exec worker dermq model verify" in run.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
