@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import observe_request
 from api.problems import problem
+from api.waiters import LONG_POLL_WAIT
 from core.logs import request_id_var
 
 log = logging.getLogger("dermq.api.access")
@@ -68,6 +69,8 @@ class RequestContextMiddleware:
         supplied = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = supplied if REQUEST_ID_RE.fullmatch(supplied) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        waited = [0.0]  # api.waiters adds the time a long poll waits for its case
+        waited_token = LONG_POLL_WAIT.set(waited)
         started = time.perf_counter()
         status = 500
         secure = scope.get("scheme") == "https"
@@ -97,7 +100,7 @@ class RequestContextMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             seconds = time.perf_counter() - started
-            observe_request(route, str(scope.get("method")), status, seconds)
+            observe_request(route, str(scope.get("method")), status, max(0.0, seconds - waited[0]))
             log.info(
                 "request",
                 extra={
@@ -106,8 +109,10 @@ class RequestContextMiddleware:
                     "route": route,
                     "status_code": status,
                     "duration_ms": round(seconds * 1000, 2),
+                    "waited_ms": round(waited[0] * 1000, 2),
                 },
             )
+            LONG_POLL_WAIT.reset(waited_token)
             request_id_var.reset(token)
 
 

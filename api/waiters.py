@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 
 from api.db import RequestDb
 from api.listener import Listener
@@ -99,6 +100,17 @@ class CaseWaiters:
                 ticket.wake(announced=bool(case_ids))
 
 
+#: the seconds a request has spent in long polls waiting for its case to end, a list of one that the
+#: request's middleware sets (api.middleware): queue and model time, which the API's latency leaves out
+LONG_POLL_WAIT: ContextVar[list[float] | None] = ContextVar("dermq_long_poll_wait", default=None)
+
+
+def note_long_poll(seconds: float) -> None:
+    waited = LONG_POLL_WAIT.get()
+    if waited is not None:
+        waited[0] += seconds
+
+
 async def wait_for_end(
     db: RequestDb,
     waiters: CaseWaiters,
@@ -138,7 +150,11 @@ async def wait_for_end(
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            await ticket.wait(left)
+            waiting = time.monotonic()
+            try:
+                await ticket.wait(left)
+            finally:
+                note_long_poll(time.monotonic() - waiting)
             if ticket.announced:
                 return  # committed: the read that follows finds it ended
             look = True

@@ -29,6 +29,7 @@ ALLOWED_EXTRA = frozenset(
         "route",
         "status_code",
         "duration_ms",
+        "waited_ms",
         "error",
         "code",
         "attempt",

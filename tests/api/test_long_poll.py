@@ -148,3 +148,26 @@ def test_a_waiting_submission_s_new_case_commits_without_the_disk_and_a_replay_w
     assert first.status_code in (201, 202) and replay.status_code == 200, (first.text, replay.text)
     assert created_commits[0] == "off" and set(created_commits[1:]) == {"on"}, created_commits  # then the read
     assert commits and set(commits) == {"on"}, commits  # the replay, finished or not
+
+
+def test_the_api_latency_an_operator_watches_leaves_out_the_long_polls_wait(client, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+    """A portal's `?wait=` is the queue's and the model's time: counted as the API's, a few seconds
+    of queue at peak read as a slow API (DermqApiLatencyHigh fired, and its runbook said to add API
+    processes)."""
+    from api.metrics import REGISTRY
+
+    case_id = store_case(tenant, b"never published")  # stays queued: the poll waits its whole wait
+    labels = {"route": "/v1/cases/{case_id}", "method": "GET"}
+
+    def observed() -> tuple[float, float]:
+        count = REGISTRY.get_sample_value("dermq_http_request_duration_seconds_count", labels) or 0.0
+        return count, REGISTRY.get_sample_value("dermq_http_request_duration_seconds_sum", labels) or 0.0
+
+    before = observed()
+    started = time.monotonic()
+    answer = client.get(f"/v1/cases/{case_id}?wait=1.5", headers=tenant.headers)
+    took = time.monotonic() - started
+    after = observed()
+    assert answer.status_code == 200 and answer.json()["status"] == "queued" and took >= 1.5
+    assert after[0] == before[0] + 1
+    assert after[1] - before[1] < took - 1.4  # the request's own work, without the 1.5 s it waited
