@@ -73,7 +73,13 @@ WORKER_INFO = Gauge(
     "dermq_worker_info", "a loaded model per worker process", ["device", "model_id"], multiprocess_mode="liveall"
 )
 GPU_MEMORY = Gauge(
-    "dermq_gpu_memory_bytes", "CUDA memory allocated by the model runtime", ["device"], multiprocess_mode="liveall"
+    "dermq_gpu_memory_bytes",
+    "memory in use on the worker's GPU, by every process on it (CUDA contexts and caches included)",
+    ["device"],
+    multiprocess_mode="liveall",
+)
+GPU_MEMORY_TOTAL = Gauge(
+    "dermq_gpu_memory_total_bytes", "the worker GPU's memory", ["device"], multiprocess_mode="liveall"
 )
 
 
@@ -117,8 +123,12 @@ def record_gpu_memory() -> None:
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # the card's own count (cudaMemGetInfo), not torch's allocations: those leave out each child's
+        # CUDA context, torch's cache and any other process, and read well under a card that is full
         device = torch.cuda.current_device()
-        GPU_MEMORY.labels(f"cuda:{device}").set(torch.cuda.memory_allocated(device))
+        free, total = torch.cuda.mem_get_info(device)
+        GPU_MEMORY.labels(f"cuda:{device}").set(total - free)
+        GPU_MEMORY_TOTAL.labels(f"cuda:{device}").set(total)
 
 
 def serve(host: str, port: int) -> None:

@@ -29,6 +29,7 @@ DERMQ_METRICS = frozenset(
         "dermq_callback_deliveries_total",
         "dermq_worker_info",
         "dermq_gpu_memory_bytes",
+        "dermq_gpu_memory_total_bytes",
         # drift and audit
         "dermq_drift_psi",
         "dermq_drift_alert",

@@ -188,10 +188,15 @@ def test_melanoma_alert_compares_the_fields_upper_bound_with_the_cards_floor_on_
     assert alert["labels"]["severity"] == "critical"
 
 
-def test_gpu_memory_alert_adds_up_the_children_sharing_a_card(rules: list[dict[str, Any]]) -> None:
-    # each worker child reports its own allocation (a series per pid): two children at 50% fill a card
+def test_gpu_memory_alert_compares_a_cards_use_with_its_own_size(rules: list[dict[str, Any]]) -> None:
+    # each worker child reports the whole card's use (a series per pid, the same number): summed, two
+    # children would double it; and the card's size comes from the card, not a number set by hand
     (rule,) = [r for r in _alerts(rules) if r["alert"] == "DermqGpuMemoryNearFull"]
-    assert re.match(r"sum by \(instance, device\) \(dermq_gpu_memory_bytes\) >", rule["expr"].strip())
+    expr = rule["expr"].strip()
+    assert expr == (
+        "max by (instance, device) (dermq_gpu_memory_bytes) > 0.9 * max by (instance, device) "
+        "(dermq_gpu_memory_total_bytes)"
+    )
 
 
 def test_audit_chain_alert_is_critical_and_immediate(rules: list[dict[str, Any]]) -> None:
