@@ -70,12 +70,18 @@ class RetryPolicy:
         up. ``busy_until``: a ``time.monotonic()`` up to which a 429 with ``Retry-After`` is waited out."""
         if not retryable(error):
             return None
-        busy = error.status == 429 and error.retry_after is not None and busy_until is not None
-        if retry + 1 >= self.attempts and not (busy and time.monotonic() + (error.retry_after or 0) <= busy_until):
+        if retry + 1 >= self.attempts and not _waits_out(error, busy_until):
             return None
         if error.retry_after is not None:
             return error.retry_after if error.retry_after <= self.max_delay else None
         return self.backoff_delay(retry)
+
+
+def _waits_out(error: errors.DermqError, busy_until: float | None) -> bool:
+    """Whether ``error`` is a 429 whose ``Retry-After`` ends before ``busy_until`` (a monotonic time)."""
+    if error.status != 429 or error.retry_after is None or busy_until is None:
+        return False
+    return time.monotonic() + error.retry_after <= busy_until
 
 
 #: codes among RETRY_STATUSES that sending the same again cannot mend: the upload took the server's
