@@ -48,14 +48,23 @@ class UploadSlots:
         with self._lock:
             return self._in_flight.get(clinic_id, 0)
 
+    def refuse_if_full(self, clinic_id: uuid.UUID | None) -> None:
+        """429 when the clinic's slots are all taken now: checked before the key's submission rate is
+        charged, so a portal queueing behind its own uploads does not spend it on refusals (:meth:`hold`
+        checks again, under the lock)."""
+        self._refused(self.in_flight(clinic_id))
+
+    def _refused(self, held: int) -> None:
+        if held >= self.per_clinic:
+            raise RateLimited(
+                f"this clinic already has {held} uploads in progress; wait for one to finish", retry_after=1
+            )
+
     @contextmanager
     def hold(self, clinic_id: uuid.UUID | None) -> Iterator[None]:
         with self._lock:
             held = self._in_flight.get(clinic_id, 0)
-            if held >= self.per_clinic:
-                raise RateLimited(
-                    f"this clinic already has {held} uploads in progress; wait for one to finish", retry_after=1
-                )
+            self._refused(held)
             self._in_flight[clinic_id] = held + 1
         try:
             yield

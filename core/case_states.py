@@ -175,18 +175,32 @@ def fail_case(
 
 
 def requeue_case(
-    session: Session, case_id: uuid.UUID, *, attempt: int, reason: str, actor: audit.Actor = audit.SYSTEM
+    session: Session,
+    case_id: uuid.UUID,
+    *,
+    attempt: int,
+    reason: str,
+    actor: audit.Actor = audit.SYSTEM,
+    uncounted: bool = False,
 ) -> bool:
-    """Put a running case back in the queue (recovery, retry); fenced by attempt like the others."""
+    """Put a running case back in the queue (recovery, retry); fenced by attempt like the others.
+    ``uncounted``: the attempt is given back too, for a stop that is not the case's doing and cost it
+    no work (a key the worker could not load): however long an operator takes, its attempts stay."""
     case = session.scalar(
         update(Case)
         .where(Case.id == case_id, Case.status == CaseStatus.RUNNING.value, Case.attempts == attempt)
-        .values(status=CaseStatus.QUEUED.value, updated_at=cases.now(), started_at=None)
+        .values(
+            status=CaseStatus.QUEUED.value,
+            updated_at=cases.now(),
+            started_at=None,
+            attempts=attempt - 1 if uncounted else attempt,
+        )
         .returning(Case)
     )
     if case is None:
         return False
-    _audit_case(session, case, "case.requeue", audit.SUCCESS, actor, {"attempt": attempt, "reason": reason})
+    detail = {"attempt": attempt, "reason": reason} | ({"uncounted": True} if uncounted else {})
+    _audit_case(session, case, "case.requeue", audit.SUCCESS, actor, detail)
     return True
 
 

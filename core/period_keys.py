@@ -191,6 +191,11 @@ class PeriodKeys:
         try:
             info = path.stat()
         except FileNotFoundError:
+            if not self.folder.is_dir() or not any(self.folder.glob("*.json")):  # the volume, not this key
+                raise KeyringError(
+                    f"the period key folder {self.folder} is missing or holds no key: is DERMQ_PERIOD_KEY_DIR's "
+                    "volume mounted?"
+                ) from None
             raise DecryptionError(
                 f"no key for period {period} in {self.folder}; is DERMQ_PERIOD_KEY_DIR the folder the "
                 "other services use?"

@@ -114,16 +114,19 @@ KEY_UNAVAILABLE = (KeyringError, OSError)
 def _fail_unreadable(config: Settings, case_id: uuid.UUID, attempt: int, error: Exception) -> str:
     """Fail a claimed case whose stored image cannot be read (none stored, or one that does not decrypt),
     fenced by its attempt: no retry can help, and the claim has committed. A key that cannot be loaded
-    (:data:`KEY_UNAVAILABLE`) puts the case back in the queue instead (its attempt counted), for the
+    (:data:`KEY_UNAVAILABLE`) puts the case back in the queue instead, its attempt given back, for the
     sweeper to publish again after ``requeue_grace_seconds``: failing it would fail every case of the
-    queue for as long as a key volume is away."""
+    queue for as long as a key volume is away, and counting each try would fail them all once it came
+    back. It waits as long as that takes (DermqQueueWaitHigh)."""
     if isinstance(error, KEY_UNAVAILABLE):
         log.error(
             "a claimed case's key cannot be loaded; the case goes back to the queue",
             extra={"event": "image_key_unavailable", "error": type(error).__name__, "attempt": attempt},
         )
         with session_scope(config) as session:
-            requeued = case_states.requeue_case(session, case_id, attempt=attempt, reason="key_unavailable")
+            requeued = case_states.requeue_case(
+                session, case_id, attempt=attempt, reason="key_unavailable", uncounted=True
+            )
         return "requeued" if requeued else "superseded"
     log.error(
         "a claimed case's stored image cannot be read",

@@ -177,11 +177,26 @@ def warm_batch_shapes(settings: Settings, predictor: Predictor) -> None:
         log.warning("out of GPU memory warming the batch shapes", extra={"event": "warm_up_out_of_memory"})
 
 
+def _loaded_and_warm(settings: Settings, device: str, threads: int) -> Predictor:
+    from ml.predictor import Predictor
+
+    predictor = Predictor.load(
+        settings.model,
+        device=device,
+        backend=settings.backend,
+        threads=threads,
+        overlay_max_side=settings.overlay_max_side,
+    )
+    predictor.warm_up(rounds=1)
+    if predictor.device.type == "cuda" and batching_enabled(settings):
+        warm_batch_shapes(settings, predictor)
+    return predictor
+
+
 def load_predictor(settings: Settings, device: str) -> Predictor:
     """The configured model on ``device``, warmed up; :class:`ModelUnavailable` if it fails its checks."""
     import torch
 
-    from ml.predictor import Predictor
     from ml.registry import RegistryError
 
     # Each prefork child gets its share of the cores unless told otherwise: N children x N threads
@@ -191,29 +206,13 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
     if device != "cpu":  # cuDNN runs float32 convolutions in TF32 unless told: not what was fitted (ml.backends)
         torch.backends.cudnn.allow_tf32 = False
     started = time.perf_counter()
+    full_card = False
     try:
-        predictor = Predictor.load(
-            settings.model,
-            device=device,
-            backend=settings.backend,
-            threads=threads,
-            overlay_max_side=settings.overlay_max_side,
-        )
-        predictor.warm_up(rounds=1)
-        if predictor.device.type == "cuda" and batching_enabled(settings):
-            warm_batch_shapes(settings, predictor)
+        predictor = _loaded_and_warm(settings, device, threads)
     except torch.OutOfMemoryError:
         if device == "cpu":
             raise
-        # the card is full (another process, a shared GPU): serve on the CPU, slower but every case goes on;
-        # the gauge dermq_model_info shows the device, and a new child (max tasks per child) tries again
-        log.warning(
-            "out of GPU memory loading the model; this child serves on the CPU",
-            extra={"event": "load_out_of_memory", "model_id": settings.model},
-        )
-        gc.collect()
-        torch.cuda.empty_cache()
-        return load_predictor(settings, "cpu")
+        full_card = True  # handled below: this handler's traceback still holds the half-loaded model
     except Exception as exc:
         # a GPU that fails before the model ever ran is a model this child cannot serve, like a bad
         # entry: its cases fail model_error once claimed (a new child would meet the same card)
@@ -224,6 +223,16 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
             extra={"event": "model_load_failed", "model_id": settings.model, "error": type(exc).__name__},
         )
         raise ModelUnavailable(MODEL_UNAVAILABLE) from None
+    if full_card:
+        # the card is full (another process, a shared GPU): serve on the CPU, slower but every case goes
+        # on; dermq_worker_info shows the device, and the next child (max tasks per child) tries again
+        log.warning(
+            "out of GPU memory loading the model; this child serves on the CPU",
+            extra={"event": "load_out_of_memory", "model_id": settings.model},
+        )
+        gc.collect()  # what the failed load allocated on the card, given back before the CPU load
+        torch.cuda.empty_cache()
+        return load_predictor(settings, "cpu")
     log.info(
         "model loaded",
         extra={

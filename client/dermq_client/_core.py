@@ -73,7 +73,11 @@ class RetryPolicy:
         if retry + 1 >= self.attempts and not _waits_out(error, busy_until):
             return None
         if error.retry_after is not None:
-            return error.retry_after if error.retry_after <= self.max_delay else None
+            if error.retry_after > self.max_delay:
+                return None
+            # at least what the server asked, and up to a quarter more: the many requests it refused
+            # at once (a portal's batch behind its upload slots) do not all come back in the same instant
+            return error.retry_after * (1 + random.random() / 4)  # noqa: S311 - jitter, not a secret
         return self.backoff_delay(retry)
 
 

@@ -114,7 +114,7 @@ class AsyncClient:
             if case.terminal or remaining <= 0:
                 return case
             try:
-                return _core.followed(case, await self.wait(case.id, timeout=remaining))
+                return _core.followed(case, await self._follow(case.id, remaining, seen=case))
             except errors.WaitTimeout as exc:
                 return _core.followed(case, exc.case)
         except errors.DermqError as exc:
@@ -133,8 +133,13 @@ class AsyncClient:
         to 30 s each; :class:`~dermq_client.errors.WaitTimeout` after ``timeout`` seconds (its
         ``__cause__`` the last poll's error, when that poll got no answer). Until the first answer,
         failures are retried as ``retry`` says and then raised; after it, until ``timeout``."""
+        return await self._follow(case_id, timeout, seen=None)
+
+    async def _follow(self, case_id: str | uuid.UUID, timeout: float, *, seen: Case | None) -> Case:
+        """:meth:`wait`, having ``seen`` the case already (a submission's answer: then it exists, and a
+        failure is waited out until ``timeout`` from the first)."""
         deadline = time.monotonic() + timeout
-        last: Case | None = None
+        last: Case | None = seen
         failure: errors.DermqError | None = None  # the last poll's, when it got no answer
         retry = 0
         while (remaining := deadline - time.monotonic()) > 0:

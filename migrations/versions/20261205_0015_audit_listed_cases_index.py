@@ -11,7 +11,9 @@ inserts on every audited request, and a plain ``CREATE INDEX`` would block them 
 build takes (about 11 s for those 150,000 list views). An earlier attempt that failed midway leaves an
 invalid index of the same name, which ``IF NOT EXISTS`` would keep: it is dropped and built again.
 It commits the earlier migrations of the same ``dermq db upgrade`` before it starts, so a failure
-here leaves those applied and this one to run again. Downgrade drops the index, concurrently too.
+here leaves those applied and this one to run again. Downgrade drops the index in the migration's
+transaction (a moment's lock): dropped concurrently, it would stay dropped while a failure further
+down the same downgrade rolled the version back to 0015, and no upgrade would build it again.
 
 Revision ID: 0015
 Revises: 0014
@@ -46,5 +48,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.get_context().autocommit_block():
-        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {INDEX}")
+    op.execute(f"DROP INDEX IF EXISTS {INDEX}")

@@ -117,7 +117,9 @@ def _finish(sock: socket.socket, body: bytes) -> int:
     return _answer(sock)[0]
 
 
-def test_one_clinic_cannot_hold_more_than_its_share_of_uploads_open(bounded_api, make_key, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+def test_one_clinic_cannot_hold_more_than_its_share_of_uploads_open(
+    bounded_api, stack_env, make_key, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
     base, _ = bounded_api
     greedy, other = make_key("clinic"), make_key("clinic")
     body, content_type = support.multipart(jpeg_bytes)
@@ -134,9 +136,19 @@ def test_one_clinic_cannot_hold_more_than_its_share_of_uploads_open(bounded_api,
         status, headers, problem = _answer(answered[0])
         assert status == 429 and headers["content-type"] == "application/problem+json"
         assert "uploads in progress" in json.loads(problem)["detail"] and int(headers["retry-after"]) >= 1
-        # Another clinic is not held back by it.
         with httpx.Client(base_url=base, timeout=30) as http:
             files = {"image": ("a.jpg", jpeg_bytes, "image/jpeg")}
+            # A portal queueing behind its own uploads is refused without spending its key's
+            # submissions (its retries once a second used them up, and then every user of the key
+            # was refused `rate_limited`).
+            counted = f"{RateLimiter.PREFIX}submit:{greedy.key_id}"
+            with redis.Redis.from_url(stack_env["DERMQ_REDIS_URL"]) as broker:
+                spent = broker.get(counted)
+                refused = [http.post("/v1/cases", files=files, headers=greedy.headers) for _ in range(3)]
+                assert [r.status_code for r in refused] == [429] * 3
+                assert all("uploads in progress" in r.json()["detail"] for r in refused)
+                assert broker.get(counted) == spent
+            # Another clinic is not held back by it.
             assert http.post("/v1/cases", files=files, headers=other.headers).status_code == 202
         assert [_finish(s, body) for s in uploads if s is not answered[0]] == [202] * 4
     finally:

@@ -103,6 +103,35 @@ def test_an_error_after_the_case_was_stored_carries_the_key(client_kind: str) ->
     assert failed.value.idempotency_key == "visit-7"
 
 
+@pytest.mark.parametrize("client_kind", ["blocking", "asyncio"])
+def test_a_stored_submission_waits_out_an_outage_and_returns_its_case(client_kind: str) -> None:
+    """The POST stored the case; the long polls that followed met a database blip (503 without
+    Retry-After): the case exists, so submit returns it as last seen, as before, rather than raise
+    once its retries are spent (a caller that submitted again would make a second case)."""
+    polls = 0
+
+    def server(request: httpx.Request) -> httpx.Response:
+        nonlocal polls
+        if request.method == "POST":
+            return httpx.Response(202, json=case_json("queued"))
+        polls += 1
+        return httpx.Response(503, json={"status": 503, "code": "database_busy", "detail": "busy"})
+
+    policy = RetryPolicy(attempts=2, backoff=0.05)
+    transport = httpx.MockTransport(server)
+    if client_kind == "blocking":
+        with Client("http://dermq.test", "dq_key", transport=transport, retry=policy) as dermq:
+            case = dermq.submit(b"image bytes", wait=0.6)
+    else:
+
+        async def flow():  # type: ignore[no-untyped-def]
+            async with AsyncClient("http://dermq.test", "dq_key", transport=transport, retry=policy) as dermq:
+                return await dermq.submit(b"image bytes", wait=0.6)
+
+        case = asyncio.run(flow())
+    assert case.id == CASE_ID and case.status == "queued" and polls > 2
+
+
 def closed_port() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

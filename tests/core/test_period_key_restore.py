@@ -97,3 +97,23 @@ def sealed_result(case_id: uuid.UUID) -> Result:
         device="cpu",
         timings={},
     )
+
+
+def test_a_period_key_folder_that_is_not_there_is_a_keyring_error_not_a_lost_key(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A worker whose key volume is not mounted read every case's key as missing (DecryptionError),
+    and failed each case it took for good; a folder that is not there, or holds no key at all, is
+    the worker's to mend (KeyringError: the case waits). One period's key missing from a folder
+    holding others still does not decrypt."""
+    from core.errors import DecryptionError, KeyringError
+    from core.period_keys import PeriodKeys, kek_id
+
+    keyring = load_keyring(settings)
+    for folder in (tmp_path / "not-mounted", tmp_path / "empty"):
+        if folder.name == "empty":
+            folder.mkdir()
+        with pytest.raises(KeyringError, match="volume mounted"):
+            PeriodKeys(folder, settings).key(keyring, kek_id("2026-11"))
+    holding = PeriodKeys(tmp_path / "holding", settings)
+    holding.ensure("2026-10")
+    with pytest.raises(DecryptionError, match="no key for period 2026-11"):
+        holding.key(keyring, kek_id("2026-11"))
