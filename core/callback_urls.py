@@ -17,6 +17,7 @@ network layer is still recommended as a second wall.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from urllib.parse import urlsplit
 
@@ -118,7 +119,9 @@ def validate_url(url: str, settings: Settings) -> str:
             if host.lower() == "localhost" or host.lower().endswith(INTERNAL_SUFFIXES) or "." not in host:
                 raise _invalid("the callback host must be a public DNS name")
             if not _valid_dns_name(host):
-                raise _invalid("the callback host is not a valid DNS name (labels of 1 to 63 characters)")
+                raise _invalid(
+                    "the callback host is not a valid DNS name (labels of 1 to 63 letters, digits and hyphens)"
+                )
     return url
 
 
@@ -134,8 +137,13 @@ def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
 
 
 def _valid_dns_name(host: str) -> bool:
-    """Labels of 1 to 63 characters, 253 in all: what the resolver (``getaddrinfo``) accepts."""
-    return len(host) <= 253 and all(0 < len(label) <= 63 for label in host.split("."))
+    """A host name: labels of 1 to 63 letters, digits and hyphens (an international name in punycode,
+    as the URL's check asks), not starting or ending with a hyphen, 253 characters in all. The resolver
+    would take more (``%``, ``_``), none of it a name a clinic's server answers to."""
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 def checked_address(host: str, port: int, settings: Settings) -> str:
