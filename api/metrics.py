@@ -99,7 +99,8 @@ class StateCollector(Collector):
                         .group_by(Case.status)
                     ).all()
                 )
-                cutoff = datetime.now(UTC) - timedelta(
+                # by the database's clock, as the claims' started_at (core.case_claims) and the sweeper
+                cutoff = func.now() - timedelta(
                     seconds=self.app.settings.task_time_limit + self.app.settings.running_grace_seconds
                 )
                 stuck = session.scalar(

@@ -32,17 +32,19 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 from sqlalchemy.sql.elements import ColumnElement
 
-from core import audit, cases, prepared
+from core import audit, prepared
 from core.models import Case, CaseStatus, Priority
 
 #: The order in which queued cases are served: urgent first, then oldest.
 QUEUE_ORDER = (sa_case((Case.priority == Priority.URGENT.value, 0), else_=1), Case.created_at)
 
 
-def _start(*where: ColumnElement[bool], at: Any = None) -> ReturningUpdate[Any]:
-    """The UPDATE that moves the cases ``where`` selects to running, counting the attempt; started
-    ``at`` (a bound parameter in a statement built once), by default now."""
-    at = cases.now() if at is None else at
+def _start(*where: ColumnElement[bool]) -> ReturningUpdate[Any]:
+    """The UPDATE that moves the cases ``where`` selects to running, counting the attempt; started now
+    by the database's clock, which the sweeper's overdue test reads too (:mod:`core.recovery`): a
+    worker host whose clock ran minutes behind the sweeper's made its cases look overdue as soon as
+    they were claimed, and they were put back in the queue while they ran."""
+    at = func.now()
     return (
         update(Case)
         .where(*where)
@@ -121,7 +123,7 @@ def claim_batch(
     per_slot = max_pixels // max(limit, 1) if max_pixels is not None else None
     claim, statement = _claim_statement(limit, per_slot, reduce_to, session.get_bind().dialect)
     prepared.ensure(session.connection(), claim)
-    claimed = list(session.scalars(statement, {"case_id": case_id, "now": cases.now()}))
+    claimed = list(session.scalars(statement, {"case_id": case_id}))
     claimed.sort(key=lambda c: c.id != case_id)
     _audit_starts(session, claimed, actor, batch=len(claimed))
     return claimed
@@ -132,8 +134,8 @@ def _claim_statement(
     limit: int, per_slot: int | None, reduce_to: int | None, dialect: Dialect
 ) -> tuple[prepared.Prepared, Any]:
     """:func:`claim_batch`'s one statement for these bounds, built once per process and prepared once
-    per connection (:mod:`core.prepared`), with the case (``case_id``) and the time (``now``) bound per
-    call; and its execution, loading Case objects. Building it (two CTEs, the pixel arithmetic,
+    per connection (:mod:`core.prepared`), with the case (``case_id``) bound per call; and its
+    execution, loading Case objects. Building it (two CTEs, the pixel arithmetic,
     RETURNING every column) took about twice the CPU of executing it, deriving its cache key at each
     execution a fifth, and Postgres's parsing and planning of it about 1 ms of an idle claim's wall
     time. Our case, if still queued and not locked, plus, only if it may have company, the others."""
@@ -155,8 +157,7 @@ def _claim_statement(
         .cte("others")
     )
     chosen = Case.id.in_(union_all(select(mine.c.id), select(others.c.id)))
-    at = bindparam("now", type_=Case.__table__.c.started_at.type)
-    claim = prepared.prepare(_start(chosen, at=at), dialect, [("case_id", "uuid"), ("now", "timestamptz")])
+    claim = prepared.prepare(_start(chosen), dialect, [("case_id", "uuid")])
     return claim, select(Case).from_statement(claim.execute)
 
 

@@ -31,11 +31,11 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import redis
 from celery import Celery
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from core import callbacks, case_states
@@ -213,7 +213,7 @@ def sweep(session: Session, settings: Settings, publisher: Celery, broker: redis
     """One sweep in the caller's transaction; its messages go out when the caller commits (and the
     report's ``republished`` lists fill in then)."""
     report = SweepReport()
-    at = datetime.now(UTC)
+    at: datetime = session.execute(select(func.now())).scalar_one()  # the claims' clock (core.case_claims)
     recover_running(session, settings, publisher, report, at)
     session.flush()
     if report.requeued:

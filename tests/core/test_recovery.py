@@ -199,6 +199,27 @@ def test_a_stale_worker_cannot_store_a_second_result(
         assert session.scalar(select(func.count()).select_from(Result).where(Result.case_id == case_id)) == 1
 
 
+def test_a_case_claimed_on_a_host_whose_clock_runs_behind_is_not_taken_for_overdue(
+    sweeping, own_database: Settings, tenant: Tenant, store_case, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The worker host's clock ten minutes behind the sweeper's: its claims were stamped with it, so
+    each case it took looked overdue at once and was put back in the queue while it ran (its result
+    then thrown away, and after three attempts the case failed ``timeout``). A claim is stamped by the
+    database's clock, which the sweeper reads too."""
+    behind = datetime.now(UTC) - timedelta(minutes=10)
+    monkeypatch.setattr("core.cases.now", lambda: behind)  # the worker host's clock
+    single, batched = store_case(tenant, b"claimed alone"), store_case(tenant, b"claimed in a batch")
+    with session_scope(own_database) as session:
+        assert case_claims.claim_case(session, single) is not None
+        assert case_claims.claim_batch(session, batched, limit=1)
+        database_now = session.execute(select(func.now())).scalar_one()
+    for case_id in (single, batched):
+        assert cases_row(own_database, case_id).started_at == database_now
+    report = sweep(sweeping)
+    assert str(single) not in report.requeued and str(batched) not in report.requeued
+    assert [cases_row(own_database, c).status for c in (single, batched)] == ["running", "running"]
+
+
 def test_a_redelivered_message_for_a_running_case_is_skipped(
     own_database: Settings, tenant: Tenant, store_case
 ) -> None:  # type: ignore[no-untyped-def]
