@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
+from pydantic import BeforeValidator
 from starlette.requests import Request
 
 from core.errors import BadRequest, InvalidInput
+
+
+def _iso_8601(value: object) -> object:
+    """pydantic reads a string of digits as Unix seconds: ``since=20260101`` (ISO 8601's basic form)
+    became 1970-08-23, and a search found nothing, an export an empty file. Digits are read as ISO
+    8601 or refused."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.\d*)?\s*", value):
+        try:
+            return datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError("give a time in ISO 8601 (2026-01-01 or 2026-01-01T10:00:00Z), not a number") from None
+    return value
+
+
+#: a time given in ISO 8601 (``2026-01-01``, ``20260101``, ``2026-01-01T10:00:00+01:00``), never a
+#: number of seconds; with :func:`utc`, in UTC
+ISO_8601 = BeforeValidator(_iso_8601)
 
 
 def utc(value: datetime | None, name: str) -> datetime | None:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from api import fhir
 from api.db import iterate_on_one_thread
 from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
-from api.params import only, utc
+from api.params import ISO_8601, only, utc
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
 from core import audit, audit_verify, clinics, keys
@@ -151,8 +151,8 @@ async def search_events(
     app: State,
     caller: AuthenticatedCaller,
     db: Db,
-    since: Annotated[datetime | None, Query(description="occurred at or after (ISO 8601)")] = None,
-    until: Annotated[datetime | None, Query(description="occurred before (ISO 8601)")] = None,
+    since: Annotated[datetime | None, ISO_8601, Query(description="occurred at or after (ISO 8601)")] = None,
+    until: Annotated[datetime | None, ISO_8601, Query(description="occurred before (ISO 8601)")] = None,
     actor: Annotated[
         str | None, Query(max_length=64, description="the API key that acted: its id or its prefix (dq_0a1b2c3d4e5f)")
     ] = None,
@@ -258,8 +258,10 @@ async def export_events(
     caller: AuthenticatedCaller,
     db: Db,
     format: Annotated[Literal["ndjson", "csv", "fhir"], Query()] = "ndjson",
-    since: Annotated[datetime | None, Query(description="required: occurred at or after (ISO 8601)")] = None,
-    until: Annotated[datetime | None, Query(description=f"required: before; at most {EXPORT_MAX_DAYS} days on")] = None,
+    since: Annotated[datetime | None, ISO_8601, Query(description="required: occurred at or after (ISO 8601)")] = None,
+    until: Annotated[
+        datetime | None, ISO_8601, Query(description=f"required: before; at most {EXPORT_MAX_DAYS} days on")
+    ] = None,
     actor: Annotated[str | None, Query(max_length=64, description="key id or prefix")] = None,
     clinic: Annotated[str | None, Query(max_length=200, description="clinic id or name")] = None,
     case: Annotated[uuid.UUID | None, Query()] = None,

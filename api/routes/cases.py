@@ -18,7 +18,7 @@ from api import metrics
 from api.case_views import case_out, summary
 from api.db import RequestDb
 from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
-from api.params import only, utc
+from api.params import ISO_8601, only, utc
 from api.schemas import (
     CaseOut,
     CasePage,
@@ -333,8 +333,8 @@ async def list_cases(
     request: Request,
     status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
     priority: Annotated[Priority | None, Query(description="only cases of this priority")] = None,
-    since: Annotated[datetime | None, Query(description="created at or after (ISO 8601)")] = None,
-    until: Annotated[datetime | None, Query(description="created before (ISO 8601)")] = None,
+    since: Annotated[datetime | None, ISO_8601, Query(description="created at or after (ISO 8601)")] = None,
+    until: Annotated[datetime | None, ISO_8601, Query(description="created before (ISO 8601)")] = None,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
     limit_: Annotated[int | None, Query(alias="limit", ge=1, le=200)] = None,
 ) -> CasePage:
