@@ -36,9 +36,16 @@ class PurgeReport:
         return {"purged": len(self.purged)}
 
 
+#: what an erased case keeps in place of its image's SHA-256
+ERASED_DIGEST = "0" * 64
+
+
 def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str, action: str = "case.purge") -> None:
     """Crypto-shred one case's patient data now and mark it purged (audited as ``action``, with ``reason``)."""
     case.plain_client_ref = None  # a reference stored before it was sealed (core.phi)
+    # the upload's SHA-256 finds the case from a copy of the photo, in any backup, for good; only an
+    # idempotent replay compares it, and a purged case's replay is refused before that (core.cases)
+    case.image_sha256 = ERASED_DIGEST
     # Rows stored before their findings were sealed first: the sweeper may be sealing them right now,
     # holding their locks with its new blobs not yet committed. These statements wait for it, and the
     # blobs' delete below, a statement that starts after it committed, then sees those blobs too.

@@ -45,6 +45,8 @@ def test_clinic_erasure(client, worker, tenant, fixture_images, settings) -> Non
     assert erased.status_code == 200 and erased.json()["status"] == "purged"
     assert erased.json()["result"] is None
     assert blobs(settings, case_id) == 0
+    with session_scope(settings) as session:  # nor a fingerprint that finds the case from a copy of the photo
+        assert session.get(Case, uuid.UUID(case_id)).image_sha256 == "0" * 64
     again = client.delete(f"/v1/cases/{case_id}", headers=tenant.headers)
     assert again.status_code == 200 and again.json()["status"] == "purged"
     body = client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()
