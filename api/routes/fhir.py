@@ -25,6 +25,9 @@ router = APIRouter(prefix="/v1/cases", tags=["cases"])
 def fhir_view(session: Session, keyring: Keyring, caller: Any, case_id: uuid.UUID) -> dict[str, Any]:
     """The case's Bundle; the read is audited as ``case.read`` with ``{"format": "fhir"}``."""
     case = owned_case(session, caller.principal, case_id, "case.read")
+    result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
+    if case.status == CaseStatus.SUCCEEDED and result is None:
+        session.refresh(case)  # erased between the two reads: the case says so now
     if case.status == CaseStatus.PURGED:
         raise Gone(
             "this case's result was erased with its images (retention or deletion)",
@@ -33,7 +36,14 @@ def fhir_view(session: Session, keyring: Keyring, caller: Any, case_id: uuid.UUI
                 "case.read", audit.FAILURE, "case", str(case_id), {"format": "fhir", "reason": "purged"}
             ),
         )
-    result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
+    if case.status == CaseStatus.FAILED:  # it never will have a report: "not finished" kept clients polling
+        raise Conflict(
+            f"the case failed ({case.failure_code}) and has no report; submit the image again",
+            code="case_failed",
+            audit=audit.PendingEvent(
+                "case.read", audit.FAILURE, "case", str(case_id), {"format": "fhir", "reason": "failed"}
+            ),
+        )
     if result is None:
         raise Conflict(
             f"the case is {case.status}; a FHIR report exists only once it has succeeded",

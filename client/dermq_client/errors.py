@@ -71,7 +71,7 @@ class RequestTimeout(DermqError):
 
 
 class Conflict(DermqError):
-    """409: ``idempotency_key_reused`` or ``case_not_finished``."""
+    """409: ``idempotency_key_reused``, ``case_not_finished`` or ``case_failed``."""
 
 
 class Gone(DermqError):
