@@ -42,17 +42,24 @@ def _verifiers(settings: Settings, given: Sequence[checkpoint.Verifier]) -> tupl
 
 def latest_checkpoint(settings: Settings, verifiers: Sequence[checkpoint.Verifier] = ()) -> dict[str, Any] | None:
     """The latest signed checkpoint, its signature checked (:class:`checkpoint.CheckpointError` if no
-    verifier key verifies it), and the key that did."""
+    verifier key verifies it, or if the row's size and root are not its note's), and the key that
+    did. The size, root and time shown are the signed note's: the row's columns are the services'
+    login's to write, and one holding an older genuine note beside a size of its choosing was
+    printed as verified."""
     known = _verifiers(settings, verifiers)
     with session_scope(settings) as session:
         stored = audit_log.latest_checkpoint(session)
     if stored is None:
         return None
-    _, signer = checkpoint.verified(stored.note, known)
+    signed, signer = checkpoint.verified(stored.note, known)
+    if (signed.size, signed.root) != (stored.size, stored.root):
+        raise checkpoint.CheckpointError(
+            f"the latest checkpoint row (size {stored.size}) differs from its signed note (size {signed.size})"
+        )
     return {
-        "size": stored.size,
-        "root": audit_log.root_b64(stored.root),
-        "signed_at": stored.signed_at.isoformat(),
+        "size": signed.size,
+        "root": audit_log.root_b64(signed.root),
+        "signed_at": signed.time.isoformat(),
         "checkpoint": stored.note,
         "verifier_key": signer.encode(),
     }

@@ -300,9 +300,12 @@ def verify_against(
     to any other signed checkpoint.
     """
     pinned = parse(note, list(verifiers))
-    roots, _ = trusted_roots(session, verifiers, witness_text)
+    roots, problem = trusted_roots(session, verifiers, witness_text)
     roots.setdefault(pinned.size, []).append(pinned.root)
-    return pinned, _with_skipped(session, walk(session, roots, require_size=pinned.size, every=every))
+    report = _with_skipped(session, walk(session, roots, require_size=pinned.size, every=every))
+    if report.ok and problem:  # a stored checkpoint unsigned or unlike its note: as `verify` says too
+        report.ok, report.reason = False, problem
+    return pinned, report
 
 
 def report_row(session: Session, report: LogReport) -> None:

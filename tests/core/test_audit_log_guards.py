@@ -185,3 +185,28 @@ def test_the_sealer_signs_nothing_over_a_checkpoint_row_its_note_does_not_vouch_
     refused = "differs from its signed note" if forgery == "older-note" else "holds 3 events and no signed checkpoint"
     with pytest.raises(audit_log.TamperedLog, match=refused):
         support.seal_all(runtime)
+
+
+def test_a_checkpoint_row_its_note_does_not_vouch_for_is_never_shown_as_verified(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """The services' login inserts a latest checkpoint row holding an older genuine note beside a size
+    and root of its choosing: `dermq audit checkpoint --json` printed that size and root as verified,
+    and `audit verify --against` passed where `audit verify` failed."""
+    from core import audit_commands
+
+    keys = checkpoint.load_signing_keys(settings)
+    runtime = roles_db["runtime"]
+    record_and_seal(runtime, keys, 3)
+    with session_scope(runtime) as session:
+        pinned = session.scalar(text("SELECT note FROM audit_checkpoints WHERE size = 3"))
+        older = session.scalar(text("SELECT note FROM audit_checkpoints WHERE size = 1"))
+    assert audit_commands.latest_checkpoint(runtime, keys.verifiers)["size"] == 3  # type: ignore[index]
+    with session_scope(runtime) as session:
+        session.execute(
+            text("INSERT INTO audit_checkpoints (size, root, signed_at, note) VALUES (99, :root, now(), :note)"),
+            {"root": bytes(32), "note": older},
+        )
+    with pytest.raises(checkpoint.CheckpointError, match="differs from its signed note"):
+        audit_commands.latest_checkpoint(runtime, keys.verifiers)
+    with session_scope(runtime) as session:
+        _, report = audit_verify.verify_against(session, pinned, keys.verifiers)
+    assert not report.ok and "differs from its signed note" in (report.reason or "")
