@@ -8,8 +8,11 @@ function facts(list, rows) {
   list.replaceChildren(...rows.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", {}, value)]));
 }
 
-async function showVerification(status, list) {
+let chainAsked = 0; // only the latest load may fill the panel: a key changed or forgotten meanwhile ends the others
+
+async function showVerification(status, list, asked) {
   const { body } = await getJson("/v1/audit-events/verify");
+  if (asked !== chainAsked) return; // asked with a key no longer in use
   if (body.ok === null) {
     status.dataset.ok = "unknown";
     announce(status, "Not verified yet: the periodic check has not run.");
@@ -30,9 +33,10 @@ async function showVerification(status, list) {
   ]);
 }
 
-async function showCheckpoint(status, list, note) {
+async function showCheckpoint(status, list, note, asked) {
   try {
     const { body } = await getJson("/v1/audit/checkpoints/latest");
+    if (asked !== chainAsked) return;
     status.dataset.size = String(body.size);
     announce(status, `Signed checkpoint of ${body.size} events.`);
     facts(list, [
@@ -44,6 +48,7 @@ async function showCheckpoint(status, list, note) {
     note.hidden = false;
   } catch (error) {
     if (error.code !== "no_checkpoint") throw error;
+    if (asked !== chainAsked) return;
     delete status.dataset.size;
     announce(status, "No checkpoint yet: the sealer has not sealed any event.");
     list.replaceChildren();
@@ -54,13 +59,15 @@ async function showCheckpoint(status, list, note) {
 /** Load both into the chain panel; a problem goes to `elements.problem`. */
 export async function loadChain(elements) {
   const { verifyStatus, verifyFacts, checkpointStatus, checkpointFacts, checkpointNote, problem } = elements;
+  const asked = ++chainAsked;
   showProblem(problem, null);
   announce(verifyStatus, "Loading…");
   announce(checkpointStatus, "Loading…");
   const results = await Promise.allSettled([
-    showVerification(verifyStatus, verifyFacts),
-    showCheckpoint(checkpointStatus, checkpointFacts, checkpointNote),
+    showVerification(verifyStatus, verifyFacts, asked),
+    showCheckpoint(checkpointStatus, checkpointFacts, checkpointNote, asked),
   ]);
+  if (asked !== chainAsked) return;
   const failed = results.find((result) => result.status === "rejected");
   if (failed) {
     if (results[0].status === "rejected") announce(verifyStatus, "Could not be read.");
@@ -70,6 +77,7 @@ export async function loadChain(elements) {
 }
 
 export function clearChain(elements) {
+  chainAsked += 1; // a load still on its way shows nothing now
   announce(elements.verifyStatus, "Set a key to see it.");
   elements.verifyStatus.dataset.ok = "unknown";
   announce(elements.checkpointStatus, "Set a key to see it.");
