@@ -86,16 +86,32 @@ async def inclusion_proof(
             raise BadRequest(f"the log has {latest.size} sealed events; ask for a size up to that", code="invalid_size")
         row = session.get(AuditEvent, event)
         scope = caller.principal.clinic_id
+        asked = {"kind": "inclusion", "event": event, "size": tree_size}
         if row is None or (scope is not None and row.clinic_id != scope):
-            raise NotFound("no such event", code="not_found")
+            # a clinic's auditor walking other clinics' event ids leaves a trace, under both clinics
+            raise NotFound(
+                "no such event",
+                code="not_found",
+                audit=audit.PendingEvent(
+                    "audit.proof",
+                    audit.DENIED,
+                    "audit",
+                    detail=asked | {"reason": "not_found"},
+                    also_clinic_id=row.clinic_id if row is not None else None,
+                ),
+            )
         try:
             index, leaf, path = audit_log.inclusion_proof(session, event, tree_size)
         except LookupError:
-            raise NotFound("the event is not sealed into a tree of that size yet", code="not_sealed") from None
+            raise NotFound(
+                "the event is not sealed into a tree of that size yet",
+                code="not_sealed",
+                audit=audit.PendingEvent(
+                    "audit.proof", audit.FAILURE, "audit", detail=asked | {"reason": "not_sealed"}
+                ),
+            ) from None
         root = audit_log.StoredTree(session).root(tree_size)
-        record_auditor_access(
-            session, caller, "audit.proof", {"kind": "inclusion", "event": event, "size": tree_size}, clinic_id=scope
-        )
+        record_auditor_access(session, caller, "audit.proof", asked, clinic_id=scope)
         return InclusionProofOut(
             event_id=event,
             leaf_index=index,
