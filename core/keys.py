@@ -117,11 +117,11 @@ def authenticate(session: Session, keyring: Keyring, token: str | None) -> Princ
         raise NoSuchKey("the API key is not valid", code="invalid_credentials")
     key, clinic_active = row
     if not hmac.compare_digest(key.secret_hash, _digest(keyring, token)):
-        raise Unauthorized("the API key is not valid", code="invalid_credentials")
+        raise _refused("invalid_credentials", key)
     if key.revoked_at is not None:
-        raise _refused("revoked_credentials")
+        raise _refused("revoked_credentials", key)
     if key.clinic_id is not None and clinic_active is False:
-        raise _refused("clinic_inactive")
+        raise _refused("clinic_inactive", key)
     return Principal(key.id, Role(key.role), key.clinic_id)
 
 
@@ -132,8 +132,15 @@ _REFUSALS = {
 }
 
 
-def _refused(reason: str) -> Unauthorized:
-    return Unauthorized(_REFUSALS[reason], code=reason)
+def _refused(reason: str, key: ApiKey | None = None) -> Unauthorized:
+    """The refusal; for a key that exists (a wrong secret, revoked, its clinic deactivated), its
+    ``auth.denied`` event names the key and is filed under its clinic too: a leaked key still in use
+    after its revocation was recorded with neither, and its clinic's auditors never saw it."""
+    pending = None
+    if key is not None:
+        detail = {"reason": reason, "key_id": str(key.id), "key_prefix": f"dq_{key.prefix}"}
+        pending = audit.PendingEvent("auth.denied", audit.DENIED, "api_key", str(key.id), detail, key.clinic_id)
+    return Unauthorized(_REFUSALS[reason], code=reason, audit=pending)
 
 
 def require_still_valid(session: Session, key_id: uuid.UUID) -> None:

@@ -131,3 +131,20 @@ def test_cli_matches_the_api(settings) -> None:  # type: ignore[no-untyped-def]
     assert hidden.returncode == 2 and "invalid_key_label" in hidden.stderr
     failed = run("key", "create", "--clinic", "no-such-clinic")
     assert failed.returncode == 2 and "no such clinic" in failed.stderr
+
+
+def test_a_revoked_key_still_in_use_is_seen_by_its_clinics_auditors(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
+    """A leaked key, revoked, that the thief keeps using (or a wrong secret on its prefix): each
+    attempt was recorded with no key and no clinic, so the clinic's own auditors never saw them."""
+    clinic, admin = make_key(), make_key("admin")
+    assert client.post(f"/v1/admin/keys/{clinic.key_id}/revoke", headers=admin.headers).status_code == 200
+    wrong_secret = clinic.token[: -len("x" * 10)] + "x" * 10
+    for token in (clinic.token, wrong_secret):
+        assert client.get("/v1/cases", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    with session_scope(settings) as session:
+        filed = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "auth.denied", AuditEvent.clinic_id == clinic.clinic_id)
+        ).all()
+    assert sorted(e.detail["reason"] for e in filed) == ["invalid_credentials", "revoked_credentials"]
+    assert all(e.detail["key_id"] == str(clinic.key_id) and e.entity_id == str(clinic.key_id) for e in filed)
+    assert all(e.detail["key_prefix"] == "dq_" + clinic.token.split("_")[1] for e in filed)
