@@ -95,4 +95,15 @@ def erase_case(session: Session, *, principal: Principal, actor: audit.Actor, ca
     case = cases.owned_case(session, principal, case_id, "case.delete", for_update=True)
     if case.status != CaseStatus.PURGED:
         purge_case(session, case, actor=actor, reason="clinic_request", action="case.delete")
+    else:  # a request to erase is on record even when there was nothing left to erase
+        audit.record(
+            session,
+            action="case.delete",
+            outcome=audit.SUCCESS,
+            actor=actor,
+            entity_type="case",
+            entity_id=case.id,
+            clinic_id=case.clinic_id,
+            detail={"reason": "clinic_request", "already": True},
+        )
     return case
