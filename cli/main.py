@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from cli.api_keys import key
 from cli.audit import audit
+from cli.cases import case
 from cli.clinics import clinic
 from cli.db import db
 from cli.demo import demo
@@ -32,7 +33,7 @@ def dermq() -> None:
     """dermq operator commands"""
 
 
-for command in (db, keys, clinic, key, audit, model, drift, demo, monitor):
+for command in (db, keys, clinic, key, case, audit, model, drift, demo, monitor):
     dermq.add_command(command)
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from core import announcements, audit, cases, results
 from core.config import Settings
+from core.errors import NotFound
 from core.keys import Principal
 from core.models import Case, CaseStatus, ConfirmedOutcome
 
@@ -93,17 +94,34 @@ def purge_expired(session: Session, settings: Settings, *, now: datetime | None 
 def erase_case(session: Session, *, principal: Principal, actor: audit.Actor, case_id: uuid.UUID) -> Case:
     """The clinic's erasure request: shred the case's patient data now, whatever its state. Idempotent."""
     case = cases.owned_case(session, principal, case_id, "case.delete", for_update=True)
-    if case.status != CaseStatus.PURGED:
-        purge_case(session, case, actor=actor, reason="clinic_request", action="case.delete")
-    else:  # a request to erase is on record even when there was nothing left to erase
-        audit.record(
-            session,
-            action="case.delete",
-            outcome=audit.SUCCESS,
-            actor=actor,
-            entity_type="case",
-            entity_id=case.id,
-            clinic_id=case.clinic_id,
-            detail={"reason": "clinic_request", "already": True},
-        )
+    _erase(session, case, actor, "clinic_request")
     return case
+
+
+def erase_by_operator(session: Session, case_id: uuid.UUID, *, actor: audit.Actor) -> tuple[Case, bool]:
+    """An operator's erasure of one case (``dermq case erase``), for a patient whose clinic cannot ask
+    any more (its keys revoked, the clinic deactivated): the case locked, shredded as the clinic's
+    request would (audited ``case.delete``, reason ``operator_request``). Returns the case and whether
+    there was anything left to erase; :class:`NotFound` for no such case."""
+    case = session.scalar(select(Case).where(Case.id == case_id).with_for_update())
+    if case is None:
+        raise NotFound("no such case", code="case_not_found")
+    return case, _erase(session, case, actor, "operator_request")
+
+
+def _erase(session: Session, case: Case, actor: audit.Actor, reason: str) -> bool:
+    if case.status != CaseStatus.PURGED:
+        purge_case(session, case, actor=actor, reason=reason, action="case.delete")
+        return True
+    # a request to erase is on record even when there was nothing left to erase
+    audit.record(
+        session,
+        action="case.delete",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="case",
+        entity_id=case.id,
+        clinic_id=case.clinic_id,
+        detail={"reason": reason, "already": True},
+    )
+    return False

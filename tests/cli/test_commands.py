@@ -41,6 +41,8 @@ COMMANDS = {
     "key create": {"clinic", "role", "label", "as_json"},
     "key list": {"clinic", "as_json"},
     "key revoke": {"key_ref"},
+    "case erase": {"case_id", "yes"},
+    "case purge-expired": set(),
     "audit verify": {"against", "every", "verifiers", "as_json"},
     "audit checkpoint": {"verifiers", "as_json"},
     "model list": {"as_json"},
@@ -102,7 +104,7 @@ def test_help_is_light_and_lists_every_group() -> None:
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
     helped = subprocess.run([*support.DERMQ, "--help"], capture_output=True, text=True, cwd=support.ROOT)
     assert helped.returncode == 0 and helped.stdout.startswith("Usage: dermq ")
-    for group in ("db", "keys", "clinic", "key", "audit", "model", "drift", "demo", "monitor"):
+    for group in ("db", "keys", "clinic", "key", "case", "audit", "model", "drift", "demo", "monitor"):
         assert f"\n  {group} " in helped.stdout, group
 
 

@@ -1,0 +1,55 @@
+"""``dermq case``: an operator's erasure of one case, and retention run now (each erasure audited)."""
+
+from __future__ import annotations
+
+import uuid
+
+import click
+
+from cli.common import CLI_ACTOR
+from core import retention
+from core.config import get_settings
+from core.db import session_scope
+
+
+@click.group(help="cases: erase one, or purge the expired now")
+def case() -> None:
+    pass
+
+
+@case.command("erase", help="crypto-shred one case's patient data now, as its clinic's DELETE would (audited)")
+@click.argument("case_id", type=click.UUID)
+@click.option("--yes", is_flag=True, help="do not ask for the case id back (scripts)")
+def erase(case_id: uuid.UUID, yes: bool) -> int:
+    """For a patient whose clinic can no longer ask: its keys revoked, the clinic deactivated."""
+    if not yes:
+        click.echo(
+            f"case {case_id}: its image, heat map, client reference, result and confirmed outcome are "
+            "crypto-shredded. This cannot be undone.",
+            err=True,
+        )
+        try:
+            answer = click.prompt("type the case id to erase it", default="", show_default=False, err=True)
+        except click.Abort:  # the input ended without an answer
+            answer = ""
+        if str(answer).strip().lower() != str(case_id):
+            click.echo("not confirmed: the case is left as it was (--yes erases without asking)", err=True)
+            return 1
+    with session_scope(get_settings()) as session:
+        _, erased = retention.erase_by_operator(session, case_id, actor=CLI_ACTOR)
+    click.echo(f"case {case_id} {'erased' if erased else 'was already erased (recorded again)'}")
+    return 0
+
+
+@case.command("purge-expired", help="crypto-shred every case past DERMQ_RETENTION_DAYS now, as beat's purge does")
+def purge_expired() -> int:
+    settings = get_settings()
+    purged = 0
+    while True:
+        with session_scope(settings) as session:
+            batch = len(retention.purge_expired(session, settings).purged)
+        purged += batch
+        if batch < retention.BATCH:
+            break
+    click.echo(f"purged {purged} expired case(s)")
+    return 0

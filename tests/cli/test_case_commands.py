@@ -1,0 +1,43 @@
+"""``dermq case erase``: an operator erases one case for a patient whose clinic can no longer ask (its
+keys revoked, the clinic deactivated; before, the only tools were reactivating the clinic or
+destroying a whole month's key), after the case id is typed back; audited like a clinic's erasure."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from core.db import session_scope
+from core.models import AuditEvent, Case, CaseBlob
+from tests.cli.test_commands import run
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def test_an_operator_erases_a_case_once_its_id_is_typed_back(settings, tenant, store_case, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    case_id = store_case(tenant, jpeg_bytes)
+    refused = run(settings, "case", "erase", str(case_id), answer="yes\n")
+    assert refused.returncode == 1 and "not confirmed" in refused.stderr and "cannot be undone" in refused.stderr
+    with session_scope(settings) as session:
+        assert session.get(Case, case_id).status == "queued"  # type: ignore[union-attr]
+    erased = run(settings, "case", "erase", str(case_id), answer=f"{case_id}\n")
+    assert erased.returncode == 0 and "erased" in erased.stdout, erased.stderr
+    again = run(settings, "case", "erase", str(case_id), "--yes")
+    assert again.returncode == 0 and "already erased" in again.stdout
+    with session_scope(settings) as session:
+        case = session.get(Case, case_id)
+        assert case is not None and case.status == "purged" and case.image_sha256 == "0" * 64
+        assert session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.case_id == case_id)) == 0
+        events = session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.entity_id == str(case_id), AuditEvent.action == "case.delete")
+            .order_by(AuditEvent.id)
+        ).all()
+    assert [(e.actor_type, e.detail.get("reason"), e.detail.get("already")) for e in events] == [
+        ("cli", "operator_request", None),
+        ("cli", "operator_request", True),
+    ]
+    unknown = run(settings, "case", "erase", str(uuid.uuid4()), "--yes")
+    assert unknown.returncode == 2 and "case_not_found" in unknown.stderr and "Traceback" not in unknown.stderr
