@@ -120,7 +120,8 @@ def validate_url(url: str, settings: Settings) -> str:
                 raise _invalid("the callback host must be a public DNS name")
             if not _valid_dns_name(host):
                 raise _invalid(
-                    "the callback host is not a valid DNS name (labels of 1 to 63 letters, digits and hyphens)"
+                    "the callback host is not a valid DNS name "
+                    "(labels of 1 to 63 letters, digits, hyphens and underscores)"
                 )
     return url
 
@@ -137,13 +138,14 @@ def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
 
 
 def _valid_dns_name(host: str) -> bool:
-    """A host name: labels of 1 to 63 letters, digits and hyphens (an international name in punycode,
-    as the URL's check asks), not starting or ending with a hyphen, 253 characters in all. The resolver
-    would take more (``%``, ``_``), none of it a name a clinic's server answers to."""
+    """A host name: labels of 1 to 63 letters, digits, hyphens and underscores (an international name in
+    punycode, as the URL's check asks; an underscore is not a host name's, but DNS serves it and URLs
+    registered before this check may hold one), not starting or ending with a hyphen, 253 characters
+    in all. The resolver would take more (``%``, a NUL), none of it a name a server answers to."""
     return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
 
 
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
 def checked_address(host: str, port: int, settings: Settings) -> str:

@@ -31,7 +31,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import redis
 from celery import Celery
@@ -116,8 +116,10 @@ def broker_case_ids(client: redis.Redis) -> set[str]:
     return found
 
 
-def recover_running(session: Session, settings: Settings, publisher: Celery, report: SweepReport, at: datetime) -> None:
-    cutoff = at - timedelta(seconds=settings.task_time_limit + settings.running_grace_seconds)
+def recover_running(session: Session, settings: Settings, publisher: Celery, report: SweepReport) -> None:
+    # by the database's clock, as claims stamp started_at (core.case_claims): a worker host whose clock
+    # ran behind this one's made every case it claimed look overdue at once
+    cutoff = func.now() - timedelta(seconds=settings.task_time_limit + settings.running_grace_seconds)
     stuck = session.scalars(
         select(Case)
         .where(Case.status == CaseStatus.RUNNING.value, Case.started_at < cutoff)
@@ -213,8 +215,8 @@ def sweep(session: Session, settings: Settings, publisher: Celery, broker: redis
     """One sweep in the caller's transaction; its messages go out when the caller commits (and the
     report's ``republished`` lists fill in then)."""
     report = SweepReport()
-    at: datetime = session.execute(select(func.now())).scalar_one()  # the claims' clock (core.case_claims)
-    recover_running(session, settings, publisher, report, at)
+    at = datetime.now(UTC)  # what the cutoffs below compare with is stamped by the hosts' clocks
+    recover_running(session, settings, publisher, report)
     session.flush()
     if report.requeued:
         # Published after this commit rather than after another grace period, and without asking the

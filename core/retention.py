@@ -113,7 +113,9 @@ def _erase(session: Session, case: Case, actor: audit.Actor, reason: str) -> boo
     if case.status != CaseStatus.PURGED:
         purge_case(session, case, actor=actor, reason=reason, action="case.delete")
         return True
-    # a request to erase is on record even when there was nothing left to erase
+    # a request to erase is on record even when there was nothing left to erase (a case purged before
+    # erasure overwrote the upload's SHA-256 has it overwritten now: migration 0016 does the others)
+    case.image_sha256 = ERASED_DIGEST
     audit.record(
         session,
         action="case.delete",
