@@ -58,6 +58,10 @@ def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str,
     case.status = CaseStatus.PURGED.value
     case.purged_at = case.updated_at = datetime.now(UTC)
     session.flush()
+    _record(session, case, actor, action, {"reason": reason, "blobs": blobs})
+
+
+def _record(session: Session, case: Case, actor: audit.Actor, action: str, detail: dict[str, object]) -> None:
     audit.record(
         session,
         action=action,
@@ -66,7 +70,7 @@ def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str,
         entity_type="case",
         entity_id=case.id,
         clinic_id=case.clinic_id,
-        detail={"reason": reason, "blobs": blobs},
+        detail=detail,
     )
 
 
@@ -113,17 +117,7 @@ def _erase(session: Session, case: Case, actor: audit.Actor, reason: str) -> boo
     if case.status != CaseStatus.PURGED:
         purge_case(session, case, actor=actor, reason=reason, action="case.delete")
         return True
-    # a request to erase is on record even when there was nothing left to erase (a case purged before
-    # erasure overwrote the upload's SHA-256 has it overwritten now: migration 0016 does the others)
-    case.image_sha256 = ERASED_DIGEST
-    audit.record(
-        session,
-        action="case.delete",
-        outcome=audit.SUCCESS,
-        actor=actor,
-        entity_type="case",
-        entity_id=case.id,
-        clinic_id=case.clinic_id,
-        detail={"reason": reason, "already": True},
-    )
+    # a request to erase is on record even when there was nothing left to erase (migration 0016
+    # overwrote the upload's SHA-256 of the cases purged before erasure did)
+    _record(session, case, actor, "case.delete", {"reason": reason, "already": True})
     return False
