@@ -343,10 +343,9 @@ class Predictor:
         """Decisions for ``logits``; with the uint8 model input ``pixels`` and its feature map, the gate too.
         :class:`NonFiniteOutput` if a row of logits is not all finite numbers: every test of the rule and
         the gate is false for NaN, which would read as a confident diagnosis no gate flags."""
-        if not np.isfinite(logits).all():
-            raise NonFiniteOutput(
-                f"the model gave non-finite scores for {int((~np.isfinite(logits).all(axis=1)).sum())} image(s)"
-            )
+        finite = np.isfinite(logits).all(axis=1)
+        if not finite.all():
+            raise NonFiniteOutput(f"the model gave non-finite scores for {int((~finite).sum())} image(s)")
         gated: list[tuple[str, ...]] = [() for _ in range(len(logits))]
         if self.gate is not None and pixels is not None and fmap is not None:
             gated = self.gate.reasons(self.gate.scores(pixels, logits, ood.pooled(fmap)))
