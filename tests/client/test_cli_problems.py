@@ -5,42 +5,27 @@ never a traceback. A tiny local web site (an HTML page on every path) stands in 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from dermq_client.cli import main
 
+from tests.local_site import QuietHandler, serving
+
 CASE_ID = "00000000-0000-4000-8000-000000000000"
 
 
-class WebSite(BaseHTTPRequestHandler):
+class WebSite(QuietHandler):
     def _page(self) -> None:
-        page = b"<!doctype html><title>Example clinic</title><p>Welcome</p>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
+        self.answer(200, "text/html; charset=utf-8", b"<!doctype html><title>Example clinic</title><p>Welcome</p>")
 
     do_GET = do_POST = do_DELETE = _page
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
 def web_site() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), WebSite)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(WebSite) as base:
+        yield base
 
 
 @pytest.fixture(autouse=True)

@@ -10,13 +10,13 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from dermq_client import AsyncClient, Client, ConnectionFailed, RequestTimeout, RetryPolicy, UnexpectedResponse
 
 from tests.client.test_requests import CASE_ID, case_json
+from tests.local_site import QuietHandler, serving
 
 
 @pytest.mark.parametrize("client_kind", ["blocking", "asyncio"])
@@ -119,34 +119,22 @@ def test_limits_bound_the_connections_a_client_holds() -> None:
     with ConnectionFailed (PoolTimeout) once the pool's timeout passes."""
     release = threading.Event()
 
-    class Slow(BaseHTTPRequestHandler):
+    class Slow(QuietHandler):
         def do_GET(self) -> None:
             release.wait(10)
-            body = json.dumps(case_json()).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(200, "application/json", json.dumps(case_json()).encode())
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     timeout = httpx.Timeout(10, pool=0.3)
     limits = httpx.Limits(max_connections=1)
-    url, once = f"http://127.0.0.1:{server.server_address[1]}", RetryPolicy(attempts=1)
-    dermq = Client(url, "dq_key", timeout=timeout, limits=limits, retry=once)
-    first = threading.Thread(target=dermq.get, args=(CASE_ID,))
-    try:
-        first.start()
-        time.sleep(0.2)  # the first call holds the one connection
-        with pytest.raises(ConnectionFailed, match="PoolTimeout"):
-            dermq.get(CASE_ID)
-    finally:
-        release.set()
-        first.join(10)
-        dermq.close()
-        server.shutdown()
-        server.server_close()
+    with serving(Slow) as url:
+        dermq = Client(url, "dq_key", timeout=timeout, limits=limits, retry=RetryPolicy(attempts=1))
+        first = threading.Thread(target=dermq.get, args=(CASE_ID,))
+        try:
+            first.start()
+            time.sleep(0.2)  # the first call holds the one connection
+            with pytest.raises(ConnectionFailed, match="PoolTimeout"):
+                dermq.get(CASE_ID)
+        finally:
+            release.set()
+            first.join(10)
+            dermq.close()

@@ -10,43 +10,27 @@ import logging
 import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from core.logs import JsonFormatter
+from tests.local_site import QuietHandler, serving
 
 RUNBOOK = (Path(__file__).resolve().parents[2] / "deploy" / "RUNBOOK.md").read_text()
 NOT_READY = {"status": "not_ready", "checks": {"database": "unavailable", "redis": "ok"}}
 
 
-class NotReady(BaseHTTPRequestHandler):
+class NotReady(QuietHandler):
     def do_GET(self) -> None:
-        body = json.dumps(NOT_READY).encode()
-        self.send_response(503)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        self.answer(503, "application/json", json.dumps(NOT_READY).encode())
 
 
 @pytest.fixture
 def not_ready_api() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotReady)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(NotReady) as base:
+        yield int(base.rsplit(":", 1)[1])
 
 
 def test_the_readiness_one_liner_prints_a_503_and_what_is_down(not_ready_api: int) -> None:
