@@ -78,8 +78,10 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
     for m in measured:
         assert m.group(1) == ("cuda" if gpu else "cpu")
         assert float(m.group(3)) > 0 and float(m.group(4)) > 0
-        # images/s is the batch over the p50 per batch
-        assert abs(float(m.group(3)) - int(m.group(2)) / (float(m.group(4)) / 1000)) / float(m.group(3)) < 0.05
+        # images/s is the batch over the p50 per batch, within 5% and the 0.05 that printing it to one
+        # decimal may take off (a loaded run printed 0.7 for 1/1.3411 s = 0.746: 6.5% by rounding alone)
+        printed, exact = float(m.group(3)), int(m.group(2)) / (float(m.group(4)) / 1000)
+        assert abs(printed - exact) < 0.05 * printed + 0.05, (printed, exact)
 
     # a worker's model work for one case: classification and heat map, on the same device
     heat = [m for m in map(HEAT_MAP.match, rows) if m]
