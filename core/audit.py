@@ -152,9 +152,12 @@ def leaf_bytes(event: AuditEvent) -> bytes:
 #: The columns of :func:`_content` for an ``audit_events`` row aliased ``e``, rendered by Postgres as
 #: text exactly as :func:`_content` renders them (UUIDs lower-case with hyphens, UTC ISO 8601 with
 #: microseconds, ``detail`` as JSON): the sealer and the verifier read thousands of rows a second
-#: this way, without building ORM objects (tests check both paths give the same leaf).
+#: this way, without building ORM objects (tests check both paths give the same leaf). ``to_char``
+#: prints a year BC without its sign, so a time moved back to the same date BC is marked (Python
+#: cannot hold such a time: no genuine event has one), or its leaf would not change.
 LEAF_COLUMNS_SQL = """e.id,
-    to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00',
+    to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US')
+        || CASE WHEN e.occurred_at < '0001-01-01 00:00:00+00' THEN ' BC' ELSE '' END || '+00:00',
     e.action, e.outcome, e.actor_type, e.actor_key_id::text, e.actor_role, e.clinic_id::text,
     e.source_ip, e.user_agent, e.request_id, e.entity_type, e.entity_id, coalesce(e.detail, '{}')::text"""
 _LEAF_FIELDS = (

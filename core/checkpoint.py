@@ -158,13 +158,13 @@ def parse(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> Checkp
     return verified(note, verifiers)[0]
 
 
-def verified(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> tuple[Checkpoint, Verifier]:
-    """:func:`parse`, and which of ``verifiers`` signed the note."""
-    body, sep, signatures = note.partition("\n\n")
+def unverified(note: str) -> Checkpoint:
+    """What a signed note says (origin, size, root, time), its signatures not checked: for a server
+    that holds no verifier key and hands the note on to be checked by whoever relies on it."""
+    body, sep, _ = note.partition("\n\n")
     if not sep or not body:
         raise MalformedCheckpoint("not a signed note: no blank line between the text and its signatures")
-    body += "\n"
-    lines = body.splitlines()
+    lines = (body + "\n").splitlines()
     if len(lines) < 3:
         raise MalformedCheckpoint("a checkpoint has an origin, a tree size and a root hash")
     try:
@@ -176,6 +176,14 @@ def verified(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> tup
         raise MalformedCheckpoint("the tree size or the root hash is malformed")
     stamp = next((line[5:] for line in lines[3:] if line.startswith("time ")), None)
     when = _parse_time(stamp) if stamp else datetime.fromtimestamp(0, UTC)
+    return Checkpoint(lines[0], size, root, when)
+
+
+def verified(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> tuple[Checkpoint, Verifier]:
+    """:func:`parse`, and which of ``verifiers`` signed the note."""
+    says = unverified(note)
+    body, _, signatures = note.partition("\n\n")
+    body += "\n"
     by_id = {(v.name, v.id): v for v in verifiers}
     for line in signatures.splitlines():
         if not line.startswith(DASH + " "):
@@ -187,7 +195,7 @@ def verified(note: str, verifiers: tuple[Verifier, ...] | list[Verifier]) -> tup
             continue
         verifier = by_id.get((name, raw[:4]))
         if verifier is not None and verifier.verify(body.encode(), raw[4:]):
-            return Checkpoint(lines[0], size, root, when), verifier
+            return says, verifier
     raise CheckpointError("no signature on this checkpoint verifies with a known audit signing key")
 
 

@@ -11,7 +11,7 @@ so that no client, however slow, holds a transaction open for long.
     dermq db grant --runtime dermq_app                          # as the owner, after every upgrade
 
 In production :func:`check_login` refuses to start a service whose login owns the audit table (or
-is a member of its owner) or is a superuser.
+is a member of its owner), is a superuser, or has CREATEROLE (it could make itself a member).
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ def create_roles(
         verb = "ALTER" if exists else "CREATE"
         clause = " PASSWORD :p" if password else ""
         statement = f"{verb} ROLE {_ident(name)} LOGIN NOSUPERUSER NOCREATEROLE NOBYPASSRLS{clause}"
-        # DDL takes no bind parameters: the password is quoted by Postgres itself.
+        # DDL takes no bind parameters: the password is quoted by Postgres itself, its colons escaped (a
+        # ":word" in it was read as a bind parameter, and the roles were not created)
         if password:
             literal = connection.scalar(text("SELECT quote_literal(:p)"), {"p": password})
-            statement = statement.replace(":p", str(literal))
+            statement = statement.replace(":p", str(literal).replace(":", "\\:"))
         connection.execute(text(statement))
     connection.execute(
         text(f"ALTER ROLE {_ident(runtime)} SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'")
@@ -69,8 +70,9 @@ def hand_over(connection: Connection, owner: str) -> None:
     functions = connection.scalars(
         text(
             "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE n.nspname = 'public' AND p.proname LIKE 'audit%append_only'"
-        )
+            "WHERE n.nspname = 'public' AND p.proname LIKE 'audit%' AND pg_get_userbyid(p.proowner) <> :o"
+        ),
+        {"o": owner},
     ).all()
     for function in functions:
         connection.execute(text(f"ALTER FUNCTION {function} OWNER TO {_ident(owner)}"))
@@ -90,11 +92,11 @@ def grant_runtime(connection: Connection, runtime: str) -> None:
 
 
 def login_problem(session: Session | Connection) -> str | None:
-    """Why this login must not run a service (superuser, owner or member of the owner), or None."""
+    """Why this login must not run a service (superuser, CREATEROLE, owner or member of the owner), or None."""
     row = session.execute(
         text(
             """
-            SELECT current_user AS login, r.rolsuper AS superuser, t.tableowner AS owner,
+            SELECT current_user AS login, r.rolsuper AS superuser, r.rolcreaterole AS createrole, t.tableowner AS owner,
                    pg_has_role(current_user, t.tableowner, 'MEMBER') AS member
             FROM pg_roles r LEFT JOIN pg_tables t ON t.schemaname = 'public' AND t.tablename = 'audit_events'
             WHERE r.rolname = current_user
@@ -103,6 +105,8 @@ def login_problem(session: Session | Connection) -> str | None:
     ).one()
     if row.superuser:
         return f"the database login {row.login!r} is a superuser"
+    if row.createrole:  # it can grant itself the owner's role, then disable the triggers
+        return f"the database login {row.login!r} has CREATEROLE"
     if row.owner is not None and row.member:
         return f"the database login {row.login!r} owns the audit table (its owner is {row.owner!r})"
     return None

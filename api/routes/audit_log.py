@@ -23,8 +23,8 @@ from api.params import only
 from api.routes.audit import record_auditor_access
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import CheckpointOut, ConsistencyProofOut, InclusionProofOut
-from core import audit, audit_log
-from core.errors import BadRequest, NotFound
+from core import audit, audit_log, checkpoint
+from core.errors import BadRequest, Conflict, NotFound
 from core.models import AuditEvent, Role
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -34,11 +34,25 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+#: the answer when the stored log does not hold what its signed notes say (rows the owner's login
+#: rewrote, say): nothing here can be proved until an operator has looked
+INCONSISTENT = "the stored audit log does not match its signed checkpoint; an operator should run `dermq audit verify`"
+
+
 def _latest(session: Session) -> audit_log.StoredCheckpoint:
+    """The latest checkpoint, as its signed note says. Its row's size and root are the services'
+    login's to write: a row holding an older genuine note beside a size of its choosing was served as
+    the checkpoint, and the consistency proof's default size came from it."""
     latest = audit_log.latest_checkpoint(session)
     if latest is None:
         raise NotFound("no checkpoint yet: the sealer has not sealed any event", code="no_checkpoint")
-    return latest
+    try:
+        says = checkpoint.unverified(latest.note)
+    except checkpoint.CheckpointError:
+        says = None
+    if says is None or (says.size, says.root) != (latest.size, latest.root):
+        raise Conflict(INCONSISTENT, code="log_inconsistent")
+    return audit_log.StoredCheckpoint(says.size, says.root, says.time, latest.note)
 
 
 @router.get(
@@ -110,7 +124,10 @@ async def inclusion_proof(
                     "audit.proof", audit.FAILURE, "audit", detail=asked | {"reason": "not_sealed"}
                 ),
             ) from None
-        root = audit_log.StoredTree(session).root(tree_size)
+        try:
+            root = audit_log.StoredTree(session).root(tree_size)
+        except LookupError:
+            raise Conflict(INCONSISTENT, code="log_inconsistent") from None
         record_auditor_access(session, caller, "audit.proof", asked, clinic_id=scope)
         return InclusionProofOut(
             event_id=event,
@@ -152,14 +169,18 @@ async def consistency_proof(
         if not old <= new_size <= latest.size:
             raise BadRequest(f"need from <= to <= {latest.size} (the latest checkpoint's size)", code="invalid_size")
         tree = audit_log.StoredTree(session)
-        path = audit_log.consistency_proof(session, old, new_size)
+        try:
+            path = audit_log.consistency_proof(session, old, new_size)
+            roots = (tree.root(old) if old else None, tree.root(new_size))
+        except LookupError:
+            raise Conflict(INCONSISTENT, code="log_inconsistent") from None
         record_auditor_access(session, caller, "audit.proof", {"kind": "consistency", "from": old, "to": new_size})
         return ConsistencyProofOut(
             old_size=old,
             new_size=new_size,
             path=[_b64(h) for h in path],
-            old_root=_b64(tree.root(old)) if old else None,
-            new_root=_b64(tree.root(new_size)),
+            old_root=_b64(roots[0]) if roots[0] is not None else None,
+            new_root=_b64(roots[1]),
         )
 
     out = await db.run(read)

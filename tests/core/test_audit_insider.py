@@ -154,6 +154,25 @@ def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings
     assert every.checkpoints == 5 and every.checked == 5
 
 
+@pytest.mark.parametrize("moved", ["same date BC", "infinity"])
+def test_an_event_moved_out_of_the_years_python_can_hold_is_named(roles_db, settings: Settings, moved: str) -> None:  # type: ignore[no-untyped-def]
+    # Postgres prints a year BC without its sign: moved back to the same date BC, an event dropped out
+    # of every export and time-bounded search while its leaf, and so every verification, stayed the same.
+    keys = checkpoint.load_signing_keys(settings)
+    ids = record_and_seal(roles_db["runtime"], keys, 3)
+    years = "make_interval(years => 2 * extract(year FROM occurred_at)::int - 1)"
+    value = f"occurred_at - {years}" if moved == "same date BC" else "'infinity'"
+    printed = "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"
+    with unguarded(roles_db["owner"], "audit_events") as connection:
+        before = connection.scalar(text(f"SELECT {printed} FROM audit_events WHERE id = :id"), {"id": ids[1]})
+        connection.execute(text(f"UPDATE audit_events SET occurred_at = {value} WHERE id = :id"), {"id": ids[1]})
+        after = connection.scalar(text(f"SELECT {printed} FROM audit_events WHERE id = :id"), {"id": ids[1]})
+    assert after == (before if moved == "same date BC" else None)  # what the leaf was built from, unsigned
+    with session_scope(roles_db["owner"]) as session:
+        report = audit_verify.verify_log(session, verifiers=keys.verifiers)
+    assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (1, ids[1]), report
+
+
 def test_events_a_leaf_inserted_out_of_turn_made_the_log_skip_are_named(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     # The services' login may insert leaves (the sealer runs as it). A leaf for the newest event, put
     # at the next position, moves the sealer past the events before it: they would never be sealed.

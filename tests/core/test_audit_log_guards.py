@@ -42,12 +42,21 @@ def test_the_runtime_role_inserts_only_plain_events(roles_db, extra: str, values
             future = EVENT.format(extra="", values="").replace("VALUES (now()", f"VALUES ({ahead}")
             with pytest.raises(DBAPIError, match="a day or more ahead"), engine.begin() as connection:
                 connection.execute(text(future))
-        with engine.begin() as connection:  # a host clock some minutes fast is not refused
-            connection.execute(
-                text(
-                    EVENT.format(extra="", values="").replace("VALUES (now()", "VALUES (now() + interval '20 minutes'")
+        # behind: rows the login could not delete, which no time-bounded search or export showed and which
+        # the driver could not read back (every search page holding one answered 500)
+        for behind in ("'2026-06-01 BC'", "'-infinity'", "now() - interval '25 hours'"):
+            past = EVENT.format(extra="", values="").replace("VALUES (now()", f"VALUES ({behind}")
+            with pytest.raises(DBAPIError, match="a day or more behind"), engine.begin() as connection:
+                connection.execute(text(past))
+        for drift in ("+", "-"):  # a host clock some minutes fast or slow is not refused
+            with engine.begin() as connection:
+                connection.execute(
+                    text(
+                        EVENT.format(extra="", values="").replace(
+                            "VALUES (now()", f"VALUES (now() {drift} interval '20 minutes'"
+                        )
+                    )
                 )
-            )
         with engine.begin() as connection:  # the database sets txid, whatever the insert says
             forged = EVENT.format(extra=", txid", values=", '99999999999'::xid8")
             event_id = connection.scalar(text(forged + " RETURNING id"))
@@ -55,6 +64,26 @@ def test_the_runtime_role_inserts_only_plain_events(roles_db, extra: str, values
             assert (
                 connection.scalar(text("SELECT txid::text FROM audit_events WHERE id = :id"), {"id": event_id}) == own
             )
+    finally:
+        engine.dispose()
+
+
+def test_a_verification_result_the_services_login_inserts_cannot_stay_the_latest(roles_db) -> None:  # type: ignore[no-untyped-def]
+    # The latest result is the highest id: a forged "ok" with an id far ahead was shown by the API and
+    # the console for good, above every real result, failures included.
+    engine = create_engine(roles_db["runtime"].database_url)
+    forged = (
+        "INSERT INTO audit_verifications ({extra}ok, size, root, checked) VALUES ({values}true, 1, NULL, 1) "
+        "RETURNING id, checked_at"
+    )
+    try:
+        with pytest.raises(DBAPIError, match="id comes from its sequence"), engine.begin() as connection:
+            connection.execute(text(forged.format(extra="id, ", values="9000000000000000000, ")))
+        with engine.begin() as connection:
+            dated = forged.format(extra="checked_at, ", values="'2999-01-01', ")
+            row = connection.execute(text(dated)).one()
+            assert connection.scalar(text("SELECT max(id) FROM audit_verifications")) == row.id
+            assert row.checked_at == connection.scalar(text("SELECT now()"))  # the database's time, not the insert's
     finally:
         engine.dispose()
 

@@ -1,0 +1,114 @@
+"""`dermq db roles` and the production login check (core.db_roles): passwords stored as given, an
+older setup's functions handed over whole, and a login that could make itself the owner refused."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Iterator
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from cli.db import alembic_config
+from core import db_roles
+from core.config import Settings
+from tests import support
+from tests.core.audit_roles import admin_engine
+
+NAME = f"{support.TEST_DATABASE}_roles"
+
+
+@pytest.fixture
+def role_names(settings: Settings) -> Iterator[tuple[str, str]]:
+    owner, runtime = f"{NAME}_owner", f"{NAME}_rt"
+    admin = admin_engine(settings)
+    yield owner, runtime
+    support.drop_database(make_url(settings.database_url).set(database=NAME).render_as_string(False))
+    with admin.connect() as connection:
+        for role in (owner, runtime):
+            connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+    admin.dispose()
+
+
+def _scram_matches(stored: str, password: str) -> bool:
+    """Whether a SCRAM-SHA-256 verifier (``pg_authid.rolpassword``) is that of ``password`` (RFC 5802)."""
+    method, rest = stored.split("$", 1)
+    assert method == "SCRAM-SHA-256", method
+    iterations_salt, keys = rest.split("$")
+    iterations, salt = iterations_salt.split(":")
+    stored_key = base64.b64decode(keys.split(":")[0])
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return hashlib.sha256(client_key).digest() == stored_key
+
+
+def test_passwords_are_stored_exactly_as_given(settings: Settings, role_names: tuple[str, str]) -> None:
+    # ":ss" after a non-word character was read as a bind parameter: the roles were not created
+    owner, runtime = role_names
+    passwords = {owner: "pa-:ss%(x)s", runtime: "it's \\:a;b"}
+    admin = admin_engine(settings)
+    try:
+        with admin.connect() as connection:
+            connection.execute(text("SET password_encryption = 'scram-sha-256'"))
+            for _ in range(2):  # created, then altered
+                db_roles.create_roles(
+                    connection,
+                    owner=owner,
+                    runtime=runtime,
+                    owner_password=passwords[owner],
+                    runtime_password=passwords[runtime],
+                )
+                for role, password in passwords.items():
+                    query = text("SELECT rolpassword FROM pg_authid WHERE rolname = :r")
+                    stored = connection.scalar(query, {"r": role})
+                    assert _scram_matches(stored, password), role
+    finally:
+        admin.dispose()
+
+
+def test_an_older_setup_is_handed_over_whole_and_the_owner_can_downgrade(
+    settings: Settings, role_names: tuple[str, str]
+) -> None:
+    # A database the superuser migrated: the insert guards' functions stayed the superuser's, and the
+    # owner's later migrations (and downgrades) that replace them failed with "must be owner".
+    owner, runtime = role_names
+    url = make_url(settings.database_url).set(database=NAME)
+    support.recreate_database(url.render_as_string(False))
+    command.upgrade(alembic_config(url.render_as_string(False)), "head")
+    superuser = settings.model_copy(update={"database_url": url.render_as_string(False)})
+    db_roles.set_up_roles(superuser, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            others = connection.scalars(
+                text(
+                    "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                    "WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) <> :o"
+                ),
+                {"o": owner},
+            ).all()
+        assert others == []
+    finally:
+        engine.dispose()
+    as_owner = url.set(username=owner).render_as_string(False)
+    command.downgrade(alembic_config(as_owner), "0013")  # drops the events' insert guard and its function
+    command.upgrade(alembic_config(as_owner), "head")
+
+
+def test_a_login_with_createrole_may_not_run_a_service(settings: Settings, role_names: tuple[str, str]) -> None:
+    # CREATEROLE can grant itself the owner's role, then disable the audit triggers
+    login = role_names[1]
+    admin = admin_engine(settings)
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE ROLE "{login}" LOGIN CREATEROLE'))
+    admin.dispose()
+    engine = create_engine(make_url(settings.database_url).set(username=login))
+    try:
+        with engine.connect() as connection:
+            assert db_roles.login_problem(connection) == f"the database login {login!r} has CREATEROLE"
+    finally:
+        engine.dispose()
