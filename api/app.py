@@ -26,7 +26,7 @@ from api.intake_limits import Decoder, UploadSlots, release_large_allocations
 from api.key_cache import KeyCache
 from api.listener import Listener
 from api.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from api.routes import admin, audit, audit_log, cases, clinic, fhir, health, outcomes
+from api.routes import admin, audit, audit_log, case_list, cases, clinic, fhir, health, outcomes
 from api.waiters import CaseWaiters
 from core import db_roles
 from core.config import Settings, get_settings
@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     app.include_router(health.router)
     app.include_router(cases.router)
+    app.include_router(case_list.router)
     app.include_router(fhir.router)
     app.include_router(outcomes.router)
     app.include_router(audit.router)

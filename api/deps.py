@@ -27,6 +27,7 @@ from core.config import Settings
 from core.crypto import Keyring, KeyringSource
 from core.db import session_scope
 from core.errors import (
+    BadRequest,
     DermqError,
     Forbidden,
     InvalidInput,
@@ -250,7 +251,10 @@ async def json_media_type(request: Request, caller: AuthenticatedCaller) -> None
     ):
         shown = f"the body is {media[:64]}" if media else "the request has no Content-Type"
         raise UnsupportedMediaType(f"{shown}; send a JSON body with Content-Type: application/json")
-    json.loads(await request.body() or b"null", object_pairs_hook=_unique_members)
+    try:
+        json.loads(await request.body() or b"null", object_pairs_hook=_unique_members)
+    except RecursionError:  # FastAPI's own parse, a few frames shallower, may have just managed it
+        raise BadRequest("the JSON body is nested too deeply") from None
 
 
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

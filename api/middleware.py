@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import observe_request
-from api.problems import problem
+from api.problems import problem, unexpected
 from api.waiters import LONG_POLL_WAIT
 from core.logs import request_id_var
 
@@ -75,9 +75,12 @@ class RequestContextMiddleware:
         status = 500
         secure = scope.get("scheme") == "https"
 
+        started_response = False
+
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 names = {name.lower() for name, _ in headers}
@@ -97,6 +100,12 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            # answered here, not by Starlette's outermost handler: there the request's id was already
+            # unset and the answer went out without it or the security headers
+            if started_response:
+                raise
+            await unexpected(Request(scope), exc)(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             seconds = time.perf_counter() - started

@@ -15,9 +15,9 @@ from core.errors import BadRequest, InvalidInput
 
 def _iso_8601(value: object) -> object:
     """pydantic reads a string of digits as Unix seconds: ``since=20260101`` (ISO 8601's basic form)
-    became 1970-08-23, and a search found nothing, an export an empty file. Digits are read as ISO
-    8601 or refused."""
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.\d*)?\s*", value):
+    became 1970-08-23, and a search found nothing, an export an empty file (``1.7e9``, ``.5`` too).
+    Numbers are read as ISO 8601 or refused."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", value):
         try:
             return datetime.fromisoformat(value.strip())
         except ValueError:

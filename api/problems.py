@@ -167,14 +167,21 @@ def install(app: FastAPI, on_denied: Any) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error", exc_info=exc, extra={"event": "unhandled", "error": type(exc).__name__})
-        return problem(
-            500,
-            "internal_error",
-            "Internal error",
-            "an unexpected error occurred; quote the request id when reporting it",
-            request=request,
-        )
+        # a backstop: api.middleware.RequestContextMiddleware answers first, with the request's id
+        return unexpected(request, exc)
+
+
+def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """The 500 for an error nothing handled, logged with its traceback (the exception's text stays in
+    the log: it may hold what a request sent)."""
+    log.error("unhandled error", exc_info=exc, extra={"event": "unhandled", "error": type(exc).__name__})
+    return problem(
+        500,
+        "internal_error",
+        "Internal error",
+        "an unexpected error occurred; quote the request id when reporting it",
+        request=request,
+    )
 
 
 def _allowed(app: FastAPI, request: Request) -> list[str]:

@@ -4,8 +4,9 @@ The API's :class:`~api.listener.Listener` hears each case's end (:mod:`core.anno
 wakes the requests waiting for it: a waiting request holds an ``asyncio.Event``, not a thread, a
 database connection or a transaction (its Session is closed and its thread given back before it
 waits, and each look at the case takes a thread only for that look). At most ``limit`` requests wait
-at once in one process; beyond that a request answers at once with the case as it is (plain polling
-still works).
+at once in one process, and at most a quarter of them for one clinic (one clinic's burst of long
+polls could otherwise take every place for the rest); beyond that a request answers at once with the
+case as it is (plain polling still works).
 
 Nothing is lost to a missed notification: a request looks at its case before it waits (unless it
 has just created the case and took its ticket before the case's task was sent) and after each
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
@@ -63,8 +65,11 @@ class CaseWaiters:
     def __init__(self, listener: Listener, limit: int) -> None:
         self.listener = listener
         self.limit = limit
+        #: the places one clinic's requests may take
+        self.per_clinic = max(1, limit // 4) if limit > 0 else 0
         self._tickets: dict[uuid.UUID, set[Ticket]] = {}
         self._count = 0
+        self._clinics: Counter[uuid.UUID | None] = Counter()
         listener.on_cases.append(self._wake)
 
     @property
@@ -72,20 +77,25 @@ class CaseWaiters:
         return self._count
 
     @contextmanager
-    def ticket(self, case_id: uuid.UUID) -> Iterator[Ticket | None]:
-        """A ticket for ``case_id`` (None when ``limit`` requests already wait). Take it before the
-        first look at the case, so that an end committed in between still wakes it."""
-        if self._count >= self.limit:
+    def ticket(self, case_id: uuid.UUID, clinic_id: uuid.UUID | None = None) -> Iterator[Ticket | None]:
+        """A ticket for ``case_id`` (None when ``limit`` requests already wait, or ``per_clinic`` of
+        ``clinic_id``'s). Take it before the first look at the case, so that an end committed in
+        between still wakes it."""
+        if self._count >= self.limit or self._clinics[clinic_id] >= self.per_clinic:
             yield None
             return
         self.listener.start()
         ticket = Ticket(self.listener)
         self._tickets.setdefault(case_id, set()).add(ticket)
         self._count += 1
+        self._clinics[clinic_id] += 1
         try:
             yield ticket
         finally:
             self._count -= 1
+            self._clinics[clinic_id] -= 1
+            if not self._clinics[clinic_id]:
+                del self._clinics[clinic_id]
             tickets = self._tickets.get(case_id)
             if tickets is not None:
                 tickets.discard(ticket)
@@ -133,7 +143,7 @@ async def wait_for_end(
             await commit()
         return
     deadline = time.monotonic() + seconds
-    with waiters.ticket(case_id) as ticket:
+    with waiters.ticket(case_id, principal.clinic_id) as ticket:
         if commit is not None:
             await commit()
         if ticket is None:

@@ -64,7 +64,9 @@ MIN_CONFIRMED_MELANOMAS = 20
 def _validated(diagnosis: str, method: str) -> tuple[str, ConfirmationMethod]:
     if diagnosis not in CLASSES:
         raise InvalidInput(
-            f"unknown diagnosis {diagnosis!r}; the diagnoses are: {', '.join(CLASSES)}", code="unknown_diagnosis"
+            # not echoed: a confirmed diagnosis in free text is the patient's
+            f"unknown diagnosis; the diagnoses are: {', '.join(CLASSES)}",
+            code="unknown_diagnosis",
         )
     try:
         return diagnosis, ConfirmationMethod(method)

@@ -3,40 +3,41 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from api import metrics
-from api.case_views import case_out, summary
+from api.case_views import case_out
 from api.db import RequestDb
 from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
-from api.params import ISO_8601, only, utc
+from api.params import only
 from api.schemas import (
     CaseOut,
-    CasePage,
     Problem,
 )
 from api.upload import read_case_form
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
-from core import audit, case_list, case_reads, cases, keys, phi, results, retention
+from core import audit, case_reads, cases, keys, phi, results, retention
 from core.db import commit_durably, commit_without_flush
 from core.enqueue import enqueue
-from core.errors import BadRequest, DermqError, InvalidImageError, InvalidInput, Unauthorized
+from core.errors import DermqError, InvalidImageError, InvalidInput, ServiceUnavailable, Unauthorized
 from core.models import Case, CaseStatus, Priority, Role
 from core.publisher import classify_task
 from ml import working_copy
 from ml.images import ImageHeader, ImageLimits, InvalidImage
 
+log = logging.getLogger("dermq.api")
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
-LIST_PARAMETERS = frozenset({"status", "priority", "since", "until", "cursor", "limit"})
 WaitSeconds = Annotated[
     float,
     Query(
@@ -166,10 +167,7 @@ async def submit_case(
     # the upload's bytes and pixels are _accept's locals: a waiting submission keeps none of them
     out, created = await _accept(request, app, caller, db, idempotency_key, wait)
     if wait and not CaseStatus(out.status).terminal:  # a replay of an unfinished case waits too
-        # the case (or the replay's audit event) is kept and its task sent once the wait's ticket is
-        # taken: a new case cannot end unheard, so its wait needs no first look
-        await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=db.release, created=created)
-        out = await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
+        out = await _wait_and_read(db, app, caller, out, wait, created)
     if created and CaseStatus(out.status).terminal:
         response.status_code = 201  # finished within `wait`: the answer holds the result
     if not created:
@@ -178,6 +176,34 @@ async def submit_case(
     response.headers["Location"] = f"/v1/cases/{out.id}"
     response.headers.update(NO_STORE)
     return out
+
+
+async def _wait_and_read(
+    db: RequestDb, app: AppState, caller: Caller, out: CaseOut, wait: float, created: bool
+) -> CaseOut:
+    """The case once it has ended or ``wait`` has passed. The case (or the replay's audit event) is kept
+    and its task sent once the wait's ticket is taken: a new case cannot end unheard, so its wait needs
+    no first look. Once that commit is through, a database that fails the wait or its read (busy,
+    unreachable) answers with the case as stored, its ``Location`` to poll: a 503 saying that nothing
+    was stored had a portal without an Idempotency-Key send the image again as a second case."""
+    committed = False
+
+    async def commit() -> None:
+        nonlocal committed
+        await db.release()
+        committed = True
+
+    try:
+        await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=commit, created=created)
+        return await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
+    except (ServiceUnavailable, DBAPIError, PoolTimeout) as exc:
+        if not committed:
+            raise
+        log.warning(
+            "a waiting submission's case is stored; the database failed its wait, answered as stored",
+            extra={"event": "wait_unavailable", "error": type(exc).__name__},
+        )
+        return out
 
 
 async def _accept(
@@ -322,52 +348,6 @@ async def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCall
         )
 
     return Response(await db.run(read, last=True), media_type="image/png", headers=NO_STORE)
-
-
-@router.get("", response_model=CasePage, responses=PROBLEMS, summary="The clinic's cases, newest first")
-async def list_cases(
-    response: Response,
-    app: State,
-    caller: AuthenticatedCaller,
-    db: Db,
-    request: Request,
-    status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
-    priority: Annotated[Priority | None, Query(description="only cases of this priority")] = None,
-    since: Annotated[datetime | None, ISO_8601, Query(description="created at or after (ISO 8601)")] = None,
-    until: Annotated[datetime | None, ISO_8601, Query(description="created before (ISO 8601)")] = None,
-    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
-    limit_: Annotated[int | None, Query(alias="limit", ge=1, le=200)] = None,
-) -> CasePage:
-    """The clinic's cases, newest first, with each finished one's outcome, label and referral flag."""
-    only(request, LIST_PARAMETERS)
-
-    created_from, created_before = utc(since, "since"), utc(until, "until")
-    if created_from and created_before and created_from >= created_before:
-        raise BadRequest("'since' must be before 'until'", code="invalid_time_range")
-
-    def read(session: Session) -> CasePage:
-        limit(caller, app, "read")
-        page = case_list.list_cases(
-            session,
-            keyring=app.keyring,
-            principal=caller.principal,
-            actor=caller.actor,
-            status=status,
-            priority=priority,
-            since=created_from,
-            until=created_before,
-            cursor=cursor,
-            limit=min(limit_ or app.settings.page_size_default, app.settings.page_size_max),
-        )
-        refs = phi.client_refs(session, app.keyring, page.cases, skip_destroyed=True)  # as their results
-        return CasePage(
-            items=[summary(c, refs.get(c.id), page.results.get(c.id)) for c in page.cases],
-            next_cursor=page.next_cursor,
-        )
-
-    out = await db.run(read, last=True)
-    response.headers.update(NO_STORE)
-    return out
 
 
 @router.delete("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Erase a case's images and result")

@@ -75,3 +75,22 @@ def test_a_json_object_that_names_a_member_twice_is_refused_and_changes_nothing(
         assert answer.status_code == 422, (path, answer.text)
         assert answer.json()["code"] == "duplicate_key" and "twice" in answer.json()["detail"], answer.json()
     assert counts(settings) == before
+
+
+def test_a_json_body_nested_too_deeply_is_a_400_at_every_depth(client, make_key) -> None:  # type: ignore[no-untyped-def]
+    # FastAPI parses the body first and answers 400 past Python's recursion limit; the duplicate-member
+    # check parsed it again a few frames deeper, and in the band between the two the answer was a 500.
+    tenant = make_key()
+    json_typed = {**tenant.headers, "Content-Type": "application/json"}
+
+    def answer(depth: int) -> int:
+        sent = client.put("/v1/clinic/callback", headers=json_typed, content=b"[" * depth + b"]" * depth)
+        assert sent.headers["content-type"].startswith("application/problem+json"), (depth, sent.text)
+        return sent.status_code
+
+    shallow, deep = 10, 30_000  # a list, not an object: 422; far past the recursion limit (60 KB): 400
+    assert (answer(shallow), answer(deep)) == (422, 400)
+    while deep - shallow > 1:  # the first depth that is not a 422
+        middle = (shallow + deep) // 2
+        shallow, deep = (middle, deep) if answer(middle) == 422 else (shallow, middle)
+    assert {answer(depth) for depth in range(deep, deep + 8)} == {400}

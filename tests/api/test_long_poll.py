@@ -171,3 +171,58 @@ def test_the_api_latency_an_operator_watches_leaves_out_the_long_polls_wait(clie
     assert answer.status_code == 200 and answer.json()["status"] == "queued" and took >= 1.5
     assert after[0] == before[0] + 1
     assert after[1] - before[1] < took - 1.4  # the request's own work, without the 1.5 s it waited
+
+
+def test_a_stored_case_whose_wait_meets_a_busy_database_is_answered_as_stored(  # type: ignore[no-untyped-def]
+    settings, database, private_broker, tenant: Tenant, jpeg_bytes: bytes
+) -> None:
+    """The case is committed and queued, then the wait's read finds no database connection: the answer
+    was a 503 saying that nothing was stored, and a portal without an Idempotency-Key sent it again.
+    Its task goes to a broker no worker reads: the case waits out the wait."""
+    from sqlalchemy import create_engine, text
+
+    from core.db import get_engine
+
+    busy = settings.model_copy(
+        update={"database_pool_size": 1, "database_pool_timeout_s": 0.3, "redis_url": private_broker.url}
+    )
+    engine, watcher = get_engine(busy), create_engine(settings.database_url)
+    marker = uuid.uuid4().hex
+    answers: list[object] = []
+    try:
+        with TestClient(create_app(busy), raise_server_exceptions=False) as api:
+            post = threading.Thread(
+                target=lambda: answers.append(
+                    api.post(
+                        "/v1/cases?wait=5",
+                        headers=tenant.headers,
+                        files={"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")},
+                        data={"client_ref": marker},
+                    )
+                )
+            )
+            post.start()
+            try:
+                with watcher.connect() as look:  # the API's one connection is free again once the case commits
+                    support.wait_for(
+                        lambda: look.scalar(
+                            text("SELECT count(*) FROM cases WHERE clinic_id = :c"), {"c": tenant.clinic_id}
+                        ),
+                        timeout=30,
+                        what="the case to be committed",
+                    )
+                held = engine.connect()  # then taken by another request that is slow to finish
+                try:
+                    post.join(30)
+                finally:
+                    held.close()
+            finally:
+                post.join(30)
+    finally:
+        engine.dispose()
+        watcher.dispose()
+    (answer,) = answers
+    assert answer.status_code == 202, answer.text  # type: ignore[attr-defined]
+    case = answer.json()  # type: ignore[attr-defined]
+    assert answer.headers["location"] == f"/v1/cases/{case['id']}"  # type: ignore[attr-defined]
+    assert case["status"] == "queued" and case["client_ref"] == marker

@@ -183,3 +183,26 @@ def test_a_case_erased_while_its_read_waits_answers_at_once(  # type: ignore[no-
     # woken by the erasure's commit, not by its own look 10 s later
     assert time.monotonic() - started < 5
     assert answer.status_code == 200 and answer.json()["status"] == "purged"
+
+
+def test_one_clinic_takes_at_most_a_quarter_of_the_places_to_wait(  # type: ignore[no-untyped-def]
+    settings, database, private_broker, make_key, store_case
+) -> None:
+    # the places are the process's: one clinic's burst of long polls took them all, and every other
+    # clinic's waits answered at once
+    app = create_app(settings.model_copy(update={"redis_url": private_broker.url, "long_poll_max_waiters": 8}))
+    busy, other = make_key(), make_key()
+    case, their_case = store_case(busy, b"queued, never published"), store_case(other, b"queued too")
+    with TestClient(app, raise_server_exceptions=False) as http, ThreadPoolExecutor(3) as pool:
+        wait = lambda tenant, case_id: lambda: http.get(f"/v1/cases/{case_id}?wait=25", headers=tenant.headers)  # noqa: E731
+        futures = start_one_by_one(pool, http, [wait(busy, case), wait(busy, case)])
+        assert waiting(http) == 2
+        started = time.monotonic()
+        third = http.get(f"/v1/cases/{case}?wait=25", headers=busy.headers)
+        assert third.status_code == 200 and third.json()["status"] == "queued"
+        assert time.monotonic() - started < 10  # answered at once, not after the wait
+        futures.append(pool.submit(wait(other, their_case)))  # another clinic's request still waits
+        support.wait_for(lambda: waiting(http) == 3, timeout=30, what="the other clinic's request to wait")
+        end_case(settings, case)
+        end_case(settings, their_case)
+        assert [f.result(timeout=30).json()["status"] for f in futures] == ["failed"] * 3

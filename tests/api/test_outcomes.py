@@ -93,6 +93,7 @@ def test_unknown_codes_are_422(client, tenant: Tenant, store_case, settings, bod
     response = post(client, tenant, case_id, **body)
     assert response.status_code == 422, response.text
     assert response.json()["code"] == code
+    assert body["diagnosis"] not in response.text  # a confirmed diagnosis in free text is the patient's
     assert response.headers["content-type"].startswith("application/problem+json")
     assert [(e.outcome, e.detail) for e in outcome_events(settings, case_id)] == [("failure", {"reason": code})]
 

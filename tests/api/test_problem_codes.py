@@ -33,3 +33,26 @@ def test_every_problem_code_the_api_can_send_is_documented() -> None:
     documented = set(re.findall(r"`([a-z_]+)`", (ROOT / "docs" / "API.md").read_text(encoding="utf-8")))
     missing = raised - documented - NOT_SENT_BY_THE_API
     assert not missing, f"document these codes in docs/API.md, 'Errors': {sorted(missing)}"
+
+
+def test_an_unexpected_error_is_a_500_with_the_requests_id_and_headers(settings, database, redis_client) -> None:  # type: ignore[no-untyped-def]
+    # Starlette's outermost handler answered it after the request context had ended: "request_id":
+    # null in a body that says to quote it, and no X-Request-ID or security headers on the answer.
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    app = create_app(settings)
+
+    def broken() -> None:  # any defect in a route, here one of this test's own
+        raise RuntimeError("a defect")
+
+    app.add_api_route("/broken", broken)
+    trace = "0123456789abcdef0123456789abcdef"
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/broken", headers={"X-Request-ID": trace})
+    assert answer.status_code == 500 and answer.headers["content-type"].startswith("application/problem+json")
+    assert answer.json()["code"] == "internal_error" and answer.json()["request_id"] == trace
+    assert answer.headers["x-request-id"] == trace
+    assert {"content-security-policy", "x-content-type-options"} <= set(answer.headers)
+    assert "a defect" not in answer.text
