@@ -117,6 +117,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
             # their own messages are dropped in the main process from now on (worker.companions)
             companions.mark(config, [c.id for c in claimed if c.id != case_id])
         _fail_unreadable(config, claimed, unreadable, outcomes)
+        progress.settled = outcomes.get(case_id)
         fillable = len(claimed) < config.batch_max_size and claimed[0].attempts == 1  # a retry runs alone
         if fillable and config.batch_max_wait_ms > 0 and predictor.device.type == "cuda":
             time.sleep(config.batch_max_wait_ms / 1000)  # a fuller batch is worth this much waiting on a GPU

@@ -58,11 +58,14 @@ def keyring(config: Settings) -> Keyring:
 class Progress:
     """How far one run got: the error handlers of ``classify`` need the attempt it claimed, and
     whether a batch that ran out of time put this case back in the queue. ``started``: when the task
-    began (its soft time limit counts from then, a model's load included)."""
+    began (its soft time limit counts from then, a model's load included). ``settled``: the outcome
+    a batch gave this case before it stopped (failed, or put back with its attempt given back, after
+    which another worker's claim may hold the same attempt number): the handlers leave it alone."""
 
     attempt: int | None = None
     requeued: bool = False
     started: float = field(default_factory=time.perf_counter)
+    settled: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,8 +142,8 @@ def device_failed(exc: BaseException) -> bool:
 
 def end_child() -> NoReturn:
     """End this worker child at once after its GPU failed in a pass (a model that loaded and ran), the
-    cases it held already back in the queue (a GPU that fails while the model loads makes it
-    unavailable instead: :func:`load_predictor`).
+    cases it held already back in the queue (a GPU that fails while the model loads is left for
+    the CPU instead: :func:`load_predictor`).
     Celery's parent starts a new child, with a new CUDA context, and the task's message comes back
     (``task_reject_on_worker_lost``) to claim its case again. Never returns."""
     log.critical("the GPU failed; this worker child exits for a new one", extra={"event": "device_failed"})
@@ -206,32 +206,41 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
     if device != "cpu":  # cuDNN runs float32 convolutions in TF32 unless told: not what was fitted (ml.backends)
         torch.backends.cudnn.allow_tf32 = False
     started = time.perf_counter()
-    full_card = False
+    unusable_card = ""
     try:
         predictor = _loaded_and_warm(settings, device, threads)
     except torch.OutOfMemoryError:
         if device == "cpu":
             raise
-        full_card = True  # handled below: this handler's traceback still holds the half-loaded model
+        unusable_card = "full"  # handled below: this handler's traceback still holds the half-loaded model
     except Exception as exc:
-        # a GPU that fails before the model ever ran is a model this child cannot serve, like a bad
-        # entry: its cases fail model_error once claimed (a new child would meet the same card)
-        if not isinstance(exc, RegistryError) and not device_failed(exc):
+        if device != "cpu" and device_failed(exc):
+            # a GPU that fails before the model ever ran (no kernel for its architecture, a card off the
+            # bus): a new child would meet the same card, and failing each case it took would fail the
+            # shared queue's cases that other hosts could classify
+            unusable_card = "failed"
+        elif isinstance(exc, RegistryError):  # a bad entry: its cases fail model_error once claimed
+            log.error(
+                "model failed to load",
+                extra={"event": "model_load_failed", "model_id": settings.model, "error": type(exc).__name__},
+            )
+            raise ModelUnavailable(MODEL_UNAVAILABLE) from None
+        else:
             raise
-        log.error(
-            "model failed to load",
-            extra={"event": "model_load_failed", "model_id": settings.model, "error": type(exc).__name__},
-        )
-        raise ModelUnavailable(MODEL_UNAVAILABLE) from None
-    if full_card:
-        # the card is full (another process, a shared GPU): serve on the CPU, slower but every case goes
-        # on; dermq_worker_info shows the device, and the next child (max tasks per child) tries again
-        log.warning(
-            "out of GPU memory loading the model; this child serves on the CPU",
-            extra={"event": "load_out_of_memory", "model_id": settings.model},
+    if unusable_card:
+        # serve on the CPU, slower but every case goes on; dermq_worker_info shows the device, and the
+        # next child (max tasks per child) tries the card again
+        log.log(
+            logging.WARNING if unusable_card == "full" else logging.ERROR,
+            "the GPU could not load the model; this child serves on the CPU",
+            extra={
+                "event": "load_out_of_memory" if unusable_card == "full" else "load_device_failed",
+                "model_id": settings.model,
+            },
         )
         gc.collect()  # what the failed load allocated on the card, given back before the CPU load
-        torch.cuda.empty_cache()
+        if unusable_card == "full":
+            torch.cuda.empty_cache()  # (a failed card's context takes no more calls)
         return load_predictor(settings, "cpu")
     log.info(
         "model loaded",

@@ -93,6 +93,8 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
             log.warning("case ran past its soft time limit", extra={"event": "soft_time_limit"})
             if progress.requeued:
                 outcome = "requeued"  # its batch ran out of time: it runs again, alone (worker.batching)
+            elif progress.settled is not None:
+                outcome = progress.settled  # its batch had failed it or put it back before it stopped
             elif progress.attempt is None:
                 outcome = "skipped"  # stopped before its claim committed: still queued, for the sweeper
             else:
@@ -106,15 +108,23 @@ def classify(self: Any, case_id: str, requeue_attempt: int | None = None) -> str
                 )
         except Exception as exc:
             if runtime.device_failed(exc):
-                _device_failed(config, parsed, progress.attempt)  # never returns
-            if not retries.is_transient(exc):
+                # never returns; a case its batch settled is not this run's to put back
+                _device_failed(config, parsed, None if progress.settled is not None else progress.attempt)
+            if progress.settled is not None:
+                # its batch failed it or put it back (its attempt given back: another worker's claim may
+                # now hold the same number, which a fail or requeue fenced by it would hit), then stopped
+                log.warning("its batch stopped", extra={"event": "batch_stopped", "error": type(exc).__name__})
+                outcome = progress.settled
+            elif not retries.is_transient(exc):
                 log.exception("classification failed", extra={"event": "model_error", "error": type(exc).__name__})
                 outcome = _fail(config, parsed, progress.attempt, "model_error", _model_error(exc, "classifying"))
             else:
                 held = progress.attempt or requeue_attempt
                 # a claim that met a database error on every retry costs the case an attempt, and its last
                 # one fails it (a MemoryError loading the model, say, is not the case's to pay for)
-                claim_failed = held is None and self.request.retries >= MAX_RETRIES and isinstance(exc, DBAPIError)
+                claim_failed = (  # this run's claim never committed (a retry's chain carries an attempt too)
+                    progress.attempt is None and self.request.retries >= MAX_RETRIES and isinstance(exc, DBAPIError)
+                )
                 if not claim_failed or not _spend_failed_claim(config, parsed, exc):
                     raise retries.retry(self, config, parsed, held, exc) from None
                 outcome = "failed"
