@@ -6,10 +6,6 @@ fails with ``model_error`` and a clear message, and the worker stays alive for t
 When the GPU runs out of memory on a case, the task frees the CUDA cache and runs that case on a
 second, CPU predictor (:func:`get_cpu_predictor`, loaded on the first such case and kept); the
 CUDA predictor stays loaded and serves the next cases.
-
-Predictors come from :func:`load_predictor` unless a Celery app module chose another loader with
-:func:`use_loader` before the worker forked (one that wraps :func:`load_predictor` to instrument
-the model, say).
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
@@ -73,25 +68,13 @@ def worker_metrics() -> WorkerMetrics | None:
     return metrics
 
 
-#: Loads a warmed-up predictor for a device (``cpu``, ``cuda:0``, ``auto``...) with these settings.
-Loader = Callable[[Settings, str], "Predictor"]
-
-
-def use_loader(loader: Loader) -> Loader:
-    """Load this process's predictors with ``loader`` from now on (call before any is loaded, in the
-    Celery app module); returns the loader it replaces."""
-    global _loader
-    previous, _loader = _loader, loader
-    return previous
-
-
 def get_predictor(settings: Settings) -> Predictor:
     global _predictor
     if _predictor is not None:
         return _predictor
     with _lock:
         if _predictor is None:
-            _predictor = _loader(settings, settings.device)
+            _predictor = load_predictor(settings, settings.device)
             metrics = worker_metrics()
             if metrics is not None:
                 metrics.record_model(str(_predictor.device), _predictor.info.model_id)
@@ -108,7 +91,7 @@ def get_cpu_predictor(settings: Settings, primary: Predictor) -> Predictor:
         return _cpu_predictor
     with _lock:
         if _cpu_predictor is None:
-            _cpu_predictor = _loader(settings, "cpu")
+            _cpu_predictor = load_predictor(settings, "cpu")
     return _cpu_predictor
 
 
@@ -254,9 +237,6 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
     return predictor
 
 
-_loader: Loader = load_predictor
-
-
 def _cuda_device_present(settings: Settings) -> bool:
     """Whether this worker will run on CUDA, decided without initialising CUDA (the prefork parent
     must not: CUDA is not fork-safe) -- by the setting, or for ``auto`` by the driver's device nodes."""
@@ -291,11 +271,3 @@ def preload(settings: Settings) -> threading.Thread:
     thread = threading.Thread(target=load, name="dermq-model-preload", daemon=True)
     thread.start()
     return thread
-
-
-def reset() -> None:
-    """Forget the loaded models (tests; and after a device failure)."""
-    global _predictor, _cpu_predictor
-    with _lock:
-        _predictor = None
-        _cpu_predictor = None

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from core import audit, cases, idempotency
 from core.crypto import load_keyring
 from core.db import session_factory, session_scope
 from core.keys import Principal
 from core.models import AuditEvent, Case, CaseBlob, Priority, Role
+from tests import support
 from tests.conftest import Tenant
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -189,21 +189,32 @@ def test_two_transactions_racing_with_one_key_make_one_case(
         loser: dict[str, object] = {}
 
         def race() -> None:
-            started = time.monotonic()
             with session_scope(settings) as session:
                 case, created = create(session)
-                loser.update(id=case.id, created=created, waited=time.monotonic() - started)
+                loser.update(id=case.id, created=created)
 
+        winner_pid = winner.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
         thread = threading.Thread(target=race)
         thread.start()
-        time.sleep(0.5)
-        assert thread.is_alive()  # blocked on the unique index
+
+        def blocked() -> bool:  # the loser's INSERT waits for the winner's transaction, on the unique index
+            with session_scope(settings) as look:
+                return bool(
+                    look.scalar(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock' AND :winner = ANY(pg_blocking_pids(pid))"
+                        ),
+                        {"winner": winner_pid},
+                    )
+                )
+
+        support.wait_for(blocked, timeout=15, what="the second insert to wait for the first")
         winner.commit()
     finally:
         winner.close()
     thread.join(15)
     assert winner_created and loser["id"] == winner_case.id and loser["created"] is False
-    assert loser["waited"] >= 0.5  # type: ignore[operator]
     assert stored(settings, tenant.clinic_id, key) == {"cases": 1, "blobs": 1, "create_events": 1}
 
 

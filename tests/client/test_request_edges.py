@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import uuid
 from datetime import UTC, datetime
 
@@ -117,10 +116,11 @@ def test_the_list_filters_and_its_worklist_fields() -> None:
 def test_limits_bound_the_connections_a_client_holds() -> None:
     """Each waiting call holds a connection; ``limits`` bounds how many, and a call past them fails
     with ConnectionFailed (PoolTimeout) once the pool's timeout passes."""
-    release = threading.Event()
+    release, arrived = threading.Event(), threading.Event()
 
     class Slow(QuietHandler):
         def do_GET(self) -> None:
+            arrived.set()
             release.wait(10)
             self.answer(200, "application/json", json.dumps(case_json()).encode())
 
@@ -131,7 +131,7 @@ def test_limits_bound_the_connections_a_client_holds() -> None:
         first = threading.Thread(target=dermq.get, args=(CASE_ID,))
         try:
             first.start()
-            time.sleep(0.2)  # the first call holds the one connection
+            assert arrived.wait(10)  # the first call holds the one connection
             with pytest.raises(ConnectionFailed, match="PoolTimeout"):
                 dermq.get(CASE_ID)
         finally:

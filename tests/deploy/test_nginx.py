@@ -149,10 +149,14 @@ def test_upstream_is_the_api_and_not_its_metrics_listener(conf: m.Directive) -> 
 def test_health_endpoint_listens_on_loopback_only(conf: m.Directive) -> None:
     http = conf.find("http")[0]
     check = " ".join(m.compose_services()["nginx"]["healthcheck"]["test"])
-    for server in http.find("server"):
-        for listen in server.find("listen"):
-            if listen.args[0].startswith("127.0.0.1:"):
-                assert f"http://{listen.args[0]}/" in check
+    (health,) = [
+        server
+        for server in http.find("server")
+        if any(location.args == ["=", "/nginx-health"] for location in server.find("location"))
+    ]
+    listens = [listen.args[0] for listen in health.find("listen")]
+    assert listens and all(address.startswith("127.0.0.1:") for address in listens), listens
+    assert any(f"http://{address}/nginx-health" in check for address in listens), check
 
 
 def _run_nginx(tmp_path: Path) -> tuple[processes.Process, dict[str, int]]:

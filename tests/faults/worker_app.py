@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,13 +122,18 @@ class FaultyPredictor:
             raise torch.OutOfMemoryError("CUDA out of memory (injected by tests.faults.worker_app)")
 
 
-def _faulty_loader(faults: Faults, folder: Path) -> runtime.Loader:
+def _faulty_loader(faults: Faults, folder: Path) -> Callable[[Settings, str], Predictor]:
+    real_load = runtime.load_predictor
+
     def load(settings: Settings, device: str) -> Predictor:
-        real = runtime.load_predictor(settings, device)
+        real = real_load(settings, device)  # (its own fallback to the CPU comes back here: wrapped once)
+        if isinstance(real, FaultyPredictor):
+            return real  # type: ignore[unreachable]
         return FaultyPredictor(real, faults, folder)  # type: ignore[return-value]
 
     return load
 
 
 if FAULTS_ENV in os.environ:
-    runtime.use_loader(_faulty_loader(Faults.from_json(os.environ[FAULTS_ENV]), Path(os.environ[COUNTER_ENV])))
+    # in this process only, before the fork: the children's predictors come through it
+    runtime.load_predictor = _faulty_loader(Faults.from_json(os.environ[FAULTS_ENV]), Path(os.environ[COUNTER_ENV]))

@@ -172,7 +172,9 @@ def test_a_reservation_that_does_not_fit_waits_for_one_to_end() -> None:
 
     holder = threading.Thread(target=hold)
     holder.start()
-    while budget.in_use != 80:
+    deadline = time.monotonic() + 10
+    while budget.in_use != 80:  # the holder's reservation
+        assert time.monotonic() < deadline and holder.is_alive(), "the first reservation was not made"
         time.sleep(0.01)
     threading.Timer(0.2, released.set).start()
     started = time.monotonic()

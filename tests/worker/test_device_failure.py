@@ -76,11 +76,10 @@ def broken_gpu(own_database: Settings, monkeypatch: pytest.MonkeyPatch, request:
     monkeypatch.setattr(runtime.logging, "shutdown", lambda: None)  # pytest's own log handlers stay open
     monkeypatch.setattr(retries, "retry_delay", lambda done: 0.0)
     broken = getattr(request, "param", BrokenGpu)
-    previous = runtime.use_loader(lambda config, device: cpu if device == "cpu" else broken(cpu))
-    runtime.reset()
-    yield exits
-    runtime.use_loader(previous)
-    runtime.reset()
+    monkeypatch.setattr(runtime, "load_predictor", lambda config, device: cpu if device == "cpu" else broken(cpu))
+    monkeypatch.setattr(runtime, "_predictor", None)  # (put back after the test)
+    monkeypatch.setattr(runtime, "_cpu_predictor", None)
+    return exits
 
 
 def cases(settings: Settings, ids: list[uuid.UUID]) -> list[tuple[str, int, str | None]]:

@@ -48,7 +48,12 @@ def test_sixteen_lossless_bombs_keep_a_worker_child_bounded(  # type: ignore[no-
     worker = None
     try:
         publisher = make_publisher(settings.model_copy(update={"redis_url": broker.url}))
-        env = {**stack_env, "DERMQ_DATABASE_URL": settings.database_url, "DERMQ_REDIS_URL": broker.url}
+        env = {  # a metrics port of its own: on the shared worker's, its readiness read that worker's metrics
+            **stack_env,
+            "DERMQ_DATABASE_URL": settings.database_url,
+            "DERMQ_REDIS_URL": broker.url,
+            "DERMQ_WORKER_METRICS_PORT": "0",
+        }
         worker = processes.start_worker(env, stack_dir / "bombs-worker.log", name="bombs")
         (child,) = children(worker.proc.pid)
         for case_id in ids:

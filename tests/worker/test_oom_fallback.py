@@ -57,23 +57,20 @@ def test_out_of_memory_on_the_gpu_runs_the_case_on_the_cpu(
         return cpu if device == "cpu" else gpu
 
     monkeypatch.setattr(runtime, "free_device_memory", freed.append)
-    previous = runtime.use_loader(load)  # the seam a worker app module uses to choose its predictors
-    runtime.reset()
-    try:
-        first, second, third = (store_case(tenant, jpeg_bytes) for _ in range(3))
-        assert run_classification(settings, first) == "succeeded"
-        assert device_of(settings, first) == "cpu" and freed == [gpu] and loads == [settings.device, "cpu"]
-        assert runtime.get_predictor(settings) is gpu  # the GPU predictor stays for the next cases
+    monkeypatch.setattr(runtime, "load_predictor", load)
+    monkeypatch.setattr(runtime, "_predictor", None)  # (put back after the test)
+    monkeypatch.setattr(runtime, "_cpu_predictor", None)
+    first, second, third = (store_case(tenant, jpeg_bytes) for _ in range(3))
+    assert run_classification(settings, first) == "succeeded"
+    assert device_of(settings, first) == "cpu" and freed == [gpu] and loads == [settings.device, "cpu"]
+    assert runtime.get_predictor(settings) is gpu  # the GPU predictor stays for the next cases
 
-        assert run_classification(settings, second) == "succeeded"
-        assert device_of(settings, second) == "cuda:0"
+    assert run_classification(settings, second) == "succeeded"
+    assert device_of(settings, second) == "cuda:0"
 
-        gpu.ooms = 1  # a later out-of-memory reuses the CPU predictor loaded the first time
-        assert run_classification(settings, third) == "succeeded"
-        assert device_of(settings, third) == "cpu" and loads == [settings.device, "cpu"] and gpu.calls == 3
-    finally:
-        runtime.use_loader(previous)
-        runtime.reset()
+    gpu.ooms = 1  # a later out-of-memory reuses the CPU predictor loaded the first time
+    assert run_classification(settings, third) == "succeeded"
+    assert device_of(settings, third) == "cpu" and loads == [settings.device, "cpu"] and gpu.calls == 3
 
 
 def test_on_a_cpu_worker_the_fallback_is_the_predictor_itself(settings) -> None:  # type: ignore[no-untyped-def]

@@ -33,66 +33,85 @@ def test_the_backoff_doubles_with_jitter_and_is_capped() -> None:
 
 
 @pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """Replace the classification by a script of errors; record requeues, failures and delays."""
-    record: dict[str, list] = {"calls": [], "requeues": [], "failures": [], "delays": []}
+def scripted(eager, tenant, store_case, jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A stored case whose classification meets a script of errors, each after a real claim (then the
+    real classification); returns the case and a record of the tries and the retries' delays."""
+    from core.db import session_scope
 
-    def install(*script: BaseException | str) -> dict[str, list]:
+    record: dict[str, list] = {"calls": [], "delays": []}
+    real_dispatch = tasks.dispatch
+
+    def install(*script: BaseException) -> tuple[uuid.UUID, dict[str, list]]:
         steps = list(script)
 
-        def run(config, case_id, progress=None):  # type: ignore[no-untyped-def]
+        def run(config, case_id, progress):  # type: ignore[no-untyped-def]
             record["calls"].append(case_id)
-            if progress is not None:
-                progress.attempt = len(record["calls"])
-            step = steps.pop(0) if steps else "succeeded"
-            if isinstance(step, BaseException):
-                raise step
-            return step
+            if not steps:
+                return real_dispatch(config, case_id, progress)
+            with session_scope(config) as session:
+                claimed = case_claims.claim_case(session, case_id)
+            assert claimed is not None
+            progress.attempt = claimed.attempts
+            raise steps.pop(0)
 
         def delay(retries: int) -> float:
             record["delays"].append(retries)
             return 0.0
 
         monkeypatch.setattr(tasks, "dispatch", run)
-        monkeypatch.setattr(retries, "requeue", lambda config, case_id, attempt: record["requeues"].append(attempt))
-        monkeypatch.setattr(
-            tasks,
-            "_fail",
-            lambda config, case_id, attempt, code, message: record["failures"].append((attempt, code)) or "failed",
-        )
         monkeypatch.setattr(retries, "retry_delay", delay)
-        return record
+        return store_case(tenant, jpeg_bytes), record
 
     return install
 
 
-def test_a_lost_database_connection_is_retried_and_the_case_requeued_first(scripted) -> None:  # type: ignore[no-untyped-def]
-    record = scripted(connection_lost(), redis.ConnectionError("Connection refused"))
-    outcome = tasks.classify.apply(args=[str(uuid.uuid4())])
-    assert outcome.get() == "succeeded"
+def transitions(settings, case_id: uuid.UUID, action: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The details of the case's audit events of ``action``, in order."""
+    from core.db import session_scope
+    from core.models import AuditEvent
+
+    with session_scope(settings) as session:
+        return list(
+            session.scalars(
+                select(AuditEvent.detail)
+                .where(AuditEvent.entity_id == str(case_id), AuditEvent.action == action)
+                .order_by(AuditEvent.id)
+            )
+        )
+
+
+def test_a_lost_database_connection_is_retried_and_the_case_requeued_first(scripted, eager, settings) -> None:  # type: ignore[no-untyped-def]
+    case_id, record = scripted(connection_lost(), redis.ConnectionError("Connection refused"))
+    assert tasks.classify.apply(args=[str(case_id)]).get() == "succeeded"
     assert len(record["calls"]) == 3 and record["delays"] == [0, 1]
-    # Each failed attempt is put back at once, and again by the retry (fenced: a no-op if done).
-    assert record["requeues"] == [1, 1, 2, 2] and record["failures"] == []
+    # each failed attempt was put back in the queue (the retry's own requeue then found nothing to do)
+    assert [d["attempt"] for d in transitions(settings, case_id, "case.requeue")] == [1, 2]
+    assert (eager(case_id).status, eager(case_id).attempts) == ("succeeded", 3)
 
 
-def test_transient_errors_give_up_after_the_retry_limit(scripted) -> None:  # type: ignore[no-untyped-def]
-    record = scripted(*[connection_lost() for _ in range(retries.MAX_RETRIES + 1)])
-    outcome = tasks.classify.apply(args=[str(uuid.uuid4())])
+def test_transient_errors_give_up_after_the_retry_limit(scripted, eager, settings) -> None:  # type: ignore[no-untyped-def]
+    case_id, record = scripted(*[connection_lost() for _ in range(retries.MAX_RETRIES + 1)])
+    outcome = tasks.classify.apply(args=[str(case_id)])
     # Celery (and so its events and Flower) is told the error's type, never its text
     assert outcome.failed() and isinstance(outcome.result, retries.WithheldError)
     assert str(outcome.result).startswith("OperationalError")
     assert len(record["calls"]) == retries.MAX_RETRIES + 1
     assert record["delays"][: retries.MAX_RETRIES] == list(range(retries.MAX_RETRIES))  # 1, 2, 4, 8, 16 s (x jitter)
     # The case was left queued: the sweeper publishes it again, so a long outage loses nothing.
-    assert record["requeues"][-1] == retries.MAX_RETRIES + 1 and record["failures"] == []
+    assert eager(case_id).status == "queued" and transitions(settings, case_id, "case.fail") == []
+    assert [d["attempt"] for d in transitions(settings, case_id, "case.requeue")] == list(
+        range(1, retries.MAX_RETRIES + 2)
+    )
 
 
 @pytest.mark.parametrize("error", [ValueError("bad tensor"), IntegrityError("INSERT", {}, Exception("duplicate"))])
-def test_other_errors_fail_the_case_once_without_retry(scripted, error: Exception) -> None:  # type: ignore[no-untyped-def]
-    record = scripted(error)
-    assert tasks.classify.apply(args=[str(uuid.uuid4())]).get() == "failed"
+def test_other_errors_fail_the_case_once_without_retry(scripted, eager, settings, error: Exception) -> None:  # type: ignore[no-untyped-def]
+    case_id, record = scripted(error)
+    assert tasks.classify.apply(args=[str(case_id)]).get() == "failed"
     assert len(record["calls"]) == 1 and record["delays"] == []
-    assert record["failures"] == [(1, "model_error")]
+    ended = eager(case_id)
+    assert (ended.status, ended.failure_code, ended.attempts) == ("failed", "model_error", 1)
+    assert transitions(settings, case_id, "case.requeue") == []
 
 
 @pytest.fixture
@@ -196,8 +215,8 @@ def test_what_celery_keeps_of_a_retried_or_failed_case_never_quotes_the_error(sc
     # task-retried and task-failed events, and so into Flower; a database error's text may quote a value.
     marker = "MRN-4417-secret-client-ref"
     quoting = OperationalError("UPDATE cases ...", {}, Exception(f"invalid input syntax: {marker}"))
-    scripted(*[quoting for _ in range(retries.MAX_RETRIES + 1)])
-    outcome = tasks.classify.apply(args=[str(uuid.uuid4())])
+    case_id, _ = scripted(*[quoting for _ in range(retries.MAX_RETRIES + 1)])
+    outcome = tasks.classify.apply(args=[str(case_id)])
     assert outcome.failed() and marker not in (outcome.traceback or "") and "OperationalError" in str(outcome.result)
 
     tasks.classify.push_request(called_directly=False, is_eager=True, retries=0, id="t", args=[], kwargs={})
