@@ -51,8 +51,11 @@ def classify_task(case_id: uuid.UUID, priority: Priority | str) -> Task:
 
 
 def callback_task(case_id: uuid.UUID) -> Task:
-    """The completion callback of a finished case (its outbox row is written in the same transaction)."""
-    return Task(TASK_CALLBACK, case_id, QUEUE_MAINTENANCE)
+    """The completion callback of a finished case (its outbox row is written in the same transaction),
+    behind the periodic tasks of the maintenance queue (worker.celery_app.PERIODIC): a message sent
+    without a priority goes to Redis's first list, with them (Celery's default priority applies to a
+    task's own calls, not to one sent by name)."""
+    return Task(TASK_CALLBACK, case_id, QUEUE_MAINTENANCE, PRIORITY_VALUE[Priority.ROUTINE])
 
 
 def send(app: Celery, task: Task) -> bool:

@@ -40,6 +40,12 @@ from worker.runtime import worker_concurrency
 FIELD_INTERVAL_SECONDS = 900.0
 
 
+#: The periodic tasks go to the maintenance queue ahead of its callbacks (Redis priority 0, the
+#: callbacks' the default 6): a backlog of deliveries to a clinic's slow endpoint made the sweeper and
+#: the audit sealer wait behind it until their messages expired, and no case was recovered meanwhile.
+PERIODIC = {"queue": QUEUE_MAINTENANCE, "priority": 0}
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         **common_config(settings),
@@ -64,32 +70,32 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "sweep": {
                 "task": TASK_SWEEP,
                 "schedule": settings.sweep_interval_seconds,
-                "options": {"queue": QUEUE_MAINTENANCE, "expires": settings.sweep_interval_seconds},
+                "options": {**PERIODIC, "expires": settings.sweep_interval_seconds},
             },
             "drift": {
                 "task": TASK_DRIFT,
                 "schedule": 3600.0,
-                "options": {"queue": QUEUE_MAINTENANCE, "expires": 3600.0},
+                "options": {**PERIODIC, "expires": 3600.0},
             },
             "field-performance": {
                 "task": TASK_FIELD,
                 "schedule": FIELD_INTERVAL_SECONDS,
-                "options": {"queue": QUEUE_MAINTENANCE, "expires": FIELD_INTERVAL_SECONDS},
+                "options": {**PERIODIC, "expires": FIELD_INTERVAL_SECONDS},
             },
             "audit-seal": {
                 "task": TASK_AUDIT_SEAL,
                 "schedule": settings.audit_seal_interval_seconds,
-                "options": {"queue": QUEUE_MAINTENANCE, "expires": settings.audit_seal_interval_seconds},
+                "options": {**PERIODIC, "expires": settings.audit_seal_interval_seconds},
             },
             "audit-check": {
                 "task": TASK_AUDIT_CHECK,
                 "schedule": 60.0,
-                "options": {"queue": QUEUE_MAINTENANCE, "expires": 60.0},
+                "options": {**PERIODIC, "expires": 60.0},
             },
             "purge": {
                 "task": TASK_PURGE,
                 "schedule": settings.purge_interval_seconds,
-                "options": {"queue": QUEUE_MAINTENANCE, "expires": settings.purge_interval_seconds},
+                "options": {**PERIODIC, "expires": settings.purge_interval_seconds},
             },
         },
         "task_queues_names": [QUEUE_CASES, QUEUE_MAINTENANCE],

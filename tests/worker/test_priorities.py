@@ -60,3 +60,28 @@ def test_urgent_cases_are_served_before_a_routine_backlog(
     finally:
         if worker is not None:
             worker.stop()
+
+
+def test_the_sweeper_and_the_sealer_go_ahead_of_a_backlog_of_callbacks(settings, private_broker) -> None:  # type: ignore[no-untyped-def]
+    # They share the maintenance queue with the callbacks: behind deliveries to a clinic's slow
+    # endpoint they waited until their messages expired, and no stalled case was recovered meanwhile.
+    import uuid
+
+    from core.publisher import callback_task, send
+    from core.queueing import QUEUE_MAINTENANCE, TASK_CALLBACK
+    from worker.celery_app import create_app
+
+    app = create_app(settings.model_copy(update={"redis_url": private_broker.url}))
+    schedule = app.conf.beat_schedule
+    for _ in range(5):  # as the outbox sends them
+        assert send(app, callback_task(uuid.uuid4()))
+    for entry in ("sweep", "audit-seal"):
+        app.send_task(schedule[entry]["task"], **schedule[entry]["options"])
+    taken = []
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        for _ in range(3):  # the order a worker takes them in (Celery's own lists, one per priority step)
+            message = channel.basic_get(QUEUE_MAINTENANCE, no_ack=True)
+            assert message is not None
+            taken.append(message.headers["task"])
+    assert taken == [schedule["sweep"]["task"], schedule["audit-seal"]["task"], TASK_CALLBACK]
