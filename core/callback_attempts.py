@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import audit
@@ -66,18 +66,20 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
     nothing to do (delivered, given up, cancelled, or leased by another worker). A callback whose
     clinic or case is gone, or whose clinic is deactivated, is cancelled here (reactivating the clinic
     does not send it later: the clinic reads its cases instead). Commit before making the request."""
-    at = now()
-    row = session.scalar(
-        select(CallbackDelivery)
+    # the database's clock, not this host's: leases are written and compared by different hosts, and
+    # one whose clock ran ahead took over a live lease (a second POST of the same attempt's news)
+    found = session.execute(
+        select(CallbackDelivery, func.now())
         .where(
             CallbackDelivery.case_id == case_id,
             CallbackDelivery.status == CallbackStatus.PENDING.value,
-            or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < at),
+            or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
         )
-        .with_for_update(skip_locked=True)
-    )
-    if row is None:
+        .with_for_update(skip_locked=True, of=CallbackDelivery)
+    ).first()
+    if found is None:
         return None
+    row, at = found
     endpoint = session.get(ClinicCallback, row.clinic_id)
     case = session.get(Case, case_id)
     active = session.scalar(select(Clinic.active).where(Clinic.id == row.clinic_id))

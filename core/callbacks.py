@@ -239,7 +239,8 @@ def stale_deliveries(session: Session, cutoff: datetime, limit: int = 500) -> li
             .where(
                 CallbackDelivery.status == CallbackStatus.PENDING.value,
                 CallbackDelivery.updated_at < cutoff,
-                or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < now()),
+                # leases are stamped with the database's clock (core.callback_attempts.lease)
+                or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
             )
             .order_by(CallbackDelivery.updated_at)
             .limit(limit)

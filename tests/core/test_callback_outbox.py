@@ -145,3 +145,19 @@ def test_a_url_todays_settings_refuse_is_given_up_without_a_call(settings: Setti
             )
         ).all()
     assert [d.get("error") for d in details] == [delivery.URL_REFUSED]
+
+
+def test_a_host_whose_clock_runs_ahead_leaves_a_live_lease_alone(  # type: ignore[no-untyped-def]
+    settings: Settings, keyring, pending, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # leases were stamped and compared with each host's own clock: a worker or sweeper whose clock ran
+    # ahead of the one that leased the row took it over while its POST ran, and sent the news twice
+    held = lease(settings, keyring, pending)
+    assert held is not None
+    fast = lambda: datetime.now(UTC) + timedelta(hours=1)  # noqa: E731
+    monkeypatch.setattr(callback_attempts, "now", fast)
+    monkeypatch.setattr(callbacks, "now", fast)
+    assert lease(settings, keyring, pending) is None
+    with session_scope(settings) as session:
+        assert pending not in callbacks.stale_deliveries(session, cutoff=fast())
+    assert record(settings, held, 204).outcome == "delivered"
