@@ -231,3 +231,18 @@ def dataset_digest(samples: Iterable[Sample]) -> str:
     for s in sorted(samples, key=lambda s: s.image_id):
         digest.update(f"{s.image_id},{s.lesion_id},{s.dx}\n".encode())
     return digest.hexdigest()
+
+
+def check_training_data(info: dict[str, Any], samples: Sequence[Sample], data: str | Path) -> None:
+    """``ValueError`` unless ``samples`` (read from ``data``) are the data a model was trained on, as its
+    manifest's ``data`` record says: the lesion-level split is rebuilt from the samples, and other data
+    gives another split, whose validation and test parts hold lesions the weights were trained on."""
+    if not info.get("digest"):
+        raise ValueError("the manifest records no data digest, so its training split cannot be reproduced")
+    digest = dataset_digest(samples)
+    if digest != info["digest"]:
+        raise ValueError(
+            f"{data} is not the data this model was trained on (digest {digest[:12]}..., the manifest records "
+            f"{info['digest'][:12]}...): its split would put training lesions in the held-out parts. Point "
+            "--data at the training data"
+        )

@@ -72,6 +72,11 @@ def _log(values: tuple[float, ...]) -> np.ndarray:
     return array
 
 
+#: the smallest temperature a policy may have (fitting gives 0.5-3 on these models): near 0, logits / T
+#: overflowed into NaN probabilities
+MIN_TEMPERATURE = 1e-3
+
+
 class NonFiniteOutput(ArithmeticError):
     """The model's scores for an image hold NaN or infinity: no decision can be made from them (a
     failing device or a broken model file, never the image: its pixels are bounded numbers)."""
@@ -162,7 +167,11 @@ class DecisionPolicy:
         """``ValueError`` unless every number of the policy is one serving can use (:meth:`from_dict`)."""
         temperature, bias = self.calibration.temperature, self.calibration.bias
         problems = [
-            ("the temperature must be a finite number above 0", math.isfinite(temperature) and temperature > 0),
+            # (a temperature near 0 passed "above 0", and logits / T overflowed into NaN probabilities)
+            (
+                f"the temperature must be a finite number of at least {MIN_TEMPERATURE:g}",
+                math.isfinite(temperature) and temperature >= MIN_TEMPERATURE,
+            ),
             (f"the bias must be empty or {len(CLASSES)} finite numbers", len(bias) in (0, len(CLASSES))),
             (f"the offsets must be empty or {len(CLASSES)} finite numbers", len(self.offsets) in (0, len(CLASSES))),
             ("every prior must be a finite number above 0", all(math.isfinite(p) and p > 0 for p in self.prior)),

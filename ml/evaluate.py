@@ -221,6 +221,10 @@ def select_samples(manifest: dict[str, Any], data: str | Path, split: str) -> tu
         split = "test" if info.get("digest") and ds.dataset_digest(samples) == info["digest"] else "all"
     if split == "all":
         return samples, "all"
+    try:  # a part of another folder's split holds lesions the model was trained on
+        ds.check_training_data(info, samples, data)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     parts = ds.SplitSpec.from_record(info).apply(samples)
     return getattr(parts, split), split
 

@@ -79,6 +79,13 @@ def finalize(config: TrainConfig) -> Path:
     out = Path(config.out)
     workdir = Path(config.workdir)
     split = load_split(config)
+    trained = workdir / "split.json"
+    if trained.exists() and json.loads(trained.read_text()) != {
+        name: [s.image_id for s in getattr(split, name)] for name in ("train", "val", "test")
+    }:  # another --data: its split would put lesions the weights were trained on in the held-out parts
+        raise SystemExit(
+            f"the split of {config.data} is not the one {workdir} was trained on; point --data at its data"
+        )
     net = load_checkpoint(config)
     refit = json.loads((workdir / "refit.json").read_text()) if (workdir / "refit.json").exists() else None
     # a refit (ml.refit) serves the weights with its own resampler, not the one they were trained with

@@ -12,13 +12,19 @@ order onto timm's, every shape checked. Nothing is downloaded. Lite0 is a depend
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import timm
 import torch
 from torch import nn
+
+from ml.preprocess import INTERPOLATIONS
+
+#: how an image reaches the input size (the only one: squashed, never cropped) and the colour
+#: constancy steps a model may have been trained with (ml.preprocess)
+RESIZES = ("squash",)
+COLOUR_CONSTANCY = ("none", "shades_of_gray")
 
 DEFAULT_ARCH = "tf_efficientnet_lite0"
 
@@ -84,8 +90,19 @@ class Preprocessing:
         )
         if min(prep.input_size) < 1 or len(prep.mean) != 3 or len(prep.std) != 3:
             raise ValueError("preprocessing needs a positive input size and three means and deviations")
-        if not all(math.isfinite(m) for m in prep.mean) or not all(math.isfinite(d) and d > 0 for d in prep.std):
-            raise ValueError("preprocessing's means must be finite and its deviations finite and above 0")
+        if not all(0 <= m <= 1 for m in prep.mean) or not all(0 < d <= 1 for d in prep.std):
+            # (pixels are scaled to [0, 1] first: a mean on the 0-255 scale made every input meaningless)
+            raise ValueError("preprocessing's means must lie in [0, 1] and its deviations in (0, 1]")
+        # each checked here, not on the first case: a warm-up image already at the input size skips the
+        # resize, and the entry loaded and then failed every case (or served another transform)
+        if prep.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {prep.interpolation!r}; one of {', '.join(INTERPOLATIONS)}")
+        if prep.resize not in RESIZES:
+            raise ValueError(f"unknown resize {prep.resize!r}; one of {', '.join(RESIZES)}")
+        if prep.colour_constancy not in COLOUR_CONSTANCY:
+            raise ValueError(
+                f"unknown colour constancy {prep.colour_constancy!r}; one of {', '.join(COLOUR_CONSTANCY)}"
+            )
         return prep
 
 

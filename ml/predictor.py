@@ -30,9 +30,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,75 +41,14 @@ from torch import nn
 
 from ml import backends, heatmap, ood, preprocess, registry
 from ml import model as models
+from ml.answers import Analysis, Explanation, ModelInfo, ModelOutputs, Prediction
 from ml.backends import Backend, TorchBackend, resolve_device
 from ml.decision import DecisionPolicy, NonFiniteOutput
 from ml.gradcam import class_activation_map
 from ml.labels import CLASSES, NUM_CLASSES
 
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    """One image's answer. ``probabilities`` has all seven class codes and sums to 1."""
-
-    label: str
-    probabilities: dict[str, float]
-    confidence: float
-    uncertainty: float
-    referral: bool
-    referral_reasons: tuple[str, ...] = ()
-    #: the input is not a dermoscopy image the model can judge (see :mod:`ml.ood`): the other fields
-    #: are the model's raw answer and must not be shown as a diagnosis
-    out_of_distribution: bool = False
-    ood_reasons: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Explanation:
-    """Grad-CAM for one class: ``cam`` is the (h, w) float32 map in [0, 1] at the feature map's
-    resolution, ``overlay_png`` the overlay drawn from it at ``size`` (width, height)."""
-
-    class_code: str
-    cam: np.ndarray
-    overlay_png: bytes
-    method: str  # "cam" (one pass) or "gradcam" (gradients)
-    size: tuple[int, int]
-    seconds: float = 0.0
-
-    @property
-    def heatmap(self) -> np.ndarray:
-        """The (H, W) float32 map in [0, 1] at the overlay's size, made when asked for (serving draws
-        the overlay without it)."""
-        return heatmap.upsample(self.cam, self.size)
-
-
-@dataclass(frozen=True, slots=True)
-class Analysis:
-    """A classified image and what its heat map can be computed from without another forward pass."""
-
-    prediction: Prediction
-    batch: np.ndarray  # (1, H, W, 3) normalised input
-    features: np.ndarray | None  # (K, h, w) last feature map, when the one-pass CAM applies
-
-
-class ModelOutputs(NamedTuple):
-    """Raw model outputs for N images (see :meth:`Predictor.outputs`)."""
-
-    logits: np.ndarray  # (N, C) float32
-    features: np.ndarray  # (N, K) float32, the last feature map average-pooled
-    pixels: np.ndarray  # (N, H, W, 3) uint8, the model input before normalisation
-
-
-@dataclass
-class ModelInfo:
-    """Which model a predictor serves, and from which verified file."""
-
-    model_id: str
-    architecture: str
-    weights_sha256: str
-    version: str
-    manifest: dict[str, Any] = field(default_factory=dict)
-    backend: str = "torch"  # torch | onnx | onnx-int8
-    artefact_sha256: str = ""  # digest of the file that computes the answers (weights or ONNX graph)
+#: test-time augmentation: none, or each image and its mirror image averaged
+TTA_MODES = ("none", "hflip")
 
 
 class Predictor:
@@ -142,7 +80,7 @@ class Predictor:
             "unregistered", type(self.model).__name__ if self.model is not None else model.name, "", "0"
         )
         self.info.backend = model.name
-        if tta not in ("none", "hflip"):
+        if tta not in TTA_MODES:
             raise ValueError(f"unknown test-time augmentation {tta!r}")
         self.tta = tta
         self.batch_size = batch_size
@@ -179,6 +117,15 @@ class Predictor:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKENDS)}")
         # ONNX Runtime serves on the CPU: "auto" means the CPU there (and CUDA is never touched for it)
         target = torch.device("cpu") if backend in backends.ONNX_FILES and device == "auto" else resolve_device(device)
+        try:  # a field the entry lacks or mistypes is the entry's fault, told as such (not a KeyError)
+            return cls._load_entry(entry, manifest, backend, target, threads, **kwargs)
+        except (KeyError, TypeError) as exc:
+            raise registry.RegistryError(f"{entry.name}: the manifest lacks or mistypes {exc}") from exc
+
+    @classmethod
+    def _load_entry(
+        cls, entry: Path, manifest: dict[str, Any], backend: str, target: torch.device, threads: int, **kwargs: Any
+    ) -> Predictor:
         chosen = backends.choose(manifest, backend, target)
         engine: nn.Module | Backend
         if chosen == "torch":
@@ -203,6 +150,8 @@ class Predictor:
             policy = DecisionPolicy.from_dict(manifest["decision"])
         except (KeyError, TypeError, ValueError) as exc:
             raise registry.RegistryError(f"{entry.name}: the manifest's preprocessing or decision: {exc}") from exc
+        if manifest.get("tta", "none") not in TTA_MODES:
+            raise registry.RegistryError(f"{entry.name}: unknown test-time augmentation {manifest['tta']!r}")
         return cls(
             engine,
             prep,
@@ -237,7 +186,10 @@ class Predictor:
             state = load_safetensors(data)
         except Exception as exc:
             raise registry.RegistryError(f"{entry.name}: weights file does not parse as safetensors") from exc
-        net = models.create(manifest["architecture"], NUM_CLASSES)
+        try:
+            net = models.create(manifest["architecture"], NUM_CLASSES)
+        except RuntimeError as exc:  # timm: "Unknown model"
+            raise registry.RegistryError(f"{entry.name}: {exc}") from exc
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         try:
             net.load_state_dict(state, strict=True)
@@ -350,6 +302,8 @@ class Predictor:
         if self.gate is not None and pixels is not None and fmap is not None:
             gated = self.gate.reasons(self.gate.scores(pixels, logits, ood.pooled(fmap)))
         probabilities = self.policy.probabilities(logits)
+        if not np.isfinite(probabilities).all():  # a policy whose numbers overflow: never an answer
+            raise NonFiniteOutput("the decision policy gave non-finite probabilities")
         labels = self.policy.labels(probabilities)
         uncertainty = self.policy.uncertainty(probabilities)
         reasons = self.policy.referral_reasons(probabilities, labels, uncertainty)

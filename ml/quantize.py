@@ -33,14 +33,10 @@ def training_split(manifest: dict[str, Any], data: str | Path) -> ds.Split:
     """The entry's lesion-level split of ``data``, refused unless it is the data the model was trained on."""
     info = manifest.get("data") or {}
     samples = ds.read_dataset(data)
-    if not info.get("digest"):
-        raise ExportError("the manifest records no data digest, so its training split cannot be reproduced")
-    digest = ds.dataset_digest(samples)
-    if digest != info["digest"]:
-        raise ExportError(
-            f"{data} is not the data this model was trained on (digest {digest[:12]}..., the manifest records "
-            f"{info['digest'][:12]}...); calibrating on it could use test images. Point --data at the training data"
-        )
+    try:
+        ds.check_training_data(info, samples, data)
+    except ValueError as exc:  # calibrating on other data could use test images
+        raise ExportError(str(exc)) from None
     return ds.SplitSpec.from_record(info).apply(samples)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from ml import data as ds
 from ml import preprocess, registry
 from ml.checkpoint import CHECKPOINT
 from ml.recipe import TrainConfig, read_config
@@ -67,6 +68,10 @@ def prepare(source: Path, out: Path, data: str, *, interpolation: str, gate_stri
     interpolation = interpolation or manifest["preprocessing"]["interpolation"]
     source_stride = loaded.gate.stride if loaded.gate is not None else 1
     gate_stride = source_stride if gate_stride is None else gate_stride
+    try:  # the refit's own split (its calibration, gate and figures) is rebuilt from this data
+        ds.check_training_data(manifest.get("data") or {}, ds.read_dataset(data), data)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     training = manifest.get("training") or {}
     if "config" not in training:
         raise SystemExit(f"{source.name} records no training configuration to refit from")

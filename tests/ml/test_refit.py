@@ -4,6 +4,7 @@ entry, fitted and measured again, that says where its weights come from."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from ml import preprocess, refit, registry, train
+from ml import evaluate, preprocess, refit, registry, train
 from ml.predictor import Predictor
 from tests.ml.conftest import TINY_RUN
 
@@ -60,6 +61,20 @@ def test_a_refit_serves_the_same_weights_with_its_own_preprocessing_gate_and_fig
     config = refit.prepare(out, again, str(synthetic_folder), interpolation="", gate_stride=None)
     settled = json.loads((Path(config.workdir) / "refit.json").read_text())
     assert settled["interpolation"] == [preprocess.ANTIALIASED] * 2 and settled["gate_stride"] == [2, 2]
+
+    # other data (here most of the same images) gives another lesion split, whose held-out parts hold
+    # lesions the weights were trained on: refused for a refit and for a named part of the split
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = (synthetic_folder / "metadata.csv").read_text().splitlines()
+    (other / "metadata.csv").write_text("\n".join(lines[:-5]) + "\n")
+    shutil.copytree(synthetic_folder / "images", other / "images")
+    with pytest.raises(SystemExit, match="not the data this model was trained on"):
+        refit.prepare(out, tmp_path / "registry" / "synthetic-v4", str(other), interpolation="", gate_stride=None)
+    with pytest.raises(SystemExit, match="not the data this model was trained on"):
+        evaluate.select_samples(after, str(other), "test")
+    assert evaluate.select_samples(after, str(other), "auto")[1] == "all"
+    assert evaluate.select_samples(after, str(synthetic_folder), "auto")[1] == "test"
 
 
 def test_the_history_is_read_from_the_cards_table() -> None:

@@ -42,6 +42,12 @@ def _edit(entry: Path, section: str, **values: Any) -> None:
         ("decision", {"uncertainty_threshold": float("nan")}, "thresholds"),
         ("preprocessing", {"std": [0.229, 0.0, 0.225]}, "deviations"),
         ("preprocessing", {"mean": [0.5, float("inf"), 0.5]}, "means"),
+        ("decision.calibration", {"temperature": 1e-310}, "temperature"),  # logits / T: NaN probabilities
+        ("preprocessing", {"mean": [123.7, 116.3, 103.5]}, "means"),  # the 0-255 scale
+        # the warm-up image is already at the input size and skips the resize: each case then failed
+        ("preprocessing", {"interpolation": "lanczos"}, "interpolation"),
+        ("preprocessing", {"resize": "center_crop"}, "resize"),  # was served squashed, unsaid
+        ("preprocessing", {"colour_constancy": "grey_world"}, "colour constancy"),
     ],
 )
 def test_a_manifest_with_numbers_no_model_was_fitted_with_is_refused_at_load(
