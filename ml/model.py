@@ -19,8 +19,6 @@ import timm
 import torch
 from torch import nn
 
-from ml.preprocess import INTERPOLATIONS
-
 #: how an image reaches the input size (the only one: squashed, never cropped) and the colour
 #: constancy steps a model may have been trained with (ml.preprocess)
 RESIZES = ("squash",)
@@ -94,9 +92,8 @@ class Preprocessing:
             # (pixels are scaled to [0, 1] first: a mean on the 0-255 scale made every input meaningless)
             raise ValueError("preprocessing's means must lie in [0, 1] and its deviations in (0, 1]")
         # each checked here, not on the first case: a warm-up image already at the input size skips the
-        # resize, and the entry loaded and then failed every case (or served another transform)
-        if prep.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {prep.interpolation!r}; one of {', '.join(INTERPOLATIONS)}")
+        # resize, and the entry loaded and then failed every case (or served another transform; the
+        # interpolation is checked where the entry loads, ml.predictor, beside ml.preprocess's list)
         if prep.resize not in RESIZES:
             raise ValueError(f"unknown resize {prep.resize!r}; one of {', '.join(RESIZES)}")
         if prep.colour_constancy not in COLOUR_CONSTANCY:

@@ -147,6 +147,8 @@ class Predictor:
         )
         try:
             prep = models.Preprocessing.from_dict(manifest["preprocessing"])
+            if prep.interpolation not in preprocess.INTERPOLATIONS:
+                raise ValueError(f"unknown interpolation {prep.interpolation!r}")
             policy = DecisionPolicy.from_dict(manifest["decision"])
         except (KeyError, TypeError, ValueError) as exc:
             raise registry.RegistryError(f"{entry.name}: the manifest's preprocessing or decision: {exc}") from exc
