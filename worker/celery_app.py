@@ -102,12 +102,21 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: Settings) -> Celery:
-    celery = Celery("dermq", include=["worker.tasks"])
+class DermqCelery(Celery):
+    """The Celery app, holding dermq's settings beside its configuration, not in it: ``conf`` is what
+    ``celery inspect conf`` and Flower's worker page show, and Celery masks only names that look
+    secret, so settings kept there showed the database's and Redis's URLs with their passwords."""
+
+    def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dermq_settings = settings
+
+
+def create_app(settings: Settings) -> DermqCelery:
+    celery = DermqCelery(settings, "dermq", include=["worker.tasks"])
     config = celery_config(settings)
     config.pop("task_queues_names")
     celery.conf.update(config)
-    celery.conf.dermq_settings = settings
     return celery
 
 

@@ -117,7 +117,7 @@ def skip_claimed(task: Any, app: Any, consumer: Any, **options: Any) -> Any:
     """Celery execution strategy of the classify task: Celery's own, except that a message whose
     case a batch has marked is acknowledged and dropped here, in the main process."""
     handle = default(task, app, consumer, **options)
-    connection = client(app.conf.dermq_settings.redis_url)
+    connection = client(app.dermq_settings.redis_url)
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any) -> Any:
         case_id = _plain_case_id(message)

@@ -43,7 +43,7 @@ _keyrings: dict[str, KeyringSource] = {}
 
 
 def settings() -> Settings:
-    return app.conf.dermq_settings
+    return app.dermq_settings
 
 
 def keyring(config: Settings) -> Keyring:

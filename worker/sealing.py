@@ -40,7 +40,7 @@ def _signing_keys(config: Settings) -> SigningKeys:
 @app.task(name=TASK_AUDIT_SEAL)
 def audit_seal() -> dict[str, object]:
     """Sequence the committed audit events into the log and sign a checkpoint."""
-    config = app.conf.dermq_settings
+    config = app.dermq_settings
     try:
         result = _seal_once(config)
     except audit_log.TamperedLog as exc:  # signs nothing more until someone looks (DermqAuditSealingStalled)
@@ -91,7 +91,7 @@ def audit_check() -> dict[str, object]:
     """Verify the log incrementally, record the result in Postgres and the gauge's ok flag in Redis."""
     from worker.tasks import _redis_client
 
-    config = app.conf.dermq_settings
+    config = app.dermq_settings
     report = check(config, _signing_keys(config))
     state = {"ok": report.ok, "checked_at": datetime.now(UTC).isoformat(timespec="seconds")}
     _redis_client(config).set(AUDIT_CHECK_KEY, json.dumps(state))

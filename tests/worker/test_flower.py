@@ -58,3 +58,27 @@ def test_flower_refuses_to_start_without_a_real_password_in_production(
         assert flower.proc.wait(60) != 0
     finally:
         flower.stop()
+
+
+def test_the_worker_configuration_flower_shows_holds_no_password(settings) -> None:  # type: ignore[no-untyped-def]
+    # Flower's worker page and `celery inspect conf` show the app's configuration, masking only names
+    # that look secret: dermq's settings kept there showed the database's and Redis's passwords
+    import json
+    from types import SimpleNamespace
+
+    from celery.worker.control import conf as dump_conf
+
+    from worker.celery_app import create_app
+
+    secret = secrets.token_hex(8)
+    app = create_app(
+        settings.model_copy(
+            update={
+                "database_url": f"postgresql+psycopg2://dermq:{secret}@db/dermq",
+                "redis_url": f"redis://:{secret}@redis:6379/0",
+            }
+        )
+    )
+    shown = json.dumps(dump_conf(SimpleNamespace(app=app), with_defaults=True), default=str)
+    assert "task_acks_late" in shown  # the configuration is there
+    assert secret not in shown
