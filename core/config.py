@@ -290,7 +290,8 @@ def get_settings() -> Settings:
     secrets_dir = os.environ.get("DERMQ_SECRETS_DIR")
     if not secrets_dir:
         return Settings()
-    for path in sorted(Path(secrets_dir).glob("dermq_*")):  # the files that supply settings
+    # the files that supply settings, in any case: pydantic-settings finds DERMQ_KEYS_JSON as well
+    for path in sorted(p for p in Path(secrets_dir).iterdir() if p.name.lower().startswith("dermq_")):
         if path.is_file() and (mode := exposed_mode(path)) is not None:
             raise ValueError(
                 f"the secret file {path} has mode {mode:o}: others may read or change it; chmod 600 it (or 440 "

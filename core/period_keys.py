@@ -331,6 +331,10 @@ class PeriodKeys:
                 write_private_json(self._tombstone(period), {"period": period, "destroyed_at": at, "reason": reason})
             existed = path.exists()
             path.unlink(missing_ok=True)
+            # a write a crash interrupted leaves its temporary file, the same key under another name
+            # (after the hard link of _publish, the very same file): destroyed too
+            for leftover in self.folder.glob(f".{path.name}.*"):
+                leftover.unlink(missing_ok=True)
             self._sync_folder()
             with self._cache_lock:
                 self._cache.pop(period, None)

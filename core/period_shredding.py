@@ -160,6 +160,12 @@ def _refused(settings: Settings, period: str, actor: audit.Actor, reason: str, d
         )
 
 
+#: how long after its end a period may still have a case sealed under it: a request that picked the
+#: period before midnight seals when its upload has arrived (minutes later, DERMQ_UPLOAD_TIMEOUT_SECONDS)
+#: and its host's clock may lag the operator's; a key destroyed meanwhile left an accepted case unreadable
+SEALING_MARGIN = timedelta(hours=1)
+
+
 def destroy_period(
     settings: Settings,
     period: str,
@@ -179,7 +185,7 @@ def destroy_period(
     except ValueError as exc:
         raise InvalidInput(str(exc), code="invalid_period") from None
     keys = folder(settings)
-    if end > (now or datetime.now(UTC)):
+    if end + SEALING_MARGIN > (now or datetime.now(UTC)):
         _refused(settings, period, actor, "not_ended", {})
         raise Conflict(
             f"period {period} has not ended: cases are still sealed under its key; it cannot be destroyed",

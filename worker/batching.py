@@ -137,6 +137,7 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
             _fail_unreadable(config, more, unreadable, outcomes)
         _run_claimed_batch(config, predictor, items, started, outcomes, limit_started=progress.started)
     except BaseException as exc:
+        progress.settled = outcomes.get(case_id)  # (stopped by a companion's fail, say, after the lead's)
         # out of time, a batch cannot tell which case spent it: this one goes back too, to run alone
         # (a case claimed before joins no batch), rather than end failed on its first attempt
         lead_too = isinstance(exc, SoftTimeLimitExceeded) and len(claimed) > 1

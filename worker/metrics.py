@@ -125,8 +125,11 @@ def record_gpu_memory() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         # the card's own count (cudaMemGetInfo), not torch's allocations: those leave out each child's
         # CUDA context, torch's cache and any other process, and read well under a card that is full
-        device = torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(device)
+        try:
+            device = torch.cuda.current_device()
+            free, total = torch.cuda.mem_get_info(device)
+        except RuntimeError:  # a card that failed while the model loaded (the child serves on the CPU):
+            return  # a gauge is never worth the child (the error would read as the GPU failing mid-pass)
         GPU_MEMORY.labels(f"cuda:{device}").set(total - free)
         GPU_MEMORY_TOTAL.labels(f"cuda:{device}").set(total)
 

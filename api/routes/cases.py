@@ -12,7 +12,6 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
@@ -183,9 +182,11 @@ async def _wait_and_read(
 ) -> CaseOut:
     """The case once it has ended or ``wait`` has passed. The case (or the replay's audit event) is kept
     and its task sent once the wait's ticket is taken: a new case cannot end unheard, so its wait needs
-    no first look. Once that commit is through, a database that fails the wait or its read (busy,
-    unreachable) answers with the case as stored, its ``Location`` to poll: a 503 saying that nothing
-    was stored had a portal without an Idempotency-Key send the image again as a second case."""
+    no first look. Once that commit is through, a database too busy for the wait's look or its read (no
+    connection, no lane in time) answers with the case as stored, its ``Location`` to poll: a 503
+    saying that nothing was stored had a portal without an Idempotency-Key send the image again as a
+    second case. A database that fails outright still answers 503: that commit did not wait for the
+    disk (the read's durable commit does), and a crash may have taken the case with it."""
     committed = False
 
     async def commit() -> None:
@@ -196,7 +197,7 @@ async def _wait_and_read(
     try:
         await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=commit, created=created)
         return await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
-    except (ServiceUnavailable, DBAPIError, PoolTimeout) as exc:
+    except (ServiceUnavailable, PoolTimeout) as exc:
         if not committed:
             raise
         log.warning(

@@ -175,3 +175,20 @@ def test_a_secret_file_that_others_may_read_stops_the_settings(tmp_path: Path, m
                 get_settings()
     finally:
         get_settings.cache_clear()
+
+
+def test_a_secret_file_named_in_upper_case_is_checked_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pydantic-settings finds DERMQ_FLOWER_PASSWORD as it finds dermq_flower_password: the check did not
+    secret = tmp_path / "DERMQ_FLOWER_PASSWORD"
+    secret.write_text("k3y-from-a-secret-store")
+    secret.chmod(0o644)
+    monkeypatch.setenv("DERMQ_SECRETS_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="DERMQ_FLOWER_PASSWORD has mode 644"):
+            get_settings()
+        secret.chmod(0o600)
+        get_settings.cache_clear()
+        assert get_settings().flower_password.get_secret_value() == "k3y-from-a-secret-store"  # it is read
+    finally:
+        get_settings.cache_clear()

@@ -4,6 +4,7 @@ answers 410 ``period_key_destroyed`` (it answered 500), and no process keeps the
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from dataclasses import replace
 from datetime import timedelta
@@ -117,3 +118,18 @@ def test_a_period_key_folder_that_is_not_there_is_a_keyring_error_not_a_lost_key
     holding.ensure("2026-10")
     with pytest.raises(DecryptionError, match="no key for period 2026-11"):
         holding.key(keyring, kek_id("2026-11"))
+
+
+def test_a_destroyed_period_leaves_no_copy_of_its_key_behind(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A key file's write that a crash interrupted leaves its temporary file: the same key under
+    another name (after the hard link, the very same file), which destruction left in place."""
+    from core.period_keys import PeriodKeys
+
+    keys = PeriodKeys(tmp_path / "keys", settings)
+    keys.ensure("2026-09")
+    key_file = keys.folder / "2026-09.json"
+    leftover = keys.folder / ".2026-09.json.k3xq9z"
+    os.link(key_file, leftover)  # as a crash between the link and the clean-up leaves it
+    keys.destroy("2026-09", reason="retention")
+    assert not key_file.exists() and not leftover.exists()
+    assert sorted(p.name for p in keys.folder.iterdir() if "2026-09" in p.name) == ["2026-09.destroyed"]

@@ -18,7 +18,7 @@ from core.config import Settings
 from core.db import session_scope
 from core.models import CallbackDelivery, Case, ClinicCallback, Result
 from core.publisher import make_publisher
-from core.queueing import QUEUE_MAINTENANCE
+from core.queueing import QUEUE_MAINTENANCE, queue_lists
 from tests import support
 from tests.conftest import Tenant, own_database_fixtures
 from tests.faults.servers import RedisServer
@@ -254,7 +254,7 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
         assert callbacks.note_finished(session, case_id, publisher=publisher)
         assert not callbacks.note_finished(session, case_id, publisher=publisher)  # one notice per case
     assert callback_messages(client, case_id) == 1  # its own message, sent once the failure committed
-    client.delete(QUEUE_MAINTENANCE)  # ...and lost
+    client.delete(*queue_lists(QUEUE_MAINTENANCE))  # ...and lost
     report = sweep(sweeping)
     assert str(case_id) not in report.callbacks_republished  # fresh: its own message may still come
     stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
@@ -271,8 +271,8 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
 
 
 def callback_messages(client: redis.Redis, case_id: uuid.UUID) -> int:
-    """How many callback messages for ``case_id`` wait in the maintenance queue."""
-    messages = client.lrange(QUEUE_MAINTENANCE, 0, -1)
+    """How many callback messages for ``case_id`` wait in the maintenance queue (any of its lists)."""
+    messages = [raw for name in queue_lists(QUEUE_MAINTENANCE) for raw in client.lrange(name, 0, -1)]
     return sum(1 for raw in messages if str(case_id).encode() in raw and b"dermq.callback" in raw)
 
 

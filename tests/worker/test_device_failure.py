@@ -139,3 +139,31 @@ def test_which_errors_mean_the_gpu_has_failed() -> None:
     assert not runtime.device_failed(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not runtime.device_failed(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not runtime.device_failed(ValueError("CUDA error: not a CUDA error at all"))
+
+
+def test_the_memory_gauge_of_a_card_that_failed_while_loading_never_ends_the_child(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The child serves on the CPU, but CUDA was initialised: after each batch the GPU memory gauge
+    asked the dead context, and its CUDA error ended the child as a GPU failing mid-pass would. (In a
+    process of its own: the metrics module needs its multiprocess folder before it is imported.)"""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    script = (
+        "import torch\n"
+        "torch.cuda.is_available = torch.cuda.is_initialized = lambda: True\n"
+        "torch.cuda.current_device = lambda: 0\n"
+        "def dead(device):\n"
+        f"    raise torch.AcceleratorError({ILLEGAL_ACCESS!r})\n"
+        "torch.cuda.mem_get_info = dead\n"
+        "from worker import metrics\n"
+        "metrics.record_gpu_memory()\n"
+        "print('served on')\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "served on", done.stderr[-2000:]
