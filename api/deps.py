@@ -298,12 +298,25 @@ def require_role(caller: Caller, *roles: Role) -> None:
         )
 
 
-async def record_denial(request: Request, error: DermqError) -> None:
-    """Write a denial's audit event in its own transaction (the request's rolled back)."""
+async def record_denial(request: Request, error: DermqError) -> DermqError:
+    """Write a denial's audit event in its own transaction (the request's rolled back); the error to
+    answer with. A key's audited denials are counted like its reads: a refusal for its role comes
+    before any other limit, and a key looping on a route its role cannot use wrote an audit event a
+    request, for good, into a table nobody may delete from. Past the limit the answer is a 429, not
+    audited, like every request over a limit."""
     pending: audit.PendingEvent = error.audit
     app = app_state(request)
     caller: Caller | None = getattr(request.state, "caller", None)
     actor = caller.actor if caller is not None else actor_for(request)
+    if caller is not None:
+        per_minute = app.settings.rate_limit_reads_per_minute
+        bucket = f"denied:{caller.principal.key_id}"
+        decision = await run_in_threadpool(app.limiter.hit, bucket, per_minute, failures=True)
+        if not decision.allowed:
+            return RateLimited(
+                f"this key's refused requests passed {per_minute} per minute; retry in {decision.retry_after} s",
+                retry_after=decision.retry_after,
+            )
 
     def write() -> None:
         clinics: list[uuid.UUID | None] = [None]  # None: the caller's clinic
@@ -321,3 +334,4 @@ async def record_denial(request: Request, error: DermqError) -> None:
             "could not record a denied attempt in the audit trail",
             extra={"event": "audit_write_failed", "error": type(exc).__name__},
         )
+    return error

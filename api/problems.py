@@ -62,12 +62,13 @@ def problem(
 
 
 def install(app: FastAPI, on_denied: Any) -> None:
-    """Register the handlers. ``on_denied(request, error)`` records a denial's audit event."""
+    """Register the handlers. ``on_denied(request, error)`` records a denial's audit event and returns the
+    error to answer with."""
 
     @app.exception_handler(DermqError)
     async def _domain(request: Request, exc: DermqError) -> JSONResponse:
         if exc.audit is not None:
-            await on_denied(request, exc)
+            exc = await on_denied(request, exc)  # (a 429 once the key's audited refusals pass its limit)
         return problem(
             exc.status, exc.code, exc.title, exc.message, request=request, headers=exc.headers, extra=exc.extra
         )

@@ -84,5 +84,6 @@ def list_keys(clinic: str | None, as_json: bool) -> int:
 def revoke(key_ref: str) -> int:
     with session_scope(get_settings()) as session:
         revoked = keys.revoke_key(session, keys.find_key(session, key_ref), actor=CLI_ACTOR)
-        click.echo(f"revoked key {revoked.id} (dq_{revoked.prefix}_...)")
+        said = f"revoked key {revoked.id} (dq_{revoked.prefix}_...)"
+    click.echo(said)  # once committed: a commit that fails must not read as a revoked key
     return 0

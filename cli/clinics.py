@@ -23,7 +23,8 @@ def clinic() -> None:
 def create(name: str, as_json: bool) -> int:
     with session_scope(get_settings()) as session:
         created = clinics.create_clinic(session, name, actor=CLI_ACTOR)
-        echo_record({"id": str(created.id), "name": created.name}, as_json)
+        record = {"id": str(created.id), "name": created.name}
+    echo_record(record, as_json)  # once committed
     return 0
 
 
@@ -47,7 +48,8 @@ def _set_active(name_or_id: str, active: bool) -> int:
     with session_scope(get_settings()) as session:
         found = clinics.get_clinic(session, name_or_id)
         clinics.set_active(session, found.id, active, actor=CLI_ACTOR)
-        click.echo(f"clinic {found.name} {'activated' if active else 'deactivated'}")
+        said = f"clinic {found.name} {'activated' if active else 'deactivated'}"
+    click.echo(said)  # once committed: a commit that fails must not read as a deactivated clinic
     return 0
 
 

@@ -89,7 +89,20 @@ def owned_case(
     session: Session, principal: Principal, case_id: uuid.UUID, action: str, *, for_update: bool = False
 ) -> Case:
     clinic_id = require_clinic(principal, action, str(case_id))
-    return owned(session.get(Case, case_id, with_for_update=for_update), clinic_id, action, case_id)
+    if not for_update:
+        return owned(session.get(Case, case_id), clinic_id, action, case_id)
+    # only a case of the caller's clinic is locked: another clinic's, locked while its own worker or
+    # request held it, made the caller wait (telling it the case exists) and held up that clinic's work
+    case = session.scalar(
+        select(Case)
+        .where(Case.id == case_id, Case.clinic_id == clinic_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if case is None:
+        owner = session.scalar(select(Case.clinic_id).where(Case.id == case_id))  # for the refusal's trace
+        raise _not_found(action, case_id, owner=owner)
+    return case
 
 
 def owned(case: Case | None, clinic_id: uuid.UUID, action: str, case_id: uuid.UUID) -> Case:

@@ -224,3 +224,22 @@ def test_failed_logins_stay_limited_while_redis_is_down() -> None:
     assert limiter.check(bucket, 3, failures=True).allowed
     # request limits still let clinics through during the outage
     assert all(limiter.hit("read:some-key", 3).allowed for _ in range(5))
+
+
+def test_refusals_for_a_keys_role_are_limited_and_each_audited_one_counted(strict, make_key, settings) -> None:  # type: ignore[no-untyped-def]
+    # the role is judged before any limit: a key looping on a route its role cannot use wrote an
+    # audit event a request, for good, into a table nobody may delete from
+    from sqlalchemy import func, select
+
+    from core.db import session_scope
+    from core.models import AuditEvent
+
+    clinic = make_key()
+    codes = [strict.get("/v1/audit-events", headers=clinic.headers).status_code for _ in range(8)]
+    assert codes == [403] * 5 + [429] * 3
+    with session_scope(settings) as session:
+        denied = session.scalar(
+            select(func.count()).where(AuditEvent.action == "access.denied", AuditEvent.actor_key_id == clinic.key_id)
+        )
+    assert denied == 5
+    assert strict.get("/v1/cases", headers=clinic.headers).status_code == 200  # its own reads are its own

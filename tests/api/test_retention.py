@@ -98,3 +98,26 @@ def test_retention_purge_runs_as_a_beat_task(client, worker, tenant, fixture_ima
     purged = client.get(f"/v1/cases/{old_id}", headers=tenant.headers).json()
     assert purged["status"] == "purged" and purged["result"] is None
     assert purge_events(settings, old_id) == [{"reason": "retention", "blobs": 3}]
+
+
+def test_another_clinics_case_held_by_its_own_work_answers_404_at_once(  # type: ignore[no-untyped-def]
+    client, make_key, store_case, settings
+) -> None:
+    # erase and outcome lock the case: another clinic's case was locked before its owner was checked,
+    # so while its own worker held it the caller waited, then got a 503 where a missing case gets a 404
+    from sqlalchemy import create_engine, text
+
+    mine, theirs = make_key(), make_key()
+    case_id = store_case(theirs, b"being classified")
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as holder, holder.begin():
+            holder.execute(text("SELECT 1 FROM cases WHERE id = :id FOR UPDATE"), {"id": case_id})
+            erase = client.delete(f"/v1/cases/{case_id}", headers=mine.headers)
+            outcome = client.post(
+                f"/v1/cases/{case_id}/outcome", headers=mine.headers, json={"diagnosis": "nv", "method": "histo"}
+            )
+    finally:
+        engine.dispose()
+    for answer in (erase, outcome):
+        assert answer.status_code == 404 and answer.json()["code"] == "case_not_found", answer.text

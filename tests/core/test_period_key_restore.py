@@ -133,3 +133,16 @@ def test_a_destroyed_period_leaves_no_copy_of_its_key_behind(settings, tmp_path)
     keys.destroy("2026-09", reason="retention")
     assert not key_file.exists() and not leftover.exists()
     assert sorted(p.name for p in keys.folder.iterdir() if "2026-09" in p.name) == ["2026-09.destroyed"]
+
+
+def test_a_period_that_ended_moments_ago_is_not_destroyed(site: Site) -> None:  # noqa: F811
+    """A request that chose the period before midnight may still be sealing under it (its upload
+    arriving, its host's clock behind): destroyed at once, its accepted case could never be read."""
+    from core.errors import Conflict
+
+    current = site.period(NOW)
+    load_keyring(site.settings).periods.ensure(current)  # type: ignore[union-attr]
+    _, end = period_shredding.bounds(current)
+    with pytest.raises(Conflict) as just_ended:
+        period_shredding.destroy_period(site.settings, current, force=True, now=end + timedelta(minutes=5))
+    assert just_ended.value.code == "period_not_ended"
