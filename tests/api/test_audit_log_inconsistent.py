@@ -21,13 +21,17 @@ from tests.conftest import Tenant, new_tenant
 
 
 @pytest.fixture(scope="module")
-def auditor_client(own_database, redis_client) -> Iterator[tuple[Any, Any]]:  # type: ignore[no-untyped-def]
+def auditor_client(own_database, redis_client, tmp_path_factory) -> Iterator[tuple[Any, Any]]:  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
-    with TestClient(create_app(own_database), raise_server_exceptions=False) as client:
-        yield client, own_database
+    # a witness file of its own: this database's log is not the shared one, whose witness it would break
+    settings = own_database.model_copy(
+        update={"audit_witness_file": tmp_path_factory.mktemp("witness") / "witness.log"}
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client, settings
 
 
 def test_a_checkpoint_row_its_note_does_not_vouch_for_is_refused_not_served(auditor_client, keyring) -> None:  # type: ignore[no-untyped-def]
