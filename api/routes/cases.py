@@ -12,6 +12,7 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
@@ -36,6 +37,8 @@ from ml import working_copy
 from ml.images import ImageHeader, ImageLimits, InvalidImage
 
 log = logging.getLogger("dermq.api")
+#: Postgres's lock_timeout and statement_timeout: the database is busy, not down
+BUSY_PGCODES = ("55P03", "57014")
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 WaitSeconds = Annotated[
     float,
@@ -183,10 +186,11 @@ async def _wait_and_read(
     """The case once it has ended or ``wait`` has passed. The case (or the replay's audit event) is kept
     and its task sent once the wait's ticket is taken: a new case cannot end unheard, so its wait needs
     no first look. Once that commit is through, a database too busy for the wait's look or its read (no
-    connection, no lane in time) answers with the case as stored, its ``Location`` to poll: a 503
-    saying that nothing was stored had a portal without an Idempotency-Key send the image again as a
-    second case. A database that fails outright still answers 503: that commit did not wait for the
-    disk (the read's durable commit does), and a crash may have taken the case with it."""
+    connection or lane in time, a lock or statement timeout) answers with the case as stored, its
+    ``Location`` to poll: a 503 saying that nothing was stored had a portal without an Idempotency-Key
+    send the image again as a second case (a busy database writes the commit out within a second). A
+    database that fails outright still answers 503: that commit did not wait for the disk (the read's
+    durable commit does), and a crash may have taken the case with it."""
     committed = False
 
     async def commit() -> None:
@@ -197,8 +201,9 @@ async def _wait_and_read(
     try:
         await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=commit, created=created)
         return await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
-    except (ServiceUnavailable, PoolTimeout) as exc:
-        if not committed:
+    except (ServiceUnavailable, PoolTimeout, OperationalError) as exc:
+        busy = not isinstance(exc, OperationalError) or getattr(exc.orig, "pgcode", None) in BUSY_PGCODES
+        if not committed or not busy:
             raise
         log.warning(
             "a waiting submission's case is stored; the database failed its wait, answered as stored",

@@ -237,6 +237,8 @@ def test_refusals_for_a_keys_role_are_limited_and_each_audited_one_counted(stric
     clinic = make_key()
     codes = [strict.get("/v1/audit-events", headers=clinic.headers).status_code for _ in range(8)]
     assert codes == [403] * 5 + [429] * 3
+    refused = strict.get("/v1/audit-events", headers=clinic.headers)
+    assert refused.json()["code"] == "rate_limited" and int(refused.headers["retry-after"]) >= 1
     with session_scope(settings) as session:
         denied = session.scalar(
             select(func.count()).where(AuditEvent.action == "access.denied", AuditEvent.actor_key_id == clinic.key_id)
