@@ -49,8 +49,8 @@ def _latest(session: Session) -> audit_log.StoredCheckpoint:
     try:
         says = checkpoint.unverified(latest.note)
     except checkpoint.CheckpointError:
-        says = None
-    if says is None or (says.size, says.root) != (latest.size, latest.root):
+        raise Conflict(INCONSISTENT, code="log_inconsistent") from None
+    if (says.size, says.root) != (latest.size, latest.root):
         raise Conflict(INCONSISTENT, code="log_inconsistent")
     return audit_log.StoredCheckpoint(says.size, says.root, says.time, latest.note)
 
@@ -171,16 +171,12 @@ async def consistency_proof(
         tree = audit_log.StoredTree(session)
         try:
             path = audit_log.consistency_proof(session, old, new_size)
-            roots = (tree.root(old) if old else None, tree.root(new_size))
+            old_root, new_root = (_b64(tree.root(old)) if old else None), _b64(tree.root(new_size))
         except LookupError:
             raise Conflict(INCONSISTENT, code="log_inconsistent") from None
         record_auditor_access(session, caller, "audit.proof", {"kind": "consistency", "from": old, "to": new_size})
         return ConsistencyProofOut(
-            old_size=old,
-            new_size=new_size,
-            path=[_b64(h) for h in path],
-            old_root=_b64(roots[0]) if roots[0] is not None else None,
-            new_root=_b64(roots[1]),
+            old_size=old, new_size=new_size, path=[_b64(h) for h in path], old_root=old_root, new_root=new_root
         )
 
     out = await db.run(read)
