@@ -36,6 +36,10 @@ STATUS_CODES = {
 }
 
 
+#: Postgres's lock_timeout and statement_timeout: the database is busy, not down
+BUSY_PGCODES = ("55P03", "57014")
+
+
 def problem(
     status: int,
     code: str,
@@ -105,7 +109,7 @@ def install(app: FastAPI, on_denied: Any) -> None:
     @app.exception_handler(OperationalError)
     async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
         pgcode = getattr(exc.orig, "pgcode", None)
-        if pgcode in ("55P03", "57014"):  # lock_timeout, statement_timeout
+        if pgcode in BUSY_PGCODES:
             log.error("database lock or statement timeout", extra={"event": "database_timeout", "code": pgcode})
             return problem(
                 503,

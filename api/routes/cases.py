@@ -21,6 +21,7 @@ from api.case_views import case_out
 from api.db import RequestDb
 from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
 from api.params import only
+from api.problems import BUSY_PGCODES
 from api.schemas import (
     CaseOut,
     Problem,
@@ -37,8 +38,6 @@ from ml import working_copy
 from ml.images import ImageHeader, ImageLimits, InvalidImage
 
 log = logging.getLogger("dermq.api")
-#: Postgres's lock_timeout and statement_timeout: the database is busy, not down
-BUSY_PGCODES = ("55P03", "57014")
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 WaitSeconds = Annotated[
     float,
