@@ -8,11 +8,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.waiters import ClientLeft
 from core.errors import DermqError, PeriodKeyDestroyed
 from core.logs import request_id_var
 
@@ -35,6 +36,9 @@ STATUS_CODES = {
     429: "rate_limited",
 }
 
+
+#: nginx's status for a request whose client closed the connection before the answer (a long poll's)
+CLIENT_CLOSED_REQUEST = 499
 
 #: Postgres's lock_timeout and statement_timeout: the database is busy, not down
 BUSY_PGCODES = ("55P03", "57014")
@@ -169,6 +173,11 @@ def install(app: FastAPI, on_denied: Any) -> None:
             "again (tell your operator: such a case remains only where a backup was restored)",
             request=request,
         )
+
+    @app.exception_handler(ClientLeft)
+    async def _client_left(request: Request, exc: ClientLeft) -> Response:
+        # nobody reads it: the status is for the metrics and the access log
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,9 @@ wake that was not its case's announcement, and wakes on its own every ``RECHECK_
 second while the listener is not connected). An announcement is trusted without a look: Postgres
 delivers it only once the transaction that ended the case has committed (:mod:`core.announcements`),
 and the audited read that follows reads the case anyway.
+
+A request whose client closes its connection while it waits stops waiting (:class:`ClientLeft`): it
+gives its place back at once, and no audited read is written for an answer nobody would receive.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
+
+from starlette.types import Receive
 
 from api.db import RequestDb
 from api.listener import Listener
@@ -38,6 +43,11 @@ RECHECK_SECONDS = 10.0
 RECHECK_SECONDS_UNLISTENED = 1.0
 
 
+class ClientLeft(Exception):
+    """The client closed its connection while its request waited: there is nobody left to answer. The
+    API answers it 499 (nginx's "client closed request"), which reaches its metrics and access log."""
+
+
 class Ticket:
     """One waiting request's wake-up call."""
 
@@ -46,9 +56,15 @@ class Ticket:
         self._event = asyncio.Event()
         #: the case's end was announced (not just a wake-up of every ticket after a reconnection)
         self.announced = False
+        #: the request's client has closed its connection
+        self.left = False
 
     def wake(self, announced: bool = False) -> None:
         self.announced = self.announced or announced
+        self._event.set()
+
+    def leave(self) -> None:
+        self.left = True
         self._event.set()
 
     async def wait(self, seconds: float) -> None:
@@ -130,6 +146,7 @@ async def wait_for_end(
     *,
     commit: Callable[[], Awaitable[None]] | None = None,
     created: bool = False,
+    receive: Receive | None = None,
 ) -> None:
     """Return once the case has ended or ``seconds`` have passed (at once if ``principal`` may not
     read it: the audited read that follows answers that). No transaction stays open while waiting.
@@ -137,7 +154,10 @@ async def wait_for_end(
     ``commit``, if given, commits the request's transaction once the ticket is taken: with
     ``created`` (this request made the case, and its task goes out with that commit) the case cannot
     end before the ticket exists, so the first look is skipped. Pass :meth:`RequestDb.release` to
-    commit and give the request's thread back in the same hop."""
+    commit and give the request's thread back in the same hop.
+
+    ``receive``, the request's ASGI channel once its body has been read, is watched while the request
+    waits: if its client disconnects, the wait ends with :class:`ClientLeft`."""
     if seconds <= 0:
         if commit is not None:
             await commit()
@@ -148,23 +168,48 @@ async def wait_for_end(
             await commit()
         if ticket is None:
             return
-        look = not (created and commit is not None)
-        while True:
-            if look:
-                # the look's transaction ends and its thread goes back before the wait
-                status = await db.run(
-                    lambda session: case_reads.peek_status(session, principal=principal, case_id=case_id), last=True
-                )
-                if status is None or status.terminal:
-                    return
-            left = deadline - time.monotonic()
-            if left <= 0:
+        watch = asyncio.create_task(_watch(receive, ticket)) if receive is not None else None
+        try:
+            await _wait(db, ticket, principal, case_id, deadline, look=not (created and commit is not None))
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+
+async def _wait(
+    db: RequestDb, ticket: Ticket, principal: Principal, case_id: uuid.UUID, deadline: float, *, look: bool
+) -> None:
+    """:func:`wait_for_end`'s looks and waits, with its ticket taken."""
+    while True:
+        if look:
+            # the look's transaction ends and its thread goes back before the wait
+            status = await db.run(
+                lambda session: case_reads.peek_status(session, principal=principal, case_id=case_id), last=True
+            )
+            if status is None or status.terminal:
                 return
-            waiting = time.monotonic()
-            try:
-                await ticket.wait(left)
-            finally:
-                note_long_poll(time.monotonic() - waiting)
-            if ticket.announced:
-                return  # committed: the read that follows finds it ended
-            look = True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        waiting = time.monotonic()
+        try:
+            await ticket.wait(remaining)
+        finally:
+            note_long_poll(time.monotonic() - waiting)
+        if ticket.left:
+            raise ClientLeft
+        if ticket.announced:
+            return  # committed: the read that follows finds it ended
+        look = True
+
+
+async def _watch(receive: Receive, ticket: Ticket) -> None:
+    """Until the client disconnects, then :meth:`Ticket.leave`. The request's body has been read: what
+    the channel still holds (an empty body's one message) is dropped, and the next message is the
+    disconnect (uvicorn, once the connection is lost). A channel that fails leaves the wait alone."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a body limit's own refusal, say: not a disconnect
+        return
+    ticket.leave()

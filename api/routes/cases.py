@@ -168,7 +168,7 @@ async def submit_case(
     # the upload's bytes and pixels are _accept's locals: a waiting submission keeps none of them
     out, created = await _accept(request, app, caller, db, idempotency_key, wait)
     if wait and not CaseStatus(out.status).terminal:  # a replay of an unfinished case waits too
-        out = await _wait_and_read(db, app, caller, out, wait, created)
+        out = await _wait_and_read(request, db, app, caller, out, wait, created)
     if created and CaseStatus(out.status).terminal:
         response.status_code = 201  # finished within `wait`: the answer holds the result
     if not created:
@@ -180,7 +180,7 @@ async def submit_case(
 
 
 async def _wait_and_read(
-    db: RequestDb, app: AppState, caller: Caller, out: CaseOut, wait: float, created: bool
+    request: Request, db: RequestDb, app: AppState, caller: Caller, out: CaseOut, wait: float, created: bool
 ) -> CaseOut:
     """The case once it has ended or ``wait`` has passed. The case (or the replay's audit event) is kept
     and its task sent once the wait's ticket is taken: a new case cannot end unheard, so its wait needs
@@ -198,7 +198,9 @@ async def _wait_and_read(
         committed = True
 
     try:
-        await wait_for_end(db, app.waiters, caller.principal, out.id, wait, commit=commit, created=created)
+        await wait_for_end(
+            db, app.waiters, caller.principal, out.id, wait, commit=commit, created=created, receive=request.receive
+        )
         return await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
     except (ServiceUnavailable, PoolTimeout, OperationalError) as exc:
         busy = not isinstance(exc, OperationalError) or getattr(exc.orig, "pgcode", None) in BUSY_PGCODES
@@ -300,7 +302,7 @@ async def read_case(
 
     if wait:
         await db.run(lambda _: limit(caller, app, "read"))  # counted before waiting, once
-        await wait_for_end(db, app.waiters, caller.principal, case_id, wait)
+        await wait_for_end(db, app.waiters, caller.principal, case_id, wait, receive=request.receive)
         out = await db.run(lambda session: _read_after_wait(session, app, caller, case_id), last=True)
     else:
         out = await db.run(read, last=True)

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from api.app import create_app
+from tests import support
 from tests.api import browser
+
+
+@pytest.fixture
+def waiting_client(settings, database, private_broker) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    """An API of its own whose tasks go to a broker no worker reads: its cases wait until a test ends them."""
+    app = create_app(settings.model_copy(update={"redis_url": private_broker.url}))
+    with TestClient(app, raise_server_exceptions=False) as http:
+        http.get(f"/v1/cases/{uuid.uuid4()}?wait=0.1")  # starts the listener
+        listener = app.state.dermq.listener
+        support.wait_for(lambda: listener.listening, timeout=20, what="the API's listener to connect")
+        yield http
 
 
 @pytest.fixture(scope="module")

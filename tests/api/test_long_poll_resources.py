@@ -8,12 +8,11 @@ import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
@@ -25,17 +24,6 @@ from core.models import AuditEvent, Case
 from tests import support
 from tests.api.test_long_poll import end_case
 from tests.conftest import Tenant
-
-
-@pytest.fixture
-def waiting_client(settings, database, private_broker) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
-    """An API of its own whose tasks go to a broker no worker reads: its cases wait until a test ends them."""
-    app = create_app(settings.model_copy(update={"redis_url": private_broker.url}))
-    with TestClient(app, raise_server_exceptions=False) as http:
-        http.get(f"/v1/cases/{uuid.uuid4()}?wait=0.1")  # starts the listener
-        listener = app.state.dermq.listener
-        support.wait_for(lambda: listener.listening, timeout=20, what="the API's listener to connect")
-        yield http
 
 
 def waiting(http: TestClient) -> int:
