@@ -14,9 +14,9 @@ import os
 import shutil
 import tempfile
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from core.metrics_files import MultiProcessFiles
+from core.metrics_files import MultiProcessFiles, fold
 
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # pragma: no cover - prepare_multiprocess_dir() runs first
     raise RuntimeError("import worker.metrics only in worker processes, after prepare_multiprocess_dir()")
@@ -149,7 +149,8 @@ def serve(host: str, port: int) -> None:
 
 
 def child_exited(pid: int) -> None:
-    multiprocess.mark_process_dead(pid)
+    """A child's exit: its counters and histograms go to the folder's archive files (:func:`fold`)."""
+    fold(os.environ["PROMETHEUS_MULTIPROC_DIR"], pid)
 
 
 def cleanup() -> None:

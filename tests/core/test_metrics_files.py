@@ -3,13 +3,16 @@ sample file that is still being created, or was left empty by a process killed w
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from core import metrics_files
 from core.metrics_files import MultiProcessFiles
 
 WRITER = textwrap.dedent(
@@ -36,3 +39,72 @@ def test_an_empty_sample_file_leaves_the_other_processes_samples_readable(tmp_pa
     exposition = generate_latest(registry).decode()
 
     assert 'dermq_test_cases_total{outcome="succeeded"} 3.0' in exposition
+
+
+RECORDER = textwrap.dedent(
+    """
+    from prometheus_client import Counter, Histogram
+    Counter("dermq_test_cases", "cases", ["outcome"]).labels("succeeded").inc(3)
+    Histogram("dermq_test_seconds", "seconds", buckets=(1, 5)).observe(2)
+    """
+)
+
+
+def run_and_exit(folder: Path) -> None:
+    """A process that records a counter and a histogram and exits without a word (killed, say)."""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(folder), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", RECORDER], env=env, check=True)
+
+
+def scrape(folder: Path) -> str:
+    registry = CollectorRegistry()
+    MultiProcessFiles(registry, str(folder))
+    return generate_latest(registry).decode()
+
+
+def test_dead_processes_keep_counting_from_one_archive_per_kind(tmp_path: Path) -> None:
+    """A worker child is replaced every few thousand tasks: each dead one's counts stay, and a scrape
+    reads one archive file per kind instead of one file per process that ever lived."""
+    for done in range(1, 6):
+        run_and_exit(tmp_path)
+        exposition = scrape(tmp_path)
+        assert f'dermq_test_cases_total{{outcome="succeeded"}} {3.0 * done}' in exposition
+        assert f'dermq_test_seconds_bucket{{le="5.0"}} {float(done)}' in exposition
+        assert f"dermq_test_seconds_count {float(done)}" in exposition
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["counter_archive.db", "histogram_archive.db"]
+
+
+def test_a_child_folds_its_own_counts_as_it_exits(tmp_path: Path) -> None:
+    run_and_exit(tmp_path)
+    scrape(tmp_path)
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    script = RECORDER.replace(
+        "observe(2)",
+        "observe(2)\nimport os\nfrom core.metrics_files import fold\n"
+        "fold(os.environ['PROMETHEUS_MULTIPROC_DIR'], os.getpid())",
+    )
+    subprocess.run(
+        [sys.executable, "-c", script], env={**env, "PYTHONPATH": str(Path(__file__).parents[2])}, check=True
+    )
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["counter_archive.db", "histogram_archive.db"]
+    assert 'dermq_test_cases_total{outcome="succeeded"} 6.0' in scrape(tmp_path)
+
+
+@pytest.mark.parametrize("step", ["rename", "replace"])
+def test_a_fold_cut_short_is_finished_and_counts_each_process_once(tmp_path: Path, monkeypatch, step: str) -> None:  # type: ignore[no-untyped-def]
+    """A process killed part way through a fold (before or after it set the dead process's file aside)
+    leaves the next scrape to finish it: no count lost, none counted twice, never a lower total."""
+    run_and_exit(tmp_path)
+    assert 'dermq_test_cases_total{outcome="succeeded"} 3.0' in scrape(tmp_path)
+    run_and_exit(tmp_path)
+    real = getattr(os, step)
+
+    def killed(*args: object) -> None:
+        raise SystemExit("killed mid-fold")
+
+    monkeypatch.setattr(metrics_files.os, step, killed)
+    with pytest.raises(SystemExit):
+        scrape(tmp_path)
+    monkeypatch.setattr(metrics_files.os, step, real)
+    assert 'dermq_test_cases_total{outcome="succeeded"} 6.0' in scrape(tmp_path)
+    assert 'dermq_test_cases_total{outcome="succeeded"} 6.0' in scrape(tmp_path)
