@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.waiters import ClientLeft
-from core.errors import DermqError, PeriodKeyDestroyed
+from core.errors import DermqError, KeyNotHeld, PeriodKeyDestroyed
 from core.logs import request_id_var
 
 log = logging.getLogger("dermq.api")
@@ -172,6 +172,20 @@ def install(app: FastAPI, on_denied: Any) -> None:
             "this case's data was encrypted under a key that retention has destroyed: it can never be read "
             "again (tell your operator: such a case remains only where a backup was restored)",
             request=request,
+        )
+
+    @app.exception_handler(KeyNotHeld)
+    async def _key_not_held(request: Request, exc: KeyNotHeld) -> JSONResponse:
+        # a rotation's new key file has not reached this process yet (it is read again once it has)
+        log.error("data sealed under a key this process does not hold", extra={"event": "key_not_held"})
+        return problem(
+            503,
+            "key_unavailable",
+            "Service unavailable",
+            "the data this request needs is sealed under an encryption key that has not reached this server "
+            "yet (a key rotation rolling out), so nothing was returned. Retry after the delay given.",
+            request=request,
+            headers={"Retry-After": "30"},
         )
 
     @app.exception_handler(ClientLeft)

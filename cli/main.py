@@ -22,7 +22,7 @@ from cli.drift import drift
 from cli.encryption_keys import keys
 from cli.models import model
 from cli.monitor import monitor
-from core.errors import DecryptionError, DermqError, KeyringError
+from core.errors import DecryptionError, DermqError, KeyNotHeld, KeyringError
 
 BAD_INPUT = 2
 UNAVAILABLE = 69  # EX_UNAVAILABLE (sysexits.h): a service the command needs is down
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except DermqError as exc:
         click.echo(f"error: {exc.message} ({exc.code})", err=True)
         return BAD_INPUT
+    except KeyNotHeld as exc:  # a key the data need is missing from the key file (`dermq keys status`)
+        click.echo(f"error: {exc}; see `dermq keys status`", err=True)
+        return 1
     except (KeyringError, ValueError) as exc:  # a bad key file; invalid settings (pydantic's errors)
         click.echo(f"error: {exc}", err=True)
         return BAD_INPUT

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.config import Settings, exposed_mode
-from core.errors import DecryptionError, KeyringError
+from core.errors import DecryptionError, KeyNotHeld, KeyringError
 
 if TYPE_CHECKING:
     from core.period_keys import PeriodKeys
@@ -76,9 +76,10 @@ class Keyring:
         try:
             return self.keks[kek_id]
         except KeyError:
-            raise DecryptionError(
-                f"blob is wrapped under key {kek_id!r}, which the key file no longer holds; "
-                "restore that key or finish the rotation before removing it"
+            raise KeyNotHeld(
+                f"blob is wrapped under key {kek_id!r}, which the key file does not hold (not yet, or no "
+                "longer): let a rotation's new key file reach every service, or restore the key removed "
+                "before its rotation finished"
             ) from None
 
     def to_json(self) -> dict[str, Any]:

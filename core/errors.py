@@ -108,6 +108,13 @@ class KeyringError(RuntimeError):
     """Encryption keys are missing or malformed: the process must not start."""
 
 
+class KeyNotHeld(KeyringError):
+    """Data wrapped under a key this process's key file does not hold: a rotation still rolling out
+    (a pod whose mounted file has not been updated yet), or a key removed before its rotation finished.
+    Not the data's fault, and not for good: callers retry (the key file is read again when it changes)
+    instead of giving the data up."""
+
+
 class DecryptionError(RuntimeError):
     """A blob does not decrypt under its case, kind and key (tampered, moved or wrong key)."""
 

@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from core import audit, callback_attempts, callbacks, case_states, retention
 from core.config import Settings
 from core.db import session_scope
+from core.errors import KeyNotHeld
 from core.keys import Principal
 from core.models import AuditEvent, CallbackDelivery, Case, Role
 from core.publisher import make_publisher
@@ -25,6 +26,11 @@ pytestmark = pytest.mark.usefixtures("database")
 def pending(settings: Settings, private_broker, keyring, tenant: Tenant, store_case) -> uuid.UUID:  # type: ignore[no-untyped-def]
     """A failed case of a clinic with a callback: its delivery is pending (its message goes to a
     private broker that no worker reads)."""
+    return pending_delivery(settings, private_broker, keyring, tenant, store_case)
+
+
+def pending_delivery(settings: Settings, private_broker, keyring, tenant: Tenant, store_case) -> uuid.UUID:  # type: ignore[no-untyped-def]
+    """:func:`pending`, its callback's secret sealed under ``keyring``."""
     publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
     case_id = store_case(tenant, b"finished")
     principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
@@ -161,3 +167,21 @@ def test_a_host_whose_clock_runs_ahead_leaves_a_live_lease_alone(  # type: ignor
     with session_scope(settings) as session:
         assert pending not in callbacks.stale_deliveries(session, cutoff=fast())
     assert record(settings, held, 204).outcome == "delivered"
+
+
+def test_a_secret_sealed_under_a_key_not_yet_on_this_worker_waits_for_it(  # type: ignore[no-untyped-def]
+    settings: Settings, private_broker, keyring, tenant: Tenant, store_case
+) -> None:
+    """A key rotation rolling out: the API process that registered the callback already had the new
+    key file, the worker leasing its delivery not yet. That used to read as a secret that can never
+    be opened, and the delivery was given up at its first attempt ("register again"). The lease now
+    fails as a key not held (retried: the worker reads its key file again once it changes), spending
+    no attempt, and succeeds once the worker has the key."""
+    rotated = keyring.with_new_active_key()
+    case_id = pending_delivery(settings, private_broker, rotated, tenant, store_case)
+    with pytest.raises(KeyNotHeld):
+        lease(settings, keyring, case_id)
+    waiting = row(settings, case_id)
+    assert (waiting.status, waiting.attempts, waiting.leased_until) == ("pending", 0, None)
+    held = lease(settings, rotated, case_id)
+    assert held is not None and held.attempt == 1 and held.secret
