@@ -196,14 +196,51 @@ def case_bundle(case: Any, result: Any, *, now: datetime) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- audit events
 
-#: FHIR AuditEvent.action (C/R/U/D/E) per dermq action prefix or suffix
-_CRUD = {"create": "C", "register": "C", "read": "R", "list": "R", "query": "R", "export": "R", "delete": "D"}
+#: FHIR AuditEvent.action per dermq action (core.audit.ACTIONS; every one is here): C create, R read,
+#: U update, D delete, E execute (a system function, a log-on, a search). An auditor's SIEM that asks
+#: for the deletions of patient data (``action = D``) must find retention's purges and destroyed period
+#: keys among them, not only the erasures a clinic asked for.
+FHIR_ACTIONS = {
+    "auth.denied": "E",
+    "access.denied": "E",
+    "case.create": "C",
+    "case.replay": "R",
+    "case.read": "R",
+    "case.list": "E",
+    "heatmap.read": "R",
+    "case.delete": "D",
+    "case.outcome": "U",
+    "case.start": "E",
+    "case.classify": "E",
+    "case.fail": "E",
+    "case.requeue": "E",
+    "case.purge": "D",
+    "callback.register": "C",
+    "callback.unregister": "D",
+    "callback.read": "R",
+    "callback.deliver": "E",
+    "drift.read": "R",
+    "clinic.create": "C",
+    "clinic.activate": "U",
+    "clinic.deactivate": "U",
+    "key.create": "C",
+    "key.list": "E",
+    "key.revoke": "U",
+    "keys.rotate": "E",
+    "keys.rewrap": "U",
+    "keys.retire": "D",
+    "keys.destroy_period": "D",
+    "audit.query": "E",
+    "audit.export": "R",
+    "audit.verify": "R",
+    "audit.checkpoint": "R",
+    "audit.proof": "R",
+}
 _OUTCOMES = {"success": "0", "failure": "8", "denied": "4"}
 
 
 def _crud(action: str) -> str:
-    verb = action.rsplit(".", 1)[-1]
-    return _CRUD.get(verb, "E")
+    return FHIR_ACTIONS.get(action, "E")
 
 
 def audit_event(record: dict[str, Any]) -> dict[str, Any]:

@@ -98,6 +98,11 @@ def test_report_status_follows_the_case(status: str, expected: str) -> None:
         ("case.read", "denied", "R", "4"),
         ("case.delete", "failure", "D", "8"),
         ("case.classify", "success", "E", "0"),
+        # deletions of patient data that no clinic asked for are deletions too (they were "E")
+        ("case.purge", "success", "D", "0"),
+        ("keys.destroy_period", "success", "D", "0"),
+        ("case.outcome", "success", "U", "0"),
+        ("case.list", "success", "E", "0"),  # a search, as FHIR's codes define it
     ],
 )
 def test_audit_events_map_action_and_outcome(action: str, outcome: str, crud: str, code: str) -> None:
@@ -121,3 +126,11 @@ def test_audit_events_map_action_and_outcome(action: str, outcome: str, crud: st
     AuditEvent.model_validate(event)
     assert (event["action"], event["outcome"], event["subtype"][0]["code"]) == (crud, code, action)
     assert "entity" not in event and event["agent"][0]["requestor"] is False
+
+
+def test_every_audited_action_has_its_own_fhir_action_code() -> None:
+    """A new action must be classified: guessed from its last word, a purge read as "execute"."""
+    from core.audit import ACTIONS
+
+    assert set(fhir.FHIR_ACTIONS) == set(ACTIONS)
+    assert set(fhir.FHIR_ACTIONS.values()) <= {"C", "R", "U", "D", "E"}
