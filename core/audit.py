@@ -52,10 +52,11 @@ ACTIONS: dict[str, str] = {
     "case.fail": "a case failed (its code says why)",
     "case.requeue": "the sweeper put a stuck case back in the queue",
     "case.purge": "retention or a period key's destruction crypto-shredded a case's patient data",
-    "callback.register": "a clinic set its completion callback",
+    "callback.register": "a clinic set its completion callback (detail: the URL's scheme and host)",
     "callback.unregister": "a clinic removed its completion callback",
     "callback.read": "a clinic read its callback settings",
-    "callback.deliver": "dermq delivered (or gave up) a completion callback",
+    "callback.deliver": "dermq delivered (or gave up, or cancelled) a completion callback (detail: the attempt, "
+    "the receiver's host and its answer; a cancellation's reason: callback_removed, clinic_inactive, case_erased)",
     "drift.read": "the drift check (hourly, or an operator's dermq drift report) opened the labels of a window's "
     "cases to compare the label mix with the model's validation data (detail: how many)",
     "clinic.create": "an admin or operator created a clinic",

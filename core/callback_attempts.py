@@ -8,6 +8,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
@@ -86,6 +87,8 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
     if endpoint is None or case is None or not active or case.status == CaseStatus.PURGED:
         # a deactivated clinic is told nothing more; an erased case is no longer "finished" news
         row.status, row.updated_at = CallbackStatus.CANCELLED.value, at
+        why = "callback_removed" if endpoint is None else "clinic_inactive" if not active else "case_erased"
+        _audit(session, row.case_id, row.clinic_id, success=False, detail={"error": CANCELLED, "reason": why})
         return None
     if row.attempts >= settings.callback_max_attempts:
         # every attempt is spent and the last never recorded an answer (its worker died or ran out of
@@ -140,7 +143,8 @@ def record_attempt(
         .values(**values)
         .returning(CallbackDelivery.status)
     )
-    detail: dict[str, object] = {"attempt": lease.attempt, "http_status": http_status}
+    # where the news went (the host only: a URL's path or query may hold the receiver's token)
+    detail: dict[str, object] = {"attempt": lease.attempt, "http_status": http_status, "host": host_of(lease.url)}
     if error:
         detail["error"] = error
     _audit(session, lease.case_id, lease.clinic_id, success=delivered, detail=detail)
@@ -152,6 +156,14 @@ def record_attempt(
 
 #: the error audited for an attempt given up because the one before it never recorded an answer
 UNANSWERED = "unanswered"
+#: the error audited for a delivery cancelled before any attempt (its ``reason``: the callback removed,
+#: the clinic deactivated, the case erased)
+CANCELLED = "cancelled"
+
+
+def host_of(url: str) -> str | None:
+    """The host a callback URL names, lower-cased (never its user, path or query)."""
+    return urlsplit(url).hostname
 
 
 def _audit(

@@ -119,7 +119,7 @@ def register(
         entity_type="clinic",
         entity_id=clinic_id,
         clinic_id=clinic_id,
-        detail={"scheme": urlsplit(url).scheme},
+        detail={"scheme": urlsplit(url).scheme, "host": urlsplit(url).hostname},
     )
     return row, secret
 

@@ -105,7 +105,9 @@ def test_a_clinic_registers_reads_rotates_and_removes_its_callback(client, tenan
 
     with session_scope(settings) as session:
         events = session.scalars(
-            select(AuditEvent).where(AuditEvent.clinic_id == tenant.clinic_id, AuditEvent.action.like("callback.%"))
+            select(AuditEvent)
+            .where(AuditEvent.clinic_id == tenant.clinic_id, AuditEvent.action.like("callback.%"))
+            .order_by(AuditEvent.id)
         ).all()
     assert [e.action for e in events] == [
         "callback.register",
@@ -113,6 +115,8 @@ def test_a_clinic_registers_reads_rotates_and_removes_its_callback(client, tenan
         "callback.register",
         "callback.unregister",
     ]
+    # where the news goes, for an auditor (the host only: a path or query may hold the receiver's token)
+    assert events[0].detail == events[2].detail == {"scheme": "http", "host": "127.0.0.1"}
     assert all(first["secret"] not in json.dumps(e.detail) for e in events)
 
 
@@ -173,8 +177,8 @@ def test_a_finished_case_is_announced_signed_retried_and_audited(
 
     _, events = deliveries(settings, case_id)
     assert [(e.outcome, e.detail) for e in events] == [
-        ("failure", {"attempt": 1, "http_status": 500}),
-        ("success", {"attempt": 2, "http_status": 204}),
+        ("failure", {"attempt": 1, "http_status": 500, "host": "127.0.0.1"}),
+        ("success", {"attempt": 2, "http_status": 204, "host": "127.0.0.1"}),
     ]
     assert secret not in worker.output()
     polled = client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()
@@ -250,7 +254,7 @@ def test_a_slow_portal_holds_no_row_lock_and_no_transaction(
         assert (delivered.status, delivered.attempts, delivered.last_http_status) == ("delivered", 1, 204)
         assert delivered.leased_until is None
         assert [(e.outcome, e.detail) for e in deliveries(settings, case_id)[1]] == [
-            ("success", {"attempt": 1, "http_status": 204})
+            ("success", {"attempt": 1, "http_status": 204, "host": "127.0.0.1"})
         ]
     finally:
         server.close()

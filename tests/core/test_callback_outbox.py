@@ -133,6 +133,11 @@ def test_an_erased_case_is_not_announced_as_finished(settings: Settings, keyring
         retention.purge_case(session, case, actor=audit.SYSTEM, reason="test")
     assert lease(settings, keyring, pending) is None
     assert row(settings, pending).status == "cancelled"
+    with session_scope(settings) as session:  # why no news was sent, for an auditor
+        (event,) = session.scalars(
+            select(AuditEvent).where(AuditEvent.entity_id == str(pending), AuditEvent.action == "callback.deliver")
+        )
+        assert (event.outcome, event.detail) == (audit.FAILURE, {"error": "cancelled", "reason": "case_erased"})
 
 
 def test_a_url_todays_settings_refuse_is_given_up_without_a_call(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
