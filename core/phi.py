@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import PeriodKeyDestroyed
-from core.models import BlobKind, Case, CaseBlob
+from core.models import BlobKind, Case, CaseBlob, CaseStatus
 
 KIND = BlobKind.CLIENT_REF.value
 MEDIA_TYPE = "text/plain; charset=utf-8"
@@ -39,11 +39,14 @@ def client_refs(
     """The client reference of each case (None where it has none, or it was erased), in one query.
     One sealed under a destroyed period key raises :class:`PeriodKeyDestroyed`; with
     ``skip_destroyed`` it is None, like an erased one (see :func:`core.results.read_results`)."""
-    found: dict[uuid.UUID, str | None] = {case.id: case.plain_client_ref for case in cases}
+    found: dict[uuid.UUID, str | None] = {case.id: _plain(case) for case in cases}
+    erased = {case.id for case in cases if case.status == CaseStatus.PURGED.value}
     if not cases:
         return found
     rows = session.execute(_SEALED_REFS, {"ids": [case.id for case in cases]})  # columns, not ORM objects
     for row in rows:
+        if row.case_id in erased:  # a leftover an erasure will shred: never shown
+            continue
         try:
             found[row.case_id] = _open(keyring, row.case_id, SealedBlob.from_row(row))
         except PeriodKeyDestroyed:
@@ -55,7 +58,13 @@ def client_refs(
 
 def open_client_ref(keyring: Keyring, case: Case, sealed: SealedBlob | None) -> str | None:
     """The client reference of ``case`` whose ``client_ref`` blob is ``sealed`` (None: it has none)."""
+    if case.status == CaseStatus.PURGED.value:  # erased: whatever an older release or a race left is not shown
+        return None
     return case.plain_client_ref if sealed is None else _open(keyring, case.id, sealed)
+
+
+def _plain(case: Case) -> str | None:
+    return None if case.status == CaseStatus.PURGED.value else case.plain_client_ref
 
 
 def _open(keyring: Keyring, case_id: uuid.UUID, sealed: SealedBlob | None) -> str | None:
@@ -77,7 +86,8 @@ def seal_plain_client_refs(session: Session, keyring: Keyring, *, limit: int = 5
         (case_id, ref, created_at)
         for case_id, ref, created_at in session.execute(
             select(Case.id, Case.plain_client_ref, Case.created_at)
-            .where(Case.plain_client_ref.is_not(None))
+            # an erased case's is shredded, never sealed (a blob would keep its period key alive)
+            .where(Case.plain_client_ref.is_not(None), Case.status != CaseStatus.PURGED.value)
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()

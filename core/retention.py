@@ -43,6 +43,17 @@ ERASED_DIGEST = "0" * 64
 
 def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str, action: str = "case.purge") -> None:
     """Crypto-shred one case's patient data now and mark it purged (audited as ``action``, with ``reason``)."""
+    blobs = _shred(session, case)
+    if not CaseStatus(case.status).terminal:  # erased while queued or running: its long polls end now
+        announcements.announce_finished(session, [case.id])
+    case.status = CaseStatus.PURGED.value
+    case.purged_at = case.updated_at = datetime.now(UTC)
+    session.flush()
+    _record(session, case, actor, action, {"reason": reason, "blobs": blobs})
+
+
+def _shred(session: Session, case: Case) -> int:
+    """Everything of ``case`` that is patient data, gone; returns how many blobs were deleted."""
     case.plain_client_ref = None  # a reference stored before it was sealed (core.phi)
     # the upload's SHA-256 finds the case from a copy of the photo, in any backup, for good; only an
     # idempotent replay compares it, and a purged case's replay is refused before that (core.cases)
@@ -52,13 +63,7 @@ def purge_case(session: Session, case: Case, *, actor: audit.Actor, reason: str,
     # blobs' delete below, a statement that starts after it committed, then sees those blobs too.
     results.shred_plain_findings(session, case.id)
     session.execute(delete(ConfirmedOutcome).where(ConfirmedOutcome.case_id == case.id))  # a diagnosis too
-    blobs = cases.delete_blobs(session, case.id)  # the image, the heat map, the client reference, the findings
-    if not CaseStatus(case.status).terminal:  # erased while queued or running: its long polls end now
-        announcements.announce_finished(session, [case.id])
-    case.status = CaseStatus.PURGED.value
-    case.purged_at = case.updated_at = datetime.now(UTC)
-    session.flush()
-    _record(session, case, actor, action, {"reason": reason, "blobs": blobs})
+    return cases.delete_blobs(session, case.id)  # the image, the heat map, the client reference, the findings
 
 
 def _record(session: Session, case: Case, actor: audit.Actor, action: str, detail: dict[str, object]) -> None:
@@ -117,7 +122,11 @@ def _erase(session: Session, case: Case, actor: audit.Actor, reason: str) -> boo
     if case.status != CaseStatus.PURGED:
         purge_case(session, case, actor=actor, reason=reason, action="case.delete")
         return True
-    # a request to erase is on record even when there was nothing left to erase (migration 0016
-    # overwrote the upload's SHA-256 of the cases purged before erasure did)
-    _record(session, case, actor, "case.delete", {"reason": reason, "already": True})
-    return False
+    # A request to erase is on record even when there was nothing left to erase; whatever an older
+    # release or a race left behind (a reference in plain text, a blob) is shredded now (migrations
+    # 0016 and 0018 did it once for the cases purged before).
+    left = case.plain_client_ref is not None
+    blobs = _shred(session, case)
+    session.flush()
+    _record(session, case, actor, "case.delete", {"reason": reason, "already": True, "blobs": blobs})
+    return left or blobs > 0
