@@ -64,6 +64,12 @@ SUBMIT_TO_FINISH = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
 )
 FAILURES = Counter("dermq_failures_total", "failed cases by failure code", ["code"])
+LOST = Counter(
+    "dermq_lost_cases_total",
+    "cases the recovery sweep found still running past their hard time limit (their worker crashed, was "
+    "killed or ran out of time): requeued, or failed 'timeout' once their attempts were spent",
+    ["outcome"],
+)
 CALLBACKS = Counter(
     "dermq_callback_deliveries_total",
     "completion callback attempts by outcome: delivered, retry (refused, tried again later), failed (given up)",
@@ -109,6 +115,15 @@ def record_result(result: dict[str, object], timings: dict[str, float]) -> None:
 
 def record_failure(code: str) -> None:
     FAILURES.labels(code).inc()
+
+
+def record_lost(requeued: int, failed: int) -> None:
+    """What the recovery sweep did with the cases whose worker was lost. Those it failed count as
+    failed jobs too: no worker survived to count them, and the failure rate must see them."""
+    LOST.labels("requeued").inc(requeued)
+    LOST.labels("failed").inc(failed)
+    JOBS.labels("failed").inc(failed)
+    FAILURES.labels("timeout").inc(failed)
 
 
 def record_callback(outcome: str) -> None:

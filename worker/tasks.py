@@ -225,6 +225,9 @@ def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) 
     with session_scope(config) as session:
         report = recovery.sweep(session, config, publisher, broker)
     recovery.log_report(report)
+    metrics = runtime.worker_metrics()
+    if metrics is not None and (report.requeued or report.failed):
+        metrics.record_lost(len(report.requeued), len(report.failed))
     with session_scope(config) as session:  # client references and results stored before they were sealed
         sealed = phi.seal_plain_client_refs(session, keyring(config))
         sealed_results = results.seal_plain_results(session, keyring(config))  # a batch of each a sweep
