@@ -7,7 +7,7 @@ import uuid
 import click
 
 from cli.common import CLI_ACTOR
-from core import retention
+from core import period_shredding, retention
 from core.config import get_settings
 from core.db import session_scope
 
@@ -41,7 +41,11 @@ def erase(case_id: uuid.UUID, yes: bool) -> int:
     return 0
 
 
-@case.command("purge-expired", help="crypto-shred every case past DERMQ_RETENTION_DAYS now, as beat's purge does")
+@case.command(
+    "purge-expired",
+    help="crypto-shred every case past DERMQ_RETENTION_DAYS now, then destroy the keys of the periods whose "
+    "cases are all purged and past retention plus DERMQ_PERIOD_KEY_GRACE_DAYS, as beat's purge does",
+)
 def purge_expired() -> int:
     settings = get_settings()
     purged = 0
@@ -52,4 +56,7 @@ def purge_expired() -> int:
         if batch < retention.BATCH:
             break
     click.echo(f"purged {purged} expired case(s)")
+    # without this, the backups of those periods stayed readable until beat's next purge
+    destroyed = period_shredding.destroy_expired(settings)
+    click.echo(f"destroyed the keys of {len(destroyed)} period(s){': ' + ', '.join(destroyed) if destroyed else ''}")
     return 0

@@ -41,3 +41,16 @@ def test_an_operator_erases_a_case_once_its_id_is_typed_back(settings, tenant, s
     ]
     unknown = run(settings, "case", "erase", str(uuid.uuid4()), "--yes")
     assert unknown.returncode == 2 and "case_not_found" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_purging_by_hand_destroys_the_expired_periods_keys_as_beat_does(settings) -> None:  # type: ignore[no-untyped-def]
+    """An operator meeting an erasure deadline by hand: the cases purged, and the keys of the periods
+    they leave empty destroyed, so no backup of them can be read (it stopped at the cases)."""
+    from core.period_keys import PeriodKeys
+
+    keys = PeriodKeys(settings.period_key_folder, settings)
+    keys.ensure("2019-03")  # a month long past retention and its grace, with no live case
+    done = run(settings, "case", "purge-expired")
+    assert done.returncode == 0, done.stderr
+    assert "2019-03" in done.stdout.splitlines()[-1]
+    assert keys.destroyed("2019-03")
