@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007"
@@ -31,7 +32,19 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    sealed = op.get_bind().scalar(
+        sa.text(
+            "SELECT count(*) FROM case_blobs JOIN cases ON cases.id = case_blobs.case_id"
+            " WHERE case_blobs.kind = 'client_ref' AND cases.status <> 'purged'"
+        )
+    )
+    if sealed:  # the schema before holds references in plain text only: they would be deleted, for good
+        raise RuntimeError(
+            f"{sealed} client references are sealed; the schema before revision 0007 holds them in plain text "
+            "only. Downgrading would lose them (each case's link to its patient record): restore a backup "
+            "taken before the upgrade instead"
+        )
     op.drop_index("ix_cases_plain_client_ref", table_name="cases")
-    op.execute("DELETE FROM case_blobs WHERE kind = 'client_ref'")  # downgrading forgets sealed references
+    op.execute("DELETE FROM case_blobs WHERE kind = 'client_ref'")  # an erased case's leftovers only
     op.drop_constraint(op.f("ck_case_blobs_kind"), "case_blobs", type_="check")
     op.create_check_constraint(op.f("ck_case_blobs_kind"), "case_blobs", "kind IN ('image', 'heatmap')")
