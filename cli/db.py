@@ -28,6 +28,10 @@ def alembic_config(database_url: str) -> Any:
     return config
 
 
+#: Postgres's SQLSTATE for a lock not granted within lock_timeout
+LOCK_NOT_AVAILABLE = "55P03"
+
+
 @click.group(help="database")
 def db() -> None:
     pass
@@ -68,12 +72,33 @@ def _revision(database_url: str) -> str | None:
 
 
 @db.command("upgrade", help="run the migrations (as the owner role); then grant the runtime role, if one is set")
-def upgrade() -> int:
+@click.option(
+    "--lock-timeout",
+    default="10s",
+    show_default=True,
+    help="how long a migration waits for a table's lock before it gives up (others wait behind it meanwhile)",
+)
+def upgrade(lock_timeout: str) -> int:
     from alembic import command
+    from sqlalchemy.exc import OperationalError
 
     settings = get_settings()
     before = _revision(settings.database_url)
-    command.upgrade(alembic_config(settings.database_url), "head")
+    config = alembic_config(settings.database_url)
+    config.attributes["lock_timeout"] = lock_timeout
+    try:
+        command.upgrade(config, "head")
+    except OperationalError as exc:
+        if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+            raise
+        reached = _revision(settings.database_url)
+        click.echo(
+            f"error: a migration after revision {reached} waited {lock_timeout} for a table another transaction "
+            "holds, and gave up so that the requests behind it need not wait; the revisions before it are "
+            "applied. Run `dermq db upgrade` again when the database is quieter (or with a longer --lock-timeout)",
+            err=True,
+        )
+        return 1
     after = _revision(settings.database_url)
     name = make_url(settings.database_url).database
     if before == after:

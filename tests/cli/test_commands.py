@@ -24,7 +24,7 @@ from tests import support
 #: Today's commands and their options and arguments (click's parameter names): scripts call them.
 COMMANDS = {
     "db create": set(),
-    "db upgrade": set(),
+    "db upgrade": {"lock_timeout"},
     "db roles": {"owner", "runtime", "owner_password_file", "runtime_password_file"},
     "db grant": {"runtime"},
     "keys init": {"file"},
