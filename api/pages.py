@@ -9,6 +9,7 @@ The model card is public, like ``/docs``: it describes the model, never a patien
 
 from __future__ import annotations
 
+import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -30,7 +31,7 @@ def model_card(settings: Settings, model_id: str | None = None) -> str:
 
     The served model may be a folder of the operator's (``DERMQ_MODEL``); any other id must name an
     entry of the packaged registry, read as package data (the API never loads a model)."""
-    if model_id is None or model_id == settings.model:
+    if model_id is None or model_id in (settings.model, _served_id(settings.model)):
         folder = Path(settings.model)
         if folder.is_dir() and (folder / CARD).is_file():
             return (folder / CARD).read_text(encoding="utf-8")
@@ -40,6 +41,17 @@ def model_card(settings: Settings, model_id: str | None = None) -> str:
         if card.is_file():
             return card.read_text(encoding="utf-8")
     raise NotFound("no model card for this model id; /model-card shows the served model's", code="model_not_found")
+
+
+def _served_id(model: str) -> str | None:
+    """The id a result names for a served folder (its manifest's ``model_id``, which is what a result's
+    card link asks for), or None for a packaged entry's name or a folder without one."""
+    try:
+        manifest = json.loads((Path(model) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    found = manifest.get("model_id") if isinstance(manifest, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def install(app: FastAPI, settings: Settings) -> None:

@@ -3,6 +3,7 @@ readable by anyone; the pages' lists of actions and classes agree with the serve
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -111,3 +112,17 @@ def test_a_revalidated_page_keeps_its_policy(client, path: str) -> None:  # type
     assert again.status_code == 304
     policy = page.headers["content-security-policy"]
     assert again.headers.get("content-security-policy", policy) == policy
+
+
+def test_a_served_folders_card_is_found_by_the_id_its_results_name(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A result names its model by the manifest's id, and the portal links to /model-card/<that id>;
+    with DERMQ_MODEL a folder of the operator's (a refit model), that link answered 404."""
+    from api.pages import model_card
+
+    folder = tmp_path / "models" / "effnet-custom-v5"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"model_id": "effnet-custom-v5"}))
+    (folder / "model_card.md").write_text("# Model card: effnet-custom-v5\n")
+    served = settings.model_copy(update={"model": str(folder)})
+    assert model_card(served, "effnet-custom-v5") == model_card(served) == "# Model card: effnet-custom-v5\n"
+    assert model_card(served, "effnet-lite0-ham10000-v1").startswith("# Model card: effnet-lite0-ham10000-v1")
