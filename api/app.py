@@ -36,6 +36,12 @@ from core.logs import configure_logging
 from core.publisher import make_publisher
 from core.ratelimit import RateLimiter
 
+#: How long uvicorn keeps an idle client connection open (its default is 5 s). It must outlast the
+#: proxy's idle connections to the API: nginx.conf's upstream keepalive_timeout (55 s) and
+#: ingress-nginx's upstream-keepalive-timeout (60 s by default). Otherwise the proxy can send a
+#: request on a connection that uvicorn has just closed, and answers 502 (a POST is not retried).
+KEEP_ALIVE_SECONDS = 75
+
 DESCRIPTION = """
 dermq triages dermoscopy images of skin lesions into the seven HAM10000 classes, with calibrated
 probabilities, an uncertainty figure, a referral flag and a Grad-CAM heat map. An image the model
@@ -135,6 +141,23 @@ def api_processes(settings: Settings) -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The options ``dermq-api`` gives ``uvicorn.run``, whatever the number of processes."""
+    tls: dict[str, str] = {}
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
+    return {
+        "host": settings.api_host,
+        "port": settings.api_port,
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": False,  # create_app adds the middleware, for the configured proxies only
+        "server_header": False,
+        "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+        **tls,
+    }
+
+
 def main() -> None:
     """``dermq-api``: run the API with uvicorn, configured from Settings, in ``api_processes`` processes
     (uvicorn's supervisor restarts one that dies; metrics are served once, by the supervisor)."""
@@ -142,19 +165,8 @@ def main() -> None:
 
     settings = get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json, component="api")
-    tls: dict[str, str] = {}
-    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
-        tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
     processes = api_processes(settings)
-    common: dict[str, Any] = {
-        "host": settings.api_host,
-        "port": settings.api_port,
-        "log_config": None,
-        "access_log": False,
-        "proxy_headers": False,  # create_app adds the middleware, for the configured proxies only
-        "server_header": False,
-        **tls,
-    }
+    common = uvicorn_options(settings)
     if processes == 1:
         release_large_allocations()
         app = create_app(settings)

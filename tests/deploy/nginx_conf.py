@@ -1,5 +1,5 @@
 """Reading nginx.conf for the tests in tests/deploy: a parser of its directives and blocks, and its
-size values (``client_max_body_size 25m``)."""
+size and time values (``client_max_body_size 25m``, ``keepalive_timeout 55s``)."""
 
 from __future__ import annotations
 
@@ -84,3 +84,11 @@ def nginx_size(value: str) -> int:
     match = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
     assert match, f"not an nginx size: {value}"
     return int(match.group(1)) * units[match.group(2).lower()]
+
+
+def nginx_seconds(value: str) -> float:
+    """An nginx time (``55s``, ``1m``, ``500ms``; a bare number is seconds) in seconds."""
+    units = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600}
+    match = re.fullmatch(r"(\d+)(ms|[smh]?)", value)
+    assert match, f"not an nginx time (or one with several units): {value}"
+    return int(match.group(1)) * units[match.group(2)]

@@ -146,6 +146,31 @@ def test_upstream_is_the_api_and_not_its_metrics_listener(conf: m.Directive) -> 
     assert not [t for t in targets if t.endswith(f":{metrics_port}") or f":{metrics_port}/" in t]
 
 
+#: The proxies' idle timeouts for connections to the API when their configuration sets none: nginx's
+#: upstream keepalive_timeout, and ingress-nginx's upstream-keepalive-timeout (a controller ConfigMap
+#: key; deploy/k8s/ingress.yaml asks operators to keep it below the API's).
+NGINX_UPSTREAM_KEEPALIVE_DEFAULT = "60s"
+INGRESS_NGINX_UPSTREAM_KEEPALIVE_SECONDS = 60
+
+
+def test_the_api_keeps_idle_connections_open_longer_than_the_proxies(conf: m.Directive) -> None:
+    # A proxy that sends a request on an idle connection the API has just closed answers 502, and a
+    # POST (its body streamed, proxy_request_buffering off) is not retried: the proxy must close first.
+    import uvicorn
+
+    from api.app import uvicorn_options
+    from core.config import Settings
+
+    options = uvicorn_options(Settings(_env_file=None))
+    api_seconds = uvicorn.Config("api.app:create_served_app", factory=True, **options).timeout_keep_alive
+    http = conf.find("http")[0]
+    (upstream,) = [u for u in http.find("upstream") if u.args == ["dermq_api"]]
+    set_here = upstream.find("keepalive_timeout")
+    nginx_seconds = nginx_conf.nginx_seconds(set_here[0].args[0] if set_here else NGINX_UPSTREAM_KEEPALIVE_DEFAULT)
+    for proxy, seconds in [("nginx", nginx_seconds), ("ingress-nginx", INGRESS_NGINX_UPSTREAM_KEEPALIVE_SECONDS)]:
+        assert api_seconds >= seconds + 5, f"{proxy} keeps idle connections {seconds} s, the API only {api_seconds} s"
+
+
 def test_health_endpoint_listens_on_loopback_only(conf: m.Directive) -> None:
     http = conf.find("http")[0]
     check = " ".join(m.compose_services()["nginx"]["healthcheck"]["test"])
