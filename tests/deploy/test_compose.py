@@ -263,11 +263,26 @@ def test_container_listeners_bind_all_interfaces_and_match_the_ports_others_use(
     assert any(v.endswith(f":{flower.flower_state_file.parent}") for v in m.compose_services()["flower"]["volumes"])
 
 
+def _stop_grace_seconds(service: str) -> int:
+    """A service's stop_grace_period in seconds; Docker's default, 10 s, where none is set."""
+    grace = m.compose_services()[service].get("stop_grace_period", "10s")
+    match = re.fullmatch(r"(\d+)s", grace)
+    assert match, f"{service}: write stop_grace_period in seconds (45s), not {grace}"
+    return int(match.group(1))
+
+
 def test_worker_stop_grace_period_outlasts_the_task_time_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, _ = _service_settings("worker", tmp_path, monkeypatch)
-    grace = m.compose_services()["worker"]["stop_grace_period"]
-    seconds = int(re.fullmatch(r"(\d+)s", grace).group(1))  # type: ignore[union-attr]
-    assert seconds > settings.task_time_limit
+    for worker in ("worker", "worker-cpu"):
+        assert _stop_grace_seconds(worker) > settings.task_time_limit, worker
+
+
+def test_api_stop_grace_period_outlasts_the_longest_long_poll() -> None:
+    # Stopped, the API finishes the requests in flight, long polls included, with a margin (as in
+    # deploy/k8s/api.yaml, less the preStop pause: compose has no load balancer to drain).
+    from api.waiters import MAX_WAIT_SECONDS
+
+    assert _stop_grace_seconds("api") >= MAX_WAIT_SECONDS + 10
 
 
 def test_beat_schedule_file_is_on_a_volume() -> None:
