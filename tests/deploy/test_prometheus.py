@@ -7,7 +7,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 
 from tests.deploy import manifests as m
 from tests.deploy.exposed_metrics import DERMQ_HISTOGRAMS, DERMQ_METRICS, DRIFT_PSI_THRESHOLD
@@ -248,6 +250,26 @@ def test_scraped_ports_are_exposed_on_the_internal_network(scrape_jobs: dict[str
         for host, port in _targets(scrape_jobs[job_name]):
             assert str(port) in services[host].get("expose", []), f"{host}:{port} is scraped but not exposed"
             assert "backend" in services[host]["networks"] and "backend" in services["prometheus"]["networks"]
+
+
+def test_the_readmes_extra_gpu_workers_are_scraped(
+    scrape_jobs: dict[str, dict[str, Any]], compose_schema: dict[str, Any]
+) -> None:
+    # a worker service added per further GPU (deploy/README.md) resolves by its own name only, which
+    # no scrape job lists: it is scraped through an alias that the worker job resolves
+    readme = (m.DEPLOY / "README.md").read_text()
+    (block,) = [b for b in readme.split("```yaml\n")[1:] if b.startswith("# compose.gpus.yml:")]
+    block = block.split("```", 1)[0]
+    override = yaml.safe_load(block)
+    jsonschema.validate(override, compose_schema)
+    services = override["services"]
+    scraped = {name for name, _ in _targets(scrape_jobs["dermq-worker"])}
+    assert services
+    for name, service in services.items():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] and "count" not in device, name
+        aliases = set(service["networks"]["backend"]["aliases"])
+        assert aliases & scraped, f"{name}: Prometheus resolves {sorted(scraped)}, {name} answers to {aliases}"
 
 
 def test_alerts_select_jobs_that_prometheus_scrapes(rules: list[dict[str, Any]], scrape_jobs: dict[str, Any]) -> None:
