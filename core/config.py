@@ -96,7 +96,6 @@ class Settings(BaseSettings):
     #: Serve HTTPS directly from uvicorn (otherwise terminate TLS at nginx, see deploy/nginx).
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
-    public_base_url: str = ""
     #: The reverse proxies (addresses or networks) whose X-Forwarded-For and X-Forwarded-Proto the API
     #: believes: nginx's network in compose, the ingress controllers' pod network in Kubernetes. From
     #: any other peer the headers are ignored (a client talking to the API directly cannot choose the
