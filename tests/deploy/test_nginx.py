@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -64,6 +65,22 @@ def test_every_file_nginx_writes_is_on_the_tmpfs_compose_gives_it(conf: m.Direct
     for directive, found in written.items():
         assert len(found) == 1, f"{directive} is not set: nginx would write under its compiled-in prefix"
         assert found[0].args[0].startswith(tuple(writable)), f"{directive} {found[0].args[0]} is not on {writable}"
+
+
+def test_the_secrets_readmes_test_certificate_names_its_host(tmp_path: Path) -> None:
+    # browsers ignore the CN: a certificate without the host in its subjectAltName is refused
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    from cryptography import x509
+
+    text = m.SECRETS_README.read_text().replace("\\\n", " ")
+    (command,) = [line for line in text.splitlines() if line.startswith("openssl req -x509") and "tls.crt" in line]
+    command = command.replace("$(hostname -f)", "dermq.example.org")
+    subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    certificate = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "dermq.example.org" in names.get_values_for_type(x509.DNSName)
+    assert not certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
 def test_tls_is_modern(tls_server: m.Directive) -> None:
