@@ -17,12 +17,20 @@ $(STAMP): pyproject.toml client/pyproject.toml
 
 install: $(STAMP)
 
-# Start the machine's PostgreSQL and Redis if they are down, and wait until they answer. dermq logs in to
-# PostgreSQL over its socket as the user make runs as, who creates the databases: as root, make creates
-# that role when it is missing (a stock install has only postgres).
+# Start the machine's PostgreSQL and Redis if they are down, and wait until they answer. Only root or the
+# cluster's owner may start PostgreSQL: another user does it through `sudo -n` where that needs no
+# password, or is told what to run. dermq logs in to PostgreSQL over its socket as the user make runs
+# as, who creates the databases: as root, make creates that role when it is missing (a stock install
+# has only postgres).
 services:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
-		echo "starting PostgreSQL"; pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; }
+		read -r version name owner < <(pg_lsclusters -h | awk '$$3 == 5432 { print $$1, $$2, $$5; exit }'); \
+		if [ -z "$$name" ]; then echo "PostgreSQL is down, and pg_lsclusters lists no cluster on port 5432: start it, then make again"; exit 1; fi; \
+		start="pg_ctlcluster --skip-systemctl-redirect $$version $$name start"; \
+		if [ "$$(id -u)" = 0 ] || [ "$$(id -un)" = "$$owner" ]; then echo "starting PostgreSQL"; $$start; \
+		elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then echo "starting PostgreSQL (sudo)"; sudo -n $$start; \
+		else echo "PostgreSQL is down, and only root or $$owner may start it (sudo asks for a password):" \
+			"run sudo pg_ctlcluster $$version $$name start, then make again"; exit 1; fi; }
 	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
 		pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL did not start"; exit 1; }
 	@psql -d postgres -Atqc 'select 1' >/dev/null 2>&1 || { \
