@@ -248,3 +248,17 @@ def test_a_key_refused_at_submission_says_the_case_may_be_stored_and_no_secret_i
     browser.wait_until(page, lambda d: d.find_element(By.ID, "submit-problem").is_displayed())
     status = page.find_element(By.ID, "case-status").text
     assert "may have been stored" in status and "check the case list" in status and status != "Not submitted."
+
+
+def test_a_key_pasted_with_an_invisible_character_is_refused_as_such(page, live_api: str, make_key) -> None:  # type: ignore[no-untyped-def]
+    """A key copied from a message with a zero-width space in it: the browser refused the header before
+    any request left, and the page said the API could not be reached ("submitting again is safe")."""
+    clinic = make_key()
+    browser.open_page(page, f"{live_api}/portal/", clinic.token)
+    page.find_element(By.ID, "api-key").send_keys(clinic.token[:20] + "\u200b" + clinic.token[20:])
+    page.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+    state = page.find_element(By.ID, "key-state")
+    browser.wait_until(page, lambda _: "never has" in state.text)
+    assert f"Still using key {clinic.token[:15]}" in state.text and state.get_attribute("data-state") == "set"
+    assert clinic.token[16:] not in page.find_element(By.TAG_NAME, "body").text
+    assert browser.problems(page) == []

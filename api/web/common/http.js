@@ -6,10 +6,24 @@
 
 let apiKey = null;
 
-/** Remember `key` for this page's requests (trimmed); returns what may be shown of it: its prefix. */
+/** Why `key` cannot be an API key, or null: a key is printable ASCII only. */
+export function keyProblem(key) {
+  // a key copied from a message or a document can carry a line break, a space or an invisible
+  // character (a zero-width space); sent, the browser refuses the header before any request leaves,
+  // which read as "the API could not be reached"
+  return /^[\x21-\x7e]+$/.test(key.trim())
+    ? null
+    : "this key holds a character an API key never has (a space, a line break or an invisible character copied with it): copy it again, whole, and paste it";
+}
+
+/**
+ * Remember `key` for this page's requests (trimmed); returns what may be shown of it: its prefix.
+ * Throws (keeping the key in use) when it cannot be a key (`keyProblem`).
+ */
 export function setKey(key) {
-  const trimmed = key.trim();
-  apiKey = trimmed || null;
+  const problem = keyProblem(key);
+  if (problem !== null) throw new Error(problem);
+  apiKey = key.trim();
   return keyPrefix();
 }
 

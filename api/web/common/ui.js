@@ -92,7 +92,15 @@ export function setUpKeyForm({ form, input, state, forget, onChange }) {
       announce(state, hasKey() ? `Still using key ${keyPrefix()}: paste a key to change it.` : "No key set: paste a key first.", hasKey() ? "set" : "none");
       return;
     }
-    const prefix = setKey(input.value);
+    let prefix;
+    try {
+      prefix = setKey(input.value);
+    } catch (error) {
+      // not a key: the key in use, if any, stays
+      input.value = "";
+      announce(state, `${error.message}.${hasKey() ? ` Still using key ${keyPrefix()}.` : ""}`, hasKey() ? "set" : "none");
+      return;
+    }
     input.value = "";
     announce(state, `Using key ${prefix} (held in this page's memory only).`, "set");
     forget.hidden = false;
