@@ -94,6 +94,7 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
         # every attempt is spent and the last never recorded an answer (its worker died or ran out of
         # time mid-POST): given up here, or the sweeper would send it again and again
         row.status, row.updated_at, row.leased_until = CallbackStatus.FAILED.value, at, None
+        row.last_error = UNANSWERED
         _audit(
             session, row.case_id, row.clinic_id, success=False, detail={"attempt": row.attempts, "error": UNANSWERED}
         )
@@ -127,7 +128,12 @@ def record_attempt(
     delivered = http_status is not None and 200 <= http_status < 300
     hopeless = hopeless or lease.secret is None  # the clinic must register again
     at = now()
-    values: dict[str, object] = {"last_http_status": http_status, "updated_at": at, "leased_until": None}
+    values: dict[str, object] = {
+        "last_http_status": http_status,
+        "last_error": None if delivered else (error or "http_status")[:64],
+        "updated_at": at,
+        "leased_until": None,
+    }
     if delivered:
         values |= {"status": CallbackStatus.DELIVERED.value, "delivered_at": at}
     elif hopeless or lease.attempt >= settings.callback_max_attempts:

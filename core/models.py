@@ -305,12 +305,9 @@ class CallbackStatus(enum.StrEnum):
 
 
 class ClinicCallback(Base):
-    """Where a clinic wants to hear that its cases finished, and the secret that signs those calls.
-
-    The secret is sealed like a blob (envelope encryption, kind ``callback_secret``, associated data
-    bound to the clinic): only its ciphertext and wrapped data key are stored, and key rotation
-    re-wraps it with the blobs.
-    """
+    """Where a clinic wants to hear that its cases finished, and the secret that signs those calls. The
+    secret is sealed like a blob (envelope encryption, kind ``callback_secret``, associated data bound to
+    the clinic): only its ciphertext and wrapped data key are stored; key rotation re-wraps it."""
 
     __tablename__ = "clinic_callbacks"
     __table_args__ = (Index("ix_clinic_callbacks_kek_id", "kek_id"),)
@@ -345,6 +342,8 @@ class CallbackDelivery(Base):
     status: Mapped[str] = mapped_column(String(16), server_default=CallbackStatus.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     last_http_status: Mapped[int | None] = mapped_column(Integer)
+    #: why the last attempt got no good answer, when it did not (an error's type, ``url_refused``...)
+    last_error: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -40,6 +40,13 @@ class DeliveryProblemOut(BaseModel):
     status: str
     attempts: int
     last_http_status: int | None
+    last_error: str | None = Field(
+        description="why the last attempt got no good answer: 'http_status' (your server answered with "
+        "last_http_status), 'url_refused' (the URL is no longer one dermq calls), 'UnsafeAddress' (its name "
+        "resolves to a private or reserved address), 'DeadlineExceeded', a connection error's name such as "
+        "'ConnectionRefusedError', 'unanswered' (the attempt never finished), or 'DecryptionError' (the "
+        "secret cannot be read: register the callback again)"
+    )
     updated_at: datetime
 
 
@@ -118,6 +125,7 @@ async def get_callback(response: Response, app: State, caller: AuthenticatedCall
                     status=d.status,
                     attempts=d.attempts,
                     last_http_status=d.last_http_status,
+                    last_error=d.last_error,
                     updated_at=d.updated_at,
                 )
                 for d in health.problems

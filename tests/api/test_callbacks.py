@@ -272,10 +272,16 @@ def test_the_callback_status_shows_deliveries_that_failed(client, tenant: Tenant
     with session_scope(settings) as session:
         session.add(
             CallbackDelivery(
-                case_id=case_id, clinic_id=tenant.clinic_id, status="failed", attempts=8, last_http_status=503
+                case_id=case_id,
+                clinic_id=tenant.clinic_id,
+                status="failed",
+                attempts=8,
+                last_http_status=503,
+                last_error="http_status",
             )
         )
     status = client.get("/v1/clinic/callback", headers=tenant.headers).json()
     assert status["deliveries_last_24h"] == {"failed": 1}
     (problem,) = status["recent_problems"]
     assert (problem["case_id"], problem["attempts"], problem["last_http_status"]) == (str(case_id), 8, 503)
+    assert problem["last_error"] == "http_status"

@@ -119,6 +119,7 @@ def test_attempts_whose_answers_were_never_recorded_end_in_failed(settings: Sett
     assert lease(config, keyring, pending) is None
     given_up = row(settings, pending)
     assert (given_up.status, given_up.attempts, given_up.leased_until) == ("failed", 2, None)
+    assert given_up.last_error == "unanswered"
     with session_scope(settings) as session:
         (event,) = session.scalars(
             select(AuditEvent).where(AuditEvent.entity_id == str(pending), AuditEvent.action == "callback.deliver")
@@ -148,7 +149,8 @@ def test_a_url_todays_settings_refuse_is_given_up_without_a_call(settings: Setti
     assert settings.callback_allow_private_urls  # what let the fixture register it
     production = settings.model_copy(update={"callback_allow_private_urls": False})
     assert delivery.deliver(production, keyring, pending) == callback_attempts.Delivery("failed", 1, None)
-    assert row(settings, pending).status == "failed"
+    refused = row(settings, pending)
+    assert (refused.status, refused.last_error) == ("failed", delivery.URL_REFUSED)  # what the clinic is shown
     with session_scope(settings) as session:
         details = session.scalars(
             select(AuditEvent.detail).where(
