@@ -70,7 +70,7 @@ def upgrade() -> None:
         problems = [
             " / ".join(sorted(repr(names[clinic_id][0]) for clinic_id in group)) for (group,) in bind.execute(CLASHES)
         ]
-    if problems:  # the whole upgrade rolls back: no name is rewritten
+    if problems:  # this migration rolls back (those before it stay applied): no name is rewritten
         raise RuntimeError(
             f"clinic names to rename first: {'; '.join(sorted(problems))}. Names that would differ only in case or "
             "spacing clash. Rename all but one of each (and any other listed) in the clinics table, then upgrade again"

@@ -39,12 +39,19 @@ INVALID = sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_reg
 
 def upgrade() -> None:
     with op.get_context().autocommit_block():
-        if not context.is_offline_mode() and op.get_bind().execute(INVALID, {"name": INDEX}).scalar():
+        # A concurrent build waits for every older transaction of the database (a backup's, say) and
+        # blocks no request meanwhile: the upgrade's lock timeout (migrations/env.py) must not end it.
+        online = not context.is_offline_mode()
+        before = op.get_bind().execute(sa.text("SHOW lock_timeout")).scalar() if online else None
+        op.execute("SET lock_timeout = 0")
+        if online and op.get_bind().execute(INVALID, {"name": INDEX}).scalar():
             op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {INDEX}")
         op.execute(
             f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {INDEX} ON audit_events "
             "USING gin (detail jsonb_path_ops) WHERE action = 'case.list'"
         )
+        if before is not None:  # the migrations after this one wait no longer than the upgrade said
+            op.get_bind().execute(sa.text("SELECT set_config('lock_timeout', :value, false)"), {"value": before})
 
 
 def downgrade() -> None:
