@@ -26,6 +26,7 @@ import fcntl
 import glob
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -143,12 +144,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: held while this process holds the folder's lock, and taken around every fork: a worker's main
+#: process scrapes from a thread while it forks children, and a child forked mid-scrape inherited the
+#: locked descriptor, so the lock stayed held for as long as that child lived (every later scrape, and
+#: every child's exit, waited for it: the worker stopped)
+_held = threading.Lock()
+os.register_at_fork(before=_held.acquire, after_in_parent=_held.release, after_in_child=_held.release)
+
+
 @contextmanager
 def _locked(folder: str) -> Iterator[None]:
-    """The folder's fold lock (a scrape and the folds of exiting processes take turns)."""
-    handle = os.open(os.path.join(folder, ".fold.lock"), os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(handle)
+    """The folder's fold lock (a scrape and the folds of exiting processes take turns); never held
+    across a fork (:data:`_held`)."""
+    with _held:
+        handle = os.open(os.path.join(folder, ".fold.lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(handle)

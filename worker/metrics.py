@@ -70,6 +70,8 @@ LOST = Counter(
     "killed or ran out of time): requeued, or failed 'timeout' once their attempts were spent",
     ["outcome"],
 )
+for _outcome in ("requeued", "failed"):  # present from the start: increase() skips a series' first sample
+    LOST.labels(_outcome)
 CALLBACKS = Counter(
     "dermq_callback_deliveries_total",
     "completion callback attempts by outcome: delivered, retry (refused, tried again later), failed (given up)",

@@ -47,6 +47,7 @@ from sqlalchemy.exc import DBAPIError
 from core import callbacks, case_states, idempotency, outcomes, period_shredding, phi, recovery, results, retention
 from core.config import Settings
 from core.db import session_scope
+from core.errors import KeyNotHeld
 from core.logs import case_id_var
 from core.publisher import make_publisher
 from core.queueing import (
@@ -184,6 +185,11 @@ def deliver_callback(self: Any, case_id: str) -> str:
     try:
         attempt = delivery.deliver(config, keyring(config), parsed)
     except Exception as exc:
+        if isinstance(exc, KeyNotHeld):  # a key rotation still reaching this worker: retried, nothing spent
+            log.warning(
+                "a callback's secret is sealed under a key this worker does not hold yet",
+                extra={"event": "key_not_held"},
+            )
         if not _transient(exc) or self.request.retries >= MAX_RETRIES:
             # the row stays pending: the sweeper publishes it again later
             raise retries.withheld(exc) from None

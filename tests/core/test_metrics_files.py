@@ -3,10 +3,12 @@ sample file that is still being created, or was left empty by a process killed w
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,34 @@ def test_a_fold_cut_short_is_finished_and_counts_each_process_once(tmp_path: Pat
     monkeypatch.setattr(metrics_files.os, step, real)
     assert 'dermq_test_cases_total{outcome="succeeded"} 6.0' in scrape(tmp_path)
     assert 'dermq_test_cases_total{outcome="succeeded"} 6.0' in scrape(tmp_path)
+
+
+def test_a_child_forked_during_a_scrape_does_not_inherit_the_folds_lock(tmp_path: Path) -> None:
+    """A worker's main process scrapes from a thread while it forks children: a child forked mid-scrape
+    kept the scrape's lock for its whole life, and every later scrape and child exit waited on it."""
+    inside, leave = threading.Event(), threading.Event()
+
+    def scraping() -> None:
+        with metrics_files._locked(str(tmp_path)):
+            inside.set()
+            leave.wait(10)
+
+    scrape_thread = threading.Thread(target=scraping)
+    scrape_thread.start()
+    assert inside.wait(10)
+    releaser = threading.Timer(0.3, leave.set)  # the scrape ends while the fork below waits for it
+    releaser.start()
+    pid = os.fork()
+    if pid == 0:  # the child: the lock is free for it once its parent's scrape is over
+        handle = os.open(tmp_path / ".fold.lock", os.O_RDWR)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os._exit(1)
+        os._exit(0)
+    scrape_thread.join(10)
+    releaser.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with metrics_files._locked(str(tmp_path)):  # and the parent's next scrape is not held up
+        pass

@@ -26,6 +26,8 @@ def test_the_sweep_counts_the_cases_whose_worker_was_lost(  # type: ignore[no-un
     metrics = f"http://127.0.0.1:{stack_env['DERMQ_WORKER_METRICS_PORT']}/metrics"
     support.wait_for(lambda: httpx.get(metrics, timeout=5).status_code == 200, timeout=30, what="worker metrics")
     before = scrape(metrics)
+    # both series are there from the start: Prometheus's increase() skips a series' first sample
+    assert {("dermq_lost_cases_total", (("outcome", o),)) for o in ("requeued", "failed")} <= set(before)
     spent, again = store_case(tenant, b"killed its worker each time"), store_case(tenant, b"killed its worker once")
     overdue = func.now() - timedelta(seconds=settings.task_time_limit + settings.running_grace_seconds + 60)
     with session_scope(settings) as session:  # as a child killed mid-case leaves them
