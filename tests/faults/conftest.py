@@ -33,6 +33,7 @@ FAULT_SETTINGS = {
     "DERMQ_TASK_TIME_LIMIT": "18",
     "DERMQ_BROKER_VISIBILITY_TIMEOUT": "60",
     "DERMQ_CALLBACK_BACKOFF_MAX_SECONDS": "30",  # a retry's wait plus the hard limit under the visibility timeout
+    "DERMQ_CALLBACK_TIMEOUT_SECONDS": "3",  # an attempt's three timeouts and its records within the soft limit
     "DERMQ_RUNNING_GRACE_SECONDS": "1",
     "DERMQ_REQUEUE_GRACE_SECONDS": "1",
     "DERMQ_SWEEP_INTERVAL_SECONDS": "0.5",
