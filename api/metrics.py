@@ -73,7 +73,8 @@ class StateCollector(Collector):
         try:
             totals = {"urgent": 0, "routine": 0}
             for step, name in zip(PRIORITY_STEPS, queue_lists(), strict=True):
-                priority = "urgent" if step == PRIORITY_VALUE[Priority.URGENT] else "routine"
+                # below routine: urgent (at 0, those an older release published)
+                priority = "urgent" if step < PRIORITY_VALUE[Priority.ROUTINE] else "routine"
                 totals[priority] += int(self.app.redis.llen(name))
             for priority, value in totals.items():
                 depth.add_metric([priority], value)

@@ -31,9 +31,14 @@ QUEUE_CASES = "cases"
 QUEUE_MAINTENANCE = "maintenance"
 
 #: Redis priorities: 0 is served first. Celery keeps one Redis list per step: ``cases`` for 0 and
-#: ``cases\x06\x16<n>`` for the others; anything that measures queue length must count them all.
+#: ``cases\x06\x16<n>`` for the others; anything that measures queue length must count them all. A
+#: worker reads them step by step, and within a step queue by queue in its ``--queues`` order
+#: (``cases,maintenance``): the periodic tasks (the sweeper, the sealer: ``worker.celery_app.PERIODIC``,
+#: 0) come first, then urgent cases (3), routine cases (6) and completion callbacks (6, maintenance).
+#: With urgent cases at 0 too, a surge of them kept the sweeper and the sealer waiting until their
+#: messages expired. Urgent messages published at 0 by an older release are still served first.
 PRIORITY_STEPS = [0, 3, 6, 9]
-PRIORITY_VALUE = {Priority.URGENT: 0, Priority.ROUTINE: 6}
+PRIORITY_VALUE = {Priority.URGENT: 3, Priority.ROUTINE: 6}
 REDIS_PRIORITY_SEP = "\x06\x16"
 
 

@@ -45,6 +45,19 @@ FIELD_INTERVAL_SECONDS = 900.0
 #: the audit sealer wait behind it until their messages expired, and no case was recovered meanwhile.
 PERIODIC = {"queue": QUEUE_MAINTENANCE, "priority": 0}
 
+#: How late a periodic task may still start, beyond its interval: beat stamps the expiry by its own
+#: clock and a worker compares it with its own, so an expiry of one interval made a worker whose clock
+#: ran 30 s ahead of beat's drop every sweep (and 1 s ahead, every seal), and a sweep queued behind a
+#: purge on a one-child worker expired. A task that runs late, or twice, is harmless: each takes its
+#: rows with SKIP LOCKED or an advisory lock.
+EXPIRY_SLACK_SECONDS = 60.0
+
+
+def expiry(interval: float) -> float:
+    """Seconds after beat sends a periodic task that a worker still runs it: one interval more than
+    the interval, and at least :data:`EXPIRY_SLACK_SECONDS` more."""
+    return interval + max(interval, EXPIRY_SLACK_SECONDS)
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     return {
@@ -70,32 +83,32 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "sweep": {
                 "task": TASK_SWEEP,
                 "schedule": settings.sweep_interval_seconds,
-                "options": {**PERIODIC, "expires": settings.sweep_interval_seconds},
+                "options": {**PERIODIC, "expires": expiry(settings.sweep_interval_seconds)},
             },
             "drift": {
                 "task": TASK_DRIFT,
                 "schedule": 3600.0,
-                "options": {**PERIODIC, "expires": 3600.0},
+                "options": {**PERIODIC, "expires": expiry(3600.0)},
             },
             "field-performance": {
                 "task": TASK_FIELD,
                 "schedule": FIELD_INTERVAL_SECONDS,
-                "options": {**PERIODIC, "expires": FIELD_INTERVAL_SECONDS},
+                "options": {**PERIODIC, "expires": expiry(FIELD_INTERVAL_SECONDS)},
             },
             "audit-seal": {
                 "task": TASK_AUDIT_SEAL,
                 "schedule": settings.audit_seal_interval_seconds,
-                "options": {**PERIODIC, "expires": settings.audit_seal_interval_seconds},
+                "options": {**PERIODIC, "expires": expiry(settings.audit_seal_interval_seconds)},
             },
             "audit-check": {
                 "task": TASK_AUDIT_CHECK,
                 "schedule": 60.0,
-                "options": {**PERIODIC, "expires": 60.0},
+                "options": {**PERIODIC, "expires": expiry(60.0)},
             },
             "purge": {
                 "task": TASK_PURGE,
                 "schedule": settings.purge_interval_seconds,
-                "options": {**PERIODIC, "expires": settings.purge_interval_seconds},
+                "options": {**PERIODIC, "expires": expiry(settings.purge_interval_seconds)},
             },
         },
         "task_queues_names": [QUEUE_CASES, QUEUE_MAINTENANCE],

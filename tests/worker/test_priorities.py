@@ -85,3 +85,39 @@ def test_the_sweeper_and_the_sealer_go_ahead_of_a_backlog_of_callbacks(settings,
             assert message is not None
             taken.append(message.headers["task"])
     assert taken == [schedule["sweep"]["task"], schedule["audit-seal"]["task"], TASK_CALLBACK]
+
+
+def test_the_sweeper_goes_ahead_of_a_surge_of_urgent_cases(settings, private_broker) -> None:  # type: ignore[no-untyped-def]
+    """A worker reads Redis step by step and, within a step, queue by queue in its --queues order
+    (cases, then maintenance). Urgent cases shared step 0 with the periodic tasks and came first: a
+    surge of them kept the sweeper and the sealer waiting until their messages expired. Taken here as
+    a worker takes them: one consumer of both queues, in that order."""
+    import uuid
+
+    from core.queueing import QUEUE_CASES, QUEUE_MAINTENANCE, TASK_CLASSIFY
+    from worker.celery_app import create_app
+
+    app = create_app(settings.model_copy(update={"redis_url": private_broker.url}))
+    for _ in range(5):  # the surge, already waiting
+        assert support.publish_classify(app, uuid.uuid4(), "urgent")
+    schedule = app.conf.beat_schedule
+    app.send_task(schedule["sweep"]["task"], **schedule["sweep"]["options"])
+    assert support.publish_classify(app, uuid.uuid4(), "routine")
+    taken: list[str] = []
+    queues = [app.amqp.queues[QUEUE_CASES], app.amqp.queues[QUEUE_MAINTENANCE]]  # the workers' --queues order
+    with (
+        app.connection_for_read() as connection,
+        connection.Consumer(queues, callbacks=[lambda _, message: taken.append(message.headers["task"])]),
+    ):
+        while len(taken) < 7:
+            connection.drain_events(timeout=5)
+    assert taken == [schedule["sweep"]["task"], *[TASK_CLASSIFY] * 6]
+
+
+def test_a_worker_whose_clock_runs_a_minute_ahead_of_beats_still_runs_every_periodic_task(settings) -> None:  # type: ignore[no-untyped-def]
+    """Beat stamps each periodic message's expiry by its own clock, a worker judges it by its own: with
+    an expiry of one interval, a worker 30 s ahead dropped every sweep (1 s ahead, every seal)."""
+    from worker.celery_app import celery_config
+
+    for name, entry in celery_config(settings)["beat_schedule"].items():
+        assert entry["options"]["expires"] >= entry["schedule"] + 60, name
