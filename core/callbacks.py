@@ -230,23 +230,25 @@ _NOTE_FINISHED = (
 )
 
 
-def stale_deliveries(session: Session, cutoff: datetime, limit: int = 500) -> list[uuid.UUID]:
-    """Pending deliveries untouched since ``cutoff`` and not leased (their message was lost), locked
-    for this sweep."""
-    return list(
-        session.scalars(
-            select(CallbackDelivery.case_id)
-            .where(
-                CallbackDelivery.status == CallbackStatus.PENDING.value,
-                CallbackDelivery.updated_at < cutoff,
-                # leases are stamped with the database's clock (core.callback_attempts.lease)
-                or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
-            )
-            .order_by(CallbackDelivery.updated_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
+def stale_deliveries(
+    session: Session, cutoff: datetime, limit: int = 500, *, ids: list[uuid.UUID] | None = None, lock: bool = True
+) -> list[uuid.UUID]:
+    """Pending deliveries untouched since ``cutoff`` and not leased (their message may be lost), among
+    ``ids`` if given; locked for this sweep unless ``lock`` is false (a row whose message still waits
+    must stay free for the worker that takes it)."""
+    query = (
+        select(CallbackDelivery.case_id)
+        .where(
+            CallbackDelivery.status == CallbackStatus.PENDING.value,
+            CallbackDelivery.updated_at < cutoff,
+            # leases are stamped with the database's clock (core.callback_attempts.lease)
+            or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
+            *([] if ids is None else [CallbackDelivery.case_id.in_(ids)]),
         )
+        .order_by(CallbackDelivery.updated_at)
+        .limit(limit)
     )
+    return list(session.scalars(query.with_for_update(skip_locked=True) if lock else query))
 
 
 def touch_deliveries(session: Session, case_ids: list[uuid.UUID]) -> None:

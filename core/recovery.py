@@ -44,7 +44,7 @@ from core.config import Settings
 from core.enqueue import enqueue
 from core.models import Case, CaseStatus
 from core.publisher import callback_task, classify_task
-from core.queueing import QUEUE_CASES, queue_lists
+from core.queueing import QUEUE_CASES, QUEUE_MAINTENANCE, TASK_CALLBACK, TASK_CLASSIFY, queue_lists
 
 log = logging.getLogger("dermq.recovery")
 BATCH = 500
@@ -73,7 +73,16 @@ class SweepReport:
         self.callbacks_republished.extend(str(case_id) for case_id in case_ids)
         callbacks.touch_deliveries(session, case_ids)
 
-    def to_dict(self) -> dict[str, object]:
+    def full(self) -> bool:
+        """Whether a part of the sweep stopped at :data:`BATCH`: more may be waiting for the next round."""
+        lost, sent, callbacks_sent = (
+            len(self.requeued) + len(self.failed),
+            len(self.republished),
+            len(self.callbacks_republished),
+        )
+        return max(lost, sent, callbacks_sent) >= BATCH
+
+    def to_dict(self) -> dict[str, int | bool]:
         return {
             "requeued": len(self.requeued),
             "failed": len(self.failed),
@@ -83,14 +92,15 @@ class SweepReport:
         }
 
 
-def _case_id_of(raw: bytes | str) -> str | None:
-    """The case id in a kombu Redis message (a JSON envelope whose headers name the task and args)."""
+def _case_id_of(raw: bytes | str, task: str = TASK_CLASSIFY) -> str | None:
+    """The case id in a kombu Redis message of ``task`` (a JSON envelope whose headers name the task
+    and args)."""
     try:
         message = json.loads(raw)
         if isinstance(message, list):  # the unacked hash stores [message, exchange, routing_key]
             message = message[0]
         headers = message.get("headers") or {}
-        if headers.get("task") != "dermq.classify":
+        if headers.get("task") != task:
             return None
         args = headers.get("argsrepr") or ""
         return str(uuid.UUID(args.strip("[]()'\" ,")))
@@ -98,19 +108,20 @@ def _case_id_of(raw: bytes | str) -> str | None:
         return None
 
 
-def broker_case_ids(client: redis.Redis) -> set[str]:
-    """Ids of every case with a classify message waiting or delivered-but-unacknowledged."""
+def broker_case_ids(client: redis.Redis, queue: str = QUEUE_CASES, task: str = TASK_CLASSIFY) -> set[str]:
+    """Ids of every case with a ``task`` message of ``queue`` waiting or delivered-but-unacknowledged
+    (a retry waiting out its countdown in a worker is unacknowledged)."""
     found: set[str] = set()
-    for name in queue_lists(QUEUE_CASES):
+    for name in queue_lists(queue):
         start = 0
         while True:
             chunk = client.lrange(name, start, start + 999)
             if not chunk:
                 break
-            found.update(cid for cid in map(_case_id_of, chunk) if cid)
+            found.update(cid for cid in (_case_id_of(raw, task) for raw in chunk) if cid)
             start += len(chunk)
     for raw in client.hvals("unacked"):
-        cid = _case_id_of(raw)
+        cid = _case_id_of(raw, task)
         if cid:
             found.add(cid)
     return found
@@ -203,11 +214,30 @@ def republish_lost(
 
 
 def republish_callbacks(
-    session: Session, settings: Settings, publisher: Celery, report: SweepReport, at: datetime
+    session: Session,
+    settings: Settings,
+    publisher: Celery,
+    broker: redis.Redis | None,
+    report: SweepReport,
+    at: datetime,
 ) -> None:
-    """Enqueue again the pending callbacks nobody has touched for longer than any retry waits."""
+    """Enqueue again the pending callbacks nobody has touched for longer than any retry waits, unless
+    the broker still holds their message: behind a backlog of cases a callback's message waits longer
+    than that, and each sweep added a copy, whose attempts then came one after another, without the
+    backoff, once the backlog drained (a receiver down for those seconds spent every attempt)."""
     cutoff = at - timedelta(seconds=callbacks.stale_after_seconds(settings))
-    for case_id in callbacks.stale_deliveries(session, cutoff, BATCH):
+    stale = callbacks.stale_deliveries(session, cutoff, BATCH, lock=False)
+    if not stale:
+        return
+    waiting: set[str] = set()
+    if broker is not None:
+        try:
+            waiting = broker_case_ids(broker, QUEUE_MAINTENANCE, TASK_CALLBACK)
+        except redis.RedisError as exc:  # unknown: sent again (a copy finds the row leased or done)
+            log.warning("broker unreachable; callbacks republished unchecked", extra={"error": type(exc).__name__})
+    lost = [case_id for case_id in stale if str(case_id) not in waiting]
+    # the same conditions again, under the lock: a worker may have leased one meanwhile
+    for case_id in callbacks.stale_deliveries(session, cutoff, BATCH, ids=lost) if lost else []:
         enqueue(session, publisher, callback_task(case_id), on_sent=report.callbacks_published)
 
 
@@ -224,7 +254,7 @@ def sweep(session: Session, settings: Settings, publisher: Celery, broker: redis
         # lost and would come back only after the visibility timeout. A duplicate is harmless.
         republish_lost(session, publisher, None, report, ids=report.requeued)
     republish_lost(session, publisher, broker, report, cutoff=at - timedelta(seconds=settings.requeue_grace_seconds))
-    republish_callbacks(session, settings, publisher, report, at)
+    republish_callbacks(session, settings, publisher, broker, report, at)
     return report
 
 

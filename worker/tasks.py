@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from typing import Any, NoReturn
 
 import redis
@@ -227,13 +228,22 @@ def _redis_client(config: Settings) -> redis.Redis:
 
 
 def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) -> dict[str, object]:
-    """One recovery sweep in its own transaction; what it publishes is sent once that committed."""
-    with session_scope(config) as session:
-        report = recovery.sweep(session, config, publisher, broker)
-    recovery.log_report(report)
-    metrics = runtime.worker_metrics()
-    if metrics is not None and (report.requeued or report.failed):
-        metrics.record_lost(len(report.requeued), len(report.failed))
+    """Recovery sweeps, each in its own transaction (what one publishes is sent once it committed),
+    until one leaves less than a batch behind or half the soft time limit has passed: after Redis lost
+    its data, one batch a sweep republished about 1,000 queued cases a minute, fewer than the workers
+    classify, and tens of thousands waited for half an hour."""
+    budget_ends = time.monotonic() + config.task_soft_time_limit / 2
+    done: Counter[str] = Counter()
+    while True:
+        with session_scope(config) as session:
+            report = recovery.sweep(session, config, publisher, broker)
+        recovery.log_report(report)
+        metrics = runtime.worker_metrics()
+        if metrics is not None and (report.requeued or report.failed):
+            metrics.record_lost(len(report.requeued), len(report.failed))
+        done.update({name: int(value) for name, value in report.to_dict().items()})
+        if not report.full() or time.monotonic() > budget_ends:
+            break
     with session_scope(config) as session:  # client references and results stored before they were sealed
         sealed = phi.seal_plain_client_refs(session, keyring(config))
         sealed_results = results.seal_plain_results(session, keyring(config))  # a batch of each a sweep
@@ -241,7 +251,8 @@ def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) 
     with session_scope(config) as session:  # apart: a key stored meanwhile under the same digest fails only this
         keys_digested = idempotency.digest_plain_keys(session, keyring(config))
     return {
-        **report.to_dict(),
+        **done,
+        "broker_checked": bool(done["broker_checked"]),
         "client_refs_sealed": sealed,
         "results_sealed": sealed_results,
         "diagnoses_sealed": sealed_diagnoses,

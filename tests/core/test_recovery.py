@@ -270,6 +270,61 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
         session.delete(session.get(ClinicCallback, tenant.clinic_id))
 
 
+def test_a_callback_whose_message_still_waits_is_not_sent_again(
+    sweeping, own_database: Settings, keyring, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    """Behind a backlog of cases a callback's message waits longer than the staleness bound: each sweep
+    added a copy, and once the backlog drained the copies' attempts came one after another, without
+    the backoff (a receiver down for those seconds spent every attempt)."""
+    from core.keys import Principal
+    from core.models import Role
+
+    case_id = store_case(tenant, b"finished")
+    _, publisher, client = sweeping
+    with session_scope(own_database) as session:
+        callbacks.register(
+            session,
+            keyring=keyring,
+            settings=own_database,
+            principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
+            actor=_actor(),
+            url="http://127.0.0.1:9/x",
+        )
+        assert case_states.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="broken")
+        assert callbacks.note_finished(session, case_id, publisher=publisher)
+    stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
+    with session_scope(own_database) as session:  # its message still waits behind a backlog
+        session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(updated_at=stale))
+    assert str(case_id) not in sweep(sweeping).callbacks_republished
+    assert callback_messages(client, case_id) == 1
+    client.delete(*queue_lists(QUEUE_MAINTENANCE))  # now lost: sent again
+    assert str(case_id) in sweep(sweeping).callbacks_republished
+    assert callback_messages(client, case_id) == 1
+    with session_scope(own_database) as session:
+        session.delete(session.get(ClinicCallback, tenant.clinic_id))
+
+
+def test_one_sweep_task_republishes_every_lost_case_not_one_batch(
+    sweeping, own_database: Settings, tenant: Tenant, store_case, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """After Redis lost its data one batch a sweep (500, every 30 s) was republished: fewer than the
+    workers classify, and tens of thousands of cases waited half an hour. The task goes on, a batch a
+    transaction, until one is not full."""
+    from worker.tasks import sweep_once
+
+    monkeypatch.setattr(recovery, "BATCH", 2)
+    config, publisher, client = sweeping
+    while sweep(sweeping).republished:  # the module's earlier cases: their messages wait from now on
+        pass
+    grace = own_database.requeue_grace_seconds
+    lost = [store_case(tenant, b"lost") for _ in range(5)]
+    for case_id in lost:
+        set_state(own_database, case_id, updated_at=ago(grace + 5))
+    done = sweep_once(config, publisher, client)
+    assert done["republished"] == 5
+    assert {str(c) for c in lost} <= recovery.broker_case_ids(client)
+
+
 def callback_messages(client: redis.Redis, case_id: uuid.UUID) -> int:
     """How many callback messages for ``case_id`` wait in the maintenance queue (any of its lists)."""
     messages = [raw for name in queue_lists(QUEUE_MAINTENANCE) for raw in client.lrange(name, 0, -1)]
