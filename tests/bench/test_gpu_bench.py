@@ -19,7 +19,7 @@ THROUGHPUT = re.compile(r"^torch (cpu|cuda) fp32\s+(\d+)\s+([0-9.]+) images/s\s+
 HEAT_MAP = re.compile(r"^torch (cpu|cuda) classify \+ heat map\s+1\s+([0-9.]+) cases/s\s+([0-9.]+) ms$")
 PIPELINE = re.compile(
     r"^pipeline DERMQ_DEVICE=(cpu|cuda) \((\d+) cases at once, (\d+) failed\)\s+-\s+([0-9.]+) cases/s "
-    r"\(([0-9.]+) from the first result on\)"
+    r"\((?:([0-9.]+) from the first result on|all ended at once, in one batch)\)"
 )
 
 
@@ -93,7 +93,9 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
     assert len(pipeline) == 1, "\n".join([r for r in rows if r.startswith("pipeline")] + [run.stderr[-3000:]])
     device, cases, failed, rate, flowing = pipeline[0].groups()
     assert (device, int(cases), int(failed)) == ("cuda" if gpu else "cpu", 8, 0)
-    assert float(rate) > 0 and float(flowing) > 0  # over the whole span, and once results flow
+    # over the whole span, and once results flow (unless the eight ended in one batch: a loaded machine's
+    # first batch can claim them all)
+    assert float(rate) > 0 and (flowing is None or float(flowing) > 0)
     if not gpu:
         assert any(r.startswith("cuda answers against the CPU's") and "skipped: no GPU" in r for r in rows), rows
         assert any(r.startswith("onnxruntime CUDA") and "not available (no GPU)" in r for r in rows), rows
