@@ -235,23 +235,9 @@ def test_a_redelivered_message_for_a_running_case_is_skipped(
 def test_a_pending_callback_whose_message_was_lost_is_published_again(
     sweeping, own_database: Settings, keyring, tenant: Tenant, store_case
 ) -> None:  # type: ignore[no-untyped-def]
-    from core.keys import Principal
-    from core.models import Role
-
-    case_id = store_case(tenant, b"finished")
-    principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
     _, publisher, client = sweeping
+    case_id = finished_with_callback(own_database, keyring, tenant, store_case, publisher)
     with session_scope(own_database) as session:
-        callbacks.register(
-            session,
-            keyring=keyring,
-            settings=own_database,
-            principal=principal,
-            actor=_actor(),
-            url="http://127.0.0.1:9/x",
-        )
-        assert case_states.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="broken")
-        assert callbacks.note_finished(session, case_id, publisher=publisher)
         assert not callbacks.note_finished(session, case_id, publisher=publisher)  # one notice per case
     assert callback_messages(client, case_id) == 1  # its own message, sent once the failure committed
     client.delete(*queue_lists(QUEUE_MAINTENANCE))  # ...and lost
@@ -276,22 +262,8 @@ def test_a_callback_whose_message_still_waits_is_not_sent_again(
     """Behind a backlog of cases a callback's message waits longer than the staleness bound: each sweep
     added a copy, and once the backlog drained the copies' attempts came one after another, without
     the backoff (a receiver down for those seconds spent every attempt)."""
-    from core.keys import Principal
-    from core.models import Role
-
-    case_id = store_case(tenant, b"finished")
     _, publisher, client = sweeping
-    with session_scope(own_database) as session:
-        callbacks.register(
-            session,
-            keyring=keyring,
-            settings=own_database,
-            principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
-            actor=_actor(),
-            url="http://127.0.0.1:9/x",
-        )
-        assert case_states.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="broken")
-        assert callbacks.note_finished(session, case_id, publisher=publisher)
+    case_id = finished_with_callback(own_database, keyring, tenant, store_case, publisher)
     stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
     with session_scope(own_database) as session:  # its message still waits behind a backlog
         session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(updated_at=stale))
@@ -323,6 +295,26 @@ def test_one_sweep_task_republishes_every_lost_case_not_one_batch(
     done = sweep_once(config, publisher, client)
     assert done["republished"] == 5
     assert {str(c) for c in lost} <= recovery.broker_case_ids(client)
+
+
+def finished_with_callback(settings: Settings, keyring, tenant: Tenant, store_case, publisher) -> uuid.UUID:  # type: ignore[no-untyped-def]
+    """A case of a clinic with a callback, failed: its delivery is pending and its message sent."""
+    from core.keys import Principal
+    from core.models import Role
+
+    case_id = store_case(tenant, b"finished")
+    with session_scope(settings) as session:
+        callbacks.register(
+            session,
+            keyring=keyring,
+            settings=settings,
+            principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
+            actor=_actor(),
+            url="http://127.0.0.1:9/x",
+        )
+        assert case_states.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="broken")
+        assert callbacks.note_finished(session, case_id, publisher=publisher)
+    return case_id
 
 
 def callback_messages(client: redis.Redis, case_id: uuid.UUID) -> int:
