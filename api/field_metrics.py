@@ -62,13 +62,13 @@ def field_families(report: dict[str, Any] | None) -> list[GaugeMetricFamily]:
         families[name] = GaugeMetricFamily(name, _REFERRAL + which, labels=["model_id"])
     confirmed = GaugeMetricFamily(
         "dermq_field_confirmed_cases",
-        "confirmed cases of the class that the model diagnosed (the sensitivity's denominator; "
-        "out-of-distribution results are counted apart)",
+        "confirmed cases of the class (the sensitivity's denominator, those the gate judged out of "
+        "distribution included: each is a miss)",
         labels=["model_id", "class"],
     )
     unscored = GaugeMetricFamily(
         "dermq_field_out_of_distribution_cases",
-        "confirmed cases whose image the model judged out of distribution (no diagnosis, not scored)",
+        "confirmed cases whose image the model judged out of distribution (no diagnosis: missed in the sensitivities)",
         labels=["model_id"],
     )
     floor = GaugeMetricFamily(

@@ -68,7 +68,7 @@ def report(model_id: str | None, mel_floor: float | None, min_melanomas: int | N
     for model, figures in found.items():
         click.echo(
             f"{model}: {figures['confirmed']} confirmed cases "
-            f"({figures['out_of_distribution']} out of distribution, not scored)"
+            f"({figures['out_of_distribution']} out of distribution: no diagnosis, counted as missed)"
         )
         click.echo(f"  {'class':<6} {'sensitivity':<36} {'PPV':<36}")
         for code in CLASSES:

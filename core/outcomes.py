@@ -15,9 +15,12 @@ new cell. Erasure and retention remove the confirmed outcome with the case's oth
 and the tally keeps the counts, so :func:`field_performance` (``dermq monitor report``) needs no key
 and loses nothing when cases are purged. Per model: each class's sensitivity and positive predictive
 value, and the referral sensitivity (confirmed malignant or pre-malignant cases the model referred),
-each with a Wilson 95% interval. Out-of-distribution results made no diagnosis; they are counted,
-not scored. :func:`melanoma_alerts` says when melanoma sensitivity has fallen below the model card's
-floor by more than noise explains.
+each with a Wilson 95% interval. Out-of-distribution results made no diagnosis and no referral:
+a confirmed case of a class the gate turned away counts as missed in that class's sensitivity and, if
+it is malignant or pre-malignant, as not referred (the clinic got no answer; the model card's figures
+leave the gate out). So a gate that starts turning melanomas away shows in the melanoma figures and
+their alert. They are not in any PPV (no label). :func:`melanoma_alerts` says when melanoma
+sensitivity has fallen below the model card's floor by more than noise explains.
 """
 
 from __future__ import annotations
@@ -267,7 +270,8 @@ class Confirmed:
 
 def field_performance(rows: Iterable[Confirmed]) -> dict[str, dict[str, Any]]:
     """Per model: confirmed and out-of-distribution counts, per-class sensitivity and PPV, and the
-    referral sensitivity on confirmed malignant or pre-malignant cases (``CONCERNING``)."""
+    referral sensitivity on confirmed malignant or pre-malignant cases (``CONCERNING``). A case the
+    gate turned away is a miss in its class's sensitivity and in the referral sensitivity."""
     by_model: dict[str, list[Confirmed]] = {}
     for row in rows:
         by_model.setdefault(row.model_id, []).append(row)
@@ -278,10 +282,10 @@ def field_performance(rows: Iterable[Confirmed]) -> dict[str, dict[str, Any]]:
         for code in CLASSES:
             true_positives = sum(1 for r in scored if r.truth == code and r.label == code)
             classes[code] = {
-                "sensitivity": Rate(true_positives, sum(1 for r in scored if r.truth == code)).as_dict(),
+                "sensitivity": Rate(true_positives, sum(1 for r in confirmed if r.truth == code)).as_dict(),
                 "ppv": Rate(true_positives, sum(1 for r in scored if r.label == code)).as_dict(),
             }
-        concerning = [r for r in scored if r.truth in CONCERNING]
+        concerning = [r for r in confirmed if r.truth in CONCERNING]  # a gated one was not referred
         report[model_id] = {
             "confirmed": len(confirmed),
             "out_of_distribution": len(confirmed) - len(scored),

@@ -32,7 +32,7 @@ CASES = [
     ("nv", False, "mel", 9),  # missed and not referred
     ("nv", False, "nv", 2),
     ("mel", True, "nv", 1),  # a false melanoma
-    (None, None, "mel", 1),  # out of distribution: counted, not scored
+    (None, None, "mel", 1),  # out of distribution: no answer, so a missed melanoma, not referred
 ]
 
 
@@ -95,18 +95,19 @@ def test_field_gauges_follow_the_computed_report(  # type: ignore[no-untyped-def
     def gauge(name: str, **labels: str) -> float | None:
         return samples.get((name, tuple(sorted({"model_id": model, **labels}.items()))))
 
-    # by hand: 22 scored melanomas, 4 labelled mel; 5 labels mel, 4 right; 13 of the 22 referred
-    assert gauge("dermq_field_sensitivity", **{"class": "mel"}) == pytest.approx(4 / 22)
-    low, high = outcomes.wilson(4, 22)  # type: ignore[misc]
+    # by hand: 23 confirmed melanomas (one turned away by the gate), 4 labelled mel; 5 labels mel, 4 right;
+    # 13 of the 23 referred
+    assert gauge("dermq_field_sensitivity", **{"class": "mel"}) == pytest.approx(4 / 23)
+    low, high = outcomes.wilson(4, 23)  # type: ignore[misc]
     assert gauge("dermq_field_sensitivity_lower", **{"class": "mel"}) == pytest.approx(low)
     assert gauge("dermq_field_sensitivity_upper", **{"class": "mel"}) == pytest.approx(high)
     assert gauge("dermq_field_ppv", **{"class": "mel"}) == pytest.approx(4 / 5)
     assert gauge("dermq_field_ppv_upper", **{"class": "mel"}) == pytest.approx(outcomes.wilson(4, 5)[1])  # type: ignore[index]
     assert gauge("dermq_field_sensitivity", **{"class": "nv"}) == pytest.approx(2 / 3)
     assert gauge("dermq_field_ppv", **{"class": "nv"}) == pytest.approx(2 / 20)
-    assert gauge("dermq_field_referral_sensitivity") == pytest.approx(13 / 22)
-    assert gauge("dermq_field_referral_sensitivity_lower") == pytest.approx(outcomes.wilson(13, 22)[0])  # type: ignore[index]
-    assert gauge("dermq_field_confirmed_cases", **{"class": "mel"}) == 22
+    assert gauge("dermq_field_referral_sensitivity") == pytest.approx(13 / 23)
+    assert gauge("dermq_field_referral_sensitivity_lower") == pytest.approx(outcomes.wilson(13, 23)[0])  # type: ignore[index]
+    assert gauge("dermq_field_confirmed_cases", **{"class": "mel"}) == 23
     assert gauge("dermq_field_confirmed_cases", **{"class": "df"}) == 0
     assert gauge("dermq_field_sensitivity", **{"class": "df"}) is None  # no confirmed df: no figure
     assert gauge("dermq_field_out_of_distribution_cases") == 1

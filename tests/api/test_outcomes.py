@@ -140,7 +140,7 @@ def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
         ("mel", True, "nv"),  # false mel
         ("nv", False, "nv"),
         ("bcc", True, "bcc"),
-        (None, None, "mel"),  # out of distribution: counted, not scored
+        (None, None, "mel"),  # out of distribution: no answer, so a missed melanoma, not referred
     ]
     for label, referral, truth in cases:
         case_id = store_case(tenant, uuid.uuid4().bytes)
@@ -156,39 +156,40 @@ def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
     figures = json.loads(done.stdout)["models"][model]
     assert (figures["confirmed"], figures["out_of_distribution"]) == (7, 1)
     mel = figures["classes"]["mel"]
-    # by hand: 3 scored melanomas, 1 labelled mel -> sensitivity 1/3; 2 labelled mel, 1 right -> PPV 1/2
-    assert (mel["sensitivity"]["successes"], mel["sensitivity"]["trials"]) == (1, 3)
-    assert mel["sensitivity"]["value"] == pytest.approx(1 / 3)
-    assert mel["sensitivity"]["ci95"] == pytest.approx(list(outcomes.wilson(1, 3)))
+    # by hand: 4 melanomas, 1 labelled mel (one the gate turned away: missed) -> sensitivity 1/4; 2 labelled
+    # mel, 1 right -> PPV 1/2
+    assert (mel["sensitivity"]["successes"], mel["sensitivity"]["trials"]) == (1, 4)
+    assert mel["sensitivity"]["value"] == pytest.approx(1 / 4)
+    assert mel["sensitivity"]["ci95"] == pytest.approx(list(outcomes.wilson(1, 4)))
     assert (mel["ppv"]["successes"], mel["ppv"]["trials"]) == (1, 2)
     nv = figures["classes"]["nv"]
     assert (nv["sensitivity"]["successes"], nv["sensitivity"]["trials"]) == (1, 2)  # one nv called mel
     assert (nv["ppv"]["successes"], nv["ppv"]["trials"]) == (1, 3)  # two mel called nv
     assert figures["classes"]["df"]["sensitivity"] == {"value": None, "successes": 0, "trials": 0, "ci95": None}
-    # referral: concerning truths scored = 3 mel + 1 bcc; referred: mel#1, mel#3, bcc -> 3/4
+    # referral: concerning truths = 4 mel + 1 bcc; referred: mel#1, mel#3, bcc (the gated one was not) -> 3/5
     referral = figures["referral_sensitivity"]
-    assert (referral["successes"], referral["trials"]) == (3, 4)
+    assert (referral["successes"], referral["trials"]) == (3, 5)
 
     text = run(settings, "monitor", "report", "--model", model)
     assert text.returncode == 0, text.stderr
-    assert f"{model}: 7 confirmed cases (1 out of distribution, not scored)" in text.stdout
-    assert "0.333" in text.stdout and "(3/4)" in text.stdout
+    assert f"{model}: 7 confirmed cases (1 out of distribution: no diagnosis, counted as missed)" in text.stdout
+    assert "0.250" in text.stdout and "(3/5)" in text.stdout
     assert "floor: none in the model card (not checked" in text.stdout  # no model card: nothing alerted on
     mistyped = run(settings, "monitor", "report", "--model", model + "-typo")
     assert mistyped.returncode == 2 and "nothing was checked" in mistyped.stderr, mistyped.stdout
 
-    # melanoma sensitivity 1/3 [0.061, 0.792] on 3 confirmed melanomas: an alert (exit 1) only when the
+    # melanoma sensitivity 1/4 [0.046, 0.699] on 4 confirmed melanomas: an alert (exit 1) only when the
     # whole interval is below the floor, and only with enough confirmed melanomas
     alerted = run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.8", "--min-melanomas", "3")
     assert alerted.returncode == 1, alerted.stdout + alerted.stderr
     assert (
-        f"ALERT {model}: melanoma sensitivity 0.333 [0.061, 0.792] on 3 confirmed melanomas: "
+        f"ALERT {model}: melanoma sensitivity 0.250 [0.046, 0.699] on 4 confirmed melanomas: "
         "the whole 95% interval is below 0.800" in alerted.stdout
     )
     quiet = run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.4", "--min-melanomas", "3")
-    assert quiet.returncode == 0, quiet.stdout  # 1/3 is below 0.4, but well within noise of it
+    assert quiet.returncode == 0, quiet.stdout  # 1/4 is below 0.4, but well within noise of it
     too_few = run(settings, "monitor", "report", "--model", model, "--mel-floor", "0.8", "--json")
-    assert too_few.returncode == 0 and json.loads(too_few.stdout)["alerts"] == []  # 3 < MIN_CONFIRMED_MELANOMAS
+    assert too_few.returncode == 0 and json.loads(too_few.stdout)["alerts"] == []  # 4 < MIN_CONFIRMED_MELANOMAS
 
 
 def test_erasure_removes_the_confirmed_diagnosis_and_the_report_still_counts_it(  # type: ignore[no-untyped-def]
