@@ -110,7 +110,8 @@ def get_clinic(session: Session, clinic: str | uuid.UUID) -> Clinic:
 
 
 def set_active(session: Session, clinic_id: uuid.UUID, active: bool, *, actor: audit.Actor = audit.SYSTEM) -> Clinic:
-    clinic = session.get(Clinic, clinic_id, with_for_update=True)
+    # read again under the lock (a caller may have loaded the clinic before another change committed)
+    clinic = session.get(Clinic, clinic_id, with_for_update=True, populate_existing=True)
     if clinic is None:
         raise NotFound("no such clinic", code="clinic_not_found")
     unchanged = clinic.active == active  # deactivating twice keeps when it was first deactivated

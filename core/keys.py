@@ -171,7 +171,8 @@ def still_valid(session: Session, key_id: uuid.UUID) -> str | None:
 
 
 def revoke_key(session: Session, key_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> ApiKey:
-    key = session.get(ApiKey, key_id, with_for_update=True)
+    # read again under the lock (a caller may have loaded the key before another change committed)
+    key = session.get(ApiKey, key_id, with_for_update=True, populate_existing=True)
     if key is None:
         raise NotFound("no such API key", code="key_not_found")
     unchanged = key.revoked_at is not None  # revoked before: when stays what it was
