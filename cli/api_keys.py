@@ -8,7 +8,7 @@ import json
 import click
 
 from cli.common import CLI_ACTOR, json_option
-from core import clinics, keys
+from core import audit, clinics, keys
 from core.config import get_settings
 from core.crypto import load_keyring
 from core.db import session_scope
@@ -52,6 +52,15 @@ def create(clinic: str | None, role: str, label: str, as_json: bool) -> int:
 def list_keys(clinic: str | None, as_json: bool) -> int:
     with session_scope(get_settings()) as session:
         clinic_id = clinics.get_clinic(session, clinic).id if clinic else None
+        # as GET /v1/admin/keys records it: who listed which clinic's keys
+        audit.record(
+            session,
+            action="key.list",
+            outcome=audit.SUCCESS,
+            actor=CLI_ACTOR,
+            entity_type="api_key",
+            clinic_id=clinic_id,
+        )
         names = {c.id: c.name for c in clinics.list_clinics(session)}
         rows = [
             {

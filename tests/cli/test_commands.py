@@ -198,6 +198,13 @@ def test_clinic_and_key_json_shapes_and_the_cli_actor(settings, keyring) -> None
     listed = json.loads(run(settings, "key", "list", "--clinic", name, "--json").stdout)
     assert [(k["id"], k["label"], k["revoked_at"]) for k in listed] == [(key["id"], "front desk", None)]
     assert key["key"] not in json.dumps(listed)
+    with session_scope(settings) as session:  # listed as the API's listing is: audited, by the operator
+        lists = session.scalars(
+            select(AuditEvent.actor_type).where(
+                AuditEvent.action == "key.list", AuditEvent.clinic_id == uuid.UUID(clinic["id"])
+            )
+        ).all()
+    assert lists == ["cli"]
 
     # Without --json, stdout is the key alone (for `KEY=$(dermq key create ...)`), the rest on stderr.
     plain = run(settings, "key", "create", "--role", "auditor")
