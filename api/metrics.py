@@ -129,6 +129,9 @@ class StateCollector(Collector):
             "dermq_drift_alert",
             "1 if the latest drift report says drifted (a PSI above 0.25 that is improbable as sampling noise), else 0",
         )
+        drift_age = GaugeMetricFamily(
+            "dermq_drift_report_age_seconds", "seconds since the latest drift report was computed (hourly)"
+        )
         chain = GaugeMetricFamily("dermq_audit_chain_ok", "1 if the last audit-chain verification passed, else 0")
         check_age = GaugeMetricFamily(
             "dermq_audit_check_age_seconds", "seconds since the last audit-log verification finished"
@@ -141,6 +144,9 @@ class StateCollector(Collector):
                     if value is not None:
                         drift.add_metric([feature], float(value))
                 drift_alert.add_metric([], 1.0 if report.get("drifted") else 0.0)
+                if report.get("computed_at"):  # a stale "stable" must not pass for today's (DermqDriftReportStale)
+                    computed = datetime.fromisoformat(report["computed_at"])
+                    drift_age.add_metric([], max(0.0, (datetime.now(UTC) - computed).total_seconds()))
             checked = self.app.redis.get(AUDIT_CHECK_KEY)
             if checked:
                 state = json.loads(checked)
@@ -151,6 +157,7 @@ class StateCollector(Collector):
             log.warning("drift and audit figures unavailable", extra={"error": type(exc).__name__})
         yield drift
         yield drift_alert
+        yield drift_age
         yield chain
         yield check_age
 

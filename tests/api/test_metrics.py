@@ -108,12 +108,20 @@ def test_the_latest_drift_report_is_published_as_gauges(live_api: str, redis_cli
 
     api_metrics = live_api_process[-1].metrics_url  # type: ignore[attr-defined]
     support.wait_for(lambda: _up(api_metrics), timeout=30, what="the API's metrics listener")
-    report = {"status": "drift", "psi": {"megapixels": 3.2, "label": 0.01}, "drifted": ["megapixels"]}
+    two_hours_ago = (datetime.now(UTC) - timedelta(hours=2)).isoformat(timespec="seconds")
+    report = {
+        "status": "drift",
+        "psi": {"megapixels": 3.2, "label": 0.01},
+        "drifted": ["megapixels"],
+        "computed_at": two_hours_ago,
+    }
     try:
         redis_client.set(DRIFT_KEY, json.dumps(report))
         samples = scrape(api_metrics)
         assert samples[("dermq_drift_alert", ())] == 1.0
         assert samples[("dermq_drift_psi", (("feature", "megapixels"),))] == 3.2
+        # how old the verdict is (DermqDriftReportStale): a stopped drift task left "stable" up for days
+        assert samples[("dermq_drift_report_age_seconds", ())] == pytest.approx(7200, abs=120)
         redis_client.set(DRIFT_KEY, json.dumps({"status": "insufficient data", "psi": {"label": None}, "drifted": []}))
         samples = scrape(api_metrics)
         assert samples[("dermq_drift_alert", ())] == 0.0

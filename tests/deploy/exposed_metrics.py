@@ -34,6 +34,7 @@ DERMQ_METRICS = frozenset(
         # drift and audit
         "dermq_drift_psi",
         "dermq_drift_alert",
+        "dermq_drift_report_age_seconds",
         "dermq_audit_chain_ok",
         "dermq_audit_check_age_seconds",
         "dermq_audit_unsealed_age_seconds",

@@ -158,7 +158,7 @@ def test_drift_alert_follows_the_reports_verdict(rules: list[dict[str, Any]]) ->
     noise does not explain), not on a raw PSI that noise alone passes in about 1 % of reports."""
     from ml.drift import PSI_ALERT
 
-    (drift,) = [a for a in _alerts(rules) if "dermq_drift" in a["expr"]]
+    (drift,) = [a for a in _alerts(rules) if "dermq_drift_alert" in a["expr"]]
     assert re.fullmatch(r"max\(dermq_drift_alert\)\s*==\s*1", drift["expr"].strip()), drift["expr"]
     assert PSI_ALERT == DRIFT_PSI_THRESHOLD
     assert str(DRIFT_PSI_THRESHOLD) in drift["annotations"]["description"]
