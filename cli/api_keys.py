@@ -4,6 +4,7 @@ A key's secret is printed once, when it is created, and never stored or listed."
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -61,14 +62,16 @@ def list_keys(clinic: str | None, as_json: bool) -> int:
             entity_type="api_key",
             clinic_id=clinic_id,
         )
-        names = {c.id: c.name for c in clinics.list_clinics(session)}
-        rows = [
+        known = {c.id: c for c in clinics.list_clinics(session)}
+        rows: list[dict[str, Any]] = [
             {
                 "id": str(k.id),
                 "prefix": k.prefix,
                 "role": k.role,
                 "clinic_id": str(k.clinic_id) if k.clinic_id else None,
-                "clinic": names.get(k.clinic_id) if k.clinic_id else None,
+                "clinic": known[k.clinic_id].name if k.clinic_id in known else None,
+                # a deactivated clinic's keys are refused, and work again once it is reactivated
+                "clinic_active": known[k.clinic_id].active if k.clinic_id in known else None,
                 "label": k.label,
                 "created_at": k.created_at.isoformat(),
                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
@@ -78,12 +81,14 @@ def list_keys(clinic: str | None, as_json: bool) -> int:
     if as_json:
         click.echo(json.dumps(rows))
     else:
-        click.echo(f"{'ID':<36}  {'KEY':<19}  {'ROLE':<8}  {'CLINIC':<24}  {'STATE':<9}  LABEL")
+        # the clinic's whole name: two clinics whose names begin alike were one name cut short
+        width = max([24, *(len(row["clinic"] or "") for row in rows)])
+        click.echo(f"{'ID':<36}  {'KEY':<19}  {'ROLE':<8}  {'CLINIC':<{width}}  {'STATE':<16}  LABEL")
         for row in rows:
-            state = "revoked" if row["revoked_at"] else "active"
-            clinic_name = (row["clinic"] or "-")[:24]
+            state = "revoked" if row["revoked_at"] else "clinic inactive" if row["clinic_active"] is False else "active"
             click.echo(
-                f"{row['id']}  dq_{row['prefix']}_...  {row['role']:<8}  {clinic_name:<24}  {state:<9}  {row['label']}"
+                f"{row['id']}  dq_{row['prefix']}_...  {row['role']:<8}  {row['clinic'] or '-':<{width}}  "
+                f"{state:<16}  {row['label']}"
             )
     return 0
 

@@ -274,7 +274,8 @@ def test_keys_init_creates_a_private_key_file_once(settings, tmp_path) -> None: 
 
 @pytest.mark.usefixtures("database")
 def test_key_list_shows_each_keys_clinic_and_revoke_takes_the_prefix_it_prints(settings) -> None:  # type: ignore[no-untyped-def]
-    name = f"list-{uuid.uuid4().hex[:6]}"
+    # a name past the 24 characters the list once cut names to: two such clinics read as one
+    name = f"Northside Dermatology Clinic East {uuid.uuid4().hex[:6]}"
     assert run(settings, "clinic", "create", name).returncode == 0
     key = json.loads(run(settings, "key", "create", "--clinic", name, "--role", "clinic", "--json").stdout)
     listed = run(settings, "key", "list", "--clinic", name).stdout.splitlines()
@@ -286,6 +287,14 @@ def test_key_list_shows_each_keys_clinic_and_revoke_takes_the_prefix_it_prints(s
     assert revoked.returncode == 0 and key["id"] in revoked.stdout
     after = run(settings, "key", "list", "--clinic", name).stdout.splitlines()
     assert "revoked" in next(line for line in after if line.startswith(key["id"]))
+    other = json.loads(run(settings, "key", "create", "--clinic", name, "--role", "clinic", "--json").stdout)
+    assert run(settings, "clinic", "deactivate", name).returncode == 0  # its keys stop working: said so
+    refused = next(
+        line
+        for line in run(settings, "key", "list", "--clinic", name).stdout.splitlines()
+        if line.startswith(other["id"])
+    )
+    assert "clinic inactive" in refused
 
 
 @pytest.mark.usefixtures("database")
