@@ -57,7 +57,8 @@ ACTION = "case.outcome"
 #: the tally's ``predicted`` for a result without a diagnosis
 OUT_OF_DISTRIBUTION = Outcome.OUT_OF_DISTRIBUTION.value
 Z95 = 1.959963984540054
-#: Confirmed (and scored) melanomas a model needs before its field sensitivity may raise an alert.
+#: Confirmed melanomas (those the gate turned away included) a model needs before its field sensitivity
+#: may raise an alert.
 #: With the rule of :func:`melanoma_alerts` and 20 melanomas, a model that performs as its card says
 #: (0.493, floor 0.397) raises it in 0.2% of reports, one whose sensitivity fell to 0.2 in 41%; the
 #: point estimate alone would have fired in 15% of reports on a model with nothing wrong.
@@ -282,6 +283,8 @@ def field_performance(rows: Iterable[Confirmed]) -> dict[str, dict[str, Any]]:
         for code in CLASSES:
             true_positives = sum(1 for r in scored if r.truth == code and r.label == code)
             classes[code] = {
+                # of the class's confirmed cases, those the gate turned away: misses the classifier did not make
+                "out_of_distribution": sum(1 for r in confirmed if r.truth == code and r.label is None),
                 "sensitivity": Rate(true_positives, sum(1 for r in confirmed if r.truth == code)).as_dict(),
                 "ppv": Rate(true_positives, sum(1 for r in scored if r.label == code)).as_dict(),
             }
