@@ -161,6 +161,7 @@ def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
     assert (mel["sensitivity"]["successes"], mel["sensitivity"]["trials"]) == (1, 4)
     assert mel["sensitivity"]["value"] == pytest.approx(1 / 4)
     assert mel["sensitivity"]["ci95"] == pytest.approx(list(outcomes.wilson(1, 4)))
+    assert mel["out_of_distribution"] == 1  # of the three misses, the gate's: an image the model never judged
     assert (mel["ppv"]["successes"], mel["ppv"]["trials"]) == (1, 2)
     nv = figures["classes"]["nv"]
     assert (nv["sensitivity"]["successes"], nv["sensitivity"]["trials"]) == (1, 2)  # one nv called mel
