@@ -8,13 +8,12 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
-from urllib.parse import urlsplit
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import audit
-from core.callbacks import SECRET_KIND, lease_seconds, now
+from core.callbacks import SECRET_KIND, host_of, lease_seconds, now
 from core.config import Settings
 from core.crypto import Keyring, decrypt_blob
 from core.errors import DecryptionError
@@ -165,11 +164,6 @@ UNANSWERED = "unanswered"
 #: the error audited for a delivery cancelled before any attempt (its ``reason``: the callback removed,
 #: the clinic deactivated, the case erased)
 CANCELLED = "cancelled"
-
-
-def host_of(url: str) -> str | None:
-    """The host a callback URL names, lower-cased (never its user, path or query)."""
-    return urlsplit(url).hostname
 
 
 def _audit(
