@@ -75,12 +75,8 @@ class SweepReport:
 
     def full(self) -> bool:
         """Whether a part of the sweep stopped at :data:`BATCH`: more may be waiting for the next round."""
-        lost, sent, callbacks_sent = (
-            len(self.requeued) + len(self.failed),
-            len(self.republished),
-            len(self.callbacks_republished),
-        )
-        return max(lost, sent, callbacks_sent) >= BATCH
+        done = (len(self.requeued) + len(self.failed), len(self.republished), len(self.callbacks_republished))
+        return max(done) >= BATCH
 
     def to_dict(self) -> dict[str, int | bool]:
         return {

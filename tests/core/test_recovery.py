@@ -45,6 +45,12 @@ def sweep(sweeping) -> recovery.SweepReport:  # type: ignore[no-untyped-def]
         return recovery.sweep(session, config, publisher, client)
 
 
+def settle(sweeping) -> None:  # type: ignore[no-untyped-def]
+    """Sweep until nothing is published: the module's earlier cases' messages wait from now on."""
+    while sweep(sweeping).republished:
+        pass
+
+
 def set_state(settings: Settings, case_id: uuid.UUID, **values: object) -> None:
     with session_scope(settings) as session:
         session.execute(update(Case).where(Case.id == case_id).values(**values))
@@ -129,8 +135,7 @@ def test_a_lost_case_behind_a_sweeps_worth_of_waiting_ones_is_found_urgent_first
     included, was never published again. It now reads on, in the order workers serve the queue."""
     monkeypatch.setattr(recovery, "BATCH", 2)
     _, publisher, _ = sweeping
-    while sweep(sweeping).republished:  # the module's earlier cases: their messages wait from now on
-        pass
+    settle(sweeping)
     grace = own_database.requeue_grace_seconds
     backlog = [store_case(tenant, b"waiting") for _ in range(3)]
     lost = store_case(tenant, b"lost")
@@ -286,8 +291,7 @@ def test_one_sweep_task_republishes_every_lost_case_not_one_batch(
 
     monkeypatch.setattr(recovery, "BATCH", 2)
     config, publisher, client = sweeping
-    while sweep(sweeping).republished:  # the module's earlier cases: their messages wait from now on
-        pass
+    settle(sweeping)
     grace = own_database.requeue_grace_seconds
     lost = [store_case(tenant, b"lost") for _ in range(5)]
     for case_id in lost:
