@@ -3,7 +3,8 @@
 The worker's periodic ``dermq.field_performance`` task (worker/field.py) computes the figures and
 leaves the report in Redis; :class:`api.metrics.StateCollector` reads it once per scrape and turns
 it into the gauges below, so a scrape costs one Redis read and every API replica reports the same
-values. Labels are the model id and the class code only.
+values. Labels are the model id, the class code and the ``window``: ``all`` (every confirmed case) or
+``recent`` (the cases submitted in the last ``DERMQ_FIELD_WINDOW_MONTHS`` months).
 
 A rate with no cases behind it (no confirmed melanoma yet, say) has no sample; its count is 0.
 """
@@ -50,26 +51,36 @@ def _add_rate(families: dict[str, GaugeMetricFamily], name: str, labels: list[st
         families[f"{name}{suffix}"].add_metric(labels, float(value))
 
 
+def _windows(report: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The report's figures per window (a report from before the window had ``models`` only)."""
+    if not report:
+        return {}
+    windows = {"all": report.get("models", {})}
+    if report.get("recent") is not None:
+        windows["recent"] = report["recent"]["models"]
+    return windows
+
+
 def field_families(report: dict[str, Any] | None) -> list[GaugeMetricFamily]:
     """The gauges of a field-performance report (None: no report yet, gauges without samples)."""
     families: dict[str, GaugeMetricFamily] = {}
     for rate, meaning in _CLASS_RATES.items():
         for bound, which in _BOUNDS.items():
             name = f"dermq_field_{rate}{bound}"
-            families[name] = GaugeMetricFamily(name, meaning + which, labels=["model_id", "class"])
+            families[name] = GaugeMetricFamily(name, meaning + which, labels=["model_id", "class", "window"])
     for bound, which in _BOUNDS.items():
         name = f"dermq_field_referral_sensitivity{bound}"
-        families[name] = GaugeMetricFamily(name, _REFERRAL + which, labels=["model_id"])
+        families[name] = GaugeMetricFamily(name, _REFERRAL + which, labels=["model_id", "window"])
     confirmed = GaugeMetricFamily(
         "dermq_field_confirmed_cases",
         "confirmed cases of the class (the sensitivity's denominator, those the gate judged out of "
         "distribution included: each is a miss)",
-        labels=["model_id", "class"],
+        labels=["model_id", "class", "window"],
     )
     unscored = GaugeMetricFamily(
         "dermq_field_out_of_distribution_cases",
         "confirmed cases whose image the model judged out of distribution (no diagnosis: missed in the sensitivities)",
-        labels=["model_id"],
+        labels=["model_id", "window"],
     )
     floor = GaugeMetricFamily(
         "dermq_field_mel_sensitivity_floor",
@@ -80,14 +91,16 @@ def field_families(report: dict[str, Any] | None) -> list[GaugeMetricFamily]:
     computed = GaugeMetricFamily(
         "dermq_field_report_timestamp_seconds", "when the field-performance figures were computed (Unix time)"
     )
-    for model_id, figures in (report or {}).get("models", {}).items():
-        for code in CLASSES:
-            rates = figures["classes"][code]
-            for rate in _CLASS_RATES:
-                _add_rate(families, f"dermq_field_{rate}", [model_id, code], rates[rate])
-            confirmed.add_metric([model_id, code], float(rates["sensitivity"]["trials"]))
-        _add_rate(families, "dermq_field_referral_sensitivity", [model_id], figures["referral_sensitivity"])
-        unscored.add_metric([model_id], float(figures["out_of_distribution"]))
+    for window, models in _windows(report).items():
+        for model_id, figures in models.items():
+            for code in CLASSES:
+                rates = figures["classes"][code]
+                for rate in _CLASS_RATES:
+                    _add_rate(families, f"dermq_field_{rate}", [model_id, code, window], rates[rate])
+                confirmed.add_metric([model_id, code, window], float(rates["sensitivity"]["trials"]))
+            _add_rate(families, "dermq_field_referral_sensitivity", [model_id, window], figures["referral_sensitivity"])
+            unscored.add_metric([model_id, window], float(figures["out_of_distribution"]))
+    for model_id, figures in _windows(report).get("all", {}).items():
         if figures.get("mel_sensitivity_floor") is not None:
             floor.add_metric([model_id], float(figures["mel_sensitivity_floor"]))
     if report and report.get("computed_at") is not None:

@@ -5,6 +5,7 @@ core.outcomes (and ml through it) is imported inside the command, so ``dermq --h
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -42,29 +43,42 @@ def _rate(rate: dict[str, Any]) -> str:
     type=click.IntRange(1),
     help="confirmed melanomas a model needs before it can be alerted on (default: 20)",
 )
+@click.option(
+    "--months",
+    type=click.IntRange(1, 1200),
+    help="only cases submitted in the last N months, this month included (counts made before migration "
+    "0020 kept no month: they count only without this)",
+)
 @json_option()
-def report(model_id: str | None, mel_floor: float | None, min_melanomas: int | None, as_json: bool) -> int:
+def report(
+    model_id: str | None, mel_floor: float | None, min_melanomas: int | None, months: int | None, as_json: bool
+) -> int:
     from core import outcomes
     from ml.labels import CLASSES
     from ml.registry import mel_sensitivity_floor
 
     settings = get_settings()
+    since = outcomes.window_start(datetime.now(UTC).date(), months) if months is not None else None
     with session_scope(settings) as session:
-        found = outcomes.field_performance(outcomes.confirmed_cases(session, model_id=model_id))
+        found = outcomes.field_performance(outcomes.confirmed_cases(session, model_id=model_id, since=since))
     floors = {
         m: mel_floor if mel_floor is not None else mel_sensitivity_floor(m, configured=settings.model) for m in found
     }
     minimum = min_melanomas if min_melanomas is not None else outcomes.MIN_CONFIRMED_MELANOMAS
     alerts = outcomes.melanoma_alerts(found, floors, min_confirmed=minimum)
+    scope = f" of cases submitted since {since.isoformat()}" if since is not None else ""
     if model_id is not None and model_id not in found:  # a mistyped id must not read as "all is well"
-        click.echo(f"error: no confirmed outcomes for model {model_id!r}: nothing was checked", err=True)
+        click.echo(f"error: no confirmed outcomes{scope} for model {model_id!r}: nothing was checked", err=True)
         return 2
     if as_json:
-        click.echo(json.dumps({"models": found, "floors": floors, "alerts": alerts}, sort_keys=True))
+        window = {"since": since.isoformat() if since is not None else None}
+        click.echo(json.dumps({"models": found, "floors": floors, "alerts": alerts} | window, sort_keys=True))
         return 1 if alerts else 0
     if not found:
-        click.echo("no confirmed outcomes yet")
+        click.echo(f"no confirmed outcomes{scope} yet")
         return 0
+    if since is not None:
+        click.echo(f"cases submitted since {since.isoformat()} (the last {months} months, this one included)")
     for model, figures in found.items():
         click.echo(
             f"{model}: {figures['confirmed']} confirmed cases "

@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     running_grace_seconds: float = Field(30.0, ge=0)
     retention_days: int = Field(30, ge=1)
     purge_interval_seconds: float = Field(3600.0, gt=0)
+    #: field performance (worker/field.py) also reports the cases submitted in the last this many
+    #: months, this month included: a recent drop shows there long before it moves the lifetime figures
+    field_window_months: int = Field(6, ge=1, le=120)
 
     # --- completion callbacks to clinic portals (core/callbacks.py) ------------------------------
     callback_timeout_seconds: float = Field(5.0, gt=0)

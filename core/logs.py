@@ -47,6 +47,7 @@ ALLOWED_EXTRA = frozenset(
         "priority",
         "bytes",
         "retry_in",
+        "window",
     }
 )
 

@@ -7,12 +7,16 @@ auditors do not see clinical results. The diagnosis is about the patient: it is 
 ``outcome`` blob (under the case's period key, like its image), never stored in a plain column
 (reports from before migration 0010 are sealed by the sweeper, :func:`seal_plain_diagnoses`).
 
-Each report also counts the case in ``outcome_tallies`` (:class:`core.models.OutcomeTally`): per
-model, how many confirmed cases had each (model's answer, referral, confirmed diagnosis), with no
-case, clinic or time. The model's answer is read from the sealed result once, when the clinic
-reports (an audited request that already holds the keys); a correction moves the case's count to its
-new cell. Erasure and retention remove the confirmed outcome with the case's other patient data,
-and the tally keeps the counts, so :func:`field_performance` (``dermq monitor report``) needs no key
+Each report also counts the case in ``outcome_tallies`` (:class:`core.outcome_models.OutcomeTally`):
+per model and month of submission, how many confirmed cases had each (model's answer, referral,
+confirmed diagnosis), with no case, clinic or day. The model's answer is read from the sealed result
+once, when the clinic reports (an audited request that already holds the keys); a correction moves
+the case's count to its new cell. The months give field performance a recent window
+(:func:`window_start`) beside the figures over all time: a model that starts to miss melanomas after
+years of good service shows in the window long before it moves its lifetime figures.
+
+Erasure and retention remove the confirmed outcome with the case's other patient data, and the
+tally keeps the counts, so :func:`field_performance` (``dermq monitor report``) needs no key
 and loses nothing when cases are purged. Per model: each class's sensitivity and positive predictive
 value, and the referral sensitivity (confirmed malignant or pre-malignant cases the model referred),
 each with a Wilson 95% interval. Out-of-distribution results made no diagnosis and no referral:
@@ -29,7 +33,7 @@ import math
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -41,16 +45,8 @@ from core.cases import owned_case
 from core.crypto import Keyring, decrypt_blob, encrypt_blob
 from core.errors import Conflict, Gone, InvalidInput
 from core.keys import Principal
-from core.models import (
-    BlobKind,
-    Case,
-    CaseBlob,
-    CaseStatus,
-    ConfirmationMethod,
-    ConfirmedOutcome,
-    Outcome,
-    OutcomeTally,
-)
+from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome
+from core.outcome_models import ConfirmationMethod, ConfirmedOutcome, OutcomeTally
 from ml.labels import CLASSES, CONCERNING
 
 ACTION = "case.outcome"
@@ -81,16 +77,29 @@ def _validated(diagnosis: str, method: str) -> tuple[str, ConfirmationMethod]:
         ) from None
 
 
-def _tally(session: Session, cell: tuple[str, str, bool, str], change: int) -> None:
+def _tally(session: Session, cell: tuple[str, str, bool, str], month: date | None, change: int) -> None:
+    """Add ``change`` to the count of ``cell`` in ``month`` (None: the undated cell of counts made before
+    the tally kept months)."""
     model_id, predicted, referral, truth = cell
     session.execute(
         insert(OutcomeTally)
-        .values(model_id=model_id, predicted=predicted, referral=referral, truth=truth, count=change)
+        .values(model_id=model_id, predicted=predicted, referral=referral, truth=truth, month=month, count=change)
         .on_conflict_do_update(
-            index_elements=["model_id", "predicted", "referral", "truth"],
+            index_elements=["model_id", "predicted", "referral", "truth", "month"],
             set_={"count": OutcomeTally.count + change},
         )
     )
+
+
+def month_of(moment: datetime) -> date:
+    """The tally's month of a case submitted at ``moment``: the first day of its month, in UTC."""
+    return moment.astimezone(UTC).date().replace(day=1)
+
+
+def window_start(today: date, months: int) -> date:
+    """The first month of a window of ``months`` months that ends with (and includes) ``today``'s."""
+    index = today.year * 12 + today.month - 1 - (months - 1)
+    return date(index // 12, index % 12 + 1, 1)
 
 
 def _answer(result: results.ResultView) -> tuple[str, bool]:
@@ -189,16 +198,18 @@ def record_outcome(
         # no revision is made that would read as a correction
         _record(session, actor, case, {"method": row.method, "revision": row.revision, "unchanged": True})
         return row, True
+    month = month_of(case.created_at)
     if row is None:
         row = ConfirmedOutcome(case_id=case_id, clinic_id=case.clinic_id, diagnosis=None, method=confirmed_by.value)
         row.revision = 1
         session.add(row)
-    else:
-        _tally(session, (result.model_id, predicted, referral, _diagnosis(session, keyring, row)), -1)
+    else:  # the count moves out of the cell it was made in (undated for a report counted before 0020)
+        _tally(session, (result.model_id, predicted, referral, _diagnosis(session, keyring, row)), row.tally_month, -1)
         row.diagnosis, row.method = None, confirmed_by.value
         row.revision += 1
         row.updated_at = datetime.now(UTC)
-    _tally(session, (result.model_id, predicted, referral, diagnosis), +1)
+    _tally(session, (result.model_id, predicted, referral, diagnosis), month, +1)
+    row.tally_month = month
     _seal_diagnosis(session, keyring, case, diagnosis)
     row.reported_by = principal.key_id
     session.flush()
@@ -298,11 +309,14 @@ def field_performance(rows: Iterable[Confirmed]) -> dict[str, dict[str, Any]]:
     return report
 
 
-def confirmed_cases(session: Session, *, model_id: str | None = None) -> list[Confirmed]:
-    """Every confirmed case counted in the tally (optionally one model's), the erased and purged too."""
+def confirmed_cases(session: Session, *, model_id: str | None = None, since: date | None = None) -> list[Confirmed]:
+    """Every confirmed case counted in the tally (optionally one model's), the erased and purged too;
+    with ``since``, only the cases submitted in that month or later (none of the undated counts)."""
     query = select(OutcomeTally).where(OutcomeTally.count > 0)
     if model_id is not None:
         query = query.where(OutcomeTally.model_id == model_id)
+    if since is not None:
+        query = query.where(OutcomeTally.month >= since)
     return [
         Confirmed(
             cell.model_id,

@@ -24,7 +24,8 @@ from core import announcements, audit, cases, results
 from core.config import Settings
 from core.errors import NotFound
 from core.keys import Principal
-from core.models import Case, CaseStatus, ConfirmedOutcome
+from core.models import Case, CaseStatus
+from core.outcome_models import ConfirmedOutcome
 
 BATCH = 500
 

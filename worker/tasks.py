@@ -321,6 +321,11 @@ def field_performance() -> dict[str, object]:
     for alert in report["alerts"]:
         log.warning(
             "melanoma sensitivity on confirmed cases is below the model card's floor",
-            extra={"event": "field_performance", "model_id": alert["model_id"], "count": alert["confirmed_melanomas"]},
+            extra={
+                "event": "field_performance",
+                "model_id": alert["model_id"],
+                "count": alert["confirmed_melanomas"],
+                "window": alert["window"],
+            },
         )
     return {"models": len(report["models"]), "alerts": len(report["alerts"])}

@@ -8,9 +8,11 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete
 
 from core import outcomes
 from core.config import Settings
@@ -36,15 +38,20 @@ CASES = [
 ]
 
 
-def record(client, tenant: Tenant, store_case, settings: Settings, model: str, cases) -> list[str]:  # type: ignore[no-untyped-def]
-    """Finished cases of ``model`` whose clinic reports their confirmed diagnoses over the API."""
+def record(  # type: ignore[no-untyped-def]
+    client, tenant: Tenant, store_case, settings: Settings, model: str, cases, submitted: datetime | None = None
+) -> list[str]:
+    """Finished cases of ``model`` (submitted now, or at ``submitted``) whose clinic reports their
+    confirmed diagnoses over the API."""
     case_ids = []
     for label, referral, truth, count in cases:
         for _ in range(count):
             case_id = store_case(tenant, uuid.uuid4().bytes)
             with session_scope(settings) as session:
                 session.add(result_row(case_id, model, label, referral))
-                session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+                case = session.get(Case, case_id)
+                case.status = CaseStatus.SUCCEEDED.value
+                case.created_at = submitted or case.created_at
             response = post(client, tenant, case_id, diagnosis=truth, method="histo")
             assert response.status_code == 201, response.text
             case_ids.append(str(case_id))
@@ -92,8 +99,10 @@ def test_field_gauges_follow_the_computed_report(  # type: ignore[no-untyped-def
     finally:
         redis_client.delete(FIELD_KEY)
 
-    def gauge(name: str, **labels: str) -> float | None:
-        return samples.get((name, tuple(sorted({"model_id": model, **labels}.items()))))
+    def gauge(name: str, window: str = "all", **labels: str) -> float | None:
+        floor = name == "dermq_field_mel_sensitivity_floor"  # the card's: one per model, for both windows
+        labelled = {"model_id": model, **labels} | ({} if floor else {"window": window})
+        return samples.get((name, tuple(sorted(labelled.items()))))
 
     # by hand: 23 confirmed melanomas (one turned away by the gate), 4 labelled mel; 5 labels mel, 4 right;
     # 13 of the 23 referred
@@ -113,6 +122,9 @@ def test_field_gauges_follow_the_computed_report(  # type: ignore[no-untyped-def
     assert gauge("dermq_field_out_of_distribution_cases") == 1
     assert gauge("dermq_field_mel_sensitivity_floor") == 0.6
     assert samples[("dermq_field_report_timestamp_seconds", ())] == pytest.approx(time.time(), abs=120)
+    # every case was submitted this month: the recent window holds them all
+    assert gauge("dermq_field_sensitivity", "recent", **{"class": "mel"}) == pytest.approx(4 / 23)
+    assert gauge("dermq_field_confirmed_cases", "recent", **{"class": "mel"}) == 23
 
     # what DermqFieldMelanomaSensitivityLow compares: the whole interval is below the card's floor,
     # on at least MIN_CONFIRMED_MELANOMAS confirmed melanomas; the report's own alert agrees
@@ -122,12 +134,54 @@ def test_field_gauges_follow_the_computed_report(  # type: ignore[no-untyped-def
     )
     assert upper is not None and floor is not None and upper < floor
     assert gauge("dermq_field_confirmed_cases", **{"class": "mel"}) >= outcomes.MIN_CONFIRMED_MELANOMAS  # type: ignore[operator]
-    assert [a["model_id"] for a in report["alerts"] if a["model_id"] == model] == [model]
+    assert [a["window"] for a in report["alerts"] if a["model_id"] == model] == ["all", "recent"]
     published = json.dumps(report)  # aggregates only: no case, clinic or key in Redis or in the labels
     assert not [c for c in case_ids if c in published] and str(tenant.clinic_id) not in published
 
     gone = read()  # the report expired or was removed: no figures, no stale alert
     assert not [name for name, labels in gone if name.startswith("dermq_field_") and ("model_id", model) in labels]
+
+
+def test_a_recent_drop_in_melanoma_sensitivity_alerts_from_the_recent_window(  # type: ignore[no-untyped-def]
+    live_api, client, tenant: Tenant, store_case, carded_settings: Settings, redis_client
+) -> None:
+    """A model that found melanomas for a year and now misses them: over all time its figure still
+    looks healthy, so only the recent window (the last DERMQ_FIELD_WINDOW_MONTHS months of submissions)
+    shows the drop and raises the alert; the year-old cases count in the lifetime figures only."""
+    from worker import field
+
+    model = registry.read_manifest(carded_settings.model)["model_id"]
+    year_ago = datetime.now(UTC) - timedelta(days=365)
+    old = record(client, tenant, store_case, carded_settings, model, [("mel", True, "mel", 38)], submitted=year_ago)
+    try:
+        record(client, tenant, store_case, carded_settings, model, [("mel", True, "mel", 3), ("nv", False, "mel", 19)])
+        read = api_samples()
+        try:
+            with session_scope(carded_settings) as session:
+                report = field.field_report(session, carded_settings)
+            field.publish(redis_client, report)
+            samples = read()
+        finally:
+            redis_client.delete(FIELD_KEY)
+    finally:  # the year-old cases are past retention: a purge elsewhere must not meet them
+        with session_scope(carded_settings) as session:
+            session.execute(delete(Case).where(Case.id.in_([uuid.UUID(c) for c in old])))
+
+    def mel(name: str, window: str) -> float | None:
+        return samples.get((name, (("class", "mel"), ("model_id", model), ("window", window))))
+
+    assert mel("dermq_field_confirmed_cases", "all") == 60 and mel("dermq_field_confirmed_cases", "recent") == 22
+    assert mel("dermq_field_sensitivity", "all") == pytest.approx(41 / 60)
+    assert mel("dermq_field_sensitivity", "recent") == pytest.approx(3 / 22)
+    # the card's floor is 0.6: over all time the interval reaches above it, over the recent cases it does not
+    assert mel("dermq_field_sensitivity_upper", "all") > 0.6 > mel("dermq_field_sensitivity_upper", "recent")  # type: ignore[operator]
+    assert [(a["window"], a["confirmed_melanomas"]) for a in report["alerts"] if a["model_id"] == model] == [
+        ("recent", 22)
+    ]
+    assert (
+        report["recent"]["since"]
+        == outcomes.window_start(datetime.now(UTC).date(), carded_settings.field_window_months).isoformat()
+    )
 
 
 def test_beat_schedules_the_task_and_a_worker_publishes_the_gauges(  # type: ignore[no-untyped-def]
@@ -142,13 +196,13 @@ def test_beat_schedules_the_task_and_a_worker_publishes_the_gauges(  # type: ign
     model = f"field-worker-{uuid.uuid4().hex[:8]}"
     record(client, tenant, store_case, settings, model, [("mel", True, "mel", 2), ("nv", False, "mel", 1)])
     read = api_samples()
-    key = ("dermq_field_sensitivity", (("class", "mel"), ("model_id", model)))
+    key = ("dermq_field_sensitivity", (("class", "mel"), ("model_id", model), ("window", "all")))
     try:
         make_publisher(settings).send_task(TASK_FIELD)
         samples = support.wait_for(lambda: published(read, key), timeout=90, interval=1.0, what="the worker's report")
     finally:
         redis_client.delete(FIELD_KEY)
     assert samples[key] == pytest.approx(2 / 3)
-    assert samples[("dermq_field_confirmed_cases", (("class", "mel"), ("model_id", model)))] == 3
+    assert samples[("dermq_field_confirmed_cases", (("class", "mel"), ("model_id", model), ("window", "all")))] == 3
     # the worker's model card has no entry for this model id: no floor, so no alert can fire
     assert ("dermq_field_mel_sensitivity_floor", (("model_id", model),)) not in samples

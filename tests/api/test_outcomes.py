@@ -7,12 +7,13 @@ import json
 import uuid
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from core import outcomes
 from core.crypto import decrypt_blob
 from core.db import session_scope
-from core.models import AuditEvent, Case, CaseBlob, CaseStatus, ConfirmedOutcome, Result
+from core.models import AuditEvent, Case, CaseBlob, CaseStatus, Result
+from core.outcome_models import ConfirmedOutcome, OutcomeTally
 from tests.api.test_cases import submit, wait_done
 from tests.cli.test_commands import run
 from tests.conftest import Tenant
@@ -126,6 +127,14 @@ def test_wilson_interval_matches_the_formula() -> None:
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
     assert outcomes.wilson(0, 0) is None
     assert outcomes.wilson(0, 5)[0] == 0.0 and outcomes.wilson(5, 5)[1] == 1.0
+
+
+def test_the_recent_window_counts_whole_months_back_across_a_new_year() -> None:
+    from datetime import date
+
+    assert outcomes.window_start(date(2026, 2, 15), 6) == date(2025, 9, 1)  # Sep..Feb: six months
+    assert outcomes.window_start(date(2026, 12, 31), 12) == date(2026, 1, 1)
+    assert outcomes.window_start(date(2026, 1, 1), 1) == date(2026, 1, 1)  # this month alone
 
 
 def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
@@ -274,3 +283,41 @@ def test_a_diagnosis_stored_in_plain_text_is_sealed_by_the_sweep_and_still_corre
     figures = json.loads(done.stdout)["models"][model]
     assert figures["confirmed"] == 1 and figures["classes"]["mel"]["sensitivity"]["successes"] == 1
     assert figures["classes"]["nv"]["sensitivity"]["trials"] == 0  # the count moved with the correction
+
+
+def test_a_correction_takes_the_count_back_from_the_cell_that_counted_it(  # type: ignore[no-untyped-def]
+    client, tenant: Tenant, store_case, settings
+) -> None:
+    """A report counts in the month its case was submitted; a correction of a report counted before the
+    tally kept months (migration 0020 left those in an undated cell) takes its count back from that
+    cell, not from this month's, so no cell goes negative and none keeps a count twice.
+    `dermq monitor report --months` reads the dated counts only."""
+    model = f"field-test-{uuid.uuid4().hex[:8]}"
+    case_id = store_case(tenant, uuid.uuid4().bytes)
+    with session_scope(settings) as session:
+        session.add(result_row(case_id, model, "mel", True))
+        case = session.get(Case, case_id)
+        case.status = CaseStatus.SUCCEEDED.value
+        month = outcomes.month_of(case.created_at)
+    assert post(client, tenant, case_id, diagnosis="nv", method="histo").status_code == 201
+
+    def cells() -> set[tuple[str, object, int]]:
+        with session_scope(settings) as session:
+            rows = session.scalars(select(OutcomeTally).where(OutcomeTally.model_id == model))
+            return {(r.truth, r.month, r.count) for r in rows}
+
+    assert cells() == {("nv", month, 1)}
+    with session_scope(settings) as session:  # as migration 0020 left a report counted before it
+        session.execute(update(OutcomeTally).where(OutcomeTally.model_id == model).values(month=None))
+        session.get(ConfirmedOutcome, case_id).tally_month = None
+    undated = run(settings, "monitor", "report", "--model", model, "--months", "1")
+    assert undated.returncode == 2 and "no confirmed outcomes of cases submitted since" in undated.stderr
+
+    assert post(client, tenant, case_id, diagnosis="mel", method="histo").status_code == 200
+    assert cells() == {("nv", None, 0), ("mel", month, 1)}
+    with session_scope(settings) as session:
+        assert session.get(ConfirmedOutcome, case_id).tally_month == month
+    recent = run(settings, "monitor", "report", "--model", model, "--months", "1", "--json")
+    assert recent.returncode == 0, recent.stderr
+    assert json.loads(recent.stdout)["since"] == month.isoformat()
+    assert json.loads(recent.stdout)["models"][model]["classes"]["mel"]["sensitivity"]["successes"] == 1

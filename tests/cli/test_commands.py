@@ -48,7 +48,7 @@ COMMANDS = {
     "model list": {"as_json"},
     "model verify": {"model_id"},
     "drift report": {"day", "as_json"},
-    "monitor report": {"model_id", "mel_floor", "min_melanomas", "as_json"},
+    "monitor report": {"model_id", "mel_floor", "min_melanomas", "months", "as_json"},
     "demo": {"clinic_name", "key_file"},
 }
 

@@ -176,15 +176,19 @@ def test_melanoma_alert_compares_the_fields_upper_bound_with_the_cards_floor_on_
 ) -> None:
     """The alert fires only when the whole 95% interval of the field figure lies below the card's
     lower bound (not on a point estimate that noise alone pushes below it in about 15% of reports),
-    on at least the number of confirmed melanomas that `dermq monitor report` requires, and per model."""
+    on at least the number of confirmed melanomas that `dermq monitor report` requires, per model and
+    per window (all confirmed cases, or the recent ones: each window's count decides for its own figure,
+    and the model's one floor is matched to both)."""
     from core.outcomes import MIN_CONFIRMED_MELANOMAS
 
     (alert,) = [a for a in _alerts(rules) if "dermq_field_mel_sensitivity_floor" in a["expr"]]
     expr = " ".join(alert["expr"].split())
-    upper = r'max by \(model_id\) \(dermq_field_sensitivity_upper\{class="mel"\}\)'
+    upper = r'max by \(model_id, window\) \(dermq_field_sensitivity_upper\{class="mel"\}\)'
     floor = r"max by \(model_id\) \(dermq_field_mel_sensitivity_floor\)"
-    count = r'max by \(model_id\) \(dermq_field_confirmed_cases\{class="mel"\}\)'
-    found = re.fullmatch(rf"{upper} < on \(model_id\) {floor} and on \(model_id\) {count} >= (\d+)", expr)
+    count = r'max by \(model_id, window\) \(dermq_field_confirmed_cases\{class="mel"\}\)'
+    found = re.fullmatch(
+        rf"{upper} < on \(model_id\) group_left {floor} and on \(model_id, window\) {count} >= (\d+)", expr
+    )
     assert found, expr
     assert int(found.group(1)) == MIN_CONFIRMED_MELANOMAS
     assert alert["labels"]["severity"] == "critical"
