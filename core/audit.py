@@ -225,13 +225,11 @@ def record_many(session: Session, events: Sequence[Event]) -> list[int]:
     later gives them their log positions."""
     if not events:
         return []
-    now = datetime.now(UTC)
     rows = []
-    for e in events:
+    for e in events:  # each event's time is the database's clock at its insert (its insert guard sets it)
         actor = e.actor
         rows.append(
             {
-                "occurred_at": now,
                 "action": e.action,
                 "outcome": e.outcome,
                 "actor_type": actor.type,
