@@ -92,7 +92,7 @@ class StateCollector(Collector):
         )
         try:
             with self.app.sessions() as session:
-                oldest = audit_log.oldest_unsealed(session)
+                lag = audit_log.unsealed_age(session)
                 counts = dict(
                     session.execute(
                         select(Case.status, func.count())
@@ -112,7 +112,7 @@ class StateCollector(Collector):
             for status in (CaseStatus.QUEUED.value, CaseStatus.RUNNING.value):
                 cases.add_metric([status], counts.get(status, 0))
             stale.add_metric([], stuck or 0)
-            unsealed.add_metric([], (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0)
+            unsealed.add_metric([], max(lag, 0.0) if lag is not None else 0.0)
         except Exception as exc:
             log.warning("case counts unavailable", extra={"error": type(exc).__name__})
         yield cases

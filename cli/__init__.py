@@ -14,7 +14,7 @@
                                                                 cli.audit
     dermq model list [--json] | verify [MODEL]                  cli.models (loads ml inside the command)
     dermq drift report [--day YYYY-MM-DD] [--json]              cli.drift (loads ml inside the command)
-    dermq monitor report [--model ID] [--mel-floor X] [--min-melanomas N] [--json]
+    dermq monitor report [--model ID] [--months N] [--mel-floor X] [--min-melanomas N] [--json]
                                                                 cli.monitor (loads ml inside the command)
     dermq demo [--clinic NAME] [--key-file PATH]                cli.demo (core.demo does the work)
 

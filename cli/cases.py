@@ -44,7 +44,8 @@ def erase(case_id: uuid.UUID, yes: bool) -> int:
 @case.command(
     "purge-expired",
     help="crypto-shred every case past DERMQ_RETENTION_DAYS now, then destroy the keys of the periods whose "
-    "cases are all purged and past retention plus DERMQ_PERIOD_KEY_GRACE_DAYS, as beat's purge does",
+    "cases are all purged and past retention plus DERMQ_PERIOD_KEY_GRACE_DAYS, and drop the monthly field "
+    "tally's months before DERMQ_FIELD_WINDOW_MONTHS, as beat's purge does",
 )
 def purge_expired() -> int:
     settings = get_settings()
@@ -59,4 +60,9 @@ def purge_expired() -> int:
     # without this, the backups of those periods stayed readable until beat's next purge
     destroyed = period_shredding.destroy_expired(settings)
     click.echo(f"destroyed the keys of {len(destroyed)} period(s){': ' + ', '.join(destroyed) if destroyed else ''}")
+    with session_scope(settings) as session:
+        cells = retention.prune_field_months(session, settings)
+    click.echo(
+        f"dropped {cells} monthly field-tally count(s) older than the last {settings.field_window_months} months"
+    )
     return 0

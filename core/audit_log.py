@@ -211,14 +211,19 @@ def _pending(session: Session, limit: int) -> list[tuple[int, bytes]]:
 
 
 _LAST_SEALED_ID = text("SELECT coalesce(max(event_id), 0) FROM audit_leaves")  # the unique index's last entry
-_FIRST_AFTER = text("SELECT occurred_at FROM audit_events WHERE id > :id ORDER BY id LIMIT 1")  # a primary-key range
+#: a primary-key range; the age by the database's clock, which dated the event (migration 0021)
+_FIRST_AFTER = text(
+    "SELECT extract(epoch FROM clock_timestamp() - occurred_at)::float8 FROM audit_events"
+    " WHERE id > :id ORDER BY id LIMIT 1"
+)
 
 
-def oldest_unsealed(session: Session) -> datetime | None:
-    """When the first committed event with an id past every sealed one was written (None: there is
-    none). Its age is how far sealing lags, whatever holds it up: a stalled or refusing sealer, or a
-    long transaction anywhere in the cluster (the sealer waits for every older one to end). An event
-    that committed late with an id below a sealed one is not counted: events after it are."""
+def unsealed_age(session: Session) -> float | None:
+    """How long ago, in seconds, the first committed event with an id past every sealed one was written
+    (None: there is none): how far sealing lags, whatever holds it up: a stalled or refusing sealer, or
+    a long transaction anywhere in the cluster (the sealer waits for every older one to end). By the
+    database's clock, which dated the event: the asking host's clock plays no part. An event that
+    committed late with an id below a sealed one is not counted: events after it are."""
     return session.scalar(_FIRST_AFTER, {"id": session.scalar(_LAST_SEALED_ID)})
 
 

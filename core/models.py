@@ -281,7 +281,7 @@ class AuditEvent(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     #: the database's clock at the insert: its insert guard sets it, whatever the insert says (migration 0021)
-    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.clock_timestamp())
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     action: Mapped[str] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(16))
     actor_key_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))

@@ -9,13 +9,11 @@ import uuid
 from datetime import date, datetime
 
 from sqlalchemy import (
-    BigInteger,
     Boolean,
     CheckConstraint,
     Date,
     DateTime,
     ForeignKey,
-    Identity,
     Index,
     Integer,
     String,
@@ -60,40 +58,39 @@ class ConfirmedOutcome(Base):
     method: Mapped[str] = mapped_column(String(16))
     revision: Mapped[int] = mapped_column(Integer, server_default=sql("1"))
     reported_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
-    #: the month of the tally cell that counts this report (:attr:`OutcomeTally.month`); NULL for a report
-    #: counted before migration 0020, in an undated cell
+    #: the month of the monthly tally's cell that counts this report (:class:`OutcomeMonthlyTally`); NULL
+    #: for a report counted before migration 0020, in the lifetime tally alone
     tally_month: Mapped[date | None] = mapped_column(Date)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class OutcomeTally(Base):
-    """Field performance as a case-free aggregate: how many confirmed cases of a model, submitted in a
-    month, had each (model's answer, referral, confirmed diagnosis). Kept when a case is erased or
-    purged, which removes its confirmed outcome and shreds its result (see :mod:`core.outcomes`).
-    One row per cell: a unique index on the five, the undated month (NULL) equal to itself."""
+    """Field performance as a case-free aggregate: how many confirmed cases of a model had each
+    (model's answer, referral, confirmed diagnosis), over all time. Kept when a case is erased or
+    purged, which removes its confirmed outcome and shreds its result (see :mod:`core.outcomes`)."""
 
     __tablename__ = "outcome_tallies"
-    __table_args__ = (
-        Index(
-            "uq_outcome_tallies_cell",
-            "model_id",
-            "predicted",
-            "referral",
-            "truth",
-            "month",
-            unique=True,
-            postgresql_nulls_not_distinct=True,
-        ),
-    )
 
-    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
-    model_id: Mapped[str] = mapped_column(String(128))
+    model_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     #: the model's label, or ``out_of_distribution``
-    predicted: Mapped[str] = mapped_column(String(24))
-    referral: Mapped[bool] = mapped_column(Boolean)
-    truth: Mapped[str] = mapped_column(String(16))
-    #: the first day (UTC) of the month the cases were submitted in; NULL: counted before migration 0020,
-    #: whose tally kept no time (these count in the figures over all time only)
-    month: Mapped[date | None] = mapped_column(Date)
+    predicted: Mapped[str] = mapped_column(String(24), primary_key=True)
+    referral: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    truth: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, server_default=sql("0"))
+
+
+class OutcomeMonthlyTally(Base):
+    """The same counts per month of submission, for field performance's recent window (migration
+    0020): kept for the months of that window only (``dermq.purge`` deletes older ones). Reports
+    counted before the migration are in :class:`OutcomeTally` alone."""
+
+    __tablename__ = "outcome_monthly_tallies"
+
+    model_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    #: the first day (UTC) of the month the cases were submitted in
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    predicted: Mapped[str] = mapped_column(String(24), primary_key=True)
+    referral: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    truth: Mapped[str] = mapped_column(String(16), primary_key=True)
     count: Mapped[int] = mapped_column(Integer, server_default=sql("0"))

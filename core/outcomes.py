@@ -8,12 +8,13 @@ auditors do not see clinical results. The diagnosis is about the patient: it is 
 (reports from before migration 0010 are sealed by the sweeper, :func:`seal_plain_diagnoses`).
 
 Each report also counts the case in ``outcome_tallies`` (:class:`core.outcome_models.OutcomeTally`):
-per model and month of submission, how many confirmed cases had each (model's answer, referral,
-confirmed diagnosis), with no case, clinic or day. The model's answer is read from the sealed result
-once, when the clinic reports (an audited request that already holds the keys); a correction moves
-the case's count to its new cell. The months give field performance a recent window
-(:func:`window_start`) beside the figures over all time: a model that starts to miss melanomas after
-years of good service shows in the window long before it moves its lifetime figures.
+per model, how many confirmed cases had each (model's answer, referral, confirmed diagnosis), with no
+case, clinic or time; and in ``outcome_monthly_tallies`` the same per month of submission, kept for
+the months of the recent window only. The model's answer is read from the sealed result once, when
+the clinic reports (an audited request that already holds the keys); a correction moves the case's
+count to its new cell. The months give field performance a recent window (:func:`window_start`)
+beside the figures over all time: a model that starts to miss melanomas after years of good service
+shows in the window long before it moves its lifetime figures.
 
 Erasure and retention remove the confirmed outcome with the case's other patient data, and the
 tally keeps the counts, so :func:`field_performance` (``dermq monitor report``) needs no key
@@ -34,9 +35,9 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -46,7 +47,7 @@ from core.crypto import Keyring, decrypt_blob, encrypt_blob
 from core.errors import Conflict, Gone, InvalidInput
 from core.keys import Principal
 from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome
-from core.outcome_models import ConfirmationMethod, ConfirmedOutcome, OutcomeTally
+from core.outcome_models import ConfirmationMethod, ConfirmedOutcome, OutcomeMonthlyTally, OutcomeTally
 from ml.labels import CLASSES, CONCERNING
 
 ACTION = "case.outcome"
@@ -78,17 +79,37 @@ def _validated(diagnosis: str, method: str) -> tuple[str, ConfirmationMethod]:
 
 
 def _tally(session: Session, cell: tuple[str, str, bool, str], month: date | None, change: int) -> None:
-    """Add ``change`` to the count of ``cell`` in ``month`` (None: the undated cell of counts made before
-    the tally kept months)."""
+    """Add ``change`` (+1 or -1) to the count of ``cell`` over all time and, unless ``month`` is None (a
+    report counted before migration 0020 or by the release before it), in ``month``. A month the purge
+    has dropped (older than the recent window) is not made again by taking a count back."""
     model_id, predicted, referral, truth = cell
+    key = {"model_id": model_id, "predicted": predicted, "referral": referral, "truth": truth}
     session.execute(
         insert(OutcomeTally)
-        .values(model_id=model_id, predicted=predicted, referral=referral, truth=truth, month=month, count=change)
-        .on_conflict_do_update(
-            index_elements=["model_id", "predicted", "referral", "truth", "month"],
-            set_={"count": OutcomeTally.count + change},
-        )
+        .values(**key, count=change)
+        .on_conflict_do_update(index_elements=list(key), set_={"count": OutcomeTally.count + change})
     )
+    if month is None:
+        return
+    if change < 0:
+        session.execute(
+            update(OutcomeMonthlyTally)
+            .where(*(getattr(OutcomeMonthlyTally, k) == v for k, v in key.items()), OutcomeMonthlyTally.month == month)
+            .values(count=OutcomeMonthlyTally.count + change)
+        )
+        return
+    session.execute(
+        insert(OutcomeMonthlyTally)
+        .values(**key, month=month, count=change)
+        .on_conflict_do_update(index_elements=[*key, "month"], set_={"count": OutcomeMonthlyTally.count + change})
+    )
+
+
+def prune_monthly(session: Session, *, before: date) -> int:
+    """Delete the monthly counts of months before ``before`` (the recent window's first month): the
+    lifetime tally keeps them. Returns how many cells went."""
+    deleted = session.execute(delete(OutcomeMonthlyTally).where(OutcomeMonthlyTally.month < before))
+    return int(getattr(deleted, "rowcount", 0) or 0)
 
 
 def month_of(moment: datetime) -> date:
@@ -311,21 +332,25 @@ def field_performance(rows: Iterable[Confirmed]) -> dict[str, dict[str, Any]]:
 
 def confirmed_cases(session: Session, *, model_id: str | None = None, since: date | None = None) -> list[Confirmed]:
     """Every confirmed case counted in the tally (optionally one model's), the erased and purged too;
-    with ``since``, only the cases submitted in that month or later (none of the undated counts)."""
-    query = select(OutcomeTally).where(OutcomeTally.count > 0)
+    with ``since``, only the cases submitted in that month or later (the monthly tally: reports counted
+    before migration 0020 are not in it)."""
+    table = cast(Table, (OutcomeTally if since is None else OutcomeMonthlyTally).__table__)
+    query = select(table.c.model_id, table.c.predicted, table.c.referral, table.c.truth, table.c.count).where(
+        table.c.count > 0
+    )
     if model_id is not None:
-        query = query.where(OutcomeTally.model_id == model_id)
+        query = query.where(table.c.model_id == model_id)
     if since is not None:
-        query = query.where(OutcomeTally.month >= since)
+        query = query.where(table.c.month >= since)
     return [
         Confirmed(
-            cell.model_id,
-            None if cell.predicted == OUT_OF_DISTRIBUTION else cell.predicted,
-            None if cell.predicted == OUT_OF_DISTRIBUTION else cell.referral,
-            cell.truth,
+            model,
+            None if predicted == OUT_OF_DISTRIBUTION else predicted,
+            None if predicted == OUT_OF_DISTRIBUTION else referral,
+            truth,
         )
-        for cell in session.scalars(query)
-        for _ in range(cell.count)
+        for model, predicted, referral, truth, count in session.execute(query)
+        for _ in range(count)
     ]
 
 

@@ -16,6 +16,7 @@ import re
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+import core.outcome_models  # noqa: F401  (its tables join Base.metadata when it is imported: autogenerate sees them)
 from core.config import get_settings
 from core.models import Base
 

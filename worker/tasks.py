@@ -278,7 +278,7 @@ def purge() -> dict[str, object]:
     task's soft time limit has passed (one batch a run purged 12,000 cases a day at most, fewer than
     one host classifies: the backlog, and the old backups it keeps readable, grew for ever); then
     destroy the keys of periods whose every case is purged and past retention plus the grace (no
-    backup can decrypt them afterwards)."""
+    backup can decrypt them afterwards), and drop the monthly field tally's months before its window."""
     config = settings()
     budget_ends = time.monotonic() + config.task_soft_time_limit / 2
     purged = 0
@@ -290,7 +290,9 @@ def purge() -> dict[str, object]:
             break
     if batch == retention.BATCH:  # the next run goes on; lower DERMQ_PURGE_INTERVAL_SECONDS if it keeps happening
         log.warning("retention left expired cases for its next run", extra={"event": "purge_backlog", "count": purged})
-    return {"purged": purged, "periods_destroyed": period_shredding.destroy_expired(config)}
+    with session_scope(config) as session:
+        months = retention.prune_field_months(session, config)
+    return {"purged": purged, "periods_destroyed": period_shredding.destroy_expired(config), "field_cells": months}
 
 
 @app.task(name=TASK_DRIFT)

@@ -1,17 +1,19 @@
-"""The field tally counts by month (``outcome_tallies.month``), so field performance has a recent window.
+"""The field tally also counts by month of submission (``outcome_monthly_tallies``), so field
+performance has a recent window.
 
 The tally kept lifetime counts per model only: a model that had served well for two years and then
 began to miss melanomas (a new camera at a clinic, a shift in who is referred) would take years of new
-cases to move its figures, and the melanoma alert read those figures. Each cell now also carries the
-month its cases were submitted in (the first day of that month, UTC): still no case, clinic or day.
+cases to move its figures, and the melanoma alert read those figures.
 
-- ``outcome_tallies.month``: NULL for the counts already there, whose months nobody kept; they count
-  in the figures over all time and in no window. A surrogate ``id`` becomes the primary key, and one
-  unique index on the five columns (NULLS NOT DISTINCT: PostgreSQL 15 or later) keeps one row per cell.
-- ``confirmed_outcomes.tally_month``: the month of the cell that counts a report, so that a correction
-  takes its count back from that cell (NULL: the undated cell, for reports counted before this).
+- ``outcome_monthly_tallies``: the same cells as ``outcome_tallies`` per month (the first day of the
+  month the cases were submitted in, UTC), still with no case, clinic or day; ``dermq.purge`` keeps
+  only the months of the recent window. ``outcome_tallies`` is left as it was: the lifetime counts,
+  which the previous release goes on writing while a deploy rolls out (a report it takes counts
+  over all time and in no month).
+- ``confirmed_outcomes.tally_month``: the month whose cell counts a report, so that a correction takes
+  its count back from that cell (NULL: counted before this migration, or by the previous release).
 
-The downgrade adds each cell's months back together into the old undated cells.
+The downgrade drops both.
 
 Revision ID: 0020
 Revises: 0019
@@ -30,38 +32,23 @@ down_revision: str | None = "0019"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-CELL = ["model_id", "predicted", "referral", "truth"]
-
 
 def upgrade() -> None:
-    op.add_column("outcome_tallies", sa.Column("month", sa.Date(), nullable=True))
-    op.add_column("outcome_tallies", sa.Column("id", sa.BigInteger(), sa.Identity(always=True), nullable=False))
-    op.drop_constraint("pk_outcome_tallies", "outcome_tallies", type_="primary")
-    op.create_primary_key("pk_outcome_tallies", "outcome_tallies", ["id"])
-    op.create_index(
-        "uq_outcome_tallies_cell",
-        "outcome_tallies",
-        [*CELL, "month"],
-        unique=True,
-        postgresql_nulls_not_distinct=True,
+    op.create_table(
+        "outcome_monthly_tallies",
+        sa.Column("model_id", sa.String(128), nullable=False),
+        sa.Column("month", sa.Date(), nullable=False),
+        sa.Column("predicted", sa.String(24), nullable=False),
+        sa.Column("referral", sa.Boolean(), nullable=False),
+        sa.Column("truth", sa.String(16), nullable=False),
+        sa.Column("count", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.PrimaryKeyConstraint(
+            "model_id", "month", "predicted", "referral", "truth", name=op.f("pk_outcome_monthly_tallies")
+        ),
     )
     op.add_column("confirmed_outcomes", sa.Column("tally_month", sa.Date(), nullable=True))
 
 
 def downgrade() -> None:
     op.drop_column("confirmed_outcomes", "tally_month")
-    op.execute(
-        "CREATE TEMPORARY TABLE merged_tallies ON COMMIT DROP AS"
-        " SELECT model_id, predicted, referral, truth, sum(count)::integer AS count FROM outcome_tallies"
-        " GROUP BY model_id, predicted, referral, truth"
-    )
-    op.execute("DELETE FROM outcome_tallies")
-    op.drop_index("uq_outcome_tallies_cell", table_name="outcome_tallies")
-    op.drop_constraint("pk_outcome_tallies", "outcome_tallies", type_="primary")
-    op.drop_column("outcome_tallies", "id")
-    op.drop_column("outcome_tallies", "month")
-    op.create_primary_key("pk_outcome_tallies", "outcome_tallies", CELL)
-    op.execute(
-        "INSERT INTO outcome_tallies (model_id, predicted, referral, truth, count)"
-        " SELECT model_id, predicted, referral, truth, count FROM merged_tallies"
-    )
+    op.drop_table("outcome_monthly_tallies")

@@ -5,11 +5,13 @@ off the database's. So the services' login could still date an event up to a day
 when it happened, and hosts whose clocks drifted apart wrote events whose times disagreed with the
 order the log sealed them in: an auditor asking "who read this case before noon" got an answer that
 depended on the API host's NTP. The insert guard now sets ``occurred_at`` to ``clock_timestamp()``,
-as it sets ``txid``; the column's default says the same for inserts that leave it out (the services
-do). A restore from ``pg_dump`` keeps its events' times: the dump loads rows before it makes triggers.
+as it sets ``txid``, before the column's NOT NULL is checked: the services leave it out of their
+inserts. Replacing the function takes no lock on the table (a column default would have taken the
+audit table's exclusive lock, which every audited request waits for). A restore from ``pg_dump``
+keeps its events' times: the dump loads rows before it makes triggers.
 
-Downgrade puts 0017's guard back (times from the inserts, refused a day or more off) and drops the
-default.
+Downgrade puts 0017's guard back (times from the inserts, refused a day or more off); the release
+before this one sends its times, as it did.
 
 Revision ID: 0021
 Revises: 0020
@@ -66,9 +68,7 @@ HOST_TIME = """    IF NEW.occurred_at > clock_timestamp() + interval '1 day' THE
 
 def upgrade() -> None:
     op.execute(GUARD.format(checks=CHECKS, time=DATABASE_TIME))
-    op.execute("ALTER TABLE audit_events ALTER COLUMN occurred_at SET DEFAULT clock_timestamp()")
 
 
 def downgrade() -> None:
-    op.execute("ALTER TABLE audit_events ALTER COLUMN occurred_at DROP DEFAULT")
     op.execute(GUARD.format(checks=CHECKS, time=HOST_TIME))

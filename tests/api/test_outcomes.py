@@ -7,13 +7,13 @@ import json
 import uuid
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 
-from core import outcomes
+from core import outcomes, retention
 from core.crypto import decrypt_blob
 from core.db import session_scope
 from core.models import AuditEvent, Case, CaseBlob, CaseStatus, Result
-from core.outcome_models import ConfirmedOutcome, OutcomeTally
+from core.outcome_models import ConfirmedOutcome, OutcomeMonthlyTally, OutcomeTally
 from tests.api.test_cases import submit, wait_done
 from tests.cli.test_commands import run
 from tests.conftest import Tenant
@@ -285,13 +285,14 @@ def test_a_diagnosis_stored_in_plain_text_is_sealed_by_the_sweep_and_still_corre
     assert figures["classes"]["nv"]["sensitivity"]["trials"] == 0  # the count moved with the correction
 
 
-def test_a_correction_takes_the_count_back_from_the_cell_that_counted_it(  # type: ignore[no-untyped-def]
+def test_a_correction_takes_the_count_back_from_the_cells_that_counted_it(  # type: ignore[no-untyped-def]
     client, tenant: Tenant, store_case, settings
 ) -> None:
-    """A report counts in the month its case was submitted; a correction of a report counted before the
-    tally kept months (migration 0020 left those in an undated cell) takes its count back from that
-    cell, not from this month's, so no cell goes negative and none keeps a count twice.
-    `dermq monitor report --months` reads the dated counts only."""
+    """A report counts over all time and in the month its case was submitted; a correction of a report
+    counted before the monthly tally (migration 0020), or by the release before it, takes its count
+    back from the lifetime tally alone: no monthly cell goes negative and none keeps a count twice.
+    `dermq monitor report --months` reads the monthly counts, and retention drops the months before
+    the recent window."""
     model = f"field-test-{uuid.uuid4().hex[:8]}"
     case_id = store_case(tenant, uuid.uuid4().bytes)
     with session_scope(settings) as session:
@@ -301,23 +302,34 @@ def test_a_correction_takes_the_count_back_from_the_cell_that_counted_it(  # typ
         month = outcomes.month_of(case.created_at)
     assert post(client, tenant, case_id, diagnosis="nv", method="histo").status_code == 201
 
-    def cells() -> set[tuple[str, object, int]]:
+    def cells() -> tuple[set[tuple[str, int]], set[tuple[str, object, int]]]:
         with session_scope(settings) as session:
-            rows = session.scalars(select(OutcomeTally).where(OutcomeTally.model_id == model))
-            return {(r.truth, r.month, r.count) for r in rows}
+            lifetime = session.scalars(select(OutcomeTally).where(OutcomeTally.model_id == model))
+            monthly = session.scalars(select(OutcomeMonthlyTally).where(OutcomeMonthlyTally.model_id == model))
+            return {(r.truth, r.count) for r in lifetime}, {(r.truth, r.month, r.count) for r in monthly}
 
-    assert cells() == {("nv", month, 1)}
-    with session_scope(settings) as session:  # as migration 0020 left a report counted before it
-        session.execute(update(OutcomeTally).where(OutcomeTally.model_id == model).values(month=None))
+    assert cells() == ({("nv", 1)}, {("nv", month, 1)})
+    with session_scope(settings) as session:  # as if the release before 0020 had counted it
+        session.execute(delete(OutcomeMonthlyTally).where(OutcomeMonthlyTally.model_id == model))
         session.get(ConfirmedOutcome, case_id).tally_month = None
     undated = run(settings, "monitor", "report", "--model", model, "--months", "1")
     assert undated.returncode == 2 and "no confirmed outcomes of cases submitted since" in undated.stderr
 
     assert post(client, tenant, case_id, diagnosis="mel", method="histo").status_code == 200
-    assert cells() == {("nv", None, 0), ("mel", month, 1)}
+    assert cells() == ({("nv", 0), ("mel", 1)}, {("mel", month, 1)})
     with session_scope(settings) as session:
         assert session.get(ConfirmedOutcome, case_id).tally_month == month
     recent = run(settings, "monitor", "report", "--model", model, "--months", "1", "--json")
     assert recent.returncode == 0, recent.stderr
     assert json.loads(recent.stdout)["since"] == month.isoformat()
     assert json.loads(recent.stdout)["models"][model]["classes"]["mel"]["sensitivity"]["successes"] == 1
+
+    # retention keeps the window's months only; the lifetime tally keeps every count
+    before = outcomes.window_start(month, settings.field_window_months + 1)
+    with session_scope(settings) as session:
+        session.add(
+            OutcomeMonthlyTally(model_id=model, month=before, predicted="nv", referral=False, truth="nv", count=4)
+        )
+    with session_scope(settings) as session:
+        assert retention.prune_field_months(session, settings) >= 1
+    assert cells() == ({("nv", 0), ("mel", 1)}, {("mel", month, 1)})

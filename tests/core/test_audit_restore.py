@@ -124,7 +124,7 @@ def test_a_restored_database_goes_on_sealing_when_its_ids_pass_the_old_ones_befo
     assert order[-7:-4] == first and sorted(order[-4:]) == [*unsealed_in_dump, *in_b]
     assert len(order) == len(set(order))
     with session_scope(on(settings, b, tmp_path)) as session:
-        assert audit_log.oldest_unsealed(session) is None
+        assert audit_log.unsealed_age(session) is None
         assert audit_verify.verify_log(session, verifiers=load_signing_keys(settings).verifiers).ok
 
 
@@ -147,5 +147,5 @@ def test_a_database_restored_twice_seals_every_event_once(
     order = sealed(on(settings, c, tmp_path))
     assert order[-9:] == [*first, *unsealed_in_dump, *in_b, *in_c] and len(order) == len(set(order))
     with session_scope(on(settings, c, tmp_path)) as session:
-        assert audit_log.oldest_unsealed(session) is None
+        assert audit_log.unsealed_age(session) is None
         assert audit_verify.verify_log(session, verifiers=load_signing_keys(settings).verifiers).ok

@@ -1,6 +1,6 @@
-"""Migration 0020 (the field tally by month) on a database of its own: the counts already there keep
-their numbers in an undated cell, one row per cell holds (the undated month included), and the
-downgrade adds each cell's months back together."""
+"""Migration 0020 (the monthly field tally) on a database of its own: the lifetime tally is left as it
+was, so the release before it goes on counting reports while a deploy rolls out, and the downgrade
+drops only what the migration added."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 from alembic import command
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 
 from tests import support
 
-INSERT = (
-    "INSERT INTO outcome_tallies (model_id, predicted, referral, truth, count{month})"
-    " VALUES ('m', :predicted, true, 'mel', :count{value})"
+#: the statement the release before 0020 counts a report with (core/outcomes.py at 0019)
+PREVIOUS_RELEASE_TALLY = (
+    "INSERT INTO outcome_tallies (model_id, predicted, referral, truth, count) VALUES ('m', 'nv', false, 'mel', 1)"
+    " ON CONFLICT (model_id, predicted, referral, truth) DO UPDATE SET count = outcome_tallies.count + 1"
 )
 
 
@@ -27,32 +27,31 @@ def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untype
         yield made
 
 
-def _cells(connection: Any) -> set[tuple[Any, ...]]:
-    return {tuple(row) for row in connection.execute(text("SELECT * FROM outcome_tallies ORDER BY predicted"))}
+def _tables(connection: Any) -> set[str]:
+    return set(connection.scalars(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")))
 
 
-def test_the_tally_gains_months_and_gives_them_back(scratch: tuple[Any, Engine]) -> None:
+def test_the_previous_release_still_counts_reports_and_the_downgrade_keeps_them(scratch: tuple[Any, Engine]) -> None:
     config, engine = scratch
     command.upgrade(config, "0019")
     with engine.begin() as connection:
-        for predicted, count in (("mel", 5), ("nv", 2)):
-            connection.execute(text(INSERT.format(month="", value="")), {"predicted": predicted, "count": count})
+        connection.execute(text(PREVIOUS_RELEASE_TALLY))
 
     command.upgrade(config, "0020")
-    dated = INSERT.format(month=", month", value=", :month")
     with engine.begin() as connection:
-        tallies = "SELECT predicted, month, count FROM outcome_tallies ORDER BY predicted"
-        assert [tuple(row) for row in connection.execute(text(tallies))] == [("mel", None, 5), ("nv", None, 2)]
-        connection.execute(text(dated), {"predicted": "mel", "count": 3, "month": "2026-11-01"})
-        reported = "SELECT count(*) FROM information_schema.columns WHERE table_name = 'confirmed_outcomes'"
-        assert connection.scalar(text(f"{reported} AND column_name = 'tally_month'")) == 1
-    # one row per cell: a second undated row of a cell is refused like a second dated one
-    for month in (None, "2026-11-01"):
-        with pytest.raises(IntegrityError, match="uq_outcome_tallies_cell"), engine.begin() as connection:
-            connection.execute(text(dated), {"predicted": "mel", "count": 1, "month": month})
+        connection.execute(text(PREVIOUS_RELEASE_TALLY))  # an API pod not yet rolled out takes a report
+        assert connection.scalar(text("SELECT count FROM outcome_tallies")) == 2
+        assert "outcome_monthly_tallies" in _tables(connection)
+        connection.execute(
+            text(
+                "INSERT INTO outcome_monthly_tallies (model_id, month, predicted, referral, truth, count)"
+                " VALUES ('m', '2026-11-01', 'nv', false, 'mel', 1)"
+            )
+        )
 
     command.downgrade(config, "0019")
     with engine.begin() as connection:
-        assert _cells(connection) == {("m", "mel", True, "mel", 8), ("m", "nv", True, "mel", 2)}
-        with pytest.raises(IntegrityError, match="pk_outcome_tallies"):
-            connection.execute(text(INSERT.format(month="", value="")), {"predicted": "nv", "count": 1})
+        assert connection.scalar(text("SELECT count FROM outcome_tallies")) == 2
+        assert "outcome_monthly_tallies" not in _tables(connection)
+        columns = "SELECT column_name FROM information_schema.columns WHERE table_name = 'confirmed_outcomes'"
+        assert "tally_month" not in set(connection.scalars(text(columns)))
