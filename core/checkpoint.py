@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from core.config import Settings
-from core.crypto import check_private_file, write_private_json
+from core.crypto import read_private_file, write_private_json
 from core.errors import KeyringError
 
 ALG_ED25519 = b"\x01"
@@ -240,8 +240,7 @@ def write_signing_keys(path: Path, keys: SigningKeys) -> None:
 def load_signing_keys(settings: Settings) -> SigningKeys:
     path = signing_key_path(settings)
     try:
-        check_private_file(path, "audit signing key file")
-        data = json.loads(path.read_text())
+        data = json.loads(read_private_file(path, "audit signing key file"))
     except FileNotFoundError:
         raise KeyringError(
             f"no audit signing key at {path}; create it with `dermq keys init` (it lives outside the database)"

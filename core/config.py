@@ -313,8 +313,13 @@ def get_settings() -> Settings:
 
 
 def exposed_mode(path: Path) -> int | None:
-    """The file's mode when a secret in it is exposed: any bit for other users, or group write or
-    execute. Owner read (and write) and group read are allowed: Kubernetes mounts Secret files as
-    root:<fsGroup> with ``defaultMode: 0440`` and the services read them through that group."""
-    mode = stat.S_IMODE(path.stat().st_mode)
+    """The file's mode when a secret in it is exposed (:func:`exposed_bits`)."""
+    return exposed_bits(path.stat().st_mode)
+
+
+def exposed_bits(st_mode: int) -> int | None:
+    """The permission bits of ``st_mode`` when a secret under them is exposed: any bit for other users,
+    or group write or execute. Owner read (and write) and group read are allowed: Kubernetes mounts
+    Secret files as root:<fsGroup> with ``defaultMode: 0440`` and the services read them through that group."""
+    mode = stat.S_IMODE(st_mode)
     return mode if mode & 0o037 else None

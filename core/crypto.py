@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from core.config import Settings, exposed_mode
+from core.config import Settings, exposed_bits
 from core.errors import DecryptionError, KeyNotHeld, KeyringError
 
 if TYPE_CHECKING:
@@ -116,14 +116,17 @@ def new_kek_id() -> str:
     return f"kek-{datetime.now(UTC):%Y%m%d}-{secrets.token_hex(3)}"
 
 
-def check_private_file(path: Path, what: str) -> None:
-    """Refuse a secret file that others could read or anyone but its owner could change
-    (:func:`core.config.exposed_mode`), in every environment."""
-    if (mode := exposed_mode(path)) is not None:
-        raise KeyringError(
-            f"{what} {path} has mode {mode:o}: others may read or change it; chmod 600 it (or 440 with a "
-            "group that only dermq's services use, as the Kubernetes manifests mount it)"
-        )
+def read_private_file(path: Path, what: str) -> bytes:
+    """The bytes of a secret file, refused if others could read it or anyone but its owner could change
+    it (:func:`core.config.exposed_bits`), in every environment. The mode checked is the opened file's
+    own (``fstat``): a file swapped in between a check and a read is never read."""
+    with path.open("rb") as handle:
+        if (mode := exposed_bits(os.fstat(handle.fileno()).st_mode)) is not None:
+            raise KeyringError(
+                f"{what} {path} has mode {mode:o}: others may read or change it; chmod 600 it (or 440 with a "
+                "group that only dermq's services use, as the Kubernetes manifests mount it)"
+            )
+        return handle.read()
 
 
 def load_keyring(settings: Settings) -> Keyring:
@@ -139,9 +142,8 @@ def load_keyring(settings: Settings) -> Keyring:
             f"no encryption key file at {path}; create one with `dermq keys init` (make run does this "
             "the first time) or set DERMQ_KEY_FILE / DERMQ_KEYS_JSON. dermq never invents keys at start-up."
         )
-    check_private_file(path, "key file")
     try:
-        keyring = Keyring.from_json(json.loads(path.read_text()))
+        keyring = Keyring.from_json(json.loads(read_private_file(path, "key file")))
     except json.JSONDecodeError:
         raise KeyringError(f"key file {path} is not valid JSON") from None
     return with_periods(keyring, settings)

@@ -167,11 +167,15 @@ class PeriodKeys:
     def _read(self, path: Path) -> dict[str, Any]:
         # Written 0600. Group bits are tolerated: Kubernetes gives a volume's files to the pod's fsGroup
         # (group read and write) when it mounts them; the volume is dermq's own. Others: never.
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o007:
-            raise KeyringError(f"period key file {path} has mode {mode:o}: others may read or change it; chmod 600 it")
+        with path.open("rb") as handle:  # the mode checked is the opened file's (no swap in between)
+            mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+            if mode & 0o007:
+                raise KeyringError(
+                    f"period key file {path} has mode {mode:o}: others may read or change it; chmod 600 it"
+                )
+            raw = handle.read()
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(raw)
             base64.b64decode(record["wrapped_key"], validate=True)
             str(record["kek_id"])
         except (OSError, ValueError, KeyError, TypeError):
