@@ -29,8 +29,7 @@ down_revision: str | None = "0020"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-CHECKS = """
-    IF NEW.hash IS NOT NULL OR NEW.prev_hash IS NOT NULL THEN
+CHECKS = """    IF NEW.hash IS NOT NULL OR NEW.prev_hash IS NOT NULL THEN
         RAISE EXCEPTION 'audit_events: a new event has no chain hash (the chain ended with the Merkle log)'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -52,12 +51,14 @@ $$
 DATABASE_TIME = """    NEW.occurred_at := clock_timestamp();
 """
 
-#: migration 0017's: the insert's time, refused a day or more off the database's clock
+#: migration 0017's, to the character (the downgrade brings back its function as it was): the insert's
+#: time, refused a day or more off the database's clock
 HOST_TIME = """    IF NEW.occurred_at > clock_timestamp() + interval '1 day' THEN
         RAISE EXCEPTION 'audit_events: an event cannot have happened a day or more ahead of the database''s clock'
             USING ERRCODE = 'check_violation',
                   HINT = 'check the writing host''s clock (NTP); a few minutes of drift are accepted';
     END IF;
+
     IF NEW.occurred_at < clock_timestamp() - interval '1 day' THEN
         RAISE EXCEPTION 'audit_events: an event cannot have happened a day or more behind the database''s clock'
             USING ERRCODE = 'check_violation',
