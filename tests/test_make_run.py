@@ -94,7 +94,7 @@ def test_make_run_serves_a_real_case_and_stops_cleanly(
     # output ends once every process of the stack that holds it has exited.
     reader.join(60)
     assert not reader.is_alive(), "processes of the stack still hold its output open"
-    assert "| stopped" in "".join(lines)  # and it said so
+    assert "dermq | stopped" in [line.strip() for line in lines]  # and the supervisor said so, on a line of its own
     for url in (f"{base}/healthz", f"http://127.0.0.1:{env['DERMQ_FLOWER_PORT']}/"):
         with pytest.raises(httpx.HTTPError):
             httpx.get(url, timeout=2)
