@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.waiters import ClientLeft
-from core.errors import DermqError, KeyNotHeld, PeriodKeyDestroyed
+from core.errors import PERIOD_KEY_DESTROYED, DermqError, KeyNotHeld, PeriodKeyDestroyed
 from core.logs import request_id_var
 
 log = logging.getLogger("dermq.api")
@@ -163,16 +163,10 @@ def install(app: FastAPI, on_denied: Any) -> None:
 
     @app.exception_handler(PeriodKeyDestroyed)
     async def _period_key_destroyed(request: Request, exc: PeriodKeyDestroyed) -> JSONResponse:
-        # a case that outlived its period's key: restored from a backup older than the key's destruction
+        # a case that outlived its period's key: restored from a backup older than the key's destruction.
+        # The reads of a case answer an audited 410 (core.phi.refused_if_destroyed); this is the backstop.
         log.warning("a blob of a destroyed period was asked for", extra={"event": "period_key_destroyed"})
-        return problem(
-            410,
-            "period_key_destroyed",
-            "Gone",
-            "this case's data was encrypted under a key that retention has destroyed: it can never be read "
-            "again (tell your operator: such a case remains only where a backup was restored)",
-            request=request,
-        )
+        return problem(410, "period_key_destroyed", "Gone", PERIOD_KEY_DESTROYED, request=request)
 
     @app.exception_handler(KeyNotHeld)
     async def _key_not_held(request: Request, exc: KeyNotHeld) -> JSONResponse:

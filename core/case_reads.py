@@ -37,8 +37,10 @@ def get_case(
     case = owned(None if row is None else row.Case, clinic_id, "case.read", case_id)
     assert row is not None  # owned() refused a missing case
     result = None
-    if case.status == CaseStatus.SUCCEEDED and row.Result is not None:
-        result = results.open_result(keyring, row.Result, SealedBlob.from_row(row, "result_"))
+    with phi.refused_if_destroyed("case.read", case_id):
+        if case.status == CaseStatus.SUCCEEDED and row.Result is not None:
+            result = results.open_result(keyring, row.Result, SealedBlob.from_row(row, "result_"))
+        client_ref = phi.open_client_ref(keyring, case, SealedBlob.from_row(row, "ref_"))
     audit.record(
         session,
         action="case.read",
@@ -49,7 +51,7 @@ def get_case(
         clinic_id=case.clinic_id,
         detail={"status": case.status},
     )
-    return CaseRead(case, result, phi.open_client_ref(keyring, case, SealedBlob.from_row(row, "ref_")))
+    return CaseRead(case, result, client_ref)
 
 
 def _blob_columns(blob: Any, prefix: str) -> list[Any]:
@@ -110,7 +112,8 @@ def read_heatmap(
             code="heatmap_unavailable",
             audit=refused("out_of_distribution" if out_of_distribution else "unavailable"),
         )
-    png = decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.HEATMAP.value)
+    with phi.refused_if_destroyed("heatmap.read", case_id):
+        png = decrypt_blob(keyring, blob.sealed, case_id=case_id, kind=BlobKind.HEATMAP.value)
     audit.record(
         session,
         action="heatmap.read",

@@ -269,12 +269,14 @@ def _replay(session: Session, existing: Case, again: _Resubmission, keyring: Key
             code="case_purged",
             audit=audit.PendingEvent("case.create", audit.DENIED, "case", str(existing.id), {"reason": "purged"}),
         )
+    with phi.refused_if_destroyed("case.create", existing.id):  # nothing left to compare the reference with
+        sent_ref = phi.client_refs(session, keyring, [existing])[existing.id]
     differs = [
         name
         for name, same in (
             ("image", existing.image_sha256 == again.image.sha256),
             ("priority", existing.priority == again.priority.value),
-            ("client_ref", phi.client_refs(session, keyring, [existing])[existing.id] == again.client_ref),
+            ("client_ref", sent_ref == again.client_ref),
         )
         if not same
     ]

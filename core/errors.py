@@ -124,6 +124,13 @@ class PeriodKeyDestroyed(DecryptionError):
     can still point at such blobs after a restore from a backup older than the destruction."""
 
 
+#: what a client is told when a case's data is sealed under a destroyed period key (410 ``period_key_destroyed``)
+PERIOD_KEY_DESTROYED = (
+    "this case's data was encrypted under a key that retention has destroyed: it can never be read "
+    "again (tell your operator: such a case remains only where a backup was restored)"
+)
+
+
 def a_or_an(word: str) -> str:
     """``word`` with its indefinite article ("an auditor", "a clinic")."""
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -48,6 +48,7 @@ from core.errors import Conflict, Gone, InvalidInput
 from core.keys import Principal
 from core.models import BlobKind, Case, CaseBlob, CaseStatus, Outcome
 from core.outcome_models import ConfirmationMethod, ConfirmedOutcome, OutcomeMonthlyTally, OutcomeTally
+from core.phi import refused_if_destroyed
 from ml.labels import CLASSES, CONCERNING
 
 ACTION = "case.outcome"
@@ -204,7 +205,8 @@ def record_outcome(
             code="case_purged",
             audit=audit.PendingEvent(ACTION, audit.FAILURE, "case", str(case_id), {"reason": "purged"}),
         )
-    result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
+    with refused_if_destroyed(ACTION, case_id):
+        result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
     if result is None:
         raise Conflict(
             f"the case is {case.status}; an outcome can be reported only for a case that has succeeded",

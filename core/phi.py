@@ -14,14 +14,16 @@ seals those in batches (:func:`seal_plain_client_refs`) and empties the column.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
+from core import audit
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
-from core.errors import PeriodKeyDestroyed
+from core.errors import PERIOD_KEY_DESTROYED, Gone, PeriodKeyDestroyed
 from core.models import BlobKind, Case, CaseBlob, CaseStatus
 
 KIND = BlobKind.CLIENT_REF.value
@@ -107,3 +109,17 @@ def seal_plain_client_refs(session: Session, keyring: Keyring, *, limit: int = 5
         update(Case).where(Case.id.in_([case_id for case_id, _, _ in legacy])).values(plain_client_ref=None)
     )
     return len(legacy)
+
+
+@contextmanager
+def refused_if_destroyed(action: str, case_id: uuid.UUID, **detail: object) -> Iterator[None]:
+    """Inside: reading a case's sealed data. A blob sealed under a destroyed period key (a case that a
+    restored backup brought back) becomes a 410 ``period_key_destroyed`` audited as a failed ``action``
+    on the case: someone reached data restored from a backup, and the trail says who."""
+    try:
+        yield
+    except PeriodKeyDestroyed:
+        refused = audit.PendingEvent(
+            action, audit.FAILURE, "case", str(case_id), {**detail, "reason": "period_key_destroyed"}
+        )
+        raise Gone(PERIOD_KEY_DESTROYED, code="period_key_destroyed", audit=refused) from None

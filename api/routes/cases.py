@@ -275,8 +275,9 @@ async def _accept(
             enqueue(session, app.publisher, classify_task(case.id, priority))
         elif wait:  # a replay of a finished case is answered from this transaction: its audit event waits for the disk
             commit_durably(session)
-        result = results.read_result(session, app.keyring, case.id) if case.status == CaseStatus.SUCCEEDED else None
-        ref = client_ref if created else phi.client_refs(session, app.keyring, [case])[case.id]
+        with phi.refused_if_destroyed("case.replay", case.id):
+            result = results.read_result(session, app.keyring, case.id) if case.status == CaseStatus.SUCCEEDED else None
+            ref = client_ref if created else phi.client_refs(session, app.keyring, [case])[case.id]
         return case_out(case, result, ref)
 
     return await db.run(create, last=not wait), created

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from api import fhir
 from api.deps import AuthenticatedCaller, Db, State, limit
 from api.routes.cases import NO_STORE, PROBLEMS
-from core import audit, results
+from core import audit, phi, results
 from core.cases import owned_case
 from core.crypto import Keyring
 from core.errors import Conflict, Gone
@@ -25,7 +25,8 @@ router = APIRouter(prefix="/v1/cases", tags=["cases"])
 def fhir_view(session: Session, keyring: Keyring, caller: Any, case_id: uuid.UUID) -> dict[str, Any]:
     """The case's Bundle; the read is audited as ``case.read`` with ``{"format": "fhir"}``."""
     case = owned_case(session, caller.principal, case_id, "case.read")
-    result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
+    with phi.refused_if_destroyed("case.read", case_id, format="fhir"):
+        result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
     if case.status == CaseStatus.SUCCEEDED and result is None:
         session.refresh(case)  # erased between the two reads: the case says so now
     if case.status == CaseStatus.PURGED:

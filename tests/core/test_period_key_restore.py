@@ -16,7 +16,7 @@ from core import audit, cases, keyrotation, period_shredding, results
 from core.crypto import decrypt_blob, load_keyring
 from core.db import session_scope
 from core.keys import Principal
-from core.models import Case, CaseBlob, Result, Role
+from core.models import AuditEvent, Case, CaseBlob, Result, Role
 from tests.core.test_period_keys import NOW, Site, blob_rows, erase, site  # noqa: F401  (site: the fixture)
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -66,15 +66,38 @@ def test_a_case_restored_after_its_period_key_was_destroyed_is_gone_not_an_error
     with pytest.raises(PeriodKeyDestroyed):
         decrypt_blob(serving, sealed, case_id=case_id, kind="client_ref")
     assert serving.periods is not None and not serving.periods._cache  # forgotten where it was cached
-    with session_scope(site.settings) as session:  # and its result, sealed under the same key
-        result_blob = {**next(b for b in backup if b["kind"] == "client_ref"), "kind": "result"}
-        result_blob.pop("id", None)
-        session.execute(CaseBlob.__table__.insert(), [result_blob])
+    with session_scope(site.settings) as session:  # and its result and heat map, sealed under the same key
+        copies = [
+            {**next(b for b in backup if b["kind"] == "client_ref"), "kind": kind} for kind in ("result", "heatmap")
+        ]
+        for copy in copies:
+            copy.pop("id", None)
+        session.execute(CaseBlob.__table__.insert(), copies)
         session.add(sealed_result(case_id))
     with TestClient(create_app(site.settings), raise_server_exceptions=False) as client:
         answer = client.get(f"/v1/cases/{case_id}", headers=site.tenant.headers)
+        refused = [
+            client.get(f"/v1/cases/{case_id}/fhir", headers=site.tenant.headers),
+            client.get(f"/v1/cases/{case_id}/heatmap.png", headers=site.tenant.headers),
+            client.post(
+                f"/v1/cases/{case_id}/outcome", headers=site.tenant.headers, json={"diagnosis": "nv", "method": "histo"}
+            ),
+        ]
         listed = client.get("/v1/cases", headers=site.tenant.headers)
-    assert (answer.status_code, answer.json()["code"]) == (410, "period_key_destroyed"), answer.text
+    for response in (answer, *refused):
+        assert (response.status_code, response.json()["code"]) == (410, "period_key_destroyed"), response.text
+    # each refusal is in the audit trail, under the key that asked: someone reached data a restored backup
+    # brought back
+    with session_scope(site.settings) as session:
+        reason = AuditEvent.detail["reason"].astext
+        events = session.execute(
+            select(AuditEvent.action, AuditEvent.outcome, AuditEvent.actor_key_id)
+            .where(AuditEvent.entity_id == str(case_id), reason == "period_key_destroyed")
+            .order_by(AuditEvent.id)
+        ).all()
+    assert [tuple(event) for event in events] == [
+        (action, "failure", site.tenant.key_id) for action in ("case.read", "case.read", "heatmap.read", "case.outcome")
+    ]
     # one such case does not take the clinic's list down: it is listed without what no key opens
     assert listed.status_code == 200, listed.text
     row = next(item for item in listed.json()["items"] if item["id"] == str(case_id))
