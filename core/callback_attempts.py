@@ -81,6 +81,13 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
         return None
     row, at = found
     endpoint = session.get(ClinicCallback, row.clinic_id)
+    # a lease that ran out unrecorded: its worker died or ran out of time, perhaps after its POST went
+    # out. The trail says so now, whatever comes next (and that worker, if it lives, records its own).
+    unanswered = row.leased_until is not None and row.attempts > 0
+    if unanswered:
+        row.last_error = UNANSWERED
+        detail = {"attempt": row.attempts, "error": UNANSWERED} | ({"host": host_of(endpoint.url)} if endpoint else {})
+        _audit(session, row.case_id, row.clinic_id, success=False, detail=detail)
     case = session.get(Case, case_id)
     active = session.scalar(select(Clinic.active).where(Clinic.id == row.clinic_id))
     if endpoint is None or case is None or not active or case.status == CaseStatus.PURGED:
@@ -90,13 +97,13 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
         _audit(session, row.case_id, row.clinic_id, success=False, detail={"error": CANCELLED, "reason": why})
         return None
     if row.attempts >= settings.callback_max_attempts:
-        # every attempt is spent and the last never recorded an answer (its worker died or ran out of
-        # time mid-POST): given up here, or the sweeper would send it again and again
+        # every attempt is spent and the last never recorded an answer (audited above; or the setting was
+        # lowered since): given up here, or the sweeper would send it again and again
         row.status, row.updated_at, row.leased_until = CallbackStatus.FAILED.value, at, None
-        row.last_error = UNANSWERED
-        _audit(
-            session, row.case_id, row.clinic_id, success=False, detail={"attempt": row.attempts, "error": UNANSWERED}
-        )
+        if not unanswered:
+            _audit(
+                session, row.case_id, row.clinic_id, success=False, detail={"attempt": row.attempts, "error": "spent"}
+            )
         return None
     row.attempts += 1
     row.updated_at, row.leased_until = at, at + timedelta(seconds=lease_seconds(settings))

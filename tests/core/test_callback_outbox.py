@@ -104,8 +104,9 @@ def test_an_unreadable_secret_gives_up_at_once(settings: Settings, keyring, pend
 
 def test_attempts_whose_answers_were_never_recorded_end_in_failed(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
     """A worker that dies, or runs out of time, mid-POST records nothing; its lease runs out and the
-    sweeper sends the row again. Once every attempt is spent the row is given up, and audited, rather
-    than sent again forever (each try held a worker child for its time limit)."""
+    sweeper sends the row again. Each such attempt is audited when its lease is taken over (its POST may
+    have reached the clinic: the trail must not miss it), and once every attempt is spent the row is
+    given up rather than sent again forever (each try held a worker child for its time limit)."""
     config = settings.model_copy(update={"callback_max_attempts": 2})
     for attempt in (1, 2):
         held = lease(config, keyring, pending)
@@ -121,10 +122,15 @@ def test_attempts_whose_answers_were_never_recorded_end_in_failed(settings: Sett
     assert (given_up.status, given_up.attempts, given_up.leased_until) == ("failed", 2, None)
     assert given_up.last_error == "unanswered"
     with session_scope(settings) as session:
-        (event,) = session.scalars(
-            select(AuditEvent).where(AuditEvent.entity_id == str(pending), AuditEvent.action == "callback.deliver")
-        )
-        assert (event.outcome, event.detail) == (audit.FAILURE, {"attempt": 2, "error": "unanswered"})
+        events = session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.entity_id == str(pending), AuditEvent.action == "callback.deliver")
+            .order_by(AuditEvent.id)
+        ).all()
+    host = callbacks.host_of(held.url)
+    assert [(e.outcome, e.detail) for e in events] == [
+        (audit.FAILURE, {"attempt": attempt, "error": "unanswered", "host": host}) for attempt in (1, 2)
+    ]
 
 
 def test_an_erased_case_is_not_announced_as_finished(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
