@@ -179,6 +179,8 @@ def post(url: str, body: bytes, secret: str, settings: Settings, *, event_id: st
     try:
         connection.request("POST", target, body=body, headers=headers)
         response = connection.getresponse()
+        if deadline.passed.is_set():  # the deadline shut the socket mid-answer: a status line cut short
+            return None, DEADLINE_EXCEEDED  # at its end reads as a whole one, and is no answer
         with contextlib.suppress(OSError, http.client.HTTPException):  # the status has come: that decides
             response.read(1024)
         return response.status, None

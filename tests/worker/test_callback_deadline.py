@@ -82,7 +82,11 @@ def config(settings: Settings) -> Settings:
 
 @pytest.fixture
 def trickling() -> Iterator[Receiver]:
-    receiver = Receiver(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 2000 + b"\r\n\r\n", pause=0.2)
+    # a byte every 0.1 s: each read gets one well within the socket's timeout (0.5 s), even on a loaded
+    # machine (at 0.2 s, a receiver thread held up by a parallel run let one read time out first); the
+    # deadline (1.5 s) then falls in the status line's last bytes, where what is left of it parses
+    # as "HTTP/1.1 200 OK" once the socket is shut: that was counted as delivered
+    receiver = Receiver(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 2000 + b"\r\n\r\n", pause=0.1)
     yield receiver
     receiver.close()
 
