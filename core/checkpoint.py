@@ -276,7 +276,9 @@ def append_witness(path: Path, note: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
-        os.write(fd, (note + "\n").encode())
+        data = memoryview((note + "\n").encode())
+        while data:  # a short write (a full disk, a signal) would leave half a note for the next to garble
+            data = data[os.write(fd, data) :]
         os.fsync(fd)
     finally:
         os.close(fd)
