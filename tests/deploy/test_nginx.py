@@ -188,6 +188,22 @@ def test_the_api_keeps_idle_connections_open_longer_than_the_proxies(conf: m.Dir
         assert api_seconds >= seconds + 5, f"{proxy} keeps idle connections {seconds} s, the API only {api_seconds} s"
 
 
+def test_one_nginx_worker_holds_every_long_poll_the_apis_take(conf: m.Directive) -> None:
+    # two connections a proxied request; on a 1-core host one worker holds them all. Its descriptors:
+    # nginx's rlimit, which compose's ulimit must allow (an unprivileged nginx cannot raise it further)
+    from core.config import Settings
+
+    api = m.compose_services()["api"]
+    processes = int(m.compose_environment(api)["DERMQ_API_PROCESSES"])
+    waiters = processes * Settings(_env_file=None).long_poll_max_waiters
+    (events,) = conf.find("events")
+    connections = int(events.find("worker_connections")[0].args[0])
+    assert connections >= 2 * waiters + 1000, (connections, waiters)  # and room for idle keep-alive clients
+    nofile = int(conf.find("worker_rlimit_nofile")[0].args[0])
+    assert nofile >= connections
+    assert m.compose_services()["nginx"]["ulimits"]["nofile"] == {"soft": nofile, "hard": nofile}
+
+
 def test_health_endpoint_listens_on_loopback_only(conf: m.Directive) -> None:
     http = conf.find("http")[0]
     check = " ".join(m.compose_services()["nginx"]["healthcheck"]["test"])
