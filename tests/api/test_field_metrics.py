@@ -78,6 +78,20 @@ def api_samples() -> Callable[[], dict]:  # type: ignore[type-arg]
     return lambda: scrape(url)
 
 
+def report_and_gauges(settings: Settings, redis_client, read: Callable[[], dict]) -> tuple[dict, dict]:  # type: ignore[no-untyped-def, type-arg]
+    """The periodic task's report, computed here and published, and the API's gauges scraped while it is
+    in Redis (removed after)."""
+    from worker import field
+
+    try:
+        with session_scope(settings) as session:
+            report = field.field_report(session, settings)
+        field.publish(redis_client, report)
+        return report, read()
+    finally:
+        redis_client.delete(FIELD_KEY)
+
+
 def published(read: Callable[[], dict], key: tuple) -> dict | None:  # type: ignore[type-arg]
     samples = read()
     return samples if key in samples else None
@@ -86,18 +100,10 @@ def published(read: Callable[[], dict], key: tuple) -> dict | None:  # type: ign
 def test_field_gauges_follow_the_computed_report(  # type: ignore[no-untyped-def]
     live_api, client, tenant: Tenant, store_case, carded_settings: Settings, redis_client
 ) -> None:
-    from worker import field
-
     model = registry.read_manifest(carded_settings.model)["model_id"]
     case_ids = record(client, tenant, store_case, carded_settings, model, CASES)
     read = api_samples()
-    try:
-        with session_scope(carded_settings) as session:
-            report = field.field_report(session, carded_settings)
-        field.publish(redis_client, report)
-        samples = read()
-    finally:
-        redis_client.delete(FIELD_KEY)
+    report, samples = report_and_gauges(carded_settings, redis_client, read)
 
     def gauge(name: str, window: str = "all", **labels: str) -> float | None:
         floor = name == "dermq_field_mel_sensitivity_floor"  # the card's: one per model, for both windows
@@ -148,21 +154,13 @@ def test_a_recent_drop_in_melanoma_sensitivity_alerts_from_the_recent_window(  #
     """A model that found melanomas for a year and now misses them: over all time its figure still
     looks healthy, so only the recent window (the last DERMQ_FIELD_WINDOW_MONTHS months of submissions)
     shows the drop and raises the alert; the year-old cases count in the lifetime figures only."""
-    from worker import field
 
     model = registry.read_manifest(carded_settings.model)["model_id"]
     year_ago = datetime.now(UTC) - timedelta(days=365)
     old = record(client, tenant, store_case, carded_settings, model, [("mel", True, "mel", 38)], submitted=year_ago)
     try:
         record(client, tenant, store_case, carded_settings, model, [("mel", True, "mel", 3), ("nv", False, "mel", 19)])
-        read = api_samples()
-        try:
-            with session_scope(carded_settings) as session:
-                report = field.field_report(session, carded_settings)
-            field.publish(redis_client, report)
-            samples = read()
-        finally:
-            redis_client.delete(FIELD_KEY)
+        report, samples = report_and_gauges(carded_settings, redis_client, api_samples())
     finally:  # the year-old cases are past retention: a purge elsewhere must not meet them
         with session_scope(carded_settings) as session:
             session.execute(delete(Case).where(Case.id.in_([uuid.UUID(c) for c in old])))
