@@ -90,6 +90,11 @@ class StateCollector(Collector):
             "dermq_audit_unsealed_age_seconds",
             "age of the oldest committed audit event the log has not sealed yet (0: every one is sealed)",
         )
+        waiting = GaugeMetricFamily(
+            "dermq_oldest_queued_case_seconds",
+            "how long the case queued longest has waited since it was queued, in Postgres (0: none is queued); "
+            "unlike the queue depth, which counts Redis's messages, it sees cases no message will bring",
+        )
         try:
             with self.app.sessions() as session:
                 lag = audit_log.unsealed_age(session)
@@ -109,15 +114,23 @@ class StateCollector(Collector):
                     .select_from(Case)
                     .where(Case.status == CaseStatus.RUNNING.value, Case.started_at < cutoff)
                 )
+                # updated_at: when it was queued, or queued again (ix_cases_status_updated: one index entry)
+                oldest = session.scalar(
+                    select(func.extract("epoch", func.now() - func.min(Case.updated_at))).where(
+                        Case.status == CaseStatus.QUEUED.value
+                    )
+                )
             for status in (CaseStatus.QUEUED.value, CaseStatus.RUNNING.value):
                 cases.add_metric([status], counts.get(status, 0))
             stale.add_metric([], stuck or 0)
             unsealed.add_metric([], max(lag, 0.0) if lag is not None else 0.0)
+            waiting.add_metric([], max(float(oldest), 0.0) if oldest is not None else 0.0)
         except Exception as exc:
             log.warning("case counts unavailable", extra={"error": type(exc).__name__})
         yield cases
         yield stale
         yield unsealed
+        yield waiting
 
         drift = GaugeMetricFamily(
             "dermq_drift_psi",

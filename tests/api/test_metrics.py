@@ -149,3 +149,30 @@ def test_an_audit_check_that_stopped_finishing_shows_in_its_age(live_api: str, r
     finally:
         redis_client.delete(AUDIT_CHECK_KEY)
     assert ("dermq_audit_check_age_seconds", ()) not in scrape(api_metrics)  # no check yet: no age
+
+
+def test_a_case_queued_in_postgres_that_no_worker_takes_shows_how_long_it_has_waited(  # type: ignore[no-untyped-def]
+    live_api: str, tenant, store_case, settings
+) -> None:
+    """A case that has no message (accepted while Redis refused writes, say) is counted by Postgres's
+    view, which DermqQueuedCasesNotTaken reads: the age since it was queued, by the database's clock."""
+    from sqlalchemy import delete, update
+
+    from core.db import session_scope
+    from core.models import Case
+
+    api_metrics = live_api_process[-1].metrics_url  # type: ignore[attr-defined]
+    support.wait_for(lambda: _up(api_metrics), timeout=30, what="the API's metrics listener")
+    case_id = store_case(tenant, b"no message was ever sent for this case")
+    try:
+        with session_scope(settings) as session:  # queued again 20 minutes ago, after a first attempt:
+            session.execute(  # no batch takes it in (only first attempts share one)
+                update(Case)
+                .where(Case.id == case_id)
+                .values(attempts=1, updated_at=datetime.now(UTC) - timedelta(minutes=20))
+            )
+        waited = scrape(api_metrics)[("dermq_oldest_queued_case_seconds", ())]
+    finally:
+        with session_scope(settings) as session:
+            session.execute(delete(Case).where(Case.id == case_id))
+    assert waited >= 20 * 60  # ours, or one queued longer still

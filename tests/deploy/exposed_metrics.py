@@ -38,6 +38,7 @@ DERMQ_METRICS = frozenset(
         "dermq_audit_chain_ok",
         "dermq_audit_check_age_seconds",
         "dermq_audit_unsealed_age_seconds",
+        "dermq_oldest_queued_case_seconds",
         # field performance on confirmed outcomes (api/field_metrics.py)
         *(
             f"dermq_field_{rate}{bound}"

@@ -137,6 +137,7 @@ CONCERNS = {
     "API p95 latency": lambda e: "histogram_quantile(0.95" in e and "dermq_http_request_duration_seconds_bucket" in e,
     "queue backlog growing": lambda e: "dermq_queue_depth" in e and "deriv(" in e,
     "stale running cases": lambda e: "dermq_stale_running_cases" in e,
+    "cases queued in Postgres that no worker takes": lambda e: "dermq_oldest_queued_case_seconds" in e,
     "case failure rate": lambda e: "dermq_jobs_total" in e and 'outcome="failed"' in e,
     "no worker up": lambda e: 'up{job="dermq-worker"}' in e,
     "drift": lambda e: "dermq_drift_alert" in e,
