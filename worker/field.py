@@ -4,7 +4,7 @@ submitted in the last ``DERMQ_FIELD_WINDOW_MONTHS`` months (the ``recent`` windo
 melanoma alerts.
 
 Run every 15 minutes by beat (``dermq.field_performance``), which publishes the report to Redis for
-the API's ``dermq_field_*`` gauges: one query per run, one Redis read per scrape (the drift report's
+the API's ``dermq_field_*`` gauges: a query per window and run, one Redis read per scrape (the drift report's
 path). ``dermq monitor report`` prints the same figures on demand. The report holds aggregates per
 model and class only: no case, clinic or client reference.
 """
@@ -36,9 +36,8 @@ def field_report(session: Session, settings: Settings, *, today: date | None = N
         "all": outcomes.field_performance(outcomes.confirmed_cases(session)),
         "recent": outcomes.field_performance(outcomes.confirmed_cases(session, since=since)),
     }
-    floors = {
-        model_id: registry.mel_sensitivity_floor(model_id, configured=settings.model) for model_id in windows["all"]
-    }
+    served = {model_id for models in windows.values() for model_id in models}
+    floors = {model_id: registry.mel_sensitivity_floor(model_id, configured=settings.model) for model_id in served}
     for models in windows.values():
         for model_id, figures in models.items():
             figures["mel_sensitivity_floor"] = floors[model_id]

@@ -291,8 +291,8 @@ def purge() -> dict[str, object]:
     if batch == retention.BATCH:  # the next run goes on; lower DERMQ_PURGE_INTERVAL_SECONDS if it keeps happening
         log.warning("retention left expired cases for its next run", extra={"event": "purge_backlog", "count": purged})
     with session_scope(config) as session:
-        months = retention.prune_field_months(session, config)
-    return {"purged": purged, "periods_destroyed": period_shredding.destroy_expired(config), "field_cells": months}
+        cells = retention.prune_field_months(session, config)
+    return {"purged": purged, "periods_destroyed": period_shredding.destroy_expired(config), "field_cells": cells}
 
 
 @app.task(name=TASK_DRIFT)
