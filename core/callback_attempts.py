@@ -86,8 +86,10 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
     unanswered = row.leased_until is not None and row.attempts > 0
     if unanswered:
         row.last_error = UNANSWERED
-        detail = {"attempt": row.attempts, "error": UNANSWERED} | ({"host": host_of(endpoint.url)} if endpoint else {})
-        _audit(session, row.case_id, row.clinic_id, success=False, detail=detail)
+        # no host: the clinic may have registered another URL since that attempt was sent
+        _audit(
+            session, row.case_id, row.clinic_id, success=False, detail={"attempt": row.attempts, "error": UNANSWERED}
+        )
     case = session.get(Case, case_id)
     active = session.scalar(select(Clinic.active).where(Clinic.id == row.clinic_id))
     if endpoint is None or case is None or not active or case.status == CaseStatus.PURGED:

@@ -275,7 +275,7 @@ async def _accept(
             enqueue(session, app.publisher, classify_task(case.id, priority))
         elif wait:  # a replay of a finished case is answered from this transaction: its audit event waits for the disk
             commit_durably(session)
-        with phi.refused_if_destroyed("case.replay", case.id):
+        with phi.refused_if_destroyed("case.create", case.id):  # as the replay's other refusals (core.cases)
             result = results.read_result(session, app.keyring, case.id) if case.status == CaseStatus.SUCCEEDED else None
             ref = client_ref if created else phi.client_refs(session, app.keyring, [case])[case.id]
         return case_out(case, result, ref)

@@ -155,7 +155,7 @@ def test_a_case_queued_in_postgres_that_no_worker_takes_shows_how_long_it_has_wa
     live_api: str, tenant, store_case, settings
 ) -> None:
     """A case that has no message (accepted while Redis refused writes, say) is counted by Postgres's
-    view, which DermqQueuedCasesNotTaken reads: the age since it was queued, by the database's clock."""
+    view, which DermqQueuedCasesNotTaken reads: the age since it was queued (again)."""
     from sqlalchemy import delete, update
 
     from core.db import session_scope
@@ -165,14 +165,14 @@ def test_a_case_queued_in_postgres_that_no_worker_takes_shows_how_long_it_has_wa
     support.wait_for(lambda: _up(api_metrics), timeout=30, what="the API's metrics listener")
     case_id = store_case(tenant, b"no message was ever sent for this case")
     try:
-        with session_scope(settings) as session:  # queued again 20 minutes ago, after a first attempt:
-            session.execute(  # no batch takes it in (only first attempts share one)
+        with session_scope(settings) as session:  # queued again 30 days ago, after a first attempt (no
+            session.execute(  # batch takes it in: only first attempts share one); no other case waits as long
                 update(Case)
                 .where(Case.id == case_id)
-                .values(attempts=1, updated_at=datetime.now(UTC) - timedelta(minutes=20))
+                .values(attempts=1, updated_at=datetime.now(UTC) - timedelta(days=30))
             )
         waited = scrape(api_metrics)[("dermq_oldest_queued_case_seconds", ())]
     finally:
         with session_scope(settings) as session:
             session.execute(delete(Case).where(Case.id == case_id))
-    assert waited >= 20 * 60  # ours, or one queued longer still
+    assert 30 * 86400 <= waited < 30 * 86400 + 120
