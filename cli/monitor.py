@@ -5,7 +5,6 @@ core.outcomes (and ml through it) is imported inside the command, so ``dermq --h
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -58,7 +57,7 @@ def report(
     from ml.registry import mel_sensitivity_floor
 
     settings = get_settings()
-    since = outcomes.window_start(datetime.now(UTC).date(), months) if months is not None else None
+    since = outcomes.window_start(months) if months is not None else None
     with session_scope(settings) as session:
         found = outcomes.field_performance(outcomes.confirmed_cases(session, model_id=model_id, since=since))
     floors = {

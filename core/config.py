@@ -304,17 +304,12 @@ def get_settings() -> Settings:
         return Settings()
     # the files that supply settings, in any case: pydantic-settings finds DERMQ_KEYS_JSON as well
     for path in sorted(p for p in Path(secrets_dir).iterdir() if p.name.lower().startswith("dermq_")):
-        if path.is_file() and (mode := exposed_mode(path)) is not None:
+        if path.is_file() and (mode := exposed_bits(path.stat().st_mode)) is not None:
             raise ValueError(
                 f"the secret file {path} has mode {mode:o}: others may read or change it; chmod 600 it (or 440 "
                 "with a group that only dermq's services use, as the Kubernetes manifests mount it)"
             )
     return Settings(_secrets_dir=secrets_dir)
-
-
-def exposed_mode(path: Path) -> int | None:
-    """The file's mode when a secret in it is exposed (:func:`exposed_bits`)."""
-    return exposed_bits(path.stat().st_mode)
 
 
 def exposed_bits(st_mode: int) -> int | None:

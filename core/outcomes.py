@@ -118,8 +118,10 @@ def month_of(moment: datetime) -> date:
     return moment.astimezone(UTC).date().replace(day=1)
 
 
-def window_start(today: date, months: int) -> date:
-    """The first month of a window of ``months`` months that ends with (and includes) ``today``'s."""
+def window_start(months: int, today: date | None = None) -> date:
+    """The first month of a window of ``months`` months that ends with (and includes) ``today``'s
+    (this month's, in UTC, by default)."""
+    today = today or datetime.now(UTC).date()
     index = today.year * 12 + today.month - 1 - (months - 1)
     return date(index // 12, index % 12 + 1, 1)
 
@@ -226,7 +228,7 @@ def record_outcome(
         row = ConfirmedOutcome(case_id=case_id, clinic_id=case.clinic_id, diagnosis=None, method=confirmed_by.value)
         row.revision = 1
         session.add(row)
-    else:  # the count moves out of the cell it was made in (undated for a report counted before 0020)
+    else:  # the count moves out of the cells it was made in (the lifetime one alone for a report counted before 0020)
         _tally(session, (result.model_id, predicted, referral, _diagnosis(session, keyring, row)), row.tally_month, -1)
         row.diagnosis, row.method = None, confirmed_by.value
         row.revision += 1

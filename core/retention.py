@@ -133,12 +133,11 @@ def _erase(session: Session, case: Case, actor: audit.Actor, reason: str) -> boo
     return left or blobs > 0
 
 
-def prune_field_months(session: Session, settings: Settings, *, now: datetime | None = None) -> int:
+def prune_field_months(session: Session, settings: Settings) -> int:
     """Delete the monthly field tally's months before the recent window (``DERMQ_FIELD_WINDOW_MONTHS``):
     field performance reads no older month, and fewer small monthly counts sit in every backup (read
     beside the audit trail's outcome reports, a month with few reports says which diagnoses they had).
     The lifetime tally keeps the counts. Returns how many cells went."""
     from core import outcomes  # its model and labels are not needed to purge cases
 
-    today = (now or datetime.now(UTC)).date()
-    return outcomes.prune_monthly(session, before=outcomes.window_start(today, settings.field_window_months))
+    return outcomes.prune_monthly(session, before=outcomes.window_start(settings.field_window_months))

@@ -12,7 +12,7 @@ model and class only: no case, clinic or client reference.
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -26,12 +26,12 @@ from ml import registry
 TTL_SECONDS = 3 * 24 * 3600
 
 
-def field_report(session: Session, settings: Settings, *, today: date | None = None) -> dict[str, Any]:
+def field_report(session: Session, settings: Settings) -> dict[str, Any]:
     """Per model (``core.outcomes.field_performance``) with ``mel_sensitivity_floor`` (None where the
     model has no card), over all time (``models``) and over the recent window (``recent``: its first
     month and its models); the alerts of ``core.outcomes.melanoma_alerts`` in either, each naming its
     ``window``; and when it was computed."""
-    since = outcomes.window_start(today or datetime.now(UTC).date(), settings.field_window_months)
+    since = outcomes.window_start(settings.field_window_months)
     windows = {
         "all": outcomes.field_performance(outcomes.confirmed_cases(session)),
         "recent": outcomes.field_performance(outcomes.confirmed_cases(session, since=since)),

@@ -132,9 +132,9 @@ def test_wilson_interval_matches_the_formula() -> None:
 def test_the_recent_window_counts_whole_months_back_across_a_new_year() -> None:
     from datetime import date
 
-    assert outcomes.window_start(date(2026, 2, 15), 6) == date(2025, 9, 1)  # Sep..Feb: six months
-    assert outcomes.window_start(date(2026, 12, 31), 12) == date(2026, 1, 1)
-    assert outcomes.window_start(date(2026, 1, 1), 1) == date(2026, 1, 1)  # this month alone
+    assert outcomes.window_start(6, date(2026, 2, 15)) == date(2025, 9, 1)  # Sep..Feb: six months
+    assert outcomes.window_start(12, date(2026, 12, 31)) == date(2026, 1, 1)
+    assert outcomes.window_start(1, date(2026, 1, 1)) == date(2026, 1, 1)  # this month alone
 
 
 def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
@@ -325,7 +325,7 @@ def test_a_correction_takes_the_count_back_from_the_cells_that_counted_it(  # ty
     assert json.loads(recent.stdout)["models"][model]["classes"]["mel"]["sensitivity"]["successes"] == 1
 
     # retention keeps the window's months only; the lifetime tally keeps every count
-    before = outcomes.window_start(month, settings.field_window_months + 1)
+    before = outcomes.window_start(settings.field_window_months + 1, month)
     with session_scope(settings) as session:
         session.add(
             OutcomeMonthlyTally(model_id=model, month=before, predicted="nv", referral=False, truth="nv", count=4)
