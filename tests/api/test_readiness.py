@@ -1,0 +1,60 @@
+"""``/readyz`` answers within the orchestrator's probe timeout (3 s in deploy/k8s), whatever the
+database does: a process whose every connection is in use is busy and stays ready; a database that
+does not answer makes it not ready, in time for the probe to see it."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.routes.health import NO_ANSWER, READINESS_BOUND_S
+from core.db import get_engine
+
+pytestmark = pytest.mark.usefixtures("database")
+PROBE_TIMEOUT_S = 3.0  # deploy/k8s/api.yaml's readinessProbe
+
+
+def test_a_process_whose_every_connection_is_in_use_answers_ready_at_once(settings) -> None:  # type: ignore[no-untyped-def]
+    # one connection, and a request that finds it taken would wait 30 s for it
+    busy = settings.model_copy(update={"database_pool_size": 1, "database_pool_timeout_s": 30.0})
+    engine = get_engine(busy)
+    try:
+        with TestClient(create_app(busy), raise_server_exceptions=False) as api:
+            held = engine.connect()  # a slow request's
+            try:
+                started = time.monotonic()
+                during = api.get("/readyz")
+                took = time.monotonic() - started
+            finally:
+                held.close()
+            after = api.get("/readyz")
+    finally:
+        engine.dispose()
+    assert during.status_code == 200, during.text
+    assert during.json() == {"status": "ready", "checks": {"postgres": "busy", "redis": "ok"}}
+    assert took < PROBE_TIMEOUT_S
+    assert after.status_code == 200 and after.json()["checks"] == {"postgres": "ok", "redis": "ok"}
+
+
+def test_a_database_that_accepts_the_connection_and_never_answers_makes_the_process_not_ready_in_time(  # type: ignore[no-untyped-def]
+    settings,
+) -> None:
+    with socket.socket() as silent:  # listens, and never says a word (a host behind a dead link)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        unanswered = settings.model_copy(update={"database_url": f"postgresql+psycopg2://dermq@127.0.0.1:{port}/dermq"})
+        try:
+            with TestClient(create_app(unanswered), raise_server_exceptions=False) as api:
+                started = time.monotonic()
+                ready = api.get("/readyz")
+                took = time.monotonic() - started
+        finally:
+            get_engine(unanswered).dispose()
+    assert ready.status_code == 503 and ready.headers["retry-after"] == "5"
+    assert ready.json() == {"status": "not_ready", "checks": {"postgres": NO_ANSWER, "redis": "ok"}}
+    assert READINESS_BOUND_S <= took < PROBE_TIMEOUT_S  # not libpq's 5 s connect timeout
