@@ -29,11 +29,6 @@ def ensure_signing_key(settings: Settings) -> str:
     )
 
 
-def _witness_text(settings: Settings) -> str | None:
-    path = settings.audit_witness_file
-    return path.read_text() if path is not None and path.exists() else None
-
-
 def _verifiers(settings: Settings, given: Sequence[checkpoint.Verifier]) -> tuple[checkpoint.Verifier, ...]:
     """The verifier keys given (an auditor's, who holds no signing key), else those of the signing key
     file (an operator on a host that runs the sealer)."""
@@ -117,7 +112,7 @@ def verify(
     with ``every``, go on past the first problem and list them all. Signatures are checked with
     ``verifiers`` when given (no signing key needed), else with the signing key file's."""
     known = _verifiers(settings, verifiers)
-    witness = _witness_text(settings)
+    witness = settings.audit_witness_file
     note = None
     if against is not None:
         try:
@@ -126,11 +121,11 @@ def verify(
             return 2, {"ok": False, "reason": str(exc)}, f"the --against file {against} is not a checkpoint: {exc}"
     with session_scope(settings) as session:
         if note is None:
-            report = audit_verify.verify_log(session, verifiers=known, witness_text=witness, every=every)
+            report = audit_verify.verify_log(session, verifiers=known, witness=witness, every=every)
             pinned = None
         else:
             try:
-                pinned, report = audit_verify.verify_against(session, note, known, witness_text=witness, every=every)
+                pinned, report = audit_verify.verify_against(session, note, known, witness=witness, every=every)
             except checkpoint.MalformedCheckpoint as exc:  # the wrong file: nothing was checked
                 return 2, {"ok": False, "reason": str(exc)}, f"the --against file is not a checkpoint: {exc}"
             except checkpoint.CheckpointError as exc:

@@ -31,9 +31,9 @@ from datetime import UTC, datetime
 from sqlalchemy import column, insert, table, text
 from sqlalchemy.orm import Session
 
-from core import merkle
+from core import merkle, witness
 from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
-from core.checkpoint import Checkpoint, CheckpointError, SigningKeys, append_witness, parse
+from core.checkpoint import Checkpoint, CheckpointError, SigningKeys, parse
 from core.config import Settings
 from core.db import session_scope
 
@@ -324,7 +324,7 @@ def seal_once(settings: Settings, keys: SigningKeys, *, limit: int = BATCH) -> S
         if step is None:
             return None
         if step.note is not None and settings.audit_witness_file is not None:
-            append_witness(settings.audit_witness_file, step.note)
+            witness.append(settings.audit_witness_file, step.note)
         total += step.sealed
         result = SealResult(total, step.size, step.root, step.note or (result.note if result else None))
         if step.sealed < limit:

@@ -25,16 +25,18 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from core import merkle
+from core import witness as witness_file
 from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
 from core.audit_chain import verify_chain as verify_old_chain
 from core.audit_log import checkpoints
-from core.checkpoint import Checkpoint, CheckpointError, Verifier, parse, read_notes
+from core.checkpoint import Checkpoint, CheckpointError, Verifier, parse
 
 
 @dataclass
@@ -91,12 +93,13 @@ def _rows(session: Session, start: int, batch: int) -> Iterator[tuple[int, int, 
 
 
 def trusted_roots(
-    session: Session, verifiers: Sequence[Verifier] | None, witness_text: str | None = None, *, since: int = 0
+    session: Session, verifiers: Sequence[Verifier] | None, witness: Path | str | None = None, *, since: int = 0
 ) -> tuple[dict[int, list[bytes]], str | None]:
     """Checkpoint roots by tree size: stored ones (signature-checked when ``verifiers`` are given) and
-    the witness file's. Returns them and the first problem with a stored checkpoint, if any. With
-    ``since``, only checkpoints of that many events or more: a check that resumes there needs no
-    older one, and their signatures are not checked again (they were, by the check it resumes)."""
+    the witness's (a file's path, read from its end as far as ``since`` needs, or a text). Returns
+    them and the first problem with a stored checkpoint, if any. With ``since``, only checkpoints of
+    that many events or more: a check that resumes there needs no older one, and their signatures
+    are not checked again (they were, by the check it resumes)."""
     roots: dict[int, list[bytes]] = {}
     problem = None
     for stored in checkpoints(session, at_least=since):
@@ -110,9 +113,9 @@ def trusted_roots(
                 problem = problem or f"the stored checkpoint of size {stored.size} differs from its signed note"
                 continue
         roots.setdefault(stored.size, []).append(stored.root)
-    if witness_text and verifiers is not None:
-        for note in read_notes(witness_text):
-            if _note_size(note) < since:
+    if verifiers is not None:
+        for note in witness_file.notes(witness, since):
+            if witness_file.note_size(note) < since:
                 continue
             try:
                 parsed = parse(note, list(verifiers))
@@ -120,12 +123,6 @@ def trusted_roots(
                 continue  # a witness line nobody signed proves nothing
             roots.setdefault(parsed.size, []).append(parsed.root)
     return roots, problem
-
-
-def _note_size(note: str) -> int:
-    """The tree size a signed note claims (its second line), unverified; -1 when it has none."""
-    lines = note.split("\n", 2)
-    return int(lines[1]) if len(lines) > 2 and lines[1].isascii() and lines[1].isdigit() else -1
 
 
 def walk(
@@ -259,7 +256,7 @@ def verify_log(
     session: Session,
     *,
     verifiers: Sequence[Verifier] | None,
-    witness_text: str | None = None,
+    witness: Path | str | None = None,
     start: merkle.CompactRange | None = None,
     every: bool = False,
 ) -> LogReport:
@@ -268,12 +265,12 @@ def verify_log(
     With ``verifiers=None`` the stored checkpoints are taken as they are (no signature check): a
     self-consistency check for tests and the worker's quick check, not proof against an insider.
     """
-    roots, problem = trusted_roots(session, verifiers, witness_text, since=start.size if start else 0)
+    roots, problem = trusted_roots(session, verifiers, witness, since=start.size if start else 0)
     if start is not None and verifiers is not None and start.root() not in roots.get(start.size, []):
         # a resume point is a row any service login may write: it counts only where a signed checkpoint
         # vouches for it, else the whole log is checked again
         start = None
-        roots, problem = trusted_roots(session, verifiers, witness_text)
+        roots, problem = trusted_roots(session, verifiers, witness)
     if start is None:
         old = verify_old_chain(session)
         if not old.ok:
@@ -290,7 +287,7 @@ def verify_against(
     note: str,
     verifiers: Sequence[Verifier],
     *,
-    witness_text: str | None = None,
+    witness: Path | str | None = None,
     every: bool = False,
 ) -> tuple[Checkpoint, LogReport]:
     """Prove that the log still extends the checkpoint ``note`` (pinned earlier by an auditor).
@@ -300,7 +297,7 @@ def verify_against(
     to any other signed checkpoint.
     """
     pinned = parse(note, list(verifiers))
-    roots, problem = trusted_roots(session, verifiers, witness_text)
+    roots, problem = trusted_roots(session, verifiers, witness)
     roots.setdefault(pinned.size, []).append(pinned.root)
     report = _with_skipped(session, walk(session, roots, require_size=pinned.size, every=every))
     if report.ok and problem:  # a stored checkpoint unsigned or unlike its note: as `verify` says too

@@ -1,4 +1,4 @@
-"""Signed checkpoints of the audit log, in the C2SP formats, and the witness file.
+"""Signed checkpoints of the audit log, in the C2SP formats (the witness file: :mod:`core.witness`).
 
 A checkpoint (c2sp.org/tlog-checkpoint) is a signed note (c2sp.org/signed-note)::
 
@@ -22,7 +22,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -262,42 +261,3 @@ def rotate_signing_keys(path: Path, name: str) -> SigningKeys:
     keys = SigningKeys(Signer(name, Ed25519PrivateKey.generate()), (old.signer.verifier, *old.retired))
     write_signing_keys(path, keys)
     return keys
-
-
-# --------------------------------------------------------------------------- the witness file
-
-
-def append_witness(path: Path, note: str) -> None:
-    """Append one signed checkpoint (and a blank line) to the witness file, fsynced.
-
-    Put the file where the database login cannot write (another volume, a log shipper, ``chattr +a``):
-    a checkpoint there proves the log's past to anyone holding the verifier key.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    try:
-        data = memoryview((note + "\n").encode())
-        while data:  # a short write (a full disk, a signal) would leave half a note for the next to garble
-            data = data[os.write(fd, data) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_notes(text: str) -> list[str]:
-    """Split a file of concatenated signed notes (a witness file) into notes."""
-    notes: list[str] = []
-    current: list[str] = []
-    in_signatures = False
-    for line in text.splitlines(keepends=True):
-        if in_signatures and not line.startswith(DASH + " "):
-            notes.append("".join(current))
-            current, in_signatures = [], False
-        if not current and line == "\n":
-            continue
-        if current and line == "\n" and not in_signatures:
-            in_signatures = True
-        current.append(line)
-    if current:
-        notes.append("".join(current))
-    return notes

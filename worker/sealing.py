@@ -77,11 +77,10 @@ def _refused(exc: audit_log.TamperedLog) -> None:
 
 def check(config: Settings, keys: SigningKeys) -> audit_verify.LogReport:
     """Verify what was sealed since the last good check (from scratch after a failure) and store it."""
-    witness = config.audit_witness_file
-    witness_text = witness.read_text() if witness is not None and witness.exists() else None
     with session_scope(config) as session:
         start = audit_verify.resume_point(session)
-        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness_text, start=start)
+        witness = config.audit_witness_file  # read from its end: the notes of trees from start on
+        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness, start=start)
         audit_verify.report_row(session, report)
     return report
 

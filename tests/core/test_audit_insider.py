@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from cli.db import alembic_config
 from core import audit, audit_log, audit_verify, checkpoint, db_roles, merkle
+from core.checkpoint import Checkpoint
 from core.config import Settings
 from core.db import dispose_engines, session_scope
 from tests import support
@@ -107,7 +108,7 @@ def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: S
         assert audit_verify.verify_log(session, verifiers=None).ok
         # ...but not with the signed checkpoints: the pinned one and the witness file's
         witness = owner.audit_witness_file.read_text()  # type: ignore[union-attr]
-        _, report = audit_verify.verify_against(session, pinned.read_text(), keys.verifiers, witness_text=witness)
+        _, report = audit_verify.verify_against(session, pinned.read_text(), keys.verifiers, witness=witness)
     assert not report.ok and report.first_bad_seq == 0, report
     assert "no longer match the signed checkpoint of size 1" in (report.reason or "")
 
@@ -137,6 +138,46 @@ def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: S
     assert cli.returncode == 1 and "signed checkpoint of size 4" in cli.stdout, cli.stdout
 
 
+def test_the_periodic_check_reads_a_long_witness_file_from_its_end_and_catches_a_rewrite_only_it_proves(  # type: ignore[no-untyped-def]
+    roles_db, settings: Settings, tmp_path: Path
+) -> None:
+    from worker.sealing import check
+
+    keys = checkpoint.load_signing_keys(settings)
+    # a long file: notes of small trees that nobody here trusts (another log's key)
+    stranger = checkpoint.generate("elsewhere.example/audit")
+    path = tmp_path / "witness.log"
+    signed = datetime.now(UTC)
+    path.write_text(
+        "".join(
+            Checkpoint(stranger.signer.name, n % 3, merkle.leaf_hash(b"x"), signed).sign(stranger.signer) + "\n"
+            for n in range(20_000)
+        )
+    )
+    runtime, owner = (roles_db[role].model_copy(update={"audit_witness_file": path}) for role in ("runtime", "owner"))
+    record_and_seal(runtime, keys, 3)
+    assert check(runtime, keys).ok  # the next check resumes at 3 events
+    ids = record_and_seal(runtime, keys, 2)  # witnessed at the end of the file, at 4 and 5 events
+    # The owner rewrites the newest event, its stored leaf, and deletes the stored checkpoints past 3:
+    # only the witness file's last notes still prove what the log held.
+    with unguarded(owner, "audit_events", "audit_leaves", "audit_checkpoints") as connection:
+        connection.execute(text("DELETE FROM audit_checkpoints WHERE size > 3"))
+        connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 99}' WHERE id = :id"), {"id": ids[1]})
+        row = connection.execute(
+            text(f"SELECT {audit.LEAF_COLUMNS_SQL} FROM audit_events e WHERE e.id = :id"), {"id": ids[1]}
+        ).one()
+        connection.execute(
+            text("UPDATE audit_leaves SET leaf_hash = :leaf WHERE event_id = :id"),
+            {"id": ids[1], "leaf": merkle.leaf_hash(audit.leaf_bytes_from_columns(row))},
+        )
+    with session_scope(owner) as session:  # without the witness file nothing tells the rewrite apart
+        start = audit_verify.resume_point(session)
+        assert start is not None and start.size == 3
+        assert audit_verify.verify_log(session, verifiers=keys.verifiers, start=start).ok
+    report = check(runtime, keys)  # resumes at 3 and reads the file's last notes only
+    assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (4, ids[1]), report
+
+
 def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     keys = checkpoint.load_signing_keys(settings)
     ids = record_and_seal(roles_db["runtime"], keys, 5)
@@ -145,8 +186,8 @@ def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings
         connection.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = :id"), {"id": ids[3]})
     witness = roles_db["owner"].audit_witness_file.read_text()
     with session_scope(roles_db["owner"]) as session:
-        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness)
-        every = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness, every=True)
+        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness)
+        every = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness, every=True)
     assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (1, ids[1])
     assert "altered" in (report.reason or "")
     # past the first break: both edits, and nothing else (the stored leaves still match every checkpoint)
@@ -207,10 +248,10 @@ def test_events_a_leaf_inserted_out_of_turn_made_the_log_skip_are_named(roles_db
         the skipped events one at a time (a CI run once saw the first named and not yet the second)."""
         with session_scope(roles_db["owner"]) as session:
             assert session.scalar(text("SELECT count(*) FROM audit_leaves")) == 3
-            report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness)
+            report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness)
             start = audit_verify.resume_point(session)
             assert start is not None and start.size == 2
-            incremental = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness, start=start)
+            incremental = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness, start=start)
         named = all(not r.ok and [e for _, e, _ in r.problems] == skipped for r in (report, incremental))
         return (report, incremental) if named else None
 

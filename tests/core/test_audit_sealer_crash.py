@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from core import audit, audit_log, audit_verify, checkpoint, merkle
+from core import witness as witness_file
 from core.config import Settings
 from core.db import session_scope
 from tests import processes, support
@@ -94,10 +95,10 @@ def test_sealer_killed_mid_way_loses_nothing(settings: Settings, database, stack
     assert order == sorted(order)  # one order: by inserting transaction, then id
 
     witness = settings.audit_witness_file.read_text()  # type: ignore[union-attr]
-    notes = [checkpoint.parse(n, keys.verifiers) for n in checkpoint.read_notes(witness)]
+    notes = [checkpoint.parse(n, keys.verifiers) for n in witness_file.read_notes(witness)]
     assert [n.size for n in notes] == sorted(n.size for n in notes)
     with session_scope(settings) as session:
-        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness_text=witness)
+        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness)
         assert report.ok and report.size == latest.size, report
         for old, new in itertools.pairwise(notes):
             proof = audit_log.consistency_proof(session, old.size, new.size)

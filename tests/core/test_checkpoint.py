@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from core import checkpoint, merkle
+from core import witness as witness_file
 from core.checkpoint import Checkpoint, CheckpointError, Signer, Verifier
 
 # The example key pair and signed note of golang.org/x/mod/sumdb/note (note_test.go).
@@ -82,5 +83,5 @@ def test_witness_file_holds_every_note_in_order(tmp_path: Path) -> None:
         for n in range(1, 4)
     ]
     for note in notes:
-        checkpoint.append_witness(witness, note)
-    assert checkpoint.read_notes(witness.read_text()) == notes
+        witness_file.append(witness, note)
+    assert witness_file.read_notes(witness.read_text()) == notes
