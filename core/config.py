@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(0, ge=0)
     worker_threads: int = Field(0, ge=0)
     worker_max_tasks_per_child: int = Field(2000, ge=1)
+    #: a worker child whose resident memory has peaked above this many MiB is replaced once its task
+    #: has ended (Celery's worker_max_memory_per_child; the task's result is committed and acknowledged
+    #: first): memory that grows case after case ends in a fresh child, not in the container's OOM kill
+    #: of a child mid-case. 0: no bound. A CPU child holds about 1 GiB at work (bench.load); a child
+    #: below this bound after its first cases would be replaced after every case
+    worker_max_memory_per_child_mb: int = Field(0, ge=0)
     task_soft_time_limit: float = Field(60.0, gt=0)
     task_time_limit: float = Field(90.0, gt=0)
     gradcam_budget_seconds: float = Field(5.0, gt=0)

@@ -67,6 +67,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": worker_concurrency(settings),
         "worker_max_tasks_per_child": settings.worker_max_tasks_per_child,
+        "worker_max_memory_per_child": settings.worker_max_memory_per_child_mb * 1024 or None,  # KiB
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
         # A broker connection lost while a case runs does not stop it (Celery's default would SIGTERM the
