@@ -68,6 +68,12 @@ async def readyz(app: State, response: Response) -> Readiness:
     return Readiness(status="ready" if ready else "not_ready", checks=checks)
 
 
+# HEAD too, the same answer without its body: uptime checkers and load balancers often ask with it
+# (FastAPI routes GET alone, and answered 405). Left out of the OpenAPI document, which has the GETs.
+router.add_api_route("/healthz", healthz, methods=["HEAD"], response_model=Health, include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], response_model=Readiness, include_in_schema=False)
+
+
 async def _answer(check: Callable[[], object]) -> str:
     """ "ok", or why not: the check raised, or gave no answer within READINESS_BOUND_S."""
     try:

@@ -58,3 +58,13 @@ def test_a_database_that_accepts_the_connection_and_never_answers_makes_the_proc
     assert ready.status_code == 503 and ready.headers["retry-after"] == "5"
     assert ready.json() == {"status": "not_ready", "checks": {"postgres": NO_ANSWER, "redis": "ok"}}
     assert READINESS_BOUND_S <= took < PROBE_TIMEOUT_S  # not libpq's 5 s connect timeout
+
+
+def test_health_and_readiness_answer_head_requests_without_a_body(live_api: str) -> None:
+    # uptime checkers and load balancers often probe with HEAD
+    import httpx
+
+    for path in ("/healthz", "/readyz"):
+        answer = httpx.head(f"{live_api}{path}", timeout=10)
+        assert answer.status_code == 200 and answer.content == b"", (path, answer.status_code)
+        assert answer.headers["content-type"] == "application/json"
