@@ -81,6 +81,7 @@ class StateCollector(Collector):
         except Exception as exc:
             log.warning("queue depth unavailable", extra={"error": type(exc).__name__})
         yield depth
+        yield from self._redis_memory()
 
         cases = GaugeMetricFamily("dermq_cases", "cases in a live state", labels=["status"])
         stale = GaugeMetricFamily(
@@ -181,6 +182,30 @@ class StateCollector(Collector):
             log.warning("field performance figures unavailable", extra={"error": type(exc).__name__})
             field = field_families(None)
         yield from field
+
+    def _redis_memory(self) -> Iterator[GaugeMetricFamily]:
+        """Redis's memory and what it does when full: the broker's messages, the rate limits and the
+        published reports live there. At its ``maxmemory`` with ``noeviction`` it refuses writes (a
+        case waits in Postgres for the sweeper); any other policy deletes keys (queued messages too)."""
+        used = GaugeMetricFamily("dermq_redis_memory_used_bytes", "memory Redis uses (INFO memory used_memory)")
+        limit = GaugeMetricFamily(
+            "dermq_redis_memory_limit_bytes", "Redis's maxmemory (0: no limit of its own; the host's memory)"
+        )
+        policy = GaugeMetricFamily(
+            "dermq_redis_maxmemory_policy_info",
+            "1, labelled with what Redis does at its maxmemory: noeviction refuses writes, the others delete keys",
+            labels=["policy"],
+        )
+        try:
+            info = self.app.redis.info("memory")
+            used.add_metric([], float(info["used_memory"]))
+            limit.add_metric([], float(info["maxmemory"]))
+            policy.add_metric([str(info["maxmemory_policy"])], 1.0)
+        except Exception as exc:
+            log.warning("Redis memory figures unavailable", extra={"error": type(exc).__name__})
+        yield used
+        yield limit
+        yield policy
 
 
 def serve(app: AppState, *, processes: int = 1) -> None:

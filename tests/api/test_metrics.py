@@ -176,3 +176,15 @@ def test_a_case_queued_in_postgres_that_no_worker_takes_shows_how_long_it_has_wa
         with session_scope(settings) as session:
             session.execute(delete(Case).where(Case.id == case_id))
     assert 30 * 86400 <= waited < 30 * 86400 + 120
+
+
+def test_redis_s_memory_and_what_it_does_when_full_are_reported(live_api: str, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """DermqRedisMemoryNearFull and DermqRedisEvictsKeys read these: Redis's own figures."""
+    api_metrics = live_api_process[-1].metrics_url  # type: ignore[attr-defined]
+    support.wait_for(lambda: _up(api_metrics), timeout=30, what="the API's metrics listener")
+    samples = scrape(api_metrics)
+    configured = redis_client.config_get("maxmemory*")
+    assert samples[("dermq_redis_memory_used_bytes", ())] > 0
+    assert samples[("dermq_redis_memory_limit_bytes", ())] == float(configured["maxmemory"])
+    policies = [dict(labels)["policy"] for name, labels in samples if name == "dermq_redis_maxmemory_policy_info"]
+    assert policies == [configured["maxmemory-policy"]]

@@ -39,6 +39,9 @@ DERMQ_METRICS = frozenset(
         "dermq_audit_check_age_seconds",
         "dermq_audit_unsealed_age_seconds",
         "dermq_oldest_queued_case_seconds",
+        "dermq_redis_memory_used_bytes",
+        "dermq_redis_memory_limit_bytes",
+        "dermq_redis_maxmemory_policy_info",
         # field performance on confirmed outcomes (api/field_metrics.py)
         *(
             f"dermq_field_{rate}{bound}"

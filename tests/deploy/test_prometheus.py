@@ -138,6 +138,10 @@ CONCERNS = {
     "queue backlog growing": lambda e: "dermq_queue_depth" in e and "deriv(" in e,
     "stale running cases": lambda e: "dermq_stale_running_cases" in e,
     "cases queued in Postgres that no worker takes": lambda e: "dermq_oldest_queued_case_seconds" in e,
+    "Redis near its maxmemory": lambda e: (
+        "dermq_redis_memory_used_bytes" in e and "dermq_redis_memory_limit_bytes" in e
+    ),
+    "Redis deleting keys when full": lambda e: "dermq_redis_maxmemory_policy_info" in e and "noeviction" in e,
     "case failure rate": lambda e: "dermq_jobs_total" in e and 'outcome="failed"' in e,
     "no worker up": lambda e: 'up{job="dermq-worker"}' in e,
     "drift": lambda e: "dermq_drift_alert" in e,
