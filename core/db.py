@@ -8,6 +8,7 @@ on error. Tasks enqueued on the Session (:mod:`core.enqueue`) are sent when it c
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,6 +26,16 @@ _factories: dict[Engine, sessionmaker[Session]] = {}
 #: it is handed out (a database restart, a failover or a server-side idle timeout may have closed
 #: it); one returned to the pool moments ago is not.
 PING_AFTER_IDLE_S = 1.0
+#: when each engine's pool last had a connection given back (time.monotonic()): a full pool that
+#: still gives connections back is busy; one that has given none back for seconds waits on a database
+#: that does not answer (the API's readiness tells the two apart)
+_last_returned: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
+
+
+def seconds_since_a_connection_was_returned(engine: Engine) -> float | None:
+    """How long ago ``engine``'s pool last had a connection given back (None: never)."""
+    returned = _last_returned.get(engine)
+    return None if returned is None else time.monotonic() - returned
 
 
 def _ping_idle_connections(engine: Engine) -> None:
@@ -39,7 +50,7 @@ def _ping_idle_connections(engine: Engine) -> None:
 
     @event.listens_for(engine, "checkin")
     def _returned(dbapi_connection: Any, record: Any) -> None:
-        record.info["dermq_returned_at"] = time.monotonic()
+        record.info["dermq_returned_at"] = _last_returned[engine] = time.monotonic()
 
     @event.listens_for(engine, "checkout")
     def _checked_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -75,6 +86,13 @@ def make_engine(settings: Settings) -> Engine:
         hide_parameters=True,
         connect_args={
             "connect_timeout": 5,
+            # A peer that vanished (a failover to another address, a dead link) is noticed in about
+            # a minute, not the kernel's 15: the statement timeout is the server's, and cannot end a
+            # wait on a server that is gone
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
             "application_name": "dermq",
             "options": (
                 f"-c statement_timeout={settings.database_statement_timeout_ms} "

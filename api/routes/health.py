@@ -1,19 +1,23 @@
 """Liveness and readiness for load balancers and orchestrators (no authentication, no data).
 
-``/readyz`` answers within :data:`READINESS_BOUND_S`, under the orchestrator's probe timeout (3 s in
-deploy/k8s): a dependency that has not answered by then counts as unreachable, and the probe's own
-wait never blocks a request's thread. A process whose every database connection is in use is
-*busy*, not down, and stays ready: taking it out of rotation would move its load onto replicas that
-are as loaded as it is, and the requests it cannot serve in time are already answered 503
-``database_busy`` with Retry-After (docs/API.md). A pool that stays full shows in that error's rate
-(DermqApiHigh5xxRate).
+``/readyz`` answers within about :data:`READINESS_BOUND_S`, under the orchestrator's probe timeout (3 s
+in deploy/k8s): a dependency that has not answered by then counts as unreachable. Its checks run on
+threads of their own, at most :data:`CHECK_THREADS` at once (a check stuck on a vanished peer holds
+one until TCP keepalives end it, about a minute: core.db), never on a request's thread.
+
+A process whose every database connection is in use, and whose pool has given one back within the
+bound, is *busy*, not down, and stays ready: taking it out of rotation would move its load onto
+replicas as loaded as it, and the requests it cannot serve in time are already answered 503
+``database_busy`` with Retry-After (docs/API.md). A full pool that has given nothing back for that
+long waits on a database that does not answer: not ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import APIRouter, Response
 from sqlalchemy import text
@@ -21,16 +25,16 @@ from sqlalchemy.pool import QueuePool
 
 from api.deps import State
 from api.schemas import Health, Readiness
-from core.db import get_engine
+from core.db import get_engine, seconds_since_a_connection_was_returned
 
 router = APIRouter(tags=["health"])
 
 #: seconds a readiness check waits for each dependency
 READINESS_BOUND_S = 2.0
 NO_ANSWER = f"unreachable (no answer in {READINESS_BOUND_S:g} s)"
-#: the checks' blocking calls run here, never on the request threads: a dependency that hangs holds
-#: at most these two threads, and a probe that finds them taken times out as unreachable
-_CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dermq-readyz")
+#: checks that may be under way at once; a probe that finds them all taken counts as no answer
+CHECK_THREADS = 2
+_slots = threading.BoundedSemaphore(CHECK_THREADS)
 
 
 @router.get("/healthz", response_model=Health, summary="The process is alive")
@@ -51,14 +55,13 @@ async def readyz(app: State, response: Response) -> Readiness:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
 
-    def busy() -> bool:  # every connection of the pool serves a request
-        pool = engine.pool
-        return isinstance(pool, QueuePool) and pool.checkedout() >= pool.size()
-
     redis_answer = asyncio.ensure_future(_answer(app.redis.ping))
-    postgres_answer = "busy" if busy() else await _answer(postgres)
-    if postgres_answer == NO_ANSWER and busy():  # the pool's last connection was taken meanwhile
-        postgres_answer = "busy"
+    pool = engine.pool
+    if isinstance(pool, QueuePool) and pool.checkedout() >= pool.size():  # each serves a request
+        returned = seconds_since_a_connection_was_returned(engine)
+        postgres_answer = "busy" if returned is not None and returned < READINESS_BOUND_S else NO_ANSWER
+    else:
+        postgres_answer = await _answer(postgres)
     checks = {"postgres": postgres_answer, "redis": await redis_answer}
     ready = all(value in ("ok", "busy") for value in checks.values())
     if not ready:
@@ -75,11 +78,31 @@ router.add_api_route("/readyz", readyz, methods=["HEAD"], response_model=Readine
 
 
 async def _answer(check: Callable[[], object]) -> str:
-    """ "ok", or why not: the check raised, or gave no answer within READINESS_BOUND_S."""
+    """"ok", or why not: the check raised, or gave no answer within READINESS_BOUND_S. It runs on a
+    daemon thread (one stuck on a dead peer must not hold up the process's exit)."""
+    if not _slots.acquire(blocking=False):
+        return NO_ANSWER  # every check thread is still waiting on an earlier probe's check
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def run() -> None:
+        outcome: BaseException | None = None
+        try:
+            check()
+        except Exception as exc:
+            outcome = exc
+        finally:
+            _slots.release()
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, outcome)
+
+    def settle(outcome: BaseException | None) -> None:
+        if not done.done():  # cancelled when the wait gave up
+            done.set_result(outcome)
+
+    threading.Thread(target=run, name="dermq-readyz", daemon=True).start()
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(_CHECKS, check), READINESS_BOUND_S)
+        failure = await asyncio.wait_for(done, READINESS_BOUND_S)
     except TimeoutError:
         return NO_ANSWER
-    except Exception as exc:
-        return f"unreachable ({type(exc).__name__})"
-    return "ok"
+    return "ok" if failure is None else f"unreachable ({type(failure).__name__})"
