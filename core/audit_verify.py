@@ -23,15 +23,16 @@ read, nor the witness file; so any change to an event already covered by a signe
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Row, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from core import merkle
+from core import audit_resume, merkle
 from core import witness as witness_file
 from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
 from core.audit_chain import verify_chain as verify_old_chain
@@ -52,6 +53,9 @@ class LogReport:
     frontier: list[bytes] = field(default_factory=list)
     #: with ``every``: (position, event id or None, reason) of every problem found, in order
     problems: list[tuple[int, int | None, str]] = field(default_factory=list)
+    #: False when a deadline stopped the walk before the log's end, at a size a signed checkpoint
+    #: vouches for: ``size`` events are verified, and the next check resumes there
+    complete: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +68,7 @@ class LogReport:
             "reason": self.reason,
             "checkpoints": self.checkpoints,
             "problems": [{"position": p, "event_id": e, "reason": r} for p, e, r in self.problems],
+            "complete": self.complete,
         }
 
 
@@ -93,10 +98,10 @@ def _rows(session: Session, start: int, batch: int) -> Iterator[tuple[int, int, 
 
 
 def trusted_roots(
-    session: Session, verifiers: Sequence[Verifier] | None, witness: Path | str | None = None, *, since: int = 0
+    session: Session, verifiers: Sequence[Verifier] | None, witness: Path | None = None, *, since: int = 0
 ) -> tuple[dict[int, list[bytes]], str | None]:
     """Checkpoint roots by tree size: stored ones (signature-checked when ``verifiers`` are given) and
-    the witness's (a file's path, read from its end as far as ``since`` needs, or a text). Returns
+    the witness file's (read from its end as far as ``since`` needs, and its highest). Returns
     them and the first problem with a stored checkpoint, if any. With ``since``, only checkpoints of
     that many events or more: a check that resumes there needs no older one, and their signatures
     are not checked again (they were, by the check it resumes)."""
@@ -133,8 +138,13 @@ def walk(
     require_size: int = 0,
     batch: int = 5000,
     every: bool = False,
+    deadline: float | None = None,
 ) -> LogReport:
     """Recompute the log from position ``start.size`` on and compare with ``roots`` at each size.
+
+    With ``deadline`` (a ``time.monotonic()`` reading), a walk that passes it stops at the next size
+    whose signed checkpoint it matched, with an incomplete report: a check resumed from there later
+    is vouched for by that checkpoint (:func:`verify_log`).
 
     Stops at the first problem, or with ``every`` goes on past it and lists them all: an edited or
     removed event row is reported and its stored leaf stands in for it, so later checkpoints can
@@ -196,6 +206,10 @@ def walk(
                     return report()
             else:
                 matched += 1
+                if deadline is not None and not problems and time.monotonic() >= deadline:
+                    partial = LogReport(True, checked, compact.size, compact.root(), checkpoints=matched)
+                    partial.frontier, partial.complete = list(compact.hashes), False
+                    return partial
             range_start = None
     end = max([require_size, *roots]) if roots or require_size else 0
     if next_seq < end:
@@ -256,27 +270,32 @@ def verify_log(
     session: Session,
     *,
     verifiers: Sequence[Verifier] | None,
-    witness: Path | str | None = None,
+    witness: Path | None = None,
     start: merkle.CompactRange | None = None,
     every: bool = False,
+    deadline: float | None = None,
+    highest: Checkpoint | None = None,
 ) -> LogReport:
     """The whole log (or from a verified ``start``) against every trusted checkpoint; also the old chain.
+    With ``deadline``, it may stop short of the log's end (:func:`walk`; the report says it is not
+    complete). ``highest``: the largest checkpoint the witness file has held (:mod:`core.witness_scan`),
+    signature checked; a resume point must extend it, and the walk meets it if it is larger.
 
     With ``verifiers=None`` the stored checkpoints are taken as they are (no signature check): a
     self-consistency check for tests and the worker's quick check, not proof against an insider.
     """
     roots, problem = trusted_roots(session, verifiers, witness, since=start.size if start else 0)
-    if start is not None and verifiers is not None and start.root() not in roots.get(start.size, []):
-        # a resume point is a row any service login may write: it counts only where a signed checkpoint
-        # vouches for it, else the whole log is checked again
-        start = None
+    if start is not None and verifiers is not None and not audit_resume.trusted_start(session, start, roots, highest):
+        start = None  # the whole log is checked again
         roots, problem = trusted_roots(session, verifiers, witness)
+    if highest is not None and highest.size >= (start.size if start else 0):
+        roots.setdefault(highest.size, []).append(highest.root)
     if start is None:
         old = verify_old_chain(session)
         if not old.ok:
             return LogReport(False, 0, 0, None, None, old.first_bad_id, f"pre-log chain: {old.reason}")
     after = start.size if start is not None else 0  # before the walk: it extends ``start`` in place
-    report = walk(session, roots, start=start, every=every)
+    report = walk(session, roots, start=start, every=every, deadline=deadline)
     if report.ok and problem:
         report.ok, report.reason = False, problem
     return _with_skipped(session, report, after=after)
@@ -287,7 +306,7 @@ def verify_against(
     note: str,
     verifiers: Sequence[Verifier],
     *,
-    witness: Path | str | None = None,
+    witness: Path | None = None,
     every: bool = False,
 ) -> tuple[Checkpoint, LogReport]:
     """Prove that the log still extends the checkpoint ``note`` (pinned earlier by an auditor).
@@ -303,36 +322,3 @@ def verify_against(
     if report.ok and problem:  # a stored checkpoint unsigned or unlike its note: as `verify` says too
         report.ok, report.reason = False, problem
     return pinned, report
-
-
-def report_row(session: Session, report: LogReport) -> None:
-    """Store a verification result (the API's ``/verify`` answer and the next incremental start)."""
-    session.execute(
-        text(
-            "INSERT INTO audit_verifications (ok, size, root, checked, first_bad_seq, first_bad_event_id, reason, "
-            "frontier) VALUES (:ok, :size, :root, :checked, :seq, :eid, :reason, CAST(:frontier AS jsonb))"
-        ),
-        {
-            "ok": report.ok,
-            "size": report.size,
-            "root": report.root,
-            "checked": report.checked,
-            "seq": report.first_bad_seq,
-            "eid": report.first_bad_event_id,
-            "reason": report.reason,
-            "frontier": "[" + ",".join(f'"{base64.b64encode(h).decode()}"' for h in report.frontier) + "]",
-        },
-    )
-
-
-def latest_result(session: Session) -> Row[Any] | None:
-    return session.execute(text("SELECT * FROM audit_verifications ORDER BY id DESC LIMIT 1")).first()
-
-
-def resume_point(session: Session) -> merkle.CompactRange | None:
-    """The compact range of the last successful check, to continue from (None: start from scratch)."""
-    row = latest_result(session)
-    if row is None or not row.ok or row.root is None:
-        return None
-    compact = merkle.CompactRange(row.size, [base64.b64decode(h) for h in row.frontier])
-    return compact if compact.root() == bytes(row.root) else None

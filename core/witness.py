@@ -3,16 +3,21 @@
 Put the file where the database login cannot write (another volume, a log shipper, ``chattr +a``):
 a checkpoint there proves the log's past to anyone holding the verifier key. Each note is appended
 whole and fsynced, then a blank line; the file is opened for each append, so it may be rotated by
-renaming it (logrotate's default; never ``copytruncate``, which can cut a note in half).
+renaming it (logrotate's default; never ``copytruncate``, which can cut a note in half). Keep the
+rotated files: they are older evidence (``dermq audit verify --against`` takes a note of theirs).
 
-The periodic check reads it from its end (:func:`notes`): only the checkpoints of the trees it has
-not verified yet matter to it, and the file grows by a note a second while events come in.
+The periodic check reads the file from its end, as far back as the trees it has not verified yet
+(:func:`notes`), so its cost does not grow with the file. What a tail read cannot see, a log rewound
+and sealed again (notes of smaller trees after larger ones), the check's forward scan of what was
+appended since its last run catches (:mod:`core.witness_scan`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from core.checkpoint import DASH
 
@@ -28,9 +33,13 @@ _SIGNATURE = (DASH + " ").encode()
 def append(path: Path, note: str) -> None:
     """Append one signed checkpoint (and a blank line) to the witness file, fsynced."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
     try:
-        data = memoryview((note + "\n").encode())
+        end = os.fstat(fd).st_size
+        # a crash in the middle of an append left a note without its end: start this one apart from
+        # it, or its first line would join the torn one's last and neither would verify
+        torn = end > 0 and os.pread(fd, 2, max(0, end - 2)) != _BOUNDARY
+        data = memoryview(((_BOUNDARY.decode() if torn else "") + note + "\n").encode())
         while data:  # a short write (a full disk, a signal) would leave half a note for the next to garble
             data = data[os.write(fd, data) :]
         os.fsync(fd)
@@ -40,12 +49,15 @@ def append(path: Path, note: str) -> None:
 
 def read_notes(text: str) -> list[str]:
     """Split a file of concatenated signed notes (a witness file) into notes."""
-    notes: list[str] = []
+    return list(_split(text.splitlines(keepends=True)))
+
+
+def _split(lines: Iterable[str]) -> Iterator[str]:
     current: list[str] = []
     in_signatures = False
-    for line in text.splitlines(keepends=True):
+    for line in lines:
         if in_signatures and not line.startswith(DASH + " "):
-            notes.append("".join(current))
+            yield "".join(current)
             current, in_signatures = [], False
         if not current and line == "\n":
             continue
@@ -53,8 +65,7 @@ def read_notes(text: str) -> list[str]:
             in_signatures = True
         current.append(line)
     if current:
-        notes.append("".join(current))
-    return notes
+        yield "".join(current)
 
 
 def note_size(note: str) -> int:
@@ -63,33 +74,51 @@ def note_size(note: str) -> int:
     return int(lines[1]) if len(lines) > 2 and lines[1].isascii() and lines[1].isdigit() else -1
 
 
-def notes(witness: Path | str | None, since: int = 0) -> list[str]:
-    """The notes of a witness, unverified: a file's (none if it does not exist) or a text's.
+def notes(path: Path | None, since: int = 0) -> Iterator[str]:
+    """The notes of the witness file at ``path`` (none if it does not exist), unverified.
 
-    With ``since``, a file is read from its end only as far as it takes to hold every note of a tree
-    of ``since`` events or more, and :data:`SLACK` notes of smaller trees before them; notes of smaller
-    trees may be among those returned (the caller filters them)."""
-    if witness is None:
-        return []
-    if isinstance(witness, str):
-        return read_notes(witness)
+    With ``since`` > 0 the file is read from its end only as far as it takes to hold every note of a
+    tree of ``since`` events or more appended in order, and :data:`SLACK` notes of smaller trees before
+    them; notes of smaller trees may be among those given (the caller filters them). With 0 the whole
+    file is read, a line at a time."""
+    if path is None:
+        return
     try:
-        file = witness.open("rb")
+        file = path.open("rb")
     except FileNotFoundError:
-        return []
-    with file:
-        end = os.fstat(file.fileno()).st_size
-        block = end if since <= 0 else BLOCK
-        while True:
-            start = max(0, end - block)
-            file.seek(start)
-            data = file.read(end - start)
-            if start > 0:
-                data = data[_after_first_note_end(data) :]
-            found = read_notes(data.decode("utf-8", errors="replace"))
-            if start == 0 or sum(note_size(note) < since for note in found) >= SLACK:
-                return found
-            block *= 4
+        file = None
+    if file is not None:
+        with file:
+            if since <= 0:
+                yield from _split(line.decode("utf-8", errors="replace") for line in file)
+            else:
+                yield from _tail(file, since)
+
+
+def _tail(file: IO[bytes], since: int) -> list[str]:
+    end = os.fstat(file.fileno()).st_size
+    block = BLOCK
+    while True:
+        start = max(0, end - block)
+        file.seek(start)
+        data = file.read(end - start)
+        if start > 0:
+            data = data[_after_first_note_end(data) :]
+        found = read_notes(data.decode("utf-8", errors="replace"))
+        if start == 0 or sum(note_size(note) < since for note in found) >= SLACK:
+            return found
+        block *= 4
+
+
+def end_of_last_note(data: bytes) -> int:
+    """The offset just after the last whole note in ``data`` (0 when it holds none): a read that
+    stops in the middle of a note keeps none of it."""
+    at = data.rfind(_BOUNDARY)
+    while at >= 0:
+        if data.startswith(_SIGNATURE, data.rfind(b"\n", 0, at) + 1):
+            return at + len(_BOUNDARY)
+        at = data.rfind(_BOUNDARY, 0, at)
+    return 0
 
 
 def _after_first_note_end(data: bytes) -> int:

@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from core import audit_log, audit_verify, db_roles
+from core import audit_log, audit_resume, audit_verify, db_roles, witness_scan
 from core.checkpoint import SigningKeys, load_signing_keys
 from core.config import Settings, get_settings
 from core.db import session_scope
@@ -75,13 +75,35 @@ def _refused(exc: audit_log.TamperedLog) -> None:
         log.error("audit log tampered with, not sealing: %s", exc, extra={"event": "audit_chain_broken"})
 
 
-def check(config: Settings, keys: SigningKeys) -> audit_verify.LogReport:
-    """Verify what was sealed since the last good check (from scratch after a failure) and store it."""
+#: seconds of walking the log a check may take before it stops at a signed checkpoint and leaves the
+#: rest to the next minute's check: a from-scratch walk of a long log (hundreds of millions of events,
+#: after a failure or on its first check) would run past the task's time limit, store nothing, and
+#: start over each minute
+CHECK_BUDGET_SECONDS = 30.0
+
+
+def check(config: Settings, keys: SigningKeys, *, budget: float = CHECK_BUDGET_SECONDS) -> audit_verify.LogReport:
+    """Verify what was sealed since the last good check (:func:`audit_resume.resume_point`), for at
+    most about ``budget`` seconds, and store the result: where the next check resumes. First, what
+    was appended to the witness file since the last check (:func:`witness_scan.scan`): a rewound log
+    fails the check there."""
+    deadline = time.monotonic() + budget
+    witness = config.audit_witness_file  # read from its end: the notes of trees from start on
     with session_scope(config) as session:
-        start = audit_verify.resume_point(session)
-        witness = config.audit_witness_file  # read from its end: the notes of trees from start on
-        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness, start=start)
-        audit_verify.report_row(session, report)
+        scanned = (
+            witness_scan.scan(witness, keys.verifiers, audit_resume.stored_roots(session))
+            if witness is not None
+            else witness_scan.Scanned(None, None)
+        )
+        highest = scanned.highest.checkpoint if scanned.highest is not None else None
+        if scanned.problem is not None:
+            report = audit_verify.LogReport(False, 0, 0, reason=scanned.problem)
+        else:
+            start = audit_resume.resume_point(session)
+            report = audit_verify.verify_log(
+                session, verifiers=keys.verifiers, witness=witness, start=start, deadline=deadline, highest=highest
+            )
+        audit_resume.report_row(session, report)
     return report
 
 
@@ -92,6 +114,12 @@ def audit_check() -> dict[str, object]:
 
     config = app.dermq_settings
     report = check(config, _signing_keys(config))
+    if not report.complete:  # no verdict on the whole log yet: the gauges keep the last one, and its age
+        log.info(
+            "audit log check under way",
+            extra={"event": "audit_check_partial", "audit_position": report.size},
+        )
+        return report.to_dict()
     state = {"ok": report.ok, "checked_at": datetime.now(UTC).isoformat(timespec="seconds")}
     _redis_client(config).set(AUDIT_CHECK_KEY, json.dumps(state))
     if not report.ok:

@@ -28,7 +28,7 @@ from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, re
 from api.params import ISO_8601, only, utc
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
-from core import audit, audit_verify, clinics, keys
+from core import audit, audit_resume, clinics, keys
 from core.db import session_scope
 from core.errors import BadRequest, Forbidden, InvalidInput, NotFound
 from core.models import ApiKey, Role
@@ -311,7 +311,7 @@ async def verify_chain(response: Response, app: State, caller: AuthenticatedCall
 
     def read(session: Session) -> Row[Any] | None:
         limit(caller, app, "read")
-        row = audit_verify.latest_result(session)
+        row = audit_resume.latest_result(session)
         record_auditor_access(
             session,
             caller,

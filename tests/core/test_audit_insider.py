@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from cli.db import alembic_config
-from core import audit, audit_log, audit_verify, checkpoint, db_roles, merkle
+from core import audit, audit_log, audit_resume, audit_verify, checkpoint, db_roles, merkle
 from core.checkpoint import Checkpoint
 from core.config import Settings
 from core.db import dispose_engines, session_scope
@@ -107,7 +107,7 @@ def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: S
     with session_scope(owner) as session:  # the stored log is consistent with itself again...
         assert audit_verify.verify_log(session, verifiers=None).ok
         # ...but not with the signed checkpoints: the pinned one and the witness file's
-        witness = owner.audit_witness_file.read_text()  # type: ignore[union-attr]
+        witness = owner.audit_witness_file
         _, report = audit_verify.verify_against(session, pinned.read_text(), keys.verifiers, witness=witness)
     assert not report.ok and report.first_bad_seq == 0, report
     assert "no longer match the signed checkpoint of size 1" in (report.reason or "")
@@ -138,7 +138,7 @@ def test_insider_rewrite_fails_against_a_pinned_checkpoint(roles_db, settings: S
     assert cli.returncode == 1 and "signed checkpoint of size 4" in cli.stdout, cli.stdout
 
 
-def test_the_periodic_check_reads_a_long_witness_file_from_its_end_and_catches_a_rewrite_only_it_proves(  # type: ignore[no-untyped-def]
+def test_a_rewrite_only_a_long_witness_file_proves_fails_the_periodic_check_and_the_full_one_names_it(  # type: ignore[no-untyped-def]
     roles_db, settings: Settings, tmp_path: Path
 ) -> None:
     from worker.sealing import check
@@ -171,11 +171,45 @@ def test_the_periodic_check_reads_a_long_witness_file_from_its_end_and_catches_a
             {"id": ids[1], "leaf": merkle.leaf_hash(audit.leaf_bytes_from_columns(row))},
         )
     with session_scope(owner) as session:  # without the witness file nothing tells the rewrite apart
-        start = audit_verify.resume_point(session)
+        start = audit_resume.resume_point(session)
         assert start is not None and start.size == 3
         assert audit_verify.verify_log(session, verifiers=keys.verifiers, start=start).ok
-    report = check(runtime, keys)  # resumes at 3 and reads the file's last notes only
-    assert not report.ok and (report.first_bad_seq, report.first_bad_event_id) == (4, ids[1]), report
+    report = check(runtime, keys)  # the stored tree no longer has the witnessed roots at 4 and 5
+    assert not report.ok and "not those of the witness file's checkpoint" in (report.reason or ""), report
+    with session_scope(owner) as session:  # the full verification names the event
+        full = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=path)
+    assert not full.ok and (full.first_bad_seq, full.first_bad_event_id) == (4, ids[1]), full
+
+
+def test_a_log_rewound_and_sealed_again_fails_the_check_even_from_a_resume_point_at_its_new_checkpoints(  # type: ignore[no-untyped-def]
+    roles_db, settings: Settings, tmp_path: Path
+) -> None:
+    from worker.sealing import check
+
+    keys = checkpoint.load_signing_keys(settings)
+    path = tmp_path / "witness.log"
+    runtime, owner = (roles_db[role].model_copy(update={"audit_witness_file": path}) for role in ("runtime", "owner"))
+    ids = record_and_seal(runtime, keys, 6)
+    assert check(runtime, keys).ok
+    # The owner rewinds the log to 2 events (the rest of its events, leaves, nodes and checkpoints
+    # deleted) and lets the sealer go on: new checkpoints, signed with the real key, of a new history.
+    with unguarded(owner, "audit_events", "audit_leaves", "audit_nodes", "audit_checkpoints") as connection:
+        connection.execute(text("DELETE FROM audit_leaves WHERE seq >= 2"))
+        connection.execute(text("DELETE FROM audit_nodes WHERE (idx + 1) * (1 << level) > 2"))
+        connection.execute(text("DELETE FROM audit_checkpoints WHERE size > 2"))
+        connection.execute(text("DELETE FROM audit_events WHERE id = ANY(:ids)"), {"ids": ids[2:]})
+    record_and_seal(runtime, keys, 30)  # 32 events: a new checkpoint at each size from 3
+    with session_scope(owner) as session:  # and a "good" check at the new tree's end, which it vouches for
+        rewound = audit_verify.verify_log(session, verifiers=None)
+        assert rewound.ok and rewound.size == 32
+        audit_resume.report_row(session, rewound)
+    report = check(runtime, keys)
+    assert not report.ok and "rewound" in (report.reason or ""), report
+    again = check(runtime, keys)  # and every check after it, until an operator has looked
+    assert not again.ok and again.reason == report.reason
+    with session_scope(owner) as session:  # the auditors' full verification names where the histories part
+        full = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=path)
+    assert not full.ok and full.first_bad_seq == 2, full
 
 
 def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -184,7 +218,7 @@ def test_an_edit_that_leaves_the_stored_leaf_is_named_exactly(roles_db, settings
     with unguarded(roles_db["owner"], "audit_events") as connection:
         connection.execute(text("UPDATE audit_events SET action = 'case.list' WHERE id = :id"), {"id": ids[1]})
         connection.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = :id"), {"id": ids[3]})
-    witness = roles_db["owner"].audit_witness_file.read_text()
+    witness = roles_db["owner"].audit_witness_file
     with session_scope(roles_db["owner"]) as session:
         report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness)
         every = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness, every=True)
@@ -221,7 +255,7 @@ def test_events_a_leaf_inserted_out_of_turn_made_the_log_skip_are_named(roles_db
     runtime = roles_db["runtime"]
     record_and_seal(runtime, keys, 2)
     with session_scope(runtime) as session:  # the workers' check so far: its next run starts from here
-        audit_verify.report_row(session, audit_verify.verify_log(session, verifiers=keys.verifiers))
+        audit_resume.report_row(session, audit_verify.verify_log(session, verifiers=keys.verifiers))
     skipped = []
     for i in range(3):
         with session_scope(runtime) as session:
@@ -239,7 +273,7 @@ def test_events_a_leaf_inserted_out_of_turn_made_the_log_skip_are_named(roles_db
             {"id": newest, "leaf": leaf},
         )
     audit_log.seal_once(runtime, keys)  # the sealer goes on from the inserted leaf
-    witness = runtime.audit_witness_file.read_text()
+    witness = runtime.audit_witness_file
 
     def both_checks() -> tuple[audit_verify.LogReport, audit_verify.LogReport] | None:
         """The whole check and the incremental one, once both name every skipped event: an event
@@ -249,7 +283,7 @@ def test_events_a_leaf_inserted_out_of_turn_made_the_log_skip_are_named(roles_db
         with session_scope(roles_db["owner"]) as session:
             assert session.scalar(text("SELECT count(*) FROM audit_leaves")) == 3
             report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness)
-            start = audit_verify.resume_point(session)
+            start = audit_resume.resume_point(session)
             assert start is not None and start.size == 2
             incremental = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness, start=start)
         named = all(not r.ok and [e for _, e, _ in r.problems] == skipped for r in (report, incremental))

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from core import audit, audit_log, audit_verify, checkpoint, merkle
+from core import audit, audit_log, audit_resume, audit_verify, checkpoint, merkle
 from core.config import Settings
 from core.db import session_scope
 from tests import support
@@ -138,7 +138,7 @@ def test_a_resume_point_the_services_login_wrote_counts_only_where_a_checkpoint_
     assert check(runtime, keys).ok
     forged = merkle.CompactRange(2**20, [bytes(32)])
     with session_scope(runtime) as session:
-        audit_verify.report_row(
+        audit_resume.report_row(
             session, audit_verify.LogReport(True, 0, forged.size, forged.root(), frontier=forged.hashes)
         )
     with unguarded(owner, "audit_events") as connection:
@@ -239,3 +239,43 @@ def test_a_checkpoint_row_its_note_does_not_vouch_for_is_never_shown_as_verified
     with session_scope(runtime) as session:
         _, report = audit_verify.verify_against(session, pinned, keys.verifiers)
     assert not report.ok and "differs from its signed note" in (report.reason or "")
+
+
+def test_a_check_out_of_time_stops_at_a_signed_checkpoint_and_the_next_one_goes_on_from_there(  # type: ignore[no-untyped-def]
+    roles_db, settings: Settings
+) -> None:
+    # A from-scratch walk of a long log (after a failure, or the first check of a large one) would run
+    # past the task's time limit, store nothing and start over each minute: it keeps what it did.
+    from worker.sealing import check
+
+    keys = checkpoint.load_signing_keys(settings)
+    runtime = roles_db["runtime"]
+    record_and_seal(runtime, keys, 4)  # a signed checkpoint at each size
+    reports = [check(runtime, keys, budget=0)]  # out of time at once: stops at each checkpoint it meets
+    while not reports[-1].complete and len(reports) < 10:
+        reports.append(check(runtime, keys, budget=0))
+    assert [(r.ok, r.size, r.complete) for r in reports] == [
+        (True, 1, False),
+        (True, 2, False),
+        (True, 3, False),
+        (True, 4, False),
+        (True, 4, True),
+    ]
+
+
+def test_after_a_failure_the_check_walks_again_from_the_last_good_place_before_it_not_from_the_start(  # type: ignore[no-untyped-def]
+    roles_db, settings: Settings
+) -> None:
+    from worker.sealing import check
+
+    keys = checkpoint.load_signing_keys(settings)
+    runtime, owner = roles_db["runtime"], roles_db["owner"]
+    ids = record_and_seal(runtime, keys, 3)
+    assert check(runtime, keys).ok
+    ids += record_and_seal(runtime, keys, 2)
+    with unguarded(owner, "audit_events") as connection:  # an edit the walk finds: its leaf no longer matches
+        connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 7}' WHERE id = :id"), {"id": ids[4]})
+    failed = check(runtime, keys)
+    again = check(runtime, keys)
+    assert (failed.ok, failed.first_bad_seq, failed.first_bad_event_id) == (False, 4, ids[4]), failed
+    assert (again.ok, again.first_bad_seq) == (False, 4) and again.checked == 1  # from 3 (from 0: 4 walked)

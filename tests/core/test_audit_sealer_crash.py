@@ -98,7 +98,7 @@ def test_sealer_killed_mid_way_loses_nothing(settings: Settings, database, stack
     notes = [checkpoint.parse(n, keys.verifiers) for n in witness_file.read_notes(witness)]
     assert [n.size for n in notes] == sorted(n.size for n in notes)
     with session_scope(settings) as session:
-        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=witness)
+        report = audit_verify.verify_log(session, verifiers=keys.verifiers, witness=settings.audit_witness_file)
         assert report.ok and report.size == latest.size, report
         for old, new in itertools.pairwise(notes):
             proof = audit_log.consistency_proof(session, old.size, new.size)

@@ -1,0 +1,110 @@
+"""Where the periodic audit check resumes, and what lets it: its stored results, and the proofs that
+a resume point is part of the log's one history.
+
+A result row is one any service login may write, so a place to resume counts only where a signed
+checkpoint vouches for its root and its tree extends the largest tree the witness file has held
+(:mod:`core.witness_scan`); else the check walks the whole log again.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Row, text
+from sqlalchemy.orm import Session
+
+from core import audit_log, merkle
+from core.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from core.audit_verify import LogReport
+
+
+def report_row(session: Session, report: LogReport) -> None:
+    """Store a verification result (the API's ``/verify`` answer and the next incremental start)."""
+    session.execute(
+        text(
+            "INSERT INTO audit_verifications (ok, size, root, checked, first_bad_seq, first_bad_event_id, reason, "
+            "frontier) VALUES (:ok, :size, :root, :checked, :seq, :eid, :reason, CAST(:frontier AS jsonb))"
+        ),
+        {
+            "ok": report.ok,
+            "size": report.size,
+            "root": report.root,
+            "checked": report.checked,
+            "seq": report.first_bad_seq,
+            "eid": report.first_bad_event_id,
+            "reason": report.reason,
+            "frontier": "[" + ",".join(f'"{base64.b64encode(h).decode()}"' for h in report.frontier) + "]",
+        },
+    )
+
+
+def latest_result(session: Session) -> Row[Any] | None:
+    return session.execute(text("SELECT * FROM audit_verifications ORDER BY id DESC LIMIT 1")).first()
+
+
+def resume_point(session: Session) -> merkle.CompactRange | None:
+    """Where the next check continues (None: from scratch): the last check's end when it passed (or
+    the end of the part a deadline let it do). After a failure at a position, the last good size at
+    or before that position, so that the next check walks over it again and finds it if it is still
+    there, without walking the whole log again each minute; after any other failure (a stored
+    checkpoint unsigned, the old chain, skipped events, a rewound log), from scratch."""
+    row = latest_result(session)
+    if row is not None and not row.ok:
+        if row.first_bad_seq is None:
+            return None
+        row = session.execute(
+            text("SELECT * FROM audit_verifications WHERE ok AND id < :id AND size <= :seq ORDER BY id DESC LIMIT 1"),
+            {"id": row.id, "seq": row.first_bad_seq},
+        ).first()
+    if row is None or not row.ok or row.root is None:
+        return None
+    compact = merkle.CompactRange(row.size, [base64.b64decode(h) for h in row.frontier])
+    return compact if compact.root() == bytes(row.root) else None
+
+
+def extends(session: Session, old_size: int, old_root: bytes, new_size: int, new_root: bytes) -> bool:
+    """Whether the stored tree proves (RFC 9162 consistency proof) that the tree of ``new_size`` and
+    ``new_root`` extends the one of ``old_size`` and ``old_root``. A new history cannot be proven to."""
+    if old_size >= new_size or old_size == 0:
+        return old_size == 0 or (old_size == new_size and old_root == new_root)
+    try:
+        proof = audit_log.consistency_proof(session, old_size, new_size)
+    except (LookupError, ValueError):
+        return False  # the stored tree lacks what the proof needs
+    return merkle.verify_consistency(old_size, new_size, proof, old_root, new_root)
+
+
+def stored_roots(session: Session) -> Callable[[int], bytes | None]:
+    """The stored tree's root at a size (None where it is smaller or lacks a node), as
+    :func:`core.witness_scan.scan` asks for it; nodes read once are kept for the next sizes."""
+    tree = audit_log.StoredTree(session)
+    sizes: list[int] = []
+
+    def root_at(at: int) -> bytes | None:
+        if not sizes:  # read at the first call, after the caller read the witness file: each note
+            sizes.append(audit_log.tree_size(session))  # there was committed before it was written
+        if at > sizes[0]:
+            return None
+        try:
+            return tree.root(at)
+        except LookupError:
+            return None
+
+    return root_at
+
+
+def trusted_start(
+    session: Session, start: merkle.CompactRange, roots: dict[int, list[bytes]], highest: Checkpoint | None
+) -> bool:
+    """Whether a check may resume at ``start``: a signed checkpoint of its size vouches for its root
+    (``roots``), and its tree extends ``highest``, the largest the witness file has held, when that
+    one is not larger (a larger one is among the roots: the walk meets it)."""
+    if start.root() not in roots.get(start.size, []):
+        return False
+    if highest is None or highest.size > start.size:
+        return True
+    return extends(session, highest.size, highest.root, start.size, start.root())

@@ -1,0 +1,97 @@
+"""The periodic check's forward scan of the witness file (core.witness_scan): the largest checkpoint
+it has held, kept beside it, and a log rewound and sealed again, caught whatever place the check
+resumes from. Histories here are lists of leaves; ``extends`` is what the stored tree proves."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from core import checkpoint, merkle, witness, witness_scan
+from core.checkpoint import Checkpoint
+
+KEYS = checkpoint.generate("dermq.test/audit")
+FIRST = [merkle.leaf_hash(b"first %d" % i) for i in range(200)]
+REWOUND = FIRST[:40] + [merkle.leaf_hash(b"rewound %d" % i) for i in range(160)]  # parts from 40 on
+
+
+def root(leaves: list[bytes], size: int) -> bytes:
+    tree = merkle.CompactRange()
+    for leaf in leaves[:size]:
+        tree.append(leaf)
+    return tree.root()
+
+
+def note(size: int, history: list[bytes] = FIRST) -> str:
+    return Checkpoint("dermq.test/audit", size, root(history, size), datetime.now(UTC)).sign(KEYS.signer)
+
+
+def stored_tree_is(history: list[bytes], size: int = 200) -> witness_scan.RootAt:
+    """The stored tree's roots when it holds the first ``size`` leaves of ``history``."""
+    return lambda at: root(history, at) if at <= size else None
+
+
+def scan(path: Path, history: list[bytes] = FIRST, size: int = 200) -> witness_scan.Scanned:
+    return witness_scan.scan(path, KEYS.verifiers, stored_tree_is(history, size))
+
+
+def test_the_largest_checkpoint_is_kept_and_notes_a_sealer_appended_late_are_no_problem(tmp_path: Path) -> None:
+    path = tmp_path / "witness.log"
+    for size in (1, 2, 5, 3, 4, 6):  # two sealers finished out of order
+        witness.append(path, note(size))
+    first = scan(path)
+    assert first.problem is None and first.highest is not None and first.highest.size == 6
+    for size in (7, 9, 8):
+        witness.append(path, note(size))
+    later = scan(path)
+    assert later.problem is None and later.highest is not None and later.highest.size == 9
+
+
+@pytest.mark.parametrize("resealed_to", [41, 60, 150])  # short of the old history's end, and past it
+def test_a_rewound_log_sealed_again_is_caught_and_stays_caught(tmp_path: Path, resealed_to: int) -> None:
+    path = tmp_path / "witness.log"
+    for size in range(1, 101):
+        witness.append(path, note(size))
+    assert scan(path).problem is None
+    for size in range(41, resealed_to + 1, 10):  # a new history from 40 on, sealed by the real key
+        witness.append(path, note(size, REWOUND))
+    caught = scan(path, REWOUND, resealed_to)  # the stored tree now holds the new history
+    assert caught.problem is not None and "rewound" in caught.problem
+    assert caught.highest is not None and caught.highest.size == 100  # the old history's, kept
+    assert scan(path, REWOUND, resealed_to).problem == caught.problem  # every later check fails with it
+    os.remove(witness_scan.state_path(path))  # an operator has looked, and starts afresh
+    assert scan(path, REWOUND, resealed_to).problem is not None  # this file still shows both histories
+
+
+def test_a_renamed_file_is_read_from_its_start_and_the_largest_checkpoint_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "witness.log"
+    for size in range(1, 11):
+        witness.append(path, note(size))
+    assert scan(path).highest is not None
+    os.replace(path, tmp_path / "witness.log.1")  # rotated by renaming, as logrotate does
+    assert scan(path).highest.size == 10  # type: ignore[union-attr]  # no file yet: the largest stays
+    for size in (11, 12):
+        witness.append(path, note(size))
+    assert scan(path).highest.size == 12  # type: ignore[union-attr]  # the new file, from its start
+    caught = scan(path, FIRST, size=5)  # the database restored from a backup of 5 events, say
+    assert caught.problem is not None and "fewer than the 12 events" in caught.problem
+
+
+def test_a_long_file_is_read_over_several_checks_and_a_note_cut_by_a_read_is_read_whole_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "witness.log"
+    for size in range(1, 201):
+        witness.append(path, note(size))
+    monkeypatch.setattr(witness_scan, "SCAN_BYTES", 5000)  # about 23 notes a check, a note cut at each end
+    seen = []
+    while True:
+        scanned = scan(path)
+        assert scanned.problem is None and scanned.highest is not None
+        seen.append(scanned.highest.size)
+        if scanned.highest.size == 200:
+            break
+    assert seen == sorted(seen) and 5 < len(seen) < 12
