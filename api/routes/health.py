@@ -78,8 +78,8 @@ router.add_api_route("/readyz", readyz, methods=["HEAD"], response_model=Readine
 
 
 async def _answer(check: Callable[[], object]) -> str:
-    """ "ok", or why not: the check raised, or gave no answer within READINESS_BOUND_S. It runs on a
-    daemon thread (one stuck on a dead peer must not hold up the process's exit)."""
+    """The answer "ok", or why not: the check raised, or gave no answer within READINESS_BOUND_S. It
+    runs on a daemon thread (one stuck on a dead peer must not hold up the process's exit)."""
     if not _slots.acquire(blocking=False):
         return NO_ANSWER  # every check thread is still waiting on an earlier probe's check
     loop = asyncio.get_running_loop()
