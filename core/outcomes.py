@@ -297,12 +297,13 @@ def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float] |
 
 @dataclass(frozen=True, slots=True)
 class Confirmed:
-    """One confirmed case: the model's answer and the truth."""
+    """Confirmed cases alike: the model's answer and the truth, and how many cases gave them."""
 
     model_id: str
     label: str | None  # None: out of distribution
     referral: bool | None
     truth: str
+    count: int = 1
 
 
 def field_performance(rows: Iterable[Confirmed]) -> dict[str, dict[str, Any]]:
@@ -317,27 +318,31 @@ def field_performance(rows: Iterable[Confirmed]) -> dict[str, dict[str, Any]]:
         scored = [r for r in confirmed if r.label is not None]
         classes = {}
         for code in CLASSES:
-            true_positives = sum(1 for r in scored if r.truth == code and r.label == code)
+            true_positives = sum(r.count for r in scored if r.truth == code and r.label == code)
             classes[code] = {
                 # of the class's confirmed cases, those the gate turned away: misses the classifier did not make
-                "out_of_distribution": sum(1 for r in confirmed if r.truth == code and r.label is None),
-                "sensitivity": Rate(true_positives, sum(1 for r in confirmed if r.truth == code)).as_dict(),
-                "ppv": Rate(true_positives, sum(1 for r in scored if r.label == code)).as_dict(),
+                "out_of_distribution": sum(r.count for r in confirmed if r.truth == code and r.label is None),
+                "sensitivity": Rate(true_positives, sum(r.count for r in confirmed if r.truth == code)).as_dict(),
+                "ppv": Rate(true_positives, sum(r.count for r in scored if r.label == code)).as_dict(),
             }
         concerning = [r for r in confirmed if r.truth in CONCERNING]  # a gated one was not referred
+        total = sum(r.count for r in confirmed)
         report[model_id] = {
-            "confirmed": len(confirmed),
-            "out_of_distribution": len(confirmed) - len(scored),
+            "confirmed": total,
+            "out_of_distribution": total - sum(r.count for r in scored),
             "classes": classes,
-            "referral_sensitivity": Rate(sum(1 for r in concerning if r.referral), len(concerning)).as_dict(),
+            "referral_sensitivity": Rate(
+                sum(r.count for r in concerning if r.referral), sum(r.count for r in concerning)
+            ).as_dict(),
         }
     return report
 
 
 def confirmed_cases(session: Session, *, model_id: str | None = None, since: date | None = None) -> list[Confirmed]:
-    """Every confirmed case counted in the tally (optionally one model's), the erased and purged too;
+    """The confirmed cases counted in the tally (optionally one model's), the erased and purged too,
+    a :class:`Confirmed` per cell of alike ones (a report's cost grows with the cells, not the cases);
     with ``since``, only the cases submitted in that month or later (the monthly tally: reports counted
-    before migration 0020 are not in it)."""
+    before migration 0020 are not in it; its months' cells of one answer and truth are summed)."""
     table = cast(Table, (OutcomeTally if since is None else OutcomeMonthlyTally).__table__)
     query = select(table.c.model_id, table.c.predicted, table.c.referral, table.c.truth, table.c.count).where(
         table.c.count > 0
@@ -346,16 +351,12 @@ def confirmed_cases(session: Session, *, model_id: str | None = None, since: dat
         query = query.where(table.c.model_id == model_id)
     if since is not None:
         query = query.where(table.c.month >= since)
-    return [
-        Confirmed(
-            model,
-            None if predicted == OUT_OF_DISTRIBUTION else predicted,
-            None if predicted == OUT_OF_DISTRIBUTION else referral,
-            truth,
-        )
-        for model, predicted, referral, truth, count in session.execute(query)
-        for _ in range(count)
-    ]
+    cells: dict[tuple[str, str | None, bool | None, str], int] = {}
+    for model, predicted, referral, truth, count in session.execute(query):
+        gated = predicted == OUT_OF_DISTRIBUTION
+        key = (model, None if gated else predicted, None if gated else referral, truth)
+        cells[key] = cells.get(key, 0) + count
+    return [Confirmed(*key, count=count) for key, count in cells.items()]
 
 
 def melanoma_alerts(
