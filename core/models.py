@@ -138,6 +138,13 @@ class Case(Base):
         Index("ix_cases_queued", "updated_at", postgresql_where=text("status IN ('queued', 'running')")),
         Index("ix_cases_plain_client_ref", "id", postgresql_where=text("client_ref IS NOT NULL")),
         Index("ix_cases_plain_idempotency_key", "id", postgresql_where=text(f"idempotency_key !~ '{DIGESTED_KEY}'")),
+        # migration 0022: the retention purge's oldest unpurged finished cases; a month's cases
+        Index(
+            "ix_cases_expiring",
+            "created_at",
+            postgresql_where=text("purged_at IS NULL AND status IN ('succeeded', 'failed')"),
+        ),
+        Index("ix_cases_created", "created_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -277,6 +284,7 @@ class AuditEvent(Base):
         Index("ix_audit_events_actor", "actor_key_id", "id"),
         Index("ix_audit_events_action", "action", "id"),
         Index("ix_audit_events_listed_cases", "detail", postgresql_using="gin", **_LISTED),  # migration 0015
+        Index("ix_audit_events_not_success", "outcome", "id", postgresql_where=text("outcome <> 'success'")),  # 0022
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -336,6 +344,12 @@ class CallbackDelivery(Base):
         CheckConstraint(f"status IN ({_values(CallbackStatus)})", name="status"),
         Index("ix_callback_deliveries_pending", "updated_at", postgresql_where=text("status = 'pending'")),
         Index("ix_callback_deliveries_clinic", "clinic_id", "created_at"),
+        Index(  # migration 0022: a clinic's latest problems (GET /v1/callback)
+            "ix_callback_deliveries_problems",
+            "clinic_id",
+            "updated_at",
+            postgresql_where=text("status = 'failed' OR (status = 'pending' AND attempts > 0)"),
+        ),
     )
 
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
