@@ -27,7 +27,8 @@ def report_row(session: Session, report: LogReport) -> None:
     session.execute(
         text(
             "INSERT INTO audit_verifications (ok, size, root, checked, first_bad_seq, first_bad_event_id, reason, "
-            "frontier) VALUES (:ok, :size, :root, :checked, :seq, :eid, :reason, CAST(:frontier AS jsonb))"
+            "frontier, complete) VALUES (:ok, :size, :root, :checked, :seq, :eid, :reason, CAST(:frontier AS jsonb), "
+            ":complete)"
         ),
         {
             "ok": report.ok,
@@ -38,12 +39,19 @@ def report_row(session: Session, report: LogReport) -> None:
             "eid": report.first_bad_event_id,
             "reason": report.reason,
             "frontier": "[" + ",".join(f'"{base64.b64encode(h).decode()}"' for h in report.frontier) + "]",
+            "complete": report.complete,
         },
     )
 
 
 def latest_result(session: Session) -> Row[Any] | None:
+    """The latest row, a check's whole verdict or the part of one a deadline stopped (where to resume)."""
     return session.execute(text("SELECT * FROM audit_verifications ORDER BY id DESC LIMIT 1")).first()
+
+
+def latest_verdict(session: Session) -> Row[Any] | None:
+    """The latest result of a check that reached the log's end (or failed): what auditors are told."""
+    return session.execute(text("SELECT * FROM audit_verifications WHERE complete ORDER BY id DESC LIMIT 1")).first()
 
 
 def resume_point(session: Session) -> merkle.CompactRange | None:

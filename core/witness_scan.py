@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +52,8 @@ class Scanned:
     highest: Signed | None
     #: why the file shows a rewound log, or None
     problem: str | None
+    #: the largest checkpoint kept is signed with a key this process does not hold: nothing was read
+    unverified: bool = False
 
 
 def state_path(witness: Path) -> Path:
@@ -60,34 +63,106 @@ def state_path(witness: Path) -> Path:
 def scan(witness: Path, verifiers: Sequence[Verifier], root_at: RootAt) -> Scanned:
     """Read what was appended to ``witness`` since the last scan (at most :data:`SCAN_BYTES`) and
     return the largest checkpoint it has held and any problem. Every checkpoint read, and the largest
-    before them, must be ``root_at`` its size: the stored tree's root there."""
+    before them, must be ``root_at`` its size: the stored tree's root there. A file renamed since the
+    last scan (rotated) is read to its end first, found in its folder by its identity; one that is
+    gone, or cut short, is a problem: what it held past the last scan was never compared."""
     target = state_path(witness)
     with _locked(target):
         state = _load(target)
-        highest = _parse(state.get("highest"), verifiers)
+        saved = state.get("highest")
+        highest = _parse(saved, verifiers)
+        if saved is not None and highest is None:
+            # signed with a key this process does not hold yet (a rotation rolling out): scan nothing
+            return Scanned(None, None, unverified=True)
         if state.get("problem"):
             return Scanned(highest, str(state["problem"]))
-        try:
-            file = witness.open("rb")
-        except FileNotFoundError:
+        read = _next(witness, state)
+        problem: str | None
+        if isinstance(read, str):
+            problem, kept, identity, offset = read, highest, state.get("file"), state.get("offset", 0)
+        elif read is None:
             return Scanned(highest, None)
-        with file:
-            status = os.fstat(file.fileno())
-            offset = int(str(state.get("offset", 0)))
-            if [status.st_dev, status.st_ino] != state.get("file") or status.st_size < offset:
-                offset = 0  # a new file (rotated by renaming): read it from its start
-            file.seek(offset)
-            data = file.read(min(SCAN_BYTES, status.st_size - offset))
-        whole = end_of_last_note(data)  # a note cut in two by the read's end is read whole next time
-        problem, kept = _judge(highest, list(_signed(data[:whole], verifiers)), root_at)
-        state = {
-            "file": [status.st_dev, status.st_ino],
-            "offset": offset + whole,
-            "highest": kept.note if kept is not None else None,
-            "problem": problem,
-        }
-        _store(target, state)
+        else:
+            identity, start, data = read
+            whole = end_of_last_note(data)  # a note cut in two by the read's end is read whole next time
+            problem, kept = _judge(highest, list(_signed(data[:whole], verifiers)), root_at)
+            offset = start + whole
+        _store(
+            target,
+            {
+                "file": identity,
+                "offset": offset,
+                "highest": kept.note if kept is not None else None,
+                "problem": problem,
+            },
+        )
         return Scanned(kept, problem)
+
+
+#: bytes at a file's start that, with its device and inode, tell it apart from a later file that
+#: reuses the inode of one deleted
+HEAD_BYTES = 128
+
+
+def _identity(path: Path) -> list[object] | None:
+    """[device, inode, digest of the first HEAD_BYTES] of the file at ``path``; None if there is none."""
+    try:
+        with path.open("rb") as file:
+            status = os.fstat(file.fileno())
+            head = file.read(HEAD_BYTES)
+    except FileNotFoundError:
+        return None
+    return [status.st_dev, status.st_ino, hashlib.sha256(head).hexdigest()[:16], len(head)]
+
+
+def _same(identity: list[object], path: Path) -> bool:
+    """Whether ``path`` is the file ``identity`` was taken of (its start may have grown since)."""
+    found = _identity(path)
+    if found is None or found[:2] != identity[:2]:
+        return False
+    with path.open("rb") as file:
+        head = file.read(int(str(identity[3])))
+    return hashlib.sha256(head).hexdigest()[:16] == identity[2]
+
+
+def _next(witness: Path, state: dict[str, object]) -> tuple[list[object], int, bytes] | str | None:
+    """(the identity of the file read, the offset read from, the bytes) of what comes next: the rest of
+    the file the last scan read, if it was renamed since, else what was appended to ``witness``; a
+    problem; or None when there is no file yet."""
+    kept = state.get("file")
+    saved = list(kept) if isinstance(kept, list) and len(kept) == 4 else None
+    offset = int(str(state.get("offset", 0))) if saved is not None else 0
+    path = witness
+    if saved is not None and not _same(saved, witness):
+        old = _find(witness.parent, saved)
+        if old is None:
+            return (
+                "the witness file was rotated, and the file it was renamed to is gone (compressed or deleted) "
+                "before this check read all of it: keep the last rotated file as it is (logrotate's delaycompress)"
+            )
+        path = old
+        if offset >= old.stat().st_size:  # read to its end: go on with the new file from its start
+            path, saved, offset = witness, None, 0
+    if saved is None:
+        saved = _identity(witness)
+        if saved is None:
+            return None
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size < offset:
+            return "the witness file is shorter than this check last read it: it was cut (never copytruncate it)"
+        file.seek(offset)
+        return saved, offset, file.read(min(SCAN_BYTES, size - offset))
+
+
+def _find(folder: Path, identity: list[object]) -> Path | None:
+    """The file in ``folder`` that ``identity`` was taken of, if it is still there."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and _same(identity, Path(entry.path)):
+                    return Path(entry.path)
+    return None
 
 
 def _judge(highest: Signed | None, notes: list[Signed], root_at: RootAt) -> tuple[str | None, Signed | None]:

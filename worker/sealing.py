@@ -87,14 +87,17 @@ def check(config: Settings, keys: SigningKeys, *, budget: float = CHECK_BUDGET_S
     most about ``budget`` seconds, and store the result: where the next check resumes. First, what
     was appended to the witness file since the last check (:func:`witness_scan.scan`): a rewound log
     fails the check there."""
+    global _keys
     deadline = time.monotonic() + budget
     witness = config.audit_witness_file  # read from its end: the notes of trees from start on
     with session_scope(config) as session:
-        scanned = (
-            witness_scan.scan(witness, keys.verifiers, audit_resume.stored_roots(session))
-            if witness is not None
-            else witness_scan.Scanned(None, None)
-        )
+        scanned = witness_scan.Scanned(None, None)
+        if witness is not None:
+            scanned = witness_scan.scan(witness, keys.verifiers, audit_resume.stored_roots(session))
+            if scanned.unverified:  # signed with a key newer than this process's: read the key file again
+                _keys = None
+                keys = _signing_keys(config)
+                scanned = witness_scan.scan(witness, keys.verifiers, audit_resume.stored_roots(session))
         highest = scanned.highest.checkpoint if scanned.highest is not None else None
         if scanned.problem is not None:
             report = audit_verify.LogReport(False, 0, 0, reason=scanned.problem)

@@ -311,7 +311,7 @@ async def verify_chain(response: Response, app: State, caller: AuthenticatedCall
 
     def read(session: Session) -> Row[Any] | None:
         limit(caller, app, "read")
-        row = audit_resume.latest_result(session)
+        row = audit_resume.latest_verdict(session)
         record_auditor_access(
             session,
             caller,

@@ -32,9 +32,11 @@ router = APIRouter(tags=["health"])
 #: seconds a readiness check waits for each dependency
 READINESS_BOUND_S = 2.0
 NO_ANSWER = f"unreachable (no answer in {READINESS_BOUND_S:g} s)"
-#: checks that may be under way at once; a probe that finds them all taken counts as no answer
-CHECK_THREADS = 2
+#: check threads that may be under way at once (each dependency of each app has at most one: probes
+#: that come while it runs wait for its answer); a probe that finds them all taken counts as no answer
+CHECK_THREADS = 4
 _slots = threading.BoundedSemaphore(CHECK_THREADS)
+_under_way: dict[tuple[str, int], asyncio.Future[BaseException | None]] = {}
 
 
 @router.get("/healthz", response_model=Health, summary="The process is alive")
@@ -55,13 +57,19 @@ async def readyz(app: State, response: Response) -> Readiness:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
 
-    redis_answer = asyncio.ensure_future(_answer(app.redis.ping))
+    def busy() -> bool:  # each connection serves a request, and one came back a moment ago
+        pool, returned = engine.pool, seconds_since_a_connection_was_returned(engine)
+        full = isinstance(pool, QueuePool) and pool.checkedout() >= pool.size()
+        return full and returned is not None and returned < READINESS_BOUND_S
+
+    redis_answer = asyncio.ensure_future(_answer("redis", app.redis, app.redis.ping))
     pool = engine.pool
-    if isinstance(pool, QueuePool) and pool.checkedout() >= pool.size():  # each serves a request
-        returned = seconds_since_a_connection_was_returned(engine)
-        postgres_answer = "busy" if returned is not None and returned < READINESS_BOUND_S else NO_ANSWER
+    if isinstance(pool, QueuePool) and pool.checkedout() >= pool.size():
+        postgres_answer = "busy" if busy() else NO_ANSWER
     else:
-        postgres_answer = await _answer(postgres)
+        postgres_answer = await _answer("postgres", engine, postgres)
+        if postgres_answer == NO_ANSWER and busy():  # the pool filled up while the check waited in it
+            postgres_answer = "busy"
     checks = {"postgres": postgres_answer, "redis": await redis_answer}
     ready = all(value in ("ok", "busy") for value in checks.values())
     if not ready:
@@ -77,13 +85,36 @@ router.add_api_route("/healthz", healthz, methods=["HEAD"], response_model=Healt
 router.add_api_route("/readyz", readyz, methods=["HEAD"], response_model=Readiness, include_in_schema=False)
 
 
-async def _answer(check: Callable[[], object]) -> str:
+async def _answer(name: str, target: object, check: Callable[[], object]) -> str:
     """The answer "ok", or why not: the check raised, or gave no answer within READINESS_BOUND_S. It
-    runs on a daemon thread (one stuck on a dead peer must not hold up the process's exit)."""
-    if not _slots.acquire(blocking=False):
-        return NO_ANSWER  # every check thread is still waiting on an earlier probe's check
+    runs on a daemon thread (one stuck on a dead peer must not hold up the process's exit); probes
+    that come while a check of the same dependency runs wait for its answer instead of starting one."""
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[BaseException | None] = loop.create_future()
+    key = (name, id(target))
+    running = _under_way.get(key)
+    if running is None or running.done() or running.get_loop() is not loop:
+        if not _slots.acquire(blocking=False):
+            return NO_ANSWER  # every check thread still waits on a dependency that does not answer
+        running = _under_way[key] = loop.create_future()
+        _start(check, loop, running, key)
+    try:
+        failure = await asyncio.wait_for(asyncio.shield(running), READINESS_BOUND_S)
+    except TimeoutError:
+        return NO_ANSWER
+    return "ok" if failure is None else f"unreachable ({type(failure).__name__})"
+
+
+def _start(
+    check: Callable[[], object],
+    loop: asyncio.AbstractEventLoop,
+    done: asyncio.Future[BaseException | None],
+    key: tuple[str, int],
+) -> None:
+    def settle(outcome: BaseException | None) -> None:
+        if _under_way.get(key) is done:
+            del _under_way[key]
+        if not done.done():
+            done.set_result(outcome)
 
     def run() -> None:
         outcome: BaseException | None = None
@@ -96,13 +127,4 @@ async def _answer(check: Callable[[], object]) -> str:
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
             loop.call_soon_threadsafe(settle, outcome)
 
-    def settle(outcome: BaseException | None) -> None:
-        if not done.done():  # cancelled when the wait gave up
-            done.set_result(outcome)
-
     threading.Thread(target=run, name="dermq-readyz", daemon=True).start()
-    try:
-        failure = await asyncio.wait_for(done, READINESS_BOUND_S)
-    except TimeoutError:
-        return NO_ANSWER
-    return "ok" if failure is None else f"unreachable ({type(failure).__name__})"

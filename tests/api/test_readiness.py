@@ -80,3 +80,16 @@ def test_health_and_readiness_answer_head_requests_without_a_body(live_api: str)
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 "), (path, head)
         assert b"content-type: application/json" in head.lower() and body == b"", (path, answer)
+
+
+def test_probes_that_come_at_once_all_get_the_answer(live_api: str) -> None:
+    # a kubelet, a load balancer and an uptime checker probe independently: a probe that comes while
+    # another's check runs shares its answer (each started a check of its own, and a third found no
+    # thread left for it: "unreachable")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: httpx.get(f"{live_api}/readyz", timeout=10), range(24)))
+    assert [a.status_code for a in answers] == [200] * 24, [a.text for a in answers if a.status_code != 200]

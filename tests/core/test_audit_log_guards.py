@@ -252,8 +252,13 @@ def test_a_check_out_of_time_stops_at_a_signed_checkpoint_and_the_next_one_goes_
     runtime = roles_db["runtime"]
     record_and_seal(runtime, keys, 4)  # a signed checkpoint at each size
     reports = [check(runtime, keys, budget=0)]  # out of time at once: stops at each checkpoint it meets
+    with session_scope(runtime) as session:  # auditors are told no verdict until one reaches the end
+        assert audit_resume.latest_verdict(session) is None
     while not reports[-1].complete and len(reports) < 10:
         reports.append(check(runtime, keys, budget=0))
+    with session_scope(runtime) as session:
+        verdict = audit_resume.latest_verdict(session)
+        assert verdict is not None and (verdict.ok, verdict.size) == (True, 4)
     assert [(r.ok, r.size, r.complete) for r in reports] == [
         (True, 1, False),
         (True, 2, False),

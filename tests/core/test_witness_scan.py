@@ -95,3 +95,43 @@ def test_a_long_file_is_read_over_several_checks_and_a_note_cut_by_a_read_is_rea
         if scanned.highest.size == 200:
             break
     assert seen == sorted(seen) and 5 < len(seen) < 12
+
+
+def test_what_a_renamed_file_got_after_the_last_scan_is_read_before_the_new_file(tmp_path: Path) -> None:
+    # The insider rewinds just after a rotation, to a place past the last scan's largest checkpoint:
+    # only the old file's unread end still holds the history that was dropped.
+    path, other = tmp_path / "witness.log", FIRST[:45] + [merkle.leaf_hash(b"other %d" % i) for i in range(155)]
+    for size in range(1, 11):
+        witness.append(path, note(size))
+    assert scan(path, other).problem is None  # 1..10: the same in both histories
+    for size in range(11, 61):
+        witness.append(path, note(size))  # not read by any check yet
+    os.replace(path, tmp_path / "witness.log.1")
+    for size in (50, 55):
+        witness.append(path, note(size, other))
+    caught = scan(path, other, size=55)
+    assert caught.problem is not None and "not those of the witness file's checkpoint" in caught.problem
+
+
+def test_a_renamed_file_gone_before_a_scan_read_it_to_its_end_is_a_problem(tmp_path: Path) -> None:
+    path = tmp_path / "witness.log"
+    witness.append(path, note(1))
+    assert scan(path).problem is None
+    witness.append(path, note(2))
+    os.replace(path, tmp_path / "witness.log.1")
+    os.remove(tmp_path / "witness.log.1")  # compressed (or deleted) at once
+    witness.append(path, note(3))
+    gone = scan(path)
+    assert gone.problem is not None and "delaycompress" in gone.problem
+
+
+def test_a_largest_checkpoint_signed_with_a_newer_key_is_left_as_it_is_until_the_key_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "witness.log"
+    newer = checkpoint.generate("dermq.test/audit")
+    witness.append(path, note(1))
+    witness.append(path, Checkpoint("dermq.test/audit", 2, root(FIRST, 2), datetime.now(UTC)).sign(newer.signer))
+    both = [*KEYS.verifiers, *newer.verifiers]
+    assert witness_scan.scan(path, both, stored_tree_is(FIRST)).highest.size == 2  # type: ignore[union-attr]
+    stale = witness_scan.scan(path, KEYS.verifiers, stored_tree_is(FIRST))  # a child started before rotation
+    assert stale.unverified and stale.problem is None
+    assert witness_scan.scan(path, both, stored_tree_is(FIRST)).highest.size == 2  # type: ignore[union-attr]
