@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from core.checkpoint import Checkpoint, CheckpointError, Verifier, parse
 from core.witness import end_of_last_note, read_notes
@@ -71,11 +72,11 @@ def scan(witness: Path, verifiers: Sequence[Verifier], root_at: RootAt) -> Scann
         state = _load(target)
         saved = state.get("highest")
         highest = _parse(saved, verifiers)
-        if saved is not None and highest is None:
-            # signed with a key this process does not hold yet (a rotation rolling out): scan nothing
-            return Scanned(None, None, unverified=True)
         if state.get("problem"):
             return Scanned(highest, str(state["problem"]))
+        if saved is not None and highest is None:
+            # signed with a key this process does not hold (yet: a rotation rolling out): scan nothing
+            return Scanned(None, None, unverified=True)
         read = _next(witness, state)
         problem: str | None
         if isinstance(read, str):
@@ -83,10 +84,11 @@ def scan(witness: Path, verifiers: Sequence[Verifier], root_at: RootAt) -> Scann
         elif read is None:
             return Scanned(highest, None)
         else:
-            identity, start, data = read
-            whole = end_of_last_note(data)  # a note cut in two by the read's end is read whole next time
-            problem, kept = _judge(highest, list(_signed(data[:whole], verifiers)), root_at)
-            offset = start + whole
+            whole = end_of_last_note(read.data)  # a note cut in two by the read's end is read whole next time
+            if read.renamed and read.start + len(read.data) == read.size:
+                whole = len(read.data)  # a renamed file's end: a torn note there gets no end any more
+            problem, kept = _judge(highest, list(_signed(read.data[:whole], verifiers)), root_at)
+            identity, offset = read.identity, read.start + whole
         _store(
             target,
             {
@@ -104,65 +106,100 @@ def scan(witness: Path, verifiers: Sequence[Verifier], root_at: RootAt) -> Scann
 HEAD_BYTES = 128
 
 
-def _identity(path: Path) -> list[object] | None:
-    """[device, inode, digest of the first HEAD_BYTES] of the file at ``path``; None if there is none."""
+@dataclass(frozen=True)
+class _Read:
+    identity: list[object]  # [device, inode, digest of the head, the head's length]
+    start: int
+    data: bytes
+    size: int
+    renamed: bool  # read from the file the last scan read, renamed since
+
+
+def _opened(path: Path) -> tuple[IO[bytes], list[object]] | None:
+    """The file at ``path``, open, and its identity (taken of the open file); None if there is none."""
     try:
-        with path.open("rb") as file:
-            status = os.fstat(file.fileno())
-            head = file.read(HEAD_BYTES)
+        file = path.open("rb")
     except FileNotFoundError:
         return None
-    return [status.st_dev, status.st_ino, hashlib.sha256(head).hexdigest()[:16], len(head)]
+    status = os.fstat(file.fileno())
+    head = os.pread(file.fileno(), HEAD_BYTES, 0)
+    return file, [status.st_dev, status.st_ino, _digest(head), len(head)]
 
 
-def _same(identity: list[object], path: Path) -> bool:
-    """Whether ``path`` is the file ``identity`` was taken of (its start may have grown since)."""
-    found = _identity(path)
-    if found is None or found[:2] != identity[:2]:
-        return False
-    with path.open("rb") as file:
-        head = file.read(int(str(identity[3])))
-    return hashlib.sha256(head).hexdigest()[:16] == identity[2]
+def _digest(head: bytes) -> str:
+    return hashlib.sha256(head).hexdigest()[:16]
 
 
-def _next(witness: Path, state: dict[str, object]) -> tuple[list[object], int, bytes] | str | None:
-    """(the identity of the file read, the offset read from, the bytes) of what comes next: the rest of
-    the file the last scan read, if it was renamed since, else what was appended to ``witness``; a
-    problem; or None when there is no file yet."""
+def _same_start(saved: list[object], file: IO[bytes]) -> bool:
+    """Whether ``file`` starts with the head ``saved`` was taken of."""
+    return _digest(os.pread(file.fileno(), int(str(saved[3])), 0)) == saved[2]
+
+
+def _next(witness: Path, state: dict[str, object]) -> _Read | str | None:
+    """What comes next: the rest of the file the last scan read, if it was renamed since, else what was
+    appended to ``witness``; a problem; or None when there is nothing to read."""
     kept = state.get("file")
     saved = list(kept) if isinstance(kept, list) and len(kept) == 4 else None
     offset = int(str(state.get("offset", 0))) if saved is not None else 0
-    path = witness
-    if saved is not None and not _same(saved, witness):
-        old = _find(witness.parent, saved)
-        if old is None:
-            return (
-                "the witness file was rotated, and the file it was renamed to is gone (compressed or deleted) "
-                "before this check read all of it: keep the last rotated file as it is (logrotate's delaycompress)"
-            )
-        path = old
-        if offset >= old.stat().st_size:  # read to its end: go on with the new file from its start
-            path, saved, offset = witness, None, 0
-    if saved is None:
-        saved = _identity(witness)
-        if saved is None:
+    current = _opened(witness)
+    try:
+        if saved is not None and (current is None or current[1][:2] != saved[:2] or not _same_start(saved, current[0])):
+            old = _find(witness.parent, saved, offset)
+            if old is None:
+                return (
+                    "the witness file was rotated, and the file it was renamed to is gone (compressed or "
+                    "deleted) before this check read all of it: keep the last rotated file as it is "
+                    "(logrotate's delaycompress)"
+                )
+            file, identity = old
+            with file:
+                size = os.fstat(file.fileno()).st_size
+                if offset < size:  # (a file found under a new device number may be the current one)
+                    renamed = current is None or identity[:2] != current[1][:2]
+                    return _Read(identity, offset, _read(file, offset, size), size, renamed)
+            saved, offset = None, 0  # the renamed file is read to its end: go on with the new one
+        if current is None:
             return None
-    with path.open("rb") as file:
+        file, identity = current
+        if saved is not None and int(str(saved[3])) < HEAD_BYTES:
+            saved = identity  # taken while the file was shorter: its longer head tells it apart better
         size = os.fstat(file.fileno()).st_size
         if size < offset:
             return "the witness file is shorter than this check last read it: it was cut (never copytruncate it)"
-        file.seek(offset)
-        return saved, offset, file.read(min(SCAN_BYTES, size - offset))
+        return _Read(saved or identity, offset, _read(file, offset, size), size, False)
+    finally:
+        if current is not None:
+            current[0].close()
 
 
-def _find(folder: Path, identity: list[object]) -> Path | None:
-    """The file in ``folder`` that ``identity`` was taken of, if it is still there."""
+def _read(file: IO[bytes], offset: int, size: int) -> bytes:
+    return os.pread(file.fileno(), min(SCAN_BYTES, size - offset), offset)
+
+
+def _find(folder: Path, saved: list[object], offset: int) -> tuple[IO[bytes], list[object]] | None:
+    """The file in ``folder`` that ``saved`` was taken of, open: the one with its device, inode and
+    head; else one with its head and at least ``offset`` bytes (a device renumbered by a reboot, a
+    volume copied to another host)."""
+    fallback = None
     with os.scandir(folder) as entries:
         for entry in entries:
-            with contextlib.suppress(OSError):
-                if entry.is_file(follow_symlinks=False) and _same(identity, Path(entry.path)):
-                    return Path(entry.path)
-    return None
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            opened = _opened(Path(entry.path))
+            if opened is None:
+                continue
+            file, identity = opened
+            exact = identity[:2] == saved[:2]
+            if _same_start(saved, file) and (exact or os.fstat(file.fileno()).st_size >= offset):
+                if exact:
+                    if fallback is not None:
+                        fallback[0].close()
+                    return opened
+                if fallback is None:
+                    fallback = opened
+                    continue
+            file.close()
+    return fallback
 
 
 def _judge(highest: Signed | None, notes: list[Signed], root_at: RootAt) -> tuple[str | None, Signed | None]:

@@ -99,7 +99,10 @@ def check(config: Settings, keys: SigningKeys, *, budget: float = CHECK_BUDGET_S
                 keys = _signing_keys(config)
                 scanned = witness_scan.scan(witness, keys.verifiers, audit_resume.stored_roots(session))
         highest = scanned.highest.checkpoint if scanned.highest is not None else None
-        if scanned.problem is not None:
+        if scanned.unverified:  # still: the key file lost a verifier key (replaced without its retired ones?)
+            reason = "the witness file's largest checkpoint is signed with a key the signing key file does not hold"
+            report = audit_verify.LogReport(False, 0, 0, reason=reason)
+        elif scanned.problem is not None:
             report = audit_verify.LogReport(False, 0, 0, reason=scanned.problem)
         else:
             start = audit_resume.resume_point(session)

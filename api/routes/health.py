@@ -127,4 +127,8 @@ def _start(
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
             loop.call_soon_threadsafe(settle, outcome)
 
-    threading.Thread(target=run, name="dermq-readyz", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="dermq-readyz", daemon=True).start()
+    except RuntimeError as exc:  # no thread could be started: this probe's answer, and nothing left held
+        _slots.release()
+        settle(exc)

@@ -4,6 +4,7 @@ resumes from. Histories here are lists of leaves; ``extends`` is what the stored
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,3 +136,54 @@ def test_a_largest_checkpoint_signed_with_a_newer_key_is_left_as_it_is_until_the
     stale = witness_scan.scan(path, KEYS.verifiers, stored_tree_is(FIRST))  # a child started before rotation
     assert stale.unverified and stale.problem is None
     assert witness_scan.scan(path, both, stored_tree_is(FIRST)).highest.size == 2  # type: ignore[union-attr]
+
+
+def test_an_honest_rotation_reads_the_old_file_to_its_end_then_the_new_one_from_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "witness.log"
+    for size in range(1, 6):
+        witness.append(path, note(size))
+    assert scan(path).highest.size == 5  # type: ignore[union-attr]
+    witness.append(path, note(6))
+    os.replace(path, tmp_path / "witness.log.1")  # logrotate: rename, then create
+    path.touch()
+    assert scan(path).highest.size == 6  # type: ignore[union-attr]  # the old file's last note
+    assert scan(path).highest.size == 6  # type: ignore[union-attr]  # the new one, empty so far
+    witness.append(path, note(7))
+    witness.append(path, note(8))
+    later = scan(path)
+    assert later.problem is None and later.highest.size == 8  # type: ignore[union-attr]
+
+
+def test_a_torn_note_at_the_end_of_a_renamed_file_does_not_hold_the_scan_there(tmp_path: Path) -> None:
+    path = tmp_path / "witness.log"
+    witness.append(path, note(1))
+    assert scan(path).problem is None
+    with path.open("ab") as file:  # a sealer that crashed in the middle of an append
+        file.write(note(2).encode()[:60])
+    os.replace(path, tmp_path / "witness.log.1")
+    witness.append(path, note(3))
+    scan(path)  # the old file's torn end
+    assert scan(path).highest.size == 3  # type: ignore[union-attr]  # then the new file
+
+
+def test_a_file_whose_device_number_changed_is_read_on_from_where_the_scan_left_it(tmp_path: Path) -> None:
+    path = tmp_path / "witness.log"
+    for size in range(1, 4):
+        witness.append(path, note(size))
+    assert scan(path).problem is None
+    state = json.loads(witness_scan.state_path(path).read_text())
+    state["file"][0] += 1  # a reboot numbered the volume's device anew
+    witness_scan.state_path(path).write_text(json.dumps(state))
+    witness.append(path, note(4))
+    moved = scan(path)
+    assert moved.problem is None and moved.highest.size == 4  # type: ignore[union-attr]
+
+
+def test_a_problem_found_stays_whatever_keys_a_later_check_holds(tmp_path: Path) -> None:
+    path = tmp_path / "witness.log"
+    for size in range(1, 11):
+        witness.append(path, note(size))
+    assert scan(path, FIRST, size=5).problem is not None  # the database holds fewer
+    stranger = checkpoint.generate("dermq.test/audit")  # a process that holds another key only
+    again = witness_scan.scan(path, stranger.verifiers, stored_tree_is(FIRST))
+    assert again.problem is not None and not again.unverified
