@@ -30,8 +30,8 @@ from core.witness import end_of_last_note, read_notes
 
 #: bytes of the file read at most per check: a file from before this scan existed, or one that
 #: grew for a long time without a check, is read over several checks. About 19,000 notes, each
-#: compared with the stored tree (a node or two read from Postgres per note, the rest cached): a few
-#: seconds, beside the walk's 30 s, under the task's time limit; a minute's notes take milliseconds
+#: compared with the stored tree (a node or two read from Postgres per note, the rest cached; not
+#: measured at that size), beside the walk's 30 s under the task's time limit
 SCAN_BYTES = 4 << 20
 #: the stored tree's root at a size (None: the stored tree is smaller, or lacks a node it needs)
 RootAt = Callable[[int], bytes | None]
