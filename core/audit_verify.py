@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from core import audit_resume, merkle
+from core import audit_log, audit_resume, merkle
 from core import witness as witness_file
 from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
 from core.audit_chain import verify_chain as verify_old_chain
@@ -98,16 +98,22 @@ def _rows(session: Session, start: int, batch: int) -> Iterator[tuple[int, int, 
 
 
 def trusted_roots(
-    session: Session, verifiers: Sequence[Verifier] | None, witness: Path | None = None, *, since: int = 0
+    session: Session,
+    verifiers: Sequence[Verifier] | None,
+    witness: Path | None = None,
+    *,
+    since: int = 0,
+    until: int | None = None,
 ) -> tuple[dict[int, list[bytes]], str | None]:
     """Checkpoint roots by tree size: stored ones (signature-checked when ``verifiers`` are given) and
     the witness file's (read from its end as far as ``since`` needs, and its highest). Returns
     them and the first problem with a stored checkpoint, if any. With ``since``, only checkpoints of
     that many events or more: a check that resumes there needs no older one, and their signatures
-    are not checked again (they were, by the check it resumes)."""
+    are not checked again (they were, by the check it resumes). With ``until``, none of more events:
+    what a check that stops there needs."""
     roots: dict[int, list[bytes]] = {}
     problem = None
-    for stored in checkpoints(session, at_least=since):
+    for stored in checkpoints(session, at_least=since, up_to=until):
         if verifiers is not None:
             try:
                 parsed = parse(stored.note, list(verifiers))
@@ -120,7 +126,8 @@ def trusted_roots(
         roots.setdefault(stored.size, []).append(stored.root)
     if verifiers is not None:
         for note in witness_file.notes(witness, since):
-            if witness_file.note_size(note) < since:
+            size = witness_file.note_size(note)
+            if size < since or (until is not None and size > until):
                 continue
             try:
                 parsed = parse(note, list(verifiers))
@@ -139,12 +146,14 @@ def walk(
     batch: int = 5000,
     every: bool = False,
     deadline: float | None = None,
+    until: int | None = None,
 ) -> LogReport:
     """Recompute the log from position ``start.size`` on and compare with ``roots`` at each size.
 
     With ``deadline`` (a ``time.monotonic()`` reading), a walk that passes it stops at the next size
     whose signed checkpoint it matched, with an incomplete report: a check resumed from there later
-    is vouched for by that checkpoint (:func:`verify_log`).
+    is vouched for by that checkpoint (:func:`verify_log`). With ``until`` (the size of a signed
+    checkpoint short of the log's end), it stops there the same way.
 
     Stops at the first problem, or with ``every`` goes on past it and lists them all: an edited or
     removed event row is reported and its stored leaf stands in for it, so later checkpoints can
@@ -206,7 +215,8 @@ def walk(
                     return report()
             else:
                 matched += 1
-                if deadline is not None and not problems and time.monotonic() >= deadline:
+                out_of_time = deadline is not None and time.monotonic() >= deadline
+                if not problems and (out_of_time or (until is not None and compact.size >= until)):
                     partial = LogReport(True, checked, compact.size, compact.root(), checkpoints=matched)
                     partial.frontier, partial.complete = list(compact.hashes), False
                     return partial
@@ -275,19 +285,24 @@ def verify_log(
     every: bool = False,
     deadline: float | None = None,
     highest: Checkpoint | None = None,
+    window: int | None = None,
 ) -> LogReport:
     """The whole log (or from a verified ``start``) against every trusted checkpoint; also the old chain.
     With ``deadline``, it may stop short of the log's end (:func:`walk`; the report says it is not
     complete). ``highest``: the largest checkpoint the witness file has held (:mod:`core.witness_scan`),
-    signature checked; a resume point must extend it, and the walk meets it if it is larger.
+    signature checked; a resume point must extend it, and the walk meets it if it is larger. With
+    ``window``, a check far behind the log's end (catching up) loads the checkpoints of about that many
+    events past its start only, and stops at the last of them.
 
     With ``verifiers=None`` the stored checkpoints are taken as they are (no signature check): a
     self-consistency check for tests and the worker's quick check, not proof against an insider.
     """
-    roots, problem = trusted_roots(session, verifiers, witness, since=start.size if start else 0)
+    until = _window_end(session, start.size if start else 0, window)
+    roots, problem = trusted_roots(session, verifiers, witness, since=start.size if start else 0, until=until)
     if start is not None and verifiers is not None and not audit_resume.trusted_start(session, start, roots, highest):
         start = None  # the whole log is checked again
-        roots, problem = trusted_roots(session, verifiers, witness)
+        until = _window_end(session, 0, window)
+        roots, problem = trusted_roots(session, verifiers, witness, until=until)
     if highest is not None and highest.size >= (start.size if start else 0):
         roots.setdefault(highest.size, []).append(highest.root)
     if start is None:
@@ -295,10 +310,22 @@ def verify_log(
         if not old.ok:
             return LogReport(False, 0, 0, None, None, old.first_bad_id, f"pre-log chain: {old.reason}")
     after = start.size if start is not None else 0  # before the walk: it extends ``start`` in place
-    report = walk(session, roots, start=start, every=every, deadline=deadline)
+    report = walk(session, roots, start=start, every=every, deadline=deadline, until=until)
     if report.ok and problem:
         report.ok, report.reason = False, problem
     return _with_skipped(session, report, after=after)
+
+
+def _window_end(session: Session, since: int, window: int | None) -> int | None:
+    """The size of the last stored checkpoint within ``window`` events past ``since``, when the log goes
+    on beyond it; None: no window (the check may walk to the log's end)."""
+    if window is None:
+        return None
+    end = session.scalar(
+        text("SELECT max(size) FROM audit_checkpoints WHERE size > :since AND size <= :limit"),
+        {"since": since, "limit": since + window},
+    )
+    return int(end) if end is not None and end < audit_log.tree_size(session) else None
 
 
 def verify_against(

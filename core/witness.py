@@ -23,6 +23,9 @@ from core.checkpoint import DASH
 
 #: bytes read from the end of the file at first; each further read takes four times as much
 BLOCK = 1 << 16
+#: bytes a tail read takes at most: a check far behind the file's end (catching up) compares with the
+#: stored checkpoints there, and the scan compared each of those notes with the stored tree already
+TAIL_BYTES = 16 << 20
 #: notes of a tree smaller than the one asked for that a tail read goes past before it stops: sealers
 #: that run at once (a worker's children) append their notes in the order they finish, a few apart
 SLACK = 16
@@ -97,7 +100,7 @@ def notes(path: Path | None, since: int = 0) -> Iterator[str]:
 
 def _tail(file: IO[bytes], since: int) -> list[str]:
     end = os.fstat(file.fileno()).st_size
-    block = BLOCK
+    block = min(BLOCK, TAIL_BYTES)
     while True:
         start = max(0, end - block)
         file.seek(start)
@@ -105,9 +108,9 @@ def _tail(file: IO[bytes], since: int) -> list[str]:
         if start > 0:
             data = data[_after_first_note_end(data) :]
         found = read_notes(data.decode("utf-8", errors="replace"))
-        if start == 0 or sum(note_size(note) < since for note in found) >= SLACK:
+        if start == 0 or block >= TAIL_BYTES or sum(note_size(note) < since for note in found) >= SLACK:
             return found
-        block *= 4
+        block = min(block * 4, TAIL_BYTES)
 
 
 def end_of_last_note(data: bytes) -> int:

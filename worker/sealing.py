@@ -80,9 +80,14 @@ def _refused(exc: audit_log.TamperedLog) -> None:
 #: after a failure or on its first check) would run past the task's time limit, store nothing, and
 #: start over each minute
 CHECK_BUDGET_SECONDS = 30.0
+#: events past its start whose checkpoints a check loads, when it is catching up far behind the log's
+#: end (about what a 30 s walk covers): it stops at the last of them, as at the budget's end
+CHECK_WINDOW_EVENTS = 2_000_000
 
 
-def check(config: Settings, keys: SigningKeys, *, budget: float = CHECK_BUDGET_SECONDS) -> audit_verify.LogReport:
+def check(
+    config: Settings, keys: SigningKeys, *, budget: float = CHECK_BUDGET_SECONDS, window: int = CHECK_WINDOW_EVENTS
+) -> audit_verify.LogReport:
     """Verify what was sealed since the last good check (:func:`audit_resume.resume_point`), for at
     most about ``budget`` seconds, and store the result: where the next check resumes. First, what
     was appended to the witness file since the last check (:func:`witness_scan.scan`): a rewound log
@@ -107,7 +112,13 @@ def check(config: Settings, keys: SigningKeys, *, budget: float = CHECK_BUDGET_S
         else:
             start = audit_resume.resume_point(session)
             report = audit_verify.verify_log(
-                session, verifiers=keys.verifiers, witness=witness, start=start, deadline=deadline, highest=highest
+                session,
+                verifiers=keys.verifiers,
+                witness=witness,
+                start=start,
+                deadline=deadline,
+                highest=highest,
+                window=window,
             )
         audit_resume.report_row(session, report)
     return report

@@ -284,3 +284,19 @@ def test_after_a_failure_the_check_walks_again_from_the_last_good_place_before_i
     again = check(runtime, keys)
     assert (failed.ok, failed.first_bad_seq, failed.first_bad_event_id) == (False, 4, ids[4]), failed
     assert (again.ok, again.first_bad_seq) == (False, 4) and again.checked == 1  # from 3 (from 0: 4 walked)
+
+
+def test_a_check_far_behind_loads_a_window_of_checkpoints_and_stops_at_its_last(  # type: ignore[no-untyped-def]
+    roles_db, settings: Settings
+) -> None:
+    # catching up (the first check of a long log, or after a failure): loading every checkpoint from
+    # its start on (one a second, 31 million a year) would not fit the task, whatever the walk's budget
+    from worker.sealing import check
+
+    keys = checkpoint.load_signing_keys(settings)
+    runtime = roles_db["runtime"]
+    record_and_seal(runtime, keys, 5)
+    reports = [check(runtime, keys, window=2)]
+    while not reports[-1].complete and len(reports) < 10:
+        reports.append(check(runtime, keys, window=2))
+    assert [(r.ok, r.size, r.complete) for r in reports] == [(True, 2, False), (True, 4, False), (True, 5, True)]

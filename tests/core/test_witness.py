@@ -86,3 +86,12 @@ def test_a_missing_file_holds_no_note_and_a_renamed_one_is_started_afresh(tmp_pa
     ]
     for since in (0, 2):
         assert list(witness.notes(path, since)) == witness.read_notes(path.read_text())
+
+
+def test_a_tail_read_far_behind_the_end_reads_no_more_than_its_bound(
+    long_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a check catching up from the start of a long log compares with the stored checkpoints there
+    monkeypatch.setattr(witness, "TAIL_BYTES", 50_000)
+    read = sizes(list(witness.notes(long_file, 1)))
+    assert read[-1] == 3000 and 100 < len(read) < 300  # about 50 KB of notes, from the end
