@@ -243,11 +243,16 @@ _SKIPPED = text(
 )
 
 
-def skipped_events(session: Session, limit: int = 100, *, after: int = 0) -> list[int]:
+def skipped_events(session: Session, limit: int = 100, *, after: int = 0, upto: int | None = None) -> list[int]:
     """Ids of committed events older than the last sealed one that have no position in the log (the
     first ``limit``). With ``after``, only those younger than the event at position ``after - 1``: what
-    was sealed since a check that verified ``after`` positions (an index range, not the whole table)."""
-    high = session.execute(text(f"{_LEAF_EVENT} ORDER BY l.seq DESC LIMIT 1")).first()
+    was sealed since a check that verified ``after`` positions (an index range, not the whole table).
+    With ``upto``, only those older than the event at position ``upto - 1`` (what a check that stopped
+    there walked past; the next check looks further)."""
+    if upto is not None:
+        high = session.execute(text(f"{_LEAF_EVENT} WHERE l.seq = :seq"), {"seq": upto - 1}).first()
+    else:
+        high = session.execute(text(f"{_LEAF_EVENT} ORDER BY l.seq DESC LIMIT 1")).first()
     if high is None:
         return []
     low = session.execute(text(f"{_LEAF_EVENT} WHERE l.seq = :seq"), {"seq": after - 1}).first() if after else None
@@ -262,8 +267,9 @@ def skipped_events(session: Session, limit: int = 100, *, after: int = 0) -> lis
 
 
 def _with_skipped(session: Session, report: LogReport, *, after: int = 0) -> LogReport:
-    """``report`` with the events the log skipped (:func:`skipped_events`) added as problems."""
-    skipped = skipped_events(session, after=after)
+    """``report`` with the events the log skipped (:func:`skipped_events`) added as problems: among
+    those the walk went past, when it stopped short of the log's end."""
+    skipped = skipped_events(session, after=after, upto=None if report.complete else report.size)
     if not skipped:
         return report
     found: list[tuple[int, int | None, str]] = [
