@@ -118,7 +118,7 @@ def end_of_last_note(data: bytes) -> int:
     stops in the middle of a note keeps none of it."""
     at = data.rfind(_BOUNDARY)
     while at >= 0:
-        if data.startswith(_SIGNATURE, data.rfind(b"\n", 0, at) + 1):
+        if _ends_a_note(data, at):
             return at + len(_BOUNDARY)
         at = data.rfind(_BOUNDARY, 0, at)
     return 0
@@ -129,8 +129,13 @@ def _after_first_note_end(data: bytes) -> int:
     ``len(data)`` when ``data`` holds none, so that a read starting mid-note keeps no part of it."""
     at = data.find(_BOUNDARY)
     while at >= 0:
-        line_start = data.rfind(b"\n", 0, at) + 1
-        if data.startswith(_SIGNATURE, line_start):
+        if _ends_a_note(data, at):
             return at + len(_BOUNDARY)
         at = data.find(_BOUNDARY, at + 1)
     return len(data)
+
+
+def _ends_a_note(data: bytes, at: int) -> bool:
+    """Whether the blank line at ``at`` ends a note: the line before it is a signature (a blank line
+    after the note's text, before its signatures, does not)."""
+    return data.startswith(_SIGNATURE, data.rfind(b"\n", 0, at) + 1)

@@ -30,9 +30,11 @@ log = logging.getLogger("dermq.worker")
 _keys: SigningKeys | None = None
 
 
-def _signing_keys(config: Settings) -> SigningKeys:
+def _signing_keys(config: Settings, *, again: bool = False) -> SigningKeys:
+    """This process's signing keys; with ``again``, read from the key file anew: a process started
+    before a signing-key rotation holds neither the new key nor its verifier key."""
     global _keys
-    if _keys is None:
+    if _keys is None or again:
         _keys = load_signing_keys(config)
     return _keys
 
@@ -59,12 +61,10 @@ def _seal_once(config: Settings) -> audit_log.SealResult | None:
     """:func:`core.audit_log.seal_once` with this process's keys; on a refusal, once more with the key
     file read again: a process started before a signing-key rotation cannot verify the checkpoint a
     newer process signed with the new key (the rotated file keeps the old key as retired)."""
-    global _keys
     try:
         return audit_log.seal_once(config, _signing_keys(config))
     except audit_log.TamperedLog:
-        _keys = None
-        return audit_log.seal_once(config, _signing_keys(config))
+        return audit_log.seal_once(config, _signing_keys(config, again=True))
 
 
 def _refused(exc: audit_log.TamperedLog) -> None:
@@ -92,7 +92,6 @@ def check(
     most about ``budget`` seconds, and store the result: where the next check resumes. First, what
     was appended to the witness file since the last check (:func:`witness_scan.scan`): a rewound log
     fails the check there."""
-    global _keys
     deadline = time.monotonic() + budget
     witness = config.audit_witness_file  # read from its end: the notes of trees from start on
     with session_scope(config) as session:
@@ -100,8 +99,7 @@ def check(
         if witness is not None:
             scanned = witness_scan.scan(witness, keys.verifiers, audit_resume.stored_roots(session))
             if scanned.unverified:  # signed with a key newer than this process's: read the key file again
-                _keys = None
-                keys = _signing_keys(config)
+                keys = _signing_keys(config, again=True)
                 scanned = witness_scan.scan(witness, keys.verifiers, audit_resume.stored_roots(session))
         highest = scanned.highest.checkpoint if scanned.highest is not None else None
         if scanned.unverified:  # still: the key file lost a verifier key (replaced without its retired ones?)

@@ -57,19 +57,18 @@ async def readyz(app: State, response: Response) -> Readiness:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
 
-    def busy() -> bool:  # each connection serves a request, and one came back a moment ago
-        pool, returned = engine.pool, seconds_since_a_connection_was_returned(engine)
-        full = isinstance(pool, QueuePool) and pool.checkedout() >= pool.size()
-        return full and returned is not None and returned < READINESS_BOUND_S
+    def full() -> bool:  # each connection serves a request
+        pool = engine.pool
+        return isinstance(pool, QueuePool) and pool.checkedout() >= pool.size()
+
+    def busy() -> bool:  # and one came back a moment ago: the database answers them
+        returned = seconds_since_a_connection_was_returned(engine)
+        return full() and returned is not None and returned < READINESS_BOUND_S
 
     redis_answer = asyncio.ensure_future(_answer("redis", app.redis, app.redis.ping))
-    pool = engine.pool
-    if isinstance(pool, QueuePool) and pool.checkedout() >= pool.size():
-        postgres_answer = "busy" if busy() else NO_ANSWER
-    else:
-        postgres_answer = await _answer("postgres", engine, postgres)
-        if postgres_answer == NO_ANSWER and busy():  # the pool filled up while the check waited in it
-            postgres_answer = "busy"
+    postgres_answer = NO_ANSWER if full() else await _answer("postgres", engine, postgres)
+    if postgres_answer == NO_ANSWER and busy():  # full before the check, or filled while it waited
+        postgres_answer = "busy"
     checks = {"postgres": postgres_answer, "redis": await redis_answer}
     ready = all(value in ("ok", "busy") for value in checks.values())
     if not ready:

@@ -4,6 +4,7 @@ events it inserts, the verification results it inserts, and a stalled or tampere
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -251,11 +252,10 @@ def test_a_check_out_of_time_stops_at_a_signed_checkpoint_and_the_next_one_goes_
     keys = checkpoint.load_signing_keys(settings)
     runtime = roles_db["runtime"]
     record_and_seal(runtime, keys, 4)  # a signed checkpoint at each size
-    reports = [check(runtime, keys, budget=0)]  # out of time at once: stops at each checkpoint it meets
+    first = check(runtime, keys, budget=0)  # out of time at once: stops at each checkpoint it meets
     with session_scope(runtime) as session:  # auditors are told no verdict until one reaches the end
         assert audit_resume.latest_verdict(session) is None
-    while not reports[-1].complete and len(reports) < 10:
-        reports.append(check(runtime, keys, budget=0))
+    reports = [first, *checks_until_complete(runtime, keys, budget=0)]
     with session_scope(runtime) as session:
         verdict = audit_resume.latest_verdict(session)
         assert verdict is not None and (verdict.ok, verdict.size) == (True, 4)
@@ -291,12 +291,21 @@ def test_a_check_far_behind_loads_a_window_of_checkpoints_and_stops_at_its_last(
 ) -> None:
     # catching up (the first check of a long log, or after a failure): loading every checkpoint from
     # its start on (one a second, 31 million a year) would not fit the task, whatever the walk's budget
-    from worker.sealing import check
 
     keys = checkpoint.load_signing_keys(settings)
     runtime = roles_db["runtime"]
     record_and_seal(runtime, keys, 5)
-    reports = [check(runtime, keys, window=2)]
-    while not reports[-1].complete and len(reports) < 10:
-        reports.append(check(runtime, keys, window=2))
+    reports = checks_until_complete(runtime, keys, window=2)
     assert [(r.ok, r.size, r.complete) for r in reports] == [(True, 2, False), (True, 4, False), (True, 5, True)]
+
+
+def checks_until_complete(
+    settings: Settings, keys: checkpoint.SigningKeys, **limits: Any
+) -> list[audit_verify.LogReport]:
+    """The periodic check run with ``limits`` until one reaches the log's end (ten at most)."""
+    from worker.sealing import check
+
+    reports = [check(settings, keys, **limits)]
+    while not reports[-1].complete and len(reports) < 10:
+        reports.append(check(settings, keys, **limits))
+    return reports
