@@ -16,6 +16,7 @@ from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from core import audit_log, merkle
+from core.audit_roots import RootStream
 from core.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
@@ -105,13 +106,11 @@ def stored_roots(session: Session) -> Callable[[int], bytes | None]:
     return root_at
 
 
-def trusted_start(
-    session: Session, start: merkle.CompactRange, roots: dict[int, list[bytes]], highest: Checkpoint | None
-) -> bool:
+def trusted_start(session: Session, start: merkle.CompactRange, roots: RootStream, highest: Checkpoint | None) -> bool:
     """Whether a check may resume at ``start``: a signed checkpoint of its size vouches for its root
     (``roots``), and its tree extends ``highest``, the largest the witness file has held, when that
     one is not larger (a larger one is among the roots: the walk meets it)."""
-    if start.root() not in roots.get(start.size, []):
+    if start.root() not in (roots.get(start.size) or []):
         return False
     if highest is None or highest.size > start.size:
         return True

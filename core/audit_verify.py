@@ -33,11 +33,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from core import audit_log, audit_resume, merkle
-from core import witness as witness_file
 from core.audit import LEAF_COLUMNS_SQL, leaf_bytes_from_columns
 from core.audit_chain import verify_chain as verify_old_chain
-from core.audit_log import checkpoints
-from core.checkpoint import Checkpoint, CheckpointError, Verifier, parse
+from core.audit_roots import RootStream
+from core.checkpoint import Checkpoint, Verifier, parse
 
 
 @dataclass
@@ -97,49 +96,9 @@ def _rows(session: Session, start: int, batch: int) -> Iterator[tuple[int, int, 
         cursor.close()
 
 
-def trusted_roots(
-    session: Session,
-    verifiers: Sequence[Verifier] | None,
-    witness: Path | None = None,
-    *,
-    since: int = 0,
-    until: int | None = None,
-) -> tuple[dict[int, list[bytes]], str | None]:
-    """Checkpoint roots by tree size: stored ones (signature-checked when ``verifiers`` are given) and
-    the witness file's (read from its end as far as ``since`` needs, and its highest). Returns
-    them and the first problem with a stored checkpoint, if any. With ``since``, only checkpoints of
-    that many events or more: a check that resumes there needs no older one, and their signatures
-    are not checked again (they were, by the check it resumes). With ``until``, none of more events:
-    what a check that stops there needs."""
-    roots: dict[int, list[bytes]] = {}
-    problem = None
-    for stored in checkpoints(session, at_least=since, up_to=until):
-        if verifiers is not None:
-            try:
-                parsed = parse(stored.note, list(verifiers))
-            except CheckpointError:
-                problem = problem or f"the stored checkpoint of size {stored.size} has no valid signature"
-                continue
-            if (parsed.size, parsed.root) != (stored.size, stored.root):
-                problem = problem or f"the stored checkpoint of size {stored.size} differs from its signed note"
-                continue
-        roots.setdefault(stored.size, []).append(stored.root)
-    if verifiers is not None:
-        for note in witness_file.notes(witness, since):
-            size = witness_file.note_size(note)
-            if size < since or (until is not None and size > until):
-                continue
-            try:
-                parsed = parse(note, list(verifiers))
-            except CheckpointError:
-                continue  # a witness line nobody signed proves nothing
-            roots.setdefault(parsed.size, []).append(parsed.root)
-    return roots, problem
-
-
 def walk(
     session: Session,
-    roots: dict[int, list[bytes]],
+    roots: RootStream,
     *,
     start: merkle.CompactRange | None = None,
     require_size: int = 0,
@@ -148,7 +107,8 @@ def walk(
     deadline: float | None = None,
     until: int | None = None,
 ) -> LogReport:
-    """Recompute the log from position ``start.size`` on and compare with ``roots`` at each size.
+    """Recompute the log from position ``start.size`` on and compare with ``roots`` at each size
+    (a :class:`~core.audit_roots.RootStream` reads them as the walk reaches them).
 
     With ``deadline`` (a ``time.monotonic()`` reading), a walk that passes it stops at the next size
     whose signed checkpoint it matched, with an incomplete report: a check resumed from there later
@@ -221,7 +181,7 @@ def walk(
                     partial.frontier, partial.complete = list(compact.hashes), False
                     return partial
             range_start = None
-    end = max([require_size, *roots]) if roots or require_size else 0
+    end = max(require_size, roots.highest())
     if next_seq < end:
         problems.append((next_seq, None, f"the log ends at {next_seq} events; a signed checkpoint has {end}"))
     if problems:
@@ -297,28 +257,30 @@ def verify_log(
     With ``deadline``, it may stop short of the log's end (:func:`walk`; the report says it is not
     complete). ``highest``: the largest checkpoint the witness file has held (:mod:`core.witness_scan`),
     signature checked; a resume point must extend it, and the walk meets it if it is larger. With
-    ``window``, a check far behind the log's end (catching up) loads the checkpoints of about that many
-    events past its start only, and stops at the last of them.
+    ``window``, a check far behind the log's end (catching up) stops at the last signed checkpoint
+    within that many events past its start. The checkpoints are read as the walk reaches them
+    (:class:`~core.audit_roots.RootStream`): memory does not grow with the log or the window.
 
     With ``verifiers=None`` the stored checkpoints are taken as they are (no signature check): a
     self-consistency check for tests and the worker's quick check, not proof against an insider.
     """
     until = _window_end(session, start.size if start else 0, window)
-    roots, problem = trusted_roots(session, verifiers, witness, since=start.size if start else 0, until=until)
-    if start is not None and verifiers is not None and not audit_resume.trusted_start(session, start, roots, highest):
+    roots = RootStream(session, verifiers, witness, since=start.size if start else 0, until=until)
+    trusted = start is None or verifiers is None or audit_resume.trusted_start(session, start, roots, highest)
+    if not trusted:
         start = None  # the whole log is checked again
         until = _window_end(session, 0, window)
-        roots, problem = trusted_roots(session, verifiers, witness, until=until)
-    if highest is not None and highest.size >= (start.size if start else 0):
-        roots.setdefault(highest.size, []).append(highest.root)
+        roots = RootStream(session, verifiers, witness, until=until)
+    if highest is not None and highest.size > (start.size if start else 0):
+        roots.add(highest.size, highest.root)
     if start is None:
         old = verify_old_chain(session)
         if not old.ok:
             return LogReport(False, 0, 0, None, None, old.first_bad_id, f"pre-log chain: {old.reason}")
     after = start.size if start is not None else 0  # before the walk: it extends ``start`` in place
     report = walk(session, roots, start=start, every=every, deadline=deadline, until=until)
-    if report.ok and problem:
-        report.ok, report.reason = False, problem
+    if report.ok and roots.problem:
+        report.ok, report.reason = False, roots.problem
     return _with_skipped(session, report, after=after)
 
 
@@ -349,9 +311,9 @@ def verify_against(
     to any other signed checkpoint.
     """
     pinned = parse(note, list(verifiers))
-    roots, problem = trusted_roots(session, verifiers, witness)
-    roots.setdefault(pinned.size, []).append(pinned.root)
+    roots = RootStream(session, verifiers, witness)
+    roots.add(pinned.size, pinned.root)
     report = _with_skipped(session, walk(session, roots, require_size=pinned.size, every=every))
-    if report.ok and problem:  # a stored checkpoint unsigned or unlike its note: as `verify` says too
-        report.ok, report.reason = False, problem
+    if report.ok and roots.problem:  # a stored checkpoint unsigned or unlike its note: as `verify` says too
+        report.ok, report.reason = False, roots.problem
     return pinned, report

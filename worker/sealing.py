@@ -80,8 +80,8 @@ def _refused(exc: audit_log.TamperedLog) -> None:
 #: after a failure or on its first check) would run past the task's time limit, store nothing, and
 #: start over each minute
 CHECK_BUDGET_SECONDS = 30.0
-#: events past its start whose checkpoints a check loads, when it is catching up far behind the log's
-#: end (about what a 30 s walk covers): it stops at the last of them, as at the budget's end
+#: events past its start a check catching up far behind the log's end walks at most (about what a 30 s
+#: walk covers): it stops at the last signed checkpoint within them, as at the budget's end
 CHECK_WINDOW_EVENTS = 2_000_000
 
 

@@ -1,0 +1,192 @@
+"""The signed roots a walk of the whole audit log compares with, read as the walk goes.
+
+A check of the whole log (``dermq audit verify``) compares the recomputed tree with every signed
+checkpoint: the stored ones and the witness file's. The sealer makes one about every second while
+events come in, about 31 million a year; holding them all took about 0.3 KB each, some 10 GB for a
+year's (``python -m bench.audit_verify --seal-every 5``: 10.9 MB at 2,000 checkpoints, 13.4 MB at
+10,000). :class:`RootStream` reads them in the order of their tree sizes as the walk reaches them,
+so its memory is a page of stored checkpoints and a few witness notes, whatever the log's length
+(10.7 and 10.8 MB in the same runs, most of it the walk's own pages of events):
+
+- stored checkpoints: pages of :data:`PAGE` rows in size order (the primary key);
+- the witness file: forward, a note at a time. Sealers append in the order they finish, a few notes
+  apart (:data:`core.witness.SLACK`), so the stream reads :data:`LOOKAHEAD` notes of larger trees
+  past the size the walk asks for before it answers. A note of a tree the walk has already passed
+  comes later than any sealer appends one: the check fails and says so, as a note it cannot compare.
+  A note the same as the stored checkpoint of its size (the sealer writes both) is not verified twice.
+
+Signatures are checked as the notes are read (with ``verifiers``; without, stored roots are taken as
+they are and the witness file is not read). The first stored checkpoint that fails its check is
+:attr:`RootStream.problem`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from core import witness as witness_file
+from core.checkpoint import CheckpointError, Verifier, parse
+
+#: stored checkpoints read at a time
+PAGE = 5000
+#: witness notes of trees larger than the one asked for, read before answering for it
+LOOKAHEAD = 4 * witness_file.SLACK
+
+_PAGE_SQL = text(
+    "SELECT size, root, note FROM audit_checkpoints WHERE size > :after "
+    "AND (CAST(:until AS bigint) IS NULL OR size <= :until) ORDER BY size LIMIT :page"
+)
+
+
+class RootStream:
+    """Signed roots by tree size, for sizes asked for in increasing order (:meth:`get`).
+
+    With ``since``, only checkpoints of that many events or more: a check that resumes there needs no
+    older one (their signatures were checked by the check it resumes), and the witness file is read
+    from its end as far back as they go (:func:`core.witness.notes`). With ``until``, none of more
+    events: what a check that stops there needs. :meth:`highest` reads what is left, and gives the
+    largest tree any of them has: the size the log must reach."""
+
+    def __init__(
+        self,
+        session: Session,
+        verifiers: Sequence[Verifier] | None,
+        witness: Path | None = None,
+        *,
+        since: int = 0,
+        until: int | None = None,
+        page: int = PAGE,
+    ) -> None:
+        self.session = session
+        self.verifiers = None if verifiers is None else list(verifiers)
+        self.since, self.until, self.page = since, until, page
+        #: the first checkpoint that fails its check, said when the stream reads it
+        self.problem: str | None = None
+        self._roots: dict[int, list[bytes]] = {}  # read, not asked for yet
+        self._sizes: list[int] = []  # a heap of the sizes in ``_roots``
+        self._stored_notes: dict[int, str] = {}  # the verified stored note of sizes not asked for yet
+        self._stored_after = since - 1  # the largest stored size read
+        self._stored_done = False
+        self._ahead: list[int] = []  # a heap of the sizes of witness notes read, larger than the last asked
+        self._notes: Iterator[str] = iter(()) if self.verifiers is None else witness_file.notes(witness, since)
+        self._notes_done = self.verifiers is None
+        self._asked = since - 1
+        self._largest = 0
+        self._draining = False
+
+    def add(self, size: int, root: bytes) -> None:
+        """A root from elsewhere (a pinned checkpoint, the witness scan's largest) to compare at ``size``."""
+        if size <= self._asked:
+            raise ValueError(f"size {size} was asked for already")
+        self._keep(size, root)
+        self._largest = max(self._largest, size)
+
+    def get(self, size: int) -> list[bytes] | None:
+        """The signed roots of ``size`` (None: there are none); sizes are asked for in increasing order."""
+        if size <= self._asked:
+            raise ValueError(f"roots are read in increasing order of size: {size} after {self._asked}")
+        self._read_stored(size)
+        while not self._notes_done and self._witness_ahead(size) < LOOKAHEAD:
+            self._next_note()
+        self._asked = size
+        found: list[bytes] = []
+        while self._sizes and self._sizes[0] <= size:
+            at = heapq.heappop(self._sizes)
+            self._stored_notes.pop(at, None)
+            if at == size:
+                found += self._roots.pop(at, [])
+            else:  # a size the walk went past without asking (it stopped comparing)
+                self._roots.pop(at, None)
+        return found or None
+
+    def highest(self) -> int:
+        """The largest tree size of any signed checkpoint, once every one is read (signatures checked)."""
+        self._draining = True
+        self._roots.clear()
+        self._sizes.clear()
+        self._stored_notes.clear()
+        while not self._stored_done:
+            self._page()
+        while not self._notes_done:
+            self._next_note()
+        return self._largest
+
+    def _keep(self, size: int, root: bytes) -> None:
+        if self._draining:
+            return
+        if size not in self._roots:
+            heapq.heappush(self._sizes, size)
+        self._roots.setdefault(size, []).append(root)
+
+    # ---------------------------------------------------------------- stored checkpoints
+
+    def _read_stored(self, size: int) -> None:
+        while not self._stored_done and self._stored_after < size:
+            self._page()
+
+    def _page(self) -> None:
+        rows = self.session.execute(
+            _PAGE_SQL, {"after": self._stored_after, "until": self.until, "page": self.page}
+        ).all()
+        self._stored_done = len(rows) < self.page
+        for size, root, note in rows:
+            self._stored_after = size
+            if self.verifiers is not None:
+                try:
+                    parsed = parse(note, self.verifiers)
+                except CheckpointError:
+                    self.problem = self.problem or f"the stored checkpoint of size {size} has no valid signature"
+                    continue
+                if (parsed.size, parsed.root) != (size, bytes(root)):
+                    self.problem = self.problem or f"the stored checkpoint of size {size} differs from its signed note"
+                    continue
+                if not self._draining:
+                    self._stored_notes[size] = note
+            self._largest = max(self._largest, size)
+            if size > self._asked:
+                self._keep(size, bytes(root))
+
+    # ---------------------------------------------------------------- the witness file
+
+    def _witness_ahead(self, size: int) -> int:
+        """How many witness notes read are of trees larger than ``size``."""
+        while self._ahead and self._ahead[0] <= size:
+            heapq.heappop(self._ahead)
+        return len(self._ahead)
+
+    def _next_note(self) -> None:
+        note = next(self._notes, None)
+        if note is None:
+            self._notes_done = True
+            return
+        size = witness_file.note_size(note)
+        if size < self.since or (self.until is not None and size > self.until):
+            return  # outside what the walk compares (or no tree size: not a checkpoint)
+        # the stored checkpoints as far as this note, to know it if it is one of them: as many as the
+        # notes read ahead need, and a page
+        while not self._draining and not self._stored_done and self._stored_after < size:
+            if len(self._roots) >= self.page + 2 * LOOKAHEAD:
+                break
+            self._page()
+        if self._stored_notes.get(size) == note:  # the stored checkpoint of this size, verified already
+            heapq.heappush(self._ahead, size)
+            return
+        assert self.verifiers is not None
+        try:
+            parsed = parse(note, self.verifiers)
+        except CheckpointError:
+            return  # a witness line nobody signed proves nothing (and is not one of the notes read ahead)
+        self._largest = max(self._largest, parsed.size)
+        if parsed.size <= self._asked:
+            self.problem = self.problem or (
+                f"the witness file's checkpoint of size {parsed.size} comes after checkpoints of more than "
+                f"{LOOKAHEAD} larger trees (sealers append theirs a few apart): it was not compared with the log"
+            )
+            return
+        self._keep(parsed.size, parsed.root)
+        heapq.heappush(self._ahead, parsed.size)
