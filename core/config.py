@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     audit_witness_file: Path | None = ROOT / "var" / "audit-witness.log"
     #: how often the sealer sequences committed events into the log
     audit_seal_interval_seconds: float = Field(1.0, gt=0, le=60)
+    #: seconds each minute's audit check spends walking the log again from where the last left off
+    #: (core/audit_rewalk.py; needs the witness file, beside which it keeps its place; 0: never)
+    audit_rewalk_seconds: float = Field(3.0, ge=0, le=25)
     #: production refuses to start when the database login owns the audit table or is a superuser
     audit_require_runtime_role: bool = True
 

@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from core import audit_log, audit_resume, audit_verify, db_roles, witness_scan
+from core import audit_log, audit_resume, audit_rewalk, audit_verify, db_roles, witness_scan
 from core.checkpoint import SigningKeys, load_signing_keys
 from core.config import Settings, get_settings
 from core.db import session_scope
@@ -91,6 +91,8 @@ def check(
     """Verify what was sealed since the last good check (:func:`audit_resume.resume_point`), for at
     most about ``budget`` seconds, and store the result: where the next check resumes. First, what
     was appended to the witness file since the last check (:func:`witness_scan.scan`): a rewound log
+    fails the check there. Then, once it reached the log's end, a slice of the log walked again from
+    where the last re-walk stopped (:mod:`core.audit_rewalk`): an event edited since it was checked
     fails the check there."""
     deadline = time.monotonic() + budget
     witness = config.audit_witness_file  # read from its end: the notes of trees from start on
@@ -118,6 +120,13 @@ def check(
                 highest=highest,
                 window=window,
             )
+            seconds = min(config.audit_rewalk_seconds, deadline - time.monotonic())
+            if report.ok and report.complete and witness is not None and seconds > 0:
+                again = audit_rewalk.step(
+                    session, keys.verifiers, witness, seconds=seconds, highest=highest, window=window
+                )
+                if not again.ok:  # an event the check had passed no longer matches: the check fails
+                    report = again
         audit_resume.report_row(session, report)
     return report
 

@@ -1,0 +1,93 @@
+"""The audit log walked again, a slice at each periodic check: events the check passed are recomputed.
+
+The periodic check (:func:`worker.sealing.check`) is incremental: it recomputes each event once,
+when the event is new. The tables' owner could edit an event it has passed and keep the event's
+stored leaf hash (and so every stored node and checkpoint): the incremental check would not see it,
+only ``dermq audit verify`` would. The re-walk closes that gap. After a check that reached the log's
+end and passed, it walks on from where the last re-walk stopped for ``DERMQ_AUDIT_REWALK_SECONDS``
+(3 s a minute: 5% of a core; at about 15,000 events a second, a year's log of 100 million events
+is walked again every three days), recomputing each event's leaf from its row and the roots from
+those leaves, against the signed checkpoints (:func:`core.audit_verify.verify_log`). At the log's end
+it starts again from the beginning.
+
+Its place (tree size and compact range, :class:`core.merkle.CompactRange`) is kept beside the witness
+file, ``<witness>.rewalk``, where the database's logins cannot write; without a witness file there is
+no re-walk. A place whose root no signed checkpoint has (a file edited, or from another log) is not
+trusted: the walk starts from the beginning (:func:`core.audit_resume.trusted_start`). A file that
+cannot be read or written restarts the cycle or leaves it where it was: it never fails the check.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from core import audit_verify, merkle
+from core.checkpoint import Checkpoint, Verifier
+
+SUFFIX = ".rewalk"
+
+
+def place_file(witness: Path) -> Path:
+    """Where the re-walk keeps its place: beside the witness file."""
+    return witness.with_name(witness.name + SUFFIX)
+
+
+def read_place(witness: Path) -> merkle.CompactRange | None:
+    """The compact range the last re-walk stopped at (None: start from the beginning)."""
+    try:
+        data = json.loads(place_file(witness).read_text(encoding="utf-8"))
+        return merkle.CompactRange(int(data["size"]), [base64.b64decode(h, validate=True) for h in data["frontier"]])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, torn or not ours: from the beginning
+        return None
+
+
+def write_place(witness: Path, place: merkle.CompactRange | None) -> None:
+    """Keep ``place`` for the next re-walk (None: the next starts from the beginning), replacing the file
+    whole; a volume that refuses the write leaves the old place (the walk is done again)."""
+    target = place_file(witness)
+    if place is None:
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            target.unlink()
+        return
+    data = {"size": place.size, "frontier": [base64.b64encode(h).decode() for h in place.hashes]}
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(temporary, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
+def step(
+    session: Session,
+    verifiers: Sequence[Verifier],
+    witness: Path,
+    *,
+    seconds: float,
+    highest: Checkpoint | None = None,
+    window: int | None = None,
+) -> audit_verify.LogReport:
+    """Walk the log for about ``seconds`` from the kept place, against every signed checkpoint; keep
+    the place it stopped at (a signed checkpoint's size), or none once it reached the log's end. A
+    report that is not ok names what it found, as the incremental check's would."""
+    report = audit_verify.verify_log(
+        session,
+        verifiers=verifiers,
+        witness=witness,
+        start=read_place(witness),
+        deadline=time.monotonic() + seconds,
+        highest=highest,
+        window=window,
+    )
+    if report.ok:
+        write_place(witness, None if report.complete else merkle.CompactRange(report.size, report.frontier))
+    return report
