@@ -7,8 +7,9 @@ only ``dermq audit verify`` would. The re-walk closes that gap. After a check th
 end and passed, it walks on from where the last re-walk stopped for ``DERMQ_AUDIT_REWALK_SECONDS``
 (3 s a minute: 5% of a core; at about 15,000 events a second, a year's log of 100 million events
 is walked again every three days), recomputing each event's leaf from its row and the roots from
-those leaves, against the signed checkpoints (:func:`core.audit_verify.verify_log`). At the log's end
-it starts again from the beginning.
+those leaves, against the stored signed checkpoints (:func:`core.audit_verify.verify_log`; the
+witness file's end, all a check reads of it, is for the incremental part). At the log's end it
+starts again from the beginning.
 
 Its place (tree size and compact range, :class:`core.merkle.CompactRange`) is kept beside the witness
 file, ``<witness>.rewalk``, where the database's logins cannot write; without a witness file there is
@@ -79,10 +80,10 @@ def step(
     """Walk the log for about ``seconds`` from the kept place, against every signed checkpoint; keep
     the place it stopped at (a signed checkpoint's size), or none once it reached the log's end. A
     report that is not ok names what it found, as the incremental check's would."""
-    report = audit_verify.verify_log(
-        session,
+    report = audit_verify.verify_log(  # against the stored signed checkpoints: the witness file's end,
+        session,  # all a check reads of it, is the incremental check's part
         verifiers=verifiers,
-        witness=witness,
+        witness=None,
         start=read_place(witness),
         deadline=time.monotonic() + seconds,
         highest=highest,

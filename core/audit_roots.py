@@ -29,6 +29,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from core import audit_log
 from core import witness as witness_file
 from core.checkpoint import CheckpointError, Verifier, parse
 
@@ -38,9 +39,9 @@ PAGE = 5000
 LOOKAHEAD = 4 * witness_file.SLACK
 
 _PAGE_SQL = text(
-    "SELECT size, root, note FROM audit_checkpoints WHERE size > :after "
-    "AND (CAST(:until AS bigint) IS NULL OR size <= :until) ORDER BY size LIMIT :page"
+    "SELECT size, root, note FROM audit_checkpoints WHERE size > :after AND size <= :until ORDER BY size LIMIT :page"
 )
+_STORED_ROOT = text("SELECT root FROM audit_checkpoints WHERE size = :size")
 
 
 class RootStream:
@@ -73,8 +74,13 @@ class RootStream:
         self._stored_after = since - 1  # the largest stored size read
         self._stored_done = False
         self._ahead: list[int] = []  # a heap of the sizes of witness notes read, larger than the last asked
+        # The witness file as it is now, then the log's size: every note read names a tree the walk's
+        # later reads see. Checkpoints sealed after this (a sealer goes on while a long check runs) are
+        # not read: the walk's cursor may not see their events (the log "ended" before them).
         self._notes: Iterator[str] = iter(()) if self.verifiers is None else witness_file.notes(witness, since)
         self._notes_done = self.verifiers is None
+        self._bound = audit_log.tree_size(session)
+        self._until = self._bound if until is None else min(until, self._bound)
         self._asked = since - 1
         self._largest = 0
         self._draining = False
@@ -131,7 +137,7 @@ class RootStream:
 
     def _page(self) -> None:
         rows = self.session.execute(
-            _PAGE_SQL, {"after": self._stored_after, "until": self.until, "page": self.page}
+            _PAGE_SQL, {"after": self._stored_after, "until": self._until, "page": self.page}
         ).all()
         self._stored_done = len(rows) < self.page
         for size, root, note in rows:
@@ -174,7 +180,7 @@ class RootStream:
                 break
             self._page()
         if self._stored_notes.get(size) == note:  # the stored checkpoint of this size, verified already
-            heapq.heappush(self._ahead, size)
+            heapq.heappush(self._ahead, size)  # (never while draining: none are kept then)
             return
         assert self.verifiers is not None
         try:
@@ -183,10 +189,20 @@ class RootStream:
             return  # a witness line nobody signed proves nothing (and is not one of the notes read ahead)
         self._largest = max(self._largest, parsed.size)
         if parsed.size <= self._asked:
-            self.problem = self.problem or (
-                f"the witness file's checkpoint of size {parsed.size} comes after checkpoints of more than "
-                f"{LOOKAHEAD} larger trees (sealers append theirs a few apart): it was not compared with the log"
-            )
+            self._late(parsed.size, parsed.root)
             return
         self._keep(parsed.size, parsed.root)
-        heapq.heappush(self._ahead, parsed.size)
+        if not self._draining:
+            heapq.heappush(self._ahead, parsed.size)
+
+    def _late(self, size: int, root: bytes) -> None:
+        """A note of a tree the walk has passed (a sealer held up between its commit and its append
+        while others sealed on): it agrees with the stored checkpoint of its size, which the walk read
+        in order, or it cannot be compared."""
+        stored = self.session.scalar(_STORED_ROOT, {"size": size})
+        if stored is not None and bytes(stored) == root:
+            return
+        self.problem = self.problem or (
+            f"the witness file's checkpoint of size {size} comes after checkpoints of more than {LOOKAHEAD} "
+            "larger trees, and no stored checkpoint of its size has its root: it was not compared with the log"
+        )

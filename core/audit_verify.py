@@ -281,7 +281,10 @@ def verify_log(
     report = walk(session, roots, start=start, every=every, deadline=deadline, until=until)
     if report.ok and roots.problem:
         report.ok, report.reason = False, roots.problem
-    return _with_skipped(session, report, after=after)
+    report = _with_skipped(session, report, after=after)
+    if not report.ok:  # a failure is a verdict, wherever a deadline stopped the walk
+        report.complete = True
+    return report
 
 
 def _window_end(session: Session, since: int, window: int | None) -> int | None:

@@ -83,23 +83,38 @@ def notes(path: Path | None, since: int = 0) -> Iterator[str]:
     With ``since`` > 0 the file is read from its end only as far as it takes to hold every note of a
     tree of ``since`` events or more appended in order, and :data:`SLACK` notes of smaller trees before
     them; notes of smaller trees may be among those given (the caller filters them). With 0 the whole
-    file is read, a line at a time."""
+    file is read, a line at a time. The file is opened, and its length taken, when this is called:
+    notes appended (or a file rotated in) afterwards are not read, so a reader that looks at the
+    database after this call sees every checkpoint the notes it gets name."""
     if path is None:
-        return
+        return iter(())
     try:
         file = path.open("rb")
     except FileNotFoundError:
-        file = None
-    if file is not None:
-        with file:
-            if since <= 0:
-                yield from _split(line.decode("utf-8", errors="replace") for line in file)
-            else:
-                yield from _tail(file, since)
+        return iter(())
+    return _read(file, since, os.fstat(file.fileno()).st_size)
 
 
-def _tail(file: IO[bytes], since: int) -> list[str]:
-    end = os.fstat(file.fileno()).st_size
+def _read(file: IO[bytes], since: int, end: int) -> Iterator[str]:
+    with file:
+        if since <= 0:
+            yield from _split(line.decode("utf-8", errors="replace") for line in _lines(file, end))
+        else:
+            yield from _tail(file, since, end)
+
+
+def _lines(file: IO[bytes], end: int) -> Iterator[bytes]:
+    """The file's lines in its first ``end`` bytes (the last one cut there)."""
+    left = end
+    for line in file:
+        if len(line) >= left:
+            yield line[:left]
+            return
+        left -= len(line)
+        yield line
+
+
+def _tail(file: IO[bytes], since: int, end: int) -> list[str]:
     block = min(BLOCK, TAIL_BYTES)
     while True:
         start = max(0, end - block)

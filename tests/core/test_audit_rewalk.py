@@ -26,7 +26,7 @@ def test_an_event_edited_after_the_check_passed_it_fails_a_later_check_and_stays
     report = check(runtime, keys)
     assert not report.ok and report.first_bad_event_id == ids[1], report
     assert "altered" in (report.reason or "")
-    again = check(runtime, keys)  # the next check walks over it again, from the last good place before it
+    again = check(runtime, keys)  # the next check walks over it again (from the beginning: no good place before it)
     assert not again.ok and again.first_bad_event_id == ids[1], again
     with session_scope(runtime) as session:  # what auditors are told (GET /v1/audit-events/verify)
         verdict = audit_resume.latest_verdict(session)
