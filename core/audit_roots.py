@@ -11,9 +11,14 @@ so its memory is a page of stored checkpoints and a few witness notes, whatever 
 - stored checkpoints: pages of :data:`PAGE` rows in size order (the primary key);
 - the witness file: forward, a note at a time. Sealers append in the order they finish, a few notes
   apart (:data:`core.witness.SLACK`), so the stream reads :data:`LOOKAHEAD` notes of larger trees
-  past the size the walk asks for before it answers. A note of a tree the walk has already passed
-  comes later than any sealer appends one: the check fails and says so, as a note it cannot compare.
-  A note the same as the stored checkpoint of its size (the sealer writes both) is not verified twice.
+  past the size the walk asks for before it answers. A note of a tree the walk has already passed (a
+  sealer held up between its commit and its append) is held to the stored checkpoint of its size,
+  which the walk read in order; with none of its root, the check fails and says so. A note the same
+  as the stored checkpoint of its size (the sealer writes both) is not verified twice.
+
+The witness file is read as it was when the stream was made, and the stored checkpoints up to the
+log's size then: a sealer goes on while a long check runs, and the walk's cursor may not see the
+events of what it seals (the log would seem to end before a signed checkpoint).
 
 Signatures are checked as the notes are read (with ``verifiers``; without, stored roots are taken as
 they are and the witness file is not read). The first stored checkpoint that fails its check is
