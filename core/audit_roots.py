@@ -47,6 +47,7 @@ _PAGE_SQL = text(
     "SELECT size, root, note FROM audit_checkpoints WHERE size > :after AND size <= :until ORDER BY size LIMIT :page"
 )
 _STORED_ROOT = text("SELECT root FROM audit_checkpoints WHERE size = :size")
+_NO_LIMIT = 2**63 - 1
 
 
 class RootStream:
@@ -121,6 +122,7 @@ class RootStream:
         self._roots.clear()
         self._sizes.clear()
         self._stored_notes.clear()
+        self._stored_done = False  # the rows past the log's size at the start, too (see _page)
         while not self._stored_done:
             self._page()
         while not self._notes_done:
@@ -141,9 +143,10 @@ class RootStream:
             self._page()
 
     def _page(self) -> None:
-        rows = self.session.execute(
-            _PAGE_SQL, {"after": self._stored_after, "until": self._until, "page": self.page}
-        ).all()
+        # Draining, past the log's size at the start too: a stored row its note does not vouch for is a
+        # problem wherever it is; one sealed since is not larger than the log the walk saw.
+        until = (_NO_LIMIT if self.until is None else self.until) if self._draining else self._until
+        rows = self.session.execute(_PAGE_SQL, {"after": self._stored_after, "until": until, "page": self.page}).all()
         self._stored_done = len(rows) < self.page
         for size, root, note in rows:
             self._stored_after = size
@@ -158,7 +161,8 @@ class RootStream:
                     continue
                 if not self._draining:
                     self._stored_notes[size] = note
-            self._largest = max(self._largest, size)
+            if size <= self._bound:
+                self._largest = max(self._largest, size)
             if size > self._asked:
                 self._keep(size, bytes(root))
 
