@@ -88,6 +88,7 @@ def step(
         deadline=time.monotonic() + seconds,
         highest=highest,
         window=window,
+        whole=False,
     )
     if report.ok:
         write_place(witness, None if report.complete else merkle.CompactRange(report.size, report.frontier))

@@ -180,8 +180,12 @@ class RootStream:
             self._notes_done = True
             return
         size = witness_file.note_size(note)
-        if size < self.since or (self.until is not None and size > self.until):
-            return  # outside what the walk compares (or no tree size: not a checkpoint)
+        if self.until is not None and size > self.until:  # past what the walk compares: read ahead all
+            if not self._draining:  # the same (not the rest of a long file, note by note)
+                heapq.heappush(self._ahead, size)
+            return
+        if size < self.since:
+            return  # before what the walk compares (or no tree size: not a checkpoint)
         # the stored checkpoints as far as this note, to know it if it is one of them: as many as the
         # notes read ahead need, and a page
         while not self._draining and not self._stored_done and self._stored_after < size:

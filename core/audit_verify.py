@@ -252,6 +252,7 @@ def verify_log(
     deadline: float | None = None,
     highest: Checkpoint | None = None,
     window: int | None = None,
+    whole: bool = True,
 ) -> LogReport:
     """The whole log (or from a verified ``start``) against every trusted checkpoint; also the old chain.
     With ``deadline``, it may stop short of the log's end (:func:`walk`; the report says it is not
@@ -263,6 +264,9 @@ def verify_log(
 
     With ``verifiers=None`` the stored checkpoints are taken as they are (no signature check): a
     self-consistency check for tests and the worker's quick check, not proof against an insider.
+    With ``whole=False``, the events against the checkpoints only: not the old chain of the rows from
+    before the log (each is in the log too), nor the events the log skipped (the re-walk's slices,
+    :mod:`core.audit_rewalk`, which the incremental check's own looks cover).
     """
     until = _window_end(session, start.size if start else 0, window)
     roots = RootStream(session, verifiers, witness, since=start.size if start else 0, until=until)
@@ -273,7 +277,7 @@ def verify_log(
         roots = RootStream(session, verifiers, witness, until=until)
     if highest is not None and highest.size > (start.size if start else 0):
         roots.add(highest.size, highest.root)
-    if start is None:
+    if start is None and whole:
         old = verify_old_chain(session)
         if not old.ok:
             return LogReport(False, 0, 0, None, None, old.first_bad_id, f"pre-log chain: {old.reason}")
@@ -281,7 +285,8 @@ def verify_log(
     report = walk(session, roots, start=start, every=every, deadline=deadline, until=until)
     if report.ok and roots.problem:
         report.ok, report.reason = False, roots.problem
-    report = _with_skipped(session, report, after=after)
+    if whole:
+        report = _with_skipped(session, report, after=after)
     if not report.ok:  # a failure is a verdict, wherever a deadline stopped the walk
         report.complete = True
     return report
