@@ -3,10 +3,10 @@
 A check of the whole log (``dermq audit verify``) compares the recomputed tree with every signed
 checkpoint: the stored ones and the witness file's. The sealer makes one about every second while
 events come in, about 31 million a year; holding them all took about 0.3 KB each, some 10 GB for a
-year's (``python -m bench.audit_verify --seal-every 5``: 10.9 MB at 2,000 checkpoints, 13.4 MB at
-10,000). :class:`RootStream` reads them in the order of their tree sizes as the walk reaches them,
+year's (``python -m bench.audit_verify``: 10.9 MB at 2,000 checkpoints, one each 10 events, 13.4 MB
+at 10,000, one each 5). :class:`RootStream` reads them in the order of their tree sizes as the walk reaches them,
 so its memory is a page of stored checkpoints and a few witness notes, whatever the log's length
-(10.7 and 10.8 MB in the same runs, most of it the walk's own pages of events):
+(10.7 and 10.8 MB in the same runs, which checked the old chain too):
 
 - stored checkpoints: pages of :data:`PAGE` rows in size order (the primary key);
 - the witness file: forward, a note at a time. Sealers append in the order they finish, a few notes
