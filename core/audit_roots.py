@@ -8,7 +8,8 @@ at 10,000, one each 5). :class:`RootStream` reads them in the order of their tre
 so its memory is a page of stored checkpoints and a few witness notes, whatever the log's length
 (10.7 and 10.8 MB in the same runs, which checked the old chain too):
 
-- stored checkpoints: pages of :data:`PAGE` rows in size order (the primary key);
+- stored checkpoints: pages in size order (the primary key), of :data:`FIRST_PAGE` rows at first,
+  twice as many each time up to :data:`PAGE`;
 - the witness file: forward, a note at a time. Sealers append in the order they finish, a few notes
   apart (:data:`core.witness.SLACK`), so the stream reads :data:`LOOKAHEAD` notes of larger trees
   past the size the walk asks for before it answers. A note of a tree the walk has already passed (a
@@ -38,8 +39,10 @@ from core import audit_log
 from core import witness as witness_file
 from core.checkpoint import CheckpointError, Verifier, parse
 
-#: stored checkpoints read at a time
+#: stored checkpoints read at a time, at most
 PAGE = 5000
+#: stored checkpoints the first read takes
+FIRST_PAGE = 64
 #: witness notes of trees larger than the one asked for, read before answering for it
 LOOKAHEAD = 4 * witness_file.SLACK
 
@@ -72,6 +75,9 @@ class RootStream:
         self.session = session
         self.verifiers = None if verifiers is None else list(verifiers)
         self.since, self.until, self.page = since, until, page
+        # the first page is small, and each next one twice as large up to ``page``: a check that walks
+        # a few checkpoints (each minute's, a re-walk's slice under heavy traffic) checks few signatures
+        self._rows = min(FIRST_PAGE, page)
         #: the first checkpoint that fails its check, said when the stream reads it
         self.problem: str | None = None
         self._roots: dict[int, list[bytes]] = {}  # read, not asked for yet
@@ -146,8 +152,9 @@ class RootStream:
         # Draining, past the log's size at the start too: a stored row its note does not vouch for is a
         # problem wherever it is; one sealed since is not larger than the log the walk saw.
         until = (_NO_LIMIT if self.until is None else self.until) if self._draining else self._until
-        rows = self.session.execute(_PAGE_SQL, {"after": self._stored_after, "until": until, "page": self.page}).all()
-        self._stored_done = len(rows) < self.page
+        rows = self.session.execute(_PAGE_SQL, {"after": self._stored_after, "until": until, "page": self._rows}).all()
+        self._stored_done = len(rows) < self._rows
+        self._rows = min(2 * self._rows, self.page)
         for size, root, note in rows:
             self._stored_after = size
             if self.verifiers is not None:
