@@ -56,7 +56,7 @@ def write_place(witness: Path, place: merkle.CompactRange | None) -> None:
     whole; a volume that refuses the write leaves the old place (the walk is done again)."""
     target = place_file(witness)
     if place is None:
-        with contextlib.suppress(FileNotFoundError, PermissionError):
+        with contextlib.suppress(OSError):  # gone already, or a volume that refuses: the cycle goes on
             target.unlink()
         return
     data = {"size": place.size, "frontier": [base64.b64encode(h).decode() for h in place.hashes]}
@@ -78,7 +78,7 @@ def step(
     highest: Checkpoint | None = None,
     window: int | None = None,
 ) -> audit_verify.LogReport:
-    """Walk the log for about ``seconds`` from the kept place, against every signed checkpoint; keep
+    """Walk the log for about ``seconds`` from the kept place, against the stored signed checkpoints; keep
     the place it stopped at (a signed checkpoint's size), or none once it reached the log's end. A
     report that is not ok names what it found, as the incremental check's would."""
     report = audit_verify.verify_log(  # against the stored signed checkpoints: the witness file's end,
