@@ -67,17 +67,6 @@ def latest_checkpoint(session: Session) -> StoredCheckpoint | None:
     return StoredCheckpoint(row.size, bytes(row.root), row.signed_at, row.note) if row else None
 
 
-def checkpoints(session: Session, *, up_to: int | None = None, at_least: int = 0) -> list[StoredCheckpoint]:
-    rows = session.execute(
-        text(
-            "SELECT size, root, signed_at, note FROM audit_checkpoints "
-            "WHERE size >= :at_least AND (CAST(:up_to AS bigint) IS NULL OR size <= :up_to) ORDER BY size"
-        ),
-        {"up_to": up_to, "at_least": at_least},
-    ).all()
-    return [StoredCheckpoint(r.size, bytes(r.root), r.signed_at, r.note) for r in rows]
-
-
 def tree_size(session: Session) -> int:
     return int(session.scalar(text("SELECT coalesce(max(seq) + 1, 0) FROM audit_leaves")) or 0)
 
