@@ -51,9 +51,15 @@ def resize(image: Image.Image, prep: Preprocessing) -> Image.Image:
 
 
 def resized_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """(H, W, 3) uint8 pixels of the RGB ``image`` squashed to the model's input size. From the
-    antialiased resampler they are a view of planar (3, H, W) memory, as PyTorch's kernel writes them:
-    the layout :func:`normalize` reads and writes fastest, so no copy is made to interleave them."""
+    """(H, W, 3) uint8 pixels of the RGB ``image`` squashed to the model's input size (from the
+    antialiased resampler, a view of :func:`_resampled`'s four channels: nothing is copied to drop
+    the fourth)."""
+    return _resampled(image, prep)[:, :, :3]
+
+
+def _resampled(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """The RGB ``image`` squashed to the model's input size as a C-contiguous (H, W, C) uint8 array:
+    C = 4 from the antialiased resampler (RGB and a pad byte, as PyTorch's kernel writes them), else 3."""
     height, width = prep.input_size
     if image.size == (width, height) or prep.interpolation != ANTIALIASED:
         return np.asarray(resize(image, prep), dtype=np.uint8)
@@ -67,13 +73,18 @@ def resized_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     factors = (int(image.width / width / REDUCING_GAP) or 1, int(image.height / height / REDUCING_GAP) or 1)
     if factors != (1, 1):
         image = image.reduce(factors)
-    # Pillow's packed bytes, copied once into a writable buffer (torch wants one), laid out as
-    # (1, 3, H, W) over the interleaved pixels: fewer calls than NumPy's array interface and torch's
-    # permute, each cold after a pass (0.41 against 0.48 ms with the resize, inline after a pass)
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    pixels = pixels.view(1, image.height, image.width, 3).permute(0, 3, 1, 2)
+    # Pillow's pixels as it holds them, four bytes each (RGB and a pad byte: "RGBX" is a copy of its
+    # rows, where packing to three bytes a pixel is a conversion), copied once into a writable buffer
+    # (torch wants one) and laid out as (1, 4, H, W) over the interleaved bytes. PyTorch's uint8 kernel
+    # works on four interleaved channels whatever it is given (it widens three to four and narrows
+    # them back): given four it does neither, and each channel's result is the same, to the bit, as
+    # each channel resampled alone. Its output is kept as it wrote it, interleaved: making it planar
+    # cost more than normalising saves by reading planes (0.35 against 0.42 ms for resizing and
+    # normalising one image, inline after a pass)
+    pixels = torch.frombuffer(bytearray(image.tobytes("raw", "RGBX")), dtype=torch.uint8)
+    pixels = pixels.view(1, image.height, image.width, 4).permute(0, 3, 1, 2)
     out = interpolate(pixels, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-    return out.contiguous().numpy()[0].transpose(1, 2, 0)
+    return out.numpy()[0].transpose(1, 2, 0)
 
 
 def shades_of_gray(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
@@ -88,11 +99,17 @@ def shades_of_gray(pixels: np.ndarray, power: float = 6.0) -> np.ndarray:
 
 def to_uint8(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     """(H, W, 3) uint8 array of the resized RGB image, colour-corrected where the model was."""
+    return _model_pixels(image, prep)[:, :, :3]
+
+
+def _model_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """:func:`to_uint8`'s pixels in a C-contiguous (H, W, C) array, C = 3 or 4 (:func:`_resampled`)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    pixels = resized_pixels(image, prep)
+    pixels = _resampled(image, prep)
     if prep.colour_constancy == "shades_of_gray":
-        return shades_of_gray(np.ascontiguousarray(pixels))  # its float sums in one order, whatever the layout
+        # its float sums in one order, whatever the layout
+        return shades_of_gray(np.ascontiguousarray(pixels[:, :, :3]))
     if prep.colour_constancy != "none":
         raise ValueError(f"unknown colour constancy {prep.colour_constancy!r}")
     return pixels
@@ -133,7 +150,10 @@ def model_input(images: Sequence[Image.Image], prep: Preprocessing) -> tuple[np.
     if not images:
         height, width = prep.input_size
         return np.zeros((0, height, width, 3), dtype=np.uint8), np.zeros((0, height, width, 3), dtype=np.float32)
-    arrays = [to_uint8(image, prep) for image in images]
-    # one image: a view, in whatever layout it came (stacking would copy it, interleaved)
-    pixels = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+    arrays = [_model_pixels(image, prep) for image in images]
+    if len({array.shape for array in arrays}) > 1:  # three channels and four in one batch: stack three
+        arrays = [array[:, :, :3] for array in arrays]
+    # one image: a view; several: stacked whole, each a block of memory, and the pad channel dropped
+    # in a view (copying three channels of four goes pixel by pixel: 1.2 against 0.07 ms for eight)
+    pixels = (arrays[0][None] if len(arrays) == 1 else np.stack(arrays))[:, :, :, :3]
     return pixels, normalize(pixels, prep)

@@ -47,7 +47,7 @@ def test_the_antialiased_resampler_is_pytorchs_kernel_within_two_levels_of_pillo
     for image in fixture_pil:
         pixels = preprocess.to_uint8(image, ANTIALIASED)
         assert pixels.shape == (168, 224, 3) and pixels.dtype == np.uint8
-        assert pixels.transpose(2, 0, 1).flags.c_contiguous  # planar, as the kernel wrote it: not copied
+        assert pixels.strides == (224 * 4, 4, 1)  # three of the kernel's four interleaved channels: not copied
         source = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]
         expected = interpolate(source, size=(168, 224), mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
         assert np.array_equal(pixels, expected)
@@ -80,7 +80,7 @@ def test_a_preprocessing_names_only_a_known_resampler(fixture_pil: list[Image.Im
         parse_args(["--data", "d", "--out", "o", "--interpolation", "lanczos"])
 
 
-def test_one_planar_image_is_normalised_and_scored_as_its_interleaved_copy(fixture_pil: list[Image.Image]) -> None:
+def test_resampled_pixels_a_view_of_four_channels_score_as_their_packed_copy(fixture_pil: list[Image.Image]) -> None:
     from ml import ood
 
     pixels, batch = preprocess.model_input(fixture_pil[:1], ANTIALIASED)
@@ -88,17 +88,22 @@ def test_one_planar_image_is_normalised_and_scored_as_its_interleaved_copy(fixtu
     assert not pixels.flags.c_contiguous and np.array_equal(pixels, interleaved)
     assert np.array_equal(batch, preprocess.normalize(interleaved, ANTIALIASED))
     for stride in (1, 2):
-        planar, copied = (
+        viewed, copied = (
             ood.image_scores(pixels[:, ::stride, ::stride]),
             ood.image_scores(interleaved[:, ::stride, ::stride]),
         )
-        assert all(np.array_equal(planar[k], copied[k]) for k in copied)  # to the bit: the thresholds read these
+        assert all(np.array_equal(viewed[k], copied[k]) for k in copied)  # to the bit: the thresholds read these
         assert np.array_equal(
             ood.colour_statistics(pixels[:, ::stride, ::stride]),
             ood.colour_statistics(interleaved[:, ::stride, ::stride]),
         )
     several, _ = preprocess.model_input(fixture_pil[:3], ANTIALIASED)
     assert np.array_equal(several[0], pixels[0])
+    # an image already at the input size is not resampled (three channels) in a batch with one that is
+    at_size = Image.fromarray(np.random.default_rng(5).integers(0, 256, size=(168, 224, 3), dtype=np.uint8))
+    mixed, mixed_batch = preprocess.model_input([fixture_pil[0], at_size], ANTIALIASED)
+    assert np.array_equal(mixed[0], pixels[0]) and np.array_equal(mixed[1], np.asarray(at_size))
+    assert np.array_equal(mixed_batch[:1], batch)
 
 
 def test_a_large_image_is_box_reduced_first_as_pillows_reducing_gap_does() -> None:
