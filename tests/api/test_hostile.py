@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests import support
 from tests.api.test_cases import rows_for, wait_done
-from tests.ml.test_images import encode, png_chunk, png_declaring
+from tests.ml.test_images import encode, png_chunk, png_declaring, repeated_scan
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -68,6 +68,11 @@ HOSTILE_FILES = {
     "tiff bomb (60000x60000)": (lambda j: tiff_declaring(60000, 60000), 422, "decompression_bomb"),
     "jpeg claiming 65000x65000": (lambda j: jpeg_declaring(65000, 65000, j), 422, "decompression_bomb"),
     "jpeg claiming 20000x40": (lambda j: jpeg_declaring(20000, 40, j), 422, "too_large"),
+    "progressive jpeg repeating a scan 1,000 times": (
+        lambda j: repeated_scan(encode(Image.open(io.BytesIO(j)), "JPEG", progressive=True), 1000),
+        422,
+        "decompression_bomb",
+    ),
     "truncated jpeg": (lambda j: j[: len(j) * 2 // 3], 422, "truncated"),
     "truncated png": (
         lambda j: encode(

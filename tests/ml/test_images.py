@@ -6,6 +6,7 @@ import io
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -99,6 +100,29 @@ def test_small_png_declaring_30000_squared_is_a_bomb() -> None:
     data = png_declaring(30000, 30000)
     assert len(data) < 200
     assert code_of(data) == "decompression_bomb"
+
+
+def repeated_scan(jpeg: bytes, times: int) -> bytes:
+    """A progressive ``jpeg`` with its last scan (and the Huffman table before it) written ``times``
+    times more: still a JPEG libjpeg decodes (with a warning), each copy one more pass over every block."""
+    last = jpeg.rindex(b"\xff\xda")
+    table = jpeg.rfind(b"\xff\xc4", 0, last)
+    start = table if table > jpeg.rfind(b"\xff\xda", 0, last) else last
+    end = jpeg.rindex(b"\xff\xd9")
+    return jpeg[:end] + jpeg[start:end] * times + jpeg[end:]
+
+
+def test_a_progressive_jpeg_repeating_a_scan_is_refused_before_its_pixels_decode() -> None:
+    progressive = encode(Image.new("L", (2000, 2000), 128), "JPEG", progressive=True, quality=90)
+    assert progressive.count(b"\xff\xda") > 1
+    assert decode(repeated_scan(progressive, images.MAX_JPEG_SCANS - progressive.count(b"\xff\xda"))).image
+    bomb = repeated_scan(progressive, 1000)
+    assert len(bomb) < 100_000  # a small file that would take seconds to decode
+    started = time.process_time()
+    assert code_of(bomb) == "decompression_bomb"
+    assert time.process_time() - started < 0.1  # refused by counting, not by decoding
+    with pytest.raises(InvalidImage, match=r"the JPEG file has 10\d\d scan headers; dermq decodes at most 64"):
+        decode(bomb)
 
 
 def test_long_thin_image_is_too_large() -> None:
