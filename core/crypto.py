@@ -260,6 +260,8 @@ def _unwrap(keyring: Keyring, kek_id: str, wrapped: bytes, case_id: uuid.UUID, k
         )
     except InvalidTag:
         raise DecryptionError("data key does not unwrap for this case and kind (tampered or moved)") from None
+    except ValueError:  # AES-GCM refuses a nonce under 8 bytes: a wrapped key cut short
+        raise DecryptionError("data key does not unwrap for this case and kind (malformed)") from None
 
 
 def encrypt_blob(
@@ -281,6 +283,8 @@ def decrypt_blob(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind
         return AESGCM(data_key).decrypt(blob.nonce, blob.ciphertext, _payload_aad(case_id, kind))
     except InvalidTag:
         raise DecryptionError("blob does not decrypt for this case and kind (tampered or moved)") from None
+    except ValueError:  # a nonce under 8 bytes
+        raise DecryptionError("blob does not decrypt for this case and kind (malformed nonce)") from None
 
 
 def rewrap(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str) -> SealedBlob:

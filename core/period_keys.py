@@ -185,7 +185,10 @@ class PeriodKeys:
     def key(self, keyring: Keyring, kek: str) -> bytes:
         """The unwrapped key of ``kek`` (``period-...``); a DecryptionError once it was destroyed."""
         period = kek[len(PREFIX) :]
-        path = self._key_file(period)
+        try:
+            path = self._key_file(period)
+        except ValueError:  # a malformed id in a blob's row: that blob can never be read, not a missing key
+            raise DecryptionError("the blob names a period key id that is not one (malformed row)") from None
         if self.destroyed(period):  # a tombstone wins over a key file a crash left behind
             with self._cache_lock:  # destroyed by another process: no copy stays in this one's memory
                 self._cache.pop(period, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -48,6 +49,17 @@ def test_tampered_ciphertext_is_refused(keyring: Keyring) -> None:
         decrypt_blob(
             keyring, type(sealed)(flipped, sealed.nonce, sealed.wrapped_key, sealed.kek_id), case_id=case, kind="image"
         )
+
+
+@pytest.mark.parametrize("cut", ["nonce", "wrapped_key"])
+def test_a_nonce_cut_short_is_a_blob_that_does_not_decrypt(keyring: Keyring, cut: str) -> None:
+    """AES-GCM raises ValueError for a nonce under 8 bytes; callers handle DecryptionError (a case whose
+    blob it is fails alone), so a ValueError used to take its batch, or a callback's lease, down with it."""
+    case_id = uuid.uuid4()
+    blob = encrypt_blob(keyring, b"lesion", case_id=case_id, kind="image")
+    malformed = dataclasses.replace(blob, **{cut: getattr(blob, cut)[:5]})
+    with pytest.raises(DecryptionError, match="malformed"):
+        decrypt_blob(keyring, malformed, case_id=case_id, kind="image")
 
 
 def test_rewrap_changes_only_the_wrapped_key(keyring: Keyring) -> None:

@@ -344,6 +344,24 @@ def test_a_case_whose_image_cannot_be_read_fails_alone_and_its_batch_goes_on(
         assert session.scalar(select(Case.status).where(Case.id == led[1])) == "succeeded"
 
 
+def test_blobs_malformed_in_their_row_fail_their_own_cases_only(batching, tenant, store_case, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
+    """A nonce or wrapped key cut short, or a key id that names no period, made AES-GCM or the period
+    folder raise ValueError, which rolled the whole claim back and failed the batch's good lead; the
+    malformed case stayed queued to do the same to the next batch that took it as a companion."""
+    ids = [store_case(tenant, jpeg_bytes) for _ in range(4)]  # a batch's worth here
+    malformed = {ids[1]: {"nonce": bytes(4)}, ids[2]: {"wrapped_key": bytes(5)}, ids[3]: {"kek_id": "period-garbage"}}
+    with session_scope(batching) as session:
+        for case_id, values in malformed.items():
+            session.execute(update(CaseBlob).where(CaseBlob.case_id == case_id).values(**values))
+    assert run_batch(batching, ids[0]) == "succeeded"
+    with session_scope(batching) as session:
+        cases = {c.id: c for c in session.scalars(select(Case).where(Case.id.in_(ids)))}
+    assert [cases[i].status for i in ids] == ["succeeded", "failed", "failed", "failed"]
+    for case_id in malformed:
+        assert cases[case_id].failure_code == "model_error" and cases[case_id].attempts == 1
+        assert "reading its stored image (DecryptionError)" in (cases[case_id].failure_message or "")
+
+
 def test_a_case_whose_key_cannot_be_loaded_goes_back_to_the_queue_and_its_batch_goes_on(  # type: ignore[no-untyped-def]
     batching, tenant, store_case, jpeg_bytes
 ) -> None:
