@@ -21,6 +21,7 @@ from api.db import Lanes, RequestDb
 from api.intake_limits import Decoder, UploadSlots
 from api.key_cache import KeyCache
 from api.listener import Listener
+from api.params import only
 from api.waiters import CaseWaiters
 from core import announcements, audit, keys
 from core.config import Settings
@@ -244,17 +245,41 @@ async def json_media_type(request: Request, caller: AuthenticatedCaller) -> None
     a JSON object that names a member twice (RFC 8259 leaves which one counts to the parser: the
     sender and dermq could read different values). After authentication: an unauthenticated caller is
     told that first. The body is the one FastAPI read (at most 64 KiB: api.middleware), parsed again."""
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    media, _, parameters = request.headers.get("content-type", "").partition(";")
+    media = media.strip().lower()
     if not (
         media == "application/json"
         or (media.startswith("application/") and media.endswith("+json") and "/+" not in media)
     ):
         shown = f"the body is {media[:64]}" if media else "the request has no Content-Type"
         raise UnsupportedMediaType(f"{shown}; send a JSON body with Content-Type: application/json")
+    charset = _charset(parameters)
+    if charset not in (None, "utf-8", "utf8"):
+        raise UnsupportedMediaType(f"the body's charset is {charset[:32]}; send JSON in UTF-8 (RFC 8259)")
+    # FastAPI's parse guesses UTF-16 and UTF-32 from the bytes; JSON between systems is UTF-8 only
     try:
-        json.loads(await request.body() or b"null", object_pairs_hook=_unique_members)
+        text = (await request.body()).decode("utf-8")
+        json.loads(text or "null", object_pairs_hook=_unique_members)
     except RecursionError:  # FastAPI's own parse, a few frames shallower, may have just managed it
         raise BadRequest("the JSON body is nested too deeply") from None
+    except ValueError:  # not UTF-8, or a byte-order mark, which only FastAPI's parse of bytes skips
+        raise BadRequest("the JSON body is not UTF-8 text without a byte-order mark (RFC 8259)") from None
+
+
+def _charset(parameters: str) -> str | None:
+    """The ``charset`` of a Content-Type's parameters (after its first ``;``), lower-cased; None if none."""
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
+async def no_query_parameters(request: Request, caller: AuthenticatedCaller) -> None:
+    """422 ``unknown_parameter`` for any query parameter on a route that takes none, after
+    authentication: a route that changes data must not ignore one (``DELETE /v1/cases/{id}?dry_run=true``
+    erased the case)."""
+    only(request, ())
 
 
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -271,6 +296,8 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 #: for a route's ``dependencies``: its body is JSON (:func:`json_media_type`)
 JSON_BODY = [Depends(json_media_type)]
+#: for a route's ``dependencies``: it takes no query parameter (:func:`no_query_parameters`)
+NO_QUERY = [Depends(no_query_parameters)]
 
 
 def limit(caller: Caller, app: AppState, kind: str) -> None:

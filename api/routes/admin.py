@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from api.deps import JSON_BODY, AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
+from api.deps import JSON_BODY, NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
 from api.params import only
 from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from api.schemas import ClinicIn, ClinicOut, KeyIn, KeyOut, NewKeyOut
@@ -55,7 +55,7 @@ def _admin(caller: Caller, app: AppState) -> None:
     status_code=201,
     response_model=ClinicOut,
     responses={**JSON_PROBLEMS, 409: PROBLEMS[404] | {"description": "a clinic of that name exists"}},
-    dependencies=JSON_BODY,
+    dependencies=[*JSON_BODY, *NO_QUERY],
     summary="Create a clinic",
 )
 async def create_clinic(body: ClinicIn, app: State, caller: AuthenticatedCaller, db: Db) -> ClinicOut:
@@ -79,6 +79,7 @@ async def list_clinics(app: State, caller: AuthenticatedCaller, db: Db) -> list[
     "/clinics/{clinic_id}/deactivate",
     response_model=ClinicOut,
     responses=PROBLEMS,
+    dependencies=NO_QUERY,
     summary="Deactivate a clinic (its keys stop working at once)",
 )
 async def deactivate_clinic(clinic_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> ClinicOut:
@@ -90,7 +91,11 @@ async def deactivate_clinic(clinic_id: uuid.UUID, app: State, caller: Authentica
 
 
 @router.post(
-    "/clinics/{clinic_id}/activate", response_model=ClinicOut, responses=PROBLEMS, summary="Reactivate a clinic"
+    "/clinics/{clinic_id}/activate",
+    response_model=ClinicOut,
+    responses=PROBLEMS,
+    dependencies=NO_QUERY,
+    summary="Reactivate a clinic",
 )
 async def activate_clinic(clinic_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> ClinicOut:
     def activate(session: Session) -> ClinicOut:
@@ -105,7 +110,7 @@ async def activate_clinic(clinic_id: uuid.UUID, app: State, caller: Authenticate
     status_code=201,
     response_model=NewKeyOut,
     responses=JSON_PROBLEMS,
-    dependencies=JSON_BODY,
+    dependencies=[*JSON_BODY, *NO_QUERY],
     summary="Create an API key (the secret is in this response only)",
 )
 async def create_key(body: KeyIn, response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> NewKeyOut:
@@ -145,7 +150,13 @@ async def list_keys(
     return await db.run(read)
 
 
-@router.post("/keys/{key_id}/revoke", response_model=KeyOut, responses=PROBLEMS, summary="Revoke an API key now")
+@router.post(
+    "/keys/{key_id}/revoke",
+    response_model=KeyOut,
+    responses=PROBLEMS,
+    dependencies=NO_QUERY,
+    summary="Revoke an API key now",
+)
 async def revoke_key(key_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> KeyOut:
     def revoke(session: Session) -> KeyOut:
         _admin(caller, app)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from api import metrics
 from api.case_views import case_out
 from api.db import RequestDb
-from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
+from api.deps import NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
 from api.params import only
 from api.problems import BUSY_PGCODES
 from api.schemas import (
@@ -358,7 +358,13 @@ async def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCall
     return Response(await db.run(read, last=True), media_type="image/png", headers=NO_STORE)
 
 
-@router.delete("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Erase a case's images and result")
+@router.delete(
+    "/{case_id}",
+    response_model=CaseOut,
+    responses=PROBLEMS,
+    dependencies=NO_QUERY,
+    summary="Erase a case's images and result",
+)
 async def erase_case(
     case_id: uuid.UUID, response: Response, app: State, caller: AuthenticatedCaller, db: Db
 ) -> CaseOut:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from api.deps import JSON_BODY, AuthenticatedCaller, Db, State, limit, require_role
+from api.deps import JSON_BODY, NO_QUERY, AuthenticatedCaller, Db, State, limit, require_role
 from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from core import callbacks
 from core.callback_signing import SIGNATURE_HEADER
@@ -74,7 +74,7 @@ def _out(row: ClinicCallback) -> CallbackOut:
     "/callback",
     response_model=NewCallbackOut,
     responses=JSON_PROBLEMS,
-    dependencies=JSON_BODY,
+    dependencies=[*JSON_BODY, *NO_QUERY],
     summary="Register (or replace) the clinic's completion callback; returns a new signing secret once",
 )
 async def put_callback(
@@ -142,7 +142,9 @@ async def get_callback(response: Response, app: State, caller: AuthenticatedCall
     return out
 
 
-@router.delete("/callback", status_code=204, responses=PROBLEMS, summary="Stop completion callbacks")
+@router.delete(
+    "/callback", status_code=204, responses=PROBLEMS, dependencies=NO_QUERY, summary="Stop completion callbacks"
+)
 async def delete_callback(app: State, caller: AuthenticatedCaller, db: Db) -> Response:
     require_role(caller, Role.CLINIC)
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from api.deps import JSON_BODY, AuthenticatedCaller, Db, State, limit
+from api.deps import JSON_BODY, NO_QUERY, AuthenticatedCaller, Db, State, limit
 from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from core import outcomes
 
@@ -49,7 +49,7 @@ class OutcomeOut(BaseModel):
         409: PROBLEMS[404] | {"description": "the case has not succeeded (yet)"},
         410: PROBLEMS[404] | {"description": "the case's result was erased"},
     },
-    dependencies=JSON_BODY,
+    dependencies=[*JSON_BODY, *NO_QUERY],
     summary="Report a case's confirmed diagnosis (a different later report corrects it)",
 )
 async def report_outcome(

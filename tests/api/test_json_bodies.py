@@ -94,3 +94,49 @@ def test_a_json_body_nested_too_deeply_is_a_400_at_every_depth(client, make_key)
         middle = (shallow + deep) // 2
         shallow, deep = (middle, deep) if answer(middle) == 422 else (shallow, middle)
     assert {answer(depth) for depth in range(deep, deep + 8)} == {400}
+
+
+def test_a_json_body_in_utf_16_or_utf_32_or_another_charset_is_refused_and_changes_nothing(  # type: ignore[no-untyped-def]
+    client, make_key, settings
+) -> None:
+    """FastAPI's parse guesses UTF-16 and UTF-32 from the bytes (and skips a UTF-8 byte-order mark), so
+    such a body created a clinic; RFC 8259 makes JSON between systems UTF-8."""
+    admin = make_key("admin")
+    json_typed = {**admin.headers, "Content-Type": "application/json"}
+    text = json.dumps({"name": f"west-{uuid.uuid4().hex[:6]}"})
+    before = counts(settings)
+    for body in (text.encode("utf-16"), text.encode("utf-32"), text.encode("utf-16-le"), text.encode("utf-8-sig")):
+        answer = client.post("/v1/admin/clinics", headers=json_typed, content=body)
+        assert (answer.status_code, answer.json()["code"]) == (400, "bad_request"), answer.text
+        assert "UTF-8" in answer.json()["detail"]
+    labelled = {**admin.headers, "Content-Type": 'application/json; charset="UTF-16"'}
+    answer = client.post("/v1/admin/clinics", headers=labelled, content=text.encode("utf-16"))
+    assert (answer.status_code, answer.json()["code"]) == (415, "unsupported_media_type"), answer.text
+    assert counts(settings) == before
+
+
+def test_an_operation_that_changes_data_refuses_a_query_parameter_it_does_not_take(  # type: ignore[no-untyped-def]
+    client, make_key, tenant, settings, jpeg_bytes
+) -> None:
+    """They ignored any: ``DELETE /v1/cases/{id}?dry_run=true`` erased the case for good."""
+    admin = make_key("admin")
+    submitted = client.post("/v1/cases", headers=tenant.headers, files={"image": ("a.jpg", jpeg_bytes, "image/jpeg")})
+    assert submitted.status_code == 202, submitted.text
+    case_id = submitted.json()["id"]
+    sent = [
+        ("post", "/v1/admin/clinics?dry_run=true", admin.headers, {"name": f"north-{uuid.uuid4().hex[:6]}"}),
+        ("post", "/v1/admin/keys?dry_run=true", admin.headers, {"role": "auditor"}),
+        ("post", f"/v1/admin/keys/{admin.key_id}/revoke?dry_run=true", admin.headers, None),
+        ("post", f"/v1/admin/clinics/{tenant.clinic_id}/deactivate?confirm=false", admin.headers, None),
+        ("put", "/v1/clinic/callback?dry_run=true", tenant.headers, {"url": "https://portal.example/hook"}),
+        ("delete", "/v1/clinic/callback?dry_run=true", tenant.headers, None),
+        ("delete", f"/v1/cases/{case_id}?dry_run=true", tenant.headers, None),
+    ]
+    before = counts(settings)
+    for method, path, headers, body in sent:
+        typed = {**headers, "Content-Type": "application/json"}
+        answer = client.request(method, path, headers=typed, content=None if body is None else json.dumps(body))
+        assert (answer.status_code, answer.json()["code"]) == (422, "unknown_parameter"), (path, answer.text)
+    assert counts(settings) == before
+    case = client.get(f"/v1/cases/{case_id}", headers=tenant.headers)  # the clinic and its key still work
+    assert case.status_code == 200 and case.json()["status"] != "purged", case.text
