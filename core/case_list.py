@@ -75,7 +75,7 @@ def list_cases(
         query = query.where(Case.created_at >= since)
     if until is not None:
         query = query.where(Case.created_at < until)
-    if cursor:
+    if cursor is not None:  # an empty one too: refused, never read as "from the start"
         created, case_id = _decode_cursor(cursor)
         query = query.where(or_(Case.created_at < created, and_(Case.created_at == created, Case.id < case_id)))
     rows = list(session.scalars(query.order_by(Case.created_at.desc(), Case.id.desc()).limit(limit + 1)))

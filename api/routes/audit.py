@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import re
 import uuid
 from collections.abc import Generator
 from datetime import datetime, timedelta
@@ -131,12 +132,17 @@ def record_auditor_access(
 
 
 def _cursor(value: str | None) -> int | None:
+    """The event id a ``next_cursor`` carries: decimal ASCII digits of a positive bigint and nothing
+    else (``int()`` took ``-5``, ``0``, ``1_0`` and other scripts' digits, and a cursor of 0 or less
+    answered an empty last page, as if the trail ended there)."""
     if value is None:
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise BadRequest("the cursor is not one dermq issued", code="invalid_cursor") from None
+    if _CURSOR.fullmatch(value) is None:
+        raise BadRequest("the cursor is not one dermq issued", code="invalid_cursor")
+    return int(value)
+
+
+_CURSOR = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)  # below the largest bigint
 
 
 FILTERS = ("since", "until", "actor", "clinic", "case", "action", "outcome")

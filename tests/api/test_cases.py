@@ -352,7 +352,7 @@ def test_listing_is_newest_first_and_paginated(client, tenant: Tenant, jpeg_byte
     forged = base64.urlsafe_b64encode(b'["2024-01-01T00:00:00", 5]').decode()  # valid JSON, not a case id
     # a time Python parses and Postgres refuses (an offset past 15:59): not a 503
     offset = base64.urlsafe_b64encode(f'["2026-01-01T00:00:00+20:00", "{uuid.uuid4()}"]'.encode()).decode()
-    for cursor in ("garbage!", forged, offset):
+    for cursor in ("garbage!", forged, offset, ""):  # an empty one was read as none: the first page again
         bad = client.get("/v1/cases", headers=tenant.headers, params={"cursor": cursor})
         assert bad.status_code == 400 and bad.json()["code"] == "invalid_cursor"
     assert client.get("/v1/cases", headers=tenant.headers, params={"status": "nonsense"}).status_code == 422
