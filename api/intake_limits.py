@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from functools import partial
 from typing import Any, TypeVar
 
 from core.errors import InvalidImageError, RateLimited, ServiceUnavailable
@@ -146,15 +145,23 @@ class Decoder:
             with suppress(RuntimeError):  # the loop has closed (shutdown): nobody waits for it
                 loop.call_soon_threadsafe(_settle, declared, header)
 
-        job = partial(
-            working_copy.decode_upload, data, limits, fit=working_side, budget=self.budget, on_header=on_header
-        )
+        started, gave_up = threading.Event(), threading.Event()
+
+        def job() -> tuple[DecodedImage, bytes | None]:
+            started.set()
+            return working_copy.decode_upload(data, limits, fit=working_side, budget=self.budget, on_header=on_header)
+
         decoding = loop.run_in_executor(self._executor(), job)
         decoding.add_done_callback(_retrieve)  # a request cancelled meanwhile must not leave it unheard
+        # An upload waits for a decoder thread as long as for the decode budget, then is answered 429:
+        # uploads slow to decode (a lossless canvas, a progressive JPEG's scans) would otherwise queue
+        # every other clinic's behind them for as long as they take
+        deadline = loop.call_later(self.budget.wait_seconds, _give_up_unstarted, decoding, started, gave_up)
         try:
             await asyncio.wait((decoding, declared), return_when=asyncio.FIRST_COMPLETED)
         finally:
             declared.cancel()  # no-op once it holds the header
+            deadline.cancel()  # started (or cancelled) by now: the decode ends when it ends
         outcome: list[T] = []
         error: Exception | None = None
         overlap = declared.done() and not declared.cancelled() and not decoding.done()
@@ -164,7 +171,12 @@ class Decoder:
             except Exception as exc:
                 error = exc
         with decode_errors():
-            decoded, copy = await decoding
+            try:
+                decoded, copy = await decoding
+            except asyncio.CancelledError:
+                if not gave_up.is_set():
+                    raise  # the request itself was cancelled
+                raise DecodeBusy(self.budget.retry_after) from None
         if error is not None:
             raise error
         if not outcome:
@@ -177,6 +189,13 @@ class Decoder:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _give_up_unstarted(decoding: asyncio.Future[Any], started: threading.Event, gave_up: threading.Event) -> None:
+    """Cancel a decode that no thread has started (a started one runs on; nobody waits for it then)."""
+    if not started.is_set():
+        gave_up.set()
+        decoding.cancel()
 
 
 def _settle(future: asyncio.Future[ImageHeader], header: ImageHeader) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,7 +21,7 @@ from PIL import Image
 from api import intake_limits
 from api.intake_limits import Decoder
 from bench.common import camera_jpegs
-from core.errors import InvalidImageError, ServiceUnavailable
+from core.errors import InvalidImageError, RateLimited, ServiceUnavailable
 from ml import images
 from ml.images import DEFAULT_LIMITS, ImageHeader, InvalidImage
 
@@ -165,4 +167,43 @@ def test_memory_this_process_lacks_is_a_503_to_retry_not_a_bad_image(
         decode(decoder, camera, work)
     assert (refused.value.status, refused.value.code) == (503, "out_of_memory")
     assert refused.value.headers["Retry-After"] and decoder.budget.in_use == 0
+    decoder.close()
+
+
+def test_an_upload_that_waits_too_long_for_a_decoder_thread_is_answered_429(
+    jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads slow to decode held every thread, and the others queued behind them without a limit:
+    an upload now waits for a thread as long as for the decode budget, then is told to retry."""
+    release = threading.Event()
+    blocker = bytes(bytearray(jpeg_bytes))  # equal bytes, another object
+    real = intake_limits.working_copy.decode_upload
+
+    def slow_for_the_blocker(data: bytes, *args: Any, **kwargs: Any) -> Any:
+        if data is blocker:
+            release.wait(30)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(intake_limits.working_copy, "decode_upload", slow_for_the_blocker)
+    decoder = Decoder(256 * 2**20, threads=1)
+    decoder.budget.wait_seconds = 0.3
+    worked: list[str] = []
+
+    async def work(header: ImageHeader) -> None:
+        worked.append(header.format)
+
+    async def both() -> Any:
+        first = asyncio.ensure_future(decoder.decode_upload(blocker, DEFAULT_LIMITS, working_side=SIDE, alongside=work))
+        await asyncio.sleep(0.05)  # the blocker holds the only thread
+        started = time.monotonic()
+        with pytest.raises(RateLimited) as refused:
+            await decoder.decode_upload(jpeg_bytes, DEFAULT_LIMITS, working_side=SIDE, alongside=work)
+        waited = time.monotonic() - started
+        release.set()
+        return await first, waited, refused.value
+
+    (decoded, _, _), waited, refused = asyncio.run(both())
+    assert 0.25 < waited < 5 and refused.status == 429 and refused.retry_after >= 1
+    assert decoded.header.format == "JPEG" and worked == ["JPEG"]  # the refused upload's work never ran
+    assert decode(decoder, jpeg_bytes, work)[0].header.format == "JPEG"  # the thread is free again
     decoder.close()
