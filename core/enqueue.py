@@ -11,11 +11,11 @@ an id whose row it cannot see yet, or one that never existed.
 
 A send that fails (Redis down) is logged without PHI by :func:`core.publisher.send`; the other tasks
 for that broker are then not tried (each would wait out the same failure) and stay for the sweeper,
-which finds every queued case and pending callback without a message. ``on_sent`` records a
-successful send when that matters (the sweeper's ``published_at``): it runs with the ids sent, in a
-short transaction of its own after the sends, never inside the transaction that enqueued them. If
-that transaction fails the worst outcome is one duplicate message later, which tasks tolerate
-(``classify`` claims the case first; a callback delivery leases its outbox row).
+which finds every queued case and pending callback without a message. ``on_sent`` learns of a
+successful send where that matters (the sweeper's report): it runs with the ids sent, in a short
+transaction of its own after the sends, never inside the transaction that enqueued them. It must not
+write the rows of what it sent: a worker may be claiming them by then, and a claim skips locked rows
+(the sweeper stamps its publishes in its own transaction, :mod:`core.recovery`).
 
 The hooks are Session events registered on SQLAlchemy's :class:`~sqlalchemy.orm.Session` class when
 this module is imported, so every Session that can enqueue also sends; a Session that enqueued

@@ -18,8 +18,13 @@ Run by Celery beat every ``sweep_interval_seconds`` (``worker.tasks.sweep``):
 
 Every publish is enqueued on the sweep's Session (:mod:`core.enqueue`) and sent once the sweep has
 committed, never while its transaction still holds the rows it changed: a worker's claim must find a
-requeued case ``queued``, not locked. A successful send is recorded (``published_at``, a callback's
-``updated_at``) afterwards, in a short transaction of its own; the report counts what was sent.
+requeued case ``queued``, not locked. For the same reason each publish is stamped (``published_at``, a
+callback's ``updated_at``: the next sweeps wait from then) in the sweep's own transaction, on rows it
+holds already. Stamped after the sends, in a transaction of their own, the rows were locked again
+just as the messages arrived: a worker's claim and a callback's lease skip locked rows, so the
+message was dropped and the case or callback waited for another sweep. A send that fails after the
+commit leaves its case or callback to a later sweep, past the same wait. The report counts what was
+sent.
 
 Exactly one result per case is the database's rule (``results.case_id`` is the primary key, and
 every worker transition is fenced), not the sweeper's.
@@ -64,14 +69,12 @@ class SweepReport:
     callbacks_republished: list[str] = field(default_factory=list)
 
     def published(self, session: Session, case_ids: list[uuid.UUID]) -> None:
-        """After the sweep: these classify messages were sent; record it so the next sweeps wait."""
+        """After the sweep: these classify messages were sent (their rows were stamped by the sweep)."""
         self.republished.extend(str(case_id) for case_id in case_ids)
-        case_states.mark_published(session, case_ids)
 
     def callbacks_published(self, session: Session, case_ids: list[uuid.UUID]) -> None:
-        """After the sweep: these callback messages were sent; the next stale check counts from now."""
+        """After the sweep: these callback messages were sent (their rows were touched by the sweep)."""
         self.callbacks_republished.extend(str(case_id) for case_id in case_ids)
-        callbacks.touch_deliveries(session, case_ids)
 
     def full(self) -> bool:
         """Whether a part of the sweep stopped at :data:`BATCH`: more may be waiting for the next round."""
@@ -207,6 +210,7 @@ def republish_lost(
     ).all()
     for case in targets:
         enqueue(session, publisher, classify_task(case.id, case.priority), on_sent=report.published)
+    case_states.mark_published(session, [case.id for case in targets])  # under the sweep's locks: see above
 
 
 def republish_callbacks(
@@ -233,8 +237,10 @@ def republish_callbacks(
             log.warning("broker unreachable; callbacks republished unchecked", extra={"error": type(exc).__name__})
     lost = [case_id for case_id in stale if str(case_id) not in waiting]
     # the same conditions again, under the lock: a worker may have leased one meanwhile
-    for case_id in callbacks.stale_deliveries(session, cutoff, BATCH, ids=lost) if lost else []:
+    locked = callbacks.stale_deliveries(session, cutoff, BATCH, ids=lost) if lost else []
+    for case_id in locked:
         enqueue(session, publisher, callback_task(case_id), on_sent=report.callbacks_published)
+    callbacks.touch_deliveries(session, locked)  # under the sweep's locks: see the module's docstring
 
 
 def sweep(session: Session, settings: Settings, publisher: Celery, broker: redis.Redis | None) -> SweepReport:

@@ -89,9 +89,56 @@ def test_nothing_is_published_before_the_sweep_commits(
         assert str(lost) not in recovery.broker_case_ids(client)  # the transaction still holds the row
         assert report.republished == []
     assert str(lost) in recovery.broker_case_ids(client) and report.republished == [str(lost)]
-    # recorded after the send, by a transaction of its own
-    published = cases_row(own_database, lost).published_at
+    published = cases_row(own_database, lost).published_at  # stamped by the sweep's own transaction
     assert published is not None and published >= cases_row(own_database, lost).updated_at
+
+
+class Watching:
+    """A publisher that, as each message leaves, does what the worker receiving it does first: lock
+    its row, skipping it if locked (a batch's claim, a callback's lease), and read it."""
+
+    def __init__(self, publisher: object, settings: Settings) -> None:
+        self.publisher, self.settings, self.seen = publisher, settings, []  # type: ignore[var-annotated]
+
+    def send_task(self, name: str, args: list[str], **options: object) -> object:
+        sent = self.publisher.send_task(name, args=args, **options)  # type: ignore[attr-defined]
+        case_id = uuid.UUID(args[0])
+        stamp = (
+            select(CallbackDelivery.updated_at).where(CallbackDelivery.case_id == case_id)
+            if "callback" in name
+            else select(Case.published_at).where(Case.id == case_id)
+        )
+        with session_scope(self.settings) as session:
+            self.seen.append(session.scalar(stamp.with_for_update(skip_locked=True)))
+        return sent
+
+
+def test_a_republished_case_or_callback_is_stamped_before_its_message_leaves(
+    sweeping, own_database: Settings, keyring, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    """Stamped after the sends, in a transaction of their own, the rows were locked just as their
+    messages arrived: a worker's claim (or a callback's lease) skipped the locked row, its message was
+    dropped, and the case waited for another sweep and its grace period."""
+    config, publisher, client = sweeping
+    callback_case = finished_with_callback(own_database, keyring, tenant, store_case, publisher)
+    client.delete(*queue_lists(QUEUE_MAINTENANCE))  # its callback's message lost
+    lost = store_case(tenant, b"lost")
+    set_state(own_database, lost, status="running", attempts=1, started_at=ago(own_database.task_time_limit + 3600))
+    stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
+    with session_scope(own_database) as session:
+        session.execute(
+            update(CallbackDelivery).where(CallbackDelivery.case_id == callback_case).values(updated_at=stale)
+        )
+    watching = Watching(publisher, config)
+    swept_at = datetime.now(UTC)
+    with session_scope(config) as session:
+        report = recovery.sweep(session, config, watching, client)  # type: ignore[arg-type]
+    assert report.republished == [str(lost)] and report.callbacks_republished == [str(callback_case)]
+    assert len(watching.seen) == 2 and all(
+        at is not None and at >= swept_at - timedelta(seconds=5) for at in watching.seen
+    )
+    with session_scope(own_database) as session:
+        session.delete(session.get(ClinicCallback, tenant.clinic_id))
 
 
 def test_a_case_out_of_attempts_fails_with_timeout_and_a_clear_message(
