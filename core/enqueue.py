@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -100,8 +99,6 @@ def _ended(session: Session, transaction: SessionTransaction) -> None:
     if ready:
         try:
             _send_all(session, ready)
-        except SoftTimeLimitExceeded:
-            raise  # the commit stands; the task's handler ends or requeues what it holds, the sweeper sends the rest
         except Exception as exc:  # the commit stands whatever happens here; the sweeper covers a loss
             log.warning(
                 "sending committed tasks failed", extra={"event": "publish_failed", "error": type(exc).__name__}
@@ -130,8 +127,6 @@ def _send_all(session: Session, intents: list[_Intent]) -> None:
         try:
             with Session(bind=session.get_bind(), expire_on_commit=False) as follow_up, follow_up.begin():
                 on_sent(follow_up, ids)
-        except SoftTimeLimitExceeded:
-            raise
         except Exception as exc:
             log.warning(
                 "could not record a publish; the sweeper may publish it once more",

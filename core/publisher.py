@@ -18,7 +18,6 @@ import uuid
 from dataclasses import dataclass
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
 
 from core.config import Settings
 from core.models import Priority
@@ -66,8 +65,6 @@ def send(app: Celery, task: Task) -> bool:
         options["priority"] = task.priority
     try:
         app.send_task(task.name, args=[str(task.case_id)], retry=True, retry_policy=FAIL_FAST, **options)
-    except SoftTimeLimitExceeded:
-        raise  # the task's time is up, not the broker: its handler must learn it (a blocked send is where it lands)
     except Exception as exc:  # kombu raises OperationalError, redis ConnectionError, OSError...
         log.warning(
             "publish failed; the sweeper will publish it again",

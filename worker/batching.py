@@ -302,8 +302,6 @@ def _requeue_unfinished(config: Settings, held: list[Case]) -> set[uuid.UUID]:
             "batch stopped; its other cases went back to the queue",
             extra={"event": "batch_requeued", "count": len(held)},
         )
-    except SoftTimeLimitExceeded:
-        raise
     except Exception as exc:
         log.warning(
             "batch stopped and its other cases could not be requeued; the sweeper will",

@@ -14,7 +14,6 @@ import uuid
 from typing import Any
 
 import redis
-from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import case_states
@@ -71,8 +70,6 @@ def retry(task: Any, config: Settings, case_id: uuid.UUID, attempt: int | None, 
     if attempt is not None:
         try:
             requeue(config, case_id, attempt)  # at once if the database answers; the retry repeats it
-        except SoftTimeLimitExceeded:
-            raise
         except Exception as requeue_error:
             log.warning(
                 "could not requeue after a transient error; the retry will",

@@ -4,8 +4,6 @@ own. Against the real database and a private redis-server, whose queues the test
 
 from __future__ import annotations
 
-import signal
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -152,37 +150,3 @@ def test_only_plain_redis_urls_get_the_reusing_transport(settings: Settings) -> 
     assert common_config(settings)["broker_transport"] == "core.redis_transport:Transport"
     tls = settings.model_copy(update={"redis_url": "rediss://127.0.0.1:6380/0"})
     assert "broker_transport" not in common_config(tls)  # kombu's own, with its TLS defaults
-
-
-def test_a_soft_time_limit_landing_in_a_blocked_send_reaches_the_task(
-    settings: Settings, tenant: Tenant, store_case
-) -> None:  # type: ignore[no-untyped-def]
-    """A broker that takes the connection and never answers holds the send until its socket timeout;
-    the task's soft time limit (Celery raises it from a signal handler) landing there was logged as a
-    failed publish and swallowed, so the task ran on into its hard limit and was killed, holding its
-    batch's cases until the sweeper. The commit stands."""
-    from celery.exceptions import SoftTimeLimitExceeded
-
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)  # connections complete in the backlog; nothing ever reads or answers them
-    publisher = make_publisher(
-        settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{silent.getsockname()[1]}/0"})
-    )
-    case_id = store_case(tenant, b"queued")
-
-    def out_of_time(signum: int, frame: object) -> None:
-        raise SoftTimeLimitExceeded()
-
-    previous = signal.signal(signal.SIGALRM, out_of_time)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.5)
-        with pytest.raises(SoftTimeLimitExceeded), session_scope(settings) as session:
-            session.execute(text("UPDATE cases SET priority = 'urgent' WHERE id = :id"), {"id": case_id})
-            enqueue(session, publisher, classify_task(case_id, "urgent"))
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        silent.close()
-    with session_scope(settings) as session:
-        assert session.get(Case, case_id).priority == "urgent"
