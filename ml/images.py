@@ -29,6 +29,7 @@ from typing import Protocol
 from PIL import Image, ImageFile, ImageOps
 
 from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_for
+from ml.jpeg_scans import MAX_JPEG_SCANS, jpeg_scans
 from ml.srgb import UnsupportedMode, to_rgb
 
 #: Pillow formats dermq accepts, by the name Pillow gives them.
@@ -258,10 +259,6 @@ def decode(
             return _fitted(_load_rgb(image, fmt, declared, (MemoryError, *passthrough)), fit)
 
 
-#: the most scan headers (SOS markers) a JPEG upload may hold; see :func:`_accepted_format`
-MAX_JPEG_SCANS = 64
-
-
 def _accepted_format(data: bytes, limits: ImageLimits) -> str:
     """The sniffed format of an upload within the byte cap and of an accepted format; else InvalidImage."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide switch some libraries flip; we refuse to run with it
@@ -278,14 +275,10 @@ def _accepted_format(data: bytes, limits: ImageLimits) -> str:
         accepted = ", ".join(sorted(limits.formats))
         what = f"a {fmt} file" if fmt else "not a recognised image format"
         raise InvalidImage("unsupported_format", f"the upload is {what}; send one of: {accepted}")
-    # A progressive JPEG's decoder reads every block of the image again for each scan, and libjpeg
-    # accepts a scan repeated any number of times (a warning, not an error): 1,000 copies of a
-    # 50-byte scan make a 52 KB file that takes seconds to decode, and a 25 MiB one hours. The
-    # scan markers are counted first (an upper bound: the bytes can also occur in metadata, never in
-    # entropy-coded data); encoders write 1 to about 20 scans.
-    if fmt == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+    # each scan of a progressive JPEG is one more pass over every block: see ml.jpeg_scans
+    if fmt == "JPEG" and jpeg_scans(data) > MAX_JPEG_SCANS:
         raise InvalidImage(
-            "decompression_bomb", f"the JPEG file has {scans} scan headers; dermq decodes at most {MAX_JPEG_SCANS}"
+            "decompression_bomb", f"the JPEG file has more than {MAX_JPEG_SCANS} scans; dermq decodes at most that many"
         )
     return fmt
 
