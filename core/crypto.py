@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
+TAG_BYTES = 16  # AES-GCM's
 FORMAT = b"dermq/v1"
 
 
@@ -254,14 +255,13 @@ def _wrap(keyring: Keyring, kek_id: str, data_key: bytes, case_id: uuid.UUID, ki
 
 
 def _unwrap(keyring: Keyring, kek_id: str, wrapped: bytes, case_id: uuid.UUID, kind: str) -> bytes:
+    kek = AESGCM(keyring.kek(kek_id))  # a key that is missing or malformed is the key file's fault: raised as is
+    if len(wrapped) < NONCE_BYTES + TAG_BYTES:  # AES-GCM would raise ValueError for a short nonce
+        raise DecryptionError("data key does not unwrap for this case and kind (cut short)")
     try:
-        return AESGCM(keyring.kek(kek_id)).decrypt(
-            wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_aad(case_id, kind, kek_id)
-        )
+        return kek.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_aad(case_id, kind, kek_id))
     except InvalidTag:
         raise DecryptionError("data key does not unwrap for this case and kind (tampered or moved)") from None
-    except ValueError:  # AES-GCM refuses a nonce under 8 bytes: a wrapped key cut short
-        raise DecryptionError("data key does not unwrap for this case and kind (malformed)") from None
 
 
 def encrypt_blob(
@@ -279,12 +279,12 @@ def encrypt_blob(
 
 def decrypt_blob(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str) -> bytes:
     data_key = _unwrap(keyring, blob.kek_id, blob.wrapped_key, case_id, kind)
+    if len(blob.nonce) != NONCE_BYTES:  # every blob's is; AES-GCM would raise ValueError for one under 8 bytes
+        raise DecryptionError("blob does not decrypt for this case and kind (its nonce is cut short)")
     try:
         return AESGCM(data_key).decrypt(blob.nonce, blob.ciphertext, _payload_aad(case_id, kind))
     except InvalidTag:
         raise DecryptionError("blob does not decrypt for this case and kind (tampered or moved)") from None
-    except ValueError:  # a nonce under 8 bytes
-        raise DecryptionError("blob does not decrypt for this case and kind (malformed nonce)") from None
 
 
 def rewrap(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str) -> SealedBlob:
