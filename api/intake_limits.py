@@ -145,10 +145,11 @@ class Decoder:
             with suppress(RuntimeError):  # the loop has closed (shutdown): nobody waits for it
                 loop.call_soon_threadsafe(_settle, declared, header)
 
-        started, gave_up = threading.Event(), threading.Event()
+        turn = _Turn()
 
         def job() -> tuple[DecodedImage, bytes | None]:
-            started.set()
+            if not turn.take():
+                raise DecodeBusy(self.budget.retry_after)  # given up on just now: nobody waits for it
             return working_copy.decode_upload(data, limits, fit=working_side, budget=self.budget, on_header=on_header)
 
         decoding = loop.run_in_executor(self._executor(), job)
@@ -156,12 +157,12 @@ class Decoder:
         # An upload waits for a decoder thread as long as for the decode budget, then is answered 429:
         # uploads slow to decode (a lossless canvas, a progressive JPEG's scans) would otherwise queue
         # every other clinic's behind them for as long as they take
-        deadline = loop.call_later(self.budget.wait_seconds, _give_up_unstarted, decoding, started, gave_up)
+        deadline = loop.call_later(self.budget.wait_seconds, turn.give_up, decoding)
         try:
             await asyncio.wait((decoding, declared), return_when=asyncio.FIRST_COMPLETED)
         finally:
             declared.cancel()  # no-op once it holds the header
-            deadline.cancel()  # started (or cancelled) by now: the decode ends when it ends
+            deadline.cancel()  # decided by now: the decode started, or failed, or was given up on
         outcome: list[T] = []
         error: Exception | None = None
         overlap = declared.done() and not declared.cancelled() and not decoding.done()
@@ -174,7 +175,7 @@ class Decoder:
             try:
                 decoded, copy = await decoding
             except asyncio.CancelledError:
-                if not gave_up.is_set():
+                if not turn.given_up:
                     raise  # the request itself was cancelled
                 raise DecodeBusy(self.budget.retry_after) from None
         if error is not None:
@@ -191,10 +192,26 @@ class Decoder:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _give_up_unstarted(decoding: asyncio.Future[Any], started: threading.Event, gave_up: threading.Event) -> None:
-    """Cancel a decode that no thread has started (a started one runs on; nobody waits for it then)."""
-    if not started.is_set():
-        gave_up.set()
+class _Turn:
+    """One upload's turn on a decoder thread, which either the thread takes or the request gives up,
+    never both: a decode given up on never starts, and one started is waited for."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.taken = self.given_up = False
+
+    def take(self) -> bool:
+        """On the decoder thread: whether the decode may start."""
+        with self._lock:
+            self.taken = not self.given_up
+            return self.taken
+
+    def give_up(self, decoding: asyncio.Future[Any]) -> None:
+        """On the event loop, when the wait for a thread is over: cancel the decode unless it started."""
+        with self._lock:
+            if self.taken:
+                return
+            self.given_up = True
         decoding.cancel()
 
 
