@@ -28,8 +28,8 @@ from typing import Protocol
 
 from PIL import Image, ImageFile, ImageOps
 
+from ml import jpeg_scans
 from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_for
-from ml.jpeg_scans import MAX_JPEG_SCANS, jpeg_scans
 from ml.srgb import UnsupportedMode, to_rgb
 
 #: Pillow formats dermq accepts, by the name Pillow gives them.
@@ -276,10 +276,15 @@ def _accepted_format(data: bytes, limits: ImageLimits) -> str:
         what = f"a {fmt} file" if fmt else "not a recognised image format"
         raise InvalidImage("unsupported_format", f"the upload is {what}; send one of: {accepted}")
     # each scan of a progressive JPEG is one more pass over every block: see ml.jpeg_scans
-    if fmt == "JPEG" and jpeg_scans(data) > MAX_JPEG_SCANS:
-        raise InvalidImage(
-            "decompression_bomb", f"the JPEG file has more than {MAX_JPEG_SCANS} scans; dermq decodes at most that many"
-        )
+    if fmt == "JPEG":
+        counted = jpeg_scans.walk(data)
+        if counted.scans > jpeg_scans.MAX_JPEG_SCANS:
+            raise InvalidImage(
+                "decompression_bomb",
+                f"the JPEG file has more than {jpeg_scans.MAX_JPEG_SCANS} scans; dermq decodes at most that many",
+            )
+        if counted.markers > jpeg_scans.MAX_JPEG_MARKERS:
+            raise InvalidImage("corrupt", f"the JPEG file has more than {jpeg_scans.MAX_JPEG_MARKERS} segments")
     return fmt
 
 
