@@ -162,7 +162,8 @@ class Decoder:
             await asyncio.wait((decoding, declared), return_when=asyncio.FIRST_COMPLETED)
         finally:
             declared.cancel()  # no-op once it holds the header
-            deadline.cancel()  # decided by now: the decode started, or failed, or was given up on
+            deadline.cancel()
+            turn.give_up(decoding)  # a no-op once a thread took it; else (the request cancelled) it never runs
         outcome: list[T] = []
         error: Exception | None = None
         overlap = declared.done() and not declared.cancelled() and not decoding.done()
@@ -175,8 +176,10 @@ class Decoder:
             try:
                 decoded, copy = await decoding
             except asyncio.CancelledError:
-                if not turn.given_up:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
                     raise  # the request itself was cancelled
+                # given up on for want of a thread, or the threads were stopped (shutdown): retry
                 raise DecodeBusy(self.budget.retry_after) from None
         if error is not None:
             raise error

@@ -207,3 +207,55 @@ def test_an_upload_that_waits_too_long_for_a_decoder_thread_is_answered_429(
     assert decoded.header.format == "JPEG" and worked == ["JPEG"]  # the refused upload's work never ran
     assert decode(decoder, jpeg_bytes, work)[0].header.format == "JPEG"  # the thread is free again
     decoder.close()
+
+
+def test_an_upload_cancelled_or_stopped_while_it_waits_for_a_thread_is_never_decoded(
+    jpeg_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled while its upload waited for a thread left the decode queued, to run for
+    nobody; and the threads stopped under a waiting upload (the app's shutdown) answered it 500. Now
+    the first never runs and the second is told to retry (429). (Found by a review.)"""
+    release = threading.Event()
+    blocker = bytes(bytearray(jpeg_bytes))
+    real = intake_limits.working_copy.decode_upload
+    ran: list[str] = []
+
+    def slow_for_the_blocker(data: bytes, *args: Any, **kwargs: Any) -> Any:
+        ran.append("blocker" if data is blocker else "other")
+        if data is blocker:
+            release.wait(30)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(intake_limits.working_copy, "decode_upload", slow_for_the_blocker)
+    decoder = Decoder(256 * 2**20, threads=1)
+
+    async def nothing(header: ImageHeader) -> None:
+        return None
+
+    def upload(data: bytes) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(decoder.decode_upload(data, DEFAULT_LIMITS, working_side=SIDE, alongside=nothing))
+
+    async def scenario() -> BaseException | None:
+        first = upload(blocker)
+        await asyncio.sleep(0.05)  # the blocker holds the only thread
+        cancelled = upload(jpeg_bytes)
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        stopped = upload(jpeg_bytes)
+        await asyncio.sleep(0.05)
+        decoder.close()  # the app's shutdown: the queued decode is dropped
+        try:
+            await stopped
+        except BaseException as exc:  # what the request would answer is the point
+            outcome: BaseException | None = exc
+        else:
+            outcome = None
+        release.set()
+        await first
+        return outcome
+
+    outcome = asyncio.run(scenario())
+    assert isinstance(outcome, RateLimited) and outcome.status == 429
+    assert ran == ["blocker"]
