@@ -283,8 +283,8 @@ def _accepted_format(data: bytes, limits: ImageLimits) -> str:
                 "decompression_bomb",
                 f"the JPEG file has more than {jpeg_scans.MAX_JPEG_SCANS} scans; dermq decodes at most that many",
             )
-        if counted.markers > jpeg_scans.MAX_JPEG_MARKERS:
-            raise InvalidImage("corrupt", f"the JPEG file has more than {jpeg_scans.MAX_JPEG_MARKERS} segments")
+        if counted.markers > jpeg_scans.MAX_JPEG_MARKERS or counted.stray > jpeg_scans.MAX_JPEG_STRAY_BYTES:
+            raise InvalidImage("corrupt", "the JPEG file has more segments, or bytes between them, than a JPEG has")
     return fmt
 
 

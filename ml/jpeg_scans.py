@@ -19,6 +19,9 @@ MAX_JPEG_SCANS = 64
 #: the most markers its segments may hold outside the scans' data: a JPEG has tens (a progressive one
 #: a table or two a scan), and the walk is a Python step a marker
 MAX_JPEG_MARKERS = 1024
+#: the most bytes that may lie between its segments (fill bytes and stray ones, which libjpeg skips
+#: with a warning): Pillow's own header parse reads them a byte at a time in Python, 0.3 us each
+MAX_JPEG_STRAY_BYTES = 64 * 1024
 
 #: the next marker as libjpeg finds it (``next_marker``): bytes before an 0xFF skipped (a warning),
 #: fill bytes too (the last 0xFF of a run is the marker's), and 0xFF followed by a stuffed zero is
@@ -32,27 +35,36 @@ _SCAN_END = re.compile(rb"\xff[\xc0-\xcf\xd8-\xfe]")
 
 
 class Walk(NamedTuple):
-    """What :func:`walk` counted: the scans (at most one past :data:`MAX_JPEG_SCANS`) and the markers
-    outside the scans' data (at most one past :data:`MAX_JPEG_MARKERS`)."""
+    """What :func:`walk` counted: the scans (at most one past :data:`MAX_JPEG_SCANS`), the markers
+    outside the scans' data (at most one past :data:`MAX_JPEG_MARKERS`) and the bytes between
+    segments (:data:`MAX_JPEG_STRAY_BYTES`)."""
 
     scans: int
     markers: int
+    stray: int
 
 
 def walk(data: bytes) -> Walk:
     """The scan headers (SOS markers) and other markers of a JPEG's first image, counted by walking its
-    segments as libjpeg reads them, up to the image's end marker; the walk stops once either count is
-    past its limit. What follows the end is not counted: a phone's motion photo appends an MP4, a
-    multi-picture file more JPEGs, whose bytes hold the SOS pair by chance (16 times a MiB)."""
-    scans = markers = 0
+    segments as libjpeg reads them, up to the image's end marker (past a stream of tables only); the
+    walk stops once a count is past its limit. What follows the end is not counted: a phone's motion
+    photo appends an MP4, a multi-picture file more JPEGs, whose bytes hold the SOS pair by chance
+    (16 times a MiB)."""
+    scans = markers = stray = 0
     pos = 2
-    while scans <= MAX_JPEG_SCANS and markers <= MAX_JPEG_MARKERS:
+    while scans <= MAX_JPEG_SCANS and markers <= MAX_JPEG_MARKERS and stray <= MAX_JPEG_STRAY_BYTES:
         found = _MARKER.search(data, pos)
         if found is None:
             break
+        stray += found.start() - pos
         marker, pos = found[1][0], found.end()
         markers += 1
         if marker == 0xD9:  # the end of the image
+            if scans == 0 and data[pos : pos + 2] == b"\xff\xd8":
+                # a stream of tables only, which ends before any scan: libjpeg (jpeg_read_header, called
+                # again by Pillow) reads the image that starts right after it
+                pos += 2
+                continue
             break
         if marker < 0xC0 or 0xD0 <= marker <= 0xD8:  # no length (below 0xC0 libjpeg refuses all but TEM)
             continue
@@ -63,4 +75,4 @@ def walk(data: bytes) -> Walk:
             if end is None:
                 break
             pos = end.start()
-    return Walk(scans, markers)
+    return Walk(scans, markers, stray)

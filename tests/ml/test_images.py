@@ -148,6 +148,16 @@ def test_scans_hidden_behind_a_marker_libjpeg_discards_inside_a_scan_are_counted
     assert code_of(evasive) == "decompression_bomb"
 
 
+def test_scans_after_a_stream_of_tables_only_are_counted() -> None:
+    """An end marker before any scan ends a stream of tables only, after which libjpeg reads the image
+    that follows (Pillow calls it again): the walk stopped there and counted no scan. (A review.)"""
+    progressive = encode(Image.new("L", (2000, 2000), 128), "JPEG", progressive=True, quality=90)
+    bomb = repeated_scan(progressive, 1000)
+    for prefix in (b"\xff\xd8\xff\xd9", b"\xff\xd8\xff\xfe\x00\x04ok\xff\xd9"):
+        assert jpeg_scans.walk(prefix + bomb).scans > jpeg_scans.MAX_JPEG_SCANS
+        assert code_of(prefix + bomb) == "decompression_bomb"
+
+
 def test_a_file_of_markers_is_walked_briefly_and_refused() -> None:
     """Each marker outside a scan is a step of the walk in Python: 25 MiB of empty segments took 4 s."""
     for junk in (b"\xff\xe0\x00\x00", b"\xff\x01", b"\xff\xd8"):
@@ -156,6 +166,13 @@ def test_a_file_of_markers_is_walked_briefly_and_refused() -> None:
         assert jpeg_scans.walk(data).markers > jpeg_scans.MAX_JPEG_MARKERS
         assert time.process_time() - started < 0.1
         assert code_of(data) == "corrupt"
+    # fill bytes between segments: libjpeg skips them in C, Pillow's header parse a byte at a time in Python
+    plain = encode(Image.new("RGB", (256, 256), (90, 60, 40)), "JPEG")
+    padded = plain[:20] + b"\xff" * 2**21 + plain[20:]
+    assert plain[20] == 0xFF and jpeg_scans.walk(padded).stray > jpeg_scans.MAX_JPEG_STRAY_BYTES
+    started = time.process_time()
+    assert code_of(padded) == "corrupt"
+    assert time.process_time() - started < 0.2
 
 
 def test_what_follows_a_jpegs_end_is_not_counted_as_its_scans(jpeg_bytes: bytes) -> None:
