@@ -285,6 +285,10 @@ def _accepted_format(data: bytes, limits: ImageLimits) -> str:
             )
         if counted.markers > jpeg_scans.MAX_JPEG_MARKERS or counted.stray > jpeg_scans.MAX_JPEG_STRAY_BYTES:
             raise InvalidImage("corrupt", "the JPEG file has more segments, or bytes between them, than a JPEG has")
+        if counted.arithmetic:
+            raise InvalidImage(
+                "unsupported_format", "the JPEG file is arithmetic-coded; send a baseline or progressive JPEG"
+            )
     return fmt
 
 

@@ -34,14 +34,25 @@ _MARKER = re.compile(rb"\xff([\x01-\xfe])")
 _SCAN_END = re.compile(rb"\xff[\xc0-\xcf\xd8-\xfe]")
 
 
+#: a run of fill bytes inside a scan's data at least this long is refused: encoders stuff an 0xFF of
+#: data as FF 00, so entropy-coded data holds no run, and libjpeg's fill loop has no point where
+#: Pillow's feed can resume, so Pillow feeds a long run again and again (25 MiB: 3 s, quadratic)
+FILL_RUN = b"\xff" * 64
+#: frame markers of arithmetic coding (SOF9-11, SOF13-15): per block and scan about ten times Huffman's
+#: cost, and Pillow cannot feed libjpeg's arithmetic decoder a scan longer than its 64 KiB blocks anyway
+ARITHMETIC = frozenset((0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
 class Walk(NamedTuple):
     """What :func:`walk` counted: the scans (at most one past :data:`MAX_JPEG_SCANS`), the markers
-    outside the scans' data (at most one past :data:`MAX_JPEG_MARKERS`) and the bytes between
-    segments (:data:`MAX_JPEG_STRAY_BYTES`)."""
+    outside the scans' data (at most one past :data:`MAX_JPEG_MARKERS`), the bytes between segments
+    (:data:`MAX_JPEG_STRAY_BYTES`; a run of :data:`FILL_RUN` in a scan's data counts as more), and
+    whether a frame is arithmetic-coded."""
 
     scans: int
     markers: int
     stray: int
+    arithmetic: bool = False
 
 
 def walk(data: bytes) -> Walk:
@@ -51,10 +62,13 @@ def walk(data: bytes) -> Walk:
     photo appends an MP4, a multi-picture file more JPEGs, whose bytes hold the SOS pair by chance
     (16 times a MiB)."""
     scans = markers = stray = 0
-    pos = 2
+    arithmetic = False
+    pos, run = 2, -1  # run: where the next FILL_RUN starts (-1: none after pos), found once, kept
+    too_far = MAX_JPEG_STRAY_BYTES + 2  # each search for a marker looks no further than this
     while scans <= MAX_JPEG_SCANS and markers <= MAX_JPEG_MARKERS and stray <= MAX_JPEG_STRAY_BYTES:
-        found = _MARKER.search(data, pos)
+        found = _MARKER.search(data, pos, pos + too_far)
         if found is None:
+            stray += min(len(data) - pos, too_far)  # (past the limit unless the data ends first)
             break
         stray += found.start() - pos
         marker, pos = found[1][0], found.end()
@@ -68,11 +82,16 @@ def walk(data: bytes) -> Walk:
             break
         if marker < 0xC0 or 0xD0 <= marker <= 0xD8:  # no length (below 0xC0 libjpeg refuses all but TEM)
             continue
+        arithmetic = arithmetic or marker in ARITHMETIC
         pos += int.from_bytes(data[pos : pos + 2], "big")  # the segment, its length field included
         if marker == 0xDA:  # the scan's header; its entropy-coded data runs to the next marker
             scans += 1
-            end = _SCAN_END.search(data, pos)
-            if end is None:
+            if run < pos:
+                run = data.find(FILL_RUN, pos)
+            # searched only up to a run of fill bytes, where the search would crawl (a tenth of its speed)
+            end = _SCAN_END.search(data, pos, len(data) if run < 0 else run)
+            if end is None:  # the data ends, or a run of fill bytes comes first
+                stray += 0 if run < 0 else MAX_JPEG_STRAY_BYTES + 1
                 break
             pos = end.start()
-    return Walk(scans, markers, stray)
+    return Walk(scans, markers, stray, arithmetic)

@@ -175,6 +175,25 @@ def test_a_file_of_markers_is_walked_briefly_and_refused() -> None:
     assert time.process_time() - started < 0.2
 
 
+def test_a_run_of_fill_bytes_in_a_scan_and_arithmetic_coding_are_refused_before_decoding() -> None:
+    """libjpeg's fill loop has no point where Pillow's feed can resume, so Pillow fed a long run of 0xFF
+    in a scan's data again and again (25 MiB: 3 s for a 64x64 image); and arithmetic coding costs
+    about ten times Huffman's a block and scan (64 scans of 2000x2000 from 1 MB: 0.9 s). (A review.)"""
+    progressive = encode(Image.new("RGB", (64, 64), (90, 60, 40)), "JPEG", progressive=True)
+    second = progressive.index(b"\xff\xda", progressive.index(b"\xff\xda") + 2)
+    before = progressive.rfind(b"\xff\xc4", 0, second)  # the next scan's table, if it has one
+    at = before if before > progressive.index(b"\xff\xda") else second
+    padded = progressive[:at] + b"\xff" * 2**20 + progressive[at:]
+    started = time.process_time()
+    assert jpeg_scans.walk(padded).stray > jpeg_scans.MAX_JPEG_STRAY_BYTES
+    assert code_of(padded) == "corrupt"
+    assert time.process_time() - started < 0.1
+    baseline = encode(Image.new("RGB", (64, 64), (90, 60, 40)), "JPEG")
+    arithmetic = baseline.replace(b"\xff\xc0", b"\xff\xc9", 1)  # SOF9: the same frame, arithmetic-coded
+    assert jpeg_scans.walk(arithmetic).arithmetic and not jpeg_scans.walk(baseline).arithmetic
+    assert code_of(arithmetic) == "unsupported_format"
+
+
 def test_what_follows_a_jpegs_end_is_not_counted_as_its_scans(jpeg_bytes: bytes) -> None:
     """A phone's motion photo appends an MP4 to the JPEG: its bytes hold the scan marker's pair by
     chance (16 times a MiB), and counting them refused such photos as bombs."""
