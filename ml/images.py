@@ -28,7 +28,7 @@ from typing import Protocol
 
 from PIL import Image, ImageFile, ImageOps
 
-from ml import jpeg_scans
+from ml import structure
 from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_for
 from ml.srgb import UnsupportedMode, to_rgb
 
@@ -275,20 +275,10 @@ def _accepted_format(data: bytes, limits: ImageLimits) -> str:
         accepted = ", ".join(sorted(limits.formats))
         what = f"a {fmt} file" if fmt else "not a recognised image format"
         raise InvalidImage("unsupported_format", f"the upload is {what}; send one of: {accepted}")
-    # each scan of a progressive JPEG is one more pass over every block: see ml.jpeg_scans
-    if fmt == "JPEG":
-        counted = jpeg_scans.walk(data)
-        if counted.scans > jpeg_scans.MAX_JPEG_SCANS:
-            raise InvalidImage(
-                "decompression_bomb",
-                f"the JPEG file has more than {jpeg_scans.MAX_JPEG_SCANS} scans; dermq decodes at most that many",
-            )
-        if counted.markers > jpeg_scans.MAX_JPEG_MARKERS or counted.stray > jpeg_scans.MAX_JPEG_STRAY_BYTES:
-            raise InvalidImage("corrupt", "the JPEG file has more segments, or bytes between them, than a JPEG has")
-        if counted.arithmetic:
-            raise InvalidImage(
-                "unsupported_format", "the JPEG file is arithmetic-coded; send a baseline or progressive JPEG"
-            )
+    # structures that cost far more to open or decode than their pixels: see ml.structure
+    refused = structure.refusal(data, fmt)
+    if refused is not None:
+        raise InvalidImage(*refused)
     return fmt
 
 

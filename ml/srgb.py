@@ -99,7 +99,7 @@ def _embedded_profile(
     icc: object, mode: str, raised: tuple[type[BaseException], ...]
 ) -> ImageCms.ImageCmsProfile | None:
     """The parsed profile ``icc`` when it is small enough, parses, and describes ``mode``'s colour space."""
-    if not isinstance(icc, bytes) or not icc or len(icc) > MAX_ICC_PROFILE_BYTES:
+    if not isinstance(icc, bytes) or not icc or len(icc) > MAX_ICC_PROFILE_BYTES or _slow_to_apply(icc):
         return None
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
@@ -110,3 +110,24 @@ def _embedded_profile(
         # Malformed profiles raise PyCMSError, OSError, ValueError, TypeError...; none is worth a refusal.
         return None
     return profile if space == _PROFILE_SPACES.get(mode) and device_class in _PROFILE_CLASSES else None
+
+
+#: tags LittleCMS prefers and evaluates in floating point, curve segment by segment (ICC v4's
+#: DToB/BToD, multi-process elements): a 1 KB PNG carrying a profile with one 20,000-segment curve
+#: took 6.9 s to convert, about 40 s near the size cap (a review). Camera and display profiles use
+#: the AToB/BToA tables or matrices and curves instead.
+_SLOW_TAGS = (b"D2B0", b"D2B1", b"D2B2", b"D2B3", b"B2D0", b"B2D1", b"B2D2", b"B2D3")
+
+
+def _slow_to_apply(icc: bytes) -> bool:
+    """Whether the profile has a tag :data:`_SLOW_TAGS` names, or a multi-process element (``mpet``)
+    anywhere: such a profile is ignored, and the pixels taken as sRGB."""
+    if len(icc) < 132:
+        return False
+    count = int.from_bytes(icc[128:132], "big")
+    for i in range(min(count, (len(icc) - 132) // 12)):
+        entry = 132 + 12 * i
+        offset = int.from_bytes(icc[entry + 4 : entry + 8], "big")
+        if icc[entry : entry + 4] in _SLOW_TAGS or icc[offset : offset + 4] == b"mpet":
+            return True
+    return False

@@ -1,0 +1,120 @@
+"""What an upload's own structure would cost to open and decode, checked before Pillow opens it.
+
+Pillow parses a file's headers in Python, and some structures that fit the byte and pixel caps cost
+far more than their pixels (measured by a review with Pillow 13 on this project's 2-core VM):
+
+- **JPEG**: scans repeated, fill bytes, arithmetic coding (:mod:`ml.jpeg_scans`).
+- **TIFF**: one tile per entry of StripOffsets or TileOffsets, whatever the image's size: a 32x32
+  image with a million offsets (a 1 MB file) took 4.5 s and 237 MiB inside ``Image.open``, before any
+  decode budget was reserved; a numeric tag of 500,000 rationals, 0.8 s. The first directory's entries
+  are read here: no more offsets than the image's strips or tiles (Pillow makes a tile of each),
+  and no numeric tag of more than :data:`MAX_TIFF_VALUES` values.
+- **PNG**: 8,000 iCCP chunks (each decompressed) took 5.1 s; 2.18 million empty private chunks 4.7 s
+  and 252 MiB. The chunk headers are walked: at most one iCCP, :data:`MAX_PNG_ANCILLARY` ancillary
+  chunks and :data:`MAX_PNG_CHUNKS` in all (a 25 MiB PNG in 8 KiB IDATs has about 3,200).
+- **BMP**: run-length encoding is decoded in Python, a pixel or a padding byte a step (a 21 KB RLE8
+  file of 5000x5000: 3.1 s): RLE4 and RLE8 BMPs are refused.
+
+:func:`refusal` says why an upload is refused, or None. The standard library only (the API process
+imports this).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+from ml import jpeg_scans
+
+#: the most values a numeric TIFF tag other than the strips' or tiles' may hold (a 16-bit palette's
+#: ColorMap holds 3 x 65,536)
+MAX_TIFF_VALUES = 3 * 65536
+#: the most entries the first TIFF directory may hold
+MAX_TIFF_ENTRIES = 512
+MAX_PNG_CHUNKS = 65536
+MAX_PNG_ANCILLARY = 256
+
+#: TIFF's numeric field types (SHORT, LONG, RATIONAL, their signed kinds, FLOAT, DOUBLE, IFD, LONG8...)
+_NUMERIC = frozenset((3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18))
+_OFFSETS = {273: 279, 324: 325}  # StripOffsets: StripByteCounts, TileOffsets: TileByteCounts
+
+
+def refusal(data: bytes, fmt: str) -> tuple[str, str] | None:
+    """Why ``data``, sniffed as ``fmt``, is refused before it is opened: (code, message); else None."""
+    if fmt == "JPEG":
+        return _jpeg(data)
+    if fmt == "TIFF":
+        return _tiff(data)
+    if fmt == "PNG":
+        return _png(data)
+    if fmt == "BMP" and len(data) >= 34 and _bmp_compression(data) in (1, 2):
+        return "unsupported_format", "the BMP file is run-length encoded; send it uncompressed, or as PNG"
+    return None
+
+
+def _bmp_compression(data: bytes) -> int:
+    """The compression field of a BMP's info header (0 for the old core header, which has none)."""
+    return int.from_bytes(data[30:34], "little") if int.from_bytes(data[14:18], "little") >= 40 else 0
+
+
+def _jpeg(data: bytes) -> tuple[str, str] | None:
+    counted = jpeg_scans.walk(data)
+    if counted.scans > jpeg_scans.MAX_JPEG_SCANS:
+        limit = jpeg_scans.MAX_JPEG_SCANS
+        return "decompression_bomb", f"the JPEG file has more than {limit} scans; dermq decodes at most that many"
+    if counted.markers > jpeg_scans.MAX_JPEG_MARKERS or counted.stray > jpeg_scans.MAX_JPEG_STRAY_BYTES:
+        return "corrupt", "the JPEG file has more segments, or bytes between them, than a JPEG has"
+    if counted.arithmetic:
+        return "unsupported_format", "the JPEG file is arithmetic-coded; send a baseline or progressive JPEG"
+    return None
+
+
+def _tiff(data: bytes) -> tuple[str, str] | None:
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        (first,) = struct.unpack_from(order + "I", data, 4)
+        (count,) = struct.unpack_from(order + "H", data, first)
+    except struct.error:
+        return None  # Pillow says what is wrong with it
+    if count > MAX_TIFF_ENTRIES:
+        return "corrupt", f"the TIFF file's first directory has {count} entries"
+    scalars: dict[int, int] = {}
+    counts: dict[int, int] = {}
+    for i in range(count):
+        try:
+            tag, kind, values = struct.unpack_from(order + "HHI", data, first + 2 + 12 * i)
+        except struct.error:
+            return None
+        counts[tag] = values
+        if values == 1 and kind in (3, 4):
+            scalars[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, first + 10 + 12 * i)[0]
+        elif kind in _NUMERIC and values > MAX_TIFF_VALUES and tag not in _OFFSETS and tag not in _OFFSETS.values():
+            return "corrupt", f"the TIFF file's tag {tag} holds {values} values"
+    width, height = scalars.get(256, 0), scalars.get(257, 0)
+    planes = scalars.get(277, 1) if scalars.get(284, 1) == 2 else 1
+    if 324 in counts:
+        tile_w, tile_h = scalars.get(322, 0), scalars.get(323, 0)
+        parts = math.ceil(width / tile_w) * math.ceil(height / tile_h) * planes if tile_w and tile_h else 0
+    else:
+        rows = scalars.get(278, 0) or height or 1
+        parts = math.ceil(height / rows) * planes
+    for offsets, sizes in _OFFSETS.items():
+        for tag in (offsets, sizes):
+            if counts.get(tag, 0) > parts:  # (fewer cost nothing: Pillow makes a tile an offset)
+                return "corrupt", f"the TIFF file's tag {tag} holds {counts[tag]} values for {parts} strips or tiles"
+    return None
+
+
+def _png(data: bytes) -> tuple[str, str] | None:
+    pos, chunks, ancillary, profiles = 8, 0, 0, 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks += 1
+        ancillary += kind[0] >= 0x61  # a lower-case first letter
+        profiles += kind == b"iCCP"
+        if chunks > MAX_PNG_CHUNKS or ancillary > MAX_PNG_ANCILLARY or profiles > 1:
+            return "corrupt", "the PNG file has more chunks, or colour profiles, than a PNG has"
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return None

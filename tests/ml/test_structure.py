@@ -1,0 +1,111 @@
+"""Uploads whose structure costs far more to open or decode than their pixels are refused before Pillow
+opens them (ml.structure), and colour profiles slow to apply are ignored (ml.srgb); files like them
+that real software writes still decode. Each hostile file was found by a review, with its cost there."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+from PIL import Image, ImageCms
+
+from ml import srgb
+from ml.images import decode
+from tests.ml.test_images import code_of, encode, png_chunk
+
+
+def tiff_with_strips(offsets: int, side: int = 32) -> bytes:
+    """A ``side`` x ``side`` greyscale TIFF whose StripOffsets holds ``offsets`` entries, all pointing at
+    its one strip (a million took 4.5 s and 237 MiB in ``Image.open``)."""
+    pixels = bytes(side * side)
+    array = struct.pack(f"<{offsets}I", *([8] * offsets))
+    ifd_at = 8 + len(pixels) + len(array)
+    entries = [
+        (256, 3, 1, side),
+        (257, 3, 1, side),
+        (258, 3, 1, 8),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (273, 4, offsets, 8 if offsets == 1 else 8 + len(pixels)),
+        (277, 3, 1, 1),
+        (278, 3, 1, side),
+        (279, 4, 1, side * side),
+    ]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + bytes(4)
+    return b"II*\x00" + struct.pack("<I", ifd_at) + pixels + array + ifd
+
+
+def test_a_tiff_whose_offsets_outnumber_its_strips_or_whose_tags_hold_floods_is_refused(jpeg_bytes: bytes) -> None:
+    flood = tiff_with_strips(100_000)
+    started = time.process_time()
+    assert code_of(flood) == "corrupt"
+    assert time.process_time() - started < 0.05
+    assert decode(tiff_with_strips(1)).image.size == (32, 32)  # the same file with its one offset
+    rationals = bytearray(encode(Image.new("L", (16, 16), 9), "TIFF", dpi=(300, 300)))
+    at = struct.unpack_from("<I", rationals, 4)[0]
+    for i in range(struct.unpack_from("<H", rationals, at)[0]):  # XResolution: 500,000 rationals
+        if struct.unpack_from("<H", rationals, at + 2 + 12 * i)[0] == 282:
+            struct.pack_into("<I", rationals, at + 6 + 12 * i, 500_000)
+    assert code_of(bytes(rationals)) == "corrupt"
+    lesion = Image.open(io.BytesIO(jpeg_bytes))
+    for written in (encode(lesion, "TIFF"), encode(lesion.resize((900, 700)), "TIFF", compression="tiff_lzw")):
+        assert decode(written).image.mode == "RGB"  # Pillow's own strips, as many as it says
+
+
+def test_a_png_flooding_chunks_or_colour_profiles_is_refused() -> None:
+    plain = encode(Image.new("RGB", (64, 64), (90, 60, 40)), "PNG")
+    profile = png_chunk(
+        b"iCCP", b"p\x00\x00" + zlib.compress(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    )
+    two_profiles = plain[:33] + profile + profile + plain[33:]
+    assert code_of(two_profiles) == "corrupt"
+    assert decode(plain[:33] + profile + plain[33:]).image.size == (64, 64)  # one is what a PNG may have
+    private = plain[:33] + png_chunk(b"zzZz", b"") * 70_000 + plain[33:]
+    started = time.process_time()
+    assert code_of(private) == "corrupt"  # 2.18 million of them took 4.7 s and 252 MiB
+    assert time.process_time() - started < 0.2
+    text = encode(Image.new("RGB", (64, 64), (90, 60, 40)), "PNG", pnginfo=_text(40))
+    assert decode(text).image.size == (64, 64)
+
+
+def _text(chunks: int) -> object:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for i in range(chunks):
+        info.add_text(f"key{i}", "value")
+    return info
+
+
+def test_a_run_length_encoded_bmp_is_refused_and_a_plain_one_decodes() -> None:
+    plain = encode(Image.new("RGB", (64, 48), (90, 60, 40)), "BMP")
+    assert decode(plain).image.size == (64, 48)
+    rle8 = bytearray(encode(Image.new("P", (64, 48)), "BMP"))
+    struct.pack_into("<I", rle8, 30, 1)  # BI_RLE8: decoded in Python a step a pixel (5000x5000: 3.1 s)
+    assert code_of(bytes(rle8)) == "unsupported_format"
+
+
+def with_tag(icc: bytes, signature: bytes, body: bytes) -> bytes:
+    """``icc`` with one more tag, ``signature`` holding ``body``, appended."""
+    count = int.from_bytes(icc[128:132], "big")
+    entries = [icc[132 + 12 * i : 144 + 12 * i] for i in range(count)]
+    moved = [e[:4] + (int.from_bytes(e[4:8], "big") + 12).to_bytes(4, "big") + e[8:] for e in entries]
+    added = signature + (len(icc) + 12).to_bytes(4, "big") + len(body).to_bytes(4, "big")
+    out = icc[:128] + (count + 1).to_bytes(4, "big") + b"".join(moved) + added + icc[132 + 12 * count :] + body
+    return len(out).to_bytes(4, "big") + out[4:]
+
+
+def test_a_colour_profile_slow_to_apply_is_ignored_and_the_pixels_taken_as_srgb() -> None:
+    """A profile whose curves are evaluated segment by segment in floating point (DToB tags,
+    multi-process elements): one of 20,000 segments in a 1 KB PNG took 6.9 s to convert."""
+    standard = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert not srgb._slow_to_apply(standard)
+    for signature, body in ((b"D2B0", b"mpet" + bytes(12)), (b"desc", b"mpet" + bytes(12))):
+        slow = with_tag(standard, signature, body)
+        assert srgb._slow_to_apply(slow), signature
+        pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        decoded = decode(encode(Image.fromarray(pixels), "PNG", icc_profile=slow)).image
+        assert np.array_equal(np.asarray(decoded), pixels)  # not converted: the profile was not applied
