@@ -63,7 +63,7 @@ def walk(data: bytes) -> Walk:
     (16 times a MiB)."""
     scans = markers = stray = 0
     arithmetic = False
-    pos, run = 2, -1  # run: where the next FILL_RUN starts (-1: none after pos), found once, kept
+    pos, run = 2, -1  # run: where the next FILL_RUN starts (the data's end if none), found once, kept
     too_far = MAX_JPEG_STRAY_BYTES + 2  # each search for a marker looks no further than this
     while scans <= MAX_JPEG_SCANS and markers <= MAX_JPEG_MARKERS and stray <= MAX_JPEG_STRAY_BYTES:
         found = _MARKER.search(data, pos, pos + too_far)
@@ -87,11 +87,12 @@ def walk(data: bytes) -> Walk:
         if marker == 0xDA:  # the scan's header; its entropy-coded data runs to the next marker
             scans += 1
             if run < pos:
-                run = data.find(FILL_RUN, pos)
+                found_run = data.find(FILL_RUN, pos)
+                run = len(data) if found_run < 0 else found_run
             # searched only up to a run of fill bytes, where the search would crawl (a tenth of its speed)
-            end = _SCAN_END.search(data, pos, len(data) if run < 0 else run)
+            end = _SCAN_END.search(data, pos, run)
             if end is None:  # the data ends, or a run of fill bytes comes first
-                stray += 0 if run < 0 else MAX_JPEG_STRAY_BYTES + 1
+                stray += 0 if run == len(data) else MAX_JPEG_STRAY_BYTES + 1
                 break
             pos = end.start()
     return Walk(scans, markers, stray, arithmetic)
