@@ -276,6 +276,8 @@ def _accepted_format(data: bytes, limits: ImageLimits) -> str:
         what = f"a {fmt} file" if fmt else "not a recognised image format"
         raise InvalidImage("unsupported_format", f"the upload is {what}; send one of: {accepted}")
     # structures that cost far more to open or decode than their pixels: see ml.structure
+    if fmt == "TIFF" and (size := structure.tiff_size(data)) is not None:
+        check_declared_size(*size, limits, fmt)
     refused = structure.refusal(data, fmt)
     if refused is not None:
         raise InvalidImage(*refused)

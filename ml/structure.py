@@ -7,8 +7,10 @@ far more than their pixels (measured by a review with Pillow 13 on this project'
 - **TIFF**: one tile per entry of StripOffsets or TileOffsets, whatever the image's size: a 32x32
   image with a million offsets (a 1 MB file) took 4.5 s and 237 MiB inside ``Image.open``, before any
   decode budget was reserved; a numeric tag of 500,000 rationals, 0.8 s. The first directory's entries
-  are read here: no more offsets than the image's strips or tiles (Pillow makes a tile of each),
-  and no numeric tag of more than :data:`MAX_TIFF_VALUES` values.
+  are read here (the first of a repeated tag, as Pillow keeps it): no more offsets than the image's
+  strips or tiles (Pillow makes a tile of each), at most :data:`MAX_TIFF_PARTS`, and no numeric tag
+  of more than :data:`MAX_TIFF_VALUES` values. ``ml.images`` checks the declared size
+  (:func:`tiff_size`) before, so that a forged height does not allow millions of strips.
 - **PNG**: 8,000 iCCP chunks (each decompressed) took 5.1 s; 2.18 million empty private chunks 4.7 s
   and 252 MiB. The chunk headers are walked: at most one iCCP, :data:`MAX_PNG_ANCILLARY` ancillary
   chunks and :data:`MAX_PNG_CHUNKS` in all (a 25 MiB PNG in 8 KiB IDATs has about 3,200).
@@ -31,8 +33,11 @@ from ml import jpeg_scans
 MAX_TIFF_VALUES = 3 * 65536
 #: the most entries the first TIFF directory may hold
 MAX_TIFF_ENTRIES = 512
+#: the most strips or tiles a TIFF may have (12,000 rows in strips of one, for four planes: 48,000)
+MAX_TIFF_PARTS = 65536
 MAX_PNG_CHUNKS = 65536
-MAX_PNG_ANCILLARY = 256
+#: ancillary chunks: text (a converter may write one a DICOM element, a few hundred) and the rest
+MAX_PNG_ANCILLARY = 4096
 
 #: TIFF's numeric field types (SHORT, LONG, RATIONAL, their signed kinds, FLOAT, DOUBLE, IFD, LONG8...)
 _NUMERIC = frozenset((3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18))
@@ -69,27 +74,48 @@ def _jpeg(data: bytes) -> tuple[str, str] | None:
     return None
 
 
-def _tiff(data: bytes) -> tuple[str, str] | None:
+def tiff_size(data: bytes) -> tuple[int, int] | None:
+    """A TIFF's declared (width, height), read from its first directory as Pillow reads it; None when
+    the directory cannot be read (Pillow says why). Checked before Pillow opens the file, which makes
+    a tile of each strip or tile the header declares, inside ``Image.open``."""
+    directory = _tiff_directory(data)
+    if directory is None:
+        return None
+    scalars = directory[0]
+    return scalars.get(256, 0), scalars.get(257, 0)
+
+
+def _tiff_directory(data: bytes) -> tuple[dict[int, int], dict[int, int], int] | None:
+    """The first directory's one-value SHORT and LONG tags, every tag's count of values (the first of a
+    repeated tag, as Pillow keeps it), and how many entries it has; None if it cannot be read."""
     order = "<" if data[:2] == b"II" else ">"
-    try:
-        (first,) = struct.unpack_from(order + "I", data, 4)
-        (count,) = struct.unpack_from(order + "H", data, first)
-    except struct.error:
-        return None  # Pillow says what is wrong with it
-    if count > MAX_TIFF_ENTRIES:
-        return "corrupt", f"the TIFF file's first directory has {count} entries"
     scalars: dict[int, int] = {}
     counts: dict[int, int] = {}
-    for i in range(count):
-        try:
+    try:
+        (first,) = struct.unpack_from(order + "I", data, 4)
+        (entries,) = struct.unpack_from(order + "H", data, first)
+        for i in range(min(entries, MAX_TIFF_ENTRIES + 1)):
             tag, kind, values = struct.unpack_from(order + "HHI", data, first + 2 + 12 * i)
-        except struct.error:
-            return None
-        counts[tag] = values
-        if values == 1 and kind in (3, 4):
-            scalars[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, first + 10 + 12 * i)[0]
-        elif kind in _NUMERIC and values > MAX_TIFF_VALUES and tag not in _OFFSETS and tag not in _OFFSETS.values():
-            return "corrupt", f"the TIFF file's tag {tag} holds {values} values"
+            if tag in counts:
+                continue
+            counts[tag] = values
+            if kind in _NUMERIC and values > MAX_TIFF_VALUES and tag not in _OFFSETS and tag not in _OFFSETS.values():
+                entries = MAX_TIFF_ENTRIES + 1  # (a flood of numbers: refused as an overfull directory)
+                break
+            if values == 1 and kind in (3, 4):
+                scalars[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, first + 10 + 12 * i)[0]
+    except struct.error:
+        return None
+    return scalars, counts, entries
+
+
+def _tiff(data: bytes) -> tuple[str, str] | None:
+    directory = _tiff_directory(data)
+    if directory is None:
+        return None  # Pillow says what is wrong with it
+    scalars, counts, entries = directory
+    if entries > MAX_TIFF_ENTRIES:
+        return "corrupt", "the TIFF file's first directory has more entries, or values in one, than a TIFF has"
     width, height = scalars.get(256, 0), scalars.get(257, 0)
     planes = scalars.get(277, 1) if scalars.get(284, 1) == 2 else 1
     if 324 in counts:
@@ -98,6 +124,7 @@ def _tiff(data: bytes) -> tuple[str, str] | None:
     else:
         rows = scalars.get(278, 0) or height or 1
         parts = math.ceil(height / rows) * planes
+    parts = min(parts, MAX_TIFF_PARTS)
     for offsets, sizes in _OFFSETS.items():
         for tag in (offsets, sizes):
             if counts.get(tag, 0) > parts:  # (fewer cost nothing: Pillow makes a tile an offset)

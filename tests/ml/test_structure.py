@@ -17,9 +17,10 @@ from ml.images import decode
 from tests.ml.test_images import code_of, encode, png_chunk
 
 
-def tiff_with_strips(offsets: int, side: int = 32) -> bytes:
+def tiff_with_strips(offsets: int, side: int = 32, *, rows: int | None = None, more: tuple = ()) -> bytes:
     """A ``side`` x ``side`` greyscale TIFF whose StripOffsets holds ``offsets`` entries, all pointing at
-    its one strip (a million took 4.5 s and 237 MiB in ``Image.open``)."""
+    its one strip (a million took 4.5 s and 237 MiB in ``Image.open``); ``rows`` a strip (default all),
+    ``more`` entries appended to its directory."""
     pixels = bytes(side * side)
     array = struct.pack(f"<{offsets}I", *([8] * offsets))
     ifd_at = 8 + len(pixels) + len(array)
@@ -31,8 +32,9 @@ def tiff_with_strips(offsets: int, side: int = 32) -> bytes:
         (262, 3, 1, 1),
         (273, 4, offsets, 8 if offsets == 1 else 8 + len(pixels)),
         (277, 3, 1, 1),
-        (278, 3, 1, side),
+        (278, 4, 1, rows or side),
         (279, 4, 1, side * side),
+        *more,
     ]
     ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + bytes(4)
     return b"II*\x00" + struct.pack("<I", ifd_at) + pixels + array + ifd
@@ -44,12 +46,23 @@ def test_a_tiff_whose_offsets_outnumber_its_strips_or_whose_tags_hold_floods_is_
     assert code_of(flood) == "corrupt"
     assert time.process_time() - started < 0.05
     assert decode(tiff_with_strips(1)).image.size == (32, 32)  # the same file with its one offset
-    rationals = bytearray(encode(Image.new("L", (16, 16), 9), "TIFF", dpi=(300, 300)))
+    rationals = bytearray(encode(Image.new("L", (64, 64), 9), "TIFF", dpi=(300, 300)))
     at = struct.unpack_from("<I", rationals, 4)[0]
     for i in range(struct.unpack_from("<H", rationals, at)[0]):  # XResolution: 500,000 rationals
         if struct.unpack_from("<H", rationals, at + 2 + 12 * i)[0] == 282:
             struct.pack_into("<I", rationals, at + 6 + 12 * i, 500_000)
     assert code_of(bytes(rationals)) == "corrupt"
+    # a second ImageLength: Pillow keeps the first (32 rows: 32 strips), so must the check
+    repeated = tiff_with_strips(1_000, rows=1, more=((257, 4, 1, 1_000_000),))
+    assert code_of(repeated) == "corrupt"
+    # a forged height that would allow millions of strips is refused for its size before Pillow opens it
+    tall = tiff_with_strips(1, rows=1, more=())
+    tall_header = bytearray(tall)
+    at = struct.unpack_from("<I", tall_header, 4)[0]
+    struct.pack_into("<HHII", tall_header, at + 2 + 12, 257, 4, 1, 4_000_000)
+    started = time.process_time()
+    assert code_of(bytes(tall_header)) in ("too_large", "decompression_bomb")
+    assert time.process_time() - started < 0.05
     lesion = Image.open(io.BytesIO(jpeg_bytes))
     for written in (encode(lesion, "TIFF"), encode(lesion.resize((900, 700)), "TIFF", compression="tiff_lzw")):
         assert decode(written).image.mode == "RGB"  # Pillow's own strips, as many as it says
@@ -67,7 +80,7 @@ def test_a_png_flooding_chunks_or_colour_profiles_is_refused() -> None:
     started = time.process_time()
     assert code_of(private) == "corrupt"  # 2.18 million of them took 4.7 s and 252 MiB
     assert time.process_time() - started < 0.2
-    text = encode(Image.new("RGB", (64, 64), (90, 60, 40)), "PNG", pnginfo=_text(40))
+    text = encode(Image.new("RGB", (64, 64), (90, 60, 40)), "PNG", pnginfo=_text(300))  # one a DICOM element
     assert decode(text).image.size == (64, 64)
 
 
