@@ -113,3 +113,25 @@ def test_the_overlay_is_the_upsampled_map_coloured_and_blended(fixture_pil: list
         differing += int(np.count_nonzero(difference))
         total += difference.size
     assert differing <= 1e-4 * total
+
+
+def test_the_levels_are_pillows_float_resize_of_the_map_enlarged_or_reduced() -> None:
+    """The overlay's levels come from two matrix products with Pillow's bilinear weights: they must be
+    what Pillow's own float resize of the map gives, a level off only where rounding falls the other
+    side of an integer, for maps enlarged and reduced (an image smaller than the map) and 1-pixel sides."""
+    from ml import heatmap
+
+    rng = np.random.default_rng(7)
+    differing = total = 0
+    for _ in range(400):
+        cam = rng.random((int(rng.integers(1, 10)), int(rng.integers(1, 10)))).astype(np.float32)
+        cam[0, 0] = 1.2 if rng.random() < 0.5 else -0.1  # out of [0, 1]: clipped to the end levels
+        size = (int(rng.integers(1, 40)), int(rng.integers(1, 40))) if rng.random() < 0.5 else (300, 225)
+        grid = cam * np.float32(255.0) + np.float32(0.5)
+        expected = np.asarray(Image.fromarray(grid).resize(size, Image.Resampling.BILINEAR).convert("L"), dtype=np.int16)
+        drawn = np.frombuffer(heatmap._levels(cam, size), dtype=np.uint8).reshape(size[1], size[0])
+        difference = np.abs(drawn.astype(np.int16) - expected)
+        assert difference.max() <= 1
+        differing += int(np.count_nonzero(difference))
+        total += difference.size
+    assert differing <= 1e-4 * total
