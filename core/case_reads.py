@@ -94,6 +94,12 @@ def read_heatmap(
         raise Gone(
             "this case's images were erased (retention or deletion)", code="case_purged", audit=refused("purged")
         )
+    if case.status == CaseStatus.FAILED:  # it never will have one: "not finished" would keep a client waiting
+        raise Conflict(
+            f"the case failed ({case.failure_code}) and has no heat map; submit the image again",
+            code="case_failed",
+            audit=refused("failed"),
+        )
     if case.status != CaseStatus.SUCCEEDED:
         raise Conflict(
             f"the case is {case.status}; a heat map exists only once it has succeeded",

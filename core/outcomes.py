@@ -209,6 +209,12 @@ def record_outcome(
         )
     with refused_if_destroyed(ACTION, case_id):
         result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
+    if case.status == CaseStatus.FAILED:  # it never will succeed: "not finished" would keep a client retrying
+        raise Conflict(
+            f"the case failed ({case.failure_code}); an outcome can be reported only for a case that has succeeded",
+            code="case_failed",
+            audit=audit.PendingEvent(ACTION, audit.FAILURE, "case", str(case_id), {"reason": "failed"}),
+        )
     if result is None:
         raise Conflict(
             f"the case is {case.status}; an outcome can be reported only for a case that has succeeded",

@@ -140,6 +140,10 @@ def _validated_fields(fields: dict[str, str], idempotency_key: str | None, max_r
             "model": CaseOut,
             "description": "replay of an earlier submission with the same Idempotency-Key and image",
         },
+        201: {
+            "model": CaseOut,
+            "description": "with ?wait=S: the case was stored and ended within S seconds (its Location is the case)",
+        },
         409: PROBLEMS[404] | {"description": "Idempotency-Key reused with a different image"},
         410: PROBLEMS[404] | {"description": "the case sent before with this Idempotency-Key was erased"},
         413: PROBLEMS[404] | {"description": "body or image over the size limit"},

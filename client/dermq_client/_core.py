@@ -171,6 +171,9 @@ def submit_request(
 def request_failed(exc: httpx.RequestError) -> errors.DermqError:
     """The typed error of a request that got no usable answer: the network (retried), or an answer
     httpx could not read (a proxy's broken compression, a redirect loop: not dermq's, not retried)."""
+    if isinstance(exc, httpx.LocalProtocolError):  # this client's request, refused before sending: not retried,
+        # and its text not repeated (it may quote a header, such as the key)
+        return errors.DermqError(f"the request could not be sent: {type(exc).__name__}", code="request_not_sent")
     if isinstance(exc, httpx.TransportError):
         return errors.ConnectionFailed(f"could not reach the dermq API: {type(exc).__name__}: {exc}")
     return errors.UnexpectedResponse(f"the answer could not be read: {type(exc).__name__}: {exc}", status=0)
@@ -245,6 +248,21 @@ def base_url(url: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"invalid base URL {url!r}: give http:// or https://, then a host")
     return url.rstrip("/")
+
+
+#: what an API key may hold: visible ASCII (the server issues ``dq_`` keys of letters, digits, ``_`` and ``-``)
+API_KEY = re.compile(r"[\x21-\x7e]+")
+
+
+def headers(api_key: str) -> dict[str, str]:
+    """The headers every request carries. The key is stripped of surrounding white space (a key read
+    from a file or a secret often ends with a newline) and must then be visible ASCII: else a
+    ``ValueError`` that does not repeat it (sent as it was, httpx refused the header with an error
+    quoting the whole key, which then went to logs as a connection failure)."""
+    key = api_key.strip()
+    if not API_KEY.fullmatch(key):
+        raise ValueError("an API key is visible ASCII characters only: check it for a stray character (not repeated)")
+    return {"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT}
 
 
 def new_idempotency_key() -> str:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dermq_client import _core
 from dermq_client.client import Client
 from dermq_client.errors import DermqError, WaitTimeout
 
@@ -54,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="print the clinic's cases, newest first (one JSON object a line)")
     listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "purged"])
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    erase = commands.add_parser("erase", help="erase a case's image and heat map")
+    erase = commands.add_parser("erase", help="erase a case's image, heat map, reference and result (asks first)")
     erase.add_argument("case_id")
+    erase.add_argument("--yes", action="store_true", help="do not ask for the case id back (scripts)")
     outcome = commands.add_parser("outcome", help="report a case's confirmed diagnosis")
     outcome.add_argument("case_id")
     outcome.add_argument("diagnosis", help="class code: akiec, bcc, bkl, df, mel, nv or vasc")
@@ -65,6 +67,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _confirmed_erasure(case_id: str) -> bool:
+    """Whether the case id was typed back on stdin: erasure cannot be undone (``--yes`` skips this)."""
+    print(
+        f"case {case_id}: its image, heat map, client reference and result are erased. This cannot be undone.\n"
+        "type the case id to erase it: ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        answer = input()
+    except EOFError:  # the input ended without an answer
+        answer = ""
+    return answer.strip().lower() == case_id.strip().lower()
 
 
 def _client(args: argparse.Namespace, api_key: str) -> Client:
@@ -110,6 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not api_key:
         return _problem("missing_api_key", "set DERMQ_API_KEY to your API key")
     try:
+        _core.headers(api_key)
+    except ValueError as exc:
+        return _problem("invalid_api_key", str(exc))
+    if args.command == "erase" and not args.yes and not _confirmed_erasure(args.case_id):
+        return _problem("not_confirmed", "the case is left as it was (--yes erases without asking)")
+    try:
         with _client(args, api_key) as dermq:
             _run(args, dermq)
     except WaitTimeout as exc:
@@ -124,9 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             problem = problem | {"idempotency_key": exc.idempotency_key}
         print(json.dumps(problem, sort_keys=True), file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"dermq-client: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:  # the image to send or the file to write: its path not repeated (a name may be a patient's)
+        return _problem("file_error", f"{exc.strerror or type(exc).__name__} (the image or --output file)")
     except ValueError as exc:  # an argument the client refuses before sending (a malformed key or time)
         return _problem("invalid_argument", str(exc))
     return 0

@@ -41,7 +41,7 @@ class Client:
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._http = httpx.Client(
             base_url=_core.base_url(base_url),
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": _core.USER_AGENT},
+            headers=_core.headers(api_key),
             timeout=self._timeout,
             transport=transport,
             limits=limits or _core.DEFAULT_LIMITS,

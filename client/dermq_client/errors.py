@@ -164,6 +164,14 @@ def retry_after(response: httpx.Response) -> float | None:
 def from_response(response: httpx.Response) -> DermqError:
     """The typed exception for an error answer (a problem document, or any other body from a proxy)."""
     status = response.status_code
+    if 300 <= status < 400:  # dermq never redirects: a proxy in front does (http:// to https://, a moved host)
+        where = response.headers.get("Location")
+        return UnexpectedResponse(
+            f"the server redirected ({status}{' to ' + where if where else ''}): dermq answers no redirect; "
+            "check the base URL (https:// where the API is behind TLS)",
+            status=status,
+            request_id=response.headers.get("X-Request-ID"),
+        )
     problem: dict[str, Any] = {}
     try:
         parsed = response.json()

@@ -84,7 +84,7 @@ class Case:
     id: str
     status: str
     priority: str
-    client_ref: str | None
+    client_ref: str | None = field(repr=False)  # the clinic's own reference (an MRN): not into logs by a repr
     attempts: int
     image: ImageInfo | None
     created_at: datetime | None
@@ -113,7 +113,7 @@ class CaseSummary:
     id: str
     status: str
     priority: str
-    client_ref: str | None
+    client_ref: str | None = field(repr=False)  # the clinic's own reference (an MRN): not into logs by a repr
     created_at: datetime | None
     updated_at: datetime | None
     links: dict[str, str | None]

@@ -367,6 +367,8 @@ def test_health_readiness_and_docs(client) -> None:  # type: ignore[no-untyped-d
         schema["paths"]
     )
     assert "multipart/form-data" in schema["paths"]["/v1/cases"]["post"]["requestBody"]["content"]
+    # a client generated from the schema must know every success a submission answers: 201 with ?wait=
+    assert {"200", "201", "202"} <= set(schema["paths"]["/v1/cases"]["post"]["responses"])
     assert client.get("/docs").status_code == 200
     missing = client.get("/nowhere")
     assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"

@@ -110,18 +110,31 @@ def test_an_unfinished_case_is_409(client, tenant: Tenant, store_case, settings)
     assert [(e.outcome, e.detail.get("format")) for e in refused] == [("failure", "fhir")]
 
 
+@pytest.mark.parametrize("route", ["fhir", "heatmap.png", "outcome"])
 def test_a_failed_case_says_it_failed_not_that_it_has_not_finished(
-    client, tenant: Tenant, store_case, settings
+    client, tenant: Tenant, store_case, settings, route: str
 ) -> None:  # type: ignore[no-untyped-def]
-    """409 ``case_not_finished`` for a case that had ended failed kept a FHIR client polling for good."""
+    """409 ``case_not_finished`` for a case that had ended failed kept a FHIR client polling, and a
+    portal retrying a heat map or an outcome report while it "waits", for good."""
     from core import case_states
 
     case_id = store_case(tenant, b"never classified")
     with session_scope(settings) as session:
         case_states.fail_case(session, case_id=case_id, attempt=None, code="timeout", message="ran out of time")
-    response = client.get(f"/v1/cases/{case_id}/fhir", headers=tenant.headers)
+    path = f"/v1/cases/{case_id}/{route}"
+    if route == "outcome":
+        response = client.post(path, headers=tenant.headers, json={"diagnosis": "mel", "method": "histo"})
+    else:
+        response = client.get(path, headers=tenant.headers)
     assert response.status_code == 409 and response.json()["code"] == "case_failed", response.text
-    assert "timeout" in response.json()["detail"] and "submit the image again" in response.json()["detail"]
+    assert "timeout" in response.json()["detail"]
+    if route == "fhir":
+        assert "submit the image again" in response.json()["detail"]
+    with session_scope(settings) as session:
+        refused = session.scalars(
+            select(AuditEvent).where(AuditEvent.entity_id == str(case_id), AuditEvent.actor_type == "api_key")
+        ).all()
+    assert [(event.outcome, event.detail["reason"]) for event in refused] == [("failure", "failed")]
 
 
 def test_an_out_of_distribution_case_has_no_diagnosis(client, tenant: Tenant, store_case, settings) -> None:  # type: ignore[no-untyped-def]

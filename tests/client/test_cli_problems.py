@@ -4,6 +4,7 @@ never a traceback. A tiny local web site (an HTML page on every path) stands in 
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 
@@ -36,7 +37,7 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [["get", CASE_ID], ["list"], ["wait", CASE_ID, "--timeout", "5"], ["erase", CASE_ID]],
+    [["get", CASE_ID], ["list"], ["wait", CASE_ID, "--timeout", "5"], ["erase", CASE_ID, "--yes"]],
     ids=["get", "list", "wait", "erase"],
 )
 def test_a_web_site_at_the_base_url_is_a_problem_not_a_traceback(
@@ -82,3 +83,37 @@ def test_an_idempotency_key_the_server_would_refuse_is_a_problem_not_a_traceback
     assert status == 1 and out == ""
     problem = json.loads(err)
     assert problem["code"] == "invalid_argument" and "Müller" not in problem["detail"]
+
+
+def test_erase_asks_for_the_case_id_back_and_sends_nothing_unconfirmed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Erasure cannot be undone: a command from the shell's history, or the wrong id pasted, must not
+    erase at once. The base URL reaches nothing: a request sent is a connection problem, not this one."""
+    for typed, sent in (("", False), ("00000000-0000-4000-8000-00000000000f\n", False), (CASE_ID + "\n", True)):
+        monkeypatch.setattr("sys.stdin", io.StringIO(typed))
+        status = main(["--base-url", "http://127.0.0.1:9", "erase", CASE_ID])
+        out, err = capsys.readouterr()
+        assert status == 1 and out == "" and "type the case id" in err
+        problem = json.loads(err[err.index('{"code"') :])
+        assert (problem["code"] != "not_confirmed") is sent, problem
+
+
+def test_a_file_problem_is_json_without_the_files_name(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """A local file name may be a patient's ("Smith_John_MRN0042.jpg"): it stays out of stderr, which
+    lands in cron and CI logs, and the problem is JSON like every other."""
+    status = main(["--base-url", "http://127.0.0.1:9", "submit", str(tmp_path / "Smith_John_MRN0042.jpg")])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    problem = json.loads(err)
+    assert problem["code"] == "file_error" and "MRN0042" not in err and "Smith" not in err
+
+
+def test_a_malformed_key_is_its_own_problem_and_not_repeated(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DERMQ_API_KEY", "dq_secret\u200bkey")
+    status = main(["get", CASE_ID])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert json.loads(err)["code"] == "invalid_api_key" and "secret" not in err

@@ -138,3 +138,55 @@ def test_limits_bound_the_connections_a_client_holds() -> None:
             release.set()
             first.join(10)
             dermq.close()
+
+
+def test_a_key_read_with_its_newline_works_and_a_malformed_key_is_never_repeated() -> None:
+    """A key from a file or a secret made from one ends with a newline: sent as it was, httpx refused
+    the header with an error quoting the whole key, which the client reported (and retried) as a
+    connection failure. Now it is stripped; a key with a character outside visible ASCII is refused
+    before anything is sent, with a message that does not repeat it."""
+    seen: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["Authorization"])
+        return httpx.Response(200, json=case_json("queued"))
+
+    with Client("http://dermq.test", "dq_secret-key\n", transport=httpx.MockTransport(server)) as dermq:
+        dermq.get(CASE_ID)
+    assert seen == ["Bearer dq_secret-key"]
+    for malformed in ("dq_secret key", "dq_secret\u200bkey", "dq_secret\x7fkey"):
+        for make in (Client, AsyncClient):
+            with pytest.raises(ValueError) as refused:
+                make("http://dermq.test", malformed, transport=httpx.MockTransport(server))  # type: ignore[arg-type]
+            assert "secret" not in str(refused.value)
+    assert len(seen) == 1
+
+
+def test_a_redirect_says_to_check_the_base_url_and_is_not_followed_or_retried() -> None:
+    """A proxy in front answers http:// with a redirect to https://: a plain "Moved Permanently"
+    error sent the developer nowhere."""
+    calls = 0
+
+    def server(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(301, headers={"Location": "https://dermq.test/v1/cases/x"})
+
+    with (
+        Client("http://dermq.test", "dq_key", transport=httpx.MockTransport(server)) as dermq,
+        pytest.raises(UnexpectedResponse) as redirected,
+    ):
+        dermq.get(CASE_ID)
+    assert calls == 1 and redirected.value.status == 301
+    assert "https://dermq.test/v1/cases/x" in str(redirected.value) and "base URL" in str(redirected.value)
+
+
+def test_a_case_repr_leaves_out_the_clinic_reference() -> None:
+    """``log.info("case %s", case)`` must not write the clinic's reference (an MRN) to a log."""
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=case_json("queued") | {"client_ref": "MRN-0042"})
+
+    with Client("http://dermq.test", "dq_key", transport=httpx.MockTransport(server)) as dermq:
+        case = dermq.get(CASE_ID)
+    assert case.client_ref == "MRN-0042" and "MRN-0042" not in repr(case)

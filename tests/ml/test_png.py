@@ -128,7 +128,7 @@ def test_the_levels_are_pillows_float_resize_of_the_map_enlarged_or_reduced() ->
         cam[0, 0] = 1.2 if rng.random() < 0.5 else -0.1  # out of [0, 1]: clipped to the end levels
         size = (int(rng.integers(1, 40)), int(rng.integers(1, 40))) if rng.random() < 0.5 else (300, 225)
         grid = cam * np.float32(255.0) + np.float32(0.5)
-        expected = np.asarray(Image.fromarray(grid).resize(size, Image.Resampling.BILINEAR).convert("L"), dtype=np.int16)
+        expected = np.asarray(Image.fromarray(grid).resize(size, Image.Resampling.BILINEAR).convert("L"), np.int16)
         drawn = np.frombuffer(heatmap._levels(cam, size), dtype=np.uint8).reshape(size[1], size[0])
         difference = np.abs(drawn.astype(np.int16) - expected)
         assert difference.max() <= 1
