@@ -30,6 +30,7 @@ from api.routes import admin, audit, audit_log, case_list, cases, clinic, fhir, 
 from api.waiters import CaseWaiters
 from core import db_roles
 from core.config import Settings, get_settings
+from core.cpus import usable_cpus
 from core.crypto import KeyringSource
 from core.db import session_factory
 from core.logs import configure_logging
@@ -138,7 +139,7 @@ def api_processes(settings: Settings) -> int:
     """How many API processes to run: ``DERMQ_API_PROCESSES``, or with 0 one per usable core."""
     if settings.api_processes:
         return settings.api_processes
-    return max(1, len(os.sched_getaffinity(0)))
+    return usable_cpus()
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from core.config import ROOT, Settings, get_settings
+from core.cpus import usable_cpus
 
 COLOURS = {"api": "36", "worker": "32", "beat": "35", "flower": "33", "dermq": "1"}
 GRACE_SECONDS = 30
@@ -37,7 +38,7 @@ def say(name: str, line: str) -> None:
 
 def default_api_processes() -> int:
     """``make run``'s API processes: half the usable cores; the worker on this machine has the other half."""
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    return max(1, usable_cpus() // 2)
 
 
 def run_step(args: list[str], env: dict[str, str]) -> None:

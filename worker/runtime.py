@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from core.config import Settings
+from core.cpus import usable_cpus
 
 if TYPE_CHECKING:
     from ml.predictor import Predictor
@@ -250,14 +251,16 @@ def _cuda_device_present(settings: Settings) -> bool:
 
 
 def worker_concurrency(settings: Settings) -> int:
-    """Celery prefork children: the setting, or (0, auto) one per core on the CPU and one on CUDA."""
+    """Celery prefork children: the setting, or (0, auto) one per usable core (:mod:`core.cpus`: the
+    affinity, capped by a container's CPU limit) on the CPU, and one on CUDA."""
     if settings.worker_concurrency:
         return settings.worker_concurrency
-    return 1 if _cuda_device_present(settings) else max(1, os.cpu_count() or 1)
+    return 1 if _cuda_device_present(settings) else usable_cpus()
 
 
 def threads_per_child(settings: Settings) -> int:
-    return settings.worker_threads or max(1, (os.cpu_count() or 1) // worker_concurrency(settings))
+    """Each child's intra-op threads: the setting, or (0, auto) the usable cores shared among the children."""
+    return settings.worker_threads or max(1, usable_cpus() // worker_concurrency(settings))
 
 
 def preload(settings: Settings) -> threading.Thread:

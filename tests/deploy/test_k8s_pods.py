@@ -67,8 +67,8 @@ def test_worker_children_times_their_threads_fit_the_cpu_limit(monkeypatch: pyte
 
     for key in [k for k in os.environ if k.startswith("DERMQ_")]:
         monkeypatch.delenv(key)
-    # inside a container os.cpu_count() is the node's, not the pod's limit
-    monkeypatch.setattr(runtime.os, "cpu_count", lambda: BIG_NODE_CPUS)
+    # the node's count, as where the pod's CPU limit cannot be read (core.cpus reads its cgroup)
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: BIG_NODE_CPUS)
     workers = _celery_workers()
     assert workers
     for w, container in workers:

@@ -101,6 +101,15 @@ def test_tls_is_modern(tls_server: m.Directive) -> None:
     assert {Path(certificate).name, Path(key).name} <= nginx_secrets, "compose mounts the certificate nginx reads"
 
 
+def test_each_security_header_nginx_adds_is_hidden_from_the_apis_answer(tls_server: m.Directive) -> None:
+    """The API sends its own security headers: passed through as well, each reached the client twice."""
+    added = {d.args[0].lower() for d in tls_server.find("add_header")}
+    hidden = {d.args[0].lower() for d in tls_server.find("proxy_hide_header")}
+    assert added and added <= hidden
+    # a location with proxy_hide_header of its own would inherit none of the server's
+    assert not [d for d in tls_server.walk() if d.name == "proxy_hide_header" and d not in tls_server.block]  # type: ignore[operator]
+
+
 def test_plain_http_only_redirects_to_https(conf: m.Directive) -> None:
     http = conf.find("http")[0]
     published = {str(p).split(":")[-2]: str(p).split(":")[-1] for p in m.compose_services()["nginx"]["ports"]}
