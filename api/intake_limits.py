@@ -3,8 +3,9 @@
 Rate limits (``core.ratelimit``) bound how many uploads a key starts per minute; they do not bound
 how many are in flight at once, and each in-flight upload holds its body (up to the byte cap) and,
 while it is validated, its decoded pixels. :class:`UploadSlots` caps the uploads one clinic has in
-flight in this process. :class:`Decoder` validates uploads on a small pool of its own threads under
-a :class:`ml.decode_budget.DecodeBudget` that caps the decoded bytes held at once: few threads, so
+flight in this process, and the body bytes all uploads in flight hold in it. :class:`Decoder`
+validates uploads on a small pool of its own threads under a
+:class:`ml.decode_budget.DecodeBudget` that caps the decoded bytes held at once: few threads, so
 that the allocator's per-thread arenas do not each keep a freed canvas (with the 40 threads of the
 default pool, 16 concurrent 20-megapixel PNGs left the process 1.3 GiB larger), and
 :func:`release_large_allocations` makes the C allocator hand freed canvases back to the system
@@ -35,13 +36,47 @@ log = logging.getLogger("dermq.api")
 T = TypeVar("T")
 
 
-class UploadSlots:
-    """At most ``per_clinic`` uploads of one clinic in flight in this process."""
+class BodyAllowance:
+    """The body bytes one upload holds against its process's :class:`UploadSlots` budget."""
 
-    def __init__(self, per_clinic: int) -> None:
+    def __init__(self, slots: UploadSlots) -> None:
+        self._slots = slots
+        self.held = 0
+
+    def reserve(self, size: int) -> None:
+        """Hold ``size`` more bytes; 429 when the uploads in flight in this process already hold so
+        much that they would pass the budget (nothing is held then)."""
+        self._slots._take(size)
+        self.held += size
+
+
+class UploadSlots:
+    """At most ``per_clinic`` uploads of one clinic in flight in this process, and at most
+    ``body_bytes`` of their bodies held in memory at once, whichever clinics send them (the per-clinic
+    cap alone let ten clinics' slow 25 MiB uploads hold a gigabyte)."""
+
+    def __init__(self, per_clinic: int, body_bytes: int) -> None:
         self.per_clinic = per_clinic
+        self.body_bytes = body_bytes
         self._lock = threading.Lock()
         self._in_flight: dict[uuid.UUID | None, int] = {}
+        self._body_held = 0
+
+    def body_held(self) -> int:
+        with self._lock:
+            return self._body_held
+
+    def _take(self, size: int) -> None:
+        with self._lock:
+            if self._body_held + size > self.body_bytes:
+                raise RateLimited(
+                    "the service is receiving many large uploads at once; send this one again shortly", retry_after=2
+                )
+            self._body_held += size
+
+    def _give_back(self, size: int) -> None:
+        with self._lock:
+            self._body_held -= size
 
     def in_flight(self, clinic_id: uuid.UUID | None) -> int:
         with self._lock:
@@ -60,14 +95,18 @@ class UploadSlots:
             )
 
     @contextmanager
-    def hold(self, clinic_id: uuid.UUID | None) -> Iterator[None]:
+    def hold(self, clinic_id: uuid.UUID | None) -> Iterator[BodyAllowance]:
+        """One of the clinic's slots, and an allowance its body's bytes are reserved from, both given
+        back when the upload's request is done with its body."""
         with self._lock:
             held = self._in_flight.get(clinic_id, 0)
             self._refused(held)
             self._in_flight[clinic_id] = held + 1
+        allowance = BodyAllowance(self)
         try:
-            yield
+            yield allowance
         finally:
+            self._give_back(allowance.held)
             with self._lock:
                 left = self._in_flight[clinic_id] - 1
                 if left:

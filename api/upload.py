@@ -22,7 +22,7 @@ Client file names are read only to be ignored: nothing in dermq ever uses a clie
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -134,6 +134,7 @@ class _Collector:
 
     def on_part_end(self) -> None:
         payload = b"".join(self.part.chunks)
+        self.part.chunks = []  # the joined copy alone stays: not the image twice until the next part
         if self.part.name == "image":
             self.form.image = payload
             self.form.image_content_type = self.part.content_type
@@ -176,9 +177,20 @@ def boundary_of(request: Request) -> bytes:
     return boundary
 
 
-async def read_case_form(request: Request, *, max_image_bytes: int, idle_timeout: float, timeout: float) -> CaseForm:
+async def read_case_form(
+    request: Request,
+    *,
+    max_image_bytes: int,
+    idle_timeout: float,
+    timeout: float,
+    reserve: Callable[[int], None] = lambda size: None,
+) -> CaseForm:
     """Parse the submission as it arrives; raise 413 the moment a cap is passed, 408 when it stalls
-    for ``idle_timeout`` seconds or takes longer than ``timeout``, 400 when it ends unfinished."""
+    for ``idle_timeout`` seconds or takes longer than ``timeout``, 400 when it ends unfinished.
+
+    ``reserve(size)`` is called for the memory the body will hold before it is read: the declared
+    Content-Length at once (refused before a byte of it arrives), else each chunk as it comes. It
+    raises to refuse the upload (:class:`api.intake_limits.BodyAllowance`)."""
     boundary = boundary_of(request)
     max_body = max_image_bytes + FORM_OVERHEAD
     declared = request.headers.get("content-length")
@@ -191,6 +203,7 @@ async def read_case_form(request: Request, *, max_image_bytes: int, idle_timeout
             raise PayloadTooLarge(
                 f"the request is {declared_bytes} bytes; the limit is {max_body}", code="payload_too_large"
             )
+        reserve(declared_bytes)
     collector = _Collector(max_image_bytes)
     parser = MultipartParser(boundary, collector.callbacks(), max_header_count=8, max_header_size=1024)  # type: ignore[arg-type]
     received = 0
@@ -199,6 +212,8 @@ async def read_case_form(request: Request, *, max_image_bytes: int, idle_timeout
             received += len(chunk)
             if received > max_body:
                 raise PayloadTooLarge(f"the request is larger than the {max_body} byte limit", code="payload_too_large")
+            if declared is None:
+                reserve(len(chunk))
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError:

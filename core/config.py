@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     decode_memory_bytes: int = Field(384 * 1024 * 1024, ge=16 * 1024 * 1024)
     #: Uploads one clinic may have in flight at once in one API process (beyond: 429).
     max_concurrent_uploads_per_clinic: int = Field(4, ge=1)
+    #: Upload bodies one API process may hold in memory at once, whichever clinics send them (each
+    #: from its start until its case is stored); an upload that would pass it answers 429. At least
+    #: one upload of ``max_upload_bytes`` with its form fields.
+    upload_memory_bytes: int = Field(256 * 1024 * 1024, ge=1024 + 64 * 1024)
     #: An upload that sends nothing for this long, or is not complete after ``upload_timeout_seconds``,
     #: is answered 408 and lets go of its clinic's slot (a stalled connection would hold it forever).
     upload_idle_timeout_seconds: float = Field(30.0, gt=0)
@@ -242,6 +246,11 @@ class Settings(BaseSettings):
             )
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("set both DERMQ_TLS_CERTFILE and DERMQ_TLS_KEYFILE, or neither")
+        if self.upload_memory_bytes < self.max_upload_bytes + 64 * 1024:
+            raise ValueError(
+                "DERMQ_UPLOAD_MEMORY_BYTES must hold at least one upload of DERMQ_MAX_UPLOAD_BYTES and its "
+                "form fields (64 KiB more): a larger image would be refused 429 for good"
+            )
         if self.gradcam_budget_seconds >= self.task_soft_time_limit:
             raise ValueError("gradcam_budget_seconds must be below task_soft_time_limit")
         if 3 * self.callback_timeout_seconds + CALLBACK_RECORD_SECONDS > self.task_soft_time_limit:

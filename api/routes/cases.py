@@ -224,13 +224,14 @@ async def _accept(
     names): the case as it is, and whether this request created it. Without ``wait`` the request's
     transaction has committed; with it, the commit is left to the wait."""
     settings = app.settings
-    with app.uploads.hold(caller.principal.clinic_id):
+    with app.uploads.hold(caller.principal.clinic_id) as body:
         try:
             form = await read_case_form(
                 request,
                 max_image_bytes=settings.max_upload_bytes,
                 idle_timeout=settings.upload_idle_timeout_seconds,
                 timeout=settings.upload_timeout_seconds,
+                reserve=body.reserve,
             )
         except DermqError as exc:
             metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()

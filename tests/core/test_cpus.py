@@ -60,4 +60,3 @@ def test_usable_cpus_is_the_affinity_capped_by_whole_cores_of_the_quota(monkeypa
     for quota, expected in ((None, 64), (2.5, 2), (0.5, 1), (128.0, 64)):
         monkeypatch.setattr(cpus, "cpu_quota", lambda quota=quota: quota)
         assert cpus.usable_cpus() == expected
-
