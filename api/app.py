@@ -8,7 +8,10 @@ model and never imports torch: it validates, encrypts, stores and publishes; the
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
 import os
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,7 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db_roles.refuse_insecure_login(settings)  # production: never as the audit tables' owner
         app.state.dermq.listener.start()  # key checks use the cache once it listens
+        beating = asyncio.create_task(metrics.heartbeat(), name="dermq-event-loop-heartbeat")
         yield
+        beating.cancel()
         app.state.dermq.decoder.close()
         app.state.dermq.listener.close()
         app.state.dermq.lanes.close()
@@ -129,10 +134,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def create_served_app() -> FastAPI:
-    """The app of a ``dermq-api`` process: :func:`create_app`, with freed image canvases going back to
-    the system (a process-wide allocator setting, made only where the API serves)."""
-    release_large_allocations()
+    """The app of a ``dermq-api`` process: :func:`create_app`, in a process set up to serve."""
+    _serving_process()
     return create_app()
+
+
+def _serving_process() -> None:
+    """Process-wide settings made only where the API serves: freed image canvases go back to the
+    system, and SIGUSR1 writes every thread's stack to stderr (the container's log), for a process
+    whose event loop is stuck (deploy/RUNBOOK.md, DermqApiNotServing)."""
+    release_large_allocations()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def api_processes(settings: Settings) -> int:
@@ -164,12 +176,13 @@ def main() -> None:
     (uvicorn's supervisor restarts one that dies; metrics are served once, by the supervisor)."""
     import uvicorn
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor's too: SIGUSR1 would end it
     settings = get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json, component="api")
     processes = api_processes(settings)
     common = uvicorn_options(settings)
     if processes == 1:
-        release_large_allocations()
+        _serving_process()
         app = create_app(settings)
         metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
         uvicorn.run(app, **common)

@@ -8,12 +8,14 @@ and Postgres, with short timeouts), so every API replica reports the same values
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -206,6 +208,26 @@ class StateCollector(Collector):
         yield used
         yield limit
         yield policy
+
+
+#: seconds between two heartbeats of a process's event loop
+HEARTBEAT_SECONDS = 5.0
+EVENT_LOOP_HEARTBEAT = Gauge(
+    "dermq_api_event_loop_heartbeat_timestamp_seconds",
+    "When the API process whose event loop ran its heartbeat longest ago last ran it (every 5 s)",
+    registry=REGISTRY,
+    multiprocess_mode="livemin",  # the stalest live process's: one stuck process is enough to show
+)
+
+
+async def heartbeat() -> None:
+    """Mark the time on this process's event loop every :data:`HEARTBEAT_SECONDS`, for as long as the
+    loop runs tasks. The metrics listener is a thread of its own (or the supervisor of several
+    processes): it answers scrapes while a process's loop is stuck and serves no request, and nginx
+    answers 502 that the API never counts; a heartbeat that stops says so (DermqApiNotServing)."""
+    while True:
+        EVENT_LOOP_HEARTBEAT.set(time.time())
+        await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
 def serve(app: AppState, *, processes: int = 1) -> None:

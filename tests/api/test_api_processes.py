@@ -3,12 +3,16 @@ metrics listener reports what all of them counted."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from api.metrics import HEARTBEAT_SECONDS
 from tests import processes, support
 from tests.api.test_metrics import scrape, total
 
@@ -56,6 +60,31 @@ def test_two_api_processes_serve_one_port_and_are_counted_together(two_process_a
         assert http.get("/readyz").json()["status"] == "ready"
     after = total(scrape(metrics_url), "dermq_http_requests_total", route="/v1/cases", status="200")
     assert after - before == 24
+
+
+def test_both_processes_beat_and_sigusr1_writes_stacks_without_ending_one(two_process_api) -> None:  # type: ignore[no-untyped-def]
+    """The supervisor's metrics listener serves the event loops' heartbeat (DermqApiNotServing), the
+    stalest live process's; SIGUSR1, the runbook's way to see where a process is stuck, ends no
+    process (its default action ends one: the supervisor's and the serving processes' handler is
+    faulthandler's)."""
+    base, metrics_url, supervisor = two_process_api
+
+    def api_processes() -> list[int]:
+        return [
+            p for p in children(supervisor) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+        ]
+
+    def age() -> float:
+        return time.time() - total(scrape(metrics_url), "dermq_api_event_loop_heartbeat_timestamp_seconds")
+
+    workers = support.wait_for(lambda: api_processes() if len(api_processes()) == 2 else None, timeout=60)
+    support.wait_for(lambda: age() < HEARTBEAT_SECONDS + 2, timeout=30, what="both processes beating")
+    for pid in (*workers, supervisor):
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(1)
+    assert sorted(api_processes()) == sorted(workers)
+    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+    assert age() < HEARTBEAT_SECONDS + 2
 
 
 def test_the_supervisor_serves_the_field_gauges_once(two_process_api, redis_client) -> None:  # type: ignore[no-untyped-def]

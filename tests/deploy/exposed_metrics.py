@@ -14,6 +14,7 @@ DERMQ_METRICS = frozenset(
         "dermq_queue_depth",
         "dermq_cases",
         "dermq_stale_running_cases",
+        "dermq_api_event_loop_heartbeat_timestamp_seconds",
         # worker
         "dermq_jobs_total",
         "dermq_queue_wait_seconds",
