@@ -7,9 +7,14 @@ NPV, F1 and AUC, macro AUC, confusion matrix, referral figures, and the same by 
 body site), PNG plots (confusion matrix, reliability diagram, ROC curves) and ``report.md``.
 
 ``--split auto`` evaluates the model's own held-out test split when the folder is the data the
-model was trained from (recognised by the manifest's data digest), and every image otherwise, so
-training images never inflate the figures. ``--backend`` evaluates the torch model or one of the ONNX
-Runtime graphs that ``python -m ml.export`` wrote (``onnx``: fp32, ``onnx-int8``: static int8).
+model was trained from (recognised by the manifest's data digest). Another folder may hold the same
+lesions (the larger HAM10000 samples, the full release, a folder missing a few images): with
+``--training-data DIR`` (the folder the model was trained from) it evaluates only the images of
+lesions in neither its training nor its validation part (``unseen``); without it, it refuses, and
+``--split all`` scores every image knowingly (the report then says its figures may include lesions
+the model was trained or tuned on). An entry that records no training data is scored on every image.
+``--backend`` evaluates the torch model or one of the ONNX Runtime graphs that ``python -m
+ml.export`` wrote (``onnx``: fp32, ``onnx-int8``: static int8).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from ml import registry
 from ml.calibration import expected_calibration_error, reliability_bins, softmax
 from ml.decision import CONCERNING_INDEX, DecisionPolicy
 from ml.labels import CLASSES
-from ml.metrics import balanced_accuracy, roc_curve, summary
+from ml.metrics import balanced_accuracy, roc_curve, served_referrals, summary
 
 SUBGROUPS = {"sex": lambda s: s.sex, "age_band": lambda s: s.age_band, "site": lambda s: s.site}
 MEL = CLASSES.index("mel")
@@ -175,6 +180,8 @@ def _fmt(value: Any) -> str:
 def report_markdown(metrics: dict[str, Any], title: str, plots: Sequence[str] = ()) -> str:
     referral = metrics["referral"]
     lines = [f"# {title}", ""]
+    if metrics.get("caveat"):
+        lines += [f"> {metrics['caveat']}", ""]
     lines += [
         f"- images: {metrics['n']}",
         f"- balanced multiclass accuracy: {_fmt(metrics['balanced_accuracy'])}",
@@ -183,7 +190,9 @@ def report_markdown(metrics: dict[str, Any], title: str, plots: Sequence[str] = 
         f"- expected calibration error: {_fmt(metrics['ece'])} "
         f"(uncalibrated softmax: {_fmt(metrics['ece_uncalibrated'])})",
         f"- referral rate {_fmt(referral['rate'])}; referral sensitivity for malignant or pre-malignant "
-        f"lesions {_fmt(referral['sensitivity_concerning'])}, for melanoma {_fmt(referral['sensitivity_mel'])}",
+        f"lesions {_fmt(referral['sensitivity_concerning'])}, for melanoma {_fmt(referral['sensitivity_mel'])} "
+        "(every image scored as a diagnosis)",
+        *_served_lines(metrics.get("served")),
         "",
         "| class | n | sensitivity | specificity | PPV | NPV | F1 | AUC |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -211,22 +220,71 @@ def report_markdown(metrics: dict[str, Any], title: str, plots: Sequence[str] = 
     return "\n".join(lines) + "\n"
 
 
-def select_samples(manifest: dict[str, Any], data: str | Path, split: str) -> tuple[list[ds.Sample], str]:
-    """The samples of ``data`` in ``split`` (``train``, ``val`` or ``test`` of the split the manifest
-    records, ``all``, or ``auto``: ``test`` when ``data`` is the data the model was trained on, else
-    ``all``) and the name of the part used."""
+def _served_lines(served: dict[str, Any] | None) -> list[str]:
+    if not served:
+        return []
+    return [
+        f"- as served, with the out-of-distribution gate: {_fmt(served['gated'])} of images get no diagnosis "
+        f"(retake); of malignant or pre-malignant lesions {_fmt(served['concerning_referred'])} referred, "
+        f"{_fmt(served['concerning_gated'])} gated, {_fmt(served['concerning_missed'])} neither; melanomas "
+        f"gated {_fmt(served['gated_by_class']['mel'])}"
+    ]
+
+
+def select_samples(
+    manifest: dict[str, Any], data: str | Path, split: str, training_data: str | Path | None = None
+) -> tuple[list[ds.Sample], str]:
+    """The samples of ``data`` in ``split`` and the name of the part used: ``train``, ``val`` or
+    ``test`` of the split the manifest records; ``unseen``, the images of lesions in neither the
+    training nor the validation part of ``training_data``'s split; ``all``; or ``auto``: ``test`` when
+    ``data`` is the data the model was trained on, ``unseen`` when ``training_data`` is given, ``all``
+    when the manifest records no training data, and else a refusal (its lesions may be training's)."""
     samples = ds.read_dataset(data)
     info = manifest.get("data", {})
     if split == "auto":
-        split = "test" if info.get("digest") and ds.dataset_digest(samples) == info["digest"] else "all"
+        if info.get("digest") and ds.dataset_digest(samples) == info["digest"]:
+            split = "test"
+        elif training_data is not None:
+            split = "unseen"
+        elif info.get("digest"):
+            raise SystemExit(
+                f"{data} is not the data this model was trained on, and may hold the same lesions (the larger "
+                "HAM10000 samples and the full release do): their figures would be inflated. Pass --training-data "
+                "with the folder the model was trained on to leave its training and validation lesions out, or "
+                "--split all to score every image anyway"
+            )
+        else:
+            split = "all"
     if split == "all":
         return samples, "all"
+    if split == "unseen":
+        return _unseen(info, samples, data, training_data), "unseen"
     try:  # a part of another folder's split holds lesions the model was trained on
         ds.check_training_data(info, samples, data)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     parts = ds.SplitSpec.from_record(info).apply(samples)
     return getattr(parts, split), split
+
+
+def _unseen(
+    info: dict[str, Any], samples: list[ds.Sample], data: str | Path, training_data: str | Path | None
+) -> list[ds.Sample]:
+    """``samples`` less the images of every lesion in the training or validation part of the model's
+    split of ``training_data`` (checked to be its training data by the manifest's digest)."""
+    if training_data is None:
+        raise SystemExit("--split unseen needs --training-data: the folder the model was trained on")
+    training = ds.read_dataset(training_data)
+    try:
+        ds.check_training_data(info, training, training_data)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    parts = ds.SplitSpec.from_record(info).apply(training)
+    seen = {s.lesion_id for s in (*parts.train, *parts.val)}
+    unseen = [s for s in samples if s.lesion_id not in seen]
+    if not unseen:
+        raise SystemExit(f"every image of {data} is of a lesion the model was trained or tuned on")
+    return unseen
 
 
 def load_images(samples: Sequence[ds.Sample], reduce_to: int) -> list[Any]:
@@ -260,6 +318,7 @@ def run(
     out: str | Path,
     *,
     split: str = "auto",
+    training_data: str | Path | None = None,
     backend: str = "torch",
     batch_size: int = 32,
 ) -> dict[str, Any]:
@@ -270,16 +329,23 @@ def run(
     device = "auto" if backend == "torch" else "cpu"  # ONNX Runtime serves on the CPU
     predictor = Predictor.load(model, device=device, backend=backend, batch_size=batch_size)
     manifest = predictor.info.manifest
-    samples, used = select_samples(manifest, data, split)
+    samples, used = select_samples(manifest, data, split, training_data)
     images = load_images(samples, reduce_to=max(predictor.prep.input_size))
     logits, features, pixels = model_outputs(predictor, images)
-    metrics, probabilities, _ = evaluate_arrays(samples, logits, predictor.policy)
+    metrics, probabilities, predicted = evaluate_arrays(samples, logits, predictor.policy)
     metrics.update({"model_id": predictor.info.model_id, "split": used, "backend": backend})
+    if used == "all":
+        metrics["caveat"] = (
+            "every image of the folder was scored: any of its lesions the model was trained or tuned on "
+            "inflates these figures"
+        )
+    truth = np.array([s.label for s in samples])
     if predictor.gate is not None:
-        # every image is scored as a diagnosis above; this is the share a clinic would get no diagnosis for
+        # every image is scored as a diagnosis above; this is what a clinic gets with the gate applied
         flagged = predictor.gate.reasons(predictor.gate.scores(pixels, logits, features))
         metrics["out_of_distribution"] = float(np.mean([bool(r) for r in flagged])) if flagged else 0.0
-    truth = np.array([s.label for s in samples])
+        referred = predictor.policy.referrals(probabilities, predicted)
+        metrics["served"] = served_referrals(truth, referred, np.array([bool(r) for r in flagged]), CONCERNING_INDEX)
     plots = write_plots(out, metrics, truth, probabilities)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text(
@@ -294,7 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="labelled HAM10000-layout folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, plots and report.md")
     # the optional ones have no default here: run()'s signature holds them
-    p.add_argument("--split", choices=["auto", "all", "train", "val", "test"], default=argparse.SUPPRESS)
+    p.add_argument("--split", choices=["auto", "all", "unseen", "train", "val", "test"], default=argparse.SUPPRESS)
+    p.add_argument(
+        "--training-data",
+        default=argparse.SUPPRESS,
+        help="the folder the model was trained on: another folder's lesions in its training or validation "
+        "part are left out",
+    )
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
     options = vars(p.parse_args(argv))

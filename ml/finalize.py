@@ -30,11 +30,12 @@ from ml import data as ds
 from ml import model as models
 from ml.assess import assess, decision_figures
 from ml.checkpoint import load_checkpoint, teacher_sources
-from ml.decision import DecisionPolicy, fit_mel_offset, fit_referral_threshold
+from ml.decision import CONCERNING_INDEX, DecisionPolicy, fit_mel_offset, fit_referral_threshold
 from ml.drift import reference_for_entry
 from ml.entry import record_verification, save_entry, save_gate
 from ml.evaluate import evaluate_arrays, load_images, report_markdown, write_plots
 from ml.labels import CLASSES
+from ml.metrics import served_referrals
 from ml.provenance import describe_environment
 from ml.recipe import load_split
 
@@ -153,6 +154,9 @@ def finalize(config: TrainConfig) -> Path:
     metrics["assessment"] = assess(split.test, probabilities, policy)
     test_flags = gate.reasons(gate.scores(test_pixels, test_logits, test_features))
     metrics["ood"] = {"test_lesions_flagged": float(np.mean([bool(r) for r in test_flags]))}
+    referred = policy.referrals(probabilities, policy.labels(probabilities))
+    gated = np.array([bool(r) for r in test_flags])
+    metrics["served"] = served_referrals(test_truth, referred, gated, CONCERNING_INDEX)
     metrics["ood"]["built_set"] = _ood_set(shipped, split.test)
     metrics["hires"] = _hires(shipped, config.data)
     metrics.update({"model_id": config.model_id, "split": "test", "backend": "torch (float32)"})
@@ -169,6 +173,7 @@ def finalize(config: TrainConfig) -> Path:
             "referral": metrics["referral"],
             "assessment": metrics["assessment"],
             "ood": metrics["ood"],
+            "served": metrics["served"],
         },
         "validation": val_metrics,
     }

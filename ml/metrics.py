@@ -97,3 +97,29 @@ def summary(truth: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray)
         "per_class": classes,
         "confusion_matrix": confusion_matrix(truth, predicted).tolist(),
     }
+
+
+def served_referrals(
+    truth: np.ndarray, referred: np.ndarray, gated: np.ndarray, concerning: np.ndarray
+) -> dict[str, Any]:
+    """What a clinic receives for each image, with the out-of-distribution gate applied as served.
+
+    A gated image gets no diagnosis and no referral, only a request to retake it; the figures that
+    score every image as a diagnosis count a gated melanoma the rule would have referred as referred.
+    Here, for the concerning classes (``concerning``: their indices): the share referred with a
+    diagnosis, the share gated (asked again: not a silent miss, but no referral either), and the share
+    neither (a diagnosis that does not refer: the silent miss), with the gated share of every class.
+    ``truth``, ``referred`` and ``gated`` are per image."""
+    referred, gated = np.asarray(referred, dtype=bool), np.asarray(gated, dtype=bool)
+    worrying = np.isin(truth, concerning)
+
+    def share(mask: np.ndarray, among: np.ndarray) -> float | None:
+        return float(mask[among].mean()) if among.any() else None
+
+    return {
+        "gated": share(gated, np.ones_like(gated)),
+        "concerning_referred": share(referred & ~gated, worrying),
+        "concerning_gated": share(gated, worrying),
+        "concerning_missed": share(~referred & ~gated, worrying),
+        "gated_by_class": {code: share(gated, truth == i) for i, code in enumerate(CLASSES)},
+    }

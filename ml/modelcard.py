@@ -170,6 +170,21 @@ def _ood_lines(manifest: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
         f"{_f(measured.get('test_lesions_flagged'))} of lesion images; on a built set of {built.get('n')} non-lesion "
         f"inputs (ml.oodset: blank, noise, textures, photographs, destroyed lesions) it flags "
         f"{_f(built.get('flagged'))} ({kinds}).",
+        *_served_lines(metrics.get("served")),
+    ]
+
+
+def _served_lines(served: dict[str, Any] | None) -> list[str]:
+    """The referral figures as a clinic receives them, gate applied (the headline ones score every
+    test image as a diagnosis, a gated one included)."""
+    if not served:
+        return []
+    return [
+        "- **As served, gate applied**: the referral figures above score every test image as a diagnosis. "
+        f"A gated image gets none and no referral, only a request to retake it: of malignant or pre-malignant "
+        f"test lesions {_f(served['concerning_referred'])} are referred with a diagnosis, "
+        f"{_f(served['concerning_gated'])} gated and {_f(served['concerning_missed'])} neither (a diagnosis "
+        f"that does not refer); {_f(served['gated_by_class'].get('mel'))} of melanomas are gated.",
     ]
 
 

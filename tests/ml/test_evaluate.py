@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pandas as pd
 import pytest
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 
-from ml import evaluate, metrics
+from ml import data as ds
+from ml import evaluate, metrics, registry
 from ml.calibration import softmax
 from ml.labels import CLASSES
 
@@ -97,3 +99,53 @@ def test_outputs_a_chunk_at_a_time_equal_one_pass(tiny_entry: Path, fixture_pil)
     chunked = evaluate.model_outputs(predictor, images, chunk=2)  # three chunks behind the progress bar
     for name in whole._fields:
         assert np.allclose(getattr(chunked, name), getattr(whole, name), atol=1e-5), name
+
+
+def test_served_referrals_apply_the_gate_as_a_clinic_gets_it() -> None:
+    """A gated image gets no referral, only a request to retake it: a melanoma the rule would refer
+    but the gate flags is counted gated, not referred; one neither referred nor gated is a miss."""
+    mel, nv = CLASSES.index("mel"), CLASSES.index("nv")
+    truth = np.array([mel, mel, mel, mel, nv, nv])
+    referred = np.array([True, True, False, True, False, True])
+    gated = np.array([False, True, False, False, True, False])
+    served = metrics.served_referrals(truth, referred, gated, np.array([mel]))
+    assert served["concerning_referred"] == 0.5 and served["concerning_gated"] == 0.25
+    assert served["concerning_missed"] == 0.25 and served["gated"] == pytest.approx(2 / 6)
+    assert served["gated_by_class"]["mel"] == 0.25 and served["gated_by_class"]["nv"] == 0.5
+    assert served["gated_by_class"]["df"] is None
+
+
+def _entry_trained_on(entry: Path, data: Path) -> Path:
+    """``entry``'s manifest recording ``data`` as the data it was trained on (digest and split)."""
+    manifest = registry.read_manifest(entry)
+    spec = ds.SplitSpec(val_fraction=0.25, test_fraction=0.25)
+    manifest["data"] = {"digest": ds.dataset_digest(ds.read_dataset(data)), **spec.record()}
+    registry.write_json_atomic(entry / registry.MANIFEST, manifest)
+    return entry
+
+
+def test_another_folder_with_the_training_lesions_is_not_scored_silently(  # type: ignore[no-untyped-def]
+    tiny_entry: Path, synthetic_folder: Path, tmp_path: Path, capsys
+) -> None:
+    """A folder other than the training data may hold its lesions (the larger HAM10000 samples, the
+    full release, a copy missing a few images): ``auto`` scored every image of it as if held out."""
+    entry = _entry_trained_on(tiny_entry, synthetic_folder)
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_folder, other)
+    rows = (other / "metadata.csv").read_text().splitlines()
+    (other / "metadata.csv").write_text("\n".join(rows[:-1]) + "\n")  # one image fewer: another digest
+    base = ["--model", str(entry), "--data", str(other)]
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main([*base, "--out", str(tmp_path / "auto")])
+    assert "--training-data" in str(refused.value) and "--split all" in str(refused.value)
+
+    assert evaluate.main([*base, "--out", str(tmp_path / "unseen"), "--training-data", str(synthetic_folder)]) == 0
+    unseen = json.loads((tmp_path / "unseen" / "metrics.json").read_text())
+    parts = ds.SplitSpec(val_fraction=0.25, test_fraction=0.25).apply(ds.read_dataset(synthetic_folder))
+    held_out = {s.image_id for s in parts.test} & {s.image_id for s in ds.read_dataset(other)}
+    assert unseen["split"] == "unseen" and unseen["n"] == len(held_out) < len(rows) - 2
+
+    assert evaluate.main([*base, "--out", str(tmp_path / "all"), "--split", "all"]) == 0
+    scored = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert scored["n"] == len(rows) - 2 and "inflates" in scored["caveat"]
+    assert "inflates" in (tmp_path / "all" / "report.md").read_text()

@@ -64,6 +64,10 @@ def test_training_writes_a_complete_entry(synthetic_folder: Path, tmp_path: Path
     card = (out / "model_card.md").read_text()
     for heading in ("Intended use", "non-commercial", "Calibration", "Subgroups", "Known limits", "Referral"):
         assert heading in card
+    # the referral figures as a clinic gets them, gate applied (the headline ones score every image)
+    served = manifest["metrics"]["test"]["served"]
+    shares = served["concerning_referred"] + served["concerning_gated"] + served["concerning_missed"]
+    assert "As served, gate applied" in card and abs(shares - 1) < 1e-9
     for plot in ("confusion_matrix.png", "reliability.png", "roc.png"):
         assert (out / plot).is_file()
 
