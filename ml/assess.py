@@ -94,8 +94,8 @@ def bootstrap(
     *,
     rounds: int = 1000,
     seed: int = 0,
-) -> dict[str, tuple[float, float]]:
-    """95% intervals of ``figures(indices)`` over lesion-level resamples of ``samples``."""
+) -> dict[str, list[float]]:
+    """``figures(indices)`` over ``rounds`` lesion-level resamples of ``samples``: each figure's draws."""
     groups = lesion_groups(samples)
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
@@ -104,10 +104,20 @@ def bootstrap(
         idx = np.concatenate([groups[g] for g in chosen])
         for key, value in figures(idx).items():
             draws.setdefault(key, []).append(value)
-    return {
-        key: (float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5)))
-        for key, values in draws.items()
-    }
+    return draws
+
+
+def interval(key: str, estimate: float | None, draws: Sequence[float]) -> tuple[float, float]:
+    """The 95% interval of a figure from its bootstrap draws: the percentile interval, but for a
+    binned calibration error (``ece`` in its name) the draws' spread about their median, centred on
+    the estimate and floored at 0. A resample repeats lesions, and a binned error grows with the
+    duplicates' sampling noise: the draws sit above the estimate, and their percentiles could leave
+    the estimate out (v4's class-wise ECE 0.0177 in 0.0177-0.0272; per lesion 0.0143 in
+    0.0159-0.0229), as the basic bootstrap's reflection of them does from below."""
+    low, middle, high = (float(v) for v in np.nanpercentile(draws, [2.5, 50, 97.5]))
+    if "ece" not in key or estimate is None:
+        return low, high
+    return max(0.0, estimate - (middle - low)), estimate + (high - middle)
 
 
 def assess(
@@ -116,7 +126,9 @@ def assess(
     """Per-image and per-lesion figures, each with its lesion-level bootstrap 95% interval."""
     truth = np.array([s.label for s in samples])
     image = decision_figures(policy, probabilities, truth)
-    image_ci = bootstrap(samples, lambda idx: decision_figures(policy, probabilities[idx], truth[idx]), rounds=rounds)
+    image_draws = bootstrap(
+        samples, lambda idx: decision_figures(policy, probabilities[idx], truth[idx]), rounds=rounds
+    )
     lesion_p, lesion_truth = per_lesion(samples, probabilities)
     lesion = decision_figures(policy, lesion_p, lesion_truth)
     rng = np.random.default_rng(1)
@@ -125,11 +137,15 @@ def assess(
         idx = rng.integers(0, len(lesion_truth), len(lesion_truth))
         for key, value in decision_figures(policy, lesion_p[idx], lesion_truth[idx]).items():
             draws.setdefault(key, []).append(value)
-    lesion_ci = {k: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))) for k, v in draws.items()}
     return {
         "images": len(truth),
         "lesions": len(lesion_truth),
-        "per_image": {k: {"value": v, "ci95": image_ci[k]} for k, v in image.items()},
-        "per_lesion": {k: {"value": v, "ci95": lesion_ci[k]} for k, v in lesion.items()},
-        "bootstrap": {"rounds": rounds, "unit": "lesion", "interval": "percentile 2.5-97.5"},
+        "per_image": {k: {"value": v, "ci95": interval(k, v, image_draws[k])} for k, v in image.items()},
+        "per_lesion": {k: {"value": v, "ci95": interval(k, v, draws[k])} for k, v in lesion.items()},
+        "bootstrap": {
+            "rounds": rounds,
+            "unit": "lesion",
+            "interval": "percentile 2.5-97.5; for calibration errors the same spread about the draws' median, "
+            "centred on the estimate",
+        },
     }

@@ -176,6 +176,8 @@ def finalize(config: TrainConfig) -> Path:
             "served": metrics["served"],
         },
         "validation": val_metrics,
+        "validation_note": "in sample: the decision policy (temperature, class bias, melanoma offset, uncertainty "
+        "and referral thresholds) was fitted on these images; the test figures are the held-out ones",
     }
     registry.write_json_atomic(out / registry.MANIFEST, manifest)
     (out / "report.md").write_text(report_markdown(metrics, f"{config.model_id}: held-out test split", plots))
