@@ -298,9 +298,12 @@ def write_model_card(
         "",
         "## Results on the held-out test split",
         "",
-        f"{metrics['n']} images of lesions never seen in training or validation, read once after every choice "
-        "was made, evaluated with the shipped float16 weights in float32. Intervals are 95% lesion-level "
-        "bootstrap intervals (lesions resampled with all their images, 1,000 rounds).",
+        f"{metrics['n']} images of lesions never seen in training or validation, read once for this entry after "
+        "every choice in it was made (earlier entries of the line were measured on the same split, and which "
+        "entry serves was chosen after their figures were read: across the line the split is not untouched), "
+        "evaluated with the shipped float16 weights in float32. Intervals are 95% lesion-level bootstrap "
+        "intervals (lesions resampled with all their images, 1,000 rounds; for a calibration error, the "
+        "bootstrap's spread centred on the estimate).",
         "",
         *_assessment_lines(metrics.get("assessment")),
         f"- Macro AUC: {_f(metrics['macro_auc'])}; referral specificity for benign lesions "
