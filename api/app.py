@@ -28,6 +28,7 @@ from api.deps import AppState, record_denial
 from api.intake_limits import Decoder, UploadSlots, release_large_allocations
 from api.key_cache import KeyCache
 from api.listener import Listener
+from api.loop_watchdog import LoopWatchdog
 from api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from api.routes import admin, audit, audit_log, case_list, cases, clinic, fhir, health, outcomes
 from api.waiters import CaseWaiters
@@ -67,8 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db_roles.refuse_insecure_login(settings)  # production: never as the audit tables' owner
         app.state.dermq.listener.start()  # key checks use the cache once it listens
-        beating = asyncio.create_task(metrics.heartbeat(), name="dermq-event-loop-heartbeat")
+        watchdog = LoopWatchdog()
+        watchdog.start()
+        beating = asyncio.create_task(metrics.heartbeat(watchdog), name="dermq-event-loop-heartbeat")
         yield
+        watchdog.stop()
         beating.cancel()
         app.state.dermq.decoder.close()
         app.state.dermq.listener.close()

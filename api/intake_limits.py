@@ -44,8 +44,8 @@ class BodyAllowance:
         self.held = 0
 
     def reserve(self, size: int) -> None:
-        """Hold ``size`` more bytes; 429 when the uploads in flight in this process already hold so
-        much that they would pass the budget (nothing is held then)."""
+        """Hold ``size`` more bytes, arrived; 429 when the uploads in flight in this process already
+        hold so much that they would pass the budget (nothing more is held then)."""
         self._slots._take(size)
         self.held += size
 
@@ -53,7 +53,12 @@ class BodyAllowance:
 class UploadSlots:
     """At most ``per_clinic`` uploads of one clinic in flight in this process, and at most
     ``body_bytes`` of their bodies held in memory at once, whichever clinics send them (the per-clinic
-    cap alone let ten clinics' slow 25 MiB uploads hold a gigabyte)."""
+    cap alone let ten clinics' slow 25 MiB uploads hold a gigabyte).
+
+    A body counts what has arrived of it, not what it declares: an upload that declared 25 MiB and
+    sends slowly holds what it sent, so a few clinics' idle connections cannot shut every other
+    clinic's large uploads out. A declared length that does not fit beside what is held now is
+    refused before the body is read and before the key's rate is charged (:meth:`refuse_if_full`)."""
 
     def __init__(self, per_clinic: int, body_bytes: int) -> None:
         self.per_clinic = per_clinic
@@ -68,11 +73,14 @@ class UploadSlots:
 
     def _take(self, size: int) -> None:
         with self._lock:
-            if self._body_held + size > self.body_bytes:
-                raise RateLimited(
-                    "the service is receiving many large uploads at once; send this one again shortly", retry_after=2
-                )
+            self._fits(size)
             self._body_held += size
+
+    def _fits(self, size: int) -> None:
+        if self._body_held + size > self.body_bytes:
+            raise RateLimited(
+                "the service is receiving many large uploads at once; send this one again shortly", retry_after=2
+            )
 
     def _give_back(self, size: int) -> None:
         with self._lock:
@@ -82,11 +90,15 @@ class UploadSlots:
         with self._lock:
             return self._in_flight.get(clinic_id, 0)
 
-    def refuse_if_full(self, clinic_id: uuid.UUID | None) -> None:
-        """429 when the clinic's slots are all taken now: checked before the key's submission rate is
-        charged, so a portal queueing behind its own uploads does not spend it on refusals (:meth:`hold`
-        checks again, under the lock)."""
-        self._refused(self.in_flight(clinic_id))
+    def refuse_if_full(self, clinic_id: uuid.UUID | None, declared: int | None = None) -> None:
+        """429 when the clinic's slots are all taken now, or when a body of ``declared`` bytes would
+        not fit beside the bodies held now: checked before the key's submission rate is charged, so a
+        portal queueing behind uploads does not spend it on refusals (:meth:`hold` checks the slots
+        again under the lock, and the bytes are counted as they arrive)."""
+        with self._lock:
+            self._refused(self._in_flight.get(clinic_id, 0))
+            if declared is not None and 0 <= declared <= self.body_bytes:  # larger: the intake's 413
+                self._fits(declared)
 
     def _refused(self, held: int) -> None:
         if held >= self.per_clinic:

@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 
 from api.deps import AppState
 from api.field_metrics import field_families
+from api.loop_watchdog import LoopWatchdog
 from core import audit_log
 from core.models import Case, CaseStatus, Priority
 from core.queueing import AUDIT_CHECK_KEY, DRIFT_KEY, FIELD_KEY, PRIORITY_STEPS, PRIORITY_VALUE, queue_lists
@@ -220,14 +221,17 @@ EVENT_LOOP_HEARTBEAT = Gauge(
 )
 
 
-async def heartbeat() -> None:
-    """Mark the time on this process's event loop every :data:`HEARTBEAT_SECONDS`, for as long as the
-    loop runs tasks. The metrics listener is a thread of its own (or the supervisor of several
-    processes): it answers scrapes while a process's loop is stuck and serves no request, and nginx
-    answers 502 that the API never counts; a heartbeat that stops says so (DermqApiNotServing)."""
+async def heartbeat(watchdog: LoopWatchdog | None = None, every: float = HEARTBEAT_SECONDS) -> None:
+    """Mark the time on this process's event loop every ``every`` seconds, for as long as the loop
+    runs tasks, for the metrics and for ``watchdog``. The metrics listener is a thread of its own (or
+    the supervisor of several processes): it answers scrapes while a process's loop is stuck and serves
+    no request, and nginx answers 502 that the API never counts; a heartbeat that stops says so
+    (DermqApiNotServing), and the watchdog ends the process (:mod:`api.loop_watchdog`)."""
     while True:
         EVENT_LOOP_HEARTBEAT.set(time.time())
-        await asyncio.sleep(HEARTBEAT_SECONDS)
+        if watchdog is not None:
+            watchdog.beat()
+        await asyncio.sleep(every)
 
 
 def serve(app: AppState, *, processes: int = 1) -> None:

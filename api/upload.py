@@ -177,6 +177,16 @@ def boundary_of(request: Request) -> bytes:
     return boundary
 
 
+def declared_length(request: Request) -> int | None:
+    """The body length a request declares, or ``None`` for none or one that is not a number (which
+    :func:`read_case_form` refuses)."""
+    value = request.headers.get("content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 async def read_case_form(
     request: Request,
     *,
@@ -188,9 +198,8 @@ async def read_case_form(
     """Parse the submission as it arrives; raise 413 the moment a cap is passed, 408 when it stalls
     for ``idle_timeout`` seconds or takes longer than ``timeout``, 400 when it ends unfinished.
 
-    ``reserve(size)`` is called for the memory the body will hold before it is read: the declared
-    Content-Length at once (refused before a byte of it arrives), else each chunk as it comes. It
-    raises to refuse the upload (:class:`api.intake_limits.BodyAllowance`)."""
+    ``reserve(size)`` is called for each chunk as it arrives, before it is kept: it raises to refuse
+    the upload (:class:`api.intake_limits.BodyAllowance`)."""
     boundary = boundary_of(request)
     max_body = max_image_bytes + FORM_OVERHEAD
     declared = request.headers.get("content-length")
@@ -203,7 +212,6 @@ async def read_case_form(
             raise PayloadTooLarge(
                 f"the request is {declared_bytes} bytes; the limit is {max_body}", code="payload_too_large"
             )
-        reserve(declared_bytes)
     collector = _Collector(max_image_bytes)
     parser = MultipartParser(boundary, collector.callbacks(), max_header_count=8, max_header_size=1024)  # type: ignore[arg-type]
     received = 0
@@ -212,8 +220,7 @@ async def read_case_form(
             received += len(chunk)
             if received > max_body:
                 raise PayloadTooLarge(f"the request is larger than the {max_body} byte limit", code="payload_too_large")
-            if declared is None:
-                reserve(len(chunk))
+            reserve(len(chunk))
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError:

@@ -183,10 +183,11 @@ def load_images(folder: str | None, count: int) -> tuple[list[bytes], str]:
 
 def dermq_layout() -> tuple[int, int, int]:
     """``make run``'s layout on this machine's CPU: API processes (half the usable cores, as
-    core.devstack sets them), worker children (one per core, worker.runtime's auto) and threads each."""
+    core.devstack sets them), worker children (one per usable core, worker.runtime's auto) and threads each."""
+    from core.cpus import usable_cpus
     from core.devstack import default_api_processes
 
-    return default_api_processes(), os.cpu_count() or 1, 1
+    return default_api_processes(), usable_cpus(), 1
 
 
 # ---------------------------------------------------------------- the run

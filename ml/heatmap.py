@@ -115,7 +115,10 @@ def _levels(cam: np.ndarray, size: tuple[int, int]) -> bytes:
     clipped and truncated to 8 bits: the nearest level. Pillow's own float resize of the grid takes
     four times as long at an overlay's size, and the two agree but for a level where float rounding
     falls the other side of an integer (about two pixels in a million, one level off)."""
-    grid = np.ascontiguousarray(cam, dtype=np.float32) * np.float32(255.0) + np.float32(0.5)
+    # a NaN would reach every level of its row and column through the products (0 x NaN is NaN),
+    # where Pillow's resize kept it local: none reaches them (the map is normalised to [0, 1] before)
+    grid = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    grid = grid * np.float32(255.0) + np.float32(0.5)
     width, height = size
     enlarged = _bilinear(grid.shape[0], height) @ (grid @ _bilinear(grid.shape[1], width).T)
     return np.clip(enlarged, 0.0, 255.0, out=enlarged).astype(np.uint8).tobytes()

@@ -26,7 +26,7 @@ from api.schemas import (
     CaseOut,
     Problem,
 )
-from api.upload import read_case_form
+from api.upload import declared_length, read_case_form
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
 from core import audit, case_reads, cases, keys, phi, results, retention
 from core.db import commit_durably, commit_without_flush
@@ -167,7 +167,8 @@ async def submit_case(
     only(request, {"wait"}, "; the case's 'priority' and 'client_ref' are form fields of the body, beside 'image'")
     if len(request.headers.getlist("idempotency-key")) > 1:  # all but the first would be dropped unseen
         raise InvalidInput("send one Idempotency-Key header", code="invalid_idempotency_key")
-    app.uploads.refuse_if_full(caller.principal.clinic_id)  # before the rate is charged: a refusal costs none
+    # before the rate is charged: a refusal costs none
+    app.uploads.refuse_if_full(caller.principal.clinic_id, declared_length(request))
     await db.run(lambda _: limit(caller, app, "submit"))
     # the upload's bytes and pixels are _accept's locals: a waiting submission keeps none of them
     out, created = await _accept(request, app, caller, db, idempotency_key, wait)

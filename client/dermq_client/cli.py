@@ -9,7 +9,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,11 @@ def _print(data: Any) -> None:
 
 
 def _confirmed_erasure(case_id: str) -> bool:
-    """Whether the case id was typed back on stdin: erasure cannot be undone (``--yes`` skips this)."""
+    """Whether the case id was typed back at the terminal: erasure cannot be undone (``--yes`` skips
+    this). Without a terminal nothing is read (a script's piped input, such as a list of ids for a loop,
+    is not the clinician's answer) and nothing is erased."""
+    if not sys.stdin.isatty():
+        return False
     print(
         f"case {case_id}: its image, heat map, client reference and result are erased. This cannot be undone.\n"
         "type the case id to erase it: ",
@@ -80,7 +85,8 @@ def _confirmed_erasure(case_id: str) -> bool:
     )
     try:
         answer = input()
-    except EOFError:  # the input ended without an answer
+    except (EOFError, KeyboardInterrupt):  # the input ended, or Ctrl-C: no answer
+        print(file=sys.stderr)
         answer = ""
     return answer.strip().lower() == case_id.strip().lower()
 
@@ -90,17 +96,20 @@ def _client(args: argparse.Namespace, api_key: str) -> Client:
         return Client(args.base_url, api_key, timeout=args.timeout)
     except ValueError as exc:  # the base URL
         raise DermqError(f"{exc}; check --base-url or DERMQ_BASE_URL", code="invalid_base_url") from None
+    except OSError as exc:  # httpx's TLS set-up: SSL_CERT_FILE naming a missing file, say
+        raise DermqError(f"the HTTP client could not be set up: {exc}", code="client_setup_failed") from None
 
 
 def _run(args: argparse.Namespace, dermq: Client) -> None:
     if args.command == "submit":
-        case = dermq.submit(
-            args.image,
-            client_ref=args.client_ref,
-            priority="urgent" if args.urgent else "routine",
-            idempotency_key=args.idempotency_key,
-            wait=args.wait,
-        )
+        with _file_problems("the image"):  # the network's errors come as DermqError: an OSError is the file's
+            case = dermq.submit(
+                args.image,
+                client_ref=args.client_ref,
+                priority="urgent" if args.urgent else "routine",
+                idempotency_key=args.idempotency_key,
+                wait=args.wait,
+            )
         if args.wait is not None and not case.terminal:
             raise WaitTimeout(f"case {case.id} did not end within {args.wait:g} s", case=case)
         _print(case.raw)
@@ -109,7 +118,9 @@ def _run(args: argparse.Namespace, dermq: Client) -> None:
     elif args.command == "wait":
         _print(dermq.wait(args.case_id, timeout=args.wait_timeout).raw)
     elif args.command == "heatmap":
-        args.output.write_bytes(dermq.heatmap(args.case_id))
+        heat_map = dermq.heatmap(args.case_id)
+        with _file_problems("the --output file"):
+            args.output.write_bytes(heat_map)
         _print({"case_id": args.case_id, "heatmap": str(args.output)})
     elif args.command == "list":
         for number, row in enumerate(dermq.iter_cases(status=args.status, page_size=max(1, min(args.limit, 200)))):
@@ -132,7 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         return _problem("invalid_api_key", str(exc))
     if args.command == "erase" and not args.yes and not _confirmed_erasure(args.case_id):
-        return _problem("not_confirmed", "the case is left as it was (--yes erases without asking)")
+        return _problem(
+            "not_confirmed",
+            "the case is left as it was: type its id back at the prompt (--yes erases without asking, for scripts)",
+        )
     try:
         with _client(args, api_key) as dermq:
             _run(args, dermq)
@@ -148,11 +162,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             problem = problem | {"idempotency_key": exc.idempotency_key}
         print(json.dumps(problem, sort_keys=True), file=sys.stderr)
         return 1
-    except OSError as exc:  # the image to send or the file to write: its path not repeated (a name may be a patient's)
-        return _problem("file_error", f"{exc.strerror or type(exc).__name__} (the image or --output file)")
     except ValueError as exc:  # an argument the client refuses before sending (a malformed key or time)
         return _problem("invalid_argument", str(exc))
     return 0
+
+
+class FileProblem(DermqError):
+    """A local file the command could not read or write; its path is not repeated (a file name may be
+    a patient's: "Smith_John_MRN0042.jpg")."""
+
+
+@contextmanager
+def _file_problems(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise FileProblem(f"{exc.strerror or type(exc).__name__} ({what})", code="file_error") from None
 
 
 def _problem(code: str, detail: str) -> int:

@@ -23,7 +23,7 @@ from tests.api.test_upload_stalls import _answered, _start_upload
 pytestmark = pytest.mark.usefixtures("database")
 
 MAX_UPLOAD = 256 * 1024
-BUDGET = MAX_UPLOAD + 80 * 1024  # one upload of the largest size and its form; not two large ones
+BUDGET = MAX_UPLOAD + 80 * 1024  # one upload of the largest size and its form; not two of 200 KB
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +63,18 @@ def _start_chunked(base: str, token: str, body: bytes, content_type: str) -> soc
 def test_another_clinics_upload_waits_while_one_large_body_fills_the_budget(  # type: ignore[no-untyped-def]
     api: str, make_key, framing: str
 ) -> None:
-    """Declared: the Content-Length is reserved before a byte of the body arrives. Chunked: what has
-    arrived counts."""
+    """What has arrived counts, with a Content-Length or without; a declared length that does not fit
+    beside it is refused before a byte of its body is read."""
     first, second = make_key("clinic"), make_key("clinic")
     body, content_type = support.multipart(b"\xff\xd8\xff" + b"x" * 200_000)
     if framing == "declared":
-        held = _start_upload(api, first.token, body, content_type, sent=1000)  # declares 200 KB, sends 1 KB
+        held = _start_upload(api, first.token, body, content_type, sent=len(body) - 100)  # all but the end
     else:
-        held = _start_chunked(api, first.token, body[: len(body) - 100], content_type)  # 200 KB of it, no end
+        held = _start_chunked(api, first.token, body[: len(body) - 100], content_type)
     try:
         deadline = time.monotonic() + 10
         refused = _submit(api, second.token, 200_000)
-        while refused.status_code != 429 and time.monotonic() < deadline:  # the first one reached the API yet?
+        while refused.status_code != 429 and time.monotonic() < deadline:  # the first one's bytes arrived yet?
             refused = _submit(api, second.token, 200_000)
         assert refused.status_code == 429, refused.text
         assert refused.json()["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
@@ -87,6 +87,17 @@ def test_another_clinics_upload_waits_while_one_large_body_fills_the_budget(  # 
     while (status := _submit(api, second.token, 200_000).status_code) == 429 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert status == 415
+
+
+def test_an_upload_that_declared_much_and_sent_little_holds_only_what_it_sent(api: str, make_key) -> None:  # type: ignore[no-untyped-def]
+    """Reserving a declared length before its body came let a few clinics' idle connections (each
+    declaring the largest upload) shut every other clinic's large uploads out."""
+    first, second = make_key("clinic"), make_key("clinic")
+    body, content_type = support.multipart(b"\xff\xd8\xff" + b"x" * 250_000)
+    idle = _start_upload(api, first.token, body, content_type, sent=1000)  # declares 250 KB, sends 1 KB
+    with idle:
+        assert _submit(api, second.token, 200_000).status_code == 415  # admitted, read and refused as no image
+        assert not _answered(idle)
 
 
 def test_the_budget_is_shared_and_each_uploads_share_comes_back_with_its_slot() -> None:

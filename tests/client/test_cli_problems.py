@@ -85,18 +85,33 @@ def test_an_idempotency_key_the_server_would_refuse_is_a_problem_not_a_traceback
     assert problem["code"] == "invalid_argument" and "Müller" not in problem["detail"]
 
 
+class _Terminal(io.StringIO):
+    """What a clinician types at a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def test_erase_asks_for_the_case_id_back_and_sends_nothing_unconfirmed(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Erasure cannot be undone: a command from the shell's history, or the wrong id pasted, must not
-    erase at once. The base URL reaches nothing: a request sent is a connection problem, not this one."""
-    for typed, sent in (("", False), ("00000000-0000-4000-8000-00000000000f\n", False), (CASE_ID + "\n", True)):
-        monkeypatch.setattr("sys.stdin", io.StringIO(typed))
+    erase at once; without a terminal (a script's loop over piped ids) nothing is read or erased without
+    --yes. The base URL reaches nothing: a request sent is a connection problem, not this one."""
+    cases: list[tuple[io.StringIO, bool]] = [
+        (_Terminal(""), False),
+        (_Terminal("00000000-0000-4000-8000-00000000000f\n"), False),
+        (io.StringIO(CASE_ID + "\n"), False),  # piped: the next loop's id, not an answer
+        (_Terminal(CASE_ID + "\n"), True),
+    ]
+    for stdin, sent in cases:
+        monkeypatch.setattr("sys.stdin", stdin)
         status = main(["--base-url", "http://127.0.0.1:9", "erase", CASE_ID])
         out, err = capsys.readouterr()
-        assert status == 1 and out == "" and "type the case id" in err
+        assert status == 1 and out == ""
         problem = json.loads(err[err.index('{"code"') :])
         assert (problem["code"] != "not_confirmed") is sent, problem
+        assert stdin.read() == ("" if stdin.isatty() else CASE_ID + "\n")  # piped input left unread
 
 
 def test_a_file_problem_is_json_without_the_files_name(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
