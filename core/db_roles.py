@@ -83,6 +83,10 @@ def grant_runtime(connection: Connection, runtime: str) -> None:
     role = _ident(runtime)
     database = connection.scalar(text("SELECT current_database()"))
     connection.execute(text(f'GRANT CONNECT ON DATABASE "{database}" TO {role}'))
+    # PUBLIC may create temporary tables by default, and a temporary object is found before public's
+    # by an unqualified name: no service needs one (the audit guards name public's objects since 0024)
+    connection.execute(text(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC'))
+    connection.execute(text(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM {role}'))
     connection.execute(text(f"GRANT USAGE ON SCHEMA public TO {role}"))
     connection.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"))
     connection.execute(text(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"))
@@ -92,7 +96,8 @@ def grant_runtime(connection: Connection, runtime: str) -> None:
 
 
 def login_problem(session: Session | Connection) -> str | None:
-    """Why this login must not run a service (superuser, CREATEROLE, owner or member of the owner), or None."""
+    """Why this login must not run a service (superuser, CREATEROLE, owner or member of the owner, or
+    allowed to set ``session_replication_role``), or None."""
     row = session.execute(
         text(
             """
@@ -109,6 +114,12 @@ def login_problem(session: Session | Connection) -> str | None:
         return f"the database login {row.login!r} has CREATEROLE"
     if row.owner is not None and row.member:
         return f"the database login {row.login!r} owns the audit table (its owner is {row.owner!r})"
+    version = int(session.execute(text("SHOW server_version_num")).scalar_one())
+    if (
+        version >= 150000
+        and session.execute(text("SELECT has_parameter_privilege('session_replication_role', 'SET')")).scalar_one()
+    ):  # a replica's session skips triggers not enabled ALWAYS: those of a later schema change
+        return f"the database login {row.login!r} may set session_replication_role"
     return None
 
 

@@ -12,4 +12,5 @@ CREATE ROLE dermq_owner LOGIN NOSUPERUSER NOCREATEROLE NOBYPASSRLS PASSWORD :'ow
 CREATE ROLE dermq_app LOGIN NOSUPERUSER NOCREATEROLE NOBYPASSRLS PASSWORD :'app_password';
 ALTER ROLE dermq_app SET idle_in_transaction_session_timeout = '60s';
 SELECT format('ALTER DATABASE %I OWNER TO dermq_owner', current_database()) \gexec
+SELECT format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database()) \gexec
 SQL

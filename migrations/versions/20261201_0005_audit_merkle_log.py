@@ -111,6 +111,14 @@ def downgrade() -> None:
             f"{new_rows} audit events were written without chain hashes (after revision 0005); "
             "the old schema cannot hold them, so this downgrade refuses to drop the log"
         )
+    signed = op.get_bind().scalar(
+        sa.text("SELECT (SELECT count(*) FROM audit_checkpoints) + (SELECT count(*) FROM audit_verifications)")
+    )
+    if signed:
+        raise RuntimeError(
+            f"{signed} signed checkpoints and verification results are in the log; the old schema has no place "
+            "for them, so this downgrade refuses to drop them"
+        )
     for table in reversed(LOG_TABLES):
         op.drop_table(table)
     op.execute("DROP FUNCTION IF EXISTS audit_log_append_only()")

@@ -28,4 +28,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    partial = op.get_bind().scalar(sa.text("SELECT count(*) FROM audit_verifications WHERE NOT complete"))
+    if partial:  # the release before reads the latest row as "the log verifies", and an upgrade marks all complete
+        raise RuntimeError(
+            f"{partial} audit verification results stopped before the log's end; the old schema would read them "
+            "as complete checks, so this downgrade refuses to drop the column"
+        )
     op.drop_column("audit_verifications", "complete")

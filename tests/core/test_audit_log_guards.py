@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from core import audit, audit_log, audit_resume, audit_verify, checkpoint, merkle
@@ -309,3 +310,63 @@ def checks_until_complete(
     while not reports[-1].complete and len(reports) < 10:
         reports.append(check(settings, keys, **limits))
     return reports
+
+
+def test_a_temporary_table_cannot_stand_in_for_the_guards_sequence(roles_db) -> None:  # type: ignore[no-untyped-def]
+    """The guards read their sequences through the caller's search path, which begins with its
+    temporary schema: a temporary ``audit_verifications`` whose sequence stood far ahead let a forged
+    "the log verifies" row through, to stay the latest for good. The services' login may create no
+    temporary table now, and the guards name public's sequences (the owner, who may, shows it)."""
+    runtime = create_engine(roles_db["runtime"].database_url)
+    try:
+        with pytest.raises(DBAPIError, match="permission denied"), runtime.begin() as connection:
+            connection.execute(text("CREATE TEMP TABLE audit_verifications (id bigserial)"))
+    finally:
+        runtime.dispose()
+    owner = create_engine(roles_db["owner"].database_url)
+    try:
+        with pytest.raises(DBAPIError, match="id comes from its sequence"), owner.begin() as connection:
+            connection.execute(text("CREATE TEMP TABLE audit_verifications (id bigserial)"))
+            ahead = "SELECT setval(pg_get_serial_sequence('audit_verifications', 'id'), 9000000000000000000)"
+            connection.execute(text(ahead))
+            connection.execute(
+                text(
+                    "INSERT INTO public.audit_verifications (id, ok, size, root, checked) "
+                    "VALUES (9000000000000000000 - 1, true, 1, NULL, 1)"
+                )
+            )
+    finally:
+        owner.dispose()
+
+
+def test_a_replica_session_still_meets_the_append_only_triggers(roles_db) -> None:  # type: ignore[no-untyped-def]
+    """A login allowed to set session_replication_role (a grant on the parameter, a managed database's
+    admin role) ran as a replica and skipped triggers enabled the default way."""
+    superuser = create_engine(roles_db["superuser"].database_url)
+    try:
+        with superuser.begin() as connection:
+            connection.execute(text(EVENT.format(extra="", values="")))
+        with pytest.raises(DBAPIError, match="append-only"), superuser.begin() as connection:
+            connection.execute(text("SET LOCAL session_replication_role = replica"))
+            connection.execute(text("UPDATE audit_events SET detail = '{\"rewritten\": true}'"))
+    finally:
+        superuser.dispose()
+
+
+def test_a_login_that_may_act_as_a_replica_is_refused_in_production(roles_db) -> None:  # type: ignore[no-untyped-def]
+    from core import db_roles
+
+    runtime = make_url(roles_db["runtime"].database_url).username
+    superuser = create_engine(roles_db["superuser"].database_url)
+    production = roles_db["runtime"].model_copy(update={"environment": "production"})
+    engine = create_engine(production.database_url)
+    try:
+        with superuser.begin() as connection:
+            connection.execute(text(f'GRANT SET ON PARAMETER session_replication_role TO "{runtime}"'))
+        with engine.connect() as connection, pytest.raises(db_roles.InsecureLoginError, match="replication"):
+            db_roles.check_login(connection, production)
+    finally:
+        with superuser.begin() as connection:
+            connection.execute(text(f'REVOKE SET ON PARAMETER session_replication_role FROM "{runtime}"'))
+        engine.dispose()
+        superuser.dispose()

@@ -24,7 +24,10 @@ SCHEMA = {
     " WHERE connamespace = 'public'::regnamespace",
     "triggers": "SELECT event_object_table, trigger_name, event_manipulation, action_timing, action_statement"
     " FROM information_schema.triggers WHERE trigger_schema = 'public'",
-    "functions": "SELECT proname, prosrc FROM pg_proc WHERE pronamespace = 'public'::regnamespace",
+    # a function's settings (its search path) and a trigger's mode (ENABLE ALWAYS) too
+    "functions": "SELECT proname, prosrc, array_to_string(proconfig, ',') FROM pg_proc"
+    " WHERE pronamespace = 'public'::regnamespace",
+    "trigger modes": "SELECT tgrelid::regclass::text, tgname, tgenabled FROM pg_trigger WHERE NOT tgisinternal",
 }
 
 
