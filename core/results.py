@@ -172,6 +172,12 @@ def read_result(session: Session, keyring: Keyring, case_id: uuid.UUID) -> Resul
     return read_results(session, keyring, [case_id]).get(case_id)
 
 
+def forget_input_statistics(session: Session, case_id: uuid.UUID) -> None:
+    """Empty the statistics of the case's upload its result keeps (brightness, contrast, size): with
+    its exact size they find the case from a copy of the photo."""
+    session.execute(update(Result).where(Result.case_id == case_id).values(input_stats={}))
+
+
 def shred_plain_findings(session: Session, case_id: uuid.UUID) -> None:
     """Empty the plain findings columns of the case's result (a row stored before they were sealed);
     its ``result`` blob goes with the case's other blobs."""

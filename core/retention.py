@@ -59,6 +59,10 @@ def _shred(session: Session, case: Case) -> int:
     # the upload's SHA-256 finds the case from a copy of the photo, in any backup, for good; only an
     # idempotent replay compares it, and a purged case's replay is refused before that (core.cases)
     case.image_sha256 = ERASED_DIGEST
+    # and so, nearly as well, do its exact byte count and size, and the result's brightness and
+    # contrast to three decimals (nothing shows them for an erased case)
+    case.image_width = case.image_height = case.image_bytes = 0
+    results.forget_input_statistics(session, case.id)
     # Rows stored before their findings were sealed first: the sweeper may be sealing them right now,
     # holding their locks with its new blobs not yet committed. These statements wait for it, and the
     # blobs' delete below, a statement that starts after it committed, then sees those blobs too.

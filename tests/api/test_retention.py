@@ -46,7 +46,14 @@ def test_clinic_erasure(client, worker, tenant, fixture_images, settings) -> Non
     assert erased.json()["result"] is None
     assert blobs(settings, case_id) == 0
     with session_scope(settings) as session:  # nor a fingerprint that finds the case from a copy of the photo
-        assert session.get(Case, uuid.UUID(case_id)).image_sha256 == "0" * 64
+        case = session.get(Case, uuid.UUID(case_id))
+        assert case is not None and case.image_sha256 == "0" * 64
+        assert (case.image_width, case.image_height, case.image_bytes) == (0, 0, 0)  # exact sizes find it too
+        assert session.get(Result, uuid.UUID(case_id)).input_stats == {}  # and its brightness and contrast
+        created = session.scalars(
+            select(AuditEvent).where(AuditEvent.entity_id == case_id, AuditEvent.action == "case.create")
+        ).one()
+        assert set(created.detail) == {"priority", "format", "megapixels", "megabytes"}  # sizes to one decimal
     again = client.delete(f"/v1/cases/{case_id}", headers=tenant.headers)
     assert again.status_code == 200 and again.json()["status"] == "purged"
     body = client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()
