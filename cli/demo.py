@@ -22,6 +22,9 @@ from core.config import get_settings
 )
 def demo(clinic_name: str, key_file: Path) -> int:
     settings = get_settings()
+    if settings.environment == "production":  # a live clinic key printed and left in a file is not a demo
+        click.echo("error: dermq demo makes a clinic and a live key for local use; refused in production", err=True)
+        return 2
     made = local_demo.ensure_demo_key(settings, clinic_name=clinic_name, key_file=key_file, actor=CLI_ACTOR)
     for line in local_demo.instructions(settings, made, clinic_name=clinic_name, key_file=key_file):
         click.echo(line)

@@ -244,7 +244,7 @@ def test_demo_creates_the_clinic_key_once_and_points_at_its_own_image(settings, 
 
     clinic = f"demo-{uuid.uuid4().hex[:6]}"
     key_file = tmp_path / "state" / "demo-key"
-    first = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file))
+    first = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file), DERMQ_ENVIRONMENT="development")
     assert first.returncode == 0, first.stderr
     token = key_file.read_text().strip()
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -257,7 +257,7 @@ def test_demo_creates_the_clinic_key_once_and_points_at_its_own_image(settings, 
         principal = keys.authenticate(session, keyring, token)
     assert principal.role == Role.CLINIC and principal.clinic_id is not None
 
-    second = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file))
+    second = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file), DERMQ_ENVIRONMENT="development")
     assert second.returncode == 0 and second.stdout.startswith("reusing demo clinic")
     assert f"  {token}\n" in second.stdout and key_file.read_text().strip() == token
 
@@ -301,3 +301,19 @@ def test_key_list_shows_each_keys_clinic_and_revoke_takes_the_prefix_it_prints(s
 def test_db_upgrade_says_what_it_did(settings) -> None:  # type: ignore[no-untyped-def]
     answer = run(settings, "db", "upgrade")
     assert answer.returncode == 0 and "latest revision" in answer.stdout and "nothing to do" in answer.stdout
+
+
+def test_demo_is_refused_in_production(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A demo clinic with a live key, printed and left in a file, has no place in production; the
+    refusal comes before the database is reached (this one names none that exists)."""
+    key_file = tmp_path / "demo-key"
+    refused = run(
+        settings,
+        "demo",
+        "--key-file",
+        str(key_file),
+        DERMQ_ENVIRONMENT="production",
+        DERMQ_DATABASE_URL="postgresql+psycopg2:///dermq_nowhere?host=/var/run/postgresql",
+    )
+    assert refused.returncode == 2 and "refused in production" in refused.stderr, refused.stdout + refused.stderr
+    assert not key_file.exists()
