@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import threadpoolctl
 import torch
 from PIL import Image
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     # a worker child gives torch its thread budget too (worker.runtime): the resampler of entries that
     # name PyTorch's (ml.preprocess) runs on these threads, not on every core
     torch.set_num_threads(args.threads)
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")  # NumPy's products as a worker child runs them
     predictor = Predictor.load(args.model, device="cpu", threads=args.threads)
     if not isinstance(predictor.backend, OnnxBackend):
         raise SystemExit(f"{args.model} serves {predictor.backend.name}; this compares against an ONNX graph")

@@ -179,6 +179,19 @@ def _loaded_and_warm(settings: Settings, device: str, threads: int) -> Predictor
     return predictor
 
 
+def pin_threads(threads: int) -> None:
+    """PyTorch's intra-op threads to ``threads`` (ONNX Runtime's are the predictor's), and NumPy's
+    OpenBLAS to one. OpenBLAS started a thread per core in the parent, and a call on two waits for a
+    second thread that the other children, the API or ONNX Runtime hold, then spins: the worker's NumPy
+    products are small (the gate's statistics, the overlay's levels), and with two threads the overlay's
+    levels took a camera backlog from 58 to 25 cases/s and a 12 MP result from 62 to 85 ms."""
+    import threadpoolctl  # the worker's image only (beat and Flower import this module from the API's)
+    import torch
+
+    torch.set_num_threads(threads)
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
 def load_predictor(settings: Settings, device: str) -> Predictor:
     """The configured model on ``device``, warmed up; :class:`ModelUnavailable` if it fails its checks."""
     import torch
@@ -188,7 +201,7 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
     # Each prefork child gets its share of the cores unless told otherwise: N children x N threads
     # each would oversubscribe the CPU and run slower than either alone.
     threads = threads_per_child(settings)
-    torch.set_num_threads(threads)
+    pin_threads(threads)
     if device != "cpu":  # cuDNN runs float32 convolutions in TF32 unless told: not what was fitted (ml.backends)
         torch.backends.cudnn.allow_tf32 = False
     started = time.perf_counter()

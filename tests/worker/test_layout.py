@@ -38,3 +38,22 @@ def test_production_code_carries_no_fault_injection_and_reads_no_tests() -> None
             for needle in ("DERMQ_TEST_FAULTS", "FAULT_INJECTION", "fault_injection", "from tests", "import tests"):
                 assert needle not in text, f"{path.relative_to(root)} holds {needle!r}"
     assert not (root / "worker" / "faults.py").exists()
+
+
+def test_a_child_pins_numpys_blas_to_one_thread() -> None:
+    """OpenBLAS started a thread per core before the fork: a child's small NumPy products on two threads
+    waited for the core the other child or the API held, and halved a camera backlog's throughput."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numpy, threadpoolctl, torch\n"
+        "from worker.runtime import pin_threads\n"
+        "pin_threads(2)\n"
+        "blas = [p['num_threads'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas']\n"
+        "print(blas, torch.get_num_threads())\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[1] 2"
