@@ -10,9 +10,9 @@ body site), PNG plots (confusion matrix, reliability diagram, ROC curves) and ``
 model was trained from (recognised by the manifest's data digest). Another folder may hold the same
 lesions (the larger HAM10000 samples, the full release, a folder missing a few images): with
 ``--training-data DIR`` (the folder the model was trained from) it evaluates only the images of
-lesions in neither its training nor its validation part (``unseen``); without it, it refuses, and
-``--split all`` scores every image knowingly (the report then says its figures may include lesions
-the model was trained or tuned on). An entry that records no training data is scored on every image.
+lesions in neither its training nor its validation part (``unseen``); without it, every image is
+scored, with a warning, and the report says its figures may include lesions the model was trained
+or tuned on (as with ``--split all``).
 ``--backend`` evaluates the torch model or one of the ONNX Runtime graphs that ``python -m
 ml.export`` wrote (``onnx``: fp32, ``onnx-int8``: static int8).
 """
@@ -237,8 +237,8 @@ def select_samples(
     """The samples of ``data`` in ``split`` and the name of the part used: ``train``, ``val`` or
     ``test`` of the split the manifest records; ``unseen``, the images of lesions in neither the
     training nor the validation part of ``training_data``'s split; ``all``; or ``auto``: ``test`` when
-    ``data`` is the data the model was trained on, ``unseen`` when ``training_data`` is given, ``all``
-    when the manifest records no training data, and else a refusal (its lesions may be training's)."""
+    ``data`` is the data the model was trained on, ``unseen`` when ``training_data`` is given, else
+    ``all`` (with a warning when its lesions may be training's)."""
     samples = ds.read_dataset(data)
     info = manifest.get("data", {})
     if split == "auto":
@@ -246,14 +246,15 @@ def select_samples(
             split = "test"
         elif training_data is not None:
             split = "unseen"
-        elif info.get("digest"):
-            raise SystemExit(
-                f"{data} is not the data this model was trained on, and may hold the same lesions (the larger "
-                "HAM10000 samples and the full release do): their figures would be inflated. Pass --training-data "
-                "with the folder the model was trained on to leave its training and validation lesions out, or "
-                "--split all to score every image anyway"
-            )
-        else:
+        else:  # every image, as the report's caveat and this warning say (an evaluator's own data: its lesions
+            # appear nowhere else, and the command must go on serving it)
+            if info.get("digest"):
+                print(
+                    f"warning: {data} is not the data this model was trained on and may hold the same lesions (the "
+                    "larger HAM10000 samples and the full release do), which would inflate its figures: every "
+                    "image is scored; --training-data with the training folder leaves its lesions out",
+                    file=sys.stderr,
+                )
             split = "all"
     if split == "all":
         return samples, "all"

@@ -128,16 +128,19 @@ def test_another_folder_with_the_training_lesions_is_not_scored_silently(  # typ
     tiny_entry: Path, synthetic_folder: Path, tmp_path: Path, capsys
 ) -> None:
     """A folder other than the training data may hold its lesions (the larger HAM10000 samples, the
-    full release, a copy missing a few images): ``auto`` scored every image of it as if held out."""
+    full release, a copy missing a few images): ``auto`` scored every image of it as if held out. It
+    still scores them (an evaluator's own data must be served), with a warning and the report's caveat;
+    ``--training-data`` leaves the lesions the model was trained or tuned on out."""
     entry = _entry_trained_on(tiny_entry, synthetic_folder)
     other = tmp_path / "other"
     shutil.copytree(synthetic_folder, other)
     rows = (other / "metadata.csv").read_text().splitlines()
     (other / "metadata.csv").write_text("\n".join(rows[:-1]) + "\n")  # one image fewer: another digest
     base = ["--model", str(entry), "--data", str(other)]
-    with pytest.raises(SystemExit) as refused:
-        evaluate.main([*base, "--out", str(tmp_path / "auto")])
-    assert "--training-data" in str(refused.value) and "--split all" in str(refused.value)
+    assert evaluate.main([*base, "--out", str(tmp_path / "auto")]) == 0  # an evaluator's own data is scored
+    assert "--training-data" in capsys.readouterr().err  # with a warning, and the report's caveat
+    warned = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    assert warned["split"] == "all" and "inflates" in warned["caveat"]
 
     assert evaluate.main([*base, "--out", str(tmp_path / "unseen"), "--training-data", str(synthetic_folder)]) == 0
     unseen = json.loads((tmp_path / "unseen" / "metrics.json").read_text())
