@@ -11,7 +11,8 @@ so that no client, however slow, holds a transaction open for long.
     dermq db grant --runtime dermq_app                          # as the owner, after every upgrade
 
 In production :func:`check_login` refuses to start a service whose login owns the audit table (or
-is a member of its owner), is a superuser, or has CREATEROLE (it could make itself a member).
+is a member of its owner), is a superuser, has CREATEROLE (it could make itself a member), or may set
+``session_replication_role`` (a replica's session skips triggers not enabled ALWAYS).
 """
 
 from __future__ import annotations

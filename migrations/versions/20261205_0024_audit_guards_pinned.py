@@ -10,9 +10,12 @@ request fail. The guards now name ``public``'s sequences, every audit function r
 search path (pg_catalog, public, then pg_temp, last), and ``dermq db upgrade`` revokes PUBLIC's
 TEMPORARY on the database (core.db_roles.grant_runtime).
 
-The append-only and insert-guard triggers fire whatever ``session_replication_role`` says
+The append-only and no-truncate triggers fire whatever ``session_replication_role`` says
 (``ENABLE ALWAYS``): a login granted that setting (``GRANT SET ON PARAMETER``, a managed database's
-admin role) would otherwise run as a replica and skip them.
+admin role) would otherwise run as a replica and skip them (production also refuses such a login).
+The insert guards stay enabled the default way: a logical-replication subscriber applies rows as a
+replica, with its own sequences behind the publisher's, and a guard firing there would refuse every
+copied event (and rewrite its time).
 
 Downgrade puts 0021's and 0017's guards back as they were, their search paths unset and the
 triggers enabled the default way.
@@ -76,10 +79,8 @@ LOG_TABLES = ("audit_leaves", "audit_nodes", "audit_checkpoints", "audit_verific
 TRIGGERS = (
     ("audit_events", "audit_events_append_only"),
     ("audit_events", "audit_events_no_truncate"),
-    ("audit_events", "audit_events_insert_guard"),
     *((table, f"{table}_append_only") for table in LOG_TABLES),
     *((table, f"{table}_no_truncate") for table in LOG_TABLES),
-    ("audit_verifications", "audit_verifications_insert_guard"),
 )
 
 

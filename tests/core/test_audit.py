@@ -164,7 +164,7 @@ def test_an_edit_is_found_and_named(settings, database, keys) -> None:  # type: 
         with engine.begin() as connection:
             connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
             connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 99}' WHERE id = :id"), {"id": target})
-            connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER audit_events_append_only"))
+            connection.execute(text("ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_append_only"))
         with session_scope(settings) as session:
             report = audit_verify.verify_log(session, verifiers=keys.verifiers)
         assert not report.ok and report.first_bad_event_id == target and "altered" in (report.reason or "")
@@ -180,7 +180,7 @@ def test_an_edit_is_found_and_named(settings, database, keys) -> None:  # type: 
         with engine.begin() as connection:  # restore the row so later tests see an intact log
             connection.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
             connection.execute(text("UPDATE audit_events SET detail = '{\"i\": 1}' WHERE id = :id"), {"id": target})
-            connection.execute(text("ALTER TABLE audit_events ENABLE TRIGGER audit_events_append_only"))
+            connection.execute(text("ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_append_only"))
         engine.dispose()
     with session_scope(settings) as session:
         assert audit_verify.verify_log(session, verifiers=keys.verifiers).ok
