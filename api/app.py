@@ -180,7 +180,6 @@ def main() -> None:
     (uvicorn's supervisor restarts one that dies; metrics are served once, by the supervisor)."""
     import uvicorn
 
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor's too: SIGUSR1 would end it
     settings = get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json, component="api")
     processes = api_processes(settings)
@@ -191,6 +190,7 @@ def main() -> None:
         metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
         uvicorn.run(app, **common)
         return
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor's too: SIGUSR1 would end it
     # The processes count into files of a folder they share; the supervisor serves their sum.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dermq-api-metrics-")
     metrics.serve(create_app(settings).state.dermq, processes=processes)

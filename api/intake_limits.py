@@ -86,10 +86,6 @@ class UploadSlots:
         with self._lock:
             self._body_held -= size
 
-    def in_flight(self, clinic_id: uuid.UUID | None) -> int:
-        with self._lock:
-            return self._in_flight.get(clinic_id, 0)
-
     def refuse_if_full(self, clinic_id: uuid.UUID | None, declared: int | None = None) -> None:
         """429 when the clinic's slots are all taken now, or when a body of ``declared`` bytes would
         not fit beside the bodies held now: checked before the key's submission rate is charged, so a

@@ -1,8 +1,11 @@
-"""Migration 0016 on a database of its own: cases purged before erasure overwrote the upload's
-SHA-256 lose it too (it finds a case from any copy of the photo); live cases keep theirs."""
+"""Migrations 0016 and 0025 on a database of its own: cases purged before erasure overwrote the
+upload's SHA-256 lose it too (it finds a case from any copy of the photo), and those purged before
+erasure emptied their exact sizes and input statistics lose them (with the digest gone they still
+found a case nearly as well); live cases keep theirs."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests import support
-from tests.core.test_result_outcome_migration import _case
+from tests.core.test_result_outcome_migration import DIAGNOSIS, _case, _result
 
 
 @pytest.fixture
@@ -34,3 +37,25 @@ def test_cases_purged_before_lose_their_image_digest(scratch: tuple[Any, Engine]
     with engine.connect() as connection:
         digests = dict(connection.execute(text("SELECT id, image_sha256 FROM cases")).all())
     assert digests == {purged: "0" * 64, live: "ab" * 32}
+
+
+def test_cases_purged_before_lose_their_sizes_and_input_statistics(scratch: tuple[Any, Engine]) -> None:
+    config, engine = scratch
+    command.upgrade(config, "0024")
+    clinic_id = uuid.uuid4()
+    stats = {"brightness": 112.345, "contrast": 40.123, "megapixels": 0.0675}
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'sizes clinic')"), {"id": clinic_id})
+        purged, live = _case(connection, clinic_id, "purged"), _case(connection, clinic_id, "succeeded")
+        for case_id in (purged, live):
+            _result(connection, case_id, **DIAGNOSIS)
+        connection.execute(text("UPDATE results SET input_stats = CAST(:s AS jsonb)"), {"s": json.dumps(stats)})
+    command.upgrade(config, "head")
+    with engine.connect() as connection:
+        sizes = {
+            row[0]: tuple(row[1:])
+            for row in connection.execute(text("SELECT id, image_width, image_height, image_bytes FROM cases"))
+        }
+        kept = dict(connection.execute(text("SELECT case_id, input_stats FROM results")).all())
+    assert sizes == {purged: (0, 0, 0), live: (300, 225, 1000)}
+    assert kept == {purged: {}, live: stats}
