@@ -8,7 +8,7 @@ import click
 
 from cli.common import CLI_ACTOR
 from core import period_shredding, retention
-from core.config import get_settings
+from core.config import Settings, get_settings
 from core.db import session_scope
 
 
@@ -47,8 +47,11 @@ def erase(case_id: uuid.UUID, yes: bool) -> int:
     "cases are all purged and past retention plus DERMQ_PERIOD_KEY_GRACE_DAYS, and drop the monthly field "
     "tally's months before DERMQ_FIELD_WINDOW_MONTHS, as beat's purge does",
 )
-def purge_expired() -> int:
+@click.option("--dry-run", is_flag=True, help="say what would be purged, destroyed and dropped, and change nothing")
+def purge_expired(dry_run: bool) -> int:
     settings = get_settings()
+    if dry_run:
+        return _purge_preview(settings)
     purged = 0
     while True:
         with session_scope(settings) as session:
@@ -65,4 +68,21 @@ def purge_expired() -> int:
     click.echo(
         f"dropped {cells} monthly field-tally count(s) older than the last {settings.field_window_months} months"
     )
+    return 0
+
+
+def _purge_preview(settings: Settings) -> int:
+    """What ``purge-expired`` would do now, read without changing anything (nor auditing: no patient
+    data is read, only counts and periods)."""
+    with session_scope(settings) as session:
+        count, oldest = retention.expired_cases(session, settings)
+        cells = retention.field_months_due(session, settings)
+    since = f" (the oldest submitted {oldest:%Y-%m-%d})" if oldest is not None else ""
+    click.echo(f"would purge {count} expired case(s){since}")
+    due = period_shredding.due_for_destruction(settings)
+    click.echo(f"would destroy the keys of {len(due)} period(s){': ' + ', '.join(due) if due else ''}")
+    click.echo(
+        f"would drop {cells} monthly field-tally count(s) older than the last {settings.field_window_months} months"
+    )
+    click.echo("dry run: nothing was changed")
     return 0

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import and_, func, not_, or_, select, text
 from sqlalchemy.orm import Session
 
 from core import audit, deferred
@@ -293,3 +293,41 @@ def destroy_expired(settings: Settings, *, now: datetime | None = None) -> list[
             continue
         destroyed.append(entry.period)
     return destroyed
+
+
+def due_for_destruction(settings: Settings, *, now: datetime | None = None) -> list[str]:
+    """The periods :func:`destroy_expired` would destroy (or whose interrupted destruction it would
+    record) if the expired cases were purged first, as ``dermq case purge-expired`` does; nothing
+    changes (its ``--dry-run``). A period qualifies once it ended more than the retention plus the grace
+    ago and no case of it would be left live: each is purged already or would be (finished and past
+    retention)."""
+    if settings.period_key_folder is None:
+        return []
+    at = now or datetime.now(UTC)
+    margin = timedelta(days=settings.retention_days + settings.period_key_grace_days)
+    cutoff = at - timedelta(days=settings.retention_days)
+    recorded = destructions_recorded(settings)
+    expiring = and_(Case.status.in_([CaseStatus.SUCCEEDED.value, CaseStatus.FAILED.value]), Case.created_at < cutoff)
+    due = []
+    with session_scope(settings) as session:
+        for entry in folder(settings).list():
+            if entry.destroyed_at is not None:
+                if kek_id(entry.period) not in recorded:
+                    due.append(entry.period)
+                continue
+            start, end = bounds(entry.period)
+            if end + margin > at:
+                continue
+            left = session.scalar(
+                select(func.count())
+                .select_from(Case)
+                .where(
+                    Case.created_at >= start,
+                    Case.created_at < end,
+                    Case.status != CaseStatus.PURGED.value,
+                    not_(expiring),
+                )
+            )
+            if not left:
+                due.append(entry.period)
+    return due

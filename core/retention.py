@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import ColumnElement, delete, func, select
 from sqlalchemy.orm import Session
 
 from core import announcements, audit, cases, results
@@ -25,7 +25,7 @@ from core.config import Settings
 from core.errors import NotFound
 from core.keys import Principal
 from core.models import Case, CaseStatus
-from core.outcome_models import ConfirmedOutcome
+from core.outcome_models import ConfirmedOutcome, OutcomeMonthlyTally
 
 BATCH = 500
 
@@ -84,16 +84,38 @@ def _record(session: Session, case: Case, actor: audit.Actor, action: str, detai
     )
 
 
+def _expired(settings: Settings, now: datetime | None) -> tuple[ColumnElement[bool], ...]:
+    """The cases retention purges: finished, not purged, submitted more than ``retention_days`` ago."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=settings.retention_days)
+    return (
+        Case.created_at < cutoff,
+        Case.purged_at.is_(None),
+        Case.status.in_([CaseStatus.SUCCEEDED.value, CaseStatus.FAILED.value]),
+    )
+
+
+def expired_cases(session: Session, settings: Settings, *, now: datetime | None = None) -> tuple[int, datetime | None]:
+    """How many cases :func:`purge_expired` would purge now, and when the oldest of them was submitted
+    (what ``dermq case purge-expired --dry-run`` reports; nothing changes)."""
+    query = select(func.count(), func.min(Case.created_at)).where(*_expired(settings, now))
+    count, oldest = session.execute(query).one()
+    return int(count), oldest
+
+
+def field_months_due(session: Session, settings: Settings) -> int:
+    """How many monthly field-tally counts :func:`prune_field_months` would drop now."""
+    from core import outcomes
+
+    before = outcomes.window_start(settings.field_window_months)
+    older = select(func.count()).select_from(OutcomeMonthlyTally).where(OutcomeMonthlyTally.month < before)
+    return session.scalar(older) or 0
+
+
 def purge_expired(session: Session, settings: Settings, *, now: datetime | None = None) -> PurgeReport:
     """Crypto-shred finished cases older than ``retention_days`` (one batch per call)."""
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=settings.retention_days)
     expired = session.scalars(
         select(Case)
-        .where(
-            Case.created_at < cutoff,
-            Case.purged_at.is_(None),
-            Case.status.in_([CaseStatus.SUCCEEDED.value, CaseStatus.FAILED.value]),
-        )
+        .where(*_expired(settings, now))
         .order_by(Case.created_at)
         .limit(BATCH)
         .with_for_update(skip_locked=True)

@@ -43,15 +43,41 @@ def test_an_operator_erases_a_case_once_its_id_is_typed_back(settings, tenant, s
     assert unknown.returncode == 2 and "case_not_found" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
-def test_purging_by_hand_destroys_the_expired_periods_keys_as_beat_does(settings) -> None:  # type: ignore[no-untyped-def]
+def test_purging_by_hand_destroys_the_expired_periods_keys_as_beat_does(settings, tenant, store_case) -> None:  # type: ignore[no-untyped-def]
     """An operator meeting an erasure deadline by hand: the cases purged, and the keys of the periods
-    they leave empty destroyed, so no backup of them can be read (it stopped at the cases)."""
+    they leave empty destroyed, so no backup of them can be read (it stopped at the cases). A dry run
+    first says what would go, and changes nothing."""
+    from datetime import UTC, datetime
+
     from core.period_keys import PeriodKeys
 
     keys = PeriodKeys(settings.period_key_folder, settings)
-    keys.ensure("2019-03")  # a month long past retention and its grace, with no live case
+    keys.ensure("2019-03")  # a month long past retention and its grace: its one case finished
+    keys.ensure("2019-04")  # and one whose case is still queued: its key stays
+    finished, waiting = store_case(tenant, b"finished"), store_case(tenant, b"waiting")
+    with session_scope(settings) as session:
+        for case_id, status, day in ((finished, "succeeded", 10), (waiting, "queued", 11)):
+            case = session.get(Case, case_id)
+            case.status, case.created_at = status, datetime(2019, 3 if status == "succeeded" else 4, day, tzinfo=UTC)
+    preview = run(settings, "case", "purge-expired", "--dry-run")
+    assert preview.returncode == 0, preview.stderr
+    lines = preview.stdout.splitlines()
+    (would_purge,) = [line for line in lines if line.startswith("would purge ")]
+    assert int(would_purge.split()[2]) >= 1 and "(the oldest submitted 2019-03-10)" in would_purge
+    (would_destroy,) = [line for line in lines if line.startswith("would destroy the keys of ")]
+    assert "2019-03" in would_destroy and "2019-04" not in would_destroy
+    assert lines[-1] == "dry run: nothing was changed"
+    with session_scope(settings) as session:
+        assert session.get(Case, finished).status == "succeeded"  # type: ignore[union-attr]
+        assert session.scalar(select(func.count()).select_from(CaseBlob).where(CaseBlob.case_id == finished)) > 0
+    assert not keys.destroyed("2019-03")
+
     done = run(settings, "case", "purge-expired")
     assert done.returncode == 0, done.stderr
     (destroyed,) = [line for line in done.stdout.splitlines() if line.startswith("destroyed the keys of ")]
     assert "2019-03" in destroyed
     assert keys.destroyed("2019-03")
+    assert not keys.destroyed("2019-04")
+    with session_scope(settings) as session:
+        assert session.get(Case, finished).status == "purged"  # type: ignore[union-attr]
+    assert run(settings, "case", "erase", str(waiting), "--yes").returncode == 0  # nothing live left behind

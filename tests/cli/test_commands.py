@@ -42,7 +42,7 @@ COMMANDS = {
     "key list": {"clinic", "as_json"},
     "key revoke": {"key_ref"},
     "case erase": {"case_id", "yes"},
-    "case purge-expired": set(),
+    "case purge-expired": {"dry_run"},
     "audit verify": {"against", "every", "verifiers", "as_json"},
     "audit checkpoint": {"verifiers", "as_json"},
     "model list": {"as_json"},
