@@ -25,7 +25,15 @@ from api.field_metrics import field_families
 from api.loop_watchdog import LoopWatchdog
 from core import audit_log
 from core.models import Case, CaseStatus, Priority
-from core.queueing import AUDIT_CHECK_KEY, DRIFT_KEY, FIELD_KEY, PRIORITY_STEPS, PRIORITY_VALUE, queue_lists
+from core.queueing import (
+    AUDIT_CHECK_KEY,
+    DRIFT_KEY,
+    FIELD_KEY,
+    PRIORITY_STEPS,
+    PRIORITY_VALUE,
+    QUEUE_CALLBACKS,
+    queue_lists,
+)
 
 log = logging.getLogger("dermq.metrics")
 
@@ -84,6 +92,16 @@ class StateCollector(Collector):
         except Exception as exc:
             log.warning("queue depth unavailable", extra={"error": type(exc).__name__})
         yield depth
+        callbacks = GaugeMetricFamily(
+            "dermq_callback_queue_depth",
+            "completion callbacks due and waiting in Redis for a callback worker (retries waiting out their "
+            "backoff are held by a worker and not counted)",
+        )
+        try:
+            callbacks.add_metric([], sum(int(self.app.redis.llen(name)) for name in queue_lists(QUEUE_CALLBACKS)))
+        except Exception as exc:
+            log.warning("callback queue depth unavailable", extra={"error": type(exc).__name__})
+        yield callbacks
         yield from self._redis_memory()
 
         cases = GaugeMetricFamily("dermq_cases", "cases in a live state", labels=["status"])

@@ -195,6 +195,10 @@ class Settings(BaseSettings):
     callback_backoff_seconds: float = Field(2.0, gt=0)
     callback_backoff_max_seconds: float = Field(180.0, gt=0)
     callback_url_max_length: int = Field(2048, ge=64, le=8192)
+    #: attempts one callback worker (worker.callbacks_app) makes at once, each on a thread of its own:
+    #: they wait on clinics' servers, not on a core (each holds a pooled database connection only to
+    #: lease its row and to record the answer)
+    callback_worker_threads: int = Field(8, ge=1, le=256)
     #: Plain http and loopback/private callback receivers (a portal on a developer's machine).
     #: Refused in production: it turns off the SSRF guard of core/callback_urls.py.
     callback_allow_private_urls: bool = False

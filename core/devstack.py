@@ -2,8 +2,8 @@
 
 Prepares what a fresh machine lacks (the database, its owner and runtime roles, the migrations run
 as the owner, the encryption and audit signing key files, the demo clinic and key of :mod:`core.demo`, a Flower
-password), then runs the API, a worker, Celery beat and Flower
-as child processes with their logs interleaved, each line prefixed with its process name. The
+password), then runs the API, a classification worker, a callback worker ("hooks"), Celery beat
+and Flower as child processes with their logs interleaved, each line prefixed with its process name. The
 services log in as the runtime role, which may only insert and read the audit tables. Ctrl-C
 (or SIGTERM) stops them all: a warm shutdown first, so the running case finishes, then a kill for
 anything still alive after the grace period. If one process dies, the others are stopped too.
@@ -25,7 +25,7 @@ from pathlib import Path
 from core.config import ROOT, Settings, get_settings
 from core.cpus import usable_cpus
 
-COLOURS = {"api": "36", "worker": "32", "beat": "35", "flower": "33", "dermq": "1"}
+COLOURS = {"api": "36", "worker": "32", "hooks": "34", "beat": "35", "flower": "33", "dermq": "1"}
 GRACE_SECONDS = 30
 
 
@@ -211,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
             "--without-gossip",
         ],
         env,
+    )
+    # Completion callbacks on a worker of their own (threads, no model), its metrics on the next port
+    metrics_port = settings.worker_metrics_port and settings.worker_metrics_port + 1
+    stack.start(
+        "hooks",
+        [
+            str(bin_dir / "celery"),
+            *("-A", "worker.callbacks_app", "worker", "--queues", "callbacks", "--loglevel", "INFO"),
+            *("--hostname", "callbacks@%h", "--without-mingle", "--without-gossip"),
+        ],
+        {**env, "DERMQ_WORKER_METRICS_PORT": str(metrics_port)},
     )
     stack.start(
         "beat", [*celery, "beat", "--loglevel", "INFO", "--schedule", str(state_dir / "celerybeat-schedule")], env

@@ -21,7 +21,7 @@ from celery import Celery
 
 from core.config import Settings
 from core.models import Priority
-from core.queueing import PRIORITY_VALUE, QUEUE_CASES, QUEUE_MAINTENANCE, TASK_CALLBACK, TASK_CLASSIFY, common_config
+from core.queueing import PRIORITY_VALUE, QUEUE_CALLBACKS, QUEUE_CASES, TASK_CALLBACK, TASK_CLASSIFY, common_config
 
 log = logging.getLogger("dermq.publisher")
 
@@ -52,10 +52,8 @@ def classify_task(case_id: uuid.UUID, priority: Priority | str) -> Task:
 
 def callback_task(case_id: uuid.UUID) -> Task:
     """The completion callback of a finished case (its outbox row is written in the same transaction),
-    behind the periodic tasks of the maintenance queue (worker.celery_app.PERIODIC): a message sent
-    without a priority goes to Redis's first list, with them (Celery's default priority applies to a
-    task's own calls, not to one sent by name)."""
-    return Task(TASK_CALLBACK, case_id, QUEUE_MAINTENANCE, PRIORITY_VALUE[Priority.ROUTINE])
+    on the callbacks queue, which only the callback workers read (``worker.callbacks_app``)."""
+    return Task(TASK_CALLBACK, case_id, QUEUE_CALLBACKS, PRIORITY_VALUE[Priority.ROUTINE])
 
 
 def send(app: Celery, task: Task) -> bool:

@@ -29,12 +29,18 @@ AUDIT_CHECK_KEY = "dermq:audit:check"
 
 QUEUE_CASES = "cases"
 QUEUE_MAINTENANCE = "maintenance"
+#: Completion callbacks, read by a worker of their own (``worker.callbacks_app``: threads, no model).
+#: A callback waits on a clinic's server, up to three callback timeouts an attempt: on the
+#: classification workers' maintenance queue, a slow receiver held a prefork child (and the cores its
+#: model passes need) for each attempt, and classification of every clinic's cases waited behind it.
+QUEUE_CALLBACKS = "callbacks"
 
 #: Redis priorities: 0 is served first. Celery keeps one Redis list per step: ``cases`` for 0 and
 #: ``cases\x06\x16<n>`` for the others; anything that measures queue length must count them all. A
 #: worker reads them step by step, and within a step queue by queue in its ``--queues`` order
 #: (``cases,maintenance``): the periodic tasks (the sweeper, the sealer: ``worker.celery_app.PERIODIC``,
-#: 0) come first, then urgent cases (3), routine cases (6) and completion callbacks (6, maintenance).
+#: 0) come first, then urgent cases (3) and routine cases (6). (Completion callbacks, routine, have a
+#: queue and workers of their own: ``QUEUE_CALLBACKS``.)
 #: With urgent cases at 0 too, a surge of them kept the sweeper and the sealer waiting until their
 #: messages expired. Urgent messages published at 0 by an older release are still served first.
 PRIORITY_STEPS = [0, 3, 6, 9]
@@ -67,8 +73,8 @@ ROUTES = {
     TASK_FIELD: {"queue": QUEUE_MAINTENANCE},
     TASK_AUDIT_CHECK: {"queue": QUEUE_MAINTENANCE},
     TASK_AUDIT_SEAL: {"queue": QUEUE_MAINTENANCE},
-    # Callbacks wait on clinics' servers: never in front of a classification.
-    TASK_CALLBACK: {"queue": QUEUE_MAINTENANCE},
+    # Callbacks wait on clinics' servers: never on a worker that classifies.
+    TASK_CALLBACK: {"queue": QUEUE_CALLBACKS},
 }
 
 

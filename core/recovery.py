@@ -49,7 +49,7 @@ from core.config import Settings
 from core.enqueue import enqueue
 from core.models import Case, CaseStatus
 from core.publisher import callback_task, classify_task
-from core.queueing import QUEUE_CASES, QUEUE_MAINTENANCE, TASK_CALLBACK, TASK_CLASSIFY, queue_lists
+from core.queueing import QUEUE_CALLBACKS, QUEUE_CASES, QUEUE_MAINTENANCE, TASK_CALLBACK, TASK_CLASSIFY, queue_lists
 
 log = logging.getLogger("dermq.recovery")
 BATCH = 500
@@ -107,11 +107,13 @@ def _case_id_of(raw: bytes | str, task: str = TASK_CLASSIFY) -> str | None:
         return None
 
 
-def broker_case_ids(client: redis.Redis, queue: str = QUEUE_CASES, task: str = TASK_CLASSIFY) -> set[str]:
-    """Ids of every case with a ``task`` message of ``queue`` waiting or delivered-but-unacknowledged
-    (a retry waiting out its countdown in a worker is unacknowledged)."""
+def broker_case_ids(
+    client: redis.Redis, queue: str | tuple[str, ...] = QUEUE_CASES, task: str = TASK_CLASSIFY
+) -> set[str]:
+    """Ids of every case with a ``task`` message of ``queue`` (or of any of several) waiting or
+    delivered-but-unacknowledged (a retry waiting out its countdown in a worker is unacknowledged)."""
     found: set[str] = set()
-    for name in queue_lists(queue):
+    for name in [name for one in ((queue,) if isinstance(queue, str) else queue) for name in queue_lists(one)]:
         start = 0
         while True:
             chunk = client.lrange(name, start, start + 999)
@@ -232,7 +234,9 @@ def republish_callbacks(
     waiting: set[str] = set()
     if broker is not None:
         try:
-            waiting = broker_case_ids(broker, QUEUE_MAINTENANCE, TASK_CALLBACK)
+            # (on the maintenance queue: a message an earlier release sent, which a classification
+            # worker still delivers)
+            waiting = broker_case_ids(broker, (QUEUE_CALLBACKS, QUEUE_MAINTENANCE), TASK_CALLBACK)
         except redis.RedisError as exc:  # unknown: sent again (a copy finds the row leased or done)
             log.warning("broker unreachable; callbacks republished unchecked", extra={"error": type(exc).__name__})
     lost = [case_id for case_id in stale if str(case_id) not in waiting]

@@ -141,6 +141,18 @@ def worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -
     process.stop()
 
 
+@pytest.fixture(scope="session")
+def callback_worker(stack_env: dict[str, str], stack_dir: Path, database, redis_client) -> Iterator[processes.Worker]:  # type: ignore[no-untyped-def]
+    """The callback worker (worker.callbacks_app: completion callbacks only, on threads), as deployed
+    beside the classification ``worker``."""
+    env = {**stack_env, "DERMQ_WORKER_METRICS_PORT": "0"}  # a port of its own: start_worker picks one
+    process = processes.start_worker(
+        env, stack_dir / "callback-worker.log", name="callbacks", app="worker.callbacks_app", queues="callbacks"
+    )
+    yield process
+    process.stop()
+
+
 #: the live API processes started by ``live_api`` (tests/api/test_metrics.py scrapes the last one's metrics)
 live_api_process: list[processes.Process] = []
 

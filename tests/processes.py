@@ -171,9 +171,13 @@ def start_worker(
     app: str = "worker.celery_app",
     wait_for_model: bool = True,
 ) -> Worker:
-    """Start a worker of ``app`` (a module: tests.faults.worker_app injects faults) and wait until it
-    answers a ping and, with ``wait_for_model`` and model preloading on, until each child has loaded
-    the model. A metrics port of 0 (or none) becomes a free one: the wait reads the metrics."""
+    """Start a worker of ``app`` (a module: tests.faults.worker_app injects faults;
+    worker.callbacks_app, the callback worker, runs on the threads its settings give and loads no
+    model) and wait until it answers a ping and, with ``wait_for_model`` and model preloading on, until
+    each child has loaded the model. A metrics port of 0 (or none) becomes a free one: the wait reads
+    the metrics."""
+    threads = app == "worker.callbacks_app"
+    pool = [] if threads else ["--pool", "prefork", "--concurrency", str(concurrency)]
     env = dict(env)
     if env.get("DERMQ_WORKER_METRICS_PORT", "0") == "0":
         env["DERMQ_WORKER_METRICS_PORT"] = str(free_port())
@@ -185,10 +189,7 @@ def start_worker(
         "worker",
         "--loglevel",
         "INFO",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(concurrency),
+        *pool,
         "--queues",
         queues,
         "--without-mingle",
@@ -207,7 +208,8 @@ def start_worker(
             raise TimeoutError(f"{exc} ({listening}); its log ends:\n{worker.output()[-3000:]}") from None
         if not worker.alive():
             raise RuntimeError(f"worker exited at start:\n{worker.output()[-3000:]}")
-        if wait_for_model and env.get("DERMQ_PRELOAD_MODEL", "true").lower() not in ("0", "false", "no", "off"):
+        preloads = env.get("DERMQ_PRELOAD_MODEL", "true").lower() not in ("0", "false", "no", "off")
+        if not threads and wait_for_model and preloads:
             # the child preloads the model in the background; a case sent before it is done would spend
             # that load inside its own time limit, which tests of the limits must not depend on
             wait_for(

@@ -48,10 +48,13 @@ from sqlalchemy.exc import DBAPIError
 from core import callbacks, case_states, idempotency, outcomes, period_shredding, phi, recovery, results, retention
 from core.config import Settings
 from core.db import session_scope
+from core.enqueue import enqueue
 from core.errors import KeyNotHeld
 from core.logs import case_id_var
-from core.publisher import make_publisher
+from core.models import CallbackDelivery, CallbackStatus
+from core.publisher import callback_task, make_publisher
 from core.queueing import (
+    QUEUE_MAINTENANCE,
     TASK_CALLBACK,
     TASK_CLASSIFY,
     TASK_DRIFT,
@@ -183,6 +186,8 @@ def deliver_callback(self: Any, case_id: str) -> str:
         parsed = uuid.UUID(case_id)
     except (ValueError, TypeError, AttributeError):
         return "ignored"
+    if (self.request.delivery_info or {}).get("routing_key") == QUEUE_MAINTENANCE:
+        return _forward_callback(config, parsed)
     try:
         attempt = delivery.deliver(config, keyring(config), parsed)
     except Exception as exc:
@@ -215,8 +220,32 @@ def deliver_callback(self: Any, case_id: str) -> str:
     return attempt.outcome
 
 
+def _forward_callback(config: Settings, case_id: uuid.UUID) -> str:
+    """A callback's message on the maintenance queue: sent by a release before callbacks had a queue of
+    their own, or its retry (Celery sends a retry back to the queue its message came from). A
+    classification worker takes that queue, and has no route out: the delivery, if still pending, goes
+    on to the callback workers (:mod:`worker.callbacks_app`), unattempted, and this message is done."""
+    with session_scope(config) as session:
+        row = session.get(CallbackDelivery, case_id)
+        if row is None or row.status != CallbackStatus.PENDING.value:
+            return "ignored"
+        enqueue(session, _the_publisher(config), callback_task(case_id))
+    log.info(
+        "callback passed on to the callback workers", extra={"event": "callback_forwarded", "case_id": str(case_id)}
+    )
+    return "forwarded"
+
+
 _publisher: Celery | None = None
 _redis: redis.Redis | None = None
+
+
+def _the_publisher(config: Settings) -> Celery:
+    """This process's publisher for the periodic tasks and forwarded callbacks, made on first use."""
+    global _publisher
+    if _publisher is None:
+        _publisher = make_publisher(config)
+    return _publisher
 
 
 def _redis_client(config: Settings) -> redis.Redis:
@@ -265,11 +294,8 @@ def sweep_once(config: Settings, publisher: Celery, broker: redis.Redis | None) 
 
 @app.task(name=TASK_SWEEP)
 def sweep() -> dict[str, object]:
-    global _publisher
     config = settings()
-    if _publisher is None:
-        _publisher = make_publisher(config)
-    return sweep_once(config, _publisher, _redis_client(config))
+    return sweep_once(config, _the_publisher(config), _redis_client(config))
 
 
 @app.task(name=TASK_PURGE)

@@ -143,7 +143,7 @@ def deliveries(settings, case_id: uuid.UUID) -> tuple[CallbackDelivery | None, l
 
 @pytest.mark.usefixtures("database")
 def test_a_finished_case_is_announced_signed_retried_and_audited(
-    client, worker, tenant: Tenant, settings, receiver: Receiver, fixture_images
+    client, worker, callback_worker, tenant: Tenant, settings, receiver: Receiver, fixture_images
 ) -> None:  # type: ignore[no-untyped-def]
     secret = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": receiver.url}).json()["secret"]
     image = fixture_images["ISIC_0024311"].read_bytes()
@@ -180,7 +180,7 @@ def test_a_finished_case_is_announced_signed_retried_and_audited(
         ("failure", {"attempt": 1, "http_status": 500, "host": "127.0.0.1"}),
         ("success", {"attempt": 2, "http_status": 204, "host": "127.0.0.1"}),
     ]
-    assert secret not in worker.output()
+    assert secret not in worker.output() and secret not in callback_worker.output()
     polled = client.get(f"/v1/cases/{case_id}", headers=tenant.headers).json()
     assert polled["status"] == "succeeded" and polled["client_ref"] == "MRN-0042 Jane Doe"
     # the clinic sees how its deliveries fare, and how long dermq keeps trying
@@ -217,7 +217,7 @@ def test_a_failed_case_is_announced_too(
 
 @pytest.mark.usefixtures("database")
 def test_a_slow_portal_holds_no_row_lock_and_no_transaction(
-    client, worker, tenant: Tenant, settings, store_case, publisher, jpeg_bytes: bytes
+    client, worker, callback_worker, tenant: Tenant, settings, store_case, publisher, jpeg_bytes: bytes
 ) -> None:  # type: ignore[no-untyped-def]
     server = Receiver([], hold=True)
     try:

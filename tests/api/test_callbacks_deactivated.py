@@ -14,7 +14,7 @@ from tests.conftest import Tenant
 
 @pytest.mark.usefixtures("database")
 def test_a_deactivated_clinic_gets_no_callback(
-    client, worker, tenant: Tenant, settings, store_case, publisher, jpeg_bytes: bytes
+    client, worker, callback_worker, tenant: Tenant, settings, store_case, publisher, jpeg_bytes: bytes
 ) -> None:  # type: ignore[no-untyped-def]
     server = Receiver([])
     try:

@@ -188,3 +188,34 @@ def test_redis_s_memory_and_what_it_does_when_full_are_reported(live_api: str, r
     assert samples[("dermq_redis_memory_limit_bytes", ())] == float(configured["maxmemory"])
     policies = [dict(labels)["policy"] for name, labels in samples if name == "dermq_redis_maxmemory_policy_info"]
     assert policies == [configured["maxmemory-policy"]]
+
+
+def test_callbacks_no_callback_worker_takes_show_in_the_queue_depth(settings, private_broker) -> None:  # type: ignore[no-untyped-def]
+    # What DermqCallbacksNotTaken reads: callbacks due that no callback worker takes (none runs here)
+    import uuid
+    from types import SimpleNamespace
+
+    import redis
+
+    from api.metrics import StateCollector
+    from core.db import session_factory
+    from core.publisher import callback_task, send
+    from core.queueing import QUEUE_CALLBACKS
+    from worker.celery_app import create_app
+
+    app = create_app(settings.model_copy(update={"redis_url": private_broker.url}))
+    client = redis.Redis.from_url(private_broker.url)
+    state = SimpleNamespace(settings=settings, redis=client, sessions=session_factory(settings))
+
+    def depth() -> float:
+        families = {family.name: family for family in StateCollector(state).collect()}  # type: ignore[arg-type]
+        return families["dermq_callback_queue_depth"].samples[0].value
+
+    assert depth() == 0
+    for _ in range(3):
+        assert send(app, callback_task(uuid.uuid4()))
+    assert depth() == 3
+    with app.connection_for_read() as connection:  # a callback worker takes one
+        assert connection.default_channel.basic_get(QUEUE_CALLBACKS, no_ack=True) is not None
+    assert depth() == 2
+    client.close()

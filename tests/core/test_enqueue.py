@@ -17,7 +17,7 @@ from core.db import get_engine, session_factory, session_scope
 from core.enqueue import enqueue, enqueued
 from core.models import Case
 from core.publisher import callback_task, classify_task, make_publisher
-from core.queueing import QUEUE_MAINTENANCE, queue_lists
+from core.queueing import QUEUE_CALLBACKS, queue_lists
 from core.recovery import broker_case_ids
 from tests import support
 from tests.conftest import Tenant
@@ -57,7 +57,7 @@ def test_a_task_is_sent_only_once_its_transaction_commits(
 
         enqueue(session, publisher, callback_task(case_id), on_sent=visible)
     assert broker_case_ids(client) == {str(case_id)}
-    assert sum(client.llen(name) for name in queue_lists(QUEUE_MAINTENANCE)) == 1
+    assert sum(client.llen(name) for name in queue_lists(QUEUE_CALLBACKS)) == 1
     assert seen_by_others == [True]
 
 

@@ -18,7 +18,7 @@ from core.config import Settings
 from core.db import session_scope
 from core.models import CallbackDelivery, Case, ClinicCallback, Result
 from core.publisher import make_publisher
-from core.queueing import QUEUE_MAINTENANCE, queue_lists
+from core.queueing import QUEUE_CALLBACKS, QUEUE_MAINTENANCE, queue_lists
 from tests import support
 from tests.conftest import Tenant, own_database_fixtures
 from tests.faults.servers import RedisServer
@@ -121,7 +121,7 @@ def test_a_republished_case_or_callback_is_stamped_before_its_message_leaves(
     dropped, and the case waited for another sweep and its grace period."""
     config, publisher, client = sweeping
     callback_case = finished_with_callback(own_database, keyring, tenant, store_case, publisher)
-    client.delete(*queue_lists(QUEUE_MAINTENANCE))  # its callback's message lost
+    client.delete(*queue_lists(QUEUE_CALLBACKS))  # its callback's message lost
     lost = store_case(tenant, b"lost")
     set_state(own_database, lost, status="running", attempts=1, started_at=ago(own_database.task_time_limit + 3600))
     stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
@@ -292,7 +292,7 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
     with session_scope(own_database) as session:
         assert not callbacks.note_finished(session, case_id, publisher=publisher)  # one notice per case
     assert callback_messages(client, case_id) == 1  # its own message, sent once the failure committed
-    client.delete(*queue_lists(QUEUE_MAINTENANCE))  # ...and lost
+    client.delete(*queue_lists(QUEUE_CALLBACKS))  # ...and lost
     report = sweep(sweeping)
     assert str(case_id) not in report.callbacks_republished  # fresh: its own message may still come
     stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
@@ -321,7 +321,14 @@ def test_a_callback_whose_message_still_waits_is_not_sent_again(
         session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(updated_at=stale))
     assert str(case_id) not in sweep(sweeping).callbacks_republished
     assert callback_messages(client, case_id) == 1
-    client.delete(*queue_lists(QUEUE_MAINTENANCE))  # now lost: sent again
+    # a message an earlier release sent to the maintenance queue, where a classification worker still
+    # delivers it during an upgrade, is waiting too
+    for source, target in zip(queue_lists(QUEUE_CALLBACKS), queue_lists(QUEUE_MAINTENANCE), strict=True):
+        while client.rpoplpush(source, target) is not None:
+            pass
+    assert callback_messages(client, case_id) == 0
+    assert str(case_id) not in sweep(sweeping).callbacks_republished
+    client.delete(*queue_lists(QUEUE_MAINTENANCE))  # now lost: sent again, to the callbacks queue
     assert str(case_id) in sweep(sweeping).callbacks_republished
     assert callback_messages(client, case_id) == 1
     with session_scope(own_database) as session:
@@ -369,8 +376,8 @@ def finished_with_callback(settings: Settings, keyring, tenant: Tenant, store_ca
 
 
 def callback_messages(client: redis.Redis, case_id: uuid.UUID) -> int:
-    """How many callback messages for ``case_id`` wait in the maintenance queue (any of its lists)."""
-    messages = [raw for name in queue_lists(QUEUE_MAINTENANCE) for raw in client.lrange(name, 0, -1)]
+    """How many callback messages for ``case_id`` wait in the callbacks queue (any of its lists)."""
+    messages = [raw for name in queue_lists(QUEUE_CALLBACKS) for raw in client.lrange(name, 0, -1)]
     return sum(1 for raw in messages if str(case_id).encode() in raw and b"dermq.callback" in raw)
 
 

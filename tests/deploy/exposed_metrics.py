@@ -12,6 +12,7 @@ DERMQ_METRICS = frozenset(
         "dermq_upload_bytes",
         "dermq_upload_rejections_total",
         "dermq_queue_depth",
+        "dermq_callback_queue_depth",
         "dermq_cases",
         "dermq_stale_running_cases",
         "dermq_api_event_loop_heartbeat_timestamp_seconds",

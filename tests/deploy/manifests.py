@@ -44,21 +44,27 @@ PLACEHOLDER_SECRETS = {
 }
 
 #: deploy/k8s: the namespace and the components (the pods' app.kubernetes.io/component label), and who
-#: may reach the datastores (see networkpolicies.yaml for why beat and Flower differ).
+#: may reach the datastores (see networkpolicies.yaml for why beat and Flower differ). ``callbacks``
+#: is the callback worker (worker.callbacks_app), the one component with a route out.
 NAMESPACE = "dermq"
-COMPONENTS = frozenset({"api", "worker", "beat", "flower", "migrate"})
-POSTGRES_CLIENTS = frozenset({"api", "worker", "migrate"})
-REDIS_CLIENTS = frozenset({"api", "worker", "beat", "flower"})
+COMPONENTS = frozenset({"api", "worker", "callbacks", "beat", "flower", "migrate"})
+POSTGRES_CLIENTS = frozenset({"api", "worker", "callbacks", "migrate"})
+REDIS_CLIENTS = frozenset({"api", "worker", "callbacks", "beat", "flower"})
+#: The callback worker's Celery app and command (its pool and threads come from Settings).
+CALLBACKS_APP = "worker.callbacks_app"
 
 FLOWER_PASSWORD = "dermq_flower_password"
 #: Least privilege: the files under /run/secrets each dermq process reads, and so the only ones its
 #: container may mount. Only `dermq-flower` asks for the Flower password
 #: (Settings.require_flower_password); beat reads no secret at all. The database's clients read
-#: POSTGRES_CA too (libpq, through the URL's sslrootcert).
+#: POSTGRES_CA too (libpq, through the URL's sslrootcert). The callback worker reads the key file (a
+#: callback secret is sealed under its KEK) but not the audit signing key (the sealer's, on the
+#: classification workers' maintenance queue).
 SECRETS_READ: dict[str, frozenset[str]] = {
     "migrate": frozenset({"dermq_database_url", POSTGRES_CA}),
     "api": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json"}),
     "worker": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json", "dermq-audit-signing-key.json"}),
+    "callbacks": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json"}),
     "beat": frozenset(),
     "flower": frozenset({FLOWER_PASSWORD}),
 }
@@ -107,6 +113,8 @@ def process_of(command: list[str]) -> str:
         return command[0].removeprefix("dermq-")
     if command[:3] == ["celery", "-A", "worker.celery_app"] and command[3:4] in (["worker"], ["beat"]):
         return command[3]
+    if command[:4] == ["celery", "-A", CALLBACKS_APP, "worker"]:
+        return "callbacks"
     raise AssertionError(f"not a dermq process: {command}")
 
 

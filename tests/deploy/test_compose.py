@@ -17,7 +17,7 @@ import yaml
 from tests.deploy import manifests as m
 from tests.deploy import nginx_conf
 
-DERMQ_SERVICES = ("migrate", "api", "worker", "worker-cpu", "beat", "flower")
+DERMQ_SERVICES = ("migrate", "api", "worker", "worker-cpu", "worker-callbacks", "beat", "flower")
 
 
 def test_compose_file_follows_the_compose_specification(compose_schema: dict[str, Any]) -> None:
@@ -102,7 +102,7 @@ def test_api_and_workers_wait_for_the_migration_job() -> None:
     services = m.compose_services()
     assert m.compose_command(services["migrate"]) == ["dermq", "db", "upgrade"]
     assert services["migrate"]["restart"] == "no"
-    for name in ("api", "worker", "worker-cpu"):
+    for name in ("api", "worker", "worker-cpu", "worker-callbacks"):
         condition = services[name]["depends_on"]["migrate"]["condition"]
         assert condition == "service_completed_successfully", name
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -124,6 +124,24 @@ def test_gpu_worker_reserves_an_nvidia_gpu_and_the_cpu_worker_is_a_profile() -> 
     assert m.compose_environment(services["worker"]).get("DERMQ_WORKER_THREADS")
 
 
+def test_the_callback_worker_starts_by_default_on_threads_without_the_model_or_a_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = m.compose_services()["worker-callbacks"]
+    assert m.compose_image_kind(service) == "worker"
+    assert m.compose_command(service) == ["celery", "-A", m.CALLBACKS_APP, "worker", "--queues", "callbacks"]
+    assert "profiles" not in service, "callbacks are a core feature: the callback worker starts with the stack"
+    assert not {"deploy", "devices", "gpus", "runtime"} & set(service), "the callback worker never gets the GPU"
+    # it waits on the network, not on a core: a small share of the host, which its threads do not follow
+    assert 0 < float(service["cpus"]) <= 1 and re.fullmatch(r"\d+m", service["mem_limit"])
+    # neither the period keys (no case's blob can be opened there) nor the audit witness (no sealer)
+    assert not service.get("volumes"), "the callback worker mounts no volume"
+    settings, env = _service_settings("worker-callbacks", tmp_path, monkeypatch)
+    assert settings.callback_worker_threads == int(env["DERMQ_CALLBACK_WORKER_THREADS"])
+    assert settings.metrics_host == "0.0.0.0"
+    assert str(settings.worker_metrics_port) in service["expose"]
+
+
 def test_exactly_one_beat() -> None:
     beats = [
         name for name, service in m.compose_services().items() if (m.compose_command(service) or [])[3:4] == ["beat"]
@@ -135,7 +153,17 @@ def test_exactly_one_beat() -> None:
 def test_metrics_and_internal_services_stay_on_the_internal_network() -> None:
     doc = m.compose()
     assert doc["networks"]["backend"].get("internal") is True
-    for name in ("postgres", "redis", "worker", "worker-cpu", "beat", "flower", "prometheus", "migrate"):
+    for name in (
+        "postgres",
+        "redis",
+        "worker",
+        "worker-cpu",
+        "worker-callbacks",
+        "beat",
+        "flower",
+        "prometheus",
+        "migrate",
+    ):
         assert doc["services"][name]["networks"] == ["backend"], name
     assert set(doc["services"]["api"]["networks"]) == {"edge", "backend"}
     assert set(doc["services"]["nginx"]["networks"]) == {"edge", "public"}
@@ -283,6 +311,15 @@ def test_worker_stop_grace_period_outlasts_the_task_time_limit(tmp_path: Path, m
     settings, _ = _service_settings("worker", tmp_path, monkeypatch)
     for worker in ("worker", "worker-cpu"):
         assert _stop_grace_seconds(worker) > settings.task_time_limit, worker
+
+
+def test_callback_worker_stop_grace_period_outlasts_an_attempt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Celery's warm shutdown lets the attempts under way end: each within three timeouts, plus its record
+    from core.config import CALLBACK_RECORD_SECONDS
+
+    settings, _ = _service_settings("worker-callbacks", tmp_path, monkeypatch)
+    attempt = 3 * settings.callback_timeout_seconds + CALLBACK_RECORD_SECONDS
+    assert _stop_grace_seconds("worker-callbacks") > attempt
 
 
 def test_api_stop_grace_period_outlasts_the_longest_long_poll() -> None:

@@ -2,8 +2,8 @@
 writes is a folder its image makes for that user, and deploy/secrets/README.md gives every secret
 file to the group of the containers that read it (compose bind-mounts them with the host's owner
 and mode, so a file the guide forgets stays unreadable and its service fails at start); and only
-the workers, which send completion callbacks, get a route out, and only through the callbacks
-override (deploy/compose.callbacks.yml)."""
+the callback worker, which sends the completion callbacks, gets a route out, and only through the
+callbacks override (deploy/compose.callbacks.yml)."""
 
 from __future__ import annotations
 
@@ -88,15 +88,19 @@ def test_the_permissions_check_reads_the_guide() -> None:
     assert any(c[0] == "chmod" and "deploy/secrets/dermq-keys.json" in c for c in commands)
 
 
-def test_only_the_workers_get_a_route_out_and_only_with_the_callbacks_override(
+def test_only_the_callback_worker_gets_a_route_out_and_only_with_the_callbacks_override(
     compose_schema: dict[str, Any],
 ) -> None:
+    # The callback worker sends the completion callbacks; the classification workers, which decrypt
+    # the images, stay on the internal network with the override as without it.
     base, override = m.compose(), m.load_yaml(CALLBACKS_OVERRIDE)
     errors = [e.message for e in jsonschema.Draft202012Validator(compose_schema).iter_errors(override)]
     assert not errors, errors
-    senders = {name for name, service in base["services"].items() if _runs_celery_worker(service)}
-    assert senders == {"worker", "worker-cpu"}
-    assert set(override["services"]) == senders
+    workers = {name for name, service in base["services"].items() if _runs_celery_worker(service)}
+    senders = {name for name in workers if (m.compose_command(base["services"][name]) or [])[2] == m.CALLBACKS_APP}
+    assert workers == {"worker", "worker-cpu", "worker-callbacks"}
+    assert senders == {"worker-callbacks"}
+    assert set(override["services"]) == senders, "the override gives a route out to the callback worker alone"
     for name in senders:
         assert base["services"][name]["networks"] == ["backend"], name
         joined = set(override["services"][name]["networks"]) - {"backend"}

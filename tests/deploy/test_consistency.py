@@ -105,20 +105,29 @@ def _simple_command(argv: list[str]) -> list[str]:
     return argv
 
 
+#: the Celery apps a deployment runs: dermq's, and the callback worker's (worker.callbacks_app)
+APPS = ("worker.celery_app", "worker.callbacks_app")
+
+
 def _check_celery(args: list[str]) -> None:
     from celery.bin.base import CLIContext
     from celery.bin.celery import celery as cli
 
-    from core.queueing import QUEUE_CASES, QUEUE_MAINTENANCE
+    from core.queueing import QUEUE_CALLBACKS, QUEUE_CASES, QUEUE_MAINTENANCE
     from worker.celery_app import app
 
-    assert args[0] in ("-A", "--app") and args[1] == "worker.celery_app", "celery runs dermq's app"
+    # the classification worker, beat and Flower run dermq's app; the callback worker its threaded form
+    assert args[0] in ("-A", "--app") and args[1] in APPS, "celery runs dermq's app"
     subcommand, rest = args[2], args[3:]
     assert subcommand in ("worker", "beat", "inspect"), subcommand
+    assert args[1] == "worker.celery_app" or subcommand == "worker", "only a worker runs the callback app"
     parent = click.Context(cli, info_name="celery", obj=CLIContext(app=app, no_color=True, workdir=None, quiet=True))
     params = cli.commands[subcommand].make_context(subcommand, list(rest), parent=parent).params
     if subcommand == "worker":
-        assert sorted(params["queues"]) == sorted([QUEUE_CASES, QUEUE_MAINTENANCE]), params["queues"]
+        # each worker reads the queues of its kind, and no other: a classification worker that took
+        # callbacks waited on clinics' servers; a callback worker that took cases has no model
+        expected = [QUEUE_CALLBACKS] if args[1] == "worker.callbacks_app" else [QUEUE_CASES, QUEUE_MAINTENANCE]
+        assert sorted(params["queues"]) == sorted(expected), params["queues"]
         assert not {"-c", "--concurrency", "-P", "--pool"} & set(rest), "pool and concurrency come from Settings"
     if subcommand == "beat":
         assert params["schedule"].startswith("/var/lib/dermq/"), "beat's schedule lives on its state volume"
@@ -178,6 +187,9 @@ def test_commands_are_real_console_scripts_or_dermq_celery_commands() -> None:
         ["dermq-apii"],
         ["celery", "-A", "worker.celery_app", "worker", "--queues", "cases"],
         ["celery", "-A", "worker.celery_app", "worker", "--queuez", "cases,maintenance"],
+        ["celery", "-A", "worker.celery_app", "worker", "--queues", "cases,maintenance,callbacks"],
+        ["celery", "-A", "worker.callbacks_app", "worker", "--queues", "cases,maintenance"],
+        ["celery", "-A", "worker.callbacks_app", "beat"],
         ["celery", "-A", "worker.app", "beat"],
     ],
 )
@@ -191,20 +203,32 @@ def test_the_migration_commands_exist() -> None:
     check_command(["dermq", "db", "create"])
 
 
+#: the Celery workers, which run from the worker image: the classification worker (the model) and the
+#: callback worker (the same app on threads, which never loads it)
+WORKER_COMMANDS = (["celery", "-A", "worker.celery_app", "worker"], ["celery", "-A", APPS[1], "worker"])
+
+
 def test_each_process_runs_from_the_right_image() -> None:
-    # Only the worker loads the model; everything else runs from the API image, which has no torch.
+    # Only the Celery workers run from the worker image (the classification worker loads the model;
+    # the callback worker is the same app on threads); everything else runs from the API image,
+    # which has no torch.
+    callback_workers = 0
     for name, service in m.compose_services().items():
         kind = m.compose_image_kind(service)
         if kind is None:
             continue
         command = m.compose_command(service) or []
-        expected = "worker" if command[:4] == ["celery", "-A", "worker.celery_app", "worker"] else "api"
+        expected = "worker" if command[:4] in WORKER_COMMANDS else "api"
         assert kind == expected, f"compose {name} runs from the {kind} image"
         assert service["image"].startswith(f"dermq-{kind}:")
+        callback_workers += command[:4] == WORKER_COMMANDS[1]
+    assert callback_workers == 1, "compose runs one callback worker"
     for w in m.workloads():
         for container in w.containers:
-            expected = "dermq-worker" if w.component == "worker" else "dermq-api"
+            expected = "dermq-worker" if w.component in ("worker", "callbacks") else "dermq-api"
             assert container["image"] == expected, f"{w.name} runs {container['image']}"
+            if w.component == "callbacks":
+                assert container["command"][:4] == WORKER_COMMANDS[1], f"{w.name} runs {container['command']}"
 
 
 # --------------------------------------------------------------------------- secrets

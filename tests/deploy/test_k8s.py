@@ -138,7 +138,7 @@ def test_every_container_has_resource_requests_and_limits() -> None:
 
 
 def test_long_running_components_have_probes_on_ports_they_declare() -> None:
-    for component in ("api", "worker", "flower"):
+    for component in ("api", "worker", "callbacks", "flower"):
         (container,) = m.workload(component).containers
         assert "livenessProbe" in container, component
         ports = m.named_ports(container)
@@ -161,6 +161,7 @@ def test_ports_agree_with_the_settings_the_pods_run_with() -> None:
     for component, port_settings in {
         "api": {"http": "DERMQ_API_PORT", "metrics": "DERMQ_METRICS_PORT"},
         "worker": {"metrics": "DERMQ_WORKER_METRICS_PORT"},
+        "callbacks": {"metrics": "DERMQ_WORKER_METRICS_PORT"},
         "flower": {"http": "DERMQ_FLOWER_PORT"},
     }.items():
         w = m.workload(component)
@@ -214,15 +215,16 @@ def test_ingress_streams_uploads_and_allows_the_api_upload_cap() -> None:
     assert annotations["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
 
 
-def test_pod_disruption_budgets_cover_api_and_worker() -> None:
+def test_pod_disruption_budgets_cover_api_and_the_workers() -> None:
     covered = set()
     for pdb in m.k8s_objects("PodDisruptionBudget"):
         matched = [w for w in m.workloads() if m.selector_matches(pdb["spec"]["selector"], w.labels)]
         assert len(matched) == 1, f"PDB {pdb['metadata']['name']} selects {len(matched)} workloads"
         covered.add(matched[0].component)
-    assert covered == {"api", "worker"}
-    worker_pdb = m.k8s_object("PodDisruptionBudget", "dermq-worker")["spec"]
-    assert "maxUnavailable" in worker_pdb, "minAvailable would block node drains with a single worker"
+    assert covered == {"api", "worker", "callbacks"}
+    for name in ("dermq-worker", "dermq-worker-callbacks"):
+        pdb = m.k8s_object("PodDisruptionBudget", name)["spec"]
+        assert "maxUnavailable" in pdb, f"{name}: minAvailable would block node drains with a single worker"
 
 
 def test_worker_termination_grace_outlasts_the_task_time_limit() -> None:
@@ -269,7 +271,7 @@ def test_each_pod_starts_with_valid_production_settings(
     assert names == m.SECRETS_READ[process], f"{component} must mount exactly {set(m.SECRETS_READ[process])}"
     if component in m.POSTGRES_CLIENTS:
         assert f"{secrets_dir}/dermq_database_url" in files, f"{component} needs the database URL"
-    if component in ("api", "worker"):
+    if component in ("api", "worker", "callbacks"):
         assert str(settings.key_file) in files, f"{component} reads {settings.key_file}, which is not mounted"
     if process == "flower":
         assert settings.require_flower_password() == m.PLACEHOLDER_SECRETS[m.FLOWER_PASSWORD]

@@ -1,6 +1,6 @@
 """deploy/k8s: what the pods do around their main process: keep the period keys out of Velero's
-file-system backups, size the worker's threads to its CPU limit, drain the API before it stops, and
-ship the audit witness off the pod."""
+file-system backups, size the worker's threads to its CPU limit, drain the API before it stops,
+ship the audit witness off the pod, and keep the callback worker off the GPUs and the patient data."""
 
 from __future__ import annotations
 
@@ -161,3 +161,30 @@ def test_init_containers_are_locked_down_and_sized_like_the_containers() -> None
             assert security.get("runAsUser", w.pod["securityContext"]["runAsUser"]) != 0, w.name
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(container["resources"][kind]), f"{w.name}: {kind}"
+
+
+def test_the_callback_worker_delivers_callbacks_alone_on_any_node_without_the_patient_data() -> None:
+    from core.config import CALLBACK_RECORD_SECONDS, Settings
+
+    w = m.workload("callbacks")
+    (container,) = w.containers
+    assert w.kind == "Deployment" and 1 <= w.obj["spec"]["replicas"] <= 2
+    assert container["image"] == "dermq-worker"
+    assert container["command"] == ["celery", "-A", m.CALLBACKS_APP, "worker", "--queues", "callbacks"]
+    # no GPU: neither requested nor scheduled for (the model is never loaded there)
+    for kind in ("requests", "limits"):
+        assert not any("gpu" in name for name in container["resources"][kind]), kind
+    assert "nodeSelector" not in w.pod and "tolerations" not in w.pod
+    assert _cpus(container["resources"]["limits"]["cpu"]) <= 1
+    # neither the period keys (no case's blob opens there) nor the audit witness (no sealer)
+    claims = [v for v in w.pod["volumes"] if "persistentVolumeClaim" in v]
+    assert not claims, f"{w.name} mounts {claims}"
+    env = m.container_environment(container)
+    assert "DERMQ_AUDIT_WITNESS_FILE" not in env and "DERMQ_AUDIT_SIGNING_KEY_FILE" not in env
+    threads = int(env["DERMQ_CALLBACK_WORKER_THREADS"])  # a setting in range (Settings refuses others)
+    assert Settings(_env_file=None, callback_worker_threads=threads).callback_worker_threads == threads
+    # the warm shutdown lets the attempts under way end: each within three timeouts, plus its record
+    timeout = float(
+        env.get("DERMQ_CALLBACK_TIMEOUT_SECONDS", Settings.model_fields["callback_timeout_seconds"].default)
+    )
+    assert w.pod["terminationGracePeriodSeconds"] > 3 * timeout + CALLBACK_RECORD_SECONDS

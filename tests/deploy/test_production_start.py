@@ -1,6 +1,7 @@
-"""The deployment starts as shipped: the API and a worker run in production mode with the environment
-and the secret-file modes that the Kubernetes manifests and the compose instructions give them (no
-container runtime needed: the same commands, variables and file modes, on this machine)."""
+"""The deployment starts as shipped: the API, a worker and the callback worker run in production mode
+with the environment and the secret-file modes that the Kubernetes manifests and the compose
+instructions give them (no container runtime needed: the same commands, variables and file modes, on
+this machine)."""
 
 from __future__ import annotations
 
@@ -201,3 +202,32 @@ def test_a_world_readable_key_file_stops_the_api_at_start_up(tmp_path: Path, sta
         assert server.proc.wait(60) != 0
     finally:
         server.stop()
+
+
+def test_the_callback_workers_manifest_starts_it_in_production_on_threads_without_period_keys(  # type: ignore[no-untyped-def]
+    tmp_path: Path, stack_env, runtime_database, production_redis
+) -> None:
+    # Its secrets (database URL, key file) with the modes the manifest gives them, and no period-key
+    # folder at all: it mounts none, and starting must not need one.
+    callbacks = manifests.workload("callbacks")
+    (container,) = callbacks.containers
+    modes = secret_modes(callbacks, container)
+    assert set(modes) == manifests.SECRETS_READ["callbacks"]
+    secrets_dir = tmp_path / "secrets"
+    write_secrets(secrets_dir, stack_env, modes, runtime_database)
+    (secrets_dir / SIGNING_KEY).unlink()  # not mounted there
+    env = production_env(manifests.container_environment(container), secrets_dir, stack_env)
+    assert env["DERMQ_ENVIRONMENT"] == "production"
+    assert not Path(env["DERMQ_PERIOD_KEY_DIR"]).exists()
+    queues = container["command"][container["command"].index("--queues") + 1]
+    process = processes.start_worker(
+        env, tmp_path / "callbacks.log", name="callbacks", app=manifests.CALLBACKS_APP, queues=queues
+    )
+    try:
+        pool = process.stats()["pool"]
+        assert "thread" in pool["implementation"], pool
+        assert pool["max-concurrency"] == int(env["DERMQ_CALLBACK_WORKER_THREADS"])
+        assert process.metrics(), "its metrics listener answers"
+        assert process.alive()
+    finally:
+        process.stop()

@@ -144,6 +144,10 @@ CONCERNS = {
     "Redis deleting keys when full": lambda e: "dermq_redis_maxmemory_policy_info" in e and "noeviction" in e,
     "case failure rate": lambda e: "dermq_jobs_total" in e and 'outcome="failed"' in e,
     "no worker up": lambda e: 'up{job="dermq-worker"}' in e,
+    "no callback worker up": lambda e: 'up{job="dermq-callbacks"}' in e,
+    "callbacks due that no callback worker takes": lambda e: (
+        "dermq_callback_queue_depth" in e and "dermq_callback_deliveries_total" in e
+    ),
     "drift": lambda e: "dermq_drift_alert" in e,
     "audit chain broken": lambda e: "dermq_audit_chain_ok" in e,
     "audit sealing stalled": lambda e: "dermq_audit_unsealed_age_seconds" in e,
@@ -210,6 +214,28 @@ def test_gpu_memory_alert_compares_a_cards_use_with_its_own_size(rules: list[dic
     )
 
 
+def test_the_callback_alerts_select_the_callback_workers_job_and_count_every_attempt(
+    rules: list[dict[str, Any]], scrape_jobs: dict[str, dict[str, Any]]
+) -> None:
+    # the Kubernetes relabelling names a job dermq-<component> (deploy/README.md): the same name here
+    relabel = "{source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component], replacement: 'dermq-$1'"
+    assert relabel in (m.DEPLOY / "README.md").read_text()
+    assert (
+        m.workload("callbacks").labels["app.kubernetes.io/component"] == "callbacks"
+        and "dermq-callbacks" in scrape_jobs
+    )
+    (down,) = [a for a in _alerts(rules) if a["alert"] == "DermqCallbackWorkerDown"]
+    assert " ".join(down["expr"].split()) == '(sum(up{job="dermq-callbacks"}) or vector(0)) == 0'
+    (taken,) = [a for a in _alerts(rules) if a["alert"] == "DermqCallbacksNotTaken"]
+    expr = " ".join(taken["expr"].split())
+    # any outcome counts as taken (a receiver that refuses is the clinic's matter), and no series at
+    # all (no attempt since the worker started) as none
+    assert expr == (
+        "max(dermq_callback_queue_depth) > 0 and on() "
+        "(sum(rate(dermq_callback_deliveries_total[15m])) or vector(0)) == 0"
+    ), expr
+
+
 def test_audit_chain_alert_is_critical_and_immediate(rules: list[dict[str, Any]]) -> None:
     (audit,) = [a for a in _alerts(rules) if "dermq_audit_chain_ok" in a["expr"]]
     assert audit["labels"]["severity"] == "critical"
@@ -248,6 +274,10 @@ def test_scrape_targets_are_the_metrics_listeners_of_the_services(scrape_jobs: d
     assert _targets(scrape_jobs["dermq-worker"]) == {
         (name, _setting(name, "DERMQ_WORKER_METRICS_PORT")) for name in ("worker", "worker-cpu")
     }
+    # a job of its own: a callback worker alone must not keep DermqNoWorkerUp quiet
+    assert _targets(scrape_jobs["dermq-callbacks"]) == {
+        ("worker-callbacks", _setting("worker-callbacks", "DERMQ_WORKER_METRICS_PORT"))
+    }
     assert _targets(scrape_jobs["dermq-flower"]) == {("flower", _setting("flower", "DERMQ_FLOWER_PORT"))}
     for job in scrape_jobs.values():
         assert job.get("metrics_path", "/metrics") == "/metrics"
@@ -255,7 +285,7 @@ def test_scrape_targets_are_the_metrics_listeners_of_the_services(scrape_jobs: d
 
 def test_scraped_ports_are_exposed_on_the_internal_network(scrape_jobs: dict[str, dict[str, Any]]) -> None:
     services = m.compose_services()
-    for job_name in ("dermq-api", "dermq-worker", "dermq-flower"):
+    for job_name in ("dermq-api", "dermq-worker", "dermq-callbacks", "dermq-flower"):
         for host, port in _targets(scrape_jobs[job_name]):
             assert str(port) in services[host].get("expose", []), f"{host}:{port} is scraped but not exposed"
             assert "backend" in services[host]["networks"] and "backend" in services["prometheus"]["networks"]

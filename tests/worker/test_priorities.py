@@ -62,13 +62,14 @@ def test_urgent_cases_are_served_before_a_routine_backlog(
             worker.stop()
 
 
-def test_the_sweeper_and_the_sealer_go_ahead_of_a_backlog_of_callbacks(settings, private_broker) -> None:  # type: ignore[no-untyped-def]
-    # They share the maintenance queue with the callbacks: behind deliveries to a clinic's slow
-    # endpoint they waited until their messages expired, and no stalled case was recovered meanwhile.
+def test_callbacks_wait_on_a_queue_no_classification_worker_reads(settings, private_broker) -> None:  # type: ignore[no-untyped-def]
+    # They shared the maintenance queue with the sweeper and the sealer, which a classification worker
+    # reads: each attempt held one of its children while a clinic's slow receiver took its time, and
+    # behind a backlog of them the periodic tasks waited until their messages expired.
     import uuid
 
     from core.publisher import callback_task, send
-    from core.queueing import QUEUE_MAINTENANCE, TASK_CALLBACK
+    from core.queueing import QUEUE_CALLBACKS, QUEUE_CASES, QUEUE_MAINTENANCE, TASK_CALLBACK
     from worker.celery_app import create_app
 
     app = create_app(settings.model_copy(update={"redis_url": private_broker.url}))
@@ -77,14 +78,18 @@ def test_the_sweeper_and_the_sealer_go_ahead_of_a_backlog_of_callbacks(settings,
         assert send(app, callback_task(uuid.uuid4()))
     for entry in ("sweep", "audit-seal"):
         app.send_task(schedule[entry]["task"], **schedule[entry]["options"])
-    taken = []
+    taken: dict[str, list[str]] = {}
     with app.connection_for_read() as connection:
         channel = connection.default_channel
-        for _ in range(3):  # the order a worker takes them in (Celery's own lists, one per priority step)
-            message = channel.basic_get(QUEUE_MAINTENANCE, no_ack=True)
-            assert message is not None
-            taken.append(message.headers["task"])
-    assert taken == [schedule["sweep"]["task"], schedule["audit-seal"]["task"], TASK_CALLBACK]
+        for queue in (QUEUE_CASES, QUEUE_MAINTENANCE, QUEUE_CALLBACKS):  # as a worker takes them, until none is left
+            taken[queue] = []
+            while (message := channel.basic_get(queue, no_ack=True)) is not None:
+                taken[queue].append(message.headers["task"])
+    assert taken == {
+        QUEUE_CASES: [],
+        QUEUE_MAINTENANCE: [schedule["sweep"]["task"], schedule["audit-seal"]["task"]],
+        QUEUE_CALLBACKS: [TASK_CALLBACK] * 5,
+    }
 
 
 def test_the_sweeper_goes_ahead_of_a_surge_of_urgent_cases(settings, private_broker) -> None:  # type: ignore[no-untyped-def]
