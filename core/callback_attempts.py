@@ -12,11 +12,10 @@ from datetime import UTC, timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core import audit
-from core.callbacks import SECRET_KIND, host_of, lease_seconds, now
+from core import audit, callback_secrets
+from core.callbacks import host_of, lease_seconds, now
 from core.config import Settings
-from core.crypto import Keyring, decrypt_blob
-from core.errors import DecryptionError
+from core.crypto import Keyring
 from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus, Clinic, ClinicCallback, Result
 
 # --------------------------------------------------------------------------- the notice
@@ -41,14 +40,15 @@ def notice(case: Case, outcome: str | None = None) -> bytes:
 @dataclass(frozen=True, slots=True)
 class Lease:
     """One attempt a worker holds: the row is leased to it until the lease ends or it records the
-    outcome. ``secret`` is None when the sealed secret cannot be opened (no retry can help)."""
+    outcome. ``secrets`` sign the notice (:func:`core.callback_secrets.signing`): none when the sealed
+    secret cannot be opened (no retry can help)."""
 
     case_id: uuid.UUID
     clinic_id: uuid.UUID
     attempt: int
     url: str
     body: bytes
-    secret: str | None = field(repr=False)
+    secrets: tuple[str, ...] = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,14 +109,10 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
         return None
     row.attempts += 1
     row.updated_at, row.leased_until = at, at + timedelta(seconds=lease_seconds(settings))
-    secret: str | None
-    try:
-        secret = decrypt_blob(keyring, endpoint.sealed_secret, case_id=row.clinic_id, kind=SECRET_KIND).decode()
-    except DecryptionError:
-        secret = None
+    signing = callback_secrets.signing(keyring, endpoint, at)
     result = session.get(Result, case_id)
     return Lease(
-        case_id, row.clinic_id, row.attempts, endpoint.url, notice(case, result.outcome if result else None), secret
+        case_id, row.clinic_id, row.attempts, endpoint.url, notice(case, result.outcome if result else None), signing
     )
 
 
@@ -134,7 +130,7 @@ def record_attempt(
     (``skipped``), though the attempt is still audited. ``hopeless``: no later attempt can do better
     (the URL is no longer one dermq calls): the delivery is given up now."""
     delivered = http_status is not None and 200 <= http_status < 300
-    hopeless = hopeless or lease.secret is None  # the clinic must register again
+    hopeless = hopeless or not lease.secrets  # the clinic must register again
     at = now()
     values: dict[str, object] = {
         "last_http_status": http_status,

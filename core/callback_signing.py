@@ -1,6 +1,6 @@
 """The signature of a completion callback, and how a receiver checks it.
 
-    Dermq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>
+    Dermq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>[,v1=...]
     Dermq-Event-Id: <case id>
 
 :func:`verify` is the reference for receivers: the signature matches, and its timestamp is within
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Sequence
 
 SIGNATURE_HEADER = "Dermq-Signature"
 EVENT_HEADER = "Dermq-Event-Id"
@@ -19,10 +20,14 @@ EVENT_HEADER = "Dermq-Event-Id"
 SIGNATURE_TOLERANCE_SECONDS = 300
 
 
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    """``t=<unix seconds>,v1=<hex HMAC-SHA256 over "<t>." + body>``."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
+def sign(secret: str | Sequence[str], body: bytes, timestamp: int) -> str:
+    """``t=<unix seconds>,v1=<hex HMAC-SHA256 over "<t>." + body>``: one ``v1`` for each of several
+    secrets, in their order (a rotated secret and the one it replaced: :mod:`core.callback_secrets`)."""
+    keys = [secret] if isinstance(secret, str) else list(secret)
+    signed = f"{timestamp}.".encode() + body
+    return ",".join(
+        [f"t={timestamp}", *(f"v1={hmac.new(k.encode(), signed, hashlib.sha256).hexdigest()}" for k in keys)]
+    )
 
 
 def verify(
@@ -39,6 +44,6 @@ def verify(
     timestamp = int(stamp)
     if abs((time.time() if at is None else at) - timestamp) > tolerance:
         return False
-    expected = sign(secret, body, timestamp).rpartition("v1=")[2]
+    expected = sign(secret, body, timestamp).rpartition("v1=")[2]  # one secret: one value
     # compare_digest refuses str holding non-ASCII characters, which a sender may put there
     return any(hmac.compare_digest(expected, value) for value in fields.get("v1", []) if value.isascii())

@@ -41,7 +41,6 @@ clinic) and is never logged. Which URLs are accepted is :mod:`core.callback_urls
 from __future__ import annotations
 
 import random
-import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,17 +53,17 @@ from sqlalchemy import Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, callback_secrets
 from core.callback_urls import validate_url
 from core.config import Settings
-from core.crypto import Keyring, encrypt_blob
+from core.crypto import Keyring
 from core.enqueue import enqueue
 from core.errors import Forbidden, NotFound, a_or_an
 from core.keys import Principal
 from core.models import CallbackDelivery, CallbackStatus, Case, ClinicCallback, Role
 from core.publisher import callback_task
 
-SECRET_KIND = "callback_secret"  # noqa: S105 - the blob kind, not a secret
+SECRET_KIND = callback_secrets.SECRET_KIND
 
 
 def now() -> datetime:
@@ -90,18 +89,20 @@ def register(
     """Set (or replace) the clinic's callback URL with a new signing secret; returns (row, secret).
 
     The secret is returned here only: dermq stores it sealed and never shows it again. Registering
-    again rotates it."""
+    again rotates it; the secret it replaces signs beside it until ``row.previous_secret_until``
+    (:mod:`core.callback_secrets`)."""
     clinic_id = _clinic_of(principal, "callback.register")
     url = validate_url(url, settings)
-    secret = "whsec_" + secrets.token_urlsafe(32)
-    sealed = encrypt_blob(keyring, secret.encode(), case_id=clinic_id, kind=SECRET_KIND)
+    secret = callback_secrets.new_secret()
+    at = now()
+    # the registration it replaces, locked: its secret signs beside the new one for a while
+    replaced = session.get(ClinicCallback, clinic_id, with_for_update=True)
     values = {
         "url": url,
-        "secret_ciphertext": sealed.ciphertext,
-        "secret_nonce": sealed.nonce,
-        "secret_wrapped_key": sealed.wrapped_key,
-        "kek_id": sealed.kek_id,
-        "updated_at": now(),
+        **callback_secrets.sealed(
+            keyring, clinic_id, secret, replaced=replaced, at=at, overlap=settings.callback_secret_overlap_hours
+        ),
+        "updated_at": at,
     }
     row = session.scalar(
         insert(ClinicCallback)

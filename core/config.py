@@ -195,6 +195,9 @@ class Settings(BaseSettings):
     callback_backoff_seconds: float = Field(2.0, gt=0)
     callback_backoff_max_seconds: float = Field(180.0, gt=0)
     callback_url_max_length: int = Field(2048, ge=64, le=8192)
+    #: hours the secret a callback registration replaces keeps signing beside the new one (0: none),
+    #: while the portal takes the new one into its configuration (core/callback_secrets.py)
+    callback_secret_overlap_hours: float = Field(24.0, ge=0, le=720)
     #: attempts one callback worker (worker.callbacks_app) makes at once, each on a thread of its own:
     #: they wait on clinics' servers, not on a core (each holds a pooled database connection only to
     #: lease its row and to record the answer)

@@ -277,12 +277,16 @@ def encrypt_blob(
     return SealedBlob(ciphertext, nonce, wrapped, wrapping)
 
 
-def decrypt_blob(keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str) -> bytes:
+def decrypt_blob(
+    keyring: Keyring, blob: SealedBlob, *, case_id: uuid.UUID, kind: str, aad_kind: str | None = None
+) -> bytes:
+    """``blob``'s plaintext; its payload bound to ``aad_kind`` where that differs from the data key's
+    ``kind`` (:func:`seal_beside`)."""
     data_key = _unwrap(keyring, blob.kek_id, blob.wrapped_key, case_id, kind)
     if len(blob.nonce) != NONCE_BYTES:  # every blob's is; AES-GCM would raise ValueError for one under 8 bytes
         raise DecryptionError("blob does not decrypt for this case and kind (its nonce is cut short)")
     try:
-        return AESGCM(data_key).decrypt(blob.nonce, blob.ciphertext, _payload_aad(case_id, kind))
+        return AESGCM(data_key).decrypt(blob.nonce, blob.ciphertext, _payload_aad(case_id, aad_kind or kind))
     except InvalidTag:
         raise DecryptionError("blob does not decrypt for this case and kind (tampered or moved)") from None
 
@@ -300,3 +304,27 @@ def rewrap_key(
     KEK). The payload is not needed (nor read): key rotation touches only the small wrapped keys."""
     data_key = _unwrap(keyring, kek_id, wrapped_key, case_id, kind)
     return _wrap(keyring, to or keyring.active_id, data_key, case_id, kind)
+
+
+def seal_beside(
+    keyring: Keyring, blob: SealedBlob, plaintext: bytes, *, case_id: uuid.UUID, kind: str, part: str
+) -> tuple[bytes, bytes]:
+    """Seal another ``plaintext`` under ``blob``'s data key, bound to ``part``: (ciphertext, nonce). The
+    one wrapped key serves both, so a key rotation that re-wraps ``blob`` keeps this readable too (a
+    clinic's callback secret and the one it replaced, signing beside it for a while)."""
+    data_key = _unwrap(keyring, blob.kek_id, blob.wrapped_key, case_id, kind)
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return AESGCM(data_key).encrypt(nonce, plaintext, _payload_aad(case_id, f"{kind}/{part}")), nonce
+
+
+def open_beside(
+    keyring: Keyring, blob: SealedBlob, ciphertext: bytes, nonce: bytes, *, case_id: uuid.UUID, kind: str, part: str
+) -> bytes:
+    """What :func:`seal_beside` sealed beside ``blob``; :class:`DecryptionError` if it does not open."""
+    return decrypt_blob(
+        keyring,
+        SealedBlob(ciphertext, nonce, blob.wrapped_key, blob.kek_id),
+        case_id=case_id,
+        kind=kind,
+        aad_kind=f"{kind}/{part}",
+    )

@@ -329,6 +329,11 @@ class ClinicCallback(Base):
     kek_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    #: the secret a registration replaced, sealed beside the current one under its data key
+    #: (core.crypto.seal_beside), signing beside it until ``previous_secret_until``
+    previous_secret_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    previous_secret_nonce: Mapped[bytes | None] = mapped_column(LargeBinary)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     @property
     def sealed_secret(self) -> SealedBlob:

@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from core import callback_attempts
@@ -152,8 +153,11 @@ def _resolved(host: str, port: int, settings: Settings) -> str:
     return outcome[0]
 
 
-def post(url: str, body: bytes, secret: str, settings: Settings, *, event_id: str) -> tuple[int | None, str | None]:
-    """POST the signed ``body``; returns (HTTP status or None, error class name or None). No redirects."""
+def post(
+    url: str, body: bytes, secret: str | Sequence[str], settings: Settings, *, event_id: str
+) -> tuple[int | None, str | None]:
+    """POST ``body`` signed with ``secret`` (or each of several, in order); returns (HTTP status or None,
+    error class name or None). No redirects."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
     host = parts.hostname or ""
@@ -206,8 +210,8 @@ def deliver(config: Settings, keyring: Keyring, case_id: uuid.UUID) -> callback_
         validate_url(held.url, config)
     except InvalidInput:
         error, refused = URL_REFUSED, True
-    if held.secret is not None and not refused:
-        status, error = post(held.url, held.body, held.secret, config, event_id=str(case_id))
+    if held.secrets and not refused:
+        status, error = post(held.url, held.body, held.secrets, config, event_id=str(case_id))
     with session_scope(config) as session:
         return callback_attempts.record_attempt(
             session, settings=config, lease=held, http_status=status, error=error, hopeless=refused

@@ -3,7 +3,7 @@ core/callback_urls.py for what URLs are accepted, core/callback_signing.py for t
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,12 @@ class CallbackOut(BaseModel):
     signature_header: str = SIGNATURE_HEADER
     created_at: datetime
     updated_at: datetime
+    previous_secret_valid_until: datetime | None = Field(
+        None,
+        description="until when the secret this registration replaced still signs each callback beside the "
+        "current one (a second v1 value in the signature header, before the current secret's), so that the "
+        "receiver can take the new secret into its configuration without refusing callbacks; null when none does",
+    )
 
 
 class DeliveryProblemOut(BaseModel):
@@ -67,7 +73,13 @@ class NewCallbackOut(CallbackOut):
 
 
 def _out(row: ClinicCallback) -> CallbackOut:
-    return CallbackOut(url=row.url, created_at=row.created_at, updated_at=row.updated_at)
+    until = row.previous_secret_until
+    return CallbackOut(
+        url=row.url,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        previous_secret_valid_until=until if until is not None and until > datetime.now(UTC) else None,
+    )
 
 
 @router.put(

@@ -8,6 +8,7 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -88,8 +89,21 @@ def test_a_clinic_registers_reads_rotates_and_removes_its_callback(client, tenan
         stored = b"".join([row.secret_ciphertext, row.secret_nonce, row.secret_wrapped_key, row.url.encode()])
         assert first["secret"].encode() not in stored and first["secret"][6:].encode() not in stored
 
+    assert first["previous_secret_valid_until"] is None
     rotated = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": "http://127.0.0.1:9/v2"}).json()
     assert rotated["secret"] != first["secret"] and rotated["created_at"] == first["created_at"]
+    # the secret it replaced signs beside it for a day (DERMQ_CALLBACK_SECRET_OVERLAP_HOURS), sealed too
+    until = datetime.fromisoformat(rotated["previous_secret_valid_until"])
+    assert timedelta(hours=23, minutes=59) < until - datetime.now(UTC) <= timedelta(hours=24)
+    assert (
+        client.get("/v1/clinic/callback", headers=tenant.headers).json()["previous_secret_valid_until"]
+        == (rotated["previous_secret_valid_until"])
+    )
+    with session_scope(settings) as session:
+        row = session.get(ClinicCallback, tenant.clinic_id)
+        assert row.previous_secret_ciphertext is not None and first["secret"][6:].encode() not in b"".join(
+            [row.previous_secret_ciphertext, row.previous_secret_nonce, row.secret_ciphertext]
+        )
 
     other = make_key()  # another clinic neither sees nor removes it
     assert client.get("/v1/clinic/callback", headers=other.headers).status_code == 404
@@ -113,6 +127,7 @@ def test_a_clinic_registers_reads_rotates_and_removes_its_callback(client, tenan
         "callback.register",
         "callback.read",  # the answer lists the clinic's cases whose deliveries failed
         "callback.register",
+        "callback.read",
         "callback.unregister",
     ]
     # where the news goes, for an auditor (the host only: a path or query may hold the receiver's token)
@@ -190,8 +205,44 @@ def test_a_finished_case_is_announced_signed_retried_and_audited(
 
 
 @pytest.mark.usefixtures("database")
+def test_after_a_rotation_both_secrets_sign_until_the_overlap_ends(
+    client, worker, callback_worker, tenant: Tenant, settings, store_case, publisher, jpeg_bytes: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    # A portal cannot take a new secret at the very moment dermq starts signing with it: the old one
+    # keeps signing beside it, so the portal's check passes with either while its configuration changes.
+    server = Receiver([])
+    try:
+        old = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": server.url}).json()["secret"]
+        new = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": server.url}).json()["secret"]
+        case_id = store_case(tenant, jpeg_bytes)
+        support.publish_classify(publisher, case_id, "routine")
+        support.wait_for(lambda: server.calls, timeout=120, what="the callback")
+        header, body = server.calls[0]["headers"]["Dermq-Signature"], server.calls[0]["body"]  # type: ignore[index]
+        assert verify(old, header, body) and verify(new, header, body)  # type: ignore[arg-type]
+        assert not verify("whsec_" + "x" * 43, header, body)  # type: ignore[arg-type]
+        # the previous secret's value first, the current one's last: a receiver that reads only the last
+        # v1 checks the new secret
+        stamp, *values = header.split(",")  # type: ignore[union-attr]
+        assert (
+            len(values) == 2 and verify(old, f"{stamp},{values[0]}", body) and verify(new, f"{stamp},{values[1]}", body)
+        )  # type: ignore[arg-type]
+        # once the overlap has ended, the new secret alone signs
+        with session_scope(settings) as session:
+            row = session.get(ClinicCallback, tenant.clinic_id)
+            row.previous_secret_until = datetime.now(UTC) - timedelta(seconds=1)
+        later = store_case(tenant, jpeg_bytes)
+        support.publish_classify(publisher, later, "routine")
+        support.wait_for(lambda: len(server.calls) >= 2, timeout=120, what="the second callback")
+        header, body = server.calls[1]["headers"]["Dermq-Signature"], server.calls[1]["body"]  # type: ignore[index]
+        assert header.count("v1=") == 1 and verify(new, header, body) and not verify(old, header, body)  # type: ignore[union-attr, arg-type]
+        assert client.get("/v1/clinic/callback", headers=tenant.headers).json()["previous_secret_valid_until"] is None
+    finally:
+        server.close()
+
+
+@pytest.mark.usefixtures("database")
 def test_a_failed_case_is_announced_too(
-    client, worker, tenant: Tenant, settings, store_case, publisher, jpeg_bytes: bytes
+    client, worker, callback_worker, tenant: Tenant, settings, store_case, publisher, jpeg_bytes: bytes
 ) -> None:  # type: ignore[no-untyped-def]
     server = Receiver([])
     try:

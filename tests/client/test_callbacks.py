@@ -110,3 +110,33 @@ def test_a_malformed_signature_header_is_refused_as_invalid(header: str) -> None
     with pytest.raises(InvalidSignature):
         verify_callback({"Dermq-Signature": header.format(now=int(time.time()))}, body, SECRET)
     assert not callback_signing.verify(SECRET, header.format(now=int(time.time())), body)  # the reference too
+
+
+def test_the_client_and_the_documented_verifier_accept_either_secret_after_a_rotation() -> None:
+    # docs/API.md's example is what portals copy: it must accept a rotation's two signatures (one for
+    # each secret), the new secret's alone, and refuse the rest without raising
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "API.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"```python\n(import hashlib, hmac, re, time\n.*?def valid\(.*?)```", text, re.S)
+    namespace: dict[str, object] = {}
+    exec(compile(code, "docs/API.md", "exec"), namespace)  # the documentation's own example
+    valid = namespace["valid"]
+    old, new, body, now = "whsec_old", "whsec_new", notice_body(), int(time.time())
+    both = callback_signing.sign([old, new], body, now)
+    for secret in (old, new):
+        assert valid(secret.encode(), both, body)  # type: ignore[operator]
+        verify_callback({callback_signing.SIGNATURE_HEADER: both, callback_signing.EVENT_HEADER: CASE_ID}, body, secret)
+    assert valid(new.encode(), callback_signing.sign(new, body, now), body)  # type: ignore[operator]
+    for header in (
+        both,  # another secret
+        callback_signing.sign([old, new], body, now - 600),  # stale
+        f"t={now},t={now},v1=" + "0" * 64,
+        "v1=,t=",
+        "",
+        "t=1e3,v1=zz",
+    ):
+        assert not valid(b"whsec_other", header, body)  # type: ignore[operator]
+    with pytest.raises(InvalidSignature):
+        verify_callback({callback_signing.SIGNATURE_HEADER: both, callback_signing.EVENT_HEADER: CASE_ID}, body, "x")

@@ -62,7 +62,7 @@ def row(settings: Settings, case_id: uuid.UUID) -> CallbackDelivery:
 
 def test_an_attempt_leases_its_row_and_a_late_one_is_fenced_out(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
     first = lease(settings, keyring, pending)
-    assert first is not None and first.attempt == 1 and first.secret and b'"status":"failed"' in first.body
+    assert first is not None and first.attempt == 1 and first.secrets and b'"status":"failed"' in first.body
     assert "whsec" not in repr(first)
     assert lease(settings, keyring, pending) is None  # a duplicated message while the POST runs
     assert record(settings, first, 500) == callback_attempts.Delivery("retry", 1, 500)
@@ -98,7 +98,7 @@ def test_attempts_end_in_failed(settings: Settings, keyring, pending) -> None:  
 def test_an_unreadable_secret_gives_up_at_once(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
     held = lease(settings, keyring, pending)
     assert held is not None
-    unreadable = callback_attempts.Lease(held.case_id, held.clinic_id, held.attempt, held.url, held.body, None)
+    unreadable = callback_attempts.Lease(held.case_id, held.clinic_id, held.attempt, held.url, held.body, ())
     assert record(settings, unreadable, None).outcome == "failed"
 
 
@@ -196,4 +196,4 @@ def test_a_secret_sealed_under_a_key_not_yet_on_this_worker_waits_for_it(  # typ
     waiting = row(settings, case_id)
     assert (waiting.status, waiting.attempts, waiting.leased_until) == ("pending", 0, None)
     held = lease(settings, rotated, case_id)
-    assert held is not None and held.attempt == 1 and held.secret
+    assert held is not None and held.attempt == 1 and held.secrets
