@@ -5,6 +5,7 @@ has a way out, HTTPS to public addresses."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -37,20 +38,24 @@ def _allowed_components(target_labels: dict[str, str], port: int) -> set[str]:
     return allowed
 
 
-def _egress_allowed(component: str, target_labels: dict[str, str], port: int) -> bool:
+def _egress_rules(component: str) -> Iterator[dict[str, Any]]:
+    """Every egress rule of the policies that select ``component``'s pods."""
     labels = m.workload(component).labels
     for policy in _policies():
         spec = policy["spec"]
-        if "Egress" not in spec["policyTypes"] or not m.selector_matches(spec["podSelector"], labels):
-            continue
-        for rule in spec.get("egress", []):
-            ports_ok = any(p.get("port") == port for p in rule.get("ports", []))
-            peers_ok = any(
-                "podSelector" in peer and m.selector_matches(peer["podSelector"], target_labels)
-                for peer in rule.get("to", [])
-            )
-            if ports_ok and peers_ok:
-                return True
+        if "Egress" in spec["policyTypes"] and m.selector_matches(spec["podSelector"], labels):
+            yield from spec.get("egress", [])
+
+
+def _egress_allowed(component: str, target_labels: dict[str, str], port: int) -> bool:
+    for rule in _egress_rules(component):
+        ports_ok = any(p.get("port") == port for p in rule.get("ports", []))
+        peers_ok = any(
+            "podSelector" in peer and m.selector_matches(peer["podSelector"], target_labels)
+            for peer in rule.get("to", [])
+        )
+        if ports_ok and peers_ok:
+            return True
     return False
 
 
@@ -114,15 +119,10 @@ def _ip_blocks(component: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(ipBlock, its rule) for every egress rule of the policies selecting ``component``'s pods that
     names addresses rather than pods; a rule without ``to`` reaches everywhere, as 0.0.0.0/0 and ::/0."""
     blocks = []
-    labels = m.workload(component).labels
-    for policy in _policies():
-        spec = policy["spec"]
-        if "Egress" not in spec["policyTypes"] or not m.selector_matches(spec["podSelector"], labels):
-            continue
-        for rule in spec.get("egress", []):
-            if not rule.get("to"):
-                blocks += [({"cidr": "0.0.0.0/0"}, rule), ({"cidr": "::/0"}, rule)]
-            blocks += [(peer["ipBlock"], rule) for peer in rule["to"] if "ipBlock" in peer]
+    for rule in _egress_rules(component):
+        if not rule.get("to"):
+            blocks += [({"cidr": "0.0.0.0/0"}, rule), ({"cidr": "::/0"}, rule)]
+        blocks += [(peer["ipBlock"], rule) for peer in rule.get("to", []) if "ipBlock" in peer]
     return blocks
 
 
