@@ -45,7 +45,8 @@ def erase(case_id: uuid.UUID, yes: bool) -> int:
     "purge-expired",
     help="crypto-shred every case past DERMQ_RETENTION_DAYS now, then destroy the keys of the periods whose "
     "cases are all purged and past retention plus DERMQ_PERIOD_KEY_GRACE_DAYS, and drop the monthly field "
-    "tally's months before DERMQ_FIELD_WINDOW_MONTHS, as beat's purge does",
+    "tally's months before DERMQ_FIELD_WINDOW_MONTHS and the settled callback deliveries older than "
+    "DERMQ_CALLBACK_HISTORY_DAYS, as beat's purge does",
 )
 @click.option("--dry-run", is_flag=True, help="say what would be purged, destroyed and dropped, and change nothing")
 def purge_expired(dry_run: bool) -> int:
@@ -68,6 +69,16 @@ def purge_expired(dry_run: bool) -> int:
     click.echo(
         f"dropped {cells} monthly field-tally count(s) older than the last {settings.field_window_months} months"
     )
+    deliveries = 0
+    while True:
+        with session_scope(settings) as session:
+            batch = retention.prune_callback_deliveries(session, settings)
+        deliveries += batch
+        if batch < retention.BATCH:
+            break
+    click.echo(
+        f"deleted {deliveries} settled callback delivery record(s) older than {settings.callback_history_days} days"
+    )
     return 0
 
 
@@ -77,6 +88,7 @@ def _purge_preview(settings: Settings) -> int:
     with session_scope(settings) as session:
         count, oldest = retention.expired_cases(session, settings)
         cells = retention.field_months_due(session, settings)
+        deliveries = retention.callback_deliveries_due(session, settings)
     since = f" (the oldest submitted {oldest:%Y-%m-%d})" if oldest is not None else ""
     click.echo(f"would purge {count} expired case(s){since}")
     due = period_shredding.due_for_destruction(settings)
@@ -84,5 +96,7 @@ def _purge_preview(settings: Settings) -> int:
     click.echo(
         f"would drop {cells} monthly field-tally count(s) older than the last {settings.field_window_months} months"
     )
+    days = settings.callback_history_days
+    click.echo(f"would delete {deliveries} settled callback delivery record(s) older than {days} days")
     click.echo("dry run: nothing was changed")
     return 0

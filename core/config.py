@@ -198,6 +198,9 @@ class Settings(BaseSettings):
     #: hours the secret a callback registration replaces keeps signing beside the new one (0: none),
     #: while the portal takes the new one into its configuration (core/callback_secrets.py)
     callback_secret_overlap_hours: float = Field(24.0, ge=0, le=720)
+    #: days a settled callback delivery (delivered, failed, cancelled) is kept before retention
+    #: deletes it (the audit trail keeps every attempt; a clinic's status reads the last day)
+    callback_history_days: int = Field(30, ge=1)
     #: attempts one callback worker (worker.callbacks_app) makes at once, each on a thread of its own:
     #: they wait on clinics' servers, not on a core (each holds a pooled database connection only to
     #: lease its row and to record the answer)

@@ -348,6 +348,8 @@ class CallbackDelivery(Base):
     __table_args__ = (
         CheckConstraint(f"status IN ({_values(CallbackStatus)})", name="status"),
         Index("ix_callback_deliveries_pending", "updated_at", postgresql_where=text("status = 'pending'")),
+        # migration 0027: the settled ones retention deletes once they are old (core.retention)
+        Index("ix_callback_deliveries_settled", "updated_at", postgresql_where=text("status <> 'pending'")),
         Index("ix_callback_deliveries_clinic", "clinic_id", "created_at"),
         Index(  # migration 0022: a clinic's latest problems (GET /v1/callback)
             "ix_callback_deliveries_problems",

@@ -24,7 +24,7 @@ from core import announcements, audit, cases, results
 from core.config import Settings
 from core.errors import NotFound
 from core.keys import Principal
-from core.models import Case, CaseStatus
+from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus
 from core.outcome_models import ConfirmedOutcome, OutcomeMonthlyTally
 
 BATCH = 500
@@ -109,6 +109,36 @@ def field_months_due(session: Session, settings: Settings) -> int:
     before = outcomes.window_start(settings.field_window_months)
     older = select(func.count()).select_from(OutcomeMonthlyTally).where(OutcomeMonthlyTally.month < before)
     return session.scalar(older) or 0
+
+
+def _settled_deliveries(settings: Settings, now: datetime | None) -> tuple[ColumnElement[bool], ...]:
+    """Callback deliveries retention deletes: settled (delivered, failed or cancelled) and last updated
+    more than ``callback_history_days`` ago (the partial index ix_callback_deliveries_settled)."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=settings.callback_history_days)
+    return (CallbackDelivery.status != CallbackStatus.PENDING.value, CallbackDelivery.updated_at < cutoff)
+
+
+def prune_callback_deliveries(
+    session: Session, settings: Settings, *, now: datetime | None = None, limit: int = BATCH
+) -> int:
+    """Delete up to ``limit`` settled callback deliveries older than ``callback_history_days`` (one
+    batch per call); returns how many. The outbox kept one row per finished case for good; a clinic's
+    status (``GET /v1/clinic/callback``) reads the last day, the sweeper only pending rows, and the
+    audit trail keeps every attempt (``callback.deliver``)."""
+    doomed = (
+        select(CallbackDelivery.case_id)
+        .where(*_settled_deliveries(settings, now))
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    deleted = session.execute(delete(CallbackDelivery).where(CallbackDelivery.case_id.in_(doomed.scalar_subquery())))
+    return int(getattr(deleted, "rowcount", 0) or 0)
+
+
+def callback_deliveries_due(session: Session, settings: Settings) -> int:
+    """How many callback deliveries :func:`prune_callback_deliveries` would delete now."""
+    query = select(func.count()).select_from(CallbackDelivery).where(*_settled_deliveries(settings, None))
+    return session.scalar(query) or 0
 
 
 def purge_expired(session: Session, settings: Settings, *, now: datetime | None = None) -> PurgeReport:

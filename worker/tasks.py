@@ -304,7 +304,8 @@ def purge() -> dict[str, object]:
     task's soft time limit has passed (one batch a run purged 12,000 cases a day at most, fewer than
     one host classifies: the backlog, and the old backups it keeps readable, grew for ever); then
     destroy the keys of periods whose every case is purged and past retention plus the grace (no
-    backup can decrypt them afterwards), and drop the monthly field tally's months before its window."""
+    backup can decrypt them afterwards), drop the monthly field tally's months before its window, and
+    delete the settled callback deliveries older than ``callback_history_days``."""
     config = settings()
     budget_ends = time.monotonic() + config.task_soft_time_limit / 2
     purged = 0
@@ -318,7 +319,15 @@ def purge() -> dict[str, object]:
         log.warning("retention left expired cases for its next run", extra={"event": "purge_backlog", "count": purged})
     with session_scope(config) as session:
         cells = retention.prune_field_months(session, config)
-    return {"purged": purged, "periods_destroyed": period_shredding.destroy_expired(config), "field_cells": cells}
+    destroyed = period_shredding.destroy_expired(config)
+    deliveries = 0
+    while time.monotonic() <= budget_ends:  # the settled callback deliveries past their history's days
+        with session_scope(config) as session:
+            batch = retention.prune_callback_deliveries(session, config)
+        deliveries += batch
+        if batch < retention.BATCH:
+            break
+    return {"purged": purged, "periods_destroyed": destroyed, "field_cells": cells, "callback_deliveries": deliveries}
 
 
 @app.task(name=TASK_DRIFT)

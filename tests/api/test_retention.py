@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from core.db import session_scope
-from core.models import AuditEvent, Case, CaseBlob, Result
+from core.models import AuditEvent, CallbackDelivery, Case, CaseBlob, Result
 from core.queueing import TASK_PURGE
 from tests import support
 from tests.api.test_cases import submit, wait_done
@@ -98,8 +98,21 @@ def test_retention_purge_runs_as_a_beat_task(client, worker, tenant, fixture_ima
             .where(Case.id == uuid.UUID(old_id))
             .values(created_at=datetime.now(UTC) - timedelta(days=settings.retention_days + 1))
         )
+        # and a callback delivery settled long ago: its record goes too (the audit trail keeps the attempts)
+        settled = datetime.now(UTC) - timedelta(days=settings.callback_history_days + 1)
+        session.add(
+            CallbackDelivery(
+                case_id=uuid.UUID(new_id), clinic_id=tenant.clinic_id, status="delivered", updated_at=settled
+            )
+        )
     make_publisher(settings).send_task(TASK_PURGE, queue="maintenance")
     support.wait_for(lambda: blobs(settings, old_id) == 0, timeout=60, what="the purge task")
+
+    def delivery_left() -> bool:
+        with session_scope(settings) as session:
+            return session.get(CallbackDelivery, uuid.UUID(new_id)) is not None
+
+    support.wait_for(lambda: not delivery_left(), timeout=60, what="the purge task to delete the settled delivery")
     assert blobs(settings, new_id) == 3
     assert client.get(f"/v1/cases/{new_id}", headers=tenant.headers).json()["result"]["label"]
     purged = client.get(f"/v1/cases/{old_id}", headers=tenant.headers).json()

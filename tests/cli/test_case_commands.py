@@ -81,3 +81,47 @@ def test_purging_by_hand_destroys_the_expired_periods_keys_as_beat_does(settings
     with session_scope(settings) as session:
         assert session.get(Case, finished).status == "purged"  # type: ignore[union-attr]
     assert run(settings, "case", "erase", str(waiting), "--yes").returncode == 0  # nothing live left behind
+
+
+def test_retention_deletes_settled_callback_deliveries_once_their_history_has_passed(
+    settings, tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    """The outbox kept a row per finished case for good; the audit trail keeps every attempt, and a
+    clinic's status reads the last day."""
+    from datetime import UTC, datetime, timedelta
+
+    from core.models import CallbackDelivery
+
+    old = datetime.now(UTC) - timedelta(days=settings.callback_history_days + 1)
+    rows = {
+        "old delivered": ("delivered", old),
+        "old cancelled": ("cancelled", old),
+        "recent failed": ("failed", datetime.now(UTC) - timedelta(days=1)),
+        "old pending": ("pending", old),  # still to be sent: never deleted
+    }
+    ids = {name: store_case(tenant, name.encode()) for name in rows}
+    with session_scope(settings) as session:
+        for name, (status, updated) in rows.items():
+            session.add(
+                CallbackDelivery(case_id=ids[name], clinic_id=tenant.clinic_id, status=status, updated_at=updated)
+            )
+    preview = run(settings, "case", "purge-expired", "--dry-run")
+    (would,) = [line for line in preview.stdout.splitlines() if line.startswith("would delete ")]
+    assert int(would.split()[2]) >= 2, preview.stdout
+    with session_scope(settings) as session:
+        assert (
+            session.scalar(
+                select(func.count()).select_from(CallbackDelivery).where(CallbackDelivery.case_id.in_(ids.values()))
+            )
+            == 4
+        )
+    done = run(settings, "case", "purge-expired")
+    assert done.returncode == 0, done.stderr
+    (deleted,) = [line for line in done.stdout.splitlines() if line.startswith("deleted ")]
+    assert int(deleted.split()[1]) >= 2
+    with session_scope(settings) as session:
+        left = set(
+            session.scalars(select(CallbackDelivery.case_id).where(CallbackDelivery.case_id.in_(ids.values()))).all()
+        )
+        assert left == {ids["recent failed"], ids["old pending"]}
+        session.query(CallbackDelivery).filter(CallbackDelivery.case_id.in_(left)).delete()  # nothing left behind
