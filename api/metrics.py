@@ -24,7 +24,7 @@ from api.deps import AppState
 from api.field_metrics import field_families
 from api.loop_watchdog import LoopWatchdog
 from core import audit_log
-from core.models import Case, CaseStatus, Priority
+from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus, Priority
 from core.queueing import (
     AUDIT_CHECK_KEY,
     DRIFT_KEY,
@@ -117,6 +117,11 @@ class StateCollector(Collector):
             "how long the case queued longest has waited since it was queued, in Postgres (0: none is queued); "
             "unlike the queue depth, which counts Redis's messages, it sees cases no message will bring",
         )
+        pending = GaugeMetricFamily(
+            "dermq_oldest_pending_callback_seconds",
+            "how long the completion callback pending longest has waited since its case finished (0: none is "
+            "pending); its attempts, backoff included, end within about 20 minutes by default",
+        )
         try:
             with self.app.sessions() as session:
                 lag = audit_log.unsealed_age(session)
@@ -142,17 +147,25 @@ class StateCollector(Collector):
                         Case.status == CaseStatus.QUEUED.value
                     )
                 )
+                # the pending rows only (ix_callback_deliveries_pending): few, however long the history
+                unsent = session.scalar(
+                    select(func.extract("epoch", func.now() - func.min(CallbackDelivery.created_at))).where(
+                        CallbackDelivery.status == CallbackStatus.PENDING.value
+                    )
+                )
             for status in (CaseStatus.QUEUED.value, CaseStatus.RUNNING.value):
                 cases.add_metric([status], counts.get(status, 0))
             stale.add_metric([], stuck or 0)
             unsealed.add_metric([], max(lag, 0.0) if lag is not None else 0.0)
             waiting.add_metric([], max(float(oldest), 0.0) if oldest is not None else 0.0)
+            pending.add_metric([], max(float(unsent), 0.0) if unsent is not None else 0.0)
         except Exception as exc:
             log.warning("case counts unavailable", extra={"error": type(exc).__name__})
         yield cases
         yield stale
         yield unsealed
         yield waiting
+        yield pending
 
         drift = GaugeMetricFamily(
             "dermq_drift_psi",

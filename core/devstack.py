@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         env,
     )
     # Completion callbacks on a worker of their own (threads, no model), its metrics on the next port
-    metrics_port = settings.worker_metrics_port and settings.worker_metrics_port + 1
+    # (none if the worker's is 0 or the last), in a metrics folder of its own
+    port = settings.worker_metrics_port
+    metrics_port = port + 1 if 0 < port < 65535 else 0
+    hooks_env = {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     stack.start(
         "hooks",
         [
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             *("-A", "worker.callbacks_app", "worker", "--queues", "callbacks", "--loglevel", "INFO"),
             *("--hostname", "callbacks@%h", "--without-mingle", "--without-gossip"),
         ],
-        {**env, "DERMQ_WORKER_METRICS_PORT": str(metrics_port)},
+        {**hooks_env, "DERMQ_WORKER_METRICS_PORT": str(metrics_port)},
     )
     stack.start(
         "beat", [*celery, "beat", "--loglevel", "INFO", "--schedule", str(state_dir / "celerybeat-schedule")], env

@@ -40,9 +40,10 @@ from worker.runtime import worker_concurrency
 FIELD_INTERVAL_SECONDS = 900.0
 
 
-#: The periodic tasks go to the maintenance queue ahead of its callbacks (Redis priority 0, the
-#: callbacks' the default 6): a backlog of deliveries to a clinic's slow endpoint made the sweeper and
-#: the audit sealer wait behind it until their messages expired, and no case was recovered meanwhile.
+#: The periodic tasks go to the maintenance queue at Redis priority 0, ahead of everything else a
+#: classification worker reads: behind a backlog (once of callbacks to a clinic's slow endpoint, which
+#: have a queue of their own now, core.queueing.QUEUE_CALLBACKS) the sweeper and the audit sealer
+#: waited until their messages expired, and no case was recovered meanwhile.
 PERIODIC = {"queue": QUEUE_MAINTENANCE, "priority": 0}
 
 #: How late a periodic task may still start, beyond its interval: beat stamps the expiry by its own

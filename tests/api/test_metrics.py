@@ -219,3 +219,28 @@ def test_callbacks_no_callback_worker_takes_show_in_the_queue_depth(settings, pr
         assert connection.default_channel.basic_get(QUEUE_CALLBACKS, no_ack=True) is not None
     assert depth() == 2
     client.close()
+
+
+def test_a_callback_pending_for_long_shows_in_its_age(settings, tenant, store_case) -> None:  # type: ignore[no-untyped-def]
+    # What DermqCallbacksStuck reads: attempts that fail before they are recorded leave the queue short
+    from types import SimpleNamespace
+
+    import redis
+
+    from api.metrics import StateCollector
+    from core.db import session_factory, session_scope
+    from core.models import CallbackDelivery
+
+    case_id = store_case(tenant, b"finished two hours ago")
+    with session_scope(settings) as session:
+        two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+        session.add(CallbackDelivery(case_id=case_id, clinic_id=tenant.clinic_id, created_at=two_hours_ago))
+    client = redis.Redis.from_url(settings.redis_url)
+    state = SimpleNamespace(settings=settings, redis=client, sessions=session_factory(settings))
+    try:
+        families = {family.name: family for family in StateCollector(state).collect()}  # type: ignore[arg-type]
+        assert families["dermq_oldest_pending_callback_seconds"].samples[0].value >= 7200
+    finally:
+        client.close()
+        with session_scope(settings) as session:
+            session.delete(session.get(CallbackDelivery, case_id))

@@ -13,6 +13,7 @@ DERMQ_METRICS = frozenset(
         "dermq_upload_rejections_total",
         "dermq_queue_depth",
         "dermq_callback_queue_depth",
+        "dermq_oldest_pending_callback_seconds",
         "dermq_cases",
         "dermq_stale_running_cases",
         "dermq_api_event_loop_heartbeat_timestamp_seconds",
