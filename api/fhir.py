@@ -217,6 +217,7 @@ FHIR_ACTIONS = {
     "case.purge": "D",
     "callback.register": "C",
     "callback.unregister": "D",
+    "callback.end_overlap": "U",
     "callback.read": "R",
     "callback.deliver": "E",
     "drift.read": "R",

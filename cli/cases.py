@@ -66,6 +66,7 @@ def purge_expired(dry_run: bool) -> int:
     click.echo(f"destroyed the keys of {len(destroyed)} period(s){': ' + ', '.join(destroyed) if destroyed else ''}")
     with session_scope(settings) as session:
         cells = retention.prune_field_months(session, settings)
+        retention.forget_replaced_callback_secrets(session)
     click.echo(
         f"dropped {cells} monthly field-tally count(s) older than the last {settings.field_window_months} months"
     )

@@ -52,7 +52,9 @@ ACTIONS: dict[str, str] = {
     "case.fail": "a case failed (its code says why)",
     "case.requeue": "the sweeper put a stuck case back in the queue",
     "case.purge": "retention or a period key's destruction crypto-shredded a case's patient data",
-    "callback.register": "a clinic set its completion callback (detail: the URL's scheme and host)",
+    "callback.register": "a clinic set its completion callback (detail: the URL's scheme and host; on a rotation, "
+    "until when the secrets it replaced still sign, or why they do not)",
+    "callback.end_overlap": "a clinic stopped the secrets its callback's rotations replaced from signing",
     "callback.unregister": "a clinic removed its completion callback",
     "callback.read": "a clinic read its callback settings",
     "callback.deliver": "dermq delivered (or gave up, or cancelled) a completion callback (detail: the attempt, "

@@ -1,4 +1,4 @@
-"""A clinic's callback signing secrets at rest: the current one, and for a while the one it replaced.
+"""A clinic's callback signing secrets at rest: the current one, and for a while those it replaced.
 
 Registering a callback again (``PUT /v1/clinic/callback``) rotates its secret. A portal cannot take
 the new secret into its configuration at the very moment dermq starts signing with it: until it has,
@@ -7,26 +7,66 @@ replaces keeps signing beside the new one for ``callback_secret_overlap_hours`` 
 not at all): ``Dermq-Signature: t=<t>,v1=<previous>,v1=<current>``, and a receiver accepts the
 notice if any ``v1`` matches a secret it holds (:func:`core.callback_signing.verify`; the Python
 client's ``verify_callback``). The current secret's signature comes last: a receiver that reads only
-one ``v1`` value, the last, checks the new secret's.
+one ``v1`` value, the last, checks the new secret's. ``DELETE /v1/clinic/callback/previous-secret``
+ends the overlap early (:func:`end_overlap`).
 
-Both are sealed under one data key (kind ``callback_secret``, bound to the clinic): the current secret
-as a blob, the previous one beside it (:func:`core.crypto.seal_beside`), so that a key rotation's
-re-wrap of the one wrapped key keeps both readable. A secret that will not open signs nothing.
+Rotated again within the overlap (a PUT whose answer was lost, then retried), the secret the portal
+may still hold is the one in force longest, not the one just replaced, which it may never have seen:
+both keep signing, each until its own overlap ends (at most :data:`MAX_PREVIOUS`; the oldest still
+signing is kept before any other).
+
+Everything is sealed under one data key (kind ``callback_secret``, bound to the clinic): the current
+secret as a blob, and the previous ones beside it in one payload (:func:`core.crypto.seal_beside`)
+with the end of each one's overlap, so a key rotation's re-wrap of the one wrapped key keeps them all
+readable, and a database writer can neither extend an overlap nor move a secret to another clinic.
+``previous_secret_until``, the last of those ends, is a copy to show and to find expired ones by. A
+previous secret that will not open signs nothing.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from core.crypto import Keyring, decrypt_blob, encrypt_blob, open_beside, seal_beside
-from core.errors import DecryptionError, KeyNotHeld
+from core.errors import DecryptionError
 from core.models import ClinicCallback
 
 SECRET_KIND = "callback_secret"  # noqa: S105 - the blob kind, not a secret
 PREVIOUS = "previous"
+#: replaced secrets that sign beside the current one at most
+MAX_PREVIOUS = 2
+#: the columns of a registration without previous secrets
+NO_PREVIOUS: dict[str, Any] = {
+    "previous_secret_ciphertext": None,
+    "previous_secret_nonce": None,
+    "previous_secret_until": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """What a registration did to the secrets it replaced, for its audit event (no secret in it)."""
+
+    rotated: bool
+    #: when the last replaced secret stops signing; None when none signs
+    previous_signs_until: datetime | None = None
+    #: why the replaced secret does not sign: ``overlap_off`` or ``undecryptable``
+    dropped: str | None = None
+
+    def detail(self) -> dict[str, Any]:
+        if not self.rotated:
+            return {}
+        until = self.previous_signs_until
+        return {
+            "rotated": True,
+            "previous_signs_until": None if until is None else until.isoformat(timespec="seconds"),
+            **({"previous_dropped": self.dropped} if self.dropped else {}),
+        }
 
 
 def new_secret() -> str:
@@ -34,8 +74,29 @@ def new_secret() -> str:
 
 
 def current(keyring: Keyring, row: ClinicCallback) -> str:
-    """The clinic's current secret; :class:`DecryptionError` if it does not open."""
+    """The clinic's current secret; :class:`DecryptionError` if it does not open (and
+    :class:`core.errors.KeyNotHeld` for a key that has not reached this process: retried)."""
     return decrypt_blob(keyring, row.sealed_secret, case_id=row.clinic_id, kind=SECRET_KIND).decode()
+
+
+def previous(keyring: Keyring, row: ClinicCallback) -> list[tuple[str, datetime]]:
+    """The replaced secrets sealed in ``row``, oldest first, each with the end of its overlap (expired
+    ones too); none if they do not open."""
+    if row.previous_secret_ciphertext is None or row.previous_secret_nonce is None:
+        return []
+    try:
+        plain = open_beside(
+            keyring,
+            row.sealed_secret,
+            row.previous_secret_ciphertext,
+            row.previous_secret_nonce,
+            case_id=row.clinic_id,
+            kind=SECRET_KIND,
+            part=PREVIOUS,
+        )
+        return [(str(e["secret"]), datetime.fromtimestamp(int(e["until"]), UTC)) for e in json.loads(plain)]
+    except (DecryptionError, ValueError, KeyError, TypeError, OverflowError):
+        return []
 
 
 def sealed(
@@ -46,62 +107,45 @@ def sealed(
     replaced: ClinicCallback | None,
     at: datetime,
     overlap: float,
-) -> dict[str, Any]:
-    """The columns of a registration whose secret is ``secret``: with the secret of the registration it
-    ``replaced`` still signing until ``overlap`` hours after ``at`` (none with an overlap of 0, or when
-    that secret does not open here: it could sign nothing anyway, and a registration is not refused for
-    a key that has not reached this process yet)."""
+) -> tuple[dict[str, Any], Rotation]:
+    """The columns of a registration whose secret is ``secret``, and what it did to the secrets of the
+    registration it ``replaced``: that one's current secret signs beside it until ``overlap`` hours
+    after ``at``, with the oldest of its previous ones still signing (none with an overlap of 0, or
+    when that secret does not open: it could sign nothing anyway). :class:`core.errors.KeyNotHeld`
+    when the replaced secret is under a key that has not reached this process (the caller retries)."""
     blob = encrypt_blob(keyring, secret.encode(), case_id=clinic_id, kind=SECRET_KIND)
     values: dict[str, Any] = {
         "secret_ciphertext": blob.ciphertext,
         "secret_nonce": blob.nonce,
         "secret_wrapped_key": blob.wrapped_key,
         "kek_id": blob.kek_id,
-        "previous_secret_ciphertext": None,
-        "previous_secret_nonce": None,
-        "previous_secret_until": None,
+        **NO_PREVIOUS,
     }
-    if replaced is None or overlap <= 0:
-        return values
+    if replaced is None:
+        return values, Rotation(rotated=False)
+    if overlap <= 0:
+        return values, Rotation(rotated=True, dropped="overlap_off")
     try:
-        previous = current(keyring, replaced)
-    except (DecryptionError, KeyNotHeld):
-        return values
-    ciphertext, nonce = seal_beside(
-        keyring, blob, previous.encode(), case_id=clinic_id, kind=SECRET_KIND, part=PREVIOUS
-    )
-    values.update(
-        previous_secret_ciphertext=ciphertext,
-        previous_secret_nonce=nonce,
-        previous_secret_until=at + timedelta(hours=overlap),
-    )
-    return values
+        replaced_secret = current(keyring, replaced)
+    except DecryptionError:
+        return values, Rotation(rotated=True, dropped="undecryptable")
+    until = (at + timedelta(hours=overlap)).replace(microsecond=0)  # as sealed: whole seconds
+    still = [(old, ends) for old, ends in previous(keyring, replaced) if ends > at]
+    kept = [*still[: MAX_PREVIOUS - 1], (replaced_secret, until)]  # the one in force longest, then the newest
+    payload = json.dumps([{"secret": old, "until": int(ends.timestamp())} for old, ends in kept]).encode()
+    ciphertext, nonce = seal_beside(keyring, blob, payload, case_id=clinic_id, kind=SECRET_KIND, part=PREVIOUS)
+    last = max(ends for _, ends in kept)
+    values.update(previous_secret_ciphertext=ciphertext, previous_secret_nonce=nonce, previous_secret_until=last)
+    return values, Rotation(rotated=True, previous_signs_until=last)
 
 
 def signing(keyring: Keyring, row: ClinicCallback, at: datetime) -> tuple[str, ...]:
-    """The secrets that sign a callback sent at ``at``: the previous one while its overlap lasts and it
-    opens, then the current one; none if the current one does not open (nothing can be signed)."""
+    """The secrets that sign a callback sent at ``at``: the previous ones whose overlap lasts, oldest
+    first, then the current one; none if the current one does not open (nothing can be signed)."""
     try:
         secret = current(keyring, row)
     except DecryptionError:
         return ()
-    if (
-        row.previous_secret_ciphertext is None
-        or row.previous_secret_nonce is None
-        or row.previous_secret_until is None
-        or row.previous_secret_until <= at
-    ):
+    if row.previous_secret_until is None or row.previous_secret_until <= at:
         return (secret,)
-    try:
-        previous = open_beside(
-            keyring,
-            row.sealed_secret,
-            row.previous_secret_ciphertext,
-            row.previous_secret_nonce,
-            case_id=row.clinic_id,
-            kind=SECRET_KIND,
-            part=PREVIOUS,
-        ).decode()
-    except DecryptionError:
-        return (secret,)
-    return (previous, secret)
+    return (*(old for old, ends in previous(keyring, row) if ends > at), secret)

@@ -16,7 +16,8 @@ with its API key (``GET /v1/cases/{id}``), an audited read like any other. The r
 signature with the secret it was shown once at registration (:func:`core.callback_signing.verify`
 is the reference), refuses timestamps more than a few minutes old (replays) and de-duplicates by
 the body's ``case_id``, which the signature covers (``Dermq-Event-Id`` repeats it, unsigned): delivery
-is at least once.
+is at least once. For a while after a registration rotated the secret, the secret it replaced signs
+too (a second ``v1`` value, before the current one's: :mod:`core.callback_secrets`).
 
 Delivery is durable. The outbox row (:class:`~core.models.CallbackDelivery`) is written in the
 transaction that ends the case, and its delivery task is enqueued on that same Session, sent once
@@ -33,9 +34,9 @@ steps, so that no row lock and no pooled connection is held while a clinic's ser
    attempt (``callback.deliver``: attempt number and HTTP status, never the body or the secret).
 
 Retries back off exponentially with jitter; the sweeper re-publishes rows whose message was lost.
-The signing secret is stored sealed by envelope encryption (kind ``callback_secret``, bound to the
-clinic) and is never logged. Which URLs are accepted is :mod:`core.callback_urls`; the signature is
-:mod:`core.callback_signing`.
+The signing secrets are stored sealed by envelope encryption (kind ``callback_secret``, bound to the
+clinic: :mod:`core.callback_secrets`) and are never logged. Which URLs are accepted is
+:mod:`core.callback_urls`; the signature is :mod:`core.callback_signing`.
 """
 
 from __future__ import annotations
@@ -97,13 +98,10 @@ def register(
     at = now()
     # the registration it replaces, locked: its secret signs beside the new one for a while
     replaced = session.get(ClinicCallback, clinic_id, with_for_update=True)
-    values = {
-        "url": url,
-        **callback_secrets.sealed(
-            keyring, clinic_id, secret, replaced=replaced, at=at, overlap=settings.callback_secret_overlap_hours
-        ),
-        "updated_at": at,
-    }
+    sealed, rotation = callback_secrets.sealed(
+        keyring, clinic_id, secret, replaced=replaced, at=at, overlap=settings.callback_secret_overlap_hours
+    )
+    values = {"url": url, **sealed, "updated_at": at}
     row = session.scalar(
         insert(ClinicCallback)
         .values(clinic_id=clinic_id, created_at=now(), **values)
@@ -120,9 +118,31 @@ def register(
         entity_type="clinic",
         entity_id=clinic_id,
         clinic_id=clinic_id,
-        detail={"scheme": urlsplit(url).scheme, "host": host_of(url)},
+        detail={"scheme": urlsplit(url).scheme, "host": host_of(url), **rotation.detail()},
     )
     return row, secret
+
+
+def end_overlap(session: Session, *, principal: Principal, actor: audit.Actor) -> None:
+    """Stop the secrets the clinic's last registrations replaced from signing now, before their
+    overlap ends (the portal has the new one, or an old one leaked): audited ``callback.end_overlap``."""
+    clinic_id = _clinic_of(principal, "callback.end_overlap")
+    row = session.get(ClinicCallback, clinic_id, with_for_update=True)
+    if row is None:
+        raise NotFound("no callback is registered for this clinic", code="callback_not_registered")
+    signing = row.previous_secret_until is not None and row.previous_secret_until > now()
+    for column, value in callback_secrets.NO_PREVIOUS.items():
+        setattr(row, column, value)
+    audit.record(
+        session,
+        action="callback.end_overlap",
+        outcome=audit.SUCCESS,
+        actor=actor,
+        entity_type="clinic",
+        entity_id=clinic_id,
+        clinic_id=clinic_id,
+        detail={"ended": signing},
+    )
 
 
 def registered(session: Session, *, principal: Principal, actor: audit.Actor) -> ClinicCallback:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, not_, or_, select, text
+from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from core import audit, deferred
@@ -297,37 +297,31 @@ def destroy_expired(settings: Settings, *, now: datetime | None = None) -> list[
 
 def due_for_destruction(settings: Settings, *, now: datetime | None = None) -> list[str]:
     """The periods :func:`destroy_expired` would destroy (or whose interrupted destruction it would
-    record) if the expired cases were purged first, as ``dermq case purge-expired`` does; nothing
-    changes (its ``--dry-run``). A period qualifies once it ended more than the retention plus the grace
-    ago and no case of it would be left live: each is purged already or would be (finished and past
-    retention)."""
+    complete) if the expired cases were purged first, as ``dermq case purge-expired`` does; nothing
+    changes (its ``--dry-run``). As :func:`destroy_period` asks: the period ended more than the
+    retention plus the grace ago (or is tombstoned without its audit event), and once the expired
+    cases are purged no case of it is left live and no blob is left under its key."""
+    from core import retention
+
     if settings.period_key_folder is None:
         return []
     at = now or datetime.now(UTC)
     margin = timedelta(days=settings.retention_days + settings.period_key_grace_days)
-    cutoff = at - timedelta(days=settings.retention_days)
     recorded = destructions_recorded(settings)
-    expiring = and_(Case.status.in_([CaseStatus.SUCCEEDED.value, CaseStatus.FAILED.value]), Case.created_at < cutoff)
+    purging = select(Case.id).where(*retention.expired(settings, at))  # what the purge takes first
     due = []
     with session_scope(settings) as session:
         for entry in folder(settings).list():
-            if entry.destroyed_at is not None:
-                if kek_id(entry.period) not in recorded:
-                    due.append(entry.period)
+            if entry.destroyed_at is not None and kek_id(entry.period) in recorded:
                 continue
             start, end = bounds(entry.period)
-            if end + margin > at:
+            if entry.destroyed_at is None and end + margin > at:
                 continue
-            left = session.scalar(
-                select(func.count())
-                .select_from(Case)
-                .where(
-                    Case.created_at >= start,
-                    Case.created_at < end,
-                    Case.status != CaseStatus.PURGED.value,
-                    not_(expiring),
-                )
-            )
-            if not left:
+            live = select(func.count()).select_from(Case)
+            live = live.where(Case.created_at >= start, Case.created_at < end, Case.status != CaseStatus.PURGED.value)
+            strays = select(func.count()).select_from(CaseBlob).where(CaseBlob.kek_id == kek_id(entry.period))
+            if not session.scalar(live.where(Case.id.not_in(purging))) and not session.scalar(
+                strays.where(CaseBlob.case_id.not_in(purging))
+            ):
                 due.append(entry.period)
     return due

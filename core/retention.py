@@ -17,14 +17,14 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, delete, func, select
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core import announcements, audit, cases, results
 from core.config import Settings
 from core.errors import NotFound
 from core.keys import Principal
-from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus
+from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus, ClinicCallback
 from core.outcome_models import ConfirmedOutcome, OutcomeMonthlyTally
 
 BATCH = 500
@@ -84,7 +84,7 @@ def _record(session: Session, case: Case, actor: audit.Actor, action: str, detai
     )
 
 
-def _expired(settings: Settings, now: datetime | None) -> tuple[ColumnElement[bool], ...]:
+def expired(settings: Settings, now: datetime | None = None) -> tuple[ColumnElement[bool], ...]:
     """The cases retention purges: finished, not purged, submitted more than ``retention_days`` ago."""
     cutoff = (now or datetime.now(UTC)) - timedelta(days=settings.retention_days)
     return (
@@ -97,7 +97,7 @@ def _expired(settings: Settings, now: datetime | None) -> tuple[ColumnElement[bo
 def expired_cases(session: Session, settings: Settings, *, now: datetime | None = None) -> tuple[int, datetime | None]:
     """How many cases :func:`purge_expired` would purge now, and when the oldest of them was submitted
     (what ``dermq case purge-expired --dry-run`` reports; nothing changes)."""
-    query = select(func.count(), func.min(Case.created_at)).where(*_expired(settings, now))
+    query = select(func.count(), func.min(Case.created_at)).where(*expired(settings, now))
     count, oldest = session.execute(query).one()
     return int(count), oldest
 
@@ -135,6 +135,17 @@ def prune_callback_deliveries(
     return int(getattr(deleted, "rowcount", 0) or 0)
 
 
+def forget_replaced_callback_secrets(session: Session) -> int:
+    """Empty the replaced callback secrets whose overlap has ended (they sign nothing any more, and
+    stayed sealed in the row until its next registration); returns how many rows."""
+    done = session.execute(
+        update(ClinicCallback)
+        .where(ClinicCallback.previous_secret_until <= func.now())
+        .values(previous_secret_ciphertext=None, previous_secret_nonce=None, previous_secret_until=None)
+    )
+    return int(getattr(done, "rowcount", 0) or 0)
+
+
 def callback_deliveries_due(session: Session, settings: Settings) -> int:
     """How many callback deliveries :func:`prune_callback_deliveries` would delete now."""
     query = select(func.count()).select_from(CallbackDelivery).where(*_settled_deliveries(settings, None))
@@ -143,15 +154,15 @@ def callback_deliveries_due(session: Session, settings: Settings) -> int:
 
 def purge_expired(session: Session, settings: Settings, *, now: datetime | None = None) -> PurgeReport:
     """Crypto-shred finished cases older than ``retention_days`` (one batch per call)."""
-    expired = session.scalars(
+    batch = session.scalars(
         select(Case)
-        .where(*_expired(settings, now))
+        .where(*expired(settings, now))
         .order_by(Case.created_at)
         .limit(BATCH)
         .with_for_update(skip_locked=True)
     ).all()
     report = PurgeReport()
-    for case in expired:
+    for case in batch:
         purge_case(session, case, actor=audit.SYSTEM, reason="retention")
         report.purged.append(str(case.id))
     return report

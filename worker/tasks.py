@@ -44,6 +44,7 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from core import callbacks, case_states, idempotency, outcomes, period_shredding, phi, recovery, results, retention
 from core.config import Settings
@@ -224,15 +225,20 @@ def _forward_callback(config: Settings, case_id: uuid.UUID) -> str:
     """A callback's message on the maintenance queue: sent by a release before callbacks had a queue of
     their own, or its retry (Celery sends a retry back to the queue its message came from). A
     classification worker takes that queue, and has no route out: the delivery, if still pending, goes
-    on to the callback workers (:mod:`worker.callbacks_app`), unattempted, and this message is done."""
+    on to the callback workers (:mod:`worker.callbacks_app`), unattempted, and this message is done. A
+    publish that fails (logged by core.publisher) or a database error leaves the delivery pending,
+    and the sweeper sends it again to the callbacks queue."""
+
+    def sent(_session: Session, _ids: list[uuid.UUID]) -> None:
+        log.info(
+            "callback passed on to the callback workers", extra={"event": "callback_forwarded", "case_id": str(case_id)}
+        )
+
     with session_scope(config) as session:
         row = session.get(CallbackDelivery, case_id)
         if row is None or row.status != CallbackStatus.PENDING.value:
             return "ignored"
-        enqueue(session, _the_publisher(config), callback_task(case_id))
-    log.info(
-        "callback passed on to the callback workers", extra={"event": "callback_forwarded", "case_id": str(case_id)}
-    )
+        enqueue(session, _the_publisher(config), callback_task(case_id), on_sent=sent)
     return "forwarded"
 
 
@@ -305,7 +311,8 @@ def purge() -> dict[str, object]:
     one host classifies: the backlog, and the old backups it keeps readable, grew for ever); then
     destroy the keys of periods whose every case is purged and past retention plus the grace (no
     backup can decrypt them afterwards), drop the monthly field tally's months before its window, and
-    delete the settled callback deliveries older than ``callback_history_days``."""
+    delete the settled callback deliveries older than ``callback_history_days`` and the replaced
+    callback secrets whose overlap has ended."""
     config = settings()
     budget_ends = time.monotonic() + config.task_soft_time_limit / 2
     purged = 0
@@ -319,6 +326,7 @@ def purge() -> dict[str, object]:
         log.warning("retention left expired cases for its next run", extra={"event": "purge_backlog", "count": purged})
     with session_scope(config) as session:
         cells = retention.prune_field_months(session, config)
+        retention.forget_replaced_callback_secrets(session)
     destroyed = period_shredding.destroy_expired(config)
     deliveries = 0
     while time.monotonic() <= budget_ends:  # the settled callback deliveries past their history's days

@@ -94,7 +94,9 @@ async def put_callback(
 ) -> NewCallbackOut:
     """When a case ends, dermq POSTs `{"type": "case.finished", "case_id", "status", "timestamp"}` to the
     URL, signed in `Dermq-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`. No patient
-    data is sent: fetch the result with `GET /v1/cases/{case_id}`. Registering again rotates the secret."""
+    data is sent: fetch the result with `GET /v1/cases/{case_id}`. Registering again rotates the secret;
+    the one it replaced signs beside the new one (another `v1` value, before the new one's) until
+    `previous_secret_valid_until`, so accept any `v1` that matches a secret you hold."""
     require_role(caller, Role.CLINIC)
 
     def register(session: Session) -> NewCallbackOut:
@@ -165,4 +167,25 @@ async def delete_callback(app: State, caller: AuthenticatedCaller, db: Db) -> Re
         callbacks.unregister(session, principal=caller.principal, actor=caller.actor)
 
     await db.run(unregister)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+@router.delete(
+    "/callback/previous-secret",
+    status_code=204,
+    responses=PROBLEMS,
+    dependencies=NO_QUERY,
+    summary="Stop the secrets a rotation replaced from signing callbacks now, before their overlap ends",
+)
+async def delete_previous_secret(app: State, caller: AuthenticatedCaller, db: Db) -> Response:
+    """After `PUT /v1/clinic/callback` rotated the secret, the one it replaced signs beside the new one
+    until `previous_secret_valid_until`. Once your receiver has the new secret (or if an old one
+    leaked), this ends that now: callbacks carry the current secret's signature alone."""
+    require_role(caller, Role.CLINIC)
+
+    def end(session: Session) -> None:
+        limit(caller, app, "submit")
+        callbacks.end_overlap(session, principal=caller.principal, actor=caller.actor)
+
+    await db.run(end)
     return Response(status_code=204, headers=NO_STORE)

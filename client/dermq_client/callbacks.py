@@ -1,11 +1,13 @@
 """Verify a completion callback exactly as dermq signs it::
 
-    Dermq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + raw body)>
+    Dermq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + raw body)>[,v1=...]
     Dermq-Event-Id: <case id>
 
-A signature matches when one of its ``v1`` values equals the HMAC of the raw body (compared in
-constant time) and its timestamp is within ``tolerance`` seconds of now (replays are refused). Any
-other header (non-ASCII, garbage, missing parts) is refused with :class:`InvalidSignature` too: the
+For a while after a rotation (registering the callback again) the header has a ``v1`` value for the
+replaced secret too, before the new one's. A signature matches when one of its ``v1`` values equals
+the HMAC of the raw body under one of the secrets given (compared in constant time) and its
+timestamp is within ``tolerance`` seconds of now (replays are refused). Any other header
+(non-ASCII, garbage, missing parts) is refused with :class:`InvalidSignature` too: the
 sender is not authenticated yet, so nothing it sends may raise anything else."""
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from dermq_client.errors import InvalidSignature
 from dermq_client.models import CallbackNotice, _time
@@ -39,7 +41,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 def verify_callback(
     headers: Mapping[str, str],
     body: bytes | str,
-    secret: str | bytes,
+    secret: str | bytes | Sequence[str | bytes],
     *,
     tolerance: float = TOLERANCE_SECONDS,
     now: float | None = None,
@@ -47,14 +49,18 @@ def verify_callback(
     """The notice of a callback whose signature verifies; :class:`InvalidSignature` otherwise.
 
     ``headers``: the request's headers (any mapping; names in any case). ``body``: the raw body,
-    exactly as received (not re-serialised JSON). ``secret``: what registering the callback showed."""
+    exactly as received (not re-serialised JSON). ``secret``: what registering the callback showed, or
+    several (the new one and the one it replaced, while your configuration changes to a rotated one)."""
     header = _header(headers, SIGNATURE_HEADER)
     if not header:
         raise InvalidSignature(f"no {SIGNATURE_HEADER} header")
     if not isinstance(header, str):  # a framework that hands over raw bytes
         raise InvalidSignature(f"the {SIGNATURE_HEADER} header is not text")
     raw = body.encode() if isinstance(body, str) else bytes(body)
-    key = secret.encode() if isinstance(secret, str) else bytes(secret)
+    keys = [
+        one.encode() if isinstance(one, str) else bytes(one)
+        for one in ([secret] if isinstance(secret, (str, bytes)) else list(secret))
+    ]
     fields: dict[str, list[str]] = {}
     for part in header.split(","):
         name, _, value = part.strip().partition("=")
@@ -63,9 +69,10 @@ def verify_callback(
     if not _TIMESTAMP.fullmatch(stamp):
         raise InvalidSignature("the signature has no valid timestamp")
     timestamp = int(stamp)
-    expected = hmac.new(key, f"{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
+    signed = f"{timestamp}.".encode() + raw
+    expected = [hmac.new(key, signed, hashlib.sha256).hexdigest() for key in keys]
     candidates = [value for value in fields.get("v1", []) if _MAC.fullmatch(value)]
-    if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):
+    if not any(hmac.compare_digest(mac, candidate) for mac in expected for candidate in candidates):
         raise InvalidSignature("the signature does not match the body")
     if abs((time.time() if now is None else now) - timestamp) > tolerance:
         raise InvalidSignature("the signature's timestamp is too old (or in the future)")

@@ -2,10 +2,15 @@
 
 Registering a callback again rotates its signing secret. Until now the old secret stopped signing at
 once, and every callback failed the portal's check until the new secret reached its configuration.
-The secret it replaced now keeps signing beside it (two ``v1`` values in ``Dermq-Signature``) until
-``previous_secret_until`` (``DERMQ_CALLBACK_SECRET_OVERLAP_HOURS``, 24 by default). It is sealed
-under the same data key as the current secret (core.crypto.seal_beside), so a key rotation's re-wrap
-keeps both readable and no other column is needed.
+The secrets it replaced now keep signing beside it (more ``v1`` values in ``Dermq-Signature``), each
+until its overlap ends (``DERMQ_CALLBACK_SECRET_OVERLAP_HOURS``, 24 by default; core.callback_secrets).
+They are sealed, with those ends, in one payload under the same data key as the current secret
+(core.crypto.seal_beside), so a key rotation's re-wrap keeps them readable and no other key column is
+needed; ``previous_secret_until`` is a copy of the last end, to show and to find expired ones by.
+
+During a rolling upgrade, an API process of the release before that registers a callback leaves
+these columns as they were: they no longer open under the new secret's data key, so they sign
+nothing, though ``GET /v1/clinic/callback`` may show their end until the next registration or purge.
 
 Downgrade drops the columns: the previous secrets stop signing (as before this release).
 

@@ -104,6 +104,12 @@ def test_a_clinic_registers_reads_rotates_and_removes_its_callback(client, tenan
         assert row.previous_secret_ciphertext is not None and first["secret"][6:].encode() not in b"".join(
             [row.previous_secret_ciphertext, row.previous_secret_nonce, row.secret_ciphertext]
         )
+    # the receiver has the new secret: the old one stops signing now
+    assert client.delete("/v1/clinic/callback/previous-secret", headers=tenant.headers).status_code == 204
+    assert client.get("/v1/clinic/callback", headers=tenant.headers).json()["previous_secret_valid_until"] is None
+    with session_scope(settings) as session:
+        assert session.get(ClinicCallback, tenant.clinic_id).previous_secret_ciphertext is None  # type: ignore[union-attr]
+    assert client.delete("/v1/clinic/callback/previous-secret", headers=tenant.headers).status_code == 204  # again
 
     other = make_key()  # another clinic neither sees nor removes it
     assert client.get("/v1/clinic/callback", headers=other.headers).status_code == 404
@@ -128,10 +134,21 @@ def test_a_clinic_registers_reads_rotates_and_removes_its_callback(client, tenan
         "callback.read",  # the answer lists the clinic's cases whose deliveries failed
         "callback.register",
         "callback.read",
+        "callback.end_overlap",
+        "callback.read",
+        "callback.end_overlap",
         "callback.unregister",
     ]
-    # where the news goes, for an auditor (the host only: a path or query may hold the receiver's token)
-    assert events[0].detail == events[2].detail == {"scheme": "http", "host": "127.0.0.1"}
+    # where the news goes, for an auditor (the host only: a path or query may hold the receiver's token),
+    # and on a rotation until when the replaced secret signs
+    assert events[0].detail == {"scheme": "http", "host": "127.0.0.1"}
+    assert events[2].detail == {
+        "scheme": "http",
+        "host": "127.0.0.1",
+        "rotated": True,
+        "previous_signs_until": rotated["previous_secret_valid_until"].replace("Z", "+00:00"),
+    }
+    assert [events[4].detail, events[6].detail] == [{"ended": True}, {"ended": False}]
     assert all(first["secret"] not in json.dumps(e.detail) for e in events)
 
 

@@ -140,3 +140,11 @@ def test_the_client_and_the_documented_verifier_accept_either_secret_after_a_rot
         assert not valid(b"whsec_other", header, body)  # type: ignore[operator]
     with pytest.raises(InvalidSignature):
         verify_callback({callback_signing.SIGNATURE_HEADER: both, callback_signing.EVENT_HEADER: CASE_ID}, body, "x")
+    # a receiver still changing over accepts either secret it holds, whichever signs
+    for header in (both, callback_signing.sign(new, body, now), callback_signing.sign(old, body, now)):
+        headers = {callback_signing.SIGNATURE_HEADER: header, callback_signing.EVENT_HEADER: CASE_ID}
+        assert verify_callback(headers, body, [new, old.encode()]).case_id == CASE_ID
+    with pytest.raises(InvalidSignature):
+        verify_callback(
+            {callback_signing.SIGNATURE_HEADER: callback_signing.sign(old, body, now)}, body, ["whsec_x", new]
+        )

@@ -1,23 +1,35 @@
-"""A rotated callback secret and the one it replaced: both sign while the overlap lasts, the new one
-alone after it; the previous one is sealed beside the current one, so a key rotation's re-wrap of the
-row's one wrapped key keeps both readable; one that will not open signs nothing."""
+"""A rotated callback secret and those it replaced: each replaced one signs while its overlap lasts,
+the new one alone after; rotated again within an overlap, the secret in force longest keeps signing;
+the previous ones are sealed beside the current one with their overlaps' ends, so a key rotation's
+re-wrap of the row's one wrapped key keeps them readable and a database writer cannot extend an
+overlap; one that will not open signs nothing."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from core import callback_secrets
 from core.crypto import Keyring, rewrap_key
+from core.errors import KeyNotHeld
 from core.models import ClinicCallback
 
 T0 = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+HOUR = timedelta(hours=1)
 
 
 def registered(
-    keyring: Keyring, clinic_id: uuid.UUID, secret: str, replaced: ClinicCallback | None = None, overlap: float = 24.0
+    keyring: Keyring,
+    clinic_id: uuid.UUID,
+    secret: str,
+    replaced: ClinicCallback | None = None,
+    *,
+    at: datetime = T0,
+    overlap: float = 24.0,
 ) -> ClinicCallback:
-    values = callback_secrets.sealed(keyring, clinic_id, secret, replaced=replaced, at=T0, overlap=overlap)
+    values, _ = callback_secrets.sealed(keyring, clinic_id, secret, replaced=replaced, at=at, overlap=overlap)
     return ClinicCallback(clinic_id=clinic_id, url="https://portal.example/hook", **values)
 
 
@@ -25,26 +37,49 @@ def test_the_replaced_secret_signs_first_until_the_overlap_ends(keyring: Keyring
     clinic = uuid.uuid4()
     first = registered(keyring, clinic, "whsec_old")
     assert callback_secrets.signing(keyring, first, T0) == ("whsec_old",)
-    rotated = registered(keyring, clinic, "whsec_new", replaced=first)
-    assert rotated.previous_secret_until == T0 + timedelta(hours=24)
+    values, rotation = callback_secrets.sealed(keyring, clinic, "whsec_new", replaced=first, at=T0, overlap=24)
+    rotated = ClinicCallback(clinic_id=clinic, url="https://portal.example/hook", **values)
+    assert rotation.detail() == {"rotated": True, "previous_signs_until": "2026-12-07T09:00:00+00:00"}
+    assert rotated.previous_secret_until == T0 + 24 * HOUR
     assert b"whsec_old" not in rotated.previous_secret_ciphertext  # type: ignore[operator]
-    assert callback_secrets.signing(keyring, rotated, T0 + timedelta(hours=23)) == ("whsec_old", "whsec_new")
-    assert callback_secrets.signing(keyring, rotated, T0 + timedelta(hours=24)) == ("whsec_new",)
-    # rotated again within the overlap: the secret it replaces now is the one in force, not the oldest
-    again = registered(keyring, clinic, "whsec_newer", replaced=rotated)
-    assert callback_secrets.signing(keyring, again, T0) == ("whsec_new", "whsec_newer")
+    assert callback_secrets.signing(keyring, rotated, T0 + 23 * HOUR) == ("whsec_old", "whsec_new")
+    assert callback_secrets.signing(keyring, rotated, T0 + 24 * HOUR) == ("whsec_new",)
+
+
+def test_rotated_again_within_the_overlap_the_secret_in_force_longest_still_signs(keyring: Keyring) -> None:
+    # A PUT whose answer was lost, then retried: the portal still holds A and never saw B
+    clinic = uuid.uuid4()
+    a = registered(keyring, clinic, "whsec_a")
+    b = registered(keyring, clinic, "whsec_b", a, at=T0)
+    c = registered(keyring, clinic, "whsec_c", b, at=T0 + HOUR)
+    assert callback_secrets.signing(keyring, c, T0 + 2 * HOUR) == ("whsec_a", "whsec_b", "whsec_c")
+    assert callback_secrets.signing(keyring, c, T0 + 24 * HOUR) == ("whsec_b", "whsec_c")  # A's own overlap ended
+    d = registered(keyring, clinic, "whsec_d", c, at=T0 + 2 * HOUR)  # at most two replaced ones: A and C
+    assert callback_secrets.signing(keyring, d, T0 + 3 * HOUR) == ("whsec_a", "whsec_c", "whsec_d")
+    after = registered(keyring, clinic, "whsec_e", d, at=T0 + 25 * HOUR)  # A's overlap is over by now, C's not
+    assert callback_secrets.signing(keyring, after, T0 + 25 * HOUR) == ("whsec_c", "whsec_d", "whsec_e")
 
 
 def test_no_overlap_when_it_is_set_to_zero(keyring: Keyring) -> None:
     clinic = uuid.uuid4()
-    rotated = registered(keyring, clinic, "whsec_new", replaced=registered(keyring, clinic, "whsec_old"), overlap=0)
-    assert rotated.previous_secret_ciphertext is None and rotated.previous_secret_until is None
+    first = registered(keyring, clinic, "whsec_old")
+    values, rotation = callback_secrets.sealed(keyring, clinic, "whsec_new", replaced=first, at=T0, overlap=0)
+    assert values["previous_secret_ciphertext"] is None and values["previous_secret_until"] is None
+    assert rotation.detail() == {"rotated": True, "previous_signs_until": None, "previous_dropped": "overlap_off"}
+    rotated = ClinicCallback(clinic_id=clinic, url="https://portal.example/hook", **values)
     assert callback_secrets.signing(keyring, rotated, T0) == ("whsec_new",)
+
+
+def test_a_database_writer_cannot_extend_an_overlap(keyring: Keyring) -> None:
+    clinic = uuid.uuid4()
+    rotated = registered(keyring, clinic, "whsec_new", registered(keyring, clinic, "whsec_old"))
+    rotated.previous_secret_until = T0 + 1000 * HOUR  # the column is a copy; the sealed end decides
+    assert callback_secrets.signing(keyring, rotated, T0 + 25 * HOUR) == ("whsec_new",)
 
 
 def test_a_key_rotation_rewrap_keeps_both_readable(keyring: Keyring) -> None:
     clinic = uuid.uuid4()
-    rotated = registered(keyring, clinic, "whsec_new", replaced=registered(keyring, clinic, "whsec_old"))
+    rotated = registered(keyring, clinic, "whsec_new", registered(keyring, clinic, "whsec_old"))
     moved = keyring.with_new_active_key()
     # what core.keyrotation.rewrap_all does to the row: its one wrapped key, nothing else
     rotated.secret_wrapped_key = rewrap_key(
@@ -57,26 +92,24 @@ def test_a_key_rotation_rewrap_keeps_both_readable(keyring: Keyring) -> None:
 
 def test_a_previous_secret_that_does_not_open_signs_nothing(keyring: Keyring) -> None:
     clinic = uuid.uuid4()
-    rotated = registered(keyring, clinic, "whsec_new", replaced=registered(keyring, clinic, "whsec_old"))
-    tampered = bytes([rotated.previous_secret_ciphertext[0] ^ 1]) + rotated.previous_secret_ciphertext[1:]  # type: ignore[index]
-    rotated.previous_secret_ciphertext = tampered
+    rotated = registered(keyring, clinic, "whsec_new", registered(keyring, clinic, "whsec_old"))
+    sealed = rotated.previous_secret_ciphertext
+    assert sealed is not None
+    rotated.previous_secret_ciphertext = bytes([sealed[0] ^ 1]) + sealed[1:]
     assert callback_secrets.signing(keyring, rotated, T0) == ("whsec_new",)
     # nor one moved to another clinic's row: each is bound to its clinic
     other = registered(keyring, uuid.uuid4(), "whsec_other")
-    source = registered(keyring, clinic, "whsec_new", replaced=registered(keyring, clinic, "whsec_old"))
-    other.previous_secret_ciphertext, other.previous_secret_nonce = (
-        source.previous_secret_ciphertext,
-        source.previous_secret_nonce,
-    )
-    other.previous_secret_until = T0 + timedelta(hours=1)
+    source = registered(keyring, clinic, "whsec_new", registered(keyring, clinic, "whsec_old"))
+    other.previous_secret_ciphertext = source.previous_secret_ciphertext
+    other.previous_secret_nonce = source.previous_secret_nonce
+    other.previous_secret_until = T0 + HOUR
     assert callback_secrets.signing(keyring, other, T0) == ("whsec_other",)
 
 
-def test_a_replaced_secret_under_a_key_not_held_is_not_carried(keyring: Keyring) -> None:
-    # a registration is not refused because the old secret's key has not reached this process
+def test_a_replaced_secret_under_a_key_not_held_refuses_the_registration_for_now(keyring: Keyring) -> None:
+    # as every read of sealed data does while a key rotation rolls out: the caller retries (503
+    # key_unavailable), rather than the overlap being dropped without a word
     clinic = uuid.uuid4()
-    elsewhere = keyring.with_new_active_key()
-    first = registered(elsewhere, clinic, "whsec_old")
-    rotated = registered(keyring, clinic, "whsec_new", replaced=first)
-    assert rotated.previous_secret_ciphertext is None
-    assert callback_secrets.signing(keyring, rotated, T0) == ("whsec_new",)
+    first = registered(keyring.with_new_active_key(), clinic, "whsec_old")
+    with pytest.raises(KeyNotHeld):
+        callback_secrets.sealed(keyring, clinic, "whsec_new", replaced=first, at=T0, overlap=24)
