@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     #: Prometheus /metrics of a worker host (all prefork children aggregated); 0 turns it off.
     worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    #: make run's callback worker's /metrics, beside the worker's on one machine (a deployment runs the
+    #: callback worker in a container of its own, on its DERMQ_WORKER_METRICS_PORT); 0 turns it off
+    callback_worker_metrics_port: int = Field(9102, ge=0, le=65535)
     #: Serve HTTPS directly from uvicorn (otherwise terminate TLS at nginx, see deploy/nginx).
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None

@@ -212,10 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         env,
     )
-    # Completion callbacks on a worker of their own (threads, no model), its metrics on the next port
-    # (none if the worker's is 0 or the last), in a metrics folder of its own
-    port = settings.worker_metrics_port
-    metrics_port = port + 1 if 0 < port < 65535 else 0
+    # Completion callbacks on a worker of their own (threads, no model), its metrics on a port and in a
+    # metrics folder of its own
+    metrics_port = settings.callback_worker_metrics_port
     hooks_env = {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     stack.start(
         "hooks",

@@ -25,6 +25,7 @@ def fresh_stack_env(tmp_path: Path) -> dict[str, str]:
         DERMQ_API_PORT=str(support.free_port()),
         DERMQ_METRICS_PORT=str(support.free_port()),
         DERMQ_WORKER_METRICS_PORT=str(support.free_port()),
+        DERMQ_CALLBACK_WORKER_METRICS_PORT=str(support.free_port()),
         DERMQ_FLOWER_PORT=str(support.free_port()),
     )
     support.drop_database(env["DERMQ_DATABASE_URL"])  # make run must create the database itself

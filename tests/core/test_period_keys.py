@@ -392,26 +392,3 @@ def test_a_destruction_interrupted_before_its_event_is_completed_and_recorded_on
     assert [(e.outcome, e.entity_id, e.detail.get("completes_interrupted")) for e in events] == [
         ("success", kek_id(period), True)
     ]
-
-
-def test_the_dry_run_names_the_periods_the_purge_then_destroys(site: Site) -> None:
-    """``dermq case purge-expired --dry-run``: a period qualifies as destroy_period judges it, after the
-    expired cases are purged; a case purged by an older release that left a blob under its period's
-    key keeps that key (the dry run named it, and the real run refused it, every run)."""
-    expiring_at, stray_at = NOW - timedelta(days=150), NOW - timedelta(days=100)
-    expiring, stray = case_created(site, expiring_at, b"expired"), case_created(site, stray_at, b"left behind")
-    assert keyrotation.rewrap_all(site.settings).remaining == 0
-    with session_scope(site.settings) as session:  # purged, but one of its blobs is still there
-        session.execute(
-            update(Case)
-            .where(Case.id == stray)
-            .values(status=CaseStatus.PURGED.value, purged_at=NOW - timedelta(days=1))
-        )
-    gone, kept = site.period(expiring_at), site.period(stray_at)
-    predicted = period_shredding.due_for_destruction(site.settings)
-    assert gone in predicted and kept not in predicted
-    with session_scope(site.settings) as session:
-        assert session.get(Case, expiring).status == CaseStatus.SUCCEEDED.value  # type: ignore[union-attr]
-    with session_scope(site.settings) as session:
-        retention.purge_expired(session, site.settings)
-    assert period_shredding.destroy_expired(site.settings) == predicted
