@@ -11,9 +11,9 @@ one ``v1`` value, the last, checks the new secret's. ``DELETE /v1/clinic/callbac
 ends the overlap early (:func:`end_overlap`).
 
 Rotated again within the overlap (a PUT whose answer was lost, then retried), the secret the portal
-may still hold is the one in force longest, not the one just replaced, which it may never have seen:
-both keep signing, each until its own overlap ends (at most :data:`MAX_PREVIOUS`; the oldest still
-signing is kept before any other).
+holds may be any of those replaced, not the one just replaced, which it may never have seen: each
+keeps signing until its own overlap ends (at most :data:`MAX_PREVIOUS` of them, the oldest dropped
+first past that).
 
 Everything is sealed under one data key (kind ``callback_secret``, bound to the clinic): the current
 secret as a blob, and the previous ones beside it in one payload (:func:`core.crypto.seal_beside`)
@@ -38,8 +38,8 @@ from core.models import ClinicCallback
 
 SECRET_KIND = "callback_secret"  # noqa: S105 - the blob kind, not a secret
 PREVIOUS = "previous"
-#: replaced secrets that sign beside the current one at most
-MAX_PREVIOUS = 2
+#: replaced secrets that sign beside the current one at most (a v1 value of 68 bytes each)
+MAX_PREVIOUS = 4
 #: the columns of a registration without previous secrets
 NO_PREVIOUS: dict[str, Any] = {
     "previous_secret_ciphertext": None,
@@ -95,7 +95,7 @@ def previous(keyring: Keyring, row: ClinicCallback) -> list[tuple[str, datetime]
             part=PREVIOUS,
         )
         return [(str(e["secret"]), datetime.fromtimestamp(int(e["until"]), UTC)) for e in json.loads(plain)]
-    except (DecryptionError, ValueError, KeyError, TypeError, OverflowError):
+    except (DecryptionError, ValueError, KeyError, TypeError, OverflowError, OSError):
         return []
 
 
@@ -110,8 +110,8 @@ def sealed(
 ) -> tuple[dict[str, Any], Rotation]:
     """The columns of a registration whose secret is ``secret``, and what it did to the secrets of the
     registration it ``replaced``: that one's current secret signs beside it until ``overlap`` hours
-    after ``at``, with the oldest of its previous ones still signing (none with an overlap of 0, or
-    when that secret does not open: it could sign nothing anyway). :class:`core.errors.KeyNotHeld`
+    after ``at``, and so do its previous ones until their own ends (none with an overlap of 0, or when
+    that secret does not open: it could sign nothing anyway). :class:`core.errors.KeyNotHeld`
     when the replaced secret is under a key that has not reached this process (the caller retries)."""
     blob = encrypt_blob(keyring, secret.encode(), case_id=clinic_id, kind=SECRET_KIND)
     values: dict[str, Any] = {
@@ -131,7 +131,7 @@ def sealed(
         return values, Rotation(rotated=True, dropped="undecryptable")
     until = (at + timedelta(hours=overlap)).replace(microsecond=0)  # as sealed: whole seconds
     still = [(old, ends) for old, ends in previous(keyring, replaced) if ends > at]
-    kept = [*still[: MAX_PREVIOUS - 1], (replaced_secret, until)]  # the one in force longest, then the newest
+    kept = [*still, (replaced_secret, until)][-MAX_PREVIOUS:]  # oldest first: past the cap, the oldest go
     payload = json.dumps([{"secret": old, "until": int(ends.timestamp())} for old, ends in kept]).encode()
     ciphertext, nonce = seal_beside(keyring, blob, payload, case_id=clinic_id, kind=SECRET_KIND, part=PREVIOUS)
     last = max(ends for _, ends in kept)

@@ -266,10 +266,14 @@ class Settings(BaseSettings):
             )
         if self.gradcam_budget_seconds >= self.task_soft_time_limit:
             raise ValueError("gradcam_budget_seconds must be below task_soft_time_limit")
-        if self.callback_backoff_max_seconds + self.task_time_limit >= self.broker_visibility_timeout:
+        # an attempt ends at its deadline (three timeouts, then recording it) on the callback worker's
+        # threads, where no task time limit applies; the task limit bounds the other tasks
+        attempt = max(self.task_time_limit, 3 * self.callback_timeout_seconds + CALLBACK_RECORD_SECONDS)
+        if self.callback_backoff_max_seconds + attempt >= self.broker_visibility_timeout:
             raise ValueError(
-                "callback_backoff_max_seconds + task_time_limit must be below broker_visibility_timeout: a "
-                "callback retry waits out its backoff unacknowledged, and Redis would hand it out a second time"
+                "callback_backoff_max_seconds plus one attempt (the larger of task_time_limit and three "
+                "callback_timeout_seconds and 5 s) must be below broker_visibility_timeout: a callback retry "
+                "waits out its backoff unacknowledged, and Redis would hand it out a second time"
             )
         if self.environment == "production" and "*" in self.forwarded_allow_ips:
             raise ValueError(

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import and_, func, not_, or_, select, text
 from sqlalchemy.orm import Session
 
 from core import audit, deferred
@@ -308,7 +308,7 @@ def due_for_destruction(settings: Settings, *, now: datetime | None = None) -> l
     at = now or datetime.now(UTC)
     margin = timedelta(days=settings.retention_days + settings.period_key_grace_days)
     recorded = destructions_recorded(settings)
-    purging = select(Case.id).where(*retention.expired(settings, at))  # what the purge takes first
+    kept = not_(and_(*retention.expired(settings, at)))  # what the purge, which runs first, leaves
     due = []
     with session_scope(settings) as session:
         for entry in folder(settings).list():
@@ -317,11 +317,10 @@ def due_for_destruction(settings: Settings, *, now: datetime | None = None) -> l
             start, end = bounds(entry.period)
             if entry.destroyed_at is None and end + margin > at:
                 continue
-            live = select(func.count()).select_from(Case)
-            live = live.where(Case.created_at >= start, Case.created_at < end, Case.status != CaseStatus.PURGED.value)
-            strays = select(func.count()).select_from(CaseBlob).where(CaseBlob.kek_id == kek_id(entry.period))
-            if not session.scalar(live.where(Case.id.not_in(purging))) and not session.scalar(
-                strays.where(CaseBlob.case_id.not_in(purging))
-            ):
+            live = select(func.count()).select_from(Case).where(Case.status != CaseStatus.PURGED.value, kept)
+            live = live.where(Case.created_at >= start, Case.created_at < end)
+            strays = select(func.count()).select_from(CaseBlob).join(Case, Case.id == CaseBlob.case_id)
+            strays = strays.where(CaseBlob.kek_id == kek_id(entry.period), kept)
+            if not session.scalar(live) and not session.scalar(strays):
                 due.append(entry.period)
     return due

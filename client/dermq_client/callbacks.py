@@ -59,7 +59,7 @@ def verify_callback(
     raw = body.encode() if isinstance(body, str) else bytes(body)
     keys = [
         one.encode() if isinstance(one, str) else bytes(one)
-        for one in ([secret] if isinstance(secret, (str, bytes)) else list(secret))
+        for one in ([secret] if isinstance(secret, (str, bytes, bytearray, memoryview)) else list(secret))
     ]
     fields: dict[str, list[str]] = {}
     for part in header.split(","):

@@ -144,6 +144,9 @@ def test_the_client_and_the_documented_verifier_accept_either_secret_after_a_rot
     for header in (both, callback_signing.sign(new, body, now), callback_signing.sign(old, body, now)):
         headers = {callback_signing.SIGNATURE_HEADER: header, callback_signing.EVENT_HEADER: CASE_ID}
         assert verify_callback(headers, body, [new, old.encode()]).case_id == CASE_ID
+    # one secret, however it is held: not read as a sequence of secrets
+    for held in (new.encode(), bytearray(new.encode()), memoryview(new.encode())):
+        assert verify_callback({callback_signing.SIGNATURE_HEADER: both}, body, held).case_id == CASE_ID
     with pytest.raises(InvalidSignature):
         verify_callback(
             {callback_signing.SIGNATURE_HEADER: callback_signing.sign(old, body, now)}, body, ["whsec_x", new]

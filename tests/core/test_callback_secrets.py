@@ -46,18 +46,26 @@ def test_the_replaced_secret_signs_first_until_the_overlap_ends(keyring: Keyring
     assert callback_secrets.signing(keyring, rotated, T0 + 24 * HOUR) == ("whsec_new",)
 
 
-def test_rotated_again_within_the_overlap_the_secret_in_force_longest_still_signs(keyring: Keyring) -> None:
-    # A PUT whose answer was lost, then retried: the portal still holds A and never saw B
+def test_rotated_again_within_the_overlap_every_replaced_secret_still_signs(keyring: Keyring) -> None:
+    # The portal installed B; then a rotation to C whose answer was lost, retried (D): the portal holds
+    # B, never saw C, and A is the one before it
     clinic = uuid.uuid4()
     a = registered(keyring, clinic, "whsec_a")
     b = registered(keyring, clinic, "whsec_b", a, at=T0)
     c = registered(keyring, clinic, "whsec_c", b, at=T0 + HOUR)
     assert callback_secrets.signing(keyring, c, T0 + 2 * HOUR) == ("whsec_a", "whsec_b", "whsec_c")
     assert callback_secrets.signing(keyring, c, T0 + 24 * HOUR) == ("whsec_b", "whsec_c")  # A's own overlap ended
-    d = registered(keyring, clinic, "whsec_d", c, at=T0 + 2 * HOUR)  # at most two replaced ones: A and C
-    assert callback_secrets.signing(keyring, d, T0 + 3 * HOUR) == ("whsec_a", "whsec_c", "whsec_d")
-    after = registered(keyring, clinic, "whsec_e", d, at=T0 + 25 * HOUR)  # A's overlap is over by now, C's not
-    assert callback_secrets.signing(keyring, after, T0 + 25 * HOUR) == ("whsec_c", "whsec_d", "whsec_e")
+    d = registered(keyring, clinic, "whsec_d", c, at=T0 + 2 * HOUR)
+    assert callback_secrets.signing(keyring, d, T0 + 3 * HOUR) == ("whsec_a", "whsec_b", "whsec_c", "whsec_d")
+    later = T0 + 24 * HOUR + HOUR / 2  # A's overlap is over by now, B's (replaced at T0 + 1 h) not
+    after = registered(keyring, clinic, "whsec_e", d, at=later)
+    assert callback_secrets.signing(keyring, after, later) == ("whsec_b", "whsec_c", "whsec_d", "whsec_e")
+    # past the cap, the oldest go first
+    rows = [after]
+    for n in range(5):
+        rows.append(registered(keyring, clinic, f"whsec_{n}", rows[-1], at=T0 + 26 * HOUR))
+    signing = callback_secrets.signing(keyring, rows[-1], T0 + 26 * HOUR)
+    assert signing == ("whsec_0", "whsec_1", "whsec_2", "whsec_3", "whsec_4")  # four replaced, then the current
 
 
 def test_no_overlap_when_it_is_set_to_zero(keyring: Keyring) -> None:

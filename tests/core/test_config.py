@@ -35,6 +35,10 @@ def test_a_callback_timeout_is_not_bound_by_the_classification_time_limit() -> N
 
     settings = Settings(callback_timeout_seconds=20)
     assert lease_seconds(settings) > 3 * 20
+    # but a retry waits out its backoff unacknowledged, then makes its attempt: both within Redis's
+    # visibility timeout (300 s), or a second copy starts its own retries, without the backoff
+    with pytest.raises(ValidationError, match="callback_backoff_max_seconds plus one attempt"):
+        Settings(callback_timeout_seconds=40)  # 180 s of backoff + 125 s
 
 
 def test_a_callback_lease_outlasts_any_attempt_the_task_limit_allows() -> None:
