@@ -53,33 +53,15 @@ def purge_expired(dry_run: bool) -> int:
     settings = get_settings()
     if dry_run:
         return _purge_preview(settings)
-    purged = 0
-    while True:
-        with session_scope(settings) as session:
-            batch = len(retention.purge_expired(session, settings).purged)
-        purged += batch
-        if batch < retention.BATCH:
-            break
-    click.echo(f"purged {purged} expired case(s)")
-    # without this, the backups of those periods stayed readable until beat's next purge
-    destroyed = period_shredding.destroy_expired(settings)
+    report = retention.run(settings)
+    click.echo(f"purged {report.purged} expired case(s)")
+    # without the destruction, the backups of those periods stayed readable until beat's next purge
+    destroyed = report.periods_destroyed
     click.echo(f"destroyed the keys of {len(destroyed)} period(s){': ' + ', '.join(destroyed) if destroyed else ''}")
-    with session_scope(settings) as session:
-        cells = retention.prune_field_months(session, settings)
-        retention.forget_replaced_callback_secrets(session)
-    click.echo(
-        f"dropped {cells} monthly field-tally count(s) older than the last {settings.field_window_months} months"
-    )
-    deliveries = 0
-    while True:
-        with session_scope(settings) as session:
-            batch = retention.prune_callback_deliveries(session, settings)
-        deliveries += batch
-        if batch < retention.BATCH:
-            break
-    click.echo(
-        f"deleted {deliveries} settled callback delivery record(s) older than {settings.callback_history_days} days"
-    )
+    months = settings.field_window_months
+    click.echo(f"dropped {report.field_cells} monthly field-tally count(s) older than the last {months} months")
+    days = settings.callback_history_days
+    click.echo(f"deleted {report.callback_deliveries} settled callback delivery record(s) older than {days} days")
     return 0
 
 

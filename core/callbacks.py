@@ -64,8 +64,6 @@ from core.keys import Principal
 from core.models import CallbackDelivery, CallbackStatus, Case, ClinicCallback, Role
 from core.publisher import callback_task
 
-SECRET_KIND = callback_secrets.SECRET_KIND
-
 
 def now() -> datetime:
     return datetime.now(UTC)

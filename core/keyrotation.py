@@ -32,7 +32,7 @@ from sqlalchemy import ColumnElement, func, not_, select
 from sqlalchemy.orm import Session, load_only
 
 from core import audit, period_shredding
-from core.callbacks import SECRET_KIND
+from core.callback_secrets import SECRET_KIND
 from core.config import Settings
 from core.crypto import Keyring, load_keyring, rewrap_key, write_key_file
 from core.db import session_scope

@@ -13,7 +13,9 @@ when every case of the period is purged (:mod:`core.period_shredding`).
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -22,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from core import announcements, audit, cases, results
 from core.config import Settings
+from core.db import session_scope
 from core.errors import NotFound
 from core.keys import Principal
 from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus, ClinicCallback
@@ -150,6 +153,58 @@ def callback_deliveries_due(session: Session, settings: Settings) -> int:
     """How many callback deliveries :func:`prune_callback_deliveries` would delete now."""
     query = select(func.count()).select_from(CallbackDelivery).where(*_settled_deliveries(settings, None))
     return session.scalar(query) or 0
+
+
+@dataclass
+class RetentionRun:
+    """What one retention run did (beat's purge, ``dermq case purge-expired``): :func:`run`."""
+
+    purged: int
+    #: it stopped at its time budget with expired cases left (the next run goes on)
+    backlog: bool
+    periods_destroyed: list[str]
+    field_cells: int
+    callback_deliveries: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "purged": self.purged,
+            "periods_destroyed": self.periods_destroyed,
+            "field_cells": self.field_cells,
+            "callback_deliveries": self.callback_deliveries,
+        }
+
+
+def run(settings: Settings, *, until: float | None = None) -> RetentionRun:
+    """Retention, in order: crypto-shred the expired cases, a batch per transaction; destroy the keys
+    of the periods whose every case is purged and past retention plus the grace (no backup can decrypt
+    them afterwards); drop the monthly field tally's months before its window and the replaced
+    callback secrets whose overlap has ended; delete the settled callback deliveries older than
+    ``callback_history_days``. The batched steps stop once ``until`` (``time.monotonic()``) has passed."""
+    from core import period_shredding  # it imports this module
+
+    purged, backlog = _in_batches(settings, lambda session: len(purge_expired(session, settings).purged), until)
+    destroyed = period_shredding.destroy_expired(settings)
+    with session_scope(settings) as session:
+        cells = prune_field_months(session, settings)
+        forget_replaced_callback_secrets(session)
+    deliveries, _ = _in_batches(settings, lambda session: prune_callback_deliveries(session, settings), until)
+    return RetentionRun(purged, backlog, destroyed, cells, deliveries)
+
+
+def _in_batches(settings: Settings, step: Callable[[Session], int], until: float | None) -> tuple[int, bool]:
+    """Run ``step`` (which handles at most :data:`BATCH` rows) a transaction at a time until it handles
+    fewer, or ``until`` has passed: how many it handled, and whether its last batch was full."""
+    total = 0
+    full = False
+    while until is None or time.monotonic() <= until:
+        with session_scope(settings) as session:
+            done = step(session)
+        total += done
+        full = done >= BATCH
+        if not full:
+            break
+    return total, full
 
 
 def purge_expired(session: Session, settings: Settings, *, now: datetime | None = None) -> PurgeReport:

@@ -46,7 +46,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from core import callbacks, case_states, idempotency, outcomes, period_shredding, phi, recovery, results, retention
+from core import callbacks, case_states, idempotency, outcomes, phi, recovery, results, retention
 from core.config import Settings
 from core.db import session_scope
 from core.enqueue import enqueue
@@ -314,28 +314,12 @@ def purge() -> dict[str, object]:
     delete the settled callback deliveries older than ``callback_history_days`` and the replaced
     callback secrets whose overlap has ended."""
     config = settings()
-    budget_ends = time.monotonic() + config.task_soft_time_limit / 2
-    purged = 0
-    while True:
-        with session_scope(config) as session:
-            batch = len(retention.purge_expired(session, config).purged)
-        purged += batch
-        if batch < retention.BATCH or time.monotonic() > budget_ends:
-            break
-    if batch == retention.BATCH:  # the next run goes on; lower DERMQ_PURGE_INTERVAL_SECONDS if it keeps happening
-        log.warning("retention left expired cases for its next run", extra={"event": "purge_backlog", "count": purged})
-    with session_scope(config) as session:
-        cells = retention.prune_field_months(session, config)
-        retention.forget_replaced_callback_secrets(session)
-    destroyed = period_shredding.destroy_expired(config)
-    deliveries = 0
-    while time.monotonic() <= budget_ends:  # the settled callback deliveries past their history's days
-        with session_scope(config) as session:
-            batch = retention.prune_callback_deliveries(session, config)
-        deliveries += batch
-        if batch < retention.BATCH:
-            break
-    return {"purged": purged, "periods_destroyed": destroyed, "field_cells": cells, "callback_deliveries": deliveries}
+    report = retention.run(config, until=time.monotonic() + config.task_soft_time_limit / 2)
+    if report.backlog:  # the next run goes on; lower DERMQ_PURGE_INTERVAL_SECONDS if it keeps happening
+        log.warning(
+            "retention left expired cases for its next run", extra={"event": "purge_backlog", "count": report.purged}
+        )
+    return report.to_dict()
 
 
 @app.task(name=TASK_DRIFT)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core import audit, callbacks, keyrotation
+from core import audit, callback_secrets, callbacks, keyrotation
 from core.config import Settings
 from core.crypto import Keyring, SealedBlob, decrypt_blob, load_keyring, write_key_file
 from core.db import dispose_engines, session_scope
@@ -51,7 +51,7 @@ def test_key_rotation_rewraps_callback_secrets(settings: Settings, tmp_path: Pat
             row = session.get(ClinicCallback, clinic.id)
             sealed = SealedBlob(row.secret_ciphertext, row.secret_nonce, row.secret_wrapped_key, row.kek_id)
             assert row.kek_id == keyring.active_id != old
-            plain = decrypt_blob(keyring, sealed, case_id=clinic.id, kind=callbacks.SECRET_KIND)
+            plain = decrypt_blob(keyring, sealed, case_id=clinic.id, kind=callback_secrets.SECRET_KIND)
         assert plain.decode() == secret
     finally:
         dispose_engines()
