@@ -24,8 +24,6 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-import threadpoolctl
-import torch
 from PIL import Image
 
 from bench.common import FIXTURE_IMAGES, interleaved, ms, p50, percentile, table
@@ -33,6 +31,7 @@ from bench.machine import processor
 from ml import preprocess, registry
 from ml.backends import INPUT, OUTPUTS, OnnxBackend
 from ml.predictor import Predictor
+from worker.runtime import pin_threads
 
 TARGETS = {"Predictor.predict": 1.2, "classify + heat map": 1.4}
 
@@ -44,10 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args(argv)
 
-    # a worker child gives torch its thread budget too (worker.runtime): the resampler of entries that
-    # name PyTorch's (ml.preprocess) runs on these threads, not on every core
-    torch.set_num_threads(args.threads)
-    threadpoolctl.threadpool_limits(limits=1, user_api="blas")  # NumPy's products as a worker child runs them
+    # the threads a worker child runs on: torch's its budget (the resampler of entries that name
+    # PyTorch's, ml.preprocess), NumPy's products one
+    pin_threads(args.threads)
     predictor = Predictor.load(args.model, device="cpu", threads=args.threads)
     if not isinstance(predictor.backend, OnnxBackend):
         raise SystemExit(f"{args.model} serves {predictor.backend.name}; this compares against an ONNX graph")

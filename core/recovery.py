@@ -235,7 +235,7 @@ def republish_callbacks(
     if broker is not None:
         try:
             # (on the maintenance queue: a message an earlier release sent, which a classification
-            # worker still delivers)
+            # worker passes on to the callbacks queue)
             waiting = broker_case_ids(broker, (QUEUE_CALLBACKS, QUEUE_MAINTENANCE), TASK_CALLBACK)
         except redis.RedisError as exc:  # unknown: sent again (a copy finds the row leased or done)
             log.warning("broker unreachable; callbacks republished unchecked", extra={"error": type(exc).__name__})
