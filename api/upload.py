@@ -202,16 +202,13 @@ async def read_case_form(
     the upload (:class:`api.intake_limits.BodyAllowance`)."""
     boundary = boundary_of(request)
     max_body = max_image_bytes + FORM_OVERHEAD
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            declared_bytes = int(declared)
-        except ValueError:
-            raise BadRequest("Content-Length is not a number", code="invalid_content_length") from None
-        if declared_bytes > max_body:
-            raise PayloadTooLarge(
-                f"the request is {declared_bytes} bytes; the limit is {max_body}", code="payload_too_large"
-            )
+    declared_bytes = declared_length(request)
+    if declared_bytes is None and "content-length" in request.headers:
+        raise BadRequest("Content-Length is not a number", code="invalid_content_length")
+    if declared_bytes is not None and declared_bytes > max_body:
+        raise PayloadTooLarge(
+            f"the request is {declared_bytes} bytes; the limit is {max_body}", code="payload_too_large"
+        )
     collector = _Collector(max_image_bytes)
     parser = MultipartParser(boundary, collector.callbacks(), max_header_count=8, max_header_size=1024)  # type: ignore[arg-type]
     received = 0
