@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from core import audit, callback_secrets
@@ -52,18 +52,28 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class Busy:
+    """:func:`lease`'s answer for a callback whose clinic's receiver already has its fill of attempts
+    under way (``callback_clinic_concurrency``): no attempt is counted, and the callback waits its turn."""
+
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
-    """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up)
-    or ``skipped`` (nothing pending, another worker holds it, or it took the row over)."""
+    """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up),
+    ``deferred`` (the clinic's receiver had its fill of attempts under way: nothing was attempted) or
+    ``skipped`` (nothing pending, another worker holds it, or it took the row over)."""
 
     outcome: str
     attempt: int = 0
     http_status: int | None = None
 
 
-def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> Lease | None:
+def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> Lease | Busy | None:
     """Count the next attempt of a case's pending callback and lease its row for it; None if there is
-    nothing to do (delivered, given up, cancelled, or leased by another worker). A callback whose
+    nothing to do (delivered, given up, cancelled, or leased by another worker), :class:`Busy` if the
+    clinic's receiver already has ``callback_clinic_concurrency`` attempts under way. A callback whose
     clinic or case is gone, or whose clinic is deactivated, is cancelled here (reactivating the clinic
     does not send it later: the clinic reads its cases instead). Commit before making the request."""
     # the database's clock, not this host's: leases are written and compared by different hosts, and
@@ -107,6 +117,12 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
                 session, row.case_id, row.clinic_id, success=False, detail={"attempt": row.attempts, "error": "spent"}
             )
         return None
+    in_flight = _attempts_under_way(session, row.clinic_id)
+    if in_flight >= settings.callback_clinic_concurrency:
+        # nothing holds the row now (a lease that ran out was audited above); touched, so the sweeper
+        # counts from now: the caller sends this callback's message again itself
+        row.updated_at, row.leased_until = at, None
+        return Busy(in_flight)
     row.attempts += 1
     row.updated_at, row.leased_until = at, at + timedelta(seconds=lease_seconds(settings))
     signing = callback_secrets.signing(keyring, endpoint, at)
@@ -114,6 +130,30 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
     return Lease(
         case_id, row.clinic_id, row.attempts, endpoint.url, notice(case, result.outcome if result else None), signing
     )
+
+
+#: first key of the advisory locks that take a clinic's callback leases one at a time ("dqcb")
+CLINIC_LOCK = 0x64716362
+_HOLD_CLINIC = text("SELECT pg_advisory_xact_lock(:cls, :key)")
+
+
+def _attempts_under_way(session: Session, clinic_id: uuid.UUID) -> int:
+    """How many of the clinic's callbacks a worker holds a live lease on, counted under a lock on the
+    clinic held until this transaction ends: two workers leasing its callbacks at once count one
+    after the other, so neither goes past the limit on a count the other is about to change."""
+    key = int.from_bytes(clinic_id.bytes[:4], "big", signed=True)
+    session.execute(_HOLD_CLINIC, {"cls": CLINIC_LOCK, "key": key})
+    under_way = session.scalar(
+        select(func.count())
+        .select_from(CallbackDelivery)
+        .where(
+            CallbackDelivery.clinic_id == clinic_id,
+            CallbackDelivery.status == CallbackStatus.PENDING.value,
+            CallbackDelivery.leased_until.is_not(None),
+            CallbackDelivery.leased_until > func.now(),  # the database's clock, as the leases are stamped
+        )
+    )
+    return under_way or 0
 
 
 def record_attempt(

@@ -208,6 +208,10 @@ class Settings(BaseSettings):
     #: they wait on clinics' servers, not on a core (each holds a pooled database connection only to
     #: lease its row and to record the answer)
     callback_worker_threads: int = Field(8, ge=1, le=256)
+    #: attempts at one clinic's receiver at once, over every callback worker: a clinic whose server
+    #: answers slowly holds no more threads than this, and its further callbacks wait their turn
+    #: (core.callback_attempts.lease) while other clinics' go out
+    callback_clinic_concurrency: int = Field(2, ge=1, le=256)
     #: Plain http and loopback/private callback receivers (a portal on a developer's machine).
     #: Refused in production: it turns off the SSRF guard of core/callback_urls.py.
     callback_allow_private_urls: bool = False

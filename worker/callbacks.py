@@ -196,11 +196,15 @@ def post(
 
 
 def deliver(config: Settings, keyring: Keyring, case_id: uuid.UUID) -> callback_attempts.Delivery:
-    """Make the next attempt at a case's pending callback: lease, POST, record (see the module docstring)."""
+    """Make the next attempt at a case's pending callback: lease, POST, record (see the module
+    docstring); ``deferred``, with nothing attempted, while the clinic's receiver has its fill of
+    attempts under way."""
     with session_scope(config) as session:
         held = callback_attempts.lease(session, settings=config, keyring=keyring, case_id=case_id)
     if held is None:
         return callback_attempts.Delivery("skipped")
+    if isinstance(held, callback_attempts.Busy):
+        return callback_attempts.Delivery("deferred")
     status: int | None = None
     error: str | None = "DecryptionError"  # no secret: nothing can be signed, no retry can help
     refused = False

@@ -74,7 +74,8 @@ for _outcome in ("requeued", "failed"):  # present from the start: increase() sk
     LOST.labels(_outcome)
 CALLBACKS = Counter(
     "dermq_callback_deliveries_total",
-    "completion callback attempts by outcome: delivered, retry (refused, tried again later), failed (given up)",
+    "completion callback attempts by outcome: delivered, retry (refused, tried again later), failed (given up), "
+    "deferred (not attempted: the clinic's receiver had its fill of attempts under way)",
     ["outcome"],
 )
 WORKER_INFO = Gauge(

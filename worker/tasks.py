@@ -203,7 +203,8 @@ def deliver_callback(self: Any, case_id: str) -> str:
         # returned, not thrown inside this handler: raised from None, it carries no trace of ``exc``
         retry = self.retry(exc=retries.withheld(exc), countdown=retry_delay(self.request.retries), throw=False)
         raise retry from None
-    log.info(
+    log.log(
+        logging.DEBUG if attempt.outcome == "deferred" else logging.INFO,  # one a timeout while a receiver is busy
         "callback attempt",
         extra={
             "event": "callback",
@@ -218,6 +219,8 @@ def deliver_callback(self: Any, case_id: str) -> str:
         metrics.record_callback(attempt.outcome)
     if attempt.outcome == "retry":
         raise self.retry(countdown=callbacks.backoff_seconds(config, attempt.attempt))
+    if attempt.outcome == "deferred":  # its turn comes once an attempt at the same receiver ends
+        raise self.retry(countdown=callbacks.turn_seconds(config))
     return attempt.outcome
 
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
+
+from migrations import online_indexes
 
 revision: str = "0015"
 down_revision: str | None = "0014"
@@ -33,25 +34,10 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 INDEX = "ix_audit_events_listed_cases"
-# no row (None) when there is no such index
-INVALID = sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)")
 
 
 def upgrade() -> None:
-    with op.get_context().autocommit_block():
-        # A concurrent build waits for every older transaction of the database (a backup's, say) and
-        # blocks no request meanwhile: the upgrade's lock timeout (migrations/env.py) must not end it.
-        online = not context.is_offline_mode()
-        before = op.get_bind().execute(sa.text("SHOW lock_timeout")).scalar() if online else None
-        op.execute("SET lock_timeout = 0")
-        if online and op.get_bind().execute(INVALID, {"name": INDEX}).scalar():
-            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {INDEX}")
-        op.execute(
-            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {INDEX} ON audit_events "
-            "USING gin (detail jsonb_path_ops) WHERE action = 'case.list'"
-        )
-        if before is not None:  # the migrations after this one wait no longer than the upgrade said
-            op.get_bind().execute(sa.text("SELECT set_config('lock_timeout', :value, false)"), {"value": before})
+    online_indexes.build({INDEX: "ON audit_events USING gin (detail jsonb_path_ops) WHERE action = 'case.list'"})
 
 
 def downgrade() -> None:

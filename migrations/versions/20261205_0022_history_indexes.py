@@ -28,8 +28,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
+
+from migrations import online_indexes
 
 revision: str = "0022"
 down_revision: str | None = "0021"
@@ -45,23 +46,10 @@ INDEXES = {
     ),
     "ix_audit_events_not_success": "ON audit_events (outcome, id) WHERE outcome <> 'success'",
 }
-# no row (None) when there is no such index
-INVALID = sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)")
 
 
 def upgrade() -> None:
-    with op.get_context().autocommit_block():
-        # A concurrent build waits for every older transaction of the database (a backup's, say) and
-        # blocks no request meanwhile: the upgrade's lock timeout (migrations/env.py) must not end it.
-        online = not context.is_offline_mode()
-        before = op.get_bind().execute(sa.text("SHOW lock_timeout")).scalar() if online else None
-        op.execute("SET lock_timeout = 0")
-        for name, definition in INDEXES.items():
-            if online and op.get_bind().execute(INVALID, {"name": name}).scalar():
-                op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-            op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} {definition}")
-        if before is not None:  # the migrations after this one wait no longer than the upgrade said
-            op.get_bind().execute(sa.text("SELECT set_config('lock_timeout', :value, false)"), {"value": before})
+    online_indexes.build(INDEXES)
 
 
 def downgrade() -> None:

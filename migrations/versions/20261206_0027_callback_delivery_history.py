@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
+
+from migrations import online_indexes
 
 revision: str = "0027"
 down_revision: str | None = "0026"
@@ -30,22 +31,10 @@ depends_on: str | Sequence[str] | None = None
 
 NAME = "ix_callback_deliveries_settled"
 DEFINITION = "ON callback_deliveries (updated_at) WHERE status <> 'pending'"
-# no row (None) when there is no such index
-INVALID = sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)")
 
 
 def upgrade() -> None:
-    with op.get_context().autocommit_block():
-        # a concurrent build waits for every older transaction of the database and blocks no request
-        # meanwhile: the upgrade's lock timeout (migrations/env.py) must not end it
-        online = not context.is_offline_mode()
-        before = op.get_bind().execute(sa.text("SHOW lock_timeout")).scalar() if online else None
-        op.execute("SET lock_timeout = 0")
-        if online and op.get_bind().execute(INVALID, {"name": NAME}).scalar():
-            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {NAME}")
-        op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {NAME} {DEFINITION}")
-        if before is not None:  # the migrations after this one wait no longer than the upgrade said
-            op.get_bind().execute(sa.text("SELECT set_config('lock_timeout', :value, false)"), {"value": before})
+    online_indexes.build({NAME: DEFINITION})
 
 
 def downgrade() -> None:

@@ -43,7 +43,7 @@ def pending_delivery(settings: Settings, private_broker, keyring, tenant: Tenant
     return case_id
 
 
-def lease(settings: Settings, keyring, case_id: uuid.UUID) -> callback_attempts.Lease | None:  # type: ignore[no-untyped-def]
+def lease(settings: Settings, keyring, case_id: uuid.UUID) -> callback_attempts.Lease | callback_attempts.Busy | None:  # type: ignore[no-untyped-def]
     with session_scope(settings) as session:
         return callback_attempts.lease(session, settings=settings, keyring=keyring, case_id=case_id)
 

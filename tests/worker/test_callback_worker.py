@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.queueing import QUEUE_MAINTENANCE, TASK_CALLBACK
+from core.queueing import QUEUE_CALLBACKS, QUEUE_MAINTENANCE, TASK_CALLBACK
 from tests import support
 from tests.api.test_callbacks import Receiver, deliveries
 from tests.conftest import Tenant
@@ -71,3 +71,44 @@ def test_a_callback_an_earlier_release_sent_to_the_maintenance_queue_is_delivere
         assert worker.metric("dermq_callback_deliveries_total") == tried_here  # no attempt from a classifying child
     finally:
         server.close()
+
+
+@pytest.mark.usefixtures("database")
+def test_a_clinics_slow_receiver_holds_no_other_clinics_callbacks(
+    client, callback_worker, make_key, settings, keyring, store_case, publisher, private_broker
+) -> None:  # type: ignore[no-untyped-def]
+    # One clinic's finished cases, more than the callback worker has threads, reach a receiver that
+    # answers nothing; another clinic's one callback comes after them. Without a limit per clinic,
+    # all eight threads waited on the slow receiver (an attempt gives up after one callback timeout
+    # without an answer, 5 s here) and the other clinic's news waited for them (5.3 s here, and
+    # longer the more the slow clinic has finished); now at most DERMQ_CALLBACK_CLINIC_CONCURRENCY
+    # (2) attempts go to one clinic at once.
+    slow, fast = Receiver([], hold=True), Receiver([])
+    busy, other = make_key("clinic"), make_key("clinic")
+    try:
+        waiting = [pending_delivery(settings, private_broker, keyring, busy, store_case) for _ in range(10)]
+        news = pending_delivery(settings, private_broker, keyring, other, store_case)
+        for tenant, server in ((busy, slow), (other, fast)):
+            client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": server.url}).raise_for_status()
+        for case_id in [*waiting, news]:  # the slow clinic's first, in the order their cases finished
+            publisher.send_task(TASK_CALLBACK, args=[str(case_id)], queue=QUEUE_CALLBACKS, priority=6)
+        support.wait_for(lambda: fast.calls, timeout=60, interval=0.1, what="the other clinic's callback")
+        # ...while the slow clinic's attempts still wait on its receiver: two of them, none answered
+        rows = [deliveries(settings, case_id)[0] for case_id in waiting]
+        under_way = [r for r in rows if r is not None and r.attempts]
+        assert len(slow.calls) == len(under_way) == settings.callback_clinic_concurrency
+        assert all(r.leased_until is not None and r.last_error is None for r in under_way)
+        slow.release()
+        # the deferred ones take their turn once the receiver answers, each in one attempt
+        support.wait_for(
+            lambda: all((r := deliveries(settings, case_id)[0]) and r.status == "delivered" for case_id in waiting),
+            timeout=90,
+            interval=0.5,
+            what="the slow clinic's callbacks to be delivered",
+        )
+        # (the two held ones may have timed out first on a slow machine, and taken a second attempt)
+        deferred = set(waiting) - {r.case_id for r in under_way}
+        assert {deliveries(settings, case_id)[0].attempts for case_id in deferred} == {1}  # type: ignore[union-attr]
+    finally:
+        slow.close()
+        fast.close()
