@@ -13,7 +13,7 @@ from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from core import audit, callback_secrets
-from core.callbacks import host_of, lease_seconds, now
+from core.callbacks import backoff_seconds, host_of, lease_seconds, now
 from core.config import Settings
 from core.crypto import Keyring
 from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus, Clinic, ClinicCallback, Result
@@ -63,16 +63,25 @@ class Busy:
 class Delivery:
     """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up),
     ``deferred`` (the clinic's receiver had its fill of attempts under way: nothing was attempted) or
-    ``skipped`` (nothing pending, another worker holds it, or it took the row over)."""
+    ``skipped`` (nothing pending, another worker holds it or took the row over, or its retry is not
+    due yet)."""
 
     outcome: str
     attempt: int = 0
     http_status: int | None = None
+    #: for ``retry``: the backoff, in seconds, before the next attempt is due
+    retry_in: float | None = field(default=None, compare=False)
+
+
+#: how early a retry's message may come and still be taken: the worker that sends it counts its
+#: backoff by its own clock from after the record's commit, the row by the database's from within it
+_EARLY = timedelta(seconds=1)
 
 
 def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> Lease | Busy | None:
     """Count the next attempt of a case's pending callback and lease its row for it; None if there is
-    nothing to do (delivered, given up, cancelled, or leased by another worker), :class:`Busy` if the
+    nothing to do (delivered, given up, cancelled, leased by another worker, or a retry whose backoff
+    has not passed: a second copy of its message), :class:`Busy` if the
     clinic's receiver already has ``callback_clinic_concurrency`` attempts under way. A callback whose
     clinic or case is gone, or whose clinic is deactivated, is cancelled here (reactivating the clinic
     does not send it later: the clinic reads its cases instead). Commit before making the request."""
@@ -84,6 +93,8 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
             CallbackDelivery.case_id == case_id,
             CallbackDelivery.status == CallbackStatus.PENDING.value,
             or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
+            # a retry not yet due: a second copy of its message (the retry's own comes when it is due)
+            or_(CallbackDelivery.next_attempt_at.is_(None), CallbackDelivery.next_attempt_at <= func.now() + _EARLY),
         )
         .with_for_update(skip_locked=True, of=CallbackDelivery)
     ).first()
@@ -168,7 +179,8 @@ def record_attempt(
     """Record what the leased attempt came to and audit it, ending the lease. Fenced by the attempt
     number: if the lease ran out and another worker took the row over, the row is left to it
     (``skipped``), though the attempt is still audited. ``hopeless``: no later attempt can do better
-    (the URL is no longer one dermq calls): the delivery is given up now."""
+    (the URL is no longer one dermq calls): the delivery is given up now. A retry is due after a
+    backoff (:func:`core.callbacks.backoff_seconds`), stamped on the row: no lease is taken before."""
     delivered = http_status is not None and 200 <= http_status < 300
     hopeless = hopeless or not lease.secrets  # the clinic must register again
     at = now()
@@ -178,10 +190,14 @@ def record_attempt(
         "updated_at": at,
         "leased_until": None,
     }
+    retry_in: float | None = None
     if delivered:
         values |= {"status": CallbackStatus.DELIVERED.value, "delivered_at": at}
     elif hopeless or lease.attempt >= settings.callback_max_attempts:
         values["status"] = CallbackStatus.FAILED.value
+    else:
+        retry_in = backoff_seconds(settings, lease.attempt)
+        values["next_attempt_at"] = func.now() + timedelta(seconds=retry_in)  # the leases' clock
     status = session.scalar(
         update(CallbackDelivery)
         .where(
@@ -201,7 +217,7 @@ def record_attempt(
     if status is None:
         return Delivery("skipped", lease.attempt, http_status)
     outcome = {CallbackStatus.DELIVERED.value: "delivered", CallbackStatus.FAILED.value: "failed"}.get(status, "retry")
-    return Delivery(outcome, lease.attempt, http_status)
+    return Delivery(outcome, lease.attempt, http_status, retry_in if outcome == "retry" else None)
 
 
 #: the error audited for an attempt given up because the one before it never recorded an answer

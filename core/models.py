@@ -377,3 +377,5 @@ class CallbackDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: while set and in the future, a worker holds the current attempt (see core.callback_attempts.lease)
     leased_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: when the retry of an attempt that got no good answer is due (database clock): no lease before
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

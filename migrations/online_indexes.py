@@ -5,6 +5,9 @@ none, but cannot run in a transaction: it runs outside the migration's (committi
 migrations of the same upgrade first), and waits for every older transaction of the database (a
 backup's, say), so the upgrade's lock timeout (migrations/env.py) is lifted for it and restored
 after. An index a failed build left invalid is dropped and built again.
+
+Migrations that were applied long ago call this too: change it only in ways that build the same
+indexes, or a database made from scratch would differ from one that was upgraded.
 """
 
 from __future__ import annotations

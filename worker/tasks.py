@@ -217,8 +217,8 @@ def deliver_callback(self: Any, case_id: str) -> str:
     metrics = runtime.worker_metrics()
     if metrics is not None:
         metrics.record_callback(attempt.outcome)
-    if attempt.outcome == "retry":
-        raise self.retry(countdown=callbacks.backoff_seconds(config, attempt.attempt))
+    if attempt.outcome == "retry":  # the backoff the row was stamped with: no lease is taken before it
+        raise self.retry(countdown=attempt.retry_in)
     if attempt.outcome == "deferred":  # its turn comes once an attempt at the same receiver ends
         raise self.retry(countdown=callbacks.turn_seconds(config))
     return attempt.outcome

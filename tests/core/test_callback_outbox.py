@@ -53,6 +53,16 @@ def record(settings: Settings, held: callback_attempts.Lease, status: int | None
         return callback_attempts.record_attempt(session, settings=settings, lease=held, http_status=status, error=None)
 
 
+def due(settings: Settings, case_id: uuid.UUID) -> None:
+    """The retry's backoff has passed (as if its message came when it was due)."""
+    with session_scope(settings) as session:
+        session.execute(
+            update(CallbackDelivery)
+            .where(CallbackDelivery.case_id == case_id)
+            .values(next_attempt_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+
+
 def row(settings: Settings, case_id: uuid.UUID) -> CallbackDelivery:
     with session_scope(settings) as session:
         found = session.get(CallbackDelivery, case_id)
@@ -68,6 +78,7 @@ def test_an_attempt_leases_its_row_and_a_late_one_is_fenced_out(settings: Settin
     assert record(settings, first, 500) == callback_attempts.Delivery("retry", 1, 500)
     assert (row(settings, pending).leased_until, row(settings, pending).status) == (None, "pending")
 
+    due(settings, pending)
     second = lease(settings, keyring, pending)
     assert second is not None and second.attempt == 2
     with session_scope(settings) as session:  # its worker died: the lease runs out
@@ -90,6 +101,7 @@ def test_attempts_end_in_failed(settings: Settings, keyring, pending) -> None:  
     config = settings.model_copy(update={"callback_max_attempts": 2})
     held = lease(config, keyring, pending)
     assert held is not None and record(config, held, None).outcome == "retry"
+    due(config, pending)
     held = lease(config, keyring, pending)
     assert held is not None and record(config, held, 503) == callback_attempts.Delivery("failed", 2, 503)
     assert row(settings, pending).status == "failed" and lease(config, keyring, pending) is None
@@ -197,3 +209,21 @@ def test_a_secret_sealed_under_a_key_not_yet_on_this_worker_waits_for_it(  # typ
     assert (waiting.status, waiting.attempts, waiting.leased_until) == ("pending", 0, None)
     held = lease(settings, rotated, case_id)
     assert held is not None and held.attempt == 1 and held.secrets
+
+
+def test_a_retry_is_not_attempted_before_its_backoff_has_passed(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
+    # Redis hands a message out again when it stays unacknowledged past the visibility timeout, as a
+    # due retry waiting for a busy callback worker's thread can: that copy found the row free and
+    # made an attempt at once, spending it without the backoff.
+    config = settings.model_copy(update={"callback_backoff_seconds": 60.0})
+    held = lease(config, keyring, pending)
+    assert held is not None
+    answer = record(config, held, 503)
+    assert answer.outcome == "retry" and answer.retry_in is not None and 30 <= answer.retry_in < 90  # jittered
+    waiting = row(config, pending)
+    assert waiting.next_attempt_at is not None
+    assert lease(config, keyring, pending) is None  # a copy of the message: the retry is not due
+    assert row(config, pending).attempts == 1
+    due(config, pending)  # the retry's own message, when it is due
+    taken = lease(config, keyring, pending)
+    assert taken is not None and taken.attempt == 2
