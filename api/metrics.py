@@ -120,7 +120,8 @@ class StateCollector(Collector):
         pending = GaugeMetricFamily(
             "dermq_oldest_pending_callback_seconds",
             "how long the completion callback pending longest has waited since its case finished (0: none is "
-            "pending); its attempts, backoff included, end within about 20 minutes by default",
+            "pending); its attempts, backoff included, end within about 20 minutes by default, unless it waits "
+            "its turn behind many of its clinic's callbacks at a slow receiver",
         )
         try:
             with self.app.sessions() as session:

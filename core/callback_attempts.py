@@ -9,10 +9,11 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import audit, callback_secrets
+from core.callback_pacing import Busy, NotDue, attempts_under_way
 from core.callbacks import backoff_seconds, host_of, lease_seconds, now
 from core.config import Settings
 from core.crypto import Keyring
@@ -52,37 +53,31 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
-class Busy:
-    """:func:`lease`'s answer for a callback whose clinic's receiver already has its fill of attempts
-    under way (``callback_clinic_concurrency``): no attempt is counted, and the callback waits its turn."""
-
-    in_flight: int
-
-
-@dataclass(frozen=True, slots=True)
 class Delivery:
     """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up),
-    ``deferred`` (the clinic's receiver had its fill of attempts under way: nothing was attempted) or
-    ``skipped`` (nothing pending, another worker holds it or took the row over, or its retry is not
-    due yet)."""
+    ``deferred`` (the clinic's receiver had its fill of attempts under way: nothing was attempted),
+    ``early`` (the retry this message brings is not due yet) or ``skipped`` (nothing to do: nothing
+    pending, another worker holds it or took the row over, or another message made the attempt this
+    one was for). ``attempt``: the attempt made, or for ``deferred`` and ``early`` the attempts made
+    so far."""
 
     outcome: str
     attempt: int = 0
     http_status: int | None = None
-    #: for ``retry``: the backoff, in seconds, before the next attempt is due
+    #: for ``retry`` and ``early``: the seconds until the next attempt is due
     retry_in: float | None = field(default=None, compare=False)
 
 
-#: how early a retry's message may come and still be taken: the worker that sends it counts its
-#: backoff by its own clock from after the record's commit, the row by the database's from within it
-_EARLY = timedelta(seconds=1)
-
-
-def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> Lease | Busy | None:
-    """Count the next attempt of a case's pending callback and lease its row for it; None if there is
-    nothing to do (delivered, given up, cancelled, leased by another worker, or a retry whose backoff
-    has not passed: a second copy of its message), :class:`Busy` if the
-    clinic's receiver already has ``callback_clinic_concurrency`` attempts under way. A callback whose
+def lease(
+    session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID, after: int | None = None
+) -> Lease | Busy | NotDue | None:
+    """Count the next attempt of a case's pending callback and lease its row for it. ``after``: the
+    attempts the message expects made (a retry's or a waiting callback's message; None for the first
+    and for the sweeper's). None if there is nothing to do: delivered, given up, cancelled, leased
+    by another worker, an attempt after ``after`` already made (this message is a copy), or a retry
+    not due that this message does not bring. :class:`~core.callback_pacing.NotDue` for a retry this
+    message brings early, :class:`~core.callback_pacing.Busy` while the clinic's receiver has
+    ``callback_clinic_concurrency`` attempts under way (:mod:`core.callback_pacing`). A callback whose
     clinic or case is gone, or whose clinic is deactivated, is cancelled here (reactivating the clinic
     does not send it later: the clinic reads its cases instead). Commit before making the request."""
     # the database's clock, not this host's: leases are written and compared by different hosts, and
@@ -93,14 +88,18 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
             CallbackDelivery.case_id == case_id,
             CallbackDelivery.status == CallbackStatus.PENDING.value,
             or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
-            # a retry not yet due: a second copy of its message (the retry's own comes when it is due)
-            or_(CallbackDelivery.next_attempt_at.is_(None), CallbackDelivery.next_attempt_at <= func.now() + _EARLY),
         )
         .with_for_update(skip_locked=True, of=CallbackDelivery)
     ).first()
     if found is None:
         return None
     row, at = found
+    if after is not None and row.attempts != after:
+        return None  # the attempt this message was for has been made, through a copy of it
+    if row.next_attempt_at is not None and row.next_attempt_at > at:
+        # its retry's own message, come early by its host's clock, waits out the rest; another message
+        # (the first, come again, or the sweeper's) leaves the retry to that one
+        return NotDue((row.next_attempt_at - at).total_seconds()) if after is not None else None
     endpoint = session.get(ClinicCallback, row.clinic_id)
     # a lease that ran out unrecorded: its worker died or ran out of time, perhaps after its POST went
     # out. The trail says so now, whatever comes next (and that worker, if it lives, records its own).
@@ -128,12 +127,13 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
                 session, row.case_id, row.clinic_id, success=False, detail={"attempt": row.attempts, "error": "spent"}
             )
         return None
-    in_flight = _attempts_under_way(session, row.clinic_id)
+    in_flight = attempts_under_way(session, row.clinic_id, settings.callback_clinic_concurrency)
     if in_flight >= settings.callback_clinic_concurrency:
-        # nothing holds the row now (a lease that ran out was audited above); touched, so the sweeper
-        # counts from now: the caller sends this callback's message again itself
-        row.updated_at, row.leased_until = at, None
-        return Busy(in_flight)
+        # nothing holds the row now (a lease that ran out was audited above). Not touched: the clinic's
+        # status lists deliveries by their last attempt, and the sweeper finds the waiting message in
+        # the broker (held by a worker until its turn)
+        row.leased_until = None
+        return Busy(in_flight, row.attempts)
     row.attempts += 1
     row.updated_at, row.leased_until = at, at + timedelta(seconds=lease_seconds(settings))
     signing = callback_secrets.signing(keyring, endpoint, at)
@@ -141,30 +141,6 @@ def lease(session: Session, *, settings: Settings, keyring: Keyring, case_id: uu
     return Lease(
         case_id, row.clinic_id, row.attempts, endpoint.url, notice(case, result.outcome if result else None), signing
     )
-
-
-#: first key of the advisory locks that take a clinic's callback leases one at a time ("dqcb")
-CLINIC_LOCK = 0x64716362
-_HOLD_CLINIC = text("SELECT pg_advisory_xact_lock(:cls, :key)")
-
-
-def _attempts_under_way(session: Session, clinic_id: uuid.UUID) -> int:
-    """How many of the clinic's callbacks a worker holds a live lease on, counted under a lock on the
-    clinic held until this transaction ends: two workers leasing its callbacks at once count one
-    after the other, so neither goes past the limit on a count the other is about to change."""
-    key = int.from_bytes(clinic_id.bytes[:4], "big", signed=True)
-    session.execute(_HOLD_CLINIC, {"cls": CLINIC_LOCK, "key": key})
-    under_way = session.scalar(
-        select(func.count())
-        .select_from(CallbackDelivery)
-        .where(
-            CallbackDelivery.clinic_id == clinic_id,
-            CallbackDelivery.status == CallbackStatus.PENDING.value,
-            CallbackDelivery.leased_until.is_not(None),
-            CallbackDelivery.leased_until > func.now(),  # the database's clock, as the leases are stamped
-        )
-    )
-    return under_way or 0
 
 
 def record_attempt(

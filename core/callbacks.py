@@ -296,13 +296,6 @@ def lease_seconds(settings: Settings) -> float:
     return max(3 * settings.callback_timeout_seconds + 30, settings.task_time_limit + 15)
 
 
-def turn_seconds(settings: Settings) -> float:
-    """Delay before a callback deferred because its clinic's receiver had its fill of attempts under
-    way is tried again: about one callback timeout (an attempt there answers within three), jittered
-    so that a clinic's waiting callbacks do not all come back at once."""
-    return settings.callback_timeout_seconds * (0.5 + random.random())  # noqa: S311 - jitter
-
-
 def backoff_seconds(settings: Settings, attempt: int) -> float:
     """Delay before attempt ``attempt + 1``: base * 2**(attempt-1), times a jitter in [0.5, 1.5), capped."""
     delay = settings.callback_backoff_seconds * 2.0 ** max(0, attempt - 1)

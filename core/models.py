@@ -351,11 +351,17 @@ class CallbackDelivery(Base):
         # migration 0027: the settled ones retention deletes once they are old (core.retention)
         Index("ix_callback_deliveries_settled", "updated_at", postgresql_where=text("status <> 'pending'")),
         Index("ix_callback_deliveries_clinic", "clinic_id", "created_at"),
-        Index(  # migration 0028: a clinic's attempts under way (core.callback_attempts.lease)
+        Index(  # migration 0028: a clinic's attempts under way (core.callback_pacing)
             "ix_callback_deliveries_in_flight",
             "clinic_id",
             "leased_until",
             postgresql_where=text("status = 'pending' AND leased_until IS NOT NULL"),
+        ),
+        Index(  # migration 0028: a clinic's oldest waiting callback, handed a turn (core.callback_pacing)
+            "ix_callback_deliveries_waiting",
+            "clinic_id",
+            "created_at",
+            postgresql_where=text("status = 'pending'"),
         ),
         Index(  # migration 0022: a clinic's latest problems (GET /v1/callback)
             "ix_callback_deliveries_problems",

@@ -25,13 +25,17 @@ import uuid
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from core import callback_attempts
+from celery import Celery
+
+from core import callback_attempts, callback_pacing
 from core.callback_signing import EVENT_HEADER, SIGNATURE_HEADER, sign
 from core.callback_urls import checked_address, validate_url
 from core.config import Settings
 from core.crypto import Keyring
 from core.db import session_scope
+from core.enqueue import enqueue
 from core.errors import InvalidInput
+from core.publisher import callback_task
 
 USER_AGENT = "dermq-callback/1"
 #: the error an attempt records when the whole exchange outlasted three timeouts
@@ -195,16 +199,22 @@ def post(
         connection.close()
 
 
-def deliver(config: Settings, keyring: Keyring, case_id: uuid.UUID) -> callback_attempts.Delivery:
+def deliver(
+    config: Settings, keyring: Keyring, case_id: uuid.UUID, *, publisher: Celery, after: int | None = None
+) -> callback_attempts.Delivery:
     """Make the next attempt at a case's pending callback: lease, POST, record (see the module
-    docstring); ``deferred``, with nothing attempted, while the clinic's receiver has its fill of
-    attempts under way."""
+    docstring). ``after``: the attempts the message expects made (:func:`core.callback_attempts.lease`).
+    Nothing is attempted while the clinic's receiver has its fill of attempts under way
+    (``deferred``) or before a retry is due (``early``). An attempt that ends hands its turn to the
+    clinic's oldest waiting callback, whose message ``publisher`` sends (:mod:`core.callback_pacing`)."""
     with session_scope(config) as session:
-        held = callback_attempts.lease(session, settings=config, keyring=keyring, case_id=case_id)
+        held = callback_attempts.lease(session, settings=config, keyring=keyring, case_id=case_id, after=after)
     if held is None:
         return callback_attempts.Delivery("skipped")
-    if isinstance(held, callback_attempts.Busy):
-        return callback_attempts.Delivery("deferred")
+    if isinstance(held, callback_pacing.Busy):
+        return callback_attempts.Delivery("deferred", held.attempts)
+    if isinstance(held, callback_pacing.NotDue):
+        return callback_attempts.Delivery("early", after or 0, retry_in=held.seconds)
     status: int | None = None
     error: str | None = "DecryptionError"  # no secret: nothing can be signed, no retry can help
     refused = False
@@ -217,6 +227,11 @@ def deliver(config: Settings, keyring: Keyring, case_id: uuid.UUID) -> callback_
     if held.secrets and not refused:
         status, error = post(held.url, held.body, held.secrets, config, event_id=str(case_id))
     with session_scope(config) as session:
-        return callback_attempts.record_attempt(
+        done = callback_attempts.record_attempt(
             session, settings=config, lease=held, http_status=status, error=error, hopeless=refused
         )
+        if done.outcome != "skipped":  # this attempt's turn at the clinic's receiver has ended
+            waiting = callback_pacing.next_waiting(session, held.clinic_id)
+            if waiting is not None:
+                enqueue(session, publisher, callback_task(waiting))
+    return done

@@ -46,7 +46,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from core import callbacks, case_states, idempotency, outcomes, phi, recovery, results, retention
+from core import callback_pacing, case_states, idempotency, outcomes, phi, recovery, results, retention
 from core.config import Settings
 from core.db import session_scope
 from core.enqueue import enqueue
@@ -178,10 +178,13 @@ def _spend_failed_claim(config: Settings, case_id: uuid.UUID, error: Exception) 
 
 
 @app.task(name=TASK_CALLBACK, bind=True, max_retries=None)
-def deliver_callback(self: Any, case_id: str) -> str:
+def deliver_callback(self: Any, case_id: str, after: int | None = None, waited: int = 0, transient: int = 0) -> str:
     """One attempt at a finished case's completion callback; retried with backoff until delivered or
     ``callback_max_attempts`` is reached (counted in the outbox row, not here). The attempt holds no
-    transaction while the clinic's server answers (:mod:`worker.callbacks`)."""
+    transaction while the clinic's server answers (:mod:`worker.callbacks`). The message of a retry,
+    or of a callback waiting its turn (:mod:`core.callback_pacing`), names the attempts it follows
+    (``after``), how many turns it has waited (``waited``) and the transient failures in a row since
+    its last lease (``transient``); a callback's first message names none."""
     config = settings()
     try:
         parsed = uuid.UUID(case_id)
@@ -190,21 +193,22 @@ def deliver_callback(self: Any, case_id: str) -> str:
     if (self.request.delivery_info or {}).get("routing_key") == QUEUE_MAINTENANCE:
         return _forward_callback(config, parsed)
     try:
-        attempt = delivery.deliver(config, keyring(config), parsed)
+        attempt = delivery.deliver(config, keyring(config), parsed, publisher=app, after=after)
     except Exception as exc:
         if isinstance(exc, KeyNotHeld):  # a key rotation still reaching this worker: retried, nothing spent
             log.warning(
                 "a callback's secret is sealed under a key this worker does not hold yet",
                 extra={"event": "key_not_held"},
             )
-        if not _transient(exc) or self.request.retries >= MAX_RETRIES:
+        if not _transient(exc) or transient >= MAX_RETRIES:
             # the row stays pending: the sweeper publishes it again later
             raise retries.withheld(exc) from None
         # returned, not thrown inside this handler: raised from None, it carries no trace of ``exc``
-        retry = self.retry(exc=retries.withheld(exc), countdown=retry_delay(self.request.retries), throw=False)
+        again = {"after": after, "waited": waited, "transient": transient + 1}
+        retry = self.retry(exc=retries.withheld(exc), kwargs=again, countdown=retry_delay(transient), throw=False)
         raise retry from None
     log.log(
-        logging.DEBUG if attempt.outcome == "deferred" else logging.INFO,  # one a timeout while a receiver is busy
+        logging.DEBUG if attempt.outcome in ("deferred", "early") else logging.INFO,  # no attempt made
         "callback attempt",
         extra={
             "event": "callback",
@@ -218,9 +222,12 @@ def deliver_callback(self: Any, case_id: str) -> str:
     if metrics is not None:
         metrics.record_callback(attempt.outcome)
     if attempt.outcome == "retry":  # the backoff the row was stamped with: no lease is taken before it
-        raise self.retry(countdown=attempt.retry_in)
-    if attempt.outcome == "deferred":  # its turn comes once an attempt at the same receiver ends
-        raise self.retry(countdown=callbacks.turn_seconds(config))
+        raise self.retry(kwargs={"after": attempt.attempt}, countdown=attempt.retry_in)
+    if attempt.outcome == "early":  # a host's clock sent it early: the rest of the backoff
+        raise self.retry(kwargs={"after": after, "waited": waited}, countdown=attempt.retry_in)
+    if attempt.outcome == "deferred":  # an attempt at the same receiver that ends hands it its turn sooner
+        countdown = callback_pacing.turn_seconds(config, waited)
+        raise self.retry(kwargs={"after": attempt.attempt, "waited": waited + 1}, countdown=countdown)
     return attempt.outcome
 
 

@@ -147,7 +147,8 @@ async def get_callback(response: Response, app: State, caller: AuthenticatedCall
             retries=(
                 f"up to {settings.callback_max_attempts} attempts, backing off from "
                 f"{settings.callback_backoff_seconds:g} s to at most {settings.callback_backoff_max_seconds:g} s "
-                "between them; then the delivery is failed"
+                f"between them; then the delivery is failed. At most {settings.callback_clinic_concurrency} "
+                "attempts at your server at once: the others wait their turn, uncounted"
             ),
         )
 

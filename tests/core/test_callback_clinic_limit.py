@@ -9,12 +9,16 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import redis
 from sqlalchemy import text, update
 
-from core import callback_attempts
+from core import callback_attempts, callback_pacing
+from core.callback_pacing import Busy
 from core.config import Settings
 from core.db import session_scope
 from core.models import CallbackDelivery
+from core.publisher import make_publisher
+from core.queueing import QUEUE_CALLBACKS, queue_lists
 from tests import support
 from tests.conftest import Tenant
 from tests.core.test_callback_outbox import lease, pending_delivery, record, row
@@ -37,11 +41,12 @@ def test_a_clinics_callback_waits_while_its_receiver_has_its_fill_of_attempts(
     assert isinstance(held, callback_attempts.Lease)
     before = row(one_at_a_time, second).updated_at
 
-    assert lease(one_at_a_time, keyring, second) == callback_attempts.Busy(1)
+    assert lease(one_at_a_time, keyring, second) == Busy(1, 0)
     waiting = row(one_at_a_time, second)
-    # nothing attempted, nothing counted, nothing held; touched (the sweeper counts from the deferral)
+    # nothing attempted, nothing counted, nothing held; not touched (the clinic's status lists its
+    # deliveries by their last attempt)
     assert (waiting.status, waiting.attempts, waiting.leased_until) == ("pending", 0, None)
-    assert waiting.updated_at > before
+    assert waiting.updated_at == before
     # another clinic's callback is not held up by this one's
     assert isinstance(lease(one_at_a_time, keyring, other), callback_attempts.Lease)
     # the limit is the setting's: two at once are allowed where it says two
@@ -59,7 +64,7 @@ def test_the_clinics_turn_comes_when_an_attempt_ends_or_its_lease_runs_out(
     )
     held = lease(one_at_a_time, keyring, first)
     assert isinstance(held, callback_attempts.Lease)
-    assert isinstance(lease(one_at_a_time, keyring, second), callback_attempts.Busy)
+    assert isinstance(lease(one_at_a_time, keyring, second), Busy)
     assert record(one_at_a_time, held, 204).outcome == "delivered"  # the attempt under way ends
     taken = lease(one_at_a_time, keyring, second)
     assert isinstance(taken, callback_attempts.Lease) and taken.attempt == 1
@@ -87,7 +92,7 @@ def test_two_workers_leasing_one_clinics_callbacks_at_once_do_not_both_pass_the_
         support.wait_for(lambda: _waiting_for_a_clinic_lock(one_at_a_time), timeout=30, what="the second lease to wait")
         assert answers == []
     other.join(timeout=30)
-    assert answers == [callback_attempts.Busy(1)]
+    assert answers == [Busy(1, 0)]
     assert row(one_at_a_time, second).attempts == 0
 
 
@@ -96,6 +101,52 @@ def _waiting_for_a_clinic_lock(settings: Settings) -> bool:
         return bool(
             session.scalar(
                 text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :cls AND NOT granted"),
-                {"cls": callback_attempts.CLINIC_LOCK},
+                {"cls": callback_pacing.CLINIC_LOCK},
             )
         )
+
+
+def test_an_attempt_that_ends_hands_its_turn_to_the_clinics_oldest_waiting_callback(
+    one_at_a_time: Settings, private_broker, keyring, make_key, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    clinic: Tenant = make_key("clinic")
+    first, older, newer = (
+        pending_delivery(one_at_a_time, private_broker, keyring, clinic, store_case) for _ in range(3)
+    )
+    pending_delivery(one_at_a_time, private_broker, keyring, make_key("clinic"), store_case)  # another clinic's
+    held = lease(one_at_a_time, keyring, first)
+    assert isinstance(held, callback_attempts.Lease)
+    with session_scope(one_at_a_time) as session:
+        # the attempt under way is not waiting; the oldest that is takes the turn
+        assert callback_pacing.next_waiting(session, clinic.clinic_id) == older
+    assert record(one_at_a_time, held, 503).outcome == "retry"
+    with session_scope(one_at_a_time) as session:  # a retry waits for its backoff, not for a turn
+        session.execute(
+            update(CallbackDelivery)
+            .where(CallbackDelivery.case_id == older)
+            .values(next_attempt_at=datetime.now(UTC) + timedelta(seconds=60))
+        )
+        assert callback_pacing.next_waiting(session, clinic.clinic_id) == newer
+
+
+def test_the_turn_goes_out_as_a_message_once_the_attempt_is_recorded(
+    settings: Settings, private_broker, keyring, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    from worker import callbacks as delivery
+
+    first, waiting = (pending_delivery(settings, private_broker, keyring, tenant, store_case) for _ in range(2))
+    broker = redis.Redis.from_url(private_broker.url)
+    before = _messages(broker, waiting)
+    # the fixture's URL (http://x/) is refused where private receivers are not allowed: the attempt
+    # ends at once, given up, and its turn is handed on
+    production = settings.model_copy(update={"callback_allow_private_urls": False})
+    publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
+    assert delivery.deliver(production, keyring, first, publisher=publisher).outcome == "failed"
+    assert _messages(broker, waiting) == before + 1
+    assert _messages(broker, first) == 1  # its own first message only
+
+
+def _messages(broker: redis.Redis, case_id: object) -> int:
+    return sum(
+        str(case_id) in raw.decode() for name in queue_lists(QUEUE_CALLBACKS) for raw in broker.lrange(name, 0, -1)
+    )

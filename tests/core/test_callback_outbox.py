@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select, update
 
 from core import audit, callback_attempts, callbacks, case_states, retention
+from core.callback_pacing import NotDue
 from core.config import Settings
 from core.db import session_scope
 from core.errors import KeyNotHeld
@@ -43,9 +44,9 @@ def pending_delivery(settings: Settings, private_broker, keyring, tenant: Tenant
     return case_id
 
 
-def lease(settings: Settings, keyring, case_id: uuid.UUID) -> callback_attempts.Lease | callback_attempts.Busy | None:  # type: ignore[no-untyped-def]
+def lease(settings: Settings, keyring, case_id: uuid.UUID, after: int | None = None) -> object:  # type: ignore[no-untyped-def]
     with session_scope(settings) as session:
-        return callback_attempts.lease(session, settings=settings, keyring=keyring, case_id=case_id)
+        return callback_attempts.lease(session, settings=settings, keyring=keyring, case_id=case_id, after=after)
 
 
 def record(settings: Settings, held: callback_attempts.Lease, status: int | None) -> callback_attempts.Delivery:
@@ -158,14 +159,19 @@ def test_an_erased_case_is_not_announced_as_finished(settings: Settings, keyring
         assert (event.outcome, event.detail) == (audit.FAILURE, {"error": "cancelled", "reason": "case_erased"})
 
 
-def test_a_url_todays_settings_refuse_is_given_up_without_a_call(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
+def test_a_url_todays_settings_refuse_is_given_up_without_a_call(
+    settings: Settings, keyring, pending, private_broker
+) -> None:  # type: ignore[no-untyped-def]
     """A URL registered while private receivers were allowed (``http://x/``) is not called once they are
     not: the delivery is given up at its first attempt, and the audit event says why."""
     from worker import callbacks as delivery
 
     assert settings.callback_allow_private_urls  # what let the fixture register it
     production = settings.model_copy(update={"callback_allow_private_urls": False})
-    assert delivery.deliver(production, keyring, pending) == callback_attempts.Delivery("failed", 1, None)
+    publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
+    assert delivery.deliver(production, keyring, pending, publisher=publisher) == callback_attempts.Delivery(
+        "failed", 1
+    )
     refused = row(settings, pending)
     assert (refused.status, refused.last_error) == ("failed", delivery.URL_REFUSED)  # what the clinic is shown
     with session_scope(settings) as session:
@@ -220,10 +226,14 @@ def test_a_retry_is_not_attempted_before_its_backoff_has_passed(settings: Settin
     assert held is not None
     answer = record(config, held, 503)
     assert answer.outcome == "retry" and answer.retry_in is not None and 30 <= answer.retry_in < 90  # jittered
-    waiting = row(config, pending)
-    assert waiting.next_attempt_at is not None
-    assert lease(config, keyring, pending) is None  # a copy of the message: the retry is not due
+    assert row(config, pending).next_attempt_at is not None
+    assert lease(config, keyring, pending) is None  # the first message again: the retry is not its own
+    assert lease(config, keyring, pending, after=0) is None
+    early = lease(config, keyring, pending, after=1)  # the retry's message, early by its host's clock
+    assert isinstance(early, NotDue) and 20 < early.seconds < 90  # it waits out the rest
     assert row(config, pending).attempts == 1
-    due(config, pending)  # the retry's own message, when it is due
-    taken = lease(config, keyring, pending)
-    assert taken is not None and taken.attempt == 2
+    due(config, pending)
+    assert lease(config, keyring, pending, after=0) is None  # a copy of a message whose attempt was made
+    taken = lease(config, keyring, pending, after=1)
+    assert isinstance(taken, callback_attempts.Lease) and taken.attempt == 2
+    assert lease(config, keyring, pending, after=1) is None  # a copy of the retry's message, once it is made

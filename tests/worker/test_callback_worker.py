@@ -96,7 +96,8 @@ def test_a_clinics_slow_receiver_holds_no_other_clinics_callbacks(
         # ...while the slow clinic's attempts still wait on its receiver: two of them, none answered
         rows = [deliveries(settings, case_id)[0] for case_id in waiting]
         under_way = [r for r in rows if r is not None and r.attempts]
-        assert len(slow.calls) == len(under_way) == settings.callback_clinic_concurrency
+        assert len(under_way) == settings.callback_clinic_concurrency
+        support.wait_for(lambda: len(slow.calls) == len(under_way), timeout=30, what="both to reach the receiver")
         assert all(r.leased_until is not None and r.last_error is None for r in under_way)
         slow.release()
         # the deferred ones take their turn once the receiver answers, each in one attempt

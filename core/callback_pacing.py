@@ -1,0 +1,108 @@
+"""When a pending completion callback may be attempted: the limit per clinic on attempts under way,
+retries not before their backoff, and the turn handed to a clinic's oldest waiting callback.
+
+- **A limit per clinic.** At most ``callback_clinic_concurrency`` attempts go to one clinic's receiver
+  at once, over every callback worker (:func:`attempts_under_way`, counted when an attempt leases its
+  delivery, :func:`core.callback_attempts.lease`): one clinic whose receiver answers slowly, or whose
+  cases finish in a burst, holds no more of the callback workers' threads than that, and other
+  clinics' callbacks go out meanwhile. Its further callbacks are :class:`Busy`: their messages come
+  back later (:func:`turn_seconds`), nothing counted.
+- **Turns in order.** An attempt that ends hands its turn to the clinic's oldest callback waiting for
+  one (:func:`next_waiting`), whose message is sent again at once: the clinic's callbacks go out as
+  fast as its receiver answers, oldest first, and the waiting ones' own messages come back ever more
+  rarely (a safety net, for a turn freed by a lease that ran out).
+- **Retries when due.** An attempt that got no good answer stamps its retry's time on the row
+  (``next_attempt_at``, the database's clock); a retry's message names the attempt it follows
+  (``after``). A copy of that message (Redis hands a message out again when it stays unacknowledged
+  past the visibility timeout, as a due retry waiting for a busy worker's thread can) finds the
+  attempt already made and does nothing; the message itself, if a host's clock sends it early,
+  waits out the rest (:class:`NotDue`).
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import func, or_, select, text
+from sqlalchemy.orm import Session
+
+from core.config import Settings
+from core.models import CallbackDelivery, CallbackStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """The clinic's receiver already has its fill of attempts under way: no attempt is counted, and
+    the callback waits its turn."""
+
+    in_flight: int
+    #: the callback's attempts so far
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class NotDue:
+    """The retry this message brings is due in ``seconds`` (by the database's clock)."""
+
+    seconds: float
+
+
+#: first key of the advisory locks that take a clinic's callback leases one at a time ("dqcb")
+CLINIC_LOCK = 0x64716362
+_HOLD_CLINIC = text("SELECT pg_advisory_xact_lock(:cls, :key)")
+#: the longest a waiting callback's own message stays away (the turns handed over come sooner)
+LONGEST_TURN_SECONDS = 60.0
+
+
+def _under_way(session: Session, clinic_id: uuid.UUID) -> int:
+    count = session.scalar(
+        select(func.count())
+        .select_from(CallbackDelivery)
+        .where(
+            CallbackDelivery.clinic_id == clinic_id,
+            CallbackDelivery.status == CallbackStatus.PENDING.value,
+            CallbackDelivery.leased_until.is_not(None),
+            CallbackDelivery.leased_until > func.now(),  # the database's clock, as the leases are stamped
+        )
+    )
+    return count or 0
+
+
+def attempts_under_way(session: Session, clinic_id: uuid.UUID, limit: int) -> int:
+    """How many of the clinic's callbacks a worker holds a live lease on. Below ``limit`` the count is
+    taken again under a lock on the clinic, held until this transaction ends: two workers leasing its
+    callbacks at once count one after the other, so neither passes the limit on a count the other is
+    about to change. At the limit already, no lock is taken (a clinic with many callbacks waiting
+    does not queue them all on its lock)."""
+    if _under_way(session, clinic_id) >= limit:
+        return limit
+    session.execute(_HOLD_CLINIC, {"cls": CLINIC_LOCK, "key": int.from_bytes(clinic_id.bytes[:4], "big", signed=True)})
+    return _under_way(session, clinic_id)
+
+
+def next_waiting(session: Session, clinic_id: uuid.UUID) -> uuid.UUID | None:
+    """The clinic's oldest pending callback that no worker holds and whose retry, if any, is due:
+    the one to hand a turn that has just ended. Locked until this transaction ends, so that two
+    attempts ending at once hand their turns to two callbacks."""
+    return session.scalar(
+        select(CallbackDelivery.case_id)
+        .where(
+            CallbackDelivery.clinic_id == clinic_id,
+            CallbackDelivery.status == CallbackStatus.PENDING.value,
+            or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
+            or_(CallbackDelivery.next_attempt_at.is_(None), CallbackDelivery.next_attempt_at <= func.now()),
+        )
+        .order_by(CallbackDelivery.created_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def turn_seconds(settings: Settings, waited: int) -> float:
+    """When a callback that has waited for a turn ``waited`` times before sends its message again:
+    one callback timeout, doubling each time, at most :data:`LONGEST_TURN_SECONDS`, jittered so that a
+    clinic's waiting callbacks do not all come back at once. A turn that ends is handed over sooner."""
+    delay = min(LONGEST_TURN_SECONDS, settings.callback_timeout_seconds * 2.0 ** max(0, waited))
+    return delay * (0.5 + random.random())  # noqa: S311 - jitter
