@@ -88,18 +88,25 @@ def lease(
             CallbackDelivery.case_id == case_id,
             CallbackDelivery.status == CallbackStatus.PENDING.value,
             or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
+            # A message with nothing to do matches nothing, and so locks nothing: one that held the
+            # row would make the message that has something to do skip it, and be dropped.
+            *(
+                # no retry pending: the first message, come again, or the sweeper's, leave a retry to
+                # its own message
+                [or_(CallbackDelivery.next_attempt_at.is_(None), CallbackDelivery.next_attempt_at <= func.now())]
+                if after is None
+                # the attempt this message follows is the last one made (else another message made
+                # the next one: this one is a copy)
+                else [CallbackDelivery.attempts == after]
+            ),
         )
         .with_for_update(skip_locked=True, of=CallbackDelivery)
     ).first()
     if found is None:
         return None
     row, at = found
-    if after is not None and row.attempts != after:
-        return None  # the attempt this message was for has been made, through a copy of it
-    if row.next_attempt_at is not None and row.next_attempt_at > at:
-        # its retry's own message, come early by its host's clock, waits out the rest; another message
-        # (the first, come again, or the sweeper's) leaves the retry to that one
-        return NotDue((row.next_attempt_at - at).total_seconds()) if after is not None else None
+    if row.next_attempt_at is not None and row.next_attempt_at > at:  # its own message, early by its host's clock
+        return NotDue((row.next_attempt_at - at).total_seconds())
     endpoint = session.get(ClinicCallback, row.clinic_id)
     # a lease that ran out unrecorded: its worker died or ran out of time, perhaps after its POST went
     # out. The trail says so now, whatever comes next (and that worker, if it lives, records its own).

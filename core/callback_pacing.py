@@ -7,16 +7,17 @@ retries not before their backoff, and the turn handed to a clinic's oldest waiti
   cases finish in a burst, holds no more of the callback workers' threads than that, and other
   clinics' callbacks go out meanwhile. Its further callbacks are :class:`Busy`: their messages come
   back later (:func:`turn_seconds`), nothing counted.
-- **Turns in order.** An attempt that ends hands its turn to the clinic's oldest callback waiting for
-  one (:func:`next_waiting`), whose message is sent again at once: the clinic's callbacks go out as
-  fast as its receiver answers, oldest first, and the waiting ones' own messages come back ever more
-  rarely (a safety net, for a turn freed by a lease that ran out).
+- **Turns handed on.** An attempt that ends hands its turn to the clinic's oldest callback waiting
+  for one (:func:`next_waiting`), whose message is sent again at once: the clinic's callbacks go out
+  as fast as its receiver answers, and the oldest waiting gets each turn that ends, unless a newer
+  one's message comes first; the waiting ones' own messages come back ever more rarely (a safety
+  net, for a turn freed by a lease that ran out).
 - **Retries when due.** An attempt that got no good answer stamps its retry's time on the row
   (``next_attempt_at``, the database's clock); a retry's message names the attempt it follows
   (``after``). A copy of that message (Redis hands a message out again when it stays unacknowledged
   past the visibility timeout, as a due retry waiting for a busy worker's thread can) finds the
-  attempt already made and does nothing; the message itself, if a host's clock sends it early,
-  waits out the rest (:class:`NotDue`).
+  attempt already made and does nothing, and locks nothing; the message itself, if a host's clock
+  sends it early, waits out the rest (:class:`NotDue`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
-from core.config import Settings
+from core.config import CALLBACK_LONGEST_TURN_SECONDS, Settings
 from core.models import CallbackDelivery, CallbackStatus
 
 
@@ -52,8 +53,6 @@ class NotDue:
 #: first key of the advisory locks that take a clinic's callback leases one at a time ("dqcb")
 CLINIC_LOCK = 0x64716362
 _HOLD_CLINIC = text("SELECT pg_advisory_xact_lock(:cls, :key)")
-#: the longest a waiting callback's own message stays away (the turns handed over come sooner)
-LONGEST_TURN_SECONDS = 60.0
 
 
 def _under_way(session: Session, clinic_id: uuid.UUID) -> int:
@@ -102,7 +101,9 @@ def next_waiting(session: Session, clinic_id: uuid.UUID) -> uuid.UUID | None:
 
 def turn_seconds(settings: Settings, waited: int) -> float:
     """When a callback that has waited for a turn ``waited`` times before sends its message again:
-    one callback timeout, doubling each time, at most :data:`LONGEST_TURN_SECONDS`, jittered so that a
-    clinic's waiting callbacks do not all come back at once. A turn that ends is handed over sooner."""
-    delay = min(LONGEST_TURN_SECONDS, settings.callback_timeout_seconds * 2.0 ** max(0, waited))
-    return delay * (0.5 + random.random())  # noqa: S311 - jitter
+    one callback timeout, doubling each time, jittered so that a
+    clinic's waiting callbacks do not all come back at once, and at most
+    :data:`~core.config.CALLBACK_LONGEST_TURN_SECONDS` (a message held longer than the broker's
+    visibility timeout would be handed out twice). A turn that ends is handed over sooner."""
+    delay = settings.callback_timeout_seconds * 2.0 ** max(0, waited)
+    return min(CALLBACK_LONGEST_TURN_SECONDS, delay * (0.5 + random.random()))  # noqa: S311 - jitter

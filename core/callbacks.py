@@ -50,7 +50,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from celery import Celery
-from sqlalchemy import Table, bindparam, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -249,25 +249,33 @@ _NOTE_FINISHED = (
 )
 
 
-def stale_deliveries(
-    session: Session, cutoff: datetime, limit: int = 500, *, ids: list[uuid.UUID] | None = None, lock: bool = True
-) -> list[uuid.UUID]:
-    """Pending deliveries untouched since ``cutoff`` and not leased (their message may be lost), among
-    ``ids`` if given; locked for this sweep unless ``lock`` is false (a row whose message still waits
-    must stay free for the worker that takes it)."""
-    query = (
-        select(CallbackDelivery.case_id)
-        .where(
-            CallbackDelivery.status == CallbackStatus.PENDING.value,
-            CallbackDelivery.updated_at < cutoff,
-            # leases are stamped with the database's clock (core.callback_attempts.lease)
-            or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
-            *([] if ids is None else [CallbackDelivery.case_id.in_(ids)]),
-        )
-        .order_by(CallbackDelivery.updated_at)
-        .limit(limit)
+def _stale(cutoff: datetime) -> tuple[ColumnElement[bool], ...]:
+    return (
+        CallbackDelivery.status == CallbackStatus.PENDING.value,
+        CallbackDelivery.updated_at < cutoff,
+        # leases are stamped with the database's clock (core.callback_attempts.lease)
+        or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
     )
-    return list(session.scalars(query.with_for_update(skip_locked=True) if lock else query))
+
+
+def stale_deliveries(session: Session, cutoff: datetime, ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Those of ``ids`` that are pending deliveries untouched since ``cutoff`` and not leased, locked
+    for this sweep (a worker may have leased one since they were read)."""
+    query = select(CallbackDelivery.case_id).where(*_stale(cutoff), CallbackDelivery.case_id.in_(ids))
+    return list(session.scalars(query.with_for_update(skip_locked=True)))
+
+
+def stale_page(
+    session: Session, cutoff: datetime, limit: int, beyond: tuple[datetime, uuid.UUID] | None = None
+) -> list[tuple[datetime, uuid.UUID]]:
+    """A page of the pending deliveries untouched since ``cutoff`` and not leased (their message may
+    be lost), as (updated_at, case_id), oldest first, after ``beyond`` (the last of the page before).
+    Not locked: a row whose message still waits must stay free for the worker that takes it."""
+    query = select(CallbackDelivery.updated_at, CallbackDelivery.case_id).where(*_stale(cutoff))
+    if beyond is not None:
+        query = query.where(tuple_(CallbackDelivery.updated_at, CallbackDelivery.case_id) > tuple_(*beyond))
+    query = query.order_by(CallbackDelivery.updated_at, CallbackDelivery.case_id).limit(limit)
+    return [(at, case_id) for at, case_id in session.execute(query)]
 
 
 def host_of(url: str) -> str | None:

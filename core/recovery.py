@@ -53,6 +53,8 @@ from core.queueing import QUEUE_CALLBACKS, QUEUE_CASES, QUEUE_MAINTENANCE, TASK_
 
 log = logging.getLogger("dermq.recovery")
 BATCH = 500
+#: pages of BATCH pending callbacks one sweep reads, looking past those whose message waits
+CALLBACK_PAGES = 20
 
 
 @dataclass
@@ -228,8 +230,8 @@ def republish_callbacks(
     than that, and each sweep added a copy, whose attempts then came one after another, without the
     backoff, once the backlog drained (a receiver down for those seconds spent every attempt)."""
     cutoff = at - timedelta(seconds=callbacks.stale_after_seconds(settings))
-    stale = callbacks.stale_deliveries(session, cutoff, BATCH, lock=False)
-    if not stale:
+    page = callbacks.stale_page(session, cutoff, BATCH)
+    if not page:
         return
     waiting: set[str] = set()
     if broker is not None:
@@ -239,9 +241,17 @@ def republish_callbacks(
             waiting = broker_case_ids(broker, (QUEUE_CALLBACKS, QUEUE_MAINTENANCE), TASK_CALLBACK)
         except redis.RedisError as exc:  # unknown: sent again (a copy finds the row leased or done)
             log.warning("broker unreachable; callbacks republished unchecked", extra={"error": type(exc).__name__})
-    lost = [case_id for case_id in stale if str(case_id) not in waiting]
+    lost: list[uuid.UUID] = []
+    # Past the ones whose message waits: callbacks waiting their turn at a clinic's slow receiver
+    # (core.callback_pacing) stay untouched, their messages held by a worker, and hundreds of them
+    # would fill every page before another clinic's lost one.
+    for _ in range(CALLBACK_PAGES):
+        lost += [case_id for _, case_id in page if str(case_id) not in waiting]
+        if len(lost) >= BATCH or len(page) < BATCH:
+            break
+        page = callbacks.stale_page(session, cutoff, BATCH, beyond=page[-1])
     # the same conditions again, under the lock: a worker may have leased one meanwhile
-    locked = callbacks.stale_deliveries(session, cutoff, BATCH, ids=lost) if lost else []
+    locked = callbacks.stale_deliveries(session, cutoff, lost[:BATCH]) if lost else []
     for case_id in locked:
         enqueue(session, publisher, callback_task(case_id), on_sent=report.callbacks_published)
     callbacks.touch_deliveries(session, locked)  # under the sweep's locks: see the module's docstring

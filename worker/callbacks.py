@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import socket
 import ssl
 import threading
@@ -26,6 +27,8 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from celery import Celery
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from core import callback_attempts, callback_pacing
 from core.callback_signing import EVENT_HEADER, SIGNATURE_HEADER, sign
@@ -36,6 +39,8 @@ from core.db import session_scope
 from core.enqueue import enqueue
 from core.errors import InvalidInput
 from core.publisher import callback_task
+
+log = logging.getLogger("dermq.callbacks")
 
 USER_AGENT = "dermq-callback/1"
 #: the error an attempt records when the whole exchange outlasted three timeouts
@@ -231,7 +236,18 @@ def deliver(
             session, settings=config, lease=held, http_status=status, error=error, hopeless=refused
         )
         if done.outcome != "skipped":  # this attempt's turn at the clinic's receiver has ended
-            waiting = callback_pacing.next_waiting(session, held.clinic_id)
+            _hand_on(session, publisher, held.clinic_id)
+    return done
+
+
+def _hand_on(session: Session, publisher: Celery, clinic_id: uuid.UUID) -> None:
+    """Send the message of the clinic's oldest callback waiting for a turn, once the record commits.
+    In a savepoint: a failure here (a statement timeout) must not undo the attempt's record, or its
+    POST would be made again; the waiting callback's own message comes back later instead."""
+    try:
+        with session.begin_nested():
+            waiting = callback_pacing.next_waiting(session, clinic_id)
             if waiting is not None:
                 enqueue(session, publisher, callback_task(waiting))
-    return done
+    except SQLAlchemyError as exc:
+        log.warning("callback turn not handed on", extra={"event": "callback_turn", "error": type(exc).__name__})

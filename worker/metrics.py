@@ -74,8 +74,9 @@ for _outcome in ("requeued", "failed"):  # present from the start: increase() sk
     LOST.labels(_outcome)
 CALLBACKS = Counter(
     "dermq_callback_deliveries_total",
-    "completion callback attempts by outcome: delivered, retry (refused, tried again later), failed (given up), "
-    "deferred (not attempted: the clinic's receiver had its fill of attempts under way)",
+    "completion callback messages by outcome: delivered, retry (refused, tried again later), failed (given up); "
+    "not attempted: deferred (the clinic's receiver had its fill of attempts under way), early (a retry not due "
+    "yet), skipped (nothing to do: done, held by another worker, or a copy)",
     ["outcome"],
 )
 WORKER_INFO = Gauge(

@@ -183,8 +183,9 @@ def deliver_callback(self: Any, case_id: str, after: int | None = None, waited: 
     ``callback_max_attempts`` is reached (counted in the outbox row, not here). The attempt holds no
     transaction while the clinic's server answers (:mod:`worker.callbacks`). The message of a retry,
     or of a callback waiting its turn (:mod:`core.callback_pacing`), names the attempts it follows
-    (``after``), how many turns it has waited (``waited``) and the transient failures in a row since
-    its last lease (``transient``); a callback's first message names none."""
+    (``after``), how many turns it has waited (``waited``) and the transient failures (a database or
+    key error before the attempt) in a row that brought it (``transient``); a callback's first
+    message names none."""
     config = settings()
     try:
         parsed = uuid.UUID(case_id)

@@ -195,7 +195,8 @@ def test_a_host_whose_clock_runs_ahead_leaves_a_live_lease_alone(  # type: ignor
     monkeypatch.setattr(callbacks, "now", fast)
     assert lease(settings, keyring, pending) is None
     with session_scope(settings) as session:
-        assert pending not in callbacks.stale_deliveries(session, cutoff=fast())
+        assert callbacks.stale_deliveries(session, fast(), [pending]) == []
+        assert pending not in [case_id for _, case_id in callbacks.stale_page(session, fast(), 500)]
     assert record(settings, held, 204).outcome == "delivered"
 
 
@@ -237,3 +238,15 @@ def test_a_retry_is_not_attempted_before_its_backoff_has_passed(settings: Settin
     taken = lease(config, keyring, pending, after=1)
     assert isinstance(taken, callback_attempts.Lease) and taken.attempt == 2
     assert lease(config, keyring, pending, after=1) is None  # a copy of the retry's message, once it is made
+
+
+def test_a_copy_with_nothing_to_do_does_not_hold_the_row_from_the_retry(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
+    # A copy of a message whose attempt was made locked the row while it found that out, and the due
+    # retry's own message, skipping the locked row, was dropped: the delivery then waited for the sweeper.
+    held = lease(settings, keyring, pending)
+    assert held is not None and record(settings, held, 503).outcome == "retry"
+    due(settings, pending)
+    with session_scope(settings) as session:  # the copy, its transaction still open
+        assert callback_attempts.lease(session, settings=settings, keyring=keyring, case_id=pending, after=0) is None
+        taken = lease(settings, keyring, pending, after=1)  # the retry's own message, meanwhile
+        assert isinstance(taken, callback_attempts.Lease) and taken.attempt == 2
