@@ -37,12 +37,14 @@ def make_publisher(settings: Settings) -> Celery:
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """One message to send: a task name, the case id it takes (its only argument) and where it goes."""
+    """One message to send: a task name, the case id it takes (its one argument), where it goes, and
+    any keyword arguments (name, value) beside it."""
 
     name: str
     case_id: uuid.UUID
     queue: str
     priority: int | None = None
+    kwargs: tuple[tuple[str, object], ...] = ()
 
 
 def classify_task(case_id: uuid.UUID, priority: Priority | str) -> Task:
@@ -50,10 +52,13 @@ def classify_task(case_id: uuid.UUID, priority: Priority | str) -> Task:
     return Task(TASK_CLASSIFY, case_id, QUEUE_CASES, PRIORITY_VALUE[Priority(priority)])
 
 
-def callback_task(case_id: uuid.UUID) -> Task:
+def callback_task(case_id: uuid.UUID, *, turn: bool = False) -> Task:
     """The completion callback of a finished case (its outbox row is written in the same transaction),
-    on the callbacks queue, which only the callback workers read (``worker.callbacks_app``)."""
-    return Task(TASK_CALLBACK, case_id, QUEUE_CALLBACKS, PRIORITY_VALUE[Priority.ROUTINE])
+    on the callbacks queue, which only the callback workers read (``worker.callbacks_app``). ``turn``:
+    the turn at its clinic's receiver that an ended attempt hands it (core.callback_pacing)."""
+    return Task(
+        TASK_CALLBACK, case_id, QUEUE_CALLBACKS, PRIORITY_VALUE[Priority.ROUTINE], (("turn", True),) if turn else ()
+    )
 
 
 def send(app: Celery, task: Task) -> bool:
@@ -62,7 +67,14 @@ def send(app: Celery, task: Task) -> bool:
     if task.priority is not None:
         options["priority"] = task.priority
     try:
-        app.send_task(task.name, args=[str(task.case_id)], retry=True, retry_policy=FAIL_FAST, **options)
+        app.send_task(
+            task.name,
+            args=[str(task.case_id)],
+            kwargs=dict(task.kwargs) or None,
+            retry=True,
+            retry_policy=FAIL_FAST,
+            **options,
+        )
     except Exception as exc:  # kombu raises OperationalError, redis ConnectionError, OSError...
         log.warning(
             "publish failed; the sweeper will publish it again",

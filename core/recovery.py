@@ -239,7 +239,8 @@ def republish_callbacks(
             # (on the maintenance queue: a message an earlier release sent, which a classification
             # worker passes on to the callbacks queue)
             waiting = broker_case_ids(broker, (QUEUE_CALLBACKS, QUEUE_MAINTENANCE), TASK_CALLBACK)
-        except redis.RedisError as exc:  # unknown: sent again (a copy finds the row leased or done)
+        except redis.RedisError as exc:  # unknown: sent again (a copy finds the row leased or done, or
+            # waits for a turn beside the callback's own message until either makes the attempt)
             log.warning("broker unreachable; callbacks republished unchecked", extra={"error": type(exc).__name__})
     lost: list[uuid.UUID] = []
     # Past the ones whose message waits: callbacks waiting their turn at a clinic's slow receiver

@@ -38,6 +38,7 @@ from core.crypto import Keyring
 from core.db import session_scope
 from core.enqueue import enqueue
 from core.errors import InvalidInput
+from core.models import CallbackDelivery
 from core.publisher import callback_task
 
 log = logging.getLogger("dermq.callbacks")
@@ -205,15 +206,27 @@ def post(
 
 
 def deliver(
-    config: Settings, keyring: Keyring, case_id: uuid.UUID, *, publisher: Celery, after: int | None = None
+    config: Settings,
+    keyring: Keyring,
+    case_id: uuid.UUID,
+    *,
+    publisher: Celery,
+    after: int | None = None,
+    turn: bool = False,
 ) -> callback_attempts.Delivery:
     """Make the next attempt at a case's pending callback: lease, POST, record (see the module
     docstring). ``after``: the attempts the message expects made (:func:`core.callback_attempts.lease`).
     Nothing is attempted while the clinic's receiver has its fill of attempts under way
     (``deferred``) or before a retry is due (``early``). An attempt that ends hands its turn to the
-    clinic's oldest waiting callback, whose message ``publisher`` sends (:mod:`core.callback_pacing`)."""
+    clinic's oldest waiting callback, whose message ``publisher`` sends (:mod:`core.callback_pacing`);
+    that message (``turn``), finding nothing to do (its callback taken, done or cancelled meanwhile, or
+    handed the same turn twice), hands the turn on in its place."""
     with session_scope(config) as session:
         held = callback_attempts.lease(session, settings=config, keyring=keyring, case_id=case_id, after=after)
+        if held is None and turn:
+            row = session.get(CallbackDelivery, case_id)
+            if row is not None:
+                _hand_on(session, publisher, row.clinic_id)
     if held is None:
         return callback_attempts.Delivery("skipped")
     if isinstance(held, callback_pacing.Busy):
@@ -248,6 +261,6 @@ def _hand_on(session: Session, publisher: Celery, clinic_id: uuid.UUID) -> None:
         with session.begin_nested():
             waiting = callback_pacing.next_waiting(session, clinic_id)
             if waiting is not None:
-                enqueue(session, publisher, callback_task(waiting))
+                enqueue(session, publisher, callback_task(waiting, turn=True))
     except SQLAlchemyError as exc:
         log.warning("callback turn not handed on", extra={"event": "callback_turn", "error": type(exc).__name__})

@@ -178,14 +178,18 @@ def _spend_failed_claim(config: Settings, case_id: uuid.UUID, error: Exception) 
 
 
 @app.task(name=TASK_CALLBACK, bind=True, max_retries=None)
-def deliver_callback(self: Any, case_id: str, after: int | None = None, waited: int = 0, transient: int = 0) -> str:
+def deliver_callback(
+    self: Any, case_id: str, after: int | None = None, waited: int = 0, transient: int = 0, turn: bool = False
+) -> str:
     """One attempt at a finished case's completion callback; retried with backoff until delivered or
     ``callback_max_attempts`` is reached (counted in the outbox row, not here). The attempt holds no
     transaction while the clinic's server answers (:mod:`worker.callbacks`). The message of a retry,
     or of a callback waiting its turn (:mod:`core.callback_pacing`), names the attempts it follows
     (``after``), how many turns it has waited (``waited``) and the transient failures (a database or
     key error before the attempt) in a row that brought it (``transient``); a callback's first
-    message names none."""
+    message names none. ``turn``: a turn at the clinic's receiver that an ended attempt handed it (a
+    turn it cannot take is handed on, or dropped if the clinic is full again: the callback has a
+    message of its own)."""
     config = settings()
     try:
         parsed = uuid.UUID(case_id)
@@ -194,7 +198,7 @@ def deliver_callback(self: Any, case_id: str, after: int | None = None, waited: 
     if (self.request.delivery_info or {}).get("routing_key") == QUEUE_MAINTENANCE:
         return _forward_callback(config, parsed)
     try:
-        attempt = delivery.deliver(config, keyring(config), parsed, publisher=app, after=after)
+        attempt = delivery.deliver(config, keyring(config), parsed, publisher=app, after=after, turn=turn)
     except Exception as exc:
         if isinstance(exc, KeyNotHeld):  # a key rotation still reaching this worker: retried, nothing spent
             log.warning(
@@ -226,6 +230,8 @@ def deliver_callback(self: Any, case_id: str, after: int | None = None, waited: 
         raise self.retry(kwargs={"after": attempt.attempt}, countdown=attempt.retry_in)
     if attempt.outcome == "early":  # a host's clock sent it early: the rest of the backoff
         raise self.retry(kwargs={"after": after, "waited": waited}, countdown=attempt.retry_in)
+    if attempt.outcome == "deferred" and turn:  # the turn was taken meanwhile: its own message goes on
+        return attempt.outcome
     if attempt.outcome == "deferred":  # an attempt at the same receiver that ends hands it its turn sooner
         countdown = callback_pacing.turn_seconds(config, waited)
         raise self.retry(kwargs={"after": attempt.attempt, "waited": waited + 1}, countdown=countdown)

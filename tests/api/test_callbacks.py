@@ -5,11 +5,14 @@ the real worker, which holds no row lock and no transaction while the receiver t
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from select import select as readable
 
 import pytest
 from sqlalchemy import select, text
@@ -21,6 +24,15 @@ from tests import support
 from tests.conftest import Tenant
 
 
+def _hung_up(connection: socket.socket) -> bool:
+    """The client closed a connection whose request has been read (it waits for no answer now)."""
+    ready, _, _ = readable([connection], [], [], 0)
+    try:
+        return bool(ready) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class Receiver:
     """A clinic's callback endpoint: answers with the next status of ``statuses`` (then 204). With
     ``hold``, each request waits until ``release()`` before it answers (a slow portal)."""
@@ -28,6 +40,8 @@ class Receiver:
     def __init__(self, statuses: list[int], *, hold: bool = False) -> None:
         self.statuses = list(statuses)
         self.calls: list[dict[str, object]] = []
+        self.open = self.most_open = 0  # requests being answered, now and at most at once
+        self._count = threading.Lock()
         self.released = threading.Event()
         if not hold:
             self.released.set()
@@ -35,12 +49,22 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.calls.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                receiver.released.wait(30)
-                self.send_response(receiver.statuses.pop(0) if receiver.statuses else 204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                with receiver._count:
+                    receiver.open += 1
+                    receiver.most_open = max(receiver.most_open, receiver.open)
+                try:
+                    body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                    receiver.calls.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    deadline = time.monotonic() + 30
+                    while not receiver.released.wait(0.05) and time.monotonic() < deadline:
+                        if _hung_up(self.connection):  # dermq gave up on this attempt: it is not open
+                            return
+                    self.send_response(receiver.statuses.pop(0) if receiver.statuses else 204)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                finally:
+                    with receiver._count:
+                        receiver.open -= 1
 
             def log_message(self, *_args: object) -> None:
                 pass

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 from sqlalchemy import text, update
+from sqlalchemy.exc import OperationalError
 
 from core import callback_attempts, callback_pacing
 from core.callback_pacing import Busy
@@ -150,3 +151,42 @@ def _messages(broker: redis.Redis, case_id: object) -> int:
     return sum(
         str(case_id) in raw.decode() for name in queue_lists(QUEUE_CALLBACKS) for raw in broker.lrange(name, 0, -1)
     )
+
+
+def test_a_turn_its_callback_cannot_take_is_handed_on(
+    settings: Settings, private_broker, keyring, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    # Two attempts ending a moment apart both handed their turns to the same waiting callback: the
+    # second message found it leased and did nothing, and the clinic's next callback waited for its
+    # own message (up to a minute) with a turn free.
+    from worker import callbacks as delivery
+
+    handed, after_it = (pending_delivery(settings, private_broker, keyring, tenant, store_case) for _ in range(2))
+    broker = redis.Redis.from_url(private_broker.url)
+    publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
+    assert isinstance(lease(settings, keyring, handed), callback_attempts.Lease)  # the first turn took it
+    before = _messages(broker, after_it)
+    assert delivery.deliver(settings, keyring, handed, publisher=publisher).outcome == "skipped"
+    assert _messages(broker, after_it) == before  # a message of its own finding nothing: nothing more
+    assert delivery.deliver(settings, keyring, handed, publisher=publisher, turn=True).outcome == "skipped"
+    assert _messages(broker, after_it) == before + 1  # the second turn, handed on
+
+
+def test_a_turn_that_cannot_be_handed_on_leaves_the_attempts_record(
+    settings: Settings, private_broker, keyring, tenant: Tenant, store_case, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from worker import callbacks as delivery
+
+    first, waiting = (pending_delivery(settings, private_broker, keyring, tenant, store_case) for _ in range(2))
+    broker = redis.Redis.from_url(private_broker.url)
+    before = _messages(broker, waiting)
+
+    def timed_out(*_args: object) -> None:
+        raise OperationalError("SELECT ...", {}, Exception("canceling statement due to statement timeout"))
+
+    monkeypatch.setattr(callback_pacing, "next_waiting", timed_out)
+    production = settings.model_copy(update={"callback_allow_private_urls": False})
+    publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
+    assert delivery.deliver(production, keyring, first, publisher=publisher).outcome == "failed"
+    assert row(settings, first).status == "failed"  # recorded: its POST is not made again
+    assert _messages(broker, waiting) == before  # its own message brings it
