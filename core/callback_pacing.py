@@ -103,7 +103,8 @@ def turn_seconds(settings: Settings, waited: int) -> float:
     """When a callback that has waited for a turn ``waited`` times before sends its message again:
     one callback timeout, doubling each time, jittered so that a
     clinic's waiting callbacks do not all come back at once, and at most
-    :data:`~core.config.CALLBACK_LONGEST_TURN_SECONDS` (a message held longer than the broker's
-    visibility timeout would be handed out twice). A turn that ends is handed over sooner."""
-    delay = settings.callback_timeout_seconds * 2.0 ** max(0, waited)
-    return min(CALLBACK_LONGEST_TURN_SECONDS, delay * (0.5 + random.random()))  # noqa: S311 - jitter
+    :data:`~core.config.CALLBACK_LONGEST_TURN_SECONDS` or the longest backoff, whichever is shorter
+    (which the settings keep within the broker's visibility timeout: a message held longer would be
+    handed out twice). A turn that ends is handed over sooner."""
+    delay = settings.callback_timeout_seconds * 2.0 ** max(0, waited) * (0.5 + random.random())  # noqa: S311 - jitter
+    return min(CALLBACK_LONGEST_TURN_SECONDS, settings.callback_backoff_max_seconds, delay)

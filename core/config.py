@@ -273,14 +273,12 @@ class Settings(BaseSettings):
         # an attempt ends at its deadline (three timeouts, then recording it) on the callback worker's
         # threads, where no task time limit applies; the task limit bounds the other tasks
         attempt = max(self.task_time_limit, 3 * self.callback_timeout_seconds + CALLBACK_RECORD_SECONDS)
-        if max(self.callback_backoff_max_seconds, CALLBACK_LONGEST_TURN_SECONDS) + attempt >= (
-            self.broker_visibility_timeout
-        ):
+        # (a callback waiting its turn at a clinic's receiver waits no longer: core.callback_pacing)
+        if self.callback_backoff_max_seconds + attempt >= self.broker_visibility_timeout:
             raise ValueError(
                 "callback_backoff_max_seconds plus one attempt (the larger of task_time_limit and three "
-                "callback_timeout_seconds and 5 s) must be below broker_visibility_timeout, and so must 60 s "
-                "(the longest a callback waits for its turn at a clinic's receiver) plus one attempt: a "
-                "callback's message waits out its delay unacknowledged, and Redis would hand it out a second time"
+                "callback_timeout_seconds and 5 s) must be below broker_visibility_timeout: a callback retry "
+                "waits out its backoff unacknowledged, and Redis would hand it out a second time"
             )
         if self.environment == "production" and "*" in self.forwarded_allow_ips:
             raise ValueError(
@@ -326,7 +324,7 @@ class Settings(BaseSettings):
 #: what a callback attempt needs besides its POST: leasing its row and recording its answer
 CALLBACK_RECORD_SECONDS = 5.0
 #: the longest a callback waiting its turn at its clinic's receiver holds its message before it
-#: tries again (core.callback_pacing.turn_seconds)
+#: tries again (core.callback_pacing.turn_seconds), and never longer than the longest backoff
 CALLBACK_LONGEST_TURN_SECONDS = 60.0
 
 
