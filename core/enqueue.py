@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -99,6 +100,8 @@ def _ended(session: Session, transaction: SessionTransaction) -> None:
     if ready:
         try:
             _send_all(session, ready)
+        except SoftTimeLimitExceeded:  # a worker task's soft time limit: its handler must see it (the commit stands)
+            raise
         except Exception as exc:  # the commit stands whatever happens here; the sweeper covers a loss
             log.warning(
                 "sending committed tasks failed", extra={"event": "publish_failed", "error": type(exc).__name__}

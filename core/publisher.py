@@ -8,7 +8,9 @@ If Redis is down a send fails fast (one quick retry, then give up: a refused con
 milliseconds, not the seconds of kombu's default reconnect loop), the failure is logged with the
 case id only, and the case stays ``queued`` in Postgres, where the sweeper finds it and publishes it
 again: Postgres is the source of truth, the broker only a signal. The same holds for completion
-callbacks, whose outbox row the sweeper re-publishes.
+callbacks, whose outbox row the sweeper re-publishes. The one exception not taken for a failed send
+is a worker task's soft time limit (Celery's ``SoftTimeLimitExceeded``, an ``Exception`` too), which
+can come while a broker that does not answer holds the send: it goes on to the task's handler.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 from core.config import Settings
 from core.models import Priority
@@ -75,6 +78,8 @@ def send(app: Celery, task: Task) -> bool:
             retry_policy=FAIL_FAST,
             **options,
         )
+    except SoftTimeLimitExceeded:  # the task's soft time limit, come while the broker held the send: the
+        raise  # task's own handler must see it (swallowed here, the child ran on to its hard limit and was killed)
     except Exception as exc:  # kombu raises OperationalError, redis ConnectionError, OSError...
         log.warning(
             "publish failed; the sweeper will publish it again",
