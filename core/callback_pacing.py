@@ -106,5 +106,6 @@ def turn_seconds(settings: Settings, waited: int) -> float:
     :data:`~core.config.CALLBACK_LONGEST_TURN_SECONDS` or the longest backoff, whichever is shorter
     (which the settings keep within the broker's visibility timeout: a message held longer would be
     handed out twice). A turn that ends is handed over sooner."""
-    delay = settings.callback_timeout_seconds * 2.0 ** max(0, waited) * (0.5 + random.random())  # noqa: S311 - jitter
+    doublings = min(max(0, waited), 16)  # a float power of two overflows past about a thousand
+    delay = settings.callback_timeout_seconds * 2.0**doublings * (0.5 + random.random())  # noqa: S311 - jitter
     return min(CALLBACK_LONGEST_TURN_SECONDS, settings.callback_backoff_max_seconds, delay)

@@ -306,5 +306,5 @@ def lease_seconds(settings: Settings) -> float:
 
 def backoff_seconds(settings: Settings, attempt: int) -> float:
     """Delay before attempt ``attempt + 1``: base * 2**(attempt-1), times a jitter in [0.5, 1.5), capped."""
-    delay = settings.callback_backoff_seconds * 2.0 ** max(0, attempt - 1)
+    delay = settings.callback_backoff_seconds * 2.0 ** min(max(0, attempt - 1), 30)  # no float overflow
     return min(settings.callback_backoff_max_seconds, delay * (0.5 + random.random()))  # noqa: S311 - jitter

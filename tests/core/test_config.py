@@ -33,6 +33,10 @@ def test_a_callback_retry_never_waits_longer_than_redis_keeps_it_unacknowledged(
     )
     assert max(turn_seconds(short, waited) for waited in range(12) for _ in range(20)) <= 30
     assert max(turn_seconds(Settings(), 12) for _ in range(20)) <= 60
+    assert turn_seconds(Settings(), 5000) <= 60  # a callback that has waited all day (2.0**5000 overflows)
+    from core.callbacks import backoff_seconds
+
+    assert backoff_seconds(Settings(callback_max_attempts=5000), 4999) <= 180  # nor a long-allowed retry
 
 
 def test_a_callback_timeout_is_not_bound_by_the_classification_time_limit() -> None:
