@@ -139,6 +139,12 @@ def sealed(
     return values, Rotation(rotated=True, previous_signs_until=last)
 
 
+def overlap_until(row: ClinicCallback, at: datetime) -> datetime | None:
+    """When the last replaced secret still signing at ``at`` stops; None when none does."""
+    until = row.previous_secret_until
+    return until if until is not None and until > at else None
+
+
 def signing(keyring: Keyring, row: ClinicCallback, at: datetime) -> tuple[str, ...]:
     """The secrets that sign a callback sent at ``at``: the previous ones whose overlap lasts, oldest
     first, then the current one; none if the current one does not open (nothing can be signed)."""
@@ -146,6 +152,6 @@ def signing(keyring: Keyring, row: ClinicCallback, at: datetime) -> tuple[str, .
         secret = current(keyring, row)
     except DecryptionError:
         return ()
-    if row.previous_secret_until is None or row.previous_secret_until <= at:
+    if overlap_until(row, at) is None:
         return (secret,)
     return (*(old for old, ends in previous(keyring, row) if ends > at), secret)

@@ -128,7 +128,7 @@ def end_overlap(session: Session, *, principal: Principal, actor: audit.Actor) -
     row = session.get(ClinicCallback, clinic_id, with_for_update=True)
     if row is None:
         raise NotFound("no callback is registered for this clinic", code="callback_not_registered")
-    signing = row.previous_secret_until is not None and row.previous_secret_until > now()
+    signing = callback_secrets.overlap_until(row, now()) is not None
     for column, value in callback_secrets.NO_PREVIOUS.items():
         setattr(row, column, value)
     audit.record(

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from core import announcements, audit, cases, results
+from core import announcements, audit, callback_secrets, cases, results
 from core.config import Settings
 from core.db import session_scope
 from core.errors import NotFound
@@ -144,7 +144,7 @@ def forget_replaced_callback_secrets(session: Session) -> int:
     done = session.execute(
         update(ClinicCallback)
         .where(ClinicCallback.previous_secret_until <= func.now())
-        .values(previous_secret_ciphertext=None, previous_secret_nonce=None, previous_secret_until=None)
+        .values(**callback_secrets.NO_PREVIOUS)
     )
     return int(getattr(done, "rowcount", 0) or 0)
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import JSON_BODY, NO_QUERY, AuthenticatedCaller, Db, State, limit, require_role
 from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
-from core import callbacks
+from core import callback_secrets, callbacks
 from core.callback_signing import SIGNATURE_HEADER
 from core.models import ClinicCallback, Role
 
@@ -73,12 +73,11 @@ class NewCallbackOut(CallbackOut):
 
 
 def _out(row: ClinicCallback) -> CallbackOut:
-    until = row.previous_secret_until
     return CallbackOut(
         url=row.url,
         created_at=row.created_at,
         updated_at=row.updated_at,
-        previous_secret_valid_until=until if until is not None and until > datetime.now(UTC) else None,
+        previous_secret_valid_until=callback_secrets.overlap_until(row, datetime.now(UTC)),
     )
 
 
