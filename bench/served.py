@@ -4,7 +4,8 @@
 
 The baseline is a bare forward pass of the graph the predictor serves: ONNX Runtime's
 ``session.run`` on a tensor already decoded, resized, normalised and laid out as the graph wants,
-asking for the outputs serving asks for (logits and the last feature map). Against it, in the same
+asking for the outputs a worker's classification asks for (the logits, the last feature map and,
+where the graph has them, the pooled features: the most any serving call asks for). Against it, in the same
 process and taking turns call by call (a busy machine slows them alike: read the ratios):
 
 - ``Predictor.predict``: resizing and normalising the decoded image, the pass, calibration, the
@@ -29,7 +30,7 @@ from PIL import Image
 from bench.common import FIXTURE_IMAGES, interleaved, ms, p50, percentile, table
 from bench.machine import processor
 from ml import preprocess, registry
-from ml.backends import INPUT, OUTPUTS, OnnxBackend
+from ml.backends import INPUT, OnnxBackend
 from ml.predictor import Predictor
 from worker.runtime import pin_threads
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(predictor.backend, OnnxBackend):
         raise SystemExit(f"{args.model} serves {predictor.backend.name}; this compares against an ONNX graph")
     session = predictor.backend.session
+    outputs = predictor.backend.output_names(features=True, pooled=True)
     images = [Image.open(path).convert("RGB") for path in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
     tensors = [
         np.ascontiguousarray(preprocess.batch_nhwc([image], predictor.prep).transpose(0, 3, 1, 2)) for image in images
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         return turn[0]
 
     def bare() -> None:
-        session.run(list(OUTPUTS), {INPUT: tensors[next_index()]})
+        session.run(outputs, {INPUT: tensors[next_index()]})
 
     def predict() -> None:
         predictor.predict([images[next_index()]])

@@ -5,8 +5,10 @@
 Writes into the entry, and records in its manifest with their SHA-256 (so a changed file is refused
 like changed weights):
 
-- ``model.onnx`` (artefact ``onnx_fp32``): the float32 graph ``input`` -> ``logits``, ``features``
-  (:mod:`ml.onnx_graph`), checked against torch on export: logits within 1e-4.
+- ``model.onnx`` (artefact ``onnx_fp32``): the float32 graph ``input`` -> ``logits``, ``features``,
+  ``pooled`` (:mod:`ml.onnx_graph`), checked against torch on export: logits within 1e-4.
+  ``--pooled-output`` gives an entry's graph exported before graphs had ``pooled`` that output, in
+  place and without exporting again (the same computation to the bit, checked on a probe batch).
 - ``model.int8.onnx`` (artefact ``onnx_int8``), only with ``--data``: ONNX Runtime static
   quantisation (QDQ, per-channel int8 weights, uint8 activations; :mod:`ml.quantize`) calibrated on
   ``--calibration-images`` images of the entry's *training* split, cut as the manifest records
@@ -39,7 +41,7 @@ from PIL import Image
 from ml import backends, preprocess, registry
 from ml import data as ds
 from ml.labels import CLASSES
-from ml.onnx_graph import OPSET, ExportError, check_fp32, classifier_key, export_fp32
+from ml.onnx_graph import OPSET, ExportError, check_fp32, check_pooled, classifier_key, export_fp32, with_pooled_output
 from ml.quantize import (
     CALIBRATION_REDUCE_TO,
     DEFAULT_CALIBRATION_IMAGES,
@@ -114,7 +116,7 @@ def export_entry(
             produce_fp32,
             precision="float32",
             exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
-            outputs=list(backends.OUTPUTS),
+            outputs=[*backends.OUTPUTS, backends.POOLED],
             **common,
         )
     }
@@ -136,6 +138,41 @@ def export_entry(
         if stale is not None and stale.get("source_weights_sha256") != weights_sha:
             _forget(entry, "onnx_int8")
     return records
+
+
+def add_pooled_output(model: str | Path) -> dict[str, Any]:
+    """Give an entry's fp32 graph the ``pooled`` output (:func:`ml.onnx_graph.with_pooled_output`) in
+    place, without exporting it again; returns the manifest's new record of the graph.
+
+    The graph before and after run on a probe batch must give the same logits and feature map, to the
+    bit, and the new output must be the feature map's mean; else :class:`ExportError` and nothing
+    changes. A graph that has the output already is left as it is."""
+    entry = registry.resolve(model)
+    record = registry.read_manifest(entry).get("files", {}).get("onnx_fp32")
+    if record is None:
+        raise registry.RegistryError(f"{entry.name} has no fp32 ONNX graph; run python -m ml.export --model {entry}")
+    before = registry.read_verified(entry, "onnx_fp32")
+    after = with_pooled_output(before)
+    if after == before:
+        return dict(record)
+    height, width = registry.read_manifest(entry)["preprocessing"]["input_size"]
+    probe = np.random.default_rng(0).normal(0, 1, (3, 3, height, width)).astype(np.float32)
+    old = backends.create_session(before).run(list(backends.OUTPUTS), {backends.INPUT: probe})
+    logits, features, pooled = backends.create_session(after).run(
+        [*backends.OUTPUTS, backends.POOLED], {backends.INPUT: probe}
+    )
+    if not (np.array_equal(old[0], logits) and np.array_equal(old[1], features)):
+        raise ExportError("the graph with the pooled output does not give the same logits and feature map")
+    check_pooled(features, pooled)
+    kept = {key: value for key, value in record.items() if key not in ("path", "sha256", "bytes")}
+    kept["outputs"] = [*backends.OUTPUTS, backends.POOLED]
+    kept["pooled_output"] = f"named by ml.onnx_graph.with_pooled_output in the graph with SHA-256 {record['sha256']}"
+
+    def produce(path: Path) -> dict[str, Any]:
+        path.write_bytes(after)
+        return {}
+
+    return _write_artefact(entry, "onnx_fp32", record["path"], produce, **kept)
 
 
 def run(
@@ -182,8 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="the HAM10000-layout folder the model was trained on: int8 calibration + test")
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
     p.add_argument("--threads", type=int, default=backends.DEFAULT_THREADS, help="ONNX Runtime threads to evaluate")
+    p.add_argument(
+        "--pooled-output",
+        action="store_true",
+        help="only give the entry's existing fp32 graph its pooled output, in place (no export, no data)",
+    )
     args = p.parse_args(argv)
     try:
+        if args.pooled_output:
+            print(json.dumps(add_pooled_output(args.model)))
+            return 0
         serving = run(args.model, args.data, calibration_images=args.calibration_images, threads=args.threads)
     except (ExportError, registry.RegistryError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

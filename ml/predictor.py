@@ -42,7 +42,7 @@ from torch import nn
 from ml import backends, heatmap, ood, preprocess, registry
 from ml import model as models
 from ml.answers import Analysis, Explanation, ModelInfo, ModelOutputs, Prediction
-from ml.backends import Backend, TorchBackend, resolve_device
+from ml.backends import Backend, Pass, TorchBackend, resolve_device
 from ml.decision import DecisionPolicy, NonFiniteOutput
 from ml.gradcam import class_activation_map
 from ml.labels import CLASSES, NUM_CLASSES
@@ -212,11 +212,10 @@ class Predictor:
         if not images:
             return []
         pixels, batch = preprocess.model_input(images, self.prep)
-        logits, fmap = self._forward(batch, features=self.cam_weight is not None or self.gate is not None)
-        kept = fmap if self.cam_weight is not None else None
+        out = self._forward(batch, features=self.cam_weight is not None, pooled=self.gate is not None)
         return [
-            Analysis(prediction, batch[i : i + 1], None if kept is None else kept[i])
-            for i, prediction in enumerate(self._decide(logits, pixels, fmap))
+            Analysis(prediction, batch[i : i + 1], None if out.features is None else out.features[i])
+            for i, prediction in enumerate(self._decide(out.logits, pixels, out.pooled))
         ]
 
     def explain(self, image: Image.Image, analysis: Analysis, class_code: str | None = None) -> Explanation:
@@ -251,15 +250,15 @@ class Predictor:
         predictions: list[Prediction] = []
         for i in range(0, len(images), self.batch_size):
             pixels, batch = preprocess.model_input(images[i : i + self.batch_size], self.prep)
-            logits, fmap = self._forward(batch, features=self.gate is not None)
-            predictions.extend(self._decide(logits, pixels, fmap))
+            out = self._forward(batch, pooled=self.gate is not None)
+            predictions.extend(self._decide(out.logits, pixels, out.pooled))
         return predictions
 
     def logits(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, C) float32 logits for RGB images, before calibration and decision, in batches of
         ``batch_size``: what comparing backends reads (:mod:`ml.serving_choice`)."""
         chunks = [
-            self._forward(preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep))[0]
+            self._forward(preprocess.batch_nhwc(images[i : i + self.batch_size], self.prep)).logits
             for i in range(0, len(images), self.batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, NUM_CLASSES), dtype=np.float32)
@@ -270,39 +269,40 @@ class Predictor:
         logits, features, inputs = [], [], []
         for i in range(0, len(images), self.batch_size):
             pixels, batch = preprocess.model_input(images[i : i + self.batch_size], self.prep)
-            out, fmap = self._forward(batch, features=True)
-            assert fmap is not None
-            logits.append(out)
-            features.append(ood.pooled(fmap))
+            out = self._forward(batch, pooled=True)
+            assert out.pooled is not None
+            logits.append(out.logits)
+            features.append(out.pooled)
             inputs.append(pixels)
         return ModelOutputs(np.concatenate(logits), np.concatenate(features), np.concatenate(inputs))
 
-    def _forward(self, batch_nhwc: np.ndarray, *, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, H, W, 3) normalised float32 -> (logits (N, C) float32, last feature map (N, K, h, w) or None).
+    def _forward(self, batch_nhwc: np.ndarray, *, features: bool = False, pooled: bool = False) -> Pass:
+        """(N, H, W, 3) normalised float32 -> the logits (N, C) float32, and on request the last
+        feature map (N, K, h, w) and the pooled features (N, K) (:class:`ml.backends.Pass`).
 
         With test-time flips the logits are the mean over the original and mirrored image; the
-        feature map is always the original image's.
+        feature map and pooled features are always the original image's.
         """
-        return self.backend.forward(batch_nhwc, features=features, hflip=self.tta == "hflip")
+        return self.backend.forward(batch_nhwc, features=features, pooled=pooled, hflip=self.tta == "hflip")
 
     def _features(self, batch: np.ndarray) -> np.ndarray:
         """The (K, h, w) feature map of a one-image batch."""
-        _, fmap = self._forward(batch, features=True)
+        fmap = self._forward(batch, features=True).features
         assert fmap is not None
         return fmap[0]
 
     def _decide(
-        self, logits: np.ndarray, pixels: np.ndarray | None = None, fmap: np.ndarray | None = None
+        self, logits: np.ndarray, pixels: np.ndarray | None = None, pooled: np.ndarray | None = None
     ) -> list[Prediction]:
-        """Decisions for ``logits``; with the uint8 model input ``pixels`` and its feature map, the gate too.
+        """Decisions for ``logits``; with the uint8 model input ``pixels`` and its pooled features, the gate too.
         :class:`NonFiniteOutput` if a row of logits is not all finite numbers: every test of the rule and
         the gate is false for NaN, which would read as a confident diagnosis no gate flags."""
         finite = np.isfinite(logits).all(axis=1)
         if not finite.all():
             raise NonFiniteOutput(f"the model gave non-finite scores for {int((~finite).sum())} image(s)")
         gated: list[tuple[str, ...]] = [() for _ in range(len(logits))]
-        if self.gate is not None and pixels is not None and fmap is not None:
-            gated = self.gate.reasons(self.gate.scores(pixels, logits, ood.pooled(fmap)))
+        if self.gate is not None and pixels is not None and pooled is not None:
+            gated = self.gate.reasons(self.gate.scores(pixels, logits, pooled))
         probabilities = self.policy.probabilities(logits)
         if not np.isfinite(probabilities).all():  # a policy whose numbers overflow: never an answer
             raise NonFiniteOutput("the decision policy gave non-finite probabilities")

@@ -30,7 +30,7 @@ def plain_fp32_logits(net: torch.nn.Module, batch_nhwc: np.ndarray) -> np.ndarra
 def test_default_is_fp32_with_autocast_off(batch: np.ndarray) -> None:
     backend = TorchBackend(tiny_model(TINY_ARCH), CPU)
     assert backend.precision == "fp32" and backend.autocast_dtype is None
-    logits, fmap = backend.forward(batch, features=True)
+    logits, fmap, _ = backend.forward(batch, features=True)
     assert logits.dtype == np.float32 and fmap is not None and fmap.dtype == np.float32
     np.testing.assert_allclose(logits, plain_fp32_logits(backend.model, batch), rtol=0, atol=1e-6)
 
@@ -39,7 +39,7 @@ def test_fp32_ignores_an_autocast_region_around_the_call(batch: np.ndarray) -> N
     backend = TorchBackend(tiny_model(TINY_ARCH), CPU)
     expected = plain_fp32_logits(backend.model, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, _ = backend.forward(batch)
+        logits = backend.forward(batch).logits
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-6)
 
 
@@ -48,8 +48,8 @@ def test_bf16_only_when_asked_and_it_moves_the_logits(batch: np.ndarray) -> None
     bf16 = TorchBackend(tiny_model(TINY_ARCH), CPU, precision="bf16")
     assert bf16.precision == "bf16" and bf16.autocast_dtype is torch.bfloat16
     assert TorchBackend(tiny_model(TINY_ARCH), CPU, precision="fp16").autocast_dtype is torch.float16
-    reduced, _ = bf16.forward(batch)
-    exact, _ = fp32.forward(batch)
+    reduced = bf16.forward(batch).logits
+    exact = fp32.forward(batch).logits
     assert reduced.dtype == np.float32 and np.isfinite(reduced).all()
     assert not np.allclose(reduced, exact, rtol=0, atol=1e-6)  # autocast really ran in bfloat16
     np.testing.assert_allclose(reduced, exact, rtol=0, atol=0.05 * np.abs(exact).max())  # ...the same model
@@ -102,16 +102,16 @@ def test_own_thread_runs_every_pass_on_one_thread_with_padded_batches_and_the_sa
     own = TorchBackend(net, CPU, own_thread=True)
     assert inline.batch_shape(3) == 3 and own.batch_shape(3) == 4
 
-    logits, fmap = own.forward(batch, features=True)
+    logits, fmap, _ = own.forward(batch, features=True)
     callers = []
     for _ in range(2):  # from two other threads too
-        caller = threading.Thread(target=lambda: callers.append(own.forward(batch[:1])[0]))
+        caller = threading.Thread(target=lambda: callers.append(own.forward(batch[:1]).logits))
         caller.start()
         caller.join()
 
     assert passes.sizes == [4, 1, 1]  # three images ran as four; one as one
     assert len(set(passes.threads)) == 1 and passes.threads[0].startswith("dermq-torch")
-    expected, expected_fmap = inline.forward(batch, features=True)
+    expected, expected_fmap, _ = inline.forward(batch, features=True)
     assert logits.shape == expected.shape and fmap is not None and expected_fmap is not None
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)  # the padding changes no image's answer
     np.testing.assert_allclose(fmap, expected_fmap, rtol=0, atol=1e-5)
@@ -124,8 +124,8 @@ def test_own_thread_pads_a_mirrored_batch_too(batch: np.ndarray) -> None:
     inline = TorchBackend(tiny_model(TINY_ARCH), CPU)
     net = tiny_model(TINY_ARCH)
     passes = Passes(net)
-    logits, fmap = TorchBackend(net, CPU, own_thread=True).forward(batch, features=True, hflip=True)
-    expected, expected_fmap = inline.forward(batch, features=True, hflip=True)
+    logits, fmap, _ = TorchBackend(net, CPU, own_thread=True).forward(batch, features=True, hflip=True)
+    expected, expected_fmap, _ = inline.forward(batch, features=True, hflip=True)
     assert passes.sizes == [8]  # three images and their mirrors, padded to four and four
     assert fmap is not None and expected_fmap is not None and fmap.shape == expected_fmap.shape
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
