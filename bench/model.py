@@ -31,7 +31,7 @@ from PIL import Image
 
 from bench.common import FIXTURE_IMAGES, interleaved, ms, p50, percentile, table, timed
 from bench.machine import processor
-from ml import backends, heatmap, preprocess, registry
+from ml import backend_choice, backends, heatmap, preprocess, registry
 from ml.gradcam import GradCAM, class_activation_map
 from ml.images import ImageLimits, decode
 from ml.labels import CLASSES
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
 
     images = [Image.open(p).convert("RGB") for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
     manifest = registry.read_manifest(args.model)
-    names = ["torch"] + [n for n in ONNX_BACKENDS if backends.onnx_available(manifest, n)]
+    names = ["torch"] + [n for n in ONNX_BACKENDS if backend_choice.onnx_available(manifest, n)]
 
     def loader(name: str) -> Callable[[], Predictor]:
         device = args.device if name == "torch" else "cpu"

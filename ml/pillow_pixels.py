@@ -9,10 +9,14 @@ array; the array holds the export, and the export holds the image's memory, so t
 for as long as the array (or anything made from it without copying) is referenced, whatever happens
 to the image object.
 
-Where the export is not there or not what is described above (an older Pillow, an image in several
-blocks, whose rows are not contiguous), the pixels are copied as before (``tobytes("raw", "RGBX")``):
-the same bytes. The copy took 0.13-0.22 ms for a 300x225 image on the worker's path, the export about
-1 us (docs/PERFORMANCE.md, forty-first session).
+The export is read only from Pillow 13 on: Pillow 11.2 to 12 export images whose rows are padded
+(``PILLOW_ALIGNMENT``) as if they were not, which would shear the pixels silently, and crash on an
+image made by ``Image.fromarrow``; Pillow 13 refuses both with a ``ValueError``. An image over
+borrowed memory (``readonly``: ``Image.frombuffer``, ``Image.fromarrow``) is never read in place
+either. Elsewhere (an older Pillow, an image in several blocks, whose rows are not contiguous, an
+export not as described above) the pixels are copied as before (``tobytes("raw", "RGBX")``): the same
+bytes. The copy took 0.13-0.22 ms for a 300x225 image on the worker's path, the export about 1 us
+(docs/PERFORMANCE.md, forty-first session).
 
 https://arrow.apache.org/docs/format/CDataInterface.html
 """
@@ -23,7 +27,11 @@ import ctypes
 from typing import Any
 
 import numpy as np
+import PIL
 from PIL import Image
+
+#: whether this Pillow's export is read at all (see above)
+EXPORTS = int(PIL.__version__.split(".")[0]) >= 13
 
 
 class _ArrowSchema(ctypes.Structure):
@@ -60,9 +68,11 @@ _ArrowArray._fields_ = [
     ("private_data", ctypes.c_void_p),
 ]
 
-_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer.restype = ctypes.c_void_p
-_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+#: PyCapsule_GetPointer, through a prototype of its own (setting ``argtypes`` on
+#: ``ctypes.pythonapi``'s shared function object would change it for every other user in the process)
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
 
 
 def rgbx(image: Image.Image) -> np.ndarray:
@@ -70,8 +80,9 @@ def rgbx(image: Image.Image) -> np.ndarray:
     the image's memory where Pillow exports it as described above, else a copy. Treat it as read-only."""
     if image.mode != "RGB":
         raise ValueError(f"rgbx reads RGB images, not {image.mode}")
+    image.load()  # a lazily opened image's size may change as it loads (nothing to do once loaded)
     width, height = image.size
-    view = _exported(image, width, height) if width and height else None
+    view = _exported(image, width, height) if EXPORTS and width and height and not image.readonly else None
     if view is None:
         return np.frombuffer(bytearray(image.tobytes("raw", "RGBX")), dtype=np.uint8).reshape(height, width, 4)
     return view
@@ -98,7 +109,7 @@ def _exported(image: Image.Image, width: int, height: int) -> np.ndarray | None:
         return None
     try:
         capsules: Any = export()
-    except ValueError:  # "Image rows are not contiguous in memory": an image in several blocks
+    except ValueError:  # rows that are not contiguous: an image in several blocks, or padded rows
         return None
     if not _schema_checked:
         schema = _ArrowSchema.from_address(_capsule_pointer(capsules[0], b"arrow_schema"))

@@ -39,7 +39,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from ml import backends, heatmap, ood, preprocess, registry
+from ml import backend_choice, backends, heatmap, ood, preprocess, registry
 from ml import model as models
 from ml.answers import Analysis, Explanation, ModelInfo, ModelOutputs, Prediction
 from ml.backends import Backend, Pass, TorchBackend, resolve_device
@@ -102,7 +102,7 @@ class Predictor:
     ) -> Predictor:
         """Load a registry entry after verifying the SHA-256 of every file it reads against the manifest.
 
-        ``backend`` is ``auto``, ``torch``, ``onnx`` or ``onnx-int8`` (see :func:`ml.backends.choose`);
+        ``backend`` is ``auto``, ``torch``, ``onnx`` or ``onnx-int8`` (see :func:`ml.backend_choice.choose`);
         ONNX Runtime runs on the CPU with ``threads`` intra-op threads. Raises
         :class:`ml.registry.IntegrityError` for a tampered file and :class:`ml.registry.RegistryError`
         for anything else wrong with the entry (an ONNX backend it was not exported for, included).
@@ -126,7 +126,7 @@ class Predictor:
     def _load_entry(
         cls, entry: Path, manifest: dict[str, Any], backend: str, target: torch.device, threads: int, **kwargs: Any
     ) -> Predictor:
-        chosen = backends.choose(manifest, backend, target)
+        chosen = backend_choice.choose(manifest, backend, target)
         engine: nn.Module | Backend
         if chosen == "torch":
             engine = cls._load_torch(entry, manifest)

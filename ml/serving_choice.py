@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ml import backends, registry
+from ml import backend_choice, backends, registry
 from ml.labels import CLASSES
 
 MIN_TOP1_AGREEMENT = 0.99
@@ -67,7 +67,7 @@ def compare_on_validation(
         "top1_agreement": float((top["onnx"] == top["onnx-int8"]).mean()) if len(samples) else None,
         "label_agreement": float((labels["onnx"] == labels["onnx-int8"]).mean()) if len(samples) else None,
         # int8 sums round differently on CPUs without VNNI: these figures hold for this class of CPU only
-        "int8_kernel": backends.int8_kernel(),
+        "int8_kernel": backend_choice.int8_kernel(),
     }
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ml import ood
 from ml.backends import TorchBackend, padded_batch
 from ml.decision import DecisionPolicy
 from ml.predictor import Predictor
@@ -130,6 +131,20 @@ def test_own_thread_pads_a_mirrored_batch_too(batch: np.ndarray) -> None:
     assert fmap is not None and expected_fmap is not None and fmap.shape == expected_fmap.shape
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
     np.testing.assert_allclose(fmap, expected_fmap, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_pooled_features_are_the_original_images_map_averaged_on_every_path(batch: np.ndarray, hflip: bool) -> None:
+    """What the gate reads: each image's own feature map averaged (float64, as the gate was fitted),
+    from a padded pass on the backend's own thread as inline, with and without mirrored copies."""
+    net = tiny_model(TINY_ARCH)
+    for backend in (TorchBackend(net, CPU), TorchBackend(net, CPU, own_thread=True)):
+        out = backend.forward(batch, pooled=True, hflip=hflip)
+        assert out.features is None and out.pooled is not None and out.pooled.dtype == np.float64
+        fmap = backend.forward(batch, features=True).features
+        assert fmap is not None and out.pooled.shape == fmap.shape[:2] == (3, fmap.shape[1])
+        np.testing.assert_allclose(out.pooled, ood.pooled(fmap), rtol=0, atol=1e-6)
+    assert TorchBackend(net, CPU).forward(batch).pooled is None  # only when asked for
 
 
 def test_own_thread_hands_errors_back_to_the_caller(batch: np.ndarray) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import backends, evaluate, export, quantize, registry, serving_choice
+from ml import backend_choice, evaluate, export, quantize, registry, serving_choice
 from ml import data as ds
 from ml.labels import CLASSES
 from ml.predictor import Predictor
@@ -154,7 +154,7 @@ def test_a_tampered_graph_is_refused(exported: Path, tmp_path: Path, name: str) 
     with pytest.raises(registry.IntegrityError, match="integrity check"):
         Predictor.load(entry, device="cpu", backend=backend)
     manifest = registry.read_manifest(entry)
-    manifest["serving"] = {"default_backend": backend, "int8_kernel": backends.int8_kernel()}
+    manifest["serving"] = {"default_backend": backend, "int8_kernel": backend_choice.int8_kernel()}
     registry.write_json_atomic(entry / registry.MANIFEST, manifest)
     with pytest.raises(registry.IntegrityError):  # auto refuses too, it never falls back silently
         Predictor.load(entry, device="cpu", backend="auto")
@@ -179,20 +179,20 @@ def test_a_missing_graph_is_explained(tiny_entry: Path) -> None:
 def test_auto_backend_choice(exported: Path, tiny_entry: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     both = {"files": {"weights": {}, "onnx_fp32": {}, "onnx_int8": {}}}
-    assert backends.choose({"files": {"weights": {}}}, "auto", cpu) == "torch"
-    assert backends.choose({"files": {"weights": {}, "onnx_fp32": {}}}, "auto", cpu) == "onnx"
-    assert backends.choose(both, "auto", cpu) == "onnx"  # int8 only when the manifest says so
-    int8_here = {"default_backend": "onnx-int8", "int8_kernel": backends.int8_kernel()}
-    assert backends.choose({**both, "serving": int8_here}, "auto", cpu) == "onnx-int8"
+    assert backend_choice.choose({"files": {"weights": {}}}, "auto", cpu) == "torch"
+    assert backend_choice.choose({"files": {"weights": {}, "onnx_fp32": {}}}, "auto", cpu) == "onnx"
+    assert backend_choice.choose(both, "auto", cpu) == "onnx"  # int8 only when the manifest says so
+    int8_here = {"default_backend": "onnx-int8", "int8_kernel": backend_choice.int8_kernel()}
+    assert backend_choice.choose({**both, "serving": int8_here}, "auto", cpu) == "onnx-int8"
     # int8 chosen on another class of CPU (or where none was recorded): its figures do not hold here
-    elsewhere = "x86-no-vnni" if backends.int8_kernel() == "x86-vnni" else "x86-vnni"
-    assert backends.choose({**both, "serving": int8_here | {"int8_kernel": elsewhere}}, "auto", cpu) == "onnx"
-    assert backends.choose({**both, "serving": {"default_backend": "onnx-int8"}}, "auto", cpu) == "onnx"
-    assert backends.choose({**both, "serving": {"default_backend": "torch"}}, "auto", cpu) == "torch"
+    elsewhere = "x86-no-vnni" if backend_choice.int8_kernel() == "x86-vnni" else "x86-vnni"
+    assert backend_choice.choose({**both, "serving": int8_here | {"int8_kernel": elsewhere}}, "auto", cpu) == "onnx"
+    assert backend_choice.choose({**both, "serving": {"default_backend": "onnx-int8"}}, "auto", cpu) == "onnx"
+    assert backend_choice.choose({**both, "serving": {"default_backend": "torch"}}, "auto", cpu) == "torch"
     no_int8 = {"files": {"weights": {}, "onnx_fp32": {}}, "serving": {"default_backend": "onnx-int8"}}
-    assert backends.choose(no_int8, "auto", cpu) == "onnx"
-    assert backends.choose(both, "auto", cuda) == "torch"
-    assert backends.choose(both, "onnx-int8", cpu) == "onnx-int8"
+    assert backend_choice.choose(no_int8, "auto", cpu) == "onnx"
+    assert backend_choice.choose(both, "auto", cuda) == "torch"
+    assert backend_choice.choose(both, "onnx-int8", cpu) == "onnx-int8"
     assert Predictor.load(tiny_entry, device="cpu").info.backend == "torch"
     assert Predictor.load(exported, device="cpu").info.backend == "onnx"
     with pytest.raises(ValueError, match="runs on the CPU"):

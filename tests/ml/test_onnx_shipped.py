@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import backends, export, quantize, registry, serving_choice
+from ml import backend_choice, export, quantize, registry, serving_choice
 from ml.labels import CLASSES
 from ml.predictor import Predictor
 from tests.ml.test_predictor import _input, _reference_map, _upsampled, explained, pearson
@@ -33,7 +33,7 @@ MIN_AGREEMENT = serving_choice.MIN_TOP1_AGREEMENT  # the bar: 99% on the most pr
 #: point of run-to-run rounding: a regression guard on the CPU class it was measured on, not the bar.
 INT8_AGREEMENT_FLOOR = 0.977
 #: The same guard on any other class of int8 kernels: x86 without VNNI saturates u8s8 sums, and the
-#: graph measured 96.4% there (ml.backends.int8_kernel).
+#: graph measured 96.4% there (ml.backend_choice.int8_kernel).
 INT8_AGREEMENT_FLOOR_ANY_CPU = 0.955
 #: How far int8 may move the nine fixture images' answers. Agreeing on 96-98% of validation top classes
 #: (by CPU class), it is not held to the 99% bar on nine images: one of them, ISIC_0026083 (fp32: akiec
@@ -167,7 +167,7 @@ def test_int8_is_served_by_default_only_where_it_meets_the_bar_on_validation(ent
         assert expected["default_backend"] == "onnx"
     manifest = registry.read_manifest(entry)
     serving = manifest.get("serving")
-    auto = backends.choose(manifest, "auto", torch.device("cpu"))
+    auto = backend_choice.choose(manifest, "auto", torch.device("cpu"))
     if serving is None or "top1_agreement" not in serving:
         assert auto == "onnx"
         return

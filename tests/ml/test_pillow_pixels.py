@@ -15,6 +15,7 @@ def _copied(image: Image.Image) -> np.ndarray:
     return np.frombuffer(image.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(image.height, image.width, 4)
 
 
+@pytest.mark.skipif(not pillow_pixels.EXPORTS, reason="this Pillow's export is not read (before Pillow 13)")
 def test_the_pixels_are_pillows_own_memory_and_outlive_the_image(fixture_pil: list[Image.Image]) -> None:
     image = fixture_pil[0].copy()
     expected = _copied(image)
@@ -48,3 +49,22 @@ def test_any_size_reads_as_its_copy(size: tuple[int, int]) -> None:
 def test_only_rgb_images_are_read() -> None:
     with pytest.raises(ValueError, match="RGB"):
         pillow_pixels.rgbx(Image.new("L", (4, 4)))
+
+
+def test_padded_rows_and_borrowed_memory_are_copied_with_the_same_bytes() -> None:
+    rng = np.random.default_rng(4)
+    array = rng.integers(0, 256, (30, 37, 3), dtype=np.uint8)
+    Image.core.set_alignment(64)  # PILLOW_ALIGNMENT: every row padded to 64 bytes
+    try:
+        padded = Image.fromarray(array)
+    finally:
+        Image.core.set_alignment(1)
+    pixels = pillow_pixels.rgbx(padded)
+    assert not isinstance(pixels.base, pillow_pixels._Pixels)
+    assert np.array_equal(pixels, _copied(padded)) and np.array_equal(pixels[:, :, :3], array)
+    if hasattr(Image, "fromarrow"):  # Pillow 11.2 and later: an image over another image's memory
+        borrowed = Image.fromarrow(Image.fromarray(array), "RGB", (37, 30))
+        assert borrowed.readonly  # memory Pillow's image does not own is never read in place
+        pixels = pillow_pixels.rgbx(borrowed)
+        assert not isinstance(pixels.base, pillow_pixels._Pixels)
+        assert np.array_equal(pixels[:, :, :3], array)

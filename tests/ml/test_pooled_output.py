@@ -67,6 +67,55 @@ def test_an_export_outputs_the_classifiers_input_as_the_pooled_features(tmp_path
     np.testing.assert_allclose(out.pooled, ood.pooled(out.features), rtol=1e-5, atol=1e-6)
 
 
+def test_a_mirrored_pass_gives_the_original_images_pooled_features(tmp_path: Path) -> None:
+    """With test-time flips the graph runs each image and its mirror: the logits are their mean, the
+    pooled features the original's alone, from the graph as from NumPy's average of the map."""
+    entry = save_tiny_entry(tmp_path / "tiny-hflip", tta="hflip")
+    export.export_entry(entry)
+    predictor = Predictor.load(entry, device="cpu", backend="onnx")
+    backend = predictor.backend
+    assert isinstance(backend, backends.OnnxBackend) and backend.pools and predictor.tta == "hflip"
+    batch = np.random.default_rng(3).standard_normal((3, *predictor.prep.input_size, 3)).astype(np.float32)
+    mirrored = backend.forward(batch, features=True, pooled=True, hflip=True)
+    plain = backend.forward(batch, features=True, pooled=True)
+    mirror = backend.forward(np.ascontiguousarray(batch[:, :, ::-1]), pooled=True)
+    assert mirrored.pooled is not None and plain.pooled is not None and mirror.pooled is not None
+    assert mirrored.pooled.shape == (3, plain.pooled.shape[1])
+    np.testing.assert_allclose(mirrored.pooled, plain.pooled, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mirrored.features, plain.features, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mirrored.logits, (plain.logits + mirror.logits) / 2, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(mirror.pooled, plain.pooled, rtol=1e-3)  # the mirror's features are others
+
+
+@pytest.mark.parametrize(
+    ("outputs", "refused"),
+    [
+        (["logits", "features", "pooled"], None),
+        (["logits", "features"], None),
+        (["logits", "features", "pooled", "other"], "returns"),
+        (["logits", "pooled"], "returns"),
+    ],
+)
+def test_a_graph_must_output_the_logits_and_map_and_may_output_the_pooled_features(
+    tmp_path: Path, outputs: list[str], refused: str | None
+) -> None:
+    model = onnx.load(str(SHIPPED / "model.onnx"))
+    graph = model.graph
+    if "other" in outputs:
+        graph.output.append(onnx.helper.make_tensor_value_info("mean", onnx.TensorProto.FLOAT, None))
+    kept = [output for output in graph.output if output.name in outputs or output.name == "mean"]
+    del graph.output[:]
+    graph.output.extend(kept)
+    weight = Predictor.load(SHIPPED, device="cpu", backend="onnx").cam_weight
+    assert weight is not None
+    session = backends.create_session(model.SerializeToString(), 1)
+    if refused is None:
+        backends.check_graph(session, weight)
+    else:
+        with pytest.raises(registry.RegistryError, match=refused):
+            backends.check_graph(session, weight)
+
+
 def test_the_shipped_graph_gives_the_gate_its_pooled_features_and_the_same_answers(
     older: Path, fixture_pil: list[Image.Image]
 ) -> None:
