@@ -295,11 +295,16 @@ def check_graph(session: Any, cam_weight: np.ndarray) -> None:
             f"the ONNX graph takes {inputs} and returns {sorted(outputs)}; dermq needs [{INPUT!r}] -> "
             f"{list(OUTPUTS)} (and optionally {POOLED!r}). Re-export it with python -m ml.export"
         )
-    # (the pooled output is the classifier's own input: its width is the feature map's)
     channels = outputs["features"][1] if len(outputs["features"]) == 4 else None
     if isinstance(channels, int) and channels != cam_weight.shape[1]:
         raise registry.RegistryError(
             f"the ONNX feature map has {channels} channels but the classifier reads {cam_weight.shape[1]}"
+        )
+    pooled = outputs.get(POOLED)  # the classifier's input: (N, K), K where the graph says it
+    width = pooled[1] if pooled is not None and len(pooled) == 2 else None
+    if pooled is not None and (len(pooled) != 2 or (isinstance(width, int) and width != cam_weight.shape[1])):
+        raise registry.RegistryError(
+            f"the ONNX graph's {POOLED!r} output is {pooled}, not (N, {cam_weight.shape[1]}): the classifier's input"
         )
 
 

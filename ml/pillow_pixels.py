@@ -11,9 +11,10 @@ to the image object.
 
 The export is read only from Pillow 13 on: Pillow 11.2 to 12 export images whose rows are padded
 (``PILLOW_ALIGNMENT``) as if they were not, which would shear the pixels silently, and crash on an
-image made by ``Image.fromarrow``; Pillow 13 refuses both with a ``ValueError``. An image over
-borrowed memory (``readonly``: ``Image.frombuffer``, ``Image.fromarrow``) is never read in place
-either. Elsewhere (an older Pillow, an image in several blocks, whose rows are not contiguous, an
+image made by ``Image.fromarrow``; Pillow 13 refuses padded rows with a ``ValueError``. An image
+over borrowed memory (``readonly``: ``Image.frombuffer``, ``Image.fromarrow``) is never read in
+place, on any version: its memory is another object's, which Pillow 13 exports but this module does
+not rely on. Elsewhere (an older Pillow, an image in several blocks, whose rows are not contiguous, an
 export not as described above) the pixels are copied as before (``tobytes("raw", "RGBX")``): the same
 bytes. The copy took 0.13-0.22 ms for a 300x225 image on the worker's path, the export about 1 us
 (docs/PERFORMANCE.md, forty-first session).

@@ -34,3 +34,25 @@ def test_a_short_run_prints_each_path_against_the_bare_pass() -> None:
     assert set(rows) == {*bare, "Predictor.predict", "classify + heat map"}, run.stdout
     assert all(rows[name][1] == 1.0 for name in bare)
     assert "<= 1.2x" in run.stdout and "<= 1.4x" in run.stdout
+
+
+def test_each_path_is_divided_by_the_bare_pass_asking_for_its_outputs() -> None:
+    from bench.served import baselines
+
+    pooled = baselines(["logits", "pooled"], ["logits", "features", "pooled"])
+    assert pooled["Predictor.predict"] == "bare pass: logits, pooled"
+    assert pooled["classify + heat map"] == "bare pass: logits, features, pooled"
+    assert len(set(pooled.values())) == 2
+    older = baselines(["logits", "features"], ["logits", "features"])  # a graph without the pooled output
+    assert set(older.values()) == {"bare pass: logits, features"} and len(older) == 3
+
+
+def test_every_contender_goes_through_every_image() -> None:
+    from bench.served import each_image
+
+    seen: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    calls = {name: each_image(seen[name].append, 9) for name in seen}
+    for _ in range(9):  # three contenders taking turns over nine images, as interleaved calls them
+        for call in calls.values():
+            call()
+    assert all(sorted(images) == list(range(9)) for images in seen.values())

@@ -54,11 +54,12 @@ def test_only_rgb_images_are_read() -> None:
 def test_padded_rows_and_borrowed_memory_are_copied_with_the_same_bytes() -> None:
     rng = np.random.default_rng(4)
     array = rng.integers(0, 256, (30, 37, 3), dtype=np.uint8)
+    alignment = Image.core.get_alignment()
     Image.core.set_alignment(64)  # PILLOW_ALIGNMENT: every row padded to 64 bytes
     try:
         padded = Image.fromarray(array)
     finally:
-        Image.core.set_alignment(1)
+        Image.core.set_alignment(alignment)
     pixels = pillow_pixels.rgbx(padded)
     assert not isinstance(pixels.base, pillow_pixels._Pixels)
     assert np.array_equal(pixels, _copied(padded)) and np.array_equal(pixels[:, :, :3], array)

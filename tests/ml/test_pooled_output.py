@@ -69,7 +69,7 @@ def test_an_export_outputs_the_classifiers_input_as_the_pooled_features(tmp_path
 
 def test_a_mirrored_pass_gives_the_original_images_pooled_features(tmp_path: Path) -> None:
     """With test-time flips the graph runs each image and its mirror: the logits are their mean, the
-    pooled features the original's alone, from the graph as from NumPy's average of the map."""
+    pooled features the original's alone."""
     entry = save_tiny_entry(tmp_path / "tiny-hflip", tta="hflip")
     export.export_entry(entry)
     predictor = Predictor.load(entry, device="cpu", backend="onnx")
@@ -114,6 +114,23 @@ def test_a_graph_must_output_the_logits_and_map_and_may_output_the_pooled_featur
     else:
         with pytest.raises(registry.RegistryError, match=refused):
             backends.check_graph(session, weight)
+
+
+def test_a_pooled_output_that_is_not_the_classifiers_input_is_refused() -> None:
+    """A graph naming the global average before its reshape, (N, K, 1, 1), as the pooled features
+    would feed the gate arrays it cannot read: refused at load, not on the first case."""
+    model = onnx.load(str(SHIPPED / "model.onnx"))
+    graph = model.graph
+    renamed = {backends.POOLED: "view", "mean": backends.POOLED}
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    weight = Predictor.load(SHIPPED, device="cpu", backend="onnx").cam_weight
+    assert weight is not None
+    session = backends.create_session(model.SerializeToString(), 1)
+    assert next(o.shape for o in session.get_outputs() if o.name == backends.POOLED)[1:] == [1280, 1, 1]
+    with pytest.raises(registry.RegistryError, match="not \\(N, 1280\\)"):
+        backends.check_graph(session, weight)
 
 
 def test_the_shipped_graph_gives_the_gate_its_pooled_features_and_the_same_answers(
