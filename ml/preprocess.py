@@ -128,9 +128,13 @@ def normalize(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
     so the backend's transpose to NCHW copies nothing. Computed a channel at a time, in the same
     float32 operations as ``(batch - mean) * inv_std`` (bit-identical), it takes about a tenth of the
     time that expression and the transpose's copy took (0.9 against 0.1 ms for one 168x224 image in a
-    micro-benchmark; 0.44 against 0.15 ms for normalising alone in Predictor.predict's profile)."""
+    micro-benchmark; 0.44 against 0.15 ms for normalising alone in Predictor.predict's profile). The
+    pixels are made float32 planes in one cast, then offset and scaled in place: a subtraction that
+    casts as it goes runs through NumPy's buffered loop (178 against 137 us for one image inline
+    after a pass, the same numbers)."""
     mean, inv_std = _normalising(tuple(prep.mean), tuple(prep.std))
-    planes = np.subtract(batch.transpose(0, 3, 1, 2), mean, dtype=np.float32, order="C")
+    planes = batch.transpose(0, 3, 1, 2).astype(np.float32, order="C")
+    np.subtract(planes, mean, out=planes)
     np.multiply(planes, inv_std, out=planes)
     return planes.transpose(0, 2, 3, 1)
 
