@@ -9,6 +9,7 @@ they were fitted on.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import cast
@@ -24,6 +25,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+@functools.cache
+def _bias(bias: tuple[float, ...]) -> np.ndarray:
+    """A calibration's bias as a float64 array, made once (read-only: it is shared)."""
+    array = np.asarray(bias, dtype=np.float64)
+    array.flags.writeable = False
+    return array
+
+
 @dataclass(frozen=True, slots=True)
 class Calibration:
     temperature: float = 1.0
@@ -33,7 +42,7 @@ class Calibration:
         """(N, C) logits -> (N, C) calibrated probabilities, float64, rows summing to 1."""
         z = np.asarray(logits, dtype=np.float64) / self.temperature
         if self.bias:
-            z = z + np.asarray(self.bias, dtype=np.float64)
+            z = z + _bias(self.bias)
         return softmax(z)
 
     def to_dict(self) -> dict[str, object]:

@@ -72,6 +72,11 @@ def _log(values: tuple[float, ...]) -> np.ndarray:
     return array
 
 
+def _entropy(p: np.ndarray, log_p: np.ndarray) -> np.ndarray:
+    """(N,) normalised predictive entropy of clipped probabilities ``p`` and their logarithm."""
+    return np.clip(-(p * log_p).sum(axis=1) / np.log(p.shape[1]), 0.0, 1.0)
+
+
 #: the smallest temperature a policy may have (fitting gives 0.5-3 on these models): near 0, logits / T
 #: overflowed into NaN probabilities
 MIN_TEMPERATURE = 1e-3
@@ -97,16 +102,26 @@ class DecisionPolicy:
 
     def labels(self, probabilities: np.ndarray) -> np.ndarray:
         """(N,) class indices by the balanced decision rule."""
-        scores = np.log(np.clip(probabilities, 1e-12, 1.0)) - _log(tuple(self.prior))
-        if self.offsets:
-            scores = scores + _array(tuple(self.offsets))
-        return scores.argmax(axis=1)
+        return self._labels(np.log(np.clip(probabilities, 1e-12, 1.0)))
 
     @staticmethod
     def uncertainty(probabilities: np.ndarray) -> np.ndarray:
         """(N,) normalised predictive entropy in [0, 1]."""
         p = np.clip(probabilities, 1e-12, 1.0)
-        return np.clip(-(p * np.log(p)).sum(axis=1) / np.log(p.shape[1]), 0.0, 1.0)
+        return _entropy(p, np.log(p))
+
+    def labels_and_uncertainty(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`labels` and :meth:`uncertainty` of ``probabilities`` from one clipped logarithm: the
+        same numbers, for serving, where each NumPy call after a forward pass runs cold."""
+        p = np.clip(probabilities, 1e-12, 1.0)
+        log_p = np.log(p)
+        return self._labels(log_p), _entropy(p, log_p)
+
+    def _labels(self, log_p: np.ndarray) -> np.ndarray:
+        scores = log_p - _log(tuple(self.prior))
+        if self.offsets:
+            scores = scores + _array(tuple(self.offsets))
+        return scores.argmax(axis=1)
 
     @staticmethod
     def concerning_probability(probabilities: np.ndarray) -> np.ndarray:

@@ -115,7 +115,7 @@ def image_scores(batch_uint8: np.ndarray) -> dict[str, np.ndarray]:
     """(N, H, W, 3) uint8 (or float in 0-255) model input -> ``contrast`` and ``noise`` (N,)."""
     # C order whatever the input's layout (a strided or planar view): the same products, to the bit
     luma = np.ascontiguousarray(batch_uint8, dtype=np.float32) @ _LUMA  # (N, H, W)
-    contrast = luma.std(axis=(1, 2))
+    contrast = _image_std(luma)
     padded = _edge_padded(luma)
     h, w = luma.shape[1:]
     # the 3x3 box sum added up in place, in the same order as summing the nine shifted copies
@@ -124,8 +124,34 @@ def image_scores(batch_uint8: np.ndarray) -> dict[str, np.ndarray]:
         detail += padded[:, dy : dy + h, dx : dx + w]
     detail /= 9.0
     np.subtract(luma, detail, out=detail)
-    detail = np.abs(detail, out=detail).mean(axis=(1, 2))
+    detail = _image_mean(np.abs(detail, out=detail))
     return {"contrast": contrast, "noise": detail / np.maximum(contrast, 1.0)}
+
+
+# NumPy's mean and std over an image's axes, as the ufunc calls they make (NumPy 2: numpy/_core/
+# _methods.py, _mean and _var), without their Python wrappers, which cost more than the arithmetic
+# inline after a pass (about 0.1 ms of a case for the two, 25 us saved). The same bits, whatever the
+# input (a test holds them to NumPy's own): float32 sums, then a division by the count as an intp,
+# which NumPy computes in float64 and casts back.
+_IMAGE_AXES = (1, 2)
+
+
+def _image_mean(x: np.ndarray) -> np.ndarray:
+    """``x.mean(axis=(1, 2))`` of (N, H, W) float32."""
+    total = np.add.reduce(x, axis=_IMAGE_AXES)
+    return np.true_divide(total, np.intp(x.shape[1] * x.shape[2]), out=total, casting="unsafe")
+
+
+def _image_std(x: np.ndarray) -> np.ndarray:
+    """``x.std(axis=(1, 2))`` of (N, H, W) float32."""
+    count = np.intp(x.shape[1] * x.shape[2])
+    mean = np.add.reduce(x, axis=_IMAGE_AXES, keepdims=True)
+    np.true_divide(mean, count, out=mean, casting="unsafe")
+    deviation = np.subtract(x, mean)
+    np.square(deviation, out=deviation)
+    variance = np.add.reduce(deviation, axis=_IMAGE_AXES)
+    np.true_divide(variance, count, out=variance, casting="unsafe")
+    return np.sqrt(variance, out=variance)
 
 
 def _edge_padded(luma: np.ndarray) -> np.ndarray:

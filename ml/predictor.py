@@ -297,26 +297,26 @@ class Predictor:
         """Decisions for ``logits``; with the uint8 model input ``pixels`` and its pooled features, the gate too.
         :class:`NonFiniteOutput` if a row of logits is not all finite numbers: every test of the rule and
         the gate is false for NaN, which would read as a confident diagnosis no gate flags."""
-        finite = np.isfinite(logits).all(axis=1)
-        if not finite.all():
-            raise NonFiniteOutput(f"the model gave non-finite scores for {int((~finite).sum())} image(s)")
+        if not np.isfinite(logits).all():
+            broken = int((~np.isfinite(logits).all(axis=1)).sum())
+            raise NonFiniteOutput(f"the model gave non-finite scores for {broken} image(s)")
         gated: list[tuple[str, ...]] = [() for _ in range(len(logits))]
         if self.gate is not None and pixels is not None and pooled is not None:
             gated = self.gate.reasons(self.gate.scores(pixels, logits, pooled))
         probabilities = self.policy.probabilities(logits)
         if not np.isfinite(probabilities).all():  # a policy whose numbers overflow: never an answer
             raise NonFiniteOutput("the decision policy gave non-finite probabilities")
-        labels = self.policy.labels(probabilities)
-        uncertainty = self.policy.uncertainty(probabilities)
+        labels, uncertainty = self.policy.labels_and_uncertainty(probabilities)
         reasons = self.policy.referral_reasons(probabilities, labels, uncertainty)
         out = []
-        for p, label, u, why, odd in zip(probabilities, labels, uncertainty, reasons, gated, strict=True):
+        rows = zip(probabilities.tolist(), labels.tolist(), uncertainty.tolist(), reasons, gated, strict=True)
+        for p, label, u, why, odd in rows:
             out.append(
                 Prediction(
-                    label=CLASSES[int(label)],
-                    probabilities=dict(zip(CLASSES, p.tolist(), strict=True)),
-                    confidence=float(p[int(label)]),
-                    uncertainty=float(u),
+                    label=CLASSES[label],
+                    probabilities=dict(zip(CLASSES, p, strict=True)),
+                    confidence=p[label],
+                    uncertainty=u,
                     referral=bool(why),
                     referral_reasons=why,
                     out_of_distribution=bool(odd),

@@ -100,3 +100,20 @@ def test_referral_threshold_reaches_its_target() -> None:
     policy = DecisionPolicy(referral_threshold=threshold, uncertainty_threshold=1.1)
     concerning = np.isin(labels, [CLASSES.index(c) for c in ("akiec", "bcc", "mel")])
     assert policy.referrals(probabilities, predicted)[concerning].mean() >= 0.95
+
+
+def test_labels_and_uncertainty_together_are_each_alone() -> None:
+    """Serving takes both from one clipped logarithm: the same labels and the same uncertainty, to the
+    bit, as the two methods that fitting and evaluation call."""
+    rng = np.random.default_rng(8)
+    policy = DecisionPolicy(
+        calibration=Calibration(temperature=1.3, bias=tuple(rng.normal(0, 0.3, len(CLASSES)))),
+        prior=tuple(np.full(len(CLASSES), 1 / len(CLASSES))),
+        offsets=tuple(0.4 if c == "mel" else 0.0 for c in CLASSES),
+    )
+    probabilities = policy.probabilities(rng.normal(0, 3, (500, len(CLASSES))))
+    probabilities[0] = np.eye(len(CLASSES))[2]  # a certain answer: its zeros are clipped
+    labels, uncertainty = policy.labels_and_uncertainty(probabilities)
+    assert np.array_equal(labels, policy.labels(probabilities))
+    assert np.array_equal(uncertainty, policy.uncertainty(probabilities))
+    assert len(set(labels.tolist())) > 3 and uncertainty[0] < 1e-9

@@ -247,3 +247,16 @@ def test_a_gate_with_a_malformed_stride_is_refused(
     registry.write_json_atomic(tiny_entry / "manifest.json", manifest)
     with pytest.raises(registry.RegistryError, match="gate does not load"):
         Predictor.load(tiny_entry, device="cpu", backend="torch")
+
+
+def test_the_image_checks_mean_and_std_are_numpys_to_the_bit() -> None:
+    """image_scores calls the ufuncs NumPy's mean and std call, without their wrappers: the gate's
+    thresholds were fitted on NumPy's own numbers, so every bit must be the same."""
+    rng = np.random.default_rng(12)
+    for shape in [(1, 84, 112), (3, 84, 112), (1, 168, 224), (2, 5, 7), (1, 1, 1)]:
+        for scale in (1.0, 255.0, 3e4):
+            x = (rng.random(shape, dtype=np.float32) * np.float32(scale)).astype(np.float32)
+            assert np.array_equal(ood._image_mean(x.copy()), x.mean(axis=(1, 2)))
+            assert np.array_equal(ood._image_std(x), x.std(axis=(1, 2)))
+    flat = np.full((1, 84, 112), 37.25, dtype=np.float32)
+    assert np.array_equal(ood._image_std(flat), flat.std(axis=(1, 2))) and ood._image_std(flat)[0] == 0.0
