@@ -130,9 +130,11 @@ def image_scores(batch_uint8: np.ndarray) -> dict[str, np.ndarray]:
 
 # NumPy's mean and std over an image's axes, as the ufunc calls they make (NumPy 2: numpy/_core/
 # _methods.py, _mean and _var), without their Python wrappers, which cost more than the arithmetic
-# inline after a pass (about 0.1 ms of a case for the two, 25 us saved). The same bits, whatever the
-# input (a test holds them to NumPy's own): float32 sums, then a division by the count as an intp,
-# which NumPy computes in float64 and casts back.
+# inline after a pass (about 0.1 ms of a case for the two, 25 us saved). The same bits for the float32
+# (or float64) images image_scores passes (a test holds them to NumPy's own; float16 or integer input
+# would differ, NumPy widening those first): sums in the input's type, then a division by the count
+# as an intp, which NumPy 2 computes in float64 and casts back (NumPy 1.26 divides in float32: the
+# same call either way).
 _IMAGE_AXES = (1, 2)
 
 

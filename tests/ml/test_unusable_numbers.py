@@ -107,3 +107,15 @@ def test_a_model_whose_scores_are_nan_raises_instead_of_answering(tmp_path: Path
         predictor.classify([image])
     with pytest.raises(NonFiniteOutput):
         predictor.predict([image])
+
+
+def test_the_refusal_counts_the_images_whose_scores_are_not_numbers() -> None:
+    net = tiny_model(TINY_ARCH)
+    predictor = Predictor(net, tiny_prep(net), DecisionPolicy())
+    logits = np.zeros((5, 7), dtype=np.float32)
+    logits[1, 2] = np.nan
+    logits[2, 0] = np.inf
+    logits[4, [1, 5]] = (-np.inf, np.nan)
+    with pytest.raises(NonFiniteOutput, match=r"for 3 image\(s\)"):
+        predictor._decide(logits)
+    assert len(predictor._decide(logits[[0, 3]])) == 2  # the finite rows alone are answered
