@@ -148,14 +148,15 @@ def add_pooled_output(model: str | Path) -> dict[str, Any]:
     bit, and the new output must be the feature map's mean; else :class:`ExportError` and nothing
     changes. A graph that has the output already is left as it is."""
     entry = registry.resolve(model)
-    record = registry.read_manifest(entry).get("files", {}).get("onnx_fp32")
+    manifest = registry.read_manifest(entry)
+    record = manifest.get("files", {}).get("onnx_fp32")
     if record is None:
         raise registry.RegistryError(f"{entry.name} has no fp32 ONNX graph; run python -m ml.export --model {entry}")
     before = registry.read_verified(entry, "onnx_fp32")
     after = with_pooled_output(before)
     if after == before:
         return dict(record)
-    height, width = registry.read_manifest(entry)["preprocessing"]["input_size"]
+    height, width = manifest["preprocessing"]["input_size"]
     probe = np.random.default_rng(0).normal(0, 1, (3, 3, height, width)).astype(np.float32)
     old = backends.create_session(before).run(list(backends.OUTPUTS), {backends.INPUT: probe})
     logits, features, pooled = backends.create_session(after).run(

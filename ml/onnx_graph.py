@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ml import backends
+from ml import backends, ood
 from ml.model import Preprocessing
 
 OPSET = 18
@@ -148,7 +148,7 @@ def check_fp32(model: nn.Module, onnx_bytes: bytes, batch_nhwc: np.ndarray) -> f
 
 def check_pooled(features: np.ndarray, pooled: np.ndarray) -> None:
     """:class:`ExportError` unless the graph's ``pooled`` output is the mean of its feature map."""
-    mean = features.reshape(*features.shape[:2], -1).mean(axis=2, dtype=np.float64)
+    mean = ood.pooled(features)
     if pooled.shape != mean.shape or not np.allclose(pooled, mean, rtol=1e-5, atol=1e-6):
         raise ExportError(
             f"the ONNX graph's {backends.POOLED!r} output {pooled.shape} is not its feature map's mean {mean.shape}"
