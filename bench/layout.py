@@ -20,12 +20,11 @@ from ml import registry
 
 
 def _run(model: str, backend: str, threads: int, seconds: float, start: float, out: mp.Queue) -> None:
-    import torch
-
     from ml.images import decode
     from ml.predictor import Predictor
+    from worker.runtime import pin_threads
 
-    torch.set_num_threads(threads)
+    pin_threads(threads)  # as a worker child: torch's threads, and NumPy's BLAS on one
     predictor = Predictor.load(model, device="cpu", backend=backend, threads=threads)
     images = [decode(p.read_bytes(), reduce_to=1024).image for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
     for image in images[:3]:

