@@ -247,15 +247,13 @@ def guarded(label: str, measure: Callable[[], list[list[str]]]) -> list[list[str
 def model_rows(settings: Any, device: str, repeats: int) -> list[list[str]]:
     """The throughput and OOM rows, with the model loaded here as a worker child loads it (and let go
     on return, before the pipeline's worker loads its own)."""
-    import torch
-
     from ml.predictor import Predictor
     from ml.registry import DEFAULT_MODEL
-    from worker.runtime import threads_per_child
+    from worker.runtime import pin_threads, threads_per_child
 
     gpu = device == "cuda"
-    threads = threads_per_child(settings)  # as a worker child sets them
-    torch.set_num_threads(threads)
+    threads = threads_per_child(settings)  # as a worker child sets them, NumPy's BLAS on one
+    pin_threads(threads)
     predictor = Predictor.load(
         DEFAULT_MODEL, device=device, backend="torch", threads=threads, overlay_max_side=settings.overlay_max_side
     )

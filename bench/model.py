@@ -36,6 +36,7 @@ from ml.gradcam import GradCAM, class_activation_map
 from ml.images import ImageLimits, decode
 from ml.labels import CLASSES
 from ml.predictor import Predictor
+from worker.runtime import pin_blas
 
 DEFAULT_MODEL = registry.DEFAULT_MODEL
 BASELINE_MODEL = "effnet-lite0-ham10000-v1"
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=backends.DEFAULT_THREADS, help="ONNX Runtime intra-op threads")
     parser.add_argument("--baseline", default=BASELINE_MODEL, help="entry to compare one-image latency with ('': none)")
     args = parser.parse_args(argv)
+    # NumPy's BLAS (the gate's feature distance, the overlay's levels) on one thread, as in every
+    # worker child: with a thread per core it competes with ONNX Runtime's threads
+    pin_blas()
 
     images = [Image.open(p).convert("RGB") for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
     manifest = registry.read_manifest(args.model)

@@ -212,10 +212,12 @@ class OODGate:
 
         The projection is a BLAS product (NumPy's OpenBLAS). A worker child runs it on one BLAS
         thread (``worker.runtime.pin_threads``): with a thread per core, BLAS's threads competed with
-        ONNX Runtime's spinning ones and the product took 4 ms instead of 0.1. Run cold after a
-        forward pass, the whitening map (2.6 MB) comes from the last-level cache: BLAS's kernel read it
-        in 0.24 against np.einsum's 0.36 ms on the Intel host with AMX, its sums in another order (a
-        distance moves by about 1e-7 of itself)."""
+        ONNX Runtime's spinning ones and the product took 4 ms instead of 0.1 (a process that pins
+        nothing runs it on all of them). Run cold after a forward pass, when the whitening map (2.6
+        MB) is no longer in the core's caches, BLAS's kernel took 0.24 against np.einsum's 0.36 ms on
+        the Intel host with AMX. It sums in another order than np.einsum, and blocks a batch's rows
+        together: on 1,572 images a distance moved by at most 3.4e-7 of itself, and its last bits can
+        depend on the images that share its batch."""
         centred = np.asarray(features, dtype=np.float32) - self._mean32
         w = np.matmul(centred, self._whiten32).astype(np.float64)
         return (((w[:, None, :] - self.class_means[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
@@ -224,6 +226,8 @@ class OODGate:
         """(N, H, W, 3) model input -> (N,) squared Mahalanobis distance of its colour statistics
         (read at the gate's stride)."""
         diff = colour_statistics(self.sampled(batch_uint8)) - self.colour_mean
+        # np.einsum, not BLAS: a 9 x 9 product gains nothing from it, and this keeps the scores the
+        # thresholds were fitted on to the bit
         return (np.einsum("nk,kd->nd", diff, self.colour_whiten, optimize=False) ** 2).sum(axis=1)
 
     def sampled(self, batch_uint8: np.ndarray) -> np.ndarray:

@@ -185,10 +185,16 @@ def pin_threads(threads: int) -> None:
     second thread that the other children, the API or ONNX Runtime hold, then spins: the worker's NumPy
     products are small (the gate's statistics, the overlay's levels), and with two threads the overlay's
     levels took a camera backlog from 58 to 25 cases/s and a 12 MP result from 62 to 85 ms."""
-    import threadpoolctl  # the worker's image only (beat and Flower import this module from the API's)
     import torch
 
     torch.set_num_threads(threads)
+    pin_blas()
+
+
+def pin_blas() -> None:
+    """NumPy's OpenBLAS to one thread in this process (see :func:`pin_threads`)."""
+    import threadpoolctl  # the worker's image only (beat and Flower import this module from the API's)
+
     threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
