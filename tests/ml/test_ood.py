@@ -262,47 +262,42 @@ def test_the_image_checks_mean_and_std_are_numpys_to_the_bit() -> None:
     assert np.array_equal(ood._image_std(flat), flat.std(axis=(1, 2))) and ood._image_std(flat)[0] == 0.0
 
 
-def test_the_feature_distance_is_the_formula_to_float32_rounding_in_any_batch(
-    fitted: tuple[ood.OODGate, np.random.Generator],
-) -> None:
-    """The distance's projection is a float32 BLAS product, summed in BLAS's order: each distance is
-    the squared Mahalanobis distance to the nearest class mean computed in float64, to float32
-    rounding, and an image's distance alone (a matrix-vector product) is the one it gets in a batch
-    (a matrix product) to float32 rounding."""
-    gate, _ = fitted
-    rng = np.random.default_rng(13)
-    features = (CENTRES[rng.integers(0, 7, 40)] + rng.normal(0, 1.5, (40, CENTRES.shape[1]))).astype(np.float32)
-    whitened = (features.astype(np.float64) - gate.mean) @ gate.whiten
-    expected = ((whitened[:, None, :] - gate.class_means[None]) ** 2).sum(axis=2).min(axis=1)
-    batch = gate.distance(features)
-    np.testing.assert_allclose(batch, expected, rtol=1e-5)
-    alone = np.concatenate([gate.distance(features[i : i + 1]) for i in range(len(features))])
-    np.testing.assert_allclose(alone, batch, rtol=1e-6)
-
-
-def test_the_feature_distance_at_the_served_size_is_the_formula_alone_and_in_a_batch() -> None:
-    """The served gate's shape (1280 pooled features, 512 components, the map float16 as stored), where
-    OpenBLAS blocks the product and may split it over threads: the distances are the float64
-    formula's to float32 rounding, alone, in a batch of eight and on one BLAS thread."""
+def _assert_distances_are_the_formula(gate: ood.OODGate, features: np.ndarray) -> None:
+    """Each image's distance is the squared Mahalanobis distance to the nearest class mean computed
+    in float64, to float32 rounding: in a batch (a matrix product), alone (a matrix-vector product)
+    and with NumPy's BLAS on one thread (as a worker child runs it)."""
     import threadpoolctl
 
-    rng = np.random.default_rng(14)
-    k, d = 1280, 512
-    whiten = (rng.normal(0, 1, (k, d)) / np.sqrt(k)).astype(np.float16)
-    arrays = {
-        "mean": rng.normal(0, 1, k).astype(np.float32),
-        "whiten": whiten,
-        "class_means": rng.normal(0, 1, (7, d)).astype(np.float32),
-        "colour_mean": np.zeros(9, np.float32),
-        "colour_whiten": np.eye(9, dtype=np.float32),
-    }
-    gate = ood.OODGate.from_arrays(arrays, {})
-    features = rng.normal(0, 1.5, (8, k)).astype(np.float32)
     whitened = (features.astype(np.float64) - gate.mean) @ gate.whiten
     expected = ((whitened[:, None, :] - gate.class_means[None]) ** 2).sum(axis=2).min(axis=1)
-    batch = gate.distance(features)
-    np.testing.assert_allclose(batch, expected, rtol=1e-5)
+    np.testing.assert_allclose(gate.distance(features), expected, rtol=1e-5)
     alone = np.concatenate([gate.distance(features[i : i + 1]) for i in range(len(features))])
     np.testing.assert_allclose(alone, expected, rtol=1e-5)
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         np.testing.assert_allclose(gate.distance(features), expected, rtol=1e-5)
+
+
+def test_the_feature_distance_is_the_formula_to_float32_rounding_in_any_batch(
+    fitted: tuple[ood.OODGate, np.random.Generator],
+) -> None:
+    """The distance's projection is a float32 BLAS product, summed in BLAS's order, not the formula's."""
+    gate, _ = fitted
+    rng = np.random.default_rng(13)
+    features = (CENTRES[rng.integers(0, 7, 40)] + rng.normal(0, 1.5, (40, CENTRES.shape[1]))).astype(np.float32)
+    _assert_distances_are_the_formula(gate, features)
+
+
+def test_the_feature_distance_at_the_served_size_is_the_formula_alone_and_in_a_batch() -> None:
+    """The served gate's shape (1280 pooled features, 512 components, the map float16 as stored), where
+    OpenBLAS blocks the product and may split it over threads."""
+    rng = np.random.default_rng(14)
+    k, d = 1280, 512
+    arrays = {
+        "mean": rng.normal(0, 1, k).astype(np.float32),
+        "whiten": (rng.normal(0, 1, (k, d)) / np.sqrt(k)).astype(np.float16),
+        "class_means": rng.normal(0, 1, (7, d)).astype(np.float32),
+        "colour_mean": np.zeros(9, np.float32),
+        "colour_whiten": np.eye(9, dtype=np.float32),
+    }
+    features = rng.normal(0, 1.5, (8, k)).astype(np.float32)
+    _assert_distances_are_the_formula(ood.OODGate.from_arrays(arrays, {}), features)
