@@ -138,21 +138,17 @@ def image_scores(batch_uint8: np.ndarray) -> dict[str, np.ndarray]:
 _IMAGE_AXES = (1, 2)
 
 
-def _image_mean(x: np.ndarray) -> np.ndarray:
-    """``x.mean(axis=(1, 2))`` of (N, H, W) float32."""
-    total = np.add.reduce(x, axis=_IMAGE_AXES)
-    return np.true_divide(total, np.intp(x.shape[1] * x.shape[2]), out=total, casting="unsafe")
+def _image_mean(x: np.ndarray, keepdims: bool = False) -> np.ndarray:
+    """``x.mean(axis=(1, 2), keepdims=keepdims)`` of (N, H, W) float32."""
+    total = np.add.reduce(x, axis=_IMAGE_AXES, keepdims=True)
+    mean = np.true_divide(total, np.intp(x.shape[1] * x.shape[2]), out=total, casting="unsafe")
+    return mean if keepdims else mean[:, 0, 0]
 
 
 def _image_std(x: np.ndarray) -> np.ndarray:
-    """``x.std(axis=(1, 2))`` of (N, H, W) float32."""
-    count = np.intp(x.shape[1] * x.shape[2])
-    mean = np.add.reduce(x, axis=_IMAGE_AXES, keepdims=True)
-    np.true_divide(mean, count, out=mean, casting="unsafe")
-    deviation = np.subtract(x, mean)
-    np.square(deviation, out=deviation)
-    variance = np.add.reduce(deviation, axis=_IMAGE_AXES)
-    np.true_divide(variance, count, out=variance, casting="unsafe")
+    """``x.std(axis=(1, 2))`` of (N, H, W) float32: the mean of the squared deviations, its root."""
+    deviation = np.subtract(x, _image_mean(x, keepdims=True))
+    variance = _image_mean(np.square(deviation, out=deviation))
     return np.sqrt(variance, out=variance)
 
 
