@@ -227,9 +227,14 @@ _UNSET_AT_CREATION = (
 _CASES = cast(Table, Case.__table__)
 #: the columns a new case's row sets: all of them (create_case's ``row`` names each one)
 _ROW = tuple(_CASES.c.keys())
+_PLAIN_KEY = bindparam("plain_key", type_=_CASES.c.idempotency_key.type)
 #: a new case's row, or nothing if its clinic already has a case under that idempotency key: under
 #: its digest (the unique index), or as sent (``plain_key``: stored by a release before migration
-#: 0013, or by one of its processes during a rolling upgrade); one statement, no look-up before it
+#: 0013, or by one of its processes during a rolling upgrade); one statement, no look-up before it.
+#: A case found under the key as sent holds it in plain text exactly when the key as sent is not of a
+#: digest's form, so that is asked of the key, once, not of each row: Postgres without statistics on
+#: ``cases`` (no autovacuum) read the clinic's cases by their clinic and time index and matched the
+#: pattern against every one of them, at every intake.
 _INSERT_CASE = (
     pg_insert(_CASES)
     .from_select(
@@ -237,8 +242,8 @@ _INSERT_CASE = (
         select(*(bindparam(name, type_=_CASES.c[name].type) for name in _ROW)).where(
             ~exists().where(
                 _CASES.c.clinic_id == bindparam("clinic_id"),
-                _CASES.c.idempotency_key == bindparam("plain_key", type_=_CASES.c.idempotency_key.type),
-                idempotency.PLAIN,
+                _CASES.c.idempotency_key == _PLAIN_KEY,
+                idempotency.plain(_PLAIN_KEY),
             )
         ),
     )

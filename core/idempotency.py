@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
+from typing import Any
 
 from sqlalchemy import ColumnElement, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from core.crypto import Keyring
 from core.models import DIGESTED_KEY, Case
@@ -29,10 +30,16 @@ from core.models import DIGESTED_KEY, Case
 PREFIX = "hmac-sha256:"
 _LABEL = b"dermq idempotency-key v1"
 
+
+def plain(key: ColumnElement[Any] | InstrumentedAttribute[Any]) -> ColumnElement[bool]:
+    """Whether ``key`` is not exactly a digest's form (a key held as sent, or one that merely starts
+    like a digest: digested too)."""
+    return key.op("!~")(DIGESTED_KEY)
+
+
 #: cases whose key is still in plain text (written before migration 0013, or by a process of the
-#: release before during a rolling upgrade): any key that is not exactly a digest's form, so that a
-#: portal's own key that merely starts like one is digested too; a partial index answers
-PLAIN: ColumnElement[bool] = Case.idempotency_key.op("!~")(DIGESTED_KEY)
+#: release before during a rolling upgrade); a partial index answers
+PLAIN: ColumnElement[bool] = plain(Case.idempotency_key)
 
 
 def digest(keyring: Keyring, clinic_id: uuid.UUID, key: str) -> str:
