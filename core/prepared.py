@@ -11,7 +11,10 @@ took 1.6-1.8 ms instead of 2.6-2.8 ms of wall time at idle on this project's 2-c
 A prepared statement lives as long as its connection's session, and survives the rollback of the
 transaction that prepared it. Which names a connection holds is kept in its pool entry's ``info``,
 which SQLAlchemy clears when it replaces a lost connection. Not for a transaction-pooling proxy
-(PgBouncer in transaction mode) in front of the workers, which would hand the session to others.
+(PgBouncer in transaction mode) in front of the workers or the API, which would hand the session to
+others. A migration that changes the type of a column a prepared statement returns makes Postgres
+refuse it on every connection that prepared it ("cached plan must not change result type") until
+the pool replaces the connection: docs/OPERATIONS.md, "Every release".
 """
 
 from __future__ import annotations
