@@ -32,7 +32,7 @@ from api.loop_watchdog import LoopWatchdog
 from api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from api.routes import admin, audit, audit_log, case_list, cases, clinic, fhir, health, outcomes
 from api.waiters import CaseWaiters
-from core import db_roles
+from core import db_roles, heap
 from core.config import Settings, get_settings
 from core.cpus import usable_cpus
 from core.crypto import KeyringSource
@@ -140,7 +140,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def create_served_app() -> FastAPI:
     """The app of a ``dermq-api`` process: :func:`create_app`, in a process set up to serve."""
     _serving_process()
-    return create_app()
+    app = create_app()
+    heap.settle("api")
+    return app
 
 
 def _serving_process() -> None:
@@ -188,6 +190,7 @@ def main() -> None:
         _serving_process()
         app = create_app(settings)
         metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
+        heap.settle("api")
         uvicorn.run(app, **common)
         return
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor's too: SIGUSR1 would end it

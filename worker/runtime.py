@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
+from core import heap
 from core.config import Settings
 from core.cpus import usable_cpus
 
@@ -284,13 +285,17 @@ def threads_per_child(settings: Settings) -> int:
 
 def preload(settings: Settings) -> threading.Thread:
     """Load and warm the model in the background right after the fork, so the child's first case
-    does not pay for importing torch and loading weights; a case that arrives meanwhile waits for it."""
+    does not pay for importing torch and loading weights; a case that arrives meanwhile waits for it.
+    Then the child's heap, the model's included, is frozen out of garbage collection (:mod:`core.heap`;
+    with the preload off, the model loads at the first case and its objects stay in the collected heap)."""
 
     def load() -> None:
         try:
             get_predictor(settings)
         except Exception as exc:  # the first case will retry and fail with a clear model_error
             log.error("model preload failed", extra={"event": "model_preload_failed", "error": type(exc).__name__})
+            return
+        heap.settle("worker-child")  # PyTorch, ONNX Runtime and the model: frozen for the child's life
 
     thread = threading.Thread(target=load, name="dermq-model-preload", daemon=True)
     thread.start()
