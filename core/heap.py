@@ -2,21 +2,21 @@
 with, frozen out of every collection, and young collections ten times rarer.
 
 CPython's collector walks every container object of a generation at each collection, and a full
-collection (the oldest generation, after about 70,000 net allocations of containers) walks all of them:
-in the API, after FastAPI, SQLAlchemy and pydantic have loaded, about 147,000 objects (116 ms a
-collection); in a worker child, after PyTorch, timm, ONNX Runtime and the model, about 500,000 (180
-ms). Those objects live as long as the process and are never garbage, so each full collection was a
-pause of the event loop (every request in flight) or of a case, for nothing. Under `bench.load`'s 32
-clients the collector took 1.4 s of the API's CPU and 1.1 s of each worker child's in a 50 s run,
-about 1 ms of server CPU per case (docs/PERFORMANCE.md, forty-fourth session).
+collection walks all of them: in the API, after FastAPI, SQLAlchemy and pydantic have loaded, about
+147,000 objects; in a worker child, after PyTorch, timm, ONNX Runtime and the model, about 500,000.
+Those objects live as long as the process and are never garbage. Under `bench.load`'s 32 clients the
+API ran a full collection every 4-5 s, 94-139 ms each (the event loop, and every request in flight,
+waited), and about a thousand younger ones; a worker child ran five full collections while its model
+loaded, 0.9-1.1 s in all (now one, 0.2 s) (docs/PERFORMANCE.md, forty-fourth session).
 
 :func:`settle`, called once a process has loaded what it serves with, collects what loading left
 behind and moves everything else to the permanent generation (``gc.freeze``), which no collection
 walks; a later :func:`settle` (a worker child after its model has loaded, in a heap its parent settled
 before the fork) freezes what has come since. The threshold of the youngest generation goes from 700
 net allocations of containers to :data:`YOUNG_THRESHOLD`: a request or a case frees nearly everything it
-allocates by reference counting, so a collection then runs every few hundred requests instead of every
-few, and the cyclic garbage it waits for stays a few megabytes at most. Nothing is switched off: cycles
+allocates by reference counting, so a young collection then runs rarely (in the API, none in 30 s of
+`bench.load` against one every three requests), and the cyclic garbage it waits for stays a few
+megabytes at most. Nothing is switched off: cycles
 are still collected, and frozen objects still free by reference counting when the process drops them.
 """
 
