@@ -14,7 +14,7 @@ behind and moves everything else to the permanent generation (``gc.freeze``), wh
 walks; a later :func:`settle` (a worker child after its model has loaded, in a heap its parent settled
 before the fork) freezes what has come since. The threshold of the youngest generation goes from 700
 net allocations of containers to :data:`YOUNG_THRESHOLD`: a request or a case frees nearly everything it
-allocates by reference counting, so a young collection then runs rarely (in the API, none in 30 s of
+allocates by reference counting, so a young collection then runs rarely (in the API, one in 30 s of
 `bench.load` against one every three requests), and the cyclic garbage it waits for stays a few
 megabytes at most. Nothing is switched off: cycles
 are still collected, and frozen objects still free by reference counting when the process drops them.
