@@ -7,7 +7,7 @@ collection walks all of them: in the API, after FastAPI, SQLAlchemy and pydantic
 Those objects live as long as the process and are never garbage. Under `bench.load`'s 32 clients the
 API ran a full collection every 4-5 s, 94-139 ms each (the event loop, and every request in flight,
 waited), and about a thousand younger ones; a worker child ran five full collections while its model
-loaded, 0.9-1.1 s in all (now one, 0.2 s) (docs/PERFORMANCE.md, forty-fourth session).
+loaded, 0.9-1.1 s in all, now one of 0.2 s (docs/PERFORMANCE.md, forty-fourth session).
 
 :func:`settle`, called once a process has loaded what it serves with, collects what loading left
 behind and moves everything else to the permanent generation (``gc.freeze``), which no collection
@@ -16,8 +16,10 @@ before the fork) freezes what has come since. The threshold of the youngest gene
 net allocations of containers to :data:`YOUNG_THRESHOLD`: a request or a case frees nearly everything it
 allocates by reference counting, so a young collection then runs rarely (in the API, one in 30 s of
 `bench.load` against one every three requests), and the cyclic garbage it waits for stays a few
-megabytes at most. Nothing is switched off: cycles
-are still collected, and frozen objects still free by reference counting when the process drops them.
+megabytes at most. Nothing is switched off: cycles are still collected, and frozen objects still free
+by reference counting when the process drops them. A worker child settles from its preload thread; a
+case that started meanwhile pauses once for that collection, and the objects it holds then are frozen
+with the rest (a cycle among them is never collected: a few objects, once per child).
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def _refuse_insecure_login(**_kwargs: Any) -> None:
 @signals.worker_init.connect
 def _settle_heap(**_kwargs: Any) -> None:
     # Before the pool forks: the children inherit a heap no collection walks (core.heap); each
-    # settles again once its model has loaded (worker.runtime.get_predictor).
+    # settles again once its model has loaded (worker.runtime.preload).
     from core import heap
 
     heap.settle("worker")
