@@ -138,9 +138,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def create_served_app() -> FastAPI:
-    """The app of a ``dermq-api`` process: :func:`create_app`, in a process set up to serve."""
+    """The app of one of several ``dermq-api`` processes (uvicorn spawns each, a new interpreter whose
+    logging :func:`main` never configured): :func:`served_app`, logging as :func:`main` does."""
+    settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json, component="api")
+    return served_app(settings)
+
+
+def served_app(settings: Settings) -> FastAPI:
+    """:func:`create_app` in a process set up to serve (:func:`_serving_process`), its heap then
+    frozen out of garbage collection (:func:`core.heap.settle`): what each ``dermq-api`` process serves."""
     _serving_process()
-    app = create_app()
+    app = create_app(settings)
     heap.settle("api")
     return app
 
@@ -187,10 +196,8 @@ def main() -> None:
     processes = api_processes(settings)
     common = uvicorn_options(settings)
     if processes == 1:
-        _serving_process()
-        app = create_app(settings)
+        app = served_app(settings)
         metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
-        heap.settle("api")
         uvicorn.run(app, **common)
         return
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor's too: SIGUSR1 would end it
