@@ -35,15 +35,14 @@ log = logging.getLogger("dermq.heap")
 
 def settle(role: str) -> int:
     """Collect, then freeze this process's heap (see the module's docstring), and raise the youngest
-    generation's threshold; returns how many objects are frozen now. ``role`` names the process in
-    the log line (``api``, ``worker``, ``worker-child``)."""
+    generation's threshold; returns how many objects are frozen now (the log line's ``count``).
+    ``role`` names the process in the log line's message (``api``, ``worker``, ``worker-child``)."""
     gc.collect()
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, middle, oldest)
     frozen = gc.get_freeze_count()
     log.info(
-        "startup heap frozen out of garbage collection",
-        extra={"event": "heap_settled", "role": role, "objects": frozen},
+        "%s: startup heap frozen out of garbage collection", role, extra={"event": "heap_settled", "count": frozen}
     )
     return frozen

@@ -5,12 +5,9 @@ still collected. Each check runs in a fresh interpreter: freezing is process-wid
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
-from tests import support
+from tests import probes, support
 
 #: what each probe prints last: the collector's state after the code under test ran
 _STATE = """
@@ -19,24 +16,14 @@ print(json.dumps({"frozen": gc.get_freeze_count(), "walked": len(gc.get_objects(
 """
 
 
-def probe(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> dict[str, int]:
-    """Run ``code`` in a new interpreter (from the repository root, with ``env``); the collector's state
-    it leaves: objects frozen, objects a full collection walks, the youngest generation's threshold."""
-    finished = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code) + _STATE],
-        cwd=support.ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    return json.loads(finished.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+def collector_after(code: str, env: dict[str, str] | None = None) -> dict[str, int]:
+    """The collector's state a new interpreter leaves after ``code``: objects frozen, objects a full
+    collection walks, the youngest generation's threshold."""
+    return probes.probe(textwrap.dedent(code) + _STATE, env)  # type: ignore[no-any-return]
 
 
 def test_settling_freezes_the_heap_so_far_and_later_cycles_are_still_collected() -> None:
-    state = probe(
+    state = collector_after(
         """
         import gc, weakref
         from core import heap
@@ -61,16 +48,29 @@ def test_settling_freezes_the_heap_so_far_and_later_cycles_are_still_collected()
 
 
 def test_an_api_process_settles_its_heap_once_its_app_is_made(stack_env: dict[str, str]) -> None:
-    state = probe("from api.app import create_served_app\ncreate_served_app()\n", env=stack_env)
+    """What each ``dermq-api`` process serves (one process's, and each of several's) comes from
+    ``served_app``; uvicorn's processes make it through ``create_served_app``."""
+    state = collector_after("from api.app import create_served_app\ncreate_served_app()\n", stack_env)
     assert state["frozen"] > 50_000  # FastAPI, SQLAlchemy, pydantic and the app
     assert state["walked"] < state["frozen"] // 20
+    assert state["young"] == 7000
+
+
+def test_a_worker_settles_its_heap_before_it_forks_its_children(stack_env: dict[str, str]) -> None:
+    """Celery sends ``worker_init`` in the worker's main process before its pool forks the children."""
+    env = {**stack_env, "DERMQ_WORKER_METRICS_PORT": str(support.free_port())}  # another handler serves metrics
+    state = collector_after(
+        "from celery import signals\nimport worker.celery_app\nsignals.worker_init.send(None)\n", env
+    )
+    assert state["frozen"] > 50_000  # Celery, kombu, SQLAlchemy and the worker's modules
+    assert state["walked"] < state["frozen"] // 10  # (the handlers after it, the metrics server's, add some)
     assert state["young"] == 7000
 
 
 def test_a_worker_child_settles_its_heap_once_its_model_has_loaded(stack_env: dict[str, str]) -> None:
     """The preload of a worker child (after the fork) loads the model, then freezes the heap with it:
     PyTorch, ONNX Runtime and the model's objects out of every collection for the child's life."""
-    state = probe(
+    state = collector_after(
         """
         import gc
         from core.config import Settings
@@ -81,7 +81,7 @@ def test_a_worker_child_settles_its_heap_once_its_model_has_loaded(stack_env: di
         assert runtime.get_predictor(Settings()) is not None
         assert gc.get_freeze_count() > before + 50_000, (before, gc.get_freeze_count())
         """,
-        env=stack_env,
+        stack_env,
     )
     assert state["walked"] < state["frozen"] // 20
     assert state["young"] == 7000
