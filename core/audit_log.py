@@ -122,7 +122,7 @@ def inclusion_proof(session: Session, event_id: int, size: int) -> tuple[int, by
     row = session.execute(
         text("SELECT seq, leaf_hash FROM audit_leaves WHERE event_id = :id"), {"id": event_id}
     ).first()
-    if row is None or row.seq >= size:
+    if row is None or not 0 <= row.seq < size:  # (a negative position: outside the log, migration 0029)
         raise LookupError("the event is not (yet) in the tree of that size")
     tree = StoredTree(session)
     return row.seq, bytes(row.leaf_hash), merkle.inclusion_proof(row.seq, size, tree.subtree)

@@ -196,7 +196,7 @@ _SKIPPED = text(
     WHERE (e.txid, e.id) > (CAST(:low_txid AS xid8), :low_id)
       AND (e.txid, e.id) < (CAST(:high_txid AS xid8), :high_id)
       AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
-      AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id)
+      AND NOT EXISTS (SELECT 1 FROM audit_leaves l WHERE l.event_id = e.id AND l.seq >= 0)
     ORDER BY e.txid, e.id
     LIMIT :limit
     """
@@ -205,10 +205,11 @@ _SKIPPED = text(
 
 def skipped_events(session: Session, limit: int = 100, *, after: int = 0, upto: int | None = None) -> list[int]:
     """Ids of committed events older than the last sealed one that have no position in the log (the
-    first ``limit``). With ``after``, only those younger than the event at position ``after - 1``: what
-    was sealed since a check that verified ``after`` positions (an index range, not the whole table).
-    With ``upto``, only those older than the event at position ``upto - 1`` (what a check that stopped
-    there walked past; the next check looks further)."""
+    first ``limit``): no leaf, or one at a negative position, outside the log, where only an owner who
+    dropped migration 0029's constraint can put one. With ``after``, only those younger than the event
+    at position ``after - 1``: what was sealed since a check that verified ``after`` positions (an
+    index range, not the whole table). With ``upto``, only those older than the event at position
+    ``upto - 1`` (what a check that stopped there walked past; the next check looks further)."""
     if upto is not None:
         high = session.execute(text(f"{_LEAF_EVENT} WHERE l.seq = :seq"), {"seq": upto - 1}).first()
     else:

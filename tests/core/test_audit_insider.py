@@ -295,6 +295,47 @@ def test_events_a_leaf_inserted_out_of_turn_made_the_log_skip_are_named(roles_db
         assert [e for _, e, _ in found.problems] == skipped and "skipped by the log" in (found.reason or "")
 
 
+def test_a_leaf_outside_the_log_is_refused_and_its_event_named_as_skipped(roles_db, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    # A leaf at a negative position, naming a new event, kept the sealer from ever sealing it while
+    # every look by position passed over it: the services' login may no longer put one there, and an
+    # owner who drops the constraint and does gets the event named by the check
+    keys = checkpoint.load_signing_keys(settings)
+    runtime, owner = roles_db["runtime"], roles_db["owner"]
+    record_and_seal(runtime, keys, 2)
+    with session_scope(runtime) as session:
+        hidden = audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM, detail={})
+    stray = text("INSERT INTO audit_leaves (seq, event_id, leaf_hash) VALUES (-1, :id, '\\x00')")
+    engine = create_engine(runtime.database_url)
+    try:
+        with pytest.raises(DBAPIError, match="ck_audit_leaves_position"), engine.begin() as connection:
+            connection.execute(stray, {"id": hidden})
+    finally:
+        engine.dispose()
+    with unguarded(owner) as connection:
+        connection.execute(text("ALTER TABLE audit_leaves DROP CONSTRAINT ck_audit_leaves_position"))
+        connection.execute(stray, {"id": hidden})
+    with session_scope(runtime) as session:
+        audit.record(session, action="case.read", outcome=audit.SUCCESS, actor=audit.SYSTEM, detail={})
+
+    def sealed() -> audit_log.SealResult | None:  # the sealer passes over the hidden event, to the next
+        result = audit_log.seal_once(runtime, keys)
+        return result if result is not None and result.size == 3 else None
+
+    support.wait_for(sealed, timeout=60, what="the sealer to seal the event after the hidden one")
+    with session_scope(owner) as session:
+        assert session.scalar(text("SELECT count(*) FROM audit_leaves WHERE seq >= 0")) == 3
+        with pytest.raises(LookupError):  # no proof of a position outside the log (it answered 500)
+            audit_log.inclusion_proof(session, hidden, 3)
+
+    def named() -> audit_verify.LogReport | None:
+        with session_scope(owner) as session:
+            report = audit_verify.verify_log(session, verifiers=keys.verifiers)
+        return report if report.problems else None  # (committed below the cluster's oldest transaction)
+
+    report = support.wait_for(named, timeout=60, what="the check to name the hidden event")
+    assert not report.ok and [e for _, e, _ in report.problems] == [hidden], report
+
+
 def test_rows_from_before_the_log_keep_their_chain_and_are_sealed_first(settings: Settings) -> None:
     from core.audit_chain import GENESIS, chain_hash, verify_chain
     from core.models import AuditEvent
