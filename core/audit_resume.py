@@ -1,21 +1,28 @@
 """Where the periodic audit check resumes, and what lets it: its stored results, and the proofs that
 a resume point is part of the log's one history.
 
-A result row is one any service login may write, so a place to resume counts only where a signed
-checkpoint vouches for its root and its tree extends the largest tree the witness file has held
-(:mod:`core.witness_scan`); else the check walks the whole log again.
+Each check's result is a row of ``audit_verifications`` (what ``GET /v1/audit-events/verify``
+answers). Where the check resumes is kept beside the witness file, ``<witness>.check``
+(:mod:`core.audit_places`), where the database's logins cannot write: a "good" row the services'
+login or the tables' owner inserted, at a signed checkpoint's size past what was checked, had the next
+check resume there and never recompute the events in between, and one inserted after a failure had
+the next check pass over the failed position. Without a witness file the place is read from the
+rows, as before: no defence against an insider without one. Either way a place counts only where a
+signed checkpoint vouches for its root and its tree extends the largest tree the witness file has
+held (:mod:`core.witness_scan`); else the check walks the whole log again.
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
-from core import audit_log, merkle
+from core import audit_log, audit_places, merkle
 from core.audit_roots import RootStream
 from core.checkpoint import Checkpoint
 
@@ -55,12 +62,23 @@ def latest_verdict(session: Session) -> Row[Any] | None:
     return session.execute(text("SELECT * FROM audit_verifications WHERE complete ORDER BY id DESC LIMIT 1")).first()
 
 
-def resume_point(session: Session) -> merkle.CompactRange | None:
+#: beside the witness file: where the next check resumes
+SUFFIX = ".check"
+
+
+def place_file(witness: Path) -> Path:
+    return audit_places.beside(witness, SUFFIX)
+
+
+def resume_point(session: Session, witness: Path | None = None) -> merkle.CompactRange | None:
     """Where the next check continues (None: from scratch): the last check's end when it passed (or
     the end of the part a deadline let it do). After a failure at a position, the last good size at
     or before that position, so that the next check walks over it again and finds it if it is still
     there, without walking the whole log again each minute; after any other failure (a stored
-    checkpoint unsigned, the old chain, skipped events, a rewound log), from scratch."""
+    checkpoint unsigned, the old chain, skipped events, a rewound log), from scratch. Kept beside the
+    ``witness`` file (:func:`keep_place`); without one, read from the stored results."""
+    if witness is not None:
+        return audit_places.read(place_file(witness))
     row = latest_result(session)
     if row is not None and not row.ok:
         if row.first_bad_seq is None:
@@ -73,6 +91,20 @@ def resume_point(session: Session) -> merkle.CompactRange | None:
         return None
     compact = merkle.CompactRange(row.size, [base64.b64decode(h) for h in row.frontier])
     return compact if compact.root() == bytes(row.root) else None
+
+
+def keep_place(witness: Path, report: LogReport, start: merkle.CompactRange | None) -> None:
+    """Keep where the check after ``report`` resumes, beside the ``witness`` file (:func:`resume_point`):
+    the end ``report`` reached when it passed; after a failure at a position, ``start`` (the place
+    this check resumed from, as it was before the walk extended it) when it lies at or before that
+    position, else nothing (from scratch)."""
+    place: merkle.CompactRange | None = None
+    if report.ok:
+        reached = merkle.CompactRange(report.size, list(report.frontier))
+        place = reached if report.root is not None and reached.root() == report.root else None
+    elif report.first_bad_seq is not None and start is not None and start.size <= report.first_bad_seq:
+        place = start
+    audit_places.write(place_file(witness), place)
 
 
 def extends(session: Session, old_size: int, old_root: bytes, new_size: int, new_root: bytes) -> bool:

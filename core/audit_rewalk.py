@@ -21,17 +21,13 @@ cannot be read or written restarts the cycle or leaves it where it was: it never
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from core import audit_verify, merkle
+from core import audit_places, audit_verify, merkle
 from core.checkpoint import Checkpoint, Verifier
 
 SUFFIX = ".rewalk"
@@ -39,34 +35,17 @@ SUFFIX = ".rewalk"
 
 def place_file(witness: Path) -> Path:
     """Where the re-walk keeps its place: beside the witness file."""
-    return witness.with_name(witness.name + SUFFIX)
+    return audit_places.beside(witness, SUFFIX)
 
 
 def read_place(witness: Path) -> merkle.CompactRange | None:
     """The compact range the last re-walk stopped at (None: start from the beginning)."""
-    try:
-        data = json.loads(place_file(witness).read_text(encoding="utf-8"))
-        return merkle.CompactRange(int(data["size"]), [base64.b64decode(h, validate=True) for h in data["frontier"]])
-    except (OSError, ValueError, KeyError, TypeError):  # missing, torn or not ours: from the beginning
-        return None
+    return audit_places.read(place_file(witness))
 
 
 def write_place(witness: Path, place: merkle.CompactRange | None) -> None:
-    """Keep ``place`` for the next re-walk (None: the next starts from the beginning), replacing the file
-    whole; a volume that refuses the write leaves the old place (the walk is done again)."""
-    target = place_file(witness)
-    if place is None:
-        with contextlib.suppress(OSError):  # gone already, or a volume that refuses: the cycle goes on
-            target.unlink()
-        return
-    data = {"size": place.size, "frontier": [base64.b64encode(h).decode() for h in place.hashes]}
-    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(temporary, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
+    """Keep ``place`` for the next re-walk (None: the next starts from the beginning)."""
+    audit_places.write(place_file(witness), place)
 
 
 def step(

@@ -22,7 +22,8 @@ TASK_CALLBACK = "dermq.callback"
 
 #: Redis keys of operational state (no patient data): the latest drift report, the latest field
 #: performance report (aggregates per model and class) and the audit check's outcome for the metrics
-#: gauges (the verified position itself is kept in Postgres, audit_verifications).
+#: gauges (the results are kept in Postgres, audit_verifications; where the check resumes, beside the
+#: witness file).
 DRIFT_KEY = "dermq:drift:latest"
 FIELD_KEY = "dermq:field:latest"
 AUDIT_CHECK_KEY = "dermq:audit:check"

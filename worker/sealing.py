@@ -5,9 +5,10 @@
 
 Only one sealer writes at a time whatever runs (a Postgres advisory lock, :mod:`core.audit_log`): a
 second beat, a redelivered task or a loop beside the beat simply finds the lock taken and returns.
-The check recomputes the log from the last verified position (kept in Postgres,
-``audit_verifications``), compares it with every signed checkpoint and the witness file, and records
-the result that ``GET /v1/audit-events/verify`` returns.
+The check recomputes the log from the last verified position (kept beside the witness file,
+``<witness>.check``, where no database login can write; in Postgres without one), compares it with
+every signed checkpoint and the witness file, and records the result that ``GET
+/v1/audit-events/verify`` returns (``audit_verifications``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from core import audit_log, audit_resume, audit_rewalk, audit_verify, db_roles, witness_scan
+from core import audit_log, audit_resume, audit_rewalk, audit_verify, db_roles, merkle, witness_scan
 from core.checkpoint import SigningKeys, load_signing_keys
 from core.config import Settings, get_settings
 from core.db import session_scope
@@ -96,6 +97,7 @@ def check(
     fails the check there."""
     deadline = time.monotonic() + budget
     witness = config.audit_witness_file  # read from its end: the notes of trees from start on
+    begun: merkle.CompactRange | None = None
     with session_scope(config) as session:
         scanned = witness_scan.Scanned(None, None)
         if witness is not None:
@@ -110,7 +112,9 @@ def check(
         elif scanned.problem is not None:
             report = audit_verify.LogReport(False, 0, 0, reason=scanned.problem)
         else:
-            start = audit_resume.resume_point(session)
+            start = audit_resume.resume_point(session, witness)
+            # the walk extends ``start`` in place: what it was, for where the check after a failure resumes
+            begun = None if start is None else merkle.CompactRange(start.size, list(start.hashes))
             report = audit_verify.verify_log(
                 session,
                 verifiers=keys.verifiers,
@@ -128,6 +132,8 @@ def check(
                 if not again.ok:  # an event the check had passed no longer matches: the check fails
                     report = again
         audit_resume.report_row(session, report)
+    if witness is not None:  # after a failure the witness file's scan found: from scratch
+        audit_resume.keep_place(witness, report, begun)
     return report
 
 
