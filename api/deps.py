@@ -8,7 +8,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis
@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from api.auth_turns import Turns
 from api.db import Lanes, RequestDb
 from api.intake_limits import Decoder, UploadSlots
 from api.key_cache import KeyCache
@@ -58,6 +59,8 @@ class AppState:
     listener: Listener
     waiters: CaseWaiters
     key_cache: KeyCache
+    #: one key check at a time per failure bucket (api.auth_turns)
+    auth_turns: Turns = field(default_factory=Turns)
 
     @property
     def keyring(self) -> Keyring:
@@ -189,8 +192,9 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
             raise _too_many_failures(state.retry_after)
         # Once this address has failed with this key, each further attempt is counted before the key
         # is checked (and given back unless it fails): guesses sent at once are checked no more often
-        # than the limit. A key with no failures is checked without it, so a burst of valid logins
-        # (a cold cache after any key change) is never refused.
+        # than the limit (they take turns, api.auth_turns, so the first failure is counted before the
+        # second guess is looked at). A key with no failures is checked without it, so a burst of
+        # valid logins (a cold cache after any key change) is never refused.
         reserved = state.used
         if reserved:
             counted = app.limiter.hit(bucket, limit, failures=True)
@@ -230,7 +234,12 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
     app.listener.start()  # a no-op once running; restarts it after an app shutdown that left this app serving
     generation = app.key_cache.generation()  # read before the key is looked up, in the cache or the database
     known = app.key_cache.get(token)
-    principal = known if known is not None else await db.run(check)
+    if known is None:
+        async with app.auth_turns.turn(failure_bucket(actor.source_ip, token)):
+            known = app.key_cache.get(token)  # verified by the check that held the turn before
+            principal = known if known is not None else await db.run(check)
+    else:
+        principal = known
     caller = Caller(principal, actor.with_key(principal.key_id, principal.role.value, principal.clinic_id), generation)
     request.state.caller = caller  # for the audit of a later denial in this request
     return caller

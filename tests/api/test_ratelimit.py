@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
 
 from api.app import create_app
+from tests import support
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -116,6 +118,29 @@ def test_guesses_sent_at_once_are_checked_no_more_often_than_the_limit(strict, m
     with ThreadPoolExecutor(12) as pool:
         codes = sorted(pool.map(try_once, range(12)))
     assert codes.count(401) <= 3 and set(codes) <= {401, 429}, codes  # 4 a minute, one spent above
+
+
+def test_guesses_sent_at_once_into_a_quiet_bucket_are_checked_no_more_often_than_the_limit(  # type: ignore[no-untyped-def]
+    strict, make_key, settings
+) -> None:
+    # With no failure yet, each guess of a burst passed the look at the limit before the first had
+    # failed, and every one was checked (then again a minute later). The key table held locked keeps
+    # the first check waiting while the burst arrives: the checks of a bucket take turns.
+    prefix = make_key().token.split("_")[1]
+    guess = {"Authorization": f"Bearer dq_{prefix}_" + "H" * 43}
+    engine = create_engine(settings.database_url)
+    waiting = text("SELECT count(*) FROM pg_locks WHERE relation = 'api_keys'::regclass AND NOT granted")
+    try:
+        with ThreadPoolExecutor(12) as pool, engine.connect() as connection:
+            connection.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+            answers = [pool.submit(lambda: strict.get("/v1/cases", headers=guess).status_code) for _ in range(12)]
+            support.wait_for(lambda: connection.execute(waiting).scalar(), timeout=30, what="a check at the lock")
+            time.sleep(1.0)  # the rest of the burst arrives: at the lock, or waiting for its turn
+            connection.rollback()
+            codes = sorted(answer.result() for answer in answers)
+    finally:
+        engine.dispose()
+    assert codes.count(401) <= 4 and set(codes) <= {401, 429}, codes  # 4 a minute
 
 
 def test_valid_logins_sent_at_once_are_never_refused_as_failures(settings, make_key) -> None:  # type: ignore[no-untyped-def]
