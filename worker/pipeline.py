@@ -229,6 +229,7 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
         timings,
         started,
         working_copy=working_copy,
+        limit_started=progress.started,
     )
     return _store(config, [completion])[case_id]
 

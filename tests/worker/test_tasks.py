@@ -84,6 +84,24 @@ def test_gradcam_past_its_budget_leaves_a_result_without_heat_map(
     assert next(row for row in listed if row["id"] == str(case_id))["links"]["heatmap"] is None
 
 
+def test_a_case_whose_task_began_near_the_soft_limit_keeps_its_answer_without_a_heat_map(  # type: ignore[no-untyped-def]
+    tenant, store_case, settings, jpeg_bytes: bytes
+) -> None:
+    # the limit counts from the task's start (a model's load, a retry's requeue), not from the claim:
+    # a heat map drawn from what the case alone had used ran into the limit and failed the case
+    import time
+
+    from worker import results
+    from worker.pipeline import Progress, run_classification
+
+    case_id = store_case(tenant, jpeg_bytes)
+    late = Progress(started=time.perf_counter() - settings.task_soft_time_limit + results.STORE_SECONDS / 2)
+    assert run_classification(settings, case_id, late) == "succeeded"
+    with session_scope(settings) as session:
+        result = session.get(Result, case_id)
+        assert result is not None and result.gradcam_status == "timeout"
+
+
 def test_a_case_for_nothing_is_ignored(settings) -> None:  # type: ignore[no-untyped-def]
     from worker.pipeline import run_classification
 
