@@ -53,6 +53,12 @@ class _Intent:
     savepoint: SessionTransaction | None  # the savepoint it was enqueued in; None: the outermost transaction
 
 
+class SentPastTheLimit(SoftTimeLimitExceeded):
+    """A worker task's soft time limit ran out while the tasks of a committed transaction were being
+    sent: the commit stands, and the tasks not sent are the sweeper's to send. A caller that would
+    treat a soft limit inside its transaction as "nothing stored" must not treat this one so."""
+
+
 def enqueue(session: Session, publisher: Celery, task: Task, *, on_sent: OnSent | None = None) -> None:
     """Send ``task`` through ``publisher`` once ``session``'s transaction commits (never if it does not)."""
     intent = _Intent(publisher, task, on_sent, session.get_nested_transaction())
@@ -101,7 +107,7 @@ def _ended(session: Session, transaction: SessionTransaction) -> None:
         try:
             _send_all(session, ready)
         except SoftTimeLimitExceeded:  # a worker task's soft time limit: its handler must see it (the commit stands)
-            raise
+            raise SentPastTheLimit() from None
         except Exception as exc:  # the commit stands whatever happens here; the sweeper covers a loss
             log.warning(
                 "sending committed tasks failed", extra={"event": "publish_failed", "error": type(exc).__name__}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from core import callbacks, case_claims, case_images, case_states
+from core import callbacks, case_claims, case_images, case_states, enqueue
 from core.case_images import StoredImage
 from core.config import Settings
 from core.crypto import Keyring, KeyringSource
@@ -250,6 +250,11 @@ def _store(config: Settings, completions: Sequence[case_states.Completion]) -> d
             callbacks.note_finished_many(
                 session, [c.case_id for c in completions if c.case_id in stored], publisher=app
             )
+    except enqueue.SentPastTheLimit:  # stored: the limit ran out sending the callbacks' messages after
+        log.warning(  # the commit; the sweeper sends the rest, and the cases are counted as what they are
+            "the soft time limit ran out sending the results' callbacks; the sweeper sends the rest",
+            extra={"event": "publish_out_of_time", "count": len(completions)},
+        )
     except Exception as exc:  # the soft time limit too: storing what is classified, one by one, is quick
         _one_by_one_or_raise(exc, len(completions), "batch_store_failed", "storing a batch failed")
         return _store_one_by_one(config, completions)

@@ -102,6 +102,32 @@ def test_a_case_whose_task_began_near_the_soft_limit_keeps_its_answer_without_a_
         assert result is not None and result.gradcam_status == "timeout"
 
 
+def test_a_soft_limit_that_runs_out_while_the_callback_is_sent_leaves_the_case_succeeded(  # type: ignore[no-untyped-def]
+    tenant, store_case, settings, jpeg_bytes: bytes, client, monkeypatch
+) -> None:
+    # the result was committed; the limit ran out sending its callback's message: the store was taken
+    # for one that failed, the case counted as superseded (its answer discarded, the log said)
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from core import enqueue
+    from core.models import CallbackDelivery
+    from worker.pipeline import run_classification
+
+    registered = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": "http://127.0.0.1:9/hook"})
+    assert registered.status_code == 200, registered.text
+    case_id = store_case(tenant, jpeg_bytes)
+
+    def out_of_time(*args: object) -> bool:
+        raise SoftTimeLimitExceeded
+
+    monkeypatch.setattr(enqueue, "send", out_of_time)
+    assert run_classification(settings, case_id) == "succeeded"
+    with session_scope(settings) as session:  # its callback is the sweeper's to send
+        delivery = session.get(CallbackDelivery, case_id)
+        assert delivery is not None and delivery.status == "pending"
+    assert case_row(settings, case_id).status == "succeeded"
+
+
 def test_a_case_for_nothing_is_ignored(settings) -> None:  # type: ignore[no-untyped-def]
     from worker.pipeline import run_classification
 
