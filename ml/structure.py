@@ -7,9 +7,11 @@ far more than their pixels (measured by a review with Pillow 13 on this project'
 - **TIFF**: one tile per entry of StripOffsets or TileOffsets, whatever the image's size: a 32x32
   image with a million offsets (a 1 MB file) took 4.5 s and 237 MiB inside ``Image.open``, before any
   decode budget was reserved; a numeric tag of 500,000 rationals, 0.8 s. The first directory's entries
-  are read here (the first of a repeated tag, as Pillow keeps it): no more offsets than the image's
-  strips or tiles (Pillow makes a tile of each), at most :data:`MAX_TIFF_PARTS`, and no numeric tag
-  of more than :data:`MAX_TIFF_VALUES` values. ``ml.images`` checks the declared size
+  are read here, and one that names a tag twice or runs past the file's end is refused (Pillow skips
+  a copy it cannot use and keeps the entries it could read: a StripOffsets of no values before one
+  of 400,000, or a directory cut short, took 2-5 s and 100 MiB past these checks): no more offsets
+  than the image's strips or tiles (Pillow makes a tile of each), at most :data:`MAX_TIFF_PARTS`, and
+  no numeric tag of more than :data:`MAX_TIFF_VALUES` values. ``ml.images`` checks the declared size
   (:func:`tiff_size`) before, so that a forged height does not allow millions of strips.
 - **PNG**: 8,000 iCCP chunks (each decompressed) took 5.1 s; 2.18 million empty private chunks 4.7 s
   and 252 MiB. The chunk headers are walked: at most one iCCP, :data:`MAX_PNG_ANCILLARY` ancillary
@@ -36,6 +38,8 @@ MAX_TIFF_ENTRIES = 512
 #: the most strips or tiles a TIFF may have (12,000 rows in strips of one, for four planes: 48,000)
 MAX_TIFF_PARTS = 65536
 MAX_PNG_CHUNKS = 65536
+#: the entry count :func:`_tiff_directory` gives a first directory that repeats a tag or is cut short
+MALFORMED = -1
 #: ancillary chunks: text (a converter may write one a DICOM element, a few hundred) and the rest
 MAX_PNG_ANCILLARY = 4096
 
@@ -79,25 +83,34 @@ def tiff_size(data: bytes) -> tuple[int, int] | None:
     the directory cannot be read (Pillow says why). Checked before Pillow opens the file, which makes
     a tile of each strip or tile the header declares, inside ``Image.open``."""
     directory = _tiff_directory(data)
-    if directory is None:
+    if directory is None or directory[2] == MALFORMED:  # (refused by refusal(), which says why)
         return None
     scalars = directory[0]
     return scalars.get(256, 0), scalars.get(257, 0)
 
 
 def _tiff_directory(data: bytes) -> tuple[dict[int, int], dict[int, int], int] | None:
-    """The first directory's one-value SHORT and LONG tags, every tag's count of values (the first of a
-    repeated tag, as Pillow keeps it), and how many entries it has; None if it cannot be read."""
+    """The first directory's one-value SHORT and LONG tags, every tag's count of values, and how many
+    entries it has (:data:`MALFORMED` when it names a tag twice or runs past the file's end); None if
+    its place cannot be read."""
     order = "<" if data[:2] == b"II" else ">"
     scalars: dict[int, int] = {}
     counts: dict[int, int] = {}
     try:
         (first,) = struct.unpack_from(order + "I", data, 4)
         (entries,) = struct.unpack_from(order + "H", data, first)
+    except struct.error:
+        return None
+    if first + 2 + 12 * min(entries, MAX_TIFF_ENTRIES + 1) > len(data):
+        # Pillow keeps the entries it could read, past any check made of them here
+        return scalars, counts, MALFORMED
+    try:
         for i in range(min(entries, MAX_TIFF_ENTRIES + 1)):
             tag, kind, values = struct.unpack_from(order + "HHI", data, first + 2 + 12 * i)
             if tag in counts:
-                continue
+                # Pillow keeps the first copy it can use, skipping one it cannot (no values, a type it
+                # does not know, values past the end): which one counts is its to say, not a guess here
+                return scalars, counts, MALFORMED
             counts[tag] = values
             if kind in _NUMERIC and values > MAX_TIFF_VALUES and tag not in _OFFSETS and tag not in _OFFSETS.values():
                 entries = MAX_TIFF_ENTRIES + 1  # (a flood of numbers: refused as an overfull directory)
@@ -114,6 +127,8 @@ def _tiff(data: bytes) -> tuple[str, str] | None:
     if directory is None:
         return None  # Pillow says what is wrong with it
     scalars, counts, entries = directory
+    if entries == MALFORMED:
+        return "corrupt", "the TIFF file's first directory names a tag twice or runs past the end of the file"
     if entries > MAX_TIFF_ENTRIES:
         return "corrupt", "the TIFF file's first directory has more entries, or values in one, than a TIFF has"
     width, height = scalars.get(256, 0), scalars.get(257, 0)

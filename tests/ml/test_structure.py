@@ -17,14 +17,17 @@ from ml.images import decode
 from tests.ml.test_images import code_of, encode, png_chunk
 
 
-def tiff_with_strips(offsets: int, side: int = 32, *, rows: int | None = None, more: tuple = ()) -> bytes:
+def tiff_with_strips(
+    offsets: int, side: int = 32, *, rows: int | None = None, more: tuple = (), leading: tuple = ()
+) -> bytes:
     """A ``side`` x ``side`` greyscale TIFF whose StripOffsets holds ``offsets`` entries, all pointing at
     its one strip (a million took 4.5 s and 237 MiB in ``Image.open``); ``rows`` a strip (default all),
-    ``more`` entries appended to its directory."""
+    ``more`` entries appended to its directory, ``leading`` entries put first."""
     pixels = bytes(side * side)
     array = struct.pack(f"<{offsets}I", *([8] * offsets))
     ifd_at = 8 + len(pixels) + len(array)
     entries = [
+        *leading,
         (256, 3, 1, side),
         (257, 3, 1, side),
         (258, 3, 1, 8),
@@ -55,6 +58,14 @@ def test_a_tiff_whose_offsets_outnumber_its_strips_or_whose_tags_hold_floods_is_
     # a second ImageLength: Pillow keeps the first (32 rows: 32 strips), so must the check
     repeated = tiff_with_strips(1_000, rows=1, more=((257, 4, 1, 1_000_000),))
     assert code_of(repeated) == "corrupt"
+    # a StripOffsets of no values first: Pillow skips a copy it cannot use and keeps the next (400,000
+    # offsets for 32 strips took 5.2 s and 104 MiB); the check read the empty one
+    assert code_of(tiff_with_strips(1_000, rows=1, leading=((273, 4, 0, 0), (279, 4, 0, 0)))) == "corrupt"
+    # a directory that declares more entries than the file holds: Pillow keeps those it could read
+    short = bytearray(tiff_with_strips(1_000, rows=1))
+    at = struct.unpack_from("<I", short, 4)[0]
+    struct.pack_into("<H", short, at, struct.unpack_from("<H", short, at)[0] + 8)
+    assert code_of(bytes(short)) == "corrupt"
     # a forged height that would allow millions of strips is refused for its size before Pillow opens it
     tall = tiff_with_strips(1, rows=1, more=())
     tall_header = bytearray(tall)
