@@ -28,15 +28,14 @@ from typing import Protocol
 
 from PIL import Image, ImageFile
 
-from ml import structure
-from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_for
+from ml import orientation, structure
+from ml.decode_budget import DecodeBudget, DecodeBusy, TooLargeToDecode, estimate_for, jpeg_coefficient_bytes
 from ml.srgb import UnsupportedMode, to_rgb
 
 #: Pillow formats dermq accepts, by the name Pillow gives them.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "WEBP", "BMP"})
 
 #: The EXIF tag that says how the stored pixels are turned.
-ORIENTATION = 0x0112
 
 #: The media type of each accepted format, for callers that echo it back.
 MEDIA_TYPES: dict[str, str] = {
@@ -247,20 +246,24 @@ def decode(
     allocate, and the errors of ``passthrough`` as they come (a worker's soft time limit: anything
     else raised while decoding is taken for a malformed file); never returns a partially decoded image.
     """
-    fmt = _accepted_format(data, limits)
+    fmt, scans = _accepted_format(data, limits)
     with _Refusals(fmt, passthrough):
         image = _opened(data, fmt, limits)
         declared = (image.width, image.height)
+        # a progressive or multi-scan JPEG holds every coefficient of the declared size, drafted or not
+        whole = fmt == "JPEG" and (scans > 1 or bool(image.info.get("progressive")))
+        held = jpeg_coefficient_bytes(image, *declared) if whole else 0
         if reduce_to is not None and fmt == "JPEG" and image.mode in ("RGB", "L"):
             image.draft(image.mode, _draft_request(image.width, image.height, reduce_to))
-        with budget.reserve(estimate_for(image, fmt)) if budget is not None else nullcontext():
+        with budget.reserve(estimate_for(image, fmt) + held) if budget is not None else nullcontext():
             if on_header is not None:
                 on_header(ImageHeader(fmt, *declared))
             return _fitted(_load_rgb(image, fmt, declared, (MemoryError, *passthrough)), fit)
 
 
-def _accepted_format(data: bytes, limits: ImageLimits) -> str:
-    """The sniffed format of an upload within the byte cap and of an accepted format; else InvalidImage."""
+def _accepted_format(data: bytes, limits: ImageLimits) -> tuple[str, int]:
+    """The sniffed format of an upload within the byte cap and of an accepted format, and its scans (a
+    JPEG's; 1 for the others: :func:`ml.structure.examined`); else InvalidImage."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide switch some libraries flip; we refuse to run with it
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated uploads would pass")
     if not data:
@@ -278,10 +281,10 @@ def _accepted_format(data: bytes, limits: ImageLimits) -> str:
     # structures that cost far more to open or decode than their pixels: see ml.structure
     if fmt == "TIFF" and (size := structure.tiff_size(data)) is not None:
         check_declared_size(*size, limits, fmt)
-    refused = structure.refusal(data, fmt)
+    refused, scans = structure.examined(data, fmt)
     if refused is not None:
         raise InvalidImage(*refused)
-    return fmt
+    return fmt, scans
 
 
 def _opened(data: bytes, fmt: str, limits: ImageLimits) -> Image.Image:
@@ -335,7 +338,7 @@ def _load_rgb(
     tolerated in a file (a malformed EXIF block or colour profile) is tolerated whatever it raises,
     except ``raised``: no fault of the file's (a worker's soft time limit, memory), never swallowed."""
     image.load()
-    rgb = to_rgb(_apply_orientation(image, raised), fmt, image.info.get("icc_profile"), raised)
+    rgb = to_rgb(orientation.upright(image, raised), fmt, image.info.get("icc_profile"), raised)
     rgb.info.pop("icc_profile", None)  # the pixels are sRGB now, whatever the file said
     return DecodedImage(rgb, fmt, declared[0], declared[1])
 
@@ -368,38 +371,3 @@ def _draft_request(width: int, height: int, reduce_to: int) -> tuple[int, int]:
         return (width, height)
     factor = reduce_to / longer
     return (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor)))
-
-
-#: EXIF orientation -> the turn that makes the image upright (as ``ImageOps.exif_transpose`` turns it)
-_UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-def _apply_orientation(image: Image.Image, raised: tuple[type[BaseException], ...]) -> Image.Image:
-    """``image`` turned upright by its EXIF orientation; the image itself (not a copy) when upright.
-
-    The turn alone, not ``ImageOps.exif_transpose``: that also rewrites the whole EXIF block without
-    its orientation, every value of every tag made a Python object and packed again, and a PNG's or
-    WebP's EXIF has no size limit (a 4.8 MB PNG of 600,000 values in one private tag took 4.7 s and
-    186 MiB the decode budget never counted). Nothing reads the EXIF after this (the pixels are
-    upright, the stored original keeps its own), so the result carries none."""
-    try:
-        orientation = image.getexif().get(ORIENTATION, 1)
-        turn = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
-    except raised:
-        raise
-    except Exception:
-        # A malformed EXIF block is not worth refusing a clinical image for; keep the stored pixels.
-        return image
-    if turn is None:
-        return image
-    upright = image.transpose(turn)
-    upright.info.pop("exif", None)
-    return upright

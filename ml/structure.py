@@ -50,8 +50,19 @@ _OFFSETS = {273: 279, 324: 325}  # StripOffsets: StripByteCounts, TileOffsets: T
 
 def refusal(data: bytes, fmt: str) -> tuple[str, str] | None:
     """Why ``data``, sniffed as ``fmt``, is refused before it is opened: (code, message); else None."""
+    return examined(data, fmt)[0]
+
+
+def examined(data: bytes, fmt: str) -> tuple[tuple[str, str] | None, int]:
+    """:func:`refusal` and how many scans a JPEG has (1 for the other formats): what its decode holds
+    depends on it (``ml.decode_budget.jpeg_coefficient_bytes``), and the walk is done once."""
     if fmt == "JPEG":
-        return _jpeg(data)
+        counted = jpeg_scans.walk(data)
+        return _jpeg(counted), counted.scans
+    return _other(data, fmt), 1
+
+
+def _other(data: bytes, fmt: str) -> tuple[str, str] | None:
     if fmt == "TIFF":
         return _tiff(data)
     if fmt == "PNG":
@@ -66,8 +77,7 @@ def _bmp_compression(data: bytes) -> int:
     return int.from_bytes(data[30:34], "little") if int.from_bytes(data[14:18], "little") >= 40 else 0
 
 
-def _jpeg(data: bytes) -> tuple[str, str] | None:
-    counted = jpeg_scans.walk(data)
+def _jpeg(counted: jpeg_scans.Walk) -> tuple[str, str] | None:
     if counted.scans > jpeg_scans.MAX_JPEG_SCANS:
         limit = jpeg_scans.MAX_JPEG_SCANS
         return "decompression_bomb", f"the JPEG file has more than {limit} scans; dermq decodes at most that many"
