@@ -37,6 +37,12 @@ for command in (db, keys, clinic, key, case, audit, model, drift, demo, monitor)
     dermq.add_command(command)
 
 
+#: what the worker's image holds and the API's does not (deploy/docker/pyproject_deps.py)
+_WORKER_ONLY = frozenset(
+    {"numpy", "torch", "torchvision", "timm", "safetensors", "onnxruntime", "isal", "matplotlib", "threadpoolctl"}
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``dermq`` on argv (default: the process's arguments) and return its exit code."""
     try:
@@ -66,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         if registry is None or not isinstance(exc, registry.RegistryError):
             raise
         click.echo(f"error: {exc}", err=True)
+        return BAD_INPUT
+    except ModuleNotFoundError as exc:
+        # a command that needs the worker image's libraries (NumPy, PyTorch), run in the API's image
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in _WORKER_ONLY:
+            raise
+        click.echo(
+            f"error: this command needs {missing}, which this image does not hold; run it in a worker container",
+            err=True,
+        )
         return BAD_INPUT
     except OperationalError as exc:
         if getattr(exc.orig, "pgcode", None) is not None:  # a deadlock, a timeout...: the server answered

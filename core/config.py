@@ -15,6 +15,7 @@ import stat
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,15 @@ def is_example_secret(value: str) -> bool:
     """Whether ``value`` is an example or a template's placeholder rather than a real secret."""
     lowered = value.strip().lower()
     return lowered in EXAMPLE_SECRETS or any(mark in lowered for mark in PLACEHOLDER_MARKS)
+
+
+def _url_password(url: str) -> str | None:
+    """The password a connection URL holds (percent-decoded), or None."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # a port that is not a number: the driver refuses it
+        return None
+    return unquote(password) if password else None
 
 
 class Settings(BaseSettings):
@@ -293,6 +303,10 @@ class Settings(BaseSettings):
             raise ValueError("production needs DERMQ_KEY_FILE or DERMQ_KEYS_JSON")
         if self.environment == "production" and (problem := db_tls.transport_problem(self.database_url)):
             raise ValueError(problem)
+        for name, url in (("DERMQ_DATABASE_URL", self.database_url), ("DERMQ_REDIS_URL", self.redis_url)):
+            password = _url_password(url)
+            if self.environment == "production" and password and is_example_secret(password):
+                raise ValueError(f"{name}'s password is an example or a template placeholder; set a real one")
         return self
 
     def require_flower_password(self) -> str:

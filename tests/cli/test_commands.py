@@ -117,6 +117,14 @@ def test_model_verify_without_pytorch_says_where_to_run_it_and_exits_2() -> None
     assert "needs PyTorch" in run.stderr and "exec worker dermq model verify" in run.stderr
 
 
+def test_drift_report_without_numpy_says_where_to_run_it_and_exits_2() -> None:
+    """In the API's image (no NumPy) `dermq drift report` printed a ModuleNotFoundError traceback."""
+    code = "import sys; sys.modules['numpy'] = None; import cli.main; sys.exit(cli.main.main(['drift', 'report']))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=support.ROOT, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "needs numpy" in run.stderr and "worker container" in run.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -152,6 +152,25 @@ def test_production_refuses_a_network_database_without_verify_full(url: str, mon
 
 
 @pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        (
+            "database_url",
+            f"postgresql+psycopg2://dermq_app:REPLACE_ME_APP_PASSWORD@postgres:5432/dermq?sslmode=verify-full&{CA}",
+        ),
+        ("database_url", f"postgresql+psycopg2://dermq_app:%3Cpassword%3E@postgres/dermq?sslmode=verify-full&{CA}"),
+        ("redis_url", "redis://:changeme@redis:6379/0"),
+    ],
+)
+def test_production_refuses_a_template_password_in_a_connection_url(field: str, url: str) -> None:
+    # the Kubernetes template's placeholders were accepted as the database's password
+    with pytest.raises(ValidationError, match="placeholder") as refused:
+        Settings(environment="production", **{field: url})
+    assert "REPLACE_ME" not in str(refused.value) and "changeme" not in str(refused.value)
+    assert getattr(Settings(environment="development", **{field: url}), field) == url
+
+
+@pytest.mark.parametrize(
     "url",
     [
         f"postgresql+psycopg2://dermq_app:{SECRET}@postgres:5432/dermq?sslmode=verify-full&{CA}",
