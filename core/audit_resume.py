@@ -2,14 +2,17 @@
 a resume point is part of the log's one history.
 
 Each check's result is a row of ``audit_verifications`` (what ``GET /v1/audit-events/verify``
-answers). Where the check resumes is kept beside the witness file, ``<witness>.check``
+answers). Where the check resumes is also kept beside the witness file, ``<witness>.check``
 (:mod:`core.audit_places`), where the database's logins cannot write: a "good" row the services'
 login or the tables' owner inserted, at a signed checkpoint's size past what was checked, had the next
-check resume there and never recompute the events in between, and one inserted after a failure had
-the next check pass over the failed position. Without a witness file the place is read from the
-rows, as before: no defence against an insider without one. Either way a place counts only where a
-signed checkpoint vouches for its root and its tree extends the largest tree the witness file has
-held (:mod:`core.witness_scan`); else the check walks the whole log again.
+check resume there and never recompute the events in between. The rows may pull the place back (a
+failure recorded by another worker pod, each of which keeps its own file), never push it forward. A
+"good" row inserted after a failure still lets a pod whose file lies past the failed position pass
+it (the pod that found it fails again: the verdict flips with the pod that runs the check). Without a
+witness file, or before a process has one (a new pod), the place is read from the rows: no defence
+against an insider there. Either way a place counts only where a signed checkpoint vouches for its
+root and its tree extends the largest tree the witness file has held (:mod:`core.witness_scan`);
+else the check walks the whole log again.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
 
 
 def report_row(session: Session, report: LogReport) -> None:
-    """Store a verification result (the API's ``/verify`` answer and the next incremental start)."""
+    """Store a verification result (the API's ``/verify`` answer, and what :func:`resume_point` reads)."""
     session.execute(
         text(
             "INSERT INTO audit_verifications (ok, size, root, checked, first_bad_seq, first_bad_event_id, reason, "
@@ -75,10 +78,24 @@ def resume_point(session: Session, witness: Path | None = None) -> merkle.Compac
     the end of the part a deadline let it do). After a failure at a position, the last good size at
     or before that position, so that the next check walks over it again and finds it if it is still
     there, without walking the whole log again each minute; after any other failure (a stored
-    checkpoint unsigned, the old chain, skipped events, a rewound log), from scratch. Kept beside the
-    ``witness`` file (:func:`keep_place`); without one, read from the stored results."""
-    if witness is not None:
-        return audit_places.read(place_file(witness))
+    checkpoint unsigned, the old chain, skipped events, a rewound log), from scratch.
+
+    With a ``witness`` file, the place kept beside it (:func:`keep_place`), pulled back to the stored
+    results' where those say less: a failure any process recorded (several worker pods each keep a
+    file of their own, and the check runs on whichever takes it) is walked over again by every one,
+    while a "good" row cannot move a place forward. A process with no file yet (a new pod) starts from
+    the results' place, as without a witness file."""
+    stored = _stored_place(session)
+    if witness is None:
+        return stored
+    kept = audit_places.read(place_file(witness))
+    if kept is None or stored is None or stored.size < kept.size:
+        return stored
+    return kept
+
+
+def _stored_place(session: Session) -> merkle.CompactRange | None:
+    """:func:`resume_point` from the stored results alone."""
     row = latest_result(session)
     if row is not None and not row.ok:
         if row.first_bad_seq is None:

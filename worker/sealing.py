@@ -6,7 +6,8 @@
 Only one sealer writes at a time whatever runs (a Postgres advisory lock, :mod:`core.audit_log`): a
 second beat, a redelivered task or a loop beside the beat simply finds the lock taken and returns.
 The check recomputes the log from the last verified position (kept beside the witness file,
-``<witness>.check``, where no database login can write; in Postgres without one), compares it with
+``<witness>.check``, where no database login can write, and pulled back by a failure any worker
+recorded in Postgres; from Postgres alone without one), compares it with
 every signed checkpoint and the witness file, and records the result that ``GET
 /v1/audit-events/verify`` returns (``audit_verifications``).
 """
@@ -90,7 +91,8 @@ def check(
     config: Settings, keys: SigningKeys, *, budget: float = CHECK_BUDGET_SECONDS, window: int = CHECK_WINDOW_EVENTS
 ) -> audit_verify.LogReport:
     """Verify what was sealed since the last good check (:func:`audit_resume.resume_point`), for at
-    most about ``budget`` seconds, and store the result: where the next check resumes. First, what
+    most about ``budget`` seconds, and store the result and where the next check resumes (beside the
+    witness file: :func:`audit_resume.keep_place`). First, what
     was appended to the witness file since the last check (:func:`witness_scan.scan`): a rewound log
     fails the check there. Then, once it reached the log's end, a slice of the log walked again from
     where the last re-walk stopped (:mod:`core.audit_rewalk`): an event edited since it was checked
