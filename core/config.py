@@ -34,6 +34,19 @@ def is_example_secret(value: str) -> bool:
     return lowered in EXAMPLE_SECRETS or any(mark in lowered for mark in PLACEHOLDER_MARKS)
 
 
+#: the placeholder words alone: a generated password may hold "<", ">" or "example" by chance
+_PLACEHOLDER_WORDS = ("replace_me", "replaceme", "replace-me", "changeme", "change_me", "change-me")
+
+
+def is_placeholder_password(value: str) -> bool:
+    """Whether a connection URL's ``value`` is an example password or a template's placeholder: one of
+    :data:`EXAMPLE_SECRETS`, a placeholder word (``REPLACE_ME...``) or a whole ``<...>``; not a
+    password that merely holds "<", ">" or "example", as generated ones may."""
+    lowered = value.strip().lower()
+    whole = lowered.startswith("<") and lowered.endswith(">")
+    return lowered in EXAMPLE_SECRETS or whole or any(word in lowered for word in _PLACEHOLDER_WORDS)
+
+
 def _url_password(url: str) -> str | None:
     """The password a connection URL holds (percent-decoded), or None."""
     try:
@@ -305,7 +318,7 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         for name, url in (("DERMQ_DATABASE_URL", self.database_url), ("DERMQ_REDIS_URL", self.redis_url)):
             password = _url_password(url)
-            if self.environment == "production" and password and is_example_secret(password):
+            if self.environment == "production" and password and is_placeholder_password(password):
                 raise ValueError(f"{name}'s password is an example or a template placeholder; set a real one")
         return self
 

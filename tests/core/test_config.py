@@ -170,6 +170,13 @@ def test_production_refuses_a_template_password_in_a_connection_url(field: str, 
     assert getattr(Settings(environment="development", **{field: url}), field) == url
 
 
+@pytest.mark.parametrize("password", ["Xk9%3Ct7QmW2pLz8", "Xk9%3Et7QmW2pLz8", "counterexample-42-Jx9"])
+def test_production_takes_a_generated_password_that_holds_a_placeholders_characters(password: str) -> None:
+    # "<", ">" and "example" mark a placeholder in Flower's password; in a generated one they are chance
+    url = f"postgresql+psycopg2://dermq_app:{password}@postgres:5432/dermq?sslmode=verify-full&{CA}"
+    assert Settings(environment="production", database_url=url).database_url == url
+
+
 @pytest.mark.parametrize(
     "url",
     [
