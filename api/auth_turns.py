@@ -10,7 +10,10 @@ checked; a failure is counted before the next begins (which then counts itself f
 failure), and a success is cached, so the rest of a burst of valid logins costs no check at all.
 
 Turns are per process (a deployment of P API processes checks at most P at once), and held on the
-event loop: no thread waits for one.
+event loop: no thread waits for one. They are taken only while the key cache remembers keys
+(``api.key_cache``: on, and its listener connected); with it off, or while the listener is away,
+every valid login of a burst would wait for the one before, and the checks run at once as before
+(a burst of guesses into a quiet bucket is then checked whole, as before turns).
 """
 
 from __future__ import annotations

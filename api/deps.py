@@ -234,12 +234,14 @@ async def authenticate(request: Request, db: Db, app: State) -> Caller:
     app.listener.start()  # a no-op once running; restarts it after an app shutdown that left this app serving
     generation = app.key_cache.generation()  # read before the key is looked up, in the cache or the database
     known = app.key_cache.get(token)
-    if known is None:
+    if known is not None:
+        principal = known
+    elif not app.key_cache.remembering():  # taking turns would put every valid login of a burst in line
+        principal = await db.run(check)
+    else:
         async with app.auth_turns.turn(failure_bucket(actor.source_ip, token)):
             known = app.key_cache.get(token)  # verified by the check that held the turn before
             principal = known if known is not None else await db.run(check)
-    else:
-        principal = known
     caller = Caller(principal, actor.with_key(principal.key_id, principal.role.value, principal.clinic_id), generation)
     request.state.caller = caller  # for the audit of a later denial in this request
     return caller

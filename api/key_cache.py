@@ -51,8 +51,12 @@ class KeyCache:
         with self._lock:
             return self._generation == generation
 
+    def remembering(self) -> bool:
+        """Whether a key verified now would be remembered (the cache is on and its listener connected)."""
+        return self.max_age > 0 and self.listener.listening and not self.listener.unheard()
+
     def get(self, token: str | None) -> Principal | None:
-        if not token or self.max_age <= 0 or not self.listener.listening or self.listener.unheard():
+        if not token or not self.remembering():
             return None
         with self._lock:
             entry = self._entries.get(self._key(token))
