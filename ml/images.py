@@ -35,8 +35,6 @@ from ml.srgb import UnsupportedMode, to_rgb
 #: Pillow formats dermq accepts, by the name Pillow gives them.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "TIFF", "WEBP", "BMP"})
 
-#: The EXIF tag that says how the stored pixels are turned.
-
 #: The media type of each accepted format, for callers that echo it back.
 MEDIA_TYPES: dict[str, str] = {
     "JPEG": "image/jpeg",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
+#: The EXIF tag that says how the stored pixels are turned.
 ORIENTATION = 0x0112
 
 #: EXIF orientation -> the turn that makes the image upright (as ``ImageOps.exif_transpose`` turns it)

@@ -1,5 +1,5 @@
 """EXIF orientation: every one of the eight turns the image as Pillow's ``ImageOps.exif_transpose``
-does, and a large EXIF block costs nothing more for it (ml.images._apply_orientation)."""
+does, and a large EXIF block costs nothing more for it (ml.orientation.upright)."""
 
 from __future__ import annotations
 
