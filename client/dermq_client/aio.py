@@ -97,7 +97,7 @@ class AsyncClient:
         one. With ``wait`` (seconds), the answer comes when the case has ended or ``wait`` has
         passed (server long polls): the case is returned as it is then, finished or not."""
         started = time.monotonic()
-        key = idempotency_key or _core.new_idempotency_key()
+        key = _core.new_idempotency_key() if idempotency_key is None else idempotency_key
         request = _core.submit_request(
             await asyncio.to_thread(_core.load_image, image),
             client_ref=client_ref,
