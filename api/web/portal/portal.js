@@ -117,7 +117,13 @@ dropzone.addEventListener("drop", (event) => {
   fileInput.files = transfer.files;
   chosen(files[0]);
 });
-for (const id of ["client-ref", "urgent"]) $(id).addEventListener("change", () => (pending = null));
+// A submission not yet confirmed keeps its key when its reference or priority changes: if the first
+// attempt was stored after all, dermq answers 409 idempotency_key_reused instead of storing a second case.
+for (const id of ["client-ref", "urgent"]) {
+  $(id).addEventListener("change", () => {
+    if (pending) pending = { ...pending, clientRef: $("client-ref").value.trim(), urgent: $("urgent").checked };
+  });
+}
 
 // --------------------------------------------------------------------------- submitting and following
 
@@ -168,6 +174,9 @@ form.addEventListener("submit", async (event) => {
 /** What the page says of a submission that failed: whether sending it again is safe, or may store it twice. */
 function failedSubmission(error) {
   if (pending) return "Not submitted yet, or not confirmed: submitting again is safe (the same Idempotency-Key is sent).";
+  if (error.code === "idempotency_key_reused") {
+    return "The first attempt reached dermq with the reference and priority it had then: its case is in the list. Submitting again stores a new case with these values.";
+  }
   if (error.status === 401) {
     // a key revoked while the request waited for the case is refused after the case was stored
     return "dermq refused this key. If it was revoked while dermq answered, the case may have been stored: check the case list with a valid key before submitting again.";
