@@ -116,9 +116,8 @@ def keep_place(witness: Path, report: LogReport, start: merkle.CompactRange | No
     this check resumed from, as it was before the walk extended it) when it lies at or before that
     position, else nothing (from scratch)."""
     place: merkle.CompactRange | None = None
-    if report.ok:
-        reached = merkle.CompactRange(report.size, list(report.frontier))
-        place = reached if report.root is not None and reached.root() == report.root else None
+    if report.ok:  # (read back, a place counts only where a signed checkpoint has its root: trusted_start)
+        place = merkle.CompactRange(report.size, list(report.frontier))
     elif report.first_bad_seq is not None and start is not None and start.size <= report.first_bad_seq:
         place = start
     audit_places.write(place_file(witness), place)

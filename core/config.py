@@ -24,8 +24,11 @@ from core import db_tls
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "example"}
-#: Fragments of the placeholders that templates and examples use (deploy/k8s/secrets/*.template.yaml).
-PLACEHOLDER_MARKS = ("replace_me", "replaceme", "replace-me", "changeme", "change_me", "change-me", "<", ">", "example")
+#: The words of the placeholders that templates and examples use (deploy/k8s/secrets/*.template.yaml).
+PLACEHOLDER_WORDS = ("replace_me", "replaceme", "replace-me", "changeme", "change_me", "change-me")
+#: Fragments that mark one in a secret chosen by hand (Flower's password); a generated password, as
+#: in a connection URL, may hold "<", ">" or "example" by chance (:func:`is_placeholder_password`).
+PLACEHOLDER_MARKS = (*PLACEHOLDER_WORDS, "<", ">", "example")
 
 
 def is_example_secret(value: str) -> bool:
@@ -34,17 +37,13 @@ def is_example_secret(value: str) -> bool:
     return lowered in EXAMPLE_SECRETS or any(mark in lowered for mark in PLACEHOLDER_MARKS)
 
 
-#: the placeholder words alone: a generated password may hold "<", ">" or "example" by chance
-_PLACEHOLDER_WORDS = ("replace_me", "replaceme", "replace-me", "changeme", "change_me", "change-me")
-
-
 def is_placeholder_password(value: str) -> bool:
     """Whether a connection URL's ``value`` is an example password or a template's placeholder: one of
     :data:`EXAMPLE_SECRETS`, a placeholder word (``REPLACE_ME...``) or a whole ``<...>``; not a
     password that merely holds "<", ">" or "example", as generated ones may."""
     lowered = value.strip().lower()
     whole = lowered.startswith("<") and lowered.endswith(">")
-    return lowered in EXAMPLE_SECRETS or whole or any(word in lowered for word in _PLACEHOLDER_WORDS)
+    return lowered in EXAMPLE_SECRETS or whole or any(word in lowered for word in PLACEHOLDER_WORDS)
 
 
 def _url_password(url: str) -> str | None:

@@ -19,7 +19,7 @@ far more than their pixels (measured by a review with Pillow 13 on this project'
 - **BMP**: run-length encoding is decoded in Python, a pixel or a padding byte a step (a 21 KB RLE8
   file of 5000x5000: 3.1 s): RLE4 and RLE8 BMPs are refused.
 
-:func:`refusal` says why an upload is refused, or None. The standard library only (the API process
+:func:`examined` says why an upload is refused, or None. The standard library only (the API process
 imports this).
 """
 
@@ -48,14 +48,10 @@ _NUMERIC = frozenset((3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18))
 _OFFSETS = {273: 279, 324: 325}  # StripOffsets: StripByteCounts, TileOffsets: TileByteCounts
 
 
-def refusal(data: bytes, fmt: str) -> tuple[str, str] | None:
-    """Why ``data``, sniffed as ``fmt``, is refused before it is opened: (code, message); else None."""
-    return examined(data, fmt)[0]
-
-
 def examined(data: bytes, fmt: str) -> tuple[tuple[str, str] | None, int]:
-    """:func:`refusal` and how many scans a JPEG has (1 for the other formats): what its decode holds
-    depends on it (``ml.decode_budget.jpeg_coefficient_bytes``), and the walk is done once."""
+    """Why ``data``, sniffed as ``fmt``, is refused before it is opened: (code, message), or None; and
+    how many scans a JPEG has (1 for the other formats), which what its decode holds depends on
+    (``ml.decode_budget.jpeg_coefficient_bytes``): the walk is done once for both."""
     if fmt == "JPEG":
         counted = jpeg_scans.walk(data)
         return _jpeg(counted), counted.scans
@@ -93,7 +89,7 @@ def tiff_size(data: bytes) -> tuple[int, int] | None:
     the directory cannot be read (Pillow says why). Checked before Pillow opens the file, which makes
     a tile of each strip or tile the header declares, inside ``Image.open``."""
     directory = _tiff_directory(data)
-    if directory is None or directory[2] == MALFORMED:  # (refused by refusal(), which says why)
+    if directory is None or directory[2] == MALFORMED:  # (refused by examined(), which says why)
         return None
     scalars = directory[0]
     return scalars.get(256, 0), scalars.get(257, 0)
