@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import audit, callback_secrets
@@ -53,29 +53,46 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """The callback has something to do, but another transaction held its row when the message looked:
+    a turn being handed to it (:func:`core.callback_pacing.next_waiting`), a copy of its message
+    leasing it, the sweeper. A turn handed to it can find the clinic's receiver full again and be
+    dropped, so the callback's own message must not end on such a look (nothing would bring the
+    callback then but the sweeper, minutes later): it looks again in ``seconds``. Those transactions
+    are short."""
+
+    seconds: float = 1.0
+
+
+HELD = Held()
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up),
     ``deferred`` (the clinic's receiver had its fill of attempts under way: nothing was attempted),
-    ``early`` (the retry this message brings is not due yet) or ``skipped`` (nothing to do: nothing
+    ``early`` (the retry this message brings is not due yet), ``held`` (another transaction held the
+    row: :class:`Held`) or ``skipped`` (nothing to do: nothing
     pending, another worker holds it or took the row over, or another message made the attempt this
-    one was for). ``attempt``: the attempt made, or for ``deferred`` and ``early`` the attempts made
-    so far."""
+    one was for). ``attempt``: the attempt made, or for ``deferred``, ``early`` and ``held`` the
+    attempts made so far."""
 
     outcome: str
     attempt: int = 0
     http_status: int | None = None
-    #: for ``retry`` and ``early``: the seconds until the next attempt is due
+    #: for ``retry``, ``early`` and ``held``: the seconds until the message comes back
     retry_in: float | None = field(default=None, compare=False)
 
 
 def lease(
     session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID, after: int | None = None
-) -> Lease | Busy | NotDue | None:
+) -> Lease | Busy | NotDue | Held | None:
     """Count the next attempt of a case's pending callback and lease its row for it. ``after``: the
     attempts the message expects made (a retry's or a waiting callback's message; None for the first
     and for the sweeper's). None if there is nothing to do: delivered, given up, cancelled, leased
     by another worker, an attempt after ``after`` already made (this message is a copy), or a retry
-    not due that this message does not bring. :class:`~core.callback_pacing.NotDue` for a retry this
+    not due that this message does not bring; :class:`Held` if another transaction holds the row at
+    this moment. :class:`~core.callback_pacing.NotDue` for a retry this
     message brings early, :class:`~core.callback_pacing.Busy` while the clinic's receiver has
     ``callback_clinic_concurrency`` attempts under way (:mod:`core.callback_pacing`). A callback whose
     clinic or case is gone, or whose clinic is deactivated, is cancelled here (reactivating the clinic
@@ -84,26 +101,12 @@ def lease(
     # one whose clock ran ahead took over a live lease (a second POST of the same attempt's news)
     found = session.execute(
         select(CallbackDelivery, func.now())
-        .where(
-            CallbackDelivery.case_id == case_id,
-            CallbackDelivery.status == CallbackStatus.PENDING.value,
-            or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
-            # A message with nothing to do matches nothing, and so locks nothing: one that held the
-            # row would make the message that has something to do skip it, and be dropped.
-            *(
-                # no retry pending: the first message, come again, or the sweeper's, leave a retry to
-                # its own message
-                [or_(CallbackDelivery.next_attempt_at.is_(None), CallbackDelivery.next_attempt_at <= func.now())]
-                if after is None
-                # the attempt this message follows is the last one made (else another message made
-                # the next one: this one is a copy)
-                else [CallbackDelivery.attempts == after]
-            ),
-        )
+        .where(*_leasable(case_id, after))
         .with_for_update(skip_locked=True, of=CallbackDelivery)
     ).first()
     if found is None:
-        return None
+        # nothing to do, or the row locked by another transaction at this moment (skipped above)
+        return HELD if session.scalar(select(CallbackDelivery.case_id).where(*_leasable(case_id, after))) else None
     row, at = found
     if row.next_attempt_at is not None and row.next_attempt_at > at:  # its own message, early by its host's clock
         return NotDue((row.next_attempt_at - at).total_seconds())
@@ -147,6 +150,23 @@ def lease(
     result = session.get(Result, case_id)
     return Lease(
         case_id, row.clinic_id, row.attempts, endpoint.url, notice(case, result.outcome if result else None), signing
+    )
+
+
+def _leasable(case_id: uuid.UUID, after: int | None) -> tuple[ColumnElement[bool], ...]:
+    """The callback a message for ``case_id`` that follows ``after`` attempts has something to do for."""
+    return (
+        CallbackDelivery.case_id == case_id,
+        CallbackDelivery.status == CallbackStatus.PENDING.value,
+        or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
+        # A message with nothing to do matches nothing, and so locks nothing: one that held the
+        # row would make the message that has something to do skip it, and be dropped.
+        # No retry pending: the first message, come again, or the sweeper's, leave a retry to its own
+        # message. After attempts: the attempt this message follows is the last one made (else
+        # another message made the next one: this one is a copy).
+        or_(CallbackDelivery.next_attempt_at.is_(None), CallbackDelivery.next_attempt_at <= func.now())
+        if after is None
+        else CallbackDelivery.attempts == after,
     )
 
 

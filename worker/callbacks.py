@@ -223,10 +223,13 @@ def deliver(
     handed the same turn twice), hands the turn on in its place."""
     with session_scope(config) as session:
         held = callback_attempts.lease(session, settings=config, keyring=keyring, case_id=case_id, after=after)
-        if held is None and turn:
+        if turn and (held is None or isinstance(held, callback_attempts.Held)):
             row = session.get(CallbackDelivery, case_id)
             if row is not None:
                 _hand_on(session, publisher, row.clinic_id)
+            held = None
+    if isinstance(held, callback_attempts.Held):  # its own message looks again, whatever the holder does
+        return callback_attempts.Delivery("held", after or 0, retry_in=held.seconds)
     if held is None:
         return callback_attempts.Delivery("skipped")
     if isinstance(held, callback_pacing.Busy):

@@ -76,7 +76,8 @@ CALLBACKS = Counter(
     "dermq_callback_deliveries_total",
     "completion callback messages by outcome: delivered, retry (refused, tried again later), failed (given up); "
     "not attempted: deferred (the clinic's receiver had its fill of attempts under way), early (a retry not due "
-    "yet), skipped (nothing to do: done, held by another worker, or a copy)",
+    "yet), held (its row locked by another transaction at that moment: the message looks again in a second), skipped "
+    "(nothing to do: done, held by another worker, or a copy)",
     ["outcome"],
 )
 WORKER_INFO = Gauge(

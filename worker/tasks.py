@@ -213,7 +213,7 @@ def deliver_callback(
         retry = self.retry(exc=retries.withheld(exc), kwargs=again, countdown=retry_delay(transient), throw=False)
         raise retry from None
     log.log(
-        logging.DEBUG if attempt.outcome in ("deferred", "early") else logging.INFO,  # no attempt made
+        logging.DEBUG if attempt.outcome in ("deferred", "early", "held") else logging.INFO,  # no attempt made
         "callback attempt",
         extra={
             "event": "callback",
@@ -228,7 +228,8 @@ def deliver_callback(
         metrics.record_callback(attempt.outcome)
     if attempt.outcome == "retry":  # the backoff the row was stamped with: no lease is taken before it
         raise self.retry(kwargs={"after": attempt.attempt}, countdown=attempt.retry_in)
-    if attempt.outcome == "early":  # a host's clock sent it early: the rest of the backoff
+    if attempt.outcome in ("early", "held"):  # a host's clock sent it early: the rest of the backoff; or
+        # another transaction held its row (a turn handed to it, which may be dropped): it looks again
         raise self.retry(kwargs={"after": after, "waited": waited}, countdown=attempt.retry_in)
     if attempt.outcome == "deferred" and turn:  # the turn was taken meanwhile: its own message goes on
         return attempt.outcome

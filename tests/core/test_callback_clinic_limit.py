@@ -190,3 +190,25 @@ def test_a_turn_that_cannot_be_handed_on_leaves_the_attempts_record(
     assert delivery.deliver(production, keyring, first, publisher=publisher).outcome == "failed"
     assert row(settings, first).status == "failed"  # recorded: its POST is not made again
     assert _messages(broker, waiting) == before  # its own message brings it
+
+
+def test_a_callbacks_own_message_that_finds_its_row_held_comes_back(
+    settings: Settings, private_broker, keyring, tenant: Tenant, store_case
+) -> None:  # type: ignore[no-untyped-def]
+    # An attempt that ends hands its turn to the clinic's oldest waiting callback, its row locked until
+    # the record commits. The callback's own message, arriving then, skipped the row and ended; the
+    # turn's message, finding the receiver full again, was dropped: nothing brought the callback then
+    # but the sweeper, minutes later.
+    from worker import callbacks as delivery
+
+    waiting = pending_delivery(settings, private_broker, keyring, tenant, store_case)
+    publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
+    with session_scope(settings) as handing:
+        assert callback_pacing.next_waiting(handing, tenant.clinic_id) == waiting  # the turn, being handed
+        own = delivery.deliver(settings, keyring, waiting, publisher=publisher)
+        assert own.outcome == "held" and own.retry_in == 1.0  # it comes back in a second
+        assert row(settings, waiting).attempts == 0
+    taken = lease(settings, keyring, waiting)  # the turn's message takes it
+    assert isinstance(taken, callback_attempts.Lease)
+    # a message finding it leased has nothing to do, and ends
+    assert delivery.deliver(settings, keyring, waiting, publisher=publisher).outcome == "skipped"
