@@ -193,6 +193,21 @@ def declared_length(request: Request) -> int | None:
         return None
 
 
+def refuse_declared(request: Request, max_image_bytes: int) -> int:
+    """400 for a Content-Length that is not a number, 413 for one over the body's limit, which it
+    returns: a body that can never be accepted is told so before anything else looks at its size
+    (a busy process's upload budget would answer 429, and the portal would send it again)."""
+    max_body = max_image_bytes + FORM_OVERHEAD
+    declared_bytes = declared_length(request)
+    if declared_bytes is None and "content-length" in request.headers:
+        raise BadRequest("Content-Length is not a number", code="invalid_content_length")
+    if declared_bytes is not None and declared_bytes > max_body:
+        raise PayloadTooLarge(
+            f"the request is {declared_bytes} bytes; the limit is {max_body}", code="payload_too_large"
+        )
+    return max_body
+
+
 async def read_case_form(
     request: Request,
     *,
@@ -207,14 +222,7 @@ async def read_case_form(
     ``reserve(size)`` is called for each chunk as it arrives, before it is kept: it raises to refuse
     the upload (:class:`api.intake_limits.BodyAllowance`)."""
     boundary = boundary_of(request)
-    max_body = max_image_bytes + FORM_OVERHEAD
-    declared_bytes = declared_length(request)
-    if declared_bytes is None and "content-length" in request.headers:
-        raise BadRequest("Content-Length is not a number", code="invalid_content_length")
-    if declared_bytes is not None and declared_bytes > max_body:
-        raise PayloadTooLarge(
-            f"the request is {declared_bytes} bytes; the limit is {max_body}", code="payload_too_large"
-        )
+    max_body = refuse_declared(request, max_image_bytes)
     collector = _Collector(max_image_bytes)
     parser = MultipartParser(boundary, collector.callbacks(), max_header_count=8, max_header_size=1024)  # type: ignore[arg-type]
     received = delimiters = 0

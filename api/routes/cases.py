@@ -26,7 +26,7 @@ from api.schemas import (
     CaseOut,
     Problem,
 )
-from api.upload import declared_length, read_case_form
+from api.upload import declared_length, read_case_form, refuse_declared
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
 from core import audit, case_reads, cases, keys, phi, results, retention
 from core.db import commit_durably, commit_without_flush
@@ -168,6 +168,7 @@ async def submit_case(
     if len(request.headers.getlist("idempotency-key")) > 1:  # all but the first would be dropped unseen
         raise InvalidInput("send one Idempotency-Key header", code="invalid_idempotency_key")
     # before the rate is charged: a refusal costs none
+    refuse_declared(request, app.settings.max_upload_bytes)
     app.uploads.refuse_if_full(caller.principal.clinic_id, declared_length(request))
     await db.run(lambda _: limit(caller, app, "submit"))
     # the upload's bytes and pixels are _accept's locals: a waiting submission keeps none of them

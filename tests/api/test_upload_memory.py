@@ -80,6 +80,9 @@ def test_another_clinics_upload_waits_while_one_large_body_fills_the_budget(  # 
         assert refused.json()["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
         assert "large uploads" in refused.json()["detail"]
         assert _submit(api, second.token, 20_000).status_code == 415  # a small one fits beside it
+        # one over the size limit is told so, not to come back later (as it would, for ever)
+        too_large = _submit(api, second.token, MAX_UPLOAD + 66 * 1024)
+        assert (too_large.status_code, too_large.json()["code"]) == (413, "payload_too_large")
         assert not _answered(held)
     finally:
         held.close()  # the client gives up: its body's bytes are given back
