@@ -88,7 +88,12 @@ def _filters(
     case: uuid.UUID | None,
     action: str | None,
     outcome: str | None,
+    *,
+    audited_as: str = "audit.query",
+    detail: dict[str, str] | None = None,
 ) -> audit.AuditFilter:
+    """The filters of a query (or, ``audited_as`` ``audit.export`` with its ``detail``, an export); a
+    clinic-scoped auditor's look at another clinic's records is refused and audited as that action."""
     scope = caller.principal.clinic_id
     clinic = _clinic_id(session, clinic_value, scope is not None)
     actor = _actor_id(session, actor_value)
@@ -97,7 +102,7 @@ def _filters(
             raise Forbidden(
                 "this auditor key is limited to its own clinic's records",
                 code="clinic_scope",
-                audit=audit.PendingEvent("audit.query", audit.DENIED, detail={"reason": "clinic_scope"}),
+                audit=audit.PendingEvent(audited_as, audit.DENIED, detail={**(detail or {}), "reason": "clinic_scope"}),
             )
         clinic = scope
     if action is not None and action not in audit.ACTIONS:
@@ -279,7 +284,19 @@ async def export_events(
 
     def record(session: Session) -> audit.AuditFilter:
         limit(caller, app, "read")
-        filters = _filters(caller, session, since, until, actor, clinic, case, action, outcome)
+        filters = _filters(
+            caller,
+            session,
+            since,
+            until,
+            actor,
+            clinic,
+            case,
+            action,
+            outcome,
+            audited_as="audit.export",
+            detail={"format": format},
+        )
         if filters.since is None or filters.until is None or filters.until - filters.since > EXPORT_MAX_RANGE:
             raise BadRequest(
                 f"an export needs 'since' and 'until', at most {EXPORT_MAX_DAYS} days apart "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,15 +19,28 @@ from api.routes.cases import NO_STORE, PROBLEMS
 from core import audit, phi, results
 from core.cases import owned_case
 from core.crypto import Keyring
-from core.errors import Conflict, Gone
+from core.errors import Conflict, DermqError, Gone
 from core.models import CaseStatus
 
 router = APIRouter(prefix="/v1/cases", tags=["cases"])
 
 
+@contextmanager
+def _filed_as_fhir() -> Iterator[None]:
+    """A refused read (another clinic's case, unknown, a key of another role) is audited as a FHIR
+    read too, as every other answer of this route: an auditor tells a FHIR probe from a JSON one."""
+    try:
+        yield
+    except DermqError as exc:
+        if isinstance(exc.audit, audit.PendingEvent):
+            exc.audit = dataclasses.replace(exc.audit, detail={**exc.audit.detail, "format": "fhir"})
+        raise
+
+
 def fhir_view(session: Session, keyring: Keyring, caller: Any, case_id: uuid.UUID) -> dict[str, Any]:
     """The case's Bundle; the read is audited as ``case.read`` with ``{"format": "fhir"}``."""
-    case = owned_case(session, caller.principal, case_id, "case.read")
+    with _filed_as_fhir():
+        case = owned_case(session, caller.principal, case_id, "case.read")
     with phi.refused_if_destroyed("case.read", case_id, format="fhir"):
         result = results.read_result(session, keyring, case_id) if case.status == CaseStatus.SUCCEEDED else None
     if case.status == CaseStatus.SUCCEEDED and result is None:

@@ -1,9 +1,10 @@
 """Every answer that touches a case is in the audit trail: replays, refused replays, heat-map
-refusals, and the list views that showed a case (so "who saw case X" finds them)."""
+refusals, the list views that showed a case (so "who saw case X" finds them), and refused exports."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
@@ -62,3 +63,28 @@ def test_a_list_view_records_the_cases_it_showed(client, settings, make_key, sto
     items = found.json()["items"]
     assert len(items) == 1 and items[0]["actor_key_id"] == str(tenant.key_id)
     assert set(items[0]["detail"]["ids"]) >= {str(c) for c in shown}
+
+
+def test_an_export_refused_to_a_clinic_scoped_auditor_is_filed_as_an_export(
+    client, settings, make_key, keyring
+) -> None:  # type: ignore[no-untyped-def]
+    """Filed as ``audit.query`` without its format, a search of the trail for ``audit.export`` missed it."""
+    from core import keys
+    from core.models import Role
+
+    mine, other = make_key("clinic"), make_key("clinic")
+    with session_scope(settings) as session:
+        _, token = keys.create_key(session, keyring, role=Role.AUDITOR, clinic_id=mine.clinic_id)
+    now = datetime.now(UTC)
+    params = {"clinic": str(other.clinic_id), "format": "csv", "since": (now - timedelta(hours=1)).isoformat()}
+    export = client.get(
+        "/v1/audit-events/export",
+        headers={"Authorization": f"Bearer {token}"},
+        params={**params, "until": now.isoformat()},
+    )
+    assert (export.status_code, export.json()["code"]) == (403, "clinic_scope")
+    with session_scope(settings) as session:
+        denied = session.scalars(select(AuditEvent).where(AuditEvent.request_id == export.headers["X-Request-ID"]))
+        assert [(e.action, e.outcome, e.detail) for e in denied] == [
+            ("audit.export", "denied", {"format": "csv", "reason": "clinic_scope"})
+        ]

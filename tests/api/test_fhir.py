@@ -89,13 +89,23 @@ def test_melanoma_carries_its_snomed_code(client, finished) -> None:  # type: ig
     assert concept["coding"][0] == {"system": fhir.SNOMED, "code": "372244006", "display": "Malignant melanoma"}
 
 
-def test_another_clinic_gets_404_and_the_probe_is_audited(client, finished, make_key) -> None:  # type: ignore[no-untyped-def]
+def test_another_clinic_gets_404_and_the_probe_is_audited(client, finished, make_key, settings) -> None:  # type: ignore[no-untyped-def]
     _, done = finished
     other = make_key("clinic")
     response = client.get(f"/v1/cases/{done['id']}/fhir", headers=other.headers)
     assert response.status_code == 404
     assert response.headers["content-type"].startswith("application/problem+json")
     assert "probabilities" not in response.text
+    # filed as a FHIR read, as the route's other answers are: an auditor tells this probe from a JSON one
+    with session_scope(settings) as session:
+        probes = session.scalars(
+            select(AuditEvent).where(AuditEvent.entity_id == done["id"], AuditEvent.actor_key_id == other.key_id)
+        ).all()
+    # one event filed under each clinic: the prober's, and the owner's (whose auditors see the probe)
+    assert sorted((e.action, e.outcome, e.detail.get("format"), e.clinic_id == other.clinic_id) for e in probes) == [
+        ("case.read", "denied", "fhir", False),
+        ("case.read", "denied", "fhir", True),
+    ]
 
 
 def test_an_unfinished_case_is_409(client, tenant: Tenant, store_case, settings) -> None:  # type: ignore[no-untyped-def]
