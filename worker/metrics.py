@@ -72,6 +72,11 @@ LOST = Counter(
 )
 for _outcome in ("requeued", "failed"):  # present from the start: increase() skips a series' first sample
     LOST.labels(_outcome)
+KEY_UNAVAILABLE = Counter(
+    "dermq_image_key_unavailable_total",
+    "claimed cases put back in the queue because their image's key could not be loaded (a period key file "
+    "unreadable or exposed, the key volume away): they wait, their attempt given back, until it is mended",
+)
 CALLBACKS = Counter(
     "dermq_callback_deliveries_total",
     "completion callback messages by outcome: delivered, retry (refused, tried again later), failed (given up); "
@@ -120,6 +125,10 @@ def record_result(result: dict[str, object], timings: dict[str, float]) -> None:
 
 def record_failure(code: str) -> None:
     FAILURES.labels(code).inc()
+
+
+def record_key_unavailable() -> None:
+    KEY_UNAVAILABLE.inc()
 
 
 def record_lost(requeued: int, failed: int) -> None:

@@ -30,6 +30,7 @@ DERMQ_METRICS = frozenset(
         "dermq_submit_to_finish_seconds",
         "dermq_failures_total",
         "dermq_lost_cases_total",
+        "dermq_image_key_unavailable_total",
         "dermq_callback_deliveries_total",
         "dermq_worker_info",
         "dermq_gpu_memory_bytes",

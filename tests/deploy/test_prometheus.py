@@ -138,6 +138,7 @@ CONCERNS = {
     "queue backlog growing": lambda e: "dermq_queue_depth" in e and "deriv(" in e,
     "stale running cases": lambda e: "dermq_stale_running_cases" in e,
     "cases queued in Postgres that no worker takes": lambda e: "dermq_oldest_queued_case_seconds" in e,
+    "cases put back because their key cannot be loaded": lambda e: "dermq_image_key_unavailable_total" in e,
     "Redis near its maxmemory": lambda e: (
         "dermq_redis_memory_used_bytes" in e and "dermq_redis_memory_limit_bytes" in e
     ),
