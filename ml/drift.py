@@ -213,14 +213,15 @@ def reference_for_entry(entry: str, data: str) -> dict[str, Any]:
     the manifest (``drift_reference``, format 2)."""
     from ml import registry
     from ml.evaluate import select_samples
-    from ml.images import ImageLimits, decode
+    from ml.images import ImageLimits
     from ml.predictor import Predictor
+    from ml.served_decode import decode_as_served
 
     predictor = Predictor.load(entry, device="cpu")
     samples, _ = select_samples(predictor.info.manifest, data, "val")
     stats, images = [], []
     for sample in samples:
-        decoded = decode(sample.path.read_bytes(), ImageLimits(min_side=8), reduce_to=1024)
+        decoded = decode_as_served(sample.path.read_bytes(), ImageLimits(min_side=8))  # what live statistics see
         stats.append(input_statistics(decoded.image, decoded.width, decoded.height))
         images.append(decoded.image)
     # live reports count diagnoses only: images the model's gate would answer out_of_distribution are

@@ -288,13 +288,15 @@ def _unseen(
     return unseen
 
 
-def load_images(samples: Sequence[ds.Sample], reduce_to: int) -> list[Any]:
-    """The samples' images through the serving decode, with a progress bar on a terminal's stderr."""
-    from ml.images import ImageLimits, decode_image
+def load_images(samples: Sequence[ds.Sample]) -> list[Any]:
+    """The samples' images decoded as serving decodes them (:func:`ml.served_decode.decode_as_served`),
+    with a progress bar on a terminal's stderr."""
+    from ml.images import ImageLimits
+    from ml.served_decode import decode_as_served
 
     limits = ImageLimits(min_side=8)
     return [
-        decode_image(s.path.read_bytes(), limits, reduce_to=reduce_to)
+        decode_as_served(s.path.read_bytes(), limits).image
         for s in tqdm(samples, desc="decode", unit="img", leave=False, disable=None, mininterval=1)
     ]
 
@@ -331,7 +333,7 @@ def run(
     predictor = Predictor.load(model, device=device, backend=backend, batch_size=batch_size)
     manifest = predictor.info.manifest
     samples, used = select_samples(manifest, data, split, training_data)
-    images = load_images(samples, reduce_to=max(predictor.prep.input_size))
+    images = load_images(samples)
     logits, features, pixels = model_outputs(predictor, images)
     metrics, probabilities, predicted = evaluate_arrays(samples, logits, predictor.policy)
     metrics.update({"model_id": predictor.info.model_id, "split": used, "backend": backend})

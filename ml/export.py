@@ -43,7 +43,6 @@ from ml import data as ds
 from ml.labels import CLASSES
 from ml.onnx_graph import OPSET, ExportError, check_fp32, check_pooled, classifier_key, export_fp32, with_pooled_output
 from ml.quantize import (
-    CALIBRATION_REDUCE_TO,
     DEFAULT_CALIBRATION_IMAGES,
     calibration_samples,
     decode_samples,
@@ -196,7 +195,7 @@ def run(
         info = {
             "split": "train",
             "selection": f"round-robin over classes, shuffled with seed {seed}",
-            "decode": f"ml.images.decode(reduce_to={CALIBRATION_REDUCE_TO}) + ml.preprocess",
+            "decode": "ml.served_decode.decode_as_served + ml.preprocess",
             "image_ids_sha256": registry.sha256_bytes("\n".join(s.image_id for s in chosen).encode()),
             "per_class": {c: sum(s.dx == c for s in chosen) for c in CLASSES},
         }

@@ -71,7 +71,7 @@ def fit_policy(logits: np.ndarray, truth: np.ndarray, prior: np.ndarray) -> Deci
 
 
 def _outputs(predictor: Any, samples: list[ds.Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return predictor.outputs(load_images(samples, max(predictor.prep.input_size)))
+    return predictor.outputs(load_images(samples))
 
 
 def finalize(config: TrainConfig) -> Path:
@@ -258,7 +258,7 @@ def _ood_set(predictor: Any, test: list[ds.Sample]) -> dict[str, Any]:
 
     rng = np.random.default_rng(0)
     chosen = [test[i] for i in sorted(rng.choice(len(test), size=min(60, len(test)), replace=False))]
-    items = oodset.build(load_images(chosen, 600))
+    items = oodset.build(load_images(chosen))
     flagged = [p.out_of_distribution for p in predictor.predict([image for _, image in items])]
     kinds = np.array([kind for kind, _ in items])
     hits = np.array(flagged, dtype=bool)
@@ -273,7 +273,8 @@ def _ood_set(predictor: Any, test: list[ds.Sample]) -> dict[str, Any]:
 
 def _hires(predictor: Any, data: str) -> dict[str, Any] | None:
     """Labels of the larger copies (300x225) against the 200x150 ones, through the serving decode."""
-    from ml.images import ImageLimits, decode_image
+    from ml.images import ImageLimits
+    from ml.served_decode import decode_as_served
 
     if not HIRES.is_dir():
         return None
@@ -286,8 +287,8 @@ def _hires(predictor: Any, data: str) -> dict[str, Any] | None:
     if not pairs:
         return None
     limits = ImageLimits()
-    big = predictor.predict([decode_image(s.path.read_bytes(), limits) for s, _ in pairs])
-    little = predictor.predict([decode_image(t.path.read_bytes(), limits) for _, t in pairs])
+    big = predictor.predict([decode_as_served(s.path.read_bytes(), limits).image for s, _ in pairs])
+    little = predictor.predict([decode_as_served(t.path.read_bytes(), limits).image for _, t in pairs])
     truth = [s.dx for s, _ in pairs]
     return {
         "n": len(pairs),

@@ -26,7 +26,6 @@ from ml.onnx_graph import ExportError
 
 DEFAULT_CALIBRATION_IMAGES = 200
 CALIBRATION_BATCH = 8
-CALIBRATION_REDUCE_TO = 1024  # at least the worker's overlay_max_side (its decode path); 200x150 images are unaffected
 
 
 def training_split(manifest: dict[str, Any], data: str | Path) -> ds.Split:
@@ -62,12 +61,13 @@ def calibration_samples(train: Sequence[ds.Sample], count: int, seed: int) -> li
     return chosen[:count]
 
 
-def decode_samples(samples: Sequence[ds.Sample], reduce_to: int = CALIBRATION_REDUCE_TO) -> list[Image.Image]:
-    """The images as the worker sees them: :func:`ml.images.decode` with draft mode down to ``reduce_to``."""
-    from ml.images import ImageLimits, decode_image
+def decode_samples(samples: Sequence[ds.Sample]) -> list[Image.Image]:
+    """The images as the worker sees them (:func:`ml.served_decode.decode_as_served`)."""
+    from ml.images import ImageLimits
+    from ml.served_decode import decode_as_served
 
     limits = ImageLimits(min_side=8)
-    return [decode_image(s.path.read_bytes(), limits, reduce_to=reduce_to) for s in samples]
+    return [decode_as_served(s.path.read_bytes(), limits).image for s in samples]
 
 
 class _CalibrationReader:

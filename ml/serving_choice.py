@@ -50,7 +50,7 @@ def compare_on_validation(
     for name in ("onnx", "onnx-int8"):
         predictor = Predictor.load(entry, device="cpu", backend=name, threads=threads)
         if images is None:
-            images = load_images(samples, reduce_to=max(predictor.prep.input_size))
+            images = load_images(samples)
         probabilities = predictor.policy.probabilities(predictor.logits(images))
         labels[name] = predictor.policy.labels(probabilities)
         top[name] = probabilities.argmax(axis=1)
