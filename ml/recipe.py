@@ -170,10 +170,15 @@ def check_same_run(config: TrainConfig, saved: dict[str, Any]) -> None:
 
 def load_split(config: TrainConfig) -> ds.Split:
     """The run's split of ``config.data`` (its first ``limit`` images, seeded, when ``limit`` is set)."""
-    samples = ds.read_dataset(config.data)
-    if config.limit:
-        rng = random.Random(config.seed)
-        samples = sorted(samples, key=lambda s: s.image_id)
-        rng.shuffle(samples)
-        samples = samples[: config.limit]
-    return config.split_spec.apply(samples)
+    return config.split_spec.apply(limited(ds.read_dataset(config.data), config.limit, config.seed))
+
+
+def limited(samples: list[ds.Sample], limit: int, seed: int) -> list[ds.Sample]:
+    """The images a run with ``--limit limit --seed seed`` uses of ``samples``: all of them for 0, else
+    the first ``limit`` after a shuffle seeded with ``seed``."""
+    if not limit:
+        return samples
+    rng = random.Random(seed)
+    shuffled = sorted(samples, key=lambda s: s.image_id)
+    rng.shuffle(shuffled)
+    return shuffled[:limit]

@@ -51,6 +51,7 @@ from ml.labels import NUM_CLASSES
 from ml.metrics import balanced_accuracy
 from ml.provenance import describe_environment
 from ml.recipe import TrainConfig, check_same_run, load_split, parse_args, read_config, write_config
+from ml.teacher_lesions import refuse_leaking_teachers
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -176,6 +177,7 @@ def train(config: TrainConfig, split: ds.Split | None = None) -> Path:
     )
     prep = models.preprocessing_for(net, config.input_size, config.colour_constancy, config.interpolation)
     teachers = [load_teacher(source) for source in teacher_sources(config.teacher)]
+    refuse_leaking_teachers(config, split, teacher_sources(config.teacher))  # before anything is decoded
     # Distillation: images are decoded (and augmented) at the first teacher's size; the student and
     # any other teacher get the same crop resampled to their own sizes, so all see the same thing.
     teacher_prep = teachers[0][1] if teachers else None
