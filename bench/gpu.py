@@ -247,6 +247,7 @@ def guarded(label: str, measure: Callable[[], list[list[str]]]) -> list[list[str
 def model_rows(settings: Any, device: str, repeats: int) -> list[list[str]]:
     """The throughput and OOM rows, with the model loaded here as a worker child loads it (and let go
     on return, before the pipeline's worker loads its own)."""
+    from ml.backends import float32_on_cuda
     from ml.predictor import Predictor
     from ml.registry import DEFAULT_MODEL
     from worker.runtime import pin_threads, threads_per_child
@@ -254,6 +255,7 @@ def model_rows(settings: Any, device: str, repeats: int) -> list[list[str]]:
     gpu = device == "cuda"
     threads = threads_per_child(settings)  # as a worker child sets them, NumPy's BLAS on one
     pin_threads(threads)
+    float32_on_cuda()  # as a worker child on a GPU: float32 convolutions, not TF32
     predictor = Predictor.load(
         DEFAULT_MODEL, device=device, backend="torch", threads=threads, overlay_max_side=settings.overlay_max_side
     )

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     # NumPy's BLAS (the gate's feature distance, the overlay's levels) on one thread, as in every
     # worker child: with a thread per core it competes with ONNX Runtime's threads
     pin_blas()
+    backends.float32_on_cuda()  # with --device cuda, as the worker serves: float32 convolutions, not TF32
 
     images = [Image.open(p).convert("RGB") for p in sorted(FIXTURE_IMAGES.glob("*.jpg"))]
     manifest = registry.read_manifest(args.model)

@@ -12,9 +12,10 @@ Preprocessing, decisions and heat maps stay in the predictor, shared by all of t
   (``precision="bf16"`` or ``"fp16"``, accepting that the thresholds no longer match exactly). In
   float32 autocast is switched off explicitly, so an autocast region around the call does not leak
   in. One caveat on CUDA: PyTorch lets cuDNN convolutions use TF32 unless
-  ``torch.backends.cudnn.allow_tf32`` is False; that flag is process-wide, so this
-  module leaves it alone and the serving process sets it once, after the fork (the worker does when
-  it loads a model on a GPU: ``worker.runtime.load_predictor``).
+  ``torch.backends.cudnn.allow_tf32`` is False; that flag is process-wide, so loading a model leaves
+  it alone and the process that owns its torch turns TF32 off once, after any fork
+  (:func:`float32_on_cuda`: ``ml.evaluate`` and the GPU benchmarks; the worker sets the same flag
+  when it loads a model on a GPU, ``worker.runtime.load_predictor``).
 - ``onnx`` / ``onnx-int8``: ``model.onnx`` / ``model.int8.onnx`` written by :mod:`ml.export`, on
   the CPU. Both files are listed in the manifest with their SHA-256 and are only ever parsed from
   the verified bytes. Their graphs output ``logits`` and ``features``, and graphs exported since the
@@ -51,6 +52,15 @@ POOLED = "pooled"
 DEFAULT_THREADS = 2
 #: TorchBackend precision -> autocast dtype (None: plain float32, autocast off).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def float32_on_cuda() -> None:
+    """Run this process's CUDA convolutions and matrix products in IEEE float32, not TF32 (cuDNN's
+    default lets float32 convolutions round their inputs to TF32's 10-bit mantissa on Ampere and
+    later): the precision every entry's thresholds were fitted and its figures measured in.
+    Process-wide; touches no device, so it is safe before a fork and harmless without a GPU."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def resolve_device(device: str) -> torch.device:

@@ -325,11 +325,13 @@ def run(
     backend: str = "torch",
     batch_size: int = 32,
 ) -> dict[str, Any]:
+    from ml.backends import float32_on_cuda
     from ml.predictor import Predictor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = "auto" if backend == "torch" else "cpu"  # ONNX Runtime serves on the CPU
+    float32_on_cuda()  # on a GPU the figures are of float32, as served, not of cuDNN's TF32
     predictor = Predictor.load(model, device=device, backend=backend, batch_size=batch_size)
     manifest = predictor.info.manifest
     samples, used = select_samples(manifest, data, split, training_data)

@@ -85,6 +85,21 @@ def test_evaluate_cli_writes_metrics_plots_and_report(tiny_entry: Path, tmp_path
     assert "balanced multiclass accuracy" in (out / "report.md").read_text()
 
 
+def test_evaluation_turns_off_the_tf32_a_gpu_would_otherwise_convolve_in(tiny_entry: Path, tmp_path: Path) -> None:
+    """The figures are documented as float32, the precision they were fitted and are served in; on a
+    GPU, cuDNN convolves float32 in TF32 unless the process says otherwise (PyTorch's default: True)."""
+    from torch.backends import cuda, cudnn
+
+    before = (cudnn.allow_tf32, cuda.matmul.allow_tf32)
+    cudnn.allow_tf32 = cuda.matmul.allow_tf32 = True  # as a process that asked for TF32 would have them
+    try:
+        data = Path(__file__).resolve().parents[1] / "fixtures" / "images"
+        evaluate.run(tiny_entry, data, tmp_path / "eval", split="all")
+        assert (cudnn.allow_tf32, cuda.matmul.allow_tf32) == (False, False)
+    finally:  # process-wide: put back for the tests after this one
+        cudnn.allow_tf32, cuda.matmul.allow_tf32 = before
+
+
 def test_evaluate_cli_reports_bad_input(tiny_entry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate.main(["--model", str(tiny_entry), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "error:" in capsys.readouterr().err
