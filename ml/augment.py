@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 from ml.model import Preprocessing
 
+#: at strength 1 a crop keeps 1 - CROP_SPAN of the area at least (55%); the span scales with the strength
+CROP_SPAN = 0.45
+
 # RGB <-> YIQ: hue is a rotation of the (I, Q) plane.
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
@@ -64,7 +67,7 @@ class Augment:
         flip_x = torch.where(self._coin(n, 0.5), -1.0, 1.0)
         flip_y = torch.where(self._coin(n, 0.5), -1.0, 1.0)
         if crops:
-            area = self._uniform(n, 1.0 - 0.45 * self.strength, 1.0)
+            area = self._uniform(n, 1.0 - CROP_SPAN * self.strength, 1.0)
             log_ratio = self._uniform(n, math.log(3 / 4), math.log(4 / 3)) * self.strength
             sx = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
             sy = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)

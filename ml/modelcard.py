@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
+from ml.card_training import aspect, training_lines
+from ml.card_training import figure as _f
 from ml.labels import DIAGNOSES
 
-
-def _f(value: Any, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
+#: a class with fewer test images than this is named among the known limits (wide intervals)
+FEW_TEST_IMAGES = 20
+#: each class as the known limits name it
+FEW_PHRASES = {
+    "akiec": "actinic keratoses",
+    "bcc": "basal cell carcinomas",
+    "bkl": "benign keratoses",
+    "df": "dermatofibroma",
+    "mel": "melanomas",
+    "nv": "naevi",
+    "vasc": "vascular lesions",
+}
 
 #: a subgroup's calibration error over 15 bins is shown from this many images: below, it measures the
 #: binning of a handful of answers more than their calibration (the card's n = 6 groups read 0.3)
@@ -75,86 +86,6 @@ def _assessment_lines(assessment: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def _teacher_text(teacher: dict[str, Any]) -> str:
-    if teacher.get("kind") == "unavailable":
-        return f"a teacher whose work folder (`{teacher['source']}`) was no longer there when this entry was written"
-    size = f"{teacher['input_size'][0]}x{teacher['input_size'][1]}"
-    if teacher.get("kind") == "registry entry":
-        return (
-            f"the registry entry `{teacher['model_id']}` (`{teacher['arch']}` at {size}, weights SHA-256 "
-            f"`{teacher['weights_sha256'][:16]}...`, test balanced accuracy {_f(teacher['test_balanced_accuracy'])}; "
-            "its raw logits, not its calibration)"
-        )
-    return (
-        f"a `{teacher['arch']}` teacher ({teacher['initialisation']}) trained for {teacher['epochs']} epochs at "
-        f"{size} with the same recipe (validation balanced accuracy {_f(teacher['val_balanced_accuracy_last_epoch'])} "
-        f"after its last epoch, {_f(teacher['minutes'], 1)} minutes)"
-    )
-
-
-def _pixels_read(stride: int) -> str:
-    """What a gate with ``stride`` reads of the model input."""
-    nth = {2: "second", 3: "third"}.get(stride, f"{stride}th")
-    return "every pixel" if stride == 1 else f"every {nth} row and column"
-
-
-def _training_lines(training: dict[str, Any], prep: dict[str, Any]) -> list[str]:
-    config = training["config"]
-    teacher = training.get("teacher")
-    env = training.get("environment") or {}
-    lines = [
-        f"Initialised from {training['initialisation']}. {training['epochs_run']} epochs on a fixed schedule "
-        f"({_f(training['minutes'], 1)} minutes on {env.get('machine', 'a')} {env.get('device', 'cpu')}, "
-        f"{env.get('precision', '')}), seed {training.get('seed')}; the shipped weights are the exponential moving "
-        "average after the last epoch (no early stopping). Recipe: images through the serving decode and resize "
-        f"({prep['input_size'][0]}x{prep['input_size'][1]}, 4:3, colour constancy "
-        f"{prep.get('colour_constancy', 'none')}),"
-        " square-root class-balanced sampling, any-angle rotation, crops of 55-100% of the area, flips, colour and "
-        "hue jitter, blur and random erasing, a last epoch on whole images; AdamW "
-        f"(lr {config.get('lr')}, weight decay {config.get('weight_decay')}) with warm-up and cosine decay to zero, "
-        f"label smoothing {config.get('label_smoothing')}, dropout {config.get('drop_rate')}, stochastic depth "
-        f"{config.get('drop_path_rate')}, {env.get('precision') or 'float32'}.",
-    ]
-    refit = training.get("refit_of")
-    if refit:
-        lines += [
-            "",
-            f"**Refit, not retrained**: these are `{refit['model_id']}`'s weights, unchanged (SHA-256 "
-            f"`{refit['weights_sha256']}`), trained as described here. This entry serves them with the "
-            f"`{refit['interpolation'][1]}` resampler (trained with `{refit['interpolation'][0]}`) and an "
-            f"out-of-distribution gate reading {_pixels_read(refit['gate_stride'][1])} of the input "
-            f"(`{refit['model_id']}`: {_pixels_read(refit['gate_stride'][0])}), so its calibration, decision rule, "
-            "referral thresholds and gate were fitted again on the validation split and every figure below was "
-            "measured again (`python -m ml.refit`); the training history is the source's.",
-        ]
-    teachers = training.get("teachers") or ([teacher] if teacher else [])
-    if teachers:
-        described = "; ".join(_teacher_text(t) for t in teachers)
-        combined = (
-            "gives" if len(teachers) == 1 else "give, as the normalised geometric mean of their softened softmaxes,"
-        )
-        lines += [
-            "",
-            f"**Distillation**: {described} {combined} soft labels online, on the very crop the student sees; loss "
-            f"= {1 - config.get('distill_alpha', 0):.1f} x cross-entropy + {config.get('distill_alpha')} x T^2 x "
-            f"KL(teacher || student) at T = {config.get('distill_temperature')}. The served model keeps Lite0's cost.",
-        ]
-    code = env.get("code") or {}
-    lines += [
-        "",
-        f"Reproducibility: torch {env.get('torch')}, timm {env.get('timm')}, numpy {env.get('numpy')}, Pillow "
-        f"{env.get('pillow')}, onnxruntime {env.get('onnxruntime')}, Python {env.get('python')}; code commit "
-        f"`{code.get('commit')}`{' with local changes' if code.get('modified') else ''}. The manifest records the "
-        + (
-            "SHA-256 of the source run's decoded training and validation pixels (`training.refit_of`) and its full "
-            "configuration."
-            if refit
-            else "SHA-256 of the decoded training and validation pixels and the full configuration."
-        ),
-    ]
-    return lines
-
-
 def _cv_lines(manifest: dict[str, Any]) -> list[str]:
     table = manifest.get("cross_validation")
     if not table:
@@ -211,6 +142,37 @@ def _hires_lines(hires: dict[str, Any] | None) -> list[str]:
         "to depend on the input's resolution, and treat borderline answers accordingly.",
         "",
     ]
+
+
+def _shape_lines(input_size: list[int]) -> list[str]:
+    """The end of the known limit on resizing: every input is squashed to the model's shape."""
+    shape = aspect(input_size)
+    if shape == "4:3":  # HAM10000's own shape: only other uploads are squashed
+        squashed = "portrait and square uploads are squashed, which the training data never"
+        return [f"  resized to 4:3 without cropping: {squashed}", "  shows."]
+    return [
+        f"  resized to {shape} ({input_size[1]}x{input_size[0]}) without cropping: every upload of another shape is",
+        "  squashed, HAM10000's 4:3 images among them.",
+    ]
+
+
+def _few_test_images(test: dict[str, Any]) -> list[str]:
+    """The known limit on the classes with fewer than :data:`FEW_TEST_IMAGES` test images, from the test
+    split's counts."""
+    few = [code for code in FEW_PHRASES if code in test and test[code] < FEW_TEST_IMAGES]
+    if not few:
+        return []
+    named = [FEW_PHRASES[code] for code in few]
+    listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    listed = listed[0].upper() + listed[1:]
+    verb = (
+        f"has under {FEW_TEST_IMAGES} test images: its"
+        if len(few) == 1
+        else (f"have under {FEW_TEST_IMAGES} test images each: their")
+    )
+    return textwrap.wrap(
+        f"- {listed} {verb} figures have wide confidence intervals.", width=100, subsequent_indent="  "
+    )
 
 
 def _notes(manifest: dict[str, Any]) -> list[str]:
@@ -273,7 +235,7 @@ def write_model_card(
         "",
         "## Training",
         "",
-        *_training_lines(training, prep),
+        *training_lines(training, prep),
         "",
         *_cv_lines(manifest),
         "## Decision rule, calibration and referral",
@@ -345,14 +307,12 @@ def write_model_card(
         "",
         "- Trained and tested on 200x150 downscales of the 600x450 HAM10000 images; clinic uploads are larger and",
         "  are resized down to the model's input, so fine detail above that resolution is not used. Every input is",
-        "  resized to 4:3 without cropping: portrait and square uploads are squashed, which the training data never",
-        "  shows.",
+        *_shape_lines(prep["input_size"]),
         "- Dermoscopy images only; seven classes only. Lesions outside them (e.g. squamous cell carcinoma other",
         "  than in situ, Merkel cell carcinoma, non-pigmented melanoma variants) will be forced into one of them.",
         "- No skin-type information in the data (see Subgroups). Few images of acral, mucosal, scalp and genital",
         "  sites.",
-        "- Dermatofibroma and vascular lesions have under 20 test images each: their figures have wide",
-        "  confidence intervals.",
+        *_few_test_images(summary.get("test") or {}),
         "- Diagnoses are a mix of histopathology, follow-up, expert consensus and confocal microscopy.",
         "- Calibration holds for HAM10000's class mix; a clinic whose case mix differs (e.g. a melanoma clinic)",
         "  will see probabilities that are systematically off.",

@@ -237,9 +237,9 @@ def test_an_entrys_version_follows_its_model_id() -> None:
 
 
 def test_a_teacher_whose_work_folder_is_gone_is_named_not_a_crash(tmp_path: Path) -> None:
+    from ml.card_training import teacher_text
     from ml.finalize import _teacher_summary
-    from ml.modelcard import _teacher_text
 
     summary = _teacher_summary(str(tmp_path / "teacher.work"))
     assert summary == {"kind": "unavailable", "source": "teacher.work"}
-    assert "`teacher.work`" in _teacher_text(summary)
+    assert "`teacher.work`" in teacher_text(summary)
