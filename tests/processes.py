@@ -142,8 +142,8 @@ class Worker(Process):
         return metric_total(self.metrics(), name, **labels)
 
     def models_loaded(self) -> int:
-        """How many of its children have loaded the model (``dermq_worker_info``, one per process)."""
-        return sum(1 for (name, _), value in self.metrics().items() if name == "dermq_worker_info" and value == 1)
+        """How many of its children have loaded the model (``dermq_worker_info``, summed over them)."""
+        return int(self.metric("dermq_worker_info"))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
         try:

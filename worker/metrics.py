@@ -85,17 +85,22 @@ CALLBACKS = Counter(
     "(nothing to do: done, held by another worker, or a copy)",
     ["outcome"],
 )
+# Summed or maxed over the live processes, not one series per process ("liveall" adds a pid label):
+# a worker replaces its children every few thousand cases, and each would leave a new set of series.
 WORKER_INFO = Gauge(
-    "dermq_worker_info", "a loaded model per worker process", ["device", "model_id"], multiprocess_mode="liveall"
+    "dermq_worker_info",
+    "worker processes that have loaded a model, by device and model",
+    ["device", "model_id"],
+    multiprocess_mode="livesum",
 )
 GPU_MEMORY = Gauge(
     "dermq_gpu_memory_bytes",
     "memory in use on the worker's GPU, by every process on it (CUDA contexts and caches included)",
     ["device"],
-    multiprocess_mode="liveall",
+    multiprocess_mode="livemax",
 )
 GPU_MEMORY_TOTAL = Gauge(
-    "dermq_gpu_memory_total_bytes", "the worker GPU's memory", ["device"], multiprocess_mode="liveall"
+    "dermq_gpu_memory_total_bytes", "the worker GPU's memory", ["device"], multiprocess_mode="livemax"
 )
 
 

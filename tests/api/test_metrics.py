@@ -89,6 +89,8 @@ def test_api_and_worker_metrics_move_with_a_case(live_api: str, worker, stack_en
     ):
         assert total(after, name) > total(worker_before, name), name
     assert any(n == "dermq_worker_info" and dict(ls).get("device") == "cpu" for (n, ls) in after)
+    # no series per process: a worker replaces its children, and each would leave a new set behind
+    assert not [n for (n, ls) in after if "pid" in dict(ls)]
 
     public = httpx.get(f"{live_api}/metrics")
     assert public.status_code == 404  # never on the public listener
