@@ -55,7 +55,8 @@ class ClaimedCase:
 
     case_id: uuid.UUID
     attempt: int
-    created_at: datetime
+    #: seconds from its submission to this worker's claim (``dermq_queue_wait_seconds``)
+    queue_wait: float
     image: StoredImage
 
 
@@ -162,8 +163,10 @@ def with_images(
     case must not stop, or fail, the others its batch took."""
     if not claimed:
         return [], {}
+    now = datetime.now(UTC)  # claimed: what follows (the decryption, a batch's wait and decodes) is the worker's
+    waited = {c.id: (now - c.created_at).total_seconds() for c in claimed}
     images, unreadable = case_images.read_images(session, keyring=keyring(config), case_ids=[c.id for c in claimed])
-    return [ClaimedCase(c.id, c.attempts, c.created_at, images[c.id]) for c in claimed if c.id in images], unreadable
+    return [ClaimedCase(c.id, c.attempts, waited[c.id], images[c.id]) for c in claimed if c.id in images], unreadable
 
 
 def _fail_unreadable(
@@ -195,7 +198,7 @@ def _run_claimed_batch(
     ready: list[DecodedCase] = []
     for item in items:
         timings = {
-            "queue_wait": (datetime.now(UTC) - item.created_at).total_seconds(),
+            "queue_wait": item.queue_wait,
             "claim_and_decrypt": claimed_at - started,
             "batch_size": float(len(items)),
         }

@@ -194,13 +194,15 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
         if case is None:
             log.info("case not claimable (taken, finished or purged); nothing to do", extra={"event": "skip"})
             return "skipped"
-        attempt, created_at = case.attempts, case.created_at
+        attempt = case.attempts
+        # until the claim: the decryption and decode that follow are the worker's time, not the queue's
+        queue_wait = (datetime.now(UTC) - case.created_at).total_seconds()
         images, unreadable = case_images.read_images(session, keyring=keyring(config), case_ids=[case_id])
     progress.attempt = attempt
     if case_id in unreadable:
         return _fail_unreadable(config, case_id, attempt, unreadable[case_id])
     stored = images.pop(case_id)
-    timings: dict[str, float] = {"queue_wait": (datetime.now(UTC) - created_at).total_seconds()}
+    timings: dict[str, float] = {"queue_wait": queue_wait}
     claimed = time.perf_counter()
     timings["claim_and_decrypt"] = claimed - started
     decoded = _decode_claimed(config, case_id, attempt, stored)

@@ -57,12 +57,13 @@ def test_batched_answers_equal_one_at_a_time(batching, tenant, store_case, keyri
     assert run_batch(batching, ids[0], progress) == "succeeded" and progress.attempt == 1
     with session_scope(batching) as session:
         done = {row.id: row for row in session.scalars(select(Case).where(Case.id.in_(ids)))}
-        batch_sizes = {
-            r.case_id: r.timings.get("batch_size")
-            for r in session.scalars(select(Result).where(Result.case_id.in_(ids)))
-        }
+        timings = {r.case_id: r.timings for r in session.scalars(select(Result).where(Result.case_id.in_(ids)))}
     taken = [i for i in ids if done[i].status == "succeeded"]
-    assert ids[0] in taken and 2 <= len(taken) <= 4 and set(batch_sizes.values()) - {None}
+    assert ids[0] in taken and 2 <= len(taken) <= 4 and {timings[i].get("batch_size") for i in taken} - {None}
+    # each case's wait in the queue ends at the claim, one moment for the whole batch (it ended after
+    # the decodes of the cases before it, and the queue's wait counted the worker's time)
+    claimed = [done[i].created_at.timestamp() + timings[i]["queue_wait"] for i in taken]
+    assert max(claimed) - min(claimed) < 1e-4
     # The cases the batch took: their own messages now do nothing.
     for case_id in taken[1:]:
         assert run_classification(batching, case_id) == "skipped"
