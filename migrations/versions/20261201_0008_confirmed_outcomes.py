@@ -3,6 +3,9 @@
 One row per case (a correction replaces the row and raises `revision`); `dermq monitor report`
 compares it with the model's label for field performance.
 
+Downgrade: the schema before has no place for a clinic's confirmed diagnosis, so the downgrade refuses
+while any is stored (after 0010's downgrade the table holds them in plain text).
+
 Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-01 15:30:00.000000+00:00
@@ -51,5 +54,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    reported = op.get_bind().scalar(sa.text("SELECT count(*) FROM confirmed_outcomes"))
+    if reported:  # clinics' reports, which no other table holds: dropped, they would be lost for good
+        raise RuntimeError(
+            f"{reported} confirmed outcomes are stored; the schema before revision 0008 has no place for them. "
+            "Downgrading would lose the diagnoses clinics reported: restore a backup taken before the upgrade instead"
+        )
     op.drop_index("ix_confirmed_outcomes_clinic", table_name="confirmed_outcomes")
     op.drop_table("confirmed_outcomes")

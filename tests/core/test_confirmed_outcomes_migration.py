@@ -1,0 +1,45 @@
+"""Migration 0008 (confirmed outcomes) on a database of its own: the downgrade refuses to drop the
+diagnoses clinics reported, which no other table holds, and drops the empty table."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from alembic import command
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from tests.core.test_result_outcome_migration import DIAGNOSIS, _case, _result, scratch  # noqa: F401
+
+
+def _tables(connection: Any) -> set[str]:
+    return set(connection.scalars(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")))
+
+
+def test_downgrading_past_reported_outcomes_is_refused_rather_than_losing_them(  # type: ignore[no-untyped-def]
+    scratch: tuple[Any, Engine],  # noqa: F811
+) -> None:
+    config, engine = scratch
+    command.upgrade(config, "0008")
+    clinic_id = uuid.uuid4()
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'outcome clinic')"), {"id": clinic_id})
+        case_id = _case(connection, clinic_id)
+        _result(connection, case_id, **DIAGNOSIS)
+        connection.execute(
+            text(
+                "INSERT INTO confirmed_outcomes (case_id, clinic_id, diagnosis, method) VALUES (:c, :k, 'mel', 'histo')"
+            ),
+            {"c": case_id, "k": clinic_id},
+        )
+
+    with pytest.raises(RuntimeError, match="1 confirmed outcomes are stored"):
+        command.downgrade(config, "0007")
+    with engine.begin() as connection:
+        assert connection.scalar(text("SELECT diagnosis FROM confirmed_outcomes")) == "mel"  # nothing dropped
+        connection.execute(text("DELETE FROM confirmed_outcomes"))
+    command.downgrade(config, "0007")
+    with engine.connect() as connection:
+        assert "confirmed_outcomes" not in _tables(connection)
