@@ -14,7 +14,9 @@ Grad-CAM class); their columns in ``results`` become NULL once sealed (core/resu
 
 Downgrade: the schema before cannot hold a result without findings. Results of purged cases go (the
 code before showed none for a purged case that had none); while a succeeded case's result is
-sealed, the downgrade refuses (it cannot unseal without the keys).
+sealed, the downgrade refuses (it cannot unseal without the keys). It refuses too while the tally
+counts anything: erasure and purge keep only the tally of a case's confirmed outcome, so for those
+cases it is the only record, and the schema before has no place for it.
 
 Revision ID: 0009
 Revises: 0008
@@ -112,6 +114,13 @@ def downgrade() -> None:
         raise RuntimeError(
             f"{sealed} results are sealed; the schema before revision 0009 holds findings in plain text only. "
             "Downgrading would lose them: restore a backup taken before the upgrade instead"
+        )
+    counted = bind.scalar(sa.text("SELECT count(*) FROM outcome_tallies"))
+    if counted:
+        raise RuntimeError(
+            f"{counted} outcome tallies are stored; the schema before revision 0009 has no place for them, and for "
+            "erased cases they are the only record of the confirmed outcome. Downgrading would lose them: restore "
+            "a backup taken before the upgrade instead"
         )
     op.execute("DELETE FROM results WHERE ood_reasons IS NULL")
     op.execute("DELETE FROM case_blobs WHERE kind = 'result'")

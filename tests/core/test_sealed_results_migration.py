@@ -1,6 +1,6 @@
 """Migration 0009 (sealed results) on a database of its own: confirmed outcomes stored so far are
 counted in the case-free tally, cases purged before it lose their findings and confirmed diagnosis,
-plain rows stay readable for the sweeper, and the downgrade refuses to drop sealed findings."""
+plain rows stay readable for the sweeper, and the downgrade refuses to drop sealed findings or the tally."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ def test_the_sealed_results_migration_counts_shreds_and_refuses_to_lose_findings
         command.downgrade(config, "0008")
     with engine.begin() as connection:
         connection.execute(text("DELETE FROM results WHERE case_id = :id"), {"id": sealed})
+    # the erased case's outcome is in the tally only: dropping it would lose that for good
+    with pytest.raises(RuntimeError, match="1 outcome tallies are stored"):
+        command.downgrade(config, "0008")
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM outcome_tallies"))
     command.downgrade(config, "0008")
     with engine.begin() as connection:
         assert connection.scalar(text("SELECT array_agg(case_id) FROM results")) == [live]
