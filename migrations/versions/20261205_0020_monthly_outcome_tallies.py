@@ -13,7 +13,8 @@ cases to move its figures, and the melanoma alert read those figures.
 - ``confirmed_outcomes.tally_month``: the month whose cell counts a report, so that a correction takes
   its count back from that cell (NULL: counted before this migration, or by the previous release).
 
-The downgrade drops both.
+The downgrade drops both, and refuses while a month's tally is stored: the lifetime tally keeps the
+counts, but not their months, and the rows of erased cases are gone, so the window cannot be rebuilt.
 
 Revision ID: 0020
 Revises: 0019
@@ -50,5 +51,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    counted = op.get_bind().scalar(sa.text("SELECT count(*) FROM outcome_monthly_tallies"))
+    if counted:
+        raise RuntimeError(
+            f"{counted} monthly outcome tallies are stored; the schema before revision 0020 has no place for them "
+            "(outcome_tallies keeps the lifetime counts, not their months). Downgrading would lose the recent "
+            "window of field performance: delete the rows of outcome_monthly_tallies first if that is acceptable, "
+            "or restore a backup taken before the upgrade"
+        )
     op.drop_column("confirmed_outcomes", "tally_month")
     op.drop_table("outcome_monthly_tallies")

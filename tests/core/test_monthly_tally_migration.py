@@ -1,6 +1,6 @@
 """Migration 0020 (the monthly field tally) on a database of its own: the lifetime tally is left as it
 was, so the release before it goes on counting reports while a deploy rolls out, and the downgrade
-drops only what the migration added."""
+refuses to drop a month's counts (they cannot be rebuilt) and otherwise drops only what the migration added."""
 
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def test_the_previous_release_still_counts_reports_and_the_downgrade_keeps_them(
             )
         )
 
+    with pytest.raises(RuntimeError, match="1 monthly outcome tallies are stored"):
+        command.downgrade(config, "0019")
+    with engine.begin() as connection:
+        assert connection.scalar(text("SELECT count(*) FROM outcome_monthly_tallies")) == 1  # nothing dropped
+        connection.execute(text("DELETE FROM outcome_monthly_tallies"))  # the operator's choice, as the refusal says
     command.downgrade(config, "0019")
     with engine.begin() as connection:
         assert connection.scalar(text("SELECT count FROM outcome_tallies")) == 2
