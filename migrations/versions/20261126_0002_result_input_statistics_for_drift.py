@@ -3,6 +3,10 @@
 `input_stats` holds the brightness, contrast and size of each classified image (never pixels);
 the drift report compares a day's values with the model's validation reference.
 
+The index is built ``CONCURRENTLY`` (migrations/online_indexes.py), before the column is added: the
+table takes a row for every finished case, and a plain ``CREATE INDEX`` would block those writes for
+the build.
+
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-26 09:42:55.639640+00:00
@@ -16,6 +20,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
+from migrations import online_indexes
+
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
@@ -23,6 +29,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # the index first: its concurrent build commits as it goes, and the column then commits with the
+    # new version, so an upgrade stopped in the build runs again from the start
+    online_indexes.build({"ix_results_created_at": "ON results (created_at)"})
     op.add_column(
         "results",
         sa.Column(
@@ -32,7 +41,6 @@ def upgrade() -> None:
             nullable=False,
         ),
     )
-    op.create_index("ix_results_created_at", "results", ["created_at"], unique=False)
 
 
 def downgrade() -> None:

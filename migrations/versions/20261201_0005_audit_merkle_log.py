@@ -12,6 +12,11 @@ New append-only tables: `audit_leaves` (sequence number -> event, RFC 9162 leaf 
 `audit_verifications` (the periodic check's results, formerly in Redis).
 UPDATE, DELETE and TRUNCATE are refused on all of them by triggers and revoked from PUBLIC.
 
+`ix_audit_events_txid` is built ``CONCURRENTLY`` (migrations/online_indexes.py): every audited request
+inserts an event, and a plain ``CREATE INDEX`` would block them for the build. The build commits the
+new column first, which is therefore added only where it is missing: an upgrade stopped in the build
+runs again from the start.
+
 Downgrade drops the log; the new events then have no chain hashes, so the downgrade refuses to run
 once any exist.
 
@@ -27,6 +32,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
+
+from migrations import online_indexes
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -46,10 +53,10 @@ $$
 
 
 def upgrade() -> None:
-    op.execute("ALTER TABLE audit_events ADD COLUMN txid xid8 NOT NULL DEFAULT pg_current_xact_id()")
+    op.execute("ALTER TABLE audit_events ADD COLUMN IF NOT EXISTS txid xid8 NOT NULL DEFAULT pg_current_xact_id()")
     op.alter_column("audit_events", "prev_hash", existing_type=sa.String(64), nullable=True)
     op.alter_column("audit_events", "hash", existing_type=sa.String(64), nullable=True)
-    op.execute("CREATE INDEX ix_audit_events_txid ON audit_events (txid, id)")
+    online_indexes.build({"ix_audit_events_txid": "ON audit_events (txid, id)"})
 
     op.create_table(
         "audit_leaves",

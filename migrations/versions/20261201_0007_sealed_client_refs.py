@@ -5,6 +5,9 @@ New cases store their client reference only as an envelope-encrypted blob (core/
 before keep ``cases.client_ref`` until the sweeper seals them (it needs the key file, which migrations
 do not have) and empties the column; a later release drops it.
 
+The index is built ``CONCURRENTLY`` (migrations/online_indexes.py), first: ``cases`` takes a row for
+every submission, and a plain ``CREATE INDEX`` would block them for the build.
+
 Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-01 15:20:00.000000+00:00
@@ -17,6 +20,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations import online_indexes
+
 revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
@@ -24,11 +29,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    online_indexes.build({"ix_cases_plain_client_ref": "ON cases (id) WHERE client_ref IS NOT NULL"})
     op.drop_constraint(op.f("ck_case_blobs_kind"), "case_blobs", type_="check")
     op.create_check_constraint(op.f("ck_case_blobs_kind"), "case_blobs", "kind IN ('image', 'heatmap', 'client_ref')")
-    op.create_index(
-        "ix_cases_plain_client_ref", "cases", ["id"], postgresql_where="client_ref IS NOT NULL", if_not_exists=True
-    )
 
 
 def downgrade() -> None:

@@ -5,7 +5,8 @@ Grad-CAM class); their columns in ``results`` become NULL once sealed (core/resu
 - ``ood_reasons`` and ``referral_reasons`` become nullable, and the CHECK constraint accepts a row
   whose findings are all NULL (sealed, or shredded by erasure) besides the plain shapes of before.
   Rows written before keep their plain findings until the sweeper seals them (it needs the key file,
-  which migrations do not have); a partial index finds those.
+  which migrations do not have); a partial index finds those, built ``CONCURRENTLY`` before the
+  rest (migrations/online_indexes.py), so that it blocks no write to ``results`` for the build.
 - ``outcome_tallies``: field performance as a case-free aggregate (model, model's answer, referral,
   confirmed diagnosis, count), filled from the confirmed outcomes stored so far. A case's confirmed
   outcome now goes when the case is erased or purged; the tally keeps what it counted.
@@ -30,6 +31,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
+
+from migrations import online_indexes
 
 revision: str = "0009"
 down_revision: str | None = "0008"
@@ -73,11 +76,11 @@ def _outcome_fields(condition: str) -> None:
 
 
 def upgrade() -> None:
+    online_indexes.build({"ix_results_plain": "ON results (case_id) WHERE ood_reasons IS NOT NULL"})
     _blob_kinds("'image', 'heatmap', 'client_ref', 'result'")
     for name in ("ood_reasons", "referral_reasons"):
         op.alter_column("results", name, existing_type=postgresql.JSONB(astext_type=sa.Text()), nullable=True)
     _outcome_fields(OUTCOME_FIELDS)
-    op.create_index("ix_results_plain", "results", ["case_id"], postgresql_where="ood_reasons IS NOT NULL")
 
     op.create_table(
         "outcome_tallies",

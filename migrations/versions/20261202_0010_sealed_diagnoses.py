@@ -1,7 +1,8 @@
 """Sealed confirmed diagnoses: a clinic's confirmed diagnosis of a case is an ``outcome`` case blob
 (core/outcomes.py), like the result's findings; ``confirmed_outcomes.diagnosis`` becomes nullable and
 is NULL once sealed. Rows written before keep their plain diagnosis until the sweeper seals them (it
-needs the key file, which migrations do not have); a partial index finds those.
+needs the key file, which migrations do not have); a partial index finds those, built ``CONCURRENTLY``
+before the rest (migrations/online_indexes.py), so that it blocks no clinic's report for the build.
 
 Downgrade: refuses while a diagnosis is sealed (it cannot unseal without the keys).
 
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations import online_indexes
+
 revision: str = "0010"
 down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
@@ -29,14 +32,11 @@ def _blob_kinds(kinds: str) -> None:
 
 
 def upgrade() -> None:
+    online_indexes.build(
+        {"ix_confirmed_outcomes_plain_diagnosis": "ON confirmed_outcomes (case_id) WHERE diagnosis IS NOT NULL"}
+    )
     _blob_kinds("'image', 'heatmap', 'client_ref', 'result', 'outcome'")
     op.alter_column("confirmed_outcomes", "diagnosis", existing_type=sa.String(16), nullable=True)
-    op.create_index(
-        "ix_confirmed_outcomes_plain_diagnosis",
-        "confirmed_outcomes",
-        ["case_id"],
-        postgresql_where=sa.text("diagnosis IS NOT NULL"),
-    )
 
 
 def downgrade() -> None:

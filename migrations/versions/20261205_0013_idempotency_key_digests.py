@@ -6,6 +6,9 @@ file's pepper (core/idempotency.py), never the key a portal sent. Rows written b
 key until the sweeper replaces it with its digest (it needs the key file, which migrations do not
 have); meanwhile the intake also looks a key up in plain text, so a retry still finds its case.
 
+The index is built ``CONCURRENTLY`` (migrations/online_indexes.py): ``cases`` takes a row for every
+submission, and a plain ``CREATE INDEX`` would block them for the build.
+
 Downgrade drops the index. The digests stay: the release before would not find a case by them, so a
 retry sent after a downgrade of a case sent before it is stored as a new case.
 
@@ -20,6 +23,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from migrations import online_indexes
+
 revision: str = "0013"
 down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
@@ -27,12 +32,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_index(
-        "ix_cases_plain_idempotency_key",
-        "cases",
-        ["id"],
-        postgresql_where="idempotency_key !~ '^hmac-sha256:[0-9a-f]{64}$'",
-        if_not_exists=True,
+    online_indexes.build(
+        {"ix_cases_plain_idempotency_key": "ON cases (id) WHERE idempotency_key !~ '^hmac-sha256:[0-9a-f]{64}$'"}
     )
 
 
