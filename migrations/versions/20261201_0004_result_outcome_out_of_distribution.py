@@ -3,7 +3,10 @@
 `outcome` is `diagnosis` for every existing row. An `out_of_distribution` result keeps its reasons
 in `ood_reasons` and has no label, probabilities, confidence, uncertainty or referral: those columns
 become nullable, and a CHECK constraint ties them to the outcome, so that the model's raw answer
-for such an input can never be read back as a diagnosis.
+for such an input can never be read back as a diagnosis. The constraints are added ``NOT VALID`` and
+validated outside the migration's transaction (migrations/online_checks.py), which commits the new
+columns first: a plain ``ADD CONSTRAINT`` held ``results`` against reads and writes while it checked
+every row. The columns are added only where missing, so an upgrade stopped in a check runs again.
 
 Downgrade: the old schema has no way to store a result without a label. Each out-of-distribution
 result is removed and its case becomes `failed` with code `out_of_distribution` and a message that
@@ -22,6 +25,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
+
+from migrations import online_checks
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -53,7 +58,9 @@ def _column_types() -> dict[str, sa.types.TypeEngine[object]]:
 
 
 def upgrade() -> None:
-    op.add_column("results", sa.Column("outcome", sa.Text(), server_default="diagnosis", nullable=False))
+    op.add_column(
+        "results", sa.Column("outcome", sa.Text(), server_default="diagnosis", nullable=False), if_not_exists=True
+    )
     op.add_column(
         "results",
         sa.Column(
@@ -62,11 +69,16 @@ def upgrade() -> None:
             server_default=sa.text("'[]'::jsonb"),
             nullable=False,
         ),
+        if_not_exists=True,
     )
     for name, type_ in _column_types().items():
         op.alter_column("results", name, existing_type=type_, nullable=True)
-    op.create_check_constraint(op.f("ck_results_outcome"), "results", "outcome IN ('diagnosis', 'out_of_distribution')")
-    op.create_check_constraint(op.f("ck_results_outcome_fields"), "results", OUTCOME_FIELDS)
+    online_checks.add(
+        {
+            "ck_results_outcome": ("results", "outcome IN ('diagnosis', 'out_of_distribution')"),
+            "ck_results_outcome_fields": ("results", OUTCOME_FIELDS),
+        }
+    )
 
 
 def downgrade() -> None:

@@ -6,7 +6,9 @@ before keep ``cases.client_ref`` until the sweeper seals them (it needs the key 
 do not have) and empties the column; a later release drops it.
 
 The index is built ``CONCURRENTLY`` (migrations/online_indexes.py), first: ``cases`` takes a row for
-every submission, and a plain ``CREATE INDEX`` would block them for the build.
+every submission, and a plain ``CREATE INDEX`` would block them for the build. The wider list of blob
+kinds replaces the CHECK constraint online (migrations/online_checks.py): a plain ``ADD CONSTRAINT``
+held ``case_blobs`` against reads and writes while it checked every blob.
 
 Revision ID: 0007
 Revises: 0006
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from migrations import online_indexes
+from migrations import online_checks, online_indexes
 
 revision: str = "0007"
 down_revision: str | None = "0006"
@@ -30,8 +32,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     online_indexes.build({"ix_cases_plain_client_ref": "ON cases (id) WHERE client_ref IS NOT NULL"})
-    op.drop_constraint(op.f("ck_case_blobs_kind"), "case_blobs", type_="check")
-    op.create_check_constraint(op.f("ck_case_blobs_kind"), "case_blobs", "kind IN ('image', 'heatmap', 'client_ref')")
+    online_checks.replace({"ck_case_blobs_kind": ("case_blobs", "kind IN ('image', 'heatmap', 'client_ref')")})
 
 
 def downgrade() -> None:

@@ -7,6 +7,9 @@ Grad-CAM class); their columns in ``results`` become NULL once sealed (core/resu
   Rows written before keep their plain findings until the sweeper seals them (it needs the key file,
   which migrations do not have); a partial index finds those, built ``CONCURRENTLY`` before the
   rest (migrations/online_indexes.py), so that it blocks no write to ``results`` for the build.
+- The CHECK constraints of ``results`` and of ``case_blobs`` (a ``result`` kind) are replaced online
+  (migrations/online_checks.py): a plain ``ADD CONSTRAINT`` held each table against reads and writes
+  while it checked every row.
 - ``outcome_tallies``: field performance as a case-free aggregate (model, model's answer, referral,
   confirmed diagnosis, count), filled from the confirmed outcomes stored so far. A case's confirmed
   outcome now goes when the case is erased or purged; the tally keeps what it counted.
@@ -32,7 +35,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from migrations import online_indexes
+from migrations import online_checks, online_indexes
 
 revision: str = "0009"
 down_revision: str | None = "0008"
@@ -65,6 +68,7 @@ CASES = sa.table("cases", sa.column("id"), sa.column("status"))
 CONFIRMED = sa.table("confirmed_outcomes", sa.column("case_id"))
 
 
+# the downgrade's two, in its own transaction (migrations/online_checks.py)
 def _blob_kinds(kinds: str) -> None:
     op.drop_constraint(op.f("ck_case_blobs_kind"), "case_blobs", type_="check")
     op.create_check_constraint(op.f("ck_case_blobs_kind"), "case_blobs", f"kind IN ({kinds})")
@@ -77,10 +81,14 @@ def _outcome_fields(condition: str) -> None:
 
 def upgrade() -> None:
     online_indexes.build({"ix_results_plain": "ON results (case_id) WHERE ood_reasons IS NOT NULL"})
-    _blob_kinds("'image', 'heatmap', 'client_ref', 'result'")
+    online_checks.replace(
+        {
+            "ck_case_blobs_kind": ("case_blobs", "kind IN ('image', 'heatmap', 'client_ref', 'result')"),
+            "ck_results_outcome_fields": ("results", OUTCOME_FIELDS),
+        }
+    )
     for name in ("ood_reasons", "referral_reasons"):
         op.alter_column("results", name, existing_type=postgresql.JSONB(astext_type=sa.Text()), nullable=True)
-    _outcome_fields(OUTCOME_FIELDS)
 
     op.create_table(
         "outcome_tallies",

@@ -3,6 +3,8 @@
 is NULL once sealed. Rows written before keep their plain diagnosis until the sweeper seals them (it
 needs the key file, which migrations do not have); a partial index finds those, built ``CONCURRENTLY``
 before the rest (migrations/online_indexes.py), so that it blocks no clinic's report for the build.
+The wider list of blob kinds replaces the CHECK constraint online (migrations/online_checks.py): a
+plain ``ADD CONSTRAINT`` held ``case_blobs`` against reads and writes while it checked every blob.
 
 Downgrade: refuses while a diagnosis is sealed (it cannot unseal without the keys).
 
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from migrations import online_indexes
+from migrations import online_checks, online_indexes
 
 revision: str = "0010"
 down_revision: str | None = "0009"
@@ -26,6 +28,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# the downgrade's, in its own transaction (migrations/online_checks.py)
 def _blob_kinds(kinds: str) -> None:
     op.drop_constraint(op.f("ck_case_blobs_kind"), "case_blobs", type_="check")
     op.create_check_constraint(op.f("ck_case_blobs_kind"), "case_blobs", f"kind IN ({kinds})")
@@ -35,7 +38,9 @@ def upgrade() -> None:
     online_indexes.build(
         {"ix_confirmed_outcomes_plain_diagnosis": "ON confirmed_outcomes (case_id) WHERE diagnosis IS NOT NULL"}
     )
-    _blob_kinds("'image', 'heatmap', 'client_ref', 'result', 'outcome'")
+    online_checks.replace(
+        {"ck_case_blobs_kind": ("case_blobs", "kind IN ('image', 'heatmap', 'client_ref', 'result', 'outcome')")}
+    )
     op.alter_column("confirmed_outcomes", "diagnosis", existing_type=sa.String(16), nullable=True)
 
 
