@@ -120,12 +120,17 @@ def _fail_unreadable(config: Settings, case_id: uuid.UUID, attempt: int, error: 
     (:data:`KEY_UNAVAILABLE`) puts the case back in the queue instead, its attempt given back, for the
     sweeper to publish again after ``requeue_grace_seconds``: failing it would fail every case of the
     queue for as long as a key volume is away, and counting each try would fail them all once it came
-    back. It waits as long as that takes (DermqQueueWaitHigh)."""
+    back. It waits as long as that takes, counted (``dermq_image_key_unavailable_total``, the
+    DermqImageKeyUnavailable alert): each try starts its wait in the queue afresh, so no alert on the
+    queue's age sees it."""
     if isinstance(error, KEY_UNAVAILABLE):
         log.error(
             "a claimed case's key cannot be loaded; the case goes back to the queue",
             extra={"event": "image_key_unavailable", "error": type(error).__name__, "attempt": attempt},
         )
+        metrics = runtime.worker_metrics()
+        if metrics is not None:
+            metrics.record_key_unavailable()
         with session_scope(config) as session:
             requeued = case_states.requeue_case(
                 session, case_id, attempt=attempt, reason="key_unavailable", uncounted=True
