@@ -119,10 +119,24 @@ class RequestContextMiddleware:
                     "status_code": status,
                     "duration_ms": round(seconds * 1000, 2),
                     "waited_ms": round(waited[0] * 1000, 2),
+                    **_caller_ids(scope),
                 },
             )
             LONG_POLL_WAIT.reset(waited_token)
             request_id_var.reset(token)
+
+
+def _caller_ids(scope: Scope) -> dict[str, str]:
+    """The authenticated key's id and its clinic's (``api.deps.authenticate`` keeps the caller in the
+    request's state): which portal sends the uploads the API refuses, say. Ids, never a name or a token."""
+    caller = (scope.get("state") or {}).get("caller")
+    if caller is None:
+        return {}
+    principal = caller.principal
+    ids = {"key_id": str(principal.key_id)}
+    if principal.clinic_id is not None:
+        ids["clinic_id"] = str(principal.clinic_id)
+    return ids
 
 
 #: The largest body a JSON route reads (a callback URL, an outcome, an admin's clinic or key: under a
