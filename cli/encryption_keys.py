@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,6 +15,9 @@ from cli.common import CLI_ACTOR, Progress, json_option
 from core.config import Settings, get_settings
 from core.crypto import Keyring, load_keyring, write_key_file
 from core.db import session_scope
+
+if TYPE_CHECKING:
+    from core.keyrotation import RewrapReport
 
 batch_option = click.option(
     "--batch", type=click.IntRange(min=1), default=500, show_default=True, help="data keys per committed batch"
@@ -61,6 +65,7 @@ def rotate(batch: int, no_rewrap: bool) -> int:
     with Progress("re-wrapping data keys") as progress:
         report = keyrotation.rotate(get_settings(), batch=batch, actor=CLI_ACTOR, progress=progress)
     click.echo(f"active key is now {report.active}; re-wrapped {report.rewrapped} data keys, {report.remaining} remain")
+    _say_skipped(report)
     return 0 if report.remaining == 0 else 1
 
 
@@ -72,13 +77,34 @@ def rewrap(batch: int) -> int:
     with Progress("re-wrapping data keys") as progress:
         report = keyrotation.rewrap_all(get_settings(), batch=batch, actor=CLI_ACTOR, progress=progress)
     click.echo(f"re-wrapped {report.rewrapped} data keys under {report.active}; {report.remaining} remain")
-    if report.remaining:
+    _say_skipped(report)
+    if report.remaining > len(report.skipped):
         click.echo(
             "what remains is locked by a running case (run again) or under a key the key file lacks "
             "(`dermq keys status` names it)",
             err=True,
         )
     return 0 if report.remaining == 0 else 1
+
+
+#: skipped rows named on the terminal; the log names every one (event ``rewrap_skipped``)
+SKIPPED_SHOWN = 20
+
+
+def _say_skipped(report: RewrapReport) -> None:
+    """Name the rows a re-wrap left under their old key, and what to do about them."""
+    if not report.skipped:
+        return
+    click.echo(f"{len(report.skipped)} rows could not be re-wrapped and were left under their old key:", err=True)
+    for row in report.skipped[:SKIPPED_SHOWN]:
+        click.echo(f"  {row.row}: {row.reason}", err=True)
+    if len(report.skipped) > SKIPPED_SHOWN:
+        click.echo(f"  and {len(report.skipped) - SKIPPED_SHOWN} more (the log names each: rewrap_skipped)", err=True)
+    click.echo(
+        "their data cannot be opened (a case's: erase it with `dermq case erase ID`; a clinic's callback secret: "
+        "the clinic registers its callback again); `dermq keys retire` refuses the old key while they remain",
+        err=True,
+    )
 
 
 @keys.command("status", help="blobs per key-encryption key; exit 1 if one they need is missing")

@@ -14,7 +14,10 @@ period keys (wrapped directly under a key-file KEK) are moved under their case's
 active KEK as before.
 
 Only the wrapped data keys change: payloads are never decrypted or rewritten. Each batch commits on
-its own, so a crash loses at most one uncommitted batch and ``rewrap`` picks up where it stopped.
+its own, so a crash loses at most one uncommitted batch and ``rewrap`` picks up where it stopped. A
+row that cannot be re-wrapped (a wrapped key that does not open, a case of a period whose key was
+destroyed) is left under its old key and named in the report; the run goes on past it, to the
+callback secrets too, and ``retire`` keeps refusing the old key while such a row needs it.
 Blobs stay readable throughout (old and new KEKs are both in the file), and running API and worker
 processes re-read the key file when it changes, so new period keys go under the new KEK at once.
 """
@@ -25,8 +28,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import ColumnElement, func, not_, select
 from sqlalchemy.orm import Session, load_only
@@ -36,7 +41,7 @@ from core.callback_secrets import SECRET_KIND
 from core.config import Settings
 from core.crypto import Keyring, load_keyring, rewrap_key, write_key_file
 from core.db import session_scope
-from core.errors import KeyringError
+from core.errors import DecryptionError, Gone, KeyringError
 from core.models import Case, CaseBlob, ClinicCallback
 from core.period_keys import PREFIX, PeriodKeys
 
@@ -49,6 +54,8 @@ class RewrapReport:
     active: str
     rewrapped: int
     remaining: int
+    #: rows left under their old key because they cannot be re-wrapped (counted in ``remaining`` too)
+    skipped: tuple[Skipped, ...] = ()
 
 
 def _key_file(settings: Settings) -> None:
@@ -100,6 +107,100 @@ def _remaining(session: Session, keyring: Keyring) -> int:
 Progress = Callable[[int, int], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A row :func:`rewrap_all` could not re-wrap and left where it is (it stays counted in ``remaining``):
+    a wrapped key that does not open (tampered or corrupt), or a case of a period whose key was destroyed.
+    Ids and kinds only: no patient data."""
+
+    #: ``case <id> <kind>`` or ``clinic <id> callback secret``
+    row: str
+    reason: str
+
+
+@dataclass(slots=True)
+class _Batch:
+    rewrapped: int
+    skipped: list[Skipped]
+    #: the key of the batch's last row: the next batch starts after it, so a row left behind is never met again
+    last: uuid.UUID
+
+
+def _targets(session: Session, keyring: Keyring, created: list[datetime]) -> dict[datetime, str | Gone]:
+    """The KEK each creation time's blobs go under (:func:`period_shredding.wrapping_keys`), period by period in
+    one order, or the refusal for a period whose key was destroyed (no case of it should still have blobs:
+    one restored from a backup older than the destruction can)."""
+    if keyring.periods is None:
+        return dict(period_shredding.wrapping_keys(session, keyring, created))
+    by_period: dict[str, list[datetime]] = {}
+    for when in created:
+        by_period.setdefault(keyring.periods.current(when), []).append(when)
+    targets: dict[datetime, str | Gone] = {}
+    for period in sorted(by_period):
+        try:
+            targets.update(period_shredding.wrapping_keys(session, keyring, by_period[period]))
+        except Gone as exc:
+            targets.update(dict.fromkeys(by_period[period], exc))
+    return targets
+
+
+def _blob_batch(session: Session, keyring: Keyring, *, after: uuid.UUID | None, limit: int) -> _Batch | None:
+    """Re-wrap up to ``limit`` misplaced case blobs after ``after`` (by id); None when there are none."""
+    query = (
+        select(CaseBlob, Case.created_at)
+        .join(Case, Case.id == CaseBlob.case_id)
+        .options(load_only(CaseBlob.case_id, CaseBlob.kind, CaseBlob.wrapped_key, CaseBlob.kek_id))
+        # a blob under a KEK the key file lacks cannot be re-wrapped: left (and counted as remaining)
+        .where(_misplaced(keyring), CaseBlob.kek_id.in_(list(keyring.keks)))
+        .order_by(CaseBlob.id)
+        .limit(limit)
+        .with_for_update(of=CaseBlob, skip_locked=True)
+    )
+    found = session.execute(query if after is None else query.where(CaseBlob.id > after)).all()
+    if not found:
+        return None
+    targets = _targets(session, keyring, [created for _, created in found])
+    done, skipped = 0, []
+    for blob, created in found:  # the ciphertext (up to megabytes each) is neither read nor rewritten
+        target = targets[created]
+        try:
+            if isinstance(target, Gone):
+                raise target
+            wrapped = rewrap_key(
+                keyring, blob.wrapped_key, blob.kek_id, case_id=blob.case_id, kind=blob.kind, to=target
+            )
+        except (DecryptionError, Gone) as exc:  # this row's fault: the others of the batch go on
+            skipped.append(Skipped(f"case {blob.case_id} {blob.kind}", str(exc)))
+            continue
+        blob.wrapped_key, blob.kek_id = wrapped, target
+        done += 1
+    return _Batch(done, skipped, found[-1][0].id)
+
+
+def _secret_batch(session: Session, keyring: Keyring, *, after: uuid.UUID | None, limit: int) -> _Batch | None:
+    """Re-wrap up to ``limit`` clinics' callback secrets not under the active KEK, after clinic ``after``."""
+    query = (
+        select(ClinicCallback)
+        .where(ClinicCallback.kek_id != keyring.active_id, ClinicCallback.kek_id.in_(list(keyring.keks)))
+        .order_by(ClinicCallback.clinic_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = session.scalars(query if after is None else query.where(ClinicCallback.clinic_id > after)).all()
+    if not rows:
+        return None
+    done, skipped = 0, []
+    for row in rows:
+        try:
+            wrapped = rewrap_key(keyring, row.secret_wrapped_key, row.kek_id, case_id=row.clinic_id, kind=SECRET_KIND)
+        except DecryptionError as exc:
+            skipped.append(Skipped(f"clinic {row.clinic_id} callback secret", str(exc)))
+            continue
+        row.secret_wrapped_key, row.kek_id = wrapped, keyring.active_id
+        done += 1
+    return _Batch(done, skipped, rows[-1].clinic_id)
+
+
 def rewrap_all(
     settings: Settings,
     *,
@@ -109,71 +210,45 @@ def rewrap_all(
     progress: Progress | None = None,
 ) -> RewrapReport:
     """Re-wrap the period keys and the callback secrets under the active KEK, and every case blob not
-    under its case's period key under it, one committed batch at a time."""
+    under its case's period key under it, one committed batch at a time. A row that cannot be re-wrapped
+    is left as it is and named in the report's ``skipped``; the others, and the callback secrets, go on."""
     keyring = load_keyring(settings)
-    total, batches = 0, 0
+    total, batches, skipped = 0, 0, []
     if keyring.periods is not None:
         total += keyring.periods.rewrap(keyring)  # a few small files, under the folder's lock
     if progress is not None:
         with session_scope(settings) as session:
             to_do = _remaining(session, keyring) + total
-    while max_batches is None or batches < max_batches:
-        with session_scope(settings) as session:
-            found = session.execute(
-                select(CaseBlob, Case.created_at)
-                .join(Case, Case.id == CaseBlob.case_id)
-                .options(load_only(CaseBlob.case_id, CaseBlob.kind, CaseBlob.wrapped_key, CaseBlob.kek_id))
-                # a blob under a KEK the key file lacks cannot be re-wrapped: left (and counted as
-                # remaining), not retried by every run at the head of the batch
-                .where(_misplaced(keyring), CaseBlob.kek_id.in_(list(keyring.keks)))
-                .order_by(CaseBlob.id)
-                .limit(batch)
-                .with_for_update(of=CaseBlob, skip_locked=True)
-            ).all()
-            blobs = [blob for blob, _ in found]
-            targets = period_shredding.wrapping_keys(session, keyring, [created for _, created in found])
-            callback_secrets = (
-                []
-                if blobs
-                else session.scalars(
-                    select(ClinicCallback)
-                    .where(ClinicCallback.kek_id != keyring.active_id, ClinicCallback.kek_id.in_(list(keyring.keks)))
-                    .order_by(ClinicCallback.clinic_id)
-                    .limit(batch)
-                    .with_for_update(skip_locked=True)
-                ).all()
-            )
-            if not blobs and not callback_secrets:
-                break
-            for blob, created in found:  # the ciphertext (up to megabytes each) is neither read nor rewritten
-                target = targets[created]
-                blob.wrapped_key = rewrap_key(
-                    keyring, blob.wrapped_key, blob.kek_id, case_id=blob.case_id, kind=blob.kind, to=target
+    for step in (_blob_batch, _secret_batch):
+        after: uuid.UUID | None = None
+        while max_batches is None or batches < max_batches:
+            with session_scope(settings) as session:
+                done = step(session, keyring, after=after, limit=batch)
+                if done is None:
+                    break
+                session.flush()
+                audit.record(
+                    session,
+                    action="keys.rewrap",
+                    outcome=audit.SUCCESS,
+                    actor=actor,
+                    entity_type="kek",
+                    entity_id=keyring.active_id,
+                    detail={"count": done.rewrapped, **({"skipped": len(done.skipped)} if done.skipped else {})},
                 )
-                blob.kek_id = target
-            for row in callback_secrets:
-                row.secret_wrapped_key = rewrap_key(
-                    keyring, row.secret_wrapped_key, row.kek_id, case_id=row.clinic_id, kind=SECRET_KIND
+            after, total, batches = done.last, total + done.rewrapped, batches + 1
+            for row in done.skipped:
+                log.warning(
+                    "a data key could not be re-wrapped; left under its old key",
+                    extra={"event": "rewrap_skipped", "row": row.row, "reason": row.reason},
                 )
-                row.kek_id = keyring.active_id
-            session.flush()
-            audit.record(
-                session,
-                action="keys.rewrap",
-                outcome=audit.SUCCESS,
-                actor=actor,
-                entity_type="kek",
-                entity_id=keyring.active_id,
-                detail={"count": len(blobs) + len(callback_secrets)},
-            )
-            total += len(blobs) + len(callback_secrets)
-        batches += 1
-        log.info("re-wrapped a batch of data keys", extra={"event": "rewrap", "count": total})
-        if progress is not None:
-            progress(total, max(to_do, total))
+            skipped += done.skipped
+            log.info("re-wrapped a batch of data keys", extra={"event": "rewrap", "count": total})
+            if progress is not None:
+                progress(total, max(to_do, total))
     with session_scope(settings) as session:
         remaining = _remaining(session, keyring)
-    return RewrapReport(keyring.active_id, total, remaining)
+    return RewrapReport(keyring.active_id, total, remaining, tuple(skipped))
 
 
 @contextlib.contextmanager

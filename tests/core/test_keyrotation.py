@@ -200,3 +200,49 @@ def test_a_rewrap_moves_what_it_can_and_leaves_what_a_missing_key_wraps(  # type
     assert (report.rewrapped, report.remaining) == (1, 1)
     assert _stored_image_decrypts(rotating, str(movable), jpeg_bytes)
     assert _blob_count(rotating, "kek-not-in-the-file") == 1
+
+
+def test_a_rewrap_skips_and_names_the_rows_it_cannot_rewrap_and_moves_everything_else(  # type: ignore[no-untyped-def]
+    rotating: Settings, rotating_tenant, jpeg_bytes: bytes
+) -> None:
+    """A blob whose wrapped key does not open (tampered) and one of a case whose period key was destroyed
+    (restored from an older backup) made every run fail at the same batch, naming neither, and the
+    callback secrets waited for a batch without blobs that never came: they stayed under the old KEK and
+    it could never be retired. Now each is left, named and counted; the rest moves."""
+    from core import callback_secrets
+    from core.models import Case, ClinicCallback
+    from tests.cli.test_commands import run
+
+    old = load_keyring(rotating)
+    legacy_keys = replace(old, periods=None)  # wrapped straight under the key file's KEK
+    tampered, expired, *movable = (case_store(rotating, legacy_keys)(rotating_tenant, jpeg_bytes) for _ in range(4))
+    old.periods.destroy("2020-01", reason="retention")  # type: ignore[union-attr]
+    with session_scope(rotating) as session:
+        session.execute(
+            CaseBlob.__table__.update().where(CaseBlob.case_id == tampered).values(wrapped_key=b"\x00" * 60)
+        )
+        session.execute(
+            Case.__table__.update().where(Case.id == expired).values(created_at=datetime(2020, 1, 15, tzinfo=UTC))
+        )
+        values, _ = callback_secrets.sealed(
+            old, rotating_tenant.clinic_id, "whsec_portal", replaced=None, at=datetime.now(UTC), overlap=0
+        )
+        session.add(ClinicCallback(clinic_id=rotating_tenant.clinic_id, url="https://portal.example/hook", **values))
+
+    report = keyrotation.rotate(rotating, batch=1)  # one row a batch: whichever comes first, the rest go on
+    assert sorted(row.row for row in report.skipped) == sorted([f"case {tampered} image", f"case {expired} image"])
+    assert any("does not unwrap" in row.reason for row in report.skipped)
+    assert any("2020-01 was destroyed" in row.reason for row in report.skipped)
+    assert report.remaining == 2 and _blob_count(rotating, old.active_id) == 2
+    assert all(_stored_image_decrypts(rotating, str(i), jpeg_bytes) for i in movable)
+    with session_scope(rotating) as session:
+        secret = session.get(ClinicCallback, rotating_tenant.clinic_id)
+        assert secret is not None and secret.kek_id == report.active
+        assert callback_secrets.current(load_keyring(rotating), secret) == "whsec_portal"
+    with pytest.raises(KeyringError, match="2 blobs or period keys are still wrapped"):
+        keyrotation.retire(rotating, old.active_id)
+
+    again = run(rotating, "keys", "rewrap")
+    assert again.returncode == 1, again.stderr
+    assert "2 rows could not be re-wrapped" in again.stderr
+    assert f"case {tampered} image" in again.stderr and f"case {expired} image" in again.stderr
