@@ -29,7 +29,10 @@ def keys() -> None:
     pass
 
 
-@keys.command("init", help="create the key file and the audit log's signing key beside it (mode 0600) if missing")
+@keys.command(
+    "init",
+    help="create the key file, the audit log's signing key (mode 0600) and the period-key folder beside it if missing",
+)
 @click.option("--file", "file", type=click.Path(dir_okay=False, path_type=Path), help="path (default: DERMQ_KEY_FILE)")
 def init(file: Path | None) -> int:
     path = file or get_settings().key_file
@@ -37,13 +40,18 @@ def init(file: Path | None) -> int:
         click.echo("error: no key file path (set DERMQ_KEY_FILE or pass --file)", err=True)
         return 2
     from core import audit_commands
+    from core.period_keys import PeriodKeys
 
     if path.exists():
         click.echo(f"key file {path} exists; leaving it alone")
     else:
         write_key_file(path, Keyring.generate())
         click.echo(f"created key file {path} (mode 0600); back it up: without it, stored images cannot be decrypted")
-    click.echo(audit_commands.ensure_signing_key(get_settings().model_copy(update={"key_file": path})))
+    settings = get_settings().model_copy(update={"key_file": path})
+    folder = settings.period_key_folder
+    if folder is not None and PeriodKeys(folder, settings).create_folder():
+        click.echo(f"created the period-key folder {folder} (mode 0700); never back it up")
+    click.echo(audit_commands.ensure_signing_key(settings))
     return 0
 
 

@@ -286,6 +286,9 @@ def rotate(
     and callback secrets it re-wraps are under a KEK those processes do not have."""
     _key_file(settings)
     assert settings.key_file is not None
+    folder = settings.period_key_folder
+    if rewrap and folder is not None:  # before the key file changes: the re-wrap needs the period keys
+        PeriodKeys(folder, settings).require_folder()
     # the folder's lock is not held: the re-wrap below takes it, and a period key created meanwhile
     # under the old KEK is re-wrapped with the rest
     with changing_key_file(settings, periods=False), session_scope(settings) as session:

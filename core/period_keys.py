@@ -21,7 +21,12 @@ Processes that seal (the API, the workers) create the key of a new period on fir
 exclusive ``flock`` of the folder, re-reading the key file, so that a KEK retired meanwhile (retiring
 takes the same lock) is never used; the file appears with ``link()``, so concurrent creators on
 other hosts cannot both win. The folder must therefore be writable by the API, the workers and
-whatever runs retention, and shared by all of them (one volume).
+whatever runs retention, and shared by all of them (one volume). Only ``dermq keys init`` creates
+it (beside a local key file; deployments mount it), never a process that seals: one lacking the
+volume would make keys for itself that no other process can read, lost when it goes. So a missing
+folder is refused (503), and an empty one (the images create the folder, so a container without
+the volume has one) only gets a first key while the database holds nothing sealed under period
+keys (:func:`core.period_shredding.wrapping_keys`).
 """
 
 from __future__ import annotations
@@ -150,11 +155,33 @@ class PeriodKeys:
     def exists(self, period: str) -> bool:
         return self._key_file(period).exists()
 
+    def holds_nothing(self) -> bool:
+        """No key and no tombstone: a folder no period key was ever made in, or not the services' shared one."""
+        return not any(self.folder.glob("*.json")) and not any(self.folder.glob("*.destroyed"))
+
+    def create_folder(self) -> bool:
+        """Create the folder (mode 0700) if it is missing: ``dermq keys init``, beside a local key file. True
+        if it was created."""
+        if self.folder.is_dir():
+            return False
+        self.folder.mkdir(mode=0o700, parents=True)
+        return True
+
+    def require_folder(self) -> None:
+        """A KeyringError unless the folder exists. It is never created here: the deployment creates it
+        (the images, ``dermq keys init`` beside a local key file), and one created by a process that
+        lacks the shared volume would get keys no other process can read, lost when that process goes."""
+        if not self.folder.is_dir():
+            raise KeyringError(
+                f"the period key folder {self.folder} does not exist: is DERMQ_PERIOD_KEY_DIR's volume mounted? "
+                "(`dermq keys init` creates it beside a local key file)"
+            )
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive across processes and hosts sharing the folder: creating a key, re-wrapping and
-        retiring a KEK (:func:`core.keyrotation.retire`) take it."""
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        retiring a KEK (:func:`core.keyrotation.retire`) take it. A KeyringError if the folder is missing."""
+        self.require_folder()
         with open(self.folder / ".lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -250,12 +277,17 @@ class PeriodKeys:
     # ------------------------------------------------------------------- writing
 
     def ensure(self, period: str) -> str:
-        """The KEK id of ``period``, creating its key if it has none yet (a 410 for a destroyed one)."""
+        """The KEK id of ``period``, creating its key if it has none yet (a 410 for a destroyed one). A 503
+        if the folder does not exist: it is never created here (:meth:`require_folder`)."""
         if self.exists(period):
             return kek_id(period)
         try:
+            self.require_folder()
+        except KeyringError as exc:
+            raise ServiceUnavailable(str(exc), code="period_keys_unavailable") from None
+        try:
             return self._create(period)
-        except OSError as exc:  # an unwritable or missing volume: the operator's to fix, not the client's
+        except OSError as exc:  # an unwritable volume: the operator's to fix, not the client's
             raise ServiceUnavailable(
                 f"the key of period {period} cannot be stored ({type(exc).__name__}); operators: check that "
                 "DERMQ_PERIOD_KEY_DIR is the shared, writable period-key volume",

@@ -32,9 +32,9 @@ from core import audit, deferred
 from core.config import Settings
 from core.crypto import Keyring
 from core.db import session_scope
-from core.errors import Conflict, InvalidInput, KeyringError
+from core.errors import Conflict, InvalidInput, KeyringError, ServiceUnavailable
 from core.models import AuditEvent, Case, CaseBlob, CaseStatus
-from core.period_keys import PeriodKeys, bounds, kek_id
+from core.period_keys import PREFIX, PeriodKeys, bounds, kek_id
 
 log = logging.getLogger("dermq.keys")
 
@@ -76,9 +76,29 @@ def wrapping_keys(session: Session, keyring: Keyring, created: Iterable[datetime
     if keyring.periods is None:
         return dict.fromkeys(times, keyring.active_id)
     periods = {when: keyring.periods.current(when) for when in times}
-    for period in sorted(set(periods.values())):  # one order everywhere: no deadlock between batches
+    needed = sorted(set(periods.values()))
+    for period in needed:  # one order everywhere: no deadlock between batches
         _hold(session, period)
+    if not all(keyring.periods.exists(period) for period in needed):
+        _refuse_a_stranger_folder(session, keyring.periods)
     return {when: keyring.periods.ensure(period) for when, period in periods.items()}
+
+
+def _refuse_a_stranger_folder(session: Session, keys: PeriodKeys) -> None:
+    """A 503 before a key is created in a folder that holds no key and no tombstone while the database
+    already holds data sealed under period keys: that folder is not the one those keys were made in (a
+    container without the shared volume sees the empty folder its image made), and a key created there
+    would be this process's alone. Checked only when a key must be created and the folder is empty."""
+    if not keys.folder.is_dir() or not keys.holds_nothing():
+        return  # a missing folder is PeriodKeys.ensure's to refuse
+    sealed = session.scalar(select(CaseBlob.kek_id).where(CaseBlob.kek_id.startswith(PREFIX, autoescape=True)).limit(1))
+    if sealed is not None:
+        raise ServiceUnavailable(
+            f"the period key folder {keys.folder} holds no key, but the database holds data sealed under period "
+            "keys: it is not the folder the other services use; operators: check that DERMQ_PERIOD_KEY_DIR's "
+            "shared volume is mounted (docs/OPERATIONS.md, if it was lost)",
+            code="period_keys_unavailable",
+        )
 
 
 def wrapping_key(session: Session, keyring: Keyring, created_at: datetime) -> str:

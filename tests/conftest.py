@@ -64,6 +64,7 @@ def stack_env(stack_dir: Path) -> dict[str, str]:
 
     env = support.test_env(stack_dir)
     write_key_file(Path(env["DERMQ_KEY_FILE"]), Keyring.generate())
+    (stack_dir / "period-keys").mkdir(mode=0o700)  # beside the key file, as `dermq keys init` creates it
     # the audit checkpoint signing key, beside the key file (what `dermq keys init` creates)
     checkpoint.write_signing_keys(stack_dir / "audit-signing-key.json", checkpoint.generate("dermq.local/audit"))
     return env

@@ -140,6 +140,8 @@ def prepare_stack(env: dict[str, str], clinic_name: str) -> PreparedStack:
     migrate(env["DERMQ_DATABASE_URL"])
     redis.Redis.from_url(env["DERMQ_REDIS_URL"]).flushdb()
     settings = settings_for(env)
+    if settings.period_key_folder is not None:  # as `dermq keys init` (or a deployment's volume) makes it
+        settings.period_key_folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     with session_scope(settings) as session:
         clinic = clinics.create_clinic(session, clinic_name)
         _, token = keys.create_key(session, load_keyring(settings), role=Role.CLINIC, clinic_id=clinic.id)

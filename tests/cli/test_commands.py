@@ -275,9 +275,13 @@ def test_keys_init_creates_a_private_key_file_once(settings, tmp_path) -> None: 
     first = run(settings, "keys", "init", "--file", str(path))
     assert first.returncode == 0 and first.stdout.startswith(f"created key file {path} (mode 0600)")
     assert path.stat().st_mode & 0o777 == 0o600
+    # the period-key folder beside it: the services that seal never create it (core/period_keys.py)
+    assert f"created the period-key folder {tmp_path / 'period-keys'} (mode 0700)" in first.stdout
+    assert (tmp_path / "period-keys").stat().st_mode & 0o777 == 0o700
     content = path.read_text()
     second = run(settings, "keys", "init", "--file", str(path))
     assert second.returncode == 0 and "exists; leaving it alone" in second.stdout and path.read_text() == content
+    assert "period-key folder" not in second.stdout
 
 
 @pytest.mark.usefixtures("database")

@@ -31,6 +31,7 @@ def rotating(settings, tmp_path: Path) -> Iterator[Settings]:  # type: ignore[no
     database is dropped afterwards."""
     copy = tmp_path / "keys.json"
     write_key_file(copy, Keyring.generate())
+    (tmp_path / "period-keys").mkdir(mode=0o700)  # as `dermq keys init` creates it beside the key file
     url = settings.database_url.rsplit("/", 1)[0] + f"/{support.TEST_DATABASE}_rotation"
     support.recreate_database(url)
     try:

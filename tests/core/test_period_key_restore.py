@@ -138,6 +138,7 @@ def test_a_period_key_folder_that_is_not_there_is_a_keyring_error_not_a_lost_key
         with pytest.raises(KeyringError, match="volume mounted"):
             PeriodKeys(folder, settings).key(keyring, kek_id("2026-11"))
     holding = PeriodKeys(tmp_path / "holding", settings)
+    holding.create_folder()
     holding.ensure("2026-10")
     with pytest.raises(DecryptionError, match="no key for period 2026-11"):
         holding.key(keyring, kek_id("2026-11"))
@@ -149,6 +150,7 @@ def test_a_destroyed_period_leaves_no_copy_of_its_key_behind(settings, tmp_path)
     from core.period_keys import PeriodKeys
 
     keys = PeriodKeys(tmp_path / "keys", settings)
+    keys.create_folder()
     keys.ensure("2026-09")
     key_file = keys.folder / "2026-09.json"
     leftover = keys.folder / ".2026-09.json.k3xq9z"

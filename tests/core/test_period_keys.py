@@ -51,6 +51,7 @@ class Site:
 def site(settings: Settings, tmp_path: Path) -> Iterator[Site]:
     """A database (a copy of the migrated template), a key file and a period-key folder of their own."""
     write_key_file(tmp_path / "keys.json", Keyring.generate())
+    (tmp_path / "period-keys").mkdir(mode=0o700)  # as `dermq keys init` creates it beside the key file
     url = settings.database_url.rsplit("/", 1)[0] + f"/{support.TEST_DATABASE}_periods"
     support.recreate_database(url, template=f"{settings.database_url}_template")
     own = settings.model_copy(update={"key_file": tmp_path / "keys.json", "database_url": url})

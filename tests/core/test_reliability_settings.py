@@ -22,6 +22,7 @@ from tests import support
 def test_key_rotation_rewraps_callback_secrets(settings: Settings, tmp_path: Path) -> None:
     copy = tmp_path / "keys.json"
     write_key_file(copy, Keyring.generate())
+    (tmp_path / "period-keys").mkdir(mode=0o700)  # as `dermq keys init` creates it beside the key file
     url = settings.database_url.rsplit("/", 1)[0] + f"/{support.TEST_DATABASE}_cbkeys"
     support.recreate_database(url)
     try:

@@ -139,6 +139,7 @@ def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classif
     assert env["DERMQ_ENVIRONMENT"] == "production"
     worker_env = {**production_env(manifests.container_environment(worker_container), secrets_dir, stack_env)}
     worker_env["DERMQ_REDIS_URL"] = env["DERMQ_REDIS_URL"]
+    Path(env["DERMQ_PERIOD_KEY_DIR"]).mkdir(mode=0o700)  # the volume the pods mount (the images make the folder)
 
     base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
     server = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
