@@ -164,22 +164,26 @@ def _diagnosis(session: Session, keyring: Keyring, row: ConfirmedOutcome) -> str
 
 def seal_plain_diagnoses(session: Session, keyring: Keyring, *, limit: int = 500) -> int:
     """Seal up to ``limit`` diagnoses still stored in plain text (reports from before migration 0010)
-    and empty their column; returns how many. Cheap once none are left (a partial index answers)."""
+    and empty their column; returns how many. An erased case's report is removed, as its erasure does,
+    never sealed (a blob would keep its period's key alive). Cheap once none are left (a partial index)."""
     # the case locked with its report, in the order an erasure takes them (see results.seal_plain_results)
     legacy = session.execute(
-        select(ConfirmedOutcome.case_id, ConfirmedOutcome.diagnosis)
+        select(ConfirmedOutcome.case_id, ConfirmedOutcome.diagnosis, Case.status)
         .join(Case, Case.id == ConfirmedOutcome.case_id)
         .where(ConfirmedOutcome.diagnosis.is_not(None))
         .limit(limit)
         .with_for_update(of=[Case, ConfirmedOutcome], skip_locked=True)
     ).all()
-    for case_id, diagnosis in legacy:
-        case = session.get(Case, case_id)
-        if case is not None and diagnosis is not None:
+    if not legacy:
+        return 0
+    erased = [case_id for case_id, _, status in legacy if status == CaseStatus.PURGED.value]
+    for case_id, diagnosis, status in legacy:
+        if status != CaseStatus.PURGED.value and diagnosis is not None and (case := session.get(Case, case_id)):
             _seal_diagnosis(session, keyring, case, diagnosis)
-    if legacy:
-        ids = [case_id for case_id, _ in legacy]
-        session.execute(update(ConfirmedOutcome).where(ConfirmedOutcome.case_id.in_(ids)).values(diagnosis=None))
+    if erased:
+        session.execute(delete(ConfirmedOutcome).where(ConfirmedOutcome.case_id.in_(erased)))
+    ids = [case_id for case_id, _, _ in legacy]
+    session.execute(update(ConfirmedOutcome).where(ConfirmedOutcome.case_id.in_(ids)).values(diagnosis=None))
     return len(legacy)
 
 

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from core.crypto import Keyring, SealedBlob, decrypt_blob, encrypt_blob
 from core.errors import PeriodKeyDestroyed
-from core.models import SEALED_RESULT_FIELDS, BlobKind, Case, CaseBlob, Result
+from core.models import SEALED_RESULT_FIELDS, BlobKind, Case, CaseBlob, CaseStatus, Result
 
 KIND = BlobKind.RESULT.value
 MEDIA_TYPE = "application/json"
@@ -190,14 +190,15 @@ def shred_plain_findings(session: Session, case_id: uuid.UUID) -> None:
 
 def seal_plain_results(session: Session, keyring: Keyring, *, limit: int = BATCH) -> int:
     """Seal up to ``limit`` results whose findings are still plain (rows older than migration 0009)
-    and empty their columns; returns how many. Cheap once none are left (a partial index answers)."""
+    and empty their columns; returns how many. An erased case's are emptied, never sealed: a blob would
+    keep its period's key from ever being destroyed. Cheap once none are left (a partial index answers)."""
     from core.cases import insert_blobs
     from core.period_shredding import wrapping_keys
 
     # The case is locked with its result, as an erasure or a purge locks it first and then its result:
     # a case being erased is passed over, never waited for while holding its result (a deadlock).
     legacy = session.execute(
-        select(Result, Case.created_at)
+        select(Result, Case.created_at, Case.status)
         .join(Case, Case.id == Result.case_id)
         .where(Result.ood_reasons.is_not(None))
         .limit(limit)
@@ -205,18 +206,19 @@ def seal_plain_results(session: Session, keyring: Keyring, *, limit: int = BATCH
     ).all()
     if not legacy:
         return 0
-    wraps = wrapping_keys(session, keyring, [created_at for _, created_at in legacy])
+    live = [(row, created_at) for row, created_at, status in legacy if status != CaseStatus.PURGED.value]
+    wraps = wrapping_keys(session, keyring, [created_at for _, created_at in live]) if live else {}
     sealed = []
-    for row, created_at in legacy:
+    for row, created_at in live:
         plain = _plain(row)
         assert plain is not None  # the query takes plain rows only
         sealed.append(
             (row.case_id, BlobKind.RESULT, seal_findings(keyring, row.case_id, plain, wraps[created_at]), MEDIA_TYPE)
         )
     insert_blobs(session, sealed)
-    session.execute(
+    session.execute(  # sealed, or an erased case's shredded
         update(Result)
-        .where(Result.case_id.in_([row.case_id for row, _ in legacy]))
+        .where(Result.case_id.in_([row.case_id for row, _, _ in legacy]))
         .values(**dict.fromkeys(SEALED_RESULT_FIELDS))
         .execution_options(synchronize_session=False)
     )

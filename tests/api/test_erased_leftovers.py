@@ -54,3 +54,30 @@ def test_an_erased_case_s_leftovers_are_not_shown_not_sealed_and_shredded_by_ano
             .order_by(AuditEvent.id)
         ).all()
     assert erasures[-1] == {"reason": "clinic_request", "already": True, "blobs": 1}
+
+
+def test_an_erased_case_s_plain_findings_and_diagnosis_are_emptied_by_the_sweep_not_sealed(  # type: ignore[no-untyped-def]
+    client, settings, keyring, tenant: Tenant, store_case
+) -> None:
+    """The result and diagnosis sweepers sealed what an older release left in plain text on an erased
+    case: a blob under its period's key, which then could never be destroyed (as commit e00653b found
+    for client references). They empty it instead."""
+    from core import outcomes, results
+    from core.models import SEALED_RESULT_FIELDS, Result
+    from core.outcome_models import ConfirmedOutcome
+    from tests.core.test_phi import LEGACY_DIAGNOSIS
+
+    case_id = store_case(tenant, b"an old case, erased")
+    assert client.delete(f"/v1/cases/{case_id}", headers=tenant.headers).json()["status"] == "purged"
+    with session_scope(settings) as session:  # as a purge before this release left them
+        common = {"model_id": "legacy-model", "weights_sha256": "c" * 64, "device": "cpu", "timings": {}}
+        session.add(Result(case_id=case_id, **common, **LEGACY_DIAGNOSIS))
+        session.add(ConfirmedOutcome(case_id=case_id, clinic_id=tenant.clinic_id, diagnosis="mel", method="histo"))
+    with session_scope(settings) as session:
+        while results.seal_plain_results(session, keyring) + outcomes.seal_plain_diagnoses(session, keyring):
+            pass
+    with session_scope(settings) as session:
+        assert session.scalars(select(CaseBlob.kind).where(CaseBlob.case_id == case_id)).all() == []
+        row = session.get(Result, case_id)
+        assert row is not None and all(getattr(row, name) is None for name in SEALED_RESULT_FIELDS)
+        assert session.get(ConfirmedOutcome, case_id) is None
