@@ -119,7 +119,7 @@ def _say_skipped(report: RewrapReport) -> None:
 @json_option()
 def status(as_json: bool) -> int:
     from core import keyrotation
-    from core.period_keys import period_of_kek
+    from core.periods import period_of_kek
 
     settings = get_settings()
     keyring = load_keyring(settings)

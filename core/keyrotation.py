@@ -43,7 +43,8 @@ from core.crypto import Keyring, load_keyring, rewrap_key, write_key_file
 from core.db import session_scope
 from core.errors import DecryptionError, Gone, KeyringError
 from core.models import Case, CaseBlob, ClinicCallback
-from core.period_keys import PREFIX, PeriodKeys
+from core.period_keys import PeriodKeys
+from core.periods import PREFIX
 
 log = logging.getLogger("dermq.keys")
 BATCH = 500

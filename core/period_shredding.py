@@ -34,7 +34,8 @@ from core.crypto import Keyring
 from core.db import session_scope
 from core.errors import Conflict, InvalidInput, KeyringError, ServiceUnavailable
 from core.models import AuditEvent, Case, CaseBlob, CaseStatus
-from core.period_keys import PREFIX, PeriodKeys, bounds, kek_id
+from core.period_keys import PeriodKeys
+from core.periods import PREFIX, bounds, kek_id
 
 log = logging.getLogger("dermq.keys")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from core import case_images, keyrotation, period_keys
+from core import case_images, keyrotation, periods
 from core.config import Settings
 from core.crypto import Keyring, load_keyring, write_key_file
 from core.db import dispose_engines, session_scope
@@ -83,7 +83,7 @@ def test_rotation_end_to_end(rotating: Settings, rotating_tenant, jpeg_bytes: by
             for _ in range(5)
         ]
         # new cases: under their period's key, which is itself wrapped under the key file's KEK
-        assert _blob_count(rotating, period_keys.kek_id(period)) == 5 and _blob_count(rotating, old) == 2
+        assert _blob_count(rotating, periods.kek_id(period)) == 5 and _blob_count(rotating, old) == 2
         assert _period_file(rotating, period)["kek_id"] == old
 
         # A crash after the first batch: the key file has the new key, the period key is re-wrapped
@@ -102,7 +102,7 @@ def test_rotation_end_to_end(rotating: Settings, rotating_tenant, jpeg_bytes: by
         fresh = http.post("/v1/cases", headers=tenant.headers, files={"image": ("x.jpg", jpeg_bytes, "image/jpeg")})
         with session_scope(rotating) as session:
             kek = session.scalar(select(CaseBlob.kek_id).where(CaseBlob.case_id == uuid.UUID(fresh.json()["id"])))
-        assert kek == period_keys.kek_id(period)
+        assert kek == periods.kek_id(period)
 
         resumed = keyrotation.rewrap_all(rotating, batch=2)
         assert resumed.remaining == 0 and _blob_count(rotating, old) == 0

@@ -129,7 +129,8 @@ def test_a_period_key_folder_that_is_not_there_is_a_keyring_error_not_a_lost_key
     the worker's to mend (KeyringError: the case waits). One period's key missing from a folder
     holding others still does not decrypt."""
     from core.errors import DecryptionError, KeyringError
-    from core.period_keys import PeriodKeys, kek_id
+    from core.period_keys import PeriodKeys
+    from core.periods import kek_id
 
     keyring = load_keyring(settings)
     for folder in (tmp_path / "not-mounted", tmp_path / "empty"):

@@ -27,7 +27,7 @@ from core.db import dispose_engines, session_scope
 from core.errors import Conflict, DecryptionError
 from core.keys import Principal
 from core.models import AuditEvent, BlobKind, Case, CaseBlob, CaseStatus, Role
-from core.period_keys import kek_id
+from core.periods import kek_id
 from tests import support
 from tests.cli.test_commands import run
 from tests.conftest import Tenant, case_store, new_tenant
