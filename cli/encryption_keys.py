@@ -109,13 +109,16 @@ def _say_skipped(report: RewrapReport) -> None:
     if len(report.skipped) > SKIPPED_SHOWN:
         click.echo(f"  and {len(report.skipped) - SKIPPED_SHOWN} more (the log names each: rewrap_skipped)", err=True)
     click.echo(
-        "their data cannot be opened (a case's: erase it with `dermq case erase ID`; a clinic's callback secret: "
-        "the clinic registers its callback again); `dermq keys retire` refuses the old key while they remain",
+        "a case's or a callback secret's cannot be opened (erase the case with `dermq case erase ID`; the clinic "
+        "registers its callback again); a period key file that cannot be read needs mending (its mode: chmod 600) "
+        "and another `dermq keys rewrap`; `dermq keys retire` refuses the old key while any remain",
         err=True,
     )
 
 
-@keys.command("status", help="blobs per key-encryption key; exit 1 if one they need is missing")
+@keys.command(
+    "status", help="blobs per key-encryption key; exit 1 if one they need is missing or a period key cannot be read"
+)
 @json_option()
 def status(as_json: bool) -> int:
     from core import keyrotation
@@ -126,6 +129,7 @@ def status(as_json: bool) -> int:
     with session_scope(settings) as session:
         counts = keyrotation.usage(session)
     wrapped = keyrotation.period_usage(keyring)
+    unreadable = keyrotation.unreadable_period_keys(keyring)
     periods = keyring.periods
 
     def present(kek: str) -> bool:
@@ -152,7 +156,9 @@ def status(as_json: bool) -> int:
             flags = "active " if row["active"] else ("MISSING" if not row["in_key_file"] else "       ")
             extra = f", {row['period_keys']} period keys" if row["period_keys"] else ""
             click.echo(f"{row['kek_id']}  {flags}  {row['blobs']} blobs{extra}")
-    return 0 if all(r["in_key_file"] for r in rows) else 1
+    for entry in unreadable:  # wrapped under a KEK nobody can tell
+        click.echo(f"period key {entry.period} cannot be read: {entry.problem}", err=True)
+    return 0 if all(r["in_key_file"] for r in rows) and not unreadable else 1
 
 
 @keys.command("retire", help="remove an old key from the key file once nothing needs it")

@@ -43,7 +43,7 @@ from core.crypto import Keyring, load_keyring, rewrap_key, write_key_file
 from core.db import session_scope
 from core.errors import DecryptionError, Gone, KeyringError
 from core.models import Case, CaseBlob, ClinicCallback
-from core.period_keys import PeriodKeys
+from core.period_keys import PeriodFile, PeriodKeys
 from core.periods import PREFIX
 
 log = logging.getLogger("dermq.keys")
@@ -85,6 +85,13 @@ def period_usage(keyring: Keyring) -> dict[str, int]:
     return counts
 
 
+def unreadable_period_keys(keyring: Keyring) -> list[PeriodFile]:
+    """Period key files that cannot be read (their mode, their content): which KEK wraps them is unknown,
+    so they are neither re-wrapped nor counted under a KEK, and no KEK is retired while one is left."""
+    entries = keyring.periods.list() if keyring.periods is not None else []
+    return [entry for entry in entries if entry.problem is not None and entry.destroyed_at is None]
+
+
 def _misplaced(keyring: Keyring) -> ColumnElement[bool]:
     """Case blobs not wrapped where they belong: under a period key (or, without them, the active KEK)."""
     if keyring.periods is None:
@@ -101,7 +108,7 @@ def _remaining(session: Session, keyring: Keyring) -> int:
         or 0
     )
     periods = sum(n for kek, n in period_usage(keyring).items() if kek != keyring.active_id)
-    return blobs + secrets + periods
+    return blobs + secrets + periods + len(unreadable_period_keys(keyring))
 
 
 #: Told, after each committed batch, how many data keys have been re-wrapped so far and how many there were.
@@ -214,9 +221,10 @@ def rewrap_all(
     under its case's period key under it, one committed batch at a time. A row that cannot be re-wrapped
     is left as it is and named in the report's ``skipped``; the others, and the callback secrets, go on."""
     keyring = load_keyring(settings)
-    total, batches, skipped = 0, 0, []
+    total, batches = 0, 0
     if keyring.periods is not None:
         total += keyring.periods.rewrap(keyring)  # a few small files, under the folder's lock
+    skipped = [Skipped(f"period key {e.period}", str(e.problem)) for e in unreadable_period_keys(keyring)]
     if progress is not None:
         with session_scope(settings) as session:
             to_do = _remaining(session, keyring) + total
@@ -322,6 +330,11 @@ def retire(settings: Settings, kek_id: str, *, actor: audit.Actor = audit.SYSTEM
             raise KeyringError(f"{kek_id} is the active key; rotate first")
         if kek_id not in keyring.keks:
             raise KeyringError(f"{kek_id} is not in the key file")
+        if unreadable := unreadable_period_keys(keyring):  # one of them may be wrapped under kek_id
+            raise KeyringError(
+                f"{len(unreadable)} period key files cannot be read ({unreadable[0].problem}); which key wraps "
+                "them is unknown: mend them and run `dermq keys rewrap` first"
+            )
         still = usage(session).get(kek_id, 0) + period_usage(keyring).get(kek_id, 0)
         if still:
             raise KeyringError(

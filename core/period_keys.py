@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.config import Settings
 from core.errors import DecryptionError, Gone, KeyringError, PeriodKeyDestroyed, ServiceUnavailable
-from core.periods import PREFIX, bounds, kek_id, period_of
+from core.periods import PREFIX, bounds, is_period, kek_id, period_of
 
 if TYPE_CHECKING:
     from core.crypto import Keyring
@@ -65,13 +65,16 @@ NONCE_BYTES = 12
 
 @dataclass(frozen=True, slots=True)
 class PeriodFile:
-    """One period of the folder: a live key (``wrapped_by``, the KEK that wraps it) or a tombstone."""
+    """One period of the folder: a live key (``wrapped_by``, the KEK that wraps it) or a tombstone. A file
+    that cannot be read has a ``problem`` (its mode, its content): a key file's has no ``wrapped_by``, a
+    tombstone's is still a tombstone (``destroyed_at`` ``unknown``: its key is never served)."""
 
     period: str
     wrapped_by: str | None
     created_at: str | None
     destroyed_at: str | None
     reason: str | None
+    problem: str | None = None
 
 
 def _wrap_aad(period: str, wrapping: str) -> bytes:
@@ -332,18 +335,38 @@ class PeriodKeys:
         return existed
 
     def list(self) -> list[PeriodFile]:
-        """Every period with a key or a tombstone, oldest first."""
+        """Every period with a key or a tombstone, oldest first. A file that cannot be read is listed with
+        its ``problem``, never raised: one bad file does not hide the others (nor stop retention)."""
         if not self.folder.is_dir():
             return []
         found: dict[str, PeriodFile] = {}
         for path in self.folder.glob("*.destroyed"):
-            data = json.loads(path.read_text())
-            found[path.stem] = PeriodFile(path.stem, None, None, data.get("destroyed_at"), data.get("reason"))
+            if is_period(path.stem):
+                found[path.stem] = self._tombstone_entry(path)
         for path in self.folder.glob("*.json"):
-            if path.stem in found:  # destroyed: a key file a crash left beside the tombstone is not a key
-                continue
-            with contextlib.suppress(ValueError):
-                bounds(path.stem)
-                record = self._read(path)
+            # destroyed: a key file a crash left beside the tombstone is not a key
+            if path.stem not in found and is_period(path.stem):
+                try:
+                    record = self._read(path)
+                except (KeyringError, OSError) as exc:
+                    found[path.stem] = PeriodFile(path.stem, None, None, None, None, _problem(exc))
+                    continue
                 found[path.stem] = PeriodFile(path.stem, record["kek_id"], record.get("created_at"), None, None)
         return [found[period] for period in sorted(found, key=lambda p: bounds(p)[0])]
+
+    @staticmethod
+    def _tombstone_entry(path: Path) -> PeriodFile:
+        try:
+            data = json.loads(path.read_text())
+            return PeriodFile(path.stem, None, None, str(data["destroyed_at"]), data.get("reason"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return PeriodFile(path.stem, None, None, "unknown", None, f"tombstone {path.name}: {_problem(exc)}")
+
+
+def _problem(exc: Exception) -> str:
+    """Why a period file cannot be read, without its content (a KeyringError's message names the file)."""
+    if isinstance(exc, KeyringError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'cannot be read'}"
+    return "not one dermq wrote"

@@ -45,6 +45,14 @@ def bounds(period: str) -> tuple[datetime, datetime]:
     )
 
 
+def is_period(name: str) -> bool:
+    try:
+        bounds(name)
+    except ValueError:
+        return False
+    return True
+
+
 def kek_id(period: str) -> str:
     return PREFIX + period
 

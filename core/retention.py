@@ -13,23 +13,27 @@ when every case of the period is purged (:mod:`core.period_shredding`).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import announcements, audit, callback_secrets, cases, results
 from core.config import Settings
 from core.db import session_scope
-from core.errors import NotFound
+from core.errors import DecryptionError, DermqError, KeyringError, NotFound
 from core.keys import Principal
 from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus, ClinicCallback
 from core.outcome_models import ConfirmedOutcome, OutcomeMonthlyTally
 
+log = logging.getLogger("dermq.retention")
 BATCH = 500
 
 
@@ -165,6 +169,8 @@ class RetentionRun:
     periods_destroyed: list[str]
     field_cells: int
     callback_deliveries: int
+    #: the steps that failed (logged, ``retention_step_failed``); the others ran all the same
+    failed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -172,7 +178,36 @@ class RetentionRun:
             "periods_destroyed": self.periods_destroyed,
             "field_cells": self.field_cells,
             "callback_deliveries": self.callback_deliveries,
+            "failed": self.failed,
         }
+
+
+#: retention's steps, in the order they run (the names its log and metrics give a failed one)
+STEPS = ("purge_cases", "destroy_periods", "prune_field_months", "forget_callback_secrets", "prune_callback_deliveries")
+T = TypeVar("T")
+#: what stops one step and not the next: the database, a key or period key file, our own refusals
+STEP_FAILURES = (SQLAlchemyError, OSError, ValueError, KeyringError, DecryptionError, DermqError)
+
+
+@dataclass
+class _Steps:
+    """Runs retention's steps each on its own: one that fails is logged and named, and the next runs."""
+
+    failed: list[str] = field(default_factory=list)
+
+    def run(self, name: str, work: Callable[[], T], nothing: T) -> T:
+        try:
+            return work()
+        except STEP_FAILURES as exc:  # not a task's time limit (Celery's), which must stop the run
+            self.failed.append(name)
+            # our own errors' messages hold no patient data; a driver's may hold a statement's values
+            own = isinstance(exc, (DermqError, KeyringError, DecryptionError))
+            log.error(
+                "a retention step failed; the others still run",
+                extra={"event": "retention_step_failed", "step": name, "error": type(exc).__name__}
+                | ({"detail": str(exc)} if own else {}),
+            )
+            return nothing
 
 
 def run(settings: Settings, *, until: float | None = None) -> RetentionRun:
@@ -180,16 +215,26 @@ def run(settings: Settings, *, until: float | None = None) -> RetentionRun:
     of the periods whose every case is purged and past retention plus the grace (no backup can decrypt
     them afterwards); drop the monthly field tally's months before its window and the replaced
     callback secrets whose overlap has ended; delete the settled callback deliveries older than
-    ``callback_history_days``. The batched steps stop once ``until`` (``time.monotonic()``) has passed."""
+    ``callback_history_days``. The batched steps stop once ``until`` (``time.monotonic()``) has passed.
+    Each step runs on its own: one that fails is logged and named in ``failed``, and the others still
+    run (a period key file with a wrong mode once kept every later step from running, run after run)."""
     from core import period_shredding  # it imports this module
 
-    purged, backlog = _in_batches(settings, lambda session: len(purge_expired(session, settings).purged), until)
-    destroyed = period_shredding.destroy_expired(settings)
-    with session_scope(settings) as session:
-        cells = prune_field_months(session, settings)
-        forget_replaced_callback_secrets(session)
-    deliveries, _ = _in_batches(settings, lambda session: prune_callback_deliveries(session, settings), until)
-    return RetentionRun(purged, backlog, destroyed, cells, deliveries)
+    def once(work: Callable[[Session], int]) -> int:
+        with session_scope(settings) as session:
+            return work(session)
+
+    steps = _Steps()
+    purged, backlog = steps.run(
+        STEPS[0], lambda: _in_batches(settings, lambda s: len(purge_expired(s, settings).purged), until), (0, False)
+    )
+    destroyed: list[str] = steps.run(STEPS[1], lambda: period_shredding.destroy_expired(settings), [])
+    cells = steps.run(STEPS[2], lambda: once(lambda s: prune_field_months(s, settings)), 0)
+    steps.run(STEPS[3], lambda: once(forget_replaced_callback_secrets), 0)
+    deliveries, _ = steps.run(
+        STEPS[4], lambda: _in_batches(settings, lambda s: prune_callback_deliveries(s, settings), until), (0, False)
+    )
+    return RetentionRun(purged, backlog, destroyed, cells, deliveries, steps.failed)
 
 
 def _in_batches(settings: Settings, step: Callable[[Session], int], until: float | None) -> tuple[int, bool]:

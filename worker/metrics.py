@@ -17,6 +17,7 @@ import tempfile
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from core.metrics_files import MultiProcessFiles, fold
+from core.retention import STEPS
 
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # pragma: no cover - prepare_multiprocess_dir() runs first
     raise RuntimeError("import worker.metrics only in worker processes, after prepare_multiprocess_dir()")
@@ -85,6 +86,14 @@ CALLBACKS = Counter(
     "(nothing to do: done, held by another worker, or a copy)",
     ["outcome"],
 )
+RETENTION_FAILURES = Counter(
+    "dermq_retention_step_failures_total",
+    "retention steps (beat's purge) that failed, by step; the others still ran (the log's retention_step_failed "
+    "says why)",
+    ["step"],
+)
+for _step in STEPS:  # present from the start: increase() skips a series' first sample
+    RETENTION_FAILURES.labels(_step)
 # Summed or maxed over the live processes, not one series per process ("liveall" adds a pid label):
 # a worker replaces its children every few thousand cases, and each would leave a new set of series.
 WORKER_INFO = Gauge(
@@ -147,6 +156,11 @@ def record_lost(requeued: int, failed: int) -> None:
 
 def record_callback(outcome: str) -> None:
     CALLBACKS.labels(outcome).inc()
+
+
+def record_retention_failures(steps: list[str]) -> None:
+    for step in steps:
+        RETENTION_FAILURES.labels(step).inc()
 
 
 def record_model(device: str, model_id: str) -> None:

@@ -32,6 +32,7 @@ DERMQ_METRICS = frozenset(
         "dermq_lost_cases_total",
         "dermq_image_key_unavailable_total",
         "dermq_callback_deliveries_total",
+        "dermq_retention_step_failures_total",
         "dermq_worker_info",
         "dermq_gpu_memory_bytes",
         "dermq_gpu_memory_total_bytes",

@@ -1,0 +1,67 @@
+"""Retention's steps each run on their own. A period key file with a mode open to others (a
+KeyringError) or a tombstone that is not JSON made the period-key listing raise, and with it beat's
+whole purge after the cases: no period key was destroyed, and no replaced callback secret, old
+callback delivery or field month was dropped, run after run. Such a file is now listed with its
+problem, and a step that does fail (here, a period "key file" that is a folder) is logged, named and
+counted while the others still run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from core import audit, callbacks, keyrotation, retention
+from core.crypto import load_keyring, write_key_file
+from core.db import session_scope
+from core.errors import KeyringError
+from core.keys import Principal
+from core.models import CallbackDelivery, ClinicCallback, Role
+from tests.cli.test_commands import run
+from tests.conftest import case_store
+from tests.core.test_period_keys import Site, site  # noqa: F401  (site: the fixture)
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def test_a_bad_period_file_or_a_failing_step_stops_no_other_retention_step(site: Site) -> None:  # noqa: F811
+    settings, tenant = site.settings, site.tenant
+    keyring = load_keyring(settings)
+    keys = keyring.periods
+    assert keys is not None and settings.period_key_folder is not None
+    keys.ensure("2019-05")
+    (keys.folder / "2019-05.json").chmod(0o644)  # readable by others: listing it raised KeyringError
+    (keys.folder / "2019-06.destroyed").write_text("{ not json")  # listing it raised a JSON error
+    (keys.folder / "2019-07.json").mkdir()  # not a file: destroying it fails, on its own
+    principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
+    for _ in range(2):  # registered, then rotated: the first secret signs beside the second for a while
+        with session_scope(settings) as session:
+            callbacks.register(
+                session, keyring=keyring, settings=settings, principal=principal, actor=audit.SYSTEM, url="http://x/"
+            )
+    old = datetime.now(UTC) - timedelta(days=settings.callback_history_days + 1)
+    delivered = case_store(settings, keyring)(tenant, b"delivered long ago")
+    with session_scope(settings) as session:
+        session.get(ClinicCallback, tenant.clinic_id).previous_secret_until = old  # type: ignore[union-attr]
+        session.add(CallbackDelivery(case_id=delivered, clinic_id=tenant.clinic_id, status="delivered", updated_at=old))
+
+    listed = {entry.period: entry for entry in keys.list()}
+    assert "mode 644" in str(listed["2019-05"].problem) and listed["2019-05"].wrapped_by is None
+    assert listed["2019-06"].destroyed_at == "unknown" and "not one dermq wrote" in str(listed["2019-06"].problem)
+    assert [entry.period for entry in keyrotation.unreadable_period_keys(keyring)] == ["2019-05", "2019-07"]
+    # which key wraps an unreadable period key cannot be told: no key is retired while one is left
+    assert settings.key_file is not None
+    write_key_file(settings.key_file, keyring.with_new_active_key(), overwrite=True)
+    with pytest.raises(KeyringError, match="2 period key files cannot be read"):
+        keyrotation.retire(settings, keyring.active_id)
+
+    report = retention.run(settings)
+    assert report.failed == ["destroy_periods"]  # the folder named like a key file
+    assert keys.destroyed("2019-05") and not (keys.folder / "2019-05.json").exists()  # due, and destroyed
+    with session_scope(settings) as session:
+        secret = session.get(ClinicCallback, tenant.clinic_id)
+        assert secret is not None and secret.previous_secret_ciphertext is None  # the steps after it ran
+        assert session.scalar(select(CallbackDelivery.case_id).where(CallbackDelivery.case_id == delivered)) is None
+    by_hand = run(settings, "case", "purge-expired")
+    assert by_hand.returncode == 1 and "failed: destroy_periods" in by_hand.stderr, by_hand.stderr
