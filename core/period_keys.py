@@ -293,11 +293,18 @@ class PeriodKeys:
         sync_folder(self.folder)
 
     def rewrap(self, keyring: Keyring) -> int:
-        """Re-wrap every period key not under ``keyring``'s active KEK under it (key rotation); how many."""
+        """Re-wrap every period key not under ``keyring``'s active KEK under it (key rotation); how many.
+        The temporary files of key writes a crash interrupted go first: a copy of a key under the KEK it was
+        written under (after :meth:`_publish`'s link, the very file), which retiring that KEK must not leave."""
         from core.crypto import write_private_json
 
         done = 0
-        with self.locked():
+        with self.locked():  # every write holds it: a temporary file seen now is a crash's leftover
+            leftovers = [p for p in self.folder.glob(".*.json.*") if is_period(p.name[1:].partition(".json.")[0])]
+            for leftover in leftovers:
+                leftover.unlink(missing_ok=True)
+            if leftovers:
+                self._sync_folder()
             for entry in self.list():
                 if entry.wrapped_by is None or entry.wrapped_by == keyring.active_id:
                     continue

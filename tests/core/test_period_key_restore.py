@@ -4,6 +4,7 @@ answers 410 ``period_key_destroyed`` (it answered 500), and no process keeps the
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from dataclasses import replace
@@ -172,3 +173,27 @@ def test_a_period_that_ended_moments_ago_is_not_destroyed(site: Site) -> None:  
     with pytest.raises(Conflict) as just_ended:
         period_shredding.destroy_period(site.settings, current, force=True, now=end + timedelta(minutes=5))
     assert just_ended.value.code == "period_not_ended"
+
+
+def test_a_rewrap_leaves_no_copy_of_a_period_key_under_the_old_kek(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A crash between the link and the clean-up of a key file's write leaves its temporary file, a hard
+    link to the key file. A re-wrap replaced the key file and left that copy, still wrapped under the
+    old KEK: once it was retired, an old copy of the key file still opened the period's key."""
+    from core.crypto import Keyring, write_key_file
+    from core.period_keys import PeriodKeys
+
+    key_file = tmp_path / "keys.json"
+    write_key_file(key_file, Keyring.generate())
+    own = settings.model_copy(update={"key_file": key_file, "period_key_dir": tmp_path / "keys"})
+    keys = PeriodKeys(tmp_path / "keys", own)
+    keys.create_folder()
+    keys.ensure("2026-09")
+    leftover = keys.folder / ".2026-09.json.k3xq9z"
+    os.link(keys.folder / "2026-09.json", leftover)  # as a crash between the link and the clean-up leaves it
+    old = load_keyring(own)
+    rotated = old.with_new_active_key()
+    write_key_file(key_file, rotated, overwrite=True)
+    assert keys.rewrap(load_keyring(own)) == 1
+    assert not leftover.exists()
+    assert sorted(p.name for p in keys.folder.iterdir()) == [".lock", "2026-09.json"]
+    assert json.loads((keys.folder / "2026-09.json").read_text())["kek_id"] == rotated.active_id
