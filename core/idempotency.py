@@ -6,8 +6,10 @@ and a date); it outlives the case's erasure, so that a late retry of an erased c
 rather than made a new case. So it is stored as ``hmac-sha256:`` and the hex HMAC-SHA256 of the
 clinic's id and the key, under a key derived from the server-side pepper of the key file (the API
 keys' own, :mod:`core.keys`, under another label): the same key sent again finds its case, a stolen
-database does not give the keys back, a guess cannot be checked offline, and one key used by two
-clinics gives two unrelated digests.
+database does not give the keys back, a guess cannot be checked offline without the key file, and one
+key used by two clinics gives two unrelated digests. With the key file (its pepper is never rotated)
+and a copy of the database, a guess can be checked, an erased case's too: a key built from a record
+number and a date could be found by trying them, which is why docs/API.md asks portals for random keys.
 
 Cases stored before migration 0013 kept the key in plain text. The sweeper replaces those with their
 digests in batches (:func:`digest_plain_keys`); until none are left, the intake looks a key up in
