@@ -67,8 +67,13 @@ def observe_request(route: str, method: str, status: int, seconds: float) -> Non
     ``?wait=`` of up to 30 s is the queue's and the model's time, not the API's: with it, a portal's long
     polls made the API's p95 read seconds, and DermqApiLatencyHigh fire on a queue's wait).
     ``seconds``: the request's time less :data:`api.waiters.LONG_POLL_WAIT`."""
+    method = method if method in METHODS else "other"  # any token is a method: one series each, unbounded
     HTTP_REQUESTS.labels(route, method, str(status)).inc()
     HTTP_LATENCY.labels(route, method).observe(seconds)
+
+
+#: the methods counted by name; any other (``PROPFIND``, a made-up token) counts as ``other``
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class StateCollector(Collector):

@@ -48,6 +48,12 @@ ALLOWED_EXTRA = frozenset(
         "bytes",
         "retry_in",
         "window",
+        # a sweep's counts (core.recovery.log_report)
+        "requeued",
+        "failed",
+        "republished",
+        "broker_checked",
+        "callbacks_republished",
     }
 )
 

@@ -30,3 +30,16 @@ def test_the_access_log_names_the_caller_by_id(client, tenant: Tenant, caplog: p
     assert client.get("/v1/cases").status_code == 401  # no key: nobody to name
     [anonymous] = _access(caplog)
     assert "key_id" not in json.loads(JsonFormatter("api").format(anonymous))
+
+
+def test_a_method_no_route_takes_counts_as_other(client) -> None:  # type: ignore[no-untyped-def]
+    """Any token is an HTTP method: counted by name, each made a series of its own, without bound."""
+    from api.metrics import REGISTRY
+
+    def count(method: str) -> float:
+        labels = {"route": "/v1/cases", "method": method, "status": "405"}
+        return REGISTRY.get_sample_value("dermq_http_requests_total", labels) or 0.0
+
+    before = count("other")
+    assert client.request("PROPFIND", "/v1/cases").status_code == 405
+    assert count("other") == before + 1 and count("PROPFIND") == 0

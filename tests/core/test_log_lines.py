@@ -48,3 +48,19 @@ def test_a_classify_message_that_is_no_case_id_is_logged_without_it() -> None:
         worker_log.removeHandler(handler)
     (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
     assert line["event"] == "bad_message" and SECRET not in json.dumps(line)
+
+
+def test_a_sweeps_line_carries_its_counts(caplog) -> None:  # type: ignore[no-untyped-def]
+    """Its counts were extra fields the JSON lines leave out: every sweep's line said only "sweep"."""
+    import uuid
+
+    from core import recovery
+
+    report = recovery.SweepReport()
+    report.requeued.append(uuid.uuid4())
+    report.republished.extend([uuid.uuid4(), uuid.uuid4()])
+    with caplog.at_level(logging.INFO, logger=recovery.log.name):
+        recovery.log_report(report)
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "sweep"]
+    line = _line(record)
+    assert (line["requeued"], line["republished"], line["failed"], line["callbacks_republished"]) == (1, 2, 0, 0)
