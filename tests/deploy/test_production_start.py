@@ -193,14 +193,25 @@ def test_the_compose_instructions_modes_let_the_api_start(
         server.stop()
 
 
-def test_a_world_readable_key_file_stops_the_api_at_start_up(tmp_path: Path, stack_env, runtime_database) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("key_mode", [0o444, 0o440], ids=["world-readable", "group-readable"])
+def test_a_world_readable_key_file_stops_the_api_at_start_up(  # type: ignore[no-untyped-def]
+    tmp_path: Path, stack_env, runtime_database, production_redis, key_mode: int
+) -> None:
+    # 0o440, the manifests' mode, is the control: the same environment, and the API starts
     secrets_dir = tmp_path / "secrets"
-    modes = {"dermq-keys.json": 0o444, "dermq_database_url": 0o440, SIGNING_KEY: 0o440}
+    modes = {"dermq-keys.json": key_mode, "dermq_database_url": 0o440, SIGNING_KEY: 0o440}
     write_secrets(secrets_dir, stack_env, modes, runtime_database)
     env = production_env(manifests.configmap_data(), secrets_dir, stack_env)
+    base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
     server = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
     try:
-        assert server.proc.wait(60) != 0
+        if key_mode & 0o004:
+            assert server.proc.wait(60) != 0
+            assert "dermq-keys.json has mode 444" in server.output(), "the operator is told which file to fix"
+        else:
+            support.wait_for(lambda: processes.api_up(base) or not server.alive(), timeout=60, what="the API to start")
+            assert server.alive(), server.output()
+            assert httpx.get(f"{base}/readyz", timeout=10).json()["status"] == "ready"
     finally:
         server.stop()
 

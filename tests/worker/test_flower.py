@@ -43,19 +43,43 @@ def test_flower_demands_its_password_which_no_command_line_shows(stack_env, tmp_
     assert password not in flower.output()
 
 
-@pytest.mark.parametrize("password", ["", "REPLACE_ME_FLOWER_PASSWORD"])
+def production_env(stack_env: dict[str, str], password: str) -> dict[str, str]:
+    """The test stack's environment as production accepts it (the callback SSRF guard on), with
+    ``password`` as Flower's: whether Flower starts then depends on the password alone."""
+    return {
+        **stack_env,
+        "DERMQ_ENVIRONMENT": "production",
+        "DERMQ_CALLBACK_ALLOW_PRIVATE_URLS": "false",
+        "DERMQ_FLOWER_PASSWORD": password,
+        "DERMQ_FLOWER_PORT": str(support.free_port()),
+        "DERMQ_FLOWER_USER": "operator",
+    }
+
+
+@pytest.mark.parametrize("password", ["", "REPLACE_ME_FLOWER_PASSWORD", "short-pw-11"])
 def test_flower_refuses_to_start_without_a_real_password_in_production(
     stack_env, tmp_path: Path, password: str
 ) -> None:  # type: ignore[no-untyped-def]
-    env = {
-        **stack_env,
-        "DERMQ_ENVIRONMENT": "production",
-        "DERMQ_FLOWER_PASSWORD": password,
-        "DERMQ_FLOWER_PORT": str(support.free_port()),
-    }
+    env = production_env(stack_env, password)
     flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
     try:
         assert flower.proc.wait(60) != 0
+    finally:
+        flower.stop()
+    assert "DERMQ_FLOWER_PASSWORD" in flower.output(), "the operator is told which setting to fix"
+
+
+def test_flower_starts_in_production_with_a_real_password(stack_env, tmp_path: Path, redis_client) -> None:  # type: ignore[no-untyped-def]
+    # the control of the test above: the same environment, a real password
+    password = secrets.token_urlsafe(18)
+    env = production_env(stack_env, password)
+    flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
+    base = f"http://127.0.0.1:{env['DERMQ_FLOWER_PORT']}"
+    try:
+        support.wait_for(lambda: flower_answers(base) or not flower.alive(), timeout=60, what="Flower to listen")
+        assert flower.alive(), flower.output()
+        assert httpx.get(f"{base}/workers", timeout=10).status_code == 401
+        assert httpx.get(f"{base}/workers", timeout=10, auth=("operator", password)).status_code == 200
     finally:
         flower.stop()
 
