@@ -13,14 +13,44 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.common import FIXTURE_IMAGES
+from ml.labels import CLASSES
 from tests import support
 
-THROUGHPUT = re.compile(r"^torch (cpu|cuda) fp32\s+(\d+)\s+([0-9.]+) images/s\s+([0-9.]+) ms$")
+THROUGHPUT = re.compile(
+    r"^torch (?P<device>cpu|cuda) fp32\s+(?P<batch>\d+)\s+(?P<rate>[0-9.]+) images/s\s+(?P<ms>[0-9.]+) ms$"
+)
 HEAT_MAP = re.compile(r"^torch (cpu|cuda) classify \+ heat map\s+1\s+([0-9.]+) cases/s\s+([0-9.]+) ms$")
 PIPELINE = re.compile(
-    r"^pipeline DERMQ_DEVICE=(cpu|cuda) \((\d+) cases at once, (\d+) failed\)\s+-\s+([0-9.]+) cases/s "
-    r"\((?:([0-9.]+) from the first result on|all ended at once, in one batch)\)"
+    r"^pipeline DERMQ_DEVICE=(cpu|cuda)(?:, (\d+) children)? \((\d+) cases at once, (\d+) failed\)\s+-\s+([0-9.]+) "
+    r"cases/s \((?:([0-9.]+) from the first result on|all ended at once, in one batch)\)"
 )
+# the rows only a GPU host measures (bench.gpu.agreement_row, onnx_cuda_rows, oom_fallback_row)
+AGREEMENT = re.compile(
+    r"^cuda answers against the CPU's\s+(\d+)\s+(\d+)/(\d+) labels agree; "
+    r"largest probability difference ([0-9.]+e[-+]\d+)\s+-$"
+)
+ONNX_CUDA = re.compile(
+    r"^onnxruntime CUDA fp32 \([^)]+\)\s+(?P<batch>\d+)\s+(?P<rate>[0-9.]+) images/s\s+(?P<ms>[0-9.]+) ms$"
+)
+ONNX_CUDA_MISSING = re.compile(
+    r"^onnxruntime CUDA\s+-\s+not available \(no CUDAExecutionProvider: onnxruntime-gpu\)\s+-$"
+)
+OOM_FALLBACK = re.compile(
+    r"^OOM fallback \(worker _classify_image\)\s+1\s+OOM at ([0-9.]+) GiB held; answered on cpu \((\w+)\); "
+    r"([0-9.]+) GiB left allocated\s+[0-9.]+ ms$"
+)
+
+
+def assert_throughput(measured: list[re.Match[str]], batches: list[int]) -> None:
+    """Rows measured at ``batches``, each with images/s that is the batch over its p50 per batch."""
+    assert [int(m["batch"]) for m in measured] == batches
+    for m in measured:
+        assert float(m["rate"]) > 0 and float(m["ms"]) > 0
+        # images/s is the batch over the p50 per batch, within 5% and the 0.05 that printing it to one
+        # decimal may take off (a loaded run printed 0.7 for 1/1.3411 s = 0.746: 6.5% by rounding alone)
+        printed, exact = float(m["rate"]), int(m["batch"]) / (float(m["ms"]) / 1000)
+        assert abs(printed - exact) < 0.05 * printed + 0.05, (printed, exact)
 
 
 @pytest.mark.slow
@@ -74,14 +104,8 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
     rows = [line.strip() for line in lines[4:]]
 
     measured = [m for m in map(THROUGHPUT.match, rows) if m]
-    assert [int(m.group(2)) for m in measured] == ([1, 8, 32, 128] if gpu else [1, 8, 32])
-    for m in measured:
-        assert m.group(1) == ("cuda" if gpu else "cpu")
-        assert float(m.group(3)) > 0 and float(m.group(4)) > 0
-        # images/s is the batch over the p50 per batch, within 5% and the 0.05 that printing it to one
-        # decimal may take off (a loaded run printed 0.7 for 1/1.3411 s = 0.746: 6.5% by rounding alone)
-        printed, exact = float(m.group(3)), int(m.group(2)) / (float(m.group(4)) / 1000)
-        assert abs(printed - exact) < 0.05 * printed + 0.05, (printed, exact)
+    assert_throughput(measured, [1, 8, 32, 128] if gpu else [1, 8, 32])
+    assert {m["device"] for m in measured} == {"cuda" if gpu else "cpu"}
 
     # a worker's model work for one case: classification and heat map, on the same device
     heat = [m for m in map(HEAT_MAP.match, rows) if m]
@@ -90,18 +114,52 @@ def test_quick_run_prints_one_table_and_says_when_there_is_no_gpu(private_broker
 
     pipeline = [m for m in map(PIPELINE.match, rows) if m]
     # the pipeline's rows whole (a failed one says why), and the end of the run's stderr
-    assert len(pipeline) == 1, "\n".join([r for r in rows if r.startswith("pipeline")] + [run.stderr[-3000:]])
-    device, cases, failed, rate, flowing = pipeline[0].groups()
-    assert (device, int(cases), int(failed)) == ("cuda" if gpu else "cpu", 8, 0)
-    # over the whole span, and once results flow (unless the eight ended in one batch: a loaded machine's
-    # first batch can claim them all)
-    assert float(rate) > 0 and (flowing is None or float(flowing) > 0)
+    shown = "\n".join([r for r in rows if r.startswith("pipeline")] + [run.stderr[-3000:]])
+    # one worker child; on a GPU also two sharing it, as docker-compose.yml and deploy/k8s run
+    assert [(m.group(1), m.group(2)) for m in pipeline] == (
+        [("cuda", None), ("cuda", "2")] if gpu else [("cpu", None)]
+    ), shown
+    for _, _, cases, failed, rate, flowing in (m.groups() for m in pipeline):
+        assert (int(cases), int(failed)) == (8, 0), shown
+        # over the whole span, and once results flow (unless the eight ended in one batch: a loaded
+        # machine's first batch can claim them all)
+        assert float(rate) > 0 and (flowing is None or float(flowing) > 0)
     if not gpu:
         assert any(r.startswith("cuda answers against the CPU's") and "skipped: no GPU" in r for r in rows), rows
         assert any(r.startswith("onnxruntime CUDA") and "not available (no GPU)" in r for r in rows), rows
         assert any(r.startswith("OOM fallback") and "skipped: no GPU" in r for r in rows), rows
-    # torch rows, heat map, agreement, ONNX, OOM, pipeline: nothing else
-    assert len(rows) == len(measured) + 5 or gpu
+        # torch rows, heat map, agreement, ONNX, OOM, pipeline: nothing else
+        assert len(rows) == len(measured) + 5, rows
+        return
+
+    # the GPU answers as the CPU does: every fixture image the same label, probabilities close (cuDNN
+    # may round differently; a wrong device transfer or preprocessing moves them far more)
+    agreements = [m for m in map(AGREEMENT.match, rows) if m]
+    assert len(agreements) == 1, rows
+    agreement = agreements[0]
+    images, agree, of, gap = agreement.groups()
+    assert int(images) == int(agree) == int(of) == len(list(FIXTURE_IMAGES.glob("*.jpg"))), agreement.group(0)
+    assert float(gap) < 0.02, agreement.group(0)
+    # ONNX Runtime on CUDA measured at every batch size where this interpreter has its CUDA build, and
+    # else one row saying what is missing
+    import onnxruntime
+
+    onnx = [m for m in map(ONNX_CUDA.match, rows) if m]
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert_throughput(onnx, [1, 8, 32, 128])
+        onnx_rows = len(onnx)
+    else:
+        assert not onnx and sum(map(bool, map(ONNX_CUDA_MISSING.match, rows))) == 1, rows
+        onnx_rows = 1
+    # an out-of-memory error really provoked, the case answered on the CPU with a diagnosis, and the
+    # GPU memory the run filled given back (what stays allocated is the model's own weights)
+    fallbacks = [m for m in map(OOM_FALLBACK.match, rows) if m]
+    assert len(fallbacks) == 1, [r for r in rows if r.startswith("OOM")]
+    oom = fallbacks[0]
+    held, label, left = oom.groups()
+    assert label in CLASSES and float(held) > 1 and float(left) < 1, oom.group(0)
+    # torch rows, heat map, agreement, ONNX, OOM, the two pipelines: nothing else (no 'failed' row)
+    assert len(rows) == len(measured) + 1 + 1 + onnx_rows + 1 + 2, rows
 
 
 def test_on_a_gpu_host_the_cuda_build_at_or_below_the_cpu_builds_version_is_swapped_in(tmp_path: Path) -> None:
