@@ -6,17 +6,23 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from tests import support
 
 
 @pytest.fixture
-def fresh_stack_env(tmp_path: Path) -> dict[str, str]:
+def fresh_stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The environment of a `make run` on a database that does not exist yet and an empty Redis
+    database; afterwards the database, the two logins `make run` creates for it (core.devstack) and
+    the Redis data are gone again."""
     database = f"{support.TEST_DATABASE}_makerun"
     env = support.test_env(
         tmp_path,
@@ -28,9 +34,25 @@ def fresh_stack_env(tmp_path: Path) -> dict[str, str]:
         DERMQ_CALLBACK_WORKER_METRICS_PORT=str(support.free_port()),
         DERMQ_FLOWER_PORT=str(support.free_port()),
     )
-    support.drop_database(env["DERMQ_DATABASE_URL"])  # make run must create the database itself
-    redis.Redis.from_url(env["DERMQ_REDIS_URL"]).flushdb()
-    return env
+    client = redis.Redis.from_url(env["DERMQ_REDIS_URL"])
+    forget_stack(env["DERMQ_DATABASE_URL"], client)  # make run must create the database and its roles itself
+    try:
+        yield env
+    finally:
+        forget_stack(env["DERMQ_DATABASE_URL"], client)
+        client.close()
+
+
+def forget_stack(url: str, client: redis.Redis) -> None:
+    """Drop the database of ``url`` and its owner and runtime logins, and empty the Redis database."""
+    support.drop_database(url)
+    name = make_url(url).database
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        for role in (f"{name}_owner", f"{name}_app"):
+            connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+    admin.dispose()
+    client.flushdb()
 
 
 @pytest.mark.slow
