@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,6 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from api.app import create_app
+from api.auth_turns import Turns
 from tests import support
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -120,6 +123,20 @@ def test_guesses_sent_at_once_are_checked_no_more_often_than_the_limit(strict, m
     assert codes.count(401) <= 3 and set(codes) <= {401, 429}, codes  # 4 a minute, one spent above
 
 
+class CountedTurns(Turns):
+    """The API's key-check turns (api.auth_turns), counting the requests that have asked for one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    @contextlib.asynccontextmanager
+    async def turn(self, name: str) -> AsyncIterator[None]:
+        self.asked += 1  # on the event loop, like every turn
+        async with super().turn(name):
+            yield
+
+
 def test_guesses_sent_at_once_into_a_quiet_bucket_are_checked_no_more_often_than_the_limit(  # type: ignore[no-untyped-def]
     strict, make_key, settings
 ) -> None:
@@ -128,14 +145,20 @@ def test_guesses_sent_at_once_into_a_quiet_bucket_are_checked_no_more_often_than
     # the first check waiting while the burst arrives: the checks of a bucket take turns.
     prefix = make_key().token.split("_")[1]
     guess = {"Authorization": f"Bearer dq_{prefix}_" + "H" * 43}
+    turns = strict.app.state.dermq.auth_turns = CountedTurns()
     engine = create_engine(settings.database_url)
     waiting = text("SELECT count(*) FROM pg_locks WHERE relation = 'api_keys'::regclass AND NOT granted")
     try:
         with ThreadPoolExecutor(12) as pool, engine.connect() as connection:
             connection.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
             answers = [pool.submit(lambda: strict.get("/v1/cases", headers=guess).status_code) for _ in range(12)]
-            support.wait_for(lambda: connection.execute(waiting).scalar(), timeout=30, what="a check at the lock")
-            time.sleep(1.0)  # the rest of the burst arrives: at the lock, or waiting for its turn
+            # the whole burst has arrived before the first check may go on: one at the lock, the rest
+            # waiting for their turn
+            support.wait_for(
+                lambda: turns.asked == 12 and connection.execute(waiting).scalar(),
+                timeout=30,
+                what="a check at the lock and the burst waiting for its turn",
+            )
             connection.rollback()
             codes = sorted(answer.result() for answer in answers)
     finally:
