@@ -109,6 +109,11 @@ class Worker(Process):
         """The tasks its children are running now, as the control API's ``inspect().active()`` says."""
         return list(self._inspected("active", timeout=1) or [])
 
+    def scheduled(self) -> list[dict[str, Any]]:
+        """The tasks it holds until their countdown ends (a retry waiting out its backoff), as the control
+        API's ``inspect().scheduled()`` says: each an ``eta`` and the task's ``request``."""
+        return list(self._inspected("scheduled", timeout=1) or [])
+
     def stats(self) -> dict[str, Any]:
         """Its statistics, as the control API's ``inspect().stats()`` says ({} when it does not answer)."""
         return dict(self._inspected("stats", timeout=2) or {})

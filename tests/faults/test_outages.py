@@ -66,7 +66,7 @@ def test_a_redis_outage_still_accepts_cases_fast_and_completes_them_afterwards(s
 
 
 def test_a_postgres_outage_answers_503_and_loses_nothing(stack: FaultStack) -> None:
-    stack.start_worker("postgres", {"sleep": 2})
+    worker = stack.start_worker("postgres", {"sleep": 2})
     before = [stack.accepted(image) for image in stack.images[:3]]
     pending = set(before)
     # Wait until one of these cases is being classified (claimed, then held 2 s in inference by the
@@ -90,7 +90,18 @@ def test_a_postgres_outage_answers_503_and_loses_nothing(stack: FaultStack) -> N
         ready = httpx.get(f"{stack.base_url}/readyz", timeout=10)
         assert ready.status_code == 503
         assert ready.json()["checks"]["postgres"].startswith("unreachable") and ready.json()["checks"]["redis"] == "ok"
-        time.sleep(3)  # the running job's commit fails meanwhile: a transient error, retried with backoff
+
+        def retrying() -> bool:
+            """Whether the running job's commit has failed meanwhile (a transient error): the task of one
+            of these cases is retried with backoff, holding its attempt (waiting out its countdown, or
+            trying again)."""
+            tasks = worker.active() + [entry["request"] for entry in worker.scheduled()]
+            return any(
+                "requeue_attempt" in task["kwargs"] and any(str(case_id) in str(task["args"]) for case_id in before)
+                for task in tasks
+            )
+
+        support.wait_for(retrying, timeout=60, interval=0.05, what="the running job's commit to fail and be retried")
     finally:
         stack.pg.start()
 
