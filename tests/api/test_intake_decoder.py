@@ -13,6 +13,7 @@ import io
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -26,6 +27,15 @@ from ml import images
 from ml.images import DEFAULT_LIMITS, ImageHeader, InvalidImage
 
 SIDE = 512
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 10) -> None:
+    """Let the event loop run (the uploads' tasks, the decoder's threads) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +189,11 @@ def test_an_upload_that_waits_too_long_for_a_decoder_thread_is_answered_429(
     blocker = bytes(bytearray(jpeg_bytes))  # equal bytes, another object
     real = intake_limits.working_copy.decode_upload
 
+    holding = threading.Event()
+
     def slow_for_the_blocker(data: bytes, *args: Any, **kwargs: Any) -> Any:
         if data is blocker:
+            holding.set()
             release.wait(30)
         return real(data, *args, **kwargs)
 
@@ -194,7 +207,7 @@ def test_an_upload_that_waits_too_long_for_a_decoder_thread_is_answered_429(
 
     async def both() -> Any:
         first = asyncio.ensure_future(decoder.decode_upload(blocker, DEFAULT_LIMITS, working_side=SIDE, alongside=work))
-        await asyncio.sleep(0.05)  # the blocker holds the only thread
+        await until(holding.is_set, "the blocker to hold the only thread")
         started = time.monotonic()
         with pytest.raises(RateLimited) as refused:
             await decoder.decode_upload(jpeg_bytes, DEFAULT_LIMITS, working_side=SIDE, alongside=work)
@@ -216,18 +229,28 @@ def test_an_upload_cancelled_or_stopped_while_it_waits_for_a_thread_is_never_dec
     nobody; and the threads stopped under a waiting upload (the app's shutdown) answered it 500. Now
     the first never runs and the second is told to retry (429). (Found by a review.)"""
     release = threading.Event()
-    blocker = bytes(bytearray(jpeg_bytes))
+    blockers = [bytes(bytearray(jpeg_bytes)) for _ in range(2)]  # equal bytes, other objects
     real = intake_limits.working_copy.decode_upload
     ran: list[str] = []
 
     def slow_for_the_blocker(data: bytes, *args: Any, **kwargs: Any) -> Any:
-        ran.append("blocker" if data is blocker else "other")
-        if data is blocker:
+        blocking = any(data is blocker for blocker in blockers)
+        ran.append("blocker" if blocking else "other")
+        if blocking:
             release.wait(30)
         return real(data, *args, **kwargs)
 
     monkeypatch.setattr(intake_limits.working_copy, "decode_upload", slow_for_the_blocker)
+    handed: list[object] = []  # the decodes handed to the decoder's threads: running, or queued for one
+
+    class CountedPool(ThreadPoolExecutor):
+        def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+            handed.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(intake_limits, "ThreadPoolExecutor", CountedPool)
     decoder = Decoder(256 * 2**20, threads=1)
+    decoder.budget.wait_seconds = 60  # no upload gives up waiting for the thread on its own meanwhile
 
     async def nothing(header: ImageHeader) -> None:
         return None
@@ -235,27 +258,45 @@ def test_an_upload_cancelled_or_stopped_while_it_waits_for_a_thread_is_never_dec
     def upload(data: bytes) -> asyncio.Future[Any]:
         return asyncio.ensure_future(decoder.decode_upload(data, DEFAULT_LIMITS, working_side=SIDE, alongside=nothing))
 
-    async def scenario() -> BaseException | None:
-        first = upload(blocker)
-        await asyncio.sleep(0.05)  # the blocker holds the only thread
-        cancelled = upload(jpeg_bytes)
-        await asyncio.sleep(0.05)
+    async def holding_the_thread(blocker: bytes) -> asyncio.Future[Any]:
+        """An upload of ``blocker``, decoding on the only thread until ``release`` is set."""
+        release.clear()
+        held = ran.count("blocker") + 1
+        future = upload(blocker)
+        await until(lambda: ran.count("blocker") == held, "the blocker to hold the only thread")
+        return future
+
+    async def waiting_for_the_thread(data: bytes) -> asyncio.Future[Any]:
+        queued = len(handed) + 1
+        future = upload(data)
+        await until(lambda: len(handed) == queued, "the upload to wait for the thread")
+        return future
+
+    async def scenario() -> tuple[list[str], BaseException | None]:
+        first = await holding_the_thread(blockers[0])
+        cancelled = await waiting_for_the_thread(jpeg_bytes)
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled
-        stopped = upload(jpeg_bytes)
-        await asyncio.sleep(0.05)
+        release.set()
+        await first
+        await upload(jpeg_bytes)  # decoded on the only thread after the cancelled upload's turn there
+        after_cancelling = list(ran)
+
+        second = await holding_the_thread(blockers[1])
+        stopped = await waiting_for_the_thread(jpeg_bytes)
         decoder.close()  # the app's shutdown: the queued decode is dropped
         try:
-            await stopped
+            await asyncio.wait_for(stopped, 10)  # answered at once, not when the thread is free
         except BaseException as exc:  # what the request would answer is the point
             outcome: BaseException | None = exc
         else:
             outcome = None
         release.set()
-        await first
-        return outcome
+        await second
+        return after_cancelling, outcome
 
-    outcome = asyncio.run(scenario())
-    assert isinstance(outcome, RateLimited) and outcome.status == 429
-    assert ran == ["blocker"]
+    after_cancelling, outcome = asyncio.run(scenario())
+    assert after_cancelling == ["blocker", "other"]  # the cancelled upload never decoded, the next one did
+    assert isinstance(outcome, RateLimited) and outcome.status == 429, repr(outcome)
+    assert ran == ["blocker", "other", "blocker"]  # nor did the stopped one
