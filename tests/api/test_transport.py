@@ -47,10 +47,10 @@ def test_uvicorn_serves_tls_with_hsts(stack_env, tmp_path: Path, tenant) -> None
             context.wrap_socket(raw, server_hostname="localhost") as tls,
         ):
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
+            # the certificate served is the one DERMQ_TLS_CERTFILE names
+            assert tls.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(cert.read_text())
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://localhost:{port}/healthz", timeout=3)  # no plaintext on the TLS port
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"https://localhost:{port}/healthz", timeout=3)  # and the certificate is checked
     finally:
         server.stop()
 
