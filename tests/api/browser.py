@@ -18,11 +18,6 @@ from typing import Any
 
 CHROMIUM = Path(os.environ.get("DERMQ_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("DERMQ_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"))
-#: screenshots and downloads of the browser tests (git-ignored)
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-#: where the browser saves downloads: a folder per pytest-xdist worker (each runs its own browser, and
-#: cleaning one shared folder raced another worker's)
-DOWNLOADS = ARTIFACTS / "downloads" / (os.environ.get("PYTEST_XDIST_WORKER") or "main")
 
 #: registered in every new document before the page's scripts run
 RECORD_VIOLATIONS = """
@@ -45,8 +40,9 @@ def missing() -> str | None:
     return None
 
 
-def start(downloads: Path, *, width: int = 1280, height: int = 1000) -> Any:
-    """A headless Chromium (webdriver.Chrome) whose downloads go to ``downloads``."""
+def start(downloads: Path, log: Path, *, width: int = 1280, height: int = 1000) -> Any:
+    """A headless Chromium (webdriver.Chrome) whose downloads go to ``downloads``; chromedriver writes
+    its log to ``log``."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -63,11 +59,10 @@ def start(downloads: Path, *, width: int = 1280, height: int = 1000) -> Any:
     ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    ARTIFACTS.mkdir(exist_ok=True)
     options.add_experimental_option(
         "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
     )
-    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(ARTIFACTS / "chromedriver.log"))
+    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(log))
     driver = webdriver.Chrome(options=options, service=service)
     driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_VIOLATIONS})
     driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
@@ -91,10 +86,8 @@ def wait_until(driver: Any, condition: Callable[[Any], Any], timeout: float = 60
     return wait.until(condition, message=f"waiting for {what}")
 
 
-def screenshot(driver: Any, name: str) -> Path:
-    """Save the whole page as tests/artifacts/<name>.png (the window is resized to the page's height)."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
+def screenshot(driver: Any, path: Path) -> Path:
+    """Save the whole page as the PNG ``path`` (the window is resized to the page's height)."""
     size = driver.get_window_size()
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(size["width"], max(size["height"], min(int(height) + 120, 6000)))

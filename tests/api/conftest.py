@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,15 +27,22 @@ def waiting_client(settings, database, private_broker) -> Iterator[TestClient]: 
 
 
 @pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
+def browser_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The browser's folder for this test module, under pytest's temporary directory: its downloads
+    (``downloads/``) and chromedriver's log."""
+    return tmp_path_factory.mktemp("browser")
+
+
+@pytest.fixture(scope="module")
+def chromium(browser_files: Path) -> Iterator[Any]:
     """A headless Chromium (Selenium webdriver), one per test module (a browser left idle for minutes
     while other modules run, after another page's downloads, once failed to run the next page's
-    modules); downloads go to tests/artifacts/downloads/<xdist worker>. Skipped, saying why, only where the browser
+    modules); downloads go to ``browser_files``/downloads. Skipped, saying why, only where the browser
     or Selenium is absent."""
     reason = browser.missing()
     if reason is not None:
         pytest.skip(f"browser tests need Debian's chromium and chromedriver and selenium: {reason}")
-    driver = browser.start(browser.clean_downloads(browser.DOWNLOADS))
+    driver = browser.start(browser.clean_downloads(browser_files / "downloads"), browser_files / "chromedriver.log")
     try:
         yield driver
     finally:

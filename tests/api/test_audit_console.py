@@ -35,7 +35,7 @@ def downloaded(folder: Path, name: str) -> Path:
 
 
 def test_the_auditor_finds_the_upload_and_exports_it(  # type: ignore[no-untyped-def]
-    page, live_api: str, make_key, fixture_images: dict[str, Path], settings
+    page, browser_files: Path, live_api: str, make_key, fixture_images: dict[str, Path], settings, tmp_path: Path
 ) -> None:
     from core.checkpoint import load_signing_keys
 
@@ -69,10 +69,10 @@ def test_the_auditor_finds_the_upload_and_exports_it(  # type: ignore[no-untyped
         ("case.create", case_id)
     ]
     assert str(clinic.clinic_id) in rows[0].text and "success" in rows[0].text
-    browser.screenshot(page, "audit-console")
+    browser.screenshot(page, tmp_path / "audit-console.png")
 
     # the same filters exported: the browser saves the files (fetched with the key, through blob: URLs)
-    downloads = browser.clean_downloads(browser.DOWNLOADS)
+    downloads = browser.clean_downloads(browser_files / "downloads")
     status = page.find_element(By.ID, "export-status")
     page.find_element(By.ID, "export-csv").click()
     browser.wait_until(page, lambda _: status.get_attribute("data-format") == "csv", what="the CSV export")

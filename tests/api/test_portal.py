@@ -1,7 +1,8 @@
 """The clinic portal in a real headless Chromium, against the real stack (API process, Celery worker,
 Postgres, Redis): a clinician submits a real image and sees the diagnosis and the heat map; an image that is
 not a lesion says so; an API problem is shown in words; erasing asks first; nothing raises a console error
-or a CSP violation, and the key never leaves the page's memory. Screenshots go to tests/artifacts/."""
+or a CSP violation, and the key never leaves the page's memory. Screenshots go to each test's
+tmp_path."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def api_case(base: str, token: str, case_id: str) -> dict[str, Any]:
 
 
 def test_a_clinician_submits_an_image_and_sees_the_diagnosis_and_heat_map(  # type: ignore[no-untyped-def]
-    page, live_api: str, make_key, fixture_images: dict[str, Path], settings
+    page, live_api: str, make_key, fixture_images: dict[str, Path], settings, tmp_path: Path
 ) -> None:
     clinic = make_key()
     browser.open_page(page, f"{live_api}/portal/", clinic.token)
@@ -90,7 +91,7 @@ def test_a_clinician_submits_an_image_and_sees_the_diagnosis_and_heat_map(  # ty
         key = session.get(Case, stored["id"]).idempotency_key
     assert key and key.startswith("hmac-sha256:")  # stored as a keyed digest (core.idempotency)
     assert browser.problems(page) == []
-    browser.screenshot(page, "portal-diagnosis")
+    browser.screenshot(page, tmp_path / "portal-diagnosis.png")
 
     # the model cards behind the links (each opens in a tab of its own: followed here in this one)
     card_links = [page.find_element(By.ID, "model-card-link"), page.find_element(By.CSS_SELECTOR, "#result .model a")]
@@ -124,7 +125,7 @@ def test_an_image_that_is_not_a_lesion_says_so_at_phone_width(page, live_api: st
     assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     assert page.find_element(By.ID, "disclaimer").is_displayed()
     assert browser.problems(page) == []
-    browser.screenshot(page, "portal-not-a-lesion-phone")
+    browser.screenshot(page, tmp_path / "portal-not-a-lesion-phone.png")
 
 
 def test_a_refused_upload_is_explained_in_words(page, live_api: str, make_key, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
