@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,15 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def p50(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def rate_after(finished: Sequence[datetime], start: datetime) -> float:
+    """Finishes per second from ``start`` (a finish time) to the last finish, counting only those after
+    ``start``: the cases a batch stored with the one at ``start`` share its time, and counting them as
+    finished inside the window read a faster rate (up to 63 of 56 for 64 cases in batches of 8)."""
+    after = sum(1 for at in finished if at > start)
+    span = (max(finished) - start).total_seconds() if finished else 0.0
+    return after / span if after and span > 0 else float("nan")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

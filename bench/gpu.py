@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXTURE_IMAGES, ms, p50, percentile, stack_layout, table, timed
+from bench.common import FIXTURE_IMAGES, ms, p50, percentile, rate_after, stack_layout, table, timed
 from tests import processes, support
 
 DATABASE = "dermq_bench_gpu"
@@ -66,7 +66,8 @@ def torch_rows(predictor: Any, batches: Sequence[int], repeats: int) -> list[lis
 
 
 def onnx_cuda_rows(predictor: Any, batches: Sequence[int], repeats: int) -> list[list[str]]:
-    """ONNX Runtime on CUDA over the entry's verified graph; one 'not available' row without it."""
+    """ONNX Runtime on CUDA over the entry's verified graph, a bare pass over a ready tensor (the torch
+    rows classify: preprocessing, the gate and the decision too); one 'not available' row without it."""
     import numpy as np
     import onnxruntime as ort
 
@@ -76,7 +77,14 @@ def onnx_cuda_rows(predictor: Any, batches: Sequence[int], repeats: int) -> list
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return [["onnxruntime CUDA", "-", "not available (no CUDAExecutionProvider: onnxruntime-gpu)", "-"]]
     entry = registry.resolve(predictor.info.model_id)
-    session = ort.InferenceSession(registry.read_verified(entry, "onnx_fp32"), providers=["CUDAExecutionProvider"])
+    graph = registry.read_verified(entry, "onnx_fp32")
+    # float32, as the torch rows run (ml.backends.float32_on_cuda): the CUDA provider's convolutions may
+    # use TF32 unless told not to; a provider without that option runs as it does, and the row says so
+    precision = "fp32"
+    try:
+        session = ort.InferenceSession(graph, providers=[("CUDAExecutionProvider", {"use_tf32": "0"})])
+    except Exception:  # an option this onnxruntime does not know
+        session, precision = ort.InferenceSession(graph, providers=["CUDAExecutionProvider"]), "fp32, TF32 allowed"
     if session.get_providers()[0] != "CUDAExecutionProvider":
         return [["onnxruntime CUDA", "-", f"not available (session got {session.get_providers()})", "-"]]
     height, width = predictor.prep.input_size
@@ -86,7 +94,7 @@ def onnx_cuda_rows(predictor: Any, batches: Sequence[int], repeats: int) -> list
         x = rng.standard_normal((batch, 3, height, width), dtype=np.float32)
         rows.append(
             throughput_row(
-                f"onnxruntime CUDA fp32 ({ort.__version__})",
+                f"onnxruntime CUDA {precision}, bare pass ({ort.__version__})",
                 batch,
                 timed(functools.partial(session.run, None, {INPUT: x}), repeats),
             )
@@ -230,8 +238,7 @@ def flowing_rate(env: dict[str, str], case_ids: list[str]) -> float:
     with session_scope(support.settings_for(env)) as session:
         ids = [uuid.UUID(i) for i in case_ids]
         ended = sorted(at for at in session.scalars(select(Case.finished_at).where(Case.id.in_(ids))) if at is not None)
-    span = (ended[-1] - ended[0]).total_seconds() if len(ended) > 1 else 0.0
-    return (len(ended) - 1) / span if span > 0 else float("nan")
+    return rate_after(ended, ended[0]) if ended else float("nan")
 
 
 def guarded(label: str, measure: Callable[[], list[list[str]]]) -> list[list[str]]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from bench.common import FIXTURE_IMAGES, camera_jpegs, image_sizes, ms, p50, percentile, stack_layout, table
+from bench.common import FIXTURE_IMAGES, camera_jpegs, image_sizes, ms, p50, percentile, rate_after, stack_layout, table
 from bench.machine import processor
 from tests import processes, support
 
@@ -163,17 +163,20 @@ def drain_rate(settings: object, backlog_ids: list[str]) -> tuple[float, int]:
         )
         failed = session.scalar(select(func.count()).select_from(Case).where(Case.id.in_(ids), Case.status == "failed"))
     skip = max(1, int(len(finished) * WARM_UP))
-    return (len(finished) - 1 - skip) / (finished[-1] - finished[skip]).total_seconds(), int(failed or 0)
+    return rate_after(finished, finished[skip]), int(failed or 0)
 
 
-def _raw_worker(model: str, device: str, overlay: int, images: list[bytes], threads: int, n: int) -> float:
-    """Seconds per image for classification + heat map, decoded as the worker decodes."""
+def _raw_worker(
+    model: str, device: str, backend: str, overlay: int, images: list[bytes], threads: int, n: int
+) -> float:
+    """Seconds per image for classification + heat map, decoded as the worker decodes, on the threads a
+    worker child has (ONNX Runtime's included: its default of two each oversubscribed the cores)."""
     from ml.images import decode
     from ml.predictor import Predictor
     from worker.runtime import pin_threads
 
     pin_threads(threads)  # as a worker child: torch's threads, and NumPy's BLAS on one
-    predictor = Predictor.load(model, device=device)
+    predictor = Predictor.load(model, device=device, backend=backend, threads=threads, overlay_max_side=overlay)
     for data in images[:3]:
         image = decode(data, reduce_to=overlay).image
         predictor.explain(image, predictor.classify([image])[0])
@@ -189,10 +192,11 @@ def raw_predictor(settings: object, images: list[bytes], concurrency: int) -> tu
     each with the thread count a worker child gets."""
     from concurrent.futures import ProcessPoolExecutor
 
-    import torch
+    from worker.runtime import threads_per_child
 
-    threads = max(1, torch.get_num_threads() // concurrency) if concurrency > 1 else torch.get_num_threads()
-    job = (settings.model, settings.device, settings.overlay_max_side, images, threads, 150)  # type: ignore[attr-defined]
+    # the worker's own rule for its children's threads, at the benchmark's concurrency
+    threads = threads_per_child(settings.model_copy(update={"worker_concurrency": concurrency}))  # type: ignore[attr-defined]
+    job = (settings.model, settings.device, settings.backend, settings.overlay_max_side, images, threads, 150)  # type: ignore[attr-defined]
     if concurrency == 1:
         seconds = [_raw_worker(*job)]
     else:

@@ -31,7 +31,8 @@ AGREEMENT = re.compile(
     r"largest probability difference ([0-9.]+e[-+]\d+)\s+-$"
 )
 ONNX_CUDA = re.compile(
-    r"^onnxruntime CUDA fp32 \([^)]+\)\s+(?P<batch>\d+)\s+(?P<rate>[0-9.]+) images/s\s+(?P<ms>[0-9.]+) ms$"
+    r"^onnxruntime CUDA fp32(, TF32 allowed)?, bare pass \([^)]+\)"
+    r"\s+(?P<batch>\d+)\s+(?P<rate>[0-9.]+) images/s\s+(?P<ms>[0-9.]+) ms$"
 )
 ONNX_CUDA_MISSING = re.compile(
     r"^onnxruntime CUDA\s+-\s+not available \(no CUDAExecutionProvider: onnxruntime-gpu\)\s+-$"
