@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,9 +260,12 @@ def main(argv: list[str] | None = None) -> None:
             "dermq": lambda n: DermqSession(base, tokens[n], args.wait),
         }
 
+        warm_errors: dict[str, Counter[str]] = {name: Counter() for name in openers}
+
         def warm_up(clients: int) -> None:
             for name, opener in openers.items():
                 warm = closed_loop(opener, images, clients, args.warmup_seconds)
+                warm_errors[name].update(warm.errors)  # counted: the first burst is where start-up fails
                 if warm.errors:
                     print(f"warm-up of {name}: {dict(warm.errors)}", file=sys.stderr)
 
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         if not finished:
             print(f"the servers' logs are in {workdir}", file=sys.stderr)
 
-    figures = {name: Figures(idle[name], runs[name], idle_errors[name]) for name in openers}
+    figures = {name: Figures(idle[name], runs[name], idle_errors[name] + warm_errors[name]) for name in openers}
     labels = (
         f"BentoML peer ({args.peer_workers} workers x 1 thread)",
         f"dermq make run ({api_processes} API, {children} children x {threads} thread)",

@@ -11,7 +11,8 @@ the same modules: :func:`ml.images.decode` as the worker calls it (draft mode do
 verified ``model.onnx`` with the session options of :func:`ml.backends.create_session`, and
 :class:`ml.decision.DecisionPolicy` for the calibrated probabilities and the label. Those modules
 need NumPy and Pillow, and PyTorch for an entry whose resampler is PyTorch's (the shipped v4). It does
-not draw a heat map, encrypt, store or audit anything.
+not run the out-of-distribution gate or the referral rule (dermq's ``predict`` does: about 1 ms of its
+case), draw a heat map, encrypt, store or audit anything.
 
 Configured by the environment the benchmark sets: ``DERMQ_PEER_MODEL`` (registry entry),
 ``DERMQ_PEER_WORKERS``, ``DERMQ_PEER_THREADS`` (ONNX Runtime intra-op threads per worker),
