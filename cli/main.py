@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             err=True,
         )
         return BAD_INPUT
+    except OSError as exc:  # a key, lock or signing file that cannot be read or written (a folder missing, read-only)
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or type(exc).__name__}{where}", err=True)
+        return BAD_INPUT
     except OperationalError as exc:
         if getattr(exc.orig, "pgcode", None) is not None:  # a deadlock, a timeout...: the server answered
             raise

@@ -174,6 +174,13 @@ def test_an_unusable_key_file_exits_2(settings, tmp_path) -> None:  # type: igno
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
+def test_a_key_file_whose_folder_is_missing_exits_2_naming_it(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    missing = tmp_path / "no-such-folder" / "keys.json"
+    result = run(settings, "keys", "retire", "kek-x", DERMQ_KEY_FILE=str(missing))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert str(missing.parent) in result.stderr
+
+
 def test_a_database_that_cannot_be_reached_is_one_error_line(settings) -> None:  # type: ignore[no-untyped-def]
     nobody = f"postgresql://dermq@127.0.0.1:{support.free_port()}/dermq"  # as psql writes it: no driver named
     result = run(settings, "clinic", "list", DERMQ_DATABASE_URL=nobody)
