@@ -5,8 +5,8 @@ as the owner, the encryption and audit signing key files, the demo clinic and ke
 password), then runs the API, a classification worker, a callback worker ("hooks"), Celery beat
 and Flower as child processes with their logs interleaved, each line prefixed with its process name. The
 services log in as the runtime role, which may only insert and read the audit tables. Ctrl-C
-(or SIGTERM) stops them all: a warm shutdown first, so the running case finishes, then a kill for
-anything still alive after the grace period. If one process dies, the others are stopped too.
+(or SIGTERM, or the terminal closing) stops them all: a warm shutdown first, so the running case
+finishes, then a kill for anything still alive after the grace period. If one process dies, the others are stopped too.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ GRACE_SECONDS = 30
 def say(name: str, line: str) -> None:
     colour = COLOURS.get(name, "0")
     prefix = f"\033[{colour}m{name:<6}|\033[0m " if sys.stdout.isatty() else f"{name:<6}| "
-    sys.stdout.write(prefix + line.rstrip("\n") + "\n")
-    sys.stdout.flush()
+    with contextlib.suppress(OSError):  # the terminal gone (closed, an SSH session dropped): stop all the same
+        sys.stdout.write(prefix + line.rstrip("\n") + "\n")
+        sys.stdout.flush()
 
 
 def default_api_processes() -> int:
@@ -122,6 +123,12 @@ class Stack:
         self.processes: dict[str, subprocess.Popen[str]] = {}
         self.stopping = threading.Event()
 
+    def stop_on_signals(self) -> None:
+        """Ctrl-C, SIGTERM, and the terminal closing (SIGHUP) stop the whole stack: its processes run
+        in sessions of their own, which no terminal's hang-up reaches, and would outlive this one."""
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, self.stop)
+
     def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
         process = subprocess.Popen(  # noqa: S603 - our own commands
             args,
@@ -193,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     bin_dir = Path(sys.executable).parent
     celery = [str(bin_dir / "celery"), "-A", "worker.celery_app"]
     stack = Stack()
-    signal.signal(signal.SIGINT, stack.stop)
-    signal.signal(signal.SIGTERM, stack.stop)
+    stack.stop_on_signals()
     stack.start("api", [str(bin_dir / "dermq-api")], env)
     stack.start(
         "worker",
