@@ -62,8 +62,9 @@ def purge_expired(dry_run: bool) -> int:
     click.echo(f"dropped {report.field_cells} monthly field-tally count(s) older than the last {months} months")
     days = settings.callback_history_days
     click.echo(f"deleted {report.callback_deliveries} settled callback delivery record(s) older than {days} days")
-    if report.failed:  # the others ran all the same
-        click.echo(f"failed: {', '.join(report.failed)} (the log's retention_step_failed says why)", err=True)
+    for step in report.failed:  # the others ran all the same
+        click.echo(f"failed: {step} ({report.why.get(step, 'see the log: retention_step_failed')})", err=True)
+    if report.failed:
         return 1
     return 0
 

@@ -179,9 +179,10 @@ def periods(as_json: bool) -> int:
     settings = get_settings()
     with session_scope(settings) as session:
         rows = [p.as_dict() for p in period_shredding.periods(session, settings)]
+    unreadable = [row for row in rows if row["problem"]]
     if as_json:
         click.echo(json.dumps(rows))
-        return 0
+        return 1 if unreadable else 0
     if not rows:
         click.echo("no period keys yet (the first case creates its period's key)")
         return 0
@@ -191,7 +192,9 @@ def periods(as_json: bool) -> int:
         click.echo(
             f"{row['period']:<10} {row['state']:<9} {row['cases']:>6} {row['live']:>6} {row['blobs']:>7}  {when}"
         )
-    return 0
+    for row in unreadable:  # its cases cannot be opened here
+        click.echo(f"period key {row['period']} cannot be read: {row['problem']}", err=True)
+    return 1 if unreadable else 0
 
 
 @keys.command("destroy-period", help="destroy a period's key: its blobs, in the database or a backup, are lost")

@@ -88,6 +88,9 @@ def verify(model_id: str | None) -> int:
             "(docker compose exec worker dermq model verify)"
         ) from None
 
+    from ml import registry
+
+    registry.resolve(model_id or get_settings().model)  # a mistyped id: exit 2 naming it, not "failed verification"
     checks = verify_entry(model_id or get_settings().model)
     for name, passed, detail in checks:
         click.echo(f"{'ok  ' if passed else 'FAIL'}  {name}: {detail}")

@@ -4,6 +4,7 @@ submits the demo image shipped in ``core/demo_data/``."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from core import audit, clinics, keys
 from core.config import ROOT, Settings
 from core.crypto import load_keyring
 from core.db import session_scope
-from core.errors import DermqError
+from core.errors import DermqError, Unauthorized
 from core.models import Role
 
 DEMO_CLINIC = "Demo Clinic"
@@ -29,11 +30,19 @@ class DemoKey:
 def ensure_demo_key(
     settings: Settings, *, clinic_name: str, key_file: Path, actor: audit.Actor = audit.SYSTEM
 ) -> DemoKey:
-    """The demo clinic's key: read from key_file, or (first run) the clinic and a clinic key created and
-    the key written there with mode 0600."""
-    if key_file.exists():
-        return DemoKey(key_file.read_text().strip(), created=False)
+    """The demo clinic's key: read from key_file while the database still takes it, or (a first run, a
+    database made anew, the key revoked) the clinic and a clinic key created and the key written there
+    with mode 0600."""
     keyring = load_keyring(settings)
+    if key_file.exists():
+        token = key_file.read_text().strip()
+        with session_scope(settings) as session:
+            try:
+                keys.authenticate(session, keyring, token)
+            except Unauthorized:  # printed, it would have answered 401
+                pass
+            else:
+                return DemoKey(token, created=False)
     with session_scope(settings) as session:
         try:
             clinic = clinics.get_clinic(session, clinic_name)
@@ -56,7 +65,7 @@ def instructions(settings: Settings, demo: DemoKey, *, clinic_name: str, key_fil
         f"{'created' if demo.created else 'reusing'} demo clinic '{clinic_name}' key (kept in {key_file}):",
         f"  {demo.token}",
         "submit an image and poll for the result:",
-        f"  curl -s {auth} -F image=@{DEMO_IMAGE} {base}/v1/cases",
+        f"  curl -s {auth} -F image=@{shlex.quote(str(DEMO_IMAGE))} {base}/v1/cases",
         f"  curl -s {auth} {base}/v1/cases/<id>",
         f"or paste the key into the clinic portal: {base}/portal/ (auditors: {base}/audit/)",
     ]

@@ -48,6 +48,8 @@ ALLOWED_EXTRA = frozenset(
         "bytes",
         "retry_in",
         "window",
+        "step",  # a retention step that failed (core.retention)
+        "detail",  # its error's message, when the error is dermq's own (no patient data)
         # a sweep's counts (core.recovery.log_report)
         "requeued",
         "failed",

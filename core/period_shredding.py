@@ -121,6 +121,8 @@ class PeriodStatus:
     #: when retention destroys it (once no case is live); None once destroyed
     destroy_after: str | None
     destroyed_at: str | None
+    #: why its file cannot be read (its mode, its content): this process cannot open its cases
+    problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,13 +158,18 @@ def _status(session: Session, settings: Settings, entry: Any, now: datetime) -> 
         entry.wrapped_by,
         None if entry.destroyed_at else after.isoformat(timespec="seconds"),
         entry.destroyed_at,
+        entry.problem,
     )
 
 
 def periods(session: Session, settings: Settings, *, now: datetime | None = None) -> list[PeriodStatus]:
-    """Every period with a key or a tombstone, oldest first, with its cases, live cases and blobs."""
+    """Every period with a key or a tombstone, oldest first, with its cases, live cases and blobs. A
+    KeyringError if the folder is missing (a volume not mounted): no period could be read."""
     at = now or datetime.now(UTC)
-    return [_status(session, settings, entry, at) for entry in folder(settings).list()]
+    keys = folder(settings)
+    keys.require_folder()
+    _refuse_a_stranger_folder(session, keys)  # an empty folder while data are sealed under period keys
+    return [_status(session, settings, entry, at) for entry in keys.list()]
 
 
 # --------------------------------------------------------------------------- destruction

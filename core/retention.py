@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import ColumnElement, delete, func, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import announcements, audit, callback_secrets, cases, results
@@ -171,6 +171,8 @@ class RetentionRun:
     callback_deliveries: int
     #: the steps that failed (logged, ``retention_step_failed``); the others ran all the same
     failed: list[str] = field(default_factory=list)
+    #: why each failed step failed: the error's type, and our own errors' message (no patient data)
+    why: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -194,14 +196,18 @@ class _Steps:
     """Runs retention's steps each on its own: one that fails is logged and named, and the next runs."""
 
     failed: list[str] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)
 
     def run(self, name: str, work: Callable[[], T], nothing: T) -> T:
         try:
             return work()
         except STEP_FAILURES as exc:  # not a task's time limit (Celery's), which must stop the run
+            if isinstance(exc, OperationalError) and getattr(exc.orig, "pgcode", None) is None:
+                raise  # the database cannot be reached at all: no step can run, and the run failed
             self.failed.append(name)
             # our own errors' messages hold no patient data; a driver's may hold a statement's values
             own = isinstance(exc, (DermqError, KeyringError, DecryptionError))
+            self.why[name] = f"{type(exc).__name__}: {exc}" if own else type(exc).__name__
             log.error(
                 "a retention step failed; the others still run",
                 extra={"event": "retention_step_failed", "step": name, "error": type(exc).__name__}
@@ -234,7 +240,7 @@ def run(settings: Settings, *, until: float | None = None) -> RetentionRun:
     deliveries, _ = steps.run(
         STEPS[4], lambda: _in_batches(settings, lambda s: prune_callback_deliveries(s, settings), until), (0, False)
     )
-    return RetentionRun(purged, backlog, destroyed, cells, deliveries, steps.failed)
+    return RetentionRun(purged, backlog, destroyed, cells, deliveries, steps.failed, steps.why)
 
 
 def _in_batches(settings: Settings, step: Callable[[Session], int], until: float | None) -> tuple[int, bool]:

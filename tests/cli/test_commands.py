@@ -13,12 +13,12 @@ from pathlib import Path
 
 import click
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from cli.main import dermq, main
 from core.db import session_scope
 from core.keys import TOKEN_RE
-from core.models import AuditEvent, Role
+from core.models import ApiKey, AuditEvent, Role
 from tests import support
 
 #: Today's commands and their options and arguments (click's parameter names): scripts call them.
@@ -275,6 +275,12 @@ def test_demo_creates_the_clinic_key_once_and_points_at_its_own_image(settings, 
     second = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file), DERMQ_ENVIRONMENT="development")
     assert second.returncode == 0 and second.stdout.startswith("reusing demo clinic")
     assert f"  {token}\n" in second.stdout and key_file.read_text().strip() == token
+    # a key the database no longer takes (made anew, the key revoked) is replaced, not printed to get 401
+    with session_scope(settings) as session:
+        session.execute(update(ApiKey).where(ApiKey.id == principal.key_id).values(revoked_at=func.now()))
+    third = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file), DERMQ_ENVIRONMENT="development")
+    assert third.returncode == 0 and third.stdout.startswith("created demo clinic"), third.stdout + third.stderr
+    assert key_file.read_text().strip() != token
 
 
 def test_keys_init_creates_a_private_key_file_once(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ from core.db import session_scope
 from core.errors import KeyringError
 from core.keys import Principal
 from core.models import CallbackDelivery, ClinicCallback, Role
+from tests import support
 from tests.cli.test_commands import run
 from tests.conftest import case_store
 from tests.core.test_period_keys import Site, site  # noqa: F401  (site: the fixture)
@@ -64,4 +65,9 @@ def test_a_bad_period_file_or_a_failing_step_stops_no_other_retention_step(site:
         assert secret is not None and secret.previous_secret_ciphertext is None  # the steps after it ran
         assert session.scalar(select(CallbackDelivery.case_id).where(CallbackDelivery.case_id == delivered)) is None
     by_hand = run(settings, "case", "purge-expired")
-    assert by_hand.returncode == 1 and "failed: destroy_periods" in by_hand.stderr, by_hand.stderr
+    assert by_hand.returncode == 1 and "failed: destroy_periods (IsADirectoryError)" in by_hand.stderr, by_hand.stderr
+    # a database that cannot be reached is no failed step: nothing ran, and the command says so
+    nobody = f"postgresql://dermq@127.0.0.1:{support.free_port()}/dermq"
+    unreachable = run(settings, "case", "purge-expired", DERMQ_DATABASE_URL=nobody)
+    assert unreachable.returncode == 69 and "the database cannot be reached" in unreachable.stderr
+    assert "purged" not in unreachable.stdout

@@ -61,6 +61,10 @@ def test_model_verify_passes_then_fails_on_a_tampered_entry(settings, entry_copy
     bad = dermq(settings, "model", "verify", str(entry_copy))
     assert bad.returncode == 1 and "FAIL  sha256 weights.safetensors" in bad.stdout
     assert "MODEL FAILED VERIFICATION" in bad.stdout
+    # a mistyped id is bad input (exit 2, naming it), not a model that failed its checks
+    typo = dermq(settings, "model", "verify", "effnet-lite0-ham10000-v9")
+    assert typo.returncode == 2 and "no registry entry 'effnet-lite0-ham10000-v9'" in typo.stderr, typo.stderr
+    assert "MODEL FAILED VERIFICATION" not in typo.stdout
 
 
 def test_model_verify_loads_the_graph_cpu_workers_serve(settings, entry_copy: Path) -> None:  # type: ignore[no-untyped-def]
