@@ -40,6 +40,7 @@ import secrets
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
     from core.crypto import Keyring
 
 KEY_BYTES = 32
+#: a key write's temporary file this old is a crash's leftover, not a write under way on another host
+LEFTOVER_SECONDS = 300
 NONCE_BYTES = 12
 
 
@@ -299,8 +302,14 @@ class PeriodKeys:
         from core.crypto import write_private_json
 
         done = 0
-        with self.locked():  # every write holds it: a temporary file seen now is a crash's leftover
-            leftovers = [p for p in self.folder.glob(".*.json.*") if is_period(p.name[1:].partition(".json.")[0])]
+        with self.locked():  # every write holds it; on a volume whose flock is only local, a write on
+            # another host may not: only a temporary file minutes old is a crash's leftover
+            stale = time.time() - LEFTOVER_SECONDS
+            leftovers = [
+                p
+                for p in self.folder.glob(".*.json.*")
+                if is_period(p.name[1:].partition(".json.")[0]) and p.stat().st_mtime < stale
+            ]
             for leftover in leftovers:
                 leftover.unlink(missing_ok=True)
             if leftovers:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import ColumnElement, delete, func, select, update
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import announcements, audit, callback_secrets, cases, results
@@ -202,7 +202,7 @@ class _Steps:
         try:
             return work()
         except STEP_FAILURES as exc:  # not a task's time limit (Celery's), which must stop the run
-            if isinstance(exc, OperationalError) and getattr(exc.orig, "pgcode", None) is None:
+            if _unreachable(exc):
                 raise  # the database cannot be reached at all: no step can run, and the run failed
             self.failed.append(name)
             # our own errors' messages hold no patient data; a driver's may hold a statement's values
@@ -214,6 +214,13 @@ class _Steps:
                 | ({"detail": str(exc)} if own else {}),
             )
             return nothing
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The connection failed or was lost (no SQLSTATE: the server never answered the statement)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (OperationalError, InterfaceError)) and getattr(exc.orig, "pgcode", None) is None
 
 
 def run(settings: Settings, *, until: float | None = None) -> RetentionRun:

@@ -254,7 +254,7 @@ def test_model_list_marks_the_active_entry_with_a_leading_star(settings) -> None
 @pytest.mark.usefixtures("database")
 def test_demo_creates_the_clinic_key_once_and_points_at_its_own_image(settings, keyring, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import core
-    from core import keys
+    from core import clinics, keys
     from core.demo import DEMO_IMAGE
 
     clinic = f"demo-{uuid.uuid4().hex[:6]}"
@@ -281,6 +281,10 @@ def test_demo_creates_the_clinic_key_once_and_points_at_its_own_image(settings, 
     third = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file), DERMQ_ENVIRONMENT="development")
     assert third.returncode == 0 and third.stdout.startswith("created demo clinic"), third.stdout + third.stderr
     assert key_file.read_text().strip() != token
+    with session_scope(settings) as session:  # the developer deactivated it: no new key could be made
+        clinics.set_active(session, principal.clinic_id, False)
+    fourth = run(settings, "demo", "--clinic", clinic, "--key-file", str(key_file), DERMQ_ENVIRONMENT="development")
+    assert fourth.returncode == 0 and fourth.stdout.startswith("reusing demo clinic"), fourth.stdout + fourth.stderr
 
 
 def test_keys_init_creates_a_private_key_file_once(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -64,3 +64,14 @@ def test_a_sweeps_line_carries_its_counts(caplog) -> None:  # type: ignore[no-un
     [record] = [r for r in caplog.records if getattr(r, "event", None) == "sweep"]
     line = _line(record)
     assert (line["requeued"], line["republished"], line["failed"], line["callbacks_republished"]) == (1, 2, 0, 0)
+
+
+def test_a_skipped_rewrap_names_its_row_and_why() -> None:
+    """``dermq keys rewrap`` prints 20 skipped rows and sends the operator to the log for the rest: the
+    JSON lines dropped both fields, and named none."""
+    record = logging.LogRecord(
+        "dermq.keys", logging.WARNING, __file__, 1, "a data key could not be re-wrapped", (), None
+    )
+    record.__dict__.update(event="rewrap_skipped", row="case 1b2c blob image", reason="DecryptionError: tampered")
+    line = _line(record)
+    assert (line["row"], line["reason"]) == ("case 1b2c blob image", "DecryptionError: tampered")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from dataclasses import replace
 from datetime import timedelta
@@ -190,10 +191,16 @@ def test_a_rewrap_leaves_no_copy_of_a_period_key_under_the_old_kek(settings, tmp
     keys.ensure("2026-09")
     leftover = keys.folder / ".2026-09.json.k3xq9z"
     os.link(keys.folder / "2026-09.json", leftover)  # as a crash between the link and the clean-up leaves it
+    minutes_ago = time.time() - 600
+    os.utime(leftover, (minutes_ago, minutes_ago))
+    # another host's write under way, on a volume whose flock is local: its temporary file is new
+    writing = keys.folder / ".2026-10.json.w8r1te"
+    writing.write_bytes(b"{}")
     old = load_keyring(own)
     rotated = old.with_new_active_key()
     write_key_file(key_file, rotated, overwrite=True)
     assert keys.rewrap(load_keyring(own)) == 1
-    assert not leftover.exists()
+    assert not leftover.exists() and writing.exists()
+    writing.unlink()
     assert sorted(p.name for p in keys.folder.iterdir()) == [".lock", "2026-09.json"]
     assert json.loads((keys.folder / "2026-09.json").read_text())["kek_id"] == rotated.active_id
