@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.core.test_result_outcome_migration import DIAGNOSIS, _case, _result, scratch  # noqa: F401
+from tests.core.test_sealed_results_migration import _confirm
 
 
 def _tables(connection: Any) -> set[str]:
@@ -28,12 +29,7 @@ def test_downgrading_past_reported_outcomes_is_refused_rather_than_losing_them( 
         connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'outcome clinic')"), {"id": clinic_id})
         case_id = _case(connection, clinic_id)
         _result(connection, case_id, **DIAGNOSIS)
-        connection.execute(
-            text(
-                "INSERT INTO confirmed_outcomes (case_id, clinic_id, diagnosis, method) VALUES (:c, :k, 'mel', 'histo')"
-            ),
-            {"c": case_id, "k": clinic_id},
-        )
+        _confirm(connection, case_id, clinic_id, "mel")
 
     with pytest.raises(RuntimeError, match="1 confirmed outcomes are stored"):
         command.downgrade(config, "0007")
