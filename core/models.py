@@ -145,6 +145,14 @@ class Case(Base):
             postgresql_where=text("purged_at IS NULL AND status IN ('succeeded', 'failed')"),
         ),
         Index("ix_cases_created", "created_at"),
+        # migration 0030: the queued first attempts in the order workers claim them (core.case_claims)
+        Index(
+            "ix_cases_queue_order",
+            # written as Postgres reflects it, line breaks included (Alembic's comparison keeps them)
+            text("(\nCASE\n    WHEN priority::text = 'urgent'::text THEN 0\n    ELSE 1\nEND)"),
+            "created_at",
+            postgresql_where=text("status = 'queued' AND attempts = 0"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
