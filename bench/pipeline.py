@@ -11,7 +11,10 @@ and Redis database 12, as `make run` would. Measures:
   201 with the result), the way the Python client and the portal submit;
 - backlog throughput: ``--backlog`` cases queued while no worker runs, then a worker drains them,
   twice: one case per transaction (``DERMQ_BATCHING=off``) and in dynamic batches (the default);
-  cases per second between finishes, the first 10% left out (worker start-up excluded);
+  cases per second between finishes, the first 10% left out (worker start-up excluded), and the CPU
+  each case cost the worker (its main process and children), Postgres (the backends serving the
+  benchmark's database) and the API (idle meanwhile) over the same cases: where the time the raw
+  predictor does not spend goes;
 - raw: ``Predictor.classify`` then ``Predictor.explain`` (classification + heat map PNG) on the
   same decoded images, in this process, one image at a time, with the same thread count as one
   worker child.
@@ -29,7 +32,7 @@ import httpx
 from sqlalchemy import func, select
 
 from bench.common import FIXTURE_IMAGES, camera_jpegs, image_sizes, ms, p50, percentile, rate_after, stack_layout, table
-from bench.machine import processor
+from bench.machine import cpu_by_role, processor
 from tests import processes, support
 
 DATABASE = "dermq_bench"
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             waited.append(time.perf_counter() - started)
 
         rates: dict[str, float] = {}
+        cpu: dict[str, dict[str, float]] = {}
         failed = 0
         for mode in ("off", "on"):  # one case per transaction, then dynamic batches (the CPU default)
             worker.stop()
@@ -104,8 +108,11 @@ def main(argv: list[str] | None = None) -> None:
             worker = processes.start_worker(
                 env | {"DERMQ_BATCHING": mode}, workdir / f"worker-{mode}.log", concurrency=args.concurrency
             )
-            rate, mode_failed = drain_rate(settings, backlog_ids)
+            rate, mode_failed, per_case = drain_rate(
+                settings, backlog_ids, {"api": api.proc.pid, "worker": worker.proc.pid}
+            )
             rates[mode] = rate
+            cpu[mode] = per_case
             failed += mode_failed
     finally:
         if worker is not None:
@@ -123,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
         [f"backlog of {args.backlog}, dynamic batches (default)", f"{rates['on']:.1f} cases/s"],
         ["batches / one at a time", f"{rates['on'] / rates['off']:.2f}x"],
         ["failed cases (both backlogs)", str(failed)],
+        *[
+            [f"CPU per case, {label} (after the first {WARM_UP:.0%})", _cpu_row(cpu[mode])]
+            for mode, label in (("off", "one per transaction"), ("on", "dynamic batches"))
+        ],
         ["raw Predictor.classify + explain throughput", f"{raw_rate:.1f} images/s ({ms(raw_one)} each)"],
         ["pipeline (default) / raw", f"{rates['on'] / raw_rate:.0%}"],
         ["pipeline (one at a time) / raw", f"{rates['off'] / raw_rate:.0%}"],
@@ -134,36 +145,51 @@ def main(argv: list[str] | None = None) -> None:
     print(table(["measure", "value"], rows))
 
 
-def drain_rate(settings: object, backlog_ids: list[str]) -> tuple[float, int]:
-    """Cases per second while a worker drains ``backlog_ids``, and how many failed.
+def _cpu_row(per_case: dict[str, float]) -> str:
+    """A drain's CPU per case by process, and their sum: ``worker 10.9 + postgres 0.8 + api 0.0 = 11.7 ms``."""
+    if not per_case:
+        return "n/a (drained before its first cases had finished)"
+    parts = " + ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in per_case.items())
+    return f"{parts} = {sum(per_case.values()) * 1000:.1f} ms"
 
-    Counted between finishes, after the first ``WARM_UP`` fraction of them: the children load their
-    models in the background after the fork, and a case claimed meanwhile waits for that load,
-    which is start-up, not throughput."""
+
+def drain_rate(settings: object, backlog_ids: list[str], roles: dict[str, int]) -> tuple[float, int, dict[str, float]]:
+    """Cases per second while a worker drains ``backlog_ids``, how many failed, and the CPU each
+    process tree of ``roles`` (and the database's Postgres backends) spent per case meanwhile.
+
+    Counted after the first ``WARM_UP`` fraction of the cases finished: the children load their
+    models in the background after the fork, and a case claimed meanwhile waits for that load, which
+    is start-up, not throughput. The CPU is read when that many have finished and when all have, and
+    divided by the cases that finished between."""
     from core.db import session_scope
     from core.models import Case
 
     ids = [uuid.UUID(i) for i in backlog_ids]
+    skip = max(1, int(len(ids) * WARM_UP))
+    ended = select(func.count()).select_from(Case).where(Case.id.in_(ids), Case.status.in_(["succeeded", "failed"]))
     with session_scope(settings) as session:  # type: ignore[arg-type]
-        support.wait_for(
-            lambda: (
-                session.scalar(
-                    select(func.count())
-                    .select_from(Case)
-                    .where(Case.id.in_(ids), Case.status.in_(["succeeded", "failed"]))
-                )
-                == len(ids)
-            ),
-            timeout=1800,
-            interval=0.5,
-            what="the backlog to drain",
-        )
+        deadline = time.monotonic() + 1800
+        cpu_from: dict[str, float] = {}
+        counted_from = 0
+        while (done := int(session.scalar(ended) or 0)) < len(ids):
+            if not cpu_from and done >= skip:
+                cpu_from, counted_from = cpu_by_role(roles, database=DATABASE), done
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the backlog did not drain: {done} of {len(ids)} cases ended")
+            session.rollback()  # a fresh snapshot at the next count
+            time.sleep(0.1)
+        cpu_to = cpu_by_role(roles, database=DATABASE)
         finished = sorted(
             at for at in session.scalars(select(Case.finished_at).where(Case.id.in_(ids))) if at is not None
         )
         failed = session.scalar(select(func.count()).select_from(Case).where(Case.id.in_(ids), Case.status == "failed"))
-    skip = max(1, int(len(finished) * WARM_UP))
-    return rate_after(finished, finished[skip]), int(failed or 0)
+    cases = len(ids) - counted_from
+    per_case = {
+        name: (cpu_to[name] - cpu_from[name]) / cases
+        for name in (*roles, "postgres")
+        if cpu_from and cases > 0 and name in cpu_to
+    }
+    return rate_after(finished, finished[skip]), int(failed or 0), per_case
 
 
 def _raw_worker(
