@@ -1,44 +1,109 @@
 """A retention step that fails is counted where operators look (``dermq_retention_step_failures_total``,
-alert DermqRetentionStepFailing), and beat's purge runs the steps after it all the same."""
+alert DermqRetentionStepFailing), and beat's purge runs the steps after it all the same.
+
+A real purge acts on every case, period key and callback record of its database and folder: this
+module's worker runs on a database, a period-key folder and a broker of its own (the shared worker
+never takes its purge, nor it another test's tasks)."""
 
 from __future__ import annotations
 
-import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-import httpx
+import pytest
 
+from core.config import Settings
+from core.crypto import load_keyring
+from core.db import session_scope
+from core.models import CallbackDelivery
 from core.publisher import make_publisher
 from core.queueing import TASK_PURGE
-from tests import support
-from tests.api.test_metrics import scrape, total
+from tests import processes, support
+from tests.conftest import case_store, new_tenant
 from worker.celery_app import PERIODIC
 
+pytestmark = pytest.mark.usefixtures("database")
 
-def test_a_failing_retention_step_is_counted_by_step(worker, settings, stack_env) -> None:  # type: ignore[no-untyped-def]
-    metrics = f"http://127.0.0.1:{stack_env['DERMQ_WORKER_METRICS_PORT']}/metrics"
-    support.wait_for(lambda: httpx.get(metrics, timeout=5).status_code == 200, timeout=30, what="worker metrics")
-    before = scrape(metrics)
-    # every step's series is there from the start: Prometheus's increase() skips a series' first sample
-    assert ("dermq_retention_step_failures_total", (("step", "destroy_periods"),)) in set(before)
-    folder = settings.period_key_folder
-    stray = folder / "2019-08.json"  # a folder where a period's key file should be: destroying it fails
-    stray.mkdir()
+FAILURES = "dermq_retention_step_failures_total"
+
+
+@dataclass(frozen=True)
+class Site:
+    settings: Settings
+    worker: processes.Worker
+
+    @property
+    def folder(self) -> Path:
+        assert self.settings.period_key_folder is not None
+        return self.settings.period_key_folder
+
+    def purge(self) -> None:
+        make_publisher(self.settings).send_task(TASK_PURGE, **PERIODIC)
+
+    def old_delivery(self) -> uuid.UUID:
+        """A callback delivery settled long ago: the purge's last step deletes it."""
+        keyring = load_keyring(self.settings)
+        tenant = new_tenant(self.settings, keyring)
+        case_id = case_store(self.settings, keyring)(tenant, b"called back long ago")
+        long_ago = datetime.now(UTC) - timedelta(days=self.settings.callback_history_days + 1)
+        with session_scope(self.settings) as session:
+            session.add(
+                CallbackDelivery(case_id=case_id, clinic_id=tenant.clinic_id, status="delivered", updated_at=long_ago)
+            )
+        return case_id
+
+    def kept(self, delivery: uuid.UUID) -> bool:
+        with session_scope(self.settings) as session:
+            return session.get(CallbackDelivery, delivery) is not None
+
+
+@pytest.fixture(scope="module")
+def site(  # type: ignore[no-untyped-def]
+    own_database, private_broker, stack_env, stack_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Site]:
+    folder = tmp_path_factory.mktemp("retention-period-keys")  # mode 0700, as `dermq keys init` makes it
+    settings = own_database.model_copy(update={"redis_url": private_broker.url, "period_key_dir": folder})
+    env = {
+        **stack_env,
+        "DERMQ_DATABASE_URL": settings.database_url,
+        "DERMQ_REDIS_URL": settings.redis_url,
+        "DERMQ_PERIOD_KEY_DIR": str(folder),
+        "DERMQ_WORKER_METRICS_PORT": "0",  # a free one
+        "DERMQ_PRELOAD_MODEL": "false",  # a purge needs no model
+    }
+    worker = processes.start_worker(env, stack_dir / "retention-worker.log")
     try:
-        make_publisher(settings).send_task(TASK_PURGE, **PERIODIC)
+        yield Site(settings, worker)
+    finally:
+        worker.stop()
+
+
+def test_a_failing_retention_step_is_counted_by_step(site: Site) -> None:
+    before = site.worker.metrics()
+    # every step's series is there from the start: Prometheus's increase() skips a series' first sample
+    assert (FAILURES, (("step", "destroy_periods"),)) in set(before)
+    stray = site.folder / "2019-08.json"  # a folder where a period's key file should be: destroying it fails
+    stray.mkdir()
+    delivery = site.old_delivery()
+    try:
+        site.purge()
         support.wait_for(
             lambda: (
-                total(scrape(metrics), "dermq_retention_step_failures_total", step="destroy_periods")
-                - total(before, "dermq_retention_step_failures_total", step="destroy_periods")
+                processes.metric_total(site.worker.metrics(), FAILURES, step="destroy_periods")
+                - processes.metric_total(before, FAILURES, step="destroy_periods")
                 >= 1
             ),
             timeout=60,
             what="the purge's count of its failed step",
         )
+        # the steps after it ran, the last one included
+        support.wait_for(lambda: not site.kept(delivery), timeout=60, what="the purge's last step")
     finally:
-        shutil.rmtree(stray)
-        (folder / "2019-08.destroyed").unlink(missing_ok=True)  # the tombstone its destruction wrote first
-    after = scrape(metrics)
+        stray.rmdir()
+        (site.folder / "2019-08.destroyed").unlink(missing_ok=True)  # the tombstone its destruction wrote first
+    after = site.worker.metrics()
     for step in ("purge_cases", "prune_field_months", "forget_callback_secrets", "prune_callback_deliveries"):
-        assert total(after, "dermq_retention_step_failures_total", step=step) == total(
-            before, "dermq_retention_step_failures_total", step=step
-        )
+        assert processes.metric_total(after, FAILURES, step=step) == processes.metric_total(before, FAILURES, step=step)
