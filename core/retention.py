@@ -13,27 +13,24 @@ when every case of the period is purged (:mod:`core.period_shredding`).
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 from sqlalchemy import ColumnElement, delete, func, select, update
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import announcements, audit, callback_secrets, cases, results
 from core.config import Settings
 from core.db import session_scope
-from core.errors import DecryptionError, DermqError, KeyringError, NotFound
+from core.errors import NotFound
 from core.keys import Principal
 from core.models import CallbackDelivery, CallbackStatus, Case, CaseStatus, ClinicCallback
 from core.outcome_models import ConfirmedOutcome, OutcomeMonthlyTally
+from core.retention_steps import STEPS, StepFailure, Steps
 
-log = logging.getLogger("dermq.retention")
 BATCH = 500
 
 
@@ -169,10 +166,13 @@ class RetentionRun:
     periods_destroyed: list[str]
     field_cells: int
     callback_deliveries: int
-    #: the steps that failed (logged, ``retention_step_failed``); the others ran all the same
-    failed: list[str] = field(default_factory=list)
-    #: why each failed step failed: the error's type, and our own errors' message (no patient data)
-    why: dict[str, str] = field(default_factory=dict)
+    #: what failed (logged, ``retention_step_failed``); the others ran all the same
+    failures: list[StepFailure] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        """The steps that failed, in the order they ran."""
+        return list(dict.fromkeys(failure.step for failure in self.failures))
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -184,60 +184,24 @@ class RetentionRun:
         }
 
 
-#: retention's steps, in the order they run (the names its log and metrics give a failed one)
-STEPS = ("purge_cases", "destroy_periods", "prune_field_months", "forget_callback_secrets", "prune_callback_deliveries")
-T = TypeVar("T")
-#: what stops one step and not the next: the database, a key or period key file, our own refusals
-STEP_FAILURES = (SQLAlchemyError, OSError, ValueError, KeyringError, DecryptionError, DermqError)
-
-
-@dataclass
-class _Steps:
-    """Runs retention's steps each on its own: one that fails is logged and named, and the next runs."""
-
-    failed: list[str] = field(default_factory=list)
-    why: dict[str, str] = field(default_factory=dict)
-
-    def run(self, name: str, work: Callable[[], T], nothing: T) -> T:
-        try:
-            return work()
-        except STEP_FAILURES as exc:  # not a task's time limit (Celery's), which must stop the run
-            if _unreachable(exc):
-                raise  # the database cannot be reached at all: no step can run, and the run failed
-            self.failed.append(name)
-            # our own errors' messages hold no patient data; a driver's may hold a statement's values
-            own = isinstance(exc, (DermqError, KeyringError, DecryptionError))
-            self.why[name] = f"{type(exc).__name__}: {exc}" if own else type(exc).__name__
-            log.error(
-                "a retention step failed; the others still run",
-                extra={"event": "retention_step_failed", "step": name, "error": type(exc).__name__}
-                | ({"detail": str(exc)} if own else {}),
-            )
-            return nothing
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """The connection failed or was lost (no SQLSTATE: the server never answered the statement)."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, (OperationalError, InterfaceError)) and getattr(exc.orig, "pgcode", None) is None
-
-
-def run(settings: Settings, *, until: float | None = None) -> RetentionRun:
+def run(
+    settings: Settings, *, until: float | None = None, on_failure: Callable[[StepFailure], None] | None = None
+) -> RetentionRun:
     """Retention, in order: crypto-shred the expired cases, a batch per transaction; destroy the keys
     of the periods whose every case is purged and past retention plus the grace (no backup can decrypt
     them afterwards); drop the monthly field tally's months before its window and the replaced
     callback secrets whose overlap has ended; delete the settled callback deliveries older than
     ``callback_history_days``. The batched steps stop once ``until`` (``time.monotonic()``) has passed.
-    Each step runs on its own: one that fails is logged and named in ``failed``, and the others still
-    run (a period key file with a wrong mode once kept every later step from running, run after run)."""
+    Each step runs on its own (:mod:`core.retention_steps`): one that fails is logged, handed to
+    ``on_failure`` at once (a run that then ends without returning, its database lost, has reported it)
+    and named in ``failures``, and the others still run."""
     from core import period_shredding  # it imports this module
 
     def once(work: Callable[[Session], int]) -> int:
         with session_scope(settings) as session:
             return work(session)
 
-    steps = _Steps()
+    steps = Steps(on_failure)
     purged, backlog = steps.run(
         STEPS[0], lambda: _in_batches(settings, lambda s: len(purge_expired(s, settings).purged), until), (0, False)
     )
@@ -247,7 +211,7 @@ def run(settings: Settings, *, until: float | None = None) -> RetentionRun:
     deliveries, _ = steps.run(
         STEPS[4], lambda: _in_batches(settings, lambda s: prune_callback_deliveries(s, settings), until), (0, False)
     )
-    return RetentionRun(purged, backlog, destroyed, cells, deliveries, steps.failed, steps.why)
+    return RetentionRun(purged, backlog, destroyed, cells, deliveries, steps.failures)
 
 
 def _in_batches(settings: Settings, step: Callable[[Session], int], until: float | None) -> tuple[int, bool]:

@@ -109,6 +109,10 @@ class Worker(Process):
         """The tasks its children are running now, as the control API's ``inspect().active()`` says."""
         return list(self._inspected("active", timeout=1) or [])
 
+    def idle(self) -> bool:
+        """Whether it answers the control API and runs no task (a worker that does not answer is not idle)."""
+        return self._inspected("active", timeout=1) == []
+
     def scheduled(self) -> list[dict[str, Any]]:
         """The tasks it holds until their countdown ends (a retry waiting out its backoff), as the control
         API's ``inspect().scheduled()`` says: each an ``eta`` and the task's ``request``."""

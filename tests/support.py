@@ -375,25 +375,25 @@ def commit_settings(counted: Callable[[], bool]) -> Iterator[list[str]]:
 
 
 @contextmanager
-def connection_lost_on_insert(settings: Any, table: str) -> Iterator[None]:
-    """While the block runs, a connection that inserts into ``table`` of the database of ``settings``
-    is really lost: a trigger terminates that connection's own backend, so the client gets the error
-    a database crash or a network cut gives (``OperationalError``, the connection invalidated). Only
-    for a database of the test's own: every writer of ``table`` there loses its connection."""
+def connection_lost_on(settings: Any, table: str, statement: str = "INSERT") -> Iterator[None]:
+    """While the block runs, a connection that runs ``statement`` (rows or none) on ``table`` of the database
+    of ``settings`` is really lost: a trigger terminates its own backend, so the client gets the error a
+    database crash or a network cut gives (``OperationalError``, the connection invalidated). Only for a
+    database of the test's own: every writer of ``table`` there loses its connection."""
     engine = create_engine(settings.database_url, isolation_level="AUTOCOMMIT")
-    function, trigger = f"dermq_test_lose_{table}", f"dermq_test_lose_{table}"
+    name = f"dermq_test_lose_{statement.lower()}_{table}"
     try:
         with engine.connect() as connection:
             connection.execute(
                 text(
-                    f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
+                    f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
                     "$$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$"
                 )
             )
-            connection.execute(text(f"CREATE TRIGGER {trigger} BEFORE INSERT ON {table} EXECUTE FUNCTION {function}()"))
+            connection.execute(text(f"CREATE TRIGGER {name} BEFORE {statement} ON {table} EXECUTE FUNCTION {name}()"))
         yield
     finally:
         with engine.connect() as connection:
-            connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON {table}"))
-            connection.execute(text(f"DROP FUNCTION IF EXISTS {function}()"))
+            connection.execute(text(f"DROP TRIGGER IF EXISTS {name} ON {table}"))
+            connection.execute(text(f"DROP FUNCTION IF EXISTS {name}()"))
         engine.dispose()

@@ -17,7 +17,7 @@ import tempfile
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from core.metrics_files import MultiProcessFiles, fold
-from core.retention import STEPS
+from core.retention_steps import STEPS
 
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # pragma: no cover - prepare_multiprocess_dir() runs first
     raise RuntimeError("import worker.metrics only in worker processes, after prepare_multiprocess_dir()")
@@ -158,9 +158,8 @@ def record_callback(outcome: str) -> None:
     CALLBACKS.labels(outcome).inc()
 
 
-def record_retention_failures(steps: list[str]) -> None:
-    for step in steps:
-        RETENTION_FAILURES.labels(step).inc()
+def record_retention_failure(step: str) -> None:
+    RETENTION_FAILURES.labels(step).inc()
 
 
 def record_model(device: str, model_id: str) -> None:

@@ -331,12 +331,12 @@ def purge() -> dict[str, object]:
     backup can decrypt them afterwards), drop the monthly field tally's months before its window, and
     delete the settled callback deliveries older than ``callback_history_days`` and the replaced
     callback secrets whose overlap has ended. A step that fails does not stop the others; each is counted
-    in ``dermq_retention_step_failures_total``."""
+    in ``dermq_retention_step_failures_total`` as it fails, so a run that ends later without returning
+    (its database lost, the time limit) has counted it too."""
     config = settings()
-    report = retention.run(config, until=time.monotonic() + config.task_soft_time_limit / 2)
     metrics = runtime.worker_metrics()
-    if metrics is not None and report.failed:  # each logged by retention.run (retention_step_failed)
-        metrics.record_retention_failures(report.failed)
+    counted = None if metrics is None else lambda failure: metrics.record_retention_failure(failure.step)
+    report = retention.run(config, until=time.monotonic() + config.task_soft_time_limit / 2, on_failure=counted)
     if report.backlog:  # the next run goes on; lower DERMQ_PURGE_INTERVAL_SECONDS if it keeps happening
         log.warning(
             "retention left expired cases for its next run", extra={"event": "purge_backlog", "count": report.purged}

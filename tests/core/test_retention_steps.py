@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from core import audit, callbacks, keyrotation, retention
 from core.crypto import load_keyring, write_key_file
@@ -18,6 +19,7 @@ from core.db import session_scope
 from core.errors import KeyringError
 from core.keys import Principal
 from core.models import CallbackDelivery, ClinicCallback, Role
+from core.retention_steps import StepFailure
 from tests import support
 from tests.cli.test_commands import run
 from tests.conftest import case_store
@@ -71,3 +73,23 @@ def test_a_bad_period_file_or_a_failing_step_stops_no_other_retention_step(site:
     unreachable = run(settings, "case", "purge-expired", DERMQ_DATABASE_URL=nobody)
     assert unreachable.returncode == 69 and "the database cannot be reached" in unreachable.stderr
     assert "purged" not in unreachable.stdout
+
+
+def test_a_failure_is_reported_at_once_though_a_later_step_loses_the_database(site: Site) -> None:  # noqa: F811
+    """A lost database connection ends the run where it happens (no later step could run): the failures
+    before it were reported only in what the run returned, which it then never did. They are handed on
+    as they happen: beat's purge counts them (tests/worker/test_retention_metrics.py), the command names
+    them."""
+    keys = load_keyring(site.settings).periods
+    assert keys is not None
+    (keys.folder / "2019-07.json").mkdir()  # destroy_periods fails
+    seen: list[StepFailure] = []
+    # forget_callback_secrets, two steps after it, loses its connection
+    with support.connection_lost_on(site.settings, "clinic_callbacks", "UPDATE"):
+        with pytest.raises(OperationalError) as lost:
+            retention.run(site.settings, on_failure=seen.append)
+        assert lost.value.connection_invalidated  # a real lost connection, not a refused statement
+        by_hand = run(site.settings, "case", "purge-expired")
+    assert [str(failure) for failure in seen] == ["destroy_periods (IsADirectoryError)"]
+    assert "failed: destroy_periods (IsADirectoryError)" in by_hand.stderr, by_hand.stderr
+    assert by_hand.returncode == 69 and "the database cannot be reached" in by_hand.stderr, by_hand.stderr

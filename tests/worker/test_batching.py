@@ -256,7 +256,7 @@ def test_a_batch_stopped_by_a_lost_database_puts_its_other_cases_back(
     images = [fixture_images[k].read_bytes() for k in sorted(fixture_images)[:3]]
     ids = [store_case(tenant, data) for data in images]
 
-    with support.connection_lost_on_insert(batching, "results"), pytest.raises(OperationalError) as lost:
+    with support.connection_lost_on(batching, "results"), pytest.raises(OperationalError) as lost:
         run_batch(batching, ids[0])
     assert lost.value.connection_invalidated  # a real lost connection, not a refused statement
     with session_scope(batching) as session:

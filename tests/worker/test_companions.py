@@ -137,7 +137,7 @@ def test_a_batch_marks_its_companions_and_clears_the_marks_of_cases_it_puts_back
 
     event.listen(Engine, "before_cursor_execute", storing)
     try:
-        with support.connection_lost_on_insert(settings, "results"), pytest.raises(OperationalError):
+        with support.connection_lost_on(settings, "results"), pytest.raises(OperationalError):
             run_batch(settings, ids[0])
         assert len(seen) == len(ids)  # the batch got as far as storing
         assert seen[str(ids[0])] < 0  # the lead case's own message is the one running: no mark

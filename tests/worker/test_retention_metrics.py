@@ -107,3 +107,34 @@ def test_a_failing_retention_step_is_counted_by_step(site: Site) -> None:
     after = site.worker.metrics()
     for step in ("purge_cases", "prune_field_months", "forget_callback_secrets", "prune_callback_deliveries"):
         assert processes.metric_total(after, FAILURES, step=step) == processes.metric_total(before, FAILURES, step=step)
+
+
+def test_a_failed_step_is_counted_when_a_later_step_loses_the_database(site: Site) -> None:
+    """A lost database connection ends the run (no later step could run; that is no failed step). The
+    step that had failed before it was counted only once the whole run returned: never, so the alert
+    missed it."""
+    before = site.worker.metrics()
+    stray = site.folder / "2019-09.json"  # destroy_periods fails, as above
+    stray.mkdir()
+    delivery = site.old_delivery()
+    try:
+        # forget_callback_secrets, two steps after destroy_periods, loses its connection
+        with support.connection_lost_on(site.settings, "clinic_callbacks", "UPDATE"):
+            site.purge()
+            support.wait_for(
+                lambda: (
+                    processes.metric_total(site.worker.metrics(), FAILURES, step="destroy_periods")
+                    - processes.metric_total(before, FAILURES, step="destroy_periods")
+                    >= 1
+                ),
+                timeout=60,
+                what="the purge's count of its failed step",
+            )
+            support.wait_for(site.worker.idle, timeout=60, what="the purge to end")
+    finally:
+        stray.rmdir()
+        (site.folder / "2019-09.destroyed").unlink(missing_ok=True)
+    assert site.kept(delivery)  # the run ended at the lost connection: its last step never ran
+    after = site.worker.metrics()
+    for step in ("purge_cases", "prune_field_months", "forget_callback_secrets", "prune_callback_deliveries"):
+        assert processes.metric_total(after, FAILURES, step=step) == processes.metric_total(before, FAILURES, step=step)
