@@ -50,7 +50,8 @@ ALLOWED_EXTRA = frozenset(
         "window",
         "row",  # a key rewrap's skipped row: its case or clinic id and kind (core.keyrotation)
         "reason",  # why it was skipped: dermq's own message
-        "step",  # a retention step that failed (core.retention)
+        "step",  # a retention step that failed (core.retention_steps)
+        "period",  # the period whose key it could not destroy (a calendar month, week or day)
         "detail",  # its error's message, when the error is dermq's own (no patient data)
         # a sweep's counts (core.recovery.log_report)
         "requeued",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,6 +36,7 @@ from core.errors import Conflict, InvalidInput, KeyringError, ServiceUnavailable
 from core.models import AuditEvent, Case, CaseBlob, CaseStatus
 from core.period_keys import PeriodKeys
 from core.periods import PREFIX, bounds, kek_id
+from core.retention_steps import STEP_FAILURES, unreachable
 
 log = logging.getLogger("dermq.keys")
 
@@ -300,10 +301,14 @@ def destructions_recorded(settings: Settings) -> set[str]:
         return {entity for entity in session.scalars(_RECORDED) if entity is not None}
 
 
-def destroy_expired(settings: Settings, *, now: datetime | None = None) -> list[str]:
+def destroy_expired(
+    settings: Settings, *, failed: Callable[[str, Exception], None], now: datetime | None = None
+) -> list[str]:
     """Retention: destroy every period whose cases are all purged and whose end lies more than the
     retention plus the grace in the past; returns the periods destroyed. A period that still has a
-    live case is left (``dermq keys periods`` shows it)."""
+    live case is left (``dermq keys periods`` shows it). A period whose destruction fails (its key file
+    cannot be deleted, say) is handed to ``failed`` with the error, and the others are destroyed all the
+    same (they waited behind it for as long as it failed); a database that cannot be reached ends it."""
     if settings.period_key_folder is None:
         return []
     at = now or datetime.now(UTC)
@@ -318,6 +323,11 @@ def destroy_expired(settings: Settings, *, now: datetime | None = None) -> list[
         try:  # a period with a live case is skipped quietly, run after run, until its cases are purged
             destroy_period(settings, entry.period, reason="retention", now=at, audit_refusal=False)
         except Conflict:
+            continue
+        except STEP_FAILURES as exc:
+            if unreachable(exc):
+                raise  # every other period would fail the same way
+            failed(entry.period, exc)
             continue
         destroyed.append(entry.period)
     return destroyed

@@ -194,7 +194,8 @@ def run(
     ``callback_history_days``. The batched steps stop once ``until`` (``time.monotonic()``) has passed.
     Each step runs on its own (:mod:`core.retention_steps`): one that fails is logged, handed to
     ``on_failure`` at once (a run that then ends without returning, its database lost, has reported it)
-    and named in ``failures``, and the others still run."""
+    and named in ``failures``, and the others still run; so is each period whose key cannot be
+    destroyed, and the other periods are destroyed."""
     from core import period_shredding  # it imports this module
 
     def once(work: Callable[[Session], int]) -> int:
@@ -205,7 +206,9 @@ def run(
     purged, backlog = steps.run(
         STEPS[0], lambda: _in_batches(settings, lambda s: len(purge_expired(s, settings).purged), until), (0, False)
     )
-    destroyed: list[str] = steps.run(STEPS[1], lambda: period_shredding.destroy_expired(settings), [])
+    destroyed: list[str] = steps.run(
+        STEPS[1], lambda: period_shredding.destroy_expired(settings, failed=steps.failed_in(STEPS[1])), []
+    )
     cells = steps.run(STEPS[2], lambda: once(lambda s: prune_field_months(s, settings)), 0)
     steps.run(STEPS[3], lambda: once(forget_replaced_callback_secrets), 0)
     deliveries, _ = steps.run(

@@ -88,8 +88,8 @@ CALLBACKS = Counter(
 )
 RETENTION_FAILURES = Counter(
     "dermq_retention_step_failures_total",
-    "retention steps (beat's purge) that failed, by step; the others still ran (the log's retention_step_failed "
-    "says why)",
+    "retention steps (beat's purge) that failed, by step (destroy_periods: one per period whose key could not be "
+    "destroyed; the other periods were destroyed); the others still ran (the log's retention_step_failed says why)",
     ["step"],
 )
 for _step in STEPS:  # present from the start: increase() skips a series' first sample

@@ -330,9 +330,10 @@ def purge() -> dict[str, object]:
     destroy the keys of periods whose every case is purged and past retention plus the grace (no
     backup can decrypt them afterwards), drop the monthly field tally's months before its window, and
     delete the settled callback deliveries older than ``callback_history_days`` and the replaced
-    callback secrets whose overlap has ended. A step that fails does not stop the others; each is counted
-    in ``dermq_retention_step_failures_total`` as it fails, so a run that ends later without returning
-    (its database lost, the time limit) has counted it too."""
+    callback secrets whose overlap has ended. A step that fails does not stop the others, nor a period
+    whose key cannot be destroyed the other periods; each is counted in
+    ``dermq_retention_step_failures_total`` as it fails, so a run that ends later without returning (its
+    database lost, the time limit) has counted it too."""
     config = settings()
     metrics = runtime.worker_metrics()
     counted = None if metrics is None else lambda failure: metrics.record_retention_failure(failure.step)

@@ -11,7 +11,7 @@ from sqlalchemy import update
 from core import keyrotation, period_shredding, retention
 from core.db import session_scope
 from core.models import Case, CaseStatus
-from tests.core.test_period_keys import NOW, Site, case_created, site  # noqa: F401  (site: the fixture)
+from tests.core.test_period_keys import NOW, Site, case_created, destroy_expired, site  # noqa: F401  (site: the fixture)
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -36,4 +36,4 @@ def test_the_dry_run_names_the_periods_the_purge_then_destroys(site: Site) -> No
         assert session.get(Case, expiring).status == CaseStatus.SUCCEEDED.value  # type: ignore[union-attr]
     with session_scope(site.settings) as session:
         retention.purge_expired(session, site.settings)
-    assert period_shredding.destroy_expired(site.settings) == predicted
+    assert destroy_expired(site.settings) == predicted

@@ -19,7 +19,7 @@ from core.crypto import decrypt_blob, load_keyring
 from core.db import session_scope
 from core.keys import Principal
 from core.models import AuditEvent, Case, CaseBlob, Result, Role
-from tests.core.test_period_keys import NOW, Site, blob_rows, erase, site  # noqa: F401  (site: the fixture)
+from tests.core.test_period_keys import NOW, Site, blob_rows, destroy_expired, erase, site  # noqa: F401  (site: the fixture)
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -60,7 +60,7 @@ def test_a_case_restored_after_its_period_key_was_destroyed_is_gone_not_an_error
             for b in session.scalars(select(CaseBlob).where(CaseBlob.kind == "client_ref"))
         ] == [b"p-1"]
     erase(site, case_id)
-    assert period_shredding.destroy_expired(site.settings) == [site.period(when)]
+    assert destroy_expired(site.settings) == [site.period(when)]
     with session_scope(site.settings) as session:  # the restore: the case and its blobs as the backup had them
         session.execute(CaseBlob.__table__.insert(), backup)
         session.execute(update(Case).where(Case.id == case_id).values(status="succeeded", purged_at=None))

@@ -7,6 +7,8 @@ counted while the others still run."""
 
 from __future__ import annotations
 
+import json
+import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,6 +20,7 @@ from core.crypto import load_keyring, write_key_file
 from core.db import session_scope
 from core.errors import KeyringError
 from core.keys import Principal
+from core.logs import JsonFormatter
 from core.models import CallbackDelivery, ClinicCallback, Role
 from core.retention_steps import StepFailure
 from tests import support
@@ -67,7 +70,9 @@ def test_a_bad_period_file_or_a_failing_step_stops_no_other_retention_step(site:
         assert secret is not None and secret.previous_secret_ciphertext is None  # the steps after it ran
         assert session.scalar(select(CallbackDelivery.case_id).where(CallbackDelivery.case_id == delivered)) is None
     by_hand = run(settings, "case", "purge-expired")
-    assert by_hand.returncode == 1 and "failed: destroy_periods (IsADirectoryError)" in by_hand.stderr, by_hand.stderr
+    assert (
+        by_hand.returncode == 1 and "failed: destroy_periods, period 2019-07 (IsADirectoryError)" in by_hand.stderr
+    ), by_hand.stderr
     # a database that cannot be reached is no failed step: nothing ran, and the command says so
     nobody = f"postgresql://dermq@127.0.0.1:{support.free_port()}/dermq"
     unreachable = run(settings, "case", "purge-expired", DERMQ_DATABASE_URL=nobody)
@@ -90,6 +95,40 @@ def test_a_failure_is_reported_at_once_though_a_later_step_loses_the_database(si
             retention.run(site.settings, on_failure=seen.append)
         assert lost.value.connection_invalidated  # a real lost connection, not a refused statement
         by_hand = run(site.settings, "case", "purge-expired")
-    assert [str(failure) for failure in seen] == ["destroy_periods (IsADirectoryError)"]
-    assert "failed: destroy_periods (IsADirectoryError)" in by_hand.stderr, by_hand.stderr
+    assert [str(failure) for failure in seen] == ["destroy_periods, period 2019-07 (IsADirectoryError)"]
+    assert "failed: destroy_periods, period 2019-07 (IsADirectoryError)" in by_hand.stderr, by_hand.stderr
     assert by_hand.returncode == 69 and "the database cannot be reached" in by_hand.stderr, by_hand.stderr
+
+
+def test_a_period_whose_key_cannot_be_destroyed_stops_no_other_period(site: Site, caplog) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """The destruction of expired periods stopped at the first that failed: every later expired period
+    kept its key (and every backup of its cases stayed readable) until that one was mended. Each that
+    fails is now reported, in the log, to ``on_failure`` (the metric) and by the command, and the
+    others are destroyed."""
+    keys = load_keyring(site.settings).periods
+    assert keys is not None
+    for period in ("2019-08", "2019-10"):
+        keys.ensure(period)  # expired, no case: due for destruction
+    for period in ("2019-07", "2019-09"):
+        (keys.folder / f"{period}.json").mkdir()  # not a file: destroying it fails
+    seen: list[StepFailure] = []
+    with caplog.at_level(logging.ERROR, logger="dermq.retention"):
+        report = retention.run(site.settings, on_failure=seen.append)
+    assert report.periods_destroyed == ["2019-08", "2019-10"]
+    assert keys.destroyed("2019-08") and keys.destroyed("2019-10")
+    assert not (keys.folder / "2019-10.json").exists()
+    assert report.failed == ["destroy_periods"] and report.failures == seen
+    assert [str(failure) for failure in seen] == [
+        "destroy_periods, period 2019-07 (IsADirectoryError)",
+        "destroy_periods, period 2019-09 (IsADirectoryError)",
+    ]
+    lines = [json.loads(JsonFormatter("worker").format(r)) for r in caplog.records]
+    assert [(line["event"], line["step"], line["period"], line["error"]) for line in lines] == [
+        ("retention_step_failed", "destroy_periods", period, "IsADirectoryError") for period in ("2019-07", "2019-09")
+    ]
+    keys.ensure("2019-11")  # one more, due now
+    by_hand = run(site.settings, "case", "purge-expired")
+    assert by_hand.returncode == 1, by_hand.stderr
+    assert "destroyed the keys of 1 period(s): 2019-11" in by_hand.stdout
+    for period in ("2019-07", "2019-09"):
+        assert f"failed: destroy_periods, period {period} (IsADirectoryError)" in by_hand.stderr, by_hand.stderr

@@ -138,3 +138,29 @@ def test_a_failed_step_is_counted_when_a_later_step_loses_the_database(site: Sit
     after = site.worker.metrics()
     for step in ("purge_cases", "prune_field_months", "forget_callback_secrets", "prune_callback_deliveries"):
         assert processes.metric_total(after, FAILURES, step=step) == processes.metric_total(before, FAILURES, step=step)
+
+
+def test_each_period_whose_key_cannot_be_destroyed_is_counted_and_the_others_are_destroyed(site: Site) -> None:
+    """The destruction of expired periods stopped at the first that failed, counted once; the periods
+    after it kept their keys. Each failing period is counted now, and the others are destroyed."""
+    keys = load_keyring(site.settings).periods
+    assert keys is not None
+    before = site.worker.metrics()
+    strays = [site.folder / f"{period}.json" for period in ("2018-01", "2018-03")]
+    for stray in strays:
+        stray.mkdir()
+    keys.ensure("2018-02")  # expired, between the two: its key is destroyed all the same
+    try:
+        site.purge()
+        support.wait_for(lambda: keys.destroyed("2018-02"), timeout=60, what="the purge to destroy 2018-02")
+        support.wait_for(site.worker.idle, timeout=60, what="the purge to end")
+    finally:
+        for stray in strays:
+            stray.rmdir()
+            (site.folder / stray.name.replace(".json", ".destroyed")).unlink(missing_ok=True)
+    after = site.worker.metrics()
+    assert not (site.folder / "2018-02.json").exists()
+    moved = processes.metric_total(after, FAILURES, step="destroy_periods") - processes.metric_total(
+        before, FAILURES, step="destroy_periods"
+    )
+    assert moved == 2
