@@ -136,10 +136,10 @@ def test_a_case_for_nothing_is_ignored(settings) -> None:  # type: ignore[no-unt
 
 @pytest.mark.parametrize("argument", ["not-a-uuid", 123, ["a", "list"], None], ids=["text", "number", "list", "none"])
 def test_a_message_whose_argument_is_not_a_case_id_is_ignored(argument: object) -> None:
-    from worker import tasks
+    from worker import callback_tasks, tasks
 
     assert tasks.classify.apply(args=[argument]).get() == "ignored"
-    assert tasks.deliver_callback.apply(args=[argument]).get() == "ignored"
+    assert callback_tasks.deliver_callback.apply(args=[argument]).get() == "ignored"
 
 
 def test_a_failure_before_a_claim_never_ends_another_workers_attempt(tenant, store_case, settings, jpeg_bytes) -> None:  # type: ignore[no-untyped-def]
