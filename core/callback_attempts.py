@@ -58,10 +58,10 @@ class Held:
     a turn being handed to it (:func:`core.callback_pacing.next_waiting`), a copy of its message
     leasing it, the sweeper. A turn handed to it can find the clinic's receiver full again and be
     dropped, so the callback's own message must not end on such a look (nothing would bring the
-    callback then but the sweeper, minutes later): it looks again in ``seconds``. Those transactions
-    are short."""
-
-    seconds: float = 1.0
+    callback then but the sweeper, minutes later): it looks again, a second later, then after ever
+    longer waits, a bounded number of times (:func:`core.callback_pacing.held_seconds`). Those
+    transactions are short; one that holds the row longer is not dermq's, and the sweeper sends
+    the delivery again once it lets go."""
 
 
 HELD = Held()
@@ -72,10 +72,11 @@ class Delivery:
     """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up),
     ``deferred`` (the clinic's receiver had its fill of attempts under way: nothing was attempted),
     ``early`` (the retry this message brings is not due yet), ``held`` (another transaction held the
-    row: :class:`Held`) or ``skipped`` (nothing to do: nothing
-    pending, another worker holds it or took the row over, or another message made the attempt this
-    one was for). ``attempt``: the attempt made, or for ``deferred``, ``early`` and ``held`` the
-    attempts made so far."""
+    row: :class:`Held`; the message looks again), ``held_too_long`` (held at every look the message
+    may take: it ends, and the delivery, still pending, is the sweeper's) or ``skipped`` (nothing to
+    do: nothing pending, another worker holds it or took the row over, or another message made the
+    attempt this one was for). ``attempt``: the attempt made, or for ``deferred``, ``early``,
+    ``held`` and ``held_too_long`` the attempts made so far."""
 
     outcome: str
     attempt: int = 0

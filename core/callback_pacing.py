@@ -18,6 +18,12 @@ retries not before their backoff, and the turn handed to a clinic's oldest waiti
   past the visibility timeout, as a due retry waiting for a busy worker's thread can) finds the
   attempt already made and does nothing, and locks nothing; the message itself, if a host's clock
   sends it early, waits out the rest (:class:`NotDue`).
+- **A row held, looked at again.** A callback's own message that finds its row locked by another
+  transaction (a turn being handed to it, a copy of its message leasing it, the sweeper: all short)
+  looks again a second later, then after ever longer waits (:func:`held_seconds`). A row held for
+  minutes is held by something else (a stuck transaction, a session outside dermq): after
+  ``callback_held_looks`` looks the message ends, and the delivery, still pending and untouched, is
+  the sweeper's (:mod:`core.recovery` sends it again once its message is gone and the row is free).
 """
 
 from __future__ import annotations
@@ -97,6 +103,22 @@ def next_waiting(session: Session, clinic_id: uuid.UUID) -> uuid.UUID | None:
         .limit(1)
         .with_for_update(skip_locked=True)
     )
+
+
+#: the wait before a callback's message looks again at its row, held by another transaction, the first time
+HELD_FIRST_LOOK_SECONDS = 1.0
+
+
+def held_seconds(settings: Settings, looks: int) -> float | None:
+    """When a callback's own message that has found its row held by another transaction ``looks``
+    times in a row looks again: a second after the first, doubling each time, at most
+    :data:`~core.config.CALLBACK_LONGEST_TURN_SECONDS` or the longest backoff, whichever is shorter
+    (within the broker's visibility timeout, as :func:`turn_seconds`). None once it has looked
+    ``callback_held_looks`` times: the message ends, and the sweeper sends the delivery again."""
+    if looks >= settings.callback_held_looks:
+        return None
+    delay = HELD_FIRST_LOOK_SECONDS * 2.0 ** min(max(0, looks - 1), 16)  # no float overflow
+    return min(CALLBACK_LONGEST_TURN_SECONDS, settings.callback_backoff_max_seconds, delay)
 
 
 def turn_seconds(settings: Settings, waited: int) -> float:

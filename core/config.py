@@ -234,6 +234,10 @@ class Settings(BaseSettings):
     #: answers slowly holds no more threads than this, and its further callbacks wait their turn
     #: (core.callback_attempts.lease) while other clinics' go out
     callback_clinic_concurrency: int = Field(2, ge=1, le=256)
+    #: looks a callback's own message takes at its row while another transaction holds it, a second
+    #: apart and doubling (core.callback_pacing.held_seconds), before it ends and leaves the delivery,
+    #: still pending, to the sweeper: the transactions of dermq that hold one are short
+    callback_held_looks: int = Field(8, ge=1, le=30)
     #: Plain http and loopback/private callback receivers (a portal on a developer's machine).
     #: Refused in production: it turns off the SSRF guard of core/callback_urls.py.
     callback_allow_private_urls: bool = False

@@ -28,21 +28,34 @@ from worker.retries import MAX_RETRIES, retry_delay
 from worker.retries import is_transient as _transient  # the name deliver_callback uses
 
 log = logging.getLogger("dermq.worker")
+_LOG_LEVELS = {
+    "deferred": logging.DEBUG,
+    "early": logging.DEBUG,
+    "held": logging.DEBUG,
+    "held_too_long": logging.WARNING,
+}
 
 
 @app.task(name=TASK_CALLBACK, bind=True, max_retries=None)
 def deliver_callback(
-    self: Any, case_id: str, after: int | None = None, waited: int = 0, transient: int = 0, turn: bool = False
+    self: Any,
+    case_id: str,
+    after: int | None = None,
+    waited: int = 0,
+    transient: int = 0,
+    turn: bool = False,
+    held_looks: int = 0,
 ) -> str:
     """One attempt at a finished case's completion callback; retried with backoff until delivered or
     ``callback_max_attempts`` is reached (counted in the outbox row, not here). The attempt holds no
     transaction while the clinic's server answers (:mod:`worker.callbacks`). The message of a retry,
     or of a callback waiting its turn (:mod:`core.callback_pacing`), names the attempts it follows
     (``after``), how many turns it has waited (``waited``) and the transient failures (a database or
-    key error before the attempt) in a row that brought it (``transient``); a callback's first
-    message names none. ``turn``: a turn at the clinic's receiver that an ended attempt handed it (a
-    turn it cannot take is handed on, or dropped if the clinic is full again: the callback has a
-    message of its own)."""
+    key error before the attempt) in a row that brought it (``transient``), and the looks it has
+    taken at its row while another transaction held it (``held_looks``: a bounded number, then the
+    delivery is the sweeper's); a callback's first message names none. ``turn``: a turn at the
+    clinic's receiver that an ended attempt handed it (a turn it cannot take is handed on, or dropped
+    if the clinic is full again: the callback has a message of its own)."""
     config = settings()
     try:
         parsed = uuid.UUID(case_id)
@@ -51,7 +64,9 @@ def deliver_callback(
     if (self.request.delivery_info or {}).get("routing_key") == QUEUE_MAINTENANCE:
         return _forward_callback(config, parsed)
     try:
-        attempt = delivery.deliver(config, keyring(config), parsed, publisher=app, after=after, turn=turn)
+        attempt = delivery.deliver(
+            config, keyring(config), parsed, publisher=app, after=after, turn=turn, held_looks=held_looks
+        )
     except Exception as exc:
         if isinstance(exc, KeyNotHeld):  # a key rotation still reaching this worker: retried, nothing spent
             log.warning(
@@ -62,11 +77,13 @@ def deliver_callback(
             # the row stays pending: the sweeper publishes it again later
             raise retries.withheld(exc) from None
         # returned, not thrown inside this handler: raised from None, it carries no trace of ``exc``
-        again = {"after": after, "waited": waited, "transient": transient + 1}
+        again = {"after": after, "waited": waited, "transient": transient + 1, "held_looks": held_looks}
         retry = self.retry(exc=retries.withheld(exc), kwargs=again, countdown=retry_delay(transient), throw=False)
         raise retry from None
     log.log(
-        logging.DEBUG if attempt.outcome in ("deferred", "early", "held") else logging.INFO,  # no attempt made
+        # no attempt made (DEBUG); held at every look, its row by a transaction that is not dermq's
+        # (WARNING: the runbook's DermqCallbacksStuck)
+        _LOG_LEVELS.get(attempt.outcome, logging.INFO),
         "callback attempt",
         extra={
             "event": "callback",
@@ -81,9 +98,12 @@ def deliver_callback(
         metrics.record_callback(attempt.outcome)
     if attempt.outcome == "retry":  # the backoff the row was stamped with: no lease is taken before it
         raise self.retry(kwargs={"after": attempt.attempt}, countdown=attempt.retry_in)
-    if attempt.outcome in ("early", "held"):  # a host's clock sent it early: the rest of the backoff; or
-        # another transaction held its row (a turn handed to it, which may be dropped): it looks again
+    if attempt.outcome == "early":  # a host's clock sent it early: the rest of the backoff
         raise self.retry(kwargs={"after": after, "waited": waited}, countdown=attempt.retry_in)
+    if attempt.outcome == "held":  # another transaction held its row (a turn handed to it, which may be
+        # dropped): it looks again, later each time, a bounded number of times (then "held_too_long")
+        again = {"after": after, "waited": waited, "held_looks": held_looks + 1}
+        raise self.retry(kwargs=again, countdown=attempt.retry_in)
     if attempt.outcome == "deferred" and turn:  # the turn was taken meanwhile: its own message goes on
         return attempt.outcome
     if attempt.outcome == "deferred":  # an attempt at the same receiver that ends hands it its turn sooner

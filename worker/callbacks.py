@@ -213,11 +213,15 @@ def deliver(
     publisher: Celery,
     after: int | None = None,
     turn: bool = False,
+    held_looks: int = 0,
 ) -> callback_attempts.Delivery:
     """Make the next attempt at a case's pending callback: lease, POST, record (see the module
     docstring). ``after``: the attempts the message expects made (:func:`core.callback_attempts.lease`).
     Nothing is attempted while the clinic's receiver has its fill of attempts under way
-    (``deferred``) or before a retry is due (``early``). An attempt that ends hands its turn to the
+    (``deferred``), before a retry is due (``early``) or while another transaction holds the row
+    (``held``, its message back after :func:`core.callback_pacing.held_seconds`; ``held_too_long``
+    once the message has found it held at every look it may take, ``held_looks`` of them before this
+    one: left to the sweeper). An attempt that ends hands its turn to the
     clinic's oldest waiting callback, whose message ``publisher`` sends (:mod:`core.callback_pacing`);
     that message (``turn``), finding nothing to do (its callback taken, done or cancelled meanwhile, or
     handed the same turn twice), hands the turn on in its place."""
@@ -229,7 +233,10 @@ def deliver(
                 _hand_on(session, publisher, row.clinic_id)
             held = None
     if isinstance(held, callback_attempts.Held):  # its own message looks again, whatever the holder does
-        return callback_attempts.Delivery("held", after or 0, retry_in=held.seconds)
+        seconds = callback_pacing.held_seconds(config, held_looks + 1)
+        if seconds is None:  # not a transaction of dermq's (theirs are short): the sweeper's, once it lets go
+            return callback_attempts.Delivery("held_too_long", after or 0)
+        return callback_attempts.Delivery("held", after or 0, retry_in=seconds)
     if held is None:
         return callback_attempts.Delivery("skipped")
     if isinstance(held, callback_pacing.Busy):
