@@ -68,15 +68,26 @@ HELD = Held()
 
 
 @dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The callback is cancelled, and nothing sent: its clinic's callback removed, the clinic
+    deactivated, or its case erased or gone (``reason``, audited: ``callback_removed``,
+    ``clinic_inactive``, ``case_erased``). ``attempts``: the attempts made before."""
+
+    reason: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up),
+    ``cancelled`` (:class:`Cancelled`: nothing was sent, nor will be),
     ``deferred`` (the clinic's receiver had its fill of attempts under way: nothing was attempted),
     ``early`` (the retry this message brings is not due yet), ``held`` (another transaction held the
     row: :class:`Held`; the message looks again), ``held_too_long`` (held at every look the message
     may take: it ends, and the delivery, still pending, is the sweeper's) or ``skipped`` (nothing to
     do: nothing pending, another worker holds it or took the row over, or another message made the
-    attempt this one was for). ``attempt``: the attempt made, or for ``deferred``, ``early``,
-    ``held`` and ``held_too_long`` the attempts made so far."""
+    attempt this one was for). ``attempt``: the attempt made, or for ``cancelled``, ``deferred``,
+    ``early``, ``held`` and ``held_too_long`` the attempts made so far."""
 
     outcome: str
     attempt: int = 0
@@ -87,7 +98,7 @@ class Delivery:
 
 def lease(
     session: Session, *, settings: Settings, keyring: Keyring, case_id: uuid.UUID, after: int | None = None
-) -> Lease | Busy | NotDue | Held | None:
+) -> Lease | Busy | NotDue | Held | Cancelled | None:
     """Count the next attempt of a case's pending callback and lease its row for it. ``after``: the
     attempts the message expects made (a retry's or a waiting callback's message; None for the first
     and for the sweeper's). None if there is nothing to do: delivered, given up, cancelled, leased
@@ -96,8 +107,9 @@ def lease(
     this moment. :class:`~core.callback_pacing.NotDue` for a retry this
     message brings early, :class:`~core.callback_pacing.Busy` while the clinic's receiver has
     ``callback_clinic_concurrency`` attempts under way (:mod:`core.callback_pacing`). A callback whose
-    clinic or case is gone, or whose clinic is deactivated, is cancelled here (reactivating the clinic
-    does not send it later: the clinic reads its cases instead). Commit before making the request."""
+    clinic or case is gone, or whose clinic is deactivated, is cancelled here (:class:`Cancelled`;
+    reactivating the clinic does not send it later: the clinic reads its cases instead). Commit before
+    making the request."""
     # the database's clock, not this host's: leases are written and compared by different hosts, and
     # one whose clock ran ahead took over a live lease (a second POST of the same attempt's news)
     found = session.execute(
@@ -128,7 +140,7 @@ def lease(
         row.status, row.updated_at = CallbackStatus.CANCELLED.value, at
         why = "callback_removed" if endpoint is None else "clinic_inactive" if not active else "case_erased"
         _audit(session, row.case_id, row.clinic_id, success=False, detail={"error": CANCELLED, "reason": why})
-        return None
+        return Cancelled(why, row.attempts)
     if row.attempts >= settings.callback_max_attempts:
         # every attempt is spent and the last never recorded an answer (audited above; or the setting was
         # lowered since): given up here, or the sweeper would send it again and again

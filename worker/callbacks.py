@@ -221,17 +221,20 @@ def deliver(
     (``deferred``), before a retry is due (``early``) or while another transaction holds the row
     (``held``, its message back after :func:`core.callback_pacing.held_seconds`; ``held_too_long``
     once the message has found it held at every look it may take, ``held_looks`` of them before this
-    one: left to the sweeper). An attempt that ends hands its turn to the
+    one: left to the sweeper). A callback whose case was erased, or whose clinic or callback is gone,
+    is ``cancelled`` at its lease: nothing is sent. An attempt that ends hands its turn to the
     clinic's oldest waiting callback, whose message ``publisher`` sends (:mod:`core.callback_pacing`);
     that message (``turn``), finding nothing to do (its callback taken, done or cancelled meanwhile, or
     handed the same turn twice), hands the turn on in its place."""
     with session_scope(config) as session:
         held = callback_attempts.lease(session, settings=config, keyring=keyring, case_id=case_id, after=after)
-        if turn and (held is None or isinstance(held, callback_attempts.Held)):
+        if turn and (held is None or isinstance(held, (callback_attempts.Held, callback_attempts.Cancelled))):
             row = session.get(CallbackDelivery, case_id)
             if row is not None:
                 _hand_on(session, publisher, row.clinic_id)
-            held = None
+            held = held if isinstance(held, callback_attempts.Cancelled) else None
+    if isinstance(held, callback_attempts.Cancelled):
+        return callback_attempts.Delivery("cancelled", held.attempts)
     if isinstance(held, callback_attempts.Held):  # its own message looks again, whatever the holder does
         seconds = callback_pacing.held_seconds(config, held_looks + 1)
         if seconds is None:  # not a transaction of dermq's (theirs are short): the sweeper's, once it lets go

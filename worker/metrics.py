@@ -81,10 +81,11 @@ KEY_UNAVAILABLE = Counter(
 CALLBACKS = Counter(
     "dermq_callback_deliveries_total",
     "completion callback messages by outcome: delivered, retry (refused, tried again later), failed (given up); "
-    "not attempted: deferred (the clinic's receiver had its fill of attempts under way), early (a retry not due "
-    "yet), held (its row locked by another transaction at that moment: the message looks again, a second later, then "
-    "after ever longer waits), held_too_long (locked at each of DERMQ_CALLBACK_HELD_LOOKS looks: the message ends and "
-    "the sweeper sends the delivery again once the row is free), skipped (nothing to do: done, held by another worker, "
+    "not attempted: cancelled (its case erased, its clinic deactivated or its callback removed: nothing is sent), "
+    "deferred (the clinic's receiver had its fill of attempts under way), early (a retry not due yet), held (its "
+    "row locked by another transaction at that moment: the message looks again, a second later, then after ever "
+    "longer waits), held_too_long (locked at each of DERMQ_CALLBACK_HELD_LOOKS looks: the message ends and the "
+    "sweeper sends the delivery again once the row is free), skipped (nothing to do: done, held by another worker, "
     "or a copy)",
     ["outcome"],
 )

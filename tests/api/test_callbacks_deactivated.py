@@ -21,6 +21,7 @@ def test_a_deactivated_clinic_gets_no_callback(
         registered = client.put("/v1/clinic/callback", headers=tenant.headers, json={"url": server.url})
         assert registered.status_code == 200, registered.text
         case_id = store_case(tenant, jpeg_bytes)  # accepted while the clinic was active, not yet run
+        cancelled = callback_worker.metric("dermq_callback_deliveries_total", outcome="cancelled")
         with session_scope(settings) as session:
             clinics.set_active(session, tenant.clinic_id, False)
         support.publish_classify(publisher, case_id, "routine")
@@ -32,5 +33,10 @@ def test_a_deactivated_clinic_gets_no_callback(
         )
         assert row.status == "cancelled" and row.attempts == 0
         assert server.calls == []
+        support.wait_for(  # counted as what it is (it was a "skipped" message, like a copy with nothing to do)
+            lambda: callback_worker.metric("dermq_callback_deliveries_total", outcome="cancelled") == cancelled + 1,
+            timeout=30,
+            what="the callback worker to count the cancellation",
+        )
     finally:
         server.close()

@@ -150,7 +150,7 @@ def test_an_erased_case_is_not_announced_as_finished(settings: Settings, keyring
         case = session.get(Case, pending)
         assert case is not None
         retention.purge_case(session, case, actor=audit.SYSTEM, reason="test")
-    assert lease(settings, keyring, pending) is None
+    assert lease(settings, keyring, pending) == callback_attempts.Cancelled("case_erased", 0)
     assert row(settings, pending).status == "cancelled"
     with session_scope(settings) as session:  # why no news was sent, for an auditor
         (event,) = session.scalars(
