@@ -1,6 +1,7 @@
 """One attempt at a completion callback, in the database: the notice it sends, the lease that counts
-it, and the record of what the clinic's server answered (the outbox and its rules are
-:mod:`core.callbacks`; the POST between the two transactions is :mod:`worker.callbacks`)."""
+it, the last look before it is sent (its case not erased meanwhile), and the record of what the
+clinic's server answered (the outbox and its rules are :mod:`core.callbacks`; the POST around the
+last look, between the lease and the record, is :mod:`worker.callbacks`)."""
 
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def lease(
     ``callback_clinic_concurrency`` attempts under way (:mod:`core.callback_pacing`). A callback whose
     clinic or case is gone, or whose clinic is deactivated, is cancelled here (:class:`Cancelled`;
     reactivating the clinic does not send it later: the clinic reads its cases instead). Commit before
-    making the request."""
+    making the request, and take :func:`stop_if_erased`'s last look just before sending it."""
     # the database's clock, not this host's: leases are written and compared by different hosts, and
     # one whose clock ran ahead took over a live lease (a second POST of the same attempt's news)
     found = session.execute(
@@ -183,6 +184,43 @@ def _leasable(case_id: uuid.UUID, after: int | None) -> tuple[ColumnElement[bool
     )
 
 
+def stop_if_erased(session: Session, *, lease: Lease) -> Delivery | None:
+    """The last look before the leased attempt's notice goes out, in a transaction that stays open
+    until the request has been handed to the socket, and no longer (not while the receiver answers:
+    :func:`worker.callbacks.post`). The case is locked ``FOR SHARE``: an erasure committed since the
+    lease is seen here, and one that comes now waits until the notice is out (it updates the case
+    row: :func:`core.retention.purge_case`). None if the notice may go out. Else, the case erased or
+    gone, nothing is sent: the delivery is cancelled, the attempt given back (none was made) and
+    audited as a cancellation at the lease is; ``skipped`` where the row is no longer this attempt's
+    (its lease ran out and another took it over: that one's look cancels it)."""
+    status = session.scalar(select(Case.status).where(Case.id == lease.case_id).with_for_update(read=True))
+    if status is not None and status != CaseStatus.PURGED.value:
+        return None
+    cancelled = session.scalar(
+        update(CallbackDelivery)
+        .where(*_still_leased(lease))
+        .values(
+            status=CallbackStatus.CANCELLED.value, attempts=lease.attempt - 1, leased_until=None, updated_at=func.now()
+        )
+        .returning(CallbackDelivery.case_id)
+    )
+    if cancelled is None:
+        return Delivery("skipped", lease.attempt)
+    _audit(session, lease.case_id, lease.clinic_id, success=False, detail={"error": CANCELLED, "reason": "case_erased"})
+    return Delivery("cancelled", lease.attempt - 1)
+
+
+def _still_leased(lease: Lease) -> tuple[ColumnElement[bool], ...]:
+    """The delivery, still pending and leased for ``lease``'s attempt (a lease that ran out and was
+    taken over has a later attempt)."""
+    return (
+        CallbackDelivery.case_id == lease.case_id,
+        CallbackDelivery.attempts == lease.attempt,
+        CallbackDelivery.status == CallbackStatus.PENDING.value,
+        CallbackDelivery.leased_until.is_not(None),
+    )
+
+
 def record_attempt(
     session: Session,
     *,
@@ -215,15 +253,7 @@ def record_attempt(
         retry_in = backoff_seconds(settings, lease.attempt)
         values["next_attempt_at"] = func.now() + timedelta(seconds=retry_in)  # the leases' clock
     status = session.scalar(
-        update(CallbackDelivery)
-        .where(
-            CallbackDelivery.case_id == lease.case_id,
-            CallbackDelivery.attempts == lease.attempt,
-            CallbackDelivery.status == CallbackStatus.PENDING.value,
-            CallbackDelivery.leased_until.is_not(None),
-        )
-        .values(**values)
-        .returning(CallbackDelivery.status)
+        update(CallbackDelivery).where(*_still_leased(lease)).values(**values).returning(CallbackDelivery.status)
     )
     # where the news went (the host only: a URL's path or query may hold the receiver's token)
     detail: dict[str, object] = {"attempt": lease.attempt, "http_status": http_status, "host": host_of(lease.url)}

@@ -28,7 +28,11 @@ steps, so that no row lock and no pooled connection is held while a clinic's ser
    until ``leased_until`` and reads what the POST needs; a duplicated message finds the row leased
    and does nothing; a row whose attempts are spent is given up there (its last attempt never
    recorded an answer), and one whose case was erased is cancelled;
-2. the POST, with no transaction open;
+2. the POST: the connection made with no transaction open; then
+   :func:`core.callback_attempts.stop_if_erased`, a short transaction that locks the case ``FOR
+   SHARE`` while the request is handed to the socket, and cancels the delivery instead if the case
+   was erased since the lease (an erasure that comes then waits until the notice is out); the
+   answer read with no transaction open;
 3. :func:`core.callback_attempts.record_attempt` — a short transaction, fenced by the attempt
    number, records the answer (delivered, retry later, or given up), ends the lease and audits the
    attempt (``callback.deliver``: attempt number and HTTP status, never the body or the secret).

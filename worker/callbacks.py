@@ -2,8 +2,11 @@
 
 One attempt (:func:`deliver`) never holds a row lock or a pooled database connection while the
 clinic's server answers: it leases the outbox row in a short transaction and commits
-(:func:`core.callback_attempts.lease`), posts the signed notice with no transaction open, then records the
-answer in a second short transaction fenced by the attempt number
+(:func:`core.callback_attempts.lease`), connects to the clinic's server with no transaction open,
+takes a last look at the case in a short transaction that stays open only while the request is
+handed to the socket (:func:`core.callback_attempts.stop_if_erased`: a case erased since the lease
+is not announced, and an erasure that comes then waits until the notice is out), reads the answer
+with no transaction open, then records it in a third short transaction fenced by the attempt number
 (:func:`core.callback_attempts.record_attempt`).
 
 The POST refuses non-public addresses outside development and test (SSRF,
@@ -23,7 +26,8 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from urllib.parse import urlsplit
 
 from celery import Celery
@@ -48,6 +52,8 @@ USER_AGENT = "dermq-callback/1"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 #: the error audited for a delivery given up because its URL is no longer one dermq calls
 URL_REFUSED = "url_refused"
+#: the error :func:`post` returns when its gate kept the request back (nothing was sent)
+NOT_SENT = "not_sent"
 
 
 class _Deadline:
@@ -164,10 +170,18 @@ def _resolved(host: str, port: int, settings: Settings) -> str:
 
 
 def post(
-    url: str, body: bytes, secret: str | Sequence[str], settings: Settings, *, event_id: str
+    url: str,
+    body: bytes,
+    secret: str | Sequence[str],
+    settings: Settings,
+    *,
+    event_id: str,
+    gate: Callable[[], AbstractContextManager[bool]] | None = None,
 ) -> tuple[int | None, str | None]:
     """POST ``body`` signed with ``secret`` (or each of several, in order); returns (HTTP status or None,
-    error class name or None). No redirects."""
+    error class name or None). No redirects. ``gate``: entered once the connection is made, just
+    before the request is written, and left once it is, before the answer is read; when it yields
+    False nothing is sent, and the answer is (None, :data:`NOT_SENT`)."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
     host = parts.hostname or ""
@@ -191,7 +205,11 @@ def post(
     }
     deadline.start()
     try:
-        connection.request("POST", target, body=body, headers=headers)
+        connection.connect()  # before the gate: whatever it holds is not held while a host is reached
+        with gate() if gate is not None else contextlib.nullcontext(True) as go:
+            if not go:
+                return None, NOT_SENT
+            connection.request("POST", target, body=body, headers=headers)  # into the socket's buffer
         response = connection.getresponse()
         if deadline.passed.is_set():  # the deadline shut the socket mid-answer: a status line cut short
             return None, DEADLINE_EXCEEDED  # at its end reads as a whole one, and is no answer
@@ -221,8 +239,9 @@ def deliver(
     (``deferred``), before a retry is due (``early``) or while another transaction holds the row
     (``held``, its message back after :func:`core.callback_pacing.held_seconds`; ``held_too_long``
     once the message has found it held at every look it may take, ``held_looks`` of them before this
-    one: left to the sweeper). A callback whose case was erased, or whose clinic or callback is gone,
-    is ``cancelled`` at its lease: nothing is sent. An attempt that ends hands its turn to the
+    one: left to the sweeper). A callback whose case was erased (or whose clinic or callback is
+    gone) is ``cancelled``, at its lease or, erased since, at the last look before the request is
+    written: nothing is sent. An attempt that ends hands its turn to the
     clinic's oldest waiting callback, whose message ``publisher`` sends (:mod:`core.callback_pacing`);
     that message (``turn``), finding nothing to do (its callback taken, done or cancelled meanwhile, or
     handed the same turn twice), hands the turn on in its place."""
@@ -256,7 +275,14 @@ def deliver(
     except InvalidInput:
         error, refused = URL_REFUSED, True
     if held.secrets and not refused:
-        status, error = post(held.url, held.body, held.secrets, config, event_id=str(case_id))
+        look = _LastLook(config, publisher, held)
+        try:
+            status, error = post(held.url, held.body, held.secrets, config, event_id=str(case_id), gate=look)
+        except SQLAlchemyError as exc:  # the last look's transaction failed (its lock wait timed out, an
+            # erasure holding the case): an error as a network one is, retried
+            status, error = None, type(exc).__name__
+        if look.stopped is not None:  # the case was erased since the lease: cancelled, nothing sent
+            return look.stopped
     with session_scope(config) as session:
         done = callback_attempts.record_attempt(
             session, settings=config, lease=held, http_status=status, error=error, hopeless=refused
@@ -264,6 +290,25 @@ def deliver(
         if done.outcome != "skipped":  # this attempt's turn at the clinic's receiver has ended
             _hand_on(session, publisher, held.clinic_id)
     return done
+
+
+class _LastLook:
+    """The gate of one leased attempt's POST (:func:`post`): a transaction open from just before the
+    request is written until it is, in which :func:`core.callback_attempts.stop_if_erased` holds the
+    case as it is; ``stopped`` is what the attempt came to when the case was erased meanwhile."""
+
+    def __init__(self, config: Settings, publisher: Celery, lease: callback_attempts.Lease) -> None:
+        self.config, self.publisher, self.lease = config, publisher, lease
+        self.stopped: callback_attempts.Delivery | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[bool]:
+        with session_scope(self.config) as session:
+            stopped = callback_attempts.stop_if_erased(session, lease=self.lease)
+            if stopped is not None and stopped.outcome == "cancelled":  # its turn has ended
+                _hand_on(session, self.publisher, self.lease.clinic_id)
+            yield stopped is None
+        self.stopped = stopped  # once committed (else the attempt records the error, and its retry cancels)
 
 
 def _hand_on(session: Session, publisher: Celery, clinic_id: uuid.UUID) -> None:

@@ -30,14 +30,16 @@ def pending(settings: Settings, private_broker, keyring, tenant: Tenant, store_c
     return pending_delivery(settings, private_broker, keyring, tenant, store_case)
 
 
-def pending_delivery(settings: Settings, private_broker, keyring, tenant: Tenant, store_case) -> uuid.UUID:  # type: ignore[no-untyped-def]
-    """:func:`pending`, its callback's secret sealed under ``keyring``."""
+def pending_delivery(  # type: ignore[no-untyped-def]
+    settings: Settings, private_broker, keyring, tenant: Tenant, store_case, url: str = "http://x/"
+) -> uuid.UUID:
+    """:func:`pending`, its callback's secret sealed under ``keyring``, its URL ``url``."""
     publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
     case_id = store_case(tenant, b"finished")
     principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
     with session_scope(settings) as session:
         callbacks.register(
-            session, keyring=keyring, settings=settings, principal=principal, actor=audit.SYSTEM, url="http://x/"
+            session, keyring=keyring, settings=settings, principal=principal, actor=audit.SYSTEM, url=url
         )
         assert case_states.fail_case(session, case_id=case_id, attempt=None, code="invalid_image", message="no")
         assert callbacks.note_finished(session, case_id, publisher=publisher)
