@@ -1,7 +1,9 @@
 """Admin routes: clinics and API keys (the same operations as the `dermq` CLI). Every change is audited.
 
 Deactivating a clinic stops its keys at once (authentication checks the clinic on every request);
-revoking a key does the same for that key.
+revoking a key does the same for that key. Only admin keys: the router checks the role before any
+route's parameters (:func:`api.deps.role_first`), so another key gets the same audited 403 whatever
+it sends.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from api.deps import JSON_BODY, NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
+from api.deps import JSON_BODY, NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit, role_first
 from api.params import only
 from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from api.schemas import ClinicIn, ClinicOut, KeyIn, KeyOut, NewKeyOut
 from core import audit, clinics, keys
 from core.models import ApiKey, Clinic, Role
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[role_first(Role.ADMIN)])
 
 
 def _clinic(clinic: Clinic) -> ClinicOut:
@@ -45,8 +47,8 @@ def _key(key: ApiKey) -> KeyOut:
 
 
 def _admin(caller: Caller, app: AppState) -> None:
-    """Only admin keys; counted against the key's write limit (Redis: call it on the request's thread)."""
-    require_role(caller, Role.ADMIN)
+    """Counted against the admin key's write limit (Redis: call it on the request's thread). The role
+    was checked before the route's parameters, by the router."""
     limit(caller, app, "submit")
 
 
@@ -135,7 +137,7 @@ async def list_keys(
     clinic_id: Annotated[uuid.UUID | None, Query()] = None,
 ) -> list[KeyOut]:
     def read(session: Session) -> list[KeyOut]:
-        _admin(caller, app)  # the role first: another key is told 403 (and audited), not about parameters
+        _admin(caller, app)
         only(request, {"clinic_id"})  # ?clinic=... would otherwise list every clinic's keys
         audit.record(
             session,

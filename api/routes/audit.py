@@ -3,6 +3,8 @@
 Auditors see access records only: who touched which case, when, from where, with what outcome.
 They never see images or classification results. An auditor key bound to a clinic sees only that
 clinic's records; an unbound one sees everything.
+Only auditor keys: the router checks the role before any route's parameters (:func:`api.deps.role_first`),
+so another key gets the same audited 403 whatever it sends.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from api import fhir
 from api.db import iterate_on_one_thread
-from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
+from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, role_first
 from api.params import ISO_8601, only, utc
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
@@ -36,7 +38,7 @@ from core.models import ApiKey, Role
 
 log = logging.getLogger("dermq.api")
 
-router = APIRouter(prefix="/v1/audit-events", tags=["audit"])
+router = APIRouter(prefix="/v1/audit-events", tags=["audit"], dependencies=[role_first(Role.AUDITOR)])
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 #: the longest time range one export covers (pages of it are read in short transactions)
 EXPORT_MAX_DAYS = 31
@@ -176,7 +178,6 @@ async def search_events(
     cursor: Annotated[str | None, Query(max_length=32)] = None,
     limit_: Annotated[int, Query(alias="limit", ge=1, le=500)] = 100,
 ) -> AuditPage:
-    require_role(caller, Role.AUDITOR)
     only(request, SEARCH_PARAMETERS)
 
     def read(session: Session) -> AuditPage:
@@ -279,7 +280,6 @@ async def export_events(
     action: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z_.]+$")] = None,
     outcome: Annotated[Literal["success", "failure", "denied"] | None, Query()] = None,
 ) -> StreamingResponse:
-    require_role(caller, Role.AUDITOR)
     only(request, EXPORT_PARAMETERS)  # a misspelt filter would otherwise export everything in the range
 
     def record(session: Session) -> audit.AuditFilter:
@@ -330,7 +330,6 @@ async def verify_chain(response: Response, app: State, caller: AuthenticatedCall
     """The result of the last periodic check (``dermq.audit_check``, every minute): every event sealed
     since the check before was recomputed and compared with the signed checkpoints. Nothing is walked
     per request; ``ok`` is null until the first check has run."""
-    require_role(caller, Role.AUDITOR)
 
     def read(session: Session) -> Row[Any] | None:
         limit(caller, app, "read")

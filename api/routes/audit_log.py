@@ -8,6 +8,8 @@ log's verifier key (handed over out of band, never fetched from here), and later
   (RFC 9162 section 2.1.4).
 
 Every request is audited. A clinic-scoped auditor gets inclusion proofs for its clinic's events only.
+Only auditor keys: the router checks the role before any route's parameters (:func:`api.deps.role_first`),
+so another key gets the same audited 403 whatever it sends.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from api.deps import AuthenticatedCaller, Db, State, limit, require_role
+from api.deps import AuthenticatedCaller, Db, State, limit, role_first
 from api.params import only
 from api.routes.audit import record_auditor_access
 from api.routes.cases import NO_STORE, PROBLEMS
@@ -27,7 +29,7 @@ from core import audit, audit_log, checkpoint
 from core.errors import BadRequest, Conflict, NotFound
 from core.models import AuditEvent, Role
 
-router = APIRouter(prefix="/v1/audit", tags=["audit"])
+router = APIRouter(prefix="/v1/audit", tags=["audit"], dependencies=[role_first(Role.AUDITOR)])
 
 
 def _b64(data: bytes) -> str:
@@ -59,7 +61,6 @@ def _latest(session: Session) -> audit_log.StoredCheckpoint:
     "/checkpoints/latest", response_model=CheckpointOut, responses=PROBLEMS, summary="The latest signed checkpoint"
 )
 async def latest_checkpoint(response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> CheckpointOut:
-    require_role(caller, Role.AUDITOR)
 
     def read(session: Session) -> CheckpointOut:
         limit(caller, app, "read")
@@ -89,7 +90,6 @@ async def inclusion_proof(
     event: Annotated[int, Query(ge=1, description="the event id")],
     size: Annotated[int | None, Query(ge=1, description="tree size (default: the latest checkpoint's)")] = None,
 ) -> InclusionProofOut:
-    require_role(caller, Role.AUDITOR)
     only(request, {"event", "size"})  # a misspelt size would prove against another tree than the one asked
 
     def read(session: Session) -> InclusionProofOut:
@@ -159,7 +159,6 @@ async def consistency_proof(
     old: Annotated[int, Query(alias="from", ge=0, description="the pinned tree size")],
     new: Annotated[int | None, Query(alias="to", ge=1, description="default: the latest checkpoint's")] = None,
 ) -> ConsistencyProofOut:
-    require_role(caller, Role.AUDITOR)
     only(request, {"from", "to"})
 
     def read(session: Session) -> ConsistencyProofOut:
