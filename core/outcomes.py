@@ -74,7 +74,7 @@ def _validated(diagnosis: str, method: str) -> tuple[str, ConfirmationMethod]:
         return diagnosis, ConfirmationMethod(method)
     except ValueError:
         raise InvalidInput(
-            f"unknown method {method!r}; the methods are: {', '.join(m.value for m in ConfirmationMethod)}",
+            f"unknown method {method[:32]!r}; the methods are: {', '.join(m.value for m in ConfirmationMethod)}",
             code="unknown_method",
         ) from None
 

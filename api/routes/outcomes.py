@@ -18,12 +18,14 @@ router = APIRouter(prefix="/v1/cases", tags=["cases"])
 
 
 class OutcomeIn(BaseModel):
+    """No length limit here (the body's 64 KiB is one): a code dermq does not know, however long, is
+    refused by :func:`core.outcomes.record_outcome` with ``unknown_diagnosis`` or ``unknown_method``,
+    audited like the route's other refusals; a schema limit answered a plain 422 and wrote nothing."""
+
     model_config = ConfigDict(extra="forbid")
 
-    diagnosis: str = Field(
-        max_length=16, description="the confirmed HAM10000 class: akiec, bcc, bkl, df, mel, nv, vasc"
-    )
-    method: str = Field(max_length=16, description="how it was confirmed: histo, follow_up, consensus or confocal")
+    diagnosis: str = Field(description="the confirmed HAM10000 class: akiec, bcc, bkl, df, mel, nv, vasc")
+    method: str = Field(description="how it was confirmed: histo, follow_up, consensus or confocal")
 
 
 class OutcomeOut(BaseModel):

@@ -85,7 +85,11 @@ def test_an_outcome_is_recorded_then_corrected_and_both_are_audited(  # type: ig
     [
         ({"diagnosis": "melanoma", "method": "histo"}, "unknown_diagnosis"),
         ({"diagnosis": "mel", "method": "biopsy"}, "unknown_method"),
+        # over a length the schema once capped: answered a plain 422, with no audit event
+        ({"diagnosis": "melanoma in situ, Clark level II", "method": "histo"}, "unknown_diagnosis"),
+        ({"diagnosis": "mel", "method": "excision biopsy, histopathology"}, "unknown_method"),
     ],
+    ids=["diagnosis", "method", "long_diagnosis", "long_method"],
 )
 def test_unknown_codes_are_422(client, tenant: Tenant, store_case, settings, body, code) -> None:  # type: ignore[no-untyped-def]
     case_id = store_case(tenant, b"x")
@@ -96,7 +100,11 @@ def test_unknown_codes_are_422(client, tenant: Tenant, store_case, settings, bod
     assert response.json()["code"] == code
     assert body["diagnosis"] not in response.text  # a confirmed diagnosis in free text is the patient's
     assert response.headers["content-type"].startswith("application/problem+json")
-    assert [(e.outcome, e.detail) for e in outcome_events(settings, case_id)] == [("failure", {"reason": code})]
+    events = outcome_events(settings, case_id)
+    assert [(e.outcome, e.detail, e.actor_key_id) for e in events] == [("failure", {"reason": code}, tenant.key_id)]
+    with session_scope(settings) as session:  # what was sent is nowhere in the trail
+        rows = session.execute(select(AuditEvent.__table__).where(AuditEvent.entity_id == str(case_id))).all()
+    assert rows and body["diagnosis"] not in json.dumps([list(r) for r in rows], default=str)
 
 
 def test_a_malformed_body_is_422(client, tenant: Tenant, store_case) -> None:  # type: ignore[no-untyped-def]
