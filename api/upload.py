@@ -22,6 +22,7 @@ Client file names are read only to be ignored: nothing in dermq ever uses a clie
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -31,7 +32,9 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.requests import ClientDisconnect, Request
 
 from core.errors import BadRequest, InvalidInput, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from core.models import Priority
 
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 FIELD_CAP = 1024
 MAX_PARTS = 8
 #: how often a body may hold ``CRLF--boundary`` (each part after the first begins with it, and the
@@ -299,3 +302,57 @@ async def _arriving(chunks: AsyncIterator[bytes], idle_timeout: float, timeout: 
                 f"the upload stalled: nothing arrived for {idle_timeout:g} s; send it again", code="upload_stalled"
             ) from None
         yield chunk
+
+
+#: the submission's body in the OpenAPI document (the route reads it itself, with :func:`read_case_form`)
+UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "one dermoscopy image: JPEG, PNG, TIFF, WebP or BMP",
+                        },
+                        "client_ref": {
+                            "type": "string",
+                            "maxLength": 128,
+                            "description": "the portal's own reference, returned as sent",
+                        },
+                        "priority": {"type": "string", "enum": ["routine", "urgent"], "default": "routine"},
+                    },
+                },
+                "encoding": {
+                    "image": {
+                        "contentType": "image/jpeg, image/png, image/tiff, image/webp, image/bmp, "
+                        "application/octet-stream"
+                    }
+                },
+            }
+        },
+    }
+}
+
+
+def validated_fields(fields: dict[str, str], idempotency_key: str | None, max_ref: int) -> tuple[str | None, Priority]:
+    """The form's ``client_ref`` and ``priority`` and the Idempotency-Key header, checked."""
+    priority_text = fields.get("priority", Priority.ROUTINE.value).strip() or Priority.ROUTINE.value
+    try:
+        priority = Priority(priority_text)
+    except ValueError:
+        raise InvalidInput("priority must be 'routine' or 'urgent'", code="invalid_priority") from None
+    client_ref = fields.get("client_ref")
+    if client_ref is not None:
+        client_ref = client_ref.strip() or None
+    if client_ref is not None and (len(client_ref) > max_ref or not client_ref.isprintable()):
+        raise InvalidInput(
+            f"client_ref must be printable text of at most {max_ref} characters", code="invalid_client_ref"
+        )
+    if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.match(idempotency_key):
+        raise InvalidInput("Idempotency-Key must be 1 to 255 visible ASCII characters", code="invalid_idempotency_key")
+    return client_ref, priority

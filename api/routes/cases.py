@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,13 +25,13 @@ from api.schemas import (
     CaseOut,
     Problem,
 )
-from api.upload import declared_length, read_case_form, refuse_declared
+from api.upload import UPLOAD_SCHEMA, declared_length, read_case_form, refuse_declared, validated_fields
 from api.waiters import MAX_WAIT_SECONDS, wait_for_end
 from core import audit, case_reads, cases, keys, phi, results, retention
 from core.db import commit_durably, commit_without_flush
 from core.enqueue import enqueue
 from core.errors import DermqError, InvalidImageError, InvalidInput, ServiceUnavailable, Unauthorized
-from core.models import Case, CaseStatus, Priority, Role
+from core.models import Case, CaseStatus, Role
 from core.publisher import classify_task
 from ml import working_copy
 from ml.images import ImageHeader, ImageLimits, InvalidImage
@@ -49,7 +48,6 @@ WaitSeconds = Annotated[
 ]
 
 NO_STORE = {"Cache-Control": "no-store"}
-IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
     for status, text in {
@@ -66,39 +64,6 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
 #: for a route that takes a JSON body (with ``dependencies=JSON_BODY``)
 JSON_PROBLEMS = PROBLEMS | {415: PROBLEMS[400] | {"description": "the body was not sent as application/json"}}
 
-UPLOAD_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "one dermoscopy image: JPEG, PNG, TIFF, WebP or BMP",
-                        },
-                        "client_ref": {
-                            "type": "string",
-                            "maxLength": 128,
-                            "description": "the portal's own reference, returned as sent",
-                        },
-                        "priority": {"type": "string", "enum": ["routine", "urgent"], "default": "routine"},
-                    },
-                },
-                "encoding": {
-                    "image": {
-                        "contentType": "image/jpeg, image/png, image/tiff, image/webp, image/bmp, "
-                        "application/octet-stream"
-                    }
-                },
-            }
-        },
-    }
-}
-
 
 @contextmanager
 def _image_refusals() -> Iterator[None]:
@@ -108,24 +73,6 @@ def _image_refusals() -> Iterator[None]:
     except InvalidImage as exc:
         metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
         raise InvalidImageError(exc.code, exc.message) from None
-
-
-def _validated_fields(fields: dict[str, str], idempotency_key: str | None, max_ref: int) -> tuple[str | None, Priority]:
-    priority_text = fields.get("priority", Priority.ROUTINE.value).strip() or Priority.ROUTINE.value
-    try:
-        priority = Priority(priority_text)
-    except ValueError:
-        raise InvalidInput("priority must be 'routine' or 'urgent'", code="invalid_priority") from None
-    client_ref = fields.get("client_ref")
-    if client_ref is not None:
-        client_ref = client_ref.strip() or None
-    if client_ref is not None and (len(client_ref) > max_ref or not client_ref.isprintable()):
-        raise InvalidInput(
-            f"client_ref must be printable text of at most {max_ref} characters", code="invalid_client_ref"
-        )
-    if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.match(idempotency_key):
-        raise InvalidInput("Idempotency-Key must be 1 to 255 visible ASCII characters", code="invalid_idempotency_key")
-    return client_ref, priority
 
 
 @router.post(
@@ -238,7 +185,7 @@ async def _accept(
         except DermqError as exc:
             metrics.UPLOAD_REJECTIONS.labels(exc.code).inc()
             raise
-        client_ref, priority = _validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
+        client_ref, priority = validated_fields(form.fields, idempotency_key, settings.max_client_ref_length)
         limits = ImageLimits.from_settings(settings)
         data = form.image
 
