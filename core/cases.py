@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 
 from core import audit, idempotency, period_shredding, pgbinary, phi
 from core.crypto import Keyring, SealedBlob, encrypt_blob
+from core.db import commit_durably
 from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, ServiceUnavailable, a_or_an
 from core.keys import Principal
 from core.models import BlobKind, Case, CaseBlob, CaseStatus, Priority, Role
@@ -212,6 +213,19 @@ def add_working_copy(session: Session, *, keyring: Keyring, case: Case, copy: Wo
     wrap = period_shredding.wrapping_key(session, keyring, case.created_at)
     sealed = encrypt_blob(keyring, copy.data, case_id=case.id, kind=BlobKind.WORKING.value, kek_id=wrap)
     insert_blobs(session, [(case.id, BlobKind.WORKING, sealed, copy.media_type)])
+
+
+def confirm_stored(session: Session, case_id: uuid.UUID) -> bool:
+    """Whether the case is stored; once this transaction commits, on disk. For an answer that tells a
+    client its case was accepted when the case's own commit did not wait for the disk
+    (:func:`core.db.commit_without_flush`) and no write of the answer's own follows it. The row is
+    locked ``FOR KEY SHARE`` (the weakest row lock: a worker's claim waits a moment for it at most):
+    a row lock is written to the WAL, so this transaction's commit, made to wait for the disk, flushes
+    the WAL up to it, the case's commit with it (the WAL is one sequence, flushed in order). A
+    transaction that writes nothing commits without waiting for the disk whatever
+    ``synchronous_commit`` says, so a plain read would prove nothing."""
+    commit_durably(session)
+    return session.scalar(select(Case.id).where(Case.id == case_id).with_for_update(key_share=True)) is not None
 
 
 #: the columns a new case leaves empty (set explicitly: the Case the caller gets needs no reload)

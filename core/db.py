@@ -167,10 +167,16 @@ def commit_without_flush(session: Session) -> None:
 
     For work that is redone when it is lost and about which nobody is told anything before a durable
     commit follows: a worker's claim and its results (a lost claim leaves the case queued for the
-    sweeper, a lost result leaves it running until the sweeper requeues it; the API answers a clinic,
-    and a callback is sent, only after a durable commit of their own), and a case created by a
-    submission that waits for its result (the answer follows the durable commit of its audited
-    read). See docs/OPERATIONS.md, "Durability"."""
+    sweeper, a lost result leaves it running until the sweeper requeues it and it is classified
+    again; the API answers a clinic, a callback is sent and the audit sealer signs a checkpoint only
+    after a durable commit of their own, which flushes the result with them), and a case created by a
+    submission that waits for its result (the answer follows the durable commit of its audited read,
+    or, when the database is too busy for that read, of :func:`core.cases.confirm_stored`: never a
+    202 on this commit alone). See docs/OPERATIONS.md, "Durability".
+
+    A durable commit flushes the WAL only if its transaction wrote some: one that wrote nothing, even
+    with a transaction id, commits without waiting for the disk whatever ``synchronous_commit`` says
+    (PostgreSQL's ``RecordTransactionCommit``)."""
     deferred.defer(session, "SET LOCAL synchronous_commit TO OFF")  # sent with the next statement
 
 

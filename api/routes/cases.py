@@ -137,12 +137,12 @@ async def _wait_and_read(
 ) -> CaseOut:
     """The case once it has ended or ``wait`` has passed. The case (or the replay's audit event) is kept
     and its task sent once the wait's ticket is taken: a new case cannot end unheard, so its wait needs
-    no first look. Once that commit is through, a database too busy for the wait's look or its read (no
-    connection or lane in time, a lock or statement timeout) answers with the case as stored, its
-    ``Location`` to poll: a 503 saying that nothing was stored had a portal without an Idempotency-Key
-    send the image again as a second case (a busy database writes the commit out within a second). A
-    database that fails outright still answers 503: that commit did not wait for the disk (the read's
-    durable commit does), and a crash may have taken the case with it."""
+    no first look. That commit does not wait for the disk: the read's durable commit flushes it. Once
+    it is through, a database too busy for the wait's look or its read (no connection or lane in time,
+    a lock or statement timeout) answers with the case as stored, its ``Location`` to poll, after a
+    commit that waits for the disk (a 503 saying that nothing was stored had a portal without an
+    Idempotency-Key send the image again as a second case; a 202 on the first commit alone could be
+    lost in a crash). Too busy for that commit too, or failing outright, it answers 503."""
     committed = False
 
     async def commit() -> None:
@@ -156,14 +156,33 @@ async def _wait_and_read(
         )
         return await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
     except (ServiceUnavailable, PoolTimeout, OperationalError) as exc:
-        busy = not isinstance(exc, OperationalError) or getattr(exc.orig, "pgcode", None) in BUSY_PGCODES
-        if not committed or not busy:
+        if not committed or not _busy(exc):
             raise
         log.warning(
-            "a waiting submission's case is stored; the database failed its wait, answered as stored",
+            "a waiting submission's case is stored; the database failed its wait, answered as stored once on disk",
             extra={"event": "wait_unavailable", "error": type(exc).__name__},
         )
-        return out
+    try:
+        stored = await db.run(lambda session: cases.confirm_stored(session, out.id), last=True)
+    except (ServiceUnavailable, PoolTimeout, OperationalError) as exc:
+        if not _busy(exc):
+            raise
+        raise ServiceUnavailable(UNCONFIRMED, code="database_busy", retry_after=1) from None
+    if not stored:  # lost with a database crash before its commit reached the disk
+        raise ServiceUnavailable("the case could not be stored; send it again", retry_after=1)
+    return out
+
+
+UNCONFIRMED = (
+    "the case was stored, but the database was too busy to confirm that it is on disk; send the same "
+    "request again with the same Idempotency-Key: it answers with this case, never a second one"
+)
+
+
+def _busy(exc: Exception) -> bool:
+    """Whether ``exc`` says the database is busy (no lane or connection in time, a lock or statement
+    timeout), not down."""
+    return not isinstance(exc, OperationalError) or getattr(exc.orig, "pgcode", None) in BUSY_PGCODES
 
 
 async def _accept(

@@ -6,10 +6,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import Engine, create_engine, event, func, select, text
 
 from api.app import create_app
 from core import case_states
@@ -173,56 +176,126 @@ def test_the_api_latency_an_operator_watches_leaves_out_the_long_polls_wait(clie
     assert after[1] - before[1] < took - 1.4  # the request's own work, without the 1.5 s it waited
 
 
-def test_a_stored_case_whose_wait_meets_a_busy_database_is_answered_as_stored(  # type: ignore[no-untyped-def]
+MARKER = "MRN-busy-0042"
+
+
+def busy_submission(settings, api: TestClient, tenant: Tenant, headers: dict[str, str], image: bytes, hold: Any) -> Any:  # type: ignore[no-untyped-def]
+    """The answer to ``POST /v1/cases?wait=3`` on ``api`` (whose task goes to a broker no worker reads:
+    the case waits out the wait), while ``hold()``, a context manager entered once the case is
+    committed, keeps the database busy for the wait's read. The case's client reference is ``MARKER``."""
+    answers: list[Any] = []
+    files, form = {"image": ("lesion.jpg", image, "image/jpeg")}, {"client_ref": MARKER}
+    post = threading.Thread(
+        target=lambda: answers.append(api.post("/v1/cases?wait=3", headers=headers, files=files, data=form))
+    )
+    watcher = create_engine(settings.database_url)
+    post.start()
+    try:
+        with watcher.connect() as look:
+            support.wait_for(
+                lambda: look.scalar(text("SELECT count(*) FROM cases WHERE clinic_id = :c"), {"c": tenant.clinic_id}),
+                timeout=30,
+                what="the case to be committed",
+            )
+        with hold():
+            post.join(30)
+    finally:
+        post.join(30)
+        watcher.dispose()
+    (answer,) = answers
+    return answer
+
+
+@contextmanager
+def commits_of_requests() -> Iterator[list[tuple[str, int | None]]]:
+    """For each commit on a request's thread (api.db.Lanes) while the block runs: its
+    ``synchronous_commit`` and its transaction id (None if it has none: then it wrote nothing)."""
+    seen: list[tuple[str, int | None]] = []
+
+    def committed(connection: Any) -> None:
+        if threading.current_thread().name.startswith("dermq-request"):
+            asked = "SELECT current_setting('synchronous_commit'), pg_current_xact_id_if_assigned()::text::bigint"
+            seen.append(tuple(connection.exec_driver_sql(asked).one()))  # type: ignore[arg-type]
+
+    event.listen(Engine, "commit", committed)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "commit", committed)
+
+
+def test_a_stored_case_whose_wait_meets_a_busy_database_is_answered_as_stored_once_on_disk(  # type: ignore[no-untyped-def]
     settings, database, private_broker, tenant: Tenant, jpeg_bytes: bytes
 ) -> None:
-    """The case is committed and queued, then the wait's read finds no database connection: the answer
-    was a 503 saying that nothing was stored, and a portal without an Idempotency-Key sent it again.
-    Its task goes to a broker no worker reads: the case waits out the wait."""
-    from sqlalchemy import create_engine, text
+    """The wait's read times out on a lock (its audit event waits for another transaction): the case
+    is answered as stored (a 503 saying that nothing was stored had a portal without an
+    Idempotency-Key send it again), but only after a commit that waits for the disk. The 202 came on
+    the case's own commit, which does not wait for it: a Postgres crash right after the answer could
+    take an accepted case."""
+    busy = settings.model_copy(update={"database_lock_timeout_ms": 200, "redis_url": private_broker.url})
+    locker = create_engine(settings.database_url)
 
+    @contextmanager
+    def audit_table_held() -> Iterator[None]:  # by another transaction: the read's audit event waits for it
+        with locker.connect() as connection:
+            connection.execute(text("LOCK TABLE audit_events IN SHARE MODE"))
+            yield
+            connection.rollback()
+
+    headers = tenant.headers | {"Idempotency-Key": f"busy-{uuid.uuid4().hex}"}
+    try:
+        with TestClient(create_app(busy), raise_server_exceptions=False) as api, commits_of_requests() as commits:
+            answer = busy_submission(settings, api, tenant, headers, jpeg_bytes, audit_table_held)
+    finally:
+        locker.dispose()
+    assert answer.status_code == 202, answer.text
+    case = answer.json()
+    assert answer.headers["location"] == f"/v1/cases/{case['id']}"
+    assert case["status"] == "queued" and case["client_ref"] == MARKER
+    assert commits[0][0] == "off" and commits[0][1], commits  # the case, not waiting for the disk
+    # The last commit before the answer waits for the disk and wrote to the WAL (a transaction that
+    # writes nothing commits without waiting, whatever its setting): it locked the case's row. Its
+    # flush takes the case's commit with it.
+    setting, xid = commits[-1]
+    with session_scope(settings) as session:
+        locked_by = session.scalar(text("SELECT xmax::text::bigint FROM cases WHERE id = :id"), {"id": case["id"]})
+    assert setting == "on" and xid is not None and locked_by == xid % 2**32, (commits, locked_by)
+    assert reads_of(settings, case["id"]) == 0  # the read's audit event never committed: nothing was read
+
+
+def test_a_stored_case_whose_wait_finds_no_connection_at_all_is_a_503_and_a_retry_gets_it(  # type: ignore[no-untyped-def]
+    settings, database, private_broker, tenant: Tenant, jpeg_bytes: bytes
+) -> None:
+    """The API's one connection is taken for the rest of the request once the case is committed: it
+    cannot be confirmed on disk, so it is not answered as accepted; the same request again, with its
+    Idempotency-Key, gets the case, never a second one."""
     from core.db import get_engine
 
     busy = settings.model_copy(
         update={"database_pool_size": 1, "database_pool_timeout_s": 0.3, "redis_url": private_broker.url}
     )
-    engine, watcher = get_engine(busy), create_engine(settings.database_url)
-    marker = uuid.uuid4().hex
-    answers: list[object] = []
+    engine = get_engine(busy)
+    headers = tenant.headers | {"Idempotency-Key": f"busy-{uuid.uuid4().hex}"}
+
+    @contextmanager
+    def connection_held() -> Iterator[None]:  # by another request that is slow to finish
+        with engine.connect():
+            yield
+
     try:
         with TestClient(create_app(busy), raise_server_exceptions=False) as api:
-            post = threading.Thread(
-                target=lambda: answers.append(
-                    api.post(
-                        "/v1/cases?wait=5",
-                        headers=tenant.headers,
-                        files={"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")},
-                        data={"client_ref": marker},
-                    )
-                )
-            )
-            post.start()
-            try:
-                with watcher.connect() as look:  # the API's one connection is free again once the case commits
-                    support.wait_for(
-                        lambda: look.scalar(
-                            text("SELECT count(*) FROM cases WHERE clinic_id = :c"), {"c": tenant.clinic_id}
-                        ),
-                        timeout=30,
-                        what="the case to be committed",
-                    )
-                held = engine.connect()  # then taken by another request that is slow to finish
-                try:
-                    post.join(30)
-                finally:
-                    held.close()
-            finally:
-                post.join(30)
+            answer = busy_submission(settings, api, tenant, headers, jpeg_bytes, connection_held)
+            files = {"image": ("lesion.jpg", jpeg_bytes, "image/jpeg")}
+            retried = api.post("/v1/cases", headers=headers, files=files, data={"client_ref": MARKER})
     finally:
         engine.dispose()
-        watcher.dispose()
-    (answer,) = answers
-    assert answer.status_code == 202, answer.text  # type: ignore[attr-defined]
-    case = answer.json()  # type: ignore[attr-defined]
-    assert answer.headers["location"] == f"/v1/cases/{case['id']}"  # type: ignore[attr-defined]
-    assert case["status"] == "queued" and case["client_ref"] == marker
+    assert (answer.status_code, answer.json()["code"]) == (503, "database_busy"), answer.text
+    assert "was stored" in answer.json()["detail"] and answer.headers["retry-after"] == "1"
+    assert retried.status_code == 200 and retried.headers["idempotent-replayed"] == "true", retried.text
+    with session_scope(settings) as session:
+        stored = session.scalars(
+            select(AuditEvent.entity_id).where(
+                AuditEvent.action == "case.create", AuditEvent.clinic_id == tenant.clinic_id
+            )
+        ).all()
+    assert stored == [retried.json()["id"]]  # one case

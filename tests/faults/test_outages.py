@@ -3,6 +3,7 @@ accepted case completes afterwards, exactly once."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -176,6 +177,51 @@ def test_a_case_answered_with_its_result_survives_a_postgres_crash(stack: FaultS
     with session_scope(stack.settings) as session:
         actions = set(session.scalars(select(AuditEvent.action).where(AuditEvent.entity_id == str(case_id))).all())
     assert {"case.create", "case.start", "case.classify", "case.read"} <= actions, actions
+
+
+def test_a_case_answered_as_stored_after_a_busy_wait_survives_a_postgres_crash(stack: FaultStack) -> None:
+    """A waiting submission whose read finds the database busy (its audit event waits for a lock past
+    the lock timeout) is answered 202 with the case as stored. The case's commit did not wait for the
+    disk, and no audited read followed it: the 202 came on that commit alone, and a crash right after
+    the answer lost the accepted case. The WAL writer is slowed to 10 s, so that only a commit made
+    for the answer can have written the case's out before the crash."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import create_engine, text
+
+    from api.app import create_app
+
+    stack.pg.stop()
+    stack.pg.start("-c synchronous_commit=on", "-c wal_writer_delay=10000")
+    settings = stack.settings.model_copy(update={"database_lock_timeout_ms": 300})
+    watcher = create_engine(stack.settings.database_url)
+    answers: list[httpx.Response] = []
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as api:
+            image = {"image": ("lesion.jpg", stack.images[1], "image/jpeg")}
+            post = threading.Thread(
+                target=lambda: answers.append(api.post("/v1/cases?wait=3", headers=stack.headers, files=image))
+            )
+            with watcher.connect() as look:
+                before = look.scalar(text("SELECT count(*) FROM cases"))
+                post.start()
+                support.wait_for(
+                    lambda: look.scalar(text("SELECT count(*) FROM cases")) > before,
+                    timeout=30,
+                    what="the case to be committed",
+                )
+                look.rollback()
+                look.execute(text("LOCK TABLE audit_events IN SHARE MODE"))  # the read's audit event waits
+                post.join(30)
+                look.rollback()
+        stack.pg.stop("immediate")  # a crash: no shutdown checkpoint
+    finally:
+        watcher.dispose()
+        stack.pg.stop()
+        stack.pg.start()
+        dispose_engines()  # this process's pooled connections died with the server
+    (answer,) = answers
+    assert answer.status_code == 202, answer.text
+    assert stack.case(uuid.UUID(answer.json()["id"])) is not None  # accepted, so kept
 
 
 def test_a_broker_restart_during_a_case_lets_the_case_finish_on_its_first_attempt(stack: FaultStack) -> None:
