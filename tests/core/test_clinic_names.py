@@ -17,6 +17,7 @@ from core import clinics
 from core.db import session_scope
 from core.errors import Conflict, InvalidInput, NotFound
 from tests import support
+from tests.core.migration_rows import insert_clinic
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,7 @@ def test_names_are_unique_and_found_whatever_their_case(settings) -> None:  # ty
                 clinics.get_clinic(session, unknown)
         # a name in another spelling, as a release before this one could store it: found as given
         older = f"Older  Clinic {uuid.uuid4().hex[:8]} "
-        session.execute(text("INSERT INTO clinics (id, name) VALUES (:id, :name)"), {"id": uuid.uuid4(), "name": older})
+        insert_clinic(session, older)
         assert clinics.get_clinic(session, older).name == older
 
 
@@ -84,14 +85,12 @@ def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untype
 def test_the_migration_respells_old_names_and_stops_at_names_that_would_clash(scratch) -> None:  # type: ignore[no-untyped-def]
     config, engine = scratch
     command.upgrade(config, "0011")
-    legacy = uuid.uuid4()
     with engine.begin() as connection:
-        insert = text("INSERT INTO clinics (id, name) VALUES (:id, :name)")
-        connection.execute(insert, {"id": legacy, "name": "Legacy  Clinic "})  # as an older dermq stored it
+        legacy = insert_clinic(connection, "Legacy  Clinic ")  # as an older dermq stored it
         for name in ("North Clinic", "NORTH  CLINIC", "South Clinic"):
-            connection.execute(insert, {"id": uuid.uuid4(), "name": name})
+            insert_clinic(connection, name)
         for name in ("\ufdfa" * 12, "74dcca0a-a6a4-4b90-a468-4efb42f12987"):  # 216 characters in NFKC; an id
-            connection.execute(insert, {"id": uuid.uuid4(), "name": name})
+            insert_clinic(connection, name)
     with pytest.raises(RuntimeError) as stopped:
         command.upgrade(config, "head")
     assert "over 200 characters" in str(stopped.value) and "reads as a clinic id" in str(stopped.value)
@@ -109,7 +108,7 @@ def test_the_migration_respells_old_names_and_stops_at_names_that_would_clash(sc
             "Legacy Clinic"  # found by name again: lookups compare the one spelling
         )
     with engine.begin() as connection, pytest.raises(Exception, match="uq_clinics_lower_name"):
-        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'south clinic')"), {"id": uuid.uuid4()})
+        insert_clinic(connection, "south clinic")
     command.downgrade(config, "0011")  # and back: the index goes
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'south clinic')"), {"id": uuid.uuid4()})
+        insert_clinic(connection, "south clinic")

@@ -3,7 +3,6 @@ diagnoses clinics reported, which no other table holds, and drops the empty tabl
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
@@ -11,8 +10,8 @@ from alembic import command
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.core.test_result_outcome_migration import DIAGNOSIS, _case, _result, scratch  # noqa: F401
-from tests.core.test_sealed_results_migration import _confirm
+from tests.core.migration_rows import DIAGNOSIS, insert_case, insert_clinic, insert_confirmed_outcome, insert_result
+from tests.core.test_result_outcome_migration import scratch  # noqa: F401
 
 
 def _tables(connection: Any) -> set[str]:
@@ -24,12 +23,11 @@ def test_downgrading_past_reported_outcomes_is_refused_rather_than_losing_them( 
 ) -> None:
     config, engine = scratch
     command.upgrade(config, "0008")
-    clinic_id = uuid.uuid4()
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'outcome clinic')"), {"id": clinic_id})
-        case_id = _case(connection, clinic_id)
-        _result(connection, case_id, **DIAGNOSIS)
-        _confirm(connection, case_id, clinic_id, "mel")
+        clinic_id = insert_clinic(connection, "outcome clinic")
+        case_id = insert_case(connection, clinic_id)
+        insert_result(connection, case_id, **DIAGNOSIS)
+        insert_confirmed_outcome(connection, case_id, clinic_id, "mel")
 
     with pytest.raises(RuntimeError, match="1 confirmed outcomes are stored"):
         command.downgrade(config, "0007")

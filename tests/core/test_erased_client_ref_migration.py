@@ -4,7 +4,6 @@ sealed references."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests import support
-from tests.core.test_result_outcome_migration import _case
+from tests.core.migration_rows import insert_blob, insert_case, insert_clinic
 
 
 @pytest.fixture
@@ -23,26 +22,15 @@ def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untype
         yield made
 
 
-def _blob(connection: Any, case_id: uuid.UUID, kind: str) -> None:
-    connection.execute(
-        text(
-            "INSERT INTO case_blobs (id, case_id, kind, ciphertext, nonce, wrapped_key, kek_id, media_type) "
-            "VALUES (:id, :case, :kind, 'x', 'n', 'k', 'period-2026-10', 'application/octet-stream')"
-        ),
-        {"id": uuid.uuid4(), "case": case_id, "kind": kind},
-    )
-
-
 def test_cases_purged_before_lose_their_plain_reference_and_leftover_blobs(scratch: tuple[Any, Engine]) -> None:
     config, engine = scratch
     command.upgrade(config, "0017")
-    clinic_id = uuid.uuid4()
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'ref clinic')"), {"id": clinic_id})
-        purged, live = _case(connection, clinic_id, "purged"), _case(connection, clinic_id, "succeeded")
+        clinic_id = insert_clinic(connection, "ref clinic")
+        purged, live = insert_case(connection, clinic_id, "purged"), insert_case(connection, clinic_id, "succeeded")
         connection.execute(text("UPDATE cases SET client_ref = 'MRN-' || left(id::text, 8)"))
-        _blob(connection, purged, "client_ref")
-        _blob(connection, live, "image")
+        insert_blob(connection, purged, "client_ref")
+        insert_blob(connection, live, "image")
     command.upgrade(config, "head")
     with engine.connect() as connection:
         refs = dict(connection.execute(text("SELECT id, client_ref FROM cases")).all())
@@ -56,11 +44,10 @@ def test_downgrading_past_sealed_references_is_refused_rather_than_losing_them(s
     case's link to its patient record), as 0009's and 0010's refuse to for findings and diagnoses."""
     config, engine = scratch
     command.upgrade(config, "0007")
-    clinic_id = uuid.uuid4()
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'ref clinic')"), {"id": clinic_id})
-        live = _case(connection, clinic_id, "succeeded")
-        _blob(connection, live, "client_ref")
+        clinic_id = insert_clinic(connection, "ref clinic")
+        live = insert_case(connection, clinic_id, "succeeded")
+        insert_blob(connection, live, "client_ref")
     with pytest.raises(RuntimeError, match="1 client references are sealed"):
         command.downgrade(config, "0006")
     with engine.begin() as connection:  # once the case is erased there is nothing to lose

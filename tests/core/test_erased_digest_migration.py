@@ -6,7 +6,6 @@ found a case nearly as well); live cases keep theirs."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests import support
-from tests.core.test_result_outcome_migration import DIAGNOSIS, _case, _result
+from tests.core.migration_rows import DIAGNOSIS, insert_case, insert_clinic, insert_result
 
 
 @pytest.fixture
@@ -28,10 +27,9 @@ def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untype
 def test_cases_purged_before_lose_their_image_digest(scratch: tuple[Any, Engine]) -> None:
     config, engine = scratch
     command.upgrade(config, "0015")
-    clinic_id = uuid.uuid4()
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'digest clinic')"), {"id": clinic_id})
-        purged, live = _case(connection, clinic_id, "purged"), _case(connection, clinic_id, "succeeded")
+        clinic_id = insert_clinic(connection, "digest clinic")
+        purged, live = insert_case(connection, clinic_id, "purged"), insert_case(connection, clinic_id, "succeeded")
         connection.execute(text("UPDATE cases SET image_sha256 = repeat('ab', 32)"))
     command.upgrade(config, "head")
     with engine.connect() as connection:
@@ -42,13 +40,12 @@ def test_cases_purged_before_lose_their_image_digest(scratch: tuple[Any, Engine]
 def test_cases_purged_before_lose_their_sizes_and_input_statistics(scratch: tuple[Any, Engine]) -> None:
     config, engine = scratch
     command.upgrade(config, "0024")
-    clinic_id = uuid.uuid4()
     stats = {"brightness": 112.345, "contrast": 40.123, "megapixels": 0.0675}
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'sizes clinic')"), {"id": clinic_id})
-        purged, live = _case(connection, clinic_id, "purged"), _case(connection, clinic_id, "succeeded")
+        clinic_id = insert_clinic(connection, "sizes clinic")
+        purged, live = insert_case(connection, clinic_id, "purged"), insert_case(connection, clinic_id, "succeeded")
         for case_id in (purged, live):
-            _result(connection, case_id, **DIAGNOSIS)
+            insert_result(connection, case_id, **DIAGNOSIS)
         connection.execute(text("UPDATE results SET input_stats = CAST(:s AS jsonb)"), {"s": json.dumps(stats)})
     command.upgrade(config, "head")
     with engine.connect() as connection:

@@ -4,7 +4,6 @@ into what the old schema can say truthfully (a failed case without a label) inst
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,42 +14,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from tests import support
+from tests.core.migration_rows import DIAGNOSIS, insert_case, insert_clinic, insert_result
 
 
 @pytest.fixture
 def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
     with support.scratch_database(settings.database_url, "migrations") as made:
         yield made
-
-
-def _case(connection: Any, clinic_id: uuid.UUID, status: str = "succeeded") -> uuid.UUID:
-    case_id = uuid.uuid4()
-    connection.execute(
-        text(
-            "INSERT INTO cases (id, clinic_id, status, image_sha256, image_format, image_width, image_height,"
-            " image_bytes) VALUES (:id, :clinic, :status, :sha, 'JPEG', 300, 225, 1000)"
-        ),
-        {"id": case_id, "clinic": clinic_id, "status": status, "sha": "0" * 64},
-    )
-    return case_id
-
-
-def _result(connection: Any, case_id: uuid.UUID, **columns: Any) -> None:
-    values = {
-        "case_id": case_id,
-        "gradcam_status": "ok",
-        "model_id": "m",
-        "weights_sha256": "0" * 64,
-        "device": "cpu",
-        "timings": "{}",
-    } | columns
-    names = ", ".join(values)
-    params = ", ".join(f"CAST(:{k} AS jsonb)" if k in JSON_COLUMNS else f":{k}" for k in values)
-    connection.execute(text(f"INSERT INTO results ({names}) VALUES ({params})"), values)
-
-
-JSON_COLUMNS = {"probabilities", "timings", "ood_reasons"}
-DIAGNOSIS = {"label": "nv", "probabilities": '{"nv": 1.0}', "confidence": 1.0, "uncertainty": 0.0, "referral": False}
 
 
 def _column_exists(connection: Any, column: str) -> bool:
@@ -73,19 +43,18 @@ def _nullable(connection: Any, column: str) -> bool:
 def test_the_outcome_migration_upgrades_refuses_and_downgrades(scratch: tuple[Any, Engine]) -> None:
     config, engine = scratch
     command.upgrade(config, "0003")
-    clinic_id = uuid.uuid4()
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'migration clinic')"), {"id": clinic_id})
-        before = _case(connection, clinic_id)
-        _result(connection, before, **DIAGNOSIS)
+        clinic_id = insert_clinic(connection)
+        before = insert_case(connection, clinic_id)
+        insert_result(connection, before, **DIAGNOSIS)
 
     command.upgrade(config, "head")
     with engine.begin() as connection:
         row = connection.execute(text("SELECT outcome, ood_reasons, label FROM results")).one()
         assert tuple(row) == ("diagnosis", [], "nv")
         assert _nullable(connection, "label") and _nullable(connection, "probabilities")
-        out_of_distribution = _case(connection, clinic_id)
-        _result(
+        out_of_distribution = insert_case(connection, clinic_id)
+        insert_result(
             connection,
             out_of_distribution,
             outcome="out_of_distribution",
@@ -93,9 +62,9 @@ def test_the_outcome_migration_upgrades_refuses_and_downgrades(scratch: tuple[An
             gradcam_status="not_applicable",
         )
     with pytest.raises(IntegrityError, match="ck_results_outcome_fields"), engine.begin() as connection:
-        _result(
+        insert_result(
             connection,
-            _case(connection, clinic_id),
+            insert_case(connection, clinic_id),
             outcome="out_of_distribution",
             ood_reasons='["blank"]',
             **DIAGNOSIS,

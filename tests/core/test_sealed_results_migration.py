@@ -4,7 +4,6 @@ plain rows stay readable for the sweeper, and the downgrade refuses to drop seal
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
@@ -12,16 +11,10 @@ from alembic import command
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.core.test_result_outcome_migration import DIAGNOSIS, _case, _result, scratch  # noqa: F401
+from tests.core.migration_rows import DIAGNOSIS, insert_case, insert_clinic, insert_confirmed_outcome, insert_result
+from tests.core.test_result_outcome_migration import scratch  # noqa: F401
 
 FINDINGS = "label, probabilities, confidence, uncertainty, referral, referral_reasons, ood_reasons, gradcam_class"
-
-
-def _confirm(connection: Any, case_id: uuid.UUID, clinic_id: uuid.UUID, diagnosis: str) -> None:
-    connection.execute(
-        text("INSERT INTO confirmed_outcomes (case_id, clinic_id, diagnosis, method) VALUES (:c, :k, :d, 'histo')"),
-        {"c": case_id, "k": clinic_id, "d": diagnosis},
-    )
 
 
 def test_the_sealed_results_migration_counts_shreds_and_refuses_to_lose_findings(  # type: ignore[no-untyped-def]
@@ -29,13 +22,12 @@ def test_the_sealed_results_migration_counts_shreds_and_refuses_to_lose_findings
 ) -> None:
     config, engine = scratch
     command.upgrade(config, "0008")
-    clinic_id = uuid.uuid4()
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO clinics (id, name) VALUES (:id, 'migration clinic')"), {"id": clinic_id})
-        live, erased = _case(connection, clinic_id), _case(connection, clinic_id, status="purged")
+        clinic_id = insert_clinic(connection)
+        live, erased = insert_case(connection, clinic_id), insert_case(connection, clinic_id, status="purged")
         for case_id in (live, erased):
-            _result(connection, case_id, **DIAGNOSIS)
-            _confirm(connection, case_id, clinic_id, "mel")
+            insert_result(connection, case_id, **DIAGNOSIS)
+            insert_confirmed_outcome(connection, case_id, clinic_id, "mel")
 
     command.upgrade(config, "head")
     with engine.begin() as connection:
@@ -47,14 +39,8 @@ def test_the_sealed_results_migration_counts_shreds_and_refuses_to_lose_findings
         assert findings[erased] == (None,) * 8  # no diagnosis of an erased case survives the upgrade
         assert findings[live][0] == "nv"  # plain until the sweeper seals it (it needs the keys)
         assert connection.scalar(text("SELECT array_agg(case_id) FROM confirmed_outcomes")) == [live]
-        sealed = _case(connection, clinic_id)
-        connection.execute(
-            text(
-                f"INSERT INTO results (case_id, gradcam_status, model_id, weights_sha256, device, timings, {FINDINGS})"
-                " VALUES (:id, 'ok', 'm', :sha, 'cpu', '{}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
-            ),
-            {"id": sealed, "sha": "0" * 64},
-        )
+        sealed = insert_case(connection, clinic_id)
+        insert_result(connection, sealed, **dict.fromkeys(FINDINGS.split(", ")))  # the findings sealed: NULL
 
     with pytest.raises(RuntimeError, match="1 results are sealed"):
         command.downgrade(config, "0008")
