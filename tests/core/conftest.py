@@ -1,14 +1,16 @@
-"""Fixtures of the core tests: the audit trail's insider set up (:mod:`tests.core.audit_roles`)."""
+"""Fixtures of the core tests: the audit trail's insider set up (:mod:`tests.core.audit_roles`), and the
+migration tests' empty database."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 
 from cli.db import alembic_config
 from core import db_roles
@@ -51,3 +53,11 @@ def roles_db(settings: Settings, tmp_path: Path) -> Iterator[dict[str, Settings]
             for role in (owner, runtime):
                 connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
         admin.dispose()
+
+
+@pytest.fixture
+def scratch(settings: Settings) -> Iterator[tuple[Any, Engine]]:
+    """An empty database of the test's own (:func:`tests.support.scratch_database`), for a migration test
+    that takes it from revision to revision: its Alembic config and an engine on it; dropped afterwards."""
+    with support.scratch_database(settings.database_url, "migrations") as made:
+        yield made

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,15 +17,8 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.models import AuditEvent
-from tests import support
 
 INDEX = "ix_audit_events_listed_cases"
-
-
-@pytest.fixture
-def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    with support.scratch_database(settings.database_url, "listed") as made:
-        yield made
 
 
 def _list_views(connection: Connection, views: int, *, shown: str) -> None:

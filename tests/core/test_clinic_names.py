@@ -5,18 +5,14 @@ case; migration 0012 adds the case-blind index and stops, naming them, at names 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from alembic import command
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
 
 from core import clinics
 from core.db import session_scope
 from core.errors import Conflict, InvalidInput, NotFound
-from tests import support
 from tests.core.migration_rows import insert_clinic
 
 
@@ -74,12 +70,6 @@ def test_names_are_unique_and_found_whatever_their_case(settings) -> None:  # ty
         older = f"Older  Clinic {uuid.uuid4().hex[:8]} "
         insert_clinic(session, older)
         assert clinics.get_clinic(session, older).name == older
-
-
-@pytest.fixture
-def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    with support.scratch_database(settings.database_url, "clinic_names") as made:
-        yield made
 
 
 def test_the_migration_respells_old_names_and_stops_at_names_that_would_clash(scratch) -> None:  # type: ignore[no-untyped-def]

@@ -11,7 +11,6 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.core.migration_rows import DIAGNOSIS, insert_case, insert_clinic, insert_confirmed_outcome, insert_result
-from tests.core.test_result_outcome_migration import scratch  # noqa: F401
 
 
 def _tables(connection: Any) -> set[str]:
@@ -19,7 +18,7 @@ def _tables(connection: Any) -> set[str]:
 
 
 def test_downgrading_past_reported_outcomes_is_refused_rather_than_losing_them(  # type: ignore[no-untyped-def]
-    scratch: tuple[Any, Engine],  # noqa: F811
+    scratch: tuple[Any, Engine],
 ) -> None:
     config, engine = scratch
     command.upgrade(config, "0008")

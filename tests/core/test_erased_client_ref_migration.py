@@ -4,7 +4,6 @@ sealed references."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,14 +11,7 @@ from alembic import command
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests import support
 from tests.core.migration_rows import insert_blob, insert_case, insert_clinic
-
-
-@pytest.fixture
-def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    with support.scratch_database(settings.database_url, "client_refs") as made:
-        yield made
 
 
 def test_cases_purged_before_lose_their_plain_reference_and_leftover_blobs(scratch: tuple[Any, Engine]) -> None:

@@ -6,22 +6,13 @@ found a case nearly as well); live cases keep theirs."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from alembic import command
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests import support
 from tests.core.migration_rows import DIAGNOSIS, insert_case, insert_clinic, insert_result
-
-
-@pytest.fixture
-def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    with support.scratch_database(settings.database_url, "digests") as made:
-        yield made
 
 
 def test_cases_purged_before_lose_their_image_digest(scratch: tuple[Any, Engine]) -> None:

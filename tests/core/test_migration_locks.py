@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,12 +19,6 @@ from sqlalchemy.exc import OperationalError
 
 from tests import support
 from tests.cli.test_commands import run
-
-
-@pytest.fixture
-def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    with support.scratch_database(settings.database_url, "locks") as made:
-        yield made
 
 
 def revision(engine: Engine) -> str:

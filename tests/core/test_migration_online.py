@@ -8,7 +8,6 @@ the locks its session held on them when it ended."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,8 +15,6 @@ from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
-
-from tests import support
 
 #: the lock modes that stop a table's inserts, updates and deletes
 BLOCKING = {"ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"}
@@ -48,12 +45,6 @@ END $$;
 CREATE EVENT TRIGGER probe_started ON ddl_command_start EXECUTE FUNCTION probe.started();
 CREATE EVENT TRIGGER probe_ended ON ddl_command_end EXECUTE FUNCTION probe.ended();
 """
-
-
-@pytest.fixture
-def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    with support.scratch_database(settings.database_url, "online") as made:
-        yield made
 
 
 def _tables(engine: Engine) -> set[str]:

@@ -5,16 +5,12 @@ rollback of any release can be run, and run forward again."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-
-from tests import support
 
 SCHEMA = {
     "columns": "SELECT table_name, column_name, data_type, is_nullable, column_default"
@@ -29,12 +25,6 @@ SCHEMA = {
     " WHERE pronamespace = 'public'::regnamespace",
     "trigger modes": "SELECT tgrelid::regclass::text, tgname, tgenabled FROM pg_trigger WHERE NOT tgisinternal",
 }
-
-
-@pytest.fixture
-def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    with support.scratch_database(settings.database_url, "migrations") as made:
-        yield made
 
 
 def _schema(engine: Engine) -> dict[str, set[tuple[Any, ...]]]:

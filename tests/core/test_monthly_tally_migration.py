@@ -4,7 +4,6 @@ refuses to drop a month's counts (they cannot be rebuilt) and otherwise drops on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,19 +11,11 @@ from alembic import command
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests import support
-
 #: the statement the release before 0020 counts a report with (core/outcomes.py at 0019)
 PREVIOUS_RELEASE_TALLY = (
     "INSERT INTO outcome_tallies (model_id, predicted, referral, truth, count) VALUES ('m', 'nv', false, 'mel', 1)"
     " ON CONFLICT (model_id, predicted, referral, truth) DO UPDATE SET count = outcome_tallies.count + 1"
 )
-
-
-@pytest.fixture
-def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    with support.scratch_database(settings.database_url, "migrations") as made:
-        yield made
 
 
 def _tables(connection: Any) -> set[str]:

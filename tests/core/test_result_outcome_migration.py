@@ -4,7 +4,6 @@ into what the old schema can say truthfully (a failed case without a label) inst
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,14 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from tests import support
 from tests.core.migration_rows import DIAGNOSIS, insert_case, insert_clinic, insert_result
-
-
-@pytest.fixture
-def scratch(settings) -> Iterator[tuple[Any, Engine]]:  # type: ignore[no-untyped-def]
-    with support.scratch_database(settings.database_url, "migrations") as made:
-        yield made
 
 
 def _column_exists(connection: Any, column: str) -> bool:

@@ -19,11 +19,10 @@ from tests.core.migration_rows import (
     insert_confirmed_outcome,
     insert_result,
 )
-from tests.core.test_result_outcome_migration import scratch  # noqa: F401
 
 
 def test_the_sealed_diagnoses_migration_keeps_plain_rows_and_refuses_to_lose_sealed_ones(  # type: ignore[no-untyped-def]
-    scratch: tuple[Any, Engine],  # noqa: F811
+    scratch: tuple[Any, Engine],
 ) -> None:
     config, engine = scratch
     command.upgrade(config, "0009")

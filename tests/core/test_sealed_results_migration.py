@@ -12,13 +12,12 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.core.migration_rows import DIAGNOSIS, insert_case, insert_clinic, insert_confirmed_outcome, insert_result
-from tests.core.test_result_outcome_migration import scratch  # noqa: F401
 
 FINDINGS = "label, probabilities, confidence, uncertainty, referral, referral_reasons, ood_reasons, gradcam_class"
 
 
 def test_the_sealed_results_migration_counts_shreds_and_refuses_to_lose_findings(  # type: ignore[no-untyped-def]
-    scratch: tuple[Any, Engine],  # noqa: F811
+    scratch: tuple[Any, Engine],
 ) -> None:
     config, engine = scratch
     command.upgrade(config, "0008")
