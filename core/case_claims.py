@@ -116,7 +116,10 @@ def claim_batch(
     the worker passes to the decoder), a JPEG counts the pixels of its draft-mode decode
     (:func:`decoded_pixels`), every other format its declared size.
 
-    ``FOR UPDATE SKIP LOCKED`` lets concurrent batches take disjoint sets; each claimed case's own
+    ``FOR NO KEY UPDATE SKIP LOCKED`` (the lock the UPDATE takes anyway: it changes no key) lets
+    concurrent batches take disjoint sets, and passes over no case that another transaction only
+    holds ``FOR KEY SHARE`` (an intake confirming its case on disk, ``core.cases.confirm_stored``:
+    ``FOR UPDATE`` skipped it, and its own message then found nothing to claim). Each claimed case's own
     message later finds it taken and does nothing. Returns nothing if ``case_id`` itself was not
     queued (another batch took it): that worker is already on it.
     """
@@ -144,7 +147,7 @@ def _claim_statement(
     mine = (
         select(Case.id, pixels.label("pixels"), Case.attempts)
         .where(Case.id == case_id, Case.status == CaseStatus.QUEUED.value)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
         .cte("mine")
     )
     company = select(mine.c.id).where(mine.c.attempts == 0, *([] if per_slot is None else [mine.c.pixels <= per_slot]))
@@ -153,7 +156,7 @@ def _claim_statement(
         .where(Case.id != case_id, *_may_join(pixels, per_slot), exists(company))
         .order_by(*QUEUE_ORDER)
         .limit(max(0, limit - 1))
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
         .cte("others")
     )
     chosen = Case.id.in_(union_all(select(mine.c.id), select(others.c.id)))
@@ -204,7 +207,7 @@ def join_batch(
         .where(*_may_join(pixels, per_slot), exists(lead))
         .order_by(*QUEUE_ORDER)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
         .cte("wanted")
     )
     claimed = list(

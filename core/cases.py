@@ -219,13 +219,16 @@ def confirm_stored(session: Session, case_id: uuid.UUID) -> bool:
     """Whether the case is stored; once this transaction commits, on disk. For an answer that tells a
     client its case was accepted when the case's own commit did not wait for the disk
     (:func:`core.db.commit_without_flush`) and no write of the answer's own follows it. The row is
-    locked ``FOR KEY SHARE`` (the weakest row lock: a worker's claim waits a moment for it at most):
+    locked ``FOR KEY SHARE`` (the weakest row lock: a worker's claim, ``FOR NO KEY UPDATE``, passes it):
     a row lock is written to the WAL, so this transaction's commit, made to wait for the disk, flushes
     the WAL up to it, the case's commit with it (the WAL is one sequence, flushed in order). A
     transaction that writes nothing commits without waiting for the disk whatever
-    ``synchronous_commit`` says, so a plain read would prove nothing."""
+    ``synchronous_commit`` says, so a plain read would prove nothing. (SQLAlchemy writes ``FOR KEY
+    SHARE`` for ``read=True, key_share=True``; ``key_share=True`` alone is ``FOR NO KEY UPDATE``, which
+    the claims' own lock skips.)"""
     commit_durably(session)
-    return session.scalar(select(Case.id).where(Case.id == case_id).with_for_update(key_share=True)) is not None
+    held = select(Case.id).where(Case.id == case_id).with_for_update(read=True, key_share=True)
+    return session.scalar(held) is not None
 
 
 #: the columns a new case leaves empty (set explicitly: the Case the caller gets needs no reload)

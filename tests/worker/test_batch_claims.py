@@ -178,3 +178,19 @@ def test_a_claim_reads_the_front_of_the_queue_not_all_of_it(batching, tenant, st
         ages = sorted(session.scalars(select(Case.created_at).where(Case.status == "queued")))
     assert claimed[0].id == lead and len(claimed) == 4
     assert max(c.created_at for c in claimed[1:]) < ages[0]
+
+
+def test_a_case_its_intake_holds_while_confirming_it_on_disk_is_claimed(
+    batching, tenant, store_case, jpeg_bytes
+) -> None:  # type: ignore[no-untyped-def]
+    """An intake that confirms a case on disk holds its row ``FOR KEY SHARE`` (core.cases.confirm_stored)
+    for a commit; the case's own message arriving then must still claim it, not skip it (the case
+    then waited for the sweeper, a minute or more)."""
+    from core import cases
+
+    lead, company = store_case(tenant, jpeg_bytes), store_case(tenant, jpeg_bytes)
+    with session_scope(batching) as intake:
+        assert cases.confirm_stored(intake, lead) and cases.confirm_stored(intake, company)  # held until commit
+        with session_scope(batching) as session:
+            claimed = case_claims.claim_batch(session, lead, limit=4)
+    assert sorted(c.id for c in claimed) == sorted([lead, company])
