@@ -100,8 +100,16 @@ class RateLimited(DermqError):
 class ServiceUnavailable(DermqError):
     status, code, title = 503, "service_unavailable", "Service unavailable"
 
-    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 5) -> None:
-        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after: int = 5,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after), **(headers or {})}, extra=extra)
 
 
 class KeyringError(RuntimeError):

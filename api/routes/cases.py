@@ -167,15 +167,25 @@ async def _wait_and_read(
     except (ServiceUnavailable, PoolTimeout, OperationalError) as exc:
         if not _busy(exc):
             raise
-        raise ServiceUnavailable(UNCONFIRMED, code="database_busy", retry_after=1) from None
+        # the case's id and Location, as a 202 gives them: a portal without an Idempotency-Key polls it
+        # rather than sending the image again as a second case
+        raise ServiceUnavailable(
+            UNCONFIRMED,
+            code="database_busy",
+            retry_after=1,
+            headers={"Location": f"/v1/cases/{out.id}"},
+            extra={"case_id": str(out.id)},
+        ) from None
     if not stored:  # lost with a database crash before its commit reached the disk
         raise ServiceUnavailable("the case could not be stored; send it again", retry_after=1)
     return out
 
 
 UNCONFIRMED = (
-    "the case was stored, but the database was too busy to confirm that it is on disk; send the same "
-    "request again with the same Idempotency-Key: it answers with this case, never a second one"
+    "the case was stored, but the database was too busy to confirm that it is on disk; poll it at its "
+    "Location (case_id), or send the same request again with the same Idempotency-Key: it answers with "
+    "this case, never a second one. A case that was lost with a database crash meanwhile is not found there: "
+    "send it again then"
 )
 
 

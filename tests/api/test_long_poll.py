@@ -291,7 +291,11 @@ def test_a_stored_case_whose_wait_finds_no_connection_at_all_is_a_503_and_a_retr
         engine.dispose()
     assert (answer.status_code, answer.json()["code"]) == (503, "database_busy"), answer.text
     assert "was stored" in answer.json()["detail"] and answer.headers["retry-after"] == "1"
+    # where to find it, for a portal that sent no Idempotency-Key and must not send the image again
+    case_id = answer.json()["case_id"]
+    assert answer.headers["location"] == f"/v1/cases/{case_id}"
     assert retried.status_code == 200 and retried.headers["idempotent-replayed"] == "true", retried.text
+    assert retried.json()["id"] == case_id
     with session_scope(settings) as session:
         stored = session.scalars(
             select(AuditEvent.entity_id).where(
