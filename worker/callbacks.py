@@ -307,7 +307,15 @@ class _LastLook:
             stopped = callback_attempts.stop_if_erased(session, lease=self.lease)
             if stopped is not None and stopped.outcome == "cancelled":  # its turn has ended
                 _hand_on(session, self.publisher, self.lease.clinic_id)
-            yield stopped is None
+            try:
+                yield stopped is None
+            finally:
+                if stopped is None:
+                    # the notice may go out: the look wrote nothing but its lock, so it ends in a
+                    # rollback, which waits for no disk flush (an erasure waiting on the lock would wait
+                    # for it too) and cannot fail once the request is out, as a commit could (the attempt
+                    # then recorded an error and sent the notice again)
+                    session.rollback()
         self.stopped = stopped  # once committed (else the attempt records the error, and its retry cancels)
 
 
