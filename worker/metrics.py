@@ -89,6 +89,12 @@ CALLBACKS = Counter(
     "or a copy)",
     ["outcome"],
 )
+CALLBACK_OUTCOMES = (
+    *("delivered", "retry", "failed", "cancelled", "deferred", "early"),
+    *("held", "held_too_long", "skipped"),
+)
+for _outcome in CALLBACK_OUTCOMES:  # present from the start: increase() skips a series' first sample
+    CALLBACKS.labels(_outcome)
 RETENTION_FAILURES = Counter(
     "dermq_retention_step_failures_total",
     "retention steps (beat's purge) that failed, by step (destroy_periods: one per period whose key could not be "

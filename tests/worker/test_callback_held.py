@@ -90,6 +90,10 @@ def test_a_callback_whose_row_stays_held_stops_looking_and_is_swept_once_the_row
     # and a log line each time).
     config, worker = stack
     broker = redis.Redis.from_url(config.redis_url)
+    # the series an operator's alert reads is there before its first count (increase() skips a
+    # series' first sample: the first message to stop looking went unseen in each worker process)
+    series = ("dermq_callback_deliveries_total", (("outcome", "held_too_long"),))
+    support.wait_for(lambda: series in worker.metrics(), timeout=30, what="the worker's callback metrics")
     server = Receiver([])
     try:
         case_id = _pending_with_lost_message(config, keyring, tenant, store_case, server.url)
