@@ -110,16 +110,21 @@ def _tree(table: dict[int, tuple[int, float, float, str]], roots: set[int]) -> s
     return found
 
 
-def cpu_by_role(roots: dict[str, int], *, database: str | None = None) -> dict[str, float]:
+def cpu_by_role(
+    roots: dict[str, int], *, database: str | None = None, besides: frozenset[int] = frozenset()
+) -> dict[str, float]:
     """CPU seconds so far of each named process tree (``roots``: name -> pid; the process, its live
     descendants and the children they reaped), of the Postgres backends serving ``database`` (their
-    command line names it) as ``postgres``, and of this process alone (its threads, not its children)
-    as ``this process``. Two calls bracket a run; their difference is where its CPU went."""
+    command line names it) as ``postgres`` (but for the backends ``besides``: the benchmark's own
+    connections), and of this process alone (its threads, not its children) as ``this process``. Two
+    calls bracket a run; their difference is where its CPU went."""
     table = _process_table()
     spent = {name: sum(table[pid][1] for pid in _tree(table, {root})) for name, root in roots.items()}
     if database is not None:
         spent["postgres"] = sum(
-            total for _, total, _, command in table.values() if command.startswith("postgres: ") and database in command
+            total
+            for pid, (_, total, _, command) in table.items()
+            if command.startswith("postgres: ") and database in command and pid not in besides
         )
     spent["this process"] = table[os.getpid()][2] if os.getpid() in table else 0.0
     return spent
