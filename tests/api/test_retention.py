@@ -1,21 +1,72 @@
 """Retention and erasure: crypto-shredding removes images, heat maps and the result's findings; the
-case, the operational part of its result and the audit trail remain."""
+case, the operational part of its result and the audit trail remain.
+
+A real purge acts on every case, period key and callback record of its database and period-key
+folder: beat's purge here runs on a database, a broker and a period-key folder of this module's own
+(``site``: an API and a worker on them), so the shared worker never takes it and no other module's
+cases or keys meet it."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 
+from core.config import Settings
+from core.crypto import load_keyring
 from core.db import session_scope
 from core.models import AuditEvent, CallbackDelivery, Case, CaseBlob, Result
 from core.queueing import TASK_PURGE
-from tests import support
+from tests import processes, support
 from tests.api.test_cases import submit, wait_done
+from tests.conftest import new_tenant
 
 pytestmark = pytest.mark.usefixtures("database")
+
+
+@dataclass(frozen=True)
+class Site:
+    """This module's own stack for the purge: settings on its database, broker and period-key folder,
+    and an API client on them (a worker on them runs meanwhile)."""
+
+    settings: Settings
+    client: Any  # fastapi.testclient.TestClient
+
+
+@pytest.fixture(scope="module")
+def site(  # type: ignore[no-untyped-def]
+    own_database, private_broker, stack_env, stack_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Site]:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    folder = tmp_path_factory.mktemp("retention-period-keys")  # mode 0700, as `dermq keys init` makes it
+    config = own_database.model_copy(update={"redis_url": private_broker.url, "period_key_dir": folder})
+    env = {
+        **stack_env,
+        "DERMQ_DATABASE_URL": config.database_url,
+        "DERMQ_REDIS_URL": config.redis_url,
+        "DERMQ_PERIOD_KEY_DIR": str(folder),
+        "DERMQ_WORKER_METRICS_PORT": "0",  # a free one
+    }
+    worker = processes.start_worker(env, stack_dir / "retention-purge-worker.log")
+    try:
+        with TestClient(create_app(config), raise_server_exceptions=False) as client:
+            yield Site(config, client)
+    finally:
+        worker.stop()
+
+
+def folder_state(folder: Path) -> list[tuple[str, int, int]]:
+    """Each file of a period-key folder: its name, size and last change."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
 
 
 def blobs(settings, case_id: str) -> int:  # type: ignore[no-untyped-def]
@@ -85,39 +136,51 @@ def test_erasing_a_queued_case_stops_its_classification(
         assert session.get(Result, uuid.UUID(case_id)) is None
 
 
-def test_retention_purge_runs_as_a_beat_task(client, worker, tenant, fixture_images, settings) -> None:  # type: ignore[no-untyped-def]
+def test_retention_purge_runs_as_a_beat_task(site: Site, fixture_images, settings) -> None:  # type: ignore[no-untyped-def]
     from core.publisher import make_publisher
 
+    config, client = site.settings, site.client
+    keyring = load_keyring(config)  # the stack's keys with this module's period-key folder
+    keys = keyring.periods
+    assert keys is not None and settings.period_key_folder is not None
+    shared = folder_state(settings.period_key_folder)
+    tenant = new_tenant(config, keyring)
     old_id = submit(client, tenant, fixture_images["ISIC_0024412"].read_bytes()).json()["id"]
     new_id = submit(client, tenant, fixture_images["ISIC_0025903"].read_bytes()).json()["id"]
     wait_done(client, tenant, old_id)
     wait_done(client, tenant, new_id)
-    with session_scope(settings) as session:
+    keys.ensure("2019-01")  # a period long past retention, with no case: the purge destroys its key
+    with session_scope(config) as session:
         session.execute(
             update(Case)
             .where(Case.id == uuid.UUID(old_id))
-            .values(created_at=datetime.now(UTC) - timedelta(days=settings.retention_days + 1))
+            .values(created_at=datetime.now(UTC) - timedelta(days=config.retention_days + 1))
         )
         # and a callback delivery settled long ago: its record goes too (the audit trail keeps the attempts)
-        settled = datetime.now(UTC) - timedelta(days=settings.callback_history_days + 1)
+        settled = datetime.now(UTC) - timedelta(days=config.callback_history_days + 1)
         session.add(
             CallbackDelivery(
                 case_id=uuid.UUID(new_id), clinic_id=tenant.clinic_id, status="delivered", updated_at=settled
             )
         )
-    make_publisher(settings).send_task(TASK_PURGE, queue="maintenance")
-    support.wait_for(lambda: blobs(settings, old_id) == 0, timeout=60, what="the purge task")
+    make_publisher(config).send_task(TASK_PURGE, queue="maintenance")
+    support.wait_for(lambda: blobs(config, old_id) == 0, timeout=60, what="the purge task")
 
     def delivery_left() -> bool:
-        with session_scope(settings) as session:
+        with session_scope(config) as session:
             return session.get(CallbackDelivery, uuid.UUID(new_id)) is not None
 
     support.wait_for(lambda: not delivery_left(), timeout=60, what="the purge task to delete the settled delivery")
-    assert blobs(settings, new_id) == 3
+    assert blobs(config, new_id) == 3
     assert client.get(f"/v1/cases/{new_id}", headers=tenant.headers).json()["result"]["label"]
     purged = client.get(f"/v1/cases/{old_id}", headers=tenant.headers).json()
     assert purged["status"] == "purged" and purged["result"] is None
-    assert purge_events(settings, old_id) == [{"reason": "retention", "blobs": 3}]
+    assert purge_events(config, old_id) == [{"reason": "retention", "blobs": 3}]
+    # it ran on this module's folder and database; the shared ones are as they were
+    assert keys.destroyed("2019-01")
+    assert folder_state(settings.period_key_folder) == shared
+    with session_scope(settings) as session:
+        assert session.get(Case, uuid.UUID(old_id)) is None
 
 
 def test_another_clinics_case_held_by_its_own_work_answers_404_at_once(  # type: ignore[no-untyped-def]
