@@ -336,20 +336,6 @@ def require_role(caller: Caller, *roles: Role) -> None:
         )
 
 
-def role_first(*roles: Role) -> Any:
-    """For ``APIRouter(dependencies=[role_first(...)])``, whose every route needs one of ``roles``: a
-    key of another role is refused (403, audited as ``access.denied``) before anything else about the
-    request is looked at. A router's dependencies run before the route's own and before FastAPI
-    validates the path, query and body: checked in the route, a malformed id (or an unknown query
-    parameter, a body of another media type) answered such a key 422 or 415, telling it the route's
-    shape, and its refusal was never audited."""
-
-    async def role_allowed(caller: AuthenticatedCaller) -> None:
-        require_role(caller, *roles)
-
-    return Depends(role_allowed)
-
-
 async def record_denial(request: Request, error: DermqError) -> DermqError:
     """Write a denial's audit event in its own transaction (the request's rolled back); the error to
     answer with. A key's audited denials are counted like its reads: a refusal for its role comes

@@ -2,7 +2,7 @@
 
 Deactivating a clinic stops its keys at once (authentication checks the clinic on every request);
 revoking a key does the same for that key. Only admin keys: the router checks the role before any
-route's parameters (:func:`api.deps.role_first`), so another key gets the same audited 403 whatever
+route's parameters (:func:`api.role_checks.role_first`), so another key gets the same audited 403 whatever
 it sends.
 """
 
@@ -14,8 +14,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from api.deps import JSON_BODY, NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit, role_first
+from api.deps import JSON_BODY, NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit
 from api.params import only
+from api.role_checks import role_first
 from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from api.schemas import ClinicIn, ClinicOut, KeyIn, KeyOut, NewKeyOut
 from core import audit, clinics, keys

@@ -3,7 +3,7 @@
 Auditors see access records only: who touched which case, when, from where, with what outcome.
 They never see images or classification results. An auditor key bound to a clinic sees only that
 clinic's records; an unbound one sees everything.
-Only auditor keys: the router checks the role before any route's parameters (:func:`api.deps.role_first`),
+Only auditor keys: the router checks the role before any route's parameters (:func:`api.role_checks.role_first`),
 so another key gets the same audited 403 whatever it sends.
 """
 
@@ -27,8 +27,9 @@ from sqlalchemy.orm import Session
 
 from api import fhir
 from api.db import iterate_on_one_thread
-from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit, role_first
+from api.deps import AppState, AuthenticatedCaller, Caller, Db, State, limit
 from api.params import ISO_8601, only, utc
+from api.role_checks import role_first
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import AuditEventOut, AuditPage, ChainReportOut
 from core import audit, audit_resume, clinics, keys

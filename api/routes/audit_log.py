@@ -8,7 +8,7 @@ log's verifier key (handed over out of band, never fetched from here), and later
   (RFC 9162 section 2.1.4).
 
 Every request is audited. A clinic-scoped auditor gets inclusion proofs for its clinic's events only.
-Only auditor keys: the router checks the role before any route's parameters (:func:`api.deps.role_first`),
+Only auditor keys: the router checks the role before any route's parameters (:func:`api.role_checks.role_first`),
 so another key gets the same audited 403 whatever it sends.
 """
 
@@ -20,8 +20,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from api.deps import AuthenticatedCaller, Db, State, limit, role_first
+from api.deps import AuthenticatedCaller, Db, State, limit
 from api.params import only
+from api.role_checks import role_first
 from api.routes.audit import record_auditor_access
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import CheckpointOut, ConsistencyProofOut, InclusionProofOut

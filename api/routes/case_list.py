@@ -1,4 +1,6 @@
-"""``GET /v1/cases``: the clinic's cases, newest first (its own router, beside api.routes.cases)."""
+"""``GET /v1/cases``: the clinic's cases, newest first (its own router, beside api.routes.cases). Only
+clinic keys: the router checks the role before the parameters (:func:`api.role_checks.clinic_first`),
+and another key's refusal is audited as ``case.list``, as the service's own check audits it."""
 
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ from sqlalchemy.orm import Session
 from api.case_views import summary
 from api.deps import AuthenticatedCaller, Db, State, limit
 from api.params import ISO_8601, only, utc
+from api.role_checks import clinic_first
 from api.routes.cases import NO_STORE, PROBLEMS
 from api.schemas import CasePage
 from core import case_list, phi
 from core.errors import BadRequest
 from core.models import CaseStatus, Priority
 
-router = APIRouter(prefix="/v1/cases", tags=["cases"])
+router = APIRouter(prefix="/v1/cases", tags=["cases"], dependencies=[clinic_first("case.list")])
 LIST_PARAMETERS = frozenset({"status", "priority", "since", "until", "cursor", "limit"})
 
 

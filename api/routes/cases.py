@@ -1,4 +1,9 @@
-"""Case routes for clinic portals: submit, poll, list, fetch the heat map, erase."""
+"""Case routes for clinic portals: submit, poll, list, fetch the heat map, erase.
+
+Only clinic keys: each route checks the role before its parameters, with its first dependency
+(:mod:`api.role_checks`), so another key gets the same audited 403 whatever it sends, filed under the
+route's action as the services' own check files it (``case.read``...; a submission: ``access.denied``).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ from sqlalchemy.orm import Session
 from api import metrics
 from api.case_views import case_out
 from api.db import RequestDb
-from api.deps import NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit, require_role
+from api.deps import NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit
 from api.params import only
 from api.problems import BUSY_PGCODES
+from api.role_checks import clinic_first, role_first
 from api.schemas import (
     CaseOut,
     Problem,
@@ -81,6 +87,7 @@ def _image_refusals() -> Iterator[None]:
     response_model=CaseOut,
     summary="Submit a case (one dermoscopy image)",
     openapi_extra=UPLOAD_SCHEMA,
+    dependencies=[role_first(Role.CLINIC)],
     responses={
         **PROBLEMS,
         200: {
@@ -109,7 +116,6 @@ async def submit_case(
 ) -> CaseOut:
     """Validate, encrypt and queue one image. Answers 202 with the case and its `Location`; poll
     `GET /v1/cases/{id}` until `status` is `succeeded` or `failed`."""
-    require_role(caller, Role.CLINIC)
     # ?priority=urgent would otherwise queue a routine case without a word
     only(request, {"wait"}, "; the case's 'priority' and 'client_ref' are form fields of the body, beside 'image'")
     if len(request.headers.getlist("idempotency-key")) > 1:  # all but the first would be dropped unseen
@@ -266,7 +272,13 @@ async def _accept(
     return await db.run(create, last=not wait), created
 
 
-@router.get("/{case_id}", response_model=CaseOut, responses=PROBLEMS, summary="Poll a case")
+@router.get(
+    "/{case_id}",
+    response_model=CaseOut,
+    responses=PROBLEMS,
+    dependencies=[clinic_first("case.read")],
+    summary="Poll a case",
+)
 async def read_case(
     case_id: uuid.UUID,
     request: Request,
@@ -329,6 +341,7 @@ def _read(session: Session, app: AppState, caller: Caller, case_id: uuid.UUID) -
         409: PROBLEMS[404] | {"description": "the case has not succeeded (yet)"},
         410: PROBLEMS[404] | {"description": "the case's images were erased"},
     },
+    dependencies=[clinic_first("heatmap.read")],
     summary="The Grad-CAM heat map over the image",
 )
 async def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCaller, db: Db) -> Response:
@@ -345,7 +358,7 @@ async def read_heatmap(case_id: uuid.UUID, app: State, caller: AuthenticatedCall
     "/{case_id}",
     response_model=CaseOut,
     responses=PROBLEMS,
-    dependencies=NO_QUERY,
+    dependencies=[clinic_first("case.delete"), *NO_QUERY],
     summary="Erase a case's images and result",
 )
 async def erase_case(

@@ -1,5 +1,7 @@
 """The calling clinic's own settings: its completion callback (see core/callback_attempts.py for the body,
-core/callback_urls.py for what URLs are accepted, core/callback_signing.py for the signature)."""
+core/callback_urls.py for what URLs are accepted, core/callback_signing.py for the signature). Only clinic
+keys: the router checks the role before any route's parameters (:func:`api.role_checks.role_first`), so
+another key gets the same 403, audited as ``access.denied``, whatever it sends."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from api.deps import JSON_BODY, NO_QUERY, AuthenticatedCaller, Db, State, limit, require_role
+from api.deps import JSON_BODY, NO_QUERY, AuthenticatedCaller, Db, State, limit
+from api.role_checks import role_first
 from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from core import callback_secrets, callbacks
 from core.callback_signing import SIGNATURE_HEADER
 from core.models import ClinicCallback, Role
 
-router = APIRouter(prefix="/v1/clinic", tags=["clinic"])
+router = APIRouter(prefix="/v1/clinic", tags=["clinic"], dependencies=[role_first(Role.CLINIC)])
 
 
 class CallbackIn(BaseModel):
@@ -96,7 +99,6 @@ async def put_callback(
     data is sent: fetch the result with `GET /v1/cases/{case_id}`. Registering again rotates the secret;
     the one it replaced signs beside the new one (another `v1` value, before the new one's) until
     `previous_secret_valid_until`, so accept any `v1` that matches a secret you hold."""
-    require_role(caller, Role.CLINIC)
 
     def register(session: Session) -> NewCallbackOut:
         limit(caller, app, "submit")
@@ -122,8 +124,6 @@ async def put_callback(
     summary="The clinic's completion callback and how its deliveries fare",
 )
 async def get_callback(response: Response, app: State, caller: AuthenticatedCaller, db: Db) -> CallbackStatusOut:
-    require_role(caller, Role.CLINIC)
-
     def read(session: Session) -> CallbackStatusOut:
         limit(caller, app, "read")
         row = callbacks.registered(session, principal=caller.principal, actor=caller.actor)
@@ -160,8 +160,6 @@ async def get_callback(response: Response, app: State, caller: AuthenticatedCall
     "/callback", status_code=204, responses=PROBLEMS, dependencies=NO_QUERY, summary="Stop completion callbacks"
 )
 async def delete_callback(app: State, caller: AuthenticatedCaller, db: Db) -> Response:
-    require_role(caller, Role.CLINIC)
-
     def unregister(session: Session) -> None:
         limit(caller, app, "submit")
         callbacks.unregister(session, principal=caller.principal, actor=caller.actor)
@@ -181,7 +179,6 @@ async def delete_previous_secret(app: State, caller: AuthenticatedCaller, db: Db
     """After `PUT /v1/clinic/callback` rotated the secret, the one it replaced signs beside the new one
     until `previous_secret_valid_until`. Once your receiver has the new secret (or if an old one
     leaked), this ends that now: callbacks carry the current secret's signature alone."""
-    require_role(caller, Role.CLINIC)
 
     def end(session: Session) -> None:
         limit(caller, app, "submit")

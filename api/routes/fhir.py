@@ -1,4 +1,6 @@
-"""FHIR R4 views of a case: ``GET /v1/cases/{id}/fhir`` (a Bundle; see :mod:`api.fhir`)."""
+"""FHIR R4 views of a case: ``GET /v1/cases/{id}/fhir`` (a Bundle; see :mod:`api.fhir`). Only clinic
+keys: the router checks the role before the parameters (:func:`api.role_checks.clinic_first`), and
+another key's refusal is audited as a FHIR ``case.read``, as :func:`fhir_view`'s own check audits it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from api import fhir
 from api.deps import AuthenticatedCaller, Db, State, limit
+from api.role_checks import clinic_first
 from api.routes.cases import NO_STORE, PROBLEMS
 from core import audit, phi, results
 from core.cases import owned_case
@@ -22,7 +25,7 @@ from core.crypto import Keyring
 from core.errors import Conflict, DermqError, Gone
 from core.models import CaseStatus
 
-router = APIRouter(prefix="/v1/cases", tags=["cases"])
+router = APIRouter(prefix="/v1/cases", tags=["cases"], dependencies=[clinic_first("case.read", format="fhir")])
 
 
 @contextmanager

@@ -1,4 +1,6 @@
-"""Confirmed outcomes: a clinic reports a finished case's confirmed diagnosis (see :mod:`core.outcomes`)."""
+"""Confirmed outcomes: a clinic reports a finished case's confirmed diagnosis (see :mod:`core.outcomes`).
+Only clinic keys: the router checks the role before the path and body (:func:`api.role_checks.clinic_first`),
+and another key's refusal is audited as ``case.outcome``, as the service's own check audits it."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from api.deps import JSON_BODY, NO_QUERY, AuthenticatedCaller, Db, State, limit
+from api.role_checks import clinic_first
 from api.routes.cases import JSON_PROBLEMS, NO_STORE, PROBLEMS
 from core import outcomes
 
-router = APIRouter(prefix="/v1/cases", tags=["cases"])
+router = APIRouter(prefix="/v1/cases", tags=["cases"], dependencies=[clinic_first(outcomes.ACTION)])
 
 
 class OutcomeIn(BaseModel):
