@@ -42,8 +42,8 @@ REFUSALS: dict[tuple[str, str], tuple[str, str | None, bool, dict[str, str]]] = 
 }
 #: a well-formed JSON body for each route that takes one
 BODIES = {
-    "/v1/cases/{case_id}/outcome": {"diagnosis": "mel", "method": "histo"},
-    "/v1/clinic/callback": {"url": "https://portal.example.org/dermq/callback"},
+    ("POST", "/v1/cases/{case_id}/outcome"): {"diagnosis": "mel", "method": "histo"},
+    ("PUT", "/v1/clinic/callback"): {"url": "https://portal.example.org/dermq/callback"},
 }
 #: every query parameter of these routes, each malformed (and one no route takes)
 MALFORMED_QUERY = {
@@ -77,7 +77,7 @@ def events(settings, key: Tenant) -> list[tuple[str, str, str | None, str | None
 def variants(method: str, template: str, case_id: str) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, path, request arguments): the well-formed request, then each malformed one the route can get."""
     path = template.replace("{case_id}", case_id)
-    body = BODIES.get(template)
+    body = BODIES.get((method, template))
     well_formed: dict[str, Any] = {"json": body} if body is not None else {}
     if template == "/v1/cases" and method == "POST":
         well_formed = {"files": {"image": ("lesion.jpg", b"\xff\xd8\xff", "image/jpeg")}}
@@ -115,7 +115,7 @@ def test_another_role_gets_the_routes_audited_403_whatever_it_sends(client, make
 
 def test_a_clinic_key_is_told_what_is_malformed(client, make_key, settings) -> None:  # type: ignore[no-untyped-def]
     key = make_key("clinic")
-    outcome = BODIES["/v1/cases/{case_id}/outcome"]
+    outcome = BODIES[("POST", "/v1/cases/{case_id}/outcome")]
     for method, path, arguments, code, field in (
         ("GET", f"/v1/cases/{MALFORMED}", {}, "invalid_input", "case_id"),
         ("GET", f"/v1/cases/{MALFORMED}/heatmap.png", {}, "invalid_input", "case_id"),
