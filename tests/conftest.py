@@ -223,6 +223,29 @@ def own_database_fixtures() -> tuple[Any, Any]:
     return tenant, store_case
 
 
+def own_period_keys_fixtures() -> tuple[Any, Any]:
+    """The ``own`` fixture (settings on this module's own database, :func:`own_database`, and a
+    period-key folder of its own) and the ``keyring`` fixture (the stack's keys with that folder: the
+    cases stored here are sealed there), for a module whose retention or key work acts on every key of
+    its folder and must not touch the shared one. At the module's top level::
+
+        own, keyring = own_period_keys_fixtures()
+    """
+
+    @pytest.fixture(scope="module")
+    def own(own_database, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+        folder = tmp_path_factory.mktemp("period-keys")  # mode 0700, as `dermq keys init` makes it
+        return own_database.model_copy(update={"period_key_dir": folder})
+
+    @pytest.fixture(scope="module")
+    def keyring(own):  # type: ignore[no-untyped-def]
+        from core.crypto import load_keyring
+
+        return load_keyring(own)
+
+    return own, keyring
+
+
 def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[no-untyped-def]
     """A function that stores a queued case with arbitrary bytes as its image in the database of
     ``settings``, as if the intake had accepted them (nothing is published: the case waits until a

@@ -169,6 +169,22 @@ def metric_total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], 
     )
 
 
+def start_own_worker(settings: Any, stack_env: dict[str, str], log: Path, *, preload: bool = True) -> Worker:
+    """A worker on the database, broker and period-key folder of ``settings`` (a test module's own:
+    its tasks reach no other worker, and another module's none of its), with the shared stack's other
+    settings (``stack_env``); without ``preload``, one that loads no model (a purge needs none)."""
+    env = {
+        **stack_env,
+        "DERMQ_DATABASE_URL": settings.database_url,
+        "DERMQ_REDIS_URL": settings.redis_url,
+        "DERMQ_PERIOD_KEY_DIR": str(settings.period_key_folder),
+        "DERMQ_WORKER_METRICS_PORT": "0",  # a free one
+    }
+    if not preload:
+        env["DERMQ_PRELOAD_MODEL"] = "false"
+    return start_worker(env, log)
+
+
 def start_worker(
     env: dict[str, str],
     log: Path,

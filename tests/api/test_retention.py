@@ -25,7 +25,7 @@ from core.models import AuditEvent, CallbackDelivery, Case, CaseBlob, Result
 from core.queueing import TASK_PURGE
 from tests import processes, support
 from tests.api.test_cases import submit, wait_done
-from tests.conftest import new_tenant
+from tests.conftest import new_tenant, own_period_keys_fixtures
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -39,24 +39,17 @@ class Site:
     client: Any  # fastapi.testclient.TestClient
 
 
+own = own_period_keys_fixtures()[0]  # its keyring is not this module's: its other tests use the shared one
+
+
 @pytest.fixture(scope="module")
-def site(  # type: ignore[no-untyped-def]
-    own_database, private_broker, stack_env, stack_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Site]:
+def site(own: Settings, private_broker, stack_env, stack_dir: Path) -> Iterator[Site]:  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
     from api.app import create_app
 
-    folder = tmp_path_factory.mktemp("retention-period-keys")  # mode 0700, as `dermq keys init` makes it
-    config = own_database.model_copy(update={"redis_url": private_broker.url, "period_key_dir": folder})
-    env = {
-        **stack_env,
-        "DERMQ_DATABASE_URL": config.database_url,
-        "DERMQ_REDIS_URL": config.redis_url,
-        "DERMQ_PERIOD_KEY_DIR": str(folder),
-        "DERMQ_WORKER_METRICS_PORT": "0",  # a free one
-    }
-    worker = processes.start_worker(env, stack_dir / "retention-purge-worker.log")
+    config = own.model_copy(update={"redis_url": private_broker.url})
+    worker = processes.start_own_worker(config, stack_env, stack_dir / "retention-purge-worker.log")
     try:
         with TestClient(create_app(config), raise_server_exceptions=False) as client:
             yield Site(config, client)

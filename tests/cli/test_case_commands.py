@@ -16,28 +16,15 @@ import pytest
 from sqlalchemy import func, select
 
 from core.config import Settings
-from core.crypto import Keyring, load_keyring
 from core.db import session_scope
 from core.models import AuditEvent, Case, CaseBlob
 from tests.cli.test_commands import run
-from tests.conftest import own_database_fixtures
+from tests.conftest import own_database_fixtures, own_period_keys_fixtures
 
 pytestmark = pytest.mark.usefixtures("database")
 
 tenant, store_case = own_database_fixtures()
-
-
-@pytest.fixture(scope="module")
-def own(own_database: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Settings on this module's own database and period-key folder."""
-    folder = tmp_path_factory.mktemp("purge-period-keys")  # mode 0700, as `dermq keys init` makes it
-    return own_database.model_copy(update={"period_key_dir": folder})
-
-
-@pytest.fixture(scope="module")
-def keyring(own: Settings) -> Keyring:
-    """The stack's keys with this module's period-key folder: the cases stored here are sealed there."""
-    return load_keyring(own)
+own, keyring = own_period_keys_fixtures()
 
 
 def dermq(settings: Settings, *args: str, answer: str = "") -> subprocess.CompletedProcess[str]:

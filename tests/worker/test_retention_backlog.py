@@ -11,10 +11,10 @@ from sqlalchemy import select, update
 
 from core import retention
 from core.config import Settings
-from core.crypto import Keyring, load_keyring
+from core.crypto import Keyring
 from core.db import session_scope
 from core.models import Case
-from tests.conftest import Tenant, own_database_fixtures
+from tests.conftest import Tenant, own_database_fixtures, own_period_keys_fixtures
 from worker import tasks
 
 pytestmark = pytest.mark.usefixtures("database", "empty_queue")  # empty_queue: tests/conftest.py
@@ -22,19 +22,7 @@ pytestmark = pytest.mark.usefixtures("database", "empty_queue")  # empty_queue: 
 # retention looks at every case of its database and every key of its period-key folder: this module
 # has a database and a folder of its own (its tenant, store_case and keyring are theirs)
 tenant, store_case = own_database_fixtures()
-
-
-@pytest.fixture(scope="module")
-def own(own_database: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Settings on this module's own database and period-key folder."""
-    folder = tmp_path_factory.mktemp("backlog-period-keys")  # mode 0700, as `dermq keys init` makes it
-    return own_database.model_copy(update={"period_key_dir": folder})
-
-
-@pytest.fixture(scope="module")
-def keyring(own: Settings) -> Keyring:
-    """The stack's keys with this module's period-key folder: the cases stored here are sealed there."""
-    return load_keyring(own)
+own, keyring = own_period_keys_fixtures()
 
 
 def test_one_purge_run_shreds_a_backlog_larger_than_a_batch(

@@ -22,7 +22,7 @@ from core.models import CallbackDelivery
 from core.publisher import make_publisher
 from core.queueing import TASK_PURGE
 from tests import processes, support
-from tests.conftest import case_store, new_tenant
+from tests.conftest import case_store, new_tenant, own_period_keys_fixtures
 from worker.celery_app import PERIODIC
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -60,21 +60,13 @@ class Site:
             return session.get(CallbackDelivery, delivery) is not None
 
 
+own = own_period_keys_fixtures()[0]  # its keyring is not this module's: its other tests use the shared one
+
+
 @pytest.fixture(scope="module")
-def site(  # type: ignore[no-untyped-def]
-    own_database, private_broker, stack_env, stack_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Site]:
-    folder = tmp_path_factory.mktemp("retention-period-keys")  # mode 0700, as `dermq keys init` makes it
-    settings = own_database.model_copy(update={"redis_url": private_broker.url, "period_key_dir": folder})
-    env = {
-        **stack_env,
-        "DERMQ_DATABASE_URL": settings.database_url,
-        "DERMQ_REDIS_URL": settings.redis_url,
-        "DERMQ_PERIOD_KEY_DIR": str(folder),
-        "DERMQ_WORKER_METRICS_PORT": "0",  # a free one
-        "DERMQ_PRELOAD_MODEL": "false",  # a purge needs no model
-    }
-    worker = processes.start_worker(env, stack_dir / "retention-worker.log")
+def site(own: Settings, private_broker, stack_env, stack_dir: Path) -> Iterator[Site]:  # type: ignore[no-untyped-def]
+    settings = own.model_copy(update={"redis_url": private_broker.url})
+    worker = processes.start_own_worker(settings, stack_env, stack_dir / "retention-worker.log", preload=False)
     try:
         yield Site(settings, worker)
     finally:
@@ -90,15 +82,7 @@ def test_a_failing_retention_step_is_counted_by_step(site: Site) -> None:
     delivery = site.old_delivery()
     try:
         site.purge()
-        support.wait_for(
-            lambda: (
-                processes.metric_total(site.worker.metrics(), FAILURES, step="destroy_periods")
-                - processes.metric_total(before, FAILURES, step="destroy_periods")
-                >= 1
-            ),
-            timeout=60,
-            what="the purge's count of its failed step",
-        )
+        _wait_counted(site, before)
         # the steps after it ran, the last one included
         support.wait_for(lambda: not site.kept(delivery), timeout=60, what="the purge's last step")
     finally:
@@ -121,15 +105,7 @@ def test_a_failed_step_is_counted_when_a_later_step_loses_the_database(site: Sit
         # forget_callback_secrets, two steps after destroy_periods, loses its connection
         with support.connection_lost_on(site.settings, "clinic_callbacks", "UPDATE"):
             site.purge()
-            support.wait_for(
-                lambda: (
-                    processes.metric_total(site.worker.metrics(), FAILURES, step="destroy_periods")
-                    - processes.metric_total(before, FAILURES, step="destroy_periods")
-                    >= 1
-                ),
-                timeout=60,
-                what="the purge's count of its failed step",
-            )
+            _wait_counted(site, before)
             support.wait_for(site.worker.idle, timeout=60, what="the purge to end")
     finally:
         stray.rmdir()
@@ -164,3 +140,16 @@ def test_each_period_whose_key_cannot_be_destroyed_is_counted_and_the_others_are
         before, FAILURES, step="destroy_periods"
     )
     assert moved == 2
+
+
+def _wait_counted(site: Site, before: dict) -> None:  # type: ignore[type-arg]
+    """Until the worker has counted one more failed ``destroy_periods`` step than ``before`` shows."""
+    support.wait_for(
+        lambda: (
+            processes.metric_total(site.worker.metrics(), FAILURES, step="destroy_periods")
+            - processes.metric_total(before, FAILURES, step="destroy_periods")
+            >= 1
+        ),
+        timeout=60,
+        what="the purge's count of its failed step",
+    )
