@@ -19,6 +19,7 @@ from sqlalchemy import (
     Connection,
     Dialect,
     Numeric,
+    Select,
     bindparam,
     cast,
     exists,
@@ -195,6 +196,18 @@ def join_batch(
     if limit <= 0:
         return []
     per_slot = max_pixels // max(batch_size, 1) if max_pixels is not None else None
+    wanted = joining(case_id, limit, per_slot, reduce_to).cte("wanted")
+    claimed = list(
+        session.scalars(_start(Case.id.in_(select(wanted.c.id))).execution_options(synchronize_session=False))
+    )
+    _audit_starts(session, claimed, actor, batch=True)
+    return claimed
+
+
+def joining(case_id: uuid.UUID, limit: int, per_slot: int | None, reduce_to: int | None) -> Select[Any]:
+    """:func:`join_batch`'s choice of company, locked: up to ``limit`` queued first attempts that fit a
+    slot of ``per_slot`` pixels, urgent first, then oldest (read from the front of the queue's index,
+    migration 0030), if the running ``case_id`` may have company."""
     pixels = decoded_pixels(reduce_to)
     lead = select(Case.id).where(
         Case.id == case_id,
@@ -202,19 +215,13 @@ def join_batch(
         Case.attempts == 1,
         *([] if per_slot is None else [pixels <= per_slot]),
     )
-    wanted = (
+    return (
         select(Case.id)
         .where(*_may_join(pixels, per_slot), exists(lead))
         .order_by(*QUEUE_ORDER)
         .limit(limit)
         .with_for_update(skip_locked=True, key_share=True)
-        .cte("wanted")
     )
-    claimed = list(
-        session.scalars(_start(Case.id.in_(select(wanted.c.id))).execution_options(synchronize_session=False))
-    )
-    _audit_starts(session, claimed, actor, batch=True)
-    return claimed
 
 
 def _may_join(pixels: ColumnElement[Any], per_slot: int | None) -> list[ColumnElement[bool]]:
