@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from fastapi import Depends, Request
+from pydantic import TypeAdapter, ValidationError
 
 from api.deps import AuthenticatedCaller, require_role
 from core.cases import require_clinic
@@ -41,6 +42,8 @@ def clinic_first(action: str, **detail: str) -> Any:
     ``detail`` joins the event's (``format="fhir"``, as the FHIR route's other answers)."""
 
     async def clinic_key(request: Request, caller: AuthenticatedCaller) -> None:
+        if caller.principal.role is Role.CLINIC and caller.principal.clinic_id is not None:
+            return  # require_clinic's own test: the path is read only to refuse (a clinic's read pays nothing)
         try:
             require_clinic(caller.principal, action, _case_in_path(request))
         except Forbidden as exc:
@@ -51,12 +54,17 @@ def clinic_first(action: str, **detail: str) -> Any:
     return Depends(clinic_key)
 
 
+#: the route's own reading of a path's ``case_id`` (``uuid.UUID`` itself takes more: braces, "+" and "_")
+_AS_ROUTE_READS = TypeAdapter(uuid.UUID)
+
+
 def _case_in_path(request: Request) -> str | None:
-    """The path's ``case_id`` as the route would read it, or None (no such parameter, or not a UUID)."""
+    """The path's ``case_id`` as the route would read it, or None (no such parameter, or one the
+    route would refuse as malformed: it is not written to the trail)."""
     raw = request.path_params.get("case_id")
     if not isinstance(raw, str):
         return None
     try:
-        return str(uuid.UUID(raw))
-    except ValueError:
+        return str(_AS_ROUTE_READS.validate_python(raw))
+    except ValidationError:
         return None

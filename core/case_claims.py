@@ -196,7 +196,7 @@ def join_batch(
     if limit <= 0:
         return []
     per_slot = max_pixels // max(batch_size, 1) if max_pixels is not None else None
-    wanted = joining(case_id, limit, per_slot, reduce_to).cte("wanted")
+    wanted = join_candidates(case_id, limit, per_slot, reduce_to).cte("wanted")
     claimed = list(
         session.scalars(_start(Case.id.in_(select(wanted.c.id))).execution_options(synchronize_session=False))
     )
@@ -204,7 +204,7 @@ def join_batch(
     return claimed
 
 
-def joining(case_id: uuid.UUID, limit: int, per_slot: int | None, reduce_to: int | None) -> Select[Any]:
+def join_candidates(case_id: uuid.UUID, limit: int, per_slot: int | None, reduce_to: int | None) -> Select[Any]:
     """:func:`join_batch`'s choice of company, locked: up to ``limit`` queued first attempts that fit a
     slot of ``per_slot`` pixels, urgent first, then oldest (read from the front of the queue's index,
     migration 0030), if the running ``case_id`` may have company."""

@@ -30,8 +30,10 @@ router = APIRouter(prefix="/v1/cases", tags=["cases"], dependencies=[clinic_firs
 
 @contextmanager
 def _filed_as_fhir() -> Iterator[None]:
-    """A refused read (another clinic's case, unknown, a key of another role) is audited as a FHIR
-    read too, as every other answer of this route: an auditor tells a FHIR probe from a JSON one."""
+    """A refused read (another clinic's case, unknown) is audited as a FHIR read too, as every other
+    answer of this route: an auditor tells a FHIR probe from a JSON one. (A key of another role is
+    refused before, by the router's ``clinic_first``, with the same ``format``; the service's own
+    check stays as a second line.)"""
     try:
         yield
     except DermqError as exc:

@@ -174,9 +174,9 @@ def test_a_claim_reads_the_front_of_the_queue_not_all_of_it(batching, tenant, st
             plan = _plan(session, f"EXECUTE {claim.name}(%(case_id)s)", {"case_id": lead})
         assert "ix_cases_queue_order" in plan and "Sort" not in plan, plan
         # a GPU worker's top-up after its wait, as psycopg2 sends it (its values written in)
-        joining = case_claims.joining(lead, 3, 100_000, reduce_to).compile(dialect=dialect)
+        candidates = case_claims.join_candidates(lead, 3, 100_000, reduce_to).compile(dialect=dialect)
         with session_scope(batching) as session:
-            plan = _plan(session, str(joining), dict(joining.params))
+            plan = _plan(session, str(candidates), dict(candidates.params))
         assert "ix_cases_queue_order" in plan and "Sort" not in plan, plan
     with session_scope(batching) as session:  # and the claim still takes the oldest
         claimed = case_claims.claim_batch(session, lead, limit=4, max_pixels=400_000)
