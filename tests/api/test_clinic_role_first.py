@@ -96,6 +96,34 @@ def test_every_clinic_route_has_its_refusal_named() -> None:
     assert sorted(routes()) == sorted(REFUSALS)
 
 
+#: the checks that refuse another role's key before a route's parameters (api.role_checks)
+ROLE_CHECKS = ("role_allowed", "clinic_key")
+#: route modules whose routes take no key (health, readiness, metrics)
+KEYLESS = ("health",)
+
+
+def test_every_router_that_takes_a_key_checks_the_role_before_its_parameters() -> None:
+    """Not only the routes of the routers above: a router module added to api/routes later needs the
+    check too (a router dependency, or each route's first), or a place in KEYLESS."""
+    import importlib
+    import pkgutil
+
+    from api import routes as route_modules
+
+    unchecked = []
+    for info in pkgutil.iter_modules(route_modules.__path__):
+        router = getattr(importlib.import_module(f"api.routes.{info.name}"), "router", None)
+        if router is None or info.name in KEYLESS:
+            continue
+        if any(getattr(d.dependency, "__name__", "") in ROLE_CHECKS for d in router.dependencies):
+            continue
+        for route in router.routes:
+            first = route.dependencies[0].dependency if isinstance(route, APIRoute) and route.dependencies else None
+            if isinstance(route, APIRoute) and getattr(first, "__name__", "") not in ROLE_CHECKS:
+                unchecked.append((info.name, sorted(route.methods), route.path))
+    assert unchecked == []
+
+
 @pytest.mark.parametrize("role", ["admin", "auditor"])
 def test_another_role_gets_the_routes_audited_403_whatever_it_sends(client, make_key, settings, role) -> None:  # type: ignore[no-untyped-def]
     key = make_key(role)
