@@ -42,13 +42,12 @@ def clinic_first(action: str, **detail: str) -> Any:
     ``detail`` joins the event's (``format="fhir"``, as the FHIR route's other answers)."""
 
     async def clinic_key(request: Request, caller: AuthenticatedCaller) -> None:
-        if caller.principal.role is Role.CLINIC and caller.principal.clinic_id is not None:
-            return  # require_clinic's own test: the path is read only to refuse (a clinic's read pays nothing)
         try:
-            require_clinic(caller.principal, action, _case_in_path(request))
-        except Forbidden as exc:
-            if detail:
-                exc.audit = dataclasses.replace(exc.audit, detail={**exc.audit.detail, **detail})
+            require_clinic(caller.principal, action)
+        except Forbidden as exc:  # the path is read only to refuse: a clinic's own read pays nothing for it
+            exc.audit = dataclasses.replace(
+                exc.audit, entity_id=_case_in_path(request), detail={**exc.audit.detail, **detail}
+            )
             raise
 
     return Depends(clinic_key)
