@@ -1,7 +1,8 @@
 """One attempt at a completion callback, in the database: the notice it sends, the lease that counts
-it, the last look before it is sent (its case not erased meanwhile), and the record of what the
-clinic's server answered (the outbox and its rules are :mod:`core.callbacks`; the POST around the
-last look, between the lease and the record, is :mod:`worker.callbacks`)."""
+it, the last look before it is sent (its case not erased, its clinic not deactivated, its callback
+not removed meanwhile), and the record of what the clinic's server answered (the outbox and its
+rules are :mod:`core.callbacks`; the POST around the last look, between the lease and the record,
+is :mod:`worker.callbacks`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -110,7 +112,7 @@ def lease(
     ``callback_clinic_concurrency`` attempts under way (:mod:`core.callback_pacing`). A callback whose
     clinic or case is gone, or whose clinic is deactivated, is cancelled here (:class:`Cancelled`;
     reactivating the clinic does not send it later: the clinic reads its cases instead). Commit before
-    making the request, and take :func:`stop_if_erased`'s last look just before sending it."""
+    making the request, and take :func:`last_look` just before sending it."""
     # the database's clock, not this host's: leases are written and compared by different hosts, and
     # one whose clock ran ahead took over a live lease (a second POST of the same attempt's news)
     found = session.execute(
@@ -184,17 +186,31 @@ def _leasable(case_id: uuid.UUID, after: int | None) -> tuple[ColumnElement[bool
     )
 
 
-def stop_if_erased(session: Session, *, lease: Lease) -> Delivery | None:
+def last_look(session: Session, *, lease: Lease) -> Delivery | None:
     """The last look before the leased attempt's notice goes out, in a transaction that stays open
     until the request has been handed to the socket, and no longer (not while the receiver answers:
-    :func:`worker.callbacks.post`). The case is locked ``FOR SHARE``: an erasure committed since the
-    lease is seen here, and one that comes now waits until the notice is out (it updates the case
-    row: :func:`core.retention.purge_case`). None if the notice may go out. Else, the case erased or
-    gone, nothing is sent: the delivery is cancelled, the attempt given back (none was made) and
-    audited as a cancellation at the lease is; ``skipped`` where the row is no longer this attempt's
-    (its lease ran out and another took it over: that one's look cancels it)."""
-    status = session.scalar(select(Case.status).where(Case.id == lease.case_id).with_for_update(read=True))
-    if status is not None and status != CaseStatus.PURGED.value:
+    :func:`worker.callbacks.post`). The case, its clinic and the clinic's callback are locked ``FOR
+    SHARE``: an erasure, a deactivation or the callback's removal committed since the lease is seen
+    here, and one that comes now waits until the notice is out (each updates or deletes one of those
+    rows: :func:`core.retention.purge_case`, :func:`core.clinics.set_active`,
+    :func:`core.callbacks.unregister`). None if the notice may go out. Else nothing is sent: the
+    delivery is cancelled as it is at the lease (the same reasons, audited), the attempt given back
+    (none was made); ``skipped`` where the row is no longer this attempt's (its lease ran out and
+    another took it over: that one's look cancels it)."""
+    status, active, url = session.execute(
+        select(
+            _held(Case.status, Case.id == lease.case_id),
+            _held(Clinic.active, Clinic.id == lease.clinic_id),
+            _held(ClinicCallback.url, ClinicCallback.clinic_id == lease.clinic_id),
+        )
+    ).one()
+    if url is None:
+        why = "callback_removed"
+    elif not active:
+        why = "clinic_inactive"
+    elif status is None or status == CaseStatus.PURGED.value:
+        why = "case_erased"
+    else:
         return None
     cancelled = session.scalar(
         update(CallbackDelivery)
@@ -206,8 +222,13 @@ def stop_if_erased(session: Session, *, lease: Lease) -> Delivery | None:
     )
     if cancelled is None:
         return Delivery("skipped", lease.attempt)
-    _audit(session, lease.case_id, lease.clinic_id, success=False, detail={"error": CANCELLED, "reason": "case_erased"})
+    _audit(session, lease.case_id, lease.clinic_id, success=False, detail={"error": CANCELLED, "reason": why})
     return Delivery("cancelled", lease.attempt - 1)
+
+
+def _held(column: Any, where: ColumnElement[bool]) -> Any:
+    """``column`` of the row ``where`` selects (NULL if there is none), locked ``FOR SHARE``."""
+    return select(column).where(where).with_for_update(read=True).scalar_subquery()
 
 
 def _still_leased(lease: Lease) -> tuple[ColumnElement[bool], ...]:

@@ -3,9 +3,10 @@
 One attempt (:func:`deliver`) never holds a row lock or a pooled database connection while the
 clinic's server answers: it leases the outbox row in a short transaction and commits
 (:func:`core.callback_attempts.lease`), connects to the clinic's server with no transaction open,
-takes a last look at the case in a short transaction that stays open only while the request is
-handed to the socket (:func:`core.callback_attempts.stop_if_erased`: a case erased since the lease
-is not announced, and an erasure that comes then waits until the notice is out), reads the answer
+takes a last look at the case, its clinic and its callback in a short transaction that stays open
+only while the request is handed to the socket (:func:`core.callback_attempts.last_look`: a case
+erased, a clinic deactivated or a callback removed since the lease gets no notice, and an erasure,
+deactivation or removal that comes then waits until the notice is out), reads the answer
 with no transaction open, then records it in a third short transaction fenced by the attempt number
 (:func:`core.callback_attempts.record_attempt`).
 
@@ -240,8 +241,8 @@ def deliver(
     (``held``, its message back after :func:`core.callback_pacing.held_seconds`; ``held_too_long``
     once the message has found it held at every look it may take, ``held_looks`` of them before this
     one: left to the sweeper). A callback whose case was erased (or whose clinic or callback is
-    gone) is ``cancelled``, at its lease or, erased since, at the last look before the request is
-    written: nothing is sent. An attempt that ends hands its turn to the
+    gone) is ``cancelled``, at its lease or, if that happened since, at the last look before the
+    request is written: nothing is sent. An attempt that ends hands its turn to the
     clinic's oldest waiting callback, whose message ``publisher`` sends (:mod:`core.callback_pacing`);
     that message (``turn``), finding nothing to do (its callback taken, done or cancelled meanwhile, or
     handed the same turn twice), hands the turn on in its place."""
@@ -281,7 +282,7 @@ def deliver(
         except SQLAlchemyError as exc:  # the last look's transaction failed (its lock wait timed out, an
             # erasure holding the case): an error as a network one is, retried
             status, error = None, type(exc).__name__
-        if look.stopped is not None:  # the case was erased since the lease: cancelled, nothing sent
+        if look.stopped is not None:  # erased, deactivated or removed since the lease: nothing sent
             return look.stopped
     with session_scope(config) as session:
         done = callback_attempts.record_attempt(
@@ -294,8 +295,9 @@ def deliver(
 
 class _LastLook:
     """The gate of one leased attempt's POST (:func:`post`): a transaction open from just before the
-    request is written until it is, in which :func:`core.callback_attempts.stop_if_erased` holds the
-    case as it is; ``stopped`` is what the attempt came to when the case was erased meanwhile."""
+    request is written until it is, in which :func:`core.callback_attempts.last_look` holds the case,
+    its clinic and its callback as they are; ``stopped`` is what the attempt came to when one of them
+    was erased, deactivated or removed meanwhile."""
 
     def __init__(self, config: Settings, publisher: Celery, lease: callback_attempts.Lease) -> None:
         self.config, self.publisher, self.lease = config, publisher, lease
@@ -304,7 +306,7 @@ class _LastLook:
     @contextlib.contextmanager
     def __call__(self) -> Iterator[bool]:
         with session_scope(self.config) as session:
-            stopped = callback_attempts.stop_if_erased(session, lease=self.lease)
+            stopped = callback_attempts.last_look(session, lease=self.lease)
             if stopped is not None and stopped.outcome == "cancelled":  # its turn has ended
                 _hand_on(session, self.publisher, self.lease.clinic_id)
             try:
