@@ -156,6 +156,11 @@ class RootStream:
         rows = self.session.execute(_PAGE_SQL, {"after": self._stored_after, "until": until, "page": self._rows}).all()
         self._stored_done = len(rows) < self._rows
         self._rows = min(2 * self._rows, self.page)
+        # Read after the page: a checkpoint sealed since the start has its leaves in the log now (one
+        # commit); one larger than the log now is of events removed from its end (a truncation)
+        now = self._bound
+        if self._draining and rows and rows[-1][0] > self._bound:
+            now = audit_log.tree_size(self.session)
         for size, root, note in rows:
             self._stored_after = size
             if self.verifiers is not None:
@@ -169,7 +174,7 @@ class RootStream:
                     continue
                 if not self._draining:
                     self._stored_notes[size] = note
-            if size <= self._bound:
+            if size <= self._bound or size > now:
                 self._largest = max(self._largest, size)
             if size > self._asked:
                 self._keep(size, bytes(root))
