@@ -117,13 +117,19 @@ class StoredTree:
         return out
 
 
+class NotSealed(LookupError):
+    """The event has no position in the tree of the size asked for (not sealed yet, or sealed later)."""
+
+
 def inclusion_proof(session: Session, event_id: int, size: int) -> tuple[int, bytes, list[bytes]]:
-    """(leaf index, leaf hash, audit path) of an event in the tree of ``size`` (RFC 9162 2.1.3.1)."""
+    """(leaf index, leaf hash, audit path) of an event in the tree of ``size`` (RFC 9162 2.1.3.1):
+    :class:`NotSealed` when the event is not in that tree, a plain ``LookupError`` when the stored
+    tree lacks a node the path needs (rows deleted: the log no longer holds what was signed)."""
     row = session.execute(
         text("SELECT seq, leaf_hash FROM audit_leaves WHERE event_id = :id"), {"id": event_id}
     ).first()
     if row is None or not 0 <= row.seq < size:  # (a negative position: outside the log, migration 0029)
-        raise LookupError("the event is not (yet) in the tree of that size")
+        raise NotSealed("the event is not (yet) in the tree of that size")
     tree = StoredTree(session)
     return row.seq, bytes(row.leaf_hash), merkle.inclusion_proof(row.seq, size, tree.subtree)
 

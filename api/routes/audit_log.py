@@ -117,7 +117,7 @@ async def inclusion_proof(
             )
         try:
             index, leaf, path = audit_log.inclusion_proof(session, event, tree_size)
-        except LookupError:
+        except audit_log.NotSealed:
             raise NotFound(
                 "the event is not sealed into a tree of that size yet",
                 code="not_sealed",
@@ -125,6 +125,8 @@ async def inclusion_proof(
                     "audit.proof", audit.FAILURE, "audit", detail=asked | {"reason": "not_sealed"}
                 ),
             ) from None
+        except LookupError:  # the stored tree lacks a node under the signed checkpoint's size
+            raise Conflict(INCONSISTENT, code="log_inconsistent") from None
         try:
             root = audit_log.StoredTree(session).root(tree_size)
         except LookupError:
