@@ -276,13 +276,12 @@ class AuditFilter:
     outcome: str | None = None
 
     def where(self) -> list[Any]:
+        """Every filter but the actor (:meth:`alternatives`), all of which an event must match."""
         clauses: list[Any] = []
         if self.since is not None:
             clauses.append(AuditEvent.occurred_at >= self.since)
         if self.until is not None:
             clauses.append(AuditEvent.occurred_at < self.until)
-        if self.actor_key_id is not None:
-            clauses.append(AuditEvent.actor_key_id == self.actor_key_id)
         if self.clinic_id is not None:
             clauses.append(AuditEvent.clinic_id == self.clinic_id)
         if self.case_id is not None:  # the case's own events, and the list views that showed it
@@ -299,6 +298,17 @@ class AuditFilter:
             clauses.append(AuditEvent.outcome == self.outcome)
         return clauses
 
+    def alternatives(self) -> list[list[Any]]:
+        """The ways an event may match besides :meth:`where`, each read on its own (from its own index,
+        newest first: an ``OR`` of them would read every event of a busy key to sort them): for an
+        actor, what the key did, and the requests refused that presented it (revoked, a wrong secret,
+        its clinic deactivated: no actor, the key named as the entity)."""
+        if self.actor_key_id is None:
+            return [[]]
+        key = self.actor_key_id
+        refused = [AuditEvent.action == "auth.denied", AuditEvent.entity_type == "api_key"]
+        return [[AuditEvent.actor_key_id == key], [*refused, AuditEvent.entity_id == str(key)]]
+
     def describe(self) -> dict[str, str]:
         """The filter as plain strings, for the audit record of the query itself."""
         return {
@@ -312,10 +322,13 @@ def search(
     session: Session, filters: AuditFilter, *, before_id: int | None, limit: int
 ) -> tuple[list[AuditEvent], int | None]:
     """Newest first; returns (page, the id to pass as ``before_id`` for the next page, or None)."""
-    query = select(AuditEvent).where(*filters.where())
-    if before_id is not None:
-        query = query.where(AuditEvent.id < before_id)
-    rows = list(session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit + 1)))
+    found: dict[int, AuditEvent] = {}
+    for alternative in filters.alternatives():
+        query = select(AuditEvent).where(*filters.where(), *alternative)
+        if before_id is not None:
+            query = query.where(AuditEvent.id < before_id)
+        found.update((e.id, e) for e in session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit + 1)))
+    rows = sorted(found.values(), key=lambda e: e.id, reverse=True)[: limit + 1]
     page = rows[:limit]
     return page, (page[-1].id if len(rows) > limit and page else None)
 
