@@ -29,6 +29,8 @@ TAIL_BYTES = 16 << 20
 #: notes of a tree smaller than the one asked for that a tail read goes past before it stops: sealers
 #: that run at once (a worker's children) append their notes in the order they finish, a few apart
 SLACK = 16
+#: digits of the largest tree size a note may claim (a tree of 2**64 events has 20)
+MAX_SIZE_DIGITS = 20
 _BOUNDARY = b"\n\n"
 _SIGNATURE = (DASH + " ").encode()
 
@@ -72,9 +74,12 @@ def _split(lines: Iterable[str]) -> Iterator[str]:
 
 
 def note_size(note: str) -> int:
-    """The tree size a signed note claims (its second line), unverified; -1 when it has none."""
+    """The tree size a signed note claims (its second line), unverified; -1 when it has none (or one
+    longer than any tree's: a line of thousands of digits is past what ``int`` reads, and stopped the
+    check with a traceback instead of a verdict)."""
     lines = note.split("\n", 2)
-    return int(lines[1]) if len(lines) > 2 and lines[1].isascii() and lines[1].isdigit() else -1
+    size = lines[1] if len(lines) > 2 else ""
+    return int(size) if size.isascii() and size.isdigit() and len(size) <= MAX_SIZE_DIGITS else -1
 
 
 def notes(path: Path | None, since: int = 0) -> Iterator[str]:

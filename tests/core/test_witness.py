@@ -75,6 +75,19 @@ def test_a_torn_note_and_stray_bytes_hide_no_other_note(tmp_path: Path) -> None:
     assert [s for s in read if s >= 990] == [*range(990, 1001), 1002, 1003]
 
 
+def test_a_note_claiming_a_size_of_thousands_of_digits_claims_none(tmp_path: Path) -> None:
+    # The check reads each witness note's claimed size before verifying it (core.audit_roots): a line
+    # of 5,000 digits is past what int() reads, and the check stopped with a traceback, no verdict.
+    forged = "dermq.test/audit\n" + "9" * 5000 + "\nAAAA\n\n\u2014 dermq.test/audit AAAA\n"
+    assert witness.note_size(forged) == -1
+    assert witness.note_size(note(12)) == 12
+    path = tmp_path / "witness.log"
+    for each in (note(1), forged, note(2)):
+        witness.append(path, each)
+    for since in (0, 1):  # the whole file, and a tail read
+        assert sizes(list(witness.notes(path, since))) == [1, 2]
+
+
 def test_a_missing_file_holds_no_note_and_a_renamed_one_is_started_afresh(tmp_path: Path) -> None:
     path = tmp_path / "witness.log"
     assert list(witness.notes(path, 5)) == [] and list(witness.notes(None, 5)) == []
