@@ -144,14 +144,21 @@ def run_batch(config: Settings, case_id: uuid.UUID, progress: Progress | None = 
         lead_too = isinstance(exc, SoftTimeLimitExceeded) and len(claimed) > 1
         held = [c for c in claimed if (lead_too or c.id != case_id) and c.id not in outcomes]
         progress.requeued = case_id in _requeue_unfinished(config, held)
+        _count_companions(case_id, outcomes)  # those it ended before it stopped: no one else counts them
         raise
     log.info("batch classified", extra={"event": "batch", "count": len(items)})
+    _count_companions(case_id, outcomes)
+    return outcomes[case_id]
+
+
+def _count_companions(case_id: uuid.UUID, outcomes: Mapping[uuid.UUID, str]) -> None:
+    """Count the outcomes of the cases a batch led by ``case_id`` settled besides it (the task counts
+    its own case's; their own messages find them taken and count nothing)."""
     metrics = runtime.worker_metrics()
     if metrics is not None:
         for item_id, outcome in outcomes.items():
             if item_id != case_id:
                 metrics.record_outcome(outcome)
-    return outcomes[case_id]
 
 
 def with_images(
