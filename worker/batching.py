@@ -253,7 +253,7 @@ def _run_claimed_batch(
             )
         finally:
             case_id_var.reset(token)
-    outcomes.update(pipeline._store(config, completions))
+    pipeline._store(config, completions, outcomes)  # each as it ends: the store may stop part-way
 
 
 def _classify_one_by_one(

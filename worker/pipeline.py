@@ -241,10 +241,13 @@ def run_classification(config: Settings, case_id: uuid.UUID, progress: Progress 
     return _store(config, [completion])[case_id]
 
 
-def _store(config: Settings, completions: Sequence[case_states.Completion]) -> dict[uuid.UUID, str]:
+def _store(
+    config: Settings, completions: Sequence[case_states.Completion], outcomes: dict[uuid.UUID, str] | None = None
+) -> dict[uuid.UUID, str]:
     """Results, heat maps, audit events and callback outbox rows of ``completions`` in one transaction
     (a fixed number of statements however many; the callbacks are sent once it committed); returns
-    each case's outcome.
+    each case's outcome, written into ``outcomes`` (when given) as soon as it is final: a batch that
+    stops part-way (a transient error storing a case alone) knows which of its cases ended.
 
     If a batch's transaction fails for anything but a transient error, each case is stored on its
     own instead, so that one case the database refuses fails alone rather than its whole batch,
@@ -264,9 +267,9 @@ def _store(config: Settings, completions: Sequence[case_states.Completion]) -> d
         )
     except Exception as exc:  # the soft time limit too: storing what is classified, one by one, is quick
         _one_by_one_or_raise(exc, len(completions), "batch_store_failed", "storing a batch failed")
-        return _store_one_by_one(config, completions)
+        return _store_one_by_one(config, completions, {} if outcomes is None else outcomes)
     metrics = runtime.worker_metrics()
-    outcomes: dict[uuid.UUID, str] = {}
+    outcomes = {} if outcomes is None else outcomes
     for completion in completions:
         token = case_id_var.set(str(completion.case_id))
         try:
@@ -311,12 +314,13 @@ def _one_by_one_or_raise(exc: Exception, count: int, event: str, what: str) -> N
     )
 
 
-def _store_one_by_one(config: Settings, completions: Sequence[case_states.Completion]) -> dict[uuid.UUID, str]:
-    """:func:`_store` for each completion alone; a case whose result cannot be stored fails."""
-    outcomes: dict[uuid.UUID, str] = {}
+def _store_one_by_one(
+    config: Settings, completions: Sequence[case_states.Completion], outcomes: dict[uuid.UUID, str]
+) -> dict[uuid.UUID, str]:
+    """:func:`_store` for each completion alone, into ``outcomes``; a case whose result cannot be stored fails."""
     for completion in completions:
         try:
-            outcomes |= _store(config, [completion])
+            _store(config, [completion], outcomes)
         except SoftTimeLimitExceeded:
             raise  # not a result the database refused: the task's handler ends its case as timed out
         except Exception as exc:
