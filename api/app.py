@@ -84,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /v1/cases/ is an unknown path (404), not a bodiless 307 to an address built from the Host header
+        redirect_slashes=False,
         docs_url=None,  # api.docs_page serves /docs from a pinned package, not a CDN
         redoc_url=None,
         openapi_tags=[

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from core.config import Settings
@@ -54,11 +55,22 @@ def _served_id(model: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def _to_slashed(page: str) -> Callable[[Request], Awaitable[RedirectResponse]]:
+    async def redirect(request: Request) -> RedirectResponse:
+        return RedirectResponse(f"{page}/")
+
+    return redirect
+
+
 def install(app: FastAPI, settings: Settings) -> None:
     """Serve the portal, the auditor console, their shared modules, and the model card on ``app``."""
     app.mount("/common", StaticFiles(directory=WEB / "common"), name="web-common")
     app.mount("/portal", StaticFiles(directory=WEB / "portal", html=True), name="portal")
     app.mount("/audit", StaticFiles(directory=WEB / "audit", html=True), name="audit-console")
+    # The app redirects no path to its slashed form (api.app); a page's address typed without its slash
+    # goes to the page, on this origin whatever the request's Host header says.
+    for page in ("/portal", "/audit"):
+        app.add_route(page, _to_slashed(page), methods=["GET", "HEAD"], include_in_schema=False)
 
     @app.get("/model-card", include_in_schema=False)
     def served_model_card() -> PlainTextResponse:
