@@ -46,6 +46,8 @@ MAX_DELIMITERS = MAX_PARTS + 1
 FORM_OVERHEAD = 64 * 1024
 TEXT_FIELDS = ("client_ref", "priority")
 IMAGE_MEDIA_TYPES = ("image/", "application/octet-stream")
+#: the part headers the intake reads (lower-cased, as kept), and how a refusal names them
+READ_HEADERS = {b"content-disposition": "Content-Disposition", b"content-type": "Content-Type"}
 
 
 @dataclass
@@ -93,7 +95,13 @@ class _Collector:
         self.header_value += data[start:end]
 
     def on_header_end(self) -> None:
-        self.headers[self.header_field.lower()] = self.header_value
+        name = self.header_field.lower()
+        if name in READ_HEADERS and name in self.headers:  # which one counts is nobody's rule: neither does
+            raise BadRequest(
+                f"a part of the form has two {READ_HEADERS[name]} headers; send each header once",
+                code="invalid_multipart",
+            )
+        self.headers[name] = self.header_value
         self.header_field = self.header_value = b""
 
     def on_headers_finished(self) -> None:

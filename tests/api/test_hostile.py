@@ -194,6 +194,35 @@ def test_hostile_requests(client, tenant, settings, jpeg_bytes: bytes) -> None: 
     assert rows_for(settings, tenant.clinic_id) == {"cases": 0, "blobs": 0, "case_events": 0}
 
 
+def test_a_part_naming_its_disposition_or_type_twice_is_refused(client, tenant, settings, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Which of a part's two Content-Disposition (or Content-Type) headers counts is nobody's rule: the
+    intake kept the last, so a part that first named the image and then the priority queued an urgent
+    case, where a proxy's or the portal's own parser reading the first saw an image."""
+    boundary = "twiceboundary"
+    image = b'Content-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+    priority = b'Content-Disposition: form-data; name="priority"\r\n'
+
+    def body(*parts: tuple[bytes, bytes]) -> bytes:
+        return b"".join(
+            f"--{boundary}\r\n".encode() + headers + b"\r\n" + data + b"\r\n" for headers, data in parts
+        ) + (f"--{boundary}--\r\n".encode())
+
+    bodies = {
+        "image, then priority": body((image + priority, b"urgent"), (image, jpeg_bytes)),
+        "priority, then image": body((priority + image, jpeg_bytes)),
+        "image/jpeg, then text/html": body(
+            (image + b"Content-Type: image/jpeg\r\nContent-Type: text/html\r\n", jpeg_bytes)
+        ),
+        "text/html, then image/jpeg": body(
+            (image + b"Content-Type: text/html\r\ncontent-type: image/jpeg\r\n", jpeg_bytes)
+        ),
+    }
+    for name, sent in bodies.items():
+        response = _post(client, tenant, sent, f"multipart/form-data; boundary={boundary}")
+        assert (response.status_code, response.json().get("code")) == (400, "invalid_multipart"), (name, response.text)
+    assert rows_for(settings, tenant.clinic_id) == {"cases": 0, "blobs": 0, "case_events": 0}
+
+
 def test_odd_but_valid_images_never_crash_the_worker(client, worker, tenant, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
     rgb = Image.open(io.BytesIO(jpeg_bytes))
     exif = Image.Exif()
