@@ -14,6 +14,7 @@ import os
 import sys
 
 from core.config import Settings, get_settings
+from core.logs import configure_logging
 
 
 def basic_auth(settings: Settings) -> str:
@@ -38,6 +39,9 @@ def flower_argv(settings: Settings) -> list[str]:
         f"--port={settings.flower_port}",
         "--max-tasks=10000",
         "--purge-offline-workers=600",
+        # dermq's JSON lines (core.logs), set up before Flower starts: without this, tornado adds its
+        # own handler and format to the root logger, and sets its level
+        "--logging=none",
     ]
     if settings.flower_state_file is not None:
         argv += ["--persistent=True", f"--db={settings.flower_state_file}", "--state-save-interval=60000"]
@@ -48,6 +52,7 @@ def main() -> None:
     from celery.bin.celery import main as celery_main
 
     settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json, component="flower")
     os.environ["FLOWER_BASIC_AUTH"] = basic_auth(settings)
     sys.argv = flower_argv(settings)
     celery_main()

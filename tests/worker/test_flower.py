@@ -106,3 +106,27 @@ def test_the_worker_configuration_flower_shows_holds_no_password(settings) -> No
     shown = json.dumps(dump_conf(SimpleNamespace(app=app), with_defaults=True), default=str)
     assert "task_acks_late" in shown  # the configuration is there
     assert secret not in shown
+
+
+def test_flowers_log_lines_are_json_like_every_other_process(stack_env, tmp_path: Path, redis_client) -> None:  # type: ignore[no-untyped-def]
+    # docs/OPERATIONS.md: "Logs: JSON lines on stderr"; Flower's came in tornado's own format, over
+    # several lines each ("[I 261206 20:25:21 command:177] Visit me at ..."), past dermq's formatter
+    # and the fields it keeps (an exception's type, never its text)
+    import json
+
+    port = support.free_port()
+    env = {**stack_env, "DERMQ_FLOWER_PASSWORD": secrets.token_urlsafe(18), "DERMQ_FLOWER_PORT": str(port)}
+    env["DERMQ_LOG_JSON"] = "true"
+    flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        support.wait_for(lambda: flower_answers(base) or not flower.alive(), timeout=60, what="Flower to listen")
+        assert flower.alive(), flower.output()
+        support.wait_for(lambda: "Registered tasks" in flower.output(), timeout=10, what="Flower's banner")
+    finally:
+        flower.stop()
+    lines = [line for line in flower.output().splitlines() if line.strip()]
+    assert lines
+    entries = [json.loads(line) for line in lines]  # each line one JSON object
+    assert {entry["component"] for entry in entries} == {"flower"}
+    assert any("Visit me at" in entry["msg"] for entry in entries)
