@@ -11,7 +11,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Annotated, Any
 
@@ -24,6 +24,7 @@ from api import metrics
 from api.case_views import case_out
 from api.db import RequestDb
 from api.deps import NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit
+from api.intake_limits import BodyAllowance
 from api.params import only
 from api.problems import BUSY_PGCODES
 from api.role_checks import clinic_first, role_first
@@ -123,9 +124,13 @@ async def submit_case(
     # before the rate is charged: a refusal costs none
     refuse_declared(request, app.settings.max_upload_bytes)
     app.uploads.refuse_if_full(caller.principal.clinic_id, declared_length(request))
-    await db.run(lambda _: limit(caller, app, "submit"))
-    # the upload's bytes and pixels are _accept's locals: a waiting submission keeps none of them
-    out, created = await _accept(request, app, caller, db, idempotency_key, wait)
+    # the slot is taken before the rate is charged, with no await in between: of uploads sent at once,
+    # those turned away for the clinic's uploads in progress are charged nothing either
+    with ExitStack() as slot:
+        body = slot.enter_context(app.uploads.hold(caller.principal.clinic_id))
+        await db.run(lambda _: limit(caller, app, "submit"))
+        # the upload's bytes and pixels are _accept's locals: a waiting submission keeps none of them
+        out, created = await _accept(request, app, caller, db, idempotency_key, wait, (slot, body))
     if wait and not CaseStatus(out.status).terminal:  # a replay of an unfinished case waits too
         out = await _wait_and_read(request, db, app, caller, out, wait, created)
     if created and CaseStatus(out.status).terminal:
@@ -202,13 +207,21 @@ def _busy(exc: Exception) -> bool:
 
 
 async def _accept(
-    request: Request, app: AppState, caller: Caller, db: RequestDb, idempotency_key: str | None, wait: float
+    request: Request,
+    app: AppState,
+    caller: Caller,
+    db: RequestDb,
+    idempotency_key: str | None,
+    wait: float,
+    held: tuple[ExitStack, BodyAllowance],
 ) -> tuple[CaseOut, bool]:
     """Read, validate and store the upload and queue its case (or find the case an idempotency key
     names): the case as it is, and whether this request created it. Without ``wait`` the request's
-    transaction has committed; with it, the commit is left to the wait."""
+    transaction has committed; with it, the commit is left to the wait. ``held``: the clinic's upload
+    slot the request holds (given back here once the upload is decoded) and its body's allowance."""
     settings = app.settings
-    with app.uploads.hold(caller.principal.clinic_id) as body:
+    slot, body = held
+    with slot:
         try:
             form = await read_case_form(
                 request,
