@@ -15,9 +15,10 @@ far more than their pixels (measured by a review with Pillow 13 on this project'
   (:func:`tiff_size`) before, so that a forged height does not allow millions of strips. The EXIF, GPS
   and interoperability directories it points to are read whole at the end of every decode
   (``TiffImageFile.load_end``), every value of every tag made a Python object: 3,000,000 rationals in
-  one (a 24 MB file of 64x64 pixels) took 9.8 s and 850 MiB that no decode budget counted. Each may
-  hold at most :data:`MAX_TIFF_ENTRIES` entries, and all of them together :data:`MAX_TIFF_VALUES`
-  numeric values (a camera's hold tens).
+  one (a 24 MB file of 64x64 pixels) took 9.8 s and 850 MiB that no decode budget counted. Together
+  they may hold at most :data:`MAX_TIFF_VALUES` numeric values that lie in the file (a camera's hold
+  tens; values past the file's end Pillow skips, and a directory of 65,535 entries of junk, where a
+  damaged file's pointer lands, took it 0.2 s: metadata is no reason to refuse an image).
 - **PNG**: 8,000 iCCP chunks (each decompressed) took 5.1 s; 2.18 million empty private chunks 4.7 s
   and 252 MiB. The chunk headers are walked: at most one iCCP, :data:`MAX_PNG_ANCILLARY` ancillary
   chunks and :data:`MAX_PNG_CHUNKS` in all (a 25 MiB PNG in 8 KiB IDATs has about 3,200).
@@ -56,6 +57,8 @@ _OFFSETS = {273: 279, 324: 325}  # StripOffsets: StripByteCounts, TileOffsets: T
 _EXIF, _GPS, _INTEROP = 34665, 34853, 40965
 #: the one-value types Pillow reads as a whole number, which it takes for a directory's place
 _POINTERS = {3: "H", 4: "I", 8: "h", 9: "i", 13: "I"}
+#: bytes a value of each numeric type
+_UNIT = {3: 2, 4: 4, 5: 8, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 
 
 def examined(data: bytes, fmt: str) -> tuple[tuple[str, str] | None, int]:
@@ -161,37 +164,34 @@ def _tiff(data: bytes) -> tuple[str, str] | None:
             if counts.get(tag, 0) > parts:  # (fewer cost nothing: Pillow makes a tile an offset)
                 return "corrupt", f"the TIFF file's tag {tag} holds {counts[tag]} values for {parts} strips or tiles"
     if _sub_directories_too_full(data):
-        return "corrupt", "the TIFF file's EXIF or GPS directories hold more entries, or values, than a TIFF's do"
+        return "corrupt", "the TIFF file's EXIF or GPS directories hold more values than a TIFF's do"
     return None
 
 
 def _sub_directories_too_full(data: bytes) -> bool:
     """Whether the EXIF, GPS and interoperability directories (those Pillow reads whole) hold more than
-    :data:`MAX_TIFF_ENTRIES` entries each, or :data:`MAX_TIFF_VALUES` numeric values together."""
+    :data:`MAX_TIFF_VALUES` numeric values in the file together."""
     order = "<" if data[:2] == b"II" else ">"
     first = _directory(data, order, struct.unpack_from(order + "I", data, 4)[0])
     if first is None:
         return False
-    pointers = first[2]
+    pointers = first[1]
     places = [pointers[tag] for tag in (_EXIF, _GPS) if tag in pointers]
     exif = _directory(data, order, pointers[_EXIF]) if _EXIF in pointers else None
-    if exif is not None and _INTEROP in exif[2]:
-        places.append(exif[2][_INTEROP])
+    if exif is not None and _INTEROP in exif[1]:
+        places.append(exif[1][_INTEROP])
     values = 0
     for place in places:
         directory = _directory(data, order, place)
-        if directory is None:
-            continue  # Pillow cannot read it either
-        entries, numeric, _ = directory
-        values += numeric
-        if entries > MAX_TIFF_ENTRIES or values > MAX_TIFF_VALUES:
+        values += 0 if directory is None else directory[0]  # (None: Pillow cannot read it either)
+        if values > MAX_TIFF_VALUES:
             return True
     return False
 
 
-def _directory(data: bytes, order: str, place: int) -> tuple[int, int, dict[int, int]] | None:
-    """The directory at ``place``: its entries, the numeric values of its first :data:`MAX_TIFF_ENTRIES`
-    entries together, and their one-value whole-number tags; None if its place cannot be read."""
+def _directory(data: bytes, order: str, place: int) -> tuple[int, dict[int, int]] | None:
+    """The directory at ``place``: how many numeric values its tags hold in the file, and its one-value
+    whole-number tags; None if its place cannot be read."""
     if place < 0:
         return None  # (Pillow cannot seek there)
     try:
@@ -199,15 +199,16 @@ def _directory(data: bytes, order: str, place: int) -> tuple[int, int, dict[int,
     except struct.error:
         return None
     numeric, pointers = 0, {}
-    for i in range(min(entries, MAX_TIFF_ENTRIES)):
+    for i in range(entries):
         try:
-            tag, kind, values = struct.unpack_from(order + "HHI", data, place + 2 + 12 * i)
+            tag, kind, values, value = struct.unpack_from(order + "HHII", data, place + 2 + 12 * i)
             if values == 1 and kind in _POINTERS:
                 pointers[tag] = struct.unpack_from(order + _POINTERS[kind], data, place + 10 + 12 * i)[0]
         except struct.error:
             break  # Pillow keeps the entries it could read
-        numeric += values if kind in _NUMERIC else 0
-    return entries, numeric, pointers
+        size = values * _UNIT.get(kind, 0)
+        numeric += values if size > 0 and (size <= 4 or value + size <= len(data)) else 0
+    return numeric, pointers
 
 
 def _png(data: bytes) -> tuple[str, str] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -159,6 +160,12 @@ def test_a_tiff_whose_exif_or_gps_directory_holds_a_flood_of_values_is_refused()
         assert code_of(flood) == "corrupt", (pointer, kind, interop)
         assert time.process_time() - started < 0.05
         assert decode(tiff_with_sub_directory(pointer, 16, kind, interop=interop)).image.size == (32, 32)
+    # a damaged pointer lands on junk: values past the file's end, which Pillow skips (metadata only)
+    size = len(tiff_with_strips(1, more=((34665, 4, 1, 0),)))
+    junk = struct.pack("<H", 600) + b"".join(struct.pack("<HHII", i, 5, 10**9, 8) for i in range(600))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's, a tag at a time
+        assert decode(tiff_with_strips(1, more=((34665, 4, 1, size),)) + junk + bytes(4)).image.size == (32, 32)
     exif = Image.Exif()
     exif.get_ifd(0x8769).update({0x9003: "2024:05:01 10:00:00", 0x829A: 0.01, 0x920A: 50.0})
     exif.get_ifd(0x8825).update({1: "N", 2: (48.0, 8.0, 30.0)})
