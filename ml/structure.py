@@ -16,7 +16,7 @@ far more than their pixels (measured by a review with Pillow 13 on this project'
   and interoperability directories it points to are read whole at the end of every decode
   (``TiffImageFile.load_end``), every value of every tag made a Python object: 3,000,000 rationals in
   one (a 24 MB file of 64x64 pixels) took 9.8 s and 850 MiB that no decode budget counted. Together
-  they may hold at most :data:`MAX_TIFF_VALUES` numeric values that lie in the file (a camera's hold
+  they may hold at most :data:`MAX_EXIF_VALUES` numeric values that lie in the file (a camera's hold
   tens; values past the file's end Pillow skips, and a directory of 65,535 entries of junk, where a
   damaged file's pointer lands, took it 0.2 s: metadata is no reason to refuse an image).
 - **PNG**: 8,000 iCCP chunks (each decompressed) took 5.1 s; 2.18 million empty private chunks 4.7 s
@@ -39,6 +39,9 @@ from ml import jpeg_scans
 #: the most values a numeric TIFF tag other than the strips' or tiles' may hold (a 16-bit palette's
 #: ColorMap holds 3 x 65,536)
 MAX_TIFF_VALUES = 3 * 65536
+#: the most numeric values a TIFF's EXIF, GPS and interoperability directories may hold together
+#: (Pillow unpacks them all: 65,536 rationals took 0.17 s and 20 MiB)
+MAX_EXIF_VALUES = 65536
 #: the most entries the first TIFF directory may hold
 MAX_TIFF_ENTRIES = 512
 #: the most strips or tiles a TIFF may have (12,000 rows in strips of one, for four planes: 48,000)
@@ -170,7 +173,7 @@ def _tiff(data: bytes) -> tuple[str, str] | None:
 
 def _sub_directories_too_full(data: bytes) -> bool:
     """Whether the EXIF, GPS and interoperability directories (those Pillow reads whole) hold more than
-    :data:`MAX_TIFF_VALUES` numeric values in the file together."""
+    :data:`MAX_EXIF_VALUES` numeric values in the file together."""
     order = "<" if data[:2] == b"II" else ">"
     first = _directory(data, order, struct.unpack_from(order + "I", data, 4)[0])
     if first is None:
@@ -184,7 +187,7 @@ def _sub_directories_too_full(data: bytes) -> bool:
     for place in places:
         directory = _directory(data, order, place)
         values += 0 if directory is None else directory[0]  # (None: Pillow cannot read it either)
-        if values > MAX_TIFF_VALUES:
+        if values > MAX_EXIF_VALUES:
             return True
     return False
 
