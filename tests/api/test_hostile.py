@@ -14,6 +14,7 @@ from PIL import Image
 from tests import support
 from tests.api.test_cases import rows_for, wait_done
 from tests.ml.test_images import encode, png_chunk, png_declaring, repeated_scan
+from tests.ml.test_structure import tiff_with_sub_directory
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -66,6 +67,11 @@ HOSTILE_FILES = {
     "png zlib bomb (9000x9000 of zeros)": (lambda j: zlib_bomb_png(9000), 422, "decompression_bomb"),
     "gif bomb (65535x65535)": (lambda j: gif_declaring(65535, 65535), 415, "unsupported_format"),
     "tiff bomb (60000x60000)": (lambda j: tiff_declaring(60000, 60000), 422, "decompression_bomb"),
+    "tiff whose exif directory holds 400,000 rationals": (
+        lambda j: tiff_with_sub_directory(34665, 400_000),
+        422,
+        "corrupt",
+    ),
     "jpeg claiming 65000x65000": (lambda j: jpeg_declaring(65000, 65000, j), 422, "decompression_bomb"),
     "jpeg claiming 20000x40": (lambda j: jpeg_declaring(20000, 40, j), 422, "too_large"),
     "progressive jpeg repeating a scan 1,000 times": (
