@@ -85,6 +85,10 @@ def list_cases(
     succeeded = [c.id for c in page if c.status == CaseStatus.SUCCEEDED]
     opened = results.read_results(session, keyring, succeeded, skip_destroyed=True)
     shown = {case_id: (r.outcome, r.label, r.referral, r.gradcam_status == "ok") for case_id, r in opened.items()}
+    # a succeeded case whose findings did not open was erased since the page was read (or is sealed under a
+    # destroyed key): listed as it is now, not as a case that succeeded without a result
+    if unopened := [case_id for case_id in succeeded if case_id not in opened]:
+        session.scalars(select(Case).where(Case.id.in_(unopened)).execution_options(populate_existing=True)).all()
     audit.record(
         session,
         action="case.list",

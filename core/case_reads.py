@@ -110,10 +110,13 @@ def read_heatmap(
     def refused(reason: str) -> audit.PendingEvent:  # every answer is audited, the refusals too
         return audit.PendingEvent("heatmap.read", audit.FAILURE, "case", str(case_id), {"reason": reason})
 
-    if case.status == CaseStatus.PURGED:
-        raise Gone(
+    def erased() -> Gone:
+        return Gone(
             "this case's images were erased (retention or deletion)", code="case_purged", audit=refused("purged")
         )
+
+    if case.status == CaseStatus.PURGED:
+        raise erased()
     if case.status == CaseStatus.FAILED:  # it never will have one: "not finished" would keep a client waiting
         raise Conflict(
             f"the case failed ({case.failure_code}) and has no heat map; submit the image again",
@@ -128,6 +131,9 @@ def read_heatmap(
         )
     blob = session.scalar(select(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == BlobKind.HEATMAP.value))
     if blob is None:
+        session.refresh(case)  # erased since the case was read (its blobs with it): the case says so now
+        if case.status == CaseStatus.PURGED:
+            raise erased()
         result = session.get(Result, case_id)
         out_of_distribution = result is not None and result.outcome == Outcome.OUT_OF_DISTRIBUTION
         raise NotFound(
