@@ -285,6 +285,9 @@ def _replay(session: Session, existing: Case, again: _Resubmission, keyring: Key
     or a 409 (audited as a denied ``case.create``) when the key came with another image, client
     reference or priority: what was sent would otherwise be silently dropped; a 410 when the case was
     erased (its client reference with it: nothing left to compare what was sent with)."""
+    # The case as it is now, held FOR KEY SHARE until the answer is made (a worker's claim and store pass
+    # that lock): an erasure under way is waited for and seen, and one that comes later waits for it.
+    session.refresh(existing, with_for_update={"read": True, "key_share": True})
     if existing.status == CaseStatus.PURGED.value:
         raise Gone(
             "the case sent with this Idempotency-Key was erased (retention or deletion); "

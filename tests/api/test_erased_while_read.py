@@ -87,3 +87,24 @@ def test_a_fhir_read_as_its_case_is_erased_answers_410(client, worker, tenant, f
         report = client.get(f"/v1/cases/{case_id}/fhir", headers=tenant.headers)
     assert done
     assert report.status_code == 410 and report.json()["code"] == "case_purged", report.text
+
+
+@pytest.mark.parametrize("client_ref", [None, "MRN-0042"])
+def test_a_resubmission_as_its_case_is_erased_answers_410(  # type: ignore[no-untyped-def]
+    client, worker, tenant, fixture_images, settings, client_ref: str | None
+) -> None:
+    image = fixture_images["ISIC_0024403"].read_bytes()
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    fields = {} if client_ref is None else {"client_ref": client_ref}
+
+    def send():  # type: ignore[no-untyped-def]
+        files = {"image": ("lesion.jpg", image, "image/jpeg")}
+        return client.post("/v1/cases", headers=tenant.headers | key, files=files, data=fields)
+
+    case_id = send().json()["id"]
+    wait_done(client, tenant, case_id)
+    # the case found by its key, then erased before the answer is made
+    with erased_at(settings, case_id, "cases", after="cases.idempotency_key =") as done:
+        again = send()
+    assert done
+    assert again.status_code == 410 and again.json()["code"] == "case_purged", again.text
