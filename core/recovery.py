@@ -13,6 +13,10 @@ Run by Celery beat every ``sweep_interval_seconds`` (``worker.tasks.sweep``):
    broker's lists (the publish failed while Redis was down, Redis restarted without its data, an
    operator flushed it) is published again. Messages still waiting are left alone, so a long backlog
    is not duplicated; a duplicate that slips through is harmless (the task claims the case first).
+   A message delivered to a worker but not acknowledged counts as waiting only while it is younger
+   than that grace: a queued case's (a retry waiting out its countdown, at most a few seconds) whose
+   worker's main process was killed stays in Redis's unacknowledged hash until the visibility
+   timeout (300 s), and no worker would take it before then.
 3. A completion callback still pending long after its last attempt lost its message too: it is
    published again (see :mod:`core.callbacks`).
 
@@ -37,6 +41,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import redis
 from celery import Celery
@@ -110,10 +115,16 @@ def _case_id_of(raw: bytes | str, task: str = TASK_CLASSIFY) -> str | None:
 
 
 def broker_case_ids(
-    client: redis.Redis, queue: str | tuple[str, ...] = QUEUE_CASES, task: str = TASK_CLASSIFY
+    client: redis.Redis,
+    queue: str | tuple[str, ...] = QUEUE_CASES,
+    task: str = TASK_CLASSIFY,
+    *,
+    delivered_since: float | None = None,
 ) -> set[str]:
     """Ids of every case with a ``task`` message of ``queue`` (or of any of several) waiting or
-    delivered-but-unacknowledged (a retry waiting out its countdown in a worker is unacknowledged)."""
+    delivered-but-unacknowledged (a retry waiting out its countdown in a worker is unacknowledged);
+    with ``delivered_since`` (a Unix time), only the unacknowledged ones delivered since then: an
+    older one may belong to a worker that was killed, and comes back only after the visibility timeout."""
     found: set[str] = set()
     for name in [name for one in ((queue,) if isinstance(queue, str) else queue) for name in queue_lists(one)]:
         start = 0
@@ -123,7 +134,12 @@ def broker_case_ids(
                 break
             found.update(cid for cid in (_case_id_of(raw, task) for raw in chunk) if cid)
             start += len(chunk)
-    for raw in client.hvals("unacked"):
+    delivered: dict[Any, float] = {}
+    if delivered_since is not None:  # kombu stamps each delivery's time in this index
+        delivered = dict(cast("list[tuple[Any, float]]", client.zrange("unacked_index", 0, -1, withscores=True)))
+    for tag, raw in cast("dict[Any, Any]", client.hgetall("unacked")).items():
+        if delivered_since is not None and delivered.get(tag, 0.0) < delivered_since:
+            continue
         cid = _case_id_of(raw, task)
         if cid:
             found.add(cid)
@@ -191,7 +207,7 @@ def republish_lost(
     waiting: set[str] = set()
     if broker is not None:
         try:
-            waiting = broker_case_ids(broker)
+            waiting = broker_case_ids(broker, delivered_since=None if cutoff is None else cutoff.timestamp())
             report.broker_checked = True
         except redis.RedisError as exc:
             log.warning("broker unreachable; nothing republished this round", extra={"error": type(exc).__name__})

@@ -53,6 +53,9 @@ class Faults:
     exit_with_size: list[int] | None = None
     #: raise torch.OutOfMemoryError, as a GPU out of memory would
     oom: bool = False
+    #: raise MemoryError, as a process out of memory would (a transient error: the case is put back
+    #: in the queue and its task retried after a countdown)
+    memory_error: bool = False
     #: act only on the first N inferences of the worker (all children together); None: on every one
     times: int | None = None
 
@@ -120,6 +123,8 @@ class FaultyPredictor:
             import torch
 
             raise torch.OutOfMemoryError("CUDA out of memory (injected by tests.faults.worker_app)")
+        if faults.memory_error:
+            raise MemoryError("injected by tests.faults.worker_app")
 
 
 def _faulty_loader(faults: Faults, folder: Path) -> Callable[[Settings, str], Predictor]:

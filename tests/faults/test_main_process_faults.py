@@ -1,0 +1,48 @@
+"""Faults that take more than one child with them, with real processes: the worker's main process
+killed (kill -9, an OOM kill of the whole container) while it holds a retry's message.
+
+Each ends as the others in tests/faults do: every case that got 202 reaches a terminal state once,
+with one result, within the sweeper's bounds (its interval and grace, the hard time limit), not the
+broker's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import redis
+
+from core import recovery
+from tests.faults.conftest import FaultStack
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_case_waiting_out_a_retry_in_a_killed_worker_is_sent_again_by_the_sweeper(stack: FaultStack) -> None:
+    """A transient error (here MemoryError) puts the case back in the queue and its task retries after a
+    countdown, the retry's message held unacknowledged by the worker's main process. Killed then, the
+    main process takes the message with it until Redis's visibility timeout (60 s here, 300 s by
+    default): the sweeper took it for a waiting message and left the case queued all that while."""
+    # three transient errors, the third followed by a countdown of 2-6 s; attempts to spare for them
+    worker = stack.start_worker("retry-kill9", {"memory_error": True, "times": 3}, DERMQ_MAX_ATTEMPTS="5")
+    case_id = stack.accepted()
+    stack.wait_injected(worker, times=3)
+    stack.wait_status(case_id, "queued", timeout=5)  # put back; its retry waits in the worker
+    broker = redis.Redis.from_url(stack.broker.url)
+    try:
+        assert str(case_id) in recovery.broker_case_ids(broker)  # delivered, unacknowledged
+    finally:
+        broker.close()
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    assert worker.proc.wait(10) == -signal.SIGKILL
+    republished = stack.sweeper.totals["republished"]
+
+    stack.start_worker("after-retry-kill9", DERMQ_MAX_ATTEMPTS="5")
+    bound = stack.settings.requeue_grace_seconds + 10 * stack.settings.sweep_interval_seconds + 10
+    assert bound < stack.settings.broker_visibility_timeout
+    case = stack.wait_terminal(case_id, timeout=bound)
+    assert (case.status, case.attempts) == ("succeeded", 4), (case.status, case.failure_code, case.failure_message)
+    assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
+    assert stack.sweeper.totals["republished"] > republished
