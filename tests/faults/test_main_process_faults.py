@@ -1,5 +1,6 @@
 """Faults that take more than one child with them, with real processes: the worker's main process
-killed (kill -9, an OOM kill of the whole container) while it holds a retry's message.
+killed (kill -9, an OOM kill of the whole container) while it holds a retry's message, and a child
+killed while it holds a batch of several cases.
 
 Each ends as the others in tests/faults do: every case that got 202 reaches a terminal state once,
 with one result, within the sweeper's bounds (its interval and grace, the hard time limit), not the
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import redis
 
 from core import recovery
-from tests.faults.conftest import FaultStack
+from tests import support
+from tests.faults.conftest import FaultStack, worker_children
 
 pytestmark = pytest.mark.slow
 
@@ -46,3 +49,24 @@ def test_a_case_waiting_out_a_retry_in_a_killed_worker_is_sent_again_by_the_swee
     assert (case.status, case.attempts) == ("succeeded", 4), (case.status, case.failure_code, case.failure_message)
     assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
     assert stack.sweeper.totals["republished"] > republished
+
+
+def test_kill_9_of_a_child_holding_a_batch_brings_every_case_back_once(stack: FaultStack) -> None:
+    """Every case of the batch is running in the killed child: the lead's message comes back at once
+    and is skipped, the companions' were dropped or skipped; the sweeper requeues all of them after the
+    hard limit and grace, each counted one attempt for the batch, and each then runs alone."""
+    batch = [stack.accepted(image) for image in stack.images[:4]]  # queued before a worker is up: one batch
+    worker = stack.start_worker("batch-kill9", {"sleep": 5, "times": 1})
+    stack.wait_injected(worker)
+    assert {stack.case(case_id).status for case_id in batch} == {"running"}
+    (child,) = worker_children(worker.proc.pid)
+    killed_at = time.monotonic()
+    os.kill(child, signal.SIGKILL)
+
+    bound = stack.settings.task_time_limit + stack.settings.running_grace_seconds + 15
+    for case_id in batch:
+        case = stack.wait_terminal(case_id, timeout=bound - (time.monotonic() - killed_at))
+        assert (case.status, case.attempts) == ("succeeded", 2), (case.status, case.failure_code)
+        assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
+    assert stack.injected(worker) == 1 and worker.alive() and worker.ping()
+    support.wait_for(lambda: worker_children(worker.proc.pid) not in ([], [child]), timeout=10, what="a new child")
