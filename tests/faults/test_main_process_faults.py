@@ -1,6 +1,6 @@
 """Faults that take more than one child with them, with real processes: the worker's main process
-killed (kill -9, an OOM kill of the whole container) while it holds a retry's message, and a child
-killed while it holds a batch of several cases.
+killed (kill -9, an OOM kill of the whole container) while a case runs or while it holds a retry's
+message, and a child killed while it holds a batch of several cases.
 
 Each ends as the others in tests/faults do: every case that got 202 reaches a terminal state once,
 with one result, within the sweeper's bounds (its interval and grace, the hard time limit), not the
@@ -21,6 +21,31 @@ from tests import support
 from tests.faults.conftest import FaultStack, worker_children
 
 pytestmark = pytest.mark.slow
+
+
+def test_kill_9_of_the_main_process_mid_case_loses_neither_the_running_nor_the_waiting_case(
+    stack: FaultStack,
+) -> None:
+    """The pool's child does not outlive its main process for long, and the running case's message stays
+    unacknowledged in Redis: the sweeper requeues the case after the hard limit and grace. The case
+    queued behind it was never delivered (prefetch 1): a new worker takes it from the queue."""
+    worker = stack.start_worker("main-kill9", {"sleep": 4, "times": 1})
+    running = stack.accepted(stack.images[0])
+    stack.wait_injected(worker)
+    waiting = stack.accepted(stack.images[1])
+    children = worker_children(worker.proc.pid)
+    killed_at = time.monotonic()
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    assert worker.proc.wait(10) == -signal.SIGKILL
+    support.wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), timeout=15, what="orphans")
+    assert stack.case(running).status == "running" and stack.case(waiting).status == "queued"
+
+    stack.start_worker("after-main-kill9")
+    bound = stack.settings.task_time_limit + stack.settings.running_grace_seconds + 15
+    for case_id, attempts in ((running, 2), (waiting, 1)):
+        case = stack.wait_terminal(case_id, timeout=max(1.0, bound - (time.monotonic() - killed_at)))
+        assert (case.status, case.attempts) == ("succeeded", attempts), (case.status, case.failure_code)
+        assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
 
 
 def test_a_case_waiting_out_a_retry_in_a_killed_worker_is_sent_again_by_the_sweeper(stack: FaultStack) -> None:
