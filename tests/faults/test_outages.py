@@ -237,3 +237,26 @@ def test_a_broker_restart_during_a_case_lets_the_case_finish_on_its_first_attemp
     assert (case.status, case.attempts) == ("succeeded", 1), (case.status, case.failure_code, case.failure_message)
     assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
     assert worker.alive()
+
+
+def test_a_batch_whose_store_meets_a_postgres_outage_ends_every_case_once(stack: FaultStack) -> None:
+    """A batch of four is in inference when Postgres stops, and its store meets the outage: the lead's
+    task retries once the database answers; the other cases, which the batch could not put back,
+    stay running until the sweeper requeues them (the hard limit and grace). Each ends once."""
+    batch = [stack.accepted(image) for image in stack.images[:4]]  # queued before a worker is up: one batch
+    worker = stack.start_worker("pg-batch", {"sleep": 4, "times": 1})
+    stack.wait_injected(worker)
+    assert {stack.case(case_id).status for case_id in batch} == {"running"}
+    stack.pg.stop()
+    try:
+        time.sleep(5)  # the inference ends meanwhile: the store finds no database
+    finally:
+        stack.pg.start()
+        dispose_engines()  # this process's pooled connections died with the server
+    restarted = time.monotonic()
+    bound = stack.settings.task_time_limit + stack.settings.running_grace_seconds + 15
+    for case_id in batch:
+        case = stack.wait_terminal(case_id, timeout=max(1.0, bound - (time.monotonic() - restarted)))
+        assert (case.status, case.attempts) == ("succeeded", 2), (case.status, case.failure_code)
+        assert stack.counts(case_id) == {"results": 1, "images": 1, "heatmaps": 1}
+    assert worker.alive() and worker.ping()
