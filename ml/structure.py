@@ -52,16 +52,17 @@ MALFORMED = -1
 #: ancillary chunks: text (a converter may write one a DICOM element, a few hundred) and the rest
 MAX_PNG_ANCILLARY = 4096
 
-#: TIFF's numeric field types (SHORT, LONG, RATIONAL, their signed kinds, FLOAT, DOUBLE, IFD, LONG8...)
-_NUMERIC = frozenset((3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18))
+#: TIFF's numeric field types (SHORT, LONG, RATIONAL, their signed kinds, SBYTE, FLOAT, DOUBLE, IFD,
+#: LONG8...): those Pillow unpacks a value at a time (BYTE, ASCII and UNDEFINED it keeps as bytes)
+_NUMERIC = frozenset((3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 16, 17, 18))
 _OFFSETS = {273: 279, 324: 325}  # StripOffsets: StripByteCounts, TileOffsets: TileByteCounts
 #: the directories Pillow reads whole after decoding a TIFF: EXIF and GPS, pointed to from the first
 #: directory, and interoperability, pointed to from the EXIF one (PIL.TiffTags.TAGS_V2_GROUPS)
 _EXIF, _GPS, _INTEROP = 34665, 34853, 40965
 #: the one-value types Pillow reads as a whole number, which it takes for a directory's place
 _POINTERS = {3: "H", 4: "I", 8: "h", 9: "i", 13: "I"}
-#: bytes a value of each numeric type
-_UNIT = {3: 2, 4: 4, 5: 8, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+#: bytes a value of each numeric type (:data:`_NUMERIC`)
+_UNIT = {3: 2, 4: 4, 5: 8, 6: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 
 
 def examined(data: bytes, fmt: str) -> tuple[tuple[str, str] | None, int]:
@@ -173,19 +174,27 @@ def _tiff(data: bytes) -> tuple[str, str] | None:
 
 def _sub_directories_too_full(data: bytes) -> bool:
     """Whether the EXIF, GPS and interoperability directories (those Pillow reads whole) hold more than
-    :data:`MAX_EXIF_VALUES` numeric values in the file together."""
+    :data:`MAX_EXIF_VALUES` numeric values in the file together. Each place is read once, however many
+    pointers name it (Pillow reads it for each: its values count for each)."""
     order = "<" if data[:2] == b"II" else ">"
-    first = _directory(data, order, struct.unpack_from(order + "I", data, 4)[0])
+    read: dict[int, tuple[int, dict[int, int]] | None] = {}
+
+    def at(place: int) -> tuple[int, dict[int, int]] | None:
+        if place not in read:
+            read[place] = _directory(data, order, place)
+        return read[place]
+
+    first = at(struct.unpack_from(order + "I", data, 4)[0])
     if first is None:
         return False
     pointers = first[1]
     places = [pointers[tag] for tag in (_EXIF, _GPS) if tag in pointers]
-    exif = _directory(data, order, pointers[_EXIF]) if _EXIF in pointers else None
+    exif = at(pointers[_EXIF]) if _EXIF in pointers else None
     if exif is not None and _INTEROP in exif[1]:
         places.append(exif[1][_INTEROP])
     values = 0
     for place in places:
-        directory = _directory(data, order, place)
+        directory = at(place)
         values += 0 if directory is None else directory[0]  # (None: Pillow cannot read it either)
         if values > MAX_EXIF_VALUES:
             return True
@@ -201,16 +210,20 @@ def _directory(data: bytes, order: str, place: int) -> tuple[int, dict[int, int]
         (entries,) = struct.unpack_from(order + "H", data, place)
     except struct.error:
         return None
+    start = place + 2
+    whole = max(0, min(entries, (len(data) - start) // 12))  # Pillow keeps the entries it could read
     numeric, pointers = 0, {}
-    for i in range(entries):
-        try:
-            tag, kind, values, value = struct.unpack_from(order + "HHII", data, place + 2 + 12 * i)
-            if values == 1 and kind in _POINTERS:
-                pointers[tag] = struct.unpack_from(order + _POINTERS[kind], data, place + 10 + 12 * i)[0]
-        except struct.error:
-            break  # Pillow keeps the entries it could read
-        size = values * _UNIT.get(kind, 0)
-        numeric += values if size > 0 and (size <= 4 or value + size <= len(data)) else 0
+    for i, (tag, kind, values, value) in enumerate(
+        struct.iter_unpack(order + "HHII", data[start : start + 12 * whole])
+    ):
+        unit = _UNIT.get(kind)
+        if unit is None:
+            continue
+        if values == 1 and kind in _POINTERS:
+            pointers[tag] = struct.unpack_from(order + _POINTERS[kind], data, start + 8 + 12 * i)[0]
+        size = values * unit
+        if size <= 4 or value + size <= len(data):
+            numeric += values
     return numeric, pointers
 
 

@@ -145,7 +145,7 @@ def tiff_with_sub_directory(pointer: int, values: int, kind: int = 5, *, interop
     extra = ((40965, 4, 1, 0),) if interop else ()
     size = len(tiff_with_strips(1, more=((pointer, 4, 1, 0), *extra)))
     plain = tiff_with_strips(1, more=((pointer, 4, 1, size), *extra))
-    unit = {3: 2, 4: 4, 5: 8}[kind]
+    unit = {3: 2, 4: 4, 5: 8, 6: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8}[kind]
     hops = [(40965, 4, 1, size + 18)] if interop else []  # the EXIF directory first, 18 bytes long
     directories = b"".join(struct.pack("<H", 1) + struct.pack("<HHII", *hop) + bytes(4) for hop in hops)
     last = size + len(directories)
@@ -154,7 +154,10 @@ def tiff_with_sub_directory(pointer: int, values: int, kind: int = 5, *, interop
 
 
 def test_a_tiff_whose_exif_or_gps_directory_holds_a_flood_of_values_is_refused() -> None:
-    for pointer, kind, interop in ((34665, 5, False), (34853, 3, False), (34665, 5, True)):
+    # every type Pillow unpacks a value at a time (SBYTE, 6, was not counted: 20,000,000 of them took
+    # 1.4 s and 359 MiB), in the EXIF directory; SHORTs in the GPS one; rationals behind interoperability
+    every_type = tuple((34665, kind, False) for kind in (3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 16))
+    for pointer, kind, interop in (*every_type, (34853, 3, False), (34665, 5, True)):
         flood = tiff_with_sub_directory(pointer, 400_000, kind, interop=interop)
         started = time.process_time()
         assert code_of(flood) == "corrupt", (pointer, kind, interop)
