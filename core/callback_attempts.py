@@ -189,19 +189,20 @@ def _leasable(case_id: uuid.UUID, after: int | None) -> tuple[ColumnElement[bool
 def last_look(session: Session, *, lease: Lease) -> Delivery | None:
     """The last look before the leased attempt's notice goes out, in a transaction that stays open
     until the request has been handed to the socket, and no longer (not while the receiver answers:
-    :func:`worker.callbacks.post`). The case, its clinic and the clinic's callback are locked ``FOR
-    SHARE``: an erasure, a deactivation or the callback's removal committed since the lease is seen
-    here, and one that comes now waits until the notice is out (each updates or deletes one of those
-    rows: :func:`core.retention.purge_case`, :func:`core.clinics.set_active`,
-    :func:`core.callbacks.unregister`). None if the notice may go out. Else nothing is sent: the
-    delivery is cancelled as it is at the lease (the same reasons, audited), the attempt given back
-    (none was made); ``skipped`` where the row is no longer this attempt's (its lease ran out and
-    another took it over: that one's look cancels it)."""
+    :func:`worker.callbacks.post`). The case is locked ``FOR SHARE``, its clinic and the clinic's
+    callback ``FOR KEY SHARE``: an erasure, a deactivation or the callback's removal committed since the
+    lease is seen here, and one that comes now waits until the notice is out (each locks one of those
+    rows ``FOR UPDATE`` or deletes it: :func:`core.retention.purge_case`'s callers,
+    :func:`core.clinics.set_active`, :func:`core.callbacks.unregister`); a key rotation's re-wrap of the
+    callback's secret (``FOR NO KEY UPDATE SKIP LOCKED``) does not skip it. None if the notice may go
+    out. Else nothing is sent: the delivery is cancelled as it is at the lease (the same reasons,
+    audited), the attempt given back (none was made); ``skipped`` where the row is no longer this
+    attempt's (its lease ran out and another took it over: that one's look cancels it)."""
     status, active, url = session.execute(
         select(
             _held(Case.status, Case.id == lease.case_id),
-            _held(Clinic.active, Clinic.id == lease.clinic_id),
-            _held(ClinicCallback.url, ClinicCallback.clinic_id == lease.clinic_id),
+            _held(Clinic.active, Clinic.id == lease.clinic_id, key_share=True),
+            _held(ClinicCallback.url, ClinicCallback.clinic_id == lease.clinic_id, key_share=True),
         )
     ).one()
     if url is None:
@@ -226,9 +227,10 @@ def last_look(session: Session, *, lease: Lease) -> Delivery | None:
     return Delivery("cancelled", lease.attempt - 1)
 
 
-def _held(column: Any, where: ColumnElement[bool]) -> Any:
-    """``column`` of the row ``where`` selects (NULL if there is none), locked ``FOR SHARE``."""
-    return select(column).where(where).with_for_update(read=True).scalar_subquery()
+def _held(column: Any, where: ColumnElement[bool], *, key_share: bool = False) -> Any:
+    """``column`` of the row ``where`` selects (NULL if there is none), locked ``FOR SHARE`` (``FOR KEY
+    SHARE`` with ``key_share``)."""
+    return select(column).where(where).with_for_update(read=True, key_share=key_share).scalar_subquery()
 
 
 def _still_leased(lease: Lease) -> tuple[ColumnElement[bool], ...]:

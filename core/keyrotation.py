@@ -192,7 +192,9 @@ def _secret_batch(session: Session, keyring: Keyring, *, after: uuid.UUID | None
         .where(ClinicCallback.kek_id != keyring.active_id, ClinicCallback.kek_id.in_(list(keyring.keks)))
         .order_by(ClinicCallback.clinic_id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        # (FOR NO KEY UPDATE: a callback's last look before its notice holds the row FOR KEY SHARE, and
+        # FOR UPDATE would skip it, leaving its secret under the old key for this run)
+        .with_for_update(skip_locked=True, key_share=True)
     )
     rows = session.scalars(query if after is None else query.where(ClinicCallback.clinic_id > after)).all()
     if not rows:

@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from core import audit, callback_attempts, callbacks, clinics, retention
+from core import audit, callback_attempts, callbacks, clinics, keyrotation, retention
 from core.config import Settings
-from core.db import session_scope
+from core.db import session_factory, session_scope
 from core.keys import Principal
 from core.models import AuditEvent, CallbackDelivery, Case, Clinic, ClinicCallback, Role
 from core.publisher import make_publisher
@@ -166,3 +166,36 @@ def _waiting_for_a_lock(settings: Settings, pid: int) -> bool:
         return bool(
             session.scalar(text("SELECT count(*) FROM pg_locks WHERE pid = :pid AND NOT granted"), {"pid": pid})
         )
+
+
+def test_a_key_rotation_while_a_notice_is_sent_rewraps_its_secret(
+    settings: Settings, private_broker, keyring, tenant: Tenant, store_case, receiver: Receiver, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # The last look holds the clinic's callback while the request is written; a rotation's re-wrap of the
+    # secrets (SKIP LOCKED) passed the row by for the whole run, and `dermq keys rewrap` ended with one
+    # row left under the old key. The re-wrap is rolled back: the shared database keeps its secrets.
+    case_id = pending_delivery(settings, private_broker, keyring, tenant, store_case, url=receiver.url)
+    rotated = keyring.with_new_active_key()
+    rewrapped: list[str] = []
+    send = delivery._PinnedHTTPConnection.request
+
+    def request_while_rotating(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with session_factory(settings)() as session:
+            try:
+                session.execute(text("SET LOCAL lock_timeout = '5s'"))
+                after = None  # as keyrotation.rewrap_all walks them, a batch at a time
+                while (batch := keyrotation._secret_batch(session, rotated, after=after, limit=1000)) is not None:
+                    session.flush()
+                    after = batch.last
+                callback = session.get(ClinicCallback, tenant.clinic_id)
+                assert callback is not None
+                rewrapped.append(callback.kek_id)
+            finally:
+                session.rollback()
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(delivery._PinnedHTTPConnection, "request", request_while_rotating)
+    publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
+    done = delivery.deliver(settings, keyring, case_id, publisher=publisher)
+    assert (done.outcome, len(receiver.calls)) == ("delivered", 1)
+    assert rewrapped == [rotated.active_id]  # re-wrapped while the notice went out, not passed by
