@@ -287,7 +287,7 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
     __table_args__ = (
         Index("ix_audit_events_occurred_at", "occurred_at"),
-        Index("ix_audit_events_entity", "entity_type", "entity_id"),
+        Index("ix_audit_events_entity_id", "entity_type", "entity_id", "id"),  # migration 0031
         Index("ix_audit_events_clinic", "clinic_id", "id"),
         Index("ix_audit_events_actor", "actor_key_id", "id"),
         Index("ix_audit_events_action", "action", "id"),

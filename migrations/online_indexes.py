@@ -12,7 +12,7 @@ indexes, or a database made from scratch would differ from one that was upgraded
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 from alembic import context, op
@@ -21,8 +21,9 @@ from alembic import context, op
 _INVALID = sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)")
 
 
-def build(indexes: Mapping[str, str]) -> None:
-    """``CREATE INDEX CONCURRENTLY IF NOT EXISTS name definition`` for each of ``indexes``."""
+def build(indexes: Mapping[str, str], *, then_drop: Sequence[str] = ()) -> None:
+    """``CREATE INDEX CONCURRENTLY IF NOT EXISTS name definition`` for each of ``indexes``; then ``DROP
+    INDEX CONCURRENTLY IF EXISTS`` each of ``then_drop`` (an index a new one replaces)."""
     with op.get_context().autocommit_block():
         online = not context.is_offline_mode()
         before = op.get_bind().execute(sa.text("SHOW lock_timeout")).scalar() if online else None
@@ -31,5 +32,7 @@ def build(indexes: Mapping[str, str]) -> None:
             if online and op.get_bind().execute(_INVALID, {"name": name}).scalar():
                 op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
             op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} {definition}")
+        for name in then_drop:
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
         if before is not None:  # the migrations after this one wait no longer than the upgrade said
             op.get_bind().execute(sa.text("SELECT set_config('lock_timeout', :value, false)"), {"value": before})
