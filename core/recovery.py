@@ -14,7 +14,8 @@ Run by Celery beat every ``sweep_interval_seconds`` (``worker.tasks.sweep``):
    operator flushed it) is published again. Messages still waiting are left alone, so a long backlog
    is not duplicated; a duplicate that slips through is harmless (the task claims the case first).
    A message delivered to a worker but not acknowledged counts as waiting only while it is younger
-   than that grace: a queued case's (a retry waiting out its countdown, at most a few seconds) whose
+   than that grace: a queued case's (a retry waiting out its countdown, at most 24 s: keep the grace
+   above that, or live retries are sent again before their backoff ends) whose
    worker's main process was killed stays in Redis's unacknowledged hash until the visibility
    timeout (300 s), and no worker would take it before then.
 3. A completion callback still pending long after its last attempt lost its message too: it is
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -124,7 +126,10 @@ def broker_case_ids(
     """Ids of every case with a ``task`` message of ``queue`` (or of any of several) waiting or
     delivered-but-unacknowledged (a retry waiting out its countdown in a worker is unacknowledged);
     with ``delivered_since`` (a Unix time), only the unacknowledged ones delivered since then: an
-    older one may belong to a worker that was killed, and comes back only after the visibility timeout."""
+    older one may belong to a worker that was killed, and comes back only after the visibility timeout.
+    Kombu stamps a delivery by the consuming worker's clock, compared here with the sweeper's: hosts'
+    clocks apart by more than the grace send a live retry's case again (a duplicate: harmless) or wait
+    for the visibility timeout, as before."""
     found: set[str] = set()
     for name in [name for one in ((queue,) if isinstance(queue, str) else queue) for name in queue_lists(one)]:
         start = 0
@@ -138,7 +143,8 @@ def broker_case_ids(
     if delivered_since is not None:  # kombu stamps each delivery's time in this index
         delivered = dict(cast("list[tuple[Any, float]]", client.zrange("unacked_index", 0, -1, withscores=True)))
     for tag, raw in cast("dict[Any, Any]", client.hgetall("unacked")).items():
-        if delivered_since is not None and delivered.get(tag, 0.0) < delivered_since:
+        # (a message with no stamp yet was delivered after the index was read: new, so waiting)
+        if delivered_since is not None and delivered.get(tag, math.inf) < delivered_since:
             continue
         cid = _case_id_of(raw, task)
         if cid:
