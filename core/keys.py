@@ -134,8 +134,9 @@ _REFUSALS = {
 
 def _refused(reason: str, key: ApiKey | None = None) -> Unauthorized:
     """The refusal; for a key that exists (a wrong secret, revoked, its clinic deactivated), its
-    ``auth.denied`` event names the key and is filed under its clinic too: a leaked key still in use
-    after its revocation was recorded with neither, and its clinic's auditors never saw it."""
+    ``auth.denied`` event names the key and is filed under its clinic (:func:`api.deps.record_denial`:
+    once, the caller having no clinic): a leaked key still in use after its revocation was recorded
+    with neither, and its clinic's auditors never saw it."""
     pending = None
     if key is not None:
         detail = {"reason": reason, "key_id": str(key.id), "key_prefix": f"dq_{key.prefix}"}

@@ -9,33 +9,16 @@ of this module's own (the tampering cannot be undone: the tables are append-only
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
-import pytest
 from sqlalchemy import create_engine, text
 
 from core import audit
 from core.db import session_scope
 from tests import support
+from tests.api.test_audit_log_inconsistent import auditor_client  # noqa: F401  (the fixture: an app on this module's database)
 from tests.conftest import Tenant, new_tenant
 
 
-@pytest.fixture(scope="module")
-def auditor_client(own_database, redis_client, tmp_path_factory) -> Iterator[tuple[Any, Any]]:  # type: ignore[no-untyped-def]
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-
-    # a witness file of its own: this database's log is not the shared one, whose witness it would break
-    settings = own_database.model_copy(
-        update={"audit_witness_file": tmp_path_factory.mktemp("witness") / "witness.log"}
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        yield client, settings
-
-
-def test_a_proof_over_a_log_cut_short_says_the_log_is_inconsistent(auditor_client, keyring) -> None:  # type: ignore[no-untyped-def]
+def test_a_proof_over_a_log_cut_short_says_the_log_is_inconsistent(auditor_client, keyring) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     client, settings = auditor_client
     auditor: Tenant = new_tenant(settings, keyring, "auditor")
     support.seal_all(settings)

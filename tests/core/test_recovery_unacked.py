@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,23 +17,13 @@ from core import recovery
 from core.config import Settings
 from core.db import session_scope
 from core.models import Case
-from core.publisher import make_publisher
 from tests import support
 from tests.conftest import Tenant, own_database_fixtures
-from tests.faults.servers import RedisServer
+from tests.core.test_recovery import sweeping  # noqa: F401  (the fixture: a database and broker of its own)
 
 pytestmark = pytest.mark.usefixtures("database")
 
 tenant, store_case = own_database_fixtures()
-
-
-@pytest.fixture
-def sweeping(own_database: Settings, private_broker: RedisServer) -> Iterator[tuple[Settings, object, redis.Redis]]:
-    config = own_database.model_copy(update={"redis_url": private_broker.url})
-    client = redis.Redis.from_url(private_broker.url)
-    client.flushdb()
-    yield config, make_publisher(config), client
-    client.close()
 
 
 def deliver(client: redis.Redis, delivered_at: float) -> None:
@@ -47,7 +36,10 @@ def deliver(client: redis.Redis, delivered_at: float) -> None:
 
 
 def test_a_queued_case_whose_unacknowledged_message_outlived_the_grace_is_published_again(
-    sweeping, own_database: Settings, tenant: Tenant, store_case
+    sweeping,  # noqa: F811
+    own_database: Settings,
+    tenant: Tenant,
+    store_case,
 ) -> None:  # type: ignore[no-untyped-def]
     config, publisher, client = sweeping
     grace = config.requeue_grace_seconds
