@@ -29,8 +29,9 @@ steps, so that no row lock and no pooled connection is held while a clinic's ser
    and does nothing; a row whose attempts are spent is given up there (its last attempt never
    recorded an answer), and one whose case was erased is cancelled;
 2. the POST: the connection made with no transaction open; then
-   :func:`core.callback_attempts.last_look`, a short transaction that locks the case, the clinic
-   and its callback ``FOR SHARE`` while the request is handed to the socket, and cancels the
+   :func:`core.callback_attempts.last_look`, a short transaction that locks the case (``FOR
+   SHARE``), the clinic and its callback (``FOR KEY SHARE``) while the request is handed to the
+   socket, and cancels the
    delivery instead if since the lease the case was erased, the clinic deactivated or the callback
    removed (an erasure, deactivation or removal that comes then waits until the notice is out); the
    answer read with no transaction open;
