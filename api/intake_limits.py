@@ -58,7 +58,7 @@ class UploadSlots:
     A body counts what has arrived of it, not what it declares: an upload that declared 25 MiB and
     sends slowly holds what it sent, so a few clinics' idle connections cannot shut every other
     clinic's large uploads out. A declared length that does not fit beside what is held now is
-    refused before the body is read and before the key's rate is charged (:meth:`refuse_if_full`)."""
+    refused before the body is read and before the key's rate is charged (:meth:`hold`)."""
 
     def __init__(self, per_clinic: int, body_bytes: int) -> None:
         self.per_clinic = per_clinic
@@ -86,16 +86,6 @@ class UploadSlots:
         with self._lock:
             self._body_held -= size
 
-    def refuse_if_full(self, clinic_id: uuid.UUID | None, declared: int | None = None) -> None:
-        """429 when the clinic's slots are all taken now, or when a body of ``declared`` bytes would
-        not fit beside the bodies held now: checked before the key's submission rate is charged, so a
-        portal queueing behind uploads does not spend it on refusals (:meth:`hold` checks the slots
-        again under the lock, and the bytes are counted as they arrive)."""
-        with self._lock:
-            self._refused(self._in_flight.get(clinic_id, 0))
-            if declared is not None and 0 <= declared <= self.body_bytes:  # larger: the intake's 413
-                self._fits(declared)
-
     def _refused(self, held: int) -> None:
         if held >= self.per_clinic:
             raise RateLimited(
@@ -103,12 +93,17 @@ class UploadSlots:
             )
 
     @contextmanager
-    def hold(self, clinic_id: uuid.UUID | None) -> Iterator[BodyAllowance]:
+    def hold(self, clinic_id: uuid.UUID | None, declared: int | None = None) -> Iterator[BodyAllowance]:
         """One of the clinic's slots, and an allowance its body's bytes are reserved from, both given
-        back when the upload's request is done with its body."""
+        back when the upload's request is done with its body. 429 when the clinic's slots are all
+        taken, or when a body of ``declared`` bytes would not fit beside the bodies held now (its bytes
+        are counted as they arrive): taken before the key's submission rate is charged, with no wait
+        between, so a portal queueing behind its uploads does not spend it on refusals."""
         with self._lock:
             held = self._in_flight.get(clinic_id, 0)
             self._refused(held)
+            if declared is not None and 0 <= declared <= self.body_bytes:  # larger: the intake's 413
+                self._fits(declared)
             self._in_flight[clinic_id] = held + 1
         allowance = BodyAllowance(self)
         try:

@@ -123,11 +123,10 @@ async def submit_case(
         raise InvalidInput("send one Idempotency-Key header", code="invalid_idempotency_key")
     # before the rate is charged: a refusal costs none
     refuse_declared(request, app.settings.max_upload_bytes)
-    app.uploads.refuse_if_full(caller.principal.clinic_id, declared_length(request))
     # the slot is taken before the rate is charged, with no await in between: of uploads sent at once,
     # those turned away for the clinic's uploads in progress are charged nothing either
     with ExitStack() as slot:
-        body = slot.enter_context(app.uploads.hold(caller.principal.clinic_id))
+        body = slot.enter_context(app.uploads.hold(caller.principal.clinic_id, declared_length(request)))
         await db.run(lambda _: limit(caller, app, "submit"))
         # the upload's bytes and pixels are _accept's locals: a waiting submission keeps none of them
         out, created = await _accept(request, app, caller, db, idempotency_key, wait, (slot, body))
