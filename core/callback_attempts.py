@@ -138,12 +138,12 @@ def lease(
         )
     case = session.get(Case, case_id)
     active = session.scalar(select(Clinic.active).where(Clinic.id == row.clinic_id))
-    if endpoint is None or case is None or not active or case.status == CaseStatus.PURGED:
-        # a deactivated clinic is told nothing more; an erased case is no longer "finished" news
+    why = _withdrawn(endpoint is not None, active, None if case is None else case.status)
+    if why is not None:
         row.status, row.updated_at = CallbackStatus.CANCELLED.value, at
-        why = "callback_removed" if endpoint is None else "clinic_inactive" if not active else "case_erased"
         _audit(session, row.case_id, row.clinic_id, success=False, detail={"error": CANCELLED, "reason": why})
         return Cancelled(why, row.attempts)
+    assert endpoint is not None and case is not None  # (else withdrawn, above)
     if row.attempts >= settings.callback_max_attempts:
         # every attempt is spent and the last never recorded an answer (audited above; or the setting was
         # lowered since): given up here, or the sweeper would send it again and again
@@ -205,13 +205,8 @@ def last_look(session: Session, *, lease: Lease) -> Delivery | None:
             _held(ClinicCallback.url, ClinicCallback.clinic_id == lease.clinic_id, key_share=True),
         )
     ).one()
-    if url is None:
-        why = "callback_removed"
-    elif not active:
-        why = "clinic_inactive"
-    elif status is None or status == CaseStatus.PURGED.value:
-        why = "case_erased"
-    else:
+    why = _withdrawn(url is not None, active, status)
+    if why is None:
         return None
     cancelled = session.scalar(
         update(CallbackDelivery)
@@ -225,6 +220,19 @@ def last_look(session: Session, *, lease: Lease) -> Delivery | None:
         return Delivery("skipped", lease.attempt)
     _audit(session, lease.case_id, lease.clinic_id, success=False, detail={"error": CANCELLED, "reason": why})
     return Delivery("cancelled", lease.attempt - 1)
+
+
+def _withdrawn(has_callback: bool, active: bool | None, status: str | None) -> str | None:
+    """Why a callback's notice must not go out, or None: its clinic's callback removed, the clinic
+    deactivated (or gone), its case erased (or gone); a deactivated clinic is told nothing more, and an
+    erased case is no longer "finished" news."""
+    if not has_callback:
+        return "callback_removed"
+    if not active:
+        return "clinic_inactive"
+    if status is None or status == CaseStatus.PURGED.value:
+        return "case_erased"
+    return None
 
 
 def _held(column: Any, where: ColumnElement[bool], *, key_share: bool = False) -> Any:
