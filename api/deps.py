@@ -357,11 +357,13 @@ async def record_denial(request: Request, error: DermqError) -> DermqError:
             )
 
     def write() -> None:
-        clinics: list[uuid.UUID | None] = [None]  # None: the caller's clinic
-        if pending.also_clinic_id is not None and pending.also_clinic_id != actor.clinic_id:
-            # and the other clinic's; a caller of no clinic (no key, a revoked one, an operator's) is
-            # filed under that clinic alone: a copy under no clinic counted each attempt twice
-            clinics = [pending.also_clinic_id] if actor.clinic_id is None else [None, pending.also_clinic_id]
+        # None: the caller's clinic; and the other clinic's, where another is named. A caller of no clinic
+        # (no key, a revoked one, an operator's) is filed under that clinic alone: a copy under no clinic
+        # counted each attempt twice
+        also = pending.also_clinic_id
+        clinics: list[uuid.UUID | None] = (
+            [None] if also is None or also == actor.clinic_id else [also] if actor.clinic_id is None else [None, also]
+        )
         p = pending
         events = [audit.Event(p.action, p.outcome, actor, p.entity_type, p.entity_id, c, p.detail) for c in clinics]
         with session_scope(app.settings) as session:
