@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, or_, select, update
@@ -45,7 +45,8 @@ def notice(case: Case, outcome: str | None = None) -> bytes:
 class Lease:
     """One attempt a worker holds: the row is leased to it until the lease ends or it records the
     outcome. ``secrets`` sign the notice (:func:`core.callback_secrets.signing`): none when the sealed
-    secret cannot be opened (no retry can help)."""
+    secret cannot be opened (no retry can help). ``registered``: when the clinic registered the callback
+    whose URL and secrets these are (its ``updated_at``): the last look sends nothing if it has changed."""
 
     case_id: uuid.UUID
     clinic_id: uuid.UUID
@@ -53,6 +54,7 @@ class Lease:
     url: str
     body: bytes
     secrets: tuple[str, ...] = field(repr=False)
+    registered: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,9 @@ class Cancelled:
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """What one delivery attempt came to: ``delivered``, ``retry`` (later), ``failed`` (given up),
-    ``cancelled`` (:class:`Cancelled`: nothing was sent, nor will be),
+    ``cancelled`` (:class:`Cancelled`: nothing was sent, nor will be), ``reregistered`` (the clinic
+    registered its callback again between the lease and the last look: nothing was sent to the URL, or
+    signed with the secrets, it replaced; the attempt given back, the message takes it again at once),
     ``deferred`` (the clinic's receiver had its fill of attempts under way: nothing was attempted),
     ``early`` (the retry this message brings is not due yet), ``held`` (another transaction held the
     row: :class:`Held`; the message looks again), ``held_too_long`` (held at every look the message
@@ -164,9 +168,8 @@ def lease(
     row.updated_at, row.leased_until = at, at + timedelta(seconds=lease_seconds(settings))
     signing = callback_secrets.signing(keyring, endpoint, at)
     result = session.get(Result, case_id)
-    return Lease(
-        case_id, row.clinic_id, row.attempts, endpoint.url, notice(case, result.outcome if result else None), signing
-    )
+    body = notice(case, result.outcome if result else None)
+    return Lease(case_id, row.clinic_id, row.attempts, endpoint.url, body, signing, endpoint.updated_at)
 
 
 def _leasable(case_id: uuid.UUID, after: int | None) -> tuple[ColumnElement[bool], ...]:
@@ -190,30 +193,41 @@ def last_look(session: Session, *, lease: Lease) -> Delivery | None:
     """The last look before the leased attempt's notice goes out, in a transaction that stays open
     until the request has been handed to the socket, and no longer (not while the receiver answers:
     :func:`worker.callbacks.post`). The case is locked ``FOR SHARE``, its clinic and the clinic's
-    callback ``FOR KEY SHARE``: an erasure, a deactivation or the callback's removal committed since the
-    lease is seen here, and one that comes now waits until the notice is out (each locks one of those
-    rows ``FOR UPDATE`` or deletes it: :func:`core.retention.purge_case`'s callers,
-    :func:`core.clinics.set_active`, :func:`core.callbacks.unregister`); a key rotation's re-wrap of the
-    callback's secret (``FOR NO KEY UPDATE SKIP LOCKED``) does not skip it. None if the notice may go
-    out. Else nothing is sent: the delivery is cancelled as it is at the lease (the same reasons,
-    audited), the attempt given back (none was made); ``skipped`` where the row is no longer this
-    attempt's (its lease ran out and another took it over: that one's look cancels it)."""
-    status, active, url = session.execute(
+    callback ``FOR KEY SHARE``: an erasure, a deactivation, the callback's removal or its registration
+    again committed since the lease is seen here, and one that comes now waits until the notice is out
+    (each locks one of those rows ``FOR UPDATE`` or deletes it: :func:`core.retention.purge_case`'s
+    callers, :func:`core.clinics.set_active`, :func:`core.callbacks.unregister`,
+    :func:`core.callbacks.register`); a key rotation's re-wrap of the callback's secret (``FOR NO KEY
+    UPDATE SKIP LOCKED``) does not skip it. None if the notice may go out. Else nothing is sent:
+
+    - the case erased, the clinic deactivated or the callback removed: the delivery is cancelled as it
+      is at the lease (the same reasons, audited), the attempt given back (none was made);
+    - the callback registered again (a new URL, a new secret: a clinic moving away from a receiver it
+      no longer trusts): ``reregistered``, the attempt given back and the lease ended, for the message to
+      lease it again at once with the registration as it is now;
+
+    ``skipped`` where the row is no longer this attempt's (its lease ran out and another took it over:
+    that one's look decides)."""
+    status, active, registered = session.execute(
         select(
             _held(Case.status, Case.id == lease.case_id),
             _held(Clinic.active, Clinic.id == lease.clinic_id, key_share=True),
-            _held(ClinicCallback.url, ClinicCallback.clinic_id == lease.clinic_id, key_share=True),
+            _held(ClinicCallback.updated_at, ClinicCallback.clinic_id == lease.clinic_id, key_share=True),
         )
     ).one()
-    why = _withdrawn(url is not None, active, status)
-    if why is None:
+    why = _withdrawn(registered is not None, active, status)
+    if why is None and registered == lease.registered:
         return None
+    given_back = {"attempts": lease.attempt - 1, "leased_until": None, "updated_at": func.now()}
+    if why is None:  # registered again: still pending, for the message to lease afresh
+        ended = session.scalar(
+            update(CallbackDelivery).where(*_still_leased(lease)).values(given_back).returning(CallbackDelivery.case_id)
+        )
+        return Delivery("skipped", lease.attempt) if ended is None else Delivery("reregistered", lease.attempt - 1)
     cancelled = session.scalar(
         update(CallbackDelivery)
         .where(*_still_leased(lease))
-        .values(
-            status=CallbackStatus.CANCELLED.value, attempts=lease.attempt - 1, leased_until=None, updated_at=func.now()
-        )
+        .values(status=CallbackStatus.CANCELLED.value, **given_back)
         .returning(CallbackDelivery.case_id)
     )
     if cancelled is None:

@@ -98,6 +98,8 @@ def deliver_callback(
         metrics.record_callback(attempt.outcome)
     if attempt.outcome == "retry":  # the backoff the row was stamped with: no lease is taken before it
         raise self.retry(kwargs={"after": attempt.attempt}, countdown=attempt.retry_in)
+    if attempt.outcome == "reregistered":  # nothing sent to the registration it leased: at once, afresh
+        raise self.retry(kwargs={"after": after, "waited": waited, "held_looks": held_looks}, countdown=0)
     if attempt.outcome == "early":  # a host's clock sent it early: the rest of the backoff
         raise self.retry(kwargs={"after": after, "waited": waited}, countdown=attempt.retry_in)
     if attempt.outcome == "held":  # another transaction held its row (a turn handed to it, which may be

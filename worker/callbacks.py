@@ -242,10 +242,12 @@ def deliver(
     once the message has found it held at every look it may take, ``held_looks`` of them before this
     one: left to the sweeper). A callback whose case was erased (or whose clinic or callback is
     gone) is ``cancelled``, at its lease or, if that happened since, at the last look before the
-    request is written: nothing is sent. An attempt that ends hands its turn to the
-    clinic's oldest waiting callback, whose message ``publisher`` sends (:mod:`core.callback_pacing`);
-    that message (``turn``), finding nothing to do (its callback taken, done or cancelled meanwhile, or
-    handed the same turn twice), hands the turn on in its place."""
+    request is written: nothing is sent. One whose clinic registered its callback again since the lease
+    (a new URL, a new secret) is ``reregistered`` at that look: nothing is sent, the attempt is given
+    back, and the message leases it again at once with the registration as it is now. An attempt that
+    ends hands its turn to the clinic's oldest waiting callback, whose message ``publisher`` sends
+    (:mod:`core.callback_pacing`); that message (``turn``), finding nothing to do (its callback taken,
+    done or cancelled meanwhile, or handed the same turn twice), hands the turn on in its place."""
     with session_scope(config) as session:
         held = callback_attempts.lease(session, settings=config, keyring=keyring, case_id=case_id, after=after)
         if turn and (held is None or isinstance(held, (callback_attempts.Held, callback_attempts.Cancelled))):
@@ -282,8 +284,8 @@ def deliver(
         except SQLAlchemyError as exc:  # the last look's transaction failed (its lock wait timed out, an
             # erasure holding the case): an error as a network one is, retried
             status, error = None, type(exc).__name__
-        if look.stopped is not None:  # erased, deactivated or removed since the lease: nothing sent
-            return look.stopped
+        if look.stopped is not None:  # erased, deactivated, removed or registered again since the lease:
+            return look.stopped  # nothing sent
     with session_scope(config) as session:
         done = callback_attempts.record_attempt(
             session, settings=config, lease=held, http_status=status, error=error, hopeless=refused
@@ -297,7 +299,7 @@ class _LastLook:
     """The gate of one leased attempt's POST (:func:`post`): a transaction open from just before the
     request is written until it is, in which :func:`core.callback_attempts.last_look` holds the case,
     its clinic and its callback as they are; ``stopped`` is what the attempt came to when one of them
-    was erased, deactivated or removed meanwhile."""
+    was erased, deactivated, removed or registered again meanwhile."""
 
     def __init__(self, config: Settings, publisher: Celery, lease: callback_attempts.Lease) -> None:
         self.config, self.publisher, self.lease = config, publisher, lease

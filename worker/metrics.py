@@ -82,6 +82,8 @@ CALLBACKS = Counter(
     "dermq_callback_deliveries_total",
     "completion callback messages by outcome: delivered, retry (refused, tried again later), failed (given up); "
     "not attempted: cancelled (its case erased, its clinic deactivated or its callback removed: nothing is sent), "
+    "reregistered (the clinic registered its callback again after the attempt was leased: nothing is sent to the "
+    "registration it replaced, and the message takes the attempt again at once), "
     "deferred (the clinic's receiver had its fill of attempts under way), early (a retry not due yet), held (its "
     "row locked by another transaction at that moment: the message looks again, a second later, then after ever "
     "longer waits), held_too_long (locked at each of DERMQ_CALLBACK_HELD_LOOKS looks: the message ends and the "
@@ -90,7 +92,7 @@ CALLBACKS = Counter(
     ["outcome"],
 )
 CALLBACK_OUTCOMES = (
-    *("delivered", "retry", "failed", "cancelled", "deferred", "early"),
+    *("delivered", "retry", "failed", "cancelled", "reregistered", "deferred", "early"),
     *("held", "held_too_long", "skipped"),
 )
 for _outcome in CALLBACK_OUTCOMES:  # present from the start: increase() skips a series' first sample

@@ -4,6 +4,7 @@ changes nothing), and attempts end in delivered or failed."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -113,7 +114,7 @@ def test_attempts_end_in_failed(settings: Settings, keyring, pending) -> None:  
 def test_an_unreadable_secret_gives_up_at_once(settings: Settings, keyring, pending) -> None:  # type: ignore[no-untyped-def]
     held = lease(settings, keyring, pending)
     assert held is not None
-    unreadable = callback_attempts.Lease(held.case_id, held.clinic_id, held.attempt, held.url, held.body, ())
+    unreadable = dataclasses.replace(held, secrets=())
     assert record(settings, unreadable, None).outcome == "failed"
 
 

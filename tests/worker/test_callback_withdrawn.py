@@ -19,6 +19,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from core import audit, callback_attempts, callbacks, clinics, keyrotation, retention
+from core.callback_signing import SIGNATURE_HEADER, verify
 from core.config import Settings
 from core.db import session_factory, session_scope
 from core.keys import Principal
@@ -199,3 +200,91 @@ def test_a_key_rotation_while_a_notice_is_sent_rewraps_its_secret(
     done = delivery.deliver(settings, keyring, case_id, publisher=publisher)
     assert (done.outcome, len(receiver.calls)) == ("delivered", 1)
     assert rewrapped == [rotated.active_id]  # re-wrapped while the notice went out, not passed by
+
+
+def test_a_callback_registered_again_after_it_was_leased_goes_to_the_new_registration(
+    settings: Settings, private_broker, keyring, tenant: Tenant, store_case, receiver: Receiver, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # A clinic moves its callback to a new receiver (the old one is retired, or no longer trusted) while
+    # an attempt, leased with the old URL and secret, resolves and connects: the notice went to the old
+    # receiver all the same. It goes to none then; the attempt is given back, and the next lease (the
+    # message's, at once) sends it to the new receiver, signed with the new secret.
+    case_id = pending_delivery(settings, private_broker, keyring, tenant, store_case, url=receiver.url)
+    moved_to = Receiver([])
+    new_secret: list[str] = []
+    resolve = delivery.checked_address
+
+    def registered_again_while_resolving(host: str, port: int, config: Settings) -> str:
+        if not new_secret:
+            with session_scope(settings) as session:  # committed after the lease, before the request is sent
+                principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
+                _, secret = callbacks.register(
+                    session,
+                    keyring=keyring,
+                    settings=settings,
+                    principal=principal,
+                    actor=audit.SYSTEM,
+                    url=moved_to.url,
+                )
+                new_secret.append(secret)
+        return resolve(host, port, config)
+
+    monkeypatch.setattr(delivery, "checked_address", registered_again_while_resolving)
+    publisher = make_publisher(settings.model_copy(update={"redis_url": private_broker.url}))
+    try:
+        first = delivery.deliver(settings, keyring, case_id, publisher=publisher)
+        assert first == callback_attempts.Delivery("reregistered", 0)
+        assert (receiver.calls, moved_to.calls) == ([], [])  # nothing sent to either
+        with session_scope(settings) as session:
+            row = session.get(CallbackDelivery, case_id)
+            assert row is not None  # still to do, no attempt counted, no lease held
+            assert (row.status, row.attempts, row.leased_until) == ("pending", 0, None)
+        again = delivery.deliver(settings, keyring, case_id, publisher=publisher)  # the message, taken again
+        assert (again.outcome, again.attempt) == ("delivered", 1)
+        assert receiver.calls == [] and len(moved_to.calls) == 1
+        call = moved_to.calls[0]
+        headers = call["headers"]
+        assert isinstance(headers, dict) and isinstance(call["body"], bytes)
+        assert verify(new_secret[0], headers[SIGNATURE_HEADER], call["body"])
+    finally:
+        moved_to.close()
+    # the trail: no cancellation, one delivery, to the new receiver's host
+    assert _deliveries_audited(settings, case_id) == [{"attempt": 1, "http_status": 204, "host": "127.0.0.1"}]
+
+
+def test_the_message_of_an_attempt_whose_callback_was_registered_again_takes_it_again_at_once(
+    settings: Settings, private_broker, keyring, tenant: Tenant, store_case, receiver: Receiver, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # The callback task itself (run eagerly: its retry too): no wait for a backoff or for the sweeper.
+    from worker import callback_tasks
+
+    case_id = pending_delivery(settings, private_broker, keyring, tenant, store_case, url=receiver.url)
+    moved_to = Receiver([])
+    resolve = delivery.checked_address
+    looks: list[str] = []
+
+    def registered_again_while_resolving(host: str, port: int, config: Settings) -> str:
+        looks.append(host)
+        if len(looks) == 1:
+            with session_scope(settings) as session:
+                principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
+                callbacks.register(
+                    session,
+                    keyring=keyring,
+                    settings=settings,
+                    principal=principal,
+                    actor=audit.SYSTEM,
+                    url=moved_to.url,
+                )
+        return resolve(host, port, config)
+
+    monkeypatch.setattr(delivery, "checked_address", registered_again_while_resolving)
+    # this test's settings and keys, for the task that reads the worker's own
+    monkeypatch.setattr(callback_tasks, "settings", lambda: settings)
+    monkeypatch.setattr(callback_tasks, "keyring", lambda _config: keyring)
+    try:
+        assert callback_tasks.deliver_callback.apply(args=[str(case_id)]).get() == "delivered"
+        assert receiver.calls == [] and len(moved_to.calls) == 1
+    finally:
+        moved_to.close()
+    assert len(looks) == 2  # the attempt that found the callback moved, then the one that sent the notice
