@@ -71,6 +71,16 @@ def _revision(database_url: str) -> str | None:
         engine.dispose()
 
 
+def _migration_role(database_url: str) -> str | None:
+    """The owner role the migrations will take instead of this login (core/db_roles.py), or None."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return db_roles.migration_role(connection)
+    finally:
+        engine.dispose()
+
+
 @db.command("upgrade", help="run the migrations (as the owner role); then grant the runtime role, if one is set")
 @click.option(
     "--lock-timeout",
@@ -84,6 +94,9 @@ def upgrade(lock_timeout: str) -> int:
 
     settings = get_settings()
     before = _revision(settings.database_url)
+    role = _migration_role(settings.database_url)
+    if role is not None:
+        click.echo(f"migrating as {role}, the database's owner, which this login may act as")
     config = alembic_config(settings.database_url)
     config.attributes["lock_timeout"] = lock_timeout
     try:

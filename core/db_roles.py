@@ -10,6 +10,9 @@ so that no client, however slow, holds a transaction open for long.
     dermq db upgrade                                            # as the owner
     dermq db grant --runtime dermq_app                          # as the owner, after every upgrade
 
+A superuser (or another member of the owner role) that runs ``dermq db upgrade`` migrates as the
+owner role (:func:`migration_role`), so that what it creates is the owner's.
+
 In production :func:`check_login` refuses to start a service whose login owns the audit table (or
 is a member of its owner), is a superuser, has CREATEROLE (it could make itself a member), or may set
 ``session_replication_role`` (a replica's session skips triggers not enabled ALWAYS).
@@ -77,6 +80,40 @@ def hand_over(connection: Connection, owner: str) -> None:
     ).all()
     for function in functions:
         connection.execute(text(f"ALTER FUNCTION {function} OWNER TO {_ident(owner)}"))
+
+
+def migration_role(connection: Connection) -> str | None:
+    """The role the migrations take (``SET ROLE``) on this connection, or None to run as its login.
+
+    What a migration creates belongs to the role that runs it, and only that role may alter it in
+    a later migration or grant on it. ``dermq db roles`` gives the database to the owner role, so a
+    login that is not that owner but may act as it (a superuser, or a member of the owner role) takes
+    the owner's role: the tables it creates stay the owner's, and the owner's next upgrade and
+    ``dermq db grant`` do not fail on them. A database owned by its login, or by a superuser (no
+    owner role set up), is migrated as the login."""
+    row = connection.execute(
+        text(
+            """
+            SELECT pg_get_userbyid(d.datdba) AS owner, o.rolsuper AS owner_superuser,
+                   pg_get_userbyid(d.datdba) = current_user AS own,
+                   pg_has_role(current_user, d.datdba, 'MEMBER') AS member
+            FROM pg_database d JOIN pg_roles o ON o.oid = d.datdba
+            WHERE d.datname = current_database()
+            """
+        )
+    ).one()
+    if row.own or row.owner_superuser or not row.member:
+        return None
+    return str(row.owner)
+
+
+def take_migration_role(connection: Connection) -> str | None:
+    """Take :func:`migration_role` for the rest of this session (committed); the role taken, or None."""
+    role = migration_role(connection)
+    if role is not None:
+        connection.execute(text("SELECT set_config('role', :r, false)"), {"r": role})
+    connection.commit()
+    return role
 
 
 def grant_runtime(connection: Connection, runtime: str) -> None:

@@ -6,7 +6,8 @@ No migration waits longer than :data:`LOCK_TIMEOUT` for a table's lock: an ``ALT
 behind a long transaction (a key rewrap, a sweep) holds up every request that needs that table while
 it waits, so it gives up instead (SQLSTATE 55P03; ``dermq db upgrade`` says so), and the upgrade is
 run again when the database is quieter. ``-x lock_timeout=30s`` (or the config attribute of the same
-name) changes it.
+name) changes it. A login that may act as the database's owner role without being it (a superuser)
+migrates as that role (:func:`core.db_roles.migration_role`): what it creates is the owner's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 import core.outcome_models  # noqa: F401  (its tables join Base.metadata when it is imported: autogenerate sees them)
+from core import db_roles
 from core.config import get_settings
 from core.models import Base
 
@@ -63,7 +65,7 @@ def run_migrations_online() -> None:
     engine = create_engine(database_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
         connection.exec_driver_sql(f"SET lock_timeout = '{lock_timeout()}'")  # the session's: every migration's
-        connection.commit()
+        db_roles.take_migration_role(connection)  # a superuser's run creates the owner's tables (and commits)
         context.configure(
             connection=connection, target_metadata=target_metadata, compare_type=True, transaction_per_migration=True
         )

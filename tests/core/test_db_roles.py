@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -32,6 +34,17 @@ def role_names(settings: Settings) -> Iterator[tuple[str, str]]:
         for role in (owner, runtime):
             connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
     admin.dispose()
+
+
+def _dermq(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*support.DERMQ, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=support.ROOT,
+        timeout=300,
+    )
 
 
 def _scram_matches(stored: str, password: str) -> bool:
@@ -106,9 +119,51 @@ def test_a_login_with_createrole_may_not_run_a_service(settings: Settings, role_
     with admin.connect() as connection:
         connection.execute(text(f'CREATE ROLE "{login}" LOGIN CREATEROLE'))
     admin.dispose()
-    engine = create_engine(make_url(settings.database_url).set(username=login))
+    engine = create_engine(make_url(settings.database_url).set(username=login, database="postgres"))
     try:
         with engine.connect() as connection:
             assert db_roles.login_problem(connection) == f"the database login {login!r} has CREATEROLE"
     finally:
         engine.dispose()
+
+
+def test_a_superuser_upgrade_leaves_everything_to_the_owner(settings: Settings, role_names: tuple[str, str]) -> None:
+    # `dermq db upgrade` with a superuser's URL left the tables its migrations created the superuser's:
+    # the owner's next upgrade and `dermq db grant` failed with "permission denied" a release later
+    owner, runtime = role_names
+    url = make_url(settings.database_url).set(database=NAME)
+    support.recreate_database(url.render_as_string(False))
+    superuser = settings.model_copy(update={"database_url": url.render_as_string(False)})
+    db_roles.set_up_roles(superuser, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+    as_owner = url.set(username=owner).render_as_string(False)
+    command.upgrade(alembic_config(as_owner), "0019")  # an older release, migrated as the documentation says
+    done = _dermq("db", "upgrade", DERMQ_DATABASE_URL=url.render_as_string(False), DERMQ_DATABASE_RUNTIME_ROLE=runtime)
+    assert done.returncode == 0, done.stderr
+    assert f"as {owner}, the database's owner" in done.stdout
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            others = connection.execute(
+                text(
+                    "SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'public' AND tableowner <> :o "
+                    "UNION ALL SELECT p.proname, pg_get_userbyid(p.proowner) FROM pg_proc p "
+                    "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public' "
+                    "AND pg_get_userbyid(p.proowner) <> :o"
+                ),
+                {"o": owner},
+            ).all()
+        assert others == []
+    finally:
+        engine.dispose()
+    # the next release, migrated and granted by the owner again
+    command.downgrade(alembic_config(as_owner), "0019")
+    command.upgrade(alembic_config(as_owner), "head")
+    granted = _dermq("db", "grant", "--runtime", runtime, DERMQ_DATABASE_URL=as_owner)
+    assert granted.returncode == 0, granted.stderr
+    runtime_engine = create_engine(url.set(username=runtime))
+    try:
+        with runtime_engine.begin() as connection:
+            assert db_roles.login_problem(connection) is None
+            assert connection.scalar(text("SELECT count(*) FROM outcome_monthly_tallies")) == 0
+    finally:
+        runtime_engine.dispose()
