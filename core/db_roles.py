@@ -11,7 +11,8 @@ so that no client, however slow, holds a transaction open for long.
     dermq db grant --runtime dermq_app                          # as the owner, after every upgrade
 
 A superuser (or another member of the owner role) that runs ``dermq db upgrade`` migrates as the
-owner role (:func:`migration_role`), so that what it creates is the owner's.
+owner role (:func:`migration_role`), so that what it creates is the owner's (a superuser first
+hands it what other logins own).
 
 In production :func:`check_login` refuses to start a service whose login owns the audit table (or
 is a member of its owner), is a superuser, has CREATEROLE (it could make itself a member), or may set
@@ -43,6 +44,11 @@ def _ident(name: str) -> str:
     return f'"{name}"'
 
 
+def _quoted(name: str) -> str:
+    """Any role's name as an SQL identifier (a database's owner need not be named as dermq names roles)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def create_roles(
     connection: Connection, *, owner: str, runtime: str, owner_password: str | None, runtime_password: str | None
 ) -> None:
@@ -70,7 +76,7 @@ def hand_over(connection: Connection, owner: str) -> None:
         text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> :o"), {"o": owner}
     ).all()
     for table in tables:
-        connection.execute(text(f'ALTER TABLE public."{table}" OWNER TO {_ident(owner)}'))
+        connection.execute(text(f'ALTER TABLE public."{table}" OWNER TO {_quoted(owner)}'))
     functions = connection.scalars(
         text(
             "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
@@ -79,7 +85,7 @@ def hand_over(connection: Connection, owner: str) -> None:
         {"o": owner},
     ).all()
     for function in functions:
-        connection.execute(text(f"ALTER FUNCTION {function} OWNER TO {_ident(owner)}"))
+        connection.execute(text(f"ALTER FUNCTION {function} OWNER TO {_quoted(owner)}"))
 
 
 def migration_role(connection: Connection) -> str | None:
@@ -108,9 +114,13 @@ def migration_role(connection: Connection) -> str | None:
 
 
 def take_migration_role(connection: Connection) -> str | None:
-    """Take :func:`migration_role` for the rest of this session (committed); the role taken, or None."""
+    """Take :func:`migration_role` for the rest of this session (committed); the role taken, or None.
+    A superuser first hands the owner what its earlier runs created (:func:`hand_over`): else the
+    first migration that alters one of those tables would fail, as the owner's would."""
     role = migration_role(connection)
     if role is not None:
+        if connection.scalar(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")):
+            hand_over(connection, role)
         connection.execute(text("SELECT set_config('role', :r, false)"), {"r": role})
     connection.commit()
     return role
