@@ -3,14 +3,16 @@
 Each command returns its exit code (0 done, 1 the check it runs found a problem). Bad input exits 2
 with one ``error: ...`` line or click's usage message on stderr, never a traceback: usage errors, a
 domain error (an unknown clinic or key: ``error: <message> (<code>)``), an unusable key file or an
-invalid setting. A database that cannot be reached exits 69 (``EX_UNAVAILABLE``), with one line too."""
+invalid setting. A database that cannot be reached exits 69 (``EX_UNAVAILABLE``), and one that refuses
+the login a privilege the command needs (a service's login running ``dermq db upgrade``) 77
+(``EX_NOPERM``), with one line too."""
 
 from __future__ import annotations
 
 import sys
 
 import click
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from cli.api_keys import key
 from cli.audit import audit
@@ -26,6 +28,8 @@ from core.errors import DecryptionError, DermqError, KeyNotHeld, KeyringError
 
 BAD_INPUT = 2
 UNAVAILABLE = 69  # EX_UNAVAILABLE (sysexits.h): a service the command needs is down
+NO_PERMISSION = 77  # EX_NOPERM (sysexits.h): the database login lacks a privilege the command needs
+INSUFFICIENT_PRIVILEGE = "42501"  # SQLSTATE
 
 
 @click.group(name="dermq", context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         click.echo(f"error: {exc.strerror or type(exc).__name__}{where}", err=True)
         return BAD_INPUT
+    except ProgrammingError as exc:
+        if getattr(exc.orig, "pgcode", None) != INSUFFICIENT_PRIVILEGE:
+            raise
+        # the login lacks a privilege: a service's login running `dermq db upgrade`, say. Postgres's own
+        # line names the object (a table, a schema), never a row's data
+        reason = (str(exc.orig).strip().splitlines() or ["permission denied"])[0]
+        click.echo(
+            f"error: the database refused this login ({reason}); migrations and grants run as the owner role, "
+            'services as the runtime role (docs/SECURITY.md, "Database roles")',
+            err=True,
+        )
+        return NO_PERMISSION
     except OperationalError as exc:
         if getattr(exc.orig, "pgcode", None) is not None:  # a deadlock, a timeout...: the server answered
             raise

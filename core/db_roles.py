@@ -27,6 +27,7 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.orm import Session
 
 from core.config import Settings
+from core.errors import Conflict, Forbidden
 
 AUDIT_TABLES = ("audit_events", "audit_leaves", "audit_nodes", "audit_checkpoints", "audit_verifications")
 READ_ONLY_TABLES = ("alembic_version",)
@@ -210,14 +211,36 @@ def set_up_roles(
 
 
 def grant(settings: Settings, runtime: str) -> str:
-    """Grant the runtime role its privileges (as the owner, after every upgrade)."""
+    """Grant the runtime role its privileges (as the owner, after every upgrade). :class:`Forbidden`
+    for a login that neither owns the tables nor may act as their owner: Postgres grants nothing for
+    it, with a warning only, and the runtime role would be left without its privileges unnoticed."""
     engine = create_engine(settings.database_url)
     try:
         with engine.begin() as connection:
+            _may_grant(connection)
             grant_runtime(connection, runtime)
     finally:
         engine.dispose()
     return f"granted {runtime} its privileges: INSERT and SELECT only on {', '.join(AUDIT_TABLES)}"
+
+
+def _may_grant(connection: Connection) -> None:
+    """Refuse (:class:`Conflict`, :class:`Forbidden`) a grant that would grant nothing."""
+    found = connection.execute(
+        text(
+            "SELECT t.tableowner, current_user, pg_has_role(current_user, t.tableowner, 'MEMBER') FROM pg_tables t "
+            "WHERE t.schemaname = 'public' AND t.tablename = 'audit_events'"
+        )
+    ).one_or_none()
+    if found is None:
+        raise Conflict("the database holds no dermq tables yet: run `dermq db upgrade` first", code="not_migrated")
+    owner, login, member = found
+    if not member:
+        raise Forbidden(
+            f"the tables are {owner}'s: only that role, or a login that may act as it, grants on them "
+            f'(this login is {login}; see docs/SECURITY.md, "Database roles")',
+            code="not_owner",
+        )
 
 
 def refuse_insecure_login(settings: Settings) -> None:

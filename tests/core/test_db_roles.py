@@ -171,3 +171,33 @@ def test_a_superuser_upgrade_leaves_everything_to_the_owner(settings: Settings, 
             assert connection.scalar(text("SELECT count(*) FROM outcome_monthly_tallies")) == 0
     finally:
         runtime_engine.dispose()
+
+
+def test_a_login_that_may_not_migrate_or_grant_is_told_so_in_one_line(
+    settings: Settings, role_names: tuple[str, str]
+) -> None:
+    # A service's login (the runtime role) running the owner's commands: `dermq db upgrade` ended in a
+    # traceback, and `dermq db grant` printed "granted" while Postgres granted nothing (a warning only).
+    owner, runtime = role_names
+    url = make_url(settings.database_url).set(database=NAME)
+    support.recreate_database(url.render_as_string(False))
+    superuser = settings.model_copy(update={"database_url": url.render_as_string(False)})
+    db_roles.set_up_roles(superuser, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+    as_runtime = url.set(username=runtime).render_as_string(False)
+    refused = _dermq("db", "upgrade", DERMQ_DATABASE_URL=as_runtime)  # nothing migrated, nothing granted yet
+    assert refused.returncode == 77, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: the database refused this login (permission denied")
+    as_owner = url.set(username=owner).render_as_string(False)
+    command.upgrade(alembic_config(as_owner), "head")
+    refused = _dermq("db", "grant", "--runtime", runtime, DERMQ_DATABASE_URL=as_runtime)
+    assert refused.returncode == 2 and "granted" not in refused.stdout, refused.stdout
+    assert f"the tables are {owner}'s" in refused.stderr and "(not_owner)" in refused.stderr
+    runtime_engine = create_engine(url.set(username=runtime))
+    try:
+        with runtime_engine.begin() as connection:  # it still has no privileges on them
+            assert not connection.scalar(text("SELECT has_table_privilege(current_user, 'audit_events', 'SELECT')"))
+    finally:
+        runtime_engine.dispose()
+    granted = _dermq("db", "grant", "--runtime", runtime, DERMQ_DATABASE_URL=as_owner)
+    assert granted.returncode == 0 and "granted" in granted.stdout, granted.stderr
