@@ -5,7 +5,8 @@
 - a change to which keys are valid empties the cache of verified keys (:mod:`api.key_cache`).
 
 While the thread is not connected (at start, after a database restart), :attr:`Listener.listening`
-is False: the key cache is not used and waiting requests look at their case every second. On each
+is False: the key cache is not used and waiting requests look at their case every second, those that
+were already waiting when the connection was lost too (they are told of the loss). On each
 (re)connection every subscriber is told that it may have missed something.
 
 A connection can die without a word: a database host that vanished, a NAT or firewall that dropped
@@ -52,6 +53,9 @@ class Listener:
         self._answer_seconds = answer_seconds
         #: called on the event loop with the ids of ended cases ([] after a reconnection: any may have)
         self.on_cases: list[Callable[[list[uuid.UUID]], None]] = []
+        #: called on the event loop when a connection that was listening is lost: until one is open
+        #: again, a case's end may go unheard
+        self.on_lost: list[Callable[[], None]] = []
         #: called from the listening thread at once: a key may have been revoked (or the thread lost track)
         self.on_keys_changed: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,12 +106,15 @@ class Listener:
             thread.join(timeout=5)
 
     def _cases_ended(self, case_ids: list[uuid.UUID]) -> None:
+        self._on_loop(self.on_cases, case_ids)
+
+    def _on_loop(self, callbacks: list[Callable[..., None]], *args: object) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        for callback in self.on_cases:
+        for callback in callbacks:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(callback, case_ids)
+                loop.call_soon_threadsafe(callback, *args)
 
     def _keys_changed(self) -> None:
         for callback in self.on_keys_changed:
@@ -200,10 +207,13 @@ class Listener:
                         extra={"event": "listener_lost", "error": type(exc).__name__},
                     )
             finally:
+                lost = self._listening.is_set()
                 self._listening.clear()
                 self._fd = None
                 self._keys_changed()
                 self._exchanging.clear()  # last: the cache has been told, and unheard() sees no socket
+                if lost:
+                    self._on_loop(self.on_lost)
                 if connection is not None:
                     with contextlib.suppress(Exception):
                         connection.close()

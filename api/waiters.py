@@ -11,7 +11,9 @@ case as it is (plain polling still works).
 Nothing is lost to a missed notification: a request looks at its case before it waits (unless it
 has just created the case and took its ticket before the case's task was sent) and after each
 wake that was not its case's announcement, and wakes on its own every ``RECHECK_SECONDS`` (every
-second while the listener is not connected). An announcement is trusted without a look: Postgres
+second while the listener is not connected: a request already waiting when the listener loses its
+connection looks a second after the loss, not when its ten seconds are up, and every second after
+that until the listener is back). An announcement is trusted without a look: Postgres
 delivers it only once the transaction that ended the case has committed (:mod:`core.announcements`),
 and the audited read that follows reads the case anyway.
 
@@ -58,6 +60,8 @@ class Ticket:
         self.announced = False
         #: the request's client has closed its connection
         self.left = False
+        #: the listener lost its connection while this ticket waited (:meth:`hurry`)
+        self._hurried = False
 
     def wake(self, announced: bool = False) -> None:
         self.announced = self.announced or announced
@@ -67,12 +71,24 @@ class Ticket:
         self.left = True
         self._event.set()
 
+    def hurry(self) -> None:
+        """The listener has lost its connection: the case's end may now go unheard, so the wait under
+        way ends within ``RECHECK_SECONDS_UNLISTENED`` (not at once: the database may be what went)."""
+        self._hurried = True
+        self._event.set()
+
     async def wait(self, seconds: float) -> None:
         """Until the case is announced, ``seconds`` pass, or it is time for another look."""
         step = RECHECK_SECONDS if self._listener.listening else RECHECK_SECONDS_UNLISTENED
-        with suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout=max(0.0, min(seconds, step)))
-        self._event.clear()
+        until = time.monotonic() + max(0.0, min(seconds, step))
+        while True:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout=max(0.0, until - time.monotonic()))
+            self._event.clear()
+            if not self._hurried or self.announced or self.left:
+                return
+            self._hurried = False
+            until = min(until, time.monotonic() + RECHECK_SECONDS_UNLISTENED)
 
 
 class CaseWaiters:
@@ -87,6 +103,7 @@ class CaseWaiters:
         self._count = 0
         self._clinics: Counter[uuid.UUID | None] = Counter()
         listener.on_cases.append(self._wake)
+        listener.on_lost.append(self._hurry)
 
     @property
     def waiting(self) -> int:
@@ -124,6 +141,12 @@ class CaseWaiters:
         for tickets in list(chosen):
             for ticket in list(tickets):
                 ticket.wake(announced=bool(case_ids))
+
+    def _hurry(self) -> None:
+        """On the event loop, when the listener has lost its connection: every ticket looks soon."""
+        for tickets in list(self._tickets.values()):
+            for ticket in list(tickets):
+                ticket.hurry()
 
 
 #: the seconds a request has spent in long polls waiting for its case to end, a list of one that the
