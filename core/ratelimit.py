@@ -17,6 +17,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import redis
@@ -68,13 +69,22 @@ class Decision:
 
 
 class LocalLimiter:
-    """GCRA in this process's memory: the stand-in for Redis while it is unreachable."""
+    """GCRA in this process's memory: the stand-in for Redis while it is unreachable.
 
-    #: Buckets kept at most; the ones whose limit has fully recovered go first.
+    At most :attr:`MAX_BUCKETS` buckets are kept, in the order they last counted a request: a new one
+    past the cap pushes out the one counted longest ago (O(1), so memory and the cost of a failed
+    login stay bounded whatever number of addresses fail at once). Before, a full table of buckets
+    still counting was copied whole on every failure and kept growing. The trade-off: a bucket at its
+    limit gets its budget back once the cap's worth of other buckets have counted a failure after it;
+    an attacker who can fail from that many addresses and key prefixes has that many fresh budgets
+    anyway, so pushing one bucket out adds one budget per ``MAX_BUCKETS`` failures (docs/SECURITY.md).
+    """
+
+    #: Buckets kept at most (about 250 bytes each); the one counted longest ago goes first.
     MAX_BUCKETS = 100_000
 
     def __init__(self) -> None:
-        self._tat: dict[str, float] = {}
+        self._tat: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
 
     def _decide(self, bucket: str, per_minute: int, cost: int) -> Decision:
@@ -82,13 +92,16 @@ class LocalLimiter:
         now = time.monotonic()
         with self._lock:
             tat = max(self._tat.get(bucket, now), now)
-            allow_at = tat + interval * max(cost, 1) - interval * per_minute  # as if it were counted
+            # as if it were counted; one product, so the last request of a burst is exact: (tat + 60) - 60
+            # rounded above tat in the minute below each power of two seconds of the clock
+            allow_at = tat - interval * (per_minute - max(cost, 1))
             if allow_at > now:
                 return Decision(False, max(1, math.ceil(allow_at - now)))
             if cost:
-                if len(self._tat) >= self.MAX_BUCKETS:
-                    self._tat = {k: v for k, v in self._tat.items() if v > now}
                 self._tat[bucket] = tat + interval * cost
+                self._tat.move_to_end(bucket)
+                if len(self._tat) > self.MAX_BUCKETS:
+                    self._tat.popitem(last=False)
             return Decision(True, 0)
 
     def hit(self, bucket: str, per_minute: int, *, cost: int = 1) -> Decision:
