@@ -14,6 +14,7 @@ from PIL import Image
 from tests import support
 from tests.api.test_cases import rows_for, wait_done
 from tests.ml.test_images import encode, png_chunk, png_declaring, repeated_scan
+from tests.ml.test_jpeg_segments import photoshop, with_segments
 from tests.ml.test_structure import tiff_with_sub_directory
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -78,6 +79,11 @@ HOSTILE_FILES = {
         lambda j: repeated_scan(encode(Image.open(io.BytesIO(j)), "JPEG", progressive=True), 1000),
         422,
         "decompression_bomb",
+    ),
+    "jpeg with 10,000 photoshop resources (25 MiB of them: 4 s in Pillow's header parse)": (
+        lambda j: with_segments(j, [photoshop(5000)] * 2),
+        422,
+        "corrupt",
     ),
     "truncated jpeg": (lambda j: j[: len(j) * 2 // 3], 422, "truncated"),
     "truncated png": (
