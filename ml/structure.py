@@ -3,8 +3,8 @@
 Pillow parses a file's headers in Python, and some structures that fit the byte and pixel caps cost
 far more than their pixels (measured by a review with Pillow 13 on this project's 2-core VM):
 
-- **JPEG**: scans repeated, fill bytes, arithmetic coding, floods of quantization tables, Photoshop
-  resources or EXIF segments, which Pillow parses in Python (:mod:`ml.jpeg_scans`).
+- **JPEG**: scans repeated, fill bytes, arithmetic coding, floods of frame headers, quantization
+  tables, Photoshop resources or EXIF segments, which Pillow parses in Python (:mod:`ml.jpeg_scans`).
 - **TIFF**: one tile per entry of StripOffsets or TileOffsets, whatever the image's size: a 32x32
   image with a million offsets (a 1 MB file) took 4.5 s and 237 MiB inside ``Image.open``, before any
   decode budget was reserved; a numeric tag of 500,000 rationals, 0.8 s. The first directory's entries
@@ -100,8 +100,8 @@ def _jpeg(counted: jpeg_scans.Walk) -> tuple[str, str] | None:
     if counted.parsed.too_many():
         return (
             "corrupt",
-            "the JPEG file has more quantization tables, Photoshop resources or EXIF segments than a JPEG has; "
-            "export the image again without its metadata",
+            "the JPEG file has more frame headers, quantization tables, Photoshop resources or EXIF segments "
+            "than a JPEG has; export the image again, without its metadata",
         )
     if counted.arithmetic:
         return "unsupported_format", "the JPEG file is arithmetic-coded; send a baseline or progressive JPEG"
