@@ -4,7 +4,9 @@ An entry ``ml/registry/<model-id>/`` holds ``weights.safetensors``, ``manifest.j
 ``model_card.md`` (with its plots). The manifest's ``files`` records the SHA-256 of every file a
 model is loaded from (the weights, the ONNX graphs, the out-of-distribution gate, the verification
 image); loading reads each once, hashes exactly those bytes and parses them only if the digest
-matches, so a file swapped between check and use is still caught. dermq's model files are never pickles.
+matches, so a file swapped between check and use is still caught. Each is read only if it is a
+regular file (:func:`read_file`): a name leading to a pipe or a device is refused unread. dermq's
+model files are never pickles.
 
 Not recorded and not checked: the manifest itself (the root the digests hang from), the model card,
 its plots, ``report.md`` and ``metrics.json``. Those are documents, except for one figure:
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +55,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_file(path: Path) -> bytes:
+    """The bytes of ``path``, which must be a regular file (a symlink to one is followed).
+
+    Opened without blocking and checked before it is read: a name that leads to a pipe, a socket or a
+    device would otherwise hang the reader (a FIFO with no writer) or fill its memory (``/dev/zero``)
+    before any digest could refuse it. Raises :class:`RegistryError` for anything but a regular file
+    and ``FileNotFoundError`` or another ``OSError`` as :func:`open` does."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise RegistryError(f"{path.parent.name}/{path.name} is not a regular file, so it is not read")
+        return handle.read()
+
+
 def resolve(model: str | Path) -> Path:
     """An entry's folder from a path, or from a model id under the packaged registry."""
     path = Path(model)
@@ -67,10 +85,12 @@ def read_manifest(entry: str | Path) -> dict[str, Any]:
     folder = resolve(entry)
     path = folder / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_file(path))
     except FileNotFoundError:
         raise RegistryError(f"{folder} has no {MANIFEST}") from None
-    except json.JSONDecodeError as exc:
+    except OSError as exc:
+        raise RegistryError(f"{path} cannot be read ({type(exc).__name__})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RegistryError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
         raise RegistryError(f"{path} is not a dermq manifest (schema_version {SCHEMA_VERSION})")
@@ -91,7 +111,7 @@ def read_verified(entry: str | Path, artefact: str) -> bytes:
     if Path(name).name != name or name in ("", ".", ".."):
         raise RegistryError(f"{folder.name}: manifest file name {name!r} must be a file name, without a path")
     try:
-        data = (folder / name).read_bytes()
+        data = read_file(folder / name)
     except FileNotFoundError:
         raise RegistryError(f"{folder.name}: {name} is missing") from None
     except OSError as exc:
@@ -160,7 +180,7 @@ def mel_sensitivity_floor(model_id: str, *, configured: str | Path | None = None
             return None
         folder = REGISTRY_DIR / model_id
     try:
-        metrics = json.loads((folder / METRICS).read_text())
+        metrics = json.loads(read_file(folder / METRICS))
         return float(metrics["assessment"]["per_image"]["mel_sensitivity"]["ci95"][0])
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (RegistryError, OSError, ValueError, KeyError, TypeError, IndexError):
         return None

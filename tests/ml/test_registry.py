@@ -93,3 +93,46 @@ def test_a_malformed_file_record_is_a_failed_check_not_a_crash(tiny_entry: Path,
 
     failed = [name for name, passed, _ in verify_entry(tiny_entry) if not passed]
     assert failed and failed[0].startswith("sha256")
+
+
+@pytest.mark.parametrize("artefact", ["manifest", "weights"])
+def test_a_file_that_leads_to_a_pipe_is_refused_at_once_not_waited_on(
+    tiny_entry: Path, tmp_path: Path, artefact: str
+) -> None:
+    # A tampered entry whose file is a symlink to a FIFO outside it: reading it would wait for a writer
+    # for ever (a worker's model load, and every case waiting on it, hung); it is refused instead.
+    import os
+    import threading
+
+    fifo = tmp_path / "elsewhere"
+    os.mkfifo(fifo)
+    name = "manifest.json" if artefact == "manifest" else "weights.safetensors"
+    (tiny_entry / name).unlink()
+    (tiny_entry / name).symlink_to(fifo)
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            Predictor.load(tiny_entry, device="cpu")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    loading = threading.Thread(target=load, daemon=True)
+    loading.start()
+    loading.join(timeout=30)
+    if loading.is_alive():  # a writer that closes at once ends the read, and the thread with it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        loading.join(timeout=30)
+        pytest.fail("loading the entry waited on the pipe")
+    assert len(outcome) == 1 and isinstance(outcome[0], registry.RegistryError)
+    assert "not a regular file" in str(outcome[0])
+
+
+def test_a_file_that_leads_to_a_device_is_refused_before_it_is_read(tiny_entry: Path) -> None:
+    # /dev/zero never ends: read whole to hash it, it would take the worker's memory first
+    weights = tiny_entry / "weights.safetensors"
+    weights.unlink()
+    weights.symlink_to("/dev/zero")
+    with pytest.raises(registry.RegistryError, match="not a regular file"):
+        registry.read_verified(tiny_entry, "weights")
