@@ -29,6 +29,17 @@ def _active_entry(model_setting: str) -> Any:
         return None
 
 
+def _field(manifest: dict[str, Any], *keys: str) -> Any:
+    """``manifest[k1][k2]...``; None where a level is missing or is not an object (a malformed manifest,
+    which ``dermq model verify`` fails: the listing still shows every other entry)."""
+    value: Any = manifest
+    for name in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(name)
+    return value
+
+
 def _rows(active: Any) -> list[dict[str, Any]]:
     from ml import registry
 
@@ -36,15 +47,14 @@ def _rows(active: Any) -> list[dict[str, Any]]:
     for folder, manifest, error in registry.entries():
         row: dict[str, Any] = {"id": folder.name, "active": folder.resolve() == active, "error": error}
         if manifest is not None:
-            test = manifest.get("metrics", {}).get("test", {})
             row.update(
                 {
                     "version": manifest.get("version"),
                     "architecture": manifest.get("architecture"),
                     "created_at": manifest.get("created_at"),
-                    "weights_sha256": manifest.get("files", {}).get("weights", {}).get("sha256"),
-                    "balanced_accuracy": test.get("balanced_accuracy"),
-                    "default_backend": manifest.get("serving", {}).get("default_backend", "torch"),
+                    "weights_sha256": _field(manifest, "files", "weights", "sha256"),
+                    "balanced_accuracy": _field(manifest, "metrics", "test", "balanced_accuracy"),
+                    "default_backend": _field(manifest, "serving", "default_backend") or "torch",
                 }
             )
         rows.append(row)
@@ -65,11 +75,11 @@ def list_models(as_json: bool) -> int:
         if row["error"]:
             click.echo(f"{mark} {row['id']}  UNUSABLE: {row['error']}")
             continue
-        bacc = row["balanced_accuracy"]
+        bacc, digest = row["balanced_accuracy"], row["weights_sha256"]
         click.echo(
             f"{mark} {row['id']}  v{row['version']}  {row['architecture']}  created {row['created_at']}  "
-            f"test balanced accuracy {bacc:.3f}  sha256 {row['weights_sha256'][:16]}..."
-            if isinstance(bacc, float)
+            f"test balanced accuracy {bacc:.3f}  sha256 {digest[:16]}..."
+            if isinstance(bacc, float) and isinstance(digest, str)
             else f"{mark} {row['id']}  v{row['version']}"
         )
     if active is None:

@@ -149,8 +149,10 @@ def record_file(entry: Path, artefact: str, name: str, **extra: Any) -> dict[str
     return record
 
 
-def entries(root: Path = REGISTRY_DIR) -> Iterator[tuple[Path, dict[str, Any] | None, str | None]]:
-    """Each folder under ``root`` with its manifest, or the reason it has none usable."""
+def entries(root: Path | None = None) -> Iterator[tuple[Path, dict[str, Any] | None, str | None]]:
+    """Each folder under ``root`` (default: the packaged registry) with its manifest, or the reason it
+    has none usable."""
+    root = REGISTRY_DIR if root is None else root
     if not root.is_dir():
         return
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):

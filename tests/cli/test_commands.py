@@ -125,6 +125,51 @@ def test_drift_report_without_numpy_says_where_to_run_it_and_exits_2() -> None:
     assert "needs numpy" in run.stderr and "worker container" in run.stderr
 
 
+def _tiny_entries(root: Path, verification_image: Path) -> Path:
+    """Two tiny registry entries under ``root``, each with its known answer: ``good-v1`` intact and
+    ``odd-v1`` (returned), whose manifest holds a list, a string and an array where objects belong."""
+    from ml import registry
+    from ml.entry import record_verification
+    from tests.ml.conftest import save_tiny_entry
+
+    good, odd = save_tiny_entry(root / "good-v1"), save_tiny_entry(root / "odd-v1")
+    for entry in (good, odd):
+        record_verification(entry, verification_image)
+    manifest = registry.read_manifest(odd)
+    manifest.update({"serving": [], "metrics": "none", "verification": "recorded"})
+    registry.write_json_atomic(odd / registry.MANIFEST, manifest)
+    return odd
+
+
+def test_a_malformed_manifest_is_a_failed_check_of_its_entry_not_a_traceback(tmp_path: Path, fixture_images) -> None:  # type: ignore[no-untyped-def]
+    """One entry whose manifest had a list where an object belongs made `dermq model list` end in a
+    traceback, showing no entry at all; and a malformed known-answer record made `dermq model verify`
+    end in one instead of saying which check failed."""
+    odd = _tiny_entries(tmp_path / "registry", fixture_images["ISIC_0024313"])
+    listing = (
+        "import sys; from pathlib import Path; from ml import registry; import cli.main; "
+        "registry.REGISTRY_DIR = Path(sys.argv[1]); sys.exit(cli.main.main(['model', 'list', *sys.argv[2:]]))"
+    )
+    for extra in ([], ["--json"]):
+        listed = subprocess.run(
+            [sys.executable, "-c", listing, str(tmp_path / "registry"), *extra],
+            capture_output=True,
+            text=True,
+            cwd=support.ROOT,
+            timeout=120,
+        )
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+        assert "good-v1" in listed.stdout and "odd-v1" in listed.stdout
+    rows = {row["id"]: row for row in json.loads(listed.stdout)}
+    assert len(rows["good-v1"]["weights_sha256"]) == 64 and rows["odd-v1"]["balanced_accuracy"] is None
+    verified = subprocess.run(
+        [*support.DERMQ, "model", "verify", str(odd)], capture_output=True, text=True, cwd=support.ROOT, timeout=300
+    )
+    assert verified.returncode == 1 and "Traceback" not in verified.stderr, verified.stderr
+    assert "FAIL  known answer: the manifest's verification record is malformed" in verified.stdout
+    assert "MODEL FAILED VERIFICATION" in verified.stdout
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
