@@ -119,7 +119,7 @@ class Predictor:
         target = torch.device("cpu") if backend in backends.ONNX_FILES and device == "auto" else resolve_device(device)
         try:  # a field the entry lacks or mistypes is the entry's fault, told as such (not a KeyError)
             return cls._load_entry(entry, manifest, backend, target, threads, **kwargs)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:  # AttributeError: a list where an object belongs
             raise registry.RegistryError(f"{entry.name}: the manifest lacks or mistypes {exc}") from exc
 
     @classmethod

@@ -53,6 +53,17 @@ def test_class_order_must_match(tiny_entry: Path) -> None:
         Predictor.load(tiny_entry, device="cpu")
 
 
+@pytest.mark.parametrize("field", ["serving", "architecture"])
+def test_a_list_where_the_manifest_needs_an_object_or_a_name_is_a_registry_error(tiny_entry: Path, field: str) -> None:
+    # an AttributeError escaped: a worker then failed each case as a crash while classifying, not as a
+    # model that did not load (no model_load_failed in its log, and not the clinic's "model not loaded")
+    manifest = registry.read_manifest(tiny_entry)
+    manifest[field] = []
+    (tiny_entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(registry.RegistryError, match="lacks or mistypes"):
+        Predictor.load(tiny_entry, device="cpu")
+
+
 def test_not_a_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(registry.RegistryError, match="not valid JSON"):
