@@ -19,13 +19,14 @@ under the lock.
 from __future__ import annotations
 
 import logging
+import uuid
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, not_, or_, select, text
+from sqlalchemy import ColumnElement, and_, func, not_, or_, select, text
 from sqlalchemy.orm import Session
 
 from core import audit, deferred
@@ -207,8 +208,6 @@ def destroy_period(
 ) -> dict[str, Any]:
     """Destroy ``period``'s key (audited): refused while the period has not ended, and while cases of it
     are live unless ``force`` (which purges them first). Returns what was done."""
-    from core import retention
-
     try:
         start, end = bounds(period)
     except ValueError as exc:
@@ -237,13 +236,9 @@ def destroy_period(
     for _ in range(ROUNDS):
         while force:  # row locks are taken here, never while holding the period: no lock cycle with a sealer
             with session_scope(settings) as session:  # a transaction per batch: a month may hold many thousands
-                batch = session.scalars(
-                    select(Case).where(or_(live_in_period, sealed_under)).order_by(Case.id).limit(PURGE_BATCH)
-                ).all()
-                for case in batch:  # a purged case is neither live nor holds a blob: the next batch moves on
-                    retention.purge_case(session, case, actor=actor, reason="period_key_destroyed")
-            purged += len(batch)
-            if len(batch) < PURGE_BATCH:
+                seen, done = _purge_batch(session, or_(live_in_period, sealed_under), blobs, actor)
+            purged += done
+            if seen < PURGE_BATCH:
                 break
         with session_scope(settings) as session:
             _hold(session, period, exclusive=True)  # waits for every transaction sealing under it
@@ -282,6 +277,30 @@ def destroy_period(
     raise Conflict(
         f"cases of period {period} kept appearing while they were purged; try again", code="period_has_live_cases"
     )
+
+
+def _purge_batch(session: Session, due: ColumnElement[bool], blobs: str, actor: audit.Actor) -> tuple[int, int]:
+    """Purge a batch of the cases a forced destruction must purge first (``due``); returns how many it
+    looked at and how many it purged. The cases are locked first, and one that retention or an erasure
+    purged meanwhile (the lock waited for it) is passed over: purged twice, it was recorded twice, two
+    ``case.purge`` events for one case. The lock's recheck of ``due`` does not tell: the list of the
+    period's blobs it reads once, before the wait, still holds the case's."""
+    from core import retention  # it imports this module
+
+    batch = session.scalars(select(Case).where(due).order_by(Case.id).limit(PURGE_BATCH).with_for_update()).all()
+    done = 0
+    for case in batch:  # a purged case is neither live nor holds a blob: the next batch moves on
+        if case.status == CaseStatus.PURGED.value and not _holds_blobs(session, case.id, blobs):
+            continue
+        retention.purge_case(session, case, actor=actor, reason="period_key_destroyed")
+        done += 1
+    return len(batch), done
+
+
+def _holds_blobs(session: Session, case_id: uuid.UUID, blobs: str) -> bool:
+    """Whether the case still has a blob sealed under the period's key ``blobs``."""
+    held = select(CaseBlob.case_id).where(CaseBlob.case_id == case_id, CaseBlob.kek_id == blobs).limit(1)
+    return session.scalar(held) is not None
 
 
 _RECORDED = select(AuditEvent.entity_id).where(
