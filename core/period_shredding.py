@@ -324,8 +324,10 @@ def destroy_expired(
     settings: Settings, *, failed: Callable[[str, Exception], None], now: datetime | None = None
 ) -> list[str]:
     """Retention: destroy every period whose cases are all purged and whose end lies more than the
-    retention plus the grace in the past; returns the periods destroyed. A period that still has a
-    live case is left (``dermq keys periods`` shows it). A period whose destruction fails (its key file
+    retention plus the grace in the past; returns the periods this run destroyed (not one that another
+    run, a second beat's or the command's, destroyed while this one waited for the period's lock: that
+    run names it, and the audit trail records one destruction). A period that still has a live case is
+    left (``dermq keys periods`` shows it). A period whose destruction fails (its key file
     cannot be deleted, say) is handed to ``failed`` with the error, and the others are destroyed all the
     same (they waited behind it for as long as it failed); a database that cannot be reached ends it."""
     if settings.period_key_folder is None:
@@ -340,7 +342,7 @@ def destroy_expired(
         if entry.destroyed_at is None and bounds(entry.period)[1] + margin > at:
             continue
         try:  # a period with a live case is skipped quietly, run after run, until its cases are purged
-            destroy_period(settings, entry.period, reason="retention", now=at, audit_refusal=False)
+            done = destroy_period(settings, entry.period, reason="retention", now=at, audit_refusal=False)
         except Conflict:
             continue
         except STEP_FAILURES as exc:
@@ -348,7 +350,8 @@ def destroy_expired(
                 raise  # every other period would fail the same way
             failed(entry.period, exc)
             continue
-        destroyed.append(entry.period)
+        if not done.get("already"):  # else another run destroyed it meanwhile (a second beat, the command)
+            destroyed.append(entry.period)
     return destroyed
 
 

@@ -91,3 +91,31 @@ def test_a_forced_destruction_does_not_purge_again_a_case_retention_purged_meanw
     assert [event["reason"] for event in purges] == ["retention"]  # one purge, one event
     assert outcome["done"]["purged"] == 0  # and the destruction says it purged nothing
     assert keyring.periods.destroyed(PERIOD)
+
+
+def test_two_retention_runs_each_say_only_what_they_destroyed(own: Settings, keyring: Keyring) -> None:
+    """Two runs of retention at once (two beats, or the command beside beat's purge) both find a period
+    due and wait for its lock: the one that gets it second found it destroyed, and used to report it
+    destroyed too (in its task's result, and `dermq case purge-expired` printed it)."""
+    assert keyring.periods is not None
+    period = "2019-03"
+    keyring.periods.ensure(period)
+    runs: list[list[str]] = []
+
+    def run() -> None:
+        runs.append(period_shredding.destroy_expired(own, failed=lambda *_: None))
+
+    with session_scope(own) as session:  # a transaction sealing under the period holds both runs back
+        held = "SELECT pg_advisory_xact_lock_shared(:c, :k)"
+        session.execute(text(held), {"c": period_shredding.LOCK_CLASS, "k": period_shredding._lock_key(period)})
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        support.wait_for(lambda: _waiting(own, 2), timeout=4, interval=0.05, what="both runs to wait")
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert len(runs) == 2
+    assert sorted(period in destroyed for destroyed in runs) == [False, True], runs
+    assert len(_events(own, "keys.destroy_period", kek_id(period))) == 1
+    assert keyring.periods.destroyed(period)
