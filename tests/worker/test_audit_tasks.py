@@ -57,3 +57,26 @@ def test_seal_and_check_tasks_on_a_real_worker(settings, worker, redis_client) -
     raw = support.wait_for(lambda: redis_client.get(AUDIT_CHECK_KEY), timeout=30, what="the metrics flag")
     state = json.loads(raw)
     assert state["ok"] is True and "last_id" not in state and "last_hash" not in state  # no position in Redis
+
+
+def test_the_minutes_check_walks_for_half_the_soft_time_limit_at_most(settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A check stopped by the soft time limit stores nothing and starts over the next minute: with
+    # DERMQ_TASK_SOFT_TIME_LIMIT under about 35 s, a check catching up on a long log walked its 30 s,
+    # was stopped each minute, and DermqAuditCheckStale stayed on. It takes half the limit at most, as
+    # the sweep and the purge do.
+    from types import SimpleNamespace
+
+    from worker import sealing
+
+    budgets: list[float] = []
+
+    def check(config, keys, *, budget=sealing.CHECK_BUDGET_SECONDS, window=0):  # type: ignore[no-untyped-def]
+        budgets.append(budget)
+        return SimpleNamespace(complete=False, size=0, to_dict=dict)  # under way: nothing stored
+
+    monkeypatch.setattr(sealing, "check", check)
+    monkeypatch.setattr(sealing, "_signing_keys", lambda config: None)
+    for soft, expected in ((20.0, 10.0), (60.0, sealing.CHECK_BUDGET_SECONDS)):
+        monkeypatch.setattr(sealing.app, "dermq_settings", settings.model_copy(update={"task_soft_time_limit": soft}))
+        sealing.audit_check.apply().get()
+        assert budgets.pop() == expected
