@@ -155,6 +155,31 @@ def verify_entry(entry: str | Path) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def check_known_answer(entry: str | Path, predictor: Any) -> None:
+    """What a worker runs once it has loaded ``predictor`` from ``entry``, before it serves: the
+    entry's verification image gives the recorded answer (the same label, probabilities within the
+    record's tolerance; an int8 graph's within :data:`INT8_TOLERANCE`), or
+    :class:`~ml.registry.KnownAnswerDiffers`. The digests prove the files are the ones recorded, but
+    not the manifest they hang from: a manifest edited in a way that stays well formed (another input
+    size, calibration or decision rule) loads and would serve other answers; so would an engine or a
+    device that computes differently. An entry that records no known answer (none of dermq's) passes."""
+    folder = registry.resolve(entry)
+    expected = registry.read_manifest(folder).get("verification")
+    if not expected:
+        return
+    try:
+        recorded = float(expected.get("tolerance", VERIFICATION_TOLERANCE))
+        tolerance = INT8_TOLERANCE if predictor.backend.name == "onnx-int8" else recorded
+        _, passed, detail = _known_answer(folder, predictor, expected, "", tolerance)
+    except registry.RegistryError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise registry.RegistryError(f"{folder.name}: the manifest's verification record is malformed") from exc
+    if not passed:
+        on = str(predictor.device)
+        raise registry.KnownAnswerDiffers(f"{folder.name} on {predictor.info.backend} ({on}): {detail}", on)
+
+
 def _predictor(entry: Path, backend: str) -> Any:
     from ml.predictor import Predictor
 

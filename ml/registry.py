@@ -8,7 +8,8 @@ matches, so a file swapped between check and use is still caught. Each is read o
 regular file (:func:`read_file`): a name leading to a pipe or a device is refused unread. dermq's
 model files are never pickles.
 
-Not recorded and not checked: the manifest itself (the root the digests hang from), the model card,
+Not recorded: the manifest itself (the root the digests hang from); a worker checks what it answers
+instead, once the model is loaded (:func:`ml.entry.check_known_answer`). Not checked: the model card,
 its plots, ``report.md`` and ``metrics.json``. Those are documents, except for one figure:
 :func:`mel_sensitivity_floor` reads the field alert's melanoma-sensitivity floor from
 ``metrics.json`` unchecked, so an edited file moves that alert's threshold (never an answer). The
@@ -41,6 +42,16 @@ class RegistryError(RuntimeError):
 
 class IntegrityError(RegistryError):
     """A file's SHA-256 differs from the one its manifest records (tampered or corrupted)."""
+
+
+class KnownAnswerDiffers(RegistryError):
+    """The loaded model does not give the answer its entry recorded for the entry's own verification
+    image (:func:`ml.entry.check_known_answer`): the manifest, the engine or the device changed the answer.
+    ``device``: the one it ran on (``cpu``, ``cuda``, ``cuda:1``)."""
+
+    def __init__(self, message: str, device: str = "cpu") -> None:
+        super().__init__(message)
+        self.device = device
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -169,6 +169,7 @@ def warm_batch_shapes(settings: Settings, predictor: Predictor) -> None:
 
 
 def _loaded_and_warm(settings: Settings, device: str, threads: int) -> Predictor:
+    from ml.entry import check_known_answer
     from ml.predictor import Predictor
 
     predictor = Predictor.load(
@@ -178,6 +179,7 @@ def _loaded_and_warm(settings: Settings, device: str, threads: int) -> Predictor
         threads=threads,
         overlay_max_side=settings.overlay_max_side,
     )
+    check_known_answer(settings.model, predictor)  # before it serves: the answer its entry recorded
     predictor.warm_up(rounds=1)
     if predictor.device.type == "cuda" and batching_enabled(settings):
         warm_batch_shapes(settings, predictor)
@@ -207,7 +209,7 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
     """The configured model on ``device``, warmed up; :class:`ModelUnavailable` if it fails its checks."""
     import torch
 
-    from ml.registry import RegistryError
+    from ml.registry import KnownAnswerDiffers, RegistryError
 
     # Each prefork child gets its share of the cores unless told otherwise: N children x N threads
     # each would oversubscribe the CPU and run slower than either alone.
@@ -224,7 +226,15 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
             raise
         unusable_card = "full"  # handled below: this handler's traceback still holds the half-loaded model
     except Exception as exc:
-        if device != "cpu" and device_failed(exc):
+        if isinstance(exc, KnownAnswerDiffers) and exc.device != "cpu":
+            # the card computes other answers than the CPU the entry was verified on: served on the CPU,
+            # whose own check decides (a manifest that lies fails there too)
+            log.error(
+                "the GPU does not give the model's known answer",
+                extra={"event": "known_answer_differs", "model_id": settings.model, "device": exc.device},
+            )
+            unusable_card = "failed"
+        elif device != "cpu" and device_failed(exc):
             # a GPU that fails before the model ever ran (no kernel for its architecture, a card off the
             # bus): a new child would meet the same card, and failing each case it took would fail the
             # shared queue's cases that other hosts could classify

@@ -148,3 +148,22 @@ def test_a_file_that_leads_to_a_device_is_refused_before_it_is_read(tiny_entry: 
     weights.symlink_to("/dev/null")
     with pytest.raises(registry.RegistryError, match="not a regular file"):
         registry.read_verified(tiny_entry, "weights")
+
+
+def test_a_well_formed_manifest_that_changes_the_answer_fails_the_known_answer(
+    tiny_entry: Path, fixture_images: dict[str, Path]
+) -> None:
+    # The digests cover the files, not the manifest they hang from: an edited calibration (or input
+    # size, or decision rule) loaded cleanly and served other answers. A worker checks the entry's own
+    # known answer once it has loaded the model, before it serves (worker.runtime).
+    from ml.entry import check_known_answer, record_verification
+
+    record_verification(tiny_entry, next(iter(fixture_images.values())))
+    check_known_answer(tiny_entry, Predictor.load(tiny_entry, device="cpu"))  # as recorded: it serves
+    manifest = registry.read_manifest(tiny_entry)
+    manifest["decision"]["calibration"] = {"method": "temperature", "temperature": 0.05}  # sharper, well formed
+    (tiny_entry / "manifest.json").write_text(json.dumps(manifest))
+    edited = Predictor.load(tiny_entry, device="cpu")  # it loads: every file's digest is the record's
+    with pytest.raises(registry.KnownAnswerDiffers, match="largest probability difference") as caught:
+        check_known_answer(tiny_entry, edited)
+    assert caught.value.device == "cpu"

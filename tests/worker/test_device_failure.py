@@ -133,6 +133,35 @@ def test_a_gpu_that_fails_while_the_model_loads_leaves_the_child_serving_on_the_
     assert predictor.device.type == "cpu"
 
 
+def test_a_gpu_that_does_not_give_the_known_answer_leaves_the_child_serving_on_the_cpu(
+    own_database: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry's known answer was recorded on a CPU: a card that computes another (its kernels, its
+    driver) is not served from, and the model is not refused either: the CPU's own check decides."""
+    from ml import entry
+    from ml.registry import KnownAnswerDiffers
+
+    real_check = entry.check_known_answer
+    devices: list[str] = []
+
+    def check_failing_on_the_gpu(model: str, predictor: object, device: str = "cpu") -> None:
+        devices.append(device)
+        if device != "cpu":
+            raise KnownAnswerDiffers("label mel (expected nv)", device)
+        real_check(model, predictor)
+
+    real_load = runtime._loaded_and_warm
+
+    def loaded(settings: Settings, device: str, threads: int) -> object:
+        # the model on the CPU (no GPU here), checked as if it ran on ``device``
+        monkeypatch.setattr(entry, "check_known_answer", lambda m, p: check_failing_on_the_gpu(m, p, device))
+        return real_load(settings, "cpu", threads)
+
+    monkeypatch.setattr(runtime, "_loaded_and_warm", loaded)
+    predictor = runtime.load_predictor(own_database, "cuda")
+    assert predictor.device.type == "cpu" and devices == ["cuda", "cpu"]
+
+
 def test_which_errors_mean_the_gpu_has_failed() -> None:
     assert runtime.device_failed(torch.AcceleratorError(ILLEGAL_ACCESS))
     assert runtime.device_failed(RuntimeError("CUDA error: device-side assert triggered"))

@@ -1,8 +1,10 @@
-"""A weights file changed by one byte: the worker refuses it, the case fails with model_error, and
-the worker stays up."""
+"""A weights file changed by one byte, or a manifest edited so that it stays well formed but changes
+the answers (its digests cover the files, not itself): the worker refuses the model, the case fails
+with model_error, and the worker stays up."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,15 +18,27 @@ from tests.worker.test_tasks import wait_terminal
 pytestmark = pytest.mark.usefixtures("database")
 
 
-def test_tampered_weights_fail_the_case_not_the_worker(
-    stack_env, stack_dir: Path, tmp_path: Path, settings, tenant, store_case, jpeg_bytes: bytes, private_broker
-) -> None:  # type: ignore[no-untyped-def]
-    entry = tmp_path / "tampered-entry"
-    shutil.copytree(registry.resolve(settings.model), entry)
+def _flip_a_weights_byte(entry: Path) -> None:
     weights = entry / "weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
+
+
+def _sharpen_the_calibration(entry: Path) -> None:
+    # well formed, every file's digest still the record's: it loads, and its probabilities are other ones
+    manifest = registry.read_manifest(entry)
+    manifest["decision"]["calibration"]["temperature"] /= 4
+    (entry / registry.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("tamper", [_flip_a_weights_byte, _sharpen_the_calibration], ids=["weights", "manifest"])
+def test_a_tampered_model_fails_the_case_not_the_worker(
+    stack_env, stack_dir: Path, tmp_path: Path, settings, tenant, store_case, jpeg_bytes: bytes, private_broker, tamper
+) -> None:  # type: ignore[no-untyped-def]
+    entry = tmp_path / "tampered-entry"
+    shutil.copytree(registry.resolve(settings.model), entry)
+    tamper(entry)
     # A broker of its own (a private redis-server), so that no other worker takes these messages.
     broker = private_broker
     worker = None
