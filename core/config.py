@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core import db_tls
+from core import connection_urls, db_tls
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "example"}
@@ -317,6 +317,13 @@ class Settings(BaseSettings):
             )
         if self.environment == "production" and self.keys_json is None and self.key_file is None:
             raise ValueError("production needs DERMQ_KEY_FILE or DERMQ_KEYS_JSON")
+        # first: a URL read with part of its password as the host or port would print that part
+        for problem in (
+            connection_urls.database_url_problem(self.database_url),
+            connection_urls.redis_url_problem(self.redis_url),
+        ):
+            if problem:
+                raise ValueError(problem)
         if self.environment == "production" and (problem := db_tls.transport_problem(self.database_url)):
             raise ValueError(problem)
         for name, url in (("DERMQ_DATABASE_URL", self.database_url), ("DERMQ_REDIS_URL", self.redis_url)):

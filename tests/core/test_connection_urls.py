@@ -1,0 +1,82 @@
+"""Connection URLs whose password is not percent-encoded where it must be (core/connection_urls.py):
+refused when the settings are read, in every environment, naming the setting and never a part of
+the password. Before, the clients read part of the password as the host or the port, and the API,
+the workers, beat and Flower printed it at start (the database's refusal or connection error named
+"<rest of the password>@postgres"; a Redis URL's traceback ended "Port could not be cast to integer
+value as '<start of the password>'")."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from pydantic import ValidationError
+
+from core.config import Settings
+from tests import support
+
+#: the two halves of a password, around the character that must be percent-encoded
+HEAD, TAIL = "Pw7head", "Qx4tail"
+CA = "sslmode=verify-full&sslrootcert=/run/secrets/postgres-ca.crt"
+DATABASE = f"postgresql+psycopg2://dermq_app:{HEAD}@{TAIL}@postgres:5432/dermq?{CA}"
+REDIS = [f"redis://:{HEAD}{mark}{TAIL}@redis:6379/0" for mark in "/?#"] + [
+    f"redis://dermq:{HEAD}/{TAIL}@redis:6379/0",
+    f"rediss://:{HEAD}?{TAIL}@redis:6380/0",
+]
+MALFORMED = [("database_url", DATABASE), *(("redis_url", url) for url in REDIS)]
+
+
+@pytest.mark.parametrize("environment", ["development", "production"])
+@pytest.mark.parametrize(("field", "url"), MALFORMED)
+def test_a_password_that_would_be_read_as_the_host_or_port_is_refused(environment: str, field: str, url: str) -> None:
+    with pytest.raises(ValidationError, match=f"DERMQ_{field.upper()} cannot be read") as refused:
+        Settings(environment=environment, **{field: url})
+    message = str(refused.value)
+    assert HEAD not in message and TAIL not in message, "the refusal must not print a part of the password"
+    assert "percent-encode" in message or "%40" in message, "the message says what to do"
+
+
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        ("database_url", f"postgresql+psycopg2://dermq_app:{HEAD}%40{TAIL}@postgres:5432/dermq?{CA}"),
+        # SQLAlchemy reads '/', '?' and '#' as the password's own up to its first '@'
+        ("database_url", f"postgresql+psycopg2://dermq_app:{HEAD}/?#{TAIL}@postgres:5432/dermq?{CA}"),
+        ("database_url", "postgresql+psycopg2://dermq@/dermq?host=/var/run/postgresql"),
+        ("redis_url", f"redis://:{HEAD}%2F%3F%23{TAIL}@redis:6379/0"),
+        # urllib takes the last '@' of the host part: an '@' in the password reads as it should
+        ("redis_url", f"redis://:{HEAD}@{TAIL}@redis:6379/0"),
+        ("redis_url", "redis://redis:6379/0"),
+        ("redis_url", "rediss://:secret-from-a-store@redis:6380/0?ssl_cert_reqs=required"),
+    ],
+)
+def test_urls_the_clients_read_as_written_are_taken(field: str, url: str) -> None:
+    assert getattr(Settings(environment="production", **{field: url}), field) == url
+
+
+@pytest.mark.parametrize(
+    ("command", "field", "url"),
+    [
+        (["dermq-api"], "DERMQ_DATABASE_URL", DATABASE),
+        (["dermq-api"], "DERMQ_REDIS_URL", REDIS[0]),
+        (["celery", "-A", "worker.celery_app", "beat"], "DERMQ_REDIS_URL", REDIS[1]),
+    ],
+)
+def test_a_service_refuses_such_a_url_at_start_and_prints_no_part_of_the_password(
+    stack_env: dict[str, str], command: list[str], field: str, url: str
+) -> None:
+    # the test stack's environment (its key file) as production accepts it, but for the one URL
+    env = {
+        **os.environ,
+        **stack_env,
+        "DERMQ_ENVIRONMENT": "production",
+        "DERMQ_CALLBACK_ALLOW_PRIVATE_URLS": "false",
+        field: url,
+    }
+    argv = [str(support.VENV_BIN / command[0]), *command[1:]]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, "the service started with a URL it cannot read"
+    assert HEAD not in output and TAIL not in output, "the start-up error printed a part of the password"
+    assert f"{field} cannot be read" in output
