@@ -51,9 +51,15 @@ def flower_argv(settings: Settings) -> list[str]:
 def main() -> None:
     from celery.bin.celery import main as celery_main
 
+    from worker.celery_app import app
+
     settings = get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json, component="flower")
     os.environ["FLOWER_BASIC_AUTH"] = basic_auth(settings)
+    # Flower picks the client of its Broker page and queue lengths by the broker URL's scheme, which
+    # the transport the other processes name (core.redis_transport) turns into its module's name:
+    # the page answered 404. Flower publishes nothing that transport speeds up: kombu's own serves it.
+    app.conf.broker_transport = None
     sys.argv = flower_argv(settings)
     celery_main()
 

@@ -130,3 +130,27 @@ def test_flowers_log_lines_are_json_like_every_other_process(stack_env, tmp_path
     entries = [json.loads(line) for line in lines]  # each line one JSON object
     assert {entry["component"] for entry in entries} == {"flower"}
     assert any("Visit me at" in entry["msg"] for entry in entries)
+
+
+def test_flowers_broker_page_shows_the_queues(stack_env, tmp_path: Path, redis_client) -> None:  # type: ignore[no-untyped-def]
+    # docs/OPERATIONS.md: "Flower: the queue and the workers". Its Broker page and queue lengths
+    # answered 404 "'redis' broker is not supported": Flower picks its broker client by the URL's
+    # scheme, and the transport dermq's apps name (core.redis_transport) made it "core.redis_transport:Transport"
+    password = secrets.token_urlsafe(18)
+    port = support.free_port()
+    env = {**stack_env, "DERMQ_FLOWER_PASSWORD": password, "DERMQ_FLOWER_PORT": str(port)}
+    redis_client.lpush("cases", "a message waiting")
+    flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        support.wait_for(lambda: flower_answers(base) or not flower.alive(), timeout=60, what="Flower to listen")
+        assert flower.alive(), flower.output()
+        assert httpx.get(f"{base}/broker", timeout=10).status_code == 401
+        page = httpx.get(f"{base}/broker", timeout=10, auth=("operator", password))
+        assert page.status_code == 200, page.text[:300]
+        lengths = httpx.get(f"{base}/api/queues/length", timeout=10, auth=("operator", password))
+        assert lengths.status_code == 200, lengths.text[:300]
+        queues = {queue["name"]: queue["messages"] for queue in lengths.json()["active_queues"]}
+        assert queues.get("cases") == 1, queues
+    finally:
+        flower.stop()
