@@ -127,7 +127,8 @@ class Settings(BaseSettings):
     #: The reverse proxies (addresses or networks) whose X-Forwarded-For and X-Forwarded-Proto the API
     #: believes: nginx's network in compose, the ingress controllers' pod network in Kubernetes. From
     #: any other peer the headers are ignored (a client talking to the API directly cannot choose the
-    #: address its requests are limited and audited under). "*" trusts everyone: refused in production.
+    #: address its requests are limited and audited under). "*" trusts everyone, as do 0.0.0.0/0 and
+    #: ::/0: refused in production.
     forwarded_allow_ips: list[str] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
@@ -306,10 +307,11 @@ class Settings(BaseSettings):
                 "callback_timeout_seconds and 5 s) must be below broker_visibility_timeout: a callback retry "
                 "waits out its backoff unacknowledged, and Redis would hand it out a second time"
             )
-        if self.environment == "production" and "*" in self.forwarded_allow_ips:
+        everyone = [i for i in self.forwarded_allow_ips if i == "*" or ipaddress.ip_network(i, False).prefixlen == 0]
+        if self.environment == "production" and everyone:
             raise ValueError(
-                "DERMQ_FORWARDED_ALLOW_IPS='*' lets any client choose the address it is audited and limited "
-                "under; name the proxies' addresses or networks"
+                f"DERMQ_FORWARDED_ALLOW_IPS={everyone[0]!r} lets any client choose the address it is audited and "
+                "limited under; name the proxies' addresses or networks"
             )
         if self.environment == "production" and self.callback_allow_private_urls:
             raise ValueError(

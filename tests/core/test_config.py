@@ -244,3 +244,14 @@ def test_a_secret_file_named_in_upper_case_is_checked_too(tmp_path: Path, monkey
         assert get_settings().flower_password.get_secret_value() == "k3y-from-a-secret-store"  # it is read
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("everyone", ["*", "0.0.0.0/0", "::/0", "0.0.0.0/0.0.0.0"])
+def test_production_refuses_trusting_every_address_with_the_forwarded_headers(everyone: str) -> None:
+    # A client that talks to the API directly would choose the address it is limited and audited
+    # under: "*" was refused, but a network of every address (the same trust) was taken.
+    with pytest.raises(ValidationError, match="lets any client choose the address"):
+        Settings(environment="production", forwarded_allow_ips=["10.0.0.0/8", everyone])
+    assert Settings(environment="development", forwarded_allow_ips=[everyone]).forwarded_allow_ips == [everyone]
+    proxies = ["10.0.0.0/8", "fd00::/8"]
+    assert Settings(environment="production", forwarded_allow_ips=proxies).forwarded_allow_ips == proxies
