@@ -15,10 +15,11 @@ import stat
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from core import connection_urls, db_tls
 
@@ -47,12 +48,12 @@ def is_placeholder_password(value: str) -> bool:
 
 
 def _url_password(url: str) -> str | None:
-    """The password a connection URL holds (percent-decoded), or None."""
+    """The password a connection URL holds (percent-decoded), or None; read as SQLAlchemy reads it, to
+    the last ``@`` (``urlsplit`` ends it at a ``/``, judging a generated password by its start)."""
     try:
-        password = urlsplit(url).password
-    except ValueError:  # a port that is not a number: the driver refuses it
+        return make_url(url).password or None
+    except (ArgumentError, ValueError):  # not a URL, or a port that is not a number: the driver refuses it
         return None
-    return unquote(password) if password else None
 
 
 class Settings(BaseSettings):

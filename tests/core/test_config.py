@@ -159,6 +159,8 @@ def test_production_refuses_a_network_database_without_verify_full(url: str, mon
             f"postgresql+psycopg2://dermq_app:REPLACE_ME_APP_PASSWORD@postgres:5432/dermq?sslmode=verify-full&{CA}",
         ),
         ("database_url", f"postgresql+psycopg2://dermq_app:%3Cpassword%3E@postgres/dermq?sslmode=verify-full&{CA}"),
+        # a "/" in it (the driver reads the password to the "@"): judged as no password at all before
+        ("database_url", f"postgresql+psycopg2://u:%3Cfrom/the/vault%3E@postgres/dermq?sslmode=verify-full&{CA}"),
         ("redis_url", "redis://:changeme@redis:6379/0"),
     ],
 )
@@ -170,9 +172,12 @@ def test_production_refuses_a_template_password_in_a_connection_url(field: str, 
     assert getattr(Settings(environment="development", **{field: url}), field) == url
 
 
-@pytest.mark.parametrize("password", ["Xk9%3Ct7QmW2pLz8", "Xk9%3Et7QmW2pLz8", "counterexample-42-Jx9"])
+@pytest.mark.parametrize(
+    "password", ["Xk9%3Ct7QmW2pLz8", "Xk9%3Et7QmW2pLz8", "counterexample-42-Jx9", "admin/Xk9t7QmW2pLz8"]
+)
 def test_production_takes_a_generated_password_that_holds_a_placeholders_characters(password: str) -> None:
-    # "<", ">" and "example" mark a placeholder in Flower's password; in a generated one they are chance
+    # "<", ">" and "example" mark a placeholder in Flower's password; in a generated one they are chance.
+    # A "/" (base64) does not end it: the driver reads it to the "@", and it was judged by its start
     url = f"postgresql+psycopg2://dermq_app:{password}@postgres:5432/dermq?sslmode=verify-full&{CA}"
     assert Settings(environment="production", database_url=url).database_url == url
 
