@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests import processes, support
 
@@ -132,14 +133,20 @@ def test_flowers_log_lines_are_json_like_every_other_process(stack_env, tmp_path
     assert any("Visit me at" in entry["msg"] for entry in entries)
 
 
-def test_flowers_broker_page_shows_the_queues(stack_env, tmp_path: Path, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_flowers_broker_page_shows_the_queues(stack_env, tmp_path: Path, private_broker) -> None:  # type: ignore[no-untyped-def]
     # docs/OPERATIONS.md: "Flower: the queue and the workers". Its Broker page and queue lengths
     # answered 404 "'redis' broker is not supported": Flower picks its broker client by the URL's
-    # scheme, and the transport dermq's apps name (core.redis_transport) made it "core.redis_transport:Transport"
+    # scheme, and the transport dermq's apps name (core.redis_transport) made it "core.redis_transport:Transport".
+    # A broker of its own: the message it counts is no task, and no worker may take it
     password = secrets.token_urlsafe(18)
     port = support.free_port()
-    env = {**stack_env, "DERMQ_FLOWER_PASSWORD": password, "DERMQ_FLOWER_PORT": str(port)}
-    redis_client.lpush("cases", "a message waiting")
+    env = {
+        **stack_env,
+        "DERMQ_FLOWER_PASSWORD": password,
+        "DERMQ_FLOWER_PORT": str(port),
+        "DERMQ_REDIS_URL": private_broker.url,
+    }
+    redis.Redis.from_url(private_broker.url).lpush("cases", "a message waiting")
     flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
     base = f"http://127.0.0.1:{port}"
     try:
