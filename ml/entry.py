@@ -155,20 +155,27 @@ def verify_entry(entry: str | Path) -> list[tuple[str, bool, str]]:
     return checks
 
 
-def check_known_answer(entry: str | Path, predictor: Any) -> None:
+def check_known_answer(entry: str | Path, predictor: Any, *, required: bool = False) -> None:
     """What a worker runs once it has loaded ``predictor`` from ``entry``, before it serves: the
-    entry's verification image gives the recorded answer (the same label, probabilities within the
-    record's tolerance; an int8 graph's within :data:`INT8_TOLERANCE`), or
-    :class:`~ml.registry.KnownAnswerDiffers`. The digests prove the files are the ones recorded, but
-    not the manifest they hang from: a manifest edited in a way that stays well formed (another input
-    size, calibration or decision rule) loads and would serve other answers; so would an engine or a
-    device that computes differently. An entry that records no known answer (none of dermq's) passes."""
+    entry's verification image gives the answer the manifest the predictor was loaded from records
+    (the same label, probabilities within :data:`VERIFICATION_TOLERANCE`, or a record's smaller
+    tolerance; an int8 graph's within :data:`INT8_TOLERANCE`), or
+    :class:`~ml.registry.KnownAnswerDiffers`.
+
+    The digests prove the files are the ones recorded, not the manifest they hang from. What this
+    catches: an edit that moves this image's label or probabilities (the input size, the
+    preprocessing, the calibration), and an engine or a device that computes differently. What it
+    does not: an edit that leaves this one image's answer as it was (a referral threshold, the gate's
+    thresholds), or a manifest whose record was edited to match. ``required``: an entry that records no
+    known answer is refused (production); else it passes (an entry written without one, in tests)."""
     folder = registry.resolve(entry)
-    expected = registry.read_manifest(folder).get("verification")
+    expected = predictor.info.manifest.get("verification")
     if not expected:
+        if required:
+            raise registry.RegistryError(f"{folder.name} records no known answer to check before serving")
         return
     try:
-        recorded = float(expected.get("tolerance", VERIFICATION_TOLERANCE))
+        recorded = min(float(expected.get("tolerance", VERIFICATION_TOLERANCE)), VERIFICATION_TOLERANCE)
         tolerance = INT8_TOLERANCE if predictor.backend.name == "onnx-int8" else recorded
         _, passed, detail = _known_answer(folder, predictor, expected, "", tolerance)
     except registry.RegistryError:

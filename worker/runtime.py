@@ -179,7 +179,8 @@ def _loaded_and_warm(settings: Settings, device: str, threads: int) -> Predictor
         threads=threads,
         overlay_max_side=settings.overlay_max_side,
     )
-    check_known_answer(settings.model, predictor)  # before it serves: the answer its entry recorded
+    # before it serves: the answer its entry recorded (an entry without one is refused in production)
+    check_known_answer(settings.model, predictor, required=settings.environment == "production")
     predictor.warm_up(rounds=1)
     if predictor.device.type == "cuda" and batching_enabled(settings):
         warm_batch_shapes(settings, predictor)
@@ -227,13 +228,9 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
         unusable_card = "full"  # handled below: this handler's traceback still holds the half-loaded model
     except Exception as exc:
         if isinstance(exc, KnownAnswerDiffers) and exc.device != "cpu":
-            # the card computes other answers than the CPU the entry was verified on: served on the CPU,
-            # whose own check decides (a manifest that lies fails there too)
-            log.error(
-                "the GPU does not give the model's known answer",
-                extra={"event": "known_answer_differs", "model_id": settings.model, "device": exc.device},
-            )
-            unusable_card = "failed"
+            # another answer than the one recorded on a CPU: the CPU's own check decides whether the card
+            # or the entry (a manifest that lies fails there too) is to blame
+            unusable_card = "differs"
         elif device != "cpu" and device_failed(exc):
             # a GPU that fails before the model ever ran (no kernel for its architecture, a card off the
             # bus): a new child would meet the same card, and failing each case it took would fail the
@@ -250,18 +247,25 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
     if unusable_card:
         # serve on the CPU, slower but every case goes on; dermq_worker_info shows the device, and the
         # next child (max tasks per child) tries the card again
-        log.log(
-            logging.WARNING if unusable_card == "full" else logging.ERROR,
-            "the GPU could not load the model; this child serves on the CPU",
-            extra={
-                "event": "load_out_of_memory" if unusable_card == "full" else "load_device_failed",
-                "model_id": settings.model,
-            },
-        )
+        if unusable_card != "differs":
+            log.log(
+                logging.WARNING if unusable_card == "full" else logging.ERROR,
+                "the GPU could not load the model; this child serves on the CPU",
+                extra={
+                    "event": "load_out_of_memory" if unusable_card == "full" else "load_device_failed",
+                    "model_id": settings.model,
+                },
+            )
         gc.collect()  # what the failed load allocated on the card, given back before the CPU load
-        if unusable_card == "full":
+        if unusable_card != "failed":
             torch.cuda.empty_cache()  # (a failed card's context takes no more calls)
-        return load_predictor(settings, "cpu")
+        served = load_predictor(settings, "cpu")  # ModelUnavailable if the entry is to blame
+        if unusable_card == "differs":  # the CPU gives the recorded answer: the card computes another
+            log.error(
+                "the GPU does not give the model's known answer; this child serves on the CPU",
+                extra={"event": "known_answer_differs", "model_id": settings.model},
+            )
+        return served
     log.info(
         "model loaded",
         extra={

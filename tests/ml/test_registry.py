@@ -167,3 +167,13 @@ def test_a_well_formed_manifest_that_changes_the_answer_fails_the_known_answer(
     with pytest.raises(registry.KnownAnswerDiffers, match="largest probability difference") as caught:
         check_known_answer(tiny_entry, edited)
     assert caught.value.device == "cpu"
+    manifest["verification"]["tolerance"] = 1.0  # the record's own tolerance widened to match: not taken
+    (tiny_entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(registry.KnownAnswerDiffers):
+        check_known_answer(tiny_entry, Predictor.load(tiny_entry, device="cpu"))
+    del manifest["verification"]  # the record removed: refused where one is required (production)
+    (tiny_entry / "manifest.json").write_text(json.dumps(manifest))
+    unrecorded = Predictor.load(tiny_entry, device="cpu")
+    check_known_answer(tiny_entry, unrecorded)
+    with pytest.raises(registry.RegistryError, match="records no known answer"):
+        check_known_answer(tiny_entry, unrecorded, required=True)

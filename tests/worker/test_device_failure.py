@@ -144,17 +144,20 @@ def test_a_gpu_that_does_not_give_the_known_answer_leaves_the_child_serving_on_t
     real_check = entry.check_known_answer
     devices: list[str] = []
 
-    def check_failing_on_the_gpu(model: str, predictor: object, device: str = "cpu") -> None:
+    def check_failing_on_the_gpu(model: str, predictor: object, device: str, required: bool) -> None:
         devices.append(device)
         if device != "cpu":
             raise KnownAnswerDiffers("label mel (expected nv)", device)
-        real_check(model, predictor)
+        real_check(model, predictor, required=required)
 
     real_load = runtime._loaded_and_warm
 
     def loaded(settings: Settings, device: str, threads: int) -> object:
         # the model on the CPU (no GPU here), checked as if it ran on ``device``
-        monkeypatch.setattr(entry, "check_known_answer", lambda m, p: check_failing_on_the_gpu(m, p, device))
+        def check(model: str, predictor: object, *, required: bool = False) -> None:
+            check_failing_on_the_gpu(model, predictor, device, required)
+
+        monkeypatch.setattr(entry, "check_known_answer", check)
         return real_load(settings, "cpu", threads)
 
     monkeypatch.setattr(runtime, "_loaded_and_warm", loaded)
