@@ -22,6 +22,7 @@ is a member of its owner), is a superuser, has CREATEROLE (it could make itself 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.orm import Session
@@ -70,14 +71,16 @@ def create_roles(
     )
 
 
-def hand_over(connection: Connection, owner: str) -> None:
+def hand_over(connection: Connection, owner: str, *, only: Collection[str] | None = None) -> None:
     """Make ``owner`` own the tables and functions already created by another login (an older setup
-    that migrated as the superuser), so that it can run the next migrations."""
+    that migrated as the superuser), so that it can run the next migrations. ``only``: these tables
+    alone (dermq's, in a database other applications may share), not every one in ``public``."""
     tables = connection.scalars(
         text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> :o"), {"o": owner}
     ).all()
     for table in tables:
-        connection.execute(text(f'ALTER TABLE public."{table}" OWNER TO {_quoted(owner)}'))
+        if only is None or table in only:
+            connection.execute(text(f"ALTER TABLE public.{_quoted(table)} OWNER TO {_quoted(owner)}"))
     functions = connection.scalars(
         text(
             "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
@@ -103,7 +106,10 @@ def migration_role(connection: Connection) -> str | None:
             """
             SELECT pg_get_userbyid(d.datdba) AS owner, o.rolsuper AS owner_superuser,
                    pg_get_userbyid(d.datdba) = current_user AS own,
-                   pg_has_role(current_user, d.datdba, 'MEMBER') AS member
+                   -- may SET ROLE to it: a privilege of its own from Postgres 16 on, which a member need
+                   -- not have (a CREATEROLE login is made an ADMIN-only member of the roles it creates)
+                   pg_has_role(current_user, d.datdba, CASE WHEN current_setting('server_version_num')::int
+                                                            >= 160000 THEN 'SET' ELSE 'MEMBER' END) AS member
             FROM pg_database d JOIN pg_roles o ON o.oid = d.datdba
             WHERE d.datname = current_database()
             """
@@ -116,12 +122,15 @@ def migration_role(connection: Connection) -> str | None:
 
 def take_migration_role(connection: Connection) -> str | None:
     """Take :func:`migration_role` for the rest of this session (committed); the role taken, or None.
-    A superuser first hands the owner what its earlier runs created (:func:`hand_over`): else the
-    first migration that alters one of those tables would fail, as the owner's would."""
+    A superuser first hands the owner dermq's tables that its earlier runs created (:func:`hand_over`):
+    else the first migration that alters one of those tables would fail, as the owner's would."""
+    import core.outcome_models  # noqa: F401  (its tables join Base.metadata)
+    from core.models import Base
+
     role = migration_role(connection)
     if role is not None:
         if connection.scalar(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")):
-            hand_over(connection, role)
+            hand_over(connection, role, only={*Base.metadata.tables, "alembic_version"})
         connection.execute(text("SELECT set_config('role', :r, false)"), {"r": role})
     connection.commit()
     return role
@@ -228,7 +237,7 @@ def _may_grant(connection: Connection) -> None:
     """Refuse (:class:`Conflict`, :class:`Forbidden`) a grant that would grant nothing."""
     found = connection.execute(
         text(
-            "SELECT t.tableowner, current_user, pg_has_role(current_user, t.tableowner, 'MEMBER') FROM pg_tables t "
+            "SELECT t.tableowner, current_user, pg_has_role(current_user, t.tableowner, 'USAGE') FROM pg_tables t "
             "WHERE t.schemaname = 'public' AND t.tablename = 'audit_events'"
         )
     ).one_or_none()

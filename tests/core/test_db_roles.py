@@ -104,7 +104,9 @@ def test_an_older_setup_is_handed_over_whole_and_the_owner_can_downgrade(
                 ),
                 {"o": owner},
             ).all()
-        assert others == []
+        assert others == [('their "ledger"', make_url(settings.database_url).username or "root")]
+        with engine.begin() as connection:  # (`dermq db grant` grants on every table in the schema)
+            connection.execute(text('DROP TABLE "their ""ledger"""'))
     finally:
         engine.dispose()
     as_owner = url.set(username=owner).render_as_string(False)
@@ -140,6 +142,8 @@ def test_a_superuser_upgrade_leaves_everything_to_the_owner(settings: Settings, 
     engine = create_engine(url)
     with engine.begin() as connection:  # and one table a superuser's run of an earlier release left its own
         connection.execute(text("ALTER TABLE clinic_callbacks OWNER TO CURRENT_USER"))
+        # and a table that is not dermq's (a DBA's scratch table): not the upgrade's to give away
+        connection.execute(text('CREATE TABLE "their ""ledger""" (id int)'))
     engine.dispose()
     done = _dermq("db", "upgrade", DERMQ_DATABASE_URL=url.render_as_string(False), DERMQ_DATABASE_RUNTIME_ROLE=runtime)
     assert done.returncode == 0, done.stderr
@@ -156,7 +160,9 @@ def test_a_superuser_upgrade_leaves_everything_to_the_owner(settings: Settings, 
                 ),
                 {"o": owner},
             ).all()
-        assert others == []
+        assert others == [('their "ledger"', make_url(settings.database_url).username or "root")]
+        with engine.begin() as connection:  # (`dermq db grant` grants on every table in the schema)
+            connection.execute(text('DROP TABLE "their ""ledger"""'))
     finally:
         engine.dispose()
     # the next release, migrated and granted by the owner again
