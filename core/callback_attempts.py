@@ -1,6 +1,6 @@
 """One attempt at a completion callback, in the database: the notice it sends, the lease that counts
 it, the last look before it is sent (its case not erased, its clinic not deactivated, its callback
-not removed meanwhile), and the record of what the clinic's server answered (the outbox and its
+not removed nor registered again meanwhile), and the record of what the clinic's server answered (the outbox and its
 rules are :mod:`core.callbacks`; the POST around the last look, between the lease and the record,
 is :mod:`worker.callbacks`)."""
 
@@ -93,8 +93,8 @@ class Delivery:
     row: :class:`Held`; the message looks again), ``held_too_long`` (held at every look the message
     may take: it ends, and the delivery, still pending, is the sweeper's) or ``skipped`` (nothing to
     do: nothing pending, another worker holds it or took the row over, or another message made the
-    attempt this one was for). ``attempt``: the attempt made, or for ``cancelled``, ``deferred``,
-    ``early``, ``held`` and ``held_too_long`` the attempts made so far."""
+    attempt this one was for). ``attempt``: the attempt made, or for ``cancelled``, ``reregistered``,
+    ``deferred``, ``early``, ``held`` and ``held_too_long`` the attempts made so far."""
 
     outcome: str
     attempt: int = 0

@@ -33,8 +33,10 @@ steps, so that no row lock and no pooled connection is held while a clinic's ser
    SHARE``), the clinic and its callback (``FOR KEY SHARE``) while the request is handed to the
    socket, and cancels the
    delivery instead if since the lease the case was erased, the clinic deactivated or the callback
-   removed (an erasure, deactivation or removal that comes then waits until the notice is out); the
-   answer read with no transaction open;
+   removed, or gives the attempt back for the message to take again at once if the callback was
+   registered again (a new URL or secret: the connection to the old receiver was opened, the request
+   is not written); an erasure, deactivation, removal or registration that comes then waits until the
+   notice is out; the answer read with no transaction open;
 3. :func:`core.callback_attempts.record_attempt` — a short transaction, fenced by the attempt
    number, records the answer (delivered, retry later, or given up), ends the lease and audits the
    attempt (``callback.deliver``: attempt number and HTTP status, never the body or the secret).

@@ -27,15 +27,16 @@ def test_a_failure_past_the_cap_costs_about_what_one_below_it_does() -> None:
     # before: at the cap with every bucket still counting, each failure rebuilt the whole table under
     # the lock (100,000 buckets copied a failed login, for every caller of this process)
     limiter = LocalLimiter()
-    started = time.perf_counter()
+    started = time.process_time()
     for n in range(LocalLimiter.MAX_BUCKETS):
         limiter.hit(f"authfail:10.{n >> 16}.{(n >> 8) & 255}.{n & 255}:-", 1)
-    below = (time.perf_counter() - started) / LocalLimiter.MAX_BUCKETS
-    started = time.perf_counter()
+    below = (time.process_time() - started) / LocalLimiter.MAX_BUCKETS
+    started = time.process_time()
     for n in range(2_000):
         limiter.hit(f"authfail:2001:db8:{n:x}::/64:-", 1)
-    past = (time.perf_counter() - started) / 2_000
-    assert past < 20 * below, f"{past * 1e6:.0f} us a failure past the cap, {below * 1e6:.1f} us below it"
+    past = (time.process_time() - started) / 2_000
+    # CPU time, not the clock: a pause of the test's process is no cost (before: thousands of times more)
+    assert past < 100 * below, f"{past * 1e6:.0f} us a failure past the cap, {below * 1e6:.1f} us below it"
     assert len(limiter._tat) == LocalLimiter.MAX_BUCKETS
 
 

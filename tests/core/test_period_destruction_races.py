@@ -83,7 +83,7 @@ def test_a_forced_destruction_does_not_purge_again_a_case_retention_purged_meanw
         session.flush()
         destroyer = threading.Thread(target=destroy)
         destroyer.start()
-        support.wait_for(lambda: _waiting(own, 1), timeout=4, interval=0.05, what="the destruction to wait")
+        support.wait_for(lambda: _waiting(own, 1), timeout=30, interval=0.05, what="the destruction to wait")
     destroyer.join(timeout=60)
 
     assert "done" in outcome, outcome
@@ -111,7 +111,7 @@ def test_two_retention_runs_each_say_only_what_they_destroyed(own: Settings, key
         threads = [threading.Thread(target=run) for _ in range(2)]
         for thread in threads:
             thread.start()
-        support.wait_for(lambda: _waiting(own, 2), timeout=4, interval=0.05, what="both runs to wait")
+        support.wait_for(lambda: _waiting(own, 2), timeout=30, interval=0.05, what="both runs to wait")
     for thread in threads:
         thread.join(timeout=60)
 
