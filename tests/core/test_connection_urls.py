@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -64,7 +65,7 @@ def test_urls_the_clients_read_as_written_are_taken(field: str, url: str) -> Non
     ],
 )
 def test_a_service_refuses_such_a_url_at_start_and_prints_no_part_of_the_password(
-    stack_env: dict[str, str], command: list[str], field: str, url: str
+    stack_env: dict[str, str], tmp_path: Path, command: list[str], field: str, url: str
 ) -> None:
     # the test stack's environment (its key file) as production accepts it, but for the one URL
     env = {
@@ -75,7 +76,8 @@ def test_a_service_refuses_such_a_url_at_start_and_prints_no_part_of_the_passwor
         field: url,
     }
     argv = [str(support.VENV_BIN / command[0]), *command[1:]]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    # (in a folder of its own: a beat that started would leave its schedule file in the checkout)
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     output = done.stdout + done.stderr
     assert done.returncode != 0, "the service started with a URL it cannot read"
     assert HEAD not in output and TAIL not in output, "the start-up error printed a part of the password"
