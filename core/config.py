@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from core import connection_urls, db_tls
+from core import connection_urls, db_tls, proxies
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "example"}
@@ -128,8 +128,8 @@ class Settings(BaseSettings):
     #: The reverse proxies (addresses or networks) whose X-Forwarded-For and X-Forwarded-Proto the API
     #: believes: nginx's network in compose, the ingress controllers' pod network in Kubernetes. From
     #: any other peer the headers are ignored (a client talking to the API directly cannot choose the
-    #: address its requests are limited and audited under). "*" trusts everyone, as do 0.0.0.0/0 and
-    #: ::/0: refused in production.
+    #: address its requests are limited and audited under). "*" trusts everyone, as does a network
+    #: larger than a /8 (core.proxies): refused in production.
     forwarded_allow_ips: list[str] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
@@ -308,7 +308,7 @@ class Settings(BaseSettings):
                 "callback_timeout_seconds and 5 s) must be below broker_visibility_timeout: a callback retry "
                 "waits out its backoff unacknowledged, and Redis would hand it out a second time"
             )
-        everyone = [i for i in self.forwarded_allow_ips if i == "*" or ipaddress.ip_network(i, False).prefixlen == 0]
+        everyone = [item for item in self.forwarded_allow_ips if proxies.trusts_every_client(item)]
         if self.environment == "production" and everyone:
             raise ValueError(
                 f"DERMQ_FORWARDED_ALLOW_IPS={everyone[0]!r} lets any client choose the address it is audited and "

@@ -251,12 +251,14 @@ def test_a_secret_file_named_in_upper_case_is_checked_too(tmp_path: Path, monkey
         get_settings.cache_clear()
 
 
-@pytest.mark.parametrize("everyone", ["*", "0.0.0.0/0", "::/0", "0.0.0.0/0.0.0.0"])
+@pytest.mark.parametrize(
+    "everyone", ["*", "0.0.0.0/0", "::/0", "0.0.0.0/0.0.0.0", "128.0.0.0/1", "::ffff:0:0/96", "::/64", "10.0.0.0/7"]
+)
 def test_production_refuses_trusting_every_address_with_the_forwarded_headers(everyone: str) -> None:
     # A client that talks to the API directly would choose the address it is limited and audited
     # under: "*" was refused, but a network of every address (the same trust) was taken.
     with pytest.raises(ValidationError, match="lets any client choose the address"):
         Settings(environment="production", forwarded_allow_ips=["10.0.0.0/8", everyone])
     assert Settings(environment="development", forwarded_allow_ips=[everyone]).forwarded_allow_ips == [everyone]
-    proxies = ["10.0.0.0/8", "fd00::/8"]
+    proxies = ["10.0.0.0/8", "fd00::/8", "::ffff:10.0.0.0/104", "2001:db8::/32", "130.211.0.0/22", "172.20.0.5"]
     assert Settings(environment="production", forwarded_allow_ips=proxies).forwarded_allow_ips == proxies
