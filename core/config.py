@@ -4,7 +4,8 @@ Every process (API, worker, beat, CLI, Alembic) builds it once with :func:`get_s
 it down; nothing else reads the environment. The environment is ``production`` unless another is
 asked for (``make run`` asks for ``development``, the tests for ``test``); unsafe values are refused
 in production, never silently relaxed: among them a database reached over a network without
-``sslmode=verify-full`` (:mod:`core.db_tls`).
+``sslmode=verify-full`` (:mod:`core.db_tls`), and a Redis reached over one without a password
+(:mod:`core.connection_urls`).
 """
 
 from __future__ import annotations
@@ -327,7 +328,9 @@ class Settings(BaseSettings):
         ):
             if problem:
                 raise ValueError(problem)
-        if self.environment == "production" and (problem := db_tls.transport_problem(self.database_url)):
+        if self.environment == "production" and (
+            problem := db_tls.transport_problem(self.database_url) or connection_urls.redis_auth_problem(self.redis_url)
+        ):
             raise ValueError(problem)
         for name, url in (("DERMQ_DATABASE_URL", self.database_url), ("DERMQ_REDIS_URL", self.redis_url)):
             password = _url_password(url)

@@ -9,6 +9,9 @@ in production the refusal of a database reached without ``verify-full`` named th
 integer value as '<start of the password>'``, in a traceback that every process printed at start).
 Such a URL never connects, in any environment, so it is refused when the settings are read, with a
 message that names the setting and never a part of the URL.
+
+In production a Redis URL must also carry a password unless it stays on the host
+(:func:`redis_auth_problem`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
+
+from core import db_tls
 
 
 def database_url_problem(url: str) -> str | None:
@@ -51,3 +56,26 @@ def redis_url_problem(url: str) -> str | None:
             "host (%40)"
         )
     return None
+
+
+#: URL schemes of a Redis reached through a Unix socket (redis-py's, and kombu's transport name)
+SOCKET_SCHEMES = ("unix", "redis+socket")
+
+
+def redis_auth_problem(url: str) -> str | None:
+    """Why production must not use ``DERMQ_REDIS_URL``, or None: it names no password and reaches Redis
+    over a network. Whoever reaches a Redis that asks for none can queue tasks, send the workers
+    control commands (shut every one down, past Flower's login) and clear the rate limits. A Unix
+    socket (its file's mode decides who may connect) or a loopback address stays as it is (``make
+    run``, the tests, a ``dermq`` command on a host without Redis); the message names the setting
+    and the host, never the URL."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme in SOCKET_SCHEMES or parts.password or db_tls.is_local(host):
+        return None
+    return (
+        f"refusing to start: DERMQ_REDIS_URL names no password for the Redis at {host}; in production the "
+        "broker must require one (whoever reaches it could queue tasks and stop the workers). Give Redis a "
+        "password (requirepass) and put it in the URL, redis://:<password>@<host>:6379/0, from a secret file "
+        "(deploy/README.md, 'Redis authentication')"
+    )

@@ -3,7 +3,8 @@ refused when the settings are read, in every environment, naming the setting and
 the password. Before, the clients read part of the password as the host or the port, and the API,
 the workers, beat and Flower printed it at start (the database's refusal or connection error named
 "<rest of the password>@postgres"; a Redis URL's traceback ended "Port could not be cast to integer
-value as '<start of the password>'")."""
+value as '<start of the password>'"). And in production, a Redis reached over a network without a
+password, which anyone who reaches it could use to queue tasks or stop the workers."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def test_a_password_that_would_be_read_as_the_host_or_port_is_refused(environmen
         ("redis_url", f"redis://:{HEAD}%2F%3F%23{TAIL}@redis:6379/0"),
         # urllib takes the last '@' of the host part: an '@' in the password reads as it should
         ("redis_url", f"redis://:{HEAD}@{TAIL}@redis:6379/0"),
-        ("redis_url", "redis://redis:6379/0"),
+        ("redis_url", "redis://:secret-from-a-store@redis:6379/0"),
         ("redis_url", "rediss://:secret-from-a-store@redis:6380/0?ssl_cert_reqs=required"),
     ],
 )
@@ -82,3 +83,63 @@ def test_a_service_refuses_such_a_url_at_start_and_prints_no_part_of_the_passwor
     assert done.returncode != 0, "the service started with a URL it cannot read"
     assert HEAD not in output and TAIL not in output, "the start-up error printed a part of the password"
     assert f"{field} cannot be read" in output
+
+
+#: Redis URLs that reach a Redis over a network without a password
+WITHOUT_PASSWORD = [
+    "redis://redis:6379/0",
+    "redis://redis.dermq.svc.cluster.local:6379/0",
+    "redis://dermq@redis:6379/0",  # a user name alone
+    "redis://:@redis:6379/0",
+    "rediss://10.0.0.7:6380/0",
+]
+
+
+@pytest.mark.parametrize("url", WITHOUT_PASSWORD)
+def test_production_refuses_a_redis_reached_over_a_network_without_a_password(url: str) -> None:
+    # whoever reaches such a Redis can queue tasks, tell every worker to shut down (past Flower's
+    # login) and clear the rate limits
+    with pytest.raises(ValidationError, match="DERMQ_REDIS_URL names no password") as refused:
+        Settings(environment="production", redis_url=url)
+    message = str(refused.value)
+    assert url not in message and "requirepass" in message, "it says what to do, and never prints the URL"
+    # make run and the tests' stacks are not production: their local Redis needs none
+    assert Settings(environment="development", redis_url=url).redis_url == url
+    assert Settings(environment="test", redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:secret-from-a-store@redis:6379/0",
+        "redis://dermq:secret-from-a-store@redis:6379/0",
+        "rediss://:secret-from-a-store@redis:6380/0",
+        # on the host itself: a loopback address or a Unix socket (the default URL, a dermq command)
+        "redis://127.0.0.1:6379/0",
+        "redis://localhost:6379/0",
+        "redis://[::1]:6379/0",
+        "unix:///run/redis/redis.sock?db=0",
+    ],
+)
+def test_production_takes_a_redis_url_with_a_password_or_on_the_host(url: str) -> None:
+    assert Settings(environment="production", redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize("command", [["dermq-api"], ["dermq-flower"], ["celery", "-A", "worker.celery_app", "beat"]])
+def test_a_production_service_refuses_a_redis_without_a_password_at_start(
+    stack_env: dict[str, str], command: list[str]
+) -> None:
+    env = {
+        **os.environ,
+        **stack_env,
+        "DERMQ_ENVIRONMENT": "production",
+        "DERMQ_CALLBACK_ALLOW_PRIVATE_URLS": "false",
+        "DERMQ_FLOWER_PASSWORD": "a-long-flower-password",
+        "DERMQ_REDIS_URL": WITHOUT_PASSWORD[0],
+    }
+    argv = [str(support.VENV_BIN / command[0]), *command[1:]]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, "the service started with a Redis that anyone on the network may use"
+    assert "DERMQ_REDIS_URL names no password" in output
+    assert WITHOUT_PASSWORD[0] not in output
