@@ -41,6 +41,7 @@ PLACEHOLDER_SECRETS = {
     "dermq_database_url": "postgresql+psycopg2://dermq:placeholder@postgres:5432/dermq"
     f"?sslmode=verify-full&sslrootcert=/run/secrets/{POSTGRES_CA}",
     "dermq_flower_password": "placeholder-flower-password",
+    "dermq_redis_url": "redis://:placeholder-redis-password@redis:6379/0",
 }
 
 #: deploy/k8s: the namespace and the components (the pods' app.kubernetes.io/component label), and who
@@ -53,20 +54,23 @@ REDIS_CLIENTS = frozenset({"api", "worker", "callbacks", "beat", "flower"})
 #: The callback worker's Celery app and command (its pool and threads come from Settings).
 CALLBACKS_APP = "worker.callbacks_app"
 
-FLOWER_PASSWORD = "dermq_flower_password"
+FLOWER_PASSWORD, REDIS_URL = "dermq_flower_password", "dermq_redis_url"
 #: Least privilege: the files under /run/secrets each dermq process reads, and so the only ones its
 #: container may mount. Only `dermq-flower` asks for the Flower password
-#: (Settings.require_flower_password); beat reads no secret at all. The database's clients read
+#: (Settings.require_flower_password); Redis's clients read its URL (with its password), beat nothing
+#: else, and the migration job, which never opens Redis, not that. The database's clients read
 #: POSTGRES_CA too (libpq, through the URL's sslrootcert). The callback worker reads the key file (a
 #: callback secret is sealed under its KEK) but not the audit signing key (the sealer's, on the
 #: classification workers' maintenance queue).
 SECRETS_READ: dict[str, frozenset[str]] = {
     "migrate": frozenset({"dermq_database_url", POSTGRES_CA}),
-    "api": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json"}),
-    "worker": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json", "dermq-audit-signing-key.json"}),
-    "callbacks": frozenset({"dermq_database_url", POSTGRES_CA, "dermq-keys.json"}),
-    "beat": frozenset(),
-    "flower": frozenset({FLOWER_PASSWORD}),
+    "api": frozenset({"dermq_database_url", REDIS_URL, POSTGRES_CA, "dermq-keys.json"}),
+    "worker": frozenset(
+        {"dermq_database_url", REDIS_URL, POSTGRES_CA, "dermq-keys.json", "dermq-audit-signing-key.json"}
+    ),
+    "callbacks": frozenset({"dermq_database_url", REDIS_URL, POSTGRES_CA, "dermq-keys.json"}),
+    "beat": frozenset({REDIS_URL}),
+    "flower": frozenset({FLOWER_PASSWORD, REDIS_URL}),
 }
 
 
@@ -89,12 +93,12 @@ def settings_variables() -> set[str]:
 
 
 def secret_variables() -> set[str]:
-    """DERMQ_* variables that carry secrets: SecretStr settings, and the database URL (it holds a password)."""
+    """DERMQ_* variables that carry secrets: SecretStr settings, and the connection URLs (they hold passwords)."""
     from pydantic import SecretStr
 
     from core.config import Settings
 
-    secret = {"DERMQ_DATABASE_URL"}
+    secret = {"DERMQ_DATABASE_URL", "DERMQ_REDIS_URL"}
     for name, info in Settings.model_fields.items():
         if "SecretStr" in str(info.annotation) or info.annotation is SecretStr:
             secret.add(f"DERMQ_{name.upper()}")

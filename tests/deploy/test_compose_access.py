@@ -17,9 +17,10 @@ import jsonschema
 from tests.deploy import manifests as m
 
 CALLBACKS_OVERRIDE = m.DEPLOY / "compose.callbacks.yml"
-#: the user (and group) each image's processes run as, as deploy/secrets/README.md states them
+#: the group each image's processes run with (the user's own, and the same number, but for Redis's
+#: Alpine image: user 999, group 1000), as deploy/secrets/README.md states them
 DERMQ_UID = 10001
-THIRD_PARTY_UIDS = {"postgres": 999, "nginxinc/nginx-unprivileged": 101}
+THIRD_PARTY_UIDS = {"postgres": 999, "nginxinc/nginx-unprivileged": 101, "redis": 1000}
 
 
 def _folders_made_for_the_service_user(dockerfile: Path) -> set[str]:

@@ -235,7 +235,8 @@ def test_each_process_runs_from_the_right_image() -> None:
 
 
 PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
-URL_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:([^@\s/'\"]+)@")
+#: a password in a URL, with or without a user name (Redis URLs usually have none: redis://:<password>@)
+URL_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@'\"]*:([^@\s/'\"]+)@")
 LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/]{40,}={0,2}(?![A-Za-z0-9+/_-])")
 
 
@@ -260,6 +261,7 @@ def test_no_secret_values_in_deployment_files() -> None:
 
 def test_the_secret_scan_would_catch_a_real_value() -> None:
     assert URL_CREDENTIALS.findall("postgresql+psycopg2://dermq:hunter2x@postgres:5432/dermq") == ["hunter2x"]
+    assert URL_CREDENTIALS.findall("redis://:hunter2x@redis:6379/0") == ["hunter2x"]
     assert not _placeholder("hunter2x")
     assert LONG_TOKEN.findall('"kek-1": "q83vEjRWeJASNFZ4kBI0VniQEjRWeJASNFZ4kBI0VniQ="')
 

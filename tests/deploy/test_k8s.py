@@ -320,7 +320,7 @@ def test_listeners_bind_all_interfaces_in_pods() -> None:
 
 def test_secret_manifests_are_templates_with_placeholders_only() -> None:
     secrets = [(p, d) for p, d in m.k8s_documents() if d["kind"] == "Secret"]
-    names = {"dermq-secrets", "dermq-keys", "dermq-tls", "dermq-postgres-ca"}
+    names = {"dermq-secrets", "dermq-keys", "dermq-tls", "dermq-postgres-ca", "dermq-redis"}
     assert {d["metadata"]["name"] for _, d in secrets} == names
     for path, doc in secrets:
         assert path.name.endswith(".template.yaml"), path

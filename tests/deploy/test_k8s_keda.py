@@ -46,14 +46,22 @@ def test_keda_sums_the_lists_rather_than_taking_the_longest() -> None:
     assert modifiers.get("metricType", "AverageValue") == "AverageValue"
 
 
-def test_keda_reads_the_redis_that_dermq_uses() -> None:
-    redis_url = urlsplit(m.configmap_data()["DERMQ_REDIS_URL"])
+def test_keda_reads_the_redis_that_dermq_uses_with_its_password() -> None:
+    # the URL the pods read, with its password, is the Secret's (a ConfigMap key would win over it)
+    assert "DERMQ_REDIS_URL" not in m.configmap_data()
+    redis_url = urlsplit(m.k8s_object("Secret", "dermq-secrets")["stringData"][m.REDIS_URL])
     database = (redis_url.path or "/0").lstrip("/") or "0"
     for trigger in m.k8s_object("ScaledObject", "dermq-worker")["spec"]["triggers"]:
         host, port = trigger["metadata"]["address"].rsplit(":", 1)
         assert host in (redis_url.hostname, f"{redis_url.hostname}.{m.NAMESPACE}.svc.cluster.local")
         assert int(port) == (redis_url.port or 6379)
         assert trigger["metadata"].get("databaseIndex", "0") == database
+        # Redis requires a password: without it every poll is refused (NOAUTH) and KEDA never scales
+        assert not {"password", "passwordFromEnv"} & set(trigger["metadata"]), "the password comes from a Secret"
+        auth = m.k8s_object("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        (reference,) = [r for r in auth["spec"]["secretTargetRef"] if r["parameter"] == "password"]
+        secret = m.k8s_object("Secret", reference["name"])
+        assert reference["key"] in secret["stringData"], f"{reference['name']} has no key {reference['key']}"
 
 
 def test_worker_and_keda_agree_on_the_queues_consumed() -> None:

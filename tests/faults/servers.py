@@ -12,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from tests import support
 
@@ -94,16 +96,29 @@ class PostgresCluster:
 
 
 class RedisServer:
-    """A redis-server without persistence: stopping it loses every message, as a crash would."""
+    """A redis-server without persistence: stopping it loses every message, as a crash would. With a
+    ``password`` it requires it (``requirepass``, unless ``options`` include a file that sets it), and
+    :attr:`url` holds it; ``options`` are more redis-server options, given after this class's own."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(
+        self, root: Path, port: int | None = None, *, password: str | None = None, options: Sequence[str] = ()
+    ) -> None:
         self.root = root
         self.port = port or support.free_port()
+        self.password, self.options = password, list(options)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_with(self.password)
+
+    def url_with(self, password: str | None) -> str:
+        """This server's URL with ``password`` (a wrong one, say) in place of its own."""
+        return (
+            f"redis://:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
+            if password
+            else f"redis://127.0.0.1:{self.port}/0"
+        )
 
     def start(self) -> None:
         import redis
@@ -125,6 +140,8 @@ class RedisServer:
                     str(self.root),
                     "--protected-mode",
                     "no",
+                    *(["--requirepass", self.password] if self.password and "--include" not in self.options else []),
+                    *self.options,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
