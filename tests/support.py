@@ -237,11 +237,12 @@ def multipart(
 
 
 def settings_for(env: Mapping[str, str]) -> Settings:
-    """The Settings a process started with ``env`` (over this process's environment) reads."""
-    from core.config import Settings
+    """The Settings a process started with ``env`` (over this process's environment) reads, with the
+    secret files of its ``DERMQ_SECRETS_DIR`` (its Redis URL, say)."""
+    from core.config import get_settings
 
     with environment(env):
-        return Settings()
+        return get_settings.__wrapped__()
 
 
 @contextmanager

@@ -178,8 +178,8 @@ def _start_api(tmp_path: Path, stack_env: dict[str, str], url: str, ca: Path) ->
     """dermq-api with the Kubernetes API pod's environment and secret files, and ``url`` as its
     database URL, ``ca`` mounted beside it as postgres-ca.crt."""
     secrets_dir = tmp_path / "secrets"
-    modes = {"dermq-keys.json": 0o440, "dermq_database_url": 0o440, SIGNING_KEY: 0o440}
-    write_secrets(secrets_dir, stack_env, modes, url)
+    modes = {"dermq-keys.json": 0o440, "dermq_database_url": 0o440, m.REDIS_URL: 0o440, SIGNING_KEY: 0o440}
+    write_secrets(secrets_dir, stack_env, modes, url, f"redis://127.0.0.1:6379/{REDIS_DB}")
     shutil.copyfile(ca, secrets_dir / m.POSTGRES_CA)
     env = production_env(m.container_environment(m.workload("api").containers[0]), secrets_dir, stack_env)
     assert env["DERMQ_ENVIRONMENT"] == "production"

@@ -1,13 +1,18 @@
 """The deployment starts as shipped: the API, a worker and the callback worker run in production mode
 with the environment and the secret-file modes that the Kubernetes manifests and the compose
 instructions give them (no container runtime needed: the same commands, variables and file modes, on
-this machine)."""
+this machine), against a Redis that requires a password, which they read from the secret file
+dermq_redis_url as deployed; a wrong one is reported, and never printed."""
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shutil
 import stat
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +26,9 @@ from core.db import dispose_engines
 from tests import processes, support
 from tests.conftest import new_tenant
 from tests.deploy import manifests
+from tests.faults.servers import RedisServer
 
-#: A Redis database of this test's own: no other worker of the test run takes its cases.
+#: A Redis database of the machine's own Redis for tests that need no password (test_database_tls).
 REDIS_DB = support.PRODUCTION_REDIS_DB
 #: The audit log's signing key file as the worker's manifest mounts it.
 SIGNING_KEY = "dermq-audit-signing-key.json"
@@ -56,11 +62,11 @@ def production_env(base: dict[str, str], secrets_dir: Path, stack_env: dict[str,
         moved["DERMQ_AUDIT_WITNESS_FILE"] = str(secrets_dir.parent / "witness.log")
     if "DERMQ_PERIOD_KEY_DIR" in moved:  # the period-keys volume, shared by the API and the worker
         moved["DERMQ_PERIOD_KEY_DIR"] = str(secrets_dir.parent / "period-keys")
+    assert "DERMQ_REDIS_URL" not in moved, "the Redis URL holds a password: it comes from dermq_redis_url"
     return {
         **moved,
         "DERMQ_SECRETS_DIR": str(secrets_dir),
         "DERMQ_KEY_FILE": str(secrets_dir / "dermq-keys.json"),
-        "DERMQ_REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "DERMQ_API_HOST": "127.0.0.1",
         "DERMQ_API_PORT": str(support.free_port()),
         "DERMQ_METRICS_HOST": "127.0.0.1",
@@ -72,19 +78,22 @@ def production_env(base: dict[str, str], secrets_dir: Path, stack_env: dict[str,
     }
 
 
-def write_secrets(secrets_dir: Path, stack_env: dict[str, str], modes: dict[str, int], database_url: str) -> None:
+def write_secrets(
+    secrets_dir: Path, stack_env: dict[str, str], modes: dict[str, int], database_url: str, redis_url: str
+) -> None:
     """The secret files the services read, with the modes the deployment gives them: the key file,
-    the database URL (the runtime role's) and the audit log's signing key (for the origin that the
-    deployment's settings name)."""
+    the database URL (the runtime role's), the Redis URL and the audit log's signing key (for the
+    origin that the deployment's settings name)."""
     from core.checkpoint import generate, write_signing_keys
     from core.config import Settings
 
     secrets_dir.mkdir(mode=0o700)
     shutil.copyfile(stack_env["DERMQ_KEY_FILE"], secrets_dir / "dermq-keys.json")
     (secrets_dir / "dermq_database_url").write_text(database_url)
+    (secrets_dir / manifests.REDIS_URL).write_text(redis_url)
     origin = manifests.configmap_data().get("DERMQ_AUDIT_LOG_ORIGIN", Settings.model_fields["audit_log_origin"].default)
     write_signing_keys(secrets_dir / SIGNING_KEY, generate(origin))
-    for name in ("dermq-keys.json", "dermq_database_url", SIGNING_KEY):
+    for name in ("dermq-keys.json", "dermq_database_url", manifests.REDIS_URL, SIGNING_KEY):
         (secrets_dir / name).chmod(modes.get(name, modes["dermq-keys.json"]))
 
 
@@ -114,11 +123,28 @@ def runtime_database(settings, database) -> Iterator[str]:  # type: ignore[no-un
         admin.dispose()
 
 
+@pytest.fixture(scope="module")
+def protected_redis() -> Iterator[RedisServer]:
+    """A redis-server of this module's own that requires a password (requirepass), as the deployments'
+    Redis does: no other worker of the test run takes its cases."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    root = Path(tempfile.mkdtemp(prefix="dermq-redis-auth-"))
+    server = RedisServer(root, password=secrets.token_urlsafe(24))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
-def production_redis() -> Iterator[None]:
-    client = redis.Redis.from_url(f"redis://127.0.0.1:6379/{REDIS_DB}")
+def production_redis(protected_redis: RedisServer) -> Iterator[str]:
+    """The protected Redis's URL, with its password, emptied before and after the test."""
+    client = redis.Redis.from_url(protected_redis.url)
     client.flushdb()
-    yield
+    yield protected_redis.url
     client.flushdb()
     client.close()
 
@@ -134,11 +160,11 @@ def test_kubernetes_modes_and_environment_start_an_api_and_a_worker_that_classif
     assert secret_modes(worker, worker_container)["dermq-keys.json"] == modes["dermq-keys.json"]
     secrets_dir = tmp_path / "secrets"
     modes.update(secret_modes(worker, worker_container))
-    write_secrets(secrets_dir, stack_env, modes, runtime_database)
+    write_secrets(secrets_dir, stack_env, modes, runtime_database, production_redis)
+    assert modes[manifests.REDIS_URL] == modes["dermq-keys.json"]
     env = production_env(manifests.container_environment(api_container), secrets_dir, stack_env)
     assert env["DERMQ_ENVIRONMENT"] == "production"
-    worker_env = {**production_env(manifests.container_environment(worker_container), secrets_dir, stack_env)}
-    worker_env["DERMQ_REDIS_URL"] = env["DERMQ_REDIS_URL"]
+    worker_env = production_env(manifests.container_environment(worker_container), secrets_dir, stack_env)
     Path(env["DERMQ_PERIOD_KEY_DIR"]).mkdir(mode=0o700)  # the volume the pods mount (the images make the folder)
 
     base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
@@ -179,7 +205,8 @@ def test_the_compose_instructions_modes_let_the_api_start(
     mode = int(found.group(1), 8)
     services = manifests.compose_services()
     secrets_dir = tmp_path / "secrets"
-    write_secrets(secrets_dir, stack_env, {"dermq-keys.json": mode, "dermq_database_url": mode}, runtime_database)
+    modes = {"dermq-keys.json": mode, "dermq_database_url": mode, manifests.REDIS_URL: mode}
+    write_secrets(secrets_dir, stack_env, modes, runtime_database, production_redis)
     assert stat.S_IMODE((secrets_dir / "dermq-keys.json").stat().st_mode) == mode
     env = production_env(manifests.compose_environment(services["api"]), secrets_dir, stack_env)
     assert env["DERMQ_ENVIRONMENT"] == "production"
@@ -199,8 +226,8 @@ def test_a_world_readable_key_file_stops_the_api_at_start_up(  # type: ignore[no
 ) -> None:
     # 0o440, the manifests' mode, is the control: the same environment, and the API starts
     secrets_dir = tmp_path / "secrets"
-    modes = {"dermq-keys.json": key_mode, "dermq_database_url": 0o440, SIGNING_KEY: 0o440}
-    write_secrets(secrets_dir, stack_env, modes, runtime_database)
+    modes = {"dermq-keys.json": key_mode, "dermq_database_url": 0o440, manifests.REDIS_URL: 0o440, SIGNING_KEY: 0o440}
+    write_secrets(secrets_dir, stack_env, modes, runtime_database, production_redis)
     env = production_env(manifests.configmap_data(), secrets_dir, stack_env)
     base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
     server = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
@@ -226,7 +253,7 @@ def test_the_callback_workers_manifest_starts_it_in_production_on_threads_withou
     modes = secret_modes(callbacks, container)
     assert set(modes) == manifests.SECRETS_READ["callbacks"]
     secrets_dir = tmp_path / "secrets"
-    write_secrets(secrets_dir, stack_env, modes, runtime_database)
+    write_secrets(secrets_dir, stack_env, modes, runtime_database, production_redis)
     (secrets_dir / SIGNING_KEY).unlink()  # not mounted there
     env = production_env(manifests.container_environment(container), secrets_dir, stack_env)
     assert env["DERMQ_ENVIRONMENT"] == "production"
@@ -243,3 +270,38 @@ def test_the_callback_workers_manifest_starts_it_in_production_on_threads_withou
         assert process.alive()
     finally:
         process.stop()
+
+
+def test_a_wrong_redis_password_is_reported_and_never_printed(  # type: ignore[no-untyped-def]
+    tmp_path: Path, stack_env, runtime_database, protected_redis: RedisServer
+) -> None:
+    # The API's pod with every file as shipped but a Redis URL whose password Redis refuses: the API
+    # starts (its liveness needs no Redis) and is not ready, saying why; the worker pods' liveness
+    # command fails at once, saying why. Neither prints the password.
+    wrong = secrets.token_urlsafe(24)
+    api = manifests.workload("api")
+    (container,) = api.containers
+    secrets_dir = tmp_path / "secrets"
+    write_secrets(
+        secrets_dir, stack_env, secret_modes(api, container), runtime_database, protected_redis.url_with(wrong)
+    )
+    env = production_env(manifests.container_environment(container), secrets_dir, stack_env)
+    base = f"http://127.0.0.1:{env['DERMQ_API_PORT']}"
+    server = processes.Process("api", [str(support.VENV_BIN / "dermq-api")], env, tmp_path / "api.log")
+    try:
+        support.wait_for(lambda: processes.api_up(base) or not server.alive(), timeout=60, what="the API to start")
+        assert server.alive(), server.output()
+        answer = httpx.get(f"{base}/readyz", timeout=10)
+        assert answer.status_code == 503
+        assert answer.json()["checks"] == {"postgres": "ok", "redis": "unreachable (AuthenticationError)"}
+    finally:
+        server.stop()
+    command = manifests.workload("worker").containers[0]["livenessProbe"]["exec"]["command"]
+    (liveness,) = [part for part in command if part.startswith("celery -A ")]
+    probe = [str(support.VENV_BIN / "celery"), *liveness.split()[1:]]
+    assert probe[1:5] == ["-A", "worker.celery_app", "inspect", "ping"], liveness
+    done = subprocess.run(probe, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0
+    assert "invalid username-password pair" in done.stdout + done.stderr
+    for output in (server.output(), done.stdout + done.stderr, answer.text):
+        assert wrong not in output and protected_redis.password not in output
