@@ -19,8 +19,6 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from core import connection_urls, db_tls, proxies
 
@@ -46,15 +44,6 @@ def is_placeholder_password(value: str) -> bool:
     lowered = value.strip().lower()
     whole = lowered.startswith("<") and lowered.endswith(">")
     return lowered in EXAMPLE_SECRETS or whole or any(word in lowered for word in PLACEHOLDER_WORDS)
-
-
-def _url_password(url: str) -> str | None:
-    """The password a connection URL holds (percent-decoded), or None; read as SQLAlchemy reads it, to
-    the last ``@`` (``urlsplit`` ends it at a ``/``, judging a generated password by its start)."""
-    try:
-        return make_url(url).password or None
-    except (ArgumentError, ValueError):  # not a URL, or a port that is not a number: the driver refuses it
-        return None
 
 
 class Settings(BaseSettings):
@@ -333,7 +322,7 @@ class Settings(BaseSettings):
         ):
             raise ValueError(problem)
         for name, url in (("DERMQ_DATABASE_URL", self.database_url), ("DERMQ_REDIS_URL", self.redis_url)):
-            password = _url_password(url)
+            password = connection_urls.url_password(url)
             if self.environment == "production" and password and is_placeholder_password(password):
                 raise ValueError(f"{name}'s password is an example or a template placeholder; set a real one")
         return self

@@ -16,11 +16,26 @@ In production a Redis URL must also carry a password unless it stays on the host
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from core import db_tls
+
+
+def url_password(url: str) -> str | None:
+    """The password a connection URL holds (percent-decoded), or None, read as its client reads it: a
+    Redis URL as redis-py and kombu do (``urllib``: to the last ``@``), a database URL as SQLAlchemy
+    does (to the first ``@``; ``urlsplit`` would end it at a ``/`` and judge a generated password by
+    its start, or find none)."""
+    try:
+        if urlsplit(url).scheme in ("redis", "rediss", *SOCKET_SCHEMES):
+            password = urlsplit(url).password
+            return unquote(password) if password else None
+        return make_url(url).password or None
+    except (ArgumentError, ValueError):  # not a URL, or a port that is not a number: the client refuses it
+        return None
 
 
 def database_url_problem(url: str) -> str | None:

@@ -162,6 +162,8 @@ def test_production_refuses_a_network_database_without_verify_full(url: str, mon
         # a "/" in it (the driver reads the password to the "@"): judged as no password at all before
         ("database_url", f"postgresql+psycopg2://u:%3Cfrom/the/vault%3E@postgres/dermq?sslmode=verify-full&{CA}"),
         ("redis_url", "redis://:changeme@redis:6379/0"),
+        # an "@" in it: redis-py reads the password to the last one, and so is it judged
+        ("redis_url", "redis://:gen@REPLACE_ME@redis:6379/0"),
     ],
 )
 def test_production_refuses_a_template_password_in_a_connection_url(field: str, url: str) -> None:
