@@ -7,8 +7,10 @@ import re
 
 from tests.support import ROOT
 
-#: Codes the API never sends: the operators' CLI's (period keys) and a worker's failure reason.
+#: Codes the API never sends: the operators' CLI's (period keys, database grants) and a worker's failure reason.
 NOT_SENT_BY_THE_API = {
+    "not_owner",
+    "not_migrated",
     "invalid_period",
     "unknown_period",
     "period_not_ended",
