@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import uuid
 from collections.abc import Callable, Iterator
@@ -362,6 +363,14 @@ def publisher(settings):  # type: ignore[no-untyped-def]
 def private_broker() -> Iterator[Any]:
     """A redis-server of this module's own as broker: what the code under test publishes reaches no
     worker and can be inspected."""
+    with redis_server_of_its_own() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def redis_server_of_its_own(password: str | None = None) -> Iterator[Any]:
+    """A redis-server started in a folder of its own (requiring ``password`` if given), destroyed
+    with its folder on leaving; skips the test where the machine has none."""
     import shutil
     import tempfile
 
@@ -370,7 +379,7 @@ def private_broker() -> Iterator[Any]:
     if shutil.which("redis-server") is None:
         pytest.skip("needs redis-server")
     root = Path(tempfile.mkdtemp(prefix="dermq-broker-"))
-    server = RedisServer(root)
+    server = RedisServer(root, password=password)
     server.start()
     try:
         yield server

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from cli.db import alembic_config
 from core import db_roles
@@ -83,17 +83,25 @@ def test_passwords_are_stored_exactly_as_given(settings: Settings, role_names: t
         admin.dispose()
 
 
+def _database_with_roles(settings: Settings, owner: str, runtime: str, *, migrated: bool = False) -> URL:
+    """The module's database made anew (``migrated``: by the superuser first, as an older setup was)
+    and given to ``owner`` by ``dermq db roles``; its URL, as the superuser."""
+    url = make_url(settings.database_url).set(database=NAME)
+    support.recreate_database(url.render_as_string(False))
+    if migrated:
+        command.upgrade(alembic_config(url.render_as_string(False)), "head")
+    superuser = settings.model_copy(update={"database_url": url.render_as_string(False)})
+    db_roles.set_up_roles(superuser, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+    return url
+
+
 def test_an_older_setup_is_handed_over_whole_and_the_owner_can_downgrade(
     settings: Settings, role_names: tuple[str, str]
 ) -> None:
     # A database the superuser migrated: the insert guards' functions stayed the superuser's, and the
     # owner's later migrations (and downgrades) that replace them failed with "must be owner".
     owner, runtime = role_names
-    url = make_url(settings.database_url).set(database=NAME)
-    support.recreate_database(url.render_as_string(False))
-    command.upgrade(alembic_config(url.render_as_string(False)), "head")
-    superuser = settings.model_copy(update={"database_url": url.render_as_string(False)})
-    db_roles.set_up_roles(superuser, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+    url = _database_with_roles(settings, owner, runtime, migrated=True)
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
@@ -131,10 +139,7 @@ def test_a_superuser_upgrade_leaves_everything_to_the_owner(settings: Settings, 
     # `dermq db upgrade` with a superuser's URL left the tables its migrations created the superuser's:
     # the owner's next upgrade and `dermq db grant` failed with "permission denied" a release later
     owner, runtime = role_names
-    url = make_url(settings.database_url).set(database=NAME)
-    support.recreate_database(url.render_as_string(False))
-    superuser = settings.model_copy(update={"database_url": url.render_as_string(False)})
-    db_roles.set_up_roles(superuser, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+    url = _database_with_roles(settings, owner, runtime)
     as_owner = url.set(username=owner).render_as_string(False)
     command.upgrade(alembic_config(as_owner), "0019")  # an older release, migrated as the documentation says
     engine = create_engine(url)
@@ -183,10 +188,7 @@ def test_a_login_that_may_not_migrate_or_grant_is_told_so_in_one_line(
     # A service's login (the runtime role) running the owner's commands: `dermq db upgrade` ended in a
     # traceback, and `dermq db grant` printed "granted" while Postgres granted nothing (a warning only).
     owner, runtime = role_names
-    url = make_url(settings.database_url).set(database=NAME)
-    support.recreate_database(url.render_as_string(False))
-    superuser = settings.model_copy(update={"database_url": url.render_as_string(False)})
-    db_roles.set_up_roles(superuser, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+    url = _database_with_roles(settings, owner, runtime)
     as_runtime = url.set(username=runtime).render_as_string(False)
     refused = _dermq("db", "upgrade", DERMQ_DATABASE_URL=as_runtime)  # nothing migrated, nothing granted yet
     assert refused.returncode == 77, refused.stderr

@@ -12,7 +12,6 @@ import secrets
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from core.db import dispose_engines
 from tests import processes, support
-from tests.conftest import new_tenant
+from tests.conftest import new_tenant, redis_server_of_its_own
 from tests.deploy import manifests
 from tests.faults.servers import RedisServer
 
@@ -127,16 +126,8 @@ def runtime_database(settings, database) -> Iterator[str]:  # type: ignore[no-un
 def protected_redis() -> Iterator[RedisServer]:
     """A redis-server of this module's own that requires a password (requirepass), as the deployments'
     Redis does: no other worker of the test run takes its cases."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
-    root = Path(tempfile.mkdtemp(prefix="dermq-redis-auth-"))
-    server = RedisServer(root, password=secrets.token_urlsafe(24))
-    server.start()
-    try:
+    with redis_server_of_its_own(password=secrets.token_urlsafe(24)) as server:
         yield server
-    finally:
-        server.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

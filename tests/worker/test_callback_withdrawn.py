@@ -57,6 +57,16 @@ def _remove_callback(session: Session, tenant: Tenant, case_id: uuid.UUID) -> No
 WITHDRAWALS = [(_erase, "case_erased"), (_deactivate, "clinic_inactive"), (_remove_callback, "callback_removed")]
 
 
+def _register(settings: Settings, keyring, tenant: Tenant, url: str) -> str:  # type: ignore[no-untyped-def]
+    """The clinic registers its callback again, at ``url`` (committed); returns the new secret."""
+    with session_scope(settings) as session:
+        principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
+        _, secret = callbacks.register(
+            session, keyring=keyring, settings=settings, principal=principal, actor=audit.SYSTEM, url=url
+        )
+    return secret
+
+
 def _deliveries_audited(settings: Settings, case_id: uuid.UUID) -> list[dict[str, object]]:
     with session_scope(settings) as session:
         return list(
@@ -215,18 +225,8 @@ def test_a_callback_registered_again_after_it_was_leased_goes_to_the_new_registr
     resolve = delivery.checked_address
 
     def registered_again_while_resolving(host: str, port: int, config: Settings) -> str:
-        if not new_secret:
-            with session_scope(settings) as session:  # committed after the lease, before the request is sent
-                principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
-                _, secret = callbacks.register(
-                    session,
-                    keyring=keyring,
-                    settings=settings,
-                    principal=principal,
-                    actor=audit.SYSTEM,
-                    url=moved_to.url,
-                )
-                new_secret.append(secret)
+        if not new_secret:  # committed after the lease, before the request is sent
+            new_secret.append(_register(settings, keyring, tenant, moved_to.url))
         return resolve(host, port, config)
 
     monkeypatch.setattr(delivery, "checked_address", registered_again_while_resolving)
@@ -266,16 +266,7 @@ def test_the_message_of_an_attempt_whose_callback_was_registered_again_takes_it_
     def registered_again_while_resolving(host: str, port: int, config: Settings) -> str:
         looks.append(host)
         if len(looks) == 1:
-            with session_scope(settings) as session:
-                principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
-                callbacks.register(
-                    session,
-                    keyring=keyring,
-                    settings=settings,
-                    principal=principal,
-                    actor=audit.SYSTEM,
-                    url=moved_to.url,
-                )
+            _register(settings, keyring, tenant, moved_to.url)
         return resolve(host, port, config)
 
     monkeypatch.setattr(delivery, "checked_address", registered_again_while_resolving)
