@@ -13,6 +13,7 @@ import faulthandler
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -159,9 +160,29 @@ def served_app(settings: Settings) -> FastAPI:
 def _serving_process() -> None:
     """Process-wide settings made only where the API serves: freed image canvases go back to the
     system, and SIGUSR1 writes every thread's stack to stderr (the container's log), for a process
-    whose event loop is stuck (deploy/RUNBOOK.md, DermqApiNotServing)."""
+    whose event loop is stuck (deploy/RUNBOOK.md, DermqApiNotServing). A process spawned by the
+    supervisor starts with SIGUSR1 blocked (:func:`_hold_sigusr1_for_the_processes`); one that came
+    while it started was held, and is answered now."""
     release_large_allocations()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
+def _hold_sigusr1_for_the_processes() -> None:
+    """The supervisor's SIGUSR1. A handler does not survive the exec of a spawned API process but a
+    blocked signal does: blocked in the thread that spawns them, SIGUSR1 waits in a starting process
+    (whose default action would end it: the runbook sends SIGUSR1 to every API process, and uvicorn
+    restarts one at any time) until :func:`_serving_process` has its handler in place. The supervisor
+    itself takes SIGUSR1 in a thread of its own and writes every thread's stack, as each process does."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a thread started before the block
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+    def take() -> None:
+        while True:
+            signal.sigwait({signal.SIGUSR1})
+            faulthandler.dump_traceback(all_threads=True)
+
+    threading.Thread(target=take, name="dermq-sigusr1", daemon=True).start()
 
 
 def api_processes(settings: Settings) -> int:
@@ -202,7 +223,7 @@ def main() -> None:
         metrics.serve(app.state.dermq)  # its own listener: /metrics never shares the public port
         uvicorn.run(app, **common)
         return
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor's too: SIGUSR1 would end it
+    _hold_sigusr1_for_the_processes()  # before any thread or process starts: each inherits the block
     # The processes count into files of a folder they share; the supervisor serves their sum.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dermq-api-metrics-")
     metrics.serve(create_app(settings).state.dermq, processes=processes)

@@ -65,7 +65,8 @@ def test_two_api_processes_serve_one_port_and_are_counted_together(two_process_a
 def test_the_heartbeat_is_one_recent_sample_and_sigusr1_ends_no_process(two_process_api) -> None:  # type: ignore[no-untyped-def]
     """The supervisor's metrics listener serves the event loops' heartbeat (DermqApiNotServing) as
     one sample, the stalest live process's; SIGUSR1, the runbook's way to see where a process is stuck,
-    ends no process (its default action ends one: each has faulthandler's handler)."""
+    ends no process (its default action ends one), not even one still starting (it is held until the
+    process's handler is in place), sent the moment the processes appear and again once they serve."""
     base, metrics_url, supervisor = two_process_api
 
     def api_processes() -> list[int]:
@@ -82,7 +83,10 @@ def test_the_heartbeat_is_one_recent_sample_and_sigusr1_ends_no_process(two_proc
         return len(found) == 1 and time.time() - HEARTBEAT_SECONDS - 2 <= found[0] <= time.time()
 
     workers = support.wait_for(lambda: api_processes() if len(api_processes()) == 2 else None, timeout=60)
+    for pid in (*workers, supervisor):  # the processes are still importing the app
+        os.kill(pid, signal.SIGUSR1)
     support.wait_for(recent, timeout=30, what="one recent heartbeat sample")
+    assert sorted(api_processes()) == sorted(workers)
     for pid in (*workers, supervisor):
         os.kill(pid, signal.SIGUSR1)
     support.wait_for(lambda: httpx.get(f"{base}/healthz", timeout=10).status_code == 200, timeout=10)
