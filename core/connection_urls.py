@@ -91,6 +91,6 @@ def redis_auth_problem(url: str) -> str | None:
     return (
         f"refusing to start: DERMQ_REDIS_URL names no password for the Redis at {host}; in production the "
         "broker must require one (whoever reaches it could queue tasks and stop the workers). Give Redis a "
-        "password (requirepass) and put it in the URL, redis://:<password>@<host>:6379/0, from a secret file "
-        "(deploy/README.md, 'Redis authentication')"
+        "user with a password (an ACL user, or requirepass for the default one) and put them in the URL, "
+        "redis://<user>:<password>@<host>:6379/0, from a secret file (deploy/README.md, 'Redis authentication')"
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import uuid
 from collections.abc import Callable, Iterator
@@ -361,16 +360,8 @@ def publisher(settings):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def private_broker() -> Iterator[Any]:
-    """A redis-server of this module's own as broker: what the code under test publishes reaches no
-    worker and can be inspected."""
-    with redis_server_of_its_own() as server:
-        yield server
-
-
-@contextlib.contextmanager
-def redis_server_of_its_own(password: str | None = None) -> Iterator[Any]:
-    """A redis-server started in a folder of its own (requiring ``password`` if given), destroyed
-    with its folder on leaving; skips the test where the machine has none."""
+    """A redis-server of this module's own as broker, in a folder of its own: what the code under test
+    publishes reaches no worker and can be inspected. Skips the test where the machine has none."""
     import shutil
     import tempfile
 
@@ -379,7 +370,7 @@ def redis_server_of_its_own(password: str | None = None) -> Iterator[Any]:
     if shutil.which("redis-server") is None:
         pytest.skip("needs redis-server")
     root = Path(tempfile.mkdtemp(prefix="dermq-broker-"))
-    server = RedisServer(root, password=password)
+    server = RedisServer(root)
     server.start()
     try:
         yield server

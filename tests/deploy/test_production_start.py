@@ -2,7 +2,9 @@
 with the environment and the secret-file modes that the Kubernetes manifests and the compose
 instructions give them (no container runtime needed: the same commands, variables and file modes, on
 this machine), against a Redis that requires a password, which they read from the secret file
-dermq_redis_url as deployed; a wrong one is reported, and never printed."""
+dermq_redis_url as deployed; a wrong one is reported, and never printed. That Redis is compose's, its
+users made by the secrets guide's commands: the services log in as the user without Redis's
+dangerous commands, and everything they do is allowed to it."""
 
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from sqlalchemy.engine import make_url
 
 from core.db import dispose_engines
 from tests import processes, support
-from tests.conftest import new_tenant, redis_server_of_its_own
+from tests.conftest import new_tenant
 from tests.deploy import manifests
+from tests.deploy.compose_redis import ADMIN_USER, GuideFiles, compose_redis, make_guide_files
 from tests.faults.servers import RedisServer
 
 #: A Redis database of the machine's own Redis for tests that need no password (test_database_tls).
@@ -123,17 +126,31 @@ def runtime_database(settings, database) -> Iterator[str]:  # type: ignore[no-un
 
 
 @pytest.fixture(scope="module")
-def protected_redis() -> Iterator[RedisServer]:
-    """A redis-server of this module's own that requires a password (requirepass), as the deployments'
-    Redis does: no other worker of the test run takes its cases."""
-    with redis_server_of_its_own(password=secrets.token_urlsafe(24)) as server:
+def redis_files(tmp_path_factory: pytest.TempPathFactory) -> GuideFiles:
+    """Redis's secret files as the secrets guide's commands make them."""
+    if shutil.which("redis-server") is None or shutil.which("openssl") is None:
+        pytest.skip("needs redis-server and openssl")
+    return make_guide_files(tmp_path_factory.mktemp("redis-secrets"))
+
+
+@pytest.fixture(scope="module")
+def protected_redis(redis_files: GuideFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of this module's own, started as compose starts it, with the users the secrets
+    guide's commands make; its URL names the services' user, which may not run Redis's dangerous
+    commands. No other worker of the test run takes its cases."""
+    server = compose_redis(redis_files, tmp_path_factory.mktemp("redis-data"))
+    server.start()
+    try:
         yield server
+    finally:
+        server.destroy()
 
 
 @pytest.fixture
-def production_redis(protected_redis: RedisServer) -> Iterator[str]:
-    """The protected Redis's URL, with its password, emptied before and after the test."""
-    client = redis.Redis.from_url(protected_redis.url)
+def production_redis(protected_redis: RedisServer, redis_files: GuideFiles) -> Iterator[str]:
+    """The protected Redis's URL, with its password, emptied before and after the test (by the
+    operators' user: the services' may not)."""
+    client = redis.Redis(port=protected_redis.port, username=ADMIN_USER, password=redis_files.admin_password)
     client.flushdb()
     yield protected_redis.url
     client.flushdb()

@@ -1,9 +1,12 @@
 """Redis requires a password in both deployments, and every process that talks to Redis reads the URL
-that holds it from a secret file: compose's Redis takes ``requirepass`` from a secret file (never from
-a command line, where ``ps`` shows it), its health check authenticates with it, Kubernetes' pods mount
-it from the Secret, KEDA reads it through a TriggerAuthentication. Before, Redis asked for no password
-and any container on compose's ``backend`` network (Prometheus, Postgres), or any pod let through the
-NetworkPolicies, could queue tasks, shut every worker down or clear the rate limits."""
+that holds it from a secret file: compose's Redis takes its ACL users from a secret file (never from
+a command line, where ``ps`` shows a password), the services' user without Redis's dangerous
+commands, its health check authenticates as the operators' user, Kubernetes' pods mount the URL from
+the Secret, KEDA reads it through a TriggerAuthentication. Before, Redis asked for no password and
+any container on compose's ``backend`` network (Prometheus, Postgres), or any pod let through the
+NetworkPolicies, could queue tasks, shut every worker down or clear the rate limits; then, with one
+password for everything, whoever held the services' URL could also rewrite Redis's configuration
+(``CONFIG SET dir``: write files as Redis's user), empty it or stop it."""
 
 from __future__ import annotations
 
@@ -16,13 +19,16 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from core.config import Settings
 from tests.deploy import manifests as m
-from tests.faults.servers import RedisServer
+from tests.deploy.compose_redis import ADMIN_USER, SERVICES_USER, compose_redis, make_guide_files, redis_include
 
-#: redis-server and redis-cli options that would put a password on a command line
-PASSWORD_OPTIONS = re.compile(r"(?:^|\s)(?:-a|--pass|--user|--requirepass|requirepass)(?:\s|=|$)")
+#: redis-server and redis-cli options that would put a password on a command line (redis-cli's
+#: --user takes a name; redis-server's --user an ACL rule, which may hold one)
+PASSWORD_OPTIONS = re.compile(r"(?:^|\s)(?:-a|--pass|--requirepass|requirepass|--user\s+\S+\s+.*>)(?:\s|=|$|\S)")
 
 
 def _compose_redis_clients() -> dict[str, dict]:  # type: ignore[type-arg]
@@ -45,15 +51,9 @@ def test_every_redis_client_in_compose_reads_the_url_with_its_password_from_a_se
     assert m.REDIS_URL not in m.compose_secret_targets(m.compose_services()["migrate"])
 
 
-def _redis_include(service: dict) -> str:  # type: ignore[type-arg]
-    command = m.compose_command(service) or []
-    assert command[:1] == ["redis-server"] and "--include" in command, command
-    return command[command.index("--include") + 1]
-
-
 def test_compose_redis_requires_the_password_from_a_secret_file_never_from_a_command_line() -> None:
     service = m.compose_services()["redis"]
-    included = _redis_include(service)
+    included = redis_include(service)
     assert included.removeprefix("/run/secrets/") in m.compose_secret_targets(service), f"{included} is not mounted"
     health = " ".join(service["healthcheck"]["test"])
     assert "REDISCLI_AUTH=" in health and included in health, "the health check must authenticate, from the file"
@@ -88,56 +88,73 @@ def test_the_shipped_urls_pass_the_production_refusal_and_an_unprotected_one_doe
         Settings(environment="production", redis_url=real.replace(":Pw7k2x9q4m@", ""))
 
 
-def _guide_redis_commands() -> str:
-    """The lines of deploy/secrets/README.md's "Creating them" block that make Redis's files: the
-    password loop and the lines that read redis_password."""
-    section = m.SECRETS_README.read_text().split("## Creating them", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```sh\n(.*?)```", section, flags=re.DOTALL).group(1)  # type: ignore[union-attr]
-    loop = re.search(r"^for f in .*?^done$", block, flags=re.DOTALL | re.MULTILINE).group(0)  # type: ignore[union-attr]
-    made = [line for line in block.splitlines() if "redis_password" in line and not line.startswith("for ")]
-    assert "redis_password" in loop and len(made) == 2, made
-    return "\n".join([loop, *made])
-
-
-def test_the_guides_files_give_compose_redis_and_the_services_one_password(tmp_path: Path) -> None:
+def test_the_guides_files_give_compose_redis_its_users_and_the_services_a_user_without_dangerous_commands(
+    tmp_path: Path,
+) -> None:
     # The secrets guide's commands, run as written; then Redis as compose starts it (its command, the
     # file mounted), its health check as compose runs it, and a service's URL as the guide makes it.
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None or shutil.which("openssl") is None:
         pytest.skip("needs redis-server, redis-cli and openssl")
-    secrets_dir = tmp_path / "secrets"
-    secrets_dir.mkdir()
-    subprocess.run(["sh", "-euc", "umask 077\n" + _guide_redis_commands()], cwd=secrets_dir, check=True)
-    service = m.compose_services()["redis"]
-    target = _redis_include(service).removeprefix("/run/secrets/")
-    (source,) = [e["source"] for e in service["secrets"] if isinstance(e, dict) and e["target"] == target]
-    assert Path(m.compose()["secrets"][source]["file"]).name == target
-    password = (secrets_dir / "redis_password").read_text()
-    assert (secrets_dir / target).read_text() == f"requirepass {password}\n"
-
-    command = [m.interpolate(part).replace("/run/secrets", str(secrets_dir)) for part in m.compose_command(service)]
+    files = make_guide_files(tmp_path / "secrets")
+    assert files.config.read_text() == (
+        "user default off\n"
+        f"user {SERVICES_USER} on >{files.password} ~* &* +@all -@dangerous +info\n"
+        f"user {ADMIN_USER} on >{files.admin_password} ~* &* +@all\n"
+    )
+    assert files.password != files.admin_password
     root = Path(tempfile.mkdtemp(prefix="dermq-redis-compose-"))
-    server = RedisServer(root, password=password, options=[*command[1:], "--dir", str(root)])
-    server.start()  # requirepass from the file alone; compose's options last: their --appendonly wins
+    server = compose_redis(files, root)
+    server.start()  # the users from the file alone; compose's options last: their --appendonly wins
     try:
-        unauthenticated = redis.Redis(port=server.port)
+        once = Retry(NoBackoff(), 0)  # redis-py would try a refused login again, for seconds
+        unauthenticated = redis.Redis(port=server.port, retry=once)
         with pytest.raises(redis.AuthenticationError):
             unauthenticated.ping()
         unauthenticated.close()
-        health = service["healthcheck"]["test"]
+        for user, password in (("default", files.password), ("default", files.admin_password), ("dermq", "x")):
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis(port=server.port, username=user, password=password, retry=once).ping()
+        health = m.compose_services()["redis"]["healthcheck"]["test"]
         assert health[0] == "CMD-SHELL"
-        shell = health[1].replace("$$", "$").replace("/run/secrets", str(secrets_dir))
+        shell = health[1].replace("$$", "$").replace("/run/secrets", str(files.folder))
         shell = shell.replace("redis-cli", f"redis-cli -p {server.port}")
         assert subprocess.run(["sh", "-c", shell], check=False, timeout=30).returncode == 0, "unhealthy"
-        (secrets_dir / target).write_text("requirepass another-password\n")
-        assert subprocess.run(["sh", "-c", shell], check=False, timeout=30).returncode != 0, "a wrong one is healthy"
 
-        url = (secrets_dir / m.REDIS_URL).read_text()
-        assert urlsplit(url).hostname == "redis" and urlsplit(url).password == password
+        url = (files.folder / m.REDIS_URL).read_text()
+        assert urlsplit(url).hostname == "redis"
+        assert (urlsplit(url).username, urlsplit(url).password) == (SERVICES_USER, files.password)
         settings = Settings(environment="production", redis_url=url.replace("@redis:6379", f"@127.0.0.1:{server.port}"))
         client = redis.Redis.from_url(settings.redis_url)
-        assert client.ping()
-        assert client.config_get("requirepass") == {"requirepass": password}, "the password came from the file"
+        assert client.acl_whoami() == SERVICES_USER
+        assert client.info("memory")["used_memory"] > 0, "the API's metrics read INFO memory"
+        client.set("dermq-probe", "1")
+        # what a leaked URL must not do: write a file as Redis's user, empty Redis, stop it, list its keys
+        for forbidden in (
+            lambda: client.config_set("dir", "/tmp"),
+            lambda: client.config_get("dir"),
+            client.flushall,
+            client.flushdb,
+            lambda: client.keys("*"),
+            lambda: client.execute_command("SHUTDOWN", "NOSAVE"),
+            lambda: client.execute_command("MODULE", "LIST"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                forbidden()
+        assert client.get("dermq-probe") == b"1"
         client.close()
+
+        # the runbook's redis-cli function (its command in the redis container) runs what the runbook
+        # asks, as admin
+        function = r"redis-cli\(\) \{ docker compose exec -T redis sh -c '(.+?)' redis-cli"
+        inner = re.search(function, m.RUNBOOK.read_text())
+        assert inner is not None, "the runbook's redis-cli function"
+        script = inner.group(1).replace("/run/secrets", str(files.folder))
+        script = script.replace("exec redis-cli", f"exec redis-cli -p {server.port}")
+        asked = ["CONFIG", "GET", "maxmemory-policy"]
+        done = subprocess.run(["sh", "-c", script, "redis-cli", *asked], capture_output=True, text=True, timeout=30)
+        assert done.stdout.split() == ["maxmemory-policy", "noeviction"], done.stdout + done.stderr
+        files.config.write_text(files.config.read_text().replace(files.admin_password, "another-password"))
+        assert subprocess.run(["sh", "-c", shell], check=False, timeout=30).returncode != 0, "a wrong one is healthy"
     finally:
         server.destroy()
         shutil.rmtree(root, ignore_errors=True)

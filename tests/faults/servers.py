@@ -98,14 +98,21 @@ class PostgresCluster:
 class RedisServer:
     """A redis-server without persistence: stopping it loses every message, as a crash would. With a
     ``password`` it requires it (``requirepass``, unless ``options`` include a file that sets it), and
-    :attr:`url` holds it; ``options`` are more redis-server options, given after this class's own."""
+    :attr:`url` holds it, with ``username`` (an ACL user that such a file declares) if given;
+    ``options`` are more redis-server options, given after this class's own."""
 
     def __init__(
-        self, root: Path, port: int | None = None, *, password: str | None = None, options: Sequence[str] = ()
+        self,
+        root: Path,
+        port: int | None = None,
+        *,
+        password: str | None = None,
+        username: str = "",
+        options: Sequence[str] = (),
     ) -> None:
         self.root = root
         self.port = port or support.free_port()
-        self.password, self.options = password, list(options)
+        self.password, self.username, self.options = password, username, list(options)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -115,7 +122,7 @@ class RedisServer:
     def url_with(self, password: str | None) -> str:
         """This server's URL with ``password`` (a wrong one, say) in place of its own."""
         return (
-            f"redis://:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
+            f"redis://{quote(self.username, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
             if password
             else f"redis://127.0.0.1:{self.port}/0"
         )
