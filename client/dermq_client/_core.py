@@ -30,6 +30,13 @@ PRIORITIES = ("routine", "urgent")
 #: connections a client opens at most (httpx's default), each waiting call holding one
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+#: the most of an answer the client reads (unpacked, when it comes compressed). dermq's JSON answers
+#: are kilobytes (a page of 200 cases, some 200 KiB) and a heat map is under 1 MiB at the default
+#: overlay side (512); a larger answer is not dermq's (a base URL at a download, a proxy's page that
+#: does not end, a gzip bomb) and was held whole in memory, or read for as long as it lasted
+MAX_JSON_ANSWER = 4 << 20
+#: a heat map's: room for an operator's overlay side of several thousand pixels (DERMQ_OVERLAY_MAX_SIDE)
+MAX_HEATMAP_ANSWER = 64 << 20
 
 ImageInput = str | os.PathLike[str] | bytes
 #: the suffixes sent with an image (lower case) and their media types; any other is not sent
@@ -177,6 +184,42 @@ def request_failed(exc: httpx.RequestError) -> errors.DermqError:
     if isinstance(exc, httpx.TransportError):
         return errors.ConnectionFailed(f"could not reach the dermq API: {type(exc).__name__}: {exc}")
     return errors.UnexpectedResponse(f"the answer could not be read: {type(exc).__name__}: {exc}", status=0)
+
+
+class Body:
+    """An answer's body, read chunk by chunk (:meth:`add`) up to ``limit`` bytes; :meth:`response` is
+    the answer with it. Read with ``httpx``'s ``stream``, so that nothing past ``limit`` is read."""
+
+    def __init__(self, response: httpx.Response, limit: int) -> None:
+        self._response, self._limit = response, limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        declared = response.headers.get("Content-Length", "")
+        self.over = declared.isdigit() and int(declared) > limit  # said before a byte is read
+
+    def add(self, chunk: bytes) -> bool:
+        """Keep ``chunk``; False (and nothing kept) once the body runs past the limit: stop reading."""
+        self._size += len(chunk)
+        self.over = self.over or self._size > self._limit
+        if not self.over:
+            self._parts.append(chunk)
+        return not self.over
+
+    def response(self) -> httpx.Response:
+        """The answer with its body read (and unpacked). One past the limit: an error status keeps its
+        typed error (its page dropped, so a 502 is still retried); a success is not dermq's."""
+        answer = self._response
+        if self.over and answer.is_success:
+            raise not_dermq(answer, f"larger than {self._limit >> 20} MiB")
+        # the body is unpacked already: without Content-Encoding, httpx does not unpack it again
+        kept = [(name, value) for name, value in answer.headers.multi_items() if name.lower() != "content-encoding"]
+        return httpx.Response(
+            answer.status_code,
+            headers=kept,
+            content=b"" if self.over else b"".join(self._parts),
+            request=answer.request,
+            extensions=answer.extensions,
+        )
 
 
 def checked(response: httpx.Response) -> httpx.Response:

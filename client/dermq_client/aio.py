@@ -60,12 +60,20 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ transport
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, *, limit: int = _core.MAX_JSON_ANSWER, **kwargs: Any
+    ) -> httpx.Response:
+        """One request; its answer read up to ``limit`` bytes (:class:`dermq_client._core.Body`)."""
         try:
-            response = await self._http.request(method, path, **kwargs)
+            async with self._http.stream(method, path, **kwargs) as response:
+                body = _core.Body(response, limit)
+                if not body.over:
+                    async for chunk in response.aiter_bytes():
+                        if not body.add(chunk):
+                            break
         except httpx.RequestError as exc:
             raise _core.request_failed(exc) from exc
-        return _core.checked(response)
+        return _core.checked(body.response())
 
     async def _request(
         self, method: str, path: str, *, busy_until: float | None = None, **kwargs: Any
@@ -175,7 +183,9 @@ class AsyncClient:
 
     async def heatmap(self, case_id: str | uuid.UUID) -> bytes:
         """The Grad-CAM heat map over the image, as PNG bytes."""
-        return _core.png_of(await self._request("GET", _core.case_path(case_id, "/heatmap.png")))
+        return _core.png_of(
+            await self._request("GET", _core.case_path(case_id, "/heatmap.png"), limit=_core.MAX_HEATMAP_ANSWER)
+        )
 
     async def iter_cases(
         self,

@@ -59,12 +59,18 @@ class Client:
 
     # ------------------------------------------------------------------ transport
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(self, method: str, path: str, *, limit: int = _core.MAX_JSON_ANSWER, **kwargs: Any) -> httpx.Response:
+        """One request; its answer read up to ``limit`` bytes (:class:`dermq_client._core.Body`)."""
         try:
-            response = self._http.request(method, path, **kwargs)
+            with self._http.stream(method, path, **kwargs) as response:
+                body = _core.Body(response, limit)
+                if not body.over:
+                    for chunk in response.iter_bytes():
+                        if not body.add(chunk):
+                            break
         except httpx.RequestError as exc:
             raise _core.request_failed(exc) from exc
-        return _core.checked(response)
+        return _core.checked(body.response())
 
     def _request(self, method: str, path: str, *, busy_until: float | None = None, **kwargs: Any) -> httpx.Response:
         retry = 0
@@ -167,7 +173,9 @@ class Client:
 
     def heatmap(self, case_id: str | uuid.UUID) -> bytes:
         """The Grad-CAM heat map over the image, as PNG bytes."""
-        return _core.png_of(self._request("GET", _core.case_path(case_id, "/heatmap.png")))
+        return _core.png_of(
+            self._request("GET", _core.case_path(case_id, "/heatmap.png"), limit=_core.MAX_HEATMAP_ANSWER)
+        )
 
     def iter_cases(
         self,
