@@ -23,6 +23,9 @@ __version__ = "0.1.0"
 USER_AGENT = f"dermq-client/{__version__}"
 #: the longest ``?wait=`` the server accepts (seconds); longer waits are several long polls
 MAX_SERVER_WAIT = 30.0
+#: seconds past a wait's deadline that its last long poll's answer is still read: the server answers
+#: when its wait ends, and an answer that has not come a few seconds later is not coming
+LATE_ANSWER = 5.0
 #: statuses after which a request is sent again (with the same Idempotency-Key for a submission);
 #: 408: the server gave up on an upload that stalled or trickled on the way (a flaky link)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -129,9 +132,15 @@ def wait_param(seconds: float) -> str:
     return f"{max(0.0, min(MAX_SERVER_WAIT, seconds)):.3f}"
 
 
-def timeout_for(timeout: httpx.Timeout, wait: float) -> httpx.Timeout:
-    """The client's timeout, with ``wait`` more seconds to read the answer of a long poll."""
+def timeout_for(timeout: httpx.Timeout, wait: float, *, within: float | None = None) -> httpx.Timeout:
+    """The client's timeout, with ``wait`` more seconds to read the answer of a long poll. ``within``:
+    the seconds left to the caller's own deadline (``wait(timeout=...)``), past which the answer is
+    read for at most :data:`LATE_ANSWER` more (the read timeout, if shorter): an API that does not
+    answer then makes the caller wait its timeout and a little, not the read timeout on top of it."""
     read = None if timeout.read is None else timeout.read + wait
+    if within is not None:
+        late = within + (LATE_ANSWER if timeout.read is None else min(timeout.read, LATE_ANSWER))
+        read = late if read is None else min(read, late)
     return httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write, pool=timeout.pool)
 
 

@@ -128,8 +128,9 @@ class Client:
 
     def wait(self, case_id: str | uuid.UUID, timeout: float = 60.0) -> Case:
         """The case once it has ended (``succeeded``, ``failed`` or ``purged``), by long polls of up
-        to 30 s each; :class:`~dermq_client.errors.WaitTimeout` after ``timeout`` seconds (its
-        ``__cause__`` the last poll's error, when that poll got no answer). Until the first answer,
+        to 30 s each; :class:`~dermq_client.errors.WaitTimeout` after ``timeout`` seconds, or at most
+        5 s more where the API does not answer a poll (its ``__cause__`` the last poll's error, when
+        that poll got no answer). Until the first answer,
         failures are retried as ``retry`` says and then raised; after it, until ``timeout``."""
         return self._follow(case_id, timeout, seen=None)
 
@@ -149,7 +150,7 @@ class Client:
                         "GET",
                         _core.case_path(case_id),
                         params={"wait": _core.wait_param(poll)},
-                        timeout=_core.timeout_for(self._timeout, poll),
+                        timeout=_core.timeout_for(self._timeout, poll, within=remaining),
                     )
                 )
             except errors.DermqError as exc:

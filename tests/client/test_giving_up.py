@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
+import time
 
 import httpx
 import pytest
 from dermq_client import AsyncClient, Client, ConnectionFailed, RateLimited, RetryPolicy, Unauthorized, WaitTimeout
+from dermq_client._core import LATE_ANSWER
 from dermq_client.cli import main
 
 from tests.client.test_requests import CASE_ID, case_json
+from tests.local_site import QuietHandler, serving
 
 BUSY = {"type": "about:blank", "status": 429, "code": "rate_limited", "detail": "this clinic already has 4 uploads"}
 
@@ -179,3 +183,41 @@ def test_the_command_line_prints_the_key_it_made_up_when_it_gives_up(
     assert len(problem["idempotency_key"]) == 36  # the random key its retries sent: submit with it again
     status = main(["--base-url", closed_port(), "submit", str(image), "--idempotency-key", "visit-9"])
     assert "idempotency_key" not in json.loads(capsys.readouterr().err)  # the caller's own: known already
+
+
+def _silent(released: threading.Event) -> type[QuietHandler]:
+    """An API (or a proxy in front of it) that takes a poll and answers nothing until ``released``."""
+
+    class Silent(QuietHandler):
+        def do_GET(self) -> None:
+            released.wait(60)
+
+    return Silent
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["Client", "AsyncClient"])
+def test_wait_on_an_api_that_never_answers_gives_up_near_its_timeout(asynchronous: bool) -> None:
+    """``wait(timeout=1)`` raised WaitTimeout after 31 s: each poll's read timeout was the client's
+    (30 s) on top of the poll, whatever the caller's deadline. A portal page that waits a second for a
+    result held its request half a minute. Now the last poll is read at most LATE_ANSWER past it."""
+    policy = RetryPolicy(attempts=3)  # a poll's failure before any answer is retried while time is left
+    released = threading.Event()
+    try:
+        with serving(_silent(released)) as base:
+            started = time.monotonic()
+            with pytest.raises(WaitTimeout):
+                if asynchronous:
+
+                    async def portal() -> None:
+                        async with AsyncClient(base, "dq_key", retry=policy) as client:
+                            await client.wait(CASE_ID, timeout=1.0)
+
+                    asyncio.run(portal())
+                else:
+                    with Client(base, "dq_key", retry=policy) as client:
+                        client.wait(CASE_ID, timeout=1.0)
+            took = time.monotonic() - started
+            released.set()
+    finally:
+        released.set()
+    assert 1.0 + LATE_ANSWER - 1 < took < 1.0 + LATE_ANSWER + 2, took  # the poll was read, then given up
