@@ -71,15 +71,25 @@ def create_roles(
     )
 
 
-def hand_over(connection: Connection, owner: str, *, only: Collection[str] | None = None) -> None:
-    """Make ``owner`` own the tables and functions already created by another login (an older setup
-    that migrated as the superuser), so that it can run the next migrations. ``only``: these tables
-    alone (dermq's, in a database other applications may share), not every one in ``public``."""
+def dermq_tables() -> frozenset[str]:
+    """dermq's own tables: the models' and those the migrations create beside them (the audit log's
+    Merkle tables, Alembic's). A database may hold other applications' tables too: dermq hands over
+    and grants on these alone."""
+    import core.outcome_models  # noqa: F401  (its tables join Base.metadata)
+    from core.models import Base
+
+    return frozenset({*Base.metadata.tables, *AUDIT_TABLES, *READ_ONLY_TABLES})
+
+
+def hand_over(connection: Connection, owner: str, *, only: Collection[str]) -> None:
+    """Make ``owner`` own the tables (of ``only``: dermq's, :func:`dermq_tables`, in a database other
+    applications may share) and audit functions already created by another login (an older setup
+    that migrated as the superuser), so that it can run the next migrations."""
     tables = connection.scalars(
         text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> :o"), {"o": owner}
     ).all()
     for table in tables:
-        if only is None or table in only:
+        if table in only:
             connection.execute(text(f"ALTER TABLE public.{_quoted(table)} OWNER TO {_quoted(owner)}"))
     functions = connection.scalars(
         text(
@@ -124,20 +134,18 @@ def take_migration_role(connection: Connection) -> str | None:
     """Take :func:`migration_role` for the rest of this session (committed); the role taken, or None.
     A superuser first hands the owner dermq's tables that its earlier runs created (:func:`hand_over`):
     else the first migration that alters one of those tables would fail, as the owner's would."""
-    import core.outcome_models  # noqa: F401  (its tables join Base.metadata)
-    from core.models import Base
-
     role = migration_role(connection)
     if role is not None:
         if connection.scalar(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")):
-            hand_over(connection, role, only={*Base.metadata.tables, "alembic_version"})
+            hand_over(connection, role, only=dermq_tables())
         connection.execute(text("SELECT set_config('role', :r, false)"), {"r": role})
     connection.commit()
     return role
 
 
 def grant_runtime(connection: Connection, runtime: str) -> None:
-    """Give ``runtime`` what the services need on the migrated schema; run as the owner after upgrades."""
+    """Give ``runtime`` what the services need on the migrated schema; run as the owner after upgrades.
+    Only on dermq's tables and their sequences: not on another application's in the same database."""
     role = _ident(runtime)
     database = connection.scalar(text("SELECT current_database()"))
     connection.execute(text(f'GRANT CONNECT ON DATABASE "{database}" TO {role}'))
@@ -146,8 +154,26 @@ def grant_runtime(connection: Connection, runtime: str) -> None:
     connection.execute(text(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC'))
     connection.execute(text(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM {role}'))
     connection.execute(text(f"GRANT USAGE ON SCHEMA public TO {role}"))
-    connection.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"))
-    connection.execute(text(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+    ours = sorted(dermq_tables())
+    tables = connection.scalars(
+        text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename = ANY(:t) ORDER BY 1"),
+        {"t": ours},
+    ).all()
+    if tables:
+        listed = ", ".join(f"public.{_quoted(table)}" for table in tables)
+        connection.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {listed} TO {role}"))
+    sequences = connection.scalars(  # those of dermq's tables' serial and identity columns
+        text(
+            "SELECT s.relname FROM pg_class s JOIN pg_depend d ON d.classid = 'pg_class'::regclass "
+            "AND d.objid = s.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') "
+            "JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace n ON n.oid = s.relnamespace "
+            "WHERE s.relkind = 'S' AND n.nspname = 'public' AND t.relname = ANY(:t) ORDER BY 1"
+        ),
+        {"t": ours},
+    ).all()
+    if sequences:
+        listed = ", ".join(f"public.{_quoted(sequence)}" for sequence in sequences)
+        connection.execute(text(f"GRANT USAGE, SELECT ON SEQUENCE {listed} TO {role}"))
     locked = ", ".join(AUDIT_TABLES)
     connection.execute(text(f"REVOKE UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON {locked} FROM {role}"))
     connection.execute(text(f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {', '.join(READ_ONLY_TABLES)} FROM {role}"))
@@ -200,7 +226,8 @@ def check_login(session: Session | Connection, settings: Settings) -> None:
 def set_up_roles(
     settings: Settings, *, owner: str, runtime: str, owner_password: str | None, runtime_password: str | None
 ) -> str:
-    """Create both roles and give the database and everything in it to the owner (as a superuser)."""
+    """Create both roles and give the database and dermq's tables in it to the owner (as a superuser);
+    another application's tables in the same database stay its own."""
     engine = create_engine(settings.database_url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as connection:
@@ -213,7 +240,7 @@ def set_up_roles(
             )
             database = connection.scalar(text("SELECT current_database()"))
             connection.execute(text(f'ALTER DATABASE "{database}" OWNER TO {_ident(owner)}'))
-            hand_over(connection, owner)
+            hand_over(connection, owner, only=dermq_tables())
     finally:
         engine.dispose()
     return f"roles {owner} (owner of database {database}) and {runtime} (runtime) are ready"

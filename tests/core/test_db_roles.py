@@ -120,6 +120,52 @@ def test_an_older_setup_is_handed_over_whole_and_the_owner_can_downgrade(
     command.upgrade(alembic_config(as_owner), "head")
 
 
+def test_roles_and_grants_leave_another_applications_tables_alone(
+    settings: Settings, role_names: tuple[str, str]
+) -> None:
+    # In a database shared with another application, `dermq db roles` gave that application's tables to
+    # dermq's owner (their own role lost its access to them), and `dermq db grant` then opened them to
+    # dermq's runtime login
+    owner, runtime = role_names
+    url = make_url(settings.database_url).set(database=NAME)
+    support.recreate_database(url.render_as_string(False))
+    admin = admin_engine(settings)
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE ROLE "{NAME}_their"'))
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(f'CREATE TABLE ledger (id serial) ; ALTER TABLE ledger OWNER TO "{NAME}_their"'))
+        command.upgrade(alembic_config(url.render_as_string(False)), "head")  # an older setup: the superuser's
+        superuser = settings.model_copy(update={"database_url": url.render_as_string(False)})
+        db_roles.set_up_roles(superuser, owner=owner, runtime=runtime, owner_password=None, runtime_password=None)
+        with engine.begin() as connection:
+            owners = dict(
+                connection.execute(
+                    text("SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'public'")
+                ).all()
+            )
+        assert owners.pop("ledger") == f"{NAME}_their"
+        assert owners == dict.fromkeys(db_roles.dermq_tables(), owner)  # dermq's tables: all of them, the owner's
+        granted = _dermq("db", "grant", "--runtime", runtime, DERMQ_DATABASE_URL=url.render_as_string(False))
+        assert granted.returncode == 0, granted.stderr
+        with engine.begin() as connection:
+            held = connection.execute(
+                text(
+                    "SELECT has_table_privilege(:r, 'audit_nodes', 'INSERT'), has_table_privilege(:r, 'ledger', "
+                    "'SELECT, INSERT, UPDATE, DELETE'), has_sequence_privilege(:r, 'ledger_id_seq', 'USAGE, SELECT')"
+                ),
+                {"r": runtime},
+            ).one()
+        assert tuple(held) == (True, False, False)
+    finally:
+        engine.dispose()
+        support.drop_database(url.render_as_string(False))
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP ROLE IF EXISTS "{NAME}_their"'))
+        admin.dispose()
+
+
 def test_a_login_with_createrole_may_not_run_a_service(settings: Settings, role_names: tuple[str, str]) -> None:
     # CREATEROLE can grant itself the owner's role, then disable the audit triggers
     login = role_names[1]
@@ -143,14 +189,32 @@ def test_a_superuser_upgrade_leaves_everything_to_the_owner(settings: Settings, 
     as_owner = url.set(username=owner).render_as_string(False)
     command.upgrade(alembic_config(as_owner), "0019")  # an older release, migrated as the documentation says
     engine = create_engine(url)
-    with engine.begin() as connection:  # and one table a superuser's run of an earlier release left its own
+    with engine.begin() as connection:  # and tables a superuser's run of an earlier release left its own
         connection.execute(text("ALTER TABLE clinic_callbacks OWNER TO CURRENT_USER"))
-        # and a table that is not dermq's (a DBA's scratch table): not the upgrade's to give away
+        # (an audit table the migrations create outside the models' metadata stayed the superuser's)
+        connection.execute(text("ALTER TABLE audit_leaves OWNER TO CURRENT_USER"))
+        # and a table and a sequence that are not dermq's (another application's): neither the upgrade's
+        # to give away nor the grant's to open to dermq's runtime role
         connection.execute(text('CREATE TABLE "their ""ledger""" (id int)'))
+        connection.execute(text("CREATE SEQUENCE their_ids"))
     engine.dispose()
     done = _dermq("db", "upgrade", DERMQ_DATABASE_URL=url.render_as_string(False), DERMQ_DATABASE_RUNTIME_ROLE=runtime)
     assert done.returncode == 0, done.stderr
     assert f"as {owner}, the database's owner" in done.stdout
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:  # the superuser's grant reached dermq's tables, and no others
+            held = connection.execute(
+                text(
+                    "SELECT has_table_privilege(:r, 'cases', 'INSERT'), has_sequence_privilege(:r, "
+                    "'audit_leaves_seq_seq', 'USAGE'), has_table_privilege(:r, 'public.\"their \"\"ledger\"\"\"', "
+                    "'SELECT, INSERT, UPDATE, DELETE'), has_sequence_privilege(:r, 'their_ids', 'USAGE, SELECT')"
+                ),
+                {"r": runtime},
+            ).one()
+        assert tuple(held) == (True, True, False, False)
+    finally:
+        engine.dispose()
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
@@ -164,8 +228,6 @@ def test_a_superuser_upgrade_leaves_everything_to_the_owner(settings: Settings, 
                 {"o": owner},
             ).all()
         assert others == [('their "ledger"', make_url(settings.database_url).username or "root")]
-        with engine.begin() as connection:  # (`dermq db grant` grants on every table in the schema)
-            connection.execute(text('DROP TABLE "their ""ledger"""'))
     finally:
         engine.dispose()
     # the next release, migrated and granted by the owner again
