@@ -28,7 +28,7 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.orm import Session
 
 from core.config import Settings
-from core.errors import Conflict, Forbidden
+from core.errors import Conflict, Forbidden, NotFound
 
 AUDIT_TABLES = ("audit_events", "audit_leaves", "audit_nodes", "audit_checkpoints", "audit_verifications")
 READ_ONLY_TABLES = ("alembic_version",)
@@ -249,11 +249,15 @@ def set_up_roles(
 def grant(settings: Settings, runtime: str) -> str:
     """Grant the runtime role its privileges (as the owner, after every upgrade). :class:`Forbidden`
     for a login that neither owns the tables nor may act as their owner: Postgres grants nothing for
-    it, with a warning only, and the runtime role would be left without its privileges unnoticed."""
+    it, with a warning only, and the runtime role would be left without its privileges unnoticed.
+    :class:`NotFound` for a runtime role that does not exist (a misspelt name)."""
+    _ident(runtime)
     engine = create_engine(settings.database_url)
     try:
         with engine.begin() as connection:
             _may_grant(connection)
+            if not connection.scalar(text("SELECT 1 FROM pg_roles WHERE rolname = :n"), {"n": runtime}):
+                raise NotFound(f"there is no role {runtime}: create it with `dermq db roles`", code="role_not_found")
             grant_runtime(connection, runtime)
     finally:
         engine.dispose()

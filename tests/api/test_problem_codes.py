@@ -11,6 +11,7 @@ from tests.support import ROOT
 NOT_SENT_BY_THE_API = {
     "not_owner",
     "not_migrated",
+    "role_not_found",
     "invalid_period",
     "unknown_period",
     "period_not_ended",

@@ -269,3 +269,24 @@ def test_a_login_that_may_not_migrate_or_grant_is_told_so_in_one_line(
         runtime_engine.dispose()
     granted = _dermq("db", "grant", "--runtime", runtime, DERMQ_DATABASE_URL=as_owner)
     assert granted.returncode == 0 and "granted" in granted.stdout, granted.stderr
+
+
+def test_a_grant_to_a_role_that_does_not_exist_is_one_error_line(
+    settings: Settings, role_names: tuple[str, str]
+) -> None:
+    # A misspelt --runtime (or DERMQ_DATABASE_RUNTIME_ROLE) ended `dermq db grant` and `dermq db upgrade`
+    # in a traceback of Postgres's UndefinedObject
+    owner, runtime = role_names
+    url = _database_with_roles(settings, owner, runtime)
+    as_owner = url.set(username=owner).render_as_string(False)
+    command.upgrade(alembic_config(as_owner), "head")
+    for args, env in (
+        (("db", "grant", "--runtime", f"{runtime}_typo"), {}),
+        (("db", "upgrade"), {"DERMQ_DATABASE_RUNTIME_ROLE": f"{runtime}_typo"}),
+    ):
+        refused = _dermq(*args, DERMQ_DATABASE_URL=as_owner, **env)
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr and "granted" not in refused.stdout
+        assert refused.stderr.splitlines() == [
+            f"error: there is no role {runtime}_typo: create it with `dermq db roles` (role_not_found)"
+        ]
