@@ -28,7 +28,7 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.orm import Session
 
 from core.config import Settings
-from core.errors import Conflict, Forbidden, NotFound
+from core.errors import BadRequest, Conflict, Forbidden, NotFound
 
 AUDIT_TABLES = ("audit_events", "audit_leaves", "audit_nodes", "audit_checkpoints", "audit_verifications")
 READ_ONLY_TABLES = ("alembic_version",)
@@ -228,6 +228,10 @@ def set_up_roles(
 ) -> str:
     """Create both roles and give the database and dermq's tables in it to the owner (as a superuser);
     another application's tables in the same database stay its own."""
+    if owner == runtime:  # the services would log in as the owner, which production refuses
+        raise BadRequest(
+            f"{owner} cannot be both the owner and the runtime role: name two roles", code="runtime_is_owner"
+        )
     engine = create_engine(settings.database_url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as connection:
@@ -250,22 +254,34 @@ def grant(settings: Settings, runtime: str) -> str:
     """Grant the runtime role its privileges (as the owner, after every upgrade). :class:`Forbidden`
     for a login that neither owns the tables nor may act as their owner: Postgres grants nothing for
     it, with a warning only, and the runtime role would be left without its privileges unnoticed.
-    :class:`NotFound` for a runtime role that does not exist (a misspelt name)."""
+    :class:`NotFound` for a runtime role that does not exist (a misspelt name), :class:`Conflict` for
+    the owner named instead (or a role that may act as it, a superuser): the revokes would take the
+    owner's own UPDATE on ``alembic_version`` and the audit tables, and its next upgrade would fail."""
     _ident(runtime)
     engine = create_engine(settings.database_url)
     try:
         with engine.begin() as connection:
-            _may_grant(connection)
-            if not connection.scalar(text("SELECT 1 FROM pg_roles WHERE rolname = :n"), {"n": runtime}):
+            owner = _may_grant(connection)
+            acts_as_owner = connection.scalar(
+                text("SELECT pg_has_role(rolname, :o, 'MEMBER') FROM pg_roles WHERE rolname = :n"),
+                {"n": runtime, "o": owner},
+            )
+            if acts_as_owner is None:
                 raise NotFound(f"there is no role {runtime}: create it with `dermq db roles`", code="role_not_found")
+            if acts_as_owner:
+                what = "owns dermq's tables" if runtime == owner else f"may act as {owner}, the tables' owner"
+                raise Conflict(
+                    f"{runtime} {what}: the runtime role must be a role of its own, which the services log in as",
+                    code="runtime_is_owner",
+                )
             grant_runtime(connection, runtime)
     finally:
         engine.dispose()
     return f"granted {runtime} its privileges: INSERT and SELECT only on {', '.join(AUDIT_TABLES)}"
 
 
-def _may_grant(connection: Connection) -> None:
-    """Refuse (:class:`Conflict`, :class:`Forbidden`) a grant that would grant nothing."""
+def _may_grant(connection: Connection) -> str:
+    """Refuse (:class:`Conflict`, :class:`Forbidden`) a grant that would grant nothing; the tables' owner."""
     found = connection.execute(
         text(
             "SELECT t.tableowner, current_user, pg_has_role(current_user, t.tableowner, 'USAGE') FROM pg_tables t "
@@ -281,6 +297,7 @@ def _may_grant(connection: Connection) -> None:
             f'(this login is {login}; see docs/SECURITY.md, "Database roles")',
             code="not_owner",
         )
+    return str(owner)
 
 
 def refuse_insecure_login(settings: Settings) -> None:

@@ -12,6 +12,7 @@ NOT_SENT_BY_THE_API = {
     "not_owner",
     "not_migrated",
     "role_not_found",
+    "runtime_is_owner",
     "invalid_period",
     "unknown_period",
     "period_not_ended",

@@ -290,3 +290,34 @@ def test_a_grant_to_a_role_that_does_not_exist_is_one_error_line(
         assert refused.stderr.splitlines() == [
             f"error: there is no role {runtime}_typo: create it with `dermq db roles` (role_not_found)"
         ]
+
+
+def test_the_owner_named_as_the_runtime_role_is_refused(settings: Settings, role_names: tuple[str, str]) -> None:
+    # `dermq db grant --runtime <the owner>` (the login that runs it) reported success while it took the
+    # owner's own UPDATE on alembic_version and the audit tables away: its next `dermq db upgrade` failed
+    # with "permission denied"; and `dermq db roles` made one role both owner and runtime login
+    owner, runtime = role_names
+    url = _database_with_roles(settings, owner, runtime)
+    as_owner = url.set(username=owner).render_as_string(False)
+    command.upgrade(alembic_config(as_owner), "head")
+    for login in (as_owner, url.render_as_string(False)):  # the owner's login, and a superuser's
+        refused = _dermq("db", "grant", "--runtime", owner, DERMQ_DATABASE_URL=login)
+        assert refused.returncode == 2 and "granted" not in refused.stdout, refused.stderr
+        assert refused.stderr.splitlines() == [
+            f"error: {owner} owns dermq's tables: the runtime role must be a role of its own, which the "
+            "services log in as (runtime_is_owner)"
+        ]
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            query = "SELECT has_table_privilege(:o, 'alembic_version', 'UPDATE')"
+            assert connection.scalar(text(query), {"o": owner})
+    finally:
+        engine.dispose()
+    command.downgrade(alembic_config(as_owner), "0030")  # the owner still migrates
+    command.upgrade(alembic_config(as_owner), "head")
+    same = _dermq("db", "roles", "--owner", owner, "--runtime", owner, DERMQ_DATABASE_URL=url.render_as_string(False))
+    assert same.returncode == 2 and "ready" not in same.stdout, same.stderr
+    assert same.stderr.splitlines() == [
+        f"error: {owner} cannot be both the owner and the runtime role: name two roles (runtime_is_owner)"
+    ]
