@@ -103,9 +103,11 @@ def validate_url(url: str, settings: Settings) -> str:
     if not host:
         raise _invalid("the callback URL has no host")
     try:
-        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        port = parts.port  # None where the URL names none; ValueError out of range or not a number
     except ValueError:
-        raise _invalid("the callback URL's port is not valid") from None
+        port = 0
+    if port == 0:  # no receiver listens on port 0: every delivery would fail
+        raise _invalid("the callback URL's port is not valid")
     if not local:
         try:
             literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host.strip("[]"))

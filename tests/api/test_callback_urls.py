@@ -45,6 +45,8 @@ def test_public_https_urls_are_accepted_in_production(url: str) -> None:
         ("https://portal.example-clinic.org/" + "a" * 2100, "characters"),
         ("https://portal.example-clinic.org/hook#x", "fragment"),
         ("https://portal.example-clinic.org:99999/hook", "port"),
+        ("https://portal.example-clinic.org:0/hook", "port"),  # accepted, and every delivery failed
+        ("https://93.184.215.14:00/hook", "port"),
         ("https://portal.exämple.org/hook", "ASCII"),
         ("https://portal.example-clinic.org/ho ok", "spaces"),
         ("https://localhost/hook", "public"),
