@@ -166,10 +166,22 @@ def _worker_starting(**_kwargs: Any) -> None:
 @signals.worker_init.connect
 def _refuse_insecure_login(**_kwargs: Any) -> None:
     # Production: a worker logged in as the audit tables' owner (or a superuser) could rewrite the
-    # trail; refuse to start (core.db_roles). Beat never connects to the database.
+    # trail; refuse to start (core.db_roles), as the API does, and where the login cannot be checked
+    # (Postgres unreachable) too. Beat never connects to the database. Celery logs an exception that a
+    # signal's receiver raises and goes on, so the worker started all the same: SystemExit is not an
+    # Exception, and ends the worker with the reason.
     from core import db_roles
 
-    db_roles.refuse_insecure_login(get_settings())
+    try:
+        db_roles.refuse_insecure_login(get_settings())
+    except db_roles.InsecureLoginError as exc:
+        reason = str(exc)
+    except Exception as exc:  # any failure of the check is a check not passed
+        reason = f"refusing to start: the database login could not be checked ({type(exc).__name__})"
+    else:
+        return
+    logging.getLogger("dermq.worker").critical(reason, extra={"event": "refused_to_start"})
+    raise SystemExit(reason)
 
 
 @signals.worker_init.connect
