@@ -28,8 +28,9 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, insert, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
+from core import audit_ranges
 from core.models import AuditEvent
 
 SUCCESS, FAILURE, DENIED = "success", "failure", "denied"
@@ -321,13 +322,19 @@ class AuditFilter:
 def search(
     session: Session, filters: AuditFilter, *, before_id: int | None, limit: int
 ) -> tuple[list[AuditEvent], int | None]:
-    """Newest first; returns (page, the id to pass as ``before_id`` for the next page, or None)."""
+    """Newest first; returns (page, the id to pass as ``before_id`` for the next page, or None). A
+    narrow time range is read whole, then sorted (:mod:`core.audit_ranges`)."""
     found: dict[int, AuditEvent] = {}
+    whole = audit_ranges.read_whole(session, filters.since, filters.until, before_id)
     for alternative in filters.alternatives():
         query = select(AuditEvent).where(*filters.where(), *alternative)
         if before_id is not None:
             query = query.where(AuditEvent.id < before_id)
-        found.update((e.id, e) for e in session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit + 1)))
+        event = AuditEvent
+        if whole:  # OFFSET 0: planned without the page's LIMIT, so not by walking the ids backwards
+            event = aliased(AuditEvent, query.offset(0).subquery())
+            query = select(event)
+        found.update((e.id, e) for e in session.scalars(query.order_by(event.id.desc()).limit(limit + 1)))
     rows = sorted(found.values(), key=lambda e: e.id, reverse=True)[: limit + 1]
     page = rows[:limit]
     return page, (page[-1].id if len(rows) > limit and page else None)
