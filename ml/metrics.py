@@ -48,11 +48,17 @@ def roc_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
 
 
 def roc_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) at every distinct threshold, for plotting."""
+    """(false positive rate, true positive rate) at every distinct threshold, for plotting.
+
+    One point per distinct score: images that tie cross the threshold together, so a tie of
+    positives and negatives is one diagonal step, the half that :func:`roc_auc` counts it as (a step
+    per image drew a curve whose area was not the AUC beside it)."""
     positive = np.asarray(positive, dtype=bool)
     order = np.argsort(-np.asarray(score), kind="mergesort")
-    tp = np.concatenate([[0], np.cumsum(positive[order])])
-    fp = np.concatenate([[0], np.cumsum(~positive[order])])
+    ranked = np.asarray(score)[order]
+    last_of_tie = np.r_[ranked[1:] != ranked[:-1], True][: len(ranked)]
+    tp = np.concatenate([[0], np.cumsum(positive[order])[last_of_tie]])
+    fp = np.concatenate([[0], np.cumsum(~positive[order])[last_of_tie]])
     return fp / max(fp[-1], 1), tp / max(tp[-1], 1)
 
 

@@ -67,6 +67,24 @@ def test_confusion_matrix_and_auc_edge_cases() -> None:
     assert metrics.balanced_accuracy(truth, predicted) == pytest.approx((0.5 + 1 + 0) / 3)
 
 
+def test_the_plotted_roc_curve_has_the_area_of_the_reported_auc_when_scores_tie() -> None:
+    """The curve steps once per distinct score: tied positives and negatives are one diagonal step, as
+    the AUC counts them (half). Stepping image by image drew, for four images of one score (two of them
+    the class), a curve of area 0.75 beside a legend's AUC of 0.5."""
+    rng = np.random.default_rng(5)
+    cases = [
+        (np.array([True, False, True, False]), np.array([0.5, 0.5, 0.5, 0.5])),
+        (np.array([False, True, True, False, False]), np.array([0.9, 0.9, 0.1, 0.1, 0.1])),
+        (rng.random(300) < 0.3, np.round(rng.random(300), 1)),  # probabilities at one decimal: many ties
+    ]
+    for positive, score in cases:
+        fpr, tpr = metrics.roc_curve(positive, score)
+        assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+        assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.roc_auc(positive, score), abs=1e-12)
+    fpr, tpr = metrics.roc_curve(*cases[0])
+    assert fpr.tolist() == [0, 1] and tpr.tolist() == [0, 1]  # one threshold, one point past the origin
+
+
 def test_evaluate_cli_writes_metrics_plots_and_report(tiny_entry: Path, tmp_path: Path) -> None:
     data = Path(__file__).resolve().parents[1] / "fixtures" / "images"
     out = tmp_path / "eval"
