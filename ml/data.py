@@ -225,6 +225,25 @@ class SplitSpec:
 SHIPPED_SPLIT = SplitSpec()
 
 
+def limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """The images a run with ``--limit limit --seed seed`` uses of ``samples``: all of them for 0, else
+    the first ``limit`` after a shuffle seeded with ``seed``."""
+    if not limit:
+        return samples
+    rng = random.Random(seed)
+    shuffled = sorted(samples, key=lambda s: s.image_id)
+    rng.shuffle(shuffled)
+    return shuffled[:limit]
+
+
+def used_samples(manifest: Mapping[str, Any], samples: Sequence[Sample]) -> list[Sample]:
+    """The images of ``samples`` that the run behind ``manifest`` read: all of them, or the ``--limit``
+    subset its training configuration records. Its data digest and split are of these, so every reader
+    that rebuilds its split (evaluation, export, the drift reference, a refit) starts from them."""
+    config = (manifest.get("training") or {}).get("config") or {}
+    return limited(list(samples), int(config.get("limit") or 0), int(config.get("seed") or 0))
+
+
 def dataset_digest(samples: Iterable[Sample]) -> str:
     """SHA-256 over the (image id, lesion id, diagnosis) triples: identifies the data a model saw."""
     digest = hashlib.sha256()

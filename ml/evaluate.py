@@ -241,8 +241,9 @@ def select_samples(
     ``all`` (with a warning when its lesions may be training's)."""
     samples = ds.read_dataset(data)
     info = manifest.get("data", {})
+    used = ds.used_samples(manifest, samples)  # a --limit run's digest and split are of its subset
     if split == "auto":
-        if info.get("digest") and ds.dataset_digest(samples) == info["digest"]:
+        if info.get("digest") and ds.dataset_digest(used) == info["digest"]:
             split = "test"
         elif training_data is not None:
             split = "unseen"
@@ -259,23 +260,24 @@ def select_samples(
     if split == "all":
         return samples, "all"
     if split == "unseen":
-        return _unseen(info, samples, data, training_data), "unseen"
+        return _unseen(manifest, samples, data, training_data), "unseen"
     try:  # a part of another folder's split holds lesions the model was trained on
-        ds.check_training_data(info, samples, data)
+        ds.check_training_data(info, used, data)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    parts = ds.SplitSpec.from_record(info).apply(samples)
+    parts = ds.SplitSpec.from_record(info).apply(used)
     return getattr(parts, split), split
 
 
 def _unseen(
-    info: dict[str, Any], samples: list[ds.Sample], data: str | Path, training_data: str | Path | None
+    manifest: dict[str, Any], samples: list[ds.Sample], data: str | Path, training_data: str | Path | None
 ) -> list[ds.Sample]:
     """``samples`` less the images of every lesion in the training or validation part of the model's
     split of ``training_data`` (checked to be its training data by the manifest's digest)."""
     if training_data is None:
         raise SystemExit("--split unseen needs --training-data: the folder the model was trained on")
-    training = ds.read_dataset(training_data)
+    info = manifest.get("data", {})
+    training = ds.used_samples(manifest, ds.read_dataset(training_data))
     try:
         ds.check_training_data(info, training, training_data)
     except ValueError as exc:

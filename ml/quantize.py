@@ -31,7 +31,7 @@ CALIBRATION_BATCH = 8
 def training_split(manifest: dict[str, Any], data: str | Path) -> ds.Split:
     """The entry's lesion-level split of ``data``, refused unless it is the data the model was trained on."""
     info = manifest.get("data") or {}
-    samples = ds.read_dataset(data)
+    samples = ds.used_samples(manifest, ds.read_dataset(data))
     try:
         ds.check_training_data(info, samples, data)
     except ValueError as exc:  # calibrating on other data could use test images

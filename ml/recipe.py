@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,15 +169,4 @@ def check_same_run(config: TrainConfig, saved: dict[str, Any]) -> None:
 
 def load_split(config: TrainConfig) -> ds.Split:
     """The run's split of ``config.data`` (its first ``limit`` images, seeded, when ``limit`` is set)."""
-    return config.split_spec.apply(limited(ds.read_dataset(config.data), config.limit, config.seed))
-
-
-def limited(samples: list[ds.Sample], limit: int, seed: int) -> list[ds.Sample]:
-    """The images a run with ``--limit limit --seed seed`` uses of ``samples``: all of them for 0, else
-    the first ``limit`` after a shuffle seeded with ``seed``."""
-    if not limit:
-        return samples
-    rng = random.Random(seed)
-    shuffled = sorted(samples, key=lambda s: s.image_id)
-    rng.shuffle(shuffled)
-    return shuffled[:limit]
+    return config.split_spec.apply(ds.limited(ds.read_dataset(config.data), config.limit, config.seed))

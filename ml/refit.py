@@ -69,7 +69,7 @@ def prepare(source: Path, out: Path, data: str, *, interpolation: str, gate_stri
     source_stride = loaded.gate.stride if loaded.gate is not None else 1
     gate_stride = source_stride if gate_stride is None else gate_stride
     try:  # the refit's own split (its calibration, gate and figures) is rebuilt from this data
-        ds.check_training_data(manifest.get("data") or {}, ds.read_dataset(data), data)
+        ds.check_training_data(manifest.get("data") or {}, ds.used_samples(manifest, ds.read_dataset(data)), data)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     training = manifest.get("training") or {}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ml import data as ds
 from ml import registry
-from ml.recipe import TrainConfig, limited
+from ml.recipe import TrainConfig
 
 SPLIT_RECORD = "split.json"  # a work folder's parts, by image id (ml.train)
 
@@ -47,8 +47,7 @@ def trained_lesions(source: str | Path, samples: Sequence[ds.Sample]) -> set[str
 def _entry_lesions(folder: Path, samples: Sequence[ds.Sample]) -> set[str]:
     manifest = registry.read_manifest(folder)
     info = manifest.get("data") or {}
-    config = (manifest.get("training") or {}).get("config") or {}
-    used = limited(list(samples), int(config.get("limit") or 0), int(config.get("seed") or 0))
+    used = ds.used_samples(manifest, samples)
     try:
         ds.check_training_data(info, used, "the student's --data")
     except ValueError as exc:

@@ -119,3 +119,31 @@ def test_age_bands() -> None:
         "60-74",
         "75+",
     ]
+
+
+def test_a_limited_runs_split_is_found_again_by_evaluation_export_and_the_drift_reference(
+    synthetic_folder: Path,
+) -> None:
+    """A ``--limit`` run records the digest of the images it used; every reader rebuilt the split from
+    the whole folder, found another digest and refused the run's own data ("not the data this model
+    was trained on"): finalisation itself died at the drift reference, after the test figures."""
+    from ml.evaluate import select_samples
+    from ml.quantize import training_split
+
+    samples = ds.read_dataset(synthetic_folder)
+    used = ds.limited(samples, 60, 3)
+    spec = ds.SplitSpec(val_fraction=0.25, test_fraction=0.25)
+    split = spec.apply(used)
+    manifest = {
+        "data": {"digest": ds.dataset_digest(used), **spec.record()},
+        "training": {"config": {"limit": 60, "seed": 3}},
+    }
+    ids = lambda part: [s.image_id for s in part]  # noqa: E731
+    for part in ("val", "test"):
+        assert ids(select_samples(manifest, synthetic_folder, part)[0]) == ids(getattr(split, part))
+    assert select_samples(manifest, synthetic_folder, "auto")[1] == "test"
+    assert ids(training_split(manifest, synthetic_folder).train) == ids(split.train)
+    # another folder's lesions in neither the run's training nor its validation part: the unused ones too
+    unseen = select_samples(manifest, synthetic_folder, "unseen", synthetic_folder)[0]
+    held = {s.lesion_id for s in (*split.train, *split.val)}
+    assert {s.lesion_id for s in unseen} == {s.lesion_id for s in samples} - held

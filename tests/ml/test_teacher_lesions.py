@@ -12,7 +12,7 @@ import pytest
 
 from ml import data as ds
 from ml import registry, train
-from ml.recipe import TrainConfig, limited, load_split
+from ml.recipe import TrainConfig, load_split
 from ml.teacher_lesions import refuse_leaking_teachers
 from tests.ml.conftest import TINY_ARCH, save_tiny_entry
 
@@ -23,7 +23,7 @@ V1 = registry.REGISTRY_DIR / "effnet-lite0-ham10000-v1"
 def entry_teacher(folder: Path, samples: list[ds.Sample], spec: ds.SplitSpec, limit: int = 0, seed: int = 0) -> Path:
     """A registry entry's manifest as finalisation records its data and its run's limit and seed."""
     folder.mkdir(parents=True)
-    used = limited(samples, limit, seed)
+    used = ds.limited(samples, limit, seed)
     manifest = {
         "schema_version": registry.SCHEMA_VERSION,
         "data": {"digest": ds.dataset_digest(used), **spec.record()},
