@@ -36,6 +36,7 @@ from ml.calibration import expected_calibration_error, reliability_bins, softmax
 from ml.decision import CONCERNING_INDEX, DecisionPolicy
 from ml.labels import CLASSES
 from ml.metrics import balanced_accuracy, roc_curve, served_referrals, summary
+from ml.modelcard import subgroup_table
 
 SUBGROUPS = {"sex": lambda s: s.sex, "age_band": lambda s: s.age_band, "site": lambda s: s.site}
 MEL = CLASSES.index("mel")
@@ -59,6 +60,7 @@ def _group_figures(
     return {
         "n": len(truth),
         "classes_present": len(np.unique(truth)),
+        "concerning_n": int(np.isin(truth, CONCERNING_INDEX).sum()),  # what the referral sensitivity is of
         "accuracy": float((truth == predicted).mean()),
         "balanced_accuracy": balanced_accuracy(truth, predicted),
         "mel_n": int(mel.sum()),
@@ -203,18 +205,7 @@ def report_markdown(metrics: dict[str, Any], title: str, plots: Sequence[str] = 
             f"{_fmt(row['ppv'])} | {_fmt(row['npv'])} | {_fmt(row['f1'])} | {_fmt(row['auc'])} |"
         )
     for name, groups in metrics["subgroups"].items():
-        lines += [
-            "",
-            f"## By {name.replace('_', ' ')}",
-            "",
-            "| group | n | balanced acc. | accuracy | mel n | mel sensitivity | ECE |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for value, row in groups.items():
-            lines.append(
-                f"| {value} | {row['n']} | {_fmt(row['balanced_accuracy'])} | {_fmt(row['accuracy'])} | "
-                f"{row['mel_n']} | {_fmt(row['mel_sensitivity'])} | {_fmt(row['ece'])} |"
-            )
+        lines += ["", f"## By {name.replace('_', ' ')}", "", *subgroup_table(groups)]  # the model card's
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

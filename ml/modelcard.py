@@ -28,19 +28,24 @@ FEW_PHRASES = {
 ECE_MIN_N = 50
 
 
-def _subgroup_table(groups: dict[str, dict[str, Any]]) -> list[str]:
+def subgroup_table(groups: dict[str, dict[str, Any]]) -> list[str]:
     """One row a group. Balanced accuracy averages the recall of the classes a group holds: ``classes``
-    says how many of the seven (a group without melanomas is not comparable with one with 52)."""
+    says how many of the seven (a group without melanomas is not comparable with one with 52). The
+    referral sensitivity gives the malignant and pre-malignant images it is of, as melanoma's has
+    ``mel n`` beside it, where the metrics record them (entries finalised before did not)."""
     lines = [
         "| group | n | classes | balanced acc. | accuracy | mel n | mel sensitivity | referral sens. | ECE |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for value, row in groups.items():
         ece = _f(row["ece"]) if row["n"] >= ECE_MIN_N else f"n/a (n < {ECE_MIN_N})"
+        referral = _f(row["referral_sensitivity_concerning"])
+        if row.get("concerning_n"):
+            referral += f" (n = {row['concerning_n']})"
         lines.append(
             f"| {value} | {row['n']} | {row.get('classes_present', 'n/a')} | {_f(row['balanced_accuracy'])} | "
             f"{_f(row['accuracy'])} | {row['mel_n']} | {_f(row['mel_sensitivity'])} | "
-            f"{_f(row['referral_sensitivity_concerning'])} | {ece} |"
+            f"{referral} | {ece} |"
         )
     return lines
 
@@ -299,7 +304,7 @@ def write_model_card(
         "collection comes mostly from fair-skinned patients in Austria and Australia.",
     ]
     for name, groups in metrics["subgroups"].items():
-        lines += ["", f"### By {name.replace('_', ' ')}", "", *_subgroup_table(groups)]
+        lines += ["", f"### By {name.replace('_', ' ')}", "", *subgroup_table(groups)]
     lines += _notes(manifest)
     lines += [
         "",

@@ -185,3 +185,27 @@ def test_another_folder_with_the_training_lesions_is_not_scored_silently(  # typ
     scored = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert scored["n"] == len(rows) - 2 and "inflates" in scored["caveat"]
     assert "inflates" in (tmp_path / "all" / "report.md").read_text()
+
+
+def test_a_subgroups_referral_sensitivity_says_how_many_cases_it_is_of() -> None:
+    """The card's "referral sens." of a body site read 1.000 with nothing to say it came from three
+    malignant images (melanoma sensitivity has its "mel n" beside it); and ml.evaluate's report gave a
+    15-bin ECE for a group of two images, which the card already withholds below 50."""
+    from ml.decision import DecisionPolicy
+    from ml.modelcard import ECE_MIN_N, subgroup_table
+
+    rng = np.random.default_rng(4)
+    codes = ["nv"] * 60 + ["mel", "bcc", "akiec"] + ["bkl", "nv"]
+    samples = [
+        ds.Sample(f"ISIC_{i:07d}", f"HAM_{i:07d}", dx, Path("x.jpg"), site="back" if i < 60 else "ear")
+        for i, dx in enumerate(codes)
+    ]
+    logits = rng.normal(0, 1, (len(samples), len(CLASSES)))
+    result, _, _ = evaluate.evaluate_arrays(samples, logits, DecisionPolicy())
+    ear = result["subgroups"]["site"]["ear"]
+    assert ear["n"] == 5 and ear["concerning_n"] == 3 and result["subgroups"]["site"]["back"]["concerning_n"] == 0
+    row = next(line for line in subgroup_table(result["subgroups"]["site"]) if line.startswith("| ear "))
+    assert f"{ear['referral_sensitivity_concerning']:.3f} (n = 3)" in row
+    report = evaluate.report_markdown(result, "synthetic")
+    ear_line = next(line for line in report.splitlines() if line.startswith("| ear "))
+    assert "(n = 3)" in ear_line and f"n/a (n < {ECE_MIN_N})" in ear_line
