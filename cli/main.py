@@ -30,6 +30,10 @@ BAD_INPUT = 2
 UNAVAILABLE = 69  # EX_UNAVAILABLE (sysexits.h): a service the command needs is down
 NO_PERMISSION = 77  # EX_NOPERM (sysexits.h): the database login lacks a privilege the command needs
 INSUFFICIENT_PRIVILEGE = "42501"  # SQLSTATE
+TEMPORARY_FAILURE = 75  # EX_TEMPFAIL (sysexits.h): try again later
+#: SQLSTATEs of a statement the server gave up on: query_canceled (the statement timeout),
+#: lock_not_available (the lock timeout), deadlock_detected, serialization_failure
+TRY_AGAIN = frozenset({"57014", "55P03", "40P01", "40001"})
 
 
 @click.group(name="dermq", context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,7 +108,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return NO_PERMISSION
     except OperationalError as exc:
-        if getattr(exc.orig, "pgcode", None) is not None:  # a deadlock, a timeout...: the server answered
+        code = getattr(exc.orig, "pgcode", None)
+        if code in TRY_AGAIN:
+            # the server gave up on a statement (its time or lock limit, a deadlock): its transaction was
+            # rolled back, and the command may pass later or with a larger limit (one that commits as it
+            # goes keeps what it committed, and goes on from there). Postgres's line names no row's data
+            reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+            click.echo(
+                f"error: the database gave up on a statement ({reason}); its transaction was rolled back. "
+                "Run it again, later or with a larger DERMQ_DATABASE_STATEMENT_TIMEOUT_MS or "
+                "DERMQ_DATABASE_LOCK_TIMEOUT_MS (milliseconds) for this command alone",
+                err=True,
+            )
+            return TEMPORARY_FAILURE
+        if code is not None:  # the server answered with another error
             raise
         # no SQLSTATE: the connection itself failed (the server is down, unreachable or refused the login)
         reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]

@@ -233,6 +233,33 @@ def test_a_database_that_cannot_be_reached_is_one_error_line(settings) -> None: 
     assert result.stderr.startswith("error: the database cannot be reached (") and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("limit", "why"),
+    [
+        ({"DERMQ_DATABASE_LOCK_TIMEOUT_MS": "200"}, "lock timeout"),
+        (
+            {"DERMQ_DATABASE_STATEMENT_TIMEOUT_MS": "300", "DERMQ_DATABASE_LOCK_TIMEOUT_MS": "60000"},
+            "statement timeout",
+        ),
+    ],
+)
+def test_a_statement_the_database_gives_up_on_is_one_error_line(settings, database, limit, why) -> None:  # type: ignore[no-untyped-def]
+    # a table held by another session (a migration, a long export) past the command's limits: it was a
+    # traceback, exit 1, which scripts read as the command's own failure; now one line, exit 75 (try again)
+    from sqlalchemy import create_engine, text
+
+    holder = create_engine(settings.database_url)
+    try:
+        with holder.begin() as connection:
+            connection.execute(text("LOCK TABLE clinics IN ACCESS EXCLUSIVE MODE"))
+            result = run(settings, "clinic", "list", **limit)
+    finally:
+        holder.dispose()
+    assert result.returncode == 75, result.stderr
+    assert result.stderr.startswith("error: the database gave up on a statement (") and "Traceback" not in result.stderr
+    assert why in result.stderr and "rolled back" in result.stderr
+
+
 @pytest.mark.usefixtures("database")
 def test_clinic_and_key_json_shapes_and_the_cli_actor(settings, keyring) -> None:  # type: ignore[no-untyped-def]
     from core import keys
