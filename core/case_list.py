@@ -97,6 +97,13 @@ def list_cases(
         entity_type="case",
         clinic_id=clinic_id,
         # the ids shown (with their client references): "who saw case X" finds list views too
-        detail={"count": len(page), "status": status.value if status else None, "ids": [str(c.id) for c in page]},
+        detail={
+            "count": len(page),
+            "status": status.value if status else None,
+            "priority": priority.value if priority else None,
+            "since": since.isoformat() if since else None,
+            "until": until.isoformat() if until else None,
+            "ids": [str(c.id) for c in page],
+        },
     )
     return Page(page, _encode_cursor(page[-1]) if more and page else None, shown)

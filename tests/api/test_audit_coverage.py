@@ -63,6 +63,15 @@ def test_a_list_view_records_the_cases_it_showed(client, settings, make_key, sto
     items = found.json()["items"]
     assert len(items) == 1 and items[0]["actor_key_id"] == str(tenant.key_id)
     assert set(items[0]["detail"]["ids"]) >= {str(c) for c in shown}
+    # the view as the clinic asked for it: every filter, not the status alone (a list of urgent cases of one
+    # week was filed as a list of all of them)
+    since = datetime.now(UTC) - timedelta(hours=1)
+    asked = {"status": "queued", "priority": "routine", "since": since.isoformat()}
+    assert client.get("/v1/cases", params=asked, headers=tenant.headers).status_code == 200
+    found = client.get(f"/v1/audit-events?case={shown[1]}&action=case.list", headers=auditor.headers)
+    detail = found.json()["items"][0]["detail"]  # newest first
+    assert (detail["status"], detail["priority"], detail["until"]) == ("queued", "routine", None)
+    assert datetime.fromisoformat(detail["since"]) == since
 
 
 def test_an_export_refused_to_a_clinic_scoped_auditor_is_filed_as_an_export(
