@@ -49,6 +49,7 @@ def _rows(active: Any) -> list[dict[str, Any]]:
         if manifest is not None:
             row.update(
                 {
+                    "manifest_sha256": registry.manifest_sha256(folder),  # what DERMQ_MODEL_SHA256 pins
                     "version": manifest.get("version"),
                     "architecture": manifest.get("architecture"),
                     "created_at": manifest.get("created_at"),
@@ -76,12 +77,13 @@ def list_models(as_json: bool) -> int:
             click.echo(f"{mark} {row['id']}  UNUSABLE: {row['error']}")
             continue
         bacc, digest = row["balanced_accuracy"], row["weights_sha256"]
-        click.echo(
+        line = (
             f"{mark} {row['id']}  v{row['version']}  {row['architecture']}  created {row['created_at']}  "
             f"test balanced accuracy {bacc:.3f}  sha256 {digest[:16]}..."
             if isinstance(bacc, float) and isinstance(digest, str)
             else f"{mark} {row['id']}  v{row['version']}"
         )
+        click.echo(f"{line}  manifest sha256 {row['manifest_sha256']}")  # what DERMQ_MODEL_SHA256 pins
     if active is None:
         click.echo(f"(DERMQ_MODEL={settings.model} is not in the registry)")
     return 0
@@ -100,8 +102,21 @@ def verify(model_id: str | None) -> int:
 
     from ml import registry
 
-    registry.resolve(model_id or get_settings().model)  # a mistyped id: exit 2 naming it, not "failed verification"
-    checks = verify_entry(model_id or get_settings().model)
+    settings = get_settings()
+    chosen = model_id or settings.model
+    folder = registry.resolve(chosen)  # a mistyped id: exit 2 naming it, not "failed verification"
+    checks = verify_entry(chosen)
+    if settings.model_sha256 and folder.resolve() == _active_entry(settings.model):
+        pinned = registry.manifest_sha256(folder) == settings.model_sha256
+        checks.append(
+            (
+                "pinned",
+                pinned,
+                "manifest.json is the one DERMQ_MODEL_SHA256 pins"
+                if pinned
+                else "manifest.json is NOT the one DERMQ_MODEL_SHA256 pins: the workers will not serve it",
+            )
+        )
     for name, passed, detail in checks:
         click.echo(f"{'ok  ' if passed else 'FAIL'}  {name}: {detail}")
     ok = all(passed for _, passed, _ in checks)

@@ -156,6 +156,9 @@ class Settings(BaseSettings):
 
     # --- worker -------------------------------------------------------------------------
     model: str = "effnet-lite0-ham10000-v4"
+    #: the SHA-256 of the model's manifest.json (`dermq model list`): a worker serves that manifest only;
+    #: a classification worker in production refuses to start without it
+    model_sha256: str = Field("", pattern=r"^(?:[0-9a-f]{64})?$")
     device: str = "auto"
     #: auto: ONNX Runtime on the CPU (int8 where the model's manifest chose it), PyTorch on CUDA
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"

@@ -8,8 +8,9 @@ matches, so a file swapped between check and use is still caught. Each is read o
 regular file (:func:`read_file`): a name leading to a pipe or a device is refused unread. dermq's
 model files are never pickles.
 
-Not recorded: the manifest itself (the root the digests hang from); a worker checks what it answers
-instead, once the model is loaded (:func:`ml.entry.check_known_answer`). Not checked: the model card,
+Not recorded in the entry: the manifest itself (the root the digests hang from). A deployment pins
+it (``DERMQ_MODEL_SHA256``: :func:`check_pinned`, the manifest's own SHA-256), and a worker checks
+what the model answers once it is loaded (:func:`ml.entry.check_known_answer`). Not checked: the model card,
 its plots, ``report.md`` and ``metrics.json``. Those are documents, except for one figure:
 :func:`mel_sensitivity_floor` reads the field alert's melanoma-sensitivity floor from
 ``metrics.json`` unchecked, so an edited file moves that alert's threshold (never an answer). The
@@ -135,6 +136,32 @@ def read_verified(entry: str | Path, artefact: str) -> bytes:
             "Restore the entry from the repository or a trusted copy."
         )
     return data
+
+
+def manifest_sha256(entry: str | Path) -> str:
+    """The SHA-256 of the entry's ``manifest.json`` as it is on disk: what a deployment pins."""
+    folder = resolve(entry)
+    try:
+        return sha256_bytes(read_file(folder / MANIFEST))
+    except FileNotFoundError:
+        raise RegistryError(f"{folder} has no {MANIFEST}") from None
+    except OSError as exc:
+        raise RegistryError(f"{folder / MANIFEST} cannot be read ({type(exc).__name__})") from None
+
+
+def check_pinned(entry: str | Path, pinned: str) -> None:
+    """:class:`IntegrityError` unless the entry's manifest is the one pinned (its SHA-256). The file
+    digests hang from the manifest, and the decision rule (calibration, the referral and uncertainty
+    thresholds, the gate's) is written in it: an edit that keeps the verification image's answer, which
+    the known-answer check cannot see, changes the pinned digest."""
+    folder = resolve(entry)
+    actual = manifest_sha256(folder)
+    if actual != pinned.strip().lower():
+        raise IntegrityError(
+            f"{folder.name}/{MANIFEST} is not the pinned one: SHA-256 {actual[:16]}... where the deployment "
+            f"pins {pinned.strip()[:16]}...; the manifest was edited or another entry is in its place, so the "
+            "model is not loaded. Restore the entry, or pin the new manifest after `dermq model verify`."
+        )
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -185,6 +185,25 @@ def _refuse_insecure_login(**_kwargs: Any) -> None:
 
 
 @signals.worker_init.connect
+def _refuse_an_unpinned_model(sender: Any = None, **_kwargs: Any) -> None:
+    # A worker that takes cases serves the manifest DERMQ_MODEL_SHA256 pins (production requires a pin),
+    # or does not start: its children would fail every case they claimed. The callback worker loads no
+    # model. SystemExit, as above: Celery ignores a receiver's exceptions.
+    consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    if consumed is None or QUEUE_CASES not in consumed.consume_from:
+        return
+    from ml.registry import RegistryError
+    from worker.runtime import check_model_pin
+
+    try:
+        check_model_pin(get_settings())
+    except RegistryError as exc:
+        reason = f"refusing to start: {exc}"
+        logging.getLogger("dermq.worker").critical(reason, extra={"event": "refused_to_start"})
+        raise SystemExit(reason) from None
+
+
+@signals.worker_init.connect
 def _settle_heap(**_kwargs: Any) -> None:
     # Before the pool forks: the children inherit a heap no collection walks (core.heap); each
     # settles again once its model has loaded (worker.runtime.preload).

@@ -168,10 +168,26 @@ def warm_batch_shapes(settings: Settings, predictor: Predictor) -> None:
         log.warning("out of GPU memory warming the batch shapes", extra={"event": "warm_up_out_of_memory"})
 
 
+def check_model_pin(settings: Settings) -> None:
+    """The configured entry's manifest is the one ``DERMQ_MODEL_SHA256`` pins, else
+    :class:`~ml.registry.RegistryError`; in production a pin is required (a manifest edit that keeps the
+    verification image's answer, such as a referral threshold, changes what is served unseen)."""
+    from ml import registry
+
+    if settings.model_sha256:
+        registry.check_pinned(settings.model, settings.model_sha256)
+    elif settings.environment == "production":
+        raise registry.RegistryError(
+            f"production serves a pinned model: set DERMQ_MODEL_SHA256 to the SHA-256 of {settings.model}'s "
+            "manifest, as `dermq model list` prints it once `dermq model verify` has passed"
+        )
+
+
 def _loaded_and_warm(settings: Settings, device: str, threads: int) -> Predictor:
     from ml.entry import check_known_answer
     from ml.predictor import Predictor
 
+    check_model_pin(settings)  # before anything of the entry is read: its manifest is the one deployed
     predictor = Predictor.load(
         settings.model,
         device=device,

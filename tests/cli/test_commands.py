@@ -317,6 +317,7 @@ def test_model_list_marks_the_active_entry_with_a_leading_star(settings) -> None
         lines = {line[2:].split()[0]: line for line in listed.stdout.splitlines()}
         assert set(lines) == set(entries)
         assert lines[active].startswith(f"* {active}  v")
+        assert lines[active].endswith(f"  manifest sha256 {registry.manifest_sha256(active)}")  # what a deployment pins
         assert all(line.startswith("  ") for entry, line in lines.items() if entry != active)
     missing = run(settings, "model", "list", DERMQ_MODEL="no-such-model")
     assert missing.returncode == 0 and not any(line.startswith("*") for line in missing.stdout.splitlines())

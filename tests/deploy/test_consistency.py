@@ -237,6 +237,7 @@ def test_each_process_runs_from_the_right_image() -> None:
 PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 #: a password in a URL, with or without a user name (Redis URLs usually have none: redis://:<password>@)
 URL_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@'\"]*:([^@\s/'\"]+)@")
+MODEL_PIN = re.compile(r"DERMQ_MODEL_SHA256:\s*([0-9a-f]{64})\b")
 LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/]{40,}={0,2}(?![A-Za-z0-9+/_-])")
 
 
@@ -254,8 +255,10 @@ def test_no_secret_values_in_deployment_files() -> None:
         for password in URL_CREDENTIALS.findall(text):
             if not _placeholder(password):
                 problems.append(f"{where}: a URL with a password ({password[:2]}...)")
+        pins = set(MODEL_PIN.findall(text))  # a model manifest's SHA-256: public, and checked against the file
         for token in LONG_TOKEN.findall(text):
-            problems.append(f"{where}: a long token-like string ({token[:6]}...)")
+            if token not in pins:
+                problems.append(f"{where}: a long token-like string ({token[:6]}...)")
     assert not problems, "\n".join(problems)
 
 

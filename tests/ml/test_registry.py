@@ -177,3 +177,17 @@ def test_a_well_formed_manifest_that_changes_the_answer_fails_the_known_answer(
     check_known_answer(tiny_entry, unrecorded)
     with pytest.raises(registry.RegistryError, match="records no known answer"):
         check_known_answer(tiny_entry, unrecorded, required=True)
+
+
+def test_a_pinned_manifest_passes_and_one_edited_to_keep_the_known_answer_does_not(tiny_entry: Path) -> None:
+    # The known answer cannot see an edit that leaves the verification image's answer as it was: a
+    # referral threshold raised refers fewer lesions. A deployment pins the manifest's own digest.
+    pinned = registry.manifest_sha256(tiny_entry)
+    assert len(pinned) == 64 and pinned == registry.sha256_bytes((tiny_entry / registry.MANIFEST).read_bytes())
+    registry.check_pinned(tiny_entry, pinned)
+    manifest = registry.read_manifest(tiny_entry)
+    manifest["decision"]["referral_threshold"] = 0.9
+    (tiny_entry / registry.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(registry.IntegrityError, match="not the pinned one"):
+        registry.check_pinned(tiny_entry, pinned)
+    registry.check_pinned(tiny_entry, registry.manifest_sha256(tiny_entry))  # pinned anew, after a review
