@@ -1,8 +1,9 @@
 // Calls to the dermq API from a page, with the API key the user pasted.
 //
 // The key lives in this module's memory only: never in localStorage, sessionStorage, a cookie or a URL.
-// Reloading or closing the page forgets it. Every error becomes an ApiProblem holding the API's RFC 9457
-// problem details (or a problem of our own when the API could not be reached or answered something else).
+// Reloading, closing or leaving the page forgets it (ui.setUpKeyForm). Every error becomes an ApiProblem
+// holding the API's RFC 9457 problem details (or a problem of our own when the API could not be reached or
+// answered something else).
 
 let apiKey = null;
 

@@ -81,7 +81,8 @@ export function percent(value) {
 
 /**
  * Wire the API key form: the pasted key goes to http.js (memory only) and the field is emptied at once.
- * `onChange(prefix)` runs with the key's public prefix, or with null once it is forgotten.
+ * `onChange(prefix)` runs with the key's public prefix, or with null once it is forgotten (by the button,
+ * or as the page is left): it clears what the page shows and holds.
  */
 export function setUpKeyForm({ form, input, state, forget, onChange }) {
   form.addEventListener("submit", (event) => {
@@ -111,6 +112,18 @@ export function setUpKeyForm({ form, input, state, forget, onChange }) {
     forget.hidden = true;
     announce(state, "Key forgotten. Paste a key to continue.", "none");
     input.focus();
+    onChange(null);
+  });
+  // A page left for another in its tab (a link followed, an address typed) may be kept whole in the
+  // browser's back/forward cache: the back button, the next user's of a shared computer included, would
+  // bring it back with the key and what it showed. Leaving forgets both, as a reload does.
+  window.addEventListener("pagehide", () => {
+    input.value = "";
+    if (hasKey()) {
+      forgetKey();
+      forget.hidden = true;
+      announce(state, "Key forgotten when you left the page. Paste a key to continue.", "none");
+    }
     onChange(null);
   });
 }
