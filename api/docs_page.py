@@ -1,23 +1,29 @@
-"""``/docs``: Swagger UI served from the pinned ``swagger-ui-bundle`` package, never a CDN, so that it
-works offline and under a Content-Security-Policy without third-party origins or inline script."""
+"""``/docs``: Swagger UI served from the pinned ``fastapi-offline`` package's copy, never a CDN, so that it
+works offline and under a Content-Security-Policy without third-party origins or inline script.
+
+The copy is Swagger UI 5: FastAPI's OpenAPI document is 3.1, which Swagger UI 4 (``swagger-ui-bundle``'s,
+used before) refuses to render at all ("Unable to render this definition")."""
 
 from __future__ import annotations
+
+from importlib import resources
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
 
 from api.middleware import DOCS_CSP
 
 #: Swagger UI's assets: served under /docs/assets (the page loads nothing from another origin).
 ASSETS = "/docs/assets"
+SWAGGER_UI = resources.files("fastapi_offline") / "static"
 
 PAGE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>dermq API</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="{assets}/swagger-ui.css">
 </head>
 <body>
@@ -34,7 +40,7 @@ INIT = """window.ui = SwaggerUIBundle({url: "%s", dom_id: "#swagger-ui", deepLin
 def install(app: FastAPI) -> None:
     """Serve the docs page, its initialiser and Swagger UI's assets on ``app``."""
     openapi_url = app.openapi_url or "/openapi.json"
-    app.mount(ASSETS, StaticFiles(directory=swagger_ui_path), name="swagger-ui-assets")
+    app.mount(ASSETS, StaticFiles(directory=str(SWAGGER_UI)), name="swagger-ui-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
