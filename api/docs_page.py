@@ -10,9 +10,9 @@ from importlib import resources
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
-from fastapi.staticfiles import StaticFiles
 
 from api.middleware import DOCS_CSP
+from api.pages import PageFiles
 
 #: Swagger UI's assets: served under /docs/assets (the page loads nothing from another origin).
 ASSETS = "/docs/assets"
@@ -40,7 +40,7 @@ INIT = """window.ui = SwaggerUIBundle({url: "%s", dom_id: "#swagger-ui", deepLin
 def install(app: FastAPI) -> None:
     """Serve the docs page, its initialiser and Swagger UI's assets on ``app``."""
     openapi_url = app.openapi_url or "/openapi.json"
-    app.mount(ASSETS, StaticFiles(directory=str(SWAGGER_UI)), name="swagger-ui-assets")
+    app.mount(ASSETS, PageFiles(directory=str(SWAGGER_UI)), name="swagger-ui-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:

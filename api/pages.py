@@ -14,9 +14,10 @@ import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from core.config import Settings
@@ -55,6 +56,17 @@ def _served_id(model: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
+class PageFiles(StaticFiles):
+    """Static files a browser asks for again on each visit (``no-cache``: a 304 while unchanged). With only
+    a ``Last-Modified``, a browser keeps a file fresh on its own heuristic (a tenth of its age: days, for
+    files some weeks old), and after an upgrade ran the old page, or the new one with some old modules."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def _to_slashed(page: str) -> Callable[[Request], Awaitable[RedirectResponse]]:
     async def redirect(request: Request) -> RedirectResponse:
         return RedirectResponse(f"{page}/")
@@ -64,9 +76,9 @@ def _to_slashed(page: str) -> Callable[[Request], Awaitable[RedirectResponse]]:
 
 def install(app: FastAPI, settings: Settings) -> None:
     """Serve the portal, the auditor console, their shared modules, and the model card on ``app``."""
-    app.mount("/common", StaticFiles(directory=WEB / "common"), name="web-common")
-    app.mount("/portal", StaticFiles(directory=WEB / "portal", html=True), name="portal")
-    app.mount("/audit", StaticFiles(directory=WEB / "audit", html=True), name="audit-console")
+    app.mount("/common", PageFiles(directory=WEB / "common"), name="web-common")
+    app.mount("/portal", PageFiles(directory=WEB / "portal", html=True), name="portal")
+    app.mount("/audit", PageFiles(directory=WEB / "audit", html=True), name="audit-console")
     # The app redirects no path to its slashed form (api.app); a page's address typed without its slash
     # goes to the page, on this origin whatever the request's Host header says.
     for page in ("/portal", "/audit"):
