@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 KEY_BYTES = 32
 #: a key write's temporary file this old is a crash's leftover, not a write under way on another host
 LEFTOVER_SECONDS = 300
+FORGET_SECONDS = 10.0  # how often a process looks for the keys it keeps that were destroyed since
 NONCE_BYTES = 12
 
 
@@ -93,6 +94,7 @@ class PeriodKeys:
         self.settings = settings
         self._cache: dict[str, tuple[tuple[int, int], bytes]] = {}
         self._cache_lock = threading.Lock()
+        self._forgotten_at = -FORGET_SECONDS
 
     def owns(self, kek: str) -> bool:
         return kek.startswith(PREFIX)
@@ -174,6 +176,7 @@ class PeriodKeys:
             path = self._key_file(period)
         except ValueError:  # a malformed id in a blob's row: that blob can never be read, not a missing key
             raise DecryptionError("the blob names a period key id that is not one (malformed row)") from None
+        self._forget_destroyed()
         if self.destroyed(period):  # a tombstone wins over a key file a crash left behind
             with self._cache_lock:  # destroyed by another process: no copy stays in this one's memory
                 self._cache.pop(period, None)
@@ -206,6 +209,15 @@ class PeriodKeys:
         with self._cache_lock:
             self._cache[period] = (stamp, key)
         return key
+
+    def _forget_destroyed(self) -> None:
+        """Drop the kept keys of periods destroyed since (by retention, in another process), every
+        :data:`FORGET_SECONDS` at most: no blob of a destroyed period is asked for again to drop it."""
+        if time.monotonic() - self._forgotten_at >= FORGET_SECONDS:
+            self._forgotten_at = time.monotonic()
+            with self._cache_lock:
+                for period in [period for period in self._cache if self.destroyed(period)]:
+                    del self._cache[period]
 
     @staticmethod
     def _unwrap(keyring: Keyring, period: str, record: dict[str, Any]) -> bytes:

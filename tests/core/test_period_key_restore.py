@@ -204,3 +204,32 @@ def test_a_rewrap_leaves_no_copy_of_a_period_key_under_the_old_kek(settings, tmp
     writing.unlink()
     assert sorted(p.name for p in keys.folder.iterdir()) == [".lock", "2026-09.json"]
     assert json.loads((keys.folder / "2026-09.json").read_text())["kek_id"] == rotated.active_id
+
+
+def test_a_period_destroyed_by_another_process_leaves_no_copy_of_its_key_in_this_ones_memory(  # type: ignore[no-untyped-def]
+    settings, tmp_path, monkeypatch
+) -> None:
+    """Each API and worker process keeps the keys it has opened, and drops one only when a blob of its
+    period is asked for afterwards; once retention (another process: beat's purge, the command) has
+    destroyed a period, every case of it is purged and none is asked for again. So each process held
+    the destroyed key for as long as it ran: a dump of its memory and any backup read the erased
+    cases. A key it opens afterwards (after FORGET_SECONDS: here at once) drops every key destroyed since."""
+    from core import period_keys
+    from core.period_keys import PeriodKeys
+    from core.periods import kek_id
+
+    monkeypatch.setattr(period_keys, "FORGET_SECONDS", 0.0)
+
+    keyring = load_keyring(settings)
+    folder = tmp_path / "keys"
+    retention = PeriodKeys(folder, settings)  # the process that destroys (beat's purge)
+    retention.create_folder()
+    api = PeriodKeys(folder, settings)  # a process that sealed and read the period's cases
+    for period in ("2026-09", "2026-10"):
+        retention.ensure(period)
+        api.key(keyring, kek_id(period))
+    destroyed = api.key(keyring, kek_id("2026-09"))
+    retention.destroy("2026-09", reason="retention")
+    api.key(keyring, kek_id("2026-10"))  # the next case it seals or reads, of another period
+    kept = [key for _, key in api._cache.values()]  # (the keys not in the report of a failure)
+    assert set(api._cache) == {"2026-10"} and not any(key == destroyed for key in kept)
