@@ -116,10 +116,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
+            # every method a route takes (PUT: a clinic's callback registration)
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
-            # every header docs/API.md tells a client to read (a browser portal sees only these)
-            expose_headers=["Location", "Retry-After", "X-Request-ID", "Idempotent-Replayed"],
+            # every header docs/API.md tells a client to read (a browser portal sees only these), an
+            # export's file name included
+            expose_headers=["Location", "Retry-After", "X-Request-ID", "Idempotent-Replayed", "Content-Disposition"],
             max_age=600,
         )
     app.add_middleware(  # inside the request context: its 413 or 408 gets an id and headers

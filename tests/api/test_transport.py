@@ -78,7 +78,12 @@ def test_security_headers_and_cors(client, api_app, settings, tenant) -> None:  
         # a browser portal reads the headers the API documents for clients, a replay's flag included
         listed = http.get("/v1/cases", headers={**tenant.headers, "Origin": "https://portal.example"})
         exposed = {h.strip().lower() for h in listed.headers["access-control-expose-headers"].split(",")}
-        assert {"location", "retry-after", "x-request-id", "idempotent-replayed"} <= exposed
+        assert {"location", "retry-after", "x-request-id", "idempotent-replayed", "content-disposition"} <= exposed
+        # every method a route takes: a portal on its own origin registers its callback (PUT), which the
+        # browser's preflight refused
+        for method, path in (("PUT", "/v1/clinic/callback"), ("DELETE", "/v1/clinic/callback"), ("GET", "/v1/cases")):
+            asked = http.options(path, headers={**preflight, "Access-Control-Request-Method": method})
+            assert asked.status_code == 200 and method in asked.headers["access-control-allow-methods"], method
 
 
 def test_a_json_route_refuses_a_large_body_before_reading_it_or_authenticating(client, tenant) -> None:  # type: ignore[no-untyped-def]
