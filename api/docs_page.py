@@ -7,6 +7,7 @@ used before) refuses to render at all ("Unable to render this definition")."""
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
@@ -37,9 +38,33 @@ PAGE = """<!doctype html>
 INIT = """window.ui = SwaggerUIBundle({url: "%s", dom_id: "#swagger-ui", deepLinking: true});\n"""
 
 
+#: the API key, as the OpenAPI document declares it (``Authorization: Bearer <key>``: api.deps)
+API_KEY = {"type": "http", "scheme": "bearer", "description": "an API key: `Authorization: Bearer dq_...`"}
+
+
+def declare_api_key(app: FastAPI) -> None:
+    """Say in ``app``'s OpenAPI document that every ``/v1/`` operation takes an API key. The key is
+    read by a dependency of dermq's own (api.deps), which FastAPI cannot describe: the document declared
+    no scheme, and the docs page's "Try it out" could send no key (no "Authorize")."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = API_KEY
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
     """Serve the docs page, its initialiser and Swagger UI's assets on ``app``."""
     openapi_url = app.openapi_url or "/openapi.json"
+    declare_api_key(app)
     app.mount(ASSETS, PageFiles(directory=str(SWAGGER_UI)), name="swagger-ui-assets")
 
     @app.get("/docs", include_in_schema=False)
