@@ -15,8 +15,10 @@ like changed weights):
   (:class:`ml.data.SplitSpec`, and the dataset digest must match).
 - ``manifest["serving"]``: the default backend for ``backend="auto"``. With ``--data``, fp32 and
   int8 are compared on the validation split (balanced accuracy of each, and ``top1_agreement``:
-  the share of images where int8 gives fp32's label); int8 becomes the default only if its balanced
-  accuracy is within one point of fp32's (:mod:`ml.serving_choice`). Without data, fp32 ONNX.
+  the share of images where int8 gives fp32's label, and the share each graph gets flagged out of
+  distribution by the entry's gate); int8 becomes the default only if it meets the rule
+  :mod:`ml.serving_choice` states (balanced accuracy within one point of fp32's, 99% top-class
+  agreement, as many referrals, and the gate refusing about the same images). Without data, fp32 ONNX.
 
 Only a global-average-pooling + linear head can be exported (the ONNX backends draw the heat map from
 the feature map and the classifier weights); other heads are refused with :class:`ExportError`.

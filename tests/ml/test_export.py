@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import backend_choice, evaluate, export, quantize, registry, serving_choice
+from ml import backend_choice, evaluate, export, ood, quantize, registry, serving_choice
 from ml import data as ds
+from ml.entry import save_gate
 from ml.labels import CLASSES
 from ml.predictor import Predictor
 from tests.ml.conftest import TINY_HOOK_ARCH, save_tiny_entry
@@ -247,24 +248,77 @@ def test_cli_with_data_calibrates_on_training_images_and_decides(tiny_entry: Pat
 
 
 def test_serving_decision_rule() -> None:
-    def comparison(int8: float, agreement: float = 0.995, referral: float = 0.90) -> dict[str, object]:
+    def comparison(
+        int8: float,
+        agreement: float = 0.995,
+        referral: float = 0.90,
+        flagged: float | None = 0.015,
+        ood_agreement: float | None = 0.996,
+    ) -> dict[str, object]:
         return {
             "balanced_accuracy": {"onnx": 0.700, "onnx-int8": int8},
             "referral_sensitivity": {"onnx": 0.90, "onnx-int8": referral},
             "top1_agreement": agreement,
+            "ood_flagged": {"onnx": None if flagged is None else 0.015, "onnx-int8": flagged},
+            "ood_agreement": ood_agreement,
             "n": 250,
         }
 
-    def backend(**kwargs: float) -> str:
-        return str(serving_choice.decide_serving(comparison(**kwargs), has_int8=True)["default_backend"])
+    def backend(**kwargs: float | None) -> str:
+        return str(serving_choice.decide_serving(comparison(**kwargs), has_int8=True)["default_backend"])  # type: ignore[arg-type]
 
-    assert backend(int8=0.6905) == "onnx-int8"  # within one point, agrees, refers as often
+    assert backend(int8=0.6905) == "onnx-int8"  # within one point, agrees, refers as often, gated alike
     assert backend(int8=0.6895) == "onnx"  # more than one point of balanced accuracy lost
     assert backend(int8=0.700, agreement=0.985) == "onnx"  # most probable class agrees on under 99%
     assert backend(int8=0.700, referral=0.885) == "onnx"  # misses referrals fp32 makes
+    # the gate refuses more real lesions behind int8 (thresholds fitted on fp32's outputs)
+    assert backend(int8=0.700, flagged=0.019) == "onnx-int8"  # under half a point more
+    assert backend(int8=0.700, flagged=0.021) == "onnx"  # more than half a point more
+    # as many refused, but other lesions: the gate's verdict differs on more than 1% of images
+    assert backend(int8=0.700, flagged=0.015, ood_agreement=0.985) == "onnx"
+    # an entry without a gate: nothing is refused behind either graph, the rest of the rule decides
+    assert backend(int8=0.700, flagged=None, ood_agreement=None) == "onnx-int8"
+    assert "out-of-distribution gate" in serving_choice.decide_serving(comparison(0.700), has_int8=True)["rule"]
     assert serving_choice.decide_serving(None, has_int8=True)["default_backend"] == "onnx"
     assert serving_choice.decide_serving(comparison(0.700), has_int8=False)["default_backend"] == "onnx"
     assert serving_choice.decide_serving(comparison(0.700) | {"n": 0}, has_int8=True)["default_backend"] == "onnx"
+
+
+def test_the_int8_choice_weighs_the_images_the_gate_refuses_behind_each_graph(tiny_entry: Path) -> None:
+    """The gate's thresholds are fitted on fp32's outputs: behind int8 it can refuse other (or more) real
+    lesions. The comparison records the share each graph gets flagged, as serving flags it, and their
+    agreement image by image; a gate that flags a validation image behind one graph and not the other
+    keeps int8 from the default (two images: agreement 50%)."""
+    entry = _with_data_record(tiny_entry)
+    assert export.run(entry, FIXTURE_DATA, threads=1)["ood_flagged"] == {"onnx": None, "onnx-int8": None}
+    samples, _ = evaluate.select_samples(registry.read_manifest(entry), FIXTURE_DATA, "val")
+    images = evaluate.load_images(samples)
+    outputs = {
+        name: Predictor.load(entry, device="cpu", backend=name).outputs(images) for name in ("onnx", "onnx-int8")
+    }
+    fp32 = outputs["onnx"]
+    labels = fp32.logits.argmax(axis=1)
+    fitted = ood.fit(fp32.features, labels, fp32.pixels, fp32.pixels, fp32.logits, fp32.features, components=1)
+    # the feature distance of the validation image int8 moves most: a threshold between its two distances
+    distances = {name: fitted.distance(out.features) for name, out in outputs.items()}
+    i = int(np.argmax(np.abs(distances["onnx-int8"] - distances["onnx"])))
+    assert distances["onnx-int8"][i] != distances["onnx"][i]
+    lax = {"contrast": -1e9, "noise": 1e9, "colour": 1e30, "energy": 1e9}
+    threshold = float((distances["onnx-int8"][i] + distances["onnx"][i]) / 2)
+    save_gate(entry, ood.OODGate.from_arrays(fitted.arrays(), lax | {"distance": threshold}))
+
+    measured = serving_choice.compare_on_validation(entry, FIXTURE_DATA, threads=1)
+    served = {
+        name: np.array(
+            [p.out_of_distribution for p in Predictor.load(entry, device="cpu", backend=name).predict(images)]
+        )
+        for name in ("onnx", "onnx-int8")
+    }
+    for name, flagged in served.items():  # what the serving predictor of each graph refuses
+        assert measured["ood_flagged"][name] == pytest.approx(flagged.mean())
+    assert measured["ood_agreement"] == pytest.approx((served["onnx"] == served["onnx-int8"]).mean())
+    assert served["onnx"][i] != served["onnx-int8"][i] and measured["ood_agreement"] <= 0.5
+    assert serving_choice.decide_serving(measured, has_int8=True)["default_backend"] == "onnx"
 
 
 def test_calibration_never_uses_held_out_images(tiny_entry: Path, tmp_path: Path) -> None:
