@@ -107,17 +107,29 @@ def bootstrap(
     return draws
 
 
-def interval(key: str, estimate: float | None, draws: Sequence[float]) -> tuple[float, float]:
+def interval(key: str, estimate: float | None, draws: Sequence[float]) -> tuple[float, float] | None:
     """The 95% interval of a figure from its bootstrap draws: the percentile interval, but for a
     binned calibration error (``ece`` in its name) the draws' spread about their median, centred on
     the estimate and floored at 0. A resample repeats lesions, and a binned error grows with the
     duplicates' sampling noise: the draws sit above the estimate, and their percentiles could leave
     the estimate out (v4's class-wise ECE 0.0177 in 0.0177-0.0272; per lesion 0.0143 in
-    0.0159-0.0229), as the basic bootstrap's reflection of them does from below."""
-    low, middle, high = (float(v) for v in np.nanpercentile(draws, [2.5, 50, 97.5]))
-    if "ece" not in key or estimate is None:
+    0.0159-0.0229), as the basic bootstrap's reflection of them does from below.
+
+    Resamples without the figure's images (NaN) are left out; None when no resample has any (a class
+    absent from the split), so that metrics.json says ``null``, not ``NaN``, which is not JSON."""
+    defined = np.asarray(draws, dtype=np.float64)
+    defined = defined[np.isfinite(defined)]
+    if not len(defined):
+        return None
+    low, middle, high = (float(v) for v in np.percentile(defined, [2.5, 50, 97.5]))
+    if "ece" not in key or estimate is None or not np.isfinite(estimate):
         return low, high
     return max(0.0, estimate - (middle - low)), estimate + (high - middle)
+
+
+def _row(key: str, estimate: float, draws: Sequence[float]) -> dict[str, Any]:
+    """A figure and its interval; ``None`` for a figure the split cannot give (no image of its class)."""
+    return {"value": estimate if np.isfinite(estimate) else None, "ci95": interval(key, estimate, draws)}
 
 
 def assess(
@@ -140,8 +152,8 @@ def assess(
     return {
         "images": len(truth),
         "lesions": len(lesion_truth),
-        "per_image": {k: {"value": v, "ci95": interval(k, v, image_draws[k])} for k, v in image.items()},
-        "per_lesion": {k: {"value": v, "ci95": interval(k, v, draws[k])} for k, v in lesion.items()},
+        "per_image": {k: _row(k, v, image_draws[k]) for k, v in image.items()},
+        "per_lesion": {k: _row(k, v, draws[k]) for k, v in lesion.items()},
         "bootstrap": {
             "rounds": rounds,
             "unit": "lesion",

@@ -160,7 +160,8 @@ def finalize(config: TrainConfig) -> Path:
     metrics["ood"]["built_set"] = _ood_set(shipped, split.test)
     metrics["hires"] = _hires(shipped, config.data)
     metrics.update({"model_id": config.model_id, "split": "test", "backend": "torch (float32)"})
-    val_metrics = decision_figures(policy, policy.probabilities(val_logits), val_truth)
+    val_figures = decision_figures(policy, policy.probabilities(val_logits), val_truth)
+    val_metrics = {k: v if np.isfinite(v) else None for k, v in val_figures.items()}  # a class absent: null
 
     plots = write_plots(out, metrics, test_truth, probabilities)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -187,7 +188,9 @@ def finalize(config: TrainConfig) -> Path:
     reference_for_entry(str(out), config.data)
     record_verification(out, split.test[0].path)
     headline = metrics["assessment"]["per_image"]
-    print(json.dumps({k: round(v["value"], 4) for k, v in headline.items()}), flush=True)
+    print(
+        json.dumps({k: None if v["value"] is None else round(v["value"], 4) for k, v in headline.items()}), flush=True
+    )
     return out
 
 

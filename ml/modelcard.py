@@ -62,6 +62,8 @@ def _offset_lines(decision: dict[str, Any]) -> list[str]:
 
 
 def _ci(row: dict[str, Any]) -> str:
+    if row.get("ci95") is None:  # a class the split has no image of: no figure, no interval
+        return _f(row["value"])
     lo, hi = row["ci95"]
     return f"{_f(row['value'])} ({_f(lo)}-{_f(hi)})"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -221,6 +222,8 @@ def mel_sensitivity_floor(model_id: str, *, configured: str | Path | None = None
         folder = REGISTRY_DIR / model_id
     try:
         metrics = json.loads(read_file(folder / METRICS))
-        return float(metrics["assessment"]["per_image"]["mel_sensitivity"]["ci95"][0])
+        floor = float(metrics["assessment"]["per_image"]["mel_sensitivity"]["ci95"][0])
     except (RegistryError, OSError, ValueError, KeyError, TypeError, IndexError):
         return None
+    # null (no melanoma in the test split), or NaN in a file written before: no floor, never a NaN one
+    return floor if math.isfinite(floor) else None

@@ -99,3 +99,31 @@ def test_shown_label_ece_measures_the_displayed_labels_confidence() -> None:
     rarely[:10] = CLASSES.index("mel")
     assert assess.shown_label_ece(probabilities, shown, rarely) > 0.25
     assert assess.classwise_ece(probabilities, truth) < 0.01
+
+
+def test_a_class_absent_from_the_split_has_no_figure_and_its_readers_say_so(tiny_entry: Path) -> None:
+    """A test split without melanomas has no melanoma sensitivity and no interval for it: ``null`` in
+    metrics.json (``NaN`` is not JSON), ``n/a`` on the model card, and no field-alert floor (a ``NaN``
+    floor read from a file would compare false with every observed interval: an alert that never fires)."""
+    import json
+
+    from ml import registry
+    from ml.modelcard import _assessment_lines
+
+    rng = np.random.default_rng(4)
+    samples = [s for s in _samples(140, 1, rng) if s.dx != "mel"]
+    result = assess.assess(
+        samples, _probabilities(samples, rng, 2.0), DecisionPolicy(calibration=Calibration()), rounds=50
+    )
+    for level in ("per_image", "per_lesion"):
+        assert result[level]["mel_sensitivity"] == {"value": None, "ci95": None}
+        assert result[level]["nv_sensitivity"]["ci95"] is not None
+    written = json.dumps({"assessment": result}, indent=2, allow_nan=False)  # strict JSON
+    assert "| Melanoma sensitivity (label) | n/a | n/a |" in _assessment_lines(json.loads(written)["assessment"])
+
+    model_id = registry.read_manifest(tiny_entry)["model_id"]
+    (tiny_entry / registry.METRICS).write_text(written)
+    assert registry.mel_sensitivity_floor(model_id, configured=tiny_entry) is None
+    # an entry written before: NaN where the figure is undefined reads as no floor, not a NaN one
+    (tiny_entry / registry.METRICS).write_text(written.replace('"ci95": null', '"ci95": [NaN, NaN]'))
+    assert registry.mel_sensitivity_floor(model_id, configured=tiny_entry) is None
