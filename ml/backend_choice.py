@@ -1,8 +1,9 @@
 """Which backend (:mod:`ml.backends`) serves a registry entry on this machine.
 
 ``auto`` (see :func:`choose`) serves ONNX Runtime on the CPU when the entry has the files (int8 when
-the manifest's ``serving.default_backend`` says so and its figures were measured on this CPU's class of
-int8 kernels, :func:`int8_kernel`), and torch on CUDA or when it has none.
+the manifest's ``serving.default_backend`` says so, its figures were measured on this CPU's class of
+int8 kernels, :func:`int8_kernel`, and on the int8 graph the entry now has), and torch on CUDA or when
+it has none.
 """
 
 from __future__ import annotations
@@ -55,11 +56,20 @@ def int8_measured_here(manifest: dict[str, Any]) -> bool:
     return manifest.get("serving", {}).get("int8_kernel") == int8_kernel()
 
 
+def int8_graph_measured(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest's int8 figures (``serving``) were measured on the int8 graph it records now
+    (``serving.onnx_int8_sha256``): a graph quantised again after them has met no rule."""
+    record = manifest.get("files", {}).get(ONNX_FILES["onnx-int8"][0]) or {}
+    measured = manifest.get("serving", {}).get("onnx_int8_sha256")
+    return measured is not None and measured == record.get("sha256")
+
+
 def choose(manifest: dict[str, Any], backend: str, device: torch.device) -> str:
     """The backend ``backend`` resolves to for an entry with ``manifest`` on ``device``.
 
-    ``auto`` serves int8 only where the manifest chose it *and* measured it on this CPU's class of
-    int8 kernels; elsewhere fp32 ONNX, since the figures that qualified int8 do not carry over."""
+    ``auto`` serves int8 only where the manifest chose it *and* measured it, on this CPU's class of
+    int8 kernels and on the int8 graph the entry has; elsewhere fp32 ONNX, since the figures that
+    qualified int8 do not carry over."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -67,7 +77,7 @@ def choose(manifest: dict[str, Any], backend: str, device: torch.device) -> str:
     if device.type != "cpu":
         return "torch"
     preferred = manifest.get("serving", {}).get("default_backend", "onnx")
-    if preferred == "onnx-int8" and not int8_measured_here(manifest):
+    if preferred == "onnx-int8" and not (int8_measured_here(manifest) and int8_graph_measured(manifest)):
         preferred = "onnx"
     if preferred == "torch":
         return "torch"

@@ -59,8 +59,10 @@ def compare_on_validation(
         "ood_flagged": {},
     }
     images = None
+    measured_int8 = None
     for name in ("onnx", "onnx-int8"):
         predictor = Predictor.load(entry, device="cpu", backend=name, threads=threads)
+        measured_int8 = predictor.info.artefact_sha256  # the int8 graph's, after the last round
         if images is None:
             images = load_images(samples)
         gate = predictor.gate
@@ -94,6 +96,8 @@ def compare_on_validation(
         else None,
         # int8 sums round differently on CPUs without VNNI: these figures hold for this class of CPU only
         "int8_kernel": backend_choice.int8_kernel(),
+        # and for this graph only: another one written later is not approved (ml.backend_choice)
+        "onnx_int8_sha256": measured_int8,
     }
 
 
@@ -106,7 +110,7 @@ def decide_serving(comparison: dict[str, Any] | None, has_int8: bool) -> dict[st
         f"referral sensitivity is at most {INT8_TOLERANCE} lower, and (for an entry with an out-of-distribution "
         f"gate) the gate flags at most {OOD_TOLERANCE} more of the images behind it and gives onnx's verdict "
         f"on at least {MIN_OOD_AGREEMENT:.0%} of them; else onnx. Served as the default only on "
-        "CPUs of the int8_kernel class it was measured on"
+        "CPUs of the int8_kernel class it was measured on, and only the graph it was measured on (onnx_int8_sha256)"
     )
     serving: dict[str, Any] = {"default_backend": "onnx", "rule": rule}
     if comparison is None or not has_int8 or not comparison.get("n"):

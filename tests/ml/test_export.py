@@ -155,7 +155,11 @@ def test_a_tampered_graph_is_refused(exported: Path, tmp_path: Path, name: str) 
     with pytest.raises(registry.IntegrityError, match="integrity check"):
         Predictor.load(entry, device="cpu", backend=backend)
     manifest = registry.read_manifest(entry)
-    manifest["serving"] = {"default_backend": backend, "int8_kernel": backend_choice.int8_kernel()}
+    manifest["serving"] = {
+        "default_backend": backend,
+        "int8_kernel": backend_choice.int8_kernel(),
+        "onnx_int8_sha256": manifest["files"]["onnx_int8"]["sha256"],  # the graph as measured, before the edit
+    }
     registry.write_json_atomic(entry / registry.MANIFEST, manifest)
     with pytest.raises(registry.IntegrityError):  # auto refuses too, it never falls back silently
         Predictor.load(entry, device="cpu", backend="auto")
@@ -179,12 +183,20 @@ def test_a_missing_graph_is_explained(tiny_entry: Path) -> None:
 
 def test_auto_backend_choice(exported: Path, tiny_entry: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    both = {"files": {"weights": {}, "onnx_fp32": {}, "onnx_int8": {}}}
+    both = {"files": {"weights": {}, "onnx_fp32": {}, "onnx_int8": {"sha256": "a" * 64}}}
     assert backend_choice.choose({"files": {"weights": {}}}, "auto", cpu) == "torch"
     assert backend_choice.choose({"files": {"weights": {}, "onnx_fp32": {}}}, "auto", cpu) == "onnx"
     assert backend_choice.choose(both, "auto", cpu) == "onnx"  # int8 only when the manifest says so
-    int8_here = {"default_backend": "onnx-int8", "int8_kernel": backend_choice.int8_kernel()}
+    int8_here = {
+        "default_backend": "onnx-int8",
+        "int8_kernel": backend_choice.int8_kernel(),
+        "onnx_int8_sha256": "a" * 64,
+    }
     assert backend_choice.choose({**both, "serving": int8_here}, "auto", cpu) == "onnx-int8"
+    # figures of another int8 graph (or none named): they do not hold for this one
+    assert backend_choice.choose({**both, "serving": int8_here | {"onnx_int8_sha256": "b" * 64}}, "auto", cpu) == "onnx"
+    unnamed = {k: v for k, v in int8_here.items() if k != "onnx_int8_sha256"}
+    assert backend_choice.choose({**both, "serving": unnamed}, "auto", cpu) == "onnx"
     # int8 chosen on another class of CPU (or where none was recorded): its figures do not hold here
     elsewhere = "x86-no-vnni" if backend_choice.int8_kernel() == "x86-vnni" else "x86-vnni"
     assert backend_choice.choose({**both, "serving": int8_here | {"int8_kernel": elsewhere}}, "auto", cpu) == "onnx"
@@ -198,6 +210,27 @@ def test_auto_backend_choice(exported: Path, tiny_entry: Path) -> None:
     assert Predictor.load(exported, device="cpu").info.backend == "onnx"
     with pytest.raises(ValueError, match="runs on the CPU"):
         Predictor.load(exported, device="cuda", backend="onnx")
+
+
+def test_auto_serves_only_the_int8_graph_the_manifest_measured(
+    tiny_entry: Path, fixture_pil: list[Image.Image]
+) -> None:
+    """``serving`` approves the int8 graph its figures were measured on. A graph written after them
+    (``export_entry`` quantises again before ``ml.export`` compares: an export stopped there, or a graph
+    quantised by hand) has not met the rule: ``auto`` serves fp32 until it is compared."""
+    entry = _with_data_record(tiny_entry)
+    export.run(entry, FIXTURE_DATA, threads=1)
+    manifest = registry.read_manifest(entry)
+    measured = manifest["files"]["onnx_int8"]["sha256"]
+    assert manifest["serving"]["onnx_int8_sha256"] == measured
+    manifest["serving"]["default_backend"] = "onnx-int8"  # as if its figures had met the rule
+    registry.write_json_atomic(entry / registry.MANIFEST, manifest)
+    assert Predictor.load(entry, device="cpu").info.backend == "onnx-int8"
+
+    export.export_entry(entry, calibration=fixture_pil[-3:])  # another int8 graph, not compared
+    assert registry.read_manifest(entry)["files"]["onnx_int8"]["sha256"] != measured
+    assert Predictor.load(entry, device="cpu").info.backend == "onnx"
+    assert Predictor.load(entry, device="cpu", backend="onnx-int8").info.backend == "onnx-int8"  # when asked for
 
 
 def test_a_head_without_the_one_pass_map_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
