@@ -182,6 +182,44 @@ def test_erasing_a_case_asks_first_and_then_erases_it(page, live_api: str, make_
     assert browser.problems(page) == []
 
 
+def test_an_erase_answered_after_the_key_was_forgotten_tells_the_next_user_nothing(  # type: ignore[no-untyped-def]
+    page, live_api: str, make_key, jpeg_bytes: bytes
+) -> None:
+    """The erase's answer came after the key was forgotten (the clinician walked away, the next one
+    sits down), and the page announced "Case ...: patient data erased." and reloaded the list for
+    whoever came next, as no other answer of a forgotten key does."""
+    clinic = make_key()
+    answer = httpx.post(
+        f"{live_api}/v1/cases?wait=20",
+        headers={"Authorization": f"Bearer {clinic.token}"},
+        files={"image": ("image.jpg", jpeg_bytes, "image/jpeg")},
+        timeout=30,
+    )
+    case_id = answer.json()["id"]
+    browser.wait_until(page, lambda _: api_case(live_api, clinic.token, case_id)["status"] == "succeeded")
+    browser.open_page(page, f"{live_api}/portal/", clinic.token)
+    row = f"#case-rows tr[data-case-id='{case_id}']"
+    browser.wait_until(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button.danger")).click()
+    page.execute_cdp_cmd("Network.enable", {})
+    slow = {"offline": False, "latency": 1500, "downloadThroughput": -1, "uploadThroughput": -1}
+    page.execute_cdp_cmd("Network.emulateNetworkConditions", slow)
+    try:
+        page.execute_script("performance.clearResourceTimings()")
+        page.find_element(By.ID, "erase-confirm").click()
+        page.find_element(By.ID, "forget-key").click()  # while the erase is on its way
+        answered = (
+            "return performance.getEntriesByType('resource')"
+            f".some(e => e.name.endsWith('/v1/cases/{case_id}') && e.responseEnd > 0)"
+        )
+        browser.wait_until(page, lambda d: d.execute_script(answered), what="the erase's answer")
+    finally:
+        page.execute_cdp_cmd("Network.emulateNetworkConditions", {**slow, "latency": 0})
+    assert api_case(live_api, clinic.token, case_id)["status"] == "purged"  # it was erased
+    assert "erased" not in page.find_element(By.ID, "case-status").text
+    assert not page.find_elements(By.CSS_SELECTOR, "#case-rows tr")  # no list of the last key's cases
+    assert browser.problems(page) == []
+
+
 def test_an_open_case_follows_its_status_live_until_it_ends(  # type: ignore[no-untyped-def]
     page, live_api: str, make_key, store_case, publisher, jpeg_bytes: bytes
 ) -> None:

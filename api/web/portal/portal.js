@@ -288,8 +288,10 @@ $("erase-confirm").addEventListener("click", async () => {
   eraseTarget = null; // the erase redraws the button that opened the dialog: the focus goes below instead
   dialog.close();
   if (!target) return;
+  const mine = epoch;
   try {
     const item = await eraseCase(target.caseId);
+    if (mine !== epoch) return; // the key changed meanwhile: the page is another user's now
     announce(caseStatus, `Case ${item.id.slice(0, 8)}: patient data erased.`, "purged");
     if (resultSection.dataset.caseId === item.id) {
       show(item, null); // erased: no image of it stays on screen either
@@ -299,7 +301,7 @@ $("erase-confirm").addEventListener("click", async () => {
     }
     cases.load();
   } catch (error) {
-    showProblem(submitProblem, error);
+    if (mine === epoch) showProblem(submitProblem, error);
   }
 });
 document.documentElement.dataset.ready = "true";
