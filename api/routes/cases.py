@@ -16,7 +16,7 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
@@ -152,7 +152,9 @@ async def _wait_and_read(
     a lock or statement timeout) answers with the case as stored, its ``Location`` to poll, after a
     commit that waits for the disk (a 503 saying that nothing was stored had a portal without an
     Idempotency-Key send the image again as a second case; a 202 on the first commit alone could be
-    lost in a crash). Too busy for that commit too, or failing outright, it answers 503."""
+    lost in a crash). A database gone meanwhile (a restart, a failover) is answered the same way: the
+    case is stored and its task sent. Too busy for that commit too, or gone, it answers 503 with the
+    case's id and ``Location``, never "nothing was stored"."""
     committed = False
 
     async def commit() -> None:
@@ -165,8 +167,8 @@ async def _wait_and_read(
             db, app.waiters, caller.principal, out.id, wait, commit=commit, created=created, receive=request.receive
         )
         return await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
-    except (ServiceUnavailable, PoolTimeout, OperationalError) as exc:
-        if not committed or not _busy(exc):
+    except (ServiceUnavailable, PoolTimeout, DBAPIError) as exc:
+        if not committed:
             raise
         log.warning(
             "a waiting submission's case is stored; the database failed its wait, answered as stored once on disk",
@@ -174,15 +176,14 @@ async def _wait_and_read(
         )
     try:
         stored = await db.run(lambda session: cases.confirm_stored(session, out.id), last=True)
-    except (ServiceUnavailable, PoolTimeout, OperationalError) as exc:
-        if not _busy(exc):
-            raise
+    except (ServiceUnavailable, PoolTimeout, DBAPIError) as exc:
+        busy = _busy(exc)
         # the case's id and Location, as a 202 gives them: a portal without an Idempotency-Key polls it
         # rather than sending the image again as a second case
         raise ServiceUnavailable(
-            UNCONFIRMED,
-            code="database_busy",
-            retry_after=1,
+            UNCONFIRMED if busy else UNCONFIRMED_UNREACHABLE,
+            code="database_busy" if busy else "database_unavailable",
+            retry_after=1 if busy else 5,
             headers={"Location": f"/v1/cases/{out.id}"},
             extra={"case_id": str(out.id)},
         ) from None
@@ -197,12 +198,18 @@ UNCONFIRMED = (
     "this case, never a second one. A case that was lost with a database crash meanwhile is not found there: "
     "send it again then"
 )
+UNCONFIRMED_UNREACHABLE = (
+    "the case was stored, but the database became unreachable before it could be confirmed on disk; poll it "
+    "at its Location (case_id) once the service is back, or send the same request again with the same "
+    "Idempotency-Key: it answers with this case, never a second one. A case that was lost with a database "
+    "crash meanwhile is not found there: send it again then"
+)
 
 
 def _busy(exc: Exception) -> bool:
     """Whether ``exc`` says the database is busy (no lane or connection in time, a lock or statement
     timeout), not down."""
-    return not isinstance(exc, OperationalError) or getattr(exc.orig, "pgcode", None) in BUSY_PGCODES
+    return not isinstance(exc, DBAPIError) or getattr(exc.orig, "pgcode", None) in BUSY_PGCODES
 
 
 async def _accept(
