@@ -16,7 +16,7 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
@@ -168,7 +168,7 @@ async def _wait_and_read(
         )
         return await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
     except (ServiceUnavailable, PoolTimeout, DBAPIError) as exc:
-        if not committed:
+        if not committed or _unavailable(exc) is None:
             raise
         log.warning(
             "a waiting submission's case is stored; the database failed its wait, answered as stored once on disk",
@@ -177,13 +177,15 @@ async def _wait_and_read(
     try:
         stored = await db.run(lambda session: cases.confirm_stored(session, out.id), last=True)
     except (ServiceUnavailable, PoolTimeout, DBAPIError) as exc:
-        busy = _busy(exc)
+        code = _unavailable(exc)
+        if code is None:
+            raise
         # the case's id and Location, as a 202 gives them: a portal without an Idempotency-Key polls it
         # rather than sending the image again as a second case
         raise ServiceUnavailable(
-            UNCONFIRMED if busy else UNCONFIRMED_UNREACHABLE,
-            code="database_busy" if busy else "database_unavailable",
-            retry_after=1 if busy else 5,
+            UNCONFIRMED.format("was too busy to" if code == "database_busy" else "could not be reached to"),
+            code=code,
+            retry_after=1 if code == "database_busy" else 5,
             headers={"Location": f"/v1/cases/{out.id}"},
             extra={"case_id": str(out.id)},
         ) from None
@@ -193,23 +195,21 @@ async def _wait_and_read(
 
 
 UNCONFIRMED = (
-    "the case was stored, but the database was too busy to confirm that it is on disk; poll it at its "
+    "the case was stored, but the database {} confirm that it is on disk; poll it at its "
     "Location (case_id), or send the same request again with the same Idempotency-Key: it answers with "
     "this case, never a second one. A case that was lost with a database crash meanwhile is not found there: "
     "send it again then"
 )
-UNCONFIRMED_UNREACHABLE = (
-    "the case was stored, but the database became unreachable before it could be confirmed on disk; poll it "
-    "at its Location (case_id) once the service is back, or send the same request again with the same "
-    "Idempotency-Key: it answers with this case, never a second one. A case that was lost with a database "
-    "crash meanwhile is not found there: send it again then"
-)
 
 
-def _busy(exc: Exception) -> bool:
-    """Whether ``exc`` says the database is busy (no lane or connection in time, a lock or statement
-    timeout), not down."""
-    return not isinstance(exc, DBAPIError) or getattr(exc.orig, "pgcode", None) in BUSY_PGCODES
+def _unavailable(exc: Exception) -> str | None:
+    """The problem code of ``exc`` when it says the database is busy (no lane or connection in time, a
+    lock or statement timeout) or gone (a restart, a failover: a connection lost or refused); else None."""
+    if not isinstance(exc, DBAPIError) or getattr(exc.orig, "pgcode", None) in BUSY_PGCODES:
+        return "database_busy"
+    if isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated:
+        return "database_unavailable"
+    return None
 
 
 async def _accept(
