@@ -252,10 +252,15 @@ class StateCollector(Collector):
 HEARTBEAT_SECONDS = 5.0
 EVENT_LOOP_HEARTBEAT = Gauge(
     "dermq_api_event_loop_heartbeat_timestamp_seconds",
-    "When the API process whose event loop ran its heartbeat longest ago last ran it (every 5 s)",
+    "When the API process whose event loop ran its heartbeat longest ago last ran it (every 5 s; one that "
+    "has not run it yet: when it started)",
     registry=REGISTRY,
     multiprocess_mode="livemin",  # the stalest live process's: one stuck process is enough to show
 )
+# A process counts from its start: its sample is there from now on (the file written on import), and
+# at 0 until its loop's first beat the stalest heartbeat read 1970's, for as long as a process that
+# replaced another took to load the app (DermqApiNotServing pending, a dashboard's staleness 56 years).
+EVENT_LOOP_HEARTBEAT.set(time.time())
 
 
 async def heartbeat(watchdog: LoopWatchdog | None = None, every: float = HEARTBEAT_SECONDS) -> None:

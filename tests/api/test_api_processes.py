@@ -122,3 +122,40 @@ def test_the_supervisor_serves_the_field_gauges_once(two_process_api, redis_clie
     mel = [value for labels, value in confirmed if labels == mine]
     assert mel == [3]
     assert len(confirmed) == 7  # every class of the one model, each once
+
+
+def test_a_process_that_has_not_beaten_yet_reads_as_started_not_as_1970(two_process_api) -> None:  # type: ignore[no-untyped-def]
+    """A process replaced by uvicorn's supervisor (or starting with the rest) counts towards the stalest
+    heartbeat from the moment it exists: before its first beat its sample read 0, and the heartbeat
+    served was 1970's (``time() - heartbeat`` 56 years: DermqApiNotServing pending at every restart, a
+    dashboard's staleness ruined) for as long as the process took to import the app and start."""
+    _, metrics_url, supervisor = two_process_api
+
+    def api_processes() -> list[int]:
+        return [
+            p for p in children(supervisor) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+        ]
+
+    first, second = support.wait_for(lambda: api_processes() if len(api_processes()) == 2 else None, timeout=60)
+    environ = dict(
+        entry.split("=", 1) for entry in Path(f"/proc/{first}/environ").read_text().split("\0") if "=" in entry
+    )
+    folder = Path(environ["PROMETHEUS_MULTIPROC_DIR"])
+    killed = time.time()
+    os.kill(first, signal.SIGKILL)
+    successor = support.wait_for(
+        lambda: next((p for p in api_processes() if p not in (first, second)), None), timeout=30, interval=0.01
+    )
+    # its heartbeat's sample file made (on importing api.metrics), the app still loading: held there
+    support.wait_for(lambda: (folder / f"gauge_livemin_{successor}.db").exists(), timeout=30, interval=0.005)
+    time.sleep(0.2)
+    os.kill(successor, signal.SIGSTOP)
+    try:
+        beats = [
+            value
+            for (name, _), value in scrape(metrics_url).items()
+            if name == "dermq_api_event_loop_heartbeat_timestamp_seconds"
+        ]
+    finally:
+        os.kill(successor, signal.SIGCONT)
+    assert len(beats) == 1 and killed - HEARTBEAT_SECONDS - 2 <= beats[0] <= time.time(), beats
