@@ -12,7 +12,11 @@ by the ids of its first and last event in time: index probes), is read whole ins
 index or whatever index the other filters name, and sorted by id: its cost is the range's, not the
 log's. The judgement only chooses the plan; both return the same events, so an id out of time order
 (a clock stepped back) cannot make a page miss one. Left as it was: a wide range far back (a year,
-years ago) is still walked to, where reading it whole would cost about as much.
+years ago) is still walked to, where reading it whole would cost about as much; and a later page
+whose cursor lies inside a range that spans more than NARROW_RANGE_EVENTS ids is walked, so the
+last page of such a range with another filter (a clinic's month, its matches sparse) still reads
+every older event looking for one more match (an exact lower id bound would end that walk at the
+range's first event, at the price of an index scan of the range).
 """
 
 from __future__ import annotations

@@ -274,6 +274,11 @@ class Settings(BaseSettings):
                     raise ValueError(f"DERMQ_FORWARDED_ALLOW_IPS: {item!r} is not an address or network") from None
         return value
 
+    @field_validator("model_sha256", mode="before")
+    @classmethod
+    def _digest(cls, value: object) -> object:  # as sha256sum or PowerShell's Get-FileHash (upper case) print it
+        return value.strip().lower() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if not self.task_soft_time_limit < self.task_time_limit < self.broker_visibility_timeout:

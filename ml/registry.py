@@ -157,10 +157,10 @@ def check_pinned(entry: str | Path, pinned: str) -> None:
     the known-answer check cannot see, changes the pinned digest."""
     folder = resolve(entry)
     actual = manifest_sha256(folder)
-    if actual != pinned.strip().lower():
+    if actual != pinned:
         raise IntegrityError(
             f"{folder.name}/{MANIFEST} is not the pinned one: SHA-256 {actual[:16]}... where the deployment "
-            f"pins {pinned.strip()[:16]}...; the manifest was edited or another entry is in its place, so the "
+            f"pins {pinned[:16]}...; the manifest was edited or another entry is in its place, so the "
             "model is not loaded. Restore the entry, or pin the new manifest after `dermq model verify`."
         )
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from core.config import Settings
+from ml import registry
 from tests import processes, support
 
 
@@ -24,6 +25,7 @@ def _production(stack_env: dict[str, str], login: Settings, broker: Any) -> dict
         "DERMQ_REDIS_URL": broker.url,  # a broker of this module's own: no other test's cases
         "DERMQ_PRELOAD_MODEL": "false",
         "DERMQ_WORKER_METRICS_PORT": str(support.free_port()),
+        "DERMQ_MODEL_SHA256": registry.manifest_sha256(registry.DEFAULT_MODEL),  # production pins its model
     }
 
 

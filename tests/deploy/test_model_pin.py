@@ -4,6 +4,8 @@ a release that ships another manifest must pin it anew (this test fails until it
 
 from __future__ import annotations
 
+import pytest
+
 from core.config import Settings
 from ml import registry
 from tests.deploy import manifests as m
@@ -16,3 +18,11 @@ def test_compose_and_kubernetes_pin_the_manifest_of_the_model_they_serve() -> No
         assert env["DERMQ_MODEL"] == registry.DEFAULT_MODEL, where
         assert env["DERMQ_MODEL_SHA256"] == registry.manifest_sha256(env["DERMQ_MODEL"]), f"{where}: pin it anew"
         assert Settings(model_sha256=env["DERMQ_MODEL_SHA256"]).model_sha256 == env["DERMQ_MODEL_SHA256"]
+
+
+def test_a_pin_is_a_sha256_digest_in_either_case() -> None:
+    digest = registry.manifest_sha256(registry.DEFAULT_MODEL)
+    assert Settings(model_sha256=f" {digest.upper()}\n").model_sha256 == digest  # Get-FileHash prints upper case
+    for wrong in (digest[:-1], digest + "0", "sha256:" + digest, "x" * 64):
+        with pytest.raises(ValueError, match="model_sha256"):
+            Settings(model_sha256=wrong)

@@ -6,7 +6,7 @@ the Secret, KEDA reads it through a TriggerAuthentication. Before, Redis asked f
 any container on compose's ``backend`` network (Prometheus, Postgres), or any pod let through the
 NetworkPolicies, could queue tasks, shut every worker down or clear the rate limits; then, with one
 password for everything, whoever held the services' URL could also rewrite Redis's configuration
-(``CONFIG SET dir``: write files as Redis's user), empty it or stop it."""
+(``CONFIG SET dir``: write files as Redis's user), flush it whole, list its keys or stop it."""
 
 from __future__ import annotations
 
@@ -25,10 +25,13 @@ from redis.retry import Retry
 from core.config import Settings
 from tests.deploy import manifests as m
 from tests.deploy.compose_redis import ADMIN_USER, SERVICES_USER, compose_redis, make_guide_files, redis_include
+from tests.faults.servers import RedisServer
 
 #: redis-server and redis-cli options that would put a password on a command line (redis-cli's
-#: --user takes a name; redis-server's --user an ACL rule, which may hold one)
-PASSWORD_OPTIONS = re.compile(r"(?:^|\s)(?:-a|--pass|--requirepass|requirepass|--user\s+\S+\s+.*>)(?:\s|=|$|\S)")
+#: --user takes a name; redis-server's --user an ACL rule, `NAME on ... >password`)
+PASSWORD_OPTIONS = re.compile(
+    r"(?:^|\s)(?:-a|--pass|--requirepass|requirepass)(?:\s|=|$)|--user\s+\S+\s+(?:on|off)\b[^;|]*>"
+)
 
 
 def _compose_redis_clients() -> dict[str, dict]:  # type: ignore[type-arg]
@@ -98,7 +101,7 @@ def test_the_guides_files_give_compose_redis_its_users_and_the_services_a_user_w
     files = make_guide_files(tmp_path / "secrets")
     assert files.config.read_text() == (
         "user default off\n"
-        f"user {SERVICES_USER} on >{files.password} ~* &* +@all -@dangerous +info\n"
+        f"user {SERVICES_USER} on >{files.password} ~* &* +@all -@dangerous +info -scan\n"
         f"user {ADMIN_USER} on >{files.admin_password} ~* &* +@all\n"
     )
     assert files.password != files.admin_password
@@ -135,6 +138,7 @@ def test_the_guides_files_give_compose_redis_its_users_and_the_services_a_user_w
             client.flushall,
             client.flushdb,
             lambda: client.keys("*"),
+            lambda: client.scan(0),
             lambda: client.execute_command("SHUTDOWN", "NOSAVE"),
             lambda: client.execute_command("MODULE", "LIST"),
         ):
@@ -158,3 +162,22 @@ def test_the_guides_files_give_compose_redis_its_users_and_the_services_a_user_w
     finally:
         server.destroy()
         shutil.rmtree(root, ignore_errors=True)
+    # a deployment of the releases before the users (one requirepass line) stays healthy after the upgrade
+    old_root = Path(tempfile.mkdtemp(prefix="dermq-redis-requirepass-"))
+    files.config.write_text(f"requirepass {files.password}\n")
+    old = RedisServer(old_root, password=files.password, options=["--include", str(files.config)])
+    old.start()
+    try:
+        shell = health[1].replace("$$", "$").replace("/run/secrets", str(files.folder))
+        shell = shell.replace("redis-cli", f"redis-cli -p {old.port}")
+        assert subprocess.run(["sh", "-c", shell], check=False, timeout=30).returncode == 0, "the old file is unhealthy"
+        done = subprocess.run(
+            ["sh", "-c", script.replace(str(server.port), str(old.port)), "redis-cli", "PING"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.stdout.strip() == "PONG", done.stdout + done.stderr
+    finally:
+        old.destroy()
+        shutil.rmtree(old_root, ignore_errors=True)
