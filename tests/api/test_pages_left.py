@@ -86,5 +86,6 @@ def test_the_back_button_brings_the_console_back_without_the_key_or_the_events( 
     assert state.get_attribute("data-state") == "none" and "forgotten" in state.text
     assert page.find_elements(By.CSS_SELECTOR, "#event-rows tr") == []
     assert str(clinic.clinic_id) not in page.find_element(By.TAG_NAME, "body").text
+    assert page.find_element(By.ID, "clinic").get_attribute("value") == ""  # nor what was searched for
     assert page.find_element(By.ID, "checkpoint-note").is_displayed() is False
     assert browser.problems(page) == []

@@ -35,7 +35,9 @@ setUpKeyForm({
   state: $("key-state"),
   forget: $("forget-key"),
   onChange: (prefix) => {
-    // another key may be another auditor's: nothing found or exported with the last one stays
+    // another key may be another auditor's: nothing found or exported with the last one stays, nor
+    // what was searched for (the clinic or case under investigation)
+    form.reset();
     rows.replaceChildren();
     search = null;
     pagesAsked += 1;
