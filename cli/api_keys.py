@@ -31,7 +31,8 @@ def create(clinic: str | None, role: str, label: str, as_json: bool) -> int:
     keyring = load_keyring(settings)
     chosen = Role(role)
     with session_scope(settings) as session:
-        clinic_id = clinics.get_clinic(session, clinic).id if clinic else None
+        # `--clinic ""` (a script's empty variable) finds no clinic: never an auditor key of every clinic
+        clinic_id = clinics.get_clinic(session, clinic).id if clinic is not None else None
         created, token = keys.create_key(
             session, keyring, role=chosen, clinic_id=clinic_id, label=label or "", actor=CLI_ACTOR
         )
@@ -52,7 +53,7 @@ def create(clinic: str | None, role: str, label: str, as_json: bool) -> int:
 @json_option()
 def list_keys(clinic: str | None, as_json: bool) -> int:
     with session_scope(get_settings()) as session:
-        clinic_id = clinics.get_clinic(session, clinic).id if clinic else None
+        clinic_id = clinics.get_clinic(session, clinic).id if clinic is not None else None  # "" is no clinic's
         # as GET /v1/admin/keys records it: who listed which clinic's keys
         audit.record(
             session,

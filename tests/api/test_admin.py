@@ -8,10 +8,10 @@ import subprocess
 import uuid
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from core.db import session_scope
-from core.models import AuditEvent
+from core.models import ApiKey, AuditEvent
 from tests import support
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -148,3 +148,23 @@ def test_a_revoked_key_still_in_use_is_seen_by_its_clinics_auditors(client, make
     assert sorted(e.detail["reason"] for e in filed) == ["invalid_credentials", "revoked_credentials"]
     assert all(e.detail["key_id"] == str(clinic.key_id) and e.entity_id == str(clinic.key_id) for e in filed)
     assert all(e.detail["key_prefix"] == "dq_" + clinic.token.split("_")[1] for e in filed)
+
+
+def test_an_empty_clinic_on_the_cli_is_no_clinic_found_not_every_clinic(settings) -> None:  # type: ignore[no-untyped-def]
+    """`dermq key create --role auditor --clinic "$CLINIC"` with the variable empty issued an auditor key
+    that sees every clinic's records, and `dermq key list --clinic ""` listed every clinic's keys (and
+    was audited as such): an empty --clinic was taken for no --clinic."""
+    env = {**os.environ, "DERMQ_DATABASE_URL": settings.database_url, "DERMQ_KEY_FILE": str(settings.key_file)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*support.DERMQ, *args], capture_output=True, text=True, env=env, cwd=support.ROOT)
+
+    with session_scope(settings) as session:
+        before = session.scalar(select(func.count()).select_from(ApiKey))
+    for blank in ("", "  "):
+        issued = run("key", "create", "--role", "auditor", "--clinic", blank, "--json")
+        assert issued.returncode == 2 and "clinic_not_found" in issued.stderr, issued.stdout + issued.stderr
+        listed = run("key", "list", "--clinic", blank, "--json")
+        assert listed.returncode == 2 and "clinic_not_found" in listed.stderr and not listed.stdout
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(ApiKey)) == before  # nothing issued
