@@ -129,6 +129,9 @@ def test_cli_matches_the_api(settings) -> None:  # type: ignore[no-untyped-def]
     assert "inactive" in run("clinic", "list").stdout
     hidden = run("key", "create", "--role", "auditor", "--label", "ops\u202e")
     assert hidden.returncode == 2 and "invalid_key_label" in hidden.stderr
+    # as the API answers it (422): a label past 200 characters was stored cut short, without a word
+    long = run("key", "create", "--role", "auditor", "--label", "night shift " * 20)
+    assert long.returncode == 2 and "invalid_key_label" in long.stderr and not long.stdout
     failed = run("key", "create", "--clinic", "no-such-clinic")
     assert failed.returncode == 2 and "no such clinic" in failed.stderr
 
