@@ -79,31 +79,29 @@ def _validated(diagnosis: str, method: str) -> tuple[str, ConfirmationMethod]:
         ) from None
 
 
-def _tally(session: Session, cell: tuple[str, str, bool, str], month: date | None, change: int) -> None:
-    """Add ``change`` (+1 or -1) to the count of ``cell`` over all time and, unless ``month`` is None (a
-    report counted before migration 0020 or by the release before it), in ``month``. A month the purge
-    has dropped (older than the recent window) is not made again by taking a count back."""
-    model_id, predicted, referral, truth = cell
-    key = {"model_id": model_id, "predicted": predicted, "referral": referral, "truth": truth}
-    session.execute(
-        insert(OutcomeTally)
-        .values(**key, count=change)
-        .on_conflict_do_update(index_elements=list(key), set_={"count": OutcomeTally.count + change})
-    )
-    if month is None:
-        return
-    if change < 0:
-        session.execute(
-            update(OutcomeMonthlyTally)
-            .where(*(getattr(OutcomeMonthlyTally, k) == v for k, v in key.items()), OutcomeMonthlyTally.month == month)
-            .values(count=OutcomeMonthlyTally.count + change)
-        )
-        return
-    session.execute(
-        insert(OutcomeMonthlyTally)
-        .values(**key, month=month, count=change)
-        .on_conflict_do_update(index_elements=[*key, "month"], set_={"count": OutcomeMonthlyTally.count + change})
-    )
+#: a change to a tally cell's count: ((model id, the model's answer, referral, diagnosis), month, +1 or -1)
+Change = tuple[tuple[str, str, bool, str], date | None, int]
+_CELL = ("model_id", "predicted", "referral", "truth")
+
+
+def _tally(session: Session, changes: list[Change]) -> None:
+    """Add each change to its cell's count over all time and, unless its month is None (a report counted
+    before migration 0020 or by the release before it), in that month. A month the purge has dropped
+    (older than the recent window) is not made again by taking a count back. The rows change in one
+    order, lifetime cells then monthly ones, each sorted: two corrections moving counts between two
+    cells in opposite directions took their locks in opposite orders (a deadlock: Postgres failed one)."""
+    for cell, _, change in sorted(changes, key=lambda c: c[0]):
+        key = dict(zip(_CELL, cell, strict=True))
+        up = insert(OutcomeTally).values(**key, count=change)
+        session.execute(up.on_conflict_do_update(index_elements=_CELL, set_={"count": OutcomeTally.count + change}))
+    for cell, month, change in sorted((c for c in changes if c[1] is not None), key=lambda c: (c[0], str(c[1]))):
+        key, table = dict(zip(_CELL, cell, strict=True)), OutcomeMonthlyTally
+        if change < 0:
+            matches = (*(getattr(table, k) == v for k, v in key.items()), table.month == month)
+            session.execute(update(table).where(*matches).values(count=table.count + change))
+            continue
+        up = insert(table).values(**key, month=month, count=change)
+        session.execute(up.on_conflict_do_update(index_elements=[*key, "month"], set_={"count": table.count + change}))
 
 
 def prune_monthly(session: Session, *, before: date) -> int:
@@ -234,16 +232,18 @@ def record_outcome(
         _record(session, actor, case, {"method": row.method, "revision": row.revision, "unchanged": True})
         return row, True
     month = month_of(case.created_at)
+    changes: list[Change] = [((result.model_id, predicted, referral, diagnosis), month, +1)]
     if row is None:
         row = ConfirmedOutcome(case_id=case_id, clinic_id=case.clinic_id, diagnosis=None, method=confirmed_by.value)
         row.revision = 1
         session.add(row)
     else:  # the count moves out of the cells it was made in (the lifetime one alone for a report counted before 0020)
-        _tally(session, (result.model_id, predicted, referral, _diagnosis(session, keyring, row)), row.tally_month, -1)
+        earlier = (result.model_id, predicted, referral, _diagnosis(session, keyring, row))
+        changes.append((earlier, row.tally_month, -1))
         row.diagnosis, row.method = None, confirmed_by.value
         row.revision += 1
         row.updated_at = datetime.now(UTC)
-    _tally(session, (result.model_id, predicted, referral, diagnosis), month, +1)
+    _tally(session, changes)
     row.tally_month = month
     _seal_diagnosis(session, keyring, case, diagnosis)
     row.reported_by = principal.key_id
