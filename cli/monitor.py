@@ -45,8 +45,9 @@ def _rate(rate: dict[str, Any]) -> str:
 @click.option(
     "--months",
     type=click.IntRange(1, 1200),
-    help="only cases submitted in the last N months, this month included (counts made before migration "
-    "0020 kept no month: they count only without this)",
+    help="only cases submitted in the last N months, this month included, N at most DERMQ_FIELD_WINDOW_MONTHS "
+    "(the months the monthly tally keeps; counts made before migration 0020 kept no month: they count only "
+    "without this)",
 )
 @json_option()
 def report(
@@ -57,6 +58,15 @@ def report(
     from ml.registry import mel_sensitivity_floor
 
     settings = get_settings()
+    if months is not None and months > settings.field_window_months:
+        # the purge dropped the older months: the figures would be the window's under a longer one's name
+        click.echo(
+            f"error: the monthly tally keeps the last {settings.field_window_months} months only "
+            "(DERMQ_FIELD_WINDOW_MONTHS; the purge drops older ones): give --months at most that, "
+            "or leave it out for every confirmed case",
+            err=True,
+        )
+        return 2
     since = outcomes.window_start(months) if months is not None else None
     with session_scope(settings) as session:
         found = outcomes.field_performance(outcomes.confirmed_cases(session, model_id=model_id, since=since))

@@ -341,3 +341,38 @@ def test_a_correction_takes_the_count_back_from_the_cells_that_counted_it(  # ty
     with session_scope(settings) as session:
         assert retention.prune_field_months(session, settings) >= 1
     assert cells() == ({("nv", 0), ("mel", 1)}, {("mel", month, 1)})
+
+
+def test_monitor_report_refuses_months_the_monthly_tally_no_longer_keeps(  # type: ignore[no-untyped-def]
+    client, tenant: Tenant, store_case, settings
+) -> None:
+    """The purge keeps the monthly tally's last DERMQ_FIELD_WINDOW_MONTHS months only: ``--months``
+    beyond them printed the window's figures under a longer window's name ("since" a year ago, six of
+    its months counted), and its exit status said all was well on cases it never read."""
+    model = f"field-test-{uuid.uuid4().hex[:8]}"
+    case_id = store_case(tenant, uuid.uuid4().bytes)
+    with session_scope(settings) as session:
+        session.add(result_row(case_id, model, "nv", False))
+        session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+    assert post(client, tenant, case_id, diagnosis="mel", method="histo").status_code == 201
+    with session_scope(settings) as session:  # melanomas of cases submitted before the window, once counted
+        dropped = outcomes.window_start(settings.field_window_months + 2)
+        cell = {"model_id": model, "predicted": "nv", "referral": False, "truth": "mel"}
+        session.add(OutcomeMonthlyTally(**cell, month=dropped, count=3))
+        session.get(OutcomeTally, cell).count += 3
+    with session_scope(settings) as session:
+        assert retention.prune_field_months(session, settings) >= 1
+
+    window = str(settings.field_window_months)
+    longer = run(settings, "monitor", "report", "--model", model, "--months", str(settings.field_window_months + 6))
+    assert longer.returncode == 2, longer.stdout + longer.stderr
+    assert f"keeps the last {window} months" in longer.stderr and "DERMQ_FIELD_WINDOW_MONTHS" in longer.stderr
+    assert longer.stdout == ""
+    recent = run(settings, "monitor", "report", "--model", model, "--months", window, "--json")
+    assert recent.returncode == 0, recent.stderr
+    assert json.loads(recent.stdout)["models"][model]["classes"]["mel"]["sensitivity"]["trials"] == 1
+    lifetime = run(settings, "monitor", "report", "--model", model, "--json")
+    assert json.loads(lifetime.stdout)["models"][model]["classes"]["mel"]["sensitivity"]["trials"] == 4
+    # the window is the CLI's own setting, as the purge's is beat's: a longer one is accepted there
+    wider = run(settings, "monitor", "report", "--model", model, "--months", "12", DERMQ_FIELD_WINDOW_MONTHS="12")
+    assert wider.returncode == 0, wider.stderr
