@@ -237,3 +237,38 @@ def _operations(app: FastAPI) -> list[tuple[re.Pattern[str], set[str]]]:
 
 
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
+#: a waiting submission's case is stored (api.routes.cases): what it is told when the database fails it
+UNCONFIRMED = (
+    "the case was stored, but the database {} confirm that it is on disk; poll it at its "
+    "Location (case_id), or send the same request again with the same Idempotency-Key: it answers with "
+    "this case, never a second one. A case that was lost with a database crash meanwhile is not found there: "
+    "send it again then"
+)
+
+
+_WHY = {
+    "database_busy": "was too busy to",
+    "database_unavailable": "could not be reached to",
+    "database_error": "failed to",
+}
+
+
+def stored_case_failure(exc: Exception) -> str:
+    """The problem code of a failure once the case is stored: busy (no lane or connection in time, a
+    lock or statement timeout, a deadlock, no resources), gone (a connection lost or refused, a
+    shutdown: no SQLSTATE, or class 08 or 57P), else ``database_error``."""
+    if not isinstance(exc, DBAPIError):
+        return "database_busy"
+    code = getattr(exc.orig, "pgcode", None) or ""
+    if code in BUSY_PGCODES or code.startswith(("40", "53")):
+        return "database_busy"
+    if exc.connection_invalidated or not code or code.startswith(("08", "57P")):
+        return "database_unavailable"
+    return "database_error"
+
+
+def unconfirmed_detail(code: str) -> str:
+    """What a waiting submission answers with its stored case's id when its database failed it."""
+    return UNCONFIRMED.format(_WHY[code])

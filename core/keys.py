@@ -50,7 +50,7 @@ def create_key(
     actor: audit.Actor = audit.SYSTEM,
 ) -> tuple[ApiKey, str]:
     """A new key and its secret token. The token is returned once and stored only as a keyed hash."""
-    if len(label) > 200:  # refused, as the API refuses it: a label cut short reads as another one
+    if len(label) > 200:  # refused, as the API refuses it (invalid_input): a label cut short reads as another one
         raise InvalidInput("a key's label is at most 200 characters", code="invalid_key_label")
     if hides_characters(label):  # `dermq key list` and the audit trail show it as it is
         raise InvalidInput(

@@ -16,17 +16,16 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from api import metrics
+from api import metrics, problems
 from api.case_views import case_out
 from api.db import RequestDb
 from api.deps import NO_QUERY, AppState, AuthenticatedCaller, Caller, Db, State, limit
 from api.intake_limits import BodyAllowance
 from api.params import only
-from api.problems import BUSY_PGCODES
 from api.role_checks import clinic_first, role_first
 from api.schemas import (
     CaseOut,
@@ -152,9 +151,9 @@ async def _wait_and_read(
     a lock or statement timeout) answers with the case as stored, its ``Location`` to poll, after a
     commit that waits for the disk (a 503 saying that nothing was stored had a portal without an
     Idempotency-Key send the image again as a second case; a 202 on the first commit alone could be
-    lost in a crash). A database gone meanwhile (a restart, a failover) is answered the same way: the
-    case is stored and its task sent. Too busy for that commit too, or gone, it answers 503 with the
-    case's id and ``Location``, never "nothing was stored"."""
+    lost in a crash). A database gone meanwhile (a restart, a failover), or failing otherwise, is
+    answered the same way: the case is stored and its task sent. Too busy for that commit too, gone or
+    failing, it answers 503 with the case's id and ``Location``, never "nothing was stored"."""
     committed = False
 
     async def commit() -> None:
@@ -168,22 +167,20 @@ async def _wait_and_read(
         )
         return await db.run(lambda session: _read_after_wait(session, app, caller, out.id), last=True)
     except (ServiceUnavailable, PoolTimeout, DBAPIError) as exc:
-        if not committed or _unavailable(exc) is None:
+        if not committed:
             raise
         log.warning(
             "a waiting submission's case is stored; the database failed its wait, answered as stored once on disk",
-            extra={"event": "wait_unavailable", "error": type(exc).__name__},
+            extra={"event": "wait_unavailable", "error": type(exc).__name__, "code": problems.stored_case_failure(exc)},
         )
     try:
         stored = await db.run(lambda session: cases.confirm_stored(session, out.id), last=True)
     except (ServiceUnavailable, PoolTimeout, DBAPIError) as exc:
-        code = _unavailable(exc)
-        if code is None:
-            raise
+        code = problems.stored_case_failure(exc)
         # the case's id and Location, as a 202 gives them: a portal without an Idempotency-Key polls it
         # rather than sending the image again as a second case
         raise ServiceUnavailable(
-            UNCONFIRMED.format("was too busy to" if code == "database_busy" else "could not be reached to"),
+            problems.unconfirmed_detail(code),
             code=code,
             retry_after=1 if code == "database_busy" else 5,
             headers={"Location": f"/v1/cases/{out.id}"},
@@ -192,24 +189,6 @@ async def _wait_and_read(
     if not stored:  # lost with a database crash before its commit reached the disk
         raise ServiceUnavailable("the case could not be stored; send it again", retry_after=1)
     return out
-
-
-UNCONFIRMED = (
-    "the case was stored, but the database {} confirm that it is on disk; poll it at its "
-    "Location (case_id), or send the same request again with the same Idempotency-Key: it answers with "
-    "this case, never a second one. A case that was lost with a database crash meanwhile is not found there: "
-    "send it again then"
-)
-
-
-def _unavailable(exc: Exception) -> str | None:
-    """The problem code of ``exc`` when it says the database is busy (no lane or connection in time, a
-    lock or statement timeout) or gone (a restart, a failover: a connection lost or refused); else None."""
-    if not isinstance(exc, DBAPIError) or getattr(exc.orig, "pgcode", None) in BUSY_PGCODES:
-        return "database_busy"
-    if isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated:
-        return "database_unavailable"
-    return None
 
 
 async def _accept(

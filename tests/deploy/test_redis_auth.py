@@ -28,10 +28,8 @@ from tests.deploy.compose_redis import ADMIN_USER, SERVICES_USER, compose_redis,
 from tests.faults.servers import RedisServer
 
 #: redis-server and redis-cli options that would put a password on a command line (redis-cli's
-#: --user takes a name; redis-server's --user an ACL rule, `NAME on ... >password`)
-PASSWORD_OPTIONS = re.compile(
-    r"(?:^|\s)(?:-a|--pass|--requirepass|requirepass)(?:\s|=|$)|--user\s+\S+\s+(?:on|off)\b[^;|]*>"
-)
+#: --user takes a name; redis-server's --user an ACL rule, which may hold `>password` anywhere)
+PASSWORD_OPTIONS = re.compile(r"(?:^|\s)(?:-a|--pass|--requirepass|requirepass)(?:\s|=|$)|--user\s+\S+\s+[^;|]*>")
 
 
 def _compose_redis_clients() -> dict[str, dict]:  # type: ignore[type-arg]
@@ -64,6 +62,21 @@ def test_compose_redis_requires_the_password_from_a_secret_file_never_from_a_com
         words = [*(m.compose_command(other) or []), *(other.get("healthcheck", {}).get("test") or [])]
         assert not PASSWORD_OPTIONS.search(" ".join(map(str, words))), f"{name}: a password on a command line"
         assert not any("REDIS_PASSWORD" in key for key in m.compose_environment(other)), name
+
+
+@pytest.mark.parametrize(
+    ("command", "found"),
+    [
+        ("redis-server --user dermq on >pw ~* +@all", True),
+        ("redis-server --user dermq >pw on ~* +@all", True),  # an ACL rule in any order
+        ("redis-server --requirepass pw", True),
+        ("redis-cli -a pw ping", True),
+        ("redis-cli --user admin ping; else redis-cli ping; fi | grep -q PONG", False),  # a name, no password
+        ("redis-server --include /run/secrets/redis-auth.conf --appendonly yes", False),
+    ],
+)
+def test_the_command_line_check_would_catch_a_password(command: str, found: bool) -> None:
+    assert bool(PASSWORD_OPTIONS.search(command)) is found
 
 
 def test_every_redis_client_pod_mounts_the_url_with_its_password() -> None:
