@@ -43,6 +43,17 @@ def test_the_openapi_document_says_every_v1_operation_takes_an_api_key(client) -
     assert sum(path.startswith("/v1/") for path, _ in operations) > 20
 
 
+def _try_out(page, operation: str):  # type: ignore[no-untyped-def]
+    """Open ``operation``'s block, press "Try it out" and "Execute"; its answer's row."""
+    block = page.find_element(By.ID, operation)
+    block.find_element(By.CSS_SELECTOR, ".opblock-summary-control").click()
+    browser.wait_until(page, lambda _: block.find_element(By.CSS_SELECTOR, "button.try-out__btn")).click()
+    block.find_element(By.CSS_SELECTOR, "button.execute").click()
+    return browser.wait_until(
+        page, lambda _: block.find_element(By.CSS_SELECTOR, ".live-responses-table tbody .response"), what=operation
+    )
+
+
 @pytest.mark.slow
 def test_a_developer_reads_the_docs_and_tries_a_route_in_a_real_browser(page, live_api: str, tenant) -> None:  # type: ignore[no-untyped-def]
     """The served OpenAPI document (3.1, FastAPI's) is rendered route by route, and "Try it out" asks this
@@ -58,13 +69,7 @@ def test_a_developer_reads_the_docs_and_tries_a_route_in_a_real_browser(page, li
     assert page.find_elements(By.ID, "operations-cases-read_heatmap_v1_cases__case_id__heatmap_png_get")
     assert len(page.find_elements(By.CSS_SELECTOR, ".opblock")) > 10  # every route, not an error
 
-    block = page.find_element(By.ID, health)
-    block.find_element(By.CSS_SELECTOR, ".opblock-summary-control").click()
-    browser.wait_until(page, lambda _: block.find_element(By.CSS_SELECTOR, "button.try-out__btn")).click()
-    block.find_element(By.CSS_SELECTOR, "button.execute").click()
-    answer = browser.wait_until(
-        page, lambda _: block.find_element(By.CSS_SELECTOR, ".live-responses-table tbody .response"), what="the answer"
-    )
+    answer = _try_out(page, health)
     assert answer.find_element(By.CSS_SELECTOR, ".response-col_status").text.strip() == "200"
     assert '"status"' in answer.text
 
@@ -74,13 +79,7 @@ def test_a_developer_reads_the_docs_and_tries_a_route_in_a_real_browser(page, li
     field.send_keys(tenant.token)
     page.find_element(By.CSS_SELECTOR, ".modal-ux button.authorize").click()
     page.find_element(By.CSS_SELECTOR, ".modal-ux button.btn-done").click()
-    listing = page.find_element(By.ID, "operations-cases-list_cases_v1_cases_get")
-    listing.find_element(By.CSS_SELECTOR, ".opblock-summary-control").click()
-    browser.wait_until(page, lambda _: listing.find_element(By.CSS_SELECTOR, "button.try-out__btn")).click()
-    listing.find_element(By.CSS_SELECTOR, "button.execute").click()
-    listed = browser.wait_until(
-        page, lambda _: listing.find_element(By.CSS_SELECTOR, ".live-responses-table tbody .response"), what="the list"
-    )
+    listed = _try_out(page, "operations-cases-list_cases_v1_cases_get")
     assert listed.find_element(By.CSS_SELECTOR, ".response-col_status").text.strip() == "200"
     assert '"items"' in listed.text
     assert browser.problems(page) == []

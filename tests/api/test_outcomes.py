@@ -160,10 +160,7 @@ def test_monitor_report_scores_confirmed_cases(  # type: ignore[no-untyped-def]
         (None, None, "mel"),  # out of distribution: no answer, so a missed melanoma, not referred
     ]
     for label, referral, truth in cases:
-        case_id = store_case(tenant, uuid.uuid4().bytes)
-        with session_scope(settings) as session:
-            session.add(result_row(case_id, model, label, referral))
-            session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+        case_id = answered_case(settings, tenant, store_case, model, label, referral)
         response = post(client, tenant, case_id, diagnosis=truth, method="histo")
         assert response.status_code == 201, response.text
 
@@ -214,10 +211,7 @@ def test_erasure_removes_the_confirmed_diagnosis_and_the_report_still_counts_it(
     client, tenant: Tenant, store_case, settings
 ) -> None:
     model = f"field-test-{uuid.uuid4().hex[:8]}"
-    case_id = store_case(tenant, uuid.uuid4().bytes)
-    with session_scope(settings) as session:
-        session.add(result_row(case_id, model, "mel", True))
-        session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+    case_id = answered_case(settings, tenant, store_case, model, "mel", True)
     assert post(client, tenant, case_id, diagnosis="nv", method="histo").status_code == 201
     assert post(client, tenant, case_id, diagnosis="mel", method="histo").status_code == 200  # moves its count
 
@@ -250,6 +244,17 @@ def test_the_floor_is_the_model_cards_lower_bound(settings, tmp_path) -> None:  
     )
 
 
+def answered_case(
+    settings, tenant: Tenant, store_case, model: str, label: str | None, referral: bool | None
+) -> uuid.UUID:  # type: ignore[no-untyped-def]
+    """A case of ``tenant``'s that ``model`` answered ``label`` (``referral``): succeeded, with its result."""
+    case_id = store_case(tenant, uuid.uuid4().bytes)
+    with session_scope(settings) as session:
+        session.add(result_row(case_id, model, label, referral))
+        session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+    return case_id  # type: ignore[no-any-return]
+
+
 def result_row(case_id: uuid.UUID, model: str, label: str | None, referral: bool | None) -> Result:
     common = {"case_id": case_id, "model_id": model, "weights_sha256": "0" * 64, "device": "cpu", "timings": {}}
     if label is None:
@@ -272,10 +277,7 @@ def test_a_diagnosis_stored_in_plain_text_is_sealed_by_the_sweep_and_still_corre
     """A report from before migration 0010 kept its diagnosis in a plain column: the sweeper seals it,
     and a later correction still moves its count in the tally."""
     model = f"field-test-{uuid.uuid4().hex[:8]}"
-    case_id = store_case(tenant, uuid.uuid4().bytes)
-    with session_scope(settings) as session:
-        session.add(result_row(case_id, model, "mel", True))
-        session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+    case_id = answered_case(settings, tenant, store_case, model, "mel", True)
     assert post(client, tenant, case_id, diagnosis="nv", method="histo").status_code == 201
     with session_scope(settings) as session:  # as a report stored before sealing would be
         session.execute(delete(CaseBlob).where(CaseBlob.case_id == case_id, CaseBlob.kind == "outcome"))
@@ -350,10 +352,7 @@ def test_monitor_report_refuses_months_the_monthly_tally_no_longer_keeps(  # typ
     beyond them printed the window's figures under a longer window's name ("since" a year ago, six of
     its months counted), and its exit status said all was well on cases it never read."""
     model = f"field-test-{uuid.uuid4().hex[:8]}"
-    case_id = store_case(tenant, uuid.uuid4().bytes)
-    with session_scope(settings) as session:
-        session.add(result_row(case_id, model, "nv", False))
-        session.get(Case, case_id).status = CaseStatus.SUCCEEDED.value
+    case_id = answered_case(settings, tenant, store_case, model, "nv", False)
     assert post(client, tenant, case_id, diagnosis="mel", method="histo").status_code == 201
     with session_scope(settings) as session:  # melanomas of cases submitted before the window, once counted
         dropped = outcomes.window_start(settings.field_window_months + 2)

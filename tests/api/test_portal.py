@@ -145,8 +145,8 @@ def test_a_refused_upload_is_explained_in_words(page, live_api: str, make_key, t
     assert [p for p in browser.problems(page) if "status of 415" not in p] == []
 
 
-def test_erasing_a_case_asks_first_and_then_erases_it(page, live_api: str, make_key, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
-    clinic = make_key()
+def _open_with_a_finished_case(page, live_api: str, clinic, jpeg_bytes: bytes) -> str:  # type: ignore[no-untyped-def]
+    """The portal, with ``clinic``'s key, once a case of its own has succeeded; that case's id."""
     answer = httpx.post(
         f"{live_api}/v1/cases?wait=20",
         headers={"Authorization": f"Bearer {clinic.token}"},
@@ -156,6 +156,12 @@ def test_erasing_a_case_asks_first_and_then_erases_it(page, live_api: str, make_
     case_id = answer.json()["id"]
     browser.wait_until(page, lambda _: api_case(live_api, clinic.token, case_id)["status"] == "succeeded")
     browser.open_page(page, f"{live_api}/portal/", clinic.token)
+    return str(case_id)
+
+
+def test_erasing_a_case_asks_first_and_then_erases_it(page, live_api: str, make_key, jpeg_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    clinic = make_key()
+    case_id = _open_with_a_finished_case(page, live_api, clinic, jpeg_bytes)
     row = f"#case-rows tr[data-case-id='{case_id}']"
     erase = browser.wait_until(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button.danger"))
     dialog = page.find_element(By.ID, "erase-dialog")
@@ -189,15 +195,7 @@ def test_an_erase_answered_after_the_key_was_forgotten_tells_the_next_user_nothi
     sits down), and the page announced "Case ...: patient data erased." and reloaded the list for
     whoever came next, as no other answer of a forgotten key does."""
     clinic = make_key()
-    answer = httpx.post(
-        f"{live_api}/v1/cases?wait=20",
-        headers={"Authorization": f"Bearer {clinic.token}"},
-        files={"image": ("image.jpg", jpeg_bytes, "image/jpeg")},
-        timeout=30,
-    )
-    case_id = answer.json()["id"]
-    browser.wait_until(page, lambda _: api_case(live_api, clinic.token, case_id)["status"] == "succeeded")
-    browser.open_page(page, f"{live_api}/portal/", clinic.token)
+    case_id = _open_with_a_finished_case(page, live_api, clinic, jpeg_bytes)
     row = f"#case-rows tr[data-case-id='{case_id}']"
     browser.wait_until(page, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} button.danger")).click()
     page.execute_cdp_cmd("Network.enable", {})
