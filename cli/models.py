@@ -107,16 +107,12 @@ def verify(model_id: str | None) -> int:
     folder = registry.resolve(chosen)  # a mistyped id: exit 2 naming it, not "failed verification"
     checks = verify_entry(chosen)
     if settings.model_sha256 and folder.resolve() == _active_entry(settings.model):
-        pinned = registry.manifest_sha256(folder) == settings.model_sha256
-        checks.append(
-            (
-                "pinned",
-                pinned,
-                "manifest.json is the one DERMQ_MODEL_SHA256 pins"
-                if pinned
-                else "manifest.json is NOT the one DERMQ_MODEL_SHA256 pins: the workers will not serve it",
-            )
-        )
+        try:  # the workers' own check (worker.runtime.check_model_pin)
+            registry.check_pinned(folder, settings.model_sha256)
+            checks.append(("pinned", True, "manifest.json is the one DERMQ_MODEL_SHA256 pins"))
+        except registry.IntegrityError:
+            detail = "manifest.json is NOT the one DERMQ_MODEL_SHA256 pins: the workers will not serve it"
+            checks.append(("pinned", False, detail))
     for name, passed, detail in checks:
         click.echo(f"{'ok  ' if passed else 'FAIL'}  {name}: {detail}")
     ok = all(passed for _, passed, _ in checks)

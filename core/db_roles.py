@@ -22,7 +22,6 @@ is a member of its owner), is a superuser, has CREATEROLE (it could make itself 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
 
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.orm import Session
@@ -81,10 +80,11 @@ def dermq_tables() -> frozenset[str]:
     return frozenset({*Base.metadata.tables, *AUDIT_TABLES, *READ_ONLY_TABLES})
 
 
-def hand_over(connection: Connection, owner: str, *, only: Collection[str]) -> None:
-    """Make ``owner`` own the tables (of ``only``: dermq's, :func:`dermq_tables`, in a database other
-    applications may share) and audit functions already created by another login (an older setup
-    that migrated as the superuser), so that it can run the next migrations."""
+def hand_over(connection: Connection, owner: str) -> None:
+    """Make ``owner`` own dermq's tables (:func:`dermq_tables`: not another application's, in a database
+    they share) and audit functions already created by another login (an older setup that migrated as
+    the superuser), so that it can run the next migrations."""
+    only = dermq_tables()
     tables = connection.scalars(
         text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> :o"), {"o": owner}
     ).all()
@@ -137,7 +137,7 @@ def take_migration_role(connection: Connection) -> str | None:
     role = migration_role(connection)
     if role is not None:
         if connection.scalar(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")):
-            hand_over(connection, role, only=dermq_tables())
+            hand_over(connection, role)
         connection.execute(text("SELECT set_config('role', :r, false)"), {"r": role})
     connection.commit()
     return role
@@ -244,7 +244,7 @@ def set_up_roles(
             )
             database = connection.scalar(text("SELECT current_database()"))
             connection.execute(text(f'ALTER DATABASE "{database}" OWNER TO {_ident(owner)}'))
-            hand_over(connection, owner, only=dermq_tables())
+            hand_over(connection, owner)
     finally:
         engine.dispose()
     return f"roles {owner} (owner of database {database}) and {runtime} (runtime) are ready"

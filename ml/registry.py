@@ -94,15 +94,21 @@ def resolve(model: str | Path) -> Path:
     raise RegistryError(f"no registry entry {model!r} (looked for a folder, then under {REGISTRY_DIR})")
 
 
+def _manifest_bytes(folder: Path) -> bytes:
+    """The bytes of ``folder``'s manifest, or :class:`RegistryError` saying why there are none."""
+    try:
+        return read_file(folder / MANIFEST)
+    except FileNotFoundError:
+        raise RegistryError(f"{folder} has no {MANIFEST}") from None
+    except OSError as exc:
+        raise RegistryError(f"{folder / MANIFEST} cannot be read ({type(exc).__name__})") from None
+
+
 def read_manifest(entry: str | Path) -> dict[str, Any]:
     folder = resolve(entry)
     path = folder / MANIFEST
     try:
-        manifest = json.loads(read_file(path))
-    except FileNotFoundError:
-        raise RegistryError(f"{folder} has no {MANIFEST}") from None
-    except OSError as exc:
-        raise RegistryError(f"{path} cannot be read ({type(exc).__name__})") from None
+        manifest = json.loads(_manifest_bytes(folder))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RegistryError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
@@ -141,13 +147,7 @@ def read_verified(entry: str | Path, artefact: str) -> bytes:
 
 def manifest_sha256(entry: str | Path) -> str:
     """The SHA-256 of the entry's ``manifest.json`` as it is on disk: what a deployment pins."""
-    folder = resolve(entry)
-    try:
-        return sha256_bytes(read_file(folder / MANIFEST))
-    except FileNotFoundError:
-        raise RegistryError(f"{folder} has no {MANIFEST}") from None
-    except OSError as exc:
-        raise RegistryError(f"{folder / MANIFEST} cannot be read ({type(exc).__name__})") from None
+    return sha256_bytes(_manifest_bytes(resolve(entry)))
 
 
 def check_pinned(entry: str | Path, pinned: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, signals
 
@@ -180,8 +180,7 @@ def _refuse_insecure_login(**_kwargs: Any) -> None:
         reason = f"refusing to start: the database login could not be checked ({type(exc).__name__})"
     else:
         return
-    logging.getLogger("dermq.worker").critical(reason, extra={"event": "refused_to_start"})
-    raise SystemExit(reason)
+    _refuse_to_start(reason)
 
 
 @signals.worker_init.connect
@@ -198,9 +197,13 @@ def _refuse_an_unpinned_model(sender: Any = None, **_kwargs: Any) -> None:
     try:
         check_model_pin(get_settings())
     except RegistryError as exc:
-        reason = f"refusing to start: {exc}"
-        logging.getLogger("dermq.worker").critical(reason, extra={"event": "refused_to_start"})
-        raise SystemExit(reason) from None
+        _refuse_to_start(f"refusing to start: {exc}")
+
+
+def _refuse_to_start(reason: str) -> NoReturn:
+    """End the worker from a ``worker_init`` receiver, saying why (logged, and on stderr)."""
+    logging.getLogger("dermq.worker").critical(reason, extra={"event": "refused_to_start"})
+    raise SystemExit(reason) from None
 
 
 @signals.worker_init.connect
