@@ -8,6 +8,7 @@ import random
 import re
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,9 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 MAX_JSON_ANSWER = 4 << 20
 #: a heat map's: room for an operator's overlay side of several thousand pixels (DERMQ_OVERLAY_MAX_SIDE)
 MAX_HEATMAP_ANSWER = 64 << 20
+#: the packings the client asks for and unpacks itself (:class:`Body`), each bounded by the limits above
+ACCEPT_ENCODING = "gzip, deflate"
+UNPACKED = frozenset({"gzip", "x-gzip", "deflate"})
 
 ImageInput = str | os.PathLike[str] | bytes
 #: the suffixes sent with an image (lower case) and their media types; any other is not sent
@@ -196,8 +200,10 @@ def request_failed(exc: httpx.RequestError) -> errors.DermqError:
 
 
 class Body:
-    """An answer's body, read chunk by chunk (:meth:`add`) up to ``limit`` bytes; :meth:`response` is
-    the answer with it. Read with ``httpx``'s ``stream``, so that nothing past ``limit`` is read."""
+    """An answer's body, read chunk by chunk as it came over the network (:meth:`add`) up to ``limit``
+    bytes once unpacked; :meth:`response` is the answer with it. Read with ``httpx``'s ``stream`` and
+    ``iter_raw``, so that nothing past ``limit`` is read, and unpacked here: httpx unpacks each network
+    chunk whole, and a gzip bomb's 64 KiB unpack to some 64 MiB before any limit could be checked."""
 
     def __init__(self, response: httpx.Response, limit: int) -> None:
         self._response, self._limit = response, limit
@@ -205,9 +211,24 @@ class Body:
         self._size = 0
         declared = response.headers.get("Content-Length", "")
         self.over = declared.isdigit() and int(declared) > limit  # said before a byte is read
+        #: read whole by its transport (``httpx.MockTransport``), and unpacked by httpx: nothing to stream
+        self.whole = response.is_stream_consumed
+        self._packing = "identity" if self.whole else response.headers.get("Content-Encoding", "identity")
+        self._packing = self._packing.strip().lower() or "identity"
+        self._unpack = zlib.decompressobj(zlib.MAX_WBITS | 32) if self._packing in UNPACKED else None
+        # a packing the client did not ask for (ACCEPT_ENCODING): not read; a success is not dermq's
+        self.over = self.over or (self._unpack is None and self._packing != "identity")
+        if self.whole and not self.over:
+            self.add(response.content)
 
     def add(self, chunk: bytes) -> bool:
-        """Keep ``chunk``; False (and nothing kept) once the body runs past the limit: stop reading."""
+        """Keep ``chunk`` (unpacked, no further than one byte past the limit); False (and nothing kept)
+        once the body runs past the limit: stop reading."""
+        if self._unpack is not None:
+            try:
+                chunk = self._unpack.decompress(chunk, self._limit - self._size + 1)
+            except zlib.error as exc:  # a proxy's broken compression, as httpx would have said it
+                raise httpx.DecodingError(f"the answer's {self._packing} does not unpack: {exc}") from exc
         self._size += len(chunk)
         self.over = self.over or self._size > self._limit
         if not self.over:
@@ -219,7 +240,8 @@ class Body:
         typed error (its page dropped, so a 502 is still retried); a success is not dermq's."""
         answer = self._response
         if self.over and answer.is_success:
-            raise not_dermq(answer, f"larger than {self._limit >> 20} MiB")
+            unknown = self._unpack is None and self._packing != "identity"
+            raise not_dermq(answer, f"packed as {self._packing}" if unknown else f"larger than {self._limit >> 20} MiB")
         # the body is unpacked already: without Content-Encoding, httpx does not unpack it again
         kept = [(name, value) for name, value in answer.headers.multi_items() if name.lower() != "content-encoding"]
         return httpx.Response(
@@ -314,7 +336,7 @@ def headers(api_key: str) -> dict[str, str]:
     key = api_key.strip()
     if not API_KEY.fullmatch(key):
         raise ValueError("an API key is visible ASCII characters only: check it for a stray character (not repeated)")
-    return {"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT}
+    return {"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING}
 
 
 def new_idempotency_key() -> str:

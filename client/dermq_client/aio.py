@@ -67,8 +67,8 @@ class AsyncClient:
         try:
             async with self._http.stream(method, path, **kwargs) as response:
                 body = _core.Body(response, limit)
-                if not body.over:
-                    async for chunk in response.aiter_bytes():
+                if not (body.over or body.whole):
+                    async for chunk in response.aiter_raw():
                         if not body.add(chunk):
                             break
         except httpx.RequestError as exc:

@@ -64,8 +64,8 @@ class Client:
         try:
             with self._http.stream(method, path, **kwargs) as response:
                 body = _core.Body(response, limit)
-                if not body.over:
-                    for chunk in response.iter_bytes():
+                if not (body.over or body.whole):
+                    for chunk in response.iter_raw():
                         if not body.add(chunk):
                             break
         except httpx.RequestError as exc:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import threading
+import tracemalloc
+import zlib
 from collections.abc import Callable
 
 import pytest
-from dermq_client import AsyncClient, Client, RetryPolicy, ServerError, UnexpectedResponse
+from dermq_client import AsyncClient, Case, Client, RetryPolicy, ServerError, UnexpectedResponse
 from dermq_client._core import MAX_HEATMAP_ANSWER, MAX_JSON_ANSWER, PNG_MAGIC
 
-from tests.client.test_requests import CASE_ID
+from tests.client.test_requests import CASE_ID, case_json
 from tests.local_site import QuietHandler, serving
 
 CHUNK = 1 << 20
@@ -85,9 +88,12 @@ def test_an_endless_error_page_is_still_its_status_and_is_retried(client_kind: s
     assert written[0] < 2 * (MAX_JSON_ANSWER + 32 * CHUNK) < ENDLESS
 
 
-def test_a_gzip_bomb_is_not_unpacked_past_the_limit() -> None:
-    """A few hundred KiB on the wire that unpack to far more than any dermq answer."""
-    bomb = gzip.compress(b" " * (MAX_JSON_ANSWER * 8), compresslevel=9)
+@pytest.mark.parametrize("client_kind", ["blocking", "async"])
+def test_a_gzip_bomb_is_not_unpacked_past_the_limit(client_kind: str) -> None:
+    """A few dozen KiB on the wire that unpack to far more than any dermq answer. Each network chunk
+    is unpacked only as far as the limit: the client never holds much more than the limit (httpx
+    unpacked each chunk whole, up to some 1,000 times its size, before the limit was checked)."""
+    bomb = gzip.compress(b" " * (MAX_JSON_ANSWER * 32), compresslevel=9)
 
     class Bomb(QuietHandler):
         def do_GET(self) -> None:
@@ -98,10 +104,57 @@ def test_a_gzip_bomb_is_not_unpacked_past_the_limit() -> None:
             self.end_headers()
             self.wfile.write(bomb)
 
+    with serving(Bomb) as url:
+        tracemalloc.start()
+        try:
+            with pytest.raises(UnexpectedResponse, match="larger than 4 MiB"):
+                call(client_kind, url, Client.get, CASE_ID)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 3 * MAX_JSON_ANSWER
+
+
+def packed(packing: str, body: bytes, pieces: int = 50) -> type[QuietHandler]:
+    """A handler that answers 200 with ``body`` packed as ``packing``, in ``pieces`` network chunks."""
+
+    class Packed(QuietHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", packing)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            step = max(1, len(body) // pieces)
+            for at in range(0, len(body), step):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(body[at : at + step]), body[at : at + step]))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.close_connection = True
+
+    return Packed
+
+
+@pytest.mark.parametrize(("packing", "pack"), [("gzip", gzip.compress), ("deflate", zlib.compress)])
+@pytest.mark.parametrize("client_kind", ["blocking", "async"])
+def test_a_packed_answer_in_many_chunks_is_unpacked_whole(
+    client_kind: str, packing: str, pack: Callable[[bytes], bytes]
+) -> None:
+    """A proxy that compresses dermq's answers (gzip, or deflate: what the client asks for): the
+    case comes whole, however the network splits it."""
+    case = case_json("done") | {"padding": "x" * 20_000}
+    with serving(packed(packing, pack(json.dumps(case).encode()))) as url:
+        got = call(client_kind, url, Client.get, CASE_ID)
+    assert isinstance(got, Case) and str(got.id) == CASE_ID and got.status == "done"
+
+
+def test_a_packing_the_client_did_not_ask_for_is_not_dermqs() -> None:
     with (
-        serving(Bomb) as url,
+        serving(packed("br", b"\x0b\x02\x80{}\x03")) as url,
         Client(url, "dq_key") as dermq,
-        pytest.raises(UnexpectedResponse, match="larger than 4 MiB"),
+        pytest.raises(UnexpectedResponse, match="packed as br"),
     ):
         dermq.get(CASE_ID)
 
