@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -227,6 +228,9 @@ def main() -> None:
         return
     _hold_sigusr1_for_the_processes()  # before any thread or process starts: each inherits the block
     # The processes count into files of a folder they share; the supervisor serves their sum.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dermq-api-metrics-")
-    metrics.serve(create_app(settings).state.dermq, processes=processes)
-    uvicorn.run("api.app:create_served_app", factory=True, workers=processes, **common)
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dermq-api-metrics-")
+    try:
+        metrics.serve(create_app(settings).state.dermq, processes=processes)
+        uvicorn.run("api.app:create_served_app", factory=True, workers=processes, **common)
+    finally:  # the processes have ended: their samples go with them (each restart left a folder behind)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -159,3 +159,22 @@ def test_a_process_that_has_not_beaten_yet_reads_as_started_not_as_1970(two_proc
     finally:
         os.kill(successor, signal.SIGCONT)
     assert len(beats) == 1 and killed - HEARTBEAT_SECONDS - 2 <= beats[0] <= time.time(), beats
+
+
+def test_the_processes_metrics_folder_goes_with_the_supervisor(stack_env, stack_dir, database, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The folder the processes count into is the supervisor's to remove when it stops: each restart
+    of the API left one behind in the temporary directory, with a file per process that ever ran."""
+    env = {**stack_env, "DERMQ_API_PORT": str(support.free_port()), "DERMQ_METRICS_PORT": str(support.free_port())}
+    with processes.api_process(
+        {**env, "DERMQ_API_PROCESSES": "2"}, stack_dir / "metrics-folder-api.log", timeout=90
+    ) as (
+        _,
+        server,
+    ):
+        child = support.wait_for(lambda: next(iter(children(server.proc.pid)), None), timeout=60)
+        environ = Path(f"/proc/{child}/environ").read_text()
+        folder = Path(
+            next(e for e in environ.split("\0") if e.startswith("PROMETHEUS_MULTIPROC_DIR=")).split("=", 1)[1]
+        )
+        support.wait_for(lambda: any(folder.glob("*.db")), timeout=60, what="the processes' sample files")
+    assert server.proc.returncode is not None and not folder.exists()
