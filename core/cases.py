@@ -26,12 +26,12 @@ from sqlalchemy import Table, bindparam, delete, exists, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from core import audit, idempotency, period_shredding, pgbinary, phi
+from core import audit, idempotency, keys, period_shredding, pgbinary, phi
 from core.crypto import Keyring, SealedBlob, encrypt_blob
 from core.db import commit_durably
 from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, ServiceUnavailable, a_or_an
 from core.keys import Principal
-from core.models import BlobKind, Case, CaseBlob, CaseStatus, Priority, Role
+from core.models import ApiKey, BlobKind, Case, CaseBlob, CaseStatus, Clinic, Priority, Role
 
 
 def now() -> datetime:
@@ -134,6 +134,10 @@ def create_case(
 
     With an ``idempotency_key`` the same key and the same image return the existing case
     (``created`` False); the same key with a different image is a :class:`Conflict`.
+
+    The principal's key is checked again by the INSERT itself (see ``_INSERT_CASE``): a key revoked,
+    or its clinic deactivated, since the request was authenticated is refused as authentication refuses
+    it (:class:`~core.errors.Unauthorized`, no audit event: the caller files it), and nothing is stored.
     """
     clinic_id = require_clinic(principal, "case.create")
     again = _Resubmission(image, client_ref, priority)
@@ -159,7 +163,10 @@ def create_case(
     # the key of the case's period, held against destruction until this transaction ends
     wrap = period_shredding.wrapping_key(session, keyring, at)
     sealed = encrypt_blob(keyring, image.data, case_id=case_id, kind=BlobKind.IMAGE.value, kek_id=wrap)
-    if session.scalar(_INSERT_CASE, {**row, "plain_key": idempotency_key}) is None:
+    if session.scalar(_INSERT_CASE, {**row, "plain_key": idempotency_key, "key_id": principal.key_id}) is None:
+        # Its key revoked or its clinic deactivated since the request was authenticated: refused, a
+        # resubmission's answer with it (it holds the case's client reference and result)
+        keys.require_still_valid(session, principal.key_id)
         # The clinic already has a case under this idempotency key: a resubmission (or a concurrent
         # request with the same key that won the race; the insert waited for its commit); or one
         # stored with the key as sent, by a release before migration 0013 (core.idempotency).
@@ -252,16 +259,35 @@ _PLAIN_KEY = bindparam("plain_key", type_=_CASES.c.idempotency_key.type)
 #: digest's form, so that is asked of the key, once, not of each row: Postgres without statistics on
 #: ``cases`` (no autovacuum) read the clinic's cases by their clinic and time index and matched the
 #: pattern against every one of them, at every intake.
+#: Nothing either if the key (``key_id``) was revoked or its clinic deactivated since the request was
+#: authenticated (a slow upload, a remembered key): both rows are read ``FOR SHARE``, which a revocation's
+#: and a deactivation's ``FOR UPDATE`` (and any UPDATE) conflict with, so a change not yet committed is
+#: waited for and then seen (the row read again), and one that comes later waits for this transaction.
+#: No round trip, little work: the case's foreign key locks the clinic's row anyway (``FOR KEY SHARE``,
+#: covered by this lock); the key's row is the one more row locked. The clinic's is locked first.
+_KEY_STILL_VALID = (
+    select(Clinic.id)
+    .join(ApiKey, ApiKey.clinic_id == Clinic.id)
+    .where(
+        Clinic.id == bindparam("clinic_id"),
+        Clinic.active,
+        ApiKey.id == bindparam("key_id"),
+        ApiKey.revoked_at.is_(None),
+    )
+    .with_for_update(read=True)
+    .exists()
+)
 _INSERT_CASE = (
     pg_insert(_CASES)
     .from_select(
         list(_ROW),
         select(*(bindparam(name, type_=_CASES.c[name].type) for name in _ROW)).where(
+            _KEY_STILL_VALID,
             ~exists().where(
                 _CASES.c.clinic_id == bindparam("clinic_id"),
                 _CASES.c.idempotency_key == _PLAIN_KEY,
                 idempotency.plain(_PLAIN_KEY),
-            )
+            ),
         ),
     )
     .on_conflict_do_nothing(constraint="uq_cases_clinic_idempotency_key")

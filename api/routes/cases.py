@@ -227,20 +227,21 @@ async def _accept(
             its pixels decode)."""
             if wait:  # the answer comes after the durable commit of the audited read that ends the wait; said
                 commit_without_flush(session)  # now, it goes with the intake's first statement (core.deferred)
-            _still_valid(session, app, caller, "upload")  # an upload may take minutes to arrive
             image = cases.NewImage(
                 data, header.format, header.media_type, header.width, header.height, hashlib.sha256(data).hexdigest()
             )
-            return cases.create_case(
-                session,
-                keyring=app.keyring,
-                principal=caller.principal,
-                actor=caller.actor,
-                image=image,
-                client_ref=client_ref,
-                priority=priority,
-                idempotency_key=idempotency_key,
-            )
+            # an upload may take minutes to arrive: the INSERT checks the key again, in the same statement
+            with _refused_after("upload"):
+                return cases.create_case(
+                    session,
+                    keyring=app.keyring,
+                    principal=caller.principal,
+                    actor=caller.actor,
+                    image=image,
+                    client_ref=client_ref,
+                    priority=priority,
+                    idempotency_key=idempotency_key,
+                )
 
         with _image_refusals():
             # Draft mode: validation needs a full read, not full resolution; the worker needs the
@@ -313,14 +314,22 @@ def _read_after_wait(session: Session, app: AppState, caller: Caller, case_id: u
 
 def _still_valid(session: Session, app: AppState, caller: Caller, after: str) -> None:
     """Refuse, audited, a request whose key was revoked (or its clinic deactivated) since it was
-    authenticated, ``after`` a long poll or a slow upload. The database is asked only when a key change
-    was announced, or may have been missed, since then."""
+    authenticated, ``after`` a long poll. The database is asked only when a key change was announced, or
+    may have been missed, since then. (A slow upload's case is refused by its own INSERT: core.cases.)"""
     if not app.key_cache.unchanged_since(caller.key_generation):
-        try:
+        with _refused_after(after):
             keys.require_still_valid(session, caller.principal.key_id)
-        except Unauthorized as exc:
-            exc.audit = audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code, "after": after})
-            raise
+
+
+@contextmanager
+def _refused_after(after: str) -> Iterator[None]:
+    """A key's refusal (revoked, or its clinic deactivated, since its request was authenticated),
+    audited as a denial ``after`` a long poll or a slow upload."""
+    try:
+        yield
+    except Unauthorized as exc:
+        exc.audit = audit.PendingEvent("auth.denied", audit.DENIED, detail={"reason": exc.code, "after": after})
+        raise
 
 
 def _read(session: Session, app: AppState, caller: Caller, case_id: uuid.UUID) -> CaseOut:

@@ -1,15 +1,21 @@
 """A clinic's activation and a key's revocation read the row again under their lock: a caller (the
 CLI's `dermq clinic deactivate`) that loaded it before another change committed decided on the old
-values, reported a change it did not make, and left the clinic active with its keys working."""
+values, reported a change it did not make, and left the clinic active with its keys working. A case
+submitted by a key authenticated before the change is refused once it has committed
+(tests/api/test_intake_races.py holds a submission in flight)."""
 
 from __future__ import annotations
 
-import pytest
-from sqlalchemy import select
+import uuid
 
-from core import clinics, keys
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core import audit, cases, clinics, keys
 from core.db import session_scope
-from core.models import ApiKey, AuditEvent, Clinic
+from core.errors import Unauthorized
+from core.models import ApiKey, AuditEvent, Case, Clinic, Priority, Role
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -44,3 +50,42 @@ def test_a_revocation_decided_on_a_stale_read_keeps_the_first_revocation_time(se
         keys.revoke_key(operator, tenant.key_id)
     with session_scope(settings) as session:
         assert session.scalar(select(ApiKey.revoked_at).where(ApiKey.id == tenant.key_id)) == first
+
+
+@pytest.mark.parametrize("change", ["deactivate", "revoke"])
+def test_a_submission_authenticated_before_the_change_is_refused(settings, make_key, keyring, change: str) -> None:  # type: ignore[no-untyped-def]
+    """A new case, and an Idempotency-Key's resubmission (its answer holds the case and its result)."""
+    tenant = make_key()
+    principal = keys.Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
+    image = cases.NewImage(b"lesion", "jpeg", "image/jpeg", 1, 1, "0" * 64)
+    again = uuid.uuid4().hex
+
+    def submit(session: Session, idempotency_key: str | None) -> None:
+        cases.create_case(
+            session,
+            keyring=keyring,
+            principal=principal,
+            actor=audit.SYSTEM,
+            image=image,
+            client_ref=None,
+            priority=Priority.ROUTINE,
+            idempotency_key=idempotency_key,
+        )
+
+    with session_scope(settings) as session:
+        submit(session, again)
+    with session_scope(settings) as session:
+        if change == "deactivate":
+            clinics.set_active(session, tenant.clinic_id, False)
+        else:
+            keys.revoke_key(session, tenant.key_id)
+    for idempotency_key in (None, again):
+        with session_scope(settings) as session, pytest.raises(Unauthorized) as refused:
+            submit(session, idempotency_key)
+        assert refused.value.code == ("clinic_inactive" if change == "deactivate" else "revoked_credentials")
+    assert _stored(settings, tenant.clinic_id) == 1
+
+
+def _stored(settings, clinic_id: uuid.UUID) -> int:  # type: ignore[no-untyped-def]
+    with session_scope(settings) as session:
+        return session.scalar(select(func.count()).select_from(Case).where(Case.clinic_id == clinic_id)) or 0
