@@ -41,7 +41,9 @@ steps, so that no row lock and no pooled connection is held while a clinic's ser
    number, records the answer (delivered, retry later, or given up), ends the lease and audits the
    attempt (``callback.deliver``: attempt number and HTTP status, never the body or the secret).
 
-Retries back off exponentially with jitter; the sweeper re-publishes rows whose message was lost.
+Retries back off exponentially with jitter; the sweeper re-publishes rows whose message was lost
+(``requeue_grace_seconds`` after the case ended or the retry came due, as it does a queued case's:
+:func:`core.recovery.republish_callbacks`).
 The signing secrets are stored sealed by envelope encryption (kind ``callback_secret``, bound to the
 clinic: :mod:`core.callback_secrets`) and are never logged. Which URLs are accepted is
 :mod:`core.callback_urls`; the signature is :mod:`core.callback_signing`.
@@ -257,29 +259,42 @@ _NOTE_FINISHED = (
 )
 
 
-def _stale(cutoff: datetime) -> tuple[ColumnElement[bool], ...]:
+def _stale(cutoff: datetime, due_by: datetime | None) -> tuple[ColumnElement[bool], ...]:
+    """Pending, not leased, untouched since ``cutoff``, and with no retry pending or its retry due
+    before ``due_by`` (``cutoff`` if None): nothing dermq wrote says its message is still on its way
+    (a retry waiting out its backoff is; its row says until when). By the sweeper's clock, as
+    ``updated_at`` is compared: hosts' clocks apart shift when a lost message is found, not whether a
+    waiting one is doubled (the broker decides that: :func:`core.recovery.republish_callbacks`)."""
     return (
         CallbackDelivery.status == CallbackStatus.PENDING.value,
         CallbackDelivery.updated_at < cutoff,
+        or_(CallbackDelivery.next_attempt_at.is_(None), CallbackDelivery.next_attempt_at < (due_by or cutoff)),
         # leases are stamped with the database's clock (core.callback_attempts.lease)
         or_(CallbackDelivery.leased_until.is_(None), CallbackDelivery.leased_until < func.now()),
     )
 
 
-def stale_deliveries(session: Session, cutoff: datetime, ids: list[uuid.UUID]) -> list[uuid.UUID]:
-    """Those of ``ids`` that are pending deliveries untouched since ``cutoff`` and not leased, locked
-    for this sweep (a worker may have leased one since they were read)."""
-    query = select(CallbackDelivery.case_id).where(*_stale(cutoff), CallbackDelivery.case_id.in_(ids))
+def stale_deliveries(
+    session: Session, cutoff: datetime, ids: list[uuid.UUID], *, due_by: datetime | None = None
+) -> list[uuid.UUID]:
+    """Those of ``ids`` that are still stale (:func:`_stale`), locked for this sweep (a worker may have
+    leased one since they were read)."""
+    query = select(CallbackDelivery.case_id).where(*_stale(cutoff, due_by), CallbackDelivery.case_id.in_(ids))
     return list(session.scalars(query.with_for_update(skip_locked=True)))
 
 
 def stale_page(
-    session: Session, cutoff: datetime, limit: int, beyond: tuple[datetime, uuid.UUID] | None = None
+    session: Session,
+    cutoff: datetime,
+    limit: int,
+    beyond: tuple[datetime, uuid.UUID] | None = None,
+    *,
+    due_by: datetime | None = None,
 ) -> list[tuple[datetime, uuid.UUID]]:
-    """A page of the pending deliveries untouched since ``cutoff`` and not leased (their message may
-    be lost), as (updated_at, case_id), oldest first, after ``beyond`` (the last of the page before).
-    Not locked: a row whose message still waits must stay free for the worker that takes it."""
-    query = select(CallbackDelivery.updated_at, CallbackDelivery.case_id).where(*_stale(cutoff))
+    """A page of the stale deliveries (:func:`_stale`: their message may be lost), as (updated_at,
+    case_id), oldest first, after ``beyond`` (the last of the page before). Not locked: a row whose
+    message still waits must stay free for the worker that takes it."""
+    query = select(CallbackDelivery.updated_at, CallbackDelivery.case_id).where(*_stale(cutoff, due_by))
     if beyond is not None:
         query = query.where(tuple_(CallbackDelivery.updated_at, CallbackDelivery.case_id) > tuple_(*beyond))
     query = query.order_by(CallbackDelivery.updated_at, CallbackDelivery.case_id).limit(limit)
@@ -298,9 +313,11 @@ def touch_deliveries(session: Session, case_ids: list[uuid.UUID]) -> None:
         session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id.in_(case_ids)).values(updated_at=now()))
 
 
-def stale_after_seconds(settings: Settings) -> float:
-    """How long a pending delivery may sit untouched before the sweeper republishes it: longer than
-    the longest backoff a retry may be waiting out, plus one request."""
+def unchecked_after_seconds(settings: Settings) -> float:
+    """How long a pending delivery sits untouched before a sweep that cannot ask the broker sends it
+    again all the same: longer than the longest backoff a retry may be waiting out, plus one request.
+    (A sweep that asks sends a stale one whose message the broker does not hold after
+    ``requeue_grace_seconds``, as it does a queued case: :func:`core.recovery.republish_callbacks`.)"""
     return 1.5 * settings.callback_backoff_max_seconds + settings.callback_timeout_seconds + 5
 
 

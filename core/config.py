@@ -199,6 +199,8 @@ class Settings(BaseSettings):
 
     # --- recovery and retention ---------------------------------------------------------------
     sweep_interval_seconds: float = Field(30.0, gt=0)
+    #: how long a queued case, or a pending callback with no retry waiting out its backoff, may be
+    #: without a message in Redis before the sweeper publishes it again (core/recovery.py)
     requeue_grace_seconds: float = Field(60.0, ge=0)
     running_grace_seconds: float = Field(30.0, ge=0)
     retention_days: int = Field(30, ge=1)

@@ -18,8 +18,9 @@ Run by Celery beat every ``sweep_interval_seconds`` (``worker.tasks.sweep``):
    above that, or live retries are sent again before their backoff ends) whose
    worker's main process was killed stays in Redis's unacknowledged hash until the visibility
    timeout (300 s), and no worker would take it before then.
-3. A completion callback still pending long after its last attempt lost its message too: it is
-   published again (see :mod:`core.callbacks`).
+3. A completion callback pending and untouched for ``requeue_grace_seconds``, with no retry waiting
+   out its backoff, whose message is in none of the broker's lists nor unacknowledged, lost its
+   message too: it is published again (:func:`republish_callbacks`).
 
 Every publish is enqueued on the sweep's Session (:mod:`core.enqueue`) and sent once the sweep has
 committed, never while its transaction still holds the rows it changed: a worker's claim must find a
@@ -247,23 +248,34 @@ def republish_callbacks(
     report: SweepReport,
     at: datetime,
 ) -> None:
-    """Enqueue again the pending callbacks nobody has touched for longer than any retry waits, unless
-    the broker still holds their message: behind a backlog of cases a callback's message waits longer
-    than that, and each sweep added a copy, whose attempts then came one after another, without the
-    backoff, once the backlog drained (a receiver down for those seconds spent every attempt)."""
-    cutoff = at - timedelta(seconds=callbacks.stale_after_seconds(settings))
+    """Enqueue again the pending callbacks whose message the broker does not hold, once they have been
+    untouched for ``requeue_grace_seconds`` (as a queued case) with no retry waiting out its backoff
+    (or due for that long): a first message lost is sent again about a minute after the case ended.
+    One whose message still waits is left alone: behind a backlog of cases a callback's message waits,
+    and each sweep added a copy, whose attempts then came one after another, without the backoff, once
+    the backlog drained (a receiver down for those seconds spent every attempt). A callback waiting its
+    turn at a clinic's receiver (:mod:`core.callback_pacing`) looks in Postgres just as a lost one does,
+    untouched and perhaps never attempted: its message, held by a worker until it looks again, is in
+    the broker's unacknowledged hash, and that is what tells them apart. Where the broker cannot be
+    asked, only those untouched for longer than any retry waits
+    (:func:`core.callbacks.unchecked_after_seconds`) are sent again, unchecked (a copy finds the row
+    leased or done, or waits for a turn beside the callback's own message until either makes the
+    attempt: the lease lets one attempt's notice out once)."""
+    cutoff, due_by = at - timedelta(seconds=settings.requeue_grace_seconds), None
     page = callbacks.stale_page(session, cutoff, BATCH)
     if not page:
         return
-    waiting: set[str] = set()
+    waiting: set[str] | None = None
     if broker is not None:
         try:
             # (on the maintenance queue: a message an earlier release sent, which a classification
             # worker passes on to the callbacks queue)
             waiting = broker_case_ids(broker, (QUEUE_CALLBACKS, QUEUE_MAINTENANCE), TASK_CALLBACK)
-        except redis.RedisError as exc:  # unknown: sent again (a copy finds the row leased or done, or
-            # waits for a turn beside the callback's own message until either makes the attempt)
+        except redis.RedisError as exc:
             log.warning("broker unreachable; callbacks republished unchecked", extra={"error": type(exc).__name__})
+    if waiting is None:  # unknown: sent again, but only past any retry's backoff, as before the grace above
+        waiting, cutoff, due_by = set(), at - timedelta(seconds=callbacks.unchecked_after_seconds(settings)), at
+        page = callbacks.stale_page(session, cutoff, BATCH, due_by=due_by)
     lost: list[uuid.UUID] = []
     # Past the ones whose message waits: callbacks waiting their turn at a clinic's slow receiver
     # (core.callback_pacing) stay untouched, their messages held by a worker, and hundreds of them
@@ -272,9 +284,9 @@ def republish_callbacks(
         lost += [case_id for _, case_id in page if str(case_id) not in waiting]
         if len(lost) >= BATCH or len(page) < BATCH:
             break
-        page = callbacks.stale_page(session, cutoff, BATCH, beyond=page[-1])
+        page = callbacks.stale_page(session, cutoff, BATCH, beyond=page[-1], due_by=due_by)
     # the same conditions again, under the lock: a worker may have leased one meanwhile
-    locked = callbacks.stale_deliveries(session, cutoff, lost[:BATCH]) if lost else []
+    locked = callbacks.stale_deliveries(session, cutoff, lost[:BATCH], due_by=due_by) if lost else []
     for case_id in locked:
         enqueue(session, publisher, callback_task(case_id), on_sent=report.callbacks_published)
     callbacks.touch_deliveries(session, locked)  # under the sweep's locks: see the module's docstring

@@ -124,7 +124,7 @@ def test_a_republished_case_or_callback_is_stamped_before_its_message_leaves(
     client.delete(*queue_lists(QUEUE_CALLBACKS))  # its callback's message lost
     lost = store_case(tenant, b"lost")
     set_state(own_database, lost, status="running", attempts=1, started_at=ago(own_database.task_time_limit + 3600))
-    stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
+    stale = datetime.now(UTC) - timedelta(seconds=own_database.requeue_grace_seconds + 1)
     with session_scope(own_database) as session:
         session.execute(
             update(CallbackDelivery).where(CallbackDelivery.case_id == callback_case).values(updated_at=stale)
@@ -295,7 +295,7 @@ def test_a_pending_callback_whose_message_was_lost_is_published_again(
     client.delete(*queue_lists(QUEUE_CALLBACKS))  # ...and lost
     report = sweep(sweeping)
     assert str(case_id) not in report.callbacks_republished  # fresh: its own message may still come
-    stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
+    stale = datetime.now(UTC) - timedelta(seconds=own_database.requeue_grace_seconds + 1)
     with session_scope(own_database) as session:
         session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(updated_at=stale))
     report = sweep(sweeping)
@@ -316,7 +316,7 @@ def test_a_callback_whose_message_still_waits_is_not_sent_again(
     the backoff (a receiver down for those seconds spent every attempt)."""
     _, publisher, client = sweeping
     case_id = finished_with_callback(own_database, keyring, tenant, store_case, publisher)
-    stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(own_database) + 1)
+    stale = datetime.now(UTC) - timedelta(seconds=own_database.requeue_grace_seconds + 1)
     with session_scope(own_database) as session:  # its message still waits behind a backlog
         session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(updated_at=stale))
     assert str(case_id) not in sweep(sweeping).callbacks_republished

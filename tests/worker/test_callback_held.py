@@ -57,7 +57,7 @@ def stack(own_database: Settings, private_broker, stack_env: dict[str, str], sta
         worker.stop()
 
 
-def _pending_with_lost_message(config: Settings, keyring, tenant: Tenant, store_case, url: str) -> uuid.UUID:  # type: ignore[no-untyped-def]
+def pending_with_lost_message(config: Settings, keyring, tenant: Tenant, store_case, url: str) -> uuid.UUID:  # type: ignore[no-untyped-def]
     """A failed case of a clinic whose callback is ``url``: its delivery pending, its message lost (sent
     to a database of the broker that no worker reads)."""
     nowhere = make_publisher(config.model_copy(update={"redis_url": config.redis_url.rsplit("/", 1)[0] + "/1"}))
@@ -96,8 +96,8 @@ def test_a_callback_whose_row_stays_held_stops_looking_and_is_swept_once_the_row
     support.wait_for(lambda: series in worker.metrics(), timeout=30, what="the worker's callback metrics")
     server = Receiver([])
     try:
-        case_id = _pending_with_lost_message(config, keyring, tenant, store_case, server.url)
-        stale = datetime.now(UTC) - timedelta(seconds=callbacks.stale_after_seconds(config) + 60)
+        case_id = pending_with_lost_message(config, keyring, tenant, store_case, server.url)
+        stale = datetime.now(UTC) - timedelta(seconds=config.requeue_grace_seconds + 60)
         with session_scope(config) as session:  # untouched for long: the sweeper's once its message is gone
             session.execute(
                 update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(updated_at=stale)
