@@ -74,3 +74,6 @@ class ModelInfo:
     manifest: dict[str, Any] = field(default_factory=dict)
     backend: str = "torch"  # torch | onnx | onnx-int8
     artefact_sha256: str = ""  # digest of the file that computes the answers (weights or ONNX graph)
+    #: digest of the manifest bytes ``manifest`` was parsed from: what a pin is checked against
+    #: (:func:`ml.registry.check_pinned`), never a second read of a file that may have changed since
+    manifest_sha256: str = ""

@@ -322,7 +322,7 @@ def classifier_weight(entry: Path, manifest: dict[str, Any], key: str) -> np.nda
     """(C, K) float32 classifier weight ``key`` from the entry's verified safetensors weights."""
     from safetensors.numpy import load as load_numpy
 
-    data = registry.read_verified(entry, "weights")
+    data = registry.read_verified(entry, "weights", manifest=manifest)
     try:
         tensors = load_numpy(data)
     except Exception as exc:
@@ -351,7 +351,7 @@ def load_onnx(entry: Path, manifest: dict[str, Any], name: str, *, threads: int 
         )
     if not record.get("classifier"):
         raise registry.RegistryError(f"{entry.name}: the {artefact} record names no classifier for the heat map")
-    data = registry.read_verified(entry, artefact)
+    data = registry.read_verified(entry, artefact, manifest=manifest)
     weight = classifier_weight(entry, manifest, record["classifier"])
     try:
         return OnnxBackend.from_bytes(data, weight, name=name, threads=threads)

@@ -106,9 +106,10 @@ class Predictor:
         ONNX Runtime runs on the CPU with ``threads`` intra-op threads. Raises
         :class:`ml.registry.IntegrityError` for a tampered file and :class:`ml.registry.RegistryError`
         for anything else wrong with the entry (an ONNX backend it was not exported for, included).
+        ``info.manifest_sha256`` is the SHA-256 of the manifest bytes parsed: what a pin is checked against.
         """
         entry = registry.resolve(path)
-        manifest = registry.read_manifest(entry)
+        manifest, digest = registry.load_manifest(entry)  # one read: every file is checked against it
         if tuple(manifest.get("classes", ())) != CLASSES:
             raise registry.RegistryError(
                 f"{entry.name}: class order {manifest.get('classes')} differs from dermq's {list(CLASSES)}"
@@ -118,9 +119,11 @@ class Predictor:
         # ONNX Runtime serves on the CPU: "auto" means the CPU there (and CUDA is never touched for it)
         target = torch.device("cpu") if backend in backends.ONNX_FILES and device == "auto" else resolve_device(device)
         try:  # a field the entry lacks or mistypes is the entry's fault, told as such (not a KeyError)
-            return cls._load_entry(entry, manifest, backend, target, threads, **kwargs)
+            predictor = cls._load_entry(entry, manifest, backend, target, threads, **kwargs)
         except (KeyError, TypeError, AttributeError) as exc:  # AttributeError: a list where an object belongs
             raise registry.RegistryError(f"{entry.name}: the manifest lacks or mistypes {exc}") from exc
+        predictor.info.manifest_sha256 = digest
+        return predictor
 
     @classmethod
     def _load_entry(
@@ -174,7 +177,7 @@ class Predictor:
         from safetensors.numpy import load as load_numpy
 
         try:
-            arrays = load_numpy(registry.read_verified(entry, "ood"))
+            arrays = load_numpy(registry.read_verified(entry, "ood", manifest=manifest))
             return ood.OODGate.from_arrays(
                 arrays, ood.checked_thresholds(section["thresholds"]), section.get("pixel_stride", 1)
             )
@@ -183,7 +186,7 @@ class Predictor:
 
     @staticmethod
     def _load_torch(entry: Path, manifest: dict[str, Any]) -> nn.Module:
-        data = registry.read_verified(entry, "weights")
+        data = registry.read_verified(entry, "weights", manifest=manifest)
         try:
             state = load_safetensors(data)
         except Exception as exc:

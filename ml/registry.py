@@ -9,9 +9,10 @@ regular file (:func:`read_file`): a name leading to a pipe or a device is refuse
 model files are never pickles.
 
 Not recorded in the entry: the manifest itself (the root the digests hang from). A deployment pins
-it (``DERMQ_MODEL_SHA256``: :func:`check_pinned`, the manifest's own SHA-256), and a worker checks
-what the model answers once it is loaded (:func:`ml.entry.check_known_answer`). Not checked: the model card,
-its plots, ``report.md`` and ``metrics.json``. Those are documents, except for one figure:
+it (``DERMQ_MODEL_SHA256``: :func:`check_pinned`, the manifest's own SHA-256, taken of the very
+bytes a load parsed: :func:`load_manifest`), and a worker checks what the model answers once it is
+loaded (:func:`ml.entry.check_known_answer`). Not checked: the model card, its plots, ``report.md``
+and ``metrics.json``. Those are documents, except for one figure:
 :func:`mel_sensitivity_floor` reads the field alert's melanoma-sensitivity floor from
 ``metrics.json`` unchecked, so an edited file moves that alert's threshold (never an answer). The
 manifest's ``metrics.test.assessment`` holds the same figure (v3's and v4's do; v1's has none).
@@ -104,22 +105,35 @@ def _manifest_bytes(folder: Path) -> bytes:
         raise RegistryError(f"{folder / MANIFEST} cannot be read ({type(exc).__name__})") from None
 
 
-def read_manifest(entry: str | Path) -> dict[str, Any]:
+def load_manifest(entry: str | Path) -> tuple[dict[str, Any], str]:
+    """The entry's manifest and the SHA-256 of the very bytes it was parsed from (one read of the file).
+
+    What a model is loaded by: the pin is checked against this digest (:func:`check_pinned`'s
+    ``actual``), and the files against this manifest (:func:`read_verified`'s ``manifest``), so a
+    manifest replaced on disk after the pin check, or in the middle of a load, is never the one served."""
     folder = resolve(entry)
     path = folder / MANIFEST
+    data = _manifest_bytes(folder)
     try:
-        manifest = json.loads(_manifest_bytes(folder))
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RegistryError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
         raise RegistryError(f"{path} is not a dermq manifest (schema_version {SCHEMA_VERSION})")
-    return manifest
+    return manifest, sha256_bytes(data)
 
 
-def read_verified(entry: str | Path, artefact: str) -> bytes:
-    """The bytes of ``artefact`` (a key of the manifest's ``files``) after checking their SHA-256."""
+def read_manifest(entry: str | Path) -> dict[str, Any]:
+    return load_manifest(entry)[0]
+
+
+def read_verified(entry: str | Path, artefact: str, *, manifest: dict[str, Any] | None = None) -> bytes:
+    """The bytes of ``artefact`` (a key of the manifest's ``files``) after checking their SHA-256
+    against ``manifest`` (default: the entry's manifest, read now). A load passes the manifest it
+    parsed: reading the file again could check the artefact against another manifest than the one served."""
     folder = resolve(entry)
-    manifest = read_manifest(folder)
+    if manifest is None:
+        manifest = read_manifest(folder)
     files = manifest.get("files", {})
     if not isinstance(files, dict) or artefact not in files:
         raise RegistryError(f"{folder.name}: the manifest lists no {artefact!r} file")
@@ -150,13 +164,18 @@ def manifest_sha256(entry: str | Path) -> str:
     return sha256_bytes(_manifest_bytes(resolve(entry)))
 
 
-def check_pinned(entry: str | Path, pinned: str) -> None:
+def check_pinned(entry: str | Path, pinned: str, *, actual: str | None = None) -> None:
     """:class:`IntegrityError` unless the entry's manifest is the one pinned (its SHA-256). The file
     digests hang from the manifest, and the decision rule (calibration, the referral and uncertainty
     thresholds, the gate's) is written in it: an edit that keeps the verification image's answer, which
-    the known-answer check cannot see, changes the pinned digest."""
+    the known-answer check cannot see, changes the pinned digest.
+
+    ``actual``: the digest of the manifest bytes a predictor was loaded from
+    (:attr:`ml.answers.ModelInfo.manifest_sha256`, from :func:`load_manifest`); without it, the file
+    is read and hashed now, which says nothing about a manifest parsed before or after."""
     folder = resolve(entry)
-    actual = manifest_sha256(folder)
+    if actual is None:
+        actual = manifest_sha256(folder)
     if actual != pinned:
         raise IntegrityError(
             f"{folder.name}/{MANIFEST} is not the pinned one: SHA-256 {actual[:16]}... where the deployment "

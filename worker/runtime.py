@@ -168,14 +168,17 @@ def warm_batch_shapes(settings: Settings, predictor: Predictor) -> None:
         log.warning("out of GPU memory warming the batch shapes", extra={"event": "warm_up_out_of_memory"})
 
 
-def check_model_pin(settings: Settings) -> None:
+def check_model_pin(settings: Settings, manifest_sha256: str | None = None) -> None:
     """The configured entry's manifest is the one ``DERMQ_MODEL_SHA256`` pins, else
     :class:`~ml.registry.RegistryError`; in production a pin is required (a manifest edit that keeps the
-    verification image's answer, such as a referral threshold, changes what is served unseen)."""
+    verification image's answer, such as a referral threshold, changes what is served unseen).
+
+    ``manifest_sha256``: the digest of the manifest a predictor parsed (``predictor.info.manifest_sha256``),
+    which decides whether it may serve; without it, the file as it is now (a worker's start)."""
     from ml import registry
 
     if settings.model_sha256:
-        registry.check_pinned(settings.model, settings.model_sha256)
+        registry.check_pinned(settings.model, settings.model_sha256, actual=manifest_sha256)
     elif settings.environment == "production":
         raise registry.RegistryError(
             f"production serves a pinned model: set DERMQ_MODEL_SHA256 to the SHA-256 of {settings.model}'s "
@@ -195,6 +198,8 @@ def _loaded_and_warm(settings: Settings, device: str, threads: int) -> Predictor
         threads=threads,
         overlay_max_side=settings.overlay_max_side,
     )
+    # and the manifest it was loaded from is that one: the file may have been replaced since the check above
+    check_model_pin(settings, predictor.info.manifest_sha256)
     # before it serves: the answer its entry recorded (an entry without one is refused in production)
     check_known_answer(settings.model, predictor, required=settings.environment == "production")
     predictor.warm_up(rounds=1)

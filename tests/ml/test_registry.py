@@ -191,3 +191,44 @@ def test_a_pinned_manifest_passes_and_one_edited_to_keep_the_known_answer_does_n
     with pytest.raises(registry.IntegrityError, match="not the pinned one"):
         registry.check_pinned(tiny_entry, pinned)
     registry.check_pinned(tiny_entry, registry.manifest_sha256(tiny_entry))  # pinned anew, after a review
+
+
+def test_a_loaded_predictor_carries_the_digest_of_the_manifest_bytes_it_parsed(tiny_entry: Path) -> None:
+    # The pin was checked against the file and the file read again to load: a manifest replaced in
+    # between was served. A load hashes the bytes it parses, and the pin is checked against that digest.
+    pinned = registry.manifest_sha256(tiny_entry)
+    loaded = Predictor.load(tiny_entry, device="cpu")
+    assert loaded.info.manifest_sha256 == pinned
+    manifest = registry.read_manifest(tiny_entry)
+    manifest["decision"]["referral_threshold"] = 0.9
+    (tiny_entry / registry.MANIFEST).write_text(json.dumps(manifest))  # replaced after the load
+    registry.check_pinned(tiny_entry, pinned, actual=loaded.info.manifest_sha256)  # what was loaded is pinned
+    edited = Predictor.load(tiny_entry, device="cpu")
+    assert edited.info.manifest_sha256 == registry.sha256_bytes((tiny_entry / registry.MANIFEST).read_bytes())
+    with pytest.raises(registry.IntegrityError, match="not the pinned one"):
+        registry.check_pinned(tiny_entry, pinned, actual=edited.info.manifest_sha256)
+
+
+def test_a_load_checks_every_file_against_the_manifest_it_parsed_not_a_later_one(
+    tiny_entry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Other weights, and a manifest recording them, put in place once the load has parsed the (pinned)
+    # manifest: the weights were checked against the new manifest, read again, and served under the old one.
+    weights = tiny_entry / registry.WEIGHTS
+    swapped = tiny_entry.parent / "swapped"
+    shutil.copytree(tiny_entry, swapped)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (swapped / registry.WEIGHTS).write_bytes(bytes(data))
+    registry.record_file(swapped, "weights", registry.WEIGHTS)  # a consistent entry, just not the pinned one
+    parse = registry.load_manifest
+
+    def parse_then_swap(entry: str | Path) -> tuple[dict[str, object], str]:
+        parsed = parse(entry)
+        for name in (registry.WEIGHTS, registry.MANIFEST):
+            shutil.copy(swapped / name, tiny_entry / name)
+        return parsed
+
+    monkeypatch.setattr(registry, "load_manifest", parse_then_swap)
+    with pytest.raises(registry.IntegrityError, match="integrity check"):
+        Predictor.load(tiny_entry, device="cpu")

@@ -70,3 +70,24 @@ def test_a_child_loading_an_entry_edited_after_its_worker_started_fails_its_load
     edited = pinned.model_copy(update={"model": str(_fewer_referrals(settings, tmp_path))})
     with pytest.raises(runtime.ModelUnavailable):
         runtime.load_predictor(edited, "cpu")
+
+
+def test_a_manifest_replaced_after_the_pin_check_is_not_served(settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The pin was checked against the file, then the load read the file again: a manifest replaced in
+    # between (here: a referral threshold raised, the known answer unchanged) was served under the pin.
+    from ml.predictor import Predictor
+    from worker import runtime
+
+    entry = tmp_path / "entry"
+    shutil.copytree(registry.resolve(settings.model), entry)
+    pinned = settings.model_copy(update={"model": str(entry), "model_sha256": registry.manifest_sha256(entry)})
+    replacement = (_fewer_referrals(settings, tmp_path) / registry.MANIFEST).read_bytes()
+    load = Predictor.load
+
+    def replaced_then_loaded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        (entry / registry.MANIFEST).write_bytes(replacement)  # after check_model_pin, before the load reads it
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "load", replaced_then_loaded)
+    with pytest.raises(runtime.ModelUnavailable):
+        runtime.load_predictor(pinned, "cpu")
