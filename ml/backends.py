@@ -236,11 +236,20 @@ class OnnxBackend:
 
     @classmethod
     def from_bytes(
-        cls, model: bytes, cam_weight: np.ndarray, *, name: str = "onnx", threads: int = DEFAULT_THREADS
+        cls,
+        model: bytes,
+        cam_weight: np.ndarray,
+        *,
+        name: str = "onnx",
+        threads: int = DEFAULT_THREADS,
+        input_size: tuple[int, int] | None = None,
     ) -> OnnxBackend:
-        """A session over ``model`` (the ONNX file's verified bytes, never a path)."""
+        """A session over ``model`` (the ONNX file's verified bytes, never a path); ``input_size``:
+        the (height, width) the predictor feeds it (:func:`check_input_size`)."""
         session = create_session(model, threads)
         check_graph(session, cam_weight)
+        if input_size is not None:
+            check_input_size(session, input_size)
         return cls(session, cam_weight, name=name)
 
     def output_names(self, *, features: bool = False, pooled: bool = False) -> list[str]:
@@ -318,6 +327,21 @@ def check_graph(session: Any, cam_weight: np.ndarray) -> None:
         )
 
 
+def check_input_size(session: Any, input_size: tuple[int, int]) -> None:
+    """Refuse a graph whose declared input is not (N, 3, H, W) at the manifest's ``input_size``
+    (height, width): every image is resized to that size, so such a graph refuses every case (or, where
+    its sizes are free, computes on an input it was not exported for). A named (free) size is let through."""
+    shape = list(session.get_inputs()[0].shape)
+    fixed = [(got, want) for got, want in zip(shape[1:], [3, *input_size], strict=False) if isinstance(got, int)]
+    if len(shape) != 4 or any(got != want for got, want in fixed):
+        height, width = input_size
+        raise registry.RegistryError(
+            f"the ONNX graph's input is {shape}, but the manifest's preprocessing feeds it (N, 3, {height}, "
+            f"{width}): it was exported for another input size, or the manifest's input_size was edited. "
+            "Restore the entry, or re-export the graph with python -m ml.export"
+        )
+
+
 def classifier_weight(entry: Path, manifest: dict[str, Any], key: str) -> np.ndarray:
     """(C, K) float32 classifier weight ``key`` from the entry's verified safetensors weights."""
     from safetensors.numpy import load as load_numpy
@@ -332,12 +356,20 @@ def classifier_weight(entry: Path, manifest: dict[str, Any], key: str) -> np.nda
     return tensors[key].astype(np.float32)
 
 
-def load_onnx(entry: Path, manifest: dict[str, Any], name: str, *, threads: int = DEFAULT_THREADS) -> OnnxBackend:
-    """The ONNX backend ``name`` of a registry entry, from SHA-256-verified bytes.
+def load_onnx(
+    entry: Path,
+    manifest: dict[str, Any],
+    name: str,
+    *,
+    input_size: tuple[int, int],
+    threads: int = DEFAULT_THREADS,
+) -> OnnxBackend:
+    """The ONNX backend ``name`` of a registry entry, from SHA-256-verified bytes; ``input_size``: the
+    (height, width) of the manifest's preprocessing, which the graph's declared input must match.
 
     Raises :class:`ml.registry.IntegrityError` for a tampered file, and
-    :class:`ml.registry.RegistryError` when the entry has no such file or it was exported from other
-    weights than the entry's (re-run ``python -m ml.export``).
+    :class:`ml.registry.RegistryError` when the entry has no such file, it was exported from other
+    weights than the entry's or for another input size (re-run ``python -m ml.export``).
     """
     artefact, filename = ONNX_FILES[name]
     files = manifest.get("files", {})
@@ -354,7 +386,7 @@ def load_onnx(entry: Path, manifest: dict[str, Any], name: str, *, threads: int 
     data = registry.read_verified(entry, artefact, manifest=manifest)
     weight = classifier_weight(entry, manifest, record["classifier"])
     try:
-        return OnnxBackend.from_bytes(data, weight, name=name, threads=threads)
+        return OnnxBackend.from_bytes(data, weight, name=name, threads=threads, input_size=input_size)
     except registry.RegistryError as exc:
         raise registry.RegistryError(f"{entry.name}/{record['path']}: {exc}") from None
     except Exception as exc:  # onnxruntime's own errors: a file that passed its digest but does not load

@@ -129,6 +129,13 @@ class Predictor:
     def _load_entry(
         cls, entry: Path, manifest: dict[str, Any], backend: str, target: torch.device, threads: int, **kwargs: Any
     ) -> Predictor:
+        try:  # first: an ONNX graph is checked against the input size
+            prep = models.Preprocessing.from_dict(manifest["preprocessing"])
+            if prep.interpolation not in preprocess.INTERPOLATIONS:
+                raise ValueError(f"unknown interpolation {prep.interpolation!r}")
+            policy = DecisionPolicy.from_dict(manifest["decision"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise registry.RegistryError(f"{entry.name}: the manifest's preprocessing or decision: {exc}") from exc
         chosen = backend_choice.choose(manifest, backend, target)
         engine: nn.Module | Backend
         if chosen == "torch":
@@ -137,7 +144,7 @@ class Predictor:
         else:
             if target.type != "cpu":
                 raise ValueError(f"the {chosen} backend runs on the CPU, not {target}; use backend='torch' there")
-            engine = backends.load_onnx(entry, manifest, chosen, threads=threads)
+            engine = backends.load_onnx(entry, manifest, chosen, input_size=prep.input_size, threads=threads)
             served = manifest["files"][backends.ONNX_FILES[chosen][0]]["sha256"]
         info = ModelInfo(
             model_id=manifest["model_id"],
@@ -148,13 +155,6 @@ class Predictor:
             backend=chosen,
             artefact_sha256=served,
         )
-        try:
-            prep = models.Preprocessing.from_dict(manifest["preprocessing"])
-            if prep.interpolation not in preprocess.INTERPOLATIONS:
-                raise ValueError(f"unknown interpolation {prep.interpolation!r}")
-            policy = DecisionPolicy.from_dict(manifest["decision"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise registry.RegistryError(f"{entry.name}: the manifest's preprocessing or decision: {exc}") from exc
         if manifest.get("tta", "none") not in TTA_MODES:
             raise registry.RegistryError(f"{entry.name}: unknown test-time augmentation {manifest['tta']!r}")
         return cls(
