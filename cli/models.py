@@ -40,7 +40,27 @@ def _field(manifest: dict[str, Any], *keys: str) -> Any:
     return value
 
 
-def _rows(active: Any) -> list[dict[str, Any]]:
+def _serving_device(settings: Any) -> str:
+    """``cuda`` or ``cpu``: what a worker on this host with these settings serves on, read as the
+    worker reads it before its fork (DERMQ_DEVICE, or for ``auto`` the driver's device nodes), without torch."""
+    from worker.runtime import cuda_device_present
+
+    return "cuda" if cuda_device_present(settings) else "cpu"
+
+
+def _auto_backend(manifest: dict[str, Any], device: str) -> str | None:
+    """The backend ``auto`` serves the entry with on ``device`` (:func:`ml.backend_choice.choose`: the
+    manifest's default only where its int8 figures hold for this CPU and graph); None for a manifest
+    too malformed to tell, which ``dermq model verify`` fails."""
+    from ml import backend_choice
+
+    try:
+        return backend_choice.choose(manifest, "auto", device)
+    except (AttributeError, TypeError):  # a list or a string where an object belongs
+        return None
+
+
+def _rows(active: Any, device: str) -> list[dict[str, Any]]:
     from ml import registry
 
     rows = []
@@ -55,7 +75,9 @@ def _rows(active: Any) -> list[dict[str, Any]]:
                     "created_at": manifest.get("created_at"),
                     "weights_sha256": _field(manifest, "files", "weights", "sha256"),
                     "balanced_accuracy": _field(manifest, "metrics", "test", "balanced_accuracy"),
-                    "default_backend": _field(manifest, "serving", "default_backend") or "torch",
+                    # what DERMQ_BACKEND=auto serves on this host, and what the manifest asks for
+                    "default_backend": _auto_backend(manifest, device),
+                    "manifest_default_backend": _field(manifest, "serving", "default_backend"),
                 }
             )
         rows.append(row)
@@ -67,7 +89,7 @@ def _rows(active: Any) -> list[dict[str, Any]]:
 def list_models(as_json: bool) -> int:
     settings = get_settings()
     active = _active_entry(settings.model)
-    rows = _rows(active)
+    rows = _rows(active, _serving_device(settings))
     if as_json:
         click.echo(json.dumps(rows))
         return 0

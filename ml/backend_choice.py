@@ -4,17 +4,23 @@
 the manifest's ``serving.default_backend`` says so, its figures were measured on this CPU's class of
 int8 kernels, :func:`int8_kernel`, and on the int8 graph the entry now has), and torch on CUDA or when
 it has none.
+
+This module needs no torch (``dermq model list`` reports its choice from the API's image, which has none).
 """
 
 from __future__ import annotations
 
 import functools
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ml.backends import BACKENDS, ONNX_FILES
+#: the backends of :mod:`ml.backends`
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+#: backend name -> (manifest artefact, file name)
+ONNX_FILES = {"onnx": ("onnx_fp32", "model.onnx"), "onnx-int8": ("onnx_int8", "model.int8.onnx")}
 
 
 def onnx_available(manifest: dict[str, Any], name: str) -> bool:
@@ -64,8 +70,9 @@ def int8_graph_measured(manifest: dict[str, Any]) -> bool:
     return measured is not None and measured == record.get("sha256")
 
 
-def choose(manifest: dict[str, Any], backend: str, device: torch.device) -> str:
-    """The backend ``backend`` resolves to for an entry with ``manifest`` on ``device``.
+def choose(manifest: dict[str, Any], backend: str, device: torch.device | str) -> str:
+    """The backend ``backend`` resolves to for an entry with ``manifest`` on ``device`` (``cpu``,
+    ``cuda``, ``cuda:1`` or a :class:`torch.device`).
 
     ``auto`` serves int8 only where the manifest chose it *and* measured it, on this CPU's class of
     int8 kernels and on the int8 graph the entry has; elsewhere fp32 ONNX, since the figures that
@@ -74,7 +81,7 @@ def choose(manifest: dict[str, Any], backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    if device.type != "cpu":
+    if str(device).partition(":")[0] != "cpu":
         return "torch"
     preferred = manifest.get("serving", {}).get("default_backend", "onnx")
     if preferred == "onnx-int8" and not (int8_measured_here(manifest) and int8_graph_measured(manifest)):

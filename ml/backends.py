@@ -40,11 +40,10 @@ import torch
 from torch import nn
 
 from ml import ood, registry
+from ml.backend_choice import BACKENDS as BACKENDS  # the names, where choosing one needs no torch
+from ml.backend_choice import ONNX_FILES as ONNX_FILES
 from ml.gradcam import GradCAM, linear_gap_head
 
-BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
-#: backend name -> (manifest artefact, file name)
-ONNX_FILES = {"onnx": ("onnx_fp32", "model.onnx"), "onnx-int8": ("onnx_int8", "model.int8.onnx")}
 INPUT = "input"  # (N, 3, H, W) float32, normalised
 OUTPUTS = ("logits", "features")  # (N, C) and (N, K, h, w)
 #: the optional third output of a graph: (N, K) float32, the classifier's input (the map's average)

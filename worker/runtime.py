@@ -299,7 +299,7 @@ def load_predictor(settings: Settings, device: str) -> Predictor:
     return predictor
 
 
-def _cuda_device_present(settings: Settings) -> bool:
+def cuda_device_present(settings: Settings) -> bool:
     """Whether this worker will run on CUDA, decided without initialising CUDA (the prefork parent
     must not: CUDA is not fork-safe) -- by the setting, or for ``auto`` by the driver's device nodes."""
     if settings.device.startswith("cuda"):
@@ -314,7 +314,7 @@ def worker_concurrency(settings: Settings) -> int:
     affinity, capped by a container's CPU limit) on the CPU, and one on CUDA."""
     if settings.worker_concurrency:
         return settings.worker_concurrency
-    return 1 if _cuda_device_present(settings) else usable_cpus()
+    return 1 if cuda_device_present(settings) else usable_cpus()
 
 
 def threads_per_child(settings: Settings) -> int:

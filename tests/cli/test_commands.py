@@ -170,6 +170,39 @@ def test_a_malformed_manifest_is_a_failed_check_of_its_entry_not_a_traceback(tmp
     assert "MODEL FAILED VERIFICATION" in verified.stdout
 
 
+def test_model_list_reports_the_backend_auto_serves_on_this_host_without_torch(tmp_path: Path) -> None:
+    """`model list --json` gave the manifest's serving.default_backend as the entry's default, which is not
+    what auto serves where the int8 figures were measured on another class of CPU, nor on a GPU."""
+    from ml import backend_choice, registry
+
+    graphs = {"onnx_fp32": {"path": "model.onnx", "sha256": "a" * 64}, "onnx_int8": {"path": "m", "sha256": "b" * 64}}
+    for name, kernel in (("int8-elsewhere", "another-cpu"), ("int8-here", backend_choice.int8_kernel())):
+        (tmp_path / name).mkdir()
+        serving = {"default_backend": "onnx-int8", "int8_kernel": kernel, "onnx_int8_sha256": "b" * 64}
+        manifest = {"schema_version": registry.SCHEMA_VERSION, "files": graphs, "serving": serving}
+        registry.write_json_atomic(tmp_path / name / registry.MANIFEST, manifest)
+    listing = (
+        "import sys; sys.modules['torch'] = None; from pathlib import Path; from ml import registry; import cli.main; "
+        "registry.REGISTRY_DIR = Path(sys.argv[1]); sys.exit(cli.main.main(['model', 'list', '--json']))"
+    )
+    served = {}
+    for device in ("cpu", "cuda"):
+        listed = subprocess.run(
+            [sys.executable, "-c", listing, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            cwd=support.ROOT,
+            timeout=120,
+            env={**os.environ, "DERMQ_DEVICE": device},
+        )
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+        rows = json.loads(listed.stdout)
+        assert {row["manifest_default_backend"] for row in rows} == {"onnx-int8"}
+        served[device] = {row["id"]: row["default_backend"] for row in rows}
+    assert served["cpu"] == {"int8-elsewhere": "onnx", "int8-here": "onnx-int8"}
+    assert served["cuda"] == {"int8-elsewhere": "torch", "int8-here": "torch"}
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

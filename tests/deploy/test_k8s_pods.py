@@ -79,7 +79,7 @@ def test_worker_children_times_their_threads_fit_the_cpu_limit(monkeypatch: pyte
             **{name: env[f"DERMQ_{name.upper()}"] for name in fields if f"DERMQ_{name.upper()}" in env},
         )
         gpu = "nvidia.com/gpu" in container["resources"]["limits"]
-        monkeypatch.setattr(runtime, "_cuda_device_present", lambda _settings, gpu=gpu: gpu)
+        monkeypatch.setattr(runtime, "cuda_device_present", lambda _settings, gpu=gpu: gpu)
         children = runtime.worker_concurrency(settings)
         threads = runtime.threads_per_child(settings)
         limit = _cpus(container["resources"]["limits"]["cpu"])
