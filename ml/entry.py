@@ -150,7 +150,7 @@ def verify_entry(entry: str | Path) -> list[tuple[str, bool, str]]:
         except (KeyError, TypeError, AttributeError) as exc:
             detail = f"the manifest's verification record is malformed ({type(exc).__name__}: {exc})"
             checks.append((f"known answer{suffix}", False, detail))
-        except Exception as exc:  # the model fails on the image (a graph whose input is not the manifest's size)
+        except Exception as exc:  # the model fails on the image (an engine error the load did not foresee)
             checks.append((f"known answer{suffix}", False, " ".join(f"{type(exc).__name__}: {exc}".split())))
     return checks
 
