@@ -18,7 +18,7 @@ from worker import runtime
 class StandIn:
     def __init__(self, device: str, *, shapes_oom: bool = False) -> None:
         self.device = torch.device(device)
-        self.info = SimpleNamespace(model_id="stand-in", manifest={})  # (no known answer recorded)
+        self.info = SimpleNamespace(model_id="stand-in", manifest={}, manifest_sha256="")  # (no known answer recorded)
         self.shapes_oom = shapes_oom
         self.warm_ups: list[tuple[int, list[int]]] = []
 
