@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import click
+from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from cli.api_keys import key
@@ -51,6 +52,18 @@ _WORKER_ONLY = frozenset(
 )
 
 
+def settings_problem(exc: ValidationError) -> str:
+    """Pydantic's report of refused settings as one line: each setting by its variable's name and why,
+    without pydantic's layout and links (the values are not in it: Settings hides them, one may be a secret)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        message = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
+        location = error.get("loc") or ()
+        name = f"DERMQ_{str(location[0]).upper()}" if location else ""
+        problems.append(f"{name}: {message}" if name and name not in message else message)
+    return f"invalid {'settings' if exc.title == 'Settings' else exc.title}: {'; '.join(problems)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``dermq`` on argv (default: the process's arguments) and return its exit code."""
     try:
@@ -67,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyNotHeld as exc:  # a key the data need is missing from the key file (`dermq keys status`)
         click.echo(f"error: {exc}; see `dermq keys status`", err=True)
         return 1
+    except ValidationError as exc:  # invalid settings (a ValueError, whose str() is pydantic's several lines)
+        click.echo(f"error: {settings_problem(exc)}", err=True)
+        return BAD_INPUT
     except (KeyringError, ValueError) as exc:  # a bad key file; invalid settings (pydantic's errors)
         click.echo(f"error: {exc}", err=True)
         return BAD_INPUT

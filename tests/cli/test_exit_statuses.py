@@ -45,6 +45,21 @@ def test_a_key_file_whose_folder_is_missing_exits_2_naming_it(settings, tmp_path
     assert str(missing.parent) in result.stderr
 
 
+def test_a_refused_setting_is_one_error_line_naming_it(settings) -> None:  # type: ignore[no-untyped-def]
+    # pydantic's own report is several lines with a link to its documentation
+    for variable, value in [
+        ("DERMQ_API_PORT", "eighty"),
+        ("DERMQ_DATABASE_URL", "mysql://dermq:hunter2-secret@db.example/dermq"),
+        ("DERMQ_DATABASE_URL", "postgresql://dermq:hunter2-secret@db.example/dermq"),  # no TLS over a network
+    ]:
+        result = run(settings, "clinic", "list", DERMQ_ENVIRONMENT="production", **{variable: value})
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: invalid settings: ") and len(result.stderr.splitlines()) == 1, (
+            result.stderr
+        )
+        assert variable in result.stderr and "hunter2" not in result.stderr and "pydantic" not in result.stderr
+
+
 def test_a_database_that_cannot_be_reached_is_one_error_line(settings) -> None:  # type: ignore[no-untyped-def]
     nobody = f"postgresql://dermq@127.0.0.1:{support.free_port()}/dermq"  # as psql writes it: no driver named
     result = run(settings, "clinic", "list", DERMQ_DATABASE_URL=nobody)
