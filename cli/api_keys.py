@@ -41,10 +41,8 @@ def create(clinic: str | None, role: str, label: str, as_json: bool) -> int:
         click.echo(json.dumps({"key": token, "id": key_id, "role": chosen.value}))
     else:
         click.echo(token)
-        click.echo(
-            f"(id {key_id}, role {chosen.value}; the key is shown only now: store it in the portal's secrets)",
-            err=True,
-        )
+        keeper = "the portal's secrets" if chosen is Role.CLINIC else f"the {chosen.value}'s secret store"
+        click.echo(f"(id {key_id}, role {chosen.value}; the key is shown only now: store it in {keeper})", err=True)
     return 0
 
 

@@ -263,6 +263,7 @@ def test_clinic_and_key_json_shapes_and_the_cli_actor(settings, keyring) -> None
     plain = run(settings, "key", "create", "--role", "auditor")
     assert plain.returncode == 0 and TOKEN_RE.match(plain.stdout.strip()) and len(plain.stdout.splitlines()) == 1
     assert "role auditor" in plain.stderr and plain.stdout.strip() not in plain.stderr
+    assert "the auditor's secret store" in plain.stderr and "portal" not in plain.stderr  # no portal uses it
 
     clinics = json.loads(run(settings, "clinic", "list", "--json").stdout)
     assert {"id": clinic["id"], "name": name, "active": True} in [
