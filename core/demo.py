@@ -68,5 +68,6 @@ def instructions(settings: Settings, demo: DemoKey, *, clinic_name: str, key_fil
         "submit an image and poll for the result:",
         f"  curl -s {auth} -F image=@{shlex.quote(str(DEMO_IMAGE))} {base}/v1/cases",
         f"  curl -s {auth} {base}/v1/cases/<id>",
-        f"or paste the key into the clinic portal: {base}/portal/ (auditors: {base}/audit/)",
+        f"or paste the key into the clinic portal: {base}/portal/",
+        f"the auditor console {base}/audit/ takes an auditor key instead: .venv/bin/dermq key create --role auditor",
     ]

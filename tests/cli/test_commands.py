@@ -305,6 +305,8 @@ def test_demo_creates_the_clinic_key_once_and_points_at_its_own_image(settings, 
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert first.stdout.startswith(f"created demo clinic '{clinic}' key (kept in {key_file}):")
     assert f"  {token}\n" in first.stdout and f"-F image=@{DEMO_IMAGE} " in first.stdout
+    # the console refuses this clinic key (403): the line naming it says which key it takes
+    assert "/audit/ takes an auditor key instead: .venv/bin/dermq key create --role auditor" in first.stdout
     # The image ships with the package (core/demo_data): production code never reads tests/.
     assert DEMO_IMAGE.is_file() and DEMO_IMAGE.read_bytes()[:3] == b"\xff\xd8\xff"
     assert DEMO_IMAGE.resolve().is_relative_to(Path(core.__file__).resolve().parent)
