@@ -33,7 +33,7 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 TEST_DATABASE = os.environ.get("DERMQ_TEST_DATABASE", "dermq_test") + (f"_{XDIST_WORKER}" if XDIST_WORKER else "")
 #: Per parallel worker, the system Redis databases its stacks take: the shared test stack's, `make
 #: run`'s (tests/test_make_run.py) and the production-mode services' (tests/deploy). bench/ takes
-#: 8, 9, 10 and 12, `make run` itself 0, and tests/api/test_portal_following.py 1 (where no worker listens).
+#: 9, 10, 12 and 13, `make run` itself 0, and tests/api/test_portal_following.py 1 (where no worker listens).
 _REDIS_DBS = ((14, 13, 15), (11, 7, 6), (5, 4, 3))
 _SLOT = int(XDIST_WORKER.removeprefix("gw") or 0)
 if len(_REDIS_DBS) <= _SLOT:
