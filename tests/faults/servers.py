@@ -95,11 +95,64 @@ class PostgresCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def server_certificate(folder: Path, names: Sequence[str]) -> None:
+    """A CA of its own (``ca.pem``) and a server certificate it signed for ``names`` (host names or IP
+    addresses; ``server.pem``, its key ``server.key``, mode 0600) in ``folder``, valid for a day."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def valid(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+        now = dt.datetime.now(dt.UTC)
+        serial = x509.random_serial_number()
+        return (
+            builder.serial_number(serial)
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+        )
+
+    def subject(item: str) -> x509.GeneralName:
+        try:
+            return x509.IPAddress(ipaddress.ip_address(item))
+        except ValueError:
+            return x509.DNSName(item)
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        valid(x509.CertificateBuilder().subject_name(name("dermq test CA")).issuer_name(name("dermq test CA")))
+        .public_key(ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        valid(x509.CertificateBuilder().subject_name(name(names[0])).issuer_name(ca.subject))
+        .public_key(server_key.public_key())
+        .add_extension(x509.SubjectAlternativeName([subject(item) for item in names]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (folder / "server.pem").write_bytes(server.public_bytes(pem))
+    key = folder / "server.key"
+    key.write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key.chmod(0o600)
+
+
 class RedisServer:
     """A redis-server without persistence: stopping it loses every message, as a crash would. With a
     ``password`` it requires it (``requirepass``, unless ``options`` include a file that sets it), and
     :attr:`url` holds it, with ``username`` (an ACL user that such a file declares) if given;
-    ``options`` are more redis-server options, given after this class's own."""
+    ``options`` are more redis-server options, given after this class's own. With ``tls`` it speaks
+    TLS only, on its port, with a certificate for 127.0.0.1 and localhost that a CA of its own
+    (``tls/ca.pem`` in ``root``) signed, and :attr:`url` is the ``rediss://`` URL that verifies it."""
 
     def __init__(
         self,
@@ -109,23 +162,36 @@ class RedisServer:
         password: str | None = None,
         username: str = "",
         options: Sequence[str] = (),
+        tls: bool = False,
     ) -> None:
         self.root = root
         self.port = port or support.free_port()
         self.password, self.username, self.options = password, username, list(options)
+        self.tls = root / "tls" if tls else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return self.url_with(self.password)
 
-    def url_with(self, password: str | None) -> str:
-        """This server's URL with ``password`` (a wrong one, say) in place of its own."""
-        return (
-            f"redis://{quote(self.username, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
-            if password
-            else f"redis://127.0.0.1:{self.port}/0"
-        )
+    def url_with(self, password: str | None, *, scheme: str | None = None) -> str:
+        """This server's URL with ``password`` (a wrong one, say) in place of its own; with ``scheme``
+        (``redis`` to a TLS server, say), that scheme and no TLS parameters."""
+        scheme = scheme or ("rediss" if self.tls else "redis")
+        user = f"{quote(self.username, safe='')}:{quote(password, safe='')}@" if password else ""
+        query = f"?ssl_cert_reqs=required&ssl_ca_certs={self.tls / 'ca.pem'}" if self.tls and scheme == "rediss" else ""
+        return f"{scheme}://{user}127.0.0.1:{self.port}/0{query}"
+
+    def _tls_options(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        if not (self.tls / "ca.pem").exists():
+            server_certificate(self.tls, ["localhost", "127.0.0.1"])
+        return [
+            *("--port", "0", "--tls-port", str(self.port)),
+            *("--tls-cert-file", str(self.tls / "server.pem"), "--tls-key-file", str(self.tls / "server.key")),
+            *("--tls-ca-cert-file", str(self.tls / "ca.pem"), "--tls-auth-clients", "no"),
+        ]
 
     def start(self) -> None:
         import redis
@@ -135,8 +201,7 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 [
                     shutil.which("redis-server") or "redis-server",
-                    "--port",
-                    str(self.port),
+                    *self._tls_options(),
                     "--bind",
                     "127.0.0.1",
                     "--save",
