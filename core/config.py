@@ -328,7 +328,7 @@ class Settings(BaseSettings):
             if problem:
                 raise ValueError(problem)
         if self.environment == "production" and (
-            problem := db_tls.transport_problem(self.database_url) or connection_urls.redis_auth_problem(self.redis_url)
+            problem := db_tls.transport_problem(self.database_url) or connection_urls.redis_prod_problem(self.redis_url)
         ):
             raise ValueError(problem)
         for name, url in (("DERMQ_DATABASE_URL", self.database_url), ("DERMQ_REDIS_URL", self.redis_url)):

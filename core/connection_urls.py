@@ -10,13 +10,19 @@ integer value as '<start of the password>'``, in a traceback that every process 
 Such a URL never connects, in any environment, so it is refused when the settings are read, with a
 message that names the setting and never a part of the URL.
 
-In production a Redis URL must also carry a password unless it stays on the host
-(:func:`redis_auth_problem`).
+In production a Redis URL must also carry a password unless it stays on the host, and a TLS one
+(``rediss://``) must verify the server's certificate (:func:`redis_prod_problem`).
+
+TLS to Redis is set in the URL alone, the same for every process: ``rediss://`` and the parameters
+of :data:`TLS_PARAMETERS` (``?ssl_cert_reqs=required&ssl_ca_certs=/run/secrets/redis-ca.pem``).
+redis-py reads them from the URL; Celery's broker connection (kombu) and Flower's broker page get
+them as ``broker_use_ssl`` (:func:`redis_tls`): Flower ignores a URL's, and kombu, given none, skipped
+the check of the server's certificate.
 """
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -70,22 +76,57 @@ def redis_url_problem(url: str) -> str | None:
             "port; percent-encode those characters in the password (%2F, %3F, %23) and any '@' after the "
             "host (%40)"
         )
+    given = {name for name in parse_qs(parts.query) if name.startswith("ssl_")}
+    if given and parts.scheme != "rediss":
+        return "DERMQ_REDIS_URL has TLS parameters (ssl_...) but not the scheme rediss://, which TLS needs"
+    if given - set(TLS_PARAMETERS):
+        return (
+            f"DERMQ_REDIS_URL: {', '.join(sorted(given - set(TLS_PARAMETERS)))} is not a TLS parameter that "
+            f"every dermq process passes on; use {', '.join(TLS_PARAMETERS)}"
+        )
+    tls = redis_tls(url)
+    if tls is not None and tls["ssl_cert_reqs"] not in ("required", "optional", "none"):
+        return "DERMQ_REDIS_URL: ssl_cert_reqs must be required (or, outside production, optional or none)"
     return None
+
+
+#: The TLS parameters a ``rediss://`` URL may carry, as redis-py names them: whether and how the
+#: server's certificate is checked (``required``, the default, or ``optional`` or ``none``: refused in
+#: production), the CA file that signed it, and a client certificate and key if Redis asks for one.
+TLS_PARAMETERS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def redis_tls(url: str) -> dict[str, str] | None:
+    """The TLS options of a ``rediss://`` URL (Celery's ``broker_use_ssl``), the server's certificate
+    checked unless it says otherwise (as redis-py does); None for any other scheme."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    given = {name: values[-1] for name, values in parse_qs(parts.query).items() if name in TLS_PARAMETERS}
+    return {"ssl_cert_reqs": "required", **given}
 
 
 #: URL schemes of a Redis reached through a Unix socket (redis-py's, and kombu's transport name)
 SOCKET_SCHEMES = ("unix", "redis+socket")
 
 
-def redis_auth_problem(url: str) -> str | None:
+def redis_prod_problem(url: str) -> str | None:
     """Why production must not use ``DERMQ_REDIS_URL``, or None: it names no password and reaches Redis
-    over a network. Whoever reaches a Redis that asks for none can queue tasks, send the workers
-    control commands (shut every one down, past Flower's login) and clear the rate limits. A Unix
-    socket (its file's mode decides who may connect) or a loopback address stays as it is (``make
-    run``, the tests, a ``dermq`` command on a host without Redis); the message names the setting
-    and the host, never the URL."""
+    over a network, or it is a TLS URL that does not verify the server (``ssl_cert_reqs`` other than
+    ``required``: whoever stands between could read the traffic and answer as Redis). Whoever reaches a
+    Redis that asks for no password can queue tasks, send the workers control commands (shut every one
+    down, past Flower's login) and clear the rate limits. A Unix socket (its file's mode decides who
+    may connect) or a loopback address needs none (``make run``, the tests, a ``dermq`` command on a
+    host without Redis); the message names the setting and the host, never the URL."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    tls = redis_tls(url)
+    if tls is not None and tls["ssl_cert_reqs"] != "required":
+        return (
+            f"refusing to start: DERMQ_REDIS_URL has ssl_cert_reqs={tls['ssl_cert_reqs']} for the Redis at {host}; "
+            "in production the server's certificate is verified: ssl_cert_reqs=required&ssl_ca_certs=<the CA's "
+            "file> (deploy/README.md, 'Redis TLS')"
+        )
     if parts.scheme in SOCKET_SCHEMES or parts.password or db_tls.is_local(host):
         return None
     return (

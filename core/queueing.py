@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core import redis_transport
+from core import connection_urls, redis_transport
 from core.config import Settings
 from core.models import Priority
 
@@ -80,10 +80,17 @@ ROUTES = {
 
 
 def common_config(settings: Settings) -> dict[str, Any]:
-    """Celery settings every dermq app on the broker shares (publisher and worker alike)."""
+    """Celery settings every dermq app on the broker shares (publisher and worker alike). A ``rediss://``
+    broker's TLS options go to ``broker_use_ssl`` too (:func:`core.connection_urls.redis_tls`)."""
+    tls = connection_urls.redis_tls(settings.broker_url)
     return {
         "broker_url": settings.broker_url,
-        **({"broker_transport": redis_transport.NAME} if settings.broker_url.startswith("redis://") else {}),
+        **(
+            {"broker_transport": redis_transport.NAME}
+            if settings.broker_url.startswith(("redis://", "rediss://"))
+            else {}
+        ),
+        **({"broker_use_ssl": tls} if tls is not None else {}),
         "broker_transport_options": transport_options(settings),
         "broker_connection_timeout": 2,
         "broker_connection_retry_on_startup": True,

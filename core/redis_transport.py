@@ -7,7 +7,10 @@ trip; a py-spy profile of a worker under ``python -m bench.load`` put it at a te
 process. The client only wraps the channel's connection pool, and is safe to share between
 threads, so this channel keeps the first one it makes. Everything else is kombu's.
 
-Used for ``redis://`` brokers (:func:`core.queueing.common_config`); any other scheme keeps kombu's
+Used for ``redis://`` and ``rediss://`` brokers (:func:`core.queueing.common_config`); a TLS one
+takes its options from ``broker_use_ssl``, which is always set for ``rediss://`` (with kombu's own
+transport, named by the scheme, a URL without them connected without checking the certificate; with
+this one, named apart from it, such a URL would not use TLS at all). Any other scheme keeps kombu's
 own transport.
 """
 

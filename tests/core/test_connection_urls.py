@@ -143,3 +143,41 @@ def test_a_production_service_refuses_a_redis_without_a_password_at_start(
     assert done.returncode != 0, "the service started with a Redis that anyone on the network may use"
     assert "DERMQ_REDIS_URL names no password" in output
     assert WITHOUT_PASSWORD[0] not in output
+
+
+# --------------------------------------------------------------------------- TLS to Redis (rediss://)
+
+TLS = "rediss://dermq:secret-from-a-store@redis.internal:6380/0"
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["?ssl_cert_reqs=required&ssl_ca_certs=/run/secrets/redis-ca.pem", "?ssl_ca_certs=/run/secrets/redis-ca.pem", ""],
+)
+def test_production_takes_a_tls_url_that_verifies_the_server(query: str) -> None:
+    # without ssl_cert_reqs every client verifies, against the system's CAs without ssl_ca_certs
+    assert Settings(environment="production", redis_url=TLS + query).redis_url == TLS + query
+
+
+@pytest.mark.parametrize("reqs", ["none", "optional"])
+def test_production_refuses_a_tls_url_that_does_not_verify_the_server(reqs: str) -> None:
+    url = f"{TLS}?ssl_cert_reqs={reqs}&ssl_ca_certs=/run/secrets/redis-ca.pem"
+    with pytest.raises(ValidationError, match=f"ssl_cert_reqs={reqs} for the Redis at redis.internal") as refused:
+        Settings(environment="production", redis_url=url)
+    assert "secret-from-a-store" not in str(refused.value)
+    assert Settings(environment="development", redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://redis:6379/0?ssl_ca_certs=/ca.pem", "not the scheme rediss://"),
+        (f"{TLS}?ssl_check_hostname=false", "ssl_check_hostname is not a TLS parameter"),
+        # redis-py (the API, the sweeper) knows no CERT_REQUIRED, which kombu (the workers) would take
+        (f"{TLS}?ssl_cert_reqs=CERT_REQUIRED", "ssl_cert_reqs must be required"),
+    ],
+)
+def test_tls_parameters_that_some_process_would_read_otherwise_are_refused_everywhere(url: str, says: str) -> None:
+    for environment in ("development", "production"):
+        with pytest.raises(ValidationError, match=says):
+            Settings(environment=environment, redis_url=url)

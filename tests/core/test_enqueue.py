@@ -144,9 +144,15 @@ def test_publishes_reuse_one_redis_client_and_every_message_arrives(broker) -> N
     assert broker_case_ids(client) == {str(i) for i in ids}
 
 
-def test_only_plain_redis_urls_get_the_reusing_transport(settings: Settings) -> None:
+def test_redis_urls_get_the_reusing_transport_and_a_tls_one_verifies_the_server(settings: Settings) -> None:
     from core.queueing import common_config
 
     assert common_config(settings)["broker_transport"] == "core.redis_transport:Transport"
-    tls = settings.model_copy(update={"redis_url": "rediss://127.0.0.1:6380/0"})
-    assert "broker_transport" not in common_config(tls)  # kombu's own, with its TLS defaults
+    assert "broker_use_ssl" not in common_config(settings)
+    # TLS (tests/deploy/test_redis_tls.py runs it): the URL's options also as broker_use_ssl, which
+    # Flower's broker page reads, and kombu, given none, checked no certificate
+    tls = settings.model_copy(update={"redis_url": "rediss://127.0.0.1:6380/0?ssl_ca_certs=/ca.pem"})
+    assert common_config(tls)["broker_transport"] == "core.redis_transport:Transport"
+    assert common_config(tls)["broker_use_ssl"] == {"ssl_cert_reqs": "required", "ssl_ca_certs": "/ca.pem"}
+    socket = settings.model_copy(update={"redis_url": "redis+socket:///run/redis/redis.sock"})
+    assert "broker_transport" not in common_config(socket)  # kombu's own
