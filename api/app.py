@@ -42,6 +42,7 @@ from core.db import session_factory
 from core.logs import configure_logging
 from core.publisher import make_publisher
 from core.ratelimit import RateLimiter
+from core.settings_problems import settings_or_exit
 
 #: How long uvicorn keeps an idle client connection open (its default is 5 s). It must outlast the
 #: proxy's idle connections to the API: nginx.conf's upstream keepalive_timeout (55 s) and
@@ -146,7 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def create_served_app() -> FastAPI:
     """The app of one of several ``dermq-api`` processes (uvicorn spawns each, a new interpreter whose
     logging :func:`main` never configured): :func:`served_app`, logging as :func:`main` does."""
-    settings = get_settings()
+    settings = settings_or_exit()
     configure_logging(settings.log_level, json_lines=settings.log_json, component="api")
     return served_app(settings)
 
@@ -217,7 +218,7 @@ def main() -> None:
     (uvicorn's supervisor restarts one that dies; metrics are served once, by the supervisor)."""
     import uvicorn
 
-    settings = get_settings()
+    settings = settings_or_exit()
     configure_logging(settings.log_level, json_lines=settings.log_json, component="api")
     processes = api_processes(settings)
     common = uvicorn_options(settings)

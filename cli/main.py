@@ -26,6 +26,7 @@ from cli.encryption_keys import keys
 from cli.models import model
 from cli.monitor import monitor
 from core.errors import DecryptionError, DermqError, KeyNotHeld, KeyringError
+from core.settings_problems import settings_problem
 
 BAD_INPUT = 2
 UNAVAILABLE = 69  # EX_UNAVAILABLE (sysexits.h): a service the command needs is down
@@ -50,18 +51,6 @@ for command in (db, keys, clinic, key, case, audit, model, drift, demo, monitor)
 _WORKER_ONLY = frozenset(
     {"numpy", "torch", "torchvision", "timm", "safetensors", "onnxruntime", "isal", "matplotlib", "threadpoolctl"}
 )
-
-
-def settings_problem(exc: ValidationError) -> str:
-    """Pydantic's report of refused settings as one line: each setting by its variable's name and why,
-    without pydantic's layout and links (the values are not in it: Settings hides them, one may be a secret)."""
-    problems = []
-    for error in exc.errors(include_url=False, include_input=False):
-        message = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
-        location = error.get("loc") or ()
-        name = f"DERMQ_{str(location[0]).upper()}" if location else ""
-        problems.append(f"{name}: {message}" if name and name not in message else message)
-    return f"invalid {'settings' if exc.title == 'Settings' else exc.title}: {'; '.join(problems)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-from core.config import ROOT, Settings, get_settings
+from core.config import ROOT, Settings
 from core.cpus import usable_cpus
+from core.settings_problems import settings_or_exit
 
 COLOURS = {"api": "36", "worker": "32", "hooks": "34", "beat": "35", "flower": "33", "dermq": "1"}
 GRACE_SECONDS = 30
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DERMQ_ENVIRONMENT", "development")
     os.environ.setdefault("DERMQ_CALLBACK_ALLOW_PRIVATE_URLS", "true")  # a portal on this machine may listen
     os.environ.setdefault("DERMQ_API_PROCESSES", str(default_api_processes()))
-    settings = get_settings()
+    settings = settings_or_exit()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env = prepare(settings, state_dir, env)
     bin_dir = Path(sys.executable).parent

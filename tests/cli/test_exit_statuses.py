@@ -4,6 +4,9 @@ never a traceback."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -92,3 +95,22 @@ def test_a_statement_the_database_gives_up_on_is_one_error_line(settings, databa
     assert result.returncode == 75, result.stderr
     assert result.stderr.startswith("error: the database gave up on a statement (") and "Traceback" not in result.stderr
     assert why in result.stderr and "rolled back" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[str(support.VENV_BIN / "dermq-api")], [sys.executable, "-m", "core.devstack", "--state-dir", "{tmp}"]],
+    ids=["dermq-api", "make run"],
+)
+def test_the_services_and_make_run_refuse_a_setting_in_one_line(command: list[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``dermq-api`` and ``make run`` read the settings first: a refused one was pydantic's traceback,
+    its message at the end of some twenty lines."""
+    env = {**os.environ, "DERMQ_API_PORT": "eighty", "DERMQ_REDIS_URL": "redis://:hunter2-secret@/0"}
+    result = subprocess.run(
+        [part.format(tmp=tmp_path) for part in command], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.startswith("error: invalid settings: DERMQ_API_PORT: ") and len(result.stderr.splitlines()) == 1
+    ), result.stderr
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr and not any(tmp_path.iterdir())
