@@ -71,7 +71,7 @@ class Keyring:
         if len(self.api_key_pepper) < 16:
             raise KeyringError("api_key_pepper must be at least 16 bytes")
 
-    def kek(self, kek_id: str) -> bytes:
+    def kek(self, kek_id: str) -> bytes | bytearray:
         if self.periods is not None and self.periods.owns(kek_id):
             return self.periods.key(self, kek_id)
         try:

@@ -8,7 +8,7 @@ destroys a period's key once every case of it is past retention (:mod:`core.peri
 From then on no copy of that period's blobs, in the live database or in any backup of any age,
 can be decrypted, even with the key file.
 
-Each period key is 32 random bytes (``secrets``), never derived from anything that survives it. It
+Each period key is 32 random bytes (the kernel's generator), never derived from anything that survives it. It
 lives in a file of its own, ``<period>.json`` in the period-key folder (``DERMQ_PERIOD_KEY_DIR``):
 outside the database, written atomically with mode 0600, and never part of a backup (the
 deployment's rule: docs/SECURITY.md, deploy/README.md). The file holds the key wrapped under the key
@@ -39,7 +39,6 @@ import os
 import secrets
 import stat
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.config import Settings
 from core.errors import DecryptionError, Gone, KeyringError, PeriodKeyDestroyed, ServiceUnavailable
+from core.held_period_keys import HeldKeys, new_key, zero
 from core.periods import PREFIX, bounds, is_period, kek_id, period_of
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ if TYPE_CHECKING:
 KEY_BYTES = 32
 #: a key write's temporary file this old is a crash's leftover, not a write under way on another host
 LEFTOVER_SECONDS = 300
-FORGET_SECONDS = 10.0  # how often a process looks for the keys it keeps that were destroyed since
 NONCE_BYTES = 12
+TAG_BYTES = 16
 
 
 # --------------------------------------------------------------------------- the folder
@@ -86,15 +86,14 @@ def _wrap_aad(period: str, wrapping: str) -> bytes:
 
 
 class PeriodKeys:
-    """The period-key folder of a process: creates, reads (cached while the file is unchanged),
-    re-wraps, lists and destroys period keys."""
+    """The period-key folder of a process: creates, reads (held while the file is unchanged, and
+    forgotten within seconds of its destruction: :mod:`core.held_period_keys`), re-wraps, lists and
+    destroys period keys."""
 
     def __init__(self, folder: Path, settings: Settings) -> None:
         self.folder = folder
         self.settings = settings
-        self._cache: dict[str, tuple[tuple[int, int], bytes]] = {}
-        self._cache_lock = threading.Lock()
-        self._forgotten_at = -FORGET_SECONDS
+        self._held = HeldKeys(folder)
 
     def owns(self, kek: str) -> bool:
         return kek.startswith(PREFIX)
@@ -169,17 +168,16 @@ class PeriodKeys:
             raise KeyringError(f"period key file {path} is not one dermq wrote") from None
         return dict(record)
 
-    def key(self, keyring: Keyring, kek: str) -> bytes:
-        """The unwrapped key of ``kek`` (``period-...``); a DecryptionError once it was destroyed."""
+    def key(self, keyring: Keyring, kek: str) -> bytearray:
+        """The unwrapped key of ``kek`` (``period-...``), zeroed once its period is destroyed (use it at
+        once, never keep it); a DecryptionError once it was destroyed."""
         period = kek[len(PREFIX) :]
         try:
             path = self._key_file(period)
         except ValueError:  # a malformed id in a blob's row: that blob can never be read, not a missing key
             raise DecryptionError("the blob names a period key id that is not one (malformed row)") from None
-        self._forget_destroyed()
         if self.destroyed(period):  # a tombstone wins over a key file a crash left behind
-            with self._cache_lock:  # destroyed by another process: no copy stays in this one's memory
-                self._cache.pop(period, None)
+            self._held.forget(period)  # destroyed by another process: no copy stays in this one's memory
             raise PeriodKeyDestroyed(
                 f"the key of period {period} was destroyed (retention): its blobs can never be decrypted"
             )
@@ -196,42 +194,32 @@ class PeriodKeys:
                 "other services use?"
             ) from None
         stamp = (info.st_ino, info.st_mtime_ns)
-        with self._cache_lock:
-            cached = self._cache.get(period)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+        if (held := self._held.get(period, stamp)) is not None:
+            return held
         record = self._read(path)
         if str(record["kek_id"]) not in keyring.keks:  # wrapped by a rotation newer than this keyring
             from core.crypto import load_keyring
 
             keyring = load_keyring(self.settings)
-        key = self._unwrap(keyring, period, record)
-        with self._cache_lock:
-            self._cache[period] = (stamp, key)
-        return key
-
-    def _forget_destroyed(self) -> None:
-        """Drop the kept keys of periods destroyed since (by retention, in another process), every
-        :data:`FORGET_SECONDS` at most: no blob of a destroyed period is asked for again to drop it."""
-        if time.monotonic() - self._forgotten_at >= FORGET_SECONDS:
-            self._forgotten_at = time.monotonic()
-            with self._cache_lock:
-                for period in [period for period in self._cache if self.destroyed(period)]:
-                    del self._cache[period]
+        return self._held.put(period, stamp, self._unwrap(keyring, period, record))
 
     @staticmethod
-    def _unwrap(keyring: Keyring, period: str, record: dict[str, Any]) -> bytes:
+    def _unwrap(keyring: Keyring, period: str, record: dict[str, Any]) -> bytearray:
+        """The key of ``record``, unwrapped straight into a buffer that can be zeroed (no ``bytes`` copy)."""
         wrapping = str(record["kek_id"])
         wrapped = base64.b64decode(record["wrapped_key"])
+        key = bytearray(max(len(wrapped) - NONCE_BYTES - TAG_BYTES, 0))
         try:
-            return AESGCM(keyring.kek(wrapping)).decrypt(
-                wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_aad(period, wrapping)
+            AESGCM(keyring.kek(wrapping)).decrypt_into(
+                wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_aad(period, wrapping), key
             )
         except InvalidTag:
+            zero(key)
             raise DecryptionError(f"the key of period {period} does not unwrap (tampered or moved)") from None
+        return key
 
     @staticmethod
-    def _record(keyring: Keyring, period: str, key: bytes, created_at: str) -> dict[str, Any]:
+    def _record(keyring: Keyring, period: str, key: bytearray, created_at: str) -> dict[str, Any]:
         nonce = secrets.token_bytes(NONCE_BYTES)
         wrapped = nonce + AESGCM(keyring.kek(keyring.active_id)).encrypt(
             nonce, key, _wrap_aad(period, keyring.active_id)
@@ -276,9 +264,11 @@ class PeriodKeys:
             from core.crypto import load_keyring
 
             master = load_keyring(self.settings)  # re-read under the lock: never a KEK retired meanwhile
-            record = self._record(
-                master, period, secrets.token_bytes(KEY_BYTES), datetime.now(UTC).isoformat(timespec="seconds")
-            )
+            key = new_key(KEY_BYTES)
+            try:
+                record = self._record(master, period, key, datetime.now(UTC).isoformat(timespec="seconds"))
+            finally:
+                zero(key)  # read back (and held) from its file like any other
             with contextlib.suppress(FileExistsError):  # another host's process was first: its key stands
                 self._publish(self._key_file(period), record)
         return kek_id(period)
@@ -334,7 +324,10 @@ class PeriodKeys:
                 path = self._key_file(entry.period)
                 record = self._read(path)
                 key = self._unwrap(keyring, entry.period, record)
-                write_private_json(path, self._record(keyring, entry.period, key, str(record.get("created_at"))))
+                try:
+                    write_private_json(path, self._record(keyring, entry.period, key, str(record.get("created_at"))))
+                finally:
+                    zero(key)
                 done += 1
         return done
 
@@ -358,8 +351,7 @@ class PeriodKeys:
             for leftover in self.folder.glob(f".{path.name}.*"):
                 leftover.unlink(missing_ok=True)
             self._sync_folder()
-            with self._cache_lock:
-                self._cache.pop(period, None)
+            self._held.forget(period)
         return existed
 
     def list(self) -> list[PeriodFile]:

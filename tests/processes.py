@@ -274,3 +274,29 @@ def api_process(env: dict[str, str], log: Path, *, timeout: float = 60) -> Itera
         yield base, server
     finally:
         server.stop()
+
+
+def memory_holds(pid: int, secret: bytes) -> bool:
+    """Whether any 16 bytes of ``secret`` (at every eighth offset) are in the writable memory of process
+    ``pid`` (a child of the tests, whose memory they may read as a debugger or ``gcore`` would): what a
+    dump of that process would reveal. Parts, not the whole: a small buffer freed without being cleared
+    keeps all but its first 8 bytes (Python's allocator writes its free list there)."""
+    parts = [secret[at : at + 16] for at in range(0, len(secret) - 15, 8)]
+    chunk = 64 * 1024 * 1024
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms, *_ = line.split()
+            if not perms.startswith("rw"):  # a key is written at run time: only writable memory can hold it
+                continue
+            start, end = (int(part, 16) for part in span.split("-"))
+            at = start
+            while at < end:
+                try:
+                    mem.seek(at)
+                    data = mem.read(min(chunk + len(secret), end - at))
+                except OSError:  # a region that cannot be read ([vvar] and the like)
+                    break
+                if any(part in data for part in parts):
+                    return True
+                at += chunk
+    return False

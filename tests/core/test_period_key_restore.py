@@ -67,7 +67,7 @@ def test_a_case_restored_after_its_period_key_was_destroyed_is_gone_not_an_error
     sealed = next(row for row in blob_rows(site) if row[1] == "client_ref")[2]
     with pytest.raises(PeriodKeyDestroyed):
         decrypt_blob(serving, sealed, case_id=case_id, kind="client_ref")
-    assert serving.periods is not None and not serving.periods._cache  # forgotten where it was cached
+    assert serving.periods is not None and not serving.periods._held.periods()  # forgotten where it was held
     with session_scope(site.settings) as session:  # and its result and heat map, sealed under the same key
         copies = [
             {**next(b for b in backup if b["kind"] == "client_ref"), "kind": kind} for kind in ("result", "heatmap")
@@ -207,18 +207,14 @@ def test_a_rewrap_leaves_no_copy_of_a_period_key_under_the_old_kek(settings, tmp
 
 
 def test_a_period_destroyed_by_another_process_leaves_no_copy_of_its_key_in_this_ones_memory(  # type: ignore[no-untyped-def]
-    settings, tmp_path, monkeypatch
+    settings, tmp_path
 ) -> None:
-    """Each API and worker process keeps the keys it has opened, and drops one only when a blob of its
-    period is asked for afterwards; once retention (another process: beat's purge, the command) has
-    destroyed a period, every case of it is purged and none is asked for again. So each process held
-    the destroyed key for as long as it ran: a dump of its memory and any backup read the erased
-    cases. A key it opens afterwards (after FORGET_SECONDS: here at once) drops every key destroyed since."""
-    from core import period_keys
+    """Each API and worker process holds the keys it has opened; once retention (another process: beat's
+    purge, the command) has destroyed a period, every case of it is purged and none is asked for again.
+    The process's watcher (every FORGET_SECONDS; called here at once) forgets the destroyed period's key
+    without being asked for any key, and overwrites it: the buffer it was used from holds zeros."""
     from core.period_keys import PeriodKeys
     from core.periods import kek_id
-
-    monkeypatch.setattr(period_keys, "FORGET_SECONDS", 0.0)
 
     keyring = load_keyring(settings)
     folder = tmp_path / "keys"
@@ -228,8 +224,9 @@ def test_a_period_destroyed_by_another_process_leaves_no_copy_of_its_key_in_this
     for period in ("2026-09", "2026-10"):
         retention.ensure(period)
         api.key(keyring, kek_id(period))
-    destroyed = api.key(keyring, kek_id("2026-09"))
+    held = api.key(keyring, kek_id("2026-09"))
+    destroyed = bytes(held)
     retention.destroy("2026-09", reason="retention")
-    api.key(keyring, kek_id("2026-10"))  # the next case it seals or reads, of another period
-    kept = [key for _, key in api._cache.values()]  # (the keys not in the report of a failure)
-    assert set(api._cache) == {"2026-10"} and not any(key == destroyed for key in kept)
+    assert api._held.forget_destroyed() == ["2026-09"]
+    assert api._held.periods() == ["2026-10"]
+    assert held == bytes(len(destroyed)) != destroyed  # overwritten, not merely dropped
