@@ -230,3 +230,34 @@ def test_a_period_destroyed_by_another_process_leaves_no_copy_of_its_key_in_this
     assert api._held.forget_destroyed() == ["2026-09"]
     assert api._held.periods() == ["2026-10"]
     assert held == bytes(len(destroyed)) != destroyed  # overwritten, not merely dropped
+
+
+def test_a_forked_child_starts_without_its_parents_period_keys(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A forked child (a Celery worker child) gets a copy of its parent's memory but not its watcher
+    thread: the keys it inherited would never be looked after. It overwrites them at once (and unwraps
+    again what it needs, looked after by a watcher of its own); the parent keeps its own."""
+    from core.periods import kek_id
+    from tests.probes import probe
+
+    folder = tmp_path / "keys"
+    code = f"""
+import json, os
+from core.config import Settings
+from core.crypto import load_keyring
+from core.period_keys import PeriodKeys
+settings = Settings(period_key_dir={str(folder)!r})
+keyring = load_keyring(settings)
+keys = keyring.periods
+keys.create_folder()
+keys.ensure("2026-09")
+held = keys.key(keyring, {kek_id("2026-09")!r})
+read, write = os.pipe()
+if (pid := os.fork()) == 0:
+    os.write(write, json.dumps([keys._held.periods(), any(held)]).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+child = json.loads(os.read(read, 1000))
+print(json.dumps({{"child": child, "parent": [keys._held.periods(), any(held)]}}))
+"""
+    env = {"DERMQ_KEY_FILE": str(settings.key_file)}
+    assert probe(code, env) == {"child": [[], False], "parent": [["2026-09"], True]}
