@@ -21,6 +21,7 @@ through the process are ordinary ``bytes``, freed but not cleared.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import threading
@@ -70,7 +71,7 @@ class HeldKeys:
         changes: the one already held stays (another thread may be using it) and ``key`` is zeroed."""
         with self._lock:
             held = self._keys.get(period)
-            if held is not None and held[1] == key:
+            if held is not None and hmac.compare_digest(held[1], key):
                 self._keys[period] = (stamp, held[1])
                 zero(key)
                 key = held[1]
