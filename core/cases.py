@@ -26,7 +26,7 @@ from sqlalchemy import Table, bindparam, delete, exists, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from core import audit, idempotency, keys, period_shredding, pgbinary, phi
+from core import audit, credential_locks, idempotency, keys, period_shredding, pgbinary, phi
 from core.crypto import Keyring, SealedBlob, encrypt_blob
 from core.db import commit_durably
 from core.errors import Conflict, DermqError, Forbidden, Gone, NotFound, ServiceUnavailable, a_or_an
@@ -163,6 +163,7 @@ def create_case(
     # the key of the case's period, held against destruction until this transaction ends
     wrap = period_shredding.wrapping_key(session, keyring, at)
     sealed = encrypt_blob(keyring, image.data, case_id=case_id, kind=BlobKind.IMAGE.value, kek_id=wrap)
+    credential_locks.hold_for_a_case(session, principal.key_id, clinic_id)  # sent with the INSERT, before it
     if session.scalar(_INSERT_CASE, {**row, "plain_key": idempotency_key, "key_id": principal.key_id}) is None:
         # Its key revoked or its clinic deactivated since the request was authenticated: refused, a
         # resubmission's answer with it (it holds the case's client reference and result)
@@ -260,11 +261,8 @@ _PLAIN_KEY = bindparam("plain_key", type_=_CASES.c.idempotency_key.type)
 #: ``cases`` (no autovacuum) read the clinic's cases by their clinic and time index and matched the
 #: pattern against every one of them, at every intake.
 #: Nothing either if the key (``key_id``) was revoked or its clinic deactivated since the request was
-#: authenticated (a slow upload, a remembered key): both rows are read ``FOR SHARE``, which a revocation's
-#: and a deactivation's ``FOR UPDATE`` (and any UPDATE) conflict with, so a change not yet committed is
-#: waited for and then seen (the row read again), and one that comes later waits for this transaction.
-#: No round trip, little work: the case's foreign key locks the clinic's row anyway (``FOR KEY SHARE``,
-#: covered by this lock); the key's row is the one more row locked. The clinic's is locked first.
+#: authenticated (a slow upload, a remembered key), as of the locks taken in front of it
+#: (:mod:`core.credential_locks`): a change committed before is seen, one after waits for this case.
 _KEY_STILL_VALID = (
     select(Clinic.id)
     .join(ApiKey, ApiKey.clinic_id == Clinic.id)
@@ -274,7 +272,6 @@ _KEY_STILL_VALID = (
         ApiKey.id == bindparam("key_id"),
         ApiKey.revoked_at.is_(None),
     )
-    .with_for_update(read=True)
     .exists()
 )
 _INSERT_CASE = (

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import announcements, audit
+from core import announcements, audit, credential_locks
 from core.errors import Conflict, InvalidInput, NotFound
 from core.models import Clinic
 
@@ -110,7 +110,9 @@ def get_clinic(session: Session, clinic: str | uuid.UUID) -> Clinic:
 
 
 def set_active(session: Session, clinic_id: uuid.UUID, active: bool, *, actor: audit.Actor = audit.SYSTEM) -> Clinic:
-    # read again under the lock (a caller may have loaded the clinic before another change committed)
+    # once the cases being stored for it are (core.credential_locks); read again under the lock (a
+    # caller may have loaded the clinic before another change committed)
+    credential_locks.hold_clinic_for_a_change(session, clinic_id)
     clinic = session.get(Clinic, clinic_id, with_for_update=True, populate_existing=True)
     if clinic is None:
         raise NotFound("no such clinic", code="clinic_not_found")

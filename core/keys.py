@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import announcements, audit
+from core import announcements, audit, credential_locks
 from core.clinics import hides_characters
 from core.crypto import Keyring
 from core.errors import BadRequest, InvalidInput, NotFound, Unauthorized
@@ -174,7 +174,9 @@ def still_valid(session: Session, key_id: uuid.UUID) -> str | None:
 
 
 def revoke_key(session: Session, key_id: uuid.UUID, *, actor: audit.Actor = audit.SYSTEM) -> ApiKey:
-    # read again under the lock (a caller may have loaded the key before another change committed)
+    # once the cases being stored with it are (core.credential_locks); read again under the lock (a
+    # caller may have loaded the key before another change committed)
+    credential_locks.hold_key_for_a_change(session, key_id)
     key = session.get(ApiKey, key_id, with_for_update=True, populate_existing=True)
     if key is None:
         raise NotFound("no such API key", code="key_not_found")

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from core import clinics, keys
+from core import clinics, credential_locks, keys
 from core.db import session_scope
-from core.models import AuditEvent, Case, Clinic
+from core.models import AuditEvent, Case
 from tests import support
 from tests.conftest import Tenant
 
@@ -39,23 +39,32 @@ def _denials(settings, tenant: Tenant) -> list[dict[str, str]]:  # type: ignore[
         return [dict(detail or {}) for detail in found]
 
 
+def _pid(session: Session) -> int:
+    return int(session.scalar(text("SELECT pg_backend_pid()")))
+
+
+def _blocked_by(settings, pid: int) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a backend waits for a lock that backend ``pid`` holds, or is waiting for ahead of it."""
+    with session_scope(settings) as session:
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"
+        return bool(session.scalar(text(waiting), {"pid": pid}))
+
+
 @contextmanager
 def _submitting(
-    client: TestClient, settings, tenant: Tenant, holder: Session, jpeg: bytes
+    client: TestClient, settings, tenant: Tenant, blocker: int, jpeg: bytes
 ) -> Iterator[Future[httpx.Response]]:  # type: ignore[no-untyped-def]
-    """A submission sent now, once it waits for a row lock ``holder``'s transaction holds: it is past
-    its authentication and its key's checks, at its INSERT."""
-    pid = holder.scalar(text("SELECT pg_backend_pid()"))
-    waiting = text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
-
-    def held() -> bool:
-        with session_scope(settings) as session:
-            return bool(session.scalar(waiting, {"pid": pid}))
-
+    """A submission sent now, once it waits for a lock backend ``blocker`` holds or waits for: it is
+    past its authentication and its key's checks, at its INSERT."""
     with ThreadPoolExecutor(1) as pool:
         files = {"image": ("lesion.jpg", jpeg, "image/jpeg")}
         answer = pool.submit(client.post, "/v1/cases", headers=tenant.headers, files=files)
-        support.wait_for(held, timeout=20, interval=0.02, what="the submission to wait at its INSERT")
+        support.wait_for(
+            lambda: _blocked_by(settings, blocker),
+            timeout=20,
+            interval=0.02,
+            what="the submission to wait at its INSERT",
+        )
         yield answer
 
 
@@ -65,7 +74,7 @@ def test_a_clinic_deactivated_while_its_case_is_stored_has_nothing_stored(  # ty
     tenant = make_key()
     with session_scope(settings) as admin:
         clinics.set_active(admin, tenant.clinic_id, False)  # `dermq clinic deactivate`, not yet committed
-        with _submitting(client, settings, tenant, admin, jpeg_bytes) as submitted:
+        with _submitting(client, settings, tenant, _pid(admin), jpeg_bytes) as submitted:
             admin.commit()
             answer = submitted.result(timeout=30)
     assert (answer.status_code, answer.json().get("code")) == (401, "clinic_inactive"), answer.text
@@ -78,14 +87,35 @@ def test_a_key_revoked_while_its_case_is_stored_has_nothing_stored(  # type: ign
     client: TestClient, settings, make_key, jpeg_bytes: bytes
 ) -> None:
     tenant = make_key()
-    with session_scope(settings) as hold:
-        # the clinic's row held, as a deactivation holds it: the submission waits at its INSERT
-        hold.scalar(select(Clinic.id).where(Clinic.id == tenant.clinic_id).with_for_update())
-        with _submitting(client, settings, tenant, hold, jpeg_bytes) as submitted:
-            with session_scope(settings) as session:  # `dermq key revoke`, committed meanwhile
-                keys.revoke_key(session, tenant.key_id)
-            hold.rollback()  # the clinic unchanged
+    with session_scope(settings) as admin:
+        keys.revoke_key(admin, tenant.key_id)  # `dermq key revoke`, not yet committed
+        with _submitting(client, settings, tenant, _pid(admin), jpeg_bytes) as submitted:
+            admin.commit()
             answer = submitted.result(timeout=30)
     assert (answer.status_code, answer.json().get("code")) == (401, "revoked_credentials"), answer.text
     assert _stored(settings, tenant) == 0
     assert _denials(settings, tenant) == [{"reason": "revoked_credentials", "after": "upload"}]
+
+
+def test_a_revocation_waiting_for_a_case_in_flight_holds_back_the_next_ones(  # type: ignore[no-untyped-def]
+    client: TestClient, settings, make_key, jpeg_bytes: bytes
+) -> None:
+    """A key kept busy can still be revoked: the revocation waits for the cases being stored when it
+    asked, not for those sent after it, which wait for it and are refused. (Row locks shared by every
+    submission let each new one in ahead of the waiting revocation: a key with uploads always in
+    flight could not be revoked, the command failing at its lock timeout.)"""
+    tenant = make_key()
+    with session_scope(settings) as in_flight:  # a case being stored: the key's and clinic's locks held
+        credential_locks.hold_for_a_case(in_flight, tenant.key_id, tenant.clinic_id)
+        in_flight.execute(text("SELECT 1"))
+        with ThreadPoolExecutor(1) as pool, session_scope(settings) as admin:
+            revoker = _pid(admin)
+            revoked = pool.submit(lambda: (keys.revoke_key(admin, tenant.key_id), admin.commit()))
+            support.wait_for(lambda: _blocked_by(settings, _pid(in_flight)), timeout=20, what="the revocation to wait")
+            # the next submission waits behind the revocation (not merely for the case in flight)
+            with _submitting(client, settings, tenant, revoker, jpeg_bytes) as submitted:
+                in_flight.commit()  # the case in flight stored: the revocation, then the next submission
+                revoked.result(timeout=30)
+                answer = submitted.result(timeout=30)
+    assert (answer.status_code, answer.json().get("code")) == (401, "revoked_credentials"), answer.text
+    assert _stored(settings, tenant) == 0
