@@ -41,8 +41,9 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 MAX_JSON_ANSWER = 4 << 20
 #: a heat map's: room for an operator's overlay side of several thousand pixels (DERMQ_OVERLAY_MAX_SIDE)
 MAX_HEATMAP_ANSWER = 64 << 20
-#: the packings the client asks for and unpacks itself (:class:`Body`), each bounded by the limits above
-ACCEPT_ENCODING = "gzip, deflate"
+#: the packing the client asks for, and those it unpacks itself (:class:`Body`), bounded by the limits
+#: above. Not deflate: servers send it zlib-wrapped or raw, and only the first is read (zlib's header)
+ACCEPT_ENCODING = "gzip"
 UNPACKED = frozenset({"gzip", "x-gzip", "deflate"})
 
 ImageInput = str | os.PathLike[str] | bytes

@@ -142,8 +142,8 @@ def packed(packing: str, body: bytes, pieces: int = 50) -> type[QuietHandler]:
 def test_a_packed_answer_in_many_chunks_is_unpacked_whole(
     client_kind: str, packing: str, pack: Callable[[bytes], bytes]
 ) -> None:
-    """A proxy that compresses dermq's answers (gzip, or deflate: what the client asks for): the
-    case comes whole, however the network splits it."""
+    """A proxy that compresses dermq's answers (gzip, what the client asks for, or zlib-wrapped
+    deflate): the case comes whole, however the network splits it."""
     case = case_json("done") | {"padding": "x" * 20_000}
     with serving(packed(packing, pack(json.dumps(case).encode()))) as url:
         got = call(client_kind, url, Client.get, CASE_ID)
