@@ -246,16 +246,38 @@ def own_period_keys_fixtures() -> tuple[Any, Any]:
     return own, keyring
 
 
+def create_case_for(  # type: ignore[no-untyped-def]
+    session, keyring, tenant: Tenant, data: bytes = b"an image", fmt: str = "JPEG", **options
+) -> tuple[Any, bool]:
+    """``core.cases.create_case`` of ``data`` (declared a ``fmt`` image of 300 x 225 pixels unless
+    ``width`` or ``height`` say otherwise) as the intake calls it with ``tenant``'s key: (case, created).
+    ``options``: ``client_ref``, ``priority``, ``idempotency_key``."""
+    import hashlib
+
+    from core import audit, cases
+    from core.keys import Principal
+    from core.models import Priority, Role
+
+    size = {"width": options.pop("width", 300), "height": options.pop("height", 225)}
+    image = cases.NewImage(data, fmt, f"image/{fmt.lower()}", **size, sha256=hashlib.sha256(data).hexdigest())
+    return cases.create_case(
+        session,
+        keyring=keyring,
+        principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
+        actor=audit.SYSTEM,
+        image=image,
+        client_ref=options.pop("client_ref", None),
+        priority=Priority(options.pop("priority", "routine")),
+        **options,
+    )
+
+
 def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[no-untyped-def]
     """A function that stores a queued case with arbitrary bytes as its image in the database of
     ``settings``, as if the intake had accepted them (nothing is published: the case waits until a
     test publishes it or the sweeper finds it)."""
-    import hashlib
-
-    from core import audit, cases
+    from core import cases
     from core.db import session_scope
-    from core.keys import Principal
-    from core.models import Priority, Role
     from ml.working_copy import MEDIA_TYPE
 
     def store(
@@ -270,23 +292,9 @@ def case_store(settings, keyring) -> Callable[..., uuid.UUID]:  # type: ignore[n
     ) -> uuid.UUID:
         """``data`` declared as a ``fmt`` image of ``width`` x ``height`` pixels (as the intake records),
         with ``working_copy`` as the intake's working copy of it (``ml.working_copy``) if given."""
-        image = cases.NewImage(
-            data=data,
-            format=fmt,
-            media_type=f"image/{fmt.lower()}",
-            width=width,
-            height=height,
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
         with session_scope(settings) as session:
-            case, _ = cases.create_case(
-                session,
-                keyring=keyring,
-                principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
-                actor=audit.SYSTEM,
-                image=image,
-                client_ref=None,
-                priority=Priority(priority),
+            case, _ = create_case_for(
+                session, keyring, tenant, data, fmt, priority=priority, width=width, height=height
             )
             if working_copy is not None:
                 cases.add_working_copy(

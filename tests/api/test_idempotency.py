@@ -3,7 +3,6 @@ Idempotency-Key gets the same case, never a second one, even when the retries ra
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -12,13 +11,12 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
-from core import audit, cases, idempotency
+from core import idempotency
 from core.crypto import load_keyring
 from core.db import session_factory, session_scope
-from core.keys import Principal
-from core.models import AuditEvent, Case, CaseBlob, Priority, Role
+from core.models import AuditEvent, Case, CaseBlob
 from tests import support
-from tests.conftest import Tenant
+from tests.conftest import Tenant, create_case_for
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -173,21 +171,10 @@ def test_two_transactions_racing_with_one_key_make_one_case(
     settings, keyring, tenant: Tenant, jpeg_bytes: bytes
 ) -> None:  # type: ignore[no-untyped-def]
     """The loser of the race waits on the unique index for the winner's commit, then replays it."""
-    image = cases.NewImage(jpeg_bytes, "JPEG", "image/jpeg", 300, 225, hashlib.sha256(jpeg_bytes).hexdigest())
-    principal = Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
     key = f"race-{uuid.uuid4().hex}"
 
     def create(session):  # type: ignore[no-untyped-def]
-        return cases.create_case(
-            session,
-            keyring=keyring,
-            principal=principal,
-            actor=audit.SYSTEM,
-            image=image,
-            client_ref=None,
-            priority=Priority.ROUTINE,
-            idempotency_key=key,
-        )
+        return create_case_for(session, keyring, tenant, jpeg_bytes, idempotency_key=key)
 
     winner = session_factory(settings)()
     try:

@@ -8,7 +8,6 @@ overwrites their keys."""
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core import audit, cases
 from core.config import Settings
 from core.crypto import Keyring
 from core.db import session_scope
 from core.held_period_keys import FORGET_SECONDS
-from core.keys import Principal
-from core.models import Case, Priority, Role
+from core.models import Case
 from core.periods import kek_id
 from tests import processes, support
-from tests.conftest import Tenant, new_tenant, own_period_keys_fixtures
+from tests.conftest import Tenant, create_case_for, new_tenant, own_period_keys_fixtures
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -47,18 +44,8 @@ def api(own: Settings, stack_env: dict[str, str], stack_dir: Path) -> Iterator[t
 
 def case_with_client_ref(settings: Settings, keyring: Keyring, tenant: Tenant) -> uuid.UUID:
     """A case whose client reference is sealed under its period's key (reading the case opens it)."""
-    data = b"an image"
-    image = cases.NewImage(data, "JPEG", "image/jpeg", 300, 225, hashlib.sha256(data).hexdigest())
     with session_scope(settings) as session:
-        case, _ = cases.create_case(
-            session,
-            keyring=keyring,
-            principal=Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id),
-            actor=audit.SYSTEM,
-            image=image,
-            client_ref="MRN-0042",
-            priority=Priority.ROUTINE,
-        )
+        case, _ = create_case_for(session, keyring, tenant, client_ref="MRN-0042")
         return case.id
 
 

@@ -12,10 +12,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core import audit, cases, clinics, keys
+from core import clinics, keys
 from core.db import session_scope
 from core.errors import Unauthorized
-from core.models import ApiKey, AuditEvent, Case, Clinic, Priority, Role
+from core.models import ApiKey, AuditEvent, Case, Clinic
+from tests.conftest import create_case_for
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -56,21 +57,10 @@ def test_a_revocation_decided_on_a_stale_read_keeps_the_first_revocation_time(se
 def test_a_submission_authenticated_before_the_change_is_refused(settings, make_key, keyring, change: str) -> None:  # type: ignore[no-untyped-def]
     """A new case, and an Idempotency-Key's resubmission (its answer holds the case and its result)."""
     tenant = make_key()
-    principal = keys.Principal(tenant.key_id, Role.CLINIC, tenant.clinic_id)
-    image = cases.NewImage(b"lesion", "jpeg", "image/jpeg", 1, 1, "0" * 64)
     again = uuid.uuid4().hex
 
     def submit(session: Session, idempotency_key: str | None) -> None:
-        cases.create_case(
-            session,
-            keyring=keyring,
-            principal=principal,
-            actor=audit.SYSTEM,
-            image=image,
-            client_ref=None,
-            priority=Priority.ROUTINE,
-            idempotency_key=idempotency_key,
-        )
+        create_case_for(session, keyring, tenant, idempotency_key=idempotency_key)
 
     with session_scope(settings) as session:
         submit(session, again)

@@ -3,7 +3,6 @@ answers 410 ``period_key_destroyed`` (it answered 500), and no process keeps the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -14,11 +13,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import null, select, update
 
-from core import audit, cases, keyrotation, period_shredding, results
+from core import keyrotation, period_shredding, results
 from core.crypto import decrypt_blob, load_keyring
 from core.db import session_scope
-from core.keys import Principal
-from core.models import AuditEvent, Case, CaseBlob, Result, Role
+from core.models import AuditEvent, Case, CaseBlob, Result
+from tests.conftest import create_case_for
 from tests.core.test_period_keys import NOW, Site, blob_rows, destroy_expired, erase, site  # noqa: F401  (site: the fixture)
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -31,22 +30,11 @@ def test_a_case_restored_after_its_period_key_was_destroyed_is_gone_not_an_error
 
     from api.app import create_app
     from core.errors import PeriodKeyDestroyed
-    from core.models import Priority
 
     when = NOW - timedelta(days=150)
     legacy = replace(load_keyring(site.settings), periods=None)
-    image = cases.NewImage(b"an image", "JPEG", "image/jpeg", 300, 225, hashlib.sha256(b"an image").hexdigest())
-    principal = Principal(site.tenant.key_id, Role.CLINIC, site.tenant.clinic_id)
     with session_scope(site.settings) as session:
-        case, _ = cases.create_case(
-            session,
-            keyring=legacy,
-            principal=principal,
-            actor=audit.SYSTEM,
-            image=image,
-            client_ref="p-1",
-            priority=Priority.ROUTINE,
-        )
+        case, _ = create_case_for(session, legacy, site.tenant, client_ref="p-1")
         case_id = case.id
         session.execute(update(Case).where(Case.id == case_id).values(created_at=when, status="succeeded"))
     assert keyrotation.rewrap_all(site.settings).remaining == 0

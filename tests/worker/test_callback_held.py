@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,28 +34,34 @@ tenant, store_case = own_database_fixtures()
 LOOKS = 3
 
 
-@pytest.fixture(scope="module")
-def stack(own_database: Settings, private_broker, stack_env: dict[str, str], stack_dir: Path) -> Iterator[tuple]:  # type: ignore[no-untyped-def,type-arg]
-    """(settings, the callback worker) on the module's database and broker."""
-    config = own_database.model_copy(update={"redis_url": private_broker.url, "callback_held_looks": LOOKS})
+@contextmanager
+def callback_worker(
+    own_database: Settings, private_broker, stack_env: dict[str, str], log: Path, **settings: float
+) -> Iterator[tuple]:  # type: ignore[no-untyped-def,type-arg]
+    """(settings, a callback worker) on the module's database and broker, with ``settings`` (their
+    ``DERMQ_`` variables set for the worker too)."""
+    config = own_database.model_copy(update={"redis_url": private_broker.url, **settings})
     env = {
         **stack_env,
         "DERMQ_DATABASE_URL": config.database_url,
         "DERMQ_REDIS_URL": config.redis_url,
-        "DERMQ_CALLBACK_HELD_LOOKS": str(LOOKS),
+        **{f"DERMQ_{name.upper()}": str(value) for name, value in settings.items()},
         "DERMQ_WORKER_METRICS_PORT": "0",
     }
-    worker = processes.start_worker(
-        env,
-        stack_dir / "callback-held-worker.log",
-        name="callbacks-held",
-        app="worker.callbacks_app",
-        queues="callbacks",
-    )
+    worker = processes.start_worker(env, log, name=log.stem, app="worker.callbacks_app", queues="callbacks")
     try:
         yield config, worker
     finally:
         worker.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(own_database: Settings, private_broker, stack_env: dict[str, str], stack_dir: Path) -> Iterator[tuple]:  # type: ignore[no-untyped-def,type-arg]
+    """(settings, the callback worker) on the module's database and broker."""
+    with callback_worker(
+        own_database, private_broker, stack_env, stack_dir / "callbacks-held.log", callback_held_looks=LOOKS
+    ) as running:
+        yield running
 
 
 def pending_with_lost_message(config: Settings, keyring, tenant: Tenant, store_case, url: str) -> uuid.UUID:  # type: ignore[no-untyped-def]

@@ -21,10 +21,10 @@ from core.db import session_scope
 from core.models import CallbackDelivery
 from core.publisher import make_publisher
 from core.queueing import QUEUE_CALLBACKS, TASK_CALLBACK
-from tests import processes, support
+from tests import support
 from tests.api.test_callbacks import Receiver
 from tests.conftest import Tenant, own_database_fixtures
-from tests.worker.test_callback_held import pending_with_lost_message
+from tests.worker.test_callback_held import callback_worker, pending_with_lost_message
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -39,27 +39,10 @@ TIMEOUT = 20
 @pytest.fixture(scope="module")
 def stack(own_database: Settings, private_broker, stack_env: dict[str, str], stack_dir: Path) -> Iterator[tuple]:  # type: ignore[no-untyped-def,type-arg]
     """(settings, the callback worker) on the module's database and broker."""
-    config = own_database.model_copy(
-        update={"redis_url": private_broker.url, "requeue_grace_seconds": GRACE, "callback_timeout_seconds": TIMEOUT}
-    )
-    env = {
-        **stack_env,
-        "DERMQ_DATABASE_URL": config.database_url,
-        "DERMQ_REDIS_URL": config.redis_url,
-        "DERMQ_CALLBACK_TIMEOUT_SECONDS": str(TIMEOUT),
-        "DERMQ_WORKER_METRICS_PORT": "0",
-    }
-    worker = processes.start_worker(
-        env,
-        stack_dir / "callback-lost-worker.log",
-        name="callbacks-lost",
-        app="worker.callbacks_app",
-        queues="callbacks",
-    )
-    try:
-        yield config, worker
-    finally:
-        worker.stop()
+    log = stack_dir / "callbacks-lost.log"
+    settings = {"requeue_grace_seconds": GRACE, "callback_timeout_seconds": TIMEOUT}
+    with callback_worker(own_database, private_broker, stack_env, log, **settings) as running:
+        yield running
 
 
 def _sweep(config: Settings, broker: redis.Redis) -> list[str]:
