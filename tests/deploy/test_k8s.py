@@ -212,6 +212,7 @@ def test_ingress_streams_uploads_and_allows_the_api_upload_cap() -> None:
     api_cap = Settings.model_fields["max_upload_bytes"].default + FORM_OVERHEAD
     assert api_cap <= body <= api_cap + 2 * 1024 * 1024
     assert annotations["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # no answer in a temporary file
     assert annotations["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
 
 

