@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from core.config import Settings, get_settings
+from tests import support
 
 
 def test_time_limits_must_nest_inside_the_visibility_timeout() -> None:
@@ -264,3 +267,25 @@ def test_production_refuses_trusting_every_address_with_the_forwarded_headers(ev
     assert Settings(environment="development", forwarded_allow_ips=[everyone]).forwarded_allow_ips == [everyone]
     proxies = ["10.0.0.0/8", "fd00::/8", "::ffff:10.0.0.0/104", "2001:db8::/32", "130.211.0.0/22", "172.20.0.5"]
     assert Settings(environment="production", forwarded_allow_ips=proxies).forwarded_allow_ips == proxies
+
+
+def test_production_refuses_private_callback_receivers() -> None:
+    # DERMQ_CALLBACK_ALLOW_PRIVATE_URLS turns off the SSRF guard (core/callback_urls.py): a clinic could
+    # have the callback worker, the one process with a route out, POST to the cluster's own services
+    with pytest.raises(ValidationError, match="DERMQ_CALLBACK_ALLOW_PRIVATE_URLS turns off the callback SSRF guard"):
+        Settings(environment="production", callback_allow_private_urls=True)
+    assert Settings(environment="development", callback_allow_private_urls=True).callback_allow_private_urls
+
+
+@pytest.mark.parametrize(
+    "command", [["celery", "-A", "worker.callbacks_app", "worker", "--queues", "callbacks"], ["dermq-api"]]
+)
+def test_a_production_callback_worker_or_api_with_private_receivers_allowed_refuses_to_start(
+    stack_env: dict[str, str], tmp_path: Path, command: list[str]
+) -> None:
+    # the test stack (which allows them, for its receivers on 127.0.0.1) as production takes it, but for that
+    env = {**os.environ, **stack_env, "DERMQ_ENVIRONMENT": "production", "DERMQ_CALLBACK_ALLOW_PRIVATE_URLS": "true"}
+    argv = [str(support.VENV_BIN / command[0]), *command[1:]]
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0, "a production process started with the callback SSRF guard off"
+    assert "DERMQ_CALLBACK_ALLOW_PRIVATE_URLS" in done.stdout + done.stderr
