@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.waiters import ClientLeft
-from core.errors import PERIOD_KEY_DESTROYED, DermqError, KeyNotHeld, PeriodKeyDestroyed
+from core.errors import PERIOD_KEY_DESTROYED, DermqError, KeyNotHeld, PeriodKeyDestroyed, PeriodKeysUnavailable
 from core.logs import request_id_var
 
 log = logging.getLogger("dermq.api")
@@ -178,6 +178,22 @@ def install(app: FastAPI, on_denied: Any) -> None:
             "Service unavailable",
             "the data this request needs is sealed under an encryption key that has not reached this server "
             "yet (a key rotation rolling out), so nothing was returned. Retry after the delay given.",
+            request=request,
+            headers={"Retry-After": "30"},
+        )
+
+    @app.exception_handler(PeriodKeysUnavailable)
+    async def _period_keys_unavailable(request: Request, exc: PeriodKeysUnavailable) -> JSONResponse:
+        # the period-key volume not mounted on this process, or lost, or a key file it must not read: the
+        # intake answers the same (core.period_shredding); the reason, which names the file, is logged only
+        log.error("period keys cannot be read", extra={"event": "period_keys_unavailable", "reason": str(exc)})
+        return problem(
+            503,
+            "period_keys_unavailable",
+            "Service unavailable",
+            "the encryption keys this request needs cannot be read on this server, so nothing was returned; "
+            "operators: check that DERMQ_PERIOD_KEY_DIR's shared volume is mounted (docs/OPERATIONS.md). "
+            "Retry after the delay given.",
             request=request,
             headers={"Retry-After": "30"},
         )

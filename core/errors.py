@@ -123,6 +123,13 @@ class KeyNotHeld(KeyringError):
     instead of giving the data up."""
 
 
+class PeriodKeysUnavailable(KeyringError):
+    """The period keys cannot be read in this process: their folder is missing, or holds no key (the
+    shared volume not mounted, or lost), or a key file is open to others or not one dermq wrote. The
+    operator's to mend, not the data's fault: a worker puts the case back, and an API read answers 503
+    ``period_keys_unavailable`` (as the intake does) rather than a 500."""
+
+
 class DecryptionError(RuntimeError):
     """A blob does not decrypt under its case, kind and key (tampered, moved or wrong key)."""
 

@@ -50,7 +50,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.config import Settings
-from core.errors import DecryptionError, Gone, KeyringError, PeriodKeyDestroyed, ServiceUnavailable
+from core.errors import (
+    DecryptionError,
+    Gone,
+    KeyringError,
+    PeriodKeyDestroyed,
+    PeriodKeysUnavailable,
+    ServiceUnavailable,
+)
 from core.held_period_keys import HeldKeys, new_key, zero
 from core.periods import PREFIX, bounds, is_period, kek_id, period_of
 
@@ -127,11 +134,11 @@ class PeriodKeys:
         return True
 
     def require_folder(self) -> None:
-        """A KeyringError unless the folder exists. It is never created here: the deployment creates it
-        (the images, ``dermq keys init`` beside a local key file), and one created by a process that
-        lacks the shared volume would get keys no other process can read, lost when that process goes."""
+        """:class:`PeriodKeysUnavailable` unless the folder exists. It is never created here: the deployment
+        creates it (the images, ``dermq keys init`` beside a local key file), and one created by a process
+        that lacks the shared volume would get keys no other process can read, lost when it goes."""
         if not self.folder.is_dir():
-            raise KeyringError(
+            raise PeriodKeysUnavailable(
                 f"the period key folder {self.folder} does not exist: is DERMQ_PERIOD_KEY_DIR's volume mounted? "
                 "(`dermq keys init` creates it beside a local key file)"
             )
@@ -156,7 +163,7 @@ class PeriodKeys:
         with path.open("rb") as handle:  # the mode checked is the opened file's (no swap in between)
             mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
             if mode & 0o007:
-                raise KeyringError(
+                raise PeriodKeysUnavailable(
                     f"period key file {path} has mode {mode:o}: others may read or change it; chmod 600 it"
                 )
             raw = handle.read()
@@ -165,7 +172,7 @@ class PeriodKeys:
             base64.b64decode(record["wrapped_key"], validate=True)
             str(record["kek_id"])
         except (OSError, ValueError, KeyError, TypeError):
-            raise KeyringError(f"period key file {path} is not one dermq wrote") from None
+            raise PeriodKeysUnavailable(f"period key file {path} is not one dermq wrote") from None
         return dict(record)
 
     def key(self, keyring: Keyring, kek: str) -> bytearray:
@@ -185,7 +192,7 @@ class PeriodKeys:
             info = path.stat()
         except FileNotFoundError:
             if not self.folder.is_dir() or not any(self.folder.glob("*.json")):  # the volume, not this key
-                raise KeyringError(
+                raise PeriodKeysUnavailable(
                     f"the period key folder {self.folder} is missing or holds no key: is DERMQ_PERIOD_KEY_DIR's "
                     "volume mounted?"
                 ) from None

@@ -47,3 +47,35 @@ def test_the_api_without_the_shared_folder_answers_503_and_makes_no_key(  # type
         assert refused.json()["code"] == "period_keys_unavailable"
         assert "DERMQ_PERIOD_KEY_DIR" in refused.json()["detail"] and refused.headers["Retry-After"]
         assert not folder.exists() or list(folder.iterdir()) == [], f"{folder.name} got a key of its own"
+
+
+def test_reading_a_case_without_its_period_keys_is_a_503_that_names_the_folder_not_a_500(  # type: ignore[no-untyped-def]
+    site: Site,  # noqa: F811
+    tmp_path: Path,
+    jpeg_bytes: bytes,
+) -> None:
+    # A process without the shared volume (or after the folder was lost: docs/OPERATIONS.md, "Back up
+    # and restore") read a case sealed under a period key with a 500 internal_error, where its intake
+    # answered 503 period_keys_unavailable: the operator's alert (DermqApiHigh5xxRate) named no cause.
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    files = {"image": ("x.jpg", jpeg_bytes, "image/jpeg")}
+    with TestClient(create_app(site.settings)) as http:
+        created = http.post("/v1/cases", headers=site.tenant.headers, files=files, data={"client_ref": "MRN-1"})
+        assert created.status_code == 202, created.text
+    case_id = created.json()["id"]
+    folder = site.settings.period_key_folder
+    assert folder is not None
+    (key,) = folder.glob("*.json")
+    key.chmod(0o644)  # a period key file open to others: never read
+    empty = tmp_path / "image-made-folder"
+    empty.mkdir(mode=0o700)
+    for elsewhere in (site.settings, site.settings.model_copy(update={"period_key_dir": empty})):
+        with TestClient(create_app(elsewhere)) as http:
+            for path in (f"/v1/cases/{case_id}", "/v1/cases"):
+                read = http.get(path, headers=site.tenant.headers)
+                assert read.status_code == 503, (path, read.text)
+                assert read.json()["code"] == "period_keys_unavailable" and read.headers["Retry-After"]
+                assert "DERMQ_PERIOD_KEY_DIR" in read.json()["detail"] and "MRN-1" not in read.text
