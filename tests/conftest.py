@@ -370,18 +370,7 @@ def publisher(settings):  # type: ignore[no-untyped-def]
 def private_broker() -> Iterator[Any]:
     """A redis-server of this module's own as broker, in a folder of its own: what the code under test
     publishes reaches no worker and can be inspected. Skips the test where the machine has none."""
-    import shutil
-    import tempfile
+    from tests.faults.servers import own_redis
 
-    from tests.faults.servers import RedisServer
-
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
-    root = Path(tempfile.mkdtemp(prefix="dermq-broker-"))
-    server = RedisServer(root)
-    server.start()
-    try:
+    with own_redis("dermq-broker-") as server:
         yield server
-    finally:
-        server.destroy()
-        shutil.rmtree(root, ignore_errors=True)

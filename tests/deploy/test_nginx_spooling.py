@@ -127,45 +127,35 @@ def transfer(
     return version, answer.read_bytes() if answer.exists() else b"", seen
 
 
-def test_an_upload_streams_through_nginx_and_no_file_holds_it(tmp_path: Path, upstream: int) -> None:
-    default = m.NGINX_CONF.read_text().replace("proxy_request_buffering off;", "")
+@pytest.mark.parametrize(
+    ("setting", "upload", "spool"),
+    [("proxy_request_buffering off;", True, "client_temp"), ("proxy_max_temp_file_size 0;", False, "proxy_temp")],
+    ids=["an upload streams to the API", "an answer read slowly waits in the buffers"],
+)
+def test_nginx_holds_no_patient_data_in_a_file(
+    tmp_path: Path, upstream: int, setting: str, upload: bool, spool: str
+) -> None:
+    """With ``setting`` taken out (nginx's default) the check sees the body go to a file in ``spool``;
+    with the shipped configuration no file holds it, and the body arrives whole."""
+    default = m.NGINX_CONF.read_text().replace(setting, "")
     control, ports = nginx_run.run_nginx(tmp_path / "control", text=default, upstream_port=upstream)
     try:
-        for protocol in PROTOCOLS:  # what the check sees when nginx takes the body in first
-            _, _, seen = transfer(tmp_path / "control", ports["8443"], protocol, upload=True, stop_at_a_file=True)
-            assert any("client_temp" in path for path in seen), (protocol, seen, control.output()[-1000:])
+        for protocol in PROTOCOLS:
+            _, _, seen = transfer(tmp_path / "control", ports["8443"], protocol, upload=upload, stop_at_a_file=True)
+            assert any(spool in path for path in seen), (protocol, seen, control.output()[-1000:])
     finally:
         control.stop()
     server, ports = nginx_run.run_nginx(tmp_path / "shipped", upstream_port=upstream)
     try:
         for protocol, version in zip(PROTOCOLS, ("1.1", "2"), strict=True):
             used, answer, seen = transfer(
-                tmp_path / "shipped", ports["8443"], protocol, upload=True, stop_at_a_file=False
+                tmp_path / "shipped", ports["8443"], protocol, upload=upload, stop_at_a_file=False
             )
-            assert not seen, f"nginx wrote the upload ({protocol}) to {seen}"
+            assert not seen, f"nginx wrote the body ({protocol}) to {seen}"
             assert used == version
-            assert json.loads(answer) == {"bytes": len(UPLOAD), "sha256": hashlib.sha256(UPLOAD).hexdigest()}
-    finally:
-        server.stop()
-
-
-def test_an_answer_a_client_reads_slowly_waits_in_nginx_and_no_file_holds_it(tmp_path: Path, upstream: int) -> None:
-    default = m.NGINX_CONF.read_text().replace("proxy_max_temp_file_size 0;", "")
-    control, ports = nginx_run.run_nginx(tmp_path / "control", text=default, upstream_port=upstream)
-    try:
-        for protocol in PROTOCOLS:  # nginx's default: the rest of the answer goes to a file
-            _, _, seen = transfer(tmp_path / "control", ports["8443"], protocol, upload=False, stop_at_a_file=True)
-            assert any("proxy_temp" in path for path in seen), (protocol, seen, control.output()[-1000:])
-    finally:
-        control.stop()
-    server, ports = nginx_run.run_nginx(tmp_path / "shipped", upstream_port=upstream)
-    try:
-        for protocol, version in zip(PROTOCOLS, ("1.1", "2"), strict=True):
-            used, answer, seen = transfer(
-                tmp_path / "shipped", ports["8443"], protocol, upload=False, stop_at_a_file=False
-            )
-            assert not seen, f"nginx wrote the answer ({protocol}) to {seen}"
-            assert used == version
-            assert answer == ANSWER  # whole: the client got it all, only later
+            if upload:
+                assert json.loads(answer) == {"bytes": len(UPLOAD), "sha256": hashlib.sha256(UPLOAD).hexdigest()}
+            else:
+                assert answer == ANSWER  # whole: the client got it all, only later
     finally:
         server.stop()

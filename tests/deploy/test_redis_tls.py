@@ -7,8 +7,6 @@ and every process that talks to Redis given the documented URL form,
 from __future__ import annotations
 
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,22 +20,14 @@ from core.publisher import make_publisher
 from core.ratelimit import RateLimiter
 from tests import processes, support
 from tests.conftest import Tenant, case_store, new_tenant
-from tests.faults.servers import RedisServer
-from tests.worker.test_flower import flower_answers
+from tests.faults.servers import RedisServer, own_redis
+from tests.worker.test_flower import check_flower_shows_the_queues
 
 
 @pytest.fixture(scope="module")
 def tls_redis() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
-    root = Path(tempfile.mkdtemp(prefix="dermq-redis-tls-"))
-    server = RedisServer(root, password=secrets.token_urlsafe(12), tls=True)
-    server.start()
-    try:
+    with own_redis("dermq-redis-tls-", password=secrets.token_urlsafe(12), tls=True) as server:
         yield server
-    finally:
-        server.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def ended(base: str, tenant: Tenant, case_id: object) -> dict[str, object]:
@@ -132,19 +122,4 @@ def test_flower_and_the_callback_worker_reach_a_tls_redis(  # type: ignore[no-un
         env, tmp_path / "callbacks.log", name="tls-callbacks", app="worker.callbacks_app", queues="callbacks"
     )
     callbacks.stop()  # it answered a ping over TLS: its broker connection works
-    password, port = secrets.token_urlsafe(18), support.free_port()
-    env |= {"DERMQ_FLOWER_PASSWORD": password, "DERMQ_FLOWER_PORT": str(port), "DERMQ_FLOWER_USER": "operator"}
-    redis.Redis.from_url(tls_redis.url).lpush("cases", "a message waiting")
-    flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        support.wait_for(lambda: flower_answers(base) or not flower.alive(), timeout=60, what="Flower to listen")
-        assert flower.alive(), flower.output()
-        page = httpx.get(f"{base}/broker", timeout=10, auth=("operator", password))
-        assert page.status_code == 200, page.text[:300]
-        lengths = httpx.get(f"{base}/api/queues/length", timeout=10, auth=("operator", password))
-        assert lengths.status_code == 200, lengths.text[:300]
-        queues = {queue["name"]: queue["messages"] for queue in lengths.json()["active_queues"]}
-        assert queues.get("cases") == 1, queues
-    finally:
-        flower.stop()
+    check_flower_shows_the_queues(env, tls_redis.url, tmp_path / "flower.log")

@@ -11,9 +11,12 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from tests import support
@@ -244,3 +247,19 @@ class RedisServer:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def own_redis(prefix: str = "dermq-redis-", **options: Any) -> Iterator[RedisServer]:
+    """A :class:`RedisServer` (``options``) running in a temporary folder of its own, gone afterwards.
+    Skips the test where the machine has no redis-server."""
+    import pytest
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    server = RedisServer(Path(tempfile.mkdtemp(prefix=prefix)), **options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()

@@ -138,16 +138,22 @@ def test_flowers_broker_page_shows_the_queues(stack_env, tmp_path: Path, private
     # answered 404 "'redis' broker is not supported": Flower picks its broker client by the URL's
     # scheme, and the transport dermq's apps name (core.redis_transport) made it "core.redis_transport:Transport".
     # A broker of its own: the message it counts is no task, and no worker may take it
-    password = secrets.token_urlsafe(18)
-    port = support.free_port()
+    check_flower_shows_the_queues(stack_env, private_broker.url, tmp_path / "flower.log")
+
+
+def check_flower_shows_the_queues(env: dict[str, str], broker_url: str, log: Path) -> None:
+    """Flower on ``broker_url`` (otherwise ``env``) shows a message waiting on ``cases`` on its Broker
+    page and in its queue lengths to the operator who logs in, and answers anyone else 401."""
+    password, port = secrets.token_urlsafe(18), support.free_port()
     env = {
-        **stack_env,
+        **env,
         "DERMQ_FLOWER_PASSWORD": password,
         "DERMQ_FLOWER_PORT": str(port),
-        "DERMQ_REDIS_URL": private_broker.url,
+        "DERMQ_FLOWER_USER": "operator",
+        "DERMQ_REDIS_URL": broker_url,
     }
-    redis.Redis.from_url(private_broker.url).lpush("cases", "a message waiting")
-    flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, tmp_path / "flower.log")
+    redis.Redis.from_url(broker_url).lpush("cases", "a message waiting")
+    flower = processes.Process("flower", [str(support.VENV_BIN / "dermq-flower")], env, log)
     base = f"http://127.0.0.1:{port}"
     try:
         support.wait_for(lambda: flower_answers(base) or not flower.alive(), timeout=60, what="Flower to listen")
