@@ -20,6 +20,7 @@ from core.crypto import Keyring
 from core.db import session_scope
 from core.held_period_keys import FORGET_SECONDS
 from core.models import Case
+from core.period_keys import PeriodKeys
 from core.periods import kek_id
 from tests import processes, support
 from tests.conftest import Tenant, create_case_for, new_tenant, own_period_keys_fixtures
@@ -49,6 +50,17 @@ def case_with_client_ref(settings: Settings, keyring: Keyring, tenant: Tenant) -
         return case.id
 
 
+def period_key_of(settings: Settings, keyring: Keyring, case_id: uuid.UUID) -> tuple[PeriodKeys, str, bytes]:
+    """The period-key folder, the period of ``case_id`` and (a copy of) that period's key."""
+    folder = keyring.periods
+    assert folder is not None
+    with session_scope(settings) as session:
+        case = session.get(Case, case_id)
+        assert case is not None
+        period = folder.current(case.created_at)
+    return folder, period, bytes(folder.key(keyring, kek_id(period)))
+
+
 def test_an_idle_api_process_forgets_a_destroyed_period_key_without_another_request(  # type: ignore[no-untyped-def]
     own: Settings, keyring: Keyring, api
 ) -> None:
@@ -57,13 +69,7 @@ def test_an_idle_api_process_forgets_a_destroyed_period_key_without_another_requ
     case_id = case_with_client_ref(own, keyring, tenant)
     answer = httpx.get(f"{base}/v1/cases/{case_id}", headers=tenant.headers, timeout=30)
     assert answer.status_code == 200 and answer.json()["client_ref"] == "MRN-0042"
-    folder = keyring.periods
-    assert folder is not None
-    with session_scope(own) as session:
-        case = session.get(Case, case_id)
-        assert case is not None
-        period = folder.current(case.created_at)
-    key = bytes(folder.key(keyring, kek_id(period)))
+    folder, period, key = period_key_of(own, keyring, case_id)
     assert processes.memory_holds(server.proc.pid, key)  # the key it read the case with
     folder.destroy(period, reason="retention")  # as retention does, in another process
     support.wait_for(  # no request meanwhile: nothing asks the process for a key

@@ -19,10 +19,10 @@ from core.crypto import Keyring
 from core.db import session_scope
 from core.held_period_keys import FORGET_SECONDS
 from core.models import Case
-from core.periods import kek_id
 from core.publisher import make_publisher
 from tests import processes, support
 from tests.api.test_api_processes import children
+from tests.api.test_period_key_forgotten import period_key_of
 from tests.conftest import case_store, new_tenant, own_period_keys_fixtures
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -55,13 +55,7 @@ def test_a_worker_child_forgets_a_destroyed_period_key_without_another_task(  # 
             return case.status if case.status in ("succeeded", "failed") else None
 
     assert support.wait_for(status, timeout=120, what="the case to be classified") == "succeeded"
-    folder = keyring.periods
-    assert folder is not None
-    with session_scope(settings) as session:
-        case = session.get(Case, case_id)
-        assert case is not None
-        period = folder.current(case.created_at)
-    key = bytes(folder.key(keyring, kek_id(period)))
+    folder, period, key = period_key_of(settings, keyring, case_id)
     holders = [pid for pid in children(worker.proc.pid) if processes.memory_holds(pid, key)]
     assert holders  # the child that opened the image and sealed the result
     folder.destroy(period, reason="retention")  # as retention does, in another process
