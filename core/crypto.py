@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -32,11 +33,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.config import Settings, exposed_bits
-from core.errors import DecryptionError, KeyNotHeld, KeyringError
+from core.errors import DecryptionError, KeyFileUnfinished, KeyNotHeld, KeyringError
 
 if TYPE_CHECKING:
     from core.period_keys import PeriodKeys
 
+log = logging.getLogger("dermq.keys")
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16  # AES-GCM's
@@ -146,7 +148,7 @@ def load_keyring(settings: Settings) -> Keyring:
     try:
         keyring = Keyring.from_json(json.loads(read_private_file(path, "key file")))
     except json.JSONDecodeError:
-        raise KeyringError(f"key file {path} is not valid JSON") from None
+        raise KeyFileUnfinished(f"key file {path} is not valid JSON (empty or cut short?)") from None
     return with_periods(keyring, settings)
 
 
@@ -165,13 +167,17 @@ class KeyringSource:
 
     ``dermq keys rotate`` writes a new active key into the file while the API and workers run; they
     pick it up on their next use (one ``stat`` per call), so new blobs are sealed under the new key
-    and blobs re-wrapped by the rotation stay readable.
+    and blobs re-wrapped by the rotation stay readable. A changed file that does not parse is one being
+    written in place (deploy/README.md puts a rotated file over a compose secret's with ``tee``, which
+    empties it first): the last keyring serves meanwhile, and the file is read again on every use until
+    it parses (never taken as read: a write's stamp can come before its bytes).
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._keyring: Keyring | None = None
         self._stamp: tuple[int, int, int] | None = None
+        self._unfinished: tuple[int, int, int] | None = None  # the stamp last warned of
 
     def get(self) -> Keyring:
         path = self.settings.key_file
@@ -185,7 +191,18 @@ class KeyringSource:
             raise KeyringError(f"the key file {path} has disappeared") from None
         stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
         if stamp != self._stamp or self._keyring is None:
-            self._keyring = load_keyring(self.settings)
+            try:
+                self._keyring = load_keyring(self.settings)
+            except KeyFileUnfinished as exc:
+                if self._keyring is None:  # nothing to serve meanwhile: at start, no keys, no start
+                    raise
+                if stamp != self._unfinished:
+                    self._unfinished = stamp
+                    log.warning(
+                        "the key file does not parse (being written?); the last one read serves meanwhile",
+                        extra={"event": "key_file_unfinished", "error": str(exc)},
+                    )
+                return self._keyring
             self._stamp = stamp
         return self._keyring
 

@@ -123,6 +123,12 @@ class KeyNotHeld(KeyringError):
     instead of giving the data up."""
 
 
+class KeyFileUnfinished(KeyringError):
+    """The key file does not parse: empty or cut short, as a file being written in place is (``tee`` over
+    a compose secret's file, which must keep its inode). A running process keeps its last keyring and
+    reads the file again on its next use (:class:`core.crypto.KeyringSource`)."""
+
+
 class PeriodKeysUnavailable(KeyringError):
     """The period keys cannot be read in this process: their folder is missing, or holds no key (the
     shared volume not mounted, or lost), or a key file is open to others or not one dermq wrote. The

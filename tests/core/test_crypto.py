@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.config import Settings
-from core.crypto import Keyring, decrypt_blob, encrypt_blob, load_keyring, rewrap, write_key_file
+from core.crypto import Keyring, KeyringSource, decrypt_blob, encrypt_blob, load_keyring, rewrap, write_key_file
 from core.errors import DecryptionError, KeyNotHeld, KeyringError
 
 PLAINTEXT = b"\xff\xd8\xff pretend these are the bytes of a dermoscopy image"
@@ -127,3 +127,22 @@ def test_malformed_key_files(tmp_path: Path) -> None:
 def test_keys_never_appear_in_repr(keyring: Keyring) -> None:
     text = repr(keyring)
     assert all(key.hex() not in text for key in keyring.keks.values())
+
+
+def test_a_key_file_being_written_in_place_leaves_the_last_keyring_serving(tmp_path: Path, keyring: Keyring) -> None:
+    """deploy/README.md puts a rotated key file over a compose secret's with ``tee``, in place (the mount
+    follows the inode), which empties the file before writing it: a running process that reads it then
+    keeps the keyring it had, and takes the new file once it is whole. A broken file still stops a start."""
+    path = tmp_path / "keys.json"
+    write_key_file(path, keyring)
+    source = KeyringSource(Settings(key_file=path))
+    assert source.get().active_id == keyring.active_id
+    rotated = keyring.with_new_active_key()
+    whole = json.dumps(rotated.to_json()).encode()
+    for torn in (b"", whole[: len(whole) // 2]):
+        path.write_bytes(torn)
+        assert source.get().active_id == keyring.active_id
+        with pytest.raises(KeyringError, match="not valid JSON"):
+            KeyringSource(Settings(key_file=path)).get()
+    path.write_bytes(whole)
+    assert source.get().active_id == rotated.active_id
