@@ -1,6 +1,7 @@
-"""Structured logging: one JSON object per line, carrying the request id and case id of the work in
-progress. Only ids, codes, counts and timings are logged: never image bytes, client references,
-API keys or other secrets (the formatter drops any field it does not know).
+"""Structured logging: one JSON object per line (or, with ``DERMQ_LOG_JSON=false``, one plain line
+under the same rules), carrying the request id and case id of the work in progress. Only ids, codes,
+counts and timings are logged: never image bytes, client references, API keys or other secrets (the
+formatters drop any field they do not know, and exception messages).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from types import TracebackType
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 case_id_var: ContextVar[str | None] = ContextVar("case_id", default=None)
@@ -69,30 +71,77 @@ class JsonFormatter(logging.Formatter):
         self.component = component
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "component": self.component,
-            "msg": _message(record),
-        }
-        request_id, case_id = request_id_var.get(), case_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        if case_id:
-            entry["case_id"] = case_id
-        for key, value in record.__dict__.items():
-            if key in ALLOWED_EXTRA and key not in entry:
-                entry[key] = value
-        if record.exc_info and record.exc_info[0] is not None:
-            # The exception type and where it happened, not its message: messages can quote data.
-            entry["exception"] = record.exc_info[0].__name__
-            tb = record.exc_info[2]
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            if tb is not None:
-                entry["at"] = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
-        return json.dumps(entry, default=str)
+        return json.dumps(_fields(record, self.component), default=str)
+
+
+class PlainFormatter(logging.Formatter):
+    """The human-readable lines (``DERMQ_LOG_JSON=false``), under the JSON lines' rule: one line a
+    record, the allowed fields only, and for an exception its type and where it happened (the frames as
+    ``file:line function``), never its message, its locals or Python's traceback, which quotes it."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = _fields(record, self.component)
+        head = f"{fields.pop('ts')} {record.levelname} {fields.pop('component')} {fields.pop('logger')}:"
+        fields.pop("level")
+        text = " ".join([head, _one_line(str(fields.pop("msg")))])
+        if record.exc_info and record.exc_info[2] is not None:
+            frames = _frames(record.exc_info[2])
+            fields["frames"] = " > ".join(f"{_where(tb)} {tb.tb_frame.f_code.co_name}" for tb in frames)
+        extras = " ".join(f"{key}={_value(value)}" for key, value in fields.items())
+        return f"{text} {extras}" if extras else text
+
+
+def _fields(record: logging.LogRecord, component: str) -> dict[str, object]:
+    """What a line may carry, whatever its format: ids, codes, counts, timings, and for an exception
+    its type and where it happened (``at``: the innermost frame's file:line)."""
+    entry: dict[str, object] = {
+        "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "component": component,
+        "msg": _message(record),
+    }
+    request_id, case_id = request_id_var.get(), case_id_var.get()
+    if request_id:
+        entry["request_id"] = request_id
+    if case_id:
+        entry["case_id"] = case_id
+    for key, value in record.__dict__.items():
+        if key in ALLOWED_EXTRA and key not in entry:
+            entry[key] = value
+    if record.exc_info and record.exc_info[0] is not None:
+        # The exception type and where it happened, not its message: messages can quote data.
+        entry["exception"] = record.exc_info[0].__name__
+        frames = _frames(record.exc_info[2])
+        if frames:
+            entry["at"] = _where(frames[-1])
+    return entry
+
+
+def _frames(tb: TracebackType | None) -> list[TracebackType]:
+    frames = []
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    return frames
+
+
+def _where(tb: TracebackType) -> str:
+    """The frame's file (its name alone) and line: ``tasks.py:212``."""
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _value(value: object) -> str:
+    text = str(value)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
 
 
 def _message(record: logging.LogRecord) -> str:
@@ -109,7 +158,7 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = True, component
     if json_lines:
         handler.setFormatter(JsonFormatter(component))
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(PlainFormatter(component))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -7,6 +7,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from core.logs import JsonFormatter
 
@@ -75,3 +81,52 @@ def test_a_skipped_rewrap_names_its_row_and_why() -> None:
     record.__dict__.update(event="rewrap_skipped", row="case 1b2c blob image", reason="DecryptionError: tampered")
     line = _line(record)
     assert (line["row"], line["reason"]) == ("case 1b2c blob image", "DecryptionError: tampered")
+
+
+_LOGGING_PROCESS = """
+import logging, sys
+from core.logs import configure_logging
+
+configure_logging("INFO", json_lines=sys.argv[1] == "json", component="api")
+
+def read_reference(reference):
+    try:
+        int(reference)
+    except ValueError as cause:
+        raise LookupError(f"no case for {reference!r}") from cause
+
+try:
+    read_reference(sys.argv[2])
+except LookupError:
+    logging.getLogger("dermq.api").exception("request failed", extra={"event": "failed", "case_id": "c-1"})
+    logging.getLogger("uvicorn.error").error("Exception in ASGI application", exc_info=True)
+logging.getLogger("celery.app.trace").error(
+    "Task %(name)s[%(id)s] %(description)s: %(exc)s",
+    {"name": "dermq.classify", "id": "t-1", "description": "raised unexpected", "exc": f"KeyError({sys.argv[2]!r})"},
+)
+"""
+
+
+@pytest.mark.parametrize("form", ["json", "plain"])
+def test_no_exception_message_reaches_stderr_in_either_format(form: str) -> None:
+    """``DERMQ_LOG_JSON=false`` printed Python's tracebacks, each exception's message (and its cause's)
+    quoted, and Celery's task lines with the exception's repr: the plain lines keep the JSON lines'
+    rule, one line a record, the exception's type and where it happened."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOGGING_PROCESS, form, SECRET],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = done.stderr.splitlines()
+    assert len(lines) == 3, done.stderr
+    assert SECRET not in done.stderr and "MRN" not in done.stderr
+    first = lines[0] if form == "plain" else " ".join(f"{k}={v}" for k, v in json.loads(lines[0]).items())
+    for shown in ("request failed", "event=failed", "case_id=c-1", "exception=LookupError", "at=<string>:11"):
+        assert shown in first, first
+    assert "Task dermq.classify[t-1] raised unexpected: KeyError" in lines[2]
+    if form == "plain":
+        assert lines[0].split()[1:4] == ["ERROR", "api", "dermq.api:"]
+        assert 'frames="<string>:14 <module> > <string>:11 read_reference"' in lines[0]
