@@ -35,6 +35,7 @@ from core.queueing import (
     common_config,
 )
 from worker.runtime import worker_concurrency
+from worker.withheld import WithholdingTask
 
 #: how often beat has the field performance on confirmed outcomes recomputed (dermq_field_* gauges)
 FIELD_INTERVAL_SECONDS = 900.0
@@ -127,7 +128,7 @@ class DermqCelery(Celery):
 
 
 def create_app(settings: Settings) -> DermqCelery:
-    celery = DermqCelery(settings, "dermq", include=["worker.tasks"])
+    celery = DermqCelery(settings, "dermq", include=["worker.tasks"], task_cls=WithholdingTask)
     config = celery_config(settings)
     config.pop("task_queues_names")
     celery.conf.update(config)

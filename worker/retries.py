@@ -20,6 +20,7 @@ from core import case_states
 from core.config import Settings
 from core.db import session_scope
 from core.errors import KeyringError
+from worker.withheld import withheld
 
 log = logging.getLogger("dermq.worker")
 
@@ -39,16 +40,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError):
         return exc.connection_invalidated or isinstance(exc, OperationalError)
     return isinstance(exc, TRANSIENT)
-
-
-class WithheldError(Exception):
-    """What Celery is given in place of an error: its type only. Celery puts the error's text in its
-    ``task-retried`` and ``task-failed`` events, which Flower shows and keeps, and a database error's
-    text can quote the values of the failing statement (a client reference, a label)."""
-
-
-def withheld(exc: BaseException) -> WithheldError:
-    return WithheldError(f"{type(exc).__name__} (details withheld: they may quote patient data)")
 
 
 def retry_delay(retries: int) -> float:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from core import db
 from core.config import Settings
 from core.db import make_engine
-from worker.retries import withheld
+from worker.withheld import withheld
 
 
 def test_what_celery_is_told_of_a_database_error_quotes_no_value(settings: Settings, database) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from core import case_claims
 from worker import retries, tasks
+from worker.withheld import WithheldError
 
 
 def connection_lost() -> OperationalError:
@@ -93,7 +94,7 @@ def test_transient_errors_give_up_after_the_retry_limit(scripted, eager, setting
     case_id, record = scripted(*[connection_lost() for _ in range(retries.MAX_RETRIES + 1)])
     outcome = tasks.classify.apply(args=[str(case_id)])
     # Celery (and so its events and Flower) is told the error's type, never its text
-    assert outcome.failed() and isinstance(outcome.result, retries.WithheldError)
+    assert outcome.failed() and isinstance(outcome.result, WithheldError)
     assert str(outcome.result).startswith("OperationalError")
     assert len(record["calls"]) == retries.MAX_RETRIES + 1
     assert record["delays"][: retries.MAX_RETRIES] == list(range(retries.MAX_RETRIES))  # 1, 2, 4, 8, 16 s (x jitter)
@@ -185,7 +186,7 @@ def test_a_case_whose_claim_always_fails_spends_its_attempts_and_then_fails(
     monkeypatch.setattr(case_claims, "claim_case", timed_out_claim)
     for spent in range(1, settings.max_attempts):
         outcome = tasks.classify.apply(args=[str(case_id)])  # its retries, then the sweeper's republish
-        assert outcome.failed() and isinstance(outcome.result, retries.WithheldError)
+        assert outcome.failed() and isinstance(outcome.result, WithheldError)
         assert (eager(case_id).status, eager(case_id).attempts) == ("queued", spent)
     assert tasks.classify.apply(args=[str(case_id)]).get() == "failed"
     ended = eager(case_id)
