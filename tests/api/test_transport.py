@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from tests import processes, support
 
@@ -118,3 +119,47 @@ def test_a_request_id_is_kept_only_when_it_cannot_carry_an_identifier(client, te
         response = client.get("/v1/cases/not-a-case", headers={**tenant.headers, "X-Request-ID": supplied})
         fresh = response.headers["x-request-id"]
         assert fresh != supplied.strip() and len(fresh) == 32 and response.json()["request_id"] == fresh
+
+
+OUTCOME = {"diagnosis": "nv", "method": "follow_up"}
+
+
+@pytest.fixture(scope="module")
+def patient_answers(client, worker, settings, keyring, fixture_images) -> dict[str, tuple[str, str, dict]]:  # type: ignore[no-untyped-def]
+    """A clinic with a succeeded case and a callback, an auditor and a sealed audit log: each route that
+    answers with patient data (or proves the events about it) as (method, path, request options)."""
+    from core.db import session_scope
+    from core.models import AuditEvent
+    from tests.api.test_cases import submit, wait_done
+    from tests.conftest import new_tenant
+
+    clinic, auditor = new_tenant(settings, keyring), new_tenant(settings, keyring, "auditor")
+    case_id = submit(client, clinic, fixture_images["ISIC_0024313"].read_bytes()).json()["id"]
+    assert wait_done(client, clinic, case_id)["status"] == "succeeded"
+    hook = client.put("/v1/clinic/callback", headers=clinic.headers, json={"url": "https://portal.example.org/hook"})
+    assert hook.status_code == 200, hook.text
+    with session_scope(settings) as session:
+        event = session.scalar(select(AuditEvent.id).where(AuditEvent.entity_id == case_id).limit(1))
+    size = support.seal_all(settings).size
+    return {
+        "fhir": ("GET", f"/v1/cases/{case_id}/fhir", {"headers": clinic.headers}),
+        "outcome": ("POST", f"/v1/cases/{case_id}/outcome", {"headers": clinic.headers, "json": OUTCOME}),
+        "callback": ("GET", "/v1/clinic/callback", {"headers": clinic.headers}),
+        "checkpoint": ("GET", "/v1/audit/checkpoints/latest", {"headers": auditor.headers}),
+        "inclusion": ("GET", "/v1/audit/proofs/inclusion", {"headers": auditor.headers, "params": {"event": event}}),
+        "consistency": (
+            "GET",
+            "/v1/audit/proofs/consistency",
+            {"headers": auditor.headers, "params": {"from": 1, "to": size}},
+        ),
+    }
+
+
+@pytest.mark.parametrize("route", ["fhir", "outcome", "callback", "checkpoint", "inclusion", "consistency"])
+def test_answers_with_patient_data_are_never_stored(client, patient_answers, route: str) -> None:  # type: ignore[no-untyped-def]
+    """``Cache-Control: no-store`` on every answer that carries patient data (a browser's or a proxy's
+    cache would keep it on disk): asserted before on the case list and the latest checkpoint only."""
+    method, path, options = patient_answers[route]
+    response = client.request(method, path, **options)
+    assert response.status_code in (200, 201), response.text
+    assert response.headers["cache-control"] == "no-store"
