@@ -76,7 +76,10 @@ def redis_url_problem(url: str) -> str | None:
             "port; percent-encode those characters in the password (%2F, %3F, %23) and any '@' after the "
             "host (%40)"
         )
-    given = {name for name in parse_qs(parts.query) if name.startswith("ssl_")}
+    query = parse_qs(parts.query)
+    given = {name for name in query if name.startswith("ssl_")}
+    if repeated := sorted(name for name in given if len(query[name]) > 1):  # redis-py reads the first, kombu the last
+        return f"DERMQ_REDIS_URL gives {', '.join(repeated)} more than once; give each TLS parameter once"
     if given and parts.scheme != "rediss":
         return "DERMQ_REDIS_URL has TLS parameters (ssl_...) but not the scheme rediss://, which TLS needs"
     if given - set(TLS_PARAMETERS):

@@ -7,8 +7,8 @@ case later, after its upload and its decode. Its INSERT checks the key and its c
 it. So each submission's transaction holds the key's and the clinic's locks shared, taken in the
 round trip of its INSERT and in front of it (:mod:`core.deferred`: the INSERT reads the database as it
 is once the locks are held), and a revocation or a deactivation takes its one lock exclusively
-before it changes the row: it waits for the submissions already storing (milliseconds) and they
-for it, then see it.
+before it changes the row: it waits for the submissions already storing (their decode and storing:
+milliseconds, up to about a second for a camera image) and they for it, then see it.
 
 Advisory locks rather than row locks (``FOR SHARE`` on the two rows): the lock manager queues a
 request behind an exclusive one already waiting, so a revocation waits only for the submissions in

@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -150,6 +151,20 @@ def load_keyring(settings: Settings) -> Keyring:
     except json.JSONDecodeError:
         raise KeyFileUnfinished(f"key file {path} is not valid JSON (empty or cut short?)") from None
     return with_periods(keyring, settings)
+
+
+def load_keyring_settled(settings: Settings, *, wait: float = 2.0) -> Keyring:
+    """:func:`load_keyring`, waiting up to ``wait`` seconds for a key file being written in place to
+    parse (:class:`KeyringSource`): for a process that must read the file now, without a keyring to
+    fall back on (a period key wrapped under a KEK it does not hold yet, a new period's key)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return load_keyring(settings)
+        except KeyFileUnfinished:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def with_periods(keyring: Keyring, settings: Settings) -> Keyring:

@@ -95,17 +95,18 @@ class HeldKeys:
             _zero_all(self._keys)
 
     def forget_destroyed(self) -> list[str]:
-        """Forget the keys of the periods whose tombstone ``<period>.destroyed`` exists (or cannot be
-        looked for: a key forgotten is unwrapped again if it is needed); the periods forgotten."""
+        """Forget the keys of the periods whose tombstone ``<period>.destroyed`` exists; the periods
+        forgotten. One that cannot be looked for (the volume's error) is looked for next time: a key in
+        use must not be overwritten (a data key wrapped meanwhile would be wrapped under zeros), and only
+        a destroyed period's is never in use (destruction waits for every transaction sealing under it)."""
         gone = []
         for period in self.periods():
             try:
-                destroyed = (self.folder / f"{period}.destroyed").exists()
-            except OSError:
-                destroyed = True
-            if destroyed:
-                self.forget(period)
-                gone.append(period)
+                os.stat(self.folder / f"{period}.destroyed")
+            except OSError:  # no tombstone (FileNotFoundError), or none to be seen now
+                continue
+            self.forget(period)
+            gone.append(period)
         return gone
 
     def _after_fork(self) -> None:

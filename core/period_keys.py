@@ -205,9 +205,9 @@ class PeriodKeys:
             return held
         record = self._read(path)
         if str(record["kek_id"]) not in keyring.keks:  # wrapped by a rotation newer than this keyring
-            from core.crypto import load_keyring
+            from core.crypto import load_keyring_settled
 
-            keyring = load_keyring(self.settings)
+            keyring = load_keyring_settled(self.settings)
         return self._held.put(period, stamp, self._unwrap(keyring, period, record))
 
     @staticmethod
@@ -268,9 +268,9 @@ class PeriodKeys:
                     f"the encryption key of period {period} was destroyed; nothing can be stored for it",
                     code="period_key_destroyed",
                 )
-            from core.crypto import load_keyring
+            from core.crypto import load_keyring_settled
 
-            master = load_keyring(self.settings)  # re-read under the lock: never a KEK retired meanwhile
+            master = load_keyring_settled(self.settings)  # re-read under the lock: never a KEK retired meanwhile
             key = new_key(KEY_BYTES)
             try:
                 record = self._record(master, period, key, datetime.now(UTC).isoformat(timespec="seconds"))

@@ -24,12 +24,13 @@ def withheld(exc: BaseException) -> WithheldError:
 class WithholdingTask(Task):
     """The class of every dermq task: an error that ends one reaches Celery (its events, its log line)
     as a :class:`WithheldError` with the error's frames and without its text or its chain. Celery's
-    own signals to retry, ignore or reject a message pass as they are."""
+    own signals to retry, ignore or reject a message pass as they are, and a ``MemoryError``, which
+    Celery ends the child for (the message then comes back: ``task_reject_on_worker_lost``)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
-        except (TaskPredicate, WithheldError):
+        except (TaskPredicate, WithheldError, MemoryError):
             raise
         except Exception as exc:
             raise withheld(exc).with_traceback(exc.__traceback__) from None

@@ -175,6 +175,9 @@ def test_production_refuses_a_tls_url_that_does_not_verify_the_server(reqs: str)
         (f"{TLS}?ssl_check_hostname=false", "ssl_check_hostname is not a TLS parameter"),
         # redis-py (the API, the sweeper) knows no CERT_REQUIRED, which kombu (the workers) would take
         (f"{TLS}?ssl_cert_reqs=CERT_REQUIRED", "ssl_cert_reqs must be required"),
+        # redis-py (the API, the sweeper) reads a repeated parameter's first value, kombu its last:
+        # production took the second "required" while every redis-py client checked no certificate
+        (f"{TLS}?ssl_cert_reqs=none&ssl_cert_reqs=required", "ssl_cert_reqs more than once"),
     ],
 )
 def test_tls_parameters_that_some_process_would_read_otherwise_are_refused_everywhere(url: str, says: str) -> None:

@@ -6,13 +6,23 @@ import dataclasses
 import json
 import os
 import stat
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
 from core.config import Settings
-from core.crypto import Keyring, KeyringSource, decrypt_blob, encrypt_blob, load_keyring, rewrap, write_key_file
+from core.crypto import (
+    Keyring,
+    KeyringSource,
+    decrypt_blob,
+    encrypt_blob,
+    load_keyring,
+    load_keyring_settled,
+    rewrap,
+    write_key_file,
+)
 from core.errors import DecryptionError, KeyNotHeld, KeyringError
 
 PLAINTEXT = b"\xff\xd8\xff pretend these are the bytes of a dermoscopy image"
@@ -146,3 +156,24 @@ def test_a_key_file_being_written_in_place_leaves_the_last_keyring_serving(tmp_p
             KeyringSource(Settings(key_file=path)).get()
     path.write_bytes(whole)
     assert source.get().active_id == rotated.active_id
+
+
+def test_a_key_file_being_written_is_waited_for_where_a_process_must_read_it_now(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    """A period key wrapped under a KEK this process does not hold yet, or a new period's key, makes it
+    read the key file at once, with no keyring to fall back on: while ``tee`` writes the file it waits
+    for the file to parse (a request failed for it), and a file that never does still fails."""
+    path = tmp_path / "keys.json"
+    write_key_file(path, keyring)
+    whole = path.read_bytes()
+    path.write_bytes(b"")
+    finish = threading.Timer(0.3, path.write_bytes, [whole])
+    finish.start()
+    try:
+        assert load_keyring_settled(Settings(key_file=path)).active_id == keyring.active_id
+    finally:
+        finish.join()
+    path.write_bytes(whole[:10])
+    with pytest.raises(KeyringError, match="not valid JSON"):
+        load_keyring_settled(Settings(key_file=path), wait=0.2)

@@ -220,6 +220,37 @@ def test_a_period_destroyed_by_another_process_leaves_no_copy_of_its_key_in_this
     assert held == bytes(len(destroyed)) != destroyed  # overwritten, not merely dropped
 
 
+def test_a_tombstone_that_cannot_be_looked_for_keeps_the_key_in_use(  # type: ignore[no-untyped-def]
+    settings, tmp_path, monkeypatch
+) -> None:
+    """The shared volume failing a look (an I/O error, a stale network mount) says nothing of a
+    destruction: the key stays whole. It was overwritten as if destroyed, under a thread that might be
+    wrapping a new case's data key with it (a data key wrapped under zeros, readable by anyone with the
+    database, and never shredded)."""
+    import errno
+
+    from core.period_keys import PeriodKeys
+    from core.periods import kek_id
+
+    keyring = load_keyring(settings)
+    api = PeriodKeys(tmp_path / "keys", settings)
+    api.create_folder()
+    api.ensure("2026-10")
+    held = api.key(keyring, kek_id("2026-10"))
+    whole = bytes(held)
+    real_stat = os.stat
+
+    def failing(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).endswith(".destroyed"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_stat(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "stat", failing)
+        assert api._held.forget_destroyed() == []
+    assert held == whole and api._held.periods() == ["2026-10"]
+
+
 def test_a_forked_child_starts_without_its_parents_period_keys(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A forked child (a Celery worker child) gets a copy of its parent's memory but not its watcher
     thread: the keys it inherited would never be looked after. It overwrites them at once (and unwraps

@@ -114,3 +114,25 @@ def test_a_failed_tasks_event_carries_no_patient_data(site, keyring) -> None:  #
     assert "IntegrityError" in failed["exception"] and "WithheldError" in failed["exception"], failed
     assert "phi.py" in failed["traceback"]  # where it failed, still
     assert MARKER not in worker.output()
+
+
+def test_a_memory_error_reaches_celery_as_it_is() -> None:
+    """Celery ends a child whose task ran out of memory, and the message comes back for another
+    (``task_reject_on_worker_lost``): told as a withheld error instead, it was taken as an ordinary
+    failure and acknowledged. Other errors reach Celery withheld, their frames kept."""
+    from celery import Celery
+
+    from worker.withheld import WithheldError, WithholdingTask
+
+    app = Celery("withheld-test", task_cls=WithholdingTask, set_as_current=False)
+
+    @app.task
+    def fails(kind: str) -> None:
+        raise MemoryError() if kind == "memory" else ValueError("Failing row contains (MRN-0042)")
+
+    with pytest.raises(MemoryError):
+        fails("memory")
+    with pytest.raises(WithheldError) as withheld:
+        fails("value")
+    assert "MRN" not in str(withheld.value) and withheld.value.__cause__ is None
+    assert withheld.value.__traceback__ is not None
