@@ -190,7 +190,6 @@ def _loaded_and_warm(settings: Settings, device: str, threads: int) -> Predictor
     from ml.entry import check_known_answer
     from ml.predictor import Predictor
 
-    check_model_pin(settings)  # before anything of the entry is read: its manifest is the one deployed
     predictor = Predictor.load(
         settings.model,
         device=device,
@@ -198,7 +197,8 @@ def _loaded_and_warm(settings: Settings, device: str, threads: int) -> Predictor
         threads=threads,
         overlay_max_side=settings.overlay_max_side,
     )
-    # and the manifest it was loaded from is that one: the file may have been replaced since the check above
+    # the manifest it was loaded from is the one deployed (checked on the bytes it parsed, not the file
+    # read again, which may have been replaced meanwhile): before it serves or warms up
     check_model_pin(settings, predictor.info.manifest_sha256)
     # before it serves: the answer its entry recorded (an entry without one is refused in production)
     check_known_answer(settings.model, predictor, required=settings.environment == "production")
