@@ -4,6 +4,7 @@ lost ones, against the real database and a private redis-server."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -69,14 +70,8 @@ def test_a_retry_whose_message_was_lost_is_sent_again_once_due_for_the_grace_not
     attempted = datetime.now(UTC) - timedelta(seconds=grace + 30)
 
     def retry_due_in(seconds: float) -> None:
-        with session_scope(own_database) as session:
-            session.execute(
-                update(CallbackDelivery)
-                .where(CallbackDelivery.case_id == case_id)
-                .values(
-                    attempts=1, updated_at=attempted, next_attempt_at=datetime.now(UTC) + timedelta(seconds=seconds)
-                )
-            )
+        due = datetime.now(UTC) + timedelta(seconds=seconds)
+        _set_delivery(own_database, case_id, attempts=1, updated_at=attempted, next_attempt_at=due)
 
     retry_due_in(60)  # still waiting out its backoff
     assert str(case_id) not in sweep(sweeping).callbacks_republished
@@ -100,12 +95,7 @@ def test_a_sweep_that_cannot_ask_the_broker_sends_only_what_no_retry_can_still_b
     unreachable = redis.Redis(port=support.free_port(), socket_connect_timeout=1)
 
     def untouched_for(seconds: float) -> recovery.SweepReport:
-        with session_scope(own_database) as session:
-            session.execute(
-                update(CallbackDelivery)
-                .where(CallbackDelivery.case_id == case_id)
-                .values(updated_at=datetime.now(UTC) - timedelta(seconds=seconds))
-            )
+        _set_delivery(own_database, case_id, updated_at=datetime.now(UTC) - timedelta(seconds=seconds))
         with session_scope(config) as session:
             return recovery.sweep(session, config, publisher, unreachable)
 
@@ -114,3 +104,9 @@ def test_a_sweep_that_cannot_ask_the_broker_sends_only_what_no_retry_can_still_b
     assert callback_messages(client, case_id) == 1
     with session_scope(own_database) as session:
         session.delete(session.get(ClinicCallback, tenant.clinic_id))
+
+
+def _set_delivery(settings: Settings, case_id: uuid.UUID, **values: object) -> None:
+    """Set ``values`` on the case's callback delivery row, as time and attempts would have."""
+    with session_scope(settings) as session:
+        session.execute(update(CallbackDelivery).where(CallbackDelivery.case_id == case_id).values(**values))
